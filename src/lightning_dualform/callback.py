@@ -1,0 +1,659 @@
+"""``DualFormCallback``: records the dual form of a Lightning model's linear layers while it trains.
+
+This module holds Lightning hooks only. Capturing rows is :mod:`~lightning_dualform.capture`, the
+update rule is :mod:`~lightning_dualform.optim`, the file is :mod:`~lightning_dualform.store` behind the
+:mod:`~lightning_dualform.writer` thread, and the certificate is :mod:`~lightning_dualform.certificate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+from typing_extensions import override
+
+from lightning_dualform import __version__
+from lightning_dualform.capture import CallRows, LayerCapture, find_layers, weight_matrix
+from lightning_dualform.certificate import certify_store
+from lightning_dualform.errors import InexactError
+from lightning_dualform.optim import ParamUpdate
+from lightning_dualform.store import ROW_DTYPES, LayerSpec, StepRows, StoreWriter, compression_kwargs
+from lightning_dualform.writer import AsyncWriter
+
+log = logging.getLogger(__name__)
+
+_LABEL_KEYS = ("label", "labels", "y", "target", "targets")
+
+
+def rank_path(path: str, rank: int, world_size: int) -> str:
+    """The file a global rank writes: ``path`` itself alone, ``name.rank{r}.h5`` under DDP."""
+    if world_size <= 1:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}.rank{rank}{ext or '.h5'}"
+
+
+class _IndexRecorder:
+    """Wraps a DataLoader's (batch) sampler and remembers the indices it yields, in order.
+
+    The DataLoader may fetch ahead (workers, Lightning's prefetch), so indices wait in a FIFO until the
+    training step that consumes their batch pops them. A new ``iter()`` (a new epoch) starts afresh.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.fifo: deque = deque()
+
+    def __iter__(self):
+        self.fifo = fifo = deque()
+        return self._gen(fifo)
+
+    def _gen(self, fifo: deque):
+        for item in self._inner:
+            fifo.append(item)
+            yield item
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def __getattr__(self, name: str) -> Any:  # batch_size, drop_last, sampler ... of the wrapped one
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+def _wrap_dataloader(dl: Any) -> _IndexRecorder | None:
+    """Install an index recorder on a torch DataLoader; None when it has no sampler to record."""
+    if not isinstance(dl, torch.utils.data.DataLoader):
+        return None
+    if isinstance(dl.dataset, torch.utils.data.IterableDataset):
+        return None
+    attr = "batch_sampler" if dl.batch_sampler is not None else "sampler"
+    current = getattr(dl, attr)
+    if isinstance(current, _IndexRecorder):
+        return current
+    rec = _IndexRecorder(current)
+    # DataLoader forbids setting its sampler after __init__ to stop users from mixing iterators; we only
+    # observe what the original sampler yields.
+    object.__setattr__(dl, attr, rec)
+    return rec
+
+
+@dataclass
+class _BatchInfo:
+    size: int | None
+    indices: torch.Tensor | None  # (B,)
+    labels: torch.Tensor | None  # (B,) or (B, ...)
+
+
+class DualFormCallback(Callback):
+    """Record every tracked layer's training keys and values into an HDF5 store.
+
+    With plain SGD (any momentum, dampening, Nesterov, weight decay, ``maximize``, schedules, param
+    groups, norm clipping, gradient accumulation, DDP) the store rebuilds each tracked layer exactly::
+
+        W_T x = a W_0 x + sum_rows c_step(row) * v_row * (k_row . x)
+
+    Args:
+        path: the store to write (``.h5``). Under DDP each rank writes ``name.rank{r}.h5``.
+        layers: ``None`` tracks every ``nn.Linear`` of the LightningModule; a list of
+            ``named_modules()`` names, or a predicate ``(name, module) -> bool``, narrows it.
+        dtype: stored row type: ``"float32"`` (exact), ``"float16"`` or ``"bfloat16"`` (half the disk,
+            about 1e-3 / 1e-2 relative error in rebuilt outputs).
+        compression: ``None``, ``"lzf"``, ``"gzip"``, ``"gzip-N"``; ``"lz4"``, ``"zstd"``, ``"blosc-zstd"``
+            with the optional ``hdf5plugin``. Lossless.
+        chunk_rows: rows per HDF5 chunk of keys and values.
+        exact: ``True`` refuses runs that the dual form cannot rebuild exactly (Adam and any non-SGD
+            optimizer, value clipping, custom clipping). ``False`` records them anyway and stores the
+            residual between the real weights and the memory's rebuild.
+        overwrite: replace an existing file at ``path`` (otherwise an existing file is an error).
+        index_key: for an ``IterableDataset`` (no sampler to observe), the key of a dict batch that holds
+            each example's dataset index.
+        label_key: key (dict batch) or position (tuple batch) of the labels; default: ``"label"``,
+            ``"labels"``, ``"y"``, ``"target"``, ``"targets"``, or the second element of a tuple batch
+            when it is an integer tensor.
+        max_queue: optimizer steps that may wait for the writer before training blocks.
+        certify: compute the exactness certificate at fit end (reads the store once).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[DualFormCallback("runs/mnist.h5")], max_epochs=5)
+        trainer.fit(model, datamodule)
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike = "dualform.h5",
+        layers: Sequence[str] | Callable[[str, nn.Module], bool] | None = None,
+        *,
+        dtype: str = "float32",
+        compression: str | None = None,
+        chunk_rows: int = 1024,
+        exact: bool = True,
+        overwrite: bool = False,
+        index_key: str = "index",
+        label_key: str | int | None = None,
+        max_queue: int = 32,
+        certify: bool = True,
+    ) -> None:
+        if dtype not in ROW_DTYPES:
+            raise ValueError(f"`DualFormCallback(dtype={dtype!r})` is not supported. Expected one of {ROW_DTYPES}.")
+        compression_kwargs(compression)  # validates, and checks that hdf5plugin is there when needed
+        if not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"`DualFormCallback(chunk_rows={chunk_rows!r})` must be a positive integer.")
+        if not isinstance(max_queue, int) or max_queue < 1:
+            raise ValueError(f"`DualFormCallback(max_queue={max_queue!r})` must be a positive integer.")
+        if layers is not None and not callable(layers) and not isinstance(layers, (list, tuple)):
+            raise TypeError(
+                f"`DualFormCallback(layers={layers!r})`: expected None, a list of module names, or a predicate."
+            )
+        self.path = os.fspath(path)
+        self.layer_selection = list(layers) if isinstance(layers, (list, tuple)) else layers
+        self.dtype = dtype
+        self.compression = compression
+        self.chunk_rows = chunk_rows
+        self.exact = exact
+        self.overwrite = overwrite
+        self.index_key = index_key
+        self.label_key = label_key
+        self.max_queue = max_queue
+        self.certify = certify
+
+        self.store_path: str | None = None
+        self.certificate: dict[str, dict[str, float]] = {}
+        self._captures: dict[str, LayerCapture] = {}
+        self._writer: AsyncWriter | None = None
+        self._active = False
+        self._recorders: dict[int, _IndexRecorder] = {}
+        self._orig_process_dataloader: Callable | None = None
+        self._batch: _BatchInfo | None = None
+        self._step_rows: dict[str, list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._param_groups: dict[str, tuple[dict | None, dict | None]] = {}
+        self._probes: dict[str, torch.Tensor] = {}
+        self._dropped: dict[str, str] = {}
+        self._inexact: dict[str, str] = {}
+        self._warned: set[str] = set()
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._grad_world_scale = 1.0
+
+    # ------------------------------------------------------------------------------------------------
+    # set-up
+    # ------------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = trainer.strategy
+        original = strategy.process_dataloader
+        self._orig_process_dataloader = original
+
+        def process_dataloader(dataloader: object) -> object:
+            # The last place a DataLoader passes through before Lightning iterates it (after any
+            # DistributedSampler is injected): observe its sampler here.
+            dataloader = original(dataloader)
+            rec = _wrap_dataloader(dataloader)
+            if rec is not None:
+                self._recorders[id(dataloader)] = rec
+            return dataloader
+
+        strategy.process_dataloader = process_dataloader  # type: ignore[method-assign]
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._check_run(trainer, pl_module)
+        chosen, notes = find_layers(pl_module, self.layer_selection)
+        if not chosen:
+            raise ValueError(
+                "DualFormCallback found no layer to track: the model has no trainable nn.Linear"
+                + (" matching `layers`." if self.layer_selection is not None else ".")
+            )
+        self._map_params(trainer, chosen, notes)
+        for note in notes:
+            rank_zero_info(f"DualFormCallback: {note}")
+
+        self.store_path = rank_path(self.path, trainer.global_rank, trainer.world_size)
+        if os.path.exists(self.store_path) and not self.overwrite:
+            raise FileExistsError(
+                f"DualFormCallback: {self.store_path} already exists. Choose another path, delete it, or pass "
+                "`DualFormCallback(..., overwrite=True)` to replace it."
+            )
+        specs = [self._layer_spec(name, m) for name, m in chosen.items()]
+        attrs = self._run_attrs(trainer, pl_module)
+        self._writer = AsyncWriter(
+            lambda: StoreWriter(
+                self.store_path, specs, row_dtype=self.dtype, compression=self.compression,
+                chunk_rows=self.chunk_rows, attrs=attrs,
+            ),
+            max_queue=self.max_queue,
+        )
+        gen = torch.Generator().manual_seed(0)
+        for name, module in chosen.items():
+            cap = LayerCapture(name, module, lambda: self._active)
+            cap.attach()
+            self._captures[name] = cap
+            self._probes[name] = torch.randn(module.weight.shape[1], generator=gen, dtype=torch.float32).to(
+                module.weight.device
+            )
+        width = sum(s.d_in + s.d_out for s in specs) * (4 if self.dtype == "float32" else 2)
+        rank_zero_info(
+            f"DualFormCallback: recording {len(specs)} layer(s) {list(chosen)} into {self.store_path} "
+            f"({self.dtype}, compression={self.compression}); about {width / 1024:.1f} KiB per training example "
+            "and position, per epoch."
+        )
+
+    def _check_run(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Refuse (or, with ``exact=False``, note) what breaks the sum-of-outer-products form."""
+        problems: list[str] = []
+        if not pl_module.automatic_optimization:
+            problems.append("manual optimization (the callback cannot see how steps combine gradients)")
+        if len(trainer.optimizers) != 1:
+            problems.append(f"{len(trainer.optimizers)} optimizers (exactly one is supported)")
+        for opt in trainer.optimizers:
+            if type(opt) is not torch.optim.SGD:
+                problems.append(
+                    f"{type(opt).__name__}: its per-element update is not a scalar times the gradient, so the "
+                    "trained weights are not a sum of training outer products"
+                )
+        if trainer.gradient_clip_val and trainer.gradient_clip_algorithm == "value":
+            problems.append('gradient_clip_algorithm="value" (clips each element separately)')
+        if is_overridden("configure_gradient_clipping", pl_module):
+            problems.append("a custom configure_gradient_clipping (its scaling cannot be recorded)")
+        name = type(trainer.strategy).__name__
+        if name not in ("SingleDeviceStrategy", "DDPStrategy"):
+            problems.append(f"strategy {name} (only single-device and DDP are supported)")
+        if problems and self.exact:
+            raise InexactError(
+                "DualFormCallback cannot record this run exactly: " + "; ".join(problems) + ". Use "
+                "torch.optim.SGD (momentum, Nesterov, weight decay, schedules and norm clipping are all exact), "
+                "or pass `DualFormCallback(..., exact=False)` to record anyway: the store then keeps the residual "
+                "the memory does not explain, and every answer reports it."
+            )
+        self._optimizer_exact = not problems
+        self._problems = problems
+        if problems:
+            rank_zero_warn("DualFormCallback(exact=False): recording an inexact run: " + "; ".join(problems))
+        from lightning.pytorch.strategies import DDPStrategy
+
+        self._grad_world_scale = 1.0 / trainer.world_size if isinstance(trainer.strategy, DDPStrategy) else 1.0
+
+    def _map_params(self, trainer: "pl.Trainer", chosen: dict[str, nn.Module], notes: list[str]) -> None:
+        groups: dict[int, dict] = {}
+        self._optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        if self._optimizer is not None:
+            for g in self._optimizer.param_groups:
+                for p in g["params"]:
+                    groups[id(p)] = g
+        for name, m in chosen.items():
+            wg = groups.get(id(m.weight))
+            bg = groups.get(id(m.bias)) if m.bias is not None else None
+            if wg is None:
+                notes.append(f"{name}.weight is in no optimizer param group: it never changes (W_T = W_0).")
+            self._param_groups[name] = (wg, bg)
+
+    def _layer_spec(self, name: str, m: nn.Module) -> LayerSpec:
+        w = weight_matrix(m).float().cpu().numpy()
+        b = m.bias.detach().float().cpu().numpy() if m.bias is not None else None
+        return LayerSpec(name=name, kind="linear", d_in=w.shape[1], d_out=w.shape[0], has_bias=b is not None,
+                         weight_init=w, bias_init=b)
+
+    def _run_attrs(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[str, Any]:
+        import lightning
+
+        opt = trainer.optimizers[0] if trainer.optimizers else None
+        opt_info: dict[str, Any] = {"name": type(opt).__name__ if opt else None, "param_groups": []}
+        if opt is not None:
+            for g in opt.param_groups:
+                opt_info["param_groups"].append(
+                    {k: (float(v) if isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool) else v)
+                     for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, str, torch.Tensor))}
+                )
+        return {
+            "library_version": __version__,
+            "torch_version": torch.__version__,
+            "lightning_version": lightning.__version__,
+            "model_class": type(pl_module).__name__,
+            "optimizer": opt_info,
+            "optimizer_exact": self._optimizer_exact,
+            "inexact_causes": self._problems,
+            "gradient_clip_val": float(trainer.gradient_clip_val or 0.0),
+            "gradient_clip_algorithm": str(trainer.gradient_clip_algorithm or "norm"),
+            "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
+            "precision": str(trainer.precision),
+            "rank": int(trainer.global_rank),
+            "world_size": int(trainer.world_size),
+        }
+
+    # ------------------------------------------------------------------------------------------------
+    # per batch
+    # ------------------------------------------------------------------------------------------------
+    @override
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        if self._writer is None:
+            return
+        indices = self._batch_indices(trainer, batch)
+        labels = self._batch_labels(batch)
+        size = len(indices) if indices is not None else (labels.shape[0] if labels is not None else _batch_size(batch))
+        self._batch = _BatchInfo(size=size, indices=indices, labels=labels)
+        for cap in self._captures.values():
+            cap.calls.clear()
+        self._active = True
+
+    def _batch_indices(self, trainer: "pl.Trainer", batch: Any) -> torch.Tensor | None:
+        dl = trainer.train_dataloader
+        rec = self._recorders.get(id(dl))
+        if rec is not None and rec.fifo:
+            item = rec.fifo.popleft()
+            return torch.as_tensor(item if isinstance(item, (list, tuple)) else [item], dtype=torch.int64).reshape(-1)
+        if isinstance(batch, dict) and self.index_key in batch:
+            return torch.as_tensor(batch[self.index_key]).detach().cpu().reshape(-1).long()
+        self._warn_once(
+            "no-index",
+            "DualFormCallback: the training dataloader has no sampler to observe (an IterableDataset or a "
+            f"custom loader); dataset indices are stored as -1. Put each example's index in the batch under "
+            f"the key {self.index_key!r} (a dict batch) to record them.",
+        )
+        return None
+
+    def _batch_labels(self, batch: Any) -> torch.Tensor | None:
+        cand = None
+        if isinstance(batch, dict):
+            keys = [self.label_key] if self.label_key is not None else _LABEL_KEYS
+            cand = next((batch[k] for k in keys if k in batch), None)
+        elif isinstance(batch, (list, tuple)):
+            pos = self.label_key if isinstance(self.label_key, int) else 1
+            cand = batch[pos] if len(batch) > pos else None
+        if isinstance(cand, torch.Tensor) and not cand.is_floating_point() and not cand.is_complex() and cand.dim() >= 1:
+            return cand.detach().to("cpu", torch.int64)
+        return None
+
+    @override
+    def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self._active or self._batch is None:
+            return
+        info = self._batch
+        for name, cap in self._captures.items():
+            offset = 0
+            for call in cap.take_completed():
+                index, position, label, per_ex = _row_metadata(call, info, offset)
+                offset += per_ex
+                self._step_rows.setdefault(name, []).append((call, index, position, label))
+
+    @override
+    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer) -> None:
+        if self._writer is None:
+            return
+        step, epoch = int(trainer.global_step), int(trainer.current_epoch)
+        loss_scale, skipped = _loss_scale(trainer, optimizer)
+        clip = self._clip_factor(trainer, optimizer)
+        grad_scale = clip * self._grad_world_scale / loss_scale
+
+        rows: dict[str, tuple] = {}
+        updates: dict[str, tuple[float, ParamUpdate, ParamUpdate | None]] = {}
+        pending = self._step_rows
+        self._step_rows = {}
+        self._check_rows(trainer, pending, loss_scale, skipped)
+        for name, cap in self._captures.items():
+            m = cap.module
+            wg, bg = self._param_groups[name]
+            w_up = _param_update(optimizer, m.weight, wg, skipped)
+            b_up = _param_update(optimizer, m.bias, bg, skipped) if m.bias is not None else None
+            updates[name] = (grad_scale, w_up, b_up)
+            if name in self._dropped or skipped or not pending.get(name):
+                continue
+            rows[name] = _gather_rows(pending[name])
+        event = None
+        if any(t[0].is_cuda for t in rows.values()):
+            rows = {n: tuple(_to_pinned(t) for t in r) for n, r in rows.items()}
+            event = torch.cuda.Event()
+            event.record()
+        self._writer.submit(_write_step, self._writer.store, step, epoch, rows, updates, event)
+
+    @override
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._active = False
+
+    # ------------------------------------------------------------------------------------------------
+    # checks and scalars
+    # ------------------------------------------------------------------------------------------------
+    def _clip_factor(self, trainer: "pl.Trainer", optimizer: torch.optim.Optimizer) -> float:
+        clip_val = trainer.gradient_clip_val
+        if not clip_val or (trainer.gradient_clip_algorithm or "norm") != "norm":
+            return 1.0
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return 1.0
+        # the same computation as torch.nn.utils.clip_grad_norm_, which Lightning calls right after this hook
+        if hasattr(torch.nn.utils, "get_total_norm"):
+            total = torch.nn.utils.get_total_norm(grads, 2.0)
+        else:
+            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0)
+        coef = torch.clamp(float(clip_val) / (total + 1e-6), max=1.0)
+        return float(coef)
+
+    def _check_rows(self, trainer: "pl.Trainer", pending: dict, loss_scale: float, skipped: bool) -> None:
+        """Check each layer's captured rows against the gradient autograd accumulated in its weight.
+
+        ``W.grad @ r`` must equal ``sum_rows v (k . r)`` (scaled) for a fixed random probe ``r``: a cheap
+        sketch of the full identity ``W.grad = sum v k^T`` that catches weights used outside the module's
+        forward (e.g. ``nn.MultiheadAttention.out_proj``) and any other missing rows.
+        """
+        if skipped:
+            return
+        names = [n for n in self._captures if n not in self._dropped]
+        lhs, rhs = [], []
+        for name in names:
+            m = self._captures[name].module
+            r = self._probes[name]
+            g = m.weight.grad
+            lhs.append(g.float() @ r if g is not None else torch.zeros(m.weight.shape[0], device=r.device))
+            acc = torch.zeros(m.weight.shape[0], device=r.device, dtype=torch.float32)
+            for call, *_ in pending.get(name, []):
+                acc += call.values.float().t() @ (call.keys.float() @ r)
+            rhs.append(acc)
+        if not names:
+            return
+        sizes = [x.numel() for x in rhs]
+        rhs_all = torch.cat(rhs)
+        if trainer.world_size > 1 and self._grad_world_scale != 1.0:
+            rhs_all = trainer.strategy.reduce(rhs_all, reduce_op="sum")
+        rhs_all = rhs_all * (self._grad_world_scale / loss_scale)
+        for name, l_vec, r_vec in zip(names, lhs, torch.split(rhs_all, sizes)):
+            scale = float(torch.linalg.vector_norm(l_vec)) + float(torch.linalg.vector_norm(r_vec))
+            err = float(torch.linalg.vector_norm(l_vec - r_vec)) / scale if scale > 0 else 0.0
+            if err <= 1e-3:
+                continue
+            if not pending.get(name):
+                self._dropped[name] = "its weight received gradients in steps where its forward hook saw no input " \
+                    "(the weight is used outside the module's forward, e.g. nn.MultiheadAttention.out_proj)"
+                self._writer.submit(self._writer.store.drop_layer, name, self._dropped[name])
+                rank_zero_warn(f"DualFormCallback: layer {name!r} left out of the store: {self._dropped[name]}.")
+            elif name not in self._inexact:
+                self._inexact[name] = (
+                    f"at step {trainer.global_step} its captured rows explain its gradient only up to relative error "
+                    f"{err:.2e} (part of the weight is used outside the module's forward)"
+                )
+                self._writer.submit(self._writer.store.mark_inexact, name, self._inexact[name])
+                rank_zero_warn(f"DualFormCallback: layer {name!r} is recorded as INEXACT: {self._inexact[name]}.")
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(msg)
+
+    # ------------------------------------------------------------------------------------------------
+    # durability and the end
+    # ------------------------------------------------------------------------------------------------
+    def _commit(self) -> None:
+        if self._writer is not None:
+            self._writer.call(self._writer.store.commit)
+
+    @override
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._commit()
+
+    @override
+    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+        self._commit()
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._writer is None:
+            return
+        finals = {
+            name: (
+                weight_matrix(cap.module).float().cpu().numpy(),
+                cap.module.bias.detach().float().cpu().numpy() if cap.module.bias is not None else None,
+            )
+            for name, cap in self._captures.items()
+            if name not in self._dropped
+        }
+        self._detach()
+        writer, self._writer = self._writer, None
+        writer.call(writer.store.finalize, finals, {"final_step": int(trainer.global_step), "epochs": int(trainer.current_epoch) + 1})
+        writer.stop()
+        if self.certify:
+            self.certificate = certify_store(self.store_path)
+            for name, cert in self.certificate.items():
+                verdict = "exact" if cert["exact"] else "INEXACT"
+                rank_zero_info(
+                    f"DualFormCallback: {name}: rebuilt weights match the trained ones to relative error "
+                    f"{cert['rel_err']:.2e} ({verdict}; the memory explains {100 * cert['explained']:.4g}% of the weights)."
+                )
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._detach()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.call(writer.store.close)
+            finally:
+                writer.stop()
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._detach()
+        if self._orig_process_dataloader is not None:
+            try:
+                del trainer.strategy.process_dataloader  # drop the instance override
+            except AttributeError:
+                pass
+            self._orig_process_dataloader = None
+        if self._writer is not None:  # fit ended without on_fit_end (e.g. interrupted): keep what is there
+            writer, self._writer = self._writer, None
+            try:
+                writer.call(writer.store.close)
+            finally:
+                writer.stop()
+
+    def _detach(self) -> None:
+        self._active = False
+        for cap in self._captures.values():
+            cap.detach()
+
+
+# ------------------------------------------------------------------------------------------------------
+# helpers (pure functions of tensors)
+# ------------------------------------------------------------------------------------------------------
+def _batch_size(batch: Any) -> int | None:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else None
+    if isinstance(batch, (list, tuple)) and batch:
+        return _batch_size(batch[0])
+    if isinstance(batch, dict) and batch:
+        return _batch_size(next(iter(batch.values())))
+    return None
+
+
+def _row_metadata(call: CallRows, info: _BatchInfo, offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Dataset index, position and label of every row of a call, and the positions per example."""
+    n = call.keys.shape[0]
+    lead = call.lead_shape
+    b = info.size
+    rows = torch.arange(n)
+    if b and lead and lead[0] == b:  # batch first: (B, ...)
+        per_ex = max(n // b, 1)
+        example, position = rows // per_ex, rows % per_ex + offset
+    elif b and len(lead) >= 2 and lead[1] == b:  # sequence first: (T, B, ...)
+        per_ex = n // b
+        example, position = rows % b, rows // b + offset
+    else:
+        per_ex, example, position = n, None, rows + offset
+    index = info.indices[example] if (example is not None and info.indices is not None) else torch.full((n,), -1, dtype=torch.int64)
+    label = torch.full((n,), -1, dtype=torch.int64)
+    if info.labels is not None and example is not None:
+        lab = info.labels
+        if lab.dim() == 1 and lab.shape[0] == b:
+            label = lab[example]
+        elif tuple(lab.shape) == tuple(lead):
+            label = lab.reshape(-1)
+        elif len(lead) >= 2 and lead[1] == b and tuple(lab.shape) == (lead[1], lead[0]):
+            label = lab.t().reshape(-1)
+    return index, position.to(torch.int32), label, per_ex
+
+
+def _gather_rows(parts: list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """One (keys, values, index, position, label) tuple per layer and step; keys/values are fresh copies."""
+    keys = torch.cat([p[0].keys.float() for p in parts]) if len(parts) > 1 else parts[0][0].keys.float().clone()
+    values = torch.cat([p[0].values.float() for p in parts]) if len(parts) > 1 else parts[0][0].values.float().clone()
+    index = torch.cat([p[1] for p in parts])
+    position = torch.cat([p[2] for p in parts])
+    label = torch.cat([p[3] for p in parts])
+    return keys, values, index, position, label
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_cuda:
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
+
+
+def _write_step(store: StoreWriter, step: int, epoch: int, rows: dict, updates: dict, event: Any) -> None:
+    """Runs on the writer thread."""
+    if event is not None:
+        event.synchronize()
+    converted = {
+        name: StepRows(
+            keys=k.numpy(), values=v.numpy(), index=i.numpy(), position=p.numpy(), label=lab.numpy(), step=step, epoch=epoch
+        )
+        for name, (k, v, i, p, lab) in rows.items()
+    }
+    store.add_step(step, epoch, converted, updates)
+
+
+def _param_update(optimizer: torch.optim.Optimizer, p: torch.Tensor | None, group: dict | None, skipped: bool) -> ParamUpdate:
+    if p is None or group is None:
+        return ParamUpdate(lr=0.0, applied=False)
+    state = optimizer.state.get(p, {})
+    return ParamUpdate(
+        lr=float(group["lr"]),
+        momentum=float(group.get("momentum", 0.0)),
+        dampening=float(group.get("dampening", 0.0)),
+        weight_decay=float(group.get("weight_decay", 0.0)),
+        nesterov=bool(group.get("nesterov", False)),
+        maximize=bool(group.get("maximize", False)),
+        fresh_buffer=state.get("momentum_buffer") is None,
+        applied=(p.grad is not None) and not skipped,
+    )
+
+
+def _loss_scale(trainer: "pl.Trainer", optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
+    """The loss scale the captured values carry, and whether the scaler will skip this step."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0, False
+    state = scaler._per_optimizer_states[id(optimizer)]
+    found = state.get("found_inf_per_device", {})
+    skipped = bool(sum(float(v) for v in found.values())) if found else False
+    return float(scaler.get_scale()), skipped

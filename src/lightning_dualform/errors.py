@@ -1,0 +1,19 @@
+"""The library's own error types, so callers can tell our diagnoses from bugs."""
+
+from __future__ import annotations
+
+
+class DualFormError(Exception):
+    """Base class of every error raised on purpose by lightning-dualform."""
+
+
+class StoreError(DualFormError, ValueError):
+    """A file is not a usable store: missing, foreign, corrupted, truncated or inconsistent."""
+
+
+class InexactError(DualFormError, RuntimeError):
+    """The training run cannot be written as an exact dual form (e.g. Adam) and no opt-in was given."""
+
+
+class WriterError(DualFormError, RuntimeError):
+    """The background writer failed (disk full, permissions): recording stopped, nothing was dropped silently."""
