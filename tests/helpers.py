@@ -1,0 +1,109 @@
+"""Shared test helpers: small models and the dual-form output computed from the raw HDF5 file."""
+
+from __future__ import annotations
+
+import h5py
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_dualform.optim import PARAM_COLUMNS, coefficients
+
+TRAINER_KW = dict(logger=False, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Inputs encode their own index in feature 0, so a stored key names the example it came from."""
+
+    def __init__(self, n: int = 96, d: int = 6, classes: int = 3, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, d, generator=g)
+        self.x[:, 0] = torch.arange(n, dtype=torch.float32)
+        self.y = torch.randint(0, classes, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+class MLP(L.LightningModule):
+    """A small classifier whose optimizer is set by a factory, so each test picks its update rule."""
+
+    def __init__(self, d: int = 6, hidden: int = 8, classes: int = 3, opt_factory=None, sched_factory=None, bias: bool = True):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, hidden, bias=bias), nn.Tanh(), nn.Linear(hidden, classes, bias=bias))
+        self.opt_factory = opt_factory or (lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+        self.sched_factory = sched_factory
+
+    def forward(self, x):
+        return self.net(x / 10.0)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        opt = self.opt_factory(self)
+        if self.sched_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.sched_factory(opt), "interval": "step"}}
+
+
+def loader(ds, batch_size: int = 16, shuffle: bool = True, **kw):
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, **kw)
+
+
+def dual_output(path: str, layer: str, x: torch.Tensor, end: int | None = None) -> torch.Tensor:
+    """``a W_0 x + a_b b_0 + sum_rows (c_w k.x + c_b) v`` from the raw file, in float64.
+
+    Only h5py and the coefficient recurrence (tested on its own against torch.optim.SGD) are used.
+    """
+    with h5py.File(path, "r") as f:
+        g = f["layers"][layer]
+        n_steps = int(f["committed_steps"][0])
+        first = int(f["update_step"][0])
+        u = g["updates"]
+        scale = u["grad_scale"][:n_steps]
+        n_used = n_steps if end is None else end - first
+        a_w, c_w = coefficients({c: u["weight"][c][:n_steps] for c in PARAM_COLUMNS}, scale, n_used)
+        steps = g["step"][: int(g["committed_rows"][0])]
+        keep = steps < first + n_used
+        k = torch.from_numpy(_floats(g["keys"][: len(steps)][keep], f.attrs["row_dtype"])).double()
+        v = torch.from_numpy(_floats(g["values"][: len(steps)][keep], f.attrs["row_dtype"])).double()
+        s = torch.from_numpy(steps[keep] - first)
+        x = x.double().reshape(-1, k.shape[1])
+        out = a_w * x @ torch.from_numpy(g["weight_init"][()]).double().t()
+        out += ((x @ k.t()) * torch.from_numpy(c_w)[s]) @ v
+        if "bias" in u:
+            a_b, c_b = coefficients({c: u["bias"][c][:n_steps] for c in PARAM_COLUMNS}, scale, n_used)
+            out += a_b * torch.from_numpy(g["bias_init"][()]).double()
+            out += (torch.from_numpy(c_b)[s][:, None] * v).sum(0)
+        return out
+
+
+def _floats(raw: np.ndarray, row_dtype: str) -> np.ndarray:
+    if row_dtype == "bfloat16":  # stored as the upper 16 bits of a float32
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
+
+
+def real_output(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    x = x.double().reshape(-1, module.in_features)
+    out = x @ module.weight.detach().double().t()
+    if module.bias is not None:
+        out += module.bias.detach().double()
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def assert_exact(path: str, model: nn.Module, x_by_layer: dict[str, torch.Tensor], tol: float = 1e-5) -> None:
+    modules = dict(model.named_modules())
+    for name, x in x_by_layer.items():
+        err = rel_err(dual_output(path, name, x), real_output(modules[name], x))
+        assert err <= tol, f"{name}: dual form differs from the real layer output by {err:.3e}"

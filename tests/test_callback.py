@@ -1,0 +1,324 @@
+"""DualFormCallback end to end: the dual form rebuilt from the store equals the real trained layers."""
+
+from __future__ import annotations
+
+import h5py
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
+from torch import nn
+
+from helpers import TRAINER_KW, MLP, IndexedDataset, assert_exact, dual_output, loader, real_output, rel_err
+from lightning_dualform import DualFormCallback, InexactError, StoreReader
+
+
+def _fit(tmp_path, model, callback=None, epochs=2, ds=None, batch_size=16, **trainer_kw):
+    callback = callback or DualFormCallback(tmp_path / "run.h5")
+    trainer = L.Trainer(max_epochs=epochs, callbacks=[callback], **{**TRAINER_KW, **trainer_kw})
+    trainer.fit(model, loader(ds or IndexedDataset(), batch_size=batch_size))
+    return trainer, callback
+
+
+def _probe(model):
+    g = torch.Generator().manual_seed(123)
+    return {n: torch.randn(7, m.in_features, generator=g) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+SGD_CASES = {
+    "plain": lambda m: torch.optim.SGD(m.parameters(), lr=0.2),
+    "momentum": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+    "nesterov": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True),
+    "dampening": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, dampening=0.4),
+    "weight_decay": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=0.05),
+    "maximize": lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.5, maximize=True),
+    "two_groups": lambda m: torch.optim.SGD(
+        [
+            {"params": [m.net[0].weight, m.net[2].weight], "lr": 0.1, "momentum": 0.9},
+            {"params": [m.net[0].bias, m.net[2].bias], "lr": 0.02, "weight_decay": 0.1, "nesterov": False},
+        ],
+        lr=0.5,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SGD_CASES))
+def test_sgd_configurations_are_exact(tmp_path, case):
+    model = MLP(opt_factory=SGD_CASES[case])
+    _, cb = _fit(tmp_path, model)
+    assert_exact(cb.store_path, model, _probe(model))
+    assert all(c["exact"] for c in cb.certificate.values()), cb.certificate
+
+
+@pytest.mark.parametrize(
+    "sched",
+    [
+        lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.3, total_steps=12),  # cycles momentum too
+    ],
+    ids=["StepLR", "OneCycleLR"],
+)
+def test_schedulers_are_exact(tmp_path, sched):
+    model = MLP(opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), sched_factory=sched)
+    _, cb = _fit(tmp_path, model)
+    assert_exact(cb.store_path, model, _probe(model))
+    with StoreReader(cb.store_path) as s:
+        lrs = s.layer("net.0").updates()["weight"]["lr"]
+        assert len(set(np.round(lrs, 12))) > 1, "the schedule should have changed the learning rate"
+
+
+def test_gradient_clipping_by_norm_is_exact(tmp_path):
+    model = MLP(opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9))
+    _, cb = _fit(tmp_path, model, gradient_clip_val=0.05)
+    assert_exact(cb.store_path, model, _probe(model))
+    with StoreReader(cb.store_path) as s:
+        scale = s.layer("net.0").updates()["grad_scale"]
+    assert scale.min() < 0.99, "clipping should have been active in this run"
+
+
+def test_gradient_accumulation_is_exact(tmp_path):
+    model = MLP(opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+    trainer, cb = _fit(tmp_path, model, accumulate_grad_batches=3, gradient_clip_val=0.1)
+    assert_exact(cb.store_path, model, _probe(model))
+    with StoreReader(cb.store_path) as s:
+        layer = s.layer("net.0")
+        assert s.n_steps == trainer.global_step
+        assert layer.n_rows == 2 * 96  # every micro-batch's rows are kept
+        steps = layer.read(0, layer.n_rows, ("step",))["step"]
+        assert np.bincount(steps).max() == 48  # three micro-batches of 16 share one step
+
+
+class SeqModel(L.LightningModule):
+    """(B, T, d) input through a Linear, a weight-shared Linear used twice, and a bias-free head."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.shared = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3, bias=False)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.shared(h))
+        h = torch.tanh(self.shared(h))  # second call of the same layer
+        return self.head(h)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x).reshape(-1, 3), y.reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def test_sequences_weight_sharing_and_no_bias(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(40, 5, 4, generator=g), torch.randint(0, 3, (40, 5), generator=g))
+    model = SeqModel()
+    _, cb = _fit(tmp_path, model, ds=ds, batch_size=8)
+    assert_exact(cb.store_path, model, _probe(model))
+    with StoreReader(cb.store_path) as s:
+        assert s.layer("inp").n_rows == 2 * 40 * 5
+        assert s.layer("shared").n_rows == 2 * 40 * 5 * 2
+        assert not s.layer("head").has_bias
+        rows = s.layer("shared").read(0, 80, ("position", "index", "label"))
+        assert set(rows["position"].tolist()) == set(range(10))  # 5 positions x 2 calls
+        inp = s.layer("inp").read(0, 40, ("keys", "index", "position", "label"))
+    # each (B, T) row keeps its example, position and per-position label
+    for k, i, t, lab in zip(inp["keys"], inp["index"], inp["position"], inp["label"]):
+        np.testing.assert_array_equal(k, ds.tensors[0][i, t].numpy())
+        assert lab == ds.tensors[1][i, t]
+
+
+def test_partially_frozen_model(tmp_path, caplog):
+    model = MLP(opt_factory=lambda m: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1, momentum=0.9))
+    model.net[0].weight.requires_grad_(False)
+    model.net[0].bias.requires_grad_(False)
+    with caplog.at_level("INFO"):
+        _, cb = _fit(tmp_path, model)
+    with StoreReader(cb.store_path) as s:
+        assert s.layers == ["net.2"]
+    assert "frozen" in caplog.text
+    assert_exact(cb.store_path, model, {"net.2": _probe(model)["net.2"]})
+
+
+class AttnModel(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.proj(x)
+        h, _ = self.attn(h, h, h)
+        return nn.functional.cross_entropy(self.head(h.mean(1)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def test_multihead_attention_out_proj_is_left_out_with_a_warning(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(32, 5, 4, generator=g), torch.randint(0, 3, (32,), generator=g))
+    model = AttnModel()
+    with pytest.warns(UserWarning, match="attn.out_proj"):
+        _, cb = _fit(tmp_path, model, ds=ds, batch_size=8)
+    with StoreReader(cb.store_path) as s:
+        assert "attn.out_proj" not in s.layers
+        assert "attn.out_proj" in s.attrs["dropped_layers"]
+        assert s.layers == ["proj", "head"]
+    assert_exact(cb.store_path, model, {n: x for n, x in _probe(model).items() if n != "attn.out_proj"})
+
+
+def test_intermediate_model_matches_checkpoint(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    model = MLP(opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    cb = DualFormCallback(tmp_path / "run.h5")
+    trainer = L.Trainer(max_epochs=2, callbacks=[cb, ckpt], **{**TRAINER_KW, "enable_checkpointing": True})
+    trainer.fit(model, loader(IndexedDataset()))
+    probe = _probe(model)
+    for t in (4, 8):
+        mid = MLP.load_from_checkpoint(tmp_path / "ckpt" / f"step={t}.ckpt", opt_factory=None)
+        for name in ("net.0", "net.2"):
+            err = rel_err(dual_output(cb.store_path, name, probe[name], end=t), real_output(dict(mid.named_modules())[name], probe[name]))
+            assert err <= 1e-5, (t, name, err)
+
+
+def test_boring_model_unchanged(tmp_path):
+    model = BoringModel()
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=8, limit_val_batches=2, callbacks=[DualFormCallback(tmp_path / "b.h5")], **TRAINER_KW)
+    trainer.fit(model)
+    cb = trainer.callbacks[0]
+    assert_exact(cb.store_path, model, {"layer": torch.randn(5, 32)})
+    assert cb.certificate["layer"]["exact"]
+
+
+def test_adam_is_refused_with_a_clear_error(tmp_path):
+    model = MLP(opt_factory=lambda m: torch.optim.Adam(m.parameters(), lr=1e-3))
+    with pytest.raises(InexactError, match="Adam.*exact=False"):
+        _fit(tmp_path, model)
+
+
+def test_value_clipping_is_refused(tmp_path):
+    with pytest.raises(InexactError, match="value"):
+        _fit(tmp_path, MLP(), gradient_clip_val=0.1, gradient_clip_algorithm="value")
+
+
+def test_adam_opt_in_reports_its_residual(tmp_path):
+    model = MLP(opt_factory=lambda m: torch.optim.Adam(m.parameters(), lr=1e-2))
+    with pytest.warns(UserWarning, match="inexact"):
+        _, cb = _fit(tmp_path, model, callback=DualFormCallback(tmp_path / "adam.h5", exact=False))
+    cert = cb.certificate["net.0"]
+    assert not cert["exact"] and cert["rel_err"] > 1e-3
+    with h5py.File(cb.store_path, "r") as f:
+        assert not f.attrs["optimizer_exact"]
+        g = f["layers"]["net.0"]
+        residual = g["weight_residual"][()]
+    # memory + residual gives back the real weights
+    x = _probe(model)["net.0"]
+    dual = dual_output(cb.store_path, "net.0", x) + x.double() @ torch.from_numpy(residual).double().t()
+    with h5py.File(cb.store_path, "r") as f:
+        dual += torch.from_numpy(f["layers"]["net.0"]["bias_residual"][()]).double()
+    assert rel_err(dual, real_output(model.net[0], x)) <= 1e-5
+
+
+def test_dataset_index_of_every_row(tmp_path):
+    ds = IndexedDataset(n=70)
+    model = MLP()
+    _, cb = _fit(tmp_path, model, ds=ds, batch_size=16, epochs=3)
+    with StoreReader(cb.store_path) as s:
+        layer = s.layer("net.0")
+        rows = layer.read(0, layer.n_rows, ("keys", "index", "label", "epoch", "position"))
+    # feature 0 of each key is x/10 of the example's own index
+    np.testing.assert_allclose(rows["keys"][:, 0] * 10, rows["index"], atol=1e-4)
+    np.testing.assert_array_equal(rows["label"], ds.y[rows["index"]].numpy())
+    assert layer.n_rows == 70 * 3
+    for e in range(3):
+        assert sorted(rows["index"][rows["epoch"] == e].tolist()) == list(range(70))
+    assert set(rows["position"].tolist()) == {0}
+
+
+def test_dataset_index_with_workers(tmp_path):
+    ds = IndexedDataset(n=48)
+    model = MLP()
+    cb = DualFormCallback(tmp_path / "w.h5")
+    trainer = L.Trainer(max_epochs=2, callbacks=[cb], **TRAINER_KW)
+    trainer.fit(model, loader(ds, batch_size=8, num_workers=2, persistent_workers=True))
+    with StoreReader(cb.store_path) as s:
+        rows = s.layer("net.0").read(0, 96, ("keys", "index"))
+    np.testing.assert_allclose(rows["keys"][:, 0] * 10, rows["index"], atol=1e-4)
+
+
+class DictIterable(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        ds = IndexedDataset(n=32)
+        for i in range(len(ds)):
+            x, y = ds[i]
+            yield {"x": x, "label": y, "index": i}
+
+
+class DictModel(MLP):
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch["x"]), batch["label"])
+
+
+def test_iterable_dataset_takes_index_from_the_batch(tmp_path):
+    model = DictModel()
+    cb = DualFormCallback(tmp_path / "it.h5")
+    trainer = L.Trainer(max_epochs=1, callbacks=[cb], **TRAINER_KW)
+    trainer.fit(model, torch.utils.data.DataLoader(DictIterable(), batch_size=8))
+    with StoreReader(cb.store_path) as s:
+        rows = s.layer("net.0").read(0, 32, ("keys", "index", "label"))
+    np.testing.assert_allclose(rows["keys"][:, 0] * 10, rows["index"], atol=1e-4)
+    assert (rows["label"] >= 0).all()
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(ValueError, match="dtype"):
+        DualFormCallback("x.h5", dtype="int8")
+    with pytest.raises(ValueError, match="compression"):
+        DualFormCallback("x.h5", compression="zip")
+    with pytest.raises(ValueError, match="chunk_rows"):
+        DualFormCallback("x.h5", chunk_rows=0)
+
+
+def test_unknown_layer_name_lists_candidates(tmp_path):
+    with pytest.raises(ValueError, match=r"net\.9.*net\.0"):
+        _fit(tmp_path, MLP(), callback=DualFormCallback(tmp_path / "r.h5", layers=["net.9"]))
+
+
+def test_existing_file_is_not_overwritten(tmp_path):
+    path = tmp_path / "keep.h5"
+    path.write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        _fit(tmp_path, MLP(), callback=DualFormCallback(path))
+    assert path.read_bytes() == b"precious"
+
+
+def test_layer_selection_by_predicate(tmp_path):
+    model = MLP()
+    _, cb = _fit(tmp_path, model, callback=DualFormCallback(tmp_path / "p.h5", layers=lambda n, m: m.out_features == 3))
+    with StoreReader(cb.store_path) as s:
+        assert s.layers == ["net.2"]
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 5e-3), ("bfloat16", 3e-2)])
+def test_half_precision_rows_are_close_and_say_so(tmp_path, dtype, tol):
+    model = MLP(opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+    _, cb = _fit(tmp_path, model, callback=DualFormCallback(tmp_path / "h.h5", dtype=dtype))
+    for name, x in _probe(model).items():
+        err = rel_err(dual_output(cb.store_path, name, x), real_output(dict(model.named_modules())[name], x))
+        assert err <= tol
+        assert cb.certificate[name]["rel_err"] > 1e-7  # the certificate reports the rounding
+
+
+@pytest.mark.parametrize("compression", ["lzf", "gzip"])
+def test_compression_is_lossless(tmp_path, compression):
+    model = MLP()
+    _, cb = _fit(tmp_path, model, callback=DualFormCallback(tmp_path / "c.h5", compression=compression))
+    assert_exact(cb.store_path, model, _probe(model))
