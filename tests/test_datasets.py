@@ -133,6 +133,9 @@ def test_datamodule_full_and_path(tmp_path):
     dm = ImageDataModule("fashion_mnist", path=p, test_fraction=0.2)
     dm.setup()
     assert len(dm.train_set) == 8 and dm.path == os.fspath(p)
+    dm = ImageDataModule("fashion_mnist", path=p, test_fraction=0.0)
+    dm.setup()
+    assert len(dm.train_set) == 10 and len(dm.test_set) == 0
 
 
 def test_datamodule_argument_errors():

@@ -162,7 +162,7 @@ class ImageDataset(Dataset):
         self.images = images[self.indices]  # uint8 (n, 28, 28), for pictures
         self.labels = torch.from_numpy(np.asarray(labels)[self.indices].astype(np.int64))
         # Converted once: __getitem__ then only indexes (loading stays cheap next to the training step).
-        self._x = torch.from_numpy(self.images.reshape(len(self.indices), -1)).float().div_(255.0)
+        self._x = torch.from_numpy(self.images.reshape(len(self.indices), IMAGE_SHAPE[0] * IMAGE_SHAPE[1])).float().div_(255.0)
 
     def __len__(self) -> int:
         return len(self.indices)
