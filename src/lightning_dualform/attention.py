@@ -1,0 +1,270 @@
+"""Blocked attention over the training memory: pure functions of tensors (no files, no threads).
+
+A tracked layer after training is ``W_T q = a_w W_0 q + a_b b_0 + sum_rows (c_w (k . q) + c_b) v``: unnormalised
+dot attention of the query ``q`` over every training key ``k``, with the rows' values ``v`` scaled by the
+per-step coefficients ``c_w`` (weight) and ``c_b`` (bias, whose key is the constant 1).
+
+The memory is far larger than RAM, so everything here folds one block of rows at a time into running
+results. Each function has a dense one-liner it must agree with (see ``tests/test_attention.py``):
+
+====================  =====================================================================
+function              dense reference
+====================  =====================================================================
+:func:`fold_dual`     ``out + (q @ K.T * c_w + c_b) @ V``
+:func:`merge_topk`    ``torch.topk(all_scores, k)``
+:func:`contributions` ``weights * V[:, unit].T``: row ``r``'s share of output unit ``unit[i]``
+:func:`scatter_sum`   ``acc.scatter_add(1, group.expand(n, -1), x)`` (rows with group ``-1`` skipped)
+====================  =====================================================================
+
+:class:`AttentionAccumulator` strings them together: one pass over the store gives the dual output,
+the top-k rows by score and by contribution, per-example sums and the attention mass per group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+#: Per-row metadata carried along with the top-k results.
+META_COLUMNS = ("row", "step", "epoch", "index", "position", "label")
+
+
+# ------------------------------------------------------------------------------------------------------
+# single-block functions
+# ------------------------------------------------------------------------------------------------------
+def block_scores(queries: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention scores ``k . q`` of a block: ``(n, d_in) x (B, d_in) -> (n, B)``."""
+    return torch.matmul(queries, keys.t(), out=out)
+
+
+def row_weights(scores: torch.Tensor, c_w: torch.Tensor, c_b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's effective weight in the dual sum, ``c_w (k . q) + c_b``: ``(n, B)``.
+
+    Args:
+        scores: ``(n, B)`` scores of the block.
+        c_w: ``(B,)`` weight coefficient of each row's step.
+        c_b: ``(B,)`` bias coefficient of each row's step (zeros for a layer without bias).
+    """
+    n, b = scores.shape
+    return torch.addcmul(c_b.expand(n, b), scores, c_w.expand(n, b), out=out)
+
+
+def fold_dual(out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``out += weights @ values`` in place: ``(n, d_out) += (n, B) @ (B, d_out)``."""
+    return out.addmm_(weights, values)
+
+
+def contributions(weights: torch.Tensor, values: torch.Tensor, units: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's additive share of output unit ``units[i]`` for query ``i``: ``(n, B)``.
+
+    Args:
+        weights: ``(n, B)`` from :func:`row_weights`.
+        values: ``(B, d_out)`` value rows.
+        units: ``(n,)`` output unit per query (e.g. the predicted class's logit).
+    """
+    return torch.mul(weights, values.t()[units], out=out)
+
+
+def merge_topk(
+    best: torch.Tensor | None,
+    best_meta: dict[str, torch.Tensor] | None,
+    scores: torch.Tensor,
+    meta: dict[str, torch.Tensor],
+    k: int,
+    *,
+    largest: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Fold a block's ``(n, B)`` scores into a running top-k, carrying per-row metadata along.
+
+    Args:
+        best: ``(n, k')`` running scores, or ``None`` before the first block.
+        best_meta: ``{column: (n, k')}`` metadata of the running entries.
+        scores: ``(n, B)`` the block's scores.
+        meta: ``{column: (B,) or (n, B)}`` metadata of the block's rows.
+        k: how many to keep.
+        largest: keep the largest (``True``) or the smallest.
+
+    Returns:
+        ``(n, min(k, seen))`` scores sorted best first, and their metadata.
+    """
+    kb = min(k, scores.shape[1])
+    vals, pos = torch.topk(scores, kb, dim=1, largest=largest, sorted=False)
+    cand_meta = {name: col[pos] if col.dim() == 1 else col.gather(1, pos) for name, col in meta.items()}
+    if best is not None:
+        vals = torch.cat([best, vals], dim=1)
+        cand_meta = {name: torch.cat([best_meta[name], col], dim=1) for name, col in cand_meta.items()}
+    kk = min(k, vals.shape[1])
+    top, pos = torch.topk(vals, kk, dim=1, largest=largest, sorted=True)
+    return top, {name: col.gather(1, pos) for name, col in cand_meta.items()}
+
+
+def scatter_sum(acc: torch.Tensor, group: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``acc[:, group[r]] += x[:, r]`` in place, skipping rows whose group is negative.
+
+    Args:
+        acc: ``(n, G)`` running sums.
+        group: ``(B,)`` int64 group of each row (dataset index, label bucket ...); ``-1`` = none.
+        x: ``(n, B)`` what to add.
+    """
+    if group.numel() and bool((group < 0).any()):
+        keep = (group >= 0).nonzero().squeeze(1)
+        group, x = group[keep], x.index_select(1, keep)
+    return acc.index_add_(1, group, x.to(acc.dtype))
+
+
+def step_bucket(step: torch.Tensor, first_step: int, end_step: int, n_buckets: int) -> torch.Tensor:
+    """Equal-width bucket of each row's step over ``[first_step, end_step)``: ``(B,)`` in ``0..n_buckets-1``."""
+    span = max(end_step - first_step, 1)
+    return ((step - first_step) * n_buckets // span).clamp_(0, n_buckets - 1)
+
+
+def step_bucket_edges(first_step: int, end_step: int, n_buckets: int) -> list[int]:
+    """First step of each bucket of :func:`step_bucket`, plus ``end_step``."""
+    span = max(end_step - first_step, 1)
+    # smallest s with (s - first) * n // span >= b
+    return [first_step + -(-b * span // n_buckets) for b in range(n_buckets)] + [end_step]
+
+
+# ------------------------------------------------------------------------------------------------------
+# the running state of one pass
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class Block:
+    """One block of memory rows, already on the compute device.
+
+    ``keys`` and ``values`` are in the compute dtype; ``c_w``/``c_b`` are the rows' coefficients in the
+    accumulation dtype; metadata columns are int64 of shape ``(B,)``.
+    """
+
+    keys: torch.Tensor  # (B, d_in)
+    values: torch.Tensor  # (B, d_out)
+    c_w: torch.Tensor  # (B,)
+    c_b: torch.Tensor  # (B,)
+    meta: dict[str, torch.Tensor]  # META_COLUMNS -> (B,)
+    label_group: torch.Tensor | None = None  # (B,) bucket of the row's label, for the mass
+    step_group: torch.Tensor | None = None  # (B,) step bucket
+    exact_keys: torch.Tensor | None = None  # (B, d_in) in the accumulation dtype, for re-scoring a bf16 scan
+
+
+@dataclass
+class AttentionAccumulator:
+    """Running results of attending ``queries`` over a memory folded in block by block.
+
+    Args:
+        queries: ``(n, d_in)`` in the compute dtype, on the device.
+        base: ``(n, d_out)`` the non-memory part ``a_w W_0 q + a_b b_0`` in the accumulation dtype.
+        top_k: rows to keep per query by score (0: none).
+        units: ``(n,)`` output unit per query for proponents/opponents, or ``None``.
+        n_examples: width of the per-example sums (max dataset index + 1), or 0 to skip them. Memory:
+            ``n x n_examples`` (twice with ``units``) in the accumulation dtype.
+        n_labels, n_epochs, n_step_buckets: widths of the mass tables (0 to skip one).
+        query_chunk: queries processed together; bounds the ``(query_chunk, B)`` work buffers and keeps
+            them in cache.
+        exact_queries: ``(n, d_in)`` in the accumulation dtype when ``queries`` are a low-precision scan
+            (bfloat16): each block's ``rescore x top_k`` best rows by scan score are re-scored exactly
+            against ``Block.exact_keys`` before they enter the running top-k.
+        with_dual: accumulate the dual output (off when it is rebuilt another way).
+    """
+
+    queries: torch.Tensor
+    base: torch.Tensor
+    top_k: int = 10
+    units: torch.Tensor | None = None
+    n_examples: int = 0
+    n_labels: int = 0
+    n_epochs: int = 0
+    n_step_buckets: int = 0
+    query_chunk: int = 256
+    exact_queries: torch.Tensor | None = None
+    rescore: int = 4
+    with_dual: bool = True
+    rows_seen: int = 0
+    dual: torch.Tensor = field(init=False)
+    top: list = field(init=False)
+    pro: list = field(init=False)
+    con: list = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = self.queries.shape[0]
+        acc, dev = self.base.dtype, self.base.device
+        self.dual = self.base.clone()
+        chunks = range(0, n, self.query_chunk)
+        self.top = [(None, None) for _ in chunks]
+        self.pro = [(None, None) for _ in chunks]
+        self.con = [(None, None) for _ in chunks]
+        self.example_score = torch.zeros(n, self.n_examples, dtype=acc, device=dev) if self.n_examples else None
+        self.example_contrib = (
+            torch.zeros(n, self.n_examples, dtype=acc, device=dev) if self.n_examples and self.units is not None else None
+        )
+        self.example_rows = torch.zeros(self.n_examples, dtype=torch.int64, device=dev) if self.n_examples else None
+        self.mass = {
+            name: (torch.zeros(n, g, dtype=acc, device=dev), torch.zeros(n, g, dtype=acc, device=dev))
+            for name, g in (("label", self.n_labels), ("epoch", self.n_epochs), ("step", self.n_step_buckets))
+            if g
+        }
+
+    def fold(self, block: Block) -> None:
+        """Fold one block into every running result."""
+        b = block.keys.shape[0]
+        if b == 0:
+            return
+        acc = self.base.dtype
+        groups = {"label": block.label_group, "epoch": block.meta["epoch"], "step": block.step_group}
+        # Mass per group as one small matmul against a one-hot matrix: far cheaper than a scatter.
+        onehots = {
+            name: torch.nn.functional.one_hot(groups[name], self.mass[name][0].shape[1]).to(acc)
+            for name in self.mass
+        }
+        if self.example_rows is not None:
+            idx = block.meta["index"]
+            ok = idx >= 0
+            self.example_rows.index_add_(0, idx[ok], torch.ones_like(idx[ok]))
+        for ci, q0 in enumerate(range(0, self.queries.shape[0], self.query_chunk)):
+            q1 = min(q0 + self.query_chunk, self.queries.shape[0])
+            scores = block_scores(self.queries[q0:q1], block.keys)
+            if scores.dtype != acc:
+                scores = scores.to(acc)
+            weights = row_weights(scores, block.c_w, block.c_b)
+            if self.with_dual:
+                fold_dual(self.dual[q0:q1], weights, block.values if block.values.dtype == acc else block.values.to(acc))
+            if self.top_k and self.exact_queries is not None:
+                # re-score the scan's candidates exactly, so the kept scores (and mostly the rows) are exact
+                _, pos = torch.topk(scores, min(self.rescore * self.top_k, b), dim=1, sorted=False)
+                exact = torch.einsum("nmd,nd->nm", block.exact_keys[pos], self.exact_queries[q0:q1])
+                cand_meta = {name: col[pos] for name, col in block.meta.items()}
+                self.top[ci] = merge_topk(*self.top[ci], exact, cand_meta, self.top_k)
+            elif self.top_k:
+                self.top[ci] = merge_topk(*self.top[ci], scores, block.meta, self.top_k)
+            for name, oh in onehots.items():
+                signed, absolute = self.mass[name]
+                signed[q0:q1].addmm_(scores, oh)
+                absolute[q0:q1].addmm_(scores.abs(), oh)
+            if self.example_score is not None:
+                scatter_sum(self.example_score[q0:q1], block.meta["index"], scores)
+            if self.units is not None:
+                contrib = contributions(weights, block.values, self.units[q0:q1])
+                if self.top_k:
+                    self.pro[ci] = merge_topk(*self.pro[ci], contrib, block.meta, self.top_k)
+                    self.con[ci] = merge_topk(*self.con[ci], contrib, block.meta, self.top_k, largest=False)
+                if self.example_contrib is not None:
+                    scatter_sum(self.example_contrib[q0:q1], block.meta["index"], contrib)
+        self.rows_seen += b
+
+    @staticmethod
+    def _joined(parts: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        if not parts or parts[0][0] is None:
+            return None
+        return torch.cat([p[0] for p in parts]), {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
+
+    def top_rows(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """``(n, k)`` best scores and their metadata, sorted best first."""
+        return self._joined(self.top)
+
+    def proponents(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """``(n, k)`` largest contributions (may include non-positive ones when few rows help)."""
+        return self._joined(self.pro)
+
+    def opponents(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """``(n, k)`` smallest (most negative) contributions."""
+        return self._joined(self.con)
