@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+import numpy as np
 from torch import nn
 from typing_extensions import override
 
@@ -26,11 +27,22 @@ from lightning_dualform.capture import CallRows, LayerCapture, find_layers, weig
 from lightning_dualform.certificate import certify_store
 from lightning_dualform.errors import InexactError
 from lightning_dualform.optim import ParamUpdate
-from lightning_dualform.store import ROW_DTYPES, LayerSpec, StepRows, StoreWriter, compression_kwargs
+from lightning_dualform.store import (
+    ROW_DTYPES,
+    LayerSpec,
+    QueryWriter,
+    StepRows,
+    StoreReader,
+    StoreWriter,
+    compression_kwargs,
+    settings_of,
+)
 from lightning_dualform.writer import AsyncWriter
 
 log = logging.getLogger(__name__)
 
+_QUERY_STAGES = {"test": "test", "validate": "validation", "predict": "predict"}
+_INPUT_KEYS = ("x", "input", "inputs", "image", "images")
 _LABEL_KEYS = ("label", "labels", "y", "target", "targets")
 
 
@@ -123,6 +135,12 @@ class DualFormCallback(Callback):
             when it is an integer tensor.
         max_queue: optimizer steps that may wait for the writer before training blocks.
         certify: compute the exactness certificate at fit end (reads the store once).
+        record_queries: stages whose inputs are stored as queries: any of ``"test"``, ``"validate"``,
+            ``"predict"`` (during ``trainer.test/validate/predict`` after fit, into the same store).
+        store_inputs: store each training example's raw input once (for pictures of what a query attends to).
+        input_key: key (dict batch) or position (tuple batch) of the raw input; default: ``"x"``,
+            ``"input"``, ``"inputs"``, ``"image"``, ``"images"``, or the first element of a tuple batch.
+        commit_seconds: the writer makes rows durable at least this often (and at every epoch end and checkpoint).
 
     Example::
 
@@ -144,6 +162,10 @@ class DualFormCallback(Callback):
         label_key: str | int | None = None,
         max_queue: int = 32,
         certify: bool = True,
+        record_queries: Sequence[str] = (),
+        store_inputs: bool = True,
+        input_key: str | int | None = None,
+        commit_seconds: float = 30.0,
     ) -> None:
         if dtype not in ROW_DTYPES:
             raise ValueError(f"`DualFormCallback(dtype={dtype!r})` is not supported. Expected one of {ROW_DTYPES}.")
@@ -152,6 +174,11 @@ class DualFormCallback(Callback):
             raise ValueError(f"`DualFormCallback(chunk_rows={chunk_rows!r})` must be a positive integer.")
         if not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"`DualFormCallback(max_queue={max_queue!r})` must be a positive integer.")
+        bad_stages = [q for q in record_queries if q not in _QUERY_STAGES]
+        if isinstance(record_queries, str) or bad_stages:
+            raise ValueError(
+                f"`DualFormCallback(record_queries={record_queries!r})`: expected a tuple of {tuple(_QUERY_STAGES)}."
+            )
         if layers is not None and not callable(layers) and not isinstance(layers, (list, tuple)):
             raise TypeError(
                 f"`DualFormCallback(layers={layers!r})`: expected None, a list of module names, or a predicate."
@@ -167,6 +194,10 @@ class DualFormCallback(Callback):
         self.label_key = label_key
         self.max_queue = max_queue
         self.certify = certify
+        self.record_queries = tuple(record_queries)
+        self.store_inputs = store_inputs
+        self.input_key = input_key
+        self.commit_seconds = commit_seconds
 
         self.store_path: str | None = None
         self.certificate: dict[str, dict[str, float]] = {}
@@ -184,13 +215,18 @@ class DualFormCallback(Callback):
         self._warned: set[str] = set()
         self._optimizer: torch.optim.Optimizer | None = None
         self._grad_world_scale = 1.0
+        self._chosen: dict[str, nn.Module] = {}
+        self._resume: dict[str, Any] | None = None
+        self._committed: dict[str, Any] | None = None
+        self._seen_inputs = np.zeros(0, dtype=bool)
+        self._query: _QueryRecording | None = None
 
     # ------------------------------------------------------------------------------------------------
     # set-up
     # ------------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if stage != "fit":
+        if stage != "fit" and stage not in self.record_queries:
             return
         strategy = trainer.strategy
         original = strategy.process_dataloader
@@ -208,6 +244,24 @@ class DualFormCallback(Callback):
         strategy.process_dataloader = process_dataloader  # type: ignore[method-assign]
 
     @override
+    def state_dict(self) -> dict[str, Any]:
+        # Called while a checkpoint is written: make every row so far durable and remember the counts,
+        # so that a resume truncates the store back to exactly this point.
+        if self._writer is not None:
+            self._committed = self._writer.call_result(self._writer.store.commit)
+        if self._committed is None:
+            return {}
+        return {"format_version": 1, "store_path": self.store_path, **self._committed}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = dict(state_dict) if state_dict.get("rows") is not None else None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(path=self.path)
+
+    @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._check_run(trainer, pl_module)
         chosen, notes = find_layers(pl_module, self.layer_selection)
@@ -219,33 +273,59 @@ class DualFormCallback(Callback):
         self._map_params(trainer, chosen, notes)
         for note in notes:
             rank_zero_info(f"DualFormCallback: {note}")
-
+        self._chosen = chosen
         self.store_path = rank_path(self.path, trainer.global_rank, trainer.world_size)
-        if os.path.exists(self.store_path) and not self.overwrite:
+        if os.path.exists(self.store_path) and not self.overwrite and self._resume is None:
             raise FileExistsError(
-                f"DualFormCallback: {self.store_path} already exists. Choose another path, delete it, or pass "
-                "`DualFormCallback(..., overwrite=True)` to replace it."
+                f"DualFormCallback: {self.store_path} already exists. Choose another path, delete it, pass "
+                "`DualFormCallback(..., overwrite=True)` to replace it, or resume the run that wrote it with "
+                "`trainer.fit(..., ckpt_path=...)` to continue it."
             )
-        specs = [self._layer_spec(name, m) for name, m in chosen.items()]
-        attrs = self._run_attrs(trainer, pl_module)
-        self._writer = AsyncWriter(
-            lambda: StoreWriter(
-                self.store_path, specs, row_dtype=self.dtype, compression=self.compression,
-                chunk_rows=self.chunk_rows, attrs=attrs,
-            ),
-            max_queue=self.max_queue,
-        )
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # Hooks go on now; the store opens at the first batch, once optimizer state and global step are
+        # restored (a resume) and the input shape is known.
         gen = torch.Generator().manual_seed(0)
-        for name, module in chosen.items():
+        for name, module in self._chosen.items():
             cap = LayerCapture(name, module, lambda: self._active)
             cap.attach()
             self._captures[name] = cap
-            self._probes[name] = torch.randn(module.weight.shape[1], generator=gen, dtype=torch.float32).to(
-                module.weight.device
+            self._probes[name] = torch.randn(module.weight.shape[1], generator=gen).to(module.weight.device)
+
+    def _open_store(self, trainer: "pl.Trainer", batch: Any) -> None:
+        specs = [self._layer_spec(name, m) for name, m in self._chosen.items()]
+        settings = settings_of(specs, self.dtype, self.compression)
+        raw = _batch_inputs(batch, self.input_key) if self.store_inputs else None
+        resume = self._resume if (self._resume and os.path.exists(self.store_path) and not self.overwrite) else None
+        if self._resume and resume is None and not self.overwrite:
+            raise FileNotFoundError(
+                f"DualFormCallback: resuming from a checkpoint that recorded into {self.store_path}, but that file "
+                "is gone. Restore it, or pass `overwrite=True` (or another path) to start a new store from this step."
             )
+        if resume is not None:
+            make = lambda: StoreWriter.resume(  # noqa: E731
+                self.store_path, settings, resume["rows"], int(resume["steps"]), resume.get("inputs"),
+                chunk_rows=self.chunk_rows, commit_seconds=self.commit_seconds,
+            )
+        else:
+            attrs = self._run_attrs(trainer, trainer.lightning_module)
+            if os.path.exists(self.store_path):
+                os.remove(self.store_path)  # overwrite=True was given (checked at fit start)
+            make = lambda: StoreWriter.create(  # noqa: E731
+                self.store_path, specs, row_dtype=self.dtype, compression=self.compression,
+                chunk_rows=self.chunk_rows, attrs=attrs, commit_seconds=self.commit_seconds,
+                input_shape=tuple(raw.shape[1:]) if raw is not None else None,
+                input_dtype=str(raw.dtype).replace("torch.", "") if raw is not None else "float32",
+            )
+        self._writer = AsyncWriter(make, max_queue=self.max_queue)
+        seen = self._writer.store.input_indices()
+        self._seen_inputs = np.zeros(int(seen.max()) + 1 if len(seen) else 0, dtype=bool)
+        self._seen_inputs[seen] = True
         width = sum(s.d_in + s.d_out for s in specs) * (4 if self.dtype == "float32" else 2)
+        verb = f"continuing at step {trainer.global_step}" if resume else "recording"
         rank_zero_info(
-            f"DualFormCallback: recording {len(specs)} layer(s) {list(chosen)} into {self.store_path} "
+            f"DualFormCallback: {verb} {len(specs)} layer(s) {list(self._chosen)} into {self.store_path} "
             f"({self.dtype}, compression={self.compression}); about {width / 1024:.1f} KiB per training example "
             "and position, per epoch."
         )
@@ -302,8 +382,14 @@ class DualFormCallback(Callback):
     def _layer_spec(self, name: str, m: nn.Module) -> LayerSpec:
         w = weight_matrix(m).float().cpu().numpy()
         b = m.bias.detach().float().cpu().numpy() if m.bias is not None else None
+        state = self._optimizer.state if self._optimizer is not None else {}
+
+        def buffer(p: torch.Tensor | None) -> np.ndarray | None:
+            buf = state.get(p, {}).get("momentum_buffer") if p is not None else None
+            return buf.detach().float().cpu().numpy() if buf is not None else None
+
         return LayerSpec(name=name, kind="linear", d_in=w.shape[1], d_out=w.shape[0], has_bias=b is not None,
-                         weight_init=w, bias_init=b)
+                         weight_init=w, bias_init=b, weight_buffer_init=buffer(m.weight), bias_buffer_init=buffer(m.bias))
 
     def _run_attrs(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[str, Any]:
         import lightning
@@ -337,9 +423,13 @@ class DualFormCallback(Callback):
     # ------------------------------------------------------------------------------------------------
     @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
-        if self._writer is None:
+        if not self._captures:
             return
-        indices = self._batch_indices(trainer, batch)
+        if self._writer is None:
+            self._open_store(trainer, batch)
+        indices = self._batch_indices(trainer, trainer.train_dataloader, batch)
+        if self.store_inputs and indices is not None:
+            self._record_inputs(batch, indices)
         labels = self._batch_labels(batch)
         size = len(indices) if indices is not None else (labels.shape[0] if labels is not None else _batch_size(batch))
         self._batch = _BatchInfo(size=size, indices=indices, labels=labels)
@@ -347,8 +437,25 @@ class DualFormCallback(Callback):
             cap.calls.clear()
         self._active = True
 
-    def _batch_indices(self, trainer: "pl.Trainer", batch: Any) -> torch.Tensor | None:
-        dl = trainer.train_dataloader
+    def _record_inputs(self, batch: Any, indices: torch.Tensor) -> None:
+        """Queue the raw inputs of examples not stored yet (each example once, not once per epoch)."""
+        raw = _batch_inputs(batch, self.input_key)
+        if raw is None or raw.shape[0] != len(indices):
+            return
+        idx = indices.numpy()
+        if len(idx) and idx.max() >= len(self._seen_inputs):
+            grown = np.zeros(max(int(idx.max()) + 1, 2 * len(self._seen_inputs)), dtype=bool)
+            grown[: len(self._seen_inputs)] = self._seen_inputs
+            self._seen_inputs = grown
+        new = ~self._seen_inputs[idx]
+        new &= ~_duplicates(idx)
+        if not new.any():
+            return
+        self._seen_inputs[idx[new]] = True
+        data = raw.detach()[torch.from_numpy(new)].cpu().numpy()
+        self._writer.submit(self._writer.store.add_inputs, idx[new].copy(), data)
+
+    def _batch_indices(self, trainer: "pl.Trainer", dl: Any, batch: Any) -> torch.Tensor | None:
         rec = self._recorders.get(id(dl))
         if rec is not None and rec.fifo:
             item = rec.fifo.popleft()
@@ -494,14 +601,10 @@ class DualFormCallback(Callback):
     # ------------------------------------------------------------------------------------------------
     def _commit(self) -> None:
         if self._writer is not None:
-            self._writer.call(self._writer.store.commit)
+            self._committed = self._writer.call_result(self._writer.store.commit)
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._commit()
-
-    @override
-    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
         self._commit()
 
     @override
@@ -531,6 +634,9 @@ class DualFormCallback(Callback):
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        if self._query is not None:
+            self._query.writer.close()
+            self._query = None
         self._detach()
         writer, self._writer = self._writer, None
         if writer is not None:
@@ -539,8 +645,137 @@ class DualFormCallback(Callback):
             finally:
                 writer.stop()
 
+    # ------------------------------------------------------------------------------------------------
+    # query recording (trainer.test / validate / predict after fit)
+    # ------------------------------------------------------------------------------------------------
+    def _query_stage_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", split: str) -> None:
+        if split not in self.record_queries or trainer.sanity_checking or self._writer is not None:
+            return  # validation inside fit is not a query set; the store is busy recording then
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if split == "validate" and trainer.state.fn != TrainerFn.VALIDATING:
+            return
+        path = self.store_path or rank_path(self.path, trainer.global_rank, trainer.world_size)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"DualFormCallback(record_queries=...): {path} does not exist; run trainer.fit with this callback "
+                "first (queries are stored beside the training memory)."
+            )
+        with StoreReader(path) as store:
+            names = store.layers
+            widths = {n: store.layer(n).d_in for n in names}
+        modules = dict(pl_module.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"DualFormCallback: the store's layers {missing} are not in this model.")
+        self._query = _QueryRecording(QueryWriter(path, split, widths), split)
+        for name in names:
+            cap = LayerCapture(name, modules[name], lambda: self._active, need_grad=False, keep_output=name == names[-1])
+            cap.attach()
+            self._query.captures[name] = cap
+
+    def _query_batch_start(self, trainer: "pl.Trainer", batch: Any, dataloader_idx: int, loaders: Any) -> None:
+        if self._query is None:
+            return
+        dl = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+        indices = self._batch_indices(trainer, dl, batch)
+        labels = self._batch_labels(batch)
+        size = len(indices) if indices is not None else (labels.shape[0] if labels is not None else _batch_size(batch))
+        self._query.batch = _BatchInfo(size=size, indices=indices, labels=labels)
+        self._query.raw = _batch_inputs(batch, self.input_key)
+        for cap in self._query.captures.values():
+            cap.calls.clear()
+        self._active = True
+
+    def _query_batch_end(self, outputs: Any) -> None:
+        q = self._query
+        if q is None or q.batch is None:
+            return
+        self._active = False
+        info = q.batch
+        rows = {}
+        last_output = None
+        for name, cap in q.captures.items():
+            offset, parts = 0, []
+            for call in cap.calls:
+                _, position, _, per_ex, example = _row_metadata(call, info, offset, with_example=True)
+                offset += per_ex
+                parts.append((call.keys.float().cpu(), example, position))
+                if call.output is not None:
+                    last_output = call.output
+            cap.calls.clear()
+            if parts:
+                rows[name] = tuple(torch.cat([p[i] for p in parts]).numpy() for i in range(3))
+        n = info.size or 0
+        index = info.indices.numpy() if info.indices is not None else np.full(n, -1)
+        label = info.labels.reshape(n, -1)[:, 0].numpy() if info.labels is not None and info.labels.shape[0] == n else np.full(n, -1)
+        pred = _prediction(outputs, last_output, n)
+        raw = q.raw.detach().cpu().numpy() if q.raw is not None and q.raw.shape[0] == n else None
+        q.writer.add_batch(index, label, pred, raw, rows)
+        q.batch = None
+
+    def _query_stage_end(self) -> None:
+        if self._query is None:
+            return
+        self._active = False
+        for cap in self._query.captures.values():
+            cap.detach()
+        n, split = self._query.writer.n, self._query.split
+        self._query.writer.close()
+        self._query = None
+        rank_zero_info(f"DualFormCallback: recorded {n} {split} queries into {self.store_path or self.path}.")
+
+    @override
+    def on_test_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._query_stage_start(trainer, pl_module, "test")
+
+    @override
+    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._query_stage_start(trainer, pl_module, "validate")
+
+    @override
+    def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._query_stage_start(trainer, pl_module, "predict")
+
+    @override
+    def on_test_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._query_batch_start(trainer, batch, dataloader_idx, trainer.test_dataloaders)
+
+    @override
+    def on_validation_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._query_batch_start(trainer, batch, dataloader_idx, trainer.val_dataloaders)
+
+    @override
+    def on_predict_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._query_batch_start(trainer, batch, dataloader_idx, trainer.predict_dataloaders)
+
+    @override
+    def on_test_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._query_batch_end(outputs)
+
+    @override
+    def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._query_batch_end(outputs)
+
+    @override
+    def on_predict_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._query_batch_end(outputs)
+
+    @override
+    def on_test_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._query_stage_end()
+
+    @override
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._query_stage_end()
+
+    @override
+    def on_predict_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._query_stage_end()
+
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._query_stage_end()
         self._detach()
         if self._orig_process_dataloader is not None:
             try:
@@ -574,8 +809,9 @@ def _batch_size(batch: Any) -> int | None:
     return None
 
 
-def _row_metadata(call: CallRows, info: _BatchInfo, offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Dataset index, position and label of every row of a call, and the positions per example."""
+def _row_metadata(call: CallRows, info: _BatchInfo, offset: int, with_example: bool = False) -> tuple:
+    """Dataset index, position and label of every row of a call, and the positions per example
+    (and, with ``with_example``, each row's example number within the batch, -1 when unknown)."""
     n = call.keys.shape[0]
     lead = call.lead_shape
     b = info.size
@@ -598,7 +834,59 @@ def _row_metadata(call: CallRows, info: _BatchInfo, offset: int) -> tuple[torch.
             label = lab.reshape(-1)
         elif len(lead) >= 2 and lead[1] == b and tuple(lab.shape) == (lead[1], lead[0]):
             label = lab.t().reshape(-1)
+    if with_example:
+        ex = example if example is not None else torch.full((n,), -1, dtype=torch.int64)
+        return index, position.to(torch.int32), label, per_ex, ex
     return index, position.to(torch.int32), label, per_ex
+
+
+def _batch_inputs(batch: Any, key: str | int | None) -> torch.Tensor | None:
+    """The raw model input of a batch: ``batch[key]``, else the first tensor of a tuple or a usual dict key."""
+    cand = None
+    if isinstance(batch, torch.Tensor):
+        cand = batch
+    elif isinstance(batch, dict):
+        keys = [key] if key is not None else _INPUT_KEYS
+        cand = next((batch[k] for k in keys if k in batch), None)
+    elif isinstance(batch, (list, tuple)) and batch:
+        cand = batch[key if isinstance(key, int) else 0]
+    if isinstance(cand, torch.Tensor) and cand.dim() >= 1 and not cand.is_complex():
+        return cand
+    return None
+
+
+def _prediction(outputs: Any, last_output: torch.Tensor | None, n: int) -> np.ndarray:
+    """Predicted class per example: from the step's output (logits, or a dict with them), else the
+    argmax of the last tracked layer's output; -1 when neither is a (n, classes) tensor."""
+    cand = outputs
+    if isinstance(outputs, dict):
+        cand = next((outputs[k] for k in ("preds", "prediction", "predictions", "logits") if k in outputs), None)
+    for t in (cand, last_output):
+        if isinstance(t, torch.Tensor) and t.shape[0] == n:
+            if t.dim() == 1 and not t.is_floating_point():
+                return t.cpu().numpy()
+            if t.dim() == 2 and t.shape[1] > 1:
+                return t.argmax(1).cpu().numpy()
+    return np.full(n, -1)
+
+
+def _duplicates(idx: np.ndarray) -> np.ndarray:
+    """True for every repeat of an index within one batch (keep the first)."""
+    dup = np.ones(len(idx), dtype=bool)
+    dup[np.unique(idx, return_index=True)[1]] = False
+    return dup
+
+
+@dataclass
+class _QueryRecording:
+    writer: QueryWriter
+    split: str
+    captures: dict[str, LayerCapture] = None  # type: ignore[assignment]
+    batch: _BatchInfo | None = None
+    raw: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.captures = {}
 
 
 def _gather_rows(parts: list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:

@@ -31,6 +31,7 @@ class CallRows:
     lead_shape: tuple[int, ...]  # the input's leading dims, e.g. (B,) or (B, T)
     call: int  # call number within the current micro-batch
     values: torch.Tensor | None = None  # (R, d_out), set in backward
+    output: torch.Tensor | None = None  # (R, d_out) forward output, kept only when asked (query recording)
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -56,6 +57,8 @@ class LayerCapture:
     name: str
     module: nn.Module
     is_active: Callable[[], bool]
+    need_grad: bool = True  # training: only calls that backward reaches; queries: every call
+    keep_output: bool = False
     calls: list[CallRows] = field(default_factory=list)
     _handles: list = field(default_factory=list)
 
@@ -69,11 +72,15 @@ class LayerCapture:
         self.calls.clear()
 
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if not self.is_active() or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
-            return
-        if not output.requires_grad:
+        if not self.is_active() or not isinstance(output, torch.Tensor):
             return
         keys, lead = keys_of(module, inputs[0])
+        if not self.need_grad:
+            out = values_of(module, output) if self.keep_output else None
+            self.calls.append(CallRows(keys=keys, lead_shape=lead, call=len(self.calls), output=out))
+            return
+        if not torch.is_grad_enabled() or not output.requires_grad:
+            return
         rec = CallRows(keys=keys, lead_shape=lead, call=len(self.calls))
         self.calls.append(rec)
 

@@ -24,8 +24,9 @@ def rebuild_weights(
     """The layer's weight ``(d_out, d_in)`` and bias ``(d_out,)`` rebuilt from its initial values and memory."""
     coef = layer.coefficients(at_step)
     n = layer.rows_before(coef.end_step)
-    w = coef.a_w * torch.from_numpy(layer.weight_init).to(dtype)
-    b = coef.a_b * torch.from_numpy(layer.bias_init).to(dtype) if layer.has_bias else None
+    w0, b0 = layer.base_weights(coef=coef, with_residual=False)
+    w = torch.from_numpy(w0).to(dtype)
+    b = torch.from_numpy(b0).to(dtype) if b0 is not None else None
     c_w = torch.from_numpy(coef.c_w).to(dtype)
     c_b = torch.from_numpy(coef.c_b).to(dtype)
     for start in range(0, n, block_rows):

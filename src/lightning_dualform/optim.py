@@ -74,13 +74,27 @@ def _step_matrix(
 def coefficients(table: dict[str, np.ndarray], grad_scale: np.ndarray, end: int | None = None) -> tuple[float, np.ndarray]:
     """Coefficients of ``p_end = a * p_0 + sum_{s < end} c_s * G_s`` for one parameter.
 
+    Assumes no momentum buffer existed before the first step; see :func:`coefficients_with_buffer`.
+    """
+    a, _, c = coefficients_with_buffer(table, grad_scale, end)
+    return a, c
+
+
+def coefficients_with_buffer(
+    table: dict[str, np.ndarray], grad_scale: np.ndarray, end: int | None = None
+) -> tuple[float, float, np.ndarray]:
+    """Coefficients of ``p_end = a * p_0 + b * buf_0 + sum_{s < end} c_s * G_s`` for one parameter.
+
+    ``buf_0`` is the momentum buffer before the first recorded step (a store that starts from a
+    checkpoint of a run with momentum); ``b`` is 0 when the first step creates the buffer.
+
     Args:
         table: per-step columns named in :data:`PARAM_COLUMNS`, each of shape ``(S,)``, in step order.
         grad_scale: ``(S,)`` factor turning the raw recorded gradient into the one the optimizer used.
         end: number of leading steps to apply (the model after ``end`` updates); ``None`` for all.
 
     Returns:
-        ``a`` and ``c`` of shape ``(S,)``; entries at and past ``end`` are zero.
+        ``a``, ``b`` and ``c`` of shape ``(S,)``; entries of ``c`` at and past ``end`` are zero.
     """
     n = len(grad_scale) if end is None else int(end)
     c = np.zeros(len(grad_scale), dtype=np.float64)
@@ -99,9 +113,7 @@ def coefficients(table: dict[str, np.ndarray], grad_scale: np.ndarray, end: int 
         )
         c[s] = float(adj @ b) * float(grad_scale[s])
         adj = adj @ m
-    # the buffer before the first recorded step is either absent (fresh) or, after a resume, part of
-    # the state the store already covers; only p_0's coefficient matters here.
-    return float(adj[0]), c
+    return float(adj[0]), float(adj[1]), c
 
 
 def plain_sgd_coefficients(lr: np.ndarray, grad_scale: np.ndarray, applied: np.ndarray, end: int | None = None) -> tuple[float, np.ndarray]:

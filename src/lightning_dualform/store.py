@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +22,7 @@ import h5py
 import numpy as np
 
 from lightning_dualform.errors import StoreError
-from lightning_dualform.optim import PARAM_COLUMNS, coefficients, plain_sgd_coefficients
+from lightning_dualform.optim import PARAM_COLUMNS, coefficients_with_buffer, plain_sgd_coefficients
 
 FORMAT_NAME = "lightning-dualform"
 FORMAT_VERSION = 1
@@ -105,6 +107,11 @@ class LayerSpec:
     weight_init: np.ndarray  # (d_out, d_in), float32: the layer's weight viewed as a linear map
     bias_init: np.ndarray | None
     extra: dict[str, Any] = field(default_factory=dict)  # kind-specific attributes (conv geometry ...)
+    weight_buffer_init: np.ndarray | None = None  # momentum buffers that exist before the first step
+    bias_buffer_init: np.ndarray | None = None
+
+    def fingerprint(self) -> list:
+        return [self.kind, self.d_in, self.d_out, self.has_bias]
 
 
 @dataclass
@@ -120,11 +127,51 @@ class StepRows:
     epoch: int = 0
 
 
-class StoreWriter:
-    """Creates a store and appends to it. Not thread-safe: one writer thread owns it."""
+def settings_of(specs: list[LayerSpec], row_dtype: str, compression: str | None) -> dict[str, Any]:
+    """What must match between a store and a run that continues it."""
+    return {
+        "layers": {s.name: s.fingerprint() for s in specs},
+        "row_dtype": row_dtype,
+        "compression": compression or "none",
+    }
 
-    def __init__(
-        self,
+
+def stored_settings(path: str) -> dict[str, Any]:
+    """The settings a store on disk was written with (see :func:`settings_of`)."""
+    with h5py.File(path, "r", swmr=True, locking=False) as f:
+        layers = {
+            n: [_attr(g.attrs["kind"]), int(g.attrs["d_in"]), int(g.attrs["d_out"]), bool(g.attrs["has_bias"])]
+            for n, g in f["layers"].items()
+        }
+        return {"layers": layers, "row_dtype": _attr(f.attrs["row_dtype"]), "compression": _attr(f.attrs["compression"])}
+
+
+class StoreWriter:
+    """Creates (or continues) a store and appends to it. Not thread-safe: one writer thread owns it.
+
+    Use :meth:`create` for a new store and :meth:`resume` to continue one from a checkpoint.
+    """
+
+    def __init__(self, path: str, layers: list[str], row_dtype: str, chunk_rows: int, commit_seconds: float) -> None:
+        self.path = path
+        self.row_dtype = row_dtype
+        self.chunk_rows = int(chunk_rows)
+        self.commit_seconds = commit_seconds
+        self._layers = list(layers)
+        self._pending: dict[str, list[StepRows]] = {n: [] for n in self._layers}
+        self._pending_steps: list[tuple[int, int, dict[str, tuple[float, Any, Any]]]] = []
+        self._pending_rows = 0
+        self._pending_inputs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._inexact: dict[str, str] = {}
+        self._dropped: dict[str, str] = {}
+        self._last_commit = time.monotonic()
+        self.file = h5py.File(self.path, "r+", libver="latest", locking=False)
+        self.file.swmr_mode = True
+        self.committed = self._counts()
+
+    @classmethod
+    def create(
+        cls,
         path: str,
         layers: list[LayerSpec],
         *,
@@ -132,17 +179,19 @@ class StoreWriter:
         compression: str | None = None,
         chunk_rows: int = 1024,
         attrs: dict[str, Any] | None = None,
-    ) -> None:
+        input_shape: tuple[int, ...] | None = None,
+        input_dtype: str = "float32",
+        commit_seconds: float = 30.0,
+    ) -> "StoreWriter":
+        """Write a new store's skeleton (every dataset, empty) and open it for appending."""
         if row_dtype not in ROW_DTYPES:
             raise ValueError(f"dtype={row_dtype!r} is not supported. Expected one of {ROW_DTYPES}.")
-        self.path = path
-        self.row_dtype = row_dtype
-        self.chunk_rows = int(chunk_rows)
         filters = compression_kwargs(compression)
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
         tmp = path + ".creating"
-        # Build the skeleton under a temporary name so a crash during creation never leaves a half store.
-        with h5py.File(tmp, "w", libver="latest") as f:
+        # Build the skeleton under a temporary name so a crash during creation never leaves a half store;
+        # SWMR mode forbids creating datasets later, so everything is created here.
+        with h5py.File(tmp, "w", libver="latest", locking=False) as f:
             f.attrs["format"] = FORMAT_NAME
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -154,33 +203,39 @@ class StoreWriter:
             f.create_dataset("committed_steps", data=np.zeros(1, dtype=np.int64))
             f.create_dataset("update_step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
             f.create_dataset("update_epoch", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(4096,))
+            if input_shape is not None:
+                ig = f.create_group("inputs")
+                ig.create_dataset("committed", data=np.zeros(1, dtype=np.int64))
+                ig.create_dataset("index", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
+                width = int(np.prod(input_shape)) if input_shape else 1
+                ig.create_dataset(
+                    "data", shape=(0, *input_shape), maxshape=(None, *input_shape), dtype=input_dtype,
+                    chunks=(max(1, min(1024, (1 << 20) // max(1, width * 4))), *input_shape), **filters,
+                )
             lg = f.create_group("layers")
             disk_dtype = np.uint16 if row_dtype == "bfloat16" else np.dtype(row_dtype)
             for order, spec in enumerate(layers):
                 g = lg.create_group(spec.name)
                 g.attrs.update(
-                    {
-                        "kind": spec.kind,
-                        "order": order,
-                        "d_in": spec.d_in,
-                        "d_out": spec.d_out,
-                        "has_bias": spec.has_bias,
-                        "exact": True,
-                        "inexact_reason": "",
-                    }
+                    {"kind": spec.kind, "order": order, "d_in": spec.d_in, "d_out": spec.d_out,
+                     "has_bias": spec.has_bias, "exact": True, "inexact_reason": ""}
                 )
                 _set_attrs(g, spec.extra)
                 g.create_dataset("committed_rows", data=np.zeros(1, dtype=np.int64))
                 for name, width in (("keys", spec.d_in), ("values", spec.d_out)):
                     g.create_dataset(
                         name, shape=(0, width), maxshape=(None, width), dtype=disk_dtype,
-                        chunks=(self.chunk_rows, width), **filters,
+                        chunks=(chunk_rows, width), **filters,
                     )
                 for col, dt in ROW_COLUMNS.items():
                     g.create_dataset(col, shape=(0,), maxshape=(None,), dtype=dt, chunks=(_META_CHUNK,), **filters)
                 g.create_dataset("weight_init", data=spec.weight_init.astype(np.float32))
                 if spec.has_bias:
                     g.create_dataset("bias_init", data=spec.bias_init.astype(np.float32))
+                if spec.weight_buffer_init is not None:
+                    g.create_dataset("weight_buffer_init", data=spec.weight_buffer_init.astype(np.float32))
+                if spec.bias_buffer_init is not None:
+                    g.create_dataset("bias_buffer_init", data=spec.bias_buffer_init.astype(np.float32))
                 ug = g.create_group("updates")
                 ug.create_dataset("grad_scale", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(4096,))
                 for pname in ("weight", "bias") if spec.has_bias else ("weight",):
@@ -189,46 +244,117 @@ class StoreWriter:
                         dt = np.float64 if col in _FLOAT_COLS else np.bool_
                         pg.create_dataset(col, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
         os.replace(tmp, path)
-        self._open_swmr()
-        self._pending: dict[str, list[StepRows]] = {spec.name: [] for spec in layers}
-        self._pending_steps: list[tuple[int, int, dict[str, tuple[float, Any, Any]]]] = []
-        self._layers = [spec.name for spec in layers]
-        self._pending_rows = 0
-        self._inexact: dict[str, str] = {}
-        self._dropped: dict[str, str] = {}
+        return cls(path, [s.name for s in layers], row_dtype, chunk_rows, commit_seconds)
 
-    def _open_swmr(self) -> None:
-        self.file = h5py.File(self.path, "r+", libver="latest")
-        self.file.swmr_mode = True
+    @classmethod
+    def resume(
+        cls,
+        path: str,
+        settings: dict[str, Any],
+        rows: dict[str, int],
+        steps: int,
+        inputs: int | None,
+        *,
+        chunk_rows: int = 1024,
+        commit_seconds: float = 30.0,
+    ) -> "StoreWriter":
+        """Continue a store from a checkpoint: truncate everything written after it, then append.
+
+        Raises:
+            StoreError: the file is not a store, or holds fewer rows than the checkpoint says
+                (rows that the checkpoint counts are missing: they cannot be made up).
+            ValueError: the store was written with other settings than this run's.
+        """
+        clear_swmr_flags(path)
+        try:
+            stored = stored_settings(path)
+        except (OSError, KeyError) as err:
+            raise StoreError(f"{path}: cannot continue this file: it is not a readable store ({_short(err)}).") from err
+        diffs = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
+        if diffs:
+            shown = "; ".join(f"{k}: store has {a!r}, this run has {b!r}" for k, (a, b) in diffs.items())
+            raise ValueError(
+                f"DualFormCallback: {path} was written with other settings ({shown}). Use the same settings, "
+                "another path, or `overwrite=True` to start the store afresh."
+            )
+        with h5py.File(path, "r+", libver="latest", locking=False) as f:
+            have = int(f["update_step"].shape[0])
+            if have < steps:
+                raise StoreError(f"{path}: the checkpoint counts {steps} optimizer steps but the store holds {have}; rows are missing.")
+            _truncate(f["update_step"], steps)
+            _truncate(f["update_epoch"], steps)
+            f["committed_steps"][0] = steps
+            for name, g in f["layers"].items():
+                n = int(rows.get(name, 0))
+                if g["keys"].shape[0] < n:
+                    raise StoreError(f"{path}: layer {name!r}: the checkpoint counts {n} rows but the store holds {g['keys'].shape[0]}.")
+                for col in ("keys", "values", *ROW_COLUMNS):
+                    _truncate(g[col], n)
+                g["committed_rows"][0] = n
+                ug = g["updates"]
+                _truncate(ug["grad_scale"], steps)
+                for pname in ("weight", "bias"):
+                    if pname in ug:
+                        for col in PARAM_COLUMNS:
+                            _truncate(ug[pname][col], steps)
+                for dname in ("weight_final", "bias_final", "weight_residual", "bias_residual"):
+                    if dname in g:
+                        del g[dname]
+                for key in [k for k in g.attrs if k.startswith("certificate_")]:
+                    del g.attrs[key]
+            if "inputs" in f and inputs is not None:
+                for col in ("index", "data"):
+                    _truncate(f["inputs"][col], inputs)
+                f["inputs"]["committed"][0] = inputs
+            f.attrs["status"] = "recording"
+        return cls(path, list(rows), stored["row_dtype"], chunk_rows, commit_seconds)
+
+    def _counts(self) -> dict[str, Any]:
+        f = self.file
+        return {
+            "steps": int(f["committed_steps"][0]),
+            "rows": {n: int(f["layers"][n]["committed_rows"][0]) for n in self._layers if n in f["layers"]},
+            "inputs": int(f["inputs"]["committed"][0]) if "inputs" in f else None,
+        }
+
+    def input_indices(self) -> np.ndarray:
+        """Dataset indices whose raw input is already stored (committed)."""
+        if "inputs" not in self.file:
+            return np.zeros(0, dtype=np.int64)
+        return np.asarray(self.file["inputs"]["index"][: int(self.file["inputs"]["committed"][0])])
 
     # -- appending ---------------------------------------------------------------------------------
-    def add_step(
-        self,
-        step: int,
-        epoch: int,
-        rows: dict[str, StepRows],
-        updates: dict[str, tuple[float, Any, Any]],
-    ) -> None:
+    def add_step(self, step: int, epoch: int, rows: dict[str, StepRows], updates: dict[str, tuple[float, Any, Any]]) -> None:
         """Buffer one optimizer step: its rows per layer and ``(grad_scale, weight_update, bias_update)``.
 
-        Rows carry their step and epoch implicitly. Buffers are written in large appends by :meth:`commit`
-        or when they grow past a few chunks.
+        Buffers are written in large appends; a commit follows every ``commit_seconds``.
         """
         for name, r in rows.items():
-            self._pending[name].append(r)
+            if name not in self._dropped:
+                self._pending[name].append(r)
         self._pending_steps.append((step, epoch, updates))
         self._pending_rows += max((len(r.keys) for r in rows.values()), default=0)
         if self._pending_rows >= 4 * self.chunk_rows or len(self._pending_steps) >= 256:
             self._write_pending()
+        if time.monotonic() - self._last_commit > self.commit_seconds:
+            self.commit()
+
+    def add_inputs(self, index: np.ndarray, data: np.ndarray) -> None:
+        """Raw inputs of training examples seen for the first time (written with the next step batch)."""
+        self._pending_inputs.append((index, data))
 
     def _write_pending(self) -> None:
+        if self._pending_inputs and "inputs" in self.file:
+            ig = self.file["inputs"]
+            _append(ig["data"], np.concatenate([d for _, d in self._pending_inputs]).astype(ig["data"].dtype, copy=False))
+            _append(ig["index"], np.concatenate([i for i, _ in self._pending_inputs]))
+        self._pending_inputs = []
         if not self._pending_steps:
             return
         steps = self._pending_steps
         step_ids = np.array([s for s, _, _ in steps], dtype=np.int64)
-        epochs = np.array([e for _, e, _ in steps], dtype=np.int32)
         _append(self.file["update_step"], step_ids)
-        _append(self.file["update_epoch"], epochs)
+        _append(self.file["update_epoch"], np.array([e for _, e, _ in steps], dtype=np.int32))
         for name in self._layers:
             g = self.file["layers"][name]
             ug = g["updates"]
@@ -240,7 +366,7 @@ class StoreWriter:
                     vals = [getattr(u[name][pi], col) for _, _, u in steps]
                     _append(ug[pname][col], np.array(vals, dtype=ug[pname][col].dtype))
             chunks = self._pending[name]
-            if chunks and name not in self._dropped:
+            if chunks:
                 counts = [len(r.keys) for r in chunks]
                 _append(g["keys"], encode_rows(np.concatenate([r.keys for r in chunks]), self.row_dtype))
                 _append(g["values"], encode_rows(np.concatenate([r.values for r in chunks]), self.row_dtype))
@@ -252,14 +378,24 @@ class StoreWriter:
         self._pending_steps = []
         self._pending_rows = 0
 
-    def commit(self) -> None:
-        """Write everything buffered, then make it visible: counters last, then flush to disk."""
+    def commit(self) -> dict[str, Any]:
+        """Write everything buffered, flush it, then advance the counters that make it visible.
+
+        Returns the committed counts: ``{"steps": int, "rows": {layer: int}, "inputs": int | None}``.
+        """
         self._write_pending()
+        self.file.flush()  # data first ...
+        f = self.file
         for name in self._layers:
-            g = self.file["layers"][name]
+            g = f["layers"][name]
             g["committed_rows"][0] = g["keys"].shape[0]
-        self.file["committed_steps"][0] = self.file["update_step"].shape[0]
-        self.file.flush()
+        if "inputs" in f:
+            f["inputs"]["committed"][0] = f["inputs"]["index"].shape[0]
+        f["committed_steps"][0] = f["update_step"].shape[0]
+        f.flush()  # ... then the counters that point at it
+        self._last_commit = time.monotonic()
+        self.committed = self._counts()
+        return self.committed
 
     def drop_layer(self, name: str, reason: str) -> None:
         """Stop recording a layer whose rows cannot explain its weights; it is removed at finalisation."""
@@ -267,15 +403,15 @@ class StoreWriter:
         self._pending[name] = []
 
     def mark_inexact(self, name: str, reason: str) -> None:
-        """Record that a layer's rows do not explain its weights (written at finalisation)."""
+        """Record that a layer's rows do not fully explain its weights (written at finalisation)."""
         self._inexact.setdefault(name, reason)
 
     # -- finishing -----------------------------------------------------------------------------------
     def finalize(self, final_weights: dict[str, tuple[np.ndarray, np.ndarray | None]], attrs: dict[str, Any]) -> None:
-        """Commit, leave SWMR mode, write final weights, status and certificate inputs."""
+        """Commit, leave SWMR mode, write final weights and status."""
         self.commit()
         self.file.close()
-        with h5py.File(self.path, "r+") as f:
+        with h5py.File(self.path, "r+", locking=False) as f:
             for name, (w, b) in final_weights.items():
                 g = f["layers"][name]
                 _replace(g, "weight_final", w.astype(np.float32))
@@ -292,10 +428,126 @@ class StoreWriter:
             f.attrs["status"] = "complete"
 
     def close(self) -> None:
-        """Commit and close without finalising (e.g. after an exception in training)."""
+        """Commit and close without finalising (after an exception, or when fit stops early)."""
         if self.file.id.valid:
             self.commit()
             self.file.close()
+
+
+class QueryWriter:
+    """Writes the query inputs recorded during ``trainer.test/validate/predict`` into a finished store.
+
+    Layout: ``/queries/<split>/{index,label,prediction,inputs}`` per example and
+    ``/queries/<split>/layers/<layer>/{keys,example,position}`` per row.
+    """
+
+    def __init__(self, path: str, split: str, layers: dict[str, int]) -> None:
+        clear_swmr_flags(path)
+        self.file = h5py.File(path, "r+", locking=False)
+        qg = self.file.require_group("queries")
+        if split in qg:
+            del qg[split]  # a new test run replaces the previous query set of the same split
+        self.group = qg.create_group(split)
+        self.group.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.n = 0
+        for col, dt in (("index", np.int64), ("label", np.int64), ("prediction", np.int64)):
+            self.group.create_dataset(col, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
+        lg = self.group.create_group("layers")
+        for name, d_in in layers.items():
+            g = lg.create_group(name)
+            g.create_dataset("keys", shape=(0, d_in), maxshape=(None, d_in), dtype=np.float32, chunks=(256, d_in))
+            g.create_dataset("example", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
+            g.create_dataset("position", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(4096,))
+
+    def add_batch(
+        self, index: np.ndarray, label: np.ndarray, prediction: np.ndarray, inputs: np.ndarray | None,
+        rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    ) -> None:
+        """One batch: per-example columns, and per layer ``(keys, example-in-batch, position)``."""
+        g = self.group
+        if inputs is not None:
+            if "inputs" not in g:
+                g.create_dataset("inputs", shape=(0, *inputs.shape[1:]), maxshape=(None, *inputs.shape[1:]),
+                                 dtype=inputs.dtype, chunks=(64, *inputs.shape[1:]))
+            if g["inputs"].shape[0] == self.n and g["inputs"].shape[1:] == inputs.shape[1:]:
+                _append(g["inputs"], inputs)
+        for col, data in (("index", index), ("label", label), ("prediction", prediction)):
+            _append(g[col], data.astype(np.int64))
+        for name, (keys, example, position) in rows.items():
+            lg = g["layers"][name]
+            _append(lg["keys"], keys.astype(np.float32))
+            _append(lg["example"], example.astype(np.int64) + self.n)
+            _append(lg["position"], position.astype(np.int32))
+        self.n += len(index)
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.group.attrs["n"] = self.n
+            self.file.close()
+
+
+def _truncate(ds: h5py.Dataset, n: int) -> None:
+    if ds.shape[0] != n:
+        ds.resize(n, axis=0)
+
+
+# HDF5 marks a file open for (SWMR) writing in its superblock; a killed writer leaves the mark and HDF5
+# then refuses to reopen the file for writing. `h5clear -s` removes it; this does the same for the v2/v3
+# superblocks that libver="latest" writes, after checking the superblock's own checksum.
+def clear_swmr_flags(path: str) -> None:
+    """Clear the 'open for writing' flags a killed writer left in a store's superblock."""
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if len(head) < 12 or head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (2, 3) or head[11] == 0:
+        return
+    n = 12 + 4 * head[9]
+    if len(head) < n + 4 or struct.unpack("<I", head[n : n + 4])[0] != _lookup3(head[:n]):
+        raise StoreError(f"{path}: the HDF5 superblock checksum does not match; the file is damaged.")
+    patched = bytearray(head[:n])
+    patched[11] = 0
+    with open(path, "r+b") as fh:
+        fh.write(bytes(patched) + struct.pack("<I", _lookup3(bytes(patched))))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _rot(x: int, k: int) -> int:
+    return ((x << k) | (x >> (32 - k))) & 0xFFFFFFFF
+
+
+def _lookup3(data: bytes, initval: int = 0) -> int:
+    """Bob Jenkins' lookup3 ``hashlittle``: HDF5's metadata checksum."""
+    m = 0xFFFFFFFF
+    length = len(data)
+    a = b = c = (0xDEADBEEF + length + initval) & m
+    i = 0
+
+    def word(j: int) -> int:
+        return data[j] | (data[j + 1] << 8) | (data[j + 2] << 16) | (data[j + 3] << 24)
+
+    while length > 12:
+        a, b, c = (a + word(i)) & m, (b + word(i + 4)) & m, (c + word(i + 8)) & m
+        a = ((a - c) & m) ^ _rot(c, 4); c = (c + b) & m
+        b = ((b - a) & m) ^ _rot(a, 6); a = (a + c) & m
+        c = ((c - b) & m) ^ _rot(b, 8); b = (b + a) & m
+        a = ((a - c) & m) ^ _rot(c, 16); c = (c + b) & m
+        b = ((b - a) & m) ^ _rot(a, 19); a = (a + c) & m
+        c = ((c - b) & m) ^ _rot(b, 4); b = (b + a) & m
+        length -= 12
+        i += 12
+    if length == 0:
+        return c
+    tail = data[i:] + bytes(12 - length)
+    data, i = tail, 0
+    a, b, c = (a + word(0)) & m, (b + word(4)) & m, (c + word(8)) & m
+    c ^= b; c = (c - _rot(b, 14)) & m
+    a ^= c; a = (a - _rot(c, 11)) & m
+    b ^= a; b = (b - _rot(a, 25)) & m
+    c ^= b; c = (c - _rot(b, 16)) & m
+    a ^= c; a = (a - _rot(c, 4)) & m
+    b ^= a; b = (b - _rot(a, 14)) & m
+    c ^= b; c = (c - _rot(b, 24)) & m
+    return c
 
 
 def _set_attrs(obj: h5py.Group, attrs: dict[str, Any]) -> None:
@@ -335,6 +587,8 @@ class Coefficients:
     c_b: np.ndarray  # (S,), zeros without bias
     first_step: int  # global step of update number 0
     end_step: int  # the model after this many updates (global step)
+    b_w: float = 0.0  # coefficient of the momentum buffer that existed before the first step (if any)
+    b_b: float = 0.0
 
 
 class LayerReader:
@@ -423,19 +677,43 @@ class LayerReader:
                 f"(the model after {first} to {last} optimizer steps)."
             )
         n_used = end - first
-        exact_rule = self.store.optimizer_exact
-        if exact_rule:
-            a_w, c_w = coefficients(u["weight"], u["grad_scale"], n_used)
-        else:
-            a_w, c_w = plain_sgd_coefficients(u["weight"]["lr"], u["grad_scale"], u["weight"]["applied"], n_used)
-        if "bias" in u:
-            if exact_rule:
-                a_b, c_b = coefficients(u["bias"], u["grad_scale"], n_used)
-            else:
-                a_b, c_b = plain_sgd_coefficients(u["bias"]["lr"], u["grad_scale"], u["bias"]["applied"], n_used)
-        else:
-            a_b, c_b = 1.0, np.zeros_like(c_w)
-        return Coefficients(a_w, c_w, a_b, c_b, first, end)
+
+        def param(pname: str) -> tuple[float, float, np.ndarray]:
+            if pname not in u:
+                return 1.0, 0.0, np.zeros(len(steps))
+            t = u[pname]
+            if self.store.optimizer_exact:
+                return coefficients_with_buffer(t, u["grad_scale"], n_used)
+            a, c = plain_sgd_coefficients(t["lr"], u["grad_scale"], t["applied"], n_used)
+            return a, 0.0, c
+
+        a_w, b_w, c_w = param("weight")
+        a_b, b_b, c_b = param("bias")
+        return Coefficients(a_w, c_w, a_b, c_b, first, end, b_w, b_b)
+
+    def base_weights(
+        self, at_step: int | None = None, coef: Coefficients | None = None, with_residual: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The part of the weights that the memory does not hold: ``a W_0 (+ b buf_0)``, and the same for
+        the bias; for a store of an inexact run at its end, the stored residual is added too.
+
+        ``W_T q = base_weight q + base_bias + sum_rows (c_w (k.q) + c_b) v``.
+        """
+        coef = coef or self.coefficients(at_step)
+        w = coef.a_w * self.weight_init.astype(np.float64)
+        if coef.b_w and "weight_buffer_init" in self._g:
+            w += coef.b_w * self._array("weight_buffer_init")
+        b = None
+        if self.has_bias:
+            b = coef.a_b * self.bias_init.astype(np.float64)
+            if coef.b_b and "bias_buffer_init" in self._g:
+                b += coef.b_b * self._array("bias_buffer_init")
+        if with_residual and coef.end_step == self.store.last_step and not self.store.optimizer_exact:
+            if self.weight_residual is not None:
+                w += self.weight_residual
+            if b is not None and self.bias_residual is not None:
+                b += self.bias_residual
+        return w, b
 
     def rows_before(self, step: int) -> int:
         """Number of leading rows recorded before optimizer step ``step`` (rows are in step order)."""
@@ -522,6 +800,7 @@ class StoreReader:
         lg = self._f["layers"]
         names = [n for n in order if n in lg] + sorted(n for n in lg if n not in order)
         self._layers = {n: LayerReader(self, n, lg[n]) for n in names}
+        self._input_pos: dict[int, int] | None = None
         for layer in self._layers.values():
             ug = layer._g["updates"]
             if ug["grad_scale"].shape[0] < self.n_steps:
@@ -545,6 +824,41 @@ class StoreReader:
     def complete(self) -> bool:
         return self.status == "complete"
 
+    @property
+    def query_splits(self) -> list[str]:
+        """Names of the recorded query sets (e.g. ``["test"]``)."""
+        return sorted(self._f["queries"]) if "queries" in self._f else []
+
+    def queries(self, split: str) -> "QuerySet":
+        if split not in self.query_splits:
+            raise KeyError(
+                f"{self.path} has no query set {split!r}; it has {self.query_splits or 'none'}. Record one with "
+                f"DualFormCallback(record_queries=({split!r},)) and trainer.{ {'test': 'test', 'validate': 'validate'}.get(split, 'predict') }(...)."
+            )
+        return QuerySet(self, split, self._f["queries"][split])
+
+    def train_inputs(self, indices: np.ndarray) -> np.ndarray | None:
+        """Raw inputs of training examples by dataset index (None where the store has none).
+
+        Returns an array ``(len(indices), *input_shape)``; unknown indices give NaN rows (float) or zeros.
+        """
+        if "inputs" not in self._f:
+            return None
+        ig = self._f["inputs"]
+        n = int(ig["committed"][0])
+        if self._input_pos is None:
+            stored = np.asarray(ig["index"][:n])
+            self._input_pos = dict(zip(stored.tolist(), range(n)))
+        pos = [self._input_pos.get(int(i), -1) for i in np.asarray(indices).reshape(-1)]
+        data = ig["data"]
+        out = np.zeros((len(pos), *data.shape[1:]), dtype=data.dtype)
+        if np.issubdtype(out.dtype, np.floating):
+            out[:] = np.nan
+        for j, p in enumerate(pos):
+            if p >= 0:
+                out[j] = data[p]
+        return out
+
     def layer(self, name: str) -> LayerReader:
         try:
             return self._layers[name]
@@ -559,6 +873,36 @@ class StoreReader:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class QuerySet:
+    """The query inputs recorded for one split (``trainer.test`` etc.)."""
+
+    def __init__(self, store: StoreReader, split: str, group: h5py.Group) -> None:
+        self.split = split
+        self._g = group
+        try:
+            self.index = np.asarray(group["index"][()])
+            self.label = np.asarray(group["label"][()])
+            self.prediction = np.asarray(group["prediction"][()])
+        except KeyError as err:
+            raise StoreError(f"{store.path}: query set {split!r} is incomplete ({err}).") from err
+        self.n = len(self.index)
+        if len(self.label) != self.n or len(self.prediction) != self.n:
+            raise StoreError(f"{store.path}: query set {split!r} has inconsistent lengths.")
+        self.layers = list(group["layers"]) if "layers" in group else []
+
+    @property
+    def inputs(self) -> np.ndarray | None:
+        """Raw inputs ``(n, *shape)`` of the query examples, when they were recorded."""
+        return np.asarray(self._g["inputs"][()]) if "inputs" in self._g else None
+
+    def layer_rows(self, layer: str) -> dict[str, np.ndarray]:
+        """``keys (R, d_in)``, ``example (R,)`` (query number) and ``position (R,)`` of one layer."""
+        if layer not in self.layers:
+            raise KeyError(f"query set {self.split!r} has no rows for layer {layer!r}; it has {self.layers}")
+        g = self._g["layers"][layer]
+        return {k: np.asarray(g[k][()]) for k in ("keys", "example", "position")}
 
 
 def _attr(v: Any) -> Any:

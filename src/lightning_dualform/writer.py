@@ -75,14 +75,20 @@ class AsyncWriter:
         """Queue ``fn(*args)`` to run on the writer thread."""
         self._put((fn, args, None))
 
-    def call(self, fn: Callable[..., None], *args: Any) -> None:
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the writer thread after everything queued, and wait for it."""
+        self.call_result(fn, *args)
+
+    def call_result(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Like :meth:`call`, and return what ``fn`` returned."""
         done = threading.Event()
-        self._put((fn, args, done))
+        box: list = []
+        self._put((lambda: box.append(fn(*args)), (), done))
         while not done.wait(0.5):
             if not self._thread.is_alive():
                 break
         self._raise_if_failed()
+        return box[0] if box else None
 
     def stop(self) -> None:
         """Let the queue drain and end the thread (does not commit: call ``call(store.commit)`` first)."""
