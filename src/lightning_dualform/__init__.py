@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from lightning_dualform.callback import DualFormCallback  # noqa: E402
 from lightning_dualform.errors import DualFormError, InexactError, StoreError, WriterError  # noqa: E402
 from lightning_dualform.store import StoreReader  # noqa: E402
+from lightning_dualform.inference import AttentionResult, DualInference, Explanation, Mass, TopExamples, TopRows  # noqa: E402
 
 __all__ = [
     "DualFormCallback",
@@ -19,4 +20,10 @@ __all__ = [
     "StoreReader",
     "WriterError",
     "__version__",
+    "AttentionResult",
+    "DualInference",
+    "Explanation",
+    "Mass",
+    "TopExamples",
+    "TopRows",
 ]

@@ -1,0 +1,850 @@
+"""``DualInference``: answer test-time queries by blocked attention over a store, on the GPU or the CPU.
+
+The store holds every training key and value of each tracked layer; a layer's output for a query is
+
+    dual(q) = a_w W_0 q + a_b b_0 + sum_rows (c_w[step] (k . q) + c_b[step]) v
+
+This module streams the rows block by block (a prefetch thread reads block ``i + 1`` from HDF5, and on
+CUDA copies it through pinned memory on a side stream, while block ``i`` is computed) and folds each
+block into the running results of :class:`~lightning_dualform.attention.AttentionAccumulator`. Peak
+memory is a few blocks plus the per-query results; the optional per-example sums add
+``n_queries x n_examples`` numbers (twice with ``contribution_to``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_dualform.attention import META_COLUMNS, AttentionAccumulator, Block, step_bucket, step_bucket_edges
+from lightning_dualform.errors import StoreError
+from lightning_dualform.store import LayerReader, StoreReader
+
+log = logging.getLogger(__name__)
+
+_META_BLOCK = 1 << 16
+_ACCUMULATE = (torch.float32, torch.float64)
+_SCANS = ("exact", "bf16")
+
+
+# ------------------------------------------------------------------------------------------------------
+# result types
+# ------------------------------------------------------------------------------------------------------
+def _list(t: torch.Tensor | None) -> Any:
+    return None if t is None else t.tolist()
+
+
+@dataclass
+class TopRows:
+    """The k best memory rows per query, best first; each field is ``(n, k)``.
+
+    ``score`` is the attention score ``k . q`` (for :attr:`AttentionResult.top`) or the row's contribution
+    to the chosen output unit (proponents/opponents). ``row == -1`` marks padding where fewer than ``k``
+    rows qualify (proponents need a positive contribution, opponents a negative one).
+    """
+
+    score: torch.Tensor
+    row: torch.Tensor
+    step: torch.Tensor
+    epoch: torch.Tensor
+    index: torch.Tensor
+    position: torch.Tensor
+    label: torch.Tensor
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: _list(getattr(self, name)) for name in ("score", *META_COLUMNS)}
+
+
+@dataclass
+class TopExamples:
+    """The k best training examples per query, every epoch and position of an example summed; ``(n, k)``.
+
+    ``index`` is the dataset index, ``rows`` how many memory rows (presentations x positions) were summed,
+    ``label`` the example's label (-1 none). ``index == -1`` marks padding.
+    """
+
+    score: torch.Tensor
+    index: torch.Tensor
+    label: torch.Tensor
+    rows: torch.Tensor
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: _list(getattr(self, name)) for name in ("score", "index", "label", "rows")}
+
+
+@dataclass
+class Mass:
+    """Attention mass per group: ``signed[i, g] = sum of k . q`` and ``absolute[i, g] = sum of |k . q|``
+    over the rows of group ``keys[g]`` (a label, an epoch, or the first step of a step bucket); ``(n, G)``."""
+
+    keys: torch.Tensor
+    signed: torch.Tensor
+    absolute: torch.Tensor
+    edges: list[int] | None = None  # step buckets: [first step of each bucket..., end step]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"keys": _list(self.keys), "signed": _list(self.signed), "absolute": _list(self.absolute)}
+        if self.edges is not None:
+            d["edges"] = list(self.edges)
+        return d
+
+
+@dataclass
+class AttentionResult:
+    """What one pass of :meth:`DualInference.attend` returns. Tensors are on the CPU.
+
+    Attributes:
+        layer: the layer name.
+        at_step: the model after this many optimizer steps was rebuilt.
+        rows: memory rows attended over.
+        dual: ``(n, d_out)`` the layer output rebuilt from ``W_0`` and the memory (plus the stored residual
+            for a store recorded with ``exact=False``).
+        primal: ``(n, d_out)`` the stored final weights applied to the queries; ``None`` at an earlier
+            ``at_step`` or for an unfinished store.
+        rel_err: ``(n,)`` ``||dual - primal|| / ||primal||`` per query: the exactness certificate.
+        top: top-k rows by score ``k . q``.
+        top_examples: top-k training examples by summed score.
+        units: ``(n,)`` the output unit whose contributions rank proponents and opponents.
+        proponents / opponents: top-k rows by positive / negative contribution to that unit.
+        proponent_examples / opponent_examples: the same summed per training example.
+        mass: ``{"label" | "epoch" | "step": Mass}``.
+        explained: ``(n,)`` for an inexact store: ``1 - ||residual output|| / ||primal||``, the share of the
+            output that the memory explains; ``None`` for an exact store.
+    """
+
+    layer: str
+    at_step: int
+    rows: int
+    dual: torch.Tensor
+    primal: torch.Tensor | None = None
+    rel_err: torch.Tensor | None = None
+    top: TopRows | None = None
+    top_examples: TopExamples | None = None
+    units: torch.Tensor | None = None
+    proponents: TopRows | None = None
+    opponents: TopRows | None = None
+    proponent_examples: TopExamples | None = None
+    opponent_examples: TopExamples | None = None
+    mass: dict[str, Mass] = field(default_factory=dict)
+    explained: torch.Tensor | None = None
+    exact_store: bool = True
+
+    @property
+    def max_rel_err(self) -> float | None:
+        return None if self.rel_err is None else float(self.rel_err.max())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists, numbers and strings only: ``json.dumps`` takes it as it is."""
+
+        def sub(x: Any) -> Any:
+            return None if x is None else x.to_dict()
+
+        return {
+            "layer": self.layer,
+            "at_step": self.at_step,
+            "rows": self.rows,
+            "exact_store": self.exact_store,
+            "dual": _list(self.dual),
+            "primal": _list(self.primal),
+            "rel_err": _list(self.rel_err),
+            "max_rel_err": self.max_rel_err,
+            "top": sub(self.top),
+            "top_examples": sub(self.top_examples),
+            "units": _list(self.units),
+            "proponents": sub(self.proponents),
+            "opponents": sub(self.opponents),
+            "proponent_examples": sub(self.proponent_examples),
+            "opponent_examples": sub(self.opponent_examples),
+            "mass": {k: m.to_dict() for k, m in self.mass.items()},
+            "explained": _list(self.explained),
+        }
+
+
+@dataclass
+class Explanation:
+    """What :meth:`DualInference.explain` returns: the model's output and prediction, and one
+    :class:`AttentionResult` per tracked layer (queries = that layer's input rows for the batch)."""
+
+    output: torch.Tensor | None
+    prediction: torch.Tensor | None
+    layers: dict[str, AttentionResult]
+
+    def __getitem__(self, layer: str) -> AttentionResult:
+        return self.layers[layer]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prediction": _list(self.prediction),
+            "output": _list(self.output),
+            "layers": {k: r.to_dict() for k, r in self.layers.items()},
+        }
+
+
+# ------------------------------------------------------------------------------------------------------
+# reading blocks ahead
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class _Stats:
+    """Query-independent facts about a layer's rows, gathered once by a light pass over metadata."""
+
+    n_examples: int
+    n_labels: int  # label buckets: label + 1 (so -1 -> 0)
+    n_epochs: int
+    example_label: np.ndarray  # (n_examples,) int64, -1 unknown
+
+
+class _Prefetcher:
+    """Reads blocks ``[start, stop)`` of a layer on a background thread, ``depth`` blocks ahead.
+
+    On CUDA each block goes through pinned host memory and a non-blocking copy on a side stream; the
+    consumer waits on the block's event, so copies overlap the compute stream. The thread holds the GIL
+    only inside h5py and numpy calls; torch's matrix products release it.
+    """
+
+    _DONE = object()
+
+    def __init__(
+        self, make: Callable[[int, int], dict[str, Any]], n_rows: int, block_rows: int, device: torch.device, depth: int = 2
+    ) -> None:
+        self._make = make
+        self._bounds = [(s, min(s + block_rows, n_rows)) for s in range(0, n_rows, block_rows)]
+        self._device = device
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._thread = threading.Thread(target=self._run, name="dualform-prefetch", daemon=True)
+        self._thread.start()
+
+    def _to_device(self, host: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        if self._stream is None:
+            return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in host.items()}, None
+        out: dict[str, Any] = {}
+        with torch.cuda.stream(self._stream):
+            for k, v in host.items():
+                if not isinstance(v, np.ndarray):
+                    out[k] = v
+                    continue
+                src = torch.from_numpy(v)
+                # The caching host allocator keeps a pinned block alive until the copy that reads it
+                # has finished, so a fresh pinned tensor per block is safe and cheap after the first.
+                pinned = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+                pinned.copy_(src)
+                out[k] = pinned.to(self._device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        return out, event
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for start, stop in self._bounds:
+                if self._stop.is_set():
+                    return
+                if not self._put(self._to_device(self._make(start, stop))):
+                    return
+            self._put(self._DONE)
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            self._put(err)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            item = self._q.get()
+            if item is self._DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            block, event = item
+            if event is not None:
+                current = torch.cuda.current_stream(self._device)
+                current.wait_event(event)
+                for t in block.values():
+                    if isinstance(t, torch.Tensor) and t.is_cuda:
+                        t.record_stream(current)  # allocated on the side stream, used on this one
+            yield block
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ------------------------------------------------------------------------------------------------------
+# the front door
+# ------------------------------------------------------------------------------------------------------
+class DualInference:
+    """Open a store and answer queries over its memory.
+
+    Args:
+        path: a store written by :class:`~lightning_dualform.DualFormCallback`.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``; ``None`` picks CUDA when available.
+        block_rows: memory rows read and multiplied at a time. Peak memory grows with it
+            (``block_rows x (d_in + d_out)`` numbers, a few times over for prefetching, plus
+            ``min(n, query_chunk) x block_rows`` work buffers).
+        accumulate: ``torch.float32`` (default) or ``torch.float64`` for the scores and the sums.
+        query_chunk: queries processed together against one block.
+        progress: show a tqdm bar per pass.
+
+    Raises:
+        StoreError: the file is missing, not a store, of a newer format, or damaged.
+        ValueError: a bad argument, or a device that is not there.
+
+    Example::
+
+        with DualInference("runs/mnist.h5") as di:
+            res = di.attend("net.2", queries, top_k=10, contribution_to="pred")
+            res.top.index      # (n, 10) dataset indices of the most attended training patterns
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        *,
+        block_rows: int = 4096,
+        accumulate: torch.dtype = torch.float32,
+        query_chunk: int = 256,
+        progress: bool = False,
+    ) -> None:
+        if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
+            raise ValueError(f"`DualInference(block_rows={block_rows!r})` must be a positive integer.")
+        if isinstance(query_chunk, bool) or not isinstance(query_chunk, int) or query_chunk < 1:
+            raise ValueError(f"`DualInference(query_chunk={query_chunk!r})` must be a positive integer.")
+        if accumulate not in _ACCUMULATE:
+            raise ValueError(f"`DualInference(accumulate={accumulate!r})` is not supported. Expected torch.float32 or torch.float64.")
+        self.device = _resolve_device(device)
+        self.block_rows = block_rows
+        self.accumulate = accumulate
+        self.query_chunk = query_chunk
+        self.progress = progress
+        self.store = StoreReader(path)
+        self.path = self.store.path
+        self._stats: dict[str, _Stats] = {}
+
+    # -- context management ----------------------------------------------------------------------------
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "DualInference":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"DualInference({self.path!r}, device={str(self.device)!r}, layers={self.layers})"
+
+    @property
+    def layers(self) -> list[str]:
+        """Tracked layer names, in model order."""
+        return self.store.layers
+
+    def layer(self, name: str) -> LayerReader:
+        """The store's reader of a layer. Raises ``KeyError`` listing the known layers."""
+        if not isinstance(name, str):
+            raise TypeError(f"layer must be a layer name (str), got {type(name).__name__}; this store has {self.layers}.")
+        return self.store.layer(name)
+
+    # -- attend ----------------------------------------------------------------------------------------
+    def attend(
+        self,
+        layer: str,
+        queries: torch.Tensor | np.ndarray,
+        top_k: int = 10,
+        *,
+        at_step: int | None = None,
+        contribution_to: str | int | torch.Tensor | None = None,
+        per_example: bool = True,
+        mass: bool = True,
+        step_buckets: int = 10,
+        scan: str = "exact",
+    ) -> AttentionResult:
+        """Attend ``queries`` over the memory of ``layer`` in one streamed pass.
+
+        Args:
+            layer: a name from :attr:`layers`.
+            queries: ``(n, d_in)`` (or ``(d_in,)``) inputs of that layer.
+            top_k: rows (and examples) kept per query; 0 for none.
+            at_step: rebuild the model as it was after this many optimizer steps (default: the end).
+            contribution_to: rank proponents/opponents by contribution to an output unit: ``"pred"`` (the
+                argmax of the layer's output, e.g. a classifier's predicted logit), an ``int`` unit for every
+                query, or a ``(n,)`` LongTensor of units; ``None`` skips them.
+            per_example: also sum scores (and contributions) per training example. Costs
+                ``n x n_examples`` numbers of memory (twice with ``contribution_to``).
+            mass: compute the attention mass per label, epoch and step bucket.
+            step_buckets: number of equal-width step buckets of the mass.
+            scan: ``"exact"``, or ``"bf16"`` to compute scores in bfloat16 (several times faster on CPUs with
+                AMX and on GPUs) for ranking; ``dual`` is then rebuilt exactly from the weights. Scores,
+                mass and per-example sums carry bfloat16 error (about 1e-2 relative).
+
+        Raises:
+            KeyError: unknown layer (the message lists the known ones).
+            ValueError: queries of the wrong shape or with NaN/inf, ``top_k`` larger than the memory, a bad
+                ``at_step``, ``contribution_to`` or ``scan``.
+        """
+        lay = self.layer(layer)
+        q = self._check_queries(lay, queries, "attend")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"`attend(top_k={top_k!r})` must be a non-negative integer.")
+        if scan not in _SCANS:
+            raise ValueError(f"`attend(scan={scan!r})` is not supported. Expected one of {_SCANS}.")
+        if isinstance(step_buckets, bool) or not isinstance(step_buckets, int) or step_buckets < 1:
+            raise ValueError(f"`attend(step_buckets={step_buckets!r})` must be a positive integer.")
+        coef = lay.coefficients(at_step)
+        n_rows = lay.rows_before(coef.end_step)
+        if top_k > n_rows:
+            raise ValueError(
+                f"`attend(top_k={top_k})` is larger than the memory of layer {layer!r}: it holds {n_rows} rows "
+                f"up to step {coef.end_step}. Use top_k <= {n_rows}."
+            )
+        final = coef.end_step == self.store.last_step
+        primal = self._primal(lay, q) if final else None
+        residual = self._residual(lay, q) if final and not self.store.optimizer_exact else None
+        if not self.store.optimizer_exact and not final:
+            log.warning(
+                "%s: the store is inexact and keeps the residual only for the final weights; at_step=%s answers "
+                "from the memory alone.", self.path, at_step,
+            )
+        units = self._units(lay, q, contribution_to, primal, coef, residual)
+        return self._pass(lay, q, coef, n_rows, top_k, units, per_example, mass, step_buckets, scan, primal, residual)
+
+    def _pass(
+        self, lay: LayerReader, q: torch.Tensor, coef: Any, n_rows: int, top_k: int, units: torch.Tensor | None,
+        per_example: bool, mass: bool, step_buckets: int, scan: str, primal: torch.Tensor | None,
+        residual: torch.Tensor | None,
+    ) -> AttentionResult:
+        acc = self.accumulate
+        dev = self.device
+        compute = torch.bfloat16 if scan == "bf16" else acc
+        stats = self._layer_stats(lay) if (per_example or mass) else None
+        w0 = torch.from_numpy(lay.weight_init).to(dev, acc)
+        qa = q.to(dev, acc)
+        base = coef.a_w * (qa @ w0.t())
+        if lay.has_bias:
+            base += coef.a_b * torch.from_numpy(lay.bias_init).to(dev, acc)
+        state = AttentionAccumulator(
+            queries=qa.to(compute),
+            base=base,
+            top_k=top_k,
+            units=None if units is None else units.to(dev),
+            n_examples=stats.n_examples if (per_example and stats) else 0,
+            n_labels=stats.n_labels if (mass and stats) else 0,
+            n_epochs=stats.n_epochs if (mass and stats) else 0,
+            n_step_buckets=step_buckets if mass else 0,
+            query_chunk=self.query_chunk,
+            exact_queries=qa if scan == "bf16" else None,
+            with_dual=scan != "bf16",
+        )
+        c_w = coef.c_w.astype(np.float64)
+        c_b = coef.c_b.astype(np.float64)
+        np_acc = np.float64 if acc == torch.float64 else np.float32
+        keys_dtype = {torch.float64: np.float64, torch.float32: np.float32}.get(compute)
+
+        def make(start: int, stop: int) -> dict[str, Any]:
+            blk = lay.read(start, stop)
+            upd = blk["step"] - coef.first_step
+            out = {
+                "keys": blk["keys"].astype(keys_dtype, copy=False) if keys_dtype else blk["keys"],
+                "values": blk["values"].astype(np_acc, copy=False),
+                "c_w": c_w[upd].astype(np_acc),
+                "c_b": c_b[upd].astype(np_acc),
+                "row": np.arange(start, stop, dtype=np.int64),
+                "label_group": blk["label"].astype(np.int64) + 1,
+            }
+            for col in ("step", "epoch", "index", "position", "label"):
+                out[col] = blk[col].astype(np.int64, copy=False)
+            return out
+
+        pf = _Prefetcher(make, n_rows, self.block_rows, dev)
+        bar = _bar(self.progress, n_rows, f"attend {lay.name}")
+        try:
+            for blk in pf:
+                keys = blk["keys"] if keys_dtype else blk["keys"].to(compute)
+                exact_keys = blk["keys"].to(acc) if scan == "bf16" else None
+                meta = {col: blk[col] for col in META_COLUMNS}
+                state.fold(
+                    Block(
+                        keys=keys,
+                        values=blk["values"],
+                        c_w=blk["c_w"],
+                        c_b=blk["c_b"],
+                        meta=meta,
+                        label_group=blk["label_group"],
+                        step_group=step_bucket(blk["step"], coef.first_step, coef.end_step, step_buckets),
+                        exact_keys=exact_keys,
+                    )
+                )
+                if bar is not None:
+                    bar.update(len(blk["row"]))
+        finally:
+            pf.close()
+            if bar is not None:
+                bar.close()
+        return self._result(lay, coef, n_rows, state, stats, units, primal, residual, step_buckets, q, scan)
+
+    def _result(
+        self, lay: LayerReader, coef: Any, n_rows: int, state: AttentionAccumulator, stats: _Stats | None,
+        units: torch.Tensor | None, primal: torch.Tensor | None, residual: torch.Tensor | None, step_buckets: int,
+        q: torch.Tensor, scan: str,
+    ) -> AttentionResult:
+        cpu = torch.device("cpu")
+        dual = state.dual
+        if scan == "bf16":
+            dual = self._exact_dual(lay, q, coef)  # the scan's products are only good for ranking
+        if residual is not None:
+            dual = dual + residual.to(dual)
+        res = AttentionResult(layer=lay.name, at_step=coef.end_step, rows=n_rows, dual=dual.to(cpu),
+                              exact_store=bool(self.store.optimizer_exact and lay.exact))
+        if primal is not None:
+            res.primal = primal.to(cpu, dual.dtype)
+            res.rel_err = _rel_rows(res.dual, res.primal)
+        if residual is not None:
+            ref = res.primal if res.primal is not None else res.dual
+            res.explained = (1 - _norm_rows(residual.to(cpu, ref.dtype)) / _norm_rows(ref).clamp_min(1e-30)).clamp_min(0)
+        top = state.top_rows()
+        if top is not None:
+            res.top = _top_rows(top)
+        if units is not None:
+            res.units = units.to(cpu)
+            if state.top_k:
+                res.proponents = _top_rows(state.proponents(), sign=1)
+                res.opponents = _top_rows(state.opponents(), sign=-1)
+        if state.example_score is not None and stats is not None and state.top_k:
+            present = state.example_rows > 0
+            ex_label = torch.from_numpy(stats.example_label).to(present.device)
+            res.top_examples = _top_examples(state.example_score, present, state.example_rows, ex_label, state.top_k, 0)
+            if state.example_contrib is not None:
+                res.proponent_examples = _top_examples(state.example_contrib, present, state.example_rows, ex_label, state.top_k, 1)
+                res.opponent_examples = _top_examples(state.example_contrib, present, state.example_rows, ex_label, state.top_k, -1)
+        for name, (signed, absolute) in state.mass.items():
+            if name == "label":
+                keys = torch.arange(-1, signed.shape[1] - 1)
+                edges = None
+            elif name == "epoch":
+                keys = torch.arange(signed.shape[1])
+                edges = None
+            else:
+                edges = step_bucket_edges(coef.first_step, coef.end_step, step_buckets)
+                keys = torch.tensor(edges[:-1])
+            res.mass[name] = Mass(keys=keys, signed=signed.to(cpu), absolute=absolute.to(cpu), edges=edges)
+        return res
+
+    # -- pieces of a pass ------------------------------------------------------------------------------
+    def _check_queries(self, lay: LayerReader, queries: Any, call: str) -> torch.Tensor:
+        if isinstance(queries, np.ndarray):
+            queries = torch.from_numpy(queries)
+        if not isinstance(queries, torch.Tensor):
+            raise TypeError(f"`{call}(queries=...)` must be a torch.Tensor or numpy array of shape (n, {lay.d_in}), got {type(queries).__name__}.")
+        if queries.dim() == 1:
+            queries = queries.unsqueeze(0)
+        if queries.dim() != 2 or queries.shape[1] != lay.d_in or queries.shape[0] == 0:
+            raise ValueError(
+                f"`{call}(queries=...)` for layer {lay.name!r} must have shape (n, {lay.d_in}) with n >= 1 "
+                f"(the layer's input width is {lay.d_in}); got {tuple(queries.shape)}."
+            )
+        if not queries.is_floating_point():
+            queries = queries.float()
+        finite = torch.isfinite(queries)
+        if not bool(finite.all()):
+            bad = (~finite.all(dim=1)).nonzero().squeeze(1)[:5].tolist()
+            raise ValueError(f"`{call}(queries=...)` holds NaN or inf (query rows {bad}...); every query must be finite.")
+        return queries.detach()
+
+    def _primal(self, lay: LayerReader, q: torch.Tensor) -> torch.Tensor | None:
+        wf = lay.weight_final
+        if wf is None:
+            return None
+        out = q.to(self.device, self.accumulate) @ torch.from_numpy(wf).to(self.device, self.accumulate).t()
+        bf = lay.bias_final
+        if bf is not None:
+            out += torch.from_numpy(bf).to(self.device, self.accumulate)
+        return out
+
+    def _residual(self, lay: LayerReader, q: torch.Tensor) -> torch.Tensor | None:
+        wr = lay.weight_residual
+        if wr is None:
+            return None
+        out = q.to(self.device, self.accumulate) @ torch.from_numpy(wr).to(self.device, self.accumulate).t()
+        br = lay.bias_residual
+        if br is not None:
+            out += torch.from_numpy(br).to(self.device, self.accumulate)
+        return out
+
+    def _exact_dual(self, lay: LayerReader, q: torch.Tensor, coef: Any) -> torch.Tensor:
+        """``W q + b`` with ``W, b`` rebuilt from the memory in the accumulation dtype (one more streamed pass,
+        ``B x d_in x d_out`` per block instead of ``n x B x (d_in + d_out)``)."""
+        acc, dev = self.accumulate, self.device
+        n = lay.rows_before(coef.end_step)
+        w = coef.a_w * torch.from_numpy(lay.weight_init).to(dev, acc)
+        b = coef.a_b * torch.from_numpy(lay.bias_init).to(dev, acc) if lay.has_bias else None
+        c_w = torch.from_numpy(coef.c_w).to(dev, acc)
+        c_b = torch.from_numpy(coef.c_b).to(dev, acc)
+
+        def make(start: int, stop: int) -> dict[str, Any]:
+            blk = lay.read(start, stop, ("keys", "values", "step"))
+            return {"keys": blk["keys"], "values": blk["values"], "upd": blk["step"] - coef.first_step}
+
+        pf = _Prefetcher(make, n, self.block_rows, dev)
+        try:
+            for blk in pf:
+                k, v, upd = blk["keys"].to(acc), blk["values"].to(acc), blk["upd"]
+                w.addmm_((v * c_w[upd, None]).t(), k)
+                if b is not None:
+                    b += (v * c_b[upd, None]).sum(0)
+        finally:
+            pf.close()
+        out = q.to(dev, acc) @ w.t()
+        return out + b if b is not None else out
+
+    def _units(
+        self, lay: LayerReader, q: torch.Tensor, contribution_to: Any, primal: torch.Tensor | None, coef: Any,
+        residual: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        n = q.shape[0]
+        if contribution_to is None:
+            return None
+        if isinstance(contribution_to, str):
+            if contribution_to != "pred":
+                raise ValueError(f"`attend(contribution_to={contribution_to!r})`: expected None, 'pred', an int unit or a (n,) LongTensor.")
+            if primal is None:  # an earlier step, or no final weights: the prediction needs a dual pass first
+                out = self._exact_dual(lay, q, coef)
+                if residual is not None:
+                    out = out + residual
+            else:
+                out = primal
+            return out.argmax(dim=1).to(torch.int64)
+        if isinstance(contribution_to, bool):
+            raise TypeError("`attend(contribution_to=...)` must not be a bool.")
+        if isinstance(contribution_to, (int, np.integer)):
+            units = torch.full((n,), int(contribution_to), dtype=torch.int64)
+        elif isinstance(contribution_to, (torch.Tensor, np.ndarray, list, tuple)):
+            units = torch.as_tensor(contribution_to)
+            if units.is_floating_point() or units.dim() != 1 or units.shape[0] != n:
+                raise ValueError(
+                    f"`attend(contribution_to=...)` as a tensor must be an integer tensor of shape ({n},), one unit per "
+                    f"query; got {tuple(units.shape)} {units.dtype}."
+                )
+            units = units.to(torch.int64)
+        else:
+            raise TypeError(f"`attend(contribution_to={contribution_to!r})`: expected None, 'pred', an int or a (n,) LongTensor.")
+        if bool(((units < 0) | (units >= lay.d_out)).any()):
+            raise ValueError(
+                f"`attend(contribution_to=...)`: output units must lie in 0..{lay.d_out - 1} (layer {lay.name!r} has "
+                f"{lay.d_out} outputs); got {sorted(set(units.tolist()))[:10]}."
+            )
+        return units
+
+    def _layer_stats(self, lay: LayerReader) -> _Stats:
+        """Widths of the per-example and per-group tables: one pass over the index/label/epoch columns."""
+        if lay.name in self._stats and self._stats[lay.name] is not None:
+            return self._stats[lay.name]
+        max_index, max_label, max_epoch = -1, -1, 0
+        for s in range(0, lay.n_rows, _META_BLOCK):
+            blk = lay.read(s, s + _META_BLOCK, ("index", "label", "epoch"))
+            if len(blk["index"]):
+                max_index = max(max_index, int(blk["index"].max()))
+                max_label = max(max_label, int(blk["label"].max()))
+                max_epoch = max(max_epoch, int(blk["epoch"].max()))
+        ex_label = np.full(max_index + 1, -1, dtype=np.int64)
+        for s in range(0, lay.n_rows, _META_BLOCK):
+            blk = lay.read(s, s + _META_BLOCK, ("index", "label"))
+            ok = blk["index"] >= 0
+            ex_label[blk["index"][ok]] = blk["label"][ok]
+        st = _Stats(n_examples=max_index + 1, n_labels=max_label + 2, n_epochs=max_epoch + 1, example_label=ex_label)
+        self._stats[lay.name] = st
+        return st
+
+    # -- explain ---------------------------------------------------------------------------------------
+    def explain(
+        self,
+        model: nn.Module,
+        batch: Any,
+        *,
+        top_k: int = 10,
+        layers: Sequence[str] | None = None,
+        contribution_to: str | int | torch.Tensor | None = "pred",
+        forward: Callable[[nn.Module, Any], Any] | None = None,
+        **attend_kwargs: Any,
+    ) -> Explanation:
+        """Run ``model`` once on ``batch`` with forward hooks and attend at every tracked layer.
+
+        Each tracked layer's input rows for the batch (leading dimensions flattened) are its queries. The
+        model runs in eval mode under ``torch.no_grad()`` (its mode is restored afterwards).
+
+        Args:
+            model: the trained model (a LightningModule works): module names must be the store's layer names.
+            batch: a tensor, or a tuple/list whose first element is the input, or whatever ``forward`` takes.
+            top_k: passed to :meth:`attend`.
+            layers: a subset of :attr:`layers` (default: all).
+            contribution_to: used for the last tracked layer, whose output is normally the model's;
+                ``"pred"`` there means the model's prediction (argmax of its output) when the shapes agree.
+            forward: ``forward(model, batch) -> output``; default ``model(batch)`` or ``model(batch[0])``.
+            **attend_kwargs: any other :meth:`attend` argument (``at_step``, ``per_example`` ...).
+
+        Raises:
+            KeyError: a tracked layer is not a module of ``model``.
+        """
+        names = list(layers) if layers is not None else self.layers
+        for name in names:
+            self.layer(name)
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise KeyError(
+                f"`explain(model, ...)`: the model has no module named {missing}; the store tracks {self.layers}. "
+                "Pass the model that was trained (module names must match)."
+            )
+        captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        handles = []
+        for name in names:
+            d_in = self.layer(name).d_in
+
+            def hook(mod: nn.Module, inputs: tuple, output: Any, name: str = name, d_in: int = d_in) -> None:
+                captured[name].append(inputs[0].detach().reshape(-1, d_in))
+
+            handles.append(modules[name].register_forward_hook(hook))
+        was_training = model.training
+        try:
+            model.eval()
+            with torch.no_grad():
+                if forward is not None:
+                    output = forward(model, batch)
+                elif isinstance(batch, (list, tuple)):
+                    output = model(batch[0])
+                else:
+                    output = model(batch)
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        out_t = output if isinstance(output, torch.Tensor) else None
+        prediction = out_t.argmax(dim=-1) if (out_t is not None and out_t.is_floating_point() and out_t.dim() >= 1) else None
+        results: dict[str, AttentionResult] = {}
+        last = names[-1] if names else None
+        for name in names:
+            if not captured[name]:
+                raise ValueError(f"`explain`: layer {name!r} was not called by the model's forward on this batch.")
+            q = torch.cat(captured[name])
+            contrib = None
+            if name == last:
+                contrib = contribution_to
+                if contribution_to == "pred" and prediction is not None and prediction.numel() == q.shape[0]:
+                    contrib = prediction.reshape(-1).cpu()
+            results[name] = self.attend(name, q, top_k=min(top_k, self.layer(name).n_rows), contribution_to=contrib, **attend_kwargs)
+        return Explanation(
+            output=out_t.detach().cpu() if out_t is not None else None,
+            prediction=prediction.cpu() if prediction is not None else None,
+            layers=results,
+        )
+
+    # -- verify ----------------------------------------------------------------------------------------
+    def verify(self, queries: dict[str, torch.Tensor] | None = None, *, n_samples: int = 256, seed: int = 0) -> dict[str, float]:
+        """Max relative error ``||dual - primal|| / ||primal||`` per layer.
+
+        Args:
+            queries: ``{layer: (n, d_in)}``; default: ``n_samples`` stored keys of each layer, drawn at random.
+
+        Raises:
+            StoreError: the store has no final weights to compare with (an unfinished run).
+            KeyError: an unknown layer in ``queries``.
+        """
+        gen = np.random.default_rng(seed)
+        names = list(queries) if queries is not None else self.layers
+        out: dict[str, float] = {}
+        for name in names:
+            lay = self.layer(name)
+            if lay.weight_final is None:
+                raise StoreError(f"{self.path}: layer {name!r} has no final weights (the run did not finish); nothing to verify against.")
+            if queries is not None:
+                q = queries[name]
+            else:
+                if lay.n_rows == 0:
+                    continue
+                picks = np.sort(gen.choice(lay.n_rows, size=min(n_samples, lay.n_rows), replace=False))
+                q = torch.from_numpy(np.concatenate([lay.read(int(i), int(i) + 1, ("keys",))["keys"] for i in picks]))
+            res = self.attend(name, q, top_k=0, per_example=False, mass=False)
+            out[name] = float(res.max_rel_err)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------------
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"`DualInference(device={device!r})` is not a device. Expected 'cpu', 'cuda', 'cuda:N' or None.") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"`DualInference(device={device!r})`: CUDA is not available on this machine "
+                "(torch.cuda.is_available() is False). Use device='cpu' or device=None."
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"`DualInference(device={device!r})`: only {torch.cuda.device_count()} CUDA device(s) here.")
+    elif dev.type != "cpu":
+        raise ValueError(f"`DualInference(device={device!r})`: only 'cpu' and 'cuda' devices are supported.")
+    return dev
+
+
+def _bar(enabled: bool, total: int, desc: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="row", unit_scale=True)
+
+
+def _norm_rows(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x, dim=1)
+
+
+def _rel_rows(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return _norm_rows(x - ref) / _norm_rows(ref).clamp_min(torch.finfo(ref.dtype).tiny)
+
+
+def _top_rows(found: tuple[torch.Tensor, dict[str, torch.Tensor]], sign: int = 0) -> TopRows:
+    score, meta = found
+    cpu = torch.device("cpu")
+    score = score.to(cpu)
+    meta = {k: v.to(cpu) for k, v in meta.items()}
+    if sign:
+        pad = score * sign <= 0
+        meta = {k: v.masked_fill(pad, -1) for k, v in meta.items()}
+        score = score.masked_fill(pad, 0.0)
+    return TopRows(score=score, **meta)
+
+
+def _top_examples(
+    sums: torch.Tensor, present: torch.Tensor, rows: torch.Tensor, ex_label: torch.Tensor, k: int, sign: int
+) -> TopExamples:
+    """Top-k examples of ``(n, n_examples)`` sums; ``sign`` 0: largest, 1: largest positive, -1: most negative."""
+    cpu = torch.device("cpu")
+    largest = sign >= 0
+    fill = float("-inf") if largest else float("inf")
+    kk = min(k, int(present.sum()))
+    masked = sums.masked_fill(~present, fill)
+    score, index = torch.topk(masked, kk, dim=1, largest=largest, sorted=True)
+    label, nrows = ex_label[index], rows[index]
+    if sign:
+        pad = score * sign <= 0
+        index, label, nrows = (t.masked_fill(pad, -1) for t in (index, label, nrows))
+        score = score.masked_fill(pad, 0.0)
+    return TopExamples(score=score.to(cpu), index=index.to(cpu), label=label.to(cpu), rows=nrows.to(cpu))

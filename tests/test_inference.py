@@ -1,0 +1,363 @@
+"""``DualInference`` on stores written by a real ``Trainer.fit``: against the model, against dense references,
+memory bounds, and every bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import threading
+import time
+import tracemalloc
+import warnings
+
+import h5py
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_dualform import DualFormCallback, DualInference, StoreError
+
+
+class MLP(L.LightningModule):
+    def __init__(self, d_in: int = 12, hidden: int = 16, n_classes: int = 3, optimizer: str = "sgd") -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, n_classes))
+        self.optimizer = optimizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+
+class _Snapshots(L.Callback):
+    """The model's weights after every optimizer step, keyed by global step."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, dict] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        self.states[trainer.global_step] = copy.deepcopy(pl_module.state_dict())
+
+
+def _fit(path: str, n: int = 200, d_in: int = 12, hidden: int = 16, epochs: int = 3, optimizer: str = "sgd",
+         exact: bool = True, batch_size: int = 32) -> tuple[MLP, torch.Tensor, torch.Tensor, _Snapshots]:
+    torch.manual_seed(0)
+    x = torch.randn(n, d_in)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    model = MLP(d_in, hidden, 3, optimizer)
+    snaps = _Snapshots()
+    trainer = L.Trainer(
+        max_epochs=epochs, callbacks=[DualFormCallback(path, exact=exact), snaps], logger=False,
+        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False, accelerator="cpu",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True))
+    return model, x, y, snaps
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    path = str(tmp_path_factory.mktemp("store") / "mlp.h5")
+    model, x, y, snaps = _fit(path)
+    return {"path": path, "model": model, "x": x, "y": y, "snaps": snaps}
+
+
+def _dense(di: DualInference, layer: str) -> dict[str, np.ndarray]:
+    lay = di.layer(layer)
+    return lay.read(0, lay.n_rows)
+
+
+def _hidden(model: MLP, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.tanh(model.net[0](x))
+
+
+# ------------------------------------------------------------------------------------------------------
+# exactness against the real model
+# ------------------------------------------------------------------------------------------------------
+def test_dual_equals_the_model_layer_outputs(trained: dict) -> None:
+    model, x = trained["model"], trained["x"][:20]
+    with DualInference(trained["path"], device="cpu", accumulate=torch.float64, block_rows=64) as di:
+        assert di.layers == ["net.0", "net.2"]
+        ex = di.explain(model, (x, trained["y"][:20]), top_k=5)
+    with torch.no_grad():
+        real = {"net.0": model.net[0](x).double(), "net.2": model(x).double()}
+    for name, ref in real.items():
+        res = ex[name]
+        rel = (res.dual - ref).norm(dim=1) / ref.norm(dim=1)
+        assert float(rel.max()) <= 1e-5, name
+        assert res.max_rel_err <= 1e-5
+        torch.testing.assert_close(res.primal, ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ex.prediction, model(x).argmax(1))
+    assert torch.equal(ex["net.2"].units, ex.prediction)
+    assert ex["net.0"].units is None  # contributions only for the output layer
+    json.dumps(ex.to_dict())  # the CLI dumps it as it is
+
+
+@pytest.mark.parametrize("at_step", [0, 1, 7, 13])
+def test_at_step_equals_the_model_at_that_step(trained: dict, at_step: int) -> None:
+    h = _hidden(trained["model"], trained["x"][:10])
+    with DualInference(trained["path"], device="cpu", accumulate=torch.float64, block_rows=50) as di:
+        res = di.attend("net.2", h, top_k=0 if at_step == 0 else 1, at_step=at_step, contribution_to="pred")
+        lay = di.layer("net.2")
+        n_rows = lay.rows_before(at_step)
+        w0, b0 = torch.from_numpy(lay.weight_init).double(), torch.from_numpy(lay.bias_init).double()
+    if at_step == 0:
+        ref = h.double() @ w0.t() + b0  # the untrained layer
+    else:
+        snap = MLP()
+        snap.load_state_dict(trained["snaps"].states[at_step])
+        with torch.no_grad():
+            ref = snap.net[2](h).double()
+    assert res.rows == n_rows and res.at_step == at_step
+    assert res.primal is None and res.rel_err is None  # no stored weights at an earlier step
+    assert float(((res.dual - ref).norm(dim=1) / ref.norm(dim=1)).max()) <= 1e-5
+    assert torch.equal(res.units, ref.argmax(1))
+
+
+def test_verify_reports_tiny_errors(trained: dict) -> None:
+    with DualInference(trained["path"], device="cpu", accumulate=torch.float64) as di:
+        errs = di.verify(n_samples=32)
+        assert set(errs) == {"net.0", "net.2"} and max(errs.values()) <= 1e-5
+        errs = di.verify({"net.0": trained["x"][:5]})
+        assert list(errs) == ["net.0"] and errs["net.0"] <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------
+# blocked pass against dense references over the stored rows
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("block_rows", [1, 97, 10_000])
+def test_attend_equals_dense_reference(trained: dict, block_rows: int) -> None:
+    q = _hidden(trained["model"], trained["x"][:6]).double()
+    with DualInference(trained["path"], device="cpu", accumulate=torch.float64, block_rows=block_rows, query_chunk=4) as di:
+        res = di.attend("net.2", q, top_k=4, contribution_to=1, step_buckets=3)
+        d = _dense(di, "net.2")
+        coef = di.layer("net.2").coefficients()
+        lay = di.layer("net.2")
+        w0, b0 = torch.from_numpy(lay.weight_init).double(), torch.from_numpy(lay.bias_init).double()
+    k, v = torch.from_numpy(d["keys"]).double(), torch.from_numpy(d["values"]).double()
+    upd = torch.from_numpy(d["step"] - coef.first_step)
+    c_w, c_b = torch.from_numpy(coef.c_w)[upd], torch.from_numpy(coef.c_b)[upd]
+    scores = q @ k.t()
+    weights = scores * c_w + c_b
+    torch.testing.assert_close(res.dual, coef.a_w * q @ w0.t() + coef.a_b * b0 + weights @ v)
+
+    ref = torch.topk(scores, 4, dim=1)
+    torch.testing.assert_close(res.top.score, ref.values)
+    assert torch.equal(res.top.row, ref.indices)
+    for col in ("step", "epoch", "index", "position", "label"):
+        assert torch.equal(res.top.__dict__[col], torch.from_numpy(d[col]).long()[ref.indices]), col
+
+    contrib = weights * v[:, 1]
+    pro = torch.topk(contrib, 4, dim=1)
+    assert torch.equal(res.proponents.row, torch.where(pro.values > 0, pro.indices, -1))
+    con = torch.topk(contrib, 4, dim=1, largest=False)
+    assert torch.equal(res.opponents.row, torch.where(con.values < 0, con.indices, -1))
+
+    index = torch.from_numpy(d["index"]).long()
+    n_ex = int(index.max()) + 1
+    per_ex = torch.zeros(6, n_ex, dtype=torch.float64).scatter_add(1, index.expand(6, -1), scores)
+    ref_ex = torch.topk(per_ex, 4, dim=1)
+    torch.testing.assert_close(res.top_examples.score, ref_ex.values)
+    assert torch.equal(res.top_examples.index, ref_ex.indices)
+    assert torch.equal(res.top_examples.rows, torch.bincount(index, minlength=n_ex)[ref_ex.indices])
+    assert torch.equal(res.top_examples.label, trained["y"][ref_ex.indices])  # every presentation has its label
+    per_ex_c = torch.zeros(6, n_ex, dtype=torch.float64).scatter_add(1, index.expand(6, -1), contrib)
+    torch.testing.assert_close(res.proponent_examples.score.clamp_min(0), torch.topk(per_ex_c, 4, dim=1).values.clamp_min(0))
+
+    label = torch.from_numpy(d["label"]).long()
+    m = res.mass["label"]
+    assert m.keys.tolist() == [-1, 0, 1, 2]
+    ref_m = torch.zeros(6, 4, dtype=torch.float64).scatter_add(1, (label + 1).expand(6, -1), scores)
+    torch.testing.assert_close(m.signed, ref_m)
+    epoch = torch.from_numpy(d["epoch"]).long()
+    torch.testing.assert_close(
+        res.mass["epoch"].absolute, torch.zeros(6, 3, dtype=torch.float64).scatter_add(1, epoch.expand(6, -1), scores.abs())
+    )
+    assert res.mass["step"].edges[0] == coef.first_step and res.mass["step"].edges[-1] == coef.end_step
+    torch.testing.assert_close(res.mass["step"].signed.sum(1), scores.sum(1))
+
+
+def test_bf16_scan_gives_exact_dual_and_exact_top_scores(trained: dict) -> None:
+    q = _hidden(trained["model"], trained["x"][:8])
+    with DualInference(trained["path"], device="cpu", block_rows=64) as di:
+        exact = di.attend("net.2", q, top_k=5, per_example=False)
+        fast = di.attend("net.2", q, top_k=5, per_example=False, scan="bf16")
+    torch.testing.assert_close(fast.dual, exact.dual, rtol=1e-5, atol=1e-5)
+    assert fast.max_rel_err <= 1e-5
+    # re-scored candidates: where the rows agree, the scores agree to float32 round-off
+    same = fast.top.row == exact.top.row
+    assert float(same.float().mean()) >= 0.8
+    torch.testing.assert_close(fast.top.score[same], exact.top.score[same], rtol=1e-5, atol=1e-5)
+
+
+def test_inexact_store_adds_the_residual_and_reports_explained(tmp_path: str) -> None:
+    path = str(tmp_path / "adam.h5")
+    model, x, _, _ = _fit(path, n=96, epochs=2, optimizer="adam", exact=False)
+    with DualInference(path, device="cpu", accumulate=torch.float64) as di:
+        res = di.attend("net.0", x[:5], top_k=2)
+    with torch.no_grad():
+        ref = model.net[0](x[:5]).double()
+    assert not res.exact_store
+    assert res.explained is not None and res.explained.shape == (5,)
+    assert bool(((res.explained >= 0) & (res.explained <= 1)).all())
+    assert float(((res.dual - ref).norm(dim=1) / ref.norm(dim=1)).max()) <= 1e-5
+    assert res.to_dict()["explained"] is not None
+
+
+# ------------------------------------------------------------------------------------------------------
+# memory
+# ------------------------------------------------------------------------------------------------------
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc for RSS")
+def test_peak_memory_is_bounded_by_the_block(tmp_path: str) -> None:
+    path = str(tmp_path / "big.h5")
+    d_in, hidden = 512, 256
+    _fit(path, n=2000, d_in=d_in, hidden=hidden, epochs=3, batch_size=100)
+    block = 128
+    with DualInference(path, device="cpu", block_rows=block, query_chunk=64) as di:
+        lay = di.layer("net.0")
+        store_bytes = lay.n_rows * (lay.d_in + lay.d_out) * 4
+        block_bytes = block * (lay.d_in + lay.d_out) * 4
+        assert store_bytes >= 40 * block_bytes  # many blocks
+        q = torch.randn(16, d_in)
+        di.attend("net.0", q, top_k=5, per_example=False)  # warm up allocator and caches
+
+        tracemalloc.start()
+        peak_rss, base_rss, stop = [0], _rss(), threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak_rss[0] = max(peak_rss[0], _rss())
+                time.sleep(0.001)
+
+        t = threading.Thread(target=sample)
+        t.start()
+        try:
+            res = di.attend("net.0", q, top_k=5, per_example=False)
+        finally:
+            stop.set()
+            t.join()
+            _, traced_peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+    assert res.rows == lay.n_rows
+    # numpy buffers from HDF5: a handful of blocks in flight, never the layer
+    assert traced_peak <= 8 * block_bytes + (1 << 20), (traced_peak, block_bytes)
+    # RSS: work buffers, thread stack and the HDF5 chunk cache on top of the blocks, far from the layer
+    assert peak_rss[0] - base_rss <= store_bytes // 3, (peak_rss[0] - base_rss, store_bytes)
+
+
+# ------------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------------
+def test_not_a_store(tmp_path: str) -> None:
+    text = tmp_path / "notes.h5"
+    text.write_text("hello")
+    with pytest.raises(StoreError, match="not a readable HDF5"):
+        DualInference(str(text), device="cpu")
+    foreign = str(tmp_path / "foreign.h5")
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(StoreError, match="not a lightning-dualform store"):
+        DualInference(foreign, device="cpu")
+    with pytest.raises(StoreError, match="no such file"):
+        DualInference(str(tmp_path / "missing.h5"), device="cpu")
+
+
+def test_newer_format_version(trained: dict, tmp_path: str) -> None:
+    newer = str(tmp_path / "newer.h5")
+    shutil.copy(trained["path"], newer)
+    with h5py.File(newer, "r+") as f:
+        f.attrs["format_version"] = 999
+    with pytest.raises(StoreError, match="newer"):
+        DualInference(newer, device="cpu")
+
+
+def test_bad_queries_and_arguments(trained: dict) -> None:
+    with DualInference(trained["path"], device="cpu") as di:
+        with pytest.raises(KeyError, match=r"net\.0.*net\.2"):
+            di.attend("net.1", torch.zeros(2, 16))
+        with pytest.raises(ValueError, match=r"\(n, 16\)"):
+            di.attend("net.2", torch.zeros(2, 12))
+        with pytest.raises(ValueError, match=r"\(n, 12\)"):
+            di.attend("net.0", torch.zeros(0, 12))
+        bad = torch.zeros(3, 12)
+        bad[1, 2] = float("nan")
+        with pytest.raises(ValueError, match="NaN or inf"):
+            di.attend("net.0", bad)
+        bad[1, 2] = float("inf")
+        with pytest.raises(ValueError, match="NaN or inf"):
+            di.attend("net.0", bad)
+        n = di.layer("net.0").n_rows
+        with pytest.raises(ValueError, match=f"holds {n} rows"):
+            di.attend("net.0", torch.zeros(1, 12), top_k=n + 1)
+        with pytest.raises(ValueError, match="holds 0 rows"):
+            di.attend("net.0", torch.zeros(1, 12), top_k=1, at_step=0)
+        with pytest.raises(ValueError, match="top_k"):
+            di.attend("net.0", torch.zeros(1, 12), top_k=-1)
+        with pytest.raises(ValueError, match="at_step"):
+            di.attend("net.0", torch.zeros(1, 12), at_step=10_000)
+        with pytest.raises(ValueError, match="0..2"):
+            di.attend("net.2", torch.zeros(2, 16), contribution_to=3)
+        with pytest.raises(ValueError, match=r"shape \(2,\)"):
+            di.attend("net.2", torch.zeros(2, 16), contribution_to=torch.tensor([0, 1, 2]))
+        with pytest.raises(ValueError, match="contribution_to"):
+            di.attend("net.2", torch.zeros(2, 16), contribution_to="logit")
+        with pytest.raises(ValueError, match="scan"):
+            di.attend("net.2", torch.zeros(2, 16), scan="fp8")
+        with pytest.raises(TypeError, match="numpy"):
+            di.attend("net.2", [[0.0] * 16])
+        with pytest.raises(KeyError, match="no module named"):
+            di.explain(nn.Sequential(nn.Linear(12, 3)), torch.zeros(2, 12))
+
+
+def test_bad_constructor_arguments(trained: dict) -> None:
+    for kwargs, match in (
+        ({"block_rows": 0}, "block_rows"),
+        ({"accumulate": torch.float16}, "accumulate"),
+        ({"query_chunk": -1}, "query_chunk"),
+        ({"device": "tpu"}, "device"),
+        ({"device": "not a device"}, "not a device"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            DualInference(trained["path"], **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the error raised without CUDA")
+def test_missing_cuda_device(trained: dict) -> None:
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        DualInference(trained["path"], device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu(trained: dict) -> None:
+    q = _hidden(trained["model"], trained["x"][:32])
+    results = {}
+    for device in ("cpu", "cuda"):
+        with DualInference(trained["path"], device=device, block_rows=64, accumulate=torch.float64) as di:
+            results[device] = di.attend("net.2", q, top_k=5, contribution_to="pred")
+    cpu, gpu = results["cpu"], results["cuda"]
+    assert gpu.dual.device.type == "cpu"  # results come back to the host
+    torch.testing.assert_close(gpu.dual, cpu.dual)
+    assert torch.equal(gpu.top.row, cpu.top.row)
+    torch.testing.assert_close(gpu.top_examples.score, cpu.top_examples.score)
+    assert gpu.max_rel_err <= 1e-5
