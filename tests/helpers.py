@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_dualform.optim import PARAM_COLUMNS, coefficients
+from lightning_dualform.optim import PARAM_COLUMNS, coefficients_with_buffer
 
 TRAINER_KW = dict(logger=False, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
 
@@ -61,14 +61,14 @@ def dual_output(path: str, layer: str, x: torch.Tensor, end: int | None = None) 
 
     Only h5py and the coefficient recurrence (tested on its own against torch.optim.SGD) are used.
     """
-    with h5py.File(path, "r") as f:
+    with h5py.File(path, "r", swmr=True, locking=False) as f:  # swmr: also a store whose writer was killed
         g = f["layers"][layer]
         n_steps = int(f["committed_steps"][0])
         first = int(f["update_step"][0])
         u = g["updates"]
         scale = u["grad_scale"][:n_steps]
         n_used = n_steps if end is None else end - first
-        a_w, c_w = coefficients({c: u["weight"][c][:n_steps] for c in PARAM_COLUMNS}, scale, n_used)
+        a_w, b_w, c_w = coefficients_with_buffer({c: u["weight"][c][:n_steps] for c in PARAM_COLUMNS}, scale, n_used)
         steps = g["step"][: int(g["committed_rows"][0])]
         keep = steps < first + n_used
         k = torch.from_numpy(_floats(g["keys"][: len(steps)][keep], f.attrs["row_dtype"])).double()
@@ -76,10 +76,14 @@ def dual_output(path: str, layer: str, x: torch.Tensor, end: int | None = None) 
         s = torch.from_numpy(steps[keep] - first)
         x = x.double().reshape(-1, k.shape[1])
         out = a_w * x @ torch.from_numpy(g["weight_init"][()]).double().t()
+        if "weight_buffer_init" in g:  # the store began at a checkpoint whose optimizer had momentum buffers
+            out += b_w * x @ torch.from_numpy(g["weight_buffer_init"][()]).double().t()
         out += ((x @ k.t()) * torch.from_numpy(c_w)[s]) @ v
         if "bias" in u:
-            a_b, c_b = coefficients({c: u["bias"][c][:n_steps] for c in PARAM_COLUMNS}, scale, n_used)
+            a_b, b_b, c_b = coefficients_with_buffer({c: u["bias"][c][:n_steps] for c in PARAM_COLUMNS}, scale, n_used)
             out += a_b * torch.from_numpy(g["bias_init"][()]).double()
+            if "bias_buffer_init" in g:
+                out += b_b * torch.from_numpy(g["bias_buffer_init"][()]).double()
             out += (torch.from_numpy(c_b)[s][:, None] * v).sum(0)
         return out
 
@@ -107,3 +111,46 @@ def assert_exact(path: str, model: nn.Module, x_by_layer: dict[str, torch.Tensor
     for name, x in x_by_layer.items():
         err = rel_err(dual_output(path, name, x), real_output(modules[name], x))
         assert err <= tol, f"{name}: dual form differs from the real layer output by {err:.3e}"
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A shuffle that depends only on the epoch (like DistributedSampler), so resumed runs see the same batches."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def store_contents(path: str) -> dict[str, np.ndarray]:
+    """Every dataset (committed part) and layer attribute of a store, for bit-for-bit comparisons."""
+    out: dict[str, object] = {}
+    with h5py.File(path, "r", swmr=True, locking=False) as f:
+        steps = int(f["committed_steps"][0])
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                data = obj[()]
+                if name.startswith("layers/") and obj.ndim >= 1 and obj.maxshape[0] is None:
+                    layer = name.split("/")[1]
+                    n = steps if "/updates/" in name else int(f["layers"][layer]["committed_rows"][0])
+                    data = data[:n]
+                elif name in ("update_step", "update_epoch"):
+                    data = data[:steps]
+                elif name.startswith("inputs/") and obj.maxshape[0] is None:
+                    data = data[: int(f["inputs"]["committed"][0])]
+                out[name] = data
+            for k, v in obj.attrs.items():
+                if k not in ("created",):
+                    out[f"{name}@{k}"] = v
+
+        f.visititems(visit)
+    return out

@@ -1,0 +1,167 @@
+"""Never lose or falsify the memory: resume, SIGKILL, exceptions, a failing disk, concurrent readers."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import h5py
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from helpers import TRAINER_KW, MLP, EpochSampler, IndexedDataset, dual_output, real_output, rel_err, store_contents
+from lightning_dualform import DualFormCallback, StoreReader, WriterError
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_run.py")
+
+
+def _run(*args, check=True):
+    proc = subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return proc
+
+
+def _assert_same_store(a: str, b: str) -> None:
+    ca, cb = store_contents(a), store_contents(b)
+    assert sorted(ca) == sorted(cb)
+    for k in ca:
+        if isinstance(ca[k], np.ndarray):
+            np.testing.assert_array_equal(ca[k], cb[k], err_msg=k)
+        else:
+            assert ca[k] == cb[k], k
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("full")
+    _run(d / "run.h5", d / "ckpt", 3)
+    return d
+
+
+def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
+    # a second run to epoch 3 with checkpoints, then continue the same store from the epoch-1 checkpoint:
+    # the rows of epochs 2 and 3 are truncated and written again
+    _run(tmp_path / "run.h5", tmp_path / "ckpt", 3)
+    ckpt = sorted(glob.glob(str(tmp_path / "ckpt" / "epoch=0-*.ckpt")))[0]
+    _run(tmp_path / "run.h5", tmp_path / "ckpt2", 3, "--resume", ckpt)
+    _assert_same_store(uninterrupted / "run.h5", tmp_path / "run.h5")
+    with StoreReader(tmp_path / "run.h5") as s:
+        assert s.complete and s.layer("net.0").attrs["certificate_exact"]
+
+
+def test_sigkill_leaves_a_verifiable_store_and_resume_completes_it(uninterrupted, tmp_path):
+    store = tmp_path / "run.h5"
+    proc = _run(store, tmp_path / "ckpt", 3, "--kill-at-step", 13, check=False)
+    assert proc.returncode == -9
+    with StoreReader(store) as s:
+        assert not s.complete and s.status == "recording"
+        # the last durable point is the end of epoch 1 (5 steps of 16 examples per epoch)
+        assert s.last_step == 10
+        assert s.layer("net.0").n_rows == 160
+    ckpt = glob.glob(str(tmp_path / "ckpt" / "epoch=1-step=10.ckpt"))[0]
+    model = MLP.load_from_checkpoint(ckpt, opt_factory=None)
+    g = torch.Generator().manual_seed(5)
+    for name in ("net.0", "net.2"):
+        x = torch.randn(6, dict(model.named_modules())[name].in_features, generator=g)
+        assert rel_err(dual_output(str(store), name, x), real_output(dict(model.named_modules())[name], x)) <= 1e-5
+    _run(store, tmp_path / "ckpt2", 3, "--resume", ckpt)
+    _assert_same_store(uninterrupted / "run.h5", store)
+
+
+class Boom(MLP):
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 4:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_exception_in_training_commits_and_closes(tmp_path):
+    model = Boom(opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+    cb = DualFormCallback(tmp_path / "x.h5")
+    trainer = L.Trainer(max_epochs=2, callbacks=[cb], **TRAINER_KW)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(model, torch.utils.data.DataLoader(IndexedDataset(), batch_size=16))
+    with StoreReader(cb.store_path) as s:
+        assert s.last_step == 4 and s.layer("net.0").n_rows == 64
+    x = torch.randn(5, 6)
+    assert rel_err(dual_output(cb.store_path, "net.0", x), real_output(model.net[0], x)) <= 1e-5
+
+
+def test_writer_failure_stops_training_with_the_cause(tmp_path, monkeypatch):
+    from lightning_dualform import store as store_mod
+
+    calls = {"n": 0}
+    original = store_mod.StoreWriter.add_step
+
+    def failing(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(store_mod.StoreWriter, "add_step", failing)
+    cb = DualFormCallback(tmp_path / "full.h5")
+    trainer = L.Trainer(max_epochs=3, callbacks=[cb], **TRAINER_KW)
+    with pytest.raises(WriterError, match=r"full\.h5.*No space left on device"):
+        trainer.fit(MLP(), torch.utils.data.DataLoader(IndexedDataset(), batch_size=16))
+    assert trainer.global_step < 3 * 6  # training stopped instead of running on without a memory
+
+
+def test_mismatched_settings_on_resume_show_both_values(tmp_path):
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "c", filename="last")
+    trainer = L.Trainer(max_epochs=1, callbacks=[DualFormCallback(tmp_path / "s.h5"), ckpt_cb], **{**TRAINER_KW, "enable_checkpointing": True})
+    model = MLP()
+    trainer.fit(model, torch.utils.data.DataLoader(IndexedDataset(), batch_size=16))
+    trainer = L.Trainer(max_epochs=2, callbacks=[DualFormCallback(tmp_path / "s.h5", dtype="float16")], **TRAINER_KW)
+    with pytest.raises(ValueError, match=r"row_dtype: store has 'float32', this run has 'float16'"):
+        trainer.fit(model, torch.utils.data.DataLoader(IndexedDataset(), batch_size=16), ckpt_path=tmp_path / "c" / "last.ckpt")
+    with StoreReader(tmp_path / "s.h5") as s:  # the refused resume did not touch the store
+        assert s.complete and s.layer("net.0").n_rows == 96
+
+
+class ReadWhileTraining(L.Callback):
+    """Opens the store from another handle during training, as `lightning-dualform info` would."""
+
+    def __init__(self) -> None:
+        self.errors: list[float] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        path = trainer.callbacks[0].store_path
+        with StoreReader(path) as s:
+            assert s.status == "recording" and s.last_step == trainer.global_step
+            x = torch.randn(4, 6, dtype=torch.float64)
+            self.errors.append(rel_err(dual_output(path, "net.0", x), real_output(pl_module.net[0], x)))
+
+
+def test_reading_while_training_sees_complete_steps(tmp_path):
+    probe = ReadWhileTraining()
+    trainer = L.Trainer(max_epochs=2, callbacks=[DualFormCallback(tmp_path / "live.h5"), probe], **TRAINER_KW)
+    trainer.fit(MLP(), torch.utils.data.DataLoader(IndexedDataset(), batch_size=16))
+    assert len(probe.errors) == 2 and max(probe.errors) <= 1e-5
+
+
+def test_store_started_from_a_checkpoint_with_momentum_is_exact(tmp_path):
+    """A run without the callback, continued with it: the store starts at the checkpoint's step and
+    keeps the momentum buffers that existed then."""
+    model = MLP(opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "c", filename="last")
+    trainer = L.Trainer(max_epochs=1, callbacks=[ckpt_cb], **{**TRAINER_KW, "enable_checkpointing": True})
+    dl = torch.utils.data.DataLoader(IndexedDataset(), batch_size=16)
+    trainer.fit(model, dl)
+    cb = DualFormCallback(tmp_path / "late.h5")
+    trainer = L.Trainer(max_epochs=3, callbacks=[cb], **TRAINER_KW)
+    trainer.fit(model, dl, ckpt_path=tmp_path / "c" / "last.ckpt")
+    with StoreReader(cb.store_path) as s:
+        assert s.first_step == 6 and s.last_step == 18
+    x = torch.randn(5, 6)
+    assert cb.certificate["net.0"]["exact"], cb.certificate
+    for name in ("net.0", "net.2"):
+        x = torch.randn(5, dict(model.named_modules())[name].in_features)
+        assert rel_err(dual_output(cb.store_path, name, x), real_output(dict(model.named_modules())[name], x)) <= 1e-5
+    with h5py.File(cb.store_path, "r") as f:
+        assert "weight_buffer_init" in f["layers"]["net.0"]
