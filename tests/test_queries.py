@@ -1,0 +1,102 @@
+"""Query recording during trainer.test/validate/predict, and raw training inputs stored once per example."""
+
+from __future__ import annotations
+
+import h5py
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from helpers import TRAINER_KW, MLP, IndexedDataset
+from lightning_dualform import DualFormCallback, StoreReader
+
+
+class Classifier(MLP):
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        return self(x)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self(x), y))
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0]).argmax(1)
+
+
+def _layer_inputs(model, x):
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, i[0].detach()))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        out = model(x)
+    for h in hooks:
+        h.remove()
+    return seen, out
+
+
+@pytest.fixture
+def trained(tmp_path):
+    train, test = IndexedDataset(n=64, seed=0), IndexedDataset(n=20, seed=1)
+    model = Classifier()
+    cb = DualFormCallback(tmp_path / "q.h5", record_queries=("test", "validate", "predict"))
+    trainer = L.Trainer(max_epochs=3, callbacks=[cb], **TRAINER_KW)
+    trainer.fit(model, torch.utils.data.DataLoader(train, batch_size=16, shuffle=True))
+    return trainer, model, cb, train, test
+
+
+def test_recorded_test_queries_equal_a_separate_forward(trained):
+    trainer, model, cb, train, test = trained
+    g = torch.Generator().manual_seed(3)
+    trainer.test(model, torch.utils.data.DataLoader(test, batch_size=8, shuffle=True, generator=g))
+    inputs, logits = _layer_inputs(model, test.x)
+    with StoreReader(cb.store_path) as s:
+        assert s.query_splits == ["test"]
+        q = s.queries("test")
+        assert q.n == 20 and sorted(q.index.tolist()) == list(range(20))
+        assert q.index.tolist() != list(range(20))  # shuffled: indices come from the sampler
+        np.testing.assert_array_equal(q.label, test.y[q.index].numpy())
+        np.testing.assert_array_equal(q.prediction, logits.argmax(1)[q.index].numpy())
+        np.testing.assert_array_equal(q.inputs, test.x[q.index].numpy())
+        for name in ("net.0", "net.2"):
+            rows = q.layer_rows(name)
+            np.testing.assert_array_equal(rows["example"], np.arange(20))
+            np.testing.assert_allclose(rows["keys"], inputs[name][q.index].numpy(), rtol=0, atol=1e-6)
+
+
+def test_validate_and_predict_are_separate_splits(trained):
+    trainer, model, cb, train, test = trained
+    dl = torch.utils.data.DataLoader(test, batch_size=8)
+    trainer.validate(model, dl)
+    preds = torch.cat(trainer.predict(model, dl))
+    with StoreReader(cb.store_path) as s:
+        assert s.query_splits == ["predict", "validate"]
+        np.testing.assert_array_equal(s.queries("predict").prediction, preds.numpy())
+        assert s.queries("validate").n == 20
+        with pytest.raises(KeyError, match="no query set 'test'.*predict"):
+            s.queries("test")
+
+
+def test_training_inputs_are_stored_once_per_example(trained):
+    trainer, model, cb, train, test = trained
+    with h5py.File(cb.store_path, "r") as f:
+        assert f["inputs"]["index"].shape == (64,)  # 3 epochs, each example once
+    with StoreReader(cb.store_path) as s:
+        idx = np.array([5, 0, 63, 17])
+        np.testing.assert_array_equal(s.train_inputs(idx), train.x[idx].numpy())
+        assert np.isnan(s.train_inputs(np.array([1000]))).all()
+
+
+def test_query_recording_needs_a_store(tmp_path):
+    cb = DualFormCallback(tmp_path / "none.h5", record_queries=("test",))
+    trainer = L.Trainer(callbacks=[cb], **TRAINER_KW)
+    with pytest.raises(FileNotFoundError, match="run trainer.fit with this callback first"):
+        trainer.test(Classifier(), torch.utils.data.DataLoader(IndexedDataset(n=8), batch_size=4))
+
+
+def test_bad_record_queries_argument():
+    with pytest.raises(ValueError, match="record_queries"):
+        DualFormCallback("x.h5", record_queries="test")
+    with pytest.raises(ValueError, match="record_queries"):
+        DualFormCallback("x.h5", record_queries=("train",))
