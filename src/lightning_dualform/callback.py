@@ -84,7 +84,10 @@ class _IndexRecorder:
 
 
 def _wrap_dataloader(dl: Any) -> _IndexRecorder | None:
-    """Install an index recorder on a torch DataLoader; None when it has no sampler to record."""
+    """Install an index recorder on a torch DataLoader; None when it has no sampler to record.
+
+    :func:`_unwrap_dataloader` puts the original back (the loader may be the user's own object).
+    """
     if not isinstance(dl, torch.utils.data.DataLoader):
         return None
     if isinstance(dl.dataset, torch.utils.data.IterableDataset):
@@ -98,6 +101,13 @@ def _wrap_dataloader(dl: Any) -> _IndexRecorder | None:
     # observe what the original sampler yields.
     object.__setattr__(dl, attr, rec)
     return rec
+
+
+def _unwrap_dataloader(dl: Any) -> None:
+    for attr in ("batch_sampler", "sampler"):
+        current = getattr(dl, attr, None)
+        if isinstance(current, _IndexRecorder):
+            object.__setattr__(dl, attr, current._inner)
 
 
 @dataclass
@@ -205,6 +215,7 @@ class DualFormCallback(Callback):
         self._writer: AsyncWriter | None = None
         self._active = False
         self._recorders: dict[int, _IndexRecorder] = {}
+        self._wrapped: list[Any] = []
         self._orig_process_dataloader: Callable | None = None
         self._batch: _BatchInfo | None = None
         self._step_rows: dict[str, list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
@@ -239,6 +250,7 @@ class DualFormCallback(Callback):
             rec = _wrap_dataloader(dataloader)
             if rec is not None:
                 self._recorders[id(dataloader)] = rec
+                self._wrapped.append(dataloader)
             return dataloader
 
         strategy.process_dataloader = process_dataloader  # type: ignore[method-assign]
@@ -783,6 +795,10 @@ class DualFormCallback(Callback):
             except AttributeError:
                 pass
             self._orig_process_dataloader = None
+        for dl in self._wrapped:
+            _unwrap_dataloader(dl)
+        self._wrapped.clear()
+        self._recorders.clear()
         if self._writer is not None:  # fit ended without on_fit_end (e.g. interrupted): keep what is there
             writer, self._writer = self._writer, None
             try:
