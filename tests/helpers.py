@@ -56,10 +56,11 @@ def loader(ds, batch_size: int = 16, shuffle: bool = True, **kw):
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, **kw)
 
 
-def dual_output(path: str, layer: str, x: torch.Tensor, end: int | None = None) -> torch.Tensor:
+def dual_output(path: str, layer: str, x: torch.Tensor, end: int | None = None, base: bool = True, memory: bool = True) -> torch.Tensor:
     """``a W_0 x + a_b b_0 + sum_rows (c_w k.x + c_b) v`` from the raw file, in float64.
 
     Only h5py and the coefficient recurrence (tested on its own against torch.optim.SGD) are used.
+    ``base``/``memory`` select the two parts (a DDP run's shards share the base and split the memory).
     """
     with h5py.File(path, "r", swmr=True, locking=False) as f:  # swmr: also a store whose writer was killed
         g = f["layers"][layer]
@@ -75,15 +76,20 @@ def dual_output(path: str, layer: str, x: torch.Tensor, end: int | None = None) 
         v = torch.from_numpy(_floats(g["values"][: len(steps)][keep], f.attrs["row_dtype"])).double()
         s = torch.from_numpy(steps[keep] - first)
         x = x.double().reshape(-1, k.shape[1])
+        if not memory:
+            k, v, s = k[:0], v[:0], s[:0]
         out = a_w * x @ torch.from_numpy(g["weight_init"][()]).double().t()
         if "weight_buffer_init" in g:  # the store began at a checkpoint whose optimizer had momentum buffers
             out += b_w * x @ torch.from_numpy(g["weight_buffer_init"][()]).double().t()
+        if not base:
+            out = torch.zeros_like(out)
         out += ((x @ k.t()) * torch.from_numpy(c_w)[s]) @ v
         if "bias" in u:
             a_b, b_b, c_b = coefficients_with_buffer({c: u["bias"][c][:n_steps] for c in PARAM_COLUMNS}, scale, n_used)
-            out += a_b * torch.from_numpy(g["bias_init"][()]).double()
-            if "bias_buffer_init" in g:
-                out += b_b * torch.from_numpy(g["bias_buffer_init"][()]).double()
+            if base:
+                out += a_b * torch.from_numpy(g["bias_init"][()]).double()
+                if "bias_buffer_init" in g:
+                    out += b_b * torch.from_numpy(g["bias_buffer_init"][()]).double()
             out += (torch.from_numpy(c_b)[s][:, None] * v).sum(0)
         return out
 

@@ -36,6 +36,7 @@ from lightning_dualform.store import (
     StoreWriter,
     compression_kwargs,
     settings_of,
+    write_shard_index,
 )
 from lightning_dualform.writer import AsyncWriter
 
@@ -359,6 +360,8 @@ class DualFormCallback(Callback):
             problems.append('gradient_clip_algorithm="value" (clips each element separately)')
         if is_overridden("configure_gradient_clipping", pl_module):
             problems.append("a custom configure_gradient_clipping (its scaling cannot be recorded)")
+        if str(trainer.precision) not in ("32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed"):
+            problems.append(f"precision={trainer.precision!r} (weights themselves are rounded at every update)")
         name = type(trainer.strategy).__name__
         if name not in ("SingleDeviceStrategy", "DDPStrategy"):
             problems.append(f"strategy {name} (only single-device and DDP are supported)")
@@ -369,6 +372,7 @@ class DualFormCallback(Callback):
                 "or pass `DualFormCallback(..., exact=False)` to record anyway: the store then keeps the residual "
                 "the memory does not explain, and every answer reports it."
             )
+        self._sketch_tolerance = {"bf16-mixed": 2e-2, "16-mixed": 5e-3}.get(str(trainer.precision), 1e-3)
         self._optimizer_exact = not problems
         self._problems = problems
         if problems:
@@ -513,7 +517,7 @@ class DualFormCallback(Callback):
         step, epoch = int(trainer.global_step), int(trainer.current_epoch)
         loss_scale, skipped = _loss_scale(trainer, optimizer)
         clip = self._clip_factor(trainer, optimizer)
-        grad_scale = clip * self._grad_world_scale / loss_scale
+        grad_scale = 0.0 if skipped else clip * self._grad_world_scale / loss_scale
 
         rows: dict[str, tuple] = {}
         updates: dict[str, tuple[float, ParamUpdate, ParamUpdate | None]] = {}
@@ -588,7 +592,7 @@ class DualFormCallback(Callback):
         for name, l_vec, r_vec in zip(names, lhs, torch.split(rhs_all, sizes)):
             scale = float(torch.linalg.vector_norm(l_vec)) + float(torch.linalg.vector_norm(r_vec))
             err = float(torch.linalg.vector_norm(l_vec - r_vec)) / scale if scale > 0 else 0.0
-            if err <= 1e-3:
+            if err <= self._sketch_tolerance:
                 continue
             if not pending.get(name):
                 self._dropped[name] = "its weight received gradients in steps where its forward hook saw no input " \
@@ -635,10 +639,17 @@ class DualFormCallback(Callback):
         writer, self._writer = self._writer, None
         writer.call(writer.store.finalize, finals, {"final_step": int(trainer.global_step), "epochs": int(trainer.current_epoch) + 1})
         writer.stop()
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("dualform-finalized")
+            if trainer.global_rank == 0:
+                write_shard_index(self.path, [rank_path(self.path, r, trainer.world_size) for r in range(trainer.world_size)])
         if self.certify:
-            self.certificate = certify_store(self.store_path)
+            # Under DDP each shard holds one rank's rows: the memory is the sum over ranks.
+            reduce = (lambda t: trainer.strategy.reduce(t.to(trainer.strategy.root_device), reduce_op="sum").cpu()) \
+                if trainer.world_size > 1 else None
+            self.certificate = certify_store(self.store_path, all_reduce=reduce)
             for name, cert in self.certificate.items():
-                verdict = "exact" if cert["exact"] else "INEXACT"
+                verdict = f"exact within {cert['tolerance']:.0e}" if cert["exact"] else "INEXACT"
                 rank_zero_info(
                     f"DualFormCallback: {name}: rebuilt weights match the trained ones to relative error "
                     f"{cert['rel_err']:.2e} ({verdict}; the memory explains {100 * cert['explained']:.4g}% of the weights)."

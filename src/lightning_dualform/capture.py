@@ -39,10 +39,29 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return module.weight.detach()
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes this tensor's matmuls in, or None outside autocast."""
+    dev = x.device.type
+    try:
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    except (TypeError, AttributeError, RuntimeError):  # torch < 2.4 or a device without autocast
+        return None
+    return None
+
+
 def keys_of(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Key rows of one call: ``(R, d_in)`` and the leading shape they were flattened from."""
+    """Key rows of one call: ``(R, d_in)`` and the leading shape they were flattened from.
+
+    Under autocast the layer multiplies a rounded copy of its input; the keys are that copy (held in
+    float32), since it is what the weight gradient was computed from.
+    """
     d_in = module.in_features
-    return x.detach().reshape(-1, d_in), tuple(x.shape[:-1])
+    keys = x.detach().reshape(-1, d_in)
+    low = autocast_dtype(x)
+    if low is not None and keys.is_floating_point() and keys.dtype != low:
+        keys = keys.to(low)
+    return keys, tuple(x.shape[:-1])
 
 
 def values_of(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:

@@ -8,25 +8,44 @@ can add it back and say how much of the output the memory explains.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import h5py
 import numpy as np
 import torch
 
 from lightning_dualform.store import LayerReader, StoreReader
 
-#: Relative error up to which a float32 store counts as exact (float32 round-off over many steps).
-EXACT_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
+#: Relative error of the rebuilt weights up to which a store counts as exact, by stored row dtype ...
+ROW_DTYPE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
+#: ... and by training precision: mixed precision rounds each step's weight gradient (a bf16 or fp16 GEMM
+#: output) before the update, which no sum of outer products reproduces; these bounds are what the
+#: test suite and benchmarks measure with margin (docs/dual-form.md).
+PRECISION_TOLERANCE = {"16-mixed": 1e-2, "bf16-mixed": 5e-2}
+
+
+def tolerance(row_dtype: str, precision: str) -> float:
+    """The documented certificate tolerance of a store."""
+    return max(ROW_DTYPE_TOLERANCE.get(row_dtype, 1e-4), PRECISION_TOLERANCE.get(str(precision), 1e-4))
 
 
 def rebuild_weights(
-    layer: LayerReader, at_step: int | None = None, *, block_rows: int = 16384, dtype: torch.dtype = torch.float64
+    layer: LayerReader,
+    at_step: int | None = None,
+    *,
+    block_rows: int = 16384,
+    dtype: torch.dtype = torch.float64,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's weight ``(d_out, d_in)`` and bias ``(d_out,)`` rebuilt from its initial values and memory."""
+    """The layer's weight ``(d_out, d_in)`` and bias ``(d_out,)`` rebuilt from its initial values and memory.
+
+    ``all_reduce`` sums the memory part over the shards of a DDP run (each rank holds its own rows).
+    """
     coef = layer.coefficients(at_step)
     n = layer.rows_before(coef.end_step)
     w0, b0 = layer.base_weights(coef=coef, with_residual=False)
-    w = torch.from_numpy(w0).to(dtype)
-    b = torch.from_numpy(b0).to(dtype) if b0 is not None else None
+    w = torch.zeros(w0.shape, dtype=dtype)
+    b = torch.zeros(b0.shape, dtype=dtype) if b0 is not None else None
     c_w = torch.from_numpy(coef.c_w).to(dtype)
     c_b = torch.from_numpy(coef.c_b).to(dtype)
     for start in range(0, n, block_rows):
@@ -37,6 +56,12 @@ def rebuild_weights(
         w += (v * c_w[upd, None]).t() @ k
         if b is not None:
             b += (v * c_b[upd, None]).sum(0)
+    if all_reduce is not None:
+        w = all_reduce(w)
+        b = all_reduce(b) if b is not None else None
+    w += torch.from_numpy(w0).to(dtype)
+    if b is not None:
+        b += torch.from_numpy(b0).to(dtype)
     return w, b
 
 
@@ -45,8 +70,8 @@ def _rel(err: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.norm(err)) / denom if denom > 0 else float(torch.linalg.norm(err))
 
 
-def certify_store(path: str) -> dict[str, dict[str, float]]:
-    """Compute, store and return each layer's certificate.
+def certify_store(path: str, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
+    """Compute, store and return each layer's certificate (``all_reduce``: see :func:`rebuild_weights`).
 
     Returns:
         ``{layer: {"rel_err", "rel_err_weight", "rel_err_bias", "explained", "exact"}}``; ``explained`` is
@@ -55,12 +80,12 @@ def certify_store(path: str) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     residuals: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     with StoreReader(path) as store:
-        tol = EXACT_TOLERANCE[store.row_dtype]
+        tol = tolerance(store.row_dtype, str(store.attrs.get("precision", "32-true")))
         for name in store.layers:
             layer = store.layer(name)
             if layer.weight_final is None:
                 continue
-            w, b = rebuild_weights(layer)
+            w, b = rebuild_weights(layer, all_reduce=all_reduce)
             wf = torch.from_numpy(layer.weight_final).double()
             rw = wf - w
             err_w = _rel(rw, wf)
@@ -76,6 +101,7 @@ def certify_store(path: str) -> dict[str, dict[str, float]]:
                 "rel_err_weight": err_w,
                 "rel_err_bias": err_b,
                 "explained": max(0.0, 1.0 - err),
+                "tolerance": tol,
                 "exact": bool(err <= tol and layer.exact and store.optimizer_exact),
             }
             if not store.optimizer_exact:

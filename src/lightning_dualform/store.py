@@ -486,6 +486,33 @@ class QueryWriter:
             self.file.close()
 
 
+SHARDS_FORMAT = "lightning-dualform-shards"
+
+
+def write_shard_index(path: str, shards: list[str]) -> None:
+    """A small file at ``path`` naming the per-rank stores of a DDP run (paths relative to it)."""
+    base = os.path.dirname(os.path.abspath(path))
+    tmp = path + ".creating"
+    with h5py.File(tmp, "w") as f:
+        f.attrs["format"] = SHARDS_FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["shards"] = json.dumps([os.path.relpath(os.path.abspath(s), base) for s in shards])
+    os.replace(tmp, path)
+
+
+def read_shard_index(path: str) -> list[str] | None:
+    """The shard files an index names (absolute paths), or None when ``path`` is not an index."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            if _attr(f.attrs.get("format", "")) != SHARDS_FORMAT:
+                return None
+            names = json.loads(_attr(f.attrs["shards"]))
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+    base = os.path.dirname(os.path.abspath(path))
+    return [os.path.join(base, n) for n in names]
+
+
 def _truncate(ds: h5py.Dataset, n: int) -> None:
     if ds.shape[0] != n:
         ds.resize(n, axis=0)

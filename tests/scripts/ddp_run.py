@@ -1,0 +1,34 @@
+"""Two-process CPU DDP training with DualFormCallback (run as a subprocess: the ddp launcher re-runs it).
+
+usage: ddp_run.py STORE OUT_WEIGHTS
+"""
+
+import os
+import sys
+
+import lightning as L
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import MLP, IndexedDataset  # noqa: E402
+
+from lightning_dualform import DualFormCallback  # noqa: E402
+
+
+def main() -> None:
+    store, out = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    model = MLP(opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9, weight_decay=0.01))
+    cb = DualFormCallback(store)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", callbacks=[cb], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        gradient_clip_val=0.3)
+    trainer.fit(model, torch.utils.data.DataLoader(IndexedDataset(n=96), batch_size=8, shuffle=True))
+    if trainer.global_rank == 0:
+        torch.save(model.state_dict(), out)
+        print("CERT", {k: v["rel_err"] for k, v in cb.certificate.items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Mixed precision: keys are what the rounded matmul used, values carry the loss scale, skipped steps leave no rows."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from helpers import TRAINER_KW, MLP, IndexedDataset, dual_output, loader, real_output, rel_err
+from lightning_dualform import DualFormCallback, StoreReader
+from lightning_dualform.certificate import PRECISION_TOLERANCE
+
+
+def test_bf16_mixed_within_documented_tolerance(tmp_path):
+    model = MLP(hidden=32, opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+    cb = DualFormCallback(tmp_path / "bf16.h5")
+    trainer = L.Trainer(max_epochs=3, callbacks=[cb], precision="bf16-mixed", **TRAINER_KW)
+    trainer.fit(model, loader(IndexedDataset(n=128)))
+    tol = PRECISION_TOLERANCE["bf16-mixed"]
+    for name, cert in cb.certificate.items():
+        assert cert["exact"] and cert["rel_err"] <= tol and cert["tolerance"] == tol
+        module = dict(model.named_modules())[name]
+        x = torch.randn(8, module.in_features)
+        assert rel_err(dual_output(cb.store_path, name, x), real_output(module, x)) <= tol
+    with StoreReader(cb.store_path) as s:
+        keys = s.layer("net.2").read(0, 64, ("keys",))["keys"]
+    # keys are the bfloat16 copies the matmul used, held exactly in float32
+    np.testing.assert_array_equal(keys, torch.from_numpy(keys).to(torch.bfloat16).float().numpy())
+
+
+@pytest.mark.cuda
+def test_16_mixed_with_loss_scaler_on_gpu(tmp_path):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    # an absurd initial scale makes the first steps overflow, so the scaler skips them
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**40)
+    model = MLP(hidden=32, opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+    cb = DualFormCallback(tmp_path / "fp16.h5")
+    trainer = L.Trainer(max_epochs=3, callbacks=[cb], accelerator="gpu", devices=1,
+                        plugins=[MixedPrecision("16-mixed", "cuda", scaler=scaler)], **TRAINER_KW)
+    trainer.fit(model, loader(IndexedDataset(n=128)))
+    model = model.cpu()
+    with StoreReader(cb.store_path) as s:
+        layer = s.layer("net.0")
+        applied = layer.updates()["weight"]["applied"]
+        assert not applied.all() and applied.any()  # some steps were skipped
+        steps_with_rows = set(layer.read(0, layer.n_rows, ("step",))["step"].tolist())
+        assert steps_with_rows == {int(s.first_step + i) for i in np.flatnonzero(applied)}
+    for name, cert in cb.certificate.items():
+        assert cert["exact"], cert
+        module = dict(model.named_modules())[name]
+        x = torch.randn(8, module.in_features)
+        assert rel_err(dual_output(cb.store_path, name, x), real_output(module, x)) <= PRECISION_TOLERANCE["16-mixed"]
