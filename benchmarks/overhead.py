@@ -1,0 +1,273 @@
+"""Training overhead of DualFormCallback: fit wall time with the callback over fit wall time without.
+
+The paper's MLP (784-800-800-10, ReLU, batch 128, SGD lr 3e-3 momentum 0.9, gradient clipping 1.0)
+trains on real Fashion-MNIST images (the 70,000-image file of ../shared/data, or the embedded 10,000
+repeated when it is absent). Each repeat runs the baseline and every variant once, in a rotated order,
+and the ratio of a variant is its time over the baseline time of the same repeat; the median over
+repeats is reported. Stores are deleted after each run. The certificate (a read of the whole store at
+fit end) is switched off in the timed runs and timed once on its own.
+
+``--hook-timing float32,float16`` adds one instrumented run per listed variant that splits the callback's cost into its hooks on
+the training thread, the time training waits on the writer's queue, and the writer thread's own work.
+
+Usage::
+
+    python benchmarks/overhead.py                                # full: 48,000 images, 2 epochs, 3 repeats
+    python benchmarks/overhead.py --examples 6400 --epochs 1 --repeats 1 --variants float32   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from typing import Any, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from common import FASHION_70K, MLP, machine, median, trainer  # noqa: E402
+
+from lightning_dualform import DualFormCallback  # noqa: E402
+from lightning_dualform.certificate import certify_store  # noqa: E402
+from lightning_dualform.datasets import ImageDataModule, ImageDataset, load_images  # noqa: E402
+
+DEFAULT_VARIANTS = "float32,float16,float32:lzf,float32:lz4,float32:blosc-zstd"
+
+
+def parse_variant(spec: str) -> tuple[str, str | None]:
+    """``dtype[:compression]`` -> (dtype, compression)."""
+    dtype, _, comp = spec.partition(":")
+    return dtype, (comp or None)
+
+
+def make_datamodule(path: str | None, examples: int, batch_size: int, seed: int) -> ImageDataModule:
+    """``examples`` training images; from ``path`` if it exists, else the embedded set repeated."""
+    if path and os.path.isfile(path):
+        dm = ImageDataModule("fashion_mnist", path=path, batch_size=batch_size, test_fraction=0.0, seed=seed, limit=examples)
+        dm.setup()
+        if len(dm.train_set) < examples:
+            raise SystemExit(f"{path} holds only {len(dm.train_set)} images; pass --examples <= that.")
+        return dm
+    print(f"note: {path} not found; repeating the embedded Fashion-MNIST 10k to {examples} images", file=sys.stderr)
+    images, labels = load_images("fashion_mnist")
+    reps = -(-examples // len(labels))
+    dm = ImageDataModule("fashion_mnist", batch_size=batch_size, test_fraction=0.0, seed=seed)
+    dm.train_set = ImageDataset(np.tile(images, (reps, 1, 1))[:examples], np.tile(labels, reps)[:examples])
+    dm.test_set = ImageDataset(images[:0], labels[:0])
+    return dm
+
+
+def fit_once(dm: ImageDataModule, epochs: int, variant: str | None, workdir: str, tag: str) -> dict[str, Any]:
+    """One fit; returns its wall time and, with a callback, the store's size (then deletes the store)."""
+    callbacks = []
+    path = os.path.join(workdir, f"{tag}.h5")
+    if variant is not None:
+        dtype, comp = parse_variant(variant)
+        callbacks.append(DualFormCallback(path, dtype=dtype, compression=comp, overwrite=True, certify=False))
+    model = MLP()
+    tr = trainer(epochs, callbacks)
+    gc.collect()
+    t0, c0 = time.perf_counter(), time.process_time()
+    tr.fit(model, datamodule=dm)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    out: dict[str, Any] = {
+        "variant": variant or "baseline", "wall_s": wall, "cpu_s": cpu, "steps": int(tr.global_step),
+        "loadavg_1min": round(os.getloadavg()[0], 2),
+    }
+    if variant is not None:
+        out["store_bytes"] = os.path.getsize(path)
+    return out
+
+
+def remove_store(workdir: str, tag: str) -> None:
+    for suffix in (".h5", ".h5.creating"):
+        p = os.path.join(workdir, tag + suffix)
+        if os.path.exists(p):
+            os.remove(p)
+
+
+# ----------------------------------------------------------------------------------------------------
+# instrumented run
+# ----------------------------------------------------------------------------------------------------
+def _timed(table: dict[str, list[float]], key: str, fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*a: Any, **k: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            table[key].append(time.perf_counter() - t)
+
+    return wrapper
+
+
+def hook_timing(dm: ImageDataModule, epochs: int, workdir: str, variant: str = "float32") -> dict[str, Any]:
+    """Split one run's callback cost: hooks (training thread), queue waits, writer-thread work."""
+    from lightning_dualform import callback as cbmod
+    from lightning_dualform import store as stmod
+    from lightning_dualform import writer as wrmod
+
+    table: dict[str, list[float]] = defaultdict(list)
+    patched: list[tuple[Any, str, Any]] = []
+
+    def patch(owner: Any, name: str, key: str) -> None:
+        orig = getattr(owner, name)
+        patched.append((owner, name, orig))
+        setattr(owner, name, _timed(table, key, orig))
+
+    # writer thread
+    patch(cbmod, "_write_step", "writer: _write_step (whole step on the writer thread)")
+    patch(stmod.StoreWriter, "_write_pending", "writer: StoreWriter._write_pending (h5py appends)")
+    patch(stmod.StoreWriter, "commit", "writer: StoreWriter.commit (+flush)")
+    patch(stmod.StoreWriter, "finalize", "writer: StoreWriter.finalize")
+    patch(stmod, "encode_rows", "writer: encode_rows")
+    # training thread, inside hooks
+    patch(wrmod.AsyncWriter, "_put", "train: AsyncWriter._put (queue wait)")
+    patch(wrmod.AsyncWriter, "call", "train: AsyncWriter.call (commit/finalize wait)")
+    patch(cbmod.DualFormCallback, "_check_rows", "train: _check_rows (probe check)")
+    patch(cbmod.DualFormCallback, "_clip_factor", "train: _clip_factor (grad norm)")
+    patch(cbmod, "_gather_rows", "train: _gather_rows (cat/clone)")
+    patch(cbmod, "_row_metadata", "train: _row_metadata")
+    patch(cbmod.LayerCapture, "_forward_hook", "train: LayerCapture._forward_hook")
+    hooks = ["on_train_batch_start", "on_after_backward", "on_before_optimizer_step", "on_train_batch_end",
+             "on_train_epoch_end", "on_fit_start", "on_fit_end", "setup", "teardown"]
+    for h in hooks:
+        patch(cbmod.DualFormCallback, h, f"hook: {h}")
+    # the writer thread's CPU time (it competes with torch's threads for the 2 cores)
+    cpu: dict[str, float] = {}
+    orig_run = wrmod.AsyncWriter._run
+
+    def run_with_cpu(self: Any) -> None:
+        t = time.thread_time()
+        try:
+            orig_run(self)
+        finally:
+            cpu["writer_thread_cpu_s"] = time.thread_time() - t
+
+    wrmod.AsyncWriter._run = run_with_cpu
+    try:
+        res = fit_once(dm, epochs, variant, workdir, "hooks")
+        remove_store(workdir, "hooks")
+    finally:
+        wrmod.AsyncWriter._run = orig_run
+        for owner, name, orig in reversed(patched):
+            setattr(owner, name, orig)
+    rows = {k: {"calls": len(v), "total_s": round(sum(v), 4), "mean_ms": round(1e3 * sum(v) / max(len(v), 1), 4)} for k, v in table.items()}
+    return {"run": res, "timers": rows, **{k: round(v, 3) for k, v in cpu.items()}}
+
+
+# ----------------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--data", default=FASHION_70K, help="npz with images/labels (embedded 10k repeated if missing)")
+    ap.add_argument("--examples", type=int, default=48000, help="training images")
+    ap.add_argument("--epochs", type=int, default=2, help="epochs per fit")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of (baseline + every variant)")
+    ap.add_argument("--batch-size", type=int, default=128, help="batch size")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma list of dtype[:compression]")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument("--no-certify-timing", action="store_true", help="skip timing the certificate once")
+    ap.add_argument("--hook-timing", default="", help="comma list of variants to run once more, instrumented (cost per hook)")
+    ap.add_argument("--workdir", default=None, help="where stores are written (default: a temp dir)")
+    ap.add_argument("--out", default="benchmarks/results", help="directory for overhead.json")
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        DualFormCallback(os.devnull, dtype=parse_variant(v)[0], compression=parse_variant(v)[1])  # validate early
+    info = machine()
+    dm = make_datamodule(args.data, args.examples, args.batch_size, seed=0)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="dualform-overhead-")
+    os.makedirs(workdir, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
+    print(f"{len(dm.train_set)} images x {args.epochs} epochs, batch {args.batch_size}, {args.repeats} repeats, "
+          f"variants {variants}, torch threads {torch.get_num_threads()}, stores in {workdir}", flush=True)
+
+    try:
+        # warm-up: first-call costs (allocator, h5py, lazy imports) stay out of the timings
+        small = make_datamodule(args.data, 2048, args.batch_size, seed=1)
+        fit_once(small, 1, None, workdir, "warm")
+        fit_once(small, 1, variants[0], workdir, "warm")
+        remove_store(workdir, "warm")
+
+        order = [None, *variants]
+        runs: list[dict[str, Any]] = []
+        for r in range(args.repeats):
+            rot = order[r % len(order):] + order[: r % len(order)]
+            times: dict[str, float] = {}
+            cpu_times: dict[str, float] = {}
+            for v in rot:
+                res = fit_once(dm, args.epochs, v, workdir, f"r{r}")
+                remove_store(workdir, f"r{r}")
+                res["repeat"] = r
+                runs.append(res)
+                times[res["variant"]] = res["wall_s"]
+                cpu_times[res["variant"]] = res["cpu_s"]
+                extra = f", store {res['store_bytes'] / 2**20:.0f} MiB" if "store_bytes" in res else ""
+                print(f"  repeat {r} {res['variant']:>20}: {res['wall_s']:.2f} s (cpu {res['cpu_s']:.2f} s), {res['steps']} steps"
+                      f"{extra}, load {res['loadavg_1min']}", flush=True)
+            for res in runs[-len(rot):]:
+                res["ratio"] = res["wall_s"] / times["baseline"]
+                res["cpu_ratio"] = res["cpu_s"] / cpu_times["baseline"]
+
+        summary: dict[str, Any] = {}
+        for v in order:
+            name = v or "baseline"
+            mine = [x for x in runs if x["variant"] == name]
+            summary[name] = {
+                "median_wall_s": round(median([x["wall_s"] for x in mine]), 3),
+                "median_ratio": round(median([x["ratio"] for x in mine]), 3),
+                "ratios": [round(x["ratio"], 3) for x in mine],
+                "median_cpu_ratio": round(median([x["cpu_ratio"] for x in mine]), 3),
+                "store_mib": round(mine[0]["store_bytes"] / 2**20, 1) if "store_bytes" in mine[0] else None,
+            }
+        result: dict[str, Any] = {
+            "machine": info, "args": vars(args), "examples": len(dm.train_set),
+            "steps": runs[0]["steps"], "summary": summary, "runs": runs,
+        }
+        if not args.no_certify_timing:
+            res = fit_once(dm, args.epochs, "float32", workdir, "cert")
+            t = time.perf_counter()
+            cert = certify_store(os.path.join(workdir, "cert.h5"))
+            result["certificate_s"] = round(time.perf_counter() - t, 3)
+            result["certificate"] = {k: v["rel_err"] for k, v in cert.items()}
+            remove_store(workdir, "cert")
+        result["hook_timing"] = {}
+        for v in [v.strip() for v in args.hook_timing.split(",") if v.strip()]:
+            result["hook_timing"][v] = hook_timing(dm, args.epochs, workdir, v)
+        result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    print(f"\n{'variant':>20} {'median s':>9} {'median ratio':>13} {'cpu ratio':>10} {'store MiB':>10}  ratios")
+    for name, s in summary.items():
+        store = f"{s['store_mib']:.0f}" if s["store_mib"] is not None else "-"
+        print(f"{name:>20} {s['median_wall_s']:>9.2f} {s['median_ratio']:>13.3f} {s['median_cpu_ratio']:>10.3f} {store:>10}  {s['ratios']}")
+    if "certificate_s" in result:
+        print(f"certificate (certify=True adds this at fit end): {result['certificate_s']:.2f} s, rel_err {result['certificate']}")
+    for name, ht in result.get("hook_timing", {}).items():
+        print(f"\ninstrumented {name} run: {ht['run']['wall_s']:.2f} s; writer thread CPU {ht.get('writer_thread_cpu_s')} s")
+        for k, v in sorted(ht["timers"].items(), key=lambda kv: -kv[1]["total_s"]):
+            print(f"  {k:<60} {v['total_s']:>8.3f} s  {v['calls']:>6} calls  {v['mean_ms']:>8.3f} ms/call")
+    out = os.path.join(args.out, "overhead.json")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
