@@ -11,16 +11,18 @@ which happens after the rows and the per-step tables they need are on disk.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import h5py
 import numpy as np
 
+from lightning_dualform import _probe
 from lightning_dualform.errors import StoreError
 from lightning_dualform.optim import PARAM_COLUMNS, coefficients_with_buffer, plain_sgd_coefficients
 
@@ -200,15 +202,15 @@ class StoreWriter:
             f.attrs["status"] = "recording"
             f.attrs["layer_order"] = json.dumps([spec.name for spec in layers])
             _set_attrs(f, attrs or {})
-            f.create_dataset("committed_steps", data=np.zeros(1, dtype=np.int64))
-            f.create_dataset("update_step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
-            f.create_dataset("update_epoch", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(4096,))
+            _create(f, "committed_steps", data=np.zeros(1, dtype=np.int64))
+            _create(f, "update_step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
+            _create(f, "update_epoch", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(4096,))
             if input_shape is not None:
                 ig = f.create_group("inputs")
-                ig.create_dataset("committed", data=np.zeros(1, dtype=np.int64))
-                ig.create_dataset("index", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
+                _create(ig, "committed", data=np.zeros(1, dtype=np.int64))
+                _create(ig, "index", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
                 width = int(np.prod(input_shape)) if input_shape else 1
-                ig.create_dataset(
+                _create(ig, 
                     "data", shape=(0, *input_shape), maxshape=(None, *input_shape), dtype=input_dtype,
                     chunks=(max(1, min(1024, (1 << 20) // max(1, width * 4))), *input_shape), **filters,
                 )
@@ -221,28 +223,28 @@ class StoreWriter:
                      "has_bias": spec.has_bias, "exact": True, "inexact_reason": ""}
                 )
                 _set_attrs(g, spec.extra)
-                g.create_dataset("committed_rows", data=np.zeros(1, dtype=np.int64))
+                _create(g, "committed_rows", data=np.zeros(1, dtype=np.int64))
                 for name, width in (("keys", spec.d_in), ("values", spec.d_out)):
-                    g.create_dataset(
+                    _create(g, 
                         name, shape=(0, width), maxshape=(None, width), dtype=disk_dtype,
                         chunks=(chunk_rows, width), **filters,
                     )
                 for col, dt in ROW_COLUMNS.items():
-                    g.create_dataset(col, shape=(0,), maxshape=(None,), dtype=dt, chunks=(_META_CHUNK,), **filters)
-                g.create_dataset("weight_init", data=spec.weight_init.astype(np.float32))
+                    _create(g, col, shape=(0,), maxshape=(None,), dtype=dt, chunks=(_META_CHUNK,), **filters)
+                _create(g, "weight_init", data=spec.weight_init.astype(np.float32))
                 if spec.has_bias:
-                    g.create_dataset("bias_init", data=spec.bias_init.astype(np.float32))
+                    _create(g, "bias_init", data=spec.bias_init.astype(np.float32))
                 if spec.weight_buffer_init is not None:
-                    g.create_dataset("weight_buffer_init", data=spec.weight_buffer_init.astype(np.float32))
+                    _create(g, "weight_buffer_init", data=spec.weight_buffer_init.astype(np.float32))
                 if spec.bias_buffer_init is not None:
-                    g.create_dataset("bias_buffer_init", data=spec.bias_buffer_init.astype(np.float32))
+                    _create(g, "bias_buffer_init", data=spec.bias_buffer_init.astype(np.float32))
                 ug = g.create_group("updates")
-                ug.create_dataset("grad_scale", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(4096,))
+                _create(ug, "grad_scale", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(4096,))
                 for pname in ("weight", "bias") if spec.has_bias else ("weight",):
                     pg = ug.create_group(pname)
                     for col in PARAM_COLUMNS:
                         dt = np.float64 if col in _FLOAT_COLS else np.bool_
-                        pg.create_dataset(col, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
+                        _create(pg, col, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
         os.replace(tmp, path)
         return cls(path, [s.name for s in layers], row_dtype, chunk_rows, commit_seconds)
 
@@ -451,13 +453,13 @@ class QueryWriter:
         self.group.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self.n = 0
         for col, dt in (("index", np.int64), ("label", np.int64), ("prediction", np.int64)):
-            self.group.create_dataset(col, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
+            _create(self.group, col, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
         lg = self.group.create_group("layers")
         for name, d_in in layers.items():
             g = lg.create_group(name)
-            g.create_dataset("keys", shape=(0, d_in), maxshape=(None, d_in), dtype=np.float32, chunks=(256, d_in))
-            g.create_dataset("example", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
-            g.create_dataset("position", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(4096,))
+            _create(g, "keys", shape=(0, d_in), maxshape=(None, d_in), dtype=np.float32, chunks=(256, d_in))
+            _create(g, "example", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
+            _create(g, "position", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(4096,))
 
     def add_batch(
         self, index: np.ndarray, label: np.ndarray, prediction: np.ndarray, inputs: np.ndarray | None,
@@ -467,7 +469,7 @@ class QueryWriter:
         g = self.group
         if inputs is not None:
             if "inputs" not in g:
-                g.create_dataset("inputs", shape=(0, *inputs.shape[1:]), maxshape=(None, *inputs.shape[1:]),
+                _create(g, "inputs", shape=(0, *inputs.shape[1:]), maxshape=(None, *inputs.shape[1:]),
                                  dtype=inputs.dtype, chunks=(64, *inputs.shape[1:]))
             if g["inputs"].shape[0] == self.n and g["inputs"].shape[1:] == inputs.shape[1:]:
                 _append(g["inputs"], inputs)
@@ -577,6 +579,12 @@ def _lookup3(data: bytes, initval: int = 0) -> int:
     return c
 
 
+def _create(group: h5py.Group, name: str, **kwargs: Any) -> h5py.Dataset:
+    """Every dataset is chunked with a fletcher32 checksum per chunk: a damaged file raises on read
+    instead of answering with wrong numbers."""
+    return group.create_dataset(name, fletcher32=True, **kwargs)
+
+
 def _set_attrs(obj: h5py.Group, attrs: dict[str, Any]) -> None:
     """Attributes as HDF5 scalars; containers as JSON text (never pickled)."""
     for k, v in attrs.items():
@@ -598,12 +606,30 @@ def _append(ds: h5py.Dataset, data: np.ndarray) -> None:
 def _replace(g: h5py.Group, name: str, data: np.ndarray) -> None:
     if name in g:
         del g[name]
-    g.create_dataset(name, data=data)
+    _create(g, name, data=data)
 
 
 # ------------------------------------------------------------------------------------------------------
 # Reading
 # ------------------------------------------------------------------------------------------------------
+_DAMAGE = (OSError, KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError)
+
+
+def _guarded(method: Callable) -> Callable:
+    """Turn any low-level failure while reading stored data into a :class:`StoreError` naming the file."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except StoreError:
+            raise
+        except _DAMAGE as err:
+            path = getattr(self, "path", None) or getattr(getattr(self, "store", None), "path", "store")
+            raise StoreError(f"{path}: damaged store: {method.__name__} failed ({type(err).__name__}: {_short(err)}).") from err
+
+    return wrapper
+
 @dataclass
 class Coefficients:
     """``W_end = a_w W_0 + sum_s c_w[s] G_s`` (and the same for the bias), indexed by update number."""
@@ -653,6 +679,7 @@ class LayerReader:
         self.attrs = {k: _attr(v) for k, v in a.items()}
 
     # -- weights ---------------------------------------------------------------------------------------
+    @_guarded
     def _array(self, name: str) -> np.ndarray | None:
         return np.asarray(self._g[name][()], dtype=np.float32) if name in self._g else None
 
@@ -681,6 +708,7 @@ class LayerReader:
         return self._array("bias_residual")
 
     # -- coefficients ----------------------------------------------------------------------------------
+    @_guarded
     def updates(self) -> dict[str, Any]:
         """The committed per-step tables: ``step``, ``grad_scale``, and a column dict per parameter."""
         n = self.store.n_steps
@@ -742,6 +770,7 @@ class LayerReader:
                 b += self.bias_residual
         return w, b
 
+    @_guarded
     def rows_before(self, step: int) -> int:
         """Number of leading rows recorded before optimizer step ``step`` (rows are in step order)."""
         if self.n_rows == 0:
@@ -757,6 +786,7 @@ class LayerReader:
         return lo
 
     # -- rows ------------------------------------------------------------------------------------------
+    @_guarded
     def read(self, start: int, stop: int, columns: tuple[str, ...] = ("keys", "values", *ROW_COLUMNS)) -> dict[str, np.ndarray]:
         """Rows ``start:stop`` of the committed rows; keys/values decoded to float32."""
         stop = min(stop, self.n_rows)
@@ -775,12 +805,18 @@ class StoreReader:
             format version, or internally inconsistent.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, probe: bool = True) -> None:
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
             raise StoreError(f"{self.path}: no such file. Pass the path of a store written by DualFormCallback.")
         if os.path.isdir(self.path):
             raise StoreError(f"{self.path}: is a directory, not a store file.")
+        if probe:
+            with open(self.path, "rb") as fh:
+                is_hdf5 = fh.read(8) == b"\x89HDF\r\n\x1a\n"
+            problem = _probe.probe(self.path) if is_hdf5 else None
+            if problem is not None:
+                raise StoreError(f"{self.path}: damaged HDF5 file: {problem}.")
         try:
             self._f = h5py.File(self.path, "r", swmr=True, locking=False)
         except OSError:
@@ -864,6 +900,7 @@ class StoreReader:
             )
         return QuerySet(self, split, self._f["queries"][split])
 
+    @_guarded
     def train_inputs(self, indices: np.ndarray) -> np.ndarray | None:
         """Raw inputs of training examples by dataset index (None where the store has none).
 
@@ -906,6 +943,7 @@ class QuerySet:
     """The query inputs recorded for one split (``trainer.test`` etc.)."""
 
     def __init__(self, store: StoreReader, split: str, group: h5py.Group) -> None:
+        self.path = store.path
         self.split = split
         self._g = group
         try:
@@ -920,10 +958,12 @@ class QuerySet:
         self.layers = list(group["layers"]) if "layers" in group else []
 
     @property
+    @_guarded
     def inputs(self) -> np.ndarray | None:
         """Raw inputs ``(n, *shape)`` of the query examples, when they were recorded."""
         return np.asarray(self._g["inputs"][()]) if "inputs" in self._g else None
 
+    @_guarded
     def layer_rows(self, layer: str) -> dict[str, np.ndarray]:
         """``keys (R, d_in)``, ``example (R,)`` (query number) and ``position (R,)`` of one layer."""
         if layer not in self.layers:
