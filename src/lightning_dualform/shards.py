@@ -1,0 +1,230 @@
+"""The shards of a DDP run read as one store.
+
+Each rank writes its own file; all of them share the per-step tables (every rank applies the same
+update) and split the rows. :class:`ShardedStoreReader` presents them with the interface of
+:class:`~lightning_dualform.store.StoreReader`, so everything that reads a store reads a sharded one.
+
+Rows are numbered step-major across shards (the rows of step ``s`` of rank 0, then of rank 1, ...), so
+that, as in a single store, the model at step ``T'`` uses a prefix of the rows.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from lightning_dualform.errors import StoreError
+from lightning_dualform.store import ROW_COLUMNS, Coefficients, LayerReader, QuerySet, StoreReader, read_shard_index
+
+
+def open_store(path: str | os.PathLike, *, probe: bool = True) -> "StoreReader | ShardedStoreReader":
+    """Open a store, a DDP shard index, or (when the index is missing) the ``name.rank*.h5`` files beside it."""
+    path = os.fspath(path)
+    shards = read_shard_index(path) if os.path.isfile(path) else None
+    if shards is None and not os.path.exists(path):
+        shards = _rank_files(path) or None
+    if shards is None:
+        return StoreReader(path, probe=probe)
+    missing = [s for s in shards if not os.path.exists(s)]
+    if missing:
+        raise StoreError(f"{path}: the DDP index names shard files that are missing: {missing}.")
+    return ShardedStoreReader(path, shards, probe=probe)
+
+
+def _rank_files(path: str) -> list[str]:
+    root, ext = os.path.splitext(path)
+    found = glob.glob(glob.escape(root) + ".rank*" + (ext or ".h5"))
+    pattern = re.compile(re.escape(root) + r"\.rank(\d+)" + re.escape(ext or ".h5") + "$")
+    ranked = sorted((int(m.group(1)), f) for f in found if (m := pattern.match(f)))
+    return [f for _, f in ranked]
+
+
+class ShardedLayerReader:
+    """One layer over all shards (same interface as :class:`~lightning_dualform.store.LayerReader`)."""
+
+    def __init__(self, store: "ShardedStoreReader", parts: list[LayerReader]) -> None:
+        self.store = store
+        self.parts = parts
+        first = parts[0]
+        for other in parts[1:]:
+            if (other.d_in, other.d_out, other.has_bias) != (first.d_in, first.d_out, first.has_bias):
+                raise StoreError(f"{store.path}: shards disagree on the shape of layer {first.name!r}.")
+        for attr in ("name", "kind", "d_in", "d_out", "has_bias", "order", "attrs"):
+            setattr(self, attr, getattr(first, attr))
+        self.exact = all(p.exact for p in parts)
+        self.inexact_reason = "; ".join(p.inexact_reason for p in parts if p.inexact_reason)
+        # rows of each (step, shard) cell, step-major: the virtual row order
+        steps = np.arange(store.first_step, store.last_step + 1)
+        bounds = [np.searchsorted(self._steps(p), steps) for p in parts]  # (S+1,) per shard
+        self._cell_rows = np.stack([np.diff(b) for b in bounds], axis=1)  # (S, W)
+        self._shard_start = np.stack([b[:-1] for b in bounds], axis=1)  # local first row of each cell
+        self._cell_start = np.concatenate([[0], np.cumsum(self._cell_rows.reshape(-1))])
+        self.n_rows = int(self._cell_start[-1])
+
+    @staticmethod
+    def _steps(part: LayerReader) -> np.ndarray:
+        return np.concatenate([part.read(s, s + (1 << 20), ("step",))["step"] for s in range(0, part.n_rows, 1 << 20)] or [np.zeros(0, np.int64)])
+
+    # weights, tables and coefficients are identical in every shard: the first one answers
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "parts":
+            raise AttributeError(name)
+        return getattr(self.parts[0], name)
+
+    def coefficients(self, at_step: int | None = None) -> Coefficients:
+        return self.parts[0].coefficients(at_step)
+
+    def base_weights(self, at_step: int | None = None, coef: Coefficients | None = None, with_residual: bool = True):
+        return self.parts[0].base_weights(at_step, coef, with_residual)
+
+    def rows_before(self, step: int) -> int:
+        i = int(np.clip(step - self.store.first_step, 0, len(self._cell_rows)))
+        return int(self._cell_start[i * len(self.parts)])
+
+    def read(self, start: int, stop: int, columns: tuple[str, ...] = ("keys", "values", *ROW_COLUMNS)) -> dict[str, np.ndarray]:
+        """Virtual rows ``start:stop``: one contiguous read per shard, then put in step-major order."""
+        stop = min(stop, self.n_rows)
+        if stop <= start:
+            return {c: self.parts[0].read(0, 0, (c,))[c] for c in columns}
+        w = len(self.parts)
+        lo = int(np.searchsorted(self._cell_start, start, side="right")) - 1
+        hi = int(np.searchsorted(self._cell_start, stop, side="left"))
+        pieces: list[tuple[int, int, int]] = []  # (shard, local start, local stop) in virtual order
+        for cell in range(lo, hi):
+            n = int(self._cell_rows.reshape(-1)[cell])
+            if n == 0:
+                continue
+            i, shard = divmod(cell, w)
+            a = int(self._shard_start[i, shard])
+            v0 = int(self._cell_start[cell])
+            a0, a1 = a + max(0, start - v0), a + min(n, stop - v0)
+            if a1 > a0:
+                pieces.append((shard, a0, a1))
+        spans = {}
+        for shard in {p[0] for p in pieces}:
+            mine = [p for p in pieces if p[0] == shard]
+            spans[shard] = (mine[0][1], mine[-1][2])
+        data = {s: self.parts[s].read(a, b, columns) for s, (a, b) in spans.items()}
+        return {c: np.concatenate([data[s][c][a - spans[s][0] : b - spans[s][0]] for s, a, b in pieces]) for c in columns}
+
+
+class ShardedStoreReader:
+    """The shards of a DDP run as one store (same interface as :class:`~lightning_dualform.store.StoreReader`)."""
+
+    def __init__(self, path: str, shards: list[str], *, probe: bool = True) -> None:
+        self.path = path
+        self.shards = shards
+        self._readers = [StoreReader(s, probe=probe) for s in shards]
+        try:
+            self._check()
+        except StoreError:
+            self.close()
+            raise
+
+    def _check(self) -> None:
+        r0 = self._readers[0]
+        for r in self._readers[1:]:
+            if r.layers != r0.layers or r.row_dtype != r0.row_dtype:
+                raise StoreError(f"{self.path}: shards {r0.path} and {r.path} hold different layers or dtypes.")
+            if r.first_step != r0.first_step:
+                raise StoreError(f"{self.path}: shards {r0.path} and {r.path} start at different steps.")
+        for attr in ("attrs", "row_dtype", "optimizer", "optimizer_exact", "first_step"):
+            setattr(self, attr, getattr(r0, attr))
+        # a crash may leave shards committed to different steps: only steps complete everywhere count
+        self.n_steps = min(r.n_steps for r in self._readers)
+        self.update_steps = r0.update_steps[: self.n_steps]
+        self.update_epochs = r0.update_epochs[: self.n_steps]
+        self.status = "complete" if all(r.complete for r in self._readers) else "recording"
+        for name in r0.layers:
+            tables = [r.layer(name).updates() for r in self._readers]
+            ref = tables[0]
+            for t in tables[1:]:
+                n = self.n_steps
+                if not np.array_equal(t["grad_scale"][:n], ref["grad_scale"][:n]):
+                    raise StoreError(f"{self.path}: shards disagree on the update scalars of layer {name!r}.")
+        self._layers = {
+            name: ShardedLayerReader(self, [r.layer(name) for r in self._readers]) for name in r0.layers
+        }
+        for r in self._readers:  # steps past the common count are not visible (rows: see ShardedLayerReader)
+            r.n_steps = self.n_steps
+            r.update_steps = r.update_steps[: self.n_steps]
+            r.update_epochs = r.update_epochs[: self.n_steps]
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self._layers)
+
+    @property
+    def last_step(self) -> int:
+        return self.first_step + self.n_steps
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    def layer(self, name: str) -> ShardedLayerReader:
+        try:
+            return self._layers[name]
+        except KeyError:
+            raise KeyError(f"unknown layer {name!r}; this store has {self.layers}") from None
+
+    @property
+    def query_splits(self) -> list[str]:
+        return sorted(set().union(*(r.query_splits for r in self._readers)))
+
+    def queries(self, split: str) -> QuerySet:
+        """A split recorded under DDP: each rank stored its share; they are concatenated in rank order."""
+        sets = [r.queries(split) for r in self._readers if split in r.query_splits]
+        if len(sets) == 1:
+            return sets[0]
+        return _MergedQuerySet(sets)
+
+    def train_inputs(self, indices: np.ndarray) -> np.ndarray | None:
+        found = [r.train_inputs(indices) for r in self._readers]
+        found = [f for f in found if f is not None]
+        if not found:
+            return None
+        out = found[0].copy()
+        for f in found[1:]:
+            missing = np.isnan(out.reshape(len(out), -1)).any(1) if np.issubdtype(out.dtype, np.floating) else np.zeros(len(out), bool)
+            out[missing] = f[missing]
+        return out
+
+    def close(self) -> None:
+        for r in self._readers:
+            r.close()
+
+    def __enter__(self) -> "ShardedStoreReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _MergedQuerySet:
+    def __init__(self, sets: list[QuerySet]) -> None:
+        self.split = sets[0].split
+        self._sets = sets
+        self.index = np.concatenate([s.index for s in sets])
+        self.label = np.concatenate([s.label for s in sets])
+        self.prediction = np.concatenate([s.prediction for s in sets])
+        self.n = len(self.index)
+        self.layers = sets[0].layers
+
+    @property
+    def inputs(self) -> np.ndarray | None:
+        parts = [s.inputs for s in self._sets]
+        return None if any(p is None for p in parts) else np.concatenate(parts)
+
+    def layer_rows(self, layer: str) -> dict[str, np.ndarray]:
+        offset, out = 0, []
+        for s in self._sets:
+            rows = s.layer_rows(layer)
+            rows["example"] = rows["example"] + offset
+            offset += s.n
+            out.append(rows)
+        return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
