@@ -332,6 +332,9 @@ class DualFormCallback(Callback):
                 input_dtype=str(raw.dtype).replace("torch.", "") if raw is not None else "float32",
             )
         self._writer = AsyncWriter(make, max_queue=self.max_queue)
+        if trainer.world_size > 1 and trainer.global_rank == 0:
+            # the index exists from the first step on, so a crashed or running DDP store opens as one
+            write_shard_index(self.path, [rank_path(self.path, r, trainer.world_size) for r in range(trainer.world_size)])
         seen = self._writer.store.input_indices()
         self._seen_inputs = np.zeros(int(seen.max()) + 1 if len(seen) else 0, dtype=bool)
         self._seen_inputs[seen] = True
@@ -641,8 +644,6 @@ class DualFormCallback(Callback):
         writer.stop()
         if trainer.world_size > 1:
             trainer.strategy.barrier("dualform-finalized")
-            if trainer.global_rank == 0:
-                write_shard_index(self.path, [rank_path(self.path, r, trainer.world_size) for r in range(trainer.world_size)])
         if self.certify:
             # Under DDP each shard holds one rank's rows: the memory is the sum over ranks.
             reduce = (lambda t: trainer.strategy.reduce(t.to(trainer.strategy.root_device), reduce_op="sum").cpu()) \

@@ -26,6 +26,7 @@ from torch import nn
 
 from lightning_dualform.attention import META_COLUMNS, AttentionAccumulator, Block, step_bucket, step_bucket_edges
 from lightning_dualform.errors import StoreError
+from lightning_dualform.shards import open_store
 from lightning_dualform.store import LayerReader, StoreReader
 
 log = logging.getLogger(__name__)
@@ -331,7 +332,7 @@ class DualInference:
         self.accumulate = accumulate
         self.query_chunk = query_chunk
         self.progress = progress
-        self.store = StoreReader(path)
+        self.store = open_store(path)  # a store, or the shards of a DDP run
         self.path = self.store.path
         self._stats: dict[str, _Stats] = {}
 
