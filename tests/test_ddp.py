@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from helpers import MLP, dual_output, real_output, rel_err
-from lightning_dualform import StoreReader
+from lightning_dualform import DualInference, StoreReader
+from lightning_dualform.shards import open_store
 from lightning_dualform.store import read_shard_index
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "ddp_run.py")
@@ -49,3 +50,18 @@ def test_two_process_ddp_is_exact(tmp_path):
         assert rel_err(dual, real_output(m, x)) <= 1e-5, name
         # one shard alone is not the model: the 1/world_size of gradient averaging is in the values
         assert rel_err(dual_output(shards[0], name, x), real_output(m, x)) > 1e-3
+        # DualInference opens the index as one store
+        with DualInference(str(store), device="cpu", accumulate=torch.float64) as di:
+            res = di.attend(name, x, top_k=3, per_example=False)
+            assert rel_err(res.dual.double(), real_output(m, x)) <= 1e-5
+    with open_store(str(store)) as s:
+        layer = s.layer("net.0")
+        assert layer.n_rows == 2 * 96 and s.last_step == 12
+        rows = layer.read(0, layer.n_rows, ("step", "index"))
+        assert (np.diff(rows["step"]) >= 0).all()  # step-major across shards: at_step uses a prefix
+        assert layer.rows_before(6) == 96
+        blocks = np.concatenate([layer.read(a, a + 7, ("index",))["index"] for a in range(0, layer.n_rows, 7)])
+        np.testing.assert_array_equal(blocks, rows["index"])
+    os.remove(store)  # without the index (e.g. a copy of the rank files only) the rank files are found
+    with open_store(str(store)) as s:
+        assert s.layer("net.0").n_rows == 2 * 96
