@@ -72,7 +72,11 @@ def dual_output(path: str, layer: str, x: torch.Tensor, end: int | None = None, 
         a_w, b_w, c_w = coefficients_with_buffer({c: u["weight"][c][:n_steps] for c in PARAM_COLUMNS}, scale, n_used)
         steps = g["step"][: int(g["committed_rows"][0])]
         keep = steps < first + n_used
-        k = torch.from_numpy(_floats(g["keys"][: len(steps)][keep], f.attrs["row_dtype"])).double()
+        raw_keys = g["keys"][: len(steps)][keep]
+        if g.attrs["kind"] == "embedding":  # token ids -> the one-hot keys
+            k = torch.nn.functional.one_hot(torch.from_numpy(raw_keys[:, 0]), int(g.attrs["d_in"])).double()
+        else:
+            k = torch.from_numpy(_floats(raw_keys, f.attrs["row_dtype"])).double()
         v = torch.from_numpy(_floats(g["values"][: len(steps)][keep], f.attrs["row_dtype"])).double()
         s = torch.from_numpy(steps[keep] - first)
         x = x.double().reshape(-1, k.shape[1])

@@ -23,7 +23,16 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_dualform import __version__
-from lightning_dualform.capture import CallRows, LayerCapture, find_layers, weight_matrix
+from lightning_dualform.capture import (
+    CallRows,
+    LayerCapture,
+    find_layers,
+    layer_kind,
+    layer_shape,
+    one_hot_keys,
+    project_keys,
+    weight_matrix,
+)
 from lightning_dualform.certificate import certify_store
 from lightning_dualform.errors import InexactError
 from lightning_dualform.optim import ParamUpdate
@@ -304,7 +313,7 @@ class DualFormCallback(Callback):
             cap = LayerCapture(name, module, lambda: self._active)
             cap.attach()
             self._captures[name] = cap
-            self._probes[name] = torch.randn(module.weight.shape[1], generator=gen).to(module.weight.device)
+            self._probes[name] = torch.randn(layer_shape(module)[0], generator=gen).to(module.weight.device)
 
     def _open_store(self, trainer: "pl.Trainer", batch: Any) -> None:
         specs = [self._layer_spec(name, m) for name, m in self._chosen.items()]
@@ -393,22 +402,26 @@ class DualFormCallback(Callback):
                     groups[id(p)] = g
         for name, m in chosen.items():
             wg = groups.get(id(m.weight))
-            bg = groups.get(id(m.bias)) if m.bias is not None else None
+            bg = groups.get(id(_bias(m))) if _bias(m) is not None else None
             if wg is None:
                 notes.append(f"{name}.weight is in no optimizer param group: it never changes (W_T = W_0).")
             self._param_groups[name] = (wg, bg)
 
     def _layer_spec(self, name: str, m: nn.Module) -> LayerSpec:
+        d_in, d_out, extra = layer_shape(m)
         w = weight_matrix(m).float().cpu().numpy()
-        b = m.bias.detach().float().cpu().numpy() if m.bias is not None else None
+        b = _bias(m).detach().float().cpu().numpy() if _bias(m) is not None else None
         state = self._optimizer.state if self._optimizer is not None else {}
 
-        def buffer(p: torch.Tensor | None) -> np.ndarray | None:
+        def buffer(p: torch.Tensor | None, is_weight: bool) -> np.ndarray | None:
             buf = state.get(p, {}).get("momentum_buffer") if p is not None else None
-            return buf.detach().float().cpu().numpy() if buf is not None else None
+            if buf is None:
+                return None
+            return (weight_matrix(m, buf) if is_weight else buf.detach()).float().cpu().numpy()
 
-        return LayerSpec(name=name, kind="linear", d_in=w.shape[1], d_out=w.shape[0], has_bias=b is not None,
-                         weight_init=w, bias_init=b, weight_buffer_init=buffer(m.weight), bias_buffer_init=buffer(m.bias))
+        return LayerSpec(name=name, kind=layer_kind(m), d_in=d_in, d_out=d_out, has_bias=b is not None,
+                         weight_init=w, bias_init=b, extra=extra, weight_buffer_init=buffer(m.weight, True),
+                         bias_buffer_init=buffer(_bias(m), False))
 
     def _run_attrs(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[str, Any]:
         import lightning
@@ -511,6 +524,10 @@ class DualFormCallback(Callback):
             for call in cap.take_completed():
                 index, position, label, per_ex = _row_metadata(call, info, offset)
                 offset += per_ex
+                if call.keep is not None:  # rows whose gradient never reaches the weight
+                    keep = call.keep
+                    call.keys, call.values = call.keys[keep], call.values[keep]
+                    index, position, label = index[keep.cpu()], position[keep.cpu()], label[keep.cpu()]
                 self._step_rows.setdefault(name, []).append((call, index, position, label))
 
     @override
@@ -531,7 +548,7 @@ class DualFormCallback(Callback):
             m = cap.module
             wg, bg = self._param_groups[name]
             w_up = _param_update(optimizer, m.weight, wg, skipped)
-            b_up = _param_update(optimizer, m.bias, bg, skipped) if m.bias is not None else None
+            b_up = _param_update(optimizer, _bias(m), bg, skipped) if _bias(m) is not None else None
             updates[name] = (grad_scale, w_up, b_up)
             if name in self._dropped or skipped or not pending.get(name):
                 continue
@@ -580,10 +597,11 @@ class DualFormCallback(Callback):
             m = self._captures[name].module
             r = self._probes[name]
             g = m.weight.grad
-            lhs.append(g.float() @ r if g is not None else torch.zeros(m.weight.shape[0], device=r.device))
-            acc = torch.zeros(m.weight.shape[0], device=r.device, dtype=torch.float32)
+            d_out = layer_shape(m)[1]
+            lhs.append(weight_matrix(m, g).float() @ r if g is not None else torch.zeros(d_out, device=r.device))
+            acc = torch.zeros(d_out, device=r.device, dtype=torch.float32)
             for call, *_ in pending.get(name, []):
-                acc += call.values.float().t() @ (call.keys.float() @ r)
+                acc += call.values.float().t() @ project_keys(m, call.keys, r)
             rhs.append(acc)
         if not names:
             return
@@ -633,7 +651,7 @@ class DualFormCallback(Callback):
         finals = {
             name: (
                 weight_matrix(cap.module).float().cpu().numpy(),
-                cap.module.bias.detach().float().cpu().numpy() if cap.module.bias is not None else None,
+                _bias(cap.module).detach().float().cpu().numpy() if _bias(cap.module) is not None else None,
             )
             for name, cap in self._captures.items()
             if name not in self._dropped
@@ -724,7 +742,8 @@ class DualFormCallback(Callback):
             for call in cap.calls:
                 _, position, _, per_ex, example = _row_metadata(call, info, offset, with_example=True)
                 offset += per_ex
-                parts.append((call.keys.float().cpu(), example, position))
+                keys = call.keys if call.keys.is_floating_point() else one_hot_keys(call.keys, layer_shape(cap.module)[0])
+                parts.append((keys.float().cpu(), example, position))
                 if call.output is not None:
                     last_output = call.output
             cap.calls.clear()
@@ -827,6 +846,10 @@ class DualFormCallback(Callback):
 # ------------------------------------------------------------------------------------------------------
 # helpers (pure functions of tensors)
 # ------------------------------------------------------------------------------------------------------
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    return getattr(module, "bias", None)  # nn.Embedding has none
+
+
 def _batch_size(batch: Any) -> int | None:
     if isinstance(batch, torch.Tensor):
         return batch.shape[0] if batch.dim() else None
@@ -919,7 +942,10 @@ class _QueryRecording:
 
 def _gather_rows(parts: list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
     """One (keys, values, index, position, label) tuple per layer and step; keys/values are fresh copies."""
-    keys = torch.cat([p[0].keys.float() for p in parts]) if len(parts) > 1 else parts[0][0].keys.float().clone()
+    def as_keys(t: torch.Tensor) -> torch.Tensor:  # token ids (embeddings) stay integers
+        return t.float() if t.is_floating_point() else t.long()
+
+    keys = torch.cat([as_keys(p[0].keys) for p in parts]) if len(parts) > 1 else as_keys(parts[0][0].keys).clone()
     values = torch.cat([p[0].values.float() for p in parts]) if len(parts) > 1 else parts[0][0].values.float().clone()
     index = torch.cat([p[1] for p in parts])
     position = torch.cat([p[2] for p in parts])

@@ -5,8 +5,9 @@ row, and ``W.grad = sum_rows v k^T``, ``b.grad = sum_rows v``. A forward hook ke
 every call; a tensor hook on the call's output receives ``v`` in the backward pass. Nothing is copied
 here: the callback decides when rows are complete and hands them to the writer.
 
-Layer kinds differ only in how a call's input becomes key rows (:func:`keys_of`):
-``nn.Linear`` flattens leading dimensions.
+Layer kinds differ only in how a call's input becomes key rows (:func:`keys_of`) and how the weight
+reads as a ``(d_out, d_in)`` matrix (:func:`weight_matrix`): ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``
+(a linear map on unfolded patches), ``nn.Embedding`` (a linear map on one-hot token keys).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 #: Module types captured exactly.
-SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
+SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 #: Module types that hold linear weights but run them inside fused kernels (not capturable).
 FUSED_TYPES: tuple[type[nn.Module], ...] = (nn.LSTM, nn.GRU, nn.RNN)
 
@@ -27,16 +28,58 @@ FUSED_TYPES: tuple[type[nn.Module], ...] = (nn.LSTM, nn.GRU, nn.RNN)
 class CallRows:
     """The rows of one call of a layer in one forward pass."""
 
-    keys: torch.Tensor  # (R, d_in), detached
-    lead_shape: tuple[int, ...]  # the input's leading dims, e.g. (B,) or (B, T)
+    keys: torch.Tensor  # (R, d_in), detached; (R, 1) token ids for an embedding
+    lead_shape: tuple[int, ...]  # how rows map to examples: (B,), (B, T) or (B, locations)
     call: int  # call number within the current micro-batch
     values: torch.Tensor | None = None  # (R, d_out), set in backward
     output: torch.Tensor | None = None  # (R, d_out) forward output, kept only when asked (query recording)
+    keep: torch.Tensor | None = None  # (R,) rows that reach the weight (an embedding's padding_idx does not)
 
 
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as the ``(d_out, d_in)`` matrix that multiplies key rows."""
-    return module.weight.detach()
+def layer_kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, nn.Conv1d):
+        return "conv1d"
+    return "linear"
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why a layer of a supported type still cannot be written as an exact sum of outer products."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
+        return f"groups={module.groups} (only groups=1 convolutions are captured)"
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None:
+            return "max_norm renormalises the weight inside the forward pass"
+        if module.scale_grad_by_freq:
+            return "scale_grad_by_freq rescales gradients by in-batch token counts"
+    return None
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int, dict]:
+    """``(d_in, d_out, extra attributes)`` of the layer viewed as a linear map on key rows."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim, {"padding_idx": -1 if module.padding_idx is None else module.padding_idx}
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        w = module.weight
+        extra = {
+            "kernel_size": list(module.kernel_size), "stride": list(module.stride), "dilation": list(module.dilation),
+            "padding": list(module._reversed_padding_repeated_twice), "padding_mode": module.padding_mode,
+            "in_channels": module.in_channels,
+        }
+        return int(w[0].numel()), int(w.shape[0]), extra
+    return module.in_features, module.out_features, {}
+
+
+def weight_matrix(module: nn.Module, tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's weight (or a tensor of its shape: gradient, momentum buffer) as the ``(d_out, d_in)``
+    matrix that multiplies key rows."""
+    w = (module.weight if tensor is None else tensor).detach()
+    if isinstance(module, nn.Embedding):
+        return w.t()  # (num_embeddings, dim) -> (dim, num_embeddings)
+    return w.reshape(w.shape[0], -1)
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -50,23 +93,75 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def _conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``(B, C*k..., L)`` patches that the convolution multiplies by its weight."""
+    pad = module._reversed_padding_repeated_twice
+    if any(pad):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = nn.functional.pad(x, pad, mode=mode)
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(-2)
+        return nn.functional.unfold(x, (1, module.kernel_size[0]), dilation=(1, module.dilation[0]), stride=(1, module.stride[0]))
+    return nn.functional.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+
+
 def keys_of(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Key rows of one call: ``(R, d_in)`` and the leading shape they were flattened from.
 
-    Under autocast the layer multiplies a rounded copy of its input; the keys are that copy (held in
-    float32), since it is what the weight gradient was computed from.
+    ``nn.Linear`` flattens leading dimensions; a convolution unfolds one row per (example, output
+    location); an embedding keeps the token ids ``(R, 1)`` (its keys are one-hot). Under autocast the
+    layer multiplies a rounded copy of its input; the keys are that copy, since it is what the weight
+    gradient was computed from.
     """
-    d_in = module.in_features
-    keys = x.detach().reshape(-1, d_in)
+    x = x.detach()
+    if isinstance(module, nn.Embedding):
+        return x.reshape(-1, 1), tuple(x.shape)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        spatial = 1 if isinstance(module, nn.Conv1d) else 2
+        batched = x.dim() == spatial + 2
+        xb = x if batched else x.unsqueeze(0)
+        patches = _conv_patches(module, xb)  # (B, d_in, L)
+        keys = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        lead = (patches.shape[0], patches.shape[2]) if batched else (patches.shape[2],)
+    else:
+        keys = x.reshape(-1, module.in_features)
+        lead = tuple(x.shape[:-1])
     low = autocast_dtype(x)
     if low is not None and keys.is_floating_point() and keys.dtype != low:
         keys = keys.to(low)
-    return keys, tuple(x.shape[:-1])
+    return keys, lead
 
 
 def values_of(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
-    """Value rows of one call: the output gradient as ``(R, d_out)``."""
-    return grad.detach().reshape(-1, module.out_features)
+    """Value rows of one call: the output gradient as ``(R, d_out)``, rows ordered like :func:`keys_of`'s."""
+    grad = grad.detach()
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        g = grad if grad.dim() == module.weight.dim() else grad.unsqueeze(0)
+        g = g.reshape(g.shape[0], g.shape[1], -1)  # (B, C_out, L)
+        return g.transpose(1, 2).reshape(-1, g.shape[1])
+    d_out = module.embedding_dim if isinstance(module, nn.Embedding) else module.out_features
+    return grad.reshape(-1, d_out)
+
+
+def kept_rows(module: nn.Module, keys: torch.Tensor) -> torch.Tensor | None:
+    """Rows whose gradient reaches the weight; None when all do."""
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        return keys[:, 0] != module.padding_idx
+    return None
+
+
+def project_keys(module: nn.Module, keys: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``keys @ r`` for ``(R, d_in)`` keys; for an embedding's token ids, ``r[token]``."""
+    if isinstance(module, nn.Embedding):
+        return r[keys[:, 0]]
+    return keys.to(r.dtype) @ r
+
+
+def one_hot_keys(tokens: torch.Tensor, d_in: int) -> torch.Tensor:
+    """Token ids ``(R, 1)`` -> the one-hot keys ``(R, d_in)`` an embedding multiplies by its weight."""
+    out = torch.zeros(tokens.shape[0], d_in, dtype=torch.float32, device=tokens.device)
+    out[torch.arange(tokens.shape[0], device=tokens.device), tokens[:, 0].long()] = 1.0
+    return out
 
 
 @dataclass
@@ -100,7 +195,7 @@ class LayerCapture:
             return
         if not torch.is_grad_enabled() or not output.requires_grad:
             return
-        rec = CallRows(keys=keys, lead_shape=lead, call=len(self.calls))
+        rec = CallRows(keys=keys, lead_shape=lead, call=len(self.calls), keep=kept_rows(module, keys))
         self.calls.append(rec)
 
         def _grad_hook(grad: torch.Tensor, rec: CallRows = rec) -> None:
@@ -157,6 +252,11 @@ def find_layers(
                 )
     for n in list(chosen):
         m = chosen[n]
+        reason = unsupported_reason(m)
+        if reason is not None:
+            notes.append(f"{n} ({type(m).__name__}) is skipped: {reason}.")
+            del chosen[n]
+            continue
         if not m.weight.requires_grad:
             notes.append(f"{n} is skipped: its weight is frozen (requires_grad=False).")
             del chosen[n]

@@ -154,8 +154,10 @@ class StoreWriter:
     Use :meth:`create` for a new store and :meth:`resume` to continue one from a checkpoint.
     """
 
-    def __init__(self, path: str, layers: list[str], row_dtype: str, chunk_rows: int, commit_seconds: float) -> None:
+    def __init__(self, path: str, kinds: dict[str, str], row_dtype: str, chunk_rows: int, commit_seconds: float) -> None:
         self.path = path
+        self._kinds = dict(kinds)
+        layers = list(kinds)
         self.row_dtype = row_dtype
         self.chunk_rows = int(chunk_rows)
         self.commit_seconds = commit_seconds
@@ -224,11 +226,10 @@ class StoreWriter:
                 )
                 _set_attrs(g, spec.extra)
                 _create(g, "committed_rows", data=np.zeros(1, dtype=np.int64))
-                for name, width in (("keys", spec.d_in), ("values", spec.d_out)):
-                    _create(g, 
-                        name, shape=(0, width), maxshape=(None, width), dtype=disk_dtype,
-                        chunks=(chunk_rows, width), **filters,
-                    )
+                # an embedding's keys are one-hot: its token ids are stored instead, as int64 (N, 1)
+                key_width, key_dtype = (1, np.int64) if spec.kind == "embedding" else (spec.d_in, disk_dtype)
+                for name, width, dt in (("keys", key_width, key_dtype), ("values", spec.d_out, disk_dtype)):
+                    _create(g, name, shape=(0, width), maxshape=(None, width), dtype=dt, chunks=(chunk_rows, width), **filters)
                 for col, dt in ROW_COLUMNS.items():
                     _create(g, col, shape=(0,), maxshape=(None,), dtype=dt, chunks=(_META_CHUNK,), **filters)
                 _create(g, "weight_init", data=spec.weight_init.astype(np.float32))
@@ -246,7 +247,7 @@ class StoreWriter:
                         dt = np.float64 if col in _FLOAT_COLS else np.bool_
                         _create(pg, col, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
         os.replace(tmp, path)
-        return cls(path, [s.name for s in layers], row_dtype, chunk_rows, commit_seconds)
+        return cls(path, {s.name: s.kind for s in layers}, row_dtype, chunk_rows, commit_seconds)
 
     @classmethod
     def resume(
@@ -309,7 +310,8 @@ class StoreWriter:
                     _truncate(f["inputs"][col], inputs)
                 f["inputs"]["committed"][0] = inputs
             f.attrs["status"] = "recording"
-        return cls(path, list(rows), stored["row_dtype"], chunk_rows, commit_seconds)
+        kinds = {n: stored["layers"][n][0] for n in rows if n in stored["layers"]}
+        return cls(path, kinds, stored["row_dtype"], chunk_rows, commit_seconds)
 
     def _counts(self) -> dict[str, Any]:
         f = self.file
@@ -370,7 +372,8 @@ class StoreWriter:
             chunks = self._pending[name]
             if chunks:
                 counts = [len(r.keys) for r in chunks]
-                _append(g["keys"], encode_rows(np.concatenate([r.keys for r in chunks]), self.row_dtype))
+                keys = np.concatenate([r.keys for r in chunks])
+                _append(g["keys"], keys.astype(np.int64) if self._kinds[name] == "embedding" else encode_rows(keys, self.row_dtype))
                 _append(g["values"], encode_rows(np.concatenate([r.values for r in chunks]), self.row_dtype))
                 _append(g["step"], np.repeat(np.array([r.step for r in chunks], np.int64), counts))
                 _append(g["epoch"], np.repeat(np.array([r.epoch for r in chunks], np.int32), counts))
@@ -671,10 +674,11 @@ class LayerReader:
                     f"{store.path}: layer {name!r} says {self.n_rows} rows are committed but {col!r} holds only "
                     f"{group[col].shape[0]}; the file is truncated or inconsistent."
                 )
-        if group["keys"].shape[1:] != (self.d_in,) or group["values"].shape[1:] != (self.d_out,):
+        key_width = 1 if self.kind == "embedding" else self.d_in
+        if group["keys"].shape[1:] != (key_width,) or group["values"].shape[1:] != (self.d_out,):
             raise StoreError(
                 f"{store.path}: layer {name!r} keys/values have shapes {group['keys'].shape}/{group['values'].shape}, "
-                f"expected (*, {self.d_in})/(*, {self.d_out}); the file is inconsistent."
+                f"expected (*, {key_width})/(*, {self.d_out}); the file is inconsistent."
             )
         self.attrs = {k: _attr(v) for k, v in a.items()}
 
@@ -792,8 +796,19 @@ class LayerReader:
         stop = min(stop, self.n_rows)
         out: dict[str, np.ndarray] = {}
         for col in columns:
+            if col == "tokens":  # an embedding's stored token ids, (n,)
+                out[col] = self._g["keys"][start:stop, 0]
+                continue
             data = self._g[col][start:stop]
-            out[col] = decode_rows(data, self.store.row_dtype) if col in ("keys", "values") else data
+            if col == "keys" and self.kind == "embedding":
+                onehot = np.zeros((len(data), self.d_in), dtype=np.float32)
+                ids = data[:, 0]
+                if len(ids) and (ids.min() < 0 or ids.max() >= self.d_in):
+                    raise StoreError(f"{self.store.path}: layer {self.name!r} holds token ids outside 0..{self.d_in - 1}.")
+                onehot[np.arange(len(data)), ids] = 1.0
+                out[col] = onehot
+            else:
+                out[col] = decode_rows(data, self.store.row_dtype) if col in ("keys", "values") else data
         return out
 
 

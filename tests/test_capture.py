@@ -1,0 +1,143 @@
+"""Layer kinds: captured rows reproduce autograd's weight gradient, and whole fits are exact."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from helpers import TRAINER_KW, dual_output, rel_err
+from lightning_dualform import DualFormCallback, StoreReader
+from lightning_dualform.capture import LayerCapture, keys_of, one_hot_keys, values_of, weight_matrix
+
+LAYERS = {
+    "linear-seq": (lambda: nn.Linear(5, 4), lambda: torch.randn(3, 7, 5)),
+    "conv1d": (lambda: nn.Conv1d(3, 4, 3, stride=2, padding=1, dilation=2), lambda: torch.randn(2, 3, 11)),
+    "conv2d-s2p1": (lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1), lambda: torch.randn(2, 3, 9, 8)),
+    "conv2d-reflect-dil": (lambda: nn.Conv2d(2, 3, (3, 2), padding=2, dilation=(2, 1), padding_mode="reflect"), lambda: torch.randn(2, 2, 7, 6)),
+    "conv2d-same": (lambda: nn.Conv2d(2, 3, 4, padding="same", bias=False), lambda: torch.randn(1, 2, 6, 6)),
+    "embedding": (lambda: nn.Embedding(11, 4, padding_idx=0), lambda: torch.randint(0, 11, (3, 6))),
+}
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_rows_reproduce_autograd_weight_gradient(kind):
+    torch.manual_seed(0)
+    make_layer, make_x = LAYERS[kind]
+    layer, x = make_layer(), make_x()
+    cap = LayerCapture("l", layer, lambda: True)
+    cap.attach()
+    out = layer(x)
+    (out * torch.randn_like(out)).sum().backward()
+    (call,) = cap.take_completed()
+    keys, values = call.keys, call.values
+    if call.keep is not None:
+        keys, values = keys[call.keep], values[call.keep]
+    if not keys.is_floating_point():
+        keys = one_hot_keys(keys, layer.num_embeddings)
+    grad = weight_matrix(layer, layer.weight.grad)
+    torch.testing.assert_close(values.t() @ keys, grad, rtol=1e-5, atol=1e-6)
+    if getattr(layer, "bias", None) is not None:
+        torch.testing.assert_close(values.sum(0), layer.bias.grad, rtol=1e-5, atol=1e-6)
+    # and the layer's output is the weight matrix applied to the keys
+    full_keys, _ = keys_of(layer, x)
+    if not full_keys.is_floating_point():
+        full_keys = one_hot_keys(full_keys, layer.num_embeddings)
+    bias = getattr(layer, "bias", None)
+    ref = full_keys @ weight_matrix(layer).t() + (bias if bias is not None else 0)
+    torch.testing.assert_close(values_of(layer, out), ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+class ConvNet(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 3, 3, padding=1)
+        self.c2 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.head = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x):  # x: (B, 2, 6, 6)
+        b = x.shape[0]
+        h = torch.tanh(self.c1(x.reshape(b * 1, 2, 36)))  # a Conv1d over the flattened image
+        h = torch.tanh(self.c2(h.reshape(b, 3, 6, 6)))
+        return self.head(h.reshape(b, -1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+
+
+class TokenModel(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(13, 6, padding_idx=0)
+        self.out = nn.Linear(6, 13)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.out(torch.tanh(self.emb(x))).reshape(-1, 13), y.reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9, nesterov=True)
+
+
+def _fit(tmp_path, model, ds, **cb_kw):
+    cb = DualFormCallback(tmp_path / "k.h5", **cb_kw)
+    L.Trainer(max_epochs=2, callbacks=[cb], **TRAINER_KW).fit(model, torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True))
+    return cb
+
+
+def test_conv_fit_is_exact(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(32, 2, 6, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
+    model = ConvNet()
+    cb = _fit(tmp_path, model, ds)
+    for name, m in (("c1", model.c1), ("c2", model.c2)):
+        assert cb.certificate[name]["exact"], cb.certificate
+        x = torch.randn(3, *((2, 36) if name == "c1" else (3, 6, 6)))
+        keys, _ = keys_of(m, x)
+        ref = (keys.double() @ weight_matrix(m).double().t() + m.bias.double())
+        assert rel_err(dual_output(cb.store_path, name, keys), ref) <= 1e-5
+    with StoreReader(cb.store_path) as s:
+        c2 = s.layer("c2")
+        assert (c2.kind, c2.d_in, c2.d_out) == ("conv2d", 27, 4)
+        assert c2.n_rows == 2 * 32 * 9  # one row per example and output location
+        assert s.layer("c1").n_rows == 2 * 32 * 36
+        rows = c2.read(0, c2.n_rows, ("position",))
+        assert set(rows["position"].tolist()) == set(range(9))
+
+
+def test_embedding_fit_is_exact_and_stores_token_ids(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 13, (24, 5), generator=g)
+    ds = torch.utils.data.TensorDataset(x, torch.roll(x, -1, dims=1))
+    model = TokenModel()
+    cb = _fit(tmp_path, model, ds)
+    assert cb.certificate["emb"]["exact"], cb.certificate
+    q = one_hot_keys(torch.arange(13)[:, None], 13)
+    assert rel_err(dual_output(cb.store_path, "emb", q), model.emb.weight.detach().double()) <= 1e-5
+    with StoreReader(cb.store_path) as s:
+        emb = s.layer("emb")
+        tokens = emb.read(0, emb.n_rows, ("tokens",))["tokens"]
+        assert emb.n_rows == int((x != 0).sum()) * 2  # padding_idx rows never reach the weight: not stored
+        assert (tokens != 0).all()
+        keys = emb.read(0, 4, ("keys",))["keys"]
+        assert keys.shape == (4, 13) and (keys.sum(1) == 1).all()  # read back as one-hot
+
+
+def test_unsupported_configurations_are_skipped_with_a_note(tmp_path, caplog):
+    class Odd(TokenModel):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(13, 6, max_norm=1.0)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 13, (16, 5), generator=g)
+    with caplog.at_level("INFO"):
+        cb = _fit(tmp_path, Odd(), torch.utils.data.TensorDataset(x, x))
+    assert "max_norm" in caplog.text
+    with StoreReader(cb.store_path) as s:
+        assert s.layers == ["out"]
