@@ -8,6 +8,7 @@ update rule is :mod:`~lightning_dualform.optim`, the file is :mod:`~lightning_du
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -34,8 +35,9 @@ from lightning_dualform.capture import (
     weight_matrix,
 )
 from lightning_dualform.certificate import certify_store
-from lightning_dualform.errors import InexactError
+from lightning_dualform.errors import DiskSpaceError, InexactError
 from lightning_dualform.optim import ParamUpdate
+from lightning_dualform.planner import Plan, estimate, free_bytes
 from lightning_dualform.store import (
     ROW_DTYPES,
     LayerSpec,
@@ -161,6 +163,8 @@ class DualFormCallback(Callback):
         input_key: key (dict batch) or position (tuple batch) of the raw input; default: ``"x"``,
             ``"input"``, ``"inputs"``, ``"image"``, ``"images"``, or the first element of a tuple batch.
         commit_seconds: the writer makes rows durable at least this often (and at every epoch end and checkpoint).
+        check_disk: after the first step, estimate the store's size for the whole run (printed) and refuse to
+            go on when it exceeds the free space of the target disk.
 
     Example::
 
@@ -186,6 +190,7 @@ class DualFormCallback(Callback):
         store_inputs: bool = True,
         input_key: str | int | None = None,
         commit_seconds: float = 30.0,
+        check_disk: bool = True,
     ) -> None:
         if dtype not in ROW_DTYPES:
             raise ValueError(f"`DualFormCallback(dtype={dtype!r})` is not supported. Expected one of {ROW_DTYPES}.")
@@ -218,6 +223,8 @@ class DualFormCallback(Callback):
         self.store_inputs = store_inputs
         self.input_key = input_key
         self.commit_seconds = commit_seconds
+        self.check_disk = check_disk
+        self.plan: Plan | None = None
 
         self.store_path: str | None = None
         self.certificate: dict[str, dict[str, float]] = {}
@@ -241,6 +248,8 @@ class DualFormCallback(Callback):
         self._committed: dict[str, Any] | None = None
         self._seen_inputs = np.zeros(0, dtype=bool)
         self._query: _QueryRecording | None = None
+        self._batch_input_bytes = 0
+        self._dataset_size = 0
 
     # ------------------------------------------------------------------------------------------------
     # set-up
@@ -340,6 +349,12 @@ class DualFormCallback(Callback):
                 input_shape=tuple(raw.shape[1:]) if raw is not None else None,
                 input_dtype=str(raw.dtype).replace("torch.", "") if raw is not None else "float32",
             )
+        self._batch_input_bytes = int(raw[0].numel() * raw.element_size()) if raw is not None and len(raw) else 0
+        dl = trainer.train_dataloader
+        try:
+            self._dataset_size = len(dl.dataset)  # type: ignore[union-attr]
+        except (AttributeError, TypeError):
+            self._dataset_size = 0
         self._writer = AsyncWriter(make, max_queue=self.max_queue)
         if trainer.world_size > 1 and trainer.global_rank == 0:
             # the index exists from the first step on, so a crashed or running DDP store opens as one
@@ -544,6 +559,8 @@ class DualFormCallback(Callback):
         pending = self._step_rows
         self._step_rows = {}
         self._check_rows(trainer, pending, loss_scale, skipped)
+        if self.plan is None and not skipped:
+            self._make_plan(trainer, pending)
         for name, cap in self._captures.items():
             m = cap.module
             wg, bg = self._param_groups[name]
@@ -628,6 +645,38 @@ class DualFormCallback(Callback):
                 self._writer.submit(self._writer.store.mark_inexact, name, self._inexact[name])
                 rank_zero_warn(f"DualFormCallback: layer {name!r} is recorded as INEXACT: {self._inexact[name]}.")
 
+    def _make_plan(self, trainer: "pl.Trainer", pending: dict) -> None:
+        """Estimate the whole run's store from this first step; refuse when the disk cannot hold it."""
+        rows = {name: sum(call.keys.shape[0] for call, *_ in parts) for name, parts in pending.items()}
+        shapes = {}
+        for name, m in self._chosen.items():
+            d_in, d_out, _ = layer_shape(m)
+            shapes[name] = (layer_kind(m), d_in, d_out, _bias(m) is not None)
+        batches = trainer.num_training_batches
+        steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else 0
+        epochs = math.inf
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+            epochs = trainer.max_epochs - trainer.current_epoch
+        if trainer.max_steps is not None and trainer.max_steps >= 0 and steps_per_epoch:
+            epochs = min(epochs, (trainer.max_steps - trainer.global_step) / steps_per_epoch)
+        input_bytes = 0
+        if self.store_inputs and self._batch_input_bytes and self._dataset_size:
+            input_bytes = self._batch_input_bytes * self._dataset_size
+        self.plan = estimate(rows, shapes, 4 if self.dtype == "float32" else 2, steps_per_epoch, epochs, input_bytes,
+                             chunk_rows=self.chunk_rows)
+        rank_zero_info(f"DualFormCallback: {self.plan.describe()}.")
+        if not self.check_disk:
+            return
+        directory = os.path.dirname(os.path.abspath(self.store_path))
+        free = free_bytes(directory)
+        needed = self.plan.total_bytes - (os.path.getsize(self.store_path) if self._resume else 0)
+        if needed > free:
+            raise DiskSpaceError(
+                f"DualFormCallback: the store {self.store_path} needs about {needed / 1e9:.2f} GB for this run "
+                f"({self.plan.describe()}) but only {free / 1e9:.2f} GB are free in {directory}. Free space, choose "
+                "another path, narrow `layers=`, use dtype='float16' or compression='lzf', or pass check_disk=False."
+            )
+
     def _warn_once(self, key: str, msg: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -686,6 +735,8 @@ class DualFormCallback(Callback):
                 writer.call(writer.store.close)
             finally:
                 writer.stop()
+            if isinstance(exception, DiskSpaceError) and not self._resume and writer.store.committed["steps"] == 0:
+                os.remove(writer.path)  # refused before the first step: leave no empty store behind
 
     # ------------------------------------------------------------------------------------------------
     # query recording (trainer.test / validate / predict after fit)

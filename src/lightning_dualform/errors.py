@@ -17,3 +17,7 @@ class InexactError(DualFormError, RuntimeError):
 
 class WriterError(DualFormError, RuntimeError):
     """The background writer failed (disk full, permissions): recording stopped, nothing was dropped silently."""
+
+
+class DiskSpaceError(DualFormError, OSError):
+    """The planned store does not fit on the target disk (checked before recording starts)."""

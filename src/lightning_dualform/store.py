@@ -33,7 +33,9 @@ ROW_DTYPES = ("float32", "float16", "bfloat16")
 #: Per-row metadata columns: name -> numpy dtype.
 ROW_COLUMNS = {"step": np.int64, "epoch": np.int32, "index": np.int64, "position": np.int32, "label": np.int64}
 _FLOAT_COLS = ("lr", "momentum", "dampening", "weight_decay")
-_META_CHUNK = 1 << 16
+# chunk lengths of 1-D columns: HDF5 allocates whole chunks, so small stores stay small
+_META_CHUNK = 4096
+_TABLE_CHUNK = 512
 
 
 def compression_kwargs(compression: str | None) -> dict[str, Any]:
@@ -205,8 +207,8 @@ class StoreWriter:
             f.attrs["layer_order"] = json.dumps([spec.name for spec in layers])
             _set_attrs(f, attrs or {})
             _create(f, "committed_steps", data=np.zeros(1, dtype=np.int64))
-            _create(f, "update_step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
-            _create(f, "update_epoch", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(4096,))
+            _create(f, "update_step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(_TABLE_CHUNK,))
+            _create(f, "update_epoch", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(_TABLE_CHUNK,))
             if input_shape is not None:
                 ig = f.create_group("inputs")
                 _create(ig, "committed", data=np.zeros(1, dtype=np.int64))
@@ -240,12 +242,12 @@ class StoreWriter:
                 if spec.bias_buffer_init is not None:
                     _create(g, "bias_buffer_init", data=spec.bias_buffer_init.astype(np.float32))
                 ug = g.create_group("updates")
-                _create(ug, "grad_scale", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(4096,))
+                _create(ug, "grad_scale", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(_TABLE_CHUNK,))
                 for pname in ("weight", "bias") if spec.has_bias else ("weight",):
                     pg = ug.create_group(pname)
                     for col in PARAM_COLUMNS:
                         dt = np.float64 if col in _FLOAT_COLS else np.bool_
-                        _create(pg, col, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
+                        _create(pg, col, shape=(0,), maxshape=(None,), dtype=dt, chunks=(_TABLE_CHUNK,))
         os.replace(tmp, path)
         return cls(path, {s.name: s.kind for s in layers}, row_dtype, chunk_rows, commit_seconds)
 

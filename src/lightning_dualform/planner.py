@@ -1,0 +1,106 @@
+"""The store-size planner: bytes a run will write, estimated from its first optimizer step.
+
+``estimate`` is pure arithmetic; the callback feeds it the rows the first step produced per layer and
+the run's length, prints the plan, and refuses to start when it does not fit on the disk.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+
+from lightning_dualform.store import _META_CHUNK, ROW_COLUMNS
+
+#: bytes of the per-row metadata columns (step, epoch, index, position, label)
+META_BYTES = 8 + 4 + 8 + 4 + 8
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    rows_per_step: int
+    bytes_per_row: int
+    bytes_per_epoch: int
+
+
+@dataclass
+class Plan:
+    """What a run is expected to write."""
+
+    steps_per_epoch: int
+    epochs: float  # math.inf when the run has no end
+    layers: list[LayerPlan] = field(default_factory=list)
+    fixed_bytes: int = 0  # weights (initial and final), raw training inputs
+
+    @property
+    def bytes_per_epoch(self) -> int:
+        return sum(lp.bytes_per_epoch for lp in self.layers)
+
+    chunk_rows: int = 1024
+
+    @property
+    def total_bytes(self) -> float:
+        """Bytes on disk, counting that HDF5 allocates whole chunks."""
+        epochs = self.epochs if math.isfinite(self.epochs) else 1
+        total = float(self.fixed_bytes)
+        for lp in self.layers:
+            rows = lp.rows_per_step * self.steps_per_epoch * epochs
+            data = lp.bytes_per_row - META_BYTES
+            total += math.ceil(rows / self.chunk_rows) * self.chunk_rows * data
+            total += math.ceil(rows / _META_CHUNK) * _META_CHUNK * META_BYTES
+        return total
+
+    def describe(self) -> str:
+        per_layer = ", ".join(f"{lp.name}: {_human(lp.bytes_per_epoch)}/epoch ({lp.rows_per_step} rows/step)" for lp in self.layers)
+        span = f"{self.epochs:g} epoch(s)" if math.isfinite(self.epochs) else "1 epoch (the run has no set end)"
+        return f"store plan: {per_layer}; about {_human(self.total_bytes)} for {span}"
+
+
+def row_bytes(kind: str, d_in: int, d_out: int, itemsize: int) -> int:
+    key = 8 if kind == "embedding" else d_in * itemsize  # embeddings store a token id
+    return key + d_out * itemsize + META_BYTES
+
+
+def estimate(
+    rows_per_step: dict[str, int],
+    shapes: dict[str, tuple[str, int, int, bool]],
+    itemsize: int,
+    steps_per_epoch: int,
+    epochs: float,
+    input_bytes: int = 0,
+    chunk_rows: int = 1024,
+) -> Plan:
+    """Plan a run from the rows of one optimizer step.
+
+    Args:
+        rows_per_step: rows each layer produced in the first step.
+        shapes: ``(kind, d_in, d_out, has_bias)`` per layer.
+        itemsize: bytes per stored number (4 for float32, 2 for float16/bfloat16).
+        steps_per_epoch: optimizer steps per epoch.
+        epochs: epochs left to run (``math.inf`` for none set).
+        input_bytes: raw training inputs, stored once per example.
+        chunk_rows: rows per chunk of keys and values.
+    """
+    plan = Plan(steps_per_epoch=steps_per_epoch, epochs=epochs, fixed_bytes=input_bytes, chunk_rows=chunk_rows)
+    for name, (kind, d_in, d_out, has_bias) in shapes.items():
+        per_row = row_bytes(kind, d_in, d_out, itemsize)
+        rows = int(rows_per_step.get(name, 0))
+        plan.layers.append(LayerPlan(name, rows, per_row, rows * steps_per_epoch * per_row))
+        plan.fixed_bytes += 2 * 4 * (d_in * d_out + (d_out if has_bias else 0))  # initial and final weights
+    return plan
+
+
+def free_bytes(directory: str) -> int:
+    return shutil.disk_usage(directory).free
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+assert set(ROW_COLUMNS) == {"step", "epoch", "index", "position", "label"}  # META_BYTES counts these
