@@ -1,0 +1,853 @@
+"""The ``lightning-dualform`` command: ``info``, ``attend``, ``verify`` and ``demo``.
+
+Exit codes: 0 success, 1 failure (``verify`` beyond tolerance, an unexpected error), 2 a user's mistake
+(missing file, not a store, unknown layer, bad index, wrong query width, unwritable output, bad option),
+reported as one line on stderr; ``--debug`` adds the traceback.
+
+Example::
+
+    lightning-dualform demo --out demo/
+    lightning-dualform info demo/mnist.h5
+    lightning-dualform attend demo/mnist.h5 --split test --index 3,17 --top-k 5 --plot top.png --json top.json
+    lightning-dualform verify demo/mnist.h5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from lightning_dualform import __version__
+from lightning_dualform.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+PROG = "lightning-dualform"
+DEFAULT_QUERIES = 4
+_IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?%?")
+
+
+class UsageError(Exception):
+    """A user's mistake that the CLI reports in one line with exit code 2."""
+
+
+# ------------------------------------------------------------------------------------------------------
+# attending recorded or loaded queries (shared with the demo and the pictures)
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class AttendRun:
+    """Queries and what :meth:`DualInference.attend` answered for them, per layer.
+
+    Attributes:
+        source: ``"split:<name>"`` or the query file's path.
+        index: ``(m,)`` dataset index of each query example (the row number for a file).
+        label: ``(m,)`` recorded label (-1: unknown).
+        prediction: ``(m,)`` the model's recorded prediction (-1: unknown).
+        inputs: ``(m, ...)`` raw inputs for pictures, or ``None``.
+        results: ``{layer: AttentionResult}``; result row ``r`` belongs to query ``rows[layer]["example"][r]``.
+        rows: ``{layer: {"example": (R,), "position": (R,)}}``.
+        settings: the attend arguments, for the JSON.
+    """
+
+    source: str
+    index: np.ndarray
+    label: np.ndarray
+    prediction: np.ndarray
+    inputs: np.ndarray | None
+    results: dict[str, Any] = field(default_factory=dict)
+    rows: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "queries": {"index": self.index.tolist(), "label": self.label.tolist(), "prediction": self.prediction.tolist()},
+            "settings": self.settings,
+            "query_rows": {k: {c: v.tolist() for c, v in r.items()} for k, r in self.rows.items()},
+            "layers": {k: r.to_dict() for k, r in self.results.items()},
+        }
+
+
+def attend_queries(
+    di: Any,
+    *,
+    split: str | None = None,
+    positions: Sequence[int] | None = None,
+    queries: np.ndarray | None = None,
+    source: str = "",
+    layers: Sequence[str] | None = None,
+    top_k: int = 10,
+    contribution_to: str | int | None = "pred",
+    at_step: int | None = None,
+    step_buckets: int = 20,
+) -> AttendRun:
+    """Attend recorded queries (``split`` + ``positions`` in recording order) or loaded ``queries`` ``(n, d)``.
+
+    ``contribution_to`` (``"pred"``, ``"label"``, an output unit, or ``None``) ranks proponents and opponents
+    at the store's last layer, whose output is the model's; other layers get scores only.
+
+    Raises:
+        UsageError: a bad split, position, layer, query width, ``contribution_to`` or ``top_k``.
+    """
+    store = di.store
+    all_layers = list(di.layers)
+    last = all_layers[-1] if all_layers else None
+    if queries is not None:
+        q = np.asarray(queries)
+        widths = {n: di.layer(n).d_in for n in all_layers}
+        if layers is None:
+            layers = [n for n in all_layers if widths[n] == q.shape[1]]
+            if not layers:
+                raise UsageError(
+                    f"{source}: queries have width {q.shape[1]}, but no layer takes that width "
+                    f"({_widths(widths)}); save queries of one of those widths."
+                )
+        for name in layers:
+            if widths[name] != q.shape[1]:
+                raise UsageError(
+                    f"{source}: queries have width {q.shape[1]} but layer {name} takes {widths[name]} "
+                    f"({_widths(widths)}); pick a matching --layer or save queries of width {widths[name]}."
+                )
+        m = q.shape[0]
+        run = AttendRun(source=source, index=np.arange(m), label=np.full(m, -1), prediction=np.full(m, -1), inputs=None)
+        ref = store.train_inputs(np.array([-1]))
+        if ref is not None and int(np.prod(ref.shape[1:])) == q.shape[1]:
+            run.inputs = q.reshape(m, *ref.shape[1:])
+        per_layer = {n: (q, np.arange(m), np.zeros(m, dtype=np.int64)) for n in layers}
+    else:
+        qs = store.queries(split)
+        pos = np.arange(min(DEFAULT_QUERIES, qs.n)) if positions is None else np.asarray(positions, dtype=np.int64)
+        if qs.n == 0:
+            raise UsageError(f"{store.path}: the query set {split!r} is empty; record some with trainer.{split}(...).")
+        raw = qs.inputs
+        run = AttendRun(
+            source=f"split:{split}", index=qs.index[pos], label=qs.label[pos], prediction=qs.prediction[pos],
+            inputs=None if raw is None else raw[pos],
+        )
+        if layers is None:
+            layers = [n for n in all_layers if n in qs.layers]
+        per_layer = {}
+        for name in layers:
+            if name not in qs.layers:
+                raise UsageError(f"the query set {split!r} has no rows for layer {name}; it has {', '.join(qs.layers)}.")
+            r = qs.layer_rows(name)
+            # query number within the split -> number within this run
+            where = {int(p): j for j, p in enumerate(pos)}
+            keep = np.array([int(e) in where for e in r["example"]], dtype=bool)
+            per_layer[name] = (r["keys"][keep], np.array([where[int(e)] for e in r["example"][keep]], dtype=np.int64),
+                               r["position"][keep].astype(np.int64))
+    units_label = None
+    if contribution_to == "label":
+        if (run.label < 0).any():
+            raise UsageError("--contribution-to label: some queries have no recorded label; use pred or a unit number.")
+        units_label = run.label
+    run.settings = {"top_k": top_k, "contribution_to": contribution_to, "at_step": at_step, "step_buckets": step_buckets,
+                    "layers": list(layers)}
+    for name in layers:
+        keys, example, position = per_layer[name]
+        if len(keys) == 0:
+            raise UsageError(f"layer {name}: no recorded rows for the chosen queries.")
+        contrib: Any = None
+        if name == last and contribution_to is not None:
+            if contribution_to == "label":
+                import torch
+
+                contrib = torch.as_tensor(units_label[example], dtype=torch.int64)
+            else:
+                contrib = contribution_to
+        n_rows = di.layer(name).n_rows
+        if top_k > n_rows:
+            raise UsageError(f"--top-k {top_k}: layer {name} holds only {n_rows} rows; use --top-k {n_rows} or less.")
+        run.results[name] = di.attend(name, keys, top_k=top_k, at_step=at_step, contribution_to=contrib, step_buckets=step_buckets)
+        run.rows[name] = {"example": example, "position": position}
+    return run
+
+
+def _widths(widths: dict[str, int]) -> str:
+    return ", ".join(f"{n} takes {w}" for n, w in widths.items())
+
+
+# ------------------------------------------------------------------------------------------------------
+# argument parsing
+# ------------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage mistakes through :class:`UsageError` (one line, exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = _Parser(
+        prog=PROG,
+        description="See which training examples a model's prediction draws on: the exact dual form of its "
+        "linear layers as attention over the training patterns recorded by DualFormCallback.",
+        formatter_class=fmt,
+        epilog="Start with `lightning-dualform demo --out demo/`. Exit codes: 0 ok, 1 failure, 2 bad input.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    # Accepted before or after the subcommand; SUPPRESS keeps a subcommand's default from undoing the top level's.
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logging")
+    common.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars or notes on stderr")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or notes on stderr")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    s = sub.add_parser("info", parents=[common], formatter_class=fmt, help="what a store holds",
+                       description="Layers, rows, steps, optimizer, dtype, size, certificate and query sets of a store.")
+    s.add_argument("store", metavar="STORE", help="a .h5 store written by DualFormCallback")
+    s.add_argument("--json", metavar="FILE", default=None, help="also write the facts as JSON")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("attend", parents=[common], formatter_class=fmt, help="which training patterns queries attend to",
+                       description="Attend queries over each layer's training memory and show the top patterns.")
+    s.add_argument("store", metavar="STORE", help="a .h5 store written by DualFormCallback")
+    s.add_argument("--split", default=None, help="recorded query set (default: 'test', or the store's only one)")
+    s.add_argument("--index", default=None,
+                   help="dataset indices of recorded queries: '3,17', '0:10' or 'all' (default: the first "
+                   f"{DEFAULT_QUERIES} recorded)")
+    s.add_argument("--queries", metavar="FILE", default=None,
+                   help="queries (n, d_in) from a .npy (no pickle) or .pt (weights_only) file instead of a split")
+    s.add_argument("--layer", action="append", default=None,
+                   help="layer to attend at; repeat or comma-separate for several (default: all)")
+    s.add_argument("--top-k", type=int, default=5, help="training patterns kept per query and layer")
+    s.add_argument("--by", choices=("pattern", "example"), default="pattern",
+                   help="rank single training patterns (one per presentation) or examples (epochs summed)")
+    s.add_argument("--contribution-to", default="pred",
+                   help="rank proponents/opponents at the output layer by their contribution to 'pred' (the "
+                   "predicted class), 'label' (the recorded label), a unit number, or 'none'")
+    s.add_argument("--at-step", type=int, default=None, help="the model after this many optimizer steps (default: the end)")
+    s.add_argument("--step-buckets", type=int, default=20, help="time buckets of the attention mass over training")
+    s.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N'")
+    s.add_argument("--block-rows", type=int, default=4096, help="memory rows read and multiplied at a time")
+    s.add_argument("--json", metavar="FILE", default=None, help="write every number of the answer as JSON")
+    s.add_argument("--plot", metavar="FILE.png", default=None, help="draw the answer (.png, .pdf or .svg; needs matplotlib)")
+    s.set_defaults(func=cmd_attend)
+
+    s = sub.add_parser("verify", parents=[common], formatter_class=fmt, help="check that the dual form is exact",
+                       description="Rebuild each layer's outputs from the memory and compare with the trained "
+                       "weights. Fails (exit 1) when a layer is beyond its tolerance: 1e-4 relative for float32 "
+                       "rows, 2e-2 for float16, 1e-1 for bfloat16 (1e-2 / 5e-2 under 16-/bf16-mixed precision).")
+    s.add_argument("store", metavar="STORE", help="a .h5 store written by DualFormCallback")
+    s.add_argument("--samples", type=int, default=256, help="stored training keys used as queries per layer")
+    s.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N'")
+    s.add_argument("--block-rows", type=int, default=4096, help="memory rows read and multiplied at a time")
+    s.add_argument("--json", metavar="FILE", default=None, help="also write the verdict as JSON")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("demo", parents=[common], formatter_class=fmt,
+                       help="train the paper's MNIST MLP, record, attend and draw (about a minute)",
+                       description="Train a 784-800-800-10 ReLU MLP (SGD, momentum 0.9, gradient clipping 1.0, "
+                       "batch 128) on the 10,000 embedded MNIST digits (seeded 80/20 split) with DualFormCallback, "
+                       "record the test queries, attend and write OUT/mnist.h5, OUT/attend.png and OUT/summary.json.")
+    s.add_argument("--out", default="demo", help="output folder")
+    s.add_argument("--epochs", type=int, default=2, help="training epochs (each adds about 150 MB to the store)")
+    s.add_argument("--limit", type=int, default=None, help="use only this many digits in all (default: all 10,000)")
+    s.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.05)")
+    s.add_argument("--seed", type=int, default=0, help="seeds the split, the shuffle and the weights")
+    s.add_argument("--no-plot", action="store_true", help="skip the picture (no matplotlib needed)")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 failure, 2 bad input)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as err:
+        return _fail(str(err), 2)
+    except SystemExit as err:  # --help, --version
+        return int(err.code or 0)
+    debug = args.debug
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except BrokenPipeError:  # `... | head`: the reader left; say nothing more (Python's documented recipe)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except (UsageError, StoreError, KeyError, ValueError, TypeError, FileNotFoundError, PermissionError,
+            IsADirectoryError, NotADirectoryError, ImportError) as err:
+        if debug:
+            traceback.print_exc()
+        return _fail(_message(err), 2)
+    except Exception as err:  # a bug or an environment failure: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        return _fail(f"{type(err).__name__}: {_message(err)} (rerun with --debug for the traceback)", 1)
+
+
+def _message(err: BaseException) -> str:
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    text = " ".join(str(text).split())
+    return text or type(err).__name__
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _note(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+# ------------------------------------------------------------------------------------------------------
+# checks of user input
+# ------------------------------------------------------------------------------------------------------
+def _check_store_path(path: str) -> None:
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such file; pass a store written by DualFormCallback (try `{PROG} demo`).")
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: is a folder; pass the .h5 store file inside it.")
+
+
+def _check_output(path: str | None, option: str, suffixes: tuple[str, ...] | None = None) -> None:
+    """Fail before any long work when an output cannot be written."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a folder; give a file name.")
+    if suffixes is not None and os.path.splitext(path)[1].lower() not in suffixes:
+        raise UsageError(f"{option} {path}: unsupported file type; use one of {', '.join(suffixes)}.")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{option} {path}: the folder {folder} does not exist; create it first.")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{option} {path}: not writable; choose another path.")
+
+
+def _positive(value: int, option: str) -> None:
+    if value < 1:
+        raise UsageError(f"{option} {value}: expected a positive integer.")
+
+
+def _write_json(path: str, data: Any) -> None:
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=1, default=_json_default)
+        fh.write("\n")
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def parse_index(text: str, available: np.ndarray, split: str) -> np.ndarray:
+    """Positions (recording order) of the queries named by ``text``: ``'3,17'``, ``'0:10'``, ``'all'``."""
+    if text.strip() == "all":
+        return np.arange(len(available))
+    wanted: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if ":" in part:
+                lo, hi = part.split(":", 1)
+                wanted.extend(range(int(lo), int(hi)))
+            elif part:
+                wanted.append(int(part))
+        except ValueError:
+            raise UsageError(f"--index {text}: {part!r} is not an integer or a range like 0:10; use e.g. 3,17 or 0:10 or all.") from None
+    if not wanted:
+        raise UsageError(f"--index {text}: names no query; use e.g. 3,17 or 0:10 or all.")
+    first: dict[int, int] = {}
+    for p, i in enumerate(available.tolist()):
+        first.setdefault(int(i), p)
+    missing = [i for i in wanted if i not in first]
+    if missing:
+        known = np.unique(available)
+        span = f"{known.min()}..{known.max()}" if len(known) else "none"
+        raise UsageError(
+            f"--index {text}: no recorded {split} query has dataset index {missing[:5]}; "
+            f"the split holds {len(available)} queries with indices {span}."
+        )
+    return np.array([first[i] for i in wanted], dtype=np.int64)
+
+
+def load_queries(path: str) -> np.ndarray:
+    """``(n, d)`` float32 queries from a .npy (``allow_pickle=False``) or .pt (``weights_only=True``) file."""
+    _check_store_path_like(path, "--queries")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".npy":
+            q = np.load(path, allow_pickle=False)
+        elif ext in (".pt", ".pth"):
+            import torch
+
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(obj, torch.Tensor):
+                raise UsageError(f"--queries {path}: holds a {type(obj).__name__}, not a tensor; save one tensor of shape (n, d_in).")
+            q = obj.detach().float().numpy()
+        else:
+            raise UsageError(f"--queries {path}: unsupported file type {ext or '(none)'}; use .npy or .pt.")
+    except UsageError:
+        raise
+    except Exception as err:  # numpy/torch say many things about files they cannot read
+        raise UsageError(f"--queries {path}: cannot read it without pickle ({_message(err)[:150]}); save a plain numeric array.") from err
+    if not isinstance(q, np.ndarray) or q.dtype == object or not np.issubdtype(q.dtype, np.number):
+        raise UsageError(f"--queries {path}: expected a numeric array of shape (n, d_in).")
+    if q.ndim == 1:
+        q = q[None]
+    elif q.ndim > 2:
+        q = q.reshape(q.shape[0], -1)  # images (n, 28, 28) -> (n, 784)
+    if q.shape[0] == 0:
+        raise UsageError(f"--queries {path}: holds no queries.")
+    if not np.isfinite(q).all():
+        raise UsageError(f"--queries {path}: holds NaN or inf; every query must be finite.")
+    return np.ascontiguousarray(q, dtype=np.float32)
+
+
+def _check_store_path_like(path: str, option: str) -> None:
+    if not os.path.exists(path):
+        raise UsageError(f"{option} {path}: no such file.")
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a folder, not a file.")
+
+
+def _parse_contribution(text: str) -> str | int | None:
+    t = text.strip().lower()
+    if t == "none":
+        return None
+    if t in ("pred", "label"):
+        return t
+    try:
+        unit = int(t)
+    except ValueError:
+        raise UsageError(f"--contribution-to {text}: expected pred, label, none or an output unit number.") from None
+    if unit < 0:
+        raise UsageError(f"--contribution-to {text}: a unit number must be >= 0.")
+    return unit
+
+
+def _parse_layers(values: list[str] | None, known: list[str]) -> list[str] | None:
+    if not values:
+        return None
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise UsageError(f"--layer {bad[0]}: unknown layer; this store has {', '.join(known)}.")
+    return list(dict.fromkeys(names))
+
+
+# ------------------------------------------------------------------------------------------------------
+# info
+# ------------------------------------------------------------------------------------------------------
+def store_facts(path: str) -> dict[str, Any]:
+    """What ``info`` shows, as plain data (also its ``--json``)."""
+    from lightning_dualform.store import StoreReader, read_shard_index
+
+    shards = read_shard_index(path)
+    if shards is not None:  # a DDP run's index file: describe each rank's store
+        return {"path": path, "shards": [store_facts(s) for s in shards]}
+    with StoreReader(path) as s:
+        a = s.attrs
+        layers = []
+        for name in s.layers:
+            lay = s.layer(name)
+            la = lay.attrs
+            cert = {k[len("certificate_"):]: la[k] for k in la if k.startswith("certificate_")}
+            layers.append({
+                "name": name, "kind": lay.kind, "d_in": lay.d_in, "d_out": lay.d_out, "bias": lay.has_bias,
+                "rows": lay.n_rows, "exact": lay.exact, "inexact_reason": lay.inexact_reason, "certificate": cert,
+            })
+        queries = []
+        for split in s.query_splits:
+            qs = s.queries(split)
+            known = (qs.label >= 0) & (qs.prediction >= 0)
+            acc = float((qs.label[known] == qs.prediction[known]).mean()) if known.any() else None
+            queries.append({"split": split, "n": qs.n, "layers": qs.layers, "inputs": qs.inputs is not None, "accuracy": acc})
+        epochs = sorted(set(np.asarray(s.update_epochs).tolist()))
+        return {
+            "path": path,
+            "size_bytes": os.path.getsize(path),
+            "status": s.status,
+            "format_version": a.get("format_version"),
+            "library_version": a.get("library_version"),
+            "created": a.get("created"),
+            "model_class": a.get("model_class"),
+            "steps": {"first": s.first_step, "last": s.last_step, "recorded": s.n_steps},
+            "epochs": len(epochs),  # counted from the step table (the `epochs` attribute counts one more after fit)
+            "optimizer": s.optimizer,
+            "optimizer_exact": s.optimizer_exact,
+            "gradient_clip_val": a.get("gradient_clip_val"),
+            "gradient_clip_algorithm": a.get("gradient_clip_algorithm"),
+            "accumulate_grad_batches": a.get("accumulate_grad_batches"),
+            "precision": a.get("precision"),
+            "world_size": a.get("world_size"),
+            "row_dtype": s.row_dtype,
+            "compression": a.get("compression"),
+            "train_inputs": s.train_inputs(np.array([-1])) is not None,
+            "layers": layers,
+            "queries": queries,
+        }
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _optimizer_line(opt: dict[str, Any]) -> str:
+    name = opt.get("name") or "?"
+    groups = opt.get("param_groups") or []
+    keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+    parts = []
+    for i, g in enumerate(groups):
+        items = " ".join(f"{k}={_num(g[k])}" for k in keys if k in g)
+        parts.append(items if len(groups) == 1 else f"group {i}: {items}")
+    return name + ("  " + "; ".join(parts) if parts else "")
+
+
+def _num(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "  ") -> str:
+    """Text table; numbers right-aligned, text left-aligned."""
+    cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else _num(c) for c in r] for r in rows]
+    numeric = [all(not isinstance(r[j], str) or _NUMBER.fullmatch(r[j]) for r in rows) if rows else False
+               for j in range(len(headers))]
+    widths = [max(len(r[j]) for r in cells) for j in range(len(headers))]
+    lines = []
+    for i, r in enumerate(cells):
+        lines.append(indent + "  ".join(c.rjust(w) if numeric[j] else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if i == 0:
+            lines.append(indent + "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render_info(f: dict[str, Any]) -> str:
+    if "shards" in f:
+        head = f"{f['path']}: DDP shard index of {len(f['shards'])} rank stores"
+        return "\n\n".join([head] + [render_info(s) for s in f["shards"]])
+    st = f["steps"]
+    clip = f.get("gradient_clip_val") or 0
+    out = [
+        f"{f['path']}  ({_human_bytes(f['size_bytes'])}, {f['status']}, format {f['format_version']}, "
+        f"written by lightning-dualform {f['library_version']} on {f['created']})",
+        f"model      {f['model_class']}",
+        f"training   {st['recorded']} optimizer steps ({st['first']}..{st['last']}), {f['epochs']} epoch(s), "
+        f"precision {f['precision']}, world size {f['world_size']}",
+        f"optimizer  {_optimizer_line(f['optimizer'])}"
+        + (f"; gradient clipping {clip:g} ({f['gradient_clip_algorithm']})" if clip else "")
+        + ("" if f["optimizer_exact"] else "  [recorded with exact=False: the memory is approximate]"),
+        f"rows       {f['row_dtype']}, compression {f['compression']}, raw training inputs "
+        + ("stored" if f["train_inputs"] else "not stored"),
+        "",
+        "layers",
+    ]
+    rows = []
+    for lay in f["layers"]:
+        c = lay["certificate"]
+        if "rel_err" in c:
+            verdict = "exact" if c.get("exact") else "INEXACT"
+            cert = f"{c['rel_err']:.2e} ({verdict}, tol {c.get('tolerance', float('nan')):.0e})"
+        else:
+            cert = "none (run unfinished or certify=False)"
+        rows.append([lay["name"], lay["kind"], f"{lay['d_in']} -> {lay['d_out']}", "yes" if lay["bias"] else "no",
+                     lay["rows"], cert])
+    out.append(table(["layer", "kind", "shape", "bias", "rows", "certificate (rel. err. of rebuilt weights)"], rows))
+    out.append("")
+    if f["queries"]:
+        out.append("query sets")
+        out.append(table(
+            ["split", "queries", "accuracy", "raw inputs", "layers"],
+            [[q["split"], q["n"], "-" if q["accuracy"] is None else f"{100 * q['accuracy']:.1f}%",
+              "yes" if q["inputs"] else "no", ", ".join(q["layers"])] for q in f["queries"]],
+        ))
+    else:
+        out.append("query sets: none (record with DualFormCallback(record_queries=('test',)) and trainer.test)")
+    return "\n".join(out)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    _check_store_path(args.store)
+    _check_output(args.json, "--json")
+    facts = store_facts(args.store)
+    print(render_info(facts))
+    if args.json:
+        _write_json(args.json, facts)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------
+# attend
+# ------------------------------------------------------------------------------------------------------
+def cmd_attend(args: argparse.Namespace) -> int:
+    from lightning_dualform.inference import DualInference
+
+    _check_store_path(args.store)
+    _check_output(args.json, "--json")
+    _check_output(args.plot, "--plot", _IMAGE_SUFFIXES)
+    _positive(args.block_rows, "--block-rows")
+    _positive(args.step_buckets, "--step-buckets")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k {args.top_k}: expected 0 or more.")
+    if args.queries is not None and (args.split is not None or args.index is not None):
+        raise UsageError("--queries reads queries from a file; leave out --split and --index, or drop --queries.")
+    contribution = _parse_contribution(args.contribution_to)
+    if args.plot:
+        from lightning_dualform.plots import require_matplotlib
+
+        require_matplotlib()
+    queries = load_queries(args.queries) if args.queries is not None else None
+    t0 = time.perf_counter()
+    with DualInference(args.store, device=args.device, block_rows=args.block_rows, progress=_progress(args)) as di:
+        layers = _parse_layers(args.layer, di.layers)
+        if isinstance(contribution, int):
+            d_out = di.layer(di.layers[-1]).d_out
+            if contribution >= d_out:
+                raise UsageError(f"--contribution-to {contribution}: the output layer {di.layers[-1]} has units 0..{d_out - 1}.")
+        if queries is not None:
+            run = attend_queries(di, queries=queries, source=args.queries, layers=layers, top_k=args.top_k,
+                                 contribution_to=contribution, at_step=args.at_step, step_buckets=args.step_buckets)
+        else:
+            split = _pick_split(di.store, args.split)
+            qs = di.store.queries(split)
+            positions = parse_index(args.index, qs.index, split) if args.index is not None else None
+            run = attend_queries(di, split=split, positions=positions, layers=layers, top_k=args.top_k,
+                                 contribution_to=contribution, at_step=args.at_step, step_buckets=args.step_buckets)
+        run.settings.update({"by": args.by, "store": os.path.abspath(args.store)})
+        print(render_attend(run, by=args.by, store=di.store))
+        if args.json:
+            _write_json(args.json, run.to_dict())
+            _note(args, f"wrote {args.json}")
+        if args.plot:
+            from lightning_dualform.plots import plot_attention
+
+            plot_attention(run, di.store, args.plot, by=args.by)
+            _note(args, f"wrote {args.plot}")
+    log.debug("attend took %.2f s", time.perf_counter() - t0)
+    return 0
+
+
+def _pick_split(store: Any, split: str | None) -> str:
+    splits = store.query_splits
+    if split is None:
+        if not splits:
+            raise UsageError(
+                f"{store.path} has no recorded queries; pass --queries FILE, or record them with "
+                "DualFormCallback(record_queries=('test',)) and trainer.test(...)."
+            )
+        if "test" in splits:
+            return "test"
+        if len(splits) == 1:
+            return splits[0]
+        raise UsageError(f"{store.path} has several query sets ({', '.join(splits)}); choose one with --split.")
+    if split not in splits:
+        raise UsageError(f"--split {split}: {store.path} has no such query set; it has {', '.join(splits) or 'none'}.")
+    return split
+
+
+def _query_title(run: AttendRun, j: int) -> str:
+    if run.source.startswith("split:"):
+        parts = [f"query {run.source[6:]}[{int(run.index[j])}]"]
+    else:
+        parts = [f"query {j} of {os.path.basename(run.source)}"]
+    if run.label[j] >= 0:
+        parts.append(f"label {int(run.label[j])}")
+    if run.prediction[j] >= 0:
+        parts.append(f"predicted {int(run.prediction[j])}" + (" (wrong)" if 0 <= run.label[j] != run.prediction[j] else ""))
+    return ", ".join(parts)
+
+
+def ranked(res: Any, r: int, by: str, kind: str = "top") -> tuple[list[str], list[list[Any]]]:
+    """Rows of one query's ranking (``kind``: top, proponents, opponents) as table cells."""
+    if by == "example":
+        t = {"top": res.top_examples, "proponents": res.proponent_examples, "opponents": res.opponent_examples}[kind]
+        if t is None:
+            return [], []
+        rows = [[i + 1, int(t.index[r, i]), int(t.label[r, i]), int(t.rows[r, i]), float(t.score[r, i])]
+                for i in range(t.index.shape[1]) if int(t.index[r, i]) >= 0]
+        return ["rank", "index", "label", "rows", "score" if kind == "top" else "contribution"], rows
+    t = {"top": res.top, "proponents": res.proponents, "opponents": res.opponents}[kind]
+    if t is None:
+        return [], []
+    rows = [[i + 1, int(t.index[r, i]), int(t.label[r, i]), int(t.epoch[r, i]), int(t.step[r, i]), float(t.score[r, i])]
+            for i in range(t.row.shape[1]) if int(t.row[r, i]) >= 0]
+    return ["rank", "index", "label", "epoch", "step", "score" if kind == "top" else "contribution"], rows
+
+
+def _fmt_rows(rows: list[list[Any]]) -> list[list[Any]]:
+    return [[*r[:-1], f"{r[-1]:+.4g}"] for r in rows]
+
+
+def mass_line(res: Any, r: int, n: int = 3) -> str:
+    """The labels whose training patterns carry most of the signed attention mass, as shares of |mass|."""
+    m = res.mass.get("label")
+    if m is None:
+        return ""
+    signed = m.signed[r].double()
+    total = float(m.absolute[r].sum()) or 1.0
+    order = signed.argsort(descending=True)[:n].tolist()
+    parts = [f"{'none' if int(m.keys[i]) < 0 else int(m.keys[i])}: {100 * float(signed[i]) / total:+.0f}%" for i in order]
+    return "mass by label  " + ", ".join(parts)
+
+
+def render_attend(run: AttendRun, by: str, store: Any = None) -> str:
+    out = []
+    steps = ""
+    first = next(iter(run.results.values()), None)
+    if first is not None:
+        steps = f" after {first.at_step} optimizer steps"
+    out.append(f"attention over training patterns{steps}; ranked by {'single patterns' if by == 'pattern' else 'examples (epochs summed)'}")
+    for j in range(len(run.index)):
+        out.append("")
+        out.append(_query_title(run, j))
+        for name, res in run.results.items():
+            ex = run.rows[name]["example"]
+            for r in np.flatnonzero(ex == j).tolist():
+                pos = int(run.rows[name]["position"][r])
+                err = "" if res.rel_err is None else f", dual vs weights rel. err. {float(res.rel_err[r]):.1e}"
+                where = f" position {pos}" if len(np.flatnonzero(ex == j)) > 1 else ""
+                out.append(f"  {name}{where}: {res.rows} rows{err}")
+                headers, rows = ranked(res, r, by, "top")
+                if rows:
+                    out.append(table(headers, _fmt_rows(rows), indent="    "))
+                line = mass_line(res, r)
+                if line:
+                    out.append("    " + line)
+                if res.units is not None:
+                    unit = int(res.units[r])
+                    for kind in ("proponents", "opponents"):
+                        headers, rows = ranked(res, r, by, kind)
+                        out.append(f"    {kind} of output unit {unit}" + ("" if rows else ": none"))
+                        if rows:
+                            out.append(table(headers, _fmt_rows(rows), indent="    "))
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------------
+# verify
+# ------------------------------------------------------------------------------------------------------
+def verify_store(path: str, *, samples: int = 256, device: str = "cpu", block_rows: int = 4096, progress: bool = False) -> dict[str, Any]:
+    """Per layer: the stored certificate and the dual-vs-weights error on sampled training keys and on the
+    recorded queries, against :func:`lightning_dualform.certificate.tolerance`. Outputs are accumulated in
+    float64, so the check measures the store and not its own round-off."""
+    import torch
+
+    from lightning_dualform.certificate import tolerance
+    from lightning_dualform.inference import DualInference
+
+    with DualInference(path, device=device, block_rows=block_rows, accumulate=torch.float64, progress=progress) as di:
+        s = di.store
+        tol = tolerance(s.row_dtype, str(s.attrs.get("precision", "32-true")))
+        sampled = di.verify(n_samples=samples)
+        recorded: dict[str, float] = {}
+        for split in s.query_splits:
+            qs = s.queries(split)
+            qk = {n: qs.layer_rows(n)["keys"][: max(samples, 1)] for n in qs.layers if n in di.layers}
+            qk = {n: k for n, k in qk.items() if len(k)}
+            if qk:
+                for n, e in di.verify(queries={n: torch.from_numpy(k) for n, k in qk.items()}).items():
+                    recorded[n] = max(recorded.get(n, 0.0), e)
+        layers = []
+        for name in di.layers:
+            lay = di.layer(name)
+            cert = lay.attrs.get("certificate_rel_err")
+            errs = [e for e in (sampled.get(name), recorded.get(name), cert) if e is not None]
+            worst = max(errs) if errs else None
+            ok = worst is not None and worst <= tol and lay.exact and s.optimizer_exact
+            layers.append({"layer": name, "rows": lay.n_rows, "certificate": cert, "sampled": sampled.get(name),
+                           "queries": recorded.get(name), "worst": worst, "ok": bool(ok),
+                           "note": "" if (lay.exact and s.optimizer_exact) else (lay.inexact_reason or "recorded with exact=False")})
+    return {"path": path, "tolerance": tol, "row_dtype": s.row_dtype, "ok": all(r["ok"] for r in layers), "layers": layers}
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    _check_store_path(args.store)
+    _check_output(args.json, "--json")
+    _positive(args.samples, "--samples")
+    _positive(args.block_rows, "--block-rows")
+    v = verify_store(args.store, samples=args.samples, device=args.device, block_rows=args.block_rows, progress=_progress(args))
+
+    def e(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2e}"
+
+    rows = [[r["layer"], r["rows"], e(r["certificate"]), e(r["sampled"]), e(r["queries"]),
+             ("ok" if r["ok"] else "FAIL") + (f" ({r['note']})" if r["note"] else "")] for r in v["layers"]]
+    print(f"{v['path']}: dual form against the trained weights, tolerance {v['tolerance']:.0e} ({v['row_dtype']} rows)")
+    print(table(["layer", "rows", "certificate", "training keys", "recorded queries", "verdict"], rows))
+    print("exact" if v["ok"] else "NOT exact: at least one layer is beyond the tolerance")
+    if args.json:
+        _write_json(args.json, v)
+    return 0 if v["ok"] else 1
+
+
+# ------------------------------------------------------------------------------------------------------
+# demo
+# ------------------------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lightning_dualform.demo import DEMO_LR, run_demo
+
+    _positive(args.epochs, "--epochs")
+    if args.limit is not None and args.limit < 10:
+        raise UsageError(f"--limit {args.limit}: expected at least 10 digits.")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out}: is a file; pass a folder.")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(args.out) and (not os.path.isdir(parent) or not os.access(parent, os.W_OK)):
+        raise UsageError(f"--out {args.out}: cannot create this folder here; choose another path.")
+    if os.path.isdir(args.out) and not os.access(args.out, os.W_OK):
+        raise UsageError(f"--out {args.out}: the folder is not writable; choose another one.")
+    if not args.no_plot:
+        from lightning_dualform.plots import require_matplotlib
+
+        require_matplotlib()
+
+    def echo(msg: str) -> None:
+        _note(args, msg)
+
+    s = run_demo(args.out, epochs=args.epochs, limit=args.limit, lr=args.lr or DEMO_LR, seed=args.seed,
+                 quiet=args.quiet, progress=_progress(args), plot=not args.no_plot, echo=echo)
+    cert = s["certificate"]
+    worst = max((c["rel_err"] for c in cert.values()), default=float("nan"))
+    exact = all(c["exact"] for c in cert.values())
+    print(f"demo finished in {s['seconds']:.0f} s (training {s['fit_seconds']:.0f} s)")
+    print(f"  data       {s['train_examples']} training / {s['test_examples']} test MNIST digits, {s['epochs']} epoch(s), "
+          f"SGD lr {s['lr']:g} momentum 0.9, clipping 1.0, batch 128")
+    print(f"  accuracy   {100 * s['accuracy']:.1f}% on the test digits")
+    print(f"  store      {s['store']} ({_human_bytes(s['store_bytes'])})")
+    print(f"  exactness  {'exact' if exact else 'NOT exact'}: rebuilt weights within {worst:.1e} relative "
+          "(" + ", ".join(f"{k} {c['rel_err']:.1e}" for k, c in cert.items()) + ")")
+    if "plot" in s:
+        print(f"  picture    {s['plot']} (test digits {', '.join(str(i) for i in s['queries']['index'])})")
+    print(f"next: {PROG} info {s['store']}")
+    print(f"      {PROG} attend {s['store']} --split test --top-k 5 --plot top.png --json top.json")
+    print(f"      {PROG} verify {s['store']}")
+    return 0
