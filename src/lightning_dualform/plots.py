@@ -1,0 +1,271 @@
+"""Pictures of an attention answer: the query, the training patterns it attends to, and where the mass lies.
+
+One row per query and layer: the query image (once per query), the top-k training images with their
+score, label and epoch, the attention mass per class as bars, and the attention mass over training steps
+(the "spotlights": which moments of training the layer's output draws on). Data that is not an image gets
+the same layout with text cards instead of thumbnails.
+
+Matplotlib is an optional extra (``pip install 'lightning-dualform[plot]'``); drawing uses the Agg canvas
+directly, so no global backend is changed.
+
+Example::
+
+    from lightning_dualform.cli import attend_queries
+    with DualInference("demo/mnist.h5") as di:
+        run = attend_queries(di, split="test", positions=[0, 1], top_k=5)
+        plot_attention(run, di.store, "top.png")
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+_INSTALL = "pip install 'lightning-dualform[plot]'"
+MAX_QUERIES = 8
+_POS = "#2a7ab0"  # bars: attention toward a class
+_NEG = "#c0504d"
+_HIGHLIGHT = "#e69f00"  # the predicted class
+_MATCH = "#3a9a4a"  # thumbnail frame: same label as the prediction
+_OTHER = "#bbbbbb"
+
+
+def require_matplotlib() -> Any:
+    """Import matplotlib or say how to install it.
+
+    Raises:
+        ImportError: matplotlib is not installed; the message gives the pip command.
+    """
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError(f"pictures need matplotlib, an optional extra: `{_INSTALL}`.") from err
+    return matplotlib
+
+
+def as_image(x: np.ndarray) -> np.ndarray | None:
+    """A raw input as something ``imshow`` takes, or None when it is not an image.
+
+    ``(H, W)``, ``(1|3, H, W)``, ``(H, W, 3)`` are images; a flat vector whose length is a square
+    ``>= 64`` (784 = 28 x 28) is reshaped to a square.
+    """
+    a = np.asarray(x, dtype=np.float32)
+    if a.ndim == 1:
+        side = int(math.isqrt(a.size))
+        if a.size >= 64 and side * side == a.size:
+            return a.reshape(side, side)
+        return None
+    if a.ndim == 2:
+        return a
+    if a.ndim == 3 and a.shape[0] in (1, 3):
+        a = a[0] if a.shape[0] == 1 else np.moveaxis(a, 0, -1)
+        return a
+    if a.ndim == 3 and a.shape[-1] == 3:
+        return a
+    return None
+
+
+def _ranking(res: Any, r: int, by: str) -> list[dict[str, Any]]:
+    if by == "example":
+        t = res.top_examples
+        if t is None:
+            return []
+        return [{"index": int(t.index[r, i]), "label": int(t.label[r, i]), "score": float(t.score[r, i]),
+                 "sub": f"{int(t.rows[r, i])} rows"} for i in range(t.index.shape[1]) if int(t.index[r, i]) >= 0]
+    t = res.top
+    if t is None:
+        return []
+    return [{"index": int(t.index[r, i]), "label": int(t.label[r, i]), "score": float(t.score[r, i]),
+             "sub": f"ep {int(t.epoch[r, i])}"} for i in range(t.row.shape[1]) if int(t.row[r, i]) >= 0]
+
+
+def _name(label: int, class_names: Sequence[str] | None) -> str:
+    if label < 0:
+        return "?"
+    if class_names is not None and label < len(class_names):
+        return str(class_names[label])
+    return str(label)
+
+
+def _epoch_starts(store: Any) -> list[int]:
+    steps = np.asarray(getattr(store, "update_steps", []))
+    epochs = np.asarray(getattr(store, "update_epochs", []))
+    if len(steps) < 2:
+        return []
+    return [int(s) for s in steps[1:][np.diff(epochs) != 0]]
+
+
+def plot_attention(
+    run: Any,
+    store: Any,
+    path: str | os.PathLike,
+    *,
+    by: str = "pattern",
+    class_names: Sequence[str] | None = None,
+    max_queries: int = MAX_QUERIES,
+    dpi: int = 110,
+) -> str:
+    """Draw an :class:`~lightning_dualform.cli.AttendRun` into ``path`` (.png, .pdf or .svg).
+
+    Args:
+        run: queries and results, from :func:`lightning_dualform.cli.attend_queries`.
+        store: the :class:`~lightning_dualform.StoreReader` the results came from (thumbnails, epochs).
+        path: the output file.
+        by: ``"pattern"`` (single training rows, with their epoch) or ``"example"`` (epochs summed).
+        class_names: names of the labels (default: the numbers).
+        max_queries: draw at most this many queries.
+        dpi: resolution of a PNG.
+
+    Returns:
+        ``path`` as a string.
+
+    Raises:
+        ImportError: matplotlib is missing.
+        ValueError: ``by`` is not ``"pattern"`` or ``"example"``.
+    """
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    if by not in ("pattern", "example"):
+        raise ValueError(f"`plot_attention(by={by!r})`: expected 'pattern' or 'example'.")
+    path = os.fspath(path)
+    layers = list(run.results)
+    n_q = min(len(run.index), max_queries)
+    k = max([len(_ranking(run.results[n], 0, by)) for n in layers] + [1])
+    # the first result row of each (query, layer)
+    first_row = {n: {int(e): int(np.flatnonzero(run.rows[n]["example"] == e)[0]) for e in np.unique(run.rows[n]["example"])}
+                 for n in layers}
+    # thumbnails: one read of every index shown
+    shown = sorted({it["index"] for n in layers for j in range(n_q) if j in first_row[n]
+                    for it in _ranking(run.results[n], first_row[n][j], by)})
+    raw = store.train_inputs(np.array(shown, dtype=np.int64)) if shown else None
+    thumbs = {i: raw[p] for p, i in enumerate(shown)} if raw is not None else {}
+    images = bool(thumbs) and as_image(next(iter(thumbs.values()))) is not None
+    epoch_starts = _epoch_starts(store)
+
+    n_rows = n_q * len(layers)
+    thumb_w = 1.25
+    height = 1.55 * n_rows + 1.0
+    fig = Figure(figsize=(thumb_w * (1.6 + k) + 6.4, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    # columns: query, spacer (layer names), k thumbnails, spacer, class bars, spotlights
+    gs = fig.add_gridspec(
+        n_rows, 2 + k + 3, width_ratios=[1.15, 0.55] + [1] * k + [0.25, 2.2, 2.6],
+        left=0.015, right=0.985, top=1 - 0.75 / height, bottom=0.4 / height, hspace=0.85, wspace=0.25,
+    )
+    what = "training patterns (one per presentation)" if by == "pattern" else "training examples (epochs summed)"
+    at = next(iter(run.results.values())).at_step if run.results else 0
+    fig.suptitle(f"Top-{k} {what} each layer attends to, after {at} optimizer steps", fontsize=12, fontweight="bold",
+                 y=1 - 0.12 / height, va="top")
+
+    for j in range(n_q):
+        r0 = j * len(layers)
+        label, pred = int(run.label[j]), int(run.prediction[j])
+        # the query
+        ax = fig.add_subplot(gs[r0:r0 + len(layers), 0])
+        ax.set_xticks([])
+        ax.set_yticks([])
+        img = as_image(run.inputs[j]) if run.inputs is not None else None
+        title = f"test #{int(run.index[j])}" if run.source.startswith("split:") else f"query {j}"
+        if run.source.startswith("split:"):
+            title = f"{run.source[6:]} #{int(run.index[j])}"
+        sub = []
+        if label >= 0:
+            sub.append(f"label {_name(label, class_names)}")
+        if pred >= 0:
+            sub.append(f"pred {_name(pred, class_names)}" + (" ✗" if label >= 0 and label != pred else ""))
+        if img is not None:
+            ax.imshow(img, cmap="gray_r" if img.ndim == 2 else None, interpolation="nearest")
+            ax.set_anchor("N")
+        else:
+            ax.set_facecolor("#f4f4f4")
+            ax.text(0.5, 0.5, "query", ha="center", va="center", fontsize=10, transform=ax.transAxes)
+        ax.set_title(title + "\n" + ", ".join(sub), fontsize=9.5, fontweight="bold",
+                     color=_NEG if (label >= 0 and pred >= 0 and label != pred) else "black")
+        for spine in ax.spines.values():
+            spine.set_edgecolor("#444444")
+        for li, name in enumerate(layers):
+            row = r0 + li
+            res = run.results[name]
+            rr = first_row[name].get(j)
+            items = _ranking(res, rr, by) if rr is not None else []
+            for c in range(k):
+                ax = fig.add_subplot(gs[row, 2 + c])
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c == 0:
+                    ax.set_ylabel(name, fontsize=10, fontweight="bold", rotation=0, ha="right", va="center", labelpad=6)
+                if c >= len(items):
+                    ax.set_axis_off()
+                    continue
+                it = items[c]
+                x = thumbs.get(it["index"])
+                match = pred >= 0 and it["label"] == pred
+                if images and x is not None and not np.isnan(np.asarray(x, dtype=np.float32)).all():
+                    ax.imshow(as_image(x), cmap="gray_r", interpolation="nearest")
+                else:
+                    ax.set_facecolor("#f6f6f6")
+                    ax.text(0.5, 0.5, f"#{it['index']}\nlabel {_name(it['label'], class_names)}", ha="center", va="center",
+                            fontsize=8.5, transform=ax.transAxes)
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(_MATCH if match else _OTHER)
+                    spine.set_linewidth(2.2 if match else 1.0)
+                ax.set_title(f"{it['score']:+.3g}\n{_name(it['label'], class_names)} · {it['sub']}", fontsize=8, pad=2,
+                             color=_MATCH if match else "#333333")
+            # attention mass per class
+            ax = fig.add_subplot(gs[row, 2 + k + 1])
+            m = res.mass.get("label") if rr is not None else None
+            if m is not None:
+                keys = m.keys.numpy()
+                signed = m.signed[rr].double().numpy()
+                total = float(m.absolute[rr].sum()) or 1.0
+                keep = keys >= 0 if (keys >= 0).any() else np.ones_like(keys, dtype=bool)
+                share = 100 * signed[keep] / total
+                colors = [_HIGHLIGHT if int(kk) == pred else (_POS if v >= 0 else _NEG) for kk, v in zip(keys[keep], share)]
+                ax.bar(np.arange(keep.sum()), share, color=colors, width=0.75)
+                ax.set_xticks(np.arange(keep.sum()))
+                ax.set_xticklabels([_name(int(kk), class_names) if int(kk) >= 0 else "none" for kk in keys[keep]], fontsize=7.5,
+                                   rotation=0 if len(keys[keep]) <= 12 and (class_names is None or max(len(str(n)) for n in class_names) <= 2) else 60)
+                ax.axhline(0, color="#666666", lw=0.6)
+                ax.tick_params(axis="y", labelsize=7)
+                if li == 0:
+                    ax.set_title("mass per class, % of |mass|", fontsize=8.5, pad=3)
+                for side in ("top", "right"):
+                    ax.spines[side].set_visible(False)
+            else:
+                ax.set_axis_off()
+            # spotlights: attention mass over training steps
+            ax = fig.add_subplot(gs[row, 2 + k + 2])
+            m = res.mass.get("step") if rr is not None else None
+            if m is not None and m.edges is not None:
+                edges = np.asarray(m.edges, dtype=np.float64)
+                signed = m.signed[rr].double().numpy()
+                total = float(m.absolute[rr].sum()) or 1.0
+                share = 100 * signed / total
+                widths = np.diff(edges)
+                ax.bar(edges[:-1], share, width=widths * 0.92, align="edge",
+                       color=[_POS if v >= 0 else _NEG for v in share])
+                for s in epoch_starts:
+                    if edges[0] < s < edges[-1]:
+                        ax.axvline(s, color="#888888", lw=0.8, ls="--")
+                ax.axhline(0, color="#666666", lw=0.6)
+                ax.set_xlim(edges[0], edges[-1])
+                ax.tick_params(labelsize=7)
+                ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+                if li == 0:
+                    ax.set_title("spotlights: mass over steps (- - epochs)", fontsize=8.5, pad=3)
+                if li == len(layers) - 1:
+                    ax.set_xlabel("optimizer step", fontsize=7.5, labelpad=1)
+                for side in ("top", "right"):
+                    ax.spines[side].set_visible(False)
+            else:
+                ax.set_axis_off()
+    if len(run.index) > n_q:
+        fig.text(0.5, 0.002, f"{len(run.index) - n_q} more queries are in the table and the JSON", ha="center", fontsize=8)
+    fig.savefig(path, dpi=dpi)
+    return path
