@@ -1,0 +1,242 @@
+"""The `lightning-dualform` command: every subcommand in-process on small stores, the demo, pictures,
+the JSON against DualInference, and one-line errors with exit code 2 for a user's mistakes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from helpers import TRAINER_KW, MLP, IndexedDataset
+from lightning_dualform import DualFormCallback, DualInference, StoreReader
+from lightning_dualform.cli import main
+
+
+class Classifier(MLP):
+    def test_step(self, batch, batch_idx):
+        return self(batch[0])
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A 6-8-3 classifier's store with recorded test queries (non-image inputs)."""
+    path = str(tmp_path_factory.mktemp("cli") / "small.h5")
+    model = Classifier()
+    cb = DualFormCallback(path, record_queries=("test",))
+    trainer = L.Trainer(max_epochs=2, callbacks=[cb], **TRAINER_KW)
+    trainer.fit(model, torch.utils.data.DataLoader(IndexedDataset(n=64, seed=0), batch_size=16, shuffle=True))
+    trainer.test(model, torch.utils.data.DataLoader(IndexedDataset(n=20, seed=1), batch_size=8), verbose=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo on 300 digits for one epoch: its output folder and what it printed."""
+    out = str(tmp_path_factory.mktemp("demo"))
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = main(["demo", "--out", out, "--epochs", "1", "--limit", "300", "--quiet"])
+    return out, rc, buf.getvalue()
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def assert_png(path):
+    import matplotlib.image
+
+    with open(path, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+# -- help, version -------------------------------------------------------------------------------------
+def test_module_help_in_a_subprocess():
+    res = subprocess.run([sys.executable, "-m", "lightning_dualform", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    for cmd in ("info", "attend", "verify", "demo"):
+        assert cmd in res.stdout
+
+
+def test_version_and_subcommand_help_show_defaults(capsys):
+    from lightning_dualform import __version__
+
+    rc, out, _ = run(capsys, "--version")
+    assert rc == 0 and __version__ in out
+    rc, out, _ = run(capsys, "attend", "--help")
+    assert rc == 0 and "(default: 5)" in " ".join(out.split()) and "--contribution-to" in out
+
+
+# -- info ----------------------------------------------------------------------------------------------
+def test_info(small, capsys, tmp_path):
+    rc, out, err = run(capsys, "info", small, "--json", tmp_path / "info.json")
+    assert rc == 0, err
+    assert "net.0" in out and "6 -> 8" in out and "net.2" in out and "8 -> 3" in out
+    assert "SGD" in out and "lr=0.1" in out and "exact" in out and "test" in out
+    facts = json.loads((tmp_path / "info.json").read_text())
+    with StoreReader(small) as s:
+        assert [l["rows"] for l in facts["layers"]] == [s.layer(n).n_rows for n in s.layers]
+        assert facts["steps"]["recorded"] == s.n_steps
+        assert facts["queries"][0]["n"] == 20
+
+
+# -- attend --------------------------------------------------------------------------------------------
+def test_attend_json_matches_dual_inference(small, capsys, tmp_path):
+    out_json = tmp_path / "a.json"
+    rc, out, err = run(capsys, "attend", small, "--split", "test", "--index", "3,5", "--top-k", "3", "--json", out_json)
+    assert rc == 0, err
+    assert "query test[3]" in out and "proponents of output unit" in out
+    got = json.loads(out_json.read_text())
+    assert got["queries"]["index"] == [3, 5]
+    with DualInference(small, device="cpu") as di:
+        qs = di.store.queries("test")
+        pos = [int(np.flatnonzero(qs.index == i)[0]) for i in (3, 5)]
+        for name in di.layers:
+            rows = qs.layer_rows(name)
+            keys = np.concatenate([rows["keys"][rows["example"] == p] for p in pos])
+            contrib = "pred" if name == di.layers[-1] else None
+            want = di.attend(name, keys, top_k=3, contribution_to=contrib, step_buckets=20).to_dict()
+            _assert_same(got["layers"][name], want)
+
+
+def _assert_same(a, b, path="result"):
+    if isinstance(b, dict):
+        assert set(a) == set(b), path
+        for k in b:
+            _assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(b, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9), path
+    else:
+        assert a == b, path
+
+
+@pytest.mark.parametrize("ext", ["npy", "pt"])
+def test_attend_queries_from_a_file(small, capsys, tmp_path, ext):
+    q = np.random.default_rng(0).normal(size=(2, 6)).astype(np.float32)
+    f = tmp_path / f"q.{ext}"
+    np.save(f, q) if ext == "npy" else torch.save(torch.from_numpy(q), f)
+    out_json = tmp_path / "q.json"
+    rc, out, err = run(capsys, "attend", small, "--queries", f, "--top-k", "2", "--contribution-to", "none", "--json", out_json)
+    assert rc == 0, err
+    got = json.loads(out_json.read_text())
+    assert list(got["layers"]) == ["net.0"]  # the only layer of width 6
+    with DualInference(small, device="cpu") as di:
+        _assert_same(got["layers"]["net.0"], di.attend("net.0", q, top_k=2, step_buckets=20).to_dict())
+
+
+def test_attend_by_example_at_step_and_label(small, capsys):
+    rc, out, err = run(capsys, "attend", small, "--index", "0", "--by", "example", "--at-step", "2",
+                       "--contribution-to", "label", "--layer", "net.2")
+    assert rc == 0, err
+    assert "after 2 optimizer steps" in out and "rows" in out and "net.0" not in out
+
+
+def test_attend_plot_non_image(small, capsys, tmp_path):
+    png = tmp_path / "small.png"
+    rc, _, err = run(capsys, "--quiet", "attend", small, "--index", "0:3", "--top-k", "3", "--plot", png)
+    assert rc == 0, err
+    assert_png(png)
+
+
+# -- verify --------------------------------------------------------------------------------------------
+def test_verify_ok_and_beyond_tolerance(small, capsys, tmp_path):
+    rc, out, err = run(capsys, "verify", small, "--json", tmp_path / "v.json")
+    assert rc == 0, err
+    assert "exact" in out and "net.2" in out
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert v["ok"] and v["tolerance"] == 1e-4 and all(l["worst"] < 1e-5 for l in v["layers"])
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(open(small, "rb").read())
+    with h5py.File(broken, "r+") as f:
+        f["layers/net.2/weight_final"][0, 0] += 1.0  # the trained weights no longer match the memory
+    rc, out, err = run(capsys, "verify", broken)
+    assert rc == 1 and "FAIL" in out and "NOT exact" in out
+
+
+# -- demo ----------------------------------------------------------------------------------------------
+def test_demo_writes_store_picture_and_summary(demo, capsys):
+    out, rc, printed = demo
+    assert rc == 0
+    for name in ("mnist.h5", "attend.png", "summary.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert_png(os.path.join(out, "attend.png"))
+    s = json.loads(open(os.path.join(out, "summary.json")).read())
+    assert s["train_examples"] == 240 and s["test_examples"] == 60 and s["epochs"] == 1
+    assert all(c["exact"] for c in s["certificate"].values())
+    assert "accuracy" in printed and "exact" in printed and "MB" in printed
+    store = os.path.join(out, "mnist.h5")
+    rc, text, err = run(capsys, "info", store)
+    assert rc == 0 and "784 -> 800" in text and "60" in text
+    png = os.path.join(out, "top.png")
+    rc, text, err = run(capsys, "attend", store, "--top-k", "3", "--plot", png, "--by", "example")
+    assert rc == 0, err
+    assert_png(png)
+    rc, text, err = run(capsys, "verify", store, "--samples", "32")
+    assert rc == 0, err
+
+
+# -- a user's mistakes ----------------------------------------------------------------------------------
+def _bad_inputs(small, tmp):
+    text = tmp / "notes.txt"
+    text.write_text("not a store\n")
+    wide = tmp / "wide.npy"
+    np.save(wide, np.zeros((2, 5), np.float32))
+    pickled = tmp / "pickled.npy"
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return {
+        "missing file": ["info", tmp / "nope.h5"],
+        "not a store": ["info", text],
+        "not a store (attend)": ["attend", text],
+        "unknown layer": ["attend", small, "--layer", "fc9"],
+        "bad index": ["attend", small, "--index", "999"],
+        "bad index syntax": ["attend", small, "--index", "three"],
+        "unknown split": ["attend", small, "--split", "validate"],
+        "wrong query width": ["attend", small, "--queries", wide],
+        "wrong query width for a layer": ["attend", small, "--queries", wide, "--layer", "net.2"],
+        "pickled queries": ["attend", small, "--queries", pickled],
+        "queries file missing": ["attend", small, "--queries", tmp / "q.npy"],
+        "unwritable json": ["attend", small, "--json", tmp / "no" / "such" / "dir.json"],
+        "unwritable plot": ["attend", small, "--plot", tmp / "missing" / "x.png"],
+        "plot suffix": ["attend", small, "--plot", tmp / "x.gif"],
+        "top-k too large": ["attend", small, "--top-k", "100000"],
+        "bad contribution": ["attend", small, "--contribution-to", "biggest"],
+        "unit out of range": ["attend", small, "--contribution-to", "7"],
+        "bad at-step": ["attend", small, "--at-step", "9999"],
+        "bad choice": ["attend", small, "--by", "row"],
+        "no command": [],
+        "verify missing": ["verify", tmp / "nope.h5"],
+        "demo out is a file": ["demo", "--out", text],
+        "demo epochs": ["demo", "--epochs", "0"],
+    }
+
+
+def test_bad_inputs_give_exit_2_and_one_line(small, capsys, tmp_path):
+    for what, argv in _bad_inputs(small, tmp_path).items():
+        rc, out, err = run(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert rc == 2, (what, rc, err)
+        assert len(lines) == 1 and lines[0].startswith("lightning-dualform: error: "), (what, err)
+        assert "Traceback" not in err, what
+
+
+def test_debug_shows_the_traceback(small, capsys):
+    rc, out, err = run(capsys, "attend", small, "--layer", "fc9", "--debug")
+    assert rc == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("lightning-dualform: error:")
