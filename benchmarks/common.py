@@ -72,7 +72,10 @@ def machine() -> dict[str, Any]:
     import h5py
     import lightning
 
+    import lightning_dualform
+
     return {
+        "lightning_dualform": lightning_dualform.__version__, "library_path": os.path.dirname(lightning_dualform.__file__),
         "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "lightning": lightning.__version__, "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version,
         "python": platform.python_version(), "loadavg_at_start": [round(x, 2) for x in load], "commit": commit,
