@@ -1,0 +1,180 @@
+"""Every example runs end to end with a tiny setting and writes its figures and tables."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+TINY = ["--max-steps", "3", "--queries", "6", "--quiet"]
+
+
+def example(name: str):
+    """Import ``examples/<name>.py`` as a module (its folder on sys.path, as when run as a script)."""
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
+    spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _outputs(out, names):
+    for n in names:
+        path = os.path.join(out, n)
+        assert os.path.isfile(path) and os.path.getsize(path) > 0, f"{n} was not written"
+
+
+CLASSIFIER_OUTPUTS = ["votes.md", "topk.png", "score_curves.png", "top_steps.png", "class_mass.png", "summary.json"]
+
+
+@pytest.mark.parametrize("name", ["mnist_mlp", "cifar10", "multitask", "continual", "char_lm"])
+def test_help(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        example(name).main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "--out" in text and "--max-steps" in text and "(default:" in text
+
+
+def test_script_runs_as_a_script():
+    res = subprocess.run([sys.executable, os.path.join(EXAMPLES, "mnist_mlp.py"), "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "--data-dir" in res.stdout
+
+
+def test_mnist_mlp_embedded(tmp_path):
+    out = str(tmp_path / "m")
+    assert example("mnist_mlp").main([*TINY, "--hidden", "16", "--out", out]) == 0
+    _outputs(out, CLASSIFIER_OUTPUTS)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["steps"] == 3 and summary["queries"] == 6
+    assert all(v < 1e-4 for v in summary["certificate"].values())
+    assert "| net.1 |" in open(os.path.join(out, "votes.md")).read()
+
+
+def _idx(path: str, arr: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wb") as fh:
+        fh.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_mnist_mlp_reads_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "idx"
+    d.mkdir()
+    _idx(str(d / "train-images-idx3-ubyte.gz"), rng.integers(0, 256, (64, 28, 28)))
+    _idx(str(d / "train-labels-idx1-ubyte.gz"), rng.integers(0, 10, 64))
+    _idx(str(d / "t10k-images-idx3-ubyte"), rng.integers(0, 256, (16, 28, 28)))
+    _idx(str(d / "t10k-labels-idx1-ubyte"), rng.integers(0, 10, 16))
+    mod = example("mnist_mlp")
+    x, y, tx, ty = mod.load_idx_dir(str(d))
+    assert x.shape == (64, 28, 28) and y.shape == (64,) and tx.shape == (16, 28, 28)
+    out = str(tmp_path / "o")
+    assert mod.main([*TINY, "--hidden", "8", "--batch-size", "16", "--data-dir", str(d), "--out", out]) == 0
+    assert json.load(open(os.path.join(out, "summary.json")))["train_examples"] == 64
+    # a truncated file and a missing one are clean errors
+    with open(d / "t10k-labels-idx1-ubyte", "r+b") as fh:
+        fh.truncate(12)
+    with pytest.raises(ValueError, match="truncated"):
+        mod.read_idx(str(d / "t10k-labels-idx1-ubyte"))
+    os.remove(d / "t10k-labels-idx1-ubyte")
+    assert mod.main([*TINY, "--data-dir", str(d), "--out", out]) == 2
+
+
+def _fake_cifar(d, n: int = 24, protocol: int = 2) -> None:
+    """The standard python batches, tiny: dicts of bytes keys, a uint8 (n, 3072) array and a label list."""
+    rng = np.random.default_rng(0)
+    os.makedirs(d, exist_ok=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"batch_label": name.encode(), b"labels": rng.integers(0, 10, n).tolist(),
+                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"filenames": [b"x.png"] * n}
+        with open(os.path.join(d, name), "wb") as fh:
+            pickle.dump(batch, fh, protocol=protocol)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_cifar10_on_a_fake_directory(tmp_path, model):
+    d = str(tmp_path / "cifar-10-batches-py")
+    _fake_cifar(d, protocol=2 if model == "mlp" else pickle.HIGHEST_PROTOCOL)
+    out = str(tmp_path / "o")
+    args = [*TINY, "--model", model, "--hidden", "16", "--channels", "2", "--batch-size", "16", "--data-dir", d, "--out", out]
+    assert example("cifar10").main(args) == 0
+    _outputs(out, CLASSIFIER_OUTPUTS)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["train_examples"] == 5 * 24 and summary["model"] == model
+    assert summary["analysed_layers"][-1] == ("net.5" if model == "mlp" else "net.5")
+    assert all(v < 1e-4 for v in summary["certificate"].values())
+
+
+def test_cifar10_missing_files_and_hostile_pickles(tmp_path, capsys):
+    mod = example("cifar10")
+    assert mod.main(["--out", str(tmp_path / "o")]) == 2
+    assert "not embedded" in capsys.readouterr().err
+    d = tmp_path / "c"
+    _fake_cifar(str(d), n=4)
+    os.remove(d / "test_batch")
+    assert mod.main(["--data-dir", str(d), "--out", str(tmp_path / "o")]) == 2
+    assert "test_batch" in capsys.readouterr().err
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    with open(d / "evil", "wb") as fh:
+        pickle.dump({b"data": Boom()}, fh)
+    with pytest.raises(ValueError, match="refusing to load"):
+        mod.load_batch(str(d / "evil"))
+    assert not (tmp_path / "pwned").exists()
+    with open(d / "wrong", "wb") as fh:
+        pickle.dump({b"data": np.zeros((2, 5), np.uint8), b"labels": [0, 1]}, fh)
+    with pytest.raises(ValueError, match="3072"):
+        mod.load_batch(str(d / "wrong"))
+
+
+def test_multitask(tmp_path):
+    out = str(tmp_path / "mt")
+    assert example("multitask").main([*TINY, "--hidden", "16", "--limit", "256", "--out", out]) == 0
+    _outputs(out, [*CLASSIFIER_OUTPUTS, "task_mass.png"])
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    for share in summary["task_share"].values():
+        assert sum(share) == pytest.approx(1.0)
+    assert "## Attention per task" in open(os.path.join(out, "votes.md")).read()
+
+
+def test_continual(tmp_path):
+    out = str(tmp_path / "cl")
+    assert example("continual").main(["--max-steps", "4", "--switch-step", "2", "--queries", "6", "--quiet", "--hidden", "16",
+                                      "--buckets", "4", "--out", out]) == 0
+    _outputs(out, [*CLASSIFIER_OUTPUTS, "task_mass.png", "mass_over_steps.png"])
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["switch_step"] == 2 and 0 <= summary["mnist_accuracy_at_switch"] <= 1
+    assert example("continual").main(["--max-steps", "4", "--switch-step", "4", "--out", out]) == 2
+
+
+def test_continual_sampler_switches_tasks():
+    mod = example("continual")
+    batches = list(mod.TaskSwitchBatches(np.arange(10), 100 + np.arange(10), 3, 2, 4, seed=0))
+    assert len(batches) == 5
+    assert all(max(b) < 10 for b in batches[:3]) and all(min(b) >= 100 for b in batches[3:])
+
+
+def test_char_lm(tmp_path):
+    out = str(tmp_path / "lm")
+    args = ["--max-steps", "3", "--queries", "2", "--quiet", "--hidden", "8", "--embed", "4", "--seq-len", "8",
+            "--max-chars", "4000", "--modules", "textwrap", "--positions", "2", "--out", out]
+    assert example("char_lm").main(args) == 0
+    _outputs(out, ["contexts.md", "votes.md", "top_steps.png", "summary.json"])
+    text = open(os.path.join(out, "contexts.md")).read()
+    assert "cell.proj:" in text and "head:" in text and "(step " in text
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert "cell.proj" in summary["layers"] and all(v < 1e-4 for v in summary["certificate"].values())
