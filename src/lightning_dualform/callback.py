@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections import deque
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
@@ -24,13 +22,23 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_dualform import __version__
+from lightning_dualform.batches import (
+    BatchInfo,
+    IndexRecorder,
+    batch_inputs,
+    batch_labels,
+    batch_size,
+    duplicates,
+    row_metadata,
+    unwrap_dataloader,
+    wrap_dataloader,
+)
 from lightning_dualform.capture import (
     CallRows,
     LayerCapture,
     find_layers,
     layer_kind,
     layer_shape,
-    one_hot_keys,
     project_keys,
     weight_matrix,
 )
@@ -38,12 +46,11 @@ from lightning_dualform.certificate import certify_store
 from lightning_dualform.errors import DiskSpaceError, InexactError
 from lightning_dualform.optim import ParamUpdate
 from lightning_dualform.planner import Plan, estimate, free_bytes
+from lightning_dualform.queries import QueryRecorder
 from lightning_dualform.store import (
     ROW_DTYPES,
     LayerSpec,
-    QueryWriter,
     StepRows,
-    StoreReader,
     StoreWriter,
     compression_kwargs,
     settings_of,
@@ -53,9 +60,7 @@ from lightning_dualform.writer import AsyncWriter
 
 log = logging.getLogger(__name__)
 
-_QUERY_STAGES = {"test": "test", "validate": "validation", "predict": "predict"}
-_INPUT_KEYS = ("x", "input", "inputs", "image", "images")
-_LABEL_KEYS = ("label", "labels", "y", "target", "targets")
+_QUERY_STAGES = ("test", "validate", "predict")
 
 
 def rank_path(path: str, rank: int, world_size: int) -> str:
@@ -64,69 +69,6 @@ def rank_path(path: str, rank: int, world_size: int) -> str:
         return path
     root, ext = os.path.splitext(path)
     return f"{root}.rank{rank}{ext or '.h5'}"
-
-
-class _IndexRecorder:
-    """Wraps a DataLoader's (batch) sampler and remembers the indices it yields, in order.
-
-    The DataLoader may fetch ahead (workers, Lightning's prefetch), so indices wait in a FIFO until the
-    training step that consumes their batch pops them. A new ``iter()`` (a new epoch) starts afresh.
-    """
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.fifo: deque = deque()
-
-    def __iter__(self):
-        self.fifo = fifo = deque()
-        return self._gen(fifo)
-
-    def _gen(self, fifo: deque):
-        for item in self._inner:
-            fifo.append(item)
-            yield item
-
-    def __len__(self) -> int:
-        return len(self._inner)
-
-    def __getattr__(self, name: str) -> Any:  # batch_size, drop_last, sampler ... of the wrapped one
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._inner, name)
-
-
-def _wrap_dataloader(dl: Any) -> _IndexRecorder | None:
-    """Install an index recorder on a torch DataLoader; None when it has no sampler to record.
-
-    :func:`_unwrap_dataloader` puts the original back (the loader may be the user's own object).
-    """
-    if not isinstance(dl, torch.utils.data.DataLoader):
-        return None
-    if isinstance(dl.dataset, torch.utils.data.IterableDataset):
-        return None
-    attr = "batch_sampler" if dl.batch_sampler is not None else "sampler"
-    current = getattr(dl, attr)
-    if isinstance(current, _IndexRecorder):
-        return current
-    rec = _IndexRecorder(current)
-    # DataLoader forbids setting its sampler after __init__ to stop users from mixing iterators; we only
-    # observe what the original sampler yields.
-    object.__setattr__(dl, attr, rec)
-    return rec
-
-
-def _unwrap_dataloader(dl: Any) -> None:
-    for attr in ("batch_sampler", "sampler"):
-        current = getattr(dl, attr, None)
-        if isinstance(current, _IndexRecorder):
-            object.__setattr__(dl, attr, current._inner)
-
-
-@dataclass
-class _BatchInfo:
-    size: int | None
-    indices: torch.Tensor | None  # (B,)
-    labels: torch.Tensor | None  # (B,) or (B, ...)
 
 
 class DualFormCallback(Callback):
@@ -163,6 +105,9 @@ class DualFormCallback(Callback):
         input_key: key (dict batch) or position (tuple batch) of the raw input; default: ``"x"``,
             ``"input"``, ``"inputs"``, ``"image"``, ``"images"``, or the first element of a tuple batch.
         commit_seconds: the writer makes rows durable at least this often (and at every epoch end and checkpoint).
+        check_every: the captured rows of each layer are checked against the gradient autograd accumulated in
+            its weight (a cheap random projection of ``W.grad = sum v k^T``) on the first 20 steps of a fit and
+            then every ``check_every`` steps; ``1`` checks every step.
         check_disk: after the first step, estimate the store's size for the whole run (printed) and refuse to
             go on when it exceeds the free space of the target disk.
 
@@ -191,12 +136,15 @@ class DualFormCallback(Callback):
         input_key: str | int | None = None,
         commit_seconds: float = 30.0,
         check_disk: bool = True,
+        check_every: int = 50,
     ) -> None:
         if dtype not in ROW_DTYPES:
             raise ValueError(f"`DualFormCallback(dtype={dtype!r})` is not supported. Expected one of {ROW_DTYPES}.")
         compression_kwargs(compression)  # validates, and checks that hdf5plugin is there when needed
         if not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise ValueError(f"`DualFormCallback(chunk_rows={chunk_rows!r})` must be a positive integer.")
+        if not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"`DualFormCallback(check_every={check_every!r})` must be a positive integer.")
         if not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"`DualFormCallback(max_queue={max_queue!r})` must be a positive integer.")
         bad_stages = [q for q in record_queries if q not in _QUERY_STAGES]
@@ -224,17 +172,20 @@ class DualFormCallback(Callback):
         self.input_key = input_key
         self.commit_seconds = commit_seconds
         self.check_disk = check_disk
+        self.check_every = check_every
+        self._steps_seen = 0
         self.plan: Plan | None = None
+        self._torch_row_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
         self.store_path: str | None = None
         self.certificate: dict[str, dict[str, float]] = {}
         self._captures: dict[str, LayerCapture] = {}
         self._writer: AsyncWriter | None = None
         self._active = False
-        self._recorders: dict[int, _IndexRecorder] = {}
+        self._recorders: dict[int, IndexRecorder] = {}
         self._wrapped: list[Any] = []
         self._orig_process_dataloader: Callable | None = None
-        self._batch: _BatchInfo | None = None
+        self._batch: BatchInfo | None = None
         self._step_rows: dict[str, list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self._param_groups: dict[str, tuple[dict | None, dict | None]] = {}
         self._probes: dict[str, torch.Tensor] = {}
@@ -247,7 +198,7 @@ class DualFormCallback(Callback):
         self._resume: dict[str, Any] | None = None
         self._committed: dict[str, Any] | None = None
         self._seen_inputs = np.zeros(0, dtype=bool)
-        self._query: _QueryRecording | None = None
+        self._query: QueryRecorder | None = None
         self._batch_input_bytes = 0
         self._dataset_size = 0
 
@@ -266,7 +217,7 @@ class DualFormCallback(Callback):
             # The last place a DataLoader passes through before Lightning iterates it (after any
             # DistributedSampler is injected): observe its sampler here.
             dataloader = original(dataloader)
-            rec = _wrap_dataloader(dataloader)
+            rec = wrap_dataloader(dataloader)
             if rec is not None:
                 self._recorders[id(dataloader)] = rec
                 self._wrapped.append(dataloader)
@@ -327,7 +278,7 @@ class DualFormCallback(Callback):
     def _open_store(self, trainer: "pl.Trainer", batch: Any) -> None:
         specs = [self._layer_spec(name, m) for name, m in self._chosen.items()]
         settings = settings_of(specs, self.dtype, self.compression)
-        raw = _batch_inputs(batch, self.input_key) if self.store_inputs else None
+        raw = batch_inputs(batch, self.input_key) if self.store_inputs else None
         resume = self._resume if (self._resume and os.path.exists(self.store_path) and not self.overwrite) else None
         if self._resume and resume is None and not self.overwrite:
             raise FileNotFoundError(
@@ -477,16 +428,16 @@ class DualFormCallback(Callback):
         indices = self._batch_indices(trainer, trainer.train_dataloader, batch)
         if self.store_inputs and indices is not None:
             self._record_inputs(batch, indices)
-        labels = self._batch_labels(batch)
-        size = len(indices) if indices is not None else (labels.shape[0] if labels is not None else _batch_size(batch))
-        self._batch = _BatchInfo(size=size, indices=indices, labels=labels)
+        labels = batch_labels(batch, self.label_key)
+        size = len(indices) if indices is not None else (labels.shape[0] if labels is not None else batch_size(batch))
+        self._batch = BatchInfo(size=size, indices=indices, labels=labels)
         for cap in self._captures.values():
             cap.calls.clear()
         self._active = True
 
     def _record_inputs(self, batch: Any, indices: torch.Tensor) -> None:
         """Queue the raw inputs of examples not stored yet (each example once, not once per epoch)."""
-        raw = _batch_inputs(batch, self.input_key)
+        raw = batch_inputs(batch, self.input_key)
         if raw is None or raw.shape[0] != len(indices):
             return
         idx = indices.numpy()
@@ -495,7 +446,7 @@ class DualFormCallback(Callback):
             grown[: len(self._seen_inputs)] = self._seen_inputs
             self._seen_inputs = grown
         new = ~self._seen_inputs[idx]
-        new &= ~_duplicates(idx)
+        new &= ~duplicates(idx)
         if not new.any():
             return
         self._seen_inputs[idx[new]] = True
@@ -517,18 +468,6 @@ class DualFormCallback(Callback):
         )
         return None
 
-    def _batch_labels(self, batch: Any) -> torch.Tensor | None:
-        cand = None
-        if isinstance(batch, dict):
-            keys = [self.label_key] if self.label_key is not None else _LABEL_KEYS
-            cand = next((batch[k] for k in keys if k in batch), None)
-        elif isinstance(batch, (list, tuple)):
-            pos = self.label_key if isinstance(self.label_key, int) else 1
-            cand = batch[pos] if len(batch) > pos else None
-        if isinstance(cand, torch.Tensor) and not cand.is_floating_point() and not cand.is_complex() and cand.dim() >= 1:
-            return cand.detach().to("cpu", torch.int64)
-        return None
-
     @override
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self._active or self._batch is None:
@@ -537,7 +476,7 @@ class DualFormCallback(Callback):
         for name, cap in self._captures.items():
             offset = 0
             for call in cap.take_completed():
-                index, position, label, per_ex = _row_metadata(call, info, offset)
+                index, position, label, per_ex = row_metadata(call, info, offset)
                 offset += per_ex
                 if call.keep is not None:  # rows whose gradient never reaches the weight
                     keep = call.keep
@@ -558,7 +497,10 @@ class DualFormCallback(Callback):
         updates: dict[str, tuple[float, ParamUpdate, ParamUpdate | None]] = {}
         pending = self._step_rows
         self._step_rows = {}
-        self._check_rows(trainer, pending, loss_scale, skipped)
+        # structural faults (a weight used outside its module's forward) show from the first step on
+        if self._steps_seen < 20 or self._steps_seen % self.check_every == 0:
+            self._check_rows(trainer, pending, loss_scale, skipped)
+        self._steps_seen += 1
         if self.plan is None and not skipped:
             self._make_plan(trainer, pending)
         for name, cap in self._captures.items():
@@ -569,7 +511,7 @@ class DualFormCallback(Callback):
             updates[name] = (grad_scale, w_up, b_up)
             if name in self._dropped or skipped or not pending.get(name):
                 continue
-            rows[name] = _gather_rows(pending[name])
+            rows[name] = _gather_rows(pending[name], self._torch_row_dtype)
         event = None
         if any(t[0].is_cuda for t in rows.values()):
             rows = {n: tuple(_to_pinned(t) for t in r) for n, r in rows.items()}
@@ -725,9 +667,7 @@ class DualFormCallback(Callback):
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        if self._query is not None:
-            self._query.writer.close()
-            self._query = None
+        self._query_end()
         self._detach()
         writer, self._writer = self._writer, None
         if writer is not None:
@@ -739,9 +679,9 @@ class DualFormCallback(Callback):
                 os.remove(writer.path)  # refused before the first step: leave no empty store behind
 
     # ------------------------------------------------------------------------------------------------
-    # query recording (trainer.test / validate / predict after fit)
+    # query recording (trainer.test / validate / predict after fit): see queries.py
     # ------------------------------------------------------------------------------------------------
-    def _query_stage_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", split: str) -> None:
+    def _query_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", split: str) -> None:
         if split not in self.record_queries or trainer.sanity_checking or self._writer is not None:
             return  # validation inside fit is not a query set; the store is busy recording then
         from lightning.pytorch.trainer.states import TrainerFn
@@ -749,87 +689,34 @@ class DualFormCallback(Callback):
         if split == "validate" and trainer.state.fn != TrainerFn.VALIDATING:
             return
         path = self.store_path or rank_path(self.path, trainer.global_rank, trainer.world_size)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"DualFormCallback(record_queries=...): {path} does not exist; run trainer.fit with this callback "
-                "first (queries are stored beside the training memory)."
-            )
-        with StoreReader(path) as store:
-            names = store.layers
-            widths = {n: store.layer(n).d_in for n in names}
-        modules = dict(pl_module.named_modules())
-        missing = [n for n in names if n not in modules]
-        if missing:
-            raise ValueError(f"DualFormCallback: the store's layers {missing} are not in this model.")
-        self._query = _QueryRecording(QueryWriter(path, split, widths), split)
-        for name in names:
-            cap = LayerCapture(name, modules[name], lambda: self._active, need_grad=False, keep_output=name == names[-1])
-            cap.attach()
-            self._query.captures[name] = cap
+        self._query = QueryRecorder.start(path, split, pl_module)
 
     def _query_batch_start(self, trainer: "pl.Trainer", batch: Any, dataloader_idx: int, loaders: Any) -> None:
-        if self._query is None:
-            return
-        dl = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
-        indices = self._batch_indices(trainer, dl, batch)
-        labels = self._batch_labels(batch)
-        size = len(indices) if indices is not None else (labels.shape[0] if labels is not None else _batch_size(batch))
-        self._query.batch = _BatchInfo(size=size, indices=indices, labels=labels)
-        self._query.raw = _batch_inputs(batch, self.input_key)
-        for cap in self._query.captures.values():
-            cap.calls.clear()
-        self._active = True
+        if self._query is not None:
+            dl = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+            indices = self._batch_indices(trainer, dl, batch)
+            self._query.batch_start(batch, indices, batch_labels(batch, self.label_key), batch_inputs(batch, self.input_key))
 
     def _query_batch_end(self, outputs: Any) -> None:
-        q = self._query
-        if q is None or q.batch is None:
-            return
-        self._active = False
-        info = q.batch
-        rows = {}
-        last_output = None
-        for name, cap in q.captures.items():
-            offset, parts = 0, []
-            for call in cap.calls:
-                _, position, _, per_ex, example = _row_metadata(call, info, offset, with_example=True)
-                offset += per_ex
-                keys = call.keys if call.keys.is_floating_point() else one_hot_keys(call.keys, layer_shape(cap.module)[0])
-                parts.append((keys.float().cpu(), example, position))
-                if call.output is not None:
-                    last_output = call.output
-            cap.calls.clear()
-            if parts:
-                rows[name] = tuple(torch.cat([p[i] for p in parts]).numpy() for i in range(3))
-        n = info.size or 0
-        index = info.indices.numpy() if info.indices is not None else np.full(n, -1)
-        label = info.labels.reshape(n, -1)[:, 0].numpy() if info.labels is not None and info.labels.shape[0] == n else np.full(n, -1)
-        pred = _prediction(outputs, last_output, n)
-        raw = q.raw.detach().cpu().numpy() if q.raw is not None and q.raw.shape[0] == n else None
-        q.writer.add_batch(index, label, pred, raw, rows)
-        q.batch = None
+        if self._query is not None:
+            self._query.batch_end(outputs)
 
-    def _query_stage_end(self) -> None:
-        if self._query is None:
-            return
-        self._active = False
-        for cap in self._query.captures.values():
-            cap.detach()
-        n, split = self._query.writer.n, self._query.split
-        self._query.writer.close()
-        self._query = None
-        rank_zero_info(f"DualFormCallback: recorded {n} {split} queries into {self.store_path or self.path}.")
+    def _query_end(self) -> None:
+        query, self._query = self._query, None
+        if query is not None:
+            query.close()
 
     @override
     def on_test_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._query_stage_start(trainer, pl_module, "test")
+        self._query_start(trainer, pl_module, "test")
 
     @override
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._query_stage_start(trainer, pl_module, "validate")
+        self._query_start(trainer, pl_module, "validate")
 
     @override
     def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._query_stage_start(trainer, pl_module, "predict")
+        self._query_start(trainer, pl_module, "predict")
 
     @override
     def on_test_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -857,19 +744,19 @@ class DualFormCallback(Callback):
 
     @override
     def on_test_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._query_stage_end()
+        self._query_end()
 
     @override
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._query_stage_end()
+        self._query_end()
 
     @override
     def on_predict_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._query_stage_end()
+        self._query_end()
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        self._query_stage_end()
+        self._query_end()
         self._detach()
         if self._orig_process_dataloader is not None:
             try:
@@ -878,7 +765,7 @@ class DualFormCallback(Callback):
                 pass
             self._orig_process_dataloader = None
         for dl in self._wrapped:
-            _unwrap_dataloader(dl)
+            unwrap_dataloader(dl)
         self._wrapped.clear()
         self._recorders.clear()
         if self._writer is not None:  # fit ended without on_fit_end (e.g. interrupted): keep what is there
@@ -901,103 +788,22 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
     return getattr(module, "bias", None)  # nn.Embedding has none
 
 
-def _batch_size(batch: Any) -> int | None:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() else None
-    if isinstance(batch, (list, tuple)) and batch:
-        return _batch_size(batch[0])
-    if isinstance(batch, dict) and batch:
-        return _batch_size(next(iter(batch.values())))
-    return None
+def _gather_rows(parts: list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]], row_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """One (keys, values, index, position, label) tuple per layer and step. Keys and values are fresh
+    copies, already in the stored dtype (one pass: the copy is the conversion)."""
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():  # token ids (embeddings) stay integers
+            return t.long()
+        # keys under autocast are bf16 copies: widen to float32 first, so that float16 storage rounds once
+        return t.to(torch.float32).to(row_dtype) if t.dtype != torch.float32 else t.to(row_dtype)
 
+    def gather(ts: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.cat([convert(t) for t in ts]) if len(ts) > 1 else convert(ts[0])
+        out = out.clone() if any(out.data_ptr() == t.data_ptr() for t in ts) else out
+        return out.view(torch.int16) if out.dtype == torch.bfloat16 else out
 
-def _row_metadata(call: CallRows, info: _BatchInfo, offset: int, with_example: bool = False) -> tuple:
-    """Dataset index, position and label of every row of a call, and the positions per example
-    (and, with ``with_example``, each row's example number within the batch, -1 when unknown)."""
-    n = call.keys.shape[0]
-    lead = call.lead_shape
-    b = info.size
-    rows = torch.arange(n)
-    if b and lead and lead[0] == b:  # batch first: (B, ...)
-        per_ex = max(n // b, 1)
-        example, position = rows // per_ex, rows % per_ex + offset
-    elif b and len(lead) >= 2 and lead[1] == b:  # sequence first: (T, B, ...)
-        per_ex = n // b
-        example, position = rows % b, rows // b + offset
-    else:
-        per_ex, example, position = n, None, rows + offset
-    index = info.indices[example] if (example is not None and info.indices is not None) else torch.full((n,), -1, dtype=torch.int64)
-    label = torch.full((n,), -1, dtype=torch.int64)
-    if info.labels is not None and example is not None:
-        lab = info.labels
-        if lab.dim() == 1 and lab.shape[0] == b:
-            label = lab[example]
-        elif tuple(lab.shape) == tuple(lead):
-            label = lab.reshape(-1)
-        elif len(lead) >= 2 and lead[1] == b and tuple(lab.shape) == (lead[1], lead[0]):
-            label = lab.t().reshape(-1)
-    if with_example:
-        ex = example if example is not None else torch.full((n,), -1, dtype=torch.int64)
-        return index, position.to(torch.int32), label, per_ex, ex
-    return index, position.to(torch.int32), label, per_ex
-
-
-def _batch_inputs(batch: Any, key: str | int | None) -> torch.Tensor | None:
-    """The raw model input of a batch: ``batch[key]``, else the first tensor of a tuple or a usual dict key."""
-    cand = None
-    if isinstance(batch, torch.Tensor):
-        cand = batch
-    elif isinstance(batch, dict):
-        keys = [key] if key is not None else _INPUT_KEYS
-        cand = next((batch[k] for k in keys if k in batch), None)
-    elif isinstance(batch, (list, tuple)) and batch:
-        cand = batch[key if isinstance(key, int) else 0]
-    if isinstance(cand, torch.Tensor) and cand.dim() >= 1 and not cand.is_complex():
-        return cand
-    return None
-
-
-def _prediction(outputs: Any, last_output: torch.Tensor | None, n: int) -> np.ndarray:
-    """Predicted class per example: from the step's output (logits, or a dict with them), else the
-    argmax of the last tracked layer's output; -1 when neither is a (n, classes) tensor."""
-    cand = outputs
-    if isinstance(outputs, dict):
-        cand = next((outputs[k] for k in ("preds", "prediction", "predictions", "logits") if k in outputs), None)
-    for t in (cand, last_output):
-        if isinstance(t, torch.Tensor) and t.shape[0] == n:
-            if t.dim() == 1 and not t.is_floating_point():
-                return t.cpu().numpy()
-            if t.dim() == 2 and t.shape[1] > 1:
-                return t.argmax(1).cpu().numpy()
-    return np.full(n, -1)
-
-
-def _duplicates(idx: np.ndarray) -> np.ndarray:
-    """True for every repeat of an index within one batch (keep the first)."""
-    dup = np.ones(len(idx), dtype=bool)
-    dup[np.unique(idx, return_index=True)[1]] = False
-    return dup
-
-
-@dataclass
-class _QueryRecording:
-    writer: QueryWriter
-    split: str
-    captures: dict[str, LayerCapture] = None  # type: ignore[assignment]
-    batch: _BatchInfo | None = None
-    raw: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        self.captures = {}
-
-
-def _gather_rows(parts: list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
-    """One (keys, values, index, position, label) tuple per layer and step; keys/values are fresh copies."""
-    def as_keys(t: torch.Tensor) -> torch.Tensor:  # token ids (embeddings) stay integers
-        return t.float() if t.is_floating_point() else t.long()
-
-    keys = torch.cat([as_keys(p[0].keys) for p in parts]) if len(parts) > 1 else as_keys(parts[0][0].keys).clone()
-    values = torch.cat([p[0].values.float() for p in parts]) if len(parts) > 1 else parts[0][0].values.float().clone()
+    keys = gather([p[0].keys for p in parts])
+    values = gather([p[0].values for p in parts])
     index = torch.cat([p[1] for p in parts])
     position = torch.cat([p[2] for p in parts])
     label = torch.cat([p[3] for p in parts])

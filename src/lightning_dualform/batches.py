@@ -1,0 +1,175 @@
+"""What a training or query batch tells the recorder: dataset indices, labels, raw inputs, and where
+each captured row comes from (example and position).
+
+Dataset indices are observed, never asked for: :class:`IndexRecorder` wraps the DataLoader's sampler
+that Lightning is about to iterate and remembers what it yields.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightning_dualform.capture import CallRows
+
+INPUT_KEYS = ("x", "input", "inputs", "image", "images")
+LABEL_KEYS = ("label", "labels", "y", "target", "targets")
+
+
+class IndexRecorder:
+    """Wraps a DataLoader's (batch) sampler and remembers the indices it yields, in order.
+
+    The DataLoader may fetch ahead (workers, Lightning's prefetch), so indices wait in a FIFO until the
+    training step that consumes their batch pops them. A new ``iter()`` (a new epoch) starts afresh.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.fifo: deque = deque()
+
+    def __iter__(self):
+        self.fifo = fifo = deque()
+        return self._gen(fifo)
+
+    def _gen(self, fifo: deque):
+        for item in self._inner:
+            fifo.append(item)
+            yield item
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def __getattr__(self, name: str) -> Any:  # batch_size, drop_last, sampler ... of the wrapped one
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+def wrap_dataloader(dl: Any) -> IndexRecorder | None:
+    """Install an index recorder on a torch DataLoader; None when it has no sampler to record.
+
+    :func:`unwrap_dataloader` puts the original back (the loader may be the user's own object).
+    """
+    if not isinstance(dl, torch.utils.data.DataLoader):
+        return None
+    if isinstance(dl.dataset, torch.utils.data.IterableDataset):
+        return None
+    attr = "batch_sampler" if dl.batch_sampler is not None else "sampler"
+    current = getattr(dl, attr)
+    if isinstance(current, IndexRecorder):
+        return current
+    rec = IndexRecorder(current)
+    # DataLoader forbids setting its sampler after __init__ to stop users from mixing iterators; we only
+    # observe what the original sampler yields.
+    object.__setattr__(dl, attr, rec)
+    return rec
+
+
+def unwrap_dataloader(dl: Any) -> None:
+    for attr in ("batch_sampler", "sampler"):
+        current = getattr(dl, attr, None)
+        if isinstance(current, IndexRecorder):
+            object.__setattr__(dl, attr, current._inner)
+
+
+@dataclass
+class BatchInfo:
+    size: int | None
+    indices: torch.Tensor | None  # (B,)
+    labels: torch.Tensor | None  # (B,) or (B, ...)
+
+
+def batch_labels(batch: Any, label_key: str | int | None = None) -> torch.Tensor | None:
+    """Integer labels of a batch: ``batch[label_key]``, a usual dict key, or the second element of a tuple."""
+    cand = None
+    if isinstance(batch, dict):
+        keys = [label_key] if label_key is not None else LABEL_KEYS
+        cand = next((batch[k] for k in keys if k in batch), None)
+    elif isinstance(batch, (list, tuple)):
+        pos = label_key if isinstance(label_key, int) else 1
+        cand = batch[pos] if len(batch) > pos else None
+    if isinstance(cand, torch.Tensor) and not cand.is_floating_point() and not cand.is_complex() and cand.dim() >= 1:
+        return cand.detach().to("cpu", torch.int64)
+    return None
+
+
+def batch_size(batch: Any) -> int | None:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else None
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch_size(batch[0])
+    if isinstance(batch, dict) and batch:
+        return batch_size(next(iter(batch.values())))
+    return None
+
+
+def row_metadata(call: CallRows, info: BatchInfo, offset: int, with_example: bool = False) -> tuple:
+    """Dataset index, position and label of every row of a call, and the positions per example
+    (and, with ``with_example``, each row's example number within the batch, -1 when unknown)."""
+    n = call.keys.shape[0]
+    lead = call.lead_shape
+    b = info.size
+    rows = torch.arange(n)
+    if b and lead and lead[0] == b:  # batch first: (B, ...)
+        per_ex = max(n // b, 1)
+        example, position = rows // per_ex, rows % per_ex + offset
+    elif b and len(lead) >= 2 and lead[1] == b:  # sequence first: (T, B, ...)
+        per_ex = n // b
+        example, position = rows % b, rows // b + offset
+    else:
+        per_ex, example, position = n, None, rows + offset
+    index = info.indices[example] if (example is not None and info.indices is not None) else torch.full((n,), -1, dtype=torch.int64)
+    label = torch.full((n,), -1, dtype=torch.int64)
+    if info.labels is not None and example is not None:
+        lab = info.labels
+        if lab.dim() == 1 and lab.shape[0] == b:
+            label = lab[example]
+        elif tuple(lab.shape) == tuple(lead):
+            label = lab.reshape(-1)
+        elif len(lead) >= 2 and lead[1] == b and tuple(lab.shape) == (lead[1], lead[0]):
+            label = lab.t().reshape(-1)
+    if with_example:
+        ex = example if example is not None else torch.full((n,), -1, dtype=torch.int64)
+        return index, position.to(torch.int32), label, per_ex, ex
+    return index, position.to(torch.int32), label, per_ex
+
+
+def batch_inputs(batch: Any, key: str | int | None) -> torch.Tensor | None:
+    """The raw model input of a batch: ``batch[key]``, else the first tensor of a tuple or a usual dict key."""
+    cand = None
+    if isinstance(batch, torch.Tensor):
+        cand = batch
+    elif isinstance(batch, dict):
+        keys = [key] if key is not None else INPUT_KEYS
+        cand = next((batch[k] for k in keys if k in batch), None)
+    elif isinstance(batch, (list, tuple)) and batch:
+        cand = batch[key if isinstance(key, int) else 0]
+    if isinstance(cand, torch.Tensor) and cand.dim() >= 1 and not cand.is_complex():
+        return cand
+    return None
+
+
+def prediction(outputs: Any, last_output: torch.Tensor | None, n: int) -> np.ndarray:
+    """Predicted class per example: from the step's output (logits, or a dict with them), else the
+    argmax of the last tracked layer's output; -1 when neither is a (n, classes) tensor."""
+    cand = outputs
+    if isinstance(outputs, dict):
+        cand = next((outputs[k] for k in ("preds", "prediction", "predictions", "logits") if k in outputs), None)
+    for t in (cand, last_output):
+        if isinstance(t, torch.Tensor) and t.shape[0] == n:
+            if t.dim() == 1 and not t.is_floating_point():
+                return t.cpu().numpy()
+            if t.dim() == 2 and t.shape[1] > 1:
+                return t.argmax(1).cpu().numpy()
+    return np.full(n, -1)
+
+
+def duplicates(idx: np.ndarray) -> np.ndarray:
+    """True for every repeat of an index within one batch (keep the first)."""
+    dup = np.ones(len(idx), dtype=bool)
+    dup[np.unique(idx, return_index=True)[1]] = False
+    return dup

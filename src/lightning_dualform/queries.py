@@ -1,0 +1,102 @@
+"""Query recording: during ``trainer.test/validate/predict`` (after fit), store each tracked layer's input
+rows for every query example, with its dataset index, label, the model's prediction and raw input.
+
+The rows go into ``/queries/<split>`` of the finished store (:class:`~lightning_dualform.store.QueryWriter`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_dualform.batches import BatchInfo, batch_size, prediction, row_metadata
+from lightning_dualform.capture import LayerCapture, layer_shape, one_hot_keys
+from lightning_dualform.store import QueryWriter, StoreReader
+
+
+class QueryRecorder:
+    """Hooks every layer of a store on a model and writes what they see, batch by batch."""
+
+    def __init__(self, writer: QueryWriter, split: str, path: str, captures: dict[str, LayerCapture]) -> None:
+        self.writer = writer
+        self.split = split
+        self.path = path
+        self.captures = captures
+        self.active = False
+        self.batch: BatchInfo | None = None
+        self.raw: torch.Tensor | None = None
+
+    @classmethod
+    def start(cls, path: str, split: str, model: nn.Module) -> "QueryRecorder":
+        """Open the store's query set ``split`` (replacing an older one) and hook the model's layers.
+
+        Raises:
+            FileNotFoundError: there is no store yet.
+            ValueError: the store's layers are not in this model.
+        """
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"DualFormCallback(record_queries=...): {path} does not exist; run trainer.fit with this callback "
+                "first (queries are stored beside the training memory)."
+            )
+        with StoreReader(path) as store:
+            names = store.layers
+            widths = {n: store.layer(n).d_in for n in names}
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"DualFormCallback: the store's layers {missing} are not in this model.")
+        rec = cls(QueryWriter(path, split, widths), split, path, {})
+        for name in names:
+            cap = LayerCapture(name, modules[name], lambda: rec.active, need_grad=False, keep_output=name == names[-1])
+            cap.attach()
+            rec.captures[name] = cap
+        return rec
+
+    def batch_start(self, batch: Any, indices: torch.Tensor | None, labels: torch.Tensor | None, raw: torch.Tensor | None) -> None:
+        size = len(indices) if indices is not None else (labels.shape[0] if labels is not None else batch_size(batch))
+        self.batch = BatchInfo(size=size, indices=indices, labels=labels)
+        self.raw = raw
+        for cap in self.captures.values():
+            cap.calls.clear()
+        self.active = True
+
+    def batch_end(self, outputs: Any) -> None:
+        if self.batch is None:
+            return
+        self.active = False
+        info = self.batch
+        rows = {}
+        last_output = None
+        for name, cap in self.captures.items():
+            offset, parts = 0, []
+            for call in cap.calls:
+                _, position, _, per_ex, example = row_metadata(call, info, offset, with_example=True)
+                offset += per_ex
+                keys = call.keys if call.keys.is_floating_point() else one_hot_keys(call.keys, layer_shape(cap.module)[0])
+                parts.append((keys.float().cpu(), example, position))
+                if call.output is not None:
+                    last_output = call.output
+            cap.calls.clear()
+            if parts:
+                rows[name] = tuple(torch.cat([p[i] for p in parts]).numpy() for i in range(3))
+        n = info.size or 0
+        index = info.indices.numpy() if info.indices is not None else np.full(n, -1)
+        label = info.labels.reshape(n, -1)[:, 0].numpy() if info.labels is not None and info.labels.shape[0] == n else np.full(n, -1)
+        pred = prediction(outputs, last_output, n)
+        raw = self.raw.detach().cpu().numpy() if self.raw is not None and self.raw.shape[0] == n else None
+        self.writer.add_batch(index, label, pred, raw, rows)
+        self.batch = None
+
+    def close(self) -> None:
+        self.active = False
+        for cap in self.captures.values():
+            cap.detach()
+        n = self.writer.n
+        self.writer.close()
+        rank_zero_info(f"DualFormCallback: recorded {n} {self.split} queries into {self.path}.")
