@@ -314,7 +314,7 @@ def plot_top_steps(hists: dict[str, tuple[np.ndarray, np.ndarray]], path: str, e
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("training step", fontsize=8)
         ax.tick_params(labelsize=7)
-    axes[0, 0].set_ylabel("top-10 rows", fontsize=8)
+    axes[0, 0].set_ylabel("top-scoring rows", fontsize=8)
     fig.suptitle("When the highest attention scores were written (dotted: epochs)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
