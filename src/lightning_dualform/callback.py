@@ -797,13 +797,16 @@ def _gather_rows(parts: list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.T
         # keys under autocast are bf16 copies: widen to float32 first, so that float16 storage rounds once
         return t.to(torch.float32).to(row_dtype) if t.dtype != torch.float32 else t.to(row_dtype)
 
-    def gather(ts: list[torch.Tensor]) -> torch.Tensor:
+    def gather(ts: list[torch.Tensor], private: bool) -> torch.Tensor:
         out = torch.cat([convert(t) for t in ts]) if len(ts) > 1 else convert(ts[0])
-        out = out.clone() if any(out.data_ptr() == t.data_ptr() for t in ts) else out
+        if not private and any(out.data_ptr() == t.data_ptr() for t in ts):
+            out = out.clone()  # the caller's tensor: copy it before training goes on
         return out.view(torch.int16) if out.dtype == torch.bfloat16 else out
 
-    keys = gather([p[0].keys for p in parts])
-    values = gather([p[0].values for p in parts])
+    # Activations and gradients are autograd's own tensors, never written to again: the writer thread
+    # copies them into its buffers, off the training thread. Keys straight from the batch are copied here.
+    keys = gather([p[0].keys for p in parts], all(p[0].private_keys for p in parts))
+    values = gather([p[0].values for p in parts], True)
     index = torch.cat([p[1] for p in parts])
     position = torch.cat([p[2] for p in parts])
     label = torch.cat([p[3] for p in parts])

@@ -34,6 +34,9 @@ class CallRows:
     values: torch.Tensor | None = None  # (R, d_out), set in backward
     output: torch.Tensor | None = None  # (R, d_out) forward output, kept only when asked (query recording)
     keep: torch.Tensor | None = None  # (R,) rows that reach the weight (an embedding's padding_idx does not)
+    # True when the keys are autograd's own result (an activation), which nothing writes to later; an input
+    # from outside autograd (the batch) may be reused by user code, so it is copied before it is handed on
+    private_keys: bool = False
 
 
 def layer_kind(module: nn.Module) -> str:
@@ -195,7 +198,9 @@ class LayerCapture:
             return
         if not torch.is_grad_enabled() or not output.requires_grad:
             return
-        rec = CallRows(keys=keys, lead_shape=lead, call=len(self.calls), keep=kept_rows(module, keys))
+        x = inputs[0]
+        private = x.grad_fn is not None or keys.data_ptr() != x.data_ptr()
+        rec = CallRows(keys=keys, lead_shape=lead, call=len(self.calls), keep=kept_rows(module, keys), private_keys=private)
         self.calls.append(rec)
 
         def _grad_hook(grad: torch.Tensor, rec: CallRows = rec) -> None:
