@@ -145,22 +145,22 @@ def run_demo(
     dm.setup()
     model = PaperMLP(lr=lr)
     cb = DualFormCallback(store, record_queries=("test",), overwrite=True)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        gradient_clip_val=1.0,
-        callbacks=[cb],
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=progress,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        deterministic=True,
-    )
     echo(f"demo: training a 784-800-800-10 MLP on {len(dm.train_set)} MNIST digits for {epochs} epoch(s), recording into {store}")
     with _lightning_quiet(quiet):
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            devices=1,
+            gradient_clip_val=1.0,
+            callbacks=[cb],
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=progress,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            deterministic=True,
+        )
         trainer.fit(model, datamodule=dm)
         t_fit = time.perf_counter() - t0
         trainer.test(model, datamodule=dm, verbose=False)

@@ -252,7 +252,7 @@ def plot_attention(
                        color=[_POS if v >= 0 else _NEG for v in share])
                 for s in epoch_starts:
                     if edges[0] < s < edges[-1]:
-                        ax.axvline(s, color="#888888", lw=0.8, ls="--")
+                        ax.axvline(s, color="#333333", lw=1.2, ls="--")
                 ax.axhline(0, color="#666666", lw=0.6)
                 ax.set_xlim(edges[0], edges[-1])
                 ax.tick_params(labelsize=7)
