@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
+from lightning_dualform import _fused
 from lightning_dualform.attention import (
     AttentionAccumulator,
     Block,
@@ -39,10 +42,21 @@ def memory() -> dict[str, torch.Tensor]:
     }
 
 
-def _run(m: dict[str, torch.Tensor], block_rows: int, query_chunk: int = 3) -> AttentionAccumulator:
+# every way of folding a block: torch ops or the compiled single pass, dual as attention or as rebuilt weights
+MODES = [
+    pytest.param({"fused": False, "rebuild_weights": False}, id="torch"),
+    pytest.param({"fused": False, "rebuild_weights": True}, id="torch-weights"),
+    pytest.param({"fused": True, "rebuild_weights": False}, id="fused",
+                 marks=pytest.mark.skipif(_fused.kernel() is None, reason="no C compiler for the fused kernel")),
+    pytest.param({"fused": True, "rebuild_weights": True}, id="fused-weights",
+                 marks=pytest.mark.skipif(_fused.kernel() is None, reason="no C compiler for the fused kernel")),
+]
+
+
+def _run(m: dict[str, torch.Tensor], block_rows: int, query_chunk: int = 3, **mode: bool) -> AttentionAccumulator:
     state = AttentionAccumulator(
         queries=m["q"], base=m["base"], top_k=K, units=m["units"], n_examples=N_EX, n_labels=4, n_epochs=3,
-        n_step_buckets=4, query_chunk=query_chunk,
+        n_step_buckets=4, query_chunk=query_chunk, **mode,
     )
     for s in range(0, N_ROWS, block_rows):
         sl = slice(s, s + block_rows)
@@ -56,12 +70,13 @@ def _run(m: dict[str, torch.Tensor], block_rows: int, query_chunk: int = 3) -> A
     return state
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("block_rows", [1, 10, 32, N_ROWS, 1000])
-def test_blocked_equals_dense(memory: dict[str, torch.Tensor], block_rows: int) -> None:
+def test_blocked_equals_dense(memory: dict[str, torch.Tensor], block_rows: int, mode: dict) -> None:
     m = memory
     scores = m["q"] @ m["keys"].t()
     weights = scores * m["c_w"] + m["c_b"]
-    state = _run(m, block_rows)
+    state = _run(m, block_rows, **mode)
     assert state.rows_seen == N_ROWS
     torch.testing.assert_close(state.dual, m["base"] + weights @ m["values"], rtol=1e-12, atol=1e-12)
 
@@ -99,8 +114,9 @@ def test_blocked_equals_dense(memory: dict[str, torch.Tensor], block_rows: int) 
         torch.testing.assert_close(absolute, ref_a, rtol=1e-12, atol=1e-12)
 
 
-def test_query_chunk_does_not_change_results(memory: dict[str, torch.Tensor]) -> None:
-    a, b = _run(memory, 17, query_chunk=1), _run(memory, 17, query_chunk=100)
+@pytest.mark.parametrize("mode", MODES)
+def test_query_chunk_does_not_change_results(memory: dict[str, torch.Tensor], mode: dict) -> None:
+    a, b = _run(memory, 17, query_chunk=1, **mode), _run(memory, 17, query_chunk=100, **mode)
     torch.testing.assert_close(a.dual, b.dual)
     assert torch.equal(a.top_rows()[1]["row"], b.top_rows()[1]["row"])
     torch.testing.assert_close(a.example_score, b.example_score)
@@ -162,3 +178,96 @@ def test_bf16_scan_rescoring_keeps_exact_scores(memory: dict[str, torch.Tensor])
     torch.testing.assert_close(top, exact.gather(1, meta["row"]))
     assert torch.equal(meta["row"], torch.topk(exact, K, dim=1).indices)
     torch.testing.assert_close(state.dual, m["base"].float())  # with_dual=False leaves the base alone
+
+
+@pytest.mark.skipif(_fused.kernel() is None, reason="no C compiler for the fused kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_equals_torch_ops(memory: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """The compiled pass and the torch ops agree on every result, in both accumulation dtypes."""
+    m = {k: v.to(dtype) if v.is_floating_point() else v for k, v in memory.items()}
+    a, b = _run(m, 16, fused=False), _run(m, 16, fused=True)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(a.dual, b.dual, **tol)
+    for get in ("top_rows", "proponents", "opponents"):
+        (va, ma), (vb, mb) = getattr(a, get)(), getattr(b, get)()
+        torch.testing.assert_close(va, vb, **tol)
+        for col in ma:
+            assert torch.equal(ma[col], mb[col]), (get, col)
+    torch.testing.assert_close(a.example_score, b.example_score, **tol)
+    torch.testing.assert_close(a.example_contrib, b.example_contrib, **tol)
+    for name in a.mass:
+        torch.testing.assert_close(a.mass[name][0], b.mass[name][0], **tol)
+        torch.testing.assert_close(a.mass[name][1], b.mass[name][1], **tol)
+
+
+@pytest.mark.skipif(_fused.kernel() is None, reason="no C compiler for the fused kernel")
+def test_fused_top_k_with_fewer_rows_than_k(memory: dict[str, torch.Tensor]) -> None:
+    m = memory
+    state = AttentionAccumulator(queries=m["q"], base=m["base"], top_k=K, units=m["units"], fused=True)
+    meta = {c: m[c][:3] for c in ("row", "step", "epoch", "index", "position", "label")}
+    state.fold(Block(keys=m["keys"][:3], values=m["values"][:3], c_w=m["c_w"][:3], c_b=m["c_b"][:3], meta=meta))
+    top, meta = state.top_rows()
+    ref = torch.topk(m["q"] @ m["keys"][:3].t(), 3, dim=1)
+    assert top.shape == (N_Q, 3) and torch.equal(meta["row"], ref.indices)
+
+
+class _Threads:
+    """Collectives between threads of one process, to test :meth:`AttentionAccumulator.reduce` without
+    ``torch.distributed``: every participant calls the same collectives in the same order."""
+
+    def __init__(self, world: int) -> None:
+        self.barrier = threading.Barrier(world)
+        self.slots: list = [None] * world
+
+    def ops(self, rank: int):
+        def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+            self.slots[rank] = t.clone()
+            self.barrier.wait()
+            out = [s.clone() for s in self.slots]
+            self.barrier.wait()
+            return out
+
+        def all_reduce(t: torch.Tensor) -> None:
+            t.copy_(sum(all_gather(t)))
+
+        return all_reduce, all_gather
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("world,block_rows", [(2, 10), (3, 32), (4, 50)])  # (4, 50): a participant with no block
+def test_reduce_of_shares_equals_one_pass(memory: dict[str, torch.Tensor], mode: dict, world: int, block_rows: int) -> None:
+    m = memory
+    whole = _run(m, block_rows, **mode)
+    blocks = [slice(s, s + block_rows) for s in range(0, N_ROWS, block_rows)]
+    per = -(-len(blocks) // world)
+    parts = []
+    for rank in range(world):
+        state = AttentionAccumulator(
+            queries=m["q"], base=m["base"] if rank == 0 else torch.zeros_like(m["base"]), top_k=K, units=m["units"],
+            n_examples=N_EX, n_labels=4, n_epochs=3, n_step_buckets=4, query_chunk=3, **mode,
+        )
+        for sl in blocks[rank * per : (rank + 1) * per]:
+            meta = {c: m[c][sl] for c in ("row", "step", "epoch", "index", "position", "label")}
+            state.fold(Block(keys=m["keys"][sl], values=m["values"][sl], c_w=m["c_w"][sl], c_b=m["c_b"][sl], meta=meta,
+                             label_group=m["label"][sl] + 1, step_group=step_bucket(m["step"][sl], 0, 30, 4)))
+        parts.append(state)
+    group = _Threads(world)
+    threads = [threading.Thread(target=p.reduce, args=group.ops(r)) for r, p in enumerate(parts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p in parts:  # every participant holds the whole result
+        assert p.rows_seen == N_ROWS
+        torch.testing.assert_close(p.dual, whole.dual, rtol=1e-12, atol=1e-12)
+        for get in ("top_rows", "proponents", "opponents"):
+            (va, ma), (vb, mb) = getattr(p, get)(), getattr(whole, get)()
+            torch.testing.assert_close(va, vb, rtol=1e-12, atol=1e-12)
+            for col in ma:
+                assert torch.equal(ma[col], mb[col]), (get, col)
+        torch.testing.assert_close(p.example_score, whole.example_score, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(p.example_contrib, whole.example_contrib, rtol=1e-12, atol=1e-12)
+        assert torch.equal(p.example_rows, whole.example_rows)
+        for name in whole.mass:
+            torch.testing.assert_close(p.mass[name][0], whole.mass[name][0], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(p.mass[name][1], whole.mass[name][1], rtol=1e-12, atol=1e-12)

@@ -361,3 +361,58 @@ def test_cuda_matches_cpu(trained: dict) -> None:
     assert torch.equal(gpu.top.row, cpu.top.row)
     torch.testing.assert_close(gpu.top_examples.score, cpu.top_examples.score)
     assert gpu.max_rel_err <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------
+# one query batch split over processes
+# ------------------------------------------------------------------------------------------------------
+def _essentials(res) -> dict[str, torch.Tensor]:
+    out = {"dual": res.dual, "rel_err": res.rel_err}
+    for name in ("top", "proponents", "opponents"):
+        part = getattr(res, name)
+        out[f"{name}.score"], out[f"{name}.row"], out[f"{name}.index"] = part.score, part.row, part.index
+    for name in ("top_examples", "proponent_examples", "opponent_examples"):
+        part = getattr(res, name)
+        out[f"{name}.score"], out[f"{name}.index"], out[f"{name}.rows"] = part.score, part.index, part.rows
+    for name, m in res.mass.items():
+        out[f"mass.{name}.signed"], out[f"mass.{name}.absolute"] = m.signed, m.absolute
+    return out
+
+
+_DIST_KW = dict(top_k=4, contribution_to="pred", step_buckets=3)
+
+
+def _distributed_worker(rank: int, world: int, path: str, init_file: str, out_dir: str, q: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        with DualInference(path, device="cpu", accumulate=torch.float64, block_rows=37, distributed=True) as di:
+            res = di.attend("net.2", q, **_DIST_KW)
+        torch.save(_essentials(res), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_split_equals_one_process(trained: dict, tmp_path) -> None:
+    """2 gloo processes each take half of the blocks; both return the single-process result."""
+    import torch.multiprocessing as mp
+
+    q = _hidden(trained["model"], trained["x"][:9]).double()
+    with DualInference(trained["path"], device="cpu", accumulate=torch.float64, block_rows=37) as di:
+        ref = _essentials(di.attend("net.2", q, **_DIST_KW))
+        assert di.layer("net.2").n_rows > 2 * 37  # several blocks per rank
+    mp.spawn(_distributed_worker, args=(2, trained["path"], str(tmp_path / "init"), str(tmp_path), q), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key, want in ref.items():
+        assert torch.equal(got[0][key], got[1][key]), key  # every rank holds the same result
+        if want.is_floating_point():
+            torch.testing.assert_close(got[0][key], want, rtol=1e-10, atol=1e-12, msg=key)
+        else:
+            assert torch.equal(got[0][key], want), key
+
+
+def test_distributed_needs_a_process_group(trained: dict) -> None:
+    with pytest.raises(ValueError, match="init_process_group"):
+        DualInference(trained["path"], device="cpu", distributed=True)

@@ -23,8 +23,11 @@ the top-k rows by score and by contribution, per-example sums and the attention 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+
+from lightning_dualform import _fused
 
 #: Per-row metadata carried along with the top-k results.
 META_COLUMNS = ("row", "step", "epoch", "index", "position", "label")
@@ -159,12 +162,15 @@ class AttentionAccumulator:
         n_examples: width of the per-example sums (max dataset index + 1), or 0 to skip them. Memory:
             ``n x n_examples`` (twice with ``units``) in the accumulation dtype.
         n_labels, n_epochs, n_step_buckets: widths of the mass tables (0 to skip one).
-        query_chunk: queries processed together; bounds the ``(query_chunk, B)`` work buffers and keeps
-            them in cache.
+        query_chunk: queries processed together; bounds the ``(query_chunk, B)`` score buffer.
         exact_queries: ``(n, d_in)`` in the accumulation dtype when ``queries`` are a low-precision scan
             (bfloat16): each block's ``rescore x top_k`` best rows by scan score are re-scored exactly
             against ``Block.exact_keys`` before they enter the running top-k.
         with_dual: accumulate the dual output (off when it is rebuilt another way).
+        fused: fold each block's scores with the compiled single-pass kernel of
+            :mod:`lightning_dualform._fused` (CPU, exact scan); ``None``: whenever it is available.
+        rebuild_weights: accumulate the dual output as rebuilt weights ``sum_rows c_w v k^T`` (``d_out x d_in``
+            per row) instead of ``S (c_w V)`` (``n x d_out`` per row); ``None``: whichever is cheaper.
     """
 
     queries: torch.Tensor
@@ -175,12 +181,13 @@ class AttentionAccumulator:
     n_labels: int = 0
     n_epochs: int = 0
     n_step_buckets: int = 0
-    query_chunk: int = 256
+    query_chunk: int = 2048
     exact_queries: torch.Tensor | None = None
     rescore: int = 4
     with_dual: bool = True
+    fused: bool | None = None
+    rebuild_weights: bool | None = None
     rows_seen: int = 0
-    dual: torch.Tensor = field(init=False)
     top: list = field(init=False)
     pro: list = field(init=False)
     con: list = field(init=False)
@@ -188,21 +195,81 @@ class AttentionAccumulator:
     def __post_init__(self) -> None:
         n = self.queries.shape[0]
         acc, dev = self.base.dtype, self.base.device
-        self.dual = self.base.clone()
+        exact = self.exact_queries is None and self.queries.dtype == acc
+        kernel_ok = dev.type == "cpu" and exact and acc in (torch.float32, torch.float64)
+        if self.fused is None:
+            self.fused = kernel_ok and _fused.kernel() is not None
+        elif self.fused and not (kernel_ok and _fused.kernel() is not None):
+            raise ValueError("AttentionAccumulator(fused=True) needs exact CPU float32/float64 queries and a built kernel.")
+        d_in, d_out = self.queries.shape[1], self.base.shape[1]
+        if self.rebuild_weights is None:
+            self.rebuild_weights = exact and d_in < n
+        self._dual = self.base.clone()
+        self._w = torch.zeros(d_out, d_in, dtype=acc, device=dev) if (self.rebuild_weights and self.with_dual) else None
+        self._b = torch.zeros(d_out, dtype=acc, device=dev) if self.with_dual else None
+        self._merged: dict[str, tuple] = {}
         chunks = range(0, n, self.query_chunk)
         self.top = [(None, None) for _ in chunks]
         self.pro = [(None, None) for _ in chunks]
         self.con = [(None, None) for _ in chunks]
-        self.example_score = torch.zeros(n, self.n_examples, dtype=acc, device=dev) if self.n_examples else None
-        self.example_contrib = (
-            torch.zeros(n, self.n_examples, dtype=acc, device=dev) if self.n_examples and self.units is not None else None
-        )
+        # The fused pass keeps tables transposed, (E, n) and (G, n): it adds one memory row's scores of every
+        # query as a contiguous vector. ``example_score`` and ``mass`` are (n, .) views either way.
+        fused = bool(self.fused)
+
+        def table(width: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if fused:
+                t = torch.zeros(width, n, dtype=acc, device=dev)
+                return t, t.t()
+            t = torch.zeros(n, width, dtype=acc, device=dev)
+            return t, t
+
+        self._sums: list[torch.Tensor] = []  # every running sum, in its storage layout (for all-reduce)
+        self.example_score = self.example_contrib = None
+        if self.n_examples:
+            store, self.example_score = table(self.n_examples)
+            self._sums.append(store)
+            if self.units is not None:
+                store, self.example_contrib = table(self.n_examples)
+                self._sums.append(store)
         self.example_rows = torch.zeros(self.n_examples, dtype=torch.int64, device=dev) if self.n_examples else None
-        self.mass = {
-            name: (torch.zeros(n, g, dtype=acc, device=dev), torch.zeros(n, g, dtype=acc, device=dev))
-            for name, g in (("label", self.n_labels), ("epoch", self.n_epochs), ("step", self.n_step_buckets))
-            if g
-        }
+        widths = [(name, g) for name, g in (("label", self.n_labels), ("epoch", self.n_epochs), ("step", self.n_step_buckets)) if g]
+        total = sum(g for _, g in widths)
+        (ms, ms_view), (ma, ma_view) = table(total), table(total)
+        self._mass_store = (ms, ma)
+        self._sums += [ms, ma]
+        self._mass_offsets: dict[str, int] = {}
+        self.mass = {}
+        off = 0
+        for name, g in widths:
+            self._mass_offsets[name] = off
+            self.mass[name] = (ms_view[:, off : off + g], ma_view[:, off : off + g])
+            off += g
+        self._buf: torch.Tensor | None = None
+        if self.fused:
+            k, m = self.top_k, len(META_COLUMNS)
+
+            def running() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                return (torch.zeros(n, k, dtype=acc), torch.full((n, k, m), -1, dtype=torch.int64), torch.zeros(n, dtype=torch.int64))
+
+            self._ftop = running() if k else None
+            self._fpro = running() if (k and self.units is not None) else None
+            self._fcon = running() if (k and self.units is not None) else None
+
+    @property
+    def dual(self) -> torch.Tensor:
+        """``(n, d_out)``: the base plus every folded row's share."""
+        if self._w is not None:  # rebuilt weights: one product at the end
+            return self._dual + self.queries @ self._w.t() + self._b
+        if self._b is not None:
+            return self._dual + self._b
+        return self._dual
+
+    def _scores_t(self, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``keys @ q.T``, ``(B, m)``, into a reused buffer (no allocation per block)."""
+        m, b = q.shape[0], keys.shape[0]
+        if self._buf is None or self._buf.numel() < m * b:
+            self._buf = torch.empty(m * b, dtype=q.dtype, device=q.device)
+        return torch.matmul(keys, q.t(), out=self._buf[: m * b].view(b, m))
 
     def fold(self, block: Block) -> None:
         """Fold one block into every running result."""
@@ -210,24 +277,69 @@ class AttentionAccumulator:
         if b == 0:
             return
         acc = self.base.dtype
+        values = block.values if block.values.dtype == acc else block.values.to(acc)
+        # the coefficient goes on V (B x d_out), not on the (n x B) scores: A (c V) = (A c) V
+        cv = values * block.c_w[:, None]
+        if self._w is not None:
+            self._w.addmm_(cv.t(), block.keys if block.keys.dtype == acc else block.keys.to(acc))
+        if self._b is not None:
+            self._b += block.c_b @ values
+        if self.example_rows is not None:
+            idx = block.meta["index"]
+            self.example_rows += torch.bincount(idx[idx >= 0], minlength=self.n_examples)[: self.n_examples]
+        if self.fused:
+            self._fold_fused(block, values, cv)
+        else:
+            self._fold_torch(block, values, cv)
+        self.rows_seen += b
+
+    def _fold_fused(self, block: Block, values: torch.Tensor, cv: torch.Tensor) -> None:
+        meta = torch.stack([block.meta[c] for c in META_COLUMNS], dim=1).contiguous()
+        groups = None
+        if self.mass:
+            cols = {"label": block.label_group, "epoch": block.meta["epoch"], "step": block.step_group}
+            groups = torch.stack([cols[name] + off for name, off in self._mass_offsets.items()], dim=1).contiguous()
+        index = block.meta["index"].contiguous()
+        coef_b = (values * block.c_b[:, None]).contiguous() if self.units is not None else None
+        n = self.queries.shape[0]
+        for q0 in range(0, n, self.query_chunk):
+            q1 = min(q0 + self.query_chunk, n)
+            st = self._scores_t(self.queries[q0:q1], block.keys)
+            if self.with_dual and self._w is None:
+                self._dual[q0:q1].addmm_(st.t(), cv)
+
+            def rows(t: tuple | None) -> tuple | None:
+                return None if t is None else tuple(x[q0:q1] for x in t)
+
+            def cols(t: torch.Tensor | None) -> torch.Tensor | None:
+                return None if t is None else t[:, q0:q1]
+
+            _fused.fold(
+                st, meta, k=self.top_k, top=rows(self._ftop),
+                example=index if self.example_score is not None else None,
+                example_tab=None if self.example_score is None else cols(self.example_score.t()),
+                example_contrib_tab=None if self.example_contrib is None else cols(self.example_contrib.t()),
+                groups=groups, mass=(cols(self._mass_store[0]), cols(self._mass_store[1])) if groups is not None else None,
+                units=None if self.units is None else self.units[q0:q1].contiguous(), coef_w=cv if self.units is not None else None,
+                coef_b=coef_b, pro=rows(self._fpro), con=rows(self._fcon),
+            )
+
+    def _fold_torch(self, block: Block, values: torch.Tensor, cv: torch.Tensor) -> None:
+        acc = self.base.dtype
+        b = block.keys.shape[0]
         groups = {"label": block.label_group, "epoch": block.meta["epoch"], "step": block.step_group}
         # Mass per group as one small matmul against a one-hot matrix: far cheaper than a scatter.
         onehots = {
             name: torch.nn.functional.one_hot(groups[name], self.mass[name][0].shape[1]).to(acc)
             for name in self.mass
         }
-        if self.example_rows is not None:
-            idx = block.meta["index"]
-            ok = idx >= 0
-            self.example_rows.index_add_(0, idx[ok], torch.ones_like(idx[ok]))
         for ci, q0 in enumerate(range(0, self.queries.shape[0], self.query_chunk)):
             q1 = min(q0 + self.query_chunk, self.queries.shape[0])
             scores = block_scores(self.queries[q0:q1], block.keys)
             if scores.dtype != acc:
                 scores = scores.to(acc)
-            weights = row_weights(scores, block.c_w, block.c_b)
-            if self.with_dual:
-                fold_dual(self.dual[q0:q1], weights, block.values if block.values.dtype == acc else block.values.to(acc))
+            if self.with_dual and self._w is None:
+                self._dual[q0:q1].addmm_(scores, cv)
             if self.top_k and self.exact_queries is not None:
                 # re-score the scan's candidates exactly, so the kept scores (and mostly the rows) are exact
                 _, pos = torch.topk(scores, min(self.rescore * self.top_k, b), dim=1, sorted=False)
@@ -243,13 +355,20 @@ class AttentionAccumulator:
             if self.example_score is not None:
                 scatter_sum(self.example_score[q0:q1], block.meta["index"], scores)
             if self.units is not None:
-                contrib = contributions(weights, block.values, self.units[q0:q1])
+                contrib = contributions(row_weights(scores, block.c_w, block.c_b), values, self.units[q0:q1])
                 if self.top_k:
                     self.pro[ci] = merge_topk(*self.pro[ci], contrib, block.meta, self.top_k)
                     self.con[ci] = merge_topk(*self.con[ci], contrib, block.meta, self.top_k, largest=False)
                 if self.example_contrib is not None:
                     scatter_sum(self.example_contrib[q0:q1], block.meta["index"], contrib)
-        self.rows_seen += b
+
+    def _fused_rows(self, state: tuple | None, sign: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        if state is None or self.rows_seen == 0:
+            return None
+        kk = min(self.top_k, self.rows_seen)
+        vals, meta, _ = state
+        vals = vals[:, :kk] * sign if sign < 0 else vals[:, :kk].clone()
+        return vals, {name: meta[:, :kk, j].clone() for j, name in enumerate(META_COLUMNS)}
 
     @staticmethod
     def _joined(parts: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
@@ -259,12 +378,64 @@ class AttentionAccumulator:
 
     def top_rows(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         """``(n, k)`` best scores and their metadata, sorted best first."""
-        return self._joined(self.top)
+        if "top" in self._merged:
+            return self._merged["top"]
+        return self._fused_rows(self._ftop) if self.fused else self._joined(self.top)
 
     def proponents(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         """``(n, k)`` largest contributions (may include non-positive ones when few rows help)."""
-        return self._joined(self.pro)
+        if "pro" in self._merged:
+            return self._merged["pro"]
+        return self._fused_rows(self._fpro) if self.fused else self._joined(self.pro)
 
     def opponents(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         """``(n, k)`` smallest (most negative) contributions."""
-        return self._joined(self.con)
+        if "con" in self._merged:
+            return self._merged["con"]
+        return self._fused_rows(self._fcon, -1) if self.fused else self._joined(self.con)
+
+    def reduce(
+        self,
+        all_reduce: Callable[[torch.Tensor], None],
+        all_gather: Callable[[torch.Tensor], list[torch.Tensor]],
+    ) -> None:
+        """Combine the partial results of several accumulators that each folded a share of the blocks.
+
+        Every participant calls it with the same queries; afterwards each holds the result of folding all
+        blocks: sums (dual, per-example sums, mass, row counts) are added with ``all_reduce`` (in place,
+        summing), and each participant's running top-k is gathered with ``all_gather`` (a list of every
+        participant's tensor) and merged. Give ``base`` to one participant only (zeros elsewhere): the dual
+        outputs are summed. ``torch.distributed`` wraps as
+        ``reduce(dist.all_reduce, lambda t: gather_list(t))``; tests pass plain functions.
+        """
+        dual = self.dual.contiguous()
+        all_reduce(dual)
+        self._dual, self._w, self._b = dual, None, None
+        for t in self._sums:
+            all_reduce(t)
+        if self.example_rows is not None:
+            all_reduce(self.example_rows)
+        seen = torch.tensor([self.rows_seen], dtype=torch.int64, device=dual.device)
+        all_reduce(seen)
+        if not self.top_k:
+            self.rows_seen = int(seen)
+            return
+        n, k, dev = self.queries.shape[0], self.top_k, dual.device
+        merged = {}
+        for name, get, sign in (("top", self.top_rows, 1), ("pro", self.proponents, 1), ("con", self.opponents, -1)):
+            if name != "top" and self.units is None:
+                continue
+            vals = torch.full((n, k), float("-inf"), dtype=dual.dtype, device=dev)
+            meta = torch.full((n, k, len(META_COLUMNS)), -1, dtype=torch.int64, device=dev)
+            found = get()
+            if found is not None:  # a participant with fewer than k rows (or none) pads with -inf
+                v, m = found
+                vals[:, : v.shape[1]] = v * sign
+                meta[:, : v.shape[1]] = torch.stack([m[c] for c in META_COLUMNS], dim=2)
+            all_vals, all_meta = torch.cat(all_gather(vals), dim=1), torch.cat(all_gather(meta), dim=1)
+            kk = min(k, int(seen))
+            top, pos = torch.topk(all_vals, kk, dim=1, sorted=True)
+            picked = all_meta.gather(1, pos[:, :, None].expand(-1, -1, len(META_COLUMNS)))
+            merged[name] = (top * sign, {c: picked[:, :, j] for j, c in enumerate(META_COLUMNS)})
+        self._merged = merged
+        self.rows_seen = int(seen)

@@ -213,10 +213,11 @@ class _Prefetcher:
     _DONE = object()
 
     def __init__(
-        self, make: Callable[[int, int], dict[str, Any]], n_rows: int, block_rows: int, device: torch.device, depth: int = 2
+        self, make: Callable[[int, int], dict[str, Any]], n_rows: int, block_rows: int, device: torch.device, depth: int = 2,
+        share: tuple[int, int] = (0, 1),
     ) -> None:
         self._make = make
-        self._bounds = [(s, min(s + block_rows, n_rows)) for s in range(0, n_rows, block_rows)]
+        self._bounds = _share_of([(s, min(s + block_rows, n_rows)) for s in range(0, n_rows, block_rows)], *share)
         self._device = device
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -299,6 +300,12 @@ class DualInference:
         accumulate: ``torch.float32`` (default) or ``torch.float64`` for the scores and the sums.
         query_chunk: queries processed together against one block.
         progress: show a tqdm bar per pass.
+        distributed: split each :meth:`attend` pass over the processes of a ``torch.distributed`` group:
+            ``True`` for the default group, or a process group. Every rank must call ``attend`` with the same
+            arguments and queries; each reads and multiplies a contiguous share of the blocks, then the sums
+            (outputs, per-example sums, masses) are all-reduced and the top-k candidates all-gathered and
+            merged, so every rank returns the same full result. The group's backend must handle tensors on
+            ``device`` (gloo for the CPU, nccl for CUDA).
 
     Raises:
         StoreError: the file is missing, not a store, of a newer format, or damaged.
@@ -318,8 +325,9 @@ class DualInference:
         *,
         block_rows: int = 4096,
         accumulate: torch.dtype = torch.float32,
-        query_chunk: int = 256,
+        query_chunk: int = 2048,
         progress: bool = False,
+        distributed: bool | Any = False,
     ) -> None:
         if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
             raise ValueError(f"`DualInference(block_rows={block_rows!r})` must be a positive integer.")
@@ -332,9 +340,19 @@ class DualInference:
         self.accumulate = accumulate
         self.query_chunk = query_chunk
         self.progress = progress
+        self._group = _resolve_group(distributed)
         self.store = open_store(path)  # a store, or the shards of a DDP run
         self.path = self.store.path
         self._stats: dict[str, _Stats] = {}
+
+    def _share(self) -> tuple[int, int]:
+        """``(rank, world size)`` of this process's share of the blocks."""
+        if self._group is None:
+            return 0, 1
+        import torch.distributed as dist
+
+        group = None if self._group is True else self._group
+        return dist.get_rank(group), dist.get_world_size(group)
 
     # -- context management ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -437,6 +455,8 @@ class DualInference:
         base = coef.a_w * (qa @ w0.t())
         if lay.has_bias:
             base += coef.a_b * torch.from_numpy(lay.bias_init).to(dev, acc)
+        if self._share()[0] != 0:
+            base = torch.zeros_like(base)  # the ranks' duals are summed: the base term once
         state = AttentionAccumulator(
             queries=qa.to(compute),
             base=base,
@@ -470,8 +490,8 @@ class DualInference:
                 out[col] = blk[col].astype(np.int64, copy=False)
             return out
 
-        pf = _Prefetcher(make, n_rows, self.block_rows, dev)
-        bar = _bar(self.progress, n_rows, f"attend {lay.name}")
+        pf = _Prefetcher(make, n_rows, self.block_rows, dev, share=self._share())
+        bar = _bar(self.progress and self._share()[0] == 0, n_rows, f"attend {lay.name}")
         try:
             for blk in pf:
                 keys = blk["keys"] if keys_dtype else blk["keys"].to(compute)
@@ -495,6 +515,8 @@ class DualInference:
             pf.close()
             if bar is not None:
                 bar.close()
+        if self._group is not None:
+            _all_merge(state, self._group)
         return self._result(lay, coef, n_rows, state, stats, units, primal, residual, step_buckets, q, scan)
 
     def _result(
@@ -527,10 +549,11 @@ class DualInference:
         if state.example_score is not None and stats is not None and state.top_k:
             present = state.example_rows > 0
             ex_label = torch.from_numpy(stats.example_label).to(present.device)
-            res.top_examples = _top_examples(state.example_score, present, state.example_rows, ex_label, state.top_k, 0)
+            res.top_examples = _top_examples(state.example_score.contiguous(), present, state.example_rows, ex_label, state.top_k, 0)
             if state.example_contrib is not None:
-                res.proponent_examples = _top_examples(state.example_contrib, present, state.example_rows, ex_label, state.top_k, 1)
-                res.opponent_examples = _top_examples(state.example_contrib, present, state.example_rows, ex_label, state.top_k, -1)
+                contrib = state.example_contrib.contiguous()
+                res.proponent_examples = _top_examples(contrib, present, state.example_rows, ex_label, state.top_k, 1)
+                res.opponent_examples = _top_examples(contrib, present, state.example_rows, ex_label, state.top_k, -1)
         for name, (signed, absolute) in state.mass.items():
             if name == "label":
                 keys = torch.arange(-1, signed.shape[1] - 1)
@@ -541,7 +564,7 @@ class DualInference:
             else:
                 edges = step_bucket_edges(coef.first_step, coef.end_step, step_buckets)
                 keys = torch.tensor(edges[:-1])
-            res.mass[name] = Mass(keys=keys, signed=signed.to(cpu), absolute=absolute.to(cpu), edges=edges)
+            res.mass[name] = Mass(keys=keys, signed=signed.to(cpu).contiguous(), absolute=absolute.to(cpu).contiguous(), edges=edges)
         return res
 
     # -- pieces of a pass ------------------------------------------------------------------------------
@@ -805,6 +828,45 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def _resolve_group(distributed: Any) -> Any:
+    """``None`` (one process), ``True`` (the default group) or a process group."""
+    if distributed is False or distributed is None:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"`DualInference(distributed={distributed!r})` needs an initialized torch.distributed process group; "
+            "call torch.distributed.init_process_group(...) first, or leave distributed=False."
+        )
+    return True if distributed is True else distributed
+
+
+def _share_of(bounds: list[tuple[int, int]], rank: int, world: int) -> list[tuple[int, int]]:
+    """Rank ``rank``'s contiguous share of the blocks (sizes differ by at most one block)."""
+    per, extra = divmod(len(bounds), world)
+    start = rank * per + min(rank, extra)
+    return bounds[start : start + per + (rank < extra)]
+
+
+def _all_merge(state: AttentionAccumulator, group: Any) -> None:
+    """Sum and merge the ranks' partial results: afterwards every rank holds the full result."""
+    import torch.distributed as dist
+
+    grp = None if group is True else group
+    world = dist.get_world_size(grp)
+
+    def all_reduce(t: torch.Tensor) -> None:
+        dist.all_reduce(t, group=grp)
+
+    def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+        out = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(out, t.contiguous(), group=grp)
+        return out
+
+    state.reduce(all_reduce, all_gather)
+
+
 def _bar(enabled: bool, total: int, desc: str) -> Any:
     if not enabled:
         return None
@@ -841,7 +903,7 @@ def _top_examples(
     largest = sign >= 0
     fill = float("-inf") if largest else float("inf")
     kk = min(k, int(present.sum()))
-    masked = sums.masked_fill(~present, fill)
+    masked = sums if bool(present.all()) else sums.masked_fill(~present, fill)
     score, index = torch.topk(masked, kk, dim=1, largest=largest, sorted=True)
     label, nrows = ex_label[index], rows[index]
     if sign:
