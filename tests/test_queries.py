@@ -62,6 +62,7 @@ def test_recorded_test_queries_equal_a_separate_forward(trained):
         for name in ("net.0", "net.2"):
             rows = q.layer_rows(name)
             np.testing.assert_array_equal(rows["example"], np.arange(20))
+            np.testing.assert_array_equal(rows["label"], test.y[q.index].numpy())
             np.testing.assert_allclose(rows["keys"], inputs[name][q.index].numpy(), rtol=0, atol=1e-6)
 
 
@@ -82,7 +83,9 @@ def test_training_inputs_are_stored_once_per_example(trained):
     trainer, model, cb, train, test = trained
     with h5py.File(cb.store_path, "r") as f:
         assert f["inputs"]["index"].shape == (64,)  # 3 epochs, each example once
+        assert f.attrs["epochs"] == 3 and f.attrs["final_step"] == 12
     with StoreReader(cb.store_path) as s:
+        assert s.n_inputs == 64
         idx = np.array([5, 0, 63, 17])
         np.testing.assert_array_equal(s.train_inputs(idx), train.x[idx].numpy())
         assert np.isnan(s.train_inputs(np.array([1000]))).all()

@@ -174,6 +174,7 @@ class DualFormCallback(Callback):
         self.check_disk = check_disk
         self.check_every = check_every
         self._steps_seen = 0
+        self._last_epoch: int | None = None
         self.plan: Plan | None = None
         self._torch_row_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
@@ -489,6 +490,7 @@ class DualFormCallback(Callback):
         if self._writer is None:
             return
         step, epoch = int(trainer.global_step), int(trainer.current_epoch)
+        self._last_epoch = epoch
         loss_scale, skipped = _loss_scale(trainer, optimizer)
         clip = self._clip_factor(trainer, optimizer)
         grad_scale = 0.0 if skipped else clip * self._grad_world_scale / loss_scale
@@ -649,7 +651,9 @@ class DualFormCallback(Callback):
         }
         self._detach()
         writer, self._writer = self._writer, None
-        writer.call(writer.store.finalize, finals, {"final_step": int(trainer.global_step), "epochs": int(trainer.current_epoch) + 1})
+        # Lightning has already advanced current_epoch when fit ends: count the epochs that ran steps
+        epochs = self._last_epoch + 1 if self._last_epoch is not None else 0
+        writer.call(writer.store.finalize, finals, {"final_step": int(trainer.global_step), "epochs": epochs})
         writer.stop()
         if trainer.world_size > 1:
             trainer.strategy.barrier("dualform-finalized")

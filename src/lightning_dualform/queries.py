@@ -76,15 +76,15 @@ class QueryRecorder:
         for name, cap in self.captures.items():
             offset, parts = 0, []
             for call in cap.calls:
-                _, position, _, per_ex, example = row_metadata(call, info, offset, with_example=True)
+                _, position, row_label, per_ex, example = row_metadata(call, info, offset, with_example=True)
                 offset += per_ex
                 keys = call.keys if call.keys.is_floating_point() else one_hot_keys(call.keys, layer_shape(cap.module)[0])
-                parts.append((keys.float().cpu(), example, position))
+                parts.append((keys.float().cpu(), example, position, row_label))
                 if call.output is not None:
                     last_output = call.output
             cap.calls.clear()
             if parts:
-                rows[name] = tuple(torch.cat([p[i] for p in parts]).numpy() for i in range(3))
+                rows[name] = tuple(torch.cat([p[i] for p in parts]).numpy() for i in range(4))
         n = info.size or 0
         index = info.indices.numpy() if info.indices is not None else np.full(n, -1)
         label = info.labels.reshape(n, -1)[:, 0].numpy() if info.labels is not None and info.labels.shape[0] == n else np.full(n, -1)

@@ -502,12 +502,14 @@ class QueryWriter:
             _create(g, "keys", shape=(0, d_in), maxshape=(None, d_in), dtype=np.float32, chunks=(256, d_in))
             _create(g, "example", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
             _create(g, "position", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(4096,))
+            _create(g, "label", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
 
     def add_batch(
         self, index: np.ndarray, label: np.ndarray, prediction: np.ndarray, inputs: np.ndarray | None,
-        rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+        rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
     ) -> None:
-        """One batch: per-example columns, and per layer ``(keys, example-in-batch, position)``."""
+        """One batch: per-example columns, and per layer ``(keys, example-in-batch, position, label)``
+        (the row's own label: per position for sequences)."""
         g = self.group
         if inputs is not None:
             if "inputs" not in g:
@@ -517,11 +519,12 @@ class QueryWriter:
                 _append(g["inputs"], inputs)
         for col, data in (("index", index), ("label", label), ("prediction", prediction)):
             _append(g[col], data.astype(np.int64))
-        for name, (keys, example, position) in rows.items():
+        for name, (keys, example, position, label) in rows.items():
             lg = g["layers"][name]
             _append(lg["keys"], keys.astype(np.float32))
             _append(lg["example"], example.astype(np.int64) + self.n)
             _append(lg["position"], position.astype(np.int32))
+            _append(lg["label"], label.astype(np.int64))
         self.n += len(index)
 
     def close(self) -> None:
@@ -942,6 +945,11 @@ class StoreReader:
         return self.status == "complete"
 
     @property
+    def n_inputs(self) -> int:
+        """How many training examples have their raw input stored."""
+        return int(self._f["inputs"]["committed"][0]) if "inputs" in self._f else 0
+
+    @property
     def query_splits(self) -> list[str]:
         """Names of the recorded query sets (e.g. ``["test"]``)."""
         return sorted(self._f["queries"]) if "queries" in self._f else []
@@ -1019,11 +1027,12 @@ class QuerySet:
 
     @_guarded
     def layer_rows(self, layer: str) -> dict[str, np.ndarray]:
-        """``keys (R, d_in)``, ``example (R,)`` (query number) and ``position (R,)`` of one layer."""
+        """``keys (R, d_in)``, ``example (R,)`` (query number), ``position (R,)`` and ``label (R,)``
+        (the row's own label, per position for sequences; -1 when none) of one layer."""
         if layer not in self.layers:
             raise KeyError(f"query set {self.split!r} has no rows for layer {layer!r}; it has {self.layers}")
         g = self._g["layers"][layer]
-        return {k: np.asarray(g[k][()]) for k in ("keys", "example", "position")}
+        return {k: np.asarray(g[k][()]) for k in ("keys", "example", "position", "label") if k in g}
 
 
 def _attr(v: Any) -> Any:
