@@ -22,6 +22,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -62,7 +63,9 @@ void FN(fold)(int64_t n, int64_t B, const T* ST, int64_t lds, int nthreads,
               const int64_t* ex, int64_t E, int64_t ldt, T* ex_tab, T* exc_tab,
               const int64_t* grp, int64_t G, int64_t Gtot, int64_t ldm, T* m_signed, T* m_abs,
               const int64_t* units, const T* A, const T* C, int64_t U,
-              T* pro_v, int64_t* pro_m, int64_t* pro_c, T* con_v, int64_t* con_m, int64_t* con_c) {
+              T* pro_v, int64_t* pro_m, int64_t* pro_c, T* con_v, int64_t* con_m, int64_t* con_c, int64_t* ex_rows) {
+    if (ex_rows && ex)
+        for (int64_t r = 0; r < B; r++) if (ex[r] >= 0 && ex[r] < E) ex_rows[ex[r]]++;
     #pragma omp parallel num_threads(nthreads)
     {
         int nt = omp_get_num_threads(), id = omp_get_thread_num();
@@ -161,7 +164,8 @@ def _cache_dir() -> str:
 def _build() -> ctypes.CDLL | None:
     src = _source()
     cc = os.environ.get("CC", "cc")
-    tag = hashlib.sha256((src + cc + sys.platform).encode()).hexdigest()[:16]
+    # -march=native: the library is built for, and cached per, the machine that runs it
+    tag = hashlib.sha256((src + cc + sys.platform + platform.node() + platform.machine()).encode()).hexdigest()[:16]
     out_dir = _cache_dir()
     so = os.path.join(out_dir, f"fused-{tag}.so")
     if not os.path.exists(so):
@@ -170,8 +174,11 @@ def _build() -> ctypes.CDLL | None:
             c_path, tmp_so = os.path.join(tmp, "fused.c"), os.path.join(tmp, "fused.so")
             with open(c_path, "w") as f:
                 f.write(src)
-            cmd = [cc, "-O3", "-fPIC", "-shared", "-fopenmp", c_path, "-o", tmp_so]
+            cmd = [cc, "-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", c_path, "-o", tmp_so]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if proc.returncode != 0:  # a compiler without -march=native
+                cmd.remove("-march=native")
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if proc.returncode != 0:
                 log.info("fused attention kernel not built (%s): %s", " ".join(cmd), proc.stderr[-500:])
                 return None
@@ -182,7 +189,7 @@ def _build() -> ctypes.CDLL | None:
         fn = getattr(lib, f"fold_{t}")
         fn.restype = None
         fn.argtypes = [i64, i64, p, i64, ctypes.c_int, p, i64, i64, p, p, p, p, i64, i64, p, p, p, i64, i64, i64, p, p,
-                       p, p, p, i64, p, p, p, p, p, p]
+                       p, p, p, i64, p, p, p, p, p, p, p]
     return lib
 
 
@@ -223,6 +230,7 @@ def fold(
     coef_b: torch.Tensor | None = None,
     pro: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     con: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    example_rows: torch.Tensor | None = None,
 ) -> None:
     """Fold one block with the compiled pass (CPU tensors, all floats in ``scores_t.dtype``, indices int64).
 
@@ -230,7 +238,8 @@ def fold(
     (n,))`` contiguous; ``example (B,)``; tables ``(E, >= n)`` and mass tables ``(Gtot, >= n)`` with unit
     column stride (column slices of wider tables are fine); ``groups (B, G)`` rows of the mass tables;
     ``units (n,)``; ``coef_w``/``coef_b`` ``(B, d_out)``: ``c_w v`` and ``c_b v``, a row's contribution to
-    unit ``u`` being ``score * coef_w[:, u] + coef_b[:, u]``.
+    unit ``u`` being ``score * coef_w[:, u] + coef_b[:, u]``; ``example_rows (E,)`` counts the rows per
+    example (give it to one call per block).
     """
     lib = kernel()
     if lib is None:
@@ -245,6 +254,8 @@ def fold(
     con = con or (None, None, None)
     ms, ma = mass or (None, None)
     table = example_tab if example_tab is not None else example_contrib_tab
+    if example_rows is not None and table is None:
+        raise ValueError("fused.fold counts example rows only along with a per-example table")
     fn(
         n, b, scores_t.data_ptr(), scores_t.stride(0), torch.get_num_threads(),
         meta.data_ptr(), meta.shape[1], k,
@@ -254,5 +265,5 @@ def fold(
         _ptr(groups), 0 if groups is None else groups.shape[1], 0 if ms is None else ms.shape[0],
         0 if ms is None else ms.stride(0), _ptr(ms), _ptr(ma),
         _ptr(units), _ptr(coef_w), _ptr(coef_b), 0 if coef_w is None else coef_w.shape[1],
-        *(_ptr(t) for t in pro), *(_ptr(t) for t in con),
+        *(_ptr(t) for t in pro), *(_ptr(t) for t in con), _ptr(example_rows),
     )

@@ -148,6 +148,13 @@ class Block:
     label_group: torch.Tensor | None = None  # (B,) bucket of the row's label, for the mass
     step_group: torch.Tensor | None = None  # (B,) step bucket
     exact_keys: torch.Tensor | None = None  # (B, d_in) in the accumulation dtype, for re-scoring a bf16 scan
+    # Optional, derived from the fields above; a reader thread can prepare them so that the compute thread
+    # only multiplies. Each is computed by ``fold`` when missing.
+    coef_w: torch.Tensor | None = None  # (B, d_out) c_w v
+    coef_b: torch.Tensor | None = None  # (B, d_out) c_b v
+    bias_sum: torch.Tensor | None = None  # (d_out,) c_b @ V
+    packed_meta: torch.Tensor | None = None  # (B, len(META_COLUMNS)) int64, columns in META_COLUMNS order
+    groups: torch.Tensor | None = None  # (B, G) rows of the concatenated mass tables (see mass_offsets)
 
 
 @dataclass
@@ -237,11 +244,11 @@ class AttentionAccumulator:
         (ms, ms_view), (ma, ma_view) = table(total), table(total)
         self._mass_store = (ms, ma)
         self._sums += [ms, ma]
-        self._mass_offsets: dict[str, int] = {}
+        self.mass_offsets: dict[str, int] = {}  # first column of each group kind in the mass tables
         self.mass = {}
         off = 0
         for name, g in widths:
-            self._mass_offsets[name] = off
+            self.mass_offsets[name] = off
             self.mass[name] = (ms_view[:, off : off + g], ma_view[:, off : off + g])
             off += g
         self._buf: torch.Tensor | None = None
@@ -279,12 +286,12 @@ class AttentionAccumulator:
         acc = self.base.dtype
         values = block.values if block.values.dtype == acc else block.values.to(acc)
         # the coefficient goes on V (B x d_out), not on the (n x B) scores: A (c V) = (A c) V
-        cv = values * block.c_w[:, None]
+        cv = block.coef_w if block.coef_w is not None else values * block.c_w[:, None]
         if self._w is not None:
             self._w.addmm_(cv.t(), block.keys if block.keys.dtype == acc else block.keys.to(acc))
         if self._b is not None:
-            self._b += block.c_b @ values
-        if self.example_rows is not None:
+            self._b += block.bias_sum if block.bias_sum is not None else block.c_b @ values
+        if self.example_rows is not None and not self.fused:
             idx = block.meta["index"]
             self.example_rows += torch.bincount(idx[idx >= 0], minlength=self.n_examples)[: self.n_examples]
         if self.fused:
@@ -294,13 +301,19 @@ class AttentionAccumulator:
         self.rows_seen += b
 
     def _fold_fused(self, block: Block, values: torch.Tensor, cv: torch.Tensor) -> None:
-        meta = torch.stack([block.meta[c] for c in META_COLUMNS], dim=1).contiguous()
-        groups = None
-        if self.mass:
+        meta = block.packed_meta
+        if meta is None:
+            meta = torch.stack([block.meta[c] for c in META_COLUMNS], dim=1).contiguous()
+        groups = block.groups
+        if self.mass and groups is None:
             cols = {"label": block.label_group, "epoch": block.meta["epoch"], "step": block.step_group}
-            groups = torch.stack([cols[name] + off for name, off in self._mass_offsets.items()], dim=1).contiguous()
+            groups = torch.stack([cols[name] + off for name, off in self.mass_offsets.items()], dim=1).contiguous()
         index = block.meta["index"].contiguous()
-        coef_b = (values * block.c_b[:, None]).contiguous() if self.units is not None else None
+        coef_b = None
+        if self.units is not None:
+            coef_b = block.coef_b if block.coef_b is not None else values * block.c_b[:, None]
+            coef_b = coef_b.contiguous()
+        cv = cv.contiguous()
         n = self.queries.shape[0]
         for q0 in range(0, n, self.query_chunk):
             q1 = min(q0 + self.query_chunk, n)
@@ -322,6 +335,7 @@ class AttentionAccumulator:
                 groups=groups, mass=(cols(self._mass_store[0]), cols(self._mass_store[1])) if groups is not None else None,
                 units=None if self.units is None else self.units[q0:q1].contiguous(), coef_w=cv if self.units is not None else None,
                 coef_b=coef_b, pro=rows(self._fpro), con=rows(self._fcon),
+                example_rows=self.example_rows if (q0 == 0 and self.example_score is not None) else None,
             )
 
     def _fold_torch(self, block: Block, values: torch.Tensor, cv: torch.Tensor) -> None:

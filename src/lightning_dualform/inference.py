@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_dualform.attention import META_COLUMNS, AttentionAccumulator, Block, step_bucket, step_bucket_edges
+from lightning_dualform import _fused
+from lightning_dualform.attention import META_COLUMNS, AttentionAccumulator, Block, step_bucket_edges
 from lightning_dualform.errors import StoreError
 from lightning_dualform.shards import open_store
 from lightning_dualform.store import LayerReader, StoreReader
@@ -488,6 +489,18 @@ class DualInference:
             }
             for col in ("step", "epoch", "index", "position", "label"):
                 out[col] = blk[col].astype(np.int64, copy=False)
+            # Everything derived from the rows alone is prepared here, on the reader thread, so that the
+            # compute thread only multiplies and folds (every small op there waits for the GIL).
+            span = max(coef.end_step - coef.first_step, 1)
+            out["step_group"] = np.clip((out["step"] - coef.first_step) * step_buckets // span, 0, step_buckets - 1)
+            out["coef_w"] = out["values"] * out["c_w"][:, None]
+            out["bias_sum"] = out["c_b"] @ out["values"]
+            if units is not None:
+                out["coef_b"] = out["values"] * out["c_b"][:, None]
+            out["packed_meta"] = np.stack([out[c] for c in META_COLUMNS], axis=1)
+            if state.mass_offsets:
+                cols = {"label": out["label_group"], "epoch": out["epoch"], "step": out["step_group"]}
+                out["groups"] = np.stack([cols[name] + off for name, off in state.mass_offsets.items()], axis=1)
             return out
 
         pf = _Prefetcher(make, n_rows, self.block_rows, dev, share=self._share())
@@ -505,8 +518,13 @@ class DualInference:
                         c_b=blk["c_b"],
                         meta=meta,
                         label_group=blk["label_group"],
-                        step_group=step_bucket(blk["step"], coef.first_step, coef.end_step, step_buckets),
+                        step_group=blk["step_group"],
                         exact_keys=exact_keys,
+                        coef_w=blk["coef_w"],
+                        coef_b=blk.get("coef_b"),
+                        bias_sum=blk["bias_sum"],
+                        packed_meta=blk["packed_meta"],
+                        groups=blk.get("groups"),
                     )
                 )
                 if bar is not None:
@@ -549,11 +567,10 @@ class DualInference:
         if state.example_score is not None and stats is not None and state.top_k:
             present = state.example_rows > 0
             ex_label = torch.from_numpy(stats.example_label).to(present.device)
-            res.top_examples = _top_examples(state.example_score.contiguous(), present, state.example_rows, ex_label, state.top_k, 0)
+            res.top_examples = _top_examples(state.example_score, present, state.example_rows, ex_label, state.top_k, 0)
             if state.example_contrib is not None:
-                contrib = state.example_contrib.contiguous()
-                res.proponent_examples = _top_examples(contrib, present, state.example_rows, ex_label, state.top_k, 1)
-                res.opponent_examples = _top_examples(contrib, present, state.example_rows, ex_label, state.top_k, -1)
+                res.proponent_examples = _top_examples(state.example_contrib, present, state.example_rows, ex_label, state.top_k, 1)
+                res.opponent_examples = _top_examples(state.example_contrib, present, state.example_rows, ex_label, state.top_k, -1)
         for name, (signed, absolute) in state.mass.items():
             if name == "label":
                 keys = torch.arange(-1, signed.shape[1] - 1)
@@ -901,13 +918,41 @@ def _top_examples(
     """Top-k examples of ``(n, n_examples)`` sums; ``sign`` 0: largest, 1: largest positive, -1: most negative."""
     cpu = torch.device("cpu")
     largest = sign >= 0
-    fill = float("-inf") if largest else float("inf")
     kk = min(k, int(present.sum()))
-    masked = sums if bool(present.all()) else sums.masked_fill(~present, fill)
-    score, index = torch.topk(masked, kk, dim=1, largest=largest, sorted=True)
+    if sums.device.type == "cpu" and sums.t().is_contiguous() and _fused.kernel() is not None:
+        # the fused pass's (n_examples, n) table: one more threshold pass, no transposed copy of the table
+        score, index = _fused_topk_rows(sums.t(), present, kk, largest)
+    else:
+        sums = sums.contiguous()
+        masked = sums if bool(present.all()) else sums.masked_fill(~present, float("-inf") if largest else float("inf"))
+        score, index = torch.topk(masked, kk, dim=1, largest=largest, sorted=True)
     label, nrows = ex_label[index], rows[index]
     if sign:
         pad = score * sign <= 0
         index, label, nrows = (t.masked_fill(pad, -1) for t in (index, label, nrows))
         score = score.masked_fill(pad, 0.0)
     return TopExamples(score=score.to(cpu), index=index.to(cpu), label=label.to(cpu), rows=nrows.to(cpu))
+
+
+def _fused_topk_rows(table_t: torch.Tensor, present: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(table_t[present].T, k, dim=1)`` for an ``(E, n)`` table, with the compiled threshold pass."""
+    idx = torch.arange(table_t.shape[0])
+    if not bool(present.all()):
+        idx = present.nonzero().squeeze(1)
+        table_t = table_t.index_select(0, idx)
+    n, dt = table_t.shape[1], table_t.dtype
+    meta = idx[:, None].contiguous()
+
+    def running() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.zeros(n, k, dtype=dt), torch.full((n, k, 1), -1, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
+
+    if largest:
+        top = running()
+        _fused.fold(table_t, meta, k=k, top=top)
+        return top[0], top[1][:, :, 0]
+    # smallest: the opponents' routine with contribution = value * 1 + 0
+    ones = torch.ones(table_t.shape[0], 1, dtype=dt)
+    pro, con = running(), running()
+    _fused.fold(table_t, meta, k=k, units=torch.zeros(n, dtype=torch.int64), coef_w=ones, coef_b=torch.zeros_like(ones),
+                pro=pro, con=con)
+    return -con[0], con[1][:, :, 0]
