@@ -14,3 +14,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logger_levels():
+    """Scripts run in-process (examples, the CLI) may quiet Lightning's loggers; keep that inside the test."""
+    import logging
+
+    names = ("lightning.pytorch", "lightning.fabric", "lightning", "lightning_dualform")
+    saved = {n: logging.getLogger(n).level for n in names}
+    yield
+    for n, level in saved.items():
+        logging.getLogger(n).setLevel(level)
