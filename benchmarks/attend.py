@@ -10,6 +10,9 @@ images, then for each layer measures in one process:
 and prints (a) / max(b, c) (goal: <= 1.25), rows/s and GB/s, and the same for the ``scan="bf16"`` mode with
 how often its top-k differs from the exact one.
 
+Each of ``--repeat`` rounds times (c), (b), (a) and the bf16 scan one after another; the medians are
+reported (the machine may be shared).
+
 Run:  python benchmarks/attend.py [--store /tmp/dualform-bench/attend.h5] [--epochs 3] [--layers net.0 net.4]
 """
 
@@ -78,13 +81,14 @@ def queries_for(path: str, data: str, n: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def best_of(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def median(xs: list[float]) -> float:
+    return float(np.median(xs))
 
 
 def main() -> None:
@@ -97,8 +101,9 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=10, help="top-k")
     p.add_argument("--block-rows", type=int, default=4096, help="DualInference block_rows")
     p.add_argument("--layers", nargs="*", default=["net.0", "net.2", "net.4"], help="layers to measure")
-    p.add_argument("--query-chunk", type=int, default=256, help="DualInference query_chunk")
-    p.add_argument("--repeat", type=int, default=2, help="repetitions (best is reported)")
+    p.add_argument("--query-chunk", type=int, default=2048, help="DualInference query_chunk")
+    p.add_argument("--repeat", type=int, default=3, help="interleaved rounds of (c), (b), (a), bf16 (medians are reported)")
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 scan")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
 
@@ -123,33 +128,42 @@ def main() -> None:
                 for s in range(0, lay.n_rows, args.block_rows):
                     lay.read(s, s + args.block_rows, ("keys", "values"))
 
-            t_c = best_of(read, args.repeat)
             rows = lay.read(0, lay.n_rows, ("keys", "values", "step"))
             coef = lay.coefficients()
             k = torch.from_numpy(rows["keys"]).to(dev)
             v = torch.from_numpy(rows["values"]).to(dev)
             c = torch.from_numpy(coef.c_w[rows["step"] - coef.first_step]).float().to(dev)
             qd = q.to(dev)
+            del rows
 
             def matmul() -> None:
                 s = torch.matmul(qd, k.t())
                 torch.matmul(s * c, v)
                 sync()
 
-            t_b = best_of(matmul, args.repeat)
-            del k, v, c, rows
             unit = "pred" if name == "net.4" else None
 
             def attend(scan: str):
                 return di.attend(name, q, top_k=args.top_k, contribution_to=unit, per_example=True, scan=scan)
 
             di.attend(name, q[:8], top_k=args.top_k)  # metadata pass and warm-up, not timed
-            t_a = best_of(lambda: attend("exact"), args.repeat)
-            t_f = best_of(lambda: attend("bf16"), args.repeat)
-            exact, fast = attend("exact"), attend("bf16")
+            # interleaved rounds, so that load from other jobs on the machine hits every measurement alike
+            ts: dict[str, list[float]] = {"a": [], "b": [], "c": [], "f": []}
+            for _ in range(args.repeat):
+                ts["c"].append(timed(read))
+                ts["b"].append(timed(matmul))
+                ts["a"].append(timed(lambda: attend("exact")))
+                if not args.no_bf16:
+                    ts["f"].append(timed(lambda: attend("bf16")))
+            del k, v, c
+            t_a, t_b, t_c = median(ts["a"]), median(ts["b"]), median(ts["c"])
+            t_f = median(ts["f"]) if ts["f"] else float("nan")
+            exact = attend("exact")
+            fast = attend("bf16") if not args.no_bf16 else exact
             # compare scores, not row ids: an example seen in several epochs gives tied rows (layer 0 keys repeat)
             tol = 1e-4 * exact.top.score.abs().amax(dim=1, keepdim=True)
             differs = float(((exact.top.score - fast.top.score).abs() > tol).any(dim=1).float().mean())
+            print("   rounds (s): " + "  ".join(f"{key}=" + ",".join(f"{x:.2f}" for x in xs) for key, xs in ts.items()))
             ratio = t_a / max(t_b, t_c)
             print(
                 f"{name}  {lay.n_rows}  {t_a:.2f}  {t_b:.2f}  {t_c:.2f}  {ratio:.2f}  {lay.n_rows / t_a:,.0f}  "
