@@ -141,3 +141,33 @@ def test_unsupported_configurations_are_skipped_with_a_note(tmp_path, caplog):
     assert "max_norm" in caplog.text
     with StoreReader(cb.store_path) as s:
         assert s.layers == ["out"]
+
+
+def test_explain_uses_the_rows_each_layer_kind_multiplies(tmp_path):
+    from lightning_dualform import DualInference
+
+    g = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(16, 2, 6, 6, generator=g), torch.randint(0, 3, (16,), generator=g))
+    model = ConvNet()
+    cb = _fit(tmp_path, model, ds)
+    x = torch.randn(3, 2, 6, 6)
+    with DualInference(cb.store_path, device="cpu", accumulate=torch.float64) as di:
+        ex = di.explain(model, x, top_k=2)
+    out = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o.detach())) for n, m in model.named_modules() if n in ("c1", "c2")]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for name in ("c1", "c2"):
+        real = out[name]
+        real_rows = real.reshape(real.shape[0], real.shape[1], -1).transpose(1, 2).reshape(-1, real.shape[1])
+        assert rel_err(ex[name].dual.double(), real_rows.double()) <= 1e-5
+
+    tokens = torch.randint(0, 13, (24, 5), generator=g)
+    tm = TokenModel()
+    cb = DualFormCallback(tmp_path / "t.h5")
+    L.Trainer(max_epochs=1, callbacks=[cb], **TRAINER_KW).fit(tm, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens, tokens), batch_size=8))
+    with DualInference(cb.store_path, device="cpu", accumulate=torch.float64) as di:
+        ex = di.explain(tm, tokens[:2], layers=["emb"], forward=lambda m, b: m.emb(b))
+    assert rel_err(ex["emb"].dual.double(), tm.emb(tokens[:2]).detach().reshape(-1, 6).double()) <= 1e-5

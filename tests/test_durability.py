@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers import TRAINER_KW, MLP, EpochSampler, IndexedDataset, dual_output, real_output, rel_err, store_contents
-from lightning_dualform import DualFormCallback, StoreReader, WriterError
+from lightning_dualform import DualFormCallback, DualInference, StoreReader, WriterError
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_run.py")
 
@@ -69,6 +69,13 @@ def test_sigkill_leaves_a_verifiable_store_and_resume_completes_it(uninterrupted
     for name in ("net.0", "net.2"):
         x = torch.randn(6, dict(model.named_modules())[name].in_features, generator=g)
         assert rel_err(dual_output(str(store), name, x), real_output(dict(model.named_modules())[name], x)) <= 1e-5
+    with pytest.warns(UserWarning, match="incomplete store.*after step 10"):
+        di = DualInference(str(store), device="cpu", accumulate=torch.float64)
+    with di:
+        x = torch.randn(4, 8, generator=g)
+        res = di.attend("net.2", x, top_k=3)
+        assert res.primal is None and di.last_step == 10
+        assert rel_err(res.dual.double(), real_output(model.net[2], x)) <= 1e-5
     _run(store, tmp_path / "ckpt2", 3, "--resume", ckpt)
     _assert_same_store(uninterrupted / "run.h5", store)
 
@@ -165,3 +172,8 @@ def test_store_started_from_a_checkpoint_with_momentum_is_exact(tmp_path):
         assert rel_err(dual_output(cb.store_path, name, x), real_output(dict(model.named_modules())[name], x)) <= 1e-5
     with h5py.File(cb.store_path, "r") as f:
         assert "weight_buffer_init" in f["layers"]["net.0"]
+    with DualInference(cb.store_path, device="cpu", accumulate=torch.float64) as di:
+        for name in ("net.0", "net.2"):
+            m = dict(model.named_modules())[name]
+            x = torch.randn(5, m.in_features)
+            assert rel_err(di.attend(name, x, top_k=2).dual.double(), real_output(m, x)) <= 1e-5

@@ -161,11 +161,20 @@ def _cache_dir() -> str:
     return os.path.join(base, "lightning_dualform")
 
 
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((line for line in fh if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
 def _build() -> ctypes.CDLL | None:
     src = _source()
     cc = os.environ.get("CC", "cc")
-    # -march=native: the library is built for, and cached per, the machine that runs it
-    tag = hashlib.sha256((src + cc + sys.platform + platform.node() + platform.machine()).encode()).hexdigest()[:16]
+    # -march=native: the library is built for, and cached per, the machine that runs it (its CPU's
+    # instruction-set flags are in the key, so a home directory shared by different CPUs stays safe)
+    tag = hashlib.sha256((src + cc + sys.platform + platform.node() + platform.machine() + _cpu_flags()).encode()).hexdigest()[:16]
     out_dir = _cache_dir()
     so = os.path.join(out_dir, f"fused-{tag}.so")
     if not os.path.exists(so):

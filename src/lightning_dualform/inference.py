@@ -3,6 +3,7 @@
 The store holds every training key and value of each tracked layer; a layer's output for a query is
 
     dual(q) = a_w W_0 q + a_b b_0 + sum_rows (c_w[step] (k . q) + c_b[step]) v
+    (plus ``b_w buf_0 q + b_b buf_0`` for a store that began at a checkpoint with momentum buffers)
 
 This module streams the rows block by block (a prefetch thread reads block ``i + 1`` from HDF5, and on
 CUDA copies it through pinned memory on a side stream, while block ``i`` is computed) and folds each
@@ -17,6 +18,7 @@ import logging
 import os
 import queue
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -26,6 +28,7 @@ from torch import nn
 
 from lightning_dualform import _fused
 from lightning_dualform.attention import META_COLUMNS, AttentionAccumulator, Block, step_bucket_edges
+from lightning_dualform.capture import keys_of, one_hot_keys
 from lightning_dualform.errors import StoreError
 from lightning_dualform.shards import open_store
 from lightning_dualform.store import LayerReader, StoreReader
@@ -345,6 +348,23 @@ class DualInference:
         self.store = open_store(path)  # a store, or the shards of a DDP run
         self.path = self.store.path
         self._stats: dict[str, _Stats] = {}
+        if not self.store.complete:
+            warnings.warn(
+                f"{self.path} is an incomplete store (status {self.store.status!r}: still being written, or its "
+                f"training stopped early). Answers cover the model after step {self.store.last_step}, the last "
+                "durable step; the real final weights are not stored, so `primal` and `rel_err` are None.",
+                stacklevel=2,
+            )
+
+    @property
+    def complete(self) -> bool:
+        """Whether the store was finished by a completed fit (else it ends at :attr:`last_step`)."""
+        return self.store.complete
+
+    @property
+    def last_step(self) -> int:
+        """The latest model the store can rebuild: the one after this many optimizer steps."""
+        return self.store.last_step
 
     def _share(self) -> tuple[int, int]:
         """``(rank, world size)`` of this process's share of the blocks."""
@@ -451,11 +471,12 @@ class DualInference:
         dev = self.device
         compute = torch.bfloat16 if scan == "bf16" else acc
         stats = self._layer_stats(lay) if (per_example or mass) else None
-        w0 = torch.from_numpy(lay.weight_init).to(dev, acc)
+        # a W_0 (+ b buf_0 when the store began with momentum buffers): what the memory does not hold
+        w_base, b_base = lay.base_weights(coef=coef, with_residual=False)
         qa = q.to(dev, acc)
-        base = coef.a_w * (qa @ w0.t())
-        if lay.has_bias:
-            base += coef.a_b * torch.from_numpy(lay.bias_init).to(dev, acc)
+        base = qa @ torch.from_numpy(w_base).to(dev, acc).t()
+        if b_base is not None:
+            base += torch.from_numpy(b_base).to(dev, acc)
         if self._share()[0] != 0:
             base = torch.zeros_like(base)  # the ranks' duals are summed: the base term once
         state = AttentionAccumulator(
@@ -630,8 +651,9 @@ class DualInference:
         ``B x d_in x d_out`` per block instead of ``n x B x (d_in + d_out)``)."""
         acc, dev = self.accumulate, self.device
         n = lay.rows_before(coef.end_step)
-        w = coef.a_w * torch.from_numpy(lay.weight_init).to(dev, acc)
-        b = coef.a_b * torch.from_numpy(lay.bias_init).to(dev, acc) if lay.has_bias else None
+        w_base, b_base = lay.base_weights(coef=coef, with_residual=False)
+        w = torch.from_numpy(w_base).to(dev, acc)
+        b = torch.from_numpy(b_base).to(dev, acc) if b_base is not None else None
         c_w = torch.from_numpy(coef.c_w).to(dev, acc)
         c_b = torch.from_numpy(coef.c_b).to(dev, acc)
 
@@ -755,7 +777,9 @@ class DualInference:
             d_in = self.layer(name).d_in
 
             def hook(mod: nn.Module, inputs: tuple, output: Any, name: str = name, d_in: int = d_in) -> None:
-                captured[name].append(inputs[0].detach().reshape(-1, d_in))
+                # the rows the layer multiplies by its weight: unfolded patches, one-hot tokens, flattened rows
+                keys, _ = keys_of(mod, inputs[0])
+                captured[name].append(keys.float() if keys.is_floating_point() else one_hot_keys(keys, d_in))
 
             handles.append(modules[name].register_forward_hook(hook))
         was_training = model.training
