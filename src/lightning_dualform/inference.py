@@ -31,7 +31,7 @@ from lightning_dualform.attention import META_COLUMNS, AttentionAccumulator, Blo
 from lightning_dualform.capture import keys_of, one_hot_keys
 from lightning_dualform.errors import StoreError
 from lightning_dualform.shards import open_store
-from lightning_dualform.store import LayerReader, StoreReader
+from lightning_dualform.store import LayerReader
 
 log = logging.getLogger(__name__)
 
