@@ -26,7 +26,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from typing import Any, Sequence

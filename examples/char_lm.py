@@ -37,7 +37,7 @@ from typing_extensions import override
 
 import common
 from lightning_dualform import DualInference
-from lightning_dualform.analysis import attend_recorded, markdown_table, step_histogram, top_rows, vote_table
+from lightning_dualform.analysis import attend_recorded, step_histogram, top_rows, vote_table
 
 
 def stdlib_text(modules: Sequence[str], max_chars: int) -> str:
@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with DualInference(store, device="cpu") as di:
         layers = [n for n in ("cell.proj", "head", "embed") if n in di.layers]
         run = attend_recorded(di, "test", layers=layers, limit=n_q, top_k=args.top_k, positions=lambda n, pos: pos >= first_pos)
-        lines = [f"# Char LM: what a test prediction attends to\n",
+        lines = ["# Char LM: what a test prediction attends to\n",
                  f"Model after {di.store.last_step} steps (test loss {loss:.3f} nats/char on the analysed sequences). "
                  "For each prediction: the test text up to the current character, the true next character in ⟦ ⟧ and "
                  "the model's guess; then per layer the most attended training rows (score k·q, training step), each "

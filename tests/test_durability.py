@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TRAINER_KW, MLP, EpochSampler, IndexedDataset, dual_output, real_output, rel_err, store_contents
+from helpers import TRAINER_KW, MLP, IndexedDataset, dual_output, real_output, rel_err, store_contents
 from lightning_dualform import DualFormCallback, DualInference, StoreReader, WriterError
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_run.py")
