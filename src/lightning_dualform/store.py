@@ -174,8 +174,9 @@ class StoreWriter:
         self._inexact: dict[str, str] = {}
         self._dropped: dict[str, str] = {}
         self._last_commit = time.monotonic()
-        # a chunk cache that holds a layer's partly written last chunks between appends
-        self.file = h5py.File(self.path, "r+", libver="latest", locking=False, rdcc_nbytes=64 << 20, rdcc_nslots=10007)
+        # the default 1 MB chunk cache: appends end on chunk boundaries and bypass it (a large cache makes
+        # HDF5 push every checksummed chunk through it: 3x slower writes, measured)
+        self.file = h5py.File(self.path, "r+", libver="latest", locking=False)
         self.file.swmr_mode = True
         # h5py resolves every path on each access: look each dataset up once
         self._ds = {
