@@ -177,3 +177,27 @@ def test_store_started_from_a_checkpoint_with_momentum_is_exact(tmp_path):
             m = dict(model.named_modules())[name]
             x = torch.randn(5, m.in_features)
             assert rel_err(di.attend(name, x, top_k=2).dual.double(), real_output(m, x)) <= 1e-5
+
+
+def test_resume_with_a_schedule_stays_exact(tmp_path):
+    """Restoring a checkpoint replaces the optimizer's param-group dicts; the schedule goes on in the new ones."""
+    def make():
+        return MLP(opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9),
+                   sched_factory=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7))
+
+    dl = torch.utils.data.DataLoader(IndexedDataset(), batch_size=16)
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "c", filename="last")
+    trainer = L.Trainer(max_epochs=1, callbacks=[DualFormCallback(tmp_path / "s.h5"), ckpt_cb],
+                        **{**TRAINER_KW, "enable_checkpointing": True})
+    trainer.fit(make(), dl)
+    model = make()
+    cb = DualFormCallback(tmp_path / "s.h5")
+    L.Trainer(max_epochs=3, callbacks=[cb], **TRAINER_KW).fit(model, dl, ckpt_path=tmp_path / "c" / "last.ckpt")
+    assert all(c["exact"] for c in cb.certificate.values()), cb.certificate
+    with StoreReader(cb.store_path) as s:
+        lrs = s.layer("net.0").updates()["weight"]["lr"]
+    assert lrs[-1] < lrs[6] < lrs[0]  # the schedule went on after the resume
+    for name in ("net.0", "net.2"):
+        m = dict(model.named_modules())[name]
+        x = torch.randn(5, m.in_features)
+        assert rel_err(dual_output(cb.store_path, name, x), real_output(m, x)) <= 1e-5

@@ -188,7 +188,7 @@ class DualFormCallback(Callback):
         self._orig_process_dataloader: Callable | None = None
         self._batch: BatchInfo | None = None
         self._step_rows: dict[str, list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-        self._param_groups: dict[str, tuple[dict | None, dict | None]] = {}
+        self._param_groups: dict[str, tuple[int | None, int | None]] = {}
         self._probes: dict[str, torch.Tensor] = {}
         self._dropped: dict[str, str] = {}
         self._inexact: dict[str, str] = {}
@@ -361,18 +361,20 @@ class DualFormCallback(Callback):
         self._grad_world_scale = 1.0 / trainer.world_size if isinstance(trainer.strategy, DDPStrategy) else 1.0
 
     def _map_params(self, trainer: "pl.Trainer", chosen: dict[str, nn.Module], notes: list[str]) -> None:
-        groups: dict[int, dict] = {}
+        # Group *numbers*, not the group dicts: restoring a checkpoint replaces the dicts (and a scheduler
+        # then changes the new ones), so each step reads optimizer.param_groups[i] afresh.
+        groups: dict[int, int] = {}
         self._optimizer = trainer.optimizers[0] if trainer.optimizers else None
         if self._optimizer is not None:
-            for g in self._optimizer.param_groups:
+            for i, g in enumerate(self._optimizer.param_groups):
                 for p in g["params"]:
-                    groups[id(p)] = g
+                    groups[id(p)] = i
         for name, m in chosen.items():
-            wg = groups.get(id(m.weight))
-            bg = groups.get(id(_bias(m))) if _bias(m) is not None else None
-            if wg is None:
+            wi = groups.get(id(m.weight))
+            bi = groups.get(id(_bias(m))) if _bias(m) is not None else None
+            if wi is None:
                 notes.append(f"{name}.weight is in no optimizer param group: it never changes (W_T = W_0).")
-            self._param_groups[name] = (wg, bg)
+            self._param_groups[name] = (wi, bi)
 
     def _layer_spec(self, name: str, m: nn.Module) -> LayerSpec:
         d_in, d_out, extra = layer_shape(m)
@@ -507,7 +509,9 @@ class DualFormCallback(Callback):
             self._make_plan(trainer, pending)
         for name, cap in self._captures.items():
             m = cap.module
-            wg, bg = self._param_groups[name]
+            wi, bi = self._param_groups[name]
+            wg = optimizer.param_groups[wi] if wi is not None else None
+            bg = optimizer.param_groups[bi] if bi is not None else None
             w_up = _param_update(optimizer, m.weight, wg, skipped)
             b_up = _param_update(optimizer, _bias(m), bg, skipped) if _bias(m) is not None else None
             updates[name] = (grad_scale, w_up, b_up)
