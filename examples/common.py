@@ -18,10 +18,10 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import nn
-from typing_extensions import override
 
 from lightning_dualform import DualFormCallback, DualInference
 from lightning_dualform.datasets import load_images, split
+from lightning_dualform.demo import Classifier  # noqa: F401  (the examples' model wrapper)
 from lightning_dualform.analysis import (
     QueryAttention,
     attend_recorded,
@@ -92,48 +92,6 @@ class IndexedTensors(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[i], self.y[i]
-
-
-class Classifier(pl.LightningModule):
-    """Any ``nn.Module`` classifier trained by SGD with momentum on cross-entropy.
-
-    ``test_step`` returns the logits, so the callback stores each test query's prediction.
-    """
-
-    def __init__(self, net: nn.Module, lr: float, momentum: float = 0.9) -> None:
-        super().__init__()
-        self.net = net
-        self.lr, self.momentum = lr, momentum
-        self.correct, self.seen = 0, 0
-
-    @override
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    @override
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    @override
-    def on_test_epoch_start(self) -> None:
-        self.correct, self.seen = 0, 0
-
-    @override
-    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
-        self.correct += int((logits.argmax(1) == y).sum())
-        self.seen += len(y)
-        return logits
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / max(self.seen, 1)
-
-    @override
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
 def mlp(d_in: int, hidden: int = 800, classes: int = 10) -> nn.Sequential:

@@ -39,7 +39,54 @@ DEMO_LR = 0.05
 DEMO_SEED = 0
 
 
-class PaperMLP(pl.LightningModule):
+class Classifier(pl.LightningModule):
+    """Any ``nn.Module`` classifier trained by SGD with momentum on cross-entropy (used by the demo and the
+    examples). ``test_step`` returns the logits, so the callback stores each test query's prediction.
+
+    Args:
+        net: the network; its ``nn.Linear`` layers are what the callback records.
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+    """
+
+    def __init__(self, net: nn.Module, lr: float, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.net = net
+        self.lr, self.momentum = lr, momentum
+        self.correct, self.seen = 0, 0
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self.correct, self.seen = 0, 0
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        self.correct += int((logits.argmax(1) == y).sum())
+        self.seen += int(y.shape[0])
+        return logits
+
+    @property
+    def accuracy(self) -> float:
+        """Accuracy over the last ``trainer.test``."""
+        return self.correct / max(1, self.seen)
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+class PaperMLP(Classifier):
     """784-800-800-10 ReLU MLP trained by SGD with momentum (the paper's MNIST model).
 
     Args:
@@ -49,42 +96,13 @@ class PaperMLP(pl.LightningModule):
     """
 
     def __init__(self, lr: float = DEMO_LR, momentum: float = 0.9, hidden: int = 800, classes: int = 10) -> None:
-        super().__init__()
+        net = nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+        super().__init__(net, lr, momentum)
         self.save_hyperparameters()
-        self.net = nn.Sequential(
-            nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes)
-        )
-        self._correct = 0
-        self._seen = 0
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.reshape(x.shape[0], -1))
-
-    @override
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    @override
-    def on_test_epoch_start(self) -> None:
-        self._correct, self._seen = 0, 0
-
-    @override
-    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
-        self._correct += int((logits.argmax(1) == y).sum())
-        self._seen += int(y.shape[0])
-        return logits
-
-    @property
-    def test_accuracy(self) -> float:
-        return self._correct / max(1, self._seen)
-
-    @override
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
 
 
 def pick_queries(label: np.ndarray, prediction: np.ndarray, n: int = 3) -> list[int]:
@@ -164,7 +182,7 @@ def run_demo(
         trainer.fit(model, datamodule=dm)
         t_fit = time.perf_counter() - t0
         trainer.test(model, datamodule=dm, verbose=False)
-    accuracy = model.test_accuracy
+    accuracy = model.accuracy
     summary: dict[str, Any] = {
         "store": store,
         "epochs": epochs,
