@@ -18,7 +18,15 @@ from typing import Any
 import numpy as np
 
 from lightning_dualform.errors import StoreError
-from lightning_dualform.store import ROW_COLUMNS, Coefficients, LayerReader, QuerySet, StoreReader, read_shard_index
+from lightning_dualform.store import (
+    ROW_COLUMNS,
+    Coefficients,
+    LayerReader,
+    QuerySet,
+    StoreReader,
+    StoreView,
+    read_shard_index,
+)
 
 
 def open_store(path: str | os.PathLike, *, probe: bool = True) -> "StoreReader | ShardedStoreReader":
@@ -112,7 +120,7 @@ class ShardedLayerReader:
         return {c: np.concatenate([data[s][c][a - spans[s][0] : b - spans[s][0]] for s, a, b in pieces]) for c in columns}
 
 
-class ShardedStoreReader:
+class ShardedStoreReader(StoreView):
     """The shards of a DDP run as one store (same interface as :class:`~lightning_dualform.store.StoreReader`)."""
 
     def __init__(self, path: str, shards: list[str], *, probe: bool = True) -> None:
@@ -155,24 +163,6 @@ class ShardedStoreReader:
             r.update_epochs = r.update_epochs[: self.n_steps]
 
     @property
-    def layers(self) -> list[str]:
-        return list(self._layers)
-
-    @property
-    def last_step(self) -> int:
-        return self.first_step + self.n_steps
-
-    @property
-    def complete(self) -> bool:
-        return self.status == "complete"
-
-    def layer(self, name: str) -> ShardedLayerReader:
-        try:
-            return self._layers[name]
-        except KeyError:
-            raise KeyError(f"unknown layer {name!r}; this store has {self.layers}") from None
-
-    @property
     def query_splits(self) -> list[str]:
         return sorted(set().union(*(r.query_splits for r in self._readers)))
 
@@ -197,12 +187,6 @@ class ShardedStoreReader:
     def close(self) -> None:
         for r in self._readers:
             r.close()
-
-    def __enter__(self) -> "ShardedStoreReader":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 class _MergedQuerySet:

@@ -855,7 +855,48 @@ class LayerReader:
         return out
 
 
-class StoreReader:
+class StoreView:
+    """What every opened store offers beyond its files: layers by name, the step range, status.
+
+    Subclasses set ``path``, ``status``, ``n_steps``, ``first_step`` and ``_layers`` (name -> layer reader).
+    """
+
+    path: str
+    status: str
+    n_steps: int
+    _layers: dict[str, Any]
+
+    @property
+    def layers(self) -> list[str]:
+        """Tracked layer names, in model order."""
+        return list(self._layers)
+
+    @property
+    def last_step(self) -> int:
+        """The model after this many optimizer steps is the latest the store can rebuild."""
+        return self.first_step + self.n_steps
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    def layer(self, name: str) -> Any:
+        try:
+            return self._layers[name]
+        except KeyError:
+            raise KeyError(f"unknown layer {name!r}; this store has {self.layers}") from None
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class StoreReader(StoreView):
     """A store opened for reading. Validates the file before anything else touches it.
 
     Raises:
@@ -928,22 +969,8 @@ class StoreReader:
                 raise StoreError(f"{self.path}: layer {layer.name!r} has fewer update records than committed steps.")
 
     @property
-    def layers(self) -> list[str]:
-        """Tracked layer names, in model order."""
-        return list(self._layers)
-
-    @property
     def first_step(self) -> int:
         return int(self.update_steps[0]) if len(self.update_steps) else 0
-
-    @property
-    def last_step(self) -> int:
-        """The model after this many optimizer steps is the latest the store can rebuild."""
-        return self.first_step + self.n_steps
-
-    @property
-    def complete(self) -> bool:
-        return self.status == "complete"
 
     @property
     def n_inputs(self) -> int:
@@ -986,20 +1013,8 @@ class StoreReader:
                 out[j] = data[p]
         return out
 
-    def layer(self, name: str) -> LayerReader:
-        try:
-            return self._layers[name]
-        except KeyError:
-            raise KeyError(f"unknown layer {name!r}; this store has {self.layers}") from None
-
     def close(self) -> None:
         self._f.close()
-
-    def __enter__(self) -> "StoreReader":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 class QuerySet:
