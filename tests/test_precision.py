@@ -52,3 +52,23 @@ def test_16_mixed_with_loss_scaler_on_gpu(tmp_path):
         module = dict(model.named_modules())[name]
         x = torch.randn(8, module.in_features)
         assert rel_err(dual_output(cb.store_path, name, x), real_output(module, x)) <= PRECISION_TOLERANCE["16-mixed"]
+
+
+@pytest.mark.cuda
+def test_float32_fit_on_gpu_is_exact(tmp_path):
+    """Rows leave the GPU through pinned buffers and a CUDA event; the store must be as exact as on CPU."""
+    model = MLP(hidden=32, opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True))
+    cb = DualFormCallback(tmp_path / "gpu.h5")
+    trainer = L.Trainer(max_epochs=2, callbacks=[cb], accelerator="gpu", devices=1, gradient_clip_val=0.5, **TRAINER_KW)
+    trainer.fit(model, loader(IndexedDataset(n=128)))
+    model = model.cpu()
+    assert all(c["exact"] for c in cb.certificate.values()), cb.certificate
+    for name in ("net.0", "net.2"):
+        module = dict(model.named_modules())[name]
+        x = torch.randn(8, module.in_features)
+        assert rel_err(dual_output(cb.store_path, name, x), real_output(module, x)) <= 1e-5
+    from lightning_dualform import DualInference
+
+    with DualInference(cb.store_path, device="cuda", accumulate=torch.float64) as di:
+        x = torch.randn(8, 6)
+        assert rel_err(di.attend("net.0", x, top_k=3).dual.double(), real_output(model.net[0], x)) <= 1e-5

@@ -453,7 +453,7 @@ class DualFormCallback(Callback):
         if not new.any():
             return
         self._seen_inputs[idx[new]] = True
-        data = raw.detach()[torch.from_numpy(new)].cpu().numpy()
+        data = raw.detach()[torch.from_numpy(new).to(raw.device)].cpu().numpy()
         self._writer.submit(self._writer.store.add_inputs, idx[new].copy(), data)
 
     def _batch_indices(self, trainer: "pl.Trainer", dl: Any, batch: Any) -> torch.Tensor | None:
