@@ -627,23 +627,21 @@ class DualInference:
         return queries.detach()
 
     def _primal(self, lay: LayerReader, q: torch.Tensor) -> torch.Tensor | None:
-        wf = lay.weight_final
-        if wf is None:
-            return None
-        out = q.to(self.device, self.accumulate) @ torch.from_numpy(wf).to(self.device, self.accumulate).t()
-        bf = lay.bias_final
-        if bf is not None:
-            out += torch.from_numpy(bf).to(self.device, self.accumulate)
-        return out
+        """The stored final weights applied to the queries (None while a store is incomplete)."""
+        return self._apply(lay.weight_final, lay.bias_final, q)
 
     def _residual(self, lay: LayerReader, q: torch.Tensor) -> torch.Tensor | None:
-        wr = lay.weight_residual
-        if wr is None:
+        """What the memory does not explain, for a store recorded with ``exact=False``."""
+        return self._apply(lay.weight_residual, lay.bias_residual, q)
+
+    def _apply(self, w: np.ndarray | None, b: np.ndarray | None, q: torch.Tensor) -> torch.Tensor | None:
+        """``q W^T + b`` in the accumulation dtype, or None without ``w``."""
+        if w is None:
             return None
-        out = q.to(self.device, self.accumulate) @ torch.from_numpy(wr).to(self.device, self.accumulate).t()
-        br = lay.bias_residual
-        if br is not None:
-            out += torch.from_numpy(br).to(self.device, self.accumulate)
+        acc, dev = self.accumulate, self.device
+        out = q.to(dev, acc) @ torch.from_numpy(w).to(dev, acc).t()
+        if b is not None:
+            out += torch.from_numpy(b).to(dev, acc)
         return out
 
     def _exact_dual(self, lay: LayerReader, q: torch.Tensor, coef: Any) -> torch.Tensor:
