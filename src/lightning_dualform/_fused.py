@@ -10,27 +10,18 @@ function reads each query's row of scores once, while it is in cache, and update
 - the per-example sums of scores and of contributions (one table row per query stays in cache);
 - the signed and absolute attention mass per group.
 
-It is plain C (no Python or torch headers), built with the system C compiler (``$CC``, else ``cc``) into
-``$XDG_CACHE_HOME/lightning_dualform/`` (``~/.cache``) keyed by a hash of the source, and called through
-``ctypes``, which releases the GIL. Without a compiler, or with ``LIGHTNING_DUALFORM_KERNEL=0``, the
-callers fall back to the torch ops, which give the same results.
+It is plain C, built and cached by :mod:`._native` and called through ``ctypes``, which releases the GIL.
+Without a compiler, or with ``LIGHTNING_DUALFORM_KERNEL=0``, the callers fall back to the torch ops,
+which give the same results.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import subprocess
-import sys
-import tempfile
-import threading
 
 import torch
 
-log = logging.getLogger(__name__)
+from lightning_dualform import _native
 
 _HEADER = "#include <stdint.h>\n#include <stdlib.h>\n#include <string.h>\n#include <math.h>\n#include <omp.h>\n"
 
@@ -144,11 +135,6 @@ void FN(fold)(int64_t n, int64_t B, const T* ST, int64_t lds, int nthreads,
 }
 """
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
-
-
 def _source() -> str:
     parts = [_HEADER]
     for t in ("float", "double"):
@@ -156,67 +142,18 @@ def _source() -> str:
     return "".join(parts)
 
 
-def _cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "lightning_dualform")
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return next((line for line in fh if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.processor()
-
-
-def _build() -> ctypes.CDLL | None:
-    src = _source()
-    cc = os.environ.get("CC", "cc")
-    # -march=native: the library is built for, and cached per, the machine that runs it (its CPU's
-    # instruction-set flags are in the key, so a home directory shared by different CPUs stays safe)
-    tag = hashlib.sha256((src + cc + sys.platform + platform.node() + platform.machine() + _cpu_flags()).encode()).hexdigest()[:16]
-    out_dir = _cache_dir()
-    so = os.path.join(out_dir, f"fused-{tag}.so")
-    if not os.path.exists(so):
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-            c_path, tmp_so = os.path.join(tmp, "fused.c"), os.path.join(tmp, "fused.so")
-            with open(c_path, "w") as f:
-                f.write(src)
-            cmd = [cc, "-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", c_path, "-o", tmp_so]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            if proc.returncode != 0:  # a compiler without -march=native
-                cmd.remove("-march=native")
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            if proc.returncode != 0:
-                log.info("fused attention kernel not built (%s): %s", " ".join(cmd), proc.stderr[-500:])
-                return None
-            os.replace(tmp_so, so)  # atomic: concurrent builders leave one complete file
-    lib = ctypes.CDLL(so)
+def _declare(lib: ctypes.CDLL) -> None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     for t in ("float", "double"):
         fn = getattr(lib, f"fold_{t}")
         fn.restype = None
         fn.argtypes = [i64, i64, p, i64, ctypes.c_int, p, i64, i64, p, p, p, p, i64, i64, p, p, p, i64, i64, i64, p, p,
                        p, p, p, i64, p, p, p, p, p, p, p]
-    return lib
 
 
 def kernel() -> ctypes.CDLL | None:
     """The compiled library, or ``None`` when disabled or no compiler works (built once per process)."""
-    global _lib, _tried
-    if _tried:
-        return _lib
-    with _lock:
-        if not _tried:
-            if os.environ.get("LIGHTNING_DUALFORM_KERNEL", "1") not in ("0", "false", "no", "off"):
-                try:
-                    _lib = _build()
-                except (OSError, subprocess.SubprocessError) as err:
-                    log.info("fused attention kernel unavailable: %s", err)
-                    _lib = None
-            _tried = True
-    return _lib
+    return _native.load("fused", _source(), _declare, openmp=True)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

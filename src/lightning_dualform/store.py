@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from lightning_dualform import _probe
+from lightning_dualform.chunk_append import ChunkAppender
 from lightning_dualform.errors import StoreError
 from lightning_dualform.optim import PARAM_COLUMNS, coefficients_with_buffer, plain_sgd_coefficients
 
@@ -184,6 +185,11 @@ class StoreWriter:
             for name, g in ((n, self.file["layers"][n]) for n in self._layers)
         }
         self._tables = {name: self._table_handles(self.file["layers"][name]["updates"]) for name in self._layers}
+        # keys and values of uncompressed stores skip h5py's filter pipeline (see chunk_append.py)
+        self._appenders = {
+            name: {col: ChunkAppender(ds[col]) for col in ("keys", "values") if ChunkAppender.usable(ds[col])}
+            for name, ds in self._ds.items()
+        }
         self.committed = self._counts()
 
     @classmethod
@@ -359,10 +365,15 @@ class StoreWriter:
             if name in self._dropped:
                 continue
             n = len(r.keys)
-            self._pending[name].append({
-                "keys": r.keys, "values": r.values, "index": r.index, "position": r.position, "label": r.label,
+            block = {
+                "keys": r.keys.astype(np.int64) if self._kinds[name] == "embedding" else encode_rows(r.keys, self.row_dtype),
+                "values": encode_rows(r.values, self.row_dtype),
+                "index": r.index, "position": r.position, "label": r.label,
                 "step": np.full(n, step, np.int64), "epoch": np.full(n, epoch, np.int32),
-            })
+            }
+            for col, appender in self._appenders[name].items():
+                appender.append(block.pop(col))
+            self._pending[name].append(block)
             self._pending_rows[name] += n
             if self._pending_rows[name] >= 4 * self.chunk_rows:
                 self._write_rows(name, aligned=True)
@@ -384,15 +395,13 @@ class StoreWriter:
         total = self._pending_rows[name]
         m = total
         if aligned:  # stop at a chunk boundary; keep the rest for the next append
-            m = total - (ds["keys"].shape[0] + total) % self.chunk_rows
+            ref = "step" if "keys" in self._appenders[name] else "keys"
+            m = total - (ds[ref].shape[0] + total) % ds[ref].chunks[0]
             if m <= 0:
                 return
         cols = {c: (np.concatenate([b[c] for b in blocks]) if len(blocks) > 1 else blocks[0][c]) for c in blocks[0]}
-        keys = cols["keys"][:m]
-        _append(ds["keys"], keys.astype(np.int64) if self._kinds[name] == "embedding" else encode_rows(keys, self.row_dtype))
-        _append(ds["values"], encode_rows(cols["values"][:m], self.row_dtype))
-        for col, dt in ROW_COLUMNS.items():
-            _append(ds[col], cols[col][:m].astype(dt, copy=False))
+        for col, data in cols.items():
+            _append(ds[col], data[:m].astype(ROW_COLUMNS[col], copy=False) if col in ROW_COLUMNS else data[:m])
         self._pending[name] = [{c: v[m:] for c, v in cols.items()}] if m < total else []
         self._pending_rows[name] = total - m
 
@@ -420,6 +429,8 @@ class StoreWriter:
     def _write_pending(self) -> None:
         for name in self._layers:
             self._write_rows(name, aligned=False)
+            for appender in self._appenders[name].values():
+                appender.flush()
         self._write_tables()
 
     def commit(self) -> dict[str, Any]:
@@ -431,8 +442,13 @@ class StoreWriter:
         self.file.flush()  # data first ...
         f = self.file
         for name in self._layers:
+            if name in self._dropped:  # removed at finalisation; its counter stays where it was
+                continue
             ds = self._ds[name]
-            ds["committed_rows"][0] = ds["keys"].shape[0]
+            lengths = {col: ds[col].shape[0] for col in ("keys", "values", *ROW_COLUMNS)}
+            if len(set(lengths.values())) != 1:  # never point the counter at rows without all their columns
+                raise StoreError(f"{self.path}: layer {name!r}: columns of unequal length {lengths}; not committed.")
+            ds["committed_rows"][0] = lengths["keys"]
         if "inputs" in f:
             f["inputs"]["committed"][0] = f["inputs"]["index"].shape[0]
         f["committed_steps"][0] = f["update_step"].shape[0]
@@ -446,6 +462,7 @@ class StoreWriter:
         self._dropped[name] = reason
         self._pending[name] = []
         self._pending_rows[name] = 0
+        self._appenders[name] = {}
 
     def mark_inexact(self, name: str, reason: str) -> None:
         """Record that a layer's rows do not fully explain its weights (written at finalisation)."""

@@ -1,0 +1,112 @@
+"""Whole-chunk appends that bypass HDF5's filter pipeline must write exactly what HDF5 would."""
+
+import h5py
+import numpy as np
+import pytest
+
+from lightning_dualform import _fletcher
+from lightning_dualform.chunk_append import ChunkAppender
+
+pytestmark = pytest.mark.skipif(_fletcher.library() is None, reason="no C compiler for the checksum")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 511, 512, 513, 720, 721, 4099, 100_001])
+def test_fletcher32_matches_hdf5s_loop(n):
+    rng = np.random.default_rng(n)
+    for data in (rng.integers(0, 256, n, dtype=np.uint8), np.full(n, 255, np.uint8), np.zeros(n, np.uint8)):
+        assert _fletcher.fletcher32(data) == _fletcher.fletcher32_reference(data.tobytes())
+
+
+def _dataset(f, name, width, dtype, chunk_rows, **kw):
+    return f.create_dataset(name, shape=(0, width), maxshape=(None, width), chunks=(chunk_rows, width),
+                            dtype=dtype, fletcher32=True, **kw)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int64])
+def test_appends_equal_hdf5s_own_chunks_and_survive_reopening(tmp_path, dtype):
+    rng = np.random.default_rng(0)
+    rows = (rng.standard_normal((1000, 7)) * 100).astype(dtype)
+    rows[rows < 0] = 0  # exact zeros, as in ReLU activations
+    path = tmp_path / "s.h5"
+    with h5py.File(path, "w", libver="latest") as f:
+        ref = _dataset(f, "ref", 7, dtype, 64)
+        ref.resize(len(rows), axis=0)
+        ref[:] = rows  # through HDF5's filter pipeline
+        ds = _dataset(f, "direct", 7, dtype, 64)
+        f.swmr_mode = True
+        app = ChunkAppender(ds)
+        # uneven appends, with commits (partial chunks written) in between
+        for a, b in [(0, 5), (5, 64), (64, 200), (200, 201), (201, 333)]:
+            app.append(rows[a:b])
+            if b in (64, 201):
+                app.flush()
+                assert ds.shape[0] == b and np.array_equal(ds[:b], rows[:b])
+        app.flush()
+        assert app.rows == 333
+    with h5py.File(path, "r+", libver="latest") as f:  # continue after a close, from a partial chunk
+        app = ChunkAppender(f["direct"])
+        assert app.rows == 333
+        app.append(rows[333:])
+        app.flush()
+    with h5py.File(path, "r") as f:
+        ds, ref = f["direct"], f["ref"]
+        assert np.array_equal(ds[:], rows)
+        n_chunks = -(-len(rows) // 64)
+        for c in range(n_chunks):  # byte for byte, checksum included
+            assert ds.id.read_direct_chunk((c * 64, 0)) == ref.id.read_direct_chunk((c * 64, 0))
+
+
+def test_a_damaged_direct_chunk_fails_to_read(tmp_path):
+    rows = np.arange(64 * 3, dtype=np.float32).reshape(64, 3)
+    path = tmp_path / "s.h5"
+    with h5py.File(path, "w", libver="latest") as f:
+        app = ChunkAppender(_dataset(f, "d", 3, np.float32, 64))
+        app.append(rows)
+        offset = f["d"].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as fh:
+        fh.seek(offset + 100)
+        byte = fh.read(1)
+        fh.seek(offset + 100)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with h5py.File(path, "r") as f, pytest.raises(OSError):
+        f["d"][:]
+
+
+def test_only_checksum_only_datasets_qualify(tmp_path):
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        assert ChunkAppender.usable(_dataset(f, "a", 4, np.float32, 8))
+        assert not ChunkAppender.usable(_dataset(f, "b", 4, np.float32, 8, compression="lzf"))
+        assert not ChunkAppender.usable(f.create_dataset("c", shape=(0, 4), maxshape=(None, 4), chunks=(8, 4), dtype="f4"))
+        assert not ChunkAppender.usable(f.create_dataset("d", shape=(0, 4), maxshape=(None, 4), chunks=(8, 2), dtype="f4", fletcher32=True))
+
+
+def test_a_store_written_through_h5py_is_identical(tmp_path, monkeypatch):
+    """The same seeded fit, once with whole-chunk appends and once through h5py's filter pipeline."""
+    import lightning as L
+
+    from helpers import TRAINER_KW, MLP, IndexedDataset, loader, store_contents
+    from lightning_dualform import DualFormCallback
+    from lightning_dualform.store import StoreWriter
+
+    used = []
+    orig = StoreWriter.__init__
+
+    def spy(self, *a, **k):
+        orig(self, *a, **k)
+        used.append(sum(len(x) for x in self._appenders.values()))
+
+    monkeypatch.setattr(StoreWriter, "__init__", spy)
+    contents = []
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(ChunkAppender, "usable", staticmethod(lambda ds: False))
+        torch_seed = 7
+        L.seed_everything(torch_seed, verbose=False)
+        cb = DualFormCallback(tmp_path / f"run{direct}.h5", chunk_rows=32)
+        L.Trainer(max_epochs=2, callbacks=[cb], **TRAINER_KW).fit(MLP(), loader(IndexedDataset(), batch_size=12))
+        contents.append(store_contents(cb.store_path))
+    assert used[0] > 0 and used[-1] == 0  # the first fit used the appenders, the second did not
+    a, b = contents
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
