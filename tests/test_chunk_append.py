@@ -110,3 +110,18 @@ def test_a_store_written_through_h5py_is_identical(tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for name in a:
         assert np.array_equal(a[name], b[name]), name
+
+
+def test_running_checksum_over_pieces_and_trailing_zeros():
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 256, 4000, dtype=np.uint8)
+    whole = np.concatenate([data, np.zeros(1000, np.uint8)])
+    run = _fletcher.RunningFletcher32()
+    dst = np.empty_like(data)
+    for a, b in [(0, 2), (2, 1000), (1000, 3998), (3998, 4000)]:
+        run.copy(dst[a:b], data[a:b])
+    assert np.array_equal(dst, data)
+    assert run.finish(zero_bytes=1000) == _fletcher.fletcher32_reference(whole.tobytes())
+    run.reset()
+    run.update(np.zeros(10, np.uint8))
+    assert run.finish(zero_bytes=6) == 0 == _fletcher.fletcher32_reference(bytes(16))

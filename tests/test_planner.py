@@ -14,11 +14,11 @@ from lightning_dualform.errors import DiskSpaceError
 from lightning_dualform.planner import estimate
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_estimate_within_ten_percent_of_bytes_written(tmp_path, dtype, caplog):
+@pytest.mark.parametrize("dtype,chunk_rows", [("float32", 256), ("float16", 256), ("float32", None)])
+def test_estimate_within_ten_percent_of_bytes_written(tmp_path, dtype, chunk_rows, caplog):
     ds = IndexedDataset(n=3000, d=64)
     model = MLP(d=64, hidden=48)
-    cb = DualFormCallback(tmp_path / "p.h5", dtype=dtype, chunk_rows=256)
+    cb = DualFormCallback(tmp_path / "p.h5", dtype=dtype, chunk_rows=chunk_rows)
     with caplog.at_level("INFO"):
         L.Trainer(max_epochs=3, callbacks=[cb], **TRAINER_KW).fit(model, torch.utils.data.DataLoader(ds, batch_size=20))
     assert "store plan" in caplog.text
@@ -47,3 +47,13 @@ def test_estimate_arithmetic():
     assert plan.layers[0].bytes_per_row == 784 * 4 + 800 * 4 + 32
     assert plan.layers[1].bytes_per_row == 8 + 16 * 4 + 32
     assert plan.bytes_per_epoch == 10 * (128 * (784 * 4 + 800 * 4 + 32) + 640 * (8 + 64 + 32))
+
+
+def test_automatic_chunks_are_about_half_a_megabyte():
+    from lightning_dualform.store import chunk_rows_for
+
+    assert chunk_rows_for(784 * 4, 800 * 4) == 128  # 400 KiB
+    assert chunk_rows_for(784 * 2, 800 * 2) == 256
+    assert chunk_rows_for(8, 16 * 4) == 8192  # embedding token ids and 16-wide values
+    assert chunk_rows_for(1, 1) == 65536 and chunk_rows_for(10**7, 4) == 64  # clamped
+    assert chunk_rows_for(3, 3, chunk_rows=100) == 100

@@ -12,12 +12,17 @@ from lightning_dualform import DualFormCallback, StoreReader
 from lightning_dualform.certificate import PRECISION_TOLERANCE
 
 
-def test_bf16_mixed_within_documented_tolerance(tmp_path):
+# seeds 4, 7, 10 and 18 made the earlier gradient check call net.2 INEXACT (its error was relative to
+# |W.grad @ r|, which cancels; it is now relative to |W.grad| |r|, the bound for elementwise rounding)
+@pytest.mark.parametrize("seed", [0, 4, 7, 10, 18])
+def test_bf16_mixed_within_documented_tolerance(tmp_path, seed):
+    torch.manual_seed(seed)
     model = MLP(hidden=32, opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
     cb = DualFormCallback(tmp_path / "bf16.h5")
     trainer = L.Trainer(max_epochs=3, callbacks=[cb], precision="bf16-mixed", **TRAINER_KW)
     trainer.fit(model, loader(IndexedDataset(n=128)))
     tol = PRECISION_TOLERANCE["bf16-mixed"]
+    assert not cb._inexact, cb._inexact
     for name, cert in cb.certificate.items():
         assert cert["exact"] and cert["rel_err"] <= tol and cert["tolerance"] == tol
         module = dict(model.named_modules())[name]

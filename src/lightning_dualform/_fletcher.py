@@ -20,13 +20,15 @@ import numpy as np
 from lightning_dualform import _native
 
 # Blocks of 256 words keep each block's sums in uint32 (256 * 255 / 2 * 65535 < 2^32), which the
-# compiler vectorises; after a block, s2 += m*s1 + sum_j (m - j) w_j = m*s1 + m*a - t.
+# compiler vectorises; after a block, s2 += m*s1 + sum_j (m - j) w_j = m*s1 + m*a - t. The running state
+# (s1, s2, any nonzero word) lets a chunk be summed piece by piece as rows arrive, in the same pass that
+# copies them into the chunk buffer; trailing zero words only add s1 to s2 once each.
 _SOURCE = r"""
 #include <stdint.h>
 #include <stddef.h>
-uint32_t fletcher32(const uint8_t* p, size_t len) {
-    size_t n = len / 2;
-    uint64_t s1 = 0, s2 = 0;
+#include <string.h>
+static void acc(const uint8_t* p, size_t n, uint64_t* st) {
+    uint64_t s1 = st[0], s2 = st[1];
     uint32_t nz = 0;
     while (n) {
         uint32_t m = n > 256 ? 256 : (uint32_t)n;
@@ -40,21 +42,47 @@ uint32_t fletcher32(const uint8_t* p, size_t len) {
         nz |= o;
         p += 2 * (size_t)m; n -= m;
     }
-    if (len % 2) {
-        uint32_t w = (uint32_t)p[0] << 8;
-        s1 = (s1 + w) % 65535; s2 = (s2 + s1) % 65535; nz |= w;
+    st[0] = s1; st[1] = s2; st[2] |= nz;
+}
+/* state st = {s1, s2, nonzero}: start from {0, 0, 0}; len must be even */
+void fletcher32_update(const uint8_t* p, size_t len, uint64_t* st) { acc(p, len / 2, st); }
+void fletcher32_copy(uint8_t* dst, const uint8_t* src, size_t len, uint64_t* st) {
+    while (len) {  /* copy a piece, then sum it while it is in L1 */
+        size_t m = len > 4096 ? 4096 : len;
+        memcpy(dst, src, m);
+        acc(dst, m / 2, st);
+        dst += m; src += m; len -= m;
     }
-    if (!nz) return 0;
+}
+uint32_t fletcher32_finish(const uint64_t* st, uint64_t zero_words) {
+    if (!st[2]) return 0;
+    uint64_t s1 = st[0], s2 = (st[1] + (zero_words % 65535) * s1) % 65535;
     if (s1 == 0) s1 = 65535;
     if (s2 == 0) s2 = 65535;
     return (uint32_t)((s2 << 16) | s1);
+}
+uint32_t fletcher32(const uint8_t* p, size_t len) {
+    uint64_t st[3] = {0, 0, 0};
+    acc(p, len / 2, st);
+    if (len % 2) {
+        uint32_t w = (uint32_t)p[len - 1] << 8;
+        st[0] = (st[0] + w) % 65535; st[1] = (st[1] + st[0]) % 65535; st[2] |= w;
+    }
+    return fletcher32_finish(st, 0);
 }
 """
 
 
 def _declare(lib: ctypes.CDLL) -> None:
+    p, n = ctypes.c_void_p, ctypes.c_size_t
     lib.fletcher32.restype = ctypes.c_uint32
-    lib.fletcher32.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.fletcher32.argtypes = [p, n]
+    lib.fletcher32_update.restype = None
+    lib.fletcher32_update.argtypes = [p, n, p]
+    lib.fletcher32_copy.restype = None
+    lib.fletcher32_copy.argtypes = [p, p, n, p]
+    lib.fletcher32_finish.restype = ctypes.c_uint32
+    lib.fletcher32_finish.argtypes = [p, ctypes.c_uint64]
 
 
 def library() -> ctypes.CDLL | None:
@@ -76,6 +104,45 @@ def fletcher32(buf: np.ndarray, nbytes: int | None = None) -> int:
     if not 0 <= n <= buf.nbytes:
         raise ValueError(f"nbytes={n} outside the array's {buf.nbytes} bytes")
     return int(lib.fletcher32(buf.ctypes.data, n))
+
+
+class RunningFletcher32:
+    """HDF5's Fletcher-32 of a buffer filled piece by piece (each piece an even number of bytes).
+
+    :meth:`copy` copies bytes into the buffer and sums them in one pass; :meth:`finish` gives the checksum
+    of everything summed followed by ``zero_bytes`` zero bytes.
+    """
+
+    def __init__(self) -> None:
+        lib = library()
+        if lib is None:
+            raise RuntimeError("the compiled Fletcher-32 checksum is not available")
+        self._lib = lib
+        self._state = np.zeros(3, dtype=np.uint64)
+
+    def reset(self) -> None:
+        self._state[:] = 0
+
+    def update(self, data: np.ndarray) -> None:
+        """Sum ``data`` (C-contiguous, an even number of bytes)."""
+        self._lib.fletcher32_update(_even(data).ctypes.data, data.nbytes, self._state.ctypes.data)
+
+    def copy(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """``dst[...] = src`` (same dtype and size, both C-contiguous) and sum the bytes copied."""
+        if dst.dtype != src.dtype or dst.nbytes != src.nbytes or not dst.flags.c_contiguous:
+            raise ValueError(f"copy needs C-contiguous arrays of one dtype and size, got {dst.dtype}{dst.shape} and {src.dtype}{src.shape}")
+        self._lib.fletcher32_copy(dst.ctypes.data, _even(src).ctypes.data, src.nbytes, self._state.ctypes.data)
+
+    def finish(self, zero_bytes: int = 0) -> int:
+        if zero_bytes % 2:
+            raise ValueError("zero_bytes must be even")
+        return int(self._lib.fletcher32_finish(self._state.ctypes.data, zero_bytes // 2))
+
+
+def _even(a: np.ndarray) -> np.ndarray:
+    if not a.flags.c_contiguous or a.nbytes % 2:
+        raise ValueError("the running checksum needs C-contiguous arrays of an even number of bytes")
+    return a
 
 
 def fletcher32_reference(data: bytes) -> int:

@@ -3,9 +3,10 @@
 Through h5py, every append goes through HDF5's filter pipeline: the data is copied into a chunk buffer,
 copied again to make room for the Fletcher-32 checksum, and summed by HDF5's scalar loop. For a store's
 keys and values (the bulk of its bytes) that was most of the writer thread's CPU. A
-:class:`ChunkAppender` copies rows once into a chunk-sized buffer, checksums it with the vectorised
-:mod:`._fletcher` when it is full (or at a commit), and hands it to ``H5Dwrite_chunk``. The file is
-byte-for-byte what HDF5's own pipeline would write; HDF5 verifies every chunk's checksum when reading.
+:class:`ChunkAppender` copies arriving rows into a chunk-sized buffer and sums them in the same pass
+(:mod:`._fletcher`), and hands each full chunk (and, at a commit, the partial last one) to
+``H5Dwrite_chunk``. The file is byte-for-byte what HDF5's own pipeline would write; HDF5 verifies
+every chunk's checksum when reading.
 
 Only datasets whose single filter is Fletcher-32 qualify (compressed stores go through h5py).
 """
@@ -23,26 +24,32 @@ from lightning_dualform import _fletcher
 class ChunkAppender:
     """Buffers the last, partial chunk of a 2-D dataset ``(rows, width)`` chunked ``(chunk_rows, width)``.
 
-    ``rows`` counts the rows appended, written or buffered; :meth:`flush` makes them all part of the
-    dataset (the partial chunk is written with zeros past its last row, as HDF5 itself would).
+    Nothing else may resize or write the dataset while an appender owns it. ``rows`` counts the rows
+    appended; :meth:`flush` makes them all part of the dataset (the partial chunk is written with zeros
+    past its last row, as HDF5 itself would).
     """
 
     def __init__(self, ds: h5py.Dataset) -> None:
         self.ds = ds
-        self.chunk_rows, width = ds.chunks
-        self._bytes = self.chunk_rows * width * ds.dtype.itemsize
+        self.chunk_rows, self._width = ds.chunks
+        self._row_bytes = self._width * ds.dtype.itemsize
+        self._bytes = self.chunk_rows * self._row_bytes
         self._raw = np.zeros(self._bytes + 4, dtype=np.uint8)  # the chunk, then its checksum
-        self._rows = self._raw[: self._bytes].view(ds.dtype).reshape(self.chunk_rows, width)
-        n = int(ds.shape[0])
-        self._fill = n % self.chunk_rows
-        self._start = n - self._fill  # the dataset row where the buffered chunk begins
+        self._rows = self._raw[: self._bytes].view(ds.dtype).reshape(self.chunk_rows, self._width)
+        self._sum = _fletcher.RunningFletcher32()
+        self._extent = int(ds.shape[0])
+        self._fill = self._extent % self.chunk_rows
+        self._start = self._extent - self._fill  # the dataset row where the buffered chunk begins
         if self._fill:  # a store continued after a commit or resume: pick up its partial last chunk
-            self._rows[: self._fill] = ds[self._start : n]
+            self._rows[: self._fill] = ds[self._start : self._extent]
+            self._sum.update(self._rows[: self._fill])
 
     @staticmethod
     def usable(ds: h5py.Dataset) -> bool:
         """A 2-D dataset chunked by whole rows whose only filter is Fletcher-32, and a compiled checksum."""
         if ds.ndim != 2 or ds.chunks is None or ds.chunks[1] != ds.shape[1] or _fletcher.library() is None:
+            return False
+        if ds.dtype.itemsize * ds.shape[1] % 2:  # the running checksum sums whole 16-bit words per row
             return False
         plist = ds.id.get_create_plist()
         return plist.get_nfilters() == 1 and plist.get_filter(0)[0] == h5py.h5z.FILTER_FLETCHER32
@@ -52,17 +59,21 @@ class ChunkAppender:
         return self._start + self._fill
 
     def append(self, rows: np.ndarray) -> None:
-        """Copy ``rows`` into the chunk buffer, writing every chunk that fills up."""
+        """Copy ``rows`` (the dataset's dtype and width) into the chunk buffer, writing every chunk that fills."""
+        if rows.dtype != self.ds.dtype or rows.ndim != 2 or rows.shape[1] != self._width:
+            raise ValueError(f"rows {rows.dtype}{rows.shape} do not fit {self.ds.name} ({self.ds.dtype}, width {self._width})")
+        rows = np.ascontiguousarray(rows)
         i, n = 0, len(rows)
         while i < n:
             take = min(self.chunk_rows - self._fill, n - i)
-            self._rows[self._fill : self._fill + take] = rows[i : i + take]
+            self._sum.copy(self._rows[self._fill : self._fill + take], rows[i : i + take])
             self._fill += take
             i += take
             if self._fill == self.chunk_rows:
                 self._write()
                 self._start += self.chunk_rows
                 self._fill = 0
+                self._sum.reset()
 
     def flush(self) -> None:
         """Write the partial last chunk, so that the dataset holds every row appended."""
@@ -72,7 +83,9 @@ class ChunkAppender:
 
     def _write(self) -> None:
         end = self._start + self._fill
-        if self.ds.shape[0] < end:
-            self.ds.resize(end, axis=0)
-        struct.pack_into("<I", self._raw, self._bytes, _fletcher.fletcher32(self._raw, self._bytes))
+        if self._extent < end:
+            self.ds.id.set_extent((end, self._width))
+            self._extent = end
+        checksum = self._sum.finish(zero_bytes=(self.chunk_rows - self._fill) * self._row_bytes)
+        struct.pack_into("<I", self._raw, self._bytes, checksum)
         self.ds.id.write_direct_chunk((self._start, 0), self._raw)

@@ -10,7 +10,7 @@ import math
 import shutil
 from dataclasses import dataclass, field
 
-from lightning_dualform.store import _META_CHUNK, ROW_COLUMNS
+from lightning_dualform.store import _META_CHUNK, ROW_COLUMNS, chunk_rows_for
 
 #: bytes of the per-row metadata columns (step, epoch, index, position, label)
 META_BYTES = 8 + 4 + 8 + 4 + 8
@@ -22,6 +22,7 @@ class LayerPlan:
     rows_per_step: int
     bytes_per_row: int
     bytes_per_epoch: int
+    chunk_rows: int = 1024
 
 
 @dataclass
@@ -37,8 +38,6 @@ class Plan:
     def bytes_per_epoch(self) -> int:
         return sum(lp.bytes_per_epoch for lp in self.layers)
 
-    chunk_rows: int = 1024
-
     @property
     def total_bytes(self) -> float:
         """Bytes on disk, counting that HDF5 allocates whole chunks."""
@@ -47,7 +46,7 @@ class Plan:
         for lp in self.layers:
             rows = lp.rows_per_step * self.steps_per_epoch * epochs
             data = lp.bytes_per_row - META_BYTES
-            total += math.ceil(rows / self.chunk_rows) * self.chunk_rows * data
+            total += math.ceil(rows / lp.chunk_rows) * lp.chunk_rows * data
             total += math.ceil(rows / _META_CHUNK) * _META_CHUNK * META_BYTES
         return total
 
@@ -69,7 +68,7 @@ def estimate(
     steps_per_epoch: int,
     epochs: float,
     input_bytes: int = 0,
-    chunk_rows: int = 1024,
+    chunk_rows: int | None = None,
 ) -> Plan:
     """Plan a run from the rows of one optimizer step.
 
@@ -80,13 +79,14 @@ def estimate(
         steps_per_epoch: optimizer steps per epoch.
         epochs: epochs left to run (``math.inf`` for none set).
         input_bytes: raw training inputs, stored once per example.
-        chunk_rows: rows per chunk of keys and values.
+        chunk_rows: rows per chunk of keys and values (``None``: the store's automatic size).
     """
-    plan = Plan(steps_per_epoch=steps_per_epoch, epochs=epochs, fixed_bytes=input_bytes, chunk_rows=chunk_rows)
+    plan = Plan(steps_per_epoch=steps_per_epoch, epochs=epochs, fixed_bytes=input_bytes)
     for name, (kind, d_in, d_out, has_bias) in shapes.items():
         per_row = row_bytes(kind, d_in, d_out, itemsize)
         rows = int(rows_per_step.get(name, 0))
-        plan.layers.append(LayerPlan(name, rows, per_row, rows * steps_per_epoch * per_row))
+        chunk = chunk_rows_for(8 if kind == "embedding" else d_in * itemsize, d_out * itemsize, chunk_rows)
+        plan.layers.append(LayerPlan(name, rows, per_row, rows * steps_per_epoch * per_row, chunk))
         plan.fixed_bytes += 2 * 4 * (d_in * d_out + (d_out if has_bias else 0))  # initial and final weights
     return plan
 
