@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.plugins.precision import Precision
 from torch import nn
 
 from helpers import TRAINER_KW, MLP, IndexedDataset, assert_exact, dual_output, loader, real_output, rel_err
@@ -68,13 +69,35 @@ def test_schedulers_are_exact(tmp_path, sched):
         assert len(set(np.round(lrs, 12))) > 1, "the schedule should have changed the learning rate"
 
 
-def test_gradient_clipping_by_norm_is_exact(tmp_path):
-    model = MLP(opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9))
-    _, cb = _fit(tmp_path, model, gradient_clip_val=0.05)
+class OwnClipping(Precision):
+    """A precision plugin with its own norm clipping (here Lightning's, re-stated)."""
+
+    def clip_grad_by_norm(self, optimizer, clip_val):
+        torch.nn.utils.clip_grad_norm_(self.main_params(optimizer), clip_val)
+
+
+@pytest.mark.parametrize("plugin", [None, OwnClipping()], ids=["lightning-reports-factor", "own-plugin"])
+def test_gradient_clipping_by_norm_is_exact(tmp_path, plugin):
+    """Lightning's clipping reports its factor to the callback; a plugin with its own clipping gets the
+    factor computed in the callback's hook. Both give the same, exact store."""
+    model = MLP(opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9, nesterov=True))
+    trainer, cb = _fit(tmp_path, model, gradient_clip_val=0.05, plugins=[plugin] if plugin else None)
     assert_exact(cb.store_path, model, _probe(model))
+    assert "clip_grad_by_norm" not in vars(trainer.precision_plugin), "the instance override outlived the fit"
     with StoreReader(cb.store_path) as s:
         scale = s.layer("net.0").updates()["grad_scale"]
     assert scale.min() < 0.99, "clipping should have been active in this run"
+
+
+def test_both_ways_of_getting_the_clip_factor_agree_bit_for_bit(tmp_path):
+    scales = []
+    for plugin in (None, OwnClipping()):
+        L.seed_everything(3, verbose=False)
+        model = MLP(opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9))
+        _, cb = _fit(tmp_path / str(plugin), model, gradient_clip_val=0.05, plugins=[plugin] if plugin else None)
+        with StoreReader(cb.store_path) as s:
+            scales.append(s.layer("net.2").updates()["grad_scale"])
+    np.testing.assert_array_equal(scales[0], scales[1])
 
 
 def test_gradient_accumulation_is_exact(tmp_path):

@@ -186,6 +186,8 @@ class DualFormCallback(Callback):
         self._recorders: dict[int, IndexRecorder] = {}
         self._wrapped: list[Any] = []
         self._orig_process_dataloader: Callable | None = None
+        self._clip_plugin: Any = None  # the precision plugin whose norm clipping reports its factor to us
+        self._deferred: tuple | None = None  # a step waiting for its clip factor
         self._batch: BatchInfo | None = None
         self._step_rows: dict[str, list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self._param_groups: dict[str, tuple[int | None, int | None]] = {}
@@ -225,12 +227,33 @@ class DualFormCallback(Callback):
             return dataloader
 
         strategy.process_dataloader = process_dataloader  # type: ignore[method-assign]
+        if stage == "fit":
+            self._report_clipping(trainer)
+
+    def _report_clipping(self, trainer: "pl.Trainer") -> None:
+        """Let Lightning's own norm clipping tell us its factor (it runs right after our
+        ``on_before_optimizer_step``), instead of computing the same gradient norm twice (0.5 ms a step
+        for a 1.3 M-parameter MLP on a CPU). Only where the plugin clips as Lightning's base class does."""
+        from lightning.pytorch.plugins.precision import Precision
+
+        plugin = trainer.precision_plugin
+        if type(plugin).clip_grad_by_norm is not Precision.clip_grad_by_norm:
+            return  # a plugin with its own norm clipping: the factor is computed in our hook instead
+
+        def clip_grad_by_norm(optimizer: torch.optim.Optimizer, clip_val: float) -> None:
+            # Lightning's Precision.clip_grad_by_norm, keeping the norm it returns
+            total = torch.nn.utils.clip_grad_norm_(plugin.main_params(optimizer), clip_val)
+            self._submit_deferred(float(torch.clamp(float(clip_val) / (total + 1e-6), max=1.0)))
+
+        plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
+        self._clip_plugin = plugin
 
     @override
     def state_dict(self) -> dict[str, Any]:
         # Called while a checkpoint is written: make every row so far durable and remember the counts,
         # so that a resume truncates the store back to exactly this point.
         if self._writer is not None:
+            self._submit_deferred(1.0)
             self._committed = self._writer.call_result(self._writer.store.commit)
         if self._committed is None:
             return {}
@@ -494,7 +517,10 @@ class DualFormCallback(Callback):
         step, epoch = int(trainer.global_step), int(trainer.current_epoch)
         self._last_epoch = epoch
         loss_scale, skipped = _loss_scale(trainer, optimizer)
-        clip = self._clip_factor(trainer, optimizer)
+        self._submit_deferred(1.0)  # (never left over: clipping or the batch's end submits it)
+        clipping = bool(trainer.gradient_clip_val) and (trainer.gradient_clip_algorithm or "norm") == "norm"
+        defer = clipping and self._clip_plugin is not None and not skipped
+        clip = 1.0 if defer else self._clip_factor(trainer, optimizer)
         grad_scale = 0.0 if skipped else clip * self._grad_world_scale / loss_scale
 
         rows: dict[str, tuple] = {}
@@ -523,11 +549,26 @@ class DualFormCallback(Callback):
             rows = {n: tuple(_to_pinned(t) for t in r) for n, r in rows.items()}
             event = torch.cuda.Event()
             event.record()
+        self._deferred = (step, epoch, rows, updates, event)
+        if not defer:
+            self._submit_deferred(1.0)
+
+    def _submit_deferred(self, clip: float) -> None:
+        """Hand the step waiting for its clip factor to the writer. Lightning clips right after
+        ``on_before_optimizer_step``; a step still waiting at the batch's end was not clipped (factor 1)."""
+        if self._deferred is None:
+            return
+        step, epoch, rows, updates, event = self._deferred
+        self._deferred = None
+        if clip != 1.0:
+            updates = {name: (scale * clip, w_up, b_up) for name, (scale, w_up, b_up) in updates.items()}
         self._writer.submit(_write_step, self._writer.store, step, epoch, rows, updates, event)
 
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
         self._active = False
+        if self._writer is not None:
+            self._submit_deferred(1.0)
 
     # ------------------------------------------------------------------------------------------------
     # checks and scalars
@@ -685,6 +726,7 @@ class DualFormCallback(Callback):
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         self._query_end()
         self._detach()
+        self._deferred = None  # its batch did not finish
         writer, self._writer = self._writer, None
         if writer is not None:
             try:
@@ -780,6 +822,12 @@ class DualFormCallback(Callback):
             except AttributeError:
                 pass
             self._orig_process_dataloader = None
+        if self._clip_plugin is not None:
+            try:
+                del self._clip_plugin.clip_grad_by_norm  # drop the instance override
+            except AttributeError:
+                pass
+            self._clip_plugin = None
         for dl in self._wrapped:
             unwrap_dataloader(dl)
         self._wrapped.clear()
