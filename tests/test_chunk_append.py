@@ -1,5 +1,7 @@
 """Whole-chunk appends that bypass HDF5's filter pipeline must write exactly what HDF5 would."""
 
+import sys
+
 import h5py
 import numpy as np
 import pytest
@@ -125,3 +127,17 @@ def test_running_checksum_over_pieces_and_trailing_zeros():
     run.reset()
     run.update(np.zeros(10, np.uint8))
     assert run.finish(zero_bytes=6) == 0 == _fletcher.fletcher32_reference(bytes(16))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the HDF5 library is found through /proc/self/maps")
+def test_chunk_writes_release_the_gil_on_linux(tmp_path):
+    """The appends above went through ctypes' H5Dwrite_chunk (GIL released), not h5py's (GIL held)."""
+    from lightning_dualform import chunk_append
+
+    assert chunk_append._gil_free_write_chunk() is not None
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        app = ChunkAppender(_dataset(f, "d", 3, np.float32, 4))
+        assert app._write_chunk is not None
+        app.append(np.ones((5, 3), np.float32))
+        app.flush()
+        assert np.array_equal(f["d"][:], np.ones((5, 3), np.float32))
