@@ -99,7 +99,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3, help="training epochs")
     p.add_argument("--queries", type=int, default=1000, help="number of queries")
     p.add_argument("--top-k", type=int, default=10, help="top-k")
-    p.add_argument("--block-rows", type=int, default=4096, help="DualInference block_rows")
+    p.add_argument("--block-rows", type=int, default=None, help="DualInference block_rows (default: automatic)")
     p.add_argument("--layers", nargs="*", default=["net.0", "net.2", "net.4"], help="layers to measure")
     p.add_argument("--query-chunk", type=int, default=2048, help="DualInference query_chunk")
     p.add_argument("--repeat", type=int, default=3, help="interleaved rounds of (c), (b), (a), bf16 (medians are reported)")
@@ -124,9 +124,11 @@ def main() -> None:
             q = qs[name]
             nbytes = lay.n_rows * (lay.d_in + lay.d_out) * 4
 
+            block = di.rows_per_block(lay)
+
             def read() -> None:
-                for s in range(0, lay.n_rows, args.block_rows):
-                    lay.read(s, s + args.block_rows, ("keys", "values"))
+                for s in range(0, lay.n_rows, block):
+                    lay.read(s, s + block, ("keys", "values"))
 
             rows = lay.read(0, lay.n_rows, ("keys", "values", "step"))
             coef = lay.coefficients()
@@ -166,7 +168,7 @@ def main() -> None:
             print("   rounds (s): " + "  ".join(f"{key}=" + ",".join(f"{x:.2f}" for x in xs) for key, xs in ts.items()))
             ratio = t_a / max(t_b, t_c)
             print(
-                f"{name}  {lay.n_rows}  {t_a:.2f}  {t_b:.2f}  {t_c:.2f}  {ratio:.2f}  {lay.n_rows / t_a:,.0f}  "
+                f"{name}  block {block}  {lay.n_rows}  {t_a:.2f}  {t_b:.2f}  {t_c:.2f}  {ratio:.2f}  {lay.n_rows / t_a:,.0f}  "
                 f"{nbytes / t_a / 1e9:.2f}  | {t_f:.2f}  {t_a / t_f:.2f}x  {100 * differs:.1f}% of queries "
                 f"(max rel err exact {exact.max_rel_err:.1e}, bf16 {fast.max_rel_err:.1e})",
                 flush=True,

@@ -130,14 +130,16 @@ def test_running_checksum_over_pieces_and_trailing_zeros():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the HDF5 library is found through /proc/self/maps")
-def test_chunk_writes_release_the_gil_on_linux(tmp_path):
+def test_bulk_reads_and_writes_release_the_gil_on_linux(tmp_path):
     """The appends above went through ctypes' H5Dwrite_chunk (GIL released), not h5py's (GIL held)."""
-    from lightning_dualform import chunk_append
+    from lightning_dualform import _hdf5_nogil
 
-    assert chunk_append._gil_free_write_chunk() is not None
+    assert _hdf5_nogil.library() is not None
+    rows = np.arange(15, dtype=np.float32).reshape(5, 3)
     with h5py.File(tmp_path / "s.h5", "w") as f:
         app = ChunkAppender(_dataset(f, "d", 3, np.float32, 4))
-        assert app._write_chunk is not None
-        app.append(np.ones((5, 3), np.float32))
+        app.append(rows)
         app.flush()
-        assert np.array_equal(f["d"][:], np.ones((5, 3), np.float32))
+        assert np.array_equal(f["d"][:], rows)
+        for a, b in [(0, 5), (1, 4), (3, 9), (5, 5)]:
+            assert np.array_equal(_hdf5_nogil.read_rows(f["d"], a, b), rows[a:b])

@@ -352,7 +352,7 @@ def iter_scores(
     q = _as_queries(di, layer, queries, "iter_scores")
     end = lay.coefficients(at_step).end_step
     n_rows = lay.rows_before(end)
-    b = int(block_rows or di.block_rows)
+    b = int(block_rows or di.rows_per_block(lay))
     for start in range(0, n_rows, b):
         blk = lay.read(start, min(start + b, n_rows), ("keys", *columns))
         keys = torch.from_numpy(blk.pop("keys")).to(q.dtype)

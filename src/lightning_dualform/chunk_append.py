@@ -10,63 +10,17 @@ every chunk's checksum when reading.
 
 Only datasets whose single filter is Fletcher-32 qualify (compressed stores go through h5py).
 
-h5py holds the GIL through every HDF5 call, and the writer thread's chunk writes (the kernel copying
-them into the page cache) then stall the training thread, which needs the GIL between torch ops. Where
-the HDF5 library h5py loaded can be found (Linux), ``H5Dwrite_chunk`` is called through ``ctypes``,
-which releases the GIL, while holding h5py's own lock, which keeps HDF5 calls serialised as h5py does.
+The chunk write itself releases the GIL (:mod:`._hdf5_nogil`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import logging
-import os
 import struct
 
 import h5py
 import numpy as np
-from h5py._objects import phil
 
-from lightning_dualform import _fletcher
-
-log = logging.getLogger(__name__)
-_write_chunk_fn: object = None  # not looked up yet
-
-
-def _loaded_hdf5() -> ctypes.CDLL | None:
-    """The HDF5 library h5py uses (the same instance: ids are per library), from the process's mappings."""
-    try:
-        with open("/proc/self/maps") as fh:
-            paths = {line.split()[-1] for line in fh if "libhdf5" in line}
-    except OSError:
-        return None
-    for path in sorted(paths):
-        name = os.path.basename(path)
-        if name.startswith("libhdf5") and not name.startswith("libhdf5_") and ".so" in name:
-            try:
-                lib = ctypes.CDLL(path)
-                return lib if hasattr(lib, "H5Dwrite_chunk") else None
-            except OSError:
-                return None
-    return None
-
-
-def _gil_free_write_chunk() -> object:
-    """``H5Dwrite_chunk`` through ctypes, or ``None`` (then h5py's ``write_direct_chunk`` is used)."""
-    global _write_chunk_fn
-    if _write_chunk_fn is None:
-        _write_chunk_fn = False
-        if os.environ.get("LIGHTNING_DUALFORM_CTYPES_HDF5", "1") != "0":
-            lib = _loaded_hdf5()
-            if lib is not None:
-                fn = lib.H5Dwrite_chunk
-                # herr_t H5Dwrite_chunk(hid_t dset, hid_t dxpl, uint32_t filters, const hsize_t* offset, size_t size, const void* buf)
-                fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-                fn.restype = ctypes.c_int
-                _write_chunk_fn = fn
-            else:
-                log.info("HDF5 library not found in the process: chunk writes go through h5py (holding the GIL)")
-    return _write_chunk_fn or None
+from lightning_dualform import _fletcher, _hdf5_nogil
 
 
 class ChunkAppender:
@@ -86,7 +40,6 @@ class ChunkAppender:
         self._rows = self._raw[: self._bytes].view(ds.dtype).reshape(self.chunk_rows, self._width)
         self._sum = _fletcher.RunningFletcher32()
         self._offset = np.zeros(2, dtype=np.uint64)  # the chunk's first (row, column), for H5Dwrite_chunk
-        self._write_chunk = _gil_free_write_chunk()
         self._extent = int(ds.shape[0])
         self._fill = self._extent % self.chunk_rows
         self._start = self._extent - self._fill  # the dataset row where the buffered chunk begins
@@ -138,11 +91,5 @@ class ChunkAppender:
             self._extent = end
         checksum = self._sum.finish(zero_bytes=(self.chunk_rows - self._fill) * self._row_bytes)
         struct.pack_into("<I", self._raw, self._bytes, checksum)
-        if self._write_chunk is None:
-            self.ds.id.write_direct_chunk((self._start, 0), self._raw)
-            return
         self._offset[0] = self._start
-        with phil:  # h5py's lock: no other thread enters HDF5 meanwhile; the GIL is free
-            status = self._write_chunk(self.ds.id.id, 0, 0, self._offset.ctypes.data, self._raw.nbytes, self._raw.ctypes.data)
-        if status < 0:
-            raise OSError(f"HDF5 could not write a chunk of {self.ds.name} at row {self._start} (H5Dwrite_chunk failed)")
+        _hdf5_nogil.write_chunk(self.ds, self._offset, self._raw)

@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--at-step", type=int, default=None, help="the model after this many optimizer steps (default: the end)")
     s.add_argument("--step-buckets", type=int, default=20, help="time buckets of the attention mass over training")
     s.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N'")
-    s.add_argument("--block-rows", type=int, default=4096, help="memory rows read and multiplied at a time")
+    s.add_argument("--block-rows", type=int, default=None, help="memory rows read and multiplied at a time (default: about 96 MiB per block)")
     s.add_argument("--json", metavar="FILE", default=None, help="write every number of the answer as JSON")
     s.add_argument("--plot", metavar="FILE.png", default=None, help="draw the answer (.png, .pdf or .svg; needs matplotlib)")
     s.set_defaults(func=cmd_attend)
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("store", metavar="STORE", help="a .h5 store written by DualFormCallback")
     s.add_argument("--samples", type=int, default=256, help="stored training keys used as queries per layer")
     s.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N'")
-    s.add_argument("--block-rows", type=int, default=4096, help="memory rows read and multiplied at a time")
+    s.add_argument("--block-rows", type=int, default=None, help="memory rows read and multiplied at a time (default: about 96 MiB per block)")
     s.add_argument("--json", metavar="FILE", default=None, help="also write the verdict as JSON")
     s.set_defaults(func=cmd_verify)
 
@@ -342,8 +342,8 @@ def _check_output(path: str | None, option: str, suffixes: tuple[str, ...] | Non
         raise UsageError(f"{option} {path}: not writable; choose another path.")
 
 
-def _positive(value: int, option: str) -> None:
-    if value < 1:
+def _positive(value: int | None, option: str) -> None:
+    if value is not None and value < 1:
         raise UsageError(f"{option} {value}: expected a positive integer.")
 
 
@@ -755,7 +755,7 @@ def render_attend(run: AttendRun, by: str, store: Any = None) -> str:
 # ------------------------------------------------------------------------------------------------------
 # verify
 # ------------------------------------------------------------------------------------------------------
-def verify_store(path: str, *, samples: int = 256, device: str = "cpu", block_rows: int = 4096, progress: bool = False) -> dict[str, Any]:
+def verify_store(path: str, *, samples: int = 256, device: str = "cpu", block_rows: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Per layer: the stored certificate and the dual-vs-weights error on sampled training keys and on the
     recorded queries, against :func:`lightning_dualform.certificate.tolerance`. Outputs are accumulated in
     float64, so the check measures the store and not its own round-off."""

@@ -15,6 +15,7 @@ memory is a few blocks plus the per-query results; the optional per-example sums
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -48,6 +49,7 @@ def _list(t: torch.Tensor | None) -> Any:
 
 
 @dataclass
+
 class TopRows:
     """The k best memory rows per query, best first; each field is ``(n, k)``.
 
@@ -206,6 +208,10 @@ class _Stats:
     example_label: np.ndarray  # (n_examples,) int64, -1 unknown
 
 
+#: automatic block size: keys and values of about this many float32 bytes per block
+BLOCK_BYTES = 96 * 2**20
+
+
 class _Prefetcher:
     """Reads blocks ``[start, stop)`` of a layer on a background thread, ``depth`` blocks ahead.
 
@@ -298,9 +304,11 @@ class DualInference:
     Args:
         path: a store written by :class:`~lightning_dualform.DualFormCallback`.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``; ``None`` picks CUDA when available.
-        block_rows: memory rows read and multiplied at a time. Peak memory grows with it
-            (``block_rows x (d_in + d_out)`` numbers, a few times over for prefetching, plus
-            ``min(n, query_chunk) x block_rows`` work buffers).
+        block_rows: memory rows read and multiplied at a time; ``None`` (default) sizes blocks per layer
+            to about 96 MiB of keys and values (4,096 to 65,536 rows; large blocks keep the products
+            efficient: 1.53x the bare products at 16,384 rows against 1.92x at 4,096 on a 2-core CPU).
+            Peak memory grows with it (``block_rows x (d_in + d_out)`` numbers, a few times over for
+            prefetching, plus ``min(n, query_chunk) x block_rows`` work buffers).
         accumulate: ``torch.float32`` (default) or ``torch.float64`` for the scores and the sums.
         query_chunk: queries processed together against one block.
         progress: show a tqdm bar per pass.
@@ -327,14 +335,14 @@ class DualInference:
         path: str | os.PathLike,
         device: str | torch.device | None = None,
         *,
-        block_rows: int = 4096,
+        block_rows: int | None = None,
         accumulate: torch.dtype = torch.float32,
         query_chunk: int = 2048,
         progress: bool = False,
         distributed: bool | Any = False,
     ) -> None:
-        if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
-            raise ValueError(f"`DualInference(block_rows={block_rows!r})` must be a positive integer.")
+        if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
+            raise ValueError(f"`DualInference(block_rows={block_rows!r})` must be None or a positive integer.")
         if isinstance(query_chunk, bool) or not isinstance(query_chunk, int) or query_chunk < 1:
             raise ValueError(f"`DualInference(query_chunk={query_chunk!r})` must be a positive integer.")
         if accumulate not in _ACCUMULATE:
@@ -524,7 +532,7 @@ class DualInference:
                 out["groups"] = np.stack([cols[name] + off for name, off in state.mass_offsets.items()], axis=1)
             return out
 
-        pf = _Prefetcher(make, n_rows, self.block_rows, dev, share=self._share())
+        pf = _Prefetcher(make, n_rows, self.rows_per_block(lay), dev, share=self._share())
         bar = _bar(self.progress and self._share()[0] == 0, n_rows, f"attend {lay.name}")
         try:
             for blk in pf:
@@ -605,6 +613,13 @@ class DualInference:
             res.mass[name] = Mass(keys=keys, signed=signed.to(cpu).contiguous(), absolute=absolute.to(cpu).contiguous(), edges=edges)
         return res
 
+    def rows_per_block(self, lay: LayerReader) -> int:
+        """The block size of passes over ``lay``: ``block_rows``, or the automatic size for its widths."""
+        if self.block_rows is not None:
+            return self.block_rows
+        rows = BLOCK_BYTES / (4 * (lay.d_in + lay.d_out))
+        return int(min(65536, max(4096, 2 ** round(math.log2(rows)))))
+
     # -- pieces of a pass ------------------------------------------------------------------------------
     def _check_queries(self, lay: LayerReader, queries: Any, call: str) -> torch.Tensor:
         if isinstance(queries, np.ndarray):
@@ -659,7 +674,7 @@ class DualInference:
             blk = lay.read(start, stop, ("keys", "values", "step"))
             return {"keys": blk["keys"], "values": blk["values"], "upd": blk["step"] - coef.first_step}
 
-        pf = _Prefetcher(make, n, self.block_rows, dev)
+        pf = _Prefetcher(make, n, self.rows_per_block(lay), dev)
         try:
             for blk in pf:
                 k, v, upd = blk["keys"].to(acc), blk["values"].to(acc), blk["upd"]

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
-from lightning_dualform import _probe
+from lightning_dualform import _hdf5_nogil, _probe
 from lightning_dualform.chunk_append import ChunkAppender
 from lightning_dualform.errors import StoreError
 from lightning_dualform.optim import PARAM_COLUMNS, coefficients_with_buffer, plain_sgd_coefficients
@@ -873,7 +873,8 @@ class LayerReader:
             if col == "tokens":  # an embedding's stored token ids, (n,)
                 out[col] = self._g["keys"][start:stop, 0]
                 continue
-            data = self._g[col][start:stop]
+            # the bulk columns are read without holding the GIL (the prefetch thread reads while torch runs)
+            data = _hdf5_nogil.read_rows(self._g[col], start, stop) if col in ("keys", "values") else self._g[col][start:stop]
             if col == "keys" and self.kind == "embedding":
                 onehot = np.zeros((len(data), self.d_in), dtype=np.float32)
                 ids = data[:, 0]

@@ -1,0 +1,99 @@
+"""The two bulk HDF5 calls of the library, made without holding the GIL.
+
+h5py holds the GIL through every HDF5 call. The store's bulk I/O runs on helper threads (the writer
+during training, the prefetcher during attention) while another thread runs torch, which needs the
+GIL between ops; an h5py read or write of megabytes stalls it for milliseconds. Where the HDF5 library
+h5py loaded can be found in the process (Linux: ``/proc/self/maps``), ``H5Dwrite_chunk`` and ``H5Dread``
+are called through ``ctypes``, which releases the GIL, while holding h5py's own lock, which keeps HDF5
+calls serialised exactly as h5py does. Everything else (dataspaces, types, ids) is h5py's. Elsewhere,
+or with ``LIGHTNING_DUALFORM_CTYPES_HDF5=0``, the same calls go through h5py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+
+import h5py
+import numpy as np
+from h5py._objects import phil
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None | bool = False  # False: not looked up yet
+
+
+def _loaded_hdf5() -> ctypes.CDLL | None:
+    """The HDF5 library h5py uses (the same instance: ids are per library), from the process's mappings."""
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = {line.split()[-1] for line in fh if "libhdf5" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        name = os.path.basename(path)
+        if name.startswith("libhdf5") and not name.startswith("libhdf5_") and ".so" in name:
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                return None
+            if not (hasattr(lib, "H5Dwrite_chunk") and hasattr(lib, "H5Dread")):
+                return None
+            i64, p = ctypes.c_int64, ctypes.c_void_p
+            # herr_t H5Dwrite_chunk(hid_t dset, hid_t dxpl, uint32_t filters, const hsize_t* offset, size_t size, const void* buf)
+            lib.H5Dwrite_chunk.argtypes = [i64, i64, ctypes.c_uint32, p, ctypes.c_size_t, p]
+            lib.H5Dwrite_chunk.restype = ctypes.c_int
+            # herr_t H5Dread(hid_t dset, hid_t mem_type, hid_t mem_space, hid_t file_space, hid_t dxpl, void* buf)
+            lib.H5Dread.argtypes = [i64, i64, i64, i64, i64, p]
+            lib.H5Dread.restype = ctypes.c_int
+            return lib
+    return None
+
+
+def library() -> ctypes.CDLL | None:
+    """The HDF5 library through ctypes, or ``None`` (then h5py's calls are used)."""
+    global _lib
+    if _lib is False:
+        with _lock:
+            if _lib is False:
+                found = _loaded_hdf5() if os.environ.get("LIGHTNING_DUALFORM_CTYPES_HDF5", "1") != "0" else None
+                if found is None:
+                    log.info("HDF5 library not reachable through ctypes: bulk I/O goes through h5py (holding the GIL)")
+                _lib = found
+    return _lib or None
+
+
+def write_chunk(ds: h5py.Dataset, offset: np.ndarray, data: np.ndarray) -> None:
+    """``H5Dwrite_chunk`` of ``data`` (the chunk's bytes as stored, checksum included) at ``offset``
+    (a uint64 array: the chunk's first index in each dimension)."""
+    lib = library()
+    if lib is None:
+        ds.id.write_direct_chunk(tuple(int(x) for x in offset), data)
+        return
+    with phil:  # no other thread enters HDF5 meanwhile; the GIL is free
+        status = lib.H5Dwrite_chunk(ds.id.id, 0, 0, offset.ctypes.data, data.nbytes, data.ctypes.data)
+    if status < 0:
+        raise OSError(f"HDF5 could not write the chunk of {ds.name} at {tuple(int(x) for x in offset)} (H5Dwrite_chunk failed)")
+
+
+def read_rows(ds: h5py.Dataset, start: int, stop: int) -> np.ndarray:
+    """``ds[start:stop]`` of a 2-D dataset, read by ``H5Dread`` (filters such as checksums applied by HDF5)."""
+    lib = library()
+    if lib is None or ds.ndim != 2:
+        return ds[start:stop]
+    start, stop = max(0, int(start)), min(int(stop), ds.shape[0])
+    width = ds.shape[1]
+    out = np.empty((max(0, stop - start), width), dtype=ds.dtype)
+    if out.size == 0:
+        return out
+    with phil:
+        file_space = ds.id.get_space()
+        file_space.select_hyperslab((start, 0), out.shape)
+        mem_space = h5py.h5s.create_simple(out.shape)
+        mem_type = h5py.h5t.py_create(out.dtype)
+        status = lib.H5Dread(ds.id.id, mem_type.id, mem_space.id, file_space.id, 0, out.ctypes.data)
+    if status < 0:
+        raise OSError(f"HDF5 could not read rows {start}:{stop} of {ds.name} (H5Dread failed: a damaged chunk or checksum)")
+    return out
