@@ -143,3 +143,20 @@ def test_bulk_reads_and_writes_release_the_gil_on_linux(tmp_path):
         assert np.array_equal(f["d"][:], rows)
         for a, b in [(0, 5), (1, 4), (3, 9), (5, 5)]:
             assert np.array_equal(_hdf5_nogil.read_rows(f["d"], a, b), rows[a:b])
+
+
+def test_images_append_by_whole_rows(tmp_path):
+    """Datasets of any row shape (raw inputs: (N, 1, 28, 28)) take whole-row chunks the same way."""
+    imgs = np.random.default_rng(5).random((50, 1, 6, 5)).astype(np.float32)
+    with h5py.File(tmp_path / "s.h5", "w", libver="latest") as f:
+        ds = f.create_dataset("x", shape=(0, 1, 6, 5), maxshape=(None, 1, 6, 5), chunks=(8, 1, 6, 5),
+                              dtype="f4", fletcher32=True)
+        assert ChunkAppender.usable(ds)
+        app = ChunkAppender(ds)
+        app.append(imgs[:13])
+        app.flush()
+        app.append(imgs[13:])
+        app.flush()
+        assert np.array_equal(ds[:], imgs)
+        with pytest.raises(ValueError, match="do not fit"):
+            app.append(imgs[:, :, :5])

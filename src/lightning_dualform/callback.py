@@ -682,13 +682,11 @@ class DualFormCallback(Callback):
     # ------------------------------------------------------------------------------------------------
     # durability and the end
     # ------------------------------------------------------------------------------------------------
-    def _commit(self) -> None:
-        if self._writer is not None:
-            self._committed = self._writer.call_result(self._writer.store.commit)
-
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._commit()
+        # on the writer thread after the epoch's steps; training goes on (a checkpoint's state_dict waits)
+        if self._writer is not None:
+            self._writer.submit(self._writer.store.commit)
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

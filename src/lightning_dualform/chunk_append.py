@@ -24,7 +24,7 @@ from lightning_dualform import _fletcher, _hdf5_nogil
 
 
 class ChunkAppender:
-    """Buffers the last, partial chunk of a 2-D dataset ``(rows, width)`` chunked ``(chunk_rows, width)``.
+    """Buffers the last, partial chunk of a dataset ``(rows, *shape)`` chunked ``(chunk_rows, *shape)``.
 
     Nothing else may resize or write the dataset while an appender owns it. ``rows`` counts the rows
     appended; :meth:`flush` makes them all part of the dataset (the partial chunk is written with zeros
@@ -33,13 +33,13 @@ class ChunkAppender:
 
     def __init__(self, ds: h5py.Dataset) -> None:
         self.ds = ds
-        self.chunk_rows, self._width = ds.chunks
-        self._row_bytes = self._width * ds.dtype.itemsize
+        self.chunk_rows, self._shape = ds.chunks[0], tuple(ds.shape[1:])
+        self._row_bytes = int(np.prod(self._shape, dtype=np.int64)) * ds.dtype.itemsize
         self._bytes = self.chunk_rows * self._row_bytes
         self._raw = np.zeros(self._bytes + 4, dtype=np.uint8)  # the chunk, then its checksum
-        self._rows = self._raw[: self._bytes].view(ds.dtype).reshape(self.chunk_rows, self._width)
+        self._rows = self._raw[: self._bytes].view(ds.dtype).reshape(self.chunk_rows, *self._shape)
         self._sum = _fletcher.RunningFletcher32()
-        self._offset = np.zeros(2, dtype=np.uint64)  # the chunk's first (row, column), for H5Dwrite_chunk
+        self._offset = np.zeros(ds.ndim, dtype=np.uint64)  # the chunk's first index, for H5Dwrite_chunk
         self._extent = int(ds.shape[0])
         self._fill = self._extent % self.chunk_rows
         self._start = self._extent - self._fill  # the dataset row where the buffered chunk begins
@@ -49,10 +49,10 @@ class ChunkAppender:
 
     @staticmethod
     def usable(ds: h5py.Dataset) -> bool:
-        """A 2-D dataset chunked by whole rows whose only filter is Fletcher-32, and a compiled checksum."""
-        if ds.ndim != 2 or ds.chunks is None or ds.chunks[1] != ds.shape[1] or _fletcher.library() is None:
+        """A dataset chunked by whole rows whose only filter is Fletcher-32, and a compiled checksum."""
+        if ds.ndim < 2 or ds.chunks is None or tuple(ds.chunks[1:]) != tuple(ds.shape[1:]) or _fletcher.library() is None:
             return False
-        if ds.dtype.itemsize * ds.shape[1] % 2:  # the running checksum sums whole 16-bit words per row
+        if ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)) % 2:  # whole 16-bit words per row
             return False
         plist = ds.id.get_create_plist()
         return plist.get_nfilters() == 1 and plist.get_filter(0)[0] == h5py.h5z.FILTER_FLETCHER32
@@ -62,9 +62,9 @@ class ChunkAppender:
         return self._start + self._fill
 
     def append(self, rows: np.ndarray) -> None:
-        """Copy ``rows`` (the dataset's dtype and width) into the chunk buffer, writing every chunk that fills."""
-        if rows.dtype != self.ds.dtype or rows.ndim != 2 or rows.shape[1] != self._width:
-            raise ValueError(f"rows {rows.dtype}{rows.shape} do not fit {self.ds.name} ({self.ds.dtype}, width {self._width})")
+        """Copy ``rows`` (the dataset's dtype and row shape) into the chunk buffer, writing every chunk that fills."""
+        if rows.dtype != self.ds.dtype or tuple(rows.shape[1:]) != self._shape:
+            raise ValueError(f"rows {rows.dtype}{rows.shape} do not fit {self.ds.name} ({self.ds.dtype}, rows of shape {self._shape})")
         rows = np.ascontiguousarray(rows)
         i, n = 0, len(rows)
         while i < n:
@@ -87,7 +87,7 @@ class ChunkAppender:
     def _write(self) -> None:
         end = self._start + self._fill
         if self._extent < end:
-            self.ds.id.set_extent((end, self._width))
+            self.ds.id.set_extent((end, *self._shape))
             self._extent = end
         checksum = self._sum.finish(zero_bytes=(self.chunk_rows - self._fill) * self._row_bytes)
         struct.pack_into("<I", self._raw, self._bytes, checksum)

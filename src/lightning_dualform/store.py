@@ -204,6 +204,8 @@ class StoreWriter:
             name: {col: ChunkAppender(ds[col]) for col in ("keys", "values") if ChunkAppender.usable(ds[col])}
             for name, ds in self._ds.items()
         }
+        inputs = self.file["inputs"]["data"] if "inputs" in self.file else None
+        self._input_appender = ChunkAppender(inputs) if inputs is not None and ChunkAppender.usable(inputs) else None
         self.committed = self._counts()
 
     @classmethod
@@ -398,7 +400,10 @@ class StoreWriter:
             self.commit()
 
     def add_inputs(self, index: np.ndarray, data: np.ndarray) -> None:
-        """Raw inputs of training examples seen for the first time (written at the next commit)."""
+        """Raw inputs of training examples seen for the first time (all written by the next commit)."""
+        if self._input_appender is not None:  # the bytes go out now, chunk by chunk; the indices at commit
+            self._input_appender.append(np.ascontiguousarray(data, dtype=self._input_appender.ds.dtype))
+            data = None
         self._pending_inputs.append((index, data))
 
     def _write_rows(self, name: str, aligned: bool) -> None:
@@ -422,7 +427,8 @@ class StoreWriter:
     def _write_tables(self) -> None:
         if self._pending_inputs and "inputs" in self.file:
             ig = self.file["inputs"]
-            _append(ig["data"], np.concatenate([d for _, d in self._pending_inputs]).astype(ig["data"].dtype, copy=False))
+            if self._input_appender is None:
+                _append(ig["data"], np.concatenate([d for _, d in self._pending_inputs]).astype(ig["data"].dtype, copy=False))
             _append(ig["index"], np.concatenate([i for i, _ in self._pending_inputs]))
         self._pending_inputs = []
         if not self._pending_steps:
@@ -445,6 +451,8 @@ class StoreWriter:
             self._write_rows(name, aligned=False)
             for appender in self._appenders[name].values():
                 appender.flush()
+        if self._input_appender is not None:
+            self._input_appender.flush()
         self._write_tables()
 
     def commit(self) -> dict[str, Any]:
@@ -464,7 +472,10 @@ class StoreWriter:
                 raise StoreError(f"{self.path}: layer {name!r}: columns of unequal length {lengths}; not committed.")
             ds["committed_rows"][0] = lengths["keys"]
         if "inputs" in f:
-            f["inputs"]["committed"][0] = f["inputs"]["index"].shape[0]
+            ig = f["inputs"]
+            if ig["index"].shape[0] != ig["data"].shape[0]:
+                raise StoreError(f"{self.path}: {ig['index'].shape[0]} input indices for {ig['data'].shape[0]} inputs; not committed.")
+            ig["committed"][0] = ig["index"].shape[0]
         f["committed_steps"][0] = f["update_step"].shape[0]
         f.flush()  # ... then the counters that point at it
         self._last_commit = time.monotonic()
