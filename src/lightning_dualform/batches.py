@@ -113,6 +113,11 @@ def row_metadata(call: CallRows, info: BatchInfo, offset: int, with_example: boo
     n = call.keys.shape[0]
     lead = call.lead_shape
     b = info.size
+    if b and n == b and len(lead) == 1 and offset == 0 and not with_example:  # one row per example (MLPs)
+        index = info.indices if info.indices is not None else torch.full((n,), -1, dtype=torch.int64)
+        lab = info.labels
+        label = lab if lab is not None and lab.dim() == 1 and lab.shape[0] == b else torch.full((n,), -1, dtype=torch.int64)
+        return index, torch.zeros(n, dtype=torch.int32), label, 1
     rows = torch.arange(n)
     if b and lead and lead[0] == b:  # batch first: (B, ...)
         per_ex = max(n // b, 1)
