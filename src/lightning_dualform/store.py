@@ -25,7 +25,6 @@ import numpy as np
 
 from lightning_dualform import _hdf5_nogil, _probe
 from lightning_dualform.chunk_append import ChunkAppender
-from lightning_dualform.chunk_read import ChunkReader, MappedFile
 from lightning_dualform.errors import StoreError
 from lightning_dualform.optim import PARAM_COLUMNS, coefficients_with_buffer, plain_sgd_coefficients
 
@@ -767,19 +766,6 @@ class LayerReader:
                 f"expected (*, {key_width})/(*, {self.d_out}); the file is inconsistent."
             )
         self.attrs = {k: _attr(v) for k, v in a.items()}
-        self._chunk_readers: dict[str, ChunkReader | None] = {}
-
-    def _bulk(self, col: str, start: int, stop: int) -> np.ndarray:
-        """Rows of keys or values: from the memory-mapped chunks where the layout allows (one verified copy,
-        see chunk_read.py), else through HDF5 without the GIL."""
-        if col not in self._chunk_readers:
-            ds = self._g[col]
-            mapped = self.store.mapped_file()
-            self._chunk_readers[col] = ChunkReader(ds, mapped) if mapped is not None and ChunkReader.usable(ds) else None
-        reader = self._chunk_readers[col]
-        if reader is None:
-            return _hdf5_nogil.read_rows(self._g[col], start, stop)
-        return reader.read(start, stop)
 
     # -- weights ---------------------------------------------------------------------------------------
     @_guarded
@@ -899,7 +885,7 @@ class LayerReader:
                 out[col] = self._g["keys"][start:stop, 0]
                 continue
             # the bulk columns are read without holding the GIL (the prefetch thread reads while torch runs)
-            data = self._bulk(col, start, stop) if col in ("keys", "values") else self._g[col][start:stop]
+            data = _hdf5_nogil.read_rows(self._g[col], start, stop) if col in ("keys", "values") else self._g[col][start:stop]
             if col == "keys" and self.kind == "embedding":
                 onehot = np.zeros((len(data), self.d_in), dtype=np.float32)
                 ids = data[:, 0]
@@ -1070,22 +1056,7 @@ class StoreReader(StoreView):
                 out[j] = data[p]
         return out
 
-    def mapped_file(self) -> MappedFile | None:
-        """A read-only memory map of the file for :class:`ChunkReader` (``None`` where it cannot be mapped,
-        or with ``LIGHTNING_DUALFORM_MMAP=0``)."""
-        if getattr(self, "_mapped", False) is False:
-            self._mapped = None
-            if os.environ.get("LIGHTNING_DUALFORM_MMAP", "1") != "0":
-                try:
-                    self._mapped = MappedFile(self.path)
-                except (OSError, ValueError):
-                    self._mapped = None
-        return self._mapped
-
     def close(self) -> None:
-        if getattr(self, "_mapped", None) is not None:
-            self._mapped.close()
-            self._mapped = None
         self._f.close()
 
 
