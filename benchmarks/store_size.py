@@ -37,7 +37,8 @@ from common import MLP, machine, median, trainer  # noqa: E402
 
 from lightning_dualform import DualFormCallback, StoreReader  # noqa: E402
 from lightning_dualform.datasets import ImageDataModule  # noqa: E402
-from lightning_dualform.store import compression_kwargs, encode_rows  # noqa: E402
+from lightning_dualform.chunk_append import ChunkAppender  # noqa: E402
+from lightning_dualform.store import chunk_rows_for, compression_kwargs, encode_rows  # noqa: E402
 
 COMPRESSIONS = "none,lzf,gzip,lz4,zstd,blosc-lz4,blosc-zstd"
 DTYPES = "float32,float16,bfloat16"
@@ -71,21 +72,26 @@ def record(dm: ImageDataModule, epochs: int, dtype: str, comp: str, path: str) -
     }
 
 
-def rewrite(rows: dict[str, dict[str, np.ndarray]], dtype: str, comp: str, path: str, chunk_rows: int) -> tuple[float, dict]:
+def rewrite(rows: dict[str, dict[str, np.ndarray]], dtype: str, comp: str, path: str, chunk_rows: int | None) -> tuple[float, dict]:
     """Encode and append keys/values in blocks of BLOCK rows (timed) and the metadata (untimed).
 
     Returns the seconds and, per layer, ``{column: bytes on disk}``. Checks the round trip is bit-exact.
     """
     kw = compression_kwargs(_comp(comp))
-    disk = np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
+    disk = np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
     with h5py.File(path, "w", libver="latest") as f:
         dsets = {}
         for name, r in rows.items():
+            # the callback's chunking: one row count per layer for keys and values
+            rows_per_chunk = chunk_rows_for(r["keys"].shape[1] * disk.itemsize, r["values"].shape[1] * disk.itemsize, chunk_rows)
             for col in ("keys", "values"):
                 w = r[col].shape[1]
                 dsets[name, col] = f.create_dataset(
-                    f"{name}/{col}", shape=(0, w), maxshape=(None, w), dtype=disk, chunks=(chunk_rows, w), **kw
+                    f"{name}/{col}", shape=(0, w), maxshape=(None, w), dtype=disk, chunks=(rows_per_chunk, w),
+                    fletcher32=True, **kw
                 )
+        # uncompressed stores are written as the callback writes them: whole chunks, checksummed here
+        appenders = {key: ChunkAppender(ds) for key, ds in dsets.items() if ChunkAppender.usable(ds)}
         n = len(next(iter(rows.values()))["keys"])
         t0 = time.perf_counter()
         for start in range(0, n, BLOCK):
@@ -93,14 +99,19 @@ def rewrite(rows: dict[str, dict[str, np.ndarray]], dtype: str, comp: str, path:
                 for col in ("keys", "values"):
                     ds = dsets[name, col]
                     blk = encode_rows(r[col][start:start + BLOCK], dtype)
+                    if (name, col) in appenders:
+                        appenders[name, col].append(blk)
+                        continue
                     m = ds.shape[0]
                     ds.resize(m + len(blk), axis=0)
                     ds[m:] = blk
+        for app in appenders.values():
+            app.flush()
         f.flush()
         seconds = time.perf_counter() - t0
         for name, r in rows.items():
             for col, dt in META.items():
-                f.create_dataset(f"{name}/{col}", data=r[col].astype(dt), maxshape=(None,), chunks=(META_CHUNK,), **kw)
+                f.create_dataset(f"{name}/{col}", data=r[col].astype(dt), maxshape=(None,), chunks=(META_CHUNK,), fletcher32=True, **kw)
         f.flush()
         sizes = {name: {col: f[f"{name}/{col}"].id.get_storage_size() for col in ("keys", "values", *META)} for name in rows}
         for name, r in rows.items():  # lossless: what comes back is exactly what was encoded
@@ -129,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--compressions", default=COMPRESSIONS, help="comma list (none, lzf, gzip, gzip-N, lz4, zstd, blosc-lz4, blosc-zstd)")
     ap.add_argument("--check-compressions", default="blosc-zstd", help="compressions also fitted with the callback, per dtype")
     ap.add_argument("--repeats", type=int, default=3, help="timed writes per format (median)")
-    ap.add_argument("--chunk-rows", type=int, default=1024, help="rows per HDF5 chunk (the callback's default)")
+    ap.add_argument("--chunk-rows", type=int, default=None, help="rows per HDF5 chunk (default: the callback's automatic ~512 KiB)")
     ap.add_argument("--workdir", default=None, help="where stores are written (default: a temp dir)")
     ap.add_argument("--out", default="benchmarks/results", help="directory for store_size.json")
     args = ap.parse_args(argv)
