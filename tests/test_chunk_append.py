@@ -160,3 +160,22 @@ def test_images_append_by_whole_rows(tmp_path):
         assert np.array_equal(ds[:], imgs)
         with pytest.raises(ValueError, match="do not fit"):
             app.append(imgs[:, :, :5])
+
+
+def test_a_second_hdf5_copy_in_the_process_is_never_called():
+    """netCDF4 or PyTables may load their own HDF5: only the instance that sees h5py's objects is used."""
+    from lightning_dualform import _hdf5_nogil
+
+    class OtherCopy:  # answers like an HDF5 that has some other object under h5py's id
+        def H5Dget_space(self, dset):
+            return 1
+
+        def H5Sget_simple_extent_npoints(self, space):
+            return 3
+
+        def H5Sclose(self, space):
+            return 0
+
+    assert not _hdf5_nogil._is_h5pys(OtherCopy())
+    if _hdf5_nogil.library() is not None:
+        assert _hdf5_nogil._is_h5pys(_hdf5_nogil.library())

@@ -25,6 +25,48 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None | bool = False  # False: not looked up yet
 
 
+def _declare(lib: ctypes.CDLL) -> bool:
+    names = ("H5Dwrite_chunk", "H5Dread", "H5Dget_space", "H5Sget_simple_extent_npoints", "H5Sclose")
+    if not all(hasattr(lib, n) for n in names):
+        return False
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    # herr_t H5Dwrite_chunk(hid_t dset, hid_t dxpl, uint32_t filters, const hsize_t* offset, size_t size, const void* buf)
+    lib.H5Dwrite_chunk.argtypes = [i64, i64, ctypes.c_uint32, p, ctypes.c_size_t, p]
+    lib.H5Dwrite_chunk.restype = ctypes.c_int
+    # herr_t H5Dread(hid_t dset, hid_t mem_type, hid_t mem_space, hid_t file_space, hid_t dxpl, void* buf)
+    lib.H5Dread.argtypes = [i64, i64, i64, i64, i64, p]
+    lib.H5Dread.restype = ctypes.c_int
+    lib.H5Dget_space.argtypes, lib.H5Dget_space.restype = [i64], i64
+    lib.H5Sget_simple_extent_npoints.argtypes, lib.H5Sget_simple_extent_npoints.restype = [i64], ctypes.c_int64
+    lib.H5Sclose.argtypes, lib.H5Sclose.restype = [i64], ctypes.c_int
+    return True
+
+
+def _is_h5pys(lib: object) -> bool:
+    """Whether ``lib`` is the HDF5 instance h5py uses: it must see an h5py dataset of a size chosen here.
+
+    Another copy of HDF5 in the process (netCDF4 and PyTables ship their own) has its own id tables, so
+    it rejects h5py's ids or sees another object under the same number.
+    """
+    n = 1 + int.from_bytes(os.urandom(3), "little")
+    try:
+        with phil:
+            f = h5py.File(f"dualform-probe-{n}", "w", driver="core", backing_store=False)
+            try:
+                ds = f.create_dataset("probe", shape=(n,), dtype="u1")
+                space = lib.H5Dget_space(ds.id.id)
+                if space < 0:
+                    return False
+                try:
+                    return int(lib.H5Sget_simple_extent_npoints(space)) == n
+                finally:
+                    lib.H5Sclose(space)
+            finally:
+                f.close()
+    except Exception:  # anything odd: not the library to call
+        return False
+
+
 def _loaded_hdf5() -> ctypes.CDLL | None:
     """The HDF5 library h5py uses (the same instance: ids are per library), from the process's mappings."""
     try:
@@ -34,20 +76,13 @@ def _loaded_hdf5() -> ctypes.CDLL | None:
         return None
     for path in sorted(paths):
         name = os.path.basename(path)
-        if name.startswith("libhdf5") and not name.startswith("libhdf5_") and ".so" in name:
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                return None
-            if not (hasattr(lib, "H5Dwrite_chunk") and hasattr(lib, "H5Dread")):
-                return None
-            i64, p = ctypes.c_int64, ctypes.c_void_p
-            # herr_t H5Dwrite_chunk(hid_t dset, hid_t dxpl, uint32_t filters, const hsize_t* offset, size_t size, const void* buf)
-            lib.H5Dwrite_chunk.argtypes = [i64, i64, ctypes.c_uint32, p, ctypes.c_size_t, p]
-            lib.H5Dwrite_chunk.restype = ctypes.c_int
-            # herr_t H5Dread(hid_t dset, hid_t mem_type, hid_t mem_space, hid_t file_space, hid_t dxpl, void* buf)
-            lib.H5Dread.argtypes = [i64, i64, i64, i64, i64, p]
-            lib.H5Dread.restype = ctypes.c_int
+        if not (name.startswith("libhdf5") and not name.startswith("libhdf5_") and ".so" in name):
+            continue
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        if _declare(lib) and _is_h5pys(lib):
             return lib
     return None
 
