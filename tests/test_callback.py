@@ -89,6 +89,21 @@ def test_gradient_clipping_by_norm_is_exact(tmp_path, plugin):
     assert scale.min() < 0.99, "clipping should have been active in this run"
 
 
+def test_two_callbacks_with_clipping_are_both_exact(tmp_path):
+    """The first callback takes Lightning's clipping report; the second computes the factor itself."""
+    model = MLP(opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9))
+    a, b = DualFormCallback(tmp_path / "a.h5"), DualFormCallback(tmp_path / "b.h5", layers=["net.2"])
+    trainer = L.Trainer(max_epochs=2, callbacks=[a, b], gradient_clip_val=0.05, **TRAINER_KW)
+    trainer.fit(model, loader(IndexedDataset()))
+    for cb in (a, b):
+        assert all(c["exact"] for c in cb.certificate.values()), cb.certificate
+    with StoreReader(a.store_path) as sa, StoreReader(b.store_path) as sb:
+        scale_a, scale_b = sa.layer("net.2").updates()["grad_scale"], sb.layer("net.2").updates()["grad_scale"]
+    assert scale_a.min() < 0.99
+    np.testing.assert_array_equal(scale_a, scale_b)
+    assert "clip_grad_by_norm" not in vars(trainer.precision_plugin)
+
+
 def test_both_ways_of_getting_the_clip_factor_agree_bit_for_bit(tmp_path):
     scales = []
     for plugin in (None, OwnClipping()):
@@ -345,3 +360,32 @@ def test_compression_is_lossless(tmp_path, compression):
     model = MLP()
     _, cb = _fit(tmp_path, model, callback=DualFormCallback(tmp_path / "c.h5", compression=compression))
     assert_exact(cb.store_path, model, _probe(model))
+
+
+class WeightAlsoUsedOutside(L.LightningModule):
+    """A wide layer whose weight is also applied outside its forward: its rows explain only part of the
+    gradient, so the layer must be recorded as INEXACT, under rounding (bf16-mixed) as in float32."""
+
+    def __init__(self, d: int = 2048):
+        super().__init__()
+        self.lin = nn.Linear(d, 16)
+        self.head = nn.Linear(16, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.lin(x) + 0.5 * nn.functional.linear(x.flip(1), self.lin.weight)  # the second use is not seen
+        return nn.functional.cross_entropy(self.head(torch.relu(h)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_a_weight_used_outside_its_forward_is_reported_inexact(tmp_path, precision):
+    cb = DualFormCallback(tmp_path / "o.h5", layers=["lin"])
+    with pytest.warns(UserWarning, match="INEXACT"):
+        L.Trainer(max_epochs=1, callbacks=[cb], precision=precision, **TRAINER_KW).fit(
+            WeightAlsoUsedOutside(), loader(IndexedDataset(n=64, d=2048), batch_size=16))
+    assert "lin" in cb._inexact
+    with StoreReader(cb.store_path) as s:
+        assert not s.layer("lin").exact

@@ -201,3 +201,44 @@ def test_resume_with_a_schedule_stays_exact(tmp_path):
         m = dict(model.named_modules())[name]
         x = torch.randn(5, m.in_features)
         assert rel_err(dual_output(cb.store_path, name, x), real_output(m, x)) <= 1e-5
+
+
+@pytest.mark.parametrize("during_fit", [True, False], ids=["checkpoints-during-fit", "no-checkpoint-during-fit"])
+def test_checkpoint_saved_after_fit_resumes_without_losing_steps(tmp_path, during_fit):
+    """trainer.save_checkpoint after fit must hold the finished store's counts (epoch-end commits are
+    asynchronous; the counts must still be the last ones)."""
+    model_kw = {"opt_factory": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)}
+    dl = torch.utils.data.DataLoader(IndexedDataset(), batch_size=16)
+    cbs = [DualFormCallback(tmp_path / "s.h5")]
+    kw = dict(TRAINER_KW)
+    if during_fit:
+        cbs.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "c", every_n_epochs=2))
+        kw["enable_checkpointing"] = True
+    trainer = L.Trainer(max_epochs=3, callbacks=cbs, **kw)
+    trainer.fit(MLP(**model_kw), dl)
+    trainer.save_checkpoint(tmp_path / "final.ckpt")
+    steps_after_fit = trainer.global_step
+    model = MLP(**model_kw)
+    cb = DualFormCallback(tmp_path / "s.h5")
+    L.Trainer(max_epochs=4, callbacks=[cb], **TRAINER_KW).fit(model, dl, ckpt_path=tmp_path / "final.ckpt")
+    with StoreReader(cb.store_path) as s:
+        steps = s.layer("net.0").updates()
+        assert s.n_steps == 4 * steps_after_fit // 3  # nothing of the first fit was cut away
+    assert all(c["exact"] for c in cb.certificate.values()), cb.certificate
+
+
+def test_a_checkpoint_that_does_not_describe_the_store_truncates_nothing(tmp_path):
+    dl = torch.utils.data.DataLoader(IndexedDataset(), batch_size=16)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "c", filename="e1")
+    L.Trainer(max_epochs=1, callbacks=[DualFormCallback(tmp_path / "s.h5"), ckpt],
+              **{**TRAINER_KW, "enable_checkpointing": True}).fit(MLP(), dl)
+    # the file is then re-recorded from that checkpoint (overwrite=True): its steps now start at step 6
+    L.Trainer(max_epochs=3, callbacks=[DualFormCallback(tmp_path / "s.h5", overwrite=True)], **TRAINER_KW).fit(
+        MLP(), dl, ckpt_path=tmp_path / "c" / "e1.ckpt")
+    before = store_contents(str(tmp_path / "s.h5"))
+    # resuming from the first checkpoint again: its counts (6 steps ending at step 5) describe the old store
+    with pytest.raises(Exception, match="does not describe this store"):
+        L.Trainer(max_epochs=3, callbacks=[DualFormCallback(tmp_path / "s.h5")], **TRAINER_KW).fit(
+            MLP(), dl, ckpt_path=tmp_path / "c" / "e1.ckpt")
+    after = store_contents(str(tmp_path / "s.h5"))
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)

@@ -239,6 +239,8 @@ class DualFormCallback(Callback):
         plugin = trainer.precision_plugin
         if type(plugin).clip_grad_by_norm is not Precision.clip_grad_by_norm:
             return  # a plugin with its own norm clipping: the factor is computed in our hook instead
+        if "clip_grad_by_norm" in vars(plugin):
+            return  # already overridden (another DualFormCallback): compute the factor in our hook
 
         def clip_grad_by_norm(optimizer: torch.optim.Optimizer, clip_val: float) -> None:
             # Lightning's Precision.clip_grad_by_norm, keeping the norm it returns
@@ -253,7 +255,8 @@ class DualFormCallback(Callback):
         # Called while a checkpoint is written: make every row so far durable and remember the counts,
         # so that a resume truncates the store back to exactly this point.
         if self._writer is not None:
-            self._submit_deferred(1.0)
+            if self._deferred is not None:  # saved between our hook and the clipping: the factor from here
+                self._submit_deferred(self._clip_factor(self._deferred[-1], self._deferred[-2]))
             self._committed = self._writer.call_result(self._writer.store.commit)
         if self._committed is None:
             return {}
@@ -312,7 +315,7 @@ class DualFormCallback(Callback):
         if resume is not None:
             make = lambda: StoreWriter.resume(  # noqa: E731
                 self.store_path, settings, resume["rows"], int(resume["steps"]), resume.get("inputs"),
-                commit_seconds=self.commit_seconds,
+                last_step=int(trainer.global_step) - 1, commit_seconds=self.commit_seconds,
             )
         else:
             attrs = self._run_attrs(trainer, trainer.lightning_module)
@@ -549,7 +552,7 @@ class DualFormCallback(Callback):
             rows = {n: tuple(_to_pinned(t) for t in r) for n, r in rows.items()}
             event = torch.cuda.Event()
             event.record()
-        self._deferred = (step, epoch, rows, updates, event)
+        self._deferred = (step, epoch, rows, updates, event, optimizer, trainer)
         if not defer:
             self._submit_deferred(1.0)
 
@@ -558,7 +561,7 @@ class DualFormCallback(Callback):
         ``on_before_optimizer_step``; a step still waiting at the batch's end was not clipped (factor 1)."""
         if self._deferred is None:
             return
-        step, epoch, rows, updates, event = self._deferred
+        step, epoch, rows, updates, event, _, _ = self._deferred
         self._deferred = None
         if clip != 1.0:
             updates = {name: (scale * clip, w_up, b_up) for name, (scale, w_up, b_up) in updates.items()}
@@ -610,9 +613,10 @@ class DualFormCallback(Callback):
             else:
                 g = weight_matrix(m, g).float()
                 lhs.append(g @ r)
-                # elementwise rounding of size eps in W.grad moves W.grad @ r by at most eps * |W.grad| |r|:
-                # measured against that, rounding (bf16, fp16) stays below eps even where W.grad @ r cancels
-                bounds.append(float(torch.linalg.vector_norm(g.abs() @ r.abs())))
+                # independent rounding of relative size eps in each entry of W.grad moves (W.grad @ r)_i by
+                # about eps * sqrt(sum_j (W.grad_ij r_j)^2): measured against that (about |W.grad|_F), rounding
+                # (bf16, fp16) stays near eps even where W.grad @ r cancels, and missing rows stay O(1)
+                bounds.append(float(torch.linalg.vector_norm(torch.sqrt((g * g) @ (r * r)))))
             acc = torch.zeros(d_out, device=r.device, dtype=torch.float32)
             for call, *_ in pending.get(name, []):
                 acc += call.values.float().t() @ project_keys(m, call.keys, r)
@@ -684,9 +688,14 @@ class DualFormCallback(Callback):
     # ------------------------------------------------------------------------------------------------
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # on the writer thread after the epoch's steps; training goes on (a checkpoint's state_dict waits)
+        # on the writer thread after the epoch's steps; training goes on (a checkpoint's state_dict waits).
+        # The counts it returns are what a checkpoint saved after fit (no writer left) must hold.
         if self._writer is not None:
-            self._writer.submit(self._writer.store.commit)
+            self._writer.submit(self._commit_counts, self._writer.store)
+
+    def _commit_counts(self, store: StoreWriter) -> None:
+        """Runs on the writer thread."""
+        self._committed = store.commit()
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -706,6 +715,7 @@ class DualFormCallback(Callback):
         epochs = self._last_epoch + 1 if self._last_epoch is not None else 0
         writer.call(writer.store.finalize, finals, {"final_step": int(trainer.global_step), "epochs": epochs})
         writer.stop()
+        self._committed = writer.store.committed  # for a checkpoint saved after fit
         if trainer.world_size > 1:
             trainer.strategy.barrier("dualform-finalized")
         if self.certify:

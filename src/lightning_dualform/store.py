@@ -294,13 +294,16 @@ class StoreWriter:
         steps: int,
         inputs: int | None,
         *,
+        last_step: int | None = None,
         commit_seconds: float = 30.0,
     ) -> "StoreWriter":
         """Continue a store from a checkpoint: truncate everything written after it, then append.
 
         Raises:
-            StoreError: the file is not a store, or holds fewer rows than the checkpoint says
-                (rows that the checkpoint counts are missing: they cannot be made up).
+            StoreError: the file is not a store, holds fewer rows than the checkpoint says (rows that the
+                checkpoint counts are missing: they cannot be made up), or its ``steps``-th recorded step
+                is not ``last_step`` (the checkpoint's counts do not describe this store: truncating to
+                them would delete recorded steps, so nothing is touched).
             ValueError: the store was written with other settings than this run's.
         """
         clear_swmr_flags(path)
@@ -319,6 +322,13 @@ class StoreWriter:
             have = int(f["update_step"].shape[0])
             if have < steps:
                 raise StoreError(f"{path}: the checkpoint counts {steps} optimizer steps but the store holds {have}; rows are missing.")
+            if last_step is not None and steps > 0 and int(f["update_step"][steps - 1]) != last_step:
+                raise StoreError(
+                    f"{path}: the checkpoint says the store's first {steps} steps end at step {last_step}, but the "
+                    f"store's step {steps} is training step {int(f['update_step'][steps - 1])}. The checkpoint does not "
+                    "describe this store; nothing was truncated. Resume from a checkpoint saved with this store, or "
+                    "record into another path."
+                )
             _truncate(f["update_step"], steps)
             _truncate(f["update_epoch"], steps)
             f["committed_steps"][0] = steps
