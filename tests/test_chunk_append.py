@@ -179,3 +179,24 @@ def test_a_second_hdf5_copy_in_the_process_is_never_called():
     assert not _hdf5_nogil._is_h5pys(OtherCopy())
     if _hdf5_nogil.library() is not None:
         assert _hdf5_nogil._is_h5pys(_hdf5_nogil.library())
+
+
+def test_a_shared_hdf5_is_left_to_h5py_unless_thread_safe(tmp_path):
+    """A libhdf5 outside h5py's package (a conda env's, shared with other packages that rely on the GIL)
+    is only called without the GIL when HDF5 itself is thread-safe."""
+    import os as _os
+
+    from lightning_dualform import _hdf5_nogil
+
+    class NotThreadSafe:
+        pass
+
+    class ThreadSafe:
+        def H5is_library_threadsafe(self, flag):
+            flag._obj.value = True
+            return 0
+
+    pkg = _os.path.dirname(_os.path.abspath(h5py.__file__))
+    assert _hdf5_nogil._private_or_threadsafe(_os.path.join(pkg + ".libs", "libhdf5-x.so"), NotThreadSafe())
+    assert not _hdf5_nogil._private_or_threadsafe(str(tmp_path / "libhdf5.so.310"), NotThreadSafe())
+    assert _hdf5_nogil._private_or_threadsafe(str(tmp_path / "libhdf5.so.310"), ThreadSafe())

@@ -5,8 +5,13 @@ during training, the prefetcher during attention) while another thread runs torc
 GIL between ops; an h5py read or write of megabytes stalls it for milliseconds. Where the HDF5 library
 h5py loaded can be found in the process (Linux: ``/proc/self/maps``), ``H5Dwrite_chunk`` and ``H5Dread``
 are called through ``ctypes``, which releases the GIL, while holding h5py's own lock, which keeps HDF5
-calls serialised exactly as h5py does. Everything else (dataspaces, types, ids) is h5py's. Elsewhere,
-or with ``LIGHTNING_DUALFORM_CTYPES_HDF5=0``, the same calls go through h5py.
+calls serialised exactly as h5py does. Everything else (dataspaces, types, ids) is h5py's.
+
+h5py's lock only orders h5py's own calls. Another package linked to the *same* HDF5 (a conda
+environment's shared libhdf5 used by h5py and PyTables) relies on the GIL alone, so the ctypes path is
+taken only for the copy h5py ships privately (its wheels' ``h5py.libs``/``.dylibs``) or for an HDF5
+built thread-safe; and only for the instance that sees h5py's objects (netCDF4 and PyTables wheels ship
+copies of their own). Elsewhere, or with ``LIGHTNING_DUALFORM_CTYPES_HDF5=0``, the calls go through h5py.
 """
 
 from __future__ import annotations
@@ -18,7 +23,11 @@ import threading
 
 import h5py
 import numpy as np
-from h5py._objects import phil
+
+try:  # h5py's global lock (private): without it there is no safe way to call HDF5 beside h5py
+    from h5py._objects import phil
+except ImportError:  # pragma: no cover - a future h5py
+    phil = None
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -67,8 +76,24 @@ def _is_h5pys(lib: object) -> bool:
         return False
 
 
+def _private_or_threadsafe(path: str, lib: ctypes.CDLL) -> bool:
+    """Only h5py calls this copy (it ships inside h5py's wheel), or HDF5 serialises its callers itself."""
+    pkg = os.path.dirname(os.path.abspath(h5py.__file__))
+    if os.path.dirname(os.path.realpath(path)) in {os.path.realpath(d) for d in (pkg, pkg + ".libs", os.path.join(pkg, ".dylibs"))}:
+        return True
+    if hasattr(lib, "H5is_library_threadsafe"):
+        flag = ctypes.c_bool(False)
+        fn = lib.H5is_library_threadsafe  # herr_t H5is_library_threadsafe(hbool_t* is_ts)
+        if isinstance(fn, ctypes._CFuncPtr):
+            fn.argtypes, fn.restype = [ctypes.POINTER(ctypes.c_bool)], ctypes.c_int
+        return fn(ctypes.byref(flag)) >= 0 and bool(flag.value)
+    return False
+
+
 def _loaded_hdf5() -> ctypes.CDLL | None:
     """The HDF5 library h5py uses (the same instance: ids are per library), from the process's mappings."""
+    if phil is None:
+        return None
     try:
         with open("/proc/self/maps") as fh:
             paths = {line.split()[-1] for line in fh if "libhdf5" in line}
@@ -83,7 +108,7 @@ def _loaded_hdf5() -> ctypes.CDLL | None:
         except OSError:
             continue
         if _declare(lib) and _is_h5pys(lib):
-            return lib
+            return lib if _private_or_threadsafe(path, lib) else None
     return None
 
 
@@ -109,8 +134,8 @@ def write_chunk(ds: h5py.Dataset, offset: np.ndarray, data: np.ndarray) -> None:
         return
     with phil:  # no other thread enters HDF5 meanwhile; the GIL is free
         status = lib.H5Dwrite_chunk(ds.id.id, 0, 0, offset.ctypes.data, data.nbytes, data.ctypes.data)
-    if status < 0:
-        raise OSError(f"HDF5 could not write the chunk of {ds.name} at {tuple(int(x) for x in offset)} (H5Dwrite_chunk failed)")
+    if status < 0:  # once more through h5py, which raises with HDF5's own reason (disk full, permissions ...)
+        ds.id.write_direct_chunk(tuple(int(x) for x in offset), data)
 
 
 def read_rows(ds: h5py.Dataset, start: int, stop: int) -> np.ndarray:
@@ -129,6 +154,6 @@ def read_rows(ds: h5py.Dataset, start: int, stop: int) -> np.ndarray:
         mem_space = h5py.h5s.create_simple(out.shape)
         mem_type = h5py.h5t.py_create(out.dtype)
         status = lib.H5Dread(ds.id.id, mem_type.id, mem_space.id, file_space.id, 0, out.ctypes.data)
-    if status < 0:
-        raise OSError(f"HDF5 could not read rows {start}:{stop} of {ds.name} (H5Dread failed: a damaged chunk or checksum)")
+    if status < 0:  # once more through h5py, which raises with HDF5's own reason (e.g. a checksum)
+        return ds[start:stop]
     return out

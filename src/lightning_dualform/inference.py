@@ -208,8 +208,10 @@ class _Stats:
     example_label: np.ndarray  # (n_examples,) int64, -1 unknown
 
 
-#: automatic block size: keys and values of about this many float32 bytes per block
+#: automatic block size: keys and values of about this many float32 bytes per block ...
 BLOCK_BYTES = 96 * 2**20
+#: ... and at most this many bytes of scores per block and query chunk
+SCORE_BYTES = 256 * 2**20
 
 
 class _Prefetcher:
@@ -305,7 +307,8 @@ class DualInference:
         path: a store written by :class:`~lightning_dualform.DualFormCallback`.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``; ``None`` picks CUDA when available.
         block_rows: memory rows read and multiplied at a time; ``None`` (default) sizes blocks per layer
-            to about 96 MiB of keys and values (4,096 to 65,536 rows; large blocks keep the products
+            to about 96 MiB of keys and values and at most 256 MiB of scores per query chunk (4,096 to
+            65,536 rows; large blocks keep the products
             efficient: 1.53x the bare products at 16,384 rows against 1.92x at 4,096 on a 2-core CPU).
             Peak memory grows with it (``block_rows x (d_in + d_out)`` numbers, a few times over for
             prefetching, plus ``min(n, query_chunk) x block_rows`` work buffers).
@@ -617,8 +620,11 @@ class DualInference:
         """The block size of passes over ``lay``: ``block_rows``, or the automatic size for its widths."""
         if self.block_rows is not None:
             return self.block_rows
-        rows = BLOCK_BYTES / (4 * (lay.d_in + lay.d_out))
-        return int(min(65536, max(4096, 2 ** round(math.log2(rows)))))
+        rows = 2 ** round(math.log2(BLOCK_BYTES / (4 * (lay.d_in + lay.d_out))))
+        # the (block, query_chunk) score buffer stays within SCORE_BYTES as well (small GPUs, float64)
+        itemsize = torch.empty(0, dtype=self.accumulate).element_size()
+        rows = min(rows, 2 ** int(math.log2(max(1, SCORE_BYTES // (itemsize * self.query_chunk)))))
+        return int(min(65536, max(4096, rows)))
 
     # -- pieces of a pass ------------------------------------------------------------------------------
     def _check_queries(self, lay: LayerReader, queries: Any, call: str) -> torch.Tensor:
