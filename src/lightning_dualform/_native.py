@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -60,7 +61,8 @@ def _build(name: str, src: str, openmp: bool) -> str | None:
         c_path, tmp_so = os.path.join(tmp, f"{name}.c"), os.path.join(tmp, f"{name}.so")
         with open(c_path, "w") as f:
             f.write(src)
-        cmd = [cc, "-O3", "-march=native", "-fPIC", "-shared", *(["-fopenmp"] if openmp else []), c_path, "-o", tmp_so]
+        # $CC may carry words of its own ("ccache gcc", "gcc -m64")
+        cmd = [*shlex.split(cc), "-O3", "-march=native", "-fPIC", "-shared", *(["-fopenmp"] if openmp else []), c_path, "-o", tmp_so]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:  # a compiler without -march=native
             cmd.remove("-march=native")
