@@ -200,3 +200,24 @@ def test_a_shared_hdf5_is_left_to_h5py_unless_thread_safe(tmp_path):
     assert _hdf5_nogil._private_or_threadsafe(_os.path.join(pkg + ".libs", "libhdf5-x.so"), NotThreadSafe())
     assert not _hdf5_nogil._private_or_threadsafe(str(tmp_path / "libhdf5.so.310"), NotThreadSafe())
     assert _hdf5_nogil._private_or_threadsafe(str(tmp_path / "libhdf5.so.310"), ThreadSafe())
+
+
+def test_without_ctypes_hdf5_the_same_bytes_go_through_h5py(tmp_path, monkeypatch):
+    """Where libhdf5 cannot be reached through ctypes (macOS, Windows, a shared conda HDF5)."""
+    from lightning_dualform import _hdf5_nogil
+
+    monkeypatch.setattr(_hdf5_nogil, "_lib", None)
+    assert _hdf5_nogil.library() is None
+    rows = np.random.default_rng(9).random((70, 5)).astype(np.float32)
+    with h5py.File(tmp_path / "s.h5", "w", libver="latest") as f:
+        ref = _dataset(f, "ref", 5, np.float32, 16)
+        ref.resize(70, axis=0)
+        ref[:] = rows
+        app = ChunkAppender(_dataset(f, "d", 5, np.float32, 16))
+        app.append(rows[:33])
+        app.flush()
+        app.append(rows[33:])
+        app.flush()
+        assert np.array_equal(_hdf5_nogil.read_rows(f["d"], 3, 70), rows[3:])
+        for c in range(0, 70, 16):
+            assert f["d"].id.read_direct_chunk((c, 0)) == ref.id.read_direct_chunk((c, 0))
