@@ -6,7 +6,6 @@ usage: fuzz_open.py VALID_STORE WORKDIR SEED COUNT
 
 import os
 import random
-import shutil
 import sys
 import traceback
 
