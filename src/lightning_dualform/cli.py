@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("demo", parents=[common], formatter_class=fmt,
-                       help="train the paper's MNIST MLP, record, attend and draw (about a minute)",
+                       help="train the paper's MNIST MLP, record, attend and draw (under a minute)",
                        description="Train a 784-800-800-10 ReLU MLP (SGD, momentum 0.9, gradient clipping 1.0, "
                        "batch 128) on the 10,000 embedded MNIST digits (seeded 80/20 split) with DualFormCallback, "
                        "record the test queries, attend and write OUT/mnist.h5, OUT/attend.png and OUT/summary.json.")

@@ -3,7 +3,7 @@
 Irie, Csordás and Schmidhuber (ICML 2022) train a 784-800-800-10 ReLU MLP with SGD (momentum 0.9,
 gradient clipping 1.0, batch 128) and read its linear layers as attention over training patterns. This
 module trains that model with :class:`~lightning_dualform.DualFormCallback`, records the test queries,
-attends over the memory and draws the answer, in about a minute on a laptop CPU.
+attends over the memory and draws the answer, in under a minute on a laptop CPU.
 
 Example::
 
