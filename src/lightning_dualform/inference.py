@@ -438,9 +438,11 @@ class DualInference:
                 ``n x n_examples`` numbers of memory (twice with ``contribution_to``).
             mass: compute the attention mass per label, epoch and step bucket.
             step_buckets: number of equal-width step buckets of the mass.
-            scan: ``"exact"``, or ``"bf16"`` to compute scores in bfloat16 (several times faster on CPUs with
-                AMX and on GPUs) for ranking; ``dual`` is then rebuilt exactly from the weights. Scores,
-                mass and per-example sums carry bfloat16 error (about 1e-2 relative).
+            scan: ``"exact"``, or ``"bf16"`` to compute scores in bfloat16 for ranking: the top rows are
+                re-scored exactly and ``dual`` is rebuilt exactly from the weights; mass and per-example
+                sums carry bfloat16 error (about 1e-2 relative). The bfloat16 products are several times
+                faster on CPUs with AMX and on GPUs, but the whole scan is not yet: on a 2-core AMX CPU it
+                took 1.7-2x the exact scan's time (``docs/benchmarks.md``); prefer ``"exact"``.
 
         Raises:
             KeyError: unknown layer (the message lists the known ones).
