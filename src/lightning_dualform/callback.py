@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
@@ -187,7 +188,7 @@ class DualFormCallback(Callback):
         self._wrapped: list[Any] = []
         self._orig_process_dataloader: Callable | None = None
         self._clip_plugin: Any = None  # the precision plugin whose norm clipping reports its factor to us
-        self._deferred: tuple | None = None  # a step waiting for its clip factor
+        self._deferred: _PendingStep | None = None  # a step waiting for its clip factor
         self._batch: BatchInfo | None = None
         self._step_rows: dict[str, list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self._param_groups: dict[str, tuple[int | None, int | None]] = {}
@@ -245,7 +246,7 @@ class DualFormCallback(Callback):
         def clip_grad_by_norm(optimizer: torch.optim.Optimizer, clip_val: float) -> None:
             # Lightning's Precision.clip_grad_by_norm, keeping the norm it returns
             total = torch.nn.utils.clip_grad_norm_(plugin.main_params(optimizer), clip_val)
-            self._submit_deferred(float(torch.clamp(float(clip_val) / (total + 1e-6), max=1.0)))
+            self._submit_deferred(_clip_coefficient(total, clip_val))
 
         plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
         self._clip_plugin = plugin
@@ -256,7 +257,7 @@ class DualFormCallback(Callback):
         # so that a resume truncates the store back to exactly this point.
         if self._writer is not None:
             if self._deferred is not None:  # saved between our hook and the clipping: the factor from here
-                self._submit_deferred(self._clip_factor(self._deferred[-1], self._deferred[-2]))
+                self._submit_deferred(self._clip_factor(self._deferred.trainer, self._deferred.optimizer))
             self._committed = self._writer.call_result(self._writer.store.commit)
         if self._committed is None:
             return {}
@@ -521,8 +522,7 @@ class DualFormCallback(Callback):
         self._last_epoch = epoch
         loss_scale, skipped = _loss_scale(trainer, optimizer)
         self._submit_deferred(1.0)  # (never left over: clipping or the batch's end submits it)
-        clipping = bool(trainer.gradient_clip_val) and (trainer.gradient_clip_algorithm or "norm") == "norm"
-        defer = clipping and self._clip_plugin is not None and not skipped
+        defer = _clips_by_norm(trainer) and self._clip_plugin is not None and not skipped
         clip = 1.0 if defer else self._clip_factor(trainer, optimizer)
         grad_scale = 0.0 if skipped else clip * self._grad_world_scale / loss_scale
 
@@ -552,7 +552,7 @@ class DualFormCallback(Callback):
             rows = {n: tuple(_to_pinned(t) for t in r) for n, r in rows.items()}
             event = torch.cuda.Event()
             event.record()
-        self._deferred = (step, epoch, rows, updates, event, optimizer, trainer)
+        self._deferred = _PendingStep(step, epoch, rows, updates, event, optimizer, trainer)
         if not defer:
             self._submit_deferred(1.0)
 
@@ -561,11 +561,11 @@ class DualFormCallback(Callback):
         ``on_before_optimizer_step``; a step still waiting at the batch's end was not clipped (factor 1)."""
         if self._deferred is None:
             return
-        step, epoch, rows, updates, event, _, _ = self._deferred
-        self._deferred = None
+        pending, self._deferred = self._deferred, None
+        updates = pending.updates
         if clip != 1.0:
             updates = {name: (scale * clip, w_up, b_up) for name, (scale, w_up, b_up) in updates.items()}
-        self._writer.submit(_write_step, self._writer.store, step, epoch, rows, updates, event)
+        self._writer.submit(_write_step, self._writer.store, pending.step, pending.epoch, pending.rows, updates, pending.event)
 
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -577,8 +577,7 @@ class DualFormCallback(Callback):
     # checks and scalars
     # ------------------------------------------------------------------------------------------------
     def _clip_factor(self, trainer: "pl.Trainer", optimizer: torch.optim.Optimizer) -> float:
-        clip_val = trainer.gradient_clip_val
-        if not clip_val or (trainer.gradient_clip_algorithm or "norm") != "norm":
+        if not _clips_by_norm(trainer):
             return 1.0
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
@@ -588,8 +587,7 @@ class DualFormCallback(Callback):
             total = torch.nn.utils.get_total_norm(grads, 2.0)
         else:
             total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0)
-        coef = torch.clamp(float(clip_val) / (total + 1e-6), max=1.0)
-        return float(coef)
+        return _clip_coefficient(total, trainer.gradient_clip_val)
 
     def _check_rows(self, trainer: "pl.Trainer", pending: dict, loss_scale: float, skipped: bool) -> None:
         """Check each layer's captured rows against the gradient autograd accumulated in its weight.
@@ -825,16 +823,10 @@ class DualFormCallback(Callback):
         self._query_end()
         self._detach()
         if self._orig_process_dataloader is not None:
-            try:
-                del trainer.strategy.process_dataloader  # drop the instance override
-            except AttributeError:
-                pass
+            _drop_instance_override(trainer.strategy, "process_dataloader")
             self._orig_process_dataloader = None
         if self._clip_plugin is not None:
-            try:
-                del self._clip_plugin.clip_grad_by_norm  # drop the instance override
-            except AttributeError:
-                pass
+            _drop_instance_override(self._clip_plugin, "clip_grad_by_norm")
             self._clip_plugin = None
         for dl in self._wrapped:
             unwrap_dataloader(dl)
@@ -856,6 +848,36 @@ class DualFormCallback(Callback):
 # ------------------------------------------------------------------------------------------------------
 # helpers (pure functions of tensors)
 # ------------------------------------------------------------------------------------------------------
+@dataclass
+class _PendingStep:
+    """A step's rows and scalars, held from ``on_before_optimizer_step`` until its clip factor is known."""
+
+    step: int
+    epoch: int
+    rows: dict
+    updates: dict
+    event: Any
+    optimizer: torch.optim.Optimizer
+    trainer: "pl.Trainer"
+
+
+def _clips_by_norm(trainer: "pl.Trainer") -> bool:
+    return bool(trainer.gradient_clip_val) and (trainer.gradient_clip_algorithm or "norm") == "norm"
+
+
+def _clip_coefficient(total_norm: torch.Tensor, clip_val: float) -> float:
+    """The factor ``torch.nn.utils.clip_grad_norm_`` multiplies the gradients by, computed as it does."""
+    return float(torch.clamp(float(clip_val) / (total_norm + 1e-6), max=1.0))
+
+
+def _drop_instance_override(obj: Any, name: str) -> None:
+    """Remove an attribute set on the instance, so that the class's method shows through again."""
+    try:
+        delattr(obj, name)
+    except AttributeError:
+        pass
+
+
 def _bias(module: nn.Module) -> torch.Tensor | None:
     return getattr(module, "bias", None)  # nn.Embedding has none
 
