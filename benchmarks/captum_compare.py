@@ -35,7 +35,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -50,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lightning.pytorch as pl  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import machine, median  # noqa: E402
+from common import machine, median, write_json  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from lightning_dualform import DualFormCallback, DualInference  # noqa: E402
@@ -246,9 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          if key != "rows_pred" else "")
                 print(f"  {label}: {a['mean_shared_of_k']:.2f} of {k} shared on average (median {a['median_shared']:.0f}), "
                       f"any shared in {100 * a['queries_with_any_shared']:.0f}% of queries{extra}")
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "captum_compare.json"), "w") as fh:
-            json.dump(report, fh, indent=2)
+        write_json(args.out, "captum_compare.json", report)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -87,3 +88,13 @@ def median(xs: list[float]) -> float:
     s = sorted(xs)
     n = len(s)
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def write_json(out_dir: str, name: str, result: Any) -> str:
+    """Write a benchmark's result as ``out_dir/name`` (the directory made if needed), say so, return the path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=1)
+    print(f"\nwrote {path}")
+    return path

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
 import os
 import shutil
 import sys
@@ -34,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import FASHION_70K, MLP, machine, median, trainer  # noqa: E402
+from common import FASHION_70K, MLP, machine, median, trainer, write_json  # noqa: E402
 
 from lightning_dualform import DualFormCallback  # noqa: E402
 from lightning_dualform.certificate import certify_store  # noqa: E402
@@ -269,10 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ninstrumented {name} run: {ht['run']['wall_s']:.2f} s; writer thread CPU {ht.get('writer_thread_cpu_s')} s")
         for k, v in sorted(ht["timers"].items(), key=lambda kv: -kv[1]["total_s"]):
             print(f"  {k:<60} {v['total_s']:>8.3f} s  {v['calls']:>6} calls  {v['mean_ms']:>8.3f} ms/call")
-    out = os.path.join(args.out, "overhead.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"\nwrote {out}")
+    write_json(args.out, "overhead.json", result)
     return 0
 
 

@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -33,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
-from common import MLP, machine, median, trainer  # noqa: E402
+from common import MLP, machine, median, trainer, write_json  # noqa: E402
 
 from lightning_dualform import DualFormCallback, StoreReader  # noqa: E402
 from lightning_dualform.datasets import ImageDataModule  # noqa: E402
@@ -239,10 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta = sum(x["meta"] for x in b.values())
         print(f"{f['dtype']:>8} {f['compression']:>10} | {cells} {meta:6.1f} | {per_ex:9.0f} {rel:6.2f} | "
               f"{f['write_rows_per_s']:12.0f} {f['write_rows_per_s'] / train_rows_per_s:7.2f}")
-    path = os.path.join(args.out, "store_size.json")
-    with open(path, "w") as fh:
-        json.dump(out, fh, indent=1)
-    print(f"\nwrote {path}")
+    write_json(args.out, "store_size.json", out)
     return 0
 
 
