@@ -144,9 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cut = int(0.9 * len(ids)) // args.seq_len * args.seq_len
     train_text, test_text = text[:cut], text[cut:]
     train_set, test_set = chunks(ids[: cut + 1], args.seq_len), chunks(ids[cut:], args.seq_len)
-    gen = torch.Generator().manual_seed(args.seed)
-    train = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=gen)
-    test = torch.utils.data.DataLoader(test_set, batch_size=256)
+    train, test = common.loaders(args, train_set, test_set)
     model = CharLM(len(chars), args.embed, args.hidden, lr=args.lr, momentum=args.momentum)
     store = os.path.join(out, "char_lm.h5")
     common.fit_and_test(args, model, store, train, test)

@@ -161,9 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     te_x = torch.from_numpy(tei).float().div_(255.0)
     train_set = common.IndexedTensors(tr_x, torch.from_numpy(trl))
     test_set = common.IndexedTensors(te_x, torch.from_numpy(tel))
-    gen = torch.Generator().manual_seed(args.seed)
-    train = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=gen)
-    test = torch.utils.data.DataLoader(test_set, batch_size=256)
+    train, test = common.loaders(args, train_set, test_set)
     net = common.mlp(3072, args.hidden) if args.model == "mlp" else small_cnn(args.channels)
     conv_captured = nn.Conv2d in SUPPORTED_TYPES
     if args.model == "cnn" and not conv_captured:

@@ -94,6 +94,13 @@ class IndexedTensors(torch.utils.data.Dataset):
         return self.x[i], self.y[i]
 
 
+def loaders(args: argparse.Namespace, train_set: Any, test_set: Any) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """Shuffled training batches (seeded by ``--seed``) and test batches of 256, in order."""
+    gen = torch.Generator().manual_seed(args.seed)
+    train = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=gen)
+    return train, torch.utils.data.DataLoader(test_set, batch_size=256)
+
+
 def mlp(d_in: int, hidden: int = 800, classes: int = 10) -> nn.Sequential:
     """The paper's MLP: ``d_in``-800-800-10 with ReLU."""
     return nn.Sequential(nn.Flatten(), nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),

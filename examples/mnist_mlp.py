@@ -93,9 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mnist_mlp: {err}", file=sys.stderr)
         return 2
     train_set, test_set = tensors(tri, trl), tensors(tei, tel)
-    gen = torch.Generator().manual_seed(args.seed)
-    train = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=gen)
-    test = torch.utils.data.DataLoader(test_set, batch_size=256)
+    train, test = common.loaders(args, train_set, test_set)
     model = common.Classifier(common.mlp(784, args.hidden), lr=args.lr, momentum=args.momentum)
     store = os.path.join(out, "mnist.h5")
     common.fit_and_test(args, model, store, train, test)

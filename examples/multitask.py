@@ -51,9 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_m, n_f = len(m_train), len(f_train)
     train_set = torch.utils.data.ConcatDataset([m_train, f_train])  # index < n_m: MNIST
     test_set = torch.utils.data.ConcatDataset([m_test, f_test])
-    gen = torch.Generator().manual_seed(args.seed)
-    train = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=gen)
-    test = torch.utils.data.DataLoader(test_set, batch_size=256)
+    train, test = common.loaders(args, train_set, test_set)
     model = common.Classifier(common.mlp(784, args.hidden), lr=args.lr, momentum=args.momentum)
     store = os.path.join(out, "multitask.h5")
     common.fit_and_test(args, model, store, train, test)
