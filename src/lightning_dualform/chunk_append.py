@@ -47,6 +47,11 @@ class ChunkAppender:
             self._rows[: self._fill] = ds[self._start : self._extent]
             self._sum.update(self._rows[: self._fill])
 
+    @classmethod
+    def for_dataset(cls, ds: h5py.Dataset | None) -> "ChunkAppender | None":
+        """An appender for ``ds`` when :meth:`usable`, else ``None`` (then h5py appends)."""
+        return cls(ds) if ds is not None and cls.usable(ds) else None
+
     @staticmethod
     def usable(ds: h5py.Dataset) -> bool:
         """A dataset chunked by whole rows whose only filter is Fletcher-32, and a compiled checksum."""

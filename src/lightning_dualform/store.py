@@ -201,11 +201,10 @@ class StoreWriter:
         self._chunk_rows = {name: ds["keys"].chunks[0] for name, ds in self._ds.items()}  # as the file has them
         # keys and values of uncompressed stores skip h5py's filter pipeline (see chunk_append.py)
         self._appenders = {
-            name: {col: ChunkAppender(ds[col]) for col in ("keys", "values") if ChunkAppender.usable(ds[col])}
+            name: {col: app for col in ("keys", "values") if (app := ChunkAppender.for_dataset(ds[col])) is not None}
             for name, ds in self._ds.items()
         }
-        inputs = self.file["inputs"]["data"] if "inputs" in self.file else None
-        self._input_appender = ChunkAppender(inputs) if inputs is not None and ChunkAppender.usable(inputs) else None
+        self._input_appender = ChunkAppender.for_dataset(self.file["inputs"]["data"] if "inputs" in self.file else None)
         self.committed = self._counts()
 
     @classmethod
