@@ -53,7 +53,13 @@ def test_two_process_ddp_is_exact(tmp_path):
         # DualInference opens the index as one store
         with DualInference(str(store), device="cpu", accumulate=torch.float64) as di:
             res = di.attend(name, x, top_k=3, per_example=False)
-            assert rel_err(res.dual.double(), real_output(m, x)) <= 1e-5
+            rows = di.attend(name, x, top_k=3, per_example=False, reuse_certificate=False)
+        # every shard keeps the certificate's all-reduced sums over all shards' rows
+        assert (res.dual_source, rows.dual_source) == ("certificate", "rows")
+        for r in (res, rows):
+            assert rel_err(r.dual.double(), real_output(m, x)) <= 1e-5
+        with DualInference(shards[1], device="cpu", accumulate=torch.float64) as di:  # one shard alone
+            assert di.attend(name, x, top_k=3, per_example=False).dual_source == "rows"
     with open_store(str(store)) as s:
         layer = s.layer("net.0")
         assert layer.n_rows == 2 * 96 and s.last_step == 12

@@ -99,6 +99,39 @@ def test_exception_in_training_commits_and_closes(tmp_path):
     assert rel_err(dual_output(cb.store_path, "net.0", x), real_output(model.net[0], x)) <= 1e-5
 
 
+class BoomLater(MLP):
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 8:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_resumed_store_drops_the_certificate_sums_before_its_rows_change(tmp_path):
+    """attend takes dual's memory part from the certificate's sums: a resume that rewrites rows and then
+    crashes must not leave sums of the old rows behind."""
+    opt = {"opt_factory": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)}
+    dl = torch.utils.data.DataLoader(IndexedDataset(), batch_size=16)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "c", filename="e1")
+    L.Trainer(max_epochs=1, callbacks=[DualFormCallback(tmp_path / "s.h5"), ckpt],
+              **{**TRAINER_KW, "enable_checkpointing": True}).fit(MLP(**opt), dl)
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        assert "memory_weight" in f["layers/net.0"] and "memory_rows" in f["layers/net.0"].attrs
+    model = BoomLater(**opt)
+    with pytest.raises(RuntimeError, match="boom"):
+        L.Trainer(max_epochs=2, callbacks=[DualFormCallback(tmp_path / "s.h5")], **TRAINER_KW).fit(
+            model, dl, ckpt_path=tmp_path / "c" / "e1.ckpt")
+    with h5py.File(tmp_path / "s.h5", "r", swmr=True, locking=False) as f:
+        g = f["layers/net.0"]
+        assert "memory_weight" not in g and not any(k.startswith("memory_") for k in g.attrs)
+    x = torch.randn(5, 6)
+    with pytest.warns(UserWarning, match="incomplete store"):
+        di = DualInference(str(tmp_path / "s.h5"), device="cpu", accumulate=torch.float64)
+    with di:
+        res = di.attend("net.0", x, top_k=2)
+    assert res.dual_source == "rows" and di.last_step == 8
+    assert rel_err(res.dual, real_output(model.net[0], x)) <= 1e-5
+
+
 def test_writer_failure_stops_training_with_the_cause(tmp_path, monkeypatch):
     from lightning_dualform import store as store_mod
 

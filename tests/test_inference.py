@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dualform import DualFormCallback, DualInference, StoreError
+from helpers import rel_err
 
 
 class MLP(L.LightningModule):
@@ -140,11 +141,12 @@ def test_verify_reports_tiny_errors(trained: dict) -> None:
 # ------------------------------------------------------------------------------------------------------
 # blocked pass against dense references over the stored rows
 # ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("block_rows", [1, 97, 10_000])
-def test_attend_equals_dense_reference(trained: dict, block_rows: int) -> None:
+@pytest.mark.parametrize("block_rows,reuse", [(1, True), (97, True), (97, False), (10_000, False)])
+def test_attend_equals_dense_reference(trained: dict, block_rows: int, reuse: bool) -> None:
     q = _hidden(trained["model"], trained["x"][:6]).double()
     with DualInference(trained["path"], device="cpu", accumulate=torch.float64, block_rows=block_rows, query_chunk=4) as di:
-        res = di.attend("net.2", q, top_k=4, contribution_to=1, step_buckets=3)
+        res = di.attend("net.2", q, top_k=4, contribution_to=1, step_buckets=3, reuse_certificate=reuse)
+        assert res.dual_source == ("certificate" if reuse else "rows")
         d = _dense(di, "net.2")
         coef = di.layer("net.2").coefficients()
         lay = di.layer("net.2")
@@ -190,6 +192,49 @@ def test_attend_equals_dense_reference(trained: dict, block_rows: int) -> None:
     )
     assert res.mass["step"].edges[0] == coef.first_step and res.mass["step"].edges[-1] == coef.end_step
     torch.testing.assert_close(res.mass["step"].signed.sum(1), scores.sum(1))
+
+
+@pytest.mark.parametrize("scan", ["exact", "bf16"])
+def test_dual_from_the_certificate_and_from_the_rows_equal_the_model(trained: dict, scan: str) -> None:
+    model, x = trained["model"], trained["x"][:12]
+    with torch.no_grad():
+        real = {"net.0": (x, model.net[0](x)), "net.2": (_hidden(model, x), model(x))}
+    with DualInference(trained["path"], device="cpu", accumulate=torch.float64, block_rows=40) as di:
+        for name, (q, ref) in real.items():
+            stored = di.attend(name, q, top_k=3, scan=scan)
+            rows = di.attend(name, q, top_k=3, scan=scan, reuse_certificate=False)
+            assert (stored.dual_source, rows.dual_source) == ("certificate", "rows")
+            assert stored.to_dict()["dual_source"] == "certificate"
+            for res in (stored, rows):
+                assert rel_err(res.dual, ref.double()) <= 1e-5, (name, res.dual_source)
+            torch.testing.assert_close(stored.dual, rows.dual, rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(stored.top.score, rows.top.score, rtol=0, atol=0)
+            torch.testing.assert_close(stored.mass["label"].signed, rows.mass["label"].signed, rtol=0, atol=0)
+
+
+def test_memory_sums_are_used_only_for_the_rows_they_cover(trained: dict, tmp_path: str) -> None:
+    path = str(tmp_path / "copy.h5")
+    shutil.copy(trained["path"], path)
+    q = _hidden(trained["model"], trained["x"][:4])
+    with h5py.File(path, "r") as f:
+        g = f["layers/net.2"]
+        assert g["memory_weight"].shape == (3, 16) and g["memory_weight"].dtype == np.float64
+        rows, end = int(g.attrs["memory_rows"]), int(g.attrs["memory_end_step"])
+    with DualInference(path, device="cpu") as di:
+        assert di.layer("net.2").n_rows == rows and di.last_step == end
+        assert di.attend("net.2", q, top_k=1).dual_source == "certificate"
+        assert di.attend("net.2", q, top_k=1, at_step=end - 1).dual_source == "rows"  # another model
+    with h5py.File(path, "r+") as f:
+        f["layers/net.2"].attrs["memory_rows"] = rows - 1  # sums of other rows than the file holds
+    with DualInference(path, device="cpu") as di:
+        assert di.attend("net.2", q, top_k=1).dual_source == "rows"
+    with h5py.File(path, "r+") as f:
+        g = f["layers/net.2"]
+        g.attrs["memory_rows"] = rows
+        del g["memory_weight"]
+        g.create_dataset("memory_weight", data=np.zeros((2, 16)))
+    with DualInference(path, device="cpu") as di, pytest.raises(StoreError, match="memory sums of shape"):
+        di.attend("net.2", q, top_k=1)
 
 
 def test_bf16_scan_gives_exact_dual_and_exact_top_scores(trained: dict) -> None:
@@ -259,8 +304,10 @@ def test_peak_memory_is_bounded_by_the_block(tmp_path: str) -> None:
             _, traced_peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
     assert res.rows == lay.n_rows
-    # numpy buffers from HDF5: a handful of blocks in flight, never the layer
-    assert traced_peak <= 8 * block_bytes + (1 << 20), (traced_peak, block_bytes)
+    # numpy buffers from HDF5: a handful of blocks in flight, never the layer; plus two weight-sized
+    # float64 matrices (the base weights and the certificate's memory sums)
+    weight_bytes = 2 * lay.d_in * lay.d_out * 8
+    assert traced_peak <= 8 * block_bytes + weight_bytes + (1 << 20), (traced_peak, block_bytes)
     # RSS: work buffers, thread stack and the HDF5 chunk cache on top of the blocks, far from the layer
     assert peak_rss[0] - base_rss <= store_bytes // 3, (peak_rss[0] - base_rss, store_bytes)
 

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import torch
 
-from lightning_dualform.store import LayerReader, StoreReader
+from lightning_dualform.store import MEMORY_SUM_MAX_ELEMENTS, Coefficients, LayerReader, StoreReader
 
 #: Relative error of the rebuilt weights up to which a store counts as exact, by stored row dtype ...
 ROW_DTYPE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
@@ -29,17 +29,17 @@ def tolerance(row_dtype: str, precision: str) -> float:
     return max(ROW_DTYPE_TOLERANCE.get(row_dtype, 1e-4), PRECISION_TOLERANCE.get(str(precision), 1e-4))
 
 
-def rebuild_weights(
+def memory_sums(
     layer: LayerReader,
     at_step: int | None = None,
     *,
     block_rows: int = 16384,
     dtype: torch.dtype = torch.float64,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's weight ``(d_out, d_in)`` and bias ``(d_out,)`` rebuilt from its initial values and memory.
+) -> tuple[Coefficients, torch.Tensor, torch.Tensor | None]:
+    """What the memory adds to the layer: ``sum_rows c_w v k^T`` ``(d_out, d_in)`` and ``sum_rows c_b v``.
 
-    ``all_reduce`` sums the memory part over the shards of a DDP run (each rank holds its own rows).
+    ``all_reduce`` sums over the shards of a DDP run (each rank holds its own rows).
     """
     coef = layer.coefficients(at_step)
     n = layer.rows_before(coef.end_step)
@@ -59,9 +59,26 @@ def rebuild_weights(
     if all_reduce is not None:
         w = all_reduce(w)
         b = all_reduce(b) if b is not None else None
-    w += torch.from_numpy(w0).to(dtype)
+    return coef, w, b
+
+
+def rebuild_weights(
+    layer: LayerReader,
+    at_step: int | None = None,
+    *,
+    block_rows: int = 16384,
+    dtype: torch.dtype = torch.float64,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's weight ``(d_out, d_in)`` and bias ``(d_out,)`` rebuilt from its initial values and memory.
+
+    ``all_reduce`` sums the memory part over the shards of a DDP run (each rank holds its own rows).
+    """
+    coef, w, b = memory_sums(layer, at_step, block_rows=block_rows, dtype=dtype, all_reduce=all_reduce)
+    w0, b0 = layer.base_weights(coef=coef, with_residual=False)
+    w = w + torch.from_numpy(w0).to(dtype)
     if b is not None:
-        b += torch.from_numpy(b0).to(dtype)
+        b = b + torch.from_numpy(b0).to(dtype)
     return w, b
 
 
@@ -79,13 +96,21 @@ def certify_store(path: str, all_reduce: Callable[[torch.Tensor], torch.Tensor] 
     """
     results: dict[str, dict[str, float]] = {}
     residuals: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    sums: dict[str, tuple[np.ndarray, np.ndarray | None, int, int]] = {}
     with StoreReader(path, probe=False) as store:  # our own file, just written
         tol = tolerance(store.row_dtype, str(store.attrs.get("precision", "32-true")))
         for name in store.layers:
             layer = store.layer(name)
             if layer.weight_final is None:
                 continue
-            w, b = rebuild_weights(layer, all_reduce=all_reduce)
+            coef, mw, mb = memory_sums(layer, all_reduce=all_reduce)
+            rows = torch.tensor([float(layer.rows_before(coef.end_step))], dtype=torch.float64)
+            rows = all_reduce(rows) if all_reduce is not None else rows
+            if mw.numel() <= MEMORY_SUM_MAX_ELEMENTS:
+                sums[name] = (mw.numpy(), mb.numpy() if mb is not None else None, coef.end_step, int(rows))
+            w0, b0 = layer.base_weights(coef=coef, with_residual=False)
+            w = mw + torch.from_numpy(w0)
+            b = mb + torch.from_numpy(b0) if mb is not None else None
             wf = torch.from_numpy(layer.weight_final).double()
             rw = wf - w
             err_w = _rel(rw, wf)
@@ -111,12 +136,23 @@ def certify_store(path: str, all_reduce: Callable[[torch.Tensor], torch.Tensor] 
             g = f["layers"][name]
             for k, v in cert.items():
                 g.attrs[f"certificate_{k}"] = v
+            if name in sums:  # attend's `dual` reuses them instead of rebuilding in every pass
+                mw, mb, end_step, rows = sums[name]
+                _replace(g, "memory_weight", mw)
+                if mb is not None:
+                    _replace(g, "memory_bias", mb)
+                g.attrs["memory_end_step"] = end_step
+                g.attrs["memory_rows"] = rows
             if name in residuals:
                 rw, rb = residuals[name]
                 for dname, data in (("weight_residual", rw), ("bias_residual", rb)):
                     if data is None:
                         continue
-                    if dname in g:
-                        del g[dname]
-                    g.create_dataset(dname, data=data, fletcher32=True)
+                    _replace(g, dname, data)
     return results
+
+
+def _replace(g: h5py.Group, name: str, data: np.ndarray) -> None:
+    if name in g:
+        del g[name]
+    g.create_dataset(name, data=data, fletcher32=True)

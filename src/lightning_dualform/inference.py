@@ -125,6 +125,8 @@ class AttentionResult:
         mass: ``{"label" | "epoch" | "step": Mass}``.
         explained: ``(n,)`` for an inexact store: ``1 - ||residual output|| / ||primal||``, the share of the
             output that the memory explains; ``None`` for an exact store.
+        dual_source: ``"rows"``: ``dual``'s memory part was summed from the rows in this pass;
+            ``"certificate"``: from the sums the certificate computed from the same rows at fit end.
     """
 
     layer: str
@@ -143,6 +145,7 @@ class AttentionResult:
     mass: dict[str, Mass] = field(default_factory=dict)
     explained: torch.Tensor | None = None
     exact_store: bool = True
+    dual_source: str = "rows"
 
     @property
     def max_rel_err(self) -> float | None:
@@ -159,6 +162,7 @@ class AttentionResult:
             "at_step": self.at_step,
             "rows": self.rows,
             "exact_store": self.exact_store,
+            "dual_source": self.dual_source,
             "dual": _list(self.dual),
             "primal": _list(self.primal),
             "rel_err": _list(self.rel_err),
@@ -423,6 +427,7 @@ class DualInference:
         mass: bool = True,
         step_buckets: int = 10,
         scan: str = "exact",
+        reuse_certificate: bool = True,
     ) -> AttentionResult:
         """Attend ``queries`` over the memory of ``layer`` in one streamed pass.
 
@@ -448,6 +453,11 @@ class DualInference:
             KeyError: unknown layer (the message lists the known ones).
             ValueError: queries of the wrong shape or with NaN/inf, ``top_k`` larger than the memory, a bad
                 ``at_step``, ``contribution_to`` or ``scan``.
+            reuse_certificate: for the model at the end of a finished store, take ``dual``'s memory part
+                ``sum_rows c v k^T`` from the sums the certificate computed from these rows at fit end (kept
+                in the file) instead of computing it again in this pass (half of the pass's products when
+                ``d_in`` is large). ``False`` computes it from the rows, as :meth:`verify` does.
+                :attr:`AttentionResult.dual_source` says which was used.
         """
         lay = self.layer(layer)
         q = self._check_queries(lay, queries, "attend")
@@ -473,12 +483,14 @@ class DualInference:
                 "from the memory alone.", self.path, at_step,
             )
         units = self._units(lay, q, contribution_to, primal, coef, residual)
-        return self._pass(lay, q, coef, n_rows, top_k, units, per_example, mass, step_buckets, scan, primal, residual)
+        stored = lay.stored_memory_sums(coef.end_step, n_rows) if reuse_certificate else None
+        return self._pass(lay, q, coef, n_rows, top_k, units, per_example, mass, step_buckets, scan, primal, residual,
+                          stored)
 
     def _pass(
         self, lay: LayerReader, q: torch.Tensor, coef: Any, n_rows: int, top_k: int, units: torch.Tensor | None,
         per_example: bool, mass: bool, step_buckets: int, scan: str, primal: torch.Tensor | None,
-        residual: torch.Tensor | None,
+        residual: torch.Tensor | None, stored: tuple[np.ndarray, np.ndarray | None] | None = None,
     ) -> AttentionResult:
         acc = self.accumulate
         dev = self.device
@@ -486,6 +498,10 @@ class DualInference:
         stats = self._layer_stats(lay) if (per_example or mass) else None
         # a W_0 (+ b buf_0 when the store began with momentum buffers): what the memory does not hold
         w_base, b_base = lay.base_weights(coef=coef, with_residual=False)
+        if stored is not None:  # the memory's sums from the certificate: the pass only ranks and sums scores
+            w_base += stored[0]  # base_weights returns fresh arrays
+            if b_base is not None:
+                b_base += stored[1]
         qa = q.to(dev, acc)
         base = qa @ torch.from_numpy(w_base).to(dev, acc).t()
         if b_base is not None:
@@ -503,7 +519,7 @@ class DualInference:
             n_step_buckets=step_buckets if mass else 0,
             query_chunk=self.query_chunk,
             exact_queries=qa if scan == "bf16" else None,
-            with_dual=scan != "bf16",
+            with_dual=scan != "bf16" and stored is None,
         )
         c_w = coef.c_w.astype(np.float64)
         c_b = coef.c_b.astype(np.float64)
@@ -569,21 +585,23 @@ class DualInference:
                 bar.close()
         if self._group is not None:
             _all_merge(state, self._group)
-        return self._result(lay, coef, n_rows, state, stats, units, primal, residual, step_buckets, q, scan)
+        return self._result(lay, coef, n_rows, state, stats, units, primal, residual, step_buckets, q, scan,
+                            stored is not None)
 
     def _result(
         self, lay: LayerReader, coef: Any, n_rows: int, state: AttentionAccumulator, stats: _Stats | None,
         units: torch.Tensor | None, primal: torch.Tensor | None, residual: torch.Tensor | None, step_buckets: int,
-        q: torch.Tensor, scan: str,
+        q: torch.Tensor, scan: str, from_certificate: bool = False,
     ) -> AttentionResult:
         cpu = torch.device("cpu")
         dual = state.dual
-        if scan == "bf16":
+        if scan == "bf16" and not from_certificate:
             dual = self._exact_dual(lay, q, coef)  # the scan's products are only good for ranking
         if residual is not None:
             dual = dual + residual.to(dual)
         res = AttentionResult(layer=lay.name, at_step=coef.end_step, rows=n_rows, dual=dual.to(cpu),
-                              exact_store=bool(self.store.optimizer_exact and lay.exact))
+                              exact_store=bool(self.store.optimizer_exact and lay.exact),
+                              dual_source="certificate" if from_certificate else "rows")
         if primal is not None:
             res.primal = primal.to(cpu, dual.dtype)
             res.rel_err = _rel_rows(res.dual, res.primal)
@@ -862,7 +880,7 @@ class DualInference:
                     continue
                 picks = np.sort(gen.choice(lay.n_rows, size=min(n_samples, lay.n_rows), replace=False))
                 q = torch.from_numpy(np.concatenate([lay.read(int(i), int(i) + 1, ("keys",))["keys"] for i in picks]))
-            res = self.attend(name, q, top_k=0, per_example=False, mass=False)
+            res = self.attend(name, q, top_k=0, per_example=False, mass=False, reuse_certificate=False)
             out[name] = float(res.max_rel_err)
         return out
 

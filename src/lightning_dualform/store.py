@@ -34,6 +34,10 @@ FORMAT_VERSION = 1
 ROW_DTYPES = ("float32", "float16", "bfloat16")
 #: Per-row metadata columns: name -> numpy dtype.
 ROW_COLUMNS = {"step": np.int64, "epoch": np.int32, "index": np.int64, "position": np.int32, "label": np.int64}
+#: The certificate's sums of a layer's memory, ``sum_rows c_w v k^T`` and ``sum_rows c_b v`` (float64), kept for
+#: ``attend`` (stored only up to this many weight elements: 128 MB) and removed whenever the rows change.
+MEMORY_SUM_DATASETS = ("memory_weight", "memory_bias")
+MEMORY_SUM_MAX_ELEMENTS = 1 << 24
 _FLOAT_COLS = ("lr", "momentum", "dampening", "weight_decay")
 # chunk lengths of 1-D columns: HDF5 allocates whole chunks, so small stores stay small
 _META_CHUNK = 4096
@@ -344,10 +348,10 @@ class StoreWriter:
                     if pname in ug:
                         for col in PARAM_COLUMNS:
                             _truncate(ug[pname][col], steps)
-                for dname in ("weight_final", "bias_final", "weight_residual", "bias_residual"):
+                for dname in ("weight_final", "bias_final", "weight_residual", "bias_residual", *MEMORY_SUM_DATASETS):
                     if dname in g:
                         del g[dname]
-                for key in [k for k in g.attrs if k.startswith("certificate_")]:
+                for key in [k for k in g.attrs if k.startswith(("certificate_", "memory_"))]:
                     del g.attrs[key]
             if "inputs" in f and inputs is not None:
                 for col in ("index", "data"):
@@ -796,6 +800,24 @@ class LayerReader:
     @property
     def bias_final(self) -> np.ndarray | None:
         return self._array("bias_final")
+
+    @_guarded
+    def stored_memory_sums(self, end_step: int, n_rows: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """``sum_rows c_w v k^T`` and ``sum_rows c_b v`` as the certificate computed them (float64), when the
+        file holds them for exactly this end step and number of rows of a finished store; otherwise None."""
+        g = self._g
+        if self.store.status != "complete" or "memory_weight" not in g:
+            return None
+        if int(g.attrs.get("memory_end_step", -1)) != end_step or int(g.attrs.get("memory_rows", -1)) != n_rows:
+            return None
+        w = np.asarray(g["memory_weight"][()], dtype=np.float64)
+        b = np.asarray(g["memory_bias"][()], dtype=np.float64) if "memory_bias" in g else None
+        if w.shape != (self.d_out, self.d_in) or (b is None) == self.has_bias or (b is not None and b.shape != (self.d_out,)):
+            raise StoreError(
+                f"{self.store.path}: layer {self.name!r} has memory sums of shape {w.shape} (bias: "
+                f"{None if b is None else b.shape}), expected ({self.d_out}, {self.d_in}); the file is inconsistent."
+            )
+        return w, b
 
     @property
     def weight_residual(self) -> np.ndarray | None:
