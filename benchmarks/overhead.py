@@ -65,13 +65,24 @@ def make_datamodule(path: str | None, examples: int, batch_size: int, seed: int)
     return dm
 
 
+#: ``dtype:drop``: the callback does all its training-thread work, and the writer thread drops the rows
+#: (writes no step): the floor set by the hooks alone, for finding where the time goes. Not a real store.
+DROP = "drop"
+
+
+class _RowsDropped(DualFormCallback):
+    def _submit_deferred(self, clip: float) -> None:
+        self._deferred = None
+
+
 def fit_once(dm: ImageDataModule, epochs: int, variant: str | None, workdir: str, tag: str) -> dict[str, Any]:
     """One fit; returns its wall time and, with a callback, the store's size (then deletes the store)."""
     callbacks = []
     path = os.path.join(workdir, f"{tag}.h5")
     if variant is not None:
         dtype, comp = parse_variant(variant)
-        callbacks.append(DualFormCallback(path, dtype=dtype, compression=comp, overwrite=True, certify=False))
+        kind = _RowsDropped if comp == DROP else DualFormCallback
+        callbacks.append(kind(path, dtype=dtype, compression=None if comp == DROP else comp, overwrite=True, certify=False))
     model = MLP()
     tr = trainer(epochs, callbacks)
     gc.collect()
@@ -174,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=2, help="epochs per fit")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of (baseline + every variant)")
     ap.add_argument("--batch-size", type=int, default=128, help="batch size")
-    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma list of dtype[:compression]")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help="comma list of dtype[:compression]; dtype:drop runs the callback but drops the rows (the hooks' floor)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--no-certify-timing", action="store_true", help="skip timing the certificate once")
     ap.add_argument("--hook-timing", default="", help="comma list of variants to run once more, instrumented (cost per hook)")
@@ -186,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
-        DualFormCallback(os.devnull, dtype=parse_variant(v)[0], compression=parse_variant(v)[1])  # validate early
+        dtype, comp = parse_variant(v)
+        DualFormCallback(os.devnull, dtype=dtype, compression=None if comp == DROP else comp)  # validate early
     info = machine()
     dm = make_datamodule(args.data, args.examples, args.batch_size, seed=0)
     workdir = args.workdir or tempfile.mkdtemp(prefix="dualform-overhead-")
