@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
+import h5py
 import numpy as np
+import pytest
 import torch
 
 from helpers import MLP, dual_output, real_output, rel_err
@@ -68,6 +70,20 @@ def test_two_process_ddp_is_exact(tmp_path):
         assert layer.rows_before(6) == 96
         blocks = np.concatenate([layer.read(a, a + 7, ("index",))["index"] for a in range(0, layer.n_rows, 7)])
         np.testing.assert_array_equal(blocks, rows["index"])
+    # the certificate's sums are used only when every shard holds the same ones and the run is complete
+    x = torch.randn(4, 6, generator=g)
+    with h5py.File(shards[1], "r+") as f:
+        f.attrs["status"] = "recording"  # e.g. rank 1 was resumed and killed
+    with pytest.warns(UserWarning, match="incomplete store"):
+        di = DualInference(str(store), device="cpu")
+    with di:
+        assert di.attend("net.0", x, top_k=1).dual_source == "rows"
+    with h5py.File(shards[1], "r+") as f:
+        f.attrs["status"] = "complete"
+        del f["layers/net.0/memory_weight"]
+    with DualInference(str(store), device="cpu") as di:
+        assert di.attend("net.0", x, top_k=1).dual_source == "rows"
+        assert di.attend("net.2", x.new_zeros(4, 8), top_k=1).dual_source == "certificate"
     os.remove(store)  # without the index (e.g. a copy of the rank files only) the rank files are found
     with open_store(str(store)) as s:
         assert s.layer("net.0").n_rows == 2 * 96

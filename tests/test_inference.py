@@ -208,8 +208,12 @@ def test_dual_from_the_certificate_and_from_the_rows_equal_the_model(trained: di
             for res in (stored, rows):
                 assert rel_err(res.dual, ref.double()) <= 1e-5, (name, res.dual_source)
             torch.testing.assert_close(stored.dual, rows.dual, rtol=1e-9, atol=1e-9)
-            torch.testing.assert_close(stored.top.score, rows.top.score, rtol=0, atol=0)
-            torch.testing.assert_close(stored.mass["label"].signed, rows.mass["label"].signed, rtol=0, atol=0)
+            # everything but dual comes from the same pass over the rows: bit for bit
+            assert torch.equal(stored.top.score, rows.top.score) and torch.equal(stored.top.row, rows.top.row)
+            assert torch.equal(stored.top_examples.score, rows.top_examples.score)
+            for kind in ("label", "epoch", "step"):
+                assert torch.equal(stored.mass[kind].signed, rows.mass[kind].signed)
+                assert torch.equal(stored.mass[kind].absolute, rows.mass[kind].absolute)
 
 
 def test_memory_sums_are_used_only_for_the_rows_they_cover(trained: dict, tmp_path: str) -> None:
@@ -223,18 +227,52 @@ def test_memory_sums_are_used_only_for_the_rows_they_cover(trained: dict, tmp_pa
     with DualInference(path, device="cpu") as di:
         assert di.layer("net.2").n_rows == rows and di.last_step == end
         assert di.attend("net.2", q, top_k=1).dual_source == "certificate"
+        assert di.attend("net.2", q, top_k=1, at_step=end).dual_source == "certificate"  # the same model
         assert di.attend("net.2", q, top_k=1, at_step=end - 1).dual_source == "rows"  # another model
-    with h5py.File(path, "r+") as f:
-        f["layers/net.2"].attrs["memory_rows"] = rows - 1  # sums of other rows than the file holds
-    with DualInference(path, device="cpu") as di:
-        assert di.attend("net.2", q, top_k=1).dual_source == "rows"
+
+    def edited(**attrs: object) -> str:
+        with h5py.File(path, "r+") as f:
+            for k, v in attrs.items():
+                f["layers/net.2"].attrs[k] = v
+        with DualInference(path, device="cpu") as di:
+            source = di.attend("net.2", q, top_k=1).dual_source
+        with h5py.File(path, "r+") as f:
+            for k in attrs:
+                f["layers/net.2"].attrs[k] = {"memory_rows": rows, "memory_end_step": end}.get(k, crc)
+        return source
+
+    with h5py.File(path, "r") as f:
+        crc = int(f["layers/net.2"].attrs["memory_weight_final_crc32"])
+    assert edited(memory_rows=rows - 1) == "rows"  # sums of other rows than the file holds
+    assert edited(memory_end_step=end + 1) == "rows"
+    # final weights the sums were not computed with (a writer that did not know them rewrote the store)
+    assert edited(memory_weight_final_crc32=crc ^ 1) == "rows"
+    assert edited() == "certificate"
+    with pytest.raises(StoreError, match="'memory_rows' is .*12.5.*not an integer"):
+        edited(memory_rows=12.5)
+
+
+@pytest.mark.parametrize("bad", ["shape", "int", "nan", "group"])
+def test_damaged_memory_sums_raise_store_error(trained: dict, tmp_path: str, bad: str) -> None:
+    path = str(tmp_path / "copy.h5")
+    shutil.copy(trained["path"], path)
     with h5py.File(path, "r+") as f:
         g = f["layers/net.2"]
-        g.attrs["memory_rows"] = rows
+        w = g["memory_weight"][()]
         del g["memory_weight"]
-        g.create_dataset("memory_weight", data=np.zeros((2, 16)))
-    with DualInference(path, device="cpu") as di, pytest.raises(StoreError, match="memory sums of shape"):
-        di.attend("net.2", q, top_k=1)
+        if bad == "shape":
+            g.create_dataset("memory_weight", data=w[:2], fletcher32=True)
+        elif bad == "int":
+            g.create_dataset("memory_weight", data=w.astype(np.int64), fletcher32=True)
+        elif bad == "nan":
+            w[1, 2] = np.nan
+            g.create_dataset("memory_weight", data=w, fletcher32=True)
+        else:
+            g.create_group("memory_weight")
+    with DualInference(path, device="cpu") as di:
+        with pytest.raises(StoreError, match="memory_weight"):
+            di.attend("net.2", _hidden(trained["model"], trained["x"][:2]), top_k=1)
+        assert di.attend("net.2", _hidden(trained["model"], trained["x"][:2]), top_k=1, reuse_certificate=False).dual_source == "rows"
 
 
 def test_bf16_scan_gives_exact_dual_and_exact_top_scores(trained: dict) -> None:
@@ -429,28 +467,30 @@ def _essentials(res) -> dict[str, torch.Tensor]:
 _DIST_KW = dict(top_k=4, contribution_to="pred", step_buckets=3)
 
 
-def _distributed_worker(rank: int, world: int, path: str, init_file: str, out_dir: str, q: torch.Tensor) -> None:
+def _distributed_worker(rank: int, world: int, path: str, init_file: str, out_dir: str, q: torch.Tensor, reuse: bool) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         with DualInference(path, device="cpu", accumulate=torch.float64, block_rows=37, distributed=True) as di:
-            res = di.attend("net.2", q, **_DIST_KW)
+            res = di.attend("net.2", q, **_DIST_KW, reuse_certificate=reuse)
+        assert res.dual_source == ("certificate" if reuse else "rows")
         torch.save(_essentials(res), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_distributed_split_equals_one_process(trained: dict, tmp_path) -> None:
+@pytest.mark.parametrize("reuse", [True, False], ids=["dual-from-certificate", "dual-from-rows"])
+def test_distributed_split_equals_one_process(trained: dict, tmp_path, reuse: bool) -> None:
     """2 gloo processes each take half of the blocks; both return the single-process result."""
     import torch.multiprocessing as mp
 
     q = _hidden(trained["model"], trained["x"][:9]).double()
     with DualInference(trained["path"], device="cpu", accumulate=torch.float64, block_rows=37) as di:
-        ref = _essentials(di.attend("net.2", q, **_DIST_KW))
+        ref = _essentials(di.attend("net.2", q, **_DIST_KW, reuse_certificate=reuse))
         assert di.layer("net.2").n_rows > 2 * 37  # several blocks per rank
-    mp.spawn(_distributed_worker, args=(2, trained["path"], str(tmp_path / "init"), str(tmp_path), q), nprocs=2, join=True)
+    mp.spawn(_distributed_worker, args=(2, trained["path"], str(tmp_path / "init"), str(tmp_path), q, reuse), nprocs=2, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for key, want in ref.items():
         assert torch.equal(got[0][key], got[1][key]), key  # every rank holds the same result

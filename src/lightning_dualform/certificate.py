@@ -11,10 +11,9 @@ from __future__ import annotations
 from typing import Callable
 
 import h5py
-import numpy as np
 import torch
 
-from lightning_dualform.store import MEMORY_SUM_MAX_ELEMENTS, Coefficients, LayerReader, StoreReader
+from lightning_dualform.store import MEMORY_SUM_MAX_ELEMENTS, Coefficients, LayerReader, StoreReader, _replace, weights_crc32
 
 #: Relative error of the rebuilt weights up to which a store counts as exact, by stored row dtype ...
 ROW_DTYPE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
@@ -90,28 +89,31 @@ def _rel(err: torch.Tensor, ref: torch.Tensor) -> float:
 def certify_store(path: str, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
     """Compute, store and return each layer's certificate (``all_reduce``: see :func:`rebuild_weights`).
 
+    Each layer also keeps the memory's sums (:func:`memory_sums`, float64, tied to its row count, end step and
+    final weights) for ``DualInference.attend``; layers are done one at a time, so at most one layer's sums
+    are held in memory.
+
     Returns:
         ``{layer: {"rel_err", "rel_err_weight", "rel_err_bias", "explained", "exact"}}``; ``explained`` is
         ``1 - ||residual|| / ||W_final||`` (1.0 for an exact store).
     """
     results: dict[str, dict[str, float]] = {}
-    residuals: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    sums: dict[str, tuple[np.ndarray, np.ndarray | None, int, int]] = {}
     with StoreReader(path, probe=False) as store:  # our own file, just written
-        tol = tolerance(store.row_dtype, str(store.attrs.get("precision", "32-true")))
-        for name in store.layers:
+        names = list(store.layers)
+    for name in names:
+        with StoreReader(path, probe=False) as store:
+            tol = tolerance(store.row_dtype, str(store.attrs.get("precision", "32-true")))
             layer = store.layer(name)
             if layer.weight_final is None:
                 continue
             coef, mw, mb = memory_sums(layer, all_reduce=all_reduce)
             rows = torch.tensor([float(layer.rows_before(coef.end_step))], dtype=torch.float64)
             rows = all_reduce(rows) if all_reduce is not None else rows
-            if mw.numel() <= MEMORY_SUM_MAX_ELEMENTS:
-                sums[name] = (mw.numpy(), mb.numpy() if mb is not None else None, coef.end_step, int(rows))
             w0, b0 = layer.base_weights(coef=coef, with_residual=False)
             w = mw + torch.from_numpy(w0)
             b = mb + torch.from_numpy(b0) if mb is not None else None
-            wf = torch.from_numpy(layer.weight_final).double()
+            wf32 = layer.weight_final
+            wf = torch.from_numpy(wf32).double()
             rw = wf - w
             err_w = _rel(rw, wf)
             err_b = 0.0
@@ -121,7 +123,7 @@ def certify_store(path: str, all_reduce: Callable[[torch.Tensor], torch.Tensor] 
                 rb = bf - b
                 err_b = _rel(rb, bf)
             err = max(err_w, err_b)
-            results[name] = {
+            cert = {
                 "rel_err": err,
                 "rel_err_weight": err_w,
                 "rel_err_bias": err_b,
@@ -129,30 +131,21 @@ def certify_store(path: str, all_reduce: Callable[[torch.Tensor], torch.Tensor] 
                 "tolerance": tol,
                 "exact": bool(err <= tol and layer.exact and store.optimizer_exact),
             }
-            if not store.optimizer_exact:
-                residuals[name] = (rw.float().numpy(), rb.float().numpy() if rb is not None else None)
-    with h5py.File(path, "r+") as f:
-        for name, cert in results.items():
+            inexact_store = not store.optimizer_exact
+        results[name] = cert
+        with h5py.File(path, "r+") as f:
             g = f["layers"][name]
             for k, v in cert.items():
                 g.attrs[f"certificate_{k}"] = v
-            if name in sums:  # attend's `dual` reuses them instead of rebuilding in every pass
-                mw, mb, end_step, rows = sums[name]
-                _replace(g, "memory_weight", mw)
+            if mw.numel() <= MEMORY_SUM_MAX_ELEMENTS:  # attend's `dual` reuses them instead of summing rows
+                _replace(g, "memory_weight", mw.numpy())
                 if mb is not None:
-                    _replace(g, "memory_bias", mb)
-                g.attrs["memory_end_step"] = end_step
-                g.attrs["memory_rows"] = rows
-            if name in residuals:
-                rw, rb = residuals[name]
-                for dname, data in (("weight_residual", rw), ("bias_residual", rb)):
-                    if data is None:
-                        continue
-                    _replace(g, dname, data)
+                    _replace(g, "memory_bias", mb.numpy())
+                g.attrs["memory_end_step"] = int(coef.end_step)
+                g.attrs["memory_rows"] = int(rows)
+                g.attrs["memory_weight_final_crc32"] = weights_crc32(wf32)
+            if inexact_store:
+                _replace(g, "weight_residual", rw.float().numpy())
+                if rb is not None:
+                    _replace(g, "bias_residual", rb.float().numpy())
     return results
-
-
-def _replace(g: h5py.Group, name: str, data: np.ndarray) -> None:
-    if name in g:
-        del g[name]
-    g.create_dataset(name, data=data, fletcher32=True)

@@ -734,6 +734,8 @@ def render_attend(run: AttendRun, by: str, store: Any = None) -> str:
             for r in np.flatnonzero(ex == j).tolist():
                 pos = int(run.rows[name]["position"][r])
                 err = "" if res.rel_err is None else f", dual vs weights rel. err. {float(res.rel_err[r]):.1e}"
+                if res.rel_err is not None and res.dual_source == "certificate":
+                    err += " (memory sums from the certificate)"
                 where = f" position {pos}" if len(np.flatnonzero(ex == j)) > 1 else ""
                 out.append(f"  {name}{where}: {res.rows} rows{err}")
                 headers, rows = ranked(res, r, by, "top")

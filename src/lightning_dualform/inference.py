@@ -444,20 +444,22 @@ class DualInference:
             mass: compute the attention mass per label, epoch and step bucket.
             step_buckets: number of equal-width step buckets of the mass.
             scan: ``"exact"``, or ``"bf16"`` to compute scores in bfloat16 for ranking: the top rows are
-                re-scored exactly and ``dual`` is rebuilt exactly from the weights; mass and per-example
-                sums carry bfloat16 error (about 1e-2 relative). The bfloat16 products are several times
-                faster on CPUs with AMX and on GPUs, but the whole scan is not yet: on a 2-core AMX CPU it
-                took 1.7-2x the exact scan's time (``docs/benchmarks.md``); prefer ``"exact"``.
-
-        Raises:
-            KeyError: unknown layer (the message lists the known ones).
-            ValueError: queries of the wrong shape or with NaN/inf, ``top_k`` larger than the memory, a bad
-                ``at_step``, ``contribution_to`` or ``scan``.
+                re-scored exactly and ``dual`` is exact (from the certificate's sums, or rebuilt from the
+                rows in a second pass); mass and per-example sums carry bfloat16 error (about 1e-2 relative).
+                The bfloat16 products are several times faster on CPUs with AMX and on GPUs, but the whole
+                scan is not yet: on a 2-core AMX CPU it took 1.5-2x the exact scan's time
+                (``docs/benchmarks.md``); prefer ``"exact"``.
             reuse_certificate: for the model at the end of a finished store, take ``dual``'s memory part
                 ``sum_rows c v k^T`` from the sums the certificate computed from these rows at fit end (kept
                 in the file) instead of computing it again in this pass (half of the pass's products when
                 ``d_in`` is large). ``False`` computes it from the rows, as :meth:`verify` does.
                 :attr:`AttentionResult.dual_source` says which was used.
+
+        Raises:
+            KeyError: unknown layer (the message lists the known ones).
+            ValueError: queries of the wrong shape or with NaN/inf, ``top_k`` larger than the memory, a bad
+                ``at_step``, ``contribution_to`` or ``scan``.
+            StoreError: a damaged file (including damaged certificate sums: their shape, type or values).
         """
         lay = self.layer(layer)
         q = self._check_queries(lay, queries, "attend")

@@ -10,7 +10,7 @@ import math
 import shutil
 from dataclasses import dataclass, field
 
-from lightning_dualform.store import _META_CHUNK, ROW_COLUMNS, chunk_rows_for
+from lightning_dualform.store import _META_CHUNK, MEMORY_SUM_MAX_ELEMENTS, ROW_COLUMNS, chunk_rows_for
 
 #: bytes of the per-row metadata columns (step, epoch, index, position, label)
 META_BYTES = 8 + 4 + 8 + 4 + 8
@@ -88,6 +88,8 @@ def estimate(
         chunk = chunk_rows_for(8 if kind == "embedding" else d_in * itemsize, d_out * itemsize, chunk_rows)
         plan.layers.append(LayerPlan(name, rows, per_row, rows * steps_per_epoch * per_row, chunk))
         plan.fixed_bytes += 2 * 4 * (d_in * d_out + (d_out if has_bias else 0))  # initial and final weights
+        if d_in * d_out <= MEMORY_SUM_MAX_ELEMENTS:
+            plan.fixed_bytes += 8 * (d_in * d_out + (d_out if has_bias else 0))  # the certificate's float64 sums
     return plan
 
 

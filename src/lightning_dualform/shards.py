@@ -86,6 +86,20 @@ class ShardedLayerReader:
     def coefficients(self, at_step: int | None = None) -> Coefficients:
         return self.parts[0].coefficients(at_step)
 
+    def stored_memory_sums(self, end_step: int, n_rows: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """The certificate's sums over all shards' rows, only when the run is complete and every shard holds
+        the same ones (each checks its own status, row count, end step and final weights)."""
+        if not self.store.complete:
+            return None
+        found = [p.stored_memory_sums(end_step, n_rows) for p in self.parts]
+        first = found[0]
+        if any(f is None for f in found) or first is None:
+            return None
+        for w, b in found[1:]:
+            if not np.array_equal(w, first[0]) or (b is None) != (first[1] is None) or (b is not None and not np.array_equal(b, first[1])):
+                return None
+        return first
+
     def base_weights(self, at_step: int | None = None, coef: Coefficients | None = None, with_residual: bool = True):
         return self.parts[0].base_weights(at_step, coef, with_residual)
 

@@ -17,6 +17,7 @@ import math
 import os
 import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -38,6 +39,11 @@ ROW_COLUMNS = {"step": np.int64, "epoch": np.int32, "index": np.int64, "position
 #: ``attend`` (stored only up to this many weight elements: 128 MB) and removed whenever the rows change.
 MEMORY_SUM_DATASETS = ("memory_weight", "memory_bias")
 MEMORY_SUM_MAX_ELEMENTS = 1 << 24
+
+
+def weights_crc32(w: np.ndarray) -> int:
+    """CRC-32 of a float32 weight matrix as stored: ties the certificate's sums to the final weights."""
+    return zlib.crc32(np.ascontiguousarray(w, dtype=np.float32).tobytes())
 _FLOAT_COLS = ("lr", "momentum", "dampening", "weight_decay")
 # chunk lengths of 1-D columns: HDF5 allocates whole chunks, so small stores stay small
 _META_CHUNK = 4096
@@ -332,13 +338,25 @@ class StoreWriter:
                     "describe this store; nothing was truncated. Resume from a checkpoint saved with this store, or "
                     "record into another path."
                 )
+            for name, g in f["layers"].items():
+                n = int(rows.get(name, 0))
+                if g["keys"].shape[0] < n:
+                    raise StoreError(f"{path}: layer {name!r}: the checkpoint counts {n} rows but the store holds {g['keys'].shape[0]}.")
+            # Before any row changes: what was derived from the old rows goes, and the file says it is being
+            # written (an interrupted resume must not leave a "complete" store, or sums of other rows).
+            f.attrs["status"] = "recording"
+            for g in f["layers"].values():
+                for dname in ("weight_final", "bias_final", "weight_residual", "bias_residual", *MEMORY_SUM_DATASETS):
+                    if dname in g:
+                        del g[dname]
+                for key in [k for k in g.attrs if k.startswith(("certificate_", "memory_"))]:
+                    del g.attrs[key]
+            f.flush()
             _truncate(f["update_step"], steps)
             _truncate(f["update_epoch"], steps)
             f["committed_steps"][0] = steps
             for name, g in f["layers"].items():
                 n = int(rows.get(name, 0))
-                if g["keys"].shape[0] < n:
-                    raise StoreError(f"{path}: layer {name!r}: the checkpoint counts {n} rows but the store holds {g['keys'].shape[0]}.")
                 for col in ("keys", "values", *ROW_COLUMNS):
                     _truncate(g[col], n)
                 g["committed_rows"][0] = n
@@ -348,16 +366,10 @@ class StoreWriter:
                     if pname in ug:
                         for col in PARAM_COLUMNS:
                             _truncate(ug[pname][col], steps)
-                for dname in ("weight_final", "bias_final", "weight_residual", "bias_residual", *MEMORY_SUM_DATASETS):
-                    if dname in g:
-                        del g[dname]
-                for key in [k for k in g.attrs if k.startswith(("certificate_", "memory_"))]:
-                    del g.attrs[key]
             if "inputs" in f and inputs is not None:
                 for col in ("index", "data"):
                     _truncate(f["inputs"][col], inputs)
                 f["inputs"]["committed"][0] = inputs
-            f.attrs["status"] = "recording"
         kinds = {n: stored["layers"][n][0] for n in rows if n in stored["layers"]}
         return cls(path, kinds, stored["row_dtype"], commit_seconds)
 
@@ -804,20 +816,40 @@ class LayerReader:
     @_guarded
     def stored_memory_sums(self, end_step: int, n_rows: int) -> tuple[np.ndarray, np.ndarray | None] | None:
         """``sum_rows c_w v k^T`` and ``sum_rows c_b v`` as the certificate computed them (float64), when the
-        file holds them for exactly this end step and number of rows of a finished store; otherwise None."""
+        file holds them for exactly this end step, number of rows and final weights of a finished store;
+        otherwise None (the caller sums the rows)."""
         g = self._g
-        if self.store.status != "complete" or "memory_weight" not in g:
+        if self.store.status != "complete" or "memory_weight" not in g or "weight_final" not in g:
             return None
-        if int(g.attrs.get("memory_end_step", -1)) != end_step or int(g.attrs.get("memory_rows", -1)) != n_rows:
+        a = g.attrs
+        marks = {}
+        for key in ("memory_end_step", "memory_rows", "memory_weight_final_crc32"):
+            if key not in a:
+                return None
+            v = a[key]
+            if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
+                raise StoreError(f"{self.store.path}: layer {self.name!r} attribute {key!r} is {v!r}, not an integer; the file is damaged.")
+            marks[key] = int(v)
+        if (marks["memory_end_step"], marks["memory_rows"]) != (end_step, n_rows):
             return None
-        w = np.asarray(g["memory_weight"][()], dtype=np.float64)
-        b = np.asarray(g["memory_bias"][()], dtype=np.float64) if "memory_bias" in g else None
-        if w.shape != (self.d_out, self.d_in) or (b is None) == self.has_bias or (b is not None and b.shape != (self.d_out,)):
-            raise StoreError(
-                f"{self.store.path}: layer {self.name!r} has memory sums of shape {w.shape} (bias: "
-                f"{None if b is None else b.shape}), expected ({self.d_out}, {self.d_in}); the file is inconsistent."
-            )
+        # sums of other final weights: the rows were rewritten by a writer that did not know about them
+        if marks["memory_weight_final_crc32"] != weights_crc32(self.weight_final):
+            return None
+        w = self._checked_sum("memory_weight", (self.d_out, self.d_in))
+        b = self._checked_sum("memory_bias", (self.d_out,)) if self.has_bias else None
         return w, b
+
+    def _checked_sum(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        ds = self._g.get(name)
+        if not isinstance(ds, h5py.Dataset) or ds.shape != shape or ds.dtype.kind != "f":
+            got = f"{ds.shape} {ds.dtype}" if isinstance(ds, h5py.Dataset) else repr(ds)
+            raise StoreError(
+                f"{self.store.path}: layer {self.name!r} dataset {name!r} is {got}, expected float {shape}; the file is damaged."
+            )
+        data = np.asarray(ds[()], dtype=np.float64)
+        if not np.isfinite(data).all():
+            raise StoreError(f"{self.store.path}: layer {self.name!r} dataset {name!r} holds NaN or inf; the file is damaged.")
+        return data
 
     @property
     def weight_residual(self) -> np.ndarray | None:

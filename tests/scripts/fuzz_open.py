@@ -19,9 +19,10 @@ def exercise(path: str) -> None:
         for name in s.layers:
             layer = s.layer(name)
             layer.read(0, layer.n_rows)
-            layer.coefficients()
+            coef = layer.coefficients()
             layer.base_weights()
             _ = layer.weight_final, layer.bias_final
+            layer.stored_memory_sums(coef.end_step, layer.rows_before(coef.end_step))
         for split in s.query_splits:
             q = s.queries(split)
             _ = q.inputs
