@@ -117,7 +117,7 @@ def main() -> None:
     from lightning_dualform.store import MEMORY_SUM_MAX_ELEMENTS
 
     with h5py.File(args.store, "r") as f:
-        has_sums = all("memory_weight" in g for g in f["layers"].values()
+        has_sums = all("memory_weight_final_crc32" in g.attrs for g in f["layers"].values()
                        if int(g.attrs["d_in"]) * int(g.attrs["d_out"]) <= MEMORY_SUM_MAX_ELEMENTS)
     if not has_sums:  # a store written before the certificate kept its sums: add them (what fit end does now)
         from lightning_dualform.certificate import certify_store
