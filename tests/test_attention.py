@@ -9,8 +9,11 @@ import torch
 
 from lightning_dualform import _fused
 from lightning_dualform.attention import (
+    META_COLUMNS,
     AttentionAccumulator,
     Block,
+    bf16_score_bound,
+    block_scores,
     merge_topk,
     scatter_sum,
     step_bucket,
@@ -165,7 +168,7 @@ def test_bf16_scan_rescoring_keeps_exact_scores(memory: dict[str, torch.Tensor])
     m = memory
     q32, k32 = m["q"].float(), m["keys"].float()
     state = AttentionAccumulator(
-        queries=q32.bfloat16(), base=m["base"].float(), top_k=K, exact_queries=q32, with_dual=False, rescore=4,
+        queries=q32.bfloat16(), base=m["base"].float(), top_k=K, exact_queries=q32, with_dual=False,
     )
     for s in range(0, N_ROWS, 25):
         sl = slice(s, s + 25)
@@ -178,6 +181,42 @@ def test_bf16_scan_rescoring_keeps_exact_scores(memory: dict[str, torch.Tensor])
     torch.testing.assert_close(top, exact.gather(1, meta["row"]))
     assert torch.equal(meta["row"], torch.topk(exact, K, dim=1).indices)
     torch.testing.assert_close(state.dual, m["base"].float())  # with_dual=False leaves the base alone
+
+
+def test_bf16_score_bound_holds() -> None:
+    """The rounding bound the bf16 scan relies on, against float64 scores, on keys of very different sizes."""
+    g = torch.Generator().manual_seed(3)
+    for d in (7, 784, 4096):
+        q = torch.randn(64, d, generator=g) * torch.rand(64, 1, generator=g) * 10
+        k = torch.randn(500, d, generator=g) * torch.rand(500, 1, generator=g).pow(4) * 100
+        scan = block_scores(q.bfloat16(), k.bfloat16()).double()
+        err = (scan - q.double() @ k.double().t()).abs().amax(dim=1)
+        bound = bf16_score_bound(q, k).double()
+        assert bool((err <= bound).all()), float((err / bound).max())
+        assert float((err / bound).max()) > 1e-3  # and not vacuous
+
+
+def test_bf16_scan_finds_the_exact_top_k_among_near_ties() -> None:
+    """Rows that bf16 cannot tell apart: a fixed number of candidates per block would pick arbitrary ones;
+    re-scoring every row within the rounding bound keeps exactly the true top-k."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(1, 64, generator=g) + 0.5
+    keys = base + 1e-4 * torch.randn(300, 64, generator=g)  # identical in bfloat16, distinct in float32
+    q = torch.rand(5, 64, generator=g) + 0.5
+    n, k = keys.shape[0], 3
+    meta = {c: torch.arange(n) for c in META_COLUMNS}
+    state = AttentionAccumulator(queries=q.bfloat16(), base=torch.zeros(5, 2), top_k=k, exact_queries=q, with_dual=False)
+    for s in range(0, n, 100):
+        sl = slice(s, s + 100)
+        state.fold(Block(keys=keys[sl].bfloat16(), values=torch.zeros(100, 2), c_w=torch.ones(100), c_b=torch.zeros(100),
+                         meta={c: v[sl] for c, v in meta.items()}, exact_keys=keys[sl]))
+    top, found = state.top_rows()
+    exact = q @ keys.t()
+    ref = torch.topk(exact, k, dim=1)
+    assert torch.equal(found["row"], ref.indices)
+    torch.testing.assert_close(top, ref.values, rtol=1e-6, atol=1e-6)
+    scan = block_scores(q.bfloat16(), keys.bfloat16())
+    assert int((scan == scan.amax(dim=1, keepdim=True)).sum(dim=1).min()) > 4 * k  # the ties are real
 
 
 @pytest.mark.skipif(_fused.kernel() is None, reason="no C compiler for the fused kernel")

@@ -36,6 +36,27 @@ META_COLUMNS = ("row", "step", "epoch", "index", "position", "label")
 # ------------------------------------------------------------------------------------------------------
 # single-block functions
 # ------------------------------------------------------------------------------------------------------
+#: bfloat16's unit roundoff (8 significant bits).
+BF16_U = 2.0**-8
+
+
+def bf16_score_bound(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``(n,)``: a bound on ``|s_scan - q . k|`` over every key of the block, for scores computed from
+    bfloat16 copies of ``queries`` and ``keys`` with float32 accumulation and a bfloat16 result.
+
+    Rounding each factor to bfloat16 moves a product by at most ``(2u + u^2) |q_i k_i|``; summing ``d``
+    products in float32 adds at most ``d 2^-24`` of ``sum |q_i k_i|``, and rounding the result to bfloat16
+    ``u`` of it; ``sum |q_i k_i| <= |q| |k|``. A factor 1.01 covers the second-order terms. (On CUDA
+    the pass turns off cuBLAS's reduced-precision bfloat16 reductions, which this bound does not cover.)
+    """
+    d = queries.shape[1]
+    u, f32 = BF16_U, 2.0**-24
+    acc = d * f32 / (1 - d * f32) if d * f32 < 0.5 else float("inf")
+    gamma = 1.01 * ((2 * u + u * u) + u + acc) * (1 + u) ** 2
+    kmax = keys.norm(dim=1).max() if keys.shape[0] else keys.new_zeros(())
+    return gamma * queries.norm(dim=1) * kmax
+
+
 def block_scores(queries: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention scores ``k . q`` of a block: ``(n, d_in) x (B, d_in) -> (n, B)``."""
     return torch.matmul(queries, keys.t(), out=out)
@@ -171,8 +192,9 @@ class AttentionAccumulator:
         n_labels, n_epochs, n_step_buckets: widths of the mass tables (0 to skip one).
         query_chunk: queries processed together; bounds the ``(query_chunk, B)`` score buffer.
         exact_queries: ``(n, d_in)`` in the accumulation dtype when ``queries`` are a low-precision scan
-            (bfloat16): each block's ``rescore x top_k`` best rows by scan score are re-scored exactly
-            against ``Block.exact_keys`` before they enter the running top-k.
+            (bfloat16): every row whose scan score lies within the scan's rounding bound of the running k-th
+            best exact score is re-scored exactly against ``Block.exact_keys`` before it enters the running
+            top-k, so the top-k by score is the exact one (see :func:`bf16_score_bound`).
         with_dual: accumulate the dual output (off when it is rebuilt another way).
         fused: fold each block's scores with the compiled single-pass kernel of
             :mod:`lightning_dualform._fused` (CPU, exact scan); ``None``: whenever it is available.
@@ -190,7 +212,6 @@ class AttentionAccumulator:
     n_step_buckets: int = 0
     query_chunk: int = 2048
     exact_queries: torch.Tensor | None = None
-    rescore: int = 4
     with_dual: bool = True
     fused: bool | None = None
     rebuild_weights: bool | None = None
@@ -340,7 +361,6 @@ class AttentionAccumulator:
 
     def _fold_torch(self, block: Block, values: torch.Tensor, cv: torch.Tensor) -> None:
         acc = self.base.dtype
-        b = block.keys.shape[0]
         groups = {"label": block.label_group, "epoch": block.meta["epoch"], "step": block.step_group}
         # Mass per group as one small matmul against a one-hot matrix: far cheaper than a scatter.
         onehots = {
@@ -355,11 +375,7 @@ class AttentionAccumulator:
             if self.with_dual and self._w is None:
                 self._dual[q0:q1].addmm_(scores, cv)
             if self.top_k and self.exact_queries is not None:
-                # re-score the scan's candidates exactly, so the kept scores (and mostly the rows) are exact
-                _, pos = torch.topk(scores, min(self.rescore * self.top_k, b), dim=1, sorted=False)
-                exact = torch.einsum("nmd,nd->nm", block.exact_keys[pos], self.exact_queries[q0:q1])
-                cand_meta = {name: col[pos] for name, col in block.meta.items()}
-                self.top[ci] = merge_topk(*self.top[ci], exact, cand_meta, self.top_k)
+                self.top[ci] = self._rescored_topk(self.top[ci], scores, block, q0, q1)
             elif self.top_k:
                 self.top[ci] = merge_topk(*self.top[ci], scores, block.meta, self.top_k)
             for name, oh in onehots.items():
@@ -375,6 +391,37 @@ class AttentionAccumulator:
                     self.con[ci] = merge_topk(*self.con[ci], contrib, block.meta, self.top_k, largest=False)
                 if self.example_contrib is not None:
                     scatter_sum(self.example_contrib[q0:q1], block.meta["index"], contrib)
+
+    def _rescored_topk(
+        self, best: tuple, scores: torch.Tensor, block: Block, q0: int, q1: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Merge a low-precision block into the running exact top-k: re-score exactly every row that could
+        belong to it. With ``|scan - exact| <= delta_q`` for every row of the block, a row can reach the
+        final top-k only if ``scan >= L_q - delta_q``, where ``L_q`` is a lower bound of the k-th best exact
+        score: the running one, or the block's k-th best scan score minus ``delta_q``."""
+        exact_q = self.exact_queries[q0:q1]
+        keys = block.exact_keys
+        delta = bf16_score_bound(exact_q, keys)  # (m,)
+        kb = min(self.top_k, scores.shape[1])
+        lower = torch.topk(scores, kb, dim=1, sorted=True).values[:, -1] - delta
+        run_vals, run_meta = best
+        if run_vals is not None and run_vals.shape[1] >= self.top_k:
+            lower = torch.maximum(lower, run_vals[:, self.top_k - 1])
+        q_idx, r_idx = (scores >= (lower - delta)[:, None]).nonzero(as_tuple=True)
+        exact = (keys[r_idx] * exact_q[q_idx]).sum(dim=1)
+        # candidates into a padded (m, most per query) matrix; padding is -inf and never outranks a row
+        m = scores.shape[0]
+        counts = torch.bincount(q_idx, minlength=m)
+        width = max(int(counts.max()), 1) if len(q_idx) else 1
+        pos = torch.arange(len(q_idx), device=q_idx.device) - (torch.cumsum(counts, 0) - counts)[q_idx]
+        vals = torch.full((m, width), float("-inf"), dtype=exact.dtype, device=exact.device)
+        vals[q_idx, pos] = exact
+        rows = torch.zeros((m, width), dtype=torch.int64, device=exact.device)
+        rows[q_idx, pos] = r_idx
+        cand_meta = {name: col[rows] for name, col in block.meta.items()}
+        top, meta = merge_topk(run_vals, run_meta, vals, cand_meta, self.top_k)
+        seen = self.rows_seen + scores.shape[1]  # padding can fill the list only while fewer rows were seen
+        return top[:, : min(self.top_k, seen)], {k: v[:, : min(self.top_k, seen)] for k, v in meta.items()}
 
     def _fused_rows(self, state: tuple | None, sign: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         if state is None or self.rows_seen == 0:

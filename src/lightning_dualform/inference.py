@@ -559,6 +559,10 @@ class DualInference:
 
         pf = _Prefetcher(make, n_rows, self.rows_per_block(lay), dev, share=self._share())
         bar = _bar(self.progress and self._share()[0] == 0, n_rows, f"attend {lay.name}")
+        cuda_matmul = torch.backends.cuda.matmul
+        reduced = cuda_matmul.allow_bf16_reduced_precision_reduction
+        if scan == "bf16" and dev.type == "cuda":  # attention.bf16_score_bound assumes float32 accumulation
+            cuda_matmul.allow_bf16_reduced_precision_reduction = False
         try:
             for blk in pf:
                 keys = blk["keys"] if keys_dtype else blk["keys"].to(compute)
@@ -583,6 +587,7 @@ class DualInference:
                 if bar is not None:
                     bar.update(len(blk["row"]))
         finally:
+            cuda_matmul.allow_bf16_reduced_precision_reduction = reduced
             pf.close()
             if bar is not None:
                 bar.close()
