@@ -369,14 +369,16 @@ class AttentionAccumulator:
         }
         for ci, q0 in enumerate(range(0, self.queries.shape[0], self.query_chunk)):
             q1 = min(q0 + self.query_chunk, self.queries.shape[0])
-            scores = block_scores(self.queries[q0:q1], block.keys)
-            if scores.dtype != acc:
-                scores = scores.to(acc)
+            scan = block_scores(self.queries[q0:q1], block.keys)
+            if self.top_k and self.exact_queries is not None:  # ranks on the scan's own (bf16) scores
+                self.top[ci] = self._rescored_topk(self.top[ci], scan, block, q0, q1)
+            sums = (self.with_dual and self._w is None) or onehots or self.example_score is not None or self.units is not None
+            if not sums:
+                continue
+            scores = scan.to(acc) if scan.dtype != acc else scan
             if self.with_dual and self._w is None:
                 self._dual[q0:q1].addmm_(scores, cv)
-            if self.top_k and self.exact_queries is not None:
-                self.top[ci] = self._rescored_topk(self.top[ci], scores, block, q0, q1)
-            elif self.top_k:
+            if self.top_k and self.exact_queries is None:
                 self.top[ci] = merge_topk(*self.top[ci], scores, block.meta, self.top_k)
             for name, oh in onehots.items():
                 signed, absolute = self.mass[name]
@@ -403,11 +405,15 @@ class AttentionAccumulator:
         keys = block.exact_keys
         delta = bf16_score_bound(exact_q, keys)  # (m,)
         kb = min(self.top_k, scores.shape[1])
-        lower = torch.topk(scores, kb, dim=1, sorted=True).values[:, -1] - delta
+        lower = torch.topk(scores, kb, dim=1, sorted=True).values[:, -1].to(delta.dtype) - delta
         run_vals, run_meta = best
         if run_vals is not None and run_vals.shape[1] >= self.top_k:
             lower = torch.maximum(lower, run_vals[:, self.top_k - 1])
-        q_idx, r_idx = (scores >= (lower - delta)[:, None]).nonzero(as_tuple=True)
+        thr = lower - delta
+        if scores.dtype != thr.dtype:
+            # compare in the scan's dtype, with the threshold rounded down (at most 2^-8 relative either way)
+            thr = (thr - thr.abs() * 2.0**-7).to(scores.dtype)
+        q_idx, r_idx = (scores >= thr[:, None]).nonzero(as_tuple=True)
         exact = (keys[r_idx] * exact_q[q_idx]).sum(dim=1)
         # candidates into a padded (m, most per query) matrix; padding is -inf and never outranks a row
         m = scores.shape[0]
