@@ -443,12 +443,13 @@ class DualInference:
                 ``n x n_examples`` numbers of memory (twice with ``contribution_to``).
             mass: compute the attention mass per label, epoch and step bucket.
             step_buckets: number of equal-width step buckets of the mass.
-            scan: ``"exact"``, or ``"bf16"`` to compute scores in bfloat16 for ranking: the top rows are
-                re-scored exactly and ``dual`` is exact (from the certificate's sums, or rebuilt from the
-                rows in a second pass); mass and per-example sums carry bfloat16 error (about 1e-2 relative).
-                The bfloat16 products are several times faster on CPUs with AMX and on GPUs, but the whole
-                scan is not yet: on a 2-core AMX CPU it took 1.5-2x the exact scan's time
-                (``docs/benchmarks.md``); prefer ``"exact"``.
+            scan: ``"exact"``, or ``"bf16"`` to compute scores in bfloat16 for ranking: every row within the
+                bfloat16 rounding bound of the running k-th best score is re-scored exactly, so ``top`` is the
+                exact top-k; ``dual`` is exact (from the certificate's sums, or rebuilt from the rows in a
+                second pass); mass, per-example sums and proponents/opponents carry bfloat16 error (about 1e-2
+                relative). The bfloat16 products are several times faster on CPUs with AMX and on GPUs, but
+                on a 2-core AMX CPU the whole scan is not: ranking alone runs about as fast as ``"exact"``,
+                with the sums at about 0.55x (``docs/benchmarks.md``); prefer ``"exact"`` there.
             reuse_certificate: for the model at the end of a finished store, take ``dual``'s memory part
                 ``sum_rows c v k^T`` from the sums the certificate computed from these rows at fit end (kept
                 in the file) instead of computing it again in this pass (half of the pass's products when
