@@ -196,6 +196,47 @@ def test_bf16_score_bound_holds() -> None:
         assert float((err / bound).max()) > 1e-3  # and not vacuous
 
 
+@pytest.mark.parametrize("kw", [{"with_dual": False}, {"rebuild_weights": True}, {}], ids=["no-dual", "weights", "dual"])
+def test_torch_ops_top_k_alone(memory: dict[str, torch.Tensor], kw: dict) -> None:
+    """Top-k with nothing else asked (no mass, no per-example sums, no units) on the torch-op path."""
+    m = memory
+    q, k32 = m["q"].float(), m["keys"].float()
+    state = AttentionAccumulator(queries=q, base=m["base"].float(), top_k=K, fused=False, **kw)
+    for s in range(0, N_ROWS, 25):
+        sl = slice(s, s + 25)
+        state.fold(Block(keys=k32[sl], values=m["values"][sl].float(), c_w=m["c_w"][sl].float(), c_b=m["c_b"][sl].float(),
+                         meta={c: m[c][sl] for c in META_COLUMNS}))
+    top, meta = state.top_rows()
+    ref = torch.topk(q @ k32.t(), K, dim=1)
+    assert torch.equal(meta["row"], ref.indices)
+    torch.testing.assert_close(top, ref.values)
+
+
+@pytest.mark.parametrize("case", ["zero-queries", "outlier-key", "tiny-block"])
+def test_bf16_scan_top_k_in_degenerate_blocks(case: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(120, 16, generator=g)
+    q = torch.randn(4, 16, generator=g)
+    k, block = 5, 40
+    if case == "zero-queries":
+        q[1:3] = 0  # every score ties at 0: every row is a candidate
+    elif case == "outlier-key":
+        keys[7] *= 1000  # one huge key widens the block's bound
+    else:
+        block = 1
+    state = AttentionAccumulator(queries=q.bfloat16(), base=torch.zeros(4, 2), top_k=k, exact_queries=q, with_dual=False)
+    for s in range(0, len(keys), block):
+        sl = slice(s, s + block)
+        n = keys[sl].shape[0]
+        state.fold(Block(keys=keys[sl].bfloat16(), values=torch.zeros(n, 2), c_w=torch.ones(n), c_b=torch.zeros(n),
+                         meta={c: torch.arange(len(keys))[sl] for c in META_COLUMNS}, exact_keys=keys[sl]))
+    top, found = state.top_rows()
+    exact = q @ keys.t()
+    torch.testing.assert_close(top, torch.topk(exact, k, dim=1).values, rtol=1e-6, atol=1e-6)
+    assert bool((found["row"] >= 0).all())
+    torch.testing.assert_close(exact.gather(1, found["row"]), top, rtol=1e-6, atol=1e-6)
+
+
 def test_bf16_scan_finds_the_exact_top_k_among_near_ties() -> None:
     """Rows that bf16 cannot tell apart: a fixed number of candidates per block would pick arbitrary ones;
     re-scoring every row within the rounding bound keeps exactly the true top-k."""

@@ -46,15 +46,24 @@ def bf16_score_bound(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
     Rounding each factor to bfloat16 moves a product by at most ``(2u + u^2) |q_i k_i|``; summing ``d``
     products in float32 adds at most ``d 2^-24`` of ``sum |q_i k_i|``, and rounding the result to bfloat16
-    ``u`` of it; ``sum |q_i k_i| <= |q| |k|``. A factor 1.01 covers the second-order terms. (On CUDA
+    ``u`` of it; ``sum |q_i k_i| <= |q| |k|``; the float32 re-computation of candidates may differ by as much
+    again as the float32 sum, and flushed subnormals by ``2^-126`` per term. A factor 1.01 covers the
+    second-order terms; an overflowing norm gives an infinite bound (every row is re-scored). (On CUDA
     the pass turns off cuBLAS's reduced-precision bfloat16 reductions, which this bound does not cover.)
     """
     d = queries.shape[1]
     u, f32 = BF16_U, 2.0**-24
     acc = d * f32 / (1 - d * f32) if d * f32 < 0.5 else float("inf")
-    gamma = 1.01 * ((2 * u + u * u) + u + acc) * (1 + u) ** 2
-    kmax = keys.norm(dim=1).max() if keys.shape[0] else keys.new_zeros(())
-    return gamma * queries.norm(dim=1) * kmax
+    # the scan's float32 sum, and the float32 re-computation the candidates are then ranked by
+    gamma = 1.01 * ((2 * u + u * u) + u + 2 * acc) * (1 + u) ** 2
+    qn = torch.linalg.vector_norm(queries.double(), dim=1)
+    kmax = torch.linalg.vector_norm(keys, dim=1).max().double() if keys.shape[0] else qn.new_zeros(())
+    if not 1e-12 <= float(kmax) <= 1e18:  # float32 squares may under- or overflow: again in float64 (slower)
+        kmax = torch.linalg.vector_norm(keys.double(), dim=1).max() if keys.shape[0] else kmax
+    # subnormal products and factors may be flushed to zero (AMX does): at most 2^-126 each
+    tiny = 2.0**-126 * (d + d**0.5 * (qn + kmax))
+    bound = gamma * qn * kmax + tiny
+    return torch.nan_to_num(bound, nan=float("inf")).to(queries.dtype if queries.is_floating_point() else torch.float32)
 
 
 def block_scores(queries: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -372,8 +381,11 @@ class AttentionAccumulator:
             scan = block_scores(self.queries[q0:q1], block.keys)
             if self.top_k and self.exact_queries is not None:  # ranks on the scan's own (bf16) scores
                 self.top[ci] = self._rescored_topk(self.top[ci], scan, block, q0, q1)
-            sums = (self.with_dual and self._w is None) or onehots or self.example_score is not None or self.units is not None
-            if not sums:
+            needs_scores = (
+                (self.with_dual and self._w is None) or onehots or self.example_score is not None
+                or self.units is not None or (self.top_k and self.exact_queries is None)
+            )
+            if not needs_scores:
                 continue
             scores = scan.to(acc) if scan.dtype != acc else scan
             if self.with_dual and self._w is None:
@@ -414,7 +426,11 @@ class AttentionAccumulator:
             # compare in the scan's dtype, with the threshold rounded down (at most 2^-8 relative either way)
             thr = (thr - thr.abs() * 2.0**-7).to(scores.dtype)
         q_idx, r_idx = (scores >= thr[:, None]).nonzero(as_tuple=True)
-        exact = (keys[r_idx] * exact_q[q_idx]).sum(dim=1)
+        # in pieces of at most 2^24 gathered numbers, so that a degenerate block (ties everywhere, one huge
+        # key) costs time, not memory
+        step = max(1, (1 << 24) // max(1, keys.shape[1]))
+        exact = torch.cat([(keys[r_idx[i : i + step]] * exact_q[q_idx[i : i + step]]).sum(dim=1)
+                           for i in range(0, len(q_idx), step)]) if len(q_idx) else keys.new_zeros(0)
         # candidates into a padded (m, most per query) matrix; padding is -inf and never outranks a row
         m = scores.shape[0]
         counts = torch.bincount(q_idx, minlength=m)
@@ -422,9 +438,10 @@ class AttentionAccumulator:
         pos = torch.arange(len(q_idx), device=q_idx.device) - (torch.cumsum(counts, 0) - counts)[q_idx]
         vals = torch.full((m, width), float("-inf"), dtype=exact.dtype, device=exact.device)
         vals[q_idx, pos] = exact
-        rows = torch.zeros((m, width), dtype=torch.int64, device=exact.device)
+        rows = torch.full((m, width), -1, dtype=torch.int64, device=exact.device)
         rows[q_idx, pos] = r_idx
-        cand_meta = {name: col[rows] for name, col in block.meta.items()}
+        pad = rows < 0  # padding carries metadata -1, never a real row's
+        cand_meta = {name: col[rows.clamp_min(0)].masked_fill(pad, -1) for name, col in block.meta.items()}
         top, meta = merge_topk(run_vals, run_meta, vals, cand_meta, self.top_k)
         seen = self.rows_seen + scores.shape[1]  # padding can fill the list only while fewer rows were seen
         return top[:, : min(self.top_k, seen)], {k: v[:, : min(self.top_k, seen)] for k, v in meta.items()}
