@@ -44,6 +44,8 @@ MEMORY_SUM_MAX_ELEMENTS = 1 << 24
 def weights_crc32(w: np.ndarray) -> int:
     """CRC-32 of a float32 weight matrix as stored: ties the certificate's sums to the final weights."""
     return zlib.crc32(np.ascontiguousarray(w, dtype=np.float32).tobytes())
+
+
 _FLOAT_COLS = ("lr", "momentum", "dampening", "weight_decay")
 # chunk lengths of 1-D columns: HDF5 allocates whole chunks, so small stores stay small
 _META_CHUNK = 4096
