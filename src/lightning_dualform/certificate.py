@@ -42,9 +42,8 @@ def memory_sums(
     """
     coef = layer.coefficients(at_step)
     n = layer.rows_before(coef.end_step)
-    w0, b0 = layer.base_weights(coef=coef, with_residual=False)
-    w = torch.zeros(w0.shape, dtype=dtype)
-    b = torch.zeros(b0.shape, dtype=dtype) if b0 is not None else None
+    w = torch.zeros(layer.d_out, layer.d_in, dtype=dtype)
+    b = torch.zeros(layer.d_out, dtype=dtype) if layer.has_bias else None
     c_w = torch.from_numpy(coef.c_w).to(dtype)
     c_b = torch.from_numpy(coef.c_b).to(dtype)
     for start in range(0, n, block_rows):
@@ -74,10 +73,17 @@ def rebuild_weights(
     ``all_reduce`` sums the memory part over the shards of a DDP run (each rank holds its own rows).
     """
     coef, w, b = memory_sums(layer, at_step, block_rows=block_rows, dtype=dtype, all_reduce=all_reduce)
+    return _with_base(layer, coef, w, b)
+
+
+def _with_base(
+    layer: LayerReader, coef: Coefficients, w: torch.Tensor, b: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The memory's sums plus what the memory does not hold (``a W_0``, ...): the rebuilt weights."""
     w0, b0 = layer.base_weights(coef=coef, with_residual=False)
-    w = w + torch.from_numpy(w0).to(dtype)
+    w = w + torch.from_numpy(w0).to(w.dtype)
     if b is not None:
-        b = b + torch.from_numpy(b0).to(dtype)
+        b = b + torch.from_numpy(b0).to(b.dtype)
     return w, b
 
 
@@ -109,9 +115,7 @@ def certify_store(path: str, all_reduce: Callable[[torch.Tensor], torch.Tensor] 
             coef, mw, mb = memory_sums(layer, all_reduce=all_reduce)
             rows = torch.tensor([float(layer.rows_before(coef.end_step))], dtype=torch.float64)
             rows = all_reduce(rows) if all_reduce is not None else rows
-            w0, b0 = layer.base_weights(coef=coef, with_residual=False)
-            w = mw + torch.from_numpy(w0)
-            b = mb + torch.from_numpy(b0) if mb is not None else None
+            w, b = _with_base(layer, coef, mw, mb)
             wf32 = layer.weight_final
             wf = torch.from_numpy(wf32).double()
             rw = wf - w
