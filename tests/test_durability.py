@@ -81,8 +81,10 @@ def test_sigkill_leaves_a_verifiable_store_and_resume_completes_it(uninterrupted
 
 
 class Boom(MLP):
+    boom_at = 4  # the global step whose training_step raises
+
     def training_step(self, batch, batch_idx):
-        if self.global_step == 4:
+        if self.global_step == self.boom_at:
             raise RuntimeError("boom")
         return super().training_step(batch, batch_idx)
 
@@ -99,11 +101,8 @@ def test_exception_in_training_commits_and_closes(tmp_path):
     assert rel_err(dual_output(cb.store_path, "net.0", x), real_output(model.net[0], x)) <= 1e-5
 
 
-class BoomLater(MLP):
-    def training_step(self, batch, batch_idx):
-        if self.global_step == 8:
-            raise RuntimeError("boom")
-        return super().training_step(batch, batch_idx)
+class BoomLater(Boom):
+    boom_at = 8
 
 
 def test_a_resumed_store_drops_the_certificate_sums_before_its_rows_change(tmp_path):
