@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 import numpy as np
 import torch
 
+from lightning_dualform.float32_products import full_float32_products
 from lightning_dualform.inference import AttentionResult, DualInference
 
 #: A task is a range or a set of values of the chosen column, or a predicate over a block of them.
@@ -356,7 +357,9 @@ def iter_scores(
     for start in range(0, n_rows, b):
         blk = lay.read(start, min(start + b, n_rows), ("keys", *columns))
         keys = torch.from_numpy(blk.pop("keys")).to(q.dtype)
-        yield q @ keys.t(), blk
+        with full_float32_products(q.device):  # (not around the yield: the settings are process-wide)
+            scores = q @ keys.t()
+        yield scores, blk
 
 
 def score_curves(

@@ -43,8 +43,9 @@ from lightning_dualform.capture import (
     project_keys,
     weight_matrix,
 )
-from lightning_dualform.certificate import certify_store
+from lightning_dualform.certificate import FLOAT32_PRODUCTS_TOLERANCE, certify_store
 from lightning_dualform.errors import DiskSpaceError, InexactError
+from lightning_dualform.float32_products import float32_mode
 from lightning_dualform.optim import ParamUpdate
 from lightning_dualform.planner import Plan, estimate, free_bytes
 from lightning_dualform.queries import QueryRecorder
@@ -62,6 +63,10 @@ from lightning_dualform.writer import AsyncWriter
 log = logging.getLogger(__name__)
 
 _QUERY_STAGES = ("test", "validate", "predict")
+#: The gradient check's tolerance (relative to |W.grad| |r|) by training precision, and by how float32
+#: products are rounded (TF32 keeps float16's 10 mantissa bits, bfloat16 8).
+_SKETCH_TOLERANCE = {"bf16-mixed": 2e-2, "16-mixed": 5e-3}
+_SKETCH_TOLERANCE_BY_PRODUCTS = {"tf32": 5e-3, "bf16": 2e-2}
 
 
 def rank_path(path: str, rank: int, world_size: int) -> str:
@@ -195,6 +200,7 @@ class DualFormCallback(Callback):
         self._probes: dict[str, torch.Tensor] = {}
         self._dropped: dict[str, str] = {}
         self._inexact: dict[str, str] = {}
+        self._float32_products = "ieee"  # how the tracked layers' float32 products are rounded (at fit start)
         self._warned: set[str] = set()
         self._optimizer: torch.optim.Optimizer | None = None
         self._grad_world_scale = 1.0
@@ -284,6 +290,7 @@ class DualFormCallback(Callback):
         for note in notes:
             rank_zero_info(f"DualFormCallback: {note}")
         self._chosen = chosen
+        self._note_float32_products(trainer, chosen)
         self.store_path = rank_path(self.path, trainer.global_rank, trainer.world_size)
         if os.path.exists(self.store_path) and not self.overwrite and self._resume is None:
             raise FileExistsError(
@@ -378,7 +385,7 @@ class DualFormCallback(Callback):
                 "or pass `DualFormCallback(..., exact=False)` to record anyway: the store then keeps the residual "
                 "the memory does not explain, and every answer reports it."
             )
-        self._sketch_tolerance = {"bf16-mixed": 2e-2, "16-mixed": 5e-3}.get(str(trainer.precision), 1e-3)
+        self._sketch_tolerance = _SKETCH_TOLERANCE.get(str(trainer.precision), 1e-3)
         self._optimizer_exact = not problems
         self._problems = problems
         if problems:
@@ -419,6 +426,25 @@ class DualFormCallback(Callback):
                          weight_init=w, bias_init=b, extra=extra, weight_buffer_init=buffer(m.weight, True),
                          bias_buffer_init=buffer(_bias(m), False))
 
+    def _note_float32_products(self, trainer: "pl.Trainer", chosen: dict[str, nn.Module]) -> None:
+        """How the tracked layers' float32 products are rounded (TF32, bf16): the rows then rebuild each
+        step's gradient only to that rounding, so the checks' tolerances widen and the store records it."""
+        conv = any(layer_kind(m).startswith("conv") for m in chosen.values())
+        mode = float32_mode(trainer.strategy.root_device.type, conv=conv)
+        self._float32_products = mode
+        if mode == "ieee":
+            return
+        self._sketch_tolerance = max(self._sketch_tolerance, _SKETCH_TOLERANCE_BY_PRODUCTS.get(mode, 2e-2))
+        if str(trainer.precision) in ("32-true", "32"):
+            rank_zero_warn(
+                f"DualFormCallback: float32 products on {trainer.strategy.root_device.type} are rounded to {mode} "
+                "(torch.set_float32_matmul_precision('high'/'medium'), or cuDNN's TF32 convolutions), so each "
+                "step's weight gradient carries that rounding and the store rebuilds the layers only to about "
+                f"it: the certificate's tolerance is {FLOAT32_PRODUCTS_TOLERANCE.get(mode, 5e-2):.0e}. For a "
+                "float32-exact record, train with torch.set_float32_matmul_precision('highest')"
+                + (" and torch.backends.cudnn.allow_tf32 = False." if conv else ".")
+            )
+
     def _run_attrs(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[str, Any]:
         import lightning
 
@@ -442,6 +468,7 @@ class DualFormCallback(Callback):
             "gradient_clip_algorithm": str(trainer.gradient_clip_algorithm or "norm"),
             "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
             "precision": str(trainer.precision),
+            "float32_products": self._float32_products,
             "rank": int(trainer.global_rank),
             "world_size": int(trainer.world_size),
         }

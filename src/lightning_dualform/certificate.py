@@ -21,11 +21,22 @@ ROW_DTYPE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
 #: output) before the update, which no sum of outer products reproduces; these bounds are what the
 #: test suite and benchmarks measure with margin (docs/dual-form.md).
 PRECISION_TOLERANCE = {"16-mixed": 1e-2, "bf16-mixed": 5e-2}
+#: ... and by how float32 products were rounded in training (``float32_products``): TF32 rounds their
+#: inputs as float16 does, bf16 as bfloat16 (docs/dual-form.md).
+FLOAT32_PRODUCTS_TOLERANCE = {"tf32": 1e-2, "bf16": 5e-2}
 
 
-def tolerance(row_dtype: str, precision: str) -> float:
-    """The documented certificate tolerance of a store."""
-    return max(ROW_DTYPE_TOLERANCE.get(row_dtype, 1e-4), PRECISION_TOLERANCE.get(str(precision), 1e-4))
+def tolerance(row_dtype: str, precision: str, float32_products: str = "ieee") -> float:
+    """The documented certificate tolerance of a store (a rounding this library does not know: 5e-2)."""
+    products = 1e-4 if float32_products == "ieee" else FLOAT32_PRODUCTS_TOLERANCE.get(float32_products, 5e-2)
+    return max(ROW_DTYPE_TOLERANCE.get(row_dtype, 1e-4), PRECISION_TOLERANCE.get(str(precision), 1e-4), products)
+
+
+def store_tolerance(store: StoreReader) -> float:
+    """:func:`tolerance` of an open store, from its attributes (stores from before ``float32_products``
+    was recorded count as IEEE float32)."""
+    attrs = store.attrs
+    return tolerance(store.row_dtype, str(attrs.get("precision", "32-true")), str(attrs.get("float32_products", "ieee")))
 
 
 def memory_sums(
@@ -108,7 +119,7 @@ def certify_store(path: str, all_reduce: Callable[[torch.Tensor], torch.Tensor] 
         names = list(store.layers)
     for name in names:
         with StoreReader(path, probe=False) as store:
-            tol = tolerance(store.row_dtype, str(store.attrs.get("precision", "32-true")))
+            tol = store_tolerance(store)
             layer = store.layer(name)
             if layer.weight_final is None:
                 continue

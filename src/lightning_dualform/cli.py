@@ -501,6 +501,7 @@ def store_facts(path: str) -> dict[str, Any]:
             "gradient_clip_algorithm": a.get("gradient_clip_algorithm"),
             "accumulate_grad_batches": a.get("accumulate_grad_batches"),
             "precision": a.get("precision"),
+            "float32_products": a.get("float32_products", "ieee"),  # (older stores do not record it: IEEE)
             "world_size": a.get("world_size"),
             "row_dtype": s.row_dtype,
             "compression": a.get("compression"),
@@ -562,7 +563,9 @@ def render_info(f: dict[str, Any]) -> str:
         f"written by lightning-dualform {f['library_version']} on {f['created']})",
         f"model      {f['model_class']}",
         f"training   {st['recorded']} optimizer steps ({st['first']}..{st['last']}), {f['epochs']} epoch(s), "
-        f"precision {f['precision']}, world size {f['world_size']}",
+        f"precision {f['precision']}"
+        + (f" (float32 products in {f['float32_products']})" if f.get("float32_products", "ieee") != "ieee" else "")
+        + f", world size {f['world_size']}",
         f"optimizer  {_optimizer_line(f['optimizer'])}"
         + (f"; gradient clipping {clip:g} ({f['gradient_clip_algorithm']})" if clip else "")
         + ("" if f["optimizer_exact"] else "  [recorded with exact=False: the memory is approximate]"),
@@ -763,12 +766,12 @@ def verify_store(path: str, *, samples: int = 256, device: str = "cpu", block_ro
     float64, so the check measures the store and not its own round-off."""
     import torch
 
-    from lightning_dualform.certificate import tolerance
+    from lightning_dualform.certificate import store_tolerance
     from lightning_dualform.inference import DualInference
 
     with DualInference(path, device=device, block_rows=block_rows, accumulate=torch.float64, progress=progress) as di:
         s = di.store
-        tol = tolerance(s.row_dtype, str(s.attrs.get("precision", "32-true")))
+        tol = store_tolerance(s)
         sampled = di.verify(n_samples=samples)
         recorded: dict[str, float] = {}
         for split in s.query_splits:

@@ -31,6 +31,7 @@ from lightning_dualform import _fused
 from lightning_dualform.attention import META_COLUMNS, AttentionAccumulator, Block, step_bucket_edges
 from lightning_dualform.capture import keys_of, one_hot_keys
 from lightning_dualform.errors import StoreError
+from lightning_dualform.float32_products import full_float32_products
 from lightning_dualform.shards import open_store
 from lightning_dualform.store import LayerReader
 
@@ -477,6 +478,16 @@ class DualInference:
                 f"`attend(top_k={top_k})` is larger than the memory of layer {layer!r}: it holds {n_rows} rows "
                 f"up to step {coef.end_step}. Use top_k <= {n_rows}."
             )
+        # every product of the answer (primal, the pass, a rebuilt dual) in full float32, whatever the user
+        # allowed for training (TF32, bf16 inside float32 products); the bf16 scan's bound needs float32 sums
+        with full_float32_products(self.device, bf16_reduction=False):
+            return self._attend(lay, q, coef, n_rows, top_k, at_step, contribution_to, per_example, mass, step_buckets,
+                                scan, reuse_certificate)
+
+    def _attend(
+        self, lay: LayerReader, q: torch.Tensor, coef: Any, n_rows: int, top_k: int, at_step: int | None,
+        contribution_to: Any, per_example: bool, mass: bool, step_buckets: int, scan: str, reuse_certificate: bool,
+    ) -> AttentionResult:
         final = coef.end_step == self.store.last_step
         primal = self._primal(lay, q) if final else None
         residual = self._residual(lay, q) if final and not self.store.optimizer_exact else None
@@ -560,10 +571,6 @@ class DualInference:
 
         pf = _Prefetcher(make, n_rows, self.rows_per_block(lay), dev, share=self._share())
         bar = _bar(self.progress and self._share()[0] == 0, n_rows, f"attend {lay.name}")
-        cuda_matmul = torch.backends.cuda.matmul
-        reduced = cuda_matmul.allow_bf16_reduced_precision_reduction
-        if scan == "bf16" and dev.type == "cuda":  # attention.bf16_score_bound assumes float32 accumulation
-            cuda_matmul.allow_bf16_reduced_precision_reduction = False
         try:
             for blk in pf:
                 keys = blk["keys"] if keys_dtype else blk["keys"].to(compute)
@@ -588,7 +595,6 @@ class DualInference:
                 if bar is not None:
                     bar.update(len(blk["row"]))
         finally:
-            cuda_matmul.allow_bf16_reduced_precision_reduction = reduced
             pf.close()
             if bar is not None:
                 bar.close()

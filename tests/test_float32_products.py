@@ -1,0 +1,106 @@
+"""Float32 products rounded on the user's request (TF32, bfloat16 inside float32 matmuls): training records
+the rounding and its checks allow for it; our own answers never use it."""
+
+from __future__ import annotations
+
+import h5py
+import lightning as L
+import pytest
+import torch
+
+from helpers import TRAINER_KW, MLP, IndexedDataset, loader, real_output, rel_err
+from lightning_dualform import DualFormCallback, DualInference
+from lightning_dualform.certificate import FLOAT32_PRODUCTS_TOLERANCE, tolerance
+from lightning_dualform.float32_products import float32_mode, full_float32_products
+
+
+@pytest.fixture(autouse=True)
+def _highest_after():
+    yield
+    torch.set_float32_matmul_precision("highest")
+
+
+def _product_error() -> float:
+    """Relative error of one float32 product of the size the tests below multiply, on this CPU now."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(128, 64, generator=g), torch.randn(64, 256, generator=g)
+    ref = a.double() @ b.double()
+    return float(((a @ b).double() - ref).norm() / ref.norm())
+
+
+def test_modes_follow_the_users_settings():
+    assert float32_mode("cpu") == "ieee" and float32_mode("cuda") == "ieee"
+    torch.set_float32_matmul_precision("high")
+    assert float32_mode("cuda") == "tf32"
+    torch.set_float32_matmul_precision("medium")
+    assert float32_mode("cpu") == "bf16"
+    torch.set_float32_matmul_precision("highest")
+    assert float32_mode("cpu") == "ieee" and float32_mode("cuda") == "ieee"
+    assert float32_mode("cuda", conv=True) == ("tf32" if torch.backends.cudnn.allow_tf32 else "ieee")
+    assert float32_mode("mps") == "ieee"
+
+
+def test_full_float32_products_restores_the_users_settings():
+    torch.set_float32_matmul_precision("medium")
+    with full_float32_products(torch.device("cpu")):
+        assert float32_mode("cpu") == "ieee"
+        inside = _product_error()
+    assert inside < 1e-6
+    assert float32_mode("cpu") == "bf16" and torch.get_float32_matmul_precision() == "medium"
+    with pytest.raises(RuntimeError, match="boom"):
+        with full_float32_products(torch.device("cpu")):
+            raise RuntimeError("boom")
+    assert float32_mode("cpu") == "bf16"
+    torch.set_float32_matmul_precision("high")
+    with full_float32_products(torch.device("cuda")):  # flags only: needs no GPU
+        assert float32_mode("cuda") == "ieee"
+    assert float32_mode("cuda") == "tf32"
+
+
+def _fit(tmp_path, name: str) -> tuple[MLP, DualFormCallback]:
+    torch.manual_seed(0)
+    # products large enough for oneDNN to round them to bfloat16 under "medium" on CPUs with AMX
+    model = MLP(d=64, hidden=128, classes=4, opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9))
+    cb = DualFormCallback(tmp_path / name)
+    # on the CPU, also where a GPU is present: these tests are about oneDNN's bfloat16 products
+    L.Trainer(max_epochs=2, callbacks=[cb], accelerator="cpu", **TRAINER_KW).fit(model, loader(IndexedDataset(n=256, d=64, classes=4), 64))
+    return model, cb
+
+
+def test_training_with_bf16_products_is_recorded_with_its_tolerance(tmp_path):
+    torch.set_float32_matmul_precision("medium")
+    with pytest.warns(UserWarning, match="rounded to bf16.*tolerance is 5e-02.*'highest'"):
+        model, cb = _fit(tmp_path, "medium.h5")
+    with h5py.File(cb.store_path, "r") as f:
+        assert f.attrs["float32_products"] == "bf16"
+    tol = tolerance("float32", "32-true", "bf16")
+    assert tol == FLOAT32_PRODUCTS_TOLERANCE["bf16"]
+    assert not cb._inexact, cb._inexact  # the gradient check allows for the rounding
+    for name, cert in cb.certificate.items():
+        assert cert["exact"] and cert["tolerance"] == tol and cert["rel_err"] <= tol, (name, cert)
+
+
+def test_training_in_ieee_float32_records_ieee(tmp_path):
+    _, cb = _fit(tmp_path, "highest.h5")
+    with h5py.File(cb.store_path, "r") as f:
+        assert f.attrs["float32_products"] == "ieee"
+    for cert in cb.certificate.values():
+        assert cert["exact"] and cert["tolerance"] == 1e-4 and cert["rel_err"] <= 1e-5
+
+
+def test_answers_are_full_float32_whatever_the_user_set(tmp_path):
+    model, cb = _fit(tmp_path, "store.h5")
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+    ref = real_output(model.net[0], x)
+    with DualInference(cb.store_path, device="cpu", accumulate=torch.float32, block_rows=512) as di:
+        exact = di.attend("net.0", x, top_k=5)
+        torch.set_float32_matmul_precision("medium")
+        if _product_error() < 1e-5:
+            pytest.skip("this CPU multiplies float32 in full precision even under 'medium' (no AMX bf16 path)")
+        loose = di.attend("net.0", x, top_k=5)
+        assert torch.get_float32_matmul_precision() == "medium"  # the user's setting, left as it was
+    assert rel_err(exact.dual.double(), ref) <= 1e-5
+    assert rel_err(loose.dual.double(), ref) <= 1e-5  # (about 2e-3 if the pass used the user's setting)
+    torch.testing.assert_close(loose.top.score, exact.top.score)
+    assert torch.equal(loose.top.row, exact.top.row)
+    assert loose.max_rel_err <= 1e-5
