@@ -448,6 +448,26 @@ def test_cuda_matches_cpu(trained: dict) -> None:
     assert gpu.max_rel_err <= 1e-5
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("reuse", [True, False])
+def test_cuda_bf16_scan_gives_the_exact_top_k(trained: dict, reuse: bool) -> None:
+    """On CUDA the bf16 products go through cuBLAS: its reduced-precision reductions must be off during the
+    scan (the rounding bound assumes float32 sums) and back to the user's setting after it."""
+    q = _hidden(trained["model"], trained["x"][:48])
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_bf16_reduced_precision_reduction
+    with DualInference(trained["path"], device="cpu", block_rows=64) as di:
+        exact = di.attend("net.2", q, top_k=5, per_example=False, reuse_certificate=reuse)
+    with DualInference(trained["path"], device="cuda", block_rows=64) as di:
+        fast = di.attend("net.2", q, top_k=5, per_example=False, scan="bf16", reuse_certificate=reuse)
+    assert matmul.allow_bf16_reduced_precision_reduction == before
+    assert torch.equal(fast.top.row, exact.top.row)
+    torch.testing.assert_close(fast.top.score, exact.top.score, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.dual, exact.dual, rtol=1e-5, atol=1e-5)
+    assert fast.dual_source == ("certificate" if reuse else "rows")
+
+
 # ------------------------------------------------------------------------------------------------------
 # one query batch split over processes
 # ------------------------------------------------------------------------------------------------------

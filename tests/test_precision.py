@@ -77,3 +77,52 @@ def test_float32_fit_on_gpu_is_exact(tmp_path):
     with DualInference(cb.store_path, device="cuda", accumulate=torch.float64) as di:
         x = torch.randn(8, 6)
         assert rel_err(di.attend("net.0", x, top_k=3).dual.double(), real_output(model.net[0], x)) <= 1e-5
+
+
+@pytest.mark.cuda
+def test_tf32_fit_on_gpu_is_recorded_and_answered_in_full_float32(tmp_path):
+    """set_float32_matmul_precision("high") (which Lightning suggests on GPUs with tensor cores): each step's
+    gradient is a TF32 product; the store says so, its checks allow for it, and attend still multiplies in
+    full float32."""
+    from lightning_dualform import DualInference
+    from lightning_dualform.certificate import FLOAT32_PRODUCTS_TOLERANCE
+
+    torch.manual_seed(0)
+    model = MLP(d=64, hidden=256, classes=4, opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9))
+    cb = DualFormCallback(tmp_path / "tf32.h5")
+    torch.set_float32_matmul_precision("high")
+    try:
+        trainer = L.Trainer(max_epochs=2, callbacks=[cb], accelerator="gpu", devices=1, **TRAINER_KW)
+        with pytest.warns(UserWarning, match="rounded to tf32"):
+            trainer.fit(model, loader(IndexedDataset(n=512, d=64, classes=4), 128))
+        with StoreReader(cb.store_path) as s:
+            assert s.attrs["float32_products"] == "tf32"
+        tol = FLOAT32_PRODUCTS_TOLERANCE["tf32"]
+        assert not cb._inexact, cb._inexact
+        for cert in cb.certificate.values():
+            assert cert["exact"] and cert["tolerance"] == tol, cb.certificate
+        x = torch.randn(32, 64)
+        with DualInference(cb.store_path, device="cuda", accumulate=torch.float32) as di:
+            res = di.attend("net.0", x, top_k=3)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    # the pass against the same sum computed in float64 from the raw file: float32 round-off, not TF32's
+    assert rel_err(res.dual.double(), dual_output(cb.store_path, "net.0", x)) <= 1e-5
+    assert rel_err(res.dual.double(), real_output(model.cpu().net[0], x)) <= tol
+
+
+@pytest.mark.cuda
+def test_conv_fit_on_gpu_with_cudnn_defaults(tmp_path):
+    from test_capture import ConvNet
+
+    g = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(64, 2, 6, 6, generator=g), torch.randint(0, 3, (64,), generator=g))
+    model = ConvNet()
+    cb = DualFormCallback(tmp_path / "conv.h5")
+    L.Trainer(max_epochs=2, callbacks=[cb], accelerator="gpu", devices=1, **TRAINER_KW).fit(
+        model, torch.utils.data.DataLoader(ds, batch_size=16, shuffle=True))
+    expected = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"  # cuDNN's default: TF32 allowed
+    with StoreReader(cb.store_path) as s:
+        assert s.attrs["float32_products"] == expected
+    assert not cb._inexact and all(c["exact"] for c in cb.certificate.values()), cb.certificate
