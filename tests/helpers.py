@@ -105,10 +105,11 @@ def _floats(raw: np.ndarray, row_dtype: str) -> np.ndarray:
 
 
 def real_output(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    x = x.double().reshape(-1, module.in_features)
-    out = x @ module.weight.detach().double().t()
+    """The layer's output in float64 on the CPU (where a GPU is present, Trainers of the tests train there)."""
+    x = x.double().cpu().reshape(-1, module.in_features)
+    out = x @ module.weight.detach().double().cpu().t()
     if module.bias is not None:
-        out += module.bias.detach().double()
+        out += module.bias.detach().double().cpu()
     return out
 
 
