@@ -41,10 +41,10 @@ class MLP(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
-def trainer(epochs: int, callbacks: list | None = None, **kw: Any) -> pl.Trainer:
+def trainer(epochs: int, callbacks: list | None = None, accelerator: str = "cpu", **kw: Any) -> pl.Trainer:
     """A Trainer that does nothing but train: no logger, checkpoints, validation or progress bar."""
     return pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        max_epochs=epochs, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         gradient_clip_val=1.0, callbacks=callbacks or [], **kw,
     )
@@ -77,7 +77,8 @@ def machine() -> dict[str, Any]:
 
     return {
         "lightning_dualform": lightning_dualform.__version__, "library_path": os.path.dirname(lightning_dualform.__file__),
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu": cpu, "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "lightning": lightning.__version__, "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version,
         "python": platform.python_version(), "loadavg_at_start": [round(x, 2) for x in load], "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
