@@ -11,6 +11,7 @@ import torch
 from helpers import TRAINER_KW, MLP, IndexedDataset, loader, real_output, rel_err
 from lightning_dualform import DualFormCallback, DualInference
 from lightning_dualform.certificate import FLOAT32_PRODUCTS_TOLERANCE, tolerance
+from lightning_dualform.cli import main
 from lightning_dualform.float32_products import float32_mode, full_float32_products
 
 
@@ -67,7 +68,7 @@ def _fit(tmp_path, name: str) -> tuple[MLP, DualFormCallback]:
     return model, cb
 
 
-def test_training_with_bf16_products_is_recorded_with_its_tolerance(tmp_path):
+def test_training_with_bf16_products_is_recorded_with_its_tolerance(tmp_path, capsys):
     torch.set_float32_matmul_precision("medium")
     with pytest.warns(UserWarning, match="rounded to bf16.*tolerance is 5e-02.*'highest'"):
         model, cb = _fit(tmp_path, "medium.h5")
@@ -78,6 +79,11 @@ def test_training_with_bf16_products_is_recorded_with_its_tolerance(tmp_path):
     assert not cb._inexact, cb._inexact  # the gradient check allows for the rounding
     for name, cert in cb.certificate.items():
         assert cert["exact"] and cert["tolerance"] == tol and cert["rel_err"] <= tol, (name, cert)
+    # the command line says so, and verifies against the same tolerance
+    assert main(["info", str(cb.store_path)]) == 0
+    assert "precision 32-true (float32 products in bf16)" in capsys.readouterr().out
+    assert main(["verify", str(cb.store_path), "--samples", "16"]) == 0
+    assert "tolerance 5e-02" in capsys.readouterr().out
 
 
 def test_training_in_ieee_float32_records_ieee(tmp_path):
