@@ -355,6 +355,36 @@ def test_half_precision_rows_are_close_and_say_so(tmp_path, dtype, tol):
         assert cb.certificate[name]["rel_err"] > 1e-7  # the certificate reports the rounding
 
 
+def test_a_writer_that_holds_training_back_is_reported(tmp_path, monkeypatch, caplog):
+    """A store that cannot keep up (here: each step's write sleeps) makes training wait: the user is told
+    why and what to change, once, and the store is still exact."""
+    import time
+
+    from lightning_dualform import callback as cbmod
+    from lightning_dualform.store import StoreWriter
+
+    monkeypatch.setattr(cbmod, "_SLOW_WRITER_MIN_S", 0.2)
+    add_step = StoreWriter.add_step
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.02)
+        return add_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(StoreWriter, "add_step", slow)
+    model = MLP()
+    cb = DualFormCallback(tmp_path / "slow.h5", compression="lzf", max_queue=1)
+    with pytest.warns(UserWarning, match=r"training waited .* for the store writer .*compression='lzf'.*compression=None") as rec:
+        trainer, _ = _fit(tmp_path, model, callback=cb, epochs=12)
+    assert sum("for the store writer" in str(w.message) for w in rec) == 1
+    assert trainer.global_step == 72 and cb.certificate["net.0"]["exact"]
+    assert_exact(cb.store_path, model, _probe(model))
+
+
+def test_a_writer_that_keeps_up_says_nothing(tmp_path, recwarn):
+    _fit(tmp_path, MLP(), epochs=12)
+    assert not [w for w in recwarn if "for the store writer" in str(w.message)]
+
+
 @pytest.mark.parametrize("compression", ["lzf", "gzip"])
 def test_compression_is_lossless(tmp_path, compression):
     model = MLP()

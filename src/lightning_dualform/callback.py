@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -67,6 +68,10 @@ _QUERY_STAGES = ("test", "validate", "predict")
 #: products are rounded (TF32 keeps float16's 10 mantissa bits, bfloat16 8).
 _SKETCH_TOLERANCE = {"bf16-mixed": 2e-2, "16-mixed": 5e-3}
 _SKETCH_TOLERANCE_BY_PRODUCTS = {"tf32": 5e-3, "bf16": 2e-2}
+#: Training held back by the writer for this share of the time since the store opened (and at least
+#: _SLOW_WRITER_MIN_S in all) is worth a warning: the store's settings cost more than the rows are worth.
+_SLOW_WRITER_SHARE = 0.2
+_SLOW_WRITER_MIN_S = 2.0
 
 
 def rank_path(path: str, rank: int, world_size: int) -> str:
@@ -92,7 +97,9 @@ class DualFormCallback(Callback):
         dtype: stored row type: ``"float32"`` (exact), ``"float16"`` or ``"bfloat16"`` (half the disk,
             about 1e-3 / 1e-2 relative error in rebuilt outputs).
         compression: ``None``, ``"lzf"``, ``"gzip"``, ``"gzip-N"``; ``"lz4"``, ``"zstd"``, ``"blosc-zstd"``
-            with the optional ``hdf5plugin``. Lossless.
+            with the optional ``hdf5plugin``. Lossless, but written through HDF5's filter pipeline on one
+            thread: slower than fast training produces rows (lzf made an H200 fit 8x slower,
+            ``docs/benchmarks.md``). Training that waits on the writer gets a warning.
         chunk_rows: rows per HDF5 chunk of keys and values; ``None`` sizes chunks to about 512 KiB per layer.
         exact: ``True`` refuses runs that the dual form cannot rebuild exactly (Adam and any non-SGD
             optimizer, value clipping, custom clipping). ``False`` records them anyway and stores the
@@ -599,6 +606,24 @@ class DualFormCallback(Callback):
         self._active = False
         if self._writer is not None:
             self._submit_deferred(1.0)
+            if self._steps_seen % 64 == 0:
+                self._check_writer_pace()
+
+    def _check_writer_pace(self) -> None:
+        """Warn once when training spends much of its time waiting for the writer's full queue."""
+        blocked = self._writer.blocked_s
+        elapsed = time.monotonic() - self._writer.started
+        if "slow-writer" in self._warned or blocked < _SLOW_WRITER_MIN_S or blocked < _SLOW_WRITER_SHARE * elapsed:
+            return
+        self._warn_once(
+            "slow-writer",
+            f"DualFormCallback: training waited {blocked:.1f} s of the last {elapsed:.1f} s for the store "
+            f"writer ({self._writer.path}, {self.dtype} rows, compression={self.compression!r}): the rows come "
+            "faster than they can be written. "
+            + ("Compression costs the most (lzf and gzip run inside HDF5's filter pipeline, holding the GIL): "
+               "use compression=None and compress the finished store if needed. " if self.compression else "")
+            + "dtype='float16' halves the bytes, `layers=[...]` tracks fewer layers, a faster disk helps.",
+        )
 
     # ------------------------------------------------------------------------------------------------
     # checks and scalars
@@ -740,6 +765,8 @@ class DualFormCallback(Callback):
         epochs = self._last_epoch + 1 if self._last_epoch is not None else 0
         writer.call(writer.store.finalize, finals, {"final_step": int(trainer.global_step), "epochs": epochs})
         writer.stop()
+        if writer.blocked_s >= 1.0:
+            rank_zero_info(f"DualFormCallback: training waited {writer.blocked_s:.1f} s in all for the store writer.")
         self._committed = writer.store.committed  # for a checkpoint saved after fit
         if trainer.world_size > 1:
             trainer.strategy.barrier("dualform-finalized")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 from lightning_dualform.errors import WriterError
@@ -31,6 +32,9 @@ class AsyncWriter:
         self.path = self.store.path
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._error: BaseException | None = None
+        self.started = time.monotonic()
+        #: seconds callers spent waiting for room in the full queue: training held back by the writer
+        self.blocked_s = 0.0
         self._thread = threading.Thread(target=self._run, name="dualform-writer", daemon=True)
         self._thread.start()
 
@@ -61,15 +65,27 @@ class AsyncWriter:
             ) from err
 
     def _put(self, item: Any) -> None:
-        while True:
-            self._raise_if_failed()
-            if not self._thread.is_alive():
-                raise WriterError(f"the writer thread of {self.path} is not running.")
-            try:
-                self._queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        self._raise_if_failed()
+        if not self._thread.is_alive():
+            raise WriterError(f"the writer thread of {self.path} is not running.")
+        try:
+            self._queue.put_nowait(item)
+            return
+        except queue.Full:
+            pass
+        t0 = time.monotonic()
+        try:
+            while True:
+                self._raise_if_failed()
+                if not self._thread.is_alive():
+                    raise WriterError(f"the writer thread of {self.path} is not running.")
+                try:
+                    self._queue.put(item, timeout=0.5)
+                    return
+                except queue.Full:
+                    continue
+        finally:
+            self.blocked_s += time.monotonic() - t0
 
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
         """Queue ``fn(*args)`` to run on the writer thread."""
