@@ -110,3 +110,23 @@ def test_answers_are_full_float32_whatever_the_user_set(tmp_path):
     torch.testing.assert_close(loose.top.score, exact.top.score)
     assert torch.equal(loose.top.row, exact.top.row)
     assert loose.max_rel_err <= 1e-5
+
+
+def test_a_resumed_store_keeps_the_loosest_rounding_of_its_runs(tmp_path):
+    """Rows recorded under bf16 products before a checkpoint stay so after a resume in IEEE float32: the
+    store's mode (and so its tolerance) is the loosest of the runs that wrote it."""
+    dl = loader(IndexedDataset(n=256, d=64, classes=4), 64, shuffle=False)
+    opt = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)  # noqa: E731
+    kw = dict(accelerator="cpu", **{**TRAINER_KW, "enable_checkpointing": True})
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "c", filename="e1")
+    torch.set_float32_matmul_precision("medium")
+    with pytest.warns(UserWarning, match="rounded to bf16"):
+        L.Trainer(max_epochs=1, callbacks=[DualFormCallback(tmp_path / "s.h5"), ckpt], **kw).fit(
+            MLP(d=64, hidden=128, classes=4, opt_factory=opt), dl)
+    torch.set_float32_matmul_precision("highest")
+    cb = DualFormCallback(tmp_path / "s.h5")
+    L.Trainer(max_epochs=2, callbacks=[cb], **kw).fit(
+        MLP(d=64, hidden=128, classes=4, opt_factory=opt), dl, ckpt_path=tmp_path / "c" / "e1.ckpt")
+    with h5py.File(cb.store_path, "r") as f:
+        assert f.attrs["float32_products"] == "bf16" and f.attrs["status"] == "complete"
+    assert all(c["exact"] and c["tolerance"] == FLOAT32_PRODUCTS_TOLERANCE["bf16"] for c in cb.certificate.values())

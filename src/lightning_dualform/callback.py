@@ -46,7 +46,7 @@ from lightning_dualform.capture import (
 )
 from lightning_dualform.certificate import FLOAT32_PRODUCTS_TOLERANCE, certify_store
 from lightning_dualform.errors import DiskSpaceError, InexactError
-from lightning_dualform.float32_products import float32_mode
+from lightning_dualform.float32_products import float32_mode, loosest
 from lightning_dualform.optim import ParamUpdate
 from lightning_dualform.planner import Plan, estimate, free_bytes
 from lightning_dualform.queries import QueryRecorder
@@ -349,6 +349,9 @@ class DualFormCallback(Callback):
         except (AttributeError, TypeError):
             self._dataset_size = 0
         self._writer = AsyncWriter(make, max_queue=self.max_queue)
+        if resume is not None:  # the rows before the checkpoint keep the rounding they were made with
+            stored = str(self._writer.store.file.attrs.get("float32_products", "ieee"))
+            self._float32_products = loosest([stored, self._float32_products])
         if trainer.world_size > 1 and trainer.global_rank == 0:
             # the index exists from the first step on, so a crashed or running DDP store opens as one
             write_shard_index(self.path, [rank_path(self.path, r, trainer.world_size) for r in range(trainer.world_size)])
@@ -763,7 +766,8 @@ class DualFormCallback(Callback):
         writer, self._writer = self._writer, None
         # Lightning has already advanced current_epoch when fit ends: count the epochs that ran steps
         epochs = self._last_epoch + 1 if self._last_epoch is not None else 0
-        writer.call(writer.store.finalize, finals, {"final_step": int(trainer.global_step), "epochs": epochs})
+        writer.call(writer.store.finalize, finals, {"final_step": int(trainer.global_step), "epochs": epochs,
+                                                    "float32_products": self._float32_products})
         writer.stop()
         if writer.blocked_s >= 1.0:
             rank_zero_info(f"DualFormCallback: training waited {writer.blocked_s:.1f} s in all for the store writer.")

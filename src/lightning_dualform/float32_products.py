@@ -29,8 +29,9 @@ def _mode(backend: Any, legacy: Callable[[], str]) -> str:
     return "ieee" if value in ("none", "ieee") else str(value)
 
 
-def _loosest(modes: list[str]) -> str:
-    # a mode this module does not know counts as the loosest: it only widens a tolerance
+def loosest(modes: list[str]) -> str:
+    """The least precise of ``modes`` (a mode this module does not know counts as the loosest: it only
+    widens a tolerance)."""
     return max(modes, key=lambda m: MODES.index(m) if m in MODES else len(MODES))
 
 
@@ -51,7 +52,7 @@ def float32_mode(device_type: str, *, conv: bool = False) -> str:
             modes.append(_mode(getattr(mkldnn, "conv", None), lambda: "ieee"))
     else:
         return "ieee"
-    return _loosest(modes)
+    return loosest(modes)
 
 
 @contextlib.contextmanager
