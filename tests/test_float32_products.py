@@ -15,10 +15,32 @@ from lightning_dualform.cli import main
 from lightning_dualform.float32_products import float32_mode, full_float32_products
 
 
-@pytest.fixture(autouse=True)
-def _highest_after():
-    yield
+NEW_API = getattr(torch.backends.cuda.matmul, "fp32_precision", None) is not None  # torch >= 2.9
+
+
+def _reset() -> None:
+    """Back to torch's defaults, the state every other test expects."""
     torch.set_float32_matmul_precision("highest")
+    if NEW_API:  # (the line above sets the backends explicitly: let them inherit again)
+        torch.backends.fp32_precision = "none"
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
+
+
+@pytest.fixture(autouse=True)
+def _defaults_after():
+    yield
+    _reset()
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+def _loosened_cpu_products() -> bool:
+    """Whether 'medium' rounds float32 products on this CPU (oneDNN's bfloat16 path needs AMX)."""
+    torch.set_float32_matmul_precision("medium")
+    try:
+        return _product_error() > 1e-5
+    finally:
+        _reset()
 
 
 def _product_error() -> float:
@@ -29,33 +51,67 @@ def _product_error() -> float:
     return float(((a @ b).double() - ref).norm() / ref.norm())
 
 
-def test_modes_follow_the_users_settings():
-    assert float32_mode("cpu") == "ieee" and float32_mode("cuda") == "ieee"
-    torch.set_float32_matmul_precision("high")
-    assert float32_mode("cuda") == "tf32"
-    torch.set_float32_matmul_precision("medium")
-    assert float32_mode("cpu") == "bf16"
-    torch.set_float32_matmul_precision("highest")
-    assert float32_mode("cpu") == "ieee" and float32_mode("cuda") == "ieee"
-    assert float32_mode("cuda", conv=True) == ("tf32" if torch.backends.cudnn.allow_tf32 else "ieee")
+def test_modes_are_what_products_on_the_device_do():
+    assert float32_mode("cpu") == "ieee" and float32_mode("cpu", conv=True) == "ieee"
+    torch.set_float32_matmul_precision("high")  # TF32 does not exist on CPUs: allowed, never used
+    assert float32_mode("cpu") == "ieee"
+    torch.set_float32_matmul_precision("medium")  # bfloat16 inside oneDNN's matmuls, where AMX has it
+    assert float32_mode("cpu") == ("bf16" if _product_error() > 1e-5 else "ieee")
     assert float32_mode("mps") == "ieee"
 
 
 def test_full_float32_products_restores_the_users_settings():
     torch.set_float32_matmul_precision("medium")
-    with full_float32_products(torch.device("cpu")):
-        assert float32_mode("cpu") == "ieee"
-        inside = _product_error()
-    assert inside < 1e-6
-    assert float32_mode("cpu") == "bf16" and torch.get_float32_matmul_precision() == "medium"
+    loose = _product_error()
+    with full_float32_products():
+        assert _product_error() < 1e-6
+        with full_float32_products():  # nested: the inner exit leaves the outer's settings alone
+            pass
+        assert _product_error() < 1e-6
+    assert _product_error() == loose and torch.get_float32_matmul_precision() == "medium"
     with pytest.raises(RuntimeError, match="boom"):
-        with full_float32_products(torch.device("cpu")):
+        with full_float32_products():
             raise RuntimeError("boom")
-    assert float32_mode("cpu") == "bf16"
+    assert _product_error() == loose and torch.get_float32_matmul_precision() == "medium"
     torch.set_float32_matmul_precision("high")
-    with full_float32_products(torch.device("cuda")):  # flags only: needs no GPU
-        assert float32_mode("cuda") == "ieee"
-    assert float32_mode("cuda") == "tf32"
+    with full_float32_products():
+        assert float32_mode("cpu") == "ieee" and _product_error() < 1e-6
+    assert torch.get_float32_matmul_precision() == "high"
+
+
+def test_one_thread_leaving_does_not_loosen_products_in_another():
+    """The settings are process-wide: the last context to leave restores them, not the first."""
+    import threading
+
+    torch.set_float32_matmul_precision("medium")
+    loose = _product_error()
+    b_in, a_out, errors = threading.Event(), threading.Event(), []
+
+    def b() -> None:
+        with full_float32_products():
+            b_in.set()
+            a_out.wait(10)
+            errors.append(_product_error())
+
+    t = threading.Thread(target=b)
+    with full_float32_products():
+        t.start()
+        assert b_in.wait(10)
+    a_out.set()
+    t.join(10)
+    assert errors and errors[0] < 1e-6
+    assert _product_error() == loose
+
+
+@pytest.mark.skipif(not NEW_API, reason="torch < 2.9 has no per-backend fp32_precision")
+def test_restoring_keeps_a_setting_inherited_from_the_parent_backend():
+    torch.backends.fp32_precision = "bf16"  # the generic setting, which the matmul backends inherit
+    with full_float32_products():
+        assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+    assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    torch.backends.fp32_precision = "ieee"  # the user changes the parent: the child follows again
+    assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+    assert _product_error() < 1e-6
 
 
 def _fit(tmp_path, name: str) -> tuple[MLP, DualFormCallback]:
@@ -69,6 +125,8 @@ def _fit(tmp_path, name: str) -> tuple[MLP, DualFormCallback]:
 
 
 def test_training_with_bf16_products_is_recorded_with_its_tolerance(tmp_path, capsys):
+    if not _loosened_cpu_products():
+        pytest.skip("this CPU multiplies float32 in full precision even under 'medium'")
     torch.set_float32_matmul_precision("medium")
     with pytest.warns(UserWarning, match="rounded to bf16.*tolerance is 5e-02.*'highest'"):
         model, cb = _fit(tmp_path, "medium.h5")
@@ -112,21 +170,56 @@ def test_answers_are_full_float32_whatever_the_user_set(tmp_path):
     assert loose.max_rel_err <= 1e-5
 
 
+class _CrashAt(MLP):
+    """Raises in the training step after ``at`` optimizer steps."""
+
+    def __init__(self, at: int, **kw) -> None:
+        super().__init__(**kw)
+        self.at = at
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step >= self.at:
+            raise RuntimeError("crash")
+        return super().training_step(batch, batch_idx)
+
+
 def test_a_resumed_store_keeps_the_loosest_rounding_of_its_runs(tmp_path):
-    """Rows recorded under bf16 products before a checkpoint stay so after a resume in IEEE float32: the
-    store's mode (and so its tolerance) is the loosest of the runs that wrote it."""
+    """Rows recorded under bf16 products stay so after a resume in IEEE float32, and the resume writes the
+    store's mode before its first row: a resumed run that crashes keeps it too."""
+    if not _loosened_cpu_products():
+        pytest.skip("this CPU multiplies float32 in full precision even under 'medium'")
     dl = loader(IndexedDataset(n=256, d=64, classes=4), 64, shuffle=False)
     opt = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)  # noqa: E731
-    kw = dict(accelerator="cpu", **{**TRAINER_KW, "enable_checkpointing": True})
+    kw = dict(accelerator="cpu", default_root_dir=tmp_path, **{**TRAINER_KW, "enable_checkpointing": True})
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "c", filename="e1")
+    L.Trainer(max_epochs=1, callbacks=[DualFormCallback(tmp_path / "s.h5"), ckpt], **kw).fit(
+        MLP(d=64, hidden=128, classes=4, opt_factory=opt), dl)
     torch.set_float32_matmul_precision("medium")
-    with pytest.warns(UserWarning, match="rounded to bf16"):
-        L.Trainer(max_epochs=1, callbacks=[DualFormCallback(tmp_path / "s.h5"), ckpt], **kw).fit(
-            MLP(d=64, hidden=128, classes=4, opt_factory=opt), dl)
-    torch.set_float32_matmul_precision("highest")
+    with pytest.raises(RuntimeError, match="crash"), pytest.warns(UserWarning, match="rounded to bf16"):
+        L.Trainer(max_epochs=2, callbacks=[DualFormCallback(tmp_path / "s.h5")], **kw).fit(
+            _CrashAt(6, d=64, hidden=128, classes=4, opt_factory=opt), dl, ckpt_path=tmp_path / "c" / "e1.ckpt")
+    with h5py.File(tmp_path / "s.h5", "r", swmr=True, locking=False) as f:
+        assert f.attrs["float32_products"] == "bf16" and f.attrs["status"] == "recording"
+    _reset()
     cb = DualFormCallback(tmp_path / "s.h5")
     L.Trainer(max_epochs=2, callbacks=[cb], **kw).fit(
         MLP(d=64, hidden=128, classes=4, opt_factory=opt), dl, ckpt_path=tmp_path / "c" / "e1.ckpt")
     with h5py.File(cb.store_path, "r") as f:
         assert f.attrs["float32_products"] == "bf16" and f.attrs["status"] == "complete"
     assert all(c["exact"] and c["tolerance"] == FLOAT32_PRODUCTS_TOLERANCE["bf16"] for c in cb.certificate.values())
+
+
+def test_float64_and_cpu_tf32_settings_record_ieee(tmp_path, recwarn):
+    """64-true multiplies in float64, and CPUs have no TF32: neither is rounded, whatever the settings say."""
+    torch.set_float32_matmul_precision("medium")
+    model = MLP(d=64, hidden=128, classes=4).double()
+    cb = DualFormCallback(tmp_path / "f64.h5")
+    L.Trainer(max_epochs=1, callbacks=[cb], accelerator="cpu", precision="64-true", **TRAINER_KW).fit(
+        model, loader(IndexedDataset(n=128, d=64, classes=4), 64))
+    torch.set_float32_matmul_precision("high")
+    _, cb32 = _fit(tmp_path, "high.h5")
+    for store in (cb.store_path, cb32.store_path):
+        with h5py.File(store, "r") as f:
+            assert f.attrs["float32_products"] == "ieee"
+    assert cb.certificate["net.0"]["tolerance"] == 1e-4 and cb32.certificate["net.0"]["tolerance"] == 1e-4
+    assert not [w for w in recwarn if "float32 products" in str(w.message)]

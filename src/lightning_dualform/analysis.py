@@ -357,7 +357,7 @@ def iter_scores(
     for start in range(0, n_rows, b):
         blk = lay.read(start, min(start + b, n_rows), ("keys", *columns))
         keys = torch.from_numpy(blk.pop("keys")).to(q.dtype)
-        with full_float32_products(q.device):  # (not around the yield: the settings are process-wide)
+        with full_float32_products():  # (not around the yield: the settings are process-wide)
             scores = q @ keys.t()
         yield scores, blk
 

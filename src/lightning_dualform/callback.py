@@ -331,6 +331,7 @@ class DualFormCallback(Callback):
             make = lambda: StoreWriter.resume(  # noqa: E731
                 self.store_path, settings, resume["rows"], int(resume["steps"]), resume.get("inputs"),
                 last_step=int(trainer.global_step) - 1, commit_seconds=self.commit_seconds,
+                update_attrs=self._resumed_attrs,
             )
         else:
             attrs = self._run_attrs(trainer, trainer.lightning_module)
@@ -349,9 +350,6 @@ class DualFormCallback(Callback):
         except (AttributeError, TypeError):
             self._dataset_size = 0
         self._writer = AsyncWriter(make, max_queue=self.max_queue)
-        if resume is not None:  # the rows before the checkpoint keep the rounding they were made with
-            stored = str(self._writer.store.file.attrs.get("float32_products", "ieee"))
-            self._float32_products = loosest([stored, self._float32_products])
         if trainer.world_size > 1 and trainer.global_rank == 0:
             # the index exists from the first step on, so a crashed or running DDP store opens as one
             write_shard_index(self.path, [rank_path(self.path, r, trainer.world_size) for r in range(trainer.world_size)])
@@ -439,21 +437,34 @@ class DualFormCallback(Callback):
     def _note_float32_products(self, trainer: "pl.Trainer", chosen: dict[str, nn.Module]) -> None:
         """How the tracked layers' float32 products are rounded (TF32, bf16): the rows then rebuild each
         step's gradient only to that rounding, so the checks' tolerances widen and the store records it."""
+        if str(trainer.precision) in ("64-true", "64"):
+            self._float32_products = "ieee"  # float64 products are never rounded so
+            return
+        device = trainer.strategy.root_device
         conv = any(layer_kind(m).startswith("conv") for m in chosen.values())
-        mode = float32_mode(trainer.strategy.root_device.type, conv=conv)
+        mode = float32_mode(device, conv=conv)
         self._float32_products = mode
         if mode == "ieee":
             return
         self._sketch_tolerance = max(self._sketch_tolerance, _SKETCH_TOLERANCE_BY_PRODUCTS.get(mode, 2e-2))
         if str(trainer.precision) in ("32-true", "32"):
+            causes = ("torch.set_float32_matmul_precision('high'/'medium'), or cuDNN's TF32 convolutions"
+                      if device.type == "cuda" else "torch.set_float32_matmul_precision('medium') or oneDNN's settings")
             rank_zero_warn(
-                f"DualFormCallback: float32 products on {trainer.strategy.root_device.type} are rounded to {mode} "
-                "(torch.set_float32_matmul_precision('high'/'medium'), or cuDNN's TF32 convolutions), so each "
+                f"DualFormCallback: float32 products on {device.type} are rounded to {mode} ({causes}), so each "
                 "step's weight gradient carries that rounding and the store rebuilds the layers only to about "
                 f"it: the certificate's tolerance is {FLOAT32_PRODUCTS_TOLERANCE.get(mode, 5e-2):.0e}. For a "
                 "float32-exact record, train with torch.set_float32_matmul_precision('highest')"
-                + (" and torch.backends.cudnn.allow_tf32 = False." if conv else ".")
+                + (" and torch.backends.cudnn.allow_tf32 = False." if conv and device.type == "cuda" else ".")
             )
+
+    def _resumed_attrs(self, stored: Any) -> dict[str, Any]:
+        """The rows before the checkpoint keep the rounding they were made with: the store's mode is the
+        loosest of its runs' (written when the resume starts, so a crash after it keeps it too)."""
+        before = stored.get("float32_products", "ieee")
+        before = before.decode() if isinstance(before, bytes) else str(before)
+        self._float32_products = loosest([before, self._float32_products])
+        return {"float32_products": self._float32_products}
 
     def _run_attrs(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[str, Any]:
         import lightning

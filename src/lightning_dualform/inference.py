@@ -480,7 +480,7 @@ class DualInference:
             )
         # every product of the answer (primal, the pass, a rebuilt dual) in full float32, whatever the user
         # allowed for training (TF32, bf16 inside float32 products); the bf16 scan's bound needs float32 sums
-        with full_float32_products(self.device, bf16_reduction=False):
+        with full_float32_products():
             return self._attend(lay, q, coef, n_rows, top_k, at_step, contribution_to, per_example, mass, step_buckets,
                                 scan, reuse_certificate)
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from lightning_dualform.errors import StoreError
+from lightning_dualform.float32_products import loosest
 from lightning_dualform.store import (
     ROW_COLUMNS,
     Coefficients,
@@ -156,6 +157,9 @@ class ShardedStoreReader(StoreView):
                 raise StoreError(f"{self.path}: shards {r0.path} and {r.path} start at different steps.")
         for attr in ("attrs", "row_dtype", "optimizer", "optimizer_exact", "first_step"):
             setattr(self, attr, getattr(r0, attr))
+        # each rank recorded how its own float32 products were rounded: the store as a whole, the loosest
+        self.attrs = {**r0.attrs, "float32_products": loosest([str(r.attrs.get("float32_products", "ieee"))
+                                                               for r in self._readers])}
         # a crash may leave shards committed to different steps: only steps complete everywhere count
         self.n_steps = min(r.n_steps for r in self._readers)
         self.update_steps = r0.update_steps[: self.n_steps]

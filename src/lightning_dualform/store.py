@@ -19,7 +19,7 @@ import struct
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import h5py
 import numpy as np
@@ -307,8 +307,12 @@ class StoreWriter:
         *,
         last_step: int | None = None,
         commit_seconds: float = 30.0,
+        update_attrs: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
     ) -> "StoreWriter":
         """Continue a store from a checkpoint: truncate everything written after it, then append.
+
+        ``update_attrs`` gets the file's root attributes and returns those to set before any row changes
+        (what the resumed run changes about the whole store).
 
         Raises:
             StoreError: the file is not a store, holds fewer rows than the checkpoint says (rows that the
@@ -347,6 +351,8 @@ class StoreWriter:
             # Before any row changes: what was derived from the old rows goes, and the file says it is being
             # written (an interrupted resume must not leave a "complete" store, or sums of other rows).
             f.attrs["status"] = "recording"
+            if update_attrs is not None:
+                _set_attrs(f, update_attrs(f.attrs))
             for g in f["layers"].values():
                 for dname in ("weight_final", "bias_final", "weight_residual", "bias_residual", *MEMORY_SUM_DATASETS):
                     if dname in g:
