@@ -363,25 +363,30 @@ def test_a_writer_that_holds_training_back_is_reported(tmp_path, monkeypatch, ca
     from lightning_dualform import callback as cbmod
     from lightning_dualform.store import StoreWriter
 
+    # checked every 8 steps; each write takes 0.1 s, far longer than a step even on a busy machine
     monkeypatch.setattr(cbmod, "_SLOW_WRITER_MIN_S", 0.2)
+    monkeypatch.setattr(cbmod, "_PACE_CHECK_EVERY", 8)
     add_step = StoreWriter.add_step
 
     def slow(self, *args, **kwargs):
-        time.sleep(0.02)
+        time.sleep(0.1)
         return add_step(self, *args, **kwargs)
 
     monkeypatch.setattr(StoreWriter, "add_step", slow)
     model = MLP()
     cb = DualFormCallback(tmp_path / "slow.h5", compression="lzf", max_queue=1)
     with pytest.warns(UserWarning, match=r"training waited .* for the store writer .*compression='lzf'.*compression=None") as rec:
-        trainer, _ = _fit(tmp_path, model, callback=cb, epochs=12)
+        trainer, _ = _fit(tmp_path, model, callback=cb, epochs=3)
     assert sum("for the store writer" in str(w.message) for w in rec) == 1
-    assert trainer.global_step == 72 and cb.certificate["net.0"]["exact"]
+    assert trainer.global_step == 18 and cb.certificate["net.0"]["exact"]
     assert_exact(cb.store_path, model, _probe(model))
 
 
-def test_a_writer_that_keeps_up_says_nothing(tmp_path, recwarn):
-    _fit(tmp_path, MLP(), epochs=12)
+def test_a_writer_that_keeps_up_says_nothing(tmp_path, recwarn, monkeypatch):
+    from lightning_dualform import callback as cbmod
+
+    monkeypatch.setattr(cbmod, "_PACE_CHECK_EVERY", 8)
+    _fit(tmp_path, MLP(), epochs=3)
     assert not [w for w in recwarn if "for the store writer" in str(w.message)]
 
 

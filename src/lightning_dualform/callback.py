@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -72,6 +73,7 @@ _SKETCH_TOLERANCE_BY_PRODUCTS = {"tf32": 5e-3, "bf16": 2e-2}
 #: _SLOW_WRITER_MIN_S in all) is worth a warning: the store's settings cost more than the rows are worth.
 _SLOW_WRITER_SHARE = 0.2
 _SLOW_WRITER_MIN_S = 2.0
+_PACE_CHECK_EVERY = 64  # optimizer steps
 
 
 def rank_path(path: str, rank: int, world_size: int) -> str:
@@ -620,23 +622,30 @@ class DualFormCallback(Callback):
         self._active = False
         if self._writer is not None:
             self._submit_deferred(1.0)
-            if self._steps_seen % 64 == 0:
+            if self._steps_seen % _PACE_CHECK_EVERY == 0:
                 self._check_writer_pace()
 
     def _check_writer_pace(self) -> None:
-        """Warn once when training spends much of its time waiting for the writer's full queue."""
+        """Warn once when training spends much of its time waiting for the writer's full queue (on every
+        rank: each writes its own file, and one slow disk holds all ranks back)."""
         blocked = self._writer.blocked_s
         elapsed = time.monotonic() - self._writer.started
         if "slow-writer" in self._warned or blocked < _SLOW_WRITER_MIN_S or blocked < _SLOW_WRITER_SHARE * elapsed:
             return
-        self._warn_once(
-            "slow-writer",
-            f"DualFormCallback: training waited {blocked:.1f} s of the last {elapsed:.1f} s for the store "
-            f"writer ({self._writer.path}, {self.dtype} rows, compression={self.compression!r}): the rows come "
-            "faster than they can be written. "
-            + ("Compression costs the most (lzf and gzip run inside HDF5's filter pipeline, holding the GIL): "
-               "use compression=None and compress the finished store if needed. " if self.compression else "")
-            + "dtype='float16' halves the bytes, `layers=[...]` tracks fewer layers, a faster disk helps.",
+        self._warned.add("slow-writer")
+        advice = []
+        if self.compression:
+            advice.append("compression costs the most (it runs inside HDF5's filter pipeline on one thread): use "
+                          "compression=None and compress the finished store if needed")
+        if self.dtype == "float32":
+            advice.append("dtype='float16' halves the bytes")
+        advice += ["`layers=[...]` tracks fewer layers", "a faster disk helps"]
+        advice[0] = advice[0][0].upper() + advice[0][1:]
+        warnings.warn(
+            f"DualFormCallback: training waited {blocked:.1f} s of the last {elapsed:.1f} s for the store writer "
+            f"({self._writer.path}, {self.dtype} rows, compression={self.compression!r}): the rows come faster "
+            f"than they can be written. {'; '.join(advice)}.",
+            UserWarning, stacklevel=2,
         )
 
     # ------------------------------------------------------------------------------------------------
