@@ -19,7 +19,7 @@ stage() {  # stage NAME LIMIT_S LINES_SHOWN COMMAND...
     local name=$1 limit=$2 lines=$3
     shift 3
     local t0=$SECONDS
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1  # (-k: a process that survives SIGTERM, e.g. under Lightning's handler)
     local rc=$?
     echo "== $name: rc $rc, $((SECONDS - t0)) s (limit $limit s; elapsed $SECONDS s)"
     tail -n "$lines" "$OUT/$name.log"
