@@ -65,27 +65,20 @@ class AsyncWriter:
             ) from err
 
     def _put(self, item: Any) -> None:
-        self._raise_if_failed()
-        if not self._thread.is_alive():
-            raise WriterError(f"the writer thread of {self.path} is not running.")
-        try:
-            self._queue.put_nowait(item)
-            return
-        except queue.Full:
-            pass
-        t0 = time.monotonic()
+        full_since = None  # when the queue was first found full: training waits from then on
         try:
             while True:
                 self._raise_if_failed()
                 if not self._thread.is_alive():
                     raise WriterError(f"the writer thread of {self.path} is not running.")
                 try:
-                    self._queue.put(item, timeout=0.5)
+                    self._queue.put(item, block=full_since is not None, timeout=0.5)
                     return
                 except queue.Full:
-                    continue
+                    full_since = full_since or time.monotonic()
         finally:
-            self.blocked_s += time.monotonic() - t0
+            if full_since is not None:
+                self.blocked_s += time.monotonic() - full_since
 
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
         """Queue ``fn(*args)`` to run on the writer thread."""
