@@ -83,6 +83,9 @@ def test_one_thread_leaving_does_not_loosen_products_in_another():
     """The settings are process-wide: the last context to leave restores them, not the first."""
     import threading
 
+    if not _loosened_cpu_products():
+        pytest.skip("this CPU multiplies float32 in full precision even under 'medium'")
+
     torch.set_float32_matmul_precision("medium")
     loose = _product_error()
     b_in, a_out, errors = threading.Event(), threading.Event(), []
