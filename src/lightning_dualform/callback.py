@@ -463,8 +463,7 @@ class DualFormCallback(Callback):
     def _resumed_attrs(self, stored: Any) -> dict[str, Any]:
         """The rows before the checkpoint keep the rounding they were made with: the store's mode is the
         loosest of its runs' (written when the resume starts, so a crash after it keeps it too)."""
-        before = stored.get("float32_products", "ieee")
-        before = before.decode() if isinstance(before, bytes) else str(before)
+        before = str(stored.get("float32_products", "ieee"))
         self._float32_products = loosest([before, self._float32_products])
         return {"float32_products": self._float32_products}
 

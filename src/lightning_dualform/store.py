@@ -311,8 +311,8 @@ class StoreWriter:
     ) -> "StoreWriter":
         """Continue a store from a checkpoint: truncate everything written after it, then append.
 
-        ``update_attrs`` gets the file's root attributes and returns those to set before any row changes
-        (what the resumed run changes about the whole store).
+        ``update_attrs`` gets the file's root attributes (decoded, as :attr:`StoreReader.attrs`) and returns
+        those to set before any row changes (what the resumed run changes about the whole store).
 
         Raises:
             StoreError: the file is not a store, holds fewer rows than the checkpoint says (rows that the
@@ -352,7 +352,7 @@ class StoreWriter:
             # written (an interrupted resume must not leave a "complete" store, or sums of other rows).
             f.attrs["status"] = "recording"
             if update_attrs is not None:
-                _set_attrs(f, update_attrs(f.attrs))
+                _set_attrs(f, update_attrs({k: _attr(v) for k, v in f.attrs.items()}))
             for g in f["layers"].values():
                 for dname in ("weight_final", "bias_final", "weight_residual", "bias_residual", *MEMORY_SUM_DATASETS):
                     if dname in g:
