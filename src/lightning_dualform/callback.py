@@ -785,8 +785,7 @@ class DualFormCallback(Callback):
         writer, self._writer = self._writer, None
         # Lightning has already advanced current_epoch when fit ends: count the epochs that ran steps
         epochs = self._last_epoch + 1 if self._last_epoch is not None else 0
-        writer.call(writer.store.finalize, finals, {"final_step": int(trainer.global_step), "epochs": epochs,
-                                                    "float32_products": self._float32_products})
+        writer.call(writer.store.finalize, finals, {"final_step": int(trainer.global_step), "epochs": epochs})
         writer.stop()
         if writer.blocked_s >= 1.0:
             rank_zero_info(f"DualFormCallback: training waited {writer.blocked_s:.1f} s in all for the store writer.")
