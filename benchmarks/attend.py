@@ -114,13 +114,13 @@ def main() -> None:
         t = time.perf_counter()
         build_store(args.store, args.train, args.epochs, args.data)
         print(f"built {args.store} in {time.perf_counter() - t:.1f} s ({os.path.getsize(args.store) / 1e9:.2f} GB)")
-    from lightning_dualform.store import MEMORY_SUM_MAX_ELEMENTS
+    from lightning_dualform.store.format import MEMORY_SUM_MAX_ELEMENTS
 
     with h5py.File(args.store, "r") as f:
         has_sums = all("memory_weight_final_crc32" in g.attrs for g in f["layers"].values()
                        if int(g.attrs["d_in"]) * int(g.attrs["d_out"]) <= MEMORY_SUM_MAX_ELEMENTS)
     if not has_sums:  # a store written before the certificate kept its sums: add them (what fit end does now)
-        from lightning_dualform.certificate import certify_store
+        from lightning_dualform.attend.certificate import certify_store
 
         t = time.perf_counter()
         certify_store(args.store)

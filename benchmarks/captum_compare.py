@@ -54,7 +54,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from lightning_dualform import DualFormCallback, DualInference  # noqa: E402
 from lightning_dualform.datasets import ImageDataModule  # noqa: E402
-from lightning_dualform.demo import DEMO_LR, PaperMLP  # noqa: E402
+from lightning_dualform.cli.demo import DEMO_LR, PaperMLP  # noqa: E402
 
 LAYER = "net.4"  # the last Linear of PaperMLP
 

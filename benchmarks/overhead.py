@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from common import FASHION_70K, MLP, machine, median, trainer, write_json  # noqa: E402
 
 from lightning_dualform import DualFormCallback  # noqa: E402
-from lightning_dualform.certificate import certify_store  # noqa: E402
+from lightning_dualform.attend.certificate import certify_store  # noqa: E402
 from lightning_dualform.datasets import ImageDataModule, ImageDataset, load_images  # noqa: E402
 
 DEFAULT_VARIANTS = "float32,float16,float32:lzf,float32:lz4,float32:blosc-zstd"
@@ -128,9 +128,9 @@ def _timed(table: dict[str, list[float]], key: str, fn: Any) -> Any:
 
 def hook_timing(dm: ImageDataModule, epochs: int, workdir: str, variant: str = "float32") -> dict[str, Any]:
     """Split one run's callback cost: hooks (training thread), queue waits, writer-thread work."""
-    from lightning_dualform import callback as cbmod
-    from lightning_dualform import store as stmod
-    from lightning_dualform import writer as wrmod
+    from lightning_dualform.record import callback as cbmod
+    from lightning_dualform.store import background as wrmod
+    from lightning_dualform.store import writer as stmod
 
     table: dict[str, list[float]] = defaultdict(list)
     patched: list[tuple[Any, str, Any]] = []

@@ -36,8 +36,9 @@ from common import MLP, machine, median, trainer, write_json  # noqa: E402
 
 from lightning_dualform import DualFormCallback, StoreReader  # noqa: E402
 from lightning_dualform.datasets import ImageDataModule  # noqa: E402
-from lightning_dualform.chunk_append import ChunkAppender  # noqa: E402
-from lightning_dualform.store import chunk_rows_for, compression_kwargs, encode_rows  # noqa: E402
+from lightning_dualform.store._chunks import ChunkAppender  # noqa: E402
+from lightning_dualform.store.filters import compression_kwargs, encode_rows  # noqa: E402
+from lightning_dualform.store.format import chunk_rows_for  # noqa: E402
 
 COMPRESSIONS = "none,lzf,gzip,lz4,zstd,blosc-lz4,blosc-zstd"
 DTYPES = "float32,float16,bfloat16"

@@ -14,6 +14,8 @@ import os
 import warnings
 from typing import Any, Callable, Sequence
 
+from typing_extensions import override
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -21,7 +23,6 @@ from torch import nn
 
 from lightning_dualform import DualFormCallback, DualInference
 from lightning_dualform.datasets import load_images, split
-from lightning_dualform.demo import Classifier  # noqa: F401  (the examples' model wrapper)
 from lightning_dualform.analysis import (
     QueryAttention,
     attend_recorded,
@@ -52,6 +53,53 @@ def parser(description: str, *, max_steps: int, lr: float, batch_size: int = 128
     p.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
     p.add_argument("--quiet", action="store_true", help="only the final summary lines")
     return p
+
+
+class Classifier(pl.LightningModule):
+    """Any ``nn.Module`` classifier trained by SGD with momentum on cross-entropy. ``test_step`` returns the
+    logits, so the callback stores each test query's prediction.
+
+    Args:
+        net: the network; its ``nn.Linear`` (and convolution) layers are what the callback records.
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+    """
+
+    def __init__(self, net: nn.Module, lr: float, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.net = net
+        self.lr, self.momentum = lr, momentum
+        self.correct, self.seen = 0, 0
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self.correct, self.seen = 0, 0
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        self.correct += int((logits.argmax(1) == y).sum())
+        self.seen += int(y.shape[0])
+        return logits
+
+    @property
+    def accuracy(self) -> float:
+        """Accuracy over the last ``trainer.test``."""
+        return self.correct / max(1, self.seen)
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
 def prepare_out(args: argparse.Namespace, name: str) -> str:

@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from lightning_dualform import _fused
-from lightning_dualform.attention import (
+from lightning_dualform.attend import _fused
+from lightning_dualform.attend.kernels import (
     META_COLUMNS,
     AttentionAccumulator,
     Block,

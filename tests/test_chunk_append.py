@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from lightning_dualform import _fletcher
-from lightning_dualform.chunk_append import ChunkAppender
+from lightning_dualform.store import _fletcher
+from lightning_dualform.store._chunks import ChunkAppender
 
 pytestmark = pytest.mark.skipif(_fletcher.library() is None, reason="no C compiler for the checksum")
 
@@ -132,7 +132,7 @@ def test_running_checksum_over_pieces_and_trailing_zeros():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the HDF5 library is found through /proc/self/maps")
 def test_bulk_reads_and_writes_release_the_gil_on_linux(tmp_path):
     """The appends above went through ctypes' H5Dwrite_chunk (GIL released), not h5py's (GIL held)."""
-    from lightning_dualform import _hdf5_nogil
+    from lightning_dualform.store import _hdf5_nogil
 
     assert _hdf5_nogil.library() is not None
     rows = np.arange(15, dtype=np.float32).reshape(5, 3)
@@ -164,7 +164,7 @@ def test_images_append_by_whole_rows(tmp_path):
 
 def test_a_second_hdf5_copy_in_the_process_is_never_called():
     """netCDF4 or PyTables may load their own HDF5: only the instance that sees h5py's objects is used."""
-    from lightning_dualform import _hdf5_nogil
+    from lightning_dualform.store import _hdf5_nogil
 
     class OtherCopy:  # answers like an HDF5 that has some other object under h5py's id
         def H5Dget_space(self, dset):
@@ -186,7 +186,7 @@ def test_a_shared_hdf5_is_left_to_h5py_unless_thread_safe(tmp_path):
     is only called without the GIL when HDF5 itself is thread-safe."""
     import os as _os
 
-    from lightning_dualform import _hdf5_nogil
+    from lightning_dualform.store import _hdf5_nogil
 
     class NotThreadSafe:
         pass
@@ -204,7 +204,7 @@ def test_a_shared_hdf5_is_left_to_h5py_unless_thread_safe(tmp_path):
 
 def test_without_ctypes_hdf5_the_same_bytes_go_through_h5py(tmp_path, monkeypatch):
     """Where libhdf5 cannot be reached through ctypes (macOS, Windows, a shared conda HDF5)."""
-    from lightning_dualform import _hdf5_nogil
+    from lightning_dualform.store import _hdf5_nogil
 
     monkeypatch.setattr(_hdf5_nogil, "_lib", None)
     assert _hdf5_nogil.library() is None

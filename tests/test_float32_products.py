@@ -10,9 +10,9 @@ import torch
 
 from helpers import TRAINER_KW, MLP, IndexedDataset, loader, real_output, rel_err
 from lightning_dualform import DualFormCallback, DualInference
-from lightning_dualform.certificate import FLOAT32_PRODUCTS_TOLERANCE, tolerance
+from lightning_dualform.attend.certificate import FLOAT32_PRODUCTS_TOLERANCE, tolerance
 from lightning_dualform.cli import main
-from lightning_dualform.float32_products import float32_mode, full_float32_products
+from lightning_dualform._float32_products import float32_mode, full_float32_products
 
 
 NEW_API = getattr(torch.backends.cuda.matmul, "fp32_precision", None) is not None  # torch >= 2.9

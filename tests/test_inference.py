@@ -527,8 +527,8 @@ def test_distributed_needs_a_process_group(trained: dict) -> None:
 
 @pytest.mark.parametrize("largest", [True, False])
 def test_top_examples_threshold_pass_equals_topk(largest: bool) -> None:
-    from lightning_dualform import _fused
-    from lightning_dualform.inference import _fused_topk_rows
+    from lightning_dualform.attend import _fused
+    from lightning_dualform.attend.inference import _fused_topk_rows
 
     if _fused.kernel() is None:
         pytest.skip("no C compiler for the fused kernel")

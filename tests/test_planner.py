@@ -11,7 +11,7 @@ import torch
 from helpers import TRAINER_KW, MLP, IndexedDataset
 from lightning_dualform import DualFormCallback
 from lightning_dualform.errors import DiskSpaceError
-from lightning_dualform.planner import estimate
+from lightning_dualform.record.planner import estimate
 
 
 @pytest.mark.parametrize("dtype,chunk_rows", [("float32", 256), ("float16", 256), ("float32", None)])
@@ -28,7 +28,7 @@ def test_estimate_within_ten_percent_of_bytes_written(tmp_path, dtype, chunk_row
 
 
 def test_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch):
-    import lightning_dualform.callback as cbmod
+    import lightning_dualform.record.callback as cbmod
 
     monkeypatch.setattr(cbmod, "free_bytes", lambda d: 10_000)
     cb = DualFormCallback(tmp_path / "big.h5")
@@ -50,7 +50,7 @@ def test_estimate_arithmetic():
 
 
 def test_automatic_chunks_are_about_half_a_megabyte():
-    from lightning_dualform.store import chunk_rows_for
+    from lightning_dualform.store.format import chunk_rows_for
 
     assert chunk_rows_for(784 * 4, 800 * 4) == 128  # 400 KiB
     assert chunk_rows_for(784 * 2, 800 * 2) == 256

@@ -12,7 +12,7 @@ its training inputs and, for a set of test inputs, looked at
   prediction, for correctly and for wrongly classified test inputs, per layer (:func:`vote_table`).
 
 Functions that need every score stream the layer's rows in blocks (memory ``n_queries x block_rows``
-plus what they return); the others only read an :class:`~lightning_dualform.inference.AttentionResult`.
+plus what they return); the others only read an :class:`~lightning_dualform.attend.inference.AttentionResult`.
 Nothing here draws: the examples (``examples/``) turn these numbers into figures.
 
 Example::
@@ -33,8 +33,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 import numpy as np
 import torch
 
-from lightning_dualform.float32_products import full_float32_products
-from lightning_dualform.inference import AttentionResult, DualInference
+from lightning_dualform._float32_products import full_float32_products
+from lightning_dualform.attend.inference import AttentionResult, DualInference
 
 #: A task is a range or a set of values of the chosen column, or a predicate over a block of them.
 TaskSpec = Union[range, Sequence[int], np.ndarray, Callable[[np.ndarray], np.ndarray]]
@@ -47,37 +47,64 @@ _TASK_COLUMNS = ("index", "step", "epoch")
 # ------------------------------------------------------------------------------------------------------
 @dataclass
 class QueryAttention:
-    """Every tracked layer attended with the recorded inputs of some query examples.
+    """Queries and what :meth:`DualInference.attend` answered for them, per layer: the one type every
+    caller of ``attend`` over many query examples shares (the analyses, the CLI's ``attend`` and its JSON,
+    the demo, the pictures).
 
     Attributes:
-        split: the query set (``"test"`` ...).
-        examples: ``(n,)`` positions of the chosen examples in the query set.
-        index / label / prediction: ``(n,)`` their dataset index, label and the model's prediction.
+        source: ``"split:<name>"`` for a recorded query set, else where the queries came from (a file).
+        examples: ``(n,)`` positions of the chosen examples in the query set (row numbers for a file).
+        index / label / prediction: ``(n,)`` their dataset index, label and the model's prediction (-1: unknown;
+            for queries from a file, ``index`` is the row number).
+        inputs: ``(n, ...)`` raw inputs of the examples for pictures, or ``None``.
         results: ``{layer: AttentionResult}``; a result has one row per query row of that layer.
         example: ``{layer: (R,)}`` which of the ``n`` examples each query row belongs to (``0..n-1``).
         position: ``{layer: (R,)}`` the row's position inside its example (a sequence step, a conv location).
         keys: ``{layer: (R, d_in)}`` the query rows themselves.
+        settings: the ``attend`` arguments, for the JSON.
     """
 
-    split: str
+    source: str
     examples: np.ndarray
     index: np.ndarray
     label: np.ndarray
     prediction: np.ndarray
+    inputs: np.ndarray | None = None
     results: dict[str, AttentionResult] = field(default_factory=dict)
     example: dict[str, np.ndarray] = field(default_factory=dict)
     position: dict[str, np.ndarray] = field(default_factory=dict)
     keys: dict[str, np.ndarray] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def split(self) -> str | None:
+        """The recorded query set, or None for queries from elsewhere."""
+        return self.source[len("split:"):] if self.source.startswith("split:") else None
 
     @property
     def layers(self) -> list[str]:
         return list(self.results)
+
+    @property
+    def rows(self) -> dict[str, dict[str, np.ndarray]]:
+        """``{layer: {"example": (R,), "position": (R,)}}`` of the attended rows."""
+        return {n: {"example": self.example[n], "position": self.position[n]} for n in self.results}
 
     def queries(self, layer: str, examples: Sequence[int] | None = None) -> np.ndarray:
         """Query rows ``(r, d_in)`` of ``layer`` for the given example numbers (``0..n-1``; default: all)."""
         if examples is None:
             return self.keys[layer]
         return self.keys[layer][np.isin(self.example[layer], np.asarray(examples))]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists, numbers and strings (what ``lightning-dualform attend --json`` writes)."""
+        return {
+            "source": self.source,
+            "queries": {"index": self.index.tolist(), "label": self.label.tolist(), "prediction": self.prediction.tolist()},
+            "settings": self.settings,
+            "query_rows": {k: {c: v.tolist() for c, v in r.items()} for k, r in self.rows.items()},
+            "layers": {k: r.to_dict() for k, r in self.results.items()},
+        }
 
 
 def attend_recorded(
@@ -115,23 +142,128 @@ def attend_recorded(
     if len(examples) and (examples.min() < 0 or examples.max() >= qs.n):
         raise ValueError(f"`attend_recorded(examples=...)`: positions must lie in 0..{qs.n - 1} (the {split!r} query set has {qs.n}).")
     names = list(layers) if layers is not None else [n for n in di.layers if n in qs.layers]
-    run = QueryAttention(split, examples, qs.index[examples], qs.label[examples], qs.prediction[examples])
+    raw = qs.inputs
+    run = QueryAttention(f"split:{split}", examples, qs.index[examples], qs.label[examples], qs.prediction[examples],
+                         inputs=None if raw is None else raw[examples])
     remap = np.full(qs.n, -1, dtype=np.int64)
     remap[examples] = np.arange(len(examples))
     for name in names:
+        if name not in qs.layers:
+            raise KeyError(f"the query set {split!r} has no rows for layer {name}; it has {', '.join(qs.layers)}.")
         rows = qs.layer_rows(name)
         keep = remap[rows["example"]] >= 0
         if positions is not None:
             keep &= np.asarray(positions(name, rows["position"]), dtype=bool)
         keys = rows["keys"][keep]
         run.example[name] = remap[rows["example"][keep]]
-        run.position[name] = rows["position"][keep]
+        run.position[name] = rows["position"][keep].astype(np.int64)
         run.keys[name] = keys
         if len(keys) == 0:
             continue
         k = min(int(top_k), di.layer(name).n_rows)
         run.results[name] = di.attend(name, torch.from_numpy(keys), top_k=k, **attend_kwargs)
+    run.settings = {"top_k": top_k, "layers": names, **{k: v for k, v in attend_kwargs.items() if _jsonable(v)}}
     return run
+
+
+def attend_queries(
+    di: DualInference,
+    *,
+    split: str | None = None,
+    positions: Sequence[int] | None = None,
+    queries: np.ndarray | None = None,
+    source: str = "",
+    layers: Sequence[str] | None = None,
+    top_k: int = 10,
+    contribution_to: str | int | None = "pred",
+    at_step: int | None = None,
+    step_buckets: int = 20,
+) -> QueryAttention:
+    """Attend recorded queries (``split`` + ``positions`` in recording order; default: all of them) or loaded
+    ``queries`` ``(n, d)``, as ``lightning-dualform attend`` does.
+
+    ``contribution_to`` (``"pred"``, ``"label"``, an output unit, or ``None``) ranks proponents and opponents
+    at the store's last layer, whose output is the model's; other layers get scores only.
+
+    Raises:
+        ValueError: a query width no layer takes, a layer without recorded rows, ``contribution_to="label"``
+            without labels, or ``top_k`` larger than a layer's memory.
+        KeyError: an unknown split or layer.
+    """
+    store = di.store
+    all_layers = list(di.layers)
+    last = all_layers[-1] if all_layers else None
+    if queries is not None:
+        q = np.asarray(queries)
+        widths = {n: di.layer(n).d_in for n in all_layers}
+        if layers is None:
+            layers = [n for n in all_layers if widths[n] == q.shape[1]]
+            if not layers:
+                raise ValueError(
+                    f"{source}: queries have width {q.shape[1]}, but no layer takes that width "
+                    f"({_widths(widths)}); save queries of one of those widths."
+                )
+        for name in layers:
+            if widths[name] != q.shape[1]:
+                raise ValueError(
+                    f"{source}: queries have width {q.shape[1]} but layer {name} takes {widths[name]} "
+                    f"({_widths(widths)}); pick a matching --layer or save queries of width {widths[name]}."
+                )
+        m = q.shape[0]
+        run = QueryAttention(source, np.arange(m), np.arange(m), np.full(m, -1), np.full(m, -1))
+        ref = store.train_inputs(np.array([-1]))
+        if ref is not None and int(np.prod(ref.shape[1:])) == q.shape[1]:
+            run.inputs = q.reshape(m, *ref.shape[1:])
+        per_layer = {n: (q, np.arange(m), np.zeros(m, dtype=np.int64)) for n in layers}
+    else:
+        qs = store.queries(split)
+        if qs.n == 0:
+            raise ValueError(f"{store.path}: the query set {split!r} is empty; record some with trainer.{split}(...).")
+        pos = np.arange(qs.n) if positions is None else np.asarray(positions, dtype=np.int64)
+        raw = qs.inputs
+        run = QueryAttention(f"split:{split}", pos, qs.index[pos], qs.label[pos], qs.prediction[pos],
+                             inputs=None if raw is None else raw[pos])
+        if layers is None:
+            layers = [n for n in all_layers if n in qs.layers]
+        per_layer = {}
+        where = np.full(qs.n, -1, dtype=np.int64)  # query number within the split -> number within this run
+        where[pos] = np.arange(len(pos))
+        for name in layers:
+            if name not in qs.layers:
+                raise KeyError(f"the query set {split!r} has no rows for layer {name}; it has {', '.join(qs.layers)}.")
+            r = qs.layer_rows(name)
+            keep = where[r["example"]] >= 0
+            per_layer[name] = (r["keys"][keep], where[r["example"][keep]], r["position"][keep].astype(np.int64))
+    units_label = None
+    if contribution_to == "label":
+        if (run.label < 0).any():
+            raise ValueError("--contribution-to label: some queries have no recorded label; use pred or a unit number.")
+        units_label = run.label
+    run.settings = {"top_k": top_k, "contribution_to": contribution_to, "at_step": at_step, "step_buckets": step_buckets,
+                    "layers": list(layers)}
+    for name in layers:
+        keys, example, position = per_layer[name]
+        if len(keys) == 0:
+            raise ValueError(f"layer {name}: no recorded rows for the chosen queries.")
+        contrib: Any = None
+        if name == last and contribution_to is not None:
+            contrib = torch.as_tensor(units_label[example], dtype=torch.int64) if contribution_to == "label" else contribution_to
+        n_rows = di.layer(name).n_rows
+        if top_k > n_rows:
+            raise ValueError(f"--top-k {top_k}: layer {name} holds only {n_rows} rows; use --top-k {n_rows} or less.")
+        run.results[name] = di.attend(name, keys, top_k=top_k, at_step=at_step, contribution_to=contrib, step_buckets=step_buckets)
+        run.keys[name] = keys
+        run.example[name] = example
+        run.position[name] = position
+    return run
+
+
+def _widths(widths: dict[str, int]) -> str:
+    return ", ".join(f"{n} takes {w}" for n, w in widths.items())
+
+
+def _jsonable(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
 
 
 # ------------------------------------------------------------------------------------------------------

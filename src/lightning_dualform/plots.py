@@ -10,7 +10,7 @@ directly, so no global backend is changed.
 
 Example::
 
-    from lightning_dualform.cli import attend_queries
+    from lightning_dualform.analysis import attend_queries
     with DualInference("demo/mnist.h5") as di:
         run = attend_queries(di, split="test", positions=[0, 1], top_k=5)
         plot_attention(run, di.store, "top.png")
@@ -108,10 +108,10 @@ def plot_attention(
     max_queries: int = MAX_QUERIES,
     dpi: int = 110,
 ) -> str:
-    """Draw an :class:`~lightning_dualform.cli.AttendRun` into ``path`` (.png, .pdf or .svg).
+    """Draw an :class:`~lightning_dualform.analysis.QueryAttention` into ``path`` (.png, .pdf or .svg).
 
     Args:
-        run: queries and results, from :func:`lightning_dualform.cli.attend_queries`.
+        run: queries and results, from :func:`lightning_dualform.analysis.attend_queries`.
         store: the :class:`~lightning_dualform.StoreReader` the results came from (thumbnails, epochs).
         path: the output file.
         by: ``"pattern"`` (single training rows, with their epoch) or ``"example"`` (epochs summed).

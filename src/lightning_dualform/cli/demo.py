@@ -7,7 +7,7 @@ attends over the memory and draws the answer, in under a minute on a laptop CPU.
 
 Example::
 
-    from lightning_dualform.demo import run_demo
+    from lightning_dualform.cli.demo import run_demo
     summary = run_demo("demo/", epochs=2)
     summary["accuracy"], summary["store_bytes"], summary["certificate"]
 """
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_dualform.callback import DualFormCallback
+from lightning_dualform.record.callback import DualFormCallback
 from lightning_dualform.datasets import ImageDataModule
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def run_demo(
         ValueError: a bad ``epochs``, ``limit`` or ``top_k``.
         OSError: ``out`` cannot be created or written.
     """
-    from lightning_dualform.inference import DualInference
+    from lightning_dualform.attend.inference import DualInference
 
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"`demo --epochs {epochs}`: expected a positive integer.")
@@ -203,7 +203,7 @@ def run_demo(
     with DualInference(cb.store_path, device="cpu", progress=progress) as di:
         qs = di.store.queries("test")
         picks = pick_queries(qs.label, qs.prediction)
-        from lightning_dualform.cli import attend_queries  # shared with `attend`
+        from lightning_dualform.analysis import attend_queries  # shared with `attend`
 
         run = attend_queries(di, split="test", positions=picks, top_k=min(top_k, 5), contribution_to="pred")
         summary["queries"] = {"index": run.index.tolist(), "label": run.label.tolist(), "prediction": run.prediction.tolist()}

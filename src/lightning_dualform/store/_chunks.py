@@ -20,7 +20,7 @@ import struct
 import h5py
 import numpy as np
 
-from lightning_dualform import _fletcher, _hdf5_nogil
+from lightning_dualform.store import _fletcher, _hdf5_nogil
 
 
 class ChunkAppender:

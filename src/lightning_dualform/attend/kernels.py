@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from lightning_dualform import _fused
+from lightning_dualform.attend import _fused
 
 #: Per-row metadata carried along with the top-k results.
 META_COLUMNS = ("row", "step", "epoch", "index", "position", "label")

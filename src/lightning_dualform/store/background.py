@@ -13,7 +13,7 @@ import time
 from typing import Any, Callable
 
 from lightning_dualform.errors import WriterError
-from lightning_dualform.store import StoreWriter
+from lightning_dualform.store.writer import StoreWriter
 
 _STOP = object()
 

@@ -7,7 +7,7 @@ The store holds every training key and value of each tracked layer; a layer's ou
 
 This module streams the rows block by block (a prefetch thread reads block ``i + 1`` from HDF5, and on
 CUDA copies it through pinned memory on a side stream, while block ``i`` is computed) and folds each
-block into the running results of :class:`~lightning_dualform.attention.AttentionAccumulator`. Peak
+block into the running results of :class:`~lightning_dualform.attend.kernels.AttentionAccumulator`. Peak
 memory is a few blocks plus the per-query results; the optional per-example sums add
 ``n_queries x n_examples`` numbers (twice with ``contribution_to``).
 """
@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_dualform import _fused
-from lightning_dualform.attention import META_COLUMNS, AttentionAccumulator, Block, step_bucket_edges
-from lightning_dualform.capture import keys_of, one_hot_keys
+from lightning_dualform.attend import _fused
+from lightning_dualform.attend.kernels import META_COLUMNS, AttentionAccumulator, Block, step_bucket_edges
+from lightning_dualform.record.capture import keys_of, one_hot_keys
 from lightning_dualform.errors import StoreError
-from lightning_dualform.float32_products import full_float32_products
-from lightning_dualform.shards import open_store
-from lightning_dualform.store import LayerReader
+from lightning_dualform._float32_products import full_float32_products
+from lightning_dualform.store.shards import open_store
+from lightning_dualform.store.reader import LayerReader
 
 log = logging.getLogger(__name__)
 

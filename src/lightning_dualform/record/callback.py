@@ -1,8 +1,8 @@
 """``DualFormCallback``: records the dual form of a Lightning model's linear layers while it trains.
 
-This module holds Lightning hooks only. Capturing rows is :mod:`~lightning_dualform.capture`, the
+This module holds Lightning hooks only. Capturing rows is :mod:`~lightning_dualform.record.capture`, the
 update rule is :mod:`~lightning_dualform.optim`, the file is :mod:`~lightning_dualform.store` behind the
-:mod:`~lightning_dualform.writer` thread, and the certificate is :mod:`~lightning_dualform.certificate`.
+:mod:`~lightning_dualform.store.background` thread, and the certificate is :mod:`~lightning_dualform.attend.certificate`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import numpy as np
 from torch import nn
 from typing_extensions import override
 
-from lightning_dualform import __version__
-from lightning_dualform.batches import (
+from lightning_dualform._version import __version__
+from lightning_dualform.record.batches import (
     BatchInfo,
     IndexRecorder,
     batch_inputs,
@@ -36,7 +36,7 @@ from lightning_dualform.batches import (
     unwrap_dataloader,
     wrap_dataloader,
 )
-from lightning_dualform.capture import (
+from lightning_dualform.record.capture import (
     CallRows,
     LayerCapture,
     find_layers,
@@ -45,22 +45,17 @@ from lightning_dualform.capture import (
     project_keys,
     weight_matrix,
 )
-from lightning_dualform.certificate import FLOAT32_PRODUCTS_TOLERANCE, certify_store
+from lightning_dualform.attend.certificate import FLOAT32_PRODUCTS_TOLERANCE, certify_store
 from lightning_dualform.errors import DiskSpaceError, InexactError
-from lightning_dualform.float32_products import float32_mode, loosest
+from lightning_dualform._float32_products import float32_mode, loosest
 from lightning_dualform.optim import ParamUpdate
-from lightning_dualform.planner import Plan, estimate, free_bytes
-from lightning_dualform.queries import QueryRecorder
-from lightning_dualform.store import (
-    ROW_DTYPES,
-    LayerSpec,
-    StepRows,
-    StoreWriter,
-    compression_kwargs,
-    settings_of,
-    write_shard_index,
-)
-from lightning_dualform.writer import AsyncWriter
+from lightning_dualform.record.planner import Plan, estimate, free_bytes
+from lightning_dualform.record.queries import QueryRecorder
+from lightning_dualform.store.filters import compression_kwargs
+from lightning_dualform.store.format import ROW_DTYPES, LayerSpec, StepRows, settings_of
+from lightning_dualform.store.shards import write_shard_index
+from lightning_dualform.store.writer import StoreWriter
+from lightning_dualform.store.background import AsyncWriter
 
 log = logging.getLogger(__name__)
 

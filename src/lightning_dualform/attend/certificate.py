@@ -13,7 +13,9 @@ from typing import Callable
 import h5py
 import torch
 
-from lightning_dualform.store import MEMORY_SUM_MAX_ELEMENTS, Coefficients, LayerReader, StoreReader, _replace, weights_crc32
+from lightning_dualform.store import _h5
+from lightning_dualform.store.format import MEMORY_SUM_MAX_ELEMENTS, weights_crc32
+from lightning_dualform.store.reader import Coefficients, LayerReader, StoreReader
 
 #: Relative error of the rebuilt weights up to which a store counts as exact, by stored row dtype ...
 ROW_DTYPE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
@@ -153,14 +155,14 @@ def certify_store(path: str, all_reduce: Callable[[torch.Tensor], torch.Tensor] 
             for k, v in cert.items():
                 g.attrs[f"certificate_{k}"] = v
             if mw.numel() <= MEMORY_SUM_MAX_ELEMENTS:  # attend's `dual` reuses them instead of summing rows
-                _replace(g, "memory_weight", mw.numpy())
+                _h5.replace(g, "memory_weight", mw.numpy())
                 if mb is not None:
-                    _replace(g, "memory_bias", mb.numpy())
+                    _h5.replace(g, "memory_bias", mb.numpy())
                 g.attrs["memory_end_step"] = int(coef.end_step)
                 g.attrs["memory_rows"] = int(rows)
                 g.attrs["memory_weight_final_crc32"] = weights_crc32(wf32)
             if inexact_store:
-                _replace(g, "weight_residual", rw.float().numpy())
+                _h5.replace(g, "weight_residual", rw.float().numpy())
                 if rb is not None:
-                    _replace(g, "bias_residual", rb.float().numpy())
+                    _h5.replace(g, "bias_residual", rb.float().numpy())
     return results

@@ -10,7 +10,7 @@ import math
 import shutil
 from dataclasses import dataclass, field
 
-from lightning_dualform.store import _META_CHUNK, MEMORY_SUM_MAX_ELEMENTS, ROW_COLUMNS, chunk_rows_for
+from lightning_dualform.store.format import META_CHUNK, MEMORY_SUM_MAX_ELEMENTS, ROW_COLUMNS, chunk_rows_for
 
 #: bytes of the per-row metadata columns (step, epoch, index, position, label)
 META_BYTES = 8 + 4 + 8 + 4 + 8
@@ -47,7 +47,7 @@ class Plan:
             rows = lp.rows_per_step * self.steps_per_epoch * epochs
             data = lp.bytes_per_row - META_BYTES
             total += math.ceil(rows / lp.chunk_rows) * lp.chunk_rows * data
-            total += math.ceil(rows / _META_CHUNK) * _META_CHUNK * META_BYTES
+            total += math.ceil(rows / META_CHUNK) * META_CHUNK * META_BYTES
         return total
 
     def describe(self) -> str:

@@ -22,19 +22,22 @@ import re
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from lightning_dualform import __version__
+from lightning_dualform._version import __version__
 from lightning_dualform.errors import StoreError
+
+if TYPE_CHECKING:
+    from lightning_dualform.analysis import QueryAttention
 
 log = logging.getLogger(__name__)
 
 PROG = "lightning-dualform"
-DEFAULT_QUERIES = 4
 _IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
+#: recorded queries attended when --index is not given
+DEFAULT_QUERIES = 4
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?%?")
 
 
@@ -42,145 +45,6 @@ class UsageError(Exception):
     """A user's mistake that the CLI reports in one line with exit code 2."""
 
 
-# ------------------------------------------------------------------------------------------------------
-# attending recorded or loaded queries (shared with the demo and the pictures)
-# ------------------------------------------------------------------------------------------------------
-@dataclass
-class AttendRun:
-    """Queries and what :meth:`DualInference.attend` answered for them, per layer.
-
-    Attributes:
-        source: ``"split:<name>"`` or the query file's path.
-        index: ``(m,)`` dataset index of each query example (the row number for a file).
-        label: ``(m,)`` recorded label (-1: unknown).
-        prediction: ``(m,)`` the model's recorded prediction (-1: unknown).
-        inputs: ``(m, ...)`` raw inputs for pictures, or ``None``.
-        results: ``{layer: AttentionResult}``; result row ``r`` belongs to query ``rows[layer]["example"][r]``.
-        rows: ``{layer: {"example": (R,), "position": (R,)}}``.
-        settings: the attend arguments, for the JSON.
-    """
-
-    source: str
-    index: np.ndarray
-    label: np.ndarray
-    prediction: np.ndarray
-    inputs: np.ndarray | None
-    results: dict[str, Any] = field(default_factory=dict)
-    rows: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "queries": {"index": self.index.tolist(), "label": self.label.tolist(), "prediction": self.prediction.tolist()},
-            "settings": self.settings,
-            "query_rows": {k: {c: v.tolist() for c, v in r.items()} for k, r in self.rows.items()},
-            "layers": {k: r.to_dict() for k, r in self.results.items()},
-        }
-
-
-def attend_queries(
-    di: Any,
-    *,
-    split: str | None = None,
-    positions: Sequence[int] | None = None,
-    queries: np.ndarray | None = None,
-    source: str = "",
-    layers: Sequence[str] | None = None,
-    top_k: int = 10,
-    contribution_to: str | int | None = "pred",
-    at_step: int | None = None,
-    step_buckets: int = 20,
-) -> AttendRun:
-    """Attend recorded queries (``split`` + ``positions`` in recording order) or loaded ``queries`` ``(n, d)``.
-
-    ``contribution_to`` (``"pred"``, ``"label"``, an output unit, or ``None``) ranks proponents and opponents
-    at the store's last layer, whose output is the model's; other layers get scores only.
-
-    Raises:
-        UsageError: a bad split, position, layer, query width, ``contribution_to`` or ``top_k``.
-    """
-    store = di.store
-    all_layers = list(di.layers)
-    last = all_layers[-1] if all_layers else None
-    if queries is not None:
-        q = np.asarray(queries)
-        widths = {n: di.layer(n).d_in for n in all_layers}
-        if layers is None:
-            layers = [n for n in all_layers if widths[n] == q.shape[1]]
-            if not layers:
-                raise UsageError(
-                    f"{source}: queries have width {q.shape[1]}, but no layer takes that width "
-                    f"({_widths(widths)}); save queries of one of those widths."
-                )
-        for name in layers:
-            if widths[name] != q.shape[1]:
-                raise UsageError(
-                    f"{source}: queries have width {q.shape[1]} but layer {name} takes {widths[name]} "
-                    f"({_widths(widths)}); pick a matching --layer or save queries of width {widths[name]}."
-                )
-        m = q.shape[0]
-        run = AttendRun(source=source, index=np.arange(m), label=np.full(m, -1), prediction=np.full(m, -1), inputs=None)
-        ref = store.train_inputs(np.array([-1]))
-        if ref is not None and int(np.prod(ref.shape[1:])) == q.shape[1]:
-            run.inputs = q.reshape(m, *ref.shape[1:])
-        per_layer = {n: (q, np.arange(m), np.zeros(m, dtype=np.int64)) for n in layers}
-    else:
-        qs = store.queries(split)
-        pos = np.arange(min(DEFAULT_QUERIES, qs.n)) if positions is None else np.asarray(positions, dtype=np.int64)
-        if qs.n == 0:
-            raise UsageError(f"{store.path}: the query set {split!r} is empty; record some with trainer.{split}(...).")
-        raw = qs.inputs
-        run = AttendRun(
-            source=f"split:{split}", index=qs.index[pos], label=qs.label[pos], prediction=qs.prediction[pos],
-            inputs=None if raw is None else raw[pos],
-        )
-        if layers is None:
-            layers = [n for n in all_layers if n in qs.layers]
-        per_layer = {}
-        for name in layers:
-            if name not in qs.layers:
-                raise UsageError(f"the query set {split!r} has no rows for layer {name}; it has {', '.join(qs.layers)}.")
-            r = qs.layer_rows(name)
-            # query number within the split -> number within this run
-            where = {int(p): j for j, p in enumerate(pos)}
-            keep = np.array([int(e) in where for e in r["example"]], dtype=bool)
-            per_layer[name] = (r["keys"][keep], np.array([where[int(e)] for e in r["example"][keep]], dtype=np.int64),
-                               r["position"][keep].astype(np.int64))
-    units_label = None
-    if contribution_to == "label":
-        if (run.label < 0).any():
-            raise UsageError("--contribution-to label: some queries have no recorded label; use pred or a unit number.")
-        units_label = run.label
-    run.settings = {"top_k": top_k, "contribution_to": contribution_to, "at_step": at_step, "step_buckets": step_buckets,
-                    "layers": list(layers)}
-    for name in layers:
-        keys, example, position = per_layer[name]
-        if len(keys) == 0:
-            raise UsageError(f"layer {name}: no recorded rows for the chosen queries.")
-        contrib: Any = None
-        if name == last and contribution_to is not None:
-            if contribution_to == "label":
-                import torch
-
-                contrib = torch.as_tensor(units_label[example], dtype=torch.int64)
-            else:
-                contrib = contribution_to
-        n_rows = di.layer(name).n_rows
-        if top_k > n_rows:
-            raise UsageError(f"--top-k {top_k}: layer {name} holds only {n_rows} rows; use --top-k {n_rows} or less.")
-        run.results[name] = di.attend(name, keys, top_k=top_k, at_step=at_step, contribution_to=contrib, step_buckets=step_buckets)
-        run.rows[name] = {"example": example, "position": position}
-    return run
-
-
-def _widths(widths: dict[str, int]) -> str:
-    return ", ".join(f"{n} takes {w}" for n, w in widths.items())
-
-
-# ------------------------------------------------------------------------------------------------------
-# argument parsing
-# ------------------------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage mistakes through :class:`UsageError` (one line, exit 2)."""
 
@@ -462,7 +326,8 @@ def _parse_layers(values: list[str] | None, known: list[str]) -> list[str] | Non
 # ------------------------------------------------------------------------------------------------------
 def store_facts(path: str) -> dict[str, Any]:
     """What ``info`` shows, as plain data (also its ``--json``)."""
-    from lightning_dualform.store import StoreReader, read_shard_index
+    from lightning_dualform.store.reader import StoreReader
+    from lightning_dualform.store.shards import read_shard_index
 
     shards = read_shard_index(path)
     if shards is not None:  # a DDP run's index file: describe each rank's store
@@ -612,7 +477,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 # attend
 # ------------------------------------------------------------------------------------------------------
 def cmd_attend(args: argparse.Namespace) -> int:
-    from lightning_dualform.inference import DualInference
+    from lightning_dualform.analysis import attend_queries
+    from lightning_dualform.attend.inference import DualInference
 
     _check_store_path(args.store)
     _check_output(args.json, "--json")
@@ -642,7 +508,7 @@ def cmd_attend(args: argparse.Namespace) -> int:
         else:
             split = _pick_split(di.store, args.split)
             qs = di.store.queries(split)
-            positions = parse_index(args.index, qs.index, split) if args.index is not None else None
+            positions = parse_index(args.index, qs.index, split) if args.index is not None else np.arange(min(DEFAULT_QUERIES, qs.n))
             run = attend_queries(di, split=split, positions=positions, layers=layers, top_k=args.top_k,
                                  contribution_to=contribution, at_step=args.at_step, step_buckets=args.step_buckets)
         run.settings.update({"by": args.by, "store": os.path.abspath(args.store)})
@@ -677,7 +543,7 @@ def _pick_split(store: Any, split: str | None) -> str:
     return split
 
 
-def _query_title(run: AttendRun, j: int) -> str:
+def _query_title(run: QueryAttention, j: int) -> str:
     if run.source.startswith("split:"):
         parts = [f"query {run.source[6:]}[{int(run.index[j])}]"]
     else:
@@ -722,7 +588,7 @@ def mass_line(res: Any, r: int, n: int = 3) -> str:
     return "mass by label  " + ", ".join(parts)
 
 
-def render_attend(run: AttendRun, by: str, store: Any = None) -> str:
+def render_attend(run: QueryAttention, by: str, store: Any = None) -> str:
     out = []
     steps = ""
     first = next(iter(run.results.values()), None)
@@ -762,12 +628,12 @@ def render_attend(run: AttendRun, by: str, store: Any = None) -> str:
 # ------------------------------------------------------------------------------------------------------
 def verify_store(path: str, *, samples: int = 256, device: str = "cpu", block_rows: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Per layer: the stored certificate and the dual-vs-weights error on sampled training keys and on the
-    recorded queries, against :func:`lightning_dualform.certificate.tolerance`. Outputs are accumulated in
+    recorded queries, against :func:`lightning_dualform.attend.certificate.tolerance`. Outputs are accumulated in
     float64, so the check measures the store and not its own round-off."""
     import torch
 
-    from lightning_dualform.certificate import store_tolerance
-    from lightning_dualform.inference import DualInference
+    from lightning_dualform.attend.certificate import store_tolerance
+    from lightning_dualform.attend.inference import DualInference
 
     with DualInference(path, device=device, block_rows=block_rows, accumulate=torch.float64, progress=progress) as di:
         s = di.store
@@ -818,7 +684,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # demo
 # ------------------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lightning_dualform.demo import DEMO_LR, run_demo
+    from lightning_dualform.cli.demo import DEMO_LR, run_demo
 
     _positive(args.epochs, "--epochs")
     if args.limit is not None and args.limit < 10:

@@ -1,8 +1,8 @@
-"""The shards of a DDP run read as one store.
+"""The shards of a DDP run: the small index file that names them, and reading them as one store.
 
 Each rank writes its own file; all of them share the per-step tables (every rank applies the same
 update) and split the rows. :class:`ShardedStoreReader` presents them with the interface of
-:class:`~lightning_dualform.store.StoreReader`, so everything that reads a store reads a sharded one.
+:class:`~lightning_dualform.store.reader.StoreReader`, so everything that reads a store reads a sharded one.
 
 Rows are numbered step-major across shards (the rows of step ``s`` of rank 0, then of rank 1, ...), so
 that, as in a single store, the model at step ``T'`` uses a prefix of the rows.
@@ -11,23 +11,45 @@ that, as in a single store, the model at step ``T'`` uses a prefix of the rows.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 from typing import Any
 
+import h5py
 import numpy as np
 
 from lightning_dualform.errors import StoreError
-from lightning_dualform.float32_products import loosest
-from lightning_dualform.store import (
-    ROW_COLUMNS,
-    Coefficients,
-    LayerReader,
-    QuerySet,
-    StoreReader,
-    StoreView,
-    read_shard_index,
-)
+from lightning_dualform._float32_products import loosest
+from lightning_dualform.store import _h5
+from lightning_dualform.store.format import FORMAT_VERSION, ROW_COLUMNS, SHARDS_FORMAT
+from lightning_dualform.store.reader import Coefficients, LayerReader, QuerySet, StoreReader, StoreView
+
+
+def write_shard_index(path: str, shards: list[str]) -> None:
+    """A small file at ``path`` naming the per-rank stores of a DDP run (paths relative to it)."""
+    base = os.path.dirname(os.path.abspath(path))
+    tmp = path + ".creating"
+    with h5py.File(tmp, "w") as f:
+        f.attrs["format"] = SHARDS_FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["shards"] = json.dumps([os.path.relpath(os.path.abspath(s), base) for s in shards])
+    os.replace(tmp, path)
+
+
+def read_shard_index(path: str) -> list[str] | None:
+    """The shard files an index names (absolute paths), or None when ``path`` is not an index."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            if _h5.attr(f.attrs.get("format", "")) != SHARDS_FORMAT:
+                return None
+            names = json.loads(_h5.attr(f.attrs["shards"]))
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+    base = os.path.dirname(os.path.abspath(path))
+    return [os.path.join(base, n) for n in names]
+
+
 
 
 def open_store(path: str | os.PathLike, *, probe: bool = True) -> "StoreReader | ShardedStoreReader":

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_dualform.capture import CallRows
+from lightning_dualform.record.capture import CallRows
 
 INPUT_KEYS = ("x", "input", "inputs", "image", "images")
 LABEL_KEYS = ("label", "labels", "y", "target", "targets")

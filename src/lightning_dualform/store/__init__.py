@@ -1,0 +1,31 @@
+"""The HDF5 store: its layout (:mod:`.format`), encodings (:mod:`.filters`), the writer and its thread
+(:mod:`.writer`, :mod:`.background`), query sets (:mod:`.query_writer`), readers (:mod:`.reader`) and the
+shards of a DDP run (:mod:`.shards`).
+
+The layout is documented in ``docs/store-format.md``; this package is its only writer and the library's
+only way in. Nothing here knows about Lightning.
+"""
+
+from lightning_dualform.store.format import FORMAT_NAME, FORMAT_VERSION, ROW_COLUMNS, ROW_DTYPES, LayerSpec, StepRows
+from lightning_dualform.store.reader import Coefficients, LayerReader, QuerySet, StoreReader, StoreView
+from lightning_dualform.store.shards import ShardedStoreReader, open_store, read_shard_index, write_shard_index
+from lightning_dualform.store.writer import StoreWriter
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ROW_COLUMNS",
+    "ROW_DTYPES",
+    "Coefficients",
+    "LayerReader",
+    "LayerSpec",
+    "QuerySet",
+    "ShardedStoreReader",
+    "StepRows",
+    "StoreReader",
+    "StoreView",
+    "StoreWriter",
+    "open_store",
+    "read_shard_index",
+    "write_shard_index",
+]

@@ -1,0 +1,436 @@
+"""Reading a store: validate the file, then serve layers, per-step tables, coefficients and row blocks.
+
+Every reader of the library goes through :class:`StoreReader` (or its sharded twin in
+:mod:`~lightning_dualform.store.shards`). Low-level failures while reading become
+:class:`~lightning_dualform.errors.StoreError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+
+from lightning_dualform.errors import StoreError
+from lightning_dualform.optim import PARAM_COLUMNS, coefficients_with_buffer, plain_sgd_coefficients
+from lightning_dualform.store import _h5, _hdf5_nogil, _probe
+from lightning_dualform.store.filters import decode_rows
+from lightning_dualform.store.format import FORMAT_NAME, FORMAT_VERSION, ROW_COLUMNS, ROW_DTYPES, weights_crc32
+
+
+@dataclass
+class Coefficients:
+    """``W_end = a_w W_0 + sum_s c_w[s] G_s`` (and the same for the bias), indexed by update number."""
+
+    a_w: float
+    c_w: np.ndarray  # (S,)
+    a_b: float
+    c_b: np.ndarray  # (S,), zeros without bias
+    first_step: int  # global step of update number 0
+    end_step: int  # the model after this many updates (global step)
+    b_w: float = 0.0  # coefficient of the momentum buffer that existed before the first step (if any)
+    b_b: float = 0.0
+
+
+class LayerReader:
+    """Read access to one layer of a store."""
+
+    def __init__(self, store: "StoreReader", name: str, group: h5py.Group) -> None:
+        self.store = store
+        self.name = name
+        self._g = group
+        a = group.attrs
+        try:
+            self.kind = str(a["kind"])
+            self.d_in = int(a["d_in"])
+            self.d_out = int(a["d_out"])
+            self.has_bias = bool(a["has_bias"])
+            self.order = int(a["order"])
+            self.exact = bool(a.get("exact", True))
+            self.inexact_reason = str(a.get("inexact_reason", ""))
+            self.n_rows = int(group["committed_rows"][0])
+        except (KeyError, ValueError, TypeError, OSError) as err:
+            raise StoreError(f"{store.path}: layer {name!r} is missing its attributes or counters ({err}); the file is damaged.") from err
+        for col in ("keys", "values", *ROW_COLUMNS):
+            if col not in group:
+                raise StoreError(f"{store.path}: layer {name!r} has no {col!r} dataset; the file is damaged or not a store.")
+            if group[col].shape[0] < self.n_rows:
+                raise StoreError(
+                    f"{store.path}: layer {name!r} says {self.n_rows} rows are committed but {col!r} holds only "
+                    f"{group[col].shape[0]}; the file is truncated or inconsistent."
+                )
+        key_width = 1 if self.kind == "embedding" else self.d_in
+        if group["keys"].shape[1:] != (key_width,) or group["values"].shape[1:] != (self.d_out,):
+            raise StoreError(
+                f"{store.path}: layer {name!r} keys/values have shapes {group['keys'].shape}/{group['values'].shape}, "
+                f"expected (*, {key_width})/(*, {self.d_out}); the file is inconsistent."
+            )
+        self.attrs = {k: _h5.attr(v) for k, v in a.items()}
+
+    # -- weights ---------------------------------------------------------------------------------------
+    @_h5.guarded
+    def _array(self, name: str) -> np.ndarray | None:
+        return np.asarray(self._g[name][()], dtype=np.float32) if name in self._g else None
+
+    @property
+    def weight_init(self) -> np.ndarray:
+        return self._array("weight_init")
+
+    @property
+    def bias_init(self) -> np.ndarray | None:
+        return self._array("bias_init")
+
+    @property
+    def weight_final(self) -> np.ndarray | None:
+        return self._array("weight_final")
+
+    @property
+    def bias_final(self) -> np.ndarray | None:
+        return self._array("bias_final")
+
+    @_h5.guarded
+    def stored_memory_sums(self, end_step: int, n_rows: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """``sum_rows c_w v k^T`` and ``sum_rows c_b v`` as the certificate computed them (float64), when the
+        file holds them for exactly this end step, number of rows and final weights of a finished store;
+        otherwise None (the caller sums the rows)."""
+        g = self._g
+        if self.store.status != "complete" or "memory_weight" not in g or "weight_final" not in g:
+            return None
+        a = g.attrs
+        marks = {}
+        for key in ("memory_end_step", "memory_rows", "memory_weight_final_crc32"):
+            if key not in a:
+                return None
+            v = a[key]
+            if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
+                raise StoreError(f"{self.store.path}: layer {self.name!r} attribute {key!r} is {v!r}, not an integer; the file is damaged.")
+            marks[key] = int(v)
+        if (marks["memory_end_step"], marks["memory_rows"]) != (end_step, n_rows):
+            return None
+        # sums of other final weights: the rows were rewritten by a writer that did not know about them
+        if marks["memory_weight_final_crc32"] != weights_crc32(self.weight_final):
+            return None
+        w = self._checked_sum("memory_weight", (self.d_out, self.d_in))
+        b = self._checked_sum("memory_bias", (self.d_out,)) if self.has_bias else None
+        return w, b
+
+    def _checked_sum(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        ds = self._g.get(name)
+        if not isinstance(ds, h5py.Dataset) or ds.shape != shape or ds.dtype.kind != "f":
+            got = f"{ds.shape} {ds.dtype}" if isinstance(ds, h5py.Dataset) else repr(ds)
+            raise StoreError(
+                f"{self.store.path}: layer {self.name!r} dataset {name!r} is {got}, expected float {shape}; the file is damaged."
+            )
+        data = np.asarray(ds[()], dtype=np.float64)
+        if not np.isfinite(data).all():
+            raise StoreError(f"{self.store.path}: layer {self.name!r} dataset {name!r} holds NaN or inf; the file is damaged.")
+        return data
+
+    @property
+    def weight_residual(self) -> np.ndarray | None:
+        return self._array("weight_residual")
+
+    @property
+    def bias_residual(self) -> np.ndarray | None:
+        return self._array("bias_residual")
+
+    # -- coefficients ----------------------------------------------------------------------------------
+    @_h5.guarded
+    def updates(self) -> dict[str, Any]:
+        """The committed per-step tables: ``step``, ``grad_scale``, and a column dict per parameter."""
+        n = self.store.n_steps
+        ug = self._g["updates"]
+        out: dict[str, Any] = {"step": self.store.update_steps, "grad_scale": np.asarray(ug["grad_scale"][:n])}
+        for pname in ("weight", "bias"):
+            if pname in ug:
+                out[pname] = {col: np.asarray(ug[pname][col][:n]) for col in PARAM_COLUMNS}
+        return out
+
+    def coefficients(self, at_step: int | None = None) -> Coefficients:
+        """Scalars rebuilding the layer as it was after ``at_step`` optimizer steps (default: the end)."""
+        u = self.updates()
+        steps = u["step"]
+        first = int(steps[0]) if len(steps) else 0
+        last = first + len(steps)
+        end = last if at_step is None else int(at_step)
+        if not first <= end <= last:
+            raise ValueError(
+                f"at_step={at_step} is outside what {self.store.path} covers: steps {first}..{last} "
+                f"(the model after {first} to {last} optimizer steps)."
+            )
+        n_used = end - first
+
+        def param(pname: str) -> tuple[float, float, np.ndarray]:
+            if pname not in u:
+                return 1.0, 0.0, np.zeros(len(steps))
+            t = u[pname]
+            if self.store.optimizer_exact:
+                return coefficients_with_buffer(t, u["grad_scale"], n_used)
+            a, c = plain_sgd_coefficients(t["lr"], u["grad_scale"], t["applied"], n_used)
+            return a, 0.0, c
+
+        a_w, b_w, c_w = param("weight")
+        a_b, b_b, c_b = param("bias")
+        return Coefficients(a_w, c_w, a_b, c_b, first, end, b_w, b_b)
+
+    def base_weights(
+        self, at_step: int | None = None, coef: Coefficients | None = None, with_residual: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The part of the weights that the memory does not hold: ``a W_0 (+ b buf_0)``, and the same for
+        the bias; for a store of an inexact run at its end, the stored residual is added too.
+
+        ``W_T q = base_weight q + base_bias + sum_rows (c_w (k.q) + c_b) v``.
+        """
+        coef = coef or self.coefficients(at_step)
+        w = coef.a_w * self.weight_init.astype(np.float64)
+        if coef.b_w and "weight_buffer_init" in self._g:
+            w += coef.b_w * self._array("weight_buffer_init")
+        b = None
+        if self.has_bias:
+            b = coef.a_b * self.bias_init.astype(np.float64)
+            if coef.b_b and "bias_buffer_init" in self._g:
+                b += coef.b_b * self._array("bias_buffer_init")
+        if with_residual and coef.end_step == self.store.last_step and not self.store.optimizer_exact:
+            if self.weight_residual is not None:
+                w += self.weight_residual
+            if b is not None and self.bias_residual is not None:
+                b += self.bias_residual
+        return w, b
+
+    @_h5.guarded
+    def rows_before(self, step: int) -> int:
+        """Number of leading rows recorded before optimizer step ``step`` (rows are in step order)."""
+        if self.n_rows == 0:
+            return 0
+        col = self._g["step"]
+        lo, hi = 0, self.n_rows  # binary search on disk: never loads the whole column
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if int(col[mid]) < step:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    # -- rows ------------------------------------------------------------------------------------------
+    @_h5.guarded
+    def read(self, start: int, stop: int, columns: tuple[str, ...] = ("keys", "values", *ROW_COLUMNS)) -> dict[str, np.ndarray]:
+        """Rows ``start:stop`` of the committed rows; keys/values decoded to float32."""
+        stop = min(stop, self.n_rows)
+        out: dict[str, np.ndarray] = {}
+        for col in columns:
+            if col == "tokens":  # an embedding's stored token ids, (n,)
+                out[col] = self._g["keys"][start:stop, 0]
+                continue
+            # the bulk columns are read without holding the GIL (the prefetch thread reads while torch runs)
+            data = _hdf5_nogil.read_rows(self._g[col], start, stop) if col in ("keys", "values") else self._g[col][start:stop]
+            if col == "keys" and self.kind == "embedding":
+                onehot = np.zeros((len(data), self.d_in), dtype=np.float32)
+                ids = data[:, 0]
+                if len(ids) and (ids.min() < 0 or ids.max() >= self.d_in):
+                    raise StoreError(f"{self.store.path}: layer {self.name!r} holds token ids outside 0..{self.d_in - 1}.")
+                onehot[np.arange(len(data)), ids] = 1.0
+                out[col] = onehot
+            else:
+                out[col] = decode_rows(data, self.store.row_dtype) if col in ("keys", "values") else data
+        return out
+
+
+class StoreView:
+    """What every opened store offers beyond its files: layers by name, the step range, status.
+
+    Subclasses set ``path``, ``status``, ``n_steps``, ``first_step`` and ``_layers`` (name -> layer reader).
+    """
+
+    path: str
+    status: str
+    n_steps: int
+    _layers: dict[str, Any]
+
+    @property
+    def layers(self) -> list[str]:
+        """Tracked layer names, in model order."""
+        return list(self._layers)
+
+    @property
+    def last_step(self) -> int:
+        """The model after this many optimizer steps is the latest the store can rebuild."""
+        return self.first_step + self.n_steps
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    def layer(self, name: str) -> Any:
+        try:
+            return self._layers[name]
+        except KeyError:
+            raise KeyError(f"unknown layer {name!r}; this store has {self.layers}") from None
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class StoreReader(StoreView):
+    """A store opened for reading. Validates the file before anything else touches it.
+
+    Raises:
+        StoreError: the path is missing, not HDF5, not a lightning-dualform store, from a newer
+            format version, or internally inconsistent.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, probe: bool = True) -> None:
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise StoreError(f"{self.path}: no such file. Pass the path of a store written by DualFormCallback.")
+        if os.path.isdir(self.path):
+            raise StoreError(f"{self.path}: is a directory, not a store file.")
+        if probe:
+            with open(self.path, "rb") as fh:
+                is_hdf5 = fh.read(8) == b"\x89HDF\r\n\x1a\n"
+            problem = _probe.probe(self.path) if is_hdf5 else None
+            if problem is not None:
+                raise StoreError(f"{self.path}: damaged HDF5 file: {problem}.")
+        try:
+            self._f = h5py.File(self.path, "r", swmr=True, locking=False)
+        except OSError:
+            try:
+                self._f = h5py.File(self.path, "r", locking=False)
+            except OSError as err:
+                raise StoreError(f"{self.path}: not a readable HDF5 file ({_h5.short(err)}). Is it a lightning-dualform store, and complete?") from err
+        try:
+            self._validate()
+        except StoreError:
+            self._f.close()
+            raise
+        except Exception as err:  # h5py raises many kinds on damaged files; none may escape raw
+            self._f.close()
+            raise StoreError(f"{self.path}: damaged store ({type(err).__name__}: {_h5.short(err)}).") from err
+
+    def _validate(self) -> None:
+        a = self._f.attrs
+        if _h5.attr(a.get("format", "")) != FORMAT_NAME:
+            raise StoreError(f"{self.path}: an HDF5 file but not a lightning-dualform store (no format='{FORMAT_NAME}' attribute).")
+        version = int(a.get("format_version", -1))
+        if version > FORMAT_VERSION:
+            raise StoreError(
+                f"{self.path}: store format version {version} is newer than this library reads ({FORMAT_VERSION}); "
+                "upgrade lightning-dualform."
+            )
+        if version < 1:
+            raise StoreError(f"{self.path}: invalid store format version {version}.")
+        self.attrs = {k: _h5.attr(v) for k, v in a.items()}
+        self.row_dtype = str(self.attrs.get("row_dtype", "float32"))
+        if self.row_dtype not in ROW_DTYPES:
+            raise StoreError(f"{self.path}: unknown row dtype {self.row_dtype!r}.")
+        self.status = str(self.attrs.get("status", "unknown"))
+        self.optimizer = json.loads(self.attrs.get("optimizer", "{}") or "{}")
+        self.optimizer_exact = bool(self.attrs.get("optimizer_exact", True))
+        self.n_steps = int(self._f["committed_steps"][0])
+        if self._f["update_step"].shape[0] < self.n_steps:
+            raise StoreError(f"{self.path}: {self.n_steps} steps committed but the step table is shorter; the file is truncated.")
+        self.update_steps = np.asarray(self._f["update_step"][: self.n_steps])
+        self.update_epochs = np.asarray(self._f["update_epoch"][: self.n_steps])
+        if len(self.update_steps) and np.any(np.diff(self.update_steps) != 1):
+            raise StoreError(f"{self.path}: the step table is not consecutive; the file is inconsistent.")
+        order = json.loads(self.attrs.get("layer_order", "[]"))
+        lg = self._f["layers"]
+        names = [n for n in order if n in lg] + sorted(n for n in lg if n not in order)
+        self._layers = {n: LayerReader(self, n, lg[n]) for n in names}
+        self._input_pos: dict[int, int] | None = None
+        for layer in self._layers.values():
+            ug = layer._g["updates"]
+            if ug["grad_scale"].shape[0] < self.n_steps:
+                raise StoreError(f"{self.path}: layer {layer.name!r} has fewer update records than committed steps.")
+
+    @property
+    def first_step(self) -> int:
+        return int(self.update_steps[0]) if len(self.update_steps) else 0
+
+    @property
+    def n_inputs(self) -> int:
+        """How many training examples have their raw input stored."""
+        return int(self._f["inputs"]["committed"][0]) if "inputs" in self._f else 0
+
+    @property
+    def query_splits(self) -> list[str]:
+        """Names of the recorded query sets (e.g. ``["test"]``)."""
+        return sorted(self._f["queries"]) if "queries" in self._f else []
+
+    def queries(self, split: str) -> "QuerySet":
+        if split not in self.query_splits:
+            raise KeyError(
+                f"{self.path} has no query set {split!r}; it has {self.query_splits or 'none'}. Record one with "
+                f"DualFormCallback(record_queries=({split!r},)) and trainer.{ {'test': 'test', 'validate': 'validate'}.get(split, 'predict') }(...)."
+            )
+        return QuerySet(self, split, self._f["queries"][split])
+
+    @_h5.guarded
+    def train_inputs(self, indices: np.ndarray) -> np.ndarray | None:
+        """Raw inputs of training examples by dataset index (None where the store has none).
+
+        Returns an array ``(len(indices), *input_shape)``; unknown indices give NaN rows (float) or zeros.
+        """
+        if "inputs" not in self._f:
+            return None
+        ig = self._f["inputs"]
+        n = int(ig["committed"][0])
+        if self._input_pos is None:
+            stored = np.asarray(ig["index"][:n])
+            self._input_pos = dict(zip(stored.tolist(), range(n)))
+        pos = [self._input_pos.get(int(i), -1) for i in np.asarray(indices).reshape(-1)]
+        data = ig["data"]
+        out = np.zeros((len(pos), *data.shape[1:]), dtype=data.dtype)
+        if np.issubdtype(out.dtype, np.floating):
+            out[:] = np.nan
+        for j, p in enumerate(pos):
+            if p >= 0:
+                out[j] = data[p]
+        return out
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class QuerySet:
+    """The query inputs recorded for one split (``trainer.test`` etc.)."""
+
+    def __init__(self, store: StoreReader, split: str, group: h5py.Group) -> None:
+        self.path = store.path
+        self.split = split
+        self._g = group
+        try:
+            self.index = np.asarray(group["index"][()])
+            self.label = np.asarray(group["label"][()])
+            self.prediction = np.asarray(group["prediction"][()])
+        except KeyError as err:
+            raise StoreError(f"{store.path}: query set {split!r} is incomplete ({err}).") from err
+        self.n = len(self.index)
+        if len(self.label) != self.n or len(self.prediction) != self.n:
+            raise StoreError(f"{store.path}: query set {split!r} has inconsistent lengths.")
+        self.layers = list(group["layers"]) if "layers" in group else []
+
+    @property
+    @_h5.guarded
+    def inputs(self) -> np.ndarray | None:
+        """Raw inputs ``(n, *shape)`` of the query examples, when they were recorded."""
+        return np.asarray(self._g["inputs"][()]) if "inputs" in self._g else None
+
+    @_h5.guarded
+    def layer_rows(self, layer: str) -> dict[str, np.ndarray]:
+        """``keys (R, d_in)``, ``example (R,)`` (query number), ``position (R,)`` and ``label (R,)``
+        (the row's own label, per position for sequences; -1 when none) of one layer."""
+        if layer not in self.layers:
+            raise KeyError(f"query set {self.split!r} has no rows for layer {layer!r}; it has {self.layers}")
+        g = self._g["layers"][layer]
+        return {k: np.asarray(g[k][()]) for k in ("keys", "example", "position", "label") if k in g}
