@@ -4,16 +4,24 @@
 Frobenius error against the stored final weights is the certificate; it is written into the store.
 For an inexact run (``exact=False``) the residual ``W_final - W_rebuilt`` is stored too, so that answers
 can add it back and say how much of the output the memory explains.
+
+Writing it is a phase of its own after the finalisation: under the store's writer lock, each layer's
+certificate is computed from the rows (read only) and then written in one all-or-nothing write session
+(:mod:`lightning_dualform.store._journal`). A kill or a full disk leaves a complete store whose
+certificate is missing for some layers (:func:`missing_certificate` says which), never a half-written
+one; :func:`certify_store` (``lightning-dualform verify --write-certificate``) writes it again at any time.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
-import h5py
+import numpy as np
 import torch
 
-from lightning_dualform.store import _h5
+from lightning_dualform.errors import StoreError
+from lightning_dualform.store import _h5, _journal
+from lightning_dualform.store._lock import WriterLock
 from lightning_dualform.store.format import MEMORY_SUM_MAX_ELEMENTS, weights_crc32
 from lightning_dualform.store.reader import Coefficients, LayerReader, StoreReader
 
@@ -105,64 +113,101 @@ def _rel(err: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.norm(err)) / denom if denom > 0 else float(torch.linalg.norm(err))
 
 
-def certify_store(path: str, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
+def missing_certificate(store: Any) -> list[str]:
+    """Layers of a complete store whose certificate is not written (empty for an unfinished store: its
+    certificate comes at fit end)."""
+    if not store.complete:
+        return []
+    return [n for n in store.layers if not store.layer(n).has_certificate]
+
+
+def sums_rebuild_error(layer: LayerReader, coef: Coefficients, sums: tuple[np.ndarray, np.ndarray | None]) -> float:
+    """Relative error of the final weights rebuilt from the certificate's stored sums (``a W_0 + sums``, plus
+    the stored residual of an inexact store) against the stored final weights: what ``attend`` relies on
+    when it takes ``dual``'s memory part from the sums. A few vector operations, no pass over the rows."""
+    w_base, b_base = layer.base_weights(coef=coef, with_residual=True)
+    err = np.linalg.norm(w_base + sums[0] - layer.weight_final.astype(np.float64))
+    ref = np.linalg.norm(layer.weight_final.astype(np.float64))
+    if b_base is not None and sums[1] is not None and layer.bias_final is not None:
+        bf = layer.bias_final.astype(np.float64)
+        err = max(err / max(ref, 1e-300), np.linalg.norm(b_base + sums[1] - bf) / max(np.linalg.norm(bf), 1e-300))
+        return float(err)
+    return float(err / max(ref, 1e-300))
+
+
+def certify_store(
+    path: str, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, *, probe: bool = False
+) -> dict[str, dict[str, float]]:
     """Compute, store and return each layer's certificate (``all_reduce``: see :func:`rebuild_weights`).
 
     Each layer also keeps the memory's sums (:func:`memory_sums`, float64, tied to its row count, end step and
     final weights) for ``DualInference.attend``; layers are done one at a time, so at most one layer's sums
-    are held in memory.
+    are held in memory. Each layer's results are written in one all-or-nothing write session under the
+    store's writer lock; running it again replaces them.
+
+    Args:
+        probe: walk the file's structure in a child process first (a file this process did not just write).
 
     Returns:
         ``{layer: {"rel_err", "rel_err_weight", "rel_err_bias", "explained", "exact"}}``; ``explained`` is
         ``1 - ||residual|| / ||W_final||`` (1.0 for an exact store).
+
+    Raises:
+        StoreError: the store is not complete (no final weights to certify against) or is damaged.
+        StoreBusyError: another process writes the store.
     """
     results: dict[str, dict[str, float]] = {}
-    with StoreReader(path, probe=False) as store:  # our own file, just written
-        names = list(store.layers)
-    for name in names:
-        with StoreReader(path, probe=False) as store:
-            tol = store_tolerance(store)
-            layer = store.layer(name)
-            if layer.weight_final is None:
-                continue
-            coef, mw, mb = memory_sums(layer, all_reduce=all_reduce)
-            rows = torch.tensor([float(layer.rows_before(coef.end_step))], dtype=torch.float64)
-            rows = all_reduce(rows) if all_reduce is not None else rows
-            w, b = _with_base(layer, coef, mw, mb)
-            wf32 = layer.weight_final
-            wf = torch.from_numpy(wf32).double()
-            rw = wf - w
-            err_w = _rel(rw, wf)
-            err_b = 0.0
-            rb = None
-            if b is not None:
-                bf = torch.from_numpy(layer.bias_final).double()
-                rb = bf - b
-                err_b = _rel(rb, bf)
-            err = max(err_w, err_b)
-            cert = {
-                "rel_err": err,
-                "rel_err_weight": err_w,
-                "rel_err_bias": err_b,
-                "explained": max(0.0, 1.0 - err),
-                "tolerance": tol,
-                "exact": bool(err <= tol and layer.exact and store.optimizer_exact),
-            }
-            inexact_store = not store.optimizer_exact
-        results[name] = cert
-        with h5py.File(path, "r+") as f:
-            g = f["layers"][name]
-            for k, v in cert.items():
-                g.attrs[f"certificate_{k}"] = v
-            if mw.numel() <= MEMORY_SUM_MAX_ELEMENTS:  # attend's `dual` reuses them instead of summing rows
-                _h5.replace(g, "memory_weight", mw.numpy())
-                if mb is not None:
-                    _h5.replace(g, "memory_bias", mb.numpy())
-                g.attrs["memory_end_step"] = int(coef.end_step)
-                g.attrs["memory_rows"] = int(rows)
-                g.attrs["memory_weight_final_crc32"] = weights_crc32(wf32)
-            if inexact_store:
-                _h5.replace(g, "weight_residual", rw.float().numpy())
-                if rb is not None:
-                    _h5.replace(g, "bias_residual", rb.float().numpy())
+    with WriterLock.acquire(path, "certificate") as lock:
+        with StoreReader(path, probe=probe) as store:
+            names = list(store.layers)
+            if not store.complete:
+                raise StoreError(f"{path}: the store is not complete (status {store.status!r}); a certificate needs the final weights.")
+        for name in names:
+            lock.set_phase(f"certificate: computing {name}")
+            with StoreReader(path, probe=False) as store:  # reopened per layer: the last session changed the file
+                tol = store_tolerance(store)
+                layer = store.layer(name)
+                if layer.weight_final is None:
+                    continue
+                coef, mw, mb = memory_sums(layer, all_reduce=all_reduce)
+                rows = torch.tensor([float(layer.rows_before(coef.end_step))], dtype=torch.float64)
+                rows = all_reduce(rows) if all_reduce is not None else rows
+                w, b = _with_base(layer, coef, mw, mb)
+                wf32 = layer.weight_final
+                wf = torch.from_numpy(wf32).double()
+                rw = wf - w
+                err_w = _rel(rw, wf)
+                err_b = 0.0
+                rb = None
+                if b is not None:
+                    bf = torch.from_numpy(layer.bias_final).double()
+                    rb = bf - b
+                    err_b = _rel(rb, bf)
+                err = max(err_w, err_b)
+                cert = {
+                    "rel_err": err,
+                    "rel_err_weight": err_w,
+                    "rel_err_bias": err_b,
+                    "explained": max(0.0, 1.0 - err),
+                    "tolerance": tol,
+                    "exact": bool(err <= tol and layer.exact and store.optimizer_exact),
+                }
+                inexact_store = not store.optimizer_exact
+            results[name] = cert
+            lock.set_phase(f"certificate: writing {name}")
+            with _journal.write_session(path, f"certificate of {name}") as f:
+                g = f["layers"][name]
+                for k, v in cert.items():
+                    g.attrs[f"certificate_{k}"] = v
+                if mw.numel() <= MEMORY_SUM_MAX_ELEMENTS:  # attend's `dual` reuses them instead of summing rows
+                    _h5.replace(g, "memory_weight", mw.numpy())
+                    if mb is not None:
+                        _h5.replace(g, "memory_bias", mb.numpy())
+                    g.attrs["memory_end_step"] = int(coef.end_step)
+                    g.attrs["memory_rows"] = int(rows)
+                    g.attrs["memory_weight_final_crc32"] = weights_crc32(wf32)
+                if inexact_store:
+                    _h5.replace(g, "weight_residual", rw.float().numpy())
+                    if rb is not None:
+                        _h5.replace(g, "bias_residual", rb.float().numpy())
     return results

@@ -17,6 +17,8 @@ FORMAT_NAME = "lightning-dualform"
 FORMAT_VERSION = 1
 
 ROW_DTYPES = ("float32", "float16", "bfloat16")
+#: the kinds of layer a store records (``docs/store-format.md``, "Layer kinds")
+LAYER_KINDS = ("linear", "conv1d", "conv2d", "embedding")
 #: Per-row metadata columns: name -> numpy dtype.
 ROW_COLUMNS = {"step": np.int64, "epoch": np.int32, "index": np.int64, "position": np.int32, "label": np.int64}
 #: The certificate's sums of a layer's memory, ``sum_rows c_w v k^T`` and ``sum_rows c_b v`` (float64), kept for
