@@ -195,7 +195,9 @@ def certify_store(
                 inexact_store = not store.optimizer_exact
             results[name] = cert
             lock.set_phase(f"certificate: writing {name}")
-            with _journal.write_session(path, f"certificate of {name}") as f:
+            nbytes = (8 * (mw.numel() + (mb.numel() if mb is not None else 0)) if mw.numel() <= MEMORY_SUM_MAX_ELEMENTS else 0) \
+                + (4 * (rw.numel() + (rb.numel() if rb is not None else 0)) if inexact_store else 0)
+            with _journal.write_session(path, f"certificate of {name}", reserve=nbytes + (64 << 10)) as f:
                 g = f["layers"][name]
                 for k, v in cert.items():
                     g.attrs[f"certificate_{k}"] = v

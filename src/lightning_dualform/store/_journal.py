@@ -34,6 +34,10 @@ import zlib
 import h5py
 
 from lightning_dualform.errors import StoreError
+from lightning_dualform.store._space import SpaceReserve, reserve_fd
+
+#: bytes reserved for a session's journal up front (plus 1/256 of the store)
+JOURNAL_RESERVE = 1 << 20
 
 JOURNAL_SUFFIX = ".journal"
 _MAGIC = b"LDFJRNL1"
@@ -112,13 +116,20 @@ class _UndoFile(io.RawIOBase):
         self._pos = 0
         self._saved = _Saved()
         self.failed: BaseException | None = None
+        self.space: SpaceReserve | None = None
         try:
+            # room for the journal itself (the old bytes HDF5 overwrites: its metadata) and for HDF5's
+            # metadata writes, taken before HDF5 writes anything (see _space.py: HDF5 must never meet a full disk)
+            self.space = SpaceReserve(path)
+            self.space.ensure(0)
+            reserve_fd(self._jfd, self._jpath, JOURNAL_RESERVE + self.size0 // 256)
             name = phase.encode()[:200]
             os.write(self._jfd, _HEADER.pack(_MAGIC, self.size0, zlib.crc32(name)) + struct.pack("<H", len(name)) + name)
             os.fsync(self._jfd)
             fsync_dir(path)  # the journal exists on disk before the store changes
         except BaseException:
             self._close_fds()
+            self._release_space()
             _remove(self._jpath)
             raise
 
@@ -138,7 +149,7 @@ class _UndoFile(io.RawIOBase):
         elif whence == 1:
             self._pos += offset
         else:
-            self._pos = os.fstat(self._fd).st_size + offset
+            self._pos = (os.fstat(self._fd).st_size if self._fd is not None else self.size0) + offset
         return self._pos
 
     def tell(self) -> int:
@@ -146,6 +157,10 @@ class _UndoFile(io.RawIOBase):
 
     def readinto(self, buf) -> int:  # type: ignore[override]
         view = memoryview(buf).cast("B")
+        if self._fd is None:  # after the rollback: HDF5 is only closing
+            view[:] = b"\0" * len(view)
+            self._pos += len(view)
+            return len(view)
         n = 0
         while n < len(view):
             got = os.preadv(self._fd, [view[n:]], self._pos + n)
@@ -156,8 +171,12 @@ class _UndoFile(io.RawIOBase):
         return n
 
     def write(self, data) -> int:  # type: ignore[override]
-        self._check()
         view = memoryview(data).cast("B")
+        if self.failed is not None:
+            # The session is being rolled back, so what HDF5 writes now is void; accepting it lets HDF5
+            # finish closing the file. Refusing it leaves the file open inside HDF5, which then flushes it
+            # again at interpreter exit, through this object, during shutdown (measured: a crash).
+            return len(view)
         a, b = self._pos, self._pos + len(view)
         try:
             if a < self.size0:
@@ -172,8 +191,9 @@ class _UndoFile(io.RawIOBase):
         return len(view)
 
     def truncate(self, size: int | None = None) -> int:
-        self._check()
         size = self._pos if size is None else size
+        if self.failed is not None:
+            return size  # void: see write
         try:
             if size < self.size0:
                 self._save(size, self.size0)
@@ -203,6 +223,7 @@ class _UndoFile(io.RawIOBase):
             if orig:
                 records.append(_RECORD.pack(s, len(orig), zlib.crc32(orig)) + orig)
         blob = b"".join(records)
+        reserve_fd(self._jfd, self._jpath, len(blob))
         n = 0
         while n < len(blob):
             n += os.write(self._jfd, blob[n:])
@@ -217,12 +238,22 @@ class _UndoFile(io.RawIOBase):
         self._close_fds()
         os.unlink(self._jpath)
         fsync_dir(self.path)
+        self._release_space()
+
+    def _release_space(self) -> None:
+        space, self.space = self.space, None
+        if space is not None:
+            try:
+                space.release()
+            except OSError:
+                pass
 
     def abandon(self) -> None:
         """Stop all writes and roll the file back to how the session found it."""
         if self.failed is None:
             self.failed = StoreError("rolled back")
         self._close_fds()
+        self._release_space()
         rollback(self.path)
 
     def _close_fds(self) -> None:
@@ -311,10 +342,11 @@ class WriteSession:
     it commits when the block ends normally and aborts (then re-raises) on an exception, a full disk included.
     """
 
-    def __init__(self, path: str, phase: str) -> None:
+    def __init__(self, path: str, phase: str, reserve: int = 0) -> None:
         self.path = path
         self._undo = _UndoFile(path, phase)
         try:
+            self.reserve(reserve)
             self.file: h5py.File | None = h5py.File(self._undo, "r+", libver="latest")
         except BaseException:
             self._undo.abandon()
@@ -323,6 +355,16 @@ class WriteSession:
     @property
     def open(self) -> bool:
         return self.file is not None
+
+    def reserve(self, nbytes: int) -> None:
+        """Reserve room for the next ``nbytes`` that HDF5 will write past the end of the file (call it
+        before writing them).
+
+        Raises:
+            DiskFullError: the disk cannot hold them; nothing was written (the caller aborts the session).
+        """
+        if self._undo.space is not None:
+            self._undo.space.ensure(int(nbytes))
 
     def commit(self) -> None:
         if self.file is None:
@@ -363,6 +405,9 @@ class WriteSession:
             self.abort()
 
 
-def write_session(path: str, phase: str) -> WriteSession:
-    """``with write_session(path, "finalisation") as f: ...``: see :class:`WriteSession`."""
-    return WriteSession(path, phase)
+def write_session(path: str, phase: str, reserve: int = 0) -> WriteSession:
+    """``with write_session(path, "finalisation", reserve=nbytes) as f: ...``: see :class:`WriteSession`.
+
+    ``reserve``: bytes the session will add to the file (reserved before HDF5 opens it; a full disk then
+    fails here, before anything changed)."""
+    return WriteSession(path, phase, reserve)

@@ -86,9 +86,12 @@ class SpaceReserve:
         # reserve ahead (an eighth of the file, at most WINDOW), so that most calls end above
         target = need_to + min(WINDOW, max(size // 8, int(nbytes)))
         if self._mode == "fallocate":
-            if self._reserve(size, target - size) or self._reserve(size, need_to - size):
-                self._reserved_to = target
-                return
+            for end in (target, need_to):  # ahead if the disk allows, else just what is needed
+                if self._reserve(size, end - size):
+                    self._reserved_to = end
+                    return
+                if self._mode != "fallocate":
+                    break
             if self._mode == "fallocate":
                 raise DiskFullError(self.path, need_to - size)
         st = os.statvfs(self.path)
@@ -118,3 +121,19 @@ class SpaceReserve:
                 _fallocate()(fd, _PUNCH_HOLE | _KEEP_SIZE, size, self._reserved_to - size)
         finally:
             os.close(fd)
+
+
+def reserve_fd(fd: int, path: str, nbytes: int) -> None:
+    """Reserve ``nbytes`` past the end of the open file ``fd`` (best effort where ``fallocate`` is missing).
+
+    Raises:
+        DiskFullError: the disk cannot hold them.
+    """
+    fn = _fallocate()
+    if fn is None:
+        return
+    size = os.fstat(fd).st_size
+    if fn(fd, _KEEP_SIZE, size, int(nbytes)) != 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOSPC:
+            raise DiskFullError(path, int(nbytes))

@@ -35,7 +35,7 @@ class QueryWriter:
         try:
             _repair.check_regular_file(path)
             _repair.recover_for_write(path)
-            self._session = _journal.write_session(path, f"recording of the {split!r} queries")
+            self._session = _journal.write_session(path, f"recording of the {split!r} queries", reserve=256 << 10)
             self.file = self._session.file
             qg = self.file.require_group("queries")
             if split in qg:
@@ -64,6 +64,9 @@ class QueryWriter:
         if self._session is None or not self._session.open:
             raise RuntimeError(f"{self.path}: the {self.split!r} query recording was closed or rolled back.")
         try:
+            nbytes = 24 * len(index) + (inputs.nbytes if inputs is not None else 0)
+            nbytes += sum(4 * k.size + 20 * len(k) for k, *_ in rows.values())
+            self._session.reserve(2 * nbytes + (64 << 10))  # never let HDF5 meet a full disk (see _space.py)
             self._add_batch(index, label, prediction, inputs, rows)
         except BaseException:
             self.abort()

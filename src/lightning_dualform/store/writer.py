@@ -644,7 +644,8 @@ class StoreWriter:
             self.commit()
             self._release(close_file=True, keep_lock=True)
             self._lock.set_phase("finalisation")
-            with _journal.write_session(self.path, "finalisation") as f:
+            nbytes = sum(4 * (np.size(w) + (np.size(b) if b is not None else 0)) for w, b in final_weights.values())
+            with _journal.write_session(self.path, "finalisation", reserve=nbytes + 64 * 1024 * len(final_weights)) as f:
                 for name, (w, b) in final_weights.items():
                     g = f["layers"][name]
                     _h5.replace(g, "weight_final", np.asarray(w, dtype=np.float32))
