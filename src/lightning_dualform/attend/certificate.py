@@ -22,7 +22,7 @@ import torch
 from lightning_dualform.errors import StoreError
 from lightning_dualform.store import _h5, _journal
 from lightning_dualform.store._lock import WriterLock
-from lightning_dualform.store.format import MEMORY_SUM_MAX_ELEMENTS, weights_crc32
+from lightning_dualform.store.format import MEMORY_SUM_MAX_ELEMENTS, tables_crc32, weights_crc32
 from lightning_dualform.store.reader import Coefficients, LayerReader, StoreReader
 
 #: Relative error of the rebuilt weights up to which a store counts as exact, by stored row dtype ...
@@ -113,6 +113,11 @@ def _rel(err: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.norm(err)) / denom if denom > 0 else float(torch.linalg.norm(err))
 
 
+def tables_crc32_of(tables: dict[str, Any]) -> int:
+    """:func:`~lightning_dualform.store.format.tables_crc32` of :meth:`LayerReader.updates`."""
+    return tables_crc32(tables["step"], tables["grad_scale"], {p: tables[p] for p in ("weight", "bias") if p in tables})
+
+
 def missing_certificate(store: Any) -> list[str]:
     """Layers of a complete store whose certificate is not written (empty for an unfinished store: its
     certificate comes at fit end)."""
@@ -193,6 +198,7 @@ def certify_store(
                     "exact": bool(err <= tol and layer.exact and store.optimizer_exact),
                 }
                 inexact_store = not store.optimizer_exact
+                tables = layer.updates()
             results[name] = cert
             lock.set_phase(f"certificate: writing {name}")
             nbytes = (8 * (mw.numel() + (mb.numel() if mb is not None else 0)) if mw.numel() <= MEMORY_SUM_MAX_ELEMENTS else 0) \
@@ -208,6 +214,7 @@ def certify_store(
                     g.attrs["memory_end_step"] = int(coef.end_step)
                     g.attrs["memory_rows"] = int(rows)
                     g.attrs["memory_weight_final_crc32"] = weights_crc32(wf32)
+                g.attrs["memory_tables_crc32"] = tables_crc32_of(tables)
                 if inexact_store:
                     _h5.replace(g, "weight_residual", rw.float().numpy())
                     if rb is not None:

@@ -407,12 +407,21 @@ def _parse_layers(values: list[str] | None, known: list[str]) -> list[str] | Non
 # ------------------------------------------------------------------------------------------------------
 def store_facts(path: str) -> dict[str, Any]:
     """What ``info`` shows, as plain data (also its ``--json``)."""
-    from lightning_dualform.store.reader import StoreReader
     from lightning_dualform.store.shards import read_shard_index
 
     shards = read_shard_index(path)
-    if shards is not None:  # a DDP run's index file: describe each rank's store
-        return {"path": path, "shards": [store_facts(s) for s in shards]}
+    if shards is not None:  # a DDP run's index file: describe each rank's store (never an index again)
+        missing = [sh for sh in shards if not os.path.exists(sh)]
+        if missing:
+            raise StoreError(f"{path}: the DDP index names shard files that are missing: {missing}.")
+        return {"path": path, "shards": [_store_facts(sh) for sh in shards]}
+    return _store_facts(path)
+
+
+def _store_facts(path: str) -> dict[str, Any]:
+    from lightning_dualform.attend.certificate import missing_certificate
+    from lightning_dualform.store.reader import StoreReader
+
     with StoreReader(path) as s:
         a = s.attrs
         layers = []
@@ -454,6 +463,8 @@ def store_facts(path: str) -> dict[str, Any]:
             "train_inputs": s.train_inputs(np.array([-1])) is not None,
             "layers": layers,
             "queries": queries,
+            "certificate_missing": missing_certificate(s),
+            "repairs": list(s.repairs),
         }
 
 
@@ -526,8 +537,10 @@ def render_info(f: dict[str, Any]) -> str:
         if "rel_err" in c:
             verdict = "exact" if c.get("exact") else "INEXACT"
             cert = f"{c['rel_err']:.2e} ({verdict}, tol {c.get('tolerance', float('nan')):.0e})"
+        elif f["status"] == "complete":
+            cert = "MISSING (write it: lightning-dualform verify --write-certificate)"
         else:
-            cert = "none (run unfinished or certify=False)"
+            cert = "none yet (the run is unfinished)"
         rows.append([lay["name"], lay["kind"], f"{lay['d_in']} -> {lay['d_out']}", "yes" if lay["bias"] else "no",
                      lay["rows"], cert])
     out.append(table(["layer", "kind", "shape", "bias", "rows", "certificate (rel. err. of rebuilt weights)"], rows))

@@ -105,6 +105,7 @@ class _UndoFile(io.RawIOBase):
     def __init__(self, path: str, phase: str) -> None:
         super().__init__()
         self.path = path
+        self.phase = phase
         self._fd = os.open(path, os.O_RDWR)
         self.size0 = os.fstat(self._fd).st_size
         self._jpath = journal_path(path)
@@ -345,6 +346,7 @@ class WriteSession:
     def __init__(self, path: str, phase: str, reserve: int = 0) -> None:
         self.path = path
         self._undo = _UndoFile(path, phase)
+        self.phase = phase
         try:
             self.reserve(reserve)
             self.file: h5py.File | None = h5py.File(self._undo, "r+", libver="latest")

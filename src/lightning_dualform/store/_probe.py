@@ -7,8 +7,9 @@ without importing the package, so it starts in a fraction of a second) before th
 itself, and reports a damaged file as a reason string that readers raise as
 :class:`~lightning_dualform.errors.StoreError`.
 
-The child prints a line as it visits each object (and every 1,024 chunks), and the parent ends it when
-no line has come for :func:`stall_timeout` seconds: a big healthy store takes as long as it needs, a
+The child stays up for the next file (starting Python and h5py costs far more than a walk) and is
+replaced after any file it finds damaged. It prints a line as it visits each object (and every 1,024
+chunks), and the parent ends it when no line has come for :func:`stall_timeout` seconds: a big healthy store takes as long as it needs, a
 loop inside HDF5 is caught in seconds. The walk also checks what a loop could otherwise make endless:
 a dataset's chunk index may not list more chunks than the file has room for, nor chunks past its end.
 Data chunks themselves are protected by their fletcher32 checksums.
@@ -16,13 +17,15 @@ Data chunks themselves are protected by their fletcher32 checksums.
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import select
 import subprocess
 import sys
+import threading
 import time
 
-_OK, _BROKEN = 0, 3
 _probed: set[tuple] = set()
 #: seconds without progress after which a walk counts as hung
 DEFAULT_STALL_S = 5.0
@@ -85,12 +88,91 @@ def _walk(path: str) -> None:  # runs in the child
         f.visititems(visit)
 
 
+class _Worker:
+    """A child process that walks files on request (one per process that probes; replaced after a hang,
+    a crash, or a damaged file that left HDF5 holding open objects, so that no walk runs in a library state
+    a damaged file left behind)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--serve"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+        )
+        self._buf = b""
+
+    def alive(self) -> bool:
+        return self.pid == os.getpid() and self.proc.poll() is None
+
+    def walk(self, path: str, stall: float) -> tuple[str, str]:
+        """``("ok", "")``, ``("broken", reason)``, ``("hung", "")`` or ``("crashed", exit code)``."""
+        try:
+            self.proc.stdin.write((json.dumps(path) + "\n").encode())  # type: ignore[union-attr]
+            self.proc.stdin.flush()  # type: ignore[union-attr]
+        except OSError:
+            return "crashed", str(self.proc.poll())
+        fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
+        last = time.monotonic()
+        while True:
+            while b"\n" in self._buf:
+                line, self._buf = self._buf.split(b"\n", 1)
+                if line == b".":
+                    continue
+                text = line.decode(errors="replace")
+                if text == "OK":
+                    return "ok", ""
+                if text.startswith("BROKEN "):
+                    return "broken", text[len("BROKEN "):]
+                if text.startswith("DIRTY "):
+                    return "dirty", text[len("DIRTY "):]
+            ready, _, _ = select.select([fd], [], [], 0.25)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    code = self.proc.wait()
+                    return "crashed", str(code)
+                self._buf += chunk
+                last = time.monotonic()
+            elif time.monotonic() - last > stall:
+                return "hung", ""
+
+    def close(self) -> None:
+        if self.pid != os.getpid():
+            return  # a forked copy: the parent's worker is not ours to stop
+        try:
+            self.proc.kill()
+            self.proc.wait()
+        except OSError:
+            pass
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()  # type: ignore[union-attr]
+            except (OSError, AttributeError):
+                pass
+
+
+_worker: _Worker | None = None
+_worker_lock = threading.Lock()
+
+
+def _stop_worker() -> None:
+    global _worker
+    if _worker is not None:
+        _worker.close()
+        _worker = None
+
+
+atexit.register(_stop_worker)
+
+
 def probe(path: str, timeout: float | None = None) -> str | None:
     """Walk ``path`` in a child process. Returns None when the walk succeeds, else what went wrong.
 
     Args:
         timeout: seconds without progress before the walk counts as hung (default :func:`stall_timeout`).
     """
+    global _worker
     try:
         st = os.stat(path)
     except OSError as err:
@@ -99,52 +181,50 @@ def probe(path: str, timeout: float | None = None) -> str | None:
     if key in _probed:
         return None
     stall = timeout if timeout is not None else stall_timeout()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
-    proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), path],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env,
-    )
-    lines: list[bytes] = []
-    last = time.monotonic()
-    buf = b""
-    try:
-        fd = proc.stdout.fileno()  # type: ignore[union-attr]
-        while True:
-            ready, _, _ = select.select([fd], [], [], 0.25)
-            if ready:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                buf += chunk
-                last = time.monotonic()
-                *done, buf = buf.split(b"\n")
-                lines.extend(x for x in done if x and x != b".")
-            elif time.monotonic() - last > stall:
-                proc.kill()
-                proc.wait()
-                return f"reading its HDF5 structure made no progress for {stall:g} s (damaged metadata)"
-        code = proc.wait(timeout=stall)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return "reading its HDF5 structure did not finish (damaged metadata)"
-    finally:
-        if proc.stdout is not None:
-            proc.stdout.close()
-    if code == _OK:
+    with _worker_lock:
+        if _worker is None or not _worker.alive():
+            _worker = _Worker()
+        status, detail = _worker.walk(os.path.abspath(path), stall)
+        if status not in ("ok", "broken"):  # hung, crashed, or left HDF5 holding a damaged file: a new child
+            _worker.close()
+            _worker = None
+    if status == "ok":
         _probed.add(key)
         return None
-    if code == _BROKEN:
-        text = [x.decode(errors="replace") for x in lines]
-        return (text or ["unreadable HDF5 structure"])[-1]
-    return f"reading its HDF5 structure crashed the reader (exit {code})"
+    if status in ("broken", "dirty"):
+        return detail or "unreadable HDF5 structure"
+    if status == "hung":
+        return f"reading its HDF5 structure made no progress for {stall:g} s (damaged metadata)"
+    return f"reading its HDF5 structure crashed the reader (exit {detail})"
+
+
+def _open_ids() -> int:
+    """HDF5 files, groups, datasets and attributes still open in this process (h5py keeps datatypes of
+    its own open: they belong to no file)."""
+    import h5py
+
+    h5f = h5py.h5f
+    return int(h5f.get_obj_count(h5f.OBJ_ALL, h5f.OBJ_FILE | h5f.OBJ_GROUP | h5f.OBJ_DATASET | h5f.OBJ_ATTR))
+
+
+def _serve() -> None:  # runs in the child
+    import gc
+
+    for line in sys.stdin:
+        report = "OK"
+        try:
+            path = json.loads(line)
+            _walk(path)
+        except Exception as err:  # report, never a traceback: the parent turns it into a StoreError
+            msg = str(err).strip().splitlines()
+            report = f"BROKEN {type(err).__name__}: {msg[0] if msg else ''}"[:300].replace("\n", " ")
+            del err
+        gc.collect()
+        if report != "OK" and _open_ids():  # the damaged file left HDF5 holding state: start afresh
+            report = "DIRTY " + report[len("BROKEN "):]
+        sys.stdout.write(report + "\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
-    try:
-        _walk(sys.argv[1])
-    except Exception as err:  # report, never a traceback: the parent turns it into a StoreError
-        msg = str(err).strip().splitlines()
-        print(f"{type(err).__name__}: {msg[0] if msg else ''}"[:300], flush=True)
-        sys.exit(_BROKEN)
-    sys.exit(_OK)
+    _serve()

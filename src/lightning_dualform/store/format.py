@@ -32,6 +32,23 @@ def weights_crc32(w: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(w, dtype=np.float32).tobytes())
 
 
+def tables_crc32(update_step: np.ndarray, grad_scale: np.ndarray, params: dict[str, dict[str, np.ndarray]]) -> int:
+    """CRC-32 of a layer's per-step tables (``update_step``, ``grad_scale``, then each parameter's columns in
+    ``PARAM_COLUMNS`` order, as int64/float64/bool bytes): ties the certificate's sums, which were computed
+    with them, to the tables that answers at earlier steps use."""
+    from lightning_dualform.optim import PARAM_COLUMNS
+
+    crc = zlib.crc32(np.ascontiguousarray(update_step, dtype=np.int64).tobytes())
+    crc = zlib.crc32(np.ascontiguousarray(grad_scale, dtype=np.float64).tobytes(), crc)
+    for pname in ("weight", "bias"):
+        if pname in params:
+            for col in PARAM_COLUMNS:
+                arr = np.asarray(params[pname][col])
+                arr = arr.astype(np.float64) if arr.dtype.kind == "f" else arr.astype(np.bool_)
+                crc = zlib.crc32(np.ascontiguousarray(arr).tobytes(), crc)
+    return crc
+
+
 #: per-step table columns stored as float64 (the others are bool)
 FLOAT_PARAM_COLUMNS = ("lr", "momentum", "dampening", "weight_decay")
 # chunk lengths of 1-D columns: HDF5 allocates whole chunks, so small stores stay small

@@ -37,6 +37,7 @@ from lightning_dualform.store.format import (
     LAYER_KINDS,
     ROW_COLUMNS,
     ROW_DTYPES,
+    tables_crc32,
     weights_crc32,
 )
 
@@ -97,6 +98,13 @@ class LayerReader:
                 f"{store.path}: layer {name!r} keys/values have shapes {group['keys'].shape}/{group['values'].shape}, "
                 f"expected (*, {key_width})/(*, {self.d_out}); the file is inconsistent."
             )
+        want = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[store.row_dtype]
+        if group["values"].dtype != want or (self.kind != "embedding" and group["keys"].dtype != want) \
+                or (self.kind == "embedding" and group["keys"].dtype.kind not in "iu"):
+            raise StoreError(
+                f"{where}: keys/values are {group['keys'].dtype}/{group['values'].dtype}, but the store says its rows "
+                f"are {store.row_dtype}; the file is damaged."
+            )
         for col, dt in ROW_COLUMNS.items():
             if group[col].ndim != 1 or group[col].dtype.kind not in "iu":
                 raise StoreError(f"{where}: column {col!r} is {group[col].shape} {group[col].dtype}, expected integers; the file is damaged.")
@@ -106,13 +114,33 @@ class LayerReader:
         self._step_lo, self._step_hi = store.first_step, store.first_step + store.n_steps
         self._epochs = store.update_epochs
         if self.n_rows:
+            committed = self.n_rows
             self.n_rows = self.rows_before(self._step_hi)
+            if self.n_rows < committed:
+                # rows past the committed steps: only a writer killed between its two counters leaves them, and
+                # then they belong to the next steps of the step table; in a complete store there are none
+                tail = int(group["step"][committed - 1])
+                table_end = self._step_lo + int(self._g.file["update_step"].shape[0])
+                if store.complete or not self._step_hi <= tail < max(table_end, self._step_hi + 1):
+                    raise StoreError(
+                        f"{where}: row {committed - 1} has step {tail}, outside the step table "
+                        f"{self._step_lo}..{max(table_end, self._step_hi) - 1}; the file is damaged."
+                    )
             if self.n_rows:
                 ends = np.asarray(group["step"][[0, self.n_rows - 1]])
                 if ends[0] < self._step_lo or ends[1] >= self._step_hi:
                     raise StoreError(f"{where}: its rows' steps {ends.tolist()} lie outside the step table {self._step_lo}..{self._step_hi - 1}; the file is damaged.")
         self.attrs = {k: _h5.attr(v) for k, v in a.items()}
         self._check_certificate_attrs(where)
+        if store.complete and "memory_tables_crc32" in a:
+            want = _h5.int_attr(a, "memory_tables_crc32", where, lo=0, hi=2**32 - 1)
+            u = self.updates()
+            got = tables_crc32(u["step"], u["grad_scale"], {p: u[p] for p in ("weight", "bias") if p in u})
+            if got != want:
+                raise StoreError(
+                    f"{where}: its per-step tables changed after the certificate was written (CRC {got:#010x}, "
+                    f"certified {want:#010x}); the file is damaged or was rewritten by another program."
+                )
 
     def _check_weights(self) -> None:
         where = f"{self.store.path}: layer {self.name!r}"
@@ -433,22 +461,29 @@ class StoreReader(StoreView):
         deadline = time.monotonic() + busy_wait
         while True:
             self.repairs = _repair.prepare_for_read(self.path, busy_wait=max(0.0, deadline - time.monotonic()))
+            before = _writer_state(self.path)
             try:
                 self._open(probe)
             except StoreError as err:
-                doing = _repair.busy(self.path)
+                doing = _repair.busy(self.path) or before[0]  # (a writer that just finished: read again)
                 if doing is None or isinstance(err, StoreBusyError):
                     raise
                 if time.monotonic() >= deadline:
                     raise _repair.busy_error(self.path, doing) from err
                 time.sleep(0.1)  # a live writer was rewriting what we read: read again
                 continue
-            # a write session that began while we read: what we saw may be torn
-            if os.path.exists(_journal.journal_path(self.path)) and _repair.busy(self.path) is not None:
+            # A write session (finalisation, certificate, queries) rewrites the file in place: one that began
+            # while we read, or began and ended, may have torn what we saw. (SWMR appends never do.)
+            after = _writer_state(self.path)
+            doing = after[0] or before[0]
+            if doing is not None and (
+                os.path.exists(_journal.journal_path(self.path))
+                or (after[1] != before[1] and not (_phase(before[0]) == _phase(after[0]) == "training"))
+            ):
                 self._f.close()
                 if time.monotonic() >= deadline:
-                    raise _repair.busy_error(self.path, _repair.busy(self.path) or "a write session")
-                time.sleep(0.1)
+                    raise _repair.busy_error(self.path, doing)
+                time.sleep(0.05)
                 continue
             return
 
@@ -584,6 +619,20 @@ class StoreReader(StoreView):
 
     def close(self) -> None:
         self._f.close()
+
+
+def _writer_state(path: str) -> tuple[str | None, tuple[int, int, int] | None]:
+    """What another process's writer is doing with ``path``, and the file's identity, size and mtime."""
+    doing = _repair.busy(path)
+    try:
+        st = os.stat(path)
+        return doing, (st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        return doing, None
+
+
+def _phase(doing: str | None) -> str | None:
+    return None if doing is None else doing.split(": ", 1)[-1]
 
 
 class QuerySet:
