@@ -54,6 +54,91 @@ def run_scenarios(scenarios: list[dict], workdir: str, timeout: float = 1200) ->
     return results
 
 
+#: where in each phase the kills fall, as fractions of the phase's events
+FRACS = (0.0, 0.35, 0.7, 1.0)
+
+
+def scenario(root: str, name: str, **kw) -> dict:
+    d = os.path.join(root, name)
+    os.makedirs(d, exist_ok=True)
+    return {"name": name, "store": os.path.join(d, "run.h5"), "ckpt_dir": os.path.join(d, "ckpt"), "epochs": 3,
+            "test": True, "predict": True, **kw}
+
+
+def kill_scenarios(root: str, fracs=FRACS, steps=(0, 3, 7, 13)) -> list[dict]:
+    """The uninterrupted (counting) run first, then kills spread over every phase (in the order they need)."""
+    ref = scenario(root, "reference", count=os.path.join(root, "counts.json"))
+    counts = ref["count"]
+    out = [ref]
+    out += [scenario(root, f"create-{n}", kill={"at": "create", "n": n}) for n in (0, 1)]
+    out += [scenario(root, f"step-{s}", kill={"at": "step", "n": s}) for s in steps]
+    out += [scenario(root, f"commit-{f}", kill={"at": "flush", "frac": f, "counts": counts}) for f in fracs]
+    out += [scenario(root, f"checkpoint-{f}", kill={"at": "ckpt", "frac": f, "counts": counts}) for f in fracs[1:3]]
+    for phase, label in (("finalisation", "finalisation"), ("certificate", "certificate"),
+                         ("recording of the 'test'", "test"), ("recording of the 'predict'", "predict")):
+        out += [scenario(root, f"{label}-{f}", kill={"at": "session", "phase": phase, "frac": f, "counts": counts})
+                for f in fracs]
+    # a resume's truncation: fit, kill the resume inside its truncation, then resume again to the end
+    base = scenario(root, "resume", test=False, predict=False)
+    first = os.path.join(base["ckpt_dir"], "epoch=0-step=5.ckpt")
+    out.append(base)
+    for f in fracs:
+        out.append({**base, "name": f"resume-kill-{f}", "resume": first,
+                    "kill": {"at": "session", "phase": "resume", "frac": f, "counts": os.path.join(root, "resume-counts.json")}})
+    out.append({**base, "name": "resume-count", "resume": first, "count": os.path.join(root, "resume-counts.json")})
+    out.append({**base, "name": "resume-completes", "resume": first, "test": True, "predict": True})
+    return _reorder_resume(out)
+
+
+def _reorder_resume(scenarios: list[dict]) -> list[dict]:
+    """The resume's event count comes from a counting resume, which must run before the kills (and leaves
+    the store complete again, as each killed resume does)."""
+    count = [s for s in scenarios if s["name"] == "resume-count"]
+    kills = [s for s in scenarios if s["name"].startswith("resume-kill")]
+    rest = [s for s in scenarios if s not in count and s not in kills and s["name"] != "resume-completes"]
+    done = [s for s in scenarios if s["name"] == "resume-completes"]
+    return rest + count + kills + done
+
+
+#: (point, n, bytes left): see tests/scripts/phase_server.py; ("session", "phase/when", left) fills as a write
+#: session of that phase opens or at its first write
+FILL_POINTS = [("step", 7, 0), ("epoch_end", 1, 0), ("ckpt", 1, 0), ("fit_end", 0, 0), ("fit_end", 0, 1 << 20),
+               ("session", "finalisation/open", 0), ("session", "finalisation/write", 0), ("certificate", 0, 0),
+               ("session", "certificate/write", 0), ("test", -1, 0), ("test", 1, 0), ("predict", 1, 0),
+               ("session", "recording of the 'predict'/write", 0)]
+
+
+def tmpfs(path: str, megabytes: int) -> bool:
+    """Mount a tmpfs at ``path`` (root only); False where that is not possible."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    os.makedirs(path, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", path],
+                          capture_output=True).returncode == 0
+
+
+def untmpfs(path: str) -> None:
+    subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def fill_scenarios(disk: str, logs: str, points=FILL_POINTS) -> list[dict]:
+    out = []
+    for i, (at, n, leave) in enumerate(points):
+        spec = {"at": at, "n": n, "leave": leave}
+        if at == "session":
+            phase, when = str(n).split("/")
+            spec = {"at": at, "phase": phase, "when": when, "leave": leave}
+        s = scenario(disk, f"fill-{at}-{str(n).split(' ')[0].replace('/', '-')}-{leave}-{i}", fill=spec)
+        s["log_dir"] = os.path.join(logs, s["name"])
+        os.makedirs(s["log_dir"], exist_ok=True)
+        out.append(s)
+    resume = scenario(disk, "fill-resume-base", test=False, predict=False)
+    out.append(resume)
+    out.append({**resume, "name": "fill-resume", "fill": {"at": "resume", "leave": 0},
+                "resume": os.path.join(resume["ckpt_dir"], "epoch=0-step=5.ckpt"), "log_dir": logs})
+    return out
+
+
 def allowed_steps(store: str) -> set[int]:
     """Committed step counts the store may open at: the last completed commit, or the one in progress."""
     log = store + ".commits"

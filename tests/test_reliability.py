@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 
 import h5py
 import lightning as L
@@ -33,58 +32,15 @@ from helpers import TRAINER_KW, MLP, IndexedDataset, dual_output, rel_err
 from lightning_dualform import DualFormCallback, DualInference, StoreError, StoreReader
 from lightning_dualform.errors import DiskSpaceError, StoreBusyError, WriterError
 
-FRACS = (0.0, 0.35, 0.7, 1.0)
-
-
-def _scenario(root: str, name: str, **kw) -> dict:
-    d = os.path.join(root, name)
-    os.makedirs(d, exist_ok=True)
-    return {"name": name, "store": os.path.join(d, "run.h5"), "ckpt_dir": os.path.join(d, "ckpt"), "epochs": 3,
-            "test": True, "predict": True, **kw}
-
-
-def kill_scenarios(root: str, fracs=FRACS, steps=(0, 3, 7, 13)) -> list[dict]:
-    """The uninterrupted (counting) run first, then kills spread over every phase, two writers on one path,
-    and a reader during the whole run."""
-    ref = _scenario(root, "reference", count=os.path.join(root, "counts.json"))
-    counts = ref["count"]
-    out = [ref]
-    out += [_scenario(root, f"create-{n}", kill={"at": "create", "n": n}) for n in (0, 1)]
-    out += [_scenario(root, f"step-{s}", kill={"at": "step", "n": s}) for s in steps]
-    out += [_scenario(root, f"commit-{f}", kill={"at": "flush", "frac": f, "counts": counts}) for f in fracs]
-    out += [_scenario(root, f"checkpoint-{f}", kill={"at": "ckpt", "frac": f, "counts": counts}) for f in fracs[1:3]]
-    for phase, label in (("finalisation", "finalisation"), ("certificate", "certificate"),
-                         ("recording of the 'test'", "test"), ("recording of the 'predict'", "predict")):
-        out += [_scenario(root, f"{label}-{f}", kill={"at": "session", "phase": phase, "frac": f, "counts": counts})
-                for f in fracs]
-    # a resume's truncation: fit, kill the resume inside its truncation, then resume again to the end
-    base = _scenario(root, "resume", test=False, predict=False)
-    first = os.path.join(base["ckpt_dir"], "epoch=0-step=5.ckpt")
-    out.append(base)
-    for f in fracs:
-        out.append({**base, "name": f"resume-kill-{f}", "resume": first,
-                    "kill": {"at": "session", "phase": "resume", "frac": f, "counts": os.path.join(root, "resume-counts.json")}})
-    out.append({**base, "name": "resume-count", "resume": first, "count": os.path.join(root, "resume-counts.json")})
-    out.append({**base, "name": "resume-completes", "resume": first, "test": True, "predict": True})
-    return out
-
-
-def _reorder_resume(scenarios: list[dict]) -> list[dict]:
-    """The resume's event count comes from a counting resume, which must run before the kills (and leaves
-    the store complete again, as each killed resume does)."""
-    count = [s for s in scenarios if s["name"] == "resume-count"]
-    kills = [s for s in scenarios if s["name"].startswith("resume-kill")]
-    rest = [s for s in scenarios if s not in count and s not in kills and s["name"] != "resume-completes"]
-    done = [s for s in scenarios if s["name"] == "resume-completes"]
-    return rest + count + kills + done
+FRACS = reliability.FRACS
 
 
 @pytest.fixture(scope="module")
 def kills(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("kills"))
-    scenarios = _reorder_resume(kill_scenarios(root))
-    scenarios.append(_scenario(root, "two-writers", pair=True))
-    scenarios.append(_scenario(root, "reader", reader=True, epochs=8))
+    scenarios = reliability.kill_scenarios(root)
+    scenarios.append(reliability.scenario(root, "two-writers", pair=True))
+    scenarios.append(reliability.scenario(root, "reader", reader=True, epochs=8))
     results = reliability.run_scenarios(scenarios, root)
     ref = reliability.snapshot(scenarios[0]["store"])
     return results, ref
@@ -153,45 +109,14 @@ def test_a_reader_during_the_whole_run_gets_busy_or_a_committed_state(kills):
 # ------------------------------------------------------------------------------------------------------
 # full disks
 # ------------------------------------------------------------------------------------------------------
-FILL_POINTS = [("step", 7, 0), ("epoch_end", 1, 0), ("ckpt", 1, 0), ("fit_end", 0, 0), ("fit_end", 0, 1 << 20),
-               ("certificate", 0, 0), ("test", -1, 0), ("test", 1, 0), ("predict", 1, 0)]
-
-
-def tmpfs(path: str, megabytes: int) -> bool:
-    """Mount a tmpfs at ``path`` (root only); False where that is not possible."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    os.makedirs(path, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", path],
-                          capture_output=True).returncode == 0
-
-
-def untmpfs(path: str) -> None:
-    subprocess.run(["umount", "-l", path], capture_output=True)
-
-
-def fill_scenarios(disk: str, logs: str, points=FILL_POINTS) -> list[dict]:
-    out = []
-    for i, (at, n, leave) in enumerate(points):
-        s = _scenario(disk, f"fill-{at}-{n}-{leave}-{i}", fill={"at": at, "n": n, "leave": leave})
-        s["log_dir"] = os.path.join(logs, s["name"])
-        os.makedirs(s["log_dir"], exist_ok=True)
-        out.append(s)
-    resume = _scenario(disk, "fill-resume-base", test=False, predict=False)
-    out.append(resume)
-    out.append({**resume, "name": "fill-resume", "fill": {"at": "resume", "leave": 0},
-                "resume": os.path.join(resume["ckpt_dir"], "epoch=0-step=5.ckpt"), "log_dir": logs})
-    return out
-
-
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_full_disk_in_every_phase_crashes_nothing_and_loses_no_committed_step(kills, tmp_path):
     _, ref = kills
     disk = str(tmp_path / "disk")
-    if not tmpfs(disk, 96):
+    if not reliability.tmpfs(disk, 96):
         pytest.skip("cannot mount a tmpfs here")
     try:
-        scenarios = fill_scenarios(disk, str(tmp_path))
+        scenarios = reliability.fill_scenarios(disk, str(tmp_path))
         results = reliability.run_scenarios(scenarios, str(tmp_path))
         for r in results:
             v = reliability.verdict(r, ref)
@@ -201,7 +126,7 @@ def test_a_full_disk_in_every_phase_crashes_nothing_and_loses_no_committed_step(
         assert states["fill-resume"] == "complete at 15 steps"  # the refused truncation left the store as it was
         assert any(r.get("exit") == 1 for r in results)  # the disks were really full
     finally:
-        untmpfs(disk)
+        reliability.untmpfs(disk)
 
 
 def test_an_injected_enospc_before_any_write_stops_the_writer_cleanly(tmp_path, monkeypatch):

@@ -23,7 +23,9 @@ then optionally runs ``trainer.test`` and ``trainer.predict`` with query recordi
                                                        truncate and journal record, commit, committed)
     fill                {"at": A, "n": N, "leave": B}  fill the store's disk leaving B bytes at point A:
                         "step" (batch start of step N), "epoch_end" (of epoch N), "ckpt" (N-th checkpoint),
-                        "fit_end", "certificate", "test" / "predict" (start, or batch N if N > 0), "resume"
+                        "fit_end", "certificate", "test" / "predict" (start, or batch N if N > 0), "resume",
+                        or "session" with "phase": P and "when": "open" (as a write session of phase P
+                        begins) or "write" (at its first write, after it reserved its space)
     count               record how many events each kill kind has (no kill)
 
 A child exits 0 (done), 1 (an exception: printed), or dies by a signal (a planned SIGKILL, or a crash).
@@ -187,12 +189,21 @@ def install(spec: dict, events: _Events) -> list[L.Callback]:
         else:
             events.hit(kind)
 
+    filled = []
+
+    def fill_session(phase: str, when: str) -> None:
+        if fill.get("at") == "session" and fill.get("when", "open") == when and phase.startswith(fill["phase"]) and not filled:
+            filled.append(phase)
+            _fill(os.path.dirname(os.path.abspath(store)), fill.get("leave", 0))
+
     def init(self, path, phase):  # noqa: ANN001
+        fill_session(phase, "open")  # before the session reserves its space
         orig_init(self, path, phase)
         hit(self)
 
     def write(self, data):  # noqa: ANN001
         if self.failed is None:
+            fill_session(self.phase, "write")  # after it did: its writes must still succeed
             hit(self)
         return orig_write(self, data)
 

@@ -26,6 +26,7 @@ flushes its metadata cache in a few batches), and the journal holds only the old
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import struct
@@ -34,7 +35,7 @@ import zlib
 import h5py
 
 from lightning_dualform.errors import StoreError
-from lightning_dualform.store._space import SpaceReserve, reserve_fd
+from lightning_dualform.store._space import DiskFullError, SpaceReserve, reserve_fd
 
 #: bytes reserved for a session's journal up front (plus 1/256 of the store)
 JOURNAL_RESERVE = 1 << 20
@@ -128,6 +129,13 @@ class _UndoFile(io.RawIOBase):
             os.write(self._jfd, _HEADER.pack(_MAGIC, self.size0, zlib.crc32(name)) + struct.pack("<H", len(name)) + name)
             os.fsync(self._jfd)
             fsync_dir(path)  # the journal exists on disk before the store changes
+        except OSError as err:
+            self._close_fds()
+            self._release_space()
+            _remove(self._jpath)
+            if err.errno == errno.ENOSPC and not isinstance(err, DiskFullError):
+                raise DiskFullError(path, JOURNAL_RESERVE, " for its write-session journal") from err
+            raise
         except BaseException:
             self._close_fds()
             self._release_space()

@@ -93,8 +93,11 @@ class WriterLock:
         if self._fd is None:
             return
         text = f"pid {os.getpid()} on {socket.gethostname()}: {phase}\n".encode()
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, text, 0)
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, text, 0)
+        except OSError:  # a full disk: the text only informs; the lock itself holds
+            pass
 
     @property
     def held(self) -> bool:
