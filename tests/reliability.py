@@ -167,6 +167,28 @@ def snapshot(path: str) -> dict[str, Any]:
     out: dict[str, Any] = {"status": status, "n_steps": n_steps, "n_rows": n_rows,
                            "repairs": [str(w.message) for w in caught if "rolled back" in str(w.message) or "cleared" in str(w.message)]}
     arrays: dict[str, np.ndarray] = {}
+    # h5py alone, as a program outside the library would read; a write session of another process in the
+    # meantime (as the library's reader checks) makes it "busy"
+    from lightning_dualform.errors import StoreBusyError
+    from lightning_dualform.store import _journal
+    from lightning_dualform.store.reader import _phase, _writer_state
+
+    before = _writer_state(path)
+    try:
+        _raw(path, out, arrays, n_steps, n_rows, n_inputs, status, open_any)
+    except Exception as err:
+        if _writer_state(path)[0] or before[0]:
+            raise StoreBusyError(f"{path}: read while a writer rewrote it ({err})") from err
+        raise
+    after = _writer_state(path)
+    doing = after[0] or before[0]
+    if doing is not None and (os.path.exists(_journal.journal_path(path)) or (
+            after[1] != before[1] and not (_phase(before[0]) == _phase(after[0]) == "training"))):
+        raise StoreBusyError(f"{path}: read while a write session rewrote it")
+    return out
+
+
+def _raw(path, out, arrays, n_steps, n_rows, n_inputs, status, open_any) -> None:  # noqa: ANN001
     with open_any(path) as f:
         arrays["update_step"] = f["update_step"][:n_steps]
         arrays["update_epoch"] = f["update_epoch"][:n_steps]
@@ -203,7 +225,6 @@ def snapshot(path: str) -> dict[str, Any]:
                 qg.visititems(lambda k, o: d.__setitem__(k, o[()]) if isinstance(o, h5py.Dataset) else None)
                 queries[split] = d
     out.update(arrays=arrays, cert=cert, queries=queries)
-    return out
 
 
 def compare(got: dict[str, Any], ref: dict[str, Any]) -> list[str]:

@@ -262,6 +262,20 @@ def test_numbers_that_would_size_or_index_tables_are_checked(valid_store, tmp_pa
             di.attend("net.0", torch.randn(2, 6), top_k=2)
 
 
+@pytest.mark.parametrize("row", [0, 5, -1])
+def test_a_step_out_of_order_in_an_unfinished_store_is_not_dropped_silently(valid_store, tmp_path, row):
+    """Rows past the committed steps are dropped (a writer killed between its two counters leaves them); a
+    damaged step must not make committed rows look like those."""
+    path = _copy(valid_store, tmp_path / "s.h5")
+    with h5py.File(path, "r+") as f:
+        f.attrs["status"] = "recording"
+        ds = f["layers/net.0/step"]
+        ds[row % ds.shape[0]] = 10**9
+    with pytest.raises(StoreError, match="step"):
+        with DualInference(path) as di:
+            di.attend("net.0", torch.randn(2, 6), top_k=1)
+
+
 @pytest.mark.parametrize("name,value", [("committed_steps", -3), ("layers/net.0/committed_rows", -1),
                                         ("committed_steps", 2**62), ("inputs/committed", -2)])
 def test_counters_out_of_range_are_store_errors(valid_store, tmp_path, name, value):

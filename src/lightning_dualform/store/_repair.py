@@ -74,7 +74,8 @@ def prepare_for_read(path: str, busy_wait: float = BUSY_WAIT_S) -> list[str]:
             note = _roll_back(path)
             if note:
                 notes.append(note)
-            continue
+                continue
+            doing = "a process that took the store over"  # someone else locked it first: wait for them
         if time.monotonic() >= deadline:
             raise busy_error(path, doing)
         time.sleep(0.05)

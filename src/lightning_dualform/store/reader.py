@@ -117,15 +117,7 @@ class LayerReader:
             committed = self.n_rows
             self.n_rows = self.rows_before(self._step_hi)
             if self.n_rows < committed:
-                # rows past the committed steps: only a writer killed between its two counters leaves them, and
-                # then they belong to the next steps of the step table; in a complete store there are none
-                tail = int(group["step"][committed - 1])
-                table_end = self._step_lo + int(self._g.file["update_step"].shape[0])
-                if store.complete or not self._step_hi <= tail < max(table_end, self._step_hi + 1):
-                    raise StoreError(
-                        f"{where}: row {committed - 1} has step {tail}, outside the step table "
-                        f"{self._step_lo}..{max(table_end, self._step_hi) - 1}; the file is damaged."
-                    )
+                self._check_tail(committed, where)
             if self.n_rows:
                 ends = np.asarray(group["step"][[0, self.n_rows - 1]])
                 if ends[0] < self._step_lo or ends[1] >= self._step_hi:
@@ -141,6 +133,28 @@ class LayerReader:
                     f"{where}: its per-step tables changed after the certificate was written (CRC {got:#010x}, "
                     f"certified {want:#010x}); the file is damaged or was rewritten by another program."
                 )
+
+    def _check_tail(self, committed: int, where: str) -> None:
+        """Committed rows past the committed steps: a writer commits rows before steps, so one killed between
+        the two (or one still writing) leaves rows of the next steps, all at or past the step table's end and
+        in order. Anything else (a step that fell back, a complete store with such rows) is damage: dropping
+        those rows would lose committed ones without a word."""
+        if self.store.complete:
+            raise StoreError(f"{where}: a complete store commits only rows of its steps, but rows {self.n_rows}.. have "
+                             f"steps past {self._step_hi - 1}; the file is damaged.")
+        col, prev = self._g["step"], self._step_hi
+        table = self._g.file["update_step"]
+        if self._g.file.swmr_mode:
+            table.refresh()  # a live writer writes a step's table entry before the counters that show its rows
+        table_end = self._step_lo + int(table.shape[0])
+        for start in range(self.n_rows, committed, 1 << 20):
+            tail = np.asarray(col[start : min(start + (1 << 20), committed)])
+            if int(tail[0]) < prev or (len(tail) > 1 and bool((np.diff(tail) < 0).any())):
+                raise StoreError(f"{where}: rows {start}.. are not in step order; the file is damaged.")
+            if int(tail[-1]) >= table_end:
+                raise StoreError(f"{where}: rows {start}.. have steps up to {int(tail[-1])}, past the step table's end "
+                                 f"({table_end - 1}); the file is damaged.")
+            prev = int(tail[-1])
 
     def _check_weights(self) -> None:
         where = f"{self.store.path}: layer {self.name!r}"

@@ -188,6 +188,7 @@ class StoreWriter:
         input_dtype: str = "float32",
         commit_seconds: float = 30.0,
         overwrite: bool = False,
+        lock: WriterLock | None = None,
     ) -> "StoreWriter":
         """Write a new store's skeleton (every dataset, empty) and open it for appending.
 
@@ -197,6 +198,9 @@ class StoreWriter:
         Args:
             overwrite: replace an existing store. Without it, an existing store is refused unless it holds no
                 committed step (a run that stopped before its first commit: replaced, with a warning).
+            lock: the store's writer lock, when the caller took it earlier (a training engine takes it when
+                fit starts, so that a second training is refused before it trains a step); it passes to the
+                writer, which releases it when it closes. Default: taken here.
 
         Raises:
             StoreBusyError: another writer holds the path (a second training on the same store).
@@ -216,7 +220,8 @@ class StoreWriter:
                 raise ValueError(f"StoreWriter.create: one training input of shape {input_shape} takes {nbytes / 2**30:.1f} GiB; "
                                  f"at most {MAX_INPUT_BYTES >> 30} GiB per example is stored (pass store_inputs=False).")
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-        lock = WriterLock.acquire(path, "creating the store")
+        lock = lock if lock is not None else WriterLock.acquire(path, "creating the store")
+        lock.set_phase("creating the store")
         try:
             if os.path.lexists(path) and not overwrite:
                 steps = _committed_steps(path)
@@ -321,11 +326,13 @@ class StoreWriter:
         last_step: int | None = None,
         commit_seconds: float = 30.0,
         update_attrs: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
+        lock: WriterLock | None = None,
     ) -> "StoreWriter":
         """Continue a store from a checkpoint: truncate everything written after it, then append.
 
         ``update_attrs`` gets the file's root attributes (decoded, as :attr:`StoreReader.attrs`) and returns
-        those to set before any row changes (what the resumed run changes about the whole store).
+        those to set before any row changes (what the resumed run changes about the whole store). ``lock``:
+        as in :meth:`create`.
 
         The truncation is one all-or-nothing write session (:mod:`._journal`): a kill or a full disk during it
         leaves the store exactly as it was (complete, or at its last commit), and the resume can be retried.
@@ -342,7 +349,8 @@ class StoreWriter:
         steps = as_int(steps, "StoreWriter.resume(steps=...)", lo=0)
         rows = {str(k): as_int(v, f"StoreWriter.resume(rows[{k!r}]=...)", lo=0) for k, v in rows.items()}
         inputs = None if inputs is None else as_int(inputs, "StoreWriter.resume(inputs=...)", lo=0)
-        lock = WriterLock.acquire(path, "resuming: checking the store")
+        lock = lock if lock is not None else WriterLock.acquire(path, "resuming: checking the store")
+        lock.set_phase("resuming: checking the store")
         try:
             _repair.check_regular_file(path)
             _repair.recover_for_write(path)
