@@ -544,6 +544,11 @@ class StoreReader(StoreView):
             raise StoreError(f"{p}: status {self.status!r} is not one of {_STATUSES}; the file is damaged.")
         self.optimizer = _h5.json_attr(a, "optimizer", p, dict, {})
         self.optimizer_exact = _h5.bool_attr(a, "optimizer_exact", p, default=True)
+        causes = _h5.json_attr(a, "inexact_causes", p, list, None)
+        if causes is not None and bool(causes) == self.optimizer_exact:  # the writer sets both from one list
+            raise StoreError(
+                f"{p}: optimizer_exact={self.optimizer_exact} but inexact_causes={causes!r}; the file is damaged."
+            )
         order = _h5.json_attr(a, "layer_order", p, list, [])
         if not all(isinstance(n, str) for n in order):
             raise StoreError(f"{p}: attribute 'layer_order' is not a list of layer names; the file is damaged.")
