@@ -360,7 +360,7 @@ def test_a_writer_that_holds_training_back_is_reported(tmp_path, monkeypatch, ca
     why and what to change, once, and the store is still exact."""
     import time
 
-    from lightning_dualform.record import callback as cbmod
+    from lightning_dualform.record import engine as cbmod
     from lightning_dualform.store import StoreWriter
 
     # checked every 8 steps; each write takes 0.1 s, far longer than a step even on a busy machine
@@ -383,7 +383,7 @@ def test_a_writer_that_holds_training_back_is_reported(tmp_path, monkeypatch, ca
 
 
 def test_a_writer_that_keeps_up_says_nothing(tmp_path, recwarn, monkeypatch):
-    from lightning_dualform.record import callback as cbmod
+    from lightning_dualform.record import engine as cbmod
 
     monkeypatch.setattr(cbmod, "_PACE_CHECK_EVERY", 8)
     _fit(tmp_path, MLP(), epochs=3)
@@ -421,6 +421,6 @@ def test_a_weight_used_outside_its_forward_is_reported_inexact(tmp_path, precisi
     with pytest.warns(UserWarning, match="INEXACT"):
         L.Trainer(max_epochs=1, callbacks=[cb], precision=precision, **TRAINER_KW).fit(
             WeightAlsoUsedOutside(), loader(IndexedDataset(n=64, d=2048), batch_size=16))
-    assert "lin" in cb._inexact
+    assert "lin" in cb.inexact_layers
     with StoreReader(cb.store_path) as s:
         assert not s.layer("lin").exact
