@@ -35,10 +35,10 @@ def tolerance(row_dtype: str, precision: str, float32_products: str = "ieee") ->
 
 
 def store_tolerance(store: StoreReader) -> float:
-    """:func:`tolerance` of an open store, from its attributes (stores from before ``float32_products``
-    was recorded count as IEEE float32)."""
-    attrs = store.attrs
-    return tolerance(store.row_dtype, str(attrs.get("precision", "32-true")), str(attrs.get("float32_products", "ieee")))
+    """:func:`tolerance` of an open store, from its metadata (stores from before ``float32_products`` was
+    recorded count as IEEE float32)."""
+    meta = store.meta
+    return tolerance(meta.row_dtype, meta.precision, meta.float32_products)
 
 
 def memory_sums(

@@ -272,7 +272,7 @@ class DualFormCallback(Callback):
         except (AttributeError, TypeError):
             self._dataset_size = 0
         engine = self._engine
-        attrs = engine.run_attrs(
+        meta = engine.run_metadata(
             trainer.lightning_module,
             recorded_by=_OWNER,
             optimizer_exact=not self._problems,
@@ -284,7 +284,7 @@ class DualFormCallback(Callback):
         shards = None
         if trainer.world_size > 1 and trainer.global_rank == 0:
             shards = [rank_path(self.path, r, trainer.world_size) for r in range(trainer.world_size)]
-        engine.open(self.store_path, attrs, raw=raw, resume=resume, last_step=int(trainer.global_step) - 1,
+        engine.open(self.store_path, meta, raw=raw, resume=resume, last_step=int(trainer.global_step) - 1,
                     shard_index=shards)
 
     def _horizon(self, trainer: "pl.Trainer") -> tuple[int, float, int]:

@@ -40,6 +40,7 @@ from lightning_dualform.record.planner import Plan, estimate, free_bytes
 from lightning_dualform.record.policy import gradient_check_tolerance
 from lightning_dualform.store.background import AsyncWriter
 from lightning_dualform.store.format import LayerSpec, StepRows, settings_of
+from lightning_dualform.store.metadata import StoreMetadata
 from lightning_dualform.store.shards import write_shard_index
 from lightning_dualform.store.writer import StoreWriter
 
@@ -215,13 +216,13 @@ class RecordingEngine:
     # ------------------------------------------------------------------------------------------------
     # the store
     # ------------------------------------------------------------------------------------------------
-    def open(self, store_path: str, attrs: dict[str, Any], *, raw: torch.Tensor | None, resume: dict[str, Any] | None,
+    def open(self, store_path: str, metadata: StoreMetadata, *, raw: torch.Tensor | None, resume: dict[str, Any] | None,
              last_step: int | None = None, shard_index: list[str] | None = None) -> None:
         """Create the store (or continue it from a checkpoint's counts) and start the writer thread.
 
         Args:
             store_path: this process's file.
-            attrs: the run's attributes (written into a new store).
+            metadata: the run's description (written into a new store).
             raw: a batch of raw inputs (their shape and dtype size ``/inputs``), or None.
             resume: a checkpoint's counts (:meth:`state_dict`), or None for a new store.
             last_step: the global step of the resume's last recorded step (checked against the store).
@@ -241,7 +242,7 @@ class RecordingEngine:
                 os.remove(store_path)  # overwrite=True was given (the adapter checked at set-up)
             make = lambda: StoreWriter.create(  # noqa: E731
                 store_path, specs, row_dtype=opts.dtype, compression=opts.compression, chunk_rows=opts.chunk_rows,
-                attrs=attrs, commit_seconds=opts.commit_seconds,
+                metadata=metadata, commit_seconds=opts.commit_seconds,
                 input_shape=tuple(raw.shape[1:]) if raw is not None else None,
                 input_dtype=str(raw.dtype).replace("torch.", "") if raw is not None else "float32",
             )
@@ -277,15 +278,14 @@ class RecordingEngine:
                          weight_init=w, bias_init=b, extra=extra, weight_buffer_init=buffer(m.weight, True),
                          bias_buffer_init=buffer(bias_of(m), False))
 
-    def _resumed_attrs(self, stored: Any) -> dict[str, Any]:
+    def _resumed_attrs(self, stored: StoreMetadata) -> dict[str, Any]:
         """The rows before the checkpoint keep the rounding they were made with: the store's mode is the
         loosest of its runs' (written when the resume starts, so a crash after it keeps it too)."""
-        before = str(stored.get("float32_products", "ieee"))
-        self.float32_products = loosest([before, self.float32_products])
+        self.float32_products = loosest([stored.float32_products, self.float32_products])
         return {"float32_products": self.float32_products}
 
-    def run_attrs(self, model: nn.Module, **extra: Any) -> dict[str, Any]:
-        """The store's root attributes that describe this run (the adapter adds its own)."""
+    def run_metadata(self, model: nn.Module, **fields: Any) -> StoreMetadata:
+        """The store's description of this run (the adapter adds what it knows: clipping, accumulation ...)."""
         import lightning
 
         opt = self.optimizer
@@ -296,18 +296,18 @@ class RecordingEngine:
                     {k: (float(v) if isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool) else v)
                      for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, str, torch.Tensor))}
                 )
-        return {
-            "library_version": __version__,
-            "torch_version": torch.__version__,
-            "lightning_version": lightning.__version__,
-            "model_class": type(model).__name__,
-            "optimizer": opt_info,
-            "precision": self.precision,
-            "float32_products": self.float32_products,
-            "rank": self.dist.rank,
-            "world_size": self.dist.world_size,
-            **extra,
-        }
+        return StoreMetadata(
+            library_version=__version__,
+            torch_version=torch.__version__,
+            lightning_version=lightning.__version__,
+            model_class=type(model).__name__,
+            optimizer=opt_info,
+            precision=self.precision,
+            float32_products=self.float32_products,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            **fields,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The counts a checkpoint must hold to continue this store exactly: every row so far is made
@@ -567,7 +567,7 @@ class RecordingEngine:
     # ------------------------------------------------------------------------------------------------
     # the end
     # ------------------------------------------------------------------------------------------------
-    def finish(self, final_step: int, epochs: int, extra_attrs: dict[str, Any] | None = None) -> None:
+    def finish(self, final_step: int, epochs: int) -> None:
         """Finalise the store (final weights, status ``complete``) and, with ``certify``, compute the
         certificate: every rank's rows together rebuild the weights."""
         if self.writer is None:
@@ -582,7 +582,7 @@ class RecordingEngine:
         }
         self.detach()
         writer, self.writer = self.writer, None
-        writer.call(writer.store.finalize, finals, {"final_step": int(final_step), "epochs": int(epochs), **(extra_attrs or {})})
+        writer.call(writer.store.finalize, finals, int(final_step), int(epochs))
         writer.stop()
         if writer.blocked_s >= 1.0:
             self._info(f"{self.owner}: training waited {writer.blocked_s:.1f} s in all for the store writer.")

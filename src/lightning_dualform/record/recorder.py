@@ -312,13 +312,13 @@ class DualFormRecorder:
         engine = self._engine
         first = next(iter(engine.chosen.values()))
         engine.set_precision(self._precision(), first.weight.device)
-        attrs = engine.run_attrs(
+        meta = engine.run_metadata(
             self.model, recorded_by=_OWNER, optimizer_exact=not self._problems, inexact_causes=self._problems,
             gradient_clip_val=0.0, gradient_clip_algorithm="measured", accumulate_grad_batches=0,
         )
         resume = self._resume
         raw = self._early_inputs[0][0] if self._early_inputs else None
-        engine.open(self.store_path, attrs, raw=raw, resume=resume,
+        engine.open(self.store_path, meta, raw=raw, resume=resume,
                     last_step=int(resume["steps"]) - 1 if resume is not None else None,
                     shard_index=[rank_path(self.path, r, self.dist.world_size) for r in range(self.dist.world_size)]
                     if self.dist.world_size > 1 and self.dist.rank == 0 else None)
