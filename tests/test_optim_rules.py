@@ -458,3 +458,27 @@ def test_snapshot_interval_keeps_snapshots_within_the_budget():
     assert snapshot_interval(1, rows) == 1
     with pytest.raises(ValueError):
         snapshot_interval(snap, 0)
+
+
+@pytest.mark.skipif(not HAS_ADAFACTOR, reason="torch.optim.Adafactor needs torch >= 2.5")
+@pytest.mark.parametrize("shape", [(4, 3, 2, 5), (3, 4, 6)])
+def test_adafactor_on_a_convolution_weight_is_element_wise_and_exact(shape):
+    """More than two dimensions: torch keeps row/column statistics over the last two, batched."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(*shape, dtype=torch.float64))
+    opt = torch.optim.Adafactor([p], lr=0.05, weight_decay=0.05)
+    rule = rule_for(opt)
+    init = rule.read_state(opt, p)
+    rng = np.random.default_rng(1)
+    grads, rows = [], []
+    for s in range(12):
+        grads.append(rng.standard_normal(shape))
+        p.grad = torch.tensor(grads[-1])
+        rows.append(rule.read_step(opt, p))
+        opt.step()
+    table, gs = rule.table(rows), np.ones(12)
+    p0 = init.linear[PARAM]
+    assert moved_err(replay(rule, table, gs, init, grads).state.linear[PARAM], p.detach().numpy(), p0) <= 1e-12
+    dec = decompose(rule, table, gs, init, grads)
+    assert set(dec.forms.values()) == {"element-wise"}
+    assert moved_err(dec.rebuild(init, grads), p.detach().numpy(), p0) <= 1e-12

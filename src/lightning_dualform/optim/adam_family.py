@@ -124,7 +124,10 @@ class AdamRule(UpdateRule):
             v = vmax
         bc1 = 1.0 - b1**step
         bc2 = 1.0 - b2**step
-        w = 1.0 / (np.sqrt(v) / bc2**0.5 + eps)
+        w = np.sqrt(v)
+        w /= bc2**0.5
+        w += eps
+        np.reciprocal(w, out=w)
         return _moment_maps(w, b1=b1, sign=sign, l2=l2, delta=delta, a=0.0, c=lr / bc1)
 
 

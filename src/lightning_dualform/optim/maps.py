@@ -122,31 +122,48 @@ def maps(names: tuple[str, ...], w: Value, m0, m1, b0, b1) -> StepMaps:
     return StepMaps(names, w, *arrays)
 
 
+def _is_zero(v: Value) -> bool:
+    return not isinstance(v, RankOne) and np.ndim(v) == 0 and float(v) == 0.0  # type: ignore[arg-type]
+
+
 def _lincomb(coefs: np.ndarray, vecs: list[Value]) -> Value | None:
-    """``sum_j coefs[j] * vecs[j]``, skipping zero coefficients; ``None`` when every term is zero."""
+    """``sum_j coefs[j] * vecs[j]`` as a new array or scalar (never one of ``vecs``), skipping zero terms;
+    ``None`` when every term is zero. Accumulates in place: the replay runs over large matrices."""
     out: Value | None = None
     for c, v in zip(coefs, vecs):
-        if c == 0.0 or (np.ndim(v) == 0 and not isinstance(v, RankOne) and float(v) == 0.0):  # type: ignore[arg-type]
+        if c == 0.0 or _is_zero(v):
             continue
-        term = v * float(c) if c != 1.0 else v
-        out = term if out is None else _add(out, term)
+        if isinstance(v, RankOne):
+            v = v.dense()
+        if out is None:
+            out = np.multiply(v, float(c))
+        elif np.ndim(out) >= np.ndim(v):
+            out += v if c == 1.0 else v * float(c)
+        else:
+            out = out + (v if c == 1.0 else v * float(c))
     return out
 
 
-def _add(a: Value, b: Value) -> Value:
-    if isinstance(a, RankOne):
-        a = a.dense()
-    if isinstance(b, RankOne):
-        b = b.dense()
-    return a + b
-
-
 def _affine(a: Value | None, b: Value | None, w: Value) -> Value:
-    """``a + b * w`` where ``None`` stands for zero (keeps a rank-one ``w`` factored when ``a`` is zero)."""
-    if b is not None:
-        bw = w * b if isinstance(w, RankOne) else b * w
-        return bw if a is None else _add(a, bw)
-    return 0.0 if a is None else a
+    """``a + b * w`` where ``None`` stands for zero; ``a`` and ``b`` are owned (from :func:`_lincomb`) and
+    reused in place. A rank-one ``w`` times a scalar ``b`` stays factored when ``a`` is zero."""
+    if b is None:
+        return 0.0 if a is None else a
+    if isinstance(w, RankOne):
+        bw = w * b
+    elif np.ndim(b) >= np.ndim(w) and np.ndim(b):
+        b *= w
+        bw = b
+    else:
+        bw = b * w
+    if a is None:
+        return bw
+    if isinstance(bw, RankOne):
+        bw = bw.dense()
+    if np.ndim(a) >= np.ndim(bw) and np.ndim(a):
+        a += bw
+        return a
+    return a + bw
 
 
 def apply_forward(step: StepMaps, linear: dict[str, np.ndarray], g: np.ndarray) -> None:
@@ -195,9 +212,8 @@ class OptimizerState:
         return copy.deepcopy(self)
 
     def without_linear(self) -> OptimizerState:
-        out = self.copy()
-        out.linear = None
-        return out
+        """A copy without the linear state (a snapshot for segments whose maps do not depend on it)."""
+        return OptimizerState(self.start, self.shape, copy.deepcopy(self.nonlinear), None, copy.copy(self.rows))
 
     def take_rows(self, rows: np.ndarray | None) -> OptimizerState:
         """The state of rows ``rows`` only (per-element arrays sliced, scalars kept); a copy.
