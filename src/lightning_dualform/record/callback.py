@@ -37,6 +37,7 @@ from lightning_dualform.record.engine import RecordingEngine, StepSettings, rank
 from lightning_dualform.record.options import RecordOptions, RowDtype
 from lightning_dualform.record.planner import Plan
 from lightning_dualform.record.policy import RunFacts, inexact_causes, refusal
+from lightning_dualform.record import trainer_logging
 from lightning_dualform.record.queries import QueryRecorder
 
 __all__ = ["DualFormCallback", "rank_path"]
@@ -88,6 +89,14 @@ class DualFormCallback(Callback):
             then every ``check_every`` steps; ``1`` checks every step.
         check_disk: after the first step, estimate the store's size for the whole run (printed) and refuse to
             go on when it exceeds the free space of the target disk.
+        log_attention_every_n_epochs: with a logger that takes images (TensorBoard, W&B, MLflow ...), log the
+            demo's attention picture for the first ``log_attention_queries`` validation inputs every this many
+            epochs (``None``: never). It attends over the store as committed then (one pass over the rows).
+        log_attention_queries: how many validation inputs the picture shows.
+
+    Whatever loggers the Trainer has also get, under ``dualform/``, the store's rows and bytes and the time
+    training waited for the writer (every ``log_every_n_steps`` steps and at each epoch's end) and the
+    certificate per layer at fit end. Without a logger nothing is logged.
 
     Example::
 
@@ -115,7 +124,12 @@ class DualFormCallback(Callback):
         commit_seconds: float = 30.0,
         check_disk: bool = True,
         check_every: int = 50,
+        log_attention_every_n_epochs: int | None = None,
+        log_attention_queries: int = 4,
     ) -> None:
+        for name, value in (("log_attention_every_n_epochs", log_attention_every_n_epochs), ("log_attention_queries", log_attention_queries)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{_OWNER}({name}={value!r})` must be a positive integer" + (" or None." if name.startswith("log_attention_every") else "."))
         self.options = RecordOptions.checked(
             _OWNER, path, layers, dtype=dtype, compression=compression, chunk_rows=chunk_rows, exact=exact,
             overwrite=overwrite, max_queue=max_queue, certify=certify, store_inputs=store_inputs,
@@ -129,6 +143,9 @@ class DualFormCallback(Callback):
         self.label_key = label_key
         self.input_key = input_key
         self.record_queries = tuple(record_queries)
+        self.log_attention_every_n_epochs = log_attention_every_n_epochs
+        self.log_attention_queries = log_attention_queries
+        self._val_batch: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
         self.store_path: str | None = None
         self._engine: RecordingEngine | None = None
         self._resume: dict[str, Any] | None = None
@@ -369,6 +386,13 @@ class DualFormCallback(Callback):
             # Lightning counted a step the optimizer never took (a loss scaler skipped it: inf/NaN gradients)
             engine.record_skipped_step(expected[0], expected[1])
         self._settings = None
+        if expected is not None and trainer.loggers and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self._log_progress(trainer)
+
+    def _log_progress(self, trainer: "pl.Trainer") -> None:
+        engine = self._engine
+        if engine is not None and engine.writer is not None:
+            trainer_logging.log_progress(trainer, engine.rows_recorded, self.store_path, engine.writer.blocked_s)
 
     def _clip_factor(self, trainer: "pl.Trainer", optimizer: torch.optim.Optimizer) -> float:
         """The factor Lightning's norm clipping (right after this hook) multiplies the gradients by, computed
@@ -397,6 +421,31 @@ class DualFormCallback(Callback):
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._engine is not None:
             self._engine.commit_soon()
+            self._log_progress(trainer)
+
+    @override
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        n = self.log_attention_every_n_epochs
+        engine = self._engine
+        if (n is None or trainer.sanity_checking or self._val_batch is None or engine is None or engine.writer is None
+                or (trainer.current_epoch + 1) % n or not any(trainer_logging.takes_images(lg) for lg in trainer.loggers)):
+            return
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            engine.warn_once("no-matplotlib", f"{_OWNER}(log_attention_every_n_epochs=...): the picture needs matplotlib "
+                             "(pip install 'lightning-dualform[plot]'); nothing is drawn.")
+            return
+        engine.state_dict()  # every row so far committed: the picture attends over them
+        inputs, labels, indices = self._val_batch
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the store is incomplete mid-fit, as expected)
+            image = trainer_logging.attention_picture(self.store_path, pl_module, inputs, labels, indices)
+        for lg in trainer.loggers:
+            if trainer_logging.takes_images(lg):
+                trainer_logging.log_image(lg, f"{trainer_logging.PREFIX}attention", image, int(trainer.global_step))
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -407,6 +456,7 @@ class DualFormCallback(Callback):
         # Lightning has already advanced current_epoch when fit ends: count the epochs that ran steps
         epochs = engine.last_epoch + 1 if engine.last_epoch is not None else 0
         engine.finish(int(trainer.global_step), epochs)
+        trainer_logging.log_certificate(trainer, engine.certificate)
         self._committed = engine.committed
         self._certificate = engine.certificate
         self._plan = engine.plan
@@ -479,6 +529,15 @@ class DualFormCallback(Callback):
     @override
     def on_validation_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._query_batch_start(trainer, batch, dataloader_idx, trainer.val_dataloaders)
+        if (self.log_attention_every_n_epochs and batch_idx == 0 and dataloader_idx == 0 and self._val_batch is None
+                and not trainer.sanity_checking and self._engine is not None):
+            raw = batch_inputs(batch, self.input_key)
+            if raw is not None:
+                k = self.log_attention_queries
+                labels = batch_labels(batch, self.label_key)
+                indices = batch_indices(batch, self.index_key)
+                self._val_batch = (raw[:k].detach().cpu(), None if labels is None else labels[:k],
+                                   None if indices is None else indices[:k])
 
     @override
     def on_predict_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -139,6 +139,7 @@ class RecordingEngine:
         self.check_tolerance = gradient_check_tolerance("32-true")
         self.last_epoch: int | None = None
         self.steps_recorded = 0
+        self.rows_recorded: dict[str, int] = {}  # rows handed to the writer per layer, this run
         self.active = False
         self.batch: BatchInfo | None = None
         self.dropped: dict[str, str] = {}
@@ -404,6 +405,7 @@ class RecordingEngine:
             if name in self.dropped or not pending.get(name):
                 continue
             rows[name] = _gather_rows(pending[name], self._row_dtype)
+            self.rows_recorded[name] = self.rows_recorded.get(name, 0) + rows[name][0].shape[0]
         event = None
         if any(t[0].is_cuda for t in rows.values()):
             rows = {n: tuple(_to_pinned(t) for t in r) for n, r in rows.items()}
