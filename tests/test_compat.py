@@ -21,19 +21,20 @@ class _Observe(L.Callback):
     def __init__(self) -> None:
         self.seen: list = []
         self.fifo_at_first_batch: list = []
+        self.queue = None
         self.undo = None
 
     def setup(self, trainer, pl_module, stage):
         def observe(dl):
             self.seen.append(dl)
-            wrap_dataloader(dl)
+            self.queue = wrap_dataloader(dl).queue()
 
         self.undo = _compat.observe_dataloaders(trainer.strategy, observe)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 0 and trainer.current_epoch == 0:
             rec = trainer.train_dataloader.batch_sampler
-            self.fifo_at_first_batch = list(rec.fifo) if isinstance(rec, IndexRecorder) else None
+            self.fifo_at_first_batch = list(self.queue) if isinstance(rec, IndexRecorder) else None
 
     def teardown(self, trainer, pl_module, stage):
         self.undo()

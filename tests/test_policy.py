@@ -44,3 +44,5 @@ def test_gradient_check_tolerance_widens_with_rounding():
     assert gradient_check_tolerance("32-true", "tf32") == 5e-3
     assert gradient_check_tolerance("16-mixed", "bf16") == 2e-2
     assert gradient_check_tolerance("32-true", "some-new-mode") == 2e-2  # unknown rounding: the loosest
+    assert gradient_check_tolerance("32-true", row_dtype="float16") == 5e-3  # the check multiplies stored rows
+    assert gradient_check_tolerance("32-true", row_dtype="bfloat16") == 2e-2

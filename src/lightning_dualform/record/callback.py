@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Sequence
+from collections import deque
+from typing import Any, Callable, Literal, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -24,7 +25,6 @@ from lightning_dualform._compat import observe_dataloaders
 from lightning_dualform.errors import DiskSpaceError, InexactError
 from lightning_dualform.record.batches import (
     BatchInfo,
-    IndexRecorder,
     batch_indices,
     batch_inputs,
     batch_labels,
@@ -77,7 +77,11 @@ class DualFormCallback(Callback):
             ``"labels"``, ``"y"``, ``"target"``, ``"targets"``, or the second element of a tuple batch
             when it is an integer tensor.
         max_queue: optimizer steps that may wait for the writer before training blocks.
-        certify: compute the exactness certificate at fit end (reads the store once).
+        certify: the exactness certificate. ``True``: as training goes, from random projections of each step's
+            rows (no second pass over the store; ``record/sketch.py`` says what it proves); runs it cannot cover
+            (an inexact run, a non-SGD rule, a resume from an older checkpoint) are certified by reading the
+            store once at fit end. ``"full"``: also read the store at fit end, which keeps the memory's sums
+            for ``DualInference.attend``'s ``dual`` (one product per block instead of two). ``False``: none.
         record_queries: stages whose inputs are stored as queries: any of ``"test"``, ``"validate"``,
             ``"predict"`` (during ``trainer.test/validate/predict`` after fit, into the same store).
         store_inputs: store each training example's raw input once (for pictures of what a query attends to).
@@ -117,7 +121,7 @@ class DualFormCallback(Callback):
         index_key: str | int = "index",
         label_key: str | int | None = None,
         max_queue: int = 32,
-        certify: bool = True,
+        certify: bool | Literal["full"] = True,
         record_queries: Sequence[str] = (),
         store_inputs: bool = True,
         input_key: str | int | None = None,
@@ -152,7 +156,7 @@ class DualFormCallback(Callback):
         self._committed: dict[str, Any] | None = None  # counts after fit: what a later checkpoint holds
         self._certificate: dict[str, dict[str, float]] = {}
         self._plan: Plan | None = None
-        self._recorders: dict[int, IndexRecorder] = {}
+        self._recorders: dict[int, deque] = {}  # id(DataLoader) -> this callback's FIFO of observed indices
         self._wrapped: list[Any] = []
         self._undo_observe: Callable[[], None] | None = None
         self._step_hooks: list[Any] = []
@@ -190,8 +194,8 @@ class DualFormCallback(Callback):
 
         def observe(dataloader: Any) -> None:
             rec = wrap_dataloader(dataloader)
-            if rec is not None:
-                self._recorders[id(dataloader)] = rec
+            if rec is not None and id(dataloader) not in self._recorders:
+                self._recorders[id(dataloader)] = rec.queue()  # this callback's own FIFO of indices
                 self._wrapped.append(dataloader)
 
         # Indices a batch carries need no observing; without them, watch the samplers (see _compat.py).
@@ -245,6 +249,7 @@ class DualFormCallback(Callback):
         engine.dist = _distributed(trainer)
         engine.set_precision(str(trainer.precision), trainer.strategy.root_device)
         engine.horizon = lambda: self._horizon(trainer)
+        engine.run_exact = not problems
         self._engine = engine
         self._problems = problems
         self.store_path = rank_path(self.path, trainer.global_rank, trainer.world_size)
@@ -334,10 +339,10 @@ class DualFormCallback(Callback):
         engine.begin_batch(BatchInfo(size=size, indices=indices, labels=labels), raw)
 
     def _batch_indices(self, trainer: "pl.Trainer", dl: Any, batch: Any) -> torch.Tensor | None:
-        rec = self._recorders.get(id(dl))
+        fifo = self._recorders.get(id(dl))
         observed = None
-        if rec is not None and rec.fifo:
-            item = rec.fifo.popleft()
+        if fifo:
+            item = fifo.popleft()
             observed = torch.as_tensor(item if isinstance(item, (list, tuple)) else [item], dtype=torch.int64).reshape(-1)
         carried = batch_indices(batch, self.index_key)
         if carried is not None:
@@ -493,10 +498,10 @@ class DualFormCallback(Callback):
     def _query_batch_start(self, trainer: "pl.Trainer", batch: Any, dataloader_idx: int, loaders: Any) -> None:
         if self._query is not None:
             dl = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
-            rec = self._recorders.get(id(dl))
+            fifo = self._recorders.get(id(dl))
             indices = batch_indices(batch, self.index_key)
-            if rec is not None and rec.fifo:
-                item = rec.fifo.popleft()
+            if fifo:
+                item = fifo.popleft()
                 if indices is None:
                     indices = torch.as_tensor(item if isinstance(item, (list, tuple)) else [item], dtype=torch.int64).reshape(-1)
             self._query.batch_start(batch, indices, batch_labels(batch, self.label_key), batch_inputs(batch, self.input_key))
