@@ -20,7 +20,7 @@ import torch
 from helpers import TRAINER_KW, MLP, IndexedDataset
 from lightning_dualform import DualFormCallback, DualInference
 from lightning_dualform.attend.cache import BlockCache, StoreStamp, resolve_budget
-from lightning_dualform.store import _hdf5_nogil
+from lightning_dualform.store import _raw_chunks
 
 BLOCK = 32  # rows per block: the stores below hold 288 rows per layer, 9 blocks
 
@@ -58,11 +58,12 @@ def _same(a, b) -> None:
 
 
 class _Reads:
-    """Counts every read of stored data: h5py dataset reads and the bulk reads without the GIL."""
+    """Counts every read of stored data: h5py dataset reads, and the bulk reads of keys and values (raw chunks
+    or H5Dread, both behind ``_raw_chunks.read_rows``)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.n = self.bulk = 0
-        original_getitem, original_rows = h5py.Dataset.__getitem__, _hdf5_nogil.read_rows
+        original_getitem, original_rows = h5py.Dataset.__getitem__, _raw_chunks.read_rows
 
         def getitem(ds, *args, **kw):
             self.n += 1
@@ -74,7 +75,7 @@ class _Reads:
             return original_rows(*args, **kw)
 
         monkeypatch.setattr(h5py.Dataset, "__getitem__", getitem)
-        monkeypatch.setattr(_hdf5_nogil, "read_rows", read_rows)
+        monkeypatch.setattr(_raw_chunks, "read_rows", read_rows)
 
 
 CASES = [

@@ -17,7 +17,7 @@ import numpy as np
 
 from lightning_dualform.errors import StoreError
 from lightning_dualform.optim import PARAM_COLUMNS, coefficients_with_buffer, plain_sgd_coefficients
-from lightning_dualform.store import _h5, _hdf5_nogil, _probe
+from lightning_dualform.store import _h5, _probe, _raw_chunks
 from lightning_dualform.store.filters import decode_rows
 from lightning_dualform.store.format import FORMAT_NAME, FORMAT_VERSION, ROW_COLUMNS, ROW_DTYPES, weights_crc32
 
@@ -70,6 +70,7 @@ class LayerReader:
                 f"expected (*, {key_width})/(*, {self.d_out}); the file is inconsistent."
             )
         self.attrs = {k: _h5.attr(v) for k, v in a.items()}
+        self._chunk_readers: dict[str, _raw_chunks.ChunkReader | None] = {}
 
     # -- weights ---------------------------------------------------------------------------------------
     @_h5.guarded
@@ -226,8 +227,9 @@ class LayerReader:
             if col == "tokens":  # an embedding's stored token ids, (n,)
                 out[col] = self._g["keys"][start:stop, 0]
                 continue
-            # the bulk columns are read without holding the GIL (the prefetch thread reads while torch runs)
-            data = _hdf5_nogil.read_rows(self._g[col], start, stop) if col in ("keys", "values") else self._g[col][start:stop]
+            # the bulk columns are read without holding the GIL (the prefetch thread reads while torch runs):
+            # whole chunks straight from the file, checksummed here, where the layout allows; else H5Dread
+            data = self._bulk(col, start, stop) if col in ("keys", "values") else self._g[col][start:stop]
             if col == "keys" and self.kind == "embedding":
                 onehot = np.zeros((len(data), self.d_in), dtype=np.float32)
                 ids = data[:, 0]
@@ -238,6 +240,20 @@ class LayerReader:
             else:
                 out[col] = decode_rows(data, self.store.row_dtype) if col in ("keys", "values") else data
         return out
+
+
+    def _bulk(self, col: str, start: int, stop: int) -> np.ndarray:
+        ds = self._g[col]
+        if col not in self._chunk_readers:
+            self._chunk_readers[col] = _raw_chunks.ChunkReader.for_dataset(ds)
+        return _raw_chunks.read_rows(self._chunk_readers[col], ds, start, stop)
+
+    def close(self) -> None:
+        """Close the file descriptors of the raw chunk readers (the store closes the HDF5 file)."""
+        for r in self._chunk_readers.values():
+            if r is not None:
+                r.close()
+        self._chunk_readers.clear()
 
 
 class StoreView:
@@ -399,6 +415,8 @@ class StoreReader(StoreView):
         return out
 
     def close(self) -> None:
+        for layer in getattr(self, "_layers", {}).values():
+            layer.close()
         self._f.close()
 
 
