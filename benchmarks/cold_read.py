@@ -8,8 +8,13 @@ Before each cold read the store is dropped from the page cache (``fsync``, then
 falls by about the store's size, and each cold read is timed against a warm read of the same rows right
 after it. Reads go block by block (the block size ``DualInference`` uses for the layer), into fresh arrays
 as the reader allocates them; ``raw, reused buffer`` reads into one array allocated and touched once
-(what page faults of fresh memory cost, which this VM makes expensive). The parts of the raw reader are
-timed apart too (warm): ``preadv`` alone, and the checksum alone over the chunks in memory.
+(what page faults of fresh memory cost, which this VM makes expensive). The raw reader's own descriptor
+has the kernel's read-ahead off (``POSIX_FADV_RANDOM``: the layers' chunks interleave in the file, so
+reading ahead reads other layers' rows); HDF5's has it on. The parts of the raw reader are timed apart too
+(warm): ``preadv`` alone, and the checksum alone over the chunks in memory.
+
+``--attend`` also times a whole cold ``DualInference.attend`` of 1,000 queries per layer (``attend.py``'s
+settings) with each reader (``LIGHTNING_DUALFORM_RAW_READ=0`` for H5Dread), interleaved.
 
 Each of ``--repeat`` rounds runs every method once, in an order rotated by one per round; medians.
 
@@ -54,6 +59,8 @@ def main() -> None:
     p.add_argument("--layers", nargs="*", default=["net.0", "net.4"])
     p.add_argument("--threads", nargs="*", type=int, default=[1, 2, 4, 8], help="raw reader thread counts")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--attend", action="store_true", help="also time a cold attend with each reader")
+    p.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "fashion_mnist_npm70k.npz"))
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args()
 
@@ -149,7 +156,36 @@ def main() -> None:
         layer["parts"] = {"preadv_gbs": key_bytes / t_io / 1e9, "fletcher_gbs": key_bytes / t_sum / 1e9}
         results["layers"][name] = layer
     f.close()
+    if args.attend:
+        results["attend"] = cold_attend(args)
     write_json(args.out, "cold_read.json", results)
+
+
+def cold_attend(args: argparse.Namespace) -> dict:
+    """A whole attend from a cold store, with H5Dread and with the raw reader, interleaved rounds."""
+    from attend import queries_for
+
+    from lightning_dualform import DualInference
+
+    qs = queries_for(args.store, args.data, 1000)
+    out: dict = {}
+    print("\ncold attend of 1,000 queries (top-10, per-example sums, mass; contributions at net.4)")
+    for name in args.layers:
+        times: dict[str, list[float]] = {"H5Dread": [], "raw": []}
+        for rnd in range(args.repeat):
+            for reader in (["H5Dread", "raw"] if rnd % 2 == 0 else ["raw", "H5Dread"]):
+                os.environ["LIGHTNING_DUALFORM_RAW_READ"] = "0" if reader == "H5Dread" else "1"
+                with DualInference(args.store, device="cpu") as di:
+                    di.attend(name, qs[name][:2], top_k=10)  # the metadata pass, not timed
+                    drop(args.store)
+                    t = time.perf_counter()
+                    di.attend(name, qs[name], top_k=10, contribution_to="pred" if name == "net.4" else None)
+                    times[reader].append(time.perf_counter() - t)
+        os.environ.pop("LIGHTNING_DUALFORM_RAW_READ", None)
+        h, r = median(times["H5Dread"]), median(times["raw"])
+        print(f"  {name}: H5Dread {h:.2f} s, raw {r:.2f} s ({h / r:.2f}x); rounds {times}")
+        out[name] = times
+    return out
 
 
 if __name__ == "__main__":

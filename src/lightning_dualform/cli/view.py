@@ -140,7 +140,7 @@ class ViewApp:
             splits = []
             for split in s.query_splits:
                 qs = s.queries(split)
-                splits.append({"name": split, "n": qs.n, "layers": list(qs.layers), "inputs": qs.inputs is not None})
+                splits.append({"name": split, "n": qs.n, "layers": list(qs.layers), "inputs": qs.has_inputs})
             steps = np.asarray(s.update_steps)
             epochs = np.asarray(s.update_epochs)
             starts = [int(steps[0])] + [int(x) for x in steps[1:][np.diff(epochs) != 0]] if len(steps) else []
@@ -242,8 +242,8 @@ class ViewApp:
             positions = parse_index(text, qs.index, split)
             if len(positions) > MAX_IMAGES:
                 raise BadRequest(f"index= names {len(positions)} queries; ask for at most {MAX_IMAGES} at a time.")
-            raw = qs.inputs
-            images = [None] * len(positions) if raw is None else [_image(raw[p]) for p in positions]
+            raw = qs.inputs_at(positions)
+            images = [None] * len(positions) if raw is None else [_image(x) for x in raw]
             return {"split": split, "index": qs.index[positions].tolist(), "images": images}
 
     def upload(self, params: dict[str, list[str]], body: bytes) -> dict[str, Any]:
