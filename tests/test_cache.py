@@ -152,6 +152,16 @@ def test_eviction_keeps_the_cache_within_a_small_budget(store: str) -> None:
         assert "net.0" in repr(di) and "evictions" in repr(di)
 
 
+def test_facts_of_many_steps_stay_bounded(store: str) -> None:
+    """A slider over at_step asks for a new step each time: the base weights of only a few are kept."""
+    q = _queries(d=6)
+    with DualInference(store, device="cpu", block_rows=BLOCK, cache=1 << 24) as di, DualInference(store, device="cpu", block_rows=BLOCK) as plain:
+        for step in range(1, di.last_step + 1):
+            _same(di.attend("net.0", q, top_k=2, at_step=step), plain.attend("net.0", q, top_k=2, at_step=step))
+        kinds = [k[0] for k in di.layer("net.0")._facts]
+        assert kinds.count("base_weights") == 2 and kinds.count("coefficients") <= 32
+
+
 def test_lru_order_and_blocks_larger_than_the_budget() -> None:
     def rows(n: int) -> dict:
         return {"keys": np.zeros((n, 4), np.float32), "step": np.arange(n)}

@@ -288,7 +288,7 @@ class CachedLayer:
     def __init__(self, layer: Any, cache: BlockCache) -> None:
         self._layer = layer
         self._cache = cache
-        self._facts: dict[tuple, Any] = {}
+        self._facts: OrderedDict[tuple, Any] = OrderedDict()
         self._facts_lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
@@ -316,13 +316,23 @@ class CachedLayer:
         return self._cache.put(self._layer.name, start, stop, rows)
 
     # -- facts read once -------------------------------------------------------------------------------
+    #: facts kept per kind, most recently used first out last: a slider over ``at_step`` asks for a new step
+    #: each time, and the base weights of a step are two weight-sized float64 matrices
+    KEEP = {"coefficients": 32, "rows_before": 512, "memory_sums": 4, "base_weights": 2}
+
     def _memo(self, key: tuple, make: Callable[[], Any]) -> Any:
         with self._facts_lock:
             if key in self._facts:
+                self._facts.move_to_end(key)
                 return self._facts[key]
         value = make()
         with self._facts_lock:
-            self._facts.setdefault(key, value)
+            self._facts[key] = value
+            keep = self.KEEP.get(key[0])
+            if keep is not None:
+                same = [k for k in self._facts if k[0] == key[0]]
+                for k in same[: max(0, len(same) - keep)]:
+                    del self._facts[k]
         return value
 
     @property
