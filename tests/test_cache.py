@@ -104,7 +104,13 @@ def test_cached_answers_equal_uncached_bit_for_bit(store: str, tensors: bool) ->
         info = cached.cache_info()
         assert info.hits > 0 and info.misses > 0 and info.evictions == 0
         assert set(info.layers) == {"net.0", "net.2"} and info.layers["net.0"].rows == cached.layer("net.0").n_rows
-        # explain and verify go through the same reads
+        # explain, verify and the analyses go through the same reads; read() hands out numpy arrays
+        assert isinstance(cached.layer("net.0").read(0, BLOCK)["keys"], np.ndarray)
+        assert isinstance(cached.layer("net.0").read_kept(0, BLOCK)["keys"], torch.Tensor if tensors else np.ndarray)
+        from lightning_dualform.analysis import score_curves
+
+        curves_plain, curves_cached = score_curves(plain, "net.0", _queries(2)), score_curves(cached, "net.0", _queries(2))
+        assert all(np.array_equal(a[k], b[k]) for a, b in zip(curves_plain, curves_cached) for k in a)
         model = MLP()
         ex_plain, ex_cached = plain.explain(model, _queries(4), top_k=3), cached.explain(model, _queries(4), top_k=3)
         assert json.dumps(ex_plain.to_dict()) == json.dumps(ex_cached.to_dict())
@@ -263,6 +269,6 @@ def test_device_cache_keeps_keys_and_values_on_the_gpu(store: str) -> None:
             res = cached.attend("net.0", q, top_k=4, contribution_to="pred")
             torch.testing.assert_close(res.dual, ref.dual)
             assert torch.equal(res.top.row, ref.top.row)
-        kept = cached.layer("net.0").read(0, BLOCK)
+        kept = cached.layer("net.0").read_kept(0, BLOCK)
         assert kept["keys"].is_cuda and kept["values"].is_cuda and isinstance(kept["step"], np.ndarray)
         assert cached.cache_info().device.startswith("cuda")

@@ -302,10 +302,15 @@ class CachedLayer:
         """The layer reader that reads the file."""
         return self._layer
 
-    def read(self, start: int, stop: int, columns: tuple[str, ...] | None = None) -> Rows:
-        """Rows ``start:stop`` as :meth:`LayerReader.read` returns them, from the cache when it holds them.
+    def read(self, start: int, stop: int, columns: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Rows ``start:stop`` as :meth:`LayerReader.read` returns them (numpy arrays), from the cache when it
+        holds them (on a device cache, the float columns are copied back to the host)."""
+        rows = self.read_kept(start, stop, columns)
+        return {c: v.cpu().numpy() if isinstance(v, torch.Tensor) else v for c, v in rows.items()}
 
-        On a device cache (CUDA) the float columns come back as tensors on the device."""
+    def read_kept(self, start: int, stop: int, columns: tuple[str, ...] | None = None) -> Rows:
+        """Rows ``start:stop`` in the form the cache keeps them: numpy arrays, or on a device cache (CUDA)
+        the float columns as tensors on the device. What a pass reads (:func:`pass_rows`)."""
         stop = min(stop, self._layer.n_rows)
         start = min(start, stop)
         cols = tuple(columns) if columns is not None else ("keys", "values", *ROW_COLUMNS)
@@ -392,6 +397,14 @@ class CachedLayer:
     @property
     def bias_residual(self) -> np.ndarray | None:
         return self._memo(("bias_residual",), lambda: self._layer.bias_residual)
+
+
+def pass_rows(layer: Any, start: int, stop: int, columns: tuple[str, ...] | None = None) -> Rows:
+    """The rows a pass over ``layer`` reads: through the cache in the form it keeps them (float columns as
+    device tensors on a CUDA cache), or the reader's numpy arrays without a cache."""
+    if isinstance(layer, CachedLayer):
+        return layer.read_kept(start, stop, columns)
+    return layer.read(start, stop) if columns is None else layer.read(start, stop, columns)
 
 
 def cast_rows(x: Any, dtype: Any) -> Any:

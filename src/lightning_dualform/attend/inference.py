@@ -28,7 +28,9 @@ import torch
 from torch import nn
 
 from lightning_dualform.attend import _fused
-from lightning_dualform.attend.cache import BlockCache, CachedLayer, CacheInfo, CacheSpec, StoreStamp, cast_rows, resolve_budget
+from lightning_dualform.attend.cache import (
+    BlockCache, CachedLayer, CacheInfo, CacheSpec, StoreStamp, cast_rows, pass_rows, resolve_budget,
+)
 from lightning_dualform.attend.kernels import META_COLUMNS, AttentionAccumulator, Block, step_bucket_edges
 from lightning_dualform.record.capture import keys_of, one_hot_keys
 from lightning_dualform.errors import StoreError
@@ -594,7 +596,7 @@ class DualInference:
         keys_dtype = {torch.float64: np.float64, torch.float32: np.float32}.get(compute)
 
         def make(start: int, stop: int) -> dict[str, Any]:
-            blk = lay.read(start, stop)
+            blk = pass_rows(lay, start, stop)
             upd = blk["step"] - coef.first_step
             on_device = isinstance(blk["values"], torch.Tensor)  # a device cache keeps keys and values there
             out = {
@@ -767,7 +769,7 @@ class DualInference:
         c_b = torch.from_numpy(coef.c_b).to(dev, acc)
 
         def make(start: int, stop: int) -> dict[str, Any]:
-            blk = lay.read(start, stop, ("keys", "values", "step"))
+            blk = pass_rows(lay, start, stop, ("keys", "values", "step"))
             return {"keys": blk["keys"], "values": blk["values"], "upd": blk["step"] - coef.first_step}
 
         pf = _Prefetcher(make, n, self.rows_per_block(lay), dev)
