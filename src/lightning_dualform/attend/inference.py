@@ -31,7 +31,8 @@ from lightning_dualform.attend import _fused
 from lightning_dualform.attend.cache import (
     BlockCache, CachedLayer, CacheInfo, CacheSpec, StoreStamp, cast_rows, pass_rows, resolve_budget,
 )
-from lightning_dualform.attend.kernels import META_COLUMNS, AttentionAccumulator, Block, step_bucket_edges
+from lightning_dualform.attend.kernels import META_COLUMNS, AttentionAccumulator, Block, stable_topk, step_bucket_edges
+from lightning_dualform.attend.memory import memory_sums, rebuilt_weights
 from lightning_dualform.record.capture import keys_of, one_hot_keys
 from lightning_dualform.errors import StoreError
 from lightning_dualform._float32_products import full_float32_products
@@ -761,24 +762,13 @@ class DualInference:
         """``W q + b`` with ``W, b`` rebuilt from the memory in the accumulation dtype (one more streamed pass,
         ``B x d_in x d_out`` per block instead of ``n x B x (d_in + d_out)``)."""
         acc, dev = self.accumulate, self.device
-        n = lay.rows_before(coef.end_step)
-        w_base, b_base = lay.base_weights(coef=coef, with_residual=False)
-        w = torch.from_numpy(w_base).to(dev, acc)
-        b = torch.from_numpy(b_base).to(dev, acc) if b_base is not None else None
-        c_w = torch.from_numpy(coef.c_w).to(dev, acc)
-        c_b = torch.from_numpy(coef.c_b).to(dev, acc)
 
         def make(start: int, stop: int) -> dict[str, Any]:
-            blk = pass_rows(lay, start, stop, ("keys", "values", "step"))
-            return {"keys": blk["keys"], "values": blk["values"], "upd": blk["step"] - coef.first_step}
+            return pass_rows(lay, start, stop, ("keys", "values", "step"))
 
-        pf = _Prefetcher(make, n, self.rows_per_block(lay), dev)
+        pf = _Prefetcher(make, lay.rows_before(coef.end_step), self.rows_per_block(lay), dev)
         try:
-            for blk in pf:
-                k, v, upd = blk["keys"].to(acc), blk["values"].to(acc), blk["upd"]
-                w.addmm_((v * c_w[upd, None]).t(), k)
-                if b is not None:
-                    b += (v * c_b[upd, None]).sum(0)
+            w, b = rebuilt_weights(lay, coef, *memory_sums(lay, coef, dtype=acc, device=dev, blocks=pf))
         finally:
             pf.close()
         out = q.to(dev, acc) @ w.t()
@@ -1060,7 +1050,7 @@ def _top_examples(
     else:
         sums = sums.contiguous()
         masked = sums if bool(present.all()) else sums.masked_fill(~present, float("-inf") if largest else float("inf"))
-        score, index = torch.topk(masked, kk, dim=1, largest=largest, sorted=True)
+        score, index = stable_topk(masked, kk, largest=largest)  # equal sums: the lower index first, as fused
     label, nrows = ex_label[index], rows[index]
     if sign:
         pad = score * sign <= 0

@@ -370,7 +370,6 @@ def store_facts(path: str) -> dict[str, Any]:
     if shards is not None:  # a DDP run's index file: describe each rank's store
         return {"path": path, "shards": [store_facts(s) for s in shards]}
     with StoreReader(path) as s:
-        a = s.attrs
         layers = []
         for name in s.layers:
             lay = s.layer(name)
@@ -379,6 +378,7 @@ def store_facts(path: str) -> dict[str, Any]:
             layers.append({
                 "name": name, "kind": lay.kind, "d_in": lay.d_in, "d_out": lay.d_out, "bias": lay.has_bias,
                 "rows": lay.n_rows, "exact": lay.exact, "inexact_reason": lay.inexact_reason, "certificate": cert,
+                "rows_without_index": la.get("rows_without_index"),
             })
         queries = []
         for split in s.query_splits:
@@ -387,26 +387,28 @@ def store_facts(path: str) -> dict[str, Any]:
             acc = float((qs.label[known] == qs.prediction[known]).mean()) if known.any() else None
             queries.append({"split": split, "n": qs.n, "layers": qs.layers, "inputs": qs.inputs is not None, "accuracy": acc})
         epochs = sorted(set(np.asarray(s.update_epochs).tolist()))
+        m = s.meta
         return {
             "path": path,
             "size_bytes": os.path.getsize(path),
             "status": s.status,
-            "format_version": a.get("format_version"),
-            "library_version": a.get("library_version"),
-            "created": a.get("created"),
-            "model_class": a.get("model_class"),
+            "format_version": m.format_version,
+            "library_version": m.library_version or None,
+            "created": m.created or None,
+            "recorded_by": m.recorded_by,
+            "model_class": m.model_class or None,
             "steps": {"first": s.first_step, "last": s.last_step, "recorded": s.n_steps},
             "epochs": len(epochs),  # counted from the step table (the `epochs` attribute counts one more after fit)
             "optimizer": s.optimizer,
             "optimizer_exact": s.optimizer_exact,
-            "gradient_clip_val": a.get("gradient_clip_val"),
-            "gradient_clip_algorithm": a.get("gradient_clip_algorithm"),
-            "accumulate_grad_batches": a.get("accumulate_grad_batches"),
-            "precision": a.get("precision"),
-            "float32_products": a.get("float32_products", "ieee"),  # (older stores do not record it: IEEE)
-            "world_size": a.get("world_size"),
+            "gradient_clip_val": m.gradient_clip_val,
+            "gradient_clip_algorithm": m.gradient_clip_algorithm,
+            "accumulate_grad_batches": m.accumulate_grad_batches,
+            "precision": m.precision,
+            "float32_products": m.float32_products,
+            "world_size": m.world_size,
             "row_dtype": s.row_dtype,
-            "compression": a.get("compression"),
+            "compression": m.compression,
             "train_inputs": s.train_inputs(np.array([-1])) is not None,
             "layers": layers,
             "queries": queries,
@@ -463,13 +465,14 @@ def render_info(f: dict[str, Any]) -> str:
     out = [
         f"{f['path']}  ({_human_bytes(f['size_bytes'])}, {f['status']}, format {f['format_version']}, "
         f"written by lightning-dualform {f['library_version']} on {f['created']})",
-        f"model      {f['model_class']}",
+        f"model      {f['model_class']} (recorded by {f.get('recorded_by') or 'DualFormCallback'})",
         f"training   {st['recorded']} optimizer steps ({st['first']}..{st['last']}), {f['epochs']} epoch(s), "
         f"precision {f['precision']}"
         + (f" (float32 products in {f['float32_products']})" if f.get("float32_products", "ieee") != "ieee" else "")
         + f", world size {f['world_size']}",
         f"optimizer  {_optimizer_line(f['optimizer'])}"
         + (f"; gradient clipping {clip:g} ({f['gradient_clip_algorithm']})" if clip else "")
+        + ("; each step's gradient factor (clipping, loss scale, DDP) measured" if f.get("gradient_clip_algorithm") == "measured" else "")
         + ("" if f["optimizer_exact"] else "  [recorded with exact=False: the memory is approximate]"),
         f"rows       {f['row_dtype']}, compression {f['compression']}, raw training inputs "
         + ("stored" if f["train_inputs"] else "not stored"),
@@ -487,6 +490,13 @@ def render_info(f: dict[str, Any]) -> str:
         rows.append([lay["name"], lay["kind"], f"{lay['d_in']} -> {lay['d_out']}", "yes" if lay["bias"] else "no",
                      lay["rows"], cert])
     out.append(table(["layer", "kind", "shape", "bias", "rows", "certificate (rel. err. of rebuilt weights)"], rows))
+    unknown = {lay["name"]: lay["rows_without_index"] for lay in f["layers"] if lay.get("rows_without_index")}
+    if unknown:
+        out.append("  rows without a dataset index (stored as -1): "
+                   + ", ".join(f"{n} {k}" + (" (all)" if k == lay_rows else "")
+                               for n, k, lay_rows in ((n, k, next(x["rows"] for x in f["layers"] if x["name"] == n))
+                                                      for n, k in unknown.items()))
+                   + ". Give them with DualFormRecorder.batch(indices=...) or the callback's index_key.")
     out.append("")
     if f["queries"]:
         out.append("query sets")

@@ -7,7 +7,6 @@ Every reader of the library goes through :class:`StoreReader` (or its sharded tw
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,8 @@ from lightning_dualform.errors import StoreError
 from lightning_dualform.optim import PARAM_COLUMNS, coefficients_with_buffer, plain_sgd_coefficients
 from lightning_dualform.store import _h5, _probe, _raw_chunks
 from lightning_dualform.store.filters import decode_rows
-from lightning_dualform.store.format import FORMAT_NAME, FORMAT_VERSION, ROW_COLUMNS, ROW_DTYPES, weights_crc32
+from lightning_dualform.store.format import ROW_COLUMNS, weights_crc32
+from lightning_dualform.store.metadata import StoreMetadata
 
 
 @dataclass
@@ -241,7 +241,6 @@ class LayerReader:
                 out[col] = decode_rows(data, self.store.row_dtype) if col in ("keys", "values") else data
         return out
 
-
     def _bulk(self, col: str, start: int, stop: int) -> np.ndarray:
         ds = self._g[col]
         if col not in self._chunk_readers:
@@ -334,24 +333,12 @@ class StoreReader(StoreView):
             raise StoreError(f"{self.path}: damaged store ({type(err).__name__}: {_h5.short(err)}).") from err
 
     def _validate(self) -> None:
-        a = self._f.attrs
-        if _h5.attr(a.get("format", "")) != FORMAT_NAME:
-            raise StoreError(f"{self.path}: an HDF5 file but not a lightning-dualform store (no format='{FORMAT_NAME}' attribute).")
-        version = int(a.get("format_version", -1))
-        if version > FORMAT_VERSION:
-            raise StoreError(
-                f"{self.path}: store format version {version} is newer than this library reads ({FORMAT_VERSION}); "
-                "upgrade lightning-dualform."
-            )
-        if version < 1:
-            raise StoreError(f"{self.path}: invalid store format version {version}.")
-        self.attrs = {k: _h5.attr(v) for k, v in a.items()}
-        self.row_dtype = str(self.attrs.get("row_dtype", "float32"))
-        if self.row_dtype not in ROW_DTYPES:
-            raise StoreError(f"{self.path}: unknown row dtype {self.row_dtype!r}.")
-        self.status = str(self.attrs.get("status", "unknown"))
-        self.optimizer = json.loads(self.attrs.get("optimizer", "{}") or "{}")
-        self.optimizer_exact = bool(self.attrs.get("optimizer_exact", True))
+        self.attrs = {k: _h5.attr(v) for k, v in self._f.attrs.items()}
+        self.meta = StoreMetadata.from_attrs(self.attrs, self.path)
+        self.row_dtype = self.meta.row_dtype
+        self.status = self.meta.status
+        self.optimizer = self.meta.optimizer
+        self.optimizer_exact = self.meta.optimizer_exact
         self.n_steps = int(self._f["committed_steps"][0])
         if self._f["update_step"].shape[0] < self.n_steps:
             raise StoreError(f"{self.path}: {self.n_steps} steps committed but the step table is shorter; the file is truncated.")
@@ -359,7 +346,7 @@ class StoreReader(StoreView):
         self.update_epochs = np.asarray(self._f["update_epoch"][: self.n_steps])
         if len(self.update_steps) and np.any(np.diff(self.update_steps) != 1):
             raise StoreError(f"{self.path}: the step table is not consecutive; the file is inconsistent.")
-        order = json.loads(self.attrs.get("layer_order", "[]"))
+        order = self.meta.layer_order
         lg = self._f["layers"]
         names = [n for n in order if n in lg] + sorted(n for n in lg if n not in order)
         self._layers = {n: LayerReader(self, n, lg[n]) for n in names}

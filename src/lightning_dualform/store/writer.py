@@ -9,10 +9,9 @@ Lightning or torch.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import h5py
 import numpy as np
@@ -23,9 +22,9 @@ from lightning_dualform.store import _h5
 from lightning_dualform.store._chunks import ChunkAppender
 from lightning_dualform.store._superblock import clear_swmr_flags
 from lightning_dualform.store.filters import compression_kwargs, encode_rows
+from lightning_dualform.store.metadata import StoreMetadata
 from lightning_dualform.store.format import (
     FLOAT_PARAM_COLUMNS,
-    FORMAT_NAME,
     FORMAT_VERSION,
     MEMORY_SUM_DATASETS,
     META_CHUNK,
@@ -97,7 +96,7 @@ class StoreWriter:
         row_dtype: str = "float32",
         compression: str | None = None,
         chunk_rows: int | None = None,
-        attrs: dict[str, Any] | None = None,
+        metadata: StoreMetadata | None = None,
         input_shape: tuple[int, ...] | None = None,
         input_dtype: str = "float32",
         commit_seconds: float = 30.0,
@@ -111,14 +110,14 @@ class StoreWriter:
         # Build the skeleton under a temporary name so a crash during creation never leaves a half store;
         # SWMR mode forbids creating datasets later, so everything is created here.
         with h5py.File(tmp, "w", libver="latest", locking=False) as f:
-            f.attrs["format"] = FORMAT_NAME
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            f.attrs["row_dtype"] = row_dtype
-            f.attrs["compression"] = compression or "none"
-            f.attrs["status"] = "recording"
-            f.attrs["layer_order"] = json.dumps([spec.name for spec in layers])
-            _h5.set_attrs(f, attrs or {})
+            meta = metadata if metadata is not None else StoreMetadata()
+            meta.format_version = FORMAT_VERSION
+            meta.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            meta.row_dtype = row_dtype
+            meta.compression = compression or "none"
+            meta.status = "recording"
+            meta.layer_order = [spec.name for spec in layers]
+            _h5.set_attrs(f, meta.to_attrs())
             _h5.create(f, "committed_steps", data=np.zeros(1, dtype=np.int64))
             _h5.create(f, "update_step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(TABLE_CHUNK,))
             _h5.create(f, "update_epoch", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(TABLE_CHUNK,))
@@ -176,12 +175,12 @@ class StoreWriter:
         *,
         last_step: int | None = None,
         commit_seconds: float = 30.0,
-        update_attrs: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
+        update_attrs: Callable[[StoreMetadata], dict[str, Any]] | None = None,
     ) -> "StoreWriter":
         """Continue a store from a checkpoint: truncate everything written after it, then append.
 
-        ``update_attrs`` gets the file's root attributes (decoded, as :attr:`StoreReader.attrs`) and returns
-        those to set before any row changes (what the resumed run changes about the whole store).
+        ``update_attrs`` gets the file's :class:`StoreMetadata` and returns the root attributes to set before
+        any row changes (what the resumed run changes about the whole store).
 
         Raises:
             StoreError: the file is not a store, holds fewer rows than the checkpoint says (rows that the
@@ -221,7 +220,8 @@ class StoreWriter:
             # written (an interrupted resume must not leave a "complete" store, or sums of other rows).
             f.attrs["status"] = "recording"
             if update_attrs is not None:
-                _h5.set_attrs(f, update_attrs({k: _h5.attr(v) for k, v in f.attrs.items()}))
+                meta = StoreMetadata.from_attrs({k: _h5.attr(v) for k, v in f.attrs.items()}, path)
+                _h5.set_attrs(f, update_attrs(meta))
             for g in f["layers"].values():
                 for dname in ("weight_final", "bias_final", "weight_residual", "bias_residual", *MEMORY_SUM_DATASETS):
                     if dname in g:
@@ -396,8 +396,10 @@ class StoreWriter:
         self._inexact.setdefault(name, reason)
 
     # -- finishing -----------------------------------------------------------------------------------
-    def finalize(self, final_weights: dict[str, tuple[np.ndarray, np.ndarray | None]], attrs: dict[str, Any]) -> None:
-        """Commit, leave SWMR mode, write final weights and status."""
+    def finalize(self, final_weights: dict[str, tuple[np.ndarray, np.ndarray | None]], final_step: int, epochs: int,
+                 certificate: dict[str, dict[str, Any]] | None = None) -> None:
+        """Commit, leave SWMR mode, write final weights, the certificate made as training went (if any) and
+        status."""
         self.commit()
         self.file.close()
         with h5py.File(self.path, "r+", locking=False) as f:
@@ -408,12 +410,18 @@ class StoreWriter:
                     _h5.replace(g, "bias_final", b.astype(np.float32))
             for name in self._dropped:
                 del f["layers"][name]
-            f.attrs["dropped_layers"] = json.dumps(self._dropped)
-            f.attrs["layer_order"] = json.dumps([n for n in self._layers if n not in self._dropped])
+            _h5.set_attrs(f, {"dropped_layers": self._dropped, "layer_order": [n for n in self._layers if n not in self._dropped]})
+            for g in f["layers"].values():  # (rows before a resume count too)
+                g.attrs["rows_without_index"] = _count_negative(g["index"], int(g["committed_rows"][0]))
+            for name, cert in (certificate or {}).items():
+                if name in f["layers"]:
+                    _h5.set_attrs(f["layers"][name], {f"certificate_{k}": v for k, v in cert.items()})
             for name, reason in self._inexact.items():
+                if name not in f["layers"]:
+                    continue  # marked inexact, then dropped altogether
                 f["layers"][name].attrs["exact"] = False
                 f["layers"][name].attrs["inexact_reason"] = reason
-            _h5.set_attrs(f, attrs)
+            _h5.set_attrs(f, {"final_step": int(final_step), "epochs": int(epochs)})
             f.attrs["status"] = "complete"
 
     def close(self) -> None:
@@ -421,3 +429,8 @@ class StoreWriter:
         if self.file.id.valid:
             self.commit()
             self.file.close()
+
+
+def _count_negative(ds: h5py.Dataset, n: int, block: int = 1 << 22) -> int:
+    """Entries below zero among the first ``n`` of a 1-D dataset, read in blocks."""
+    return sum(int((ds[s : min(s + block, n)] < 0).sum()) for s in range(0, n, block))
