@@ -256,6 +256,10 @@ def compare(got: dict[str, Any], ref: dict[str, Any]) -> list[str]:
         if not c:
             continue
         rc = ref["cert"].get(layer, {})
+        if c.get("certificate_method") != rc.get("certificate_method"):
+            # the certificate made as training went, written at finalisation, before certify="full" replaced it
+            # (a kill between the two): another estimate of the same error, not comparable byte for byte
+            c = {k: v for k, v in c.items() if k == "certificate_tables_crc32"}
         for k, v in c.items():
             if k not in rc or not np.array_equal(np.asarray(v), np.asarray(rc[k])):
                 problems.append(f"{layer}: certificate {k} differs from the uninterrupted run")

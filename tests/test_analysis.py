@@ -46,7 +46,7 @@ def _hand_store(path: str) -> str:
                         label=LABELS[sl], step=step, epoch=0)
         st.add_step(step, 0, {"fc": rows}, {"fc": (1.0, ParamUpdate(lr=0.1), None)})
     w_final = -0.1 * np.ones((2, 6), np.float32) @ KEYS
-    st.finalize({"fc": (w_final, None)}, {"final_step": 2, "epochs": 1})
+    st.finalize({"fc": (w_final, None)}, final_step=2, epochs=1)
     return path
 
 

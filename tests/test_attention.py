@@ -14,6 +14,7 @@ from lightning_dualform.attend.kernels import (
     Block,
     bf16_score_bound,
     block_scores,
+    fold_memory,
     merge_topk,
     scatter_sum,
     step_bucket,
@@ -351,3 +352,50 @@ def test_reduce_of_shares_equals_one_pass(memory: dict[str, torch.Tensor], mode:
         for name in whole.mass:
             torch.testing.assert_close(p.mass[name][0], whole.mass[name][0], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(p.mass[name][1], whole.mass[name][1], rtol=1e-12, atol=1e-12)
+
+
+def test_fold_memory_equals_the_dense_sum(memory: dict[str, torch.Tensor]) -> None:
+    """The one kernel of ``sum_rows c_w v k^T`` (and of the bias), block by block, against the dense product."""
+    m = memory
+    w = torch.zeros(D_OUT, D_IN, dtype=torch.float64)
+    b = torch.zeros(D_OUT, dtype=torch.float64)
+    for s in range(0, N_ROWS, 7):
+        sl = slice(s, s + 7)
+        fold_memory(w, b, m["keys"][sl], m["values"][sl] * m["c_w"][sl, None], m["c_b"][sl] @ m["values"][sl])
+    torch.testing.assert_close(w, (m["values"] * m["c_w"][:, None]).t() @ m["keys"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b, m["c_b"] @ m["values"], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(_fused.kernel() is None, reason="no C compiler for the fused kernel")
+def test_fused_and_torch_ops_break_ties_alike(memory: dict[str, torch.Tensor]) -> None:
+    """Whether a compiler is present must not change an answer: with many exactly equal scores (repeated
+    keys and values), the compiled pass and the torch ops keep the same rows in the same order."""
+    m = dict(memory)
+    reps = N_ROWS // 8
+    m["keys"] = m["keys"][:8].repeat(reps + 1, 1)[:N_ROWS].contiguous()
+    m["values"] = m["values"][:8].repeat(reps + 1, 1)[:N_ROWS].contiguous()
+    m["c_w"] = torch.full((N_ROWS,), -0.05, dtype=torch.float64)
+    m["c_b"] = torch.full((N_ROWS,), -0.01, dtype=torch.float64)
+    for block_rows in (16, N_ROWS):
+        a, b = _run(m, block_rows, fused=False), _run(m, block_rows, fused=True)
+        for get in ("top_rows", "proponents", "opponents"):
+            (va, ma), (vb, mb) = getattr(a, get)(), getattr(b, get)()
+            torch.testing.assert_close(va, vb, rtol=1e-12, atol=1e-12)
+            assert torch.equal(ma["row"], mb["row"]), (get, block_rows, ma["row"][0], mb["row"][0])
+
+
+def test_compiled_kernels_are_the_installed_libraries_and_can_be_switched_off(monkeypatch):
+    """The kernels come from the package's own _kernels/ folder (built by setup.py at install time), never
+    from a compiler at run time; LIGHTNING_DUALFORM_KERNEL=0 turns them off."""
+    import os
+
+    from lightning_dualform import _native
+
+    lib = _fused.kernel()
+    if lib is None:
+        assert _native.path("fused") is None  # not built at install time: the torch ops answer
+    else:
+        assert os.path.dirname(lib._name) == os.path.dirname(os.path.abspath(_native.__file__)) + os.sep + "_kernels"
+    monkeypatch.setenv("LIGHTNING_DUALFORM_KERNEL", "0")
+    monkeypatch.setattr(_native, "_loaded", {})
+    assert _native.load("fused", lambda lib: None) is None

@@ -90,7 +90,7 @@ def test_gradient_clipping_by_norm_is_exact(tmp_path, plugin):
 
 
 def test_two_callbacks_with_clipping_are_both_exact(tmp_path):
-    """The first callback takes Lightning's clipping report; the second computes the factor itself."""
+    """Two callbacks on one Trainer: both compute the clip factor, and both observe every dataset index."""
     model = MLP(opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9))
     a, b = DualFormCallback(tmp_path / "a.h5"), DualFormCallback(tmp_path / "b.h5", layers=["net.2"])
     trainer = L.Trainer(max_epochs=2, callbacks=[a, b], gradient_clip_val=0.05, **TRAINER_KW)
@@ -99,8 +99,10 @@ def test_two_callbacks_with_clipping_are_both_exact(tmp_path):
         assert all(c["exact"] for c in cb.certificate.values()), cb.certificate
     with StoreReader(a.store_path) as sa, StoreReader(b.store_path) as sb:
         scale_a, scale_b = sa.layer("net.2").updates()["grad_scale"], sb.layer("net.2").updates()["grad_scale"]
+        index_a, index_b = sa.layer("net.2").read(0, 96, ("index",))["index"], sb.layer("net.2").read(0, 96, ("index",))["index"]
     assert scale_a.min() < 0.99
     np.testing.assert_array_equal(scale_a, scale_b)
+    assert sorted(index_a.tolist()) == list(range(96)) and np.array_equal(index_a, index_b)  # each its own FIFO
     assert "clip_grad_by_norm" not in vars(trainer.precision_plugin)
 
 
@@ -360,7 +362,7 @@ def test_a_writer_that_holds_training_back_is_reported(tmp_path, monkeypatch, ca
     why and what to change, once, and the store is still exact."""
     import time
 
-    from lightning_dualform.record import callback as cbmod
+    from lightning_dualform.record import engine as cbmod
     from lightning_dualform.store import StoreWriter
 
     # checked every 8 steps; each write takes 0.1 s, far longer than a step even on a busy machine
@@ -383,7 +385,7 @@ def test_a_writer_that_holds_training_back_is_reported(tmp_path, monkeypatch, ca
 
 
 def test_a_writer_that_keeps_up_says_nothing(tmp_path, recwarn, monkeypatch):
-    from lightning_dualform.record import callback as cbmod
+    from lightning_dualform.record import engine as cbmod
 
     monkeypatch.setattr(cbmod, "_PACE_CHECK_EVERY", 8)
     _fit(tmp_path, MLP(), epochs=3)
@@ -421,6 +423,6 @@ def test_a_weight_used_outside_its_forward_is_reported_inexact(tmp_path, precisi
     with pytest.warns(UserWarning, match="INEXACT"):
         L.Trainer(max_epochs=1, callbacks=[cb], precision=precision, **TRAINER_KW).fit(
             WeightAlsoUsedOutside(), loader(IndexedDataset(n=64, d=2048), batch_size=16))
-    assert "lin" in cb._inexact
+    assert "lin" in cb.inexact_layers
     with StoreReader(cb.store_path) as s:
         assert not s.layer("lin").exact

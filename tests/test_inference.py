@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_dualform import DualFormCallback, DualInference, StoreError
 from helpers import rel_err
 
+from lightning_dualform.attend._fused import kernel as _fused_kernel
+
 
 class MLP(L.LightningModule):
     def __init__(self, d_in: int = 12, hidden: int = 16, n_classes: int = 3, optimizer: str = "sgd") -> None:
@@ -54,14 +56,14 @@ class _Snapshots(L.Callback):
 
 
 def _fit(path: str, n: int = 200, d_in: int = 12, hidden: int = 16, epochs: int = 3, optimizer: str = "sgd",
-         exact: bool = True, batch_size: int = 32) -> tuple[MLP, torch.Tensor, torch.Tensor, _Snapshots]:
+         exact: bool = True, batch_size: int = 32, certify: bool | str = "full") -> tuple[MLP, torch.Tensor, torch.Tensor, _Snapshots]:
     torch.manual_seed(0)
     x = torch.randn(n, d_in)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
     model = MLP(d_in, hidden, 3, optimizer)
     snaps = _Snapshots()
     trainer = L.Trainer(
-        max_epochs=epochs, callbacks=[DualFormCallback(path, exact=exact), snaps], logger=False,
+        max_epochs=epochs, callbacks=[DualFormCallback(path, exact=exact, certify=certify), snaps], logger=False,
         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False, accelerator="cpu",
     )
     with warnings.catch_warnings():
@@ -539,3 +541,41 @@ def test_top_examples_threshold_pass_equals_topk(largest: bool) -> None:
     fill = float("-inf") if largest else float("inf")
     ref = torch.topk(table_t.t().masked_fill(~present, fill), 5, dim=1, largest=largest)
     assert torch.equal(score, ref.values) and torch.equal(index, ref.indices)
+
+
+@pytest.mark.skipif(_fused_kernel() is None, reason="no C compiler for the fused kernel")
+def test_answers_do_not_depend_on_the_compiled_kernel(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same store and queries give the same rows, examples, sums and order with and without the compiled
+    pass, also where many scores are exactly equal (a data set of repeated examples)."""
+    torch.manual_seed(0)
+    base = torch.randn(4, 12)
+    x = base.repeat(16, 1)  # 64 examples, 4 distinct: every score has 16 equals per epoch
+    y = torch.arange(4).repeat(16) % 3
+    path = str(tmp_path / "ties.h5")
+    model = MLP()
+    trainer = L.Trainer(max_epochs=2, callbacks=[DualFormCallback(path)], logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, accelerator="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True))
+    q = base[:3]
+
+    def answers() -> dict:
+        with DualInference(path, device="cpu") as di:
+            return di.attend("net.0", q, top_k=20, contribution_to=1).to_dict()
+
+    compiled = answers()
+    from lightning_dualform.attend import _fused
+
+    monkeypatch.setattr(_fused, "kernel", lambda: None)
+    fallback = answers()
+    for key in ("top", "top_examples", "proponents", "opponents", "proponent_examples", "opponent_examples"):
+        for col, got in fallback[key].items():
+            want = compiled[key][col]
+            if col == "score":
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=key)
+            else:
+                assert got == want, (key, col)
+    np.testing.assert_allclose(fallback["dual"], compiled["dual"], rtol=1e-5, atol=1e-6)
+    for name in compiled["mass"]:
+        np.testing.assert_allclose(fallback["mass"][name]["signed"], compiled["mass"][name]["signed"], rtol=1e-5, atol=1e-5)

@@ -28,7 +28,7 @@ def test_estimate_within_ten_percent_of_bytes_written(tmp_path, dtype, chunk_row
 
 
 def test_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch):
-    import lightning_dualform.record.callback as cbmod
+    import lightning_dualform.record.engine as cbmod
 
     monkeypatch.setattr(cbmod, "free_bytes", lambda d: 10_000)
     cb = DualFormCallback(tmp_path / "big.h5")

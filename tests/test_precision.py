@@ -23,7 +23,7 @@ def test_bf16_mixed_within_documented_tolerance(tmp_path, seed):
     trainer = L.Trainer(max_epochs=3, callbacks=[cb], precision="bf16-mixed", **TRAINER_KW)
     trainer.fit(model, loader(IndexedDataset(n=128)))
     tol = PRECISION_TOLERANCE["bf16-mixed"]
-    assert not cb._inexact, cb._inexact
+    assert not cb.inexact_layers, cb.inexact_layers
     for name, cert in cb.certificate.items():
         assert cert["exact"] and cert["rel_err"] <= tol and cert["tolerance"] == tol
         module = dict(model.named_modules())[name]
@@ -99,7 +99,7 @@ def test_tf32_fit_on_gpu_is_recorded_and_answered_in_full_float32(tmp_path):
         with StoreReader(cb.store_path) as s:
             assert s.attrs["float32_products"] == "tf32"
         tol = FLOAT32_PRODUCTS_TOLERANCE["tf32"]
-        assert not cb._inexact, cb._inexact
+        assert not cb.inexact_layers, cb.inexact_layers
         for cert in cb.certificate.values():
             assert cert["exact"] and cert["tolerance"] == tol, cb.certificate
         x = torch.randn(32, 64)
@@ -131,4 +131,4 @@ def test_conv_fit_on_gpu_with_cudnn_defaults(tmp_path):
     expected = "tf32" if torch.backends.cudnn.allow_tf32 and float(err) > 1e-5 else "ieee"
     with StoreReader(cb.store_path) as s:
         assert s.attrs["float32_products"] == expected
-    assert not cb._inexact and all(c["exact"] for c in cb.certificate.values()), cb.certificate
+    assert not cb.inexact_layers and all(c["exact"] for c in cb.certificate.values()), cb.certificate

@@ -197,7 +197,7 @@ def test_an_injected_enospc_inside_a_write_session_rolls_it_back(tmp_path, monke
 @pytest.fixture(scope="module")
 def valid_store(tmp_path_factory):
     d = tmp_path_factory.mktemp("valid")
-    cb = DualFormCallback(d / "v.h5", record_queries=("test",))
+    cb = DualFormCallback(d / "v.h5", record_queries=("test",), certify="full")  # with the memory sums
 
     class M(MLP):
         def test_step(self, batch, batch_idx):

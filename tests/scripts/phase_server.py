@@ -297,7 +297,7 @@ def run(spec: dict) -> None:
     extra = install(spec, events)
     ds = IndexedDataset(n=80)
     model = Model(opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True))
-    cb = DualFormCallback(spec["store"], commit_seconds=1e9, record_queries=("test", "predict"),
+    cb = DualFormCallback(spec["store"], commit_seconds=1e9, record_queries=("test", "predict"), certify="full",
                           overwrite=bool(spec.get("overwrite")))
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=spec["ckpt_dir"], save_top_k=-1, filename="{epoch}-{step}")
     trainer = L.Trainer(max_epochs=spec["epochs"], callbacks=[*spec.get("_extra", []), *extra, cb, ckpt], logger=False, enable_progress_bar=False,

@@ -24,6 +24,7 @@ from lightning_dualform.store import _h5, _journal
 from lightning_dualform.store._lock import WriterLock
 from lightning_dualform.store.format import MEMORY_SUM_MAX_ELEMENTS, tables_crc32, weights_crc32
 from lightning_dualform.store.reader import Coefficients, LayerReader, StoreReader
+from lightning_dualform.attend.memory import memory_sums, rebuilt_weights
 
 #: Relative error of the rebuilt weights up to which a store counts as exact, by stored row dtype ...
 ROW_DTYPE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
@@ -43,42 +44,10 @@ def tolerance(row_dtype: str, precision: str, float32_products: str = "ieee") ->
 
 
 def store_tolerance(store: StoreReader) -> float:
-    """:func:`tolerance` of an open store, from its attributes (stores from before ``float32_products``
-    was recorded count as IEEE float32)."""
-    attrs = store.attrs
-    return tolerance(store.row_dtype, str(attrs.get("precision", "32-true")), str(attrs.get("float32_products", "ieee")))
-
-
-def memory_sums(
-    layer: LayerReader,
-    at_step: int | None = None,
-    *,
-    block_rows: int = 16384,
-    dtype: torch.dtype = torch.float64,
-    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[Coefficients, torch.Tensor, torch.Tensor | None]:
-    """What the memory adds to the layer: ``sum_rows c_w v k^T`` ``(d_out, d_in)`` and ``sum_rows c_b v``.
-
-    ``all_reduce`` sums over the shards of a DDP run (each rank holds its own rows).
-    """
-    coef = layer.coefficients(at_step)
-    n = layer.rows_before(coef.end_step)
-    w = torch.zeros(layer.d_out, layer.d_in, dtype=dtype)
-    b = torch.zeros(layer.d_out, dtype=dtype) if layer.has_bias else None
-    c_w = torch.from_numpy(coef.c_w).to(dtype)
-    c_b = torch.from_numpy(coef.c_b).to(dtype)
-    for start in range(0, n, block_rows):
-        blk = layer.read(start, min(start + block_rows, n), ("keys", "values", "step"))
-        upd = torch.from_numpy(blk["step"] - coef.first_step)
-        k = torch.from_numpy(blk["keys"]).to(dtype)
-        v = torch.from_numpy(blk["values"]).to(dtype)
-        w += (v * c_w[upd, None]).t() @ k
-        if b is not None:
-            b += (v * c_b[upd, None]).sum(0)
-    if all_reduce is not None:
-        w = all_reduce(w)
-        b = all_reduce(b) if b is not None else None
-    return coef, w, b
+    """:func:`tolerance` of an open store, from its metadata (stores from before ``float32_products`` was
+    recorded count as IEEE float32)."""
+    meta = store.meta
+    return tolerance(meta.row_dtype, meta.precision, meta.float32_products)
 
 
 def rebuild_weights(
@@ -93,19 +62,9 @@ def rebuild_weights(
 
     ``all_reduce`` sums the memory part over the shards of a DDP run (each rank holds its own rows).
     """
-    coef, w, b = memory_sums(layer, at_step, block_rows=block_rows, dtype=dtype, all_reduce=all_reduce)
-    return _with_base(layer, coef, w, b)
-
-
-def _with_base(
-    layer: LayerReader, coef: Coefficients, w: torch.Tensor, b: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The memory's sums plus what the memory does not hold (``a W_0``, ...): the rebuilt weights."""
-    w0, b0 = layer.base_weights(coef=coef, with_residual=False)
-    w = w + torch.from_numpy(w0).to(w.dtype)
-    if b is not None:
-        b = b + torch.from_numpy(b0).to(b.dtype)
-    return w, b
+    coef = layer.coefficients(at_step)
+    w, b = memory_sums(layer, coef, dtype=dtype, block_rows=block_rows, all_reduce=all_reduce)
+    return rebuilt_weights(layer, coef, w, b)
 
 
 def _rel(err: torch.Tensor, ref: torch.Tensor) -> float:
@@ -145,7 +104,7 @@ def certify_store(
 ) -> dict[str, dict[str, float]]:
     """Compute, store and return each layer's certificate (``all_reduce``: see :func:`rebuild_weights`).
 
-    Each layer also keeps the memory's sums (:func:`memory_sums`, float64, tied to its row count, end step and
+    Each layer also keeps the memory's sums (:func:`~lightning_dualform.attend.memory.memory_sums`, float64, tied to its row count, end step and
     final weights) for ``DualInference.attend``; layers are done one at a time, so at most one layer's sums
     are held in memory. Each layer's results are written in one all-or-nothing write session under the
     store's writer lock; running it again replaces them.
@@ -174,10 +133,11 @@ def certify_store(
                 layer = store.layer(name)
                 if layer.weight_final is None:
                     continue
-                coef, mw, mb = memory_sums(layer, all_reduce=all_reduce)
+                coef = layer.coefficients()
+                mw, mb = memory_sums(layer, coef, all_reduce=all_reduce)
                 rows = torch.tensor([float(layer.rows_before(coef.end_step))], dtype=torch.float64)
                 rows = all_reduce(rows) if all_reduce is not None else rows
-                w, b = _with_base(layer, coef, mw, mb)
+                w, b = rebuilt_weights(layer, coef, mw, mb)
                 wf32 = layer.weight_final
                 wf = torch.from_numpy(wf32).double()
                 rw = wf - w
@@ -205,8 +165,11 @@ def certify_store(
                 + (4 * (rw.numel() + (rb.numel() if rb is not None else 0)) if inexact_store else 0)
             with _journal.write_session(path, f"certificate of {name}", reserve=nbytes + (64 << 10)) as f:
                 g = f["layers"][name]
+                for key in [k for k in g.attrs if k.startswith("certificate_")]:
+                    del g.attrs[key]  # (the certificate made as training went, if any: this one replaces it)
                 for k, v in cert.items():
                     g.attrs[f"certificate_{k}"] = v
+                g.attrs["certificate_method"] = "full"
                 if mw.numel() <= MEMORY_SUM_MAX_ELEMENTS:  # attend's `dual` reuses them instead of summing rows
                     _h5.replace(g, "memory_weight", mw.numpy())
                     if mb is not None:
@@ -214,7 +177,7 @@ def certify_store(
                     g.attrs["memory_end_step"] = int(coef.end_step)
                     g.attrs["memory_rows"] = int(rows)
                     g.attrs["memory_weight_final_crc32"] = weights_crc32(wf32)
-                g.attrs["memory_tables_crc32"] = tables_crc32_of(tables)
+                g.attrs["certificate_tables_crc32"] = tables_crc32_of(tables)
                 if inexact_store:
                     _h5.replace(g, "weight_residual", rw.float().numpy())
                     if rb is not None:

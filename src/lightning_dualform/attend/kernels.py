@@ -11,9 +11,10 @@ results. Each function has a dense one-liner it must agree with (see ``tests/tes
 function              dense reference
 ====================  =====================================================================
 :func:`fold_dual`     ``out + (q @ K.T * c_w + c_b) @ V``
-:func:`merge_topk`    ``torch.topk(all_scores, k)``
+:func:`merge_topk`    ``torch.topk(all_scores, k)`` (equal scores: the earlier row first)
 :func:`contributions` ``weights * V[:, unit].T``: row ``r``'s share of output unit ``unit[i]``
 :func:`scatter_sum`   ``acc.scatter_add(1, group.expand(n, -1), x)`` (rows with group ``-1`` skipped)
+:func:`fold_memory`   ``w + (V * c_w).T @ K``: the memory sum ``sum_rows c_w v k^T``
 ====================  =====================================================================
 
 :class:`AttentionAccumulator` strings them together: one pass over the store gives the dual output,
@@ -88,6 +89,24 @@ def fold_dual(out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor) ->
     return out.addmm_(weights, values)
 
 
+def fold_memory(w: torch.Tensor, b: torch.Tensor | None, keys: torch.Tensor, cv: torch.Tensor, bias_share: torch.Tensor | None) -> None:
+    """One block's share of the memory sum, in place: ``w += cv^T keys`` ``(d_out, d_in)`` and ``b += bias_share``.
+
+    The one kernel of ``sum_rows c_w v k^T`` (the rebuilt weights' memory part), whoever sums it: the
+    certificate, a rebuilt ``dual``, the attention pass.
+
+    Args:
+        w: ``(d_out, d_in)`` running sum.
+        b: ``(d_out,)`` running bias sum, or None.
+        keys: ``(B, d_in)`` key rows, in ``w``'s dtype.
+        cv: ``(B, d_out)`` the value rows times their step's weight coefficient, ``c_w v``.
+        bias_share: ``(d_out,)`` ``c_b @ V``, the block's share of the bias.
+    """
+    w.addmm_(cv.t(), keys)
+    if b is not None and bias_share is not None:
+        b += bias_share
+
+
 def contributions(weights: torch.Tensor, values: torch.Tensor, units: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Each row's additive share of output unit ``units[i]`` for query ``i``: ``(n, B)``.
 
@@ -99,6 +118,37 @@ def contributions(weights: torch.Tensor, values: torch.Tensor, units: torch.Tens
     return torch.mul(weights, values.t()[units], out=out)
 
 
+def best_first(vals: torch.Tensor, tie: torch.Tensor, k: int, *, largest: bool = True) -> torch.Tensor:
+    """Positions of the ``k`` best of each row of ``(n, m)`` values, best first; equal values are ordered by
+    the smaller ``tie`` (a row number: the earlier training row first, as the compiled pass keeps them)."""
+    order = torch.argsort(tie, dim=1, stable=True)
+    ranked = torch.sort(vals.gather(1, order), dim=1, descending=largest, stable=True).indices[:, :k]
+    return order.gather(1, ranked)
+
+
+def stable_topk(x: torch.Tensor, k: int, *, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(x, k, dim=1, sorted=True)`` with ties broken by the lower column first.
+
+    ``torch.topk`` keeps an arbitrary one of equal values at the k-th place, so which row an answer names
+    could depend on the device or on whether the compiled pass is there. Rows whose k-th value has more
+    equals than were kept are chosen again exactly (one comparison pass finds them).
+    """
+    vals, idx = torch.topk(x, k, dim=1, largest=largest, sorted=False)
+    if k and k < x.shape[1]:
+        kth = (vals.min(dim=1, keepdim=True) if largest else vals.max(dim=1, keepdim=True)).values
+        unsure = (x == kth).sum(1) > (vals == kth).sum(1)
+        if bool(unsure.any()):
+            rows = unsure.nonzero().squeeze(1)
+            xb, kb = x[rows], kth[rows]
+            beyond = xb > kb if largest else xb < kb
+            equal = xb == kb
+            take = beyond | (equal & (equal.cumsum(1) <= k - beyond.sum(1, keepdim=True)))
+            pos = take.nonzero()[:, 1].view(len(rows), k)  # row-major: k per row, in column order
+            vals[rows], idx[rows] = xb.gather(1, pos), pos
+    order = best_first(vals, idx, k, largest=largest)
+    return vals.gather(1, order), idx.gather(1, order)
+
+
 def merge_topk(
     best: torch.Tensor | None,
     best_meta: dict[str, torch.Tensor] | None,
@@ -107,29 +157,34 @@ def merge_topk(
     k: int,
     *,
     largest: bool = True,
+    tie: str = "row",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Fold a block's ``(n, B)`` scores into a running top-k, carrying per-row metadata along.
 
     Args:
         best: ``(n, k')`` running scores, or ``None`` before the first block.
         best_meta: ``{column: (n, k')}`` metadata of the running entries.
-        scores: ``(n, B)`` the block's scores.
+        scores: ``(n, B)`` the block's scores (its rows in increasing ``tie`` order).
         meta: ``{column: (B,) or (n, B)}`` metadata of the block's rows.
         k: how many to keep.
         largest: keep the largest (``True``) or the smallest.
+        tie: the metadata column that orders equal scores (the smaller first).
 
     Returns:
         ``(n, min(k, seen))`` scores sorted best first, and their metadata.
     """
     kb = min(k, scores.shape[1])
-    vals, pos = torch.topk(scores, kb, dim=1, largest=largest, sorted=False)
+    vals, pos = stable_topk(scores, kb, largest=largest)
     cand_meta = {name: col[pos] if col.dim() == 1 else col.gather(1, pos) for name, col in meta.items()}
     if best is not None:
         vals = torch.cat([best, vals], dim=1)
         cand_meta = {name: torch.cat([best_meta[name], col], dim=1) for name, col in cand_meta.items()}
     kk = min(k, vals.shape[1])
-    top, pos = torch.topk(vals, kk, dim=1, largest=largest, sorted=True)
-    return top, {name: col.gather(1, pos) for name, col in cand_meta.items()}
+    ties = cand_meta.get(tie)
+    if ties is None:
+        ties = torch.arange(vals.shape[1], device=vals.device).expand_as(vals)
+    pos = best_first(vals, ties, kk, largest=largest)
+    return vals.gather(1, pos), {name: col.gather(1, pos) for name, col in cand_meta.items()}
 
 
 def scatter_sum(acc: torch.Tensor, group: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -324,7 +379,7 @@ class AttentionAccumulator:
         # the coefficient goes on V (B x d_out), not on the (n x B) scores: A (c V) = (A c) V
         cv = block.coef_w if block.coef_w is not None else values * block.c_w[:, None]
         if self._w is not None:
-            self._w.addmm_(cv.t(), block.keys if block.keys.dtype == acc else block.keys.to(acc))
+            fold_memory(self._w, None, block.keys if block.keys.dtype == acc else block.keys.to(acc), cv, None)
         if self._b is not None:
             self._b += block.bias_sum if block.bias_sum is not None else block.c_b @ values
         if self.example_rows is not None and not self.fused:
@@ -524,7 +579,9 @@ class AttentionAccumulator:
                 meta[:, : v.shape[1]] = torch.stack([m[c] for c in META_COLUMNS], dim=2)
             all_vals, all_meta = torch.cat(all_gather(vals), dim=1), torch.cat(all_gather(meta), dim=1)
             kk = min(k, int(seen))
-            top, pos = torch.topk(all_vals, kk, dim=1, sorted=True)
+            rows = all_meta[:, :, META_COLUMNS.index("row")]
+            pos = best_first(all_vals, rows.masked_fill(rows < 0, torch.iinfo(torch.int64).max), kk)
+            top = all_vals.gather(1, pos)
             picked = all_meta.gather(1, pos[:, :, None].expand(-1, -1, len(META_COLUMNS)))
             merged[name] = (top * sign, {c: picked[:, :, j] for j, c in enumerate(META_COLUMNS)})
         self._merged = merged

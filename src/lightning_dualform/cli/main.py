@@ -1,4 +1,4 @@
-"""The ``lightning-dualform`` command: ``info``, ``attend``, ``verify`` and ``demo``.
+"""The ``lightning-dualform`` command: ``info``, ``attend``, ``verify``, ``view`` and ``demo``.
 
 Exit codes: 0 success, 1 failure (``verify`` beyond tolerance, an unexpected error), 2 a user's mistake
 (missing file, not a store, unknown layer, bad index, wrong query width, unwritable output, bad option),
@@ -10,6 +10,7 @@ Example::
     lightning-dualform info demo/mnist.h5
     lightning-dualform attend demo/mnist.h5 --split test --index 3,17 --top-k 5 --plot top.png --json top.json
     lightning-dualform verify demo/mnist.h5
+    lightning-dualform view demo/mnist.h5
 """
 
 from __future__ import annotations
@@ -119,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(re)compute the certificate and its memory sums and write them into the store first (a "
                    "complete store whose certificate is missing: a process killed while writing it, or certify=False)")
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("view", parents=[common], formatter_class=fmt, help="explore a store in a local web page",
+                       description="Serve a page on 127.0.0.1 to explore a store: pick a recorded query (or upload a "
+                       ".npy row) and see, per layer, the training examples it attends to as images, signed "
+                       "contributions, mass per class and over training, the certificate, and any earlier step. "
+                       "The process keeps the store's rows in memory (--cache), so answers after the first cost the "
+                       "products. Offline: the page loads nothing from elsewhere.")
+    s.add_argument("store", metavar="STORE", help="a .h5 store written by DualFormCallback")
+    s.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free port)")
+    s.add_argument("--no-browser", action="store_true", help="do not open a browser; print the address only")
+    s.add_argument("--cache", default="auto",
+                   help="memory kept for the store's rows: 'auto' (half of what is available), 'none', or a size "
+                   "such as 2G, 512M (binary units) or a number of bytes")
+    s.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N' (with a cache on CUDA, rows are kept on the device)")
+    s.add_argument("--block-rows", type=int, default=None, help="memory rows read and multiplied at a time (default: about 96 MiB per block)")
+    s.add_argument("--no-warm", action="store_true", help="do not read every layer into the cache at start")
+    s.set_defaults(func=cmd_view)
 
     s = sub.add_parser("demo", parents=[common], formatter_class=fmt,
                        help="train the paper's MNIST MLP, record, attend and draw (under a minute)",
@@ -357,16 +375,35 @@ def load_queries(path: str) -> np.ndarray:
         raise
     except Exception as err:  # numpy/torch say many things about files they cannot read
         raise UsageError(f"--queries {path}: cannot read it without pickle ({_message(err)[:150]}); save a plain numeric array.") from err
+    return checked_queries(q, f"--queries {path}")
+
+
+def load_npy_bytes(data: bytes, what: str) -> np.ndarray:
+    """``(n, d)`` float32 queries from the bytes of a ``.npy`` file (``allow_pickle=False``), as
+    :func:`load_queries` reads a file; ``what`` names the source in messages."""
+    import io
+
+    try:
+        q = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as err:  # a pickled or damaged file, another format
+        raise UsageError(f"{what}: cannot read it as .npy without pickle ({_message(err)[:150]}); save a plain numeric array with numpy.save.") from err
+    return checked_queries(q, what)
+
+
+def checked_queries(q: Any, what: str) -> np.ndarray:
+    """A numeric, finite, non-empty array as ``(n, d)`` float32 (images flattened), or a :class:`UsageError`."""
     if not isinstance(q, np.ndarray) or q.dtype == object or not np.issubdtype(q.dtype, np.number):
-        raise UsageError(f"--queries {path}: expected a numeric array of shape (n, d_in).")
+        raise UsageError(f"{what}: expected a numeric array of shape (n, d_in).")
+    if q.ndim == 0:
+        raise UsageError(f"{what}: holds a single number; expected an array of shape (n, d_in).")
     if q.ndim == 1:
         q = q[None]
     elif q.ndim > 2:
         q = q.reshape(q.shape[0], -1)  # images (n, 28, 28) -> (n, 784)
-    if q.shape[0] == 0:
-        raise UsageError(f"--queries {path}: holds no queries.")
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        raise UsageError(f"{what}: holds no queries.")
     if not np.isfinite(q).all():
-        raise UsageError(f"--queries {path}: holds NaN or inf; every query must be finite.")
+        raise UsageError(f"{what}: holds NaN or inf; every query must be finite.")
     return np.ascontiguousarray(q, dtype=np.float32)
 
 
@@ -423,7 +460,6 @@ def _store_facts(path: str) -> dict[str, Any]:
     from lightning_dualform.store.reader import StoreReader
 
     with StoreReader(path) as s:
-        a = s.attrs
         layers = []
         for name in s.layers:
             lay = s.layer(name)
@@ -432,6 +468,7 @@ def _store_facts(path: str) -> dict[str, Any]:
             layers.append({
                 "name": name, "kind": lay.kind, "d_in": lay.d_in, "d_out": lay.d_out, "bias": lay.has_bias,
                 "rows": lay.n_rows, "exact": lay.exact, "inexact_reason": lay.inexact_reason, "certificate": cert,
+                "rows_without_index": la.get("rows_without_index"),
             })
         queries = []
         for split in s.query_splits:
@@ -440,26 +477,28 @@ def _store_facts(path: str) -> dict[str, Any]:
             acc = float((qs.label[known] == qs.prediction[known]).mean()) if known.any() else None
             queries.append({"split": split, "n": qs.n, "layers": qs.layers, "inputs": qs.inputs is not None, "accuracy": acc})
         epochs = sorted(set(np.asarray(s.update_epochs).tolist()))
+        m = s.meta
         return {
             "path": path,
             "size_bytes": os.path.getsize(path),
             "status": s.status,
-            "format_version": a.get("format_version"),
-            "library_version": a.get("library_version"),
-            "created": a.get("created"),
-            "model_class": a.get("model_class"),
+            "format_version": m.format_version,
+            "library_version": m.library_version or None,
+            "created": m.created or None,
+            "recorded_by": m.recorded_by,
+            "model_class": m.model_class or None,
             "steps": {"first": s.first_step, "last": s.last_step, "recorded": s.n_steps},
             "epochs": len(epochs),  # counted from the step table (the `epochs` attribute counts one more after fit)
             "optimizer": s.optimizer,
             "optimizer_exact": s.optimizer_exact,
-            "gradient_clip_val": a.get("gradient_clip_val"),
-            "gradient_clip_algorithm": a.get("gradient_clip_algorithm"),
-            "accumulate_grad_batches": a.get("accumulate_grad_batches"),
-            "precision": a.get("precision"),
-            "float32_products": a.get("float32_products", "ieee"),  # (older stores do not record it: IEEE)
-            "world_size": a.get("world_size"),
+            "gradient_clip_val": m.gradient_clip_val,
+            "gradient_clip_algorithm": m.gradient_clip_algorithm,
+            "accumulate_grad_batches": m.accumulate_grad_batches,
+            "precision": m.precision,
+            "float32_products": m.float32_products,
+            "world_size": m.world_size,
             "row_dtype": s.row_dtype,
-            "compression": a.get("compression"),
+            "compression": m.compression,
             "train_inputs": s.train_inputs(np.array([-1])) is not None,
             "layers": layers,
             "queries": queries,
@@ -518,13 +557,14 @@ def render_info(f: dict[str, Any]) -> str:
     out = [
         f"{f['path']}  ({_human_bytes(f['size_bytes'])}, {f['status']}, format {f['format_version']}, "
         f"written by lightning-dualform {f['library_version']} on {f['created']})",
-        f"model      {f['model_class']}",
+        f"model      {f['model_class']} (recorded by {f.get('recorded_by') or 'DualFormCallback'})",
         f"training   {st['recorded']} optimizer steps ({st['first']}..{st['last']}), {f['epochs']} epoch(s), "
         f"precision {f['precision']}"
         + (f" (float32 products in {f['float32_products']})" if f.get("float32_products", "ieee") != "ieee" else "")
         + f", world size {f['world_size']}",
         f"optimizer  {_optimizer_line(f['optimizer'])}"
         + (f"; gradient clipping {clip:g} ({f['gradient_clip_algorithm']})" if clip else "")
+        + ("; each step's gradient factor (clipping, loss scale, DDP) measured" if f.get("gradient_clip_algorithm") == "measured" else "")
         + ("" if f["optimizer_exact"] else "  [recorded with exact=False: the memory is approximate]"),
         f"rows       {f['row_dtype']}, compression {f['compression']}, raw training inputs "
         + ("stored" if f["train_inputs"] else "not stored"),
@@ -544,6 +584,13 @@ def render_info(f: dict[str, Any]) -> str:
         rows.append([lay["name"], lay["kind"], f"{lay['d_in']} -> {lay['d_out']}", "yes" if lay["bias"] else "no",
                      lay["rows"], cert])
     out.append(table(["layer", "kind", "shape", "bias", "rows", "certificate (rel. err. of rebuilt weights)"], rows))
+    unknown = {lay["name"]: lay["rows_without_index"] for lay in f["layers"] if lay.get("rows_without_index")}
+    if unknown:
+        out.append("  rows without a dataset index (stored as -1): "
+                   + ", ".join(f"{n} {k}" + (" (all)" if k == lay_rows else "")
+                               for n, k, lay_rows in ((n, k, next(x["rows"] for x in f["layers"] if x["name"] == n))
+                                                      for n, k in unknown.items()))
+                   + ". Give them with DualFormRecorder.batch(indices=...) or the callback's index_key.")
     out.append("")
     if f["queries"]:
         out.append("query sets")
@@ -584,7 +631,7 @@ def cmd_attend(args: argparse.Namespace) -> int:
         raise UsageError(f"--top-k {args.top_k}: expected 0 or more.")
     if args.queries is not None and (args.split is not None or args.index is not None):
         raise UsageError("--queries reads queries from a file; leave out --split and --index, or drop --queries.")
-    contribution = _parse_contribution(args.contribution_to)
+    _parse_contribution(args.contribution_to)  # a mistake here is reported before any long work
     if args.plot:
         from lightning_dualform.plots import require_matplotlib
 
@@ -594,35 +641,22 @@ def cmd_attend(args: argparse.Namespace) -> int:
     plot_out = Output(args.plot, "--plot", _IMAGE_SUFFIXES)
     try:
         _attend(args, di_kwargs={"device": args.device, "block_rows": args.block_rows, "progress": _progress(args)},
-                contribution=contribution, queries=queries, json_out=json_out, plot_out=plot_out)
+                queries=queries, json_out=json_out, plot_out=plot_out)
     finally:
         json_out.discard()
         plot_out.discard()
     return 0
 
 
-def _attend(args: argparse.Namespace, di_kwargs: dict[str, Any], contribution: Any, queries: np.ndarray | None,
+def _attend(args: argparse.Namespace, di_kwargs: dict[str, Any], queries: np.ndarray | None,
             json_out: Output, plot_out: Output) -> None:
-    from lightning_dualform.analysis import attend_queries
     from lightning_dualform.attend.inference import DualInference
 
     t0 = time.perf_counter()
     with DualInference(args.store, **di_kwargs) as di:
-        layers = _parse_layers(args.layer, di.layers)
-        if isinstance(contribution, int):
-            d_out = di.layer(di.layers[-1]).d_out
-            if contribution >= d_out:
-                raise UsageError(f"--contribution-to {contribution}: the output layer {di.layers[-1]} has units 0..{d_out - 1}.")
-        if queries is not None:
-            run = attend_queries(di, queries=queries, source=args.queries, layers=layers, top_k=args.top_k,
-                                 contribution_to=contribution, at_step=args.at_step, step_buckets=args.step_buckets)
-        else:
-            split = _pick_split(di.store, args.split)
-            qs = di.store.queries(split)
-            positions = parse_index(args.index, qs.index, split) if args.index is not None else np.arange(min(DEFAULT_QUERIES, qs.n))
-            run = attend_queries(di, split=split, positions=positions, layers=layers, top_k=args.top_k,
-                                 contribution_to=contribution, at_step=args.at_step, step_buckets=args.step_buckets)
-        run.settings.update({"by": args.by, "store": os.path.abspath(args.store)})
+        run = attend_run(di, args.store, split=args.split, index=args.index, queries=queries, source=args.queries or "",
+                         layer=args.layer, top_k=args.top_k, by=args.by, contribution_to=args.contribution_to,
+                         at_step=args.at_step, step_buckets=args.step_buckets)
         print(render_attend(run, by=args.by, store=di.store))
         if args.json:
             json_out.write_text(_json_text(run.to_dict()))
@@ -633,6 +667,68 @@ def _attend(args: argparse.Namespace, di_kwargs: dict[str, Any], contribution: A
             plot_out.write_with(lambda target: plot_attention(run, di.store, target, by=args.by))
             _note(args, f"wrote {args.plot}")
     log.debug("attend took %.2f s", time.perf_counter() - t0)
+
+
+def attend_run(
+    di: Any,
+    store: str,
+    *,
+    split: str | None = None,
+    index: str | None = None,
+    queries: np.ndarray | None = None,
+    source: str = "",
+    layer: Sequence[str] | None = None,
+    top_k: int = 5,
+    by: str = "pattern",
+    contribution_to: str = "pred",
+    at_step: int | None = None,
+    step_buckets: int = 20,
+) -> QueryAttention:
+    """What ``attend`` computes, from its options as the command line takes them; its ``to_dict()`` is what
+    ``--json`` writes. The viewer's ``/api/attend`` calls it too, so both answer the same.
+
+    Args:
+        di: the open store (a :class:`~lightning_dualform.DualInference`).
+        store: the store's path as given (its absolute path goes into ``settings["store"]``).
+        split, index: recorded queries: the split (default: 'test' or the only one) and ``--index`` text
+            (``'3,17'``, ``'0:10'``, ``'all'``; default: the first :data:`DEFAULT_QUERIES`).
+        queries, source: ``(n, d)`` queries instead (from :func:`load_queries`) and where they came from.
+        layer: ``--layer`` values (names, or comma-separated names; default: every layer).
+        top_k, by, contribution_to, at_step, step_buckets: as ``--top-k``, ``--by``, ``--contribution-to``,
+            ``--at-step``, ``--step-buckets``.
+
+    Raises:
+        UsageError: a bad option (unknown split, layer or index, a negative ``top_k`` ...).
+        ValueError, KeyError: what :func:`~lightning_dualform.analysis.attend_queries` raises.
+    """
+    from lightning_dualform.analysis import attend_queries
+
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise UsageError(f"--top-k {top_k}: expected 0 or more.")
+    _positive(step_buckets, "--step-buckets")
+    if step_buckets is not None and step_buckets > MAX_STEP_BUCKETS_CLI:
+        raise UsageError(f"--step-buckets {step_buckets}: at most {MAX_STEP_BUCKETS_CLI} (more buckets than steps hold nothing).")
+    if by not in ("pattern", "example"):
+        raise UsageError(f"--by {by}: expected pattern or example.")
+    if queries is not None and (split is not None or index is not None):
+        raise UsageError("--queries reads queries from a file; leave out --split and --index, or drop --queries.")
+    contribution = _parse_contribution(contribution_to)
+    layers = _parse_layers(list(layer) if layer else None, di.layers)
+    if isinstance(contribution, int):
+        d_out = di.layer(di.layers[-1]).d_out
+        if contribution >= d_out:
+            raise UsageError(f"--contribution-to {contribution}: the output layer {di.layers[-1]} has units 0..{d_out - 1}.")
+    if queries is not None:
+        run = attend_queries(di, queries=queries, source=source, layers=layers, top_k=top_k,
+                             contribution_to=contribution, at_step=at_step, step_buckets=step_buckets)
+    else:
+        split = _pick_split(di.store, split)
+        qs = di.store.queries(split)
+        positions = parse_index(index, qs.index, split) if index is not None else np.arange(min(DEFAULT_QUERIES, qs.n))
+        run = attend_queries(di, split=split, positions=positions, layers=layers, top_k=top_k,
+                             contribution_to=contribution, at_step=at_step, step_buckets=step_buckets)
+    run.settings.update({"by": by, "store": os.path.abspath(store)})
+    return run
 
 
 def _pick_split(store: Any, split: str | None) -> str:
@@ -826,6 +922,39 @@ def _verify(args: argparse.Namespace, out: Output) -> int:
               f"`{PROG} verify --write-certificate {args.store}` writes it")
     out.write_text(_json_text(v))
     return 0 if v["ok"] else 1
+
+
+# ------------------------------------------------------------------------------------------------------
+# view
+# ------------------------------------------------------------------------------------------------------
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+
+
+def parse_cache(text: str) -> int | str | None:
+    """``--cache``: ``'auto'``, ``'none'`` (None), or a size in bytes with an optional K/M/G/T (binary) unit."""
+    t = text.strip().lower()
+    if t in ("auto", "none"):
+        return None if t == "none" else "auto"
+    m = _SIZE.fullmatch(t)
+    if m is None:
+        raise UsageError(f"--cache {text}: expected auto, none, or a size such as 2G, 512M or 1000000.")
+    size = int(float(m.group(1)) * 1024 ** "bkmgt".index(m.group(2) or "b"))
+    if size < 1:
+        raise UsageError(f"--cache {text}: the size must be at least one byte (or none).")
+    return size
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from lightning_dualform.cli.view import serve
+
+    _check_store_path(args.store)
+    _positive(args.block_rows, "--block-rows")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: expected 0..65535.")
+    cache = parse_cache(args.cache)
+    return serve(args.store, port=args.port, device=args.device, cache=cache, block_rows=args.block_rows,
+                 open_browser=not args.no_browser, warm=not args.no_warm,
+                 echo=lambda m: print(m, flush=True))
 
 
 # ------------------------------------------------------------------------------------------------------

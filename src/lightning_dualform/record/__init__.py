@@ -1,6 +1,8 @@
-"""Recording the dual form while a model trains: the Lightning callback, module hooks, batch metadata,
-the disk planner and query recording."""
+"""Recording the dual form while a model trains: the engine (hooks, rows, the writer), its Lightning
+adapter :class:`DualFormCallback`, its plain-PyTorch/Fabric adapter :class:`DualFormRecorder`, batch
+metadata, the run policy, the disk planner and query recording."""
 
 from lightning_dualform.record.callback import DualFormCallback
+from lightning_dualform.record.recorder import DualFormRecorder
 
-__all__ = ["DualFormCallback"]
+__all__ = ["DualFormCallback", "DualFormRecorder"]

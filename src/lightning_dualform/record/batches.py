@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_dualform._compat import replace_sampler
 from lightning_dualform.record.capture import CallRows
 
 INPUT_KEYS = ("x", "input", "inputs", "image", "images")
@@ -24,20 +25,34 @@ class IndexRecorder:
     """Wraps a DataLoader's (batch) sampler and remembers the indices it yields, in order.
 
     The DataLoader may fetch ahead (workers, Lightning's prefetch), so indices wait in a FIFO until the
-    training step that consumes their batch pops them. A new ``iter()`` (a new epoch) starts afresh.
+    training step that consumes their batch pops them. A new ``iter()`` (a new epoch) starts afresh. Each
+    consumer (two callbacks on one Trainer) reads its own FIFO (:meth:`queue`).
     """
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
-        self.fifo: deque = deque()
+        self._queues: list[deque] = []
+
+    def queue(self) -> deque:
+        """A FIFO of its own for one more consumer; it receives every index from now on."""
+        q: deque = deque()
+        self._queues.append(q)
+        return q
+
+    @property
+    def fifo(self) -> deque:
+        """The first consumer's FIFO."""
+        return self._queues[0] if self._queues else self.queue()
 
     def __iter__(self):
-        self.fifo = fifo = deque()
-        return self._gen(fifo)
+        for q in self._queues:
+            q.clear()
+        return self._gen()
 
-    def _gen(self, fifo: deque):
+    def _gen(self):
         for item in self._inner:
-            fifo.append(item)
+            for q in self._queues:
+                q.append(item)
             yield item
 
     def __len__(self) -> int:
@@ -64,8 +79,8 @@ def wrap_dataloader(dl: Any) -> IndexRecorder | None:
         return current
     rec = IndexRecorder(current)
     # DataLoader forbids setting its sampler after __init__ to stop users from mixing iterators; we only
-    # observe what the original sampler yields.
-    object.__setattr__(dl, attr, rec)
+    # observe what the original sampler yields (see _compat.py).
+    replace_sampler(dl, attr, rec)
     return rec
 
 
@@ -73,7 +88,7 @@ def unwrap_dataloader(dl: Any) -> None:
     for attr in ("batch_sampler", "sampler"):
         current = getattr(dl, attr, None)
         if isinstance(current, IndexRecorder):
-            object.__setattr__(dl, attr, current._inner)
+            replace_sampler(dl, attr, current._inner)
 
 
 @dataclass
@@ -95,6 +110,22 @@ def batch_labels(batch: Any, label_key: str | int | None = None) -> torch.Tensor
     if isinstance(cand, torch.Tensor) and not cand.is_floating_point() and not cand.is_complex() and cand.dim() >= 1:
         return cand.detach().to("cpu", torch.int64)
     return None
+
+
+def batch_indices(batch: Any, index_key: str | int | None) -> torch.Tensor | None:
+    """Dataset indices the batch carries itself: ``batch[index_key]`` of a dict batch, or the element at
+    position ``index_key`` of a tuple batch; an integer tensor (or list) with one index per example."""
+    cand = None
+    if isinstance(batch, dict) and isinstance(index_key, str):
+        cand = batch.get(index_key)
+    elif isinstance(batch, (list, tuple)) and isinstance(index_key, int) and not isinstance(index_key, bool):
+        cand = batch[index_key] if -len(batch) <= index_key < len(batch) else None
+    if cand is None:
+        return None
+    t = torch.as_tensor(cand)
+    if t.is_floating_point() or t.is_complex() or t.dim() > 1:
+        return None
+    return t.detach().to("cpu", torch.int64).reshape(-1)
 
 
 def batch_size(batch: Any) -> int | None:

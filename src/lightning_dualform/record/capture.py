@@ -13,7 +13,7 @@ reads as a ``(d_out, d_in)`` matrix (:func:`weight_matrix`): ``nn.Linear``, ``nn
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ class CallRows:
     # True when the keys are autograd's own result (an activation), which nothing writes to later; an input
     # from outside autograd (the batch) may be reused by user code, so it is copied before it is handed on
     private_keys: bool = False
+    batch: Any = None  # what the recorder knew about the batch when the call ran (indices, labels)
 
 
 def layer_kind(module: nn.Module) -> str:
@@ -69,7 +70,7 @@ def layer_shape(module: nn.Module) -> tuple[int, int, dict]:
         w = module.weight
         extra = {
             "kernel_size": list(module.kernel_size), "stride": list(module.stride), "dilation": list(module.dilation),
-            "padding": list(module._reversed_padding_repeated_twice), "padding_mode": module.padding_mode,
+            "padding": list(conv_padding(module)), "padding_mode": module.padding_mode,
             "in_channels": module.in_channels,
         }
         return int(w[0].numel()), int(w.shape[0]), extra
@@ -96,9 +97,27 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def conv_padding(module: nn.Module) -> tuple[int, ...]:
+    """The ``F.pad`` widths (last dimension first) that the convolution applies to its input, from its
+    public ``padding``, ``kernel_size`` and ``dilation``: ``"same"`` pads ``d (k - 1)`` in all, the extra one
+    on the right, as torch does."""
+    dims = len(module.kernel_size)
+    if module.padding == "valid":
+        return (0,) * (2 * dims)
+    pad: list[int] = []
+    for i in reversed(range(dims)):
+        if module.padding == "same":
+            total = module.dilation[i] * (module.kernel_size[i] - 1)
+            left = total // 2
+            pad += [left, total - left]
+        else:
+            pad += [module.padding[i], module.padding[i]]
+    return tuple(pad)
+
+
 def _conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``(B, C*k..., L)`` patches that the convolution multiplies by its weight."""
-    pad = module._reversed_padding_repeated_twice
+    pad = conv_padding(module)
     if any(pad):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = nn.functional.pad(x, pad, mode=mode)
@@ -169,13 +188,20 @@ def one_hot_keys(tokens: torch.Tensor, d_in: int) -> torch.Tensor:
 
 @dataclass
 class LayerCapture:
-    """Hooks on one tracked layer; collects :class:`CallRows` while ``active`` is set."""
+    """Hooks on one tracked layer; collects :class:`CallRows` while ``active`` is set.
+
+    Calls stay here until :meth:`take_completed` (an optimizer step takes them; with gradient accumulation
+    that is several forward and backward passes later). A call whose gradient was thrown away is dropped
+    when the layer runs again: its weight's ``.grad`` is then ``None`` (``zero_grad()`` after a step that
+    did not happen, such as one a loss scaler skipped).
+    """
 
     name: str
     module: nn.Module
     is_active: Callable[[], bool]
     need_grad: bool = True  # training: only calls that backward reaches; queries: every call
     keep_output: bool = False
+    context: Callable[[], Any] = lambda: None  # stored with each call (the batch it belongs to)
     calls: list[CallRows] = field(default_factory=list)
     _handles: list = field(default_factory=list)
 
@@ -198,9 +224,12 @@ class LayerCapture:
             return
         if not torch.is_grad_enabled() or not output.requires_grad:
             return
+        if self.calls and module.weight.grad is None and any(c.values is not None for c in self.calls):
+            self.calls = [c for c in self.calls if c.values is None]  # their gradient was zeroed, never applied
         x = inputs[0]
         private = x.grad_fn is not None or keys.data_ptr() != x.data_ptr()
-        rec = CallRows(keys=keys, lead_shape=lead, call=len(self.calls), keep=kept_rows(module, keys), private_keys=private)
+        rec = CallRows(keys=keys, lead_shape=lead, call=len(self.calls), keep=kept_rows(module, keys),
+                       private_keys=private, batch=self.context())
         self.calls.append(rec)
 
         def _grad_hook(grad: torch.Tensor, rec: CallRows = rec) -> None:

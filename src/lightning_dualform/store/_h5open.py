@@ -5,11 +5,15 @@ that block at the moment; HDF5's default is 100 attempts with a growing back-off
 damaged byte cost over a minute (measured: 1.1 s at 30 attempts, 34 s at 35, more than 100 s at 100).
 A plain (non-SWMR) open fails at once. So:
 
-* a file that no writer has open (its superblock flags are clear) is opened plainly;
-* a file being written, or left marked by a killed writer, is opened in SWMR mode with
-  :data:`SWMR_READ_ATTEMPTS` attempts (about 10 ms in all on a damaged block: a torn read lasts microseconds,
-  and the caller retries a busy store itself), set through HDF5's public ``H5Pset_metadata_read_attempts``,
-  which h5py does not wrap, on h5py's own HDF5 instance (:mod:`._hdf5_nogil`); without it, HDF5's default.
+* every store is opened as a SWMR reader (a store may be being written; and HDF5 refuses to open one file
+  twice in a process with different SWMR flags, so the library and a user's ``h5py.File(path, "r",
+  swmr=True)``, which the format documents, must agree), with :data:`SWMR_READ_ATTEMPTS` attempts (about
+  20 ms in all on a damaged block: a torn read lasts microseconds, and the caller retries a busy store
+  itself), set through HDF5's public ``H5Pset_metadata_read_attempts``, which h5py does not wrap, on h5py's
+  own HDF5 instance (:mod:`._hdf5_nogil`); without that instance, HDF5's default (then the probe's stall
+  timeout bounds a damaged file);
+* a file that cannot be opened so (an HDF5 file of an older format) and that no writer has marked is
+  opened plainly.
 
 This module imports nothing from the package: the probe's child process imports it by path.
 """
@@ -72,14 +76,11 @@ def open_readonly(path: str, swmr: bool) -> h5py.File:
 
 
 def open_any(path: str) -> h5py.File:
-    """Open for reading whatever state the file is in: plainly when no writer marked it, else as a SWMR
-    reader; a plain open that HDF5 refuses because of the mark is retried as a SWMR reader."""
-    flags = superblock_flags(path)
-    if flags:
-        return open_readonly(path, swmr=True)
+    """Open for reading whatever state the file is in: as a SWMR reader with few metadata read attempts,
+    else (an older-format file no writer marked) plainly."""
     try:
+        return open_readonly(path, swmr=True)
+    except OSError:
+        if superblock_flags(path):
+            raise
         return open_readonly(path, swmr=False)
-    except OSError as err:
-        if flags is None and "already open for write" in str(err):  # a superblock we could not parse
-            return open_readonly(path, swmr=True)
-        raise

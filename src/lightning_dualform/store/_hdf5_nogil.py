@@ -24,10 +24,10 @@ import threading
 import h5py
 import numpy as np
 
-try:  # h5py's global lock (private): without it there is no safe way to call HDF5 beside h5py
-    from h5py._objects import phil
-except ImportError:  # pragma: no cover - a future h5py
-    phil = None
+from lightning_dualform._compat import h5py_lock
+
+# h5py's global lock (private, see _compat.py): without it there is no safe way to call HDF5 beside h5py
+phil = h5py_lock()
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()

@@ -29,6 +29,8 @@ import time
 _probed: set[tuple] = set()
 #: seconds without progress after which a walk counts as hung
 DEFAULT_STALL_S = 5.0
+#: seconds the checking process may take to start (Python and h5py, on a busy machine)
+STARTUP_S = 120.0
 
 
 def stall_timeout() -> float:
@@ -101,12 +103,33 @@ class _Worker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
         )
         self._buf = b""
+        self.ready = False
+
+    def _wait_ready(self) -> bool:
+        """Wait for the child's first line, after its imports (starting Python and h5py on a busy machine can
+        take seconds: that is not the walk making no progress)."""
+        fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
+        deadline = time.monotonic() + STARTUP_S
+        while time.monotonic() < deadline:
+            if b"\n" in self._buf:
+                line, self._buf = self._buf.split(b"\n", 1)
+                self.ready = line == b"READY"
+                return self.ready
+            ready, _, _ = select.select([fd], [], [], 0.25)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    return False
+                self._buf += chunk
+        return False
 
     def alive(self) -> bool:
         return self.pid == os.getpid() and self.proc.poll() is None
 
     def walk(self, path: str, stall: float) -> tuple[str, str]:
         """``("ok", "")``, ``("broken", reason)``, ``("hung", "")`` or ``("crashed", exit code)``."""
+        if not self.ready and not self._wait_ready():
+            return "crashed", f"{self.proc.poll()}; the checking process did not start within {STARTUP_S:g} s"
         try:
             self.proc.stdin.write((json.dumps(path) + "\n").encode())  # type: ignore[union-attr]
             self.proc.stdin.flush()  # type: ignore[union-attr]
@@ -210,6 +233,12 @@ def _open_ids() -> int:
 def _serve() -> None:  # runs in the child
     import gc
 
+    import h5py  # noqa: F401  (the slow part of starting: before the parent times any walk)
+
+    import _h5open  # type: ignore[import-not-found]  # noqa: F401
+
+    sys.stdout.write("READY\n")
+    sys.stdout.flush()
     for line in sys.stdin:
         report = "OK"
         try:

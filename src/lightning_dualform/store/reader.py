@@ -27,24 +27,21 @@ import numpy as np
 from lightning_dualform._args import as_int
 from lightning_dualform.errors import StoreBusyError, StoreError
 from lightning_dualform.optim import PARAM_COLUMNS, coefficients_with_buffer, plain_sgd_coefficients
-from lightning_dualform.store import _h5, _hdf5_nogil, _journal, _probe, _repair
+from lightning_dualform.store import _h5, _journal, _probe, _raw_chunks, _repair
 from lightning_dualform.store._h5open import open_any
 from lightning_dualform.store.filters import decode_rows
 from lightning_dualform.store.format import (
     FLOAT_PARAM_COLUMNS,
-    FORMAT_NAME,
-    FORMAT_VERSION,
     LAYER_KINDS,
     ROW_COLUMNS,
-    ROW_DTYPES,
     tables_crc32,
     weights_crc32,
 )
+from lightning_dualform.store.metadata import StoreMetadata
 
 #: largest width of a table sized by a value read from the file (labels, epochs) when the file's own
 #: shapes do not allow more: distinct values never outnumber the rows, so a wider table means damage
 TABLE_WIDTH_FLOOR = 1 << 20
-_STATUSES = ("recording", "complete")
 
 
 @dataclass
@@ -123,9 +120,10 @@ class LayerReader:
                 if ends[0] < self._step_lo or ends[1] >= self._step_hi:
                     raise StoreError(f"{where}: its rows' steps {ends.tolist()} lie outside the step table {self._step_lo}..{self._step_hi - 1}; the file is damaged.")
         self.attrs = {k: _h5.attr(v) for k, v in a.items()}
+        self._chunk_readers: dict[str, _raw_chunks.ChunkReader | None] = {}
         self._check_certificate_attrs(where)
-        if store.complete and "memory_tables_crc32" in a:
-            want = _h5.int_attr(a, "memory_tables_crc32", where, lo=0, hi=2**32 - 1)
+        if store.complete and "certificate_tables_crc32" in a:
+            want = _h5.int_attr(a, "certificate_tables_crc32", where, lo=0, hi=2**32 - 1)
             u = self.updates()
             got = tables_crc32(u["step"], u["grad_scale"], {p: u[p] for p in ("weight", "bias") if p in u})
             if got != want:
@@ -194,13 +192,16 @@ class LayerReader:
                 raise StoreError(f"{where}: update table {key!r} holds NaN or inf; the file is damaged.")
 
     def _check_certificate_attrs(self, where: str) -> None:
-        for key, v in self.attrs.items():
-            if not key.startswith("certificate_"):
-                continue
-            if key == "certificate_exact":
-                _h5.bool_attr(self._g.attrs, key, where)
-            elif isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        """The certificate's numbers are numbers (``info``, ``verify`` and the viewer print and compare them)."""
+        for key in ("certificate_rel_err", "certificate_rel_err_weight", "certificate_rel_err_bias",
+                    "certificate_explained", "certificate_tolerance", "certificate_probes"):
+            v = self.attrs.get(key)
+            if v is not None and (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating))):
                 raise StoreError(f"{where}: attribute {key!r} is {v!r}, not a number; the file is damaged.")
+        if "certificate_exact" in self.attrs:
+            _h5.bool_attr(self._g.attrs, "certificate_exact", where)
+        if "certificate_method" in self.attrs:
+            _h5.str_attr(self._g.attrs, "certificate_method", where)
 
     @property
     def has_certificate(self) -> bool:
@@ -373,8 +374,9 @@ class LayerReader:
             if col == "tokens":  # an embedding's stored token ids, (n,)
                 out[col] = self._g["keys"][start:stop, 0]
                 continue
-            # the bulk columns are read without holding the GIL (the prefetch thread reads while torch runs)
-            data = _hdf5_nogil.read_rows(self._g[col], start, stop) if col in ("keys", "values") else self._g[col][start:stop]
+            # the bulk columns are read without holding the GIL (the prefetch thread reads while torch runs):
+            # whole chunks straight from the file, checksummed here, where the layout allows; else H5Dread
+            data = self._bulk(col, start, stop) if col in ("keys", "values") else self._g[col][start:stop]
             if col == "keys" and self.kind == "embedding":
                 onehot = np.zeros((len(data), self.d_in), dtype=np.float32)
                 ids = data[:, 0]
@@ -411,6 +413,19 @@ class LayerReader:
             v = out.get(col)
             if v is not None and len(v) and int(v.min()) < -1:
                 raise StoreError(f"{where}: column {col!r} holds {int(v.min())} (-1 means unknown); the file is damaged.")
+
+    def _bulk(self, col: str, start: int, stop: int) -> np.ndarray:
+        ds = self._g[col]
+        if col not in self._chunk_readers:
+            self._chunk_readers[col] = _raw_chunks.ChunkReader.for_dataset(ds)
+        return _raw_chunks.read_rows(self._chunk_readers[col], ds, start, stop)
+
+    def close(self) -> None:
+        """Close the file descriptors of the raw chunk readers (the store closes the HDF5 file)."""
+        for r in self._chunk_readers.values():
+            if r is not None:
+                r.close()
+        self._chunk_readers.clear()
 
 
 class StoreView:
@@ -523,33 +538,18 @@ class StoreReader(StoreView):
             raise StoreError(f"{self.path}: damaged store ({type(err).__name__}: {_h5.short(err)}).") from err
 
     def _validate(self) -> None:
-        a = self._f.attrs
         p = self.path
-        if _h5.attr(a.get("format", "")) != FORMAT_NAME:
-            raise StoreError(f"{p}: an HDF5 file but not a lightning-dualform store (no format='{FORMAT_NAME}' attribute).")
-        version = _h5.int_attr(a, "format_version", p, default=-1)
-        if version > FORMAT_VERSION:
-            raise StoreError(
-                f"{p}: store format version {version} is newer than this library reads ({FORMAT_VERSION}); "
-                "upgrade lightning-dualform."
+        self.attrs = {k: _h5.attr(v) for k, v in self._f.attrs.items()}
+        self.meta = StoreMetadata.from_attrs(self.attrs, self.path)  # types, format version, dtype, status
+        self.row_dtype = self.meta.row_dtype
+        self.status = self.meta.status
+        self.optimizer = self.meta.optimizer
+        self.optimizer_exact = self.meta.optimizer_exact
+        if "inexact_causes" in self.attrs and bool(self.meta.inexact_causes) == self.optimizer_exact:
+            raise StoreError(  # the writer sets both from one list
+                f"{p}: optimizer_exact={self.optimizer_exact} but inexact_causes={self.meta.inexact_causes!r}; the file is damaged."
             )
-        if version < 1:
-            raise StoreError(f"{p}: invalid store format version {version}.")
-        self.attrs = {k: _h5.attr(v) for k, v in a.items()}
-        self.row_dtype = _h5.str_attr(a, "row_dtype", p, default="float32")
-        if self.row_dtype not in ROW_DTYPES:
-            raise StoreError(f"{p}: unknown row dtype {self.row_dtype!r}.")
-        self.status = _h5.str_attr(a, "status", p, default="recording")
-        if self.status not in _STATUSES:
-            raise StoreError(f"{p}: status {self.status!r} is not one of {_STATUSES}; the file is damaged.")
-        self.optimizer = _h5.json_attr(a, "optimizer", p, dict, {})
-        self.optimizer_exact = _h5.bool_attr(a, "optimizer_exact", p, default=True)
-        causes = _h5.json_attr(a, "inexact_causes", p, list, None)
-        if causes is not None and bool(causes) == self.optimizer_exact:  # the writer sets both from one list
-            raise StoreError(
-                f"{p}: optimizer_exact={self.optimizer_exact} but inexact_causes={causes!r}; the file is damaged."
-            )
-        order = _h5.json_attr(a, "layer_order", p, list, [])
+        order = self.meta.layer_order
         if not all(isinstance(n, str) for n in order):
             raise StoreError(f"{p}: attribute 'layer_order' is not a list of layer names; the file is damaged.")
         steps = _h5.dataset(self._f, "update_step", p, "iu", 1)
@@ -637,6 +637,8 @@ class StoreReader(StoreView):
         return out
 
     def close(self) -> None:
+        for layer in getattr(self, "_layers", {}).values():
+            layer.close()
         self._f.close()
 
 
@@ -691,25 +693,52 @@ class QuerySet:
             return None
         return np.asarray(self._g["inputs"][()])
 
+    @property
+    def has_inputs(self) -> bool:
+        """Whether raw inputs were recorded (without reading them)."""
+        return "inputs" in self._g
+
     @_h5.guarded
-    def layer_rows(self, layer: str) -> dict[str, np.ndarray]:
+    def inputs_at(self, positions: np.ndarray) -> np.ndarray | None:
+        """Raw inputs ``(len(positions), *shape)`` of the query examples at ``positions`` (recording order),
+        reading only those rows; None when no inputs were recorded."""
+        if "inputs" not in self._g:
+            return None
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        ds = self._g["inputs"]
+        if len(positions) == 0:
+            return np.zeros((0, *ds.shape[1:]), dtype=ds.dtype)
+        lo, hi = int(positions.min()), int(positions.max()) + 1
+        if (hi - lo) <= 4 * len(positions):  # close together: one slice
+            return np.asarray(ds[lo:hi])[positions - lo]
+        unique, back = np.unique(positions, return_inverse=True)
+        return np.asarray(ds[unique])[back]
+
+    @_h5.guarded
+    def layer_rows(self, layer: str, examples: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``keys (R, d_in)``, ``example (R,)`` (query number), ``position (R,)`` and ``label (R,)``
-        (the row's own label, per position for sequences; -1 when none) of one layer."""
+        (the row's own label, per position for sequences; -1 when none) of one layer; with ``examples``,
+        only the rows of those query numbers (reading the keys of the span they lie in)."""
         if layer not in self.layers:
             raise KeyError(f"query set {self.split!r} has no rows for layer {layer!r}; it has {self.layers}")
         g = self._g["layers"][layer]
         where = f"{self.path}: query set {self.split!r}, layer {layer!r}"
-        if not isinstance(g, h5py.Group):
-            raise StoreError(f"{where} is not a group; the file is damaged.")
-        out = {k: np.asarray(g[k][()]) for k in ("keys", "example", "position", "label") if k in g}
-        if "keys" not in out or "example" not in out:
-            raise StoreError(f"{where} has no keys or example column; the file is damaged.")
-        keys, example = out["keys"], out["example"]
+        if not isinstance(g, h5py.Group) or not all(isinstance(g.get(k), h5py.Dataset) for k in ("keys", "example")):
+            raise StoreError(f"{where} is not a group with keys and example columns; the file is damaged.")
+        cols = [k for k in ("keys", "example", "position", "label") if k in g]
+        keys_ds = g["keys"]
         width = self._store.layer(layer).d_in if layer in self._store.layers else None
-        if keys.ndim != 2 or (width is not None and keys.shape[1] != width) or keys.dtype.kind != "f":
-            raise StoreError(f"{where}: keys are {keys.shape} {keys.dtype}, expected float (R, {width}); the file is damaged.")
-        if example.dtype.kind not in "iu" or any(len(v) != len(keys) for v in out.values()):
+        if keys_ds.ndim != 2 or (width is not None and keys_ds.shape[1] != width) or keys_ds.dtype.kind != "f":
+            raise StoreError(f"{where}: keys are {keys_ds.shape} {keys_ds.dtype}, expected float (R, {width}); the file is damaged.")
+        if any(not isinstance(g[k], h5py.Dataset) or g[k].shape[:1] != keys_ds.shape[:1] for k in cols) \
+                or g["example"].dtype.kind not in "iu":
             raise StoreError(f"{where}: its columns have unequal lengths or types; the file is damaged.")
-        if len(example) and (int(example.min()) < 0 or int(example.max()) >= self.n):
+        which = np.asarray(g["example"][()])
+        if len(which) and (int(which.min()) < 0 or int(which.max()) >= self.n):
             raise StoreError(f"{where}: rows name query examples outside 0..{self.n - 1}; the file is damaged.")
-        return out
+        if examples is None:
+            return {k: (which if k == "example" else np.asarray(g[k][()])) for k in cols}
+        rows = np.flatnonzero(np.isin(which, np.asarray(examples)))
+        lo, hi = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+        return {k: (which if k == "example" else np.asarray(g[k][lo:hi]) if k == "keys" else np.asarray(g[k][()]))[
+            rows - lo if k == "keys" else rows] for k in cols}

@@ -20,10 +20,10 @@ import h5py
 import numpy as np
 
 from lightning_dualform.errors import StoreError
-from lightning_dualform._float32_products import loosest
 from lightning_dualform.store import _h5, _probe, _repair
 from lightning_dualform.store._h5open import open_any
 from lightning_dualform.store.format import FORMAT_VERSION, ROW_COLUMNS, SHARDS_FORMAT
+from lightning_dualform.store.metadata import StoreMetadata
 from lightning_dualform.store.reader import Coefficients, LayerReader, QuerySet, StoreReader, StoreView
 
 
@@ -230,16 +230,17 @@ class ShardedStoreReader(StoreView):
                 raise StoreError(f"{self.path}: shards {r0.path} and {r.path} hold different layers or dtypes.")
             if r.first_step != r0.first_step:
                 raise StoreError(f"{self.path}: shards {r0.path} and {r.path} start at different steps.")
-        for attr in ("attrs", "row_dtype", "optimizer", "optimizer_exact", "first_step"):
+        for attr in ("row_dtype", "optimizer", "first_step"):
             setattr(self, attr, getattr(r0, attr))
         # each rank recorded how its own float32 products were rounded: the store as a whole, the loosest
-        self.attrs = {**r0.attrs, "float32_products": loosest([str(r.attrs.get("float32_products", "ieee"))
-                                                               for r in self._readers])}
+        self.meta = StoreMetadata.merge([r.meta for r in self._readers])
+        self.attrs = {**r0.attrs, "float32_products": self.meta.float32_products}
+        self.optimizer_exact = self.meta.optimizer_exact
         # a crash may leave shards committed to different steps: only steps complete everywhere count
         self.n_steps = min(r.n_steps for r in self._readers)
         self.update_steps = r0.update_steps[: self.n_steps]
         self.update_epochs = r0.update_epochs[: self.n_steps]
-        self.status = "complete" if all(r.complete for r in self._readers) else "recording"
+        self.status = self.meta.status
         for name in r0.layers:
             tables = [r.layer(name).updates() for r in self._readers]
             ref = tables[0]
@@ -297,11 +298,23 @@ class _MergedQuerySet:
         parts = [s.inputs for s in self._sets]
         return None if any(p is None for p in parts) else np.concatenate(parts)
 
-    def layer_rows(self, layer: str) -> dict[str, np.ndarray]:
+    @property
+    def has_inputs(self) -> bool:
+        return all(s.has_inputs for s in self._sets)
+
+    def inputs_at(self, positions: np.ndarray) -> np.ndarray | None:
+        raw = self.inputs
+        return None if raw is None else raw[np.asarray(positions, dtype=np.int64).reshape(-1)]
+
+    def layer_rows(self, layer: str, examples: np.ndarray | None = None) -> dict[str, np.ndarray]:
         offset, out = 0, []
         for s in self._sets:
             rows = s.layer_rows(layer)
             rows["example"] = rows["example"] + offset
             offset += s.n
             out.append(rows)
-        return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+        merged = {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+        if examples is not None:
+            keep = np.isin(merged["example"], np.asarray(examples))
+            merged = {k: v[keep] for k, v in merged.items()}
+        return merged

@@ -20,13 +20,12 @@ Nothing here knows about Lightning or torch.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import math
 import os
 import time
 import warnings
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import h5py
 import numpy as np
@@ -40,6 +39,7 @@ from lightning_dualform.store._h5open import open_readonly
 from lightning_dualform.store._lock import WriterLock
 from lightning_dualform.store._space import SpaceReserve
 from lightning_dualform.store.filters import compression_kwargs, encode_rows
+from lightning_dualform.store.metadata import StoreMetadata
 from lightning_dualform.store.format import (
     FLOAT_PARAM_COLUMNS,
     FORMAT_NAME,
@@ -53,6 +53,7 @@ from lightning_dualform.store.format import (
     LayerSpec,
     StepRows,
     chunk_rows_for,
+    tables_crc32,
 )
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ class StoreWriter:
         row_dtype: str = "float32",
         compression: str | None = None,
         chunk_rows: int | None = None,
-        attrs: dict[str, Any] | None = None,
+        metadata: StoreMetadata | None = None,
         input_shape: tuple[int, ...] | None = None,
         input_dtype: str = "float32",
         commit_seconds: float = 30.0,
@@ -238,7 +239,7 @@ class StoreWriter:
                     os.remove(stale)  # the store it protected is being replaced
             tmp = f"{path}.creating-{os.getpid()}-{os.urandom(4).hex()}"
             try:
-                cls._write_skeleton(tmp, layers, row_dtype, compression, chunk_rows, attrs, input_shape, input_dtype, filters)
+                cls._write_skeleton(tmp, layers, row_dtype, compression, chunk_rows, metadata, input_shape, input_dtype, filters)
                 os.replace(tmp, path)
                 _journal.fsync_dir(path)
             finally:
@@ -252,18 +253,18 @@ class StoreWriter:
     @staticmethod
     def _write_skeleton(
         tmp: str, layers: list[LayerSpec], row_dtype: str, compression: str | None, chunk_rows: int | None,
-        attrs: dict[str, Any] | None, input_shape: tuple[int, ...] | None, input_dtype: str, filters: dict[str, Any],
+        metadata: StoreMetadata | None, input_shape: tuple[int, ...] | None, input_dtype: str, filters: dict[str, Any],
     ) -> None:
         # SWMR mode forbids creating datasets later, so everything is created here.
         with h5py.File(tmp, "w", libver="latest", locking=False) as f:
-            f.attrs["format"] = FORMAT_NAME
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            f.attrs["row_dtype"] = row_dtype
-            f.attrs["compression"] = compression or "none"
-            f.attrs["status"] = "recording"
-            f.attrs["layer_order"] = json.dumps([spec.name for spec in layers])
-            _h5.set_attrs(f, attrs or {})
+            meta = metadata if metadata is not None else StoreMetadata()
+            meta.format_version = FORMAT_VERSION
+            meta.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            meta.row_dtype = row_dtype
+            meta.compression = compression or "none"
+            meta.status = "recording"
+            meta.layer_order = [spec.name for spec in layers]
+            _h5.set_attrs(f, meta.to_attrs())
             _h5.create(f, "committed_steps", data=np.zeros(1, dtype=np.int64))
             _h5.create(f, "update_step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(TABLE_CHUNK,))
             _h5.create(f, "update_epoch", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(TABLE_CHUNK,))
@@ -325,14 +326,13 @@ class StoreWriter:
         *,
         last_step: int | None = None,
         commit_seconds: float = 30.0,
-        update_attrs: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
+        update_attrs: Callable[[StoreMetadata], dict[str, Any]] | None = None,
         lock: WriterLock | None = None,
     ) -> "StoreWriter":
         """Continue a store from a checkpoint: truncate everything written after it, then append.
 
-        ``update_attrs`` gets the file's root attributes (decoded, as :attr:`StoreReader.attrs`) and returns
-        those to set before any row changes (what the resumed run changes about the whole store). ``lock``:
-        as in :meth:`create`.
+        ``update_attrs`` gets the file's :class:`StoreMetadata` and returns the root attributes to set before
+        any row changes (what the resumed run changes about the whole store). ``lock``: as in :meth:`create`.
 
         The truncation is one all-or-nothing write session (:mod:`._journal`): a kill or a full disk during it
         leaves the store exactly as it was (complete, or at its last commit), and the resume can be retried.
@@ -377,7 +377,7 @@ class StoreWriter:
     @staticmethod
     def _truncate(
         f: h5py.File, path: str, rows: dict[str, int], steps: int, inputs: int | None, last_step: int | None,
-        update_attrs: Callable[[Mapping[str, Any]], dict[str, Any]] | None,
+        update_attrs: Callable[[StoreMetadata], dict[str, Any]] | None,
     ) -> None:
         have = int(f["update_step"].shape[0])
         if have < steps:
@@ -397,7 +397,8 @@ class StoreWriter:
         # all or nothing, so a crash never leaves a "complete" store with rows of another run)
         f.attrs["status"] = "recording"
         if update_attrs is not None:
-            _h5.set_attrs(f, update_attrs({k: _h5.attr(v) for k, v in f.attrs.items()}))
+            meta = StoreMetadata.from_attrs({k: _h5.attr(v) for k, v in f.attrs.items()}, path)
+            _h5.set_attrs(f, update_attrs(meta))
         for g in f["layers"].values():
             for dname in ("weight_final", "bias_final", "weight_residual", "bias_residual", *MEMORY_SUM_DATASETS):
                 if dname in g:
@@ -633,10 +634,12 @@ class StoreWriter:
         self._inexact.setdefault(name, reason)
 
     # -- finishing -----------------------------------------------------------------------------------
-    def finalize(self, final_weights: dict[str, tuple[np.ndarray, np.ndarray | None]], attrs: dict[str, Any]) -> None:
-        """Commit, leave SWMR mode, then write the final weights and ``status = "complete"`` in one
-        all-or-nothing write session (a kill or a full disk during it leaves the store at this last commit,
-        status ``recording``, never half finished). Releases the writer lock.
+    def finalize(self, final_weights: dict[str, tuple[np.ndarray, np.ndarray | None]], final_step: int, epochs: int,
+                 certificate: dict[str, dict[str, Any]] | None = None) -> None:
+        """Commit, leave SWMR mode, then write the final weights, the certificate made as training went (if
+        any) and ``status = "complete"`` in one all-or-nothing write session (a kill or a full disk during it
+        leaves the store at this last commit, status ``recording``, never half finished). Releases the writer
+        lock.
 
         Raises:
             StoreError: a final weight of the wrong shape, or the writer failed before.
@@ -645,6 +648,8 @@ class StoreWriter:
         self._guard()
         try:
             for name, (w, b) in final_weights.items():
+                if name in self._dropped:
+                    continue
                 spec = self.file["layers"][name].attrs
                 want = (int(spec["d_out"]), int(spec["d_in"]))
                 if np.shape(w) != want or (b is not None and np.shape(b) != want[:1]):
@@ -661,12 +666,22 @@ class StoreWriter:
                         _h5.replace(g, "bias_final", np.asarray(b, dtype=np.float32))
                 for name in self._dropped:
                     del f["layers"][name]
-                f.attrs["dropped_layers"] = json.dumps(self._dropped)
-                f.attrs["layer_order"] = json.dumps([n for n in self._layers if n not in self._dropped])
+                _h5.set_attrs(f, {"dropped_layers": self._dropped,
+                                  "layer_order": [n for n in self._layers if n not in self._dropped]})
+                n_steps = int(f["committed_steps"][0])
+                for g in f["layers"].values():  # (rows before a resume count too)
+                    g.attrs["rows_without_index"] = _count_negative(g["index"], int(g["committed_rows"][0]))
+                    # the per-step tables the store finished with: answers at every step rest on them
+                    g.attrs["certificate_tables_crc32"] = _tables_crc32(f["update_step"], g["updates"], n_steps)
+                for name, cert in (certificate or {}).items():
+                    if name in f["layers"]:
+                        _h5.set_attrs(f["layers"][name], {f"certificate_{k}": v for k, v in cert.items()})
                 for name, reason in self._inexact.items():
+                    if name not in f["layers"]:
+                        continue  # marked inexact, then dropped altogether
                     f["layers"][name].attrs["exact"] = False
                     f["layers"][name].attrs["inexact_reason"] = reason
-                _h5.set_attrs(f, attrs)
+                _h5.set_attrs(f, {"final_step": int(final_step), "epochs": int(epochs)})
                 f.attrs["status"] = "complete"
         except BaseException as err:
             self._failing(err)
@@ -728,3 +743,14 @@ def _committed_steps(path: str) -> int | None:
             return int(f["committed_steps"][0])
     except Exception:
         return None
+
+
+def _tables_crc32(update_step: h5py.Dataset, ug: h5py.Group, n: int) -> int:
+    """:func:`~lightning_dualform.store.format.tables_crc32` of a layer's first ``n`` per-step tables."""
+    params = {p: {c: ug[p][c][:n] for c in PARAM_COLUMNS} for p in ("weight", "bias") if p in ug}
+    return tables_crc32(update_step[:n], ug["grad_scale"][:n], params)
+
+
+def _count_negative(ds: h5py.Dataset, n: int, block: int = 1 << 22) -> int:
+    """Entries below zero among the first ``n`` of a 1-D dataset, read in blocks."""
+    return sum(int((ds[s : min(s + block, n)] < 0).sum()) for s in range(0, n, block))

@@ -1,0 +1,71 @@
+"""The memory's sums, ``sum_rows c_w v k^T`` and ``sum_rows c_b v``, streamed over a layer's rows.
+
+What the certificate compares with the trained weights and what ``attend`` adds to ``a W_0`` to rebuild a
+layer: one function, fed by whatever reads the blocks (sequential reads on the CPU, or the inference
+prefetcher's blocks on a GPU). The per-block arithmetic is :func:`~lightning_dualform.attend.kernels.fold_memory`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+from lightning_dualform.attend.kernels import fold_memory
+from lightning_dualform.store.reader import Coefficients, LayerReader
+
+
+def blocks_of(layer: LayerReader, n_rows: int, block_rows: int = 16384) -> Iterable[dict[str, Any]]:
+    """Rows ``0..n_rows`` of a layer in blocks: ``{"keys", "values", "step"}`` as numpy arrays."""
+    for start in range(0, n_rows, block_rows):
+        yield layer.read(start, min(start + block_rows, n_rows), ("keys", "values", "step"))
+
+
+def memory_sums(
+    layer: LayerReader,
+    coef: Coefficients,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    blocks: Iterable[dict[str, Any]] | None = None,
+    block_rows: int = 16384,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``sum_rows c_w v k^T`` ``(d_out, d_in)`` and ``sum_rows c_b v`` ``(d_out,)`` over the rows before
+    ``coef.end_step``.
+
+    Args:
+        layer: the layer's reader.
+        coef: the coefficients of the model wanted (:meth:`LayerReader.coefficients`).
+        dtype / device: where to sum.
+        blocks: the rows, as dicts of ``keys``, ``values`` and ``step`` (numpy arrays or tensors); default:
+            :func:`blocks_of` the rows before ``coef.end_step``.
+        all_reduce: sums over the shards of a DDP run (each rank holds its own rows).
+    """
+    device = torch.device(device)
+    w = torch.zeros(layer.d_out, layer.d_in, dtype=dtype, device=device)
+    b = torch.zeros(layer.d_out, dtype=dtype, device=device) if layer.has_bias else None
+    c_w = torch.from_numpy(coef.c_w).to(device, dtype)
+    c_b = torch.from_numpy(coef.c_b).to(device, dtype)
+    if blocks is None:
+        blocks = blocks_of(layer, layer.rows_before(coef.end_step), block_rows)
+    for blk in blocks:
+        upd = torch.as_tensor(blk["step"]).to(device) - coef.first_step
+        k = torch.as_tensor(blk["keys"]).to(device, dtype)
+        v = torch.as_tensor(blk["values"]).to(device, dtype)
+        fold_memory(w, b, k, v * c_w[upd, None], c_b[upd] @ v if b is not None else None)
+    if all_reduce is not None:
+        w = all_reduce(w)
+        b = all_reduce(b) if b is not None else None
+    return w, b
+
+
+def rebuilt_weights(
+    layer: LayerReader, coef: Coefficients, w: torch.Tensor, b: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The memory's sums plus what the memory does not hold (``a W_0``, ...): the rebuilt weights."""
+    w0, b0 = layer.base_weights(coef=coef, with_residual=False)
+    w = w + torch.from_numpy(w0).to(w.device, w.dtype)
+    if b is not None:
+        b = b + torch.from_numpy(b0).to(b.device, b.dtype)
+    return w, b

@@ -1,0 +1,792 @@
+"""The recording engine: a model's training steps become store rows, whatever drives the training loop.
+
+:class:`RecordingEngine` owns everything between the module hooks and the file: which layers are tracked,
+the rows of each step with their metadata, the per-step scalars of the update rule, the gradient check,
+the disk plan, the writer thread, resume and the finish (final weights and the certificate). Two adapters
+drive it: :class:`~lightning_dualform.DualFormCallback` from Lightning's hooks, and
+:class:`~lightning_dualform.DualFormRecorder` from a plain PyTorch or Fabric loop.
+
+A step is found through the optimizer's own step hooks (``register_step_pre_hook`` /
+``register_step_post_hook``): the pre-hook notes the update rule's settings before the optimizer changes
+its state, the post-hook hands the step's rows to the writer. A step the optimizer never took (a loss
+scaler skipped it) fires neither hook. The factor between the gradient the rows give and the one the
+optimizer used (clipping, DDP averaging, loss scaling) is either told by the adapter (the callback knows
+Lightning's settings) or measured from the weights' ``.grad`` (the recorder).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_dualform._float32_products import float32_mode, loosest
+from lightning_dualform._version import __version__
+from lightning_dualform.attend.certificate import FLOAT32_PRODUCTS_TOLERANCE, certify_store, tolerance
+from lightning_dualform.errors import DiskSpaceError
+from lightning_dualform.optim import ParamUpdate
+from lightning_dualform.record.batches import BatchInfo, duplicates, row_metadata
+from lightning_dualform.record.capture import CallRows, LayerCapture, layer_kind, layer_shape, project_keys, weight_matrix
+from lightning_dualform.record.options import RecordOptions
+from lightning_dualform.record.planner import Plan, estimate, free_bytes
+from lightning_dualform.record.policy import gradient_check_tolerance
+from lightning_dualform.record.sketch import SketchCertificate
+from lightning_dualform.store.background import AsyncWriter
+from lightning_dualform.store.format import LayerSpec, StepRows, settings_of
+from lightning_dualform.store.metadata import StoreMetadata
+from lightning_dualform.store.shards import write_shard_index
+from lightning_dualform.store.writer import StoreWriter
+
+log = logging.getLogger(__name__)
+
+#: Training held back by the writer for this share of the time since the store opened (and at least
+#: _SLOW_WRITER_MIN_S in all) is worth a warning: the store's settings cost more than the rows are worth.
+_SLOW_WRITER_SHARE = 0.2
+_SLOW_WRITER_MIN_S = 2.0
+_PACE_CHECK_EVERY = 64  # optimizer steps
+#: A measured gradient factor this close (relatively) to 2^k / world_size is that number: loss scales are
+#: powers of two, and without clipping the factor is exactly one over the number of DDP ranks. The float32
+#: sketch the factor is measured with is good to about 1e-6 (docs/dual-form.md).
+_SNAP = 1e-5
+_ROW_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def rank_path(path: str, rank: int, world_size: int) -> str:
+    """The file a global rank writes: ``path`` itself alone, ``name.rank{r}.h5`` under DDP."""
+    if world_size <= 1:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}.rank{rank}{ext or '.h5'}"
+
+
+def bias_of(module: nn.Module) -> torch.Tensor | None:
+    return getattr(module, "bias", None)  # nn.Embedding has none
+
+
+@dataclass
+class Distributed:
+    """The process group the rows' gradient is averaged over (DDP); one process: rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def current(cls) -> "Distributed":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks (``t`` itself for one process); a CPU tensor goes through the backend's device."""
+        if self.world_size <= 1:
+            return t
+        import torch.distributed as dist
+
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+        out = t.to(device).clone()
+        dist.all_reduce(out)
+        return out.to(t.device)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+@dataclass
+class StepSettings:
+    """What the optimizer's step pre-hook noted, until its post-hook records the step."""
+
+    updates: dict[str, tuple[ParamUpdate, ParamUpdate | None]]
+
+
+class RecordingEngine:
+    """Records the tracked layers of one model trained by one optimizer into a store.
+
+    Args:
+        options: what to record and how.
+        owner: the adapter's name, for messages (``"DualFormCallback"``).
+        info / warn: where messages go (rank zero only, under DDP, for the callback).
+    """
+
+    def __init__(self, options: RecordOptions, owner: str, *, info: Callable[[str], None] | None = None,
+                 warn: Callable[[str], None] | None = None) -> None:
+        self.options = options
+        self.owner = owner
+        self._info = info or log.info
+        self._warn = warn or (lambda msg: warnings.warn(msg, UserWarning, stacklevel=3))
+        self.captures: dict[str, LayerCapture] = {}
+        self.chosen: dict[str, nn.Module] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.writer: AsyncWriter | None = None
+        self.store_path: str | None = None
+        self.plan: Plan | None = None
+        self.certificate: dict[str, dict[str, float]] = {}
+        self.committed: dict[str, Any] | None = None
+        self.dist = Distributed()
+        self.precision = "32-true"
+        self.float32_products = "ieee"
+        self.check_tolerance = gradient_check_tolerance("32-true", row_dtype=options.dtype)
+        self.last_epoch: int | None = None
+        self.steps_recorded = 0
+        self.rows_recorded: dict[str, int] = {}  # rows handed to the writer per layer, this run
+        self.active = False
+        self.batch: BatchInfo | None = None
+        self.dropped: dict[str, str] = {}
+        self.inexact: dict[str, str] = {}
+        self._param_groups: dict[str, tuple[int | None, int | None]] = {}
+        self._probes: dict[str, torch.Tensor] = {}  # Z (d_in, k) per layer: the gradient check's and the sketch's
+        #: the certificate as training goes (None: certify at fit end by reading the store, or not at all)
+        self.sketch: SketchCertificate | None = None
+        self.run_exact = True  # the adapter's run policy found nothing inexact
+        self._steps_seen = 0
+        self._warned: set[str] = set()
+        self._seen_inputs = np.zeros(0, dtype=bool)
+        self._row_dtype = _ROW_DTYPES[options.dtype]
+        #: ``() -> (steps per epoch, epochs left, raw input bytes)`` for the disk plan: the adapter knows them
+        #: (0 steps per epoch: unknown; the plan is printed but the disk is not checked)
+        self.horizon: Callable[[], tuple[int, float, int]] = lambda: (0, math.inf, 0)
+
+    # ------------------------------------------------------------------------------------------------
+    # set-up
+    # ------------------------------------------------------------------------------------------------
+    def track(self, chosen: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None, notes: list[str]) -> None:
+        """Remember the layers to record and map their parameters to the optimizer's param groups.
+
+        Group *numbers*, not the group dicts: restoring a checkpoint replaces the dicts (and a scheduler then
+        changes the new ones), so each step reads ``optimizer.param_groups[i]`` afresh.
+        """
+        self.chosen = dict(chosen)
+        self.optimizer = optimizer
+        groups: dict[int, int] = {}
+        if optimizer is not None:
+            for i, g in enumerate(optimizer.param_groups):
+                for p in g["params"]:
+                    groups[id(p)] = i
+        for name, m in chosen.items():
+            wi = groups.get(id(m.weight))
+            bi = groups.get(id(bias_of(m))) if bias_of(m) is not None else None
+            if wi is None:
+                notes.append(f"{name}.weight is in no optimizer param group: it never changes (W_T = W_0).")
+            self._param_groups[name] = (wi, bi)
+
+    def set_precision(self, precision: str, device: torch.device) -> None:
+        """The training precision, and how float32 products on ``device`` are rounded (TF32, bf16): the rows
+        then rebuild each step's weight gradient only to that rounding, so the checks' tolerances widen and
+        the store records it."""
+        self.precision = precision
+        self.float32_products = "ieee"
+        if precision not in ("64-true", "64"):  # float64 products are never rounded so
+            conv = any(layer_kind(m).startswith("conv") for m in self.chosen.values())
+            self.float32_products = float32_mode(device, conv=conv)
+        self.check_tolerance = gradient_check_tolerance(precision, self.float32_products, self.options.dtype)
+        mode = self.float32_products
+        if mode != "ieee" and precision in ("32-true", "32"):
+            causes = ("torch.set_float32_matmul_precision('high'/'medium'), or cuDNN's TF32 convolutions"
+                      if device.type == "cuda" else "torch.set_float32_matmul_precision('medium') or oneDNN's settings")
+            conv = any(layer_kind(m).startswith("conv") for m in self.chosen.values())
+            self._warn(
+                f"{self.owner}: float32 products on {device.type} are rounded to {mode} ({causes}), so each "
+                "step's weight gradient carries that rounding and the store rebuilds the layers only to about "
+                f"it: the certificate's tolerance is {FLOAT32_PRODUCTS_TOLERANCE.get(mode, 5e-2):.0e}. For a "
+                "float32-exact record, train with torch.set_float32_matmul_precision('highest')"
+                + (" and torch.backends.cudnn.allow_tf32 = False." if conv and device.type == "cuda" else ".")
+            )
+
+    def attach(self) -> None:
+        """Put a forward hook on every tracked layer (the adapter hooks the optimizer's steps)."""
+        for name, module in self.chosen.items():
+            cap = LayerCapture(name, module, lambda: self.active, context=lambda: self.batch)
+            cap.attach()
+            self.captures[name] = cap
+            self._probes[name] = SketchCertificate.probes(name, layer_shape(module)[0], module.weight.device)
+
+    def detach(self) -> None:
+        self.active = False
+        for cap in self.captures.values():
+            cap.detach()
+
+    # ------------------------------------------------------------------------------------------------
+    # the store
+    # ------------------------------------------------------------------------------------------------
+    def open(self, store_path: str, metadata: StoreMetadata, *, raw: torch.Tensor | None, resume: dict[str, Any] | None,
+             last_step: int | None = None, shard_index: list[str] | None = None) -> None:
+        """Create the store (or continue it from a checkpoint's counts) and start the writer thread.
+
+        Args:
+            store_path: this process's file.
+            metadata: the run's description (written into a new store).
+            raw: a batch of raw inputs (their shape and dtype size ``/inputs``), or None.
+            resume: a checkpoint's counts (:meth:`state_dict`), or None for a new store.
+            last_step: the global step of the resume's last recorded step (checked against the store).
+            shard_index: under DDP, rank 0 writes the index that names every rank's file.
+        """
+        opts = self.options
+        self.store_path = store_path
+        specs = [self._layer_spec(name, m) for name, m in self.chosen.items()]
+        if resume is not None:
+            settings = settings_of(specs, opts.dtype, opts.compression)
+            make = lambda: StoreWriter.resume(  # noqa: E731
+                store_path, settings, resume["rows"], int(resume["steps"]), resume.get("inputs"),
+                last_step=last_step, commit_seconds=opts.commit_seconds, update_attrs=self._resumed_attrs,
+            )
+        else:
+            if os.path.exists(store_path):
+                os.remove(store_path)  # overwrite=True was given (the adapter checked at set-up)
+            make = lambda: StoreWriter.create(  # noqa: E731
+                store_path, specs, row_dtype=opts.dtype, compression=opts.compression, chunk_rows=opts.chunk_rows,
+                metadata=metadata, commit_seconds=opts.commit_seconds,
+                input_shape=tuple(raw.shape[1:]) if raw is not None else None,
+                input_dtype=str(raw.dtype).replace("torch.", "") if raw is not None else "float32",
+            )
+        self.writer = AsyncWriter(make, max_queue=opts.max_queue)
+        if shard_index is not None:
+            # the index exists from the first step on, so a crashed or running DDP store opens as one
+            write_shard_index(opts.path, shard_index)
+        seen = self.writer.store.input_indices()
+        self._seen_inputs = np.zeros(int(seen.max()) + 1 if len(seen) else 0, dtype=bool)
+        self._seen_inputs[seen] = True
+        self.steps_recorded = int(resume["steps"]) if resume is not None else 0
+        self._start_sketch(resume)
+        width = sum(s.d_in + s.d_out for s in specs) * (4 if opts.dtype == "float32" else 2)
+        verb = f"continuing at step {last_step + 1 if last_step is not None else 0}" if resume else "recording"
+        self._info(
+            f"{self.owner}: {verb} {len(specs)} layer(s) {list(self.chosen)} into {store_path} "
+            f"({opts.dtype}, compression={opts.compression}); about {width / 1024:.1f} KiB per training example "
+            "and position, per epoch."
+        )
+
+    def _start_sketch(self, resume: dict[str, Any] | None) -> None:
+        """Certify as training goes where the update rule is SGD's scalar recurrence; a resume continues the
+        projections its checkpoint saved (one from before they existed certifies at the end instead)."""
+        self.sketch = None
+        if not self.options.certify or not self.run_exact or type(self.optimizer) is not torch.optim.SGD:
+            return  # (an inexact run keeps its residual, which only the full certificate computes)
+        saved = (resume or {}).get("sketch")
+        if resume is not None and (not isinstance(saved, dict) or set(saved) != set(self.chosen)):
+            return
+        sketch = SketchCertificate()
+        state = self.optimizer.state
+        for name, m in self.chosen.items():
+            w, b = m.weight, bias_of(m)
+            buf = state.get(w, {}).get("momentum_buffer")
+            bbuf = state.get(b, {}).get("momentum_buffer") if b is not None else None
+            sketch.start(name, self._probes[name], weight_matrix(m).float(),
+                         weight_matrix(m, buf).float() if buf is not None else None,
+                         b.detach().float() if b is not None else None,
+                         bbuf.detach().float() if bbuf is not None else None,
+                         resumed=saved[name] if saved is not None else None)
+        self.sketch = sketch
+
+    def _layer_spec(self, name: str, m: nn.Module) -> LayerSpec:
+        d_in, d_out, extra = layer_shape(m)
+        w = weight_matrix(m).float().cpu().numpy()
+        b = bias_of(m).detach().float().cpu().numpy() if bias_of(m) is not None else None
+        state = self.optimizer.state if self.optimizer is not None else {}
+
+        def buffer(p: torch.Tensor | None, is_weight: bool) -> np.ndarray | None:
+            buf = state.get(p, {}).get("momentum_buffer") if p is not None else None
+            if buf is None:
+                return None
+            return (weight_matrix(m, buf) if is_weight else buf.detach()).float().cpu().numpy()
+
+        return LayerSpec(name=name, kind=layer_kind(m), d_in=d_in, d_out=d_out, has_bias=b is not None,
+                         weight_init=w, bias_init=b, extra=extra, weight_buffer_init=buffer(m.weight, True),
+                         bias_buffer_init=buffer(bias_of(m), False))
+
+    def _resumed_attrs(self, stored: StoreMetadata) -> dict[str, Any]:
+        """The rows before the checkpoint keep the rounding they were made with: the store's mode is the
+        loosest of its runs' (written when the resume starts, so a crash after it keeps it too)."""
+        self.float32_products = loosest([stored.float32_products, self.float32_products])
+        return {"float32_products": self.float32_products}
+
+    def run_metadata(self, model: nn.Module, **fields: Any) -> StoreMetadata:
+        """The store's description of this run (the adapter adds what it knows: clipping, accumulation ...)."""
+        import lightning
+
+        opt = self.optimizer
+        opt_info: dict[str, Any] = {"name": type(opt).__name__ if opt else None, "param_groups": []}
+        if opt is not None:
+            for g in opt.param_groups:
+                opt_info["param_groups"].append(
+                    {k: (float(v) if isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool) else v)
+                     for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, str, torch.Tensor))}
+                )
+        return StoreMetadata(
+            library_version=__version__,
+            torch_version=torch.__version__,
+            lightning_version=lightning.__version__,
+            model_class=type(model).__name__,
+            optimizer=opt_info,
+            precision=self.precision,
+            float32_products=self.float32_products,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            **fields,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counts a checkpoint must hold to continue this store exactly: every row so far is made
+        durable first, so that a resume truncates the store back to exactly this point."""
+        if self.writer is not None:
+            self.committed = self.writer.call_result(self.writer.store.commit)
+        if self.committed is None:
+            return {}
+        state = {"format_version": 1, "store_path": self.store_path, **self.committed}
+        if self.sketch is not None and self.writer is not None:
+            state["sketch"] = self.sketch.state_dict()  # the projections at exactly these counts
+        return state
+
+    def commit_soon(self) -> None:
+        """Make the rows so far durable on the writer thread; training goes on (a checkpoint's
+        :meth:`state_dict` waits for it). The counts it returns are what a checkpoint saved after the
+        store is finished must hold."""
+        if self.writer is not None:
+            self.writer.submit(self._commit_counts, self.writer.store)
+
+    def _commit_counts(self, store: StoreWriter) -> None:
+        """Runs on the writer thread."""
+        self.committed = store.commit()
+
+    # ------------------------------------------------------------------------------------------------
+    # batches
+    # ------------------------------------------------------------------------------------------------
+    def begin_batch(self, info: BatchInfo, raw: torch.Tensor | None = None) -> None:
+        """Rows of the layers' calls from now on belong to this batch; queue its new raw inputs."""
+        self.batch = info
+        if self.options.store_inputs and raw is not None and info.indices is not None:
+            self._record_inputs(raw, info.indices)
+        self.active = True
+
+    def end_batch(self) -> None:
+        self.active = False
+
+    def _record_inputs(self, raw: torch.Tensor, indices: torch.Tensor) -> None:
+        """Queue the raw inputs of examples not stored yet (each example once, not once per epoch)."""
+        if self.writer is None or raw.shape[0] != len(indices):
+            return
+        idx = indices.numpy()
+        if (idx < 0).any():
+            return
+        if len(idx) and idx.max() >= len(self._seen_inputs):
+            grown = np.zeros(max(int(idx.max()) + 1, 2 * len(self._seen_inputs)), dtype=bool)
+            grown[: len(self._seen_inputs)] = self._seen_inputs
+            self._seen_inputs = grown
+        new = ~self._seen_inputs[idx]
+        new &= ~duplicates(idx)
+        if not new.any():
+            return
+        self._seen_inputs[idx[new]] = True
+        data = raw.detach()[torch.from_numpy(new).to(raw.device)].cpu().numpy()
+        self.writer.submit(self.writer.store.add_inputs, idx[new].copy(), data)
+
+    # ------------------------------------------------------------------------------------------------
+    # steps
+    # ------------------------------------------------------------------------------------------------
+    def step_settings(self) -> StepSettings:
+        """The update rule's settings of the coming step, read before the optimizer changes its state (call it
+        from the optimizer's step pre-hook)."""
+        opt = self.optimizer
+        updates = {}
+        for name, cap in self.captures.items():
+            m = cap.module
+            wi, bi = self._param_groups[name]
+            w_up = _param_update(opt, m.weight, opt.param_groups[wi] if wi is not None else None)
+            b_up = None
+            if bias_of(m) is not None:
+                b_up = _param_update(opt, bias_of(m), opt.param_groups[bi] if bi is not None else None)
+            updates[name] = (w_up, b_up)
+        return StepSettings(updates)
+
+    def record_step(self, step: int, epoch: int, plan: StepSettings, grad_scale: float | None) -> None:
+        """Hand one optimizer step to the writer: its rows per layer and the update rule's scalars.
+
+        ``grad_scale`` turns the rows' gradient into the one the optimizer used (clipping, DDP averaging, loss
+        scaling); ``None`` measures it per layer from the weights' ``.grad``.
+        """
+        self.last_epoch = epoch
+        pending = self._take_rows()
+        if self.plan is None:
+            self._make_plan(pending)
+        rows: dict[str, tuple] = {}
+        for name in self.captures:
+            if name in self.dropped or not pending.get(name):
+                continue
+            rows[name] = _gather_rows(pending[name], self._row_dtype)  # as they will be stored
+            self.rows_recorded[name] = self.rows_recorded.get(name, 0) + rows[name][0].shape[0]
+        # the gradient check (and a measured factor) on the first 20 steps and every check_every-th
+        check = grad_scale is None or self._steps_seen < 20 or self._steps_seen % self.options.check_every == 0
+        scales: dict[str, float] = {}
+        sketches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if check:
+            # the check multiplies the rows as captured (half-precision storage would round away small
+            # gradients and cancel), the certificate the rows as stored
+            captured = rows if self.options.dtype == "float32" else {
+                n: (torch.cat([c.keys for c, *_ in pending[n]]), torch.cat([c.values for c, *_ in pending[n]])) for n in rows}
+            sketches = self._sketch_rows(captured, stored=False)
+            scales = self._check_rows(sketches, grad_scale, has_rows=set(rows))
+        if self.sketch is not None and (not check or self.options.dtype != "float32"):
+            sketches = self._sketch_rows(rows, stored=True)  # every step: the certificate's projections
+        self._steps_seen += 1
+        updates: dict[str, tuple[float, ParamUpdate, ParamUpdate | None]] = {}
+        for name, cap in self.captures.items():
+            w_up, b_up = plan.updates[name]
+            w_up.applied = w_up.applied and cap.module.weight.grad is not None
+            if b_up is not None:
+                b_up.applied = b_up.applied and bias_of(cap.module).grad is not None
+            scale = grad_scale if grad_scale is not None else scales.get(name, 1.0)
+            updates[name] = (scale, w_up, b_up)
+            if self.sketch is not None and name in self.sketch.layers:
+                gz, gb = sketches.get(name, (None, None))
+                self.sketch.step(name, gz, gb, scale, w_up, b_up)
+        event = None
+        if any(t[0].is_cuda for t in rows.values()):
+            rows = {n: tuple(_to_pinned(t) for t in r) for n, r in rows.items()}
+            event = torch.cuda.Event()
+            event.record()
+        self.writer.submit(_write_step, self.writer.store, step, epoch, rows, updates, event)
+        self.steps_recorded += 1
+        if self._steps_seen % _PACE_CHECK_EVERY == 0:
+            self._check_writer_pace()
+
+    def record_skipped_step(self, step: int, epoch: int) -> None:
+        """A step the trainer counted but the optimizer never took (a loss scaler found inf/NaN): the
+        weights did not change, and the rows of its gradient are dropped."""
+        self.last_epoch = epoch
+        self._take_rows()
+        updates = {}
+        for name, cap in self.captures.items():
+            skipped = ParamUpdate(lr=0.0, applied=False)
+            updates[name] = (0.0, skipped, ParamUpdate(lr=0.0, applied=False) if bias_of(cap.module) is not None else None)
+        self.writer.submit(_write_step, self.writer.store, step, epoch, {}, updates, None)
+        self.steps_recorded += 1
+
+    def _take_rows(self) -> dict[str, list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        """The completed calls of every layer since the last step, with each row's index, position and label."""
+        pending: dict[str, list] = {}
+        for name, cap in self.captures.items():
+            offsets: dict[int, int] = {}  # per batch: positions already used by earlier calls of this layer
+            for call in cap.take_completed():
+                info = call.batch if call.batch is not None else BatchInfo(size=None, indices=None, labels=None)
+                offset = offsets.get(id(info), 0)
+                index, position, label, per_ex = row_metadata(call, info, offset)
+                offsets[id(info)] = offset + per_ex
+                if call.keep is not None:  # rows whose gradient never reaches the weight
+                    keep = call.keep
+                    call.keys, call.values = call.keys[keep], call.values[keep]
+                    index, position, label = index[keep.cpu()], position[keep.cpu()], label[keep.cpu()]
+                pending.setdefault(name, []).append((call, index, position, label))
+        return pending
+
+    # ------------------------------------------------------------------------------------------------
+    # checks
+    # ------------------------------------------------------------------------------------------------
+    def _sketch_rows(self, rows: dict[str, tuple], stored: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the step's ``G Z = V^T (K Z)`` ``(d_out, k)`` and ``sum_rows v`` ``(d_out,)`` (float32
+        products) from ``(keys, values)`` as captured or, with ``stored``, as :func:`_gather_rows` stores them,
+        summed over DDP ranks (the optimizer's gradient sums every rank's rows); zeros for a layer without
+        rows this step."""
+        names = [n for n in self.captures if n not in self.dropped]
+        parts: list[torch.Tensor] = []
+        shapes = []
+        for name in names:
+            m = self.captures[name].module
+            z = self._probes[name]
+            d_out = layer_shape(m)[1]
+            if name in rows:
+                keys, values = rows[name][0], rows[name][1]
+                if stored:
+                    keys, values = _stored_floats(keys, self.options.dtype), _stored_floats(values, self.options.dtype)
+                else:
+                    keys, values = (keys.float() if keys.is_floating_point() else keys), values.float()
+                gz = values.t() @ project_keys(m, keys, z)
+                gb = values.sum(0)
+            else:
+                gz = torch.zeros(d_out, z.shape[1], device=z.device)
+                gb = torch.zeros(d_out, device=z.device)
+            parts += [gz.reshape(-1), gb]
+            shapes.append(gz.shape)
+        if not parts:
+            return {}
+        flat = self.dist.all_reduce(torch.cat(parts))
+        out, i = {}, 0
+        for name, shape in zip(names, shapes):
+            n = shape[0] * shape[1]
+            out[name] = (flat[i : i + n].reshape(shape), flat[i + n : i + n + shape[0]])
+            i += n + shape[0]
+        return out
+
+    def _check_rows(self, sketches: dict[str, tuple[torch.Tensor, torch.Tensor]], grad_scale: float | None,
+                    has_rows: set[str]) -> dict[str, float]:
+        """Check each layer's rows against the gradient the optimizer used, and measure their factor.
+
+        ``W.grad Z`` must equal ``f V^T (K Z)`` for the layer's random probes ``Z`` (and ``b.grad`` equal
+        ``f sum v``): a cheap sketch of ``W.grad = f sum v k^T`` (Freivalds' test) that catches weights used
+        outside the module's forward (e.g. ``nn.MultiheadAttention.out_proj``) and any other missing or wrong
+        rows. With ``grad_scale`` given, ``f`` is it; otherwise ``f`` is the least-squares fit (snapped to
+        ``2^k / world_size`` when that close), returned per layer.
+        """
+        scales: dict[str, float] = {}
+        for name, (gz, gb) in sketches.items():
+            m = self.captures[name].module
+            z = self._probes[name]
+            g = m.weight.grad
+            if g is None:
+                lhs, bound = torch.zeros_like(gz), 0.0
+            else:
+                g = weight_matrix(m, g).float()
+                lhs = g @ z
+                # independent rounding of relative size eps in each entry of W.grad moves (W.grad Z)_ij by about
+                # eps * sqrt(sum_l (W.grad_il z_lj)^2): measured against that (about |W.grad|_F |z_j|), rounding
+                # (bf16, fp16) stays near eps even where W.grad Z cancels, and missing rows stay O(1)
+                bound = float(torch.linalg.vector_norm(torch.sqrt((g * g) @ (z * z))))
+            b = bias_of(m)
+            if b is not None and b.grad is not None:
+                lhs = torch.cat([lhs.reshape(-1), b.grad.float()])
+                rhs = torch.cat([gz.reshape(-1), gb])
+                bound = (bound ** 2 + float(torch.linalg.vector_norm(b.grad.float())) ** 2) ** 0.5
+            else:
+                lhs, rhs = lhs.reshape(-1), gz.reshape(-1)
+            if grad_scale is not None:
+                f = grad_scale
+            else:
+                f = _fit_scale(lhs, rhs, self.dist.world_size)
+                scales[name] = f
+            diff = float(torch.linalg.vector_norm(lhs - f * rhs))
+            err = diff / bound if bound > 0 else (0.0 if diff == 0 else math.inf)
+            if err > self.check_tolerance:
+                self._flag(name, err, has_rows=name in has_rows or bool(float(torch.linalg.vector_norm(rhs)) > 0))
+        return scales
+
+    def _flag(self, name: str, err: float, has_rows: bool) -> None:
+        if not has_rows:
+            self.dropped[name] = ("its weight received gradients in steps where its forward hook saw no input "
+                                  "(the weight is used outside the module's forward, e.g. nn.MultiheadAttention.out_proj)")
+            self.writer.submit(self.writer.store.drop_layer, name, self.dropped[name])
+            self._warn(f"{self.owner}: layer {name!r} left out of the store: {self.dropped[name]}.")
+        elif name not in self.inexact:
+            self.inexact[name] = (
+                f"at step {self.steps_recorded} its captured rows explain its gradient only up to relative error "
+                f"{err:.2e} (part of the weight is used outside the module's forward, or a gradient was changed "
+                "between backward and the optimizer step by something other than a uniform scaling)"
+            )
+            self.writer.submit(self.writer.store.mark_inexact, name, self.inexact[name])
+            self._warn(f"{self.owner}: layer {name!r} is recorded as INEXACT: {self.inexact[name]}.")
+
+    def _make_plan(self, pending: dict) -> None:
+        """Estimate the whole run's store from this first step; refuse when the disk cannot hold it."""
+        rows = {name: sum(call.keys.shape[0] for call, *_ in parts) for name, parts in pending.items()}
+        if not any(rows.values()):
+            return  # nothing to plan from yet (a skipped or empty first step)
+        shapes = {}
+        for name, m in self.chosen.items():
+            d_in, d_out, _ = layer_shape(m)
+            shapes[name] = (layer_kind(m), d_in, d_out, bias_of(m) is not None)
+        steps_per_epoch, epochs, input_bytes = self.horizon()
+        self.plan = estimate(rows, shapes, 4 if self.options.dtype == "float32" else 2, steps_per_epoch, epochs,
+                             input_bytes, chunk_rows=self.options.chunk_rows,
+                             memory_sums=self.options.certify == "full" or (bool(self.options.certify) and self.sketch is None))
+        self._info(f"{self.owner}: {self.plan.describe()}.")
+        if not self.options.check_disk or not steps_per_epoch:
+            return
+        directory = os.path.dirname(os.path.abspath(self.store_path))
+        free = free_bytes(directory)
+        needed = self.plan.total_bytes - os.path.getsize(self.store_path)
+        if needed > free:
+            raise DiskSpaceError(
+                f"{self.owner}: the store {self.store_path} needs about {needed / 1e9:.2f} GB for this run "
+                f"({self.plan.describe()}) but only {free / 1e9:.2f} GB are free in {directory}. Free space, choose "
+                "another path, narrow `layers=`, use dtype='float16' or compression='lzf', or pass check_disk=False."
+            )
+
+    def _check_writer_pace(self) -> None:
+        """Warn once when training spends much of its time waiting for the writer's full queue (on every
+        rank: each writes its own file, and one slow disk holds all ranks back)."""
+        w = self.writer
+        blocked = w.blocked_s
+        elapsed = time.monotonic() - w.started
+        if "slow-writer" in self._warned or blocked < _SLOW_WRITER_MIN_S or blocked < _SLOW_WRITER_SHARE * elapsed:
+            return
+        self._warned.add("slow-writer")
+        opts = self.options
+        advice = []
+        if opts.compression:
+            advice.append("compression costs the most (it runs inside HDF5's filter pipeline on one thread): use "
+                          "compression=None and compress the finished store if needed")
+        if opts.dtype == "float32":
+            advice.append("dtype='float16' halves the bytes")
+        advice += ["`layers=[...]` tracks fewer layers", "a faster disk helps"]
+        advice[0] = advice[0][0].upper() + advice[0][1:]
+        warnings.warn(
+            f"{self.owner}: training waited {blocked:.1f} s of the last {elapsed:.1f} s for the store writer "
+            f"({w.path}, {opts.dtype} rows, compression={opts.compression!r}): the rows come faster than they can "
+            f"be written. {'; '.join(advice)}.",
+            UserWarning, stacklevel=2,
+        )
+
+    def warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self._warn(msg)
+
+    # ------------------------------------------------------------------------------------------------
+    # the end
+    # ------------------------------------------------------------------------------------------------
+    def finish(self, final_step: int, epochs: int) -> None:
+        """Finalise the store (final weights, status ``complete``) and, with ``certify``, compute the
+        certificate: every rank's rows together rebuild the weights."""
+        if self.writer is None:
+            return
+        finals = {
+            name: (
+                weight_matrix(cap.module).float().cpu().numpy(),
+                bias_of(cap.module).detach().float().cpu().numpy() if bias_of(cap.module) is not None else None,
+            )
+            for name, cap in self.captures.items()
+            if name not in self.dropped
+        }
+        self.detach()
+        certificate = self._sketch_certificate(finals)
+        writer, self.writer = self.writer, None
+        writer.call(writer.store.finalize, finals, int(final_step), int(epochs), certificate)
+        writer.stop()
+        if writer.blocked_s >= 1.0:
+            self._info(f"{self.owner}: training waited {writer.blocked_s:.1f} s in all for the store writer.")
+        self.committed = writer.store.committed  # for a checkpoint saved after the finish
+        self.dist.barrier()
+        if self.options.certify == "full" or (self.options.certify and certificate is None):
+            # Under DDP each shard holds one rank's rows: the memory is the sum over ranks.
+            reduce = self.dist.all_reduce if self.dist.world_size > 1 else None
+            self.certificate = certify_store(self.store_path, all_reduce=reduce)
+        elif certificate is not None:
+            self.certificate = certificate
+        for name, cert in self.certificate.items():
+            verdict = f"exact within {cert['tolerance']:.0e}" if cert["exact"] else "INEXACT"
+            self._info(
+                f"{self.owner}: {name}: rebuilt weights match the trained ones to relative error "
+                f"{cert['rel_err']:.2e} ({verdict}; the memory explains {100 * cert['explained']:.4g}% of the weights)."
+            )
+
+    def _sketch_certificate(self, finals: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> dict[str, dict[str, Any]] | None:
+        """The certificate from the projections carried through training, or None where there are none."""
+        if self.sketch is None or set(self.sketch.layers) != set(self.chosen):
+            return None
+        tol = tolerance(self.options.dtype, self.precision, self.float32_products)
+        out: dict[str, dict[str, Any]] = {}
+        for name, (w, b) in finals.items():
+            res = self.sketch.result(name, torch.from_numpy(w), torch.from_numpy(b) if b is not None else None)
+            err = res["rel_err"]
+            out[name] = {**res, "explained": max(0.0, 1.0 - err), "tolerance": tol,
+                         "exact": bool(err <= tol and name not in self.inexact), "method": "sketch",
+                         "probes": int(self._probes[name].shape[1])}
+        return out
+
+    def close(self, remove_if_empty: bool = False) -> None:
+        """Stop without finalising (an exception, or training stopped early): commit what is there, so the
+        store opens at its last step. ``remove_if_empty`` deletes a new store that never got a step."""
+        self.detach()
+        writer, self.writer = self.writer, None
+        if writer is None:
+            return
+        try:
+            writer.call(writer.store.close)
+        finally:
+            writer.stop()
+        if remove_if_empty and writer.store.committed["steps"] == 0:
+            os.remove(writer.path)
+
+
+# ------------------------------------------------------------------------------------------------------
+# helpers (pure functions of tensors)
+# ------------------------------------------------------------------------------------------------------
+def _fit_scale(lhs: torch.Tensor, rhs: torch.Tensor, world_size: int) -> float:
+    """The least-squares ``f`` of ``lhs = f rhs``, snapped to ``2^k / world_size`` within :data:`_SNAP`."""
+    denom = float(rhs.double() @ rhs.double())
+    if denom == 0.0:
+        return 1.0 / world_size  # no rows: the factor never multiplies anything
+    f = float(lhs.double() @ rhs.double()) / denom
+    if f > 0:
+        snapped = 2.0 ** round(math.log2(f * world_size)) / world_size
+        if abs(f - snapped) <= _SNAP * snapped:
+            return snapped
+    return f
+
+
+def _param_update(optimizer: torch.optim.Optimizer, p: torch.Tensor | None, group: dict | None) -> ParamUpdate:
+    if p is None or group is None:
+        return ParamUpdate(lr=0.0, applied=False)
+    state = optimizer.state.get(p, {})
+    return ParamUpdate(
+        lr=float(group["lr"]),
+        momentum=float(group.get("momentum", 0.0)),
+        dampening=float(group.get("dampening", 0.0)),
+        weight_decay=float(group.get("weight_decay", 0.0)),
+        nesterov=bool(group.get("nesterov", False)),
+        maximize=bool(group.get("maximize", False)),
+        fresh_buffer=state.get("momentum_buffer") is None,
+        applied=True,
+    )
+
+
+def _gather_rows(parts: list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]], row_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """One (keys, values, index, position, label) tuple per layer and step. Keys and values are fresh
+    copies, already in the stored dtype (one pass: the copy is the conversion)."""
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():  # token ids (embeddings) stay integers
+            return t.long()
+        # keys under autocast are bf16 copies: widen to float32 first, so that float16 storage rounds once
+        return t.to(torch.float32).to(row_dtype) if t.dtype != torch.float32 else t.to(row_dtype)
+
+    def gather(ts: list[torch.Tensor], private: bool) -> torch.Tensor:
+        out = torch.cat([convert(t) for t in ts]) if len(ts) > 1 else convert(ts[0])
+        if not private and any(out.data_ptr() == t.data_ptr() for t in ts):
+            out = out.clone()  # the caller's tensor: copy it before training goes on
+        return out.view(torch.int16) if out.dtype == torch.bfloat16 else out
+
+    # Activations and gradients are autograd's own tensors, never written to again: the writer thread
+    # copies them into its buffers, off the training thread. Keys straight from the batch are copied here.
+    keys = gather([p[0].keys for p in parts], all(p[0].private_keys for p in parts))
+    values = gather([p[0].values for p in parts], True)
+    index = torch.cat([p[1] for p in parts])
+    position = torch.cat([p[2] for p in parts])
+    label = torch.cat([p[3] for p in parts])
+    return keys, values, index, position, label
+
+
+def _stored_floats(t: torch.Tensor, row_dtype: str) -> torch.Tensor:
+    """Rows as :func:`_gather_rows` hands them to the writer, as float32 (token ids stay integers)."""
+    if not t.is_floating_point() and row_dtype == "bfloat16" and t.dtype == torch.int16:
+        return t.view(torch.bfloat16).float()
+    return t.float() if t.is_floating_point() else t
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_cuda:
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
+
+
+def _write_step(store: StoreWriter, step: int, epoch: int, rows: dict, updates: dict, event: Any) -> None:
+    """Runs on the writer thread."""
+    if event is not None:
+        event.synchronize()
+    converted = {
+        name: StepRows(
+            keys=k.numpy(), values=v.numpy(), index=i.numpy(), position=p.numpy(), label=lab.numpy(), step=step, epoch=epoch
+        )
+        for name, (k, v, i, p, lab) in rows.items()
+    }
+    store.add_step(step, epoch, converted, updates)
