@@ -1,7 +1,7 @@
 """How tests/data/store_v1_sgd.h5 was written: with the format-version-1 code of commit 59505dc
 (`PYTHONPATH=src python tests/data/make_store_v1_sgd.py tests/data/store_v1_sgd.h5` from the repository root
 at that commit). Kept for the record; running it with later code writes a store of the later format."""
-import sys, os
+import sys
 sys.path.insert(0, "tests")
 import lightning as L, torch
 from helpers import MLP, IndexedDataset, loader, TRAINER_KW
