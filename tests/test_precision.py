@@ -132,3 +132,23 @@ def test_conv_fit_on_gpu_with_cudnn_defaults(tmp_path):
     with StoreReader(cb.store_path) as s:
         assert s.attrs["float32_products"] == expected
     assert not cb.inexact_layers and all(c["exact"] for c in cb.certificate.values()), cb.certificate
+
+
+def test_bf16_mixed_adamw_within_documented_tolerance(tmp_path):
+    """The replay of AdamW sees each step's gradient as the rows give it, while training used the bf16 GEMM's
+    rounded one (second moments included): the store is exact to the same documented tolerance."""
+    torch.manual_seed(0)
+    model = MLP(hidden=32, opt_factory=lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1))
+    cb = DualFormCallback(tmp_path / "bf16.h5")
+    trainer = L.Trainer(max_epochs=3, callbacks=[cb], precision="bf16-mixed", **TRAINER_KW)
+    trainer.fit(model, loader(IndexedDataset(n=128)))
+    tol = PRECISION_TOLERANCE["bf16-mixed"]
+    assert not cb.inexact_layers, cb.inexact_layers
+    from lightning_dualform import DualInference
+
+    with DualInference(cb.store_path, device="cpu", accumulate=torch.float64) as di:
+        for name, cert in cb.certificate.items():
+            assert cert["exact"] and cert["rel_err"] <= tol and cert["tolerance"] == tol
+            module = dict(model.named_modules())[name]
+            x = torch.randn(8, module.in_features)
+            assert rel_err(di.attend(name, x, top_k=1).dual.double(), real_output(module, x)) <= tol

@@ -504,7 +504,7 @@ class DualInference:
         if score == "auto":
             score = "unit" if elementwise else "raw"
         if isinstance(contribution_to, str) and contribution_to == "auto":
-            contribution_to = "pred" if (elementwise and score == "unit") else None
+            contribution_to = "pred" if elementwise else None
         if elementwise:
             if scan != "exact":
                 raise ValueError(f"`attend(scan={scan!r})`: a store of an element-wise rule ({self.store.update_rule}) is scanned exactly only.")
@@ -607,8 +607,9 @@ class DualInference:
             blk = lay.read(start, stop)
             upd = blk["step"] - coef.first_step
             keys = blk["keys"]
-            if unit_score:  # -c_s (k . q): the key scaled by the step's (positive) step size
-                keys = keys * (-c_w[upd]).astype(keys.dtype)[:, None]
+            if unit_score:  # -c_s (k . q): the key scaled by the step's (positive) step size, in the compute dtype
+                dt = keys_dtype or np.float32
+                keys = keys.astype(dt, copy=False) * (-c_w[upd]).astype(dt)[:, None]
             out = {
                 "keys": keys.astype(keys_dtype, copy=False) if keys_dtype else keys,
                 "values": blk["values"].astype(np_acc, copy=False),
