@@ -112,12 +112,13 @@ class LayerReplay:
 
     def _grad(self, pname: str, rows: StepRows, units: np.ndarray | None) -> np.ndarray:
         """``G_s`` of the step (rows ``units`` of it), float64, in the shape the replay holds."""
-        v = torch.from_numpy(rows.values).double()
-        if units is not None:
-            v = v[:, torch.from_numpy(units)]
+        # numpy for the element-wise work and one torch product: many small multi-threaded ops per step cost far
+        # more than their work on a busy machine (each parallel region waits for every thread)
+        v = rows.values if units is None else rows.values[:, units]
+        v = v.astype(np.float64)
         if pname == "bias":
-            return v.sum(0).numpy()
-        g = (v.t() @ torch.from_numpy(rows.keys).double()).numpy()
+            return v.sum(0)
+        g = torch.mm(torch.from_numpy(v).t(), torch.from_numpy(rows.keys.astype(np.float64))).numpy()
         return g if self.row_local else self.layer.to_param(g)
 
     def to_view(self, q: Value) -> Value:

@@ -30,15 +30,19 @@ from lightning_dualform.attend.kernels import META_COLUMNS, AttentionAccumulator
 from lightning_dualform.attend.replay import LayerReplay, StepRows, unit_transform
 
 _ROW_COLUMNS = ("keys", "values", "step", "epoch", "index", "position", "label")
+_META = ("step", "epoch", "index", "position", "label")
+#: bytes of scores one fold of the unit sweep gathers from consecutive steps (a step's rows are few: folding
+#: them one step at a time would cost a parallel region per step and per result)
+_CHUNK_BYTES = 64 * 2**20
 
 
-def _block(rows: StepRows, row0: int, first: int, end: int, step_buckets: int, acc: torch.dtype, compute: torch.dtype,
-           state: AttentionAccumulator) -> Block:
-    """A :class:`Block` of one step's rows (metadata prepared as the inference pass prepares it)."""
-    d = rows.data
+def _block(data: dict[str, np.ndarray], rows: np.ndarray, first: int, end: int, step_buckets: int, acc: torch.dtype,
+           state: AttentionAccumulator, keys: bool = True) -> Block:
+    """A :class:`Block` of rows (``data``: the store's columns; ``rows``: their row numbers), with the metadata the
+    inference pass prepares (label and step groups, packed metadata, mass groups)."""
     b = len(rows)
-    meta = {c: torch.from_numpy(np.asarray(d[c], dtype=np.int64)) for c in ("step", "epoch", "index", "position", "label")}
-    meta["row"] = torch.arange(row0, row0 + b, dtype=torch.int64)
+    meta = {c: torch.from_numpy(np.ascontiguousarray(data[c], dtype=np.int64)) for c in _META}
+    meta["row"] = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
     span = max(end - first, 1)
     step_group = torch.clamp((meta["step"] - first) * step_buckets // span, 0, step_buckets - 1)
     label_group = meta["label"] + 1
@@ -46,10 +50,11 @@ def _block(rows: StepRows, row0: int, first: int, end: int, step_buckets: int, a
     if state.mass_offsets:
         cols = {"label": label_group, "epoch": meta["epoch"], "step": step_group}
         groups = torch.stack([cols[n] + off for n, off in state.mass_offsets.items()], dim=1).contiguous()
-    values = torch.from_numpy(d["values"]).to(acc)
+    np_acc = np.float64 if acc == torch.float64 else np.float32
+    values = torch.from_numpy(np.ascontiguousarray(data["values"], dtype=np_acc))
     zeros = torch.zeros(b, dtype=acc)
-    return Block(keys=torch.from_numpy(d["keys"]).to(compute), values=values, c_w=zeros, c_b=zeros, meta=meta,
-                 label_group=label_group, step_group=step_group,
+    k = torch.from_numpy(np.ascontiguousarray(data["keys"], dtype=np_acc)) if keys else torch.empty(b, 0, dtype=acc)
+    return Block(keys=k, values=values, c_w=zeros, c_b=zeros, meta=meta, label_group=label_group, step_group=step_group,
                  packed_meta=torch.stack([meta[c] for c in META_COLUMNS], dim=1).contiguous(), groups=groups)
 
 
@@ -104,7 +109,7 @@ def elementwise_attend(di: Any, lay: Any, q: torch.Tensor, *, at_step: int | Non
 
     main = accumulator(score == "unit", mass, per_example)
     if score == "raw":
-        _raw_pass(rep, main, q.to(cpu, acc), step_buckets, acc)
+        _raw_pass(rep, main, step_buckets, acc, di.rows_per_block(lay))
     unit_base = unit_output = None
     if units is not None:
         side = main if score == "unit" else accumulator(True, False, per_example)
@@ -128,54 +133,76 @@ def elementwise_attend(di: Any, lay: Any, q: torch.Tensor, *, at_step: int | Non
     return res
 
 
-def _raw_pass(rep: LayerReplay, state: AttentionAccumulator, qa: torch.Tensor, step_buckets: int, acc: torch.dtype) -> None:
-    """The paper's scores ``k . q`` folded in row order (contributions are the unit sweep's)."""
-    for rows in rep.steps():
-        if len(rows):
-            state.fold(_block(rows, rows.row0, rep.first, rep.end, step_buckets, acc, acc, state))
+def _raw_pass(rep: LayerReplay, state: AttentionAccumulator, step_buckets: int, acc: torch.dtype, block_rows: int) -> None:
+    """The paper's scores ``k . q`` folded in row order, in blocks (contributions are the unit sweep's)."""
+    lay = rep.layer
+    for a in range(0, rep.n_rows, block_rows):
+        b = min(a + block_rows, rep.n_rows)
+        state.fold(_block(lay.read(a, b, _ROW_COLUMNS), np.arange(a, b), rep.first, rep.end, step_buckets, acc, state))
 
 
 def _unit_sweep(rep: LayerReplay, state: AttentionAccumulator, x64: torch.Tensor, units: torch.Tensor, step_buckets: int,
                 acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold every row's unit score and contribution into ``state``; returns the base term of each query's unit
-    and the unit's output rebuilt from the contributions (base plus their sum), both ``(n,)`` float64."""
+    and the unit's output rebuilt from the contributions (base plus their sum), both ``(n,)`` float64.
+
+    Per step: ``T = -(Q_s[u_q, :] (.) x_q)`` (numpy) and one product ``K_s T^T``; the scores of consecutive steps are
+    gathered into one block of about :data:`_CHUNK_BYTES` and folded at once."""
     u = units.cpu().numpy().astype(np.int64)
     held = rep.unit_rows(u)
     pos = np.searchsorted(held, u) if held is not None else u
     x = x64.numpy()
     n, d_out = len(u), rep.layer.d_out
-    total = torch.zeros(n, dtype=torch.float64)
-    ut = torch.from_numpy(u)
+    np_acc = np.float64 if acc == torch.float64 else np.float32
+    cap = max(1, _CHUNK_BYTES // max(1, n * np.dtype(np_acc).itemsize))
+    total = np.zeros(n)
     chunk = max(1, int(state.query_chunk))
-    st = None
+    pending: list[tuple[StepRows, np.ndarray, np.ndarray]] = []  # (rows, scores (B, n), coef_b (B, d_out))
+    held_rows = 0
+
+    def flush() -> None:
+        nonlocal pending, held_rows
+        if not pending:
+            return
+        cols = {c: np.concatenate([r.data[c] for r, _, _ in pending]) for c in ("values", *_META)}
+        rows = np.concatenate([np.arange(r.row0, r.row0 + len(r)) for r, _, _ in pending])
+        blk = _block(cols, rows, rep.first, rep.end, step_buckets, acc, state, keys=False)
+        blk.scores_t = torch.from_numpy(np.concatenate([sc for _, sc, _ in pending]))
+        blk.coef_w = torch.from_numpy(np.negative(cols["values"], dtype=np_acc))
+        blk.coef_b = torch.from_numpy(np.concatenate([cb for _, _, cb in pending]))
+        state.fold(blk)
+        pending, held_rows = [], 0
 
     def visit(rows: StepRows, q_w: Any, q_b: Any) -> None:
-        nonlocal st
+        nonlocal held_rows
         if not len(rows):
             return
-        blk = _block(rows, rows.row0, rep.first, rep.end, step_buckets, acc, acc, state)
         b = len(rows)
-        if st is None or st.shape[0] < b:
-            st = torch.empty(max(b, 256), n, dtype=acc)
-        scores = st[:b]
-        for q0 in range(0, n, chunk):  # -(Q_s[u] (.) x): (n, d_in) per chunk of queries
+        keys = torch.from_numpy(np.ascontiguousarray(rows.keys, dtype=np_acc))
+        scores = torch.empty(b, n, dtype=acc)
+        for q0 in range(0, n, chunk):  # the unit score -(Q_s[u] (.) k) . x = k . T with T = -(Q_s[u] (.) x)
             q1 = min(q0 + chunk, n)
             t = unit_transform(q_w, pos[q0:q1], x[q0:q1])
-            scores[:, q0:q1] = blk.keys @ torch.from_numpy(t).to(acc).t()
-        scores.neg_()
+            t = np.negative(t, out=t).astype(np_acc, copy=False)
+            if q0 == 0 and q1 == n:
+                torch.mm(keys, torch.from_numpy(t).t(), out=scores)
+            else:
+                scores[:, q0:q1] = torch.mm(keys, torch.from_numpy(t).t())
         qb = np.zeros(d_out)
         if np.ndim(q_b) or float(q_b) != 0.0:
-            qb_units = unit_transform(q_b, pos, None)  # (n,) Qb_s[u_q]
-            qb[u] = qb_units
-        blk.coef_w = -blk.values
-        blk.coef_b = blk.values * torch.from_numpy(qb).to(acc)[None, :]
-        blk.scores_t = scores
-        state.fold(blk)
-        vu = torch.from_numpy(rows.values).double()[:, ut]  # (B, n)
-        total.add_((vu * (torch.from_numpy(qb[u])[None, :] - scores.double())).sum(0))
+            qb[u] = unit_transform(q_b, pos, None)  # Qb_s[u_q]
+        v = rows.values.astype(np.float64)
+        sc = scores.numpy()
+        vu = v[:, u]  # (B, n): each row's value at each query's unit
+        total[:] += np.einsum("bn,bn->n", vu, qb[u][None, :] - sc)
+        pending.append((rows, sc, (v * qb[None, :]).astype(np_acc)))
+        held_rows += b
+        if held_rows >= cap:
+            flush()
 
     base_w, base_b = rep.sweep_units(u, visit)
-    base = torch.from_numpy(np.einsum("nd,nd->n", np.asarray(base_w)[pos], x))
+    flush()
+    base = np.einsum("nd,nd->n", np.asarray(base_w)[pos], x)
     if base_b is not None:
-        base += torch.from_numpy(np.asarray(base_b)[pos])
-    return base, base + total
+        base = base + np.asarray(base_b)[pos]
+    return torch.from_numpy(base), torch.from_numpy(base + total)

@@ -320,11 +320,20 @@ class RecordingEngine:
         opt = self.optimizer
         opt_info: dict[str, Any] = {"name": type(opt).__name__ if opt else None, "param_groups": []}
         if opt is not None:
+            def plain(v: Any) -> Any:
+                if isinstance(v, (tuple, list)):  # Adam's betas, Adafactor's eps
+                    return [plain(x) for x in v]
+                if isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool):
+                    return float(v)
+                return v
+
+            def kept(v: Any) -> bool:
+                if isinstance(v, (tuple, list)):
+                    return all(x is None or kept(x) for x in v)
+                return isinstance(v, (int, float, bool, str)) or (isinstance(v, torch.Tensor) and v.numel() == 1)
+
             for g in opt.param_groups:
-                opt_info["param_groups"].append(
-                    {k: (float(v) if isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool) else v)
-                     for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, str, torch.Tensor))}
-                )
+                opt_info["param_groups"].append({k: plain(v) for k, v in g.items() if k != "params" and kept(v)})
         return StoreMetadata(
             library_version=__version__,
             torch_version=torch.__version__,
