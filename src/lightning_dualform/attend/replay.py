@@ -277,6 +277,9 @@ class LayerReplay:
         if k >= self.stop:
             return snaps
         states = {p: st.copy() for p, st in init.items()}
+        for p, st in states.items():
+            if not self.needs_param(p, 0, self.stop):
+                st.linear = None  # no step's maps depend on it (AdamW): replay the nonlinear state alone
         for r in self.steps(0, self.stop):
             for p, st in states.items():
                 self._advance(p, st, r, rows if self.row_local else None)
