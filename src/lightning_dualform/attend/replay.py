@@ -36,6 +36,10 @@ from lightning_dualform.optim.rule import row_of
 
 #: Memory a unit sweep may hold for its snapshots, one segment's step maps and one segment's rows.
 REPLAY_BYTES = 512 * 2**20
+#: Gradients of consecutive steps computed in one batched product (at most this many bytes of them): a step
+#: has few rows, and one small multi-threaded product per step costs far more than its work (on a busy
+#: 2-core machine each waited ~25 ms for a descheduled thread; a batch of steps runs at the big-block speed).
+GRAD_BATCH_BYTES = 64 * 2**20
 _PARAMS = ("weight", "bias")
 
 
@@ -110,16 +114,42 @@ class LayerReplay:
         return OptimizerState(0, (self.layer.d_out, self.layer.d_in), {k: view(v) for k, v in st.nonlinear.items()},
                               {k: view(v) for k, v in st.linear.items()})
 
-    def _grad(self, pname: str, rows: StepRows, units: np.ndarray | None) -> np.ndarray:
-        """``G_s`` of the step (rows ``units`` of it), float64, in the shape the replay holds."""
-        # numpy for the element-wise work and one torch product: many small multi-threaded ops per step cost far
-        # more than their work on a busy machine (each parallel region waits for every thread)
-        v = rows.values if units is None else rows.values[:, units]
-        v = v.astype(np.float64)
-        if pname == "bias":
-            return v.sum(0)
-        g = torch.mm(torch.from_numpy(v).t(), torch.from_numpy(rows.keys.astype(np.float64))).numpy()
-        return g if self.row_local else self.layer.to_param(g)
+    def grads(self, steps: Iterator[StepRows] | list[StepRows], units: np.ndarray | None) -> Iterator[tuple[StepRows, dict[str, np.ndarray]]]:
+        """``(rows, {"weight": G_s, "bias": g_s})`` per step: ``G_s = V^T K`` (rows ``units`` of it), float64, in
+        the shape the replay holds. The weight's products of consecutive steps are batched
+        (:data:`GRAD_BATCH_BYTES`); element-wise work stays in numpy."""
+        held = (len(units) if units is not None else self.layer.d_out) * self.layer.d_in * 8
+        batch = max(1, GRAD_BATCH_BYTES // max(held, 1))
+        pending: list[StepRows] = []
+
+        def flush() -> Iterator[tuple[StepRows, dict[str, np.ndarray]]]:
+            vals = [r.values if units is None else r.values[:, units] for r in pending]
+            width = max(len(r) for r in pending)
+            if width == 0:
+                gw = [np.zeros((v.shape[1], self.layer.d_in)) for v in vals]
+            elif len(pending) == 1:
+                gw = [torch.mm(torch.from_numpy(vals[0].astype(np.float64)).t(),
+                               torch.from_numpy(pending[0].keys.astype(np.float64))).numpy()]
+            else:  # zero rows pad the steps to one width: they add nothing
+                vs = np.zeros((len(pending), width, vals[0].shape[1]))
+                ks = np.zeros((len(pending), width, self.layer.d_in))
+                for i, (r, v) in enumerate(zip(pending, vals)):
+                    vs[i, : len(r)] = v
+                    ks[i, : len(r)] = r.keys
+                gw = list(torch.bmm(torch.from_numpy(vs).transpose(1, 2), torch.from_numpy(ks)).numpy())
+            for r, v, g in zip(pending, vals, gw):
+                out = {"weight": g if self.row_local else self.layer.to_param(g)}
+                if "bias" in self.tables:
+                    out["bias"] = v.astype(np.float64).sum(0)
+                yield r, out
+
+        for r in steps:
+            pending.append(r)
+            if len(pending) >= batch:
+                yield from flush()
+                pending = []
+        if pending:
+            yield from flush()
 
     def to_view(self, q: Value) -> Value:
         """A weight's ``Q_s`` (or base) from the replay's shape to the ``(d_out, d_in)`` view."""
@@ -173,14 +203,14 @@ class LayerReplay:
         return self._no_rows
 
     # -- forward -----------------------------------------------------------------------------------------
-    def _advance(self, pname: str, st: OptimizerState, rows: StepRows, units: np.ndarray | None) -> StepMaps | None:
-        """One step of one parameter: the nonlinear state (and the linear one, when held) in place."""
+    def _advance(self, pname: str, st: OptimizerState, rows: StepRows, G: np.ndarray) -> StepMaps | None:
+        """One step of one parameter (raw gradient ``G``): the nonlinear state (and the linear one, when held) in place."""
         table = self.tables[pname]
         hp = row_of(table, rows.s)
         if not hp["applied"]:
             st.start = rows.s + 1
             return None
-        g = float(self.grad_scale[rows.s]) * self._grad(pname, rows, units)
+        g = float(self.grad_scale[rows.s]) * G
         if st.linear is None and self.rule.needs_param(hp):
             raise ValueError(f"step {rows.s} needs the parameter, which this snapshot does not hold")  # pragma: no cover
         step = self.rule.advance(st, g, hp)
@@ -192,9 +222,9 @@ class LayerReplay:
     def weights(self) -> tuple[np.ndarray, np.ndarray | None]:
         """The weight ``(d_out, d_in)`` and bias ``(d_out,)`` after ``at_step`` steps, float64 (one read)."""
         states = {p: st.copy() for p, st in self.states.items()}
-        for rows in self.steps():
+        for rows, G in self.grads(self.steps(), None):
             for p, st in states.items():
-                self._advance(p, st, rows, None)
+                self._advance(p, st, rows, G[p])
         w = states["weight"].linear[PARAM]
         w = w if self.row_local else self.layer.to_view(w)
         b = states["bias"].linear[PARAM] if "bias" in states else None
@@ -254,7 +284,8 @@ class LayerReplay:
             for p, st in states.items():
                 if st.linear is not None and not self.needs_param(p, start, stop):
                     st.linear = None  # the maps do not depend on it: skip its update
-            maps = [{p: self._advance(p, st, r, rows if self.row_local else None) for p, st in states.items()} for r in cache]
+            maps = [{p: self._advance(p, st, r, G[p]) for p, st in states.items()}
+                    for r, G in self.grads(cache, rows if self.row_local else None)]
             for r, m in zip(reversed(cache), reversed(maps)):
                 gs = float(self.grad_scale[r.s])
                 q_w = adj["weight"].back(m["weight"], gs)
@@ -280,9 +311,9 @@ class LayerReplay:
         for p, st in states.items():
             if not self.needs_param(p, 0, self.stop):
                 st.linear = None  # no step's maps depend on it (AdamW): replay the nonlinear state alone
-        for r in self.steps(0, self.stop):
+        for r, G in self.grads(self.steps(0, self.stop), rows if self.row_local else None):
             for p, st in states.items():
-                self._advance(p, st, r, rows if self.row_local else None)
+                self._advance(p, st, r, G[p])
             nxt = r.s + 1
             if nxt % k == 0 and nxt < self.stop:
                 snaps.append((nxt, {p: (st.copy() if self.needs_param(p, nxt, min(nxt + k, self.stop)) else st.without_linear())

@@ -146,8 +146,8 @@ def _unit_sweep(rep: LayerReplay, state: AttentionAccumulator, x64: torch.Tensor
     """Fold every row's unit score and contribution into ``state``; returns the base term of each query's unit
     and the unit's output rebuilt from the contributions (base plus their sum), both ``(n,)`` float64.
 
-    Per step: ``T = -(Q_s[u_q, :] (.) x_q)`` (numpy) and one product ``K_s T^T``; the scores of consecutive steps are
-    gathered into one block of about :data:`_CHUNK_BYTES` and folded at once."""
+    Per step: ``T = -(Q_s[u_q, :] (.) x_q)`` (numpy); the products ``K_s T^T`` of consecutive steps run as one
+    batched product, and their scores are gathered into one block of about :data:`_CHUNK_BYTES` and folded at once."""
     u = units.cpu().numpy().astype(np.int64)
     held = rep.unit_rows(u)
     pos = np.searchsorted(held, u) if held is not None else u
@@ -173,34 +173,75 @@ def _unit_sweep(rep: LayerReplay, state: AttentionAccumulator, x64: torch.Tensor
         state.fold(blk)
         pending, held_rows = [], 0
 
-    def visit(rows: StepRows, q_w: Any, q_b: Any) -> None:
+    # the products K_s T_s^T of consecutive steps go through one batched product (see replay.GRAD_BATCH_BYTES)
+    batch = max(1, _CHUNK_BYTES // max(1, n * x.shape[1] * np.dtype(np_acc).itemsize)) if n <= chunk else 1
+    steps: list[tuple[StepRows, np.ndarray | None, np.ndarray]] = []  # (rows, T = -(Q_s[u] (.) x) or None, qb)
+    xneg = -x
+    ts = np.empty((batch, n, x.shape[1]), dtype=np_acc) if batch > 1 else None
+
+    def take(rows: StepRows, sc: np.ndarray, qb: np.ndarray) -> None:
         nonlocal held_rows
-        if not len(rows):
-            return
-        b = len(rows)
-        keys = torch.from_numpy(np.ascontiguousarray(rows.keys, dtype=np_acc))
-        scores = torch.empty(b, n, dtype=acc)
-        for q0 in range(0, n, chunk):  # the unit score -(Q_s[u] (.) k) . x = k . T with T = -(Q_s[u] (.) x)
-            q1 = min(q0 + chunk, n)
-            t = unit_transform(q_w, pos[q0:q1], x[q0:q1])
-            t = np.negative(t, out=t).astype(np_acc, copy=False)
-            if q0 == 0 and q1 == n:
-                torch.mm(keys, torch.from_numpy(t).t(), out=scores)
-            else:
-                scores[:, q0:q1] = torch.mm(keys, torch.from_numpy(t).t())
-        qb = np.zeros(d_out)
-        if np.ndim(q_b) or float(q_b) != 0.0:
-            qb[u] = unit_transform(q_b, pos, None)  # Qb_s[u_q]
         v = rows.values.astype(np.float64)
-        sc = scores.numpy()
         vu = v[:, u]  # (B, n): each row's value at each query's unit
         total[:] += np.einsum("bn,bn->n", vu, qb[u][None, :] - sc)
         pending.append((rows, sc, (v * qb[None, :]).astype(np_acc)))
-        held_rows += b
+        held_rows += len(rows)
         if held_rows >= cap:
             flush()
 
+    def score_steps() -> None:
+        if not steps:
+            return
+        if len(steps) > 1:
+            width = max(len(r) for r, _, _ in steps)
+            ks = np.zeros((len(steps), width, x.shape[1]), dtype=np_acc)
+            for i, (r, _, _) in enumerate(steps):
+                ks[i, : len(r)] = r.keys
+            out = torch.bmm(torch.from_numpy(ks), torch.from_numpy(ts[: len(steps)]).transpose(1, 2)).numpy()
+            for i, (r, _, qb) in enumerate(steps):
+                take(r, out[i, : len(r)], qb)
+        else:
+            r, t, qb = steps[0]
+            keys = torch.from_numpy(np.ascontiguousarray(r.keys, dtype=np_acc))
+            scores = torch.empty(len(r), n, dtype=acc)
+            for q0 in range(0, n, chunk):  # queries in chunks: T is (n, d_in) per step
+                q1 = min(q0 + chunk, n)
+                tq = t[q0:q1] if t is not None else _transform(q0, q1)
+                scores[:, q0:q1] = torch.mm(keys, torch.from_numpy(tq).t())
+            take(r, scores.numpy(), qb)
+        steps.clear()
+
+    current: dict[str, Any] = {}
+
+    def _transform(q0: int, q1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """``-(Q_s[u_q, :] (.) x_q)`` of queries ``q0..q1`` in the accumulation dtype (into ``out``)."""
+        q = current["q_w"]
+        if out is None:
+            out = np.empty((q1 - q0, x.shape[1]), dtype=np_acc)
+        if isinstance(q, np.ndarray) and q.ndim == 2:  # the common case: one gather, one product
+            np.multiply(q[pos[q0:q1]], xneg[q0:q1], out=out, casting="same_kind")
+        else:
+            out[...] = unit_transform(q, pos[q0:q1], xneg[q0:q1])
+        return out
+
+    def visit(rows: StepRows, q_w: Any, q_b: Any) -> None:
+        if not len(rows):
+            return
+        qb = np.zeros(d_out)
+        if np.ndim(q_b) or float(q_b) != 0.0:
+            qb[u] = unit_transform(q_b, pos, None)  # Qb_s[u_q]
+        # the unit score -(Q_s[u] (.) k) . x = k . T with T = -(Q_s[u] (.) x)
+        current["q_w"] = q_w
+        if batch == 1:
+            steps.append((rows, None, qb))
+            score_steps()
+            return
+        steps.append((rows, _transform(0, n, ts[len(steps)]), qb))
+        if len(steps) >= batch:
+            score_steps()
+
     base_w, base_b = rep.sweep_units(u, visit)
+    score_steps()
     flush()
     base = np.einsum("nd,nd->n", np.asarray(base_w)[pos], x)
     if base_b is not None:
