@@ -90,7 +90,7 @@ def test_gradient_clipping_by_norm_is_exact(tmp_path, plugin):
 
 
 def test_two_callbacks_with_clipping_are_both_exact(tmp_path):
-    """The first callback takes Lightning's clipping report; the second computes the factor itself."""
+    """Two callbacks on one Trainer: both compute the clip factor, and both observe every dataset index."""
     model = MLP(opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9))
     a, b = DualFormCallback(tmp_path / "a.h5"), DualFormCallback(tmp_path / "b.h5", layers=["net.2"])
     trainer = L.Trainer(max_epochs=2, callbacks=[a, b], gradient_clip_val=0.05, **TRAINER_KW)
@@ -99,8 +99,10 @@ def test_two_callbacks_with_clipping_are_both_exact(tmp_path):
         assert all(c["exact"] for c in cb.certificate.values()), cb.certificate
     with StoreReader(a.store_path) as sa, StoreReader(b.store_path) as sb:
         scale_a, scale_b = sa.layer("net.2").updates()["grad_scale"], sb.layer("net.2").updates()["grad_scale"]
+        index_a, index_b = sa.layer("net.2").read(0, 96, ("index",))["index"], sb.layer("net.2").read(0, 96, ("index",))["index"]
     assert scale_a.min() < 0.99
     np.testing.assert_array_equal(scale_a, scale_b)
+    assert sorted(index_a.tolist()) == list(range(96)) and np.array_equal(index_a, index_b)  # each its own FIFO
     assert "clip_grad_by_norm" not in vars(trainer.precision_plugin)
 
 

@@ -133,7 +133,7 @@ def test_a_resumed_store_drops_the_certificate_sums_before_its_rows_change(tmp_p
     opt = {"opt_factory": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)}
     dl = torch.utils.data.DataLoader(IndexedDataset(), batch_size=16)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "c", filename="e1")
-    L.Trainer(max_epochs=1, callbacks=[DualFormCallback(tmp_path / "s.h5"), ckpt],
+    L.Trainer(max_epochs=1, callbacks=[DualFormCallback(tmp_path / "s.h5", certify="full"), ckpt],
               **{**TRAINER_KW, "enable_checkpointing": True}).fit(MLP(**opt), dl)
     with h5py.File(tmp_path / "s.h5", "r") as f:
         assert "memory_weight" in f["layers/net.0"] and "memory_rows" in f["layers/net.0"].attrs

@@ -46,14 +46,48 @@ def _loosened_cpu_products() -> bool:
 
 
 def _product_error() -> float:
-    """Relative error of one float32 product of the size the tests below multiply, on this CPU now."""
+    """Relative error of one float32 product of the size the tests below multiply, on this CPU now (through
+    F.linear, what nn.Linear multiplies with)."""
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(128, 64, generator=g), torch.randn(64, 256, generator=g)
-    ref = a.double() @ b.double()
-    return float(((a @ b).double() - ref).norm() / ref.norm())
+    a, b = torch.randn(128, 64, generator=g), torch.randn(256, 64, generator=g)
+    ref = a.double() @ b.double().t()
+    return float((torch.nn.functional.linear(a, b).double() - ref).norm() / ref.norm())
 
 
-def test_modes_are_what_products_on_the_device_do():
+_real_linear = torch.nn.functional.linear
+
+
+def _amx_like_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear as oneDNN multiplies on CPUs with AMX under set_float32_matmul_precision('medium'): float32
+    operands rounded to bfloat16 (forward and, through the casts, backward), float32 sums."""
+    if x.dtype == torch.float32 and _mkldnn_rounds_to_bf16():
+        return _real_linear(x.bfloat16().float(), w.bfloat16().float(), b)
+    return _real_linear(x, w, b)
+
+
+def _mkldnn_rounds_to_bf16() -> bool:
+    """What oneDNN reads: the mkldnn matmul setting (inheriting the generic one), or, before torch 2.9,
+    the global matmul precision."""
+    if not NEW_API:
+        return torch.get_float32_matmul_precision() == "medium"
+    value = torch.backends.mkldnn.matmul.fp32_precision
+    if value == "none" and GENERIC_API:
+        value = torch.backends.fp32_precision
+    return value == "bf16"
+
+
+@pytest.fixture(params=["this-cpu", "emulated"])
+def bf16_products(request, monkeypatch):
+    """Rounded float32 products: this CPU's own (AMX; skipped where it has none), or an emulation of them
+    through F.linear, so that the tests below can fail on every machine."""
+    if request.param == "emulated":
+        monkeypatch.setattr(torch.nn.functional, "linear", _amx_like_linear)
+    elif not _loosened_cpu_products():
+        pytest.skip("this CPU multiplies float32 in full precision even under 'medium' (the emulated case runs)")
+    return request.param
+
+
+def test_modes_are_what_products_on_the_device_do(bf16_products):
     assert float32_mode("cpu") == "ieee" and float32_mode("cpu", conv=True) == "ieee"
     torch.set_float32_matmul_precision("high")  # TF32 does not exist on CPUs: allowed, never used
     assert float32_mode("cpu") == "ieee"
@@ -81,12 +115,9 @@ def test_full_float32_products_restores_the_users_settings():
     assert torch.get_float32_matmul_precision() == "high"
 
 
-def test_one_thread_leaving_does_not_loosen_products_in_another():
+def test_one_thread_leaving_does_not_loosen_products_in_another(bf16_products):
     """The settings are process-wide: the last context to leave restores them, not the first."""
     import threading
-
-    if not _loosened_cpu_products():
-        pytest.skip("this CPU multiplies float32 in full precision even under 'medium'")
 
     torch.set_float32_matmul_precision("medium")
     loose = _product_error()
@@ -129,9 +160,7 @@ def _fit(tmp_path, name: str) -> tuple[MLP, DualFormCallback]:
     return model, cb
 
 
-def test_training_with_bf16_products_is_recorded_with_its_tolerance(tmp_path, capsys):
-    if not _loosened_cpu_products():
-        pytest.skip("this CPU multiplies float32 in full precision even under 'medium'")
+def test_training_with_bf16_products_is_recorded_with_its_tolerance(tmp_path, capsys, bf16_products):
     torch.set_float32_matmul_precision("medium")
     with pytest.warns(UserWarning, match="rounded to bf16.*tolerance is 5e-02.*'highest'"):
         model, cb = _fit(tmp_path, "medium.h5")
@@ -157,15 +186,14 @@ def test_training_in_ieee_float32_records_ieee(tmp_path):
         assert cert["exact"] and cert["tolerance"] == 1e-4 and cert["rel_err"] <= 1e-5
 
 
-def test_answers_are_full_float32_whatever_the_user_set(tmp_path):
+def test_answers_are_full_float32_whatever_the_user_set(tmp_path, bf16_products):
     model, cb = _fit(tmp_path, "store.h5")
     x = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
     ref = real_output(model.net[0], x)
     with DualInference(cb.store_path, device="cpu", accumulate=torch.float32, block_rows=512) as di:
         exact = di.attend("net.0", x, top_k=5)
         torch.set_float32_matmul_precision("medium")
-        if _product_error() < 1e-5:
-            pytest.skip("this CPU multiplies float32 in full precision even under 'medium' (no AMX bf16 path)")
+        assert _product_error() > 1e-5  # the products the user allowed do round
         loose = di.attend("net.0", x, top_k=5)
         assert torch.get_float32_matmul_precision() == "medium"  # the user's setting, left as it was
     assert rel_err(exact.dual.double(), ref) <= 1e-5
@@ -188,11 +216,9 @@ class _CrashAt(MLP):
         return super().training_step(batch, batch_idx)
 
 
-def test_a_resumed_store_keeps_the_loosest_rounding_of_its_runs(tmp_path):
+def test_a_resumed_store_keeps_the_loosest_rounding_of_its_runs(tmp_path, bf16_products):
     """Rows recorded under bf16 products stay so after a resume in IEEE float32, and the resume writes the
     store's mode before its first row: a resumed run that crashes keeps it too."""
-    if not _loosened_cpu_products():
-        pytest.skip("this CPU multiplies float32 in full precision even under 'medium'")
     dl = loader(IndexedDataset(n=256, d=64, classes=4), 64, shuffle=False)
     opt = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)  # noqa: E731
     kw = dict(accelerator="cpu", default_root_dir=tmp_path, **{**TRAINER_KW, "enable_checkpointing": True})

@@ -58,14 +58,14 @@ class _Snapshots(L.Callback):
 
 
 def _fit(path: str, n: int = 200, d_in: int = 12, hidden: int = 16, epochs: int = 3, optimizer: str = "sgd",
-         exact: bool = True, batch_size: int = 32) -> tuple[MLP, torch.Tensor, torch.Tensor, _Snapshots]:
+         exact: bool = True, batch_size: int = 32, certify: bool | str = "full") -> tuple[MLP, torch.Tensor, torch.Tensor, _Snapshots]:
     torch.manual_seed(0)
     x = torch.randn(n, d_in)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
     model = MLP(d_in, hidden, 3, optimizer)
     snaps = _Snapshots()
     trainer = L.Trainer(
-        max_epochs=epochs, callbacks=[DualFormCallback(path, exact=exact), snaps], logger=False,
+        max_epochs=epochs, callbacks=[DualFormCallback(path, exact=exact, certify=certify), snaps], logger=False,
         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False, accelerator="cpu",
     )
     with warnings.catch_warnings():

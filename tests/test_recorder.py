@@ -302,3 +302,60 @@ def test_ddp_recorder_loop_is_exact(tmp_path):
         ref = x.double() @ final["0.weight"].double().t() + final["0.bias"].double()
         assert rel_err(res.dual.double(), ref) < 1e-5
         assert float(res.rel_err.max()) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------
+# the certificate as training goes
+# ------------------------------------------------------------------------------------------------------
+def _small_run(tmp_path, name: str, **kw):
+    ds = IndexedDataset(n=64)
+    model = make_model(7)
+    opt, sched = make_opt(model)
+    with DualFormRecorder(str(tmp_path / name), model, opt, **kw) as rec:
+        train(model, opt, sched, batches(ds, 6), rec)
+    return rec
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_the_sketch_certificate_agrees_with_a_full_reread(tmp_path, dtype):
+    """The projections carried through training give what reading the whole store gives, without the read."""
+    from lightning_dualform.attend.certificate import certify_store
+
+    rec = _small_run(tmp_path, "s.h5", dtype=dtype)
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        assert f["layers"]["0"].attrs["certificate_method"] == "sketch"
+        assert "memory_weight" not in f["layers"]["0"]  # no second pass: no sums either
+    full = certify_store(str(tmp_path / "s.h5"))
+    for name, cert in rec.certificate.items():
+        assert cert["method"] == "sketch" and cert["exact"] == full[name]["exact"] is True, (cert, full[name])
+        assert cert["tolerance"] == full[name]["tolerance"]
+        # an estimate of the same error: the same order of magnitude
+        assert cert["rel_err"] <= max(10 * full[name]["rel_err"], 1e-6), (name, cert["rel_err"], full[name]["rel_err"])
+
+
+@pytest.mark.parametrize("damage", ["row", "coefficient"])
+def test_the_sketch_certificate_catches_a_wrong_row_or_coefficient(tmp_path, monkeypatch, damage):
+    from lightning_dualform.record import engine as engine_mod
+
+    if damage == "row":  # one stored value changed on its way to the writer
+        original = engine_mod._gather_rows
+
+        def gather(parts, dtype):
+            k, v, *rest = original(parts, dtype)
+            v = v.clone()
+            v[0, 0] += 0.5
+            return (k, v, *rest)
+
+        monkeypatch.setattr(engine_mod, "_gather_rows", gather)
+    else:  # the recorded learning rate of every step 1% off
+        original = engine_mod.RecordingEngine._table_row
+
+        def update(self, p, group):
+            up = original(self, p, group)
+            up["lr"] *= 1.01
+            return up
+
+        monkeypatch.setattr(engine_mod.RecordingEngine, "_table_row", update)
+    rec = _small_run(tmp_path, "d.h5")
+    assert not all(c["exact"] for c in rec.certificate.values()), rec.certificate
+    assert max(c["rel_err"] for c in rec.certificate.values()) > 1e-4

@@ -47,8 +47,8 @@ def _rounds(device: torch.device, conv: bool) -> bool:
         out = F.conv2d(a.to(device), w.to(device)).cpu().double()
     else:  # large enough for oneDNN to take its bfloat16 path under "medium" (small products stay exact)
         a, w = torch.randn(256, 256, generator=g), torch.randn(256, 256, generator=g)
-        ref = a.double() @ w.double()
-        out = (a.to(device) @ w.to(device)).cpu().double()
+        ref = a.double() @ w.double().t()
+        out = F.linear(a.to(device), w.to(device)).cpu().double()  # what nn.Linear multiplies with
     return float((out - ref).norm() / ref.norm()) > 1e-5
 
 

@@ -136,6 +136,28 @@ def plot_attention(
         ImportError: matplotlib is missing.
         ValueError: ``by`` is not ``"pattern"`` or ``"example"``.
     """
+    path = os.fspath(path)
+    attention_figure(run, store, by=by, class_names=class_names, max_queries=max_queries, dpi=dpi).savefig(path, dpi=dpi)
+    return path
+
+
+def attention_image(run: Any, store: Any, **kw: Any) -> np.ndarray:
+    """The picture of :func:`plot_attention` as an ``(H, W, 3)`` uint8 array (for a logger's images)."""
+    fig = attention_figure(run, store, **kw)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[:, :, :3].copy()
+
+
+def attention_figure(
+    run: Any,
+    store: Any,
+    *,
+    by: str = "pattern",
+    class_names: Sequence[str] | None = None,
+    max_queries: int = MAX_QUERIES,
+    dpi: int = 110,
+) -> Any:
+    """The matplotlib ``Figure`` (Agg canvas) that :func:`plot_attention` saves."""
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -143,7 +165,6 @@ def plot_attention(
 
     if by not in ("pattern", "example"):
         raise ValueError(f"`plot_attention(by={by!r})`: expected 'pattern' or 'example'.")
-    path = os.fspath(path)
     layers = list(run.results)
     n_q = min(len(run.index), max_queries)
     k = max([len(_ranking(run.results[n], 0, by)) for n in layers] + [1])
@@ -277,5 +298,4 @@ def plot_attention(
                 ax.set_axis_off()
     if len(run.index) > n_q:
         fig.text(0.5, 0.002, f"{len(run.index) - n_q} more queries are in the table and the JSON", ha="center", fontsize=8)
-    fig.savefig(path, dpi=dpi)
-    return path
+    return fig

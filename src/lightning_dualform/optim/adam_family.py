@@ -26,6 +26,8 @@ Writing ``K = a + c (1 - b1)``, the step on ``x = (p, m)`` is::
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Mapping
 
 import numpy as np
@@ -58,6 +60,17 @@ def _moment_maps(w, *, b1: float, sign: float, l2: float, delta: float, a: float
         b0=[0.0, (1.0 - b1) * sign],
         b1=[-k * sign, 0.0],
     )
+
+
+def _adam_decoupled(optimizer: torch.optim.Optimizer, group: Mapping) -> bool:
+    """Whether this Adam step decays decoupled: always for AdamW; for Adam, a ``decoupled_weight_decay`` key
+    counts only where torch's Adam reads it (torch >= 2.6; before, its step ignores such a key)."""
+    if isinstance(optimizer, torch.optim.AdamW):
+        return True
+    return _ADAM_READS_DECOUPLED and bool(group.get("decoupled_weight_decay", False))
+
+
+_ADAM_READS_DECOUPLED = "decoupled_weight_decay" in inspect.signature(torch.optim.Adam.__init__).parameters
 
 
 def _decay(hp: Mapping[str, HyperValue], decoupled: bool) -> tuple[float, float]:
@@ -95,8 +108,7 @@ class AdamRule(UpdateRule):
             "weight_decay": float(group["weight_decay"]),
             "amsgrad": bool(group.get("amsgrad", False)),
             "maximize": bool(group.get("maximize", False)),
-            # AdamW of torch < 2.6 has no such key (its own step is always decoupled)
-            "decoupled_weight_decay": bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))),
+            "decoupled_weight_decay": _adam_decoupled(optimizer, group),
         }
 
     def _nonlinear_state(self, optimizer, group, param, state):

@@ -25,20 +25,34 @@ class IndexRecorder:
     """Wraps a DataLoader's (batch) sampler and remembers the indices it yields, in order.
 
     The DataLoader may fetch ahead (workers, Lightning's prefetch), so indices wait in a FIFO until the
-    training step that consumes their batch pops them. A new ``iter()`` (a new epoch) starts afresh.
+    training step that consumes their batch pops them. A new ``iter()`` (a new epoch) starts afresh. Each
+    consumer (two callbacks on one Trainer) reads its own FIFO (:meth:`queue`).
     """
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
-        self.fifo: deque = deque()
+        self._queues: list[deque] = []
+
+    def queue(self) -> deque:
+        """A FIFO of its own for one more consumer; it receives every index from now on."""
+        q: deque = deque()
+        self._queues.append(q)
+        return q
+
+    @property
+    def fifo(self) -> deque:
+        """The first consumer's FIFO."""
+        return self._queues[0] if self._queues else self.queue()
 
     def __iter__(self):
-        self.fifo = fifo = deque()
-        return self._gen(fifo)
+        for q in self._queues:
+            q.clear()
+        return self._gen()
 
-    def _gen(self, fifo: deque):
+    def _gen(self):
         for item in self._inner:
-            fifo.append(item)
+            for q in self._queues:
+                q.append(item)
             yield item
 
     def __len__(self) -> int:

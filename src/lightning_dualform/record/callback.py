@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Sequence
+from collections import deque
+from typing import Any, Callable, Literal, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -24,7 +25,6 @@ from lightning_dualform._compat import observe_dataloaders
 from lightning_dualform.errors import DiskSpaceError, InexactError
 from lightning_dualform.record.batches import (
     BatchInfo,
-    IndexRecorder,
     batch_indices,
     batch_inputs,
     batch_labels,
@@ -37,6 +37,7 @@ from lightning_dualform.record.engine import RecordingEngine, StepSettings, rank
 from lightning_dualform.record.options import RecordOptions, RowDtype
 from lightning_dualform.record.planner import Plan
 from lightning_dualform.record.policy import RunFacts, inexact_causes, refusal
+from lightning_dualform.record import trainer_logging
 from lightning_dualform.record.queries import QueryRecorder
 
 __all__ = ["DualFormCallback", "rank_path"]
@@ -81,7 +82,11 @@ class DualFormCallback(Callback):
             ``"labels"``, ``"y"``, ``"target"``, ``"targets"``, or the second element of a tuple batch
             when it is an integer tensor.
         max_queue: optimizer steps that may wait for the writer before training blocks.
-        certify: compute the exactness certificate at fit end (reads the store once).
+        certify: the exactness certificate. ``True``: as training goes, from random projections of each step's
+            rows (no second pass over the store; ``record/sketch.py`` says what it proves); runs it cannot cover
+            (an inexact run, a non-SGD rule, a resume from an older checkpoint) are certified by reading the
+            store once at fit end. ``"full"``: also read the store at fit end, which keeps the memory's sums
+            for ``DualInference.attend``'s ``dual`` (one product per block instead of two). ``False``: none.
         record_queries: stages whose inputs are stored as queries: any of ``"test"``, ``"validate"``,
             ``"predict"`` (during ``trainer.test/validate/predict`` after fit, into the same store).
         store_inputs: store each training example's raw input once (for pictures of what a query attends to).
@@ -93,6 +98,14 @@ class DualFormCallback(Callback):
             then every ``check_every`` steps; ``1`` checks every step.
         check_disk: after the first step, estimate the store's size for the whole run (printed) and refuse to
             go on when it exceeds the free space of the target disk.
+        log_attention_every_n_epochs: with a logger that takes images (TensorBoard, W&B, MLflow ...), log the
+            demo's attention picture for the first ``log_attention_queries`` validation inputs every this many
+            epochs (``None``: never). It attends over the store as committed then (one pass over the rows).
+        log_attention_queries: how many validation inputs the picture shows.
+
+    Whatever loggers the Trainer has also get, under ``dualform/``, the store's rows and bytes and the time
+    training waited for the writer (every ``log_every_n_steps`` steps and at each epoch's end) and the
+    certificate per layer at fit end. Without a logger nothing is logged.
 
     Example::
 
@@ -113,14 +126,19 @@ class DualFormCallback(Callback):
         index_key: str | int = "index",
         label_key: str | int | None = None,
         max_queue: int = 32,
-        certify: bool = True,
+        certify: bool | Literal["full"] = True,
         record_queries: Sequence[str] = (),
         store_inputs: bool = True,
         input_key: str | int | None = None,
         commit_seconds: float = 30.0,
         check_disk: bool = True,
         check_every: int = 50,
+        log_attention_every_n_epochs: int | None = None,
+        log_attention_queries: int = 4,
     ) -> None:
+        for name, value in (("log_attention_every_n_epochs", log_attention_every_n_epochs), ("log_attention_queries", log_attention_queries)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{_OWNER}({name}={value!r})` must be a positive integer" + (" or None." if name.startswith("log_attention_every") else "."))
         self.options = RecordOptions.checked(
             _OWNER, path, layers, dtype=dtype, compression=compression, chunk_rows=chunk_rows, exact=exact,
             overwrite=overwrite, max_queue=max_queue, certify=certify, store_inputs=store_inputs,
@@ -134,13 +152,16 @@ class DualFormCallback(Callback):
         self.label_key = label_key
         self.input_key = input_key
         self.record_queries = tuple(record_queries)
+        self.log_attention_every_n_epochs = log_attention_every_n_epochs
+        self.log_attention_queries = log_attention_queries
+        self._val_batch: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
         self.store_path: str | None = None
         self._engine: RecordingEngine | None = None
         self._resume: dict[str, Any] | None = None
         self._committed: dict[str, Any] | None = None  # counts after fit: what a later checkpoint holds
         self._certificate: dict[str, dict[str, float]] = {}
         self._plan: Plan | None = None
-        self._recorders: dict[int, IndexRecorder] = {}
+        self._recorders: dict[int, deque] = {}  # id(DataLoader) -> this callback's FIFO of observed indices
         self._wrapped: list[Any] = []
         self._undo_observe: Callable[[], None] | None = None
         self._step_hooks: list[Any] = []
@@ -178,8 +199,8 @@ class DualFormCallback(Callback):
 
         def observe(dataloader: Any) -> None:
             rec = wrap_dataloader(dataloader)
-            if rec is not None:
-                self._recorders[id(dataloader)] = rec
+            if rec is not None and id(dataloader) not in self._recorders:
+                self._recorders[id(dataloader)] = rec.queue()  # this callback's own FIFO of indices
                 self._wrapped.append(dataloader)
 
         # Indices a batch carries need no observing; without them, watch the samplers (see _compat.py).
@@ -233,6 +254,7 @@ class DualFormCallback(Callback):
         engine.dist = _distributed(trainer)
         engine.set_precision(str(trainer.precision), trainer.strategy.root_device)
         engine.horizon = lambda: self._horizon(trainer)
+        engine.run_exact = not problems
         self._engine = engine
         self._problems = problems
         self.store_path = rank_path(self.path, trainer.global_rank, trainer.world_size)
@@ -322,10 +344,10 @@ class DualFormCallback(Callback):
         engine.begin_batch(BatchInfo(size=size, indices=indices, labels=labels), raw)
 
     def _batch_indices(self, trainer: "pl.Trainer", dl: Any, batch: Any) -> torch.Tensor | None:
-        rec = self._recorders.get(id(dl))
+        fifo = self._recorders.get(id(dl))
         observed = None
-        if rec is not None and rec.fifo:
-            item = rec.fifo.popleft()
+        if fifo:
+            item = fifo.popleft()
             observed = torch.as_tensor(item if isinstance(item, (list, tuple)) else [item], dtype=torch.int64).reshape(-1)
         carried = batch_indices(batch, self.index_key)
         if carried is not None:
@@ -374,6 +396,13 @@ class DualFormCallback(Callback):
             # Lightning counted a step the optimizer never took (a loss scaler skipped it: inf/NaN gradients)
             engine.record_skipped_step(expected[0], expected[1])
         self._settings = None
+        if expected is not None and trainer.loggers and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self._log_progress(trainer)
+
+    def _log_progress(self, trainer: "pl.Trainer") -> None:
+        engine = self._engine
+        if engine is not None and engine.writer is not None:
+            trainer_logging.log_progress(trainer, engine.rows_recorded, self.store_path, engine.writer.blocked_s)
 
     def _clip_factor(self, trainer: "pl.Trainer", optimizer: torch.optim.Optimizer) -> float:
         """The factor Lightning's norm clipping (right after this hook) multiplies the gradients by, computed
@@ -402,6 +431,31 @@ class DualFormCallback(Callback):
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._engine is not None:
             self._engine.commit_soon()
+            self._log_progress(trainer)
+
+    @override
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        n = self.log_attention_every_n_epochs
+        engine = self._engine
+        if (n is None or trainer.sanity_checking or self._val_batch is None or engine is None or engine.writer is None
+                or (trainer.current_epoch + 1) % n or not any(trainer_logging.takes_images(lg) for lg in trainer.loggers)):
+            return
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            engine.warn_once("no-matplotlib", f"{_OWNER}(log_attention_every_n_epochs=...): the picture needs matplotlib "
+                             "(pip install 'lightning-dualform[plot]'); nothing is drawn.")
+            return
+        engine.state_dict()  # every row so far committed: the picture attends over them
+        inputs, labels, indices = self._val_batch
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the store is incomplete mid-fit, as expected)
+            image = trainer_logging.attention_picture(self.store_path, pl_module, inputs, labels, indices)
+        for lg in trainer.loggers:
+            if trainer_logging.takes_images(lg):
+                trainer_logging.log_image(lg, f"{trainer_logging.PREFIX}attention", image, int(trainer.global_step))
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -412,6 +466,7 @@ class DualFormCallback(Callback):
         # Lightning has already advanced current_epoch when fit ends: count the epochs that ran steps
         epochs = engine.last_epoch + 1 if engine.last_epoch is not None else 0
         engine.finish(int(trainer.global_step), epochs)
+        trainer_logging.log_certificate(trainer, engine.certificate)
         self._committed = engine.committed
         self._certificate = engine.certificate
         self._plan = engine.plan
@@ -448,10 +503,10 @@ class DualFormCallback(Callback):
     def _query_batch_start(self, trainer: "pl.Trainer", batch: Any, dataloader_idx: int, loaders: Any) -> None:
         if self._query is not None:
             dl = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
-            rec = self._recorders.get(id(dl))
+            fifo = self._recorders.get(id(dl))
             indices = batch_indices(batch, self.index_key)
-            if rec is not None and rec.fifo:
-                item = rec.fifo.popleft()
+            if fifo:
+                item = fifo.popleft()
                 if indices is None:
                     indices = torch.as_tensor(item if isinstance(item, (list, tuple)) else [item], dtype=torch.int64).reshape(-1)
             self._query.batch_start(batch, indices, batch_labels(batch, self.label_key), batch_inputs(batch, self.input_key))
@@ -484,6 +539,15 @@ class DualFormCallback(Callback):
     @override
     def on_validation_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._query_batch_start(trainer, batch, dataloader_idx, trainer.val_dataloaders)
+        if (self.log_attention_every_n_epochs and batch_idx == 0 and dataloader_idx == 0 and self._val_batch is None
+                and not trainer.sanity_checking and self._engine is not None):
+            raw = batch_inputs(batch, self.input_key)
+            if raw is not None:
+                k = self.log_attention_queries
+                labels = batch_labels(batch, self.label_key)
+                indices = batch_indices(batch, self.index_key)
+                self._val_batch = (raw[:k].detach().cpu(), None if labels is None else labels[:k],
+                                   None if indices is None else indices[:k])
 
     @override
     def on_predict_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 
 from lightning_dualform._float32_products import float32_mode, loosest
 from lightning_dualform._version import __version__
-from lightning_dualform.attend.certificate import FLOAT32_PRODUCTS_TOLERANCE, certify_store, read_certificate
+from lightning_dualform.attend.certificate import FLOAT32_PRODUCTS_TOLERANCE, certify_store, read_certificate, tolerance
 from lightning_dualform.errors import DiskSpaceError, InexactError
 from lightning_dualform.optim import UpdateRule, rule_for
 from lightning_dualform.record.batches import BatchInfo, duplicates, row_metadata
@@ -38,6 +38,7 @@ from lightning_dualform.record.capture import CallRows, LayerCapture, layer_kind
 from lightning_dualform.record.options import RecordOptions
 from lightning_dualform.record.planner import Plan, estimate, free_bytes
 from lightning_dualform.record.policy import gradient_check_tolerance
+from lightning_dualform.record.sketch import SketchCertificate
 from lightning_dualform.store.background import AsyncWriter
 from lightning_dualform.store.format import PLAIN_RULE, LayerSpec, StepRows, settings_of, table_columns
 from lightning_dualform.store.metadata import StoreMetadata
@@ -144,15 +145,19 @@ class RecordingEngine:
         self.dist = Distributed()
         self.precision = "32-true"
         self.float32_products = "ieee"
-        self.check_tolerance = gradient_check_tolerance("32-true")
+        self.check_tolerance = gradient_check_tolerance("32-true", row_dtype=options.dtype)
         self.last_epoch: int | None = None
         self.steps_recorded = 0
+        self.rows_recorded: dict[str, int] = {}  # rows handed to the writer per layer, this run
         self.active = False
         self.batch: BatchInfo | None = None
         self.dropped: dict[str, str] = {}
         self.inexact: dict[str, str] = {}
         self._param_groups: dict[str, tuple[int | None, int | None]] = {}
-        self._probes: dict[str, torch.Tensor] = {}
+        self._probes: dict[str, torch.Tensor] = {}  # Z (d_in, k) per layer: the gradient check's and the sketch's
+        #: the certificate as training goes (None: certify at fit end by reading the store, or not at all)
+        self.sketch: SketchCertificate | None = None
+        self.run_exact = True  # the adapter's run policy found nothing inexact
         self._steps_seen = 0
         self._warned: set[str] = set()
         self._seen_inputs = np.zeros(0, dtype=bool)
@@ -199,7 +204,7 @@ class RecordingEngine:
         if precision not in ("64-true", "64"):  # float64 products are never rounded so
             conv = any(layer_kind(m).startswith("conv") for m in self.chosen.values())
             self.float32_products = float32_mode(device, conv=conv)
-        self.check_tolerance = gradient_check_tolerance(precision, self.float32_products)
+        self.check_tolerance = gradient_check_tolerance(precision, self.float32_products, self.options.dtype)
         mode = self.float32_products
         if mode != "ieee" and precision in ("32-true", "32"):
             causes = ("torch.set_float32_matmul_precision('high'/'medium'), or cuDNN's TF32 convolutions"
@@ -215,12 +220,11 @@ class RecordingEngine:
 
     def attach(self) -> None:
         """Put a forward hook on every tracked layer (the adapter hooks the optimizer's steps)."""
-        gen = torch.Generator().manual_seed(0)
         for name, module in self.chosen.items():
             cap = LayerCapture(name, module, lambda: self.active, context=lambda: self.batch)
             cap.attach()
             self.captures[name] = cap
-            self._probes[name] = torch.randn(layer_shape(module)[0], generator=gen).to(module.weight.device)
+            self._probes[name] = SketchCertificate.probes(name, layer_shape(module)[0], module.weight.device)
 
     def detach(self) -> None:
         self.active = False
@@ -268,6 +272,7 @@ class RecordingEngine:
         self._seen_inputs = np.zeros(int(seen.max()) + 1 if len(seen) else 0, dtype=bool)
         self._seen_inputs[seen] = True
         self.steps_recorded = int(resume["steps"]) if resume is not None else 0
+        self._start_sketch(resume)
         width = sum(s.d_in + s.d_out for s in specs) * (4 if opts.dtype == "float32" else 2)
         verb = f"continuing at step {last_step + 1 if last_step is not None else 0}" if resume else "recording"
         self._info(
@@ -280,6 +285,28 @@ class RecordingEngine:
     def update_rule(self) -> str:
         """The name the store gives the optimizer's update rule."""
         return self.rule.name if self.rule is not None else PLAIN_RULE
+
+    def _start_sketch(self, resume: dict[str, Any] | None) -> None:
+        """Certify as training goes where the update rule is SGD's scalar recurrence; a resume continues the
+        projections its checkpoint saved (one from before they existed certifies at the end instead)."""
+        self.sketch = None
+        if not self.options.certify or not self.run_exact or type(self.optimizer) is not torch.optim.SGD:
+            return  # (an inexact run keeps its residual, which only the full certificate computes)
+        saved = (resume or {}).get("sketch")
+        if resume is not None and (not isinstance(saved, dict) or set(saved) != set(self.chosen)):
+            return
+        sketch = SketchCertificate()
+        state = self.optimizer.state
+        for name, m in self.chosen.items():
+            w, b = m.weight, bias_of(m)
+            buf = state.get(w, {}).get("momentum_buffer")
+            bbuf = state.get(b, {}).get("momentum_buffer") if b is not None else None
+            sketch.start(name, self._probes[name], weight_matrix(m).float(),
+                         weight_matrix(m, buf).float() if buf is not None else None,
+                         b.detach().float() if b is not None else None,
+                         bbuf.detach().float() if bbuf is not None else None,
+                         resumed=saved[name] if saved is not None else None)
+        self.sketch = sketch
 
     def _layer_spec(self, name: str, m: nn.Module) -> LayerSpec:
         d_in, d_out, extra = layer_shape(m)
@@ -355,7 +382,10 @@ class RecordingEngine:
             self.committed = self.writer.call_result(self.writer.store.commit)
         if self.committed is None:
             return {}
-        return {"format_version": 1, "store_path": self.store_path, **self.committed}
+        state = {"format_version": 1, "store_path": self.store_path, **self.committed}
+        if self.sketch is not None and self.writer is not None:
+            state["sketch"] = self.sketch.state_dict()  # the projections at exactly these counts
+        return state
 
     def commit_soon(self) -> None:
         """Make the rows so far durable on the writer thread; training goes on (a checkpoint's
@@ -440,12 +470,28 @@ class RecordingEngine:
         """
         self.last_epoch = epoch
         pending = self._take_rows()
-        check = grad_scale is None or self._steps_seen < 20 or self._steps_seen % self.options.check_every == 0
-        scales = self._check_rows(pending, grad_scale) if check else {}
-        self._steps_seen += 1
         if self.plan is None:
             self._make_plan(pending)
         rows: dict[str, tuple] = {}
+        for name in self.captures:
+            if name in self.dropped or not pending.get(name):
+                continue
+            rows[name] = _gather_rows(pending[name], self._row_dtype)  # as they will be stored
+            self.rows_recorded[name] = self.rows_recorded.get(name, 0) + rows[name][0].shape[0]
+        check = (self.sketch is not None or grad_scale is None or self._steps_seen < 20
+                 or self._steps_seen % self.options.check_every == 0)
+        scales: dict[str, float] = {}
+        sketches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if check:
+            # the check multiplies the rows as captured (half-precision storage would round away small
+            # gradients and cancel), the certificate the rows as stored
+            captured = rows if self.options.dtype == "float32" else {
+                n: (torch.cat([c.keys for c, *_ in pending[n]]), torch.cat([c.values for c, *_ in pending[n]])) for n in rows}
+            sketches = self._sketch_rows(captured, stored=False)
+            scales = self._check_rows(sketches, grad_scale, has_rows=set(rows))
+            if self.sketch is not None and self.options.dtype != "float32":
+                sketches = self._sketch_rows(rows, stored=True)
+        self._steps_seen += 1
         updates: dict[str, tuple[float, StepRow, StepRow | None]] = {}
         for name, cap in self.captures.items():
             w_up, b_up = plan.updates[name]
@@ -454,9 +500,9 @@ class RecordingEngine:
                 b_up["applied"] = bool(b_up["applied"]) and bias_of(cap.module).grad is not None
             scale = grad_scale if grad_scale is not None else scales.get(name, 1.0)
             updates[name] = (scale, w_up, b_up)
-            if name in self.dropped or not pending.get(name):
-                continue
-            rows[name] = _gather_rows(pending[name], self._row_dtype)
+            if self.sketch is not None and name in self.sketch.layers:
+                gz, gb = sketches.get(name, (None, None))
+                self.sketch.step(name, gz, gb, scale, w_up, b_up)
         event = None
         if any(t[0].is_cuda for t in rows.values()):
             rows = {n: tuple(_to_pinned(t) for t in r) for n, r in rows.items()}
@@ -498,52 +544,81 @@ class RecordingEngine:
     # ------------------------------------------------------------------------------------------------
     # checks
     # ------------------------------------------------------------------------------------------------
-    def _check_rows(self, pending: dict, grad_scale: float | None) -> dict[str, float]:
-        """Check each layer's rows against the gradient the optimizer used, and measure their factor.
-
-        ``W.grad @ r`` must equal ``f * sum_rows v (k . r)`` for a fixed random probe ``r``: a cheap sketch of
-        ``W.grad = f sum v k^T`` that catches weights used outside the module's forward (e.g.
-        ``nn.MultiheadAttention.out_proj``) and any other missing rows. With ``grad_scale`` given, ``f`` is it;
-        otherwise ``f`` is the least-squares fit (snapped to ``2^k / world_size`` when that close), returned
-        per layer.
-        """
+    def _sketch_rows(self, rows: dict[str, tuple], stored: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the step's ``G Z = V^T (K Z)`` ``(d_out, k)`` and ``sum_rows v`` ``(d_out,)`` (float32
+        products) from ``(keys, values)`` as captured or, with ``stored``, as :func:`_gather_rows` stores them,
+        summed over DDP ranks (the optimizer's gradient sums every rank's rows); zeros for a layer without
+        rows this step."""
         names = [n for n in self.captures if n not in self.dropped]
-        if not names:
-            return {}
-        lhs, rhs, bounds = [], [], []
+        parts: list[torch.Tensor] = []
+        shapes = []
         for name in names:
             m = self.captures[name].module
-            r = self._probes[name]
-            g = m.weight.grad
+            z = self._probes[name]
             d_out = layer_shape(m)[1]
+            if name in rows:
+                keys, values = rows[name][0], rows[name][1]
+                if stored:
+                    keys, values = _stored_floats(keys, self.options.dtype), _stored_floats(values, self.options.dtype)
+                else:
+                    keys, values = (keys.float() if keys.is_floating_point() else keys), values.float()
+                gz = values.t() @ project_keys(m, keys, z)
+                gb = values.sum(0)
+            else:
+                gz = torch.zeros(d_out, z.shape[1], device=z.device)
+                gb = torch.zeros(d_out, device=z.device)
+            parts += [gz.reshape(-1), gb]
+            shapes.append(gz.shape)
+        if not parts:
+            return {}
+        flat = self.dist.all_reduce(torch.cat(parts))
+        out, i = {}, 0
+        for name, shape in zip(names, shapes):
+            n = shape[0] * shape[1]
+            out[name] = (flat[i : i + n].reshape(shape), flat[i + n : i + n + shape[0]])
+            i += n + shape[0]
+        return out
+
+    def _check_rows(self, sketches: dict[str, tuple[torch.Tensor, torch.Tensor]], grad_scale: float | None,
+                    has_rows: set[str]) -> dict[str, float]:
+        """Check each layer's rows against the gradient the optimizer used, and measure their factor.
+
+        ``W.grad Z`` must equal ``f V^T (K Z)`` for the layer's random probes ``Z`` (and ``b.grad`` equal
+        ``f sum v``): a cheap sketch of ``W.grad = f sum v k^T`` (Freivalds' test) that catches weights used
+        outside the module's forward (e.g. ``nn.MultiheadAttention.out_proj``) and any other missing or wrong
+        rows. With ``grad_scale`` given, ``f`` is it; otherwise ``f`` is the least-squares fit (snapped to
+        ``2^k / world_size`` when that close), returned per layer.
+        """
+        scales: dict[str, float] = {}
+        for name, (gz, gb) in sketches.items():
+            m = self.captures[name].module
+            z = self._probes[name]
+            g = m.weight.grad
             if g is None:
-                lhs.append(torch.zeros(d_out, device=r.device))
-                bounds.append(0.0)
+                lhs, bound = torch.zeros_like(gz), 0.0
             else:
                 g = weight_matrix(m, g).float()
-                lhs.append(g @ r)
-                # independent rounding of relative size eps in each entry of W.grad moves (W.grad @ r)_i by
-                # about eps * sqrt(sum_j (W.grad_ij r_j)^2): measured against that (about |W.grad|_F), rounding
-                # (bf16, fp16) stays near eps even where W.grad @ r cancels, and missing rows stay O(1)
-                bounds.append(float(torch.linalg.vector_norm(torch.sqrt((g * g) @ (r * r)))))
-            acc = torch.zeros(d_out, device=r.device, dtype=torch.float32)
-            for call, *_ in pending.get(name, []):
-                acc += call.values.float().t() @ project_keys(m, call.keys, r)
-            rhs.append(acc)
-        sizes = [x.numel() for x in rhs]
-        rhs_all = self.dist.all_reduce(torch.cat(rhs))  # the optimizer's gradient sums every rank's rows
-        scales: dict[str, float] = {}
-        for name, l_vec, r_vec, bound in zip(names, lhs, torch.split(rhs_all, sizes), bounds):
+                lhs = g @ z
+                # independent rounding of relative size eps in each entry of W.grad moves (W.grad Z)_ij by about
+                # eps * sqrt(sum_l (W.grad_il z_lj)^2): measured against that (about |W.grad|_F |z_j|), rounding
+                # (bf16, fp16) stays near eps even where W.grad Z cancels, and missing rows stay O(1)
+                bound = float(torch.linalg.vector_norm(torch.sqrt((g * g) @ (z * z))))
+            b = bias_of(m)
+            if b is not None and b.grad is not None:
+                lhs = torch.cat([lhs.reshape(-1), b.grad.float()])
+                rhs = torch.cat([gz.reshape(-1), gb])
+                bound = (bound ** 2 + float(torch.linalg.vector_norm(b.grad.float())) ** 2) ** 0.5
+            else:
+                lhs, rhs = lhs.reshape(-1), gz.reshape(-1)
             if grad_scale is not None:
                 f = grad_scale
             else:
-                f = _fit_scale(l_vec, r_vec, self.dist.world_size)
+                f = _fit_scale(lhs, rhs, self.dist.world_size)
                 scales[name] = f
-            diff = float(torch.linalg.vector_norm(l_vec - f * r_vec))
+            diff = float(torch.linalg.vector_norm(lhs - f * rhs))
             err = diff / bound if bound > 0 else (0.0 if diff == 0 else math.inf)
-            if err <= self.check_tolerance:
-                continue
-            self._flag(name, err, has_rows=bool(pending.get(name)))
+            if err > self.check_tolerance:
+                self._flag(name, err, has_rows=name in has_rows or bool(float(torch.linalg.vector_norm(rhs)) > 0))
         return scales
 
     def _flag(self, name: str, err: float, has_rows: bool) -> None:
@@ -572,7 +647,8 @@ class RecordingEngine:
             shapes[name] = (layer_kind(m), d_in, d_out, bias_of(m) is not None)
         steps_per_epoch, epochs, input_bytes = self.horizon()
         self.plan = estimate(rows, shapes, 4 if self.options.dtype == "float32" else 2, steps_per_epoch, epochs,
-                             input_bytes, chunk_rows=self.options.chunk_rows)
+                             input_bytes, chunk_rows=self.options.chunk_rows,
+                             memory_sums=self.options.certify == "full" or (bool(self.options.certify) and self.sketch is None))
         self._info(f"{self.owner}: {self.plan.describe()}.")
         if not self.options.check_disk or not steps_per_epoch:
             return
@@ -633,14 +709,15 @@ class RecordingEngine:
             if name not in self.dropped
         }
         self.detach()
+        certificate = self._sketch_certificate(finals)
         writer, self.writer = self.writer, None
-        writer.call(writer.store.finalize, finals, int(final_step), int(epochs))
+        writer.call(writer.store.finalize, finals, int(final_step), int(epochs), certificate)
         writer.stop()
         if writer.blocked_s >= 1.0:
             self._info(f"{self.owner}: training waited {writer.blocked_s:.1f} s in all for the store writer.")
         self.committed = writer.store.committed  # for a checkpoint saved after the finish
         self.dist.barrier()
-        if self.options.certify:
+        if self.options.certify == "full" or (self.options.certify and certificate is None):
             if self.dist.world_size > 1 and self._replayed():
                 # An element-wise rule's replay needs every rank's rows at each step: rank 0 certifies through the
                 # shards' index (all are finished: barrier above) and writes into every shard.
@@ -652,12 +729,28 @@ class RecordingEngine:
                 # Under DDP each shard holds one rank's rows: the memory is the sum over ranks.
                 reduce = self.dist.all_reduce if self.dist.world_size > 1 else None
                 self.certificate = certify_store(self.store_path, all_reduce=reduce)
-            for name, cert in self.certificate.items():
-                verdict = f"exact within {cert['tolerance']:.0e}" if cert["exact"] else "INEXACT"
-                self._info(
-                    f"{self.owner}: {name}: rebuilt weights match the trained ones to relative error "
-                    f"{cert['rel_err']:.2e} ({verdict}; the memory explains {100 * cert['explained']:.4g}% of the weights)."
-                )
+        elif certificate is not None:
+            self.certificate = certificate
+        for name, cert in self.certificate.items():
+            verdict = f"exact within {cert['tolerance']:.0e}" if cert["exact"] else "INEXACT"
+            self._info(
+                f"{self.owner}: {name}: rebuilt weights match the trained ones to relative error "
+                f"{cert['rel_err']:.2e} ({verdict}; the memory explains {100 * cert['explained']:.4g}% of the weights)."
+            )
+
+    def _sketch_certificate(self, finals: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> dict[str, dict[str, Any]] | None:
+        """The certificate from the projections carried through training, or None where there are none."""
+        if self.sketch is None or set(self.sketch.layers) != set(self.chosen):
+            return None
+        tol = tolerance(self.options.dtype, self.precision, self.float32_products)
+        out: dict[str, dict[str, Any]] = {}
+        for name, (w, b) in finals.items():
+            res = self.sketch.result(name, torch.from_numpy(w), torch.from_numpy(b) if b is not None else None)
+            err = res["rel_err"]
+            out[name] = {**res, "explained": max(0.0, 1.0 - err), "tolerance": tol,
+                         "exact": bool(err <= tol and name not in self.inexact), "method": "sketch",
+                         "probes": int(self._probes[name].shape[1])}
+        return out
 
     def _replayed(self) -> bool:
         """Whether the store's layers are rebuilt by replaying an element-wise rule."""
@@ -718,6 +811,13 @@ def _gather_rows(parts: list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.T
     position = torch.cat([p[2] for p in parts])
     label = torch.cat([p[3] for p in parts])
     return keys, values, index, position, label
+
+
+def _stored_floats(t: torch.Tensor, row_dtype: str) -> torch.Tensor:
+    """Rows as :func:`_gather_rows` hands them to the writer, as float32 (token ids stay integers)."""
+    if not t.is_floating_point() and row_dtype == "bfloat16" and t.dtype == torch.int16:
+        return t.view(torch.bfloat16).float()
+    return t.float() if t.is_floating_point() else t
 
 
 def _to_pinned(t: torch.Tensor) -> torch.Tensor:

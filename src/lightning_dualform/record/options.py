@@ -40,7 +40,7 @@ class RecordOptions:
     exact: bool = True
     overwrite: bool = False
     max_queue: int = 32
-    certify: bool = True
+    certify: bool | Literal["full"] = True
     store_inputs: bool = True
     commit_seconds: float = 30.0
     check_disk: bool = True
@@ -66,7 +66,10 @@ class RecordOptions:
         seconds = kw.get("commit_seconds", 30.0)
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
             raise ValueError(f"`{owner}(commit_seconds={seconds!r})` must be a positive, finite number of seconds.")
-        for name in ("exact", "overwrite", "certify", "store_inputs", "check_disk"):
+        if "certify" in kw and kw["certify"] not in (True, False, "full"):
+            raise ValueError(f"`{owner}(certify={kw['certify']!r})` must be True (as training goes), 'full' (also re-read "
+                             "the store at the end) or False.")
+        for name in ("exact", "overwrite", "store_inputs", "check_disk"):
             if name in kw and not isinstance(kw[name], bool):
                 raise TypeError(f"`{owner}({name}={kw[name]!r})` must be True or False.")
         chosen = list(layers) if isinstance(layers, (list, tuple)) else layers

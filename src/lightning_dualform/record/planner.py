@@ -69,6 +69,7 @@ def estimate(
     epochs: float,
     input_bytes: int = 0,
     chunk_rows: int | None = None,
+    memory_sums: bool = False,
 ) -> Plan:
     """Plan a run from the rows of one optimizer step.
 
@@ -80,6 +81,7 @@ def estimate(
         epochs: epochs left to run (``math.inf`` for none set).
         input_bytes: raw training inputs, stored once per example.
         chunk_rows: rows per chunk of keys and values (``None``: the store's automatic size).
+        memory_sums: the full certificate at fit end keeps the memory's float64 sums per layer.
     """
     plan = Plan(steps_per_epoch=steps_per_epoch, epochs=epochs, fixed_bytes=input_bytes)
     for name, (kind, d_in, d_out, has_bias) in shapes.items():
@@ -88,7 +90,7 @@ def estimate(
         chunk = chunk_rows_for(8 if kind == "embedding" else d_in * itemsize, d_out * itemsize, chunk_rows)
         plan.layers.append(LayerPlan(name, rows, per_row, rows * steps_per_epoch * per_row, chunk))
         plan.fixed_bytes += 2 * 4 * (d_in * d_out + (d_out if has_bias else 0))  # initial and final weights
-        if d_in * d_out <= MEMORY_SUM_MAX_ELEMENTS:
+        if memory_sums and d_in * d_out <= MEMORY_SUM_MAX_ELEMENTS:
             plan.fixed_bytes += 8 * (d_in * d_out + (d_out if has_bias else 0))  # the certificate's float64 sums
     return plan
 

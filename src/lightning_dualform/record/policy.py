@@ -18,8 +18,10 @@ from lightning_dualform.optim import rule_for
 EXACT_PRECISIONS = ("32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed")
 #: The gradient check's tolerance (relative to ``|W.grad| |r|``) by training precision ...
 GRADIENT_CHECK_TOLERANCE = {"bf16-mixed": 2e-2, "16-mixed": 5e-3}
-#: ... and by how float32 products are rounded (TF32 keeps float16's 10 mantissa bits, bfloat16 8).
+#: ... by how float32 products are rounded (TF32 keeps float16's 10 mantissa bits, bfloat16 8) ...
 GRADIENT_CHECK_TOLERANCE_BY_PRODUCTS = {"tf32": 5e-3, "bf16": 2e-2}
+#: ... and by the stored rows' type (the check multiplies the rows as they are stored).
+GRADIENT_CHECK_TOLERANCE_BY_ROWS = {"float16": 5e-3, "bfloat16": 2e-2}
 DEFAULT_GRADIENT_CHECK_TOLERANCE = 1e-3
 
 
@@ -72,9 +74,10 @@ def refusal(owner: str, problems: list[str]) -> str:
     )
 
 
-def gradient_check_tolerance(precision: str, float32_products: str = "ieee") -> float:
-    """How far the captured rows may miss a step's weight gradient before a layer counts as inexact."""
-    tol = GRADIENT_CHECK_TOLERANCE.get(precision, DEFAULT_GRADIENT_CHECK_TOLERANCE)
+def gradient_check_tolerance(precision: str, float32_products: str = "ieee", row_dtype: str = "float32") -> float:
+    """How far the stored rows may miss a step's weight gradient before a layer counts as inexact."""
+    tol = max(GRADIENT_CHECK_TOLERANCE.get(precision, DEFAULT_GRADIENT_CHECK_TOLERANCE),
+              GRADIENT_CHECK_TOLERANCE_BY_ROWS.get(row_dtype, 0.0))
     if float32_products != "ieee":
         tol = max(tol, GRADIENT_CHECK_TOLERANCE_BY_PRODUCTS.get(float32_products, 2e-2))
     return tol

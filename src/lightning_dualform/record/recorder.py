@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -106,7 +106,7 @@ class DualFormRecorder:
         exact: bool = True,
         overwrite: bool = False,
         max_queue: int = 32,
-        certify: bool = True,
+        certify: bool | Literal["full"] = True,
         store_inputs: bool = True,
         commit_seconds: float = 30.0,
         check_disk: bool = True,
@@ -184,6 +184,7 @@ class DualFormRecorder:
         for note in notes:
             self._info(f"{_OWNER}: {note}")
         engine.horizon = self._horizon
+        engine.run_exact = not self._problems
         self._engine = engine
         engine.attach()
         engine.active = True

@@ -418,8 +418,10 @@ class StoreWriter:
         self._inexact.setdefault(name, reason)
 
     # -- finishing -----------------------------------------------------------------------------------
-    def finalize(self, final_weights: dict[str, tuple[np.ndarray, np.ndarray | None]], final_step: int, epochs: int) -> None:
-        """Commit, leave SWMR mode, write final weights and status."""
+    def finalize(self, final_weights: dict[str, tuple[np.ndarray, np.ndarray | None]], final_step: int, epochs: int,
+                 certificate: dict[str, dict[str, Any]] | None = None) -> None:
+        """Commit, leave SWMR mode, write final weights, the certificate made as training went (if any) and
+        status."""
         self.commit()
         self.file.close()
         with h5py.File(self.path, "r+", locking=False) as f:
@@ -433,7 +435,12 @@ class StoreWriter:
             _h5.set_attrs(f, {"dropped_layers": self._dropped, "layer_order": [n for n in self._layers if n not in self._dropped]})
             for g in f["layers"].values():  # (rows before a resume count too)
                 g.attrs["rows_without_index"] = _count_negative(g["index"], int(g["committed_rows"][0]))
+            for name, cert in (certificate or {}).items():
+                if name in f["layers"]:
+                    _h5.set_attrs(f["layers"][name], {f"certificate_{k}": v for k, v in cert.items()})
             for name, reason in self._inexact.items():
+                if name not in f["layers"]:
+                    continue  # marked inexact, then dropped altogether
                 f["layers"][name].attrs["exact"] = False
                 f["layers"][name].attrs["inexact_reason"] = reason
             _h5.set_attrs(f, {"final_step": int(final_step), "epochs": int(epochs)})

@@ -1,0 +1,132 @@
+"""The certificate as training goes: a random projection of each layer's weights, rebuilt from the rows.
+
+For a fixed random ``Z`` ``(d_in, k)`` per layer, each step's rows give ``G_s Z = V^T (K Z)`` (a product of
+``rows x d_in x k`` numbers, from the rows exactly as they are stored), and the update rule's scalar
+recurrence (``optim/sgd.py``) carries ``(W Z, buf Z)`` from the first recorded step to the last:
+
+    W_T Z = a W_0 Z + b buf_0 Z + sum_s c_s (G_s Z)
+
+At fit end ``||W_T Z - (W_T Z)_rebuilt|| / ||W_T Z||`` is the certificate, with no second pass over the
+store. The bias, whose key is the constant 1, is carried whole. Each step the same products check the rows
+against the gradient the optimizer used (``W.grad Z = f G_s Z``: the Freivalds test), which is what
+:class:`~lightning_dualform.record.engine.RecordingEngine` does with them first.
+
+What it proves, and how likely a miss is: for Gaussian ``Z`` with ``k`` columns and any error matrix ``E``
+(the rebuilt weights minus the real ones), ``||E Z||_F^2`` is ``||E||_F^2`` times a weighted chi-square over
+``k`` or more degrees of freedom divided by ``k`` (the worst case is a rank-one ``E``: exactly ``chi2_k / k``),
+while ``||W Z||_F^2 / k`` concentrates at ``||W||_F^2``. So the sketched relative error falls below ``1/c`` of
+the true one with probability at most ``(e^(1 - d) d)^(k/2)``, ``d = 1/c^2``: with ``k = 8``, 5e-7 for
+``c = 10`` and 5e-23 for ``c = 1000``. A wrong row (a changed value, a wrong step coefficient) moves the
+rebuilt weights by far more than float32 rounding, so the certificate misses it only with such
+probabilities. ``lightning-dualform verify`` re-reads the whole store instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_dualform.optim.sgd import _step_matrix
+
+#: Columns of each layer's projection.
+PROBES = 8
+
+
+@dataclass
+class LayerSketch:
+    """The projected state ``(W Z, buf Z)`` and bias ``(b, buf_b)`` of one layer, in float64 on its device."""
+
+    z: torch.Tensor  # (d_in, k), float32 (the rows are multiplied by it)
+    p: torch.Tensor  # (d_out, k) W Z
+    buf: torch.Tensor  # (d_out, k) momentum buffer Z (zeros until one exists)
+    bias: torch.Tensor | None = None  # (d_out,)
+    bias_buf: torch.Tensor | None = None
+    steps: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain lists (a checkpoint holds it): enough to continue the projection after a resume."""
+        out = {"p": self.p.cpu().tolist(), "buf": self.buf.cpu().tolist(), "steps": self.steps}
+        if self.bias is not None:
+            out.update(bias=self.bias.cpu().tolist(), bias_buf=self.bias_buf.cpu().tolist())
+        return out
+
+
+@dataclass
+class SketchCertificate:
+    """Every tracked layer's :class:`LayerSketch`; see the module docstring."""
+
+    layers: dict[str, LayerSketch] = field(default_factory=dict)
+
+    @staticmethod
+    def probes(name: str, d_in: int, device: torch.device, k: int = PROBES) -> torch.Tensor:
+        """The layer's ``Z``: Gaussian, the same for a layer name in every process and every resume."""
+        seed = sum((i + 1) * ord(c) for i, c in enumerate(name)) % (2**31)
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(d_in, k, generator=gen).to(device)
+
+    def start(self, name: str, z: torch.Tensor, w0: torch.Tensor, buf0: torch.Tensor | None, b0: torch.Tensor | None,
+              bbuf0: torch.Tensor | None, resumed: dict[str, Any] | None = None) -> None:
+        """Begin a layer's projection at the store's first step (``w0`` ``(d_out, d_in)``...), or continue the
+        one a checkpoint saved (``resumed``: :meth:`LayerSketch.state_dict`)."""
+        dev = z.device
+        f64 = dict(device=dev, dtype=torch.float64)
+        if resumed is not None:
+            s = LayerSketch(z=z, p=torch.tensor(resumed["p"], **f64), buf=torch.tensor(resumed["buf"], **f64),
+                            steps=int(resumed.get("steps", 0)))
+            if "bias" in resumed:
+                s.bias, s.bias_buf = torch.tensor(resumed["bias"], **f64), torch.tensor(resumed["bias_buf"], **f64)
+        else:
+            p = w0.to(**f64) @ z.double()
+            buf = buf0.to(**f64) @ z.double() if buf0 is not None else torch.zeros_like(p)
+            s = LayerSketch(z=z, p=p, buf=buf)
+            if b0 is not None:
+                s.bias = b0.to(**f64)
+                s.bias_buf = bbuf0.to(**f64) if bbuf0 is not None else torch.zeros_like(s.bias)
+        self.layers[name] = s
+
+    def step(self, name: str, gz: torch.Tensor | None, gb: torch.Tensor | None, grad_scale: float, w_up: Any,
+             b_up: Any | None) -> None:
+        """Apply one recorded step: ``gz`` ``(d_out, k)`` = the rows' ``V^T (K Z)`` (summed over ranks), ``gb``
+        ``(d_out,)`` = their ``sum v``; ``w_up``/``b_up`` the step's table rows (``optim.sgd.PARAM_COLUMNS``)."""
+        s = self.layers[name]
+        s.steps += 1
+        s.p, s.buf = _apply(w_up, s.p, s.buf, gz, grad_scale)
+        if s.bias is not None and b_up is not None:
+            s.bias, s.bias_buf = _apply(b_up, s.bias, s.bias_buf, gb, grad_scale)
+
+    def result(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, float]:
+        """``rel_err_weight`` of the projection against the final ``weight`` ``(d_out, d_in)``, ``rel_err_bias``."""
+        s = self.layers[name]
+        real = weight.to(s.p.device, torch.float64) @ s.z.double()
+        err_w = _rel(s.p - real, real)
+        err_b = 0.0
+        if s.bias is not None and bias is not None:
+            b = bias.to(s.bias.device, torch.float64)
+            err_b = _rel(s.bias - b, b)
+        return {"rel_err_weight": err_w, "rel_err_bias": err_b, "rel_err": max(err_w, err_b)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: s.state_dict() for name, s in self.layers.items()}
+
+
+def _field(up: Any, name: str) -> Any:
+    return up[name] if isinstance(up, dict) else getattr(up, name)
+
+
+def _apply(up: Any, p: torch.Tensor, buf: torch.Tensor, g: torch.Tensor | None, grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, buf) <- M (p, buf) + b (grad_scale g)`` of one SGD step (identity when the step was not applied)."""
+    if not bool(_field(up, "applied")):
+        return p, buf
+    m, b = _step_matrix(float(_field(up, "lr")), float(_field(up, "momentum")), float(_field(up, "dampening")),
+                        float(_field(up, "weight_decay")), bool(_field(up, "nesterov")), bool(_field(up, "maximize")),
+                        bool(_field(up, "fresh_buffer")))
+    g = torch.zeros_like(p) if g is None else g.to(p.dtype) * grad_scale
+    return m[0, 0] * p + m[0, 1] * buf + b[0] * g, m[1, 0] * p + m[1, 1] * buf + b[1] * g
+
+
+def _rel(err: torch.Tensor, ref: torch.Tensor) -> float:
+    denom = float(torch.linalg.vector_norm(ref))
+    num = float(torch.linalg.vector_norm(err))
+    return num / denom if denom > 0 else num

@@ -1,0 +1,81 @@
+"""What a batch tells the recorder (record/batches.py), table-driven: indices, labels, inputs, row metadata."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_dualform.record.batches import BatchInfo, batch_indices, batch_inputs, batch_labels, batch_size, row_metadata
+from lightning_dualform.record.capture import CallRows
+
+X = torch.randn(4, 3)
+Y = torch.tensor([2, 0, 1, 1])
+IDX = torch.tensor([10, 11, 12, 13])
+
+
+@pytest.mark.parametrize("batch, key, want", [
+    ({"x": X, "index": IDX}, "index", IDX),
+    ({"x": X, "idx": IDX}, "idx", IDX),
+    ({"x": X}, "index", None),
+    ((X, Y, IDX), 2, IDX),
+    ((X, Y, IDX), -1, IDX),
+    ((X, Y), 2, None),  # no such position
+    ((X, Y, IDX), "index", None),  # a name does not index a tuple
+    ({"x": X, "index": IDX.float()}, "index", None),  # float "indices" are not indices
+    ({"x": X, "index": [10, 11, 12, 13]}, "index", IDX),
+    ((X, Y, IDX), True, None),  # a bool is not a position
+])
+def test_batch_indices(batch, key, want):
+    got = batch_indices(batch, key)
+    assert (got is None and want is None) or torch.equal(got, want)
+
+
+@pytest.mark.parametrize("batch, key, want", [
+    ((X, Y), None, Y), ({"x": X, "label": Y}, None, Y), ({"x": X, "targets": Y}, None, Y), ({"x": X, "c": Y}, "c", Y),
+    ((X, Y.float()), None, None), ((X,), None, None), ((Y, X), 0, Y),
+])
+def test_batch_labels(batch, key, want):
+    got = batch_labels(batch, key)
+    assert (got is None and want is None) or torch.equal(got, want)
+
+
+@pytest.mark.parametrize("batch, key, want", [
+    ((X, Y), None, X), ({"image": X, "y": Y}, None, X), ({"pix": X}, "pix", X), (X, None, X), ({"y": Y}, None, None),
+])
+def test_batch_inputs(batch, key, want):
+    got = batch_inputs(batch, key)
+    assert (got is None and want is None) or got is want
+
+
+def test_batch_size():
+    assert batch_size((X, Y)) == 4 and batch_size({"a": X}) == 4 and batch_size(torch.tensor(1.0)) is None
+
+
+def _call(n: int, lead: tuple[int, ...]) -> CallRows:
+    return CallRows(keys=torch.zeros(n, 2), lead_shape=lead, call=0)
+
+
+@pytest.mark.parametrize("n, lead, labels, offset, index, position, label", [
+    # one row per example (an MLP)
+    (4, (4,), Y, 0, [10, 11, 12, 13], [0, 0, 0, 0], [2, 0, 1, 1]),
+    # batch first, 2 positions per example (a sequence, or conv locations)
+    (8, (4, 2), Y, 0, [10, 10, 11, 11, 12, 12, 13, 13], [0, 1] * 4, [2, 2, 0, 0, 1, 1, 1, 1]),
+    # per-position labels (B, T)
+    (8, (4, 2), torch.arange(8).reshape(4, 2), 0, [10, 10, 11, 11, 12, 12, 13, 13], [0, 1] * 4, list(range(8))),
+    # sequence first (T, B): row r is position r // B of example r % B
+    (8, (2, 4), Y, 0, [10, 11, 12, 13] * 2, [0, 0, 0, 0, 1, 1, 1, 1], [2, 0, 1, 1] * 2),
+    # a second call of the same layer in the batch (an RNN cell): positions continue after the offset
+    (4, (4,), Y, 3, [10, 11, 12, 13], [3, 3, 3, 3], [2, 0, 1, 1]),
+])
+def test_row_metadata(n, lead, labels, offset, index, position, label):
+    info = BatchInfo(size=4, indices=IDX, labels=labels)
+    got_index, got_position, got_label, _ = row_metadata(_call(n, lead), info, offset)
+    assert got_index.tolist() == index
+    assert got_position.tolist() == position
+    assert got_label.tolist() == label
+
+
+def test_row_metadata_without_batch_facts_stores_minus_one():
+    info = BatchInfo(size=None, indices=None, labels=None)
+    index, position, label, per_ex = row_metadata(_call(3, (3,)), info, 0)
+    assert index.tolist() == [-1, -1, -1] and label.tolist() == [-1, -1, -1] and position.tolist() == [0, 1, 2]

@@ -1,0 +1,104 @@
+"""Contract tests of the dependency internals behind ``lightning_dualform._compat``: each fails loudly when
+the behaviour the library relies on changes (a new Lightning, torch or h5py)."""
+
+from __future__ import annotations
+
+import threading
+
+import h5py
+import lightning as L
+import pytest
+import torch
+from helpers import TRAINER_KW, MLP, IndexedDataset, loader
+
+from lightning_dualform import _compat
+from lightning_dualform.record.batches import IndexRecorder, unwrap_dataloader, wrap_dataloader
+
+
+class _Observe(L.Callback):
+    """Observes the training DataLoaders through ``_compat.observe_dataloaders`` and what the fit loop does."""
+
+    def __init__(self) -> None:
+        self.seen: list = []
+        self.fifo_at_first_batch: list = []
+        self.queue = None
+        self.undo = None
+
+    def setup(self, trainer, pl_module, stage):
+        def observe(dl):
+            self.seen.append(dl)
+            self.queue = wrap_dataloader(dl).queue()
+
+        self.undo = _compat.observe_dataloaders(trainer.strategy, observe)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0 and trainer.current_epoch == 0:
+            rec = trainer.train_dataloader.batch_sampler
+            self.fifo_at_first_batch = list(self.queue) if isinstance(rec, IndexRecorder) else None
+
+    def teardown(self, trainer, pl_module, stage):
+        self.undo()
+        for dl in self.seen:
+            unwrap_dataloader(dl)
+
+
+def test_lightning_passes_the_training_loader_through_process_dataloader_before_iterating():
+    """The fit loop hands each training DataLoader to ``strategy.process_dataloader`` and iterates what it
+    returns, after any sampler injection: a sampler wrapped there sees the first epoch's first batch."""
+    cb = _Observe()
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=3, callbacks=[cb], accelerator="cpu", **TRAINER_KW)
+    dl = loader(IndexedDataset(n=48), 16, shuffle=False)
+    trainer.fit(MLP(), dl)
+    assert cb.seen, "Strategy.process_dataloader no longer sees the training DataLoader"
+    assert cb.fifo_at_first_batch is not None, "the iterated loader is not the one process_dataloader returned"
+    assert cb.fifo_at_first_batch[:1] == [list(range(16))], cb.fifo_at_first_batch
+    assert "process_dataloader" not in vars(trainer.strategy)  # undone: the class's method shows again
+
+
+def test_a_dataloader_refuses_a_new_sampler_and_the_bypass_is_iterated():
+    dl = torch.utils.data.DataLoader(list(range(10)), batch_size=4)
+    with pytest.raises(ValueError):  # DataLoader guards its samplers after __init__ (the reason for the bypass)
+        dl.batch_sampler = None
+    seen = []
+
+    class Spy:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __iter__(self):
+            for b in self.inner:
+                seen.append(b)
+                yield b
+
+        def __len__(self):
+            return len(self.inner)
+
+    original = dl.batch_sampler
+    _compat.replace_sampler(dl, "batch_sampler", Spy(original))
+    assert [b.tolist() for b in dl] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert seen == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]], "a new iterator no longer reads dl.batch_sampler"
+    _compat.replace_sampler(dl, "batch_sampler", original)
+    assert dl.batch_sampler is original
+
+
+def test_h5py_lock_is_the_lock_h5py_holds_around_its_calls(tmp_path):
+    """``store/_hdf5_nogil.py`` calls HDF5 through ctypes while holding h5py's lock: h5py must take that same
+    lock for its own calls, so that another thread's h5py call waits."""
+    lock = _compat.h5py_lock()
+    assert lock is not None, "h5py._objects.phil is gone: the ctypes path of _hdf5_nogil.py is off (see _compat.py)"
+    path = str(tmp_path / "x.h5")
+    with h5py.File(path, "w") as f:
+        f.create_dataset("d", data=[1, 2, 3])
+    opened = threading.Event()
+
+    def other() -> None:
+        with h5py.File(path, "r") as f:
+            f["d"][()]
+        opened.set()
+
+    with lock:
+        t = threading.Thread(target=other)
+        t.start()
+        assert not opened.wait(0.3), "h5py opened a file while another thread held h5py's lock"
+    t.join(10)
+    assert opened.is_set()

@@ -1,0 +1,234 @@
+"""The store on its own, without a Trainer: typed metadata, the writer's commit/resume/finalize, the
+readers (one file and two shards), and the certificate against weights computed by hand."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from lightning_dualform import StoreError
+from lightning_dualform.attend.certificate import certify_store, rebuild_weights
+from lightning_dualform.optim import ParamUpdate
+from lightning_dualform.store import LayerSpec, StepRows, StoreReader, StoreWriter, open_store, write_shard_index
+from lightning_dualform.store.metadata import StoreMetadata
+
+D_IN, D_OUT, ROWS = 5, 3, 4  # rows per step (and per rank)
+LR = [0.1, 0.05, 0.2, 0.1]  # a schedule; SGD without momentum: W_T = W_0 - sum_s lr_s G_s
+
+
+def _rows(step: int, rank: int = 0) -> StepRows:
+    g = np.random.default_rng(100 * step + rank)
+    return StepRows(keys=g.standard_normal((ROWS, D_IN)).astype(np.float32),
+                    values=g.standard_normal((ROWS, D_OUT)).astype(np.float32),
+                    index=np.arange(ROWS) + 10 * rank, position=np.zeros(ROWS, np.int32),
+                    label=np.arange(ROWS) % 2, step=step, epoch=step // 2)
+
+
+def _w0() -> np.ndarray:
+    return np.random.default_rng(7).standard_normal((D_OUT, D_IN)).astype(np.float32)
+
+
+def _by_hand(steps: int, ranks: int = 1, scale: float = 1.0) -> np.ndarray:
+    """The weights plain SGD reaches: W_0 - sum_s lr_s scale sum_ranks V^T K (float64)."""
+    w = _w0().astype(np.float64)
+    for s in range(steps):
+        for r in range(ranks):
+            rows = _rows(s, r)
+            w -= LR[s] * scale * rows.values.astype(np.float64).T @ rows.keys.astype(np.float64)
+    return w
+
+
+def _write(path: str, steps: int, rank: int = 0, world: int = 1, scale: float = 1.0, finalize: bool = True,
+           meta: StoreMetadata | None = None) -> StoreWriter:
+    spec = LayerSpec(name="fc", kind="linear", d_in=D_IN, d_out=D_OUT, has_bias=False, weight_init=_w0(), bias_init=None)
+    st = StoreWriter.create(path, [spec], metadata=meta or StoreMetadata(rank=rank, world_size=world))
+    for s in range(steps):
+        st.add_step(s, s // 2, {"fc": _rows(s, rank)}, {"fc": (scale, ParamUpdate(lr=LR[s]), None)})
+    if finalize:
+        st.finalize({"fc": (_by_hand(steps, world, scale).astype(np.float32), None)}, final_step=steps, epochs=2)
+    return st
+
+
+# ------------------------------------------------------------------------------------------------------
+# metadata
+# ------------------------------------------------------------------------------------------------------
+def test_metadata_round_trips_through_a_file(tmp_path):
+    meta = StoreMetadata(precision="bf16-mixed", float32_products="tf32", optimizer={"name": "SGD", "param_groups": []},
+                         inexact_causes=["x"], recorded_by="DualFormRecorder", world_size=2, rank=1)
+    path = str(tmp_path / "m.h5")
+    _write(path, 2, rank=1, world=2, meta=meta)
+    with StoreReader(path) as s:
+        m = s.meta
+    assert (m.precision, m.float32_products, m.recorded_by, m.world_size, m.rank) == ("bf16-mixed", "tf32", "DualFormRecorder", 2, 1)
+    assert m.optimizer == {"name": "SGD", "param_groups": []} and m.inexact_causes == ["x"]
+    assert m.status == "complete" and m.final_step == 2 and m.epochs == 2 and m.layer_order == ["fc"]
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("status", "finished", "unknown status"),
+    ("row_dtype", "float8", "unknown row dtype"),
+    ("format_version", 99, "newer than this library"),
+    ("format_version", "1", "expected an integer"),
+    ("optimizer_exact", "yes", "expected a boolean"),
+    ("layer_order", "{not json", "not JSON"),
+    ("layer_order", '{"a": 1}', "expected a JSON list"),
+    ("world_size", 0, "impossible"),
+    ("rank", 3, "impossible"),
+    ("gradient_clip_val", "big", "expected a number"),
+])
+def test_metadata_of_the_wrong_type_is_a_store_error(key, value, match):
+    attrs = {**StoreMetadata().to_attrs(), "layer_order": "[]", "optimizer": "{}", "inexact_causes": "[]",
+             "dropped_layers": "{}", key: value}
+    with pytest.raises(StoreError, match=match):
+        StoreMetadata.from_attrs(attrs, "x.h5")
+
+
+def test_unknown_attributes_are_kept_and_missing_ones_take_defaults():
+    m = StoreMetadata.from_attrs({"format": "lightning-dualform", "format_version": 1, "from_the_future": 3}, "x.h5")
+    assert m.extra == {"from_the_future": 3} and m.float32_products == "ieee" and m.precision == "32-true"
+
+
+def test_merged_shards_are_complete_only_when_all_are_and_take_the_loosest_rounding():
+    a = StoreMetadata(status="complete", float32_products="ieee")
+    b = StoreMetadata(status="recording", float32_products="bf16", rank=1, world_size=2)
+    m = StoreMetadata.merge([a, b])
+    assert m.status == "recording" and m.float32_products == "bf16"
+    assert StoreMetadata.merge([a, StoreMetadata(status="complete", float32_products="tf32")]).status == "complete"
+
+
+# ------------------------------------------------------------------------------------------------------
+# writer and reader
+# ------------------------------------------------------------------------------------------------------
+def test_rows_become_visible_only_when_committed(tmp_path):
+    path = str(tmp_path / "c.h5")
+    st = _write(path, 3, finalize=False)
+    with StoreReader(path) as s:
+        assert s.n_steps == 0 and s.layer("fc").n_rows == 0 and not s.complete
+    counts = st.commit()
+    assert counts["steps"] == 3 and counts["rows"] == {"fc": 3 * ROWS}
+    with StoreReader(path) as s:
+        lay = s.layer("fc")
+        assert s.n_steps == 3 and lay.n_rows == 3 * ROWS and s.last_step == 3
+        blk = lay.read(ROWS, 2 * ROWS)
+        np.testing.assert_array_equal(blk["keys"], _rows(1).keys)
+        np.testing.assert_array_equal(blk["step"], np.full(ROWS, 1))
+        assert lay.rows_before(2) == 2 * ROWS
+    st.close()
+
+
+def test_resume_truncates_to_the_checkpoint_and_continues(tmp_path):
+    path = str(tmp_path / "r.h5")
+    st = _write(path, 4, finalize=False)
+    st.commit()
+    st.close()
+    settings = {"layers": {"fc": ["linear", D_IN, D_OUT, False]}, "row_dtype": "float32", "compression": "none"}
+    st = StoreWriter.resume(path, settings, {"fc": 2 * ROWS}, 2, None, last_step=1)
+    with StoreReader(path) as s:
+        assert s.n_steps == 2 and s.layer("fc").n_rows == 2 * ROWS and s.status == "recording"
+    for s_ in (2, 3):
+        st.add_step(s_, 1, {"fc": _rows(s_)}, {"fc": (1.0, ParamUpdate(lr=LR[s_]), None)})
+    st.finalize({"fc": (_by_hand(4).astype(np.float32), None)}, final_step=4, epochs=2)
+    cert = certify_store(path)["fc"]
+    assert cert["exact"] and cert["rel_err"] < 1e-6
+
+
+def test_a_resume_whose_step_does_not_match_touches_nothing(tmp_path):
+    path = str(tmp_path / "m.h5")
+    st = _write(path, 3, finalize=False)
+    st.commit()
+    st.close()
+    before = open(path, "rb").read()
+    settings = {"layers": {"fc": ["linear", D_IN, D_OUT, False]}, "row_dtype": "float32", "compression": "none"}
+    with pytest.raises(StoreError, match="nothing was truncated"):
+        StoreWriter.resume(path, settings, {"fc": ROWS}, 1, None, last_step=5)
+    with pytest.raises(ValueError, match="other settings"):
+        StoreWriter.resume(path, {**settings, "row_dtype": "float16"}, {"fc": ROWS}, 1, None, last_step=0)
+    with StoreReader(path) as s:
+        assert s.n_steps == 3  # the refused resumes changed nothing that a reader sees
+    assert len(open(path, "rb").read()) == len(before)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the certificate
+# ------------------------------------------------------------------------------------------------------
+def test_certificate_and_rebuild_equal_the_weights_computed_by_hand(tmp_path):
+    path = str(tmp_path / "h.h5")
+    _write(path, 4, scale=0.5)
+    cert = certify_store(path)["fc"]
+    assert cert["exact"] and cert["rel_err"] < 1e-6 and cert["explained"] == pytest.approx(1.0)
+    with StoreReader(path) as s:
+        w, _ = rebuild_weights(s.layer("fc"), at_step=2)
+    np.testing.assert_allclose(w.numpy(), _by_hand(2, scale=0.5), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["one value of one row", "one step's coefficient"])
+def test_the_certificate_catches_one_wrong_row_or_coefficient(tmp_path, damage):
+    path = str(tmp_path / "d.h5")
+    _write(path, 4)
+    with h5py.File(path, "r+") as f:
+        g = f["layers"]["fc"]
+        if damage == "one value of one row":
+            v = g["values"][5]
+            v[1] += 0.5
+            g["values"][5] = v
+        else:
+            g["updates"]["weight"]["lr"][2] = LR[2] * 1.01
+    cert = certify_store(path)["fc"]
+    assert not cert["exact"] and cert["rel_err"] > cert["tolerance"], cert
+
+
+# ------------------------------------------------------------------------------------------------------
+# two shards, in-process
+# ------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def two_shards(tmp_path):
+    paths = [str(tmp_path / f"run.rank{r}.h5") for r in range(2)]
+    for r, p in enumerate(paths):
+        _write(p, 4, rank=r, world=2)
+    index = str(tmp_path / "run.h5")
+    write_shard_index(index, paths)
+    return index, paths
+
+
+def test_two_shards_read_as_one_store_step_major(two_shards):
+    index, paths = two_shards
+    with open_store(index) as s:
+        lay = s.layer("fc")
+        assert s.complete and s.n_steps == 4 and lay.n_rows == 2 * 4 * ROWS
+        blk = lay.read(0, 2 * ROWS)  # step 0 of rank 0, then step 0 of rank 1
+        np.testing.assert_array_equal(blk["keys"][:ROWS], _rows(0, 0).keys)
+        np.testing.assert_array_equal(blk["keys"][ROWS:], _rows(0, 1).keys)
+        assert lay.rows_before(1) == 2 * ROWS
+
+
+def test_the_sum_over_shards_certifies_the_run(two_shards):
+    index, paths = two_shards
+    sums = {}
+    for p in paths:  # each rank's memory; the all-reduce adds them
+        with StoreReader(p) as s:
+            sums[p] = rebuild_weights(s.layer("fc"))[0] - torch.from_numpy(_w0()).double()
+    total = sum(sums.values())
+    certs = [certify_store(p, all_reduce=lambda t, total=total, p=p: _reduce(t, sums, p))["fc"] for p in paths]
+    assert all(c["exact"] and c["rel_err"] < 1e-6 for c in certs), certs
+    np.testing.assert_allclose(total.numpy() + _w0(), _by_hand(4, ranks=2), rtol=1e-6, atol=1e-6)
+
+
+def _reduce(t: torch.Tensor, sums: dict, me: str) -> torch.Tensor:
+    """An all-reduce over two ranks run in one process: this rank's tensor plus the other's same-shaped one."""
+    if t.shape == (1,):  # the row count
+        return t * 2
+    if t.dim() == 2:
+        other = next(v for k, v in sums.items() if k != me)
+        return t + other
+    return t
+
+
+def test_a_shard_index_naming_a_missing_shard_is_an_error(two_shards, tmp_path):
+    index, paths = two_shards
+    import os
+
+    os.remove(paths[1])
+    with pytest.raises(StoreError, match="missing"):
+        open_store(index)
