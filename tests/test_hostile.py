@@ -162,7 +162,7 @@ def test_weight_shape_must_hold_the_layer(adamw_store, tmp_path):
 
 def test_fuzzed_adamw_stores_open_or_raise_store_error(adamw_store, tmp_path):
     script = os.path.join(os.path.dirname(__file__), "scripts", "fuzz_open.py")
-    proc = subprocess.run([sys.executable, script, adamw_store, str(tmp_path), "99", "40"],
+    proc = subprocess.run([sys.executable, script, adamw_store, str(tmp_path), "99", "25"],
                           capture_output=True, text=True, timeout=400,
                           env={**os.environ, "LIGHTNING_DUALFORM_PROBE_TIMEOUT": "5"})
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
