@@ -155,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="where the stores go (default: a temporary directory)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--reuse", action="store_true", help="reuse the stores already in --workdir (skips 'size')")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -174,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # -- stores, their size and their certificate ------------------------------------------------
         result["size"] = {}
-        for o in OPTIMIZERS:
+        for o in OPTIMIZERS if not args.reuse else ():
             t, models[o] = fit(dm, args.epochs, o, stores[o], certify=False)
             t0 = time.perf_counter()
             cert = certify_store(stores[o])
@@ -193,6 +194,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{mb['inputs']:7.1f} {mb['weights']:8.2f} {mb['other']:6.2f} {mb['file']:9.1f}  {100 * extra / r['rows']:8.2f}%"
                   f"   {r['certificate_s']:.1f} s, {max(r['certificate'].values()):.1e}")
         print("  (extra = file - rows - raw inputs: the raw inputs are stored alike for every optimizer)")
+
+        if args.reuse:  # the trained models, from the stores' final weights
+            for o in OPTIMIZERS:
+                models[o] = OptMLP(o)
+                with h5py.File(stores[o], "r") as f:
+                    for name, m in models[o].named_modules():
+                        if isinstance(m, torch.nn.Linear):
+                            m.weight.data = torch.from_numpy(f["layers"][name]["weight_final"][()])
+                            m.bias.data = torch.from_numpy(f["layers"][name]["bias_final"][()])
 
         # -- training overhead ------------------------------------------------------------------------
         if "overhead" in parts:

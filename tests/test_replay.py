@@ -247,3 +247,20 @@ def test_store_keeps_the_state_nadam_rounds_in_float32(tmp_path):
     with StoreReader(cb.store_path) as s:
         st = s.layer("net.0").initial_state("weight")
         assert isinstance(st.nonlinear["mu_product"], np.float32) and st.linear["exp_avg"].shape == (8, 6)
+
+
+def test_query_chunks_and_float32_give_the_same_answer(tmp_path):
+    """Queries in chunks (one product per chunk and step) and in one batch (steps batched) agree."""
+    _, cb, _ = _fit(tmp_path, OPTIMIZERS[0][1], epochs=1)
+    x = torch.randn(7, 8, generator=torch.Generator().manual_seed(5))
+    with DualInference(cb.store_path, device="cpu", accumulate=torch.float64) as di:
+        whole = di.attend("net.2", x, top_k=5)
+    with DualInference(cb.store_path, device="cpu", accumulate=torch.float64, query_chunk=3) as di:
+        parts = di.attend("net.2", x, top_k=5)
+    with DualInference(cb.store_path, device="cpu") as di:
+        f32 = di.attend("net.2", x, top_k=5)
+    for a, b in ((whole.top.score, parts.top.score), (whole.unit_output, parts.unit_output),
+                 (whole.proponents.score, parts.proponents.score)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert torch.equal(whole.top.row, parts.top.row)
+    torch.testing.assert_close(f32.unit_output.double(), whole.unit_output, rtol=1e-5, atol=1e-7)

@@ -97,9 +97,13 @@ def elementwise_attend(di: Any, lay: Any, q: torch.Tensor, *, at_step: int | Non
     coef = SimpleNamespace(first_step=rep.first, end_step=rep.end)
     base_out = dual.to(acc)
 
+    # The accumulator sees each query's unit as its place among the distinct units asked about: a block's
+    # contribution coefficients then have one column per distinct unit, not d_out.
+    compact = None if units is None else torch.from_numpy(np.unique(units.numpy(), return_inverse=True)[1].reshape(-1).astype(np.int64))
+
     def accumulator(with_units: bool, with_mass: bool, with_examples: bool) -> AttentionAccumulator:
         return AttentionAccumulator(
-            queries=q.to(cpu, acc), base=base_out, top_k=top_k, units=units if with_units else None,
+            queries=q.to(cpu, acc), base=base_out, top_k=top_k, units=compact if with_units else None,
             n_examples=stats.n_examples if (with_examples and stats) else 0,
             n_labels=stats.n_labels if (with_mass and stats) else 0,
             n_epochs=stats.n_epochs if (with_mass and stats) else 0,
@@ -147,79 +151,101 @@ def _unit_sweep(rep: LayerReplay, state: AttentionAccumulator, x64: torch.Tensor
     and the unit's output rebuilt from the contributions (base plus their sum), both ``(n,)`` float64.
 
     Per step: ``T = -(Q_s[u_q, :] (.) x_q)`` (numpy); the products ``K_s T^T`` of consecutive steps run as one
-    batched product, and their scores are gathered into one block of about :data:`_CHUNK_BYTES` and folded at once."""
+    batched product, written into a score block of about :data:`_CHUNK_BYTES` that is folded at once."""
     u = units.cpu().numpy().astype(np.int64)
+    uniq, upos = np.unique(u, return_inverse=True)  # the accumulator's units are upos (see elementwise_attend)
+    upos = upos.reshape(-1)
     held = rep.unit_rows(u)
     pos = np.searchsorted(held, u) if held is not None else u
     x = x64.numpy()
-    n, d_out = len(u), rep.layer.d_out
+    n, d_in, d_out = len(u), x.shape[1], rep.layer.d_out
     np_acc = np.float64 if acc == torch.float64 else np.float32
-    cap = max(1, _CHUNK_BYTES // max(1, n * np.dtype(np_acc).itemsize))
-    total = np.zeros(n)
+    xneg = (-x).astype(np_acc)
+    cap = max(1, _CHUNK_BYTES // max(1, n * np.dtype(np_acc).itemsize))  # score rows per fold
     chunk = max(1, int(state.query_chunk))
-    pending: list[tuple[StepRows, np.ndarray, np.ndarray]] = []  # (rows, scores (B, n), coef_b (B, d_out))
-    held_rows = 0
+    # consecutive steps' products K_s T_s^T run as one batched product (see replay.GRAD_BATCH_BYTES)
+    batch = max(1, _CHUNK_BYTES // max(1, n * d_in * np.dtype(np_acc).itemsize)) if n <= chunk else 1
+    ts = np.empty((batch, n, d_in), dtype=np_acc)  # T of the steps waiting for their product
+    scores = np.empty((cap + batch * 256, n), dtype=np_acc)  # the block being gathered (grown if a step is larger)
+    total = torch.zeros(n, dtype=torch.float64)
+    upos_t, col_t = torch.from_numpy(upos), torch.arange(n)
+    waiting: list[tuple[StepRows, np.ndarray]] = []  # steps whose T waits in ts: (rows, qb)
+    gathered: list[tuple[StepRows, np.ndarray]] = []  # steps whose scores are in `scores`: (rows, coef_b)
+    filled = 0
+    current: dict[str, Any] = {}
 
-    def flush() -> None:
-        nonlocal pending, held_rows
-        if not pending:
+    def fold() -> None:
+        nonlocal filled
+        if not gathered:
             return
-        cols = {c: np.concatenate([r.data[c] for r, _, _ in pending]) for c in ("values", *_META)}
-        rows = np.concatenate([np.arange(r.row0, r.row0 + len(r)) for r, _, _ in pending])
+        cols = {c: np.concatenate([r.data[c] for r, _ in gathered]) for c in _META}
+        cols["values"] = np.concatenate([r.values[:, uniq] for r, _ in gathered])  # (the accumulator's units are compact)
+        rows = np.concatenate([np.arange(r.row0, r.row0 + len(r)) for r, _ in gathered])
         blk = _block(cols, rows, rep.first, rep.end, step_buckets, acc, state, keys=False)
-        blk.scores_t = torch.from_numpy(np.concatenate([sc for _, sc, _ in pending]))
-        blk.coef_w = torch.from_numpy(np.negative(cols["values"], dtype=np_acc))
-        blk.coef_b = torch.from_numpy(np.concatenate([cb for _, _, cb in pending]))
+        blk.scores_t = torch.from_numpy(scores[:filled])
+        blk.coef_w = torch.from_numpy(np.negative(cols["values"], dtype=np_acc))  # (rows, |U|)
+        blk.coef_b = torch.from_numpy(np.concatenate([cb for _, cb in gathered]))
         state.fold(blk)
-        pending, held_rows = [], 0
+        # the rows' contributions to each query's unit, summed: score * coef_w[u] + coef_b[u], as one small product
+        # over the distinct units (|U| x rows x n) instead of gathering coef_w[:, u] for every query (rows x n)
+        m = blk.coef_w.t() @ blk.scores_t  # (|U|, n)
+        total.add_(m[upos_t, col_t].double() + blk.coef_b.sum(0)[upos_t].double())
+        gathered.clear()
+        filled = 0
 
-    # the products K_s T_s^T of consecutive steps go through one batched product (see replay.GRAD_BATCH_BYTES)
-    batch = max(1, _CHUNK_BYTES // max(1, n * x.shape[1] * np.dtype(np_acc).itemsize)) if n <= chunk else 1
-    steps: list[tuple[StepRows, np.ndarray | None, np.ndarray]] = []  # (rows, T = -(Q_s[u] (.) x) or None, qb)
-    xneg = -x
-    ts = np.empty((batch, n, x.shape[1]), dtype=np_acc) if batch > 1 else None
+    def room(rows_needed: int) -> None:
+        nonlocal scores
+        if filled + rows_needed > len(scores):
+            fold()
+        if rows_needed > len(scores):
+            scores = np.empty((rows_needed, n), dtype=np_acc)
 
-    def take(rows: StepRows, sc: np.ndarray, qb: np.ndarray) -> None:
-        nonlocal held_rows
-        v = rows.values.astype(np.float64)
-        vu = v[:, u]  # (B, n): each row's value at each query's unit
-        total[:] += np.einsum("bn,bn->n", vu, qb[u][None, :] - sc)
-        pending.append((rows, sc, (v * qb[None, :]).astype(np_acc)))
-        held_rows += len(rows)
-        if held_rows >= cap:
-            flush()
+    def gather(r: StepRows, qb: np.ndarray) -> None:
+        gathered.append((r, (r.values[:, uniq].astype(np.float64) * qb[uniq][None, :]).astype(np_acc)))
 
-    def score_steps() -> None:
-        if not steps:
+    def product() -> None:
+        nonlocal filled
+        if not waiting:
             return
-        if len(steps) > 1:
-            width = max(len(r) for r, _, _ in steps)
-            ks = np.zeros((len(steps), width, x.shape[1]), dtype=np_acc)
-            for i, (r, _, _) in enumerate(steps):
+        widths = [len(r) for r, _ in waiting]
+        width, c = max(widths), len(waiting)
+        room(c * width)
+        if c > 1:
+            ks = np.zeros((c, width, d_in), dtype=np_acc)
+            for i, (r, _) in enumerate(waiting):
                 ks[i, : len(r)] = r.keys
-            out = torch.bmm(torch.from_numpy(ks), torch.from_numpy(ts[: len(steps)]).transpose(1, 2)).numpy()
-            for i, (r, _, qb) in enumerate(steps):
-                take(r, out[i, : len(r)], qb)
+            tt = torch.from_numpy(ts[:c]).transpose(1, 2)
+            if min(widths) == width:  # equal steps (the usual case): straight into the block
+                torch.bmm(torch.from_numpy(ks), tt, out=torch.from_numpy(scores[filled: filled + c * width]).view(c, width, n))
+                filled += c * width
+            else:
+                out = torch.bmm(torch.from_numpy(ks), tt).numpy()
+                for i, w in enumerate(widths):
+                    scores[filled: filled + w] = out[i, :w]
+                    filled += w
         else:
-            r, t, qb = steps[0]
+            r = waiting[0][0]
             keys = torch.from_numpy(np.ascontiguousarray(r.keys, dtype=np_acc))
-            scores = torch.empty(len(r), n, dtype=acc)
+            dest = torch.from_numpy(scores[filled: filled + len(r)])
             for q0 in range(0, n, chunk):  # queries in chunks: T is (n, d_in) per step
                 q1 = min(q0 + chunk, n)
-                tq = t[q0:q1] if t is not None else _transform(q0, q1)
-                scores[:, q0:q1] = torch.mm(keys, torch.from_numpy(tq).t())
-            take(r, scores.numpy(), qb)
-        steps.clear()
-
-    current: dict[str, Any] = {}
+                tq = ts[0] if batch > 1 or (q0 == 0 and q1 == n and chunk >= n) else _transform(q0, q1)
+                dest[:, q0:q1] = torch.mm(keys, torch.from_numpy(tq[: q1 - q0]).t())
+            filled += len(r)
+        for r, qb in waiting:
+            gather(r, qb)
+        waiting.clear()
+        if filled >= cap:
+            fold()
 
     def _transform(q0: int, q1: int, out: np.ndarray | None = None) -> np.ndarray:
         """``-(Q_s[u_q, :] (.) x_q)`` of queries ``q0..q1`` in the accumulation dtype (into ``out``)."""
         q = current["q_w"]
         if out is None:
-            out = np.empty((q1 - q0, x.shape[1]), dtype=np_acc)
-        if isinstance(q, np.ndarray) and q.ndim == 2:  # the common case: one gather, one product
-            np.multiply(q[pos[q0:q1]], xneg[q0:q1], out=out, casting="same_kind")
+            out = np.empty((q1 - q0, d_in), dtype=np_acc)
+        if isinstance(q, np.ndarray) and q.ndim == 2:  # the common case: a gather and a product, in place
+            np.take(q.astype(np_acc, copy=False), pos[q0:q1], axis=0, out=out)
+            out *= xneg[q0:q1]
         else:
             out[...] = unit_transform(q, pos[q0:q1], xneg[q0:q1])
         return out
@@ -232,18 +258,16 @@ def _unit_sweep(rep: LayerReplay, state: AttentionAccumulator, x64: torch.Tensor
             qb[u] = unit_transform(q_b, pos, None)  # Qb_s[u_q]
         # the unit score -(Q_s[u] (.) k) . x = k . T with T = -(Q_s[u] (.) x)
         current["q_w"] = q_w
-        if batch == 1:
-            steps.append((rows, None, qb))
-            score_steps()
-            return
-        steps.append((rows, _transform(0, n, ts[len(steps)]), qb))
-        if len(steps) >= batch:
-            score_steps()
+        if batch > 1 or chunk >= n:
+            _transform(0, n, ts[len(waiting)])
+        waiting.append((rows, qb))
+        if len(waiting) >= batch:
+            product()
 
     base_w, base_b = rep.sweep_units(u, visit)
-    score_steps()
-    flush()
+    product()
+    fold()
     base = np.einsum("nd,nd->n", np.asarray(base_w)[pos], x)
     if base_b is not None:
         base = base + np.asarray(base_b)[pos]
-    return torch.from_numpy(base), torch.from_numpy(base + total)
+    return torch.from_numpy(base), torch.from_numpy(base) + total
