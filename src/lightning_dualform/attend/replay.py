@@ -112,7 +112,7 @@ class LayerReplay:
             return v
 
         return OptimizerState(0, (self.layer.d_out, self.layer.d_in), {k: view(v) for k, v in st.nonlinear.items()},
-                              {k: view(v) for k, v in st.linear.items()})
+                              {k: view(v) for k, v in st.linear.items()}, param_dtype=st.param_dtype)
 
     def grads(self, steps: Iterator[StepRows] | list[StepRows], units: np.ndarray | None) -> Iterator[tuple[StepRows, dict[str, np.ndarray]]]:
         """``(rows, {"weight": G_s, "bias": g_s})`` per step: ``G_s = V^T K`` (rows ``units`` of it), float64, in

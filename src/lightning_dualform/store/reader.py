@@ -90,6 +90,9 @@ class LayerReader:
             self.weight_shape = (self.d_out, self.d_in) if shape is None else tuple(int(d) for d in np.asarray(shape).reshape(-1))
         except (TypeError, ValueError) as err:
             raise StoreError(f"{store.path}: layer {name!r} attribute 'weight_shape' is {shape!r}; the file is damaged.") from err
+        self.param_dtype = str(self.attrs.get("param_dtype", "float32"))
+        if self.param_dtype not in ("float32", "float64"):
+            raise StoreError(f"{store.path}: layer {name!r} attribute 'param_dtype' is {self.param_dtype!r}; the file is damaged.")
         if int(np.prod(self.weight_shape)) != self.d_out * self.d_in or len(self.weight_shape) < 2:
             raise StoreError(
                 f"{store.path}: layer {name!r} says its weight has shape {self.weight_shape}, which does not hold a "
@@ -270,7 +273,7 @@ class LayerReader:
         rule = self.store.rule
         st = self.initial_state(pname)
         one = OptimizerState(0, (1,), {k: (v.reshape(-1)[:1].copy() if isinstance(v, np.ndarray) and v.ndim else v)
-                                       for k, v in st.nonlinear.items()}, {PARAM: np.zeros(1)})
+                                       for k, v in st.nonlinear.items()}, {PARAM: np.zeros(1)}, param_dtype=st.param_dtype)
         c = np.zeros(len(grad_scale))
         sweep = Sweep(rule, table, grad_scale, [one], lambda a, b, rows: (np.zeros(1) for _ in range(a, b)), stop=n_used)
         for s, q in sweep:
@@ -318,7 +321,7 @@ class LayerReader:
             buf = self._array(f"{pname}_buffer_init")
             if buf is not None:
                 linear["momentum_buffer"] = (self.to_param(buf) if pname == "weight" else buf).astype(np.float64)
-        state = OptimizerState(0, tuple(shape), nonlinear, linear)
+        state = OptimizerState(0, tuple(shape), nonlinear, linear, param_dtype=self.param_dtype)
         try:
             rule.check_state(state)
         except ValueError as err:

@@ -171,6 +171,7 @@ class StoreWriter:
                     _h5.create(g, "bias_buffer_init", data=spec.bias_buffer_init.astype(np.float32))
                 if spec.weight_shape is not None:
                     g.attrs["weight_shape"] = np.asarray(spec.weight_shape, dtype=np.int64)
+                    g.attrs["param_dtype"] = spec.state_dtype  # torch rounds scalar factors of p to it
                 if spec.weight_state is not None:
                     sg = g.create_group(STATE_GROUP)
                     for pname, st in (("weight", spec.weight_state), ("bias", spec.bias_state)):
