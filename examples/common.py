@@ -381,31 +381,32 @@ def plot_bars(groups: dict[str, dict[str, float]], path: str, title: str, ylabel
 
 def plot_runs_side_by_side(runs: dict[str, tuple[DualInference, QueryAttention]], picks: Sequence[int], path: str,
                            classes: Sequence[str], to_image: Callable[[np.ndarray], np.ndarray], k: int) -> None:
-    """For the same test inputs, the top-``k`` training patterns of each layer in several runs (one row per test
-    input and run; the row's title says what ranked them: ``k . q``, or the unit attention weight)."""
+    """For the same test inputs in several runs (one row per test input and run), at the output layer: the top-``k``
+    training patterns by score (``k . q``, or the unit attention weight of an element-wise optimizer: the row says
+    which), then the top-``k`` proponents (the largest contributions to the predicted logit)."""
     plt = _plt()
     names = list(runs)
-    layers = next(iter(runs.values()))[1].layers
     rows = [(e, name) for e in picks for name in names]
-    fig, axes = plt.subplots(len(rows), 1 + k * len(layers), figsize=(1.1 * (1 + k * len(layers)), 1.55 * len(rows)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(rows), 1 + 2 * k, figsize=(1.15 * (1 + 2 * k), 1.6 * len(rows)), squeeze=False)
     for r, (e, name) in enumerate(rows):
         di, run = runs[name]
+        layer = run.layers[-1]
+        res = run.results[layer]
         pos = int(run.examples[e])
         qs_inputs = di.store.queries(run.split).inputs
-        res0 = run.results[layers[0]]
-        how = "k·q" if res0.score == "raw" else "−(Q⊙k)·q"
+        how = "k·q" if res.score == "raw" else "−(Q⊙k)·q"
         _image(axes[r, 0], to_image(qs_inputs[pos]),
-               f"{name}: test {run.index[e]}\n{classes[run.label[e]]}→{classes[run.prediction[e]]}, by {how}")
-        for j, layer in enumerate(layers):
-            row = int(np.flatnonzero(run.example[layer] == e)[0])
-            top = top_rows(run.results[layer], row, k)
+               f"{name}: test {run.index[e]}\n{classes[run.label[e]]}→{classes[run.prediction[e]]}")
+        row = int(np.flatnonzero(run.example[layer] == e)[0])
+        for j, (by, title) in enumerate((("row", f"top by {how}"), ("proponents", "proponent"))):
+            top = top_rows(res, row, k, by=by)
             imgs = di.store.train_inputs(np.array([t["index"] for t in top]))
             for i, t in enumerate(top):
                 _image(axes[r, 1 + j * k + i], to_image(imgs[i]),
-                       f"{layer} #{i + 1}\n{classes[t['label']] if t['label'] >= 0 else '?'} s{t['step']}")
-    fig.suptitle("The same test digits, two optimizers: the most attended training digits per layer (SGD: by the "
-                 "similarity k·q; AdamW: by each pattern's attention weight for the layer's predicted unit)", fontsize=8)
+                       f"{title} #{i + 1}\n{classes[t['label']] if t['label'] >= 0 else '?'} step {t['step']}")
+    fig.suptitle("The same test digits, two optimizers, at the output layer. Left: the top training digits by attention "
+                 "score (SGD: k·q; AdamW: the weight\nfor the predicted logit, −(Q_s[u]⊙k)·q). Right: the proponents, the "
+                 "largest contributions to the predicted logit. Titles: label and training step.", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

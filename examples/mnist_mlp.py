@@ -135,7 +135,8 @@ def compare(out: str, args, to_image) -> str:
             DualInference(os.path.join(out, "mnist.h5"), device="cpu") as adamw:
         for name, di in (("SGD", sgd), ("AdamW", adamw)):
             layers = common.linear_layers(di)
-            runs[name] = (di, attend_recorded(di, "test", layers=layers, limit=args.queries, top_k=args.top_k))
+            runs[name] = (di, attend_recorded(di, "test", layers=layers[-1:], limit=args.queries, top_k=args.top_k,
+                                              contribution_to="pred"))
         run = runs["AdamW"][1]
         picks = common.pick_examples(run.label, run.prediction)
         path = os.path.join(out, "sgd_vs_adamw.png")

@@ -283,18 +283,23 @@ def top_rows(result: AttentionResult, query: int, k: int | None = None, *, by: s
         result: an :meth:`DualInference.attend` answer.
         query: which query row of it.
         k: how many (default: all that the result kept).
-        by: ``"row"`` (one presentation of an example, with its ``step``/``epoch``/``position``) or
-            ``"example"`` (scores of all presentations summed; needs ``per_example=True``).
+        by: ``"row"`` (one presentation of an example, with its ``step``/``epoch``/``position``; ranked by the
+            result's ``score``), ``"example"`` (scores of all presentations summed; needs ``per_example=True``),
+            or ``"proponents"`` / ``"opponents"`` (rows by contribution to the query's unit; needs
+            ``contribution_to``; ``score`` is then the contribution).
 
     Raises:
         ValueError: a bad ``by``, or the result kept no top rows/examples.
     """
-    if by not in ("row", "example"):
-        raise ValueError(f"`top_rows(by={by!r})`: expected 'row' or 'example'.")
-    top = result.top if by == "row" else result.top_examples
+    kinds = {"row": "top", "example": "top_examples", "proponents": "proponents", "opponents": "opponents"}
+    if by not in kinds:
+        raise ValueError(f"`top_rows(by={by!r})`: expected one of {tuple(kinds)}.")
+    top = getattr(result, kinds[by])
     if top is None:
+        need = {"example": " and per_example=True", "proponents": " and contribution_to", "opponents": " and contribution_to"}
         raise ValueError(f"`top_rows(by={by!r})`: the result of layer {result.layer!r} kept none; attend with top_k > 0"
-                         + (" and per_example=True." if by == "example" else "."))
+                         + need.get(by, "") + ".")
+    by = "row" if by in ("proponents", "opponents") else by
     cols = ("score", "row", "step", "epoch", "index", "position", "label") if by == "row" else ("score", "index", "label", "rows")
     n = top.score.shape[1] if k is None else min(int(k), top.score.shape[1])
     pad = top.row if by == "row" else top.index
