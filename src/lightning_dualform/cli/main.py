@@ -652,7 +652,8 @@ def render_attend(run: QueryAttention, by: str, store: Any = None) -> str:
                 pos = int(run.rows[name]["position"][r])
                 err = "" if res.rel_err is None else f", dual vs weights rel. err. {float(res.rel_err[r]):.1e}"
                 if res.rel_err is not None and res.dual_source == "certificate":
-                    err += " (memory sums from the certificate)"
+                    replayed = store is not None and getattr(store, "form", "scalar") == "element-wise"
+                    err += " (weights replayed by the certificate)" if replayed else " (memory sums from the certificate)"
                 where = f" position {pos}" if len(np.flatnonzero(ex == j)) > 1 else ""
                 unit = f", attention weights for unit {int(res.units[r])}" if res.score == "unit" and res.units is not None else ""
                 out.append(f"  {name}{where}: {res.rows} rows{err}{unit}")
