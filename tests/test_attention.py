@@ -382,3 +382,20 @@ def test_fused_and_torch_ops_break_ties_alike(memory: dict[str, torch.Tensor]) -
             (va, ma), (vb, mb) = getattr(a, get)(), getattr(b, get)()
             torch.testing.assert_close(va, vb, rtol=1e-12, atol=1e-12)
             assert torch.equal(ma["row"], mb["row"]), (get, block_rows, ma["row"][0], mb["row"][0])
+
+
+def test_compiled_kernels_are_the_installed_libraries_and_can_be_switched_off(monkeypatch):
+    """The kernels come from the package's own _kernels/ folder (built by setup.py at install time), never
+    from a compiler at run time; LIGHTNING_DUALFORM_KERNEL=0 turns them off."""
+    import os
+
+    from lightning_dualform import _native
+
+    lib = _fused.kernel()
+    if lib is None:
+        assert _native.path("fused") is None  # not built at install time: the torch ops answer
+    else:
+        assert os.path.dirname(lib._name) == os.path.dirname(os.path.abspath(_native.__file__)) + os.sep + "_kernels"
+    monkeypatch.setenv("LIGHTNING_DUALFORM_KERNEL", "0")
+    monkeypatch.setattr(_native, "_loaded", {})
+    assert _native.load("fused", lambda lib: None) is None

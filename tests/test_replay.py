@@ -8,6 +8,7 @@ step, and the rows' contributions to each query's unit plus the base term must g
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import h5py
@@ -264,3 +265,14 @@ def test_query_chunks_and_float32_give_the_same_answer(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     assert torch.equal(whole.top.row, parts.top.row)
     torch.testing.assert_close(f32.unit_output.double(), whole.unit_output, rtol=1e-5, atol=1e-7)
+
+
+def test_adamw_answers_through_the_block_cache_equal_the_plain_ones(tmp_path):
+    """The element-wise pass reads its rows through DualInference's cache like any other pass."""
+    _, cb, _ = _fit(tmp_path, OPTIMIZERS[0][1], epochs=1)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(6))
+    with DualInference(cb.store_path, device="cpu") as plain, DualInference(cb.store_path, device="cpu", cache=1 << 24) as cached:
+        ref = plain.attend("net.2", x, top_k=3, reuse_certificate=False)
+        for _ in range(2):  # filling the cache, then from it
+            assert json.dumps(cached.attend("net.2", x, top_k=3, reuse_certificate=False).to_dict()) == json.dumps(ref.to_dict())
+        assert cached.cache_info().hits > 0

@@ -224,9 +224,8 @@ def attend_queries(
         if qs.n == 0:
             raise ValueError(f"{store.path}: the query set {split!r} is empty; record some with trainer.{split}(...).")
         pos = np.arange(qs.n) if positions is None else np.asarray(positions, dtype=np.int64)
-        raw = qs.inputs
         run = QueryAttention(f"split:{split}", pos, qs.index[pos], qs.label[pos], qs.prediction[pos],
-                             inputs=None if raw is None else raw[pos])
+                             inputs=qs.inputs_at(pos))  # only the chosen examples' rows are read
         if layers is None:
             layers = [n for n in all_layers if n in qs.layers]
         per_layer = {}
@@ -235,7 +234,7 @@ def attend_queries(
         for name in layers:
             if name not in qs.layers:
                 raise KeyError(f"the query set {split!r} has no rows for layer {name}; it has {', '.join(qs.layers)}.")
-            r = qs.layer_rows(name)
+            r = qs.layer_rows(name, examples=pos if positions is not None else None)
             keep = where[r["example"]] >= 0
             per_layer[name] = (r["keys"][keep], where[r["example"][keep]], r["position"][keep].astype(np.int64))
     units_label = None

@@ -28,6 +28,9 @@ import torch
 from torch import nn
 
 from lightning_dualform.attend import _fused
+from lightning_dualform.attend.cache import (
+    BlockCache, CachedLayer, CacheInfo, CacheSpec, StoreStamp, cast_rows, pass_rows, resolve_budget,
+)
 from lightning_dualform.attend.kernels import META_COLUMNS, AttentionAccumulator, Block, stable_topk, step_bucket_edges
 from lightning_dualform.attend.memory import memory_sums, rebuilt_weights
 from lightning_dualform.record.capture import keys_of, one_hot_keys
@@ -346,6 +349,13 @@ class DualInference:
             (outputs, per-example sums, masses) are all-reduced and the top-k candidates all-gathered and
             merged, so every rank returns the same full result. The group's backend must handle tensors on
             ``device`` (gloo for the CPU, nccl for CUDA).
+        cache: keep the decoded blocks that passes read, so that a repeated pass over a layer reads nothing
+            from disk: a budget in bytes, ``"auto"`` (half of the memory available now: the host's, or the
+            free memory of the CUDA device, where the keys and values are then kept), or ``None`` (default:
+            nothing kept, memory bounded by the block size). Least recently used blocks go first; answers
+            are the same bit for bit. Before each pass the store's files are compared with what they were
+            when the cache was filled; a store changed on disk since (a resume, a writer) is opened again and
+            the cache emptied. :meth:`cache_info` says what is kept.
 
     Raises:
         StoreError: the file is missing, not a store, of a newer format, or damaged.
@@ -368,6 +378,7 @@ class DualInference:
         query_chunk: int = 2048,
         progress: bool = False,
         distributed: bool | Any = False,
+        cache: CacheSpec = None,
     ) -> None:
         if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
             raise ValueError(f"`DualInference(block_rows={block_rows!r})` must be None or a positive integer.")
@@ -381,9 +392,14 @@ class DualInference:
         self.query_chunk = query_chunk
         self.progress = progress
         self._group = _resolve_group(distributed)
+        budget = resolve_budget(cache, self.device)
+        self._open_path = os.fspath(path)
         self.store = open_store(path)  # a store, or the shards of a DDP run
         self.path = self.store.path
         self._stats: dict[str, _Stats] = {}
+        self._cache = BlockCache(budget, self.device) if budget is not None else None
+        self._cached: dict[str, CachedLayer] = {}
+        self._stamp = StoreStamp.of(self.store) if self._cache is not None else None
         if not self.store.complete:
             warnings.warn(
                 f"{self.path} is an incomplete store (status {self.store.status!r}: still being written, or its "
@@ -414,6 +430,38 @@ class DualInference:
     # -- context management ----------------------------------------------------------------------------
     def close(self) -> None:
         self.store.close()
+        if self._cache is not None:
+            self._cache.clear()
+        self._cached.clear()
+
+    # -- cache -----------------------------------------------------------------------------------------
+    def refresh(self) -> bool:
+        """With a cache: open the store again and empty the cache when its files changed since they were
+        read (a resume rewrote it, a writer appended, it was replaced). Returns whether it did. :meth:`attend`
+        calls it first; without a cache it does nothing (returns False).
+
+        Raises:
+            StoreError: the changed file is no longer a readable store.
+        """
+        if self._cache is None or StoreStamp.of(self.store) == self._stamp:
+            return False
+        log.warning("%s changed on disk since it was opened; reading it again (the cache is emptied).", self.path)
+        self.store.close()
+        self._cache.clear()
+        self._cached.clear()
+        self._stats.clear()
+        self._stamp = StoreStamp.of(self.store)  # before opening: a write meanwhile is seen next time
+        self.store = open_store(self._open_path)
+        self.path = self.store.path
+        return True
+
+    def cache_info(self) -> CacheInfo | None:
+        """What the cache holds (budget and bytes, per layer, hits and misses), or None without a cache."""
+        if self._cache is None:
+            return None
+        info = self._cache.info()
+        info.facts_bytes = sum(c.facts_bytes for c in self._cached.values())
+        return info
 
     def __enter__(self) -> "DualInference":
         return self
@@ -422,7 +470,8 @@ class DualInference:
         self.close()
 
     def __repr__(self) -> str:
-        return f"DualInference({self.path!r}, device={str(self.device)!r}, layers={self.layers})"
+        cached = "" if self._cache is None else f", cache={self.cache_info()}"
+        return f"DualInference({self.path!r}, device={str(self.device)!r}, layers={self.layers}{cached})"
 
     @property
     def layers(self) -> list[str]:
@@ -433,7 +482,12 @@ class DualInference:
         """The store's reader of a layer. Raises ``KeyError`` listing the known layers."""
         if not isinstance(name, str):
             raise TypeError(f"layer must be a layer name (str), got {type(name).__name__}; this store has {self.layers}.")
-        return self.store.layer(name)
+        lay = self.store.layer(name)
+        if self._cache is None:
+            return lay
+        if name not in self._cached:
+            self._cached[name] = CachedLayer(lay, self._cache)
+        return self._cached[name]
 
     # -- attend ----------------------------------------------------------------------------------------
     def attend(
@@ -490,6 +544,7 @@ class DualInference:
                 ``at_step``, ``contribution_to`` or ``scan``.
             StoreError: a damaged file (including damaged certificate sums: their shape, type or values).
         """
+        self.refresh()
         lay = self.layer(layer)
         q = self._check_queries(lay, queries, "attend")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
@@ -604,16 +659,22 @@ class DualInference:
         keys_dtype = {torch.float64: np.float64, torch.float32: np.float32}.get(compute)
 
         def make(start: int, stop: int) -> dict[str, Any]:
-            blk = lay.read(start, stop)
+            blk = pass_rows(lay, start, stop)
             upd = blk["step"] - coef.first_step
-            keys = blk["keys"]
-            if unit_score:  # -c_s (k . q): the key scaled by the step's (positive) step size, in the compute dtype
-                dt = keys_dtype or np.float32
-                keys = keys.astype(dt, copy=False) * (-c_w[upd]).astype(dt)[:, None]
+            on_device = isinstance(blk["values"], torch.Tensor)  # a device cache keeps keys and values there
+            keys = cast_rows(blk["keys"], keys_dtype) if keys_dtype else blk["keys"]
+            cw = c_w[upd].astype(np_acc)
+            if unit_score:  # -c_s (k . q): the key scaled by the step's (positive) step size; each row's c_w is then -1
+                scale = -c_w[upd]
+                if isinstance(keys, torch.Tensor):
+                    keys = keys * torch.from_numpy(scale).to(keys.device, keys.dtype)[:, None]
+                else:
+                    keys = keys * scale.astype(keys.dtype)[:, None]
+                cw = np.full_like(cw, -1.0)
             out = {
-                "keys": keys.astype(keys_dtype, copy=False) if keys_dtype else keys,
-                "values": blk["values"].astype(np_acc, copy=False),
-                "c_w": c_w[upd].astype(np_acc),
+                "keys": keys,
+                "values": cast_rows(blk["values"], np_acc),
+                "c_w": cw,
                 "c_b": c_b[upd].astype(np_acc),
                 "row": np.arange(start, stop, dtype=np.int64),
                 "label_group": blk["label"].astype(np.int64) + 1,
@@ -624,12 +685,13 @@ class DualInference:
             # compute thread only multiplies and folds (every small op there waits for the GIL).
             span = max(coef.end_step - coef.first_step, 1)
             out["step_group"] = np.clip((out["step"] - coef.first_step) * step_buckets // span, 0, step_buckets - 1)
-            out["coef_w"] = -out["values"] if unit_score else out["values"] * out["c_w"][:, None]
             # (no numpy matrix product here, such as c_b @ values: numpy's OpenBLAS threads spin for many
             # milliseconds after each call and take a core from the compute thread's product: with it, K Q^T
             # of net.0 took 1.04 s instead of 0.65 s. The fold computes it in torch.)
-            if units is not None:
-                out["coef_b"] = out["values"] * out["c_b"][:, None]
+            if not on_device:  # else the fold scales the values where they are
+                out["coef_w"] = out["values"] * out["c_w"][:, None]
+                if units is not None:
+                    out["coef_b"] = out["values"] * out["c_b"][:, None]
             out["packed_meta"] = np.stack([out[c] for c in META_COLUMNS], axis=1)
             if state.mass_offsets:
                 cols = {"label": out["label_group"], "epoch": out["epoch"], "step": out["step_group"]}
@@ -653,7 +715,7 @@ class DualInference:
                         label_group=blk["label_group"],
                         step_group=blk["step_group"],
                         exact_keys=exact_keys,
-                        coef_w=blk["coef_w"],
+                        coef_w=blk.get("coef_w"),
                         coef_b=blk.get("coef_b"),
                         packed_meta=blk["packed_meta"],
                         groups=blk.get("groups"),
@@ -773,7 +835,7 @@ class DualInference:
         acc, dev = self.accumulate, self.device
 
         def make(start: int, stop: int) -> dict[str, Any]:
-            return lay.read(start, stop, ("keys", "values", "step"))
+            return pass_rows(lay, start, stop, ("keys", "values", "step"))
 
         pf = _Prefetcher(make, lay.rows_before(coef.end_step), self.rows_per_block(lay), dev)
         try:

@@ -458,11 +458,11 @@ class AttentionAccumulator:
             if self.example_score is not None:
                 scatter_sum(self.example_score[q0:q1], block.meta["index"], scores)
             if self.units is not None:
-                if block.coef_b is not None:  # per-unit coefficients: score * (c_w v)[u] + (c_b v)[u]
-                    u = self.units[q0:q1]
-                    contrib = torch.addcmul(block.coef_b.t()[u].to(acc), scores, cv.t()[u].to(acc))
-                else:
-                    contrib = contributions(row_weights(scores, block.c_w, block.c_b), values, self.units[q0:q1])
+                # score * (c_w v)[u] + (c_b v)[u], as the compiled pass computes it (the coefficients per unit may
+                # also come from the caller: an element-wise rule's pass)
+                cb = block.coef_b if block.coef_b is not None else values * block.c_b[:, None]
+                u = self.units[q0:q1]
+                contrib = torch.addcmul(cb.t()[u].to(acc), scores, cv.t()[u].to(acc))
                 if self.top_k:
                     self.pro[ci] = merge_topk(*self.pro[ci], contrib, block.meta, self.top_k)
                     self.con[ci] = merge_topk(*self.con[ci], contrib, block.meta, self.top_k, largest=False)

@@ -1,4 +1,4 @@
-"""The ``lightning-dualform`` command: ``info``, ``attend``, ``verify`` and ``demo``.
+"""The ``lightning-dualform`` command: ``info``, ``attend``, ``verify``, ``view`` and ``demo``.
 
 Exit codes: 0 success, 1 failure (``verify`` beyond tolerance, an unexpected error), 2 a user's mistake
 (missing file, not a store, unknown layer, bad index, wrong query width, unwritable output, bad option),
@@ -10,6 +10,7 @@ Example::
     lightning-dualform info demo/mnist.h5
     lightning-dualform attend demo/mnist.h5 --split test --index 3,17 --top-k 5 --plot top.png --json top.json
     lightning-dualform verify demo/mnist.h5
+    lightning-dualform view demo/mnist.h5
 """
 
 from __future__ import annotations
@@ -117,6 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block-rows", type=int, default=None, help="memory rows read and multiplied at a time (default: about 96 MiB per block)")
     s.add_argument("--json", metavar="FILE", default=None, help="also write the verdict as JSON")
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("view", parents=[common], formatter_class=fmt, help="explore a store in a local web page",
+                       description="Serve a page on 127.0.0.1 to explore a store: pick a recorded query (or upload a "
+                       ".npy row) and see, per layer, the training examples it attends to as images, signed "
+                       "contributions, mass per class and over training, the certificate, and any earlier step. "
+                       "The process keeps the store's rows in memory (--cache), so answers after the first cost the "
+                       "products. Offline: the page loads nothing from elsewhere.")
+    s.add_argument("store", metavar="STORE", help="a .h5 store written by DualFormCallback")
+    s.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free port)")
+    s.add_argument("--no-browser", action="store_true", help="do not open a browser; print the address only")
+    s.add_argument("--cache", default="auto",
+                   help="memory kept for the store's rows: 'auto' (half of what is available), 'none', or a size "
+                   "such as 2G, 512M (binary units) or a number of bytes")
+    s.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N' (with a cache on CUDA, rows are kept on the device)")
+    s.add_argument("--block-rows", type=int, default=None, help="memory rows read and multiplied at a time (default: about 96 MiB per block)")
+    s.add_argument("--no-warm", action="store_true", help="do not read every layer into the cache at start")
+    s.set_defaults(func=cmd_view)
 
     s = sub.add_parser("demo", parents=[common], formatter_class=fmt,
                        help="train the paper's MNIST MLP, record, attend and draw (under a minute)",
@@ -284,16 +302,35 @@ def load_queries(path: str) -> np.ndarray:
         raise
     except Exception as err:  # numpy/torch say many things about files they cannot read
         raise UsageError(f"--queries {path}: cannot read it without pickle ({_message(err)[:150]}); save a plain numeric array.") from err
+    return checked_queries(q, f"--queries {path}")
+
+
+def load_npy_bytes(data: bytes, what: str) -> np.ndarray:
+    """``(n, d)`` float32 queries from the bytes of a ``.npy`` file (``allow_pickle=False``), as
+    :func:`load_queries` reads a file; ``what`` names the source in messages."""
+    import io
+
+    try:
+        q = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as err:  # a pickled or damaged file, another format
+        raise UsageError(f"{what}: cannot read it as .npy without pickle ({_message(err)[:150]}); save a plain numeric array with numpy.save.") from err
+    return checked_queries(q, what)
+
+
+def checked_queries(q: Any, what: str) -> np.ndarray:
+    """A numeric, finite, non-empty array as ``(n, d)`` float32 (images flattened), or a :class:`UsageError`."""
     if not isinstance(q, np.ndarray) or q.dtype == object or not np.issubdtype(q.dtype, np.number):
-        raise UsageError(f"--queries {path}: expected a numeric array of shape (n, d_in).")
+        raise UsageError(f"{what}: expected a numeric array of shape (n, d_in).")
+    if q.ndim == 0:
+        raise UsageError(f"{what}: holds a single number; expected an array of shape (n, d_in).")
     if q.ndim == 1:
         q = q[None]
     elif q.ndim > 2:
         q = q.reshape(q.shape[0], -1)  # images (n, 28, 28) -> (n, 784)
-    if q.shape[0] == 0:
-        raise UsageError(f"--queries {path}: holds no queries.")
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        raise UsageError(f"{what}: holds no queries.")
     if not np.isfinite(q).all():
-        raise UsageError(f"--queries {path}: holds NaN or inf; every query must be finite.")
+        raise UsageError(f"{what}: holds NaN or inf; every query must be finite.")
     return np.ascontiguousarray(q, dtype=np.float32)
 
 
@@ -515,19 +552,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 # attend
 # ------------------------------------------------------------------------------------------------------
 def cmd_attend(args: argparse.Namespace) -> int:
-    from lightning_dualform.analysis import attend_queries
     from lightning_dualform.attend.inference import DualInference
 
     _check_store_path(args.store)
     _check_output(args.json, "--json")
     _check_output(args.plot, "--plot", _IMAGE_SUFFIXES)
     _positive(args.block_rows, "--block-rows")
-    _positive(args.step_buckets, "--step-buckets")
-    if args.top_k < 0:
-        raise UsageError(f"--top-k {args.top_k}: expected 0 or more.")
     if args.queries is not None and (args.split is not None or args.index is not None):
         raise UsageError("--queries reads queries from a file; leave out --split and --index, or drop --queries.")
-    contribution = _parse_contribution(args.contribution_to)
+    _parse_contribution(args.contribution_to)  # a mistake here is reported before any long work
     if args.plot:
         from lightning_dualform.plots import require_matplotlib
 
@@ -535,28 +568,9 @@ def cmd_attend(args: argparse.Namespace) -> int:
     queries = load_queries(args.queries) if args.queries is not None else None
     t0 = time.perf_counter()
     with DualInference(args.store, device=args.device, block_rows=args.block_rows, progress=_progress(args)) as di:
-        layers = _parse_layers(args.layer, di.layers)
-        if isinstance(contribution, int):
-            d_out = di.layer(di.layers[-1]).d_out
-            if contribution >= d_out:
-                raise UsageError(f"--contribution-to {contribution}: the output layer {di.layers[-1]} has units 0..{d_out - 1}.")
-        if contribution is None and args.score != "raw" and di.store.form == "element-wise":
-            raise UsageError(
-                f"--contribution-to none: in this {di.store.update_rule} store a pattern's attention weight depends on "
-                "the output unit; name one (pred, label, a unit number), or rank by similarity with --score raw."
-            )
-        if queries is not None:
-            run = attend_queries(di, queries=queries, source=args.queries, layers=layers, top_k=args.top_k,
-                                 contribution_to=contribution, at_step=args.at_step, step_buckets=args.step_buckets,
-                                 score=args.score)
-        else:
-            split = _pick_split(di.store, args.split)
-            qs = di.store.queries(split)
-            positions = parse_index(args.index, qs.index, split) if args.index is not None else np.arange(min(DEFAULT_QUERIES, qs.n))
-            run = attend_queries(di, split=split, positions=positions, layers=layers, top_k=args.top_k,
-                                 contribution_to=contribution, at_step=args.at_step, step_buckets=args.step_buckets,
-                                 score=args.score)
-        run.settings.update({"by": args.by, "store": os.path.abspath(args.store)})
+        run = attend_run(di, args.store, split=args.split, index=args.index, queries=queries, source=args.queries or "",
+                         layer=args.layer, top_k=args.top_k, by=args.by, contribution_to=args.contribution_to,
+                         at_step=args.at_step, step_buckets=args.step_buckets, score=args.score)
         print(render_attend(run, by=args.by, store=di.store))
         if args.json:
             _write_json(args.json, run.to_dict())
@@ -568,6 +582,74 @@ def cmd_attend(args: argparse.Namespace) -> int:
             _note(args, f"wrote {args.plot}")
     log.debug("attend took %.2f s", time.perf_counter() - t0)
     return 0
+
+
+def attend_run(
+    di: Any,
+    store: str,
+    *,
+    split: str | None = None,
+    index: str | None = None,
+    queries: np.ndarray | None = None,
+    source: str = "",
+    layer: Sequence[str] | None = None,
+    top_k: int = 5,
+    by: str = "pattern",
+    contribution_to: str = "pred",
+    at_step: int | None = None,
+    step_buckets: int = 20,
+    score: str = "auto",
+) -> QueryAttention:
+    """What ``attend`` computes, from its options as the command line takes them; its ``to_dict()`` is what
+    ``--json`` writes. The viewer's ``/api/attend`` calls it too, so both answer the same.
+
+    Args:
+        di: the open store (a :class:`~lightning_dualform.DualInference`).
+        store: the store's path as given (its absolute path goes into ``settings["store"]``).
+        split, index: recorded queries: the split (default: 'test' or the only one) and ``--index`` text
+            (``'3,17'``, ``'0:10'``, ``'all'``; default: the first :data:`DEFAULT_QUERIES`).
+        queries, source: ``(n, d)`` queries instead (from :func:`load_queries`) and where they came from.
+        layer: ``--layer`` values (names, or comma-separated names; default: every layer).
+        top_k, by, contribution_to, at_step, step_buckets, score: as ``--top-k``, ``--by``, ``--contribution-to``,
+            ``--at-step``, ``--step-buckets``, ``--score``.
+
+    Raises:
+        UsageError: a bad option (unknown split, layer or index, a negative ``top_k`` ...).
+        ValueError, KeyError: what :func:`~lightning_dualform.analysis.attend_queries` raises.
+    """
+    from lightning_dualform.analysis import attend_queries
+
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise UsageError(f"--top-k {top_k}: expected 0 or more.")
+    _positive(step_buckets, "--step-buckets")
+    if by not in ("pattern", "example"):
+        raise UsageError(f"--by {by}: expected pattern or example.")
+    if queries is not None and (split is not None or index is not None):
+        raise UsageError("--queries reads queries from a file; leave out --split and --index, or drop --queries.")
+    if score not in ("auto", "raw", "unit"):
+        raise UsageError(f"--score {score}: expected auto, raw or unit.")
+    contribution = _parse_contribution(contribution_to)
+    layers = _parse_layers(list(layer) if layer else None, di.layers)
+    if isinstance(contribution, int):
+        d_out = di.layer(di.layers[-1]).d_out
+        if contribution >= d_out:
+            raise UsageError(f"--contribution-to {contribution}: the output layer {di.layers[-1]} has units 0..{d_out - 1}.")
+    if contribution is None and score != "raw" and di.store.form == "element-wise":
+        raise UsageError(
+            f"--contribution-to none: in this {di.store.update_rule} store a pattern's attention weight depends on "
+            "the output unit; name one (pred, label, a unit number), or rank by similarity with --score raw."
+        )
+    if queries is not None:
+        run = attend_queries(di, queries=queries, source=source, layers=layers, top_k=top_k,
+                             contribution_to=contribution, at_step=at_step, step_buckets=step_buckets, score=score)
+    else:
+        split = _pick_split(di.store, split)
+        qs = di.store.queries(split)
+        positions = parse_index(index, qs.index, split) if index is not None else np.arange(min(DEFAULT_QUERIES, qs.n))
+        run = attend_queries(di, split=split, positions=positions, layers=layers, top_k=top_k,
+                             contribution_to=contribution, at_step=at_step, step_buckets=step_buckets, score=score)
+    run.settings.update({"by": by, "store": os.path.abspath(store)})
+    return run
 
 
 def _pick_split(store: Any, split: str | None) -> str:
@@ -728,6 +810,39 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         _write_json(args.json, v)
     return 0 if v["ok"] else 1
+
+
+# ------------------------------------------------------------------------------------------------------
+# view
+# ------------------------------------------------------------------------------------------------------
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+
+
+def parse_cache(text: str) -> int | str | None:
+    """``--cache``: ``'auto'``, ``'none'`` (None), or a size in bytes with an optional K/M/G/T (binary) unit."""
+    t = text.strip().lower()
+    if t in ("auto", "none"):
+        return None if t == "none" else "auto"
+    m = _SIZE.fullmatch(t)
+    if m is None:
+        raise UsageError(f"--cache {text}: expected auto, none, or a size such as 2G, 512M or 1000000.")
+    size = int(float(m.group(1)) * 1024 ** "bkmgt".index(m.group(2) or "b"))
+    if size < 1:
+        raise UsageError(f"--cache {text}: the size must be at least one byte (or none).")
+    return size
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from lightning_dualform.cli.view import serve
+
+    _check_store_path(args.store)
+    _positive(args.block_rows, "--block-rows")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: expected 0..65535.")
+    cache = parse_cache(args.cache)
+    return serve(args.store, port=args.port, device=args.device, cache=cache, block_rows=args.block_rows,
+                 open_browser=not args.no_browser, warm=not args.no_warm,
+                 echo=lambda m: print(m, flush=True))
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -478,8 +478,8 @@ class RecordingEngine:
                 continue
             rows[name] = _gather_rows(pending[name], self._row_dtype)  # as they will be stored
             self.rows_recorded[name] = self.rows_recorded.get(name, 0) + rows[name][0].shape[0]
-        check = (self.sketch is not None or grad_scale is None or self._steps_seen < 20
-                 or self._steps_seen % self.options.check_every == 0)
+        # the gradient check (and a measured factor) on the first 20 steps and every check_every-th
+        check = grad_scale is None or self._steps_seen < 20 or self._steps_seen % self.options.check_every == 0
         scales: dict[str, float] = {}
         sketches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if check:
@@ -489,8 +489,8 @@ class RecordingEngine:
                 n: (torch.cat([c.keys for c, *_ in pending[n]]), torch.cat([c.values for c, *_ in pending[n]])) for n in rows}
             sketches = self._sketch_rows(captured, stored=False)
             scales = self._check_rows(sketches, grad_scale, has_rows=set(rows))
-            if self.sketch is not None and self.options.dtype != "float32":
-                sketches = self._sketch_rows(rows, stored=True)
+        if self.sketch is not None and (not check or self.options.dtype != "float32"):
+            sketches = self._sketch_rows(rows, stored=True)  # every step: the certificate's projections
         self._steps_seen += 1
         updates: dict[str, tuple[float, StepRow, StepRow | None]] = {}
         for name, cap in self.captures.items():

@@ -19,58 +19,8 @@ import numpy as np
 
 from lightning_dualform import _native
 
-# Blocks of 256 words keep each block's sums in uint32 (256 * 255 / 2 * 65535 < 2^32), which the
-# compiler vectorises; after a block, s2 += m*s1 + sum_j (m - j) w_j = m*s1 + m*a - t. The running state
-# (s1, s2, any nonzero word) lets a chunk be summed piece by piece as rows arrive, in the same pass that
-# copies them into the chunk buffer; trailing zero words only add s1 to s2 once each.
-_SOURCE = r"""
-#include <stdint.h>
-#include <stddef.h>
-#include <string.h>
-static void acc(const uint8_t* p, size_t n, uint64_t* st) {
-    uint64_t s1 = st[0], s2 = st[1];
-    uint32_t nz = 0;
-    while (n) {
-        uint32_t m = n > 256 ? 256 : (uint32_t)n;
-        uint32_t a = 0, t = 0, o = 0;
-        for (uint32_t j = 0; j < m; j++) {
-            uint32_t w = ((uint32_t)p[2 * j] << 8) | p[2 * j + 1];
-            a += w; t += j * w; o |= w;
-        }
-        s2 = (s2 + (uint64_t)m * s1 + (uint64_t)m * a - t) % 65535;
-        s1 = (s1 + a) % 65535;
-        nz |= o;
-        p += 2 * (size_t)m; n -= m;
-    }
-    st[0] = s1; st[1] = s2; st[2] |= nz;
-}
-/* state st = {s1, s2, nonzero}: start from {0, 0, 0}; len must be even */
-void fletcher32_update(const uint8_t* p, size_t len, uint64_t* st) { acc(p, len / 2, st); }
-void fletcher32_copy(uint8_t* dst, const uint8_t* src, size_t len, uint64_t* st) {
-    while (len) {  /* copy a piece, then sum it while it is in L1 */
-        size_t m = len > 4096 ? 4096 : len;
-        memcpy(dst, src, m);
-        acc(dst, m / 2, st);
-        dst += m; src += m; len -= m;
-    }
-}
-uint32_t fletcher32_finish(const uint64_t* st, uint64_t zero_words) {
-    if (!st[2]) return 0;
-    uint64_t s1 = st[0], s2 = (st[1] + (zero_words % 65535) * s1) % 65535;
-    if (s1 == 0) s1 = 65535;
-    if (s2 == 0) s2 = 65535;
-    return (uint32_t)((s2 << 16) | s1);
-}
-uint32_t fletcher32(const uint8_t* p, size_t len) {
-    uint64_t st[3] = {0, 0, 0};
-    acc(p, len / 2, st);
-    if (len % 2) {
-        uint32_t w = (uint32_t)p[len - 1] << 8;
-        st[0] = (st[0] + w) % 65535; st[1] = (st[1] + st[0]) % 65535; st[2] |= w;
-    }
-    return fletcher32_finish(st, 0);
-}
-"""
+# The C source is _kernels/fletcher32.c: blocks of 256 words keep each block's sums in uint32, which the
+# compiler vectorises, and a running state lets a chunk be summed piece by piece as its rows arrive.
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -86,8 +36,8 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled checksum, or ``None`` (no compiler, or ``LIGHTNING_DUALFORM_KERNEL=0``)."""
-    return _native.load("fletcher32", _SOURCE, _declare)
+    """The compiled checksum, or ``None`` (not built at install time, or ``LIGHTNING_DUALFORM_KERNEL=0``)."""
+    return _native.load("fletcher32", _declare)
 
 
 def fletcher32(buf: np.ndarray, nbytes: int | None = None) -> int:

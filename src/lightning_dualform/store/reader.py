@@ -16,7 +16,7 @@ import numpy as np
 
 from lightning_dualform.errors import StoreError
 from lightning_dualform.optim import PARAM, OptimizerState, Sweep, UpdateRule, coefficients_with_buffer, plain_sgd_coefficients
-from lightning_dualform.store import _h5, _hdf5_nogil, _probe
+from lightning_dualform.store import _h5, _probe, _raw_chunks
 from lightning_dualform.store.filters import decode_rows
 from lightning_dualform.store.format import (
     MEMORY_SUM_DATASETS,
@@ -85,6 +85,7 @@ class LayerReader:
                 f"expected (*, {key_width})/(*, {self.d_out}); the file is inconsistent."
             )
         self.attrs = {k: _h5.attr(v) for k, v in a.items()}
+        self._chunk_readers: dict[str, _raw_chunks.ChunkReader | None] = {}
         shape = a.get("weight_shape")
         try:
             self.weight_shape = (self.d_out, self.d_in) if shape is None else tuple(int(d) for d in np.asarray(shape).reshape(-1))
@@ -377,8 +378,9 @@ class LayerReader:
             if col == "tokens":  # an embedding's stored token ids, (n,)
                 out[col] = self._g["keys"][start:stop, 0]
                 continue
-            # the bulk columns are read without holding the GIL (the prefetch thread reads while torch runs)
-            data = _hdf5_nogil.read_rows(self._g[col], start, stop) if col in ("keys", "values") else self._g[col][start:stop]
+            # the bulk columns are read without holding the GIL (the prefetch thread reads while torch runs):
+            # whole chunks straight from the file, checksummed here, where the layout allows; else H5Dread
+            data = self._bulk(col, start, stop) if col in ("keys", "values") else self._g[col][start:stop]
             if col == "keys" and self.kind == "embedding":
                 onehot = np.zeros((len(data), self.d_in), dtype=np.float32)
                 ids = data[:, 0]
@@ -389,6 +391,19 @@ class LayerReader:
             else:
                 out[col] = decode_rows(data, self.store.row_dtype) if col in ("keys", "values") else data
         return out
+
+    def _bulk(self, col: str, start: int, stop: int) -> np.ndarray:
+        ds = self._g[col]
+        if col not in self._chunk_readers:
+            self._chunk_readers[col] = _raw_chunks.ChunkReader.for_dataset(ds)
+        return _raw_chunks.read_rows(self._chunk_readers[col], ds, start, stop)
+
+    def close(self) -> None:
+        """Close the file descriptors of the raw chunk readers (the store closes the HDF5 file)."""
+        for r in self._chunk_readers.values():
+            if r is not None:
+                r.close()
+        self._chunk_readers.clear()
 
 
 class StoreView:
@@ -556,6 +571,8 @@ class StoreReader(StoreView):
         return out
 
     def close(self) -> None:
+        for layer in getattr(self, "_layers", {}).values():
+            layer.close()
         self._f.close()
 
 
@@ -583,11 +600,40 @@ class QuerySet:
         """Raw inputs ``(n, *shape)`` of the query examples, when they were recorded."""
         return np.asarray(self._g["inputs"][()]) if "inputs" in self._g else None
 
+    @property
+    def has_inputs(self) -> bool:
+        """Whether raw inputs were recorded (without reading them)."""
+        return "inputs" in self._g
+
     @_h5.guarded
-    def layer_rows(self, layer: str) -> dict[str, np.ndarray]:
+    def inputs_at(self, positions: np.ndarray) -> np.ndarray | None:
+        """Raw inputs ``(len(positions), *shape)`` of the query examples at ``positions`` (recording order),
+        reading only those rows; None when no inputs were recorded."""
+        if "inputs" not in self._g:
+            return None
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        ds = self._g["inputs"]
+        if len(positions) == 0:
+            return np.zeros((0, *ds.shape[1:]), dtype=ds.dtype)
+        lo, hi = int(positions.min()), int(positions.max()) + 1
+        if (hi - lo) <= 4 * len(positions):  # close together: one slice
+            return np.asarray(ds[lo:hi])[positions - lo]
+        unique, back = np.unique(positions, return_inverse=True)
+        return np.asarray(ds[unique])[back]
+
+    @_h5.guarded
+    def layer_rows(self, layer: str, examples: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``keys (R, d_in)``, ``example (R,)`` (query number), ``position (R,)`` and ``label (R,)``
-        (the row's own label, per position for sequences; -1 when none) of one layer."""
+        (the row's own label, per position for sequences; -1 when none) of one layer; with ``examples``,
+        only the rows of those query numbers (reading the keys of the span they lie in)."""
         if layer not in self.layers:
             raise KeyError(f"query set {self.split!r} has no rows for layer {layer!r}; it has {self.layers}")
         g = self._g["layers"][layer]
-        return {k: np.asarray(g[k][()]) for k in ("keys", "example", "position", "label") if k in g}
+        cols = [k for k in ("keys", "example", "position", "label") if k in g]
+        if examples is None:
+            return {k: np.asarray(g[k][()]) for k in cols}
+        which = np.asarray(g["example"][()])
+        rows = np.flatnonzero(np.isin(which, np.asarray(examples)))
+        lo, hi = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+        return {k: (which if k == "example" else np.asarray(g[k][lo:hi]) if k == "keys" else np.asarray(g[k][()]))[
+            rows - lo if k == "keys" else rows] for k in cols}

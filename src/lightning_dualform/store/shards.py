@@ -248,11 +248,23 @@ class _MergedQuerySet:
         parts = [s.inputs for s in self._sets]
         return None if any(p is None for p in parts) else np.concatenate(parts)
 
-    def layer_rows(self, layer: str) -> dict[str, np.ndarray]:
+    @property
+    def has_inputs(self) -> bool:
+        return all(s.has_inputs for s in self._sets)
+
+    def inputs_at(self, positions: np.ndarray) -> np.ndarray | None:
+        raw = self.inputs
+        return None if raw is None else raw[np.asarray(positions, dtype=np.int64).reshape(-1)]
+
+    def layer_rows(self, layer: str, examples: np.ndarray | None = None) -> dict[str, np.ndarray]:
         offset, out = 0, []
         for s in self._sets:
             rows = s.layer_rows(layer)
             rows["example"] = rows["example"] + offset
             offset += s.n
             out.append(rows)
-        return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+        merged = {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+        if examples is not None:
+            keep = np.isin(merged["example"], np.asarray(examples))
+            merged = {k: v[keep] for k, v in merged.items()}
+        return merged

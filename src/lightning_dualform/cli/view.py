@@ -1,0 +1,474 @@
+"""``lightning-dualform view STORE``: a local web page to explore a store, served by the process that holds
+a cached :class:`~lightning_dualform.DualInference`.
+
+The page (``view_assets/``: one HTML file, one script, one style sheet; no CDN, it works offline) picks a
+recorded query or an uploaded ``.npy`` row and shows, per layer, the training examples it attends to as
+images, signed contributions, mass per class and over training, the certificate, and ``at_step`` as a
+slider. Images travel as pixel arrays in JSON and are drawn on canvases, so no image library is needed.
+
+Endpoints (``GET`` unless said otherwise; every answer is JSON, every error a one-line ``{"error": ...}``):
+
+- ``/api/info``: the store (layers, steps, epochs, certificate per layer, query sets) and the cache.
+- ``/api/queries?split=S``: dataset index, label and prediction of each recorded query of a split.
+- ``/api/attend?split=S&index=I&layer=L&top_k=K`` (also ``by``, ``contribution_to``, ``at_step``,
+  ``step_buckets``, ``score``, or ``upload=ID`` instead of ``split``/``index``): exactly what ``lightning-dualform
+  attend STORE --split S --index I --layer L --top-k K --json FILE`` writes (the same function,
+  :func:`~lightning_dualform.cli.main.attend_run`).
+- ``/api/images?split=S&index=I,J`` or ``/api/images?train=I,J``: raw inputs as images (``null`` when the
+  input is not an image).
+- ``POST /api/upload?name=N``: the bytes of a ``.npy`` file (read without pickle); returns an ``upload`` id.
+
+It listens on 127.0.0.1 only, answers only requests addressed to that host or ``localhost`` (a page of
+another site cannot reach it through DNS rebinding), serves no file but its own assets (looked up by name
+in a table made at start, never joined to a path from a request), and rejects bad parameters with HTTP 400.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from lightning_dualform.cli.main import UsageError, _message, _parse_contribution, attend_run, load_npy_bytes
+from lightning_dualform.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "view_assets")
+_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
+          ".png": "image/png", ".svg": "image/svg+xml"}
+#: uploads larger than this are refused (a few thousand query rows of an MNIST-sized layer)
+MAX_UPLOAD_BYTES = 32 * 2**20
+#: images per /api/images request
+MAX_IMAGES = 256
+MAX_UPLOADS = 16
+_ATTEND_PARAMS = {"split", "index", "upload", "layer", "top_k", "by", "contribution_to", "at_step", "step_buckets", "score"}
+
+
+class BadRequest(Exception):
+    """A request the viewer refuses with HTTP 400 and a one-line reason."""
+
+
+def asset_table(folder: str = ASSETS) -> dict[str, str]:
+    """``{url path: file}`` of the files the viewer serves: the regular files directly in ``folder`` with a
+    known type, fixed when the server starts."""
+    table = {}
+    for name in sorted(os.listdir(folder)):
+        full = os.path.join(folder, name)
+        if os.path.isfile(full) and not os.path.islink(full) and os.path.splitext(name)[1] in _TYPES:
+            table["/" + name] = full
+    table["/"] = table.get("/index.html", "")
+    return table
+
+
+# ------------------------------------------------------------------------------------------------------
+# the application: every answer as plain data, independent of HTTP
+# ------------------------------------------------------------------------------------------------------
+class ViewApp:
+    """Answers the viewer's API from one open, cached :class:`~lightning_dualform.DualInference`.
+
+    Calls into the store are serialised: one pass at a time uses both cores best, and a refresh after the
+    store changed on disk must not swap the store under another request.
+
+    Args:
+        store: the store's path (as the command line got it).
+        di: the open store; keep ``cache`` on so that repeated questions cost the products.
+    """
+
+    def __init__(self, store: str, di: Any) -> None:
+        self.store_path = store
+        self.di = di
+        self.lock = threading.RLock()
+        self._uploads: dict[str, tuple[str, np.ndarray]] = {}
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _one(params: dict[str, list[str]], name: str, default: str | None = None) -> str | None:
+        values = params.get(name)
+        if not values:
+            return default
+        if len(values) > 1:
+            raise BadRequest(f"parameter {name!r} given {len(values)} times; give it once.")
+        return values[0]
+
+    @classmethod
+    def _int(cls, params: dict[str, list[str]], name: str, default: int | None, lo: int | None = None) -> int | None:
+        text = cls._one(params, name)
+        if text is None or text == "":
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            raise BadRequest(f"{name}={text!r} is not an integer.") from None
+        if lo is not None and value < lo:
+            raise BadRequest(f"{name}={value}: expected {lo} or more.")
+        return value
+
+    @staticmethod
+    def _known(params: dict[str, list[str]], allowed: set[str]) -> None:
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise BadRequest(f"unknown parameter {unknown[0]!r}; this endpoint takes {', '.join(sorted(allowed)) or 'none'}.")
+
+    # -- endpoints -------------------------------------------------------------------------------------
+    def info(self, params: dict[str, list[str]]) -> dict[str, Any]:
+        self._known(params, set())
+        with self.lock:
+            self.di.refresh()
+            s = self.di.store
+            layers = []
+            for name in self.di.layers:
+                lay = self.di.layer(name)
+                a = lay.attrs
+                layers.append({
+                    "name": name, "kind": lay.kind, "d_in": lay.d_in, "d_out": lay.d_out, "rows": lay.n_rows,
+                    "exact": bool(lay.exact and s.optimizer_exact),
+                    "certificate": {k[len("certificate_"):]: _plain(a[k]) for k in a if k.startswith("certificate_")},
+                })
+            splits = []
+            for split in s.query_splits:
+                qs = s.queries(split)
+                splits.append({"name": split, "n": qs.n, "layers": list(qs.layers), "inputs": qs.has_inputs})
+            steps = np.asarray(s.update_steps)
+            epochs = np.asarray(s.update_epochs)
+            starts = [int(steps[0])] + [int(x) for x in steps[1:][np.diff(epochs) != 0]] if len(steps) else []
+            cache = self.di.cache_info()
+            return {
+                "store": os.path.abspath(self.store_path),
+                "name": os.path.basename(self.store_path),
+                "status": s.status,
+                "complete": bool(s.complete),
+                "first_step": int(s.first_step),
+                "last_step": int(s.last_step),
+                "epoch_starts": starts,
+                "epochs": sorted({int(e) for e in epochs.tolist()}),
+                "optimizer": s.optimizer,
+                "row_dtype": s.row_dtype,
+                "layers": layers,
+                "splits": splits,
+                "train_inputs": s.train_inputs(np.array([-1])) is not None,
+                "cache": None if cache is None else cache.to_dict(),
+                "cache_text": None if cache is None else str(cache),
+                "defaults": {"top_k": 5, "by": "pattern", "contribution_to": "pred", "step_buckets": 20},
+            }
+
+    def cache(self, params: dict[str, list[str]]) -> dict[str, Any]:
+        """What the cache holds now (``null`` fields without one)."""
+        self._known(params, set())
+        with self.lock:
+            info = self.di.cache_info()
+            return {"cache": None if info is None else info.to_dict(), "cache_text": None if info is None else str(info)}
+
+    def queries(self, params: dict[str, list[str]]) -> dict[str, Any]:
+        self._known(params, {"split"})
+        with self.lock:
+            self.di.refresh()
+            split = self._split(self._one(params, "split"))
+            qs = self.di.store.queries(split)
+            return {"split": split, "n": qs.n, "index": qs.index.tolist(), "label": qs.label.tolist(),
+                    "prediction": qs.prediction.tolist()}
+
+    def _split(self, split: str | None) -> str:
+        from lightning_dualform.cli.main import _pick_split
+
+        return _pick_split(self.di.store, split)
+
+    def attend(self, params: dict[str, list[str]]) -> dict[str, Any]:
+        """What ``lightning-dualform attend ... --json`` writes for the same options."""
+        self._known(params, _ATTEND_PARAMS)
+        upload = self._one(params, "upload")
+        split, index = self._one(params, "split"), self._one(params, "index")
+        layer = self._one(params, "layer")
+        top_k = self._int(params, "top_k", 5)
+        at_step = self._int(params, "at_step", None)
+        step_buckets = self._int(params, "step_buckets", 20)
+        by = self._one(params, "by", "pattern")
+        contribution = self._one(params, "contribution_to", "pred")
+        _parse_contribution(contribution)
+        score = self._one(params, "score", "auto")  # auto | raw | unit (attend --score)
+        queries, source = None, ""
+        if upload is not None:
+            if split is not None or index is not None:
+                raise BadRequest("upload= attends an uploaded file; leave out split and index.")
+            if upload not in self._uploads:
+                raise BadRequest(f"upload={upload!r}: no such upload (uploads are kept while the viewer runs); upload the file again.")
+            source, queries = self._uploads[upload]
+        with self.lock:
+            self.di.refresh()
+            run = attend_run(self.di, self.store_path, split=split, index=index, queries=queries, source=source,
+                             layer=[layer] if layer else None, top_k=top_k, by=by, contribution_to=contribution,
+                             at_step=at_step, step_buckets=step_buckets, score=score)
+            return run.to_dict()
+
+    def images(self, params: dict[str, list[str]]) -> dict[str, Any]:
+        """Raw inputs as ``{"h", "w", "c", "pixels"}`` (0-255, row-major, channels last) or ``None``."""
+        self._known(params, {"split", "index", "train", "upload"})
+        from lightning_dualform.cli.main import parse_index
+
+        with self.lock:
+            self.di.refresh()
+            s = self.di.store
+            if self._one(params, "train") is not None:
+                if "split" in params or "index" in params or "upload" in params:
+                    raise BadRequest("train= asks for training inputs; leave out split, index and upload.")
+                wanted = _int_list(self._one(params, "train"), "train")
+                raw = s.train_inputs(np.asarray(wanted, dtype=np.int64))
+                images = [None] * len(wanted) if raw is None else [_image(x) for x in raw]
+                return {"train": wanted, "images": images}
+            if self._one(params, "upload") is not None:
+                uid = self._one(params, "upload")
+                if uid not in self._uploads:
+                    raise BadRequest(f"upload={uid!r}: no such upload; upload the file again.")
+                q = self._uploads[uid][1][:MAX_IMAGES]
+                ref = s.train_inputs(np.array([-1]))
+                shape = ref.shape[1:] if ref is not None and int(np.prod(ref.shape[1:])) == q.shape[1] else (q.shape[1],)
+                return {"upload": uid, "images": [_image(x.reshape(shape)) for x in q]}
+            split = self._split(self._one(params, "split"))
+            qs = s.queries(split)
+            text = self._one(params, "index")
+            if text is None:
+                raise BadRequest("images of a split need index= (dataset indices, e.g. 3,17).")
+            positions = parse_index(text, qs.index, split)
+            if len(positions) > MAX_IMAGES:
+                raise BadRequest(f"index= names {len(positions)} queries; ask for at most {MAX_IMAGES} at a time.")
+            raw = qs.inputs_at(positions)
+            images = [None] * len(positions) if raw is None else [_image(x) for x in raw]
+            return {"split": split, "index": qs.index[positions].tolist(), "images": images}
+
+    def upload(self, params: dict[str, list[str]], body: bytes) -> dict[str, Any]:
+        self._known(params, {"name"})
+        name = self._one(params, "name", "upload.npy") or "upload.npy"
+        if not re.fullmatch(r"[\w .()+-]{1,120}", name):
+            raise BadRequest("name= may hold letters, digits, spaces and . ( ) + - only (at most 120).")
+        q = load_npy_bytes(body, name)
+        with self.lock:
+            widths = {n: self.di.layer(n).d_in for n in self.di.layers}
+        takes = [n for n, w in widths.items() if w == q.shape[1]]
+        if not takes:
+            raise BadRequest(f"{name}: rows of width {q.shape[1]}, but no layer takes that width "
+                             f"({', '.join(f'{n} takes {w}' for n, w in widths.items())}).")
+        uid = secrets.token_hex(8)
+        if len(self._uploads) >= MAX_UPLOADS:
+            self._uploads.pop(next(iter(self._uploads)))
+        self._uploads[uid] = (name, q)
+        return {"upload": uid, "name": name, "n": int(q.shape[0]), "d": int(q.shape[1]), "layers": takes}
+
+    def warm(self) -> None:
+        """Read every layer into the cache once (a pass of one zero query), so that first questions are fast."""
+        import torch
+
+        for name in list(self.di.layers):
+            with self.lock:
+                try:
+                    lay = self.di.layer(name)
+                    if lay.n_rows:
+                        self.di.attend(name, torch.zeros(1, lay.d_in), top_k=0, per_example=False, mass=False)
+                except Exception as err:  # a warm-up failure shows again, with its reason, when asked
+                    log.info("warm-up of %s failed: %s", name, err)
+                    return
+
+
+def _int_list(text: str | None, name: str) -> list[int]:
+    try:
+        values = [int(t) for t in (text or "").split(",") if t.strip()]
+    except ValueError:
+        raise BadRequest(f"{name}={text!r}: expected comma-separated integers.") from None
+    if not values:
+        raise BadRequest(f"{name}= names nothing; expected comma-separated integers.")
+    if len(values) > MAX_IMAGES:
+        raise BadRequest(f"{name}= names {len(values)} inputs; ask for at most {MAX_IMAGES} at a time.")
+    return values
+
+
+def _image(x: np.ndarray) -> dict[str, Any] | None:
+    """A raw input as 8-bit pixels, scaled from its own minimum to maximum; None when it is not an image."""
+    from lightning_dualform.plots import as_image
+
+    img = as_image(x)
+    if img is None or not np.isfinite(img).all():
+        return None
+    lo, hi = float(img.min()), float(img.max())
+    pix = np.zeros(img.shape, np.uint8) if hi <= lo else np.round((img - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    return {"h": int(img.shape[0]), "w": int(img.shape[1]), "c": 1 if img.ndim == 2 else int(img.shape[2]),
+            "pixels": pix.reshape(-1).tolist()}
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+# ------------------------------------------------------------------------------------------------------
+# HTTP
+# ------------------------------------------------------------------------------------------------------
+def make_handler(app: ViewApp, assets: dict[str, str]) -> type[BaseHTTPRequestHandler]:
+    routes: dict[str, Callable[[dict[str, list[str]]], dict[str, Any]]] = {
+        "/api/info": app.info, "/api/queries": app.queries, "/api/attend": app.attend, "/api/images": app.images,
+        "/api/cache": app.cache,
+    }
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "lightning-dualform-view"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt: str, *args: Any) -> None:  # through logging, not stderr
+            log.debug("%s %s", self.address_string(), fmt % args)
+
+        def _host_ok(self) -> bool:
+            port = self.server.server_address[1]
+            return self.headers.get("Host", "") in (f"{HOST}:{port}", f"localhost:{port}")
+
+        def _send(self, status: int, body: bytes, ctype: str, extra: dict[str, str] | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Cache-Control", "no-store")
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _json(self, status: int, data: Any) -> None:
+            self._send(status, json.dumps(data, allow_nan=True).encode(), "application/json")
+
+        def _error(self, status: int, message: str) -> None:
+            self._json(status, {"error": " ".join(str(message).split())})
+
+        def _guard(self) -> tuple[str, dict[str, list[str]]] | None:
+            if not self._host_ok():
+                self._error(HTTPStatus.FORBIDDEN, f"requests must be addressed to {HOST} or localhost, not {self.headers.get('Host', '')!r}.")
+                return None
+            parts = urlsplit(self.path)
+            try:
+                params = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query), max_num_fields=64)
+            except ValueError as err:
+                self._error(HTTPStatus.BAD_REQUEST, f"malformed query string ({err}).")
+                return None
+            return parts.path, params
+
+        def _answer(self, fn: Callable[[], Any]) -> None:
+            t0 = time.perf_counter()
+            try:
+                data = fn()
+            except (BadRequest, UsageError, ValueError, KeyError, TypeError) as err:
+                self._error(HTTPStatus.BAD_REQUEST, _message(err))
+                return
+            except StoreError as err:
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, _message(err))
+                return
+            except Exception as err:  # a bug: one line for the page, the traceback for --debug
+                log.exception("request %s failed", self.path)
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(err).__name__}: {_message(err)}")
+                return
+            self._json(HTTPStatus.OK, data)
+            log.debug("%s answered in %.1f ms", self.path, 1e3 * (time.perf_counter() - t0))
+
+        def do_GET(self) -> None:
+            got = self._guard()
+            if got is None:
+                return
+            path, params = got
+            if path in routes:
+                self._answer(lambda: routes[path](params))
+                return
+            if path in assets and assets[path]:
+                if params:
+                    self._error(HTTPStatus.BAD_REQUEST, f"{path} takes no parameters.")
+                    return
+                with open(assets[path], "rb") as fh:
+                    body = fh.read()
+                extra = {}
+                if path in ("/", "/index.html"):  # the page runs its own script and style only
+                    extra["Content-Security-Policy"] = ("default-src 'none'; script-src 'self'; style-src 'self'; "
+                                                        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'")
+                self._send(HTTPStatus.OK, body, _TYPES[os.path.splitext(assets[path])[1]], extra)
+                return
+            self._error(HTTPStatus.NOT_FOUND, f"no such page: {path[:100]}")
+
+        do_HEAD = do_GET
+
+        def do_POST(self) -> None:
+            got = self._guard()
+            if got is None:
+                return
+            path, params = got
+            if path != "/api/upload":
+                self._error(HTTPStatus.METHOD_NOT_ALLOWED if path in routes or path in assets else HTTPStatus.NOT_FOUND,
+                            f"POST {path[:100]}: only /api/upload takes POST.")
+                return
+            try:
+                size = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self._error(HTTPStatus.LENGTH_REQUIRED, "POST /api/upload needs a Content-Length.")
+                return
+            if size > MAX_UPLOAD_BYTES or size < 0:
+                self.close_connection = True
+                self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"uploads may hold at most {MAX_UPLOAD_BYTES // 2**20} MiB.")
+                return
+            body = self.rfile.read(size)
+            self._answer(lambda: app.upload(params, body))
+
+        def _not_allowed(self) -> None:
+            self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not supported; use GET (POST for /api/upload).")
+
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+    return Handler
+
+
+class ViewServer(ThreadingHTTPServer):
+    """The viewer's HTTP server, bound to 127.0.0.1."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, app: ViewApp, port: int = 0, assets: str = ASSETS) -> None:
+        super().__init__((HOST, port), make_handler(app, asset_table(assets)))
+        self.app = app
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.server_address[1]}/"
+
+
+def serve(store: str, *, port: int = DEFAULT_PORT, device: str = "cpu", cache: int | str = "auto",
+          block_rows: int | None = None, open_browser: bool = True, warm: bool = True,
+          echo: Callable[[str], None] = print) -> int:
+    """Open ``store``, serve the page until Ctrl-C, close. Returns 0."""
+    from lightning_dualform.attend.inference import DualInference
+
+    with DualInference(store, device=device, cache=cache, block_rows=block_rows) as di:
+        app = ViewApp(store, di)
+        try:
+            server = ViewServer(app, port)
+        except OSError as err:
+            raise UsageError(f"--port {port}: cannot listen on {HOST}:{port} ({err.strerror or err}); "
+                             "choose another port, or --port 0 for any free one.") from None
+        with server:
+            echo(f"serving {store} at {server.url} (Ctrl-C to stop)")
+            if warm:
+                threading.Thread(target=app.warm, name="dualform-warm", daemon=True).start()
+            if open_browser:
+                import webbrowser
+
+                threading.Timer(0.3, lambda: webbrowser.open(server.url)).start()
+            try:
+                server.serve_forever()
+            except KeyboardInterrupt:
+                echo("stopped")
+    return 0
