@@ -61,14 +61,15 @@ class Classifier(pl.LightningModule):
 
     Args:
         net: the network; its ``nn.Linear`` (and convolution) layers are what the callback records.
-        lr: SGD learning rate.
+        lr: learning rate.
         momentum: SGD momentum.
+        optimizer: ``"sgd"`` (with ``momentum``) or ``"adamw"`` (``torch.optim.AdamW``, weight decay 0.01).
     """
 
-    def __init__(self, net: nn.Module, lr: float, momentum: float = 0.9) -> None:
+    def __init__(self, net: nn.Module, lr: float, momentum: float = 0.9, optimizer: str = "sgd") -> None:
         super().__init__()
         self.net = net
-        self.lr, self.momentum = lr, momentum
+        self.lr, self.momentum, self.optimizer_name = lr, momentum, optimizer
         self.correct, self.seen = 0, 0
 
     @override
@@ -99,6 +100,8 @@ class Classifier(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
@@ -371,6 +374,39 @@ def plot_bars(groups: dict[str, dict[str, float]], path: str, title: str, ylabel
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_runs_side_by_side(runs: dict[str, tuple[DualInference, QueryAttention]], picks: Sequence[int], path: str,
+                           classes: Sequence[str], to_image: Callable[[np.ndarray], np.ndarray], k: int) -> None:
+    """For the same test inputs in several runs (one row per test input and run), at the output layer: the top-``k``
+    training patterns by score (``k . q``, or the unit attention weight of an element-wise optimizer: the row says
+    which), then the top-``k`` proponents (the largest contributions to the predicted logit)."""
+    plt = _plt()
+    names = list(runs)
+    rows = [(e, name) for e in picks for name in names]
+    fig, axes = plt.subplots(len(rows), 1 + 2 * k, figsize=(1.15 * (1 + 2 * k), 1.6 * len(rows)), squeeze=False)
+    for r, (e, name) in enumerate(rows):
+        di, run = runs[name]
+        layer = run.layers[-1]
+        res = run.results[layer]
+        pos = int(run.examples[e])
+        qs_inputs = di.store.queries(run.split).inputs
+        how = "k·q" if res.score == "raw" else "−(Q⊙k)·q"
+        _image(axes[r, 0], to_image(qs_inputs[pos]),
+               f"{name}: test {run.index[e]}\n{classes[run.label[e]]}→{classes[run.prediction[e]]}")
+        row = int(np.flatnonzero(run.example[layer] == e)[0])
+        for j, (by, title) in enumerate((("row", f"top by {how}"), ("proponents", "proponent"))):
+            top = top_rows(res, row, k, by=by)
+            imgs = di.store.train_inputs(np.array([t["index"] for t in top]))
+            for i, t in enumerate(top):
+                _image(axes[r, 1 + j * k + i], to_image(imgs[i]),
+                       f"{title} #{i + 1}\n{classes[t['label']] if t['label'] >= 0 else '?'} step {t['step']}")
+    fig.suptitle("The same test digits, two optimizers, at the output layer. Left: the top training digits by attention "
+                 "score (SGD: k·q; AdamW: the weight\nfor the predicted logit, −(Q_s[u]⊙k)·q). Right: the proponents, the "
+                 "largest contributions to the predicted logit. Titles: label and training step.", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

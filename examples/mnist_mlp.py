@@ -9,9 +9,13 @@ files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-i
 ``--max-steps 5000`` for the paper's run.
 
 Outputs in ``--out``: ``mnist.h5`` (the store), ``votes.md``, ``topk.png``, ``score_curves.png``,
-``top_steps.png``, ``class_mass.png``, ``summary.json``.
+``top_steps.png``, ``class_mass.png``, ``summary.json``. With ``--optimizer adamw`` the model trains with
+``torch.optim.AdamW`` (``--adamw-lr``, weight decay 0.01; its dual form is exact too), and the same run with
+SGD goes into ``mnist_sgd.h5``: ``sgd_vs_adamw.png`` shows, for the same test digits, the top training
+digits of both runs.
 
     python examples/mnist_mlp.py --out runs/mnist
+    python examples/mnist_mlp.py --optimizer adamw --out runs/mnist-adamw
     python examples/mnist_mlp.py --data-dir ~/data/mnist --max-steps 5000 --out runs/mnist-full
 """
 
@@ -79,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = common.parser(__doc__.split("\n\n")[0], max_steps=300, lr=3e-3)
     p.add_argument("--data-dir", default=None, help="folder with the standard MNIST IDX files (default: the embedded 10k digits)")
     p.add_argument("--hidden", type=int, default=800, help="width of the two hidden layers (the paper: 800)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="sgd: the paper's; adamw: torch.optim.AdamW, plus the same run with SGD beside it (sgd_vs_adamw.png)")
+    p.add_argument("--adamw-lr", type=float, default=1e-3, help="AdamW's learning rate (with --optimizer adamw)")
     args = p.parse_args(argv)
     out = common.prepare_out(args, "mnist_mlp")
     pl.seed_everything(args.seed, verbose=False)
@@ -93,18 +100,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mnist_mlp: {err}", file=sys.stderr)
         return 2
     train_set, test_set = tensors(tri, trl), tensors(tei, tel)
-    train, test = common.loaders(args, train_set, test_set)
-    model = common.Classifier(common.mlp(784, args.hidden), lr=args.lr, momentum=args.momentum)
+    to_image = lambda x: np.asarray(x).reshape(28, 28)  # noqa: E731
+    adamw = args.optimizer == "adamw"
+    lr = args.adamw_lr if adamw else args.lr
     store = os.path.join(out, "mnist.h5")
-    common.fit_and_test(args, model, store, train, test)
+    accuracy = {}
+    for opt, path in ((("sgd", os.path.join(out, "mnist_sgd.h5")),) if adamw else ()) + ((args.optimizer, store),):
+        pl.seed_everything(args.seed, verbose=False)  # the same initial weights and batches for both runs
+        train, test = common.loaders(args, train_set, test_set)
+        model = common.Classifier(common.mlp(784, args.hidden), lr=args.adamw_lr if opt == "adamw" else args.lr,
+                                  momentum=args.momentum, optimizer=opt)
+        common.fit_and_test(args, model, path, train, test)
+        accuracy[opt] = model.accuracy
     summary = common.analyse_classifier(
-        store, out, args, classes=MNIST_CLASSES, to_image=lambda x: np.asarray(x).reshape(28, 28),
-        title="MNIST, MLP 784-800-800-10", extra={"test_accuracy": model.accuracy, "train_examples": len(train_set),
-                                                    "test_examples": len(test_set), "lr": args.lr},
+        store, out, args, classes=MNIST_CLASSES, to_image=to_image,
+        title=f"MNIST, MLP 784-800-800-10, {'AdamW' if adamw else 'SGD'}",
+        extra={"test_accuracy": accuracy[args.optimizer], "train_examples": len(train_set), "test_examples": len(test_set),
+               "lr": lr, "optimizer": args.optimizer, **({"sgd_test_accuracy": accuracy["sgd"]} if adamw else {})},
     )
-    print(f"mnist_mlp: test accuracy {100 * model.accuracy:.1f}% after {summary['steps']} steps; outputs in {out}")
+    if adamw:
+        compare(out, args, to_image)
+    print(f"mnist_mlp: test accuracy {100 * accuracy[args.optimizer]:.1f}% after {summary['steps']} steps; outputs in {out}")
     print(open(os.path.join(out, "votes.md")).read())
     return 0
+
+
+def compare(out: str, args, to_image) -> str:
+    """``sgd_vs_adamw.png``: the same test digits (two right, one wrong in the AdamW run) in both runs."""
+    from lightning_dualform import DualInference
+    from lightning_dualform.analysis import attend_recorded
+
+    runs = {}
+    with DualInference(os.path.join(out, "mnist_sgd.h5"), device="cpu") as sgd, \
+            DualInference(os.path.join(out, "mnist.h5"), device="cpu") as adamw:
+        for name, di in (("SGD", sgd), ("AdamW", adamw)):
+            layers = common.linear_layers(di)
+            runs[name] = (di, attend_recorded(di, "test", layers=layers[-1:], limit=args.queries, top_k=args.top_k,
+                                              contribution_to="pred"))
+        run = runs["AdamW"][1]
+        picks = common.pick_examples(run.label, run.prediction)
+        path = os.path.join(out, "sgd_vs_adamw.png")
+        common.plot_runs_side_by_side(runs, picks, path, MNIST_CLASSES, to_image, args.top_k)
+    return path
 
 
 if __name__ == "__main__":

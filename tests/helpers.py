@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_dualform.optim import PARAM_COLUMNS, coefficients_with_buffer
+from lightning_dualform.optim import PARAM_COLUMNS, coefficients_with_buffer, plain_sgd_coefficients
 
 TRAINER_KW = dict(logger=False, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
 
@@ -69,7 +69,18 @@ def dual_output(path: str, layer: str, x: torch.Tensor, end: int | None = None, 
         u = g["updates"]
         scale = u["grad_scale"][:n_steps]
         n_used = n_steps if end is None else end - first
-        a_w, b_w, c_w = coefficients_with_buffer({c: u["weight"][c][:n_steps] for c in PARAM_COLUMNS}, scale, n_used)
+        rule = f.attrs.get("update_rule", "sgd")
+        if isinstance(rule, bytes):
+            rule = rule.decode()
+        assert rule in ("sgd", "plain"), f"dual_output rebuilds SGD and plain stores, not {rule!r} (compare with the model)"
+
+        def coefs(table):
+            if rule == "plain" or not f.attrs["optimizer_exact"]:
+                a, c = plain_sgd_coefficients(table["lr"][:n_steps], scale, table["applied"][:n_steps], n_used)
+                return a, 0.0, c
+            return coefficients_with_buffer({c: table[c][:n_steps] for c in PARAM_COLUMNS}, scale, n_used)
+
+        a_w, b_w, c_w = coefs(u["weight"])
         steps = g["step"][: int(g["committed_rows"][0])]
         keep = steps < first + n_used
         raw_keys = g["keys"][: len(steps)][keep]
@@ -89,7 +100,7 @@ def dual_output(path: str, layer: str, x: torch.Tensor, end: int | None = None, 
             out = torch.zeros_like(out)
         out += ((x @ k.t()) * torch.from_numpy(c_w)[s]) @ v
         if "bias" in u:
-            a_b, b_b, c_b = coefficients_with_buffer({c: u["bias"][c][:n_steps] for c in PARAM_COLUMNS}, scale, n_used)
+            a_b, b_b, c_b = coefs(u["bias"])
             if base:
                 out += a_b * torch.from_numpy(g["bias_init"][()]).double()
                 if "bias_buffer_init" in g:

@@ -238,9 +238,9 @@ def test_boring_model_unchanged(tmp_path):
     assert cb.certificate["layer"]["exact"]
 
 
-def test_adam_is_refused_with_a_clear_error(tmp_path):
-    model = MLP(opt_factory=lambda m: torch.optim.Adam(m.parameters(), lr=1e-3))
-    with pytest.raises(InexactError, match="Adam.*exact=False"):
+def test_rprop_is_refused_with_a_clear_error(tmp_path):
+    model = MLP(opt_factory=lambda m: torch.optim.Rprop(m.parameters(), lr=1e-3))
+    with pytest.raises(InexactError, match=r"Rprop: its step uses only the sign.*Supported: .*torch\.optim\.AdamW.*exact=False"):
         _fit(tmp_path, model)
 
 
@@ -249,14 +249,15 @@ def test_value_clipping_is_refused(tmp_path):
         _fit(tmp_path, MLP(), gradient_clip_val=0.1, gradient_clip_algorithm="value")
 
 
-def test_adam_opt_in_reports_its_residual(tmp_path):
-    model = MLP(opt_factory=lambda m: torch.optim.Adam(m.parameters(), lr=1e-2))
+def test_rprop_opt_in_reports_its_residual(tmp_path):
+    model = MLP(opt_factory=lambda m: torch.optim.Rprop(m.parameters(), lr=1e-2))
     with pytest.warns(UserWarning, match="inexact"):
-        _, cb = _fit(tmp_path, model, callback=DualFormCallback(tmp_path / "adam.h5", exact=False))
+        _, cb = _fit(tmp_path, model, callback=DualFormCallback(tmp_path / "rprop.h5", exact=False))
     cert = cb.certificate["net.0"]
     assert not cert["exact"] and cert["rel_err"] > 1e-3
     with h5py.File(cb.store_path, "r") as f:
-        assert not f.attrs["optimizer_exact"]
+        assert not f.attrs["optimizer_exact"] and f.attrs["update_rule"] == "plain"
+        assert sorted(f["layers/net.0/updates/weight"]) == ["applied", "lr"]
         g = f["layers"]["net.0"]
         residual = g["weight_residual"][()]
     # memory + residual gives back the real weights

@@ -240,3 +240,78 @@ def test_bad_inputs_give_exit_2_and_one_line(small, capsys, tmp_path):
 def test_debug_shows_the_traceback(small, capsys):
     rc, out, err = run(capsys, "attend", small, "--layer", "fc9", "--debug")
     assert rc == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("lightning-dualform: error:")
+
+
+# -- a store of an element-wise optimizer (AdamW) ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def adamw(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("cli-adamw") / "adamw.h5")
+
+    class AdamWClassifier(Classifier):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
+
+    model = AdamWClassifier()
+    cb = DualFormCallback(path, record_queries=("test",))
+    trainer = L.Trainer(max_epochs=2, callbacks=[cb], gradient_clip_val=0.5, **TRAINER_KW)
+    trainer.fit(model, torch.utils.data.DataLoader(IndexedDataset(n=64, seed=0), batch_size=16, shuffle=True))
+    trainer.test(model, torch.utils.data.DataLoader(IndexedDataset(n=20, seed=1), batch_size=8), verbose=False)
+    return path
+
+
+def test_info_names_the_optimizer_and_its_rule(adamw, capsys, tmp_path):
+    rc, out, err = run(capsys, "info", adamw, "--json", tmp_path / "i.json")
+    assert rc == 0, err
+    assert "AdamW" in out and "betas=(0.9, 0.999)" in out and "rule       adam (exact: element-wise" in out
+    facts = json.loads((tmp_path / "i.json").read_text())
+    assert facts["update_rule"] == "adam" and facts["form"] == "element-wise" and facts["format_version"] == 2
+
+
+def test_attend_on_adamw_ranks_by_unit_scores_and_says_so(adamw, capsys, tmp_path):
+    out_json = tmp_path / "u.json"
+    rc, out, err = run(capsys, "attend", adamw, "--index", "3", "--top-k", "3", "--json", out_json)
+    assert rc == 0, err
+    assert "-(Q_s[u] (.) k) . q" in out and "attention weights for unit" in out
+    got = json.loads(out_json.read_text())
+    assert got["settings"]["score"] == "auto"
+    assert {got["layers"][n]["score"] for n in got["layers"]} == {"unit"}
+    with DualInference(adamw, device="cpu") as di:
+        qs = di.store.queries("test")
+        pos = int(np.flatnonzero(qs.index == 3)[0])
+        for name in di.layers:  # every layer ranks by its own predicted unit; the last by the model's prediction
+            rows = qs.layer_rows(name)
+            want = di.attend(name, rows["keys"][rows["example"] == pos], top_k=3, contribution_to="pred",
+                             step_buckets=20).to_dict()
+            _assert_same(got["layers"][name], want)
+    rc, out, err = run(capsys, "attend", adamw, "--index", "3", "--top-k", "3", "--score", "raw", "--json", out_json)
+    assert rc == 0, err
+    assert "similarity k . q" in out and {json.loads(out_json.read_text())["layers"][n]["score"] for n in ("net.0", "net.2")} == {"raw"}
+    rc, _, err = run(capsys, "attend", adamw, "--index", "3", "--contribution-to", "none")
+    assert rc == 2 and "--score raw" in err
+    png = tmp_path / "u.png"
+    rc, _, err = run(capsys, "--quiet", "attend", adamw, "--index", "0:2", "--top-k", "2", "--plot", png)
+    assert rc == 0, err
+    assert_png(png)
+
+
+def test_verify_checks_the_replay_and_the_unit_decomposition(adamw, capsys, tmp_path):
+    rc, out, err = run(capsys, "verify", adamw, "--json", tmp_path / "v.json")
+    assert rc == 0, err
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert v["ok"] and all(l["worst"] < 1e-5 for l in v["layers"])
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(open(adamw, "rb").read())
+    with h5py.File(broken, "r+") as f:
+        f["layers/net.0/state/weight/exp_avg_sq"][0, 0] = 5.0  # a wrong initial second moment: the replay drifts
+    rc, out, err = run(capsys, "verify", broken)
+    assert rc == 1 and "FAIL" in out
+
+
+def test_demo_with_adamw(tmp_path, capsys):
+    out = str(tmp_path / "d")
+    rc, printed, err = run(capsys, "demo", "--out", out, "--epochs", "1", "--limit", "300", "--quiet", "--optimizer", "adamw")
+    assert rc == 0, err
+    assert "AdamW lr 0.001" in printed and "exact" in printed
+    summary = json.loads(open(os.path.join(out, "summary.json")).read())
+    assert summary["optimizer"] == "adamw" and all(c["exact"] for c in summary["certificate"].values())
+    assert_png(os.path.join(out, "attend.png"))

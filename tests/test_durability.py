@@ -54,6 +54,28 @@ def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
         assert s.complete and s.layer("net.0").attrs["certificate_exact"]
 
 
+def test_adamw_resume_equals_uninterrupted(tmp_path):
+    """AdamW (amsgrad, a schedule, clipping): a store continued from a checkpoint is the uninterrupted one, bit for
+    bit (its optimizer state before the first step, its tables and rows), and so is the model."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    _run(full / "run.h5", full / "ckpt", 3, "--optimizer", "adamw")
+    _run(part / "run.h5", part / "ckpt", 2, "--optimizer", "adamw")
+    ckpt = sorted(glob.glob(str(part / "ckpt" / "epoch=0-*.ckpt")))[0]
+    _run(part / "run.h5", part / "ckpt2", 3, "--resume", ckpt, "--optimizer", "adamw")
+    _assert_same_store(full / "run.h5", part / "run.h5")
+    a = torch.load(full / "ckpt" / "final_weights.pt", weights_only=True)
+    b = torch.load(part / "ckpt2" / "final_weights.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with StoreReader(part / "run.h5") as s:
+        assert s.update_rule == "adam" and s.complete
+        assert all(s.layer(n).attrs["certificate_exact"] for n in s.layers)
+    model = MLP()
+    model.load_state_dict(b)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+    with DualInference(str(part / "run.h5"), device="cpu", accumulate=torch.float64) as di:
+        assert rel_err(di.attend("net.0", x, top_k=1).dual.double(), real_output(model.net[0], x)) <= 1e-5
+
+
 def test_sigkill_leaves_a_verifiable_store_and_resume_completes_it(uninterrupted, tmp_path):
     store = tmp_path / "run.h5"
     proc = _run(store, tmp_path / "ckpt", 3, "--kill-at-step", 13, check=False)

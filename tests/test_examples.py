@@ -61,6 +61,18 @@ def test_mnist_mlp_embedded(tmp_path):
     assert "| net.1 |" in open(os.path.join(out, "votes.md")).read()
 
 
+def test_mnist_mlp_adamw_beside_sgd(tmp_path):
+    out = str(tmp_path / "a")
+    assert example("mnist_mlp").main([*TINY, "--hidden", "16", "--out", out, "--optimizer", "adamw"]) == 0
+    _outputs(out, CLASSIFIER_OUTPUTS + ["sgd_vs_adamw.png", "mnist_sgd.h5"])
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["optimizer"] == "adamw" and all(v < 1e-4 for v in summary["certificate"].values())
+    from lightning_dualform import StoreReader
+
+    with StoreReader(os.path.join(out, "mnist.h5")) as s, StoreReader(os.path.join(out, "mnist_sgd.h5")) as t:
+        assert (s.update_rule, t.update_rule) == ("adam", "sgd")
+
+
 def _idx(path: str, arr: np.ndarray) -> None:
     header = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
     opener = gzip.open if path.endswith(".gz") else open

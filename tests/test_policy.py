@@ -32,9 +32,20 @@ def test_inexact_causes(facts, cause):
         assert any(cause in c for c in got), got
 
 
+@pytest.mark.parametrize("make", [
+    lambda: torch.optim.AdamW(P), lambda: torch.optim.Adam(P, amsgrad=True, weight_decay=0.1), lambda: torch.optim.Adagrad(P),
+    lambda: torch.optim.RMSprop(P, momentum=0.9, centered=True), lambda: torch.optim.Adamax(P), lambda: torch.optim.NAdam(P),
+    lambda: torch.optim.RAdam(P), lambda: torch.optim.Adadelta(P), lambda: torch.optim.ASGD(P),
+], ids=["adamw", "adam", "adagrad", "rmsprop", "adamax", "nadam", "radam", "adadelta", "asgd"])
+def test_optimizers_with_an_exact_rule_are_exact(make):
+    assert inexact_causes(RunFacts(optimizers=[make()], clip_algorithm="norm", strategy="DDPStrategy")) == []
+
+
 def test_refusal_names_the_causes_the_remedy_and_the_opt_in():
-    msg = refusal("DualFormRecorder", ["Rprop: its per-element update is not a scalar times the gradient"])
-    assert "Rprop" in msg and "torch.optim.SGD" in msg and "DualFormRecorder(..., exact=False)" in msg
+    msg = refusal("DualFormRecorder", inexact_causes(RunFacts(optimizers=[torch.optim.Rprop(P)])))
+    assert "torch.optim.rprop.Rprop: its step uses only the sign" in msg
+    assert "Supported: " in msg and "torch.optim.AdamW" in msg and "torch.optim.SGD" in msg
+    assert "DualFormRecorder(..., exact=False)" in msg
 
 
 def test_gradient_check_tolerance_widens_with_rounding():

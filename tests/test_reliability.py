@@ -40,7 +40,7 @@ def kills(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("kills"))
     scenarios = reliability.kill_scenarios(root)
     scenarios.append(reliability.scenario(root, "two-writers", pair=True))
-    scenarios.append(reliability.scenario(root, "reader", reader=True, epochs=8))
+    scenarios.append(reliability.scenario(root, "reader", reader=True, epochs=8, batch_sleep=0.05))
     results = reliability.run_scenarios(scenarios, root)
     ref = reliability.snapshot(scenarios[0]["store"])
     return results, ref

@@ -182,12 +182,16 @@ def attend_queries(
     contribution_to: str | int | None = "pred",
     at_step: int | None = None,
     step_buckets: int = 20,
+    score: str = "auto",
 ) -> QueryAttention:
     """Attend recorded queries (``split`` + ``positions`` in recording order; default: all of them) or loaded
     ``queries`` ``(n, d)``, as ``lightning-dualform attend`` does.
 
     ``contribution_to`` (``"pred"``, ``"label"``, an output unit, or ``None``) ranks proponents and opponents
-    at the store's last layer, whose output is the model's; other layers get scores only.
+    at the store's last layer, whose output is the model's; other layers get scores only, except in a store of
+    an element-wise rule, whose attention weights depend on the unit: there each layer ranks by its own
+    predicted unit (``contribution_to="auto"`` of :meth:`DualInference.attend`). ``score`` is passed on
+    (``"auto"``, ``"raw"`` or ``"unit"``; each result says which it used).
 
     Raises:
         ValueError: a query width no layer takes, a layer without recorded rows, ``contribution_to="label"``
@@ -252,18 +256,21 @@ def attend_queries(
             raise ValueError("--contribution-to label: some queries have no recorded label; use pred or a unit number.")
         units_label = run.label
     run.settings = {"top_k": top_k, "contribution_to": contribution_to, "at_step": at_step, "step_buckets": step_buckets,
-                    "layers": list(layers)}
+                    "layers": list(layers), "score": score}
     for name in layers:
         keys, example, position = per_layer[name]
         if len(keys) == 0:
             raise ValueError(f"layer {name}: no recorded rows for the chosen queries.")
-        contrib: Any = None
-        if name == last and contribution_to is not None:
-            contrib = torch.as_tensor(units_label[example], dtype=torch.int64) if contribution_to == "label" else contribution_to
+        contrib: Any = "auto"  # scores only (SGD), or the layer's own predicted unit (element-wise rules)
+        if name == last:
+            contrib = contribution_to
+            if contribution_to == "label":
+                contrib = torch.as_tensor(units_label[example], dtype=torch.int64)
         n_rows = di.layer(name).n_rows
         if top_k > n_rows:
             raise ValueError(f"--top-k {top_k}: layer {name} holds only {n_rows} rows; use --top-k {n_rows} or less.")
-        run.results[name] = di.attend(name, keys, top_k=top_k, at_step=at_step, contribution_to=contrib, step_buckets=step_buckets)
+        run.results[name] = di.attend(name, keys, top_k=top_k, at_step=at_step, contribution_to=contrib, step_buckets=step_buckets,
+                                      score=score)
         run.keys[name] = keys
         run.example[name] = example
         run.position[name] = position
@@ -288,18 +295,23 @@ def top_rows(result: AttentionResult, query: int, k: int | None = None, *, by: s
         result: an :meth:`DualInference.attend` answer.
         query: which query row of it.
         k: how many (default: all that the result kept).
-        by: ``"row"`` (one presentation of an example, with its ``step``/``epoch``/``position``) or
-            ``"example"`` (scores of all presentations summed; needs ``per_example=True``).
+        by: ``"row"`` (one presentation of an example, with its ``step``/``epoch``/``position``; ranked by the
+            result's ``score``), ``"example"`` (scores of all presentations summed; needs ``per_example=True``),
+            or ``"proponents"`` / ``"opponents"`` (rows by contribution to the query's unit; needs
+            ``contribution_to``; ``score`` is then the contribution).
 
     Raises:
         ValueError: a bad ``by``, or the result kept no top rows/examples.
     """
-    if by not in ("row", "example"):
-        raise ValueError(f"`top_rows(by={by!r})`: expected 'row' or 'example'.")
-    top = result.top if by == "row" else result.top_examples
+    kinds = {"row": "top", "example": "top_examples", "proponents": "proponents", "opponents": "opponents"}
+    if by not in kinds:
+        raise ValueError(f"`top_rows(by={by!r})`: expected one of {tuple(kinds)}.")
+    top = getattr(result, kinds[by])
     if top is None:
+        need = {"example": " and per_example=True", "proponents": " and contribution_to", "opponents": " and contribution_to"}
         raise ValueError(f"`top_rows(by={by!r})`: the result of layer {result.layer!r} kept none; attend with top_k > 0"
-                         + (" and per_example=True." if by == "example" else "."))
+                         + need.get(by, "") + ".")
+    by = "row" if by in ("proponents", "opponents") else by
     cols = ("score", "row", "step", "epoch", "index", "position", "label") if by == "row" else ("score", "index", "label", "rows")
     query = as_int(query, "top_rows(query=...)", lo=0, hi=top.score.shape[0] - 1)
     n = top.score.shape[1] if k is None else min(as_int(k, "top_rows(k=...)", lo=0), top.score.shape[1])
@@ -494,12 +506,13 @@ def iter_scores(
     columns: Sequence[str] = ("step", "epoch", "index", "position", "label"), block_rows: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, dict[str, np.ndarray]]]:
     """Stream ``(scores (n, B), {column: (B,)})`` over the rows of ``layer`` the model after ``at_step``
-    steps was built from. Scores are ``k . q`` in the store's accumulation dtype, on the CPU."""
+    steps was built from. Scores are the paper's ``k . q`` (whatever the optimizer; the unit scores of an
+    element-wise rule come from :meth:`DualInference.attend`), in the accumulation dtype, on the CPU."""
     lay = di.layer(layer)
     q = _as_queries(di, layer, queries, "iter_scores")
     if at_step is not None:
         at_step = as_int(at_step, "iter_scores(at_step=...)", allowed="None or an integer optimizer step")
-    end = lay.coefficients(at_step).end_step
+    _, end = lay.end_step(at_step)
     n_rows = lay.rows_before(end)
     b = as_int(block_rows, "iter_scores(block_rows=...)", lo=1) if block_rows is not None else di.rows_per_block(lay)
     for start in range(0, n_rows, b):

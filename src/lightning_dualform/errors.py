@@ -17,7 +17,7 @@ class StoreBusyError(StoreError):
 
 
 class InexactError(DualFormError, RuntimeError):
-    """The training run cannot be written as an exact dual form (e.g. Adam) and no opt-in was given."""
+    """The training run cannot be written as an exact dual form (e.g. Rprop, value clipping) and no opt-in was given."""
 
 
 class WriterError(DualFormError, RuntimeError):

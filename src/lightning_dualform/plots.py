@@ -82,6 +82,16 @@ def _ranking(res: Any, r: int, by: str) -> list[dict[str, Any]]:
              "sub": f"ep {int(t.epoch[r, i])}"} for i in range(t.row.shape[1]) if int(t.row[r, i]) >= 0]
 
 
+def score_phrase(results: dict[str, Any]) -> str:
+    """What the pictures rank by, from the results' ``score`` (``AttentionResult.score``)."""
+    scores = {getattr(r, "score", "raw") for r in results.values()}
+    if scores == {"unit"}:
+        return "ranked by the attention weight for each query's unit, -(Q_s[u] ⊙ k) · q"
+    if scores == {"raw"}:
+        return "ranked by the similarity k · q"
+    return "ranked by k · q or by unit attention weights (per layer)"
+
+
 def _name(label: int, class_names: Sequence[str] | None) -> str:
     if label < 0:
         return "?"
@@ -181,8 +191,8 @@ def attention_figure(
     )
     what = "training patterns (one per presentation)" if by == "pattern" else "training examples (epochs summed)"
     at = next(iter(run.results.values())).at_step if run.results else 0
-    fig.suptitle(f"Top-{k} {what} each layer attends to, after {at} optimizer steps", fontsize=12, fontweight="bold",
-                 y=1 - 0.12 / height, va="top")
+    fig.suptitle(f"Top-{k} {what} each layer attends to, after {at} optimizer steps; {score_phrase(run.results)}",
+                 fontsize=12, fontweight="bold", y=1 - 0.12 / height, va="top")
 
     for j in range(n_q):
         r0 = j * len(layers)

@@ -12,6 +12,7 @@ import traceback
 import numpy as np
 
 from lightning_dualform import StoreError, StoreReader
+from lightning_dualform.attend.replay import LayerReplay
 
 
 def exercise(path: str) -> None:
@@ -19,9 +20,15 @@ def exercise(path: str) -> None:
         for name in s.layers:
             layer = s.layer(name)
             layer.read(0, layer.n_rows)
+            _ = layer.weight_final, layer.bias_final
+            if s.form == "element-wise":  # an optimizer state and a replay instead of scalar coefficients
+                rep = LayerReplay(layer)
+                rep.weights()
+                rep.sweep_units(np.arange(min(2, layer.d_out)), lambda rows, q, qb: None)
+                layer.stored_memory_sums(rep.end, rep.n_rows)
+                continue
             coef = layer.coefficients()
             layer.base_weights()
-            _ = layer.weight_final, layer.bias_final
             layer.stored_memory_sums(coef.end_step, layer.rows_before(coef.end_step))
         for split in s.query_splits:
             q = s.queries(split)

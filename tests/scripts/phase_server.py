@@ -300,6 +300,12 @@ def run(spec: dict) -> None:
     cb = DualFormCallback(spec["store"], commit_seconds=1e9, record_queries=("test", "predict"), certify="full",
                           overwrite=bool(spec.get("overwrite")))
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=spec["ckpt_dir"], save_top_k=-1, filename="{epoch}-{step}")
+    if spec.get("batch_sleep"):  # a run long enough for a reader to open it many times, however loaded the machine
+        class Sleep(L.Callback):
+            def on_train_batch_end(self, *args: object) -> None:
+                time.sleep(float(spec["batch_sleep"]))
+
+        extra = [*extra, Sleep()]
     trainer = L.Trainer(max_epochs=spec["epochs"], callbacks=[*spec.get("_extra", []), *extra, cb, ckpt], logger=False, enable_progress_bar=False,
                         enable_model_summary=False, gradient_clip_val=0.5)
     loader = torch.utils.data.DataLoader(ds, batch_size=16, sampler=EpochSampler(len(ds)))

@@ -1,6 +1,6 @@
 """A deterministic training run for durability tests (run as a subprocess).
 
-usage: train_run.py STORE CKPT_DIR EPOCHS [--kill-at-step N] [--resume CKPT]
+usage: train_run.py STORE CKPT_DIR EPOCHS [--kill-at-step N] [--resume CKPT] [--optimizer sgd|adamw]
 """
 
 import argparse
@@ -35,11 +35,16 @@ def main() -> None:
     p.add_argument("epochs", type=int)
     p.add_argument("--kill-at-step", type=int)
     p.add_argument("--resume")
+    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
     args = p.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     ds = IndexedDataset(n=80)
-    model = MLP(opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True))
+    if args.optimizer == "adamw":
+        model = MLP(opt_factory=lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=True),
+                    sched_factory=lambda o: torch.optim.lr_scheduler.StepLR(o, 2, 0.8))
+    else:
+        model = MLP(opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True))
     callbacks = [
         DualFormCallback(args.store, commit_seconds=1e9),
         L.pytorch.callbacks.ModelCheckpoint(dirpath=args.ckpt_dir, save_top_k=-1, filename="{epoch}-{step}"),

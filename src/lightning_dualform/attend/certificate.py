@@ -1,9 +1,11 @@
 """The exactness certificate: rebuild each layer's weights from the store and compare with the real ones.
 
-``W_rebuilt = a W_0 + sum_rows c_step(row) v_row k_row^T`` (float64, streamed in blocks). The relative
-Frobenius error against the stored final weights is the certificate; it is written into the store.
-For an inexact run (``exact=False``) the residual ``W_final - W_rebuilt`` is stored too, so that answers
-can add it back and say how much of the output the memory explains.
+Scalar rules (SGD, ASGD): ``W_rebuilt = a W_0 + sum_rows c_step(row) v_row k_row^T`` (float64, streamed in
+blocks). Element-wise rules (Adam, AdamW, ...): the float64 replay of the optimizer over the rows
+(:class:`~lightning_dualform.attend.replay.LayerReplay`). The relative Frobenius error against the stored final
+weights is the certificate; it is written into the store. For an inexact run (``exact=False``) the residual
+``W_final - W_rebuilt`` is stored too, so that answers can add it back and say how much of the output the
+memory explains.
 
 Writing it is a phase of its own after the finalisation: under the store's writer lock, each layer's
 certificate is computed from the rows (read only) and then written in one all-or-nothing write session
@@ -14,17 +16,22 @@ one; :func:`certify_store` (``lightning-dualform verify --write-certificate``) w
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Any, Callable
 
+import h5py
 import numpy as np
 import torch
 
+from lightning_dualform.attend.memory import memory_sums, rebuilt_weights
+from lightning_dualform.attend.replay import LayerReplay
 from lightning_dualform.errors import StoreError
 from lightning_dualform.store import _h5, _journal
 from lightning_dualform.store._lock import WriterLock
-from lightning_dualform.store.format import MEMORY_SUM_MAX_ELEMENTS, tables_crc32, weights_crc32
+from lightning_dualform.store.format import MEMORY_SUM_MAX_ELEMENTS, REPLAY_DATASETS, tables_crc32, weights_crc32
 from lightning_dualform.store.reader import Coefficients, LayerReader, StoreReader
-from lightning_dualform.attend.memory import memory_sums, rebuilt_weights
+from lightning_dualform.store.shards import ShardedStoreReader, open_store
 
 #: Relative error of the rebuilt weights up to which a store counts as exact, by stored row dtype ...
 ROW_DTYPE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
@@ -60,8 +67,18 @@ def rebuild_weights(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's weight ``(d_out, d_in)`` and bias ``(d_out,)`` rebuilt from its initial values and memory.
 
-    ``all_reduce`` sums the memory part over the shards of a DDP run (each rank holds its own rows).
+    ``all_reduce`` sums the memory part over the shards of a DDP run (each rank holds its own rows); a layer of
+    an element-wise rule needs every shard's rows at each step instead: pass the layer of the sharded store
+    (``open_store`` on the run's index file).
     """
+    if layer.store.form == "element-wise":
+        if all_reduce is not None:
+            raise ValueError(
+                "an element-wise rule's replay needs every shard's rows at each step: rebuild from the DDP run's "
+                "index file (open_store) instead of all-reducing per-rank sums"
+            )
+        w, b = LayerReplay(layer, at_step, block_rows=block_rows).weights()
+        return torch.from_numpy(w).to(dtype), None if b is None else torch.from_numpy(b).to(dtype)
     coef = layer.coefficients(at_step)
     w, b = memory_sums(layer, coef, dtype=dtype, block_rows=block_rows, all_reduce=all_reduce)
     return rebuilt_weights(layer, coef, w, b)
@@ -100,7 +117,8 @@ def sums_rebuild_error(layer: LayerReader, coef: Coefficients, sums: tuple[np.nd
 
 
 def certify_store(
-    path: str, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, *, probe: bool = False
+    path: str, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, *, probe: bool = False,
+    lock: WriterLock | None = None,
 ) -> dict[str, dict[str, float]]:
     """Compute, store and return each layer's certificate (``all_reduce``: see :func:`rebuild_weights`).
 
@@ -111,6 +129,8 @@ def certify_store(
 
     Args:
         probe: walk the file's structure in a child process first (a file this process did not just write).
+        lock: the store's writer lock, already held by the caller (the recording engine keeps it from the
+            finalisation on); the caller releases it. Default: taken here for the certificate and released.
 
     Returns:
         ``{layer: {"rel_err", "rel_err_weight", "rel_err_bias", "explained", "exact"}}``; ``explained`` is
@@ -121,7 +141,14 @@ def certify_store(
         StoreBusyError: another process writes the store.
     """
     results: dict[str, dict[str, float]] = {}
-    with WriterLock.acquire(path, "certificate") as lock:
+    with open_store(path, probe=probe) as store:
+        names = list(store.layers)
+        form = store.form
+        if not store.complete:
+            raise StoreError(f"{path}: the store is not complete (status {store.status!r}); a certificate needs the final weights.")
+    if form == "element-wise":
+        return _certify_replay(path, names, lock)
+    with (contextlib.nullcontext(lock) if lock is not None else WriterLock.acquire(path, "certificate")) as lock:
         with StoreReader(path, probe=probe) as store:
             names = list(store.layers)
             if not store.complete:
@@ -183,3 +210,70 @@ def certify_store(
                     if rb is not None:
                         _h5.replace(g, "bias_residual", rb.float().numpy())
     return results
+
+
+def _certify_replay(path: str, names: list[str], lock: WriterLock | None = None) -> dict[str, dict[str, float]]:
+    """The certificate of an element-wise rule's store (or DDP run, given its index file): each layer's replay
+    against its final weights, written into every shard with the replayed weights (``replay_weight``,
+    ``replay_bias``) that ``attend`` then takes for ``dual``."""
+    results: dict[str, dict[str, float]] = {}
+    for name in names:
+        with open_store(path, probe=False) as store:
+            files = list(store.shards) if isinstance(store, ShardedStoreReader) else [store.path]
+            tol = store_tolerance(store)
+            layer = store.layer(name)
+            if layer.weight_final is None:
+                continue
+            rep = LayerReplay(layer)
+            w, b = rep.weights()
+            wf32 = layer.weight_final
+            err_w = _rel(torch.from_numpy(wf32.astype(np.float64) - w), torch.from_numpy(wf32.astype(np.float64)))
+            err_b = 0.0
+            if b is not None:
+                bf = layer.bias_final.astype(np.float64)
+                err_b = _rel(torch.from_numpy(bf - b), torch.from_numpy(bf))
+            err = max(err_w, err_b)
+            cert = {"rel_err": err, "rel_err_weight": err_w, "rel_err_bias": err_b, "explained": max(0.0, 1.0 - err),
+                    "tolerance": tol, "exact": bool(err <= tol and layer.exact and store.optimizer_exact)}
+            rows, end = rep.n_rows, rep.end
+        results[name] = cert
+        nbytes = 8 * (w.size + (b.size if b is not None else 0)) if w.size <= MEMORY_SUM_MAX_ELEMENTS else 0
+        for file in files:
+            held = lock is not None and os.path.abspath(file) == os.path.abspath(path)
+            with (contextlib.nullcontext(lock) if held else WriterLock.acquire(file, f"certificate: writing {name}")), \
+                    _journal.write_session(file, f"certificate of {name}", reserve=nbytes + (64 << 10)) as f:
+                g = f["layers"][name]
+                for key in [k for k in g.attrs if k.startswith("certificate_")]:
+                    del g.attrs[key]
+                for k, v in cert.items():
+                    g.attrs[f"certificate_{k}"] = v
+                g.attrs["certificate_method"] = "full"
+                g.attrs["certificate_tables_crc32"] = _file_tables_crc32(f, g)
+                if w.size <= MEMORY_SUM_MAX_ELEMENTS:
+                    _h5.replace(g, REPLAY_DATASETS[0], w)
+                    if b is not None:
+                        _h5.replace(g, REPLAY_DATASETS[1], b)
+                    g.attrs["memory_end_step"] = int(end)
+                    g.attrs["memory_rows"] = int(rows)
+                    g.attrs["memory_weight_final_crc32"] = weights_crc32(wf32)
+    return results
+
+
+def _file_tables_crc32(f: h5py.File, g: h5py.Group) -> int:
+    """:func:`~lightning_dualform.store.format.tables_crc32` of one store file's layer group as it is now
+    (each shard of a DDP run binds its own tables)."""
+    from lightning_dualform.store.writer import _tables_crc32
+
+    return _tables_crc32(f["update_step"], g["updates"], int(f["committed_steps"][0]))
+
+
+def read_certificate(path: str) -> dict[str, dict[str, Any]]:
+    """The certificate as :func:`certify_store` wrote it into one store file: ``{layer: {"rel_err", ...}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    with h5py.File(path, "r", locking=False) as f:
+        for name, g in f["layers"].items():
+            cert = {k[len("certificate_"):]: _h5.attr(v) for k, v in g.attrs.items() if k.startswith("certificate_")}
+            if cert:
+                cert["exact"] = bool(cert.get("exact", False))
+                out[name] = cert
+    return out

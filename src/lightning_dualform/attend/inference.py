@@ -50,6 +50,11 @@ MAX_STEP_BUCKETS = 1024
 DENSE_INDEX_FLOOR = 1 << 20
 _ACCUMULATE = (torch.float32, torch.float64)
 _SCANS = ("exact", "bf16")
+#: ``attend(score=...)``: what ``top``, ``top_examples`` and ``mass`` rank and sum. ``"raw"``: the paper's
+#: similarity ``k . q``; ``"unit"``: the attention weight of the row for the query's output unit ``u``,
+#: ``-(Q_s[u, :] (.) k) . q`` (``-c_s (k . q)`` for SGD's scalar ``Q_s = c_s``); ``"auto"``: ``"unit"`` for a store
+#: of an element-wise rule (Adam, AdamW, ...), ``"raw"`` otherwise.
+SCORES = ("auto", "raw", "unit")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -64,8 +69,8 @@ def _list(t: torch.Tensor | None) -> Any:
 class TopRows:
     """The k best memory rows per query, best first; each field is ``(n, k)``.
 
-    ``score`` is the attention score ``k . q`` (for :attr:`AttentionResult.top`) or the row's contribution
-    to the chosen output unit (proponents/opponents). ``row == -1`` marks padding where fewer than ``k``
+    ``score`` is the attention score (for :attr:`AttentionResult.top`: ``k . q``, or the unit score, as
+    :attr:`AttentionResult.score` says) or the row's contribution to the chosen output unit (proponents/opponents). ``row == -1`` marks padding where fewer than ``k``
     rows qualify (proponents need a positive contribution, opponents a negative one).
     """
 
@@ -100,8 +105,9 @@ class TopExamples:
 
 @dataclass
 class Mass:
-    """Attention mass per group: ``signed[i, g] = sum of k . q`` and ``absolute[i, g] = sum of |k . q|``
-    over the rows of group ``keys[g]`` (a label, an epoch, or the first step of a step bucket); ``(n, G)``."""
+    """Attention mass per group: ``signed[i, g] = sum of scores`` and ``absolute[i, g] = sum of |scores|``
+    over the rows of group ``keys[g]`` (a label, an epoch, or the first step of a step bucket); ``(n, G)``.
+    The scores are those :attr:`AttentionResult.score` names."""
 
     keys: torch.Tensor
     signed: torch.Tensor
@@ -128,9 +134,16 @@ class AttentionResult:
         primal: ``(n, d_out)`` the stored final weights applied to the queries; ``None`` at an earlier
             ``at_step`` or for an unfinished store.
         rel_err: ``(n,)`` ``||dual - primal|| / ||primal||`` per query: the exactness certificate.
-        top: top-k rows by score ``k . q``.
+        score: what ``top``, ``top_examples`` and ``mass`` rank and sum: ``"raw"``, the similarity ``k . q``, or
+            ``"unit"``, each row's attention weight for the query's output unit ``units[i]``,
+            ``-(Q_s[u, :] (.) k) . q`` (:data:`SCORES`).
+        top: top-k rows by score.
         top_examples: top-k training examples by summed score.
         units: ``(n,)`` the output unit whose contributions rank proponents and opponents.
+        unit_base: ``(n,)`` the part of unit ``units[i]``'s output that no row contributes (``A (.) W_0`` and the
+            initial optimizer state's share, and the bias's; an ``exact=False`` store's residual too).
+        unit_output: ``(n,)`` ``unit_base`` plus every row's contribution: the unit's output rebuilt from the
+            contributions that rank proponents and opponents (equal to ``dual[i, units[i]]``).
         proponents / opponents: top-k rows by positive / negative contribution to that unit.
         proponent_examples / opponent_examples: the same summed per training example.
         mass: ``{"label" | "epoch" | "step": Mass}``.
@@ -157,6 +170,9 @@ class AttentionResult:
     explained: torch.Tensor | None = None
     exact_store: bool = True
     dual_source: str = "rows"
+    score: str = "raw"
+    unit_base: torch.Tensor | None = None
+    unit_output: torch.Tensor | None = None
 
     @property
     def max_rel_err(self) -> float | None:
@@ -174,6 +190,7 @@ class AttentionResult:
             "rows": self.rows,
             "exact_store": self.exact_store,
             "dual_source": self.dual_source,
+            "score": self.score,
             "dual": _list(self.dual),
             "primal": _list(self.primal),
             "rel_err": _list(self.rel_err),
@@ -181,6 +198,8 @@ class AttentionResult:
             "top": sub(self.top),
             "top_examples": sub(self.top_examples),
             "units": _list(self.units),
+            "unit_base": _list(self.unit_base),
+            "unit_output": _list(self.unit_output),
             "proponents": sub(self.proponents),
             "opponents": sub(self.opponents),
             "proponent_examples": sub(self.proponent_examples),
@@ -487,12 +506,13 @@ class DualInference:
         top_k: int = 10,
         *,
         at_step: int | None = None,
-        contribution_to: str | int | torch.Tensor | None = None,
+        contribution_to: str | int | torch.Tensor | None = "auto",
         per_example: bool = True,
         mass: bool = True,
         step_buckets: int = 10,
         scan: str = "exact",
         reuse_certificate: bool = True,
+        score: str = "auto",
     ) -> AttentionResult:
         """Attend ``queries`` over the memory of ``layer`` in one streamed pass.
 
@@ -503,7 +523,9 @@ class DualInference:
             at_step: rebuild the model as it was after this many optimizer steps (default: the end).
             contribution_to: rank proponents/opponents by contribution to an output unit: ``"pred"`` (the
                 argmax of the layer's output, e.g. a classifier's predicted logit), an ``int`` unit for every
-                query, or a ``(n,)`` LongTensor of units; ``None`` skips them.
+                query, or a ``(n,)`` LongTensor of units; ``None`` skips them. ``"auto"`` (default): ``"pred"``
+                for a store of an element-wise rule (its rows' attention weights depend on the unit), ``None``
+                otherwise. For a hidden layer, name the unit you want explained (``docs/inference.md``).
             per_example: also sum scores (and contributions) per training example. Costs
                 ``n x n_examples`` numbers of memory (twice with ``contribution_to``).
             mass: compute the attention mass per label, epoch and step bucket.
@@ -520,6 +542,10 @@ class DualInference:
                 in the file) instead of computing it again in this pass (half of the pass's products when
                 ``d_in`` is large). ``False`` computes it from the rows, as :meth:`verify` does.
                 :attr:`AttentionResult.dual_source` says which was used.
+            score: what ``top``, ``top_examples`` and ``mass`` rank: ``"raw"`` (the paper's ``k . q``), ``"unit"``
+                (each row's attention weight for the query's unit, ``-(Q_s[u, :] (.) k) . q``; needs
+                ``contribution_to``), or ``"auto"`` (``"unit"`` for an element-wise rule's store, ``"raw"``
+                otherwise, so SGD stores answer as before). :attr:`AttentionResult.score` says which was used.
 
         Raises:
             KeyError: unknown layer (the message lists the known ones).
@@ -536,6 +562,24 @@ class DualInference:
         step_buckets = as_int(step_buckets, "attend(step_buckets=...)", lo=1, allowed="a positive integer")
         if at_step is not None:
             at_step = as_int(at_step, "attend(at_step=...)", allowed="None or an integer optimizer step")
+        if score not in SCORES:
+            raise ValueError(f"`attend(score={score!r})` is not supported. Expected one of {SCORES}.")
+        elementwise = self.store.form == "element-wise"
+        if score == "auto":
+            score = "unit" if elementwise else "raw"
+        if isinstance(contribution_to, str) and contribution_to == "auto":
+            contribution_to = "pred" if elementwise else None
+        if elementwise:
+            if scan != "exact":
+                raise ValueError(f"`attend(scan={scan!r})`: a store of an element-wise rule ({self.store.update_rule}) is scanned exactly only.")
+            from lightning_dualform.attend.unit_pass import elementwise_attend
+
+            with full_float32_products():
+                return elementwise_attend(self, lay, q, at_step=at_step, top_k=top_k, contribution_to=contribution_to,
+                                          per_example=per_example, mass=mass, step_buckets=step_buckets, score=score,
+                                          reuse_certificate=reuse_certificate)
+        if score == "unit" and contribution_to is None:
+            contribution_to = "pred"  # SGD's unit score does not depend on the unit; its contributions do
         coef = lay.coefficients(at_step)
         span = coef.end_step - coef.first_step
         if step_buckets > max(MAX_STEP_BUCKETS, span):
@@ -552,12 +596,27 @@ class DualInference:
         # every product of the answer (primal, the pass, a rebuilt dual) in full float32, whatever the user
         # allowed for training (TF32, bf16 inside float32 products); the bf16 scan's bound needs float32 sums
         with full_float32_products():
-            return self._attend(lay, q, coef, n_rows, top_k, at_step, contribution_to, per_example, mass, step_buckets,
-                                scan, reuse_certificate)
+            res = self._attend(lay, q, coef, n_rows, top_k, at_step, contribution_to, per_example, mass, step_buckets,
+                               scan, reuse_certificate, score)
+            if res.units is not None:
+                self._unit_parts(lay, q, coef, res)
+            return res
+
+    def _unit_parts(self, lay: LayerReader, q: torch.Tensor, coef: Any, res: AttentionResult) -> None:
+        """``unit_base`` and ``unit_output`` of a scalar store: ``(a W_0 q + a_b b_0 (+ residual))[u]`` and ``dual[u]``."""
+        units = res.units
+        w, b = lay.base_weights(coef=coef, with_residual=True)
+        rows = torch.from_numpy(w)[units]  # (n, d_in)
+        base = (q.detach().cpu().double() * rows).sum(1)
+        if b is not None:
+            base += torch.from_numpy(b)[units]
+        res.unit_base = base
+        res.unit_output = res.dual.double().gather(1, units[:, None]).squeeze(1)
 
     def _attend(
         self, lay: LayerReader, q: torch.Tensor, coef: Any, n_rows: int, top_k: int, at_step: int | None,
         contribution_to: Any, per_example: bool, mass: bool, step_buckets: int, scan: str, reuse_certificate: bool,
+        score: str = "raw",
     ) -> AttentionResult:
         final = coef.end_step == self.store.last_step
         primal = self._primal(lay, q) if final else None
@@ -570,7 +629,8 @@ class DualInference:
         units = self._units(lay, q, contribution_to, primal, coef, residual)
         stored = self._checked_sums(lay, coef, n_rows) if reuse_certificate else None
         res = self._pass(lay, q, coef, n_rows, top_k, units, per_example, mass, step_buckets, scan, primal, residual,
-                         stored)
+                         stored, unit_score=score == "unit")
+        res.score = score
         self._warn_if_beyond_tolerance(res)
         return res
 
@@ -617,6 +677,7 @@ class DualInference:
         self, lay: LayerReader, q: torch.Tensor, coef: Any, n_rows: int, top_k: int, units: torch.Tensor | None,
         per_example: bool, mass: bool, step_buckets: int, scan: str, primal: torch.Tensor | None,
         residual: torch.Tensor | None, stored: tuple[np.ndarray, np.ndarray | None] | None = None,
+        unit_score: bool = False,
     ) -> AttentionResult:
         acc = self.accumulate
         dev = self.device
@@ -656,10 +717,19 @@ class DualInference:
             blk = pass_rows(lay, start, stop)
             upd = blk["step"] - coef.first_step
             on_device = isinstance(blk["values"], torch.Tensor)  # a device cache keeps keys and values there
+            keys = cast_rows(blk["keys"], keys_dtype) if keys_dtype else blk["keys"]
+            cw = c_w[upd].astype(np_acc)
+            if unit_score:  # -c_s (k . q): the key scaled by the step's (positive) step size; each row's c_w is then -1
+                scale = -c_w[upd]
+                if isinstance(keys, torch.Tensor):
+                    keys = keys * torch.from_numpy(scale).to(keys.device, keys.dtype)[:, None]
+                else:
+                    keys = keys * scale.astype(keys.dtype)[:, None]
+                cw = np.full_like(cw, -1.0)
             out = {
-                "keys": cast_rows(blk["keys"], keys_dtype) if keys_dtype else blk["keys"],
+                "keys": keys,
                 "values": cast_rows(blk["values"], np_acc),
-                "c_w": c_w[upd].astype(np_acc),
+                "c_w": cw,
                 "c_b": c_b[upd].astype(np_acc),
                 "row": np.arange(start, stop, dtype=np.int64),
                 "label_group": blk["label"].astype(np.int64) + 1,
@@ -994,7 +1064,7 @@ class DualInference:
             if not captured[name]:
                 raise ValueError(f"`explain`: layer {name!r} was not called by the model's forward on this batch.")
             q = torch.cat(captured[name])
-            contrib = None
+            contrib: Any = "auto"  # unit scores (element-wise rules) rank by the layer's own predicted unit
             if name == last:
                 contrib = contribution_to
                 if contribution_to == "pred" and prediction is not None and prediction.numel() == q.shape[0]:
@@ -1010,8 +1080,20 @@ class DualInference:
     def stored_sums_error(self, layer: str) -> float | None:
         """Relative error of the final weights rebuilt from the certificate's stored memory sums (what
         :meth:`attend` uses by default for ``dual`` at the end of a complete store) against the stored final
-        weights; None when the store keeps no such sums for the layer."""
+        weights; None when the store keeps no such sums for the layer. For a store of an element-wise rule:
+        the error of the replayed weights the certificate kept."""
         lay = self.layer(layer)
+        if self.store.form == "element-wise":
+            _, end = lay.end_step()
+            stored = lay.stored_memory_sums(end, lay.rows_before(end))
+            if stored is None:
+                return None
+            err = 0.0
+            for got, final in ((stored[0], lay.weight_final), (stored[1], lay.bias_final)):
+                if got is not None and final is not None:
+                    ref = final.astype(np.float64)
+                    err = max(err, float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-300)))
+            return err
         coef = lay.coefficients()
         stored = lay.stored_memory_sums(coef.end_step, lay.rows_before(coef.end_step))
         if stored is None:
@@ -1021,7 +1103,9 @@ class DualInference:
         return sums_rebuild_error(lay, coef, stored)
 
     def verify(self, queries: dict[str, torch.Tensor] | None = None, *, n_samples: int = 256, seed: int = 0) -> dict[str, float]:
-        """Max relative error ``||dual - primal|| / ||primal||`` per layer.
+        """Max relative error ``||dual - primal|| / ||primal||`` per layer, ``dual`` summed from the rows. For a store
+        of an element-wise rule also the error of what ``attend`` ranks by: the predicted unit's output rebuilt
+        from every row's contribution (``unit_output``), relative to ``||primal||``.
 
         Args:
             queries: ``{layer: (n, d_in)}``; default: ``n_samples`` stored keys of each layer, drawn at random.
@@ -1044,8 +1128,16 @@ class DualInference:
                     continue
                 picks = np.sort(gen.choice(lay.n_rows, size=min(n_samples, lay.n_rows), replace=False))
                 q = torch.from_numpy(np.concatenate([lay.read(int(i), int(i) + 1, ("keys",))["keys"] for i in picks]))
-            res = self.attend(name, q, top_k=0, per_example=False, mass=False, reuse_certificate=False)
-            out[name] = float(res.max_rel_err)
+            if self.store.form == "element-wise":
+                # what attend ranks by: every row's contribution to the predicted unit, from the replay's Q_s
+                res = self.attend(name, q, top_k=0, per_example=False, mass=False, reuse_certificate=False,
+                                  contribution_to="pred", score="unit")
+                target = res.primal.double().gather(1, res.units[:, None]).squeeze(1)
+                unit_err = (res.unit_output - target).abs() / _norm_rows(res.primal.double()).clamp_min(1e-300)
+                out[name] = max(float(res.max_rel_err), float(unit_err.max()))
+            else:
+                res = self.attend(name, q, top_k=0, per_example=False, mass=False, reuse_certificate=False)
+                out[name] = float(res.max_rel_err)
         return out
 
 

@@ -242,6 +242,10 @@ class Block:
     groups: torch.Tensor | None = None  # (B, G) rows of the concatenated mass tables (see mass_offsets)
     example: torch.Tensor | None = None  # (B,) column of the row's example in the per-example tables (-1 none);
     # default: the dataset index itself (``meta["index"]``)
+    #: (B, n) the block's scores, when the caller computed them (an element-wise rule's per-step scores
+    #: ``-(Q_s[u, :] (.) k) . q``): the accumulator then skips its own product ``keys @ queries.T``, and a
+    #: row's contribution to unit ``u`` is ``score * coef_w[:, u] + coef_b[:, u]``
+    scores_t: torch.Tensor | None = None
 
     @property
     def example_column(self) -> torch.Tensor:
@@ -408,7 +412,7 @@ class AttentionAccumulator:
         n = self.queries.shape[0]
         for q0 in range(0, n, self.query_chunk):
             q1 = min(q0 + self.query_chunk, n)
-            st = self._scores_t(self.queries[q0:q1], block.keys)
+            st = block.scores_t[:, q0:q1] if block.scores_t is not None else self._scores_t(self.queries[q0:q1], block.keys)
             if self.with_dual and self._w is None:
                 self._dual[q0:q1].addmm_(st.t(), cv)
 
@@ -439,7 +443,7 @@ class AttentionAccumulator:
         }
         for ci, q0 in enumerate(range(0, self.queries.shape[0], self.query_chunk)):
             q1 = min(q0 + self.query_chunk, self.queries.shape[0])
-            scan = block_scores(self.queries[q0:q1], block.keys)
+            scan = block.scores_t[:, q0:q1].t() if block.scores_t is not None else block_scores(self.queries[q0:q1], block.keys)
             if self.top_k and self.exact_queries is not None:  # ranks on the scan's own (bf16) scores
                 self.top[ci] = self._rescored_topk(self.top[ci], scan, block, q0, q1)
             needs_scores = (
@@ -460,7 +464,11 @@ class AttentionAccumulator:
             if self.example_score is not None:
                 scatter_sum(self.example_score[q0:q1], block.example_column, scores)
             if self.units is not None:
-                contrib = contributions(row_weights(scores, block.c_w, block.c_b), values, self.units[q0:q1])
+                # score * (c_w v)[u] + (c_b v)[u], as the compiled pass computes it (the coefficients per unit may
+                # also come from the caller: an element-wise rule's pass)
+                cb = block.coef_b if block.coef_b is not None else values * block.c_b[:, None]
+                u = self.units[q0:q1]
+                contrib = torch.addcmul(cb.t()[u].to(acc), scores, cv.t()[u].to(acc))
                 if self.top_k:
                     self.pro[ci] = merge_topk(*self.pro[ci], contrib, block.meta, self.top_k)
                     self.con[ci] = merge_topk(*self.con[ci], contrib, block.meta, self.top_k, largest=False)

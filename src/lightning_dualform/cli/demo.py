@@ -36,23 +36,27 @@ log = logging.getLogger(__name__)
 #: 0.05 reaches about 91% test accuracy on the 8,000 embedded training digits in 2 epochs (0.01 reaches 73%
 #: after one). Each epoch adds about 150 MB of float32 rows to the store.
 DEMO_LR = 0.05
+#: Learning rate of the demo with ``optimizer="adamw"`` (weight decay 0.01).
+DEMO_ADAMW_LR = 1e-3
 DEMO_SEED = 0
+DEMO_OPTIMIZERS = ("sgd", "adamw")
 
 
 class Classifier(pl.LightningModule):
-    """Any ``nn.Module`` classifier trained by SGD with momentum on cross-entropy (used by the demo and the
-    examples). ``test_step`` returns the logits, so the callback stores each test query's prediction.
+    """Any ``nn.Module`` classifier trained by SGD with momentum (or AdamW) on cross-entropy (used by the demo
+    and the examples). ``test_step`` returns the logits, so the callback stores each test query's prediction.
 
     Args:
         net: the network; its ``nn.Linear`` layers are what the callback records.
-        lr: SGD learning rate.
+        lr: learning rate.
         momentum: SGD momentum.
+        optimizer: ``"sgd"`` or ``"adamw"`` (``torch.optim.AdamW``, weight decay 0.01).
     """
 
-    def __init__(self, net: nn.Module, lr: float, momentum: float = 0.9) -> None:
+    def __init__(self, net: nn.Module, lr: float, momentum: float = 0.9, optimizer: str = "sgd") -> None:
         super().__init__()
         self.net = net
-        self.lr, self.momentum = lr, momentum
+        self.lr, self.momentum, self.optimizer_name = lr, momentum, optimizer
         self.correct, self.seen = 0, 0
 
     @override
@@ -83,21 +87,25 @@ class Classifier(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
 class PaperMLP(Classifier):
-    """784-800-800-10 ReLU MLP trained by SGD with momentum (the paper's MNIST model).
+    """784-800-800-10 ReLU MLP trained by SGD with momentum (the paper's MNIST model), or AdamW.
 
     Args:
-        lr: SGD learning rate.
+        lr: learning rate.
         momentum: SGD momentum.
         hidden: width of the two hidden layers.
+        optimizer: ``"sgd"`` or ``"adamw"``.
     """
 
-    def __init__(self, lr: float = DEMO_LR, momentum: float = 0.9, hidden: int = 800, classes: int = 10) -> None:
+    def __init__(self, lr: float = DEMO_LR, momentum: float = 0.9, hidden: int = 800, classes: int = 10,
+                 optimizer: str = "sgd") -> None:
         net = nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes))
-        super().__init__(net, lr, momentum)
+        super().__init__(net, lr, momentum, optimizer)
         self.save_hyperparameters()
 
     @override
@@ -120,13 +128,14 @@ def run_demo(
     *,
     epochs: int = 2,
     limit: int | None = None,
-    lr: float = DEMO_LR,
+    lr: float | None = None,
     seed: int = DEMO_SEED,
     top_k: int = 5,
     quiet: bool = False,
     progress: bool = False,
     plot: bool = True,
     echo: Callable[[str], None] = print,
+    optimizer: str = "sgd",
 ) -> dict[str, Any]:
     """Train, record, test, attend and draw; returns the summary (also written to ``out/summary.json``).
 
@@ -134,13 +143,16 @@ def run_demo(
         out: folder for ``mnist.h5``, ``attend.png`` and ``summary.json`` (created; an old store is replaced).
         epochs: training epochs.
         limit: use only this many of the 10,000 digits (80% train, 20% test), e.g. for tests.
-        lr: SGD learning rate (momentum 0.9, gradient clipping 1.0 and batch 128 are fixed).
+        lr: learning rate (default: 0.05 for SGD, 1e-3 for AdamW; SGD's momentum 0.9, gradient clipping 1.0 and
+            batch 128 are fixed).
         seed: seeds the split, the shuffle and the initial weights.
         top_k: training patterns shown per query and layer.
         quiet: no Lightning messages.
         progress: show Lightning's progress bar and the attention bars.
         plot: draw ``attend.png`` (needs matplotlib).
         echo: where the progress lines go.
+        optimizer: ``"sgd"`` (the paper's) or ``"adamw"`` (``torch.optim.AdamW``, weight decay 0.01: exact too; each
+            training digit's attention weight then depends on the unit, and the picture ranks by it).
 
     Raises:
         ValueError: a bad ``epochs``, ``limit`` or ``top_k``.
@@ -152,6 +164,10 @@ def run_demo(
         raise ValueError(f"`demo --epochs {epochs}`: expected a positive integer.")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 10):
         raise ValueError(f"`demo --limit {limit}`: expected an integer >= 10 (examples in all, 80% of them for training).")
+    if optimizer not in DEMO_OPTIMIZERS:
+        raise ValueError(f"`demo --optimizer {optimizer}`: expected one of {DEMO_OPTIMIZERS}.")
+    if lr is None:
+        lr = DEMO_ADAMW_LR if optimizer == "adamw" else DEMO_LR
     out = os.fspath(out)
     os.makedirs(out, exist_ok=True)
     if not os.access(out, os.W_OK):
@@ -161,9 +177,10 @@ def run_demo(
     pl.seed_everything(seed, workers=True, verbose=False)
     dm = ImageDataModule("mnist", batch_size=128, test_fraction=0.2, seed=seed, limit=limit)
     dm.setup()
-    model = PaperMLP(lr=lr)
+    model = PaperMLP(lr=lr, optimizer=optimizer)
     cb = DualFormCallback(store, record_queries=("test",), overwrite=True)
-    echo(f"demo: training a 784-800-800-10 MLP on {len(dm.train_set)} MNIST digits for {epochs} epoch(s), recording into {store}")
+    echo(f"demo: training a 784-800-800-10 MLP with {'AdamW' if optimizer == 'adamw' else 'SGD'} on {len(dm.train_set)} "
+         f"MNIST digits for {epochs} epoch(s), recording into {store}")
     with _lightning_quiet(quiet):
         trainer = pl.Trainer(
             max_epochs=epochs,
@@ -188,8 +205,9 @@ def run_demo(
         "epochs": epochs,
         "train_examples": len(dm.train_set),
         "test_examples": len(dm.test_set),
+        "optimizer": optimizer,
         "lr": lr,
-        "momentum": 0.9,
+        "momentum": 0.9 if optimizer == "sgd" else None,
         "gradient_clip_val": 1.0,
         "batch_size": 128,
         "seed": seed,

@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--contribution-to", default="pred",
                    help="rank proponents/opponents at the output layer by their contribution to 'pred' (the "
                    "predicted class), 'label' (the recorded label), a unit number, or 'none'")
+    s.add_argument("--score", choices=("auto", "raw", "unit"), default="auto",
+                   help="what ranks the training patterns: 'raw', the similarity k . q; 'unit', each pattern's attention "
+                   "weight for the query's unit, -(Q_s[u] (.) k) . q, which the optimizer sets (Adam, AdamW, ...: their "
+                   "patterns' weights depend on the unit); 'auto': 'unit' for stores of element-wise optimizers, 'raw' "
+                   "otherwise")
     s.add_argument("--at-step", type=int, default=None, help="the model after this many optimizer steps (default: the end)")
     s.add_argument("--step-buckets", type=int, default=20, help="time buckets of the attention mass over training")
     s.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N'")
@@ -146,7 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="demo", help="output folder")
     s.add_argument("--epochs", type=int, default=2, help="training epochs (each adds about 150 MB to the store)")
     s.add_argument("--limit", type=int, default=None, help="use only this many digits in all (default: all 10,000)")
-    s.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.05)")
+    s.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.05 for SGD, 1e-3 for AdamW)")
+    s.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="sgd: the paper's (momentum 0.9); adamw: torch.optim.AdamW (weight decay 0.01), whose dual form is "
+                   "exact too: the picture then ranks each training digit by its attention weight for the predicted unit")
     s.add_argument("--seed", type=int, default=0, help="seeds the split, the shuffle and the weights")
     s.add_argument("--no-plot", action="store_true", help="skip the picture (no matplotlib needed)")
     s.set_defaults(func=cmd_demo)
@@ -491,6 +499,8 @@ def _store_facts(path: str) -> dict[str, Any]:
             "epochs": len(epochs),  # counted from the step table (the `epochs` attribute counts one more after fit)
             "optimizer": s.optimizer,
             "optimizer_exact": s.optimizer_exact,
+            "update_rule": s.update_rule,
+            "form": s.form,
             "gradient_clip_val": m.gradient_clip_val,
             "gradient_clip_algorithm": m.gradient_clip_algorithm,
             "accumulate_grad_batches": m.accumulate_grad_batches,
@@ -515,10 +525,25 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+#: what a rule's form means for the memory, as ``info`` says it
+_FORMS = {
+    "scalar": "exact: per-step scalar coefficients, attention over k . q",
+    "element-wise": "exact: element-wise steps, replayed from the stored optimizer state; each pattern's attention "
+                    "weight depends on the output unit (attend --score unit)",
+    "plain": "NOT exact: recorded with exact=False, the memory's residual is stored",
+}
+
+
+def _rule_line(f: dict[str, Any]) -> str:
+    form = f.get("form", "scalar")
+    return f"{f.get('update_rule', 'sgd')} ({_FORMS.get(form, form)})"
+
+
 def _optimizer_line(opt: dict[str, Any]) -> str:
     name = opt.get("name") or "?"
     groups = opt.get("param_groups") or []
-    keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+    keys = ("lr", "betas", "eps", "momentum", "dampening", "alpha", "rho", "lr_decay", "weight_decay", "nesterov",
+            "amsgrad", "centered", "decoupled_weight_decay", "maximize")
     parts = []
     for i, g in enumerate(groups):
         items = " ".join(f"{k}={_num(g[k])}" for k in keys if k in g)
@@ -527,6 +552,8 @@ def _optimizer_line(opt: dict[str, Any]) -> str:
 
 
 def _num(v: Any) -> str:
+    if isinstance(v, list):
+        return "(" + ", ".join(_num(x) for x in v) + ")"
     if isinstance(v, bool):
         return str(v)
     if isinstance(v, float):
@@ -566,6 +593,7 @@ def render_info(f: dict[str, Any]) -> str:
         + (f"; gradient clipping {clip:g} ({f['gradient_clip_algorithm']})" if clip else "")
         + ("; each step's gradient factor (clipping, loss scale, DDP) measured" if f.get("gradient_clip_algorithm") == "measured" else "")
         + ("" if f["optimizer_exact"] else "  [recorded with exact=False: the memory is approximate]"),
+        f"rule       {_rule_line(f)}",
         f"rows       {f['row_dtype']}, compression {f['compression']}, raw training inputs "
         + ("stored" if f["train_inputs"] else "not stored"),
         "",
@@ -656,7 +684,7 @@ def _attend(args: argparse.Namespace, di_kwargs: dict[str, Any], queries: np.nda
     with DualInference(args.store, **di_kwargs) as di:
         run = attend_run(di, args.store, split=args.split, index=args.index, queries=queries, source=args.queries or "",
                          layer=args.layer, top_k=args.top_k, by=args.by, contribution_to=args.contribution_to,
-                         at_step=args.at_step, step_buckets=args.step_buckets)
+                         at_step=args.at_step, step_buckets=args.step_buckets, score=args.score)
         print(render_attend(run, by=args.by, store=di.store))
         if args.json:
             json_out.write_text(_json_text(run.to_dict()))
@@ -683,6 +711,7 @@ def attend_run(
     contribution_to: str = "pred",
     at_step: int | None = None,
     step_buckets: int = 20,
+    score: str = "auto",
 ) -> QueryAttention:
     """What ``attend`` computes, from its options as the command line takes them; its ``to_dict()`` is what
     ``--json`` writes. The viewer's ``/api/attend`` calls it too, so both answer the same.
@@ -694,8 +723,8 @@ def attend_run(
             (``'3,17'``, ``'0:10'``, ``'all'``; default: the first :data:`DEFAULT_QUERIES`).
         queries, source: ``(n, d)`` queries instead (from :func:`load_queries`) and where they came from.
         layer: ``--layer`` values (names, or comma-separated names; default: every layer).
-        top_k, by, contribution_to, at_step, step_buckets: as ``--top-k``, ``--by``, ``--contribution-to``,
-            ``--at-step``, ``--step-buckets``.
+        top_k, by, contribution_to, at_step, step_buckets, score: as ``--top-k``, ``--by``, ``--contribution-to``,
+            ``--at-step``, ``--step-buckets``, ``--score``.
 
     Raises:
         UsageError: a bad option (unknown split, layer or index, a negative ``top_k`` ...).
@@ -712,21 +741,28 @@ def attend_run(
         raise UsageError(f"--by {by}: expected pattern or example.")
     if queries is not None and (split is not None or index is not None):
         raise UsageError("--queries reads queries from a file; leave out --split and --index, or drop --queries.")
+    if score not in ("auto", "raw", "unit"):
+        raise UsageError(f"--score {score}: expected auto, raw or unit.")
     contribution = _parse_contribution(contribution_to)
     layers = _parse_layers(list(layer) if layer else None, di.layers)
     if isinstance(contribution, int):
         d_out = di.layer(di.layers[-1]).d_out
         if contribution >= d_out:
             raise UsageError(f"--contribution-to {contribution}: the output layer {di.layers[-1]} has units 0..{d_out - 1}.")
+    if contribution is None and score != "raw" and di.store.form == "element-wise":
+        raise UsageError(
+            f"--contribution-to none: in this {di.store.update_rule} store a pattern's attention weight depends on "
+            "the output unit; name one (pred, label, a unit number), or rank by similarity with --score raw."
+        )
     if queries is not None:
         run = attend_queries(di, queries=queries, source=source, layers=layers, top_k=top_k,
-                             contribution_to=contribution, at_step=at_step, step_buckets=step_buckets)
+                             contribution_to=contribution, at_step=at_step, step_buckets=step_buckets, score=score)
     else:
         split = _pick_split(di.store, split)
         qs = di.store.queries(split)
         positions = parse_index(index, qs.index, split) if index is not None else np.arange(min(DEFAULT_QUERIES, qs.n))
         run = attend_queries(di, split=split, positions=positions, layers=layers, top_k=top_k,
-                             contribution_to=contribution, at_step=at_step, step_buckets=step_buckets)
+                             contribution_to=contribution, at_step=at_step, step_buckets=step_buckets, score=score)
     run.settings.update({"by": by, "store": os.path.abspath(store)})
     return run
 
@@ -800,7 +836,10 @@ def render_attend(run: QueryAttention, by: str, store: Any = None) -> str:
     first = next(iter(run.results.values()), None)
     if first is not None:
         steps = f" after {first.at_step} optimizer steps"
-    out.append(f"attention over training patterns{steps}; ranked by {'single patterns' if by == 'pattern' else 'examples (epochs summed)'}")
+    ranking = {"raw": "similarity k . q", "unit": "attention weight for each query's unit, -(Q_s[u] (.) k) . q"}
+    scores = sorted({getattr(r, "score", "raw") for r in run.results.values()})
+    out.append(f"attention over training patterns{steps}; ranked by {'single patterns' if by == 'pattern' else 'examples (epochs summed)'}"
+               f", score = {' / '.join(ranking[s] for s in scores)}")
     for j in range(len(run.index)):
         out.append("")
         out.append(_query_title(run, j))
@@ -810,9 +849,11 @@ def render_attend(run: QueryAttention, by: str, store: Any = None) -> str:
                 pos = int(run.rows[name]["position"][r])
                 err = "" if res.rel_err is None else f", dual vs weights rel. err. {float(res.rel_err[r]):.1e}"
                 if res.rel_err is not None and res.dual_source == "certificate":
-                    err += " (memory sums from the certificate)"
+                    replayed = store is not None and getattr(store, "form", "scalar") == "element-wise"
+                    err += " (weights replayed by the certificate)" if replayed else " (memory sums from the certificate)"
                 where = f" position {pos}" if len(np.flatnonzero(ex == j)) > 1 else ""
-                out.append(f"  {name}{where}: {res.rows} rows{err}")
+                unit = f", attention weights for unit {int(res.units[r])}" if res.score == "unit" and res.units is not None else ""
+                out.append(f"  {name}{where}: {res.rows} rows{err}{unit}")
                 headers, rows = ranked(res, r, by, "top")
                 if rows:
                     out.append(table(headers, _fmt_rows(rows), indent="    "))
@@ -961,7 +1002,7 @@ def cmd_view(args: argparse.Namespace) -> int:
 # demo
 # ------------------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lightning_dualform.cli.demo import DEMO_LR, run_demo
+    from lightning_dualform.cli.demo import run_demo
 
     _positive(args.epochs, "--epochs")
     if args.limit is not None and args.limit < 10:
@@ -981,14 +1022,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     def echo(msg: str) -> None:
         _note(args, msg)
 
-    s = run_demo(args.out, epochs=args.epochs, limit=args.limit, lr=args.lr or DEMO_LR, seed=args.seed,
+    s = run_demo(args.out, epochs=args.epochs, limit=args.limit, lr=args.lr, seed=args.seed, optimizer=args.optimizer,
                  quiet=args.quiet, progress=_progress(args), plot=not args.no_plot, echo=echo)
     cert = s["certificate"]
     worst = max((c["rel_err"] for c in cert.values()), default=float("nan"))
     exact = all(c["exact"] for c in cert.values())
     print(f"demo finished in {s['seconds']:.0f} s (training {s['fit_seconds']:.0f} s)")
+    opt = f"SGD lr {s['lr']:g} momentum 0.9" if s["optimizer"] == "sgd" else f"AdamW lr {s['lr']:g} weight decay 0.01"
     print(f"  data       {s['train_examples']} training / {s['test_examples']} test MNIST digits, {s['epochs']} epoch(s), "
-          f"SGD lr {s['lr']:g} momentum 0.9, clipping 1.0, batch 128")
+          f"{opt}, clipping 1.0, batch 128")
     print(f"  accuracy   {100 * s['accuracy']:.1f}% on the test digits")
     print(f"  store      {s['store']} ({_human_bytes(s['store_bytes'])})")
     print(f"  exactness  {'exact' if exact else 'NOT exact'}: rebuilt weights within {worst:.1e} relative "

@@ -11,7 +11,7 @@ Endpoints (``GET`` unless said otherwise; every answer is JSON, every error a on
 - ``/api/info``: the store (layers, steps, epochs, certificate per layer, query sets) and the cache.
 - ``/api/queries?split=S``: dataset index, label and prediction of each recorded query of a split.
 - ``/api/attend?split=S&index=I&layer=L&top_k=K`` (also ``by``, ``contribution_to``, ``at_step``,
-  ``step_buckets``, or ``upload=ID`` instead of ``split``/``index``): exactly what ``lightning-dualform
+  ``step_buckets``, ``score``, or ``upload=ID`` instead of ``split``/``index``): exactly what ``lightning-dualform
   attend STORE --split S --index I --layer L --top-k K --json FILE`` writes (the same function,
   :func:`~lightning_dualform.cli.main.attend_run`).
 - ``/api/images?split=S&index=I,J`` or ``/api/images?train=I,J``: raw inputs as images (``null`` when the
@@ -54,7 +54,7 @@ MAX_UPLOAD_BYTES = 32 * 2**20
 #: images per /api/images request
 MAX_IMAGES = 256
 MAX_UPLOADS = 16
-_ATTEND_PARAMS = {"split", "index", "upload", "layer", "top_k", "by", "contribution_to", "at_step", "step_buckets"}
+_ATTEND_PARAMS = {"split", "index", "upload", "layer", "top_k", "by", "contribution_to", "at_step", "step_buckets", "score"}
 
 
 class BadRequest(Exception):
@@ -197,6 +197,7 @@ class ViewApp:
         by = self._one(params, "by", "pattern")
         contribution = self._one(params, "contribution_to", "pred")
         _parse_contribution(contribution)
+        score = self._one(params, "score", "auto")  # auto | raw | unit (attend --score)
         queries, source = None, ""
         if upload is not None:
             if split is not None or index is not None:
@@ -208,7 +209,7 @@ class ViewApp:
             self.di.refresh()
             run = attend_run(self.di, self.store_path, split=split, index=index, queries=queries, source=source,
                              layer=[layer] if layer else None, top_k=top_k, by=by, contribution_to=contribution,
-                             at_step=at_step, step_buckets=step_buckets)
+                             at_step=at_step, step_buckets=step_buckets, score=score)
             return run.to_dict()
 
     def images(self, params: dict[str, list[str]]) -> dict[str, Any]:

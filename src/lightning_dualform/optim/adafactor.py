@@ -116,7 +116,7 @@ class AdafactorRule(UpdateRule):
         rho_t = min(lr, 1 / (step**0.5))
         p = state.linear[PARAM]
         alpha = max(eps2, float(np.linalg.norm(p)) / (p.size**0.5)) * rho_t
-        delta = 1.0 - lr * wd if wd != 0 else 1.0
+        delta = state.factor(1.0 - lr * wd) if wd != 0 else 1.0  # torch's param.mul_ rounds it to p's dtype
         gp = g if sign == 1.0 else -g
         sq = gp * gp
         if gp.ndim > 1:

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from lightning_dualform.optim.maps import PARAM, StepMaps, maps
+from lightning_dualform.optim.maps import PARAM, OptimizerState, StepMaps, maps
 from lightning_dualform.optim.rule import (
     APPLIED,
     HyperValue,
@@ -73,12 +73,13 @@ def _adam_decoupled(optimizer: torch.optim.Optimizer, group: Mapping) -> bool:
 _ADAM_READS_DECOUPLED = "decoupled_weight_decay" in inspect.signature(torch.optim.Adam.__init__).parameters
 
 
-def _decay(hp: Mapping[str, HyperValue], decoupled: bool) -> tuple[float, float]:
-    """``(l2, delta)``: the L2 coefficient fed into the gradient and the decoupled multiplier of ``p``."""
+def _decay(hp: Mapping[str, HyperValue], decoupled: bool, state: OptimizerState) -> tuple[float, float]:
+    """``(l2, delta)``: the L2 coefficient fed into the gradient and the decoupled multiplier of ``p`` (rounded
+    to the parameter's dtype, as torch's ``param.mul_(1 - lr * wd)`` rounds it)."""
     wd = float(hp["weight_decay"])
     if wd == 0.0:
         return 0.0, 1.0
-    return (0.0, 1.0 - float(hp["lr"]) * wd) if decoupled else (wd, 1.0)
+    return (0.0, state.factor(1.0 - float(hp["lr"]) * wd)) if decoupled else (wd, 1.0)
 
 
 def _betas(group: dict) -> tuple[float, float]:
@@ -125,7 +126,7 @@ class AdamRule(UpdateRule):
         nl["step"] = step = nl["step"] + 1.0
         lr, b1, b2, eps = (float(hp[k]) for k in ("lr", "beta1", "beta2", "eps"))
         sign = sign_of(hp)
-        l2, delta = _decay(hp, bool(hp["decoupled_weight_decay"]))
+        l2, delta = _decay(hp, bool(hp["decoupled_weight_decay"]), state)
         gp = effective_grad(state, g, sign, l2)
         v = nl["exp_avg_sq"]
         v *= b2
@@ -172,7 +173,7 @@ class AdamaxRule(UpdateRule):
         nl["step"] = step = nl["step"] + 1.0
         lr, b1, b2, eps = (float(hp[k]) for k in ("lr", "beta1", "beta2", "eps"))
         sign = sign_of(hp)
-        l2, _ = _decay(hp, False)
+        l2, _ = _decay(hp, False, state)
         gp = effective_grad(state, g, sign, l2)
         u = nl["exp_inf"]
         u *= b2
@@ -224,7 +225,7 @@ class NAdamRule(UpdateRule):
         nl["step"] = step = nl["step"] + 1.0
         lr, b1, b2, eps, md = (float(hp[k]) for k in ("lr", "beta1", "beta2", "eps", "momentum_decay"))
         sign = sign_of(hp)
-        l2, delta = _decay(hp, bool(hp["decoupled_weight_decay"]))
+        l2, delta = _decay(hp, bool(hp["decoupled_weight_decay"]), state)
         gp = effective_grad(state, g, sign, l2)
         bc2 = 1.0 - b2**step
         mu = b1 * (1.0 - 0.5 * (0.96 ** (step * md)))
@@ -282,7 +283,7 @@ class RAdamRule(UpdateRule):
         nl["step"] = step = nl["step"] + 1.0
         lr, b1, b2, eps = (float(hp[k]) for k in ("lr", "beta1", "beta2", "eps"))
         sign = sign_of(hp)
-        l2, delta = _decay(hp, bool(hp["decoupled_weight_decay"]))
+        l2, delta = _decay(hp, bool(hp["decoupled_weight_decay"]), state)
         gp = effective_grad(state, g, sign, l2)
         v = nl["exp_avg_sq"]
         v *= b2

@@ -117,7 +117,7 @@ class UpdateRule(ABC):
                     lin[name] = to_numpy(v)
                 elif self._linear_default(group, name):
                     lin[name] = np.zeros(tuple(param.shape))
-        return OptimizerState(start, tuple(param.shape), nonlinear, lin)
+        return OptimizerState(start, tuple(param.shape), nonlinear, lin, param_dtype=str(param.dtype).removeprefix("torch."))
 
     @abstractmethod
     def _hyper(self, optimizer: torch.optim.Optimizer, group: dict, param: torch.Tensor) -> dict[str, HyperValue]:

@@ -105,4 +105,5 @@ class ASGDRule(UpdateRule):
         sign, wd = sign_of(hp), float(hp["weight_decay"])
         kind = type(eta_t) if isinstance(eta_t, np.floating) else np.float64
         nl["eta"] = kind(lr / ((1 + lambd * lr * step) ** alpha))  # stored in torch's scalar dtype
-        return maps((PARAM,), 0.0, m0=[[(1.0 - lambd * eta) - eta * wd]], m1=[[0.0]], b0=[-eta * sign], b1=[0.0])
+        # torch: param.mul_(1 - lambd * eta) (the factor rounded to p's dtype), then param.add_(grad + wd p, alpha=-eta)
+        return maps((PARAM,), 0.0, m0=[[state.factor(1.0 - lambd * eta) - eta * wd]], m1=[[0.0]], b0=[-eta * sign], b1=[0.0])

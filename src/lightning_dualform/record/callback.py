@@ -49,10 +49,15 @@ _OWNER = "DualFormCallback"
 class DualFormCallback(Callback):
     """Record every tracked layer's training keys and values into an HDF5 store.
 
-    With plain SGD (any momentum, dampening, Nesterov, weight decay, ``maximize``, schedules, param
-    groups, norm clipping, gradient accumulation, DDP) the store rebuilds each tracked layer exactly::
+    With SGD (any momentum, dampening, Nesterov, weight decay, ``maximize``) the store rebuilds each tracked
+    layer exactly as attention over its training rows::
 
         W_T x = a W_0 x + sum_rows c_step(row) * v_row * (k_row . x)
+
+    and with Adam, AdamW, Adamax, NAdam, RAdam, Adagrad, RMSprop, Adadelta, ASGD or Adafactor (every flag) as
+    attention with a key per output unit, ``W_T[u] x = base_u(x) + sum_rows v_row[u] ((Q_step[u] (.) k_row) . x)``,
+    ``Q`` replayed from the stored optimizer state (``docs/dual-form.md``); schedules, param groups, norm
+    clipping, gradient accumulation, DDP and mixed precision (to its documented tolerance) for all of them.
 
     Args:
         path: the store to write (``.h5``). Under DDP each rank writes ``name.rank{r}.h5``.
@@ -66,9 +71,9 @@ class DualFormCallback(Callback):
             ``docs/benchmarks.md``). Training that waits on the writer gets a warning.
         chunk_rows: rows per HDF5 chunk of keys and values (at most 2^20); ``None`` sizes chunks to about
             512 KiB per layer.
-        exact: ``True`` refuses runs that the dual form cannot rebuild exactly (Adam and any non-SGD
-            optimizer, value clipping, custom clipping). ``False`` records them anyway and stores the
-            residual between the real weights and the memory's rebuild.
+        exact: ``True`` refuses runs that the dual form cannot rebuild exactly (an optimizer whose step is not
+            linear in the gradient, such as Rprop or LBFGS; value clipping, custom clipping). ``False`` records
+            them anyway and stores the residual between the real weights and the memory's rebuild.
         overwrite: replace an existing file at ``path`` (otherwise an existing file is an error).
         index_key: where a batch carries each example's dataset index: a key of a dict batch, or a position
             in a tuple batch. Without it, indices are observed from the DataLoader's sampler; an

@@ -30,9 +30,9 @@ from torch import nn
 
 from lightning_dualform._float32_products import float32_mode, loosest
 from lightning_dualform._version import __version__
-from lightning_dualform.attend.certificate import FLOAT32_PRODUCTS_TOLERANCE, certify_store, tolerance
-from lightning_dualform.errors import DiskSpaceError
-from lightning_dualform.optim import ParamUpdate
+from lightning_dualform.attend.certificate import FLOAT32_PRODUCTS_TOLERANCE, certify_store, read_certificate, tolerance
+from lightning_dualform.errors import DiskSpaceError, InexactError
+from lightning_dualform.optim import UpdateRule, rule_for
 from lightning_dualform.record.batches import BatchInfo, duplicates, row_metadata
 from lightning_dualform.record.capture import CallRows, LayerCapture, layer_kind, layer_shape, project_keys, weight_matrix
 from lightning_dualform.record.options import RecordOptions
@@ -40,7 +40,7 @@ from lightning_dualform.record.planner import Plan, estimate, free_bytes
 from lightning_dualform.record.policy import gradient_check_tolerance
 from lightning_dualform.record.sketch import SketchCertificate
 from lightning_dualform.store.background import AsyncWriter
-from lightning_dualform.store.format import LayerSpec, StepRows, settings_of
+from lightning_dualform.store.format import PLAIN_RULE, SCALAR_RULES, LayerSpec, StepRows, settings_of, table_columns
 from lightning_dualform.store.metadata import StoreMetadata
 from lightning_dualform.store.shards import write_shard_index
 from lightning_dualform.store.writer import StoreWriter
@@ -104,11 +104,16 @@ class Distributed:
             dist.barrier()
 
 
+#: One step's row of a parameter's per-step table: ``{column: value}`` of the store's update rule.
+StepRow = dict[str, Any]
+
+
 @dataclass
 class StepSettings:
-    """What the optimizer's step pre-hook noted, until its post-hook records the step."""
+    """What the optimizer's step pre-hook noted, until its post-hook records the step: per layer, the weight's
+    and the bias's table rows (``None`` without a bias)."""
 
-    updates: dict[str, tuple[ParamUpdate, ParamUpdate | None]]
+    updates: dict[str, tuple[StepRow, StepRow | None]]
 
 
 class RecordingEngine:
@@ -129,6 +134,8 @@ class RecordingEngine:
         self.captures: dict[str, LayerCapture] = {}
         self.chosen: dict[str, nn.Module] = {}
         self.optimizer: torch.optim.Optimizer | None = None
+        #: the optimizer's update rule (``None``: an optimizer without one, recorded as ``"plain"``)
+        self.rule: UpdateRule | None = None
         self.writer: AsyncWriter | None = None
         self.store_path: str | None = None
         self.plan: Plan | None = None
@@ -169,6 +176,12 @@ class RecordingEngine:
         """
         self.chosen = dict(chosen)
         self.optimizer = optimizer
+        self.rule = None
+        if optimizer is not None:
+            try:
+                self.rule = rule_for(optimizer)
+            except InexactError:  # recorded with exact=False (the policy refused it otherwise)
+                self.rule = None
         groups: dict[int, int] = {}
         if optimizer is not None:
             for i, g in enumerate(optimizer.param_groups):
@@ -236,7 +249,7 @@ class RecordingEngine:
         self.store_path = store_path
         specs = [self._layer_spec(name, m) for name, m in self.chosen.items()]
         if resume is not None:
-            settings = settings_of(specs, opts.dtype, opts.compression)
+            settings = settings_of(specs, opts.dtype, opts.compression, self.update_rule)
             make = lambda: StoreWriter.resume(  # noqa: E731
                 store_path, settings, resume["rows"], int(resume["steps"]), resume.get("inputs"),
                 last_step=last_step, commit_seconds=opts.commit_seconds, update_attrs=self._resumed_attrs,
@@ -267,6 +280,11 @@ class RecordingEngine:
             "and position, per epoch."
         )
 
+    @property
+    def update_rule(self) -> str:
+        """The name the store gives the optimizer's update rule."""
+        return self.rule.name if self.rule is not None else PLAIN_RULE
+
     def _start_sketch(self, resume: dict[str, Any] | None) -> None:
         """Certify as training goes where the update rule is SGD's scalar recurrence; a resume continues the
         projections its checkpoint saved (one from before they existed certifies at the end instead)."""
@@ -294,6 +312,14 @@ class RecordingEngine:
         w = weight_matrix(m).float().cpu().numpy()
         b = bias_of(m).detach().float().cpu().numpy() if bias_of(m) is not None else None
         state = self.optimizer.state if self.optimizer is not None else {}
+        weight_state = bias_state = None
+        if self.rule is not None and self.rule.name != "sgd":  # (SGD keeps its momentum buffers below, as in format 1)
+            # the state before the first recorded step: the replay starts from it
+            wi, bi = self._param_groups[name]
+            if wi is not None:
+                weight_state = self.rule.read_state(self.optimizer, m.weight)
+            if bias_of(m) is not None and bi is not None:
+                bias_state = self.rule.read_state(self.optimizer, bias_of(m))
 
         def buffer(p: torch.Tensor | None, is_weight: bool) -> np.ndarray | None:
             buf = state.get(p, {}).get("momentum_buffer") if p is not None else None
@@ -303,7 +329,9 @@ class RecordingEngine:
 
         return LayerSpec(name=name, kind=layer_kind(m), d_in=d_in, d_out=d_out, has_bias=b is not None,
                          weight_init=w, bias_init=b, extra=extra, weight_buffer_init=buffer(m.weight, True),
-                         bias_buffer_init=buffer(bias_of(m), False))
+                         bias_buffer_init=buffer(bias_of(m), False), weight_shape=tuple(m.weight.shape),
+                         weight_state=weight_state, bias_state=bias_state,
+                         state_dtype="float64" if m.weight.dtype == torch.float64 else "float32")
 
     def _resumed_attrs(self, stored: StoreMetadata) -> dict[str, Any]:
         """The rows before the checkpoint keep the rounding they were made with: the store's mode is the
@@ -318,17 +346,27 @@ class RecordingEngine:
         opt = self.optimizer
         opt_info: dict[str, Any] = {"name": type(opt).__name__ if opt else None, "param_groups": []}
         if opt is not None:
+            def plain(v: Any) -> Any:
+                if isinstance(v, (tuple, list)):  # Adam's betas, Adafactor's eps
+                    return [plain(x) for x in v]
+                if isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool):
+                    return float(v)
+                return v
+
+            def kept(v: Any) -> bool:
+                if isinstance(v, (tuple, list)):
+                    return all(x is None or kept(x) for x in v)
+                return isinstance(v, (int, float, bool, str)) or (isinstance(v, torch.Tensor) and v.numel() == 1)
+
             for g in opt.param_groups:
-                opt_info["param_groups"].append(
-                    {k: (float(v) if isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool) else v)
-                     for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, str, torch.Tensor))}
-                )
+                opt_info["param_groups"].append({k: plain(v) for k, v in g.items() if k != "params" and kept(v)})
         return StoreMetadata(
             library_version=__version__,
             torch_version=torch.__version__,
             lightning_version=lightning.__version__,
             model_class=type(model).__name__,
             optimizer=opt_info,
+            update_rule=self.update_rule,
             precision=self.precision,
             float32_products=self.float32_products,
             rank=self.dist.rank,
@@ -397,17 +435,31 @@ class RecordingEngine:
     def step_settings(self) -> StepSettings:
         """The update rule's settings of the coming step, read before the optimizer changes its state (call it
         from the optimizer's step pre-hook)."""
-        opt = self.optimizer
         updates = {}
         for name, cap in self.captures.items():
             m = cap.module
             wi, bi = self._param_groups[name]
-            w_up = _param_update(opt, m.weight, opt.param_groups[wi] if wi is not None else None)
-            b_up = None
-            if bias_of(m) is not None:
-                b_up = _param_update(opt, bias_of(m), opt.param_groups[bi] if bi is not None else None)
+            w_up = self._table_row(m.weight, wi)
+            b_up = self._table_row(bias_of(m), bi) if bias_of(m) is not None else None
             updates[name] = (w_up, b_up)
         return StepSettings(updates)
+
+    def _table_row(self, p: torch.Tensor, group: int | None) -> StepRow:
+        """The coming step's row of ``p``'s table: the rule's columns, read from the optimizer's public state."""
+        if group is None:  # in no param group: the optimizer never changes it
+            return self.skipped_row()
+        if self.rule is not None:
+            row = self.rule.read_step(self.optimizer, p)
+            # Lightning runs the closure (forward, backward) inside optimizer.step(), after this pre-hook: whether
+            # the parameter got a gradient is known only after the step (record_step)
+            row["applied"] = True
+            return row
+        lr = self.optimizer.param_groups[group].get("lr", 0.0)
+        return {"lr": float(lr) if isinstance(lr, (int, float, torch.Tensor)) else 0.0, "applied": True}
+
+    def skipped_row(self) -> StepRow:
+        """A table row of a step that leaves the parameter (and its state) alone."""
+        return {c.name: (False if c.dtype is np.bool_ else 0.0) for c in table_columns(self.update_rule)}
 
     def record_step(self, step: int, epoch: int, plan: StepSettings, grad_scale: float | None) -> None:
         """Hand one optimizer step to the writer: its rows per layer and the update rule's scalars.
@@ -439,12 +491,12 @@ class RecordingEngine:
         if self.sketch is not None and (not check or self.options.dtype != "float32"):
             sketches = self._sketch_rows(rows, stored=True)  # every step: the certificate's projections
         self._steps_seen += 1
-        updates: dict[str, tuple[float, ParamUpdate, ParamUpdate | None]] = {}
+        updates: dict[str, tuple[float, StepRow, StepRow | None]] = {}
         for name, cap in self.captures.items():
             w_up, b_up = plan.updates[name]
-            w_up.applied = w_up.applied and cap.module.weight.grad is not None
+            w_up["applied"] = bool(w_up["applied"]) and cap.module.weight.grad is not None
             if b_up is not None:
-                b_up.applied = b_up.applied and bias_of(cap.module).grad is not None
+                b_up["applied"] = bool(b_up["applied"]) and bias_of(cap.module).grad is not None
             scale = grad_scale if grad_scale is not None else scales.get(name, 1.0)
             updates[name] = (scale, w_up, b_up)
             if self.sketch is not None and name in self.sketch.layers:
@@ -467,8 +519,7 @@ class RecordingEngine:
         self._take_rows()
         updates = {}
         for name, cap in self.captures.items():
-            skipped = ParamUpdate(lr=0.0, applied=False)
-            updates[name] = (0.0, skipped, ParamUpdate(lr=0.0, applied=False) if bias_of(cap.module) is not None else None)
+            updates[name] = (0.0, self.skipped_row(), self.skipped_row() if bias_of(cap.module) is not None else None)
         self.writer.submit(_write_step, self.writer.store, step, epoch, {}, updates, None)
         self.steps_recorded += 1
 
@@ -659,17 +710,32 @@ class RecordingEngine:
         self.detach()
         certificate = self._sketch_certificate(finals)
         writer, self.writer = self.writer, None
-        writer.call(writer.store.finalize, finals, int(final_step), int(epochs), certificate)
+        full = self.options.certify == "full" or (self.options.certify and certificate is None)
+        # the full certificate of this file follows under the same writer lock: no other writer between
+        elementwise = self.update_rule not in (*SCALAR_RULES, PLAIN_RULE)
+        keep_lock = bool(full) and not (self.dist.world_size > 1 and elementwise)
+        lock = writer.call_result(writer.store.finalize, finals, int(final_step), int(epochs), certificate, keep_lock)
         writer.stop()
         if writer.blocked_s >= 1.0:
             self._info(f"{self.owner}: training waited {writer.blocked_s:.1f} s in all for the store writer.")
         self.committed = writer.store.committed  # for a checkpoint saved after the finish
-        self.dist.barrier()
-        if self.options.certify == "full" or (self.options.certify and certificate is None):
-            # Under DDP each shard holds one rank's rows: the memory is the sum over ranks.
-            reduce = self.dist.all_reduce if self.dist.world_size > 1 else None
-            self.certificate = certify_store(self.store_path, all_reduce=reduce)
-        elif certificate is not None:
+        try:
+            self.dist.barrier()
+            if full and not keep_lock:
+                # An element-wise rule's replay needs every rank's rows at each step: rank 0 certifies through the
+                # shards' index (all are finished: barrier above) and writes into every shard.
+                if self.dist.rank == 0:
+                    certify_store(self.options.path)
+                self.dist.barrier()
+                self.certificate = read_certificate(self.store_path)
+            elif full:
+                # Under DDP each shard holds one rank's rows: the memory is the sum over ranks.
+                reduce = self.dist.all_reduce if self.dist.world_size > 1 else None
+                self.certificate = certify_store(self.store_path, all_reduce=reduce, lock=lock)
+        finally:
+            if lock is not None:
+                lock.release()
+        if not full and certificate is not None:
             self.certificate = certificate
         for name, cert in self.certificate.items():
             verdict = f"exact within {cert['tolerance']:.0e}" if cert["exact"] else "INEXACT"
@@ -721,22 +787,6 @@ def _fit_scale(lhs: torch.Tensor, rhs: torch.Tensor, world_size: int) -> float:
         if abs(f - snapped) <= _SNAP * snapped:
             return snapped
     return f
-
-
-def _param_update(optimizer: torch.optim.Optimizer, p: torch.Tensor | None, group: dict | None) -> ParamUpdate:
-    if p is None or group is None:
-        return ParamUpdate(lr=0.0, applied=False)
-    state = optimizer.state.get(p, {})
-    return ParamUpdate(
-        lr=float(group["lr"]),
-        momentum=float(group.get("momentum", 0.0)),
-        dampening=float(group.get("dampening", 0.0)),
-        weight_decay=float(group.get("weight_decay", 0.0)),
-        nesterov=bool(group.get("nesterov", False)),
-        maximize=bool(group.get("maximize", False)),
-        fresh_buffer=state.get("momentum_buffer") is None,
-        applied=True,
-    )
 
 
 def _gather_rows(parts: list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]], row_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:

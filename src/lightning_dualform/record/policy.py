@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-#: Optimizers whose step is a scalar times the gradient plus linear terms (``optim/sgd.py``).
-EXACT_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.SGD,)
+from lightning_dualform.errors import InexactError
+from lightning_dualform.optim import rule_for
 #: Trainer precisions under which each step's weight gradient is a sum of outer products of the captured
 #: rows (mixed precision rounds it; :data:`GRADIENT_CHECK_TOLERANCE` allows for that).
 EXACT_PRECISIONS = ("32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed")
@@ -46,11 +46,10 @@ def inexact_causes(facts: RunFacts) -> list[str]:
     if len(facts.optimizers) != 1:
         problems.append(f"{len(facts.optimizers)} optimizers (exactly one is supported)")
     for opt in facts.optimizers:
-        if type(opt) not in EXACT_OPTIMIZERS:
-            problems.append(
-                f"{type(opt).__name__}: its per-element update is not a scalar times the gradient, so the "
-                "trained weights are not a sum of training outer products"
-            )
+        try:
+            rule_for(opt)  # every optimizer whose step is linear in the gradient once its own state is fixed
+        except InexactError as err:
+            problems.append(str(err).rstrip("."))
     if facts.clip_algorithm == "value":
         problems.append('gradient_clip_algorithm="value" (clips each element separately)')
     if facts.custom_clipping:
@@ -68,10 +67,10 @@ def inexact_causes(facts: RunFacts) -> list[str]:
 def refusal(owner: str, problems: list[str]) -> str:
     """The message of the :class:`~lightning_dualform.errors.InexactError` an exact recording raises."""
     return (
-        f"{owner} cannot record this run exactly: " + "; ".join(problems) + ". Use torch.optim.SGD (momentum, "
-        "Nesterov, weight decay, schedules and norm clipping are all exact), or pass "
-        f"`{owner}(..., exact=False)` to record anyway: the store then keeps the residual the memory does not "
-        "explain, and every answer reports it."
+        f"{owner} cannot record this run exactly: " + "; ".join(problems) + ". Remove the cause (schedules, "
+        "param groups, norm clipping, gradient accumulation, DDP and mixed precision are all exact with a "
+        f"supported optimizer), or pass `{owner}(..., exact=False)` to record anyway: the store then keeps the "
+        "residual the memory does not explain, and every answer reports it."
     )
 
 

@@ -13,8 +13,15 @@ from typing import Any
 
 import numpy as np
 
+from lightning_dualform.optim import RULES, Column, OptimizerState, UpdateRule
+
 FORMAT_NAME = "lightning-dualform"
-FORMAT_VERSION = 1
+#: Version 2 names the optimizer's update rule (root attribute ``update_rule``), keeps each rule's own
+#: per-step columns and, for rules with state, the optimizer state before the first step (``state/``).
+#: Version 1 stores (``torch.optim.SGD`` only) are version 2 stores of the rule ``"sgd"``.
+FORMAT_VERSION = 2
+#: The oldest format this library reads.
+MIN_FORMAT_VERSION = 1
 
 ROW_DTYPES = ("float32", "float16", "bfloat16")
 #: the kinds of layer a store records (``docs/store-format.md``, "Layer kinds")
@@ -34,23 +41,49 @@ def weights_crc32(w: np.ndarray) -> int:
 
 def tables_crc32(update_step: np.ndarray, grad_scale: np.ndarray, params: dict[str, dict[str, np.ndarray]]) -> int:
     """CRC-32 of a layer's per-step tables (``update_step``, ``grad_scale``, then each parameter's columns in
-    ``PARAM_COLUMNS`` order, as int64/float64/bool bytes): ties the certificate's sums, which were computed
-    with them, to the tables that answers at earlier steps use."""
-    from lightning_dualform.optim import PARAM_COLUMNS
-
+    name order, as int64/float64/bool bytes, whatever the update rule's columns are): ties the certificate's
+    sums, which were computed with them, to the tables that answers at earlier steps use."""
     crc = zlib.crc32(np.ascontiguousarray(update_step, dtype=np.int64).tobytes())
     crc = zlib.crc32(np.ascontiguousarray(grad_scale, dtype=np.float64).tobytes(), crc)
     for pname in ("weight", "bias"):
         if pname in params:
-            for col in PARAM_COLUMNS:
+            for col in sorted(params[pname]):
                 arr = np.asarray(params[pname][col])
                 arr = arr.astype(np.float64) if arr.dtype.kind == "f" else arr.astype(np.bool_)
                 crc = zlib.crc32(np.ascontiguousarray(arr).tobytes(), crc)
     return crc
 
 
-#: per-step table columns stored as float64 (the others are bool)
+#: The rebuilt weights an element-wise rule's replay gives at the certificate's end step (float64), kept for
+#: ``attend``'s ``dual`` under the same conditions as the memory sums (which only scalar rules have).
+REPLAY_DATASETS = ("replay_weight", "replay_bias")
+#: Everything derived from the rows that a resume deletes before it changes any row.
+DERIVED_DATASETS = MEMORY_SUM_DATASETS + REPLAY_DATASETS
+
+#: per-step table columns of SGD stored as float64 (the others are bool)
 FLOAT_PARAM_COLUMNS = ("lr", "momentum", "dampening", "weight_decay")
+
+#: ``update_rule`` of a run whose optimizer has no exact rule (recorded with ``exact=False``): its table keeps
+#: the learning rate alone, and the store rebuilds ``p_0 - sum_s lr_s g_s`` plus the stored residual.
+PLAIN_RULE = "plain"
+PLAIN_COLUMNS = (Column("lr", np.float64), Column("applied", np.bool_))
+#: Rules whose ``Q_s`` is a scalar at every step (the per-step coefficients ``c_s`` of ``optim/sgd.py``).
+SCALAR_RULES = ("sgd", "asgd")
+#: Group of a layer that holds the optimizer state before the first recorded step (rules other than SGD).
+STATE_GROUP = "state"
+UPDATE_RULES = (*RULES, PLAIN_RULE)
+
+
+def table_columns(update_rule: str) -> tuple[Column, ...]:
+    """The per-step columns of a parameter's table under ``update_rule`` (``applied`` last)."""
+    if update_rule == PLAIN_RULE:
+        return PLAIN_COLUMNS
+    return RULES[update_rule].columns
+
+
+def rule_named(update_rule: str) -> UpdateRule | None:
+    """The rule of a store's ``update_rule`` (``None`` for ``"plain"``)."""
+    return None if update_rule == PLAIN_RULE else RULES[update_rule]
 # chunk lengths of 1-D columns: HDF5 allocates whole chunks, so small stores stay small
 META_CHUNK = 4096
 TABLE_CHUNK = 512
@@ -82,8 +115,16 @@ class LayerSpec:
     weight_init: np.ndarray  # (d_out, d_in), float32: the layer's weight viewed as a linear map
     bias_init: np.ndarray | None
     extra: dict[str, Any] = field(default_factory=dict)  # kind-specific attributes (conv geometry ...)
-    weight_buffer_init: np.ndarray | None = None  # momentum buffers that exist before the first step
+    weight_buffer_init: np.ndarray | None = None  # SGD's momentum buffers that exist before the first step
     bias_buffer_init: np.ndarray | None = None
+    #: the weight parameter's own shape (conv: 3-D/4-D; embedding: (num_embeddings, dim)); the optimizer
+    #: state is kept in it
+    weight_shape: tuple[int, ...] | None = None
+    #: the optimizer state before the first recorded step, in the parameters' own shapes (rules other than SGD)
+    weight_state: OptimizerState | None = None
+    bias_state: OptimizerState | None = None
+    #: dtype the state's arrays are stored in (the parameters' dtype: float32, or float64 for 64-true runs)
+    state_dtype: str = "float32"
 
     def fingerprint(self) -> list:
         return [self.kind, self.d_in, self.d_out, self.has_bias]
@@ -102,12 +143,13 @@ class StepRows:
     epoch: int = 0
 
 
-def settings_of(specs: list[LayerSpec], row_dtype: str, compression: str | None) -> dict[str, Any]:
+def settings_of(specs: list[LayerSpec], row_dtype: str, compression: str | None, update_rule: str = "sgd") -> dict[str, Any]:
     """What must match between a store and a run that continues it."""
     return {
         "layers": {s.name: s.fingerprint() for s in specs},
         "row_dtype": row_dtype,
         "compression": compression or "none",
+        "update_rule": update_rule,
     }
 
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from lightning_dualform._float32_products import loosest
 from lightning_dualform.errors import StoreError
-from lightning_dualform.store.format import FORMAT_NAME, FORMAT_VERSION, ROW_DTYPES
+from lightning_dualform.store.format import FORMAT_NAME, FORMAT_VERSION, MIN_FORMAT_VERSION, ROW_DTYPES, UPDATE_RULES
 
 #: ``status``: being written (or stopped early: the store ends at its last committed step), or finished by fit.
 STATUSES = ("recording", "complete")
@@ -37,6 +37,9 @@ class StoreMetadata:
     model_class: str = ""
     optimizer: dict[str, Any] = field(default_factory=dict)
     optimizer_exact: bool = True
+    #: the optimizer's update rule (``optim.RULES``), or ``"plain"`` for an optimizer without one; stores of
+    #: format version 1 (SGD only) lack it
+    update_rule: str = "sgd"
     inexact_causes: list[str] = field(default_factory=list)
     gradient_clip_val: float = 0.0
     gradient_clip_algorithm: str = "norm"  # "measured": a DualFormRecorder measured each step's factor
@@ -88,8 +91,13 @@ class StoreMetadata:
                 f"{path}: store format version {meta.format_version} is newer than this library reads ({FORMAT_VERSION}); "
                 "upgrade lightning-dualform."
             )
-        if meta.format_version < 1:
+        if meta.format_version < MIN_FORMAT_VERSION:
             raise StoreError(f"{path}: invalid store format version {meta.format_version}.")
+        if meta.update_rule not in UPDATE_RULES:
+            raise StoreError(
+                f"{path}: unknown update rule {meta.update_rule!r} (this library knows {', '.join(UPDATE_RULES)}); "
+                "the file is damaged or from a newer library."
+            )
         if meta.row_dtype not in ROW_DTYPES:
             raise StoreError(f"{path}: unknown row dtype {meta.row_dtype!r}.")
         if meta.status not in STATUSES:

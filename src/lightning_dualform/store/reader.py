@@ -26,14 +26,20 @@ import numpy as np
 
 from lightning_dualform._args import as_int
 from lightning_dualform.errors import StoreBusyError, StoreError
-from lightning_dualform.optim import PARAM_COLUMNS, coefficients_with_buffer, plain_sgd_coefficients
+from lightning_dualform.optim import PARAM, OptimizerState, Sweep, UpdateRule, coefficients_with_buffer, plain_sgd_coefficients
 from lightning_dualform.store import _h5, _journal, _probe, _raw_chunks, _repair
 from lightning_dualform.store._h5open import open_any
 from lightning_dualform.store.filters import decode_rows
 from lightning_dualform.store.format import (
-    FLOAT_PARAM_COLUMNS,
     LAYER_KINDS,
+    MEMORY_SUM_DATASETS,
+    PLAIN_RULE,
+    REPLAY_DATASETS,
     ROW_COLUMNS,
+    SCALAR_RULES,
+    STATE_GROUP,
+    rule_named,
+    table_columns,
     tables_crc32,
     weights_crc32,
 )
@@ -42,6 +48,11 @@ from lightning_dualform.store.metadata import StoreMetadata
 #: largest width of a table sized by a value read from the file (labels, epochs) when the file's own
 #: shapes do not allow more: distinct values never outnumber the rows, so a wider table means damage
 TABLE_WIDTH_FLOOR = 1 << 20
+
+#: How a store rebuilds a layer (``StoreReader.form``): per-step scalar coefficients (SGD, ASGD), the replay of
+#: an element-wise rule (Adam, AdamW, ...: ``attend/replay.py``), or the plain sum of a run recorded with
+#: ``exact=False`` (plus its stored residual).
+FORMS = ("scalar", "element-wise", "plain")
 
 
 @dataclass
@@ -121,6 +132,19 @@ class LayerReader:
                     raise StoreError(f"{where}: its rows' steps {ends.tolist()} lie outside the step table {self._step_lo}..{self._step_hi - 1}; the file is damaged.")
         self.attrs = {k: _h5.attr(v) for k, v in a.items()}
         self._chunk_readers: dict[str, _raw_chunks.ChunkReader | None] = {}
+        shape = a.get("weight_shape")
+        try:
+            self.weight_shape = (self.d_out, self.d_in) if shape is None else tuple(int(d) for d in np.asarray(shape).reshape(-1))
+        except (TypeError, ValueError) as err:
+            raise StoreError(f"{store.path}: layer {name!r} attribute 'weight_shape' is {shape!r}; the file is damaged.") from err
+        self.param_dtype = str(self.attrs.get("param_dtype", "float32"))
+        if self.param_dtype not in ("float32", "float64"):
+            raise StoreError(f"{store.path}: layer {name!r} attribute 'param_dtype' is {self.param_dtype!r}; the file is damaged.")
+        if int(np.prod(self.weight_shape)) != self.d_out * self.d_in or len(self.weight_shape) < 2:
+            raise StoreError(
+                f"{store.path}: layer {name!r} says its weight has shape {self.weight_shape}, which does not hold a "
+                f"({self.d_out}, {self.d_in}) layer; the file is damaged."
+            )
         self._check_certificate_attrs(where)
         if store.complete and "certificate_tables_crc32" in a:
             want = _h5.int_attr(a, "certificate_tables_crc32", where, lo=0, hi=2**32 - 1)
@@ -173,23 +197,19 @@ class LayerReader:
             raise StoreError(f"{where}: has_bias={self.has_bias} but its update tables disagree; the file is damaged.")
 
     def _check_updates(self, n_steps: int) -> None:
-        """Every per-step table covers the committed steps; the float scalars are finite."""
+        """Every per-step table of the store's update rule covers the committed steps, with the column's
+        dtype; the float scalars are finite."""
         where = f"{self.store.path}: layer {self.name!r}"
         ug = self._g.get("updates")
         if not isinstance(ug, h5py.Group):
             raise StoreError(f"{where} has no update tables; the file is damaged or not a store.")
-        tables = {"grad_scale": _h5.dataset(ug, "grad_scale", where, "f", 1)}
+        self._column(ug, "grad_scale", n_steps, np.float64, where)
         for pname in ("weight", "bias") if self.has_bias else ("weight",):
             pg = ug.get(pname)
             if not isinstance(pg, h5py.Group):
                 raise StoreError(f"{where} has no update table for its {pname}; the file is damaged.")
-            for col in PARAM_COLUMNS:
-                tables[f"{pname}/{col}"] = _h5.dataset(pg, col, where, "f" if col in FLOAT_PARAM_COLUMNS else "bui", 1)
-        for key, ds in tables.items():
-            if ds.shape[0] < n_steps:
-                raise StoreError(f"{self.store.path}: layer {self.name!r} has fewer update records ({key}: {ds.shape[0]}) than committed steps ({n_steps}).")
-            if ds.dtype.kind == "f" and n_steps and not np.isfinite(np.asarray(ds[:n_steps])).all():
-                raise StoreError(f"{where}: update table {key!r} holds NaN or inf; the file is damaged.")
+            for c in table_columns(self.store.update_rule):
+                self._column(pg, c.name, n_steps, c.dtype, f"{where} {pname}")
 
     def _check_certificate_attrs(self, where: str) -> None:
         """The certificate's numbers are numbers (``info``, ``verify`` and the viewer print and compare them)."""
@@ -208,6 +228,19 @@ class LayerReader:
         """Whether the certificate was written for this layer (a finished store may lack it: ``certify=False``,
         or a process killed while writing it; ``lightning-dualform verify --write-certificate`` writes it)."""
         return "certificate_rel_err" in self.attrs
+
+    def to_view(self, a: np.ndarray) -> np.ndarray:
+        """An array in the weight parameter's own shape as the ``(d_out, d_in)`` matrix that multiplies keys
+        (a convolution's weight flattened per output channel, an embedding's table transposed)."""
+        if self.kind == "embedding":
+            return a.T
+        return a.reshape(self.d_out, self.d_in)
+
+    def to_param(self, a: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`to_view`."""
+        if self.kind == "embedding":
+            return a.T
+        return a.reshape(self.weight_shape)
 
     # -- weights ---------------------------------------------------------------------------------------
     @_h5.guarded
@@ -234,9 +267,11 @@ class LayerReader:
     def stored_memory_sums(self, end_step: int, n_rows: int) -> tuple[np.ndarray, np.ndarray | None] | None:
         """``sum_rows c_w v k^T`` and ``sum_rows c_b v`` as the certificate computed them (float64), when the
         file holds them for exactly this end step, number of rows and final weights of a finished store;
-        otherwise None (the caller sums the rows)."""
+        otherwise None (the caller sums the rows). For a store of an element-wise rule: the weights and bias
+        its replay rebuilt (``replay_weight``, ``replay_bias``) under the same conditions."""
         g = self._g
-        if self.store.status != "complete" or "memory_weight" not in g or "weight_final" not in g:
+        names = REPLAY_DATASETS if self.store.form == "element-wise" else MEMORY_SUM_DATASETS
+        if self.store.status != "complete" or names[0] not in g or "weight_final" not in g:
             return None
         a = g.attrs
         marks = {}
@@ -252,8 +287,8 @@ class LayerReader:
         # sums of other final weights: the rows were rewritten by a writer that did not know about them
         if marks["memory_weight_final_crc32"] != weights_crc32(self.weight_final):
             return None
-        w = self._checked_sum("memory_weight", (self.d_out, self.d_in))
-        b = self._checked_sum("memory_bias", (self.d_out,)) if self.has_bias else None
+        w = self._checked_sum(names[0], (self.d_out, self.d_in))
+        b = self._checked_sum(names[1], (self.d_out,)) if self.has_bias else None
         return w, b
 
     def _checked_sum(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -279,43 +314,151 @@ class LayerReader:
     # -- coefficients ----------------------------------------------------------------------------------
     @_h5.guarded
     def updates(self) -> dict[str, Any]:
-        """The committed per-step tables: ``step``, ``grad_scale``, and a column dict per parameter."""
+        """The committed per-step tables: ``step``, ``grad_scale``, and a column dict per parameter (the
+        columns of the store's update rule, :func:`~lightning_dualform.store.format.table_columns`).
+
+        Raises:
+            StoreError: a column is missing, shorter than the committed steps, of the wrong kind, or holds
+                NaN/inf (a hostile or damaged file).
+        """
         n = self.store.n_steps
         ug = self._g["updates"]
-        out: dict[str, Any] = {"step": self.store.update_steps, "grad_scale": np.asarray(ug["grad_scale"][:n])}
+        where = f"{self.store.path}: layer {self.name!r}"
+        out: dict[str, Any] = {"step": self.store.update_steps, "grad_scale": self._column(ug, "grad_scale", n, np.float64, where)}
         for pname in ("weight", "bias"):
-            if pname in ug:
-                out[pname] = {col: np.asarray(ug[pname][col][:n]) for col in PARAM_COLUMNS}
+            if pname == "bias" and not self.has_bias:
+                continue
+            if pname not in ug:
+                raise StoreError(f"{where} has no update table for its {pname}; the file is damaged.")
+            out[pname] = {c.name: self._column(ug[pname], c.name, n, c.dtype, f"{where} {pname}")
+                          for c in table_columns(self.store.update_rule)}
         return out
 
-    def coefficients(self, at_step: int | None = None) -> Coefficients:
-        """Scalars rebuilding the layer as it was after ``at_step`` optimizer steps (default: the end)."""
+    @staticmethod
+    def _column(group: h5py.Group, name: str, n: int, dtype: type, where: str) -> np.ndarray:
+        ds = group.get(name)
+        if not isinstance(ds, h5py.Dataset) or ds.ndim != 1:
+            raise StoreError(f"{where}: the per-step column {name!r} is missing; the file is damaged or not of this update rule.")
+        if ds.shape[0] < n:
+            raise StoreError(f"{where}: the per-step column {name!r} holds {ds.shape[0]} steps, fewer than the {n} committed; the file is truncated.")
+        want_bool = np.dtype(dtype) == np.bool_
+        if (ds.dtype == np.bool_) != want_bool or (not want_bool and ds.dtype.kind != "f"):
+            raise StoreError(f"{where}: the per-step column {name!r} is {ds.dtype}, expected {np.dtype(dtype)}; the file is damaged.")
+        data = np.asarray(ds[:n])
+        if not want_bool and not np.isfinite(data).all():
+            raise StoreError(f"{where}: the per-step column {name!r} holds NaN or inf; the file is damaged.")
+        return data
+
+    def end_step(self, at_step: int | None = None) -> tuple[int, int]:
+        """``(first, end)``: the store's first step and the model wanted (default: the last one).
+
+        Raises:
+            ValueError: ``at_step`` outside ``first..last``.
+        """
         if at_step is not None:
-            at_step = as_int(at_step, "coefficients(at_step=...)", allowed="None or an integer optimizer step")
-        u = self.updates()
-        steps = u["step"]
-        first = int(steps[0]) if len(steps) else 0
-        last = first + len(steps)
+            at_step = as_int(at_step, "at_step", allowed="None or an integer optimizer step")
+        first = self.store.first_step
+        last = self.store.last_step
         end = last if at_step is None else at_step
         if not first <= end <= last:
             raise ValueError(
                 f"at_step={at_step} is outside what {self.store.path} covers: steps {first}..{last} "
                 f"(the model after {first} to {last} optimizer steps)."
             )
+        return first, end
+
+    def coefficients(self, at_step: int | None = None) -> Coefficients:
+        """Scalars rebuilding the layer as it was after ``at_step`` optimizer steps (default: the end).
+
+        Only for stores whose :attr:`StoreReader.form` is ``"scalar"`` or ``"plain"``; an element-wise rule's
+        layer is rebuilt by a replay (:class:`~lightning_dualform.attend.replay.LayerReplay`).
+        """
+        if self.store.form == "element-wise":
+            raise ValueError(
+                f"{self.store.path}: layer {self.name!r} was trained by {self.store.update_rule!r}, whose step is "
+                "element-wise: it has no per-step scalar coefficients. Rebuild it with "
+                "lightning_dualform.attend.replay.LayerReplay (or DualInference / certificate.rebuild_weights)."
+            )
+        u = self.updates()
+        steps = u["step"]
+        first, end = self.end_step(at_step)
         n_used = end - first
 
         def param(pname: str) -> tuple[float, float, np.ndarray]:
             if pname not in u:
                 return 1.0, 0.0, np.zeros(len(steps))
             t = u[pname]
-            if self.store.optimizer_exact:
+            if self.store.form == "plain":
+                a, c = plain_sgd_coefficients(t["lr"], u["grad_scale"], t["applied"], n_used)
+                return a, 0.0, c
+            if self.store.update_rule == "sgd":
                 return coefficients_with_buffer(t, u["grad_scale"], n_used)
-            a, c = plain_sgd_coefficients(t["lr"], u["grad_scale"], t["applied"], n_used)
-            return a, 0.0, c
+            return self._scalar_rule_coefficients(pname, t, u["grad_scale"], n_used)
 
         a_w, b_w, c_w = param("weight")
         a_b, b_b, c_b = param("bias")
         return Coefficients(a_w, c_w, a_b, c_b, first, end, b_w, b_b)
+
+    def _scalar_rule_coefficients(self, pname: str, table: dict, grad_scale: np.ndarray, n_used: int) -> tuple[float, float, np.ndarray]:
+        """``a``, ``b = 0`` and ``c_s`` of a rule whose maps are scalars (ASGD): its adjoint swept over a
+        one-entry stand-in of the parameter (the maps never look at the gradient or the parameter)."""
+        rule = self.store.rule
+        st = self.initial_state(pname)
+        one = OptimizerState(0, (1,), {k: (v.reshape(-1)[:1].copy() if isinstance(v, np.ndarray) and v.ndim else v)
+                                       for k, v in st.nonlinear.items()}, {PARAM: np.zeros(1)}, param_dtype=st.param_dtype)
+        c = np.zeros(len(grad_scale))
+        sweep = Sweep(rule, table, grad_scale, [one], lambda a, b, rows: (np.zeros(1) for _ in range(a, b)), stop=n_used)
+        for s, q in sweep:
+            c[s] = float(q)
+        return float(sweep.adjoint.A), 0.0, c
+
+    # -- optimizer state -------------------------------------------------------------------------------
+    @_h5.guarded
+    def initial_state(self, pname: str = "weight") -> OptimizerState:
+        """The optimizer state of the weight (``"weight"``) or bias before the first recorded step, float64,
+        in the parameter's own shape (:attr:`weight_shape` for the weight), the parameter itself included.
+
+        Raises:
+            StoreError: the store keeps no state for this parameter, or an entry has the wrong shape, is not
+                finite, or a required one is missing.
+        """
+        rule: UpdateRule | None = self.store.rule
+        where = f"{self.store.path}: layer {self.name!r} {pname}"
+        if rule is None:
+            raise ValueError(f"{where}: the store has no update rule ({self.store.update_rule!r}), hence no optimizer state.")
+        if pname == "bias" and not self.has_bias:
+            raise ValueError(f"{where}: the layer has no bias.")
+        shape = self.weight_shape if pname == "weight" else (self.d_out,)
+        init = self.weight_init if pname == "weight" else self.bias_init
+        p0 = (self.to_param(init) if pname == "weight" else init).astype(np.float64)
+        linear = {PARAM: p0}
+        nonlinear: dict[str, Any] = {}
+        if rule.name != "sgd":
+            g = self._g.get(STATE_GROUP)
+            pg = g.get(pname) if isinstance(g, h5py.Group) else None
+            if not isinstance(pg, h5py.Group):
+                raise StoreError(f"{where}: the store keeps no optimizer state ({STATE_GROUP}/{pname}); the file is damaged.")
+            for key, ds in pg.items():
+                if not isinstance(ds, h5py.Dataset) or ds.dtype.kind != "f":
+                    raise StoreError(f"{where}: state entry {key!r} is not a float dataset; the file is damaged.")
+                target = linear if key in rule.linear_names else nonlinear
+                target[key] = np.asarray(ds[()], dtype=np.float64)
+            for key, v in pg.attrs.items():
+                if not isinstance(v, (np.floating, float)) or isinstance(v, bool):
+                    raise StoreError(f"{where}: state attribute {key!r} is {v!r}, not a number; the file is damaged.")
+                if not np.isfinite(v):
+                    raise StoreError(f"{where}: state attribute {key!r} is {v!r}; the file is damaged.")
+                nonlinear[key] = v if isinstance(v, np.floating) and key != "step" else float(v)
+        elif "weight_buffer_init" in self._g or "bias_buffer_init" in self._g:
+            buf = self._array(f"{pname}_buffer_init")
+            if buf is not None:
+                linear["momentum_buffer"] = (self.to_param(buf) if pname == "weight" else buf).astype(np.float64)
+        state = OptimizerState(0, tuple(shape), nonlinear, linear, param_dtype=self.param_dtype)
+        try:
+            rule.check_state(state)
+        except ValueError as err:
+            raise StoreError(f"{where}: {err}; the file is damaged or was written for another layer.") from None
+        return state
 
     def base_weights(
         self, at_step: int | None = None, coef: Coefficients | None = None, with_residual: bool = True
@@ -323,7 +466,7 @@ class LayerReader:
         """The part of the weights that the memory does not hold: ``a W_0 (+ b buf_0)``, and the same for
         the bias; for a store of an inexact run at its end, the stored residual is added too.
 
-        ``W_T q = base_weight q + base_bias + sum_rows (c_w (k.q) + c_b) v``.
+        ``W_T q = base_weight q + base_bias + sum_rows (c_w (k.q) + c_b) v``. Scalar and plain stores only.
         """
         coef = coef or self.coefficients(at_step)
         w = coef.a_w * self.weight_init.astype(np.float64)
@@ -334,7 +477,7 @@ class LayerReader:
             b = coef.a_b * self.bias_init.astype(np.float64)
             if coef.b_b and "bias_buffer_init" in self._g:
                 b += coef.b_b * self._array("bias_buffer_init")
-        if with_residual and coef.end_step == self.store.last_step and not self.store.optimizer_exact:
+        if with_residual and coef.end_step == self.store.last_step and self.store.form == "plain":
             if self.weight_residual is not None:
                 w += self.weight_residual
             if b is not None and self.bias_residual is not None:
@@ -431,13 +574,30 @@ class LayerReader:
 class StoreView:
     """What every opened store offers beyond its files: layers by name, the step range, status.
 
-    Subclasses set ``path``, ``status``, ``n_steps``, ``first_step`` and ``_layers`` (name -> layer reader).
+    Subclasses set ``path``, ``status``, ``n_steps``, ``first_step``, ``update_rule``, ``optimizer_exact`` and
+    ``_layers`` (name -> layer reader).
     """
 
     path: str
     status: str
     n_steps: int
+    update_rule: str
+    optimizer_exact: bool
     _layers: dict[str, Any]
+
+    @property
+    def rule(self) -> UpdateRule | None:
+        """The optimizer's update rule (``None`` for a ``"plain"`` store)."""
+        return rule_named(self.update_rule)
+
+    @property
+    def form(self) -> str:
+        """How layers are rebuilt (:data:`FORMS`): ``"scalar"`` (SGD, ASGD: per-step coefficients),
+        ``"element-wise"`` (Adam, AdamW, Adagrad, ...: a replay of the optimizer) or ``"plain"`` (a run
+        recorded with ``exact=False``: ``p_0 - sum lr_s g_s`` plus the stored residual)."""
+        if not self.optimizer_exact or self.update_rule == PLAIN_RULE:
+            return "plain"
+        return "scalar" if self.update_rule in SCALAR_RULES else "element-wise"
 
     @property
     def layers(self) -> list[str]:
@@ -549,6 +709,7 @@ class StoreReader(StoreView):
             raise StoreError(  # the writer sets both from one list
                 f"{p}: optimizer_exact={self.optimizer_exact} but inexact_causes={self.meta.inexact_causes!r}; the file is damaged."
             )
+        self.update_rule = self.meta.update_rule
         order = self.meta.layer_order
         if not all(isinstance(n, str) for n in order):
             raise StoreError(f"{p}: attribute 'layer_order' is not a list of layer names; the file is damaged.")

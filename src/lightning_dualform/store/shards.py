@@ -230,7 +230,10 @@ class ShardedStoreReader(StoreView):
                 raise StoreError(f"{self.path}: shards {r0.path} and {r.path} hold different layers or dtypes.")
             if r.first_step != r0.first_step:
                 raise StoreError(f"{self.path}: shards {r0.path} and {r.path} start at different steps.")
-        for attr in ("row_dtype", "optimizer", "first_step"):
+            if r.update_rule != r0.update_rule:
+                raise StoreError(f"{self.path}: shards {r0.path} and {r.path} name different update rules "
+                                 f"({r0.update_rule!r}, {r.update_rule!r}).")
+        for attr in ("row_dtype", "optimizer", "first_step", "update_rule"):
             setattr(self, attr, getattr(r0, attr))
         # each rank recorded how its own float32 products were rounded: the store as a whole, the loosest
         self.meta = StoreMetadata.merge([r.meta for r in self._readers])

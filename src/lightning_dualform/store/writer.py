@@ -32,7 +32,7 @@ import numpy as np
 
 from lightning_dualform._args import as_int
 from lightning_dualform.errors import StoreError
-from lightning_dualform.optim import PARAM_COLUMNS
+from lightning_dualform.optim import PARAM, OptimizerState
 from lightning_dualform.store import _h5, _journal, _repair
 from lightning_dualform.store._chunks import ChunkAppender
 from lightning_dualform.store._h5open import open_readonly
@@ -41,18 +41,19 @@ from lightning_dualform.store._space import SpaceReserve
 from lightning_dualform.store.filters import compression_kwargs, encode_rows
 from lightning_dualform.store.metadata import StoreMetadata
 from lightning_dualform.store.format import (
-    FLOAT_PARAM_COLUMNS,
+    DERIVED_DATASETS,
     FORMAT_NAME,
     FORMAT_VERSION,
-    MEMORY_SUM_DATASETS,
     META_CHUNK,
     ROW_COLUMNS,
     ROW_DTYPES,
+    STATE_GROUP,
     TABLE_CHUNK,
     LAYER_KINDS,
     LayerSpec,
     StepRows,
     chunk_rows_for,
+    table_columns,
     tables_crc32,
 )
 
@@ -115,7 +116,21 @@ def stored_settings(path: str) -> dict[str, Any]:
             n: [_h5.attr(g.attrs["kind"]), int(g.attrs["d_in"]), int(g.attrs["d_out"]), bool(g.attrs["has_bias"])]
             for n, g in f["layers"].items()
         }
-        return {"layers": layers, "row_dtype": _h5.attr(f.attrs["row_dtype"]), "compression": _h5.attr(f.attrs["compression"])}
+        return {"layers": layers, "row_dtype": _h5.attr(f.attrs["row_dtype"]), "compression": _h5.attr(f.attrs["compression"]),
+                "update_rule": _h5.attr(f.attrs.get("update_rule", "sgd"))}  # format 1: SGD only
+
+
+def write_state(group: h5py.Group, state: OptimizerState, dtype: str) -> None:
+    """An optimizer state's entries (the parameter itself excepted: it is ``weight_init``/``bias_init``) into
+    ``group``: arrays as datasets in ``dtype``, scalars as attributes in their own numpy dtype (NAdam's
+    ``mu_product`` and ASGD's ``eta`` are rounded to float32 by torch, and the replay rounds them the same way).
+    Arrays are gzip-compressed: those torch has not created yet are zeros, and cost almost nothing."""
+    entries = {**state.nonlinear, **{k: v for k, v in (state.linear or {}).items() if k != PARAM}}
+    for name, v in entries.items():
+        if isinstance(v, np.ndarray) and v.ndim:
+            _h5.create(group, name, data=v.astype(dtype), compression="gzip", compression_opts=1)
+        else:
+            group.attrs[name] = v if isinstance(v, np.floating) else np.float64(v)
 
 
 
@@ -301,13 +316,20 @@ class StoreWriter:
                     _h5.create(g, "weight_buffer_init", data=spec.weight_buffer_init.astype(np.float32))
                 if spec.bias_buffer_init is not None:
                     _h5.create(g, "bias_buffer_init", data=spec.bias_buffer_init.astype(np.float32))
+                if spec.weight_shape is not None:
+                    g.attrs["weight_shape"] = np.asarray(spec.weight_shape, dtype=np.int64)
+                    g.attrs["param_dtype"] = spec.state_dtype  # torch rounds scalar factors of p to it
+                if spec.weight_state is not None:
+                    sg = g.create_group(STATE_GROUP)
+                    for pname, st in (("weight", spec.weight_state), ("bias", spec.bias_state)):
+                        if st is not None:
+                            write_state(sg.create_group(pname), st, spec.state_dtype)
                 ug = g.create_group("updates")
                 _h5.create(ug, "grad_scale", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(TABLE_CHUNK,))
                 for pname in ("weight", "bias") if spec.has_bias else ("weight",):
                     pg = ug.create_group(pname)
-                    for col in PARAM_COLUMNS:
-                        dt = np.float64 if col in FLOAT_PARAM_COLUMNS else np.bool_
-                        _h5.create(pg, col, shape=(0,), maxshape=(None,), dtype=dt, chunks=(TABLE_CHUNK,))
+                    for col in table_columns(meta.update_rule):
+                        _h5.create(pg, col.name, shape=(0,), maxshape=(None,), dtype=col.dtype, chunks=(TABLE_CHUNK,))
             f.flush()
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -400,7 +422,7 @@ class StoreWriter:
             meta = StoreMetadata.from_attrs({k: _h5.attr(v) for k, v in f.attrs.items()}, path)
             _h5.set_attrs(f, update_attrs(meta))
         for g in f["layers"].values():
-            for dname in ("weight_final", "bias_final", "weight_residual", "bias_residual", *MEMORY_SUM_DATASETS):
+            for dname in ("weight_final", "bias_final", "weight_residual", "bias_residual", *DERIVED_DATASETS):
                 if dname in g:
                     del g[dname]
             for key in [k for k in g.attrs if k.startswith(("certificate_", "memory_"))]:
@@ -417,8 +439,8 @@ class StoreWriter:
             _h5.truncate(ug["grad_scale"], steps)
             for pname in ("weight", "bias"):
                 if pname in ug:
-                    for col in PARAM_COLUMNS:
-                        _h5.truncate(ug[pname][col], steps)
+                    for col in ug[pname].values():
+                        _h5.truncate(col, steps)
         if "inputs" in f and inputs is not None:
             for col in ("index", "data"):
                 _h5.truncate(f["inputs"][col], inputs)
@@ -429,7 +451,7 @@ class StoreWriter:
         out: dict[str, Any] = {"grad_scale": ug["grad_scale"]}
         for pname in ("weight", "bias"):
             if pname in ug:
-                out[pname] = {col: ug[pname][col] for col in PARAM_COLUMNS}
+                out[pname] = dict(ug[pname].items())
         return out
 
     def _counts(self) -> dict[str, Any]:
@@ -478,7 +500,8 @@ class StoreWriter:
 
     # -- appending ---------------------------------------------------------------------------------
     def add_step(self, step: int, epoch: int, rows: dict[str, StepRows], updates: dict[str, tuple[float, Any, Any]]) -> None:
-        """Buffer one optimizer step: its rows per layer and ``(grad_scale, weight_update, bias_update)``.
+        """Buffer one optimizer step: its rows per layer and ``(grad_scale, weight_row, bias_row)``, a row being
+        the step's ``{column: value}`` of the store's update rule (or an object with those attributes).
 
         Rows are written in large appends that end on chunk boundaries (so no chunk is written twice);
         the small per-step tables at commit. A commit follows every ``commit_seconds``. The disk space the
@@ -569,7 +592,7 @@ class StoreWriter:
                 if pname not in t:
                     continue
                 for col, ds in t[pname].items():
-                    _h5.append(ds, np.array([getattr(u[name][pi], col) for _, _, u in steps], dtype=ds.dtype))
+                    _h5.append(ds, np.array([_column(u[name][pi], col) for _, _, u in steps], dtype=ds.dtype))
         self._pending_steps = []
 
     def _write_pending(self) -> None:
@@ -635,11 +658,12 @@ class StoreWriter:
 
     # -- finishing -----------------------------------------------------------------------------------
     def finalize(self, final_weights: dict[str, tuple[np.ndarray, np.ndarray | None]], final_step: int, epochs: int,
-                 certificate: dict[str, dict[str, Any]] | None = None) -> None:
+                 certificate: dict[str, dict[str, Any]] | None = None, keep_lock: bool = False) -> WriterLock | None:
         """Commit, leave SWMR mode, then write the final weights, the certificate made as training went (if
         any) and ``status = "complete"`` in one all-or-nothing write session (a kill or a full disk during it
         leaves the store at this last commit, status ``recording``, never half finished). Releases the writer
-        lock.
+        lock, or with ``keep_lock`` returns it still held (the full certificate follows under it, so that no
+        other writer takes the store in between); the caller releases it.
 
         Raises:
             StoreError: a final weight of the wrong shape, or the writer failed before.
@@ -687,7 +711,8 @@ class StoreWriter:
             self._failing(err)
             self._release(close_file=True)
             raise
-        self._release(close_file=False)
+        self._release(close_file=False, keep_lock=keep_lock)
+        return self._lock if keep_lock else None
 
     def close(self) -> None:
         """Commit and close without finalising (after an exception, or when fit stops early).
@@ -747,8 +772,12 @@ def _committed_steps(path: str) -> int | None:
 
 def _tables_crc32(update_step: h5py.Dataset, ug: h5py.Group, n: int) -> int:
     """:func:`~lightning_dualform.store.format.tables_crc32` of a layer's first ``n`` per-step tables."""
-    params = {p: {c: ug[p][c][:n] for c in PARAM_COLUMNS} for p in ("weight", "bias") if p in ug}
+    params = {p: {c: ug[p][c][:n] for c in ug[p]} for p in ("weight", "bias") if p in ug}
     return tables_crc32(update_step[:n], ug["grad_scale"][:n], params)
+
+
+def _column(row: Any, col: str) -> Any:
+    return row[col] if isinstance(row, dict) else getattr(row, col)
 
 
 def _count_negative(ds: h5py.Dataset, n: int, block: int = 1 << 22) -> int:
