@@ -12,7 +12,7 @@ from lightning_dualform.store._chunks import ChunkAppender
 pytestmark = pytest.mark.skipif(_fletcher.library() is None, reason="no C compiler for the checksum")
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 511, 512, 513, 720, 721, 4099, 100_001])
+@pytest.mark.parametrize("n", [1, 2, 3, 31, 32, 33, 511, 512, 513, 720, 721, 4099, 8192, 8194, 100_001, 262_147])
 def test_fletcher32_matches_hdf5s_loop(n):
     rng = np.random.default_rng(n)
     for data in (rng.integers(0, 256, n, dtype=np.uint8), np.full(n, 255, np.uint8), np.zeros(n, np.uint8)):
