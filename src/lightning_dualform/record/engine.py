@@ -694,7 +694,8 @@ class RecordingEngine:
         steps_per_epoch, epochs, input_bytes = self.horizon()
         self.plan = estimate(rows, shapes, 4 if self.options.dtype == "float32" else 2, steps_per_epoch, epochs,
                              input_bytes, chunk_rows=self.options.chunk_rows,
-                             memory_sums=self.options.certify == "full" or (bool(self.options.certify) and self.sketch is None))
+                             memory_sums=self.options.certify == "full" or (bool(self.options.certify) and self.sketch is None),
+                             maps={n: (g.in_channels, g.pixels, g.locations) for n, g in self._geometry.items()})
         self._info(f"{self.owner}: {self.plan.describe()}.")
         if not self.options.check_disk or not steps_per_epoch:
             return
