@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 import numpy as np
 import torch
 
+from lightning_dualform._args import as_int
 from lightning_dualform._float32_products import full_float32_products
 from lightning_dualform.attend.inference import AttentionResult, DualInference
 
@@ -135,9 +136,12 @@ def attend_recorded(
         KeyError: no such query set or layer.
         ValueError: ``examples`` outside the query set.
     """
+    top_k = as_int(top_k, "attend_recorded(top_k=...)", lo=0, allowed="a non-negative integer")
+    if limit is not None:
+        limit = as_int(limit, "attend_recorded(limit=...)", lo=0, allowed="None or a non-negative integer")
     qs = di.store.queries(split)
     if examples is None:
-        examples = np.arange(qs.n if limit is None else min(int(limit), qs.n))
+        examples = np.arange(qs.n if limit is None else min(limit, qs.n))
     examples = np.asarray(examples, dtype=np.int64).reshape(-1)
     if len(examples) and (examples.min() < 0 or examples.max() >= qs.n):
         raise ValueError(f"`attend_recorded(examples=...)`: positions must lie in 0..{qs.n - 1} (the {split!r} query set has {qs.n}).")
@@ -160,7 +164,7 @@ def attend_recorded(
         run.keys[name] = keys
         if len(keys) == 0:
             continue
-        k = min(int(top_k), di.layer(name).n_rows)
+        k = min(top_k, di.layer(name).n_rows)
         run.results[name] = di.attend(name, torch.from_numpy(keys), top_k=k, **attend_kwargs)
     run.settings = {"top_k": top_k, "layers": names, **{k: v for k, v in attend_kwargs.items() if _jsonable(v)}}
     return run
@@ -194,6 +198,13 @@ def attend_queries(
             without labels, or ``top_k`` larger than a layer's memory.
         KeyError: an unknown split or layer.
     """
+    top_k = as_int(top_k, "attend_queries(top_k=...)", lo=0, allowed="a non-negative integer")
+    step_buckets = as_int(step_buckets, "attend_queries(step_buckets=...)", lo=1, allowed="a positive integer")
+    if at_step is not None:
+        at_step = as_int(at_step, "attend_queries(at_step=...)", allowed="None or an integer optimizer step")
+    if contribution_to is not None and not isinstance(contribution_to, str):
+        contribution_to = as_int(contribution_to, "attend_queries(contribution_to=...)", lo=0,
+                                 allowed="'pred', 'label', None or an output unit number")
     store = di.store
     all_layers = list(di.layers)
     last = all_layers[-1] if all_layers else None
@@ -223,7 +234,9 @@ def attend_queries(
         qs = store.queries(split)
         if qs.n == 0:
             raise ValueError(f"{store.path}: the query set {split!r} is empty; record some with trainer.{split}(...).")
-        pos = np.arange(qs.n) if positions is None else np.asarray(positions, dtype=np.int64)
+        pos = np.arange(qs.n) if positions is None else np.asarray(positions, dtype=np.int64).reshape(-1)
+        if len(pos) and (pos.min() < 0 or pos.max() >= qs.n):
+            raise ValueError(f"`attend_queries(positions=...)`: positions must lie in 0..{qs.n - 1} (the {split!r} query set has {qs.n}).")
         run = QueryAttention(f"split:{split}", pos, qs.index[pos], qs.label[pos], qs.prediction[pos],
                              inputs=qs.inputs_at(pos))  # only the chosen examples' rows are read
         if layers is None:
@@ -300,7 +313,8 @@ def top_rows(result: AttentionResult, query: int, k: int | None = None, *, by: s
                          + need.get(by, "") + ".")
     by = "row" if by in ("proponents", "opponents") else by
     cols = ("score", "row", "step", "epoch", "index", "position", "label") if by == "row" else ("score", "index", "label", "rows")
-    n = top.score.shape[1] if k is None else min(int(k), top.score.shape[1])
+    query = as_int(query, "top_rows(query=...)", lo=0, hi=top.score.shape[0] - 1)
+    n = top.score.shape[1] if k is None else min(as_int(k, "top_rows(k=...)", lo=0), top.score.shape[1])
     pad = top.row if by == "row" else top.index
     out = []
     for j in range(n):
@@ -315,7 +329,7 @@ def top_score_steps(result: AttentionResult, k: int | None = None) -> np.ndarray
     if result.top is None:
         raise ValueError(f"`top_score_steps`: the result of layer {result.layer!r} kept no top rows; attend with top_k > 0.")
     steps = result.top.step.numpy()
-    return steps if k is None else steps[:, : int(k)]
+    return steps if k is None else steps[:, : as_int(k, "top_score_steps(k=...)", lo=0)]
 
 
 def step_histogram(result: AttentionResult, first_step: int, bins: int = 20, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -323,6 +337,7 @@ def step_histogram(result: AttentionResult, first_step: int, bins: int = 20, k: 
 
     Returns ``(edges (bins + 1,), counts (bins,))``.
     """
+    bins = as_int(bins, "step_histogram(bins=...)", lo=1, hi=1 << 20)
     steps = top_score_steps(result, k)
     steps = steps[result.top.row.numpy()[:, : steps.shape[1]] >= 0]
     return_edges = np.linspace(first_step, max(result.at_step, first_step + 1), bins + 1)
@@ -495,9 +510,11 @@ def iter_scores(
     element-wise rule come from :meth:`DualInference.attend`), in the accumulation dtype, on the CPU."""
     lay = di.layer(layer)
     q = _as_queries(di, layer, queries, "iter_scores")
+    if at_step is not None:
+        at_step = as_int(at_step, "iter_scores(at_step=...)", allowed="None or an integer optimizer step")
     _, end = lay.end_step(at_step)
     n_rows = lay.rows_before(end)
-    b = int(block_rows or di.rows_per_block(lay))
+    b = as_int(block_rows, "iter_scores(block_rows=...)", lo=1) if block_rows is not None else di.rows_per_block(lay)
     for start in range(0, n_rows, b):
         blk = lay.read(start, min(start + b, n_rows), ("keys", *columns))
         keys = torch.from_numpy(blk.pop("keys")).to(q.dtype)

@@ -11,6 +11,11 @@ class StoreError(DualFormError, ValueError):
     """A file is not a usable store: missing, foreign, corrupted, truncated or inconsistent."""
 
 
+class StoreBusyError(StoreError):
+    """Another process is writing the store right now (finalising it, certifying it, recording queries):
+    what a reader saw may be half written. Retry when that process is done."""
+
+
 class InexactError(DualFormError, RuntimeError):
     """The training run cannot be written as an exact dual form (e.g. Rprop, value clipping) and no opt-in was given."""
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_dualform._args import as_int
 from lightning_dualform.attend import _fused
 from lightning_dualform.attend.cache import (
     BlockCache, CachedLayer, CacheInfo, CacheSpec, StoreStamp, cast_rows, pass_rows, resolve_budget,
@@ -42,6 +43,11 @@ from lightning_dualform.store.reader import LayerReader
 log = logging.getLogger(__name__)
 
 _META_BLOCK = 1 << 16
+#: step buckets allowed beyond one per step (the mass tables are ``n x step_buckets``)
+MAX_STEP_BUCKETS = 1024
+#: a dense per-example table is used while the largest dataset index is below this or twice the rows;
+#: sparser indices (a subset of a big dataset, or a damaged file) are numbered densely first
+DENSE_INDEX_FLOOR = 1 << 20
 _ACCUMULATE = (torch.float32, torch.float64)
 _SCANS = ("exact", "bf16")
 #: ``attend(score=...)``: what ``top``, ``top_examples`` and ``mass`` rank and sum. ``"raw"``: the paper's
@@ -234,6 +240,7 @@ class _Stats:
     n_labels: int  # label buckets: label + 1 (so -1 -> 0)
     n_epochs: int
     example_label: np.ndarray  # (n_examples,) int64, -1 unknown
+    example_ids: np.ndarray | None = None  # dataset index of each example column, when numbered densely
 
 
 #: automatic block size: keys and values of about this many float32 bytes per block ...
@@ -397,6 +404,7 @@ class DualInference:
         self.store = open_store(path)  # a store, or the shards of a DDP run
         self.path = self.store.path
         self._stats: dict[str, _Stats] = {}
+        self._sums_checked: dict[tuple, bool] = {}
         self._cache = BlockCache(budget, self.device) if budget is not None else None
         self._cached: dict[str, CachedLayer] = {}
         self._stamp = StoreStamp.of(self.store) if self._cache is not None else None
@@ -450,6 +458,7 @@ class DualInference:
         self._cache.clear()
         self._cached.clear()
         self._stats.clear()
+        self._sums_checked.clear()
         self._stamp = StoreStamp.of(self.store)  # before opening: a write meanwhile is seen next time
         self.store = open_store(self._open_path)
         self.path = self.store.path
@@ -547,12 +556,12 @@ class DualInference:
         self.refresh()
         lay = self.layer(layer)
         q = self._check_queries(lay, queries, "attend")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"`attend(top_k={top_k!r})` must be a non-negative integer.")
+        top_k = as_int(top_k, "attend(top_k=...)", lo=0, allowed="a non-negative integer")
         if scan not in _SCANS:
             raise ValueError(f"`attend(scan={scan!r})` is not supported. Expected one of {_SCANS}.")
-        if isinstance(step_buckets, bool) or not isinstance(step_buckets, int) or step_buckets < 1:
-            raise ValueError(f"`attend(step_buckets={step_buckets!r})` must be a positive integer.")
+        step_buckets = as_int(step_buckets, "attend(step_buckets=...)", lo=1, allowed="a positive integer")
+        if at_step is not None:
+            at_step = as_int(at_step, "attend(at_step=...)", allowed="None or an integer optimizer step")
         if score not in SCORES:
             raise ValueError(f"`attend(score={score!r})` is not supported. Expected one of {SCORES}.")
         elementwise = self.store.form == "element-wise"
@@ -572,6 +581,12 @@ class DualInference:
         if score == "unit" and contribution_to is None:
             contribution_to = "pred"  # SGD's unit score does not depend on the unit; its contributions do
         coef = lay.coefficients(at_step)
+        span = coef.end_step - coef.first_step
+        if step_buckets > max(MAX_STEP_BUCKETS, span):
+            raise ValueError(
+                f"`attend(step_buckets={step_buckets})` asks for more buckets than steps: the model after step "
+                f"{coef.end_step} has {span} steps; use at most {max(MAX_STEP_BUCKETS, span)}."
+            )
         n_rows = lay.rows_before(coef.end_step)
         if top_k > n_rows:
             raise ValueError(
@@ -612,11 +627,51 @@ class DualInference:
                 "from the memory alone.", self.path, at_step,
             )
         units = self._units(lay, q, contribution_to, primal, coef, residual)
-        stored = lay.stored_memory_sums(coef.end_step, n_rows) if reuse_certificate else None
+        stored = self._checked_sums(lay, coef, n_rows) if reuse_certificate else None
         res = self._pass(lay, q, coef, n_rows, top_k, units, per_example, mass, step_buckets, scan, primal, residual,
                          stored, unit_score=score == "unit")
         res.score = score
+        self._warn_if_beyond_tolerance(res)
         return res
+
+    def _checked_sums(self, lay: LayerReader, coef: Any, n_rows: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """The certificate's stored sums, when they rebuild the stored final weights within the store's
+        tolerance (checked once per layer: a few vector operations); otherwise None (the pass sums the rows)
+        and a warning: sums that disagree with the weights must never shape an answer silently."""
+        stored = lay.stored_memory_sums(coef.end_step, n_rows)
+        if stored is None:
+            return None
+        key = (lay.name, coef.end_step, n_rows)
+        if key not in self._sums_checked:
+            from lightning_dualform.attend.certificate import store_tolerance, sums_rebuild_error
+
+            err = sums_rebuild_error(lay, coef, stored)
+            tol = store_tolerance(self.store)
+            self._sums_checked[key] = bool(err <= tol)
+            if not err <= tol:
+                warnings.warn(
+                    f"{self.path}: layer {lay.name!r}: the certificate's stored memory sums rebuild the final weights "
+                    f"only to relative error {err:.2e} (tolerance {tol:.0e}): they are damaged. Answers sum the rows "
+                    "instead; `lightning-dualform verify --write-certificate` writes them again.",
+                    RuntimeWarning, stacklevel=4,
+                )
+        return stored if self._sums_checked[key] else None
+
+    def _warn_if_beyond_tolerance(self, res: AttentionResult) -> None:
+        """``dual`` against the stored final weights' output: beyond the store's tolerance, say so."""
+        if res.rel_err is None or not res.exact_store:
+            return
+        from lightning_dualform.attend.certificate import store_tolerance
+
+        tol = store_tolerance(self.store)
+        err = overall_rel_err(res.dual, res.primal)
+        if not err <= tol:  # NaN counts as beyond
+            warnings.warn(
+                f"{self.path}: layer {res.layer!r}: `dual` differs from the stored final weights' output by {err:.2e} "
+                f"relative (over all queries; tolerance {tol:.0e}): the store does not rebuild its own final weights. "
+                "It is damaged or was rewritten; run `lightning-dualform verify` on it.",
+                RuntimeWarning, stacklevel=4,
+            )
 
     def _pass(
         self, lay: LayerReader, q: torch.Tensor, coef: Any, n_rows: int, top_k: int, units: torch.Tensor | None,
@@ -681,6 +736,9 @@ class DualInference:
             }
             for col in ("step", "epoch", "index", "position", "label"):
                 out[col] = blk[col].astype(np.int64, copy=False)
+            if stats is not None and stats.example_ids is not None:  # sparse indices: their dense column
+                idx = out["index"]
+                out["example"] = np.where(idx >= 0, np.searchsorted(stats.example_ids, idx), -1).astype(np.int64)
             # Everything derived from the rows alone is prepared here, on the reader thread, so that the
             # compute thread only multiplies and folds (every small op there waits for the GIL).
             span = max(coef.end_step - coef.first_step, 1)
@@ -719,6 +777,7 @@ class DualInference:
                         coef_b=blk.get("coef_b"),
                         packed_meta=blk["packed_meta"],
                         groups=blk.get("groups"),
+                        example=blk.get("example"),
                     )
                 )
                 if bar is not None:
@@ -763,10 +822,11 @@ class DualInference:
         if state.example_score is not None and stats is not None and state.top_k:
             present = state.example_rows > 0
             ex_label = torch.from_numpy(stats.example_label).to(present.device)
-            res.top_examples = _top_examples(state.example_score, present, state.example_rows, ex_label, state.top_k, 0)
+            ids = stats.example_ids
+            res.top_examples = _top_examples(state.example_score, present, state.example_rows, ex_label, state.top_k, 0, ids)
             if state.example_contrib is not None:
-                res.proponent_examples = _top_examples(state.example_contrib, present, state.example_rows, ex_label, state.top_k, 1)
-                res.opponent_examples = _top_examples(state.example_contrib, present, state.example_rows, ex_label, state.top_k, -1)
+                res.proponent_examples = _top_examples(state.example_contrib, present, state.example_rows, ex_label, state.top_k, 1, ids)
+                res.opponent_examples = _top_examples(state.example_contrib, present, state.example_rows, ex_label, state.top_k, -1, ids)
         for name, (signed, absolute) in state.mass.items():
             if name == "label":
                 keys = torch.arange(-1, signed.shape[1] - 1)
@@ -862,13 +922,18 @@ class DualInference:
             else:
                 out = primal
             return out.argmax(dim=1).to(torch.int64)
-        if isinstance(contribution_to, bool):
+        if isinstance(contribution_to, (bool, np.bool_)):
             raise TypeError("`attend(contribution_to=...)` must not be a bool.")
-        if isinstance(contribution_to, (int, np.integer)):
-            units = torch.full((n,), int(contribution_to), dtype=torch.int64)
+        if isinstance(contribution_to, (int, np.integer)) or (
+            isinstance(contribution_to, torch.Tensor) and contribution_to.dim() == 0 and not contribution_to.is_floating_point()
+        ):
+            unit = as_int(contribution_to, "attend(contribution_to=...)", allowed="None, 'pred', an int unit or a (n,) LongTensor")
+            units = torch.full((n,), unit, dtype=torch.int64)
+        elif isinstance(contribution_to, (float, np.floating)):
+            raise TypeError(f"`attend(contribution_to={contribution_to!r})`: a unit number must be an integer, not a float.")
         elif isinstance(contribution_to, (torch.Tensor, np.ndarray, list, tuple)):
             units = torch.as_tensor(contribution_to)
-            if units.is_floating_point() or units.dim() != 1 or units.shape[0] != n:
+            if units.is_floating_point() or units.dtype == torch.bool or units.dim() != 1 or units.shape[0] != n:
                 raise ValueError(
                     f"`attend(contribution_to=...)` as a tensor must be an integer tensor of shape ({n},), one unit per "
                     f"query; got {tuple(units.shape)} {units.dtype}."
@@ -884,22 +949,45 @@ class DualInference:
         return units
 
     def _layer_stats(self, lay: LayerReader) -> _Stats:
-        """Widths of the per-example and per-group tables: one pass over the index/label/epoch columns."""
+        """Widths of the per-example and per-group tables: one pass over the index/label/epoch columns.
+
+        Every width comes from values in the file, so each is checked against the file's own shapes first
+        (distinct values never outnumber the rows): labels and epochs beyond :data:`DENSE_INDEX_FLOOR` and
+        twice the rows are damage (:class:`StoreError`); dataset indices that sparse (a subset of a large
+        dataset) are numbered densely, so the per-example tables hold one column per example seen.
+
+        Raises:
+            StoreError: labels or epochs too large for the store's rows (a damaged file).
+        """
         if lay.name in self._stats and self._stats[lay.name] is not None:
             return self._stats[lay.name]
         max_index, max_label, max_epoch = -1, -1, 0
         for s in range(0, lay.n_rows, _META_BLOCK):
-            blk = lay.read(s, s + _META_BLOCK, ("index", "label", "epoch"))
+            blk = lay.read(s, s + _META_BLOCK, ("index", "label", "epoch", "step"))  # read() checks them
             if len(blk["index"]):
                 max_index = max(max_index, int(blk["index"].max()))
                 max_label = max(max_label, int(blk["label"].max()))
                 max_epoch = max(max_epoch, int(blk["epoch"].max()))
-        ex_label = np.full(max_index + 1, -1, dtype=np.int64)
+        bound = max(DENSE_INDEX_FLOOR, 2 * lay.n_rows)
+        if max_label + 2 > bound or max_epoch + 1 > bound:
+            raise StoreError(
+                f"{self.path}: layer {lay.name!r} holds labels up to {max_label} and epochs up to {max_epoch} in "
+                f"{lay.n_rows} rows; tables that wide ({bound} at most for this store) mean a damaged file."
+            )
+        ids = None
+        if max_index + 1 > bound:  # sparse indices: number the examples densely
+            found = [np.unique(b[b >= 0]) for b in (lay.read(s, s + _META_BLOCK, ("index",))["index"]
+                                                    for s in range(0, lay.n_rows, _META_BLOCK))]
+            ids = np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+        n_examples = len(ids) if ids is not None else max_index + 1
+        ex_label = np.full(n_examples, -1, dtype=np.int64)
         for s in range(0, lay.n_rows, _META_BLOCK):
             blk = lay.read(s, s + _META_BLOCK, ("index", "label"))
             ok = blk["index"] >= 0
-            ex_label[blk["index"][ok]] = blk["label"][ok]
-        st = _Stats(n_examples=max_index + 1, n_labels=max_label + 2, n_epochs=max_epoch + 1, example_label=ex_label)
+            cols = blk["index"][ok] if ids is None else np.searchsorted(ids, blk["index"][ok])
+            ex_label[cols] = blk["label"][ok]
+        st = _Stats(n_examples=n_examples, n_labels=max_label + 2, n_epochs=max_epoch + 1, example_label=ex_label,
+                    example_ids=ids)
         self._stats[lay.name] = st
         return st
 
@@ -989,6 +1077,31 @@ class DualInference:
         )
 
     # -- verify ----------------------------------------------------------------------------------------
+    def stored_sums_error(self, layer: str) -> float | None:
+        """Relative error of the final weights rebuilt from the certificate's stored memory sums (what
+        :meth:`attend` uses by default for ``dual`` at the end of a complete store) against the stored final
+        weights; None when the store keeps no such sums for the layer. For a store of an element-wise rule:
+        the error of the replayed weights the certificate kept."""
+        lay = self.layer(layer)
+        if self.store.form == "element-wise":
+            _, end = lay.end_step()
+            stored = lay.stored_memory_sums(end, lay.rows_before(end))
+            if stored is None:
+                return None
+            err = 0.0
+            for got, final in ((stored[0], lay.weight_final), (stored[1], lay.bias_final)):
+                if got is not None and final is not None:
+                    ref = final.astype(np.float64)
+                    err = max(err, float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-300)))
+            return err
+        coef = lay.coefficients()
+        stored = lay.stored_memory_sums(coef.end_step, lay.rows_before(coef.end_step))
+        if stored is None:
+            return None
+        from lightning_dualform.attend.certificate import sums_rebuild_error
+
+        return sums_rebuild_error(lay, coef, stored)
+
     def verify(self, queries: dict[str, torch.Tensor] | None = None, *, n_samples: int = 256, seed: int = 0) -> dict[str, float]:
         """Max relative error ``||dual - primal|| / ||primal||`` per layer, ``dual`` summed from the rows. For a store
         of an element-wise rule also the error of what ``attend`` ranks by: the predicted unit's output rebuilt
@@ -1098,6 +1211,15 @@ def _bar(enabled: bool, total: int, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="row", unit_scale=True)
 
 
+def overall_rel_err(dual: torch.Tensor, primal: torch.Tensor) -> float:
+    """``||dual - primal||_F / ||primal||_F`` over all queries (a query whose output is near zero does not
+    blow it up, as its own relative error would)."""
+    d, p = dual.double(), primal.double()
+    ref = float(torch.linalg.norm(p))
+    diff = float(torch.linalg.norm(d - p))
+    return diff / ref if ref > 0 else (0.0 if diff == 0 else math.inf)
+
+
 def _norm_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1)
 
@@ -1119,9 +1241,11 @@ def _top_rows(found: tuple[torch.Tensor, dict[str, torch.Tensor]], sign: int = 0
 
 
 def _top_examples(
-    sums: torch.Tensor, present: torch.Tensor, rows: torch.Tensor, ex_label: torch.Tensor, k: int, sign: int
+    sums: torch.Tensor, present: torch.Tensor, rows: torch.Tensor, ex_label: torch.Tensor, k: int, sign: int,
+    ids: np.ndarray | None = None,
 ) -> TopExamples:
-    """Top-k examples of ``(n, n_examples)`` sums; ``sign`` 0: largest, 1: largest positive, -1: most negative."""
+    """Top-k examples of ``(n, n_examples)`` sums; ``sign`` 0: largest, 1: largest positive, -1: most negative.
+    ``ids``: the dataset index of each column when the examples were numbered densely."""
     cpu = torch.device("cpu")
     largest = sign >= 0
     kk = min(k, int(present.sum()))
@@ -1133,6 +1257,8 @@ def _top_examples(
         masked = sums if bool(present.all()) else sums.masked_fill(~present, float("-inf") if largest else float("inf"))
         score, index = stable_topk(masked, kk, largest=largest)  # equal sums: the lower index first, as fused
     label, nrows = ex_label[index], rows[index]
+    if ids is not None:
+        index = torch.from_numpy(ids).to(index.device)[index]
     if sign:
         pad = score * sign <= 0
         index, label, nrows = (t.masked_fill(pad, -1) for t in (index, label, nrows))

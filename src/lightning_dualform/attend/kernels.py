@@ -240,10 +240,16 @@ class Block:
     bias_sum: torch.Tensor | None = None  # (d_out,) c_b @ V
     packed_meta: torch.Tensor | None = None  # (B, len(META_COLUMNS)) int64, columns in META_COLUMNS order
     groups: torch.Tensor | None = None  # (B, G) rows of the concatenated mass tables (see mass_offsets)
+    example: torch.Tensor | None = None  # (B,) column of the row's example in the per-example tables (-1 none);
+    # default: the dataset index itself (``meta["index"]``)
     #: (B, n) the block's scores, when the caller computed them (an element-wise rule's per-step scores
     #: ``-(Q_s[u, :] (.) k) . q``): the accumulator then skips its own product ``keys @ queries.T``, and a
     #: row's contribution to unit ``u`` is ``score * coef_w[:, u] + coef_b[:, u]``
     scores_t: torch.Tensor | None = None
+
+    @property
+    def example_column(self) -> torch.Tensor:
+        return self.example if self.example is not None else self.meta["index"]
 
 
 @dataclass
@@ -381,7 +387,7 @@ class AttentionAccumulator:
         if self._b is not None:
             self._b += block.bias_sum if block.bias_sum is not None else block.c_b @ values
         if self.example_rows is not None and not self.fused:
-            idx = block.meta["index"]
+            idx = block.example_column
             self.example_rows += torch.bincount(idx[idx >= 0], minlength=self.n_examples)[: self.n_examples]
         if self.fused:
             self._fold_fused(block, values, cv)
@@ -397,7 +403,7 @@ class AttentionAccumulator:
         if self.mass and groups is None:
             cols = {"label": block.label_group, "epoch": block.meta["epoch"], "step": block.step_group}
             groups = torch.stack([cols[name] + off for name, off in self.mass_offsets.items()], dim=1).contiguous()
-        index = block.meta["index"].contiguous()
+        index = block.example_column.contiguous()
         coef_b = None
         if self.units is not None:
             coef_b = block.coef_b if block.coef_b is not None else values * block.c_b[:, None]
@@ -456,7 +462,7 @@ class AttentionAccumulator:
                 signed[q0:q1].addmm_(scores, oh)
                 absolute[q0:q1].addmm_(scores.abs(), oh)
             if self.example_score is not None:
-                scatter_sum(self.example_score[q0:q1], block.meta["index"], scores)
+                scatter_sum(self.example_score[q0:q1], block.example_column, scores)
             if self.units is not None:
                 # score * (c_w v)[u] + (c_b v)[u], as the compiled pass computes it (the coefficients per unit may
                 # also come from the caller: an element-wise rule's pass)
@@ -467,7 +473,7 @@ class AttentionAccumulator:
                     self.pro[ci] = merge_topk(*self.pro[ci], contrib, block.meta, self.top_k)
                     self.con[ci] = merge_topk(*self.con[ci], contrib, block.meta, self.top_k, largest=False)
                 if self.example_contrib is not None:
-                    scatter_sum(self.example_contrib[q0:q1], block.meta["index"], contrib)
+                    scatter_sum(self.example_contrib[q0:q1], block.example_column, contrib)
 
     def _rescored_topk(
         self, best: tuple, scores: torch.Tensor, block: Block, q0: int, q1: int

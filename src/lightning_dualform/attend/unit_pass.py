@@ -81,6 +81,8 @@ def elementwise_attend(di: Any, lay: Any, q: torch.Tensor, *, at_step: int | Non
     primal = di._primal(lay, q) if final else None
     # dual: the replayed weights (the certificate's, when it kept them for exactly these rows), applied
     stored = lay.stored_memory_sums(rep.end, rep.n_rows) if (final and reuse_certificate) else None
+    if stored is not None and not _stored_replay_agrees(di, lay, stored):
+        stored = None
     w, b = stored if stored is not None else rep.weights()
     x64 = q.detach().to(cpu, torch.float64)
     dual = x64 @ torch.from_numpy(w).t()
@@ -271,3 +273,29 @@ def _unit_sweep(rep: LayerReplay, state: AttentionAccumulator, x64: torch.Tensor
     if base_b is not None:
         base = base + np.asarray(base_b)[pos]
     return torch.from_numpy(base), torch.from_numpy(base) + total
+
+
+def _stored_replay_agrees(di: Any, lay: Any, stored: tuple[np.ndarray, np.ndarray | None]) -> bool:
+    """Whether the certificate's kept replay weights are as far from the stored final weights as the
+    certificate says, within the store's tolerance (a few vector operations). Weights that disagree must never shape an answer silently: warn,
+    and the caller replays the rows instead."""
+    import warnings
+
+    from lightning_dualform.attend.certificate import store_tolerance
+
+    err = 0.0
+    for got, final in ((stored[0], lay.weight_final), (stored[1], lay.bias_final)):
+        if got is not None and final is not None:
+            ref = final.astype(np.float64)
+            err = max(err, float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-300)))
+    tol = store_tolerance(di.store)
+    said = lay.attrs.get("certificate_rel_err", 0.0)
+    if not abs(err - float(said)) <= tol:
+        warnings.warn(
+            f"{di.path}: layer {lay.name!r}: the certificate's kept replay weights differ from the final weights by "
+            f"{err:.2e} relative where the certificate says {float(said):.2e} (tolerance {tol:.0e}): they are damaged. Answers replay the rows instead; "
+            "`lightning-dualform verify --write-certificate` writes them again.",
+            RuntimeWarning, stacklevel=4,
+        )
+        return False
+    return True

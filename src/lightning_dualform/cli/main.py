@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import time
 import traceback
 from typing import TYPE_CHECKING, Any, Sequence
@@ -39,6 +40,9 @@ PROG = "lightning-dualform"
 _IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
 #: recorded queries attended when --index is not given
 DEFAULT_QUERIES = 4
+#: --step-buckets beyond this are refused (the mass tables are queries x buckets; attend() also refuses more
+#: buckets than steps beyond 1024)
+MAX_STEP_BUCKETS_CLI = 1 << 16
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?%?")
 
 
@@ -117,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N'")
     s.add_argument("--block-rows", type=int, default=None, help="memory rows read and multiplied at a time (default: about 96 MiB per block)")
     s.add_argument("--json", metavar="FILE", default=None, help="also write the verdict as JSON")
+    s.add_argument("--write-certificate", action="store_true",
+                   help="(re)compute the certificate and its memory sums and write them into the store first (a "
+                   "complete store whose certificate is missing: a process killed while writing it, or certify=False)")
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("view", parents=[common], formatter_class=fmt, help="explore a store in a local web page",
@@ -228,8 +235,77 @@ def _check_output(path: str | None, option: str, suffixes: tuple[str, ...] | Non
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"{option} {path}: the folder {folder} does not exist; create it first.")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    exists = os.path.exists(path)
+    if (exists and not os.access(path, os.W_OK)) or (not exists and not os.access(folder, os.W_OK)):
         raise UsageError(f"{option} {path}: not writable; choose another path.")
+
+
+class Output:
+    """An output opened before the computation, so that an unwritable path fails first; written at the end.
+
+    A regular file is written under a temporary name beside it and renamed into place (a failed run never
+    leaves a truncated file); a device or pipe (``/dev/stdout``, ``/dev/full``) is opened at once and sent a
+    newline (JSON allows it), which is where a full device says so.
+    """
+
+    def __init__(self, path: str | None, option: str, suffixes: tuple[str, ...] | None = None) -> None:
+        self.path, self.option = path, option
+        self._tmp: str | None = None
+        self._fd: int | None = None
+        if path is None:
+            return
+        _check_output(path, option, suffixes)
+        try:
+            if not os.path.exists(path) or os.path.isfile(path):
+                root, ext = os.path.splitext(os.path.basename(path))
+                fd, self._tmp = tempfile.mkstemp(prefix=f".{root}-", suffix=ext, dir=os.path.dirname(os.path.abspath(path)))
+                os.close(fd)
+            else:
+                self._fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                os.set_blocking(self._fd, True)
+                os.write(self._fd, b"\n")
+        except OSError as err:
+            self.discard()
+            raise UsageError(f"{option} {path}: cannot be written ({err.strerror or err}); choose another path.") from None
+
+    def write_text(self, text: str) -> None:
+        self._finish(lambda target: open(target, "w").write(text), text.encode())
+
+    def write_with(self, draw: Any) -> None:
+        """``draw(path)`` writes the file (a plot)."""
+        self._finish(draw, None)
+
+    def _finish(self, write: Any, data: bytes | None) -> None:
+        if self.path is None:
+            return
+        try:
+            if self._tmp is not None:
+                write(self._tmp)
+                os.replace(self._tmp, self.path)
+                self._tmp = None
+            else:
+                if data is None:  # a device: draw into a temporary file, then copy it out
+                    ext = os.path.splitext(self.path)[1]
+                    fd, tmp = tempfile.mkstemp(suffix=ext)
+                    os.close(fd)
+                    try:
+                        write(tmp)
+                        data = open(tmp, "rb").read()
+                    finally:
+                        os.remove(tmp)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view):]
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        if self._tmp is not None and os.path.exists(self._tmp):
+            os.remove(self._tmp)
+        self._tmp = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _positive(value: int | None, option: str) -> None:
@@ -237,10 +313,8 @@ def _positive(value: int | None, option: str) -> None:
         raise UsageError(f"{option} {value}: expected a positive integer.")
 
 
-def _write_json(path: str, data: Any) -> None:
-    with open(path, "w") as fh:
-        json.dump(data, fh, indent=1, default=_json_default)
-        fh.write("\n")
+def _json_text(data: Any) -> str:
+    return json.dumps(data, indent=1, default=_json_default) + "\n"
 
 
 def _json_default(x: Any) -> Any:
@@ -256,16 +330,25 @@ def parse_index(text: str, available: np.ndarray, split: str) -> np.ndarray:
     if text.strip() == "all":
         return np.arange(len(available))
     wanted: list[int] = []
+    known = np.unique(available)
+    span = f"{known.min()}..{known.max()}" if len(known) else "none"
     for part in text.split(","):
         part = part.strip()
         try:
             if ":" in part:
-                lo, hi = part.split(":", 1)
-                wanted.extend(range(int(lo), int(hi)))
+                lo, hi = (int(x) for x in part.split(":", 1))
+                if hi - lo > len(available) - len(wanted):  # bounded by what exists, never materialised
+                    raise UsageError(
+                        f"--index {text}: the range {part} names {hi - lo} dataset indices, more than the {len(available)} "
+                        f"recorded {split} queries (indices {span}); use a range inside them, or all."
+                    )
+                wanted.extend(range(lo, hi))
             elif part:
                 wanted.append(int(part))
         except ValueError:
             raise UsageError(f"--index {text}: {part!r} is not an integer or a range like 0:10; use e.g. 3,17 or 0:10 or all.") from None
+        if len(wanted) > len(available):
+            raise UsageError(f"--index {text}: names more queries than the {len(available)} recorded {split} queries (indices {span}).")
     if not wanted:
         raise UsageError(f"--index {text}: names no query; use e.g. 3,17 or 0:10 or all.")
     first: dict[int, int] = {}
@@ -273,8 +356,6 @@ def parse_index(text: str, available: np.ndarray, split: str) -> np.ndarray:
         first.setdefault(int(i), p)
     missing = [i for i in wanted if i not in first]
     if missing:
-        known = np.unique(available)
-        span = f"{known.min()}..{known.max()}" if len(known) else "none"
         raise UsageError(
             f"--index {text}: no recorded {split} query has dataset index {missing[:5]}; "
             f"the split holds {len(available)} queries with indices {span}."
@@ -371,12 +452,21 @@ def _parse_layers(values: list[str] | None, known: list[str]) -> list[str] | Non
 # ------------------------------------------------------------------------------------------------------
 def store_facts(path: str) -> dict[str, Any]:
     """What ``info`` shows, as plain data (also its ``--json``)."""
-    from lightning_dualform.store.reader import StoreReader
     from lightning_dualform.store.shards import read_shard_index
 
     shards = read_shard_index(path)
-    if shards is not None:  # a DDP run's index file: describe each rank's store
-        return {"path": path, "shards": [store_facts(s) for s in shards]}
+    if shards is not None:  # a DDP run's index file: describe each rank's store (never an index again)
+        missing = [sh for sh in shards if not os.path.exists(sh)]
+        if missing:
+            raise StoreError(f"{path}: the DDP index names shard files that are missing: {missing}.")
+        return {"path": path, "shards": [_store_facts(sh) for sh in shards]}
+    return _store_facts(path)
+
+
+def _store_facts(path: str) -> dict[str, Any]:
+    from lightning_dualform.attend.certificate import missing_certificate
+    from lightning_dualform.store.reader import StoreReader
+
     with StoreReader(path) as s:
         layers = []
         for name in s.layers:
@@ -422,6 +512,8 @@ def store_facts(path: str) -> dict[str, Any]:
             "train_inputs": s.train_inputs(np.array([-1])) is not None,
             "layers": layers,
             "queries": queries,
+            "certificate_missing": missing_certificate(s),
+            "repairs": list(s.repairs),
         }
 
 
@@ -513,8 +605,10 @@ def render_info(f: dict[str, Any]) -> str:
         if "rel_err" in c:
             verdict = "exact" if c.get("exact") else "INEXACT"
             cert = f"{c['rel_err']:.2e} ({verdict}, tol {c.get('tolerance', float('nan')):.0e})"
+        elif f["status"] == "complete":
+            cert = "MISSING (write it: lightning-dualform verify --write-certificate)"
         else:
-            cert = "none (run unfinished or certify=False)"
+            cert = "none yet (the run is unfinished)"
         rows.append([lay["name"], lay["kind"], f"{lay['d_in']} -> {lay['d_out']}", "yes" if lay["bias"] else "no",
                      lay["rows"], cert])
     out.append(table(["layer", "kind", "shape", "bias", "rows", "certificate (rel. err. of rebuilt weights)"], rows))
@@ -540,11 +634,13 @@ def render_info(f: dict[str, Any]) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     _check_store_path(args.store)
-    _check_output(args.json, "--json")
-    facts = store_facts(args.store)
-    print(render_info(facts))
-    if args.json:
-        _write_json(args.json, facts)
+    out = Output(args.json, "--json")
+    try:
+        facts = store_facts(args.store)
+        print(render_info(facts))
+        out.write_text(_json_text(facts))
+    finally:
+        out.discard()
     return 0
 
 
@@ -552,12 +648,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 # attend
 # ------------------------------------------------------------------------------------------------------
 def cmd_attend(args: argparse.Namespace) -> int:
-    from lightning_dualform.attend.inference import DualInference
-
     _check_store_path(args.store)
     _check_output(args.json, "--json")
     _check_output(args.plot, "--plot", _IMAGE_SUFFIXES)
     _positive(args.block_rows, "--block-rows")
+    if args.step_buckets is not None and args.step_buckets > MAX_STEP_BUCKETS_CLI:
+        raise UsageError(f"--step-buckets {args.step_buckets}: at most {MAX_STEP_BUCKETS_CLI} (more buckets than steps hold nothing).")
+    _positive(args.step_buckets, "--step-buckets")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k {args.top_k}: expected 0 or more.")
     if args.queries is not None and (args.split is not None or args.index is not None):
         raise UsageError("--queries reads queries from a file; leave out --split and --index, or drop --queries.")
     _parse_contribution(args.contribution_to)  # a mistake here is reported before any long work
@@ -566,22 +665,36 @@ def cmd_attend(args: argparse.Namespace) -> int:
 
         require_matplotlib()
     queries = load_queries(args.queries) if args.queries is not None else None
+    json_out = Output(args.json, "--json")
+    plot_out = Output(args.plot, "--plot", _IMAGE_SUFFIXES)
+    try:
+        _attend(args, di_kwargs={"device": args.device, "block_rows": args.block_rows, "progress": _progress(args)},
+                queries=queries, json_out=json_out, plot_out=plot_out)
+    finally:
+        json_out.discard()
+        plot_out.discard()
+    return 0
+
+
+def _attend(args: argparse.Namespace, di_kwargs: dict[str, Any], queries: np.ndarray | None,
+            json_out: Output, plot_out: Output) -> None:
+    from lightning_dualform.attend.inference import DualInference
+
     t0 = time.perf_counter()
-    with DualInference(args.store, device=args.device, block_rows=args.block_rows, progress=_progress(args)) as di:
+    with DualInference(args.store, **di_kwargs) as di:
         run = attend_run(di, args.store, split=args.split, index=args.index, queries=queries, source=args.queries or "",
                          layer=args.layer, top_k=args.top_k, by=args.by, contribution_to=args.contribution_to,
                          at_step=args.at_step, step_buckets=args.step_buckets, score=args.score)
         print(render_attend(run, by=args.by, store=di.store))
         if args.json:
-            _write_json(args.json, run.to_dict())
+            json_out.write_text(_json_text(run.to_dict()))
             _note(args, f"wrote {args.json}")
         if args.plot:
             from lightning_dualform.plots import plot_attention
 
-            plot_attention(run, di.store, args.plot, by=args.by)
+            plot_out.write_with(lambda target: plot_attention(run, di.store, target, by=args.by))
             _note(args, f"wrote {args.plot}")
     log.debug("attend took %.2f s", time.perf_counter() - t0)
-    return 0
 
 
 def attend_run(
@@ -622,6 +735,8 @@ def attend_run(
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise UsageError(f"--top-k {top_k}: expected 0 or more.")
     _positive(step_buckets, "--step-buckets")
+    if step_buckets is not None and step_buckets > MAX_STEP_BUCKETS_CLI:
+        raise UsageError(f"--step-buckets {step_buckets}: at most {MAX_STEP_BUCKETS_CLI} (more buckets than steps hold nothing).")
     if by not in ("pattern", "example"):
         raise UsageError(f"--by {by}: expected pattern or example.")
     if queries is not None and (split is not None or index is not None):
@@ -758,15 +873,30 @@ def render_attend(run: QueryAttention, by: str, store: Any = None) -> str:
 # ------------------------------------------------------------------------------------------------------
 # verify
 # ------------------------------------------------------------------------------------------------------
-def verify_store(path: str, *, samples: int = 256, device: str = "cpu", block_rows: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """Per layer: the stored certificate and the dual-vs-weights error on sampled training keys and on the
-    recorded queries, against :func:`lightning_dualform.attend.certificate.tolerance`. Outputs are accumulated in
-    float64, so the check measures the store and not its own round-off."""
+def verify_store(path: str, *, samples: int = 256, device: str = "cpu", block_rows: int | None = None, progress: bool = False,
+                 write_certificate: bool = False) -> dict[str, Any]:
+    """Per layer: the stored certificate, the dual-vs-weights error on sampled training keys and on the
+    recorded queries, and the error of the final weights rebuilt from the certificate's stored sums (what
+    ``attend`` uses by default), against :func:`lightning_dualform.attend.certificate.tolerance`. Outputs are
+    accumulated in float64, so the check measures the store and not its own round-off.
+
+    Args:
+        write_certificate: (re)write the certificate first (a complete store whose certificate is missing,
+            because a process was killed while writing it or the run used ``certify=False``).
+    """
     import torch
 
-    from lightning_dualform.attend.certificate import store_tolerance
+    from lightning_dualform.attend.certificate import certify_store, missing_certificate, store_tolerance
     from lightning_dualform.attend.inference import DualInference
+    from lightning_dualform.store.shards import read_shard_index
 
+    wrote = False
+    if write_certificate:
+        if read_shard_index(path) is not None:
+            raise UsageError(f"--write-certificate {path}: a DDP run's certificate sums over all shards; write it with "
+                             "the run (certify=True), or certify each shard's store separately.")
+        certify_store(path, probe=True)
+        wrote = True
     with DualInference(path, device=device, block_rows=block_rows, accumulate=torch.float64, progress=progress) as di:
         s = di.store
         tol = store_tolerance(s)
@@ -779,36 +909,59 @@ def verify_store(path: str, *, samples: int = 256, device: str = "cpu", block_ro
             if qk:
                 for n, e in di.verify(queries={n: torch.from_numpy(k) for n, k in qk.items()}).items():
                     recorded[n] = max(recorded.get(n, 0.0), e)
+        missing = set(missing_certificate(s))
         layers = []
         for name in di.layers:
             lay = di.layer(name)
             cert = lay.attrs.get("certificate_rel_err")
-            errs = [e for e in (sampled.get(name), recorded.get(name), cert) if e is not None]
+            sums = di.stored_sums_error(name)
+            errs = [e for e in (sampled.get(name), recorded.get(name), cert, sums) if e is not None]
             worst = max(errs) if errs else None
             ok = worst is not None and worst <= tol and lay.exact and s.optimizer_exact
+            notes = []
+            if not (lay.exact and s.optimizer_exact):
+                notes.append(lay.inexact_reason or "recorded with exact=False")
+            if sums is not None and not sums <= tol:
+                notes.append("the certificate's stored sums do not rebuild the final weights")
+            if name in missing:
+                notes.append("certificate missing: --write-certificate writes it")
             layers.append({"layer": name, "rows": lay.n_rows, "certificate": cert, "sampled": sampled.get(name),
-                           "queries": recorded.get(name), "worst": worst, "ok": bool(ok),
-                           "note": "" if (lay.exact and s.optimizer_exact) else (lay.inexact_reason or "recorded with exact=False")})
-    return {"path": path, "tolerance": tol, "row_dtype": s.row_dtype, "ok": all(r["ok"] for r in layers), "layers": layers}
+                           "queries": recorded.get(name), "stored_sums": sums, "worst": worst, "ok": bool(ok),
+                           "note": "; ".join(notes)})
+    return {"path": path, "tolerance": tol, "row_dtype": s.row_dtype, "ok": all(r["ok"] for r in layers), "layers": layers,
+            "certificate_written": wrote, "certificate_missing": sorted(missing), "repairs": list(getattr(s, "repairs", []))}
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     _check_store_path(args.store)
-    _check_output(args.json, "--json")
     _positive(args.samples, "--samples")
     _positive(args.block_rows, "--block-rows")
-    v = verify_store(args.store, samples=args.samples, device=args.device, block_rows=args.block_rows, progress=_progress(args))
+    out = Output(args.json, "--json")
+    try:
+        code = _verify(args, out)
+    finally:
+        out.discard()
+    return code
+
+
+def _verify(args: argparse.Namespace, out: Output) -> int:
+    v = verify_store(args.store, samples=args.samples, device=args.device, block_rows=args.block_rows,
+                     progress=_progress(args), write_certificate=args.write_certificate)
+    if v["certificate_written"]:
+        _note(args, f"wrote the certificate of {args.store}")
 
     def e(x: float | None) -> str:
         return "-" if x is None else f"{x:.2e}"
 
-    rows = [[r["layer"], r["rows"], e(r["certificate"]), e(r["sampled"]), e(r["queries"]),
+    rows = [[r["layer"], r["rows"], e(r["certificate"]), e(r["sampled"]), e(r["queries"]), e(r["stored_sums"]),
              ("ok" if r["ok"] else "FAIL") + (f" ({r['note']})" if r["note"] else "")] for r in v["layers"]]
     print(f"{v['path']}: dual form against the trained weights, tolerance {v['tolerance']:.0e} ({v['row_dtype']} rows)")
-    print(table(["layer", "rows", "certificate", "training keys", "recorded queries", "verdict"], rows))
+    print(table(["layer", "rows", "certificate", "training keys", "recorded queries", "stored sums", "verdict"], rows))
     print("exact" if v["ok"] else "NOT exact: at least one layer is beyond the tolerance")
-    if args.json:
-        _write_json(args.json, v)
+    if v["certificate_missing"]:
+        print(f"the store is complete but its certificate is missing for {', '.join(v['certificate_missing'])}: "
+              f"`{PROG} verify --write-certificate {args.store}` writes it")
+    out.write_text(_json_text(v))
     return 0 if v["ok"] else 1
 
 

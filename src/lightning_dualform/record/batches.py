@@ -196,7 +196,7 @@ def prediction(outputs: Any, last_output: torch.Tensor | None, n: int) -> np.nda
     if isinstance(outputs, dict):
         cand = next((outputs[k] for k in ("preds", "prediction", "predictions", "logits") if k in outputs), None)
     for t in (cand, last_output):
-        if isinstance(t, torch.Tensor) and t.shape[0] == n:
+        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n:  # (a scalar loss is no prediction)
             if t.dim() == 1 and not t.is_floating_point():
                 return t.cpu().numpy()
             if t.dim() == 2 and t.shape[1] > 1:

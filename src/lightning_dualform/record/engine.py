@@ -52,9 +52,8 @@ from lightning_dualform.record.policy import gradient_check_tolerance
 from lightning_dualform.record.sketch import SketchCertificate
 from lightning_dualform.store.background import AsyncWriter
 from lightning_dualform.store.conv import ConvGeometry
-from lightning_dualform.store.format import PLAIN_RULE, LayerSpec, StepRows, settings_of, table_columns
+from lightning_dualform.store.format import PLAIN_RULE, SCALAR_RULES, LayerSpec, StepRows, settings_of, table_columns
 from lightning_dualform.store.metadata import StoreMetadata
-from lightning_dualform.store.reader import StoreReader
 from lightning_dualform.store.shards import write_shard_index
 from lightning_dualform.store.writer import StoreWriter
 
@@ -758,25 +757,32 @@ class RecordingEngine:
         self.detach()
         certificate = self._sketch_certificate(finals)
         writer, self.writer = self.writer, None
-        writer.call(writer.store.finalize, finals, int(final_step), int(epochs), certificate)
+        full = self.options.certify == "full" or (self.options.certify and certificate is None)
+        # the full certificate of this file follows under the same writer lock: no other writer between
+        elementwise = self.update_rule not in (*SCALAR_RULES, PLAIN_RULE)
+        keep_lock = bool(full) and not (self.dist.world_size > 1 and elementwise)
+        lock = writer.call_result(writer.store.finalize, finals, int(final_step), int(epochs), certificate, keep_lock)
         writer.stop()
         if writer.blocked_s >= 1.0:
             self._info(f"{self.owner}: training waited {writer.blocked_s:.1f} s in all for the store writer.")
         self.committed = writer.store.committed  # for a checkpoint saved after the finish
-        self.dist.barrier()
-        if self.options.certify == "full" or (self.options.certify and certificate is None):
-            if self.dist.world_size > 1 and self._replayed():
+        try:
+            self.dist.barrier()
+            if full and not keep_lock:
                 # An element-wise rule's replay needs every rank's rows at each step: rank 0 certifies through the
                 # shards' index (all are finished: barrier above) and writes into every shard.
                 if self.dist.rank == 0:
                     certify_store(self.options.path)
                 self.dist.barrier()
                 self.certificate = read_certificate(self.store_path)
-            else:
+            elif full:
                 # Under DDP each shard holds one rank's rows: the memory is the sum over ranks.
                 reduce = self.dist.all_reduce if self.dist.world_size > 1 else None
-                self.certificate = certify_store(self.store_path, all_reduce=reduce)
-        elif certificate is not None:
+                self.certificate = certify_store(self.store_path, all_reduce=reduce, lock=lock)
+        finally:
+            if lock is not None:
+                lock.release()
+        if not full and certificate is not None:
             self.certificate = certificate
         for name, cert in self.certificate.items():
             verdict = f"exact within {cert['tolerance']:.0e}" if cert["exact"] else "INEXACT"
@@ -798,11 +804,6 @@ class RecordingEngine:
                          "exact": bool(err <= tol and name not in self.inexact), "method": "sketch",
                          "probes": int(self._probes[name].shape[1])}
         return out
-
-    def _replayed(self) -> bool:
-        """Whether the store's layers are rebuilt by replaying an element-wise rule."""
-        with StoreReader(self.store_path, probe=False) as store:
-            return store.form == "element-wise"
 
     def close(self, remove_if_empty: bool = False) -> None:
         """Stop without finalising (an exception, or training stopped early): commit what is there, so the

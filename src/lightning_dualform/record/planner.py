@@ -1,16 +1,32 @@
 """The store-size planner: bytes a run will write, estimated from its first optimizer step.
 
 ``estimate`` is pure arithmetic; the callback feeds it the rows the first step produced per layer and
-the run's length, prints the plan, and refuses to start when it does not fit on the disk.
+the run's length, prints the plan, and :func:`check_disk` refuses to start when it does not fit on the
+disk with a safety margin.
+
+The margin (:data:`SAFETY_MARGIN` of the plan plus :data:`SAFETY_BYTES`) covers what the estimate leaves
+out or cannot know: HDF5's own metadata (chunk indexes, object headers: well under 1% here), the space
+the writer reserves ahead of each write so that HDF5 never meets a full disk (a chunk per column plus
+1 MiB, and up to 64 MiB ahead while the disk allows), the write-session journals of the phases after
+training (kilobytes), rows per step that vary (sequences of varying length), and other writers on the
+same disk. A run once planned with 0.7% headroom hit a full disk near its end; 5% and 64 MiB is more than
+every measured overshoot (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 
+from lightning_dualform.errors import DiskSpaceError
 from lightning_dualform.store.format import META_CHUNK, MEMORY_SUM_MAX_ELEMENTS, ROW_COLUMNS, chunk_rows_for
+
+#: free space required beyond the plan: this share of it ...
+SAFETY_MARGIN = 0.05
+#: ... plus this many bytes
+SAFETY_BYTES = 64 << 20
 
 #: bytes of the per-row metadata columns (step, epoch, index, position, label)
 META_BYTES = 8 + 4 + 8 + 4 + 8
@@ -52,6 +68,10 @@ class Plan:
             total += math.ceil(rows / lp.chunk_rows) * lp.chunk_rows * data
             total += math.ceil(metas / META_CHUNK) * META_CHUNK * META_BYTES
         return total
+
+    def required_bytes(self, already_written: int = 0) -> float:
+        """Free bytes the run needs: what it will still write plus the safety margin."""
+        return max(0.0, self.total_bytes - already_written) * (1 + SAFETY_MARGIN) + SAFETY_BYTES
 
     def describe(self) -> str:
         per_layer = ", ".join(f"{lp.name}: {_human(lp.bytes_per_epoch)}/epoch ({lp.rows_per_step} rows/step)" for lp in self.layers)
@@ -108,6 +128,29 @@ def estimate(
 
 def free_bytes(directory: str) -> int:
     return shutil.disk_usage(directory).free
+
+
+def check_disk(plan: Plan, store_path: str, already_written: int = 0, who: str = "DualFormCallback") -> None:
+    """Refuse a run whose plan, with the safety margin, does not fit in the free space of the store's disk.
+
+    Args:
+        plan: the run's plan (:func:`estimate`).
+        store_path: the store; its folder's file system is checked.
+        already_written: bytes of the store already on disk (a resumed run only adds the rest).
+
+    Raises:
+        DiskSpaceError: it does not fit (the message says how much is needed, free and what to do).
+    """
+    directory = os.path.dirname(os.path.abspath(store_path))
+    free = free_bytes(directory)
+    needed = plan.required_bytes(already_written)
+    if needed > free:
+        raise DiskSpaceError(
+            f"{who}: the store {store_path} needs about {needed / 1e9:.2f} GB for this run ({plan.describe()}, "
+            f"plus a safety margin of {100 * SAFETY_MARGIN:.0f}% and {SAFETY_BYTES >> 20} MiB) but only "
+            f"{free / 1e9:.2f} GB are free in {directory}. Free space, choose another path, narrow `layers=`, use "
+            "dtype='float16' or compression='lzf', or pass check_disk=False."
+        )
 
 
 def _human(n: float) -> str:

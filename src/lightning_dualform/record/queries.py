@@ -1,7 +1,10 @@
 """Query recording: during ``trainer.test/validate/predict`` (after fit), store each tracked layer's input
 rows for every query example, with its dataset index, label, the model's prediction and raw input.
 
-The rows go into ``/queries/<split>`` of the finished store (:class:`~lightning_dualform.store.QueryWriter`).
+The rows go into ``/queries/<split>`` of the finished store (:class:`~lightning_dualform.store.QueryWriter`),
+as one all-or-nothing write session under the store's writer lock: :meth:`QueryRecorder.close` commits the
+split when the stage ends; :meth:`QueryRecorder.abort` (call it when the stage fails), a full disk or a kill
+leave the store as it was before the stage began.
 """
 
 from __future__ import annotations
@@ -95,9 +98,18 @@ class QueryRecorder:
         self.batch = None
 
     def close(self) -> None:
+        """The stage ended: detach the hooks and commit the query set."""
         self.active = False
         for cap in self.captures.values():
             cap.detach()
         n = self.writer.n
         self.writer.close()
         rank_zero_info(f"DualFormCallback: recorded {n} {self.split} queries into {self.path}.")
+
+    def abort(self) -> None:
+        """The stage failed: detach the hooks and leave the store as it was before it began (no partial split)."""
+        self.active = False
+        for cap in self.captures.values():
+            cap.detach()
+        self.writer.abort()
+        rank_zero_info(f"DualFormCallback: the {self.split} stage failed; {self.path} keeps its query sets as they were.")

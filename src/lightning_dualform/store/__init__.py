@@ -6,6 +6,7 @@ The layout is documented in ``docs/store-format.md``; this package is its only w
 only way in. Nothing here knows about Lightning.
 """
 
+from lightning_dualform.store._lock import WriterLock
 from lightning_dualform.store.format import FORMAT_NAME, FORMAT_VERSION, ROW_COLUMNS, ROW_DTYPES, LayerSpec, StepRows
 from lightning_dualform.store.reader import Coefficients, LayerReader, QuerySet, StoreReader, StoreView
 from lightning_dualform.store.shards import ShardedStoreReader, open_store, read_shard_index, write_shard_index
@@ -25,6 +26,7 @@ __all__ = [
     "StoreReader",
     "StoreView",
     "StoreWriter",
+    "WriterLock",
     "open_store",
     "read_shard_index",
     "write_shard_index",

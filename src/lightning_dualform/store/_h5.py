@@ -10,7 +10,8 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
-from lightning_dualform.errors import StoreError
+from lightning_dualform.errors import StoreBusyError, StoreError
+from lightning_dualform.store import _lock
 
 
 def create(group: h5py.Group, name: str, **kwargs: Any) -> h5py.Dataset:
@@ -78,6 +79,91 @@ def guarded(method: Callable) -> Callable:
             raise
         except DAMAGE as err:
             path = getattr(self, "path", None) or getattr(getattr(self, "store", None), "path", "store")
+            doing = _lock.writer_active(path) if isinstance(path, str) else None
+            if doing is not None:  # a live writer rewrote what we were reading: not damage
+                raise StoreBusyError(
+                    f"{path}: busy: another process is writing it ({doing}) and {method.__name__} read a part "
+                    f"being rewritten ({type(err).__name__}: {short(err)}). Reopen it in a moment."
+                ) from err
             raise StoreError(f"{path}: damaged store: {method.__name__} failed ({type(err).__name__}: {short(err)}).") from err
 
     return wrapper
+
+
+# -- validation of what a file says, before it sizes, indexes or sums anything ------------------------
+def int_attr(attrs: Any, key: str, where: str, *, default: Any = None, lo: int | None = None, hi: int | None = None) -> int:
+    """An integer attribute (numpy integers too; never a bool, float or string), within ``[lo, hi]``."""
+    if key not in attrs:
+        if default is not None:
+            return default
+        raise StoreError(f"{where} has no {key!r} attribute; the file is damaged or not a store.")
+    v = attrs[key]
+    if isinstance(v, np.ndarray) and v.shape == (1,):
+        v = v[0]
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise StoreError(f"{where}: attribute {key!r} is {v!r}, not an integer; the file is damaged.")
+    v = int(v)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise StoreError(f"{where}: attribute {key!r} is {v}, outside {lo}..{hi}; the file is damaged.")
+    return v
+
+
+def bool_attr(attrs: Any, key: str, where: str, default: bool | None = None) -> bool:
+    """A boolean attribute (``True``/``False``, numpy bools, or the integers 0 and 1)."""
+    if key not in attrs:
+        if default is not None:
+            return default
+        raise StoreError(f"{where} has no {key!r} attribute; the file is damaged or not a store.")
+    v = attrs[key]
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)) and int(v) in (0, 1):
+        return bool(v)
+    raise StoreError(f"{where}: attribute {key!r} is {v!r}, not a boolean; the file is damaged.")
+
+
+def str_attr(attrs: Any, key: str, where: str, default: str | None = None) -> str:
+    if key not in attrs:
+        if default is not None:
+            return default
+        raise StoreError(f"{where} has no {key!r} attribute; the file is damaged or not a store.")
+    v = attr(attrs[key])
+    if not isinstance(v, str):
+        raise StoreError(f"{where}: attribute {key!r} is {v!r}, not a string; the file is damaged.")
+    return v
+
+
+def json_attr(attrs: Any, key: str, where: str, kind: type, default: Any) -> Any:
+    """A JSON attribute that must decode to ``kind`` (``list`` or ``dict``)."""
+    if key not in attrs:
+        return default
+    text = attr(attrs[key])
+    try:
+        v = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
+        v = None
+    if not isinstance(v, kind):
+        raise StoreError(f"{where}: attribute {key!r} is not a JSON {kind.__name__} ({str(text)[:80]!r}); the file is damaged.")
+    return v
+
+
+def counter(group: h5py.Group, name: str, where: str, hi: int) -> int:
+    """A ``(1,)`` integer counter dataset whose value lies in ``0..hi`` (what it counts exists)."""
+    ds = group.get(name)
+    if not isinstance(ds, h5py.Dataset) or ds.shape != (1,) or ds.dtype.kind not in "iu":
+        got = f"{ds.shape} {ds.dtype}" if isinstance(ds, h5py.Dataset) else repr(ds)
+        raise StoreError(f"{where}: {name!r} is {got}, expected one integer; the file is damaged.")
+    v = int(ds[0])
+    if not 0 <= v <= hi:
+        raise StoreError(f"{where}: {name!r} is {v}, but only 0..{hi} exist; the file is damaged.")
+    return v
+
+
+def dataset(group: h5py.Group, name: str, where: str, kinds: str, ndim: int | None = None) -> h5py.Dataset:
+    """The dataset ``name`` of ``group``, of a dtype kind in ``kinds`` (numpy kind letters) and rank ``ndim``."""
+    ds = group.get(name)
+    if not isinstance(ds, h5py.Dataset):
+        raise StoreError(f"{where} has no dataset {name!r}; the file is damaged or not a store.")
+    if ds.dtype.kind not in kinds or (ndim is not None and ds.ndim != ndim):
+        raise StoreError(f"{where}: dataset {name!r} is {ds.shape} {ds.dtype}; the file is damaged.")
+    return ds

@@ -90,7 +90,7 @@ def _private_or_threadsafe(path: str, lib: ctypes.CDLL) -> bool:
     return False
 
 
-def _loaded_hdf5() -> ctypes.CDLL | None:
+def _find_h5pys() -> tuple[str, ctypes.CDLL] | None:
     """The HDF5 library h5py uses (the same instance: ids are per library), from the process's mappings."""
     if phil is None:
         return None
@@ -108,8 +108,31 @@ def _loaded_hdf5() -> ctypes.CDLL | None:
         except OSError:
             continue
         if _declare(lib) and _is_h5pys(lib):
-            return lib if _private_or_threadsafe(path, lib) else None
+            return path, lib
     return None
+
+
+def _loaded_hdf5() -> ctypes.CDLL | None:
+    found = _find_h5pys()
+    if found is None:
+        return None
+    path, lib = found
+    return lib if _private_or_threadsafe(path, lib) else None
+
+
+_any_lib: ctypes.CDLL | None | bool = False
+
+
+def h5pys_library() -> ctypes.CDLL | None:
+    """h5py's own HDF5 instance through ctypes, whoever else shares it: only for calls made under h5py's
+    lock (property lists), never for the GIL-free bulk calls (see :func:`library`)."""
+    global _any_lib
+    if _any_lib is False:
+        with _lock:
+            if _any_lib is False:
+                found = _find_h5pys() if os.environ.get("LIGHTNING_DUALFORM_CTYPES_HDF5", "1") != "0" else None
+                _any_lib = found[1] if found is not None else None
+    return _any_lib or None
 
 
 def library() -> ctypes.CDLL | None:

@@ -50,10 +50,22 @@ class AsyncWriter:
                         fn(*args)
                     except BaseException as err:  # kept for the training thread; never swallowed
                         self._error = err
+                        self._abandon()
                 if done is not None:
                     done.set()
             finally:
                 self._queue.task_done()
+
+    def _abandon(self) -> None:
+        """After a failure the store is closed here, at once, without writing more: later calls are refused
+        (the training thread gets the error), and an HDF5 file left open until interpreter exit would be
+        flushed then, into whatever state the failure left (measured: a crash at exit after a full disk)."""
+        abandon = getattr(self.store, "abandon", None)
+        if abandon is not None:
+            try:
+                abandon()
+            except Exception:  # the original error is what the user must see
+                pass
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

@@ -28,6 +28,8 @@ MIN_FORMAT_VERSION = 1
 ROW_DTYPES = ("float32", "float16", "bfloat16")
 #: Layer kinds stored as input maps (``layout = "maps"``) from format 3 on.
 CONV_KINDS = ("conv1d", "conv2d")
+#: the kinds of layer a store records (``docs/store-format.md``, "Layer kinds")
+LAYER_KINDS = ("linear", "conv1d", "conv2d", "embedding")
 #: Per-row metadata columns: name -> numpy dtype.
 ROW_COLUMNS = {"step": np.int64, "epoch": np.int32, "index": np.int64, "position": np.int32, "label": np.int64}
 #: The certificate's sums of a layer's memory, ``sum_rows c_w v k^T`` and ``sum_rows c_b v`` (float64), kept for
@@ -39,6 +41,21 @@ MEMORY_SUM_MAX_ELEMENTS = 1 << 24
 def weights_crc32(w: np.ndarray) -> int:
     """CRC-32 of a float32 weight matrix as stored: ties the certificate's sums to the final weights."""
     return zlib.crc32(np.ascontiguousarray(w, dtype=np.float32).tobytes())
+
+
+def tables_crc32(update_step: np.ndarray, grad_scale: np.ndarray, params: dict[str, dict[str, np.ndarray]]) -> int:
+    """CRC-32 of a layer's per-step tables (``update_step``, ``grad_scale``, then each parameter's columns in
+    name order, as int64/float64/bool bytes, whatever the update rule's columns are): ties the certificate's
+    sums, which were computed with them, to the tables that answers at earlier steps use."""
+    crc = zlib.crc32(np.ascontiguousarray(update_step, dtype=np.int64).tobytes())
+    crc = zlib.crc32(np.ascontiguousarray(grad_scale, dtype=np.float64).tobytes(), crc)
+    for pname in ("weight", "bias"):
+        if pname in params:
+            for col in sorted(params[pname]):
+                arr = np.asarray(params[pname][col])
+                arr = arr.astype(np.float64) if arr.dtype.kind == "f" else arr.astype(np.bool_)
+                crc = zlib.crc32(np.ascontiguousarray(arr).tobytes(), crc)
+    return crc
 
 
 #: The rebuilt weights an element-wise rule's replay gives at the certificate's end step (float64), kept for

@@ -135,7 +135,7 @@ def _typed(key: str, raw: Any, kind: str, path: str) -> Any:
         if isinstance(raw, str):
             try:
                 raw = json.loads(raw) if raw else ({} if kind == "dict" else [])
-            except ValueError:
+            except (ValueError, RecursionError):  # (RecursionError: JSON nested past Python's stack)
                 raise bad("not JSON") from None
         want = dict if kind == "dict" else list
         if not isinstance(raw, want):

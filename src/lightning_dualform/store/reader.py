@@ -3,23 +3,36 @@
 Every reader of the library goes through :class:`StoreReader` (or its sharded twin in
 :mod:`~lightning_dualform.store.shards`). Low-level failures while reading become
 :class:`~lightning_dualform.errors.StoreError` naming the file.
+
+Opening is bounded in time whatever the file holds: a path that is not a regular file is refused before
+it is read, the HDF5 structure is walked in a child process first (:mod:`._probe`), and a store that no
+writer has open is opened plainly, so a damaged metadata block fails at once (:mod:`._h5open`). Before
+that, what a killed writer left is repaired when no writer is alive (:mod:`._repair`), and a store that a
+live writer is rewriting gives :class:`~lightning_dualform.errors.StoreBusyError` ("retry") rather than
+a false "damaged". Every number read from the file is checked against the file's own shapes before it
+sizes, indexes or sums anything: counters against the datasets they count, a row's step against the
+step table, its epoch against the step's epoch, per-step scalars for being finite.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import h5py
 import numpy as np
 
-from lightning_dualform.errors import StoreError
+from lightning_dualform._args import as_int
+from lightning_dualform.errors import StoreBusyError, StoreError
 from lightning_dualform.optim import PARAM, OptimizerState, Sweep, UpdateRule, coefficients_with_buffer, plain_sgd_coefficients
-from lightning_dualform.store import _h5, _probe, _raw_chunks
+from lightning_dualform.store import _h5, _journal, _probe, _raw_chunks, _repair
 from lightning_dualform.store import conv as _conv
+from lightning_dualform.store._h5open import open_any
 from lightning_dualform.store.filters import decode_rows
 from lightning_dualform.store.format import (
+    LAYER_KINDS,
     MEMORY_SUM_DATASETS,
     PLAIN_RULE,
     REPLAY_DATASETS,
@@ -28,9 +41,14 @@ from lightning_dualform.store.format import (
     STATE_GROUP,
     rule_named,
     table_columns,
+    tables_crc32,
     weights_crc32,
 )
 from lightning_dualform.store.metadata import StoreMetadata
+
+#: largest width of a table sized by a value read from the file (labels, epochs) when the file's own
+#: shapes do not allow more: distinct values never outnumber the rows, so a wider table means damage
+TABLE_WIDTH_FLOOR = 1 << 20
 
 #: How a store rebuilds a layer (``StoreReader.form``): per-step scalar coefficients (SGD, ASGD), the replay of
 #: an element-wise rule (Adam, AdamW, ...: ``attend/replay.py``), or the plain sum of a run recorded with
@@ -59,34 +77,38 @@ class LayerReader:
         self.store = store
         self.name = name
         self._g = group
+        where = f"{store.path}: layer {name!r}"
         a = group.attrs
-        try:
-            self.kind = str(a["kind"])
-            self.d_in = int(a["d_in"])
-            self.d_out = int(a["d_out"])
-            self.has_bias = bool(a["has_bias"])
-            self.order = int(a["order"])
-            self.exact = bool(a.get("exact", True))
-            self.inexact_reason = str(a.get("inexact_reason", ""))
-            self.n_rows = int(group["committed_rows"][0])
-        except (KeyError, ValueError, TypeError, OSError) as err:
-            raise StoreError(f"{store.path}: layer {name!r} is missing its attributes or counters ({err}); the file is damaged.") from err
+        self.kind = _h5.str_attr(a, "kind", where)
+        if self.kind not in LAYER_KINDS:
+            raise StoreError(f"{where}: kind {self.kind!r} is not one of {LAYER_KINDS}; the file is damaged or newer.")
+        self.d_in = _h5.int_attr(a, "d_in", where, lo=1, hi=1 << 40)
+        self.d_out = _h5.int_attr(a, "d_out", where, lo=1, hi=1 << 40)
+        self.has_bias = _h5.bool_attr(a, "has_bias", where)
+        self.order = _h5.int_attr(a, "order", where, lo=0, hi=1 << 31)
+        self.exact = _h5.bool_attr(a, "exact", where, default=True)
+        self.inexact_reason = _h5.str_attr(a, "inexact_reason", where, default="")
+        lengths = {}
+        for col in ("keys", "values", *ROW_COLUMNS):
+            ds = _h5.dataset(group, col, where, "iuf")
+            lengths[col] = ds.shape[0]
+        self.n_rows = _h5.counter(group, "committed_rows", where, 1 << 62)
         self.geometry = self._maps_geometry(store, name, group)
         #: stored entries per virtual row's map: pixels (keys), value rows, metadata (1); all 1 without maps
         self._per_map = ({"keys": self.geometry.pixels, "values": self.geometry.locations}
                          if self.geometry is not None else {})
         locations = self.geometry.locations if self.geometry is not None else 1
         if self.n_rows % locations:
-            raise StoreError(f"{store.path}: layer {name!r} says {self.n_rows} rows are committed, not whole maps of "
-                             f"{locations} locations; the file is inconsistent.")
-        for col in ("keys", "values", *ROW_COLUMNS):
-            if col not in group:
-                raise StoreError(f"{store.path}: layer {name!r} has no {col!r} dataset; the file is damaged or not a store.")
-            if group[col].shape[0] < self._stored(col, self.n_rows):
+            raise StoreError(f"{where} says {self.n_rows} rows are committed, not whole maps of {locations} locations; "
+                             "the file is inconsistent.")
+        for col, length in lengths.items():
+            if length < self._stored(col, self.n_rows):
                 raise StoreError(
                     f"{store.path}: layer {name!r} says {self.n_rows} rows are committed but {col!r} holds only "
-                    f"{group[col].shape[0]}; the file is truncated or inconsistent."
+                    f"{length}; the file is truncated or inconsistent."
                 )
+        if store.complete and any(length != self._stored(col, self.n_rows) for col, length in lengths.items()):
+            raise StoreError(f"{where}: a complete store commits every row, but it commits {self.n_rows} of {lengths}; the file is damaged.")
         key_width = 1 if self.kind == "embedding" else self.d_in
         if self.layout == _conv.MAPS_LAYOUT:
             key_width = int(a.get("in_channels", -1))
@@ -95,6 +117,30 @@ class LayerReader:
                 f"{store.path}: layer {name!r} keys/values have shapes {group['keys'].shape}/{group['values'].shape}, "
                 f"expected (*, {key_width})/(*, {self.d_out}); the file is inconsistent."
             )
+        want = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[store.row_dtype]
+        if group["values"].dtype != want or (self.kind != "embedding" and group["keys"].dtype != want) \
+                or (self.kind == "embedding" and group["keys"].dtype.kind not in "iu"):
+            raise StoreError(
+                f"{where}: keys/values are {group['keys'].dtype}/{group['values'].dtype}, but the store says its rows "
+                f"are {store.row_dtype}; the file is damaged."
+            )
+        for col, dt in ROW_COLUMNS.items():
+            if group[col].ndim != 1 or group[col].dtype.kind not in "iu":
+                raise StoreError(f"{where}: column {col!r} is {group[col].shape} {group[col].dtype}, expected integers; the file is damaged.")
+        self._check_weights()
+        self._check_updates(store.n_steps)
+        # rows past the committed steps (a writer killed between its counters) are not part of the store
+        self._step_lo, self._step_hi = store.first_step, store.first_step + store.n_steps
+        self._epochs = store.update_epochs
+        if self.n_rows:
+            committed = self.n_rows
+            self.n_rows = self.rows_before(self._step_hi)
+            if self.n_rows < committed:
+                self._check_tail(committed, where)
+            if self.n_rows:  # (a convolution's maps: one step entry per map)
+                ends = np.asarray(group["step"][[0, self._stored("step", self.n_rows) - 1]])
+                if ends[0] < self._step_lo or ends[1] >= self._step_hi:
+                    raise StoreError(f"{where}: its rows' steps {ends.tolist()} lie outside the step table {self._step_lo}..{self._step_hi - 1}; the file is damaged.")
         self.attrs = {k: _h5.attr(v) for k, v in a.items()}
         self._chunk_readers: dict[str, _raw_chunks.ChunkReader | None] = {}
         shape = a.get("weight_shape")
@@ -110,6 +156,90 @@ class LayerReader:
                 f"{store.path}: layer {name!r} says its weight has shape {self.weight_shape}, which does not hold a "
                 f"({self.d_out}, {self.d_in}) layer; the file is damaged."
             )
+        self._check_certificate_attrs(where)
+        if store.complete and "certificate_tables_crc32" in a:
+            want = _h5.int_attr(a, "certificate_tables_crc32", where, lo=0, hi=2**32 - 1)
+            u = self.updates()
+            got = tables_crc32(u["step"], u["grad_scale"], {p: u[p] for p in ("weight", "bias") if p in u})
+            if got != want:
+                raise StoreError(
+                    f"{where}: its per-step tables changed after the certificate was written (CRC {got:#010x}, "
+                    f"certified {want:#010x}); the file is damaged or was rewritten by another program."
+                )
+
+    def _check_tail(self, committed: int, where: str) -> None:
+        """Committed rows past the committed steps: a writer commits rows before steps, so one killed between
+        the two (or one still writing) leaves rows of the next steps, all at or past the step table's end and
+        in order. Anything else (a step that fell back, a complete store with such rows) is damage: dropping
+        those rows would lose committed ones without a word."""
+        if self.store.complete:
+            raise StoreError(f"{where}: a complete store commits only rows of its steps, but rows {self.n_rows}.. have "
+                             f"steps past {self._step_hi - 1}; the file is damaged.")
+        col, prev = self._g["step"], self._step_hi
+        table = self._g.file["update_step"]
+        if self._g.file.swmr_mode:
+            table.refresh()  # a live writer writes a step's table entry before the counters that show its rows
+        table_end = self._step_lo + int(table.shape[0])
+        first, end = self._stored("step", self.n_rows), self._stored("step", committed)  # entries (maps: one per map)
+        for start in range(first, end, 1 << 20):
+            tail = np.asarray(col[start : min(start + (1 << 20), end)])
+            if int(tail[0]) < prev or (len(tail) > 1 and bool((np.diff(tail) < 0).any())):
+                raise StoreError(f"{where}: rows {start}.. are not in step order; the file is damaged.")
+            if int(tail[-1]) >= table_end:
+                raise StoreError(f"{where}: rows {start}.. have steps up to {int(tail[-1])}, past the step table's end "
+                                 f"({table_end - 1}); the file is damaged.")
+            prev = int(tail[-1])
+
+    def _check_weights(self) -> None:
+        where = f"{self.store.path}: layer {self.name!r}"
+        shapes = {"weight_init": (self.d_out, self.d_in), "weight_final": (self.d_out, self.d_in),
+                  "weight_residual": (self.d_out, self.d_in), "weight_buffer_init": (self.d_out, self.d_in),
+                  "bias_init": (self.d_out,), "bias_final": (self.d_out,), "bias_residual": (self.d_out,),
+                  "bias_buffer_init": (self.d_out,)}
+        for name, shape in shapes.items():
+            if name not in self._g:
+                if name == "weight_init" or (name == "bias_init" and self.has_bias):
+                    raise StoreError(f"{where} has no {name!r}; the file is damaged or not a store.")
+                continue
+            ds = self._g[name]
+            if not isinstance(ds, h5py.Dataset) or ds.shape != shape or ds.dtype.kind != "f":
+                got = f"{ds.shape} {ds.dtype}" if isinstance(ds, h5py.Dataset) else "a group"
+                raise StoreError(f"{where}: {name!r} is {got}, expected float {shape}; the file is damaged.")
+        if self.has_bias != ("bias" in self._g.get("updates", {})):
+            raise StoreError(f"{where}: has_bias={self.has_bias} but its update tables disagree; the file is damaged.")
+
+    def _check_updates(self, n_steps: int) -> None:
+        """Every per-step table of the store's update rule covers the committed steps, with the column's
+        dtype; the float scalars are finite."""
+        where = f"{self.store.path}: layer {self.name!r}"
+        ug = self._g.get("updates")
+        if not isinstance(ug, h5py.Group):
+            raise StoreError(f"{where} has no update tables; the file is damaged or not a store.")
+        self._column(ug, "grad_scale", n_steps, np.float64, where)
+        for pname in ("weight", "bias") if self.has_bias else ("weight",):
+            pg = ug.get(pname)
+            if not isinstance(pg, h5py.Group):
+                raise StoreError(f"{where} has no update table for its {pname}; the file is damaged.")
+            for c in table_columns(self.store.update_rule):
+                self._column(pg, c.name, n_steps, c.dtype, f"{where} {pname}")
+
+    def _check_certificate_attrs(self, where: str) -> None:
+        """The certificate's numbers are numbers (``info``, ``verify`` and the viewer print and compare them)."""
+        for key in ("certificate_rel_err", "certificate_rel_err_weight", "certificate_rel_err_bias",
+                    "certificate_explained", "certificate_tolerance", "certificate_probes"):
+            v = self.attrs.get(key)
+            if v is not None and (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating))):
+                raise StoreError(f"{where}: attribute {key!r} is {v!r}, not a number; the file is damaged.")
+        if "certificate_exact" in self.attrs:
+            _h5.bool_attr(self._g.attrs, "certificate_exact", where)
+        if "certificate_method" in self.attrs:
+            _h5.str_attr(self._g.attrs, "certificate_method", where)
+
+    @property
+    def has_certificate(self) -> bool:
+        """Whether the certificate was written for this layer (a finished store may lack it: ``certify=False``,
+        or a process killed while writing it; ``lightning-dualform verify --write-certificate`` writes it)."""
+        return "certificate_rel_err" in self.attrs
 
     def _maps_geometry(self, store: "StoreReader", name: str, group: h5py.Group) -> _conv.ConvGeometry | None:
         """The geometry of a convolution stored as maps (format 3), or None (rows stored as they are read, or
@@ -268,9 +398,11 @@ class LayerReader:
         Raises:
             ValueError: ``at_step`` outside ``first..last``.
         """
+        if at_step is not None:
+            at_step = as_int(at_step, "at_step", allowed="None or an integer optimizer step")
         first = self.store.first_step
         last = self.store.last_step
-        end = last if at_step is None else int(at_step)
+        end = last if at_step is None else at_step
         if not first <= end <= last:
             raise ValueError(
                 f"at_step={at_step} is outside what {self.store.path} covers: steps {first}..{last} "
@@ -397,7 +529,8 @@ class LayerReader:
 
     @_h5.guarded
     def rows_before(self, step: int) -> int:
-        """Number of leading rows recorded before optimizer step ``step`` (rows are in step order)."""
+        """Number of leading rows recorded before optimizer step ``step`` (rows are in step order; :meth:`read`
+        checks that they are)."""
         if self.n_rows == 0:
             return 0
         col = self._g["step"]
@@ -417,10 +550,19 @@ class LayerReader:
         """Rows ``start:stop`` of the committed rows; keys/values decoded to float32.
 
         A convolution stored as maps gives its virtual rows: keys unfolded from the maps (the layer's padding
-        re-applied), metadata repeated per output location (``position`` counting on from the map's)."""
-        stop = min(stop, self.n_rows)
+        re-applied), metadata repeated per output location (``position`` counting on from the map's).
+
+        Raises:
+            StoreError: the rows' metadata contradicts the file: a step outside the step table or out of
+                order, an epoch that is not its step's, a negative index or label, a token id outside the table.
+        """
+        start = max(0, int(start))
+        stop = min(int(stop), self.n_rows)
+        stop = max(stop, start)
         if self.geometry is not None:
-            return self._read_virtual(start, stop, columns)
+            out = self._read_virtual(start, stop, columns)
+            self._check_meta(start, out)
+            return out
         out: dict[str, np.ndarray] = {}
         for col in columns:
             if col == "tokens":  # an embedding's stored token ids, (n,)
@@ -438,6 +580,7 @@ class LayerReader:
                 out[col] = onehot
             else:
                 out[col] = decode_rows(data, self.store.row_dtype) if col in ("keys", "values") else data
+        self._check_meta(start, out)
         return out
 
     @_h5.guarded
@@ -482,6 +625,32 @@ class LayerReader:
             else:
                 raise ValueError(f"layer {self.name!r} (a convolution) has no column {col!r}.")
         return out
+
+    def _check_meta(self, start: int, out: dict[str, np.ndarray]) -> None:
+        """The block's metadata against the file's own tables (a few vector ops per block)."""
+        if not out or not len(next(iter(out.values()))):
+            return
+        where = f"{self.store.path}: layer {self.name!r}"
+        step = out.get("step")
+        if step is not None:
+            per = self.geometry.locations if self.geometry is not None else 1  # maps: one step entry per map
+            prev = int(self._g["step"][(start - 1) // per]) if start > 0 else self._step_lo
+            if int(step.min()) < self._step_lo or int(step.max()) >= self._step_hi:
+                raise StoreError(
+                    f"{where}: rows {start}.. have steps {int(step.min())}..{int(step.max())} outside the step table "
+                    f"{self._step_lo}..{self._step_hi - 1}; the file is damaged."
+                )
+            if int(step[0]) < prev or (len(step) > 1 and bool((np.diff(step) < 0).any())):
+                raise StoreError(f"{where}: rows {start}.. are not in step order; the file is damaged.")
+            epoch = out.get("epoch")
+            if epoch is not None and len(self._epochs):
+                expected = self._epochs[step - self._step_lo]
+                if not np.array_equal(epoch, expected):
+                    raise StoreError(f"{where}: rows {start}.. carry epochs that are not their steps' epochs; the file is damaged.")
+        for col in ("index", "label"):
+            v = out.get(col)
+            if v is not None and len(v) and int(v.min()) < -1:
+                raise StoreError(f"{where}: column {col!r} holds {int(v.min())} (-1 means unknown); the file is damaged.")
 
     def _bulk(self, col: str, start: int, stop: int) -> np.ndarray:
         ds = self._g[col]
@@ -558,30 +727,62 @@ class StoreView:
 class StoreReader(StoreView):
     """A store opened for reading. Validates the file before anything else touches it.
 
+    Args:
+        path: the store file.
+        probe: walk the file's HDF5 structure in a child process first (off only for files this process
+            has just written and closed).
+        busy_wait: seconds to wait for another process that is rewriting the store (finalising it,
+            writing its certificate or query sets) before giving up with :class:`StoreBusyError`.
+
     Raises:
-        StoreError: the path is missing, not HDF5, not a lightning-dualform store, from a newer
-            format version, or internally inconsistent.
+        StoreError: the path is missing, not a regular file, not HDF5, not a lightning-dualform store, from
+            a newer format version, or internally inconsistent.
+        StoreBusyError: another process is rewriting it (retry).
     """
 
-    def __init__(self, path: str | os.PathLike, *, probe: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike, *, probe: bool = True, busy_wait: float = _repair.BUSY_WAIT_S) -> None:
         self.path = os.fspath(path)
-        if not os.path.exists(self.path):
-            raise StoreError(f"{self.path}: no such file. Pass the path of a store written by DualFormCallback.")
-        if os.path.isdir(self.path):
-            raise StoreError(f"{self.path}: is a directory, not a store file.")
+        deadline = time.monotonic() + busy_wait
+        while True:
+            self.repairs = _repair.prepare_for_read(self.path, busy_wait=max(0.0, deadline - time.monotonic()))
+            before = _writer_state(self.path)
+            try:
+                self._open(probe)
+            except StoreError as err:
+                doing = _repair.busy(self.path) or before[0]  # (a writer that just finished: read again)
+                if doing is None or isinstance(err, StoreBusyError):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise _repair.busy_error(self.path, doing) from err
+                time.sleep(0.1)  # a live writer was rewriting what we read: read again
+                continue
+            # A write session (finalisation, certificate, queries) rewrites the file in place: one that began
+            # while we read, or began and ended, may have torn what we saw. (SWMR appends never do.)
+            after = _writer_state(self.path)
+            doing = after[0] or before[0]
+            if doing is not None and (
+                os.path.exists(_journal.journal_path(self.path))
+                or (after[1] != before[1] and not (_phase(before[0]) == _phase(after[0]) == "training"))
+            ):
+                self._f.close()
+                if time.monotonic() >= deadline:
+                    raise _repair.busy_error(self.path, doing)
+                time.sleep(0.05)
+                continue
+            return
+
+    def _open(self, probe: bool) -> None:
         if probe:
-            with open(self.path, "rb") as fh:
-                is_hdf5 = fh.read(8) == b"\x89HDF\r\n\x1a\n"
-            problem = _probe.probe(self.path) if is_hdf5 else None
+            problem = _probe.probe(self.path)
             if problem is not None:
+                if problem.startswith("OSError") and ("signature" in problem or "not an HDF5" in problem.lower()
+                                                      or "file signature not found" in problem):
+                    raise StoreError(f"{self.path}: not a readable HDF5 file ({problem}). Is it a lightning-dualform store, and complete?")
                 raise StoreError(f"{self.path}: damaged HDF5 file: {problem}.")
         try:
-            self._f = h5py.File(self.path, "r", swmr=True, locking=False)
-        except OSError:
-            try:
-                self._f = h5py.File(self.path, "r", locking=False)
-            except OSError as err:
-                raise StoreError(f"{self.path}: not a readable HDF5 file ({_h5.short(err)}). Is it a lightning-dualform store, and complete?") from err
+            self._f = open_any(self.path)
+        except OSError as err:
+            raise StoreError(f"{self.path}: not a readable HDF5 file ({_h5.short(err)}). Is it a lightning-dualform store, and complete?") from err
         try:
             self._validate()
         except StoreError:
@@ -592,29 +793,59 @@ class StoreReader(StoreView):
             raise StoreError(f"{self.path}: damaged store ({type(err).__name__}: {_h5.short(err)}).") from err
 
     def _validate(self) -> None:
+        p = self.path
         self.attrs = {k: _h5.attr(v) for k, v in self._f.attrs.items()}
-        self.meta = StoreMetadata.from_attrs(self.attrs, self.path)
+        self.meta = StoreMetadata.from_attrs(self.attrs, self.path)  # types, format version, dtype, status
         self.row_dtype = self.meta.row_dtype
         self.status = self.meta.status
         self.optimizer = self.meta.optimizer
         self.optimizer_exact = self.meta.optimizer_exact
+        if "inexact_causes" in self.attrs and bool(self.meta.inexact_causes) == self.optimizer_exact:
+            raise StoreError(  # the writer sets both from one list
+                f"{p}: optimizer_exact={self.optimizer_exact} but inexact_causes={self.meta.inexact_causes!r}; the file is damaged."
+            )
         self.update_rule = self.meta.update_rule
-        self.n_steps = int(self._f["committed_steps"][0])
-        if self._f["update_step"].shape[0] < self.n_steps:
-            raise StoreError(f"{self.path}: {self.n_steps} steps committed but the step table is shorter; the file is truncated.")
-        self.update_steps = np.asarray(self._f["update_step"][: self.n_steps])
-        self.update_epochs = np.asarray(self._f["update_epoch"][: self.n_steps])
-        if len(self.update_steps) and np.any(np.diff(self.update_steps) != 1):
-            raise StoreError(f"{self.path}: the step table is not consecutive; the file is inconsistent.")
         order = self.meta.layer_order
-        lg = self._f["layers"]
+        if not all(isinstance(n, str) for n in order):
+            raise StoreError(f"{p}: attribute 'layer_order' is not a list of layer names; the file is damaged.")
+        steps = _h5.dataset(self._f, "update_step", p, "iu", 1)
+        epochs = _h5.dataset(self._f, "update_epoch", p, "iu", 1)
+        self.n_steps = _h5.counter(self._f, "committed_steps", p, min(steps.shape[0], epochs.shape[0]))
+        if self.complete and steps.shape[0] != self.n_steps:
+            raise StoreError(f"{p}: a complete store commits every step, but it commits {self.n_steps} of {steps.shape[0]}; the file is damaged.")
+        self.update_steps = np.asarray(steps[: self.n_steps], dtype=np.int64)
+        self.update_epochs = np.asarray(epochs[: self.n_steps], dtype=np.int64)
+        if len(self.update_steps) and (self.update_steps[0] < 0 or np.any(np.diff(self.update_steps) != 1)):
+            raise StoreError(f"{p}: the step table is not consecutive; the file is inconsistent.")
+        if len(self.update_epochs) and (
+            self.update_epochs[0] < 0 or np.any(np.diff(self.update_epochs) < 0)
+            or self.update_epochs[-1] >= max(TABLE_WIDTH_FLOOR, 2 * self.n_steps)
+        ):
+            raise StoreError(f"{p}: the epochs of the step table are negative, decreasing or implausibly large; the file is damaged.")
+        lg = self._f.get("layers")
+        if not isinstance(lg, h5py.Group):
+            raise StoreError(f"{p}: no 'layers' group; the file is damaged or not a store.")
         names = [n for n in order if n in lg] + sorted(n for n in lg if n not in order)
+        if len(set(order)) != len(order):
+            raise StoreError(f"{p}: attribute 'layer_order' names a layer twice; the file is damaged.")
+        for n in names:
+            if not isinstance(lg[n], h5py.Group):
+                raise StoreError(f"{p}: layers/{n} is not a group; the file is damaged.")
         self._layers = {n: LayerReader(self, n, lg[n]) for n in names}
         self._input_pos: dict[int, int] | None = None
-        for layer in self._layers.values():
-            ug = layer._g["updates"]
-            if ug["grad_scale"].shape[0] < self.n_steps:
-                raise StoreError(f"{self.path}: layer {layer.name!r} has fewer update records than committed steps.")
+        if "inputs" in self._f:
+            ig = self._f["inputs"]
+            if not isinstance(ig, h5py.Group):
+                raise StoreError(f"{p}: 'inputs' is not a group; the file is damaged.")
+            index = _h5.dataset(ig, "index", f"{p}: inputs", "iu", 1)
+            data = ig.get("data")
+            if not isinstance(data, h5py.Dataset) or data.ndim < 1:
+                raise StoreError(f"{p}: inputs has no 'data' dataset; the file is damaged.")
+            self._n_inputs = _h5.counter(ig, "committed", f"{p}: inputs", min(index.shape[0], data.shape[0]))
+        else:
+            self._n_inputs = 0
+        if "queries" in self._f and not isinstance(self._f["queries"], h5py.Group):
+            raise StoreError(f"{p}: 'queries' is not a group; the file is damaged.")
 
     @property
     def first_step(self) -> int:
@@ -623,7 +854,7 @@ class StoreReader(StoreView):
     @property
     def n_inputs(self) -> int:
         """How many training examples have their raw input stored."""
-        return int(self._f["inputs"]["committed"][0]) if "inputs" in self._f else 0
+        return self._n_inputs
 
     @property
     def query_splits(self) -> list[str]:
@@ -647,7 +878,7 @@ class StoreReader(StoreView):
         if "inputs" not in self._f:
             return None
         ig = self._f["inputs"]
-        n = int(ig["committed"][0])
+        n = self._n_inputs
         if self._input_pos is None:
             stored = np.asarray(ig["index"][:n])
             self._input_pos = dict(zip(stored.tolist(), range(n)))
@@ -667,6 +898,20 @@ class StoreReader(StoreView):
         self._f.close()
 
 
+def _writer_state(path: str) -> tuple[str | None, tuple[int, int, int] | None]:
+    """What another process's writer is doing with ``path``, and the file's identity, size and mtime."""
+    doing = _repair.busy(path)
+    try:
+        st = os.stat(path)
+        return doing, (st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        return doing, None
+
+
+def _phase(doing: str | None) -> str | None:
+    return None if doing is None else doing.split(": ", 1)[-1]
+
+
 class QuerySet:
     """The query inputs recorded for one split (``trainer.test`` etc.)."""
 
@@ -674,22 +919,35 @@ class QuerySet:
         self.path = store.path
         self.split = split
         self._g = group
+        self._store = store
+        where = f"{store.path}: query set {split!r}"
+        if not isinstance(group, h5py.Group):
+            raise StoreError(f"{where} is not a group; the file is damaged.")
         try:
-            self.index = np.asarray(group["index"][()])
-            self.label = np.asarray(group["label"][()])
-            self.prediction = np.asarray(group["prediction"][()])
-        except KeyError as err:
-            raise StoreError(f"{store.path}: query set {split!r} is incomplete ({err}).") from err
-        self.n = len(self.index)
-        if len(self.label) != self.n or len(self.prediction) != self.n:
+            cols = {c: _h5.dataset(group, c, where, "iu", 1) for c in ("index", "label", "prediction")}
+        except StoreError as err:
+            raise StoreError(f"{where} is incomplete ({err}).") from err
+        self.n = cols["index"].shape[0]
+        if cols["label"].shape[0] != self.n or cols["prediction"].shape[0] != self.n:
             raise StoreError(f"{store.path}: query set {split!r} has inconsistent lengths.")
-        self.layers = list(group["layers"]) if "layers" in group else []
+        self.index = np.asarray(cols["index"][()])
+        self.label = np.asarray(cols["label"][()])
+        self.prediction = np.asarray(cols["prediction"][()])
+        if "n" in group.attrs and _h5.int_attr(group.attrs, "n", where) != self.n:
+            raise StoreError(f"{where}: holds {self.n} queries but says {group.attrs['n']}; the file is damaged.")
+        if "inputs" in group and not isinstance(group["inputs"], h5py.Dataset):
+            raise StoreError(f"{where}: its raw inputs are not a dataset; the file is damaged.")
+        lg = group.get("layers")
+        self.layers = list(lg) if isinstance(lg, h5py.Group) else []
 
     @property
     @_h5.guarded
     def inputs(self) -> np.ndarray | None:
-        """Raw inputs ``(n, *shape)`` of the query examples, when they were recorded."""
-        return np.asarray(self._g["inputs"][()]) if "inputs" in self._g else None
+        """Raw inputs ``(n, *shape)`` of the query examples, when they were recorded (for every query: older
+        stores may hold a part of them when the inputs' shape changed midway; then None)."""
+        if "inputs" not in self._g or self._g["inputs"].shape[:1] != (self.n,):
+            return None
+        return np.asarray(self._g["inputs"][()])
 
     @property
     def has_inputs(self) -> bool:
@@ -720,10 +978,22 @@ class QuerySet:
         if layer not in self.layers:
             raise KeyError(f"query set {self.split!r} has no rows for layer {layer!r}; it has {self.layers}")
         g = self._g["layers"][layer]
+        where = f"{self.path}: query set {self.split!r}, layer {layer!r}"
+        if not isinstance(g, h5py.Group) or not all(isinstance(g.get(k), h5py.Dataset) for k in ("keys", "example")):
+            raise StoreError(f"{where} is not a group with keys and example columns; the file is damaged.")
         cols = [k for k in ("keys", "example", "position", "label") if k in g]
-        if examples is None:
-            return {k: np.asarray(g[k][()]) for k in cols}
+        keys_ds = g["keys"]
+        width = self._store.layer(layer).d_in if layer in self._store.layers else None
+        if keys_ds.ndim != 2 or (width is not None and keys_ds.shape[1] != width) or keys_ds.dtype.kind != "f":
+            raise StoreError(f"{where}: keys are {keys_ds.shape} {keys_ds.dtype}, expected float (R, {width}); the file is damaged.")
+        if any(not isinstance(g[k], h5py.Dataset) or g[k].shape[:1] != keys_ds.shape[:1] for k in cols) \
+                or g["example"].dtype.kind not in "iu":
+            raise StoreError(f"{where}: its columns have unequal lengths or types; the file is damaged.")
         which = np.asarray(g["example"][()])
+        if len(which) and (int(which.min()) < 0 or int(which.max()) >= self.n):
+            raise StoreError(f"{where}: rows name query examples outside 0..{self.n - 1}; the file is damaged.")
+        if examples is None:
+            return {k: (which if k == "example" else np.asarray(g[k][()])) for k in cols}
         rows = np.flatnonzero(np.isin(which, np.asarray(examples)))
         lo, hi = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
         return {k: (which if k == "example" else np.asarray(g[k][lo:hi]) if k == "keys" else np.asarray(g[k][()]))[

@@ -20,43 +20,84 @@ import h5py
 import numpy as np
 
 from lightning_dualform.errors import StoreError
-from lightning_dualform.store import _h5
+from lightning_dualform.store import _h5, _probe, _repair
+from lightning_dualform.store._h5open import open_any
 from lightning_dualform.store.format import FORMAT_VERSION, ROW_COLUMNS, SHARDS_FORMAT
 from lightning_dualform.store.metadata import StoreMetadata
 from lightning_dualform.store.reader import Coefficients, LayerReader, QuerySet, StoreReader, StoreView
 
 
+#: more shards than this in an index is damage, not a DDP run
+MAX_SHARDS = 1 << 16
+
+
 def write_shard_index(path: str, shards: list[str]) -> None:
     """A small file at ``path`` naming the per-rank stores of a DDP run (paths relative to it)."""
     base = os.path.dirname(os.path.abspath(path))
-    tmp = path + ".creating"
-    with h5py.File(tmp, "w") as f:
-        f.attrs["format"] = SHARDS_FORMAT
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["shards"] = json.dumps([os.path.relpath(os.path.abspath(s), base) for s in shards])
-    os.replace(tmp, path)
-
-
-def read_shard_index(path: str) -> list[str] | None:
-    """The shard files an index names (absolute paths), or None when ``path`` is not an index."""
+    tmp = f"{path}.creating-{os.getpid()}-{os.urandom(4).hex()}"  # never shared with another writer
     try:
-        with h5py.File(path, "r", locking=False) as f:
+        with h5py.File(tmp, "w", locking=False) as f:
+            f.attrs["format"] = SHARDS_FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["shards"] = json.dumps([os.path.relpath(os.path.abspath(s), base) for s in shards])
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_shard_index(path: str, *, probe: bool = True) -> list[str] | None:
+    """The shard files an index names (absolute paths), or None when ``path`` is not an index.
+
+    The file is walked in a child process first (:mod:`._probe`), like every store.
+
+    Raises:
+        StoreError: ``path`` is an index, but its list is empty, not a list of file names, names the index
+            itself, or names one file twice (under any spelling).
+    """
+    path = os.fspath(path)
+    try:
+        _repair.check_regular_file(path)
+    except StoreError:
+        return None
+    if probe and _probe.probe(path) is not None:
+        return None  # not a readable HDF5 file: whoever opens it as a store says what is wrong
+    try:
+        with open_any(path) as f:
             if _h5.attr(f.attrs.get("format", "")) != SHARDS_FORMAT:
                 return None
-            names = json.loads(_h5.attr(f.attrs["shards"]))
+            names = _h5.json_attr(f.attrs, "shards", path, list, None)
+    except StoreError:
+        raise
     except (OSError, KeyError, ValueError, TypeError):
         return None
+    if not names or len(names) > MAX_SHARDS or not all(isinstance(n, str) and n for n in names):
+        raise StoreError(f"{path}: a DDP shard index whose list of shards is empty or not a list of file names; the file is damaged.")
     base = os.path.dirname(os.path.abspath(path))
-    return [os.path.join(base, n) for n in names]
-
-
+    out = [os.path.normpath(os.path.join(base, n)) for n in names]
+    seen: dict[tuple, str] = {}
+    me = os.stat(path)
+    for shard in out:
+        try:
+            st = os.stat(shard)
+        except OSError:
+            continue  # a missing shard: open_store says so
+        if os.path.samestat(st, me):
+            raise StoreError(f"{path}: the DDP shard index names itself as a shard; the file is damaged.")
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            raise StoreError(f"{path}: the DDP shard index names {shard} twice (also as {seen[key]}); the file is damaged.")
+        seen[key] = shard
+    return out
 
 
 def open_store(path: str | os.PathLike, *, probe: bool = True) -> "StoreReader | ShardedStoreReader":
     """Open a store, a DDP shard index, or (when the index is missing) the ``name.rank*.h5`` files beside it."""
     path = os.fspath(path)
-    shards = read_shard_index(path) if os.path.isfile(path) else None
-    if shards is None and not os.path.exists(path):
+    if os.path.lexists(path):
+        _repair.check_regular_file(path)
+        shards = read_shard_index(path, probe=probe)
+    else:
         shards = _rank_files(path) or None
     if shards is None:
         return StoreReader(path, probe=probe)
@@ -163,15 +204,27 @@ class ShardedStoreReader(StoreView):
     def __init__(self, path: str, shards: list[str], *, probe: bool = True) -> None:
         self.path = path
         self.shards = shards
-        self._readers = [StoreReader(s, probe=probe) for s in shards]
+        self._readers: list[StoreReader] = []
         try:
+            for shard in shards:
+                self._readers.append(StoreReader(shard, probe=probe))
             self._check()
-        except StoreError:
+        except BaseException:
             self.close()
             raise
 
     def _check(self) -> None:
         r0 = self._readers[0]
+        n = len(self._readers)
+        ranks = [r.attrs.get("rank") for r in self._readers]
+        sizes = [r.attrs.get("world_size") for r in self._readers]
+        if any(x is not None for x in ranks + sizes):
+            ints = all(isinstance(x, int) and not isinstance(x, bool) for x in ranks + sizes)
+            if not ints or set(sizes) != {n} or sorted(ranks) != list(range(n)):
+                raise StoreError(
+                    f"{self.path}: the shards say ranks {ranks} of world sizes {sizes}, but the index names {n} "
+                    "shards; the index or a shard is damaged."
+                )
         for r in self._readers[1:]:
             if r.layers != r0.layers or r.row_dtype != r0.row_dtype:
                 raise StoreError(f"{self.path}: shards {r0.path} and {r.path} hold different layers or dtypes.")

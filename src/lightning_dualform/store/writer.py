@@ -1,48 +1,119 @@
 """Writing a store: create its skeleton, append steps, commit, resume from a checkpoint, finalise.
 
-Durability: the file is written in HDF5 SWMR mode, so a reader (or a crash) sees a consistent file.
-Rows become visible only when :meth:`StoreWriter.commit` advances the ``committed_*`` counters,
-which happens after the rows and the per-step tables they need are on disk. Nothing here knows about
-Lightning or torch.
+Durability, phase by phase (``docs/store-format.md``, "What a reader may assume"):
+
+* Creation builds the whole skeleton under a private temporary name and renames it into place: a
+  kill leaves either no store or an empty one.
+* Training appends in HDF5 SWMR mode, the only mode in which HDF5 itself keeps the file consistent for a
+  reader or after a crash. Rows become visible only when :meth:`StoreWriter.commit` advances the
+  ``committed_*`` counters, after the rows and the per-step tables they need are on disk.
+* Disk space for every write is reserved before HDF5 writes (:mod:`._space`): a full disk stops the
+  writer with a clean error before HDF5 has written anything, never inside one of its flushes.
+* The resume's truncation and the finalisation create, delete and resize objects, which SWMR mode does
+  not allow: they run as all-or-nothing write sessions over an undo journal (:mod:`._journal`).
+* One writer at a time: every phase holds the store's writer lock (:mod:`._lock`); a second writer is
+  refused at its start with :class:`~lightning_dualform.errors.StoreBusyError`.
+
+Nothing here knows about Lightning or torch.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import logging
+import math
 import os
 import time
+import warnings
 from typing import Any, Callable
 
 import h5py
 import numpy as np
 
+from lightning_dualform._args import as_int
 from lightning_dualform.errors import StoreError
 from lightning_dualform.optim import PARAM, OptimizerState
-from lightning_dualform.store import _h5
+from lightning_dualform.store import _h5, _journal, _repair
 from lightning_dualform.store._chunks import ChunkAppender
-from lightning_dualform.store._superblock import clear_swmr_flags
 from lightning_dualform.store.conv import MAPS_LAYOUT, ConvGeometry
+from lightning_dualform.store._h5open import open_readonly
+from lightning_dualform.store._lock import WriterLock
+from lightning_dualform.store._space import SpaceReserve
 from lightning_dualform.store.filters import compression_kwargs, encode_rows
 from lightning_dualform.store.metadata import StoreMetadata
 from lightning_dualform.store.format import (
     CONV_KINDS,
     DERIVED_DATASETS,
+    FORMAT_NAME,
     FORMAT_VERSION,
     META_CHUNK,
     ROW_COLUMNS,
     ROW_DTYPES,
     STATE_GROUP,
     TABLE_CHUNK,
+    LAYER_KINDS,
     LayerSpec,
     StepRows,
     chunk_rows_for,
     table_columns,
+    tables_crc32,
 )
+
+log = logging.getLogger(__name__)
+
+#: largest chunk of keys or values: the writer holds one chunk per column in memory (the automatic size is
+#: 512 KiB; ``chunk_rows=10**8`` once meant 23.8 GiB at the first batch)
+MAX_CHUNK_BYTES = 64 << 20
+#: largest raw input of one example that the store keeps (bytes)
+MAX_INPUT_BYTES = 1 << 30
+
+
+def check_commit_seconds(commit_seconds: Any, call: str = "StoreWriter(commit_seconds=...)") -> float:
+    """``commit_seconds`` as a positive, finite float (an int or a float; never a bool or a string)."""
+    if isinstance(commit_seconds, (bool, np.bool_)) or not isinstance(commit_seconds, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`{call}` got {commit_seconds!r}; expected a number of seconds, e.g. 30.")
+    value = float(commit_seconds)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"`{call}` got {commit_seconds!r}; expected a positive, finite number of seconds.")
+    return value
+
+
+def check_chunk_rows(chunk_rows: Any, specs: list[LayerSpec], row_dtype: str, call: str = "StoreWriter.create(chunk_rows=...)") -> int | None:
+    """``chunk_rows`` as an int whose chunks fit :data:`MAX_CHUNK_BYTES` for every layer, or None."""
+    if chunk_rows is None:
+        return None
+    rows = as_int(chunk_rows, call, lo=1, allowed="None or a positive integer")
+    itemsize = 2 if row_dtype in ("float16", "bfloat16") else 4
+    for spec in specs:
+        width = max(8 if spec.kind == "embedding" else spec.d_in * itemsize, spec.d_out * itemsize)
+        if rows * width > MAX_CHUNK_BYTES:
+            raise ValueError(
+                f"`{call}` got {rows}: layer {spec.name!r} would have chunks of {rows * width / 2**30:.1f} GiB "
+                f"(rows of {width} bytes), and the writer holds a chunk per column in memory. Use at most "
+                f"{MAX_CHUNK_BYTES // width} rows for this layer ({MAX_CHUNK_BYTES >> 20} MiB), or None for the "
+                "automatic size (about 512 KiB)."
+            )
+    return rows
+
+
+def _check_specs(specs: list[LayerSpec]) -> None:
+    if not specs:
+        raise ValueError("StoreWriter.create: no layers to record.")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names) or not all(isinstance(n, str) and n and "/" not in n for n in names):
+        raise ValueError(f"StoreWriter.create: layer names must be unique, non-empty and without '/': {names}.")
+    for s in specs:
+        if s.kind not in LAYER_KINDS:
+            raise ValueError(f"StoreWriter.create: layer {s.name!r} has kind {s.kind!r}; expected one of {LAYER_KINDS}.")
+        as_int(s.d_in, f"LayerSpec({s.name!r}, d_in=...)", lo=1)
+        as_int(s.d_out, f"LayerSpec({s.name!r}, d_out=...)", lo=1)
+        if tuple(np.shape(s.weight_init)) != (s.d_out, s.d_in):
+            raise ValueError(f"StoreWriter.create: layer {s.name!r} weight_init is {np.shape(s.weight_init)}, expected {(s.d_out, s.d_in)}.")
 
 
 def stored_settings(path: str) -> dict[str, Any]:
     """The settings a store on disk was written with (see :func:`settings_of`)."""
-    with h5py.File(path, "r", swmr=True, locking=False) as f:
+    with open_readonly(path, swmr=False) as f:
         layers = {
             n: [_h5.attr(g.attrs["kind"]), int(g.attrs["d_in"]), int(g.attrs["d_out"]), bool(g.attrs["has_bias"]),
                 *([_h5.attr(g.attrs.get("layout", "rows"))] if _h5.attr(g.attrs["kind"]) in CONV_KINDS else [])]
@@ -88,46 +159,63 @@ class StoreWriter:
     Use :meth:`create` for a new store and :meth:`resume` to continue one from a checkpoint.
     """
 
-    def __init__(self, path: str, kinds: dict[str, str], row_dtype: str, commit_seconds: float) -> None:
+    def __init__(
+        self, path: str, kinds: dict[str, str], row_dtype: str, commit_seconds: float, *, lock: WriterLock | None = None
+    ) -> None:
         self.path = path
+        self.commit_seconds = check_commit_seconds(commit_seconds)
+        self._lock = lock if lock is not None else WriterLock.acquire(path, "training")
+        self._lock.set_phase("training")
         self._kinds = dict(kinds)
         layers = list(kinds)
         self.row_dtype = row_dtype
-        self.commit_seconds = commit_seconds
         self._layers = list(layers)
         self._pending: dict[str, list[dict[str, np.ndarray]]] = {n: [] for n in self._layers}
         self._pending_rows: dict[str, int] = {n: 0 for n in self._layers}
         self._pending_steps: list[tuple[int, int, dict[str, tuple[float, Any, Any]]]] = []
         self._pending_inputs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_bytes = 0
         self._inexact: dict[str, str] = {}
         self._dropped: dict[str, str] = {}
         self._last_commit = time.monotonic()
-        # the default 1 MB chunk cache: appends end on chunk boundaries and bypass it (a large cache makes
-        # HDF5 push every checksummed chunk through it: 3x slower writes, measured)
-        self.file = h5py.File(self.path, "r+", libver="latest", locking=False)
-        self.file.swmr_mode = True
-        # h5py resolves every path on each access: look each dataset up once
-        self._ds = {
-            name: {col: g[col] for col in ("keys", "values", *ROW_COLUMNS, "committed_rows")}
-            for name, g in ((n, self.file["layers"][n]) for n in self._layers)
-        }
-        self._tables = {name: self._table_handles(self.file["layers"][name]["updates"]) for name in self._layers}
-        self._chunk_rows = {name: ds["keys"].chunks[0] for name, ds in self._ds.items()}  # as the file has them
-        # keys and values of uncompressed stores skip h5py's filter pipeline (see chunk_append.py)
-        self._appenders = {
-            name: {col: app for col in ("keys", "values") if (app := ChunkAppender.for_dataset(ds[col])) is not None}
-            for name, ds in self._ds.items()
-        }
-        self._input_appender = ChunkAppender.for_dataset(self.file["inputs"]["data"] if "inputs" in self.file else None)
-        # a convolution stored as maps: its datasets count pixels (keys), virtual rows (values) and maps (the
-        # metadata columns); the multipliers per map are fixed by the first step's map size
-        self._maps = {n: _h5.attr(self.file["layers"][n].attrs.get("layout", "rows")) == MAPS_LAYOUT for n in self._layers}
-        self._mult: dict[str, dict[str, int]] = {}
-        for name in self._layers:
-            counts = map_counts(self.file["layers"][name]) if self._maps[name] else None
-            if counts is not None:
-                self._mult[name] = {"keys": counts[0], "values": counts[1]}
-        self.committed = self._counts()
+        self.failed: BaseException | None = None
+        self._space: SpaceReserve | None = None
+        self.file: h5py.File | None = None
+        try:
+            # the default 1 MB chunk cache: appends end on chunk boundaries and bypass it (a large cache makes
+            # HDF5 push every checksummed chunk through it: 3x slower writes, measured)
+            self.file = h5py.File(self.path, "r+", libver="latest", locking=False)
+            self.file.swmr_mode = True
+            self._space = SpaceReserve(self.path)
+            # h5py resolves every path on each access: look each dataset up once
+            self._ds = {
+                name: {col: g[col] for col in ("keys", "values", *ROW_COLUMNS, "committed_rows")}
+                for name, g in ((n, self.file["layers"][n]) for n in self._layers)
+            }
+            self._tables = {name: self._table_handles(self.file["layers"][name]["updates"]) for name in self._layers}
+            self._chunk_rows = {name: ds["keys"].chunks[0] for name, ds in self._ds.items()}  # as the file has them
+            self._row_bytes = {
+                name: ds["keys"].dtype.itemsize * ds["keys"].shape[1] + ds["values"].dtype.itemsize * ds["values"].shape[1] + 32
+                for name, ds in self._ds.items()
+            }
+            # keys and values of uncompressed stores skip h5py's filter pipeline (see chunk_append.py)
+            self._appenders = {
+                name: {col: app for col in ("keys", "values") if (app := ChunkAppender.for_dataset(ds[col])) is not None}
+                for name, ds in self._ds.items()
+            }
+            self._input_appender = ChunkAppender.for_dataset(self.file["inputs"]["data"] if "inputs" in self.file else None)
+            # a convolution stored as maps: its datasets count pixels (keys), virtual rows (values) and maps (the
+            # metadata columns); the multipliers per map are fixed by the first step's map size
+            self._maps = {n: _h5.attr(self.file["layers"][n].attrs.get("layout", "rows")) == MAPS_LAYOUT for n in self._layers}
+            self._mult: dict[str, dict[str, int]] = {}
+            for name in self._layers:
+                counts = map_counts(self.file["layers"][name]) if self._maps[name] else None
+                if counts is not None:
+                    self._mult[name] = {"keys": counts[0], "values": counts[1]}
+            self.committed = self._counts()
+        except BaseException:
+            self._release(close_file=True)
+            raise
 
     @classmethod
     def create(
@@ -142,14 +230,73 @@ class StoreWriter:
         input_shape: tuple[int, ...] | None = None,
         input_dtype: str = "float32",
         commit_seconds: float = 30.0,
+        overwrite: bool = False,
+        lock: WriterLock | None = None,
     ) -> "StoreWriter":
-        """Write a new store's skeleton (every dataset, empty) and open it for appending."""
+        """Write a new store's skeleton (every dataset, empty) and open it for appending.
+
+        Under the store's writer lock, the skeleton is built under a private temporary name and renamed into
+        place, so a kill leaves no half store, and two writers on one path never share a file.
+
+        Args:
+            overwrite: replace an existing store. Without it, an existing store is refused unless it holds no
+                committed step (a run that stopped before its first commit: replaced, with a warning).
+            lock: the store's writer lock, when the caller took it earlier (a training engine takes it when
+                fit starts, so that a second training is refused before it trains a step); it passes to the
+                writer, which releases it when it closes. Default: taken here.
+
+        Raises:
+            StoreBusyError: another writer holds the path (a second training on the same store).
+            FileExistsError: a store with committed steps is there and ``overwrite`` is False.
+            ValueError, TypeError: bad arguments (nothing is written).
+        """
         if row_dtype not in ROW_DTYPES:
             raise ValueError(f"dtype={row_dtype!r} is not supported. Expected one of {ROW_DTYPES}.")
+        _check_specs(layers)
+        chunk_rows = check_chunk_rows(chunk_rows, layers, row_dtype)
+        commit_seconds = check_commit_seconds(commit_seconds)
         filters = compression_kwargs(compression)
+        if input_shape is not None:
+            input_shape = tuple(as_int(d, "StoreWriter.create(input_shape=...)", lo=0) for d in input_shape)
+            nbytes = int(np.prod(input_shape, dtype=np.int64)) * np.dtype(input_dtype).itemsize
+            if nbytes > MAX_INPUT_BYTES:
+                raise ValueError(f"StoreWriter.create: one training input of shape {input_shape} takes {nbytes / 2**30:.1f} GiB; "
+                                 f"at most {MAX_INPUT_BYTES >> 30} GiB per example is stored (pass store_inputs=False).")
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-        tmp = path + ".creating"
-        # Build the skeleton under a temporary name so a crash during creation never leaves a half store;
+        lock = lock if lock is not None else WriterLock.acquire(path, "creating the store")
+        lock.set_phase("creating the store")
+        try:
+            if os.path.lexists(path) and not overwrite:
+                steps = _committed_steps(path)
+                if steps != 0:
+                    raise FileExistsError(
+                        f"{path} already exists" + (f" and holds {steps} committed steps" if steps else "")
+                        + ". Choose another path, delete it, pass overwrite=True to replace it, or resume the run "
+                        "that wrote it from a checkpoint."
+                    )
+                warnings.warn(f"lightning-dualform: {path} holds no committed step (its run stopped before it); "
+                              "replacing it.", RuntimeWarning, stacklevel=2)
+            for stale in (_journal.journal_path(path),):
+                if os.path.exists(stale):
+                    os.remove(stale)  # the store it protected is being replaced
+            tmp = f"{path}.creating-{os.getpid()}-{os.urandom(4).hex()}"
+            try:
+                cls._write_skeleton(tmp, layers, row_dtype, compression, chunk_rows, metadata, input_shape, input_dtype, filters)
+                os.replace(tmp, path)
+                _journal.fsync_dir(path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            return cls(path, {s.name: s.kind for s in layers}, row_dtype, commit_seconds, lock=lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @staticmethod
+    def _write_skeleton(
+        tmp: str, layers: list[LayerSpec], row_dtype: str, compression: str | None, chunk_rows: int | None,
+        metadata: StoreMetadata | None, input_shape: tuple[int, ...] | None, input_dtype: str, filters: dict[str, Any],
+    ) -> None:
         # SWMR mode forbids creating datasets later, so everything is created here.
         with h5py.File(tmp, "w", libver="latest", locking=False) as f:
             meta = metadata if metadata is not None else StoreMetadata()
@@ -168,7 +315,7 @@ class StoreWriter:
                 _h5.create(ig, "committed", data=np.zeros(1, dtype=np.int64))
                 _h5.create(ig, "index", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
                 width = int(np.prod(input_shape)) if input_shape else 1
-                _h5.create(ig, 
+                _h5.create(ig,
                     "data", shape=(0, *input_shape), maxshape=(None, *input_shape), dtype=input_dtype,
                     chunks=(max(1, min(1024, (1 << 20) // max(1, width * 4))), *input_shape), **filters,
                 )
@@ -214,8 +361,12 @@ class StoreWriter:
                     pg = ug.create_group(pname)
                     for col in table_columns(meta.update_rule):
                         _h5.create(pg, col.name, shape=(0,), maxshape=(None,), dtype=col.dtype, chunks=(TABLE_CHUNK,))
-        os.replace(tmp, path)
-        return cls(path, {s.name: s.kind for s in layers}, row_dtype, commit_seconds)
+            f.flush()
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the skeleton is on disk before its name is
+        finally:
+            os.close(fd)
 
     @classmethod
     def resume(
@@ -229,82 +380,105 @@ class StoreWriter:
         last_step: int | None = None,
         commit_seconds: float = 30.0,
         update_attrs: Callable[[StoreMetadata], dict[str, Any]] | None = None,
+        lock: WriterLock | None = None,
     ) -> "StoreWriter":
         """Continue a store from a checkpoint: truncate everything written after it, then append.
 
         ``update_attrs`` gets the file's :class:`StoreMetadata` and returns the root attributes to set before
-        any row changes (what the resumed run changes about the whole store).
+        any row changes (what the resumed run changes about the whole store). ``lock``: as in :meth:`create`.
+
+        The truncation is one all-or-nothing write session (:mod:`._journal`): a kill or a full disk during it
+        leaves the store exactly as it was (complete, or at its last commit), and the resume can be retried.
 
         Raises:
             StoreError: the file is not a store, holds fewer rows than the checkpoint says (rows that the
                 checkpoint counts are missing: they cannot be made up), or its ``steps``-th recorded step
                 is not ``last_step`` (the checkpoint's counts do not describe this store: truncating to
                 them would delete recorded steps, so nothing is touched).
+            StoreBusyError: another writer holds the store.
             ValueError: the store was written with other settings than this run's.
         """
-        clear_swmr_flags(path)
+        commit_seconds = check_commit_seconds(commit_seconds)
+        steps = as_int(steps, "StoreWriter.resume(steps=...)", lo=0)
+        rows = {str(k): as_int(v, f"StoreWriter.resume(rows[{k!r}]=...)", lo=0) for k, v in rows.items()}
+        inputs = None if inputs is None else as_int(inputs, "StoreWriter.resume(inputs=...)", lo=0)
+        lock = lock if lock is not None else WriterLock.acquire(path, "resuming: checking the store")
+        lock.set_phase("resuming: checking the store")
         try:
-            stored = stored_settings(path)
-        except (OSError, KeyError) as err:
-            raise StoreError(f"{path}: cannot continue this file: it is not a readable store ({_h5.short(err)}).") from err
-        diffs = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
-        if diffs:
-            shown = "; ".join(f"{k}: store has {a!r}, this run has {b!r}" for k, (a, b) in diffs.items())
-            raise ValueError(
-                f"DualFormCallback: {path} was written with other settings ({shown}). Use the same settings, "
-                "another path, or `overwrite=True` to start the store afresh."
-            )
-        with h5py.File(path, "r+", libver="latest", locking=False) as f:
-            have = int(f["update_step"].shape[0])
-            if have < steps:
-                raise StoreError(f"{path}: the checkpoint counts {steps} optimizer steps but the store holds {have}; rows are missing.")
-            if last_step is not None and steps > 0 and int(f["update_step"][steps - 1]) != last_step:
-                raise StoreError(
-                    f"{path}: the checkpoint says the store's first {steps} steps end at step {last_step}, but the "
-                    f"store's step {steps} is training step {int(f['update_step'][steps - 1])}. The checkpoint does not "
-                    "describe this store; nothing was truncated. Resume from a checkpoint saved with this store, or "
-                    "record into another path."
+            _repair.check_regular_file(path)
+            _repair.recover_for_write(path)
+            try:
+                stored = stored_settings(path)
+            except (OSError, KeyError, ValueError, TypeError) as err:
+                raise StoreError(f"{path}: cannot continue this file: it is not a readable store ({_h5.short(err)}).") from err
+            diffs = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
+            if diffs:
+                shown = "; ".join(f"{k}: store has {a!r}, this run has {b!r}" for k, (a, b) in diffs.items())
+                raise ValueError(
+                    f"DualFormCallback: {path} was written with other settings ({shown}). Use the same settings, "
+                    "another path, or `overwrite=True` to start the store afresh."
                 )
-            counts = {name: map_counts(g) for name, g in f["layers"].items()}
-            for name, g in f["layers"].items():
-                n = int(rows.get(name, 0))
-                if g["values"].shape[0] < n or (counts[name] is not None and n % counts[name][1]):
-                    raise StoreError(f"{path}: layer {name!r}: the checkpoint counts {n} rows but the store holds {g['values'].shape[0]}.")
-            # Before any row changes: what was derived from the old rows goes, and the file says it is being
-            # written (an interrupted resume must not leave a "complete" store, or sums of other rows).
-            f.attrs["status"] = "recording"
-            if update_attrs is not None:
-                meta = StoreMetadata.from_attrs({k: _h5.attr(v) for k, v in f.attrs.items()}, path)
-                _h5.set_attrs(f, update_attrs(meta))
-            for g in f["layers"].values():
-                for dname in ("weight_final", "bias_final", "weight_residual", "bias_residual", *DERIVED_DATASETS):
-                    if dname in g:
-                        del g[dname]
-                for key in [k for k in g.attrs if k.startswith(("certificate_", "memory_"))]:
-                    del g.attrs[key]
-            f.flush()
-            _h5.truncate(f["update_step"], steps)
-            _h5.truncate(f["update_epoch"], steps)
-            f["committed_steps"][0] = steps
-            for name, g in f["layers"].items():
-                n = int(rows.get(name, 0))
-                # a convolution's maps: n virtual rows are n / L maps, n P / L pixels
-                p, per_map = counts[name] if counts[name] is not None else (1, 1)
-                for col in ("keys", "values", *ROW_COLUMNS):
-                    _h5.truncate(g[col], n if col == "values" else (n // per_map) * (p if col == "keys" else 1))
-                g["committed_rows"][0] = n
-                ug = g["updates"]
-                _h5.truncate(ug["grad_scale"], steps)
-                for pname in ("weight", "bias"):
-                    if pname in ug:
-                        for col in ug[pname].values():
-                            _h5.truncate(col, steps)
-            if "inputs" in f and inputs is not None:
-                for col in ("index", "data"):
-                    _h5.truncate(f["inputs"][col], inputs)
-                f["inputs"]["committed"][0] = inputs
-        kinds = {n: stored["layers"][n][0] for n in rows if n in stored["layers"]}
-        return cls(path, kinds, stored["row_dtype"], commit_seconds)
+            lock.set_phase("resuming: truncating to the checkpoint")
+            with _journal.write_session(path, "resume (truncation to the checkpoint)") as f:
+                cls._truncate(f, path, rows, steps, inputs, last_step, update_attrs)
+            kinds = {n: stored["layers"][n][0] for n in rows if n in stored["layers"]}
+            return cls(path, kinds, stored["row_dtype"], commit_seconds, lock=lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @staticmethod
+    def _truncate(
+        f: h5py.File, path: str, rows: dict[str, int], steps: int, inputs: int | None, last_step: int | None,
+        update_attrs: Callable[[StoreMetadata], dict[str, Any]] | None,
+    ) -> None:
+        have = int(f["update_step"].shape[0])
+        if have < steps:
+            raise StoreError(f"{path}: the checkpoint counts {steps} optimizer steps but the store holds {have}; rows are missing.")
+        if last_step is not None and steps > 0 and int(f["update_step"][steps - 1]) != last_step:
+            raise StoreError(
+                f"{path}: the checkpoint says the store's first {steps} steps end at step {last_step}, but the "
+                f"store's step {steps} is training step {int(f['update_step'][steps - 1])}. The checkpoint does not "
+                "describe this store; nothing was truncated. Resume from a checkpoint saved with this store, or "
+                "record into another path."
+            )
+        counts = {name: map_counts(g) for name, g in f["layers"].items()}
+        for name, g in f["layers"].items():
+            n = int(rows.get(name, 0))
+            if g["values"].shape[0] < n or (counts[name] is not None and n % counts[name][1]):
+                raise StoreError(f"{path}: layer {name!r}: the checkpoint counts {n} rows but the store holds {g['values'].shape[0]}.")
+        # what was derived from the old rows goes, and the file says it is being written (the session is
+        # all or nothing, so a crash never leaves a "complete" store with rows of another run)
+        f.attrs["status"] = "recording"
+        if update_attrs is not None:
+            meta = StoreMetadata.from_attrs({k: _h5.attr(v) for k, v in f.attrs.items()}, path)
+            _h5.set_attrs(f, update_attrs(meta))
+        for g in f["layers"].values():
+            for dname in ("weight_final", "bias_final", "weight_residual", "bias_residual", *DERIVED_DATASETS):
+                if dname in g:
+                    del g[dname]
+            for key in [k for k in g.attrs if k.startswith(("certificate_", "memory_"))]:
+                del g.attrs[key]
+        _h5.truncate(f["update_step"], steps)
+        _h5.truncate(f["update_epoch"], steps)
+        f["committed_steps"][0] = steps
+        for name, g in f["layers"].items():
+            n = int(rows.get(name, 0))
+            # a convolution's maps: n virtual rows are n / L maps, n P / L pixels
+            p, per_map = counts[name] if counts[name] is not None else (1, 1)
+            for col in ("keys", "values", *ROW_COLUMNS):
+                _h5.truncate(g[col], n if col == "values" else (n // per_map) * (p if col == "keys" else 1))
+            g["committed_rows"][0] = n
+            ug = g["updates"]
+            _h5.truncate(ug["grad_scale"], steps)
+            for pname in ("weight", "bias"):
+                if pname in ug:
+                    for col in ug[pname].values():
+                        _h5.truncate(col, steps)
+        if "inputs" in f and inputs is not None:
+            for col in ("index", "data"):
+                _h5.truncate(f["inputs"][col], inputs)
+            f["inputs"]["committed"][0] = inputs
 
     @staticmethod
     def _table_handles(ug: h5py.Group) -> dict[str, Any]:
@@ -336,14 +510,56 @@ class StoreWriter:
             return np.zeros(0, dtype=np.int64)
         return np.asarray(self.file["inputs"]["index"][: int(self.file["inputs"]["committed"][0])])
 
+    # -- failures ----------------------------------------------------------------------------------
+    def _guard(self) -> None:
+        if self.failed is not None:
+            raise StoreError(f"{self.path}: the store writer stopped after a failure ({_h5.short(self.failed)}); "
+                             "the store keeps its committed steps.") from self.failed
+        if self.file is None or not self.file.id.valid:
+            raise StoreError(f"{self.path}: the store writer is closed.")
+
+    def _failing(self, err: BaseException) -> None:
+        """After any failure nothing more is written: a half-done HDF5 write must not be followed by others."""
+        if self.failed is None:
+            self.failed = err
+
+    def _reserve(self, nbytes: int) -> None:
+        if self._space is not None:
+            self._space.ensure(nbytes + self._chunk_slack())
+
+    def _chunk_slack(self) -> int:
+        """Bytes a commit may write beyond the rows: each column's partial last chunk, written whole."""
+        if not hasattr(self, "_slack"):
+            total = 0
+            for ds in self._ds.values():
+                for col in ("keys", "values", *ROW_COLUMNS):
+                    d = ds[col]
+                    total += int(np.prod(d.chunks, dtype=np.int64)) * d.dtype.itemsize
+            if self._input_appender is not None:
+                total += self._input_appender._bytes
+            self._slack = total + 64 * 1024 * (1 + len(self._layers))
+        return self._slack
+
     # -- appending ---------------------------------------------------------------------------------
     def add_step(self, step: int, epoch: int, rows: dict[str, StepRows], updates: dict[str, tuple[float, Any, Any]]) -> None:
         """Buffer one optimizer step: its rows per layer and ``(grad_scale, weight_row, bias_row)``, a row being
         the step's ``{column: value}`` of the store's update rule (or an object with those attributes).
 
         Rows are written in large appends that end on chunk boundaries (so no chunk is written twice);
-        the small per-step tables at commit. A commit follows every ``commit_seconds``.
+        the small per-step tables at commit. A commit follows every ``commit_seconds``. The disk space the
+        step needs is reserved before anything is written (:mod:`._space`).
         """
+        self._guard()
+        try:
+            nbytes = sum(len(r.keys) * self._row_bytes[n] for n, r in rows.items() if n in self._row_bytes) + 256 * len(self._layers)
+            self._reserve(self._pending_bytes + nbytes)
+            self._pending_bytes += nbytes
+            self._add_step(step, epoch, rows, updates)
+        except BaseException as err:
+            self._failing(err)
+            raise
+
+    def _add_step(self, step: int, epoch: int, rows: dict[str, StepRows], updates: dict[str, tuple[float, Any, Any]]) -> None:
         for name, r in rows.items():
             if name in self._dropped:
                 continue
@@ -366,7 +582,7 @@ class StoreWriter:
         if len(self._pending_steps) >= 4096:
             self._write_tables()
         if time.monotonic() - self._last_commit > self.commit_seconds:
-            self.commit()
+            self._commit()
 
     def _set_map_size(self, name: str, r: StepRows) -> None:
         """Fix a convolution's map size at its first rows (written now, before any row that depends on it)."""
@@ -385,10 +601,18 @@ class StoreWriter:
 
     def add_inputs(self, index: np.ndarray, data: np.ndarray) -> None:
         """Raw inputs of training examples seen for the first time (all written by the next commit)."""
-        if self._input_appender is not None:  # the bytes go out now, chunk by chunk; the indices at commit
-            self._input_appender.append(np.ascontiguousarray(data, dtype=self._input_appender.ds.dtype))
-            data = None
-        self._pending_inputs.append((index, data))
+        self._guard()
+        try:
+            nbytes = int(np.asarray(data).nbytes) + 8 * len(index)
+            self._reserve(self._pending_bytes + nbytes)
+            self._pending_bytes += nbytes
+            if self._input_appender is not None:  # the bytes go out now, chunk by chunk; the indices at commit
+                self._input_appender.append(np.ascontiguousarray(data, dtype=self._input_appender.ds.dtype))
+                data = None
+            self._pending_inputs.append((index, data))
+        except BaseException as err:
+            self._failing(err)
+            raise
 
     def _write_rows(self, name: str, aligned: bool) -> None:
         blocks = self._pending[name]
@@ -445,7 +669,20 @@ class StoreWriter:
         """Write everything buffered, flush it, then advance the counters that make it visible.
 
         Returns the committed counts: ``{"steps": int, "rows": {layer: int}, "inputs": int | None}``.
+
+        Raises:
+            OSError: the disk cannot hold the buffered rows (``ENOSPC``, before anything is written): the
+                store keeps its last committed steps, and the writer stops (:meth:`close` then only closes).
         """
+        self._guard()
+        try:
+            return self._commit()
+        except BaseException as err:
+            self._failing(err)
+            raise
+
+    def _commit(self) -> dict[str, Any]:
+        self._reserve(self._pending_bytes)
         self._write_pending()
         self.file.flush()  # data first ...
         f = self.file
@@ -468,6 +705,7 @@ class StoreWriter:
         f["committed_steps"][0] = f["update_step"].shape[0]
         f.flush()  # ... then the counters that point at it
         self._last_commit = time.monotonic()
+        self._pending_bytes = 0
         self.committed = self._counts()
         return self.committed
 
@@ -484,38 +722,123 @@ class StoreWriter:
 
     # -- finishing -----------------------------------------------------------------------------------
     def finalize(self, final_weights: dict[str, tuple[np.ndarray, np.ndarray | None]], final_step: int, epochs: int,
-                 certificate: dict[str, dict[str, Any]] | None = None) -> None:
-        """Commit, leave SWMR mode, write final weights, the certificate made as training went (if any) and
-        status."""
-        self.commit()
-        self.file.close()
-        with h5py.File(self.path, "r+", locking=False) as f:
+                 certificate: dict[str, dict[str, Any]] | None = None, keep_lock: bool = False) -> WriterLock | None:
+        """Commit, leave SWMR mode, then write the final weights, the certificate made as training went (if
+        any) and ``status = "complete"`` in one all-or-nothing write session (a kill or a full disk during it
+        leaves the store at this last commit, status ``recording``, never half finished). Releases the writer
+        lock, or with ``keep_lock`` returns it still held (the full certificate follows under it, so that no
+        other writer takes the store in between); the caller releases it.
+
+        Raises:
+            StoreError: a final weight of the wrong shape, or the writer failed before.
+            OSError: the disk is full (the store keeps every committed step).
+        """
+        self._guard()
+        try:
             for name, (w, b) in final_weights.items():
-                g = f["layers"][name]
-                _h5.replace(g, "weight_final", w.astype(np.float32))
-                if b is not None:
-                    _h5.replace(g, "bias_final", b.astype(np.float32))
-            for name in self._dropped:
-                del f["layers"][name]
-            _h5.set_attrs(f, {"dropped_layers": self._dropped, "layer_order": [n for n in self._layers if n not in self._dropped]})
-            for g in f["layers"].values():  # (rows before a resume count too)
-                g.attrs["rows_without_index"] = _count_negative(g["index"], int(g["committed_rows"][0]))
-            for name, cert in (certificate or {}).items():
-                if name in f["layers"]:
-                    _h5.set_attrs(f["layers"][name], {f"certificate_{k}": v for k, v in cert.items()})
-            for name, reason in self._inexact.items():
-                if name not in f["layers"]:
-                    continue  # marked inexact, then dropped altogether
-                f["layers"][name].attrs["exact"] = False
-                f["layers"][name].attrs["inexact_reason"] = reason
-            _h5.set_attrs(f, {"final_step": int(final_step), "epochs": int(epochs)})
-            f.attrs["status"] = "complete"
+                if name in self._dropped:
+                    continue
+                spec = self.file["layers"][name].attrs
+                want = (int(spec["d_out"]), int(spec["d_in"]))
+                if np.shape(w) != want or (b is not None and np.shape(b) != want[:1]):
+                    raise StoreError(f"{self.path}: final weights of layer {name!r} are {np.shape(w)}, expected {want}.")
+            self.commit()
+            self._release(close_file=True, keep_lock=True)
+            self._lock.set_phase("finalisation")
+            nbytes = sum(4 * (np.size(w) + (np.size(b) if b is not None else 0)) for w, b in final_weights.values())
+            with _journal.write_session(self.path, "finalisation", reserve=nbytes + 64 * 1024 * len(final_weights)) as f:
+                for name, (w, b) in final_weights.items():
+                    g = f["layers"][name]
+                    _h5.replace(g, "weight_final", np.asarray(w, dtype=np.float32))
+                    if b is not None:
+                        _h5.replace(g, "bias_final", np.asarray(b, dtype=np.float32))
+                for name in self._dropped:
+                    del f["layers"][name]
+                _h5.set_attrs(f, {"dropped_layers": self._dropped,
+                                  "layer_order": [n for n in self._layers if n not in self._dropped]})
+                n_steps = int(f["committed_steps"][0])
+                for g in f["layers"].values():  # (rows before a resume count too)
+                    per = (map_counts(g) or (1, 1))[1]  # a convolution's maps: one index per map of `per` rows
+                    g.attrs["rows_without_index"] = per * _count_negative(g["index"], int(g["committed_rows"][0]) // per)
+                    # the per-step tables the store finished with: answers at every step rest on them
+                    g.attrs["certificate_tables_crc32"] = _tables_crc32(f["update_step"], g["updates"], n_steps)
+                for name, cert in (certificate or {}).items():
+                    if name in f["layers"]:
+                        _h5.set_attrs(f["layers"][name], {f"certificate_{k}": v for k, v in cert.items()})
+                for name, reason in self._inexact.items():
+                    if name not in f["layers"]:
+                        continue  # marked inexact, then dropped altogether
+                    f["layers"][name].attrs["exact"] = False
+                    f["layers"][name].attrs["inexact_reason"] = reason
+                _h5.set_attrs(f, {"final_step": int(final_step), "epochs": int(epochs)})
+                f.attrs["status"] = "complete"
+        except BaseException as err:
+            self._failing(err)
+            self._release(close_file=True)
+            raise
+        self._release(close_file=False, keep_lock=keep_lock)
+        return self._lock if keep_lock else None
 
     def close(self) -> None:
-        """Commit and close without finalising (after an exception, or when fit stops early)."""
-        if self.file.id.valid:
-            self.commit()
-            self.file.close()
+        """Commit and close without finalising (after an exception, or when fit stops early).
+
+        After a failure it only closes: nothing more is written, the store keeps its committed steps.
+        """
+        if self.file is not None and self.file.id.valid and self.failed is None:
+            try:
+                self.commit()
+            finally:
+                self._release(close_file=True)
+        else:
+            self._release(close_file=True)
+
+    def abandon(self) -> None:
+        """Close without writing anything more (after a failure): the store keeps its committed steps."""
+        if self.failed is None:
+            self.failed = StoreError("abandoned")
+        self._release(close_file=True)
+
+    def _release(self, close_file: bool, keep_lock: bool = False) -> None:
+        if close_file and self.file is not None:
+            f, self.file = self.file, None
+            try:
+                if f.id.valid:
+                    f.close()
+            except Exception as err:  # a failed flush: nothing more can be done for the uncommitted rows
+                log.warning("%s: closing after a failure: %s", self.path, _h5.short(err))
+        if self._space is not None:
+            space, self._space = self._space, None
+            try:
+                space.release()
+            except OSError:
+                pass
+        if not keep_lock:
+            self._lock.release()
+
+
+def _committed_steps(path: str) -> int | None:
+    """Committed steps of an existing store (0 for one that never committed), or None when ``path`` is not
+    a store this process can read (then it is never replaced without ``overwrite``)."""
+    from lightning_dualform.store import _probe
+
+    try:
+        _repair.check_regular_file(path)
+        if _probe.probe(path) is not None or os.path.exists(_journal.journal_path(path)):
+            return None
+        from lightning_dualform.store._h5open import open_any
+
+        with open_any(path) as f:
+            if _h5.attr(f.attrs.get("format", "")) != FORMAT_NAME:
+                return None
+            return int(f["committed_steps"][0])
+    except Exception:
+        return None
+
+
+def _tables_crc32(update_step: h5py.Dataset, ug: h5py.Group, n: int) -> int:
+    """:func:`~lightning_dualform.store.format.tables_crc32` of a layer's first ``n`` per-step tables."""
+    params = {p: {c: ug[p][c][:n] for c in ug[p]} for p in ("weight", "bias") if p in ug}
+    return tables_crc32(update_step[:n], ug["grad_scale"][:n], params)
 
 
 def _column(row: Any, col: str) -> Any:

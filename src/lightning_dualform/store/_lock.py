@@ -1,0 +1,169 @@
+"""One writer per store: an advisory lock on ``<store>.lock``, held for as long as a process writes the store.
+
+HDF5 has no concurrent writers, and two trainings pointed at one path would otherwise both pass an
+"exists?" check and write the same file. Every writing phase of the store (creation, training, the
+resume's truncation, finalisation, the certificate, query recording) holds this lock; a second writer is
+refused at once with :class:`~lightning_dualform.errors.StoreBusyError`. Readers never take it: they only
+ask whether a writer is alive (:func:`writer_active`), to tell "being written" from "damaged" and to know
+when repairing what a killed writer left behind is safe.
+
+The lock is ``flock`` on a separate small file (``run.h5.lock``), because the store file itself is
+replaced (creation renames a finished skeleton into place) while the lock must stay. The kernel drops
+the lock when its holder dies, so a killed writer never leaves a stale lock, only a stale file that the
+next writer reuses. A holder unlinks the file when it releases the lock; an acquirer checks that the file
+it locked is still the one at the path (the usual unlink-safe lock-file protocol). The file holds the
+holder's pid and phase, for messages. Where ``fcntl`` is missing (Windows) locking is a no-op.
+
+The same path spelled differently (``run.h5``, ``./run.h5``, an absolute path, a symlink) names the same
+lock file, because the file system resolves it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from lightning_dualform.errors import StoreBusyError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_SUFFIX = ".lock"
+#: how long an acquirer retries before it refuses: a reader's probe of the lock holds it for microseconds
+ACQUIRE_RETRY_S = 1.0
+
+
+def lock_path(path: str | os.PathLike) -> str:
+    return os.fspath(path) + LOCK_SUFFIX
+
+
+class WriterLock:
+    """An exclusive lock on a store path; release it with :meth:`release` (or use it as a context manager)."""
+
+    def __init__(self, path: str, fd: int | None) -> None:
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def acquire(cls, path: str | os.PathLike, phase: str, wait: float = ACQUIRE_RETRY_S) -> "WriterLock":
+        """Lock ``path`` for writing, or raise.
+
+        Args:
+            path: the store file (the lock file is ``path + ".lock"``; the store need not exist).
+            phase: what the holder does ("training", "finalisation", ...): shown to refused writers and readers.
+            wait: seconds to retry while the lock is held (a reader checking the lock holds it briefly).
+
+        Raises:
+            StoreBusyError: another process (or another writer in this process) holds the lock.
+        """
+        path = os.fspath(path)
+        if fcntl is None:  # pragma: no cover
+            return cls(path, None)
+        lp = lock_path(path)
+        deadline = time.monotonic() + wait
+        while True:
+            fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() >= deadline:
+                    raise StoreBusyError(
+                        f"{path}: another writer holds this store ({_holder(lp)}). Two writers on one file would "
+                        "corrupt it: wait for that one to finish, or record into another path."
+                    ) from None
+                time.sleep(0.02)
+                continue
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(lp))
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder unlinked it after we opened it: lock the new one
+                os.close(fd)
+                continue
+            lock = cls(path, fd)
+            lock.set_phase(phase)
+            return lock
+
+    def set_phase(self, phase: str) -> None:
+        """Say what the holder is doing now (read by :func:`writer_active`)."""
+        if self._fd is None:
+            return
+        text = f"pid {os.getpid()} on {socket.gethostname()}: {phase}\n".encode()
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, text, 0)
+        except OSError:  # a full disk: the text only informs; the lock itself holds
+            pass
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Unlock (idempotent). The lock file is removed first, so no one locks a file that is going away."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(lock_path(self.path))):
+                os.unlink(lock_path(self.path))
+        except OSError:
+            pass
+        os.close(fd)
+
+    def __enter__(self) -> "WriterLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def writer_active(path: str | os.PathLike, *, other_process: bool = True) -> str | None:
+    """What the live writer of ``path`` is doing (``"pid 123 on host: finalisation"``), or None when no
+    process holds its lock. Never blocks and never holds the lock for longer than the check.
+
+    Args:
+        other_process: ignore a writer in this very process (its HDF5 calls and ours are serialised by
+            h5py, so what this process reads is never half written by it).
+    """
+    if fcntl is None:  # pragma: no cover
+        return None
+    lp = lock_path(path)
+    try:
+        fd = os.open(lp, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = _read(fd) or "another process"
+            if other_process and text.startswith(f"pid {os.getpid()} on {socket.gethostname()}:"):
+                return None
+            return text
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _read(fd: int) -> str:
+    try:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _holder(lp: str) -> str:
+    try:
+        fd = os.open(lp, os.O_RDONLY)
+    except OSError:
+        return "another process"
+    try:
+        return _read(fd) or "another process"
+    finally:
+        os.close(fd)
