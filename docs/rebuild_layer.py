@@ -3,7 +3,8 @@
 usage: python docs/rebuild_layer.py STORE LAYER [AT_STEP]
 
 Prints the relative error of the rebuilt weight and bias against ``weight_final``/``bias_final`` (at the end)
-and writes nothing. It covers the update rules ``"sgd"`` (``torch.optim.SGD``; format 1 and 2 stores) and
+and writes nothing. Convolutions of format 3 are stored as input maps: :class:`Maps` unfolds them. It covers
+the update rules ``"sgd"`` (``torch.optim.SGD``; format 1 and 2 stores) and
 ``"adam"`` (``torch.optim.Adam`` and ``AdamW`` with every flag); the other rules replay the same way with the
 per-step maths of docs/dual-form.md (``lightning_dualform/optim/`` holds all of them, in numpy). A store of a
 DDP run is several files whose rows are summed step by step: this script reads one file.
@@ -11,6 +12,7 @@ DDP run is several files whose rows are summed step by step: this script reads o
 
 from __future__ import annotations
 
+import json
 import sys
 
 import h5py
@@ -21,19 +23,54 @@ def text(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+class Maps:
+    """A convolution stored as input maps (format 3, layer attribute ``layout = "maps"``): ``keys`` holds each
+    (example, call)'s unpadded input map as ``P`` channel-last pixel rows, ``values`` one row per output location
+    (``L`` per map), the metadata columns one entry per map. Virtual row ``r`` is location ``r % L`` of map ``r // L``."""
+
+    def __init__(self, g: h5py.Group) -> None:
+        a = {k: json.loads(text(g.attrs[k])) for k in ("kernel_size", "stride", "dilation", "padding")}
+        self.kernel, self.stride, self.dilation = a["kernel_size"], a["stride"], a["dilation"]
+        self.size = [int(v) for v in g["input_size"][()]]
+        dims = len(self.size)
+        pad = a["padding"]  # F.pad order: last dimension first
+        self.pad = [(0, 0), (0, 0)] + [(pad[2 * (dims - 1 - i)], pad[2 * (dims - 1 - i) + 1]) for i in range(dims)]
+        self.mode = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}[text(g.attrs["padding_mode"])]
+        padded = [n + lo + hi for n, (lo, hi) in zip(self.size, self.pad[2:])]
+        self.out = [(p - d * (k - 1) - 1) // s + 1 for p, k, s, d in zip(padded, self.kernel, self.stride, self.dilation)]
+        self.pixels, self.locations = int(np.prod(self.size)), int(np.prod(self.out))
+
+    def keys(self, pixels: np.ndarray) -> np.ndarray:
+        """Pixel rows ``(E * P, C)`` -> key rows ``(E * L, C * prod(kernel))`` (``F.unfold``'s order)."""
+        dims, c = len(self.size), pixels.shape[1]
+        x = np.moveaxis(pixels.reshape(-1, *self.size, c), -1, 1)  # (E, C, *size)
+        x = np.pad(x, self.pad, mode=self.mode)
+        span = [d * (k - 1) + 1 for k, d in zip(self.kernel, self.dilation)]
+        w = np.lib.stride_tricks.sliding_window_view(x, span, axis=tuple(range(2, 2 + dims)))
+        w = w[(slice(None), slice(None), *(slice(None, None, s) for s in self.stride), *(slice(None, None, d) for d in self.dilation))]
+        w = w[(slice(None), slice(None), *(slice(0, o) for o in self.out))]  # (E, C, *out, *kernel)
+        w = w.transpose(0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))  # (E, *out, C, *kernel)
+        return w.reshape(-1, c * int(np.prod(self.kernel)))
+
+
 def step_gradients(f: h5py.File, g: h5py.Group, stop: int):
     """``(s, G_w, g_b)`` for update numbers ``0..stop-1``: ``G = sum over the step's rows of values^T keys``."""
     n = int(g["committed_rows"][0])
     first = int(f["update_step"][0])
-    steps = g["step"][:n] - first
+    maps = Maps(g) if text(g.attrs.get("layout", "rows")) == "maps" else None
+    per = maps.locations if maps else 1  # virtual rows per entry of the step column
+    steps = np.repeat(g["step"][: n // per] - first, per)
     keys, values = g["keys"], g["values"]
     bf16 = text(f.attrs["row_dtype"]) == "bfloat16"
-    cuts = np.searchsorted(steps, np.arange(stop + 1))
+    cuts = np.searchsorted(steps, np.arange(stop + 1))  # (a step's rows are whole maps)
     for s in range(stop):
         a, b = int(cuts[s]), int(cuts[s + 1])
-        k, v = keys[a:b], values[a:b]
+        k = keys[a // per * maps.pixels : b // per * maps.pixels] if maps else keys[a:b]
+        v = values[a:b]
         if bf16:  # stored as the upper 16 bits of a float32
             k, v = ((x.astype(np.uint32) << 16).view(np.float32) for x in (k, v))
+        if maps:
+            k = maps.keys(k)
         if text(g.attrs["kind"]) == "embedding":  # token ids -> one-hot keys
             k = np.eye(int(g.attrs["d_in"]))[k[:, 0]]
         v = v.astype(np.float64)

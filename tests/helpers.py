@@ -81,13 +81,19 @@ def dual_output(path: str, layer: str, x: torch.Tensor, end: int | None = None, 
             return coefficients_with_buffer({c: table[c][:n_steps] for c in PARAM_COLUMNS}, scale, n_used)
 
         a_w, b_w, c_w = coefs(u["weight"])
-        steps = g["step"][: int(g["committed_rows"][0])]
-        keep = steps < first + n_used
-        raw_keys = g["keys"][: len(steps)][keep]
-        if g.attrs["kind"] == "embedding":  # token ids -> the one-hot keys
-            k = torch.nn.functional.one_hot(torch.from_numpy(raw_keys[:, 0]), int(g.attrs["d_in"])).double()
+        n_rows = int(g["committed_rows"][0])
+        if g.attrs.get("layout", "rows") == "maps":  # a convolution's input maps (format 3): unfold them here
+            k, steps = _unfolded_maps(g, n_rows, f.attrs["row_dtype"])
+            keep = steps < first + n_used
+            k = k[torch.from_numpy(keep)]
         else:
-            k = torch.from_numpy(_floats(raw_keys, f.attrs["row_dtype"])).double()
+            steps = g["step"][:n_rows]
+            keep = steps < first + n_used
+            raw_keys = g["keys"][: len(steps)][keep]
+            if g.attrs["kind"] == "embedding":  # token ids -> the one-hot keys
+                k = torch.nn.functional.one_hot(torch.from_numpy(raw_keys[:, 0]), int(g.attrs["d_in"])).double()
+            else:
+                k = torch.from_numpy(_floats(raw_keys, f.attrs["row_dtype"])).double()
         v = torch.from_numpy(_floats(g["values"][: len(steps)][keep], f.attrs["row_dtype"])).double()
         s = torch.from_numpy(steps[keep] - first)
         x = x.double().reshape(-1, k.shape[1])
@@ -107,6 +113,29 @@ def dual_output(path: str, layer: str, x: torch.Tensor, end: int | None = None, 
                     out += b_b * torch.from_numpy(g["bias_buffer_init"][()]).double()
             out += (torch.from_numpy(c_b)[s][:, None] * v).sum(0)
         return out
+
+
+def _unfolded_maps(g: h5py.Group, n_rows: int, row_dtype: str) -> tuple[torch.Tensor, np.ndarray]:
+    """Key rows (float64) and the step of each of a format-3 convolution's virtual rows, from the raw datasets
+    with torch's own padding and unfolding (the library unfolds with numpy)."""
+    import json
+
+    size = [int(v) for v in g["input_size"][()]]
+    c = int(g.attrs["in_channels"])
+    ks, st, dil, pad = (json.loads(g.attrs[a]) for a in ("kernel_size", "stride", "dilation", "padding"))
+    mode = g.attrs["padding_mode"]
+    maps_px = torch.from_numpy(_floats(g["keys"][()], row_dtype)).double()
+    e = maps_px.shape[0] // int(np.prod(size))
+    x = maps_px.reshape(e, *size, c).movedim(-1, 1)
+    if any(pad):
+        x = torch.nn.functional.pad(x, pad, mode="constant" if mode == "zeros" else mode)
+    if len(size) == 1:
+        x, ks, st, dil = x.unsqueeze(-2), [1, *ks], [1, *st], [1, *dil]
+    patches = torch.nn.functional.unfold(x, ks, dilation=dil, stride=st)  # (E, d_in, L)
+    loc = patches.shape[2]
+    keys = patches.transpose(1, 2).reshape(-1, patches.shape[1])[:n_rows]
+    steps = np.repeat(g["step"][: n_rows // loc], loc)
+    return keys, steps
 
 
 def _floats(raw: np.ndarray, row_dtype: str) -> np.ndarray:

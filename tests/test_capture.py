@@ -9,7 +9,7 @@ from torch import nn
 
 from helpers import TRAINER_KW, dual_output, rel_err
 from lightning_dualform import DualFormCallback, StoreReader
-from lightning_dualform.record.capture import LayerCapture, keys_of, one_hot_keys, values_of, weight_matrix
+from lightning_dualform.record.capture import LayerCapture, call_keys, keys_of, one_hot_keys, values_of, weight_matrix
 
 LAYERS = {
     "linear-seq": (lambda: nn.Linear(5, 4), lambda: torch.randn(3, 7, 5)),
@@ -31,7 +31,7 @@ def test_rows_reproduce_autograd_weight_gradient(kind):
     out = layer(x)
     (out * torch.randn_like(out)).sum().backward()
     (call,) = cap.take_completed()
-    keys, values = call.keys, call.values
+    keys, values = call_keys(call), call.values  # (a convolution keeps its map: unfolded here)
     if call.keep is not None:
         keys, values = keys[call.keep], values[call.keep]
     if not keys.is_floating_point():

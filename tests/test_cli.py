@@ -17,6 +17,7 @@ import torch
 from helpers import TRAINER_KW, MLP, IndexedDataset
 from lightning_dualform import DualFormCallback, DualInference, StoreReader
 from lightning_dualform.cli import main
+from lightning_dualform.store.format import FORMAT_VERSION
 
 
 class Classifier(MLP):
@@ -264,7 +265,7 @@ def test_info_names_the_optimizer_and_its_rule(adamw, capsys, tmp_path):
     assert rc == 0, err
     assert "AdamW" in out and "betas=(0.9, 0.999)" in out and "rule       adam (exact: element-wise" in out
     facts = json.loads((tmp_path / "i.json").read_text())
-    assert facts["update_rule"] == "adam" and facts["form"] == "element-wise" and facts["format_version"] == 2
+    assert facts["update_rule"] == "adam" and facts["form"] == "element-wise" and facts["format_version"] == FORMAT_VERSION
 
 
 def test_attend_on_adamw_ranks_by_unit_scores_and_says_so(adamw, capsys, tmp_path):

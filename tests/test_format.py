@@ -34,7 +34,7 @@ def test_version_1_store_reads_as_an_sgd_store(tmp_path):
     path = str(tmp_path / "v1.h5")
     shutil.copy(V1, path)  # (a reader never writes, but keep the fixture untouched anyway)
     with StoreReader(path) as s:
-        assert s.meta.format_version == 1 and FORMAT_VERSION == 2
+        assert s.meta.format_version == 1 and FORMAT_VERSION == 3
         assert s.update_rule == "sgd" and s.form == "scalar" and s.complete
         assert "update_rule" not in s.attrs
         lay = s.layer("net.0")
@@ -75,7 +75,7 @@ def adam_store(tmp_path_factory):
 
 def test_version_2_layout_names_the_rule_and_keeps_the_state(adam_store):
     with h5py.File(adam_store, "r") as f:
-        assert f.attrs["format_version"] == 2 and f.attrs["update_rule"] == "adam"
+        assert f.attrs["format_version"] == FORMAT_VERSION and f.attrs["update_rule"] == "adam"
         g = f["layers/net.0"]
         assert tuple(g.attrs["weight_shape"]) == (8, 6)
         assert sorted(g["updates/weight"]) == sorted(["lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize",

@@ -23,6 +23,7 @@ from lightning_dualform.attend.certificate import rebuild_weights
 from lightning_dualform.attend.replay import LayerReplay
 from lightning_dualform.optim import registry
 from lightning_dualform.optim.adafactor import AdafactorRule
+from lightning_dualform.store.format import FORMAT_VERSION
 
 HAS_ADAFACTOR = hasattr(torch.optim, "Adafactor")
 
@@ -97,7 +98,7 @@ def test_every_optimizer_is_exact_through_a_trainer(tmp_path, opt_id, make):
     assert all(c["exact"] and c["rel_err"] <= 1e-5 for c in cb.certificate.values()), cb.certificate
     rule = RULE_OF.get(opt_id, opt_id.split("-")[0])
     with StoreReader(cb.store_path) as s:
-        assert s.update_rule == rule and s.meta.format_version == 2
+        assert s.update_rule == rule and s.meta.format_version == FORMAT_VERSION
         last = s.last_step
     mid = last // 2
     g = torch.Generator().manual_seed(1)

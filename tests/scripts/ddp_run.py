@@ -1,6 +1,6 @@
 """Two-process CPU DDP training with DualFormCallback (run as a subprocess: the ddp launcher re-runs it).
 
-usage: ddp_run.py STORE OUT_WEIGHTS [sgd|adamw]
+usage: ddp_run.py STORE OUT_WEIGHTS [sgd|adamw|conv]
 """
 
 import os
@@ -15,6 +15,18 @@ from helpers import MLP, IndexedDataset  # noqa: E402
 from lightning_dualform import DualFormCallback  # noqa: E402
 
 
+class ConvMLP(MLP):
+    """The MLP with a circular Conv1d in front (its 6 inputs read as 1 channel)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.conv = torch.nn.Conv1d(1, 2, 3, padding=1, padding_mode="circular")
+        self.net[0] = torch.nn.Linear(12, self.net[0].out_features)
+
+    def forward(self, x):
+        return self.net(torch.tanh(self.conv(x[:, None, :])).reshape(x.shape[0], -1))
+
+
 def main() -> None:
     store, out = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
@@ -24,6 +36,8 @@ def main() -> None:
     else:
         opt = lambda m: torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9, weight_decay=0.01)  # noqa: E731
     model = MLP(opt_factory=opt, sched_factory=lambda o: torch.optim.lr_scheduler.StepLR(o, 3, 0.8))
+    if len(sys.argv) > 3 and sys.argv[3] == "conv":  # a convolution stored as maps, read across shards
+        model = ConvMLP(opt_factory=opt)
     cb = DualFormCallback(store, certify="full")  # (a recorder's DDP test covers the sketch certificate)
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", callbacks=[cb], logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,

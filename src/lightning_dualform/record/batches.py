@@ -141,7 +141,7 @@ def batch_size(batch: Any) -> int | None:
 def row_metadata(call: CallRows, info: BatchInfo, offset: int, with_example: bool = False) -> tuple:
     """Dataset index, position and label of every row of a call, and the positions per example
     (and, with ``with_example``, each row's example number within the batch, -1 when unknown)."""
-    n = call.keys.shape[0]
+    n = call.n_rows
     lead = call.lead_shape
     b = info.size
     if b and n == b and len(lead) == 1 and offset == 0 and not with_example:  # one row per example (MLPs)

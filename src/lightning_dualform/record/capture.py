@@ -8,6 +8,10 @@ here: the callback decides when rows are complete and hands them to the writer.
 Layer kinds differ only in how a call's input becomes key rows (:func:`keys_of`) and how the weight
 reads as a ``(d_out, d_in)`` matrix (:func:`weight_matrix`): ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``
 (a linear map on unfolded patches), ``nn.Embedding`` (a linear map on one-hot token keys).
+
+A convolution's call keeps its input map ``(B, C_in, *spatial)`` instead of the unfolded key rows (the store
+keeps the maps, ``store/conv.py``): :func:`call_keys` unfolds them where rows are needed, and
+:func:`project_maps` projects them (``K Z``) as a convolution, without unfolding.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from lightning_dualform.store.conv import ConvGeometry
 
 #: Module types captured exactly.
 SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
@@ -38,6 +44,16 @@ class CallRows:
     # from outside autograd (the batch) may be reused by user code, so it is copied before it is handed on
     private_keys: bool = False
     batch: Any = None  # what the recorder knew about the batch when the call ran (indices, labels)
+    # a convolution's geometry: ``keys`` is then its input map (B, C_in, *spatial), unpadded, and ``values``
+    # the output gradient as rows (B * L, C_out)
+    geometry: ConvGeometry | None = None
+
+    @property
+    def n_rows(self) -> int:
+        """Key rows of the call: ``B * L`` for a convolution's map, else the rows of ``keys``."""
+        if self.geometry is not None:
+            return self.keys.shape[0] * self.geometry.locations
+        return self.keys.shape[0]
 
 
 def layer_kind(module: nn.Module) -> str:
@@ -115,16 +131,74 @@ def conv_padding(module: nn.Module) -> tuple[int, ...]:
     return tuple(pad)
 
 
+def conv_geometry(module: nn.Module, input_size: tuple[int, ...]) -> ConvGeometry:
+    """The geometry of a convolution applied to maps of spatial size ``input_size``."""
+    _, _, extra = layer_shape(module)
+    return ConvGeometry.from_attrs(extra, input_size)
+
+
+def _padded(geom: ConvGeometry, x: torch.Tensor) -> torch.Tensor:
+    if any(geom.padding):
+        mode = "constant" if geom.padding_mode == "zeros" else geom.padding_mode
+        x = nn.functional.pad(x, geom.padding, mode=mode)
+    return x
+
+
+def conv_patches(geom: ConvGeometry, x: torch.Tensor) -> torch.Tensor:
+    """``(B, C*k..., L)`` patches of maps ``(B, C, *spatial)`` that the convolution multiplies by its weight."""
+    x = _padded(geom, x)
+    if geom.dims == 1:
+        x = x.unsqueeze(-2)
+        return nn.functional.unfold(x, (1, geom.kernel_size[0]), dilation=(1, geom.dilation[0]), stride=(1, geom.stride[0]))
+    return nn.functional.unfold(x, geom.kernel_size, dilation=geom.dilation, stride=geom.stride)
+
+
+def unfold_maps(geom: ConvGeometry, maps: torch.Tensor) -> torch.Tensor:
+    """Key rows ``(B * L, d_in)`` of maps ``(B, C, *spatial)``, in the order the store numbers virtual rows."""
+    patches = conv_patches(geom, maps)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+def maps_from_pixels(pixels: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+    """Pixel rows ``(B * P, C)`` (as stored) -> maps ``(B, C, *spatial)``."""
+    b = pixels.shape[0] // geom.pixels
+    return pixels.reshape(b, *geom.input_size, pixels.shape[1]).movedim(-1, 1)
+
+
+def pixels_of(maps: torch.Tensor) -> torch.Tensor:
+    """Maps ``(B, C, *spatial)`` -> pixel rows ``(B * P, C)``: channel-last, as the store keeps them."""
+    return maps.movedim(1, -1).reshape(-1, maps.shape[1])
+
+
+def project_maps(geom: ConvGeometry, maps: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``K Z`` ``(B * L, k)`` for the key rows ``K`` of maps ``(B, C, *spatial)`` and ``Z`` ``(d_in, k)``, as a
+    convolution of the padded maps with ``Z`` read as ``k`` filters: no unfolded keys."""
+    filters = z.t().reshape(z.shape[1], geom.in_channels, *geom.kernel_size).to(z.dtype)
+    conv = nn.functional.conv1d if geom.dims == 1 else nn.functional.conv2d
+    out = conv(_padded(geom, maps.to(z.dtype)), filters, stride=geom.stride, dilation=geom.dilation)  # (B, k, *out)
+    return out.movedim(1, -1).reshape(-1, z.shape[1])
+
+
 def _conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``(B, C*k..., L)`` patches that the convolution multiplies by its weight."""
-    pad = conv_padding(module)
-    if any(pad):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = nn.functional.pad(x, pad, mode=mode)
-    if isinstance(module, nn.Conv1d):
-        x = x.unsqueeze(-2)
-        return nn.functional.unfold(x, (1, module.kernel_size[0]), dilation=(1, module.dilation[0]), stride=(1, module.stride[0]))
-    return nn.functional.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+    return conv_patches(conv_geometry(module, tuple(x.shape[2:])), x)
+
+
+def conv_maps(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ConvGeometry]:
+    """A convolution's input as the store keeps it: the unpadded map ``(B, C_in, *spatial)`` (an unbatched input
+    as one example) and its geometry; under autocast, the rounded copy the layer multiplies."""
+    x = x.detach()
+    spatial = 1 if isinstance(module, nn.Conv1d) else 2
+    xb = x if x.dim() == spatial + 2 else x.unsqueeze(0)
+    low = autocast_dtype(x)
+    if low is not None and xb.is_floating_point() and xb.dtype != low:
+        xb = xb.to(low)
+    return xb, conv_geometry(module, tuple(xb.shape[2:]))
+
+
+def call_keys(call: "CallRows") -> torch.Tensor:
+    """The key rows ``(R, d_in)`` of a call (a convolution's map unfolded)."""
+    return unfold_maps(call.geometry, call.keys) if call.geometry is not None else call.keys
 
 
 def keys_of(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -179,6 +253,13 @@ def project_keys(module: nn.Module, keys: torch.Tensor, r: torch.Tensor) -> torc
     return keys.to(r.dtype) @ r
 
 
+def project_call(module: nn.Module, call: "CallRows", r: torch.Tensor) -> torch.Tensor:
+    """``K r`` for the keys of a call (a convolution's map projected as a convolution)."""
+    if call.geometry is not None:
+        return project_maps(call.geometry, call.keys, r)
+    return project_keys(module, call.keys, r)
+
+
 def one_hot_keys(tokens: torch.Tensor, d_in: int) -> torch.Tensor:
     """Token ids ``(R, 1)`` -> the one-hot keys ``(R, d_in)`` an embedding multiplies by its weight."""
     out = torch.zeros(tokens.shape[0], d_in, dtype=torch.float32, device=tokens.device)
@@ -217,7 +298,13 @@ class LayerCapture:
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if not self.is_active() or not isinstance(output, torch.Tensor):
             return
-        keys, lead = keys_of(module, inputs[0])
+        geometry = None
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and self.need_grad:
+            # training stores the map, not its unfolding (store/conv.py); query recording keeps key rows
+            keys, geometry = conv_maps(module, inputs[0])
+            lead = (keys.shape[0], geometry.locations) if inputs[0].dim() == keys.dim() else (geometry.locations,)
+        else:
+            keys, lead = keys_of(module, inputs[0])
         if not self.need_grad:
             out = values_of(module, output) if self.keep_output else None
             self.calls.append(CallRows(keys=keys, lead_shape=lead, call=len(self.calls), output=out))
@@ -229,7 +316,7 @@ class LayerCapture:
         x = inputs[0]
         private = x.grad_fn is not None or keys.data_ptr() != x.data_ptr()
         rec = CallRows(keys=keys, lead_shape=lead, call=len(self.calls), keep=kept_rows(module, keys),
-                       private_keys=private, batch=self.context())
+                       private_keys=private, batch=self.context(), geometry=geometry)
         self.calls.append(rec)
 
         def _grad_hook(grad: torch.Tensor, rec: CallRows = rec) -> None:

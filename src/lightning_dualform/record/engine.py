@@ -34,12 +34,24 @@ from lightning_dualform.attend.certificate import FLOAT32_PRODUCTS_TOLERANCE, ce
 from lightning_dualform.errors import DiskSpaceError, InexactError
 from lightning_dualform.optim import UpdateRule, rule_for
 from lightning_dualform.record.batches import BatchInfo, duplicates, row_metadata
-from lightning_dualform.record.capture import CallRows, LayerCapture, layer_kind, layer_shape, project_keys, weight_matrix
+from lightning_dualform.record.capture import (
+    CallRows,
+    LayerCapture,
+    conv_geometry,
+    layer_kind,
+    layer_shape,
+    maps_from_pixels,
+    pixels_of,
+    project_keys,
+    project_maps,
+    weight_matrix,
+)
 from lightning_dualform.record.options import RecordOptions
 from lightning_dualform.record.planner import Plan, estimate, free_bytes
 from lightning_dualform.record.policy import gradient_check_tolerance
 from lightning_dualform.record.sketch import SketchCertificate
 from lightning_dualform.store.background import AsyncWriter
+from lightning_dualform.store.conv import ConvGeometry
 from lightning_dualform.store.format import PLAIN_RULE, SCALAR_RULES, LayerSpec, StepRows, settings_of, table_columns
 from lightning_dualform.store.metadata import StoreMetadata
 from lightning_dualform.store.shards import write_shard_index
@@ -154,6 +166,8 @@ class RecordingEngine:
         self.inexact: dict[str, str] = {}
         self._param_groups: dict[str, tuple[int | None, int | None]] = {}
         self._probes: dict[str, torch.Tensor] = {}  # Z (d_in, k) per layer: the gradient check's and the sketch's
+        #: a convolution's geometry, fixed by its first recorded call (the store keeps maps of one size per layer)
+        self._geometry: dict[str, ConvGeometry] = {}
         #: the certificate as training goes (None: certify at fit end by reading the store, or not at all)
         self.sketch: SketchCertificate | None = None
         self.run_exact = True  # the adapter's run policy found nothing inexact
@@ -267,6 +281,9 @@ class RecordingEngine:
         if shard_index is not None:
             # the index exists from the first step on, so a crashed or running DDP store opens as one
             write_shard_index(opts.path, shard_index)
+        for name, size in self.writer.store.input_sizes().items():  # a resumed store's maps fix their size
+            if name in self.chosen:
+                self._geometry[name] = conv_geometry(self.chosen[name], size)
         seen = self.writer.store.input_indices()
         self._seen_inputs = np.zeros(int(seen.max()) + 1 if len(seen) else 0, dtype=bool)
         self._seen_inputs[seen] = True
@@ -469,14 +486,18 @@ class RecordingEngine:
         """
         self.last_epoch = epoch
         pending = self._take_rows()
+        self._check_map_sizes(pending)
         if self.plan is None:
             self._make_plan(pending)
         rows: dict[str, tuple] = {}
+        sizes: dict[str, tuple[int, ...]] = {}
         for name in self.captures:
             if name in self.dropped or not pending.get(name):
                 continue
             rows[name] = _gather_rows(pending[name], self._row_dtype)  # as they will be stored
-            self.rows_recorded[name] = self.rows_recorded.get(name, 0) + rows[name][0].shape[0]
+            self.rows_recorded[name] = self.rows_recorded.get(name, 0) + sum(c.n_rows for c, *_ in pending[name])
+            if name in self._geometry:
+                sizes[name] = self._geometry[name].input_size
         # the gradient check (and a measured factor) on the first 20 steps and every check_every-th
         check = grad_scale is None or self._steps_seen < 20 or self._steps_seen % self.options.check_every == 0
         scales: dict[str, float] = {}
@@ -507,7 +528,7 @@ class RecordingEngine:
             rows = {n: tuple(_to_pinned(t) for t in r) for n, r in rows.items()}
             event = torch.cuda.Event()
             event.record()
-        self.writer.submit(_write_step, self.writer.store, step, epoch, rows, updates, event)
+        self.writer.submit(_write_step, self.writer.store, step, epoch, rows, updates, event, sizes)
         self.steps_recorded += 1
         if self._steps_seen % _PACE_CHECK_EVERY == 0:
             self._check_writer_pace()
@@ -540,6 +561,26 @@ class RecordingEngine:
                 pending.setdefault(name, []).append((call, index, position, label))
         return pending
 
+    def _check_map_sizes(self, pending: dict) -> None:
+        """A convolution's maps share one size per store (it fixes the layout of its datasets): the first
+        recorded call sets it; a layer whose maps change size later is left out of the store, with why."""
+        for name, parts in pending.items():
+            if name in self.dropped:
+                continue
+            for call, *_ in parts:
+                if call.geometry is None:
+                    continue
+                have = self._geometry.setdefault(name, call.geometry)
+                if have.input_size != call.geometry.input_size:
+                    self.dropped[name] = (
+                        f"its input maps changed size from {have.input_size} to {call.geometry.input_size} during "
+                        "training; the store keeps a convolution's maps at one size (pad or crop inputs to one size, "
+                        "or leave the layer out with `layers=`)"
+                    )
+                    self.writer.submit(self.writer.store.drop_layer, name, self.dropped[name])
+                    self._warn(f"{self.owner}: layer {name!r} left out of the store: {self.dropped[name]}.")
+                    break
+
     # ------------------------------------------------------------------------------------------------
     # checks
     # ------------------------------------------------------------------------------------------------
@@ -561,7 +602,12 @@ class RecordingEngine:
                     keys, values = _stored_floats(keys, self.options.dtype), _stored_floats(values, self.options.dtype)
                 else:
                     keys, values = (keys.float() if keys.is_floating_point() else keys), values.float()
-                gz = values.t() @ project_keys(m, keys, z)
+                geom = self._geometry.get(name)
+                if geom is not None:  # K Z as a convolution of the maps with Z's columns as filters
+                    maps = maps_from_pixels(keys, geom) if keys.dim() == 2 else keys
+                    gz = values.t() @ project_maps(geom, maps.float(), z)
+                else:
+                    gz = values.t() @ project_keys(m, keys, z)
                 gb = values.sum(0)
             else:
                 gz = torch.zeros(d_out, z.shape[1], device=z.device)
@@ -637,7 +683,7 @@ class RecordingEngine:
 
     def _make_plan(self, pending: dict) -> None:
         """Estimate the whole run's store from this first step; refuse when the disk cannot hold it."""
-        rows = {name: sum(call.keys.shape[0] for call, *_ in parts) for name, parts in pending.items()}
+        rows = {name: sum(call.n_rows for call, *_ in parts) for name, parts in pending.items()}
         if not any(rows.values()):
             return  # nothing to plan from yet (a skipped or empty first step)
         shapes = {}
@@ -647,7 +693,8 @@ class RecordingEngine:
         steps_per_epoch, epochs, input_bytes = self.horizon()
         self.plan = estimate(rows, shapes, 4 if self.options.dtype == "float32" else 2, steps_per_epoch, epochs,
                              input_bytes, chunk_rows=self.options.chunk_rows,
-                             memory_sums=self.options.certify == "full" or (bool(self.options.certify) and self.sketch is None))
+                             memory_sums=self.options.certify == "full" or (bool(self.options.certify) and self.sketch is None),
+                             maps={n: (g.in_channels, g.pixels, g.locations) for n, g in self._geometry.items()})
         self._info(f"{self.owner}: {self.plan.describe()}.")
         if not self.options.check_disk or not steps_per_epoch:
             return
@@ -806,11 +853,21 @@ def _gather_rows(parts: list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.T
 
     # Activations and gradients are autograd's own tensors, never written to again: the writer thread
     # copies them into its buffers, off the training thread. Keys straight from the batch are copied here.
-    keys = gather([p[0].keys for p in parts], all(p[0].private_keys for p in parts))
+    geom = parts[0][0].geometry
+    if geom is not None:
+        # a convolution's maps as channel-last pixel rows, and its metadata once per (example, call): the rows
+        # of one map are its output locations, so the first location's entries describe the map
+        keys = gather([pixels_of(p[0].keys) for p in parts], all(p[0].private_keys for p in parts))
+        every = geom.locations
+        index = torch.cat([p[1][::every] for p in parts])
+        position = torch.cat([p[2][::every] for p in parts])
+        label = torch.cat([p[3][::every] for p in parts])
+    else:
+        keys = gather([p[0].keys for p in parts], all(p[0].private_keys for p in parts))
+        index = torch.cat([p[1] for p in parts])
+        position = torch.cat([p[2] for p in parts])
+        label = torch.cat([p[3] for p in parts])
     values = gather([p[0].values for p in parts], True)
-    index = torch.cat([p[1] for p in parts])
-    position = torch.cat([p[2] for p in parts])
-    label = torch.cat([p[3] for p in parts])
     return keys, values, index, position, label
 
 
@@ -829,13 +886,16 @@ def _to_pinned(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _write_step(store: StoreWriter, step: int, epoch: int, rows: dict, updates: dict, event: Any) -> None:
+def _write_step(store: StoreWriter, step: int, epoch: int, rows: dict, updates: dict, event: Any,
+                sizes: dict[str, tuple[int, ...]] | None = None) -> None:
     """Runs on the writer thread."""
     if event is not None:
         event.synchronize()
+    sizes = sizes or {}
     converted = {
         name: StepRows(
-            keys=k.numpy(), values=v.numpy(), index=i.numpy(), position=p.numpy(), label=lab.numpy(), step=step, epoch=epoch
+            keys=k.numpy(), values=v.numpy(), index=i.numpy(), position=p.numpy(), label=lab.numpy(), step=step, epoch=epoch,
+            map_size=sizes.get(name),
         )
         for name, (k, v, i, p, lab) in rows.items()
     }

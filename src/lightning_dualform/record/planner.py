@@ -39,6 +39,8 @@ class LayerPlan:
     bytes_per_row: int
     bytes_per_epoch: int
     chunk_rows: int = 1024
+    #: a convolution stored as maps: virtual rows per map (its metadata is per map); 1 otherwise
+    rows_per_map: int = 1
 
 
 @dataclass
@@ -61,9 +63,10 @@ class Plan:
         total = float(self.fixed_bytes)
         for lp in self.layers:
             rows = lp.rows_per_step * self.steps_per_epoch * epochs
-            data = lp.bytes_per_row - META_BYTES
+            metas = rows / lp.rows_per_map
+            data = lp.bytes_per_row - META_BYTES / lp.rows_per_map
             total += math.ceil(rows / lp.chunk_rows) * lp.chunk_rows * data
-            total += math.ceil(rows / META_CHUNK) * META_CHUNK * META_BYTES
+            total += math.ceil(metas / META_CHUNK) * META_CHUNK * META_BYTES
         return total
 
     def required_bytes(self, already_written: int = 0) -> float:
@@ -90,6 +93,7 @@ def estimate(
     input_bytes: int = 0,
     chunk_rows: int | None = None,
     memory_sums: bool = False,
+    maps: dict[str, tuple[int, int, int]] | None = None,
 ) -> Plan:
     """Plan a run from the rows of one optimizer step.
 
@@ -102,13 +106,20 @@ def estimate(
         input_bytes: raw training inputs, stored once per example.
         chunk_rows: rows per chunk of keys and values (``None``: the store's automatic size).
         memory_sums: the full certificate at fit end keeps the memory's float64 sums per layer.
+        maps: ``(C_in, P, L)`` of each convolution stored as maps (``store/conv.py``): per map of ``L`` virtual
+            rows, ``P`` pixel rows of ``C_in`` values and one metadata entry.
     """
     plan = Plan(steps_per_epoch=steps_per_epoch, epochs=epochs, fixed_bytes=input_bytes)
     for name, (kind, d_in, d_out, has_bias) in shapes.items():
         per_row = row_bytes(kind, d_in, d_out, itemsize)
         rows = int(rows_per_step.get(name, 0))
         chunk = chunk_rows_for(8 if kind == "embedding" else d_in * itemsize, d_out * itemsize, chunk_rows)
-        plan.layers.append(LayerPlan(name, rows, per_row, rows * steps_per_epoch * per_row, chunk))
+        per_map = 1
+        if maps and name in maps:
+            c_in, pixels, per_map = maps[name]
+            per_row = math.ceil((pixels * c_in * itemsize + META_BYTES) / per_map) + d_out * itemsize
+            chunk = chunk_rows_for(c_in * itemsize, d_out * itemsize, chunk_rows)
+        plan.layers.append(LayerPlan(name, rows, per_row, rows * steps_per_epoch * per_row, chunk, per_map))
         plan.fixed_bytes += 2 * 4 * (d_in * d_out + (d_out if has_bias else 0))  # initial and final weights
         if memory_sums and d_in * d_out <= MEMORY_SUM_MAX_ELEMENTS:
             plan.fixed_bytes += 8 * (d_in * d_out + (d_out if has_bias else 0))  # the certificate's float64 sums

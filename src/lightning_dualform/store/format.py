@@ -19,11 +19,15 @@ FORMAT_NAME = "lightning-dualform"
 #: Version 2 names the optimizer's update rule (root attribute ``update_rule``), keeps each rule's own
 #: per-step columns and, for rules with state, the optimizer state before the first step (``state/``).
 #: Version 1 stores (``torch.optim.SGD`` only) are version 2 stores of the rule ``"sgd"``.
-FORMAT_VERSION = 2
+#: Version 3 keeps a convolution's input maps instead of its unfolded key rows (layer attribute
+#: ``layout = "maps"``, ``store/conv.py``); a version-2 reader would misread them. Other layers are unchanged.
+FORMAT_VERSION = 3
 #: The oldest format this library reads.
 MIN_FORMAT_VERSION = 1
 
 ROW_DTYPES = ("float32", "float16", "bfloat16")
+#: Layer kinds stored as input maps (``layout = "maps"``) from format 3 on.
+CONV_KINDS = ("conv1d", "conv2d")
 #: the kinds of layer a store records (``docs/store-format.md``, "Layer kinds")
 LAYER_KINDS = ("linear", "conv1d", "conv2d", "embedding")
 #: Per-row metadata columns: name -> numpy dtype.
@@ -127,7 +131,8 @@ class LayerSpec:
     state_dtype: str = "float32"
 
     def fingerprint(self) -> list:
-        return [self.kind, self.d_in, self.d_out, self.has_bias]
+        # a convolution's layout too: a store of unfolded rows (format 2) cannot continue with maps
+        return [self.kind, self.d_in, self.d_out, self.has_bias, *(["maps"] if self.kind in CONV_KINDS else [])]
 
 
 @dataclass
@@ -141,6 +146,9 @@ class StepRows:
     label: np.ndarray  # (n,) label, -1 when none
     step: int = 0
     epoch: int = 0
+    #: a convolution's maps (layout ``"maps"``): their spatial size; ``keys`` are then pixel rows ``(E * P, C_in)``,
+    #: ``values`` ``(E * L, d_out)`` and the metadata columns ``(E,)``, one entry per (example, call)
+    map_size: tuple[int, ...] | None = None
 
 
 def settings_of(specs: list[LayerSpec], row_dtype: str, compression: str | None, update_rule: str = "sgd") -> dict[str, Any]:

@@ -28,6 +28,7 @@ from lightning_dualform._args import as_int
 from lightning_dualform.errors import StoreBusyError, StoreError
 from lightning_dualform.optim import PARAM, OptimizerState, Sweep, UpdateRule, coefficients_with_buffer, plain_sgd_coefficients
 from lightning_dualform.store import _h5, _journal, _probe, _raw_chunks, _repair
+from lightning_dualform.store import conv as _conv
 from lightning_dualform.store._h5open import open_any
 from lightning_dualform.store.filters import decode_rows
 from lightning_dualform.store.format import (
@@ -92,15 +93,25 @@ class LayerReader:
             ds = _h5.dataset(group, col, where, "iuf")
             lengths[col] = ds.shape[0]
         self.n_rows = _h5.counter(group, "committed_rows", where, 1 << 62)
+        self.geometry = self._maps_geometry(store, name, group)
+        #: stored entries per virtual row's map: pixels (keys), value rows, metadata (1); all 1 without maps
+        self._per_map = ({"keys": self.geometry.pixels, "values": self.geometry.locations}
+                         if self.geometry is not None else {})
+        locations = self.geometry.locations if self.geometry is not None else 1
+        if self.n_rows % locations:
+            raise StoreError(f"{where} says {self.n_rows} rows are committed, not whole maps of {locations} locations; "
+                             "the file is inconsistent.")
         for col, length in lengths.items():
-            if length < self.n_rows:
+            if length < self._stored(col, self.n_rows):
                 raise StoreError(
                     f"{store.path}: layer {name!r} says {self.n_rows} rows are committed but {col!r} holds only "
                     f"{length}; the file is truncated or inconsistent."
                 )
-        if store.complete and set(lengths.values()) != {self.n_rows}:
+        if store.complete and any(length != self._stored(col, self.n_rows) for col, length in lengths.items()):
             raise StoreError(f"{where}: a complete store commits every row, but it commits {self.n_rows} of {lengths}; the file is damaged.")
         key_width = 1 if self.kind == "embedding" else self.d_in
+        if self.layout == _conv.MAPS_LAYOUT:
+            key_width = int(a.get("in_channels", -1))
         if group["keys"].shape[1:] != (key_width,) or group["values"].shape[1:] != (self.d_out,):
             raise StoreError(
                 f"{store.path}: layer {name!r} keys/values have shapes {group['keys'].shape}/{group['values'].shape}, "
@@ -126,8 +137,8 @@ class LayerReader:
             self.n_rows = self.rows_before(self._step_hi)
             if self.n_rows < committed:
                 self._check_tail(committed, where)
-            if self.n_rows:
-                ends = np.asarray(group["step"][[0, self.n_rows - 1]])
+            if self.n_rows:  # (a convolution's maps: one step entry per map)
+                ends = np.asarray(group["step"][[0, self._stored("step", self.n_rows) - 1]])
                 if ends[0] < self._step_lo or ends[1] >= self._step_hi:
                     raise StoreError(f"{where}: its rows' steps {ends.tolist()} lie outside the step table {self._step_lo}..{self._step_hi - 1}; the file is damaged.")
         self.attrs = {k: _h5.attr(v) for k, v in a.items()}
@@ -169,8 +180,9 @@ class LayerReader:
         if self._g.file.swmr_mode:
             table.refresh()  # a live writer writes a step's table entry before the counters that show its rows
         table_end = self._step_lo + int(table.shape[0])
-        for start in range(self.n_rows, committed, 1 << 20):
-            tail = np.asarray(col[start : min(start + (1 << 20), committed)])
+        first, end = self._stored("step", self.n_rows), self._stored("step", committed)  # entries (maps: one per map)
+        for start in range(first, end, 1 << 20):
+            tail = np.asarray(col[start : min(start + (1 << 20), end)])
             if int(tail[0]) < prev or (len(tail) > 1 and bool((np.diff(tail) < 0).any())):
                 raise StoreError(f"{where}: rows {start}.. are not in step order; the file is damaged.")
             if int(tail[-1]) >= table_end:
@@ -228,6 +240,37 @@ class LayerReader:
         """Whether the certificate was written for this layer (a finished store may lack it: ``certify=False``,
         or a process killed while writing it; ``lightning-dualform verify --write-certificate`` writes it)."""
         return "certificate_rel_err" in self.attrs
+
+    def _maps_geometry(self, store: "StoreReader", name: str, group: h5py.Group) -> _conv.ConvGeometry | None:
+        """The geometry of a convolution stored as maps (format 3), or None (rows stored as they are read, or
+        no map stored yet)."""
+        self.layout = _h5.attr(group.attrs.get("layout", "rows"))
+        if self.layout != _conv.MAPS_LAYOUT:
+            if self.layout != "rows":
+                raise StoreError(f"{store.path}: layer {name!r} has layout {self.layout!r}; this library reads 'rows' and 'maps'.")
+            return None
+        where = f"{store.path}: layer {name!r}"
+        ds = group.get("input_size")
+        if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in "iu" or ds.ndim != 1:
+            raise StoreError(f"{where} is stored as maps but has no integer 'input_size'; the file is damaged.")
+        size = np.asarray(ds[()])
+        if not size.any():
+            if self.n_rows:
+                raise StoreError(f"{where} holds {self.n_rows} rows but no map size; the file is damaged.")
+            return None
+        try:
+            geom = _conv.ConvGeometry.from_attrs({k: _h5.attr(v) for k, v in group.attrs.items()}, size)
+        except ValueError as err:
+            raise StoreError(f"{where}: {err}; the file is damaged.") from None
+        if geom.d_in != self.d_in:
+            raise StoreError(f"{where}: its geometry unfolds {geom.d_in} values per key, but d_in is {self.d_in}; the file is damaged.")
+        return geom
+
+    def _stored(self, col: str, rows: int) -> int:
+        """Stored entries of column ``col`` that ``rows`` virtual rows (whole maps) take."""
+        if self.geometry is None:
+            return rows
+        return rows // self.geometry.locations * self._per_map.get(col, 1)
 
     def to_view(self, a: np.ndarray) -> np.ndarray:
         """An array in the weight parameter's own shape as the ``(d_out, d_in)`` matrix that multiplies keys
@@ -491,19 +534,23 @@ class LayerReader:
         if self.n_rows == 0:
             return 0
         col = self._g["step"]
-        lo, hi = 0, self.n_rows  # binary search on disk: never loads the whole column
+        per = self.geometry.locations if self.geometry is not None else 1  # maps: one step entry per map
+        lo, hi = 0, self.n_rows // per  # binary search on disk: never loads the whole column
         while lo < hi:
             mid = (lo + hi) // 2
             if int(col[mid]) < step:
                 lo = mid + 1
             else:
                 hi = mid
-        return lo
+        return lo * per
 
     # -- rows ------------------------------------------------------------------------------------------
     @_h5.guarded
     def read(self, start: int, stop: int, columns: tuple[str, ...] = ("keys", "values", *ROW_COLUMNS)) -> dict[str, np.ndarray]:
         """Rows ``start:stop`` of the committed rows; keys/values decoded to float32.
+
+        A convolution stored as maps gives its virtual rows: keys unfolded from the maps (the layer's padding
+        re-applied), metadata repeated per output location (``position`` counting on from the map's).
 
         Raises:
             StoreError: the rows' metadata contradicts the file: a step outside the step table or out of
@@ -512,6 +559,10 @@ class LayerReader:
         start = max(0, int(start))
         stop = min(int(stop), self.n_rows)
         stop = max(stop, start)
+        if self.geometry is not None:
+            out = self._read_virtual(start, stop, columns)
+            self._check_meta(start, out)
+            return out
         out: dict[str, np.ndarray] = {}
         for col in columns:
             if col == "tokens":  # an embedding's stored token ids, (n,)
@@ -532,6 +583,49 @@ class LayerReader:
         self._check_meta(start, out)
         return out
 
+    @_h5.guarded
+    def read_maps(self, start: int, stop: int, columns: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The compact block behind virtual rows ``start:stop`` of a convolution stored as maps: ``maps``
+        ``(E, C_in, *input_size)`` float32 (the maps the rows lie in), ``skip`` (virtual rows of the first map
+        before ``start``), ``rows`` (``stop - start``), and ``columns`` of the rows themselves (``values``
+        decoded; metadata per virtual row). Unfold with ``capture.unfold_maps`` on the compute device, then take
+        rows ``skip:skip + rows``."""
+        if self.geometry is None:
+            raise ValueError(f"layer {self.name!r} is not stored as maps (layout {self.layout!r}).")
+        stop = min(stop, self.n_rows)
+        start = min(start, stop)
+        loc = self.geometry.locations
+        e0, e1 = start // loc, -(-stop // loc)
+        pix = self._bulk("keys", e0 * self.geometry.pixels, e1 * self.geometry.pixels)
+        maps = _conv.maps_from_pixels(decode_rows(pix, self.store.row_dtype), self.geometry)
+        out: dict[str, Any] = {"maps": np.ascontiguousarray(maps), "skip": start - e0 * loc, "rows": stop - start}
+        out.update(self._read_virtual(start, stop, tuple(c for c in columns if c != "keys")))
+        return out
+
+    def _read_virtual(self, start: int, stop: int, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+        geom = self.geometry
+        loc = geom.locations
+        start = min(start, stop)
+        e0, e1 = start // loc, -(-stop // loc)
+        lo, hi = start - e0 * loc, start - e0 * loc + (stop - start)
+        out: dict[str, np.ndarray] = {}
+        for col in columns:
+            if col == "keys":
+                pix = self._bulk("keys", e0 * geom.pixels, e1 * geom.pixels)
+                maps = _conv.maps_from_pixels(decode_rows(pix, self.store.row_dtype), geom)
+                out[col] = _conv.unfold(maps, geom)[lo:hi]
+            elif col == "values":
+                out[col] = decode_rows(self._bulk("values", start, stop), self.store.row_dtype)
+            elif col in ROW_COLUMNS:
+                per_map = np.asarray(self._g[col][e0:e1])
+                rows = np.repeat(per_map, loc)
+                if col == "position":  # the map's first position, counting on over its locations
+                    rows = rows + np.tile(np.arange(loc, dtype=rows.dtype), e1 - e0)
+                out[col] = rows[lo:hi]
+            else:
+                raise ValueError(f"layer {self.name!r} (a convolution) has no column {col!r}.")
+        return out
+
     def _check_meta(self, start: int, out: dict[str, np.ndarray]) -> None:
         """The block's metadata against the file's own tables (a few vector ops per block)."""
         if not out or not len(next(iter(out.values()))):
@@ -539,7 +633,8 @@ class LayerReader:
         where = f"{self.store.path}: layer {self.name!r}"
         step = out.get("step")
         if step is not None:
-            prev = int(self._g["step"][start - 1]) if start > 0 else self._step_lo
+            per = self.geometry.locations if self.geometry is not None else 1  # maps: one step entry per map
+            prev = int(self._g["step"][(start - 1) // per]) if start > 0 else self._step_lo
             if int(step.min()) < self._step_lo or int(step.max()) >= self._step_hi:
                 raise StoreError(
                     f"{where}: rows {start}.. have steps {int(step.min())}..{int(step.max())} outside the step table "

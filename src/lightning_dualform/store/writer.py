@@ -35,12 +35,14 @@ from lightning_dualform.errors import StoreError
 from lightning_dualform.optim import PARAM, OptimizerState
 from lightning_dualform.store import _h5, _journal, _repair
 from lightning_dualform.store._chunks import ChunkAppender
+from lightning_dualform.store.conv import MAPS_LAYOUT, ConvGeometry
 from lightning_dualform.store._h5open import open_readonly
 from lightning_dualform.store._lock import WriterLock
 from lightning_dualform.store._space import SpaceReserve
 from lightning_dualform.store.filters import compression_kwargs, encode_rows
 from lightning_dualform.store.metadata import StoreMetadata
 from lightning_dualform.store.format import (
+    CONV_KINDS,
     DERIVED_DATASETS,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -113,11 +115,28 @@ def stored_settings(path: str) -> dict[str, Any]:
     """The settings a store on disk was written with (see :func:`settings_of`)."""
     with open_readonly(path, swmr=False) as f:
         layers = {
-            n: [_h5.attr(g.attrs["kind"]), int(g.attrs["d_in"]), int(g.attrs["d_out"]), bool(g.attrs["has_bias"])]
+            n: [_h5.attr(g.attrs["kind"]), int(g.attrs["d_in"]), int(g.attrs["d_out"]), bool(g.attrs["has_bias"]),
+                *([_h5.attr(g.attrs.get("layout", "rows"))] if _h5.attr(g.attrs["kind"]) in CONV_KINDS else [])]
             for n, g in f["layers"].items()
         }
         return {"layers": layers, "row_dtype": _h5.attr(f.attrs["row_dtype"]), "compression": _h5.attr(f.attrs["compression"]),
                 "update_rule": _h5.attr(f.attrs.get("update_rule", "sgd"))}  # format 1: SGD only
+
+
+def map_counts(group: h5py.Group) -> tuple[int, int] | None:
+    """``(P, L)`` of a convolution layer stored as maps: pixels per map and virtual rows per map; ``None`` for
+    a layer of one stored row per key row, or maps whose size no step has fixed yet.
+
+    Raises:
+        ValueError: the layer's geometry attributes or ``input_size`` are malformed.
+    """
+    if _h5.attr(group.attrs.get("layout", "rows")) != MAPS_LAYOUT:
+        return None
+    size = np.asarray(group["input_size"][()])
+    if not size.any():
+        return None
+    geom = ConvGeometry.from_attrs({k: _h5.attr(v) for k, v in group.attrs.items()}, size)
+    return geom.pixels, geom.locations
 
 
 def write_state(group: h5py.Group, state: OptimizerState, dtype: str) -> None:
@@ -185,6 +204,14 @@ class StoreWriter:
                 for name, ds in self._ds.items()
             }
             self._input_appender = ChunkAppender.for_dataset(self.file["inputs"]["data"] if "inputs" in self.file else None)
+            # a convolution stored as maps: its datasets count pixels (keys), virtual rows (values) and maps (the
+            # metadata columns); the multipliers per map are fixed by the first step's map size
+            self._maps = {n: _h5.attr(self.file["layers"][n].attrs.get("layout", "rows")) == MAPS_LAYOUT for n in self._layers}
+            self._mult: dict[str, dict[str, int]] = {}
+            for name in self._layers:
+                counts = map_counts(self.file["layers"][name]) if self._maps[name] else None
+                if counts is not None:
+                    self._mult[name] = {"keys": counts[0], "values": counts[1]}
             self.committed = self._counts()
         except BaseException:
             self._release(close_file=True)
@@ -304,6 +331,10 @@ class StoreWriter:
                 _h5.create(g, "committed_rows", data=np.zeros(1, dtype=np.int64))
                 # an embedding's keys are one-hot: its token ids are stored instead, as int64 (N, 1)
                 key_width, key_dtype = (1, np.int64) if spec.kind == "embedding" else (spec.d_in, disk_dtype)
+                if spec.kind in CONV_KINDS:  # its input maps as pixel rows (store/conv.py); their size comes later
+                    g.attrs["layout"] = MAPS_LAYOUT
+                    key_width = int(spec.extra["in_channels"])
+                    _h5.create(g, "input_size", data=np.zeros(len(spec.extra["kernel_size"]), dtype=np.int64))
                 rows = chunk_rows_for(key_width * np.dtype(key_dtype).itemsize, spec.d_out * np.dtype(disk_dtype).itemsize, chunk_rows)
                 for name, width, dt in (("keys", key_width, key_dtype), ("values", spec.d_out, disk_dtype)):
                     _h5.create(g, name, shape=(0, width), maxshape=(None, width), dtype=dt, chunks=(rows, width), **filters)
@@ -411,10 +442,11 @@ class StoreWriter:
                 "describe this store; nothing was truncated. Resume from a checkpoint saved with this store, or "
                 "record into another path."
             )
+        counts = {name: map_counts(g) for name, g in f["layers"].items()}
         for name, g in f["layers"].items():
             n = int(rows.get(name, 0))
-            if g["keys"].shape[0] < n:
-                raise StoreError(f"{path}: layer {name!r}: the checkpoint counts {n} rows but the store holds {g['keys'].shape[0]}.")
+            if g["values"].shape[0] < n or (counts[name] is not None and n % counts[name][1]):
+                raise StoreError(f"{path}: layer {name!r}: the checkpoint counts {n} rows but the store holds {g['values'].shape[0]}.")
         # what was derived from the old rows goes, and the file says it is being written (the session is
         # all or nothing, so a crash never leaves a "complete" store with rows of another run)
         f.attrs["status"] = "recording"
@@ -432,8 +464,10 @@ class StoreWriter:
         f["committed_steps"][0] = steps
         for name, g in f["layers"].items():
             n = int(rows.get(name, 0))
+            # a convolution's maps: n virtual rows are n / L maps, n P / L pixels
+            p, per_map = counts[name] if counts[name] is not None else (1, 1)
             for col in ("keys", "values", *ROW_COLUMNS):
-                _h5.truncate(g[col], n)
+                _h5.truncate(g[col], n if col == "values" else (n // per_map) * (p if col == "keys" else 1))
             g["committed_rows"][0] = n
             ug = g["updates"]
             _h5.truncate(ug["grad_scale"], steps)
@@ -461,6 +495,14 @@ class StoreWriter:
             "rows": {n: int(f["layers"][n]["committed_rows"][0]) for n in self._layers if n in f["layers"]},
             "inputs": int(f["inputs"]["committed"][0]) if "inputs" in f else None,
         }
+
+    def input_sizes(self) -> dict[str, tuple[int, ...]]:
+        """The map size of each convolution stored as maps whose size is fixed (by its first rows)."""
+        out = {}
+        for name in self._layers:
+            if name in self._mult:
+                out[name] = tuple(int(v) for v in self.file["layers"][name]["input_size"][()])
+        return out
 
     def input_indices(self) -> np.ndarray:
         """Dataset indices whose raw input is already stored (committed)."""
@@ -521,7 +563,9 @@ class StoreWriter:
         for name, r in rows.items():
             if name in self._dropped:
                 continue
-            n = len(r.keys)
+            n = len(r.index)  # entries of the metadata columns (one per map for a convolution)
+            if self._maps[name]:
+                self._set_map_size(name, r)
             block = {
                 "keys": r.keys.astype(np.int64) if self._kinds[name] == "embedding" else encode_rows(r.keys, self.row_dtype),
                 "values": encode_rows(r.values, self.row_dtype),
@@ -539,6 +583,21 @@ class StoreWriter:
             self._write_tables()
         if time.monotonic() - self._last_commit > self.commit_seconds:
             self._commit()
+
+    def _set_map_size(self, name: str, r: StepRows) -> None:
+        """Fix a convolution's map size at its first rows (written now, before any row that depends on it)."""
+        ds = self.file["layers"][name]["input_size"]
+        have = tuple(int(v) for v in ds[()])
+        if r.map_size is None or (any(have) and have != tuple(r.map_size)):
+            raise StoreError(f"{self.path}: layer {name!r} is stored as maps of size {have}, not {r.map_size}.")
+        if not any(have):
+            ds[...] = np.asarray(r.map_size, dtype=np.int64)
+            counts = map_counts(self.file["layers"][name])
+            self._mult[name] = {"keys": counts[0], "values": counts[1]}
+        mult = self._mult[name]
+        if len(r.keys) != mult["keys"] * len(r.index) or len(r.values) != mult["values"] * len(r.index):
+            raise StoreError(f"{self.path}: layer {name!r}: {len(r.keys)} pixel rows and {len(r.values)} value rows "
+                             f"for {len(r.index)} maps of {mult['keys']} pixels and {mult['values']} locations.")
 
     def add_inputs(self, index: np.ndarray, data: np.ndarray) -> None:
         """Raw inputs of training examples seen for the first time (all written by the next commit)."""
@@ -563,14 +622,16 @@ class StoreWriter:
         total = self._pending_rows[name]
         m = total
         if aligned:  # stop at a chunk boundary; keep the rest for the next append
-            ref = "step" if "keys" in self._appenders[name] else "keys"
+            ref = "step" if "keys" in self._appenders[name] or self._maps[name] else "keys"
             m = total - (ds[ref].shape[0] + total) % ds[ref].chunks[0]
             if m <= 0:
                 return
+        mult = self._mult.get(name, {})  # a convolution's maps: m maps are m * P pixels and m * L value rows
         cols = {c: (np.concatenate([b[c] for b in blocks]) if len(blocks) > 1 else blocks[0][c]) for c in blocks[0]}
         for col, data in cols.items():
-            _h5.append(ds[col], data[:m].astype(ROW_COLUMNS[col], copy=False) if col in ROW_COLUMNS else data[:m])
-        self._pending[name] = [{c: v[m:] for c, v in cols.items()}] if m < total else []
+            k = m * mult.get(col, 1)
+            _h5.append(ds[col], data[:k].astype(ROW_COLUMNS[col], copy=False) if col in ROW_COLUMNS else data[:k])
+        self._pending[name] = [{c: v[m * mult.get(c, 1):] for c, v in cols.items()}] if m < total else []
         self._pending_rows[name] = total - m
 
     def _write_tables(self) -> None:
@@ -629,10 +690,13 @@ class StoreWriter:
             if name in self._dropped:  # removed at finalisation; its counter stays where it was
                 continue
             ds = self._ds[name]
+            mult = self._mult.get(name, {})
             lengths = {col: ds[col].shape[0] for col in ("keys", "values", *ROW_COLUMNS)}
-            if len(set(lengths.values())) != 1:  # never point the counter at rows without all their columns
+            # (in maps: pixels and value rows per map)
+            maps = {col: n // mult.get(col, 1) if n % mult.get(col, 1) == 0 else -1 for col, n in lengths.items()}
+            if len(set(maps.values())) != 1:  # never point the counter at rows without all their columns
                 raise StoreError(f"{self.path}: layer {name!r}: columns of unequal length {lengths}; not committed.")
-            ds["committed_rows"][0] = lengths["keys"]
+            ds["committed_rows"][0] = lengths["values"]
         if "inputs" in f:
             ig = f["inputs"]
             if ig["index"].shape[0] != ig["data"].shape[0]:
@@ -694,7 +758,8 @@ class StoreWriter:
                                   "layer_order": [n for n in self._layers if n not in self._dropped]})
                 n_steps = int(f["committed_steps"][0])
                 for g in f["layers"].values():  # (rows before a resume count too)
-                    g.attrs["rows_without_index"] = _count_negative(g["index"], int(g["committed_rows"][0]))
+                    per = (map_counts(g) or (1, 1))[1]  # a convolution's maps: one index per map of `per` rows
+                    g.attrs["rows_without_index"] = per * _count_negative(g["index"], int(g["committed_rows"][0]) // per)
                     # the per-step tables the store finished with: answers at every step rest on them
                     g.attrs["certificate_tables_crc32"] = _tables_crc32(f["update_step"], g["updates"], n_steps)
                 for name, cert in (certificate or {}).items():
