@@ -121,6 +121,8 @@ def test_a_full_disk_in_every_phase_crashes_nothing_and_loses_no_committed_step(
         for r in results:
             v = reliability.verdict(r, ref)
             assert not v["crashed"] and r.get("signal") is None, (r["spec"]["name"], r)
+            # a full disk surfaces as the disk's own error, never as a raw error of the library or its harness
+            assert (r.get("error") or "OSError").split(":")[0] in ("OSError", "DiskFullError", "WriterError"), r
             assert v["opens"] and not v["problems"], v
         states = {r["spec"]["name"]: reliability.verdict(r, ref)["state"] for r in results}
         assert states["fill-resume"] == "complete at 15 steps"  # the refused truncation left the store as it was
