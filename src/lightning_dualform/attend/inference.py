@@ -33,10 +33,10 @@ from lightning_dualform._float32_products import full_float32_products
 from lightning_dualform.attend import explain as _explain
 from lightning_dualform.attend import verify as _verify
 from lightning_dualform.attend.arguments import check_queries, resolve_device, resolve_group
-from lightning_dualform.attend.blocks import BLOCK_BYTES, SCORE_BYTES, Prefetcher, progress_bar
-from lightning_dualform.attend.cache import (
-    BlockCache, CachedLayer, CacheInfo, CacheSpec, StoreStamp, cast_rows, pass_rows, resolve_budget,
+from lightning_dualform.attend.blocks import (
+    BLOCK_BYTES, SCORE_BYTES, Prefetcher, maps_geometry, progress_bar, read_block, unfold_block,
 )
+from lightning_dualform.attend.cache import BlockCache, CachedLayer, CacheInfo, CacheSpec, StoreStamp, cast_rows, resolve_budget
 from lightning_dualform.attend.kernels import META_COLUMNS, AttentionAccumulator, Block, step_bucket_edges
 from lightning_dualform.attend.memory import memory_sums, rebuilt_weights
 # the result types and their helpers live in results.py; importable from here as before
@@ -45,6 +45,7 @@ from lightning_dualform.attend.results import (  # noqa: F401
     _top_rows, overall_rel_err,
 )
 from lightning_dualform.attend.stats import LayerStats, layer_stats
+from lightning_dualform.store.format import ROW_COLUMNS
 from lightning_dualform.store.reader import LayerReader
 from lightning_dualform.store.shards import open_store
 
@@ -59,6 +60,7 @@ _SCANS = ("exact", "bf16")
 #: ``-(Q_s[u, :] (.) k) . q`` (``-c_s (k . q)`` for SGD's scalar ``Q_s = c_s``); ``"auto"``: ``"unit"`` for a store
 #: of an element-wise rule (Adam, AdamW, ...), ``"raw"`` otherwise.
 SCORES = ("auto", "raw", "unit")
+_TORCH = {np.float64: torch.float64, np.float32: torch.float32}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -133,6 +135,7 @@ class DualInference:
         self.store = open_store(path)  # a store, or the shards of a DDP run
         self.path = self.store.path
         self._stats: dict[str, LayerStats] = {}
+        self._last_pass_bytes = 0  # bytes of host arrays the last attend pass handed to the device
         self._sums_checked: dict[tuple, bool] = {}
         self._cache = BlockCache(budget, self.device) if budget is not None else None
         self._cached: dict[str, CachedLayer] = {}
@@ -442,21 +445,26 @@ class DualInference:
         np_acc = np.float64 if acc == torch.float64 else np.float32
         keys_dtype = {torch.float64: np.float64, torch.float32: np.float32}.get(compute)
 
+        # a convolution stored as maps: its blocks cross to the device as maps and are unfolded there
+        geom = maps_geometry(lay)
+
         def make(start: int, stop: int) -> dict[str, Any]:
-            blk = pass_rows(lay, start, stop)
+            blk = read_block(lay, start, stop, ("keys", "values", *ROW_COLUMNS), compact=geom is not None)
             upd = blk["step"] - coef.first_step
             on_device = isinstance(blk["values"], torch.Tensor)  # a device cache keeps keys and values there
-            keys = cast_rows(blk["keys"], keys_dtype) if keys_dtype else blk["keys"]
             cw = c_w[upd].astype(np_acc)
-            if unit_score:  # -c_s (k . q): the key scaled by the step's (positive) step size; each row's c_w is then -1
-                scale = -c_w[upd]
-                if isinstance(keys, torch.Tensor):
-                    keys = keys * torch.from_numpy(scale).to(keys.device, keys.dtype)[:, None]
-                else:
-                    keys = keys * scale.astype(keys.dtype)[:, None]
+            # unit score -c_s (k . q): the key scaled by the step's (positive) step size; each row's c_w is then -1
+            scale = -c_w[upd] if unit_score else None
+            if unit_score:
                 cw = np.full_like(cw, -1.0)
+            if geom is not None:  # keys unfolded and scaled by `unfold` on the device
+                keys: dict[str, Any] = {"maps": blk["maps"], "skip": blk["skip"], "rows": blk["rows"]}
+                if scale is not None:
+                    keys["key_scale"] = scale
+            else:
+                keys = {"keys": _scaled(cast_rows(blk["keys"], keys_dtype) if keys_dtype else blk["keys"], scale)}
             out = {
-                "keys": keys,
+                **keys,
                 "values": cast_rows(blk["values"], np_acc),
                 "c_w": cw,
                 "c_b": c_b[upd].astype(np_acc),
@@ -485,8 +493,18 @@ class DualInference:
                 out["groups"] = np.stack([cols[name] + off for name, off in state.mass_offsets.items()], axis=1)
             return out
 
-        pf = Prefetcher(make, n_rows, self.rows_per_block(lay), dev, share=self._share())
+        def unfold(blk: dict[str, Any]) -> dict[str, Any]:
+            """On the prefetch thread, once the block is on the device: a compact block's key rows, as the host
+            path makes them (float32 unfolded, cast, scaled)."""
+            if "maps" in blk:
+                keys = unfold_block(blk, geom)
+                blk["keys"] = _scaled(keys.to(_TORCH[keys_dtype]) if keys_dtype else keys, blk.pop("key_scale", None))
+                del blk["maps"]
+            return blk
+
+        pf = Prefetcher(make, n_rows, self.rows_per_block(lay), dev, share=self._share(), finish=unfold)
         bar = progress_bar(self.progress and self._share()[0] == 0, n_rows, f"attend {lay.name}")
+        self._last_pass_bytes = 0  # host -> compute device (a benchmark's figure)
         try:
             for blk in pf:
                 keys = blk["keys"] if keys_dtype else blk["keys"].to(compute)
@@ -513,6 +531,7 @@ class DualInference:
                     bar.update(len(blk["row"]))
         finally:
             pf.close()
+            self._last_pass_bytes = pf.moved_bytes
             if bar is not None:
                 bar.close()
         if self._group is not None:
@@ -603,8 +622,10 @@ class DualInference:
         ``B x d_in x d_out`` per block instead of ``n x B x (d_in + d_out)``)."""
         acc, dev = self.accumulate, self.device
 
+        compact = maps_geometry(lay) is not None  # a convolution's maps: summed as a weight gradient, not unfolded
+
         def make(start: int, stop: int) -> dict[str, Any]:
-            return pass_rows(lay, start, stop, ("keys", "values", "step"))
+            return read_block(lay, start, stop, ("keys", "values", "step"), compact)
 
         pf = Prefetcher(make, lay.rows_before(coef.end_step), self.rows_per_block(lay), dev)
         try:
@@ -697,6 +718,15 @@ class DualInference:
 # ------------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------------
+def _scaled(keys: Any, scale: np.ndarray | None) -> Any:
+    """Key rows (numpy or a tensor) times a per-row ``scale`` ``(B,)`` cast to their dtype first; ``keys`` without."""
+    if scale is None:
+        return keys
+    if isinstance(keys, torch.Tensor):
+        return keys * torch.as_tensor(scale).to(keys.device, keys.dtype)[:, None]
+    return keys * scale.astype(keys.dtype)[:, None]
+
+
 def _all_merge(state: AttentionAccumulator, group: Any) -> None:
     """Sum and merge the ranks' partial results: afterwards every rank holds the full result."""
     import torch.distributed as dist
