@@ -207,8 +207,7 @@ class BlockCache:
                 if e.stop >= stop and set(columns) <= set(e.rows):
                     self._entries.move_to_end(key)
                     self.hits += 1
-                    n = stop - start
-                    return {c: e.rows[c] if e.stop == stop else e.rows[c][:n] for c in columns}
+                    return {c: e.rows[c] for c in columns} if e.stop == stop else _prefix(e.rows, stop - start, columns)
             self.misses += 1
             return None
 
@@ -261,6 +260,22 @@ class BlockCache:
                 layers[name].rows = _covered(s)
             return CacheInfo(budget=self.budget, bytes=self.bytes, device=str(self.device), hits=self.hits,
                              misses=self.misses, evictions=self.evictions, layers=layers)
+
+
+def _prefix(rows: Rows, n: int, columns: tuple[str, ...]) -> Rows:
+    """The first ``n`` rows of a kept block: its arrays cut at ``n``; a compact block's maps cut after the map
+    that holds its row ``n - 1`` (``maps``, ``skip``, ``rows``, ``locations``: :meth:`LayerReader.read_maps`)."""
+    out: Rows = {}
+    for c in columns:
+        v = rows[c]
+        if c == "maps":
+            v = v[: -(-(rows["skip"] + n) // rows["locations"])]
+        elif c == "rows":
+            v = n
+        elif isinstance(v, (np.ndarray, torch.Tensor)):
+            v = v[:n]
+        out[c] = v
+    return out
 
 
 def _covered(spans: list[tuple[int, int]]) -> int:
@@ -318,6 +333,19 @@ class CachedLayer:
         if hit is not None:
             return hit
         rows = self._layer.read(start, stop, cols)
+        return self._cache.put(self._layer.name, start, stop, rows)
+
+    def read_maps_kept(self, start: int, stop: int, columns: tuple[str, ...] = ()) -> Rows:
+        """A convolution's compact block (:meth:`LayerReader.read_maps`) in the form the cache keeps it: its maps
+        (a device tensor on a CUDA cache: ``1 / prod(kernel)`` of the unfolded keys' bytes, about), ``skip``,
+        ``rows``, ``locations`` and ``columns`` of the virtual rows."""
+        stop = min(stop, self._layer.n_rows)
+        start = min(start, stop)
+        cols = ("maps", "skip", "rows", "locations", *(c for c in columns if c != "keys"))
+        hit = self._cache.get(self._layer.name, start, stop, cols)
+        if hit is not None:
+            return hit
+        rows = self._layer.read_maps(start, stop, cols[4:])
         return self._cache.put(self._layer.name, start, stop, rows)
 
     # -- facts read once -------------------------------------------------------------------------------
@@ -405,6 +433,13 @@ def pass_rows(layer: Any, start: int, stop: int, columns: tuple[str, ...] | None
     if isinstance(layer, CachedLayer):
         return layer.read_kept(start, stop, columns)
     return layer.read(start, stop) if columns is None else layer.read(start, stop, columns)
+
+
+def pass_maps(layer: Any, start: int, stop: int, columns: tuple[str, ...] = ()) -> Rows:
+    """A convolution's compact block for a pass (:meth:`LayerReader.read_maps`): through the cache, or read."""
+    if isinstance(layer, CachedLayer):
+        return layer.read_maps_kept(start, stop, columns)
+    return layer.read_maps(start, stop, tuple(c for c in columns if c != "keys"))
 
 
 def cast_rows(x: Any, dtype: Any) -> Any:

@@ -10,6 +10,10 @@ CUDA copies it through pinned memory on a side stream, while block ``i`` is comp
 block into the running results of :class:`~lightning_dualform.attend.kernels.AttentionAccumulator`. Peak
 memory is a few blocks plus the per-query results; the optional per-example sums add
 ``n_queries x n_examples`` numbers (twice with ``contribution_to``).
+
+The pass's pieces live beside it: :mod:`.arguments` (argument checks), :mod:`.blocks` (block sizes and the
+prefetch thread), :mod:`.stats` (per-layer table widths), :mod:`.results` (the result types),
+:mod:`.explain` and :mod:`.verify`; an element-wise rule's pass is :mod:`.unit_pass`.
 """
 
 from __future__ import annotations
@@ -17,37 +21,38 @@ from __future__ import annotations
 import logging
 import math
 import os
-import queue
-import threading
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from lightning_dualform._args import as_int
-from lightning_dualform.attend import _fused
-from lightning_dualform.attend.cache import (
-    BlockCache, CachedLayer, CacheInfo, CacheSpec, StoreStamp, cast_rows, pass_rows, resolve_budget,
-)
-from lightning_dualform.attend.kernels import META_COLUMNS, AttentionAccumulator, Block, stable_topk, step_bucket_edges
-from lightning_dualform.attend.memory import memory_sums, rebuilt_weights
-from lightning_dualform.record.capture import keys_of, one_hot_keys
-from lightning_dualform.errors import StoreError
 from lightning_dualform._float32_products import full_float32_products
-from lightning_dualform.store.shards import open_store
+from lightning_dualform.attend import explain as _explain
+from lightning_dualform.attend import verify as _verify
+from lightning_dualform.attend.arguments import check_queries, resolve_device, resolve_group
+from lightning_dualform.attend.blocks import (
+    BLOCK_BYTES, SCORE_BYTES, Prefetcher, maps_geometry, progress_bar, read_block, unfold_block,
+)
+from lightning_dualform.attend.cache import BlockCache, CachedLayer, CacheInfo, CacheSpec, StoreStamp, cast_rows, resolve_budget
+from lightning_dualform.attend.kernels import META_COLUMNS, AttentionAccumulator, Block, step_bucket_edges
+from lightning_dualform.attend.memory import memory_sums, rebuilt_weights
+# the result types and their helpers live in results.py; importable from here as before
+from lightning_dualform.attend.results import (  # noqa: F401
+    AttentionResult, Explanation, Mass, TopExamples, TopRows, _fused_topk_rows, _norm_rows, _rel_rows, _top_examples,
+    _top_rows, overall_rel_err,
+)
+from lightning_dualform.attend.stats import LayerStats, layer_stats
+from lightning_dualform.store.format import ROW_COLUMNS
 from lightning_dualform.store.reader import LayerReader
+from lightning_dualform.store.shards import open_store
 
 log = logging.getLogger(__name__)
 
-_META_BLOCK = 1 << 16
 #: step buckets allowed beyond one per step (the mass tables are ``n x step_buckets``)
 MAX_STEP_BUCKETS = 1024
-#: a dense per-example table is used while the largest dataset index is below this or twice the rows;
-#: sparser indices (a subset of a big dataset, or a damaged file) are numbered densely first
-DENSE_INDEX_FLOOR = 1 << 20
 _ACCUMULATE = (torch.float32, torch.float64)
 _SCANS = ("exact", "bf16")
 #: ``attend(score=...)``: what ``top``, ``top_examples`` and ``mass`` rank and sum. ``"raw"``: the paper's
@@ -55,281 +60,7 @@ _SCANS = ("exact", "bf16")
 #: ``-(Q_s[u, :] (.) k) . q`` (``-c_s (k . q)`` for SGD's scalar ``Q_s = c_s``); ``"auto"``: ``"unit"`` for a store
 #: of an element-wise rule (Adam, AdamW, ...), ``"raw"`` otherwise.
 SCORES = ("auto", "raw", "unit")
-
-
-# ------------------------------------------------------------------------------------------------------
-# result types
-# ------------------------------------------------------------------------------------------------------
-def _list(t: torch.Tensor | None) -> Any:
-    return None if t is None else t.tolist()
-
-
-@dataclass
-
-class TopRows:
-    """The k best memory rows per query, best first; each field is ``(n, k)``.
-
-    ``score`` is the attention score (for :attr:`AttentionResult.top`: ``k . q``, or the unit score, as
-    :attr:`AttentionResult.score` says) or the row's contribution to the chosen output unit (proponents/opponents). ``row == -1`` marks padding where fewer than ``k``
-    rows qualify (proponents need a positive contribution, opponents a negative one).
-    """
-
-    score: torch.Tensor
-    row: torch.Tensor
-    step: torch.Tensor
-    epoch: torch.Tensor
-    index: torch.Tensor
-    position: torch.Tensor
-    label: torch.Tensor
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: _list(getattr(self, name)) for name in ("score", *META_COLUMNS)}
-
-
-@dataclass
-class TopExamples:
-    """The k best training examples per query, every epoch and position of an example summed; ``(n, k)``.
-
-    ``index`` is the dataset index, ``rows`` how many memory rows (presentations x positions) were summed,
-    ``label`` the example's label (-1 none). ``index == -1`` marks padding.
-    """
-
-    score: torch.Tensor
-    index: torch.Tensor
-    label: torch.Tensor
-    rows: torch.Tensor
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: _list(getattr(self, name)) for name in ("score", "index", "label", "rows")}
-
-
-@dataclass
-class Mass:
-    """Attention mass per group: ``signed[i, g] = sum of scores`` and ``absolute[i, g] = sum of |scores|``
-    over the rows of group ``keys[g]`` (a label, an epoch, or the first step of a step bucket); ``(n, G)``.
-    The scores are those :attr:`AttentionResult.score` names."""
-
-    keys: torch.Tensor
-    signed: torch.Tensor
-    absolute: torch.Tensor
-    edges: list[int] | None = None  # step buckets: [first step of each bucket..., end step]
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {"keys": _list(self.keys), "signed": _list(self.signed), "absolute": _list(self.absolute)}
-        if self.edges is not None:
-            d["edges"] = list(self.edges)
-        return d
-
-
-@dataclass
-class AttentionResult:
-    """What one pass of :meth:`DualInference.attend` returns. Tensors are on the CPU.
-
-    Attributes:
-        layer: the layer name.
-        at_step: the model after this many optimizer steps was rebuilt.
-        rows: memory rows attended over.
-        dual: ``(n, d_out)`` the layer output rebuilt from ``W_0`` and the memory (plus the stored residual
-            for a store recorded with ``exact=False``).
-        primal: ``(n, d_out)`` the stored final weights applied to the queries; ``None`` at an earlier
-            ``at_step`` or for an unfinished store.
-        rel_err: ``(n,)`` ``||dual - primal|| / ||primal||`` per query: the exactness certificate.
-        score: what ``top``, ``top_examples`` and ``mass`` rank and sum: ``"raw"``, the similarity ``k . q``, or
-            ``"unit"``, each row's attention weight for the query's output unit ``units[i]``,
-            ``-(Q_s[u, :] (.) k) . q`` (:data:`SCORES`).
-        top: top-k rows by score.
-        top_examples: top-k training examples by summed score.
-        units: ``(n,)`` the output unit whose contributions rank proponents and opponents.
-        unit_base: ``(n,)`` the part of unit ``units[i]``'s output that no row contributes (``A (.) W_0`` and the
-            initial optimizer state's share, and the bias's; an ``exact=False`` store's residual too).
-        unit_output: ``(n,)`` ``unit_base`` plus every row's contribution: the unit's output rebuilt from the
-            contributions that rank proponents and opponents (equal to ``dual[i, units[i]]``).
-        proponents / opponents: top-k rows by positive / negative contribution to that unit.
-        proponent_examples / opponent_examples: the same summed per training example.
-        mass: ``{"label" | "epoch" | "step": Mass}``.
-        explained: ``(n,)`` for an inexact store: ``1 - ||residual output|| / ||primal||``, the share of the
-            output that the memory explains; ``None`` for an exact store.
-        dual_source: ``"rows"``: ``dual``'s memory part was summed from the rows in this pass;
-            ``"certificate"``: from the sums the certificate computed from the same rows at fit end.
-    """
-
-    layer: str
-    at_step: int
-    rows: int
-    dual: torch.Tensor
-    primal: torch.Tensor | None = None
-    rel_err: torch.Tensor | None = None
-    top: TopRows | None = None
-    top_examples: TopExamples | None = None
-    units: torch.Tensor | None = None
-    proponents: TopRows | None = None
-    opponents: TopRows | None = None
-    proponent_examples: TopExamples | None = None
-    opponent_examples: TopExamples | None = None
-    mass: dict[str, Mass] = field(default_factory=dict)
-    explained: torch.Tensor | None = None
-    exact_store: bool = True
-    dual_source: str = "rows"
-    score: str = "raw"
-    unit_base: torch.Tensor | None = None
-    unit_output: torch.Tensor | None = None
-
-    @property
-    def max_rel_err(self) -> float | None:
-        return None if self.rel_err is None else float(self.rel_err.max())
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain lists, numbers and strings only: ``json.dumps`` takes it as it is."""
-
-        def sub(x: Any) -> Any:
-            return None if x is None else x.to_dict()
-
-        return {
-            "layer": self.layer,
-            "at_step": self.at_step,
-            "rows": self.rows,
-            "exact_store": self.exact_store,
-            "dual_source": self.dual_source,
-            "score": self.score,
-            "dual": _list(self.dual),
-            "primal": _list(self.primal),
-            "rel_err": _list(self.rel_err),
-            "max_rel_err": self.max_rel_err,
-            "top": sub(self.top),
-            "top_examples": sub(self.top_examples),
-            "units": _list(self.units),
-            "unit_base": _list(self.unit_base),
-            "unit_output": _list(self.unit_output),
-            "proponents": sub(self.proponents),
-            "opponents": sub(self.opponents),
-            "proponent_examples": sub(self.proponent_examples),
-            "opponent_examples": sub(self.opponent_examples),
-            "mass": {k: m.to_dict() for k, m in self.mass.items()},
-            "explained": _list(self.explained),
-        }
-
-
-@dataclass
-class Explanation:
-    """What :meth:`DualInference.explain` returns: the model's output and prediction, and one
-    :class:`AttentionResult` per tracked layer (queries = that layer's input rows for the batch)."""
-
-    output: torch.Tensor | None
-    prediction: torch.Tensor | None
-    layers: dict[str, AttentionResult]
-
-    def __getitem__(self, layer: str) -> AttentionResult:
-        return self.layers[layer]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "prediction": _list(self.prediction),
-            "output": _list(self.output),
-            "layers": {k: r.to_dict() for k, r in self.layers.items()},
-        }
-
-
-# ------------------------------------------------------------------------------------------------------
-# reading blocks ahead
-# ------------------------------------------------------------------------------------------------------
-@dataclass
-class _Stats:
-    """Query-independent facts about a layer's rows, gathered once by a light pass over metadata."""
-
-    n_examples: int
-    n_labels: int  # label buckets: label + 1 (so -1 -> 0)
-    n_epochs: int
-    example_label: np.ndarray  # (n_examples,) int64, -1 unknown
-    example_ids: np.ndarray | None = None  # dataset index of each example column, when numbered densely
-
-
-#: automatic block size: keys and values of about this many float32 bytes per block ...
-BLOCK_BYTES = 96 * 2**20
-#: ... and at most this many bytes of scores per block and query chunk
-SCORE_BYTES = 256 * 2**20
-
-
-class _Prefetcher:
-    """Reads blocks ``[start, stop)`` of a layer on a background thread, ``depth`` blocks ahead.
-
-    On CUDA each block goes through pinned host memory and a non-blocking copy on a side stream; the
-    consumer waits on the block's event, so copies overlap the compute stream. The thread holds the GIL
-    only inside h5py and numpy calls; torch's matrix products release it.
-    """
-
-    _DONE = object()
-
-    def __init__(
-        self, make: Callable[[int, int], dict[str, Any]], n_rows: int, block_rows: int, device: torch.device, depth: int = 2,
-        share: tuple[int, int] = (0, 1),
-    ) -> None:
-        self._make = make
-        self._bounds = _share_of([(s, min(s + block_rows, n_rows)) for s in range(0, n_rows, block_rows)], *share)
-        self._device = device
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._thread = threading.Thread(target=self._run, name="dualform-prefetch", daemon=True)
-        self._thread.start()
-
-    def _to_device(self, host: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-        if self._stream is None:
-            return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in host.items()}, None
-        out: dict[str, Any] = {}
-        with torch.cuda.stream(self._stream):
-            for k, v in host.items():
-                if not isinstance(v, np.ndarray):
-                    out[k] = v
-                    continue
-                src = torch.from_numpy(v)
-                # The caching host allocator keeps a pinned block alive until the copy that reads it
-                # has finished, so a fresh pinned tensor per block is safe and cheap after the first.
-                pinned = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
-                pinned.copy_(src)
-                out[k] = pinned.to(self._device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self._stream)
-        return out, event
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        try:
-            for start, stop in self._bounds:
-                if self._stop.is_set():
-                    return
-                if not self._put(self._to_device(self._make(start, stop))):
-                    return
-            self._put(self._DONE)
-        except BaseException as err:  # handed to the consumer, which re-raises it
-            self._put(err)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        while True:
-            item = self._q.get()
-            if item is self._DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            block, event = item
-            if event is not None:
-                current = torch.cuda.current_stream(self._device)
-                current.wait_event(event)
-                for t in block.values():
-                    if isinstance(t, torch.Tensor) and t.is_cuda:
-                        t.record_stream(current)  # allocated on the side stream, used on this one
-            yield block
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
+_TORCH = {np.float64: torch.float64, np.float32: torch.float32}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -393,17 +124,18 @@ class DualInference:
             raise ValueError(f"`DualInference(query_chunk={query_chunk!r})` must be a positive integer.")
         if accumulate not in _ACCUMULATE:
             raise ValueError(f"`DualInference(accumulate={accumulate!r})` is not supported. Expected torch.float32 or torch.float64.")
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.block_rows = block_rows
         self.accumulate = accumulate
         self.query_chunk = query_chunk
         self.progress = progress
-        self._group = _resolve_group(distributed)
+        self._group = resolve_group(distributed)
         budget = resolve_budget(cache, self.device)
         self._open_path = os.fspath(path)
         self.store = open_store(path)  # a store, or the shards of a DDP run
         self.path = self.store.path
-        self._stats: dict[str, _Stats] = {}
+        self._stats: dict[str, LayerStats] = {}
+        self._last_pass_bytes = 0  # bytes of host arrays the last attend pass handed to the device
         self._sums_checked: dict[tuple, bool] = {}
         self._cache = BlockCache(budget, self.device) if budget is not None else None
         self._cached: dict[str, CachedLayer] = {}
@@ -713,21 +445,26 @@ class DualInference:
         np_acc = np.float64 if acc == torch.float64 else np.float32
         keys_dtype = {torch.float64: np.float64, torch.float32: np.float32}.get(compute)
 
+        # a convolution stored as maps: its blocks cross to the device as maps and are unfolded there
+        geom = maps_geometry(lay)
+
         def make(start: int, stop: int) -> dict[str, Any]:
-            blk = pass_rows(lay, start, stop)
+            blk = read_block(lay, start, stop, ("keys", "values", *ROW_COLUMNS), compact=geom is not None)
             upd = blk["step"] - coef.first_step
             on_device = isinstance(blk["values"], torch.Tensor)  # a device cache keeps keys and values there
-            keys = cast_rows(blk["keys"], keys_dtype) if keys_dtype else blk["keys"]
             cw = c_w[upd].astype(np_acc)
-            if unit_score:  # -c_s (k . q): the key scaled by the step's (positive) step size; each row's c_w is then -1
-                scale = -c_w[upd]
-                if isinstance(keys, torch.Tensor):
-                    keys = keys * torch.from_numpy(scale).to(keys.device, keys.dtype)[:, None]
-                else:
-                    keys = keys * scale.astype(keys.dtype)[:, None]
+            # unit score -c_s (k . q): the key scaled by the step's (positive) step size; each row's c_w is then -1
+            scale = -c_w[upd] if unit_score else None
+            if unit_score:
                 cw = np.full_like(cw, -1.0)
+            if geom is not None:  # keys unfolded and scaled by `unfold` on the device
+                keys: dict[str, Any] = {"maps": blk["maps"], "skip": blk["skip"], "rows": blk["rows"]}
+                if scale is not None:
+                    keys["key_scale"] = scale
+            else:
+                keys = {"keys": _scaled(cast_rows(blk["keys"], keys_dtype) if keys_dtype else blk["keys"], scale)}
             out = {
-                "keys": keys,
+                **keys,
                 "values": cast_rows(blk["values"], np_acc),
                 "c_w": cw,
                 "c_b": c_b[upd].astype(np_acc),
@@ -756,8 +493,18 @@ class DualInference:
                 out["groups"] = np.stack([cols[name] + off for name, off in state.mass_offsets.items()], axis=1)
             return out
 
-        pf = _Prefetcher(make, n_rows, self.rows_per_block(lay), dev, share=self._share())
-        bar = _bar(self.progress and self._share()[0] == 0, n_rows, f"attend {lay.name}")
+        def unfold(blk: dict[str, Any]) -> dict[str, Any]:
+            """On the prefetch thread, once the block is on the device: a compact block's key rows, as the host
+            path makes them (float32 unfolded, cast, scaled)."""
+            if "maps" in blk:
+                keys = unfold_block(blk, geom)
+                blk["keys"] = _scaled(keys.to(_TORCH[keys_dtype]) if keys_dtype else keys, blk.pop("key_scale", None))
+                del blk["maps"]
+            return blk
+
+        pf = Prefetcher(make, n_rows, self.rows_per_block(lay), dev, share=self._share(), finish=unfold)
+        bar = progress_bar(self.progress and self._share()[0] == 0, n_rows, f"attend {lay.name}")
+        self._last_pass_bytes = 0  # host -> compute device (a benchmark's figure)
         try:
             for blk in pf:
                 keys = blk["keys"] if keys_dtype else blk["keys"].to(compute)
@@ -784,6 +531,7 @@ class DualInference:
                     bar.update(len(blk["row"]))
         finally:
             pf.close()
+            self._last_pass_bytes = pf.moved_bytes
             if bar is not None:
                 bar.close()
         if self._group is not None:
@@ -792,7 +540,7 @@ class DualInference:
                             stored is not None)
 
     def _result(
-        self, lay: LayerReader, coef: Any, n_rows: int, state: AttentionAccumulator, stats: _Stats | None,
+        self, lay: LayerReader, coef: Any, n_rows: int, state: AttentionAccumulator, stats: LayerStats | None,
         units: torch.Tensor | None, primal: torch.Tensor | None, residual: torch.Tensor | None, step_buckets: int,
         q: torch.Tensor, scan: str, from_certificate: bool = False,
     ) -> AttentionResult:
@@ -851,26 +599,6 @@ class DualInference:
         return int(min(65536, max(4096, rows)))
 
     # -- pieces of a pass ------------------------------------------------------------------------------
-    def _check_queries(self, lay: LayerReader, queries: Any, call: str) -> torch.Tensor:
-        if isinstance(queries, np.ndarray):
-            queries = torch.from_numpy(queries)
-        if not isinstance(queries, torch.Tensor):
-            raise TypeError(f"`{call}(queries=...)` must be a torch.Tensor or numpy array of shape (n, {lay.d_in}), got {type(queries).__name__}.")
-        if queries.dim() == 1:
-            queries = queries.unsqueeze(0)
-        if queries.dim() != 2 or queries.shape[1] != lay.d_in or queries.shape[0] == 0:
-            raise ValueError(
-                f"`{call}(queries=...)` for layer {lay.name!r} must have shape (n, {lay.d_in}) with n >= 1 "
-                f"(the layer's input width is {lay.d_in}); got {tuple(queries.shape)}."
-            )
-        if not queries.is_floating_point():
-            queries = queries.float()
-        finite = torch.isfinite(queries)
-        if not bool(finite.all()):
-            bad = (~finite.all(dim=1)).nonzero().squeeze(1)[:5].tolist()
-            raise ValueError(f"`{call}(queries=...)` holds NaN or inf (query rows {bad}...); every query must be finite.")
-        return queries.detach()
-
     def _primal(self, lay: LayerReader, q: torch.Tensor) -> torch.Tensor | None:
         """The stored final weights applied to the queries (None while a store is incomplete)."""
         return self._apply(lay.weight_final, lay.bias_final, q)
@@ -894,10 +622,12 @@ class DualInference:
         ``B x d_in x d_out`` per block instead of ``n x B x (d_in + d_out)``)."""
         acc, dev = self.accumulate, self.device
 
-        def make(start: int, stop: int) -> dict[str, Any]:
-            return pass_rows(lay, start, stop, ("keys", "values", "step"))
+        compact = maps_geometry(lay) is not None  # a convolution's maps: summed as a weight gradient, not unfolded
 
-        pf = _Prefetcher(make, lay.rows_before(coef.end_step), self.rows_per_block(lay), dev)
+        def make(start: int, stop: int) -> dict[str, Any]:
+            return read_block(lay, start, stop, ("keys", "values", "step"), compact)
+
+        pf = Prefetcher(make, lay.rows_before(coef.end_step), self.rows_per_block(lay), dev)
         try:
             w, b = rebuilt_weights(lay, coef, *memory_sums(lay, coef, dtype=acc, device=dev, blocks=pf))
         finally:
@@ -948,50 +678,16 @@ class DualInference:
             )
         return units
 
-    def _layer_stats(self, lay: LayerReader) -> _Stats:
-        """Widths of the per-example and per-group tables: one pass over the index/label/epoch columns.
+    def _check_queries(self, lay: LayerReader, queries: Any, call: str) -> torch.Tensor:
+        return check_queries(lay, queries, call)
 
-        Every width comes from values in the file, so each is checked against the file's own shapes first
-        (distinct values never outnumber the rows): labels and epochs beyond :data:`DENSE_INDEX_FLOOR` and
-        twice the rows are damage (:class:`StoreError`); dataset indices that sparse (a subset of a large
-        dataset) are numbered densely, so the per-example tables hold one column per example seen.
+    def _layer_stats(self, lay: LayerReader) -> LayerStats:
+        """The layer's :class:`~lightning_dualform.attend.stats.LayerStats`, gathered once per layer."""
+        if self._stats.get(lay.name) is None:
+            self._stats[lay.name] = layer_stats(lay)
+        return self._stats[lay.name]
 
-        Raises:
-            StoreError: labels or epochs too large for the store's rows (a damaged file).
-        """
-        if lay.name in self._stats and self._stats[lay.name] is not None:
-            return self._stats[lay.name]
-        max_index, max_label, max_epoch = -1, -1, 0
-        for s in range(0, lay.n_rows, _META_BLOCK):
-            blk = lay.read(s, s + _META_BLOCK, ("index", "label", "epoch", "step"))  # read() checks them
-            if len(blk["index"]):
-                max_index = max(max_index, int(blk["index"].max()))
-                max_label = max(max_label, int(blk["label"].max()))
-                max_epoch = max(max_epoch, int(blk["epoch"].max()))
-        bound = max(DENSE_INDEX_FLOOR, 2 * lay.n_rows)
-        if max_label + 2 > bound or max_epoch + 1 > bound:
-            raise StoreError(
-                f"{self.path}: layer {lay.name!r} holds labels up to {max_label} and epochs up to {max_epoch} in "
-                f"{lay.n_rows} rows; tables that wide ({bound} at most for this store) mean a damaged file."
-            )
-        ids = None
-        if max_index + 1 > bound:  # sparse indices: number the examples densely
-            found = [np.unique(b[b >= 0]) for b in (lay.read(s, s + _META_BLOCK, ("index",))["index"]
-                                                    for s in range(0, lay.n_rows, _META_BLOCK))]
-            ids = np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
-        n_examples = len(ids) if ids is not None else max_index + 1
-        ex_label = np.full(n_examples, -1, dtype=np.int64)
-        for s in range(0, lay.n_rows, _META_BLOCK):
-            blk = lay.read(s, s + _META_BLOCK, ("index", "label"))
-            ok = blk["index"] >= 0
-            cols = blk["index"][ok] if ids is None else np.searchsorted(ids, blk["index"][ok])
-            ex_label[cols] = blk["label"][ok]
-        st = _Stats(n_examples=n_examples, n_labels=max_label + 2, n_epochs=max_epoch + 1, example_label=ex_label,
-                    example_ids=ids)
-        self._stats[lay.name] = st
-        return st
-
-    # -- explain ---------------------------------------------------------------------------------------
+    # -- explain and verify ----------------------------------------------------------------------------
     def explain(
         self,
         model: nn.Module,
@@ -1003,186 +699,32 @@ class DualInference:
         forward: Callable[[nn.Module, Any], Any] | None = None,
         **attend_kwargs: Any,
     ) -> Explanation:
-        """Run ``model`` once on ``batch`` with forward hooks and attend at every tracked layer.
+        return _explain.explain(self, model, batch, top_k=top_k, layers=layers, contribution_to=contribution_to,
+                                forward=forward, **attend_kwargs)
 
-        Each tracked layer's input rows for the batch (leading dimensions flattened) are its queries. The
-        model runs in eval mode under ``torch.no_grad()`` (its mode is restored afterwards).
+    explain.__doc__ = _explain.explain.__doc__
 
-        Args:
-            model: the trained model (a LightningModule works): module names must be the store's layer names.
-            batch: a tensor, or a tuple/list whose first element is the input, or whatever ``forward`` takes.
-            top_k: passed to :meth:`attend`.
-            layers: a subset of :attr:`layers` (default: all).
-            contribution_to: used for the last tracked layer, whose output is normally the model's;
-                ``"pred"`` there means the model's prediction (argmax of its output) when the shapes agree.
-            forward: ``forward(model, batch) -> output``; default ``model(batch)`` or ``model(batch[0])``.
-            **attend_kwargs: any other :meth:`attend` argument (``at_step``, ``per_example`` ...).
-
-        Raises:
-            KeyError: a tracked layer is not a module of ``model``.
-        """
-        names = list(layers) if layers is not None else self.layers
-        for name in names:
-            self.layer(name)
-        modules = dict(model.named_modules())
-        missing = [n for n in names if n not in modules]
-        if missing:
-            raise KeyError(
-                f"`explain(model, ...)`: the model has no module named {missing}; the store tracks {self.layers}. "
-                "Pass the model that was trained (module names must match)."
-            )
-        captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-        handles = []
-        for name in names:
-            d_in = self.layer(name).d_in
-
-            def hook(mod: nn.Module, inputs: tuple, output: Any, name: str = name, d_in: int = d_in) -> None:
-                # the rows the layer multiplies by its weight: unfolded patches, one-hot tokens, flattened rows
-                keys, _ = keys_of(mod, inputs[0])
-                captured[name].append(keys.float() if keys.is_floating_point() else one_hot_keys(keys, d_in))
-
-            handles.append(modules[name].register_forward_hook(hook))
-        was_training = model.training
-        try:
-            model.eval()
-            with torch.no_grad():
-                if forward is not None:
-                    output = forward(model, batch)
-                elif isinstance(batch, (list, tuple)):
-                    output = model(batch[0])
-                else:
-                    output = model(batch)
-        finally:
-            for h in handles:
-                h.remove()
-            model.train(was_training)
-        out_t = output if isinstance(output, torch.Tensor) else None
-        prediction = out_t.argmax(dim=-1) if (out_t is not None and out_t.is_floating_point() and out_t.dim() >= 1) else None
-        results: dict[str, AttentionResult] = {}
-        last = names[-1] if names else None
-        for name in names:
-            if not captured[name]:
-                raise ValueError(f"`explain`: layer {name!r} was not called by the model's forward on this batch.")
-            q = torch.cat(captured[name])
-            contrib: Any = "auto"  # unit scores (element-wise rules) rank by the layer's own predicted unit
-            if name == last:
-                contrib = contribution_to
-                if contribution_to == "pred" and prediction is not None and prediction.numel() == q.shape[0]:
-                    contrib = prediction.reshape(-1).cpu()
-            results[name] = self.attend(name, q, top_k=min(top_k, self.layer(name).n_rows), contribution_to=contrib, **attend_kwargs)
-        return Explanation(
-            output=out_t.detach().cpu() if out_t is not None else None,
-            prediction=prediction.cpu() if prediction is not None else None,
-            layers=results,
-        )
-
-    # -- verify ----------------------------------------------------------------------------------------
     def stored_sums_error(self, layer: str) -> float | None:
-        """Relative error of the final weights rebuilt from the certificate's stored memory sums (what
-        :meth:`attend` uses by default for ``dual`` at the end of a complete store) against the stored final
-        weights; None when the store keeps no such sums for the layer. For a store of an element-wise rule:
-        the error of the replayed weights the certificate kept."""
-        lay = self.layer(layer)
-        if self.store.form == "element-wise":
-            _, end = lay.end_step()
-            stored = lay.stored_memory_sums(end, lay.rows_before(end))
-            if stored is None:
-                return None
-            err = 0.0
-            for got, final in ((stored[0], lay.weight_final), (stored[1], lay.bias_final)):
-                if got is not None and final is not None:
-                    ref = final.astype(np.float64)
-                    err = max(err, float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-300)))
-            return err
-        coef = lay.coefficients()
-        stored = lay.stored_memory_sums(coef.end_step, lay.rows_before(coef.end_step))
-        if stored is None:
-            return None
-        from lightning_dualform.attend.certificate import sums_rebuild_error
+        return _verify.stored_sums_error(self, layer)
 
-        return sums_rebuild_error(lay, coef, stored)
+    stored_sums_error.__doc__ = _verify.stored_sums_error.__doc__
 
     def verify(self, queries: dict[str, torch.Tensor] | None = None, *, n_samples: int = 256, seed: int = 0) -> dict[str, float]:
-        """Max relative error ``||dual - primal|| / ||primal||`` per layer, ``dual`` summed from the rows. For a store
-        of an element-wise rule also the error of what ``attend`` ranks by: the predicted unit's output rebuilt
-        from every row's contribution (``unit_output``), relative to ``||primal||``.
+        return _verify.verify(self, queries, n_samples=n_samples, seed=seed)
 
-        Args:
-            queries: ``{layer: (n, d_in)}``; default: ``n_samples`` stored keys of each layer, drawn at random.
-
-        Raises:
-            StoreError: the store has no final weights to compare with (an unfinished run).
-            KeyError: an unknown layer in ``queries``.
-        """
-        gen = np.random.default_rng(seed)
-        names = list(queries) if queries is not None else self.layers
-        out: dict[str, float] = {}
-        for name in names:
-            lay = self.layer(name)
-            if lay.weight_final is None:
-                raise StoreError(f"{self.path}: layer {name!r} has no final weights (the run did not finish); nothing to verify against.")
-            if queries is not None:
-                q = queries[name]
-            else:
-                if lay.n_rows == 0:
-                    continue
-                picks = np.sort(gen.choice(lay.n_rows, size=min(n_samples, lay.n_rows), replace=False))
-                q = torch.from_numpy(np.concatenate([lay.read(int(i), int(i) + 1, ("keys",))["keys"] for i in picks]))
-            if self.store.form == "element-wise":
-                # what attend ranks by: every row's contribution to the predicted unit, from the replay's Q_s
-                res = self.attend(name, q, top_k=0, per_example=False, mass=False, reuse_certificate=False,
-                                  contribution_to="pred", score="unit")
-                target = res.primal.double().gather(1, res.units[:, None]).squeeze(1)
-                unit_err = (res.unit_output - target).abs() / _norm_rows(res.primal.double()).clamp_min(1e-300)
-                out[name] = max(float(res.max_rel_err), float(unit_err.max()))
-            else:
-                res = self.attend(name, q, top_k=0, per_example=False, mass=False, reuse_certificate=False)
-                out[name] = float(res.max_rel_err)
-        return out
+    verify.__doc__ = _verify.verify.__doc__
 
 
 # ------------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------------
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"`DualInference(device={device!r})` is not a device. Expected 'cpu', 'cuda', 'cuda:N' or None.") from err
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"`DualInference(device={device!r})`: CUDA is not available on this machine "
-                "(torch.cuda.is_available() is False). Use device='cpu' or device=None."
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"`DualInference(device={device!r})`: only {torch.cuda.device_count()} CUDA device(s) here.")
-    elif dev.type != "cpu":
-        raise ValueError(f"`DualInference(device={device!r})`: only 'cpu' and 'cuda' devices are supported.")
-    return dev
-
-
-def _resolve_group(distributed: Any) -> Any:
-    """``None`` (one process), ``True`` (the default group) or a process group."""
-    if distributed is False or distributed is None:
-        return None
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(
-            f"`DualInference(distributed={distributed!r})` needs an initialized torch.distributed process group; "
-            "call torch.distributed.init_process_group(...) first, or leave distributed=False."
-        )
-    return True if distributed is True else distributed
-
-
-def _share_of(bounds: list[tuple[int, int]], rank: int, world: int) -> list[tuple[int, int]]:
-    """Rank ``rank``'s contiguous share of the blocks (sizes differ by at most one block)."""
-    per, extra = divmod(len(bounds), world)
-    start = rank * per + min(rank, extra)
-    return bounds[start : start + per + (rank < extra)]
+def _scaled(keys: Any, scale: np.ndarray | None) -> Any:
+    """Key rows (numpy or a tensor) times a per-row ``scale`` ``(B,)`` cast to their dtype first; ``keys`` without."""
+    if scale is None:
+        return keys
+    if isinstance(keys, torch.Tensor):
+        return keys * torch.as_tensor(scale).to(keys.device, keys.dtype)[:, None]
+    return keys * scale.astype(keys.dtype)[:, None]
 
 
 def _all_merge(state: AttentionAccumulator, group: Any) -> None:
@@ -1202,89 +744,3 @@ def _all_merge(state: AttentionAccumulator, group: Any) -> None:
 
     state.reduce(all_reduce, all_gather)
 
-
-def _bar(enabled: bool, total: int, desc: str) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="row", unit_scale=True)
-
-
-def overall_rel_err(dual: torch.Tensor, primal: torch.Tensor) -> float:
-    """``||dual - primal||_F / ||primal||_F`` over all queries (a query whose output is near zero does not
-    blow it up, as its own relative error would)."""
-    d, p = dual.double(), primal.double()
-    ref = float(torch.linalg.norm(p))
-    diff = float(torch.linalg.norm(d - p))
-    return diff / ref if ref > 0 else (0.0 if diff == 0 else math.inf)
-
-
-def _norm_rows(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x, dim=1)
-
-
-def _rel_rows(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    return _norm_rows(x - ref) / _norm_rows(ref).clamp_min(torch.finfo(ref.dtype).tiny)
-
-
-def _top_rows(found: tuple[torch.Tensor, dict[str, torch.Tensor]], sign: int = 0) -> TopRows:
-    score, meta = found
-    cpu = torch.device("cpu")
-    score = score.to(cpu)
-    meta = {k: v.to(cpu) for k, v in meta.items()}
-    if sign:
-        pad = score * sign <= 0
-        meta = {k: v.masked_fill(pad, -1) for k, v in meta.items()}
-        score = score.masked_fill(pad, 0.0)
-    return TopRows(score=score, **meta)
-
-
-def _top_examples(
-    sums: torch.Tensor, present: torch.Tensor, rows: torch.Tensor, ex_label: torch.Tensor, k: int, sign: int,
-    ids: np.ndarray | None = None,
-) -> TopExamples:
-    """Top-k examples of ``(n, n_examples)`` sums; ``sign`` 0: largest, 1: largest positive, -1: most negative.
-    ``ids``: the dataset index of each column when the examples were numbered densely."""
-    cpu = torch.device("cpu")
-    largest = sign >= 0
-    kk = min(k, int(present.sum()))
-    if sums.device.type == "cpu" and sums.t().is_contiguous() and _fused.kernel() is not None:
-        # the fused pass's (n_examples, n) table: one more threshold pass, no transposed copy of the table
-        score, index = _fused_topk_rows(sums.t(), present, kk, largest)
-    else:
-        sums = sums.contiguous()
-        masked = sums if bool(present.all()) else sums.masked_fill(~present, float("-inf") if largest else float("inf"))
-        score, index = stable_topk(masked, kk, largest=largest)  # equal sums: the lower index first, as fused
-    label, nrows = ex_label[index], rows[index]
-    if ids is not None:
-        index = torch.from_numpy(ids).to(index.device)[index]
-    if sign:
-        pad = score * sign <= 0
-        index, label, nrows = (t.masked_fill(pad, -1) for t in (index, label, nrows))
-        score = score.masked_fill(pad, 0.0)
-    return TopExamples(score=score.to(cpu), index=index.to(cpu), label=label.to(cpu), rows=nrows.to(cpu))
-
-
-def _fused_topk_rows(table_t: torch.Tensor, present: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk(table_t[present].T, k, dim=1)`` for an ``(E, n)`` table, with the compiled threshold pass."""
-    idx = torch.arange(table_t.shape[0])
-    if not bool(present.all()):
-        idx = present.nonzero().squeeze(1)
-        table_t = table_t.index_select(0, idx)
-    n, dt = table_t.shape[1], table_t.dtype
-    meta = idx[:, None].contiguous()
-
-    def running() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return torch.zeros(n, k, dtype=dt), torch.full((n, k, 1), -1, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
-
-    if largest:
-        top = running()
-        _fused.fold(table_t, meta, k=k, top=top)
-        return top[0], top[1][:, :, 0]
-    # smallest: the opponents' routine with contribution = value * 1 + 0
-    ones = torch.ones(table_t.shape[0], 1, dtype=dt)
-    pro, con = running(), running()
-    _fused.fold(table_t, meta, k=k, units=torch.zeros(n, dtype=torch.int64), coef_w=ones, coef_b=torch.zeros_like(ones),
-                pro=pro, con=con)
-    return -con[0], con[1][:, :, 0]

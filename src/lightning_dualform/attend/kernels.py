@@ -24,11 +24,14 @@ the top-k rows by score and by contribution, per-example sums and the attention 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from lightning_dualform.attend import _fused
+
+if TYPE_CHECKING:
+    from lightning_dualform.store.conv import ConvGeometry
 
 #: Per-row metadata carried along with the top-k results.
 META_COLUMNS = ("row", "step", "epoch", "index", "position", "label")
@@ -103,6 +106,39 @@ def fold_memory(w: torch.Tensor, b: torch.Tensor | None, keys: torch.Tensor, cv:
         bias_share: ``(d_out,)`` ``c_b @ V``, the block's share of the bias.
     """
     w.addmm_(cv.t(), keys)
+    if b is not None and bias_share is not None:
+        b += bias_share
+
+
+def fold_memory_maps(
+    w: torch.Tensor, b: torch.Tensor | None, geom: "ConvGeometry", maps: torch.Tensor, skip: int, cv: torch.Tensor,
+    bias_share: torch.Tensor | None,
+) -> None:
+    """:func:`fold_memory` for a convolution's compact block, without unfolding its keys: ``w += cv^T K`` where
+    ``K`` are the key rows ``skip:skip + B`` of ``maps``.
+
+    ``sum_rows cv_row k_row^T`` is the weight gradient of the convolution of the (padded) maps whose output
+    gradient map holds ``cv`` at the rows' locations and zeros elsewhere
+    (:func:`~lightning_dualform.record.capture.maps_weight_sum`): ``C_out x d_in x E x L`` products as the unfolded
+    sum, but no ``(B, d_in)`` key matrix, ``prod(kernel)`` times the maps, is ever made.
+
+    Args:
+        w: ``(d_out, d_in)`` running sum. b: ``(d_out,)`` running bias sum, or None.
+        geom: the convolution's :class:`~lightning_dualform.store.conv.ConvGeometry`.
+        maps: ``(E, C_in, *input_size)`` the maps the block's rows lie in, on ``w``'s device.
+        skip: rows of the first map before the block's first row.
+        cv: ``(B, d_out)`` the rows' values times their step's weight coefficient, in ``w``'s dtype.
+        bias_share: ``(d_out,)`` ``c_b @ V``, the block's share of the bias.
+    """
+    from lightning_dualform.record.capture import maps_weight_sum
+
+    e, n, d_out = maps.shape[0], cv.shape[0], cv.shape[1]
+    if skip or n != e * geom.locations:  # the block's first and last maps in part: zero gradient elsewhere
+        full = cv.new_zeros(e * geom.locations, d_out)
+        full[skip: skip + n] = cv
+        cv = full
+    grads = cv.reshape(e, *geom.output_size, d_out).movedim(-1, 1)  # (E, C_out, *output_size)
+    w += maps_weight_sum(geom, maps, grads)
     if b is not None and bias_share is not None:
         b += bias_share
 

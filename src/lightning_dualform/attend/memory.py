@@ -2,7 +2,9 @@
 
 What the certificate compares with the trained weights and what ``attend`` adds to ``a W_0`` to rebuild a
 layer: one function, fed by whatever reads the blocks (sequential reads on the CPU, or the inference
-prefetcher's blocks on a GPU). The per-block arithmetic is :func:`~lightning_dualform.attend.kernels.fold_memory`.
+prefetcher's blocks on a GPU). The per-block arithmetic is :func:`~lightning_dualform.attend.kernels.fold_memory`,
+or for a convolution stored as maps :func:`~lightning_dualform.attend.kernels.fold_memory_maps`: the sum as the
+convolution's weight gradient of its maps, never unfolding the keys.
 """
 
 from __future__ import annotations
@@ -11,14 +13,23 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from lightning_dualform.attend.kernels import fold_memory
+from lightning_dualform.attend.blocks import maps_geometry
+from lightning_dualform.attend.kernels import fold_memory, fold_memory_maps
 from lightning_dualform.store.reader import Coefficients, LayerReader
 
 
 def blocks_of(layer: LayerReader, n_rows: int, block_rows: int = 16384) -> Iterable[dict[str, Any]]:
-    """Rows ``0..n_rows`` of a layer in blocks: ``{"keys", "values", "step"}`` as numpy arrays."""
+    """Rows ``0..n_rows`` of a layer in blocks: ``{"keys", "values", "step"}`` as numpy arrays; a convolution
+    stored as maps in blocks of whole maps, its keys as the maps (:meth:`LayerReader.read_maps`)."""
+    geom = maps_geometry(layer)
+    if geom is not None:
+        block_rows = max(1, block_rows // geom.locations) * geom.locations
     for start in range(0, n_rows, block_rows):
-        yield layer.read(start, min(start + block_rows, n_rows), ("keys", "values", "step"))
+        stop = min(start + block_rows, n_rows)
+        if geom is not None:
+            yield layer.read_maps(start, stop, ("values", "step"))
+        else:
+            yield layer.read(start, stop, ("keys", "values", "step"))
 
 
 def memory_sums(
@@ -38,8 +49,9 @@ def memory_sums(
         layer: the layer's reader.
         coef: the coefficients of the model wanted (:meth:`LayerReader.coefficients`).
         dtype / device: where to sum.
-        blocks: the rows, as dicts of ``keys``, ``values`` and ``step`` (numpy arrays or tensors); default:
-            :func:`blocks_of` the rows before ``coef.end_step``.
+        blocks: the rows, as dicts of ``keys``, ``values`` and ``step`` (numpy arrays or tensors), or a
+            convolution's compact blocks (``maps``, ``skip`` in place of ``keys``); default: :func:`blocks_of` the
+            rows before ``coef.end_step``.
         all_reduce: sums over the shards of a DDP run (each rank holds its own rows).
     """
     device = torch.device(device)
@@ -47,13 +59,18 @@ def memory_sums(
     b = torch.zeros(layer.d_out, dtype=dtype, device=device) if layer.has_bias else None
     c_w = torch.from_numpy(coef.c_w).to(device, dtype)
     c_b = torch.from_numpy(coef.c_b).to(device, dtype)
+    geom = maps_geometry(layer)
     if blocks is None:
         blocks = blocks_of(layer, layer.rows_before(coef.end_step), block_rows)
     for blk in blocks:
         upd = torch.as_tensor(blk["step"]).to(device) - coef.first_step
-        k = torch.as_tensor(blk["keys"]).to(device, dtype)
         v = torch.as_tensor(blk["values"]).to(device, dtype)
-        fold_memory(w, b, k, v * c_w[upd, None], c_b[upd] @ v if b is not None else None)
+        bias_share = c_b[upd] @ v if b is not None else None
+        if "maps" in blk:
+            maps = torch.as_tensor(blk["maps"]).to(device, dtype)
+            fold_memory_maps(w, b, geom, maps, int(blk["skip"]), v * c_w[upd, None], bias_share)
+        else:
+            fold_memory(w, b, torch.as_tensor(blk["keys"]).to(device, dtype), v * c_w[upd, None], bias_share)
     if all_reduce is not None:
         w = all_reduce(w)
         b = all_reduce(b) if b is not None else None

@@ -137,7 +137,8 @@ def conv_geometry(module: nn.Module, input_size: tuple[int, ...]) -> ConvGeometr
     return ConvGeometry.from_attrs(extra, input_size)
 
 
-def _padded(geom: ConvGeometry, x: torch.Tensor) -> torch.Tensor:
+def padded_maps(geom: ConvGeometry, x: torch.Tensor) -> torch.Tensor:
+    """Maps ``(B, C, *spatial)`` with the layer's padding applied in its ``padding_mode`` (``F.pad``)."""
     if any(geom.padding):
         mode = "constant" if geom.padding_mode == "zeros" else geom.padding_mode
         x = nn.functional.pad(x, geom.padding, mode=mode)
@@ -146,7 +147,7 @@ def _padded(geom: ConvGeometry, x: torch.Tensor) -> torch.Tensor:
 
 def conv_patches(geom: ConvGeometry, x: torch.Tensor) -> torch.Tensor:
     """``(B, C*k..., L)`` patches of maps ``(B, C, *spatial)`` that the convolution multiplies by its weight."""
-    x = _padded(geom, x)
+    x = padded_maps(geom, x)
     if geom.dims == 1:
         x = x.unsqueeze(-2)
         return nn.functional.unfold(x, (1, geom.kernel_size[0]), dilation=(1, geom.dilation[0]), stride=(1, geom.stride[0]))
@@ -175,8 +176,20 @@ def project_maps(geom: ConvGeometry, maps: torch.Tensor, z: torch.Tensor) -> tor
     convolution of the padded maps with ``Z`` read as ``k`` filters: no unfolded keys."""
     filters = z.t().reshape(z.shape[1], geom.in_channels, *geom.kernel_size).to(z.dtype)
     conv = nn.functional.conv1d if geom.dims == 1 else nn.functional.conv2d
-    out = conv(_padded(geom, maps.to(z.dtype)), filters, stride=geom.stride, dilation=geom.dilation)  # (B, k, *out)
+    out = conv(padded_maps(geom, maps.to(z.dtype)), filters, stride=geom.stride, dilation=geom.dilation)  # (B, k, *out)
     return out.movedim(1, -1).reshape(-1, z.shape[1])
+
+
+def maps_weight_sum(geom: ConvGeometry, maps: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """``G^T K`` ``(C_out, d_in)`` for the key rows ``K`` ``(B * L, d_in)`` of maps ``(B, C, *spatial)`` and the rows
+    ``G`` ``(B * L, C_out)`` of ``grads`` ``(B, C_out, *output_size)``, without unfolding: the weight gradient of the
+    convolution of the padded maps (``torch.nn.grad.conv*d_weight``) with ``grads`` as its output gradient. Its
+    columns are channel-major then kernel offsets, as the unfolded keys'. In ``grads``' dtype."""
+    conv_weight = torch.nn.grad.conv1d_weight if geom.dims == 1 else torch.nn.grad.conv2d_weight
+    x = padded_maps(geom, maps.to(grads.dtype))
+    shape = (grads.shape[1], geom.in_channels, *geom.kernel_size)
+    gw = conv_weight(x, shape, grads, stride=geom.stride, padding=0, dilation=geom.dilation)
+    return gw.reshape(grads.shape[1], geom.d_in)
 
 
 def _conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -587,9 +587,9 @@ class LayerReader:
     def read_maps(self, start: int, stop: int, columns: tuple[str, ...] = ()) -> dict[str, Any]:
         """The compact block behind virtual rows ``start:stop`` of a convolution stored as maps: ``maps``
         ``(E, C_in, *input_size)`` float32 (the maps the rows lie in), ``skip`` (virtual rows of the first map
-        before ``start``), ``rows`` (``stop - start``), and ``columns`` of the rows themselves (``values``
-        decoded; metadata per virtual row). Unfold with ``capture.unfold_maps`` on the compute device, then take
-        rows ``skip:skip + rows``."""
+        before ``start``), ``rows`` (``stop - start``), ``locations`` (virtual rows per map), and ``columns`` of
+        the rows themselves (``values`` decoded; metadata per virtual row, checked as :meth:`read` checks it). Unfold
+        with ``capture.unfold_maps`` on the compute device, then take rows ``skip:skip + rows``."""
         if self.geometry is None:
             raise ValueError(f"layer {self.name!r} is not stored as maps (layout {self.layout!r}).")
         stop = min(stop, self.n_rows)
@@ -598,9 +598,9 @@ class LayerReader:
         e0, e1 = start // loc, -(-stop // loc)
         pix = self._bulk("keys", e0 * self.geometry.pixels, e1 * self.geometry.pixels)
         maps = _conv.maps_from_pixels(decode_rows(pix, self.store.row_dtype), self.geometry)
-        out: dict[str, Any] = {"maps": np.ascontiguousarray(maps), "skip": start - e0 * loc, "rows": stop - start}
-        out.update(self._read_virtual(start, stop, tuple(c for c in columns if c != "keys")))
-        return out
+        rows = self._read_virtual(start, stop, tuple(c for c in columns if c != "keys"))
+        self._check_meta(start, rows)
+        return {"maps": np.ascontiguousarray(maps), "skip": start - e0 * loc, "rows": stop - start, "locations": loc, **rows}
 
     def _read_virtual(self, start: int, stop: int, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
         geom = self.geometry

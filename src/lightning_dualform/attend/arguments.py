@@ -1,0 +1,66 @@
+"""Checking the arguments of :class:`~lightning_dualform.attend.inference.DualInference` and its passes: the
+device, the process group, the queries. Each error says what was passed, what is allowed and what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightning_dualform.store.reader import LayerReader
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"`DualInference(device={device!r})` is not a device. Expected 'cpu', 'cuda', 'cuda:N' or None.") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"`DualInference(device={device!r})`: CUDA is not available on this machine "
+                "(torch.cuda.is_available() is False). Use device='cpu' or device=None."
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"`DualInference(device={device!r})`: only {torch.cuda.device_count()} CUDA device(s) here.")
+    elif dev.type != "cpu":
+        raise ValueError(f"`DualInference(device={device!r})`: only 'cpu' and 'cuda' devices are supported.")
+    return dev
+
+
+def resolve_group(distributed: Any) -> Any:
+    """``None`` (one process), ``True`` (the default group) or a process group."""
+    if distributed is False or distributed is None:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"`DualInference(distributed={distributed!r})` needs an initialized torch.distributed process group; "
+            "call torch.distributed.init_process_group(...) first, or leave distributed=False."
+        )
+    return True if distributed is True else distributed
+
+
+def check_queries(lay: LayerReader, queries: Any, call: str) -> torch.Tensor:
+    if isinstance(queries, np.ndarray):
+        queries = torch.from_numpy(queries)
+    if not isinstance(queries, torch.Tensor):
+        raise TypeError(f"`{call}(queries=...)` must be a torch.Tensor or numpy array of shape (n, {lay.d_in}), got {type(queries).__name__}.")
+    if queries.dim() == 1:
+        queries = queries.unsqueeze(0)
+    if queries.dim() != 2 or queries.shape[1] != lay.d_in or queries.shape[0] == 0:
+        raise ValueError(
+            f"`{call}(queries=...)` for layer {lay.name!r} must have shape (n, {lay.d_in}) with n >= 1 "
+            f"(the layer's input width is {lay.d_in}); got {tuple(queries.shape)}."
+        )
+    if not queries.is_floating_point():
+        queries = queries.float()
+    finite = torch.isfinite(queries)
+    if not bool(finite.all()):
+        bad = (~finite.all(dim=1)).nonzero().squeeze(1)[:5].tolist()
+        raise ValueError(f"`{call}(queries=...)` holds NaN or inf (query rows {bad}...); every query must be finite.")
+    return queries.detach()

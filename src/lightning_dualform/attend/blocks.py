@@ -1,0 +1,166 @@
+"""Reading a layer's rows block by block for a pass: block sizes, each rank's share of the blocks, the
+prefetch thread that reads block ``i + 1`` (and on CUDA copies it through pinned memory on a side stream) while
+block ``i`` is computed, and a convolution's compact blocks unfolded where they are multiplied.
+
+A convolution stored as maps (format 3) is read as its *compact block*: the input maps the block's virtual rows
+lie in (:meth:`LayerReader.read_maps <lightning_dualform.store.reader.LayerReader.read_maps>`), about
+``1 / prod(kernel)`` of the unfolded keys' bytes, which is what crosses to the compute device (and what a device
+block cache keeps). There one ``F.unfold`` of the padded maps (:func:`~lightning_dualform.record.capture.unfold_maps`,
+every ``padding_mode`` applied with ``F.pad``) gives the key rows; the unfolding copies values, so the keys equal
+the host's numpy unfolding bit for bit. Block sizes still count virtual rows."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from lightning_dualform.attend.cache import CachedLayer, Rows, pass_maps, pass_rows
+from lightning_dualform.record.capture import unfold_maps
+from lightning_dualform.store.conv import ConvGeometry
+from lightning_dualform.store.reader import LayerReader
+
+#: automatic block size: keys and values of about this many float32 bytes per block ...
+BLOCK_BYTES = 96 * 2**20
+#: ... and at most this many bytes of scores per block and query chunk
+SCORE_BYTES = 256 * 2**20
+
+
+class Prefetcher:
+    """Reads blocks ``[start, stop)`` of a layer on a background thread, ``depth`` blocks ahead.
+
+    On CUDA each block goes through pinned host memory and a non-blocking copy on a side stream; the
+    consumer waits on the block's event, so copies overlap the compute stream. The thread holds the GIL
+    only inside h5py and numpy calls; torch's matrix products release it.
+    """
+
+    _DONE = object()
+
+    def __init__(
+        self, make: Callable[[int, int], dict[str, Any]], n_rows: int, block_rows: int, device: torch.device, depth: int = 2,
+        share: tuple[int, int] = (0, 1), finish: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
+        self._make = make
+        self.moved_bytes = 0  # host arrays handed to the device so far
+        self._finish = finish  # on this thread, on the device (the side stream on CUDA): e.g. unfold a block's maps
+        self._bounds = share_of([(s, min(s + block_rows, n_rows)) for s in range(0, n_rows, block_rows)], *share)
+        self._device = device
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._thread = threading.Thread(target=self._run, name="dualform-prefetch", daemon=True)
+        self._thread.start()
+
+    def _to_device(self, host: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        self.moved_bytes += host_bytes(host)
+        if self._stream is None:
+            out = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in host.items()}
+            return (self._finish(out) if self._finish is not None else out), None
+        out: dict[str, Any] = {}
+        with torch.cuda.stream(self._stream):
+            for k, v in host.items():
+                if not isinstance(v, np.ndarray):
+                    out[k] = v
+                    continue
+                src = torch.from_numpy(v)
+                # The caching host allocator keeps a pinned block alive until the copy that reads it
+                # has finished, so a fresh pinned tensor per block is safe and cheap after the first.
+                pinned = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+                pinned.copy_(src)
+                out[k] = pinned.to(self._device, non_blocking=True)
+            if self._finish is not None:
+                out = self._finish(out)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        return out, event
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for start, stop in self._bounds:
+                if self._stop.is_set():
+                    return
+                if not self._put(self._to_device(self._make(start, stop))):
+                    return
+            self._put(self._DONE)
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            self._put(err)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            item = self._q.get()
+            if item is self._DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            block, event = item
+            if event is not None:
+                current = torch.cuda.current_stream(self._device)
+                current.wait_event(event)
+                for t in block.values():
+                    if isinstance(t, torch.Tensor) and t.is_cuda:
+                        t.record_stream(current)  # allocated on the side stream, used on this one
+            yield block
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def share_of(bounds: list[tuple[int, int]], rank: int, world: int) -> list[tuple[int, int]]:
+    """Rank ``rank``'s contiguous share of the blocks (sizes differ by at most one block)."""
+    per, extra = divmod(len(bounds), world)
+    start = rank * per + min(rank, extra)
+    return bounds[start : start + per + (rank < extra)]
+
+
+
+def progress_bar(enabled: bool, total: int, desc: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="row", unit_scale=True)
+
+
+
+# ------------------------------------------------------------------------------------------------------
+# a convolution's compact blocks
+# ------------------------------------------------------------------------------------------------------
+def maps_geometry(layer: Any) -> ConvGeometry | None:
+    """The geometry of a layer whose passes read compact blocks: a convolution stored as maps in one file (a DDP
+    run's shards are read as unfolded rows: their blocks interleave shards), else None."""
+    inner = layer.wrapped if isinstance(layer, CachedLayer) else layer
+    return inner.geometry if isinstance(inner, LayerReader) else None
+
+
+def read_block(layer: Any, start: int, stop: int, columns: tuple[str, ...], compact: bool) -> Rows:
+    """Rows ``start:stop`` of ``columns`` for a pass, through the cache when there is one. ``compact``: a
+    convolution's keys as their maps (``maps``, ``skip``, ``rows``, ``locations``: :meth:`LayerReader.read_maps`)
+    for :func:`unfold_block` on the compute device; otherwise the keys themselves."""
+    if compact and "keys" in columns:
+        return pass_maps(layer, start, stop, columns)
+    return pass_rows(layer, start, stop, columns)
+
+
+def unfold_block(blk: dict[str, Any], geom: ConvGeometry) -> torch.Tensor:
+    """The key rows ``(rows, d_in)`` of a compact block whose ``maps`` ``(E, C, *input_size)`` are a tensor on the
+    compute device: one unfold of the padded maps, then the block's rows ``skip:skip + rows``."""
+    skip, n = int(blk["skip"]), int(blk["rows"])
+    return unfold_maps(geom, blk["maps"])[skip: skip + n]
+
+
+def host_bytes(blk: dict[str, Any]) -> int:
+    """Bytes of the host arrays of a block (what crosses to the compute device)."""
+    return sum(v.nbytes for v in blk.values() if isinstance(v, np.ndarray))

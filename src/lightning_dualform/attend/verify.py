@@ -1,0 +1,79 @@
+"""Checking a store against itself through the inference pass: ``DualInference.verify`` (the dual summed
+from the rows against the stored final weights) and ``stored_sums_error`` (the certificate's kept sums)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from lightning_dualform.attend.results import _norm_rows
+from lightning_dualform.errors import StoreError
+
+if TYPE_CHECKING:
+    from lightning_dualform.attend.inference import DualInference
+
+
+def stored_sums_error(di: "DualInference", layer: str) -> float | None:
+    """Relative error of the final weights rebuilt from the certificate's stored memory sums (what
+    :meth:`attend` uses by default for ``dual`` at the end of a complete store) against the stored final
+    weights; None when the store keeps no such sums for the layer. For a store of an element-wise rule:
+    the error of the replayed weights the certificate kept."""
+    lay = di.layer(layer)
+    if di.store.form == "element-wise":
+        _, end = lay.end_step()
+        stored = lay.stored_memory_sums(end, lay.rows_before(end))
+        if stored is None:
+            return None
+        err = 0.0
+        for got, final in ((stored[0], lay.weight_final), (stored[1], lay.bias_final)):
+            if got is not None and final is not None:
+                ref = final.astype(np.float64)
+                err = max(err, float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-300)))
+        return err
+    coef = lay.coefficients()
+    stored = lay.stored_memory_sums(coef.end_step, lay.rows_before(coef.end_step))
+    if stored is None:
+        return None
+    from lightning_dualform.attend.certificate import sums_rebuild_error
+
+    return sums_rebuild_error(lay, coef, stored)
+
+def verify(di: "DualInference", queries: dict[str, torch.Tensor] | None = None, *, n_samples: int = 256, seed: int = 0) -> dict[str, float]:
+    """Max relative error ``||dual - primal|| / ||primal||`` per layer, ``dual`` summed from the rows. For a store
+    of an element-wise rule also the error of what ``attend`` ranks by: the predicted unit's output rebuilt
+    from every row's contribution (``unit_output``), relative to ``||primal||``.
+
+    Args:
+        queries: ``{layer: (n, d_in)}``; default: ``n_samples`` stored keys of each layer, drawn at random.
+
+    Raises:
+        StoreError: the store has no final weights to compare with (an unfinished run).
+        KeyError: an unknown layer in ``queries``.
+    """
+    gen = np.random.default_rng(seed)
+    names = list(queries) if queries is not None else di.layers
+    out: dict[str, float] = {}
+    for name in names:
+        lay = di.layer(name)
+        if lay.weight_final is None:
+            raise StoreError(f"{di.path}: layer {name!r} has no final weights (the run did not finish); nothing to verify against.")
+        if queries is not None:
+            q = queries[name]
+        else:
+            if lay.n_rows == 0:
+                continue
+            picks = np.sort(gen.choice(lay.n_rows, size=min(n_samples, lay.n_rows), replace=False))
+            q = torch.from_numpy(np.concatenate([lay.read(int(i), int(i) + 1, ("keys",))["keys"] for i in picks]))
+        if di.store.form == "element-wise":
+            # what attend ranks by: every row's contribution to the predicted unit, from the replay's Q_s
+            res = di.attend(name, q, top_k=0, per_example=False, mass=False, reuse_certificate=False,
+                              contribution_to="pred", score="unit")
+            target = res.primal.double().gather(1, res.units[:, None]).squeeze(1)
+            unit_err = (res.unit_output - target).abs() / _norm_rows(res.primal.double()).clamp_min(1e-300)
+            out[name] = max(float(res.max_rel_err), float(unit_err.max()))
+        else:
+            res = di.attend(name, q, top_k=0, per_example=False, mass=False, reuse_certificate=False)
+            out[name] = float(res.max_rel_err)
+    return out
