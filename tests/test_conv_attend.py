@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from lightning_dualform import DualInference, StoreReader
-from lightning_dualform.attend import inference as inference_mod
-from lightning_dualform.attend import memory as memory_mod
+from lightning_dualform.attend import blocks as blocks_mod
 from lightning_dualform.attend.cache import BlockCache
 from lightning_dualform.attend.kernels import fold_memory, fold_memory_maps
 from lightning_dualform.attend.memory import memory_sums
@@ -34,10 +33,16 @@ def stores(tmp_path_factory):
     return out
 
 
+@pytest.fixture(autouse=True)
+def compact_on_cpu(monkeypatch):
+    """The compact path under test on this CPU too (by default a CPU pass without a cache reads unfolded rows,
+    which is faster there: ``blocks.COMPACT_ON_CPU``)."""
+    monkeypatch.setattr(blocks_mod, "COMPACT_ON_CPU", True)
+
+
 def _host_unfold(monkeypatch) -> None:
     """The reference: every pass reads unfolded rows (numpy, on the host), as before compact blocks."""
-    monkeypatch.setattr(inference_mod, "maps_geometry", lambda layer: None)
-    monkeypatch.setattr(memory_mod, "maps_geometry", lambda layer: None)
+    monkeypatch.setattr(blocks_mod, "maps_geometry", lambda layer: None)
 
 
 def _close(a, b, where: str = "") -> None:
@@ -176,3 +181,16 @@ def test_cuda_device_unfold_equals_cpu_host_unfold(stores, monkeypatch, cache):
         if cache:
             ref["again"] = ref["c1d"][0]
     _close(got, ref)
+
+
+def test_a_cpu_pass_without_a_cache_reads_unfolded_rows_and_with_one_reads_maps(stores, monkeypatch):
+    """The default on the CPU: no cache, the reader thread's numpy unfold (no transfer to save); with a cache, the
+    cache keeps maps. Both give the same answers (the test above)."""
+    monkeypatch.setattr(blocks_mod, "COMPACT_ON_CPU", False)
+    path, model = stores["sgd"]
+    name = next(iter(_conv_layers(model)))
+    with DualInference(path, device="cpu") as di:
+        assert blocks_mod.compact_geometry(di.layer(name), "cpu") is None
+        assert blocks_mod.compact_geometry(di.layer(name), "cuda") is not None
+    with DualInference(path, device="cpu", cache="auto") as di:
+        assert blocks_mod.compact_geometry(di.layer(name), "cpu") is not None

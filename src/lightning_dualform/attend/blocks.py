@@ -145,6 +145,23 @@ def maps_geometry(layer: Any) -> ConvGeometry | None:
     return inner.geometry if isinstance(inner, LayerReader) else None
 
 
+#: Whether a pass on the CPU reads a convolution's compact blocks without a cache. On the CPU there is no
+#: transfer to save, and numpy's unfold on the reader thread beats torch's on the compute thread: a pass over a
+#: ResNet-18 conv layer took 0.43 s unfolded by the reader against 0.72 s from maps, the certificate's float64
+#: sum 0.61 s against 0.86 s as a weight gradient (benchmarks/conv_attend.py, 2-core CPU). A cache keeps maps
+#: (4.6x less memory) and a CUDA pass moves maps (3.2x fewer bytes), so those read compact blocks.
+COMPACT_ON_CPU = False
+
+
+def compact_geometry(layer: Any, device: torch.device | str) -> ConvGeometry | None:
+    """The geometry when a pass on ``device`` should read ``layer``'s compact blocks (a convolution stored as
+    maps, on a CUDA device or through a cache: see :data:`COMPACT_ON_CPU`), else None (unfolded rows)."""
+    geom = maps_geometry(layer)
+    if geom is None or COMPACT_ON_CPU or torch.device(device).type != "cpu" or isinstance(layer, CachedLayer):
+        return geom
+    return None
+
+
 def read_block(layer: Any, start: int, stop: int, columns: tuple[str, ...], compact: bool) -> Rows:
     """Rows ``start:stop`` of ``columns`` for a pass, through the cache when there is one. ``compact``: a
     convolution's keys as their maps (``maps``, ``skip``, ``rows``, ``locations``: :meth:`LayerReader.read_maps`)

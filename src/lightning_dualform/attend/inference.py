@@ -34,7 +34,7 @@ from lightning_dualform.attend import explain as _explain
 from lightning_dualform.attend import verify as _verify
 from lightning_dualform.attend.arguments import check_queries, resolve_device, resolve_group
 from lightning_dualform.attend.blocks import (
-    BLOCK_BYTES, SCORE_BYTES, Prefetcher, maps_geometry, progress_bar, read_block, unfold_block,
+    BLOCK_BYTES, SCORE_BYTES, Prefetcher, compact_geometry, progress_bar, read_block, unfold_block,
 )
 from lightning_dualform.attend.cache import BlockCache, CachedLayer, CacheInfo, CacheSpec, StoreStamp, cast_rows, resolve_budget
 from lightning_dualform.attend.kernels import META_COLUMNS, AttentionAccumulator, Block, step_bucket_edges
@@ -446,7 +446,7 @@ class DualInference:
         keys_dtype = {torch.float64: np.float64, torch.float32: np.float32}.get(compute)
 
         # a convolution stored as maps: its blocks cross to the device as maps and are unfolded there
-        geom = maps_geometry(lay)
+        geom = compact_geometry(lay, dev)
 
         def make(start: int, stop: int) -> dict[str, Any]:
             blk = read_block(lay, start, stop, ("keys", "values", *ROW_COLUMNS), compact=geom is not None)
@@ -622,7 +622,7 @@ class DualInference:
         ``B x d_in x d_out`` per block instead of ``n x B x (d_in + d_out)``)."""
         acc, dev = self.accumulate, self.device
 
-        compact = maps_geometry(lay) is not None  # a convolution's maps: summed as a weight gradient, not unfolded
+        compact = compact_geometry(lay, dev) is not None  # a convolution's maps: summed as a weight gradient
 
         def make(start: int, stop: int) -> dict[str, Any]:
             return read_block(lay, start, stop, ("keys", "values", "step"), compact)

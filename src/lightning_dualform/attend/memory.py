@@ -13,15 +13,16 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from lightning_dualform.attend.blocks import maps_geometry
+from lightning_dualform.attend.blocks import compact_geometry, maps_geometry
 from lightning_dualform.attend.kernels import fold_memory, fold_memory_maps
 from lightning_dualform.store.reader import Coefficients, LayerReader
 
 
-def blocks_of(layer: LayerReader, n_rows: int, block_rows: int = 16384) -> Iterable[dict[str, Any]]:
+def blocks_of(layer: LayerReader, n_rows: int, block_rows: int = 16384, device: torch.device | str = "cpu") -> Iterable[dict[str, Any]]:
     """Rows ``0..n_rows`` of a layer in blocks: ``{"keys", "values", "step"}`` as numpy arrays; a convolution
-    stored as maps in blocks of whole maps, its keys as the maps (:meth:`LayerReader.read_maps`)."""
-    geom = maps_geometry(layer)
+    stored as maps, where compact blocks pay on ``device`` (:func:`~lightning_dualform.attend.blocks.compact_geometry`),
+    in blocks of whole maps, its keys as the maps (:meth:`LayerReader.read_maps`)."""
+    geom = compact_geometry(layer, device)
     if geom is not None:
         block_rows = max(1, block_rows // geom.locations) * geom.locations
     for start in range(0, n_rows, block_rows):
@@ -61,7 +62,7 @@ def memory_sums(
     c_b = torch.from_numpy(coef.c_b).to(device, dtype)
     geom = maps_geometry(layer)
     if blocks is None:
-        blocks = blocks_of(layer, layer.rows_before(coef.end_step), block_rows)
+        blocks = blocks_of(layer, layer.rows_before(coef.end_step), block_rows, device)
     for blk in blocks:
         upd = torch.as_tensor(blk["step"]).to(device) - coef.first_step
         v = torch.as_tensor(blk["values"]).to(device, dtype)
