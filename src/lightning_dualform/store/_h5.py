@@ -65,6 +65,11 @@ def short(err: BaseException) -> str:
 
 
 
+#: HDF5 object versions a store is written with: from 1.10's (SWMR needs them) up to 1.14's, so that every
+#: h5py this library supports reads every store it writes (h5py 3.10 ships HDF5 1.14; HDF5 2.0, in h5py 3.15
+#: and later, writes datatype messages 1.14 cannot read when the upper bound is "latest").
+LIBVER = ("v110", "v114")
+
 DAMAGE = (OSError, KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError)
 
 

@@ -35,6 +35,7 @@ import zlib
 import h5py
 
 from lightning_dualform.errors import StoreError
+from lightning_dualform.store import _h5
 from lightning_dualform.store._space import DiskFullError, SpaceReserve, reserve_fd
 
 #: bytes reserved for a session's journal up front (plus 1/256 of the store)
@@ -357,7 +358,7 @@ class WriteSession:
         self.phase = phase
         try:
             self.reserve(reserve)
-            self.file: h5py.File | None = h5py.File(self._undo, "r+", libver="latest")
+            self.file: h5py.File | None = h5py.File(self._undo, "r+", libver=_h5.LIBVER)
         except BaseException:
             self._undo.abandon()
             raise

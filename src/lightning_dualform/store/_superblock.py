@@ -10,7 +10,7 @@ from lightning_dualform.errors import StoreError
 
 # HDF5 marks a file open for (SWMR) writing in its superblock; a killed writer leaves the mark and HDF5
 # then refuses to reopen the file for writing. `h5clear -s` removes it; this does the same for the v2/v3
-# superblocks that libver="latest" writes, after checking the superblock's own checksum.
+# superblocks that the store's libver bounds (v110 and up) write, after checking the superblock's own checksum.
 def clear_swmr_flags(path: str) -> None:
     """Clear the 'open for writing' flags a killed writer left in a store's superblock."""
     with open(path, "rb") as fh:

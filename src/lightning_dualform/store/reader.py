@@ -778,6 +778,12 @@ class StoreReader(StoreView):
                 if problem.startswith("OSError") and ("signature" in problem or "not an HDF5" in problem.lower()
                                                       or "file signature not found" in problem):
                     raise StoreError(f"{self.path}: not a readable HDF5 file ({problem}). Is it a lightning-dualform store, and complete?")
+                if "bad version number" in problem:  # HDF5 met an object version newer than it knows
+                    raise StoreError(
+                        f"{self.path}: written by a newer HDF5 library than this h5py's (HDF5 "
+                        f"{h5py.version.hdf5_version}; {problem}). Upgrade h5py, or rewrite the file with "
+                        "`h5repack` of the newer HDF5 (stores written by this version read on HDF5 1.14 and later)."
+                    )
                 raise StoreError(f"{self.path}: damaged HDF5 file: {problem}.")
         try:
             self._f = open_any(self.path)

@@ -184,7 +184,7 @@ class StoreWriter:
         try:
             # the default 1 MB chunk cache: appends end on chunk boundaries and bypass it (a large cache makes
             # HDF5 push every checksummed chunk through it: 3x slower writes, measured)
-            self.file = h5py.File(self.path, "r+", libver="latest", locking=False)
+            self.file = h5py.File(self.path, "r+", libver=_h5.LIBVER, locking=False)
             self.file.swmr_mode = True
             self._space = SpaceReserve(self.path)
             # h5py resolves every path on each access: look each dataset up once
@@ -298,7 +298,7 @@ class StoreWriter:
         metadata: StoreMetadata | None, input_shape: tuple[int, ...] | None, input_dtype: str, filters: dict[str, Any],
     ) -> None:
         # SWMR mode forbids creating datasets later, so everything is created here.
-        with h5py.File(tmp, "w", libver="latest", locking=False) as f:
+        with h5py.File(tmp, "w", libver=_h5.LIBVER, locking=False) as f:
             meta = metadata if metadata is not None else StoreMetadata()
             meta.format_version = FORMAT_VERSION
             meta.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
