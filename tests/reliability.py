@@ -589,7 +589,7 @@ def answers(path: str) -> dict[str, Any]:
 
     from lightning_dualform.attend.certificate import store_tolerance
     from lightning_dualform.attend.inference import DualInference, overall_rel_err
-    from lightning_dualform.cli.main import store_facts
+    from lightning_dualform.cli.info import store_facts
     from lightning_dualform.store._h5open import open_any
 
     store_facts(path)

@@ -16,7 +16,7 @@ import torch
 from helpers import TRAINER_KW, MLP, IndexedDataset, dual_output, loader, rel_err
 from lightning_dualform import DualFormCallback, DualInference, StoreReader
 from lightning_dualform.attend.replay import LayerReplay
-from lightning_dualform.cli.main import main as cli
+from lightning_dualform.cli import main as cli
 from lightning_dualform.store.format import FORMAT_VERSION
 
 HERE = os.path.dirname(__file__)

@@ -305,7 +305,7 @@ def test_malformed_shard_indexes_are_store_errors(valid_store, tmp_path, names):
 
 
 def test_certificate_sums_that_disagree_with_the_rows_are_not_used_and_fail_verify(valid_store, tmp_path):
-    from lightning_dualform.cli.main import verify_store
+    from lightning_dualform.cli.verify import verify_store
 
     path = _copy(valid_store, tmp_path / "s.h5")
     with h5py.File(path, "r+") as f:

@@ -289,7 +289,8 @@ def test_view_command_refuses_bad_options(demo_store, capsys, tmp_path) -> None:
 
 
 def test_parse_cache() -> None:
-    from lightning_dualform.cli.main import UsageError, parse_cache
+    from lightning_dualform.cli.inputs import UsageError
+    from lightning_dualform.cli.view import parse_cache
 
     assert parse_cache("auto") == "auto" and parse_cache("none") is None
     assert parse_cache("2G") == 2 * 2**30 and parse_cache("512MiB") == 512 * 2**20 and parse_cache("1000") == 1000

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -27,8 +28,10 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_dualform.record.callback import DualFormCallback
+from lightning_dualform.cli.inputs import PROG, UsageError, positive
+from lightning_dualform.cli.output import human_bytes, note, progress
 from lightning_dualform.datasets import ImageDataModule
+from lightning_dualform.record.callback import DualFormCallback
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +239,47 @@ def run_demo(
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     return summary
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``lightning-dualform demo``: check the options, run :func:`run_demo`, print its summary."""
+    positive(args.epochs, "--epochs")
+    if args.limit is not None and args.limit < 10:
+        raise UsageError(f"--limit {args.limit}: expected at least 10 digits.")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out}: is a file; pass a folder.")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(args.out) and (not os.path.isdir(parent) or not os.access(parent, os.W_OK)):
+        raise UsageError(f"--out {args.out}: cannot create this folder here; choose another path.")
+    if os.path.isdir(args.out) and not os.access(args.out, os.W_OK):
+        raise UsageError(f"--out {args.out}: the folder is not writable; choose another one.")
+    if not args.no_plot:
+        from lightning_dualform.plots import require_matplotlib
+
+        require_matplotlib()
+
+    def echo(msg: str) -> None:
+        note(args, msg)
+
+    s = run_demo(args.out, epochs=args.epochs, limit=args.limit, lr=args.lr, seed=args.seed, optimizer=args.optimizer,
+                 quiet=args.quiet, progress=progress(args), plot=not args.no_plot, echo=echo)
+    cert = s["certificate"]
+    worst = max((c["rel_err"] for c in cert.values()), default=float("nan"))
+    exact = all(c["exact"] for c in cert.values())
+    print(f"demo finished in {s['seconds']:.0f} s (training {s['fit_seconds']:.0f} s)")
+    opt = f"SGD lr {s['lr']:g} momentum 0.9" if s["optimizer"] == "sgd" else f"AdamW lr {s['lr']:g} weight decay 0.01"
+    print(f"  data       {s['train_examples']} training / {s['test_examples']} test MNIST digits, {s['epochs']} epoch(s), "
+          f"{opt}, clipping 1.0, batch 128")
+    print(f"  accuracy   {100 * s['accuracy']:.1f}% on the test digits")
+    print(f"  store      {s['store']} ({human_bytes(s['store_bytes'])})")
+    print(f"  exactness  {'exact' if exact else 'NOT exact'}: rebuilt weights within {worst:.1e} relative "
+          "(" + ", ".join(f"{k} {c['rel_err']:.1e}" for k, c in cert.items()) + ")")
+    if "plot" in s:
+        print(f"  picture    {s['plot']} (test digits {', '.join(str(i) for i in s['queries']['index'])})")
+    print(f"next: {PROG} info {s['store']}")
+    print(f"      {PROG} attend {s['store']} --split test --top-k 5 --plot top.png --json top.json")
+    print(f"      {PROG} verify {s['store']}")
+    return 0
 
 
 class _lightning_quiet:

@@ -13,7 +13,7 @@ Endpoints (``GET`` unless said otherwise; every answer is JSON, every error a on
 - ``/api/attend?split=S&index=I&layer=L&top_k=K`` (also ``by``, ``contribution_to``, ``at_step``,
   ``step_buckets``, ``score``, or ``upload=ID`` instead of ``split``/``index``): exactly what ``lightning-dualform
   attend STORE --split S --index I --layer L --top-k K --json FILE`` writes (the same function,
-  :func:`~lightning_dualform.cli.main.attend_run`).
+  :func:`~lightning_dualform.cli.attend.attend_run`).
 - ``/api/images?split=S&index=I,J`` or ``/api/images?train=I,J``: raw inputs as images (``null`` when the
   input is not an image).
 - ``POST /api/upload?name=N``: the bytes of a ``.npy`` file (read without pickle); returns an ``upload`` id.
@@ -25,6 +25,7 @@ in a table made at start, never joined to a path from a request), and rejects ba
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -39,7 +40,17 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from lightning_dualform.cli.main import UsageError, _message, _parse_contribution, attend_run, load_npy_bytes
+from lightning_dualform.cli.attend import attend_run
+from lightning_dualform.cli.inputs import (
+    UsageError,
+    check_store_path,
+    error_message,
+    load_npy_bytes,
+    parse_contribution,
+    parse_index,
+    pick_split,
+    positive,
+)
 from lightning_dualform.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -181,9 +192,7 @@ class ViewApp:
                     "prediction": qs.prediction.tolist()}
 
     def _split(self, split: str | None) -> str:
-        from lightning_dualform.cli.main import _pick_split
-
-        return _pick_split(self.di.store, split)
+        return pick_split(self.di.store, split)
 
     def attend(self, params: dict[str, list[str]]) -> dict[str, Any]:
         """What ``lightning-dualform attend ... --json`` writes for the same options."""
@@ -196,7 +205,7 @@ class ViewApp:
         step_buckets = self._int(params, "step_buckets", 20)
         by = self._one(params, "by", "pattern")
         contribution = self._one(params, "contribution_to", "pred")
-        _parse_contribution(contribution)
+        parse_contribution(contribution)
         score = self._one(params, "score", "auto")  # auto | raw | unit (attend --score)
         queries, source = None, ""
         if upload is not None:
@@ -215,8 +224,6 @@ class ViewApp:
     def images(self, params: dict[str, list[str]]) -> dict[str, Any]:
         """Raw inputs as ``{"h", "w", "c", "pixels"}`` (0-255, row-major, channels last) or ``None``."""
         self._known(params, {"split", "index", "train", "upload"})
-        from lightning_dualform.cli.main import parse_index
-
         with self.lock:
             self.di.refresh()
             s = self.di.store
@@ -366,14 +373,14 @@ def make_handler(app: ViewApp, assets: dict[str, str]) -> type[BaseHTTPRequestHa
             try:
                 data = fn()
             except (BadRequest, UsageError, ValueError, KeyError, TypeError) as err:
-                self._error(HTTPStatus.BAD_REQUEST, _message(err))
+                self._error(HTTPStatus.BAD_REQUEST, error_message(err))
                 return
             except StoreError as err:
-                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, _message(err))
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, error_message(err))
                 return
             except Exception as err:  # a bug: one line for the page, the traceback for --debug
                 log.exception("request %s failed", self.path)
-                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(err).__name__}: {_message(err)}")
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(err).__name__}: {error_message(err)}")
                 return
             self._json(HTTPStatus.OK, data)
             log.debug("%s answered in %.1f ms", self.path, 1e3 * (time.perf_counter() - t0))
@@ -472,3 +479,33 @@ def serve(store: str, *, port: int = DEFAULT_PORT, device: str = "cpu", cache: i
             except KeyboardInterrupt:
                 echo("stopped")
     return 0
+
+
+#: --cache sizes: a number and an optional binary unit (2G, 512MiB, 1000)
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+
+
+def parse_cache(text: str) -> int | str | None:
+    """``--cache``: ``'auto'``, ``'none'`` (None), or a size in bytes with an optional K/M/G/T (binary) unit."""
+    t = text.strip().lower()
+    if t in ("auto", "none"):
+        return None if t == "none" else "auto"
+    m = _SIZE.fullmatch(t)
+    if m is None:
+        raise UsageError(f"--cache {text}: expected auto, none, or a size such as 2G, 512M or 1000000.")
+    size = int(float(m.group(1)) * 1024 ** "bkmgt".index(m.group(2) or "b"))
+    if size < 1:
+        raise UsageError(f"--cache {text}: the size must be at least one byte (or none).")
+    return size
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    """``lightning-dualform view``: check the options, then :func:`serve`."""
+    check_store_path(args.store)
+    positive(args.block_rows, "--block-rows")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: expected 0..65535.")
+    cache = parse_cache(args.cache)
+    return serve(args.store, port=args.port, device=args.device, cache=cache, block_rows=args.block_rows,
+                 open_browser=not args.no_browser, warm=not args.no_warm,
+                 echo=lambda m: print(m, flush=True))

@@ -1,0 +1,244 @@
+"""``lightning-dualform attend STORE``: which training patterns queries attend to, per layer, as text, JSON
+and a picture. :func:`attend_run` computes the answer from the options as the command line takes them; the
+viewer's ``/api/attend`` calls it too."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from lightning_dualform.cli.inputs import (
+    UsageError,
+    check_store_path,
+    load_queries,
+    parse_contribution,
+    parse_index,
+    parse_layers,
+    pick_split,
+    positive,
+)
+from lightning_dualform.cli.output import Output, check_output, json_text, note, progress, table
+
+if TYPE_CHECKING:
+    from lightning_dualform.analysis import QueryAttention
+
+log = logging.getLogger(__name__)
+
+_IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
+#: recorded queries attended when --index is not given
+DEFAULT_QUERIES = 4
+#: --step-buckets beyond this are refused (the mass tables are queries x buckets; attend() also refuses more
+#: buckets than steps beyond 1024)
+MAX_STEP_BUCKETS_CLI = 1 << 16
+
+
+def cmd_attend(args: argparse.Namespace) -> int:
+    """``lightning-dualform attend``: check every option and output before opening the store, then attend."""
+    check_store_path(args.store)
+    check_output(args.json, "--json")
+    check_output(args.plot, "--plot", _IMAGE_SUFFIXES)
+    positive(args.block_rows, "--block-rows")
+    if args.step_buckets is not None and args.step_buckets > MAX_STEP_BUCKETS_CLI:
+        raise UsageError(f"--step-buckets {args.step_buckets}: at most {MAX_STEP_BUCKETS_CLI} (more buckets than steps hold nothing).")
+    positive(args.step_buckets, "--step-buckets")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k {args.top_k}: expected 0 or more.")
+    if args.queries is not None and (args.split is not None or args.index is not None):
+        raise UsageError("--queries reads queries from a file; leave out --split and --index, or drop --queries.")
+    parse_contribution(args.contribution_to)  # a mistake here is reported before any long work
+    if args.plot:
+        from lightning_dualform.plots import require_matplotlib
+
+        require_matplotlib()
+    queries = load_queries(args.queries) if args.queries is not None else None
+    json_out = Output(args.json, "--json")
+    plot_out = Output(args.plot, "--plot", _IMAGE_SUFFIXES)
+    try:
+        _attend(args, di_kwargs={"device": args.device, "block_rows": args.block_rows, "progress": progress(args)},
+                queries=queries, json_out=json_out, plot_out=plot_out)
+    finally:
+        json_out.discard()
+        plot_out.discard()
+    return 0
+
+
+def _attend(args: argparse.Namespace, di_kwargs: dict[str, Any], queries: np.ndarray | None,
+            json_out: Output, plot_out: Output) -> None:
+    from lightning_dualform.attend.inference import DualInference
+
+    t0 = time.perf_counter()
+    with DualInference(args.store, **di_kwargs) as di:
+        run = attend_run(di, args.store, split=args.split, index=args.index, queries=queries, source=args.queries or "",
+                         layer=args.layer, top_k=args.top_k, by=args.by, contribution_to=args.contribution_to,
+                         at_step=args.at_step, step_buckets=args.step_buckets, score=args.score)
+        print(render_attend(run, by=args.by, store=di.store))
+        if args.json:
+            json_out.write_text(json_text(run.to_dict()))
+            note(args, f"wrote {args.json}")
+        if args.plot:
+            from lightning_dualform.plots import plot_attention
+
+            plot_out.write_with(lambda target: plot_attention(run, di.store, target, by=args.by))
+            note(args, f"wrote {args.plot}")
+    log.debug("attend took %.2f s", time.perf_counter() - t0)
+
+
+def attend_run(
+    di: Any,
+    store: str,
+    *,
+    split: str | None = None,
+    index: str | None = None,
+    queries: np.ndarray | None = None,
+    source: str = "",
+    layer: Sequence[str] | None = None,
+    top_k: int = 5,
+    by: str = "pattern",
+    contribution_to: str = "pred",
+    at_step: int | None = None,
+    step_buckets: int = 20,
+    score: str = "auto",
+) -> QueryAttention:
+    """What ``attend`` computes, from its options as the command line takes them; its ``to_dict()`` is what
+    ``--json`` writes. The viewer's ``/api/attend`` calls it too, so both answer the same.
+
+    Args:
+        di: the open store (a :class:`~lightning_dualform.DualInference`).
+        store: the store's path as given (its absolute path goes into ``settings["store"]``).
+        split, index: recorded queries: the split (default: 'test' or the only one) and ``--index`` text
+            (``'3,17'``, ``'0:10'``, ``'all'``; default: the first :data:`DEFAULT_QUERIES`).
+        queries, source: ``(n, d)`` queries instead (from :func:`load_queries`) and where they came from.
+        layer: ``--layer`` values (names, or comma-separated names; default: every layer).
+        top_k, by, contribution_to, at_step, step_buckets, score: as ``--top-k``, ``--by``, ``--contribution-to``,
+            ``--at-step``, ``--step-buckets``, ``--score``.
+
+    Raises:
+        UsageError: a bad option (unknown split, layer or index, a negative ``top_k`` ...).
+        ValueError, KeyError: what :func:`~lightning_dualform.analysis.attend_queries` raises.
+    """
+    from lightning_dualform.analysis import attend_queries
+
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise UsageError(f"--top-k {top_k}: expected 0 or more.")
+    positive(step_buckets, "--step-buckets")
+    if step_buckets is not None and step_buckets > MAX_STEP_BUCKETS_CLI:
+        raise UsageError(f"--step-buckets {step_buckets}: at most {MAX_STEP_BUCKETS_CLI} (more buckets than steps hold nothing).")
+    if by not in ("pattern", "example"):
+        raise UsageError(f"--by {by}: expected pattern or example.")
+    if queries is not None and (split is not None or index is not None):
+        raise UsageError("--queries reads queries from a file; leave out --split and --index, or drop --queries.")
+    if score not in ("auto", "raw", "unit"):
+        raise UsageError(f"--score {score}: expected auto, raw or unit.")
+    contribution = parse_contribution(contribution_to)
+    layers = parse_layers(list(layer) if layer else None, di.layers)
+    if isinstance(contribution, int):
+        d_out = di.layer(di.layers[-1]).d_out
+        if contribution >= d_out:
+            raise UsageError(f"--contribution-to {contribution}: the output layer {di.layers[-1]} has units 0..{d_out - 1}.")
+    if contribution is None and score != "raw" and di.store.form == "element-wise":
+        raise UsageError(
+            f"--contribution-to none: in this {di.store.update_rule} store a pattern's attention weight depends on "
+            "the output unit; name one (pred, label, a unit number), or rank by similarity with --score raw."
+        )
+    if queries is not None:
+        run = attend_queries(di, queries=queries, source=source, layers=layers, top_k=top_k,
+                             contribution_to=contribution, at_step=at_step, step_buckets=step_buckets, score=score)
+    else:
+        split = pick_split(di.store, split)
+        qs = di.store.queries(split)
+        positions = parse_index(index, qs.index, split) if index is not None else np.arange(min(DEFAULT_QUERIES, qs.n))
+        run = attend_queries(di, split=split, positions=positions, layers=layers, top_k=top_k,
+                             contribution_to=contribution, at_step=at_step, step_buckets=step_buckets, score=score)
+    run.settings.update({"by": by, "store": os.path.abspath(store)})
+    return run
+
+
+def _query_title(run: QueryAttention, j: int) -> str:
+    if run.source.startswith("split:"):
+        parts = [f"query {run.source[6:]}[{int(run.index[j])}]"]
+    else:
+        parts = [f"query {j} of {os.path.basename(run.source)}"]
+    if run.label[j] >= 0:
+        parts.append(f"label {int(run.label[j])}")
+    if run.prediction[j] >= 0:
+        parts.append(f"predicted {int(run.prediction[j])}" + (" (wrong)" if 0 <= run.label[j] != run.prediction[j] else ""))
+    return ", ".join(parts)
+
+
+def ranked(res: Any, r: int, by: str, kind: str = "top") -> tuple[list[str], list[list[Any]]]:
+    """Rows of one query's ranking (``kind``: top, proponents, opponents) as table cells."""
+    if by == "example":
+        t = {"top": res.top_examples, "proponents": res.proponent_examples, "opponents": res.opponent_examples}[kind]
+        if t is None:
+            return [], []
+        rows = [[i + 1, int(t.index[r, i]), int(t.label[r, i]), int(t.rows[r, i]), float(t.score[r, i])]
+                for i in range(t.index.shape[1]) if int(t.index[r, i]) >= 0]
+        return ["rank", "index", "label", "rows", "score" if kind == "top" else "contribution"], rows
+    t = {"top": res.top, "proponents": res.proponents, "opponents": res.opponents}[kind]
+    if t is None:
+        return [], []
+    rows = [[i + 1, int(t.index[r, i]), int(t.label[r, i]), int(t.epoch[r, i]), int(t.step[r, i]), float(t.score[r, i])]
+            for i in range(t.row.shape[1]) if int(t.row[r, i]) >= 0]
+    return ["rank", "index", "label", "epoch", "step", "score" if kind == "top" else "contribution"], rows
+
+
+def _fmt_rows(rows: list[list[Any]]) -> list[list[Any]]:
+    return [[*r[:-1], f"{r[-1]:+.4g}"] for r in rows]
+
+
+def mass_line(res: Any, r: int, n: int = 3) -> str:
+    """The labels whose training patterns carry most of the signed attention mass, as shares of |mass|."""
+    m = res.mass.get("label")
+    if m is None:
+        return ""
+    signed = m.signed[r].double()
+    total = float(m.absolute[r].sum()) or 1.0
+    order = signed.argsort(descending=True)[:n].tolist()
+    parts = [f"{'none' if int(m.keys[i]) < 0 else int(m.keys[i])}: {100 * float(signed[i]) / total:+.0f}%" for i in order]
+    return "mass by label  " + ", ".join(parts)
+
+
+def render_attend(run: QueryAttention, by: str, store: Any = None) -> str:
+    """The text ``attend`` prints: per query and layer, the top patterns, the mass by label, proponents and opponents."""
+    out = []
+    steps = ""
+    first = next(iter(run.results.values()), None)
+    if first is not None:
+        steps = f" after {first.at_step} optimizer steps"
+    ranking = {"raw": "similarity k . q", "unit": "attention weight for each query's unit, -(Q_s[u] (.) k) . q"}
+    scores = sorted({getattr(r, "score", "raw") for r in run.results.values()})
+    out.append(f"attention over training patterns{steps}; ranked by {'single patterns' if by == 'pattern' else 'examples (epochs summed)'}"
+               f", score = {' / '.join(ranking[s] for s in scores)}")
+    for j in range(len(run.index)):
+        out.append("")
+        out.append(_query_title(run, j))
+        for name, res in run.results.items():
+            ex = run.rows[name]["example"]
+            for r in np.flatnonzero(ex == j).tolist():
+                pos = int(run.rows[name]["position"][r])
+                err = "" if res.rel_err is None else f", dual vs weights rel. err. {float(res.rel_err[r]):.1e}"
+                if res.rel_err is not None and res.dual_source == "certificate":
+                    replayed = store is not None and getattr(store, "form", "scalar") == "element-wise"
+                    err += " (weights replayed by the certificate)" if replayed else " (memory sums from the certificate)"
+                where = f" position {pos}" if len(np.flatnonzero(ex == j)) > 1 else ""
+                unit = f", attention weights for unit {int(res.units[r])}" if res.score == "unit" and res.units is not None else ""
+                out.append(f"  {name}{where}: {res.rows} rows{err}{unit}")
+                headers, rows = ranked(res, r, by, "top")
+                if rows:
+                    out.append(table(headers, _fmt_rows(rows), indent="    "))
+                line = mass_line(res, r)
+                if line:
+                    out.append("    " + line)
+                if res.units is not None:
+                    unit = int(res.units[r])
+                    for kind in ("proponents", "opponents"):
+                        headers, rows = ranked(res, r, by, kind)
+                        out.append(f"    {kind} of output unit {unit}" + ("" if rows else ": none"))
+                        if rows:
+                            out.append(table(headers, _fmt_rows(rows), indent="    "))
+    return "\n".join(out)
