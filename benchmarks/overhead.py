@@ -44,17 +44,17 @@ DEFAULT_VARIANTS = "float32,float32:full,float16,float32:drop,float32:lz4"
 
 
 def parse_variant(spec: str) -> tuple[str, str | None, bool | str]:
-    """``dtype[:compression][:certificate][:h5py]`` -> (dtype, compression, certify). The certificate is
+    """``dtype[:compression][:certificate][:nogil]`` -> (dtype, compression, certify). The certificate is
     ``sketch`` (the default: as training goes), ``full`` (also a re-read of the store at fit end) or
-    ``nocert``; the compression ``drop`` runs every hook but writes no rows; ``h5py`` writes the chunks
-    through h5py's public ``write_direct_chunk`` (which holds the GIL) instead of the ctypes call that
-    releases it (see :func:`fit_once`)."""
+    ``nocert``; the compression ``drop`` runs every hook but writes no rows; ``nogil`` writes the chunks
+    through the ctypes call that releases the GIL, which the library uses for CUDA training only (on the
+    CPU it writes through h5py's public ``write_direct_chunk``; see :func:`fit_once`)."""
     parts = spec.split(":")
     dtype, comp, certify = parts[0], None, True
     for p in parts[1:]:
         if p in ("sketch", "full", "nocert"):
             certify = {"sketch": True, "full": "full", "nocert": False}[p]
-        elif p == H5PY:
+        elif p == NOGIL:
             continue
         else:
             comp = p
@@ -81,9 +81,9 @@ def make_datamodule(path: str | None, examples: int, batch_size: int, seed: int)
 #: ``dtype:drop``: the callback does all its training-thread work, and the writer thread drops the rows
 #: (writes no step): the floor set by the hooks alone, for finding where the time goes. Not a real store.
 DROP = "drop"
-#: ``dtype:h5py``: chunk writes through h5py's public call, holding the GIL (the measure of what the ctypes
-#: call that releases it buys the training thread)
-H5PY = "h5py"
+#: ``dtype:nogil``: chunk writes through the ctypes call that releases the GIL, as for CUDA training (the
+#: measure of what releasing it costs or buys a training thread that shares the CPU's cores)
+NOGIL = "nogil"
 
 
 #: where the fits train (``--accelerator``)
@@ -105,18 +105,18 @@ def fit_once(dm: ImageDataModule, epochs: int, variant: str | None, workdir: str
     gc.collect()
     from lightning_dualform.record import engine as engine_mod
 
-    from lightning_dualform.store import _hdf5_nogil
+    from lightning_dualform.store.writer import StoreWriter
 
-    write_step, lib = engine_mod._write_step, _hdf5_nogil._lib
+    write_step, set_release = engine_mod._write_step, StoreWriter.set_release_gil
     if dropped:  # every hook, the gradient check and the certificate run; the writer gets nothing to write
         engine_mod._write_step = lambda *a, **k: None
-    if variant is not None and H5PY in variant.split(":")[1:]:
-        _hdf5_nogil._lib = None  # looked up already and "not reachable": h5py's own calls
+    if variant is not None and NOGIL in variant.split(":")[1:]:
+        StoreWriter.set_release_gil = lambda self, release: set_release(self, True)  # type: ignore[method-assign]
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         tr.fit(model, datamodule=dm)
     finally:
-        engine_mod._write_step, _hdf5_nogil._lib = write_step, lib
+        engine_mod._write_step, StoreWriter.set_release_gil = write_step, set_release  # type: ignore[method-assign]
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # (the last steps' kernels count too)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -155,6 +155,7 @@ class RecordingEngine:
         self.committed: dict[str, Any] | None = None
         self.dist = Distributed()
         self.precision = "32-true"
+        self.device = torch.device("cpu")  # the training device (set_precision)
         self.float32_products = "ieee"
         self.check_tolerance = gradient_check_tolerance("32-true", row_dtype=options.dtype)
         self.last_epoch: int | None = None
@@ -213,6 +214,7 @@ class RecordingEngine:
         then rebuild each step's weight gradient only to that rounding, so the checks' tolerances widen and
         the store records it."""
         self.precision = precision
+        self.device = device
         self.float32_products = "ieee"
         if precision not in ("64-true", "64"):  # float64 products are never rounded so
             conv = any(layer_kind(m).startswith("conv") for m in self.chosen.values())
@@ -278,6 +280,8 @@ class RecordingEngine:
                 input_dtype=str(raw.dtype).replace("torch.", "") if raw is not None else "float32",
             )
         self.writer = AsyncWriter(make, max_queue=opts.max_queue)
+        # GIL-free chunk writes pay where the training thread only launches kernels; on CPU training they compete
+        self.writer.call(self.writer.store.set_release_gil, self.device.type == "cuda")
         if shard_index is not None:
             # the index exists from the first step on, so a crashed or running DDP store opens as one
             write_shard_index(opts.path, shard_index)

@@ -33,6 +33,8 @@ class ChunkAppender:
 
     def __init__(self, ds: h5py.Dataset) -> None:
         self.ds = ds
+        #: write chunks without holding the GIL (see :attr:`StoreWriter.release_gil`)
+        self.release_gil = True
         self.chunk_rows, self._shape = ds.chunks[0], tuple(ds.shape[1:])
         self._row_bytes = int(np.prod(self._shape, dtype=np.int64)) * ds.dtype.itemsize
         self._bytes = self.chunk_rows * self._row_bytes
@@ -97,4 +99,4 @@ class ChunkAppender:
         checksum = self._sum.finish(zero_bytes=(self.chunk_rows - self._fill) * self._row_bytes)
         struct.pack_into("<I", self._raw, self._bytes, checksum)
         self._offset[0] = self._start
-        _hdf5_nogil.write_chunk(self.ds, self._offset, self._raw)
+        _hdf5_nogil.write_chunk(self.ds, self._offset, self._raw, self.release_gil)

@@ -148,10 +148,11 @@ def library() -> ctypes.CDLL | None:
     return _lib or None
 
 
-def write_chunk(ds: h5py.Dataset, offset: np.ndarray, data: np.ndarray) -> None:
+def write_chunk(ds: h5py.Dataset, offset: np.ndarray, data: np.ndarray, release_gil: bool = True) -> None:
     """``H5Dwrite_chunk`` of ``data`` (the chunk's bytes as stored, checksum included) at ``offset``
-    (a uint64 array: the chunk's first index in each dimension)."""
-    lib = library()
+    (a uint64 array: the chunk's first index in each dimension); ``release_gil=False``: through h5py's
+    public ``write_direct_chunk``, which holds the GIL."""
+    lib = library() if release_gil else None
     if lib is None:
         ds.id.write_direct_chunk(tuple(int(x) for x in offset), data)
         return

@@ -496,6 +496,20 @@ class StoreWriter:
             "inputs": int(f["inputs"]["committed"][0]) if "inputs" in f else None,
         }
 
+    def set_release_gil(self, release: bool) -> None:
+        """Whether chunk writes release the GIL (the default) or go through h5py's public call, which holds it.
+
+        Releasing it lets the training thread run Python while HDF5 writes, which matters where that thread only
+        launches device kernels (CUDA). Where training shares the CPU cores with the writer, the writer then
+        competes with torch's threads instead of taking turns: on the 2-core CPU of ``docs/benchmarks.md`` a
+        loop of small torch ops ran 1.76x slower beside the GIL-free writer and 1.23x beside h5py's, and the
+        MLP's fit 1.71x against 1.55x (``benchmarks/writer_cost.py``, ``overhead.py``'s ``:h5py``)."""
+        for appenders in self._appenders.values():
+            for app in appenders.values():
+                app.release_gil = bool(release)
+        if self._input_appender is not None:
+            self._input_appender.release_gil = bool(release)
+
     def input_sizes(self) -> dict[str, tuple[int, ...]]:
         """The map size of each convolution stored as maps whose size is fixed (by its first rows)."""
         out = {}
