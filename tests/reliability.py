@@ -730,6 +730,7 @@ def run_fuzz(valid: str, workdir: str, seeds: list[int], hang_s: float = 10.0) -
                         results.append({"seed": msg["end"], "kind": kind_of(msg["end"]), "seconds": msg["seconds"], **msg["result"]})
                         todo.remove(msg["end"])
                         current, started = None, None
+                        ready_deadline = time.monotonic() + 120  # the next mutation is made (a copy) before it starts
             elif time.monotonic() > limit:
                 proc.kill()
                 proc.wait()

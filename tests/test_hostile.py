@@ -34,7 +34,7 @@ def valid_store(tmp_path_factory):
 
 def test_fuzzed_stores_open_or_raise_store_error(valid_store, tmp_path):
     script = os.path.join(os.path.dirname(__file__), "scripts", "fuzz_open.py")
-    proc = subprocess.run([sys.executable, script, valid_store, str(tmp_path), "1234", "100"],
+    proc = subprocess.run([sys.executable, script, valid_store, str(tmp_path), "1234", "50"],
                           capture_output=True, text=True, timeout=400,
                           env={**os.environ, "LIGHTNING_DUALFORM_PROBE_TIMEOUT": "5"})
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
