@@ -392,8 +392,8 @@ def test_compiled_kernels_are_the_installed_libraries_and_can_be_switched_off(mo
     from lightning_dualform import _native
 
     lib = _fused.kernel()
-    if lib is None:
-        assert _native.path("fused") is None  # not built at install time: the torch ops answer
+    if lib is None:  # not built at install time, or switched off for this run: the torch ops answer
+        assert _native.path("fused") is None or not _native.enabled()
     else:
         assert os.path.dirname(lib._name) == os.path.dirname(os.path.abspath(_native.__file__)) + os.sep + "_kernels"
     monkeypatch.setenv("LIGHTNING_DUALFORM_KERNEL", "0")

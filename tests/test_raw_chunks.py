@@ -15,7 +15,18 @@ import torch
 
 from helpers import TRAINER_KW, MLP, IndexedDataset
 from lightning_dualform import DualFormCallback, DualInference, StoreError, StoreReader
-from lightning_dualform.store import _hdf5_nogil, _raw_chunks
+from lightning_dualform.store import _fletcher, _hdf5_nogil, _raw_chunks
+
+
+# the raw reader verifies chunks with the compiled checksum: a run without it (not built, or
+# LIGHTNING_DUALFORM_KERNEL=0) has no raw reads to test
+pytestmark = pytest.mark.skipif(_fletcher.library() is None, reason="the compiled checksum is off in this run")
+
+
+@pytest.fixture(autouse=True)
+def raw_reads_on(monkeypatch):
+    """These tests test the raw reader itself, whatever LIGHTNING_DUALFORM_RAW_READ says for the rest of a run."""
+    monkeypatch.delenv("LIGHTNING_DUALFORM_RAW_READ", raising=False)
 
 
 D = 128  # keys of 300 x 2 x 128 numbers: more than the open-time probe reads of a dataset (2^16)

@@ -219,6 +219,9 @@ def _fuzz(valid_store, tmp_path, seeds):
     return results, bad, kinds
 
 
+@pytest.mark.skipif(os.environ.get("LIGHTNING_DUALFORM_CTYPES_HDF5", "1") == "0",
+                    reason="without the ctypes property call a SWMR open retries a damaged block HDF5's default 100 "
+                           "times (over 10 s): the watchdog would count hangs (docs/development.md)")
 def test_mutated_stores_answer_correctly_or_raise_store_error(valid_store, tmp_path):
     results, bad, kinds = _fuzz(valid_store, tmp_path, list(range(120)))  # (1,500 more under --runslow)
     assert len(results) == 120 and not bad, bad[:5]
