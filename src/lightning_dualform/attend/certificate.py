@@ -102,6 +102,17 @@ def missing_certificate(store: Any) -> list[str]:
     return [n for n in store.layers if not store.layer(n).has_certificate]
 
 
+def replay_weights_error(layer: LayerReader, replayed: tuple[np.ndarray, np.ndarray | None]) -> float:
+    """Relative error of the replayed weights (and bias) the certificate kept for an element-wise rule's layer
+    against the stored final weights: the larger of the two. A few vector operations."""
+    err = 0.0
+    for got, final in ((replayed[0], layer.weight_final), (replayed[1], layer.bias_final)):
+        if got is not None and final is not None:
+            ref = final.astype(np.float64)
+            err = max(err, float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-300)))
+    return err
+
+
 def sums_rebuild_error(layer: LayerReader, coef: Coefficients, sums: tuple[np.ndarray, np.ndarray | None]) -> float:
     """Relative error of the final weights rebuilt from the certificate's stored sums (``a W_0 + sums``, plus
     the stored residual of an inexact store) against the stored final weights: what ``attend`` relies on

@@ -277,17 +277,13 @@ def _unit_sweep(rep: LayerReplay, state: AttentionAccumulator, x64: torch.Tensor
 
 def _stored_replay_agrees(di: Any, lay: Any, stored: tuple[np.ndarray, np.ndarray | None]) -> bool:
     """Whether the certificate's kept replay weights are as far from the stored final weights as the
-    certificate says, within the store's tolerance (a few vector operations). Weights that disagree must never shape an answer silently: warn,
-    and the caller replays the rows instead."""
+    certificate says, within the store's tolerance (a few vector operations). Weights that disagree must never
+    shape an answer silently: warn, and the caller replays the rows instead."""
     import warnings
 
-    from lightning_dualform.attend.certificate import store_tolerance
+    from lightning_dualform.attend.certificate import replay_weights_error, store_tolerance
 
-    err = 0.0
-    for got, final in ((stored[0], lay.weight_final), (stored[1], lay.bias_final)):
-        if got is not None and final is not None:
-            ref = final.astype(np.float64)
-            err = max(err, float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-300)))
+    err = replay_weights_error(lay, stored)
     tol = store_tolerance(di.store)
     said = lay.attrs.get("certificate_rel_err", 0.0)
     if not abs(err - float(said)) <= tol:

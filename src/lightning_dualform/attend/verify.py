@@ -20,25 +20,16 @@ def stored_sums_error(di: "DualInference", layer: str) -> float | None:
     :meth:`attend` uses by default for ``dual`` at the end of a complete store) against the stored final
     weights; None when the store keeps no such sums for the layer. For a store of an element-wise rule:
     the error of the replayed weights the certificate kept."""
+    from lightning_dualform.attend.certificate import replay_weights_error, sums_rebuild_error
+
     lay = di.layer(layer)
     if di.store.form == "element-wise":
         _, end = lay.end_step()
         stored = lay.stored_memory_sums(end, lay.rows_before(end))
-        if stored is None:
-            return None
-        err = 0.0
-        for got, final in ((stored[0], lay.weight_final), (stored[1], lay.bias_final)):
-            if got is not None and final is not None:
-                ref = final.astype(np.float64)
-                err = max(err, float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-300)))
-        return err
+        return None if stored is None else replay_weights_error(lay, stored)
     coef = lay.coefficients()
     stored = lay.stored_memory_sums(coef.end_step, lay.rows_before(coef.end_step))
-    if stored is None:
-        return None
-    from lightning_dualform.attend.certificate import sums_rebuild_error
-
-    return sums_rebuild_error(lay, coef, stored)
+    return None if stored is None else sums_rebuild_error(lay, coef, stored)
 
 def verify(di: "DualInference", queries: dict[str, torch.Tensor] | None = None, *, n_samples: int = 256, seed: int = 0) -> dict[str, float]:
     """Max relative error ``||dual - primal|| / ||primal||`` per layer, ``dual`` summed from the rows. For a store
