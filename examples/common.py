@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lightning_dualform import DualFormCallback, DualInference
-from lightning_dualform.datasets import load_images, split
+from lightning_dualform.datasets import load_images, split, standardize
 from lightning_dualform.analysis import (
     QueryAttention,
     attend_recorded,
@@ -159,9 +159,10 @@ def mlp(d_in: int, hidden: int = 800, classes: int = 10) -> nn.Sequential:
 
 
 def fit_and_test(args: argparse.Namespace, model: pl.LightningModule, store: str, train: Any, test: Any,
-                 **trainer_kw: Any) -> DualFormCallback:
-    """Train with a recording callback, then record the test inputs as queries."""
-    cb = DualFormCallback(store, record_queries=("test",), overwrite=True, dtype=args.dtype)
+                 record_test: bool = True, **trainer_kw: Any) -> DualFormCallback:
+    """Train with a recording callback, then test (recording the test inputs as queries unless ``record_test``
+    is off: the paper's studies compute their queries from the model)."""
+    cb = DualFormCallback(store, record_queries=("test",) if record_test else (), overwrite=True, dtype=args.dtype)
     tr = trainer(args, [cb], **trainer_kw)
     tr.fit(model, train)
     tr.test(model, test, verbose=False)
@@ -175,10 +176,21 @@ def embedded_split(name: str, seed: int, path: str | None = None) -> tuple[np.nd
     return images[train], labels[train], images[test], labels[test]
 
 
-def image_tensors(images: np.ndarray, labels: np.ndarray) -> IndexedTensors:
-    """uint8 ``(N, 28, 28)`` images -> float ``(N, 784)`` in [0, 1] with int64 labels."""
-    x = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
+def image_tensors(images: np.ndarray, labels: np.ndarray, stats: tuple[float, float] | None = None) -> IndexedTensors:
+    """uint8 ``(N, 28, 28)`` images -> float ``(N, 784)`` with int64 labels: standardised ``(x - mean) / std`` with
+    ``stats`` (the authors' preprocessing; :func:`~lightning_dualform.datasets.pixel_stats` of the training
+    images), or in [0, 1] when ``stats`` is None."""
+    if stats is None:
+        x = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
+    else:
+        x = torch.from_numpy(standardize(images, *stats))
     return IndexedTensors(x, torch.from_numpy(np.asarray(labels).astype(np.int64)))
+
+
+def to_picture(x: np.ndarray, stats: tuple[float, float] | None, shape: tuple[int, ...] = (28, 28)) -> np.ndarray:
+    """A model input back to a picture in [0, 1] (undoing the standardisation)."""
+    x = np.asarray(x, dtype=np.float32).reshape(shape)
+    return x if stats is None else np.clip((x * stats[1] + stats[0]) / 255.0, 0, 1)
 
 
 def linear_layers(di: DualInference) -> list[str]:
