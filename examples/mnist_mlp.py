@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the queries: test digits, 1,000 training digits as the authors drew them (seed 0x123), Fashion-MNIST digits
     order = np.random.RandomState(0).permutation(len(tel))[: args.vote_queries]
     train_q = np.random.RandomState(0x123).permutation(len(trl))[: args.train_queries]
-    ood = np.random.RandomState(1).permutation(len(fashion_labels))[: args.vote_queries]
+    ood = np.random.RandomState(1).permutation(len(fashion_labels))[: max(1, args.vote_queries // 2)]
     f_set = common.image_tensors(fashion[ood], fashion_labels[ood], f_stats)
     query_sets = [
         study.QuerySet("test", test_set.x[order], tel[order].astype(np.int64), np.zeros(len(order), np.int64), tei[order] / 255.0),

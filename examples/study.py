@@ -49,7 +49,7 @@ def add_study_args(p: argparse.ArgumentParser, *, picks: int = 2, vote_queries: 
     p.add_argument("--raw-pixels", action="store_true", help="feed [0, 1] pixels instead of standardised ones (x - mean) / std")
     p.add_argument("--picks", type=int, default=None, help=f"random correct and as many wrong test inputs analysed one by one (default: {picks}; --paper: 10)")
     p.add_argument("--vote-queries", type=int, default=None,
-                   help=f"test inputs (per dataset) in the vote tables (default: {vote_queries}; --paper: 2000; the authors: all)")
+                   help=f"test inputs (per dataset) in the vote tables (default: {vote_queries}; --paper: 1000; the authors: all)")
     p.add_argument("--train-queries", type=int, default=None, help=f"training inputs (per dataset) in the vote tables (default: {train_queries}; --paper: 1000, as the authors)")
     p.add_argument("--keep-stores", action="store_true", help="keep every seed's store (default: seed 0's only, or none with --paper)")
     p.set_defaults(_study_defaults={"picks": picks, "vote_queries": vote_queries, "train_queries": train_queries})
@@ -59,7 +59,7 @@ def resolve(args: argparse.Namespace, paper: dict[str, Any]) -> None:
     """Fill unset options: the fast defaults, or under ``--paper`` the authors' values in ``paper``."""
     d = dict(args._study_defaults)
     if args.paper:
-        d.update({"picks": 10, "vote_queries": 2000, "train_queries": 1000, "seeds": 5})
+        d.update({"picks": 10, "vote_queries": 1000, "train_queries": 1000, "seeds": 5})
         for k, v in paper.items():
             if getattr(args, k, None) == getattr(args, "_parser_defaults", {}).get(k, object()):
                 setattr(args, k, v)
@@ -132,7 +132,7 @@ def study_seed(
                                                               for d in np.unique(qs.dataset)}, "layers": {}}
             for name in layers:
                 scans = scan_layer_scores(reader, name, qin[name], scores=SCORES, classes=n_c, dataset_of=dataset_of,
-                                          n_datasets=n_d, top_k=min(500, n_rows[name]))
+                                          n_datasets=n_d, top_k=min(500, n_rows[name]), block_rows=8192)
                 per_score = {}
                 for sc, scan in scans.items():
                     v = votes(scan)
@@ -190,7 +190,7 @@ def _picks(reader: StoreReader, model: nn.Module, qs: QuerySet, pred: np.ndarray
         one_pct = max(1, math.ceil(0.01 * n_rows[name]))
         scans[name] = scan_layer_scores(reader, name, qin[name], scores=SCORES, classes=len(classes), dataset_of=dataset_of,
                                         n_datasets=max(1, len(dataset_names)), top_k=min(max(500, one_pct), n_rows[name]),
-                                        group_top_k=500 if draw else 0, example_mass=draw)
+                                        group_top_k=500 if draw else 0, example_mass=draw, block_rows=8192)
         info["layers"][name] = {sc: {"top1pct_share": s.top_share(min(one_pct, s.top["score"].shape[1])).tolist(),
                                      "top1pct_rows": one_pct} for sc, s in scans[name].items()}
     if draw:
