@@ -436,9 +436,9 @@ def two_task_data(args: argparse.Namespace) -> dict[str, tuple[np.ndarray, ...]]
     """
     out = {}
     if args.paper and args.mnist_pickle:
-        images, labels = load_mnist_pickle(args.mnist_pickle)
-        train, pool, _ = authors_split(60000)
-        out["MNIST"] = (images[train], labels[train], images[60000:], labels[60000:], images[pool])
+        tri, trl, tei, tel = load_mnist_pickle(args.mnist_pickle)
+        train, pool, _ = authors_split(len(trl))
+        out["MNIST"] = (tri[train], trl[train], tei, tel, tri[pool])
     else:
         m = embedded_split("mnist", args.seed, args.mnist_path)
         out["MNIST"] = (*m, m[0])

@@ -90,8 +90,7 @@ def load_data(args) -> tuple[np.ndarray, ...]:
     """``train_images, train_labels, test_images, test_labels, pool_images`` (the pool gives the statistics)."""
     if args.mnist_pickle or args.data_dir:
         if args.mnist_pickle:
-            images, labels = load_mnist_pickle(args.mnist_pickle)
-            tri, trl, tei, tel = images[:60000], labels[:60000], images[60000:], labels[60000:]
+            tri, trl, tei, tel = load_mnist_pickle(args.mnist_pickle)
         else:
             tri, trl, tei, tel = load_idx_dir(args.data_dir)
         if args.paper and len(tri) > 10_000:

