@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -319,3 +320,27 @@ def load_results(out: str) -> list[dict]:
             with open(path) as fh:
                 found.append(json.load(fh))
     return sorted(found, key=lambda r: r["seed"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python examples/study.py RUN_DIR``: rewrite ``paper_tables.md`` from the ``seed<k>/result.json`` under
+    ``RUN_DIR`` (seeds run as separate processes, or a run stopped before its last seed)."""
+    p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_dir", help="an example's --out folder")
+    p.add_argument("--title", default="The paper's measures", help="the tables' heading")
+    p.add_argument("--setting", default="", help="a sentence on the setting, under the heading")
+    args = p.parse_args(argv)
+    results = load_results(args.run_dir)
+    if not results:
+        print(f"study: no seed<k>/result.json under {args.run_dir}", file=sys.stderr)
+        return 2
+    names: list[str] = []
+    for entry in results[0]["sets"].values():
+        names += [d for d in entry.get("per_dataset_accuracy", {}) if d not in names]
+    md = write_tables(args.run_dir, results, title=args.title, dataset_names=names, setting=args.setting)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
