@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             acc_f = float((model(f_test.x).argmax(1) == f_test.y).float().mean())
         if k == 0 and not args.paper:
             legacy(args, out, store, model, switch, len(m_test), acc_m, acc_f)
-        res = study.study_seed(store, model, query_sets, seed=seed, out=out if k == 0 else None, picks=args.picks,
+        res = study.study_seed(store, model, query_sets, seed=seed, out=out if k == 0 and not args.no_figures else None, picks=args.picks,
                                classes=CLASSES, dataset_names=TASKS, dataset_of=dataset_ranges([n_m, len(f_train)]),
                                train_pictures=lambda idx: pictures[idx], pick_sets=("test_mnist", "test_fashion"))
         res.update(train_s=train_s, test_accuracy=model.accuracy, steps=args.max_steps, switch_step=switch,

@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if adamw:
                 compare(out, args, to_image)
         if not adamw:
-            res = study.study_seed(store, model, query_sets, seed=seed, out=out if k == 0 else None, picks=args.picks,
+            res = study.study_seed(store, model, query_sets, seed=seed, out=out if k == 0 and not args.no_figures else None, picks=args.picks,
                                    classes=MNIST_CLASSES, dataset_names=("MNIST", "Fashion-MNIST"), dataset_of=None,
                                    train_pictures=lambda idx: tri[idx] / 255.0, pick_sets=("test", "ood"), prefix="study")
             res.update(train_s=train_s, test_accuracy=accuracy["sgd"], steps=args.max_steps)

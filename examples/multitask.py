@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_s = time.perf_counter() - t0
         if k == 0 and not args.paper:
             legacy(args, out, store, model, data, stats, n_m, n_f)
-        res = study.study_seed(store, model, query_sets, seed=seed, out=out if k == 0 else None, picks=args.picks,
+        res = study.study_seed(store, model, query_sets, seed=seed, out=out if k == 0 and not args.no_figures else None, picks=args.picks,
                                classes=CLASSES, dataset_names=TASKS, dataset_of=dataset_ranges([n_m, n_f]),
                                train_pictures=lambda idx: pictures[idx], pick_sets=("test_mnist", "test_fashion"))
         res.update(train_s=train_s, test_accuracy=model.accuracy, steps=args.max_steps)

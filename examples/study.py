@@ -53,6 +53,7 @@ def add_study_args(p: argparse.ArgumentParser, *, picks: int = 2, vote_queries: 
                    help=f"test inputs (per dataset) in the vote tables (default: {vote_queries}; --paper: 1000; the authors: all)")
     p.add_argument("--train-queries", type=int, default=None, help=f"training inputs (per dataset) in the vote tables (default: {train_queries}; --paper: 1000, as the authors)")
     p.add_argument("--keep-stores", action="store_true", help="keep every seed's store (default: seed 0's only, or none with --paper)")
+    p.add_argument("--no-figures", action="store_true", help="skip the per-query figures of seed 0 (study_*.png)")
     p.set_defaults(_study_defaults={"picks": picks, "vote_queries": vote_queries, "train_queries": train_queries})
 
 

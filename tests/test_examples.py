@@ -75,9 +75,14 @@ def _study_outputs(out, sets, picks=("test",)):
                 for score in ("abs", "signed"):
                     v = r["sets"][s]["layers"][layer][score]["votes"]
                     assert 0 <= v["all_prediction"] <= 1 and v["n_correct"] + v["n_wrong"] == r["sets"][s]["n"]
-    for p in picks:
-        for f in ("rank_abs", "rank_signed", "top_abs", "top_signed", "class_curves_abs", "example_totals_abs"):
-            assert os.path.isfile(os.path.join(out, f"study_{p}_correct_{f}.png"))
+    for p in picks:  # the first correct and the first wrong pick (a tiny model may have no correct or no wrong one)
+        kinds = [k for k in ("correct", "wrong") if os.path.isfile(os.path.join(out, f"study_{p}_{k}_rank_abs.png"))]
+        assert kinds
+        for k in kinds:
+            for f in ("rank_abs", "rank_signed", "top_abs", "top_signed", "class_curves_abs", "example_totals_abs"):
+                assert os.path.isfile(os.path.join(out, f"study_{p}_{k}_{f}.png"))
+    if not picks:
+        assert not [f for f in os.listdir(out) if f.startswith("study_")]
 
 
 def test_paper_flag_sets_the_authors_values_and_seeds_give_mean_and_std(tmp_path):
@@ -92,7 +97,7 @@ def test_paper_flag_sets_the_authors_values_and_seeds_give_mean_and_std(tmp_path
         (5000, "float16", 5, 10, 1000, 128, 3e-3, 0.9, 1.0)
     assert study.parse(p, ["--paper", "--max-steps", "7"], mod.PAPER).max_steps == 7  # an explicit value wins
     out = str(tmp_path / "s")
-    assert mod.main([*TINY, "--hidden", "8", "--seeds", "2", "--raw-pixels", "--out", out]) == 0
+    assert mod.main([*TINY, "--hidden", "8", "--seeds", "2", "--raw-pixels", "--no-figures", "--out", out]) == 0
     results = json.load(open(os.path.join(out, "paper_results.json")))
     assert [r["seed"] for r in results] == [0, 1]
     assert not os.path.exists(os.path.join(out, "seed1", "mnist.h5"))  # later seeds' stores are removed
@@ -132,7 +137,7 @@ def test_mnist_mlp_reads_idx_files(tmp_path):
     x, y, tx, ty = mod.load_idx_dir(str(d))
     assert x.shape == (64, 28, 28) and y.shape == (64,) and tx.shape == (16, 28, 28)
     out = str(tmp_path / "o")
-    assert mod.main([*TINY, "--hidden", "8", "--batch-size", "16", "--data-dir", str(d), "--out", out]) == 0
+    assert mod.main([*TINY, "--hidden", "8", "--batch-size", "16", "--data-dir", str(d), "--no-figures", "--out", out]) == 0
     assert json.load(open(os.path.join(out, "summary.json")))["train_examples"] == 64
     # a truncated file and a missing one are clean errors
     with open(d / "t10k-labels-idx1-ubyte", "r+b") as fh:
@@ -159,7 +164,8 @@ def test_cifar10_on_a_fake_directory(tmp_path, model):
     d = str(tmp_path / "cifar-10-batches-py")
     _fake_cifar(d, protocol=2 if model == "mlp" else pickle.HIGHEST_PROTOCOL)
     out = str(tmp_path / "o")
-    args = [*TINY, "--model", model, "--hidden", "16", "--channels", "2", "--batch-size", "16", "--data-dir", d, "--out", out]
+    args = [*TINY, "--model", model, "--hidden", "16", "--channels", "2", "--batch-size", "16", "--data-dir", d, "--out", out,
+            "--no-figures"]
     assert example("cifar10").main(args) == 0
     _outputs(out, CLASSIFIER_OUTPUTS)
     summary = json.load(open(os.path.join(out, "summary.json")))
@@ -195,13 +201,13 @@ def test_cifar10_missing_files_and_hostile_pickles(tmp_path, capsys):
 
 def test_multitask(tmp_path):
     out = str(tmp_path / "mt")
-    assert example("multitask").main([*TINY, "--hidden", "16", "--limit", "256", "--out", out]) == 0
+    assert example("multitask").main([*TINY, "--hidden", "16", "--limit", "256", "--no-figures", "--out", out]) == 0
     _outputs(out, [*CLASSIFIER_OUTPUTS, "task_mass.png"])
     summary = json.load(open(os.path.join(out, "summary.json")))
     for share in summary["task_share"].values():
         assert sum(share) == pytest.approx(1.0)
     assert "## Attention per task" in open(os.path.join(out, "votes.md")).read()
-    _study_outputs(out, ["test_mnist", "train_mnist", "test_fashion", "train_fashion"], picks=("test_mnist", "test_fashion"))
+    _study_outputs(out, ["test_mnist", "train_mnist", "test_fashion", "train_fashion"], picks=())  # --no-figures
     r = json.load(open(os.path.join(out, "paper_results.json")))[0]
     same = r["sets"]["test_mnist"]["layers"]["net.1"]["abs"]["top500_same_dataset"]["MNIST"]
     assert 0 <= same <= 1
@@ -211,7 +217,7 @@ def test_continual(tmp_path):
     out = str(tmp_path / "cl")
     assert example("continual").main(["--max-steps", "4", "--switch-step", "2", "--queries", "6", "--quiet", "--hidden", "16",
                                       "--buckets", "4", "--vote-queries", "6", "--train-queries", "4", "--picks", "1",
-                                      "--out", out]) == 0
+                                      "--no-figures", "--out", out]) == 0
     _outputs(out, [*CLASSIFIER_OUTPUTS, "task_mass.png", "mass_over_steps.png"])
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["switch_step"] == 2 and 0 <= summary["mnist_accuracy_at_switch"] <= 1
