@@ -120,7 +120,7 @@ def study_seed(
     """
     t0 = time.perf_counter()
     warnings.filterwarnings("ignore", message="Mean of empty slice")
-    reader = StoreReader(store)
+    reader = StoreReader(store, probe=False)  # this process has just written and closed it
     layers = [n for n in reader.layers if reader.layer(n).kind == "linear"]
     n_d, n_c = max(1, len(dataset_names)), len(classes)
     res: dict[str, Any] = {"seed": seed, "layers": layers, "store_bytes": os.path.getsize(store), "sets": {}}

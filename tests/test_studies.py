@@ -42,10 +42,16 @@ def trained(tmp_path_factory):
     return path, model
 
 
-def _dense(path: str, layer: str):
-    with StoreReader(path) as s:
-        lay = s.layer(layer)
-        return lay.read(0, lay.n_rows, ("keys", "step", "index", "label"))
+@pytest.fixture(scope="module")
+def store(trained):
+    """One open reader for the module's tests (each open of a path checks the file in a child process)."""
+    with StoreReader(trained[0]) as s:
+        yield s
+
+
+def _dense(store: StoreReader, layer: str):
+    lay = store.layer(layer)
+    return lay.read(0, lay.n_rows, ("keys", "step", "index", "label"))
 
 
 def test_layer_inputs_are_what_each_linear_layer_sees(trained):
@@ -62,18 +68,18 @@ def test_layer_inputs_are_what_each_linear_layer_sees(trained):
 
 
 @pytest.mark.parametrize("score", ["abs", "signed"])
-def test_scan_equals_the_dense_computation(trained, score):
+def test_scan_equals_the_dense_computation(trained, store, score):
     path, model = trained
     x = torch.randn(5, 6)
     q = layer_inputs(model, x)["net.2"]
-    d = _dense(path, "net.2")
+    d = _dense(store, "net.2")
     s = q.astype(np.float64) @ d["keys"].astype(np.float64).T  # (5, rows)
     if score == "abs":
         s = np.abs(s)
     of = dataset_ranges([40, 56])
     ds = of(d["index"])
-    scan = scan_layer(path, "net.2", q, score=score, classes=CLASSES, dataset_of=of, n_datasets=2, top_k=10,
-                      group_top_k=4, example_mass=True, n_examples=N, block_rows=7)
+    scan = scan_layer(path if score == "abs" else store, "net.2", q, score=score, classes=CLASSES, dataset_of=of,
+                      n_datasets=2, top_k=10, group_top_k=4, example_mass=True, n_examples=N, block_rows=7)
     assert scan.score == score and scan.n_rows == len(d["step"]) == 12 * 16
     # totals per dataset and class
     ref = np.zeros((5, 2, CLASSES))
@@ -106,30 +112,31 @@ def test_scan_equals_the_dense_computation(trained, score):
         scan.top_share(11)
 
 
-def test_both_scores_in_one_pass_equal_two_passes(trained):
-    path, model = trained
+def test_both_scores_in_one_pass_equal_two_passes(trained, store):
+    _, model = trained
     q = layer_inputs(model, torch.randn(4, 6))["net.0"]
-    both = scan_layer_scores(path, "net.0", q, classes=CLASSES, top_k=5)
+    both = scan_layer_scores(store, "net.0", q, classes=CLASSES, top_k=5)
     for sc in ("abs", "signed"):
-        one = scan_layer(path, "net.0", q, score=sc, classes=CLASSES, top_k=5, block_rows=50)
+        one = scan_layer(store, "net.0", q, score=sc, classes=CLASSES, top_k=5, block_rows=50)
         np.testing.assert_allclose(both[sc].group_mass, one.group_mass, rtol=1e-6)
         np.testing.assert_allclose(both[sc].top["score"], one.top["score"], rtol=1e-5)  # (rows may swap in a near-tie)
     # the signed and absolute scores differ once some k.q are negative (these inputs have both signs)
     assert not np.allclose(both["abs"].group_mass, both["signed"].group_mass)
 
 
-def test_at_step_reads_only_the_rows_of_that_model(trained):
-    path, model = trained
+def test_at_step_reads_only_the_rows_of_that_model(trained, store):
+    _, model = trained
     q = layer_inputs(model, torch.randn(2, 6))["net.2"]
-    d = _dense(path, "net.2")
-    scan = scan_layer(path, "net.2", q, classes=CLASSES, at_step=5, top_k=3)
+    d = _dense(store, "net.2")
+    scan = scan_layer(store, "net.2", q, classes=CLASSES, at_step=5, top_k=3)
     keep = d["step"] < 5
     assert scan.n_rows == int(keep.sum())
     np.testing.assert_allclose(scan.total, np.abs(q @ d["keys"][keep].T).sum(1), rtol=1e-5)
 
 
-def test_bad_arguments_are_refused(trained):
-    path, model = trained
+def test_bad_arguments_are_refused(trained, store):
+    _, model = trained
+    path = store
     q = layer_inputs(model, torch.randn(2, 6))["net.2"]
     with pytest.raises(ValueError, match="'abs'"):
         scan_layer(path, "net.2", q, score="absolute")
@@ -176,8 +183,9 @@ def test_picks_ranges_and_phases():
     np.testing.assert_array_equal(step_ranges([0, 10])(np.array([0, 9, 10, 20])), [0, 0, 1, 1])
 
 
-def test_figures_are_drawn(trained, tmp_path):
-    path, model = trained
+def test_figures_are_drawn(trained, store, tmp_path):
+    _, model = trained
+    path = store
     q = layer_inputs(model, torch.randn(2, 6))
     scans = {n: scan_layer(path, n, q[n], classes=CLASSES, dataset_of=dataset_ranges([40, 56]), n_datasets=2, top_k=20,
                            group_top_k=5, example_mass=True) for n in ("net.0", "net.2")}
