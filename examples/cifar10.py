@@ -202,14 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed = args.seed + k
         seed_dir = os.path.join(out, f"seed{seed}")
         os.makedirs(seed_dir, exist_ok=True)
-        keep = k == 0 and not args.paper
+        keep = k == 0 and not (args.paper or args.no_legacy)
         store = os.path.join(out if keep else seed_dir, f"cifar10_{args.model}.h5")
         pl.seed_everything(seed, verbose=False)
         t0 = time.perf_counter()
         train, test = common.loaders(argparse.Namespace(**{**vars(args), "seed": seed}), train_set, test_set)
         net = common.mlp(3072, args.hidden) if args.model == "mlp" else small_cnn(args.channels)
         model = common.Classifier(net, lr=args.lr, momentum=args.momentum)
-        common.fit_and_test(args, model, store, train, test, record_test=not args.paper)
+        common.fit_and_test(args, model, store, train, test, record_test=not (args.paper or args.no_legacy))
         train_s = time.perf_counter() - t0
         if keep:
             summary = common.analyse_classifier(

@@ -131,12 +131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         train = torch.utils.data.DataLoader(train_set, batch_sampler=sampler)
         test = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset([m_test, f_test]), batch_size=256)
         model = ContinualClassifier(common.mlp(784, args.hidden), lr=args.lr, momentum=args.momentum, mnist_test=m_test, switch_step=switch)
-        common.fit_and_test(args, model, store, train, test, record_test=not args.paper)
+        common.fit_and_test(args, model, store, train, test, record_test=not (args.paper or args.no_legacy))
         train_s = time.perf_counter() - t0
         with torch.no_grad():
             acc_m = float((model(m_test.x).argmax(1) == m_test.y).float().mean())
             acc_f = float((model(f_test.x).argmax(1) == f_test.y).float().mean())
-        if k == 0 and not args.paper:
+        if k == 0 and not (args.paper or args.no_legacy):
             legacy(args, out, store, model, switch, len(m_test), acc_m, acc_f)
         res = study.study_seed(store, model, query_sets, seed=seed, out=out if k == 0 and not args.no_figures else None, picks=args.picks,
                                classes=CLASSES, dataset_names=TASKS, dataset_of=dataset_ranges([n_m, len(f_train)]),

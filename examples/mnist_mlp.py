@@ -153,10 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             train, test = common.loaders(args_seed, train_set, test_set)
             model = common.Classifier(common.mlp(784, args.hidden), lr=args.adamw_lr if opt == "adamw" else args.lr,
                                       momentum=args.momentum, optimizer=opt)
-            common.fit_and_test(args, model, path, train, test, record_test=not args.paper)
+            common.fit_and_test(args, model, path, train, test, record_test=not (args.paper or args.no_legacy))
             accuracy[opt] = model.accuracy
         train_s = time.perf_counter() - t0
-        if k == 0 and not args.paper:
+        if k == 0 and not (args.paper or args.no_legacy):
             common.analyse_classifier(
                 store, out, args, classes=MNIST_CLASSES, to_image=to_image,
                 title=f"MNIST, MLP 784-800-800-10, {'AdamW' if adamw else 'SGD'} ({score_label('signed')} mass)",

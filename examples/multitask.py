@@ -80,9 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         train, test = common.loaders(argparse.Namespace(**{**vars(args), "seed": seed}), train_set, test_set)
         model = common.Classifier(common.mlp(784, args.hidden), lr=args.lr, momentum=args.momentum)
-        common.fit_and_test(args, model, store, train, test, record_test=not args.paper)
+        common.fit_and_test(args, model, store, train, test, record_test=not (args.paper or args.no_legacy))
         train_s = time.perf_counter() - t0
-        if k == 0 and not args.paper:
+        if k == 0 and not (args.paper or args.no_legacy):
             legacy(args, out, store, model, data, stats, n_m, n_f)
         res = study.study_seed(store, model, query_sets, seed=seed, out=out if k == 0 and not args.no_figures else None, picks=args.picks,
                                classes=CLASSES, dataset_names=TASKS, dataset_of=dataset_ranges([n_m, n_f]),

@@ -54,6 +54,8 @@ def add_study_args(p: argparse.ArgumentParser, *, picks: int = 2, vote_queries: 
     p.add_argument("--train-queries", type=int, default=None, help=f"training inputs (per dataset) in the vote tables (default: {train_queries}; --paper: 1000, as the authors)")
     p.add_argument("--keep-stores", action="store_true", help="keep every seed's store (default: seed 0's only, or none with --paper)")
     p.add_argument("--no-figures", action="store_true", help="skip the per-query figures of seed 0 (study_*.png)")
+    p.add_argument("--no-legacy", action="store_true",
+                   help="skip recording the test queries and the recorded-query analyses (votes.md, topk.png, ...)")
     p.set_defaults(_study_defaults={"picks": picks, "vote_queries": vote_queries, "train_queries": train_queries})
 
 
