@@ -124,7 +124,8 @@ def study_seed(
     warnings.filterwarnings("ignore", message="Mean of empty slice")
     reader = StoreReader(store, probe=False)  # this process has just written and closed it
     layers = [n for n in reader.layers if reader.layer(n).kind == "linear"]
-    n_d, n_c = max(1, len(dataset_names)), len(classes)
+    n_d, n_c = (max(1, len(dataset_names)) if dataset_of is not None else 1), len(classes)
+    stored_names = tuple(dataset_names[:n_d])  # the datasets the rows come from (the others are only queried)
     res: dict[str, Any] = {"seed": seed, "layers": layers, "store_bytes": os.path.getsize(store), "sets": {}}
     try:
         n_rows = {n: reader.layer(n).n_rows for n in layers}
@@ -167,7 +168,7 @@ def study_seed(
                 entry["layers"][name] = per_score
             if qs.name in pick_sets:
                 entry["picks"] = _picks(reader, model, qs, pred, layers, n_rows, seed=seed, out=out, picks=picks,
-                                        classes=classes, dataset_names=dataset_names, dataset_of=dataset_of,
+                                        classes=classes, dataset_names=stored_names, dataset_of=dataset_of,
                                         train_pictures=train_pictures, prefix=prefix)
             res["sets"][qs.name] = entry
     finally:
