@@ -53,14 +53,14 @@ def test_script_runs_as_a_script():
 
 def test_mnist_mlp_embedded(tmp_path):
     out = str(tmp_path / "m")
-    assert example("mnist_mlp").main([*TINY, "--hidden", "16", "--out", out]) == 0
+    assert example("mnist_mlp").main([*TINY, "--hidden", "16", "--no-figures", "--out", out]) == 0
     _outputs(out, CLASSIFIER_OUTPUTS)
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["steps"] == 3 and summary["queries"] == 6
     assert all(v < 1e-4 for v in summary["certificate"].values())
     assert "| net.1 |" in open(os.path.join(out, "votes.md")).read()
     assert summary["standardized"] is True
-    _study_outputs(out, ["test", "train", "ood"])
+    _study_outputs(out, ["test", "train", "ood"], picks=())  # the figures: test_studies.py and the paper-flag test
 
 
 def _study_outputs(out, sets, picks=("test",)):
@@ -97,13 +97,14 @@ def test_paper_flag_sets_the_authors_values_and_seeds_give_mean_and_std(tmp_path
         (5000, "float16", 5, 10, 1000, 128, 3e-3, 0.9, 1.0)
     assert study.parse(p, ["--paper", "--max-steps", "7"], mod.PAPER).max_steps == 7  # an explicit value wins
     out = str(tmp_path / "s")
-    assert mod.main([*TINY, "--hidden", "8", "--seeds", "2", "--raw-pixels", "--no-figures", "--out", out]) == 0
+    assert mod.main([*TINY, "--hidden", "8", "--seeds", "2", "--raw-pixels", "--vote-queries", "4", "--out", out]) == 0
     results = json.load(open(os.path.join(out, "paper_results.json")))
     assert [r["seed"] for r in results] == [0, 1]
     assert not os.path.exists(os.path.join(out, "seed1", "mnist.h5"))  # later seeds' stores are removed
     assert "Seeds: 2 (0, 1)" in open(os.path.join(out, "paper_tables.md")).read()
     assert " ± " in open(os.path.join(out, "paper_tables.md")).read()
     assert json.load(open(os.path.join(out, "summary.json")))["standardized"] is False
+    _study_outputs(out, ["test", "train", "ood"], picks=("test", "ood"))  # seed 0's figures
 
 
 def test_mnist_mlp_adamw_beside_sgd(tmp_path):

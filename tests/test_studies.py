@@ -21,6 +21,7 @@ from lightning_dualform.studies import (
     plot_class_curves,
     plot_example_totals,
     plot_rank_profile,
+    plot_top_images,
     scan_layer,
     scan_layer_scores,
     step_ranges,
@@ -192,5 +193,10 @@ def test_figures_are_drawn(trained, store, tmp_path):
     for fn, name in ((plot_rank_profile, "r.png"), (plot_class_curves, "c.png"), (plot_example_totals, "e.png")):
         out = fn(scans, 1, str(tmp_path / name), dataset_names=("A", "B"))
         assert os.path.getsize(out) > 1000
+    seen = []
+    out = plot_top_images(scans, 0, str(tmp_path / "t.png"), lambda idx: seen.append(idx) or np.zeros((len(idx), 4, 4)),
+                          np.zeros((4, 4)), k=2)
+    assert os.path.getsize(out) > 1000
+    np.testing.assert_array_equal(seen[0], scans["net.0"].top["index"][0, :2])  # the top rows' examples are drawn
     with pytest.raises(ValueError, match="mix scores"):
         plot_rank_profile({"a": scans["net.0"], "b": scan_layer(path, "net.2", q["net.2"], score="signed")}, 0, str(tmp_path / "x.png"))
