@@ -95,7 +95,7 @@ def run_view(src: str, store: str, wait: float = 300.0) -> dict[str, float]:
     proc = subprocess.Popen([sys.executable, "-m", "lightning_dualform", "view", store, "--port", "0", "--no-browser"],
                             env=_env(src), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout or ()], daemon=True).start()
     got: dict[str, float] = {}
     try:
         while "warm" not in got:
@@ -150,9 +150,11 @@ def main() -> None:
                 v = run_view(src, args.store)
                 for k in ("address", "open", "warm"):
                     rows.setdefault((src, f"view: {k}"), []).append((v.get(k, float("nan")), float("nan")))
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {args.repeat} rounds  load average {min(loads):.2f}..{max(loads):.2f}  "
-          f"{os.cpu_count()} cores  store {args.store} ({os.path.getsize(args.store) / 1e6:.0f} MB)")
-    print(f"{'what':18s} " + "".join(f"{'wall s':>9s}{'CPU s':>8s}  " for _ in args.src) + "  trees: " + ", ".join(args.src))
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {args.repeat} rounds  load average "
+          f"{min(loads):.2f}..{max(loads):.2f}  {os.cpu_count()} cores  store {args.store} "
+          f"({os.path.getsize(args.store) / 1e6:.0f} MB)")
+    head = "".join(f"{'wall s':>9s}{'CPU s':>8s}  " for _ in args.src)
+    print(f"{'what':18s} {head}  trees: {', '.join(args.src)}")
     names = list(dict.fromkeys(n for _, n in rows))
     for name in names:
         cells = []

@@ -93,7 +93,7 @@ def test_import_of_the_package_loads_nothing_heavy_and_every_public_name_resolve
     # each name is the object of the module that defines it (where the package's eager imports took it from)
     import importlib
 
-    for package in ("lightning_dualform", "lightning_dualform.store", "lightning_dualform.attend", "lightning_dualform.record"):
+    for package in ("lightning_dualform", *(f"lightning_dualform.{room}" for room in ("store", "attend", "record"))):
         pkg = importlib.import_module(package)
         assert set(pkg._WHERE) | {"__version__"} >= set(pkg.__all__), package
         for name in pkg.__all__:
@@ -167,3 +167,48 @@ def test_a_child_killed_mid_walk_is_reported_as_a_crash(tmp_path) -> None:
     threading.Timer(0.5, lambda: os.kill(pid, signal.SIGKILL)).start()
     reason = _probe.probe(str(fifo), timeout=30.0)
     assert "crashed the reader" in reason and str(-signal.SIGKILL) in reason
+
+
+# ------------------------------------------------------------------------------------------------------
+# the viewer: the address first, the store after it
+# ------------------------------------------------------------------------------------------------------
+def test_view_prints_its_address_first_and_answers_once_the_store_is_open(store: str) -> None:
+    import http.client
+
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_dualform", "view", store, "--port", "0", "--no-browser"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"serving {store} at http://127.0.0.1:"), line
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request("GET", "/api/info")  # sent at once: it waits for the open, then is answered
+        reply = conn.getresponse()
+        info = json.loads(reply.read())
+        assert reply.status == 200 and [la["name"] for la in info["layers"]] == ["net.0", "net.2"], info
+        conn.close()
+        notes = []
+        while not (notes and notes[-1].startswith(("cache warm in ", "warming stopped"))):
+            note = proc.stderr.readline()
+            assert note, (notes, proc.poll())  # the viewer ended before it said the cache was warm
+            notes.append(note.rstrip("\n"))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert notes[0] == f"opening {store} ..." and notes[1].startswith("open in "), notes
+    assert notes[2].startswith("warming the cache: 2 layer(s), 192 rows") and notes[-1].startswith("cache warm in "), notes
+    assert "stopped" in out
+
+
+def test_view_of_a_damaged_store_says_so_after_the_address(tmp_path, capsys) -> None:
+    from lightning_dualform.cli import main
+
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(4096))  # a signature, then nothing HDF5 can read
+    assert main(["view", str(bad), "--port", "0", "--no-browser"]) == 2
+    got = capsys.readouterr()
+    assert got.out.startswith(f"serving {bad} at http://127.0.0.1:")
+    assert got.err.strip().splitlines()[-1].startswith("lightning-dualform: error: ")
+    assert str(bad) in got.err.strip().splitlines()[-1]
