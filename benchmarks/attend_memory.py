@@ -86,7 +86,7 @@ with DualInference(store, cache=None, block_rows=block_rows) as di:
         "block_bytes": di.rows_per_block(lay) * row_bytes, "base_rss": base,
         # the process's peak when the pass raised it (else it dates from before the pass: the sampled maximum)
         "growth": peak() - base if peak() > base_peak else max(g for _, g in samples),
-        "sampled_max": max(g for _, g in samples), "seconds": took,
+        "sampled_max": max(g for _, g in samples), "after": rss() - base, "seconds": took,
         "profile": samples[:: max(1, len(samples) // 40)],
     }))
 """
@@ -136,7 +136,8 @@ def main() -> None:
                 print(f"{label:28s} rows {m['rows']:>8,}  layer {m['layer_bytes'] / 2**20:7.1f} MiB  "
                       f"block {m['block_rows']:>6,} rows ({m['block_bytes'] / 2**20:5.1f} MiB)  "
                       f"peak growth {m['growth'] / 2**20:7.1f} MiB ({m['growth'] / m['block_bytes']:4.1f} blocks, "
-                      f"{m['growth'] / m['layer_bytes']:.2f}x the layer)  {m['seconds']:6.1f} s  "
+                      f"{m['growth'] / m['layer_bytes']:.2f}x the layer)  after it {m['after'] / 2**20:6.1f} MiB  "
+                      f"{m['seconds']:6.1f} s  "
                       f"load {m['load']:.1f}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
