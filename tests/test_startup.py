@@ -112,8 +112,9 @@ def test_import_of_the_package_loads_nothing_heavy_and_every_public_name_resolve
 # the probe's child process
 # ------------------------------------------------------------------------------------------------------
 def _child(paths: list[str], env: dict[str, str]) -> tuple[list[str], str]:
-    """Run the probe's child as the probe runs it (this file by path), with ``-X importtime``."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", _probe.__file__, "--serve"],
+    """Run the probe's child as the probe runs it (this file by path), with ``-X importtime`` and ``-v`` (which
+    says each module's file)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-v", _probe.__file__, "--serve"],
                           input="".join(json.dumps(p) + "\n" for p in paths), capture_output=True, text=True,
                           env=env, cwd=os.path.dirname(_probe.__file__), timeout=300)
     lines = [ln for ln in proc.stdout.splitlines() if ln != "."]
@@ -128,6 +129,9 @@ def test_the_probe_child_loads_h5py_not_torch_and_its_own_tree_whatever_the_path
     assert lines[0] == "READY" and lines[1] == "OK" and lines[2].startswith("BROKEN "), lines
     loaded = {ln.rsplit("|", 1)[-1].strip() for ln in imports.splitlines() if ln.startswith("import time:")}
     assert "h5py" in loaded and "lightning_dualform.store._h5open" in loaded
+    # from the tree of the parent's _probe.py, whatever the child's sys.path holds (the machine's own install, here)
+    here = os.path.dirname(_probe.__file__)
+    assert any(ln.startswith("# ") and here in ln and "_h5open" in ln for ln in imports.splitlines())
     assert not {m.split(".")[0] for m in loaded} & set(HEAVY), sorted(m for m in loaded if m.split(".")[0] in HEAVY)
 
 

@@ -267,10 +267,19 @@ def _serve() -> None:  # runs in the child
 
 
 if __name__ == "__main__":
-    # Run by path: Python put this file's folder first on sys.path. Import the package from the tree this file
-    # is in instead (whatever the parent's sys.path held), as a package: its __init__s import nothing heavy, so
-    # the child loads h5py, numpy and a few small modules of ours, never torch (tests/test_startup.py).
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # Run by path: Python put this file's folder first on sys.path; drop it (its module names, such as `format`,
+    # would shadow others). Load the package from the tree this file is in, whatever sys.path holds, so that the
+    # child runs the parent's code; its __init__s import nothing heavy, so the child loads h5py, numpy and a few
+    # small modules of ours, never torch (tests/test_startup.py).
+    import importlib.util
+
+    del sys.path[0]
+    _package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = importlib.util.spec_from_file_location(
+        "lightning_dualform", os.path.join(_package, "__init__.py"), submodule_search_locations=[_package]
+    )
+    sys.modules["lightning_dualform"] = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
+    _spec.loader.exec_module(sys.modules["lightning_dualform"])  # type: ignore[union-attr]
     from lightning_dualform.store._probe import _serve as _serve_from_package
 
     _serve_from_package()
