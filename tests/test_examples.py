@@ -52,15 +52,21 @@ def test_script_runs_as_a_script():
 
 
 def test_mnist_mlp_embedded(tmp_path):
+    """Two seeds: seed 0's store and recorded-query analyses, every seed's measures, mean ± std, seed 0's figures."""
     out = str(tmp_path / "m")
-    assert example("mnist_mlp").main([*TINY, "--hidden", "16", "--no-figures", "--out", out]) == 0
+    assert example("mnist_mlp").main([*TINY, "--hidden", "16", "--seeds", "2", "--vote-queries", "4", "--out", out]) == 0
     _outputs(out, CLASSIFIER_OUTPUTS)
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["steps"] == 3 and summary["queries"] == 6
     assert all(v < 1e-4 for v in summary["certificate"].values())
     assert "| net.1 |" in open(os.path.join(out, "votes.md")).read()
     assert summary["standardized"] is True
-    _study_outputs(out, ["test", "train", "ood"], picks=())  # the figures: test_studies.py and the paper-flag test
+    _study_outputs(out, ["test", "train", "ood"], picks=("test", "ood"))
+    results = json.load(open(os.path.join(out, "paper_results.json")))
+    assert [r["seed"] for r in results] == [0, 1]
+    assert not os.path.exists(os.path.join(out, "seed1", "mnist.h5"))  # later seeds' stores are removed
+    tables = open(os.path.join(out, "paper_tables.md")).read()
+    assert "Seeds: 2 (0, 1)" in tables and " ± " in tables
 
 
 def _study_outputs(out, sets, picks=("test",)):
@@ -85,7 +91,7 @@ def _study_outputs(out, sets, picks=("test",)):
         assert not [f for f in os.listdir(out) if f.startswith("study_")]
 
 
-def test_paper_flag_sets_the_authors_values_and_seeds_give_mean_and_std(tmp_path):
+def test_paper_flag_sets_the_authors_values():
     mod = example("mnist_mlp")
     import common
     import study
@@ -96,15 +102,7 @@ def test_paper_flag_sets_the_authors_values_and_seeds_give_mean_and_std(tmp_path
     assert (a.max_steps, a.dtype, a.seeds, a.picks, a.train_queries, a.batch_size, a.lr, a.momentum, a.clip) == \
         (5000, "float16", 5, 10, 1000, 128, 3e-3, 0.9, 1.0)
     assert study.parse(p, ["--paper", "--max-steps", "7"], mod.PAPER).max_steps == 7  # an explicit value wins
-    out = str(tmp_path / "s")
-    assert mod.main([*TINY, "--hidden", "8", "--seeds", "2", "--raw-pixels", "--vote-queries", "4", "--out", out]) == 0
-    results = json.load(open(os.path.join(out, "paper_results.json")))
-    assert [r["seed"] for r in results] == [0, 1]
-    assert not os.path.exists(os.path.join(out, "seed1", "mnist.h5"))  # later seeds' stores are removed
-    assert "Seeds: 2 (0, 1)" in open(os.path.join(out, "paper_tables.md")).read()
-    assert " ± " in open(os.path.join(out, "paper_tables.md")).read()
-    assert json.load(open(os.path.join(out, "summary.json")))["standardized"] is False
-    _study_outputs(out, ["test", "train", "ood"], picks=("test", "ood"))  # seed 0's figures
+    assert study.parse(p, [], mod.PAPER).seeds == 1
 
 
 def test_mnist_mlp_adamw_beside_sgd(tmp_path):
@@ -138,8 +136,10 @@ def test_mnist_mlp_reads_idx_files(tmp_path):
     x, y, tx, ty = mod.load_idx_dir(str(d))
     assert x.shape == (64, 28, 28) and y.shape == (64,) and tx.shape == (16, 28, 28)
     out = str(tmp_path / "o")
-    assert mod.main([*TINY, "--hidden", "8", "--batch-size", "16", "--data-dir", str(d), "--no-figures", "--out", out]) == 0
-    assert json.load(open(os.path.join(out, "summary.json")))["train_examples"] == 64
+    assert mod.main([*TINY, "--hidden", "8", "--batch-size", "16", "--data-dir", str(d), "--no-figures", "--raw-pixels",
+                     "--out", out]) == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["train_examples"] == 64 and summary["standardized"] is False
     # a truncated file and a missing one are clean errors
     with open(d / "t10k-labels-idx1-ubyte", "r+b") as fh:
         fh.truncate(12)
