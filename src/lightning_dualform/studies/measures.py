@@ -151,7 +151,9 @@ class LayerScan:
         return np.divide(held, self.total, out=np.full(len(held), np.nan), where=self.total > 0)
 
 
-def _merge_top(best: dict[str, np.ndarray], scores: np.ndarray, meta: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+def _merge_top(
+    best: dict[str, np.ndarray], scores: np.ndarray, meta: dict[str, np.ndarray], k: int,
+) -> dict[str, np.ndarray]:
     """Keep the ``k`` largest of ``best`` (n, k) and a block's ``scores`` (n, B); earlier rows win ties."""
     n, b = scores.shape
     kk = min(k, b)
@@ -201,7 +203,9 @@ def scan_layer(
 class _Acc:
     """The running state of one score during a scan."""
 
-    def __init__(self, score: str, n: int, d: int, c: int, top_k: int, group_top_k: int, n_examples: int | None) -> None:
+    def __init__(
+        self, score: str, n: int, d: int, c: int, top_k: int, group_top_k: int, n_examples: int | None,
+    ) -> None:
         self.score, self.top_k, self.group_top_k = score, top_k, group_top_k
         self.group_mass = np.zeros((n, d, c))
         self.total = np.zeros(n)
@@ -210,7 +214,9 @@ class _Acc:
                           "step": np.full((n, d, c, group_top_k), -1, np.int64)} if group_top_k else {}
         self.example_mass = np.zeros((n, n_examples)) if n_examples is not None else None
 
-    def add(self, s: np.ndarray, meta: dict[str, np.ndarray], known: np.ndarray, group: np.ndarray, classes: int) -> None:
+    def add(
+        self, s: np.ndarray, meta: dict[str, np.ndarray], known: np.ndarray, group: np.ndarray, classes: int,
+    ) -> None:
         n = s.shape[0]
         d, c = self.group_mass.shape[1:]
         self.total += np.abs(s).sum(1)
@@ -227,7 +233,8 @@ class _Acc:
                 both = np.concatenate([self.group_top["score"][:, dd, cc], s[:, cols]], 1)
                 steps = np.concatenate([self.group_top["step"][:, dd, cc],
                                         np.broadcast_to(meta["step"][cols], (n, len(cols)))], 1)
-                keep = np.argsort(-np.where(np.isnan(both), -np.inf, both), axis=1, kind="stable")[:, : self.group_top_k]
+                order = np.argsort(-np.where(np.isnan(both), -np.inf, both), axis=1, kind="stable")
+                keep = order[:, : self.group_top_k]
                 self.group_top["score"][:, dd, cc] = np.take_along_axis(both, keep, 1)
                 self.group_top["step"][:, dd, cc] = np.take_along_axis(steps, keep, 1)
         if self.example_mass is not None:
@@ -282,9 +289,12 @@ def scan_layer_scores(
         raise ValueError("`scan_layer_scores(scores=())`: name at least one of 'abs', 'signed'.")
     for sc in scores:
         _check_score(sc, "scan_layer_scores")
-    for name, v in (("top_k", top_k), ("group_top_k", group_top_k), ("block_rows", block_rows), ("n_datasets", n_datasets)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (1 if name in ("block_rows", "n_datasets") else 0):
-            raise ValueError(f"`scan_layer_scores({name}={v!r})` must be a {'positive' if name in ('block_rows', 'n_datasets') else 'non-negative'} integer.")
+    sizes = (("top_k", top_k), ("group_top_k", group_top_k), ("block_rows", block_rows), ("n_datasets", n_datasets))
+    for name, v in sizes:
+        positive = name in ("block_rows", "n_datasets")
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (1 if positive else 0):
+            kind = "positive" if positive else "non-negative"
+            raise ValueError(f"`scan_layer_scores({name}={v!r})` must be a {kind} integer.")
     own = not isinstance(store, StoreReader)
     reader = StoreReader(store) if own else store
     try:
@@ -294,7 +304,8 @@ def scan_layer_scores(
         if q.dim() == 1:
             q = q[None]
         if q.dim() != 2 or q.shape[1] != lay.d_in:
-            raise ValueError(f"`scan_layer_scores`: queries of layer {layer!r} must be (n, {lay.d_in}); got {tuple(q.shape)}.")
+            raise ValueError(
+                f"`scan_layer_scores`: queries of layer {layer!r} must be (n, {lay.d_in}); got {tuple(q.shape)}.")
         n = q.shape[0]
         _, end = lay.end_step(at_step)
         n_rows = lay.rows_before(end)
@@ -319,7 +330,8 @@ def scan_layer_scores(
             if len(ds) and (ds.min() < 0 or ds.max() >= n_datasets):
                 raise ValueError(f"`scan_layer_scores`: dataset_of gave datasets outside 0..{n_datasets - 1}.")
             if len(label) and label.max() >= classes:
-                raise ValueError(f"`scan_layer_scores(classes={classes})`: layer {layer!r} holds label {int(label.max())}.")
+                raise ValueError(
+                    f"`scan_layer_scores(classes={classes})`: layer {layer!r} holds label {int(label.max())}.")
             if ex_dataset is not None:
                 ok = index >= 0
                 if ok.any() and index[ok].max() >= len(ex_dataset):

@@ -41,7 +41,8 @@ def plot_rank_profile(scans: Mapping[str, LayerScan], i: int, path: str, *, titl
     plt = _plt()
     score = _score_of(scans)
     multi = bool(dataset_names) and len(dataset_names) > 1
-    cols = [("score", score), ("label", "label"), ("step", "training step")] + ([("dataset", "dataset")] if multi else [])
+    cols = [("score", score), ("label", "label"), ("step", "training step")]
+    cols += [("dataset", "dataset")] if multi else []
     fig, axes = plt.subplots(len(scans), len(cols), figsize=(2.9 * len(cols), 1.9 * len(scans)), squeeze=False)
     for r, (name, scan) in enumerate(scans.items()):
         top = scan.top
@@ -137,7 +138,8 @@ def plot_example_totals(scans: Mapping[str, LayerScan], i: int, path: str, *, ti
         if len(np.unique(ds)) > 1:
             ax.legend(fontsize=6, markerscale=4)
     axes[0, 0].set_ylabel(f"total {score}", fontsize=7)
-    fig.suptitle(f"Per training example: total {score} over its presentations{': ' + title if title else ''}", fontsize=9)
+    suffix = f": {title}" if title else ""
+    fig.suptitle(f"Per training example: total {score} over its presentations{suffix}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -164,7 +166,8 @@ def plot_top_images(scans: Mapping[str, LayerScan], i: int, path: str, images: A
         pics = images(idx)
         for r in range(len(idx)):
             lab = int(scan.top["label"][i, r])
-            text = f"{name} #{r + 1}\n{class_names[lab] if 0 <= lab < len(class_names) else lab} s{int(scan.top['step'][i, r])}"
+            named = class_names[lab] if 0 <= lab < len(class_names) else lab
+            text = f"{name} #{r + 1}\n{named} s{int(scan.top['step'][i, r])}"
             show(axes[0, 1 + j * k + r], pics[r], text)
     fig.suptitle(f"Top {k} training rows per layer by {score} (title: layer, rank, label, step)", fontsize=7)
     fig.tight_layout()
