@@ -30,6 +30,7 @@ from typing import Sequence
 from lightning_dualform._version import __version__
 from lightning_dualform.cli.attend import DEFAULT_QUERIES, cmd_attend
 from lightning_dualform.cli.demo import cmd_demo
+from lightning_dualform.cli.influence import add_parser as add_influence
 from lightning_dualform.cli.info import cmd_info
 from lightning_dualform.cli.inputs import PROG, UsageError, error_message
 from lightning_dualform.cli.verify import cmd_verify
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", metavar="FILE", default=None, help="write every number of the answer as JSON")
     s.add_argument("--plot", metavar="FILE.png", default=None, help="draw the answer (.png, .pdf or .svg; needs matplotlib)")
     s.set_defaults(func=cmd_attend)
+
+    add_influence(sub, common, fmt)
 
     s = sub.add_parser("verify", parents=[common], formatter_class=fmt, help="check that the dual form is exact",
                        description="Rebuild each layer's outputs from the memory and compare with the trained "
