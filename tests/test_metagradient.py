@@ -134,15 +134,16 @@ def brute_force(ref, queries, qtargets, clip=None, mode="meta"):
     return table, f.detach(), params
 
 
+SLOW = pytest.mark.slow
 CASES = [
-    ("sgd", lambda p: torch.optim.SGD(p, lr=0.3), ref_sgd(0.3)),
+    pytest.param("sgd", lambda p: torch.optim.SGD(p, lr=0.3), ref_sgd(0.3), marks=SLOW),
     ("sgd-momentum-nesterov-wd", lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, nesterov=True, weight_decay=0.01),
      ref_sgd(0.2, momentum=0.9, wd=0.01, nesterov=True)),
-    ("sgd-momentum-dampening", lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.8, dampening=0.3),
-     ref_sgd(0.2, momentum=0.8, dampening=0.3)),
+    pytest.param("sgd-momentum-dampening", lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.8, dampening=0.3),
+                 ref_sgd(0.2, momentum=0.8, dampening=0.3), marks=SLOW),
     ("adamw", lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1), ref_adam(0.05, wd=0.1, decoupled=True)),
-    ("adam-l2-amsgrad", lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.01, amsgrad=True),
-     ref_adam(0.05, wd=0.01, amsgrad=True)),
+    pytest.param("adam-l2-amsgrad", lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.01, amsgrad=True),
+                 ref_adam(0.05, wd=0.01, amsgrad=True), marks=SLOW),
 ]
 
 
@@ -155,7 +156,8 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("name,make_opt,ref", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,make_opt,ref", CASES, ids=["sgd", "sgd-momentum-nesterov-wd", "sgd-momentum-dampening",
+                                                          "adamw", "adam-l2-amsgrad"])
 def test_metagradient_equals_unrolled_autograd(tmp_path, name, make_opt, ref):
     model = train(tmp_path / "run.h5", make_opt)
     q, qt = queries()
@@ -168,6 +170,7 @@ def test_metagradient_equals_unrolled_autograd(tmp_path, name, make_opt, ref):
     assert res.replay.grad_error < 1e-6 and res.replay.max_final_error < 1e-6
 
 
+@pytest.mark.slow
 def test_metagradient_with_norm_clipping(tmp_path):
     clip = 0.5
     model = train(tmp_path / "run.h5", lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.5), clip=clip)
@@ -181,14 +184,14 @@ def test_metagradient_with_norm_clipping(tmp_path):
 
 
 FIRST_ORDER_CASES = [
-    ("sgd-momentum", lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, weight_decay=0.01),
-     ref_sgd(0.2, momentum=0.9, wd=0.01), ref_sgd(0.2, momentum=0.9, wd=0.01)),
+    pytest.param("sgd-momentum", lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, weight_decay=0.01),
+     ref_sgd(0.2, momentum=0.9, wd=0.01), ref_sgd(0.2, momentum=0.9, wd=0.01), marks=SLOW),
     ("adamw", lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1), ref_adam(0.05, wd=0.1, decoupled=True),
      ref_adam(0.05, wd=0.1, decoupled=True, fixed_state=True)),
 ]
 
 
-@pytest.mark.parametrize("name,make_opt,ref,ref_fixed", FIRST_ORDER_CASES, ids=[c[0] for c in FIRST_ORDER_CASES])
+@pytest.mark.parametrize("name,make_opt,ref,ref_fixed", FIRST_ORDER_CASES, ids=["sgd-momentum", "adamw"])
 def test_first_order_and_every_step_equal_their_autograd_definitions(tmp_path, name, make_opt, ref, ref_fixed):
     """First order: the derivative with every step's weights and the optimizer's nonlinear state held fixed (the
     dual form's coefficients); every step (TracIn): each step's own change of the weights against df/dtheta_s."""
