@@ -35,10 +35,26 @@ class BatchSource:
         if data is None and getattr(store, "n_inputs", 0) == 0:
             raise ValueError(f"{store.path} keeps no raw training inputs, so the batches cannot be rebuilt from it. Pass "
                              "data= (the training dataset, indexable by the dataset indices the store records).")
+        self._kept: tuple[np.ndarray, np.ndarray] | None = None  # (sorted indices, inputs), when they fit in memory
+
+    def keep(self, examples: np.ndarray, budget: int = 512 * 2**20) -> None:
+        """Read the store's inputs of ``examples`` once (a sweep asks for every batch once per query batch), when
+        they take at most ``budget`` bytes."""
+        if self.data is not None or not len(examples):
+            return
+        one = self.store.train_inputs(examples[:1])
+        if one is None or one.nbytes * len(examples) > budget:
+            return
+        self._kept = (examples, self.store.train_inputs(examples))
 
     def __call__(self, indices: np.ndarray, labels: np.ndarray) -> Any:
         if self.data is None:
-            x = self.store.train_inputs(indices)
+            if self._kept is not None:
+                pos = np.searchsorted(self._kept[0], indices)
+                ok = (pos < len(self._kept[0])) & (self._kept[0][np.minimum(pos, len(self._kept[0]) - 1)] == indices)
+                x = self._kept[1][pos] if ok.all() else self.store.train_inputs(indices)
+            else:
+                x = self.store.train_inputs(indices)
             if x is None or (np.issubdtype(x.dtype, np.floating) and np.isnan(x.reshape(len(x), -1)).all(1).any()):
                 raise ValueError(f"{self.store.path} keeps no raw input for some of the examples {indices.tolist()[:8]}...; "
                                  "pass data= (the training dataset).")

@@ -152,8 +152,7 @@ def query_gradients(bound: BoundModel, factors: dict[str, QueryFactors]) -> dict
         if pname == "bias":
             out[name] = fac.bias()
         else:
-            d = fac.dense()  # (n, d_out, d_in)
-            out[name] = torch.stack([bound.to_module_shape(layer, "weight", m) for m in d]) if len(d) else d
+            out[name] = bound.to_module_shape(layer, "weight", fac.dense(), batched=True)  # (n, *shape)
     return out
 
 
@@ -194,6 +193,7 @@ def metagradient_table(
                              "Pass max_grad_norm= (the clip value the run used).")
     loss_fn = loss_fn or default_loss(bound.model)
     source = BatchSource(store, data, dtype)
+    source.keep(examples)
     k = segment or traj.segment_length()
     snaps, last = traj.snapshots(k)
     report = ReplayReport(steps=traj.n_steps, final_error=traj.final_error(last), segment=k, snapshots=len(snaps), clip=clip)
@@ -225,20 +225,22 @@ def _sweep(traj: Trajectory, snaps: list[Point], lossmod: _LossModule, source: B
     model.train()
     try:
         for snap, stop in reversed(list(zip(snaps, bounds[1:]))):
-            points, rows_list = [snap], []
+            points, rows_list, grads_list = [snap], [], []
             with torch.no_grad():
                 for rows in traj.rows(snap.s, stop):
                     rows_list.append(rows)
-                    points.append(traj.advance(points[-1], traj.stored_grads(rows)))
+                    grads_list.append(traj.stored_grads(rows))
+                    points.append(traj.advance(points[-1], grads_list[-1]))
             for j in range(len(rows_list) - 1, -1, -1):
-                lam, lam_state = _back_step(traj, points[j], rows_list[j], lossmod, source, lam, lam_state, table,
-                                            examples, clip, tolerance, report, nq)
-            del points, rows_list
+                lam, lam_state = _back_step(traj, points[j], rows_list[j], grads_list[j], lossmod, source, lam, lam_state,
+                                            table, examples, clip, tolerance, report, nq)
+            del points, rows_list, grads_list
     finally:
         model.train(was_training)
 
 
-def _back_step(traj: Trajectory, point: Point, rows: dict, lossmod: _LossModule, source: BatchSource,
+def _back_step(traj: Trajectory, point: Point, rows: dict, stored: dict[str, torch.Tensor], lossmod: _LossModule,
+               source: BatchSource,
                lam: dict[str, torch.Tensor], lam_state: dict[tuple[str, str], torch.Tensor], table: torch.Tensor,
                examples: np.ndarray, clip: float | None, tolerance: float, report: ReplayReport, nq: int
                ) -> tuple[dict[str, torch.Tensor], dict[tuple[str, str], torch.Tensor]]:
@@ -249,7 +251,6 @@ def _back_step(traj: Trajectory, point: Point, rows: dict, lossmod: _LossModule,
               for k, st in point.states.items()}
     here = Point(s, theta, states)
     idx, labels = traj.batch_indices(rows)
-    stored = traj.stored_grads(rows)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*self.log.*")
         loss = functional_call(lossmod, {f"inner.{k}": v for k, v in theta.items()}, (source(idx, labels),))
@@ -297,7 +298,7 @@ def _back_step(traj: Trajectory, point: Point, rows: dict, lossmod: _LossModule,
 def _score_rows(traj: Trajectory, rows: dict, lam_g: dict[str, torch.Tensor], table: torch.Tensor,
                 examples: np.ndarray) -> None:
     """``table[:, i] += <Lambda_s, d G_s / d w_i>`` for the examples of the step: per layer, each row's
-    ``v^T Lambda_W k + Lambda_b . v``."""
+    ``v^T Lambda_W k + Lambda_b . v`` (one product ``(nq d_out, d_in) x (d_in, B)`` per layer)."""
     bound = traj.bound
     for layer in bound.layers:
         r = rows[layer]
@@ -305,10 +306,11 @@ def _score_rows(traj: Trajectory, rows: dict, lam_g: dict[str, torch.Tensor], ta
             continue
         k = torch.as_tensor(r.keys).to(table.dtype)
         v = torch.as_tensor(r.values).to(table.dtype)
-        name_w = f"{layer}.weight" if layer else "weight"
-        lw = lam_g[name_w]
-        lw = torch.stack([bound.to_view(layer, "weight", m) for m in lw])  # (nq, d_out, d_in)
-        scores = torch.einsum("qob,bo->qb", torch.einsum("qoi,bi->qob", lw, k), v)
+        lw = lam_g[f"{layer}.weight" if layer else "weight"]
+        nq = lw.shape[0]
+        lw = bound.to_view(layer, "weight", lw, batched=True)  # (nq, d_out, d_in)
+        t = (lw.reshape(-1, lw.shape[-1]) @ k.t()).reshape(nq, lw.shape[1], -1)  # (nq, d_out, B)
+        scores = (t * v.t()[None]).sum(1)
         name_b = f"{layer}.bias" if layer else "bias"
         if name_b in lam_g:
             scores = scores + lam_g[name_b] @ v.t()

@@ -96,24 +96,25 @@ class BoundModel:
         return out
 
     # -- weights ----------------------------------------------------------------------------------------
-    def to_module_shape(self, layer: str, pname: str, view: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """A weight in the store's ``(d_out, d_in)`` view (or a bias) as the module's own parameter shape."""
+    def to_module_shape(self, layer: str, pname: str, view: np.ndarray | torch.Tensor, *, batched: bool = False) -> torch.Tensor:
+        """A weight in the store's ``(d_out, d_in)`` view (or a bias) as the module's own parameter shape; with
+        ``batched``, a stack of them ``(n, d_out, d_in) -> (n, *shape)``."""
         t = torch.as_tensor(view)
         if pname == "bias":
             return t
         lay = self.store.layer(layer)
         if lay.kind == "embedding":
-            return t.t()
-        return t.reshape(lay.weight_shape)
+            return t.transpose(-1, -2)
+        return t.reshape(*t.shape[:1], *lay.weight_shape) if batched else t.reshape(lay.weight_shape)
 
-    def to_view(self, layer: str, pname: str, param: torch.Tensor) -> torch.Tensor:
+    def to_view(self, layer: str, pname: str, param: torch.Tensor, *, batched: bool = False) -> torch.Tensor:
         """The inverse of :meth:`to_module_shape`."""
         if pname == "bias":
             return param
         lay = self.store.layer(layer)
         if lay.kind == "embedding":
-            return param.t()
-        return param.reshape(lay.d_out, lay.d_in)
+            return param.transpose(-1, -2)
+        return param.reshape(*param.shape[:1], lay.d_out, lay.d_in) if batched else param.reshape(lay.d_out, lay.d_in)
 
     def final_params(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The model's own tracked parameters, checked against the store's final weights.
