@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(result, open(os.path.join(args.out, f"lds-{args.setting}-{args.optimizer}.json"), "w"), indent=1)
 
     os.makedirs(args.out, exist_ok=True)
-    with StoreReader(store_path) as store:
+    with StoreReader(store_path, probe=False) as store:  # written and closed by this process just now
         for method in ("first_order", "every_step", "metagradient"):
             if method not in methods:
                 continue

@@ -147,3 +147,60 @@ def test_the_metagradient_refuses_what_it_cannot_replay(tmp_path, sgd_run):
     assert influence(tmp_path / "part.h5", part, x[:2], y[:2]).layers == ["2"]
     with pytest.raises(ValueError, match="method"):
         influence(path, model, x[:2], y[:2], method="exact")
+
+
+# -- a Lightning run, and the CLI ---------------------------------------------------------------------------
+def test_cli_influence_and_a_lightning_run(tmp_path, monkeypatch, capsys):
+    """A Trainer's store with recorded test queries: the CLI's JSON equals influence() in-process, and the
+    metagradient replays the Trainer's run through the LightningModule's own training_step."""
+    import json
+
+    import lightning as L
+    from helpers import TRAINER_KW, MLP, IndexedDataset
+
+    from lightning_dualform import DualFormCallback
+    from lightning_dualform.cli import main
+
+    class Classifier(MLP):
+        def test_step(self, batch, batch_idx):
+            return self(batch[0])
+
+    path = str(tmp_path / "small.h5")
+    model = Classifier()
+    trainer = L.Trainer(max_epochs=2, callbacks=[DualFormCallback(path, record_queries=("test",))], **TRAINER_KW)
+    trainer.fit(model, torch.utils.data.DataLoader(IndexedDataset(n=48, seed=0), batch_size=16, shuffle=True))
+    trainer.test(model, torch.utils.data.DataLoader(IndexedDataset(n=6, seed=1), batch_size=6), verbose=False)
+    (tmp_path / "inf_models.py").write_text("from helpers import MLP\n\ndef make():\n    return MLP()\n")
+    monkeypatch.chdir(tmp_path)
+    rc = main(["influence", path, "--model", "inf_models:make", "--index", "0:3", "--top-k", "4", "--json",
+               str(tmp_path / "fo.json"), "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "proponent" in out and "margin" in out
+    got = json.loads((tmp_path / "fo.json").read_text())
+    with StoreReader(path) as store:
+        qs = store.queries("test")
+        x, y = torch.as_tensor(qs.inputs_at(np.arange(3))), torch.as_tensor(qs.label[:3])
+        want = influence(store, model, x, y)
+        exact = influence(store, model, x, y, method="metagradient")
+    assert got["proponents"]["index"] == want.top(4)[0].index.tolist()
+    assert got["targets"] == y.tolist()
+    assert exact.replay.grad_error < 1e-5 and exact.replay.max_final_error < 1e-5
+    rc = main(["influence", path, "--model", "inf_models:make", "--index", "0:3", "--method", "metagradient",
+               "--json", str(tmp_path / "mg.json"), "--quiet"])
+    capsys.readouterr()
+    mg = json.loads((tmp_path / "mg.json").read_text())
+    assert rc == 0 and mg["replay"]["grad_error"] < 1e-5
+    assert mg["proponents"]["index"] == exact.top(5)[0].index.tolist()
+    assert main(["influence", path, "--model", "no_such_module:make", "--quiet"]) == 2
+
+
+def test_which_examples_is_the_views_answer(sgd_run):
+    from lightning_dualform.attribute import which_examples
+
+    path, model, x, y = sgd_run
+    got = which_examples(path, model, x[:2], top_k=3)
+    res = influence(path, model, x[:2], model(x[:2]).argmax(-1))
+    pro, opp = res.top(3)
+    assert got["target"] == "margin" and "final model" in got["meaning"]
+    assert [p["index"] for p in got["queries"][0]["proponents"]] == [i for i in pro.index[0].tolist() if i >= 0]
+    assert [o["index"] for o in got["queries"][1]["opponents"]] == [i for i in opp.index[1].tolist() if i >= 0]

@@ -11,5 +11,7 @@ from lightning_dualform.attribute.influence import METHODS, influence
 from lightning_dualform.attribute.metagradient import ReplayReport
 from lightning_dualform.attribute.result import Influence, TopInfluence
 from lightning_dualform.attribute.targets import TARGETS
+from lightning_dualform.attribute.views import ATTENTION_MEANING, which_examples
 
-__all__ = ["Influence", "METHODS", "ReplayReport", "TARGETS", "TopInfluence", "influence"]
+__all__ = ["ATTENTION_MEANING", "Influence", "METHODS", "ReplayReport", "TARGETS", "TopInfluence", "influence",
+           "which_examples"]
