@@ -26,7 +26,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,7 +130,8 @@ def baselines(model, xtr, ytr, xte, yte) -> dict[str, np.ndarray]:
     hid = cosine(hidden(model, xte), hidden(model, xtr)).double()
     rng = np.random.default_rng(0)
     return {"pixel similarity": pix.numpy(), "hidden similarity": hid.numpy(),
-            "label-signed pixel similarity": (pix * same).numpy(), "label-signed hidden similarity": (hid * same).numpy(),
+            "label-signed pixel similarity": (pix * same).numpy(),
+            "label-signed hidden similarity": (hid * same).numpy(),
             "random": rng.standard_normal(pix.shape)}
 
 
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter(); fit(xtr, ytr, batches, args.optimizer, 0, checkpoints=ckpts, steps_per_epoch=spe)
     t_ckpt = time.perf_counter() - t
     result.update(fit_seconds=t_fit, recorded_fit_seconds=t_rec, checkpointed_fit_seconds=t_ckpt)
-    print(f"fit {t_fit:.2f} s, recorded {t_rec:.2f} s, with checkpoints {t_ckpt:.2f} s; load {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"fit {t_fit:.2f} s, recorded {t_rec:.2f} s, with checkpoints {t_ckpt:.2f} s; "
+          f"load {os.getloadavg()[0]:.1f}", flush=True)
 
     # retrainings
     rng = np.random.default_rng(123)
@@ -205,10 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         boot = np.random.default_rng(7)
         draws = [spearman_per_query(pred[b], truth[b]).mean()
                  for b in (boot.integers(0, len(pred), len(pred)) for _ in range(100))]
-        result["methods"][name] = {"lds": mean, "se": se, "se_subsets": float(np.std(draws, ddof=1)), "seconds": seconds,
-                                   "extra_training_seconds": extra_train, "note": note}
-        print(f"{name:34s} LDS {mean:+.3f} ± {se:.3f} (subsets ± {result['methods'][name]['se_subsets']:.3f})   attribution {seconds:7.2f} s   extra training {extra_train:6.2f} s",
-              flush=True)
+        result["methods"][name] = {"lds": mean, "se": se, "se_subsets": float(np.std(draws, ddof=1)),
+                                   "seconds": seconds, "extra_training_seconds": extra_train, "note": note}
+        m = result["methods"][name]
+        print(f"{name:34s} LDS {mean:+.3f} ± {se:.3f} (subsets ± {m['se_subsets']:.3f})   "
+              f"attribution {seconds:7.2f} s   extra training {extra_train:6.2f} s", flush=True)
         json.dump(result, open(os.path.join(args.out, f"lds-{args.setting}-{args.optimizer}.json"), "w"), indent=1)
 
     os.makedirs(args.out, exist_ok=True)
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             if "first_order" in methods:
                 t = time.perf_counter()
                 res = influence(store, base, xte, yte, method="first_order", target=target)
-                score(f"lightning-dualform first_order (f=loss, negated)", -res.scores.numpy(), time.perf_counter() - t,
+                score("lightning-dualform first_order (f=loss, negated)", -res.scores.numpy(), time.perf_counter() - t,
                       t_rec - t_fit)
     if "baselines" in methods:
         for name, tab in baselines(base, xtr, ytr, xte, yte).items():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -72,7 +71,8 @@ def kronfluence_ekfac(*, base, xtr, ytr, xte, yte, work, **_: Any):
     analyzer.fit_all_factors("ekfac", train, per_device_batch_size=256, factor_args=FactorArguments(strategy="ekfac"),
                              overwrite_output_dir=True)
     analyzer.compute_pairwise_scores("s", "ekfac", test, train, per_device_query_batch_size=len(test),
-                                     per_device_train_batch_size=256, score_args=ScoreArguments(), overwrite_output_dir=True)
+                                     per_device_train_batch_size=256, score_args=ScoreArguments(),
+                                     overwrite_output_dir=True)
     scores = analyzer.load_pairwise_scores("s")["all_modules"]
     return "kronfluence EK-FAC", scores.double().numpy(), 0.0
 

@@ -30,7 +30,8 @@ def table(paths: list[str]) -> str:
             extra.append(f"{m['extra_training_seconds']:.1f} s")
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {' / '.join(times)} | {' / '.join(extra)} |")
     facts = "; ".join(f"{r['args']['setting']} {r['args']['optimizer']}: fit {r['fit_seconds']:.2f} s, recorded "
-                      f"{r['recorded_fit_seconds']:.2f} s, {r['args']['subsets']} retrainings {r['retrain_seconds']:.0f} s, "
+                      f"{r['recorded_fit_seconds']:.2f} s, {r['args']['subsets']} retrainings "
+                      f"{r['retrain_seconds']:.0f} s, "
                       f"load {r['load'][0]:.1f}" for r in runs)
     return "\n".join(lines) + "\n\n" + facts + "\n"
 

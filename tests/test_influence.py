@@ -34,7 +34,8 @@ def test_scalar_scores_equal_the_dense_sum(P, d_in, d_out):
     n, B = 4, 7
     fac = QueryFactors(torch.randn(n, P, d_in, generator=g, dtype=torch.float64),
                        torch.randn(n, P, d_out, generator=g, dtype=torch.float64))
-    k, v = torch.randn(B, d_in, generator=g, dtype=torch.float64), torch.randn(B, d_out, generator=g, dtype=torch.float64)
+    k = torch.randn(B, d_in, generator=g, dtype=torch.float64)
+    v = torch.randn(B, d_out, generator=g, dtype=torch.float64)
     c_w, c_b = torch.randn(B, generator=g, dtype=torch.float64), torch.randn(B, generator=g, dtype=torch.float64)
     got = scalar_scores(fac, k, v, c_w, c_b)
     want = _dense(fac, k, v, c_w[:, None, None].expand(B, d_out, d_in), c_b[:, None])
@@ -47,9 +48,12 @@ def test_elementwise_scores_equal_the_dense_sum(P):
     n, B, d_in, d_out = 5, 6, 7, 3
     fac = QueryFactors(torch.randn(n, P, d_in, generator=g, dtype=torch.float64),
                        torch.randn(n, P, d_out, generator=g, dtype=torch.float64))
-    k, v = torch.randn(B, d_in, generator=g, dtype=torch.float64), torch.randn(B, d_out, generator=g, dtype=torch.float64)
-    q_w, q_b = torch.randn(d_out, d_in, generator=g, dtype=torch.float64), torch.randn(d_out, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(elementwise_scores(fac, k, v, q_w, q_b), _dense(fac, k, v, q_w, q_b), rtol=1e-10, atol=1e-12)
+    k = torch.randn(B, d_in, generator=g, dtype=torch.float64)
+    v = torch.randn(B, d_out, generator=g, dtype=torch.float64)
+    q_w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    q_b = torch.randn(d_out, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(elementwise_scores(fac, k, v, q_w, q_b), _dense(fac, k, v, q_w, q_b),
+                               rtol=1e-10, atol=1e-12)
     # a scalar coefficient takes the scalar path
     torch.testing.assert_close(elementwise_scores(fac, k, v, -0.5, None),
                                _dense(fac, k, v, torch.full((d_out, d_in), -0.5, dtype=torch.float64), None))
@@ -82,7 +86,8 @@ def _model(dropout: float = 0.0) -> nn.Module:
 def _train(path, model: nn.Module, opt_name: str = "sgd", layers=None):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(N, 6, generator=g), torch.randint(0, 3, (N,), generator=g)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1) if opt_name == "sgd" else torch.optim.AdamW(model.parameters(), lr=0.01)
+    params = model.parameters()
+    opt = torch.optim.SGD(params, lr=0.1) if opt_name == "sgd" else torch.optim.AdamW(params, lr=0.01)
     with DualFormRecorder(str(path), model, opt, layers=layers) as rec:
         for e in range(2):
             for idx in torch.randperm(N, generator=g).split(B):

@@ -8,9 +8,6 @@ written out again here, op for op as torch documents them, independently of the 
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
 import torch
 from torch import nn

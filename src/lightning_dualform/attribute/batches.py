@@ -33,8 +33,8 @@ class BatchSource:
         self.data = data
         self.dtype = dtype
         if data is None and getattr(store, "n_inputs", 0) == 0:
-            raise ValueError(f"{store.path} keeps no raw training inputs, so the batches cannot be rebuilt from it. Pass "
-                             "data= (the training dataset, indexable by the dataset indices the store records).")
+            raise ValueError(f"{store.path} keeps no raw training inputs, so the batches cannot be rebuilt from it. "
+                             "Pass data= (the training dataset, indexable by the dataset indices the store records).")
         self._kept: tuple[np.ndarray, np.ndarray] | None = None  # (sorted indices, inputs), when they fit in memory
 
     def keep(self, examples: np.ndarray, budget: int = 512 * 2**20) -> None:
@@ -56,8 +56,8 @@ class BatchSource:
             else:
                 x = self.store.train_inputs(indices)
             if x is None or (np.issubdtype(x.dtype, np.floating) and np.isnan(x.reshape(len(x), -1)).all(1).any()):
-                raise ValueError(f"{self.store.path} keeps no raw input for some of the examples {indices.tolist()[:8]}...; "
-                                 "pass data= (the training dataset).")
+                raise ValueError(f"{self.store.path} keeps no raw input for some of the examples "
+                                 f"{indices.tolist()[:8]}...; pass data= (the training dataset).")
             batch: Any = (torch.as_tensor(x), torch.as_tensor(labels, dtype=torch.int64))
         elif callable(self.data) and not hasattr(self.data, "__getitem__"):
             batch = self.data(indices)
@@ -70,7 +70,8 @@ def _cast(batch: Any, dtype: torch.dtype) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(dtype) if batch.is_floating_point() else batch
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_cast(b, dtype) for b in batch) if not hasattr(batch, "_fields") else type(batch)(*(_cast(b, dtype) for b in batch))
+        parts = [_cast(b, dtype) for b in batch]
+        return type(batch)(*parts) if hasattr(batch, "_fields") else type(batch)(parts)
     if isinstance(batch, dict):
         return {k: _cast(v, dtype) for k, v in batch.items()}
     return batch

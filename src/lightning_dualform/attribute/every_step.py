@@ -51,8 +51,9 @@ def every_step_table(store: Any, bound: BoundModel, inputs: Any, targets: torch.
                 name_b = f"{layer}.bias" if layer else "bias"
                 u_b = _response(traj, point, name_b, G) if name_b in G else None
                 u_w = bound.to_view(layer, "weight", u_w) if isinstance(u_w, torch.Tensor) else u_w
-                scores = elementwise_scores(type(fac[layer])(fac[layer].x.to(dtype), fac[layer].g.to(dtype)),
-                                            torch.as_tensor(r.keys).to(dtype), torch.as_tensor(r.values).to(dtype), u_w, u_b)
+                here = type(fac[layer])(fac[layer].x.to(dtype), fac[layer].g.to(dtype))
+                keys, values = torch.as_tensor(r.keys).to(dtype), torch.as_tensor(r.values).to(dtype)
+                scores = elementwise_scores(here, keys, values, u_w, u_b)
                 table.index_add_(1, torch.as_tensor(columns_of(examples, r.data["index"])), scores)
             point = traj.advance(point, G)
     with torch.enable_grad():

@@ -62,7 +62,8 @@ def influence(
         method: ``"first_order"`` (default), ``"every_step"`` or ``"metagradient"``.
         layers: for ``"first_order"``, the tracked layers to sum (default: all); the replaying methods use all.
         forward: ``forward(model, inputs) -> outputs`` when ``model(inputs)`` is not the call.
-        loss_fn, data, query_batch, max_grad_norm, tolerance: for ``"metagradient"`` (:func:`~.metagradient.metagradient_table`):
+        loss_fn, data, query_batch, max_grad_norm, tolerance: for ``"metagradient"``
+            (:func:`~.metagradient.metagradient_table`):
             the batch loss ``loss_fn(model, batch)`` (default: a LightningModule's ``training_step``, else mean
             cross-entropy), where batches come from (default: the store's raw inputs and labels), queries per
             reverse sweep, the gradient-norm clip, and how far a replayed gradient may stray.
@@ -119,8 +120,8 @@ def _influence(store, model, inputs, targets, target, method, layers, forward, l
     elif method == "every_step":
         scores, f = every_step_table(store, bound, inputs, targets, target, examples, forward=forward, dtype=dtype)
     else:
-        scores, f, replay = metagradient_table(store, bound, inputs, targets, target, examples, loss_fn=loss_fn, data=data,
-                                               forward=forward, query_batch=query_batch, max_grad_norm=max_grad_norm,
-                                               tolerance=tolerance, dtype=dtype)
+        scores, f, replay = metagradient_table(store, bound, inputs, targets, target, examples, loss_fn=loss_fn,
+                                               data=data, forward=forward, query_batch=query_batch,
+                                               max_grad_norm=max_grad_norm, tolerance=tolerance, dtype=dtype)
     return Influence(scores=scores, examples=examples, labels=labels, values=f.to(dtype), target=target_name(target),
                      method=method, layers=list(bound.layers), replay=replay, seconds=time.perf_counter() - t0)

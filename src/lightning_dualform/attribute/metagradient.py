@@ -35,7 +35,6 @@ follow is refused before it starts: trainable parameters the store does not reco
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,14 +188,16 @@ def metagradient_table(
         scales = np.concatenate(list(traj.grad_scale.values()))
         if len(scales) and not np.allclose(scales, 1.0, rtol=0, atol=1e-12):
             raise ValueError(f"{store.path}: some steps scaled the gradient by a factor other than 1 (between "
-                             f"{scales.min():.6g} and {scales.max():.6g}), and the store does not say by which norm clip. "
+                             f"{scales.min():.6g} and {scales.max():.6g}), and the store does not say by which norm "
+                             "clip. "
                              "Pass max_grad_norm= (the clip value the run used).")
     loss_fn = loss_fn or default_loss(bound.model)
     source = BatchSource(store, data, dtype)
     source.keep(examples)
     k = segment or traj.segment_length()
     snaps, last = traj.snapshots(k)
-    report = ReplayReport(steps=traj.n_steps, final_error=traj.final_error(last), segment=k, snapshots=len(snaps), clip=clip)
+    report = ReplayReport(steps=traj.n_steps, final_error=traj.final_error(last), segment=k, snapshots=len(snaps),
+                          clip=clip)
     lossmod = _LossModule(bound.model, loss_fn)
     n = targets.shape[0]
     table = torch.zeros(n, len(examples), dtype=dtype)
@@ -232,8 +233,8 @@ def _sweep(traj: Trajectory, snaps: list[Point], lossmod: _LossModule, source: B
                     grads_list.append(traj.stored_grads(rows))
                     points.append(traj.advance(points[-1], grads_list[-1]))
             for j in range(len(rows_list) - 1, -1, -1):
-                lam, lam_state = _back_step(traj, points[j], rows_list[j], grads_list[j], lossmod, source, lam, lam_state,
-                                            table, examples, clip, tolerance, report, nq)
+                lam, lam_state = _back_step(traj, points[j], rows_list[j], grads_list[j], lossmod, source, lam,
+                                            lam_state, table, examples, clip, tolerance, report, nq)
             del points, rows_list, grads_list
     finally:
         model.train(was_training)
@@ -262,8 +263,8 @@ def _back_step(traj: Trajectory, point: Point, rows: dict, stored: dict[str, tor
     if err > tolerance:
         raise ValueError(
             f"the replay left the stored run at update {s} (global step {traj.first_step + s}): the loss's gradient at "
-            f"the replayed weights differs from the stored one by {err:.2e} (relative; tolerance {tolerance:g}). The loss "
-            "function, the batches (data=) or the model's forward are not those of the recorded run."
+            f"the replayed weights differs from the stored one by {err:.2e} (relative; tolerance {tolerance:g}). The "
+            "loss function, the batches (data=) or the model's forward are not those of the recorded run."
         )
     scale = None
     if clip is not None:
@@ -289,7 +290,8 @@ def _back_step(traj: Trajectory, point: Point, rows: dict, stored: dict[str, tor
     res = torch.autograd.grad(outs, ins, cots, is_grads_batched=True, allow_unused=True)
     zero = lambda ref: torch.zeros((nq, *ref.shape), dtype=ref.dtype)  # noqa: E731
     new_lam = {k: (r if r is not None else zero(theta[k])) for k, r in zip(names, res[: len(names)])}
-    new_state = {(name, e): r for (name, e, t), r in zip(in_state, res[len(names): len(names) + len(in_state)]) if r is not None}
+    state_res = res[len(names): len(names) + len(in_state)]
+    new_state = {(name, e): r for (name, e, _), r in zip(in_state, state_res) if r is not None}
     lam_g = {k: (r if r is not None else zero(theta[k])) for k, r in zip(names, res[len(names) + len(in_state):])}
     _score_rows(traj, rows, lam_g, table, examples)
     return new_lam, new_state

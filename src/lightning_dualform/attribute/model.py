@@ -96,7 +96,8 @@ class BoundModel:
         return out
 
     # -- weights ----------------------------------------------------------------------------------------
-    def to_module_shape(self, layer: str, pname: str, view: np.ndarray | torch.Tensor, *, batched: bool = False) -> torch.Tensor:
+    def to_module_shape(self, layer: str, pname: str, view: np.ndarray | torch.Tensor, *,
+                        batched: bool = False) -> torch.Tensor:
         """A weight in the store's ``(d_out, d_in)`` view (or a bias) as the module's own parameter shape; with
         ``batched``, a stack of them ``(n, d_out, d_in) -> (n, *shape)``."""
         t = torch.as_tensor(view)
@@ -176,7 +177,10 @@ class BoundModel:
         live = {k: v.detach().to(own).requires_grad_(True) for k, v in params.items()}
         try:
             model.eval()
-            outputs = functional_call(model, live, (inputs,)) if forward is None else _call_with(model, live, forward, inputs)
+            if forward is None:
+                outputs = functional_call(model, live, (inputs,))
+            else:
+                outputs = _call_with(model, live, forward, inputs)
             f = evaluate(target, outputs, targets)
             f.sum().backward()
         finally:
@@ -192,7 +196,8 @@ class BoundModel:
             d_in = self.store.layer(name).d_in
             for keys, lead, holder in calls:
                 if not lead or lead[0] != n:
-                    raise ValueError(f"layer {name!r} saw inputs of leading shape {lead}, not a batch of the {n} queries.")
+                    raise ValueError(f"layer {name!r} saw inputs of leading shape {lead}, not a batch of the {n} "
+                                     "queries.")
                 k = one_hot_keys(keys, d_in) if not keys.is_floating_point() else keys
                 v = holder[0] if holder else torch.zeros(k.shape[0], self.store.layer(name).d_out)
                 xs.append(k.to(dtype).reshape(n, -1, d_in))

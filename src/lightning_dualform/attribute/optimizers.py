@@ -97,7 +97,8 @@ def step_function(rule: str) -> Step:
     if rule not in STEPS:
         raise ValueError(
             f"replaying training through the optimizer is implemented for {sorted(STEPS)} (SGD with every flag, Adam "
-            f"and AdamW); this store's update rule is {rule!r}. Use method='first_order', which covers every exact rule."
+            f"and AdamW); this store's update rule is {rule!r}. Use method='first_order', which covers every exact "
+            "rule."
         )
     return STEPS[rule]
 

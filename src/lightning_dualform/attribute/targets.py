@@ -60,7 +60,8 @@ def evaluate(target: Target, outputs: torch.Tensor, targets: torch.Tensor) -> to
             raise ValueError(f"target={target!r} needs class scores of shape (n, C) for the {n} queries; the model "
                              f"returned {tuple(outputs.shape)}. Pass a callable target(outputs, targets) instead.")
         if n and (int(targets.min()) < 0 or int(targets.max()) >= outputs.shape[1]):
-            raise ValueError(f"targets must be classes in 0..{outputs.shape[1] - 1}; got {int(targets.min())}..{int(targets.max())}.")
+            raise ValueError(f"targets must be classes in 0..{outputs.shape[1] - 1}; got "
+                             f"{int(targets.min())}..{int(targets.max())}.")
         if target == "margin":
             if outputs.shape[1] < 2:
                 raise ValueError("target='margin' needs at least two classes; use target='logit'.")

@@ -58,7 +58,8 @@ class Trajectory:
         self.dtype = dtype
         self.rule = store.update_rule
         if store.form != "scalar" and store.form != "element-wise":
-            raise ValueError(f"{store.path}: a run recorded with exact=False (update rule 'plain') cannot be replayed exactly.")
+            raise ValueError(f"{store.path}: a run recorded with exact=False (update rule 'plain') cannot be replayed "
+                             "exactly.")
         self.step_fn = step_function(self.rule)
         self.n_steps = store.n_steps
         self.first_step = store.first_step
@@ -121,7 +122,8 @@ class Trajectory:
                 params[name], states[name] = p, point.states[name]
                 continue
             gs = scale[name] if scale is not None and name in scale else float(self.grad_scale[name][s])
-            params[name], states[name] = self.step_fn(p, point.states[name], gs * grads[name], hp, self.param_dtype[name])
+            params[name], states[name] = self.step_fn(p, point.states[name], gs * grads[name], hp,
+                                                      self.param_dtype[name])
         return Point(s + 1, params, states)
 
     def state_tensors(self, point: Point) -> list[tuple[str, str, torch.Tensor]]:
@@ -137,7 +139,7 @@ class Trajectory:
     # -- the forward replay ----------------------------------------------------------------------------------
     def segment_length(self, budget_bytes: int = 256 * 2**20) -> int:
         """Steps per snapshot ``K ~ sqrt(S)``, more when the whole run's states fit ``budget_bytes``."""
-        per = sum(p.numel() for p in self.start.params.values()) * self.start.params[next(iter(self.start.params))].element_size()
+        per = sum(p.numel() * p.element_size() for p in self.start.params.values())
         per *= 1 + len(TENSOR_STATE[self.rule])
         if per * max(self.n_steps, 1) <= budget_bytes:
             return max(self.n_steps, 1)

@@ -45,7 +45,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, fmt: Any) -> None:
     s.add_argument("--top-k", type=int, default=5, help="proponents and opponents listed per query")
     s.add_argument("--json", metavar="FILE", default=None, help="write the top-k per query (and the settings) as JSON")
     s.add_argument("--scores", metavar="FILE.npy", default=None,
-                   help="write the whole table (n_queries, n_examples) as .npy, with FILE.examples.npy (dataset indices)")
+                   help="write the whole table (n_queries, n_examples) as .npy, with FILE.examples.npy (dataset "
+                   "indices)")
     s.set_defaults(func=cmd_influence)
 
 
@@ -105,7 +106,10 @@ def _run(args: argparse.Namespace, json_out: Output, scores_out: Output) -> None
         load_final_weights(model, store)
         split = pick_split(store, args.split)
         qs = store.queries(split)
-        positions = parse_index(args.index, qs.index, split) if args.index is not None else np.arange(min(DEFAULT_QUERIES, qs.n))
+        if args.index is not None:
+            positions = parse_index(args.index, qs.index, split)
+        else:
+            positions = np.arange(min(DEFAULT_QUERIES, qs.n))
         inputs = qs.inputs_at(positions)
         if inputs is None:
             raise UsageError(f"query set {split!r} of {store.path} has no raw inputs to run the model on.")
@@ -125,7 +129,8 @@ def _run(args: argparse.Namespace, json_out: Output, scores_out: Output) -> None
         lines.append(f"\nquery {int(qs.index[p])} (class {int(targets[j])}, predicted {int(pred[j])}): "
                      f"f = {float(res.values[j]):.4g}")
         rows = [[r + 1, int(pro.index[j, r]), int(pro.label[j, r]), f"{pro.score[j, r]:+.4g}",
-                 int(opp.index[j, r]), int(opp.label[j, r]), f"{opp.score[j, r]:+.4g}"] for r in range(pro.index.shape[1])]
+                 int(opp.index[j, r]), int(opp.label[j, r]), f"{opp.score[j, r]:+.4g}"]
+                for r in range(pro.index.shape[1])]
         lines.append(table(["rank", "proponent", "label", "score", "opponent", "label", "score"], rows))
     print("\n".join(lines))
     if args.json:
