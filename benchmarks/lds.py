@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     # each timed twice, in turn, the faster kept (a shared machine's load comes and goes)
     t_fit = t_rec = t_ckpt = float("inf")
     for _ in range(2):
-        t = time.perf_counter(); base = fit(xtr, ytr, batches, args.optimizer, 0); t_fit = min(t_fit, time.perf_counter() - t)
+        t = time.perf_counter(); base = fit(xtr, ytr, batches, args.optimizer, 0)
+        t_fit = min(t_fit, time.perf_counter() - t)
         t = time.perf_counter(); fit(xtr, ytr, batches, args.optimizer, 0, record=store_path, steps_per_epoch=spe)
         t_rec = min(t_rec, time.perf_counter() - t)
         ckpts: list = []
