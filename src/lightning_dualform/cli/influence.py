@@ -18,36 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_dualform.cli.inputs import UsageError, check_store_path, parse_index, pick_split
+from lightning_dualform.cli.inputs import check_store_path, parse_index, pick_split
+from lightning_dualform.cli.usage import UsageError
 from lightning_dualform.cli.output import Output, json_text, note, table
 
 DEFAULT_QUERIES = 3
-
-
-def add_parser(sub: Any, common: argparse.ArgumentParser, fmt: Any) -> None:
-    """Register the subcommand (``cli/main.py`` calls it)."""
-    s = sub.add_parser("influence", parents=[common], formatter_class=fmt,
-                       help="which training examples a prediction depends on (influence on its margin)",
-                       description="Score every training example by how much up-weighting it would raise each query's "
-                       "target (default: the margin of its recorded label); list proponents and opponents.")
-    s.add_argument("store", metavar="STORE", help="a .h5 store written by DualFormCallback or DualFormRecorder")
-    s.add_argument("--model", required=True, metavar="MODULE:FACTORY",
-                   help="import path of a function returning the model (untrained is fine: the store's final weights "
-                   "are loaded into its tracked layers), e.g. mypkg.models:make_mlp")
-    s.add_argument("--split", default=None, help="recorded query set (default: 'test', or the store's only one)")
-    s.add_argument("--index", default=None, help=f"dataset indices of recorded queries: '3,17', '0:10' or 'all' "
-                   f"(default: the first {DEFAULT_QUERIES})")
-    s.add_argument("--target", choices=("margin", "loss", "logit"), default="margin",
-                   help="f: the margin (true-class logit minus logsumexp of the others), the loss, or the logit")
-    s.add_argument("--method", choices=("first_order", "every_step", "metagradient"), default="first_order",
-                   help="first order at the final model (dual form), TracIn at every replayed step, or the exact "
-                   "metagradient through training (needs the store's raw inputs and the loss: cross-entropy)")
-    s.add_argument("--top-k", type=int, default=5, help="proponents and opponents listed per query")
-    s.add_argument("--json", metavar="FILE", default=None, help="write the top-k per query (and the settings) as JSON")
-    s.add_argument("--scores", metavar="FILE.npy", default=None,
-                   help="write the whole table (n_queries, n_examples) as .npy, with FILE.examples.npy (dataset "
-                   "indices)")
-    s.set_defaults(func=cmd_influence)
 
 
 def load_model(spec: str) -> nn.Module:
