@@ -4,7 +4,6 @@ derivative). The metagradient through whole trainings with every rule: test_meta
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,7 +17,8 @@ STEPS_RUN = 12
 CASES = [
     ("sgd", torch.optim.SGD, dict(lr=0.05), dict(momentum=0.9, nesterov=True, weight_decay=0.01),
      dict(momentum=0.5, dampening=0.2, maximize=True)),
-    ("asgd", torch.optim.ASGD, dict(lr=0.05), dict(lambd=1e-2, weight_decay=0.05, alpha=0.5), dict(t0=5, maximize=True)),
+    ("asgd", torch.optim.ASGD, dict(lr=0.05), dict(lambd=1e-2, weight_decay=0.05, alpha=0.5),
+     dict(t0=5, maximize=True)),
     ("adam", torch.optim.Adam, dict(lr=0.05), dict(amsgrad=True, weight_decay=0.05), dict(maximize=True)),
     ("adam-decoupled", torch.optim.Adam, dict(lr=0.05), dict(decoupled_weight_decay=True, weight_decay=0.2),
      dict(betas=(0.8, 0.99), amsgrad=True, maximize=True)),
@@ -117,7 +117,8 @@ def test_sqrt_at_a_zero_second_moment_has_derivative_zero():
     g = torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64, requires_grad=True)
     hp = {"lr": 0.1, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
           "maximize": False, "decoupled_weight_decay": False}
-    st = {"step": 0.0, "exp_avg": torch.zeros(3, dtype=torch.float64), "exp_avg_sq": torch.zeros(3, dtype=torch.float64)}
+    zero = torch.zeros(3, dtype=torch.float64)
+    st = {"step": 0.0, "exp_avg": zero, "exp_avg_sq": zero}
     new, _ = step_function("adam")(p, st, g, hp, "float64")
     dg, = torch.autograd.grad(new.sum(), g)
     assert torch.isfinite(dg).all() and float(dg[0]) != 0.0  # m's path through g stays; v's path at 0 is cut

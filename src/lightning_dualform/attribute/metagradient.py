@@ -23,8 +23,8 @@ What the sweep needs and where it comes from:
 - the loss of a batch (``loss_fn(model, batch)``, by default the LightningModule's ``training_step`` or the mean
   cross-entropy) and the batches (the step's dataset indices from the rows; inputs from the store or ``data=``):
   for ``H_s Lambda_s``, a double backward through the batch loss;
-- the optimizer's derivative (:mod:`.optimizers`: SGD with every flag, Adam/AdamW), and, when the run clipped the
-  gradient norm, the clip factor's derivative.
+- the optimizer's derivative (:mod:`.optimizers`: every rule the store records, with every flag), and, when the run
+  clipped the gradient norm, the clip factor's derivative.
 
 The replay must follow the stored run: at every step the loss's gradient at the replayed weights is compared with
 the stored ``G_s``, and the replayed final weights with the stored ones (:class:`ReplayReport`); a step whose
@@ -45,10 +45,9 @@ from torch import nn
 from torch.func import functional_call
 
 from lightning_dualform.attribute.batches import BatchSource, Data, Loss, default_loss
-from lightning_dualform.attribute.examples import columns_of
-from lightning_dualform.attribute.model import BoundModel, Forward, QueryFactors
+from lightning_dualform.attribute.model import BoundModel, Forward
 from lightning_dualform.attribute.targets import Target
-from lightning_dualform.attribute.trajectory import Point, Trajectory
+from lightning_dualform.attribute.trajectory import Point, Trajectory, score_rows
 
 #: the clip factor's ``eps`` in ``max_norm / (||g|| + eps)``, as ``torch.nn.utils.clip_grad_norm_`` and Lightning use it
 CLIP_EPS = 1e-6
@@ -143,18 +142,6 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.inner, batch)
 
 
-def query_gradients(bound: BoundModel, factors: dict[str, QueryFactors]) -> dict[str, torch.Tensor]:
-    """``df_q/dtheta`` ``(n, *shape)`` of every tracked parameter from the queries' factors."""
-    out = {}
-    for name, (layer, pname) in bound.param_of.items():
-        fac = factors[layer]
-        if pname == "bias":
-            out[name] = fac.bias()
-        else:
-            out[name] = bound.to_module_shape(layer, "weight", fac.dense(), batched=True)  # (n, *shape)
-    return out
-
-
 def metagradient_table(
     store: Any,
     bound: BoundModel,
@@ -208,7 +195,7 @@ def metagradient_table(
         q_in = inputs[sl]
         f, _, fac = bound.query_factors(final, q_in, targets[sl], target, forward, dtype=dtype)
         values[sl] = f.to(dtype)
-        lam = query_gradients(bound, fac)
+        lam = bound.parameter_gradients(fac)
         _sweep(traj, snaps, lossmod, source, lam, table[sl], examples, clip, tolerance, report)
     return table, values, report
 
@@ -293,27 +280,5 @@ def _back_step(traj: Trajectory, point: Point, rows: dict, stored: dict[str, tor
     state_res = res[len(names): len(names) + len(in_state)]
     new_state = {(name, e): r for (name, e, _), r in zip(in_state, state_res) if r is not None}
     lam_g = {k: (r if r is not None else zero(theta[k])) for k, r in zip(names, res[len(names) + len(in_state):])}
-    _score_rows(traj, rows, lam_g, table, examples)
+    score_rows(traj.bound, rows, lam_g, table, examples)
     return new_lam, new_state
-
-
-def _score_rows(traj: Trajectory, rows: dict, lam_g: dict[str, torch.Tensor], table: torch.Tensor,
-                examples: np.ndarray) -> None:
-    """``table[:, i] += <Lambda_s, d G_s / d w_i>`` for the examples of the step: per layer, each row's
-    ``v^T Lambda_W k + Lambda_b . v`` (one product ``(nq d_out, d_in) x (d_in, B)`` per layer)."""
-    bound = traj.bound
-    for layer in bound.layers:
-        r = rows[layer]
-        if len(r) == 0:
-            continue
-        k = torch.as_tensor(r.keys).to(table.dtype)
-        v = torch.as_tensor(r.values).to(table.dtype)
-        lw = lam_g[f"{layer}.weight" if layer else "weight"]
-        nq = lw.shape[0]
-        lw = bound.to_view(layer, "weight", lw, batched=True)  # (nq, d_out, d_in)
-        t = (lw.reshape(-1, lw.shape[-1]) @ k.t()).reshape(nq, lw.shape[1], -1)  # (nq, d_out, B)
-        scores = (t * v.t()[None]).sum(1)
-        name_b = f"{layer}.bias" if layer else "bias"
-        if name_b in lam_g:
-            scores = scores + lam_g[name_b] @ v.t()
-        table.index_add_(1, torch.as_tensor(columns_of(examples, r.data["index"])), scores)
