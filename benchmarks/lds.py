@@ -15,8 +15,8 @@ and its attribution time. Peers (captum, kronfluence, dattri) run where they imp
 your own, never as project dependencies.
 
 The training recipe: ``--optimizer`` (SGD lr 0.05; SGD lr 0.01 momentum 0.9; AdamW lr 1e-3, weight decay 0.01),
-AdamW's ``--eps`` (torch's default 1e-8) and ``--warmup`` (the fraction of the steps over which the learning rate
-rises linearly to its value; 0: none). Every training runs on ``--threads`` threads (1 by default) so that the
+``--lr`` (in place of those learning rates), AdamW's ``--eps`` (torch's default 1e-8), ``--warmup`` (the fraction
+of the steps over which the learning rate rises linearly to its value; 0: none) and ``--batch``. Every training runs on ``--threads`` threads (1 by default) so that the
 retrainings that define the truth are reproducible to the bit; the script checks it (``reproducible_max_abs_diff``
 in the JSON: the base run trained twice).
 
@@ -56,24 +56,33 @@ def make_model(seed: int) -> nn.Module:
 
 @dataclass(frozen=True)
 class Recipe:
-    """How a model of the benchmark is trained: the optimizer, AdamW's ``eps`` and a linear warm-up."""
+    """How a model of the benchmark is trained: the optimizer, its learning rate, AdamW's ``eps``, a linear warm-up
+    and the batch size."""
 
     optimizer: str = "sgd"
     eps: float = 1e-8
     warmup: float = 0.0
+    learning_rate: float | None = None  # None: the optimizer's default below
+    batch: int = 64
 
     @property
     def lr(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
         return {"sgd": 0.05, "sgd-momentum": 0.01, "adamw": 1e-3}[self.optimizer]
 
     @property
     def tag(self) -> str:
-        """The optimizer, and AdamW's eps and the warm-up where they are not the defaults (for file names)."""
+        """The optimizer, then whatever differs from the defaults (for file names)."""
         out = self.optimizer
+        if self.learning_rate is not None:
+            out += f"-lr{self.learning_rate:g}"
         if self.optimizer == "adamw" and self.eps != 1e-8:
             out += f"-eps{self.eps:g}"
         if self.warmup:
             out += f"-warmup{self.warmup:g}"
+        if self.batch != 64:
+            out += f"-batch{self.batch}"
         return out
 
     def make(self, params, n_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
@@ -189,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimizer", choices=("sgd", "sgd-momentum", "adamw"), default="sgd")
     p.add_argument("--eps", type=float, default=1e-8, help="AdamW's eps")
     p.add_argument("--warmup", type=float, default=0.0, help="fraction of the steps of linear learning-rate warm-up")
+    p.add_argument("--lr", type=float, default=None, help="the learning rate (default: the optimizer's above)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of every training (fixed: reproducible)")
     p.add_argument("--train", type=int, default=1000)
     p.add_argument("--test", type=int, default=100)
@@ -206,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the retrainings' masks and margins saved by an earlier run with the same settings")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    recipe = Recipe(args.optimizer, args.eps, args.warmup)
+    recipe = Recipe(args.optimizer, args.eps, args.warmup, args.lr, args.batch)
     from lightning_dualform import StoreReader
     from lightning_dualform.attribute import influence
 

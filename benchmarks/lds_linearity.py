@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimizer", choices=("sgd", "sgd-momentum", "adamw"), default="adamw")
     p.add_argument("--eps", type=float, default=1e-8, help="AdamW's eps")
     p.add_argument("--warmup", type=float, default=0.0, help="fraction of the steps of linear learning-rate warm-up")
+    p.add_argument("--lr", type=float, default=None, help="the learning rate (default: lds.py's for the optimizer)")
+    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float64", help="of the model and the data")
     p.add_argument("--ts", default="1e-7,1e-5,1e-3,1e-2,0.1,0.5,1", help="down-weightings t, comma-separated")
     p.add_argument("--train", type=int, default=1000)
@@ -50,14 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_dualform.attribute import influence
 
     dt = getattr(torch, args.dtype)
-    recipe = lds.Recipe(args.optimizer, args.eps, args.warmup)
+    recipe = lds.Recipe(args.optimizer, args.eps, args.warmup, args.lr, args.batch)
     make_model = lds.make_model
     lds.make_model = lambda seed: make_model(seed).to(dt)
     xtr, ytr, xte, yte = lds.load_data(args.train, args.test)
     xtr, xte = xtr.to(dt), xte.to(dt)
-    batches = lds.orders(args.train, args.epochs, 64, seed=1)
+    batches = lds.orders(args.train, args.epochs, args.batch, seed=1)
     path = os.path.join(tempfile.mkdtemp(), "run.h5")
-    model = lds.fit(xtr, ytr, batches, recipe, 0, record=path, steps_per_epoch=-(-args.train // 64))
+    model = lds.fit(xtr, ytr, batches, recipe, 0, record=path, steps_per_epoch=-(-args.train // args.batch))
     with StoreReader(path, probe=False) as store:
         mg = influence(store, model, xte, yte, method="metagradient", query_batch=args.test).scores.numpy()
         fo = influence(store, model, xte, yte).scores.numpy()

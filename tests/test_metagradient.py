@@ -323,3 +323,23 @@ def test_every_step_through_a_step_that_couples_entries(tmp_path):
     with StoreReader(tmp_path / "run.h5") as store:
         ev = influence(store, model, q, qt, method="every_step")
     assert rel(ev.scores, tracin) < 1e-5, rel(ev.scores, tracin)
+
+
+#: every element-wise rule beside SGD and AdamW (tested above): TracIn's element-wise response of each step; the
+#: response is one generic jvp through the rule's step, so the default run keeps two rules with the most state
+ELEMENTWISE_CASES = [pytest.param(*c.values, id=c.id, marks=() if c.id in ("nadam", "rmsprop") else SLOW)
+                     for c in CASES if getattr(c, "id", None) in
+                     ("asgd", "adamax", "nadam", "radam", "adagrad", "rmsprop", "adadelta", "rmsprop-plain",
+                      "adam-maximize-decoupled")]
+
+
+@pytest.mark.parametrize("name,make_opt,ref", ELEMENTWISE_CASES)
+def test_every_step_equals_tracin_for_every_elementwise_rule(tmp_path, name, make_opt, ref):
+    """TracIn at every step through each rule's own element-wise response ``d theta_{s+1} / d g_s`` (the rule's
+    state held at its recorded value), against autograd through torch's functional step."""
+    model = train(tmp_path / "run.h5", make_opt)
+    q, qt = queries()
+    tracin, _, _ = brute_force(ref, q, qt, mode="tracin")
+    with StoreReader(tmp_path / "run.h5") as store:
+        ev = influence(store, model, q, qt, method="every_step")
+    assert rel(ev.scores, tracin) < 1e-5, (name, rel(ev.scores, tracin))
