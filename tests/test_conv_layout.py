@@ -19,7 +19,7 @@ from helpers import TRAINER_KW, dual_output, rel_err, store_contents
 from lightning_dualform import DualFormCallback, DualInference, StoreReader
 from lightning_dualform.attend.certificate import certify_store
 from lightning_dualform.record import engine as engine_mod
-from lightning_dualform.record.capture import conv_maps, keys_of, project_maps, weight_matrix
+from lightning_dualform.layers import conv_maps, keys_of, project_maps, weight_matrix
 from lightning_dualform.store import conv as store_conv
 
 HERE = os.path.dirname(__file__)

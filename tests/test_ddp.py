@@ -143,7 +143,7 @@ def test_two_process_ddp_conv_maps_are_exact(tmp_path):
     sys.path.insert(0, os.path.dirname(SCRIPT))
     from ddp_run import ConvMLP
 
-    from lightning_dualform.record.capture import keys_of
+    from lightning_dualform.layers import keys_of
 
     store, weights = tmp_path / "ddp.h5", tmp_path / "final.pt"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

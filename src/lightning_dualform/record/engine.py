@@ -32,11 +32,7 @@ from lightning_dualform._float32_products import float32_mode, loosest
 from lightning_dualform._version import __version__
 from lightning_dualform.attend.certificate import FLOAT32_PRODUCTS_TOLERANCE, certify_store, read_certificate, tolerance
 from lightning_dualform.errors import DiskSpaceError, InexactError
-from lightning_dualform.optim import UpdateRule, rule_for
-from lightning_dualform.record.batches import BatchInfo, duplicates, row_metadata
-from lightning_dualform.record.capture import (
-    CallRows,
-    LayerCapture,
+from lightning_dualform.layers import (
     conv_geometry,
     layer_kind,
     layer_shape,
@@ -46,6 +42,9 @@ from lightning_dualform.record.capture import (
     project_maps,
     weight_matrix,
 )
+from lightning_dualform.optim import UpdateRule, rule_for
+from lightning_dualform.record.batches import BatchInfo, duplicates, row_metadata
+from lightning_dualform.record.capture import CallRows, LayerCapture
 from lightning_dualform.record.options import RecordOptions
 from lightning_dualform.record.planner import Plan, estimate, free_bytes
 from lightning_dualform.record.policy import gradient_check_tolerance

@@ -18,7 +18,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_dualform.record.batches import BatchInfo, batch_size, prediction, row_metadata
-from lightning_dualform.record.capture import LayerCapture, layer_shape, one_hot_keys
+from lightning_dualform.layers import layer_shape, one_hot_keys
+from lightning_dualform.record.capture import LayerCapture
 from lightning_dualform.store.query_writer import QueryWriter
 from lightning_dualform.store.reader import StoreReader
 

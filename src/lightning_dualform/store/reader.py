@@ -589,7 +589,7 @@ class LayerReader:
         ``(E, C_in, *input_size)`` float32 (the maps the rows lie in), ``skip`` (virtual rows of the first map
         before ``start``), ``rows`` (``stop - start``), ``locations`` (virtual rows per map), and ``columns`` of
         the rows themselves (``values`` decoded; metadata per virtual row, checked as :meth:`read` checks it). Unfold
-        with ``capture.unfold_maps`` on the compute device, then take rows ``skip:skip + rows``."""
+        with ``layers.unfold_maps`` on the compute device, then take rows ``skip:skip + rows``."""
         if self.geometry is None:
             raise ValueError(f"layer {self.name!r} is not stored as maps (layout {self.layout!r}).")
         stop = min(stop, self.n_rows)
