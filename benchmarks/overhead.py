@@ -301,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             t = time.perf_counter()
             cert = certify_store(os.path.join(workdir, "cert.h5"))
             result["certificate_s"] = round(time.perf_counter() - t, 3)
-            result["certificate"] = {k: v["rel_err"] for k, v in cert.items()}
+            result["certificate"] = {k: v.rel_err for k, v in cert.items()}
             remove_store(workdir, "cert")
         result["hook_timing"] = {}
         for v in [v.strip() for v in args.hook_timing.split(",") if v.strip()]:

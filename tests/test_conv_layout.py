@@ -210,8 +210,8 @@ def test_full_and_sketch_certificates_catch_one_corrupted_map_value(zoo_store, t
         ds = f["layers"][name]["keys"]
         ds[5, 1] = ds[5, 1] + 0.25  # (through HDF5's filters: the chunk's checksum stays valid)
     cert = certify_store(path)
-    assert not cert[name]["exact"] and cert[name]["rel_err"] > 1e-4
-    assert all(c["exact"] for n, c in cert.items() if n != name)
+    assert not cert[name].exact and cert[name].rel_err > 1e-4
+    assert all(c.exact for n, c in cert.items() if n != name)
 
     # the certificate made as training goes projects the rows handed to the writer: corrupt one map value there
     real = engine_mod._gather_rows

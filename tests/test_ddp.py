@@ -85,7 +85,7 @@ def test_two_process_ddp_is_exact(tmp_path):
         assert di.attend("net.0", x, top_k=1).dual_source == "rows"
         assert di.attend("net.2", x.new_zeros(4, 8), top_k=1).dual_source == "certificate"
     # each rank records its own float32 rounding: the store's tolerance follows the loosest
-    from lightning_dualform.attend.certificate import store_tolerance
+    from lightning_dualform.store.certificate import store_tolerance
 
     with open_store(str(store)) as s:
         assert s.attrs["float32_products"] == "ieee" and store_tolerance(s) == 1e-4

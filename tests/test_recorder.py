@@ -327,10 +327,10 @@ def test_the_sketch_certificate_agrees_with_a_full_reread(tmp_path, dtype):
         assert "memory_weight" not in f["layers"]["0"]  # no second pass: no sums either
     full = certify_store(str(tmp_path / "s.h5"))
     for name, cert in rec.certificate.items():
-        assert cert["method"] == "sketch" and cert["exact"] == full[name]["exact"] is True, (cert, full[name])
-        assert cert["tolerance"] == full[name]["tolerance"]
+        assert cert["method"] == "sketch" and cert["exact"] == full[name].exact is True, (cert, full[name])
+        assert cert["tolerance"] == full[name].tolerance
         # an estimate of the same error: the same order of magnitude
-        assert cert["rel_err"] <= max(10 * full[name]["rel_err"], 1e-6), (name, cert["rel_err"], full[name]["rel_err"])
+        assert cert["rel_err"] <= max(10 * full[name].rel_err, 1e-6), (name, cert["rel_err"], full[name].rel_err)
 
 
 @pytest.mark.parametrize("damage", ["row", "coefficient"])

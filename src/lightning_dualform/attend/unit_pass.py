@@ -285,7 +285,7 @@ def _stored_replay_agrees(di: Any, lay: Any, stored: tuple[np.ndarray, np.ndarra
 
     err = replay_weights_error(lay, stored)
     tol = store_tolerance(di.store)
-    said = lay.attrs.get("certificate_rel_err", 0.0)
+    said = lay.certificate.rel_err if lay.certificate is not None else 0.0
     if not abs(err - float(said)) <= tol:
         warnings.warn(
             f"{di.path}: layer {lay.name!r}: the certificate's kept replay weights differ from the final weights by "

@@ -22,6 +22,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_dualform._compat import observe_dataloaders
+from lightning_dualform.attend.certificate import certify_store
 from lightning_dualform.errors import DiskSpaceError, InexactError
 from lightning_dualform.record.batches import (
     BatchInfo,
@@ -39,6 +40,7 @@ from lightning_dualform.record.planner import Plan
 from lightning_dualform.record.policy import RunFacts, inexact_causes, refusal
 from lightning_dualform.record import trainer_logging
 from lightning_dualform.record.queries import QueryRecorder
+from lightning_dualform.store.certificate import LayerCertificate
 
 __all__ = ["DualFormCallback", "rank_path"]
 
@@ -159,7 +161,7 @@ class DualFormCallback(Callback):
         self._engine: RecordingEngine | None = None
         self._resume: dict[str, Any] | None = None
         self._committed: dict[str, Any] | None = None  # counts after fit: what a later checkpoint holds
-        self._certificate: dict[str, dict[str, float]] = {}
+        self._certificate: dict[str, LayerCertificate] = {}
         self._plan: Plan | None = None
         self._recorders: dict[int, deque] = {}  # id(DataLoader) -> this callback's FIFO of observed indices
         self._wrapped: list[Any] = []
@@ -175,9 +177,11 @@ class DualFormCallback(Callback):
     # what the fit produced
     # ------------------------------------------------------------------------------------------------
     @property
-    def certificate(self) -> dict[str, dict[str, float]]:
-        """Per layer, after fit: ``rel_err`` of the rebuilt weights, ``tolerance``, ``exact``, ``explained``."""
-        return self._engine.certificate if self._engine is not None else self._certificate
+    def certificate(self) -> dict[str, dict[str, Any]]:
+        """Per layer, after fit: ``rel_err`` of the rebuilt weights, ``tolerance``, ``exact``, ``explained``,
+        ``method`` (:meth:`LayerCertificate.as_dict <lightning_dualform.store.certificate.LayerCertificate.as_dict>`)."""
+        certs = self._engine.certificate if self._engine is not None else self._certificate
+        return {name: cert.as_dict() for name, cert in certs.items()}
 
     @property
     def plan(self) -> Plan | None:
@@ -247,7 +251,7 @@ class DualFormCallback(Callback):
                 f"{_OWNER} found no layer to track: the model has no trainable nn.Linear"
                 + (" matching `layers`." if opts.layers is not None else ".")
             )
-        engine = RecordingEngine(opts, _OWNER, info=rank_zero_info, warn=rank_zero_warn)
+        engine = RecordingEngine(opts, _OWNER, certifier=certify_store, info=rank_zero_info, warn=rank_zero_warn)
         engine.track(chosen, trainer.optimizers[0] if trainer.optimizers else None, notes)
         for note in notes:
             rank_zero_info(f"{_OWNER}: {note}")

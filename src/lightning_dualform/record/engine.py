@@ -22,7 +22,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -30,7 +30,6 @@ from torch import nn
 
 from lightning_dualform._float32_products import float32_mode, loosest
 from lightning_dualform._version import __version__
-from lightning_dualform.attend.certificate import FLOAT32_PRODUCTS_TOLERANCE, certify_store, read_certificate, tolerance
 from lightning_dualform.errors import DiskSpaceError, InexactError
 from lightning_dualform.layers import (
     conv_geometry,
@@ -49,7 +48,9 @@ from lightning_dualform.record.options import RecordOptions
 from lightning_dualform.record.planner import Plan, estimate, free_bytes
 from lightning_dualform.record.policy import gradient_check_tolerance
 from lightning_dualform.record.sketch import SketchCertificate
+from lightning_dualform.store import WriterLock
 from lightning_dualform.store.background import AsyncWriter
+from lightning_dualform.store.certificate import FLOAT32_PRODUCTS_TOLERANCE, LayerCertificate, read_certificates, tolerance
 from lightning_dualform.store.conv import ConvGeometry
 from lightning_dualform.store.format import PLAIN_RULE, SCALAR_RULES, LayerSpec, StepRows, settings_of, table_columns
 from lightning_dualform.store.metadata import StoreMetadata
@@ -119,6 +120,15 @@ class Distributed:
 StepRow = dict[str, Any]
 
 
+class Certifier(Protocol):
+    """Computes a finished store's full certificate by reading its rows and has the store write it
+    (:func:`lightning_dualform.attend.certificate.certify_store`). The adapters hand it to the engine: the
+    write side knows when to certify and under which lock, the read side how."""
+
+    def __call__(self, path: str, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
+                 lock: WriterLock | None = None) -> dict[str, LayerCertificate]: ...
+
+
 @dataclass
 class StepSettings:
     """What the optimizer's step pre-hook noted, until its post-hook records the step: per layer, the weight's
@@ -133,13 +143,16 @@ class RecordingEngine:
     Args:
         options: what to record and how.
         owner: the adapter's name, for messages (``"DualFormCallback"``).
+        certifier: computes the full certificate at the finish (with ``certify="full"``, or where the
+            certificate made as training goes does not cover the run).
         info / warn: where messages go (rank zero only, under DDP, for the callback).
     """
 
-    def __init__(self, options: RecordOptions, owner: str, *, info: Callable[[str], None] | None = None,
-                 warn: Callable[[str], None] | None = None) -> None:
+    def __init__(self, options: RecordOptions, owner: str, *, certifier: Certifier,
+                 info: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None) -> None:
         self.options = options
         self.owner = owner
+        self.certifier = certifier
         self._info = info or log.info
         self._warn = warn or (lambda msg: warnings.warn(msg, UserWarning, stacklevel=3))
         self.captures: dict[str, LayerCapture] = {}
@@ -150,7 +163,7 @@ class RecordingEngine:
         self.writer: AsyncWriter | None = None
         self.store_path: str | None = None
         self.plan: Plan | None = None
-        self.certificate: dict[str, dict[str, float]] = {}
+        self.certificate: dict[str, LayerCertificate] = {}
         self.committed: dict[str, Any] | None = None
         self.dist = Distributed()
         self.precision = "32-true"
@@ -775,37 +788,36 @@ class RecordingEngine:
                 # An element-wise rule's replay needs every rank's rows at each step: rank 0 certifies through the
                 # shards' index (all are finished: barrier above) and writes into every shard.
                 if self.dist.rank == 0:
-                    certify_store(self.options.path)
+                    self.certifier(self.options.path)
                 self.dist.barrier()
-                self.certificate = read_certificate(self.store_path)
+                self.certificate = read_certificates(self.store_path)
             elif full:
                 # Under DDP each shard holds one rank's rows: the memory is the sum over ranks.
                 reduce = self.dist.all_reduce if self.dist.world_size > 1 else None
-                self.certificate = certify_store(self.store_path, all_reduce=reduce, lock=lock)
+                self.certificate = self.certifier(self.store_path, all_reduce=reduce, lock=lock)
         finally:
             if lock is not None:
                 lock.release()
         if not full and certificate is not None:
             self.certificate = certificate
         for name, cert in self.certificate.items():
-            verdict = f"exact within {cert['tolerance']:.0e}" if cert["exact"] else "INEXACT"
+            verdict = f"exact within {cert.tolerance:.0e}" if cert.exact else "INEXACT"
             self._info(
                 f"{self.owner}: {name}: rebuilt weights match the trained ones to relative error "
-                f"{cert['rel_err']:.2e} ({verdict}; the memory explains {100 * cert['explained']:.4g}% of the weights)."
+                f"{cert.rel_err:.2e} ({verdict}; the memory explains {100 * cert.explained:.4g}% of the weights)."
             )
 
-    def _sketch_certificate(self, finals: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> dict[str, dict[str, Any]] | None:
+    def _sketch_certificate(self, finals: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> dict[str, LayerCertificate] | None:
         """The certificate from the projections carried through training, or None where there are none."""
         if self.sketch is None or set(self.sketch.layers) != set(self.chosen):
             return None
         tol = tolerance(self.options.dtype, self.precision, self.float32_products)
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, LayerCertificate] = {}
         for name, (w, b) in finals.items():
             res = self.sketch.result(name, torch.from_numpy(w), torch.from_numpy(b) if b is not None else None)
-            err = res["rel_err"]
-            out[name] = {**res, "explained": max(0.0, 1.0 - err), "tolerance": tol,
-                         "exact": bool(err <= tol and name not in self.inexact), "method": "sketch",
-                         "probes": int(self._probes[name].shape[1])}
+            out[name] = LayerCertificate.measured(res["rel_err_weight"], res["rel_err_bias"], tol,
+                                                  exact_run=name not in self.inexact, method="sketch",
+                                                  probes=int(self._probes[name].shape[1]))
         return out
 
     def close(self, remove_if_empty: bool = False) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import nn
 
+from lightning_dualform.attend.certificate import certify_store
 from lightning_dualform.errors import InexactError
 from lightning_dualform.record.batches import BatchInfo
 from lightning_dualform.record.capture import find_layers
@@ -178,7 +179,7 @@ class DualFormRecorder:
         if not chosen:
             raise ValueError(f"{_OWNER} found no layer to track: the model has no trainable nn.Linear"
                              + (" matching `layers`." if opts.layers is not None else "."))
-        engine = RecordingEngine(opts, _OWNER, info=self._info, warn=self._warn)
+        engine = RecordingEngine(opts, _OWNER, certifier=certify_store, info=self._info, warn=self._warn)
         engine.dist = self.dist
         engine.track(chosen, self.optimizer, notes)
         for note in notes:
@@ -233,9 +234,10 @@ class DualFormRecorder:
         return self._engine.steps_recorded if self._engine is not None else 0
 
     @property
-    def certificate(self) -> dict[str, dict[str, float]]:
-        """Per layer, after :meth:`finish`: ``rel_err`` of the rebuilt weights, ``tolerance``, ``exact``."""
-        return self._engine.certificate if self._engine is not None else {}
+    def certificate(self) -> dict[str, dict[str, Any]]:
+        """Per layer, after :meth:`finish`: ``rel_err`` of the rebuilt weights, ``tolerance``, ``exact``, ``explained``,
+        ``method``."""
+        return {name: cert.as_dict() for name, cert in self._engine.certificate.items()} if self._engine is not None else {}
 
     @property
     def plan(self) -> Plan | None:

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_dualform.store.certificate import LayerCertificate
+
 log = logging.getLogger(__name__)
 
 PREFIX = "dualform/"
@@ -33,16 +35,15 @@ def log_progress(trainer: Any, rows: dict[str, int], store_path: str | None, wri
     _log_metrics(trainer, metrics)
 
 
-def log_certificate(trainer: Any, certificate: dict[str, dict[str, float]]) -> None:
-    """``dualform/certificate/<layer>/rel_err``, ``.../exact`` (1 or 0) and ``.../tolerance``."""
+def log_certificate(trainer: Any, certificate: dict[str, LayerCertificate]) -> None:
+    """``dualform/certificate/<layer>/rel_err``, ``.../exact`` (1 or 0), ``.../tolerance`` and ``.../explained``."""
     if not trainer.loggers or not certificate:
         return
     metrics: dict[str, float] = {}
     for name, cert in certificate.items():
         for key in ("rel_err", "tolerance", "explained"):
-            if key in cert:
-                metrics[f"{PREFIX}certificate/{name}/{key}"] = float(cert[key])
-        metrics[f"{PREFIX}certificate/{name}/exact"] = float(bool(cert.get("exact")))
+            metrics[f"{PREFIX}certificate/{name}/{key}"] = float(getattr(cert, key))
+        metrics[f"{PREFIX}certificate/{name}/exact"] = float(cert.exact)
     _log_metrics(trainer, metrics, save=True)
 
 

@@ -30,16 +30,14 @@ from lightning_dualform.optim import PARAM, OptimizerState, Sweep, UpdateRule, c
 from lightning_dualform.store import _h5, _journal, _probe, _raw_chunks, _repair
 from lightning_dualform.store import conv as _conv
 from lightning_dualform.store._h5open import open_any
+from lightning_dualform.store.certificate import TABLES_CRC32, KeptMarks, LayerCertificate, kept_datasets
 from lightning_dualform.store.filters import decode_rows
 from lightning_dualform.store.format import (
     LAYER_KINDS,
-    MEMORY_SUM_DATASETS,
-    PLAIN_RULE,
-    REPLAY_DATASETS,
     ROW_COLUMNS,
-    SCALAR_RULES,
     STATE_GROUP,
     rule_named,
+    store_form,
     table_columns,
     tables_crc32,
     weights_crc32,
@@ -49,11 +47,6 @@ from lightning_dualform.store.metadata import StoreMetadata
 #: largest width of a table sized by a value read from the file (labels, epochs) when the file's own
 #: shapes do not allow more: distinct values never outnumber the rows, so a wider table means damage
 TABLE_WIDTH_FLOOR = 1 << 20
-
-#: How a store rebuilds a layer (``StoreReader.form``): per-step scalar coefficients (SGD, ASGD), the replay of
-#: an element-wise rule (Adam, AdamW, ...: ``attend/replay.py``), or the plain sum of a run recorded with
-#: ``exact=False`` (plus its stored residual).
-FORMS = ("scalar", "element-wise", "plain")
 
 
 @dataclass
@@ -87,6 +80,9 @@ class LayerReader:
         self.has_bias = _h5.bool_attr(a, "has_bias", where)
         self.order = _h5.int_attr(a, "order", where, lo=0, hi=1 << 31)
         self.exact = _h5.bool_attr(a, "exact", where, default=True)
+        #: training rows stored without a dataset index (-1), counted at finalisation (None before it)
+        self.rows_without_index = (_h5.int_attr(a, "rows_without_index", where, lo=0, hi=1 << 62)
+                                   if "rows_without_index" in a else None)
         self.inexact_reason = _h5.str_attr(a, "inexact_reason", where, default="")
         lengths = {}
         for col in ("keys", "values", *ROW_COLUMNS):
@@ -156,9 +152,11 @@ class LayerReader:
                 f"{store.path}: layer {name!r} says its weight has shape {self.weight_shape}, which does not hold a "
                 f"({self.d_out}, {self.d_in}) layer; the file is damaged."
             )
-        self._check_certificate_attrs(where)
-        if store.complete and "certificate_tables_crc32" in a:
-            want = _h5.int_attr(a, "certificate_tables_crc32", where, lo=0, hi=2**32 - 1)
+        #: the exactness certificate, when one was written (a finished store may lack it: ``certify=False``,
+        #: or a process killed while writing it; ``lightning-dualform verify --write-certificate`` writes it)
+        self.certificate: LayerCertificate | None = LayerCertificate.from_attrs(self.attrs, where)
+        if store.complete and TABLES_CRC32 in a:
+            want = _h5.int_attr(a, TABLES_CRC32, where, lo=0, hi=2**32 - 1)
             u = self.updates()
             got = tables_crc32(u["step"], u["grad_scale"], {p: u[p] for p in ("weight", "bias") if p in u})
             if got != want:
@@ -223,23 +221,10 @@ class LayerReader:
             for c in table_columns(self.store.update_rule):
                 self._column(pg, c.name, n_steps, c.dtype, f"{where} {pname}")
 
-    def _check_certificate_attrs(self, where: str) -> None:
-        """The certificate's numbers are numbers (``info``, ``verify`` and the viewer print and compare them)."""
-        for key in ("certificate_rel_err", "certificate_rel_err_weight", "certificate_rel_err_bias",
-                    "certificate_explained", "certificate_tolerance", "certificate_probes"):
-            v = self.attrs.get(key)
-            if v is not None and (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating))):
-                raise StoreError(f"{where}: attribute {key!r} is {v!r}, not a number; the file is damaged.")
-        if "certificate_exact" in self.attrs:
-            _h5.bool_attr(self._g.attrs, "certificate_exact", where)
-        if "certificate_method" in self.attrs:
-            _h5.str_attr(self._g.attrs, "certificate_method", where)
-
     @property
     def has_certificate(self) -> bool:
-        """Whether the certificate was written for this layer (a finished store may lack it: ``certify=False``,
-        or a process killed while writing it; ``lightning-dualform verify --write-certificate`` writes it)."""
-        return "certificate_rel_err" in self.attrs
+        """Whether the certificate was written for this layer (:attr:`certificate` is not None)."""
+        return self.certificate is not None
 
     def _maps_geometry(self, store: "StoreReader", name: str, group: h5py.Group) -> _conv.ConvGeometry | None:
         """The geometry of a convolution stored as maps (format 3), or None (rows stored as they are read, or
@@ -313,22 +298,14 @@ class LayerReader:
         otherwise None (the caller sums the rows). For a store of an element-wise rule: the weights and bias
         its replay rebuilt (``replay_weight``, ``replay_bias``) under the same conditions."""
         g = self._g
-        names = REPLAY_DATASETS if self.store.form == "element-wise" else MEMORY_SUM_DATASETS
+        names = kept_datasets(self.store.form)
         if self.store.status != "complete" or names[0] not in g or "weight_final" not in g:
             return None
-        a = g.attrs
-        marks = {}
-        for key in ("memory_end_step", "memory_rows", "memory_weight_final_crc32"):
-            if key not in a:
-                return None
-            v = a[key]
-            if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
-                raise StoreError(f"{self.store.path}: layer {self.name!r} attribute {key!r} is {v!r}, not an integer; the file is damaged.")
-            marks[key] = int(v)
-        if (marks["memory_end_step"], marks["memory_rows"]) != (end_step, n_rows):
+        marks = KeptMarks.from_attrs(g.attrs, f"{self.store.path}: layer {self.name!r}")
+        if marks is None or (marks.end_step, marks.rows) != (end_step, n_rows):
             return None
         # sums of other final weights: the rows were rewritten by a writer that did not know about them
-        if marks["memory_weight_final_crc32"] != weights_crc32(self.weight_final):
+        if marks.weight_final_crc32 != weights_crc32(self.weight_final):
             return None
         w = self._checked_sum(names[0], (self.d_out, self.d_in))
         b = self._checked_sum(names[1], (self.d_out,)) if self.has_bias else None
@@ -687,12 +664,10 @@ class StoreView:
 
     @property
     def form(self) -> str:
-        """How layers are rebuilt (:data:`FORMS`): ``"scalar"`` (SGD, ASGD: per-step coefficients),
+        """How layers are rebuilt (:data:`~lightning_dualform.store.format.FORMS`): ``"scalar"`` (SGD, ASGD: per-step coefficients),
         ``"element-wise"`` (Adam, AdamW, Adagrad, ...: a replay of the optimizer) or ``"plain"`` (a run
         recorded with ``exact=False``: ``p_0 - sum lr_s g_s`` plus the stored residual)."""
-        if not self.optimizer_exact or self.update_rule == PLAIN_RULE:
-            return "plain"
-        return "scalar" if self.update_rule in SCALAR_RULES else "element-wise"
+        return store_form(self.update_rule, self.optimizer_exact)
 
     @property
     def layers(self) -> list[str]:

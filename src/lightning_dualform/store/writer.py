@@ -39,11 +39,11 @@ from lightning_dualform.store.conv import MAPS_LAYOUT, ConvGeometry
 from lightning_dualform.store._h5open import open_readonly
 from lightning_dualform.store._lock import WriterLock
 from lightning_dualform.store._space import SpaceReserve
+from lightning_dualform.store.certificate import TABLES_CRC32, LayerCertificate, clear_certificate, stored_tables_crc32
 from lightning_dualform.store.filters import compression_kwargs, encode_rows
 from lightning_dualform.store.metadata import StoreMetadata
 from lightning_dualform.store.format import (
     CONV_KINDS,
-    DERIVED_DATASETS,
     FORMAT_NAME,
     FORMAT_VERSION,
     META_CHUNK,
@@ -56,7 +56,6 @@ from lightning_dualform.store.format import (
     StepRows,
     chunk_rows_for,
     table_columns,
-    tables_crc32,
 )
 
 log = logging.getLogger(__name__)
@@ -454,11 +453,10 @@ class StoreWriter:
             meta = StoreMetadata.from_attrs({k: _h5.attr(v) for k, v in f.attrs.items()}, path)
             _h5.set_attrs(f, update_attrs(meta))
         for g in f["layers"].values():
-            for dname in ("weight_final", "bias_final", "weight_residual", "bias_residual", *DERIVED_DATASETS):
+            for dname in ("weight_final", "bias_final", "weight_residual", "bias_residual"):
                 if dname in g:
                     del g[dname]
-            for key in [k for k in g.attrs if k.startswith(("certificate_", "memory_"))]:
-                del g.attrs[key]
+            clear_certificate(g)
         _h5.truncate(f["update_step"], steps)
         _h5.truncate(f["update_epoch"], steps)
         f["committed_steps"][0] = steps
@@ -736,7 +734,7 @@ class StoreWriter:
 
     # -- finishing -----------------------------------------------------------------------------------
     def finalize(self, final_weights: dict[str, tuple[np.ndarray, np.ndarray | None]], final_step: int, epochs: int,
-                 certificate: dict[str, dict[str, Any]] | None = None, keep_lock: bool = False) -> WriterLock | None:
+                 certificate: dict[str, LayerCertificate] | None = None, keep_lock: bool = False) -> WriterLock | None:
         """Commit, leave SWMR mode, then write the final weights, the certificate made as training went (if
         any) and ``status = "complete"`` in one all-or-nothing write session (a kill or a full disk during it
         leaves the store at this last commit, status ``recording``, never half finished). Releases the writer
@@ -775,10 +773,10 @@ class StoreWriter:
                     per = (map_counts(g) or (1, 1))[1]  # a convolution's maps: one index per map of `per` rows
                     g.attrs["rows_without_index"] = per * _count_negative(g["index"], int(g["committed_rows"][0]) // per)
                     # the per-step tables the store finished with: answers at every step rest on them
-                    g.attrs["certificate_tables_crc32"] = _tables_crc32(f["update_step"], g["updates"], n_steps)
+                    g.attrs[TABLES_CRC32] = stored_tables_crc32(f, g, n_steps)
                 for name, cert in (certificate or {}).items():
                     if name in f["layers"]:
-                        _h5.set_attrs(f["layers"][name], {f"certificate_{k}": v for k, v in cert.items()})
+                        _h5.set_attrs(f["layers"][name], cert.to_attrs())
                 for name, reason in self._inexact.items():
                     if name not in f["layers"]:
                         continue  # marked inexact, then dropped altogether
@@ -847,12 +845,6 @@ def _committed_steps(path: str) -> int | None:
             return int(f["committed_steps"][0])
     except Exception:
         return None
-
-
-def _tables_crc32(update_step: h5py.Dataset, ug: h5py.Group, n: int) -> int:
-    """:func:`~lightning_dualform.store.format.tables_crc32` of a layer's first ``n`` per-step tables."""
-    params = {p: {c: ug[p][c][:n] for c in ug[p]} for p in ("weight", "bias") if p in ug}
-    return tables_crc32(update_step[:n], ug["grad_scale"][:n], params)
 
 
 def _column(row: Any, col: str) -> Any:
