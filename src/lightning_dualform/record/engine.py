@@ -16,6 +16,7 @@ Lightning's settings) or measured from the weights' ``.grad`` (the recorder).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -293,14 +294,14 @@ class RecordingEngine:
             )
         self.writer = AsyncWriter(make, max_queue=opts.max_queue)
         # GIL-free chunk writes pay where the training thread only launches kernels; on CPU training they compete
-        self.writer.call(self.writer.store.set_release_gil, self.device.type == "cuda")
+        self.writer.set_release_gil(self.device.type == "cuda")
         if shard_index is not None:
             # the index exists from the first step on, so a crashed or running DDP store opens as one
             write_shard_index(opts.path, shard_index)
-        for name, size in self.writer.store.input_sizes().items():  # a resumed store's maps fix their size
+        for name, size in self.writer.input_sizes().items():  # a resumed store's maps fix their size
             if name in self.chosen:
                 self._geometry[name] = conv_geometry(self.chosen[name], size)
-        seen = self.writer.store.input_indices()
+        seen = self.writer.input_indices()
         self._seen_inputs = np.zeros(int(seen.max()) + 1 if len(seen) else 0, dtype=bool)
         self._seen_inputs[seen] = True
         self.steps_recorded = int(resume["steps"]) if resume is not None else 0
@@ -411,7 +412,7 @@ class RecordingEngine:
         """The counts a checkpoint must hold to continue this store exactly: every row so far is made
         durable first, so that a resume truncates the store back to exactly this point."""
         if self.writer is not None:
-            self.committed = self.writer.call_result(self.writer.store.commit)
+            self.committed = self.writer.commit()
         if self.committed is None:
             return {}
         state = {"format_version": 1, "store_path": self.store_path, **self.committed}
@@ -421,14 +422,9 @@ class RecordingEngine:
 
     def commit_soon(self) -> None:
         """Make the rows so far durable on the writer thread; training goes on (a checkpoint's
-        :meth:`state_dict` waits for it). The counts it returns are what a checkpoint saved after the
-        store is finished must hold."""
+        :meth:`state_dict` waits for it)."""
         if self.writer is not None:
-            self.writer.submit(self._commit_counts, self.writer.store)
-
-    def _commit_counts(self, store: StoreWriter) -> None:
-        """Runs on the writer thread."""
-        self.committed = store.commit()
+            self.writer.commit_soon()
 
     # ------------------------------------------------------------------------------------------------
     # batches
@@ -460,7 +456,7 @@ class RecordingEngine:
             return
         self._seen_inputs[idx[new]] = True
         data = raw.detach()[torch.from_numpy(new).to(raw.device)].cpu().numpy()
-        self.writer.submit(self.writer.store.add_inputs, idx[new].copy(), data)
+        self.writer.add_inputs(idx[new].copy(), data)
 
     # ------------------------------------------------------------------------------------------------
     # steps
@@ -544,7 +540,7 @@ class RecordingEngine:
             rows = {n: tuple(_to_pinned(t) for t in r) for n, r in rows.items()}
             event = torch.cuda.Event()
             event.record()
-        self.writer.submit(_write_step, self.writer.store, step, epoch, rows, updates, event, sizes)
+        self.writer.add_step(step, epoch, functools.partial(_step_rows, rows, event, sizes, step, epoch), updates)
         self.steps_recorded += 1
         if self._steps_seen % _PACE_CHECK_EVERY == 0:
             self._check_writer_pace()
@@ -557,7 +553,7 @@ class RecordingEngine:
         updates = {}
         for name, cap in self.captures.items():
             updates[name] = (0.0, self.skipped_row(), self.skipped_row() if bias_of(cap.module) is not None else None)
-        self.writer.submit(_write_step, self.writer.store, step, epoch, {}, updates, None)
+        self.writer.add_step(step, epoch, lambda: {}, updates)  # no rows
         self.steps_recorded += 1
 
     def _take_rows(self) -> dict[str, list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]]]:
@@ -593,7 +589,7 @@ class RecordingEngine:
                         "training; the store keeps a convolution's maps at one size (pad or crop inputs to one size, "
                         "or leave the layer out with `layers=`)"
                     )
-                    self.writer.submit(self.writer.store.drop_layer, name, self.dropped[name])
+                    self.writer.drop_layer(name, self.dropped[name])
                     self._warn(f"{self.owner}: layer {name!r} left out of the store: {self.dropped[name]}.")
                     break
 
@@ -686,7 +682,7 @@ class RecordingEngine:
         if not has_rows:
             self.dropped[name] = ("its weight received gradients in steps where its forward hook saw no input "
                                   "(the weight is used outside the module's forward, e.g. nn.MultiheadAttention.out_proj)")
-            self.writer.submit(self.writer.store.drop_layer, name, self.dropped[name])
+            self.writer.drop_layer(name, self.dropped[name])
             self._warn(f"{self.owner}: layer {name!r} left out of the store: {self.dropped[name]}.")
         elif name not in self.inexact:
             self.inexact[name] = (
@@ -694,7 +690,7 @@ class RecordingEngine:
                 f"{err:.2e} (part of the weight is used outside the module's forward, or a gradient was changed "
                 "between backward and the optimizer step by something other than a uniform scaling)"
             )
-            self.writer.submit(self.writer.store.mark_inexact, name, self.inexact[name])
+            self.writer.mark_inexact(name, self.inexact[name])
             self._warn(f"{self.owner}: layer {name!r} is recorded as INEXACT: {self.inexact[name]}.")
 
     def _make_plan(self, pending: dict) -> None:
@@ -777,11 +773,10 @@ class RecordingEngine:
         # the full certificate of this file follows under the same writer lock: no other writer between
         elementwise = self.update_rule not in (*SCALAR_RULES, PLAIN_RULE)
         keep_lock = bool(full) and not (self.dist.world_size > 1 and elementwise)
-        lock = writer.call_result(writer.store.finalize, finals, int(final_step), int(epochs), certificate, keep_lock)
-        writer.stop()
+        lock = writer.finalize(finals, int(final_step), int(epochs), certificate, keep_lock)
         if writer.blocked_s >= 1.0:
             self._info(f"{self.owner}: training waited {writer.blocked_s:.1f} s in all for the store writer.")
-        self.committed = writer.store.committed  # for a checkpoint saved after the finish
+        self.committed = writer.committed  # for a checkpoint saved after the finish
         try:
             self.dist.barrier()
             if full and not keep_lock:
@@ -827,11 +822,8 @@ class RecordingEngine:
         writer, self.writer = self.writer, None
         if writer is None:
             return
-        try:
-            writer.call(writer.store.close)
-        finally:
-            writer.stop()
-        if remove_if_empty and writer.store.committed["steps"] == 0:
+        writer.close()
+        if remove_if_empty and writer.committed["steps"] == 0:
             os.remove(writer.path)
 
 
@@ -901,17 +893,13 @@ def _to_pinned(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _write_step(store: StoreWriter, step: int, epoch: int, rows: dict, updates: dict, event: Any,
-                sizes: dict[str, tuple[int, ...]] | None = None) -> None:
-    """Runs on the writer thread."""
+def _step_rows(rows: dict, event: Any, sizes: dict[str, tuple[int, ...]], step: int, epoch: int) -> dict[str, StepRows]:
+    """One step's rows as the store takes them (runs on the writer thread: a device's copy to pinned host memory
+    is waited for there)."""
     if event is not None:
         event.synchronize()
-    sizes = sizes or {}
-    converted = {
-        name: StepRows(
-            keys=k.numpy(), values=v.numpy(), index=i.numpy(), position=p.numpy(), label=lab.numpy(), step=step, epoch=epoch,
-            map_size=sizes.get(name),
-        )
+    return {
+        name: StepRows(keys=k.numpy(), values=v.numpy(), index=i.numpy(), position=p.numpy(), label=lab.numpy(),
+                       step=step, epoch=epoch, map_size=sizes.get(name))
         for name, (k, v, i, p, lab) in rows.items()
     }
-    store.add_step(step, epoch, converted, updates)
