@@ -3,7 +3,8 @@
 A linear layer trained by gradient descent is exactly unnormalised dot attention over every input it
 saw in training (Irie, Csordás, Schmidhuber, ICML 2022). :class:`DualFormCallback` records that
 memory while a ``Trainer`` fits (:class:`DualFormRecorder` in a loop of your own, or Fabric's);
-:class:`DualInference` answers queries over it.
+:class:`DualInference` answers queries over it; :class:`DualFormAttentionLogger` draws what a few validation
+inputs attend to on the Trainer's loggers.
 
 The public API is what ``__all__`` names, plus the modules :mod:`~lightning_dualform.analysis`,
 :mod:`~lightning_dualform.datasets` and :mod:`~lightning_dualform.plots`. The subpackages ``record``,
@@ -13,11 +14,13 @@ The public API is what ``__all__`` names, plus the modules :mod:`~lightning_dual
 from lightning_dualform._version import __version__
 from lightning_dualform.attend.inference import AttentionResult, DualInference, Explanation, Mass, TopExamples, TopRows
 from lightning_dualform.errors import DualFormError, InexactError, StoreError, WriterError
+from lightning_dualform.record.attention_logging import DualFormAttentionLogger
 from lightning_dualform.record.callback import DualFormCallback
 from lightning_dualform.record.recorder import DualFormRecorder
 from lightning_dualform.store.reader import StoreReader
 
 __all__ = [
+    "DualFormAttentionLogger",
     "DualFormCallback",
     "DualFormRecorder",
     "DualFormError",

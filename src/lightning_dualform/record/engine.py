@@ -6,12 +6,16 @@ the disk plan, the writer thread, resume and the finish (final weights and the c
 drive it: :class:`~lightning_dualform.DualFormCallback` from Lightning's hooks, and
 :class:`~lightning_dualform.DualFormRecorder` from a plain PyTorch or Fabric loop.
 
-A step is found through the optimizer's own step hooks (``register_step_pre_hook`` /
-``register_step_post_hook``): the pre-hook notes the update rule's settings before the optimizer changes
-its state, the post-hook hands the step's rows to the writer. A step the optimizer never took (a loss
+The engine finds a step through the optimizer's own step hooks, which it puts on and takes off itself
+(:meth:`RecordingEngine.hook_optimizer`): the pre-hook notes the update rule's settings before the optimizer
+changes its state, the post-hook hands the step's rows to the writer. A step the optimizer never took (a loss
 scaler skipped it) fires neither hook. The factor between the gradient the rows give and the one the
-optimizer used (clipping, DDP averaging, loss scaling) is either told by the adapter (the callback knows
-Lightning's settings) or measured from the weights' ``.grad`` (the recorder).
+optimizer used (clipping, DDP averaging, loss scaling) is either told by the adapter with the step's number
+and epoch (:meth:`RecordingEngine.expect_step`: the callback knows Lightning's settings) or measured from the
+weights' ``.grad`` (the recorder, whose steps the engine counts).
+
+The engine is the write side: it never imports ``attend/``. The full certificate at the finish is computed by
+a :class:`Certifier` the adapter hands over (``attend.certificate.certify_store``).
 """
 
 from __future__ import annotations
@@ -189,6 +193,11 @@ class RecordingEngine:
         self._warned: set[str] = set()
         self._seen_inputs = np.zeros(0, dtype=bool)
         self._row_dtype = _ROW_DTYPES[options.dtype]
+        self._step_hooks: list[Any] = []
+        self._settings: StepSettings | None = None  # the coming step's update rule (the optimizer's pre-hook)
+        self._expected: tuple[int, int, float | None] | None = None  # (step, epoch, grad_scale): expect_step
+        self._open_store: Callable[[], None] | None = None
+        self._epoch: Callable[[], int] | None = None
         #: ``() -> (steps per epoch, epochs left, raw input bytes)`` for the disk plan: the adapter knows them
         #: (0 steps per epoch: unknown; the plan is printed but the disk is not checked)
         self.horizon: Callable[[], tuple[int, float, int]] = lambda: (0, math.inf, 0)
@@ -247,7 +256,7 @@ class RecordingEngine:
             )
 
     def attach(self) -> None:
-        """Put a forward hook on every tracked layer (the adapter hooks the optimizer's steps)."""
+        """Put a forward hook on every tracked layer (:meth:`hook_optimizer` hooks the optimizer's steps)."""
         for name, module in self.chosen.items():
             cap = LayerCapture(name, module, lambda: self.active, context=lambda: self.batch)
             cap.attach()
@@ -255,9 +264,67 @@ class RecordingEngine:
             self._probes[name] = SketchCertificate.probes(name, layer_shape(module)[0], module.weight.device)
 
     def detach(self) -> None:
+        """Remove every hook: the layers' and the optimizer's."""
         self.active = False
+        self.unhook_optimizer()
         for cap in self.captures.values():
             cap.detach()
+
+    # ------------------------------------------------------------------------------------------------
+    # the optimizer's steps
+    # ------------------------------------------------------------------------------------------------
+    def hook_optimizer(self, *, open_store: Callable[[], None] | None = None,
+                       epoch: Callable[[], int] | None = None) -> None:
+        """Find the optimizer's steps through its own step hooks: before each, the update rule's settings are
+        read (:meth:`step_settings`); after each, the step is recorded (:meth:`record_step`). A step the
+        optimizer never took (a loss scaler skipped it) fires neither hook.
+
+        Args:
+            open_store: opens the store before the first step, when it is not open yet (a loop's recorder: the
+                first step tells the precision and the raw inputs' shape).
+            epoch: counts the steps here: every step the optimizer takes is recorded as the next one, in epoch
+                ``epoch()``, with its gradient factor measured (a loop of the user's own). Without it, a step is
+                recorded as the adapter described it beforehand (:meth:`expect_step`: Lightning knows the global
+                step, the epoch and the factor), and a step it described that the optimizer skipped is recorded
+                as skipped at :meth:`end_batch`.
+        """
+        if self.optimizer is None or self._step_hooks:
+            return
+        self._open_store = open_store
+        self._epoch = epoch
+        self._step_hooks = [self.optimizer.register_step_pre_hook(self._before_step),
+                            self.optimizer.register_step_post_hook(self._after_step)]
+
+    def unhook_optimizer(self) -> None:
+        """Remove the optimizer's step hooks (idempotent) and forget a step in progress."""
+        for h in self._step_hooks:
+            h.remove()
+        self._step_hooks = []
+        self._settings = self._expected = None
+
+    def expect_step(self, step: int, epoch: int, grad_scale: float | None) -> None:
+        """What the adapter knows of the step the optimizer is taking: its global ``step``, ``epoch`` and the
+        factor between the rows' gradient and the optimizer's (clipping, DDP averaging, loss scaling; None:
+        measure it). Call it between the step's pre-hook and its update (Lightning's ``on_before_optimizer_step``)."""
+        if self.writer is not None:
+            self._expected = (int(step), int(epoch), grad_scale)
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.writer is None and self._open_store is not None:
+            self._open_store()
+        if self.writer is not None:
+            self._settings = self.step_settings()
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        settings, self._settings = self._settings, None
+        expected, self._expected = self._expected, None
+        if settings is None or self.writer is None:
+            return
+        if self._epoch is not None:
+            self.record_step(self.steps_recorded, self._epoch(), settings, None)
+            self.active = True  # rows of the next step's forward passes (until the loop says otherwise)
+        elif expected is not None:
+            self.record_step(expected[0], expected[1], settings, expected[2])
 
     # ------------------------------------------------------------------------------------------------
     # the store
@@ -437,7 +504,13 @@ class RecordingEngine:
         self.active = True
 
     def end_batch(self) -> None:
+        """The batch is over: a step the adapter expected that the optimizer never took (a loss scaler found
+        inf/NaN gradients) is recorded as skipped."""
         self.active = False
+        expected, self._expected = self._expected, None
+        self._settings = None
+        if expected is not None and self.writer is not None:
+            self.record_skipped_step(expected[0], expected[1])
 
     def _record_inputs(self, raw: torch.Tensor, indices: torch.Tensor) -> None:
         """Queue the raw inputs of examples not stored yet (each example once, not once per epoch)."""

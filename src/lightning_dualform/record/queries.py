@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_dualform.record.batches import BatchInfo, batch_size, prediction, row_metadata
@@ -98,14 +97,14 @@ class QueryRecorder:
         self.writer.add_batch(index, label, pred, raw, rows)
         self.batch = None
 
-    def close(self) -> None:
-        """The stage ended: detach the hooks and commit the query set."""
+    def close(self) -> int:
+        """The stage ended: detach the hooks and commit the query set; returns how many queries it holds."""
         self.active = False
         for cap in self.captures.values():
             cap.detach()
         n = self.writer.n
         self.writer.close()
-        rank_zero_info(f"DualFormCallback: recorded {n} {self.split} queries into {self.path}.")
+        return n
 
     def abort(self) -> None:
         """The stage failed: detach the hooks and leave the store as it was before it began (no partial split)."""
@@ -113,4 +112,3 @@ class QueryRecorder:
         for cap in self.captures.values():
             cap.detach()
         self.writer.abort()
-        rank_zero_info(f"DualFormCallback: the {self.split} stage failed; {self.path} keeps its query sets as they were.")
