@@ -97,6 +97,15 @@ def test_unknown_attributes_are_kept_and_missing_ones_take_defaults():
     assert m.extra == {"from_the_future": 3} and m.float32_products == "ieee" and m.precision == "32-true"
 
 
+def test_the_clip_algorithm_is_stored_as_its_name_and_older_spellings_read_as_it():
+    from lightning.pytorch.utilities import GradClipAlgorithmType
+
+    assert StoreMetadata(gradient_clip_algorithm=GradClipAlgorithmType.VALUE).to_attrs()["gradient_clip_algorithm"] == "value"
+    assert StoreMetadata(gradient_clip_algorithm=str(GradClipAlgorithmType.NORM)).gradient_clip_algorithm == "norm"
+    old = {**StoreMetadata().to_attrs(), "gradient_clip_algorithm": "GradClipAlgorithmType.NORM"}
+    assert StoreMetadata.from_attrs(old, "x.h5").gradient_clip_algorithm == "norm"
+
+
 def test_merged_shards_are_complete_only_when_all_are_and_take_the_loosest_rounding():
     a = StoreMetadata(status="complete", float32_products="ieee")
     b = StoreMetadata(status="recording", float32_products="bf16", rank=1, world_size=2)
