@@ -154,6 +154,7 @@ def hook_timing(dm: ImageDataModule, epochs: int, workdir: str, variant: str = "
     from lightning_dualform.record import callback as cbmod
     from lightning_dualform.record import capture as capmod
     from lightning_dualform.record import engine as engmod
+    from lightning_dualform.record import rows as rowsmod
     from lightning_dualform.store import background as wrmod
     from lightning_dualform.store import writer as stmod
 
@@ -177,12 +178,12 @@ def hook_timing(dm: ImageDataModule, epochs: int, workdir: str, variant: str = "
     patch(wrmod.AsyncWriter, "_put", "train: AsyncWriter._put (queue wait)")
     patch(wrmod.AsyncWriter, "_call", "train: AsyncWriter._call (commit/finalize wait)")
     patch(engmod.RecordingEngine, "record_step", "train: RecordingEngine.record_step (all of a step)")
-    patch(engmod.RecordingEngine, "_take_rows", "train: _take_rows (row metadata)")
+    patch(rowsmod, "take_rows", "train: take_rows (row metadata)")
     patch(engmod.RecordingEngine, "_sketch_rows", "train: _sketch_rows (rows x probes)")
     patch(engmod.RecordingEngine, "_check_rows", "train: _check_rows (W.grad x probes)")
     patch(engmod.RecordingEngine, "step_settings", "train: step_settings (optimizer pre-hook)")
     patch(cbmod.DualFormCallback, "_clip_factor", "train: _clip_factor (grad norm)")
-    patch(engmod, "_gather_rows", "train: _gather_rows (cat/convert)")
+    patch(rowsmod, "gather_rows", "train: gather_rows (cat/convert)")
     patch(capmod.LayerCapture, "_forward_hook", "train: LayerCapture._forward_hook")
     hooks = ["on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end",
              "on_train_epoch_end", "on_fit_start", "on_fit_end", "setup", "teardown"]

@@ -336,9 +336,10 @@ def test_the_sketch_certificate_agrees_with_a_full_reread(tmp_path, dtype):
 @pytest.mark.parametrize("damage", ["row", "coefficient"])
 def test_the_sketch_certificate_catches_a_wrong_row_or_coefficient(tmp_path, monkeypatch, damage):
     from lightning_dualform.record import engine as engine_mod
+    from lightning_dualform.record import rows as rows_mod
 
     if damage == "row":  # one stored value changed on its way to the writer
-        original = engine_mod._gather_rows
+        original = rows_mod.gather_rows
 
         def gather(parts, dtype):
             k, v, *rest = original(parts, dtype)
@@ -346,7 +347,7 @@ def test_the_sketch_certificate_catches_a_wrong_row_or_coefficient(tmp_path, mon
             v[0, 0] += 0.5
             return (k, v, *rest)
 
-        monkeypatch.setattr(engine_mod, "_gather_rows", gather)
+        monkeypatch.setattr(rows_mod, "gather_rows", gather)
     else:  # the recorded learning rate of every step 1% off
         original = engine_mod.RecordingEngine._table_row
 

@@ -35,7 +35,8 @@ from lightning_dualform.record.batches import (
 )
 from lightning_dualform.record.capture import find_layers
 from lightning_dualform.record.attention_logging import DualFormAttentionLogger
-from lightning_dualform.record.engine import Distributed, RecordingEngine, rank_path
+from lightning_dualform.record.engine import RecordingEngine
+from lightning_dualform.record.specs import Distributed, rank_path
 from lightning_dualform.record.options import RecordOptions, RowDtype
 from lightning_dualform.record.planner import Plan
 from lightning_dualform.record.policy import RunFacts, inexact_causes, refusal

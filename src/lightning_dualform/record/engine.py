@@ -35,29 +35,28 @@ from torch import nn
 
 from lightning_dualform._float32_products import float32_mode, loosest
 from lightning_dualform._version import __version__
-from lightning_dualform.errors import DiskSpaceError, InexactError
+from lightning_dualform.errors import InexactError
 from lightning_dualform.layers import (
     conv_geometry,
     layer_kind,
     layer_shape,
-    maps_from_pixels,
-    pixels_of,
-    project_keys,
-    project_maps,
     weight_matrix,
 )
 from lightning_dualform.optim import UpdateRule, rule_for
-from lightning_dualform.record.batches import BatchInfo, duplicates, row_metadata
-from lightning_dualform.record.capture import CallRows, LayerCapture
+from lightning_dualform.record.batches import BatchInfo, duplicates
+from lightning_dualform.record.capture import LayerCapture
 from lightning_dualform.record.options import RecordOptions
-from lightning_dualform.record.planner import Plan, estimate, free_bytes
+from lightning_dualform.record import gradient_check
+from lightning_dualform.record import rows as rows_mod
+from lightning_dualform.record.planner import Plan, check_disk, estimate, slow_writer_message
 from lightning_dualform.record.policy import gradient_check_tolerance
 from lightning_dualform.record.sketch import SketchCertificate
+from lightning_dualform.record.specs import Distributed, bias_of, describe_optimizer, layer_spec
 from lightning_dualform.store import WriterLock
 from lightning_dualform.store.background import AsyncWriter
 from lightning_dualform.store.certificate import FLOAT32_PRODUCTS_TOLERANCE, LayerCertificate, read_certificates, tolerance
 from lightning_dualform.store.conv import ConvGeometry
-from lightning_dualform.store.format import PLAIN_RULE, SCALAR_RULES, LayerSpec, StepRows, settings_of, table_columns
+from lightning_dualform.store.format import PLAIN_RULE, SCALAR_RULES, settings_of, table_columns
 from lightning_dualform.store.metadata import StoreMetadata
 from lightning_dualform.store.shards import write_shard_index
 from lightning_dualform.store.writer import StoreWriter
@@ -69,56 +68,7 @@ log = logging.getLogger(__name__)
 _SLOW_WRITER_SHARE = 0.2
 _SLOW_WRITER_MIN_S = 2.0
 _PACE_CHECK_EVERY = 64  # optimizer steps
-#: A measured gradient factor this close (relatively) to 2^k / world_size is that number: loss scales are
-#: powers of two, and without clipping the factor is exactly one over the number of DDP ranks. The float32
-#: sketch the factor is measured with is good to about 1e-6 (docs/dual-form.md).
-_SNAP = 1e-5
 _ROW_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def rank_path(path: str, rank: int, world_size: int) -> str:
-    """The file a global rank writes: ``path`` itself alone, ``name.rank{r}.h5`` under DDP."""
-    if world_size <= 1:
-        return path
-    root, ext = os.path.splitext(path)
-    return f"{root}.rank{rank}{ext or '.h5'}"
-
-
-def bias_of(module: nn.Module) -> torch.Tensor | None:
-    return getattr(module, "bias", None)  # nn.Embedding has none
-
-
-@dataclass
-class Distributed:
-    """The process group the rows' gradient is averaged over (DDP); one process: rank 0 of 1."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def current(cls) -> "Distributed":
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
-        return cls()
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """The sum over ranks (``t`` itself for one process); a CPU tensor goes through the backend's device."""
-        if self.world_size <= 1:
-            return t
-        import torch.distributed as dist
-
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
-        out = t.to(device).clone()
-        dist.all_reduce(out)
-        return out.to(t.device)
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
 
 
 #: One step's row of a parameter's per-step table: ``{column: value}`` of the store's update rule.
@@ -343,7 +293,7 @@ class RecordingEngine:
         """
         opts = self.options
         self.store_path = store_path
-        specs = [self._layer_spec(name, m) for name, m in self.chosen.items()]
+        specs = [layer_spec(name, m, self.optimizer, self.rule, self._param_groups[name]) for name, m in self.chosen.items()]
         if resume is not None:
             settings = settings_of(specs, opts.dtype, opts.compression, self.update_rule)
             make = lambda: StoreWriter.resume(  # noqa: E731
@@ -392,47 +342,7 @@ class RecordingEngine:
         self.sketch = None
         if not self.options.certify or not self.run_exact or type(self.optimizer) is not torch.optim.SGD:
             return  # (an inexact run keeps its residual, which only the full certificate computes)
-        saved = (resume or {}).get("sketch")
-        if resume is not None and (not isinstance(saved, dict) or set(saved) != set(self.chosen)):
-            return
-        sketch = SketchCertificate()
-        state = self.optimizer.state
-        for name, m in self.chosen.items():
-            w, b = m.weight, bias_of(m)
-            buf = state.get(w, {}).get("momentum_buffer")
-            bbuf = state.get(b, {}).get("momentum_buffer") if b is not None else None
-            sketch.start(name, self._probes[name], weight_matrix(m).float(),
-                         weight_matrix(m, buf).float() if buf is not None else None,
-                         b.detach().float() if b is not None else None,
-                         bbuf.detach().float() if bbuf is not None else None,
-                         resumed=saved[name] if saved is not None else None)
-        self.sketch = sketch
-
-    def _layer_spec(self, name: str, m: nn.Module) -> LayerSpec:
-        d_in, d_out, extra = layer_shape(m)
-        w = weight_matrix(m).float().cpu().numpy()
-        b = bias_of(m).detach().float().cpu().numpy() if bias_of(m) is not None else None
-        state = self.optimizer.state if self.optimizer is not None else {}
-        weight_state = bias_state = None
-        if self.rule is not None and self.rule.name != "sgd":  # (SGD keeps its momentum buffers below, as in format 1)
-            # the state before the first recorded step: the replay starts from it
-            wi, bi = self._param_groups[name]
-            if wi is not None:
-                weight_state = self.rule.read_state(self.optimizer, m.weight)
-            if bias_of(m) is not None and bi is not None:
-                bias_state = self.rule.read_state(self.optimizer, bias_of(m))
-
-        def buffer(p: torch.Tensor | None, is_weight: bool) -> np.ndarray | None:
-            buf = state.get(p, {}).get("momentum_buffer") if p is not None else None
-            if buf is None:
-                return None
-            return (weight_matrix(m, buf) if is_weight else buf.detach()).float().cpu().numpy()
-
-        return LayerSpec(name=name, kind=layer_kind(m), d_in=d_in, d_out=d_out, has_bias=b is not None,
-                         weight_init=w, bias_init=b, extra=extra, weight_buffer_init=buffer(m.weight, True),
-                         bias_buffer_init=buffer(bias_of(m), False), weight_shape=tuple(m.weight.shape),
-                         weight_state=weight_state, bias_state=bias_state,
-                         state_dtype="float64" if m.weight.dtype == torch.float64 else "float32")
+        self.sketch = SketchCertificate.for_run(self.chosen, self._probes, self.optimizer, resume)
 
     def _resumed_attrs(self, stored: StoreMetadata) -> dict[str, Any]:
         """The rows before the checkpoint keep the rounding they were made with: the store's mode is the
@@ -444,29 +354,12 @@ class RecordingEngine:
         """The store's description of this run (the adapter adds what it knows: clipping, accumulation ...)."""
         import lightning
 
-        opt = self.optimizer
-        opt_info: dict[str, Any] = {"name": type(opt).__name__ if opt else None, "param_groups": []}
-        if opt is not None:
-            def plain(v: Any) -> Any:
-                if isinstance(v, (tuple, list)):  # Adam's betas, Adafactor's eps
-                    return [plain(x) for x in v]
-                if isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool):
-                    return float(v)
-                return v
-
-            def kept(v: Any) -> bool:
-                if isinstance(v, (tuple, list)):
-                    return all(x is None or kept(x) for x in v)
-                return isinstance(v, (int, float, bool, str)) or (isinstance(v, torch.Tensor) and v.numel() == 1)
-
-            for g in opt.param_groups:
-                opt_info["param_groups"].append({k: plain(v) for k, v in g.items() if k != "params" and kept(v)})
         return StoreMetadata(
             library_version=__version__,
             torch_version=torch.__version__,
             lightning_version=lightning.__version__,
             model_class=type(model).__name__,
-            optimizer=opt_info,
+            optimizer=describe_optimizer(self.optimizer),
             update_rule=self.update_rule,
             precision=self.precision,
             float32_products=self.float32_products,
@@ -570,7 +463,7 @@ class RecordingEngine:
         scaling); ``None`` measures it per layer from the weights' ``.grad``.
         """
         self.last_epoch = epoch
-        pending = self._take_rows()
+        pending = rows_mod.take_rows(self.captures)
         self._check_map_sizes(pending)
         if self.plan is None:
             self._make_plan(pending)
@@ -579,7 +472,7 @@ class RecordingEngine:
         for name in self.captures:
             if name in self.dropped or not pending.get(name):
                 continue
-            rows[name] = _gather_rows(pending[name], self._row_dtype)  # as they will be stored
+            rows[name] = rows_mod.gather_rows(pending[name], self._row_dtype)  # as they will be stored
             self.rows_recorded[name] = self.rows_recorded.get(name, 0) + sum(c.n_rows for c, *_ in pending[name])
             if name in self._geometry:
                 sizes[name] = self._geometry[name].input_size
@@ -610,10 +503,10 @@ class RecordingEngine:
                 self.sketch.step(name, gz, gb, scale, w_up, b_up)
         event = None
         if any(t[0].is_cuda for t in rows.values()):
-            rows = {n: tuple(_to_pinned(t) for t in r) for n, r in rows.items()}
+            rows = {n: tuple(rows_mod.to_pinned(t) for t in r) for n, r in rows.items()}
             event = torch.cuda.Event()
             event.record()
-        self.writer.add_step(step, epoch, functools.partial(_step_rows, rows, event, sizes, step, epoch), updates)
+        self.writer.add_step(step, epoch, functools.partial(rows_mod.step_rows, rows, event, sizes, step, epoch), updates)
         self.steps_recorded += 1
         if self._steps_seen % _PACE_CHECK_EVERY == 0:
             self._check_writer_pace()
@@ -622,29 +515,12 @@ class RecordingEngine:
         """A step the trainer counted but the optimizer never took (a loss scaler found inf/NaN): the
         weights did not change, and the rows of its gradient are dropped."""
         self.last_epoch = epoch
-        self._take_rows()
+        rows_mod.take_rows(self.captures)  # (the skipped step's rows are dropped)
         updates = {}
         for name, cap in self.captures.items():
             updates[name] = (0.0, self.skipped_row(), self.skipped_row() if bias_of(cap.module) is not None else None)
         self.writer.add_step(step, epoch, lambda: {}, updates)  # no rows
         self.steps_recorded += 1
-
-    def _take_rows(self) -> dict[str, list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]]]:
-        """The completed calls of every layer since the last step, with each row's index, position and label."""
-        pending: dict[str, list] = {}
-        for name, cap in self.captures.items():
-            offsets: dict[int, int] = {}  # per batch: positions already used by earlier calls of this layer
-            for call in cap.take_completed():
-                info = call.batch if call.batch is not None else BatchInfo(size=None, indices=None, labels=None)
-                offset = offsets.get(id(info), 0)
-                index, position, label, per_ex = row_metadata(call, info, offset)
-                offsets[id(info)] = offset + per_ex
-                if call.keep is not None:  # rows whose gradient never reaches the weight
-                    keep = call.keep
-                    call.keys, call.values = call.keys[keep], call.values[keep]
-                    index, position, label = index[keep.cpu()], position[keep.cpu()], label[keep.cpu()]
-                pending.setdefault(name, []).append((call, index, position, label))
-        return pending
 
     def _check_map_sizes(self, pending: dict) -> None:
         """A convolution's maps share one size per store (it fixes the layout of its datasets): the first
@@ -670,86 +546,23 @@ class RecordingEngine:
     # checks
     # ------------------------------------------------------------------------------------------------
     def _sketch_rows(self, rows: dict[str, tuple], stored: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, the step's ``G Z = V^T (K Z)`` ``(d_out, k)`` and ``sum_rows v`` ``(d_out,)`` (float32
-        products) from ``(keys, values)`` as captured or, with ``stored``, as :func:`_gather_rows` stores them,
-        summed over DDP ranks (the optimizer's gradient sums every rank's rows); zeros for a layer without
-        rows this step."""
-        names = [n for n in self.captures if n not in self.dropped]
-        parts: list[torch.Tensor] = []
-        shapes = []
-        for name in names:
-            m = self.captures[name].module
-            z = self._probes[name]
-            d_out = layer_shape(m)[1]
-            if name in rows:
-                keys, values = rows[name][0], rows[name][1]
-                if stored:
-                    keys, values = _stored_floats(keys, self.options.dtype), _stored_floats(values, self.options.dtype)
-                else:
-                    keys, values = (keys.float() if keys.is_floating_point() else keys), values.float()
-                geom = self._geometry.get(name)
-                if geom is not None:  # K Z as a convolution of the maps with Z's columns as filters
-                    maps = maps_from_pixels(keys, geom) if keys.dim() == 2 else keys
-                    gz = values.t() @ project_maps(geom, maps.float(), z)
-                else:
-                    gz = values.t() @ project_keys(m, keys, z)
-                gb = values.sum(0)
-            else:
-                gz = torch.zeros(d_out, z.shape[1], device=z.device)
-                gb = torch.zeros(d_out, device=z.device)
-            parts += [gz.reshape(-1), gb]
-            shapes.append(gz.shape)
-        if not parts:
-            return {}
-        flat = self.dist.all_reduce(torch.cat(parts))
-        out, i = {}, 0
-        for name, shape in zip(names, shapes):
-            n = shape[0] * shape[1]
-            out[name] = (flat[i : i + n].reshape(shape), flat[i + n : i + n + shape[0]])
-            i += n + shape[0]
-        return out
+        """The step's projections of every layer still recorded (:func:`.gradient_check.project_rows`)."""
+        modules = {n: c.module for n, c in self.captures.items() if n not in self.dropped}
+        return gradient_check.project_rows(rows, modules, self._probes, self._geometry, all_reduce=self.dist.all_reduce,
+                                           stored_dtype=self.options.dtype if stored else None)
 
     def _check_rows(self, sketches: dict[str, tuple[torch.Tensor, torch.Tensor]], grad_scale: float | None,
                     has_rows: set[str]) -> dict[str, float]:
-        """Check each layer's rows against the gradient the optimizer used, and measure their factor.
-
-        ``W.grad Z`` must equal ``f V^T (K Z)`` for the layer's random probes ``Z`` (and ``b.grad`` equal
-        ``f sum v``): a cheap sketch of ``W.grad = f sum v k^T`` (Freivalds' test) that catches weights used
-        outside the module's forward (e.g. ``nn.MultiheadAttention.out_proj``) and any other missing or wrong
-        rows. With ``grad_scale`` given, ``f`` is it; otherwise ``f`` is the least-squares fit (snapped to
-        ``2^k / world_size`` when that close), returned per layer.
-        """
-        scales: dict[str, float] = {}
-        for name, (gz, gb) in sketches.items():
-            m = self.captures[name].module
-            z = self._probes[name]
-            g = m.weight.grad
-            if g is None:
-                lhs, bound = torch.zeros_like(gz), 0.0
-            else:
-                g = weight_matrix(m, g).float()
-                lhs = g @ z
-                # independent rounding of relative size eps in each entry of W.grad moves (W.grad Z)_ij by about
-                # eps * sqrt(sum_l (W.grad_il z_lj)^2): measured against that (about |W.grad|_F |z_j|), rounding
-                # (bf16, fp16) stays near eps even where W.grad Z cancels, and missing rows stay O(1)
-                bound = float(torch.linalg.vector_norm(torch.sqrt((g * g) @ (z * z))))
-            b = bias_of(m)
-            if b is not None and b.grad is not None:
-                lhs = torch.cat([lhs.reshape(-1), b.grad.float()])
-                rhs = torch.cat([gz.reshape(-1), gb])
-                bound = (bound ** 2 + float(torch.linalg.vector_norm(b.grad.float())) ** 2) ** 0.5
-            else:
-                lhs, rhs = lhs.reshape(-1), gz.reshape(-1)
-            if grad_scale is not None:
-                f = grad_scale
-            else:
-                f = _fit_scale(lhs, rhs, self.dist.world_size)
-                scales[name] = f
-            diff = float(torch.linalg.vector_norm(lhs - f * rhs))
-            err = diff / bound if bound > 0 else (0.0 if diff == 0 else math.inf)
+        """Check each layer's rows against the gradient the optimizer used (:func:`.gradient_check.check_rows`);
+        a layer beyond the tolerance is dropped or marked inexact. Returns the measured factors (no
+        ``grad_scale``)."""
+        modules = {n: self.captures[n].module for n in sketches}
+        checked = gradient_check.check_rows(sketches, modules, self._probes, grad_scale=grad_scale,
+                                            world_size=self.dist.world_size)
+        for name, (_, err, seen) in checked.items():
             if err > self.check_tolerance:
-                self._flag(name, err, has_rows=name in has_rows or bool(float(torch.linalg.vector_norm(rhs)) > 0))
-        return scales
+                self._flag(name, err, has_rows=name in has_rows or seen)
+        return {name: f for name, (f, _, _) in checked.items()} if grad_scale is None else {}
 
     def _flag(self, name: str, err: float, has_rows: bool) -> None:
         if not has_rows:
@@ -781,17 +594,8 @@ class RecordingEngine:
                              memory_sums=self.options.certify == "full" or (bool(self.options.certify) and self.sketch is None),
                              maps={n: (g.in_channels, g.pixels, g.locations) for n, g in self._geometry.items()})
         self._info(f"{self.owner}: {self.plan.describe()}.")
-        if not self.options.check_disk or not steps_per_epoch:
-            return
-        directory = os.path.dirname(os.path.abspath(self.store_path))
-        free = free_bytes(directory)
-        needed = self.plan.total_bytes - os.path.getsize(self.store_path)
-        if needed > free:
-            raise DiskSpaceError(
-                f"{self.owner}: the store {self.store_path} needs about {needed / 1e9:.2f} GB for this run "
-                f"({self.plan.describe()}) but only {free / 1e9:.2f} GB are free in {directory}. Free space, choose "
-                "another path, narrow `layers=`, use dtype='float16' or compression='lzf', or pass check_disk=False."
-            )
+        if self.options.check_disk and steps_per_epoch:  # (with the planner's safety margin)
+            check_disk(self.plan, self.store_path, already_written=os.path.getsize(self.store_path), who=self.owner)
 
     def _check_writer_pace(self) -> None:
         """Warn once when training spends much of its time waiting for the writer's full queue (on every
@@ -802,21 +606,8 @@ class RecordingEngine:
         if "slow-writer" in self._warned or blocked < _SLOW_WRITER_MIN_S or blocked < _SLOW_WRITER_SHARE * elapsed:
             return
         self._warned.add("slow-writer")
-        opts = self.options
-        advice = []
-        if opts.compression:
-            advice.append("compression costs the most (it runs inside HDF5's filter pipeline on one thread): use "
-                          "compression=None and compress the finished store if needed")
-        if opts.dtype == "float32":
-            advice.append("dtype='float16' halves the bytes")
-        advice += ["`layers=[...]` tracks fewer layers", "a faster disk helps"]
-        advice[0] = advice[0][0].upper() + advice[0][1:]
-        warnings.warn(
-            f"{self.owner}: training waited {blocked:.1f} s of the last {elapsed:.1f} s for the store writer "
-            f"({w.path}, {opts.dtype} rows, compression={opts.compression!r}): the rows come faster than they can "
-            f"be written. {'; '.join(advice)}.",
-            UserWarning, stacklevel=2,
-        )
+        warnings.warn(slow_writer_message(self.owner, blocked, elapsed, w.path, self.options.dtype,
+                                          self.options.compression), UserWarning, stacklevel=2)
 
     def warn_once(self, key: str, msg: str) -> None:
         if key not in self._warned:
@@ -898,81 +689,3 @@ class RecordingEngine:
         writer.close()
         if remove_if_empty and writer.committed["steps"] == 0:
             os.remove(writer.path)
-
-
-# ------------------------------------------------------------------------------------------------------
-# helpers (pure functions of tensors)
-# ------------------------------------------------------------------------------------------------------
-def _fit_scale(lhs: torch.Tensor, rhs: torch.Tensor, world_size: int) -> float:
-    """The least-squares ``f`` of ``lhs = f rhs``, snapped to ``2^k / world_size`` within :data:`_SNAP`."""
-    denom = float(rhs.double() @ rhs.double())
-    if denom == 0.0:
-        return 1.0 / world_size  # no rows: the factor never multiplies anything
-    f = float(lhs.double() @ rhs.double()) / denom
-    if f > 0:
-        snapped = 2.0 ** round(math.log2(f * world_size)) / world_size
-        if abs(f - snapped) <= _SNAP * snapped:
-            return snapped
-    return f
-
-
-def _gather_rows(parts: list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]], row_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """One (keys, values, index, position, label) tuple per layer and step. Keys and values are fresh
-    copies, already in the stored dtype (one pass: the copy is the conversion)."""
-    def convert(t: torch.Tensor) -> torch.Tensor:
-        if not t.is_floating_point():  # token ids (embeddings) stay integers
-            return t.long()
-        # keys under autocast are bf16 copies: widen to float32 first, so that float16 storage rounds once
-        return t.to(torch.float32).to(row_dtype) if t.dtype != torch.float32 else t.to(row_dtype)
-
-    def gather(ts: list[torch.Tensor], private: bool) -> torch.Tensor:
-        out = torch.cat([convert(t) for t in ts]) if len(ts) > 1 else convert(ts[0])
-        if not private and any(out.data_ptr() == t.data_ptr() for t in ts):
-            out = out.clone()  # the caller's tensor: copy it before training goes on
-        return out.view(torch.int16) if out.dtype == torch.bfloat16 else out
-
-    # Activations and gradients are autograd's own tensors, never written to again: the writer thread
-    # copies them into its buffers, off the training thread. Keys straight from the batch are copied here.
-    geom = parts[0][0].geometry
-    if geom is not None:
-        # a convolution's maps as channel-last pixel rows, and its metadata once per (example, call): the rows
-        # of one map are its output locations, so the first location's entries describe the map
-        keys = gather([pixels_of(p[0].keys) for p in parts], all(p[0].private_keys for p in parts))
-        every = geom.locations
-        index = torch.cat([p[1][::every] for p in parts])
-        position = torch.cat([p[2][::every] for p in parts])
-        label = torch.cat([p[3][::every] for p in parts])
-    else:
-        keys = gather([p[0].keys for p in parts], all(p[0].private_keys for p in parts))
-        index = torch.cat([p[1] for p in parts])
-        position = torch.cat([p[2] for p in parts])
-        label = torch.cat([p[3] for p in parts])
-    values = gather([p[0].values for p in parts], True)
-    return keys, values, index, position, label
-
-
-def _stored_floats(t: torch.Tensor, row_dtype: str) -> torch.Tensor:
-    """Rows as :func:`_gather_rows` hands them to the writer, as float32 (token ids stay integers)."""
-    if not t.is_floating_point() and row_dtype == "bfloat16" and t.dtype == torch.int16:
-        return t.view(torch.bfloat16).float()
-    return t.float() if t.is_floating_point() else t
-
-
-def _to_pinned(t: torch.Tensor) -> torch.Tensor:
-    if not t.is_cuda:
-        return t
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    out.copy_(t, non_blocking=True)
-    return out
-
-
-def _step_rows(rows: dict, event: Any, sizes: dict[str, tuple[int, ...]], step: int, epoch: int) -> dict[str, StepRows]:
-    """One step's rows as the store takes them (runs on the writer thread: a device's copy to pinned host memory
-    is waited for there)."""
-    if event is not None:
-        event.synchronize()
-    return {
-        name: StepRows(keys=k.numpy(), values=v.numpy(), index=i.numpy(), position=p.numpy(), label=lab.numpy(),
-                       step=step, epoch=epoch, map_size=sizes.get(name))
-        for name, (k, v, i, p, lab) in rows.items()
-    }

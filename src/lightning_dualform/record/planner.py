@@ -153,6 +153,22 @@ def check_disk(plan: Plan, store_path: str, already_written: int = 0, who: str =
         )
 
 
+def slow_writer_message(who: str, blocked: float, elapsed: float, path: str, dtype: str, compression: str | None) -> str:
+    """What to say when training waited ``blocked`` of the last ``elapsed`` seconds for the store writer: the
+    store's settings cost more than the rows are worth, and which to change first."""
+    advice = []
+    if compression:
+        advice.append("compression costs the most (it runs inside HDF5's filter pipeline on one thread): use "
+                      "compression=None and compress the finished store if needed")
+    if dtype == "float32":
+        advice.append("dtype='float16' halves the bytes")
+    advice += ["`layers=[...]` tracks fewer layers", "a faster disk helps"]
+    advice[0] = advice[0][0].upper() + advice[0][1:]
+    return (f"{who}: training waited {blocked:.1f} s of the last {elapsed:.1f} s for the store writer ({path}, "
+            f"{dtype} rows, compression={compression!r}): the rows come faster than they can be written. "
+            f"{'; '.join(advice)}.")
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
