@@ -166,7 +166,8 @@ def _recorded_stores(root: str) -> list[str]:
         with DualFormRecorder(path, model, opt, **kw) as rec:
             for step in range(3):
                 tokens = torch.randint(0, 7, (4, 5), generator=g)
-                rec.batch(indices=torch.arange(4) + 4 * step, labels=torch.arange(4) % 2, inputs=tokens, epoch=step // 2)
+                rec.batch(indices=torch.arange(4) + 4 * step, labels=torch.arange(4) % 2, inputs=tokens,
+                          epoch=step // 2)
                 torch.nn.functional.cross_entropy(model(tokens), torch.arange(4) % 2).backward()
                 opt.step()
                 opt.zero_grad()

@@ -139,6 +139,7 @@ def test_a_failed_stage_keeps_the_query_sets_the_store_had(trained):
     failing = Failing()
     failing.load_state_dict(model.state_dict())
     with pytest.raises(RuntimeError, match="second batch"):
-        L.Trainer(callbacks=[cb], **TRAINER_KW).test(failing, torch.utils.data.DataLoader(test, batch_size=4, shuffle=True))
+        L.Trainer(callbacks=[cb], **TRAINER_KW).test(failing,
+                                                     torch.utils.data.DataLoader(test, batch_size=4, shuffle=True))
     with StoreReader(cb.store_path) as s:
         np.testing.assert_array_equal(s.queries("test").index, before)  # the old split, whole

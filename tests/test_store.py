@@ -100,7 +100,8 @@ def test_unknown_attributes_are_kept_and_missing_ones_take_defaults():
 def test_the_clip_algorithm_is_stored_as_its_name_and_older_spellings_read_as_it():
     from lightning.pytorch.utilities import GradClipAlgorithmType
 
-    assert StoreMetadata(gradient_clip_algorithm=GradClipAlgorithmType.VALUE).to_attrs()["gradient_clip_algorithm"] == "value"
+    attrs = StoreMetadata(gradient_clip_algorithm=GradClipAlgorithmType.VALUE).to_attrs()
+    assert attrs["gradient_clip_algorithm"] == "value"
     assert StoreMetadata(gradient_clip_algorithm=str(GradClipAlgorithmType.NORM)).gradient_clip_algorithm == "norm"
     old = {**StoreMetadata().to_attrs(), "gradient_clip_algorithm": "GradClipAlgorithmType.NORM"}
     assert StoreMetadata.from_attrs(old, "x.h5").gradient_clip_algorithm == "norm"
@@ -293,7 +294,8 @@ def test_the_sum_over_shards_certifies_the_run(two_shards):
 def test_a_certificate_written_through_the_index_goes_into_every_shard(two_shards):
     index, paths = two_shards
     cert = LayerCertificate.measured(1e-7, 0.0, 1e-4, exact_run=True)
-    write_layer_certificate(index, "fc", cert, kept=KeptWeights(np.ones((D_OUT, D_IN)), None, end_step=4, rows=8 * ROWS))
+    kept = KeptWeights(np.ones((D_OUT, D_IN)), None, end_step=4, rows=8 * ROWS)
+    write_layer_certificate(index, "fc", cert, kept=kept)
     for p in paths:
         with StoreReader(p) as s:  # each shard's own tables are bound (the reader checks the CRC on open)
             assert s.layer("fc").certificate == cert and s.layer("fc").stored_memory_sums(4, 8 * ROWS) is not None

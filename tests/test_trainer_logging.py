@@ -129,8 +129,12 @@ def test_the_attention_logger_needs_a_recording_callback(tmp_path):
         DualFormAttentionLogger(every_n_epochs=0)
     trainer = L.Trainer(max_epochs=1, callbacks=[DualFormAttentionLogger()], accelerator="cpu", **TRAINER_KW)
     with pytest.raises(MisconfigurationException, match="no DualFormCallback"):
-        trainer.fit(_Validated(), loader(IndexedDataset(n=32), 16), loader(IndexedDataset(n=16, seed=1), 8, shuffle=False))
+        trainer.fit(_Validated(), loader(IndexedDataset(n=32), 16), _val())
     two = [DualFormCallback(tmp_path / "a.h5"), DualFormCallback(tmp_path / "b.h5"), DualFormAttentionLogger()]
     trainer = L.Trainer(max_epochs=1, callbacks=two, accelerator="cpu", **TRAINER_KW)
     with pytest.raises(MisconfigurationException, match="store=..."):
-        trainer.fit(_Validated(), loader(IndexedDataset(n=32), 16), loader(IndexedDataset(n=16, seed=1), 8, shuffle=False))
+        trainer.fit(_Validated(), loader(IndexedDataset(n=32), 16), _val())
+
+
+def _val():
+    return loader(IndexedDataset(n=16, seed=1), 8, shuffle=False)

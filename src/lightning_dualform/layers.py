@@ -53,7 +53,8 @@ def unsupported_reason(module: nn.Module) -> str | None:
 def layer_shape(module: nn.Module) -> tuple[int, int, dict]:
     """``(d_in, d_out, extra attributes)`` of the layer viewed as a linear map on key rows."""
     if isinstance(module, nn.Embedding):
-        return module.num_embeddings, module.embedding_dim, {"padding_idx": -1 if module.padding_idx is None else module.padding_idx}
+        padding_idx = -1 if module.padding_idx is None else module.padding_idx
+        return module.num_embeddings, module.embedding_dim, {"padding_idx": padding_idx}
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         w = module.weight
         extra = {
@@ -122,7 +123,8 @@ def conv_patches(geom: ConvGeometry, x: torch.Tensor) -> torch.Tensor:
     x = padded_maps(geom, x)
     if geom.dims == 1:
         x = x.unsqueeze(-2)
-        return nn.functional.unfold(x, (1, geom.kernel_size[0]), dilation=(1, geom.dilation[0]), stride=(1, geom.stride[0]))
+        return nn.functional.unfold(x, (1, geom.kernel_size[0]), dilation=(1, geom.dilation[0]),
+                                    stride=(1, geom.stride[0]))
     return nn.functional.unfold(x, geom.kernel_size, dilation=geom.dilation, stride=geom.stride)
 
 

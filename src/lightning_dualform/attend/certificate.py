@@ -119,14 +119,16 @@ def certify_store(
         names = list(store.layers)
         form = store.form
         if not store.complete:
-            raise StoreError(f"{path}: the store is not complete (status {store.status!r}); a certificate needs the final weights.")
+            raise StoreError(f"{path}: the store is not complete (status {store.status!r}); a certificate needs "
+                             "the final weights.")
     if form == "element-wise":
         return _certify_replay(path, names, lock)
     with (contextlib.nullcontext(lock) if lock is not None else WriterLock.acquire(path, "certificate")) as lock:
         with StoreReader(path, probe=probe) as store:  # (under the lock: no resume between the check and the writes)
             names = list(store.layers)
             if not store.complete:
-                raise StoreError(f"{path}: the store is not complete (status {store.status!r}); a certificate needs the final weights.")
+                raise StoreError(f"{path}: the store is not complete (status {store.status!r}); a certificate "
+                                 "needs the final weights.")
         for name in names:
             lock.set_phase(f"certificate: computing {name}")
             with StoreReader(path, probe=False) as store:  # reopened per layer: the last session changed the file
@@ -149,7 +151,8 @@ def certify_store(
                                                  exact_run=layer.exact and store.optimizer_exact)
                 kept = KeptWeights(mw.numpy(), None if mb is None else mb.numpy(), int(coef.end_step), int(rows))
                 # an inexact run keeps what the memory does not explain: answers add it back
-                residual = None if store.optimizer_exact else (rw.float().numpy(), None if rb is None else rb.float().numpy())
+                residual = None if store.optimizer_exact else (
+                    rw.float().numpy(), None if rb is None else rb.float().numpy())
             results[name] = cert
             write_layer_certificate(path, name, cert, kept=kept, residual=residual, lock=lock)
     return results

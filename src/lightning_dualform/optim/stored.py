@@ -86,8 +86,9 @@ def scalar_rule_coefficients(rule: UpdateRule, table: Mapping[str, np.ndarray], 
                              state: OptimizerState) -> tuple[float, float, np.ndarray]:
     """``a``, ``b = 0`` and ``c_s`` of a rule whose maps are scalars (ASGD): its adjoint swept over a
     one-entry stand-in of the parameter (the maps never look at the gradient or the parameter)."""
-    one = OptimizerState(0, (1,), {k: (v.reshape(-1)[:1].copy() if isinstance(v, np.ndarray) and v.ndim else v)
-                                   for k, v in state.nonlinear.items()}, {PARAM: np.zeros(1)}, param_dtype=state.param_dtype)
+    first = {k: (v.reshape(-1)[:1].copy() if isinstance(v, np.ndarray) and v.ndim else v)
+             for k, v in state.nonlinear.items()}
+    one = OptimizerState(0, (1,), first, {PARAM: np.zeros(1)}, param_dtype=state.param_dtype)
     c = np.zeros(len(grad_scale))
     sweep = Sweep(rule, table, grad_scale, [one], lambda a, b, rows: (np.zeros(1) for _ in range(a, b)), stop=n_used)
     for s, q in sweep:

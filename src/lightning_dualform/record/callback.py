@@ -166,7 +166,8 @@ class DualFormCallback(Callback):
         if log_attention_every_n_epochs is not None:
             rank_zero_deprecation(
                 f"`{_OWNER}(log_attention_every_n_epochs={log_attention_every_n_epochs})` is deprecated: add "
-                f"`DualFormAttentionLogger(every_n_epochs={log_attention_every_n_epochs}, queries={log_attention_queries})` "
+                f"`DualFormAttentionLogger(every_n_epochs={log_attention_every_n_epochs}, "
+                f"queries={log_attention_queries})` "
                 f"to the Trainer's callbacks beside `{_OWNER}` instead (it runs that callback for now)."
             )
             self._attention = DualFormAttentionLogger(log_attention_every_n_epochs, log_attention_queries)
@@ -192,7 +193,7 @@ class DualFormCallback(Callback):
     @property
     def certificate(self) -> dict[str, dict[str, Any]]:
         """Per layer, after fit: ``rel_err`` of the rebuilt weights, ``tolerance``, ``exact``, ``explained``,
-        ``method`` (:meth:`LayerCertificate.as_dict <lightning_dualform.store.certificate.LayerCertificate.as_dict>`)."""
+        ``method`` (:meth:`~lightning_dualform.store.certificate.LayerCertificate.as_dict`)."""
         certs = self._engine.certificate if self._engine is not None else self._certificate
         return {name: cert.as_dict() for name, cert in certs.items()}
 
@@ -272,7 +273,8 @@ class DualFormCallback(Callback):
         chosen, notes = find_layers(pl_module, opts.layers)
         if not chosen:
             raise ValueError(
-                f"{_OWNER} found no layer to track: the model has no trainable nn.Linear"
+                f"{_OWNER} found no layer to track: the model has no trainable layer of a kind it records "
+                "(nn.Linear, nn.Conv1d, nn.Conv2d with groups=1, nn.Embedding)"
                 + (" matching `layers`." if opts.layers is not None else ".")
             )
         engine = RecordingEngine(opts, _OWNER, certifier=certify_store, info=rank_zero_info, warn=rank_zero_warn)

@@ -54,7 +54,12 @@ from lightning_dualform.record.sketch import SketchCertificate
 from lightning_dualform.record.specs import Distributed, bias_of, describe_optimizer, layer_spec
 from lightning_dualform.store import WriterLock
 from lightning_dualform.store.background import AsyncWriter
-from lightning_dualform.store.certificate import FLOAT32_PRODUCTS_TOLERANCE, LayerCertificate, read_certificates, tolerance
+from lightning_dualform.store.certificate import (
+    FLOAT32_PRODUCTS_TOLERANCE,
+    LayerCertificate,
+    read_certificates,
+    tolerance,
+)
 from lightning_dualform.store.conv import ConvGeometry
 from lightning_dualform.store.format import PLAIN_RULE, SCALAR_RULES, settings_of, table_columns
 from lightning_dualform.store.metadata import StoreMetadata
@@ -293,7 +298,8 @@ class RecordingEngine:
         """
         opts = self.options
         self.store_path = store_path
-        specs = [layer_spec(name, m, self.optimizer, self.rule, self._param_groups[name]) for name, m in self.chosen.items()]
+        specs = [layer_spec(name, m, self.optimizer, self.rule, self._param_groups[name])
+                 for name, m in self.chosen.items()]
         if resume is not None:
             settings = settings_of(specs, opts.dtype, opts.compression, self.update_rule)
             make = lambda: StoreWriter.resume(  # noqa: E731
@@ -506,7 +512,8 @@ class RecordingEngine:
             rows = {n: tuple(rows_mod.to_pinned(t) for t in r) for n, r in rows.items()}
             event = torch.cuda.Event()
             event.record()
-        self.writer.add_step(step, epoch, functools.partial(rows_mod.step_rows, rows, event, sizes, step, epoch), updates)
+        made = functools.partial(rows_mod.step_rows, rows, event, sizes, step, epoch)  # on the writer thread
+        self.writer.add_step(step, epoch, made, updates)
         self.steps_recorded += 1
         if self._steps_seen % _PACE_CHECK_EVERY == 0:
             self._check_writer_pace()
@@ -666,7 +673,9 @@ class RecordingEngine:
                 f"{cert.rel_err:.2e} ({verdict}; the memory explains {100 * cert.explained:.4g}% of the weights)."
             )
 
-    def _sketch_certificate(self, finals: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> dict[str, LayerCertificate] | None:
+    def _sketch_certificate(
+        self, finals: dict[str, tuple[np.ndarray, np.ndarray | None]]
+    ) -> dict[str, LayerCertificate] | None:
         """The certificate from the projections carried through training, or None where there are none."""
         if self.sketch is None or set(self.sketch.layers) != set(self.chosen):
             return None

@@ -153,7 +153,8 @@ def check_disk(plan: Plan, store_path: str, already_written: int = 0, who: str =
         )
 
 
-def slow_writer_message(who: str, blocked: float, elapsed: float, path: str, dtype: str, compression: str | None) -> str:
+def slow_writer_message(who: str, blocked: float, elapsed: float, path: str, dtype: str,
+                        compression: str | None) -> str:
     """What to say when training waited ``blocked`` of the last ``elapsed`` seconds for the store writer: the
     store's settings cost more than the rows are worth, and which to change first."""
     advice = []

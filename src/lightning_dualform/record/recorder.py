@@ -176,7 +176,8 @@ class DualFormRecorder:
             )
         chosen, notes = find_layers(self.model, opts.layers)
         if not chosen:
-            raise ValueError(f"{_OWNER} found no layer to track: the model has no trainable nn.Linear"
+            raise ValueError(f"{_OWNER} found no layer to track: the model has no trainable layer of a kind it "
+                             "records (nn.Linear, nn.Conv1d, nn.Conv2d with groups=1, nn.Embedding)"
                              + (" matching `layers`." if opts.layers is not None else "."))
         engine = RecordingEngine(opts, _OWNER, certifier=certify_store, info=self._info, warn=self._warn)
         engine.dist = self.dist
@@ -234,7 +235,9 @@ class DualFormRecorder:
     def certificate(self) -> dict[str, dict[str, Any]]:
         """Per layer, after :meth:`finish`: ``rel_err`` of the rebuilt weights, ``tolerance``, ``exact``, ``explained``,
         ``method``."""
-        return {name: cert.as_dict() for name, cert in self._engine.certificate.items()} if self._engine is not None else {}
+        if self._engine is None:
+            return {}
+        return {name: cert.as_dict() for name, cert in self._engine.certificate.items()}
 
     @property
     def plan(self) -> Plan | None:

@@ -40,7 +40,8 @@ def take_rows(captures: dict[str, LayerCapture]) -> Pending:
     return pending
 
 
-def gather_rows(parts: list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]], row_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def gather_rows(parts: list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]],
+                row_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """One (keys, values, index, position, label) tuple per layer and step. Keys and values are fresh
     copies, already in the stored dtype (one pass: the copy is the conversion)."""
     def convert(t: torch.Tensor) -> torch.Tensor:

@@ -147,16 +147,20 @@ class LayerCertificate:
 
         rel_err = number("rel_err")
         exact = attrs.get(PREFIX + "exact", False)
-        if not isinstance(exact, (bool, np.bool_)) and not (isinstance(exact, (int, np.integer)) and int(exact) in (0, 1)):
-            raise StoreError(f"{where}: attribute {PREFIX + 'exact'!r} is {exact!r}, not a boolean; the file is damaged.")
+        is_int = isinstance(exact, (int, np.integer)) and int(exact) in (0, 1)
+        if not isinstance(exact, (bool, np.bool_)) and not is_int:
+            raise StoreError(f"{where}: attribute {PREFIX + 'exact'!r} is {exact!r}, not a boolean; the file is "
+                             "damaged.")
         method = attrs.get(PREFIX + "method", "full")
         if method not in METHODS:
-            raise StoreError(f"{where}: attribute {PREFIX + 'method'!r} is {method!r}, not one of {METHODS}; the file is "
-                             "damaged or from a newer library.")
+            raise StoreError(f"{where}: attribute {PREFIX + 'method'!r} is {method!r}, not one of {METHODS}; the "
+                             "file is damaged or from a newer library.")
         probes = attrs.get(PREFIX + "probes")
-        if probes is not None and (isinstance(probes, (bool, np.bool_)) or not isinstance(probes, (int, np.integer, float, np.floating))
-                                   or probes != int(probes) or int(probes) < 1):
-            raise StoreError(f"{where}: attribute {PREFIX + 'probes'!r} is {probes!r}, not a positive integer; the file is damaged.")
+        number_like = (isinstance(probes, (int, np.integer, float, np.floating))
+                       and not isinstance(probes, (bool, np.bool_)))
+        if probes is not None and (not number_like or probes != int(probes) or int(probes) < 1):
+            raise StoreError(f"{where}: attribute {PREFIX + 'probes'!r} is {probes!r}, not a positive integer; the "
+                             "file is damaged.")
         return cls(
             rel_err=rel_err,
             rel_err_weight=number("rel_err_weight", rel_err),

@@ -444,7 +444,8 @@ class StoreView:
 
     @property
     def form(self) -> str:
-        """How layers are rebuilt (:data:`~lightning_dualform.store.format.FORMS`): ``"scalar"`` (SGD, ASGD: per-step coefficients),
+        """How layers are rebuilt (:data:`~lightning_dualform.store.format.FORMS`): ``"scalar"`` (SGD, ASGD:
+        per-step coefficients),
         ``"element-wise"`` (Adam, AdamW, Adagrad, ...: a replay of the optimizer) or ``"plain"`` (a run
         recorded with ``exact=False``: ``p_0 - sum lr_s g_s`` plus the stored residual)."""
         return store_form(self.update_rule, self.optimizer_exact)

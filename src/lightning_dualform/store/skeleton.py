@@ -40,7 +40,8 @@ MAX_CHUNK_BYTES = 64 << 20
 MAX_INPUT_BYTES = 1 << 30
 
 
-def check_chunk_rows(chunk_rows: Any, specs: list[LayerSpec], row_dtype: str, call: str = "StoreWriter.create(chunk_rows=...)") -> int | None:
+def check_chunk_rows(chunk_rows: Any, specs: list[LayerSpec], row_dtype: str,
+                     call: str = "StoreWriter.create(chunk_rows=...)") -> int | None:
     """``chunk_rows`` as an int whose chunks fit :data:`MAX_CHUNK_BYTES` for every layer, or None."""
     if chunk_rows is None:
         return None
@@ -66,11 +67,13 @@ def check_specs(specs: list[LayerSpec]) -> None:
         raise ValueError(f"StoreWriter.create: layer names must be unique, non-empty and without '/': {names}.")
     for s in specs:
         if s.kind not in LAYER_KINDS:
-            raise ValueError(f"StoreWriter.create: layer {s.name!r} has kind {s.kind!r}; expected one of {LAYER_KINDS}.")
+            raise ValueError(f"StoreWriter.create: layer {s.name!r} has kind {s.kind!r}; expected one of "
+                             f"{LAYER_KINDS}.")
         as_int(s.d_in, f"LayerSpec({s.name!r}, d_in=...)", lo=1)
         as_int(s.d_out, f"LayerSpec({s.name!r}, d_out=...)", lo=1)
         if tuple(np.shape(s.weight_init)) != (s.d_out, s.d_in):
-            raise ValueError(f"StoreWriter.create: layer {s.name!r} weight_init is {np.shape(s.weight_init)}, expected {(s.d_out, s.d_in)}.")
+            raise ValueError(f"StoreWriter.create: layer {s.name!r} weight_init is {np.shape(s.weight_init)}, "
+                             f"expected {(s.d_out, s.d_in)}.")
 
 
 def map_counts(group: h5py.Group) -> tuple[int, int] | None:
@@ -149,7 +152,8 @@ def write_skeleton(
                 g.attrs["layout"] = MAPS_LAYOUT
                 key_width = int(spec.extra["in_channels"])
                 _h5.create(g, "input_size", data=np.zeros(len(spec.extra["kernel_size"]), dtype=np.int64))
-            rows = chunk_rows_for(key_width * np.dtype(key_dtype).itemsize, spec.d_out * np.dtype(disk_dtype).itemsize, chunk_rows)
+            rows = chunk_rows_for(key_width * np.dtype(key_dtype).itemsize, spec.d_out * np.dtype(disk_dtype).itemsize,
+                                  chunk_rows)
             for name, width, dt in (("keys", key_width, key_dtype), ("values", spec.d_out, disk_dtype)):
                 _h5.create(g, name, shape=(0, width), maxshape=(None, width), dtype=dt, chunks=(rows, width), **filters)
             for col, dt in ROW_COLUMNS.items():

@@ -29,7 +29,8 @@ def stored_settings(path: str) -> dict[str, Any]:
                 *([_h5.attr(g.attrs.get("layout", "rows"))] if _h5.attr(g.attrs["kind"]) in CONV_KINDS else [])]
             for n, g in f["layers"].items()
         }
-        return {"layers": layers, "row_dtype": _h5.attr(f.attrs["row_dtype"]), "compression": _h5.attr(f.attrs["compression"]),
+        return {"layers": layers, "row_dtype": _h5.attr(f.attrs["row_dtype"]),
+                "compression": _h5.attr(f.attrs["compression"]),
                 "update_rule": _h5.attr(f.attrs.get("update_rule", "sgd"))}  # format 1: SGD only
 
 
@@ -47,7 +48,8 @@ def truncate(
     """
     have = int(f["update_step"].shape[0])
     if have < steps:
-        raise StoreError(f"{path}: the checkpoint counts {steps} optimizer steps but the store holds {have}; rows are missing.")
+        raise StoreError(f"{path}: the checkpoint counts {steps} optimizer steps but the store holds {have}; rows are "
+                         "missing.")
     if last_step is not None and steps > 0 and int(f["update_step"][steps - 1]) != last_step:
         raise StoreError(
             f"{path}: the checkpoint says the store's first {steps} steps end at step {last_step}, but the "
@@ -59,7 +61,8 @@ def truncate(
     for name, g in f["layers"].items():
         n = int(rows.get(name, 0))
         if g["values"].shape[0] < n or (counts[name] is not None and n % counts[name][1]):
-            raise StoreError(f"{path}: layer {name!r}: the checkpoint counts {n} rows but the store holds {g['values'].shape[0]}.")
+            raise StoreError(f"{path}: layer {name!r}: the checkpoint counts {n} rows but the store holds "
+                             f"{g['values'].shape[0]}.")
     # what was derived from the old rows goes, and the file says it is being written (the session is
     # all or nothing, so a crash never leaves a "complete" store with rows of another run)
     f.attrs["status"] = "recording"

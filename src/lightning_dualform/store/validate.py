@@ -31,7 +31,8 @@ def probe_error(path: str, problem: str) -> StoreError:
     """The error for a file the child-process walk (``store/_probe.py``) found unreadable or damaged."""
     if problem.startswith("OSError") and ("signature" in problem or "not an HDF5" in problem.lower()
                                           or "file signature not found" in problem):
-        return StoreError(f"{path}: not a readable HDF5 file ({problem}). Is it a lightning-dualform store, and complete?")
+        return StoreError(f"{path}: not a readable HDF5 file ({problem}). Is it a lightning-dualform store, and "
+                          "complete?")
     if "bad version number" in problem:  # HDF5 met an object version newer than it knows
         return StoreError(
             f"{path}: written by a newer HDF5 library than this h5py's (HDF5 "
@@ -66,7 +67,8 @@ def check_root(f: h5py.File, path: str) -> RootFacts:
     meta = StoreMetadata.from_attrs(attrs, path)  # types, format version, dtype, status
     if "inexact_causes" in attrs and bool(meta.inexact_causes) == meta.optimizer_exact:
         raise StoreError(  # the writer sets both from one list
-            f"{p}: optimizer_exact={meta.optimizer_exact} but inexact_causes={meta.inexact_causes!r}; the file is damaged."
+            f"{p}: optimizer_exact={meta.optimizer_exact} but inexact_causes={meta.inexact_causes!r}; the file is "
+            "damaged."
         )
     order = meta.layer_order
     if not all(isinstance(n, str) for n in order):
@@ -75,7 +77,8 @@ def check_root(f: h5py.File, path: str) -> RootFacts:
     epochs = _h5.dataset(f, "update_epoch", p, "iu", 1)
     n_steps = _h5.counter(f, "committed_steps", p, min(steps.shape[0], epochs.shape[0]))
     if meta.status == "complete" and steps.shape[0] != n_steps:
-        raise StoreError(f"{p}: a complete store commits every step, but it commits {n_steps} of {steps.shape[0]}; the file is damaged.")
+        raise StoreError(f"{p}: a complete store commits every step, but it commits {n_steps} of {steps.shape[0]}; "
+                         "the file is damaged.")
     update_steps = np.asarray(steps[:n_steps], dtype=np.int64)
     update_epochs = np.asarray(epochs[:n_steps], dtype=np.int64)
     if len(update_steps) and (update_steps[0] < 0 or np.any(np.diff(update_steps) != 1)):
@@ -84,7 +87,8 @@ def check_root(f: h5py.File, path: str) -> RootFacts:
         update_epochs[0] < 0 or np.any(np.diff(update_epochs) < 0)
         or update_epochs[-1] >= max(TABLE_WIDTH_FLOOR, 2 * n_steps)
     ):
-        raise StoreError(f"{p}: the epochs of the step table are negative, decreasing or implausibly large; the file is damaged.")
+        raise StoreError(f"{p}: the epochs of the step table are negative, decreasing or implausibly large; the file "
+                         "is damaged.")
     lg = f.get("layers")
     if not isinstance(lg, h5py.Group):
         raise StoreError(f"{p}: no 'layers' group; the file is damaged or not a store.")
@@ -157,7 +161,8 @@ def check_layer(group: h5py.Group, where: str, *, row_dtype: str, complete: bool
     has_bias = _h5.bool_attr(a, "has_bias", where)
     order = _h5.int_attr(a, "order", where, lo=0, hi=1 << 31)
     exact = _h5.bool_attr(a, "exact", where, default=True)
-    rows_without_index = _h5.int_attr(a, "rows_without_index", where, lo=0, hi=1 << 62) if "rows_without_index" in a else None
+    rows_without_index = (_h5.int_attr(a, "rows_without_index", where, lo=0, hi=1 << 62)
+                          if "rows_without_index" in a else None)
     inexact_reason = _h5.str_attr(a, "inexact_reason", where, default="")
     lengths = {}
     for col in ("keys", "values", *ROW_COLUMNS):
@@ -176,7 +181,8 @@ def check_layer(group: h5py.Group, where: str, *, row_dtype: str, complete: bool
                 f"{length}; the file is truncated or inconsistent."
             )
     if complete and any(length != stored_entries(geometry, col, n_rows) for col, length in lengths.items()):
-        raise StoreError(f"{where}: a complete store commits every row, but it commits {n_rows} of {lengths}; the file is damaged.")
+        raise StoreError(f"{where}: a complete store commits every row, but it commits {n_rows} of {lengths}; the "
+                         "file is damaged.")
     key_width = 1 if kind == "embedding" else d_in
     if layout == _conv.MAPS_LAYOUT:
         key_width = int(a.get("in_channels", -1))
@@ -194,7 +200,8 @@ def check_layer(group: h5py.Group, where: str, *, row_dtype: str, complete: bool
         )
     for col in ROW_COLUMNS:
         if group[col].ndim != 1 or group[col].dtype.kind not in "iu":
-            raise StoreError(f"{where}: column {col!r} is {group[col].shape} {group[col].dtype}, expected integers; the file is damaged.")
+            raise StoreError(f"{where}: column {col!r} is {group[col].shape} {group[col].dtype}, expected integers; "
+                             "the file is damaged.")
     check_weights(group, where, d_in, d_out, has_bias)
     check_updates(group, where, n_steps, has_bias, update_rule)
     attrs = {k: _h5.attr(v) for k, v in a.items()}
@@ -237,7 +244,8 @@ def maps_geometry(group: h5py.Group, where: str, n_rows: int, d_in: int) -> tupl
     except ValueError as err:
         raise StoreError(f"{where}: {err}; the file is damaged.") from None
     if geom.d_in != d_in:
-        raise StoreError(f"{where}: its geometry unfolds {geom.d_in} values per key, but d_in is {d_in}; the file is damaged.")
+        raise StoreError(f"{where}: its geometry unfolds {geom.d_in} values per key, but d_in is {d_in}; the file is "
+                         "damaged.")
     return layout, geom
 
 
@@ -279,12 +287,15 @@ def read_column(group: h5py.Group, name: str, n: int, dtype: type, where: str) -
     """The first ``n`` entries of a per-step column, checked: present, long enough, of ``dtype``'s kind, finite."""
     ds = group.get(name)
     if not isinstance(ds, h5py.Dataset) or ds.ndim != 1:
-        raise StoreError(f"{where}: the per-step column {name!r} is missing; the file is damaged or not of this update rule.")
+        raise StoreError(f"{where}: the per-step column {name!r} is missing; the file is damaged or not of this "
+                         "update rule.")
     if ds.shape[0] < n:
-        raise StoreError(f"{where}: the per-step column {name!r} holds {ds.shape[0]} steps, fewer than the {n} committed; the file is truncated.")
+        raise StoreError(f"{where}: the per-step column {name!r} holds {ds.shape[0]} steps, fewer than the {n} "
+                         "committed; the file is truncated.")
     want_bool = np.dtype(dtype) == np.bool_
     if (ds.dtype == np.bool_) != want_bool or (not want_bool and ds.dtype.kind != "f"):
-        raise StoreError(f"{where}: the per-step column {name!r} is {ds.dtype}, expected {np.dtype(dtype)}; the file is damaged.")
+        raise StoreError(f"{where}: the per-step column {name!r} is {ds.dtype}, expected {np.dtype(dtype)}; the file "
+                         "is damaged.")
     data = np.asarray(ds[:n])
     if not want_bool and not np.isfinite(data).all():
         raise StoreError(f"{where}: the per-step column {name!r} holds NaN or inf; the file is damaged.")
@@ -339,7 +350,8 @@ def check_block(block: dict[str, np.ndarray], start: int, where: str, *, prev_st
         epoch = block.get("epoch")
         if epoch is not None and len(epochs):
             if not np.array_equal(epoch, epochs[step - step_lo]):
-                raise StoreError(f"{where}: rows {start}.. carry epochs that are not their steps' epochs; the file is damaged.")
+                raise StoreError(f"{where}: rows {start}.. carry epochs that are not their steps' epochs; the file is "
+                                 "damaged.")
     for col in ("index", "label"):
         v = block.get(col)
         if v is not None and len(v) and int(v.min()) < -1:
@@ -371,12 +383,14 @@ def check_query_set(group: h5py.Group, where: str) -> tuple[np.ndarray, np.ndarr
 def check_query_rows(group: h5py.Group, where: str, width: int | None, n: int) -> tuple[list[str], np.ndarray]:
     """A query layer's row columns (``keys (R, width)`` float, ``example``, ``position``, ``label`` of one length);
     returns the columns present and ``example`` (each row's query number, within ``0..n - 1``)."""
-    if not isinstance(group, h5py.Group) or not all(isinstance(group.get(k), h5py.Dataset) for k in ("keys", "example")):
+    if not isinstance(group, h5py.Group) or not all(isinstance(group.get(k), h5py.Dataset)
+                                                     for k in ("keys", "example")):
         raise StoreError(f"{where} is not a group with keys and example columns; the file is damaged.")
     cols = [k for k in ("keys", "example", "position", "label") if k in group]
     keys = group["keys"]
     if keys.ndim != 2 or (width is not None and keys.shape[1] != width) or keys.dtype.kind != "f":
-        raise StoreError(f"{where}: keys are {keys.shape} {keys.dtype}, expected float (R, {width}); the file is damaged.")
+        raise StoreError(f"{where}: keys are {keys.shape} {keys.dtype}, expected float (R, {width}); the file is "
+                         "damaged.")
     if any(not isinstance(group[k], h5py.Dataset) or group[k].shape[:1] != keys.shape[:1] for k in cols) \
             or group["example"].dtype.kind not in "iu":
         raise StoreError(f"{where}: its columns have unequal lengths or types; the file is damaged.")

@@ -184,7 +184,8 @@ class StoreWriter:
                     os.remove(stale)  # the store it protected is being replaced
             tmp = f"{path}.creating-{os.getpid()}-{os.urandom(4).hex()}"
             try:
-                write_skeleton(tmp, layers, row_dtype, compression, chunk_rows, metadata, input_shape, input_dtype, filters)
+                write_skeleton(tmp, layers, row_dtype, compression, chunk_rows, metadata, input_shape, input_dtype,
+                               filters)
                 os.replace(tmp, path)
                 _journal.fsync_dir(path)
             finally:
