@@ -33,15 +33,15 @@ from lightning_dualform.record.batches import (
     unwrap_dataloader,
     wrap_dataloader,
 )
-from lightning_dualform.record.capture import find_layers
+from lightning_dualform.record import trainer_logging
 from lightning_dualform.record.attention_logging import DualFormAttentionLogger
+from lightning_dualform.record.capture import find_layers
 from lightning_dualform.record.engine import RecordingEngine
-from lightning_dualform.record.specs import Distributed, rank_path
 from lightning_dualform.record.options import RecordOptions, RowDtype
 from lightning_dualform.record.planner import Plan
 from lightning_dualform.record.policy import RunFacts, inexact_causes, refusal
-from lightning_dualform.record import trainer_logging
 from lightning_dualform.record.queries import QueryRecorder
+from lightning_dualform.record.specs import Distributed, rank_path
 from lightning_dualform.store.certificate import LayerCertificate
 from lightning_dualform.store.metadata import clip_algorithm_name
 

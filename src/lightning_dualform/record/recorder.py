@@ -25,10 +25,10 @@ from lightning_dualform.errors import InexactError
 from lightning_dualform.record.batches import BatchInfo
 from lightning_dualform.record.capture import find_layers
 from lightning_dualform.record.engine import RecordingEngine
-from lightning_dualform.record.specs import Distributed, rank_path
 from lightning_dualform.record.options import RecordOptions, RowDtype
 from lightning_dualform.record.planner import Plan
 from lightning_dualform.record.policy import RunFacts, inexact_causes, refusal
+from lightning_dualform.record.specs import Distributed, rank_path
 
 __all__ = ["DualFormRecorder"]
 
