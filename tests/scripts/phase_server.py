@@ -134,14 +134,14 @@ def install(spec: dict, events: _Events) -> list[L.Callback]:
 
     StoreWriter._commit = commit
     truncating: list[int] = []
-    orig_truncate = StoreWriter._truncate
+    orig_truncate = writer_mod.truncate  # (store/truncate.py's, as StoreWriter.resume calls it)
 
     def truncate_store(f, path, rows, steps, *a):  # noqa: ANN001, ANN002 - a resume's truncation is a commit too
         log(f"begin {steps}")
         truncating.append(steps)
         return orig_truncate(f, path, rows, steps, *a)
 
-    StoreWriter._truncate = staticmethod(truncate_store)
+    writer_mod.truncate = truncate_store
 
     import h5py
 
