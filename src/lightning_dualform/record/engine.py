@@ -601,8 +601,8 @@ class RecordingEngine:
                              memory_sums=self.options.certify == "full" or (bool(self.options.certify) and self.sketch is None),
                              maps={n: (g.in_channels, g.pixels, g.locations) for n, g in self._geometry.items()})
         self._info(f"{self.owner}: {self.plan.describe()}.")
-        if self.options.check_disk and steps_per_epoch:  # (with the planner's safety margin)
-            check_disk(self.plan, self.store_path, already_written=os.path.getsize(self.store_path), who=self.owner)
+        if self.options.check_disk and steps_per_epoch:  # (no margin: the writer's disk reservation does the rest)
+            check_disk(self.plan, self.store_path, os.path.getsize(self.store_path), self.owner, margin=False)
 
     def _check_writer_pace(self) -> None:
         """Warn once when training spends much of its time waiting for the writer's full queue (on every
