@@ -65,6 +65,11 @@ MAX_UPLOAD_BYTES = 32 * 2**20
 #: images per /api/images request
 MAX_IMAGES = 256
 MAX_UPLOADS = 16
+#: integers in requests are 64-bit (dataset indices, steps, counts): anything beyond is refused with 400
+_INT64 = 1 << 63
+#: what the answer says in place of the rankings that ``top_k=0`` asks not to compute
+NOT_COMPUTED = "not computed (top_k=0)"
+_RANKINGS = ("top", "top_examples", "proponents", "opponents", "proponent_examples", "opponent_examples")
 _ATTEND_PARAMS = {"split", "index", "upload", "layer", "top_k", "by", "contribution_to", "at_step", "step_buckets", "score"}
 
 
@@ -123,6 +128,8 @@ class ViewApp:
             value = int(text)
         except ValueError:
             raise BadRequest(f"{name}={text!r} is not an integer.") from None
+        if not -_INT64 <= value < _INT64:
+            raise BadRequest(f"{name}={text[:40]}: beyond any count or step a store holds (64-bit integers).")
         if lo is not None and value < lo:
             raise BadRequest(f"{name}={value}: expected {lo} or more.")
         return value
@@ -219,7 +226,13 @@ class ViewApp:
             run = attend_run(self.di, self.store_path, split=split, index=index, queries=queries, source=source,
                              layer=[layer] if layer else None, top_k=top_k, by=by, contribution_to=contribution,
                              at_step=at_step, step_buckets=step_buckets, score=score)
-            return run.to_dict()
+            answer = run.to_dict()
+        if top_k == 0:  # no ranking was computed: say so, rather than null (which reads as "no such row")
+            for res in answer["layers"].values():
+                for key in _RANKINGS:
+                    if res.get(key) is None:
+                        res[key] = NOT_COMPUTED
+        return answer
 
     def images(self, params: dict[str, list[str]]) -> dict[str, Any]:
         """Raw inputs as ``{"h", "w", "c", "pixels"}`` (0-255, row-major, channels last) or ``None``."""
@@ -292,6 +305,9 @@ def _int_list(text: str | None, name: str) -> list[int]:
         values = [int(t) for t in (text or "").split(",") if t.strip()]
     except ValueError:
         raise BadRequest(f"{name}={text!r}: expected comma-separated integers.") from None
+    big = next((v for v in values if not -_INT64 <= v < _INT64), None)
+    if big is not None:
+        raise BadRequest(f"{name}={str(big)[:40]}: beyond any dataset index (64-bit integers).")
     if not values:
         raise BadRequest(f"{name}= names nothing; expected comma-separated integers.")
     if len(values) > MAX_IMAGES:
@@ -336,7 +352,8 @@ def make_handler(app: ViewApp, assets: dict[str, str]) -> type[BaseHTTPRequestHa
 
         def _host_ok(self) -> bool:
             port = self.server.server_address[1]
-            return self.headers.get("Host", "") in (f"{HOST}:{port}", f"localhost:{port}")
+            hosts = self.headers.get_all("Host") or []  # every one: a second Host header is not looked past
+            return len(hosts) == 1 and hosts[0] in (f"{HOST}:{port}", f"localhost:{port}")
 
         def _send(self, status: int, body: bytes, ctype: str, extra: dict[str, str] | None = None) -> None:
             self.send_response(status)
@@ -358,7 +375,9 @@ def make_handler(app: ViewApp, assets: dict[str, str]) -> type[BaseHTTPRequestHa
 
         def _guard(self) -> tuple[str, dict[str, list[str]]] | None:
             if not self._host_ok():
-                self._error(HTTPStatus.FORBIDDEN, f"requests must be addressed to {HOST} or localhost, not {self.headers.get('Host', '')!r}.")
+                hosts = self.headers.get_all("Host") or []
+                self._error(HTTPStatus.FORBIDDEN, f"requests must carry one Host header, {HOST}:PORT or localhost:PORT; "
+                            f"this one has {len(hosts)}: {', '.join(repr(h[:60]) for h in hosts[:3]) or 'none'}.")
                 return None
             parts = urlsplit(self.path)
             try:
