@@ -359,3 +359,19 @@ def test_json_and_plot_outputs_honour_the_umask(valid_store, tmp_path, umask):
     finally:
         os.umask(old)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporary file left
+
+
+def test_cli_options_beyond_any_machine_are_usage_errors(tmp_path, capsys):
+    """A property loop over numbers no machine holds: each option either takes them (bounded by the store) or
+    refuses them in one line with exit 2, never an OverflowError (`view --cache <400 digits>` gave exit 1)."""
+    from lightning_dualform.cli import main
+    from lightning_dualform.cli.inputs import UsageError
+    from lightning_dualform.cli.view import parse_cache
+
+    for text in ("9" * 400, "1e400", "9" * 30 + "T", str(2**62) + "G"):
+        with pytest.raises(UsageError, match="--cache"):
+            parse_cache(text)
+    for lr in ("nan", "inf", "-1", "0"):
+        assert main(["demo", "--out", str(tmp_path / "d"), "--lr", lr, "--no-plot", "--quiet"]) == 2
+        assert f"--lr {float(lr)}: expected a positive, finite learning rate" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # refused before anything was made

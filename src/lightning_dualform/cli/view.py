@@ -512,7 +512,10 @@ def parse_cache(text: str) -> int | str | None:
     m = _SIZE.fullmatch(t)
     if m is None:
         raise UsageError(f"--cache {text}: expected auto, none, or a size such as 2G, 512M or 1000000.")
-    size = int(float(m.group(1)) * 1024 ** "bkmgt".index(m.group(2) or "b"))
+    value = float(m.group(1)) * 1024 ** "bkmgt".index(m.group(2) or "b")
+    if not value < 2.0**62:  # (400 digits are inf as a float)
+        raise UsageError(f"--cache {text}: larger than any machine's memory; give a size such as 2G, or auto.")
+    size = int(value)
     if size < 1:
         raise UsageError(f"--cache {text}: the size must be at least one byte (or none).")
     return size
