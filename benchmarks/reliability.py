@@ -347,7 +347,8 @@ def journal_mutations(work: str, per_kind: int) -> dict[str, Any]:
             if not kept:
                 bad.append(f"{kind}/{seed}: a journal that was not applied is gone")
     return {"seconds": time.monotonic() - t0, "n": sum(sum(c.values()) for c in out.values()),
-            "by_kind": {k: dict(c) for k, c in out.items()}, "allowed": {k: list(v) for k, v in side_files.JOURNAL_MUTATIONS.items()},
+            "by_kind": {k: dict(c) for k, c in out.items()},
+            "allowed": {k: list(v) for k, v in side_files.JOURNAL_MUTATIONS.items()},
             "problems": bad[:20], "n_problems": len(bad)}
 
 
@@ -360,8 +361,8 @@ def overwrite_special(work: str, rounds: int) -> dict[str, Any]:
     from lightning_dualform.errors import StoreError
     from lightning_dualform.store import LayerSpec, StoreWriter
 
-    spec = LayerSpec(name="fc", kind="linear", d_in=5, d_out=3, has_bias=False, weight_init=np.zeros((3, 5), np.float32),
-                     bias_init=None)
+    spec = LayerSpec(name="fc", kind="linear", d_in=5, d_out=3, has_bias=False,
+                     weight_init=np.zeros((3, 5), np.float32), bias_init=None)
     mknod = side_files.can_mknod()
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for r in range(rounds):
@@ -455,7 +456,8 @@ def main() -> int:
             print(json.dumps(report["big_store"], indent=1), flush=True)
     finally:
         os.makedirs(args.out, exist_ok=True)
-        name = "reliability.json" if parts >= set(p.get_default("parts").split(",")) else f"reliability-{'-'.join(sorted(parts))}.json"
+        everything = parts >= set(p.get_default("parts").split(","))
+        name = "reliability.json" if everything else f"reliability-{'-'.join(sorted(parts))}.json"
         with open(os.path.join(args.out, name), "w") as fh:
             json.dump(report, fh, indent=1, default=str)
         if args.workdir is None:

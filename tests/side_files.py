@@ -35,7 +35,7 @@ import time
 import traceback
 import warnings
 import zlib
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -151,7 +151,8 @@ JOURNAL_MUTATIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def mutate_journal(kind: str, journal: bytes, rng: random.Random, store_path: str, other_journal: bytes | None = None) -> bytes | None:
+def mutate_journal(kind: str, journal: bytes, rng: random.Random, store_path: str,
+                   other_journal: bytes | None = None) -> bytes:
     """``journal`` mutated as ``kind`` says (None for "sparse": the caller extends the file itself)."""
     head, recs = parse(journal)
     fixed = struct.Struct("<8sIIQQQ16s32sH")
@@ -440,8 +441,8 @@ def operate(op: str, store: str) -> None:
 
         qw = QueryWriter(store, "test", {"fc": D_IN})
         n = 3
-        qw.add_batch(np.arange(n), np.zeros(n), np.zeros(n), None,
-                     {"fc": (np.ones((n, D_IN), np.float32), np.arange(n), np.zeros(n, np.int32), np.zeros(n, np.int64))})
+        rows = (np.ones((n, D_IN), np.float32), np.arange(n), np.zeros(n, np.int32), np.zeros(n, np.int64))
+        qw.add_batch(np.arange(n), np.zeros(n), np.zeros(n), None, {"fc": rows})
         qw.close()
     else:
         raise ValueError(op)

@@ -186,7 +186,8 @@ def test_an_impossible_optimizer_step_count_is_a_store_error_and_exit_2(adamw_st
         f["layers/net.0/state/weight"].attrs["step"] = step
     with pytest.raises(StoreError, match=r"'step' is .*expected a whole number of steps"):
         _attend_all(str(path))
-    assert main(["attend", str(path), "--queries", _npy(tmp_path, np.zeros((1, 6))), "--layer", "net.0", "--quiet"]) == 2
+    queries = _npy(tmp_path, np.zeros((1, 6)))
+    assert main(["attend", str(path), "--queries", queries, "--layer", "net.0", "--quiet"]) == 2
     assert "whole number of steps" in capsys.readouterr().err
 
 
@@ -209,9 +210,11 @@ def test_queries_that_are_complex_or_beyond_float32_are_refused_naming_the_query
         base = rng.standard_normal((3, d))
         ref = di.attend("net.0", torch.from_numpy(base), top_k=1).dual.double()
         cases = {
-            "complex128": (base + 1j * base, TypeError, "complex"), "complex64": ((base + 0.5j).astype(np.complex64), TypeError, "complex"),
+            "complex128": (base + 1j * base, TypeError, "complex"),
+            "complex64": ((base + 0.5j).astype(np.complex64), TypeError, "complex"),
             "complex tensor": (torch.from_numpy(base + 0j), TypeError, "complex"),
-            "float64 beyond float32": (np.where(np.arange(d) == 2, 4 * float(big), base), ValueError, r"beyond float32.s range \(query rows \[0, 1, 2\]"),
+            "float64 beyond float32": (np.where(np.arange(d) == 2, 4 * float(big), base), ValueError,
+                                       r"beyond float32.s range \(query rows \[0, 1, 2\]"),
             "float64 just beyond": (np.full((1, d), 1.0000001 * float(big)), ValueError, "beyond float32's range"),
             "object array": (base.astype(object), TypeError, "real numbers"),
             "strings": (np.array([["1"] * d]), TypeError, "real numbers"),

@@ -17,7 +17,7 @@ import pytest
 
 import side_files as sf
 from lightning_dualform import StoreError
-from lightning_dualform.store import _journal, _repair, _rollback
+from lightning_dualform.store import _journal, _repair
 from lightning_dualform.store._lock import WriterLock, lock_path, writer_active
 from lightning_dualform.store.reader import StoreReader
 
@@ -101,7 +101,10 @@ def _mutated_journals(killed, sources, kinds, seeds) -> None:
     other = sf.read(sources["other_journal"])
     with open(os.path.join(d, "neighbour.bin"), "wb") as fh:
         fh.write(os.urandom(999))
-    neighbours = {**sf.fingerprint(os.path.dirname(sources["base"])), "neighbour.bin": sf.fingerprint(d)["neighbour.bin"]}
+    def neighbours_now() -> dict:
+        return {**sf.fingerprint(os.path.dirname(sources["base"])), "neighbour.bin": sf.fingerprint(d)["neighbour.bin"]}
+
+    neighbours = neighbours_now()
     for kind in kinds:
         for seed in seeds:
             rng = random.Random(seed)
@@ -116,7 +119,7 @@ def _mutated_journals(killed, sources, kinds, seeds) -> None:
                 kept = [f for f in os.listdir(d) if f.startswith("run.h5.journal")
                         and sf.sha(sf.read(os.path.join(d, f))) == sf.sha(data)]
                 assert kept, (kind, seed, "a journal that was not applied is gone")
-    assert {**sf.fingerprint(os.path.dirname(sources["base"])), "neighbour.bin": sf.fingerprint(d)["neighbour.bin"]} == neighbours
+    assert neighbours_now() == neighbours
 
 
 def test_records_far_past_the_end_make_no_sparse_file_and_a_short_store_is_not_padded(killed):

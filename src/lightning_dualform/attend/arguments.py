@@ -61,7 +61,8 @@ def check_queries(lay: LayerReader, queries: Any, call: str) -> torch.Tensor:
         if queries.dtype.kind == "c":
             raise TypeError(_complex(call, queries.dtype))
         if queries.dtype.kind not in "biuf":
-            raise TypeError(f"`{call}(queries=...)` must hold real numbers; got a numpy array of dtype {queries.dtype}.")
+            raise TypeError(f"`{call}(queries=...)` must hold real numbers; got a numpy array of dtype "
+                            f"{queries.dtype}.")
         queries = torch.from_numpy(queries)
     if not isinstance(queries, torch.Tensor):
         raise TypeError(f"`{call}(queries=...)` must be a torch.Tensor or numpy array of shape (n, {lay.d_in}), got {type(queries).__name__}.")

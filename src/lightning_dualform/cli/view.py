@@ -376,8 +376,9 @@ def make_handler(app: ViewApp, assets: dict[str, str]) -> type[BaseHTTPRequestHa
         def _guard(self) -> tuple[str, dict[str, list[str]]] | None:
             if not self._host_ok():
                 hosts = self.headers.get_all("Host") or []
-                self._error(HTTPStatus.FORBIDDEN, f"requests must carry one Host header, {HOST}:PORT or localhost:PORT; "
-                            f"this one has {len(hosts)}: {', '.join(repr(h[:60]) for h in hosts[:3]) or 'none'}.")
+                shown = ", ".join(repr(h[:60]) for h in hosts[:3]) or "none"
+                self._error(HTTPStatus.FORBIDDEN, f"requests must carry one Host header, {HOST}:PORT or "
+                            f"localhost:PORT; this one has {len(hosts)}: {shown}.")
                 return None
             parts = urlsplit(self.path)
             try:

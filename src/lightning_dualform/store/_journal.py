@@ -135,7 +135,8 @@ class _UndoFile(io.RawIOBase):
             self._jfd = open_regular(self._jpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, WHAT, writes=True)
         except FileExistsError:
             os.close(self._fd)
-            raise StoreError(f"{path}: an unfinished write session left {self._jpath}; open the store to roll it back first.") from None
+            raise StoreError(f"{path}: an unfinished write session left {self._jpath}; open the store to roll it back "
+                             "first.") from None
         except BaseException:
             os.close(self._fd)
             raise

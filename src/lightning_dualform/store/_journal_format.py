@@ -46,7 +46,8 @@ MAX_PHASE = 200
 #: a larger "original size" is damage, not a store (4 PiB)
 MAX_STORE_BYTES = 1 << 52
 
-_FIXED = struct.Struct("<8sIIQQQ16s32sH")  # magic, version, block, dev, inode, size, nonce, sha256 of samples, phase length
+#: magic, version, block, dev, inode, size, nonce, sha256 of the samples, length of the phase's name
+_FIXED = struct.Struct("<8sIIQQQ16s32sH")
 _CRC = struct.Struct("<I")
 RECORD = struct.Struct("<QQI")  # offset, length, crc32 chained from the previous record
 _SPAN = struct.Struct("<QQ")
@@ -104,7 +105,8 @@ def pack_header(dev: int, ino: int, size0: int, nonce: bytes, digest: bytes, pha
 def parse_header(buf: bytes) -> Header | str:
     """The header at the start of ``buf``, or why it is not a header of this format (a sentence)."""
     if buf[: len(MAGIC)] in OLD_MAGICS:
-        return "it was written by an earlier version of lightning-dualform, whose journals record no identity of their store"
+        return ("it was written by an earlier version of lightning-dualform, whose journals record no identity of "
+                "their store")
     if buf[: len(MAGIC)] != MAGIC:
         return "it does not start as a lightning-dualform journal"
     if len(buf) < _FIXED.size:

@@ -116,7 +116,8 @@ def prepare_for_read(path: str, busy_wait: float = BUSY_WAIT_S) -> list[str]:
             with _lock.WriterLock.acquire(path, "clearing stale flags", wait=0.2):
                 if superblock_flags(path) and not os.path.lexists(jp):
                     clear_swmr_flags(path)
-                    notes.append(f"{path}: cleared the 'open for writing' flags that a killed writer left in its superblock")
+                    notes.append(f"{path}: cleared the 'open for writing' flags that a killed writer left in its "
+                                 "superblock")
         except StoreBusyError:
             pass  # a writer started meanwhile: its flags are real
         except OSError:

@@ -93,8 +93,8 @@ def _judge(jp: str, jfd: int, sfd: int) -> Journal:
         return foreign
     covered = sorted((o, o + n) for o, n, _ in records)
     if st.st_size < head.size0 and not _covers(covered, st.st_size, head.size0):
-        foreign.reason = (f"the store has {st.st_size} bytes, fewer than the {head.size0} it had when the session began, "
-                          "and the journal does not hold the missing ones")
+        foreign.reason = (f"the store has {st.st_size} bytes, fewer than the {head.size0} it had when the session "
+                          "began, and the journal does not hold the missing ones")
         return foreign
     if _restored_digest(sfd, jfd, records, head.size0) != head.digest:
         foreign.reason = "the store's content does not match the one the journal was written for"
@@ -115,9 +115,10 @@ def _records(jfd: int, jsize: int, head: fmt.Header) -> tuple[list[tuple[int, in
         data = os.pread(jfd, length, pos + fmt.RECORD.size)
         if len(data) != length or fmt.record_crc(offset, data, chain) != crc:
             break  # torn: the bytes it would protect were never overwritten
-        if offset % head.block or offset + length > head.size0 or (length % head.block and offset + length != head.size0):
-            return out, (f"a record at offset {offset} of {length} bytes lies outside the store's original {head.size0} "
-                         "bytes or its blocks")
+        whole = length % head.block == 0 or offset + length == head.size0
+        if offset % head.block or offset + length > head.size0 or not whole:
+            return out, (f"a record at offset {offset} of {length} bytes lies outside the store's original "
+                         f"{head.size0} bytes or its blocks")
         total += length
         if total > head.size0:
             return out, "its records hold more bytes than the store had"
@@ -220,10 +221,12 @@ def resolve(path: str) -> tuple[str | None, bool]:
     if j.verdict == "torn":
         os.unlink(j.path)
         fsync_dir(j.path)
-        return f"{path}: removed the empty journal of a write session killed as it began (the store was not changed)", True
+        return (f"{path}: removed the empty journal of a write session killed as it began (the store was not "
+                "changed)"), True
     if j.verdict == "ours":
         _apply(path, j)
-        return f"{path}: rolled back an interrupted {j.phase} left by a killed process; the store is as it was before it", True
+        return (f"{path}: rolled back an interrupted {j.phase} left by a killed process; the store is as it was "
+                "before it"), True
     try:
         aside = set_aside(j)
     except OSError as err:
@@ -245,7 +248,8 @@ def discard_for_replacement(path: str) -> str | None:
         j = inspect(path)
     except FileNotFoundError:  # no store: the journal's store is elsewhere, if anywhere
         st = os.lstat(journal_path(path))
-        j = Journal(journal_path(path), "foreign", f"there is no store at {path}") if st.st_size else Journal(journal_path(path), "torn")
+        jp = journal_path(path)
+        j = Journal(jp, "foreign", f"there is no store at {path}") if st.st_size else Journal(jp, "torn")
     if j is None:
         return None
     if j.verdict != "foreign":
