@@ -407,3 +407,28 @@ def _socket(path: str) -> None:
         s.close()
     finally:
         os.chdir(here)
+
+
+def test_no_writer_makes_a_lock_beside_what_a_symlinked_store_path_points_at(tmp_path):
+    """The lock is named after the store's resolved path, so a store path that is a symlink to a FIFO, a device
+    or nowhere must be refused before the lock is made (else a lock file would appear beside the target)."""
+    from lightning_dualform.store import StoreWriter
+    from lightning_dualform.store.query_writer import QueryWriter
+
+    out = tmp_path / "outside"
+    out.mkdir()
+    os.mkfifo(out / "fifo")
+    targets = {"fifo": out / "fifo", "nowhere": out / "missing.h5"}
+    if sf.can_mknod():
+        os.mknod(out / "zero", stat.S_IFCHR | 0o600, os.makedev(1, 5))
+        targets["device"] = out / "zero"
+    for name, target in targets.items():
+        link = tmp_path / f"{name}.h5"
+        os.symlink(target, link)
+        before = sf.fingerprint(str(tmp_path))
+        for write in (lambda: QueryWriter(str(link), "test", {"fc": sf.D_IN}),
+                      lambda: StoreWriter.resume(str(link), {}, {}, 0, None),
+                      lambda: WriterLock.acquire(str(link), "test")):
+            with pytest.raises(StoreError, match=f"{name}.h5: is "), sf.alarm(10):
+                write()
+            assert sf.fingerprint(str(tmp_path)) == before, name

@@ -27,10 +27,11 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import stat
 import time
 
 from lightning_dualform.errors import StoreBusyError, StoreError
-from lightning_dualform.store._sidefile import open_regular, side_path
+from lightning_dualform.store._sidefile import kind, open_regular, side_path
 
 try:
     import fcntl
@@ -47,6 +48,22 @@ _WHAT = "writer lock"
 
 def lock_path(path: str | os.PathLike) -> str:
     return side_path(path, LOCK_SUFFIX)
+
+
+def _check_store(path: str) -> None:
+    """The lock is made beside the store's resolved path: only for a regular file, or for nothing yet (a symlink
+    to a device must not get a lock file beside the device, nor a dangling one beside where it points)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise StoreError(f"{path}: is a symbolic link to nothing ({os.readlink(path)}); a store is written to a "
+                             "regular file. Remove the link or point it at a store.") from None
+        return
+    except OSError:
+        return  # (the caller's own open says what is wrong)
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"{path}: is {kind(st.st_mode)}, not a store file; a store is written to a regular file only.")
 
 
 def _open(lp: str, flags: int) -> int:
@@ -86,6 +103,7 @@ class WriterLock:
         path = os.fspath(path)
         if fcntl is None:  # pragma: no cover
             return cls(path, None)
+        _check_store(path)
         lp = lock_path(path)
         deadline = time.monotonic() + wait
         while True:
