@@ -42,6 +42,7 @@ class Journal:
     phase: str = "a write session"
     nonce: bytes = b""
     size0: int = 0
+    ino: int = -1  # the store's inode the journal names
     #: ``(store offset, length, journal offset of the bytes)`` of each verified record, in journal order
     records: list[tuple[int, int, int]] = field(default_factory=list)
 
@@ -99,7 +100,7 @@ def _judge(jp: str, jfd: int, sfd: int) -> Journal:
     if _restored_digest(sfd, jfd, records, head.size0) != head.digest:
         foreign.reason = "the store's content does not match the one the journal was written for"
         return foreign
-    return Journal(jp, "ours", phase=head.phase, nonce=head.nonce, size0=head.size0, records=records)
+    return Journal(jp, "ours", phase=head.phase, nonce=head.nonce, size0=head.size0, ino=head.ino, records=records)
 
 
 def _records(jfd: int, jsize: int, head: fmt.Header) -> tuple[list[tuple[int, int, int]], str]:
@@ -164,6 +165,9 @@ def _apply(path: str, j: Journal) -> None:
     try:
         fd = open_store(path)
         try:
+            if os.fstat(fd).st_ino != j.ino:  # the file at the path was swapped since it was judged
+                raise StoreError(f"{path}: the store was replaced while its journal was being checked; nothing was "
+                                 "rolled back. Open it again.")
             for offset, length, jpos in j.records:
                 data = memoryview(os.pread(jfd, length, jpos))
                 w = 0
