@@ -460,8 +460,8 @@ def run_case(op: str, store: str, hang_s: float = 10.0) -> dict[str, Any]:
         try:
             with alarm(hang_s):
                 operate(op, store)
-        except Hang as err:
-            res = {"outcome": "hang", "detail": str(err)}
+        except Hang as err:  # where the alarm found it: a blocking open or read of a side file, or elsewhere
+            res = {"outcome": "hang", "detail": str(err), "trace": traceback.format_exc()[-1500:]}
         except StoreError as err:
             res = {"outcome": "store_error", "detail": str(err)[:400]}
         except FileExistsError as err:
