@@ -23,6 +23,7 @@ from lightning_dualform.cli.inputs import (
     positive,
 )
 from lightning_dualform.cli.output import Output, check_output, json_text, note, progress, table
+from lightning_dualform.cli.usage import DEFAULT_QUERIES
 
 if TYPE_CHECKING:
     from lightning_dualform.analysis import QueryAttention
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
-#: recorded queries attended when --index is not given
-DEFAULT_QUERIES = 4
 #: --step-buckets beyond this are refused (the mass tables are queries x buckets; attend() also refuses more
 #: buckets than steps beyond 1024)
 MAX_STEP_BUCKETS_CLI = 1 << 16

@@ -13,19 +13,8 @@ from typing import Any
 
 import numpy as np
 
-#: the command's name, as usage lines and messages spell it
-PROG = "lightning-dualform"
-
-
-class UsageError(Exception):
-    """A user's mistake that the CLI reports in one line with exit code 2."""
-
-
-def error_message(err: BaseException) -> str:
-    """``err`` as one line (a KeyError's message without its quotes)."""
-    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-    text = " ".join(str(text).split())
-    return text or type(err).__name__
+# defined in .usage (no numpy: the parser's start-up); the commands import them from here
+from lightning_dualform.cli.usage import PROG, UsageError, error_message  # noqa: F401
 
 
 def check_store_path(path: str) -> None:

@@ -770,6 +770,8 @@ class RecordingEngine:
         if writer.blocked_s >= 1.0:
             self._info(f"{self.owner}: training waited {writer.blocked_s:.1f} s in all for the store writer.")
         self.committed = writer.store.committed  # for a checkpoint saved after the finish
+        if full:  # a pass over every stored row: say so, it can take a while
+            self._info(f"{self.owner}: certifying {self.options.path}: rebuilding each layer's weights from its rows")
         try:
             self.dist.barrier()
             if full and not keep_lock:

@@ -15,7 +15,7 @@ A plain (non-SWMR) open fails at once. So:
 * a file that cannot be opened so (an HDF5 file of an older format) and that no writer has marked is
   opened plainly.
 
-This module imports nothing from the package: the probe's child process imports it by path.
+The probe's child process imports this module: keep its imports to h5py, numpy and small modules of ours.
 """
 
 from __future__ import annotations
@@ -26,10 +26,7 @@ import stat
 
 import h5py
 
-if __package__:
-    from lightning_dualform.store import _hdf5_nogil
-else:  # the probe's child imports this file alone (the store folder is on sys.path), never the package
-    import _hdf5_nogil  # type: ignore[no-redef]
+from lightning_dualform.store import _hdf5_nogil
 
 #: metadata read attempts of a SWMR open (HDF5's default: 100)
 SWMR_READ_ATTEMPTS = 24
