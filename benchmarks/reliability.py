@@ -235,7 +235,7 @@ def big_store_costs(work: str, gigabytes: float) -> dict[str, Any]:
     _journal._UndoFile.commit = commit
     try:
         t = time.perf_counter()
-        st.finalize({"fc": (np.ones((d, d), np.float32), np.ones(d, np.float32))}, {"final_step": steps, "epochs": 1})
+        st.finalize({"fc": (np.ones((d, d), np.float32), np.ones(d, np.float32))}, steps, 1)
         finalize_s = time.perf_counter() - t
         t = time.perf_counter()
         with _journal.write_session(path, "certificate of fc", reserve=8 * d * d + 8 * d) as f:
