@@ -25,7 +25,8 @@ import stat
 
 from lightning_dualform.errors import StoreError
 
-_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+_FLAGS = (getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+          | getattr(os, "O_CLOEXEC", 0))
 
 
 def side_path(store: str | os.PathLike, suffix: str) -> str:
@@ -98,7 +99,8 @@ def open_regular(path: str, flags: int, what: str, *, mode: int = 0o644, writes:
                 f"{path}: the store's {what} has {st.st_nlink - 1} other name(s) (hard links), so writing it would "
                 "change another file; lightning-dualform never makes one. Remove it, then retry."
             )
-        os.set_blocking(fd, True)
+        if _FLAGS & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
