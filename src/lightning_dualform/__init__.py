@@ -6,7 +6,8 @@ memory while a ``Trainer`` fits (:class:`DualFormRecorder` in a loop of your own
 :class:`DualInference` answers queries over it.
 
 The public API is what ``__all__`` names, plus the modules :mod:`~lightning_dualform.analysis`,
-:mod:`~lightning_dualform.datasets` and :mod:`~lightning_dualform.plots`. The subpackages ``record``,
+:mod:`~lightning_dualform.datasets`, :mod:`~lightning_dualform.plots` and :mod:`~lightning_dualform.studies`
+(the paper's measures and figures). The subpackages ``record``,
 ``store``, ``optim``, ``attend`` and ``cli`` are the library's rooms; their contents may change.
 
 The names are imported when first used (PEP 562): ``import lightning_dualform`` costs nothing beyond the

@@ -712,6 +712,13 @@ class DualInference:
 
     explain.__doc__ = _explain.explain.__doc__
 
+    def influence(self, model: nn.Module, inputs: Any, targets: Any = None, **kwargs: Any) -> Any:
+        """Influence of every training example on each query (``lightning_dualform.attribute.influence``; its
+        ``target=`` defaults to the prediction's margin and ``method=`` to ``"first_order"``)."""
+        from lightning_dualform.attribute import influence
+
+        return influence(self.store, model, inputs, targets, **kwargs)
+
     def stored_sums_error(self, layer: str) -> float | None:
         return _verify.stored_sums_error(self, layer)
 

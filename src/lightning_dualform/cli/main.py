@@ -1,4 +1,4 @@
-"""The ``lightning-dualform`` command: ``info``, ``attend``, ``verify``, ``view`` and ``demo``.
+"""The ``lightning-dualform`` command: ``info``, ``attend``, ``influence``, ``verify``, ``view`` and ``demo``.
 
 Exit codes: 0 success, 1 failure (``verify`` beyond tolerance, an unexpected error), 2 a user's mistake
 (missing file, not a store, unknown layer, bad index, wrong query width, unwritable output, bad option),
@@ -111,6 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", metavar="FILE", default=None, help="write every number of the answer as JSON")
     s.add_argument("--plot", metavar="FILE.png", default=None, help="draw the answer (.png, .pdf or .svg; needs matplotlib)")
     s.set_defaults(func=_Command("attend"))
+
+    s = sub.add_parser("influence", parents=[common], formatter_class=fmt,
+                       help="which training examples a prediction depends on (influence on its margin)",
+                       description="Score every training example by how much up-weighting it would raise each query's "
+                       "target (default: the margin of its recorded label); list proponents and opponents.")
+    s.add_argument("store", metavar="STORE", help="a .h5 store written by DualFormCallback or DualFormRecorder")
+    s.add_argument("--model", required=True, metavar="MODULE:FACTORY",
+                   help="import path of a function returning the model (untrained is fine: the store's final "
+                   "weights are loaded into its tracked layers), e.g. mypkg.models:make_mlp")
+    s.add_argument("--split", default=None, help="recorded query set (default: 'test', or the store's only one)")
+    s.add_argument("--index", default=None, help="dataset indices of recorded queries: '3,17', '0:10' or 'all' "
+                   "(default: the first 3)")
+    s.add_argument("--target", choices=("margin", "loss", "logit"), default="margin",
+                   help="f: the margin (true-class logit minus logsumexp of the others), the loss, or the logit")
+    s.add_argument("--method", choices=("first_order", "every_step", "metagradient"), default="first_order",
+                   help="first order at the final model (dual form), TracIn at every replayed step, or the exact "
+                   "metagradient through training (needs the store's raw inputs and the loss)")
+    s.add_argument("--top-k", type=int, default=5, help="proponents and opponents listed per query")
+    s.add_argument("--json", metavar="FILE", default=None, help="write the top-k per query (and the settings) as JSON")
+    s.add_argument("--scores", metavar="FILE.npy", default=None,
+                   help="write the whole table (n_queries, n_examples) as .npy, with FILE.examples.npy")
+    s.set_defaults(func=_Command("influence"))
 
     s = sub.add_parser("verify", parents=[common], formatter_class=fmt, help="check that the dual form is exact",
                        description="Rebuild each layer's outputs from the memory and compare with the trained "
