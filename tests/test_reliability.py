@@ -7,7 +7,9 @@
 * full disks: the same run on a small tmpfs filled at each phase (root only; an injected ENOSPC otherwise);
 * hostile files: hundreds of mutations of attributes, counters, columns, tables, shard indexes and metadata
   bytes; each gives a correct answer or ``StoreError`` within 10 s, never a silent wrong answer;
-* neighbours: two trainings on one path, readers during the end of a fit.
+* neighbours: two trainings on one path, readers during the end of a fit;
+* side files (issue 21): every kind of hostile lock and journal with every reader and writer (one of each kind
+  in the default run, in tests/test_side_files.py; all of them and 300 random draws here under --runslow).
 
 Larger runs of the same checks: ``benchmarks/reliability.py`` and the ``slow`` tests.
 """
@@ -247,7 +249,7 @@ def test_huge_dataset_indices_are_numbered_densely_not_allocated(valid_store, tm
         f["layers/net.0/index"][3] = 10**15  # a dense per-example table would need petabytes
     with DualInference(path, accumulate=torch.float64) as di:
         q = torch.randn(3, 6, dtype=torch.float64)
-        res = di.attend("net.0", q, top_k=40)  # every row: the huge index is among them
+        res = di.attend("net.0", q, top_k=di.layer("net.0").n_rows)  # every row: the huge index is among them
         assert float(res.max_rel_err) < 1e-6
         assert 10**15 in set(res.top.index.reshape(-1).tolist())
         assert 10**15 in set(res.top_examples.index.reshape(-1).tolist())  # mapped back to the dataset index
@@ -568,3 +570,18 @@ def test_a_resumed_run_and_real_outputs_still_agree(kills):
             w = torch.from_numpy(lay.weight_final).double()
             b = torch.from_numpy(lay.bias_final).double()
             assert rel_err(res.dual, q @ w.t() + b) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------------
+# hostile side files (issue 21): the larger run (tests/test_side_files.py keeps one case of each kind)
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_every_hostile_side_file_with_every_operation_and_more(tmp_path):
+    import side_files
+
+    sources = side_files.make_sources(str(tmp_path / "sources"))
+    mknod = side_files.can_mknod()
+    n = len(side_files.kinds(mknod)) * len(side_files.OPERATIONS)
+    results = side_files.run_cases(str(tmp_path / "cases"), list(range(n + 300)), sources, hang_s=10.0, mknod=mknod)
+    bad = [r for r in results if r["problems"]]
+    assert len(results) == n + 300 and not bad, bad[:3]

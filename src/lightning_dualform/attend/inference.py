@@ -169,6 +169,7 @@ class DualInference:
 
     # -- context management ----------------------------------------------------------------------------
     def close(self) -> None:
+        self._closed = True
         self.store.close()
         if self._cache is not None:
             self._cache.clear()
@@ -183,6 +184,7 @@ class DualInference:
         Raises:
             StoreError: the changed file is no longer a readable store.
         """
+        self._check_open()
         if self._cache is None or StoreStamp.of(self.store) == self._stamp:
             return False
         log.warning("%s changed on disk since it was opened; reading it again (the cache is emptied).", self.path)
@@ -204,6 +206,11 @@ class DualInference:
         info.facts_bytes = sum(c.facts_bytes for c in self._cached.values())
         return info
 
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):  # (not a damaged store: its file was closed on purpose)
+            raise RuntimeError(f"this DualInference of {self.path} is closed; open the store again with "
+                               "DualInference(path) (or keep using it inside its `with` block).")
+
     def __enter__(self) -> "DualInference":
         return self
 
@@ -221,6 +228,7 @@ class DualInference:
 
     def layer(self, name: str) -> LayerReader:
         """The store's reader of a layer. Raises ``KeyError`` listing the known layers."""
+        self._check_open()
         if not isinstance(name, str):
             raise TypeError(f"layer must be a layer name (str), got {type(name).__name__}; this store has {self.layers}.")
         lay = self.store.layer(name)
