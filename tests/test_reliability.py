@@ -359,6 +359,39 @@ def test_the_probe_ends_a_walk_that_makes_no_progress(tmp_path):
     assert "no progress" in _probe.probe(str(fifo), timeout=1.0)
 
 
+def test_the_probe_counts_the_time_its_child_had_not_the_time_a_loaded_machine_kept_it_waiting(monkeypatch):
+    """A child that waits for a core (state R, no CPU used) is not hung however long the wait (up to the wall
+    backstop); one that spins (CPU used) or sleeps in a read (state S) is hung after ``stall`` seconds of it."""
+    from lightning_dualform.store import _probe
+
+    clock = {"t": 0.0}
+    stat = {"state": "R", "cpu": 0.0}
+    monkeypatch.setattr(_probe.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(_probe, "_proc_stat", lambda pid: (stat["state"], stat["cpu"]))
+
+    def run(state: str, cpu_per_s: float, seconds: float) -> bool:
+        stat.update(state=state, cpu=0.0)
+        clock["t"] = 0.0
+        p = _probe._Progress(pid=1, stall=5.0)
+        hung = False
+        for _ in range(int(seconds / 0.25)):
+            clock["t"] += 0.25
+            stat["cpu"] += cpu_per_s * 0.25
+            hung = p.hung()
+            if hung:
+                break
+        return hung
+
+    assert not run("R", 0.04, 100.0)  # starved: 4% of a core for 100 s (4 s of CPU), within the wall backstop
+    assert run("R", 0.01, _probe.STALL_WALL_S + 1)  # the backstop
+    assert run("R", 1.0, 5.5)  # spinning inside HDF5
+    assert not run("R", 1.0, 4.5)
+    assert run("S", 0.0, 5.5)  # blocked in a read
+    assert not run("S", 0.0, 4.5)
+    monkeypatch.setattr(_probe, "_proc_stat", lambda pid: None)  # no /proc: wall time
+    assert run("R", 0.0, 5.5) and not run("R", 0.0, 4.5)
+
+
 def test_swmr_reads_use_few_metadata_attempts():
     """Contract with HDF5 (public C API, reached through ctypes because h5py does not wrap it): the setting
     that keeps a SWMR open of a damaged file from retrying for minutes is really made."""
