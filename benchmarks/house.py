@@ -36,8 +36,8 @@ def main() -> int:
                                "function": sum(1 for i in cross if i.kind == "function"),
                                "type-checking": sum(1 for i in cross if i.kind == "type-checking")},
         "room_pairs": {f"{a} -> {b} ({k})": n for (a, b, k), n in sorted(pairs.items())},
-        "cycles": house.room_cycles(found),
-        "upward": [f"{i.source}:{i.line} -> {i.target} ({i.kind})" for i in house.upward(found)],
+        "cycles": house.room_cycles(found, known=True),
+        "upward": [f"{i.source}:{i.line} -> {i.target} ({i.kind})" for i in house.upward(found, known=True)],
         "forbidden": [f"{i.source}:{i.line} imports {i.target}" for i in house.forbidden(found)],
         "store_reaches_torch": [" -> ".join(c) for c in house.reaches("store", "torch", found)],
     }

@@ -28,14 +28,16 @@ LEVELS: dict[str, int] = {
     "layers": 3,  # the layer math on torch tensors: keys, values, a convolution's unfolding, weight sums
     "record": 4,  # the write side: the recording engine and its parts
     "attend": 4,  # the read side: passes over a store, the certificate's math
+    "attribute": 5,  # attribution over a store: influence, the every-step replay, the metagradient
     "analysis": 5,
     "datasets": 5,
     "plots": 6,
-    "adapters": 7,  # DualFormCallback, DualFormRecorder, DualFormAttentionLogger: they wire the sides together
-    "cli": 8,
-    "front door": 9,
+    "studies": 7,  # the paper authors' measures and figures
+    "adapters": 8,  # DualFormCallback, DualFormRecorder, DualFormAttentionLogger: they wire the sides together
+    "cli": 9,
+    "front door": 10,
 }
-FOUNDATION = {"errors", "_args", "_version", "_compat", "_native", "_float32_products"}
+FOUNDATION = {"errors", "_args", "_version", "_compat", "_native", "_float32_products", "_lazy"}
 #: record/'s modules that adapt a training loop to the engine and hand it the read side's certificate
 ADAPTERS = {"record", "record.callback", "record.recorder", "record.attention_logging"}
 #: room -> third-party packages its modules never import
@@ -48,6 +50,12 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
 }
 #: a module longer than this has outgrown one job (the house's rule of thumb)
 MAX_LINES = 700
+#: imports against the order that are known and wait for their fix, with why (``tests/test_house.py`` checks that
+#: each is still there, so that the list cannot outlive them)
+KNOWN_UPWARD: dict[tuple[str, str], str] = {
+    ("attend.inference", "attribute.influence"): "DualInference.influence, a door to attribute.influence() (issue "
+    "23), while attribute/ replays a store through attend/replay.py: attend <-> attribute",
+}
 
 Kind = Literal["module", "function", "type-checking"]
 
@@ -150,16 +158,19 @@ def cross_room(found: list[Import] | None = None) -> list[Import]:
     return [i for i in found if i.internal and room(i.source) != room(i.target)]
 
 
-def upward(found: list[Import] | None = None) -> list[Import]:
-    """Imports of a room on the same level or above (the package's own ``__init__`` files excepted when they
-    import their own room's modules)."""
-    return [i for i in cross_room(found) if LEVELS[room(i.target)] >= LEVELS[room(i.source)]]
+def upward(found: list[Import] | None = None, *, known: bool = False) -> list[Import]:
+    """Imports of a room on the same level or above; those of :data:`KNOWN_UPWARD` only with ``known``."""
+    return [i for i in cross_room(found) if LEVELS[room(i.target)] >= LEVELS[room(i.source)]
+            and (known or (i.source, i.target) not in KNOWN_UPWARD)]
 
 
-def room_cycles(found: list[Import] | None = None) -> list[list[str]]:
-    """Sets of rooms that import each other, directly or through others (strongly connected, size > 1)."""
+def room_cycles(found: list[Import] | None = None, *, known: bool = False) -> list[list[str]]:
+    """Sets of rooms that import each other, directly or through others (strongly connected, size > 1); the
+    imports of :data:`KNOWN_UPWARD` count only with ``known``."""
     graph: dict[str, set[str]] = defaultdict(set)
     for i in cross_room(found):
+        if not known and (i.source, i.target) in KNOWN_UPWARD:
+            continue
         graph[room(i.source)].add(room(i.target))
     index: dict[str, int] = {}
     low: dict[str, int] = {}

@@ -268,6 +268,9 @@ def attend_queries(
                 contrib = torch.as_tensor(units_label[example], dtype=torch.int64)
         n_rows = di.layer(name).n_rows
         if top_k > n_rows:
+            if n_rows == 0:
+                raise ValueError(f"layer {name} holds no training rows yet (its run committed no step): there is "
+                                 "nothing to attend to.")
             raise ValueError(f"--top-k {top_k}: layer {name} holds only {n_rows} rows; use --top-k {n_rows} or less.")
         run.results[name] = di.attend(name, keys, top_k=top_k, at_step=at_step, contribution_to=contrib, step_buckets=step_buckets,
                                       score=score)

@@ -28,6 +28,7 @@ def store_facts(path: str) -> dict[str, Any]:
 
 
 def _store_facts(path: str) -> dict[str, Any]:
+    # the store's own modules only: `info` loads neither torch nor the passes (tests/test_startup.py)
     from lightning_dualform.store.certificate import missing_certificate
     from lightning_dualform.store.reader import StoreReader
 

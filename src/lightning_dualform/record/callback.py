@@ -44,6 +44,7 @@ from lightning_dualform.record.queries import QueryRecorder
 from lightning_dualform.record.specs import Distributed, rank_path
 from lightning_dualform.store.certificate import LayerCertificate
 from lightning_dualform.store.metadata import clip_algorithm_name
+from lightning_dualform.store.shards import check_index_path
 
 __all__ = ["DualFormCallback", "rank_path"]
 
@@ -297,6 +298,8 @@ class DualFormCallback(Callback):
                 f"`{_OWNER}(..., overwrite=True)` to replace it, or resume the run that wrote it with "
                 "`trainer.fit(..., ckpt_path=...)` to continue it."
             )
+        if trainer.world_size > 1 and not opts.overwrite and self._resume is None:
+            check_index_path(self.path, _OWNER)  # rank 0 writes the shard index there: never over another store
 
     def _resume_matches(self) -> bool:
         """Whether the checkpoint's counts belong to this store: the same file, however its path is spelled."""
@@ -490,6 +493,9 @@ class DualFormCallback(Callback):
             return
         path = self.store_path or rank_path(self.path, trainer.global_rank, trainer.world_size)
         self._query = QueryRecorder.start(path, split, pl_module)
+        # the stage's own progress bar counts the batches; this says what the callback does beside them
+        rank_zero_info(f"{_OWNER}: recording the {split} queries (inputs of {len(self._query.captures)} layer(s)) "
+                       f"into {path}")
 
     def _query_batch_start(self, trainer: "pl.Trainer", batch: Any, dataloader_idx: int, loaders: Any) -> None:
         if self._query is not None:
@@ -510,8 +516,7 @@ class DualFormCallback(Callback):
         """The stage ended: commit its query set (said at teardown, once the stage's progress bar is done)."""
         query, self._query = self._query, None
         if query is not None:
-            n = query.close()
-            self._query_note = f"{_OWNER}: recorded {n} {query.split} queries into {query.path}."
+            self._query_note = f"{_OWNER}: {query.close()}"
 
     def _query_abort(self) -> None:
         """The stage failed: the store keeps the query sets it had before the stage began."""

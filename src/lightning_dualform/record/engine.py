@@ -81,9 +81,8 @@ StepRow = dict[str, Any]
 
 
 class Certifier(Protocol):
-    """Computes a finished store's full certificate by reading its rows and has the store write it
-    (:func:`lightning_dualform.attend.certificate.certify_store`). The adapters hand it to the engine: the
-    write side knows when to certify and under which lock, the read side how."""
+    """Computes a finished store's full certificate from its rows and has the store write it (``certify_store``): the
+    adapters hand it over; the write side knows when to certify and under which lock, the read side how."""
 
     def __call__(self, path: str, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
                  lock: WriterLock | None = None) -> dict[str, LayerCertificate]: ...
@@ -252,7 +251,7 @@ class RecordingEngine:
 
     def unhook_optimizer(self) -> None:
         """Remove the optimizer's step hooks (idempotent) and forget a step in progress."""
-        for h in self._step_hooks:
+        for h in self._step_hooks:  # (RemovableHandle)
             h.remove()
         self._step_hooks = []
         self._settings = self._expected = None
@@ -307,11 +306,11 @@ class RecordingEngine:
                 last_step=last_step, commit_seconds=opts.commit_seconds, update_attrs=self._resumed_attrs,
             )
         else:
-            if os.path.exists(store_path):
-                os.remove(store_path)  # overwrite=True was given (the adapter checked at set-up)
+            # an existing store is replaced only with overwrite=True (the adapter checked at set-up), atomically,
+            # and only if it is a regular file (StoreWriter.create refuses anything else)
             make = lambda: StoreWriter.create(  # noqa: E731
                 store_path, specs, row_dtype=opts.dtype, compression=opts.compression, chunk_rows=opts.chunk_rows,
-                metadata=metadata, commit_seconds=opts.commit_seconds,
+                metadata=metadata, commit_seconds=opts.commit_seconds, overwrite=opts.overwrite,
                 input_shape=tuple(raw.shape[1:]) if raw is not None else None,
                 input_dtype=str(raw.dtype).replace("torch.", "") if raw is not None else "float32",
             )
@@ -320,7 +319,7 @@ class RecordingEngine:
         self.writer.set_release_gil(self.device.type == "cuda")
         if shard_index is not None:
             # the index exists from the first step on, so a crashed or running DDP store opens as one
-            write_shard_index(opts.path, shard_index)
+            write_shard_index(opts.path, shard_index, overwrite=opts.overwrite or resume is not None)
         for name, size in self.writer.input_sizes().items():  # a resumed store's maps fix their size
             if name in self.chosen:
                 self._geometry[name] = conv_geometry(self.chosen[name], size)
@@ -523,9 +522,8 @@ class RecordingEngine:
         weights did not change, and the rows of its gradient are dropped."""
         self.last_epoch = epoch
         rows_mod.take_rows(self.captures)  # (the skipped step's rows are dropped)
-        updates = {}
-        for name, cap in self.captures.items():
-            updates[name] = (0.0, self.skipped_row(), self.skipped_row() if bias_of(cap.module) is not None else None)
+        updates = {name: (0.0, self.skipped_row(), self.skipped_row() if bias_of(cap.module) is not None else None)
+                   for name, cap in self.captures.items()}
         self.writer.add_step(step, epoch, lambda: {}, updates)  # no rows
         self.steps_recorded += 1
 
@@ -648,6 +646,8 @@ class RecordingEngine:
         if writer.blocked_s >= 1.0:
             self._info(f"{self.owner}: training waited {writer.blocked_s:.1f} s in all for the store writer.")
         self.committed = writer.committed  # for a checkpoint saved after the finish
+        if full:  # a pass over every stored row: say so, it can take a while
+            self._info(f"{self.owner}: certifying {self.options.path}: rebuilding each layer's weights from its rows")
         try:
             self.dist.barrier()
             if full and not keep_lock:

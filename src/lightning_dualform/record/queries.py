@@ -10,14 +10,15 @@ leave the store as it was before the stage began.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from lightning_dualform.record.batches import BatchInfo, batch_size, prediction, row_metadata
 from lightning_dualform.layers import layer_shape, one_hot_keys
+from lightning_dualform.record.batches import BatchInfo, batch_size, prediction, row_metadata
 from lightning_dualform.record.capture import LayerCapture
 from lightning_dualform.store.query_writer import QueryWriter
 from lightning_dualform.store.reader import StoreReader
@@ -34,6 +35,7 @@ class QueryRecorder:
         self.active = False
         self.batch: BatchInfo | None = None
         self.raw: torch.Tensor | None = None
+        self.started = time.perf_counter()
 
     @classmethod
     def start(cls, path: str, split: str, model: nn.Module) -> "QueryRecorder":
@@ -97,14 +99,18 @@ class QueryRecorder:
         self.writer.add_batch(index, label, pred, raw, rows)
         self.batch = None
 
-    def close(self) -> int:
-        """The stage ended: detach the hooks and commit the query set; returns how many queries it holds."""
+    def close(self) -> str:
+        """The stage ended: detach the hooks and commit the query set. Returns what to tell the user (the
+        adapter says it when the stage's progress bar is done)."""
         self.active = False
         for cap in self.captures.values():
             cap.detach()
         n = self.writer.n
+        t0 = time.perf_counter()
         self.writer.close()
-        return n
+        now = time.perf_counter()
+        return (f"recorded {n} {self.split} queries into {self.path} in {now - self.started:.1f} s "
+                f"(committed in {now - t0:.1f} s).")
 
     def abort(self) -> None:
         """The stage failed: detach the hooks and leave the store as it was before it began (no partial split)."""

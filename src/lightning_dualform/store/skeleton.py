@@ -115,7 +115,7 @@ def write_skeleton(
     ``input_shape`` (None: none kept), and per layer its attributes, row columns, initial weights, optimizer state
     and per-step tables, all empty; flushed and fsynced before the caller names it."""
     # SWMR mode forbids creating datasets later, so everything is created here.
-    with h5py.File(tmp, "w", libver=_h5.LIBVER, locking=False) as f:
+    with h5py.File(tmp, "x", libver=_h5.LIBVER, locking=False) as f:  # (O_EXCL: never through a link)
         meta = metadata if metadata is not None else StoreMetadata()
         meta.format_version = FORMAT_VERSION
         meta.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
