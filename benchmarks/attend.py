@@ -100,6 +100,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3, help="training epochs")
     p.add_argument("--queries", type=int, default=1000, help="number of queries")
     p.add_argument("--top-k", type=int, default=10, help="top-k")
+    p.add_argument("--step-buckets", type=int, default=20, help="step buckets of the mass (given explicitly, so that "
+                   "runs of library versions with other defaults compare)")
     p.add_argument("--block-rows", type=int, default=None, help="DualInference block_rows (default: automatic)")
     p.add_argument("--layers", nargs="*", default=["net.0", "net.2", "net.4"], help="layers to measure")
     p.add_argument("--query-chunk", type=int, default=2048, help="DualInference query_chunk")
@@ -160,9 +162,9 @@ def main() -> None:
 
             def attend(scan: str, reuse: bool = True):
                 return di.attend(name, q, top_k=args.top_k, contribution_to=unit, per_example=True, scan=scan,
-                                 reuse_certificate=reuse)
+                                 reuse_certificate=reuse, step_buckets=args.step_buckets)
 
-            di.attend(name, q[:8], top_k=args.top_k)  # metadata pass and warm-up, not timed
+            di.attend(name, q[:8], top_k=args.top_k, contribution_to=unit)  # metadata pass and warm-up, not timed
             # interleaved rounds, so that load from other jobs on the machine hits every measurement alike
             ts: dict[str, list[float]] = {"a": [], "r": [], "b": [], "c": [], "f": []}
             for _ in range(args.repeat):

@@ -532,14 +532,14 @@ def test_distributed_needs_a_process_group(trained: dict) -> None:
 @pytest.mark.parametrize("largest", [True, False])
 def test_top_examples_threshold_pass_equals_topk(largest: bool) -> None:
     from lightning_dualform.attend import _fused
-    from lightning_dualform.attend.inference import _fused_topk_rows
+    from lightning_dualform.attend.passes.assemble import fused_topk_rows
 
     if _fused.kernel() is None:
         pytest.skip("no C compiler for the fused kernel")
     g = torch.Generator().manual_seed(3)
     table_t = torch.randn(50, 7, generator=g, dtype=torch.float64)  # (examples, queries), as the fused pass keeps it
     present = torch.rand(50, generator=g) > 0.3
-    score, index = _fused_topk_rows(table_t, present, 5, largest)
+    score, index = fused_topk_rows(table_t, present, 5, largest)
     fill = float("-inf") if largest else float("inf")
     ref = torch.topk(table_t.t().masked_fill(~present, fill), 5, dim=1, largest=largest)
     assert torch.equal(score, ref.values) and torch.equal(index, ref.indices)

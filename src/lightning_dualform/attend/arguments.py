@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_dualform.store.reader import LayerReader
+from lightning_dualform.store.source import LayerSource
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -45,7 +45,7 @@ def resolve_group(distributed: Any) -> Any:
     return True if distributed is True else distributed
 
 
-def check_queries(lay: LayerReader, queries: Any, call: str) -> torch.Tensor:
+def check_queries(lay: LayerSource, queries: Any, call: str) -> torch.Tensor:
     if isinstance(queries, np.ndarray):
         queries = torch.from_numpy(queries)
     if not isinstance(queries, torch.Tensor):
