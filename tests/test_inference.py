@@ -581,3 +581,34 @@ def test_answers_do_not_depend_on_the_compiled_kernel(tmp_path: str, monkeypatch
     np.testing.assert_allclose(fallback["dual"], compiled["dual"], rtol=1e-5, atol=1e-6)
     for name in compiled["mass"]:
         np.testing.assert_allclose(fallback["mass"][name]["signed"], compiled["mass"][name]["signed"], rtol=1e-5, atol=1e-5)
+
+
+def test_explain_takes_a_fabric_wrapped_model(tmp_path) -> None:
+    """The recorder takes Fabric's wrapper (its layers are the user's module names); explain takes it too, and
+    answers as for the bare model: the last layer's dual is the model's real output."""
+    from lightning.fabric import Fabric
+
+    from lightning_dualform import DualFormRecorder
+
+    torch.manual_seed(0)
+    fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    fmodel, fopt = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    path = str(tmp_path / "fabric.h5")
+    with DualFormRecorder(path, fmodel, fopt) as rec:
+        for i in range(0, 64, 16):
+            rec.batch(indices=torch.arange(i, i + 16), labels=y[i:i + 16])
+            fabric.backward(nn.functional.cross_entropy(fmodel(x[i:i + 16]), y[i:i + 16]))
+            fopt.step()
+            fopt.zero_grad()
+    q = torch.randn(5, 6)
+    with DualInference(path, device="cpu", accumulate=torch.float64) as di:
+        assert di.layers == ["0", "2"]
+        wrapped = di.explain(fmodel, q, top_k=3)
+        bare = di.explain(model, q, top_k=3)
+    with torch.no_grad():
+        out = model(q)
+    assert rel_err(wrapped["2"].dual, out.double()) <= 1e-5
+    assert torch.equal(wrapped.prediction, out.argmax(1)) and torch.equal(wrapped["2"].units, out.argmax(1))
+    assert json.dumps(wrapped.to_dict()) == json.dumps(bare.to_dict())
