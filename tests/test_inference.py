@@ -190,6 +190,14 @@ def test_attend_equals_dense_reference(trained: dict, block_rows: int, reuse: bo
     assert m.keys.tolist() == [-1, 0, 1, 2]
     ref_m = torch.zeros(6, 4, dtype=torch.float64).scatter_add(1, (label + 1).expand(6, -1), scores)
     torch.testing.assert_close(m.signed, ref_m)
+    for c in range(3):  # by label, not by column: class c is column c + 1
+        on_c = (scores * (label == c)).sum(1)
+        torch.testing.assert_close(m[c], on_c)
+        torch.testing.assert_close(m.absolute_of(c), (scores.abs() * (label == c)).sum(1))
+        assert m.column(c) == c + 1 and torch.equal(m.by_key()[c], m.signed_of(c))
+    with pytest.raises(KeyError, match=r"\[-1, 0, 1, 2\]"):
+        m[3]
+    assert "keys [-1 (no label), 0, 1, 2]" in repr(m)
     epoch = torch.from_numpy(d["epoch"]).long()
     torch.testing.assert_close(
         res.mass["epoch"].absolute, torch.zeros(6, 3, dtype=torch.float64).scatter_add(1, epoch.expand(6, -1), scores.abs())

@@ -12,6 +12,7 @@ The public API is what ``__all__`` names, plus the modules :mod:`~lightning_dual
 
 from lightning_dualform._version import __version__
 from lightning_dualform.attend.inference import AttentionResult, DualInference, Explanation, Mass, TopExamples, TopRows
+from lightning_dualform.attend.request import AttendRequest
 from lightning_dualform.errors import DualFormError, InexactError, StoreError, WriterError
 from lightning_dualform.record.callback import DualFormCallback
 from lightning_dualform.record.recorder import DualFormRecorder
@@ -26,6 +27,7 @@ __all__ = [
     "StoreReader",
     "WriterError",
     "__version__",
+    "AttendRequest",
     "AttentionResult",
     "DualInference",
     "Explanation",

@@ -180,10 +180,10 @@ def maps_geometry(layer: LayerSource) -> ConvGeometry | None:
 
 
 #: Whether a pass on the CPU reads a convolution's compact blocks without a cache. On the CPU there is no
-#: transfer to save, and numpy's unfold on the reader thread beats torch's on the compute thread: a pass over a
-#: ResNet-18 conv layer took 0.43 s unfolded by the reader against 0.72 s from maps, the certificate's float64
-#: sum 0.61 s against 0.86 s as a weight gradient (benchmarks/conv_attend.py, 2-core CPU). A cache keeps maps
-#: (4.6x less memory) and a CUDA pass moves maps (3.2x fewer bytes), so those read compact blocks.
+#: transfer to save, and numpy's unfold on the reader thread was faster than torch's on the compute thread, for
+#: the pass and for the certificate's sum; a cache keeps maps (several times less memory) and a CUDA pass moves
+#: maps (several times fewer bytes), so those read compact blocks (``benchmarks/conv_attend.py``; the figures
+#: are in ``docs/benchmarks.md``, "Attending over a convolution: host unfold against device unfold").
 COMPACT_ON_CPU = False
 
 

@@ -38,8 +38,8 @@ from lightning_dualform.store.source import LayerSource
 #: Memory a unit sweep may hold for its snapshots, one segment's step maps and one segment's rows.
 REPLAY_BYTES = 512 * 2**20
 #: Gradients of consecutive steps computed in one batched product (at most this many bytes of them): a step
-#: has few rows, and one small multi-threaded product per step costs far more than its work (on a busy
-#: 2-core machine each waited ~25 ms for a descheduled thread; a batch of steps runs at the big-block speed).
+#: has few rows, and one small multi-threaded product per step costs far more than its work (on a busy machine
+#: each waits for a descheduled thread); a batch of steps runs at the big-block speed.
 GRAD_BATCH_BYTES = 64 * 2**20
 _PARAMS = ("weight", "bias")
 

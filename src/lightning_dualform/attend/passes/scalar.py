@@ -81,7 +81,8 @@ class ScalarPass(AttendPass):
 
         units = resolve_units(layer, queries.shape[0], req.contribution_to, prediction)
         stored = self._checked_sums(layer, coef, n_rows) if req.reuse_certificate else None
-        res = self._pass(layer, queries, coef, n_rows, req, units, primal, residual, stored)
+        res = self._pass(layer, queries, coef, req, n_rows=n_rows, units=units, primal=primal, residual=residual,
+                         stored=stored)
         self._warn_if_beyond_tolerance(res)
         if res.units is not None:
             _unit_parts(layer, queries, coef, res)
@@ -89,10 +90,17 @@ class ScalarPass(AttendPass):
 
     # -- the streamed pass ---------------------------------------------------------------------------------
     def _pass(
-        self, layer: LayerSource, q: torch.Tensor, coef: Coefficients, n_rows: int, req: AttendRequest,
+        self, layer: LayerSource, q: torch.Tensor, coef: Coefficients, req: AttendRequest, *, n_rows: int,
         units: torch.Tensor | None, primal: torch.Tensor | None, residual: torch.Tensor | None,
         stored: tuple[np.ndarray, np.ndarray | None] | None,
     ) -> AttentionResult:
+        """The streamed pass: fold every block of the ``n_rows`` rows into one accumulator, then assemble.
+
+        Args:
+            units: ``(n,)`` the unit of each query's contributions, or None.
+            primal, residual: the stored final weights' output and an inexact store's residual output, or None.
+            stored: the certificate's memory sums for exactly these rows (checked), or None: the pass sums them.
+        """
         ctx = self.ctx
         acc, dev, scan = ctx.accumulate, ctx.device, req.scan
         compute = torch.bfloat16 if scan == "bf16" else acc
