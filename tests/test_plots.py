@@ -67,7 +67,8 @@ def test_every_list_of_a_result_is_drawn_and_labelled(stores) -> None:
         assert any(f"opponents\nof unit {u}" in t for t in texts)
     shown = [t for t in texts if t.startswith("contrib. ")]
     want = [float(s) for s in res.proponents.score[0].tolist() if s > 0][:5]
-    assert [float(t.split()[1].split("\n")[0]) for t in shown[: len(want)]] == pytest.approx(want, rel=5e-3)  # (3 digits)
+    drawn = [float(t.split()[1].split("\n")[0]) for t in shown[: len(want)]]
+    assert drawn == pytest.approx(want, rel=5e-3)  # (3 digits)
     assert any(t.startswith("w_u ") for t in texts) and not any(t.startswith("k·q ") for t in texts)
     assert any("w_u = -(Q_s[u] ⊙ k) · q" in t for t in texts)
     assert any(t.startswith("mass per class: Σ w_u") for t in texts)

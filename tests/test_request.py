@@ -35,10 +35,11 @@ def test_no_caller_declares_another_default() -> None:
 
 
 @pytest.mark.parametrize("knobs,err", [
-    ({"top_k": -1}, ValueError), ({"top_k": 2.0}, TypeError), ({"top_k": True}, TypeError), ({"at_step": "3"}, TypeError),
-    ({"step_buckets": 0}, ValueError), ({"scan": "fp8"}, ValueError), ({"score": "best"}, ValueError),
-    ({"contribution_to": "logit"}, ValueError), ({"contribution_to": 1.0}, TypeError), ({"contribution_to": True}, TypeError),
-    ({"contribution_to": -1}, ValueError), ({"contribution_to": torch.zeros(2, 2, dtype=torch.long)}, ValueError),
+    ({"top_k": -1}, ValueError), ({"top_k": 2.0}, TypeError), ({"top_k": True}, TypeError),
+    ({"at_step": "3"}, TypeError), ({"step_buckets": 0}, ValueError), ({"scan": "fp8"}, ValueError),
+    ({"score": "best"}, ValueError), ({"contribution_to": "logit"}, ValueError), ({"contribution_to": 1.0}, TypeError),
+    ({"contribution_to": True}, TypeError), ({"contribution_to": -1}, ValueError),
+    ({"contribution_to": torch.zeros(2, 2, dtype=torch.long)}, ValueError),
     ({"contribution_to": torch.zeros(3)}, ValueError), ({"per_example": 1}, TypeError), ({"mass": "yes"}, TypeError),
 ])
 def test_bad_knobs_are_refused_where_the_request_is_made(knobs, err) -> None:

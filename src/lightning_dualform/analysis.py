@@ -266,7 +266,8 @@ def attend_queries(
             raise ValueError("--contribution-to label: some queries have no recorded label; use pred or a unit number.")
         units_label = run.label
     run.settings = {"top_k": req.top_k, "contribution_to": "label" if by_label else req.to_dict()["contribution_to"],
-                    "at_step": req.at_step, "step_buckets": req.step_buckets, "layers": list(layers), "score": req.score}
+                    "at_step": req.at_step, "step_buckets": req.step_buckets, "layers": list(layers),
+                    "score": req.score}
     for name in layers:
         keys, example, position = per_layer[name]
         if len(keys) == 0:
@@ -278,7 +279,8 @@ def attend_queries(
             contrib = torch.as_tensor(units_label[example], dtype=torch.int64)
         n_rows = di.layer(name).n_rows
         if req.top_k > n_rows:
-            raise ValueError(f"--top-k {req.top_k}: layer {name} holds only {n_rows} rows; use --top-k {n_rows} or less.")
+            raise ValueError(
+                f"--top-k {req.top_k}: layer {name} holds only {n_rows} rows; use --top-k {n_rows} or less.")
         run.results[name] = di.attend(name, keys, request=req.replace(contribution_to=contrib))
         run.keys[name] = keys
         run.example[name] = example

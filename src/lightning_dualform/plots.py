@@ -73,7 +73,8 @@ def as_image(x: np.ndarray) -> np.ndarray | None:
 
 
 #: the lists a layer's rows show: the top by score, and, where the result has units, proponents and opponents
-_KINDS = {"top": ("top", "top_examples"), "pro": ("proponents", "proponent_examples"), "con": ("opponents", "opponent_examples")}
+_KINDS = {"top": ("top", "top_examples"), "pro": ("proponents", "proponent_examples"),
+          "con": ("opponents", "opponent_examples")}
 
 
 def _ranking(res: Any, r: int, by: str, kind: str = "top") -> list[dict[str, Any]]:
@@ -205,8 +206,9 @@ def attention_figure(
     what = "training patterns (one per presentation)" if by == "pattern" else "training examples (epochs summed)"
     at = next(iter(run.results.values())).at_step if run.results else 0
     # the title wraps to the figure's width (a one-layer figure is narrow): about 0.6 em per character
-    title = textwrap.wrap(f"Top-{k} {what} each layer attends to, after {at} optimizer steps; {score_phrase(run.results)}",
-                          width=max(20, int(width * 72 / (12 * 0.62))))
+    title = textwrap.wrap(
+        f"Top-{k} {what} each layer attends to, after {at} optimizer steps; {score_phrase(run.results)}",
+        width=max(20, int(width * 72 / (12 * 0.62))))
     head = 0.45 + 0.24 * len(title)  # inches above the grid
     height = 1.55 * n_rows + head + 0.4
     fig = Figure(figsize=(width, height), dpi=dpi)
@@ -285,8 +287,8 @@ def attention_figure(
                     color = _MATCH if match else "#333333"
                     if kind != "top":
                         color = _POS if it["score"] >= 0 else _NEG
-                    ax.set_title(f"{value} {it['score']:+.3g}\n{_name(it['label'], class_names)} · {it['sub']}", fontsize=8,
-                                 pad=2, color=color)
+                    ax.set_title(f"{value} {it['score']:+.3g}\n{_name(it['label'], class_names)} · {it['sub']}",
+                                 fontsize=8, pad=2, color=color)
                 if kind == "top":
                     axes = (fig.add_subplot(gs[row, 2 + k + 1]), fig.add_subplot(gs[row, 2 + k + 2]))
                     _mass_charts(axes, res, rr, pred=pred, class_names=class_names, symbol=symbol,

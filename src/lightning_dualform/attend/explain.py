@@ -101,7 +101,8 @@ def explain(
         q = torch.cat(captured[name])
         # unit scores (element-wise rules) rank by the layer's own predicted unit: attend's "auto"
         contrib: Any = req.contribution_to if name == last else "auto"
-        wants_prediction = isinstance(contrib, str) and (contrib == "pred" or (contrib == "auto" and name == output_layer))
+        wants_prediction = isinstance(contrib, str) and (
+            contrib == "pred" or (contrib == "auto" and name == output_layer))
         if name == last and wants_prediction and prediction is not None and prediction.numel() == q.shape[0]:
             contrib = prediction.reshape(-1).cpu()  # the model's own prediction
         layer_req = req.replace(top_k=min(req.top_k, di.layer(name).n_rows), contribution_to=contrib)

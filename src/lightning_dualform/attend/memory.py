@@ -19,7 +19,9 @@ from lightning_dualform.store.reader import Coefficients
 from lightning_dualform.store.source import LayerSource
 
 
-def blocks_of(layer: LayerSource, n_rows: int, block_rows: int = 16384, device: torch.device | str = "cpu") -> Iterable[dict[str, Any]]:
+def blocks_of(
+    layer: LayerSource, n_rows: int, block_rows: int = 16384, device: torch.device | str = "cpu"
+) -> Iterable[dict[str, Any]]:
     """Rows ``0..n_rows`` of a layer in blocks: ``{"keys", "values", "step"}`` as numpy arrays; a convolution
     stored as maps, where compact blocks pay on ``device`` (:func:`~lightning_dualform.attend.blocks.compact_geometry`),
     in blocks of whole maps, its keys as the maps (:meth:`LayerReader.read_maps`)."""

@@ -1,8 +1,8 @@
 """``AttendRequest``: every knob of an ``attend`` pass, with its one default, checked once.
 
-The twin of :class:`~lightning_dualform.record.options.RecordOptions`. :meth:`DualInference.attend
-<lightning_dualform.attend.inference.DualInference.attend>`, :meth:`~lightning_dualform.attend.inference.DualInference.explain`,
-:func:`~lightning_dualform.analysis.attend_queries`, the CLI's ``attend`` and the viewer all build one, so a knob
+The twin of :class:`~lightning_dualform.record.options.RecordOptions`. ``DualInference.attend`` and ``explain``
+(:mod:`lightning_dualform.attend.inference`), :func:`~lightning_dualform.analysis.attend_queries`,
+:func:`~lightning_dualform.analysis.attend_recorded`, the CLI's ``attend`` and the viewer all build one, so a knob
 means the same and defaults to the same everywhere. A caller that wants another value passes it, and says why
 (the CLI's ``--top-k`` is shorter, to fit a terminal).
 
@@ -85,8 +85,9 @@ class AttendRequest:
     score: Score = "auto"
 
     def __post_init__(self) -> None:
-        for name, value in _checked("AttendRequest", **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}).items():
-            object.__setattr__(self, name, value)
+        knobs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in _checked("AttendRequest", **knobs).items():
+            object.__setattr__(self, name, value)  # normalised (numpy integers to int, units to an int64 tensor)
 
     @classmethod
     def checked(cls, owner: str, **knobs: Any) -> "AttendRequest":
@@ -94,7 +95,8 @@ class AttendRequest:
         (``owner``: how the user called, e.g. ``"attend"``)."""
         unknown = sorted(set(knobs) - set(FIELDS))
         if unknown:
-            raise TypeError(f"`{owner}()` got an unexpected argument {unknown[0]!r}; the knobs of a pass are {', '.join(FIELDS)}.")
+            raise TypeError(
+                f"`{owner}()` got an unexpected argument {unknown[0]!r}; the knobs of a pass are {', '.join(FIELDS)}.")
         return cls(**_checked(owner, **knobs))
 
     def replace(self, **changes: Any) -> "AttendRequest":
@@ -161,7 +163,8 @@ def _checked(owner: str, **knobs: Any) -> dict[str, Any]:
     if out.get("at_step") is not None:
         out["at_step"] = as_int(out["at_step"], f"{owner}(at_step=...)", allowed="None or an integer optimizer step")
     if "step_buckets" in out:
-        out["step_buckets"] = as_int(out["step_buckets"], f"{owner}(step_buckets=...)", lo=1, allowed="a positive integer")
+        out["step_buckets"] = as_int(out["step_buckets"], f"{owner}(step_buckets=...)", lo=1,
+                                     allowed="a positive integer")
     for flag in ("per_example", "mass", "reuse_certificate"):
         if flag in out:
             if not isinstance(out[flag], (bool, np.bool_)):
@@ -201,7 +204,8 @@ def _contribution(value: Any, owner: str) -> Any:
         units = torch.as_tensor(value)
         if units.is_floating_point() or units.is_complex() or units.dtype == torch.bool or units.dim() != 1:
             raise ValueError(
-                f"`{call}` as a tensor must be a 1-d integer tensor, one unit per query; got {tuple(units.shape)} {units.dtype}."
+                f"`{call}` as a tensor must be a 1-d integer tensor, one unit per query; got {tuple(units.shape)} "
+                f"{units.dtype}."
             )
         return units.to(torch.int64).clone()  # the request's own copy: a frozen request of a user's tensor
     raise TypeError(f"`{owner}(contribution_to={value!r})`: expected {_CONTRIBUTION}.")

@@ -108,11 +108,13 @@ class Mass:
         keys = self.keys.tolist()
         shown = ", ".join(str(k) + (" (no label)" if self.kind == "label" and k < 0 else "") for k in keys[:12])
         more = f", ... ({len(keys)} groups)" if len(keys) > 12 else ""
+        edges = "" if self.edges is None else f"; step edges {self.edges[0]}..{self.edges[-1]}"
         return (f"Mass({self.kind or 'groups'}: columns hold keys [{shown}{more}]; signed and absolute "
-                f"{tuple(self.signed.shape)}{'' if self.edges is None else f'; step edges {self.edges[0]}..{self.edges[-1]}'})")
+                f"{tuple(self.signed.shape)}{edges})")
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"kind": self.kind, "keys": _list(self.keys), "signed": _list(self.signed), "absolute": _list(self.absolute)}
+        d = {"kind": self.kind, "keys": _list(self.keys), "signed": _list(self.signed),
+             "absolute": _list(self.absolute)}
         if self.edges is not None:
             d["edges"] = list(self.edges)
         return d

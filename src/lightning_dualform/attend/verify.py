@@ -66,6 +66,7 @@ def verify(di: "DualInference", queries: dict[str, torch.Tensor] | None = None, 
             unit_err = (res.unit_output - target).abs() / norm_rows(res.primal.double()).clamp_min(1e-300)
             out[name] = max(float(res.max_rel_err), float(unit_err.max()))
         else:
-            res = di.attend(name, q, top_k=0, contribution_to=None, per_example=False, mass=False, reuse_certificate=False)
+            res = di.attend(name, q, top_k=0, contribution_to=None, per_example=False, mass=False,
+                            reuse_certificate=False)
             out[name] = float(res.max_rel_err)
     return out

@@ -150,7 +150,8 @@ def parse_contribution(text: str) -> str | int | None:
     try:
         unit = int(t)
     except ValueError:
-        raise UsageError(f"--contribution-to {text}: expected auto, pred, label, none or an output unit number.") from None
+        raise UsageError(
+            f"--contribution-to {text}: expected auto, pred, label, none or an output unit number.") from None
     if unit < 0:
         raise UsageError(f"--contribution-to {text}: a unit number must be >= 0.")
     return unit

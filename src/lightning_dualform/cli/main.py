@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rank single training patterns (one per presentation) or examples (epochs summed)")
     s.add_argument("--contribution-to", default=AttendRequest.contribution_to,
                    help="rank proponents/opponents at the output layer by their contribution to 'pred' (the "
-                   "predicted class), 'label' (the recorded label), a unit number, or 'none'; 'auto' is 'pred' here (hidden "
-                   "layers of a store of an element-wise optimizer rank by their own predicted unit whatever this says)")
+                   "predicted class), 'label' (the recorded label), a unit number, or 'none'; 'auto' is 'pred' "
+                   "here (hidden layers of a store of an element-wise optimizer rank by their own predicted unit "
+                   "whatever this says)")
     s.add_argument("--score", choices=("auto", "raw", "unit"), default=AttendRequest.score,
                    help="what ranks the training patterns: 'raw', the similarity k . q; 'unit', each pattern's attention "
                    "weight for the query's unit, -(Q_s[u] (.) k) . q, which the optimizer sets (Adam, AdamW, ...: their "

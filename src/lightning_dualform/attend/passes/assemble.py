@@ -53,7 +53,9 @@ def add_top(res: AttentionResult, state: AttentionAccumulator, stats: LayerStats
                                         stats.example_ids)
 
 
-def add_contributions(res: AttentionResult, state: AttentionAccumulator, stats: LayerStats | None, units: torch.Tensor) -> None:
+def add_contributions(
+    res: AttentionResult, state: AttentionAccumulator, stats: LayerStats | None, units: torch.Tensor
+) -> None:
     """``units``, ``proponents`` / ``opponents`` (rows by positive / negative contribution) and the same summed
     per example, from the state that folded the contributions."""
     res.units = units.to(_CPU)
@@ -65,12 +67,14 @@ def add_contributions(res: AttentionResult, state: AttentionAccumulator, stats: 
     if state.example_contrib is not None and stats is not None:
         present = state.example_rows > 0
         ex_label = torch.from_numpy(stats.example_label).to(present.device)
-        ids = stats.example_ids
-        res.proponent_examples = top_examples(state.example_contrib, present, state.example_rows, ex_label, top_k, 1, ids)
-        res.opponent_examples = top_examples(state.example_contrib, present, state.example_rows, ex_label, top_k, -1, ids)
+        sums, rows, ids = state.example_contrib, state.example_rows, stats.example_ids
+        res.proponent_examples = top_examples(sums, present, rows, ex_label, top_k, 1, ids)
+        res.opponent_examples = top_examples(sums, present, rows, ex_label, top_k, -1, ids)
 
 
-def add_mass(res: AttentionResult, state: AttentionAccumulator, *, first_step: int, end_step: int, step_buckets: int) -> None:
+def add_mass(
+    res: AttentionResult, state: AttentionAccumulator, *, first_step: int, end_step: int, step_buckets: int
+) -> None:
     """``mass``: each group kind's signed and absolute sums with the key of every column (the label, ``-1`` for
     none; the epoch; the first step of each step bucket, with the buckets' edges)."""
     for name, (signed, absolute) in state.mass.items():
@@ -138,7 +142,9 @@ def top_examples(
     return TopExamples(score=score.to(_CPU), index=index.to(_CPU), label=label.to(_CPU), rows=nrows.to(_CPU))
 
 
-def fused_topk_rows(table_t: torch.Tensor, present: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_topk_rows(
+    table_t: torch.Tensor, present: torch.Tensor, k: int, largest: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(table_t[present].T, k, dim=1)`` for an ``(E, n)`` table, with the compiled threshold pass."""
     idx = torch.arange(table_t.shape[0])
     if not bool(present.all()):
@@ -148,7 +154,8 @@ def fused_topk_rows(table_t: torch.Tensor, present: torch.Tensor, k: int, larges
     meta = idx[:, None].contiguous()
 
     def running() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return torch.zeros(n, k, dtype=dt), torch.full((n, k, 1), -1, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
+        meta_k = torch.full((n, k, 1), -1, dtype=torch.int64)
+        return torch.zeros(n, k, dtype=dt), meta_k, torch.zeros(n, dtype=torch.int64)
 
     if largest:
         top = running()

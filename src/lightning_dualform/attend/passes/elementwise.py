@@ -135,7 +135,8 @@ class ElementwisePass(AttendPass):
         if not abs(err - float(said)) <= tol:
             warnings.warn(
                 f"{self.ctx.path}: layer {layer.name!r}: the certificate's kept replay weights differ from the final "
-                f"weights by {err:.2e} relative where the certificate says {float(said):.2e} (tolerance {tol:.0e}): they "
+                f"weights by {err:.2e} relative where the certificate says {float(said):.2e} (tolerance {tol:.0e}): "
+                "they "
                 "are damaged. Answers replay the rows instead; `lightning-dualform verify --write-certificate` writes "
                 "them again.",
                 RuntimeWarning, stacklevel=4,
@@ -166,7 +167,9 @@ def _block(data: dict[str, np.ndarray], rows: np.ndarray, first: int, end: int, 
                  packed_meta=torch.stack([meta[c] for c in META_COLUMNS], dim=1).contiguous(), groups=groups)
 
 
-def _raw_pass(rep: LayerReplay, state: AttentionAccumulator, step_buckets: int, acc: torch.dtype, block_rows: int) -> None:
+def _raw_pass(
+    rep: LayerReplay, state: AttentionAccumulator, step_buckets: int, acc: torch.dtype, block_rows: int
+) -> None:
     """The paper's scores ``k . q`` folded in row order, in blocks (contributions are the unit sweep's)."""
     lay = rep.layer
     for a in range(0, rep.n_rows, block_rows):
@@ -174,8 +177,10 @@ def _raw_pass(rep: LayerReplay, state: AttentionAccumulator, step_buckets: int, 
         state.fold(_block(lay.read(a, b, _ROW_COLUMNS), np.arange(a, b), rep.first, rep.end, step_buckets, acc, state))
 
 
-def _unit_sweep(rep: LayerReplay, state: AttentionAccumulator, x64: torch.Tensor, units: torch.Tensor, step_buckets: int,
-                acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _unit_sweep(
+    rep: LayerReplay, state: AttentionAccumulator, x64: torch.Tensor, units: torch.Tensor, step_buckets: int,
+    acc: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold every row's unit score and contribution into ``state``; returns the base term of each query's unit
     and the unit's output rebuilt from the contributions (base plus their sum), both ``(n,)`` float64.
 
@@ -208,7 +213,8 @@ def _unit_sweep(rep: LayerReplay, state: AttentionAccumulator, x64: torch.Tensor
         if not gathered:
             return
         cols = {c: np.concatenate([r.data[c] for r, _ in gathered]) for c in _META}
-        cols["values"] = np.concatenate([r.values[:, uniq] for r, _ in gathered])  # (the accumulator's units are compact)
+        # (the accumulator's units are compact: one column per distinct unit)
+        cols["values"] = np.concatenate([r.values[:, uniq] for r, _ in gathered])
         rows = np.concatenate([np.arange(r.row0, r.row0 + len(r)) for r, _ in gathered])
         blk = _block(cols, rows, rep.first, rep.end, step_buckets, acc, state, keys=False)
         blk.scores_t = torch.from_numpy(scores[:filled])
@@ -245,7 +251,8 @@ def _unit_sweep(rep: LayerReplay, state: AttentionAccumulator, x64: torch.Tensor
                 ks[i, : len(r)] = r.keys
             tt = torch.from_numpy(ts[:c]).transpose(1, 2)
             if min(widths) == width:  # equal steps (the usual case): straight into the block
-                torch.bmm(torch.from_numpy(ks), tt, out=torch.from_numpy(scores[filled: filled + c * width]).view(c, width, n))
+                dest = torch.from_numpy(scores[filled: filled + c * width]).view(c, width, n)
+                torch.bmm(torch.from_numpy(ks), tt, out=dest)
                 filled += c * width
             else:
                 out = torch.bmm(torch.from_numpy(ks), tt).numpy()

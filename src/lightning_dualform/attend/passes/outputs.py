@@ -35,7 +35,9 @@ def primal_output(layer: LayerSource, q: torch.Tensor, dtype: torch.dtype, devic
     return apply_weights(layer.weight_final, layer.bias_final, q, dtype, device)
 
 
-def residual_output(layer: LayerSource, q: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+def residual_output(
+    layer: LayerSource, q: torch.Tensor, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
     """What the memory does not explain, for a store recorded with ``exact=False`` (None otherwise)."""
     return apply_weights(layer.weight_residual, layer.bias_residual, q, dtype, device)
 

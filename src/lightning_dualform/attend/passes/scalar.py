@@ -45,7 +45,8 @@ class ScalarPass(AttendPass):
     def prepare(self, request: AttendRequest, *, output_layer: bool) -> AttendRequest:
         req = request.resolved(element_wise=False, output_layer=output_layer)
         if req.score == "unit" and req.contribution_to is None:
-            req = req.replace(contribution_to="pred")  # SGD's unit score does not depend on the unit; its contributions do
+            # SGD's unit score does not depend on the unit; its contributions do
+            req = req.replace(contribution_to="pred")
         return req
 
     def run(self, layer: LayerSource, queries: torch.Tensor, request: AttendRequest) -> AttentionResult:
@@ -60,8 +61,8 @@ class ScalarPass(AttendPass):
         n_rows = layer.rows_before(coef.end_step)
         if req.top_k > n_rows:
             raise ValueError(
-                f"`attend(top_k={req.top_k})` is larger than the memory of layer {layer.name!r}: it holds {n_rows} rows "
-                f"up to step {coef.end_step}. Use top_k <= {n_rows}."
+                f"`attend(top_k={req.top_k})` is larger than the memory of layer {layer.name!r}: it holds {n_rows} "
+                f"rows up to step {coef.end_step}. Use top_k <= {n_rows}."
             )
         acc, dev, store = ctx.accumulate, ctx.device, ctx.store
         final = coef.end_step == store.last_step
@@ -166,10 +167,13 @@ class ScalarPass(AttendPass):
 
     def _rebuilt(self, layer: LayerSource, q: torch.Tensor, coef: Coefficients) -> torch.Tensor:
         ctx = self.ctx
-        return rebuilt_output(layer, q, coef, dtype=ctx.accumulate, device=ctx.device, block_rows=ctx.rows_per_block(layer))
+        return rebuilt_output(layer, q, coef, dtype=ctx.accumulate, device=ctx.device,
+                              block_rows=ctx.rows_per_block(layer))
 
     # -- the certificate's sums and the stored weights -------------------------------------------------------
-    def _checked_sums(self, layer: LayerSource, coef: Coefficients, n_rows: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+    def _checked_sums(
+        self, layer: LayerSource, coef: Coefficients, n_rows: int
+    ) -> tuple[np.ndarray, np.ndarray | None] | None:
         """The certificate's stored sums, when they rebuild the stored final weights within the store's
         tolerance (checked once per layer: a few vector operations); otherwise None (the pass sums the rows)
         and a warning: sums that disagree with the weights must never shape an answer silently."""
@@ -186,9 +190,9 @@ class ScalarPass(AttendPass):
             checked[key] = bool(err <= tol)
             if not err <= tol:
                 warnings.warn(
-                    f"{self.ctx.path}: layer {layer.name!r}: the certificate's stored memory sums rebuild the final weights "
-                    f"only to relative error {err:.2e} (tolerance {tol:.0e}): they are damaged. Answers sum the rows "
-                    "instead; `lightning-dualform verify --write-certificate` writes them again.",
+                    f"{self.ctx.path}: layer {layer.name!r}: the certificate's stored memory sums rebuild the final "
+                    f"weights only to relative error {err:.2e} (tolerance {tol:.0e}): they are damaged. Answers sum "
+                    "the rows instead; `lightning-dualform verify --write-certificate` writes them again.",
                     RuntimeWarning, stacklevel=4,
                 )
         return stored if checked[key] else None
@@ -203,9 +207,9 @@ class ScalarPass(AttendPass):
         err = overall_rel_err(res.dual, res.primal)
         if not err <= tol:  # NaN counts as beyond
             warnings.warn(
-                f"{self.ctx.path}: layer {res.layer!r}: `dual` differs from the stored final weights' output by {err:.2e} "
-                f"relative (over all queries; tolerance {tol:.0e}): the store does not rebuild its own final weights. "
-                "It is damaged or was rewritten; run `lightning-dualform verify` on it.",
+                f"{self.ctx.path}: layer {res.layer!r}: `dual` differs from the stored final weights' output by "
+                f"{err:.2e} relative (over all queries; tolerance {tol:.0e}): the store does not rebuild its own final "
+                "weights. It is damaged or was rewritten; run `lightning-dualform verify` on it.",
                 RuntimeWarning, stacklevel=4,
             )
 
@@ -221,8 +225,8 @@ class _BlockReader:
     """
 
     def __init__(self, layer: LayerSource, coef: Coefficients, state: AttentionAccumulator, *, acc: torch.dtype,
-                 compute: torch.dtype, unit_score: bool, with_units: bool, step_buckets: int, example_ids: np.ndarray | None,
-                 device: torch.device) -> None:
+                 compute: torch.dtype, unit_score: bool, with_units: bool, step_buckets: int,
+                 example_ids: np.ndarray | None, device: torch.device) -> None:
         self.layer = layer
         self.first, self.end = coef.first_step, coef.end_step
         self.c_w = coef.c_w.astype(np.float64)

@@ -9,7 +9,9 @@ import torch
 from lightning_dualform.store.source import LayerSource
 
 
-def resolve_units(layer: LayerSource, n: int, contribution_to: Any, prediction: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+def resolve_units(
+    layer: LayerSource, n: int, contribution_to: Any, prediction: Callable[[], torch.Tensor]
+) -> torch.Tensor | None:
     """``(n,)`` int64 units for ``n`` queries, or None for no contributions.
 
     Args:
@@ -27,7 +29,8 @@ def resolve_units(layer: LayerSource, n: int, contribution_to: Any, prediction: 
         return None
     if isinstance(contribution_to, str):
         if contribution_to != "pred":
-            raise ValueError(f"`attend(contribution_to={contribution_to!r})`: expected None, 'pred', an int unit or a (n,) LongTensor.")
+            raise ValueError(f"`attend(contribution_to={contribution_to!r})`: expected None, 'pred', an int unit or a "
+                             "(n,) LongTensor.")
         return prediction().argmax(dim=1).to(torch.int64)
     if isinstance(contribution_to, torch.Tensor):
         units = contribution_to.to(torch.int64)
