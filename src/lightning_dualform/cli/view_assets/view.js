@@ -304,7 +304,7 @@ function rankings(res, r) {
   const what = byExample ? "training examples" : "training patterns";
   const s = scoreNames(res, r);
   const summed = byExample ? "summed over each example's rows" : "";
-  lists.push({ title: `most attended ${what}, by ${s.what} ${s.formula}${summed ? " " + summed : ""}`, kind: "top",
+  lists.push({ title: `most attended ${what}, by ${s.what}, ${s.formula}${summed ? ", " + summed : ""}`, kind: "top",
                label: s.short, items: rows(byExample ? res.top_examples : res.top, pad) });
   if (res.units) {
     const unit = res.units[r];
@@ -431,8 +431,8 @@ function baseline(vals) {
 
 function classBars(m, r, reference, names) {
   const wrap = el("div", "mass-label");
-  wrap.append(el("h3", null, `attention mass by class: signed sum of ${names.what} ${names.formula} over the class's ` +
-    `patterns, as a share of the sum of |${names.short}|`));
+  wrap.append(el("h3", null, `attention mass by class: signed sum of the ${names.what}, ${names.formula}, over the ` +
+    `class's patterns, as a share of the sum of |${names.short}|`));
   const grid = el("div", "bars");
   const signedRow = m.signed[r], absRow = m.absolute[r];
   const total = absRow.reduce((a, b) => a + Math.abs(b), 0) || 1;
@@ -490,7 +490,7 @@ function stepBars(m, r, names) {
   wrap.append(box);
   const ticks = el("div", "steps-axis");
   ticks.append(el("span", null, `step ${first}`));
-  ticks.append(el("span", null, `signed sum of ${names.what} ${names.formula} per bucket; dashed: epoch starts`));
+  ticks.append(el("span", null, `signed sum of the ${names.what}, ${names.formula}, per bucket; dashed: epoch starts`));
   ticks.append(el("span", null, `step ${last}`));
   wrap.append(ticks);
   return wrap;
