@@ -135,7 +135,7 @@ class AttentionResult:
         rel_err: ``(n,)`` ``||dual - primal|| / ||primal||`` per query: the exactness certificate.
         score: what ``top``, ``top_examples`` and ``mass`` rank and sum: ``"raw"``, the similarity ``k . q``, or
             ``"unit"``, each row's attention weight for the query's output unit ``units[i]``,
-            ``-(Q_s[u, :] (.) k) . q`` (:data:`SCORES`).
+            ``-(Q_s[u, :] (.) k) . q`` (:data:`~lightning_dualform.attend.request.SCORES`).
         top: top-k rows by score.
         top_examples: top-k training examples by summed score.
         units: ``(n,)`` the output unit whose contributions rank proponents and opponents.
