@@ -348,7 +348,7 @@ def test_the_page_in_headless_chromium(server, demo_store, tmp_path) -> None:
             assert page.input_value("#score") == "auto" and page.input_value("#top-k") == "5"
             assert page.input_value("#contribution") == "auto"
             top = ".layer[data-layer='net.4'] .ranking[data-kind='top']"
-            assert "similarity k·q" in page.inner_text(f"{top} h3")
+            assert "by similarity, k·q" in page.inner_text(f"{top} h3")
             assert page.inner_text(f"{top} .thumb .score .what").strip() == "k·q"
             assert "contribution" in page.inner_text(".layer[data-layer='net.4'] .ranking[data-kind='pro'] h3")
             assert "k·q" in page.inner_text(".layer[data-layer='net.4'] .mass-step .steps-axis")
