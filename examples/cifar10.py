@@ -14,20 +14,29 @@ leaves them out and only the linear head is recorded. Either way the analysis re
 (one query row per test image); the conv layers are certified exact but not attended here (a query per
 location over rows per location is costly on a CPU).
 
-Outputs in ``--out``: ``cifar10_<model>.h5``, ``votes.md``, ``topk.png``, ``score_curves.png``,
-``top_steps.png``, ``class_mass.png``, ``summary.json``.
+The authors' setting (``sweeps/ff_as_attention/ff_as_attention_cifar10_10samples.yaml``): the MLP, inputs
+standardised per channel with the training set's statistics, 5,000 steps of batch 128, SGD lr 3e-3 with momentum
+0.9, clipping 1.0, 5 seeds, ``|k·q|``: ``--paper``. The fast default standardises too (``--raw-pixels`` feeds [0, 1]).
+
+Outputs in ``--out``: ``paper_tables.md``, ``paper_results.json`` (the paper's measures, both scores, mean ± std
+over ``--seeds``), ``study_*.png``; for one seed without ``--paper`` also ``cifar10_<model>.h5``, ``votes.md``,
+``topk.png``, ``score_curves.png``, ``top_steps.png``, ``class_mass.png``, ``summary.json``.
 
     python examples/cifar10.py --data-dir ~/data/cifar-10-batches-py --model mlp --out runs/cifar-mlp
     python examples/cifar10.py --data-dir ~/data/cifar-10-batches-py --model cnn --max-steps 5000
+    python examples/cifar10.py --data-dir ~/data/cifar-10-batches-py --paper --out runs/paper-cifar
 """
 
 from __future__ import annotations
 
+import argparse
 import builtins
 import io
+import json
 import os
 import pickle
 import sys
+import time
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
@@ -36,6 +45,7 @@ import torch
 from torch import nn
 
 import common
+import study
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -133,9 +143,29 @@ def small_cnn(channels: int = 16) -> nn.Sequential:
     )
 
 
-def to_image(x: np.ndarray) -> np.ndarray:
-    """A stored input (normalised CHW) back to an HWC picture in [0, 1]."""
-    return np.clip(np.asarray(x, dtype=np.float32).reshape(3, 32, 32).transpose(1, 2, 0), 0, 1)
+def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation (``ddof=1``) of uint8 ``(N, 3, 32, 32)`` images: the authors'
+    ``measure_mean_std``. Returns ``(3, 1, 1)`` arrays."""
+    x = images.astype(np.float64)
+    return x.mean(axis=(0, 2, 3)).reshape(3, 1, 1), x.std(axis=(0, 2, 3), ddof=1).reshape(3, 1, 1)
+
+
+def to_inputs(images: np.ndarray, stats: tuple[np.ndarray, np.ndarray] | None) -> torch.Tensor:
+    """uint8 ``(N, 3, 32, 32)`` -> float32, standardised per channel, or in [0, 1] when ``stats`` is None."""
+    if stats is None:
+        return torch.from_numpy(images).float().div_(255.0)
+    return torch.from_numpy(((images.astype(np.float32) - stats[0]) / stats[1]).astype(np.float32))
+
+
+def to_image(x: np.ndarray, stats: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """A stored input (CHW, standardised or in [0, 1]) back to an HWC picture in [0, 1]."""
+    x = np.asarray(x, dtype=np.float32).reshape(3, 32, 32)
+    if stats is not None:
+        x = (x * stats[1] + stats[0]) / 255.0
+    return np.clip(x.transpose(1, 2, 0), 0, 1)
+
+
+PAPER = {"max_steps": 5000, "dtype": "float16"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,33 +176,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--channels", type=int, default=16, help="CNN channels of the first convolution")
     p.add_argument("--train-batches", type=int, default=5, choices=range(1, 6), metavar="1..5", help="training batch files to load")
     p.add_argument("--limit", type=int, default=None, help="use only this many training images")
-    args = p.parse_args(argv)
+    study.add_study_args(p)
+    args = study.parse(p, argv, PAPER)
     try:
         tri, trl, tei, tel = load_cifar10(args.data_dir, args.train_batches)
     except (FileNotFoundError, ValueError) as err:
         print(f"cifar10: {err}", file=sys.stderr)
         return 2
     out = common.prepare_out(args, f"cifar10_{args.model}")
-    pl.seed_everything(args.seed, verbose=False)
     if args.limit:
         tri, trl = tri[: args.limit], trl[: args.limit]
-    tr_x = torch.from_numpy(tri).float().div_(255.0)  # pictures stay readable: no mean/std normalisation
-    te_x = torch.from_numpy(tei).float().div_(255.0)
-    train_set = common.IndexedTensors(tr_x, torch.from_numpy(trl))
-    test_set = common.IndexedTensors(te_x, torch.from_numpy(tel))
-    train, test = common.loaders(args, train_set, test_set)
-    net = common.mlp(3072, args.hidden) if args.model == "mlp" else small_cnn(args.channels)
-    model = common.Classifier(net, lr=args.lr, momentum=args.momentum)
-    store = os.path.join(out, f"cifar10_{args.model}.h5")
-    common.fit_and_test(args, model, store, train, test)
-    summary = common.analyse_classifier(
-        store, out, args, classes=CLASSES, to_image=to_image, title=f"CIFAR-10, {args.model.upper()}",
-        extra={"test_accuracy": model.accuracy, "model": args.model,
-               "train_examples": len(train_set), "test_examples": len(test_set)},
-    )
-    print(f"cifar10: {args.model} test accuracy {100 * model.accuracy:.1f}% after {summary['steps']} steps; "
-          f"recorded layers {summary['layers']}; outputs in {out}")
-    print(open(os.path.join(out, "votes.md")).read())
+    stats = None if args.raw_pixels else channel_stats(tri)
+    train_set = common.IndexedTensors(to_inputs(tri, stats), torch.from_numpy(trl))
+    test_set = common.IndexedTensors(to_inputs(tei, stats), torch.from_numpy(tel))
+    order = np.random.RandomState(0).permutation(len(tel))[: args.vote_queries]
+    train_q = np.random.RandomState(0x123).permutation(len(trl))[: args.train_queries]
+    pics = lambda imgs: imgs.transpose(0, 2, 3, 1) / 255.0  # noqa: E731
+    query_sets = [study.QuerySet("test", test_set.x[order], tel[order], np.zeros(len(order), np.int64), pics(tei[order])),
+                  study.QuerySet("train", train_set.x[train_q], trl[train_q], np.zeros(len(train_q), np.int64), pics(tri[train_q]))]
+    setting = (f"CIFAR-10, {args.model.upper()}, {len(train_set)} training / {len(test_set)} test images, "
+               f"{'raw [0, 1] pixels' if stats is None else 'standardised per channel'}, {args.max_steps} steps of batch "
+               f"{args.batch_size}, SGD lr {args.lr} momentum {args.momentum}, clip {args.clip}, rows {args.dtype}.")
+    results = []
+    for k in range(args.seeds):
+        seed = args.seed + k
+        seed_dir = os.path.join(out, f"seed{seed}")
+        os.makedirs(seed_dir, exist_ok=True)
+        keep = k == 0 and not (args.paper or args.no_legacy)
+        store = os.path.join(out if keep else seed_dir, f"cifar10_{args.model}.h5")
+        pl.seed_everything(seed, verbose=False)
+        t0 = time.perf_counter()
+        train, test = common.loaders(argparse.Namespace(**{**vars(args), "seed": seed}), train_set, test_set)
+        net = common.mlp(3072, args.hidden) if args.model == "mlp" else small_cnn(args.channels)
+        model = common.Classifier(net, lr=args.lr, momentum=args.momentum)
+        common.fit_and_test(args, model, store, train, test, record_test=not (args.paper or args.no_legacy))
+        train_s = time.perf_counter() - t0
+        if keep:
+            summary = common.analyse_classifier(
+                store, out, args, classes=CLASSES, to_image=lambda x: to_image(x, stats), title=f"CIFAR-10, {args.model.upper()} (k·q mass)",
+                extra={"test_accuracy": model.accuracy, "model": args.model, "standardized": stats is not None,
+                       "train_examples": len(train_set), "test_examples": len(test_set)},
+            )
+            print(f"cifar10: recorded layers {summary['layers']}")
+        res = study.study_seed(store, model, query_sets, seed=seed, out=out if k == 0 and not args.no_figures else None, picks=args.picks,
+                               classes=CLASSES, dataset_names=("CIFAR-10",), dataset_of=None,
+                               train_pictures=lambda idx: pics(tri[idx]), prefix="study")
+        res.update(train_s=train_s, test_accuracy=model.accuracy, steps=args.max_steps)
+        with open(os.path.join(seed_dir, "result.json"), "w") as fh:
+            json.dump(res, fh, indent=1, default=float)
+        results.append(res)
+        print(f"cifar10: seed {seed}: {args.model} test accuracy {100 * model.accuracy:.1f}% after {args.max_steps} steps", flush=True)
+        if not (args.keep_stores or keep):
+            os.remove(store)
+    md = study.write_tables(out, results, title=f"CIFAR-10 ({args.model}): the paper's measures", dataset_names=("CIFAR-10",),
+                            setting=setting)
+    if not args.quiet:
+        print(md)
+    print(f"cifar10: outputs in {out}")
     return 0
 
 

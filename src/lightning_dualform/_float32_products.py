@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import torch
-from torch.nn import functional as F
+if TYPE_CHECKING:  # imported where a product is made: a store's reader needs only loosest()
+    import torch
 
 #: The modes, from exact to loosest: IEEE float32, TF32 inputs, bfloat16 inputs.
 MODES = ("ieee", "tf32", "bf16")
@@ -40,6 +40,9 @@ def _allowed(backend: Any, legacy: Callable[[], str]) -> str:
 def _rounds(device: torch.device, conv: bool) -> bool:
     """Whether one float32 product (a matmul, or a convolution) on ``device`` actually rounds: the flags
     only allow it (there is no TF32 on CPUs or on GPUs before Ampere, no bfloat16 path without AMX)."""
+    import torch
+    from torch.nn import functional as F
+
     g = torch.Generator().manual_seed(0)
     if conv:
         a, w = torch.randn(8, 32, 16, 16, generator=g), torch.randn(64, 32, 3, 3, generator=g)
@@ -56,6 +59,8 @@ def float32_mode(device: torch.device | str, *, conv: bool = False) -> str:
     """How this process rounds float32 products on ``device``, for linear layers and, with ``conv``, for
     convolutions: one of :data:`MODES` (or a newer name torch reports), the loosest of the two. A mode the
     flags allow counts only if a probe product on ``device`` shows the rounding."""
+    import torch
+
     device = torch.device(device)
     b = torch.backends
     if device.type == "cuda":
@@ -108,6 +113,8 @@ def full_float32_products() -> Iterator[None]:
 
 
 def _tighten(undo: list[Callable[[], None]]) -> None:
+    import torch
+
     b = torch.backends
     if getattr(b.cuda.matmul, "fp32_precision", None) is not None:  # torch >= 2.9
         _tighten_backend(b.cuda.matmul, undo)

@@ -279,6 +279,9 @@ def attend_queries(
             contrib = torch.as_tensor(units_label[example], dtype=torch.int64)
         n_rows = di.layer(name).n_rows
         if req.top_k > n_rows:
+            if n_rows == 0:
+                raise ValueError(f"layer {name} holds no training rows yet (its run committed no step): there is "
+                                 "nothing to attend to.")
             raise ValueError(
                 f"--top-k {req.top_k}: layer {name} holds only {n_rows} rows; use --top-k {n_rows} or less.")
         run.results[name] = di.attend(name, keys, request=req.replace(contribution_to=contrib))

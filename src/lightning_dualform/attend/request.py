@@ -8,23 +8,25 @@ means the same and defaults to the same everywhere. A caller that wants another 
 
 What a knob's ``"auto"`` becomes depends on the store and the layer; :meth:`AttendRequest.resolved` makes it
 concrete, and the pass that answers refuses what it cannot do (``scan="bf16"`` on an element-wise rule's store).
+
+The module imports neither numpy nor torch until a request is made: the command line's parser shows these
+defaults without loading them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, Union, get_args
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args
 
-import numpy as np
-import torch
-
-from lightning_dualform._args import as_int
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 Scan = Literal["exact", "bf16"]
 Score = Literal["auto", "raw", "unit"]
 #: ``contribution_to``: ``"auto"``, ``"pred"``, ``None``, an output unit, or one unit per query ``(n,)``
-Contribution = Union[Literal["auto", "pred"], None, int, torch.Tensor, np.ndarray]
+Contribution = Union[Literal["auto", "pred"], None, int, "torch.Tensor", "np.ndarray"]
 SCANS: tuple[str, ...] = get_args(Scan)
 #: ``score=``: what ``top``, ``top_examples`` and ``mass`` rank and sum. ``"raw"``: the paper's similarity
 #: ``k . q``; ``"unit"``: the attention weight of the row for the query's output unit ``u``,
@@ -119,7 +121,7 @@ class AttendRequest:
     def to_dict(self) -> dict[str, Any]:
         """The knobs as plain values (a tensor of units as a list), for JSON."""
         out = {f: getattr(self, f) for f in FIELDS}
-        if isinstance(out["contribution_to"], (torch.Tensor, np.ndarray)):
+        if hasattr(out["contribution_to"], "tolist"):  # a tensor of units
             out["contribution_to"] = out["contribution_to"].tolist()
         return out
 
@@ -149,7 +151,7 @@ def request_from(owner: str, request: AttendRequest | None, knobs: dict[str, Any
 
 def _is_default(name: str, value: Any) -> bool:
     default = getattr(AttendRequest, name, _MISSING)
-    return type(value) is type(default) and not isinstance(value, (torch.Tensor, np.ndarray)) and value == default
+    return type(value) is type(default) and value == default  # (a tensor's type is never a default's)
 
 
 _MISSING = object()
@@ -157,6 +159,10 @@ _MISSING = object()
 
 def _checked(owner: str, **knobs: Any) -> dict[str, Any]:
     """The knobs checked and normalised (numpy integers to ``int``); errors quote ``owner(knob=...)``."""
+    import numpy as np
+
+    from lightning_dualform._args import as_int
+
     out = dict(knobs)
     if "top_k" in out:
         out["top_k"] = as_int(out["top_k"], f"{owner}(top_k=...)", lo=0, allowed="a non-negative integer")
@@ -182,6 +188,11 @@ def _checked(owner: str, **knobs: Any) -> dict[str, Any]:
 def _contribution(value: Any, owner: str) -> Any:
     """``contribution_to`` checked as far as it can be without the queries and the layer (their number and the
     layer's width are checked by the pass): a name, a unit, or a 1-d integer tensor."""
+    import numpy as np
+    import torch
+
+    from lightning_dualform._args import as_int
+
     call = f"{owner}(contribution_to=...)"
     if value is None:
         return None

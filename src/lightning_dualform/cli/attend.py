@@ -24,6 +24,7 @@ from lightning_dualform.cli.inputs import (
     positive,
 )
 from lightning_dualform.cli.output import Output, check_output, json_text, note, progress, table
+from lightning_dualform.cli.usage import DEFAULT_QUERIES, TERMINAL_TOP_K
 
 if TYPE_CHECKING:
     from lightning_dualform.analysis import QueryAttention
@@ -31,11 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
-#: recorded queries attended when --index is not given
-DEFAULT_QUERIES = 4
-#: --top-k when not given, and the viewer's: a table per query and layer that fits a terminal, a row of thumbnails
-#: on the page (the library's own default, ``AttendRequest.top_k``, is 10)
-TERMINAL_TOP_K = 5
 #: --step-buckets beyond this are refused (the mass tables are queries x buckets; attend() also refuses more
 #: buckets than steps beyond 1024)
 MAX_STEP_BUCKETS_CLI = 1 << 16
@@ -50,8 +46,8 @@ def cmd_attend(args: argparse.Namespace) -> int:
     if args.step_buckets is not None and args.step_buckets > MAX_STEP_BUCKETS_CLI:
         raise UsageError(f"--step-buckets {args.step_buckets}: at most {MAX_STEP_BUCKETS_CLI} (more buckets than steps hold nothing).")
     positive(args.step_buckets, "--step-buckets")
-    if args.top_k < 0:
-        raise UsageError(f"--top-k {args.top_k}: expected 0 or more.")
+    if args.top_k < 1:  # (0 would print "proponents ...: none", which reads as a finding)
+        raise UsageError(f"--top-k {args.top_k}: expected 1 or more (the training patterns shown per query and layer).")
     if args.queries is not None and (args.split is not None or args.index is not None):
         raise UsageError("--queries reads queries from a file; leave out --split and --index, or drop --queries.")
     parse_contribution(args.contribution_to)  # a mistake here is reported before any long work

@@ -28,7 +28,7 @@ def store_facts(path: str) -> dict[str, Any]:
 
 
 def _store_facts(path: str) -> dict[str, Any]:
-    from lightning_dualform.attend.certificate import missing_certificate
+    # the store's own reader only: `info` loads neither torch nor the passes (tests/test_startup.py)
     from lightning_dualform.store.reader import StoreReader
 
     with StoreReader(path) as s:
@@ -76,7 +76,8 @@ def _store_facts(path: str) -> dict[str, Any]:
             "train_inputs": s.train_inputs(np.array([-1])) is not None,
             "layers": layers,
             "queries": queries,
-            "certificate_missing": missing_certificate(s),
+            # attend.certificate.missing_certificate, without importing the certificate's torch
+            "certificate_missing": [n for n in s.layers if not s.layer(n).has_certificate] if s.complete else [],
             "repairs": list(s.repairs),
         }
 

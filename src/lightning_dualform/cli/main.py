@@ -1,4 +1,4 @@
-"""The ``lightning-dualform`` command: ``info``, ``attend``, ``verify``, ``view`` and ``demo``.
+"""The ``lightning-dualform`` command: ``info``, ``attend``, ``influence``, ``verify``, ``view`` and ``demo``.
 
 Exit codes: 0 success, 1 failure (``verify`` beyond tolerance, an unexpected error), 2 a user's mistake
 (missing file, not a store, unknown layer, bad index, wrong query width, unwritable output, bad option),
@@ -21,23 +21,33 @@ This module holds the parser, the dispatch and the error handling; each command 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 import traceback
-from typing import Sequence
+from typing import Callable, Sequence
 
 from lightning_dualform._version import __version__
-from lightning_dualform.attend.request import AttendRequest
-from lightning_dualform.cli.attend import DEFAULT_QUERIES, TERMINAL_TOP_K, cmd_attend
-from lightning_dualform.cli.demo import cmd_demo
-from lightning_dualform.cli.info import cmd_info
-from lightning_dualform.cli.inputs import PROG, UsageError, error_message
-from lightning_dualform.cli.verify import cmd_verify
-from lightning_dualform.cli.view import cmd_view
+from lightning_dualform.attend.request import AttendRequest  # (its defaults; it imports neither numpy nor torch)
+from lightning_dualform.cli.usage import DEFAULT_QUERIES, PROG, TERMINAL_TOP_K, UsageError, error_message
 from lightning_dualform.errors import StoreError
 
 __all__ = ["build_parser", "main"]
+
+
+class _Command:
+    """A subcommand's function, imported when it runs: the parser and ``--help`` load no command's module (the
+    commands import numpy, h5py, torch or Lightning as they need them)."""
+
+    def __init__(self, name: str) -> None:
+        self.module, self.function = f"lightning_dualform.cli.{name}", f"cmd_{name}"
+
+    def load(self) -> Callable[[argparse.Namespace], int]:
+        return getattr(importlib.import_module(self.module), self.function)
+
+    def __call__(self, args: argparse.Namespace) -> int:
+        return self.load()(args)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Layers, rows, steps, optimizer, dtype, size, certificate and query sets of a store.")
     s.add_argument("store", metavar="STORE", help="a .h5 store written by DualFormCallback")
     s.add_argument("--json", metavar="FILE", default=None, help="also write the facts as JSON")
-    s.set_defaults(func=cmd_info)
+    s.set_defaults(func=_Command("info"))
 
     s = sub.add_parser("attend", parents=[common], formatter_class=fmt, help="which training patterns queries attend to",
                        description="Attend queries over each layer's training memory and show the top patterns.")
@@ -106,7 +116,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block-rows", type=int, default=None, help="memory rows read and multiplied at a time (default: about 96 MiB per block)")
     s.add_argument("--json", metavar="FILE", default=None, help="write every number of the answer as JSON")
     s.add_argument("--plot", metavar="FILE.png", default=None, help="draw the answer (.png, .pdf or .svg; needs matplotlib)")
-    s.set_defaults(func=cmd_attend)
+    s.set_defaults(func=_Command("attend"))
+
+    s = sub.add_parser("influence", parents=[common], formatter_class=fmt,
+                       help="which training examples a prediction depends on (influence on its margin)",
+                       description="Score every training example by how much up-weighting it would raise each query's "
+                       "target (default: the margin of its recorded label); list proponents and opponents.")
+    s.add_argument("store", metavar="STORE", help="a .h5 store written by DualFormCallback or DualFormRecorder")
+    s.add_argument("--model", required=True, metavar="MODULE:FACTORY",
+                   help="import path of a function returning the model (untrained is fine: the store's final "
+                   "weights are loaded into its tracked layers), e.g. mypkg.models:make_mlp")
+    s.add_argument("--split", default=None, help="recorded query set (default: 'test', or the store's only one)")
+    s.add_argument("--index", default=None, help="dataset indices of recorded queries: '3,17', '0:10' or 'all' "
+                   "(default: the first 3)")
+    s.add_argument("--target", choices=("margin", "loss", "logit"), default="margin",
+                   help="f: the margin (true-class logit minus logsumexp of the others), the loss, or the logit")
+    s.add_argument("--method", choices=("first_order", "every_step", "metagradient"), default="first_order",
+                   help="first order at the final model (dual form), TracIn at every replayed step, or the exact "
+                   "metagradient through training (needs the store's raw inputs and the loss)")
+    s.add_argument("--top-k", type=int, default=5, help="proponents and opponents listed per query")
+    s.add_argument("--json", metavar="FILE", default=None, help="write the top-k per query (and the settings) as JSON")
+    s.add_argument("--scores", metavar="FILE.npy", default=None,
+                   help="write the whole table (n_queries, n_examples) as .npy, with FILE.examples.npy")
+    s.set_defaults(func=_Command("influence"))
 
     s = sub.add_parser("verify", parents=[common], formatter_class=fmt, help="check that the dual form is exact",
                        description="Rebuild each layer's outputs from the memory and compare with the trained "
@@ -120,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--write-certificate", action="store_true",
                    help="(re)compute the certificate and its memory sums and write them into the store first (a "
                    "complete store whose certificate is missing: a process killed while writing it, or certify=False)")
-    s.set_defaults(func=cmd_verify)
+    s.set_defaults(func=_Command("verify"))
 
     s = sub.add_parser("view", parents=[common], formatter_class=fmt, help="explore a store in a local web page",
                        description="Serve a page on 127.0.0.1 to explore a store: pick a recorded query (or upload a "
@@ -137,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N' (with a cache on CUDA, rows are kept on the device)")
     s.add_argument("--block-rows", type=int, default=None, help="memory rows read and multiplied at a time (default: about 96 MiB per block)")
     s.add_argument("--no-warm", action="store_true", help="do not read every layer into the cache at start")
-    s.set_defaults(func=cmd_view)
+    s.set_defaults(func=_Command("view"))
 
     s = sub.add_parser("demo", parents=[common], formatter_class=fmt,
                        help="train the paper's MNIST MLP, record, attend and draw (under a minute)",
@@ -153,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "exact too: the picture then ranks each training digit by its attention weight for the predicted unit")
     s.add_argument("--seed", type=int, default=0, help="seeds the split, the shuffle and the weights")
     s.add_argument("--no-plot", action="store_true", help="skip the picture (no matplotlib needed)")
-    s.set_defaults(func=cmd_demo)
+    s.set_defaults(func=_Command("demo"))
     return p
 
 
@@ -171,6 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = args.debug
     if debug:
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+    if os.path.isfile(getattr(args, "store", None) or ""):
+        from lightning_dualform.store import _probe
+
+        _probe.start()  # the store's checking process starts while the command imports what it needs
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -41,7 +41,8 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from lightning_dualform.attend.request import AttendRequest
-from lightning_dualform.cli.attend import TERMINAL_TOP_K, attend_run
+from lightning_dualform.cli.attend import attend_run
+from lightning_dualform.cli.usage import TERMINAL_TOP_K
 from lightning_dualform.cli.inputs import (
     UsageError,
     check_store_path,
@@ -52,6 +53,7 @@ from lightning_dualform.cli.inputs import (
     pick_split,
     positive,
 )
+from lightning_dualform.cli.output import note, progress
 from lightning_dualform.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,11 @@ MAX_UPLOAD_BYTES = 32 * 2**20
 #: images per /api/images request
 MAX_IMAGES = 256
 MAX_UPLOADS = 16
+#: integers in requests are 64-bit (dataset indices, steps, counts): anything beyond is refused with 400
+_INT64 = 1 << 63
+#: what the answer says in place of the rankings that ``top_k=0`` asks not to compute
+NOT_COMPUTED = "not computed (top_k=0)"
+_RANKINGS = ("top", "top_examples", "proponents", "opponents", "proponent_examples", "opponent_examples")
 _ATTEND_PARAMS = {"split", "index", "upload", "layer", "top_k", "by", "contribution_to", "at_step", "step_buckets", "score"}
 
 
@@ -124,6 +131,8 @@ class ViewApp:
             value = int(text)
         except ValueError:
             raise BadRequest(f"{name}={text!r} is not an integer.") from None
+        if not -_INT64 <= value < _INT64:
+            raise BadRequest(f"{name}={text[:40]}: beyond any count or step a store holds (64-bit integers).")
         if lo is not None and value < lo:
             raise BadRequest(f"{name}={value}: expected {lo} or more.")
         return value
@@ -225,7 +234,13 @@ class ViewApp:
             run = attend_run(self.di, self.store_path, split=split, index=index, queries=queries, source=source,
                              layer=[layer] if layer else None, top_k=top_k, by=by, contribution_to=contribution,
                              at_step=at_step, step_buckets=step_buckets, score=score)
-            return run.to_dict()
+            answer = run.to_dict()
+        if top_k == 0:  # no ranking was computed: say so, rather than null (which reads as "no such row")
+            for res in answer["layers"].values():
+                for key in _RANKINGS:
+                    if res.get(key) is None:
+                        res[key] = NOT_COMPUTED
+        return answer
 
     def images(self, params: dict[str, list[str]]) -> dict[str, Any]:
         """Raw inputs as ``{"h", "w", "c", "pixels"}`` (0-255, row-major, channels last) or ``None``."""
@@ -278,19 +293,66 @@ class ViewApp:
         self._uploads[uid] = (name, q)
         return {"upload": uid, "name": name, "n": int(q.shape[0]), "d": int(q.shape[1]), "layers": takes}
 
-    def warm(self) -> None:
-        """Read every layer into the cache once (a pass of one zero query), so that first questions are fast."""
+    def warm(self, note: Callable[[str], None] | None = None, bars: bool = False) -> None:
+        """Read every layer into the cache once (a pass of one zero query), so that first questions are fast.
+
+        Args:
+            note: hears what is being read, and when it is done (the command prints it on stderr).
+            bars: show each layer's pass as a progress bar (:class:`~lightning_dualform.DualInference`'s own).
+        """
         import torch
 
-        for name in list(self.di.layers):
+        say = note or (lambda message: None)
+        with self.lock:
+            sizes = {name: self.di.layer(name).n_rows for name in self.di.layers}
+        say(f"warming the cache: {len(sizes)} layer(s), {sum(sizes.values()):,} rows (questions answered meanwhile)")
+        t0 = time.perf_counter()
+        for name, rows in sizes.items():
+            if not rows:
+                continue
             with self.lock:
+                shown, self.di.progress = self.di.progress, bars
                 try:
                     lay = self.di.layer(name)
-                    if lay.n_rows:
-                        self.di.attend(name, torch.zeros(1, lay.d_in), top_k=0, per_example=False, mass=False)
+                    self.di.attend(name, torch.zeros(1, lay.d_in), top_k=0, per_example=False, mass=False)
                 except Exception as err:  # a warm-up failure shows again, with its reason, when asked
                     log.info("warm-up of %s failed: %s", name, err)
+                    say(f"warming stopped at {name}: {error_message(err)}")
                     return
+                finally:
+                    self.di.progress = shown
+            if not bars:
+                say(f"  {name}: {rows:,} rows read ({time.perf_counter() - t0:.1f} s)")
+        say(f"cache warm in {time.perf_counter() - t0:.1f} s: answers now cost the products")
+
+
+class _Opening:
+    """Stands in for the :class:`ViewApp` while the store opens, so that the address is printed at once (a cold
+    open loads torch and checks the file's structure: seconds). The page loads meanwhile; each of its questions
+    waits for the open, then goes to the app, or fails with the reason the open failed."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._app: ViewApp | None = None
+        self._error = "the viewer is stopping"
+
+    def ready(self, app: ViewApp) -> None:
+        self._app = app
+        self._done.set()
+
+    def failed(self, err: BaseException) -> None:
+        if not self._done.is_set():
+            self._error = error_message(err)
+            self._done.set()
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:  # app.info, app.attend, app.upload, ...
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self._done.wait()
+            if self._app is None:
+                raise StoreError(f"the store did not open: {self._error}")
+            return getattr(self._app, name)(*args, **kwargs)
+
+        return call
 
 
 def _int_list(text: str | None, name: str) -> list[int]:
@@ -298,6 +360,9 @@ def _int_list(text: str | None, name: str) -> list[int]:
         values = [int(t) for t in (text or "").split(",") if t.strip()]
     except ValueError:
         raise BadRequest(f"{name}={text!r}: expected comma-separated integers.") from None
+    big = next((v for v in values if not -_INT64 <= v < _INT64), None)
+    if big is not None:
+        raise BadRequest(f"{name}={str(big)[:40]}: beyond any dataset index (64-bit integers).")
     if not values:
         raise BadRequest(f"{name}= names nothing; expected comma-separated integers.")
     if len(values) > MAX_IMAGES:
@@ -342,7 +407,8 @@ def make_handler(app: ViewApp, assets: dict[str, str]) -> type[BaseHTTPRequestHa
 
         def _host_ok(self) -> bool:
             port = self.server.server_address[1]
-            return self.headers.get("Host", "") in (f"{HOST}:{port}", f"localhost:{port}")
+            hosts = self.headers.get_all("Host") or []  # every one: a second Host header is not looked past
+            return len(hosts) == 1 and hosts[0] in (f"{HOST}:{port}", f"localhost:{port}")
 
         def _send(self, status: int, body: bytes, ctype: str, extra: dict[str, str] | None = None) -> None:
             self.send_response(status)
@@ -364,7 +430,10 @@ def make_handler(app: ViewApp, assets: dict[str, str]) -> type[BaseHTTPRequestHa
 
         def _guard(self) -> tuple[str, dict[str, list[str]]] | None:
             if not self._host_ok():
-                self._error(HTTPStatus.FORBIDDEN, f"requests must be addressed to {HOST} or localhost, not {self.headers.get('Host', '')!r}.")
+                hosts = self.headers.get_all("Host") or []
+                shown = ", ".join(repr(h[:60]) for h in hosts[:3]) or "none"
+                self._error(HTTPStatus.FORBIDDEN, f"requests must carry one Host header, {HOST}:PORT or "
+                            f"localhost:PORT; this one has {len(hosts)}: {shown}.")
                 return None
             parts = urlsplit(self.path)
             try:
@@ -461,29 +530,48 @@ class ViewServer(ThreadingHTTPServer):
 
 def serve(store: str, *, port: int = DEFAULT_PORT, device: str = "cpu", cache: int | str = "auto",
           block_rows: int | None = None, open_browser: bool = True, warm: bool = True,
-          echo: Callable[[str], None] = print) -> int:
-    """Open ``store``, serve the page until Ctrl-C, close. Returns 0."""
-    from lightning_dualform.attend.inference import DualInference
+          echo: Callable[[str], None] = print, note: Callable[[str], None] | None = None, bars: bool = False) -> int:
+    """Serve the page on ``store`` until Ctrl-C, then close. Returns 0.
 
-    with DualInference(store, device=device, cache=cache, block_rows=block_rows) as di:
-        app = ViewApp(store, di)
+    The address is printed (``echo``) as soon as the port is bound; the store opens after that (``note`` says so,
+    and how long it took), the browser opens once it can answer, and the cache warms with progress (``bars``).
+    """
+    say = note or (lambda message: None)
+    pending = _Opening()
+    try:
+        server = ViewServer(pending, port)  # type: ignore[arg-type]  # the app's stand-in until the store is open
+    except OSError as err:
+        raise UsageError(f"--port {port}: cannot listen on {HOST}:{port} ({err.strerror or err}); "
+                         "choose another port, or --port 0 for any free one.") from None
+    with server:
+        echo(f"serving {store} at {server.url} (Ctrl-C to stop)")
+        thread = threading.Thread(target=server.serve_forever, name="dualform-view", daemon=True)
+        thread.start()
         try:
-            server = ViewServer(app, port)
-        except OSError as err:
-            raise UsageError(f"--port {port}: cannot listen on {HOST}:{port} ({err.strerror or err}); "
-                             "choose another port, or --port 0 for any free one.") from None
-        with server:
-            echo(f"serving {store} at {server.url} (Ctrl-C to stop)")
-            if warm:
-                threading.Thread(target=app.warm, name="dualform-warm", daemon=True).start()
-            if open_browser:
-                import webbrowser
+            say(f"opening {store} ...")
+            t0 = time.perf_counter()
+            from lightning_dualform.attend.inference import DualInference
 
-                threading.Timer(0.3, lambda: webbrowser.open(server.url)).start()
-            try:
-                server.serve_forever()
-            except KeyboardInterrupt:
-                echo("stopped")
+            with DualInference(store, device=device, cache=cache, block_rows=block_rows) as di:
+                app = ViewApp(store, di)
+                pending.ready(app)
+                say(f"open in {time.perf_counter() - t0:.1f} s")
+                if open_browser:
+                    import webbrowser
+
+                    threading.Thread(target=webbrowser.open, args=(server.url,), daemon=True).start()
+                if warm:
+                    app.warm(note=say, bars=bars)
+                while thread.is_alive():
+                    thread.join(0.5)
+        except KeyboardInterrupt:
+            echo("stopped")
+        except BaseException as err:  # the store did not open: questions waiting on it get the reason
+            pending.failed(err)
+            raise
+        finally:
+            pending.failed(RuntimeError("the viewer is stopping"))
+            server.shutdown()
     return 0
 
 
@@ -499,7 +587,10 @@ def parse_cache(text: str) -> int | str | None:
     m = _SIZE.fullmatch(t)
     if m is None:
         raise UsageError(f"--cache {text}: expected auto, none, or a size such as 2G, 512M or 1000000.")
-    size = int(float(m.group(1)) * 1024 ** "bkmgt".index(m.group(2) or "b"))
+    value = float(m.group(1)) * 1024 ** "bkmgt".index(m.group(2) or "b")
+    if not value < 2.0**62:  # (400 digits are inf as a float)
+        raise UsageError(f"--cache {text}: larger than any machine's memory; give a size such as 2G, or auto.")
+    size = int(value)
     if size < 1:
         raise UsageError(f"--cache {text}: the size must be at least one byte (or none).")
     return size
@@ -514,4 +605,4 @@ def cmd_view(args: argparse.Namespace) -> int:
     cache = parse_cache(args.cache)
     return serve(args.store, port=args.port, device=args.device, cache=cache, block_rows=args.block_rows,
                  open_browser=not args.no_browser, warm=not args.no_warm,
-                 echo=lambda m: print(m, flush=True))
+                 echo=lambda m: print(m, flush=True), note=lambda m: note(args, m), bars=progress(args))

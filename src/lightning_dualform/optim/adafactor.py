@@ -23,13 +23,9 @@ gradient in that step, so their factor is set to 0 (any finite value gives the s
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from lightning_dualform.optim.maps import PARAM, RankOne, maps
 from lightning_dualform.optim.rule import APPLIED, UpdateRule, array_state, bool_columns, float_columns, sign_of, step_count
-
-Adafactor: type[torch.optim.Optimizer] | None = getattr(torch.optim, "Adafactor", None)
-
 
 def lerp_(a: np.ndarray, b: np.ndarray, weight: float) -> None:
     """``a = lerp(a, b, weight)`` in place, with torch's two formulas (exact at ``weight = 1``)."""
@@ -48,7 +44,7 @@ class AdafactorRule(UpdateRule):
     """
 
     name = "adafactor"
-    optimizers = (Adafactor,) if Adafactor is not None else ()
+    optimizer_names = ("Adafactor",)  # torch >= 2.5
     columns = float_columns("lr", "beta2_decay", "eps1", "eps2", "d", "weight_decay") + bool_columns("maximize") + (APPLIED,)
     state_names = ("step", "row_var", "col_var", "variance")
     row_local = False
@@ -60,6 +56,8 @@ class AdafactorRule(UpdateRule):
         return f"AdafactorRule(rank_one={self.rank_one})"
 
     def _hyper(self, optimizer, group, param):
+        import torch
+
         eps1, eps2 = group["eps"]
         if eps1 is None:
             # torch resolves it from the dtype of the first parameter of the group that steps
@@ -76,6 +74,8 @@ class AdafactorRule(UpdateRule):
         }
 
     def _nonlinear_state(self, optimizer, group, param, state):
+        import torch
+
         out: dict = {"step": step_count(state)}
         shape = tuple(param.shape)
         if len(shape) > 1:

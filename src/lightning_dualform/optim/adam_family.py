@@ -26,12 +26,12 @@ Writing ``K = a + c (1 - b1)``, the step on ``x = (p, m)`` is::
 
 from __future__ import annotations
 
+import functools
 import inspect
-
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from lightning_dualform.optim.maps import PARAM, OptimizerState, StepMaps, maps
 from lightning_dualform.optim.rule import (
@@ -46,6 +46,9 @@ from lightning_dualform.optim.rule import (
     sign_of,
     step_count,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 _NAMES = (PARAM, "exp_avg")
 
@@ -65,12 +68,18 @@ def _moment_maps(w, *, b1: float, sign: float, l2: float, delta: float, a: float
 def _adam_decoupled(optimizer: torch.optim.Optimizer, group: Mapping) -> bool:
     """Whether this Adam step decays decoupled: always for AdamW; for Adam, a ``decoupled_weight_decay`` key
     counts only where torch's Adam reads it (torch >= 2.6; before, its step ignores such a key)."""
+    import torch
+
     if isinstance(optimizer, torch.optim.AdamW):
         return True
-    return _ADAM_READS_DECOUPLED and bool(group.get("decoupled_weight_decay", False))
+    return _adam_reads_decoupled() and bool(group.get("decoupled_weight_decay", False))
 
 
-_ADAM_READS_DECOUPLED = "decoupled_weight_decay" in inspect.signature(torch.optim.Adam.__init__).parameters
+@functools.cache
+def _adam_reads_decoupled() -> bool:
+    import torch
+
+    return "decoupled_weight_decay" in inspect.signature(torch.optim.Adam.__init__).parameters
 
 
 def _decay(hp: Mapping[str, HyperValue], decoupled: bool, state: OptimizerState) -> tuple[float, float]:
@@ -91,7 +100,7 @@ class AdamRule(UpdateRule):
     """``torch.optim.Adam`` (``amsgrad``, ``maximize``, L2 or decoupled weight decay) and ``AdamW``."""
 
     name = "adam"
-    optimizers = (torch.optim.Adam, torch.optim.AdamW)
+    optimizer_names = ("Adam", "AdamW")
     columns = float_columns("lr", "beta1", "beta2", "eps", "weight_decay") + bool_columns(
         "amsgrad", "maximize", "decoupled_weight_decay"
     ) + (APPLIED,)
@@ -148,7 +157,7 @@ class AdamaxRule(UpdateRule):
     """``torch.optim.Adamax`` (L2 weight decay, ``maximize``)."""
 
     name = "adamax"
-    optimizers = (torch.optim.Adamax,)
+    optimizer_names = ("Adamax",)
     columns = float_columns("lr", "beta1", "beta2", "eps", "weight_decay") + bool_columns("maximize") + (APPLIED,)
     state_names = ("step", "exp_avg", "exp_inf")
     linear_names = ("exp_avg",)
@@ -189,7 +198,7 @@ class NAdamRule(UpdateRule):
     """
 
     name = "nadam"
-    optimizers = (torch.optim.NAdam,)
+    optimizer_names = ("NAdam",)
     columns = float_columns("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay") + bool_columns(
         "decoupled_weight_decay", "maximize"
     ) + (APPLIED,)
@@ -252,7 +261,7 @@ class RAdamRule(UpdateRule):
     """
 
     name = "radam"
-    optimizers = (torch.optim.RAdam,)
+    optimizer_names = ("RAdam",)
     columns = float_columns("lr", "beta1", "beta2", "eps", "weight_decay") + bool_columns(
         "decoupled_weight_decay", "maximize"
     ) + (APPLIED,)

@@ -17,7 +17,6 @@ but enters only the denominator); the linear state is ``p`` (and RMSprop's ``buf
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from lightning_dualform.optim.maps import PARAM, maps
 from lightning_dualform.optim.rule import (
@@ -41,7 +40,7 @@ class AdagradRule(UpdateRule):
     """``torch.optim.Adagrad`` (``lr_decay``, ``initial_accumulator_value``, weight decay, ``maximize``)."""
 
     name = "adagrad"
-    optimizers = (torch.optim.Adagrad,)
+    optimizer_names = ("Adagrad",)
     columns = float_columns("lr", "lr_decay", "eps", "weight_decay") + bool_columns("maximize") + (APPLIED,)
     state_names = ("step", "sum")
     required_state = ("step", "sum")
@@ -76,7 +75,7 @@ class RMSpropRule(UpdateRule):
     """``torch.optim.RMSprop`` (``momentum``, ``centered``, weight decay, ``maximize``)."""
 
     name = "rmsprop"
-    optimizers = (torch.optim.RMSprop,)
+    optimizer_names = ("RMSprop",)
     columns = float_columns("lr", "alpha", "eps", "weight_decay", "momentum") + bool_columns("centered", "maximize") + (APPLIED,)
     state_names = ("step", "square_avg", "grad_avg", "momentum_buffer")
     linear_names = ("momentum_buffer",)
@@ -134,7 +133,7 @@ class AdadeltaRule(UpdateRule):
     """``torch.optim.Adadelta`` (weight decay, ``maximize``)."""
 
     name = "adadelta"
-    optimizers = (torch.optim.Adadelta,)
+    optimizer_names = ("Adadelta",)
     columns = float_columns("lr", "rho", "eps", "weight_decay") + bool_columns("maximize") + (APPLIED,)
     state_names = ("step", "square_avg", "acc_delta")
     required_state = ("step", "square_avg", "acc_delta")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import torch
+import functools
+from typing import TYPE_CHECKING
 
 from lightning_dualform.errors import InexactError
 from lightning_dualform.optim.adafactor import AdafactorRule
@@ -10,6 +11,9 @@ from lightning_dualform.optim.adam_family import AdamaxRule, AdamRule, NAdamRule
 from lightning_dualform.optim.adaptive import AdadeltaRule, AdagradRule, RMSpropRule
 from lightning_dualform.optim.rule import UpdateRule
 from lightning_dualform.optim.scalar import ASGDRule, SGDRule
+
+if TYPE_CHECKING:
+    import torch
 
 #: One instance of every rule, by name.
 RULES: dict[str, UpdateRule] = {
@@ -28,7 +32,10 @@ RULES: dict[str, UpdateRule] = {
     )
 }
 
-_BY_CLASS: dict[type, UpdateRule] = {cls: rule for rule in RULES.values() for cls in rule.optimizers}
+@functools.cache
+def _by_class() -> dict[type, UpdateRule]:
+    """Each supported ``torch.optim`` class and its rule (imports torch: a store's reader never calls it)."""
+    return {cls: rule for rule in RULES.values() for cls in rule.optimizers}
 
 #: Optimizers known not to be linear in the gradient, with the reason.
 _REFUSED = {
@@ -41,7 +48,7 @@ _REFUSED = {
 
 def supported_optimizers() -> list[str]:
     """Names of the ``torch.optim`` classes with an exact rule in the installed torch."""
-    return sorted(cls.__name__ for cls in _BY_CLASS)
+    return sorted(cls.__name__ for cls in _by_class())
 
 
 def rule_for(optimizer: torch.optim.Optimizer) -> UpdateRule:
@@ -56,7 +63,7 @@ def rule_for(optimizer: torch.optim.Optimizer) -> UpdateRule:
     """
     cls = type(optimizer)
     for base in cls.__mro__:
-        rule = _BY_CLASS.get(base)
+        rule = _by_class().get(base)
         if rule is None:
             continue
         if cls.step is base.step:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a live optimizer is read: a store's reader never needs it
+    import torch
 
 from lightning_dualform.optim.maps import PARAM, OptimizerState, StepMaps
 
@@ -52,7 +54,7 @@ class UpdateRule(ABC):
 
     Class attributes:
         name: short name (``"adam"``); also the name a store would record.
-        optimizers: the ``torch.optim`` classes the rule replicates.
+        optimizer_names: the names in ``torch.optim`` of the classes the rule replicates (:attr:`optimizers`).
         columns: the per-step table's columns, ``applied`` last.
         state_names: the ``optimizer.state[p]`` entries a replay needs to continue a run (others, such
             as ASGD's average ``ax``, never reach the parameter).
@@ -62,13 +64,20 @@ class UpdateRule(ABC):
     """
 
     name: ClassVar[str]
-    optimizers: ClassVar[tuple[type[torch.optim.Optimizer], ...]]
+    optimizer_names: ClassVar[tuple[str, ...]]
     columns: ClassVar[tuple[Column, ...]]
     state_names: ClassVar[tuple[str, ...]]
     linear_names: ClassVar[tuple[str, ...]] = ()
     #: nonlinear entries every state must hold (others are optional: amsgrad's maximum, centered's mean)
     required_state: ClassVar[tuple[str, ...]] = ("step",)
     row_local: ClassVar[bool] = True
+
+    @property
+    def optimizers(self) -> tuple[type[torch.optim.Optimizer], ...]:
+        """The ``torch.optim`` classes the rule replicates (those of :attr:`optimizer_names` this torch has)."""
+        import torch
+
+        return tuple(getattr(torch.optim, n) for n in self.optimizer_names if hasattr(torch.optim, n))
 
     # -- reading a live optimizer ----------------------------------------------------------------------
     def read_step(self, optimizer: torch.optim.Optimizer, param: torch.Tensor, *, skipped: bool = False) -> dict[str, HyperValue]:
@@ -82,6 +91,8 @@ class UpdateRule(ABC):
         Returns:
             ``{column: value}`` for every name in :attr:`columns`.
         """
+        import torch
+
         group = group_of(optimizer, param)
         _check_real(param)
         row = self._hyper(optimizer, group, param)
@@ -104,6 +115,8 @@ class UpdateRule(ABC):
                 out where no step of its segment feeds the parameter into the nonlinear state
                 (see :meth:`needs_param`).
         """
+        import torch
+
         group = group_of(optimizer, param)
         _check_real(param)
         state = optimizer.state.get(param, {})
@@ -153,6 +166,11 @@ class UpdateRule(ABC):
         missing = [n for n in self.required_state if n not in state.nonlinear]
         if missing:
             raise ValueError(f"the {self.name} state lacks {missing}; it holds {sorted(state.nonlinear)}")
+        step = state.nonlinear.get("step")
+        if step is not None and (np.ndim(step) or not np.isfinite(step) or step < 0 or float(step) != int(float(step))):
+            # torch's count of the steps taken: a negative one makes the bias corrections divide by zero
+            raise ValueError(f"the {self.name} state entry 'step' is {step!r}; expected a whole number of steps, "
+                             "0 or more")
         if state.linear is not None and PARAM not in state.linear:
             raise ValueError(f"the linear state must hold {PARAM!r}, it holds {sorted(state.linear)}")
         held = state.shape if state.rows is None else (len(state.rows),) + state.shape[1:]
@@ -210,6 +228,8 @@ def group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     """A float64 numpy copy of a tensor."""
+    import torch
+
     return t.detach().to("cpu", torch.float64).numpy().copy()
 
 
@@ -219,6 +239,8 @@ def scalar_state(state: Mapping, name: str, default: float, dtype: torch.dtype |
     ``dtype`` is the dtype torch gives a new entry (``_get_scalar_dtype()``: float64 under a float64
     default dtype, else float32).
     """
+    import torch
+
     v = state.get(name)
     if isinstance(v, torch.Tensor):
         return np.dtype(str(v.dtype).removeprefix("torch.")).type(v.item())
@@ -231,6 +253,8 @@ def scalar_state(state: Mapping, name: str, default: float, dtype: torch.dtype |
 
 def array_state(state: Mapping, name: str, param: torch.Tensor, fill: float = 0.0) -> np.ndarray:
     """A per-element state entry as float64, or ``fill`` in the parameter's shape when torch has none yet."""
+    import torch
+
     v = state.get(name)
     if isinstance(v, torch.Tensor):
         return to_numpy(v)
@@ -239,6 +263,8 @@ def array_state(state: Mapping, name: str, param: torch.Tensor, fill: float = 0.
 
 def step_count(state: Mapping) -> float:
     """Torch's per-parameter step counter (a float tensor in recent versions, an int in old ones)."""
+    import torch
+
     v = state.get("step", 0.0)
     return float(v.item() if isinstance(v, torch.Tensor) else v)
 

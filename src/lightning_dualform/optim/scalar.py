@@ -12,7 +12,6 @@ scalar dtype. ASGD's running average ``ax`` is bookkeeping the trained module ne
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from lightning_dualform.optim.maps import PARAM, maps
 from lightning_dualform.optim.rule import APPLIED, Column, UpdateRule, bool_columns, float_columns, scalar_state, sign_of, step_count
@@ -25,7 +24,7 @@ class SGDRule(UpdateRule):
     """``torch.optim.SGD`` in every configuration (momentum, Nesterov, dampening, weight decay, ``maximize``)."""
 
     name = "sgd"
-    optimizers = (torch.optim.SGD,)
+    optimizer_names = ("SGD",)
     columns = tuple(Column(c, np.float64 if c in _SGD_FLOATS else np.bool_) for c in PARAM_COLUMNS)
     state_names = ("momentum_buffer",)
     linear_names = ("momentum_buffer",)
@@ -75,7 +74,7 @@ class ASGDRule(UpdateRule):
     """``torch.optim.ASGD`` (its parameter update; the average ``ax`` is not part of the trained model)."""
 
     name = "asgd"
-    optimizers = (torch.optim.ASGD,)
+    optimizer_names = ("ASGD",)
     columns = float_columns("lr", "lambd", "alpha", "t0", "weight_decay") + bool_columns("maximize") + (APPLIED,)
     state_names = ("step", "eta")
     required_state = ("step", "eta")

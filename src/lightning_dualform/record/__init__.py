@@ -1,8 +1,24 @@
 """Recording the dual form while a model trains: the engine (hooks, rows, the writer), its Lightning
 adapter :class:`DualFormCallback`, its plain-PyTorch/Fabric adapter :class:`DualFormRecorder`, batch
-metadata, the run policy, the disk planner and query recording."""
+metadata, the run policy, the disk planner and query recording.
 
-from lightning_dualform.record.callback import DualFormCallback
-from lightning_dualform.record.recorder import DualFormRecorder
+Names are imported on first use (:mod:`lightning_dualform._lazy`): a module of this package that needs no
+Lightning (``capture``, ``batches``) does not load it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lightning_dualform._lazy import lazy_exports
 
 __all__ = ["DualFormCallback", "DualFormRecorder"]
+
+if TYPE_CHECKING:
+    from lightning_dualform.record.callback import DualFormCallback
+    from lightning_dualform.record.recorder import DualFormRecorder
+
+_WHERE = {
+    "DualFormCallback": "lightning_dualform.record.callback",
+    "DualFormRecorder": "lightning_dualform.record.recorder",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, __all__)

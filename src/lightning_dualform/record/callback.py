@@ -39,6 +39,7 @@ from lightning_dualform.record.planner import Plan
 from lightning_dualform.record.policy import RunFacts, inexact_causes, refusal
 from lightning_dualform.record import trainer_logging
 from lightning_dualform.record.queries import QueryRecorder
+from lightning_dualform.store.shards import check_index_path
 
 __all__ = ["DualFormCallback", "rank_path"]
 
@@ -266,6 +267,8 @@ class DualFormCallback(Callback):
                 f"`{_OWNER}(..., overwrite=True)` to replace it, or resume the run that wrote it with "
                 "`trainer.fit(..., ckpt_path=...)` to continue it."
             )
+        if trainer.world_size > 1 and not opts.overwrite and self._resume is None:
+            check_index_path(self.path, _OWNER)  # rank 0 writes the shard index there: never over another store
 
     def _resume_matches(self) -> bool:
         """Whether the checkpoint's counts belong to this store: the same file, however its path is spelled."""

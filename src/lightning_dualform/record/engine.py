@@ -271,11 +271,11 @@ class RecordingEngine:
                 last_step=last_step, commit_seconds=opts.commit_seconds, update_attrs=self._resumed_attrs,
             )
         else:
-            if os.path.exists(store_path):
-                os.remove(store_path)  # overwrite=True was given (the adapter checked at set-up)
+            # an existing store is replaced only with overwrite=True (the adapter checked at set-up), atomically,
+            # and only if it is a regular file (StoreWriter.create refuses anything else)
             make = lambda: StoreWriter.create(  # noqa: E731
                 store_path, specs, row_dtype=opts.dtype, compression=opts.compression, chunk_rows=opts.chunk_rows,
-                metadata=metadata, commit_seconds=opts.commit_seconds,
+                metadata=metadata, commit_seconds=opts.commit_seconds, overwrite=opts.overwrite,
                 input_shape=tuple(raw.shape[1:]) if raw is not None else None,
                 input_dtype=str(raw.dtype).replace("torch.", "") if raw is not None else "float32",
             )
@@ -284,7 +284,7 @@ class RecordingEngine:
         self.writer.call(self.writer.store.set_release_gil, self.device.type == "cuda")
         if shard_index is not None:
             # the index exists from the first step on, so a crashed or running DDP store opens as one
-            write_shard_index(opts.path, shard_index)
+            write_shard_index(opts.path, shard_index, overwrite=opts.overwrite or resume is not None)
         for name, size in self.writer.store.input_sizes().items():  # a resumed store's maps fix their size
             if name in self.chosen:
                 self._geometry[name] = conv_geometry(self.chosen[name], size)
@@ -770,6 +770,8 @@ class RecordingEngine:
         if writer.blocked_s >= 1.0:
             self._info(f"{self.owner}: training waited {writer.blocked_s:.1f} s in all for the store writer.")
         self.committed = writer.store.committed  # for a checkpoint saved after the finish
+        if full:  # a pass over every stored row: say so, it can take a while
+            self._info(f"{self.owner}: certifying {self.options.path}: rebuilding each layer's weights from its rows")
         try:
             self.dist.barrier()
             if full and not keep_lock:

@@ -10,6 +10,7 @@ leave the store as it was before the stage began.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ class QueryRecorder:
         self.active = False
         self.batch: BatchInfo | None = None
         self.raw: torch.Tensor | None = None
+        self.started = time.perf_counter()
 
     @classmethod
     def start(cls, path: str, split: str, model: nn.Module) -> "QueryRecorder":
@@ -55,6 +57,8 @@ class QueryRecorder:
         missing = [n for n in names if n not in modules]
         if missing:
             raise ValueError(f"DualFormCallback: the store's layers {missing} are not in this model.")
+        # the stage's own progress bar counts the batches; this says what the callback does beside them
+        rank_zero_info(f"DualFormCallback: recording the {split} queries (inputs of {len(names)} layer(s)) into {path}")
         rec = cls(QueryWriter(path, split, widths), split, path, {})
         for name in names:
             cap = LayerCapture(name, modules[name], lambda: rec.active, need_grad=False, keep_output=name == names[-1])
@@ -103,8 +107,11 @@ class QueryRecorder:
         for cap in self.captures.values():
             cap.detach()
         n = self.writer.n
+        t0 = time.perf_counter()
         self.writer.close()
-        rank_zero_info(f"DualFormCallback: recorded {n} {self.split} queries into {self.path}.")
+        now = time.perf_counter()
+        rank_zero_info(f"DualFormCallback: recorded {n} {self.split} queries into {self.path} in "
+                       f"{now - self.started:.1f} s (committed in {now - t0:.1f} s).")
 
     def abort(self) -> None:
         """The stage failed: detach the hooks and leave the store as it was before it began (no partial split)."""

@@ -28,6 +28,7 @@ from lightning_dualform.record.engine import Distributed, RecordingEngine, StepS
 from lightning_dualform.record.options import RecordOptions, RowDtype
 from lightning_dualform.record.planner import Plan
 from lightning_dualform.record.policy import RunFacts, inexact_causes, refusal
+from lightning_dualform.store.shards import check_index_path
 
 __all__ = ["DualFormRecorder"]
 
@@ -151,6 +152,8 @@ class DualFormRecorder:
                 f"`{_OWNER}(..., overwrite=True)` to replace it, or continue it with `load_state_dict(state)` "
                 "(the state a checkpoint of this run saved from `state_dict()`)."
             )
+        if self.dist.world_size > 1 and not opts.overwrite and self._resume is None:
+            check_index_path(self.path, _OWNER)  # rank 0 writes the shard index there: never over another store
         if self._resume is not None and not os.path.exists(self.store_path):
             raise FileNotFoundError(
                 f"{_OWNER}: the saved state continues {self.store_path}, but that file is gone. Restore it, or "

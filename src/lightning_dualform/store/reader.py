@@ -750,6 +750,8 @@ class StoreReader(StoreView):
                 self._open(probe)
             except StoreError as err:
                 doing = _repair.busy(self.path) or before[0]  # (a writer that just finished: read again)
+                if doing is None and not isinstance(err, StoreBusyError) and _writer_state(self.path)[1] != before[1]:
+                    doing = "a writer that began and ended while it was read"  # (the file changed under the read)
                 if doing is None or isinstance(err, StoreBusyError):
                     raise
                 if time.monotonic() >= deadline:

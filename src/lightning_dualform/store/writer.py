@@ -33,7 +33,7 @@ import numpy as np
 from lightning_dualform._args import as_int
 from lightning_dualform.errors import StoreError
 from lightning_dualform.optim import PARAM, OptimizerState
-from lightning_dualform.store import _h5, _journal, _repair
+from lightning_dualform.store import _h5, _journal, _repair, _rollback
 from lightning_dualform.store._chunks import ChunkAppender
 from lightning_dualform.store.conv import MAPS_LAYOUT, ConvGeometry
 from lightning_dualform.store._h5open import open_readonly
@@ -239,8 +239,9 @@ class StoreWriter:
         place, so a kill leaves no half store, and two writers on one path never share a file.
 
         Args:
-            overwrite: replace an existing store. Without it, an existing store is refused unless it holds no
-                committed step (a run that stopped before its first commit: replaced, with a warning).
+            overwrite: replace an existing store (a regular file; anything else at ``path`` is refused). Without
+                it, an existing store is refused unless it holds no committed step (a run that stopped before its
+                first commit: replaced, with a warning).
             lock: the store's writer lock, when the caller took it earlier (a training engine takes it when
                 fit starts, so that a second training is refused before it trains a step); it passes to the
                 writer, which releases it when it closes. Default: taken here.
@@ -248,6 +249,8 @@ class StoreWriter:
         Raises:
             StoreBusyError: another writer holds the path (a second training on the same store).
             FileExistsError: a store with committed steps is there and ``overwrite`` is False.
+            StoreError: something other than a regular file is at ``path`` (a FIFO, device, socket, directory or
+                symlink: never replaced, with or without ``overwrite``), or at the lock's or journal's name.
             ValueError, TypeError: bad arguments (nothing is written).
         """
         if row_dtype not in ROW_DTYPES:
@@ -263,9 +266,11 @@ class StoreWriter:
                 raise ValueError(f"StoreWriter.create: one training input of shape {input_shape} takes {nbytes / 2**30:.1f} GiB; "
                                  f"at most {MAX_INPUT_BYTES >> 30} GiB per example is stored (pass store_inputs=False).")
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+        _repair.check_replaceable(path)  # before the lock: a symlink's target must not get a lock file beside it
         lock = lock if lock is not None else WriterLock.acquire(path, "creating the store")
         lock.set_phase("creating the store")
         try:
+            _repair.check_replaceable(path)  # (again, under the lock)
             if os.path.lexists(path) and not overwrite:
                 steps = _committed_steps(path)
                 if steps != 0:
@@ -276,16 +281,17 @@ class StoreWriter:
                     )
                 warnings.warn(f"lightning-dualform: {path} holds no committed step (its run stopped before it); "
                               "replacing it.", RuntimeWarning, stacklevel=2)
-            for stale in (_journal.journal_path(path),):
-                if os.path.exists(stale):
-                    os.remove(stale)  # the store it protected is being replaced
+            note = _rollback.discard_for_replacement(path)  # a journal of the store being replaced goes with it
+            if note is not None:
+                warnings.warn(f"lightning-dualform: {note}.", RuntimeWarning, stacklevel=2)
             tmp = f"{path}.creating-{os.getpid()}-{os.urandom(4).hex()}"
             try:
                 cls._write_skeleton(tmp, layers, row_dtype, compression, chunk_rows, metadata, input_shape, input_dtype, filters)
+                _repair.check_replaceable(path)  # nothing but a regular file is ever replaced
                 os.replace(tmp, path)
                 _journal.fsync_dir(path)
             finally:
-                if os.path.exists(tmp):
+                if os.path.lexists(tmp):
                     os.remove(tmp)
             return cls(path, {s.name: s.kind for s in layers}, row_dtype, commit_seconds, lock=lock)
         except BaseException:
@@ -298,7 +304,7 @@ class StoreWriter:
         metadata: StoreMetadata | None, input_shape: tuple[int, ...] | None, input_dtype: str, filters: dict[str, Any],
     ) -> None:
         # SWMR mode forbids creating datasets later, so everything is created here.
-        with h5py.File(tmp, "w", libver=_h5.LIBVER, locking=False) as f:
+        with h5py.File(tmp, "x", libver=_h5.LIBVER, locking=False) as f:  # (O_EXCL: never through a link)
             meta = metadata if metadata is not None else StoreMetadata()
             meta.format_version = FORMAT_VERSION
             meta.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -837,7 +843,7 @@ def _committed_steps(path: str) -> int | None:
 
     try:
         _repair.check_regular_file(path)
-        if _probe.probe(path) is not None or os.path.exists(_journal.journal_path(path)):
+        if _probe.probe(path) is not None or os.path.lexists(_journal.journal_path(path)):
             return None
         from lightning_dualform.store._h5open import open_any
 

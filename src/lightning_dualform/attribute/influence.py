@@ -1,0 +1,127 @@
+"""The front door of attribution: ``influence(store, model, inputs, targets, ...) -> Influence``.
+
+Three methods answer "how much does training example ``i`` matter to this prediction?" as ``df/dw_i``, the change
+of a test function ``f`` (:mod:`.targets`) per unit of the example's loss weight:
+
+- ``"first_order"`` (:mod:`.first_order`): at the final model, through the dual form's rows. Reads the store once
+  (twice for an element-wise rule); needs only the trained model.
+- ``"every_step"`` (:mod:`.every_step`): TracIn at every recorded step, the model replayed from the store.
+- ``"metagradient"`` (:mod:`.metagradient`): exact, through the whole training (MAGIC); needs the loss and the
+  batches, and a run the store can replay.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_dualform.attribute.batches import Data, Loss
+from lightning_dualform.attribute.every_step import every_step_table
+from lightning_dualform.attribute.examples import store_examples
+from lightning_dualform.attribute.first_order import first_order_table
+from lightning_dualform.attribute.metagradient import metagradient_table
+from lightning_dualform.attribute.model import BoundModel, Forward
+from lightning_dualform.attribute.result import Influence
+from lightning_dualform.attribute.targets import Target, check_target, target_name
+
+Method = Literal["first_order", "every_step", "metagradient"]
+METHODS: tuple[str, ...] = ("first_order", "every_step", "metagradient")
+
+
+def influence(
+    store: Any,
+    model: nn.Module,
+    inputs: Any,
+    targets: Any = None,
+    *,
+    target: Target = "margin",
+    method: Method = "first_order",
+    layers: list[str] | None = None,
+    forward: Forward | None = None,
+    loss_fn: Loss | None = None,
+    data: Data = None,
+    query_batch: int = 64,
+    max_grad_norm: float | str | None = "auto",
+    tolerance: float = 1e-4,
+    dtype: torch.dtype = torch.float64,
+) -> Influence:
+    """Influence of every training example of ``store`` on ``f`` of each query.
+
+    Args:
+        store: an opened store (``StoreReader``, the sharded reader) or a path.
+        model: the trained model (module names must be the store's layer names; its tracked weights must be the
+            store's final weights).
+        inputs: the queries, ``(n, ...)``: what ``model`` (or ``forward(model, inputs)``) takes.
+        targets: ``(n,)`` the class each query's ``f`` is about; ``None``: the model's prediction.
+        target: ``"margin"`` (default), ``"loss"``, ``"logit"`` or ``target(outputs, targets) -> (n,)``.
+        method: ``"first_order"`` (default), ``"every_step"`` or ``"metagradient"``.
+        layers: for ``"first_order"``, the tracked layers to sum (default: all); the replaying methods use all.
+        forward: ``forward(model, inputs) -> outputs`` when ``model(inputs)`` is not the call.
+        loss_fn, data, query_batch, max_grad_norm, tolerance: for ``"metagradient"``
+            (:func:`~.metagradient.metagradient_table`):
+            the batch loss ``loss_fn(model, batch)`` (default: a LightningModule's ``training_step``, else mean
+            cross-entropy), where batches come from (default: the store's raw inputs and labels), queries per
+            reverse sweep, the gradient-norm clip, and how far a replayed gradient may stray.
+        dtype: accumulation dtype of the table.
+
+    Returns:
+        :class:`~.result.Influence`.
+
+    Raises:
+        ValueError: a bad argument, a store without dataset indices, a model that is not the trained one, or (for
+            the replaying methods) a run that cannot be replayed exactly (the message says why).
+    """
+    check_target(target)
+    if method not in METHODS:
+        raise ValueError(f"`influence(method={method!r})` is not supported. Expected one of {METHODS}.")
+    if isinstance(query_batch, bool) or not isinstance(query_batch, int) or query_batch < 1:
+        raise ValueError(f"`influence(query_batch={query_batch!r})` must be a positive integer.")
+    own = None
+    if isinstance(store, (str, os.PathLike)):
+        from lightning_dualform.store.shards import open_store
+
+        store = own = open_store(store)
+    try:
+        return _influence(store, model, inputs, targets, target, method, layers, forward, loss_fn, data, query_batch,
+                          max_grad_norm, tolerance, dtype)
+    finally:
+        if own is not None:
+            own.close()
+
+
+def _influence(store, model, inputs, targets, target, method, layers, forward, loss_fn, data, query_batch,
+               max_grad_norm, tolerance, dtype) -> Influence:
+    t0 = time.perf_counter()
+    if method != "first_order" and layers is not None:
+        raise ValueError(f"`influence(method={method!r})` replays every tracked layer; `layers=` is for 'first_order'.")
+    bound = BoundModel(model, store, layers)
+    params = bound.final_params(dtype)
+    inputs = torch.as_tensor(inputs) if isinstance(inputs, np.ndarray) else inputs
+    if targets is None:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            try:
+                out = model(inputs) if forward is None else forward(model, inputs)
+            finally:
+                model.train(was)
+        targets = out.argmax(-1)
+    targets = torch.as_tensor(targets).to(torch.int64).reshape(-1)
+    examples, labels = store_examples(store, bound.layers)
+    replay = None
+    if method == "first_order":
+        f, _, fac = bound.query_factors(params, inputs, targets, target, forward, dtype=dtype)
+        scores = first_order_table(store, fac, examples, dtype=dtype)
+    elif method == "every_step":
+        scores, f = every_step_table(store, bound, inputs, targets, target, examples, forward=forward, dtype=dtype)
+    else:
+        scores, f, replay = metagradient_table(store, bound, inputs, targets, target, examples, loss_fn=loss_fn,
+                                               data=data, forward=forward, query_batch=query_batch,
+                                               max_grad_norm=max_grad_norm, tolerance=tolerance, dtype=dtype)
+    return Influence(scores=scores, examples=examples, labels=labels, values=f.to(dtype), target=target_name(target),
+                     method=method, layers=list(bound.layers), replay=replay, seconds=time.perf_counter() - t0)

@@ -1,0 +1,120 @@
+"""``lightning-dualform influence``: which training examples each recorded query depends on, counterfactually.
+
+The store holds the tracked layers' weights but not the model's code, so the command imports the model from
+``--model module:factory`` (a function of no arguments that returns the untrained ``nn.Module``; the store's final
+weights are then loaded into its tracked layers) and scores every training example by
+:func:`lightning_dualform.attribute.influence` for the recorded queries of a split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_dualform.cli.inputs import check_store_path, parse_index, pick_split
+from lightning_dualform.cli.usage import UsageError
+from lightning_dualform.cli.output import Output, json_text, note, table
+
+DEFAULT_QUERIES = 3
+
+
+def load_model(spec: str) -> nn.Module:
+    """The model ``module:factory()`` builds."""
+    if ":" not in spec:
+        raise UsageError(f"--model {spec}: expected MODULE:FACTORY, e.g. mypkg.models:make_mlp.")
+    mod_name, fn_name = spec.split(":", 1)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as err:
+        raise UsageError(f"--model {spec}: cannot import it ({err}).") from None
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"--model {spec}: returned {type(model).__name__}, not a torch.nn.Module.")
+    return model
+
+
+def load_final_weights(model: nn.Module, store: Any) -> None:
+    """Put the store's final weights into the model's tracked layers."""
+    modules = dict(model.named_modules())
+    for name in store.layers:
+        if name not in modules:
+            raise UsageError(f"--model: the model has no module {name!r}; the store tracks {store.layers}.")
+        lay, mod = store.layer(name), modules[name]
+        if lay.weight_final is None:
+            raise UsageError(f"{store.path}: layer {name!r} has no final weights (an unfinished store).")
+        w = torch.as_tensor(lay.to_param(lay.weight_final))
+        with torch.no_grad():
+            mod.weight.copy_(w.reshape(mod.weight.shape))
+            if lay.has_bias:
+                mod.bias.copy_(torch.as_tensor(lay.bias_final))
+
+
+def cmd_influence(args: argparse.Namespace) -> int:
+    check_store_path(args.store)
+    if args.top_k < 1:
+        raise UsageError(f"--top-k {args.top_k}: expected 1 or more.")
+    json_out = Output(args.json, "--json")
+    scores_out = Output(args.scores, "--scores", (".npy",))
+    try:
+        _run(args, json_out, scores_out)
+    finally:
+        json_out.discard()
+        scores_out.discard()
+    return 0
+
+
+def _run(args: argparse.Namespace, json_out: Output, scores_out: Output) -> None:
+    from lightning_dualform.attribute import influence
+    from lightning_dualform.store.shards import open_store
+
+    model = load_model(args.model)
+    with open_store(args.store) as store:
+        load_final_weights(model, store)
+        split = pick_split(store, args.split)
+        qs = store.queries(split)
+        if args.index is not None:
+            positions = parse_index(args.index, qs.index, split)
+        else:
+            positions = np.arange(min(DEFAULT_QUERIES, qs.n))
+        inputs = qs.inputs_at(positions)
+        if inputs is None:
+            raise UsageError(f"query set {split!r} of {store.path} has no raw inputs to run the model on.")
+        labels = qs.label[positions]
+        x = torch.as_tensor(inputs).float()
+        with torch.no_grad():
+            pred = model(x).argmax(-1).numpy()
+        targets = np.where(labels >= 0, labels, pred)
+        res = influence(store, model, x, torch.as_tensor(targets), target=args.target, method=args.method)
+    pro, opp = res.top(args.top_k)
+    lines = [f"influence ({res.method}: {res.meaning}); f = {res.target}; {len(res.examples)} training examples; "
+             f"{res.seconds:.2f} s"]
+    if res.replay is not None:
+        lines.append(f"replay: gradients within {res.replay.grad_error:.1e} of the stored ones, final weights within "
+                     f"{res.replay.max_final_error:.1e}")
+    for j, p in enumerate(positions):
+        lines.append(f"\nquery {int(qs.index[p])} (class {int(targets[j])}, predicted {int(pred[j])}): "
+                     f"f = {float(res.values[j]):.4g}")
+        rows = [[r + 1, int(pro.index[j, r]), int(pro.label[j, r]), f"{pro.score[j, r]:+.4g}",
+                 int(opp.index[j, r]), int(opp.label[j, r]), f"{opp.score[j, r]:+.4g}"]
+                for r in range(pro.index.shape[1])]
+        lines.append(table(["rank", "proponent", "label", "score", "opponent", "label", "score"], rows))
+    print("\n".join(lines))
+    if args.json:
+        data = res.to_dict(args.top_k)
+        data.update({"store": os.path.abspath(args.store), "split": split, "queries": qs.index[positions].tolist(),
+                     "targets": targets.tolist()})
+        json_out.write_text(json_text(data))
+        note(args, f"wrote {args.json}")
+    if args.scores:
+        scores_out.write_with(lambda path: np.save(path, res.scores.numpy()))
+        np.save(os.path.splitext(args.scores)[0] + ".examples.npy", res.examples)
+        note(args, f"wrote {args.scores}")
