@@ -31,6 +31,7 @@ _WHERE = {
     "StoreError": "lightning_dualform.errors",
     "WriterError": "lightning_dualform.errors",
     "StoreReader": "lightning_dualform.store.reader",
+    "AttendRequest": "lightning_dualform.attend.request",
     "AttentionResult": "lightning_dualform.attend.inference",
     "DualInference": "lightning_dualform.attend.inference",
     "Explanation": "lightning_dualform.attend.inference",
@@ -48,6 +49,7 @@ __all__ = [
     "StoreReader",
     "WriterError",
     "__version__",
+    "AttendRequest",
     "AttentionResult",
     "DualInference",
     "Explanation",
@@ -65,6 +67,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         TopExamples,
         TopRows,
     )
+    from lightning_dualform.attend.request import AttendRequest
     from lightning_dualform.errors import DualFormError, InexactError, StoreError, WriterError
     from lightning_dualform.record.callback import DualFormCallback
     from lightning_dualform.record.recorder import DualFormRecorder

@@ -71,7 +71,7 @@ class Coefficients:
 
 
 class LayerReader:
-    """Read access to one layer of a store."""
+    """Read access to one layer of a store (a :class:`~lightning_dualform.store.source.LayerSource`)."""
 
     def __init__(self, store: "StoreReader", name: str, group: h5py.Group) -> None:
         self.store = store

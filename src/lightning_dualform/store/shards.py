@@ -146,7 +146,9 @@ def _rank_files(path: str) -> list[str]:
 
 
 class ShardedLayerReader:
-    """One layer over all shards (same interface as :class:`~lightning_dualform.store.LayerReader`)."""
+    """One layer over all shards (a :class:`~lightning_dualform.store.source.LayerSource`, as ``LayerReader``)."""
+
+    geometry = None  # its blocks interleave shards: it serves unfolded rows, never compact blocks
 
     def __init__(self, store: "ShardedStoreReader", parts: list[LayerReader]) -> None:
         self.store = store
