@@ -37,7 +37,7 @@ LEVELS: dict[str, int] = {
     "cli": 9,
     "front door": 10,
 }
-FOUNDATION = {"errors", "_args", "_version", "_compat", "_native", "_float32_products", "_lazy"}
+FOUNDATION = {"errors", "_args", "_version", "_compat", "_native", "_float32_products", "_lazy", "_unwrap"}
 #: record/'s modules that adapt a training loop to the engine and hand it the read side's certificate
 ADAPTERS = {"record", "record.callback", "record.recorder", "record.attention_logging"}
 #: room -> third-party packages its modules never import

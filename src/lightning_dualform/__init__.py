@@ -33,6 +33,7 @@ _WHERE = {
     "StoreError": "lightning_dualform.errors",
     "WriterError": "lightning_dualform.errors",
     "StoreReader": "lightning_dualform.store.reader",
+    "AttendRequest": "lightning_dualform.attend.request",
     "AttentionResult": "lightning_dualform.attend.inference",
     "DualInference": "lightning_dualform.attend.inference",
     "Explanation": "lightning_dualform.attend.inference",
@@ -51,6 +52,7 @@ __all__ = [
     "StoreReader",
     "WriterError",
     "__version__",
+    "AttendRequest",
     "AttentionResult",
     "DualInference",
     "Explanation",
@@ -68,6 +70,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         TopExamples,
         TopRows,
     )
+    from lightning_dualform.attend.request import AttendRequest
     from lightning_dualform.errors import DualFormError, InexactError, StoreError, WriterError
     from lightning_dualform.record.attention_logging import DualFormAttentionLogger
     from lightning_dualform.record.callback import DualFormCallback

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_dualform.store.reader import LayerReader
+from lightning_dualform.store.source import LayerSource
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -49,7 +49,7 @@ def resolve_group(distributed: Any) -> Any:
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def check_queries(lay: LayerReader, queries: Any, call: str) -> torch.Tensor:
+def check_queries(lay: LayerSource, queries: Any, call: str) -> torch.Tensor:
     """``queries`` as a real ``(n, d_in)`` tensor, or an error that names what is wrong with them.
 
     Raises:

@@ -147,16 +147,17 @@ def check_input_file(path: str, option: str) -> None:
 
 
 def parse_contribution(text: str) -> str | int | None:
-    """``--contribution-to``: 'pred', 'label', a unit number, or None for 'none'."""
+    """``--contribution-to``: 'auto', 'pred', 'label', a unit number, or None for 'none'."""
     t = text.strip().lower()
     if t == "none":
         return None
-    if t in ("pred", "label"):
+    if t in ("auto", "pred", "label"):
         return t
     try:
         unit = int(t)
     except ValueError:
-        raise UsageError(f"--contribution-to {text}: expected pred, label, none or an output unit number.") from None
+        raise UsageError(
+            f"--contribution-to {text}: expected auto, pred, label, none or an output unit number.") from None
     if unit < 0:
         raise UsageError(f"--contribution-to {text}: a unit number must be >= 0.")
     return unit

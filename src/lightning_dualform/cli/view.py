@@ -40,7 +40,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
+from lightning_dualform.attend.request import AttendRequest
 from lightning_dualform.cli.attend import attend_run
+from lightning_dualform.cli.usage import TERMINAL_TOP_K
 from lightning_dualform.cli.inputs import (
     UsageError,
     check_store_path,
@@ -180,7 +182,10 @@ class ViewApp:
                 "train_inputs": s.train_inputs(np.array([-1])) is not None,
                 "cache": None if cache is None else cache.to_dict(),
                 "cache_text": None if cache is None else str(cache),
-                "defaults": {"top_k": 5, "by": "pattern", "contribution_to": "pred", "step_buckets": 20},
+                "defaults": {"top_k": TERMINAL_TOP_K, "by": "pattern", "contribution_to": AttendRequest.contribution_to,
+                             "step_buckets": AttendRequest.step_buckets, "score": AttendRequest.score},
+                "form": s.form,
+                "update_rule": s.update_rule,
             }
 
     def cache(self, params: dict[str, list[str]]) -> dict[str, Any]:
@@ -208,13 +213,15 @@ class ViewApp:
         upload = self._one(params, "upload")
         split, index = self._one(params, "split"), self._one(params, "index")
         layer = self._one(params, "layer")
-        top_k = self._int(params, "top_k", 5)
+        # a parameter left out takes the command line's default (attend_run's: the AttendRequest's knobs)
+        top_k = self._int(params, "top_k", TERMINAL_TOP_K)
         at_step = self._int(params, "at_step", None)
-        step_buckets = self._int(params, "step_buckets", 20)
+        step_buckets = self._int(params, "step_buckets", None)
         by = self._one(params, "by", "pattern")
-        contribution = self._one(params, "contribution_to", "pred")
-        parse_contribution(contribution)
-        score = self._one(params, "score", "auto")  # auto | raw | unit (attend --score)
+        contribution = self._one(params, "contribution_to")
+        if contribution is not None:
+            parse_contribution(contribution)
+        score = self._one(params, "score")  # auto | raw | unit (attend --score)
         queries, source = None, ""
         if upload is not None:
             if split is not None or index is not None:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import nn
 
+from lightning_dualform._unwrap import unwrap_model
 from lightning_dualform.attend.certificate import certify_store
 from lightning_dualform.errors import InexactError
 from lightning_dualform.record.batches import BatchInfo
@@ -36,25 +37,6 @@ __all__ = ["DualFormRecorder"]
 log = logging.getLogger(__name__)
 _OWNER = "DualFormRecorder"
 _STATE_VERSION = 1
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's own module inside the wrappers a loop puts around it: ``DistributedDataParallel``,
-    ``DataParallel`` and Fabric's module wrapper (whose ``module`` is the original, by Fabric's public API)."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    while True:
-        if isinstance(model, (DistributedDataParallel, DataParallel)):
-            model = model.module
-            continue
-        try:
-            from lightning.fabric.wrappers import is_wrapped
-        except ImportError:  # pragma: no cover - lightning is a dependency
-            return model
-        if is_wrapped(model) and isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-            continue
-        return model
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:

@@ -47,7 +47,8 @@ __all__ = ["Coefficients", "LayerReader", "QuerySet", "StoreReader", "StoreView"
 
 
 class LayerReader:
-    """Read access to one layer of a store (its group checked on open: :func:`.validate.check_layer`)."""
+    """Read access to one layer of a store (a :class:`~lightning_dualform.store.source.LayerSource`; its group
+    checked on open: :func:`.validate.check_layer`)."""
 
     def __init__(self, store: "StoreReader", name: str, group: h5py.Group) -> None:
         self.store = store

@@ -146,7 +146,9 @@ def _rank_files(path: str) -> list[str]:
 
 
 class ShardedLayerReader:
-    """One layer over all shards (same interface as :class:`~lightning_dualform.store.LayerReader`)."""
+    """One layer over all shards (a :class:`~lightning_dualform.store.source.LayerSource`, as ``LayerReader``)."""
+
+    geometry = None  # its blocks interleave shards: it serves unfolded rows, never compact blocks
 
     def __init__(self, store: "ShardedStoreReader", parts: list[LayerReader]) -> None:
         self.store = store
@@ -155,7 +157,7 @@ class ShardedLayerReader:
         for other in parts[1:]:
             if (other.d_in, other.d_out, other.has_bias) != (first.d_in, first.d_out, first.has_bias):
                 raise StoreError(f"{store.path}: shards disagree on the shape of layer {first.name!r}.")
-        for attr in ("name", "kind", "d_in", "d_out", "has_bias", "order", "attrs"):
+        for attr in ("name", "kind", "d_in", "d_out", "has_bias", "order", "attrs", "certificate"):
             setattr(self, attr, getattr(first, attr))
         self.exact = all(p.exact for p in parts)
         self.inexact_reason = "; ".join(p.inexact_reason for p in parts if p.inexact_reason)
