@@ -17,7 +17,7 @@ from lightning_dualform.attend.passes.outputs import primal_output, rebuilt_outp
 from lightning_dualform.attend.cache import BlockCache
 from lightning_dualform.attend.kernels import fold_memory, fold_memory_maps
 from lightning_dualform.attend.memory import memory_sums
-from lightning_dualform.record.capture import conv_maps, keys_of
+from lightning_dualform.layers import conv_maps, keys_of
 from test_conv_layout import GEOMETRIES, Zoo, _conv_layers, _fit
 
 BLOCK = 97  # virtual rows per block: blocks start and end inside maps

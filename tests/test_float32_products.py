@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import TRAINER_KW, MLP, IndexedDataset, loader, real_output, rel_err
 from lightning_dualform import DualFormCallback, DualInference
-from lightning_dualform.attend.certificate import FLOAT32_PRODUCTS_TOLERANCE, tolerance
+from lightning_dualform.store.certificate import FLOAT32_PRODUCTS_TOLERANCE, tolerance
 from lightning_dualform.cli import main
 from lightning_dualform._float32_products import float32_mode, full_float32_products
 

@@ -28,9 +28,9 @@ def test_estimate_within_ten_percent_of_bytes_written(tmp_path, dtype, chunk_row
 
 
 def test_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch):
-    import lightning_dualform.record.engine as cbmod
+    import lightning_dualform.record.planner as planner
 
-    monkeypatch.setattr(cbmod, "free_bytes", lambda d: 10_000)
+    monkeypatch.setattr(planner, "free_bytes", lambda d: 10_000)
     cb = DualFormCallback(tmp_path / "big.h5")
     trainer = L.Trainer(max_epochs=5, callbacks=[cb], **TRAINER_KW)
     with pytest.raises(DiskSpaceError, match=r"needs about .* GB .* free .*check_disk=False"):

@@ -5,7 +5,7 @@ block ``i`` is computed, and a convolution's compact blocks unfolded where they 
 A convolution stored as maps (format 3) is read as its *compact block*: the input maps the block's virtual rows
 lie in (:meth:`LayerReader.read_maps <lightning_dualform.store.reader.LayerReader.read_maps>`), about
 ``1 / prod(kernel)`` of the unfolded keys' bytes, which is what crosses to the compute device (and what a device
-block cache keeps). There one ``F.unfold`` of the padded maps (:func:`~lightning_dualform.record.capture.unfold_maps`,
+block cache keeps). There one ``F.unfold`` of the padded maps (:func:`~lightning_dualform.layers.unfold_maps`,
 every ``padding_mode`` applied with ``F.pad``) gives the key rows; the unfolding copies values, so the keys equal
 the host's numpy unfolding bit for bit. Block sizes still count virtual rows."""
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lightning_dualform.attend.cache import CachedLayer, Rows, pass_maps, pass_rows
-from lightning_dualform.record.capture import unfold_maps
+from lightning_dualform.layers import unfold_maps
 from lightning_dualform.store.conv import ConvGeometry
 from lightning_dualform.store.source import LayerSource
 

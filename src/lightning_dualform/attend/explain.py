@@ -11,7 +11,7 @@ from torch import nn
 from lightning_dualform._unwrap import unwrap_model
 from lightning_dualform.attend.request import AttendRequest, Contribution, request_from
 from lightning_dualform.attend.results import AttentionResult, Explanation
-from lightning_dualform.record.capture import keys_of, one_hot_keys
+from lightning_dualform.layers import keys_of, one_hot_keys
 
 if TYPE_CHECKING:
     from lightning_dualform.attend.inference import DualInference

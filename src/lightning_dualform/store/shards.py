@@ -157,7 +157,7 @@ class ShardedLayerReader:
         for other in parts[1:]:
             if (other.d_in, other.d_out, other.has_bias) != (first.d_in, first.d_out, first.has_bias):
                 raise StoreError(f"{store.path}: shards disagree on the shape of layer {first.name!r}.")
-        for attr in ("name", "kind", "d_in", "d_out", "has_bias", "order", "attrs"):
+        for attr in ("name", "kind", "d_in", "d_out", "has_bias", "order", "attrs", "certificate"):
             setattr(self, attr, getattr(first, attr))
         self.exact = all(p.exact for p in parts)
         self.inexact_reason = "; ".join(p.inexact_reason for p in parts if p.inexact_reason)

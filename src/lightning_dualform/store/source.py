@@ -18,6 +18,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from lightning_dualform.optim import OptimizerState
+    from lightning_dualform.store.certificate import LayerCertificate
     from lightning_dualform.store.conv import ConvGeometry
     from lightning_dualform.store.reader import Coefficients
 
@@ -40,6 +41,7 @@ class LayerSource(Protocol):
     n_rows: int  # committed rows (virtual rows of a convolution stored as maps)
     exact: bool  # the recorder could record this layer exactly (else the store keeps a residual)
     attrs: dict[str, Any]  # the layer's stored attributes (the certificate's among them)
+    certificate: LayerCertificate | None  # the certificate, typed (None where none was written)
     store: Any  # the store it belongs to (``path``, ``form``, ``last_step``, ``complete`` ...)
     #: the convolution whose compact blocks :meth:`read_maps` returns, or None: the reader serves unfolded rows
     #: only (a linear layer, an embedding, a convolution of an older format, a DDP run's shards)

@@ -131,13 +131,12 @@ class ElementwisePass(AttendPass):
 
         err = replay_weights_error(layer, stored)
         tol = store_tolerance(self.ctx.store)
-        said = layer.attrs.get("certificate_rel_err", 0.0)
+        said = layer.certificate.rel_err if layer.certificate is not None else 0.0
         if not abs(err - float(said)) <= tol:
             warnings.warn(
                 f"{self.ctx.path}: layer {layer.name!r}: the certificate's kept replay weights differ from the final "
                 f"weights by {err:.2e} relative where the certificate says {float(said):.2e} (tolerance {tol:.0e}): "
-                "they "
-                "are damaged. Answers replay the rows instead; `lightning-dualform verify --write-certificate` writes "
+                "they are damaged. Answers replay the rows instead; `lightning-dualform verify --write-certificate` writes "
                 "them again.",
                 RuntimeWarning, stacklevel=4,
             )
