@@ -15,6 +15,13 @@ correlation over queries and the relative error (the largest deviation over the 
 
     python benchmarks/lds_linearity.py --optimizer adamw --dtype float64
     python benchmarks/lds_linearity.py --optimizer adamw --eps 1e-4 --warmup 0.25 --dtype float64
+    python benchmarks/lds_linearity.py --optimizer adamw --moments-only
+
+For AdamW it also reports where the run's steps sit against ``eps``: the share of (step, weight entry) pairs whose
+bias-corrected ``sqrt(v_hat)`` is below 1e-6 ... 1e-3 (entries whose second moment is still exactly 0 left out).
+Below ``eps`` a step is close to linear in its gradient, ``lr g / eps``; far above it the step is ``lr m_hat /
+sqrt(v_hat)``, which is scale-free: a near-cancellation of a few examples' gradients still moves the weight by up to
+``lr``, and dropping one of them can flip the whole step.
 """
 
 from __future__ import annotations
@@ -32,6 +39,32 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lds  # noqa: E402
 
 
+MOMENT_THRESHOLDS = (1e-6, 1e-5, 1e-4, 1e-3)
+
+
+def small_moment_shares(recipe: "lds.Recipe", x: torch.Tensor, y: torch.Tensor, batches: list) -> dict[str, list]:
+    """Per parameter, the share of (step, entry) pairs of an Adam-family run whose ``sqrt(v_hat)`` is below each of
+    :data:`MOMENT_THRESHOLDS` (entries with ``v = 0`` left out)."""
+    model = lds.make_model(0).to(x.dtype)
+    opt, sched = recipe.make(model.parameters(), len(batches))
+    below = {n: np.zeros(len(MOMENT_THRESHOLDS)) for n, _ in model.named_parameters()}
+    total = dict.fromkeys(below, 0)
+    for idx in batches:
+        idx = torch.as_tensor(idx)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        for n, p in model.named_parameters():
+            st = opt.state[p]
+            v = st["exp_avg_sq"] / (1 - opt.param_groups[0]["betas"][1] ** float(st["step"]))
+            r = v[v > 0].sqrt()
+            total[n] += r.numel()
+            below[n] += np.array([float((r < t).sum()) for t in MOMENT_THRESHOLDS])
+    return {n: (below[n] / max(total[n], 1)).tolist() for n in below}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--optimizer", choices=("sgd", "sgd-momentum", "adamw"), default="adamw")
@@ -46,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--moments-only", action="store_true", help="AdamW: only the shares of small second moments")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from lightning_dualform import StoreReader
@@ -58,6 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     xtr, ytr, xte, yte = lds.load_data(args.train, args.test)
     xtr, xte = xtr.to(dt), xte.to(dt)
     batches = lds.orders(args.train, args.epochs, args.batch, seed=1)
+    moments = None
+    if recipe.optimizer == "adamw":
+        moments = small_moment_shares(recipe, xtr, ytr, batches)
+        print(f"{recipe.tag}: share of (step, entry) pairs with sqrt(v_hat) below {MOMENT_THRESHOLDS}:")
+        for n, shares in moments.items():
+            print(f"  {n:10s} {np.round(shares, 3).tolist()}")
+        if args.moments_only:
+            return 0
     path = os.path.join(tempfile.mkdtemp(), "run.h5")
     model = lds.fit(xtr, ytr, batches, recipe, 0, record=path, steps_per_epoch=-(-args.train // args.batch))
     with StoreReader(path, probe=False) as store:
@@ -80,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['corr_metagradient']:.3f} (relative error {row['rel_err_metagradient']:.1e}), with first order "
               f"{row['corr_first_order']:.3f}", flush=True)
     if args.out:
-        json.dump({"args": vars(args), "recipe": recipe.tag, "load": os.getloadavg(), "rows": rows},
+        json.dump({"args": vars(args), "recipe": recipe.tag, "load": os.getloadavg(), "rows": rows,
+                   "small_moment_shares": moments},
                   open(args.out, "w"), indent=1)
     return 0
 
