@@ -16,9 +16,9 @@ your own, never as project dependencies.
 
 The training recipe: ``--optimizer`` (SGD lr 0.05; SGD lr 0.01 momentum 0.9; AdamW lr 1e-3, weight decay 0.01),
 ``--lr`` (in place of those learning rates), AdamW's ``--eps`` (torch's default 1e-8), ``--warmup`` (the fraction
-of the steps over which the learning rate rises linearly to its value; 0: none) and ``--batch``. Every training runs on ``--threads`` threads (1 by default) so that the
-retrainings that define the truth are reproducible to the bit; the script checks it (``reproducible_max_abs_diff``
-in the JSON: the base run trained twice).
+of the steps over which the learning rate rises linearly to its value; 0: none) and ``--batch``. Every training
+runs on ``--threads`` threads (1 by default) so that the retrainings that define the truth are reproducible to the
+bit; the script checks it (``reproducible_max_abs_diff`` in the JSON: the base run trained twice).
 
     python benchmarks/lds.py --setting single --optimizer sgd --train 1000 --epochs 3 --drop 0.05 --subsets 100
     python benchmarks/lds.py --setting single --optimizer adamw --eps 1e-4 --warmup 0.25
