@@ -116,11 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         d = (lds.margins(lds.fit(xtr, ytr, batches, recipe, 0, weights=w), xte, yte) - base) / t
         row = {"t": t, "corr_metagradient": float(np.corrcoef(d, pm)[0, 1]),
                "corr_first_order": float(np.corrcoef(d, pf)[0, 1]),
-               "rel_err_metagradient": float(np.abs(d - pm).max() / np.abs(pm).max())}
+               "rel_err_metagradient": float(np.abs(d - pm).max() / np.abs(pm).max()),
+               # > 1: the derivative overshoots what the down-weighting did (a step that saturates, as Adam's does)
+               "scale_metagradient": float(np.abs(pm).mean() / max(np.abs(d).mean(), 1e-300))}
         rows.append(row)
         print(f"t={t:g}: finite difference {np.round(d[:4], 4)}; correlation with the metagradient "
               f"{row['corr_metagradient']:.3f} (relative error {row['rel_err_metagradient']:.1e}), with first order "
-              f"{row['corr_first_order']:.3f}", flush=True)
+              f"{row['corr_first_order']:.3f}; mean |prediction| / mean |finite difference| "
+              f"{row['scale_metagradient']:.3g}", flush=True)
     if args.out:
         json.dump({"args": vars(args), "recipe": recipe.tag, "load": os.getloadavg(), "rows": rows,
                    "small_moment_shares": moments},
