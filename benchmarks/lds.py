@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=0.0, help="fraction of the steps of linear learning-rate warm-up")
     p.add_argument("--lr", type=float, default=None, help="the learning rate (default: the optimizer's above)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of every training (fixed: reproducible)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="single-model: the base run's initialisation (and data order, seed + 1); 0 as in the docs")
     p.add_argument("--train", type=int, default=1000)
     p.add_argument("--test", type=int, default=100)
     p.add_argument("--epochs", type=int, default=3)
@@ -217,12 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = Recipe(args.optimizer, args.eps, args.warmup, args.lr, args.batch)
+    tag = recipe.tag + (f"-seed{args.seed}" if args.seed else "")  # the results' file names
     from lightning_dualform import StoreReader
     from lightning_dualform.attribute import influence
 
     xtr, ytr, xte, yte, xho, yho = load_data(args.train, args.test, held_out=True)
     spe = -(-args.train // args.batch)
-    batches = orders(args.train, args.epochs, args.batch, seed=1)
+    batches = orders(args.train, args.epochs, args.batch, seed=1 + args.seed)
     methods = args.methods.split(",")
     work = tempfile.mkdtemp(dir=args.workdir)
     store_path = os.path.join(work, "base.h5")
@@ -233,18 +236,18 @@ def main(argv: list[str] | None = None) -> int:
     t_fit = t_rec = t_ckpt = float("inf")
     for _ in range(2):
         t = time.perf_counter()
-        base = fit(xtr, ytr, batches, recipe, 0)
+        base = fit(xtr, ytr, batches, recipe, args.seed)
         t_fit = min(t_fit, time.perf_counter() - t)
         t = time.perf_counter()
-        fit(xtr, ytr, batches, recipe, 0, record=store_path, steps_per_epoch=spe)
+        fit(xtr, ytr, batches, recipe, args.seed, record=store_path, steps_per_epoch=spe)
         t_rec = min(t_rec, time.perf_counter() - t)
         ckpts: list = []
         t = time.perf_counter()
-        fit(xtr, ytr, batches, recipe, 0, checkpoints=ckpts, steps_per_epoch=spe)
+        fit(xtr, ytr, batches, recipe, args.seed, checkpoints=ckpts, steps_per_epoch=spe)
         t_ckpt = min(t_ckpt, time.perf_counter() - t)
-    result.update(fit_seconds=t_fit, recorded_fit_seconds=t_rec, checkpointed_fit_seconds=t_ckpt, recipe=recipe.tag)
+    result.update(fit_seconds=t_fit, recorded_fit_seconds=t_rec, checkpointed_fit_seconds=t_ckpt, recipe=tag)
     # the truth is only as good as its retrainings: the same training twice must give the same model, to the bit
-    again = fit(xtr, ytr, batches, recipe, 0, weights=torch.ones(len(ytr)))
+    again = fit(xtr, ytr, batches, recipe, args.seed, weights=torch.ones(len(ytr)))
     result["reproducible_max_abs_diff"] = float(np.abs(margins(again, xte, yte) - margins(base, xte, yte)).max())
     with torch.no_grad():
         result["held_out_accuracy"] = float((base(xho).argmax(1) == yho).float().mean())
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     masks = np.zeros((args.subsets, n), dtype=bool)  # True: kept
     truth = np.zeros((args.subsets, args.test))
     t = time.perf_counter()
-    saved = os.path.join(args.out, f"lds-{args.setting}-{recipe.tag}-retrained.npz")
+    saved = os.path.join(args.out, f"lds-{args.setting}-{tag}-retrained.npz")
     if args.reuse:
         got = np.load(args.reuse)
         masks, truth = got["masks"], got["truth"]
@@ -269,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.setting == "single":
             keep = np.ones(n, dtype=bool)
             keep[rng.choice(n, int(round(args.drop * n)), replace=False)] = False
-            model = fit(xtr, ytr, batches, recipe, 0, weights=torch.as_tensor(keep, dtype=torch.float32))
+            model = fit(xtr, ytr, batches, recipe, args.seed, weights=torch.as_tensor(keep, dtype=torch.float32))
         else:
             keep = np.zeros(n, dtype=bool)
             keep[rng.choice(n, int(round(args.alpha * n)), replace=False)] = True
@@ -300,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         m = result["methods"][name]
         print(f"{name:34s} LDS {mean:+.3f} ± {se:.3f} (subsets ± {m['se_subsets']:.3f})   "
               f"attribution {seconds:7.2f} s   extra training {extra_train:6.2f} s", flush=True)
-        json.dump(result, open(os.path.join(args.out, f"lds-{args.setting}-{recipe.tag}.json"), "w"), indent=1)
+        json.dump(result, open(os.path.join(args.out, f"lds-{args.setting}-{tag}.json"), "w"), indent=1)
 
     with StoreReader(store_path, probe=False) as store:  # written and closed by this process just now
         for method in ("first_order", "every_step", "metagradient"):
@@ -365,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{key}: failed ({type(err).__name__}: {err})", flush=True)
                 result["methods"][key] = {"error": f"{type(err).__name__}: {err}"}
     result["load_end"] = os.getloadavg()
-    json.dump(result, open(os.path.join(args.out, f"lds-{args.setting}-{recipe.tag}.json"), "w"), indent=1)
+    json.dump(result, open(os.path.join(args.out, f"lds-{args.setting}-{tag}.json"), "w"), indent=1)
     return 0
 
 
