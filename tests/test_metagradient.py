@@ -233,7 +233,7 @@ CASES += [
     _torch_case("nadam", torch.optim.NAdam, 0.05, weight_decay=0.01, momentum_decay=0.01),
     _torch_case("radam", torch.optim.RAdam, 0.05, weight_decay=0.1, decoupled_weight_decay=True),
     _torch_case("adagrad", torch.optim.Adagrad, 0.1, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1,
-                eps=1e-6),
+                eps=1e-4),
     _torch_case("rmsprop", torch.optim.RMSprop, 0.01, momentum=0.9, centered=True, weight_decay=0.01),
     _torch_case("adadelta", torch.optim.Adadelta, 1.0, weight_decay=0.01),
     _torch_case("adam-maximize-decoupled", torch.optim.Adam, 0.02, slow=True, maximize=True, weight_decay=0.1,
@@ -278,7 +278,7 @@ def test_metagradient_equals_unrolled_autograd(tmp_path, name, make_opt, ref):
     # a scale-free rule with a tiny eps is noted as rough in the loss weights; the others are not
     eps = make_opt([torch.zeros(1, requires_grad=True)]).defaults.get("eps", 1.0)
     scale_free = name.split("-")[0] in ("adam", "adamw", "adamax", "nadam", "radam", "adagrad", "rmsprop")
-    assert bool(res.replay.notes) == (scale_free and eps < 1e-6), (name, res.replay.notes)
+    assert bool(res.replay.notes) == (scale_free and eps < 1e-4), (name, res.replay.notes)
 
 
 @pytest.mark.slow
