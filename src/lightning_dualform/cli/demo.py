@@ -107,7 +107,9 @@ class PaperMLP(Classifier):
 
     def __init__(self, lr: float = DEMO_LR, momentum: float = 0.9, hidden: int = 800, classes: int = 10,
                  optimizer: str = "sgd") -> None:
-        net = nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+        net = nn.Sequential(
+            nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes)
+        )
         super().__init__(net, lr, momentum, optimizer)
         self.save_hyperparameters()
 
@@ -166,7 +168,9 @@ def run_demo(
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"`demo --epochs {epochs}`: expected a positive integer.")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 10):
-        raise ValueError(f"`demo --limit {limit}`: expected an integer >= 10 (examples in all, 80% of them for training).")
+        raise ValueError(
+            f"`demo --limit {limit}`: expected an integer >= 10 (examples in all, 80% of them for training)."
+        )
     if optimizer not in DEMO_OPTIMIZERS:
         raise ValueError(f"`demo --optimizer {optimizer}`: expected one of {DEMO_OPTIMIZERS}.")
     if lr is None:
@@ -182,8 +186,10 @@ def run_demo(
     dm.setup()
     model = PaperMLP(lr=lr, optimizer=optimizer)
     cb = DualFormCallback(store, record_queries=("test",), overwrite=True)
-    echo(f"demo: training a 784-800-800-10 MLP with {'AdamW' if optimizer == 'adamw' else 'SGD'} on {len(dm.train_set)} "
-         f"MNIST digits for {epochs} epoch(s), recording into {store}")
+    echo(
+        f"demo: training a 784-800-800-10 MLP with {'AdamW' if optimizer == 'adamw' else 'SGD'} on {len(dm.train_set)} "
+        f"MNIST digits for {epochs} epoch(s), recording into {store}"
+    )
     with _lightning_quiet(quiet):
         trainer = pl.Trainer(
             max_epochs=epochs,
@@ -227,7 +233,11 @@ def run_demo(
         from lightning_dualform.analysis import attend_queries  # shared with `attend`
 
         run = attend_queries(di, split="test", positions=picks, top_k=min(top_k, 5), contribution_to="pred")
-        summary["queries"] = {"index": run.index.tolist(), "label": run.label.tolist(), "prediction": run.prediction.tolist()}
+        summary["queries"] = {
+            "index": run.index.tolist(),
+            "label": run.label.tolist(),
+            "prediction": run.prediction.tolist(),
+        }
         summary["dual_rel_err"] = {k: r.max_rel_err for k, r in run.results.items()}
         if plot:
             from lightning_dualform.plots import plot_attention
@@ -270,8 +280,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     exact = all(c["exact"] for c in cert.values())
     print(f"demo finished in {s['seconds']:.0f} s (training {s['fit_seconds']:.0f} s)")
     opt = f"SGD lr {s['lr']:g} momentum 0.9" if s["optimizer"] == "sgd" else f"AdamW lr {s['lr']:g} weight decay 0.01"
-    print(f"  data       {s['train_examples']} training / {s['test_examples']} test MNIST digits, {s['epochs']} epoch(s), "
-          f"{opt}, clipping 1.0, batch 128")
+    print(
+        f"  data       {s['train_examples']} training / {s['test_examples']} test MNIST digits, "
+        f"{s['epochs']} epoch(s), {opt}, clipping 1.0, batch 128"
+    )
     print(f"  accuracy   {100 * s['accuracy']:.1f}% on the test digits")
     print(f"  store      {s['store']} ({human_bytes(s['store_bytes'])})")
     print(f"  exactness  {'exact' if exact else 'NOT exact'}: rebuilt weights within {worst:.1e} relative "

@@ -280,7 +280,10 @@ class Adjoint:
             return 0.0
         lam = [self.lam.get(n, 0.0) for n in step.names]
         q = _affine(_lincomb(step.b0, lam), _lincomb(step.b1, lam), step.w)
-        new = {n: _affine(_lincomb(step.m0[:, j], lam), _lincomb(step.m1[:, j], lam), step.w) for j, n in enumerate(step.names)}
+        new = {
+            n: _affine(_lincomb(step.m0[:, j], lam), _lincomb(step.m1[:, j], lam), step.w)
+            for j, n in enumerate(step.names)
+        }
         for n, v in new.items():
             if isinstance(v, RankOne):  # lambda itself never stays rank one (only the rule's Q does)
                 v = v.dense()

@@ -232,7 +232,9 @@ class Sweep:
                 self.rule.needs_param(row_of(self.table, t)) for t in range(start, stop) if self.table["applied"][t]
             ):
                 st.linear = None  # the maps do not depend on it: skip its update
-            rep = replay(self.rule, self.table, self.grad_scale, st, self.read(start, stop, self.rows), stop, keep_maps=True)
+            rep = replay(
+                self.rule, self.table, self.grad_scale, st, self.read(start, stop, self.rows), stop, keep_maps=True
+            )
             for s in range(stop - 1, start - 1, -1):
                 step = rep.maps[s - start]
                 q = self.adjoint.back(step, float(self.grad_scale[s]))
@@ -269,7 +271,9 @@ class Decomposition:
     Q: list[Value]
     forms: dict[int, Form]
 
-    def rebuild(self, initial: OptimizerState, grads: Sequence[np.ndarray | None], rows: np.ndarray | None = None) -> np.ndarray:
+    def rebuild(
+        self, initial: OptimizerState, grads: Sequence[np.ndarray | None], rows: np.ndarray | None = None
+    ) -> np.ndarray:
         """The parameter after ``stop`` steps from the decomposition (rows ``rows`` of it)."""
         init = initial.take_rows(rows)
         out = Adjoint({"param": self.A, **self.C}).base(init.linear)
@@ -343,7 +347,9 @@ class QuerySweep:
                 raise ValueError("a 1-D parameter (a bias) takes x=None: its key is the constant 1")
         elif len(shape) == 2:
             if x is None or np.ndim(x) != 2 or np.shape(x) != (len(units), shape[1]):
-                raise ValueError(f"x must have shape (n, {shape[1]}) with n = len(units) = {len(units)}, got {np.shape(x)}")
+                raise ValueError(
+                    f"x must have shape (n, {shape[1]}) with n = len(units) = {len(units)}, got {np.shape(x)}"
+                )
         else:
             raise ValueError(f"the attention form takes a 1-D or 2-D parameter, got shape {shape}")
         if len(units) and (units.min() < 0 or units.max() >= shape[0]):

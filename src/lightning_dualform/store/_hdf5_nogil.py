@@ -39,7 +39,8 @@ def _declare(lib: ctypes.CDLL) -> bool:
     if not all(hasattr(lib, n) for n in names):
         return False
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    # herr_t H5Dwrite_chunk(hid_t dset, hid_t dxpl, uint32_t filters, const hsize_t* offset, size_t size, const void* buf)
+    # herr_t H5Dwrite_chunk(hid_t dset, hid_t dxpl, uint32_t filters, const hsize_t* offset, size_t size,
+    #                       const void* buf)
     lib.H5Dwrite_chunk.argtypes = [i64, i64, ctypes.c_uint32, p, ctypes.c_size_t, p]
     lib.H5Dwrite_chunk.restype = ctypes.c_int
     # herr_t H5Dread(hid_t dset, hid_t mem_type, hid_t mem_space, hid_t file_space, hid_t dxpl, void* buf)
@@ -79,7 +80,9 @@ def _is_h5pys(lib: object) -> bool:
 def _private_or_threadsafe(path: str, lib: ctypes.CDLL) -> bool:
     """Only h5py calls this copy (it ships inside h5py's wheel), or HDF5 serialises its callers itself."""
     pkg = os.path.dirname(os.path.abspath(h5py.__file__))
-    if os.path.dirname(os.path.realpath(path)) in {os.path.realpath(d) for d in (pkg, pkg + ".libs", os.path.join(pkg, ".dylibs"))}:
+    if os.path.dirname(os.path.realpath(path)) in {
+        os.path.realpath(d) for d in (pkg, pkg + ".libs", os.path.join(pkg, ".dylibs"))
+    }:
         return True
     if hasattr(lib, "H5is_library_threadsafe"):
         flag = ctypes.c_bool(False)

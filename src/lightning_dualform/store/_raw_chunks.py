@@ -165,7 +165,9 @@ class ChunkReader:
             self._offsets = np.zeros(0, dtype=np.int64)
 
     # -- reading ---------------------------------------------------------------------------------------
-    def read(self, start: int, stop: int, threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray | None:
+    def read(
+        self, start: int, stop: int, threads: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray | None:
         """Rows ``start:stop``, every chunk's checksum verified; ``None`` when any chunk cannot be read this
         way or its checksum disagrees (then read through HDF5, which is right or raises)."""
         n = stop - start
@@ -218,7 +220,9 @@ class ChunkReader:
                 return False
             if partial is not None:
                 first, rows = partial
-                flat[dest : dest + rows * self.row_bytes] = scratch[first * self.row_bytes : (first + rows) * self.row_bytes]
+                flat[dest : dest + rows * self.row_bytes] = scratch[
+                    first * self.row_bytes : (first + rows) * self.row_bytes
+                ]
         return True
 
 

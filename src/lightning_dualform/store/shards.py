@@ -102,7 +102,9 @@ def read_shard_index(path: str, *, probe: bool = True) -> list[str] | None:
     except (OSError, KeyError, ValueError, TypeError):
         return None
     if not names or len(names) > MAX_SHARDS or not all(isinstance(n, str) and n for n in names):
-        raise StoreError(f"{path}: a DDP shard index whose list of shards is empty or not a list of file names; the file is damaged.")
+        raise StoreError(
+            f"{path}: a DDP shard index whose list of shards is empty or not a list of file names; the file is damaged."
+        )
     base = os.path.dirname(os.path.abspath(path))
     out = [os.path.normpath(os.path.join(base, n)) for n in names]
     seen: dict[tuple, str] = {}
@@ -116,7 +118,9 @@ def read_shard_index(path: str, *, probe: bool = True) -> list[str] | None:
             raise StoreError(f"{path}: the DDP shard index names itself as a shard; the file is damaged.")
         key = (st.st_dev, st.st_ino)
         if key in seen:
-            raise StoreError(f"{path}: the DDP shard index names {shard} twice (also as {seen[key]}); the file is damaged.")
+            raise StoreError(
+                f"{path}: the DDP shard index names {shard} twice (also as {seen[key]}); the file is damaged."
+            )
         seen[key] = shard
     return out
 
@@ -171,7 +175,10 @@ class ShardedLayerReader:
 
     @staticmethod
     def _steps(part: LayerReader) -> np.ndarray:
-        return np.concatenate([part.read(s, s + (1 << 20), ("step",))["step"] for s in range(0, part.n_rows, 1 << 20)] or [np.zeros(0, np.int64)])
+        return np.concatenate(
+            [part.read(s, s + (1 << 20), ("step",))["step"] for s in range(0, part.n_rows, 1 << 20)]
+            or [np.zeros(0, np.int64)]
+        )
 
     # weights, tables and coefficients are identical in every shard: the first one answers
     def __getattr__(self, name: str) -> Any:
@@ -192,7 +199,11 @@ class ShardedLayerReader:
         if any(f is None for f in found) or first is None:
             return None
         for w, b in found[1:]:
-            if not np.array_equal(w, first[0]) or (b is None) != (first[1] is None) or (b is not None and not np.array_equal(b, first[1])):
+            if (
+                not np.array_equal(w, first[0])
+                or (b is None) != (first[1] is None)
+                or (b is not None and not np.array_equal(b, first[1]))
+            ):
                 return None
         return first
 
@@ -203,7 +214,9 @@ class ShardedLayerReader:
         i = int(np.clip(step - self.store.first_step, 0, len(self._cell_rows)))
         return int(self._cell_start[i * len(self.parts)])
 
-    def read(self, start: int, stop: int, columns: tuple[str, ...] = ("keys", "values", *ROW_COLUMNS)) -> dict[str, np.ndarray]:
+    def read(
+        self, start: int, stop: int, columns: tuple[str, ...] = ("keys", "values", *ROW_COLUMNS)
+    ) -> dict[str, np.ndarray]:
         """Virtual rows ``start:stop``: one contiguous read per shard, then put in step-major order."""
         stop = min(stop, self.n_rows)
         if stop <= start:
@@ -227,7 +240,9 @@ class ShardedLayerReader:
             mine = [p for p in pieces if p[0] == shard]
             spans[shard] = (mine[0][1], mine[-1][2])
         data = {s: self.parts[s].read(a, b, columns) for s, (a, b) in spans.items()}
-        return {c: np.concatenate([data[s][c][a - spans[s][0] : b - spans[s][0]] for s, a, b in pieces]) for c in columns}
+        return {
+            c: np.concatenate([data[s][c][a - spans[s][0] : b - spans[s][0]] for s, a, b in pieces]) for c in columns
+        }
 
 
 class ShardedStoreReader(StoreView):
@@ -309,7 +324,11 @@ class ShardedStoreReader(StoreView):
             return None
         out = found[0].copy()
         for f in found[1:]:
-            missing = np.isnan(out.reshape(len(out), -1)).any(1) if np.issubdtype(out.dtype, np.floating) else np.zeros(len(out), bool)
+            missing = (
+                np.isnan(out.reshape(len(out), -1)).any(1)
+                if np.issubdtype(out.dtype, np.floating)
+                else np.zeros(len(out), bool)
+            )
             out[missing] = f[missing]
         return out
 

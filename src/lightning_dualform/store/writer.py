@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 
 def check_commit_seconds(commit_seconds: Any, call: str = "StoreWriter(commit_seconds=...)") -> float:
     """``commit_seconds`` as a positive, finite float (an int or a float; never a bool or a string)."""
-    if isinstance(commit_seconds, (bool, np.bool_)) or not isinstance(commit_seconds, (int, float, np.integer, np.floating)):
+    if isinstance(commit_seconds, (bool, np.bool_)) or not isinstance(
+        commit_seconds, (int, float, np.integer, np.floating)
+    ):
         raise TypeError(f"`{call}` got {commit_seconds!r}; expected a number of seconds, e.g. 30.")
     value = float(commit_seconds)
     if not math.isfinite(value) or value <= 0:
@@ -98,18 +100,26 @@ class StoreWriter:
             self._tables = {name: self._table_handles(self.file["layers"][name]["updates"]) for name in self._layers}
             self._chunk_rows = {name: ds["keys"].chunks[0] for name, ds in self._ds.items()}  # as the file has them
             self._row_bytes = {
-                name: ds["keys"].dtype.itemsize * ds["keys"].shape[1] + ds["values"].dtype.itemsize * ds["values"].shape[1] + 32
+                name: ds["keys"].dtype.itemsize * ds["keys"].shape[1]
+                + ds["values"].dtype.itemsize * ds["values"].shape[1]
+                + 32
                 for name, ds in self._ds.items()
             }
             # keys and values of uncompressed stores skip h5py's filter pipeline (see chunk_append.py)
             self._appenders = {
-                name: {col: app for col in ("keys", "values") if (app := ChunkAppender.for_dataset(ds[col])) is not None}
+                name: {
+                    col: app for col in ("keys", "values") if (app := ChunkAppender.for_dataset(ds[col])) is not None
+                }
                 for name, ds in self._ds.items()
             }
-            self._input_appender = ChunkAppender.for_dataset(self.file["inputs"]["data"] if "inputs" in self.file else None)
+            self._input_appender = ChunkAppender.for_dataset(
+                self.file["inputs"]["data"] if "inputs" in self.file else None
+            )
             # a convolution stored as maps: its datasets count pixels (keys), virtual rows (values) and maps (the
             # metadata columns); the multipliers per map are fixed by the first step's map size
-            self._maps = {n: _h5.attr(self.file["layers"][n].attrs.get("layout", "rows")) == MAPS_LAYOUT for n in self._layers}
+            self._maps = {
+                n: _h5.attr(self.file["layers"][n].attrs.get("layout", "rows")) == MAPS_LAYOUT for n in self._layers
+            }
             self._mult: dict[str, dict[str, int]] = {}
             for name in self._layers:
                 counts = map_counts(self.file["layers"][name]) if self._maps[name] else None
@@ -166,8 +176,10 @@ class StoreWriter:
             input_shape = tuple(as_int(d, "StoreWriter.create(input_shape=...)", lo=0) for d in input_shape)
             nbytes = int(np.prod(input_shape, dtype=np.int64)) * np.dtype(input_dtype).itemsize
             if nbytes > MAX_INPUT_BYTES:
-                raise ValueError(f"StoreWriter.create: one training input of shape {input_shape} takes {nbytes / 2**30:.1f} GiB; "
-                                 f"at most {MAX_INPUT_BYTES >> 30} GiB per example is stored (pass store_inputs=False).")
+                raise ValueError(
+                    f"StoreWriter.create: one training input of shape {input_shape} takes {nbytes / 2**30:.1f} GiB; "
+                    f"at most {MAX_INPUT_BYTES >> 30} GiB per example is stored (pass store_inputs=False)."
+                )
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
         _repair.check_replaceable(path)  # before the lock: a symlink's target must not get a lock file beside it
         lock = lock if lock is not None else WriterLock.acquire(path, "creating the store")
@@ -244,7 +256,9 @@ class StoreWriter:
             try:
                 stored = stored_settings(path)
             except (OSError, KeyError, ValueError, TypeError) as err:
-                raise StoreError(f"{path}: cannot continue this file: it is not a readable store ({_h5.short(err)}).") from err
+                raise StoreError(
+                    f"{path}: cannot continue this file: it is not a readable store ({_h5.short(err)})."
+                ) from err
             diffs = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
             if diffs:
                 shown = "; ".join(f"{k}: store has {a!r}, this run has {b!r}" for k, (a, b) in diffs.items())
@@ -335,7 +349,9 @@ class StoreWriter:
         return self._slack
 
     # -- appending ---------------------------------------------------------------------------------
-    def add_step(self, step: int, epoch: int, rows: dict[str, StepRows], updates: dict[str, tuple[float, Any, Any]]) -> None:
+    def add_step(
+        self, step: int, epoch: int, rows: dict[str, StepRows], updates: dict[str, tuple[float, Any, Any]]
+    ) -> None:
         """Buffer one optimizer step: its rows per layer and ``(grad_scale, weight_row, bias_row)``, a row being
         the step's ``{column: value}`` of the store's update rule (or an object with those attributes).
 
@@ -345,7 +361,8 @@ class StoreWriter:
         """
         self._guard()
         try:
-            nbytes = sum(len(r.keys) * self._row_bytes[n] for n, r in rows.items() if n in self._row_bytes) + 256 * len(self._layers)
+            nbytes = sum(len(r.keys) * self._row_bytes[n] for n, r in rows.items() if n in self._row_bytes)
+            nbytes += 256 * len(self._layers)
             self._reserve(self._pending_bytes + nbytes)
             self._pending_bytes += nbytes
             self._add_step(step, epoch, rows, updates)
@@ -353,7 +370,9 @@ class StoreWriter:
             self._failing(err)
             raise
 
-    def _add_step(self, step: int, epoch: int, rows: dict[str, StepRows], updates: dict[str, tuple[float, Any, Any]]) -> None:
+    def _add_step(
+        self, step: int, epoch: int, rows: dict[str, StepRows], updates: dict[str, tuple[float, Any, Any]]
+    ) -> None:
         for name, r in rows.items():
             if name in self._dropped:
                 continue
@@ -361,10 +380,15 @@ class StoreWriter:
             if self._maps[name]:
                 self._set_map_size(name, r)
             block = {
-                "keys": r.keys.astype(np.int64) if self._kinds[name] == "embedding" else encode_rows(r.keys, self.row_dtype),
+                "keys": r.keys.astype(np.int64)
+                if self._kinds[name] == "embedding"
+                else encode_rows(r.keys, self.row_dtype),
                 "values": encode_rows(r.values, self.row_dtype),
-                "index": r.index, "position": r.position, "label": r.label,
-                "step": np.full(n, step, np.int64), "epoch": np.full(n, epoch, np.int32),
+                "index": r.index,
+                "position": r.position,
+                "label": r.label,
+                "step": np.full(n, step, np.int64),
+                "epoch": np.full(n, epoch, np.int32),
             }
             for col, appender in self._appenders[name].items():
                 appender.append(block.pop(col))
@@ -432,7 +456,10 @@ class StoreWriter:
         if self._pending_inputs and "inputs" in self.file:
             ig = self.file["inputs"]
             if self._input_appender is None:
-                _h5.append(ig["data"], np.concatenate([d for _, d in self._pending_inputs]).astype(ig["data"].dtype, copy=False))
+                _h5.append(
+                    ig["data"],
+                    np.concatenate([d for _, d in self._pending_inputs]).astype(ig["data"].dtype, copy=False),
+                )
             _h5.append(ig["index"], np.concatenate([i for i, _ in self._pending_inputs]))
         self._pending_inputs = []
         if not self._pending_steps:
@@ -494,7 +521,10 @@ class StoreWriter:
         if "inputs" in f:
             ig = f["inputs"]
             if ig["index"].shape[0] != ig["data"].shape[0]:
-                raise StoreError(f"{self.path}: {ig['index'].shape[0]} input indices for {ig['data'].shape[0]} inputs; not committed.")
+                raise StoreError(
+                    f"{self.path}: {ig['index'].shape[0]} input indices for {ig['data'].shape[0]} inputs; not "
+                    "committed."
+                )
             ig["committed"][0] = ig["index"].shape[0]
         f["committed_steps"][0] = f["update_step"].shape[0]
         f.flush()  # ... then the counters that point at it
@@ -535,12 +565,16 @@ class StoreWriter:
                 spec = self.file["layers"][name].attrs
                 want = (int(spec["d_out"]), int(spec["d_in"]))
                 if np.shape(w) != want or (b is not None and np.shape(b) != want[:1]):
-                    raise StoreError(f"{self.path}: final weights of layer {name!r} are {np.shape(w)}, expected {want}.")
+                    raise StoreError(
+                        f"{self.path}: final weights of layer {name!r} are {np.shape(w)}, expected {want}."
+                    )
             self.commit()
             self._release(close_file=True, keep_lock=True)
             self._lock.set_phase("finalisation")
             nbytes = sum(4 * (np.size(w) + (np.size(b) if b is not None else 0)) for w, b in final_weights.values())
-            with _journal.write_session(self.path, "finalisation", reserve=nbytes + 64 * 1024 * len(final_weights)) as f:
+            with _journal.write_session(
+                self.path, "finalisation", reserve=nbytes + 64 * 1024 * len(final_weights)
+            ) as f:
                 for name, (w, b) in final_weights.items():
                     g = f["layers"][name]
                     _h5.replace(g, "weight_final", np.asarray(w, dtype=np.float32))
@@ -553,7 +587,9 @@ class StoreWriter:
                 n_steps = int(f["committed_steps"][0])
                 for g in f["layers"].values():  # (rows before a resume count too)
                     per = (map_counts(g) or (1, 1))[1]  # a convolution's maps: one index per map of `per` rows
-                    g.attrs["rows_without_index"] = per * _count_negative(g["index"], int(g["committed_rows"][0]) // per)
+                    g.attrs["rows_without_index"] = per * _count_negative(
+                        g["index"], int(g["committed_rows"][0]) // per
+                    )
                     # the per-step tables the store finished with: answers at every step rest on them
                     g.attrs[TABLES_CRC32] = stored_tables_crc32(f, g, n_steps)
                 for name, cert in (certificate or {}).items():
