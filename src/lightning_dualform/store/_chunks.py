@@ -105,6 +105,6 @@ class ChunkAppender:
             self.ds.id.set_extent((end, *self._shape))
             self._extent = end
         checksum = self._sum.finish(zero_bytes=(self.chunk_rows - self._fill) * self._row_bytes)
-        struct.pack_into("<I", self._raw, self._bytes, checksum)
+        struct.pack_into("<I", self._raw.data, self._bytes, checksum)
         self._offset[0] = self._start
         _hdf5_nogil.write_chunk(self.ds, self._offset, self._raw, self.release_gil)

@@ -24,14 +24,19 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import numpy as np
 
 #: ``layout`` attribute of a format-3 convolution layer (absent: one stored row per key row).
 MAPS_LAYOUT = "maps"
 #: ``padding_mode`` -> ``numpy.pad`` mode (torch's ``reflect`` excludes the edge, as numpy's does).
-_NP_PAD = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+_NP_PAD: dict[str, Literal["constant", "reflect", "edge", "wrap"]] = {
+    "zeros": "constant",
+    "reflect": "reflect",
+    "replicate": "edge",
+    "circular": "wrap",
+}
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,8 @@ def unfold(maps: np.ndarray, geom: ConvGeometry) -> np.ndarray:
         *(slice(None, None, s) for s in geom.stride),
         *(slice(None, None, d) for d in geom.dilation),
     )
-    win = win[sel][(slice(None), slice(None), *(slice(0, o) for o in geom.output_size))]  # (E, C, *out, *kernel)
+    keep = (slice(None), slice(None), *(slice(0, o) for o in geom.output_size))
+    win = win[sel][keep]  # (E, C, *out, *kernel)
     # -> (E, *out, C, *kernel)
     order = (0, *range(2, 2 + geom.dims), 1, *range(2 + geom.dims, 2 + 2 * geom.dims))
     return np.ascontiguousarray(win.transpose(order)).reshape(maps.shape[0] * geom.locations, geom.d_in)

@@ -267,7 +267,7 @@ class ShardedStoreReader(StoreView):
         sizes = [r.attrs.get("world_size") for r in self._readers]
         if any(x is not None for x in ranks + sizes):
             ints = all(isinstance(x, int) and not isinstance(x, bool) for x in ranks + sizes)
-            if not ints or set(sizes) != {n} or sorted(ranks) != list(range(n)):
+            if not ints or set(sizes) != {n} or sorted(x for x in ranks if isinstance(x, int)) != list(range(n)):
                 raise StoreError(
                     f"{self.path}: the shards say ranks {ranks} of world sizes {sizes}, but the index names {n} "
                     "shards; the index or a shard is damaged."
@@ -280,8 +280,8 @@ class ShardedStoreReader(StoreView):
             if r.update_rule != r0.update_rule:
                 raise StoreError(f"{self.path}: shards {r0.path} and {r.path} name different update rules "
                                  f"({r0.update_rule!r}, {r.update_rule!r}).")
-        for attr in ("row_dtype", "optimizer", "first_step", "update_rule"):
-            setattr(self, attr, getattr(r0, attr))
+        self.row_dtype, self.optimizer = r0.row_dtype, r0.optimizer
+        self.first_step, self.update_rule = r0.first_step, r0.update_rule
         # each rank recorded how its own float32 products were rounded: the store as a whole, the loosest
         self.meta = StoreMetadata.merge([r.meta for r in self._readers])
         self.attrs = {**r0.attrs, "float32_products": self.meta.float32_products}
@@ -310,7 +310,7 @@ class ShardedStoreReader(StoreView):
     def query_splits(self) -> list[str]:
         return sorted(set().union(*(r.query_splits for r in self._readers)))
 
-    def queries(self, split: str) -> QuerySet:
+    def queries(self, split: str) -> QuerySet | _MergedQuerySet:
         """A split recorded under DDP: each rank stored its share; they are concatenated in rank order."""
         sets = [r.queries(split) for r in self._readers if split in r.query_splits]
         if len(sets) == 1:

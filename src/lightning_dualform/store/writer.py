@@ -78,7 +78,7 @@ class StoreWriter:
         self._pending: dict[str, list[dict[str, np.ndarray]]] = {n: [] for n in self._layers}
         self._pending_rows: dict[str, int] = {n: 0 for n in self._layers}
         self._pending_steps: list[tuple[int, int, dict[str, tuple[float, Any, Any]]]] = []
-        self._pending_inputs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_inputs: list[tuple[np.ndarray, np.ndarray | None]] = []  # None: written already
         self._pending_bytes = 0
         self._inexact: dict[str, str] = {}
         self._dropped: dict[str, str] = {}
@@ -284,7 +284,7 @@ class StoreWriter:
         return out
 
     def _counts(self) -> dict[str, Any]:
-        f = self.file
+        f = self._h5file
         return {
             "steps": int(f["committed_steps"][0]),
             "rows": {n: int(f["layers"][n]["committed_rows"][0]) for n in self._layers if n in f["layers"]},
@@ -309,14 +309,21 @@ class StoreWriter:
         out = {}
         for name in self._layers:
             if name in self._mult:
-                out[name] = tuple(int(v) for v in self.file["layers"][name]["input_size"][()])
+                out[name] = tuple(int(v) for v in self._h5file["layers"][name]["input_size"][()])
         return out
 
     def input_indices(self) -> np.ndarray:
         """Dataset indices whose raw input is already stored (committed)."""
-        if "inputs" not in self.file:
+        if "inputs" not in self._h5file:
             return np.zeros(0, dtype=np.int64)
-        return np.asarray(self.file["inputs"]["index"][: int(self.file["inputs"]["committed"][0])])
+        return np.asarray(self._h5file["inputs"]["index"][: int(self._h5file["inputs"]["committed"][0])])
+
+    @property
+    def _h5file(self) -> h5py.File:
+        """The open file (the writing methods run after :meth:`_guard`, which says so when it is closed)."""
+        if self.file is None:
+            raise StoreError(f"{self.path}: the store writer is closed.")
+        return self.file
 
     # -- failures ----------------------------------------------------------------------------------
     def _guard(self) -> None:
@@ -404,13 +411,14 @@ class StoreWriter:
 
     def _set_map_size(self, name: str, r: StepRows) -> None:
         """Fix a convolution's map size at its first rows (written now, before any row that depends on it)."""
-        ds = self.file["layers"][name]["input_size"]
+        ds = self._h5file["layers"][name]["input_size"]
         have = tuple(int(v) for v in ds[()])
         if r.map_size is None or (any(have) and have != tuple(r.map_size)):
             raise StoreError(f"{self.path}: layer {name!r} is stored as maps of size {have}, not {r.map_size}.")
         if not any(have):
             ds[...] = np.asarray(r.map_size, dtype=np.int64)
-            counts = map_counts(self.file["layers"][name])
+            counts = map_counts(self._h5file["layers"][name])
+            assert counts is not None  # the map size was just fixed
             self._mult[name] = {"keys": counts[0], "values": counts[1]}
         mult = self._mult[name]
         if len(r.keys) != mult["keys"] * len(r.index) or len(r.values) != mult["values"] * len(r.index):
@@ -424,10 +432,11 @@ class StoreWriter:
             nbytes = int(np.asarray(data).nbytes) + 8 * len(index)
             self._reserve(self._pending_bytes + nbytes)
             self._pending_bytes += nbytes
+            kept: np.ndarray | None = data
             if self._input_appender is not None:  # the bytes go out now, chunk by chunk; the indices at commit
                 self._input_appender.append(np.ascontiguousarray(data, dtype=self._input_appender.ds.dtype))
-                data = None
-            self._pending_inputs.append((index, data))
+                kept = None
+            self._pending_inputs.append((index, kept))
         except BaseException as err:
             self._failing(err)
             raise
@@ -453,8 +462,8 @@ class StoreWriter:
         self._pending_rows[name] = total - m
 
     def _write_tables(self) -> None:
-        if self._pending_inputs and "inputs" in self.file:
-            ig = self.file["inputs"]
+        if self._pending_inputs and "inputs" in self._h5file:
+            ig = self._h5file["inputs"]
             if self._input_appender is None:
                 _h5.append(
                     ig["data"],
@@ -465,8 +474,8 @@ class StoreWriter:
         if not self._pending_steps:
             return
         steps = self._pending_steps
-        _h5.append(self.file["update_step"], np.array([s for s, _, _ in steps], dtype=np.int64))
-        _h5.append(self.file["update_epoch"], np.array([e for _, e, _ in steps], dtype=np.int32))
+        _h5.append(self._h5file["update_step"], np.array([s for s, _, _ in steps], dtype=np.int64))
+        _h5.append(self._h5file["update_epoch"], np.array([e for _, e, _ in steps], dtype=np.int32))
         for name in self._layers:
             t = self._tables[name]
             _h5.append(t["grad_scale"], np.array([u[name][0] for _, _, u in steps], dtype=np.float64))
@@ -505,8 +514,8 @@ class StoreWriter:
     def _commit(self) -> dict[str, Any]:
         self._reserve(self._pending_bytes)
         self._write_pending()
-        self.file.flush()  # data first ...
-        f = self.file
+        self._h5file.flush()  # data first ...
+        f = self._h5file
         for name in self._layers:
             if name in self._dropped:  # removed at finalisation; its counter stays where it was
                 continue
@@ -562,7 +571,7 @@ class StoreWriter:
             for name, (w, b) in final_weights.items():
                 if name in self._dropped:
                     continue
-                spec = self.file["layers"][name].attrs
+                spec = self._h5file["layers"][name].attrs
                 want = (int(spec["d_out"]), int(spec["d_in"]))
                 if np.shape(w) != want or (b is not None and np.shape(b) != want[:1]):
                     raise StoreError(
