@@ -13,6 +13,7 @@ from helpers import MLP, TRAINER_KW, IndexedDataset, loader
 
 from lightning_dualform import DualFormCallback, DualInference
 from lightning_dualform.analysis import (
+    attend_queries,
     attend_recorded,
     class_mass,
     markdown_table,
@@ -156,6 +157,17 @@ def test_recorded_votes_against_dense_reference(fitted):
         assert [r["row"] for r in top_rows(run.results["net.2"], 4)] == best.tolist()
         assert top_score_steps(run.results["net.2"])[4].tolist() == mem["step"][best].tolist()
         assert run.queries("net.2", [4]).shape == (1, 8)
+
+
+def test_attend_queries_without_split_or_queries_names_the_query_sets(fitted):
+    # it once asked the store for the query set None ("Record one with DualFormCallback(record_queries=(None,))")
+    path, _ = fitted
+    with DualInference(path) as di:
+        wanted = r"`attend_queries`: pass split=\.\.\. \(the store's query sets: \['test'\]\)"
+        with pytest.raises(ValueError, match=wanted):
+            attend_queries(di)
+        run = attend_queries(di, split="test", positions=[0], top_k=1)
+        assert run.index.tolist() == [di.store.queries("test").index[0]]
 
 
 def test_score_curves_against_dense_reference(fitted):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ import torch
 from lightning_dualform._args import as_int
 from lightning_dualform._float32_products import full_float32_products
 from lightning_dualform.attend.inference import AttentionResult, DualInference
-from lightning_dualform.attend.request import AttendRequest, request_from
+from lightning_dualform.attend.request import AttendRequest, Contribution, request_from
 
 _R = AttendRequest  # the defaults of the attend knobs are the request's
 
@@ -195,7 +195,7 @@ def attend_queries(
     source: str = "",
     layers: Sequence[str] | None = None,
     top_k: int = _R.top_k,
-    contribution_to: str | int | None = _R.contribution_to,
+    contribution_to: Contribution | Literal["label"] = _R.contribution_to,
     at_step: int | None = _R.at_step,
     step_buckets: int = _R.step_buckets,
     score: str = _R.score,
@@ -213,8 +213,8 @@ def attend_queries(
     it used); ``request`` gives them all at once instead (its ``contribution_to`` then applies at the last layer).
 
     Raises:
-        ValueError: a query width no layer takes, a layer without recorded rows, ``contribution_to="label"``
-            without labels, or ``top_k`` larger than a layer's memory.
+        ValueError: neither ``split`` nor ``queries``, a query width no layer takes, a layer without recorded
+            rows, ``contribution_to="label"`` without labels, or ``top_k`` larger than a layer's memory.
         KeyError: an unknown split or layer.
     """
     by_label = isinstance(contribution_to, str) and contribution_to == "label"
@@ -248,6 +248,11 @@ def attend_queries(
             run.inputs = q.reshape(m, *ref.shape[1:])
         per_layer = {n: (q, np.arange(m), np.zeros(m, dtype=np.int64)) for n in layers}
     else:
+        if split is None:
+            raise ValueError(
+                f"`attend_queries`: pass split=... (the store's query sets: {store.query_splits or 'none'}) or "
+                "queries=... (an array (n, d))."
+            )
         qs = store.queries(split)
         if qs.n == 0:
             raise ValueError(f"{store.path}: the query set {split!r} is empty; record some with trainer.{split}(...).")
@@ -285,7 +290,7 @@ def attend_queries(
         # the request's unit applies at the last layer; the others take "auto" (scores only with a scalar rule,
         # their own predicted unit with an element-wise rule)
         contrib: Any = req.contribution_to if name == last else "auto"
-        if by_label and name == last:
+        if units_label is not None and name == last:  # (set where contribution_to="label")
             contrib = torch.as_tensor(units_label[example], dtype=torch.int64)
         n_rows = di.layer(name).n_rows
         if req.top_k > n_rows:
@@ -375,6 +380,7 @@ def step_histogram(
     """
     bins = as_int(bins, "step_histogram(bins=...)", lo=1, hi=1 << 20)
     steps = top_score_steps(result, k)
+    assert result.top is not None  # top_score_steps says so otherwise
     steps = steps[result.top.row.numpy()[:, : steps.shape[1]] >= 0]
     return_edges = np.linspace(first_step, max(result.at_step, first_step + 1), bins + 1)
     counts, _ = np.histogram(steps, bins=return_edges)

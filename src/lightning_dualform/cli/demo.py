@@ -184,10 +184,12 @@ def run_demo(
     pl.seed_everything(seed, workers=True, verbose=False)
     dm = ImageDataModule("mnist", batch_size=128, test_fraction=0.2, seed=seed, limit=limit)
     dm.setup()
+    train_set, test_set = dm.train_set, dm.test_set
+    assert train_set is not None and test_set is not None  # setup() made both
     model = PaperMLP(lr=lr, optimizer=optimizer)
     cb = DualFormCallback(store, record_queries=("test",), overwrite=True)
     echo(
-        f"demo: training a 784-800-800-10 MLP with {'AdamW' if optimizer == 'adamw' else 'SGD'} on {len(dm.train_set)} "
+        f"demo: training a 784-800-800-10 MLP with {'AdamW' if optimizer == 'adamw' else 'SGD'} on {len(train_set)} "
         f"MNIST digits for {epochs} epoch(s), recording into {store}"
     )
     with _lightning_quiet(quiet):
@@ -208,12 +210,14 @@ def run_demo(
         trainer.fit(model, datamodule=dm)
         t_fit = time.perf_counter() - t0
         trainer.test(model, datamodule=dm, verbose=False)
+    store_path = cb.store_path
+    assert store_path is not None  # fit recorded into it
     accuracy = model.accuracy
     summary: dict[str, Any] = {
         "store": store,
         "epochs": epochs,
-        "train_examples": len(dm.train_set),
-        "test_examples": len(dm.test_set),
+        "train_examples": len(train_set),
+        "test_examples": len(test_set),
         "optimizer": optimizer,
         "lr": lr,
         "momentum": 0.9 if optimizer == "sgd" else None,
@@ -221,13 +225,13 @@ def run_demo(
         "batch_size": 128,
         "seed": seed,
         "accuracy": accuracy,
-        "store_bytes": os.path.getsize(cb.store_path),
+        "store_bytes": os.path.getsize(store_path),
         "certificate": {k: {"rel_err": v["rel_err"], "exact": bool(v["exact"]), "tolerance": v["tolerance"]}
                         for k, v in cb.certificate.items()},
         "fit_seconds": t_fit,
     }
-    echo(f"demo: test accuracy {100 * accuracy:.1f}% on {len(dm.test_set)} digits; attending ...")
-    with DualInference(cb.store_path, device="cpu", progress=progress) as di:
+    echo(f"demo: test accuracy {100 * accuracy:.1f}% on {len(test_set)} digits; attending ...")
+    with DualInference(store_path, device="cpu", progress=progress) as di:
         qs = di.store.queries("test")
         picks = pick_queries(qs.label, qs.prediction)
         from lightning_dualform.analysis import attend_queries  # shared with `attend`

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with `lightning-dualform demo --out demo/`. Exit codes: 0 ok, 1 failure, 2 bad input.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)  # (its class: what add_parser(parents=...) is typed to take)
     # Accepted before or after the subcommand; SUPPRESS keeps a subcommand's default from undoing the top level's.
     common.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logging"
