@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -195,7 +195,7 @@ def attend_queries(
     source: str = "",
     layers: Sequence[str] | None = None,
     top_k: int = _R.top_k,
-    contribution_to: Contribution | Literal["label"] = _R.contribution_to,
+    contribution_to: Contribution | str = _R.contribution_to,  # (str: "label" too)
     at_step: int | None = _R.at_step,
     step_buckets: int = _R.step_buckets,
     score: str = _R.score,
