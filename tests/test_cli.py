@@ -153,7 +153,7 @@ def test_attend_leads_with_influence_from_the_store(small, capsys, tmp_path):
     for j in range(2):
         assert [p["index"] for p in inf["queries"][j]["proponents"]] == [i for i in pro.index[j].tolist() if i >= 0]
         assert [o["score"] for o in inf["queries"][j]["opponents"]] == pytest.approx(
-            [s for s, i in zip(opp.score[j].tolist(), opp.index[j]) if i >= 0], rel=1e-6)  # (logits: float32 primal)
+            [s for s, i in zip(opp.score[j].tolist(), opp.index[j]) if i >= 0], rel=1e-12)
         assert inf["queries"][j]["class"] == got["layers"]["net.2"]["units"][j]  # the prediction's margin
     rc, _, err = run(capsys, "attend", small, "--index", "3,5", "--top-k", "3", "--no-influence", "--json",
                      tmp_path / "b.json")

@@ -275,7 +275,8 @@ class ViewApp:
         method = self._one(params, "method", "first_order")
         if method not in ("first_order", "every_step", "metagradient"):
             raise BadRequest(f"method={method!r}: expected first_order, every_step or metagradient.")
-        layers = self._one(params, "layers", "all" if self.model is not None else "output")
+        # left out: every layer where it can be answered (a model, or a replaying method), else the output layer
+        layers = self._one(params, "layers", "output" if self.model is None and method == "first_order" else "all")
         if layers not in ("output", "all"):
             raise BadRequest(f"layers={layers!r}: expected output (the output layer, from the store) or all.")
         if method != "first_order" and layers == "output":

@@ -3,7 +3,7 @@
 From the store alone (the CLI's ``attend``, the viewer without ``--model``): for queries attended by :func:`~lightning_dualform.cli.attend.attend_run`, the training examples ranked by their
 first-order influence on each prediction's margin through the output layer only
 (:func:`~lightning_dualform.attribute.output_layer.output_layer_influence`: the output layer's input rows are the
-recorded queries, its outputs the attention result's ``primal``, else ``dual``). Hidden layers need the model
+recorded queries, its outputs the stored final weights', or for a store still being written the dual form's). Hidden layers need the model
 (``df/dy`` there depends on the layers above): ``lightning-dualform influence STORE --model MODULE:FACTORY`` and
 ``view --model`` score every layer, and replay training (``every_step``, ``metagradient``):
 :func:`model_influence`.
@@ -58,10 +58,9 @@ def store_influence(di: Any, run: "QueryAttention", top_k: int) -> dict[str, Any
                            "the model (`influence --model`)")
     order = np.argsort(example)
     res_last = run.results.get(last)
-    outputs = None
-    if res_last is not None:
-        outputs = res_last.primal if res_last.primal is not None else res_last.dual
-        outputs = outputs[torch.as_tensor(order)]
+    outputs = None  # a complete store: the stored final weights, in float64 (as /api/influence and `influence`)
+    if res_last is not None and not store.complete:
+        outputs = res_last.dual[torch.as_tensor(order)]
     return output_rows_influence(di, np.asarray(keys)[order], top_k, outputs=outputs)
 
 

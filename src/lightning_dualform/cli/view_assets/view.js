@@ -322,7 +322,7 @@ function influenceCard(inf, j, reference) {
     sec.append(el("h3", null, `${side}: ${what} the most (${sym})`));
     const thumbs = el("div", "thumbs");
     if (!q[side].length) thumbs.append(el("span", "muted", "none"));
-    for (const it of q[side]) thumbs.append(thumb({ ...it, sub: "example" }, kind, sym, reference));
+    for (const it of q[side]) thumbs.append(thumb({ ...it, sub: "training example" }, kind, sym, reference));
     sec.append(thumbs);
     left.append(sec);
   }
