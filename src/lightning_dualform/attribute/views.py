@@ -52,6 +52,14 @@ def influence_label(res: Influence, all_layers: list[str] | None = None) -> str:
             "example's loss weight (positive: up-weighting the example raises it)")
 
 
+def influence_meaning(res: Influence, all_layers: list[str] | None = None) -> str:
+    """What a score of ``res`` is, in full (:data:`~.result.METHOD_MEANING`, narrowed to the layers it covers)."""
+    if res.method == "first_order" and (all_layers is None or list(res.layers) != list(all_layers)):
+        return ("first-order change of f at the final model when the example's loss weight grows (the dual form's "
+                f"rows of {', '.join(res.layers)} only, weighted by df/dy there)")
+    return METHOD_MEANING.get(res.method, res.method)
+
+
 def influence_answer(res: Influence, top_k: int = 10, all_layers: list[str] | None = None,
                      classes: Any = None) -> dict[str, Any]:
     """The JSON every view shows of an influence table: per query, its ``f`` and the ``top_k`` proponents and
@@ -79,7 +87,7 @@ def influence_answer(res: Influence, top_k: int = 10, all_layers: list[str] | No
     scope = res.extra.get("scope") or ("all layers" if all_layers is not None and list(res.layers) == list(all_layers)
                                        else "the layers listed")
     return {"method": res.method, "target": res.target, "layers": list(res.layers), "scope": scope,
-            "label": influence_label(res, all_layers), "meaning": METHOD_MEANING.get(res.method, res.method),
+            "label": influence_label(res, all_layers), "meaning": influence_meaning(res, all_layers),
             "n_examples": int(len(res.examples)), "queries": queries,
             "replay": res.replay.to_dict() if res.replay is not None else None}
 

@@ -80,7 +80,7 @@ def cmd_influence(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, json_out: Output, scores_out: Output) -> None:
     from lightning_dualform.attribute import influence
-    from lightning_dualform.attribute.views import TARGET_MEANING, influence_label
+    from lightning_dualform.attribute.views import TARGET_MEANING, influence_label, influence_meaning
     from lightning_dualform.store.shards import open_store
 
     model = load_model(args.model) if args.model is not None else None
@@ -129,6 +129,7 @@ def _run(args: argparse.Namespace, json_out: Output, scores_out: Output) -> None
         data = res.to_dict(args.top_k)
         data.update({"store": os.path.abspath(args.store), "split": split, "queries": qs.index[positions].tolist(),
                      "targets": targets.tolist(), "label": influence_label(res, all_layers),
+                     "meaning": influence_meaning(res, all_layers),
                      "scope": res.extra.get("scope", "all layers")})
         json_out.write_text(json_text(data))
         note(args, f"wrote {args.json}")
