@@ -151,7 +151,8 @@ def test_api_influence_from_the_store_and_with_the_model(server, demo_store) -> 
     assert status == 200, inf
     _, att = get_json(server, f"/api/attend?split=test&index={index}&top_k=4")
     assert inf == att["influence"] and inf["scope"] == "output layer" and "through layer net.4 only" in inf["label"]
-    assert inf["queries"][0]["class"] == att["layers"]["net.4"]["units"][0] and len(inf["queries"][0]["proponents"]) == 4
+    assert inf["queries"][0]["class"] == att["layers"]["net.4"]["units"][0]
+    assert len(inf["queries"][0]["proponents"]) == 4
     status, err = get_json(server, f"/api/influence?split=test&index={index}&method=metagradient")
     assert status == 400 and "--model" in err["error"]
     _, info = get_json(server, "/api/info")
@@ -169,7 +170,8 @@ def test_api_influence_from_the_store_and_with_the_model(server, demo_store) -> 
         want = influence_answer(influence(di.store, model, x, pred), 4, list(di.layers), classes=pred)
         assert got == {**want, "note": None} and got["layers"] == ["net.0", "net.2", "net.4"]
         assert "all 3 recorded layers" in got["label"]
-        assert app.influence({"split": ["test"], "index": [str(index)], "layers": ["output"]})["scope"] == "output layer"
+        out = app.influence({"split": ["test"], "index": [str(index)], "layers": ["output"]})
+        assert out["scope"] == "output layer"
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def test_explain_leads_with_influence_and_keeps_the_attention(runs, tmp_path):
         bare = di.explain(model, q, top_k=3, method=None)
         tracin = di.explain(model, q, top_k=3, method="every_step", attention=False)
     want = influence(path, model, q, model(q).argmax(-1))
-    assert ex.influence.method == "first_order" and ex.influence.target == "margin" and ex.influence.layers == ["0", "2"]
+    assert (ex.influence.method, ex.influence.target, ex.influence.layers) == ("first_order", "margin", ["0", "2"])
     torch.testing.assert_close(ex.influence.scores, want.scores, rtol=0, atol=0)
     assert bare.influence is None and bare.influence_note is None
     assert json.dumps(ex.to_dict()["layers"]) == json.dumps(bare.to_dict()["layers"])  # attention unchanged

@@ -4,8 +4,8 @@ Given an influence answer (``influence=``: :func:`~lightning_dualform.attribute.
 an :class:`~lightning_dualform.attribute.Influence`, of whichever method: the first-order score through the output
 layer that the CLI computes from the store alone, or every layer, TracIn at every step, the metagradient with the
 model), each query's first two rows are its proponents and opponents by influence on the prediction's margin,
-each number labelled ``dmargin/dw``. Then one row per query and layer: the query image (once per query), the top-k training images with their
-score, label and epoch, the attention mass per class as bars, and the attention mass over training steps
+each number labelled ``dmargin/dw``. Then one row per query and layer: the query image (once per query), the
+top-k training images with their score, label and epoch, the attention mass per class as bars, and the attention mass over training steps
 (the "spotlights": which moments of training the layer's output draws on). A layer whose result ranks
 contributions to an output unit (``units``: the output layer, and every layer of an element-wise optimizer's
 store) gets two more rows: its proponents and opponents. Every number is labelled with what it is (the score
@@ -20,7 +20,9 @@ Example::
     from lightning_dualform.analysis import attend_queries
     with DualInference("demo/mnist.h5") as di:
         run = attend_queries(di, split="test", positions=[0, 1], top_k=5)
-        plot_attention(run, di.store, "top.png")
+        plot_attention(run, di.store, "top.png")            # attention only
+        inf = di.influence(model, x_test_0_1)                # any method, with the model
+        plot_attention(run, di.store, "top.png", influence=inf)
 """
 
 from __future__ import annotations

@@ -241,7 +241,8 @@ def render_attend(run: QueryAttention, by: str, store: Any = None, influence: di
     ranking = {"raw": "similarity k . q", "unit": "attention weight for each query's unit, -(Q_s[u] (.) k) . q"}
     scores = sorted({getattr(r, "score", "raw") for r in run.results.values()})
     out.append(f"attention (the paper's view: how each layer's output is assembled from its training rows, not a "
-               f"prediction of what removing one would do) over training patterns{steps}; ranked by {'single patterns' if by == 'pattern' else 'examples (epochs summed)'}"
+               f"prediction of what removing one would do) over training patterns{steps}; ranked by "
+               f"{'single patterns' if by == 'pattern' else 'examples (epochs summed)'}"
                f", score = {' / '.join(ranking[s] for s in scores)}")
     for j in range(len(run.index)):
         out.append("")

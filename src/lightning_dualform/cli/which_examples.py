@@ -1,12 +1,13 @@
 """The views' answer to "which training examples?": influence, from the store alone or with the model.
 
-From the store alone (the CLI's ``attend``, the viewer without ``--model``): for queries attended by :func:`~lightning_dualform.cli.attend.attend_run`, the training examples ranked by their
-first-order influence on each prediction's margin through the output layer only
+From the store alone (the CLI's ``attend``, the viewer without ``--model``): for queries attended by
+:func:`~lightning_dualform.cli.attend.attend_run`, the training examples ranked by their first-order influence on
+each prediction's margin through the output layer only
 (:func:`~lightning_dualform.attribute.output_layer.output_layer_influence`: the output layer's input rows are the
-recorded queries, its outputs the stored final weights', or for a store still being written the dual form's). Hidden layers need the model
-(``df/dy`` there depends on the layers above): ``lightning-dualform influence STORE --model MODULE:FACTORY`` and
-``view --model`` score every layer, and replay training (``every_step``, ``metagradient``):
-:func:`model_influence`.
+recorded queries, its outputs the stored final weights', or for a store still being written the dual form's).
+Hidden layers need the model (``df/dy`` there depends on the layers above): ``lightning-dualform influence STORE
+--model MODULE:FACTORY`` and ``view --model`` score every layer, and replay training (``every_step``,
+``metagradient``): :func:`model_influence`.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from lightning_dualform.cli.output import table
 
 if TYPE_CHECKING:
+    import torch
+
     from lightning_dualform.analysis import QueryAttention
 
 #: what the views say beside the store-only score
@@ -56,6 +58,8 @@ def store_influence(di: Any, run: "QueryAttention", top_k: int) -> dict[str, Any
     if len(example) != n or not np.array_equal(np.sort(example), np.arange(n)):
         return unavailable(f"the output layer {last} sees several rows per query (a sequence or a convolution); pass "
                            "the model (`influence --model`)")
+    import torch
+
     order = np.argsort(example)
     res_last = run.results.get(last)
     outputs = None  # a complete store: the stored final weights, in float64 (as /api/influence and `influence`)
@@ -64,9 +68,12 @@ def store_influence(di: Any, run: "QueryAttention", top_k: int) -> dict[str, Any
     return output_rows_influence(di, np.asarray(keys)[order], top_k, outputs=outputs)
 
 
-def output_rows_influence(di: Any, keys: np.ndarray, top_k: int, outputs: torch.Tensor | None = None) -> dict[str, Any]:
+def output_rows_influence(di: Any, keys: np.ndarray, top_k: int,
+                          outputs: "torch.Tensor | None" = None) -> dict[str, Any]:
     """:func:`store_influence` for the output layer's query rows ``keys`` ``(n, d_in)``, one per query (their
     outputs: ``outputs``, else the stored final weights, else, for a store still being written, the dual form's)."""
+    import torch
+
     from lightning_dualform.attribute.output_layer import output_layer_influence
     from lightning_dualform.attribute.views import influence_answer
 
@@ -148,6 +155,8 @@ def model_influence(di: Any, model: Any, inputs: Any, method: str, top_k: int) -
         method: ``"first_order"``, ``"every_step"`` or ``"metagradient"``.
         top_k: proponents and opponents per query.
     """
+    import torch
+
     from lightning_dualform.attribute import influence
     from lightning_dualform.attribute.views import influence_answer
 
