@@ -124,10 +124,16 @@ def test_explain_leads_with_influence_and_keeps_the_attention(runs, tmp_path):
         ex = di.explain(model, q, top_k=3)
         bare = di.explain(model, q, top_k=3, method=None)
         tracin = di.explain(model, q, top_k=3, method="every_step", attention=False)
+        with torch.no_grad():  # a caller's no_grad does not stop the influence's own gradient
+            quiet = di.explain(model, q, top_k=3, attention=False)
+        with torch.inference_mode(), pytest.warns(UserWarning, match="inference_mode"):  # a Trainer's eval loops
+            inside = di.explain(model, q, top_k=3)
     want = influence(path, model, q, model(q).argmax(-1))
     assert (ex.influence.method, ex.influence.target, ex.influence.layers) == ("first_order", "margin", ["0", "2"])
     torch.testing.assert_close(ex.influence.scores, want.scores, rtol=0, atol=0)
     assert bare.influence is None and bare.influence_note is None
+    torch.testing.assert_close(quiet.influence.scores, want.scores, rtol=0, atol=0)
+    assert inside.influence is None and "inference_mode" in inside.influence_note and "2" in inside.layers
     assert json.dumps(ex.to_dict()["layers"]) == json.dumps(bare.to_dict()["layers"])  # attention unchanged
     d = ex.to_dict(top_k=2)
     assert list(d)[0] == "influence" and d["influence"]["proponents"]["index"] == want.top(2)[0].index.tolist()

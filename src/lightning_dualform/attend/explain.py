@@ -174,8 +174,12 @@ def _influence(di: "DualInference", influence_fn: Callable[..., Any], model: nn.
         inputs = batch
     explicit = method != "auto"
     try:
-        res = influence_fn(di.store, model, inputs, targets, target=target,
-                           method="first_order" if method == "auto" else method, forward=forward, **options)
+        if torch.is_inference_mode_enabled():  # (a Trainer's validation or test loop): no gradient can be taken
+            raise ValueError("influence differentiates the model, which torch.inference_mode() forbids; call explain "
+                             "outside it (or with method=None)")
+        with torch.enable_grad():  # explain's own forward runs under no_grad; a caller's no_grad is no reason to fail
+            res = influence_fn(di.store, model, inputs, targets, target=target,
+                               method="first_order" if method == "auto" else method, forward=forward, **options)
     except (ValueError, KeyError) as err:
         if explicit:
             raise
