@@ -15,7 +15,7 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from torch import nn
 from lightning_dualform.cli.inputs import check_store_path, parse_index, pick_split
 from lightning_dualform.cli.usage import UsageError
 from lightning_dualform.cli.output import Output, json_text, note, table
+
+if TYPE_CHECKING:
+    from lightning_dualform.attribute.targets import TargetName
 
 DEFAULT_QUERIES = 3
 
@@ -140,7 +143,7 @@ def _run(args: argparse.Namespace, json_out: Output, scores_out: Output) -> None
 
 
 def _store_only(store: Any, qs: Any, split: str, positions: np.ndarray, labels: np.ndarray,
-                target: str) -> tuple[Any, np.ndarray]:
+                target: "TargetName") -> tuple[Any, np.ndarray]:
     """First-order influence through the output layer from the store alone: the recorded query rows of the last
     tracked layer, its stored final weights, each query's recorded label (else the prediction)."""
     from lightning_dualform.attribute.output_layer import output_layer_influence

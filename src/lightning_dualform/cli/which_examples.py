@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from lightning_dualform.analysis import QueryAttention
+    from lightning_dualform.attribute.influence import Method
 
 #: what the views say beside the store-only score
 WITH_MODEL = ("hidden layers need the model: `lightning-dualform influence STORE --model MODULE:FACTORY` scores every "
@@ -143,7 +144,7 @@ def influence_heading(answer: dict[str, Any]) -> list[str]:
     return out
 
 
-def model_influence(di: Any, model: Any, inputs: Any, method: str, top_k: int) -> dict[str, Any]:
+def model_influence(di: Any, model: Any, inputs: Any, method: "Method", top_k: int) -> dict[str, Any]:
     """Influence of every training example on the margin of each query's prediction, with the model: every recorded
     layer (``"first_order"``), TracIn at every step or the exact metagradient, as
     :func:`~lightning_dualform.attribute.views.influence_answer` writes it.
