@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lightning_dualform.attribute.examples import store_examples
-from lightning_dualform.attribute.first_order import first_order_table
+from lightning_dualform.attribute.first_order import BLOCK_ROWS, first_order_table
 from lightning_dualform.attribute.model import QueryFactors
 from lightning_dualform.attribute.result import Influence
 from lightning_dualform.attribute.targets import Target, check_target, evaluate, target_name
@@ -50,6 +50,7 @@ def output_layer_influence(
     targets: torch.Tensor | np.ndarray | None = None,
     target: Target = "margin",
     dtype: torch.dtype = torch.float64,
+    block_rows: int = BLOCK_ROWS,
 ) -> Influence:
     """First-order influence of every training example on ``f`` of each query, through ``layer`` only.
 
@@ -62,6 +63,8 @@ def output_layer_influence(
         targets: ``(n,)`` the class each ``f`` is about; ``None``: the prediction (argmax of ``outputs``).
         target: ``"margin"`` (default), ``"loss"``, ``"logit"`` or ``target(outputs, targets) -> (n,)``.
         dtype: accumulation dtype of the table.
+        block_rows: rows read at a time (a scalar rule's store); a reader with a block cache serves blocks that
+            start and end where its passes' do.
 
     Returns:
         an :class:`~.result.Influence` with ``method="first_order"``, ``layers=[layer]`` and
@@ -98,7 +101,7 @@ def output_layer_influence(
     f, g = output_gradient(z, t, target)
     examples, labels = store_examples(store, [name])
     factors = {name: QueryFactors(q[:, None, :], g.to(dtype)[:, None, :])}
-    scores = first_order_table(store, factors, examples, dtype=dtype)
+    scores = first_order_table(store, factors, examples, dtype=dtype, block_rows=block_rows)
     return Influence(scores=scores, examples=examples, labels=labels, values=f.to(dtype), target=target_name(target),
                      method="first_order", layers=[name], seconds=time.perf_counter() - t0,
                      extra={"scope": "output layer", "targets": t.tolist()})

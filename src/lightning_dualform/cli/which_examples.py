@@ -83,7 +83,8 @@ def output_rows_influence(di: Any, keys: np.ndarray, top_k: int,
     if outputs is None and not di.store.complete:
         outputs = di.attend(last, q, top_k=0, per_example=False, mass=False).dual
     try:
-        res = output_layer_influence(di.store, q, layer=last, outputs=outputs)
+        res = output_layer_influence(_ReadThrough(di), q, layer=last, outputs=outputs,
+                                     block_rows=di.rows_per_block(di.layer(last)))
     except ValueError as err:
         return unavailable(str(err.args[0]) if err.args else str(err))
     answer = influence_answer(res, top_k, list(di.layers))
@@ -107,6 +108,21 @@ def _output_rows(store: Any, run: "QueryAttention", last: str) -> tuple[Any, Any
     example = where[rows["example"]]
     keep = example >= 0
     return rows["keys"][keep], example[keep]
+
+
+class _ReadThrough:
+    """The store as :class:`~lightning_dualform.DualInference` reads it: its layers through the block cache when
+    it has one (the viewer's), in the blocks its passes read, so that the influence after an ``attend`` reads
+    nothing from disk."""
+
+    def __init__(self, di: Any) -> None:
+        self._di = di
+        self.layers = list(di.layers)
+        self.path = di.store.path
+        self.form = di.store.form
+
+    def layer(self, name: str) -> Any:
+        return self._di.layer(name)
 
 
 def render_influence(answer: dict[str, Any], j: int, indent: str = "  ") -> list[str]:
