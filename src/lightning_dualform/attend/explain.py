@@ -90,6 +90,8 @@ def explain(
     if method is not None and method not in EXPLAIN_METHODS:
         raise ValueError(f"`explain(method={method!r})` is not supported. Expected one of {EXPLAIN_METHODS} or None "
                          "(attention only).")
+    if method not in (None, "auto") and influence_fn is None:
+        raise ValueError(f"`explain(method={method!r})` needs the influence function; call DualInference.explain.")
     if not isinstance(attention, bool):
         raise TypeError(f"`explain(attention={attention!r})`: expected True or False.")
     req = request_from("explain", request, {"top_k": top_k, "contribution_to": contribution_to, **attend_kwargs})
