@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):
             with DualInference(path) as di:
                 t = time.perf_counter()
-                di.explain(model, q, top_k=10)
+                di.explain(model, q, top_k=10, method=None)  # the attend passes alone (explain leads with influence)
                 row.setdefault("attend_s", []).append(time.perf_counter() - t)
                 for dt, key in ((torch.float32, "first_order_f32_s"), (torch.float64, "first_order_f64_s")):
                     t = time.perf_counter()
