@@ -109,6 +109,7 @@ _PASS = r"""
 import json, sys, threading, time, warnings
 import torch
 from lightning_dualform import DualInference
+from lightning_dualform.attend import blocks
 
 store, read_ahead, block, at_step = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 if read_ahead:
