@@ -36,6 +36,7 @@ from lightning_dualform.store import _h5, _journal, _repair, _rollback
 from lightning_dualform.store._chunks import ChunkAppender
 from lightning_dualform.store._lock import WriterLock
 from lightning_dualform.store._space import SpaceReserve
+from lightning_dualform.store.bindings import write_bindings
 from lightning_dualform.store.certificate import TABLES_CRC32, LayerCertificate, stored_tables_crc32
 from lightning_dualform.store.conv import MAPS_LAYOUT
 from lightning_dualform.store.filters import compression_kwargs, encode_rows
@@ -566,6 +567,8 @@ class StoreWriter:
                     f["layers"][name].attrs["exact"] = False
                     f["layers"][name].attrs["inexact_reason"] = reason
                 _h5.set_attrs(f, {"final_step": int(final_step), "epochs": int(epochs)})
+                for g in f["layers"].values():  # last: they bind every attribute written above
+                    write_bindings(f, g)
                 f.attrs["status"] = "complete"
         except BaseException as err:
             self._failing(err)
