@@ -482,9 +482,9 @@ def _bound(where: str, what: str, got: int, want: int) -> None:
     """Refuse a layer whose ``what`` no longer has the CRC-32 it was finished with."""
     if got != want:
         raise StoreError(
-            f"{where}: {what} changed after the certificate was written or the store finished (CRC {got:#010x}, recorded {want:#010x}); the file "
-            "is damaged or was rewritten by another program, and answers rebuilt from it would be wrong. Use the "
-            "original file, or train again."
+            f"{where}: {what} changed after the certificate was written or the store finished (CRC {got:#010x}, "
+            f"recorded {want:#010x}); the file is damaged or was rewritten by another program, and answers rebuilt "
+            "from it would be wrong. Use the original file, or train again."
         )
 
 

@@ -347,6 +347,7 @@ class StoreWriter:
         """
         self._guard()
         try:
+            self._check_finite(step, updates)
             nbytes = sum(len(r.keys) * self._row_bytes[n] for n, r in rows.items() if n in self._row_bytes) + 256 * len(self._layers)
             self._reserve(self._pending_bytes + nbytes)
             self._pending_bytes += nbytes
@@ -354,6 +355,26 @@ class StoreWriter:
         except BaseException as err:
             self._failing(err)
             raise
+
+    def _check_finite(self, step: int, updates: dict[str, tuple[float, Any, Any]]) -> None:
+        """Refuse a step whose gradient scale or hyper-parameters are NaN or inf (a learning rate of NaN, a
+        diverged run): no replay can rebuild such a step, and a reader would refuse the store as damaged."""
+        for name, (scale, w_row, b_row) in updates.items():
+            tables = self._tables.get(name)
+            if tables is None or name in self._dropped:
+                continue
+            bad = [] if math.isfinite(float(scale)) else [f"gradient scale {float(scale)}"]
+            for pname, row in (("weight", w_row), ("bias", b_row)):
+                if row is None or pname not in tables:
+                    continue
+                bad += [f"{pname} {col} {float(_column(row, col))}" for col, ds in tables[pname].items()
+                        if ds.dtype.kind == "f" and not math.isfinite(float(_column(row, col)))]
+            if bad:
+                raise ValueError(
+                    f"{self.path}: optimizer step {step} of layer {name!r} is not finite ({', '.join(bad)}): the learning "
+                    "rate or another hyper-parameter is NaN or inf, or training diverged (NaN gradients). The store "
+                    "keeps the steps before it; fix the run and record again."
+                )
 
     def _add_step(self, step: int, epoch: int, rows: dict[str, StepRows], updates: dict[str, tuple[float, Any, Any]]) -> None:
         for name, r in rows.items():
