@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import h5py
 import numpy as np
@@ -67,8 +67,7 @@ def _attrs_crc(crc: int, attrs: Mapping[str, Any], keys: list[str]) -> int:
     return crc
 
 
-def _dataset_crc(crc: int, name: str, ds: h5py.Dataset) -> int:
-    data = np.asarray(ds[()])
+def _dataset_crc(crc: int, name: str, data: np.ndarray) -> int:
     return _fold(crc, name.encode(), data.dtype.str.encode(), repr(data.shape).encode(),
                  np.ascontiguousarray(data).tobytes())
 
@@ -87,17 +86,23 @@ def attrs_crc32(root_attrs: Mapping[str, Any], group: h5py.Group) -> int:
     crc = _attrs_crc(0, root_attrs, [k for k in ROOT_ATTRS if k in root_attrs])
     crc = _attrs_crc(crc, group.attrs, sorted(k for k in group.attrs if bound_attr(k)))
     size = group.get("input_size")
-    return _dataset_crc(crc, "input_size", size) if isinstance(size, h5py.Dataset) else crc
+    return _dataset_crc(crc, "input_size", np.asarray(size[()])) if isinstance(size, h5py.Dataset) else crc
 
 
-def state_crc32(group: h5py.Group) -> int:
+def state_crc32(group: h5py.Group, read: Callable[[str], np.ndarray] | None = None) -> int:
     """CRC-32 of a layer group's initial parameters (:data:`INITIAL_DATASETS`) and of its ``state/`` group:
-    every dataset (name, dtype, shape, bytes) and every group's attributes, in name order."""
+    every dataset (name, dtype, shape, bytes) and every group's attributes, in name order.
+
+    Args:
+        read: ``(path in the group) -> the dataset as stored``, for a caller that reads them anyway (default:
+            read here).
+    """
+    read = read or (lambda path: np.asarray(group[path][()]))
     crc = 0
     for name in INITIAL_DATASETS:
         ds = group.get(name)
         if isinstance(ds, h5py.Dataset):
-            crc = _dataset_crc(crc, name, ds)
+            crc = _dataset_crc(crc, name, read(name))
     state = group.get("state")
     if not isinstance(state, h5py.Group):
         return _fold(crc, b"no state")
@@ -105,7 +110,7 @@ def state_crc32(group: h5py.Group) -> int:
     state.visititems(lambda name, obj: entries.append((name, obj)))
     for name, obj in sorted(entries, key=lambda e: e[0]):
         if isinstance(obj, h5py.Dataset):
-            crc = _dataset_crc(crc, "state/" + name, obj)
+            crc = _dataset_crc(crc, "state/" + name, read("state/" + name))
         else:
             crc = _fold(crc, ("state/" + name + "/").encode())
             crc = _attrs_crc(crc, obj.attrs, sorted(obj.attrs))

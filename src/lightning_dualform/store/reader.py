@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import h5py
 import numpy as np
@@ -86,6 +86,7 @@ class LayerReader:
         self._chunk_readers: dict[str, _raw_chunks.ChunkReader | None] = {}
         #: whether the initial state and parameters were checked against their CRC (done when first handed out)
         self._state_checked = not store.complete
+        self._pinned: Callable[[str], np.ndarray] | None = None  # the state's datasets, while its CRC is checked
         if store.complete:
             self._check_bindings(where)
 
@@ -122,18 +123,37 @@ class LayerReader:
             self._state_checked = True  # an older store: nothing to check it against
 
     @_h5.guarded
-    def _check_state_binding(self) -> None:
-        """The initial optimizer state and parameters against :data:`~.bindings.STATE_CRC32`, once."""
+    def _check_state_binding(self) -> dict[str, OptimizerState]:
+        """The initial optimizer state and parameters against :data:`~.bindings.STATE_CRC32`, once; returns the
+        states it built on the way (each dataset is read once for both)."""
         if self._state_checked:
-            return
+            return {}
         where = f"{self.store.path}: layer {self.name!r}"
         want = self._binding(STATE_CRC32, where)
+        built: dict[str, OptimizerState] = {}
         if want is not None:
-            if self.store.rule is not None:  # the checks of a malformed state say more than a CRC: first
-                for pname in ("weight", "bias") if self.has_bias else ("weight",):
-                    self._read_initial_state(pname)
-            _bound(where, "its initial optimizer state or parameters", state_crc32(self._g), want)
+            raw: dict[str, np.ndarray] = {}
+
+            def read(path: str) -> np.ndarray:
+                if path not in raw:
+                    raw[path] = np.asarray(self._g[path][()])
+                return raw[path]
+
+            self._pinned = read
+            try:
+                if self.store.rule is not None:  # the checks of a malformed state say more than a CRC: first
+                    for pname in ("weight", "bias") if self.has_bias else ("weight",):
+                        built[pname] = self._read_initial_state(pname)
+                got = state_crc32(self._g, read)
+            finally:
+                self._pinned = None
+            _bound(where, "its initial optimizer state or parameters", got, want)
         self._state_checked = True
+        return built
+
+    def _raw(self, path: str) -> np.ndarray:
+        """A dataset of the layer group as stored (read once while the state's CRC is checked)."""
+        return self._pinned(path) if self._pinned is not None else np.asarray(self._g[path][()])
 
     @property
     def has_certificate(self) -> bool:
@@ -292,9 +312,8 @@ class LayerReader:
             StoreError: the store keeps no state for this parameter, or an entry has the wrong shape, is not
                 finite, or a required one is missing.
         """
-        state = self._read_initial_state(pname)
-        self._check_state_binding()
-        return state
+        built = self._check_state_binding()
+        return built[pname] if pname in built else self._read_initial_state(pname)
 
     def _read_initial_state(self, pname: str) -> OptimizerState:
         rule: UpdateRule | None = self.store.rule
@@ -304,7 +323,8 @@ class LayerReader:
         if pname == "bias" and not self.has_bias:
             raise ValueError(f"{where}: the layer has no bias.")
         shape = self.weight_shape if pname == "weight" else (self.d_out,)
-        init = self.weight_init if pname == "weight" else self.bias_init
+        init = f"{pname}_init"
+        init = np.asarray(self._raw(init), dtype=np.float32) if init in self._g else None
         arrays: dict[str, np.ndarray] = {}
         scalars: dict[str, Any] = {}
         buffer = None
@@ -316,7 +336,7 @@ class LayerReader:
             for key, ds in pg.items():
                 if not isinstance(ds, h5py.Dataset) or ds.dtype.kind != "f":
                     raise StoreError(f"{where}: state entry {key!r} is not a float dataset; the file is damaged.")
-                arrays[key] = np.asarray(ds[()], dtype=np.float64)
+                arrays[key] = np.asarray(self._raw(f"{STATE_GROUP}/{pname}/{key}"), dtype=np.float64)
             for key, v in pg.attrs.items():
                 if not isinstance(v, (np.floating, float)) or isinstance(v, bool):
                     raise StoreError(f"{where}: state attribute {key!r} is {v!r}, not a number; the file is damaged.")
@@ -324,7 +344,8 @@ class LayerReader:
                     raise StoreError(f"{where}: state attribute {key!r} is {v!r}; the file is damaged.")
                 scalars[key] = v
         else:
-            buf = self._array(f"{pname}_buffer_init")
+            buf = f"{pname}_buffer_init"
+            buf = np.asarray(self._raw(buf), dtype=np.float32) if buf in self._g else None
             if buf is not None:
                 buffer = self.to_param(buf) if pname == "weight" else buf
         try:
