@@ -218,7 +218,7 @@ def mass_line(res: Any, r: int, n: int = 3) -> str:
 
 def answer_check(res: Any, r: int) -> str:
     """What the text says of row ``r``'s check against the stored final weights beyond ``rel_err``: the unit
-    output rebuilt from the rows, and a plain "NOT the model's" when the answer is beyond the tolerance."""
+    output rebuilt from the rows, and a plain "NOT exact" when the answer is beyond the store's tolerance."""
     out = ""
     unit_err = getattr(res, "unit_rel_err", None)
     if unit_err is not None:

@@ -135,15 +135,14 @@ class ElementwisePass(AttendPass):
         tol = store_tolerance(self.ctx.store)
         res.tolerance = tol
         primal = res.primal.double()
-        errs = {"`dual`" + ("" if from_rows else " (the certificate's replayed weights)"): overall_rel_err(res.dual,
-                                                                                                          res.primal)}
+        dual = "`dual`" + ("" if from_rows else " (the certificate's replayed weights)")
+        errs = {dual: overall_rel_err(res.dual, res.primal)}
         if res.unit_output is not None and res.units is not None:
             want = primal.gather(1, res.units.long()[:, None]).squeeze(1)
             diff = res.unit_output.double() - want
             res.unit_rel_err = diff.abs() / torch.linalg.norm(primal, dim=1).clamp_min(1e-300)
-            ref = float(torch.linalg.norm(primal))
-            errs["the unit outputs rebuilt from the rows"] = float(torch.linalg.norm(diff)) / ref if ref > 0 else (
-                0.0 if not diff.abs().max() > 0 else math.inf)
+            ref, gap = float(torch.linalg.norm(primal)), float(torch.linalg.norm(diff))
+            errs["the unit outputs rebuilt from the rows"] = gap / ref if ref > 0 else (0.0 if gap == 0 else math.inf)
         beyond = {what: e for what, e in errs.items() if not e <= tol}  # NaN counts as beyond
         if beyond and res.exact_store:
             said = "; ".join(f"{what} by {e:.2e}" for what, e in beyond.items())
