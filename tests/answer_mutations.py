@@ -35,6 +35,15 @@ OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "conv-adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
 }
 KINDS = tuple(OPTIMIZERS)
+#: the other element-wise rules, on the MLP (``tests/test_answer_checks.py`` checks each once)
+MORE_OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+    "adam-amsgrad": lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=1e-2),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=1e-2),
+    "radam": lambda p: torch.optim.RAdam(p, lr=1e-2),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.5),
+    "adadelta": lambda p: torch.optim.Adadelta(p, lr=1.0),
+}
 
 
 class ConvNet(nn.Module):
@@ -69,7 +78,7 @@ def build_store(kind: str, path: str) -> dict[str, Any]:
     from lightning_dualform import DualFormRecorder
 
     model = _model(kind)
-    opt = OPTIMIZERS[kind](model.parameters())
+    opt = {**OPTIMIZERS, **MORE_OPTIMIZERS}[kind](model.parameters())
     x = _inputs(kind, STEPS * BATCH, 1)
     y = torch.arange(STEPS * BATCH) % 3
     with DualFormRecorder(path, model, opt, certify="full") as rec:

@@ -234,3 +234,23 @@ def test_mutations_across_the_stores_are_never_silent(stores, tmp_path, monkeypa
 @pytest.mark.slow
 def test_many_more_mutations_are_never_silent(stores, tmp_path):
     _never_silent(stores, tmp_path, 25, 1)
+
+
+@pytest.mark.parametrize("rule", list(am.MORE_OPTIMIZERS))
+def test_every_other_element_wise_rule_is_checked(tmp_path, rule, monkeypatch):
+    """The other rules the store records: the answers equal the real model; an edit of the optimizer state is
+    refused by its checksum, and without checksums is warned or harmless, never silent."""
+    (tmp_path / "built").mkdir()
+    ref = am.build_store(rule, str(tmp_path / "built" / f"{rule}.h5"))
+    monkeypatch.setattr(am, "REQUESTS", FEW_REQUESTS)
+    assert am.classify(ref["path"], ref) == {"outcome": "correct"}
+
+    def edit(f):
+        pg = f["layers/0/state/weight"]
+        name = sorted(pg)[-1]
+        pg[name][...] = np.asarray(pg[name][()]) * 10 + 1e-3
+
+    stores = {rule: ref}
+    assert _classify(_edit(stores, rule, tmp_path, edit), ref, monkeypatch)["outcome"] == "refused"
+    out = _classify(_edit(stores, rule, tmp_path, edit, old_format=True), ref, monkeypatch)
+    assert out["outcome"] in ("warned", "correct"), out
