@@ -509,7 +509,8 @@ def answer_mutations_part(work: str, per_store: int) -> dict[str, Any]:
         by_mutation[f"{r['mutation']} {'format 4' if r['checksums'] else 'format 3'}"][r["outcome"]] += 1
     outcomes = collections.Counter(r["outcome"] for r in results)
     return {"seconds": time.monotonic() - t0, "n": len(results), "outcomes": dict(outcomes),
-            "by_store": {k: dict(v) for k, v in table.items()}, "by_mutation": {k: dict(v) for k, v in by_mutation.items()},
+            "by_store": {k: dict(v) for k, v in table.items()},
+            "by_mutation": {k: dict(v) for k, v in by_mutation.items()},
             "max_seconds": max(r["seconds"] for r in results), "silent": outcomes.get("silent", 0),
             "examples": [r for r in results if r["outcome"] in ("silent", "other")][:8]}
 

@@ -224,8 +224,8 @@ class UpdateRule(ABC):
             if np.any(bad):
                 i = int(np.flatnonzero(bad)[0])
                 allowed = f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
-                raise ValueError(f"the {self.name} table's column {name!r} holds {float(v[i])!r} at step {i}; torch allows "
-                                 f"{allowed}")
+                raise ValueError(f"the {self.name} table's column {name!r} holds {float(v[i])!r} at step {i}; "
+                                 f"torch allows {allowed}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -394,9 +394,9 @@ class StoreWriter:
                         if ds.dtype.kind == "f" and not math.isfinite(float(_column(row, col)))]
             if bad:
                 raise ValueError(
-                    f"{self.path}: optimizer step {step} of layer {name!r} is not finite ({', '.join(bad)}): the learning "
-                    "rate or another hyper-parameter is NaN or inf, or training diverged (NaN gradients). The store "
-                    "keeps the steps before it; fix the run and record again."
+                    f"{self.path}: optimizer step {step} of layer {name!r} is not finite ({', '.join(bad)}): the "
+                    "learning rate or another hyper-parameter is NaN or inf, or training diverged (NaN gradients). "
+                    "The store keeps the steps before it; fix the run and record again."
                 )
 
     def _add_step(
