@@ -182,21 +182,17 @@ class AttentionResult:
 
     @property
     def max_rel_err(self) -> float | None:
-        """The largest of ``rel_err`` and ``unit_rel_err`` (NaN where either holds NaN)."""
-        errs = [float(e.double().max()) for e in (self.rel_err, self.unit_rel_err) if e is not None and e.numel()]
-        if not errs:
-            return None
-        return math.nan if any(math.isnan(e) for e in errs) else max(errs)
+        return None if self.rel_err is None else float(self.rel_err.max())
 
     @property
     def within_tolerance(self) -> bool | None:
-        """Whether every rebuilt output of the answer (``dual``, the unit outputs) agrees with the stored final
-        weights' output within :attr:`tolerance`; ``None`` when nothing was checked (an earlier ``at_step``, an
-        unfinished store)."""
-        err = self.max_rel_err
-        if err is None or self.tolerance is None:
+        """Whether every rebuilt output of the answer (``dual``: ``rel_err``; the unit outputs: ``unit_rel_err``)
+        agrees with the stored final weights' output within :attr:`tolerance`; ``None`` when nothing was checked
+        (an earlier ``at_step``, an unfinished store)."""
+        errs = [float(e.double().max()) for e in (self.rel_err, self.unit_rel_err) if e is not None and e.numel()]
+        if not errs or self.tolerance is None:
             return None
-        return bool(err <= self.tolerance)  # NaN: False
+        return all(e <= self.tolerance for e in errs)  # NaN: False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists, numbers and strings only: ``json.dumps`` takes it as it is."""
