@@ -5,6 +5,7 @@ sessions cost against copying the store.
     python benchmarks/reliability.py                      # everything (about 20 min on a busy 2-core VM)
     python benchmarks/reliability.py --mutations 200 --no-big   # a quick look
     python benchmarks/reliability.py --parts side,overwrite,journals   # issue 21's side files only
+    python benchmarks/reliability.py --parts answers --answer-mutations 100   # issue 21's element-wise answers
 
 Targets: >= 50 SIGKILLs over every phase with 100% of stores opening at their last committed (or complete)
 state and every committed byte equal to an uninterrupted run's; a full disk in every phase with 0 crashes
@@ -14,7 +15,10 @@ path: one refused at start, the other exact. Side files (issue 21): crafted, for
 socket, device, symlinked, hard-linked and directory locks and journals under every reader and writer, with 0
 changes to any file but the store's own, 0 changes to a store a journal does not belong to and 0 hangs over 10 s;
 every mutation of a genuine journal restores its store or leaves it untouched; overwrite=True on FIFOs, devices,
-sockets, directories and symlinks: each refused, the target unchanged.
+sockets, directories and symlinks: each refused, the target unchanged. Element-wise answers (issue 21, class 1):
+edits of the optimizer state, per-step tables, layer attributes and certificate of AdamW, Adagrad, Adafactor and
+conv-AdamW stores, with and without their checksums: 0 silent wrong answers (every answer's dual and unit outputs
+against the real model).
 
 The scenarios are those of tests/test_reliability.py and tests/test_side_files.py, larger (tests/reliability.py
 and tests/side_files.py hold them).
@@ -477,6 +481,40 @@ def overwrite_special(work: str, rounds: int) -> dict[str, Any]:
     return {"rounds": rounds, "mknod": mknod, "by_kind": {k: dict(c) for k, c in counts.items()}}
 
 
+def answer_mutations_part(work: str, per_store: int) -> dict[str, Any]:
+    """Issue 21, class 1: random edits of the optimizer state, the per-step tables, the layer attributes (a
+    convolution's geometry included), the initial parameters and the certificate's own attributes of AdamW,
+    Adagrad, Adafactor and conv-AdamW stores, each with the store as written (format 4: checksums required) and
+    read as format 3 without checksums (only the answers' own check against the final weights). Outcomes:
+    refused, correct, warned, silent (target 0), other (target 0); ``tests/answer_mutations.py``."""
+    import answer_mutations  # tests/answer_mutations.py
+
+    stores = answer_mutations.build_all(os.path.join(work, "stores"))
+    results = []
+    t0 = time.monotonic()
+    for kind, ref in stores.items():
+        for old in (False, True):
+            for seed in range(per_store):
+                target = os.path.join(work, "m.h5")
+                t = time.monotonic()
+                mkind, what = answer_mutations.mutate(ref["path"], target, seed, old_format=old)
+                out = answer_mutations.classify(target, ref)
+                results.append({"store": kind, "checksums": not old, "mutation": mkind, "what": what,
+                                "seconds": time.monotonic() - t, **out})
+    table: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for r in results:
+        table[f"{r['store']} {'format 4' if r['checksums'] else 'format 3, no checksums'}"][r["outcome"]] += 1
+    by_mutation: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for r in results:
+        by_mutation[f"{r['mutation']} {'format 4' if r['checksums'] else 'format 3'}"][r["outcome"]] += 1
+    outcomes = collections.Counter(r["outcome"] for r in results)
+    return {"seconds": time.monotonic() - t0, "n": len(results), "outcomes": dict(outcomes),
+            "by_store": {k: dict(v) for k, v in table.items()},
+            "by_mutation": {k: dict(v) for k, v in by_mutation.items()},
+            "max_seconds": max(r["seconds"] for r in results), "silent": outcomes.get("silent", 0),
+            "examples": [r for r in results if r["outcome"] in ("silent", "other")][:8]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default=None, help="where the stores go (default: a temporary folder, deleted)")
@@ -488,7 +526,9 @@ def main() -> int:
     p.add_argument("--side-files", type=int, default=1000, help="hostile side-file cases (issue 21)")
     p.add_argument("--journals-per-kind", type=int, default=60, help="draws of each kind of mutated journal")
     p.add_argument("--overwrite-rounds", type=int, default=20, help="rounds of overwrite=True on each special file")
-    p.add_argument("--parts", default="kills,fills,mutations,damaged,big,side,journals,overwrite",
+    p.add_argument("--answer-mutations", type=int, default=100,
+                   help="mutations per element-wise store and format (issue 21, class 1; 4 stores x 2 formats)")
+    p.add_argument("--parts", default="kills,fills,mutations,damaged,big,side,journals,overwrite,answers",
                    help="comma-separated parts to run")
     args = p.parse_args()
     parts = set(args.parts.split(","))
@@ -523,6 +563,10 @@ def main() -> int:
         if "overwrite" in parts:
             report["overwrite"] = overwrite_special(os.path.join(work, "overwrite"), args.overwrite_rounds)
             print(json.dumps(report["overwrite"], indent=1), flush=True)
+        if "answers" in parts:
+            report["answer_mutations"] = answer_mutations_part(os.path.join(work, "answers"), args.answer_mutations)
+            print(json.dumps({k: v for k, v in report["answer_mutations"].items() if k != "examples"}, indent=1),
+                  flush=True)
         if not args.no_big and "big" in parts:
             report["big_store"] = big_store_costs(work, args.big_gb)
             print(json.dumps(report["big_store"], indent=1), flush=True)

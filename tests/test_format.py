@@ -34,7 +34,7 @@ def test_version_1_store_reads_as_an_sgd_store(tmp_path):
     path = str(tmp_path / "v1.h5")
     shutil.copy(V1, path)  # (a reader never writes, but keep the fixture untouched anyway)
     with StoreReader(path) as s:
-        assert s.meta.format_version == 1 and FORMAT_VERSION == 3
+        assert s.meta.format_version == 1 and FORMAT_VERSION == 4
         assert s.update_rule == "sgd" and s.form == "scalar" and s.complete
         assert "update_rule" not in s.attrs
         lay = s.layer("net.0")

@@ -260,6 +260,19 @@ def test_attend_after_close_says_closed_not_damaged(valid_store):
             call()
 
 
+def test_a_store_reader_used_after_close_says_closed_not_damaged(valid_store):
+    """h5py answers `name in group` on a closed file with False: a closed reader's final weights read as None,
+    silently, unless the reader checks first."""
+    s = StoreReader(valid_store)
+    layer, queries = s.layer("net.0"), s.queries("test")
+    assert layer.weight_final is not None
+    s.close()
+    for call in (lambda: layer.weight_final, lambda: layer.read(0, 2), lambda: layer.updates(),
+                 lambda: layer.rows_before(1), lambda: queries.layer_rows("net.0")):
+        with pytest.raises(RuntimeError, match="this reader was closed .* open the store again"):
+            call()
+
+
 def test_top_k_0_is_refused_by_the_cli_and_marked_not_computed_by_the_api(valid_store, capsys):
     from lightning_dualform import DualInference
     from lightning_dualform.cli import main
@@ -379,3 +392,24 @@ def test_cli_options_beyond_any_machine_are_usage_errors(tmp_path, capsys):
         assert main(["demo", "--out", str(tmp_path / "d"), "--lr", lr, "--no-plot", "--quiet"]) == 2
         assert f"--lr {float(lr)}: expected a positive, finite learning rate" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()  # refused before anything was made
+
+
+def test_a_learning_rate_of_nan_is_refused_when_recorded_not_called_damaged_later(tmp_path):
+    from torch import nn
+
+    from lightning_dualform import DualFormRecorder
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=float("nan"))
+    x, y = torch.randn(16, 6), torch.arange(16) % 3
+    path = tmp_path / "nan.h5"
+    with pytest.raises(Exception, match=r"optimizer step 0 of layer '0' is not finite \(weight lr nan.*learning rate"):
+        with DualFormRecorder(path, model, opt) as rec:
+            for s in range(2):
+                rec.batch(indices=torch.arange(8 * s, 8 * s + 8), labels=y[8 * s: 8 * s + 8])
+                nn.functional.cross_entropy(model(x[8 * s: 8 * s + 8]), y[8 * s: 8 * s + 8]).backward()
+                opt.step()
+                opt.zero_grad()
+    with StoreReader(path) as s:  # what it kept opens: no step, not "damaged"
+        assert s.n_steps == 0 and s.status == "recording"

@@ -150,6 +150,11 @@ class AttentionResult:
             output that the memory explains; ``None`` for an exact store.
         dual_source: ``"rows"``: ``dual``'s memory part was summed from the rows in this pass;
             ``"certificate"``: from the sums the certificate computed from the same rows at fit end.
+        unit_rel_err: ``(n,)`` ``|unit_output - primal[i, units[i]]| / ||primal[i]||``: the unit outputs rebuilt
+            from the rows this pass read (an element-wise rule's sweep) against the stored final weights; ``None``
+            where no unit output was rebuilt from rows, or without ``primal``.
+        tolerance: the store's documented tolerance that ``rel_err`` and ``unit_rel_err`` were checked against
+            (``None`` without ``primal``: nothing to check against).
     """
 
     layer: str
@@ -172,10 +177,22 @@ class AttentionResult:
     score: str = "raw"
     unit_base: torch.Tensor | None = None
     unit_output: torch.Tensor | None = None
+    unit_rel_err: torch.Tensor | None = None
+    tolerance: float | None = None
 
     @property
     def max_rel_err(self) -> float | None:
         return None if self.rel_err is None else float(self.rel_err.max())
+
+    @property
+    def within_tolerance(self) -> bool | None:
+        """Whether every rebuilt output of the answer (``dual``: ``rel_err``; the unit outputs: ``unit_rel_err``)
+        agrees with the stored final weights' output within :attr:`tolerance`; ``None`` when nothing was checked
+        (an earlier ``at_step``, an unfinished store)."""
+        errs = [float(e.double().max()) for e in (self.rel_err, self.unit_rel_err) if e is not None and e.numel()]
+        if not errs or self.tolerance is None:
+            return None
+        return all(e <= self.tolerance for e in errs)  # NaN: False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists, numbers and strings only: ``json.dumps`` takes it as it is."""
@@ -193,7 +210,10 @@ class AttentionResult:
             "dual": _list(self.dual),
             "primal": _list(self.primal),
             "rel_err": _list(self.rel_err),
+            "unit_rel_err": _list(self.unit_rel_err),
             "max_rel_err": self.max_rel_err,
+            "tolerance": self.tolerance,
+            "within_tolerance": self.within_tolerance,
             "top": sub(self.top),
             "top_examples": sub(self.top_examples),
             "units": _list(self.units),

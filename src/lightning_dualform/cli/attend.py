@@ -227,6 +227,19 @@ def mass_line(res: Any, r: int, n: int = 3) -> str:
     return "mass by label  " + ", ".join(parts)
 
 
+def answer_check(res: Any, r: int) -> str:
+    """What the text says of row ``r``'s check against the stored final weights beyond ``rel_err``: the unit
+    output rebuilt from the rows, and a plain "NOT exact" when the answer is beyond the store's tolerance."""
+    out = ""
+    unit_err = getattr(res, "unit_rel_err", None)
+    if unit_err is not None:
+        out += f", unit {int(res.units[r])} rebuilt from the rows rel. err. {float(unit_err[r]):.1e}"
+    if getattr(res, "within_tolerance", None) is False:
+        out += (f"; NOT exact: beyond the store's tolerance {res.tolerance:.0e}, the store does not rebuild its final "
+                "weights (run `lightning-dualform verify`)")
+    return out
+
+
 def render_attend(run: QueryAttention, by: str, store: Any = None, influence: dict[str, Any] | None = None) -> str:
     """The text ``attend`` prints: per query, the examples ranked by influence (when ``influence`` is given, from
     :func:`~lightning_dualform.cli.which_examples.store_influence`), then per layer the top patterns by
@@ -257,6 +270,7 @@ def render_attend(run: QueryAttention, by: str, store: Any = None, influence: di
                 if res.rel_err is not None and res.dual_source == "certificate":
                     replayed = store is not None and getattr(store, "form", "scalar") == "element-wise"
                     err += " (weights replayed by the certificate)" if replayed else " (memory sums from the certificate)"
+                err += answer_check(res, r)
                 where = f" position {pos}" if len(np.flatnonzero(ex == j)) > 1 else ""
                 unit = f", attention weights for unit {int(res.units[r])}" if res.score == "unit" and res.units is not None else ""
                 out.append(f"  {name}{where}: {res.rows} rows{err}{unit}")

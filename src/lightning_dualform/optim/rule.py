@@ -14,6 +14,8 @@ returns the step's :class:`~.maps.StepMaps`.
 
 from __future__ import annotations
 
+import math
+
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
@@ -186,6 +188,8 @@ class UpdateRule(ABC):
                 )
             if not np.all(np.isfinite(v)):
                 raise ValueError(f"the {self.name} state entry {name!r} is not finite")
+            if name in NONNEGATIVE_STATE and np.any(np.asarray(v) < 0):
+                raise ValueError(f"the {self.name} state entry {name!r} holds negative values; it sums squares")
 
     def entry_shape(self, name: str, held: tuple[int, ...]) -> tuple[int, ...]:
         """The shape of state entry ``name`` for a parameter held in shape ``held``."""
@@ -209,8 +213,40 @@ class UpdateRule(ABC):
         if short:
             raise ValueError(f"the {self.name} table's columns {short} have fewer than the {steps} steps asked for")
 
+    def check_values(self, table: Mapping[str, np.ndarray]) -> None:
+        """Raise ``ValueError`` where a column holds a value torch's optimizer refuses (:data:`COLUMN_RANGES`):
+        a table that no run can have written (a ``beta2`` of 2 would make the replay's bias correction complex)."""
+        for name, (lo, hi, hi_open) in COLUMN_RANGES.items():
+            if name not in table or name not in self.column_names:
+                continue
+            v = np.asarray(table[name], dtype=np.float64)
+            bad = (v < lo) | ((v >= hi) if hi_open else (v > hi))
+            if np.any(bad):
+                i = int(np.flatnonzero(bad)[0])
+                allowed = f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
+                raise ValueError(f"the {self.name} table's column {name!r} holds {float(v[i])!r} at step {i}; "
+                                 f"torch allows {allowed}")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+#: state entries that are sums or averages of squares (or their maximum): never negative in a real run
+NONNEGATIVE_STATE = ("exp_avg_sq", "max_exp_avg_sq", "exp_inf", "sum", "square_avg", "acc_delta", "row_var", "col_var",
+                     "variance")
+#: what torch's optimizers accept of a hyper-parameter column: ``(lo, hi, hi excluded)``, ``lo`` included
+COLUMN_RANGES: dict[str, tuple[float, float, bool]] = {
+    "lr": (0.0, math.inf, False),
+    "eps": (0.0, math.inf, False),
+    "eps2": (0.0, math.inf, False),
+    "weight_decay": (0.0, math.inf, False),
+    "lr_decay": (0.0, math.inf, False),
+    "beta1": (0.0, 1.0, True),
+    "beta2": (0.0, 1.0, True),
+    "rho": (0.0, 1.0, False),
+    "beta2_decay": (-math.inf, 0.0, False),
+    "d": (1.0, math.inf, False),
+}
 
 
 def row_of(table: Mapping[str, np.ndarray], s: int) -> dict[str, HyperValue]:

@@ -73,11 +73,22 @@ LIBVER = ("v110", "v114")
 DAMAGE = (OSError, KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError)
 
 
+def _closed(obj: Any) -> bool:
+    """Whether ``obj`` (a store reader, or a layer or query set of one) reads a file its reader has closed."""
+    store = obj if hasattr(obj, "_f") else getattr(obj, "store", None) or getattr(obj, "_store", None)
+    f = getattr(store, "_f", None)
+    return isinstance(f, h5py.File) and not f.id.valid
+
+
 def guarded(method: Callable) -> Callable:
     """Turn any low-level failure while reading stored data into a :class:`StoreError` naming the file."""
 
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _closed(self):  # (h5py answers some calls on a closed file, `name in group` with False: never silent)
+            path = getattr(self, "path", None) or getattr(getattr(self, "store", None), "path", "store")
+            raise RuntimeError(f"{path}: this reader was closed ({method.__name__} called after close()); open the "
+                               "store again (StoreReader(path)), or keep using it inside its `with` block.")
         try:
             return method(self, *args, **kwargs)
         except StoreError:

@@ -32,6 +32,7 @@ import numpy as np
 from lightning_dualform.errors import StoreError
 from lightning_dualform.store import _h5, _journal
 from lightning_dualform.store._lock import WriterLock
+from lightning_dualform.store.bindings import write_bindings
 from lightning_dualform.store.format import (
     MEMORY_SUM_DATASETS,
     MEMORY_SUM_MAX_ELEMENTS,
@@ -300,6 +301,7 @@ def _write(f: h5py.File, path: str, layer: str, certificate: LayerCertificate, k
         _h5.replace(g, "weight_residual", np.asarray(residual[0], dtype=np.float32))
         if residual[1] is not None:
             _h5.replace(g, "bias_residual", np.asarray(residual[1], dtype=np.float32))
+    write_bindings(f, g)  # what the certificate was computed from: the state, the attributes
 
 
 def clear_certificate(group: h5py.Group) -> None:

@@ -21,7 +21,10 @@ FORMAT_NAME = "lightning-dualform"
 #: Version 1 stores (``torch.optim.SGD`` only) are version 2 stores of the rule ``"sgd"``.
 #: Version 3 keeps a convolution's input maps instead of its unfolded key rows (layer attribute
 #: ``layout = "maps"``, ``store/conv.py``); a version-2 reader would misread them. Other layers are unchanged.
-FORMAT_VERSION = 3
+#: Version 4 binds what a layer's rebuild reads: a complete store keeps, per layer, the CRC-32 of its attributes
+#: and of its initial optimizer state and parameters beside that of its per-step tables (``store/bindings.py``);
+#: a reader refuses a complete version-4 store without them. The layout is otherwise that of version 3.
+FORMAT_VERSION = 4
 #: The oldest format this library reads.
 MIN_FORMAT_VERSION = 1
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import h5py
 import numpy as np
@@ -31,6 +31,7 @@ from lightning_dualform.optim.stored import Coefficients, base_weights, initial_
 from lightning_dualform.store import _h5, _journal, _probe, _raw_chunks, _repair, validate
 from lightning_dualform.store import conv as _conv
 from lightning_dualform.store._h5open import open_any
+from lightning_dualform.store.bindings import ATTRS_CRC32, REQUIRED_FROM, STATE_CRC32, attrs_crc32, state_crc32
 from lightning_dualform.store.certificate import TABLES_CRC32, KeptMarks, LayerCertificate, kept_datasets
 from lightning_dualform.store.filters import decode_rows
 from lightning_dualform.store.format import (
@@ -83,15 +84,76 @@ class LayerReader:
                     raise StoreError(f"{where}: its rows' steps {ends.tolist()} lie outside the step table "
                                      f"{self._step_lo}..{self._step_hi - 1}; the file is damaged.")
         self._chunk_readers: dict[str, _raw_chunks.ChunkReader | None] = {}
-        if store.complete and TABLES_CRC32 in group.attrs:
-            want = _h5.int_attr(group.attrs, TABLES_CRC32, where, lo=0, hi=2**32 - 1)
+        #: whether the initial state and parameters were checked against their CRC (done when first handed out)
+        self._state_checked = not store.complete
+        self._pinned: Callable[[str], np.ndarray] | None = None  # the state's datasets, while its CRC is checked
+        if store.complete:
+            self._check_bindings(where)
+
+    def _binding(self, key: str, where: str) -> int | None:
+        """A binding CRC of the layer (``store/bindings.py``), or None where an older store lacks it.
+
+        Raises:
+            StoreError: a complete store of format 4 or later lacks it, or it is not a CRC-32.
+        """
+        attrs = self._g.attrs
+        if key not in attrs:
+            if self.store.meta.format_version >= REQUIRED_FROM:
+                raise StoreError(
+                    f"{where}: attribute {key!r} is missing: a complete store of format "
+                    f"{self.store.meta.format_version} binds its layers' per-step tables, attributes and optimizer "
+                    "state by CRC-32 at finalisation, and nothing else removes it. The file was damaged or rewritten by "
+                    "another program: its answers cannot be trusted. Use the original file, or train again."
+                )
+            return None
+        return _h5.int_attr(attrs, key, where, lo=0, hi=2**32 - 1)
+
+    def _check_bindings(self, where: str) -> None:
+        """The per-step tables and the attributes against their CRC-32 (the state waits for its first use)."""
+        want = self._binding(TABLES_CRC32, where)
+        if want is not None:
             u = self.updates()
             got = tables_crc32(u["step"], u["grad_scale"], {p: u[p] for p in ("weight", "bias") if p in u})
-            if got != want:
-                raise StoreError(
-                    f"{where}: its per-step tables changed after the certificate was written (CRC {got:#010x}, "
-                    f"certified {want:#010x}); the file is damaged or was rewritten by another program."
-                )
+            _bound(where, "its per-step tables", got, want)
+        want = self._binding(ATTRS_CRC32, where)
+        if want is not None:
+            _bound(where, "its attributes (convolution geometry, shapes, rule)", attrs_crc32(self.store._f.attrs, self._g),
+                   want)
+        if self._binding(STATE_CRC32, where) is None:
+            self._state_checked = True  # an older store: nothing to check it against
+
+    @_h5.guarded
+    def _check_state_binding(self) -> dict[str, OptimizerState]:
+        """The initial optimizer state and parameters against :data:`~.bindings.STATE_CRC32`, once; returns the
+        states it built on the way (each dataset is read once for both)."""
+        if self._state_checked:
+            return {}
+        where = f"{self.store.path}: layer {self.name!r}"
+        want = self._binding(STATE_CRC32, where)
+        built: dict[str, OptimizerState] = {}
+        if want is not None:
+            raw: dict[str, np.ndarray] = {}
+
+            def read(path: str) -> np.ndarray:
+                if path not in raw:
+                    raw[path] = np.asarray(self._g[path][()])
+                return raw[path]
+
+            self._pinned = read
+            try:
+                if self.store.rule is not None:  # the checks of a malformed state say more than a CRC: first
+                    for pname in ("weight", "bias") if self.has_bias else ("weight",):
+                        built[pname] = self._read_initial_state(pname)
+                got = state_crc32(self._g, read)
+            finally:
+                self._pinned = None
+            _bound(where, "its initial optimizer state or parameters", got, want)
+        self._state_checked = True
+        return built
+
+    def _raw(self, path: str) -> np.ndarray:
+        """A dataset of the layer group as stored (read once while the state's CRC is checked)."""
+        return self._pinned(path) if self._pinned is not None else np.asarray(self._g[path][()])
 
     @property
     def has_certificate(self) -> bool:
@@ -198,6 +260,11 @@ class LayerReader:
                 raise StoreError(f"{where} has no update table for its {pname}; the file is damaged.")
             out[pname] = {c.name: validate.read_column(ug[pname], c.name, n, c.dtype, f"{where} {pname}")
                           for c in table_columns(self.store.update_rule)}
+            if self.store.rule is not None:
+                try:
+                    self.store.rule.check_values(out[pname])
+                except ValueError as err:
+                    raise StoreError(f"{where} {pname}: {err}; the file is damaged or was rewritten.") from None
         return out
 
     def end_step(self, at_step: int | None = None) -> tuple[int, int]:
@@ -245,6 +312,10 @@ class LayerReader:
             StoreError: the store keeps no state for this parameter, or an entry has the wrong shape, is not
                 finite, or a required one is missing.
         """
+        built = self._check_state_binding()
+        return built[pname] if pname in built else self._read_initial_state(pname)
+
+    def _read_initial_state(self, pname: str) -> OptimizerState:
         rule: UpdateRule | None = self.store.rule
         where = f"{self.store.path}: layer {self.name!r} {pname}"
         if rule is None:
@@ -252,7 +323,8 @@ class LayerReader:
         if pname == "bias" and not self.has_bias:
             raise ValueError(f"{where}: the layer has no bias.")
         shape = self.weight_shape if pname == "weight" else (self.d_out,)
-        init = self.weight_init if pname == "weight" else self.bias_init
+        init = f"{pname}_init"
+        init = np.asarray(self._raw(init), dtype=np.float32) if init in self._g else None
         arrays: dict[str, np.ndarray] = {}
         scalars: dict[str, Any] = {}
         buffer = None
@@ -264,7 +336,7 @@ class LayerReader:
             for key, ds in pg.items():
                 if not isinstance(ds, h5py.Dataset) or ds.dtype.kind != "f":
                     raise StoreError(f"{where}: state entry {key!r} is not a float dataset; the file is damaged.")
-                arrays[key] = np.asarray(ds[()], dtype=np.float64)
+                arrays[key] = np.asarray(self._raw(f"{STATE_GROUP}/{pname}/{key}"), dtype=np.float64)
             for key, v in pg.attrs.items():
                 if not isinstance(v, (np.floating, float)) or isinstance(v, bool):
                     raise StoreError(f"{where}: state attribute {key!r} is {v!r}, not a number; the file is damaged.")
@@ -272,14 +344,16 @@ class LayerReader:
                     raise StoreError(f"{where}: state attribute {key!r} is {v!r}; the file is damaged.")
                 scalars[key] = v
         else:
-            buf = self._array(f"{pname}_buffer_init")
+            buf = f"{pname}_buffer_init"
+            buf = np.asarray(self._raw(buf), dtype=np.float32) if buf in self._g else None
             if buf is not None:
                 buffer = self.to_param(buf) if pname == "weight" else buf
         try:
-            return initial_state(rule, shape, self.to_param(init) if pname == "weight" else init, arrays=arrays,
-                                 scalars=scalars, momentum_buffer=buffer, param_dtype=self.param_dtype)
+            state = initial_state(rule, shape, self.to_param(init) if pname == "weight" else init, arrays=arrays,
+                                  scalars=scalars, momentum_buffer=buffer, param_dtype=self.param_dtype)
         except ValueError as err:
             raise StoreError(f"{where}: {err}; the file is damaged or was written for another layer.") from None
+        return state
 
     def base_weights(
         self, at_step: int | None = None, coef: Coefficients | None = None, with_residual: bool = True
@@ -291,6 +365,7 @@ class LayerReader:
         ``W_T q = base_weight q + base_bias + sum_rows (c_w (k.q) + c_b) v``. Scalar and plain stores only.
         """
         coef = coef or self.coefficients(at_step)
+        self._check_state_binding()
         residual = None
         if with_residual and coef.end_step == self.store.last_step and self.store.form == "plain":
             residual = (self.weight_residual, self.bias_residual)
@@ -422,6 +497,16 @@ class LayerReader:
             if r is not None:
                 r.close()
         self._chunk_readers.clear()
+
+
+def _bound(where: str, what: str, got: int, want: int) -> None:
+    """Refuse a layer whose ``what`` no longer has the CRC-32 it was finished with."""
+    if got != want:
+        raise StoreError(
+            f"{where}: {what} changed after the certificate was written or the store finished (CRC {got:#010x}, "
+            f"recorded {want:#010x}); the file is damaged or was rewritten by another program, and answers rebuilt "
+            "from it would be wrong. Use the original file, or train again."
+        )
 
 
 class StoreView:

@@ -36,6 +36,7 @@ from lightning_dualform.store import _h5, _journal, _repair, _rollback
 from lightning_dualform.store._chunks import ChunkAppender
 from lightning_dualform.store._lock import WriterLock
 from lightning_dualform.store._space import SpaceReserve
+from lightning_dualform.store.bindings import write_bindings
 from lightning_dualform.store.certificate import TABLES_CRC32, LayerCertificate, stored_tables_crc32
 from lightning_dualform.store.conv import MAPS_LAYOUT
 from lightning_dualform.store.filters import compression_kwargs, encode_rows
@@ -368,6 +369,7 @@ class StoreWriter:
         """
         self._guard()
         try:
+            self._check_finite(step, updates)
             nbytes = sum(len(r.keys) * self._row_bytes[n] for n, r in rows.items() if n in self._row_bytes)
             nbytes += 256 * len(self._layers)
             self._reserve(self._pending_bytes + nbytes)
@@ -376,6 +378,26 @@ class StoreWriter:
         except BaseException as err:
             self._failing(err)
             raise
+
+    def _check_finite(self, step: int, updates: dict[str, tuple[float, Any, Any]]) -> None:
+        """Refuse a step whose gradient scale or hyper-parameters are NaN or inf (a learning rate of NaN, a
+        diverged run): no replay can rebuild such a step, and a reader would refuse the store as damaged."""
+        for name, (scale, w_row, b_row) in updates.items():
+            tables = self._tables.get(name)
+            if tables is None or name in self._dropped:
+                continue
+            bad = [] if math.isfinite(float(scale)) else [f"gradient scale {float(scale)}"]
+            for pname, row in (("weight", w_row), ("bias", b_row)):
+                if row is None or pname not in tables:
+                    continue
+                bad += [f"{pname} {col} {float(_column(row, col))}" for col, ds in tables[pname].items()
+                        if ds.dtype.kind == "f" and not math.isfinite(float(_column(row, col)))]
+            if bad:
+                raise ValueError(
+                    f"{self.path}: optimizer step {step} of layer {name!r} is not finite ({', '.join(bad)}): the "
+                    "learning rate or another hyper-parameter is NaN or inf, or training diverged (NaN gradients). "
+                    "The store keeps the steps before it; fix the run and record again."
+                )
 
     def _add_step(
         self, step: int, epoch: int, rows: dict[str, StepRows], updates: dict[str, tuple[float, Any, Any]]
@@ -610,6 +632,8 @@ class StoreWriter:
                     f["layers"][name].attrs["exact"] = False
                     f["layers"][name].attrs["inexact_reason"] = reason
                 _h5.set_attrs(f, {"final_step": int(final_step), "epochs": int(epochs)})
+                for g in f["layers"].values():  # last: they bind every attribute written above
+                    write_bindings(f, g)
                 f.attrs["status"] = "complete"
         except BaseException as err:
             self._failing(err)

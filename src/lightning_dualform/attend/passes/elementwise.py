@@ -20,6 +20,7 @@ first here (the raw scores keep the library's rule, the earlier row first).
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -33,7 +34,8 @@ from lightning_dualform.attend.passes.outputs import primal_output
 from lightning_dualform.attend.passes.units import resolve_units
 from lightning_dualform.attend.replay import LayerReplay, StepRows, unit_transform
 from lightning_dualform.attend.request import AttendRequest
-from lightning_dualform.attend.results import AttentionResult
+from lightning_dualform.attend.results import AttentionResult, overall_rel_err
+from lightning_dualform.store.certificate import store_tolerance
 from lightning_dualform.store.source import LayerSource
 
 _ROW_COLUMNS = ("keys", "values", "step", "epoch", "index", "position", "label")
@@ -121,7 +123,36 @@ class ElementwisePass(AttendPass):
             res.unit_base = unit_base
             res.unit_output = unit_output
         assemble.add_mass(res, main, first_step=rep.first, end_step=rep.end, step_buckets=req.step_buckets)
+        if res.primal is not None:
+            self._check_answer(res, from_rows=stored is None)
         return res
+
+    def _check_answer(self, res: AttentionResult, *, from_rows: bool) -> None:
+        """Every output the answer rebuilt against the stored final weights' output for the same queries: ``dual``
+        (``rel_err``, from ``new_result``) and, where the sweep ran, each query's unit output rebuilt from the rows
+        this pass read (``unit_rel_err``). The store's rows, optimizer state and tables shape the ranking through
+        those unit outputs: beyond the store's tolerance the answer is not the model's, and it says so."""
+        tol = store_tolerance(self.ctx.store)
+        res.tolerance = tol
+        primal = res.primal.double()
+        dual = "`dual`" + ("" if from_rows else " (the certificate's replayed weights)")
+        errs = {dual: overall_rel_err(res.dual, res.primal)}
+        if res.unit_output is not None and res.units is not None:
+            want = primal.gather(1, res.units.long()[:, None]).squeeze(1)
+            diff = res.unit_output.double() - want
+            res.unit_rel_err = diff.abs() / torch.linalg.norm(primal, dim=1).clamp_min(1e-300)
+            ref, gap = float(torch.linalg.norm(primal)), float(torch.linalg.norm(diff))
+            errs["the unit outputs rebuilt from the rows"] = gap / ref if ref > 0 else (0.0 if gap == 0 else math.inf)
+        beyond = {what: e for what, e in errs.items() if not e <= tol}  # NaN counts as beyond
+        if beyond and res.exact_store:
+            said = "; ".join(f"{what} by {e:.2e}" for what, e in beyond.items())
+            warnings.warn(
+                f"{self.ctx.path}: layer {res.layer!r}: the answer differs from the stored final weights' output: "
+                f"{said} relative (over all queries; tolerance {tol:.0e}). Its optimizer state, per-step tables or rows "
+                "do not rebuild the trained model: the file is damaged or was rewritten, and its rankings are not the "
+                "model's. Run `lightning-dualform verify` on it.",
+                RuntimeWarning, stacklevel=4,
+            )
 
     def _stored_replay_agrees(self, layer: LayerSource, stored: tuple[np.ndarray, np.ndarray | None]) -> bool:
         """Whether the certificate's kept replay weights are as far from the stored final weights as the

@@ -204,6 +204,7 @@ class ScalarPass(AttendPass):
         from lightning_dualform.attend.certificate import store_tolerance
 
         tol = store_tolerance(self.ctx.store)
+        res.tolerance = tol
         err = overall_rel_err(res.dual, res.primal)
         if not err <= tol:  # NaN counts as beyond
             warnings.warn(
