@@ -153,10 +153,11 @@ class AsyncWriter:
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             err = self._error
+            # the writer serves the callback and the recorder alike; only an OS error is about the disk
+            fix = "free disk space or fix permissions" if isinstance(err, OSError) else "fix what the error says"
             raise WriterError(
-                f"DualFormCallback could not write {self.path}: {type(err).__name__}: {err}. "
-                "Recording stopped so that no rows are silently lost; free disk space or fix permissions, "
-                "then resume from the last checkpoint."
+                f"the store's writer could not write {self.path}: {type(err).__name__}: {err}. "
+                f"Recording stopped so that no rows are silently lost; {fix}, then resume from the last checkpoint."
             ) from err
 
     def _put(self, item: Any) -> None:
