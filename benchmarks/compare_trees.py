@@ -1,0 +1,87 @@
+"""Two versions of the library side by side: one of the benchmarks' runs per version per round, alternating.
+
+Two versions cannot share a process, so each round runs a benchmark script (``overhead.py`` by default)
+once with each source tree first on ``PYTHONPATH``, in an order that alternates between rounds; each
+run measures its own variants against its own baseline fit of the same round, and the table gives the
+median over rounds of each (tree, variant) ratio. The load average is recorded before every run: on a
+shared machine, compare only figures of one invocation.
+
+Usage::
+
+    # the library at main (an exported tree) against this checkout
+    git archive main | tar -x -C /tmp/main-tree && cp src/lightning_dualform/_kernels/*.so /tmp/main-tree/src/lightning_dualform/_kernels/
+    python benchmarks/compare_trees.py --trees before=/tmp/main-tree,after=. --rounds 3 -- \\
+        --examples 12800 --epochs 2 --variants float32,float32:nocert --no-certify-timing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import median, write_json  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_once(tree: str, script: str, args: list[str], out: str) -> dict[str, Any]:
+    """One run of ``script`` (this checkout's copy) with ``tree``'s library; its JSON result."""
+    env = {**os.environ, "PYTHONPATH": os.path.join(os.path.abspath(tree), "src")}
+    cmd = [sys.executable, os.path.join(HERE, script), *args, "--repeats", "1", "--out", out]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    with open(os.path.join(out, "overhead.json")) as fh:
+        return json.load(fh)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, passed = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--trees", required=True, help="comma list of name=path (a checkout or an exported tree)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds (each runs every tree once)")
+    ap.add_argument("--script", default="overhead.py", help="the benchmark script, from this benchmarks/ folder")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for compare_trees.json")
+    args = ap.parse_args(argv)
+    trees = dict(t.split("=", 1) for t in args.trees.split(","))
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            order = list(trees) if r % 2 == 0 else list(reversed(trees))
+            for name in order:
+                load = os.getloadavg()[0]
+                t0 = time.time()
+                res = run_once(trees[name], args.script, passed, os.path.join(tmp, f"{name}-{r}"))
+                ratios = {v: s["ratios"][0] for v, s in res["summary"].items()}
+                walls = {v: s["median_wall_s"] for v, s in res["summary"].items()}
+                runs.append({"round": r, "tree": name, "loadavg_1min": load, "seconds": time.time() - t0,
+                             "ratios": ratios, "wall_s": walls})
+                print(f"round {r} {name:>8}: load {load:4.1f}  " +
+                      "  ".join(f"{v} {x:.3f} ({walls[v]:.1f} s)" for v, x in ratios.items()), flush=True)
+    variants = list(runs[0]["ratios"])
+    summary = {name: {v: median([x["ratios"][v] for x in runs if x["tree"] == name]) for v in variants}
+               for name in trees}
+    print("\nmedian ratio over rounds (each against its own baseline of the round)")
+    print(f"{'variant':>16} " + " ".join(f"{n:>10}" for n in trees))
+    for v in variants:
+        print(f"{v:>16} " + " ".join(f"{summary[n][v]:>10.3f}" for n in trees))
+    write_json(args.out, "compare_trees.json", {"argv": argv, "passed": passed, "trees": trees, "runs": runs,
+                                                "summary": summary})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
