@@ -39,8 +39,17 @@ def run_once(tree: str, script: str, args: list[str], out: str) -> dict[str, Any
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    with open(os.path.join(out, "overhead.json")) as fh:
+    with open(os.path.join(out, os.path.splitext(script)[0] + ".json")) as fh:
         return json.load(fh)
+
+
+def ratios_of(result: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """Each variant's (or model's) ratio to the round's baseline, and its fit's wall time."""
+    if "summary" in result:  # overhead.py
+        s = result["summary"]
+        return {v: x["ratios"][0] for v, x in s.items()}, {v: x["median_wall_s"] for v, x in s.items()}
+    m = result["models"]  # real_models.py
+    return {k: x["ratio"] for k, x in m.items()}, {k: median(x["recorded_s"]) for k, x in m.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--trees", required=True, help="comma list of name=path (a checkout or an exported tree)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (each runs every tree once)")
-    ap.add_argument("--script", default="overhead.py", help="the benchmark script, from this benchmarks/ folder")
+    ap.add_argument("--script", default="overhead.py", choices=["overhead.py", "real_models.py"],
+                    help="the benchmark script, from this benchmarks/ folder")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for compare_trees.json")
     args = ap.parse_args(argv)
     trees = dict(t.split("=", 1) for t in args.trees.split(","))
@@ -65,8 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 load = os.getloadavg()[0]
                 t0 = time.time()
                 res = run_once(trees[name], args.script, passed, os.path.join(tmp, f"{name}-{r}"))
-                ratios = {v: s["ratios"][0] for v, s in res["summary"].items()}
-                walls = {v: s["median_wall_s"] for v, s in res["summary"].items()}
+                ratios, walls = ratios_of(res)
                 runs.append({"round": r, "tree": name, "loadavg_1min": load, "seconds": time.time() - t0,
                              "ratios": ratios, "wall_s": walls})
                 print(f"round {r} {name:>8}: load {load:4.1f}  " +
