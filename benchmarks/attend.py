@@ -186,7 +186,7 @@ def main() -> None:
                 ts["r"].append(timed(lambda: attend("exact", reuse=False)))
                 if not args.no_bf16:
                     ts["f"].append(timed(lambda: attend("bf16")))
-            del k, v, c
+            k = v = c = None  # the device's copies go before the next layer's
             t_a, t_b, t_c, t_r = median(ts["a"]), median(ts["b"]), median(ts["c"]), median(ts["r"])
             t_f = median(ts["f"]) if ts["f"] else float("nan")
             exact = attend("exact")

@@ -6,8 +6,6 @@ device, then runs ``finish``."""
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -23,7 +21,6 @@ import torch
 from helpers import MLP, TRAINER_KW, loader
 
 from lightning_dualform import DualFormCallback
-from lightning_dualform.attend import blocks
 from lightning_dualform.attend.blocks import CompactKeys, Prefetcher, host_bytes, scaled, share_of
 from lightning_dualform.attend.kernels import Block
 
@@ -112,7 +109,6 @@ _PASS = r"""
 import json, sys, threading, time, warnings
 import torch
 from lightning_dualform import DualInference
-from lightning_dualform.attend import blocks
 
 store, read_ahead, block, at_step = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 if read_ahead:

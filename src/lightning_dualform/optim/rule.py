@@ -91,8 +91,6 @@ class UpdateRule(ABC):
         Returns:
             ``{column: value}`` for every name in :attr:`columns`.
         """
-        import torch
-
         group = group_of(optimizer, param)
         _check_real(param)
         row = self._hyper(optimizer, group, param)

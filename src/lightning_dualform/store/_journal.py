@@ -191,7 +191,7 @@ class _UndoFile(io.RawIOBase):
     def tell(self) -> int:
         return self._pos
 
-    def readinto(self, buf) -> int:  # type: ignore[override]
+    def readinto(self, buf) -> int:
         view = memoryview(buf).cast("B")
         if self._fd is None:  # after the rollback: HDF5 is only closing
             view[:] = b"\0" * len(view)
@@ -206,7 +206,7 @@ class _UndoFile(io.RawIOBase):
         self._pos += n
         return n
 
-    def write(self, data) -> int:  # type: ignore[override]
+    def write(self, data) -> int:
         view = memoryview(data).cast("B")
         if self.failed is not None:
             # The session is being rolled back, so what HDF5 writes now is void; accepting it lets HDF5

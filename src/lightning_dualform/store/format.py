@@ -103,8 +103,8 @@ def rule_named(update_rule: str) -> UpdateRule | None:
 META_CHUNK = 4096
 TABLE_CHUNK = 512
 #: automatic chunk size of keys and values: big enough that per-chunk costs vanish, small enough that a
-#: chunk is checksummed and written while its rows are still in the CPU's cache (512 KiB: measured
-#: 1.71x training time against 1.93x for 3 MB chunks, benchmarks/overhead.py)
+#: chunk is checksummed and written while its rows are still in the CPU's cache (512 KiB trains faster than
+#: 3 MB chunks: docs/benchmarks.md, "Training overhead")
 CHUNK_BYTES = 512 * 1024
 
 

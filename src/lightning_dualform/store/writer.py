@@ -282,9 +282,8 @@ class StoreWriter:
 
         Releasing it lets the training thread run Python while HDF5 writes, which matters where that thread only
         launches device kernels (CUDA). Where training shares the CPU cores with the writer, the writer then
-        competes with torch's threads instead of taking turns: on the 2-core CPU of ``docs/benchmarks.md`` a
-        loop of small torch ops ran 1.76x slower beside the GIL-free writer and 1.23x beside h5py's, and the
-        MLP's fit 1.71x against 1.55x (``benchmarks/writer_cost.py``, ``overhead.py``'s ``:h5py``)."""
+        competes with torch's threads instead of taking turns, and on a 2-core CPU training runs slower beside it
+        (figures: ``docs/benchmarks.md``, "The writer's work per byte, and the GIL")."""
         for appenders in self._appenders.values():
             for app in appenders.values():
                 app.release_gil = bool(release)
