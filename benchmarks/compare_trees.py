@@ -9,7 +9,8 @@ shared machine, compare only figures of one invocation.
 Usage::
 
     # the library at main (an exported tree) against this checkout
-    git archive main | tar -x -C /tmp/main-tree && cp src/lightning_dualform/_kernels/*.so /tmp/main-tree/src/lightning_dualform/_kernels/
+    mkdir /tmp/main-tree && git archive main | tar -x -C /tmp/main-tree
+    cp src/lightning_dualform/_kernels/*.so /tmp/main-tree/src/lightning_dualform/_kernels/
     python benchmarks/compare_trees.py --trees before=/tmp/main-tree,after=. --rounds 3 -- \\
         --examples 12800 --epochs 2 --variants float32,float32:nocert --no-certify-timing
 """

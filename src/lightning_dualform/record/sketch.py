@@ -11,9 +11,10 @@ store. The projections and the recurrence run on the writer thread (:meth:`Sketc
 the host rows it is about to store, so training never waits for them. Under DDP each rank carries its own rows'
 part: the recurrence is linear in ``(W_0 Z, buf_0 Z)`` and in the steps' ``G_s Z``, so rank 0 starts from the
 weights and every other rank from zeros, and one all-reduce at fit end (:meth:`SketchCertificate.all_reduce`)
-gives every rank the projection of all the rows, where an all-reduce per step did before. The bias, whose key is the constant 1, is carried whole. The same products of the rows as captured check
-them against the gradient the optimizer used (``W.grad Z = f G_s Z``: the Freivalds test,
-``record/gradient_check.py``) on the training thread, on the steps the check samples.
+gives every rank the projection of all the rows, where an all-reduce per step did before. The bias, whose key
+is the constant 1, is carried whole. The same products of the rows as captured check them against the gradient
+the optimizer used (``W.grad Z = f G_s Z``: the Freivalds test, ``record/gradient_check.py``) on the training
+thread, on the steps the check samples.
 
 What it proves, and how likely a miss is: for Gaussian ``Z`` with ``k`` columns and any error matrix ``E``
 (the rebuilt weights minus the real ones), ``||E Z||_F^2`` is ``||E||_F^2`` times a weighted chi-square over
@@ -107,8 +108,8 @@ class SketchCertificate:
                          host(b), host(bbuf))
         return sketch
 
-    def start(self, name: str, z: torch.Tensor, w0: torch.Tensor | None, buf0: torch.Tensor | None, b0: torch.Tensor | None,
-              bbuf0: torch.Tensor | None, resumed: dict[str, Any] | None = None) -> None:
+    def start(self, name: str, z: torch.Tensor, w0: torch.Tensor | None, buf0: torch.Tensor | None,
+              b0: torch.Tensor | None, bbuf0: torch.Tensor | None, resumed: dict[str, Any] | None = None) -> None:
         """Begin a layer's projection at the store's first step (``w0`` ``(d_out, d_in)``...), or continue the
         one a checkpoint saved (``resumed``: :meth:`LayerSketch.state_dict`)."""
         f64 = dict(device=z.device, dtype=torch.float64)
@@ -134,7 +135,8 @@ class SketchCertificate:
         ``stored_dtype``, and carry the recurrence with ``updates[name] = (grad_scale, weight_row, bias_row)``.
         ``known`` holds projections already made of exactly these rows (the gradient check's, float32 rows on
         one process), which are not made again."""
-        todo = {n: m for n, m in self.modules.items() if n in self.layers and n in updates and not (known and n in known)}
+        todo = {n: m for n, m in self.modules.items()
+                if n in self.layers and n in updates and not (known and n in known)}
         made = gradient_check.project_rows({n: r for n, r in rows.items() if n in todo}, todo,
                                            {n: self.layers[n].z for n in todo}, geometry,
                                            stored_dtype=stored_dtype, all_reduce=_local) if todo else {}
@@ -217,7 +219,8 @@ def _field(up: Any, name: str) -> Any:
     return up[name] if isinstance(up, dict) else getattr(up, name)
 
 
-def _apply(up: Any, p: torch.Tensor, buf: torch.Tensor, g: torch.Tensor | None, grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _apply(up: Any, p: torch.Tensor, buf: torch.Tensor, g: torch.Tensor | None,
+           grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(p, buf) <- M (p, buf) + b (grad_scale g)`` of one SGD step (identity when the step was not applied)."""
     if not bool(_field(up, "applied")):
         return p, buf
