@@ -2,8 +2,9 @@
 
 Two versions cannot share a process, so each round runs a benchmark script (``overhead.py`` by default)
 once with each source tree first on ``PYTHONPATH``, in an order that alternates between rounds; each
-run measures its own variants against its own baseline fit of the same round, and the table gives the
-median over rounds of each (tree, variant) ratio. The load average is recorded before every run: on a
+run measures its own variants against its own baseline fits (its ``--repeats`` rounds, rotated, so that no
+variant always fits first in its process), and the table gives the median over rounds of each (tree,
+variant) median ratio. The load average is recorded before every run: on a
 shared machine, compare only figures of one invocation.
 
 Usage::
@@ -33,10 +34,10 @@ from common import median, write_json  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_once(tree: str, script: str, args: list[str], out: str) -> dict[str, Any]:
+def run_once(tree: str, script: str, args: list[str], out: str, repeats: int) -> dict[str, Any]:
     """One run of ``script`` (this checkout's copy) with ``tree``'s library; its JSON result."""
     env = {**os.environ, "PYTHONPATH": os.path.join(os.path.abspath(tree), "src")}
-    cmd = [sys.executable, os.path.join(HERE, script), *args, "--repeats", "1", "--out", out]
+    cmd = [sys.executable, os.path.join(HERE, script), *args, "--repeats", str(repeats), "--out", out]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -48,7 +49,7 @@ def ratios_of(result: dict[str, Any]) -> tuple[dict[str, float], dict[str, float
     """Each variant's (or model's) ratio to the round's baseline, and its fit's wall time."""
     if "summary" in result:  # overhead.py
         s = result["summary"]
-        return {v: x["ratios"][0] for v, x in s.items()}, {v: x["median_wall_s"] for v, x in s.items()}
+        return {v: x["median_ratio"] for v, x in s.items()}, {v: x["median_wall_s"] for v, x in s.items()}
     m = result["models"]  # real_models.py
     return {k: x["ratio"] for k, x in m.items()}, {k: median(x["recorded_s"]) for k, x in m.items()}
 
@@ -63,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--trees", required=True, help="comma list of name=path (a checkout or an exported tree)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (each runs every tree once)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="the script's own rounds per run, rotating which variant fits first: the first fit of a "
+                         "process touches fresh memory, which is slow on this VM (docs/benchmarks.md)")
     ap.add_argument("--script", default="overhead.py", choices=["overhead.py", "real_models.py"],
                     help="the benchmark script, from this benchmarks/ folder")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for compare_trees.json")
@@ -75,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in order:
                 load = os.getloadavg()[0]
                 t0 = time.time()
-                res = run_once(trees[name], args.script, passed, os.path.join(tmp, f"{name}-{r}"))
+                res = run_once(trees[name], args.script, passed, os.path.join(tmp, f"{name}-{r}"), args.repeats)
                 ratios, walls = ratios_of(res)
                 runs.append({"round": r, "tree": name, "loadavg_1min": load, "seconds": time.time() - t0,
                              "ratios": ratios, "wall_s": walls})
@@ -84,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     variants = list(runs[0]["ratios"])
     summary = {name: {v: median([x["ratios"][v] for x in runs if x["tree"] == name]) for v in variants}
                for name in trees}
-    print("\nmedian ratio over rounds (each against its own baseline of the round)")
+    print("\nmedian over rounds of each run's median ratio (each fit against its own round's baseline)")
     print(f"{'variant':>16} " + " ".join(f"{n:>10}" for n in trees))
     for v in variants:
         print(f"{v:>16} " + " ".join(f"{summary[n][v]:>10.3f}" for n in trees))
