@@ -243,11 +243,18 @@ def run_demo(
             "prediction": run.prediction.tolist(),
         }
         summary["dual_rel_err"] = {k: r.max_rel_err for k, r in run.results.items()}
+        # which examples: with the trained model at hand, first-order influence on each prediction's margin through
+        # every recorded layer leads the picture (attention, the paper's view, follows)
+        from lightning_dualform.cli.which_examples import model_influence
+
+        influence = model_influence(di, model, qs.inputs_at(np.asarray(picks)), "first_order", min(top_k, 5))
+        summary["influence"] = {"label": influence["label"], "proponents": [
+            [p["index"] for p in q["proponents"]] for q in influence["queries"]]}
         if plot:
             from lightning_dualform.plots import plot_attention
 
             png = os.path.join(out, "attend.png")
-            plot_attention(run, di.store, png, by="pattern", class_names=dm.classes)
+            plot_attention(run, di.store, png, by="pattern", class_names=dm.classes, influence=influence)
             summary["plot"] = png
     summary["seconds"] = time.perf_counter() - t0
     with open(os.path.join(out, "summary.json"), "w") as fh:

@@ -96,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
         "attend",
         parents=[common],
         formatter_class=fmt,
-        help="which training patterns queries attend to",
-        description="Attend queries over each layer's training memory and show the top patterns.",
+        help="which training patterns queries attend to (the paper's view), led by influence",
+        description="Attend queries over each layer's training memory and show the top patterns (the paper's view: "
+        "how each layer's output is assembled from its training rows). First, per query, the training examples "
+        "ranked by first-order influence on the prediction's margin through the output layer, from the store alone.",
     )
     s.add_argument("store", metavar="STORE", help="a .h5 store written by DualFormCallback")
     s.add_argument("--split", default=None, help="recorded query set (default: 'test', or the store's only one)")
@@ -143,16 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--plot", metavar="FILE.png", default=None, help="draw the answer (.png, .pdf or .svg; needs matplotlib)"
     )
+    s.add_argument(
+        "--no-influence",
+        dest="influence",
+        action="store_false",
+        help="leave out the examples ranked by first-order influence on each prediction's margin through the output "
+        "layer (computed from the store alone; `influence --model` scores every layer)",
+    )
     s.set_defaults(func=_Command("attend"))
 
     s = sub.add_parser("influence", parents=[common], formatter_class=fmt,
                        help="which training examples a prediction depends on (influence on its margin)",
                        description="Score every training example by how much up-weighting it would raise each query's "
-                       "target (default: the margin of its recorded label); list proponents and opponents.")
+                       "target (default: the margin of its recorded label); list proponents and opponents. With "
+                       "--model every recorded layer counts; without it, the output layer only (from the store).")
     s.add_argument("store", metavar="STORE", help="a .h5 store written by DualFormCallback or DualFormRecorder")
-    s.add_argument("--model", required=True, metavar="MODULE:FACTORY",
+    s.add_argument("--model", default=None, metavar="MODULE:FACTORY",
                    help="import path of a function returning the model (untrained is fine: the store's final "
-                   "weights are loaded into its tracked layers), e.g. mypkg.models:make_mlp")
+                   "weights are loaded into its tracked layers), e.g. mypkg.models:make_mlp; without it, first-order "
+                   "influence through the output layer only, from the store alone")
     s.add_argument("--split", default=None, help="recorded query set (default: 'test', or the store's only one)")
     s.add_argument("--index", default=None, help="dataset indices of recorded queries: '3,17', '0:10' or 'all' "
                    "(default: the first 3)")
@@ -188,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("view", parents=[common], formatter_class=fmt, help="explore a store in a local web page",
                        description="Serve a page on 127.0.0.1 to explore a store: pick a recorded query (or upload a "
-                       ".npy row) and see, per layer, the training examples it attends to as images, signed "
+                       ".npy row) and see the training examples ranked by influence on the prediction's margin (a "
+                       "method selector: first order through the output layer from the store alone; with --model, "
+                       "every layer, TracIn at every step, the exact metagradient), then, per layer, the training "
+                       "examples it attends to as images, signed "
                        "contributions, mass per class and over training, the certificate, and any earlier step. "
                        "The process keeps the store's rows in memory (--cache), so answers after the first cost the "
                        "products. Offline: the page loads nothing from elsewhere.")
@@ -208,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory rows read and multiplied at a time (default: about 96 MiB per block)",
     )
     s.add_argument("--no-warm", action="store_true", help="do not read every layer into the cache at start")
+    s.add_argument("--model", metavar="MODULE:FACTORY", default=None,
+                   help="the model (as for `influence --model`): adds influence through every recorded layer, TracIn "
+                   "at every step and the exact metagradient to the page's method selector (without it: first-order "
+                   "influence through the output layer, from the store alone)")
     s.set_defaults(func=_Command("view"))
 
     s = sub.add_parser("demo", parents=[common], formatter_class=fmt,
