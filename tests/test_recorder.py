@@ -360,3 +360,123 @@ def test_the_sketch_certificate_catches_a_wrong_row_or_coefficient(tmp_path, mon
     rec = _small_run(tmp_path, "d.h5")
     assert not all(c["exact"] for c in rec.certificate.values()), rec.certificate
     assert max(c["rel_err"] for c in rec.certificate.values()) > 1e-4
+
+
+def test_the_sketch_certificate_carries_the_full_rebuild_projected(tmp_path):
+    """The projection carried on the writer thread is the full re-read's rebuilt weights times Z (float32
+    products of the same rows: equal to float precision), and the two certificates agree."""
+    from lightning_dualform.attend.certificate import certify_store, rebuild_weights
+
+    rec = _small_run(tmp_path, "p.h5")
+    sketch = rec._engine.sketch
+    full = certify_store(str(tmp_path / "p.h5"))
+    with StoreReader(str(tmp_path / "p.h5")) as s:
+        for name in s.layers:
+            w, b = rebuild_weights(s.layer(name))
+            lay = sketch.layers[name]
+            assert rel_err(lay.p, w @ lay.z.double()) < 1e-6, name
+            assert rel_err(lay.bias, b) < 1e-6, name
+            assert abs(rec.certificate[name]["rel_err"] - full[name].rel_err) < 1e-6
+
+
+def _sgd_row(lr: float, fresh: bool) -> dict:
+    return {"lr": lr, "momentum": 0.9, "dampening": 0.0, "weight_decay": 1e-2, "nesterov": False, "maximize": False,
+            "fresh_buffer": fresh, "applied": True}
+
+
+def test_ddp_parts_of_the_sketch_sum_to_the_whole_in_one_all_reduce():
+    """Each rank carries its own rows' part (rank 0 from the weights, the others from zeros); one all-reduce at
+    the end gives the projection one process carrying every row gives, and the dense recurrence times Z."""
+    from lightning_dualform.record.sketch import SketchCertificate
+
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 4)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    parts = [SketchCertificate.for_run({"fc": layer}, opt, None, rank=r, world_size=2) for r in (0, 1)]
+    whole = SketchCertificate.for_run({"fc": layer}, opt, None)
+    w = layer.weight.detach().double().clone()
+    b = layer.bias.detach().double().clone()
+    buf = bbuf = None
+    for s in range(4):
+        keys, values = torch.randn(2, 6, 5), torch.randn(2, 6, 4)  # per rank
+        up = (0.5, _sgd_row(0.1 / (s + 1), s == 0), _sgd_row(0.1 / (s + 1), s == 0))
+        for r in (0, 1):
+            parts[r].advance({"fc": (keys[r], values[r])}, {"fc": up}, geometry={}, stored_dtype="float32")
+        whole.advance({"fc": (keys.reshape(12, 5), values.reshape(12, 4))}, {"fc": up}, geometry={},
+                      stored_dtype="float32")
+        # the dense reference: torch.optim.SGD's update on the float64 gradient of all rows
+        g = 0.5 * values.reshape(12, 4).double().t() @ keys.reshape(12, 5).double() + 1e-2 * w
+        gb = 0.5 * values.reshape(12, 4).double().sum(0) + 1e-2 * b
+        buf, bbuf = (g, gb) if s == 0 else (0.9 * buf + g, 0.9 * bbuf + gb)
+        w, b = w - 0.1 / (s + 1) * buf, b - 0.1 / (s + 1) * bbuf
+    sent: list[torch.Tensor] = []
+
+    def all_reduce(t):  # records what each rank sends (the sum is checked below)
+        sent.append(t)
+        return t
+
+    for p in parts:
+        p.all_reduce(all_reduce)
+    assert len(sent) == 2  # one collective per rank, for every layer at once
+    total = sent[0] + sent[1]
+    z = whole.layers["fc"].z.double()
+    n = 4 * z.shape[1]
+    assert rel_err(total[:n].reshape(4, -1), whole.layers["fc"].p) < 1e-6
+    assert rel_err(total[n:], whole.layers["fc"].bias) < 1e-6
+    assert rel_err(whole.layers["fc"].p, w @ z) < 1e-6 and rel_err(whole.layers["fc"].bias, b) < 1e-6
+    parts[0].all_reduce(all_reduce)
+    assert len(sent) == 2  # summed once: never again
+
+
+def test_a_resumed_sketch_continues_its_own_rank_part_only():
+    from lightning_dualform.record.sketch import SketchCertificate
+
+    layer = nn.Linear(3, 2)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    saved = {"sketch": SketchCertificate.for_run({"fc": layer}, opt, None, rank=1, world_size=2).state_dict()}
+    assert SketchCertificate.for_run({"fc": layer}, opt, saved, rank=1, world_size=2) is not None
+    # another rank's part, or another world size: certified at the end instead
+    assert SketchCertificate.for_run({"fc": layer}, opt, saved, rank=0, world_size=2) is None
+    assert SketchCertificate.for_run({"fc": layer}, opt, saved, rank=1, world_size=4) is None
+    # the layout before per-rank parts held the whole projection on every rank: rank 0 continues it
+    old = {"sketch": SketchCertificate.for_run({"fc": layer}, opt, None).state_dict()["layers"]}
+    first = SketchCertificate.for_run({"fc": layer}, opt, old, rank=0, world_size=2).layers["fc"]
+    other = SketchCertificate.for_run({"fc": layer}, opt, old, rank=1, world_size=2).layers["fc"]
+    assert float(first.p.abs().sum()) > 0 and float(other.p.abs().sum()) == 0 and float(other.bias.abs().sum()) == 0
+
+
+def test_raw_inputs_are_copied_before_training_changes_the_batch():
+    """The raw inputs of examples seen first are copied on the training thread (numpy on the CPU): the rows kept,
+    as they were before the step changed the batch in place."""
+    from lightning_dualform.record.engine import _copy_rows
+
+    for raw in (torch.randn(5, 3, 2), torch.randint(0, 255, (5, 4), dtype=torch.uint8), torch.randn(3, 5).t()):
+        for keep in (np.ones(5, dtype=bool), np.array([True, False, True, True, False])):
+            ref = raw[torch.from_numpy(keep)].clone()
+            got = _copy_rows(raw, keep)
+            raw.add_(1)  # the step changes the batch in place: the copy keeps what it was
+            assert got.dtype == ref.numpy().dtype and got.shape == tuple(ref.shape)
+            np.testing.assert_array_equal(got, ref.numpy())
+
+
+def test_the_sketch_certificate_catches_a_row_changed_on_the_writer_thread(tmp_path, monkeypatch):
+    """A row changed after the gradient check saw it (on its way to the file, on the writer thread) is seen by
+    the certificate alone: its projections are made there, from the rows the store gets. (float16 rows: float32
+    rows on the check's steps reuse its projections of the very tensors handed to the writer.)"""
+    from lightning_dualform.record import rows as rows_mod
+
+    original = rows_mod.step_rows
+    calls = {"n": 0}
+
+    def damaged(rows, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            k, v, *rest = rows["2"]
+            rows = {**rows, "2": (k, v + 0.5 * (v.abs().max() + 1), *rest)}
+        return original(rows, *args, **kw)
+
+    monkeypatch.setattr(rows_mod, "step_rows", damaged)
+    rec = _small_run(tmp_path, "w.h5", dtype="float16")
+    assert not rec.inexact_layers  # the check on the training thread saw the right rows
+    assert rec.certificate["0"]["exact"] and not rec.certificate["2"]["exact"], rec.certificate
+    assert rec.certificate["2"]["rel_err"] > 1e-3
