@@ -174,9 +174,6 @@ def hook_timing(dm: ImageDataModule, epochs: int, workdir: str, variant: str = "
     patch(stmod.StoreWriter, "commit", "writer: StoreWriter.commit (+flush)")
     patch(stmod.StoreWriter, "finalize", "writer: StoreWriter.finalize")
     patch(stmod, "encode_rows", "writer: encode_rows")
-    from lightning_dualform.record import sketch as skmod
-    patch(skmod.SketchCertificate, "advance", "writer: SketchCertificate.advance (certificate projections)")
-    patch(engmod.RecordingEngine, "_record_inputs", "train: _record_inputs (raw inputs seen first)")
     # training thread, inside hooks
     patch(wrmod.AsyncWriter, "_put", "train: AsyncWriter._put (queue wait)")
     patch(wrmod.AsyncWriter, "_call", "train: AsyncWriter._call (commit/finalize wait)")

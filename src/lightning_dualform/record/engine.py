@@ -96,18 +96,6 @@ class StepSettings:
     updates: dict[str, tuple[StepRow, StepRow | None]]
 
 
-def _copy_rows(raw: torch.Tensor, keep: np.ndarray) -> np.ndarray:
-    """A host copy of the rows ``keep`` ``(n,)`` of ``raw`` ``(n, ...)``, made now: the batch is the user's, and a
-    training step may change it in place, so the writer thread cannot copy it later. On the CPU numpy copies on
-    this thread alone, where torch's boolean indexing runs on its thread pool, whose other thread a busy writer
-    may have descheduled (a few ms per batch at load, for a 400 KB copy)."""
-    if (raw.device.type == "cpu" and raw.layout == torch.strided and raw.dtype != torch.bfloat16
-            and not raw.is_conj() and not raw.is_neg()):
-        host = raw.numpy()
-        return host.copy() if keep.all() else host[keep]
-    return raw[torch.from_numpy(keep).to(raw.device)].cpu().numpy()
-
-
 class RecordingEngine:
     """Records the tracked layers of one model trained by one optimizer into a store.
 
@@ -359,8 +347,7 @@ class RecordingEngine:
         self.sketch = None
         if not self.options.certify or not self.run_exact or type(self.optimizer) is not torch.optim.SGD:
             return  # (an inexact run keeps its residual, which only the full certificate computes)
-        self.sketch = SketchCertificate.for_run(self.chosen, self.optimizer, resume, rank=self.dist.rank,
-                                                world_size=self.dist.world_size)
+        self.sketch = SketchCertificate.for_run(self.chosen, self._probes, self.optimizer, resume)
 
     def _resumed_attrs(self, stored: StoreMetadata) -> dict[str, Any]:
         """The rows before the checkpoint keep the rounding they were made with: the store's mode is the
@@ -439,7 +426,8 @@ class RecordingEngine:
         if not new.any():
             return
         self._seen_inputs[idx[new]] = True
-        self.writer.add_inputs(idx[new].copy(), _copy_rows(raw.detach(), new))
+        data = raw.detach()[torch.from_numpy(new).to(raw.device)].cpu().numpy()
+        self.writer.add_inputs(idx[new].copy(), data)
 
     # ------------------------------------------------------------------------------------------------
     # steps
@@ -504,6 +492,8 @@ class RecordingEngine:
                 n: (torch.cat([c.keys for c, *_ in pending[n]]), torch.cat([c.values for c, *_ in pending[n]])) for n in rows}
             sketches = self._sketch_rows(captured, stored=False)
             scales = self._check_rows(sketches, grad_scale, has_rows=set(rows))
+        if self.sketch is not None and (not check or self.options.dtype != "float32"):
+            sketches = self._sketch_rows(rows, stored=True)  # every step: the certificate's projections
         self._steps_seen += 1
         updates: dict[str, tuple[float, StepRow, StepRow | None]] = {}
         for name, cap in self.captures.items():
@@ -513,20 +503,15 @@ class RecordingEngine:
                 b_up["applied"] = bool(b_up["applied"]) and bias_of(cap.module).grad is not None
             scale = grad_scale if grad_scale is not None else scales.get(name, 1.0)
             updates[name] = (scale, w_up, b_up)
+            if self.sketch is not None and name in self.sketch.layers:
+                gz, gb = sketches.get(name, (None, None))
+                self.sketch.step(name, gz, gb, scale, w_up, b_up)
         event = None
         if any(t[0].is_cuda for t in rows.values()):
             rows = {n: tuple(rows_mod.to_pinned(t) for t in r) for n, r in rows.items()}
             event = torch.cuda.Event()
             event.record()
-        advance = None
-        if self.sketch is not None:  # the certificate's projections and recurrence, from the host rows
-            # the check's projections of the same float32 rows on one CPU process are the certificate's too
-            known = sketches if (self.options.dtype == "float32" and self.dist.world_size == 1
-                                 and all(gz.device.type == "cpu" for gz, _ in sketches.values())) else None
-            kept = {n: u for n, u in updates.items() if n not in self.dropped}
-            advance = functools.partial(self.sketch.advance, updates=kept, geometry=dict(self._geometry),
-                                        stored_dtype=self.options.dtype, known=known)
-        made = functools.partial(rows_mod.step_rows, rows, event, sizes, step, epoch, advance)  # on the writer thread
+        made = functools.partial(rows_mod.step_rows, rows, event, sizes, step, epoch)  # on the writer thread
         self.writer.add_step(step, epoch, made, updates)
         self.steps_recorded += 1
         if self._steps_seen % _PACE_CHECK_EVERY == 0:
@@ -692,13 +677,8 @@ class RecordingEngine:
         self, finals: dict[str, tuple[np.ndarray, np.ndarray | None]]
     ) -> dict[str, LayerCertificate] | None:
         """The certificate from the projections carried through training, or None where there are none."""
-        usable = self.sketch is not None and set(self.sketch.layers) == set(self.chosen)
-        if self.dist.world_size > 1:  # every rank alike (a resume may have left one rank without its part)
-            usable = bool(self.dist.all_reduce(torch.tensor([float(usable)])).item() == self.dist.world_size)
-        if not usable:
+        if self.sketch is None or set(self.sketch.layers) != set(self.chosen):
             return None
-        self.writer.wait()  # the steps queued before: the writer thread advances the projections
-        self.sketch.all_reduce(self.dist.all_reduce)
         tol = tolerance(self.options.dtype, self.precision, self.float32_products)
         out: dict[str, LayerCertificate] = {}
         for name, (w, b) in finals.items():

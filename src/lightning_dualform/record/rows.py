@@ -8,7 +8,7 @@ go to pinned host memory (:func:`to_pinned`) and :func:`step_rows` makes them th
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -91,15 +91,11 @@ def to_pinned(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def step_rows(rows: dict, event: Any, sizes: dict[str, tuple[int, ...]], step: int, epoch: int,
-              then: Callable[[dict], None] | None = None) -> dict[str, StepRows]:
+def step_rows(rows: dict, event: Any, sizes: dict[str, tuple[int, ...]], step: int, epoch: int) -> dict[str, StepRows]:
     """One step's rows as the store takes them (runs on the writer thread: a device's copy to pinned host memory
-    is waited for there, and ``then(rows)`` sees the host rows before they are stored: the certificate's
-    projections)."""
+    is waited for there)."""
     if event is not None:
         event.synchronize()
-    if then is not None:
-        then(rows)
     return {
         name: StepRows(keys=k.numpy(), values=v.numpy(), index=i.numpy(), position=p.numpy(), label=lab.numpy(),
                        step=step, epoch=epoch, map_size=sizes.get(name))

@@ -4,9 +4,8 @@ Training hands over whole steps through a bounded queue, so a slow disk slows tr
 queue is full. Operations run in the order they were given, on one thread that alone touches the
 file: some are queued and return at once (:meth:`AsyncWriter.add_step`, :meth:`~AsyncWriter.add_inputs`,
 :meth:`~AsyncWriter.drop_layer`, :meth:`~AsyncWriter.mark_inexact`, :meth:`~AsyncWriter.commit_soon`), the
-others wait for everything queued before them and for their own result (:meth:`~AsyncWriter.wait`,
-:meth:`~AsyncWriter.commit`, :meth:`~AsyncWriter.finalize`, :meth:`~AsyncWriter.close`, and the facts a new or
-resumed store gives).
+others wait for everything queued before them and for their own result (:meth:`~AsyncWriter.commit`,
+:meth:`~AsyncWriter.finalize`, :meth:`~AsyncWriter.close`, and the facts a new or resumed store gives).
 A failure in the thread (disk full, permissions) is kept and re-raised in the training thread at its next
 call as :class:`~lightning_dualform.errors.WriterError`, naming the file and cause.
 """
@@ -83,11 +82,6 @@ class AsyncWriter:
         """Make everything queued durable, and return the committed counts."""
         self._call(self._commit)
         return self.committed
-
-    def wait(self) -> None:
-        """Wait until everything queued has run (what a step's rows computed there, such as the certificate's
-        projections, is then complete); nothing is committed."""
-        self._call(lambda: None)
 
     def set_release_gil(self, release: bool) -> None:
         """Whether chunk writes release the GIL (:meth:`StoreWriter.set_release_gil`)."""
