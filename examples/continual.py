@@ -126,13 +126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.makedirs(seed_dir, exist_ok=True)
         store = os.path.join(out, "continual.h5") if k == 0 and not args.paper else os.path.join(seed_dir, "continual.h5")
         pl.seed_everything(seed, verbose=False)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         sampler = TaskSwitchBatches(np.arange(n_m), n_m + np.arange(len(f_train)), switch, args.max_steps - switch, args.batch_size, seed)
         train = torch.utils.data.DataLoader(train_set, batch_sampler=sampler)
         test = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset([m_test, f_test]), batch_size=256)
         model = ContinualClassifier(common.mlp(784, args.hidden), lr=args.lr, momentum=args.momentum, mnist_test=m_test, switch_step=switch)
         common.fit_and_test(args, model, store, train, test, record_test=not (args.paper or args.no_legacy))
         train_s = time.perf_counter() - t0
+        train_cpu_s = time.process_time() - c0
         with torch.no_grad():
             acc_m = float((model(m_test.x).argmax(1) == m_test.y).float().mean())
             acc_f = float((model(f_test.x).argmax(1) == f_test.y).float().mean())
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = study.study_seed(store, model, query_sets, seed=seed, out=out if k == 0 and not args.no_figures else None, picks=args.picks,
                                classes=CLASSES, dataset_names=TASKS, dataset_of=dataset_ranges([n_m, len(f_train)]),
                                train_pictures=lambda idx: pictures[idx], pick_sets=("test_mnist", "test_fashion"))
-        res.update(train_s=train_s, test_accuracy=model.accuracy, steps=args.max_steps, switch_step=switch,
+        res.update(train_s=train_s, train_cpu_s=train_cpu_s, test_accuracy=model.accuracy, steps=args.max_steps, switch_step=switch,
                    mnist_accuracy_at_switch=model.accuracy_at_switch, mnist_accuracy_end=acc_m, fashion_accuracy_end=acc_f)
         with open(os.path.join(seed_dir, "result.json"), "w") as fh:
             json.dump(res, fh, indent=1, default=float)

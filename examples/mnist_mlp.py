@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.makedirs(seed_dir, exist_ok=True)
         store = os.path.join(out, "mnist.h5") if k == 0 and not args.paper else os.path.join(seed_dir, "mnist.h5")
         runs = ((("sgd", os.path.join(out, "mnist_sgd.h5")),) if adamw and k == 0 else ()) + ((args.optimizer, store),)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for opt, path in runs:
             pl.seed_everything(seed, verbose=False)  # the same initial weights and batches for both runs
             args_seed = argparse.Namespace(**{**vars(args), "seed": seed})
@@ -156,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             common.fit_and_test(args, model, path, train, test, record_test=not (args.paper or args.no_legacy))
             accuracy[opt] = model.accuracy
         train_s = time.perf_counter() - t0
+        train_cpu_s = time.process_time() - c0
         if k == 0 and not (args.paper or args.no_legacy):
             common.analyse_classifier(
                 store, out, args, classes=MNIST_CLASSES, to_image=to_image,
@@ -170,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             res = study.study_seed(store, model, query_sets, seed=seed, out=out if k == 0 and not args.no_figures else None, picks=args.picks,
                                    classes=MNIST_CLASSES, dataset_names=("MNIST", "Fashion-MNIST"), dataset_of=None,
                                    train_pictures=lambda idx: tri[idx] / 255.0, pick_sets=("test", "ood"), prefix="study")
-            res.update(train_s=train_s, test_accuracy=accuracy["sgd"], steps=args.max_steps)
+            res.update(train_s=train_s, train_cpu_s=train_cpu_s, test_accuracy=accuracy["sgd"], steps=args.max_steps)
             with open(os.path.join(seed_dir, "result.json"), "w") as fh:
                 json.dump(res, fh, indent=1, default=float)
             results.append(res)

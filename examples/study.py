@@ -120,7 +120,7 @@ def study_seed(
 
     ``phases`` (continual learning): the first step of each training phase; rows are then also grouped by phase.
     """
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     warnings.filterwarnings("ignore", message="Mean of empty slice")
     reader = StoreReader(store, probe=False)  # this process has just written and closed it
     layers = [n for n in reader.layers if reader.layer(n).kind == "linear"]
@@ -174,6 +174,8 @@ def study_seed(
     finally:
         reader.close()
     res["analysis_s"] = time.perf_counter() - t0
+    res["analysis_cpu_s"] = time.process_time() - c0
+    res["load_avg"] = list(os.getloadavg())  # the machine's load when this seed finished (1, 5, 15 minutes)
     return res
 
 
@@ -301,7 +303,10 @@ def tables(results: Sequence[dict], *, title: str, dataset_names: Sequence[str],
     lines.append("\n## Cost\n")
     lines.append(f"Store per seed: {np.mean([r['store_bytes'] for r in results]) / 1e9:.2f} GB; training "
                  f"{fmt_mean_std([r.get('train_s', math.nan) for r in results], scale=1, digits=0)} s and analysis "
-                 f"{fmt_mean_std([r.get('analysis_s', math.nan) for r in results], scale=1, digits=0)} s per seed.")
+                 f"{fmt_mean_std([r.get('analysis_s', math.nan) for r in results], scale=1, digits=0)} s per seed (wall); CPU "
+                 f"{fmt_mean_std([r.get('train_cpu_s', math.nan) for r in results], scale=1, digits=0)} s and "
+                 f"{fmt_mean_std([r.get('analysis_cpu_s', math.nan) for r in results], scale=1, digits=0)} s; 15-minute load "
+                 f"average at each seed's end {fmt_mean_std([r.get('load_avg', [math.nan] * 3)[2] for r in results], scale=1, digits=1)}.")
     return "\n".join(lines) + "\n"
 
 
