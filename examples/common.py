@@ -105,6 +105,26 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
+class _Unset:
+    """Marks an option the command line did not give (argparse keeps a value it finds in the namespace)."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+def parse_paper_args(p: argparse.ArgumentParser, argv: Sequence[str] | None, paper: dict[str, Any]) -> argparse.Namespace:
+    """``p.parse_args(argv)``, where under ``--paper`` every option named in ``paper`` that the command line did not
+    give takes the paper's value. An option given explicitly wins, even when it equals its default
+    (``--paper --max-steps 300`` trains 300 steps)."""
+    unset = _Unset()
+    args = p.parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in paper}))
+    defaults = {a.dest: a.default for a in p._actions}
+    for k, v in paper.items():
+        if getattr(args, k) is unset:
+            setattr(args, k, v if args.paper else defaults[k])
+    return args
+
+
 def prepare_out(args: argparse.Namespace, name: str) -> str:
     out = args.out or os.path.join("runs", name)
     os.makedirs(out, exist_ok=True)

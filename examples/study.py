@@ -59,14 +59,11 @@ def add_study_args(p: argparse.ArgumentParser, *, picks: int = 2, vote_queries: 
     p.set_defaults(_study_defaults={"picks": picks, "vote_queries": vote_queries, "train_queries": train_queries})
 
 
-def resolve(args: argparse.Namespace, paper: dict[str, Any]) -> None:
-    """Fill unset options: the fast defaults, or under ``--paper`` the authors' values in ``paper``."""
+def resolve(args: argparse.Namespace) -> None:
+    """Fill the study options left unset: the fast defaults, or under ``--paper`` the authors' values."""
     d = dict(args._study_defaults)
     if args.paper:
         d.update({"picks": 10, "vote_queries": 1000, "train_queries": 1000, "seeds": 5})
-        for k, v in paper.items():
-            if getattr(args, k, None) == getattr(args, "_parser_defaults", {}).get(k, object()):
-                setattr(args, k, v)
     d.setdefault("seeds", 1)
     for k, v in d.items():
         if getattr(args, k, None) is None:
@@ -77,10 +74,12 @@ def resolve(args: argparse.Namespace, paper: dict[str, Any]) -> None:
 
 
 def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None, paper: dict[str, Any]) -> argparse.Namespace:
-    """``p.parse_args`` and :func:`resolve`: options left at their defaults take the paper's values under ``--paper``."""
-    args = p.parse_args(argv)
-    args._parser_defaults = {a.dest: a.default for a in p._actions}
-    resolve(args, paper)
+    """Parse, then :func:`resolve`: under ``--paper`` every option the command line did not give takes the paper's
+    value (``paper`` and the study options); one given explicitly wins, even at its default value."""
+    import common
+
+    args = common.parse_paper_args(p, argv, paper)
+    resolve(args)
     return args
 
 

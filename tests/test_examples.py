@@ -102,7 +102,16 @@ def test_paper_flag_sets_the_authors_values():
     assert (a.max_steps, a.dtype, a.seeds, a.picks, a.train_queries, a.batch_size, a.lr, a.momentum, a.clip) == \
         (5000, "float16", 5, 10, 1000, 128, 3e-3, 0.9, 1.0)
     assert study.parse(p, ["--paper", "--max-steps", "7"], mod.PAPER).max_steps == 7  # an explicit value wins
-    assert study.parse(p, [], mod.PAPER).seeds == 1
+    # ... even when it is the option's default
+    a = study.parse(p, ["--paper", "--max-steps=300", "--dtype", "float32", "--seeds", "1", "--picks", "2"], mod.PAPER)
+    assert (a.max_steps, a.dtype, a.seeds, a.picks, a.train_queries) == (300, "float32", 1, 2, 1000)
+    a = study.parse(p, [], mod.PAPER)
+    assert (a.max_steps, a.dtype, a.seeds, a.picks) == (300, "float32", 1, 2)
+    # the character LM's own --paper goes through the same parse
+    q = common.parser("y", max_steps=200, lr=0.5)
+    q.add_argument("--paper", action="store_true")
+    assert (common.parse_paper_args(q, ["--paper", "--lr", "0.5"], {"lr": 1e-3, "max_steps": 5000}).lr,
+            common.parse_paper_args(q, ["--paper"], {"lr": 1e-3, "max_steps": 5000}).lr) == (0.5, 1e-3)
 
 
 def test_mnist_mlp_adamw_beside_sgd(tmp_path):
