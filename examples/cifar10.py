@@ -219,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "train_examples": len(train_set), "test_examples": len(test_set)},
             )
             print(f"cifar10: recorded layers {summary['layers']}")
-        res = study.study_seed(store, model, query_sets, seed=seed, out=out if k == 0 and not args.no_figures else None, picks=args.picks,
+        figures = out if k == 0 and study.draws(args, "study") else None
+        res = study.study_seed(store, model, query_sets, seed=seed, out=figures, picks=args.picks,
                                classes=CLASSES, dataset_names=("CIFAR-10",), dataset_of=None,
                                train_pictures=lambda idx: pics(tri[idx]), prefix="study")
         res.update(train_s=train_s, train_cpu_s=train_cpu_s, test_accuracy=model.accuracy, steps=args.max_steps)

@@ -139,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             acc_f = float((model(f_test.x).argmax(1) == f_test.y).float().mean())
         if k == 0 and not (args.paper or args.no_legacy):
             legacy(args, out, store, model, switch, len(m_test), acc_m, acc_f)
-        res = study.study_seed(store, model, query_sets, seed=seed, out=out if k == 0 and not args.no_figures else None, picks=args.picks,
+        figures = out if k == 0 and study.draws(args, "study") else None
+        res = study.study_seed(store, model, query_sets, seed=seed, out=figures, picks=args.picks,
                                classes=CLASSES, dataset_names=TASKS, dataset_of=dataset_ranges([n_m, len(f_train)]),
                                train_pictures=lambda idx: pictures[idx], pick_sets=("test_mnist", "test_fashion"))
         res.update(train_s=train_s, train_cpu_s=train_cpu_s, test_accuracy=model.accuracy, steps=args.max_steps, switch_step=switch,
@@ -187,8 +188,10 @@ def legacy(args: Any, out: str, store: str, model: Any, switch: int, n_mt: int, 
             absm = mass.absolute.double().numpy()
             frac = absm / absm.sum(1, keepdims=True)
             over_time[name] = (np.asarray(mass.edges), frac[is_mnist].mean(0), frac[~is_mnist].mean(0))
-        common.plot_bars(groups, os.path.join(out, "task_mass.png"), "Share of |k·q| on each task's steps", "share of mass")
-        _plot_over_time(over_time, switch, os.path.join(out, "mass_over_steps.png"))
+        if study.draws(args, "analyses"):
+            common.plot_bars(groups, os.path.join(out, "task_mass.png"), "Share of |k·q| on each task's steps",
+                             "share of mass")
+            _plot_over_time(over_time, switch, os.path.join(out, "mass_over_steps.png"))
         md = (f"\n## Attention per task\n\nMNIST test accuracy: {100 * model.accuracy_at_switch:.1f}% after MNIST (step {switch}), "
               f"{100 * acc_m:.1f}% at the end; Fashion-MNIST test accuracy at the end: {100 * acc_f:.1f}%.\n\n"
               "Mean share (percent) of each test input's total |k·q| on the rows written in each phase.\n\n"

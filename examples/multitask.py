@@ -85,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_cpu_s = time.process_time() - c0
         if k == 0 and not (args.paper or args.no_legacy):
             legacy(args, out, store, model, data, stats, n_m, n_f)
-        res = study.study_seed(store, model, query_sets, seed=seed, out=out if k == 0 and not args.no_figures else None, picks=args.picks,
+        figures = out if k == 0 and study.draws(args, "study") else None
+        res = study.study_seed(store, model, query_sets, seed=seed, out=figures, picks=args.picks,
                                classes=CLASSES, dataset_names=TASKS, dataset_of=dataset_ranges([n_m, n_f]),
                                train_pictures=lambda idx: pictures[idx], pick_sets=("test_mnist", "test_fashion"))
         res.update(train_s=train_s, train_cpu_s=train_cpu_s, test_accuracy=model.accuracy, steps=args.max_steps)
@@ -124,7 +125,9 @@ def legacy(args: argparse.Namespace, out: str, store: str, model: Any, data: dic
                 rows.append([name, f"{test_task} test ({int(sel.sum())})", f"{100 * mean[0]:.1f}", f"{100 * mean[1]:.1f}"])
                 groups[f"{name}\n{test_task} test"] = {f"on {t} rows": float(mean[i]) for i, t in enumerate(TASKS)}
                 shares[f"{name}/{test_task}"] = mean.tolist()
-        common.plot_bars(groups, os.path.join(out, "task_mass.png"), "Share of |k·q| per training task", "share of mass")
+        if study.draws(args, "analyses"):
+            common.plot_bars(groups, os.path.join(out, "task_mass.png"), "Share of |k·q| per training task",
+                             "share of mass")
         md = "\n## Attention per task\n\nMean share (percent) of each test input's total |k·q| on the training " \
              "rows of each task.\n\n" + markdown_table(["layer", "test inputs", f"on {TASKS[0]}", f"on {TASKS[1]}"], rows)
         with open(os.path.join(out, "votes.md"), "a") as fh:

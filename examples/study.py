@@ -53,10 +53,32 @@ def add_study_args(p: argparse.ArgumentParser, *, picks: int = 2, vote_queries: 
                    help=f"test inputs (per dataset) in the vote tables (default: {vote_queries}; --paper: 1000; the authors: all)")
     p.add_argument("--train-queries", type=int, default=None, help=f"training inputs (per dataset) in the vote tables (default: {train_queries}; --paper: 1000, as the authors)")
     p.add_argument("--keep-stores", action="store_true", help="keep every seed's store (default: seed 0's only, or none with --paper)")
-    p.add_argument("--no-figures", action="store_true", help="skip the per-query figures of seed 0 (study_*.png)")
+    p.add_argument("--figures", default="all", type=_figure_kinds,
+                   help="figures to draw: 'all', 'none', or a comma list of 'study' (the per-query figures of seed 0, "
+                        "study_*.png) and 'analyses' (those of the recorded-query analyses: topk.png, ...)")
+    p.add_argument("--no-figures", dest="figures", action="store_const", const=frozenset(), help="--figures none")
     p.add_argument("--no-legacy", action="store_true",
                    help="skip recording the test queries and the recorded-query analyses (votes.md, topk.png, ...)")
     p.set_defaults(_study_defaults={"picks": picks, "vote_queries": vote_queries, "train_queries": train_queries})
+
+
+FIGURE_KINDS = ("study", "analyses")
+
+
+def _figure_kinds(text: str) -> frozenset[str]:
+    """``--figures``: ``all``, ``none`` or a comma list of :data:`FIGURE_KINDS`."""
+    if text in ("all", "none"):
+        return frozenset(FIGURE_KINDS if text == "all" else ())
+    kinds = frozenset(t.strip() for t in text.split(",") if t.strip())
+    if not kinds or kinds - set(FIGURE_KINDS):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected all, none, or a comma list of {', '.join(FIGURE_KINDS)}")
+    return kinds
+
+
+def draws(args: argparse.Namespace, kind: str) -> bool:
+    """Whether ``--figures`` asks for this kind of figure (``study`` or ``analyses``)."""
+    figures = getattr(args, "figures", "all")
+    return kind in (_figure_kinds(figures) if isinstance(figures, str) else figures)
 
 
 def resolve(args: argparse.Namespace) -> None:
