@@ -13,7 +13,14 @@ how often its top-k differs from the exact one.
 Each of ``--repeat`` rounds times (c), (b), (a) and the bf16 scan one after another; the medians are
 reported (the machine may be shared).
 
+``--baseline SRC`` compares two versions of the library instead, in one process: the package under ``SRC``
+(e.g. ``/tmp/main/src``, a checkout of another commit) is loaded as ``lightning_dualform_baseline`` beside the
+one on the path, and the same ``attend`` calls alternate between them (``--repeat`` each, the order swapped every
+round, so that load from other jobs hits both alike); it prints the median wall and process CPU times, their
+ratios, and whether both versions gave the same answer (every number of ``to_dict()``).
+
 Run:  python benchmarks/attend.py [--store /tmp/dualform-bench/attend.h5] [--epochs 3] [--layers net.0 net.4]
+      python benchmarks/attend.py --baseline /path/to/other/src --layers net.2 net.4 --repeat 8
 """
 
 from __future__ import annotations
@@ -100,12 +107,16 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3, help="training epochs")
     p.add_argument("--queries", type=int, default=1000, help="number of queries")
     p.add_argument("--top-k", type=int, default=10, help="top-k")
+    p.add_argument("--step-buckets", type=int, default=20, help="step buckets of the mass (given explicitly, so that "
+                   "runs of library versions with other defaults compare)")
     p.add_argument("--block-rows", type=int, default=None, help="DualInference block_rows (default: automatic)")
     p.add_argument("--layers", nargs="*", default=["net.0", "net.2", "net.4"], help="layers to measure")
     p.add_argument("--query-chunk", type=int, default=2048, help="DualInference query_chunk")
     p.add_argument("--repeat", type=int, default=3, help="interleaved rounds of (c), (b), (a), bf16 (medians are reported)")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 scan")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--baseline", default=None, metavar="SRC",
+                   help="compare with the library under SRC (a src/ folder holding lightning_dualform), same process")
     args = p.parse_args()
 
     from lightning_dualform import DualInference
@@ -126,6 +137,9 @@ def main() -> None:
         certify_store(args.store)
         print(f"certificate (keeps the memory sums) computed in {time.perf_counter() - t:.1f} s")
     qs = queries_for(args.store, args.data, args.queries)
+    if args.baseline:
+        compare(args, qs)
+        return
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {dev}")
@@ -160,9 +174,9 @@ def main() -> None:
 
             def attend(scan: str, reuse: bool = True):
                 return di.attend(name, q, top_k=args.top_k, contribution_to=unit, per_example=True, scan=scan,
-                                 reuse_certificate=reuse)
+                                 reuse_certificate=reuse, step_buckets=args.step_buckets)
 
-            di.attend(name, q[:8], top_k=args.top_k)  # metadata pass and warm-up, not timed
+            di.attend(name, q[:8], top_k=args.top_k, contribution_to=unit)  # metadata pass and warm-up, not timed
             # interleaved rounds, so that load from other jobs on the machine hits every measurement alike
             ts: dict[str, list[float]] = {"a": [], "r": [], "b": [], "c": [], "f": []}
             for _ in range(args.repeat):
@@ -172,7 +186,7 @@ def main() -> None:
                 ts["r"].append(timed(lambda: attend("exact", reuse=False)))
                 if not args.no_bf16:
                     ts["f"].append(timed(lambda: attend("bf16")))
-            del k, v, c
+            k = v = c = None  # the device's copies go before the next layer's
             t_a, t_b, t_c, t_r = median(ts["a"]), median(ts["b"]), median(ts["c"]), median(ts["r"])
             t_f = median(ts["f"]) if ts["f"] else float("nan")
             exact = attend("exact")
@@ -191,6 +205,70 @@ def main() -> None:
                 f"bf16 {fast.max_rel_err:.1e} from the {fast.dual_source})",
                 flush=True,
             )
+
+
+def load_baseline(src: str):
+    """The package under ``src`` as ``lightning_dualform_baseline`` (a copy with its imports renamed, in a temporary
+    folder that child processes, such as the store's probe, find on ``PYTHONPATH`` too)."""
+    import importlib
+    import re
+    import shutil
+    import sys
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="dualform-baseline-")
+    dst = os.path.join(root, "lightning_dualform_baseline")
+    shutil.copytree(os.path.join(src, "lightning_dualform"), dst, ignore=shutil.ignore_patterns("__pycache__"))
+    for folder, _, files in os.walk(dst):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path) as fh:
+                    text = fh.read()
+                with open(path, "w") as fh:
+                    fh.write(re.sub(r"\blightning_dualform\b(?=[. ])", "lightning_dualform_baseline", text))
+    sys.path.insert(0, root)
+    os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")
+    return importlib.import_module("lightning_dualform_baseline")
+
+
+def compare(args: argparse.Namespace, qs: dict[str, torch.Tensor]) -> None:
+    """``--baseline``: the same attend calls alternated between the baseline library and this one."""
+    import statistics
+
+    import lightning_dualform
+
+    base = load_baseline(args.baseline)
+    kw = dict(top_k=args.top_k, per_example=True, mass=True, step_buckets=args.step_buckets)
+    print(f"load {os.getloadavg()}, torch threads {torch.get_num_threads()}, {args.repeat} calls each")
+    print("layer | baseline wall | this wall | ratio | baseline cpu | this cpu | ratio | same answer")
+    libs = {"baseline": base, "this": lightning_dualform}
+    for name in args.layers:
+        unit = "pred" if name == args.layers[-1] and name == "net.4" else None
+        dis = {k: lib.DualInference(args.store, device=args.device, block_rows=args.block_rows,
+                                    query_chunk=args.query_chunk) for k, lib in libs.items()}
+        try:
+            got = {k: di.attend(name, qs[name], contribution_to=unit, **kw).to_dict() for k, di in dis.items()}
+            for m in got["this"]["mass"].values():  # (a field newer versions add)
+                m.pop("kind", None)
+            for m in got["baseline"]["mass"].values():
+                m.pop("kind", None)
+            times: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in dis}
+            for r in range(args.repeat):
+                for k in (("baseline", "this") if r % 2 == 0 else ("this", "baseline")):
+                    w, c = time.perf_counter(), time.process_time()
+                    dis[k].attend(name, qs[name], contribution_to=unit, **kw)
+                    times[k]["wall"].append(time.perf_counter() - w)
+                    times[k]["cpu"].append(time.process_time() - c)
+        finally:
+            for di in dis.values():
+                di.close()
+        med = {k: {t: statistics.median(v) for t, v in d.items()} for k, d in times.items()}
+        print(f"{name} | {med['baseline']['wall']:.2f} s | {med['this']['wall']:.2f} s | "
+              f"{med['this']['wall'] / med['baseline']['wall']:.3f} | {med['baseline']['cpu']:.2f} s | "
+              f"{med['this']['cpu']:.2f} s | {med['this']['cpu'] / med['baseline']['cpu']:.3f} | "
+              f"{got['this'] == got['baseline']}", flush=True)
+    print(f"load {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             t_cert = time.perf_counter() - t0
             b = store_bytes(stores[o])
             result["size"][o] = {**b, "fit_s": t, "certificate_s": t_cert,
-                                 "certificate": {k: v["rel_err"] for k, v in cert.items()}}
+                                 "certificate": {k: v.rel_err for k, v in cert.items()}}
         print("\nstore bytes (MB) by part, and the certificate")
         print(f"  {'optimizer':<9} {'rows':>9} {'tables':>7} {'state':>7} {'derived':>8} {'inputs':>7} {'weights':>8} "
               f"{'other':>6} {'file':>9}  extra/rows  certificate (s, max rel. err.)")

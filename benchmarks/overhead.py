@@ -103,20 +103,18 @@ def fit_once(dm: ImageDataModule, epochs: int, variant: str | None, workdir: str
     model = MLP()
     tr = trainer(epochs, callbacks, accelerator=ACCELERATOR)
     gc.collect()
-    from lightning_dualform.record import engine as engine_mod
-
     from lightning_dualform.store.writer import StoreWriter
 
-    write_step, set_release = engine_mod._write_step, StoreWriter.set_release_gil
+    add_step, set_release = StoreWriter.add_step, StoreWriter.set_release_gil
     if dropped:  # every hook, the gradient check and the certificate run; the writer gets nothing to write
-        engine_mod._write_step = lambda *a, **k: None
+        StoreWriter.add_step = lambda *a, **k: None  # type: ignore[method-assign]
     if variant is not None and NOGIL in variant.split(":")[1:]:
         StoreWriter.set_release_gil = lambda self, release: set_release(self, True)  # type: ignore[method-assign]
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         tr.fit(model, datamodule=dm)
     finally:
-        engine_mod._write_step, StoreWriter.set_release_gil = write_step, set_release  # type: ignore[method-assign]
+        StoreWriter.add_step, StoreWriter.set_release_gil = add_step, set_release  # type: ignore[method-assign]
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # (the last steps' kernels count too)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -156,6 +154,7 @@ def hook_timing(dm: ImageDataModule, epochs: int, workdir: str, variant: str = "
     from lightning_dualform.record import callback as cbmod
     from lightning_dualform.record import capture as capmod
     from lightning_dualform.record import engine as engmod
+    from lightning_dualform.record import rows as rowsmod
     from lightning_dualform.store import background as wrmod
     from lightning_dualform.store import writer as stmod
 
@@ -170,21 +169,21 @@ def hook_timing(dm: ImageDataModule, epochs: int, workdir: str, variant: str = "
         setattr(owner, name, _timed(table, key, orig))
 
     # writer thread
-    patch(engmod, "_write_step", "writer: _write_step (whole step on the writer thread)")
+    patch(stmod.StoreWriter, "add_step", "writer: StoreWriter.add_step (whole step on the writer thread)")
     patch(stmod.StoreWriter, "_write_pending", "writer: StoreWriter._write_pending (h5py appends)")
     patch(stmod.StoreWriter, "commit", "writer: StoreWriter.commit (+flush)")
     patch(stmod.StoreWriter, "finalize", "writer: StoreWriter.finalize")
     patch(stmod, "encode_rows", "writer: encode_rows")
     # training thread, inside hooks
     patch(wrmod.AsyncWriter, "_put", "train: AsyncWriter._put (queue wait)")
-    patch(wrmod.AsyncWriter, "call", "train: AsyncWriter.call (commit/finalize wait)")
+    patch(wrmod.AsyncWriter, "_call", "train: AsyncWriter._call (commit/finalize wait)")
     patch(engmod.RecordingEngine, "record_step", "train: RecordingEngine.record_step (all of a step)")
-    patch(engmod.RecordingEngine, "_take_rows", "train: _take_rows (row metadata)")
+    patch(rowsmod, "take_rows", "train: take_rows (row metadata)")
     patch(engmod.RecordingEngine, "_sketch_rows", "train: _sketch_rows (rows x probes)")
     patch(engmod.RecordingEngine, "_check_rows", "train: _check_rows (W.grad x probes)")
     patch(engmod.RecordingEngine, "step_settings", "train: step_settings (optimizer pre-hook)")
     patch(cbmod.DualFormCallback, "_clip_factor", "train: _clip_factor (grad norm)")
-    patch(engmod, "_gather_rows", "train: _gather_rows (cat/convert)")
+    patch(rowsmod, "gather_rows", "train: gather_rows (cat/convert)")
     patch(capmod.LayerCapture, "_forward_hook", "train: LayerCapture._forward_hook")
     hooks = ["on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end",
              "on_train_epoch_end", "on_fit_start", "on_fit_end", "setup", "teardown"]
@@ -301,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             t = time.perf_counter()
             cert = certify_store(os.path.join(workdir, "cert.h5"))
             result["certificate_s"] = round(time.perf_counter() - t, 3)
-            result["certificate"] = {k: v["rel_err"] for k, v in cert.items()}
+            result["certificate"] = {k: v.rel_err for k, v in cert.items()}
             remove_store(workdir, "cert")
         result["hook_timing"] = {}
         for v in [v.strip() for v in args.hook_timing.split(",") if v.strip()]:

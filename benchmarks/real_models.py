@@ -20,7 +20,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import subprocess

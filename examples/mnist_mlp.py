@@ -37,7 +37,6 @@ from typing import Sequence
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
 
 import common
 import study

@@ -35,7 +35,6 @@ from lightning_dualform.studies import (
     plot_rank_profile,
     plot_top_images,
     scan_layer_scores,
-    score_label,
     vote_rates,
     votes,
 )

@@ -588,7 +588,8 @@ def answers(path: str) -> dict[str, Any]:
     import torch
 
     from lightning_dualform.attend.certificate import store_tolerance
-    from lightning_dualform.attend.inference import DualInference, overall_rel_err
+    from lightning_dualform.attend.inference import DualInference
+    from lightning_dualform.attend.results import overall_rel_err
     from lightning_dualform.cli.info import store_facts
     from lightning_dualform.store._h5open import open_any
 
@@ -640,7 +641,7 @@ def classify(path: str, reference: dict[str, Any]) -> dict[str, Any]:
       step, an unfinished store) differs from the unmutated store's, and nothing said so;
     * ``other``: any other exception (a bug).
     """
-    from lightning_dualform.attend.inference import overall_rel_err
+    from lightning_dualform.attend.results import overall_rel_err
     from lightning_dualform.errors import StoreError
 
     import torch

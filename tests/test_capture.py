@@ -9,7 +9,8 @@ from torch import nn
 
 from helpers import TRAINER_KW, dual_output, rel_err
 from lightning_dualform import DualFormCallback, StoreReader
-from lightning_dualform.record.capture import LayerCapture, call_keys, keys_of, one_hot_keys, values_of, weight_matrix
+from lightning_dualform.layers import keys_of, one_hot_keys, values_of, weight_matrix
+from lightning_dualform.record.capture import LayerCapture, call_keys
 
 LAYERS = {
     "linear-seq": (lambda: nn.Linear(5, 4), lambda: torch.randn(3, 7, 5)),

@@ -13,10 +13,11 @@ import torch
 
 from lightning_dualform import DualInference, StoreReader
 from lightning_dualform.attend import blocks as blocks_mod
+from lightning_dualform.attend.passes.outputs import primal_output, rebuilt_output
 from lightning_dualform.attend.cache import BlockCache
 from lightning_dualform.attend.kernels import fold_memory, fold_memory_maps
 from lightning_dualform.attend.memory import memory_sums
-from lightning_dualform.record.capture import conv_maps, keys_of
+from lightning_dualform.layers import conv_maps, keys_of
 from test_conv_layout import GEOMETRIES, Zoo, _conv_layers, _fit
 
 BLOCK = 97  # virtual rows per block: blocks start and end inside maps
@@ -161,9 +162,9 @@ def test_store_memory_sums_by_conv_weight_gradient_equal_unfolded(stores, monkey
                     assert float((b - ref_b).norm() / ref_b.norm()) <= 1e-12, name
             # and through the prefetcher's compact blocks (a rebuilt dual)
             with DualInference(path, device="cpu", block_rows=BLOCK, accumulate=torch.float64) as di:
-                q = _queries(model, name)
-                dual = di._exact_dual(di.layer(name), q, coef)
-                torch.testing.assert_close(dual, di._primal(di.layer(name), q), rtol=1e-5, atol=1e-6)
+                q, lay, cpu = _queries(model, name), di.layer(name), torch.device("cpu")
+                dual = rebuilt_output(lay, q, coef, dtype=torch.float64, device=cpu, block_rows=BLOCK)
+                torch.testing.assert_close(dual, primal_output(lay, q, torch.float64, cpu), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.cuda

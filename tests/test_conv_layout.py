@@ -18,8 +18,8 @@ from torch import nn
 from helpers import TRAINER_KW, dual_output, rel_err, store_contents
 from lightning_dualform import DualFormCallback, DualInference, StoreReader
 from lightning_dualform.attend.certificate import certify_store
-from lightning_dualform.record import engine as engine_mod
-from lightning_dualform.record.capture import conv_maps, keys_of, project_maps, weight_matrix
+from lightning_dualform.record import rows as rows_mod
+from lightning_dualform.layers import conv_maps, keys_of, project_maps, weight_matrix
 from lightning_dualform.store import conv as store_conv
 
 HERE = os.path.dirname(__file__)
@@ -210,11 +210,11 @@ def test_full_and_sketch_certificates_catch_one_corrupted_map_value(zoo_store, t
         ds = f["layers"][name]["keys"]
         ds[5, 1] = ds[5, 1] + 0.25  # (through HDF5's filters: the chunk's checksum stays valid)
     cert = certify_store(path)
-    assert not cert[name]["exact"] and cert[name]["rel_err"] > 1e-4
-    assert all(c["exact"] for n, c in cert.items() if n != name)
+    assert not cert[name].exact and cert[name].rel_err > 1e-4
+    assert all(c.exact for n, c in cert.items() if n != name)
 
     # the certificate made as training goes projects the rows handed to the writer: corrupt one map value there
-    real = engine_mod._gather_rows
+    real = rows_mod.gather_rows
     seen = {"n": 0}
 
     def corrupt(parts, row_dtype):
@@ -225,7 +225,7 @@ def test_full_and_sketch_certificates_catch_one_corrupted_map_value(zoo_store, t
                 out[0][3, 0] += 0.5
         return out
 
-    monkeypatch.setattr(engine_mod, "_gather_rows", corrupt)
+    monkeypatch.setattr(rows_mod, "gather_rows", corrupt)
     model = Zoo()
     bad, _ = _fit(tmp_path / "sketch.h5", model, check_every=1000)
     flagged = [n for n, c in bad.certificate.items() if not c["exact"]]

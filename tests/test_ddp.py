@@ -85,7 +85,7 @@ def test_two_process_ddp_is_exact(tmp_path):
         assert di.attend("net.0", x, top_k=1).dual_source == "rows"
         assert di.attend("net.2", x.new_zeros(4, 8), top_k=1).dual_source == "certificate"
     # each rank records its own float32 rounding: the store's tolerance follows the loosest
-    from lightning_dualform.attend.certificate import store_tolerance
+    from lightning_dualform.store.certificate import store_tolerance
 
     with open_store(str(store)) as s:
         assert s.attrs["float32_products"] == "ieee" and store_tolerance(s) == 1e-4
@@ -143,7 +143,7 @@ def test_two_process_ddp_conv_maps_are_exact(tmp_path):
     sys.path.insert(0, os.path.dirname(SCRIPT))
     from ddp_run import ConvMLP
 
-    from lightning_dualform.record.capture import keys_of
+    from lightning_dualform.layers import keys_of
 
     store, weights = tmp_path / "ddp.h5", tmp_path / "final.pt"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

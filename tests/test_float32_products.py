@@ -7,10 +7,11 @@ import h5py
 import lightning as L
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import TRAINER_KW, MLP, IndexedDataset, loader, real_output, rel_err
 from lightning_dualform import DualFormCallback, DualInference
-from lightning_dualform.attend.certificate import FLOAT32_PRODUCTS_TOLERANCE, tolerance
+from lightning_dualform.store.certificate import FLOAT32_PRODUCTS_TOLERANCE, tolerance
 from lightning_dualform.cli import main
 from lightning_dualform._float32_products import float32_mode, full_float32_products
 
@@ -76,15 +77,67 @@ def _mkldnn_rounds_to_bf16() -> bool:
     return value == "bf16"
 
 
+_aten = torch.ops.aten
+#: the products oneDNN runs as bf16 gemms under 'medium' on CPUs with AMX, and the positions of their two factors
+_PRODUCTS = {
+    _aten.mm.default: (0, 1), _aten.mm.out: (0, 1), _aten.bmm.default: (0, 1), _aten.bmm.out: (0, 1),
+    _aten.mv.default: (0, 1), _aten.dot.default: (0, 1),
+    _aten.addmm.default: (1, 2), _aten.addmm.out: (1, 2), _aten.addmm_.default: (1, 2),
+    _aten.baddbmm.default: (1, 2), _aten.baddbmm.out: (1, 2), _aten.baddbmm_.default: (1, 2),
+    _aten.addmv.default: (1, 2), _aten.addmv_.default: (1, 2),
+}
+
+
+class _AmxLikeProducts(TorchDispatchMode):
+    """Every float32 matrix product on the CPU (``@``, ``torch.matmul``, ``mm``, ``addmm_``, ``bmm``, ``F.linear``
+    ..., forward and backward) as oneDNN multiplies on CPUs with AMX while the process allows bfloat16 products:
+    both factors rounded to bfloat16, float32 sums. Active in the thread that enters it (the one that trains and
+    attends); ``F.linear`` is patched as well, for products in other threads."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        factors = _PRODUCTS.get(func)
+        if factors is not None and _mkldnn_rounds_to_bf16():
+            args = list(args)
+            for i in factors:
+                a = args[i]
+                if isinstance(a, torch.Tensor) and a.dtype == torch.float32 and a.device.type == "cpu":
+                    args[i] = a.bfloat16().float()
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.fixture(params=["this-cpu", "emulated"])
 def bf16_products(request, monkeypatch):
     """Rounded float32 products: this CPU's own (AMX; skipped where it has none), or an emulation of them
-    through F.linear, so that the tests below can fail on every machine."""
+    (every product op, not only F.linear: the attention pass multiplies with ``@`` and ``addmm_``), so that the
+    tests below can fail on every machine."""
     if request.param == "emulated":
         monkeypatch.setattr(torch.nn.functional, "linear", _amx_like_linear)
-    elif not _loosened_cpu_products():
+        with _AmxLikeProducts():
+            yield request.param
+        return
+    if not _loosened_cpu_products():
         pytest.skip("this CPU multiplies float32 in full precision even under 'medium' (the emulated case runs)")
-    return request.param
+    yield request.param
+
+
+def test_the_emulation_rounds_the_products_an_attention_pass_makes(bf16_products):
+    """The emulated case must round what the pass multiplies with, or the answers test below could not fail."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(128, 64, generator=g), torch.randn(256, 64, generator=g)
+    ref = a.double() @ b.double().t()
+
+    def err(x: torch.Tensor) -> float:
+        return float((x.double() - ref).norm() / ref.norm())
+
+    products = {
+        "@": lambda: a @ b.t(), "matmul out=": lambda: torch.matmul(a, b.t(), out=torch.empty(128, 256)),
+        "addmm_": lambda: torch.zeros(128, 256).addmm_(a, b.t()), "F.linear": lambda: torch.nn.functional.linear(a, b),
+    }
+    torch.set_float32_matmul_precision("medium")
+    for name, product in products.items():
+        assert err(product()) > 1e-5, name  # rounded, as the user allowed
+        with full_float32_products():
+            assert err(product()) < 1e-6, name  # and not inside our guard
 
 
 def test_modes_are_what_products_on_the_device_do(bf16_products):

@@ -98,3 +98,120 @@ def test_reference_script_rebuilds_an_adam_layer_with_h5py_and_numpy(adam_store)
             w_lib, b_lib = LayerReplay(lay, mid).weights()
             np.testing.assert_allclose(w_mid, w_lib, rtol=1e-10, atol=1e-13)
             np.testing.assert_allclose(b_mid, b_lib, rtol=1e-10, atol=1e-13)
+
+
+# ------------------------------------------------------------------------------------------------------
+# docs/store-format.md lists everything the writer writes
+# ------------------------------------------------------------------------------------------------------
+def _doc_names() -> tuple[set[str], set[str], set[str]]:
+    """Names ``docs/store-format.md`` gives in backticks (outside code blocks), as ``@entry`` (a state group's
+    attributes), and in its code blocks (the ``h5ls`` listings) or tables (each rule's columns and state)."""
+    import re
+
+    text = open(os.path.join(HERE, "..", "docs", "store-format.md"), encoding="utf-8").read()
+    blocks = re.findall(r"```.*?```", text, flags=re.S)
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    word = r"[A-Za-z_][A-Za-z0-9_]*"
+    ticked = {w for span in re.findall(r"`([^`]+)`", prose) for w in re.findall(word, span)}
+    at = set(re.findall(r"@(" + word + ")", text))
+    listed = {w for b in blocks for w in re.findall(word, b)}
+    listed |= {w for line in prose.splitlines() if line.startswith("|") for w in re.findall(word, line)}
+    return ticked, at, listed
+
+
+def _written(path: str) -> dict[str, set[str]]:
+    """Every attribute name of a file by where it sits, and every dataset or group name."""
+    out: dict[str, set[str]] = {"root": set(), "layer": set(), "state": set(), "queries": set(), "objects": set()}
+    with h5py.File(path, "r", locking=False) as f:
+        out["root"] |= set(f.attrs)
+
+        def visit(name: str, obj) -> None:
+            parts = name.split("/")
+            if not (len(parts) == 2 and parts[0] in ("layers", "queries")) and parts[-2:-1] != ["layers"]:
+                out["objects"].add(parts[-1])  # (not a layer's or a split's own name)
+            where = ("layer" if parts[0] == "layers" and len(parts) == 2 else
+                     "state" if parts[0] == "layers" and len(parts) == 4 and parts[2] == "state" else
+                     "queries" if parts[0] == "queries" else "other")
+            out.setdefault(where, set()).update(obj.attrs)
+
+        f.visititems(visit)
+    return out
+
+
+def _recorded_stores(root: str) -> list[str]:
+    """Stores of every kind the writer makes: linear, conv and embedding layers with SGD (the sketch certificate,
+    raw inputs, a query set), Adam and NAdam and ASGD (state, the full certificate), an inexact run (the
+    residual), a dropped layer, and a DDP index."""
+    from lightning_dualform import DualFormRecorder
+    from lightning_dualform.attend.certificate import certify_store
+    from lightning_dualform.store import write_shard_index
+    from lightning_dualform.store.query_writer import QueryWriter
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = torch.nn.Embedding(7, 3, padding_idx=0)
+            self.conv = torch.nn.Conv1d(3, 4, 3, padding=1)
+            self.fc = torch.nn.Linear(4 * 5, 2)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(self.emb(tokens).transpose(1, 2)).flatten(1))
+
+    def run(name: str, make_opt, **kw) -> str:
+        path = os.path.join(root, name)
+        model = Net()
+        opt = make_opt(model.parameters())
+        g = torch.Generator().manual_seed(1)
+        with DualFormRecorder(path, model, opt, **kw) as rec:
+            for step in range(3):
+                tokens = torch.randint(0, 7, (4, 5), generator=g)
+                rec.batch(indices=torch.arange(4) + 4 * step, labels=torch.arange(4) % 2, inputs=tokens,
+                          epoch=step // 2)
+                torch.nn.functional.cross_entropy(model(tokens), torch.arange(4) % 2).backward()
+                opt.step()
+                opt.zero_grad()
+        return path
+
+    paths = [
+        run("sgd.h5", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)),
+        run("adam.h5", lambda p: torch.optim.Adam(p, lr=1e-2), certify="full"),
+        run("nadam.h5", lambda p: torch.optim.NAdam(p, lr=1e-2)),
+        run("asgd.h5", lambda p: torch.optim.ASGD(p, lr=1e-2), certify="full"),
+        run("rprop.h5", lambda p: torch.optim.Rprop(p, lr=1e-2), exact=False),
+    ]
+    paths.append(run("sgd-full.h5", lambda p: torch.optim.SGD(p, lr=0.1), certify="full"))  # the memory's sums
+    certify_store(paths[-1])  # (again: a certificate written over one)
+    with StoreReader(paths[0]) as s:
+        widths = {n: s.layer(n).d_in for n in s.layers}
+    q = QueryWriter(paths[0], "test", widths)
+    q.add_batch(np.arange(2), np.zeros(2), np.ones(2), np.zeros((2, 5)),
+                {n: (np.zeros((2, d)), np.arange(2), np.zeros(2), np.zeros(2)) for n, d in widths.items()})
+    q.close()
+    write_shard_index(os.path.join(root, "index.h5"), paths[:2])
+    return paths + [os.path.join(root, "index.h5")]
+
+
+def test_the_format_page_lists_every_attribute_and_dataset_the_writer_writes(tmp_path):
+    """A store written by this library holds no attribute, dataset or group that docs/store-format.md does not
+    name: root and layer attributes in backticks, a state group's attributes as ``@entry``, objects in the
+    h5ls listings or in backticks."""
+    ticked, at, listed = _doc_names()
+    found: dict[str, set[str]] = {}
+    for path in _recorded_stores(str(tmp_path)):
+        for where, names in _written(path).items():
+            found.setdefault(where, set()).update(names)
+    undocumented = {
+        "root": found["root"] - ticked,
+        "layer": found["layer"] - ticked,
+        "state": found["state"] - at,
+        "queries": found["queries"] - ticked,
+        "objects": found["objects"] - listed - ticked,
+    }
+    assert not any(undocumented.values()), f"written but not in docs/store-format.md: {undocumented}"
+    # (the test sees what it claims to: the stores hold the attributes of every part)
+    assert {"recorded_by", "gradient_clip_algorithm"} <= found["root"] and {"shards"} <= found["root"]
+    assert {"certificate_method", "certificate_probes", "rows_without_index", "kernel_size", "padding_idx",
+            "memory_rows", "certificate_tables_crc32"} <= found["layer"]
+    assert {"step", "mu_product", "eta"} <= found["state"] and {"n", "created"} <= found["queries"]
+    assert {"weight_residual", "replay_weight", "memory_weight", "input_size", "exp_avg"} <= found["objects"]

@@ -190,6 +190,14 @@ def test_attend_equals_dense_reference(trained: dict, block_rows: int, reuse: bo
     assert m.keys.tolist() == [-1, 0, 1, 2]
     ref_m = torch.zeros(6, 4, dtype=torch.float64).scatter_add(1, (label + 1).expand(6, -1), scores)
     torch.testing.assert_close(m.signed, ref_m)
+    for c in range(3):  # by label, not by column: class c is column c + 1
+        on_c = (scores * (label == c)).sum(1)
+        torch.testing.assert_close(m[c], on_c)
+        torch.testing.assert_close(m.absolute_of(c), (scores.abs() * (label == c)).sum(1))
+        assert m.column(c) == c + 1 and torch.equal(m.by_key()[c], m.signed_of(c))
+    with pytest.raises(KeyError, match=r"\[-1, 0, 1, 2\]"):
+        m[3]
+    assert "keys [-1 (no label), 0, 1, 2]" in repr(m)
     epoch = torch.from_numpy(d["epoch"]).long()
     torch.testing.assert_close(
         res.mass["epoch"].absolute, torch.zeros(6, 3, dtype=torch.float64).scatter_add(1, epoch.expand(6, -1), scores.abs())
@@ -532,14 +540,14 @@ def test_distributed_needs_a_process_group(trained: dict) -> None:
 @pytest.mark.parametrize("largest", [True, False])
 def test_top_examples_threshold_pass_equals_topk(largest: bool) -> None:
     from lightning_dualform.attend import _fused
-    from lightning_dualform.attend.inference import _fused_topk_rows
+    from lightning_dualform.attend.passes.assemble import fused_topk_rows
 
     if _fused.kernel() is None:
         pytest.skip("no C compiler for the fused kernel")
     g = torch.Generator().manual_seed(3)
     table_t = torch.randn(50, 7, generator=g, dtype=torch.float64)  # (examples, queries), as the fused pass keeps it
     present = torch.rand(50, generator=g) > 0.3
-    score, index = _fused_topk_rows(table_t, present, 5, largest)
+    score, index = fused_topk_rows(table_t, present, 5, largest)
     fill = float("-inf") if largest else float("inf")
     ref = torch.topk(table_t.t().masked_fill(~present, fill), 5, dim=1, largest=largest)
     assert torch.equal(score, ref.values) and torch.equal(index, ref.indices)
@@ -581,3 +589,34 @@ def test_answers_do_not_depend_on_the_compiled_kernel(tmp_path: str, monkeypatch
     np.testing.assert_allclose(fallback["dual"], compiled["dual"], rtol=1e-5, atol=1e-6)
     for name in compiled["mass"]:
         np.testing.assert_allclose(fallback["mass"][name]["signed"], compiled["mass"][name]["signed"], rtol=1e-5, atol=1e-5)
+
+
+def test_explain_takes_a_fabric_wrapped_model(tmp_path) -> None:
+    """The recorder takes Fabric's wrapper (its layers are the user's module names); explain takes it too, and
+    answers as for the bare model: the last layer's dual is the model's real output."""
+    from lightning.fabric import Fabric
+
+    from lightning_dualform import DualFormRecorder
+
+    torch.manual_seed(0)
+    fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    fmodel, fopt = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    path = str(tmp_path / "fabric.h5")
+    with DualFormRecorder(path, fmodel, fopt) as rec:
+        for i in range(0, 64, 16):
+            rec.batch(indices=torch.arange(i, i + 16), labels=y[i:i + 16])
+            fabric.backward(nn.functional.cross_entropy(fmodel(x[i:i + 16]), y[i:i + 16]))
+            fopt.step()
+            fopt.zero_grad()
+    q = torch.randn(5, 6)
+    with DualInference(path, device="cpu", accumulate=torch.float64) as di:
+        assert di.layers == ["0", "2"]
+        wrapped = di.explain(fmodel, q, top_k=3)
+        bare = di.explain(model, q, top_k=3)
+    with torch.no_grad():
+        out = model(q)
+    assert rel_err(wrapped["2"].dual, out.double()) <= 1e-5
+    assert torch.equal(wrapped.prediction, out.argmax(1)) and torch.equal(wrapped["2"].units, out.argmax(1))
+    assert json.dumps(wrapped.to_dict()) == json.dumps(bare.to_dict())

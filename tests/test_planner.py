@@ -20,17 +20,17 @@ def test_estimate_within_ten_percent_of_bytes_written(tmp_path, dtype, chunk_row
     model = MLP(d=64, hidden=48)
     cb = DualFormCallback(tmp_path / "p.h5", dtype=dtype, chunk_rows=chunk_rows)
     with caplog.at_level("INFO"):
-        L.Trainer(max_epochs=3, callbacks=[cb], **TRAINER_KW).fit(model, torch.utils.data.DataLoader(ds, batch_size=20))
+        L.Trainer(max_epochs=3, callbacks=[cb], **TRAINER_KW).fit(model, torch.utils.data.DataLoader(ds, batch_size=100))
     assert "store plan" in caplog.text
     written = os.path.getsize(cb.store_path)
-    assert cb.plan.epochs == 3 and cb.plan.steps_per_epoch == 150
+    assert cb.plan.epochs == 3 and cb.plan.steps_per_epoch == 30
     assert abs(cb.plan.total_bytes - written) / written <= 0.10, (cb.plan.total_bytes, written)
 
 
 def test_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch):
-    import lightning_dualform.record.engine as cbmod
+    import lightning_dualform.record.planner as planner
 
-    monkeypatch.setattr(cbmod, "free_bytes", lambda d: 10_000)
+    monkeypatch.setattr(planner, "free_bytes", lambda d: 10_000)
     cb = DualFormCallback(tmp_path / "big.h5")
     trainer = L.Trainer(max_epochs=5, callbacks=[cb], **TRAINER_KW)
     with pytest.raises(DiskSpaceError, match=r"needs about .* GB .* free .*check_disk=False"):

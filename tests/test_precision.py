@@ -10,7 +10,7 @@ from torch import nn
 
 from helpers import TRAINER_KW, MLP, IndexedDataset, dual_output, loader, real_output, rel_err
 from lightning_dualform import DualFormCallback, StoreReader
-from lightning_dualform.attend.certificate import PRECISION_TOLERANCE
+from lightning_dualform.store.certificate import PRECISION_TOLERANCE
 
 
 # seeds 4, 7, 10 and 18 made the earlier gradient check call net.2 INEXACT (its error was relative to
@@ -93,7 +93,7 @@ def test_tf32_fit_on_gpu_is_recorded_and_answered_in_full_float32(tmp_path):
     gradient is a TF32 product; the store says so, its checks allow for it, and attend still multiplies in
     full float32."""
     from lightning_dualform import DualInference
-    from lightning_dualform.attend.certificate import FLOAT32_PRODUCTS_TOLERANCE
+    from lightning_dualform.store.certificate import FLOAT32_PRODUCTS_TOLERANCE
 
     torch.manual_seed(0)
     model = MLP(d=64, hidden=256, classes=4, opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9))

@@ -103,3 +103,45 @@ def test_bad_record_queries_argument():
         DualFormCallback("x.h5", record_queries="test")
     with pytest.raises(ValueError, match="record_queries"):
         DualFormCallback("x.h5", record_queries=("train",))
+
+
+def test_the_query_count_is_said_after_the_stage_s_progress_bar_closes(trained, monkeypatch):
+    """fit then test in one script, progress bars on: the line that says how many queries were recorded comes
+    after the test bar is done, as a line of its own (said inside the bar, it was lost in its last redraw)."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from lightning_dualform.record import callback as callback_mod
+
+    trainer, model, cb, train, test = trained
+    events: list[str] = []
+    close = TQDMProgressBar.on_test_end
+    monkeypatch.setattr(TQDMProgressBar, "on_test_end", lambda self, *a: (events.append("bar closed"), close(self, *a)))
+    monkeypatch.setattr(callback_mod, "rank_zero_info", events.append)
+    tester = L.Trainer(callbacks=[cb], enable_progress_bar=True, logger=False, enable_checkpointing=False,
+                       enable_model_summary=False)
+    tester.test(model, torch.utils.data.DataLoader(test, batch_size=8), verbose=False)
+    said = [e for e in events if e.startswith("DualFormCallback: recorded ")]
+    assert len(said) == 1 and said[0].startswith(f"DualFormCallback: recorded 20 test queries into {cb.store_path} in ")
+    assert events.index("bar closed") < events.index(said[0]), events
+
+
+def test_a_failed_stage_keeps_the_query_sets_the_store_had(trained):
+    """An exception in trainer.test leaves the store as it was before the stage began: no partial split."""
+    trainer, model, cb, train, test = trained
+    trainer.test(model, torch.utils.data.DataLoader(test, batch_size=8))
+    with StoreReader(cb.store_path) as s:
+        before = s.queries("test").index.copy()
+
+    class Failing(Classifier):
+        def test_step(self, batch, batch_idx):
+            if batch_idx == 1:
+                raise RuntimeError("the second batch fails")
+            return super().test_step(batch, batch_idx)
+
+    failing = Failing()
+    failing.load_state_dict(model.state_dict())
+    with pytest.raises(RuntimeError, match="second batch"):
+        L.Trainer(callbacks=[cb], **TRAINER_KW).test(failing,
+                                                     torch.utils.data.DataLoader(test, batch_size=4, shuffle=True))
+    with StoreReader(cb.store_path) as s:
+        np.testing.assert_array_equal(s.queries("test").index, before)  # the old split, whole

@@ -327,18 +327,19 @@ def test_the_sketch_certificate_agrees_with_a_full_reread(tmp_path, dtype):
         assert "memory_weight" not in f["layers"]["0"]  # no second pass: no sums either
     full = certify_store(str(tmp_path / "s.h5"))
     for name, cert in rec.certificate.items():
-        assert cert["method"] == "sketch" and cert["exact"] == full[name]["exact"] is True, (cert, full[name])
-        assert cert["tolerance"] == full[name]["tolerance"]
+        assert cert["method"] == "sketch" and cert["exact"] == full[name].exact is True, (cert, full[name])
+        assert cert["tolerance"] == full[name].tolerance
         # an estimate of the same error: the same order of magnitude
-        assert cert["rel_err"] <= max(10 * full[name]["rel_err"], 1e-6), (name, cert["rel_err"], full[name]["rel_err"])
+        assert cert["rel_err"] <= max(10 * full[name].rel_err, 1e-6), (name, cert["rel_err"], full[name].rel_err)
 
 
 @pytest.mark.parametrize("damage", ["row", "coefficient"])
 def test_the_sketch_certificate_catches_a_wrong_row_or_coefficient(tmp_path, monkeypatch, damage):
     from lightning_dualform.record import engine as engine_mod
+    from lightning_dualform.record import rows as rows_mod
 
     if damage == "row":  # one stored value changed on its way to the writer
-        original = engine_mod._gather_rows
+        original = rows_mod.gather_rows
 
         def gather(parts, dtype):
             k, v, *rest = original(parts, dtype)
@@ -346,7 +347,7 @@ def test_the_sketch_certificate_catches_a_wrong_row_or_coefficient(tmp_path, mon
             v[0, 0] += 0.5
             return (k, v, *rest)
 
-        monkeypatch.setattr(engine_mod, "_gather_rows", gather)
+        monkeypatch.setattr(rows_mod, "gather_rows", gather)
     else:  # the recorded learning rate of every step 1% off
         original = engine_mod.RecordingEngine._table_row
 

@@ -7,7 +7,9 @@
 * full disks: the same run on a small tmpfs filled at each phase (root only; an injected ENOSPC otherwise);
 * hostile files: hundreds of mutations of attributes, counters, columns, tables, shard indexes and metadata
   bytes; each gives a correct answer or ``StoreError`` within 10 s, never a silent wrong answer;
-* neighbours: two trainings on one path, readers during the end of a fit.
+* neighbours: two trainings on one path, readers during the end of a fit;
+* side files (issue 21): every kind of hostile lock and journal with every reader and writer (one of each kind
+  in the default run, in tests/test_side_files.py; all of them and 300 random draws here under --runslow).
 
 Larger runs of the same checks: ``benchmarks/reliability.py`` and the ``slow`` tests.
 """
@@ -247,7 +249,7 @@ def test_huge_dataset_indices_are_numbered_densely_not_allocated(valid_store, tm
         f["layers/net.0/index"][3] = 10**15  # a dense per-example table would need petabytes
     with DualInference(path, accumulate=torch.float64) as di:
         q = torch.randn(3, 6, dtype=torch.float64)
-        res = di.attend("net.0", q, top_k=40)  # every row: the huge index is among them
+        res = di.attend("net.0", q, top_k=di.layer("net.0").n_rows)  # every row: the huge index is among them
         assert float(res.max_rel_err) < 1e-6
         assert 10**15 in set(res.top.index.reshape(-1).tolist())
         assert 10**15 in set(res.top_examples.index.reshape(-1).tolist())  # mapped back to the dataset index
@@ -355,6 +357,39 @@ def test_the_probe_ends_a_walk_that_makes_no_progress(tmp_path):
     fifo = tmp_path / "stuck.h5"
     os.mkfifo(fifo)
     assert "no progress" in _probe.probe(str(fifo), timeout=1.0)
+
+
+def test_the_probe_counts_the_time_its_child_had_not_the_time_a_loaded_machine_kept_it_waiting(monkeypatch):
+    """A child that waits for a core (state R, no CPU used) is not hung however long the wait (up to the wall
+    backstop); one that spins (CPU used) or sleeps in a read (state S) is hung after ``stall`` seconds of it."""
+    from lightning_dualform.store import _probe
+
+    clock = {"t": 0.0}
+    stat = {"state": "R", "cpu": 0.0}
+    monkeypatch.setattr(_probe.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(_probe, "_proc_stat", lambda pid: (stat["state"], stat["cpu"]))
+
+    def run(state: str, cpu_per_s: float, seconds: float) -> bool:
+        stat.update(state=state, cpu=0.0)
+        clock["t"] = 0.0
+        p = _probe._Progress(pid=1, stall=5.0)
+        hung = False
+        for _ in range(int(seconds / 0.25)):
+            clock["t"] += 0.25
+            stat["cpu"] += cpu_per_s * 0.25
+            hung = p.hung()
+            if hung:
+                break
+        return hung
+
+    assert not run("R", 0.04, 100.0)  # starved: 4% of a core for 100 s (4 s of CPU), within the wall backstop
+    assert run("R", 0.01, _probe.STALL_WALL_S + 1)  # the backstop
+    assert run("R", 1.0, 5.5)  # spinning inside HDF5
+    assert not run("R", 1.0, 4.5)
+    assert run("S", 0.0, 5.5)  # blocked in a read
+    assert not run("S", 0.0, 4.5)
+    monkeypatch.setattr(_probe, "_proc_stat", lambda pid: None)  # no /proc: wall time
+    assert run("R", 0.0, 5.5) and not run("R", 0.0, 4.5)
 
 
 def test_swmr_reads_use_few_metadata_attempts():
@@ -568,3 +603,18 @@ def test_a_resumed_run_and_real_outputs_still_agree(kills):
             w = torch.from_numpy(lay.weight_final).double()
             b = torch.from_numpy(lay.bias_final).double()
             assert rel_err(res.dual, q @ w.t() + b) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------------
+# hostile side files (issue 21): the larger run (tests/test_side_files.py keeps one case of each kind)
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_every_hostile_side_file_with_every_operation_and_more(tmp_path):
+    import side_files
+
+    sources = side_files.make_sources(str(tmp_path / "sources"))
+    mknod = side_files.can_mknod()
+    n = len(side_files.kinds(mknod)) * len(side_files.OPERATIONS)
+    results = side_files.run_cases(str(tmp_path / "cases"), list(range(n + 300)), sources, hang_s=10.0, mknod=mknod)
+    bad = [r for r in results if r["problems"]]
+    assert len(results) == n + 300 and not bad, bad[:3]

@@ -12,6 +12,13 @@ from lightning_dualform import StoreError
 from lightning_dualform.attend.certificate import certify_store, rebuild_weights
 from lightning_dualform.optim import ParamUpdate
 from lightning_dualform.store import LayerSpec, StepRows, StoreReader, StoreWriter, open_store, write_shard_index
+from lightning_dualform.store.certificate import (
+    KeptWeights,
+    LayerCertificate,
+    missing_certificate,
+    read_certificates,
+    write_layer_certificate,
+)
 from lightning_dualform.store.metadata import StoreMetadata
 
 D_IN, D_OUT, ROWS = 5, 3, 4  # rows per step (and per rank)
@@ -90,6 +97,16 @@ def test_unknown_attributes_are_kept_and_missing_ones_take_defaults():
     assert m.extra == {"from_the_future": 3} and m.float32_products == "ieee" and m.precision == "32-true"
 
 
+def test_the_clip_algorithm_is_stored_as_its_name_and_older_spellings_read_as_it():
+    from lightning.pytorch.utilities import GradClipAlgorithmType
+
+    attrs = StoreMetadata(gradient_clip_algorithm=GradClipAlgorithmType.VALUE).to_attrs()
+    assert attrs["gradient_clip_algorithm"] == "value"
+    assert StoreMetadata(gradient_clip_algorithm=str(GradClipAlgorithmType.NORM)).gradient_clip_algorithm == "norm"
+    old = {**StoreMetadata().to_attrs(), "gradient_clip_algorithm": "GradClipAlgorithmType.NORM"}
+    assert StoreMetadata.from_attrs(old, "x.h5").gradient_clip_algorithm == "norm"
+
+
 def test_merged_shards_are_complete_only_when_all_are_and_take_the_loosest_rounding():
     a = StoreMetadata(status="complete", float32_products="ieee")
     b = StoreMetadata(status="recording", float32_products="bf16", rank=1, world_size=2)
@@ -131,7 +148,7 @@ def test_resume_truncates_to_the_checkpoint_and_continues(tmp_path):
         st.add_step(s_, 1, {"fc": _rows(s_)}, {"fc": (1.0, ParamUpdate(lr=LR[s_]), None)})
     st.finalize({"fc": (_by_hand(4).astype(np.float32), None)}, final_step=4, epochs=2)
     cert = certify_store(path)["fc"]
-    assert cert["exact"] and cert["rel_err"] < 1e-6
+    assert cert.exact and cert.rel_err < 1e-6
 
 
 def test_a_resume_whose_step_does_not_match_touches_nothing(tmp_path):
@@ -157,7 +174,7 @@ def test_certificate_and_rebuild_equal_the_weights_computed_by_hand(tmp_path):
     path = str(tmp_path / "h.h5")
     _write(path, 4, scale=0.5)
     cert = certify_store(path)["fc"]
-    assert cert["exact"] and cert["rel_err"] < 1e-6 and cert["explained"] == pytest.approx(1.0)
+    assert cert.exact and cert.rel_err < 1e-6 and cert.explained == pytest.approx(1.0)
     with StoreReader(path) as s:
         w, _ = rebuild_weights(s.layer("fc"), at_step=2)
     np.testing.assert_allclose(w.numpy(), _by_hand(2, scale=0.5), rtol=1e-6, atol=1e-6)
@@ -177,10 +194,65 @@ def test_the_certificate_catches_one_wrong_row_or_coefficient(tmp_path, damage):
             g["updates"]["weight"]["lr"][2] = LR[2] * 1.01
     if damage == "one value of one row":
         cert = certify_store(path)["fc"]
-        assert not cert["exact"] and cert["rel_err"] > cert["tolerance"], cert
+        assert not cert.exact and cert.rel_err > cert.tolerance, cert
     else:  # the certificate binds the per-step tables by CRC: the reader refuses before any sum
         with pytest.raises(StoreError, match="per-step tables changed after the certificate"):
             certify_store(path)
+
+
+def test_the_certificate_the_store_writes_reads_back_typed(tmp_path):
+    """The certificate's bytes go through one door: what write_layer_certificate writes, the reader gives back
+    (the verdict, the kept sums with their marks), and rewriting it replaces every part."""
+    path = str(tmp_path / "c.h5")
+    _write(path, 4)
+    cert = LayerCertificate.measured(2e-7, 0.0, 1e-4, exact_run=True)
+    sums = np.random.default_rng(3).standard_normal((D_OUT, D_IN))
+    write_layer_certificate(path, "fc", cert, kept=KeptWeights(sums, None, end_step=4, rows=4 * ROWS))
+    with StoreReader(path) as s:
+        lay = s.layer("fc")
+        assert lay.certificate == cert and read_certificates(path) == {"fc": cert} and not missing_certificate(s)
+        np.testing.assert_array_equal(lay.stored_memory_sums(4, 4 * ROWS)[0], sums)
+        assert lay.stored_memory_sums(3, 3 * ROWS) is None  # sums of other rows are never handed out
+    with h5py.File(path, "r") as f:
+        attrs = dict(f["layers"]["fc"].attrs)
+    assert {k: attrs[k] for k in cert.to_attrs()} == cert.to_attrs() and "certificate_probes" not in attrs
+    assert attrs["memory_rows"] == 4 * ROWS and attrs["certificate_tables_crc32"] > 0
+
+    sketch = LayerCertificate.measured(3e-3, 1e-3, 1e-4, exact_run=True, method="sketch", probes=8)
+    write_layer_certificate(path, "fc", sketch)  # no kept sums this time: the old ones go too
+    with StoreReader(path) as s:
+        assert s.layer("fc").certificate == sketch and not sketch.exact and sketch.rel_err == 3e-3
+        assert s.layer("fc").stored_memory_sums(4, 4 * ROWS) is None
+    with h5py.File(path, "r") as f:
+        assert "memory_weight" not in f["layers"]["fc"] and "memory_rows" not in f["layers"]["fc"].attrs
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("certificate_rel_err", "small", "not a number"),
+    ("certificate_tolerance", True, "not a number"),
+    ("certificate_exact", 2, "not a boolean"),
+    ("certificate_method", "guess", "not one of"),
+    ("certificate_probes", 0, "not a positive integer"),
+])
+def test_a_damaged_certificate_attribute_is_a_store_error(tmp_path, key, value, match):
+    path = str(tmp_path / "c.h5")
+    _write(path, 2)
+    certify_store(path)
+    with h5py.File(path, "r+") as f:
+        f["layers"]["fc"].attrs[key] = value
+    with pytest.raises(StoreError, match=match):
+        StoreReader(path, probe=False)
+
+
+def test_an_unfinished_store_has_no_missing_certificate_and_refuses_one(tmp_path):
+    path = str(tmp_path / "u.h5")
+    st = _write(path, 2, finalize=False)
+    st.commit()
+    st.close()
+    with StoreReader(path) as s:
+        assert s.layer("fc").certificate is None and missing_certificate(s) == []
+    with pytest.raises(StoreError, match="no final weights"):
+        write_layer_certificate(path, "fc", LayerCertificate.measured(0.0, 0.0, 1e-4, exact_run=True))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -215,8 +287,20 @@ def test_the_sum_over_shards_certifies_the_run(two_shards):
             sums[p] = rebuild_weights(s.layer("fc"))[0] - torch.from_numpy(_w0()).double()
     total = sum(sums.values())
     certs = [certify_store(p, all_reduce=lambda t, total=total, p=p: _reduce(t, sums, p))["fc"] for p in paths]
-    assert all(c["exact"] and c["rel_err"] < 1e-6 for c in certs), certs
+    assert all(c.exact and c.rel_err < 1e-6 for c in certs), certs
     np.testing.assert_allclose(total.numpy() + _w0(), _by_hand(4, ranks=2), rtol=1e-6, atol=1e-6)
+
+
+def test_a_certificate_written_through_the_index_goes_into_every_shard(two_shards):
+    index, paths = two_shards
+    cert = LayerCertificate.measured(1e-7, 0.0, 1e-4, exact_run=True)
+    kept = KeptWeights(np.ones((D_OUT, D_IN)), None, end_step=4, rows=8 * ROWS)
+    write_layer_certificate(index, "fc", cert, kept=kept)
+    for p in paths:
+        with StoreReader(p) as s:  # each shard's own tables are bound (the reader checks the CRC on open)
+            assert s.layer("fc").certificate == cert and s.layer("fc").stored_memory_sums(4, 8 * ROWS) is not None
+    with open_store(index) as s:
+        assert s.layer("fc").certificate == cert
 
 
 def _reduce(t: torch.Tensor, sums: dict, me: str) -> torch.Tensor:

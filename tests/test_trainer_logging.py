@@ -6,11 +6,14 @@ import csv
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
 from helpers import TRAINER_KW, MLP, IndexedDataset, loader
 from lightning.pytorch.loggers import CSVLogger, Logger
 
-from lightning_dualform import DualFormCallback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_dualform import DualFormAttentionLogger, DualFormCallback
 
 
 class _ImageLogger(Logger):
@@ -63,7 +66,8 @@ def test_a_csv_logger_gets_dualform_columns(tmp_path):
 
 
 def test_without_a_logger_nothing_is_logged_and_nothing_changes(tmp_path):
-    cb = DualFormCallback(tmp_path / "s.h5", log_attention_every_n_epochs=1)
+    with pytest.deprecated_call(match="DualFormAttentionLogger"):
+        cb = DualFormCallback(tmp_path / "s.h5", log_attention_every_n_epochs=1)
     L.Trainer(max_epochs=1, callbacks=[cb], accelerator="cpu", **TRAINER_KW).fit(
         _Validated(), loader(IndexedDataset(n=32), 16), loader(IndexedDataset(n=16, seed=1), 8, shuffle=False))
     assert all(c["exact"] for c in cb.certificate.values())
@@ -71,7 +75,8 @@ def test_without_a_logger_nothing_is_logged_and_nothing_changes(tmp_path):
 
 def test_a_logger_that_takes_images_gets_the_attention_picture(tmp_path):
     spy = _ImageLogger()
-    cb = DualFormCallback(tmp_path / "s.h5", log_attention_every_n_epochs=2, log_attention_queries=3)
+    with pytest.deprecated_call(match="DualFormAttentionLogger"):  # (the alias runs the callback of its own)
+        cb = DualFormCallback(tmp_path / "s.h5", log_attention_every_n_epochs=2, log_attention_queries=3)
     trainer = L.Trainer(max_epochs=4, callbacks=[cb], accelerator="cpu", logger=spy, log_every_n_steps=1,
                         **{k: v for k, v in TRAINER_KW.items() if k != "logger"})
     trainer.fit(_Validated(), loader(IndexedDataset(n=32), 16), loader(IndexedDataset(n=16, seed=1), 8, shuffle=False))
@@ -80,3 +85,56 @@ def test_a_logger_that_takes_images_gets_the_attention_picture(tmp_path):
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and image.std() > 0
     assert any("dualform/rows" in m for m in spy.metrics)
     assert all(c["exact"] for c in cb.certificate.values())  # the mid-fit attention changed nothing
+
+
+class _Logged(MLP):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("loss", loss)  # Lightning's own rows carry the epoch
+        return loss
+
+
+def test_dualform_rows_carry_the_epoch_and_come_every_log_every_n_steps(tmp_path):
+    """Every dualform/ row says its epoch, as Lightning's rows do, and the store's progress comes every
+    log_every_n_steps optimizer steps (and at each epoch's end), with the rows recorded by then."""
+    cb = DualFormCallback(tmp_path / "s.h5")
+    trainer = L.Trainer(max_epochs=2, callbacks=[cb], accelerator="cpu", log_every_n_steps=2,
+                        logger=CSVLogger(tmp_path / "logs", name="run"),
+                        **{k: v for k, v in TRAINER_KW.items() if k != "logger"})
+    trainer.fit(_Logged(), loader(IndexedDataset(n=64), 16))  # 4 steps per epoch
+    with open(trainer.logger.experiment.metrics_file_path) as fh:
+        rows = list(csv.DictReader(fh))
+    progress = [r for r in rows if r.get("dualform/rows")]
+    assert [int(r["step"]) for r in progress] == [2, 4, 6, 8]
+    for r in progress:  # two layers, 16 rows per step each; epoch of the step just taken
+        step = int(r["step"])
+        assert float(r["dualform/rows"]) == 2 * 16 * step and int(r["epoch"]) == (step - 1) // 4, r
+    cert = [r for r in rows if r.get("dualform/certificate/net.0/rel_err")]
+    assert len(cert) == 1 and int(cert[0]["epoch"]) == 1  # the last epoch that trained
+    assert all(r["epoch"] != "" for r in rows)
+
+
+def test_the_attention_logger_stands_beside_the_recording_callback(tmp_path):
+    spy = _ImageLogger()
+    cb = DualFormCallback(tmp_path / "s.h5")
+    trainer = L.Trainer(max_epochs=2, callbacks=[cb, DualFormAttentionLogger(every_n_epochs=1, queries=2)],
+                        accelerator="cpu", logger=spy, **{k: v for k, v in TRAINER_KW.items() if k != "logger"})
+    trainer.fit(_Validated(), loader(IndexedDataset(n=32), 16), loader(IndexedDataset(n=16, seed=1), 8, shuffle=False))
+    assert [(key, step) for key, _, step in spy.images] == [("dualform/attention", 2), ("dualform/attention", 4)]
+    assert all(c["exact"] for c in cb.certificate.values())
+
+
+def test_the_attention_logger_needs_a_recording_callback(tmp_path):
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        DualFormAttentionLogger(every_n_epochs=0)
+    trainer = L.Trainer(max_epochs=1, callbacks=[DualFormAttentionLogger()], accelerator="cpu", **TRAINER_KW)
+    with pytest.raises(MisconfigurationException, match="no DualFormCallback"):
+        trainer.fit(_Validated(), loader(IndexedDataset(n=32), 16), _val())
+    two = [DualFormCallback(tmp_path / "a.h5"), DualFormCallback(tmp_path / "b.h5"), DualFormAttentionLogger()]
+    trainer = L.Trainer(max_epochs=1, callbacks=two, accelerator="cpu", **TRAINER_KW)
+    with pytest.raises(MisconfigurationException, match="store=..."):
+        trainer.fit(_Validated(), loader(IndexedDataset(n=32), 16), _val())
+
+
+def _val():
+    return loader(IndexedDataset(n=16, seed=1), 8, shuffle=False)

@@ -344,6 +344,19 @@ def test_the_page_in_headless_chromium(server, demo_store, tmp_path) -> None:
             assert pro == [i for i in api["layers"]["net.4"]["proponents"]["index"][0] if i >= 0]
             assert page.locator(".mass-label .bars .name").count() >= 10 * 3
             assert "exact" in page.inner_text(".layer[data-layer='net.0'] .cert")
+            # every number says what it is, and the controls start at the command line's defaults
+            assert page.input_value("#score") == "auto" and page.input_value("#top-k") == "5"
+            assert page.input_value("#contribution") == "auto"
+            top = ".layer[data-layer='net.4'] .ranking[data-kind='top']"
+            assert "by similarity, k·q" in page.inner_text(f"{top} h3")
+            assert page.inner_text(f"{top} .thumb .score .what").strip() == "k·q"
+            assert "contribution" in page.inner_text(".layer[data-layer='net.4'] .ranking[data-kind='pro'] h3")
+            assert "k·q" in page.inner_text(".layer[data-layer='net.4'] .mass-step .steps-axis")
+            page.select_option("#score", "unit")  # SGD's unit score: -c_s k·q for the query's unit
+            page.locator(f"{top} h3", has_text="attention weight for unit").wait_for(timeout=60_000)
+            assert "weight" in page.inner_text(".layer[data-layer='net.4'] .mass-label h3")
+            page.select_option("#score", "auto")
+            page.locator(f"{top} h3", has_text="similarity").wait_for(timeout=60_000)
             # the slider: the model after 12 steps
             page.eval_on_selector("#at-step", "s => { s.value = 12; s.dispatchEvent(new Event('input')); }")
             page.locator(".layer h2", has_text=re.compile(r"up to step 12\b")).first.wait_for(timeout=60_000)

@@ -3,7 +3,8 @@
 A linear layer trained by gradient descent is exactly unnormalised dot attention over every input it
 saw in training (Irie, Csordás, Schmidhuber, ICML 2022). :class:`DualFormCallback` records that
 memory while a ``Trainer`` fits (:class:`DualFormRecorder` in a loop of your own, or Fabric's);
-:class:`DualInference` answers queries over it.
+:class:`DualInference` answers queries over it; :class:`DualFormAttentionLogger` draws what a few validation
+inputs attend to on the Trainer's loggers.
 
 The public API is what ``__all__`` names, plus the modules :mod:`~lightning_dualform.analysis`,
 :mod:`~lightning_dualform.datasets`, :mod:`~lightning_dualform.plots` and :mod:`~lightning_dualform.studies`
@@ -24,6 +25,7 @@ from lightning_dualform._version import __version__
 
 #: each public name and the module that defines it
 _WHERE = {
+    "DualFormAttentionLogger": "lightning_dualform.record.attention_logging",
     "DualFormCallback": "lightning_dualform.record.callback",
     "DualFormRecorder": "lightning_dualform.record.recorder",
     "DualFormError": "lightning_dualform.errors",
@@ -31,6 +33,7 @@ _WHERE = {
     "StoreError": "lightning_dualform.errors",
     "WriterError": "lightning_dualform.errors",
     "StoreReader": "lightning_dualform.store.reader",
+    "AttendRequest": "lightning_dualform.attend.request",
     "AttentionResult": "lightning_dualform.attend.inference",
     "DualInference": "lightning_dualform.attend.inference",
     "Explanation": "lightning_dualform.attend.inference",
@@ -40,6 +43,7 @@ _WHERE = {
 }
 
 __all__ = [
+    "DualFormAttentionLogger",
     "DualFormCallback",
     "DualFormRecorder",
     "DualFormError",
@@ -48,6 +52,7 @@ __all__ = [
     "StoreReader",
     "WriterError",
     "__version__",
+    "AttendRequest",
     "AttentionResult",
     "DualInference",
     "Explanation",
@@ -65,7 +70,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         TopExamples,
         TopRows,
     )
+    from lightning_dualform.attend.request import AttendRequest
     from lightning_dualform.errors import DualFormError, InexactError, StoreError, WriterError
+    from lightning_dualform.record.attention_logging import DualFormAttentionLogger
     from lightning_dualform.record.callback import DualFormCallback
     from lightning_dualform.record.recorder import DualFormRecorder
     from lightning_dualform.store.reader import StoreReader

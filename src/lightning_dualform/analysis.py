@@ -36,6 +36,9 @@ import torch
 from lightning_dualform._args import as_int
 from lightning_dualform._float32_products import full_float32_products
 from lightning_dualform.attend.inference import AttentionResult, DualInference
+from lightning_dualform.attend.request import AttendRequest, request_from
+
+_R = AttendRequest  # the defaults of the attend knobs are the request's
 
 #: A task is a range or a set of values of the chosen column, or a predicate over a block of them.
 TaskSpec = Union[range, Sequence[int], np.ndarray, Callable[[np.ndarray], np.ndarray]]
@@ -116,7 +119,8 @@ def attend_recorded(
     examples: Sequence[int] | np.ndarray | None = None,
     limit: int | None = None,
     positions: Callable[[str, np.ndarray], np.ndarray] | None = None,
-    top_k: int = 10,
+    top_k: int = _R.top_k,
+    request: AttendRequest | None = None,
     **attend_kwargs: Any,
 ) -> QueryAttention:
     """Attend every layer with the query rows a ``DualFormCallback(record_queries=...)`` run stored.
@@ -130,13 +134,16 @@ def attend_recorded(
         positions: ``positions(layer, position_column) -> bool mask`` keeps only some rows of each example
             (e.g. the last step of a sequence); default: all rows.
         top_k: passed to :meth:`DualInference.attend` (capped at the layer's rows).
-        **attend_kwargs: any other :meth:`DualInference.attend` argument (``at_step``, ``contribution_to`` ...).
+        request: a prepared :class:`~lightning_dualform.attend.request.AttendRequest` instead of the knobs, for
+            every layer.
+        **attend_kwargs: any other :meth:`DualInference.attend` knob (``at_step``, ``contribution_to`` ...), for
+            every layer.
 
     Raises:
         KeyError: no such query set or layer.
         ValueError: ``examples`` outside the query set.
     """
-    top_k = as_int(top_k, "attend_recorded(top_k=...)", lo=0, allowed="a non-negative integer")
+    req = request_from("attend_recorded", request, {"top_k": top_k, **attend_kwargs})
     if limit is not None:
         limit = as_int(limit, "attend_recorded(limit=...)", lo=0, allowed="None or a non-negative integer")
     qs = di.store.queries(split)
@@ -164,9 +171,11 @@ def attend_recorded(
         run.keys[name] = keys
         if len(keys) == 0:
             continue
-        k = min(top_k, di.layer(name).n_rows)
-        run.results[name] = di.attend(name, torch.from_numpy(keys), top_k=k, **attend_kwargs)
-    run.settings = {"top_k": top_k, "layers": names, **{k: v for k, v in attend_kwargs.items() if _jsonable(v)}}
+        k = min(req.top_k, di.layer(name).n_rows)
+        run.results[name] = di.attend(name, torch.from_numpy(keys), request=req.replace(top_k=k))
+    given = set(attend_kwargs) if request is None else set(req.to_dict())
+    run.settings = {"top_k": req.top_k, "layers": names,
+                    **{k: v for k, v in req.to_dict().items() if k in given and _jsonable(v)}}
     return run
 
 
@@ -178,33 +187,34 @@ def attend_queries(
     queries: np.ndarray | None = None,
     source: str = "",
     layers: Sequence[str] | None = None,
-    top_k: int = 10,
-    contribution_to: str | int | None = "pred",
-    at_step: int | None = None,
-    step_buckets: int = 20,
-    score: str = "auto",
+    top_k: int = _R.top_k,
+    contribution_to: str | int | None = _R.contribution_to,
+    at_step: int | None = _R.at_step,
+    step_buckets: int = _R.step_buckets,
+    score: str = _R.score,
+    request: AttendRequest | None = None,
 ) -> QueryAttention:
     """Attend recorded queries (``split`` + ``positions`` in recording order; default: all of them) or loaded
     ``queries`` ``(n, d)``, as ``lightning-dualform attend`` does.
 
-    ``contribution_to`` (``"pred"``, ``"label"``, an output unit, or ``None``) ranks proponents and opponents
-    at the store's last layer, whose output is the model's; other layers get scores only, except in a store of
-    an element-wise rule, whose attention weights depend on the unit: there each layer ranks by its own
-    predicted unit (``contribution_to="auto"`` of :meth:`DualInference.attend`). ``score`` is passed on
-    (``"auto"``, ``"raw"`` or ``"unit"``; each result says which it used).
+    ``contribution_to`` (``"auto"``, ``"pred"``, ``"label"``, an output unit, or ``None``) ranks proponents and
+    opponents at the store's last layer, whose output is the model's (``"auto"``, the default, and ``"pred"``:
+    the predicted class there; ``"label"``: each query's recorded label). The other layers take
+    :meth:`DualInference.attend`'s ``"auto"``: scores only in a scalar rule's store, and in an element-wise
+    rule's store, whose attention weights depend on the unit, each layer's own predicted unit. ``score`` and the
+    other knobs are :class:`~lightning_dualform.attend.request.AttendRequest`'s (each result says which score
+    it used); ``request`` gives them all at once instead (its ``contribution_to`` then applies at the last layer).
 
     Raises:
         ValueError: a query width no layer takes, a layer without recorded rows, ``contribution_to="label"``
             without labels, or ``top_k`` larger than a layer's memory.
         KeyError: an unknown split or layer.
     """
-    top_k = as_int(top_k, "attend_queries(top_k=...)", lo=0, allowed="a non-negative integer")
-    step_buckets = as_int(step_buckets, "attend_queries(step_buckets=...)", lo=1, allowed="a positive integer")
-    if at_step is not None:
-        at_step = as_int(at_step, "attend_queries(at_step=...)", allowed="None or an integer optimizer step")
-    if contribution_to is not None and not isinstance(contribution_to, str):
-        contribution_to = as_int(contribution_to, "attend_queries(contribution_to=...)", lo=0,
-                                 allowed="'pred', 'label', None or an output unit number")
+    by_label = isinstance(contribution_to, str) and contribution_to == "label"
+    knobs: dict[str, Any] = {"top_k": top_k, "at_step": at_step, "step_buckets": step_buckets, "score": score}
+    if not by_label:
+        knobs["contribution_to"] = contribution_to
+    req = request_from("attend_queries", request, knobs)
     store = di.store
     all_layers = list(di.layers)
     last = all_layers[-1] if all_layers else None
@@ -251,26 +261,30 @@ def attend_queries(
             keep = where[r["example"]] >= 0
             per_layer[name] = (r["keys"][keep], where[r["example"][keep]], r["position"][keep].astype(np.int64))
     units_label = None
-    if contribution_to == "label":
+    if by_label:
         if (run.label < 0).any():
             raise ValueError("--contribution-to label: some queries have no recorded label; use pred or a unit number.")
         units_label = run.label
-    run.settings = {"top_k": top_k, "contribution_to": contribution_to, "at_step": at_step, "step_buckets": step_buckets,
-                    "layers": list(layers), "score": score}
+    run.settings = {"top_k": req.top_k, "contribution_to": "label" if by_label else req.to_dict()["contribution_to"],
+                    "at_step": req.at_step, "step_buckets": req.step_buckets, "layers": list(layers),
+                    "score": req.score}
     for name in layers:
         keys, example, position = per_layer[name]
         if len(keys) == 0:
             raise ValueError(f"layer {name}: no recorded rows for the chosen queries.")
-        contrib: Any = "auto"  # scores only (SGD), or the layer's own predicted unit (element-wise rules)
-        if name == last:
-            contrib = contribution_to
-            if contribution_to == "label":
-                contrib = torch.as_tensor(units_label[example], dtype=torch.int64)
+        # the request's unit applies at the last layer; the others take "auto" (scores only with a scalar rule,
+        # their own predicted unit with an element-wise rule)
+        contrib: Any = req.contribution_to if name == last else "auto"
+        if by_label and name == last:
+            contrib = torch.as_tensor(units_label[example], dtype=torch.int64)
         n_rows = di.layer(name).n_rows
-        if top_k > n_rows:
-            raise ValueError(f"--top-k {top_k}: layer {name} holds only {n_rows} rows; use --top-k {n_rows} or less.")
-        run.results[name] = di.attend(name, keys, top_k=top_k, at_step=at_step, contribution_to=contrib, step_buckets=step_buckets,
-                                      score=score)
+        if req.top_k > n_rows:
+            if n_rows == 0:
+                raise ValueError(f"layer {name} holds no training rows yet (its run committed no step): there is "
+                                 "nothing to attend to.")
+            raise ValueError(
+                f"--top-k {req.top_k}: layer {name} holds only {n_rows} rows; use --top-k {n_rows} or less.")
+        run.results[name] = di.attend(name, keys, request=req.replace(contribution_to=contrib))
         run.keys[name] = keys
         run.example[name] = example
         run.position[name] = position

@@ -2,8 +2,11 @@
 
 One row per query and layer: the query image (once per query), the top-k training images with their
 score, label and epoch, the attention mass per class as bars, and the attention mass over training steps
-(the "spotlights": which moments of training the layer's output draws on). Data that is not an image gets
-the same layout with text cards instead of thumbnails.
+(the "spotlights": which moments of training the layer's output draws on). A layer whose result ranks
+contributions to an output unit (``units``: the output layer, and every layer of an element-wise optimizer's
+store) gets two more rows: its proponents and opponents. Every number is labelled with what it is (the score
+``k . q`` or the unit's attention weight ``-(Q_s[u] (.) k) . q``, or a contribution). Data that is not an image
+gets the same layout with text cards instead of thumbnails.
 
 Matplotlib is an optional extra (``pip install 'lightning-dualform[plot]'``); drawing uses the Agg canvas
 directly, so no global backend is changed.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from typing import Any, Sequence
 
 import numpy as np
@@ -68,28 +72,44 @@ def as_image(x: np.ndarray) -> np.ndarray | None:
     return None
 
 
-def _ranking(res: Any, r: int, by: str) -> list[dict[str, Any]]:
+#: the lists a layer's rows show: the top by score, and, where the result has units, proponents and opponents
+_KINDS = {"top": ("top", "top_examples"), "pro": ("proponents", "proponent_examples"),
+          "con": ("opponents", "opponent_examples")}
+
+
+def _ranking(res: Any, r: int, by: str, kind: str = "top") -> list[dict[str, Any]]:
+    rows_attr, examples_attr = _KINDS[kind]
     if by == "example":
-        t = res.top_examples
+        t = getattr(res, examples_attr)
         if t is None:
             return []
         return [{"index": int(t.index[r, i]), "label": int(t.label[r, i]), "score": float(t.score[r, i]),
                  "sub": f"{int(t.rows[r, i])} rows"} for i in range(t.index.shape[1]) if int(t.index[r, i]) >= 0]
-    t = res.top
+    t = getattr(res, rows_attr)
     if t is None:
         return []
     return [{"index": int(t.index[r, i]), "label": int(t.label[r, i]), "score": float(t.score[r, i]),
              "sub": f"ep {int(t.epoch[r, i])}"} for i in range(t.row.shape[1]) if int(t.row[r, i]) >= 0]
 
 
+def _kinds(res: Any) -> list[str]:
+    """The lists drawn for a layer: the top rows, then proponents and opponents where the result has units."""
+    return ["top", "pro", "con"] if getattr(res, "units", None) is not None else ["top"]
+
+
+def score_symbol(res: Any) -> str:
+    """What a result's scores are, short: ``k·q`` (similarity) or ``w_u`` (the unit's attention weight)."""
+    return "w_u" if getattr(res, "score", "raw") == "unit" else "k·q"
+
+
 def score_phrase(results: dict[str, Any]) -> str:
     """What the pictures rank by, from the results' ``score`` (``AttentionResult.score``)."""
     scores = {getattr(r, "score", "raw") for r in results.values()}
     if scores == {"unit"}:
-        return "ranked by the attention weight for each query's unit, -(Q_s[u] ⊙ k) · q"
+        return "ranked by w_u = -(Q_s[u] ⊙ k) · q, the attention weight for each query's unit u"
     if scores == {"raw"}:
         return "ranked by the similarity k · q"
-    return "ranked by k · q or by unit attention weights (per layer)"
+    return "ranked by k · q or by the unit attention weight w_u = -(Q_s[u] ⊙ k) · q (per layer)"
 
 
 def _name(label: int, class_names: Sequence[str] | None) -> str:
@@ -161,44 +181,50 @@ def attention_figure(
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     if by not in ("pattern", "example"):
         raise ValueError(f"`plot_attention(by={by!r})`: expected 'pattern' or 'example'.")
     layers = list(run.results)
     n_q = min(len(run.index), max_queries)
-    k = max([len(_ranking(run.results[n], 0, by)) for n in layers] + [1])
+    kinds = {n: _kinds(run.results[n]) for n in layers}
+    k = max([len(_ranking(run.results[n], 0, by, kind)) for n in layers for kind in kinds[n]] + [1])
     # the first result row of each (query, layer)
     first_row = {n: {int(e): int(np.flatnonzero(run.rows[n]["example"] == e)[0]) for e in np.unique(run.rows[n]["example"])}
                  for n in layers}
     # thumbnails: one read of every index shown
-    shown = sorted({it["index"] for n in layers for j in range(n_q) if j in first_row[n]
-                    for it in _ranking(run.results[n], first_row[n][j], by)})
+    shown = sorted({it["index"] for n in layers for j in range(n_q) if j in first_row[n] for kind in kinds[n]
+                    for it in _ranking(run.results[n], first_row[n][j], by, kind)})
     raw = store.train_inputs(np.array(shown, dtype=np.int64)) if shown else None
     thumbs = {i: raw[p] for p, i in enumerate(shown)} if raw is not None else {}
     images = bool(thumbs) and as_image(next(iter(thumbs.values()))) is not None
     epoch_starts = _epoch_starts(store)
 
-    n_rows = n_q * len(layers)
+    per_query = sum(len(kinds[n]) for n in layers)  # grid rows of one query: each layer's lists
+    n_rows = n_q * per_query
     thumb_w = 1.25
-    height = 1.55 * n_rows + 1.0
-    fig = Figure(figsize=(thumb_w * (1.6 + k) + 6.4, height), dpi=dpi)
+    width = thumb_w * (1.6 + k) + 6.4
+    what = "training patterns (one per presentation)" if by == "pattern" else "training examples (epochs summed)"
+    at = next(iter(run.results.values())).at_step if run.results else 0
+    # the title wraps to the figure's width (a one-layer figure is narrow): about 0.6 em per character
+    title = textwrap.wrap(
+        f"Top-{k} {what} each layer attends to, after {at} optimizer steps; {score_phrase(run.results)}",
+        width=max(20, int(width * 72 / (12 * 0.62))))
+    head = 0.45 + 0.24 * len(title)  # inches above the grid
+    height = 1.55 * n_rows + head + 0.4
+    fig = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(fig)
     # columns: query, spacer (layer names), k thumbnails, spacer, class bars, spotlights
     gs = fig.add_gridspec(
         n_rows, 2 + k + 3, width_ratios=[1.15, 0.55] + [1] * k + [0.25, 2.2, 2.6],
-        left=0.015, right=0.985, top=1 - 0.75 / height, bottom=0.4 / height, hspace=0.85, wspace=0.25,
+        left=0.015, right=0.985, top=1 - head / height, bottom=0.4 / height, hspace=0.85, wspace=0.25,
     )
-    what = "training patterns (one per presentation)" if by == "pattern" else "training examples (epochs summed)"
-    at = next(iter(run.results.values())).at_step if run.results else 0
-    fig.suptitle(f"Top-{k} {what} each layer attends to, after {at} optimizer steps; {score_phrase(run.results)}",
-                 fontsize=12, fontweight="bold", y=1 - 0.12 / height, va="top")
+    fig.suptitle("\n".join(title), fontsize=12, fontweight="bold", y=1 - 0.12 / height, va="top")
 
     for j in range(n_q):
-        r0 = j * len(layers)
+        r0 = j * per_query
         label, pred = int(run.label[j]), int(run.prediction[j])
         # the query
-        ax = fig.add_subplot(gs[r0:r0 + len(layers), 0])
+        ax = fig.add_subplot(gs[r0:r0 + per_query, 0])
         ax.set_xticks([])
         ax.set_yticks([])
         img = as_image(run.inputs[j]) if run.inputs is not None else None
@@ -220,82 +246,109 @@ def attention_figure(
                      color=_NEG if (label >= 0 and pred >= 0 and label != pred) else "black")
         for spine in ax.spines.values():
             spine.set_edgecolor("#444444")
+        row = r0
         for li, name in enumerate(layers):
-            row = r0 + li
             res = run.results[name]
             rr = first_row[name].get(j)
-            items = _ranking(res, rr, by) if rr is not None else []
-            for c in range(k):
-                ax = fig.add_subplot(gs[row, 2 + c])
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if c == 0:
-                    ax.set_ylabel(name, fontsize=10, fontweight="bold", rotation=0, ha="right", va="center", labelpad=6)
-                if c >= len(items):
-                    ax.set_axis_off()
-                    continue
-                it = items[c]
-                x = thumbs.get(it["index"])
-                match = pred >= 0 and it["label"] == pred
-                if images and x is not None and not np.isnan(np.asarray(x, dtype=np.float32)).all():
-                    ax.imshow(as_image(x), cmap="gray_r", interpolation="nearest")
-                else:
-                    ax.set_facecolor("#f6f6f6")
-                    ax.text(0.5, 0.5, f"#{it['index']}\nlabel {_name(it['label'], class_names)}", ha="center", va="center",
-                            fontsize=8.5, transform=ax.transAxes)
-                for spine in ax.spines.values():
-                    spine.set_edgecolor(_MATCH if match else _OTHER)
-                    spine.set_linewidth(2.2 if match else 1.0)
-                ax.set_title(f"{it['score']:+.3g}\n{_name(it['label'], class_names)} · {it['sub']}", fontsize=8, pad=2,
-                             color=_MATCH if match else "#333333")
-            # attention mass per class
-            ax = fig.add_subplot(gs[row, 2 + k + 1])
-            m = res.mass.get("label") if rr is not None else None
-            if m is not None:
-                keys = m.keys.numpy()
-                signed = m.signed[rr].double().numpy()
-                total = float(m.absolute[rr].sum()) or 1.0
-                keep = keys >= 0 if (keys >= 0).any() else np.ones_like(keys, dtype=bool)
-                share = 100 * signed[keep] / total
-                colors = [_HIGHLIGHT if int(kk) == pred else (_POS if v >= 0 else _NEG) for kk, v in zip(keys[keep], share)]
-                ax.bar(np.arange(keep.sum()), share, color=colors, width=0.75)
-                ax.set_xticks(np.arange(keep.sum()))
-                ax.set_xticklabels([_name(int(kk), class_names) if int(kk) >= 0 else "none" for kk in keys[keep]], fontsize=7.5,
-                                   rotation=0 if len(keys[keep]) <= 12 and (class_names is None or max(len(str(n)) for n in class_names) <= 2) else 60)
-                ax.axhline(0, color="#666666", lw=0.6)
-                ax.tick_params(axis="y", labelsize=7)
-                if li == 0:
-                    ax.set_title("mass per class, % of |mass|", fontsize=8.5, pad=3)
-                for side in ("top", "right"):
-                    ax.spines[side].set_visible(False)
-            else:
-                ax.set_axis_off()
-            # spotlights: attention mass over training steps
-            ax = fig.add_subplot(gs[row, 2 + k + 2])
-            m = res.mass.get("step") if rr is not None else None
-            if m is not None and m.edges is not None:
-                edges = np.asarray(m.edges, dtype=np.float64)
-                signed = m.signed[rr].double().numpy()
-                total = float(m.absolute[rr].sum()) or 1.0
-                share = 100 * signed / total
-                widths = np.diff(edges)
-                ax.bar(edges[:-1], share, width=widths * 0.92, align="edge",
-                       color=[_POS if v >= 0 else _NEG for v in share])
-                for s in epoch_starts:
-                    if edges[0] < s < edges[-1]:
-                        ax.axvline(s, color="#333333", lw=1.2, ls="--")
-                ax.axhline(0, color="#666666", lw=0.6)
-                ax.set_xlim(edges[0], edges[-1])
-                ax.tick_params(labelsize=7)
-                ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
-                if li == 0:
-                    ax.set_title("spotlights: mass over steps (- - epochs)", fontsize=8.5, pad=3)
-                if li == len(layers) - 1:
-                    ax.set_xlabel("optimizer step", fontsize=7.5, labelpad=1)
-                for side in ("top", "right"):
-                    ax.spines[side].set_visible(False)
-            else:
-                ax.set_axis_off()
+            symbol = score_symbol(res)
+            for kind in kinds[name]:
+                items = _ranking(res, rr, by, kind) if rr is not None else []
+                unit = int(res.units[rr]) if (kind != "top" and rr is not None) else None
+                heading = {"top": f"{name}\nby {symbol}", "pro": f"{name}\nproponents\nof unit {unit}",
+                           "con": f"{name}\nopponents\nof unit {unit}"}[kind]
+                value = symbol if kind == "top" else "contrib."
+                for c in range(k):
+                    ax = fig.add_subplot(gs[row, 2 + c])
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    if c == 0:
+                        ax.set_ylabel(heading, fontsize=9 if kind == "top" else 8.5, fontweight="bold", rotation=0,
+                                      ha="right", va="center", labelpad=6)
+                    if c >= len(items):
+                        if c == 0:  # keep the heading: hide the frame, not the axes
+                            ax.set_frame_on(False)
+                            ax.text(0.5, 0.5, "none", ha="center", va="center", fontsize=8, color="#777777",
+                                    transform=ax.transAxes)
+                        else:
+                            ax.set_axis_off()
+                        continue
+                    it = items[c]
+                    x = thumbs.get(it["index"])
+                    match = pred >= 0 and it["label"] == pred
+                    if images and x is not None and not np.isnan(np.asarray(x, dtype=np.float32)).all():
+                        ax.imshow(as_image(x), cmap="gray_r", interpolation="nearest")
+                    else:
+                        ax.set_facecolor("#f6f6f6")
+                        ax.text(0.5, 0.5, f"#{it['index']}\nlabel {_name(it['label'], class_names)}", ha="center",
+                                va="center", fontsize=8.5, transform=ax.transAxes)
+                    for spine in ax.spines.values():
+                        spine.set_edgecolor(_MATCH if match else _OTHER)
+                        spine.set_linewidth(2.2 if match else 1.0)
+                    color = _MATCH if match else "#333333"
+                    if kind != "top":
+                        color = _POS if it["score"] >= 0 else _NEG
+                    ax.set_title(f"{value} {it['score']:+.3g}\n{_name(it['label'], class_names)} · {it['sub']}",
+                                 fontsize=8, pad=2, color=color)
+                if kind == "top":
+                    axes = (fig.add_subplot(gs[row, 2 + k + 1]), fig.add_subplot(gs[row, 2 + k + 2]))
+                    _mass_charts(axes, res, rr, pred=pred, class_names=class_names, symbol=symbol,
+                                 epoch_starts=epoch_starts, first=li == 0, last=li == len(layers) - 1)
+                row += 1
     if len(run.index) > n_q:
         fig.text(0.5, 0.002, f"{len(run.index) - n_q} more queries are in the table and the JSON", ha="center", fontsize=8)
     return fig
+
+
+def _mass_charts(axes: tuple[Any, Any], res: Any, rr: int | None, *, pred: int, class_names: Sequence[str] | None,
+                 symbol: str, epoch_starts: list[int], first: bool, last: bool) -> None:
+    """The attention mass of one query at one layer: per class (bars, the predicted class highlighted) and over
+    training steps (the spotlights, epoch starts dashed), as shares of the summed absolute scores."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax = axes[0]
+    m = res.mass.get("label") if rr is not None else None
+    if m is not None:
+        keys = m.keys.numpy()
+        signed = m.signed[rr].double().numpy()
+        total = float(m.absolute[rr].sum()) or 1.0
+        keep = keys >= 0 if (keys >= 0).any() else np.ones_like(keys, dtype=bool)
+        share = 100 * signed[keep] / total
+        colors = [_HIGHLIGHT if int(kk) == pred else (_POS if v >= 0 else _NEG) for kk, v in zip(keys[keep], share)]
+        ax.bar(np.arange(keep.sum()), share, color=colors, width=0.75)
+        ax.set_xticks(np.arange(keep.sum()))
+        narrow = len(keys[keep]) <= 12 and (class_names is None or max(len(str(n)) for n in class_names) <= 2)
+        ax.set_xticklabels([_name(int(kk), class_names) if int(kk) >= 0 else "none" for kk in keys[keep]], fontsize=7.5,
+                           rotation=0 if narrow else 60)
+        ax.axhline(0, color="#666666", lw=0.6)
+        ax.tick_params(axis="y", labelsize=7)
+        if first:
+            ax.set_title(f"mass per class: Σ {symbol}, % of Σ|{symbol}|", fontsize=8.5, pad=3)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    else:
+        ax.set_axis_off()
+    # spotlights: attention mass over training steps
+    ax = axes[1]
+    m = res.mass.get("step") if rr is not None else None
+    if m is not None and m.edges is not None:
+        edges = np.asarray(m.edges, dtype=np.float64)
+        signed = m.signed[rr].double().numpy()
+        total = float(m.absolute[rr].sum()) or 1.0
+        share = 100 * signed / total
+        widths = np.diff(edges)
+        ax.bar(edges[:-1], share, width=widths * 0.92, align="edge", color=[_POS if v >= 0 else _NEG for v in share])
+        for s in epoch_starts:
+            if edges[0] < s < edges[-1]:
+                ax.axvline(s, color="#333333", lw=1.2, ls="--")
+        ax.axhline(0, color="#666666", lw=0.6)
+        ax.set_xlim(edges[0], edges[-1])
+        ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+        if first:
+            ax.set_title(f"spotlights: Σ {symbol} over steps, % (- - epochs)", fontsize=8.5, pad=3)
+        if last:
+            ax.set_xlabel("optimizer step", fontsize=7.5, labelpad=1)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    else:
+        ax.set_axis_off()

@@ -3,7 +3,8 @@
 at that commit). Kept for the record; running it with later code writes a store of the later format."""
 import sys
 sys.path.insert(0, "tests")
-import lightning as L, torch
+import lightning as L
+import torch
 from helpers import MLP, IndexedDataset, loader, TRAINER_KW
 from lightning_dualform import DualFormCallback
 L.seed_everything(0, verbose=False)

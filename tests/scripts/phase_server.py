@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from helpers import MLP, EpochSampler, IndexedDataset  # noqa: E402
 
-import lightning_dualform.record.engine as engine_mod  # noqa: E402
+import lightning_dualform.record.callback as callback_mod  # noqa: E402
 from lightning_dualform import DualFormCallback  # noqa: E402
 from lightning_dualform.store import _journal, writer as writer_mod  # noqa: E402
 from lightning_dualform.store.writer import StoreWriter  # noqa: E402
@@ -134,14 +134,14 @@ def install(spec: dict, events: _Events) -> list[L.Callback]:
 
     StoreWriter._commit = commit
     truncating: list[int] = []
-    orig_truncate = StoreWriter._truncate
+    orig_truncate = writer_mod.truncate  # (store/truncate.py's, as StoreWriter.resume calls it)
 
     def truncate_store(f, path, rows, steps, *a):  # noqa: ANN001, ANN002 - a resume's truncation is a commit too
         log(f"begin {steps}")
         truncating.append(steps)
         return orig_truncate(f, path, rows, steps, *a)
 
-    StoreWriter._truncate = staticmethod(truncate_store)
+    writer_mod.truncate = truncate_store
 
     import h5py
 
@@ -260,13 +260,13 @@ def install(spec: dict, events: _Events) -> list[L.Callback]:
 
         callbacks.append(Filler())
     if fill.get("at") == "certificate":
-        orig_certify = engine_mod.certify_store  # (the recording engine calls it at fit end)
+        orig_certify = callback_mod.certify_store  # (the callback hands it to the engine, which calls it at fit end)
 
         def certify(*a, **k):  # noqa: ANN002, ANN003
             _fill(os.path.dirname(os.path.abspath(store)), fill.get("leave", 0))
             return orig_certify(*a, **k)
 
-        engine_mod.certify_store = certify
+        callback_mod.certify_store = certify
     if fill.get("at") == "resume":
         orig_resume = StoreWriter.resume.__func__
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from lightning_dualform._lazy import lazy_exports
 
-__all__ = ["AttentionResult", "DualInference", "Explanation", "Mass", "TopExamples", "TopRows"]
+__all__ = ["AttendRequest", "AttentionResult", "DualInference", "Explanation", "Mass", "TopExamples", "TopRows"]
 
 if TYPE_CHECKING:
     from lightning_dualform.attend.inference import (
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
         TopExamples,
         TopRows,
     )
+    from lightning_dualform.attend.request import AttendRequest
 
-_WHERE = dict.fromkeys(__all__, "lightning_dualform.attend.inference")
+_WHERE = {**dict.fromkeys(__all__, "lightning_dualform.attend.inference"),
+          "AttendRequest": "lightning_dualform.attend.request"}
 __getattr__, __dir__ = lazy_exports(__name__, _WHERE, __all__)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_dualform.store.reader import LayerReader
+from lightning_dualform.store.source import LayerSource
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -45,11 +45,29 @@ def resolve_group(distributed: Any) -> Any:
     return True if distributed is True else distributed
 
 
-def check_queries(lay: LayerReader, queries: Any, call: str) -> torch.Tensor:
+#: the largest magnitude a float32 holds: the rows are float32 (or narrower), and so is every product
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_queries(lay: LayerSource, queries: Any, call: str) -> torch.Tensor:
+    """``queries`` as a real ``(n, d_in)`` tensor, or an error that names what is wrong with them.
+
+    Raises:
+        TypeError: not a tensor or array, or complex (the imaginary part would be dropped without a word).
+        ValueError: the wrong shape, NaN or inf, or values beyond float32's range (the pass would turn them into
+            inf, then NaN, which would read as a damaged store).
+    """
     if isinstance(queries, np.ndarray):
+        if queries.dtype.kind == "c":
+            raise TypeError(_complex(call, queries.dtype))
+        if queries.dtype.kind not in "biuf":
+            raise TypeError(f"`{call}(queries=...)` must hold real numbers; got a numpy array of dtype "
+                            f"{queries.dtype}.")
         queries = torch.from_numpy(queries)
     if not isinstance(queries, torch.Tensor):
         raise TypeError(f"`{call}(queries=...)` must be a torch.Tensor or numpy array of shape (n, {lay.d_in}), got {type(queries).__name__}.")
+    if queries.is_complex():
+        raise TypeError(_complex(call, queries.dtype))
     if queries.dim() == 1:
         queries = queries.unsqueeze(0)
     if queries.dim() != 2 or queries.shape[1] != lay.d_in or queries.shape[0] == 0:
@@ -63,4 +81,18 @@ def check_queries(lay: LayerReader, queries: Any, call: str) -> torch.Tensor:
     if not bool(finite.all()):
         bad = (~finite.all(dim=1)).nonzero().squeeze(1)[:5].tolist()
         raise ValueError(f"`{call}(queries=...)` holds NaN or inf (query rows {bad}...); every query must be finite.")
+    if queries.dtype == torch.float64:
+        big = queries.abs() > FLOAT32_MAX
+        if bool(big.any()):
+            bad = big.any(dim=1).nonzero().squeeze(1)[:5].tolist()
+            raise ValueError(
+                f"`{call}(queries=...)` holds values beyond float32's range (query rows {bad}, largest magnitude "
+                f"{float(queries.abs().max()):.3g} > {FLOAT32_MAX:.3g}); the stored rows and the products are float32, "
+                "where these become inf. Scale the queries down."
+            )
     return queries.detach()
+
+
+def _complex(call: str, dtype: Any) -> str:
+    return (f"`{call}(queries=...)` is complex ({dtype}); queries are real inputs of a layer, and the imaginary part "
+            "would be dropped. Pass real values (e.g. `queries.real`, if that is what you mean).")

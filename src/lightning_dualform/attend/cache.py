@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from lightning_dualform.store.format import ROW_COLUMNS
+from lightning_dualform.store.source import LayerSource
 
 #: ``DualInference(cache=...)``: a budget in bytes, ``"auto"``, or ``None`` (no cache)
 CacheSpec = Union[int, Literal["auto"], None]
@@ -293,14 +294,15 @@ def _covered(spans: list[tuple[int, int]]) -> int:
 # ------------------------------------------------------------------------------------------------------
 class CachedLayer:
     """A layer reader (:class:`~lightning_dualform.store.reader.LayerReader` or its sharded twin) whose
-    row reads go through a :class:`BlockCache` and whose small per-layer facts are read once.
+    row reads go through a :class:`BlockCache` and whose small per-layer facts are read once: a
+    :class:`~lightning_dualform.store.source.LayerSource` like the reader it wraps.
 
     It answers everything the wrapped reader answers; only :meth:`read` and the memoised methods below
     behave differently (same values, fewer reads). Arrays handed out by the memoised methods that a
     caller may change (:meth:`base_weights`) are fresh copies.
     """
 
-    def __init__(self, layer: Any, cache: BlockCache) -> None:
+    def __init__(self, layer: LayerSource, cache: BlockCache) -> None:
         self._layer = layer
         self._cache = cache
         self._facts: OrderedDict[tuple, Any] = OrderedDict()
@@ -427,7 +429,7 @@ class CachedLayer:
         return self._memo(("bias_residual",), lambda: self._layer.bias_residual)
 
 
-def pass_rows(layer: Any, start: int, stop: int, columns: tuple[str, ...] | None = None) -> Rows:
+def pass_rows(layer: LayerSource, start: int, stop: int, columns: tuple[str, ...] | None = None) -> Rows:
     """The rows a pass over ``layer`` reads: through the cache in the form it keeps them (float columns as
     device tensors on a CUDA cache), or the reader's numpy arrays without a cache."""
     if isinstance(layer, CachedLayer):
@@ -435,7 +437,7 @@ def pass_rows(layer: Any, start: int, stop: int, columns: tuple[str, ...] | None
     return layer.read(start, stop) if columns is None else layer.read(start, stop, columns)
 
 
-def pass_maps(layer: Any, start: int, stop: int, columns: tuple[str, ...] = ()) -> Rows:
+def pass_maps(layer: LayerSource, start: int, stop: int, columns: tuple[str, ...] = ()) -> Rows:
     """A convolution's compact block for a pass (:meth:`LayerReader.read_maps`): through the cache, or read."""
     if isinstance(layer, CachedLayer):
         return layer.read_maps_kept(start, stop, columns)

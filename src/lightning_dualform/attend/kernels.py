@@ -119,7 +119,7 @@ def fold_memory_maps(
 
     ``sum_rows cv_row k_row^T`` is the weight gradient of the convolution of the (padded) maps whose output
     gradient map holds ``cv`` at the rows' locations and zeros elsewhere
-    (:func:`~lightning_dualform.record.capture.maps_weight_sum`): ``C_out x d_in x E x L`` products as the unfolded
+    (:func:`~lightning_dualform.layers.maps_weight_sum`): ``C_out x d_in x E x L`` products as the unfolded
     sum, but no ``(B, d_in)`` key matrix, ``prod(kernel)`` times the maps, is ever made.
 
     Args:
@@ -130,7 +130,7 @@ def fold_memory_maps(
         cv: ``(B, d_out)`` the rows' values times their step's weight coefficient, in ``w``'s dtype.
         bias_share: ``(d_out,)`` ``c_b @ V``, the block's share of the bias.
     """
-    from lightning_dualform.record.capture import maps_weight_sum
+    from lightning_dualform.layers import maps_weight_sum
 
     e, n, d_out = maps.shape[0], cv.shape[0], cv.shape[1]
     if skip or n != e * geom.locations:  # the block's first and last maps in part: zero gradient elsewhere

@@ -15,10 +15,13 @@ import torch
 
 from lightning_dualform.attend.blocks import compact_geometry, maps_geometry
 from lightning_dualform.attend.kernels import fold_memory, fold_memory_maps
-from lightning_dualform.store.reader import Coefficients, LayerReader
+from lightning_dualform.store.reader import Coefficients
+from lightning_dualform.store.source import LayerSource
 
 
-def blocks_of(layer: LayerReader, n_rows: int, block_rows: int = 16384, device: torch.device | str = "cpu") -> Iterable[dict[str, Any]]:
+def blocks_of(
+    layer: LayerSource, n_rows: int, block_rows: int = 16384, device: torch.device | str = "cpu"
+) -> Iterable[dict[str, Any]]:
     """Rows ``0..n_rows`` of a layer in blocks: ``{"keys", "values", "step"}`` as numpy arrays; a convolution
     stored as maps, where compact blocks pay on ``device`` (:func:`~lightning_dualform.attend.blocks.compact_geometry`),
     in blocks of whole maps, its keys as the maps (:meth:`LayerReader.read_maps`)."""
@@ -34,7 +37,7 @@ def blocks_of(layer: LayerReader, n_rows: int, block_rows: int = 16384, device: 
 
 
 def memory_sums(
-    layer: LayerReader,
+    layer: LayerSource,
     coef: Coefficients,
     *,
     dtype: torch.dtype = torch.float64,
@@ -79,7 +82,7 @@ def memory_sums(
 
 
 def rebuilt_weights(
-    layer: LayerReader, coef: Coefficients, w: torch.Tensor, b: torch.Tensor | None
+    layer: LayerSource, coef: Coefficients, w: torch.Tensor, b: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The memory's sums plus what the memory does not hold (``a W_0``, ...): the rebuilt weights."""
     w0, b0 = layer.base_weights(coef=coef, with_residual=False)

@@ -33,12 +33,13 @@ import torch
 from lightning_dualform.optim import PARAM, Adjoint, OptimizerState, RankOne, StepMaps, UpdateRule
 from lightning_dualform.optim.maps import Value, apply_forward
 from lightning_dualform.optim.rule import row_of
+from lightning_dualform.store.source import LayerSource
 
 #: Memory a unit sweep may hold for its snapshots, one segment's step maps and one segment's rows.
 REPLAY_BYTES = 512 * 2**20
 #: Gradients of consecutive steps computed in one batched product (at most this many bytes of them): a step
-#: has few rows, and one small multi-threaded product per step costs far more than its work (on a busy
-#: 2-core machine each waited ~25 ms for a descheduled thread; a batch of steps runs at the big-block speed).
+#: has few rows, and one small multi-threaded product per step costs far more than its work (on a busy machine
+#: each waits for a descheduled thread); a batch of steps runs at the big-block speed.
 GRAD_BATCH_BYTES = 64 * 2**20
 _PARAMS = ("weight", "bias")
 
@@ -78,7 +79,7 @@ class LayerReplay:
         StoreError: a damaged table or optimizer state.
     """
 
-    def __init__(self, layer, at_step: int | None = None, *, block_rows: int = 16384,
+    def __init__(self, layer: LayerSource, at_step: int | None = None, *, block_rows: int = 16384,
                  columns: tuple[str, ...] = ("keys", "values", "step")) -> None:
         store = layer.store
         if store.rule is None:

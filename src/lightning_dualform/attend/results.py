@@ -1,6 +1,6 @@
 """What a pass of :class:`~lightning_dualform.attend.inference.DualInference` returns: the result types
-(:class:`AttentionResult`, :class:`TopRows`, :class:`TopExamples`, :class:`Mass`, :class:`Explanation`) and the
-small functions that turn an accumulator's running tables into them (top rows, top examples, relative errors)."""
+(:class:`AttentionResult`, :class:`TopRows`, :class:`TopExamples`, :class:`Mass`, :class:`Explanation`). A pass
+fills them from its running tables with :mod:`lightning_dualform.attend.passes.assemble`."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
-from lightning_dualform.attend import _fused
-from lightning_dualform.attend.kernels import META_COLUMNS, stable_topk
+from lightning_dualform.attend.kernels import META_COLUMNS
 
 
 def _list(t: torch.Tensor | None) -> Any:
@@ -59,17 +57,64 @@ class TopExamples:
 
 @dataclass
 class Mass:
-    """Attention mass per group: ``signed[i, g] = sum of scores`` and ``absolute[i, g] = sum of |scores|``
-    over the rows of group ``keys[g]`` (a label, an epoch, or the first step of a step bucket); ``(n, G)``.
-    The scores are those :attr:`AttentionResult.score` names."""
+    """Attention mass per group of one kind (``kind``: ``"label"``, ``"epoch"`` or ``"step"``): ``signed[i, g]``
+    is the sum of query ``i``'s scores and ``absolute[i, g]`` the sum of their absolute values over the rows of
+    group ``keys[g]``; ``(n, G)``. The scores are those :attr:`AttentionResult.score` names.
+
+    Column ``g`` is **not** group ``g``: ``keys`` says which group each column holds. The label mass's first
+    column is label ``-1`` (rows recorded without a label), so class ``c`` is column ``c + 1``; a step bucket's
+    key is its first step (``edges`` adds the end step). Ask by key and the columns take care of themselves::
+
+        m = res.mass["label"]
+        m[3]                 # (n,) signed mass of class 3 (= m.signed_of(3))
+        m.absolute_of(3)     # (n,) its absolute mass
+        m.by_key()           # {-1: (n,), 0: (n,), ...}: every group's signed mass by key
+        m.column(3)          # 4: the column of class 3 in m.signed and m.absolute
+    """
 
     keys: torch.Tensor
     signed: torch.Tensor
     absolute: torch.Tensor
     edges: list[int] | None = None  # step buckets: [first step of each bucket..., end step]
+    kind: str = ""
+
+    def column(self, key: int) -> int:
+        """The column of group ``key`` in :attr:`signed` and :attr:`absolute`.
+
+        Raises:
+            KeyError: no group has that key (the message lists them).
+        """
+        hits = (self.keys == int(key)).nonzero()
+        if not len(hits):
+            raise KeyError(f"{self.kind or 'this'} mass has no group {key!r}; its keys are {self.keys.tolist()}.")
+        return int(hits[0, 0])
+
+    def signed_of(self, key: int) -> torch.Tensor:
+        """``(n,)`` the signed mass of group ``key`` for every query."""
+        return self.signed[:, self.column(key)]
+
+    def absolute_of(self, key: int) -> torch.Tensor:
+        """``(n,)`` the absolute mass of group ``key`` for every query."""
+        return self.absolute[:, self.column(key)]
+
+    __getitem__ = signed_of
+
+    def by_key(self, *, absolute: bool = False) -> dict[int, torch.Tensor]:
+        """``{key: (n,)}``: every group's signed (or ``absolute``) mass, by its key."""
+        table = self.absolute if absolute else self.signed
+        return {int(k): table[:, g] for g, k in enumerate(self.keys.tolist())}
+
+    def __repr__(self) -> str:
+        keys = self.keys.tolist()
+        shown = ", ".join(str(k) + (" (no label)" if self.kind == "label" and k < 0 else "") for k in keys[:12])
+        more = f", ... ({len(keys)} groups)" if len(keys) > 12 else ""
+        edges = "" if self.edges is None else f"; step edges {self.edges[0]}..{self.edges[-1]}"
+        return (f"Mass({self.kind or 'groups'}: columns hold keys [{shown}{more}]; signed and absolute "
+                f"{tuple(self.signed.shape)}{edges})")
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"keys": _list(self.keys), "signed": _list(self.signed), "absolute": _list(self.absolute)}
+        d = {"kind": self.kind, "keys": _list(self.keys), "signed": _list(self.signed),
+             "absolute": _list(self.absolute)}
         if self.edges is not None:
             d["edges"] = list(self.edges)
         return d
@@ -90,7 +135,7 @@ class AttentionResult:
         rel_err: ``(n,)`` ``||dual - primal|| / ||primal||`` per query: the exactness certificate.
         score: what ``top``, ``top_examples`` and ``mass`` rank and sum: ``"raw"``, the similarity ``k . q``, or
             ``"unit"``, each row's attention weight for the query's output unit ``units[i]``,
-            ``-(Q_s[u, :] (.) k) . q`` (:data:`SCORES`).
+            ``-(Q_s[u, :] (.) k) . q`` (:data:`~lightning_dualform.attend.request.SCORES`).
         top: top-k rows by score.
         top_examples: top-k training examples by summed score.
         units: ``(n,)`` the output unit whose contributions rank proponents and opponents.
@@ -190,73 +235,3 @@ def overall_rel_err(dual: torch.Tensor, primal: torch.Tensor) -> float:
     ref = float(torch.linalg.norm(p))
     diff = float(torch.linalg.norm(d - p))
     return diff / ref if ref > 0 else (0.0 if diff == 0 else math.inf)
-
-
-def _norm_rows(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x, dim=1)
-
-
-def _rel_rows(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    return _norm_rows(x - ref) / _norm_rows(ref).clamp_min(torch.finfo(ref.dtype).tiny)
-
-
-def _top_rows(found: tuple[torch.Tensor, dict[str, torch.Tensor]], sign: int = 0) -> TopRows:
-    score, meta = found
-    cpu = torch.device("cpu")
-    score = score.to(cpu)
-    meta = {k: v.to(cpu) for k, v in meta.items()}
-    if sign:
-        pad = score * sign <= 0
-        meta = {k: v.masked_fill(pad, -1) for k, v in meta.items()}
-        score = score.masked_fill(pad, 0.0)
-    return TopRows(score=score, **meta)
-
-
-def _top_examples(
-    sums: torch.Tensor, present: torch.Tensor, rows: torch.Tensor, ex_label: torch.Tensor, k: int, sign: int,
-    ids: np.ndarray | None = None,
-) -> TopExamples:
-    """Top-k examples of ``(n, n_examples)`` sums; ``sign`` 0: largest, 1: largest positive, -1: most negative.
-    ``ids``: the dataset index of each column when the examples were numbered densely."""
-    cpu = torch.device("cpu")
-    largest = sign >= 0
-    kk = min(k, int(present.sum()))
-    if sums.device.type == "cpu" and sums.t().is_contiguous() and _fused.kernel() is not None:
-        # the fused pass's (n_examples, n) table: one more threshold pass, no transposed copy of the table
-        score, index = _fused_topk_rows(sums.t(), present, kk, largest)
-    else:
-        sums = sums.contiguous()
-        masked = sums if bool(present.all()) else sums.masked_fill(~present, float("-inf") if largest else float("inf"))
-        score, index = stable_topk(masked, kk, largest=largest)  # equal sums: the lower index first, as fused
-    label, nrows = ex_label[index], rows[index]
-    if ids is not None:
-        index = torch.from_numpy(ids).to(index.device)[index]
-    if sign:
-        pad = score * sign <= 0
-        index, label, nrows = (t.masked_fill(pad, -1) for t in (index, label, nrows))
-        score = score.masked_fill(pad, 0.0)
-    return TopExamples(score=score.to(cpu), index=index.to(cpu), label=label.to(cpu), rows=nrows.to(cpu))
-
-
-def _fused_topk_rows(table_t: torch.Tensor, present: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk(table_t[present].T, k, dim=1)`` for an ``(E, n)`` table, with the compiled threshold pass."""
-    idx = torch.arange(table_t.shape[0])
-    if not bool(present.all()):
-        idx = present.nonzero().squeeze(1)
-        table_t = table_t.index_select(0, idx)
-    n, dt = table_t.shape[1], table_t.dtype
-    meta = idx[:, None].contiguous()
-
-    def running() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return torch.zeros(n, k, dtype=dt), torch.full((n, k, 1), -1, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
-
-    if largest:
-        top = running()
-        _fused.fold(table_t, meta, k=k, top=top)
-        return top[0], top[1][:, :, 0]
-    # smallest: the opponents' routine with contribution = value * 1 + 0
-    ones = torch.ones(table_t.shape[0], 1, dtype=dt)
-    pro, con = running(), running()
-    _fused.fold(table_t, meta, k=k, units=torch.zeros(n, dtype=torch.int64), coef_w=ones, coef_b=torch.zeros_like(ones),
-                pro=pro, con=con)
-    return -con[0], con[1][:, :, 0]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lightning_dualform.errors import StoreError
-from lightning_dualform.store.reader import LayerReader
+from lightning_dualform.store.source import LayerSource
 
 _META_BLOCK = 1 << 16
 #: a dense per-example table is used while the largest dataset index is below this or twice the rows;
@@ -27,7 +27,7 @@ class LayerStats:
     example_ids: np.ndarray | None = None  # dataset index of each example column, when numbered densely
 
 
-def layer_stats(lay: LayerReader) -> LayerStats:
+def layer_stats(lay: LayerSource) -> LayerStats:
     """Widths of the per-example and per-group tables: one pass over the index/label/epoch columns.
 
     Every width comes from values in the file, so each is checked against the file's own shapes first

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from lightning_dualform.attend.results import _norm_rows
+from lightning_dualform.attend.passes.assemble import norm_rows
 from lightning_dualform.errors import StoreError
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ def stored_sums_error(di: "DualInference", layer: str) -> float | None:
     coef = lay.coefficients()
     stored = lay.stored_memory_sums(coef.end_step, lay.rows_before(coef.end_step))
     return None if stored is None else sums_rebuild_error(lay, coef, stored)
+
 
 def verify(di: "DualInference", queries: dict[str, torch.Tensor] | None = None, *, n_samples: int = 256, seed: int = 0) -> dict[str, float]:
     """Max relative error ``||dual - primal|| / ||primal||`` per layer, ``dual`` summed from the rows. For a store
@@ -62,9 +63,10 @@ def verify(di: "DualInference", queries: dict[str, torch.Tensor] | None = None, 
             res = di.attend(name, q, top_k=0, per_example=False, mass=False, reuse_certificate=False,
                               contribution_to="pred", score="unit")
             target = res.primal.double().gather(1, res.units[:, None]).squeeze(1)
-            unit_err = (res.unit_output - target).abs() / _norm_rows(res.primal.double()).clamp_min(1e-300)
+            unit_err = (res.unit_output - target).abs() / norm_rows(res.primal.double()).clamp_min(1e-300)
             out[name] = max(float(res.max_rel_err), float(unit_err.max()))
         else:
-            res = di.attend(name, q, top_k=0, per_example=False, mass=False, reuse_certificate=False)
+            res = di.attend(name, q, top_k=0, contribution_to=None, per_example=False, mass=False,
+                            reuse_certificate=False)
             out[name] = float(res.max_rel_err)
     return out

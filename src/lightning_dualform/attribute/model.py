@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from lightning_dualform.attribute.targets import Target, evaluate
-from lightning_dualform.record.capture import keys_of, one_hot_keys, values_of
+from lightning_dualform.layers import keys_of, one_hot_keys, values_of
 
 Forward = Callable[[nn.Module, Any], torch.Tensor]
 

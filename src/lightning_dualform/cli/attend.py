@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from lightning_dualform.attend.request import AttendRequest
 from lightning_dualform.cli.inputs import (
     UsageError,
     check_store_path,
@@ -23,7 +24,7 @@ from lightning_dualform.cli.inputs import (
     positive,
 )
 from lightning_dualform.cli.output import Output, check_output, json_text, note, progress, table
-from lightning_dualform.cli.usage import DEFAULT_QUERIES
+from lightning_dualform.cli.usage import DEFAULT_QUERIES, TERMINAL_TOP_K
 
 if TYPE_CHECKING:
     from lightning_dualform.analysis import QueryAttention
@@ -45,8 +46,8 @@ def cmd_attend(args: argparse.Namespace) -> int:
     if args.step_buckets is not None and args.step_buckets > MAX_STEP_BUCKETS_CLI:
         raise UsageError(f"--step-buckets {args.step_buckets}: at most {MAX_STEP_BUCKETS_CLI} (more buckets than steps hold nothing).")
     positive(args.step_buckets, "--step-buckets")
-    if args.top_k < 0:
-        raise UsageError(f"--top-k {args.top_k}: expected 0 or more.")
+    if args.top_k < 1:  # (0 would print "proponents ...: none", which reads as a finding)
+        raise UsageError(f"--top-k {args.top_k}: expected 1 or more (the training patterns shown per query and layer).")
     if args.queries is not None and (args.split is not None or args.index is not None):
         raise UsageError("--queries reads queries from a file; leave out --split and --index, or drop --queries.")
     parse_contribution(args.contribution_to)  # a mistake here is reported before any long work
@@ -96,12 +97,12 @@ def attend_run(
     queries: np.ndarray | None = None,
     source: str = "",
     layer: Sequence[str] | None = None,
-    top_k: int = 5,
+    top_k: int = TERMINAL_TOP_K,
     by: str = "pattern",
-    contribution_to: str = "pred",
+    contribution_to: str | None = None,
     at_step: int | None = None,
-    step_buckets: int = 20,
-    score: str = "auto",
+    step_buckets: int | None = None,
+    score: str | None = None,
 ) -> QueryAttention:
     """What ``attend`` computes, from its options as the command line takes them; its ``to_dict()`` is what
     ``--json`` writes. The viewer's ``/api/attend`` calls it too, so both answer the same.
@@ -113,8 +114,10 @@ def attend_run(
             (``'3,17'``, ``'0:10'``, ``'all'``; default: the first :data:`DEFAULT_QUERIES`).
         queries, source: ``(n, d)`` queries instead (from :func:`load_queries`) and where they came from.
         layer: ``--layer`` values (names, or comma-separated names; default: every layer).
-        top_k, by, contribution_to, at_step, step_buckets, score: as ``--top-k``, ``--by``, ``--contribution-to``,
-            ``--at-step``, ``--step-buckets``, ``--score``.
+        top_k, by, contribution_to, at_step, step_buckets, score: as ``--top-k`` (default :data:`TERMINAL_TOP_K`),
+            ``--by``, ``--contribution-to`` (text: ``auto``, ``pred``, ``label``, ``none`` or a unit), ``--at-step``,
+            ``--step-buckets``, ``--score``; ``None`` takes :class:`~lightning_dualform.attend.request.AttendRequest`'s
+            default.
 
     Raises:
         UsageError: a bad option (unknown split, layer or index, a negative ``top_k`` ...).
@@ -131,28 +134,39 @@ def attend_run(
         raise UsageError(f"--by {by}: expected pattern or example.")
     if queries is not None and (split is not None or index is not None):
         raise UsageError("--queries reads queries from a file; leave out --split and --index, or drop --queries.")
-    if score not in ("auto", "raw", "unit"):
+    if score is not None and score not in ("auto", "raw", "unit"):
         raise UsageError(f"--score {score}: expected auto, raw or unit.")
-    contribution = parse_contribution(contribution_to)
+    contribution = parse_contribution(contribution_to) if contribution_to is not None else AttendRequest.contribution_to
+    by_label = contribution == "label"
+    knobs: dict[str, Any] = {"top_k": top_k, "at_step": at_step}
+    if step_buckets is not None:
+        knobs["step_buckets"] = step_buckets
+    if score is not None:
+        knobs["score"] = score
+    if not by_label:
+        knobs["contribution_to"] = contribution
+    try:
+        request = AttendRequest.checked("attend", **knobs)
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from None
     layers = parse_layers(list(layer) if layer else None, di.layers)
     if isinstance(contribution, int):
         d_out = di.layer(di.layers[-1]).d_out
         if contribution >= d_out:
             raise UsageError(f"--contribution-to {contribution}: the output layer {di.layers[-1]} has units 0..{d_out - 1}.")
-    if contribution is None and score != "raw" and di.store.form == "element-wise":
+    if contribution is None and request.score != "raw" and di.store.form == "element-wise":
         raise UsageError(
             f"--contribution-to none: in this {di.store.update_rule} store a pattern's attention weight depends on "
-            "the output unit; name one (pred, label, a unit number), or rank by similarity with --score raw."
+            "the output unit; name one (auto, pred, label, a unit number), or rank by similarity with --score raw."
         )
+    label = {"contribution_to": "label"} if by_label else {}
     if queries is not None:
-        run = attend_queries(di, queries=queries, source=source, layers=layers, top_k=top_k,
-                             contribution_to=contribution, at_step=at_step, step_buckets=step_buckets, score=score)
+        run = attend_queries(di, queries=queries, source=source, layers=layers, request=request, **label)
     else:
         split = pick_split(di.store, split)
         qs = di.store.queries(split)
         positions = parse_index(index, qs.index, split) if index is not None else np.arange(min(DEFAULT_QUERIES, qs.n))
-        run = attend_queries(di, split=split, positions=positions, layers=layers, top_k=top_k,
-                             contribution_to=contribution, at_step=at_step, step_buckets=step_buckets, score=score)
+        run = attend_queries(di, split=split, positions=positions, layers=layers, request=request, **label)
     run.settings.update({"by": by, "store": os.path.abspath(store)})
     return run
 

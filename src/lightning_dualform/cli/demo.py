@@ -244,6 +244,8 @@ def run_demo(
 def cmd_demo(args: argparse.Namespace) -> int:
     """``lightning-dualform demo``: check the options, run :func:`run_demo`, print its summary."""
     positive(args.epochs, "--epochs")
+    if args.lr is not None and not 0 < args.lr < float("inf"):  # (a NaN step size trains NaN weights)
+        raise UsageError(f"--lr {args.lr}: expected a positive, finite learning rate.")
     if args.limit is not None and args.limit < 10:
         raise UsageError(f"--limit {args.limit}: expected at least 10 digits.")
     if os.path.exists(args.out) and not os.path.isdir(args.out):

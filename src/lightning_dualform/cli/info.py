@@ -28,19 +28,19 @@ def store_facts(path: str) -> dict[str, Any]:
 
 
 def _store_facts(path: str) -> dict[str, Any]:
-    # the store's own reader only: `info` loads neither torch nor the passes (tests/test_startup.py)
+    # the store's own modules only: `info` loads neither torch nor the passes (tests/test_startup.py)
+    from lightning_dualform.store.certificate import missing_certificate
     from lightning_dualform.store.reader import StoreReader
 
     with StoreReader(path) as s:
         layers = []
         for name in s.layers:
             lay = s.layer(name)
-            la = lay.attrs
-            cert = {k[len("certificate_"):]: la[k] for k in la if k.startswith("certificate_")}
+            cert = lay.certificate.as_dict() if lay.certificate is not None else {}
             layers.append({
                 "name": name, "kind": lay.kind, "d_in": lay.d_in, "d_out": lay.d_out, "bias": lay.has_bias,
                 "rows": lay.n_rows, "exact": lay.exact, "inexact_reason": lay.inexact_reason, "certificate": cert,
-                "rows_without_index": la.get("rows_without_index"),
+                "rows_without_index": lay.rows_without_index,
             })
         queries = []
         for split in s.query_splits:
@@ -76,8 +76,7 @@ def _store_facts(path: str) -> dict[str, Any]:
             "train_inputs": s.train_inputs(np.array([-1])) is not None,
             "layers": layers,
             "queries": queries,
-            # attend.certificate.missing_certificate, without importing the certificate's torch
-            "certificate_missing": [n for n in s.layers if not s.layer(n).has_certificate] if s.complete else [],
+            "certificate_missing": missing_certificate(s),
             "repairs": list(s.repairs),
         }
 

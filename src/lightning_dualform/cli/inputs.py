@@ -82,6 +82,8 @@ def load_queries(path: str) -> np.ndarray:
             obj = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(obj, torch.Tensor):
                 raise UsageError(f"--queries {path}: holds a {type(obj).__name__}, not a tensor; save one tensor of shape (n, d_in).")
+            if obj.is_complex():
+                raise UsageError(_complex(f"--queries {path}", str(obj.dtype)))
             q = obj.detach().float().numpy()
         else:
             raise UsageError(f"--queries {path}: unsupported file type {ext or '(none)'}; use .npy or .pt.")
@@ -104,10 +106,18 @@ def load_npy_bytes(data: bytes, what: str) -> np.ndarray:
     return checked_queries(q, what)
 
 
+def _complex(what: str, dtype: str) -> str:
+    return (f"{what}: holds complex numbers ({dtype}); queries are real inputs of a layer, and the imaginary part "
+            "would be dropped. Save the real part (e.g. `q.real`) if that is what you mean.")
+
+
 def checked_queries(q: Any, what: str) -> np.ndarray:
-    """A numeric, finite, non-empty array as ``(n, d)`` float32 (images flattened), or a :class:`UsageError`."""
+    """A real, finite, non-empty array as ``(n, d)`` float32 (images flattened), or a :class:`UsageError`
+    (complex numbers, NaN or inf, or values beyond float32's range included)."""
     if not isinstance(q, np.ndarray) or q.dtype == object or not np.issubdtype(q.dtype, np.number):
         raise UsageError(f"{what}: expected a numeric array of shape (n, d_in).")
+    if q.dtype.kind == "c":
+        raise UsageError(_complex(what, str(q.dtype)))
     if q.ndim == 0:
         raise UsageError(f"{what}: holds a single number; expected an array of shape (n, d_in).")
     if q.ndim == 1:
@@ -118,7 +128,14 @@ def checked_queries(q: Any, what: str) -> np.ndarray:
         raise UsageError(f"{what}: holds no queries.")
     if not np.isfinite(q).all():
         raise UsageError(f"{what}: holds NaN or inf; every query must be finite.")
-    return np.ascontiguousarray(q, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(q, dtype=np.float32)
+    if not np.isfinite(out).all():
+        big = float(np.abs(q).max())
+        raise UsageError(f"{what}: holds values beyond float32's range (largest magnitude {big:.3g} > "
+                         f"{float(np.finfo(np.float32).max):.3g}); the store's rows and products are float32. "
+                         "Scale the queries down.")
+    return out
 
 
 def check_input_file(path: str, option: str) -> None:
@@ -130,16 +147,17 @@ def check_input_file(path: str, option: str) -> None:
 
 
 def parse_contribution(text: str) -> str | int | None:
-    """``--contribution-to``: 'pred', 'label', a unit number, or None for 'none'."""
+    """``--contribution-to``: 'auto', 'pred', 'label', a unit number, or None for 'none'."""
     t = text.strip().lower()
     if t == "none":
         return None
-    if t in ("pred", "label"):
+    if t in ("auto", "pred", "label"):
         return t
     try:
         unit = int(t)
     except ValueError:
-        raise UsageError(f"--contribution-to {text}: expected pred, label, none or an output unit number.") from None
+        raise UsageError(
+            f"--contribution-to {text}: expected auto, pred, label, none or an output unit number.") from None
     if unit < 0:
         raise UsageError(f"--contribution-to {text}: a unit number must be >= 0.")
     return unit

@@ -29,7 +29,8 @@ import traceback
 from typing import Callable, Sequence
 
 from lightning_dualform._version import __version__
-from lightning_dualform.cli.usage import DEFAULT_QUERIES, PROG, UsageError, error_message
+from lightning_dualform.attend.request import AttendRequest  # (its defaults; it imports neither numpy nor torch)
+from lightning_dualform.cli.usage import DEFAULT_QUERIES, PROG, TERMINAL_TOP_K, UsageError, error_message
 from lightning_dualform.errors import StoreError
 
 __all__ = ["build_parser", "main"]
@@ -93,19 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queries (n, d_in) from a .npy (no pickle) or .pt (weights_only) file instead of a split")
     s.add_argument("--layer", action="append", default=None,
                    help="layer to attend at; repeat or comma-separate for several (default: all)")
-    s.add_argument("--top-k", type=int, default=5, help="training patterns kept per query and layer")
+    s.add_argument("--top-k", type=int, default=TERMINAL_TOP_K,
+                   help="training patterns kept per query and layer (a table that fits a terminal; the library's "
+                   f"default is {AttendRequest.top_k})")
     s.add_argument("--by", choices=("pattern", "example"), default="pattern",
                    help="rank single training patterns (one per presentation) or examples (epochs summed)")
-    s.add_argument("--contribution-to", default="pred",
+    s.add_argument("--contribution-to", default=AttendRequest.contribution_to,
                    help="rank proponents/opponents at the output layer by their contribution to 'pred' (the "
-                   "predicted class), 'label' (the recorded label), a unit number, or 'none'")
-    s.add_argument("--score", choices=("auto", "raw", "unit"), default="auto",
+                   "predicted class), 'label' (the recorded label), a unit number, or 'none'; 'auto' is 'pred' "
+                   "here (hidden layers of a store of an element-wise optimizer rank by their own predicted unit "
+                   "whatever this says)")
+    s.add_argument("--score", choices=("auto", "raw", "unit"), default=AttendRequest.score,
                    help="what ranks the training patterns: 'raw', the similarity k . q; 'unit', each pattern's attention "
                    "weight for the query's unit, -(Q_s[u] (.) k) . q, which the optimizer sets (Adam, AdamW, ...: their "
                    "patterns' weights depend on the unit); 'auto': 'unit' for stores of element-wise optimizers, 'raw' "
                    "otherwise")
     s.add_argument("--at-step", type=int, default=None, help="the model after this many optimizer steps (default: the end)")
-    s.add_argument("--step-buckets", type=int, default=20, help="time buckets of the attention mass over training")
+    s.add_argument("--step-buckets", type=int, default=AttendRequest.step_buckets,
+                   help="time buckets of the attention mass over training")
     s.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N'")
     s.add_argument("--block-rows", type=int, default=None, help="memory rows read and multiplied at a time (default: about 96 MiB per block)")
     s.add_argument("--json", metavar="FILE", default=None, help="write every number of the answer as JSON")

@@ -5,9 +5,11 @@ JSON text, text tables, and notes on stderr.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
+import stat
 import sys
 import tempfile
 from typing import Any, Sequence
@@ -46,12 +48,42 @@ def check_output(path: str | None, option: str, suffixes: tuple[str, ...] | None
         raise UsageError(f"{option} {path}: not writable; choose another path.")
 
 
+def _temporary_beside(path: str) -> str:
+    """Create an empty file under a new name beside ``path`` for it to be renamed into ``path``; returns the name.
+
+    Its permissions are those the user's umask gives any new file (``0o666 & ~umask``: the kernel applies it),
+    or, when ``path`` is a regular file already, that file's own: the output reads as a file written in place
+    would, unlike ``tempfile.mkstemp``'s 0600.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    root, ext = os.path.splitext(os.path.basename(path))
+    try:
+        st = os.stat(path)
+        mode = stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else None
+    except OSError:
+        mode = None
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{root}-{os.urandom(4).hex()}{ext}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        try:
+            if mode is not None:
+                os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        return tmp
+    raise FileExistsError(errno.EEXIST, f"no free temporary name beside {path}")
+
+
 class Output:
     """An output opened before the computation, so that an unwritable path fails first; written at the end.
 
     A regular file is written under a temporary name beside it and renamed into place (a failed run never
-    leaves a truncated file); a device or pipe (``/dev/stdout``, ``/dev/full``) is opened at once and sent a
-    newline (JSON allows it), which is where a full device says so.
+    leaves a truncated file; the file has the permissions any new file gets from the umask, or those of the
+    file it replaces); a device or pipe (``/dev/stdout``, ``/dev/full``) is opened at once and sent a newline
+    (JSON allows it), which is where a full device says so.
     """
 
     def __init__(self, path: str | None, option: str, suffixes: tuple[str, ...] | None = None) -> None:
@@ -63,9 +95,7 @@ class Output:
         check_output(path, option, suffixes)
         try:
             if not os.path.exists(path) or os.path.isfile(path):
-                root, ext = os.path.splitext(os.path.basename(path))
-                fd, self._tmp = tempfile.mkstemp(prefix=f".{root}-", suffix=ext, dir=os.path.dirname(os.path.abspath(path)))
-                os.close(fd)
+                self._tmp = _temporary_beside(path)
             else:
                 self._fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
                 os.set_blocking(self._fd, True)

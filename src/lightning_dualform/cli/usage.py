@@ -7,6 +7,9 @@ from __future__ import annotations
 PROG = "lightning-dualform"
 #: recorded queries ``attend`` shows when --index is not given
 DEFAULT_QUERIES = 4
+#: ``attend --top-k`` when not given, and the viewer's: a table per query and layer that fits a terminal, a row of
+#: thumbnails on the page (the library's own default, ``AttendRequest.top_k``, is 10)
+TERMINAL_TOP_K = 5
 
 
 class UsageError(Exception):

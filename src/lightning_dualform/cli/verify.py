@@ -14,7 +14,7 @@ def verify_store(path: str, *, samples: int = 256, device: str = "cpu", block_ro
                  write_certificate: bool = False) -> dict[str, Any]:
     """Per layer: the stored certificate, the dual-vs-weights error on sampled training keys and on the
     recorded queries, and the error of the final weights rebuilt from the certificate's stored sums (what
-    ``attend`` uses by default), against :func:`lightning_dualform.attend.certificate.tolerance`. Outputs are
+    ``attend`` uses by default), against :func:`lightning_dualform.store.certificate.tolerance`. Outputs are
     accumulated in float64, so the check measures the store and not its own round-off.
 
     Args:
@@ -23,8 +23,9 @@ def verify_store(path: str, *, samples: int = 256, device: str = "cpu", block_ro
     """
     import torch
 
-    from lightning_dualform.attend.certificate import certify_store, missing_certificate, store_tolerance
+    from lightning_dualform.attend.certificate import certify_store
     from lightning_dualform.attend.inference import DualInference
+    from lightning_dualform.store.certificate import missing_certificate, store_tolerance
     from lightning_dualform.store.shards import read_shard_index
 
     wrote = False
@@ -50,7 +51,7 @@ def verify_store(path: str, *, samples: int = 256, device: str = "cpu", block_ro
         layers = []
         for name in di.layers:
             lay = di.layer(name)
-            cert = lay.attrs.get("certificate_rel_err")
+            cert = lay.certificate.rel_err if lay.certificate is not None else None
             sums = di.stored_sums_error(name)
             errs = [e for e in (sampled.get(name), recorded.get(name), cert, sums) if e is not None]
             worst = max(errs) if errs else None

@@ -40,7 +40,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
+from lightning_dualform.attend.request import AttendRequest
 from lightning_dualform.cli.attend import attend_run
+from lightning_dualform.cli.usage import TERMINAL_TOP_K
 from lightning_dualform.cli.inputs import (
     UsageError,
     check_store_path,
@@ -66,6 +68,11 @@ MAX_UPLOAD_BYTES = 32 * 2**20
 #: images per /api/images request
 MAX_IMAGES = 256
 MAX_UPLOADS = 16
+#: integers in requests are 64-bit (dataset indices, steps, counts): anything beyond is refused with 400
+_INT64 = 1 << 63
+#: what the answer says in place of the rankings that ``top_k=0`` asks not to compute
+NOT_COMPUTED = "not computed (top_k=0)"
+_RANKINGS = ("top", "top_examples", "proponents", "opponents", "proponent_examples", "opponent_examples")
 _ATTEND_PARAMS = {"split", "index", "upload", "layer", "top_k", "by", "contribution_to", "at_step", "step_buckets", "score"}
 
 
@@ -124,6 +131,8 @@ class ViewApp:
             value = int(text)
         except ValueError:
             raise BadRequest(f"{name}={text!r} is not an integer.") from None
+        if not -_INT64 <= value < _INT64:
+            raise BadRequest(f"{name}={text[:40]}: beyond any count or step a store holds (64-bit integers).")
         if lo is not None and value < lo:
             raise BadRequest(f"{name}={value}: expected {lo} or more.")
         return value
@@ -173,7 +182,10 @@ class ViewApp:
                 "train_inputs": s.train_inputs(np.array([-1])) is not None,
                 "cache": None if cache is None else cache.to_dict(),
                 "cache_text": None if cache is None else str(cache),
-                "defaults": {"top_k": 5, "by": "pattern", "contribution_to": "pred", "step_buckets": 20},
+                "defaults": {"top_k": TERMINAL_TOP_K, "by": "pattern", "contribution_to": AttendRequest.contribution_to,
+                             "step_buckets": AttendRequest.step_buckets, "score": AttendRequest.score},
+                "form": s.form,
+                "update_rule": s.update_rule,
             }
 
     def cache(self, params: dict[str, list[str]]) -> dict[str, Any]:
@@ -201,13 +213,15 @@ class ViewApp:
         upload = self._one(params, "upload")
         split, index = self._one(params, "split"), self._one(params, "index")
         layer = self._one(params, "layer")
-        top_k = self._int(params, "top_k", 5)
+        # a parameter left out takes the command line's default (attend_run's: the AttendRequest's knobs)
+        top_k = self._int(params, "top_k", TERMINAL_TOP_K)
         at_step = self._int(params, "at_step", None)
-        step_buckets = self._int(params, "step_buckets", 20)
+        step_buckets = self._int(params, "step_buckets", None)
         by = self._one(params, "by", "pattern")
-        contribution = self._one(params, "contribution_to", "pred")
-        parse_contribution(contribution)
-        score = self._one(params, "score", "auto")  # auto | raw | unit (attend --score)
+        contribution = self._one(params, "contribution_to")
+        if contribution is not None:
+            parse_contribution(contribution)
+        score = self._one(params, "score")  # auto | raw | unit (attend --score)
         queries, source = None, ""
         if upload is not None:
             if split is not None or index is not None:
@@ -220,7 +234,13 @@ class ViewApp:
             run = attend_run(self.di, self.store_path, split=split, index=index, queries=queries, source=source,
                              layer=[layer] if layer else None, top_k=top_k, by=by, contribution_to=contribution,
                              at_step=at_step, step_buckets=step_buckets, score=score)
-            return run.to_dict()
+            answer = run.to_dict()
+        if top_k == 0:  # no ranking was computed: say so, rather than null (which reads as "no such row")
+            for res in answer["layers"].values():
+                for key in _RANKINGS:
+                    if res.get(key) is None:
+                        res[key] = NOT_COMPUTED
+        return answer
 
     def images(self, params: dict[str, list[str]]) -> dict[str, Any]:
         """Raw inputs as ``{"h", "w", "c", "pixels"}`` (0-255, row-major, channels last) or ``None``."""
@@ -340,6 +360,9 @@ def _int_list(text: str | None, name: str) -> list[int]:
         values = [int(t) for t in (text or "").split(",") if t.strip()]
     except ValueError:
         raise BadRequest(f"{name}={text!r}: expected comma-separated integers.") from None
+    big = next((v for v in values if not -_INT64 <= v < _INT64), None)
+    if big is not None:
+        raise BadRequest(f"{name}={str(big)[:40]}: beyond any dataset index (64-bit integers).")
     if not values:
         raise BadRequest(f"{name}= names nothing; expected comma-separated integers.")
     if len(values) > MAX_IMAGES:
@@ -384,7 +407,8 @@ def make_handler(app: ViewApp, assets: dict[str, str]) -> type[BaseHTTPRequestHa
 
         def _host_ok(self) -> bool:
             port = self.server.server_address[1]
-            return self.headers.get("Host", "") in (f"{HOST}:{port}", f"localhost:{port}")
+            hosts = self.headers.get_all("Host") or []  # every one: a second Host header is not looked past
+            return len(hosts) == 1 and hosts[0] in (f"{HOST}:{port}", f"localhost:{port}")
 
         def _send(self, status: int, body: bytes, ctype: str, extra: dict[str, str] | None = None) -> None:
             self.send_response(status)
@@ -406,7 +430,10 @@ def make_handler(app: ViewApp, assets: dict[str, str]) -> type[BaseHTTPRequestHa
 
         def _guard(self) -> tuple[str, dict[str, list[str]]] | None:
             if not self._host_ok():
-                self._error(HTTPStatus.FORBIDDEN, f"requests must be addressed to {HOST} or localhost, not {self.headers.get('Host', '')!r}.")
+                hosts = self.headers.get_all("Host") or []
+                shown = ", ".join(repr(h[:60]) for h in hosts[:3]) or "none"
+                self._error(HTTPStatus.FORBIDDEN, f"requests must carry one Host header, {HOST}:PORT or "
+                            f"localhost:PORT; this one has {len(hosts)}: {shown}.")
                 return None
             parts = urlsplit(self.path)
             try:
@@ -560,7 +587,10 @@ def parse_cache(text: str) -> int | str | None:
     m = _SIZE.fullmatch(t)
     if m is None:
         raise UsageError(f"--cache {text}: expected auto, none, or a size such as 2G, 512M or 1000000.")
-    size = int(float(m.group(1)) * 1024 ** "bkmgt".index(m.group(2) or "b"))
+    value = float(m.group(1)) * 1024 ** "bkmgt".index(m.group(2) or "b")
+    if not value < 2.0**62:  # (400 digits are inf as a float)
+        raise UsageError(f"--cache {text}: larger than any machine's memory; give a size such as 2G, or auto.")
+    size = int(value)
     if size < 1:
         raise UsageError(f"--cache {text}: the size must be at least one byte (or none).")
     return size

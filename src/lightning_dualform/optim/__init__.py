@@ -13,7 +13,8 @@ own nonlinear state is fixed: per step ``x_s = M_s (.) x_{s-1} + B_s (.) g_s`` o
 - :mod:`.scalar` (SGD, ASGD), :mod:`.adam_family` (Adam, AdamW, Adamax, NAdam, RAdam),
   :mod:`.adaptive` (Adagrad, RMSprop, Adadelta), :mod:`.adafactor` (rank-one ``Q_s``);
 - :mod:`.registry`: :func:`rule_for` an optimizer, or a refusal that says why;
-- :mod:`.replay`: the float64 forward replay, the backward sweep by snapshot segments, the attention form.
+- :mod:`.replay`: the float64 forward replay, the backward sweep by snapshot segments, the attention form;
+- :mod:`.stored`: a stored layer's coefficients, base weights and initial optimizer state, from its tables.
 """
 
 from lightning_dualform.optim.maps import PARAM, Adjoint, OptimizerState, RankOne, StepMaps
@@ -35,12 +36,14 @@ from lightning_dualform.optim.sgd import (
     coefficients_with_buffer,
     plain_sgd_coefficients,
 )
+from lightning_dualform.optim.stored import Coefficients
 
 __all__ = [
     "PARAM",
     "PARAM_COLUMNS",
     "RULES",
     "Adjoint",
+    "Coefficients",
     "Column",
     "Decomposition",
     "OptimizerState",

@@ -91,8 +91,6 @@ class UpdateRule(ABC):
         Returns:
             ``{column: value}`` for every name in :attr:`columns`.
         """
-        import torch
-
         group = group_of(optimizer, param)
         _check_real(param)
         row = self._hyper(optimizer, group, param)
@@ -166,6 +164,11 @@ class UpdateRule(ABC):
         missing = [n for n in self.required_state if n not in state.nonlinear]
         if missing:
             raise ValueError(f"the {self.name} state lacks {missing}; it holds {sorted(state.nonlinear)}")
+        step = state.nonlinear.get("step")
+        if step is not None and (np.ndim(step) or not np.isfinite(step) or step < 0 or float(step) != int(float(step))):
+            # torch's count of the steps taken: a negative one makes the bias corrections divide by zero
+            raise ValueError(f"the {self.name} state entry 'step' is {step!r}; expected a whole number of steps, "
+                             "0 or more")
         if state.linear is not None and PARAM not in state.linear:
             raise ValueError(f"the linear state must hold {PARAM!r}, it holds {sorted(state.linear)}")
         held = state.shape if state.rows is None else (len(state.rows),) + state.shape[1:]

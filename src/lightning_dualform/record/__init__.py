@@ -1,6 +1,7 @@
 """Recording the dual form while a model trains: the engine (hooks, rows, the writer), its Lightning
-adapter :class:`DualFormCallback`, its plain-PyTorch/Fabric adapter :class:`DualFormRecorder`, batch
-metadata, the run policy, the disk planner and query recording.
+adapter :class:`DualFormCallback`, its plain-PyTorch/Fabric adapter :class:`DualFormRecorder`, the attention
+pictures on the Trainer's loggers (:class:`DualFormAttentionLogger`), batch metadata, the run policy, the
+disk planner and query recording.
 
 Names are imported on first use (:mod:`lightning_dualform._lazy`): a module of this package that needs no
 Lightning (``capture``, ``batches``) does not load it."""
@@ -11,13 +12,15 @@ from typing import TYPE_CHECKING
 
 from lightning_dualform._lazy import lazy_exports
 
-__all__ = ["DualFormCallback", "DualFormRecorder"]
+__all__ = ["DualFormAttentionLogger", "DualFormCallback", "DualFormRecorder"]
 
 if TYPE_CHECKING:
+    from lightning_dualform.record.attention_logging import DualFormAttentionLogger
     from lightning_dualform.record.callback import DualFormCallback
     from lightning_dualform.record.recorder import DualFormRecorder
 
 _WHERE = {
+    "DualFormAttentionLogger": "lightning_dualform.record.attention_logging",
     "DualFormCallback": "lightning_dualform.record.callback",
     "DualFormRecorder": "lightning_dualform.record.recorder",
 }

@@ -16,12 +16,13 @@ from typing import Any, Callable, Literal, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
 from lightning_dualform._compat import observe_dataloaders
+from lightning_dualform.attend.certificate import certify_store
 from lightning_dualform.errors import DiskSpaceError, InexactError
 from lightning_dualform.record.batches import (
     BatchInfo,
@@ -32,13 +33,18 @@ from lightning_dualform.record.batches import (
     unwrap_dataloader,
     wrap_dataloader,
 )
+from lightning_dualform.record import trainer_logging
+from lightning_dualform.record.attention_logging import DualFormAttentionLogger
 from lightning_dualform.record.capture import find_layers
-from lightning_dualform.record.engine import RecordingEngine, StepSettings, rank_path
+from lightning_dualform.record.engine import RecordingEngine
 from lightning_dualform.record.options import RecordOptions, RowDtype
 from lightning_dualform.record.planner import Plan
 from lightning_dualform.record.policy import RunFacts, inexact_causes, refusal
-from lightning_dualform.record import trainer_logging
 from lightning_dualform.record.queries import QueryRecorder
+from lightning_dualform.record.specs import Distributed, rank_path
+from lightning_dualform.store.certificate import LayerCertificate
+from lightning_dualform.store.metadata import clip_algorithm_name
+from lightning_dualform.store.shards import check_index_path
 
 __all__ = ["DualFormCallback", "rank_path"]
 
@@ -61,8 +67,10 @@ class DualFormCallback(Callback):
 
     Args:
         path: the store to write (``.h5``). Under DDP each rank writes ``name.rank{r}.h5``.
-        layers: ``None`` tracks every ``nn.Linear`` of the LightningModule; a list of
-            ``named_modules()`` names, or a predicate ``(name, module) -> bool``, narrows it.
+        layers: ``None`` tracks every trainable layer of a supported kind in the LightningModule (``nn.Linear``,
+            ``nn.Conv1d``, ``nn.Conv2d`` with ``groups=1``, ``nn.Embedding``; the start-up messages say what is
+            left out and why); a list of ``named_modules()`` names, or a predicate ``(name, module) -> bool``,
+            narrows it.
         dtype: stored row type: ``"float32"`` (exact), ``"float16"`` or ``"bfloat16"`` (half the disk,
             about 1e-3 / 1e-2 relative error in rebuilt outputs).
         compression: ``None``, ``"lzf"``, ``"gzip"``, ``"gzip-N"``; ``"lz4"``, ``"zstd"``, ``"blosc-zstd"``
@@ -98,14 +106,14 @@ class DualFormCallback(Callback):
             then every ``check_every`` steps; ``1`` checks every step.
         check_disk: after the first step, estimate the store's size for the whole run (printed) and refuse to
             go on when it exceeds the free space of the target disk.
-        log_attention_every_n_epochs: with a logger that takes images (TensorBoard, W&B, MLflow ...), log the
-            demo's attention picture for the first ``log_attention_queries`` validation inputs every this many
-            epochs (``None``: never). It attends over the store as committed then (one pass over the rows).
-        log_attention_queries: how many validation inputs the picture shows.
+        log_attention_every_n_epochs: deprecated: put
+            :class:`~lightning_dualform.DualFormAttentionLogger` ``(every_n_epochs=N, queries=k)`` beside this
+            callback instead (it is what this argument still runs, with ``log_attention_queries`` as ``queries``).
+        log_attention_queries: deprecated, see ``log_attention_every_n_epochs``.
 
-    Whatever loggers the Trainer has also get, under ``dualform/``, the store's rows and bytes and the time
-    training waited for the writer (every ``log_every_n_steps`` steps and at each epoch's end) and the
-    certificate per layer at fit end. Without a logger nothing is logged.
+    Whatever loggers the Trainer has also get, under ``dualform/`` and with the epoch, the store's rows and
+    bytes and the time training waited for the writer (every ``log_every_n_steps`` optimizer steps and at each
+    epoch's end) and the certificate per layer at fit end. Without a logger nothing is logged.
 
     Example::
 
@@ -154,20 +162,29 @@ class DualFormCallback(Callback):
         self.record_queries = tuple(record_queries)
         self.log_attention_every_n_epochs = log_attention_every_n_epochs
         self.log_attention_queries = log_attention_queries
-        self._val_batch: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
+        #: what ``log_attention_every_n_epochs`` still runs (a second job belongs in a second callback)
+        self._attention: DualFormAttentionLogger | None = None
+        if log_attention_every_n_epochs is not None:
+            rank_zero_deprecation(
+                f"`{_OWNER}(log_attention_every_n_epochs={log_attention_every_n_epochs})` is deprecated: add "
+                f"`DualFormAttentionLogger(every_n_epochs={log_attention_every_n_epochs}, "
+                f"queries={log_attention_queries})` "
+                f"to the Trainer's callbacks beside `{_OWNER}` instead (it runs that callback for now)."
+            )
+            self._attention = DualFormAttentionLogger(log_attention_every_n_epochs, log_attention_queries)
+            self._attention.bind(self)
         self.store_path: str | None = None
         self._engine: RecordingEngine | None = None
         self._resume: dict[str, Any] | None = None
         self._committed: dict[str, Any] | None = None  # counts after fit: what a later checkpoint holds
-        self._certificate: dict[str, dict[str, float]] = {}
+        self._certificate: dict[str, LayerCertificate] = {}
         self._plan: Plan | None = None
         self._recorders: dict[int, deque] = {}  # id(DataLoader) -> this callback's FIFO of observed indices
         self._wrapped: list[Any] = []
         self._undo_observe: Callable[[], None] | None = None
-        self._step_hooks: list[Any] = []
-        self._settings: StepSettings | None = None  # the coming step's update rule (optimizer pre-hook)
-        self._expected: tuple[int, int, float] | None = None  # (step, epoch, grad_scale) of a step Lightning takes
         self._query: QueryRecorder | None = None
+        self._query_note: str | None = None  # said when the stage's progress bar is done (teardown)
+        self._logged_step = -1  # the global step whose progress the loggers last got
         self._dataset_size = 0
         self._batch_input_bytes = 0
 
@@ -175,9 +192,22 @@ class DualFormCallback(Callback):
     # what the fit produced
     # ------------------------------------------------------------------------------------------------
     @property
-    def certificate(self) -> dict[str, dict[str, float]]:
-        """Per layer, after fit: ``rel_err`` of the rebuilt weights, ``tolerance``, ``exact``, ``explained``."""
-        return self._engine.certificate if self._engine is not None else self._certificate
+    def certificate(self) -> dict[str, dict[str, Any]]:
+        """Per layer, after fit: ``rel_err`` of the rebuilt weights, ``tolerance``, ``exact``, ``explained``,
+        ``method`` (:meth:`~lightning_dualform.store.certificate.LayerCertificate.as_dict`)."""
+        certs = self._engine.certificate if self._engine is not None else self._certificate
+        return {name: cert.as_dict() for name, cert in certs.items()}
+
+    @property
+    def recording(self) -> bool:
+        """Whether the store is open for writing (during fit, from the first batch on)."""
+        return self._engine is not None and self._engine.writer is not None
+
+    def commit(self) -> None:
+        """Make every row recorded so far durable and visible to readers (waits for the writer; nothing to do
+        when not :attr:`recording`). What a reader opening the store during fit then sees."""
+        if self.recording:
+            self._engine.state_dict()
 
     @property
     def plan(self) -> Plan | None:
@@ -244,10 +274,11 @@ class DualFormCallback(Callback):
         chosen, notes = find_layers(pl_module, opts.layers)
         if not chosen:
             raise ValueError(
-                f"{_OWNER} found no layer to track: the model has no trainable nn.Linear"
+                f"{_OWNER} found no layer to track: the model has no trainable layer of a kind it records "
+                "(nn.Linear, nn.Conv1d, nn.Conv2d with groups=1, nn.Embedding)"
                 + (" matching `layers`." if opts.layers is not None else ".")
             )
-        engine = RecordingEngine(opts, _OWNER, info=rank_zero_info, warn=rank_zero_warn)
+        engine = RecordingEngine(opts, _OWNER, certifier=certify_store, info=rank_zero_info, warn=rank_zero_warn)
         engine.track(chosen, trainer.optimizers[0] if trainer.optimizers else None, notes)
         for note in notes:
             rank_zero_info(f"{_OWNER}: {note}")
@@ -257,6 +288,7 @@ class DualFormCallback(Callback):
         engine.run_exact = not problems
         self._engine = engine
         self._problems = problems
+        self._logged_step = -1
         self.store_path = rank_path(self.path, trainer.global_rank, trainer.world_size)
         if self._resume is not None and not self._resume_matches():
             self._resume = None  # a checkpoint of another store: this run starts its own
@@ -266,6 +298,8 @@ class DualFormCallback(Callback):
                 f"`{_OWNER}(..., overwrite=True)` to replace it, or resume the run that wrote it with "
                 "`trainer.fit(..., ckpt_path=...)` to continue it."
             )
+        if trainer.world_size > 1 and not opts.overwrite and self._resume is None:
+            check_index_path(self.path, _OWNER)  # rank 0 writes the shard index there: never over another store
 
     def _resume_matches(self) -> bool:
         """Whether the checkpoint's counts belong to this store: the same file, however its path is spelled."""
@@ -280,9 +314,7 @@ class DualFormCallback(Callback):
         # restored (a resume) and the input shape is known.
         engine = self._engine
         engine.attach()
-        opt = engine.optimizer
-        if opt is not None:
-            self._step_hooks = [opt.register_step_pre_hook(self._before_step), opt.register_step_post_hook(self._after_step)]
+        engine.hook_optimizer()  # each step as on_before_optimizer_step describes it (expect_step)
 
     def _open_store(self, trainer: "pl.Trainer", batch: Any) -> None:
         opts = self.options
@@ -305,7 +337,7 @@ class DualFormCallback(Callback):
             optimizer_exact=not self._problems,
             inexact_causes=self._problems,
             gradient_clip_val=float(trainer.gradient_clip_val or 0.0),
-            gradient_clip_algorithm=str(trainer.gradient_clip_algorithm or "norm"),
+            gradient_clip_algorithm=clip_algorithm_name(trainer.gradient_clip_algorithm or "norm"),
             accumulate_grad_batches=int(trainer.accumulate_grad_batches),
         )
         shards = None
@@ -362,10 +394,6 @@ class DualFormCallback(Callback):
         )
         return None
 
-    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._engine is not None and self._engine.writer is not None:
-            self._settings = self._engine.step_settings()
-
     @override
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer) -> None:
         engine = self._engine
@@ -375,34 +403,27 @@ class DualFormCallback(Callback):
         clip = self._clip_factor(trainer, optimizer)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        self._expected = (int(trainer.global_step), int(trainer.current_epoch), clip * self._world_scale(trainer) / loss_scale)
-
-    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        settings, self._settings = self._settings, None
-        expected, self._expected = self._expected, None
-        if settings is None or expected is None or self._engine is None or self._engine.writer is None:
-            return
-        step, epoch, grad_scale = expected
-        self._engine.record_step(step, epoch, settings, grad_scale)
+        engine.expect_step(int(trainer.global_step), int(trainer.current_epoch),
+                           clip * self._world_scale(trainer) / loss_scale)
 
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
         engine = self._engine
         if engine is None:
             return
+        # a step Lightning counted that the optimizer never took (a loss scaler skipped it) is recorded as skipped
         engine.end_batch()
-        expected, self._expected = self._expected, None
-        if expected is not None and engine.writer is not None:
-            # Lightning counted a step the optimizer never took (a loss scaler skipped it: inf/NaN gradients)
-            engine.record_skipped_step(expected[0], expected[1])
-        self._settings = None
-        if expected is not None and trainer.loggers and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+        if trainer.loggers and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
             self._log_progress(trainer)
 
     def _log_progress(self, trainer: "pl.Trainer") -> None:
+        """The store's progress on the loggers, once per optimizer step (a batch of an accumulation that took no
+        step, or the epoch's end right after a logged step, adds nothing)."""
         engine = self._engine
-        if engine is not None and engine.writer is not None:
-            trainer_logging.log_progress(trainer, engine.rows_recorded, self.store_path, engine.writer.blocked_s)
+        if engine is not None and engine.writer is not None and int(trainer.global_step) != self._logged_step:
+            self._logged_step = int(trainer.global_step)
+            trainer_logging.log_progress(trainer, engine.rows_recorded, self.store_path, engine.writer.blocked_s,
+                                         epoch=int(trainer.current_epoch))
 
     def _clip_factor(self, trainer: "pl.Trainer", optimizer: torch.optim.Optimizer) -> float:
         """The factor Lightning's norm clipping (right after this hook) multiplies the gradients by, computed
@@ -435,55 +456,28 @@ class DualFormCallback(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        n = self.log_attention_every_n_epochs
-        engine = self._engine
-        if (n is None or trainer.sanity_checking or self._val_batch is None or engine is None or engine.writer is None
-                or (trainer.current_epoch + 1) % n or not any(trainer_logging.takes_images(lg) for lg in trainer.loggers)):
-            return
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            engine.warn_once("no-matplotlib", f"{_OWNER}(log_attention_every_n_epochs=...): the picture needs matplotlib "
-                             "(pip install 'lightning-dualform[plot]'); nothing is drawn.")
-            return
-        engine.state_dict()  # every row so far committed: the picture attends over them
-        inputs, labels, indices = self._val_batch
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # (the store is incomplete mid-fit, as expected)
-            image = trainer_logging.attention_picture(self.store_path, pl_module, inputs, labels, indices)
-        for lg in trainer.loggers:
-            if trainer_logging.takes_images(lg):
-                trainer_logging.log_image(lg, f"{trainer_logging.PREFIX}attention", image, int(trainer.global_step))
+        if self._attention is not None:  # (the deprecated log_attention_every_n_epochs)
+            self._attention.on_validation_epoch_end(trainer, pl_module)
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         engine = self._engine
         if engine is None or engine.writer is None:
             return
-        self._remove_step_hooks()
         # Lightning has already advanced current_epoch when fit ends: count the epochs that ran steps
         epochs = engine.last_epoch + 1 if engine.last_epoch is not None else 0
         engine.finish(int(trainer.global_step), epochs)
-        trainer_logging.log_certificate(trainer, engine.certificate)
+        trainer_logging.log_certificate(trainer, engine.certificate, epoch=max(epochs - 1, 0))
         self._committed = engine.committed
         self._certificate = engine.certificate
         self._plan = engine.plan
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        self._query_end()
-        self._remove_step_hooks()
+        self._query_abort()
         if self._engine is not None:
             refused_at_start = isinstance(exception, DiskSpaceError) and not self._resume
             self._engine.close(remove_if_empty=refused_at_start)  # a refused plan leaves no empty store
-
-    def _remove_step_hooks(self) -> None:
-        for h in self._step_hooks:
-            h.remove()
-        self._step_hooks = []
-        self._settings = self._expected = None
 
     # ------------------------------------------------------------------------------------------------
     # query recording (trainer.test / validate / predict after fit): see queries.py
@@ -491,7 +485,7 @@ class DualFormCallback(Callback):
     def _query_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", split: str) -> None:
         if split not in self.record_queries or trainer.sanity_checking:
             return
-        if self._engine is not None and self._engine.writer is not None:
+        if self.recording:
             return  # validation inside fit is not a query set; the store is busy recording then
         from lightning.pytorch.trainer.states import TrainerFn
 
@@ -499,6 +493,9 @@ class DualFormCallback(Callback):
             return
         path = self.store_path or rank_path(self.path, trainer.global_rank, trainer.world_size)
         self._query = QueryRecorder.start(path, split, pl_module)
+        # the stage's own progress bar counts the batches; this says what the callback does beside them
+        rank_zero_info(f"{_OWNER}: recording the {split} queries (inputs of {len(self._query.captures)} layer(s)) "
+                       f"into {path}")
 
     def _query_batch_start(self, trainer: "pl.Trainer", batch: Any, dataloader_idx: int, loaders: Any) -> None:
         if self._query is not None:
@@ -516,9 +513,17 @@ class DualFormCallback(Callback):
             self._query.batch_end(outputs)
 
     def _query_end(self) -> None:
+        """The stage ended: commit its query set (said at teardown, once the stage's progress bar is done)."""
         query, self._query = self._query, None
         if query is not None:
-            query.close()
+            self._query_note = f"{_OWNER}: {query.close()}"
+
+    def _query_abort(self) -> None:
+        """The stage failed: the store keeps the query sets it had before the stage began."""
+        query, self._query = self._query, None
+        if query is not None:
+            query.abort()
+            rank_zero_info(f"{_OWNER}: the {query.split} stage failed; {query.path} keeps its query sets as they were.")
 
     @override
     def on_test_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -539,15 +544,8 @@ class DualFormCallback(Callback):
     @override
     def on_validation_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._query_batch_start(trainer, batch, dataloader_idx, trainer.val_dataloaders)
-        if (self.log_attention_every_n_epochs and batch_idx == 0 and dataloader_idx == 0 and self._val_batch is None
-                and not trainer.sanity_checking and self._engine is not None):
-            raw = batch_inputs(batch, self.input_key)
-            if raw is not None:
-                k = self.log_attention_queries
-                labels = batch_labels(batch, self.label_key)
-                indices = batch_indices(batch, self.index_key)
-                self._val_batch = (raw[:k].detach().cpu(), None if labels is None else labels[:k],
-                                   None if indices is None else indices[:k])
+        if self._attention is not None and self._engine is not None:  # (the deprecated log_attention_every_n_epochs)
+            self._attention.on_validation_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
 
     @override
     def on_predict_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -580,7 +578,9 @@ class DualFormCallback(Callback):
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._query_end()
-        self._remove_step_hooks()
+        note, self._query_note = self._query_note, None
+        if note is not None:
+            rank_zero_info(note)
         if self._undo_observe is not None:
             self._undo_observe()
             self._undo_observe = None
@@ -595,7 +595,5 @@ class DualFormCallback(Callback):
                 self._engine.detach()
 
 
-def _distributed(trainer: "pl.Trainer") -> Any:
-    from lightning_dualform.record.engine import Distributed
-
+def _distributed(trainer: "pl.Trainer") -> Distributed:
     return Distributed(int(trainer.global_rank), int(trainer.world_size)) if trainer.world_size > 1 else Distributed()

@@ -6,23 +6,28 @@ the disk plan, the writer thread, resume and the finish (final weights and the c
 drive it: :class:`~lightning_dualform.DualFormCallback` from Lightning's hooks, and
 :class:`~lightning_dualform.DualFormRecorder` from a plain PyTorch or Fabric loop.
 
-A step is found through the optimizer's own step hooks (``register_step_pre_hook`` /
-``register_step_post_hook``): the pre-hook notes the update rule's settings before the optimizer changes
-its state, the post-hook hands the step's rows to the writer. A step the optimizer never took (a loss
+The engine finds a step through the optimizer's own step hooks, which it puts on and takes off itself
+(:meth:`RecordingEngine.hook_optimizer`): the pre-hook notes the update rule's settings before the optimizer
+changes its state, the post-hook hands the step's rows to the writer. A step the optimizer never took (a loss
 scaler skipped it) fires neither hook. The factor between the gradient the rows give and the one the
-optimizer used (clipping, DDP averaging, loss scaling) is either told by the adapter (the callback knows
-Lightning's settings) or measured from the weights' ``.grad`` (the recorder).
+optimizer used (clipping, DDP averaging, loss scaling) is either told by the adapter with the step's number
+and epoch (:meth:`RecordingEngine.expect_step`: the callback knows Lightning's settings) or measured from the
+weights' ``.grad`` (the recorder, whose steps the engine counts).
+
+The engine is the write side: it never imports ``attend/``. The full certificate at the finish is computed by
+a :class:`Certifier` the adapter hands over (``attend.certificate.certify_store``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -30,29 +35,33 @@ from torch import nn
 
 from lightning_dualform._float32_products import float32_mode, loosest
 from lightning_dualform._version import __version__
-from lightning_dualform.attend.certificate import FLOAT32_PRODUCTS_TOLERANCE, certify_store, read_certificate, tolerance
-from lightning_dualform.errors import DiskSpaceError, InexactError
-from lightning_dualform.optim import UpdateRule, rule_for
-from lightning_dualform.record.batches import BatchInfo, duplicates, row_metadata
-from lightning_dualform.record.capture import (
-    CallRows,
-    LayerCapture,
+from lightning_dualform.errors import InexactError
+from lightning_dualform.layers import (
     conv_geometry,
     layer_kind,
     layer_shape,
-    maps_from_pixels,
-    pixels_of,
-    project_keys,
-    project_maps,
     weight_matrix,
 )
+from lightning_dualform.optim import UpdateRule, rule_for
+from lightning_dualform.record.batches import BatchInfo, duplicates
+from lightning_dualform.record.capture import LayerCapture
 from lightning_dualform.record.options import RecordOptions
-from lightning_dualform.record.planner import Plan, estimate, free_bytes
+from lightning_dualform.record import gradient_check
+from lightning_dualform.record import rows as rows_mod
+from lightning_dualform.record.planner import Plan, check_disk, estimate, slow_writer_message
 from lightning_dualform.record.policy import gradient_check_tolerance
 from lightning_dualform.record.sketch import SketchCertificate
+from lightning_dualform.record.specs import Distributed, bias_of, describe_optimizer, layer_spec
+from lightning_dualform.store import WriterLock
 from lightning_dualform.store.background import AsyncWriter
+from lightning_dualform.store.certificate import (
+    FLOAT32_PRODUCTS_TOLERANCE,
+    LayerCertificate,
+    read_certificates,
+    tolerance,
+)
 from lightning_dualform.store.conv import ConvGeometry
-from lightning_dualform.store.format import PLAIN_RULE, SCALAR_RULES, LayerSpec, StepRows, settings_of, table_columns
+from lightning_dualform.store.format import PLAIN_RULE, SCALAR_RULES, settings_of, table_columns
 from lightning_dualform.store.metadata import StoreMetadata
 from lightning_dualform.store.shards import write_shard_index
 from lightning_dualform.store.writer import StoreWriter
@@ -64,60 +73,19 @@ log = logging.getLogger(__name__)
 _SLOW_WRITER_SHARE = 0.2
 _SLOW_WRITER_MIN_S = 2.0
 _PACE_CHECK_EVERY = 64  # optimizer steps
-#: A measured gradient factor this close (relatively) to 2^k / world_size is that number: loss scales are
-#: powers of two, and without clipping the factor is exactly one over the number of DDP ranks. The float32
-#: sketch the factor is measured with is good to about 1e-6 (docs/dual-form.md).
-_SNAP = 1e-5
 _ROW_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def rank_path(path: str, rank: int, world_size: int) -> str:
-    """The file a global rank writes: ``path`` itself alone, ``name.rank{r}.h5`` under DDP."""
-    if world_size <= 1:
-        return path
-    root, ext = os.path.splitext(path)
-    return f"{root}.rank{rank}{ext or '.h5'}"
-
-
-def bias_of(module: nn.Module) -> torch.Tensor | None:
-    return getattr(module, "bias", None)  # nn.Embedding has none
-
-
-@dataclass
-class Distributed:
-    """The process group the rows' gradient is averaged over (DDP); one process: rank 0 of 1."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def current(cls) -> "Distributed":
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
-        return cls()
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """The sum over ranks (``t`` itself for one process); a CPU tensor goes through the backend's device."""
-        if self.world_size <= 1:
-            return t
-        import torch.distributed as dist
-
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
-        out = t.to(device).clone()
-        dist.all_reduce(out)
-        return out.to(t.device)
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
 
 
 #: One step's row of a parameter's per-step table: ``{column: value}`` of the store's update rule.
 StepRow = dict[str, Any]
+
+
+class Certifier(Protocol):
+    """Computes a finished store's full certificate from its rows and has the store write it (``certify_store``): the
+    adapters hand it over; the write side knows when to certify and under which lock, the read side how."""
+
+    def __call__(self, path: str, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
+                 lock: WriterLock | None = None) -> dict[str, LayerCertificate]: ...
 
 
 @dataclass
@@ -134,13 +102,16 @@ class RecordingEngine:
     Args:
         options: what to record and how.
         owner: the adapter's name, for messages (``"DualFormCallback"``).
+        certifier: computes the full certificate at the finish (with ``certify="full"``, or where the
+            certificate made as training goes does not cover the run).
         info / warn: where messages go (rank zero only, under DDP, for the callback).
     """
 
-    def __init__(self, options: RecordOptions, owner: str, *, info: Callable[[str], None] | None = None,
-                 warn: Callable[[str], None] | None = None) -> None:
+    def __init__(self, options: RecordOptions, owner: str, *, certifier: Certifier,
+                 info: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None) -> None:
         self.options = options
         self.owner = owner
+        self.certifier = certifier
         self._info = info or log.info
         self._warn = warn or (lambda msg: warnings.warn(msg, UserWarning, stacklevel=3))
         self.captures: dict[str, LayerCapture] = {}
@@ -151,7 +122,7 @@ class RecordingEngine:
         self.writer: AsyncWriter | None = None
         self.store_path: str | None = None
         self.plan: Plan | None = None
-        self.certificate: dict[str, dict[str, float]] = {}
+        self.certificate: dict[str, LayerCertificate] = {}
         self.committed: dict[str, Any] | None = None
         self.dist = Distributed()
         self.precision = "32-true"
@@ -176,6 +147,11 @@ class RecordingEngine:
         self._warned: set[str] = set()
         self._seen_inputs = np.zeros(0, dtype=bool)
         self._row_dtype = _ROW_DTYPES[options.dtype]
+        self._step_hooks: list[Any] = []
+        self._settings: StepSettings | None = None  # the coming step's update rule (the optimizer's pre-hook)
+        self._expected: tuple[int, int, float | None] | None = None  # (step, epoch, grad_scale): expect_step
+        self._open_store: Callable[[], None] | None = None
+        self._epoch: Callable[[], int] | None = None
         #: ``() -> (steps per epoch, epochs left, raw input bytes)`` for the disk plan: the adapter knows them
         #: (0 steps per epoch: unknown; the plan is printed but the disk is not checked)
         self.horizon: Callable[[], tuple[int, float, int]] = lambda: (0, math.inf, 0)
@@ -234,7 +210,7 @@ class RecordingEngine:
             )
 
     def attach(self) -> None:
-        """Put a forward hook on every tracked layer (the adapter hooks the optimizer's steps)."""
+        """Put a forward hook on every tracked layer (:meth:`hook_optimizer` hooks the optimizer's steps)."""
         for name, module in self.chosen.items():
             cap = LayerCapture(name, module, lambda: self.active, context=lambda: self.batch)
             cap.attach()
@@ -242,9 +218,67 @@ class RecordingEngine:
             self._probes[name] = SketchCertificate.probes(name, layer_shape(module)[0], module.weight.device)
 
     def detach(self) -> None:
+        """Remove every hook: the layers' and the optimizer's."""
         self.active = False
+        self.unhook_optimizer()
         for cap in self.captures.values():
             cap.detach()
+
+    # ------------------------------------------------------------------------------------------------
+    # the optimizer's steps
+    # ------------------------------------------------------------------------------------------------
+    def hook_optimizer(self, *, open_store: Callable[[], None] | None = None,
+                       epoch: Callable[[], int] | None = None) -> None:
+        """Find the optimizer's steps through its own step hooks: before each, the update rule's settings are
+        read (:meth:`step_settings`); after each, the step is recorded (:meth:`record_step`). A step the
+        optimizer never took (a loss scaler skipped it) fires neither hook.
+
+        Args:
+            open_store: opens the store before the first step, when it is not open yet (a loop's recorder: the
+                first step tells the precision and the raw inputs' shape).
+            epoch: counts the steps here: every step the optimizer takes is recorded as the next one, in epoch
+                ``epoch()``, with its gradient factor measured (a loop of the user's own). Without it, a step is
+                recorded as the adapter described it beforehand (:meth:`expect_step`: Lightning knows the global
+                step, the epoch and the factor), and a step it described that the optimizer skipped is recorded
+                as skipped at :meth:`end_batch`.
+        """
+        if self.optimizer is None or self._step_hooks:
+            return
+        self._open_store = open_store
+        self._epoch = epoch
+        self._step_hooks = [self.optimizer.register_step_pre_hook(self._before_step),
+                            self.optimizer.register_step_post_hook(self._after_step)]
+
+    def unhook_optimizer(self) -> None:
+        """Remove the optimizer's step hooks (idempotent) and forget a step in progress."""
+        for h in self._step_hooks:  # (RemovableHandle)
+            h.remove()
+        self._step_hooks = []
+        self._settings = self._expected = None
+
+    def expect_step(self, step: int, epoch: int, grad_scale: float | None) -> None:
+        """What the adapter knows of the step the optimizer is taking: its global ``step``, ``epoch`` and the
+        factor between the rows' gradient and the optimizer's (clipping, DDP averaging, loss scaling; None:
+        measure it). Call it between the step's pre-hook and its update (Lightning's ``on_before_optimizer_step``)."""
+        if self.writer is not None:
+            self._expected = (int(step), int(epoch), grad_scale)
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.writer is None and self._open_store is not None:
+            self._open_store()
+        if self.writer is not None:
+            self._settings = self.step_settings()
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        settings, self._settings = self._settings, None
+        expected, self._expected = self._expected, None
+        if settings is None or self.writer is None:
+            return
+        if self._epoch is not None:
+            self.record_step(self.steps_recorded, self._epoch(), settings, None)
+            self.active = True  # rows of the next step's forward passes (until the loop says otherwise)
+        elif expected is not None:
+            self.record_step(expected[0], expected[1], settings, expected[2])
 
     # ------------------------------------------------------------------------------------------------
     # the store
@@ -263,7 +297,8 @@ class RecordingEngine:
         """
         opts = self.options
         self.store_path = store_path
-        specs = [self._layer_spec(name, m) for name, m in self.chosen.items()]
+        specs = [layer_spec(name, m, self.optimizer, self.rule, self._param_groups[name])
+                 for name, m in self.chosen.items()]
         if resume is not None:
             settings = settings_of(specs, opts.dtype, opts.compression, self.update_rule)
             make = lambda: StoreWriter.resume(  # noqa: E731
@@ -271,24 +306,24 @@ class RecordingEngine:
                 last_step=last_step, commit_seconds=opts.commit_seconds, update_attrs=self._resumed_attrs,
             )
         else:
-            if os.path.exists(store_path):
-                os.remove(store_path)  # overwrite=True was given (the adapter checked at set-up)
+            # an existing store is replaced only with overwrite=True (the adapter checked at set-up), atomically,
+            # and only if it is a regular file (StoreWriter.create refuses anything else)
             make = lambda: StoreWriter.create(  # noqa: E731
                 store_path, specs, row_dtype=opts.dtype, compression=opts.compression, chunk_rows=opts.chunk_rows,
-                metadata=metadata, commit_seconds=opts.commit_seconds,
+                metadata=metadata, commit_seconds=opts.commit_seconds, overwrite=opts.overwrite,
                 input_shape=tuple(raw.shape[1:]) if raw is not None else None,
                 input_dtype=str(raw.dtype).replace("torch.", "") if raw is not None else "float32",
             )
         self.writer = AsyncWriter(make, max_queue=opts.max_queue)
         # GIL-free chunk writes pay where the training thread only launches kernels; on CPU training they compete
-        self.writer.call(self.writer.store.set_release_gil, self.device.type == "cuda")
+        self.writer.set_release_gil(self.device.type == "cuda")
         if shard_index is not None:
             # the index exists from the first step on, so a crashed or running DDP store opens as one
-            write_shard_index(opts.path, shard_index)
-        for name, size in self.writer.store.input_sizes().items():  # a resumed store's maps fix their size
+            write_shard_index(opts.path, shard_index, overwrite=opts.overwrite or resume is not None)
+        for name, size in self.writer.input_sizes().items():  # a resumed store's maps fix their size
             if name in self.chosen:
                 self._geometry[name] = conv_geometry(self.chosen[name], size)
-        seen = self.writer.store.input_indices()
+        seen = self.writer.input_indices()
         self._seen_inputs = np.zeros(int(seen.max()) + 1 if len(seen) else 0, dtype=bool)
         self._seen_inputs[seen] = True
         self.steps_recorded = int(resume["steps"]) if resume is not None else 0
@@ -312,47 +347,7 @@ class RecordingEngine:
         self.sketch = None
         if not self.options.certify or not self.run_exact or type(self.optimizer) is not torch.optim.SGD:
             return  # (an inexact run keeps its residual, which only the full certificate computes)
-        saved = (resume or {}).get("sketch")
-        if resume is not None and (not isinstance(saved, dict) or set(saved) != set(self.chosen)):
-            return
-        sketch = SketchCertificate()
-        state = self.optimizer.state
-        for name, m in self.chosen.items():
-            w, b = m.weight, bias_of(m)
-            buf = state.get(w, {}).get("momentum_buffer")
-            bbuf = state.get(b, {}).get("momentum_buffer") if b is not None else None
-            sketch.start(name, self._probes[name], weight_matrix(m).float(),
-                         weight_matrix(m, buf).float() if buf is not None else None,
-                         b.detach().float() if b is not None else None,
-                         bbuf.detach().float() if bbuf is not None else None,
-                         resumed=saved[name] if saved is not None else None)
-        self.sketch = sketch
-
-    def _layer_spec(self, name: str, m: nn.Module) -> LayerSpec:
-        d_in, d_out, extra = layer_shape(m)
-        w = weight_matrix(m).float().cpu().numpy()
-        b = bias_of(m).detach().float().cpu().numpy() if bias_of(m) is not None else None
-        state = self.optimizer.state if self.optimizer is not None else {}
-        weight_state = bias_state = None
-        if self.rule is not None and self.rule.name != "sgd":  # (SGD keeps its momentum buffers below, as in format 1)
-            # the state before the first recorded step: the replay starts from it
-            wi, bi = self._param_groups[name]
-            if wi is not None:
-                weight_state = self.rule.read_state(self.optimizer, m.weight)
-            if bias_of(m) is not None and bi is not None:
-                bias_state = self.rule.read_state(self.optimizer, bias_of(m))
-
-        def buffer(p: torch.Tensor | None, is_weight: bool) -> np.ndarray | None:
-            buf = state.get(p, {}).get("momentum_buffer") if p is not None else None
-            if buf is None:
-                return None
-            return (weight_matrix(m, buf) if is_weight else buf.detach()).float().cpu().numpy()
-
-        return LayerSpec(name=name, kind=layer_kind(m), d_in=d_in, d_out=d_out, has_bias=b is not None,
-                         weight_init=w, bias_init=b, extra=extra, weight_buffer_init=buffer(m.weight, True),
-                         bias_buffer_init=buffer(bias_of(m), False), weight_shape=tuple(m.weight.shape),
-                         weight_state=weight_state, bias_state=bias_state,
-                         state_dtype="float64" if m.weight.dtype == torch.float64 else "float32")
+        self.sketch = SketchCertificate.for_run(self.chosen, self._probes, self.optimizer, resume)
 
     def _resumed_attrs(self, stored: StoreMetadata) -> dict[str, Any]:
         """The rows before the checkpoint keep the rounding they were made with: the store's mode is the
@@ -364,29 +359,12 @@ class RecordingEngine:
         """The store's description of this run (the adapter adds what it knows: clipping, accumulation ...)."""
         import lightning
 
-        opt = self.optimizer
-        opt_info: dict[str, Any] = {"name": type(opt).__name__ if opt else None, "param_groups": []}
-        if opt is not None:
-            def plain(v: Any) -> Any:
-                if isinstance(v, (tuple, list)):  # Adam's betas, Adafactor's eps
-                    return [plain(x) for x in v]
-                if isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool):
-                    return float(v)
-                return v
-
-            def kept(v: Any) -> bool:
-                if isinstance(v, (tuple, list)):
-                    return all(x is None or kept(x) for x in v)
-                return isinstance(v, (int, float, bool, str)) or (isinstance(v, torch.Tensor) and v.numel() == 1)
-
-            for g in opt.param_groups:
-                opt_info["param_groups"].append({k: plain(v) for k, v in g.items() if k != "params" and kept(v)})
         return StoreMetadata(
             library_version=__version__,
             torch_version=torch.__version__,
             lightning_version=lightning.__version__,
             model_class=type(model).__name__,
-            optimizer=opt_info,
+            optimizer=describe_optimizer(self.optimizer),
             update_rule=self.update_rule,
             precision=self.precision,
             float32_products=self.float32_products,
@@ -399,7 +377,7 @@ class RecordingEngine:
         """The counts a checkpoint must hold to continue this store exactly: every row so far is made
         durable first, so that a resume truncates the store back to exactly this point."""
         if self.writer is not None:
-            self.committed = self.writer.call_result(self.writer.store.commit)
+            self.committed = self.writer.commit()
         if self.committed is None:
             return {}
         state = {"format_version": 1, "store_path": self.store_path, **self.committed}
@@ -409,14 +387,9 @@ class RecordingEngine:
 
     def commit_soon(self) -> None:
         """Make the rows so far durable on the writer thread; training goes on (a checkpoint's
-        :meth:`state_dict` waits for it). The counts it returns are what a checkpoint saved after the
-        store is finished must hold."""
+        :meth:`state_dict` waits for it)."""
         if self.writer is not None:
-            self.writer.submit(self._commit_counts, self.writer.store)
-
-    def _commit_counts(self, store: StoreWriter) -> None:
-        """Runs on the writer thread."""
-        self.committed = store.commit()
+            self.writer.commit_soon()
 
     # ------------------------------------------------------------------------------------------------
     # batches
@@ -429,7 +402,13 @@ class RecordingEngine:
         self.active = True
 
     def end_batch(self) -> None:
+        """The batch is over: a step the adapter expected that the optimizer never took (a loss scaler found
+        inf/NaN gradients) is recorded as skipped."""
         self.active = False
+        expected, self._expected = self._expected, None
+        self._settings = None
+        if expected is not None and self.writer is not None:
+            self.record_skipped_step(expected[0], expected[1])
 
     def _record_inputs(self, raw: torch.Tensor, indices: torch.Tensor) -> None:
         """Queue the raw inputs of examples not stored yet (each example once, not once per epoch)."""
@@ -448,7 +427,7 @@ class RecordingEngine:
             return
         self._seen_inputs[idx[new]] = True
         data = raw.detach()[torch.from_numpy(new).to(raw.device)].cpu().numpy()
-        self.writer.submit(self.writer.store.add_inputs, idx[new].copy(), data)
+        self.writer.add_inputs(idx[new].copy(), data)
 
     # ------------------------------------------------------------------------------------------------
     # steps
@@ -489,7 +468,7 @@ class RecordingEngine:
         scaling); ``None`` measures it per layer from the weights' ``.grad``.
         """
         self.last_epoch = epoch
-        pending = self._take_rows()
+        pending = rows_mod.take_rows(self.captures)
         self._check_map_sizes(pending)
         if self.plan is None:
             self._make_plan(pending)
@@ -498,7 +477,7 @@ class RecordingEngine:
         for name in self.captures:
             if name in self.dropped or not pending.get(name):
                 continue
-            rows[name] = _gather_rows(pending[name], self._row_dtype)  # as they will be stored
+            rows[name] = rows_mod.gather_rows(pending[name], self._row_dtype)  # as they will be stored
             self.rows_recorded[name] = self.rows_recorded.get(name, 0) + sum(c.n_rows for c, *_ in pending[name])
             if name in self._geometry:
                 sizes[name] = self._geometry[name].input_size
@@ -529,10 +508,11 @@ class RecordingEngine:
                 self.sketch.step(name, gz, gb, scale, w_up, b_up)
         event = None
         if any(t[0].is_cuda for t in rows.values()):
-            rows = {n: tuple(_to_pinned(t) for t in r) for n, r in rows.items()}
+            rows = {n: tuple(rows_mod.to_pinned(t) for t in r) for n, r in rows.items()}
             event = torch.cuda.Event()
             event.record()
-        self.writer.submit(_write_step, self.writer.store, step, epoch, rows, updates, event, sizes)
+        made = functools.partial(rows_mod.step_rows, rows, event, sizes, step, epoch)  # on the writer thread
+        self.writer.add_step(step, epoch, made, updates)
         self.steps_recorded += 1
         if self._steps_seen % _PACE_CHECK_EVERY == 0:
             self._check_writer_pace()
@@ -541,29 +521,11 @@ class RecordingEngine:
         """A step the trainer counted but the optimizer never took (a loss scaler found inf/NaN): the
         weights did not change, and the rows of its gradient are dropped."""
         self.last_epoch = epoch
-        self._take_rows()
-        updates = {}
-        for name, cap in self.captures.items():
-            updates[name] = (0.0, self.skipped_row(), self.skipped_row() if bias_of(cap.module) is not None else None)
-        self.writer.submit(_write_step, self.writer.store, step, epoch, {}, updates, None)
+        rows_mod.take_rows(self.captures)  # (the skipped step's rows are dropped)
+        updates = {name: (0.0, self.skipped_row(), self.skipped_row() if bias_of(cap.module) is not None else None)
+                   for name, cap in self.captures.items()}
+        self.writer.add_step(step, epoch, lambda: {}, updates)  # no rows
         self.steps_recorded += 1
-
-    def _take_rows(self) -> dict[str, list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]]]:
-        """The completed calls of every layer since the last step, with each row's index, position and label."""
-        pending: dict[str, list] = {}
-        for name, cap in self.captures.items():
-            offsets: dict[int, int] = {}  # per batch: positions already used by earlier calls of this layer
-            for call in cap.take_completed():
-                info = call.batch if call.batch is not None else BatchInfo(size=None, indices=None, labels=None)
-                offset = offsets.get(id(info), 0)
-                index, position, label, per_ex = row_metadata(call, info, offset)
-                offsets[id(info)] = offset + per_ex
-                if call.keep is not None:  # rows whose gradient never reaches the weight
-                    keep = call.keep
-                    call.keys, call.values = call.keys[keep], call.values[keep]
-                    index, position, label = index[keep.cpu()], position[keep.cpu()], label[keep.cpu()]
-                pending.setdefault(name, []).append((call, index, position, label))
-        return pending
 
     def _check_map_sizes(self, pending: dict) -> None:
         """A convolution's maps share one size per store (it fixes the layout of its datasets): the first
@@ -581,7 +543,7 @@ class RecordingEngine:
                         "training; the store keeps a convolution's maps at one size (pad or crop inputs to one size, "
                         "or leave the layer out with `layers=`)"
                     )
-                    self.writer.submit(self.writer.store.drop_layer, name, self.dropped[name])
+                    self.writer.drop_layer(name, self.dropped[name])
                     self._warn(f"{self.owner}: layer {name!r} left out of the store: {self.dropped[name]}.")
                     break
 
@@ -589,92 +551,29 @@ class RecordingEngine:
     # checks
     # ------------------------------------------------------------------------------------------------
     def _sketch_rows(self, rows: dict[str, tuple], stored: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, the step's ``G Z = V^T (K Z)`` ``(d_out, k)`` and ``sum_rows v`` ``(d_out,)`` (float32
-        products) from ``(keys, values)`` as captured or, with ``stored``, as :func:`_gather_rows` stores them,
-        summed over DDP ranks (the optimizer's gradient sums every rank's rows); zeros for a layer without
-        rows this step."""
-        names = [n for n in self.captures if n not in self.dropped]
-        parts: list[torch.Tensor] = []
-        shapes = []
-        for name in names:
-            m = self.captures[name].module
-            z = self._probes[name]
-            d_out = layer_shape(m)[1]
-            if name in rows:
-                keys, values = rows[name][0], rows[name][1]
-                if stored:
-                    keys, values = _stored_floats(keys, self.options.dtype), _stored_floats(values, self.options.dtype)
-                else:
-                    keys, values = (keys.float() if keys.is_floating_point() else keys), values.float()
-                geom = self._geometry.get(name)
-                if geom is not None:  # K Z as a convolution of the maps with Z's columns as filters
-                    maps = maps_from_pixels(keys, geom) if keys.dim() == 2 else keys
-                    gz = values.t() @ project_maps(geom, maps.float(), z)
-                else:
-                    gz = values.t() @ project_keys(m, keys, z)
-                gb = values.sum(0)
-            else:
-                gz = torch.zeros(d_out, z.shape[1], device=z.device)
-                gb = torch.zeros(d_out, device=z.device)
-            parts += [gz.reshape(-1), gb]
-            shapes.append(gz.shape)
-        if not parts:
-            return {}
-        flat = self.dist.all_reduce(torch.cat(parts))
-        out, i = {}, 0
-        for name, shape in zip(names, shapes):
-            n = shape[0] * shape[1]
-            out[name] = (flat[i : i + n].reshape(shape), flat[i + n : i + n + shape[0]])
-            i += n + shape[0]
-        return out
+        """The step's projections of every layer still recorded (:func:`.gradient_check.project_rows`)."""
+        modules = {n: c.module for n, c in self.captures.items() if n not in self.dropped}
+        return gradient_check.project_rows(rows, modules, self._probes, self._geometry, all_reduce=self.dist.all_reduce,
+                                           stored_dtype=self.options.dtype if stored else None)
 
     def _check_rows(self, sketches: dict[str, tuple[torch.Tensor, torch.Tensor]], grad_scale: float | None,
                     has_rows: set[str]) -> dict[str, float]:
-        """Check each layer's rows against the gradient the optimizer used, and measure their factor.
-
-        ``W.grad Z`` must equal ``f V^T (K Z)`` for the layer's random probes ``Z`` (and ``b.grad`` equal
-        ``f sum v``): a cheap sketch of ``W.grad = f sum v k^T`` (Freivalds' test) that catches weights used
-        outside the module's forward (e.g. ``nn.MultiheadAttention.out_proj``) and any other missing or wrong
-        rows. With ``grad_scale`` given, ``f`` is it; otherwise ``f`` is the least-squares fit (snapped to
-        ``2^k / world_size`` when that close), returned per layer.
-        """
-        scales: dict[str, float] = {}
-        for name, (gz, gb) in sketches.items():
-            m = self.captures[name].module
-            z = self._probes[name]
-            g = m.weight.grad
-            if g is None:
-                lhs, bound = torch.zeros_like(gz), 0.0
-            else:
-                g = weight_matrix(m, g).float()
-                lhs = g @ z
-                # independent rounding of relative size eps in each entry of W.grad moves (W.grad Z)_ij by about
-                # eps * sqrt(sum_l (W.grad_il z_lj)^2): measured against that (about |W.grad|_F |z_j|), rounding
-                # (bf16, fp16) stays near eps even where W.grad Z cancels, and missing rows stay O(1)
-                bound = float(torch.linalg.vector_norm(torch.sqrt((g * g) @ (z * z))))
-            b = bias_of(m)
-            if b is not None and b.grad is not None:
-                lhs = torch.cat([lhs.reshape(-1), b.grad.float()])
-                rhs = torch.cat([gz.reshape(-1), gb])
-                bound = (bound ** 2 + float(torch.linalg.vector_norm(b.grad.float())) ** 2) ** 0.5
-            else:
-                lhs, rhs = lhs.reshape(-1), gz.reshape(-1)
-            if grad_scale is not None:
-                f = grad_scale
-            else:
-                f = _fit_scale(lhs, rhs, self.dist.world_size)
-                scales[name] = f
-            diff = float(torch.linalg.vector_norm(lhs - f * rhs))
-            err = diff / bound if bound > 0 else (0.0 if diff == 0 else math.inf)
+        """Check each layer's rows against the gradient the optimizer used (:func:`.gradient_check.check_rows`);
+        a layer beyond the tolerance is dropped or marked inexact. Returns the measured factors (no
+        ``grad_scale``)."""
+        modules = {n: self.captures[n].module for n in sketches}
+        checked = gradient_check.check_rows(sketches, modules, self._probes, grad_scale=grad_scale,
+                                            world_size=self.dist.world_size)
+        for name, (_, err, seen) in checked.items():
             if err > self.check_tolerance:
-                self._flag(name, err, has_rows=name in has_rows or bool(float(torch.linalg.vector_norm(rhs)) > 0))
-        return scales
+                self._flag(name, err, has_rows=name in has_rows or seen)
+        return {name: f for name, (f, _, _) in checked.items()} if grad_scale is None else {}
 
     def _flag(self, name: str, err: float, has_rows: bool) -> None:
         if not has_rows:
             self.dropped[name] = ("its weight received gradients in steps where its forward hook saw no input "
                                   "(the weight is used outside the module's forward, e.g. nn.MultiheadAttention.out_proj)")
-            self.writer.submit(self.writer.store.drop_layer, name, self.dropped[name])
+            self.writer.drop_layer(name, self.dropped[name])
             self._warn(f"{self.owner}: layer {name!r} left out of the store: {self.dropped[name]}.")
         elif name not in self.inexact:
             self.inexact[name] = (
@@ -682,7 +581,7 @@ class RecordingEngine:
                 f"{err:.2e} (part of the weight is used outside the module's forward, or a gradient was changed "
                 "between backward and the optimizer step by something other than a uniform scaling)"
             )
-            self.writer.submit(self.writer.store.mark_inexact, name, self.inexact[name])
+            self.writer.mark_inexact(name, self.inexact[name])
             self._warn(f"{self.owner}: layer {name!r} is recorded as INEXACT: {self.inexact[name]}.")
 
     def _make_plan(self, pending: dict) -> None:
@@ -700,17 +599,8 @@ class RecordingEngine:
                              memory_sums=self.options.certify == "full" or (bool(self.options.certify) and self.sketch is None),
                              maps={n: (g.in_channels, g.pixels, g.locations) for n, g in self._geometry.items()})
         self._info(f"{self.owner}: {self.plan.describe()}.")
-        if not self.options.check_disk or not steps_per_epoch:
-            return
-        directory = os.path.dirname(os.path.abspath(self.store_path))
-        free = free_bytes(directory)
-        needed = self.plan.total_bytes - os.path.getsize(self.store_path)
-        if needed > free:
-            raise DiskSpaceError(
-                f"{self.owner}: the store {self.store_path} needs about {needed / 1e9:.2f} GB for this run "
-                f"({self.plan.describe()}) but only {free / 1e9:.2f} GB are free in {directory}. Free space, choose "
-                "another path, narrow `layers=`, use dtype='float16' or compression='lzf', or pass check_disk=False."
-            )
+        if self.options.check_disk and steps_per_epoch:  # (no margin: the writer's disk reservation does the rest)
+            check_disk(self.plan, self.store_path, os.path.getsize(self.store_path), self.owner, margin=False)
 
     def _check_writer_pace(self) -> None:
         """Warn once when training spends much of its time waiting for the writer's full queue (on every
@@ -721,21 +611,8 @@ class RecordingEngine:
         if "slow-writer" in self._warned or blocked < _SLOW_WRITER_MIN_S or blocked < _SLOW_WRITER_SHARE * elapsed:
             return
         self._warned.add("slow-writer")
-        opts = self.options
-        advice = []
-        if opts.compression:
-            advice.append("compression costs the most (it runs inside HDF5's filter pipeline on one thread): use "
-                          "compression=None and compress the finished store if needed")
-        if opts.dtype == "float32":
-            advice.append("dtype='float16' halves the bytes")
-        advice += ["`layers=[...]` tracks fewer layers", "a faster disk helps"]
-        advice[0] = advice[0][0].upper() + advice[0][1:]
-        warnings.warn(
-            f"{self.owner}: training waited {blocked:.1f} s of the last {elapsed:.1f} s for the store writer "
-            f"({w.path}, {opts.dtype} rows, compression={opts.compression!r}): the rows come faster than they can "
-            f"be written. {'; '.join(advice)}.",
-            UserWarning, stacklevel=2,
-        )
+        warnings.warn(slow_writer_message(self.owner, blocked, elapsed, w.path, self.options.dtype,
+                                          self.options.compression), UserWarning, stacklevel=2)
 
     def warn_once(self, key: str, msg: str) -> None:
         if key not in self._warned:
@@ -765,11 +642,10 @@ class RecordingEngine:
         # the full certificate of this file follows under the same writer lock: no other writer between
         elementwise = self.update_rule not in (*SCALAR_RULES, PLAIN_RULE)
         keep_lock = bool(full) and not (self.dist.world_size > 1 and elementwise)
-        lock = writer.call_result(writer.store.finalize, finals, int(final_step), int(epochs), certificate, keep_lock)
-        writer.stop()
+        lock = writer.finalize(finals, int(final_step), int(epochs), certificate, keep_lock)
         if writer.blocked_s >= 1.0:
             self._info(f"{self.owner}: training waited {writer.blocked_s:.1f} s in all for the store writer.")
-        self.committed = writer.store.committed  # for a checkpoint saved after the finish
+        self.committed = writer.committed  # for a checkpoint saved after the finish
         if full:  # a pass over every stored row: say so, it can take a while
             self._info(f"{self.owner}: certifying {self.options.path}: rebuilding each layer's weights from its rows")
         try:
@@ -778,37 +654,38 @@ class RecordingEngine:
                 # An element-wise rule's replay needs every rank's rows at each step: rank 0 certifies through the
                 # shards' index (all are finished: barrier above) and writes into every shard.
                 if self.dist.rank == 0:
-                    certify_store(self.options.path)
+                    self.certifier(self.options.path)
                 self.dist.barrier()
-                self.certificate = read_certificate(self.store_path)
+                self.certificate = read_certificates(self.store_path)
             elif full:
                 # Under DDP each shard holds one rank's rows: the memory is the sum over ranks.
                 reduce = self.dist.all_reduce if self.dist.world_size > 1 else None
-                self.certificate = certify_store(self.store_path, all_reduce=reduce, lock=lock)
+                self.certificate = self.certifier(self.store_path, all_reduce=reduce, lock=lock)
         finally:
             if lock is not None:
                 lock.release()
         if not full and certificate is not None:
             self.certificate = certificate
         for name, cert in self.certificate.items():
-            verdict = f"exact within {cert['tolerance']:.0e}" if cert["exact"] else "INEXACT"
+            verdict = f"exact within {cert.tolerance:.0e}" if cert.exact else "INEXACT"
             self._info(
                 f"{self.owner}: {name}: rebuilt weights match the trained ones to relative error "
-                f"{cert['rel_err']:.2e} ({verdict}; the memory explains {100 * cert['explained']:.4g}% of the weights)."
+                f"{cert.rel_err:.2e} ({verdict}; the memory explains {100 * cert.explained:.4g}% of the weights)."
             )
 
-    def _sketch_certificate(self, finals: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> dict[str, dict[str, Any]] | None:
+    def _sketch_certificate(
+        self, finals: dict[str, tuple[np.ndarray, np.ndarray | None]]
+    ) -> dict[str, LayerCertificate] | None:
         """The certificate from the projections carried through training, or None where there are none."""
         if self.sketch is None or set(self.sketch.layers) != set(self.chosen):
             return None
         tol = tolerance(self.options.dtype, self.precision, self.float32_products)
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, LayerCertificate] = {}
         for name, (w, b) in finals.items():
             res = self.sketch.result(name, torch.from_numpy(w), torch.from_numpy(b) if b is not None else None)
-            err = res["rel_err"]
-            out[name] = {**res, "explained": max(0.0, 1.0 - err), "tolerance": tol,
-                         "exact": bool(err <= tol and name not in self.inexact), "method": "sketch",
-                         "probes": int(self._probes[name].shape[1])}
+            out[name] = LayerCertificate.measured(res["rel_err_weight"], res["rel_err_bias"], tol,
+                                                  exact_run=name not in self.inexact, method="sketch",
+                                                  probes=int(self._probes[name].shape[1]))
         return out
 
     def close(self, remove_if_empty: bool = False) -> None:
@@ -818,91 +695,6 @@ class RecordingEngine:
         writer, self.writer = self.writer, None
         if writer is None:
             return
-        try:
-            writer.call(writer.store.close)
-        finally:
-            writer.stop()
-        if remove_if_empty and writer.store.committed["steps"] == 0:
+        writer.close()
+        if remove_if_empty and writer.committed["steps"] == 0:
             os.remove(writer.path)
-
-
-# ------------------------------------------------------------------------------------------------------
-# helpers (pure functions of tensors)
-# ------------------------------------------------------------------------------------------------------
-def _fit_scale(lhs: torch.Tensor, rhs: torch.Tensor, world_size: int) -> float:
-    """The least-squares ``f`` of ``lhs = f rhs``, snapped to ``2^k / world_size`` within :data:`_SNAP`."""
-    denom = float(rhs.double() @ rhs.double())
-    if denom == 0.0:
-        return 1.0 / world_size  # no rows: the factor never multiplies anything
-    f = float(lhs.double() @ rhs.double()) / denom
-    if f > 0:
-        snapped = 2.0 ** round(math.log2(f * world_size)) / world_size
-        if abs(f - snapped) <= _SNAP * snapped:
-            return snapped
-    return f
-
-
-def _gather_rows(parts: list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]], row_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """One (keys, values, index, position, label) tuple per layer and step. Keys and values are fresh
-    copies, already in the stored dtype (one pass: the copy is the conversion)."""
-    def convert(t: torch.Tensor) -> torch.Tensor:
-        if not t.is_floating_point():  # token ids (embeddings) stay integers
-            return t.long()
-        # keys under autocast are bf16 copies: widen to float32 first, so that float16 storage rounds once
-        return t.to(torch.float32).to(row_dtype) if t.dtype != torch.float32 else t.to(row_dtype)
-
-    def gather(ts: list[torch.Tensor], private: bool) -> torch.Tensor:
-        out = torch.cat([convert(t) for t in ts]) if len(ts) > 1 else convert(ts[0])
-        if not private and any(out.data_ptr() == t.data_ptr() for t in ts):
-            out = out.clone()  # the caller's tensor: copy it before training goes on
-        return out.view(torch.int16) if out.dtype == torch.bfloat16 else out
-
-    # Activations and gradients are autograd's own tensors, never written to again: the writer thread
-    # copies them into its buffers, off the training thread. Keys straight from the batch are copied here.
-    geom = parts[0][0].geometry
-    if geom is not None:
-        # a convolution's maps as channel-last pixel rows, and its metadata once per (example, call): the rows
-        # of one map are its output locations, so the first location's entries describe the map
-        keys = gather([pixels_of(p[0].keys) for p in parts], all(p[0].private_keys for p in parts))
-        every = geom.locations
-        index = torch.cat([p[1][::every] for p in parts])
-        position = torch.cat([p[2][::every] for p in parts])
-        label = torch.cat([p[3][::every] for p in parts])
-    else:
-        keys = gather([p[0].keys for p in parts], all(p[0].private_keys for p in parts))
-        index = torch.cat([p[1] for p in parts])
-        position = torch.cat([p[2] for p in parts])
-        label = torch.cat([p[3] for p in parts])
-    values = gather([p[0].values for p in parts], True)
-    return keys, values, index, position, label
-
-
-def _stored_floats(t: torch.Tensor, row_dtype: str) -> torch.Tensor:
-    """Rows as :func:`_gather_rows` hands them to the writer, as float32 (token ids stay integers)."""
-    if not t.is_floating_point() and row_dtype == "bfloat16" and t.dtype == torch.int16:
-        return t.view(torch.bfloat16).float()
-    return t.float() if t.is_floating_point() else t
-
-
-def _to_pinned(t: torch.Tensor) -> torch.Tensor:
-    if not t.is_cuda:
-        return t
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    out.copy_(t, non_blocking=True)
-    return out
-
-
-def _write_step(store: StoreWriter, step: int, epoch: int, rows: dict, updates: dict, event: Any,
-                sizes: dict[str, tuple[int, ...]] | None = None) -> None:
-    """Runs on the writer thread."""
-    if event is not None:
-        event.synchronize()
-    sizes = sizes or {}
-    converted = {
-        name: StepRows(
-            keys=k.numpy(), values=v.numpy(), index=i.numpy(), position=p.numpy(), label=lab.numpy(), step=step, epoch=epoch,
-            map_size=sizes.get(name),
-        )
-        for name, (k, v, i, p, lab) in rows.items()
-    }
-    store.add_step(step, epoch, converted, updates)

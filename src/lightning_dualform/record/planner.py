@@ -130,27 +130,48 @@ def free_bytes(directory: str) -> int:
     return shutil.disk_usage(directory).free
 
 
-def check_disk(plan: Plan, store_path: str, already_written: int = 0, who: str = "DualFormCallback") -> None:
-    """Refuse a run whose plan, with the safety margin, does not fit in the free space of the store's disk.
+def check_disk(plan: Plan, store_path: str, already_written: int = 0, who: str = "DualFormCallback", *,
+               margin: bool = True) -> None:
+    """Refuse a run whose plan (with the safety margin, unless ``margin`` is False) does not fit in the free space
+    of the store's disk.
 
     Args:
         plan: the run's plan (:func:`estimate`).
         store_path: the store; its folder's file system is checked.
         already_written: bytes of the store already on disk (a resumed run only adds the rest).
+        margin: add :data:`SAFETY_MARGIN` and :data:`SAFETY_BYTES` (the recording engine checks without them:
+            the writer's disk reservation stops a run cleanly where the estimate falls short).
 
     Raises:
         DiskSpaceError: it does not fit (the message says how much is needed, free and what to do).
     """
     directory = os.path.dirname(os.path.abspath(store_path))
     free = free_bytes(directory)
-    needed = plan.required_bytes(already_written)
+    needed = plan.required_bytes(already_written) if margin else max(0.0, plan.total_bytes - already_written)
     if needed > free:
+        extra = f", plus a safety margin of {100 * SAFETY_MARGIN:.0f}% and {SAFETY_BYTES >> 20} MiB" if margin else ""
         raise DiskSpaceError(
-            f"{who}: the store {store_path} needs about {needed / 1e9:.2f} GB for this run ({plan.describe()}, "
-            f"plus a safety margin of {100 * SAFETY_MARGIN:.0f}% and {SAFETY_BYTES >> 20} MiB) but only "
-            f"{free / 1e9:.2f} GB are free in {directory}. Free space, choose another path, narrow `layers=`, use "
-            "dtype='float16' or compression='lzf', or pass check_disk=False."
+            f"{who}: the store {store_path} needs about {needed / 1e9:.2f} GB for this run ({plan.describe()}{extra}) "
+            f"but only {free / 1e9:.2f} GB are free in {directory}. Free space, choose another path, narrow `layers=`, "
+            "use dtype='float16' or compression='lzf', or pass check_disk=False."
         )
+
+
+def slow_writer_message(who: str, blocked: float, elapsed: float, path: str, dtype: str,
+                        compression: str | None) -> str:
+    """What to say when training waited ``blocked`` of the last ``elapsed`` seconds for the store writer: the
+    store's settings cost more than the rows are worth, and which to change first."""
+    advice = []
+    if compression:
+        advice.append("compression costs the most (it runs inside HDF5's filter pipeline on one thread): use "
+                      "compression=None and compress the finished store if needed")
+    if dtype == "float32":
+        advice.append("dtype='float16' halves the bytes")
+    advice += ["`layers=[...]` tracks fewer layers", "a faster disk helps"]
+    advice[0] = advice[0][0].upper() + advice[0][1:]
+    return (f"{who}: training waited {blocked:.1f} s of the last {elapsed:.1f} s for the store writer ({path}, "
+            f"{dtype} rows, compression={compression!r}): the rows come faster than they can be written. "
+            f"{'; '.join(advice)}.")
 
 
 def _human(n: float) -> str:

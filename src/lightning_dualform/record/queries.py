@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_dualform.layers import layer_shape, one_hot_keys
 from lightning_dualform.record.batches import BatchInfo, batch_size, prediction, row_metadata
-from lightning_dualform.record.capture import LayerCapture, layer_shape, one_hot_keys
+from lightning_dualform.record.capture import LayerCapture
 from lightning_dualform.store.query_writer import QueryWriter
 from lightning_dualform.store.reader import StoreReader
 
@@ -57,8 +57,6 @@ class QueryRecorder:
         missing = [n for n in names if n not in modules]
         if missing:
             raise ValueError(f"DualFormCallback: the store's layers {missing} are not in this model.")
-        # the stage's own progress bar counts the batches; this says what the callback does beside them
-        rank_zero_info(f"DualFormCallback: recording the {split} queries (inputs of {len(names)} layer(s)) into {path}")
         rec = cls(QueryWriter(path, split, widths), split, path, {})
         for name in names:
             cap = LayerCapture(name, modules[name], lambda: rec.active, need_grad=False, keep_output=name == names[-1])
@@ -101,8 +99,9 @@ class QueryRecorder:
         self.writer.add_batch(index, label, pred, raw, rows)
         self.batch = None
 
-    def close(self) -> None:
-        """The stage ended: detach the hooks and commit the query set."""
+    def close(self) -> str:
+        """The stage ended: detach the hooks and commit the query set. Returns what to tell the user (the
+        adapter says it when the stage's progress bar is done)."""
         self.active = False
         for cap in self.captures.values():
             cap.detach()
@@ -110,8 +109,8 @@ class QueryRecorder:
         t0 = time.perf_counter()
         self.writer.close()
         now = time.perf_counter()
-        rank_zero_info(f"DualFormCallback: recorded {n} {self.split} queries into {self.path} in "
-                       f"{now - self.started:.1f} s (committed in {now - t0:.1f} s).")
+        return (f"recorded {n} {self.split} queries into {self.path} in {now - self.started:.1f} s "
+                f"(committed in {now - t0:.1f} s).")
 
     def abort(self) -> None:
         """The stage failed: detach the hooks and leave the store as it was before it began (no partial split)."""
@@ -119,4 +118,3 @@ class QueryRecorder:
         for cap in self.captures.values():
             cap.detach()
         self.writer.abort()
-        rank_zero_info(f"DualFormCallback: the {self.split} stage failed; {self.path} keeps its query sets as they were.")

@@ -20,38 +20,23 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import nn
 
+from lightning_dualform._unwrap import unwrap_model
+from lightning_dualform.attend.certificate import certify_store
 from lightning_dualform.errors import InexactError
 from lightning_dualform.record.batches import BatchInfo
 from lightning_dualform.record.capture import find_layers
-from lightning_dualform.record.engine import Distributed, RecordingEngine, StepSettings, rank_path
+from lightning_dualform.record.engine import RecordingEngine
 from lightning_dualform.record.options import RecordOptions, RowDtype
 from lightning_dualform.record.planner import Plan
 from lightning_dualform.record.policy import RunFacts, inexact_causes, refusal
+from lightning_dualform.record.specs import Distributed, rank_path
+from lightning_dualform.store.shards import check_index_path
 
 __all__ = ["DualFormRecorder"]
 
 log = logging.getLogger(__name__)
 _OWNER = "DualFormRecorder"
 _STATE_VERSION = 1
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's own module inside the wrappers a loop puts around it: ``DistributedDataParallel``,
-    ``DataParallel`` and Fabric's module wrapper (whose ``module`` is the original, by Fabric's public API)."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    while True:
-        if isinstance(model, (DistributedDataParallel, DataParallel)):
-            model = model.module
-            continue
-        try:
-            from lightning.fabric.wrappers import is_wrapped
-        except ImportError:  # pragma: no cover - lightning is a dependency
-            return model
-        if is_wrapped(model) and isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-            continue
-        return model
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -131,8 +116,6 @@ class DualFormRecorder:
         self.epoch = 0
         self._engine: RecordingEngine | None = None
         self._resume: dict[str, Any] | None = None
-        self._hooks: list[Any] = []
-        self._settings: StepSettings | None = None
         self._problems: list[str] = []
         self._early_inputs: list[tuple[torch.Tensor, BatchInfo]] = []
 
@@ -169,6 +152,8 @@ class DualFormRecorder:
                 f"`{_OWNER}(..., overwrite=True)` to replace it, or continue it with `load_state_dict(state)` "
                 "(the state a checkpoint of this run saved from `state_dict()`)."
             )
+        if self.dist.world_size > 1 and not opts.overwrite and self._resume is None:
+            check_index_path(self.path, _OWNER)  # rank 0 writes the shard index there: never over another store
         if self._resume is not None and not os.path.exists(self.store_path):
             raise FileNotFoundError(
                 f"{_OWNER}: the saved state continues {self.store_path}, but that file is gone. Restore it, or "
@@ -176,9 +161,10 @@ class DualFormRecorder:
             )
         chosen, notes = find_layers(self.model, opts.layers)
         if not chosen:
-            raise ValueError(f"{_OWNER} found no layer to track: the model has no trainable nn.Linear"
+            raise ValueError(f"{_OWNER} found no layer to track: the model has no trainable layer of a kind it "
+                             "records (nn.Linear, nn.Conv1d, nn.Conv2d with groups=1, nn.Embedding)"
                              + (" matching `layers`." if opts.layers is not None else "."))
-        engine = RecordingEngine(opts, _OWNER, info=self._info, warn=self._warn)
+        engine = RecordingEngine(opts, _OWNER, certifier=certify_store, info=self._info, warn=self._warn)
         engine.dist = self.dist
         engine.track(chosen, self.optimizer, notes)
         for note in notes:
@@ -188,10 +174,8 @@ class DualFormRecorder:
         self._engine = engine
         engine.attach()
         engine.active = True
-        self._hooks = [
-            self.optimizer.register_step_pre_hook(self._before_step),
-            self.optimizer.register_step_post_hook(self._after_step),
-        ]
+        # every step the optimizer takes, numbered here, its gradient factor measured; the store opens at the first
+        engine.hook_optimizer(open_store=self._open, epoch=lambda: self.epoch)
 
     def batch(self, indices: Any = None, labels: Any = None, inputs: torch.Tensor | None = None, *,
               epoch: int | None = None) -> None:
@@ -233,9 +217,12 @@ class DualFormRecorder:
         return self._engine.steps_recorded if self._engine is not None else 0
 
     @property
-    def certificate(self) -> dict[str, dict[str, float]]:
-        """Per layer, after :meth:`finish`: ``rel_err`` of the rebuilt weights, ``tolerance``, ``exact``."""
-        return self._engine.certificate if self._engine is not None else {}
+    def certificate(self) -> dict[str, dict[str, Any]]:
+        """Per layer, after :meth:`finish`: ``rel_err`` of the rebuilt weights, ``tolerance``, ``exact``, ``explained``,
+        ``method``."""
+        if self._engine is None:
+            return {}
+        return {name: cert.as_dict() for name, cert in self._engine.certificate.items()}
 
     @property
     def plan(self) -> Plan | None:
@@ -279,7 +266,7 @@ class DualFormRecorder:
         engine = self._engine
         if engine is None:
             return
-        self._remove_hooks()
+        engine.unhook_optimizer()
         if engine.writer is None:  # no step was ever taken: nothing to finish
             engine.detach()
             return
@@ -288,27 +275,12 @@ class DualFormRecorder:
 
     def close(self) -> None:
         """Stop without finalising (``with`` does it on an exception): the store opens at its last committed step."""
-        self._remove_hooks()
         if self._engine is not None:
             self._engine.close()
 
     # ------------------------------------------------------------------------------------------------
-    # the optimizer's steps
+    # the store, opened at the first step
     # ------------------------------------------------------------------------------------------------
-    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        engine = self._engine
-        if engine.writer is None:
-            self._open()
-        self._settings = engine.step_settings()
-
-    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        settings, self._settings = self._settings, None
-        engine = self._engine
-        if settings is None or engine is None or engine.writer is None:
-            return
-        engine.record_step(engine.steps_recorded, self.epoch, settings, None)
-        engine.active = True  # rows of the next step's forward passes (until a batch() says otherwise)
-
     def _open(self) -> None:
         engine = self._engine
         first = next(iter(engine.chosen.values()))
@@ -345,12 +317,6 @@ class DualFormRecorder:
         if self.expected_steps is None:
             return 0, math.inf, 0
         return self.expected_steps - self.steps, 1.0, 0
-
-    def _remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        self._settings = None
 
     def _info(self, msg: str) -> None:
         if self.dist.rank == 0:

@@ -66,6 +66,30 @@ class SketchCertificate:
         gen = torch.Generator().manual_seed(seed)
         return torch.randn(d_in, k, generator=gen).to(device)
 
+    @classmethod
+    def for_run(cls, modules: dict[str, torch.nn.Module], probes: dict[str, torch.Tensor],
+                optimizer: torch.optim.Optimizer, resume: dict[str, Any] | None) -> "SketchCertificate | None":
+        """The projections of a run of ``torch.optim.SGD`` from its first recorded step (the weights and the
+        momentum buffers then), or from those a checkpoint saved (``resume["sketch"]``); None where a resume's
+        checkpoint holds none for these layers (one from before they existed: certified at the end instead)."""
+        from lightning_dualform.layers import weight_matrix
+
+        saved = (resume or {}).get("sketch")
+        if resume is not None and (not isinstance(saved, dict) or set(saved) != set(modules)):
+            return None
+        sketch = cls()
+        state = optimizer.state
+        for name, m in modules.items():
+            w, b = m.weight, getattr(m, "bias", None)
+            buf = state.get(w, {}).get("momentum_buffer")
+            bbuf = state.get(b, {}).get("momentum_buffer") if b is not None else None
+            sketch.start(name, probes[name], weight_matrix(m).float(),
+                         weight_matrix(m, buf).float() if buf is not None else None,
+                         b.detach().float() if b is not None else None,
+                         bbuf.detach().float() if bbuf is not None else None,
+                         resumed=saved[name] if saved is not None else None)
+        return sketch
+
     def start(self, name: str, z: torch.Tensor, w0: torch.Tensor, buf0: torch.Tensor | None, b0: torch.Tensor | None,
               bbuf0: torch.Tensor | None, resumed: dict[str, Any] | None = None) -> None:
         """Begin a layer's projection at the store's first step (``w0`` ``(d_out, d_in)``...), or continue the

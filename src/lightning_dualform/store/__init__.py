@@ -1,6 +1,7 @@
 """The HDF5 store: its layout (:mod:`.format`), encodings (:mod:`.filters`), the writer and its thread
-(:mod:`.writer`, :mod:`.background`), query sets (:mod:`.query_writer`), readers (:mod:`.reader`) and the
-shards of a DDP run (:mod:`.shards`).
+(:mod:`.writer`, :mod:`.skeleton`, :mod:`.truncate`, :mod:`.background`), query sets (:mod:`.query_writer`),
+a layer's certificate (:mod:`.certificate`), readers (:mod:`.reader`, :mod:`.validate`) and the shards of a
+DDP run (:mod:`.shards`).
 
 The layout is documented in ``docs/store-format.md``; this package is its only writer and the library's
 only way in. Nothing here knows about Lightning.
@@ -21,6 +22,7 @@ __all__ = [
     "ROW_COLUMNS",
     "ROW_DTYPES",
     "Coefficients",
+    "LayerCertificate",
     "LayerReader",
     "LayerSpec",
     "QuerySet",
@@ -37,6 +39,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from lightning_dualform.store._lock import WriterLock
+    from lightning_dualform.store.certificate import LayerCertificate
     from lightning_dualform.store.format import (
         FORMAT_NAME,
         FORMAT_VERSION,
@@ -58,5 +61,6 @@ _WHERE = {
     **dict.fromkeys(("ShardedStoreReader", "open_store", "read_shard_index", "write_shard_index"),
                     "lightning_dualform.store.shards"),
     "StoreWriter": "lightning_dualform.store.writer",
+    "LayerCertificate": "lightning_dualform.store.certificate",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _WHERE, __all__)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 
 import h5py
 
@@ -35,11 +36,16 @@ _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 def superblock_flags(path: str) -> int | None:
     """The 'file consistency flags' byte of a version 2/3 superblock at offset 0 (non-zero: open for
     writing, or left so by a killed writer); None when the file does not start with such a superblock."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(12)
+    try:  # never blocking (a FIFO put at the path after it was checked), and only a regular file's bytes
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return None
+    try:
+        head = os.pread(fd, 12, 0) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     if len(head) < 12 or head[:8] != _SIGNATURE or head[8] not in (2, 3):
         return None
     return head[11]

@@ -20,8 +20,13 @@ byte that existed when the session began, appends that byte's original value to 
 
 After a rollback the file is byte for byte what it was before the session. The guarantee rests on the
 journal, not on HDF5's internals; it costs one ``fsync`` per batch of first writes to old bytes (HDF5
-flushes its metadata cache in a few batches), and the journal holds only the old bytes that changed
+flushes its metadata cache in a few batches), and the journal holds only the old blocks that changed
 (kilobytes of metadata), never a copy of the store.
+
+A journal is applied only to the store it was written for: its header records the store's identity and
+its records are bounded (:mod:`._journal_format`); :mod:`._rollback` checks both before it changes a byte,
+and sets aside a journal that does not belong. The journal is a side file (:mod:`._sidefile`): created with
+``O_EXCL`` (never through a symlink), so the session writes nothing but the store and its own journal.
 """
 
 from __future__ import annotations
@@ -29,26 +34,25 @@ from __future__ import annotations
 import errno
 import io
 import os
-import struct
-import zlib
+import stat
 
 import h5py
 
 from lightning_dualform.errors import StoreError
-from lightning_dualform.store import _h5
+from lightning_dualform.store import _h5, _journal_format as fmt
+from lightning_dualform.store._sidefile import open_regular, side_path
 from lightning_dualform.store._space import DiskFullError, SpaceReserve, reserve_fd
 
 #: bytes reserved for a session's journal up front (plus 1/256 of the store)
 JOURNAL_RESERVE = 1 << 20
 
 JOURNAL_SUFFIX = ".journal"
-_MAGIC = b"LDFJRNL1"
-_HEADER = struct.Struct("<8sQI")  # magic, original size, crc32 of the phase name
-_RECORD = struct.Struct("<QQI")  # offset, length, crc32 of the bytes
+WHAT = "write-session journal"
 
 
-def journal_path(path: str) -> str:
-    return os.fspath(path) + JOURNAL_SUFFIX
+def journal_path(path: str | os.PathLike) -> str:
+    """``<store>.journal``, named after the store's resolved path (every spelling of a store shares it)."""
+    return side_path(path, JOURNAL_SUFFIX)
 
 
 def fsync_dir(path: str) -> None:
@@ -62,6 +66,21 @@ def fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def open_store(path: str) -> int:
+    """The store itself, for reading and writing (a symlink the user named is followed: its target is the store);
+    :class:`StoreError` unless it is a regular file."""
+    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"{path}: is not a regular file; a store is an HDF5 file on disk.")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class _Saved:
@@ -108,14 +127,19 @@ class _UndoFile(io.RawIOBase):
         super().__init__()
         self.path = path
         self.phase = phase
-        self._fd = os.open(path, os.O_RDWR)
-        self.size0 = os.fstat(self._fd).st_size
+        self._fd = open_store(path)
+        st = os.fstat(self._fd)
+        self.size0 = st.st_size
         self._jpath = journal_path(path)
         try:
-            self._jfd = os.open(self._jpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._jfd = open_regular(self._jpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, WHAT, writes=True)
         except FileExistsError:
             os.close(self._fd)
-            raise StoreError(f"{path}: an unfinished write session left {self._jpath}; open the store to roll it back first.") from None
+            raise StoreError(f"{path}: an unfinished write session left {self._jpath}; open the store to roll it back "
+                             "first.") from None
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._pos = 0
         self._saved = _Saved()
         self.failed: BaseException | None = None
@@ -126,10 +150,12 @@ class _UndoFile(io.RawIOBase):
             self.space = SpaceReserve(path)
             self.space.ensure(0)
             reserve_fd(self._jfd, self._jpath, JOURNAL_RESERVE + self.size0 // 256)
-            name = phase.encode()[:200]
-            os.write(self._jfd, _HEADER.pack(_MAGIC, self.size0, zlib.crc32(name)) + struct.pack("<H", len(name)) + name)
+            self.nonce = fmt.new_nonce()
+            digest = fmt.sample_digest(lambda o, n: os.pread(self._fd, n, o), self.size0)
+            header, self._chain = fmt.pack_header(st.st_dev, st.st_ino, self.size0, self.nonce, digest, phase)
+            _write_all(self._jfd, header)
             os.fsync(self._jfd)
-            fsync_dir(path)  # the journal exists on disk before the store changes
+            fsync_dir(self._jpath)  # the journal exists on disk before the store changes
         except OSError as err:
             self._close_fds()
             self._release_space()
@@ -165,7 +191,7 @@ class _UndoFile(io.RawIOBase):
     def tell(self) -> int:
         return self._pos
 
-    def readinto(self, buf) -> int:  # type: ignore[override]
+    def readinto(self, buf) -> int:
         view = memoryview(buf).cast("B")
         if self._fd is None:  # after the rollback: HDF5 is only closing
             view[:] = b"\0" * len(view)
@@ -180,7 +206,7 @@ class _UndoFile(io.RawIOBase):
         self._pos += n
         return n
 
-    def write(self, data) -> int:  # type: ignore[override]
+    def write(self, data) -> int:
         view = memoryview(data).cast("B")
         if self.failed is not None:
             # The session is being rolled back, so what HDF5 writes now is void; accepting it lets HDF5
@@ -222,21 +248,22 @@ class _UndoFile(io.RawIOBase):
             raise OSError(f"{self.path}: this write session failed ({self.failed}); it is being rolled back")
 
     def _save(self, a: int, b: int) -> None:
+        """Journal the original bytes of ``[a, b)`` (whole blocks around it) not journaled yet, durably."""
+        a, b = fmt.blocks_around(a, b, self.size0)
         gaps = self._saved.missing(a, b)
         if not gaps:
             return
         records = []
         for s, e in gaps:
-            orig = os.pread(self._fd, e - s, s)
-            if len(orig) != e - s:  # past the physical end: nothing to keep beyond it
-                e = s + len(orig)
-            if orig:
-                records.append(_RECORD.pack(s, len(orig), zlib.crc32(orig)) + orig)
+            for p in range(s, e, fmt.RECORD_MAX):
+                q = min(e, p + fmt.RECORD_MAX)
+                orig = os.pread(self._fd, q - p, p)
+                if orig:  # (short only past the physical end: nothing to keep beyond it)
+                    rec, self._chain = fmt.pack_record(p, orig, self._chain)
+                    records.append(rec)
         blob = b"".join(records)
         reserve_fd(self._jfd, self._jpath, len(blob))
-        n = 0
-        while n < len(blob):
-            n += os.write(self._jfd, blob[n:])
+        _write_all(self._jfd, blob)
         os.fsync(self._jfd)  # the old bytes are durable before the new ones are written
         for s, e in gaps:
             self._saved.add(s, e)
@@ -247,7 +274,7 @@ class _UndoFile(io.RawIOBase):
         os.fsync(self._fd)
         self._close_fds()
         os.unlink(self._jpath)
-        fsync_dir(self.path)
+        fsync_dir(self._jpath)
         self._release_space()
 
     def _release_space(self) -> None:
@@ -264,7 +291,9 @@ class _UndoFile(io.RawIOBase):
             self.failed = StoreError("rolled back")
         self._close_fds()
         self._release_space()
-        rollback(self.path)
+        from lightning_dualform.store import _rollback  # (it reads what this module writes)
+
+        _rollback.rollback_own(self.path, self.nonce)
 
     def _close_fds(self) -> None:
         for name in ("_fd", "_jfd"):
@@ -288,60 +317,10 @@ def _remove(path: str) -> None:
         pass
 
 
-def read_phase(path: str) -> str | None:
-    """The phase named in a journal left beside ``path`` (None when there is none or it is unreadable)."""
-    try:
-        with open(journal_path(path), "rb") as fh:
-            head = fh.read(_HEADER.size + 2)
-            if len(head) < _HEADER.size + 2:
-                return None
-            _, _, crc = _HEADER.unpack(head[: _HEADER.size])
-            (n,) = struct.unpack("<H", head[_HEADER.size :])
-            name = fh.read(n)
-            return name.decode(errors="replace") if zlib.crc32(name) == crc else None
-    except OSError:
-        return None
-
-
-def rollback(path: str) -> str | None:
-    """Undo the session whose journal is beside ``path``: write back every saved byte, truncate the file to
-    its original length, fsync, delete the journal. Returns the phase the session was in, or None when there
-    was no journal. The caller makes sure no live process writes the file (the writer lock)."""
-    jp = journal_path(path)
-    try:
-        with open(jp, "rb") as fh:
-            blob = fh.read()
-    except FileNotFoundError:
-        return None
-    head = _HEADER.size + 2
-    if len(blob) < head or blob[:8] != _MAGIC:
-        # torn while it was being created: the store was not touched yet
-        os.unlink(jp)
-        fsync_dir(path)
-        return "an interrupted write"
-    _, size0, crc = _HEADER.unpack(blob[: _HEADER.size])
-    (n,) = struct.unpack("<H", blob[_HEADER.size : head])
-    name = blob[head : head + n]
-    phase = name.decode(errors="replace") if zlib.crc32(name) == crc else "an interrupted write"
-    pos = head + n
-    fd = os.open(path, os.O_RDWR)
-    try:
-        while pos + _RECORD.size <= len(blob):
-            offset, length, rcrc = _RECORD.unpack(blob[pos : pos + _RECORD.size])
-            data = blob[pos + _RECORD.size : pos + _RECORD.size + length]
-            if len(data) != length or zlib.crc32(data) != rcrc:
-                break  # torn by the kill: the bytes it would protect were never overwritten
-            w = 0
-            while w < length:
-                w += os.pwrite(fd, data[w:], offset + w)
-            pos += _RECORD.size + length
-        os.ftruncate(fd, size0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.unlink(jp)
-    fsync_dir(path)
-    return phase
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class WriteSession:

@@ -14,17 +14,24 @@ next writer reuses. A holder unlinks the file when it releases the lock; an acqu
 it locked is still the one at the path (the usual unlink-safe lock-file protocol). The file holds the
 holder's pid and phase, for messages. Where ``fcntl`` is missing (Windows) locking is a no-op.
 
-The same path spelled differently (``run.h5``, ``./run.h5``, an absolute path, a symlink) names the same
-lock file, because the file system resolves it.
+The same path spelled differently (``run.h5``, ``./run.h5``, an absolute path, a symlink to the store, a path
+through a symlinked folder) names the same lock file: it is named after the store's resolved path.
+
+The lock file is a side file (:mod:`._sidefile`): opened without following a symlink and without blocking,
+and refused unless it is a regular file with no other name, so that locking never writes into, truncates or
+blocks on anything but the lock file itself.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import stat
 import time
 
-from lightning_dualform.errors import StoreBusyError
+from lightning_dualform.errors import StoreBusyError, StoreError
+from lightning_dualform.store._sidefile import kind, open_regular, side_path
 
 try:
     import fcntl
@@ -34,10 +41,42 @@ except ImportError:  # pragma: no cover - Windows
 LOCK_SUFFIX = ".lock"
 #: how long an acquirer retries before it refuses: a reader's probe of the lock holds it for microseconds
 ACQUIRE_RETRY_S = 1.0
+#: a lock file holds one line ("pid 12 on host: phase"); a longer file at its name is not one the library wrote
+MAX_LOCK_BYTES = 4096
+_WHAT = "writer lock"
 
 
 def lock_path(path: str | os.PathLike) -> str:
-    return os.fspath(path) + LOCK_SUFFIX
+    return side_path(path, LOCK_SUFFIX)
+
+
+def _check_store(path: str) -> None:
+    """The lock is made beside the store's resolved path: only for a regular file, or for nothing yet (a symlink
+    to a device must not get a lock file beside the device, nor a dangling one beside where it points)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise StoreError(f"{path}: is a symbolic link to nothing ({os.readlink(path)}); a store is written to a "
+                             "regular file. Remove the link or point it at a store.") from None
+        return
+    except OSError:
+        return  # (the caller's own open says what is wrong)
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"{path}: is {kind(st.st_mode)}, not a store file; a store is written to a regular file only.")
+
+
+def _open(lp: str, flags: int) -> int:
+    """The lock file, opened as a side file; a file too long to be a lock is refused (a writer truncates it)."""
+    fd = open_regular(lp, flags, _WHAT, writes=bool(flags & (os.O_RDWR | os.O_WRONLY)))
+    size = os.fstat(fd).st_size
+    if size > MAX_LOCK_BYTES:
+        os.close(fd)
+        raise StoreError(
+            f"{lp}: holds {size} bytes, so it is not the {_WHAT} that lightning-dualform keeps beside the store "
+            f"(one line of at most {MAX_LOCK_BYTES} bytes), and writing it would destroy it. Move it away, then retry."
+        )
+    return fd
 
 
 class WriterLock:
@@ -58,14 +97,24 @@ class WriterLock:
 
         Raises:
             StoreBusyError: another process (or another writer in this process) holds the lock.
+            StoreError: something else than a regular lock file is at the lock's name (:mod:`._sidefile`).
+            PermissionError: the lock file cannot be created or opened for writing here.
         """
         path = os.fspath(path)
         if fcntl is None:  # pragma: no cover
             return cls(path, None)
+        _check_store(path)
         lp = lock_path(path)
         deadline = time.monotonic() + wait
         while True:
-            fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = _open(lp, os.O_RDWR | os.O_CREAT)
+            except PermissionError as err:
+                raise PermissionError(
+                    err.errno or errno.EACCES,
+                    f"{lp}: cannot create or open the store's {_WHAT} ({err.strerror or err}); writing a store needs "
+                    "permission to create files in its folder",
+                ) from err
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -78,7 +127,7 @@ class WriterLock:
                 time.sleep(0.02)
                 continue
             try:
-                same = os.path.samestat(os.fstat(fd), os.stat(lp))
+                same = os.path.samestat(os.fstat(fd), os.lstat(lp))
             except FileNotFoundError:
                 same = False
             if not same:  # the previous holder unlinked it after we opened it: lock the new one
@@ -109,7 +158,7 @@ class WriterLock:
         if fd is None:
             return
         try:
-            if os.path.samestat(os.fstat(fd), os.stat(lock_path(self.path))):
+            if os.path.samestat(os.fstat(fd), os.lstat(lock_path(self.path))):
                 os.unlink(lock_path(self.path))
         except OSError:
             pass
@@ -129,13 +178,16 @@ def writer_active(path: str | os.PathLike, *, other_process: bool = True) -> str
     Args:
         other_process: ignore a writer in this very process (its HDF5 calls and ours are serialised by
             h5py, so what this process reads is never half written by it).
+
+    Raises:
+        StoreError: something else than a regular lock file is at the lock's name (:mod:`._sidefile`).
     """
     if fcntl is None:  # pragma: no cover
         return None
     lp = lock_path(path)
     try:
-        fd = os.open(lp, os.O_RDONLY)
-    except OSError:
+        fd = open_regular(lp, os.O_RDONLY, _WHAT)
+    except OSError:  # none (no writer ever, or it finished), or unreadable here: no writer we can see
         return None
     try:
         try:
@@ -160,8 +212,8 @@ def _read(fd: int) -> str:
 
 def _holder(lp: str) -> str:
     try:
-        fd = os.open(lp, os.O_RDONLY)
-    except OSError:
+        fd = open_regular(lp, os.O_RDONLY, _WHAT)
+    except (OSError, StoreError):
         return "another process"
     try:
         return _read(fd) or "another process"

@@ -11,8 +11,11 @@ overlaps the caller's own imports.
 
 The child stays up for the next file (starting Python and h5py costs far more than a walk) and is
 replaced after any file it finds damaged. It prints a line as it visits each object (and every 1,024
-chunks), and the parent ends it when no line has come for :func:`stall_timeout` seconds: a big healthy store takes as long as it needs, a
-loop inside HDF5 is caught in seconds. The walk also checks what a loop could otherwise make endless:
+chunks), and the parent ends it when no line has come while the child had :func:`stall_timeout` seconds to make
+one (CPU time, or time blocked in a read; :class:`_Progress`): a big healthy store takes as long as it needs, a
+loop inside HDF5 (which spins at 100% CPU) or a read that never returns is caught in seconds, and a child that a
+loaded machine keeps waiting for a core is not mistaken for a hung one (seen at load 26: a plain wall-clock limit
+of 5 s called healthy stores damaged). The walk also checks what a loop could otherwise make endless:
 a dataset's chunk index may not list more chunks than the file has room for, nor chunks past its end.
 Data chunks themselves are protected by their fletcher32 checksums.
 """
@@ -33,6 +36,8 @@ _probed: set[tuple] = set()
 DEFAULT_STALL_S = 5.0
 #: seconds the checking process may take to start (Python and h5py, on a busy machine)
 STARTUP_S = 120.0
+#: wall seconds without progress after which a walk counts as hung, however little time it had
+STALL_WALL_S = 120.0
 
 
 def stall_timeout() -> float:
@@ -138,7 +143,7 @@ class _Worker:
         except OSError:
             return "crashed", str(self.proc.poll())
         fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
-        last = time.monotonic()
+        progress = _Progress(self.proc.pid, stall)
         while True:
             while b"\n" in self._buf:
                 line, self._buf = self._buf.split(b"\n", 1)
@@ -158,8 +163,8 @@ class _Worker:
                     code = self.proc.wait()
                     return "crashed", str(code)
                 self._buf += chunk
-                last = time.monotonic()
-            elif time.monotonic() - last > stall:
+                progress.reset()
+            elif progress.hung():
                 return "hung", ""
 
     def close(self) -> None:
@@ -175,6 +180,47 @@ class _Worker:
                 pipe.close()  # type: ignore[union-attr]
             except (OSError, AttributeError):
                 pass
+
+
+def _proc_stat(pid: int) -> tuple[str, float] | None:
+    """A process's scheduler state (``R`` runnable, ``S``/``D`` waiting ...) and the CPU seconds it has used,
+    from ``/proc`` (None where there is none)."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        return fields[0].decode(), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _Progress:
+    """Whether a walk that prints nothing is hung, in time the child had: it spent ``stall`` seconds of CPU since
+    its last line (a loop inside HDF5 spins), or waited ``stall`` seconds for something other than the CPU (a
+    read that blocks), or :data:`STALL_WALL_S` seconds passed. Time a loaded machine kept it waiting for a core
+    does not count. Where ``/proc`` is missing, ``stall`` seconds of wall time."""
+
+    def __init__(self, pid: int, stall: float) -> None:
+        self.pid, self.stall = pid, stall
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = self.seen = time.monotonic()
+        stat = _proc_stat(self.pid)
+        self.cpu = stat[1] if stat else None
+        self.blocked = 0.0
+
+    def hung(self) -> bool:
+        now = time.monotonic()
+        wall, dt, self.seen = now - self.start, now - self.seen, now
+        if wall > max(STALL_WALL_S, self.stall):
+            return True
+        stat = _proc_stat(self.pid)
+        if stat is None or self.cpu is None:
+            return wall > self.stall
+        state, cpu = stat
+        if state not in ("R", "Z", "X"):  # asleep or in I/O: waiting for something other than a core
+            self.blocked += dt
+        return cpu - self.cpu > self.stall or self.blocked > self.stall
 
 
 _worker: _Worker | None = None

@@ -61,8 +61,6 @@ def tables_crc32(update_step: np.ndarray, grad_scale: np.ndarray, params: dict[s
 #: The rebuilt weights an element-wise rule's replay gives at the certificate's end step (float64), kept for
 #: ``attend``'s ``dual`` under the same conditions as the memory sums (which only scalar rules have).
 REPLAY_DATASETS = ("replay_weight", "replay_bias")
-#: Everything derived from the rows that a resume deletes before it changes any row.
-DERIVED_DATASETS = MEMORY_SUM_DATASETS + REPLAY_DATASETS
 
 #: per-step table columns of SGD stored as float64 (the others are bool)
 FLOAT_PARAM_COLUMNS = ("lr", "momentum", "dampening", "weight_decay")
@@ -76,6 +74,19 @@ SCALAR_RULES = ("sgd", "asgd")
 #: Group of a layer that holds the optimizer state before the first recorded step (rules other than SGD).
 STATE_GROUP = "state"
 UPDATE_RULES = (*RULES, PLAIN_RULE)
+
+
+#: How a store rebuilds a layer (``StoreView.form``): per-step scalar coefficients (SGD, ASGD), the replay of
+#: an element-wise rule (Adam, AdamW, ...: ``attend/replay.py``), or the plain sum of a run recorded with
+#: ``exact=False`` (plus its stored residual).
+FORMS = ("scalar", "element-wise", "plain")
+
+
+def store_form(update_rule: str, optimizer_exact: bool) -> str:
+    """The :data:`FORMS` entry of a store with this ``update_rule`` and ``optimizer_exact``."""
+    if not optimizer_exact or update_rule == PLAIN_RULE:
+        return "plain"
+    return "scalar" if update_rule in SCALAR_RULES else "element-wise"
 
 
 def table_columns(update_rule: str) -> tuple[Column, ...]:
@@ -92,8 +103,8 @@ def rule_named(update_rule: str) -> UpdateRule | None:
 META_CHUNK = 4096
 TABLE_CHUNK = 512
 #: automatic chunk size of keys and values: big enough that per-chunk costs vanish, small enough that a
-#: chunk is checksummed and written while its rows are still in the CPU's cache (512 KiB: measured
-#: 1.71x training time against 1.93x for 3 MB chunks, benchmarks/overhead.py)
+#: chunk is checksummed and written while its rows are still in the CPU's cache (512 KiB trains faster than
+#: 3 MB chunks: docs/benchmarks.md, "Training overhead")
 CHUNK_BYTES = 512 * 1024
 
 

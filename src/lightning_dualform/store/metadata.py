@@ -18,6 +18,18 @@ from lightning_dualform.store.format import FORMAT_NAME, FORMAT_VERSION, MIN_FOR
 
 #: ``status``: being written (or stopped early: the store ends at its last committed step), or finished by fit.
 STATUSES = ("recording", "complete")
+#: ``gradient_clip_algorithm``: Lightning's two, or each step's factor measured (``DualFormRecorder``)
+CLIP_ALGORITHMS = ("norm", "value", "measured")
+
+
+def clip_algorithm_name(value: Any) -> str:
+    """``gradient_clip_algorithm`` as stored: ``"norm"``, ``"value"`` or ``"measured"``, whether given as
+    Lightning's ``GradClipAlgorithmType`` or as text (stores written before this was normalised hold
+    ``"GradClipAlgorithmType.NORM"``: it reads as ``"norm"``)."""
+    text = str(getattr(value, "value", value))
+    if text.startswith("GradClipAlgorithmType."):
+        text = text.split(".", 1)[1]
+    return text.lower()
 
 
 @dataclass
@@ -53,6 +65,10 @@ class StoreMetadata:
     dropped_layers: dict[str, str] = field(default_factory=dict)
     #: attributes this version does not know (a newer writer's), kept as read
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gradient_clip_algorithm, str) or hasattr(self.gradient_clip_algorithm, "value"):
+            self.gradient_clip_algorithm = clip_algorithm_name(self.gradient_clip_algorithm)
 
     def to_attrs(self) -> dict[str, Any]:
         """The attributes to write (containers as JSON by ``_h5.set_attrs``; unset optional ones left out)."""

@@ -31,19 +31,49 @@ from lightning_dualform.store.reader import Coefficients, LayerReader, QuerySet,
 MAX_SHARDS = 1 << 16
 
 
-def write_shard_index(path: str, shards: list[str]) -> None:
-    """A small file at ``path`` naming the per-rank stores of a DDP run (paths relative to it)."""
+def write_shard_index(path: str, shards: list[str], *, overwrite: bool = True) -> None:
+    """A small file at ``path`` naming the per-rank stores of a DDP run (paths relative to it).
+
+    Args:
+        overwrite: replace a file at ``path`` that is not a shard index (a store of an earlier run); an index
+            is always replaced.
+
+    Raises:
+        StoreError: something other than a regular file is at ``path`` (never replaced).
+        FileExistsError: a file that is not a shard index is at ``path`` and ``overwrite`` is False.
+    """
+    _repair.check_replaceable(path)
+    if not overwrite:
+        check_index_path(path)
     base = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}.creating-{os.getpid()}-{os.urandom(4).hex()}"  # never shared with another writer
     try:
-        with h5py.File(tmp, "w", locking=False) as f:
+        with h5py.File(tmp, "x", locking=False) as f:  # (O_EXCL: never through a link)
             f.attrs["format"] = SHARDS_FORMAT
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["shards"] = json.dumps([os.path.relpath(os.path.abspath(s), base) for s in shards])
+        _repair.check_replaceable(path)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
+
+
+def check_index_path(path: str, owner: str = "DualFormCallback") -> None:
+    """Before a DDP run (without ``overwrite=True``) writes its shard index at ``path``: every rank calls it at
+    set-up, so that a refusal stops all of them.
+
+    Raises:
+        StoreError: something other than a regular file is at ``path``.
+        FileExistsError: a file that is not a shard index (a single-process store) is there.
+    """
+    _repair.check_replaceable(path)
+    if os.path.lexists(path) and read_shard_index(path) is None:
+        raise FileExistsError(
+            f"{owner}: {path} already exists and is not the shard index of a DDP run (a DDP run writes its index "
+            f"there and each rank's store beside it). Choose another path, delete it, or pass `{owner}(..., "
+            "overwrite=True)` to replace it."
+        )
 
 
 def read_shard_index(path: str, *, probe: bool = True) -> list[str] | None:
@@ -116,7 +146,9 @@ def _rank_files(path: str) -> list[str]:
 
 
 class ShardedLayerReader:
-    """One layer over all shards (same interface as :class:`~lightning_dualform.store.LayerReader`)."""
+    """One layer over all shards (a :class:`~lightning_dualform.store.source.LayerSource`, as ``LayerReader``)."""
+
+    geometry = None  # its blocks interleave shards: it serves unfolded rows, never compact blocks
 
     def __init__(self, store: "ShardedStoreReader", parts: list[LayerReader]) -> None:
         self.store = store
@@ -125,7 +157,7 @@ class ShardedLayerReader:
         for other in parts[1:]:
             if (other.d_in, other.d_out, other.has_bias) != (first.d_in, first.d_out, first.has_bias):
                 raise StoreError(f"{store.path}: shards disagree on the shape of layer {first.name!r}.")
-        for attr in ("name", "kind", "d_in", "d_out", "has_bias", "order", "attrs"):
+        for attr in ("name", "kind", "d_in", "d_out", "has_bias", "order", "attrs", "certificate"):
             setattr(self, attr, getattr(first, attr))
         self.exact = all(p.exact for p in parts)
         self.inexact_reason = "; ".join(p.inexact_reason for p in parts if p.inexact_reason)

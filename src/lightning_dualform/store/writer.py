@@ -14,12 +14,12 @@ Durability, phase by phase (``docs/store-format.md``, "What a reader may assume"
 * One writer at a time: every phase holds the store's writer lock (:mod:`._lock`); a second writer is
   refused at its start with :class:`~lightning_dualform.errors.StoreBusyError`.
 
-Nothing here knows about Lightning or torch.
+The skeleton a new store starts from is :mod:`.skeleton`'s; a resume's truncation :mod:`.truncate`'s; the
+certificate's bytes :mod:`.certificate`'s. Nothing here knows about Lightning or torch.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import math
 import os
@@ -32,41 +32,19 @@ import numpy as np
 
 from lightning_dualform._args import as_int
 from lightning_dualform.errors import StoreError
-from lightning_dualform.optim import PARAM, OptimizerState
-from lightning_dualform.store import _h5, _journal, _repair
+from lightning_dualform.store import _h5, _journal, _repair, _rollback
 from lightning_dualform.store._chunks import ChunkAppender
-from lightning_dualform.store.conv import MAPS_LAYOUT, ConvGeometry
-from lightning_dualform.store._h5open import open_readonly
 from lightning_dualform.store._lock import WriterLock
 from lightning_dualform.store._space import SpaceReserve
+from lightning_dualform.store.certificate import TABLES_CRC32, LayerCertificate, stored_tables_crc32
+from lightning_dualform.store.conv import MAPS_LAYOUT
 from lightning_dualform.store.filters import compression_kwargs, encode_rows
+from lightning_dualform.store.format import FORMAT_NAME, META_CHUNK, ROW_COLUMNS, ROW_DTYPES, LayerSpec, StepRows
 from lightning_dualform.store.metadata import StoreMetadata
-from lightning_dualform.store.format import (
-    CONV_KINDS,
-    DERIVED_DATASETS,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    META_CHUNK,
-    ROW_COLUMNS,
-    ROW_DTYPES,
-    STATE_GROUP,
-    TABLE_CHUNK,
-    LAYER_KINDS,
-    LayerSpec,
-    StepRows,
-    chunk_rows_for,
-    table_columns,
-    tables_crc32,
-)
+from lightning_dualform.store.skeleton import MAX_INPUT_BYTES, check_chunk_rows, check_specs, map_counts, write_skeleton
+from lightning_dualform.store.truncate import stored_settings, truncate
 
 log = logging.getLogger(__name__)
-
-#: largest chunk of keys or values: the writer holds one chunk per column in memory (the automatic size is
-#: 512 KiB; ``chunk_rows=10**8`` once meant 23.8 GiB at the first batch)
-MAX_CHUNK_BYTES = 64 << 20
-#: largest raw input of one example that the store keeps (bytes)
-MAX_INPUT_BYTES = 1 << 30
-
 
 def check_commit_seconds(commit_seconds: Any, call: str = "StoreWriter(commit_seconds=...)") -> float:
     """``commit_seconds`` as a positive, finite float (an int or a float; never a bool or a string)."""
@@ -76,81 +54,6 @@ def check_commit_seconds(commit_seconds: Any, call: str = "StoreWriter(commit_se
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"`{call}` got {commit_seconds!r}; expected a positive, finite number of seconds.")
     return value
-
-
-def check_chunk_rows(chunk_rows: Any, specs: list[LayerSpec], row_dtype: str, call: str = "StoreWriter.create(chunk_rows=...)") -> int | None:
-    """``chunk_rows`` as an int whose chunks fit :data:`MAX_CHUNK_BYTES` for every layer, or None."""
-    if chunk_rows is None:
-        return None
-    rows = as_int(chunk_rows, call, lo=1, allowed="None or a positive integer")
-    itemsize = 2 if row_dtype in ("float16", "bfloat16") else 4
-    for spec in specs:
-        width = max(8 if spec.kind == "embedding" else spec.d_in * itemsize, spec.d_out * itemsize)
-        if rows * width > MAX_CHUNK_BYTES:
-            raise ValueError(
-                f"`{call}` got {rows}: layer {spec.name!r} would have chunks of {rows * width / 2**30:.1f} GiB "
-                f"(rows of {width} bytes), and the writer holds a chunk per column in memory. Use at most "
-                f"{MAX_CHUNK_BYTES // width} rows for this layer ({MAX_CHUNK_BYTES >> 20} MiB), or None for the "
-                "automatic size (about 512 KiB)."
-            )
-    return rows
-
-
-def _check_specs(specs: list[LayerSpec]) -> None:
-    if not specs:
-        raise ValueError("StoreWriter.create: no layers to record.")
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names) or not all(isinstance(n, str) and n and "/" not in n for n in names):
-        raise ValueError(f"StoreWriter.create: layer names must be unique, non-empty and without '/': {names}.")
-    for s in specs:
-        if s.kind not in LAYER_KINDS:
-            raise ValueError(f"StoreWriter.create: layer {s.name!r} has kind {s.kind!r}; expected one of {LAYER_KINDS}.")
-        as_int(s.d_in, f"LayerSpec({s.name!r}, d_in=...)", lo=1)
-        as_int(s.d_out, f"LayerSpec({s.name!r}, d_out=...)", lo=1)
-        if tuple(np.shape(s.weight_init)) != (s.d_out, s.d_in):
-            raise ValueError(f"StoreWriter.create: layer {s.name!r} weight_init is {np.shape(s.weight_init)}, expected {(s.d_out, s.d_in)}.")
-
-
-def stored_settings(path: str) -> dict[str, Any]:
-    """The settings a store on disk was written with (see :func:`settings_of`)."""
-    with open_readonly(path, swmr=False) as f:
-        layers = {
-            n: [_h5.attr(g.attrs["kind"]), int(g.attrs["d_in"]), int(g.attrs["d_out"]), bool(g.attrs["has_bias"]),
-                *([_h5.attr(g.attrs.get("layout", "rows"))] if _h5.attr(g.attrs["kind"]) in CONV_KINDS else [])]
-            for n, g in f["layers"].items()
-        }
-        return {"layers": layers, "row_dtype": _h5.attr(f.attrs["row_dtype"]), "compression": _h5.attr(f.attrs["compression"]),
-                "update_rule": _h5.attr(f.attrs.get("update_rule", "sgd"))}  # format 1: SGD only
-
-
-def map_counts(group: h5py.Group) -> tuple[int, int] | None:
-    """``(P, L)`` of a convolution layer stored as maps: pixels per map and virtual rows per map; ``None`` for
-    a layer of one stored row per key row, or maps whose size no step has fixed yet.
-
-    Raises:
-        ValueError: the layer's geometry attributes or ``input_size`` are malformed.
-    """
-    if _h5.attr(group.attrs.get("layout", "rows")) != MAPS_LAYOUT:
-        return None
-    size = np.asarray(group["input_size"][()])
-    if not size.any():
-        return None
-    geom = ConvGeometry.from_attrs({k: _h5.attr(v) for k, v in group.attrs.items()}, size)
-    return geom.pixels, geom.locations
-
-
-def write_state(group: h5py.Group, state: OptimizerState, dtype: str) -> None:
-    """An optimizer state's entries (the parameter itself excepted: it is ``weight_init``/``bias_init``) into
-    ``group``: arrays as datasets in ``dtype``, scalars as attributes in their own numpy dtype (NAdam's
-    ``mu_product`` and ASGD's ``eta`` are rounded to float32 by torch, and the replay rounds them the same way).
-    Arrays are gzip-compressed: those torch has not created yet are zeros, and cost almost nothing."""
-    entries = {**state.nonlinear, **{k: v for k, v in (state.linear or {}).items() if k != PARAM}}
-    for name, v in entries.items():
-        if isinstance(v, np.ndarray) and v.ndim:
-            _h5.create(group, name, data=v.astype(dtype), compression="gzip", compression_opts=1)
-        else:
-            group.attrs[name] = v if isinstance(v, np.floating) else np.float64(v)
-
 
 
 class StoreWriter:
@@ -239,8 +142,9 @@ class StoreWriter:
         place, so a kill leaves no half store, and two writers on one path never share a file.
 
         Args:
-            overwrite: replace an existing store. Without it, an existing store is refused unless it holds no
-                committed step (a run that stopped before its first commit: replaced, with a warning).
+            overwrite: replace an existing store (a regular file; anything else at ``path`` is refused). Without
+                it, an existing store is refused unless it holds no committed step (a run that stopped before its
+                first commit: replaced, with a warning).
             lock: the store's writer lock, when the caller took it earlier (a training engine takes it when
                 fit starts, so that a second training is refused before it trains a step); it passes to the
                 writer, which releases it when it closes. Default: taken here.
@@ -248,11 +152,13 @@ class StoreWriter:
         Raises:
             StoreBusyError: another writer holds the path (a second training on the same store).
             FileExistsError: a store with committed steps is there and ``overwrite`` is False.
+            StoreError: something other than a regular file is at ``path`` (a FIFO, device, socket, directory or
+                symlink: never replaced, with or without ``overwrite``), or at the lock's or journal's name.
             ValueError, TypeError: bad arguments (nothing is written).
         """
         if row_dtype not in ROW_DTYPES:
             raise ValueError(f"dtype={row_dtype!r} is not supported. Expected one of {ROW_DTYPES}.")
-        _check_specs(layers)
+        check_specs(layers)
         chunk_rows = check_chunk_rows(chunk_rows, layers, row_dtype)
         commit_seconds = check_commit_seconds(commit_seconds)
         filters = compression_kwargs(compression)
@@ -263,9 +169,11 @@ class StoreWriter:
                 raise ValueError(f"StoreWriter.create: one training input of shape {input_shape} takes {nbytes / 2**30:.1f} GiB; "
                                  f"at most {MAX_INPUT_BYTES >> 30} GiB per example is stored (pass store_inputs=False).")
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+        _repair.check_replaceable(path)  # before the lock: a symlink's target must not get a lock file beside it
         lock = lock if lock is not None else WriterLock.acquire(path, "creating the store")
         lock.set_phase("creating the store")
         try:
+            _repair.check_replaceable(path)  # (again, under the lock)
             if os.path.lexists(path) and not overwrite:
                 steps = _committed_steps(path)
                 if steps != 0:
@@ -276,97 +184,23 @@ class StoreWriter:
                     )
                 warnings.warn(f"lightning-dualform: {path} holds no committed step (its run stopped before it); "
                               "replacing it.", RuntimeWarning, stacklevel=2)
-            for stale in (_journal.journal_path(path),):
-                if os.path.exists(stale):
-                    os.remove(stale)  # the store it protected is being replaced
+            note = _rollback.discard_for_replacement(path)  # a journal of the store being replaced goes with it
+            if note is not None:
+                warnings.warn(f"lightning-dualform: {note}.", RuntimeWarning, stacklevel=2)
             tmp = f"{path}.creating-{os.getpid()}-{os.urandom(4).hex()}"
             try:
-                cls._write_skeleton(tmp, layers, row_dtype, compression, chunk_rows, metadata, input_shape, input_dtype, filters)
+                write_skeleton(tmp, layers, row_dtype, compression, chunk_rows, metadata, input_shape, input_dtype,
+                               filters)
+                _repair.check_replaceable(path)  # nothing but a regular file is ever replaced
                 os.replace(tmp, path)
                 _journal.fsync_dir(path)
             finally:
-                if os.path.exists(tmp):
+                if os.path.lexists(tmp):
                     os.remove(tmp)
             return cls(path, {s.name: s.kind for s in layers}, row_dtype, commit_seconds, lock=lock)
         except BaseException:
             lock.release()
             raise
-
-    @staticmethod
-    def _write_skeleton(
-        tmp: str, layers: list[LayerSpec], row_dtype: str, compression: str | None, chunk_rows: int | None,
-        metadata: StoreMetadata | None, input_shape: tuple[int, ...] | None, input_dtype: str, filters: dict[str, Any],
-    ) -> None:
-        # SWMR mode forbids creating datasets later, so everything is created here.
-        with h5py.File(tmp, "w", libver=_h5.LIBVER, locking=False) as f:
-            meta = metadata if metadata is not None else StoreMetadata()
-            meta.format_version = FORMAT_VERSION
-            meta.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            meta.row_dtype = row_dtype
-            meta.compression = compression or "none"
-            meta.status = "recording"
-            meta.layer_order = [spec.name for spec in layers]
-            _h5.set_attrs(f, meta.to_attrs())
-            _h5.create(f, "committed_steps", data=np.zeros(1, dtype=np.int64))
-            _h5.create(f, "update_step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(TABLE_CHUNK,))
-            _h5.create(f, "update_epoch", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(TABLE_CHUNK,))
-            if input_shape is not None:
-                ig = f.create_group("inputs")
-                _h5.create(ig, "committed", data=np.zeros(1, dtype=np.int64))
-                _h5.create(ig, "index", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
-                width = int(np.prod(input_shape)) if input_shape else 1
-                _h5.create(ig,
-                    "data", shape=(0, *input_shape), maxshape=(None, *input_shape), dtype=input_dtype,
-                    chunks=(max(1, min(1024, (1 << 20) // max(1, width * 4))), *input_shape), **filters,
-                )
-            lg = f.create_group("layers")
-            disk_dtype = np.uint16 if row_dtype == "bfloat16" else np.dtype(row_dtype)
-            for order, spec in enumerate(layers):
-                g = lg.create_group(spec.name)
-                g.attrs.update(
-                    {"kind": spec.kind, "order": order, "d_in": spec.d_in, "d_out": spec.d_out,
-                     "has_bias": spec.has_bias, "exact": True, "inexact_reason": ""}
-                )
-                _h5.set_attrs(g, spec.extra)
-                _h5.create(g, "committed_rows", data=np.zeros(1, dtype=np.int64))
-                # an embedding's keys are one-hot: its token ids are stored instead, as int64 (N, 1)
-                key_width, key_dtype = (1, np.int64) if spec.kind == "embedding" else (spec.d_in, disk_dtype)
-                if spec.kind in CONV_KINDS:  # its input maps as pixel rows (store/conv.py); their size comes later
-                    g.attrs["layout"] = MAPS_LAYOUT
-                    key_width = int(spec.extra["in_channels"])
-                    _h5.create(g, "input_size", data=np.zeros(len(spec.extra["kernel_size"]), dtype=np.int64))
-                rows = chunk_rows_for(key_width * np.dtype(key_dtype).itemsize, spec.d_out * np.dtype(disk_dtype).itemsize, chunk_rows)
-                for name, width, dt in (("keys", key_width, key_dtype), ("values", spec.d_out, disk_dtype)):
-                    _h5.create(g, name, shape=(0, width), maxshape=(None, width), dtype=dt, chunks=(rows, width), **filters)
-                for col, dt in ROW_COLUMNS.items():
-                    _h5.create(g, col, shape=(0,), maxshape=(None,), dtype=dt, chunks=(META_CHUNK,), **filters)
-                _h5.create(g, "weight_init", data=spec.weight_init.astype(np.float32))
-                if spec.has_bias:
-                    _h5.create(g, "bias_init", data=spec.bias_init.astype(np.float32))
-                if spec.weight_buffer_init is not None:
-                    _h5.create(g, "weight_buffer_init", data=spec.weight_buffer_init.astype(np.float32))
-                if spec.bias_buffer_init is not None:
-                    _h5.create(g, "bias_buffer_init", data=spec.bias_buffer_init.astype(np.float32))
-                if spec.weight_shape is not None:
-                    g.attrs["weight_shape"] = np.asarray(spec.weight_shape, dtype=np.int64)
-                    g.attrs["param_dtype"] = spec.state_dtype  # torch rounds scalar factors of p to it
-                if spec.weight_state is not None:
-                    sg = g.create_group(STATE_GROUP)
-                    for pname, st in (("weight", spec.weight_state), ("bias", spec.bias_state)):
-                        if st is not None:
-                            write_state(sg.create_group(pname), st, spec.state_dtype)
-                ug = g.create_group("updates")
-                _h5.create(ug, "grad_scale", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(TABLE_CHUNK,))
-                for pname in ("weight", "bias") if spec.has_bias else ("weight",):
-                    pg = ug.create_group(pname)
-                    for col in table_columns(meta.update_rule):
-                        _h5.create(pg, col.name, shape=(0,), maxshape=(None,), dtype=col.dtype, chunks=(TABLE_CHUNK,))
-            f.flush()
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the skeleton is on disk before its name is
-        finally:
-            os.close(fd)
 
     @classmethod
     def resume(
@@ -420,65 +254,12 @@ class StoreWriter:
                 )
             lock.set_phase("resuming: truncating to the checkpoint")
             with _journal.write_session(path, "resume (truncation to the checkpoint)") as f:
-                cls._truncate(f, path, rows, steps, inputs, last_step, update_attrs)
+                truncate(f, path, rows, steps, inputs, last_step, update_attrs)
             kinds = {n: stored["layers"][n][0] for n in rows if n in stored["layers"]}
             return cls(path, kinds, stored["row_dtype"], commit_seconds, lock=lock)
         except BaseException:
             lock.release()
             raise
-
-    @staticmethod
-    def _truncate(
-        f: h5py.File, path: str, rows: dict[str, int], steps: int, inputs: int | None, last_step: int | None,
-        update_attrs: Callable[[StoreMetadata], dict[str, Any]] | None,
-    ) -> None:
-        have = int(f["update_step"].shape[0])
-        if have < steps:
-            raise StoreError(f"{path}: the checkpoint counts {steps} optimizer steps but the store holds {have}; rows are missing.")
-        if last_step is not None and steps > 0 and int(f["update_step"][steps - 1]) != last_step:
-            raise StoreError(
-                f"{path}: the checkpoint says the store's first {steps} steps end at step {last_step}, but the "
-                f"store's step {steps} is training step {int(f['update_step'][steps - 1])}. The checkpoint does not "
-                "describe this store; nothing was truncated. Resume from a checkpoint saved with this store, or "
-                "record into another path."
-            )
-        counts = {name: map_counts(g) for name, g in f["layers"].items()}
-        for name, g in f["layers"].items():
-            n = int(rows.get(name, 0))
-            if g["values"].shape[0] < n or (counts[name] is not None and n % counts[name][1]):
-                raise StoreError(f"{path}: layer {name!r}: the checkpoint counts {n} rows but the store holds {g['values'].shape[0]}.")
-        # what was derived from the old rows goes, and the file says it is being written (the session is
-        # all or nothing, so a crash never leaves a "complete" store with rows of another run)
-        f.attrs["status"] = "recording"
-        if update_attrs is not None:
-            meta = StoreMetadata.from_attrs({k: _h5.attr(v) for k, v in f.attrs.items()}, path)
-            _h5.set_attrs(f, update_attrs(meta))
-        for g in f["layers"].values():
-            for dname in ("weight_final", "bias_final", "weight_residual", "bias_residual", *DERIVED_DATASETS):
-                if dname in g:
-                    del g[dname]
-            for key in [k for k in g.attrs if k.startswith(("certificate_", "memory_"))]:
-                del g.attrs[key]
-        _h5.truncate(f["update_step"], steps)
-        _h5.truncate(f["update_epoch"], steps)
-        f["committed_steps"][0] = steps
-        for name, g in f["layers"].items():
-            n = int(rows.get(name, 0))
-            # a convolution's maps: n virtual rows are n / L maps, n P / L pixels
-            p, per_map = counts[name] if counts[name] is not None else (1, 1)
-            for col in ("keys", "values", *ROW_COLUMNS):
-                _h5.truncate(g[col], n if col == "values" else (n // per_map) * (p if col == "keys" else 1))
-            g["committed_rows"][0] = n
-            ug = g["updates"]
-            _h5.truncate(ug["grad_scale"], steps)
-            for pname in ("weight", "bias"):
-                if pname in ug:
-                    for col in ug[pname].values():
-                        _h5.truncate(col, steps)
-        if "inputs" in f and inputs is not None:
-            for col in ("index", "data"):
-                _h5.truncate(f["inputs"][col], inputs)
-            f["inputs"]["committed"][0] = inputs
 
     @staticmethod
     def _table_handles(ug: h5py.Group) -> dict[str, Any]:
@@ -501,9 +282,8 @@ class StoreWriter:
 
         Releasing it lets the training thread run Python while HDF5 writes, which matters where that thread only
         launches device kernels (CUDA). Where training shares the CPU cores with the writer, the writer then
-        competes with torch's threads instead of taking turns: on the 2-core CPU of ``docs/benchmarks.md`` a
-        loop of small torch ops ran 1.76x slower beside the GIL-free writer and 1.23x beside h5py's, and the
-        MLP's fit 1.71x against 1.55x (``benchmarks/writer_cost.py``, ``overhead.py``'s ``:h5py``)."""
+        competes with torch's threads instead of taking turns, and on a 2-core CPU training runs slower beside it
+        (figures: ``docs/benchmarks.md``, "The writer's work per byte, and the GIL")."""
         for appenders in self._appenders.values():
             for app in appenders.values():
                 app.release_gil = bool(release)
@@ -736,7 +516,7 @@ class StoreWriter:
 
     # -- finishing -----------------------------------------------------------------------------------
     def finalize(self, final_weights: dict[str, tuple[np.ndarray, np.ndarray | None]], final_step: int, epochs: int,
-                 certificate: dict[str, dict[str, Any]] | None = None, keep_lock: bool = False) -> WriterLock | None:
+                 certificate: dict[str, LayerCertificate] | None = None, keep_lock: bool = False) -> WriterLock | None:
         """Commit, leave SWMR mode, then write the final weights, the certificate made as training went (if
         any) and ``status = "complete"`` in one all-or-nothing write session (a kill or a full disk during it
         leaves the store at this last commit, status ``recording``, never half finished). Releases the writer
@@ -775,10 +555,10 @@ class StoreWriter:
                     per = (map_counts(g) or (1, 1))[1]  # a convolution's maps: one index per map of `per` rows
                     g.attrs["rows_without_index"] = per * _count_negative(g["index"], int(g["committed_rows"][0]) // per)
                     # the per-step tables the store finished with: answers at every step rest on them
-                    g.attrs["certificate_tables_crc32"] = _tables_crc32(f["update_step"], g["updates"], n_steps)
+                    g.attrs[TABLES_CRC32] = stored_tables_crc32(f, g, n_steps)
                 for name, cert in (certificate or {}).items():
                     if name in f["layers"]:
-                        _h5.set_attrs(f["layers"][name], {f"certificate_{k}": v for k, v in cert.items()})
+                        _h5.set_attrs(f["layers"][name], cert.to_attrs())
                 for name, reason in self._inexact.items():
                     if name not in f["layers"]:
                         continue  # marked inexact, then dropped altogether
@@ -837,7 +617,7 @@ def _committed_steps(path: str) -> int | None:
 
     try:
         _repair.check_regular_file(path)
-        if _probe.probe(path) is not None or os.path.exists(_journal.journal_path(path)):
+        if _probe.probe(path) is not None or os.path.lexists(_journal.journal_path(path)):
             return None
         from lightning_dualform.store._h5open import open_any
 
@@ -847,12 +627,6 @@ def _committed_steps(path: str) -> int | None:
             return int(f["committed_steps"][0])
     except Exception:
         return None
-
-
-def _tables_crc32(update_step: h5py.Dataset, ug: h5py.Group, n: int) -> int:
-    """:func:`~lightning_dualform.store.format.tables_crc32` of a layer's first ``n`` per-step tables."""
-    params = {p: {c: ug[p][c][:n] for c in ug[p]} for p in ("weight", "bias") if p in ug}
-    return tables_crc32(update_step[:n], ug["grad_scale"][:n], params)
 
 
 def _column(row: Any, col: str) -> Any:

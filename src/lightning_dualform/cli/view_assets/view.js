@@ -4,9 +4,10 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+// topK, contribution and score start at the server's defaults (/api/info "defaults": the command line's)
 const state = {
   split: null, index: null, upload: null, uploadName: "", uploadRows: 0, uploadRow: 0,
-  layer: "", topK: 5, by: "pattern", contribution: "pred", atStep: null,
+  layer: "", topK: null, by: "pattern", contribution: null, score: null, atStep: null,
 };
 let info = null;
 let queries = null; // {index, label, prediction} of the current split
@@ -69,9 +70,10 @@ function readHash() {
   if (h.get("split")) state.split = h.get("split");
   if (h.get("index")) state.index = h.get("index");
   if (h.has("layer")) state.layer = h.get("layer");
-  if (h.get("top_k")) state.topK = Math.max(1, parseInt(h.get("top_k"), 10) || 5);
+  if (h.get("top_k")) state.topK = Math.max(1, parseInt(h.get("top_k"), 10) || info.defaults.top_k);
   if (h.get("by")) state.by = h.get("by");
-  if (h.get("contribution_to")) state.contribution = h.get("contribution_to");
+  if (h.get("contribution_to")) state.contribution = h.get("contribution_to") === "pred" ? "auto" : h.get("contribution_to");
+  if (h.get("score")) state.score = h.get("score");
   if (h.get("at_step")) state.atStep = parseInt(h.get("at_step"), 10);
 }
 
@@ -82,6 +84,7 @@ function writeHash() {
   h.set("top_k", state.topK);
   h.set("by", state.by);
   h.set("contribution_to", state.contribution);
+  h.set("score", state.score);
   if (state.atStep !== null) h.set("at_step", state.atStep);
   history.replaceState(null, "", "#" + h.toString());
 }
@@ -159,12 +162,13 @@ function bindControls() {
   $("wrong-only").addEventListener("change", () => { if (!state.upload) { fillIndexSelect(); refresh(); } });
   $("layer").addEventListener("change", (ev) => { state.layer = ev.target.value; refresh(); });
   $("top-k").addEventListener("change", (ev) => {
-    state.topK = Math.max(1, Math.min(50, parseInt(ev.target.value, 10) || 5));
+    state.topK = Math.max(1, Math.min(50, parseInt(ev.target.value, 10) || info.defaults.top_k));
     ev.target.value = state.topK;
     refresh();
   });
   $("by").addEventListener("change", (ev) => { state.by = ev.target.value; refresh(); });
   $("contribution").addEventListener("change", (ev) => { state.contribution = ev.target.value; refresh(); });
+  $("score").addEventListener("change", (ev) => { state.score = ev.target.value; refresh(); });
   const slider = $("at-step");
   let timer = null;
   slider.addEventListener("input", () => {
@@ -234,7 +238,7 @@ async function queryImage() {
 }
 
 function attendParams() {
-  const p = { top_k: state.topK, by: state.by, contribution_to: state.contribution };
+  const p = { top_k: state.topK, by: state.by, contribution_to: state.contribution, score: state.score };
   if (state.layer) p.layer = state.layer;
   if (state.atStep !== null) p.at_step = state.atStep;
   if (state.upload) p.upload = state.upload; else { p.split = state.split; p.index = state.index; }
@@ -272,8 +276,17 @@ async function refresh() {
   }
 }
 
+// What a result's numbers are, by its `score` ("raw" | "unit"): every heading and number says which.
+function scoreNames(res, r) {
+  const unit = res.units ? res.units[r] : null;
+  if (res.score === "unit") {
+    return { what: `attention weight for unit ${unit}`, formula: `−(Q_s[${unit}] ⊙ k)·q`, short: "weight" };
+  }
+  return { what: "similarity", formula: "k·q", short: "k·q" };
+}
+
 function rankings(res, r) {
-  // [{title, kind: "top" | "pro" | "con", items: [{index, label, score, sub}]}]
+  // [{title, kind: "top" | "pro" | "con", label, items: [{index, label, score, sub}]}]; label: what the numbers are
   const byExample = state.by === "example";
   const lists = [];
   const rows = (t, pad) => {
@@ -289,11 +302,16 @@ function rankings(res, r) {
   };
   const pad = byExample ? "index" : "row";
   const what = byExample ? "training examples" : "training patterns";
-  lists.push({ title: `most attended ${what} (score k·q)`, kind: "top", items: rows(byExample ? res.top_examples : res.top, pad) });
+  const s = scoreNames(res, r);
+  const summed = byExample ? "summed over each example's rows" : "";
+  lists.push({ title: `most attended ${what}, by ${s.what}, ${s.formula}${summed ? ", " + summed : ""}`, kind: "top",
+               label: s.short, items: rows(byExample ? res.top_examples : res.top, pad) });
   if (res.units) {
     const unit = res.units[r];
-    lists.push({ title: `proponents of output unit ${unit}`, kind: "pro", items: rows(byExample ? res.proponent_examples : res.proponents, pad) });
-    lists.push({ title: `opponents of output unit ${unit}`, kind: "con", items: rows(byExample ? res.opponent_examples : res.opponents, pad) });
+    lists.push({ title: `proponents of output unit ${unit}: largest contribution to its output`, kind: "pro",
+                 label: "contrib.", items: rows(byExample ? res.proponent_examples : res.proponents, pad) });
+    lists.push({ title: `opponents of output unit ${unit}: most negative contribution to its output`, kind: "con",
+                 label: "contrib.", items: rows(byExample ? res.opponent_examples : res.opponents, pad) });
   }
   return lists;
 }
@@ -322,7 +340,7 @@ function render(res, j, qimg) {
     const r = res.query_rows[name].example.indexOf(j);
     const lres = res.layers[name];
     if (r < 0) continue;
-    if (reference < 0 && lres.units && state.contribution === "pred") reference = lres.units[r];
+    if (reference < 0 && lres.units && (state.contribution === "auto" || state.contribution === "pred")) reference = lres.units[r];
     box.append(layerCard(name, lres, r, res.query_rows[name].example.filter((e) => e === j).length, reference));
   }
 }
@@ -350,7 +368,8 @@ function layerCard(name, res, r, nRows, reference) {
   }
   cert.append(" · this query: ");
   if (res.rel_err) {
-    cert.append(`dual form vs trained weights ${sci(res.rel_err[r])}` + (res.dual_source === "certificate" ? " (memory sums from the certificate)" : ""));
+    const from = info.form === "element-wise" ? " (weights replayed by the certificate)" : " (memory sums from the certificate)";
+    cert.append(`dual form vs trained weights ${sci(res.rel_err[r])}` + (res.dual_source === "certificate" ? from : ""));
   } else {
     cert.append(res.at_step < info.last_step ? "model at an earlier step (no stored weights to compare with)" : "no final weights stored");
   }
@@ -365,21 +384,22 @@ function layerCard(name, res, r, nRows, reference) {
     sec.append(el("h3", null, list.title));
     const thumbs = el("div", "thumbs");
     if (!list.items.length) thumbs.append(el("span", "muted", "none"));
-    for (const it of list.items) thumbs.append(thumb(it, list.kind, reference));
+    for (const it of list.items) thumbs.append(thumb(it, list.kind, list.label, reference));
     sec.append(thumbs);
     left.append(sec);
   }
   body.append(left);
 
   const charts = el("div", "charts");
-  if (res.mass && res.mass.label) charts.append(classBars(res.mass.label, r, reference));
-  if (res.mass && res.mass.step) charts.append(stepBars(res.mass.step, r));
+  const names = scoreNames(res, r);
+  if (res.mass && res.mass.label) charts.append(classBars(res.mass.label, r, reference, names));
+  if (res.mass && res.mass.step) charts.append(stepBars(res.mass.step, r, names));
   body.append(charts);
   card.append(body);
   return card;
 }
 
-function thumb(it, kind, reference) {
+function thumb(it, kind, label, reference) {
   const t = el("div", "thumb" + (reference >= 0 && it.label === reference ? " match" : ""));
   t.dataset.index = it.index;
   const img = images.get("train:" + it.index);
@@ -392,7 +412,11 @@ function thumb(it, kind, reference) {
     t.append(el("div", "card", `#${it.index}`));
   }
   const cls = kind === "top" ? "score" : "score " + (it.score >= 0 ? "pos" : "neg");
-  t.append(el("div", cls, kind === "top" ? fmt(it.score) : signed(it.score)));
+  const num = el("div", cls);
+  num.append(el("span", "what", label + " "));  // what the number is (the heading says it in full)
+  num.append(kind === "top" ? fmt(it.score) : signed(it.score));
+  num.title = `${label} = ${it.score}`;
+  t.append(num);
   t.append(el("div", null, `#${it.index} · label ${it.label < 0 ? "?" : it.label}`));
   t.append(el("div", "muted", it.sub));
   return t;
@@ -405,9 +429,10 @@ function baseline(vals) {
   return pos && neg ? 0.5 : (neg ? 1 : 0);
 }
 
-function classBars(m, r, reference) {
+function classBars(m, r, reference, names) {
   const wrap = el("div", "mass-label");
-  wrap.append(el("h3", null, "attention mass by class (share of |mass|)"));
+  wrap.append(el("h3", null, `attention mass by class: signed sum of the ${names.what}, ${names.formula}, over the ` +
+    `class's patterns, as a share of the sum of |${names.short}|`));
   const grid = el("div", "bars");
   const signedRow = m.signed[r], absRow = m.absolute[r];
   const total = absRow.reduce((a, b) => a + Math.abs(b), 0) || 1;
@@ -434,7 +459,7 @@ function classBars(m, r, reference) {
   return wrap;
 }
 
-function stepBars(m, r) {
+function stepBars(m, r, names) {
   const wrap = el("div", "mass-step");
   wrap.append(el("h3", null, "attention mass over training steps"));
   const box = el("div", "steps");
@@ -448,7 +473,7 @@ function stepBars(m, r) {
   const first = m.edges[0], last = m.edges[m.edges.length - 1];
   vals.forEach((v, b) => {
     const col = el("div", "col");
-    col.title = `steps ${m.edges[b]}–${m.edges[b + 1] - 1}: ${signed(v)}`;
+    col.title = `steps ${m.edges[b]}–${m.edges[b + 1] - 1}: signed sum of ${names.short} ${signed(v)}`;
     const bar = el("div", v >= 0 ? "up" : "down");
     bar.style.height = (room * Math.abs(v)) / maxAbs + "%";
     if (v >= 0) bar.style.bottom = 100 * zero + "%"; else bar.style.top = 100 * (1 - zero) + "%";
@@ -465,7 +490,7 @@ function stepBars(m, r) {
   wrap.append(box);
   const ticks = el("div", "steps-axis");
   ticks.append(el("span", null, `step ${first}`));
-  ticks.append(el("span", null, "signed sum of k·q per bucket; dashed: epoch starts"));
+  ticks.append(el("span", null, `signed sum of the ${names.what}, ${names.formula}, per bucket; dashed: epoch starts`));
   ticks.append(el("span", null, `step ${last}`));
   wrap.append(ticks);
   return wrap;
@@ -483,8 +508,12 @@ async function start() {
   }
   document.title = `${info.name} · lightning-dualform view`;
   $("store-line").textContent = `${info.store} · ${info.status} · steps ${info.first_step}–${info.last_step} · ` +
-    `${info.layers.length} layer(s) · ${info.row_dtype} rows`;
+    `${info.layers.length} layer(s) · ${info.row_dtype} rows · ${info.update_rule}` +
+    (info.form === "element-wise" ? " (element-wise: a pattern's attention weight depends on the output unit)" : "");
   $("cache-line").textContent = info.cache_text ? "cache: " + info.cache_text : "no cache";
+  state.topK = info.defaults.top_k;
+  state.contribution = info.defaults.contribution_to;
+  state.score = info.defaults.score;
   readHash();
   const splitSel = $("split");
   for (const s of info.splits) splitSel.append(new Option(`${s.name} (${s.n})`, s.name));
@@ -497,6 +526,7 @@ async function start() {
   $("top-k").value = state.topK;
   $("by").value = state.by;
   $("contribution").value = state.contribution;
+  $("score").value = state.score;
   const slider = $("at-step");
   slider.min = Math.min(info.first_step + 1, info.last_step);
   slider.max = info.last_step;

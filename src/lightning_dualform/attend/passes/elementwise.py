@@ -1,4 +1,4 @@
-"""One ``attend`` pass over a layer of an element-wise rule's store (Adam, AdamW, Adagrad, RMSprop, ...).
+"""The ``attend`` pass over a layer of an element-wise rule's store (Adam, AdamW, Adagrad, RMSprop, ...).
 
 For such a rule the output unit ``u`` of a query ``x`` is (``docs/dual-form.md``)::
 
@@ -20,20 +20,128 @@ first here (the raw scores keep the library's rule, the earlier row first).
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
 from lightning_dualform.attend.kernels import META_COLUMNS, AttentionAccumulator, Block
+from lightning_dualform.attend.passes import assemble
+from lightning_dualform.attend.passes.base import AttendPass
+from lightning_dualform.attend.passes.outputs import primal_output
+from lightning_dualform.attend.passes.units import resolve_units
 from lightning_dualform.attend.replay import LayerReplay, StepRows, unit_transform
+from lightning_dualform.attend.request import AttendRequest
+from lightning_dualform.attend.results import AttentionResult
+from lightning_dualform.store.source import LayerSource
 
 _ROW_COLUMNS = ("keys", "values", "step", "epoch", "index", "position", "label")
 _META = ("step", "epoch", "index", "position", "label")
 #: bytes of scores one fold of the unit sweep gathers from consecutive steps (a step's rows are few: folding
 #: them one step at a time would cost a parallel region per step and per result)
 _CHUNK_BYTES = 64 * 2**20
+
+
+class ElementwisePass(AttendPass):
+    """Attend over an element-wise rule's memory, replayed in float64 (see the module docstring)."""
+
+    forms = ("element-wise",)
+
+    def prepare(self, request: AttendRequest, *, output_layer: bool) -> AttendRequest:
+        if request.scan != "exact":
+            raise ValueError(
+                f"`attend(scan={request.scan!r})`: a store of an element-wise rule ({self.ctx.store.update_rule}) is "
+                "scanned exactly only."
+            )
+        return request.resolved(element_wise=True, output_layer=output_layer)
+
+    def run(self, layer: LayerSource, queries: torch.Tensor, request: AttendRequest) -> AttentionResult:
+        ctx, req, q = self.ctx, request, queries
+        acc = ctx.accumulate
+        cpu = torch.device("cpu")
+        rep = LayerReplay(layer, req.at_step, block_rows=ctx.rows_per_block(layer), columns=_ROW_COLUMNS)
+        if req.top_k > rep.n_rows:
+            raise ValueError(
+                f"`attend(top_k={req.top_k})` is larger than the memory of layer {layer.name!r}: it holds {rep.n_rows} "
+                f"rows up to step {rep.end}. Use top_k <= {rep.n_rows}."
+            )
+        final = rep.end == ctx.store.last_step
+        primal = primal_output(layer, q, acc, ctx.device) if final else None
+        # dual: the replayed weights (the certificate's, when it kept them for exactly these rows), applied
+        stored = layer.stored_memory_sums(rep.end, rep.n_rows) if (final and req.reuse_certificate) else None
+        if stored is not None and not self._stored_replay_agrees(layer, stored):
+            stored = None
+        w, b = stored if stored is not None else rep.weights()
+        x64 = q.detach().to(cpu, torch.float64)
+        dual = x64 @ torch.from_numpy(w).t()
+        if b is not None:
+            dual += torch.from_numpy(b)
+        units = resolve_units(layer, q.shape[0], req.contribution_to,
+                              lambda: primal if primal is not None else dual.to(acc))
+        if req.score == "unit" and units is None:
+            raise ValueError(
+                f"`attend(score='unit')` on layer {layer.name!r} ({ctx.store.update_rule} store): a row's attention "
+                "weight depends on the output unit; name one with contribution_to= ('pred', an int, or one unit per "
+                "query), or pass score='raw' for the similarity k . q."
+            )
+        stats = ctx.layer_stats(layer) if (req.per_example or req.mass) else None
+        base_out = dual.to(acc)
+
+        # The accumulator sees each query's unit as its place among the distinct units asked about: a block's
+        # contribution coefficients then have one column per distinct unit, not d_out.
+        compact = None if units is None else torch.from_numpy(
+            np.unique(units.numpy(), return_inverse=True)[1].reshape(-1).astype(np.int64))
+
+        def accumulator(with_units: bool, with_mass: bool, with_examples: bool) -> AttentionAccumulator:
+            return AttentionAccumulator(
+                queries=q.to(cpu, acc), base=base_out, top_k=req.top_k, units=compact if with_units else None,
+                n_examples=stats.n_examples if (with_examples and stats) else 0,
+                n_labels=stats.n_labels if (with_mass and stats) else 0,
+                n_epochs=stats.n_epochs if (with_mass and stats) else 0,
+                n_step_buckets=req.step_buckets if (with_mass and stats) else 0,
+                query_chunk=ctx.query_chunk, with_dual=False,
+            )
+
+        unit_score = req.score == "unit"
+        main = accumulator(unit_score, req.mass, req.per_example)
+        if not unit_score:
+            _raw_pass(rep, main, req.step_buckets, acc, ctx.rows_per_block(layer))
+        side = main
+        unit_base = unit_output = None
+        if units is not None:
+            side = main if unit_score else accumulator(True, False, req.per_example)
+            unit_base, unit_output = _unit_sweep(rep, side, x64, units, req.step_buckets, acc)
+        res = assemble.new_result(layer.name, at_step=rep.end, rows=rep.n_rows, dual=main.dual, primal=primal,
+                                  exact_store=bool(ctx.store.optimizer_exact and layer.exact),
+                                  dual_source="certificate" if stored is not None else "rows", score=req.score)
+        assemble.add_top(res, main, stats)
+        if units is not None:
+            assemble.add_contributions(res, side, stats, units)  # the sweep's contributions, whatever ranked `top`
+            res.unit_base = unit_base
+            res.unit_output = unit_output
+        assemble.add_mass(res, main, first_step=rep.first, end_step=rep.end, step_buckets=req.step_buckets)
+        return res
+
+    def _stored_replay_agrees(self, layer: LayerSource, stored: tuple[np.ndarray, np.ndarray | None]) -> bool:
+        """Whether the certificate's kept replay weights are as far from the stored final weights as the
+        certificate says, within the store's tolerance (a few vector operations). Weights that disagree must never
+        shape an answer silently: warn, and the caller replays the rows instead."""
+        from lightning_dualform.attend.certificate import replay_weights_error, store_tolerance
+
+        err = replay_weights_error(layer, stored)
+        tol = store_tolerance(self.ctx.store)
+        said = layer.certificate.rel_err if layer.certificate is not None else 0.0
+        if not abs(err - float(said)) <= tol:
+            warnings.warn(
+                f"{self.ctx.path}: layer {layer.name!r}: the certificate's kept replay weights differ from the final "
+                f"weights by {err:.2e} relative where the certificate says {float(said):.2e} (tolerance {tol:.0e}): "
+                "they are damaged. Answers replay the rows instead; `lightning-dualform verify --write-certificate` writes "
+                "them again.",
+                RuntimeWarning, stacklevel=4,
+            )
+            return False
+        return True
 
 
 def _block(data: dict[str, np.ndarray], rows: np.ndarray, first: int, end: int, step_buckets: int, acc: torch.dtype,
@@ -58,88 +166,9 @@ def _block(data: dict[str, np.ndarray], rows: np.ndarray, first: int, end: int, 
                  packed_meta=torch.stack([meta[c] for c in META_COLUMNS], dim=1).contiguous(), groups=groups)
 
 
-def elementwise_attend(di: Any, lay: Any, q: torch.Tensor, *, at_step: int | None, top_k: int, contribution_to: Any,
-                       per_example: bool, mass: bool, step_buckets: int, score: str, reuse_certificate: bool) -> Any:
-    """:meth:`DualInference.attend` on a layer of an element-wise rule's store (see the module docstring).
-
-    Args:
-        di: the :class:`~lightning_dualform.attend.inference.DualInference` (its device, accumulation dtype,
-            block size and result assembly).
-        lay: the layer's reader. q: ``(n, d_in)`` queries (checked). Others: as :meth:`DualInference.attend`.
-    """
-    from lightning_dualform.attend.inference import _top_examples, _top_rows
-
-    acc = di.accumulate
-    cpu = torch.device("cpu")
-    rep = LayerReplay(lay, at_step, block_rows=di.rows_per_block(lay), columns=_ROW_COLUMNS)
-    if top_k > rep.n_rows:
-        raise ValueError(
-            f"`attend(top_k={top_k})` is larger than the memory of layer {lay.name!r}: it holds {rep.n_rows} rows "
-            f"up to step {rep.end}. Use top_k <= {rep.n_rows}."
-        )
-    final = rep.end == di.store.last_step
-    primal = di._primal(lay, q) if final else None
-    # dual: the replayed weights (the certificate's, when it kept them for exactly these rows), applied
-    stored = lay.stored_memory_sums(rep.end, rep.n_rows) if (final and reuse_certificate) else None
-    if stored is not None and not _stored_replay_agrees(di, lay, stored):
-        stored = None
-    w, b = stored if stored is not None else rep.weights()
-    x64 = q.detach().to(cpu, torch.float64)
-    dual = x64 @ torch.from_numpy(w).t()
-    if b is not None:
-        dual += torch.from_numpy(b)
-    units = di._units(lay, q, contribution_to, primal if primal is not None else dual.to(acc), None, None)
-    if score == "unit" and units is None:
-        raise ValueError(
-            f"`attend(score='unit')` on layer {lay.name!r} ({di.store.update_rule} store): a row's attention weight "
-            "depends on the output unit; name one with contribution_to= ('pred', an int, or one unit per query), "
-            "or pass score='raw' for the similarity k . q."
-        )
-    stats = di._layer_stats(lay) if (per_example or mass) else None
-    coef = SimpleNamespace(first_step=rep.first, end_step=rep.end)
-    base_out = dual.to(acc)
-
-    # The accumulator sees each query's unit as its place among the distinct units asked about: a block's
-    # contribution coefficients then have one column per distinct unit, not d_out.
-    compact = None if units is None else torch.from_numpy(np.unique(units.numpy(), return_inverse=True)[1].reshape(-1).astype(np.int64))
-
-    def accumulator(with_units: bool, with_mass: bool, with_examples: bool) -> AttentionAccumulator:
-        return AttentionAccumulator(
-            queries=q.to(cpu, acc), base=base_out, top_k=top_k, units=compact if with_units else None,
-            n_examples=stats.n_examples if (with_examples and stats) else 0,
-            n_labels=stats.n_labels if (with_mass and stats) else 0,
-            n_epochs=stats.n_epochs if (with_mass and stats) else 0,
-            n_step_buckets=step_buckets if (with_mass and stats) else 0,
-            query_chunk=di.query_chunk, with_dual=False,
-        )
-
-    main = accumulator(score == "unit", mass, per_example)
-    if score == "raw":
-        _raw_pass(rep, main, step_buckets, acc, di.rows_per_block(lay))
-    unit_base = unit_output = None
-    if units is not None:
-        side = main if score == "unit" else accumulator(True, False, per_example)
-        unit_base, unit_output = _unit_sweep(rep, side, x64, units, step_buckets, acc)
-    res = di._result(lay, coef, rep.n_rows, main, stats, units if score == "unit" else None, primal, None, step_buckets, q,
-                     "exact", stored is not None)
-    res.dual_source = "certificate" if stored is not None else "rows"
-    res.score = score
-    if units is not None:
-        res.units = units.to(cpu)
-        res.unit_base = unit_base
-        res.unit_output = unit_output
-        if score == "raw" and top_k:
-            res.proponents = _top_rows(side.proponents(), sign=1)
-            res.opponents = _top_rows(side.opponents(), sign=-1)
-        if score == "raw" and side.example_contrib is not None and stats is not None and top_k:
-            present = side.example_rows > 0
-            ex_label = torch.from_numpy(stats.example_label)
-            res.proponent_examples = _top_examples(side.example_contrib, present, side.example_rows, ex_label, top_k, 1)
-            res.opponent_examples = _top_examples(side.example_contrib, present, side.example_rows, ex_label, top_k, -1)
-    return res
-
-
-def _raw_pass(rep: LayerReplay, state: AttentionAccumulator, step_buckets: int, acc: torch.dtype, block_rows: int) -> None:
+def _raw_pass(
+    rep: LayerReplay, state: AttentionAccumulator, step_buckets: int, acc: torch.dtype, block_rows: int
+) -> None:
     """The paper's scores ``k . q`` folded in row order, in blocks (contributions are the unit sweep's)."""
     lay = rep.layer
     for a in range(0, rep.n_rows, block_rows):
@@ -147,8 +176,10 @@ def _raw_pass(rep: LayerReplay, state: AttentionAccumulator, step_buckets: int, 
         state.fold(_block(lay.read(a, b, _ROW_COLUMNS), np.arange(a, b), rep.first, rep.end, step_buckets, acc, state))
 
 
-def _unit_sweep(rep: LayerReplay, state: AttentionAccumulator, x64: torch.Tensor, units: torch.Tensor, step_buckets: int,
-                acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _unit_sweep(
+    rep: LayerReplay, state: AttentionAccumulator, x64: torch.Tensor, units: torch.Tensor, step_buckets: int,
+    acc: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold every row's unit score and contribution into ``state``; returns the base term of each query's unit
     and the unit's output rebuilt from the contributions (base plus their sum), both ``(n,)`` float64.
 
@@ -181,7 +212,8 @@ def _unit_sweep(rep: LayerReplay, state: AttentionAccumulator, x64: torch.Tensor
         if not gathered:
             return
         cols = {c: np.concatenate([r.data[c] for r, _ in gathered]) for c in _META}
-        cols["values"] = np.concatenate([r.values[:, uniq] for r, _ in gathered])  # (the accumulator's units are compact)
+        # (the accumulator's units are compact: one column per distinct unit)
+        cols["values"] = np.concatenate([r.values[:, uniq] for r, _ in gathered])
         rows = np.concatenate([np.arange(r.row0, r.row0 + len(r)) for r, _ in gathered])
         blk = _block(cols, rows, rep.first, rep.end, step_buckets, acc, state, keys=False)
         blk.scores_t = torch.from_numpy(scores[:filled])
@@ -218,7 +250,8 @@ def _unit_sweep(rep: LayerReplay, state: AttentionAccumulator, x64: torch.Tensor
                 ks[i, : len(r)] = r.keys
             tt = torch.from_numpy(ts[:c]).transpose(1, 2)
             if min(widths) == width:  # equal steps (the usual case): straight into the block
-                torch.bmm(torch.from_numpy(ks), tt, out=torch.from_numpy(scores[filled: filled + c * width]).view(c, width, n))
+                dest = torch.from_numpy(scores[filled: filled + c * width]).view(c, width, n)
+                torch.bmm(torch.from_numpy(ks), tt, out=dest)
                 filled += c * width
             else:
                 out = torch.bmm(torch.from_numpy(ks), tt).numpy()
@@ -273,25 +306,3 @@ def _unit_sweep(rep: LayerReplay, state: AttentionAccumulator, x64: torch.Tensor
     if base_b is not None:
         base = base + np.asarray(base_b)[pos]
     return torch.from_numpy(base), torch.from_numpy(base) + total
-
-
-def _stored_replay_agrees(di: Any, lay: Any, stored: tuple[np.ndarray, np.ndarray | None]) -> bool:
-    """Whether the certificate's kept replay weights are as far from the stored final weights as the
-    certificate says, within the store's tolerance (a few vector operations). Weights that disagree must never
-    shape an answer silently: warn, and the caller replays the rows instead."""
-    import warnings
-
-    from lightning_dualform.attend.certificate import replay_weights_error, store_tolerance
-
-    err = replay_weights_error(lay, stored)
-    tol = store_tolerance(di.store)
-    said = lay.attrs.get("certificate_rel_err", 0.0)
-    if not abs(err - float(said)) <= tol:
-        warnings.warn(
-            f"{di.path}: layer {lay.name!r}: the certificate's kept replay weights differ from the final weights by "
-            f"{err:.2e} relative where the certificate says {float(said):.2e} (tolerance {tol:.0e}): they are damaged. Answers replay the rows instead; "
-            "`lightning-dualform verify --write-certificate` writes them again.",
-            RuntimeWarning, stacklevel=4,
-        )
-        return False
-    return True
