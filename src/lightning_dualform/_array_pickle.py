@@ -5,8 +5,9 @@ the file names, so loading a user's pickle runs the user's code. This module nev
 :func:`read_array_pickle` walks the opcodes with :func:`pickletools.genops` (which only decodes them), accepts
 the few that a pickle of nested tuples of plain numpy arrays uses (protocols 2 to 4, as ``pickle.dumps`` and
 Python 2's ``cPickle`` write them), and interprets them symbolically: the three callables such a pickle names
-(numpy's ``_reconstruct``, ``numpy.dtype``, ``_codecs.encode``, and ``bytes()`` for an empty array) become descriptions of an array (shape,
-dtype code, byte order, raw bytes), and the arrays are made from those with :func:`numpy.frombuffer`. Any other
+(numpy's ``_reconstruct``, ``numpy.dtype``, ``_codecs.encode``, and ``bytes()`` for an empty array) become
+descriptions of an array (shape, dtype code, byte order, raw bytes), and the arrays are made from those with
+:func:`numpy.frombuffer`. Any other
 opcode, name, call or argument is refused with a ``ValueError`` before anything is built.
 
 Sizes are bounded: the memo, the stack and the number of opcodes; an array's declared shape must match the
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import pickletools
 import re
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -60,7 +61,8 @@ class _DtypeSpec:
     """``numpy.dtype(code)`` with the byte order its ``BUILD`` sets."""
 
     def __init__(self, code: str) -> None:
-        self.code, self.byteorder = code, None
+        self.code: str = code
+        self.byteorder: str | None = None
 
     def dtype(self) -> np.dtype:
         order = "=" if self.byteorder in (None, "|") else self.byteorder
@@ -119,7 +121,8 @@ def _reduce(fn: Any, args: Any) -> Any:
             raise ValueError(f"dtype {code!r} is not a plain numeric type (allowed: b1, i1-i8, u1-u8, f2-f8)")
         return _DtypeSpec(code)
     if fn.name == _ENCODE:
-        if len(args) != 2 or not isinstance(args[0], str) or _text(args[1], "the encoding") not in ("latin1", "latin-1"):
+        if (len(args) != 2 or not isinstance(args[0], str)
+                or _text(args[1], "the encoding") not in ("latin1", "latin-1")):
             raise ValueError("_codecs.encode called with other arguments than (text, 'latin1')")
         try:
             return args[0].encode("latin-1")
@@ -127,7 +130,8 @@ def _reduce(fn: Any, args: Any) -> Any:
             raise ValueError("_codecs.encode of text that is not latin-1") from err
     if fn.name in _BYTES and args == ():
         return b""
-    raise ValueError(f"REDUCE of {fn.name.replace(' ', '.')} with arguments: only numpy's array reconstruction is allowed")
+    raise ValueError(f"REDUCE of {fn.name.replace(' ', '.')} with arguments: only numpy's array reconstruction is "
+                     "allowed")
 
 
 def _build(obj: Any, state: Any) -> None:
@@ -198,8 +202,8 @@ def read_array_pickle(raw: bytes, *, max_memo: int = 4096, max_stack: int = 1024
     memo: dict[int, Any] = {}
     proto_seen = False
     try:
-        for n_ops, (op, arg, pos) in enumerate(pickletools.genops(raw)):
-            name = op.name
+        for n_ops, (op, op_arg, pos) in enumerate(pickletools.genops(raw)):
+            name, arg = op.name, cast(Any, op_arg)  # genops types it loosely; each opcode's own is checked below
             if n_ops >= max_ops:
                 raise ValueError(f"more than {max_ops:,} opcodes")
             if name == "PROTO":
