@@ -197,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             with open(os.path.join(seed_dir, "result.json"), "w") as fh:
                 json.dump(res, fh, indent=1, default=float)
             results.append(res)
-            print(f"mnist_mlp: seed {seed}: test accuracy {100 * accuracy['sgd']:.1f}%, trained in {train_s:.0f} s, "
+            trained = f"the store {store}" if args.from_store else f"trained in {train_s:.0f} s"
+            print(f"mnist_mlp: seed {seed}: test accuracy {100 * accuracy['sgd']:.1f}%, {trained}, "
                   f"analysed in {res['analysis_s']:.0f} s", flush=True)
         if not (args.keep_stores or args.from_store or (k == 0 and not args.paper)):
             os.remove(store)
