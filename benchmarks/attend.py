@@ -112,7 +112,9 @@ def main() -> None:
     p.add_argument("--block-rows", type=int, default=None, help="DualInference block_rows (default: automatic)")
     p.add_argument("--layers", nargs="*", default=["net.0", "net.2", "net.4"], help="layers to measure")
     p.add_argument("--query-chunk", type=int, default=2048, help="DualInference query_chunk")
-    p.add_argument("--repeat", type=int, default=3, help="interleaved rounds of (c), (b), (a), bf16 (medians are reported)")
+    p.add_argument(
+        "--repeat", type=int, default=3, help="interleaved rounds of (c), (b), (a), bf16 (medians are reported)"
+    )
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 scan")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--baseline", default=None, metavar="SRC",
@@ -198,11 +200,11 @@ def main() -> None:
             print("   rounds (s): " + "  ".join(f"{key}=" + ",".join(f"{x:.2f}" for x in xs) for key, xs in ts.items()))
             ratio = t_a / max(t_b, t_c)
             print(
-                f"{name}  block {block}  {lay.n_rows}  {t_a:.2f}  {t_b:.2f}  {t_c:.2f}  {ratio:.2f}  {lay.n_rows / t_a:,.0f}  "
-                f"{nbytes / t_a / 1e9:.2f}  | {t_r:.2f}  {t_r / max(t_b, t_c):.2f}  | {t_f:.2f}  {t_a / t_f:.2f}x  "
-                f"{100 * differs:.1f}% of queries (max rel err: exact {exact.max_rel_err:.1e} from the "
-                f"{exact.dual_source}, {from_rows.max_rel_err:.1e} from the {from_rows.dual_source}, "
-                f"bf16 {fast.max_rel_err:.1e} from the {fast.dual_source})",
+                f"{name}  block {block}  {lay.n_rows}  {t_a:.2f}  {t_b:.2f}  {t_c:.2f}  {ratio:.2f}  "
+                f"{lay.n_rows / t_a:,.0f}  {nbytes / t_a / 1e9:.2f}  | {t_r:.2f}  {t_r / max(t_b, t_c):.2f}  | "
+                f"{t_f:.2f}  {t_a / t_f:.2f}x  {100 * differs:.1f}% of queries (max rel err: exact "
+                f"{exact.max_rel_err:.1e} from the {exact.dual_source}, {from_rows.max_rel_err:.1e} from the "
+                f"{from_rows.dual_source}, bf16 {fast.max_rel_err:.1e} from the {fast.dual_source})",
                 flush=True,
             )
 

@@ -49,8 +49,10 @@ def main() -> None:
     from lightning_dualform import DualInference
 
     facts = machine()
-    print(f"{facts['cpu']}, {facts['cores']} cores, torch threads {facts['torch_threads']}, load {facts['loadavg_at_start']}, "
-          f"commit {facts['commit']}, {facts['date']}")
+    print(
+        f"{facts['cpu']}, {facts['cores']} cores, torch threads {facts['torch_threads']}, load "
+        f"{facts['loadavg_at_start']}, commit {facts['commit']}, {facts['date']}"
+    )
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     qs = queries_for(args.store, args.data, args.queries)

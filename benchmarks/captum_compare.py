@@ -62,7 +62,9 @@ LAYER = "net.4"  # the last Linear of PaperMLP
 def _quiet() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning", "lightning_dualform"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*(does not have many workers|no `validation_step`|deterministic|LeafSpec).*")
+    warnings.filterwarnings(
+        "ignore", message=".*(does not have many workers|no `validation_step`|deterministic|LeafSpec).*"
+    )
 
 
 def build(workdir: str, epochs: int, seed: int) -> dict[str, Any]:
@@ -140,18 +142,26 @@ def overlap(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
 
 
 def agreement(ov: np.ndarray, k: int) -> dict[str, float]:
-    return {"mean_shared_of_k": float(ov.mean()), "mean_fraction": float(ov.mean() / k), "median_shared": float(np.median(ov)),
-            "queries_with_any_shared": float((ov > 0).mean())}
+    return {
+        "mean_shared_of_k": float(ov.mean()),
+        "mean_fraction": float(ov.mean() / k),
+        "median_shared": float(np.median(ov)),
+        "queries_with_any_shared": float((ov > 0).mean()),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=3, help="training epochs (= checkpoints for Captum) (default: 3)")
-    p.add_argument("--queries", type=int, default=1000, help="test inputs (the first of the test split) (default: 1000)")
+    p.add_argument(
+        "--queries", type=int, default=1000, help="test inputs (the first of the test split) (default: 1000)"
+    )
     p.add_argument("--top-k", type=int, default=10, help="proponents per test input (default: 10)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported (default: 3)")
     p.add_argument("--seed", type=int, default=0, help="split, shuffle and initial weights (default: 0)")
-    p.add_argument("--workdir", default=None, help="where the store and checkpoints go (default: a temporary directory, deleted)")
+    p.add_argument(
+        "--workdir", default=None, help="where the store and checkpoints go (default: a temporary directory, deleted)"
+    )
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                    help="folder for captum_compare.json (default: benchmarks/results)")
     args = p.parse_args(argv)
@@ -166,7 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from captum.influence import TracInCPFast  # noqa: F401
     except Exception as err:  # ImportError, or a version clash surfacing at import
         captum_version, captum_error = None, f"{type(err).__name__}: {err}"
-        print(f"Captum is not available ({captum_error}); install it with `pip install captum`. Timing ours alone.", flush=True)
+        print(
+            f"Captum is not available ({captum_error}); install it with `pip install captum`. Timing ours alone.",
+            flush=True,
+        )
     info["captum"] = captum_version
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="dualform-captum-")
@@ -177,8 +190,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_train = len(dm.train_set)
         q = min(args.queries, len(dm.test_set))
         x, y = dm.test_set[torch.arange(q)]  # ImageDataset indexes tensors: (q, 784), (q,)
-        print(f"fit: {n_train} training digits x {args.epochs} epochs in {b['fit_s']:.1f} s (callback + checkpoints); "
-              f"store {b['store_bytes'] / 2**20:.1f} MiB, checkpoints {b['ckpt_bytes'] / 2**20:.1f} MiB, certificate {b['certificate']}; {q} test queries", flush=True)
+        print(
+            f"fit: {n_train} training digits x {args.epochs} epochs in {b['fit_s']:.1f} s (callback + checkpoints); "
+            f"store {b['store_bytes'] / 2**20:.1f} MiB, checkpoints {b['ckpt_bytes'] / 2**20:.1f} MiB, certificate "
+            f"{b['certificate']}; {q} test queries",
+            flush=True,
+        )
 
         runs: dict[str, Callable[[], Any]] = {
             "ours_per_example": lambda: ours(b["store"], model, x, args.top_k, True),
@@ -203,9 +220,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         ex = results["ours_per_example"]
         report: dict[str, Any] = {
-            "machine": info, "args": vars(args), "train_examples": n_train, "queries": q, "epochs": args.epochs,
-            "fit_seconds": b["fit_s"], "store_bytes": b["store_bytes"], "ckpt_bytes": b["ckpt_bytes"], "certificate": b["certificate"],
-            "rounds": times, "median_seconds": med, "ours_max_rel_err": float(ex.max_rel_err),
+            "machine": info,
+            "args": vars(args),
+            "train_examples": n_train,
+            "queries": q,
+            "epochs": args.epochs,
+            "fit_seconds": b["fit_s"],
+            "store_bytes": b["store_bytes"],
+            "ckpt_bytes": b["ckpt_bytes"],
+            "certificate": b["certificate"],
+            "rounds": times,
+            "median_seconds": med,
+            "ours_max_rel_err": float(ex.max_rel_err),
             "captum_error": captum_error,
         }
         print(f"\nmedian of {args.repeats} rounds, top-{args.top_k} proponents of {q} test inputs over {n_train} "
@@ -234,17 +260,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
             for key, res in (("pred", ex), ("label", by_label)):
                 top1 = res.proponent_examples.index[:, 0].tolist()
-                agree[key]["queries_with_top1_in_other"] = float(np.mean([t in set(c) for t, c in zip(top1, cap_idx.tolist())]))
-            report.update({"captum_seconds": med["captum"], "ratio_captum_over_ours": ratio, "median_round_ratio": round_ratio,
-                           "ratio_captum_over_ours_rows": med["captum"] / med["ours_rows"], "agreement": agree})
+                agree[key]["queries_with_top1_in_other"] = float(
+                    np.mean([t in set(c) for t, c in zip(top1, cap_idx.tolist())])
+                )
+            report.update(
+                {
+                    "captum_seconds": med["captum"],
+                    "ratio_captum_over_ours": ratio,
+                    "median_round_ratio": round_ratio,
+                    "ratio_captum_over_ours_rows": med["captum"] / med["ours_rows"],
+                    "agreement": agree,
+                }
+            )
             print(f"agreement of the top-{k} proponent sets with Captum (chance: {k * k / n_train:.3f} shared of {k}):")
             for key, label in (("pred", "ours, predicted logit (timed)"), ("label", "ours, true label's logit"),
                                ("rows_pred", "ours per row, predicted logit")):
                 a = agree[key]
                 extra = (f", Captum's top-{k} holds our top-1 in {100 * a['queries_with_top1_in_other']:.0f}%"
                          if key != "rows_pred" else "")
-                print(f"  {label}: {a['mean_shared_of_k']:.2f} of {k} shared on average (median {a['median_shared']:.0f}), "
-                      f"any shared in {100 * a['queries_with_any_shared']:.0f}% of queries{extra}")
+                print(
+                    f"  {label}: {a['mean_shared_of_k']:.2f} of {k} shared on average "
+                    f"(median {a['median_shared']:.0f}), "
+                    f"any shared in {100 * a['queries_with_any_shared']:.0f}% of queries{extra}"
+                )
         write_json(args.out, "captum_compare.json", report)
     finally:
         if args.workdir is None:

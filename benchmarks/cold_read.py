@@ -55,12 +55,19 @@ def drop(path: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", default="/tmp/dualform-bench/attend.h5", help="an uncompressed store (benchmarks/attend.py builds one)")
+    p.add_argument(
+        "--store",
+        default="/tmp/dualform-bench/attend.h5",
+        help="an uncompressed store (benchmarks/attend.py builds one)",
+    )
     p.add_argument("--layers", nargs="*", default=["net.0", "net.4"])
     p.add_argument("--threads", nargs="*", type=int, default=[1, 2, 4, 8], help="raw reader thread counts")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--attend", action="store_true", help="also time a cold attend with each reader")
-    p.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "fashion_mnist_npm70k.npz"))
+    p.add_argument(
+        "--data",
+        default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "fashion_mnist_npm70k.npz"),
+    )
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args()
 
@@ -68,13 +75,18 @@ def main() -> None:
     from lightning_dualform.store import _fletcher, _hdf5_nogil, _raw_chunks
 
     facts = machine()
-    print(f"{facts['cpu']}, {facts['cores']} cores, load {facts['loadavg_at_start']}, hdf5 {facts['hdf5']}, commit {facts['commit']}")
+    print(
+        f"{facts['cpu']}, {facts['cores']} cores, load {facts['loadavg_at_start']}, hdf5 {facts['hdf5']}, commit "
+        f"{facts['commit']}"
+    )
     size = os.path.getsize(args.store)
     before = page_cached_kib()
     drop(args.store)
     after = page_cached_kib()
-    print(f"store {args.store}: {size / 1e9:.2f} GB; page cache {before / 1e6:.2f} -> {after / 1e6:.2f} GB after dropping it "
-          f"(fell by {(before - after) / 1e6:.2f} GB)")
+    print(
+        f"store {args.store}: {size / 1e9:.2f} GB; page cache {before / 1e6:.2f} -> {after / 1e6:.2f} GB after "
+        f"dropping it (fell by {(before - after) / 1e6:.2f} GB)"
+    )
     results: dict = {"machine": facts, "store": args.store, "store_bytes": size,
                      "drop_check_cached_gb": [before / 1e6, after / 1e6], "layers": {}}
     with DualInference(args.store, device="cpu") as di:
@@ -143,16 +155,24 @@ def main() -> None:
             ok = lib.fletcher32(chunk.ctypes.data, r0.data_bytes) == struct.unpack("<I", csum)[0]
         t_sum = time.perf_counter() - t
         key_bytes = len(offs[: -(-n_rows // r0.chunk_rows)]) * r0.data_bytes
-        print(f"\n{name}: {n_rows:,} rows, keys+values {nbytes / 1e9:.2f} GB, blocks of {block:,} rows, chunks of {r0.chunk_rows} rows")
+        print(
+            f"\n{name}: {n_rows:,} rows, keys+values {nbytes / 1e9:.2f} GB, blocks of {block:,} rows, chunks of "
+            f"{r0.chunk_rows} rows"
+        )
         print(f"  {'method':34s} {'cold s':>7s} {'cold GB/s':>9s} {'warm s':>7s} {'warm GB/s':>9s}")
         base = median(cold["H5Dread"])
         layer = {"rows": n_rows, "bytes": nbytes, "block_rows": block, "chunk_rows": r0.chunk_rows, "methods": {}}
         for m in names:
             c, w = median(cold[m]), median(warm[m])
-            print(f"  {m:34s} {c:7.2f} {nbytes / c / 1e9:9.2f} {w:7.2f} {nbytes / w / 1e9:9.2f}   cold vs H5Dread {base / c:.2f}x")
+            print(
+                f"  {m:34s} {c:7.2f} {nbytes / c / 1e9:9.2f} {w:7.2f} {nbytes / w / 1e9:9.2f}   cold vs H5Dread "
+                f"{base / c:.2f}x"
+            )
             layer["methods"][m] = {"cold_s": cold[m], "warm_s": warm[m]}
-        print(f"  parts (keys, warm, one thread): preadv of every chunk into one buffer {key_bytes / t_io / 1e9:.2f} GB/s; "
-              f"Fletcher-32 of a chunk in cache {key_bytes / t_sum / 1e9:.2f} GB/s (last checksum ok: {ok})")
+        print(
+            f"  parts (keys, warm, one thread): preadv of every chunk into one buffer {key_bytes / t_io / 1e9:.2f} "
+            f"GB/s; Fletcher-32 of a chunk in cache {key_bytes / t_sum / 1e9:.2f} GB/s (last checksum ok: {ok})"
+        )
         layer["parts"] = {"preadv_gbs": key_bytes / t_io / 1e9, "fletcher_gbs": key_bytes / t_sum / 1e9}
         results["layers"][name] = layer
     f.close()

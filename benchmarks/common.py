@@ -67,7 +67,9 @@ def machine() -> dict[str, Any]:
     except OSError:
         load = (float("nan"),) * 3
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         commit = ""
     import h5py
@@ -76,11 +78,19 @@ def machine() -> dict[str, Any]:
     import lightning_dualform
 
     return {
-        "lightning_dualform": lightning_dualform.__version__, "library_path": os.path.dirname(lightning_dualform.__file__),
-        "cpu": cpu, "cores": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "lightning": lightning.__version__, "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version,
-        "python": platform.python_version(), "loadavg_at_start": [round(x, 2) for x in load], "commit": commit,
+        "lightning_dualform": lightning_dualform.__version__,
+        "library_path": os.path.dirname(lightning_dualform.__file__),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "h5py": h5py.__version__,
+        "hdf5": h5py.version.hdf5_version,
+        "python": platform.python_version(),
+        "loadavg_at_start": [round(x, 2) for x in load],
+        "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 

@@ -58,7 +58,9 @@ def variant(name: str) -> contextlib.AbstractContextManager:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps recorded")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--queries", type=int, default=64)
@@ -77,7 +79,9 @@ def main() -> None:
         record(model("resnet18")[0], torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g),
                args.steps, args.batch_size, path)
         with StoreReader(path) as s:
-            convs = [s.layer(k) for k in s.layers if s.layer(k).geometry is not None and max(s.layer(k).geometry.stride) == 1]
+            convs = [
+                s.layer(k) for k in s.layers if s.layer(k).geometry is not None and max(s.layer(k).geometry.stride) == 1
+            ]
             lay = max(convs, key=lambda lay: lay.n_rows * lay.d_in)
             name, geom = lay.name, lay.geometry
             picks = np.sort(np.random.default_rng(0).choice(lay.n_rows, args.queries, replace=False))
@@ -105,8 +109,14 @@ def main() -> None:
                 di.attend(name, q, top_k=10)
                 cache_bytes[v] = di.cache_info().bytes
         result["attend"] = {
-            v: {"seconds": min(times[v]), "all_seconds": times[v], "bytes_to_device": moved[v], "cache_bytes": cache_bytes[v]}
-            for v in ("host", "device")}
+            v: {
+                "seconds": min(times[v]),
+                "all_seconds": times[v],
+                "bytes_to_device": moved[v],
+                "cache_bytes": cache_bytes[v],
+            }
+            for v in ("host", "device")
+        }
         result["attend"]["dual_max_abs_diff"] = float((answers["host"] - answers["device"]).abs().max())
         for v in ("host", "device"):
             r = result["attend"][v]
@@ -124,8 +134,12 @@ def main() -> None:
                         sums[v] = memory_sums(lay, coef)[0]
                         cert_times[v].append(time.perf_counter() - t0)
         rel = float((sums["host"] - sums["device"]).norm() / sums["host"].norm())
-        result["memory_sum"] = {"unfolded_seconds": min(cert_times["host"]), "weight_gradient_seconds": min(cert_times["device"]),
-                                "all_seconds": cert_times, "rel_diff": rel}
+        result["memory_sum"] = {
+            "unfolded_seconds": min(cert_times["host"]),
+            "weight_gradient_seconds": min(cert_times["device"]),
+            "all_seconds": cert_times,
+            "rel_diff": rel,
+        }
         print(f"certificate's memory sum (float64): unfolded {min(cert_times['host']):.2f} s, conv weight gradient "
               f"{min(cert_times['device']):.2f} s; relative difference {rel:.1e}")
     write_json(args.out, "conv_attend.json", result)

@@ -66,17 +66,32 @@ def conv_layers(path: str) -> dict[str, dict[str, Any]]:
             c_in, c_out = g["keys"].shape[1], g["values"].shape[1]
             pixels, locations = math.prod(size), g["values"].shape[0] // e
             seen = e * (c_in * pixels + c_out * locations) * 4
-            disk = sum(ds.id.get_storage_size() for ds in g.values() if isinstance(ds, h5py.Dataset)
-                       and ds.name.rsplit("/", 1)[1] in ("keys", "values", "step", "epoch", "index", "position", "label"))
+            disk = sum(
+                ds.id.get_storage_size()
+                for ds in g.values()
+                if isinstance(ds, h5py.Dataset)
+                and ds.name.rsplit("/", 1)[1] in ("keys", "values", "step", "epoch", "index", "position", "label")
+            )
             d_in = int(g.attrs["d_in"])
             unfolded = e * locations * ((d_in + c_out) * 4 + META_BYTES)
-            out[name] = {"maps": e, "input_size": size, "c_in": c_in, "c_out": c_out, "d_in": d_in,
-                         "seen_bytes": seen, "disk_bytes": disk, "ratio": disk / seen, "unfolded_ratio": unfolded / seen}
+            out[name] = {
+                "maps": e,
+                "input_size": size,
+                "c_in": c_in,
+                "c_out": c_out,
+                "d_in": d_in,
+                "seen_bytes": seen,
+                "disk_bytes": disk,
+                "ratio": disk / seen,
+                "unfolded_ratio": unfolded / seen,
+            }
     return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps recorded")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--out", default="benchmarks/results", help="directory for conv_bytes.json")
@@ -98,12 +113,19 @@ def main() -> None:
             seen = sum(v["seen_bytes"] for v in layers.values())
             disk = sum(v["disk_bytes"] for v in layers.values())
             unfolded = sum(v["unfolded_ratio"] * v["seen_bytes"] for v in layers.values())
-            result["cases"][case] = {"layers": layers, "ratio": disk / seen, "unfolded_ratio": unfolded / seen,
-                                     "disk_bytes_per_step": disk / args.steps, "unfolded_bytes_per_step": unfolded / args.steps}
+            result["cases"][case] = {
+                "layers": layers,
+                "ratio": disk / seen,
+                "unfolded_ratio": unfolded / seen,
+                "disk_bytes_per_step": disk / args.steps,
+                "unfolded_bytes_per_step": unfolded / args.steps,
+            }
             worst = max(layers.items(), key=lambda kv: kv[1]["ratio"])
-            print(f"{case}: conv layers' bytes on disk {disk / args.steps / 2**20:.2f} MiB/step = {disk / seen:.2f}x their "
-                  f"input maps + output gradients (worst layer {worst[0]}: {worst[1]['ratio']:.2f}x); unfolded rows would "
-                  f"be {unfolded / args.steps / 2**20:.2f} MiB/step = {unfolded / seen:.2f}x")
+            print(
+                f"{case}: conv layers' bytes on disk {disk / args.steps / 2**20:.2f} MiB/step = {disk / seen:.2f}x "
+                f"their input maps + output gradients (worst layer {worst[0]}: {worst[1]['ratio']:.2f}x); unfolded "
+                f"rows would be {unfolded / args.steps / 2**20:.2f} MiB/step = {unfolded / seen:.2f}x"
+            )
     write_json(args.out, "conv_bytes.json", result)
 
 

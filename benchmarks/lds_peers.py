@@ -21,7 +21,7 @@ def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return true - torch.logsumexp(others, dim=1)
 
 
-def captum_tracincp(*, base, ckpts, xtr, ytr, xte, yte, args, work, make_model, t_ckpt, **_: Any):
+def captum_tracincp(*, base, ckpts, xtr, ytr, xte, yte, args, work, make_model, t_ckpt, lr, **_: Any):
     """captum's ``TracInCP`` over the per-epoch checkpoints (every layer's parameters), test function ``-margin``."""
     from captum.influence import TracInCP
 
@@ -30,7 +30,6 @@ def captum_tracincp(*, base, ckpts, xtr, ytr, xte, yte, args, work, make_model, 
         path = os.path.join(work, f"ckpt{e}.pt")
         torch.save(sd, path)
         paths.append(path)
-    lr = {"sgd": 0.05, "sgd-momentum": 0.01, "adamw": 1e-3}[args.optimizer]
 
     def load(model: nn.Module, path: str) -> float:
         model.load_state_dict(torch.load(path, weights_only=True))

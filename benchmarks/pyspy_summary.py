@@ -26,7 +26,9 @@ def _key(frame: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("profile", help="py-spy raw output (collapsed stacks with counts)")
     ap.add_argument("--match", default="", help="comma list of substrings; inclusive table shows only frames with one")
     ap.add_argument("--top", type=int, default=20, help="rows per table")

@@ -51,10 +51,19 @@ FILL_LEAVES = (0, 64 << 10, 1 << 20)
 
 
 def phase_of(name: str) -> str:
-    for prefix, phase in (("create", "store creation"), ("step-0", "first step"), ("step-", "training"),
-                          ("commit", "epoch-end commit"), ("checkpoint", "checkpoint"), ("finalisation", "finalisation"),
-                          ("certificate", "certificate"), ("test", "test recording"), ("predict", "predict recording"),
-                          ("resume-kill", "resume truncation"), ("resume-completes", "resume after the kills")):
+    for prefix, phase in (
+        ("create", "store creation"),
+        ("step-0", "first step"),
+        ("step-", "training"),
+        ("commit", "epoch-end commit"),
+        ("checkpoint", "checkpoint"),
+        ("finalisation", "finalisation"),
+        ("certificate", "certificate"),
+        ("test", "test recording"),
+        ("predict", "predict recording"),
+        ("resume-kill", "resume truncation"),
+        ("resume-completes", "resume after the kills"),
+    ):
         if name.startswith(prefix):
             return phase
     return name
@@ -91,7 +100,9 @@ def kills(work: str) -> dict[str, Any]:
         c = per_phase[phase_of(spec["name"])]
         c["runs"] += 1
         c["killed"] += bool(v["killed"])
-        c["opens at a committed state"] += bool(v["opens"] and not any("opens at" in p or "does not open" in p for p in v["problems"]))
+        c["opens at a committed state"] += bool(
+            v["opens"] and not any("opens at" in p or "does not open" in p for p in v["problems"])
+        )
         c["committed bytes identical"] += bool(v["opens"] and not v["problems"])
         c[v["state"].split(" at ")[0] if v["opens"] else "unreadable"] += 1
         for rep in v.get("repairs") or []:
@@ -100,10 +111,18 @@ def kills(work: str) -> dict[str, Any]:
             failures.append(v)
     total = sum(c["killed"] for p, c in per_phase.items() if p != "resume after the kills")
     good = sum(c["committed bytes identical"] for p, c in per_phase.items() if p != "resume after the kills")
-    return {"ref": ref, "seconds": seconds, "kills": total, "kills_good": good, "per_phase": {p: dict(c) for p, c in per_phase.items()},
-            "failures": failures[:10], "repairs": dict(repairs), "two_writers": pairs,
-            "reader": dict(collections.Counter(x["outcome"] for x in reads)),
-            "reader_inconsistent": sum(bool(x.get("problems")) for x in reads)}
+    return {
+        "ref": ref,
+        "seconds": seconds,
+        "kills": total,
+        "kills_good": good,
+        "per_phase": {p: dict(c) for p, c in per_phase.items()},
+        "failures": failures[:10],
+        "repairs": dict(repairs),
+        "two_writers": pairs,
+        "reader": dict(collections.Counter(x["outcome"] for x in reads)),
+        "reader_inconsistent": sum(bool(x.get("problems")) for x in reads),
+    }
 
 
 def fills(work: str, logs: str, ref: dict[str, Any]) -> dict[str, Any]:
@@ -131,8 +150,16 @@ def fills(work: str, logs: str, ref: dict[str, Any]) -> dict[str, Any]:
             unreadable += not v["opens"]
             lost += any("opens at" in p for p in v["problems"]) or any("differs" in p for p in v["problems"])
             errors[(r.get("error") or "none").split(":")[0]] += 1
-            rows.append({"name": r["spec"]["name"], "exit": r.get("exit"), "signal": r.get("signal"), "state": v["state"],
-                         "problems": v["problems"], "error": (r.get("error") or "")[:120]})
+            rows.append(
+                {
+                    "name": r["spec"]["name"],
+                    "exit": r.get("exit"),
+                    "signal": r.get("signal"),
+                    "state": v["state"],
+                    "problems": v["problems"],
+                    "error": (r.get("error") or "")[:120],
+                }
+            )
         return {"seconds": seconds, "runs": len(rows), "crashes": crashes, "unreadable": unreadable,
                 "committed_steps_lost": lost, "errors": dict(errors), "rows": rows}
     finally:
@@ -152,10 +179,16 @@ def mutations(work: str, n: int) -> dict[str, Any]:
         by_kind[r["kind"]][r["outcome"]] += 1
     outcomes = collections.Counter(r["outcome"] for r in results)
     times = [r.get("seconds", 0.0) for r in results]
-    return {"seconds": seconds, "n": len(results), "outcomes": dict(outcomes), "by_kind": {k: dict(c) for k, c in by_kind.items()},
-            "max_seconds": max(times), "median_seconds": float(np.median(times)),
-            "hangs_over_10s": outcomes.get("hang", 0),
-            "examples": [r for r in results if r["outcome"] not in ("correct", "store_error")][:8]}
+    return {
+        "seconds": seconds,
+        "n": len(results),
+        "outcomes": dict(outcomes),
+        "by_kind": {k: dict(c) for k, c in by_kind.items()},
+        "max_seconds": max(times),
+        "median_seconds": float(np.median(times)),
+        "hangs_over_10s": outcomes.get("hang", 0),
+        "examples": [r for r in results if r["outcome"] not in ("correct", "store_error")][:8],
+    }
 
 
 def damaged_open_times(work: str) -> dict[str, Any]:
@@ -291,15 +324,25 @@ def side_file_cases(work: str, n: int) -> dict[str, Any]:
             problems[_problem_kind(p)] += 1
     times = [r["seconds"] for r in results]
     where = [(r.get("trace") or "").strip().splitlines()[-3:-1] for r in results if r["outcome"] == "hang"]
-    return {"seconds": seconds, "n": len(results), "mknod": mknod, "kinds": len(side_files.kinds(mknod)),
-            "outcomes": dict(collections.Counter(r["outcome"] for r in results)),
-            "by_kind": {k: dict(c) for k, c in sorted(by_kind.items())}, "problems": dict(problems),
-            "cases_with_problems": sum(1 for r in results if r["problems"]),
-            "max_seconds": max(times), "median_seconds": float(np.median(times)),
-            "over_10s_where": where,
-            "over_10s_retried": [{k: a[k] for k in ("seed", "outcome", "seconds", "problems")} for a in retries.values()],
-            "cases": [{k: r[k] for k in ("seed", "side", "kind", "op", "outcome", "seconds", "problems", "detail")}
-                      for r in results if r["problems"]]}
+    return {
+        "seconds": seconds,
+        "n": len(results),
+        "mknod": mknod,
+        "kinds": len(side_files.kinds(mknod)),
+        "outcomes": dict(collections.Counter(r["outcome"] for r in results)),
+        "by_kind": {k: dict(c) for k, c in sorted(by_kind.items())},
+        "problems": dict(problems),
+        "cases_with_problems": sum(1 for r in results if r["problems"]),
+        "max_seconds": max(times),
+        "median_seconds": float(np.median(times)),
+        "over_10s_where": where,
+        "over_10s_retried": [{k: a[k] for k in ("seed", "outcome", "seconds", "problems")} for a in retries.values()],
+        "cases": [
+            {k: r[k] for k in ("seed", "side", "kind", "op", "outcome", "seconds", "problems", "detail")}
+            for r in results
+            if r["problems"]
+        ],
+    }
 
 
 def _problem_kind(p: str) -> str:
@@ -451,8 +494,12 @@ def main() -> int:
     parts = set(args.parts.split(","))
     work = args.workdir or tempfile.mkdtemp(prefix="dualform-reliability-")
     os.makedirs(work, exist_ok=True)
-    report: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
-                              "load_average": os.getloadavg()}
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "command": " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "load_average": os.getloadavg(),
+    }
     try:
         if "kills" in parts:
             report["kills"] = kills(os.path.join(work, "kills"))

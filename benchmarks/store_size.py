@@ -72,7 +72,9 @@ def record(dm: ImageDataModule, epochs: int, dtype: str, comp: str, path: str) -
     }
 
 
-def rewrite(rows: dict[str, dict[str, np.ndarray]], dtype: str, comp: str, path: str, chunk_rows: int | None) -> tuple[float, dict]:
+def rewrite(
+    rows: dict[str, dict[str, np.ndarray]], dtype: str, comp: str, path: str, chunk_rows: int | None
+) -> tuple[float, dict]:
     """Encode and append keys/values in blocks of BLOCK rows (timed) and the metadata (untimed).
 
     Returns the seconds and, per layer, ``{column: bytes on disk}``. Checks the round trip is bit-exact.
@@ -83,7 +85,9 @@ def rewrite(rows: dict[str, dict[str, np.ndarray]], dtype: str, comp: str, path:
         dsets = {}
         for name, r in rows.items():
             # the callback's chunking: one row count per layer for keys and values
-            rows_per_chunk = chunk_rows_for(r["keys"].shape[1] * disk.itemsize, r["values"].shape[1] * disk.itemsize, chunk_rows)
+            rows_per_chunk = chunk_rows_for(
+                r["keys"].shape[1] * disk.itemsize, r["values"].shape[1] * disk.itemsize, chunk_rows
+            )
             for col in ("keys", "values"):
                 w = r[col].shape[1]
                 dsets[name, col] = f.create_dataset(
@@ -111,9 +115,18 @@ def rewrite(rows: dict[str, dict[str, np.ndarray]], dtype: str, comp: str, path:
         seconds = time.perf_counter() - t0
         for name, r in rows.items():
             for col, dt in META.items():
-                f.create_dataset(f"{name}/{col}", data=r[col].astype(dt), maxshape=(None,), chunks=(META_CHUNK,), fletcher32=True, **kw)
+                f.create_dataset(
+                    f"{name}/{col}",
+                    data=r[col].astype(dt),
+                    maxshape=(None,),
+                    chunks=(META_CHUNK,),
+                    fletcher32=True,
+                    **kw,
+                )
         f.flush()
-        sizes = {name: {col: f[f"{name}/{col}"].id.get_storage_size() for col in ("keys", "values", *META)} for name in rows}
+        sizes = {
+            name: {col: f[f"{name}/{col}"].id.get_storage_size() for col in ("keys", "values", *META)} for name in rows
+        }
         for name, r in rows.items():  # lossless: what comes back is exactly what was encoded
             for col in ("keys", "values"):
                 if not np.array_equal(f[f"{name}/{col}"][:], encode_rows(r[col], dtype)):
@@ -133,14 +146,24 @@ def per_row(sizes: dict[str, dict[str, int]], rows: dict[str, dict[str, np.ndarr
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--examples", type=int, default=8192, help="training digits (of the embedded 10,000)")
     ap.add_argument("--epochs", type=int, default=2, help="epochs per fit")
     ap.add_argument("--dtypes", default=DTYPES, help="comma list of row dtypes")
-    ap.add_argument("--compressions", default=COMPRESSIONS, help="comma list (none, lzf, gzip, gzip-N, lz4, zstd, blosc-lz4, blosc-zstd)")
-    ap.add_argument("--check-compressions", default="blosc-zstd", help="compressions also fitted with the callback, per dtype")
+    ap.add_argument(
+        "--compressions",
+        default=COMPRESSIONS,
+        help="comma list (none, lzf, gzip, gzip-N, lz4, zstd, blosc-lz4, blosc-zstd)",
+    )
+    ap.add_argument(
+        "--check-compressions", default="blosc-zstd", help="compressions also fitted with the callback, per dtype"
+    )
     ap.add_argument("--repeats", type=int, default=3, help="timed writes per format (median)")
-    ap.add_argument("--chunk-rows", type=int, default=None, help="rows per HDF5 chunk (default: the callback's automatic ~512 KiB)")
+    ap.add_argument(
+        "--chunk-rows", type=int, default=None, help="rows per HDF5 chunk (default: the callback's automatic ~512 KiB)"
+    )
     ap.add_argument("--workdir", default=None, help="where stores are written (default: a temp dir)")
     ap.add_argument("--out", default="benchmarks/results", help="directory for store_size.json")
     args = ap.parse_args(argv)
@@ -220,14 +243,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     for x in fits:
         cert.setdefault(x["dtype"], {})[x["compression"]] = x["certificate"]
     out = {
-        "machine": info, "args": vars(args), "rows_per_layer": n_rows, "train_rows_per_s": train_rows_per_s,
-        "zero_fraction": zeros, "row_bytes_float32": row_bytes_f32, "certificates": cert, "fits": fits, "formats": formats,
+        "machine": info,
+        "args": vars(args),
+        "rows_per_layer": n_rows,
+        "train_rows_per_s": train_rows_per_s,
+        "zero_fraction": zeros,
+        "row_bytes_float32": row_bytes_f32,
+        "certificates": cert,
+        "fits": fits,
+        "formats": formats,
     }
-    print(f"\ntraining produces {train_rows_per_s:.0f} rows/s per layer ({train_rows_per_s * row_bytes_f32 / 1e6:.0f} MB/s of float32 rows)")
+    print(
+        f"\ntraining produces {train_rows_per_s:.0f} rows/s per layer ({train_rows_per_s * row_bytes_f32 / 1e6:.0f} "
+        "MB/s of float32 rows)"
+    )
     print("exact zeros:", {n: {k: round(v, 3) for k, v in z.items()} for n, z in zeros.items()})
     print("certificates (max rel_err over layers):",
           {d: {c: f"{max(v.values()):.2e}" for c, v in cs.items()} for d, cs in cert.items()})
-    base = next(f for f in formats if (f["dtype"], f["compression"]) == ("float32", "none")) if "float32" in dtypes and "none" in comps else None
+    base = (
+        next(f for f in formats if (f["dtype"], f["compression"]) == ("float32", "none"))
+        if "float32" in dtypes and "none" in comps
+        else None
+    )
     print(f"\n{'dtype':>8} {'comp':>10} | {'L0 keys':>8} {'L0 vals':>8} {'L1 keys':>8} {'L1 vals':>8} {'L2 keys':>8} "
           f"{'L2 vals':>8} {'meta':>6} | {'B/example':>9} {'vs f32':>6} | {'write rows/s':>12} {'x train':>7}")
     for f in formats:

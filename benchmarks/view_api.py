@@ -35,14 +35,18 @@ def main() -> None:
     args = p.parse_args()
     if not os.path.exists(args.store):
         out = os.path.dirname(os.path.abspath(args.store))
-        subprocess.run([sys.executable, "-m", "lightning_dualform", "demo", "--out", out, "--no-plot", "--quiet"], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "lightning_dualform", "demo", "--out", out, "--no-plot", "--quiet"], check=True
+        )
 
     from lightning_dualform import DualInference
     from lightning_dualform.cli.view import ViewApp, ViewServer
 
     facts = machine()
-    print(f"{facts['cpu']}, {facts['cores']} cores, torch threads {facts['torch_threads']}, load {facts['loadavg_at_start']}, "
-          f"commit {facts['commit']}, {facts['date']}")
+    print(
+        f"{facts['cpu']}, {facts['cores']} cores, torch threads {facts['torch_threads']}, load "
+        f"{facts['loadavg_at_start']}, commit {facts['commit']}, {facts['date']}"
+    )
     results: dict = {"machine": facts, "store": args.store, "variants": {}}
     for cache in ("auto", None):
         di = DualInference(args.store, device="cpu", cache=cache)
@@ -72,8 +76,10 @@ def main() -> None:
             times = [get(f"/api/attend?split=test&index={i}{lay}&top_k=5") for i in picks[:-1]]
             name = f"{layer or 'all layers'}, {'cache' if cache else 'no cache'}"
             ms = 1e3 * np.array(times)
-            print(f"{name:28s} median {np.median(ms):7.1f} ms   p90 {np.percentile(ms, 90):7.1f} ms   min {ms.min():6.1f} ms   "
-                  f"max {ms.max():7.1f} ms")
+            print(
+                f"{name:28s} median {np.median(ms):7.1f} ms   p90 {np.percentile(ms, 90):7.1f} ms   min "
+                f"{ms.min():6.1f} ms   max {ms.max():7.1f} ms"
+            )
             results["variants"][name] = {"ms": ms.tolist(), "median_ms": float(np.median(ms))}
         if cache is not None:
             print("  cache:", di.cache_info())

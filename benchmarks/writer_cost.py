@@ -178,7 +178,9 @@ def main() -> None:
     _hdf5_nogil.library()
     workdir = args.workdir or tempfile.mkdtemp(prefix="dualform-writer-")
     nbytes = row_bytes(step_rows(0))
-    print(f"{nbytes / 1e6:.2f} MB of rows per step, {args.steps} steps, ctypes path: {_hdf5_nogil.library() is not None}")
+    print(
+        f"{nbytes / 1e6:.2f} MB of rows per step, {args.steps} steps, ctypes path: {_hdf5_nogil.library() is not None}"
+    )
     results: dict[str, list[dict[str, float]]] = {}
     for r in range(args.repeats):
         for name, make in variants(workdir, args.steps).items():
@@ -200,13 +202,18 @@ def main() -> None:
     makers = variants(workdir, args.steps)
     for r in range(args.repeats):
         for name in ("none", "store", "store:h5py"):
-            us = with_path(name, lambda: interference(workdir, args.steps, name, None if name == "none" else makers[name]))
+            us = with_path(
+                name, lambda: interference(workdir, args.steps, name, None if name == "none" else makers[name])
+            )
             loops.setdefault(name, []).append(us)
         for f in os.listdir(workdir):
             os.remove(os.path.join(workdir, f))
     print("\nmain-thread loop of small torch ops while the writer runs on a thread (µs per iteration):")
     for name, v in loops.items():
-        print(f"{name:>14} {median(v):8.2f}  (x{median(v) / median(loops['none']):.2f})  rounds {[round(x, 2) for x in v]}")
+        print(
+            f"{name:>14} {median(v):8.2f}  (x{median(v) / median(loops['none']):.2f})  rounds "
+            f"{[round(x, 2) for x in v]}"
+        )
     write_json(args.out, "writer_cost", {"machine": machine(), "args": vars(args), "bytes_per_step": nbytes,
                                           "paths": table, "interference_us": loops})
 

@@ -32,7 +32,9 @@ class IndexedDataset(torch.utils.data.Dataset):
 class MLP(L.LightningModule):
     """A small classifier whose optimizer is set by a factory, so each test picks its update rule."""
 
-    def __init__(self, d: int = 6, hidden: int = 8, classes: int = 3, opt_factory=None, sched_factory=None, bias: bool = True):
+    def __init__(
+        self, d: int = 6, hidden: int = 8, classes: int = 3, opt_factory=None, sched_factory=None, bias: bool = True
+    ):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(d, hidden, bias=bias), nn.Tanh(), nn.Linear(hidden, classes, bias=bias))
         self.opt_factory = opt_factory or (lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
@@ -56,7 +58,9 @@ def loader(ds, batch_size: int = 16, shuffle: bool = True, **kw):
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, **kw)
 
 
-def dual_output(path: str, layer: str, x: torch.Tensor, end: int | None = None, base: bool = True, memory: bool = True) -> torch.Tensor:
+def dual_output(
+    path: str, layer: str, x: torch.Tensor, end: int | None = None, base: bool = True, memory: bool = True
+) -> torch.Tensor:
     """``a W_0 x + a_b b_0 + sum_rows (c_w k.x + c_b) v`` from the raw file, in float64.
 
     Only h5py and the coefficient recurrence (tested on its own against torch.optim.SGD) are used.
@@ -72,7 +76,9 @@ def dual_output(path: str, layer: str, x: torch.Tensor, end: int | None = None, 
         rule = f.attrs.get("update_rule", "sgd")
         if isinstance(rule, bytes):
             rule = rule.decode()
-        assert rule in ("sgd", "plain"), f"dual_output rebuilds SGD and plain stores, not {rule!r} (compare with the model)"
+        assert rule in ("sgd", "plain"), (
+            f"dual_output rebuilds SGD and plain stores, not {rule!r} (compare with the model)"
+        )
 
         def coefs(table):
             if rule == "plain" or not f.attrs["optimizer_exact"]:

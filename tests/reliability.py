@@ -106,6 +106,8 @@ FILL_POINTS = [("step", 7, 0), ("epoch_end", 1, 0), ("ckpt", 1, 0), ("fit_end", 
                ("session", "finalisation/open", 0), ("session", "finalisation/write", 0), ("certificate", 0, 0),
                ("session", "certificate/write", 0), ("test", -1, 0), ("test", 1, 0), ("predict", 1, 0),
                ("session", "recording of the 'predict'/write", 0)]
+#: one point of each phase (the default run; all of FILL_POINTS under --runslow)
+FILL_POINTS_DEFAULT = [FILL_POINTS[i] for i in (0, 1, 2, 4, 6, 8, 10, 12)]
 
 
 def tmpfs(path: str, megabytes: int) -> bool:

@@ -13,6 +13,7 @@ from helpers import MLP, TRAINER_KW, IndexedDataset, loader
 
 from lightning_dualform import DualFormCallback, DualInference
 from lightning_dualform.analysis import (
+    attend_queries,
     attend_recorded,
     class_mass,
     markdown_table,
@@ -42,8 +43,15 @@ def _hand_store(path: str) -> str:
     st = StoreWriter.create(path, [spec])
     for step in range(2):  # step 0: rows 0..2, step 1: rows 3..5
         sl = slice(3 * step, 3 * step + 3)
-        rows = StepRows(keys=KEYS[sl], values=np.ones((3, 2), np.float32), index=np.arange(6)[sl], position=np.zeros(3, np.int32),
-                        label=LABELS[sl], step=step, epoch=0)
+        rows = StepRows(
+            keys=KEYS[sl],
+            values=np.ones((3, 2), np.float32),
+            index=np.arange(6)[sl],
+            position=np.zeros(3, np.int32),
+            label=LABELS[sl],
+            step=step,
+            epoch=0,
+        )
         st.add_step(step, 0, {"fc": rows}, {"fc": (1.0, ParamUpdate(lr=0.1), None)})
     w_final = -0.1 * np.ones((2, 6), np.float32) @ KEYS
     st.finalize({"fc": (w_final, None)}, final_step=2, epochs=1)
@@ -151,6 +159,17 @@ def test_recorded_votes_against_dense_reference(fitted):
         assert run.queries("net.2", [4]).shape == (1, 8)
 
 
+def test_attend_queries_without_split_or_queries_names_the_query_sets(fitted):
+    # it once asked the store for the query set None ("Record one with DualFormCallback(record_queries=(None,))")
+    path, _ = fitted
+    with DualInference(path) as di:
+        wanted = r"`attend_queries`: pass split=\.\.\. \(the store's query sets: \['test'\]\)"
+        with pytest.raises(ValueError, match=wanted):
+            attend_queries(di)
+        run = attend_queries(di, split="test", positions=[0], top_k=1)
+        assert run.index.tolist() == [di.store.queries("test").index[0]]
+
+
 def test_score_curves_against_dense_reference(fitted):
     path, _ = fitted
     mem = _dense(path, "net.0")
@@ -186,7 +205,11 @@ def test_task_mass_against_dense_reference(fitted):
         assert tm.tasks == ["first", "evens", "other"]
         other = (mem["step"] >= 4) & ~np.isin(mem["step"], [4, 6, 8])
         np.testing.assert_allclose(tm.signed[:, 2], scores[:, other].sum(1), rtol=1e-10)
-        assert tm.rows.tolist() == [int((mem["step"] < 4).sum()), int(np.isin(mem["step"], [4, 6, 8]).sum()), int(other.sum())]
+        assert tm.rows.tolist() == [
+            int((mem["step"] < 4).sum()),
+            int(np.isin(mem["step"], [4, 6, 8]).sum()),
+            int(other.sum()),
+        ]
         with pytest.raises(ValueError, match="by="):
             task_mass(di, "net.0", q, {"a": range(3)}, by="label")
         with pytest.raises(ValueError, match=r"\(n, 6\)"):

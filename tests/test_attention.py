@@ -197,7 +197,9 @@ def test_bf16_score_bound_holds() -> None:
         assert float((err / bound).max()) > 1e-3  # and not vacuous
 
 
-@pytest.mark.parametrize("kw", [{"with_dual": False}, {"rebuild_weights": True}, {}], ids=["no-dual", "weights", "dual"])
+@pytest.mark.parametrize(
+    "kw", [{"with_dual": False}, {"rebuild_weights": True}, {}], ids=["no-dual", "weights", "dual"]
+)
 def test_torch_ops_top_k_alone(memory: dict[str, torch.Tensor], kw: dict) -> None:
     """Top-k with nothing else asked (no mass, no per-example sums, no units) on the torch-op path."""
     m = memory
@@ -205,8 +207,15 @@ def test_torch_ops_top_k_alone(memory: dict[str, torch.Tensor], kw: dict) -> Non
     state = AttentionAccumulator(queries=q, base=m["base"].float(), top_k=K, fused=False, **kw)
     for s in range(0, N_ROWS, 25):
         sl = slice(s, s + 25)
-        state.fold(Block(keys=k32[sl], values=m["values"][sl].float(), c_w=m["c_w"][sl].float(), c_b=m["c_b"][sl].float(),
-                         meta={c: m[c][sl] for c in META_COLUMNS}))
+        state.fold(
+            Block(
+                keys=k32[sl],
+                values=m["values"][sl].float(),
+                c_w=m["c_w"][sl].float(),
+                c_b=m["c_b"][sl].float(),
+                meta={c: m[c][sl] for c in META_COLUMNS},
+            )
+        )
     top, meta = state.top_rows()
     ref = torch.topk(q @ k32.t(), K, dim=1)
     assert torch.equal(meta["row"], ref.indices)
@@ -225,7 +234,9 @@ def test_bf16_scan_top_k_in_degenerate_blocks(case: str) -> None:
         keys[7] *= 1000  # one huge key widens the block's bound
     else:
         block = 1
-    state = AttentionAccumulator(queries=q.bfloat16(), base=torch.zeros(4, 2), top_k=k, exact_queries=q, with_dual=False)
+    state = AttentionAccumulator(
+        queries=q.bfloat16(), base=torch.zeros(4, 2), top_k=k, exact_queries=q, with_dual=False
+    )
     for s in range(0, len(keys), block):
         sl = slice(s, s + block)
         n = keys[sl].shape[0]
@@ -247,11 +258,21 @@ def test_bf16_scan_finds_the_exact_top_k_among_near_ties() -> None:
     q = torch.rand(5, 64, generator=g) + 0.5
     n, k = keys.shape[0], 3
     meta = {c: torch.arange(n) for c in META_COLUMNS}
-    state = AttentionAccumulator(queries=q.bfloat16(), base=torch.zeros(5, 2), top_k=k, exact_queries=q, with_dual=False)
+    state = AttentionAccumulator(
+        queries=q.bfloat16(), base=torch.zeros(5, 2), top_k=k, exact_queries=q, with_dual=False
+    )
     for s in range(0, n, 100):
         sl = slice(s, s + 100)
-        state.fold(Block(keys=keys[sl].bfloat16(), values=torch.zeros(100, 2), c_w=torch.ones(100), c_b=torch.zeros(100),
-                         meta={c: v[sl] for c, v in meta.items()}, exact_keys=keys[sl]))
+        state.fold(
+            Block(
+                keys=keys[sl].bfloat16(),
+                values=torch.zeros(100, 2),
+                c_w=torch.ones(100),
+                c_b=torch.zeros(100),
+                meta={c: v[sl] for c, v in meta.items()},
+                exact_keys=keys[sl],
+            )
+        )
     top, found = state.top_rows()
     exact = q @ keys.t()
     ref = torch.topk(exact, k, dim=1)
@@ -316,7 +337,9 @@ class _Threads:
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("world,block_rows", [(2, 10), (3, 32), (4, 50)])  # (4, 50): a participant with no block
-def test_reduce_of_shares_equals_one_pass(memory: dict[str, torch.Tensor], mode: dict, world: int, block_rows: int) -> None:
+def test_reduce_of_shares_equals_one_pass(
+    memory: dict[str, torch.Tensor], mode: dict, world: int, block_rows: int
+) -> None:
     m = memory
     whole = _run(m, block_rows, **mode)
     blocks = [slice(s, s + block_rows) for s in range(0, N_ROWS, block_rows)]

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_dualform.record.batches import BatchInfo, batch_indices, batch_inputs, batch_labels, batch_size, row_metadata
+from lightning_dualform.record.batches import (
+    BatchInfo,
+    batch_indices,
+    batch_inputs,
+    batch_labels,
+    batch_size,
+    row_metadata,
+)
 from lightning_dualform.record.capture import CallRows
 
 X = torch.randn(4, 3)

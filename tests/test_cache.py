@@ -91,7 +91,10 @@ CASES = [
 @pytest.mark.parametrize("tensors", [False, True], ids=["host", "tensors"])
 def test_cached_answers_equal_uncached_bit_for_bit(store: str, tensors: bool) -> None:
     # tensors=True keeps keys and values as torch tensors, the code path of a CUDA device cache
-    with DualInference(store, device="cpu", block_rows=BLOCK) as plain, DualInference(store, device="cpu", block_rows=BLOCK, cache=1 << 24) as cached:
+    with (
+        DualInference(store, device="cpu", block_rows=BLOCK) as plain,
+        DualInference(store, device="cpu", block_rows=BLOCK, cache=1 << 24) as cached,
+    ):
         if tensors:
             cached._cache = BlockCache(1 << 24, "cpu", tensors=True)
         for case in CASES:
@@ -109,7 +112,10 @@ def test_cached_answers_equal_uncached_bit_for_bit(store: str, tensors: bool) ->
         assert isinstance(cached.layer("net.0").read_kept(0, BLOCK)["keys"], torch.Tensor if tensors else np.ndarray)
         from lightning_dualform.analysis import score_curves
 
-        curves_plain, curves_cached = score_curves(plain, "net.0", _queries(2)), score_curves(cached, "net.0", _queries(2))
+        curves_plain, curves_cached = (
+            score_curves(plain, "net.0", _queries(2)),
+            score_curves(cached, "net.0", _queries(2)),
+        )
         assert all(np.array_equal(a[k], b[k]) for a, b in zip(curves_plain, curves_cached) for k in a)
         model = MLP()
         ex_plain, ex_cached = plain.explain(model, _queries(4), top_k=3), cached.explain(model, _queries(4), top_k=3)
@@ -161,7 +167,10 @@ def test_eviction_keeps_the_cache_within_a_small_budget(store: str) -> None:
 def test_facts_of_many_steps_stay_bounded(store: str) -> None:
     """A slider over at_step asks for a new step each time: the base weights of only a few are kept."""
     q = _queries(d=6)
-    with DualInference(store, device="cpu", block_rows=BLOCK, cache=1 << 24) as di, DualInference(store, device="cpu", block_rows=BLOCK) as plain:
+    with (
+        DualInference(store, device="cpu", block_rows=BLOCK, cache=1 << 24) as di,
+        DualInference(store, device="cpu", block_rows=BLOCK) as plain,
+    ):
         for step in range(1, di.last_step + 1):
             _same(di.attend("net.0", q, top_k=2, at_step=step), plain.attend("net.0", q, top_k=2, at_step=step))
         kinds = [k[0] for k in di.layer("net.0")._facts]
@@ -263,7 +272,10 @@ def test_auto_budget_is_half_of_the_available_memory() -> None:
 @pytest.mark.cuda
 def test_device_cache_keeps_keys_and_values_on_the_gpu(store: str) -> None:
     q = _queries(d=6)
-    with DualInference(store, device="cuda", block_rows=BLOCK) as plain, DualInference(store, device="cuda", block_rows=BLOCK, cache="auto") as cached:
+    with (
+        DualInference(store, device="cuda", block_rows=BLOCK) as plain,
+        DualInference(store, device="cuda", block_rows=BLOCK, cache="auto") as cached,
+    ):
         ref = plain.attend("net.0", q, top_k=4, contribution_to="pred")
         for _ in range(2):
             res = cached.attend("net.0", q, top_k=4, contribution_to="pred")

@@ -99,7 +99,10 @@ def test_two_callbacks_with_clipping_are_both_exact(tmp_path):
         assert all(c["exact"] for c in cb.certificate.values()), cb.certificate
     with StoreReader(a.store_path) as sa, StoreReader(b.store_path) as sb:
         scale_a, scale_b = sa.layer("net.2").updates()["grad_scale"], sb.layer("net.2").updates()["grad_scale"]
-        index_a, index_b = sa.layer("net.2").read(0, 96, ("index",))["index"], sb.layer("net.2").read(0, 96, ("index",))["index"]
+        index_a, index_b = (
+            sa.layer("net.2").read(0, 96, ("index",))["index"],
+            sb.layer("net.2").read(0, 96, ("index",))["index"],
+        )
     assert scale_a.min() < 0.99
     np.testing.assert_array_equal(scale_a, scale_b)
     assert sorted(index_a.tolist()) == list(range(96)) and np.array_equal(index_a, index_b)  # each its own FIFO
@@ -172,7 +175,9 @@ def test_sequences_weight_sharing_and_no_bias(tmp_path):
 
 
 def test_partially_frozen_model(tmp_path, caplog):
-    model = MLP(opt_factory=lambda m: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1, momentum=0.9))
+    model = MLP(
+        opt_factory=lambda m: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    )
     model.net[0].weight.requires_grad_(False)
     model.net[0].bias.requires_grad_(False)
     with caplog.at_level("INFO"):
@@ -216,7 +221,9 @@ def test_multihead_attention_out_proj_is_left_out_with_a_warning(tmp_path):
 def test_intermediate_model_matches_checkpoint(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    model = MLP(opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01))
+    model = MLP(
+        opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    )
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="{step}")
     cb = DualFormCallback(tmp_path / "run.h5")
     trainer = L.Trainer(max_epochs=2, callbacks=[cb, ckpt], **{**TRAINER_KW, "enable_checkpointing": True})
@@ -225,13 +232,22 @@ def test_intermediate_model_matches_checkpoint(tmp_path):
     for t in (4, 8):
         mid = MLP.load_from_checkpoint(tmp_path / "ckpt" / f"step={t}.ckpt", opt_factory=None)
         for name in ("net.0", "net.2"):
-            err = rel_err(dual_output(cb.store_path, name, probe[name], end=t), real_output(dict(mid.named_modules())[name], probe[name]))
+            err = rel_err(
+                dual_output(cb.store_path, name, probe[name], end=t),
+                real_output(dict(mid.named_modules())[name], probe[name]),
+            )
             assert err <= 1e-5, (t, name, err)
 
 
 def test_boring_model_unchanged(tmp_path):
     model = BoringModel()
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=8, limit_val_batches=2, callbacks=[DualFormCallback(tmp_path / "b.h5")], **TRAINER_KW)
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=8,
+        limit_val_batches=2,
+        callbacks=[DualFormCallback(tmp_path / "b.h5")],
+        **TRAINER_KW,
+    )
     trainer.fit(model)
     cb = trainer.callbacks[0]
     assert_exact(cb.store_path, model, {"layer": torch.randn(5, 32)})
@@ -240,7 +256,9 @@ def test_boring_model_unchanged(tmp_path):
 
 def test_rprop_is_refused_with_a_clear_error(tmp_path):
     model = MLP(opt_factory=lambda m: torch.optim.Rprop(m.parameters(), lr=1e-3))
-    with pytest.raises(InexactError, match=r"Rprop: its step uses only the sign.*Supported: .*torch\.optim\.AdamW.*exact=False"):
+    with pytest.raises(
+        InexactError, match=r"Rprop: its step uses only the sign.*Supported: .*torch\.optim\.AdamW.*exact=False"
+    ):
         _fit(tmp_path, model)
 
 
@@ -378,7 +396,9 @@ def test_a_writer_that_holds_training_back_is_reported(tmp_path, monkeypatch, ca
     monkeypatch.setattr(StoreWriter, "add_step", slow)
     model = MLP()
     cb = DualFormCallback(tmp_path / "slow.h5", compression="lzf", max_queue=1)
-    with pytest.warns(UserWarning, match=r"training waited .* for the store writer .*compression='lzf'.*compression=None") as rec:
+    with pytest.warns(
+        UserWarning, match=r"training waited .* for the store writer .*compression='lzf'.*compression=None"
+    ) as rec:
         trainer, _ = _fit(tmp_path, model, callback=cb, epochs=3)
     assert sum("for the store writer" in str(w.message) for w in rec) == 1
     assert trainer.global_step == 18 and cb.certificate["net.0"]["exact"]

@@ -16,7 +16,10 @@ LAYERS = {
     "linear-seq": (lambda: nn.Linear(5, 4), lambda: torch.randn(3, 7, 5)),
     "conv1d": (lambda: nn.Conv1d(3, 4, 3, stride=2, padding=1, dilation=2), lambda: torch.randn(2, 3, 11)),
     "conv2d-s2p1": (lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1), lambda: torch.randn(2, 3, 9, 8)),
-    "conv2d-reflect-dil": (lambda: nn.Conv2d(2, 3, (3, 2), padding=2, dilation=(2, 1), padding_mode="reflect"), lambda: torch.randn(2, 2, 7, 6)),
+    "conv2d-reflect-dil": (
+        lambda: nn.Conv2d(2, 3, (3, 2), padding=2, dilation=(2, 1), padding_mode="reflect"),
+        lambda: torch.randn(2, 2, 7, 6),
+    ),
     "conv2d-same": (lambda: nn.Conv2d(2, 3, 4, padding="same", bias=False), lambda: torch.randn(1, 2, 6, 6)),
     "embedding": (lambda: nn.Embedding(11, 4, padding_idx=0), lambda: torch.randint(0, 11, (3, 6))),
 }
@@ -87,7 +90,9 @@ class TokenModel(L.LightningModule):
 
 def _fit(tmp_path, model, ds, **cb_kw):
     cb = DualFormCallback(tmp_path / "k.h5", **cb_kw)
-    L.Trainer(max_epochs=2, callbacks=[cb], **TRAINER_KW).fit(model, torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True))
+    L.Trainer(max_epochs=2, callbacks=[cb], **TRAINER_KW).fit(
+        model, torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True)
+    )
     return cb
 
 
@@ -155,7 +160,11 @@ def test_explain_uses_the_rows_each_layer_kind_multiplies(tmp_path):
     with DualInference(cb.store_path, device="cpu", accumulate=torch.float64) as di:
         ex = di.explain(model, x, top_k=2)
     out = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o.detach())) for n, m in model.named_modules() if n in ("c1", "c2")]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o.detach()))
+        for n, m in model.named_modules()
+        if n in ("c1", "c2")
+    ]
     with torch.no_grad():
         model(x)
     for h in hooks:
@@ -168,7 +177,9 @@ def test_explain_uses_the_rows_each_layer_kind_multiplies(tmp_path):
     tokens = torch.randint(0, 13, (24, 5), generator=g)
     tm = TokenModel()
     cb = DualFormCallback(tmp_path / "t.h5")
-    L.Trainer(max_epochs=1, callbacks=[cb], **TRAINER_KW).fit(tm, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens, tokens), batch_size=8))
+    L.Trainer(max_epochs=1, callbacks=[cb], **TRAINER_KW).fit(
+        tm, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens, tokens), batch_size=8)
+    )
     with DualInference(cb.store_path, device="cpu", accumulate=torch.float64) as di:
         ex = di.explain(tm, tokens[:2], layers=["emb"], forward=lambda m, b: m.emb(b))
     assert rel_err(ex["emb"].dual.double(), tm.emb(tokens[:2]).detach().reshape(-1, 6).double()) <= 1e-5

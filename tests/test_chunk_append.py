@@ -78,8 +78,12 @@ def test_only_checksum_only_datasets_qualify(tmp_path):
     with h5py.File(tmp_path / "s.h5", "w") as f:
         assert ChunkAppender.usable(_dataset(f, "a", 4, np.float32, 8))
         assert not ChunkAppender.usable(_dataset(f, "b", 4, np.float32, 8, compression="lzf"))
-        assert not ChunkAppender.usable(f.create_dataset("c", shape=(0, 4), maxshape=(None, 4), chunks=(8, 4), dtype="f4"))
-        assert not ChunkAppender.usable(f.create_dataset("d", shape=(0, 4), maxshape=(None, 4), chunks=(8, 2), dtype="f4", fletcher32=True))
+        assert not ChunkAppender.usable(
+            f.create_dataset("c", shape=(0, 4), maxshape=(None, 4), chunks=(8, 4), dtype="f4")
+        )
+        assert not ChunkAppender.usable(
+            f.create_dataset("d", shape=(0, 4), maxshape=(None, 4), chunks=(8, 2), dtype="f4", fletcher32=True)
+        )
 
 
 def test_a_store_written_through_h5py_is_identical(tmp_path, monkeypatch):

@@ -129,6 +129,60 @@ def _assert_same(a, b, path="result"):
         assert a == b, path
 
 
+def test_attend_leads_with_influence_from_the_store(small, capsys, tmp_path):
+    """Beside the paper's attention view, attend ranks the training examples by first-order influence on each
+    prediction's margin through the output layer, from the store alone, and says so; --no-influence leaves the
+    attention as it was."""
+    from lightning_dualform.attribute.output_layer import output_layer_influence
+
+    rc, out, err = run(capsys, "attend", small, "--index", "3,5", "--top-k", "3", "--json", tmp_path / "a.json")
+    assert rc == 0, err
+    assert out.index("which examples: first-order influence on the margin (through layer net.2 only)") < out.index(
+        "attention (the paper's view")
+    assert "dmargin/dw" in out and "--model" in out
+    got = json.loads((tmp_path / "a.json").read_text())
+    inf = got["influence"]
+    assert inf["method"] == "first_order" and inf["layers"] == ["net.2"] and inf["scope"] == "output layer"
+    with StoreReader(small) as store:
+        qs = store.queries("test")
+        pos = [int(np.flatnonzero(qs.index == i)[0]) for i in (3, 5)]
+        rows = qs.layer_rows("net.2")
+        keys = np.concatenate([rows["keys"][rows["example"] == p] for p in pos])
+        want = output_layer_influence(store, keys)
+    pro, opp = want.top(3)
+    for j in range(2):
+        assert [p["index"] for p in inf["queries"][j]["proponents"]] == [i for i in pro.index[j].tolist() if i >= 0]
+        assert [o["score"] for o in inf["queries"][j]["opponents"]] == pytest.approx(
+            [s for s, i in zip(opp.score[j].tolist(), opp.index[j]) if i >= 0], rel=1e-12)
+        assert inf["queries"][j]["class"] == got["layers"]["net.2"]["units"][j]  # the prediction's margin
+    rc, _, err = run(capsys, "attend", small, "--index", "3,5", "--top-k", "3", "--no-influence", "--json",
+                     tmp_path / "b.json")
+    bare = json.loads((tmp_path / "b.json").read_text())
+    assert rc == 0 and bare["influence"] is None and bare["layers"] == got["layers"]
+    # --at-step: attention of an earlier model; the influence is the trained model's, so it says why it is absent
+    rc, out, _ = run(capsys, "attend", small, "--index", "3", "--at-step", "2", "--top-k", "2")
+    assert rc == 0 and "influence not available" in out and "--at-step 2" in out
+
+
+def test_influence_without_a_model_scores_the_output_layer(small, capsys, tmp_path):
+    from lightning_dualform.attribute.output_layer import output_layer_influence
+
+    rc, out, err = run(capsys, "influence", small, "--index", "3,5", "--top-k", "2", "--json", tmp_path / "i.json")
+    assert rc == 0, err
+    assert "through layer net.2 only" in out and "dmargin/dw" in out and "--model" in out
+    got = json.loads((tmp_path / "i.json").read_text())
+    with StoreReader(small) as store:
+        qs = store.queries("test")
+        pos = [int(np.flatnonzero(qs.index == i)[0]) for i in (3, 5)]
+        rows = qs.layer_rows("net.2")
+        keys = np.concatenate([rows["keys"][rows["example"] == p] for p in pos])
+        want = output_layer_influence(store, keys, targets=qs.label[pos])
+    assert got["scope"] == "output layer" and got["targets"] == qs.label[pos].tolist()
+    assert got["proponents"]["index"] == want.top(2)[0].index.tolist()
+    rc, _, err = run(capsys, "influence", small, "--method", "metagradient")
+    assert rc == 2 and "--model" in err
+
+
 @pytest.mark.parametrize("ext", ["npy", "pt"])
 def test_attend_queries_from_a_file(small, capsys, tmp_path, ext):
     q = np.random.default_rng(0).normal(size=(2, 6)).astype(np.float32)

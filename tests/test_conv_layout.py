@@ -27,14 +27,23 @@ V2_CONV = os.path.join(HERE, "data", "store_v2_conv.h5")
 
 GEOMETRIES = {
     "2d-zeros-stride": (lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1), (2, 2, 7, 6)),
-    "2d-reflect-dilation": (lambda: nn.Conv2d(2, 3, (3, 2), padding=2, dilation=(2, 1), padding_mode="reflect", bias=False), (2, 2, 7, 6)),
+    "2d-reflect-dilation": (
+        lambda: nn.Conv2d(2, 3, (3, 2), padding=2, dilation=(2, 1), padding_mode="reflect", bias=False),
+        (2, 2, 7, 6),
+    ),
     "2d-replicate": (lambda: nn.Conv2d(2, 3, 3, padding=(1, 2), padding_mode="replicate"), (1, 2, 5, 5)),
     "2d-circular-stride": (lambda: nn.Conv2d(2, 3, 3, stride=(1, 2), padding=1, padding_mode="circular"), (2, 2, 6, 7)),
     "2d-same-even": (lambda: nn.Conv2d(2, 3, 4, padding="same", bias=False), (2, 2, 6, 6)),
     "2d-same-even-reflect": (lambda: nn.Conv2d(2, 3, (2, 4), padding="same", padding_mode="reflect"), (2, 2, 6, 6)),
     "2d-valid": (lambda: nn.Conv2d(2, 3, 3, stride=2, dilation=2), (2, 2, 9, 9)),
-    "1d-circular-dilation": (lambda: nn.Conv1d(2, 3, 3, stride=2, dilation=2, padding=2, padding_mode="circular"), (2, 2, 11)),
-    "1d-same-even-replicate": (lambda: nn.Conv1d(2, 3, 2, padding="same", padding_mode="replicate", bias=False), (2, 2, 9)),
+    "1d-circular-dilation": (
+        lambda: nn.Conv1d(2, 3, 3, stride=2, dilation=2, padding=2, padding_mode="circular"),
+        (2, 2, 11),
+    ),
+    "1d-same-even-replicate": (
+        lambda: nn.Conv1d(2, 3, 2, padding="same", padding_mode="replicate", bias=False),
+        (2, 2, 9),
+    ),
     "1d-unbatched": (lambda: nn.Conv1d(2, 3, 3, padding=1), (2, 8)),
 }
 
@@ -70,7 +79,10 @@ class Zoo(L.LightningModule):
         self.convs = nn.ModuleDict({k: GEOMETRIES[k][0]() for k in (
             "2d-zeros-stride", "2d-reflect-dilation", "2d-replicate", "2d-circular-stride", "2d-same-even-reflect")})
         self.c1d = nn.Conv1d(2, 3, 3, stride=2, dilation=2, padding=2, padding_mode="circular")
-        width = sum(c(torch.zeros(1, 2, 7, 6)).numel() for c in self.convs.values()) + self.c1d(torch.zeros(1, 2, 42)).numel()
+        width = (
+            sum(c(torch.zeros(1, 2, 7, 6)).numel() for c in self.convs.values())
+            + self.c1d(torch.zeros(1, 2, 42)).numel()
+        )
         self.head = nn.Linear(width, 3)
 
     def features(self, x):
@@ -188,7 +200,9 @@ def test_virtual_rows_read_in_any_blocks(zoo_store):
         blk = lay.read_maps(5, 5 + 2 * loc, ("values", "index"))
         assert blk["maps"].shape == (3, 2, 7, 6) and blk["skip"] == 5 and blk["rows"] == 2 * loc
         np.testing.assert_array_equal(blk["values"], whole["values"][5: 5 + 2 * loc])
-        np.testing.assert_array_equal(store_conv.unfold(blk["maps"], lay.geometry)[5: 5 + 2 * loc], whole["keys"][5: 5 + 2 * loc])
+        np.testing.assert_array_equal(
+            store_conv.unfold(blk["maps"], lay.geometry)[5 : 5 + 2 * loc], whole["keys"][5 : 5 + 2 * loc]
+        )
 
 
 def test_conv_bytes_on_disk_are_the_maps_and_gradients(zoo_store):

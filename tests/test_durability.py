@@ -175,12 +175,18 @@ def test_writer_failure_stops_training_with_the_cause(tmp_path, monkeypatch):
 
 def test_mismatched_settings_on_resume_show_both_values(tmp_path):
     ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "c", filename="last")
-    trainer = L.Trainer(max_epochs=1, callbacks=[DualFormCallback(tmp_path / "s.h5"), ckpt_cb], **{**TRAINER_KW, "enable_checkpointing": True})
+    trainer = L.Trainer(
+        max_epochs=1,
+        callbacks=[DualFormCallback(tmp_path / "s.h5"), ckpt_cb],
+        **{**TRAINER_KW, "enable_checkpointing": True},
+    )
     model = MLP()
     trainer.fit(model, torch.utils.data.DataLoader(IndexedDataset(), batch_size=16))
     trainer = L.Trainer(max_epochs=2, callbacks=[DualFormCallback(tmp_path / "s.h5", dtype="float16")], **TRAINER_KW)
     with pytest.raises(ValueError, match=r"row_dtype: store has 'float32', this run has 'float16'"):
-        trainer.fit(model, torch.utils.data.DataLoader(IndexedDataset(), batch_size=16), ckpt_path=tmp_path / "c" / "last.ckpt")
+        trainer.fit(
+            model, torch.utils.data.DataLoader(IndexedDataset(), batch_size=16), ckpt_path=tmp_path / "c" / "last.ckpt"
+        )
     with StoreReader(tmp_path / "s.h5") as s:  # the refused resume did not touch the store
         assert s.complete and s.layer("net.0").n_rows == 96
 

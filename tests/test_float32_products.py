@@ -206,10 +206,14 @@ def test_restoring_keeps_a_setting_inherited_from_the_parent_backend():
 def _fit(tmp_path, name: str) -> tuple[MLP, DualFormCallback]:
     torch.manual_seed(0)
     # products large enough for oneDNN to round them to bfloat16 under "medium" on CPUs with AMX
-    model = MLP(d=64, hidden=128, classes=4, opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9))
+    model = MLP(
+        d=64, hidden=128, classes=4, opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    )
     cb = DualFormCallback(tmp_path / name)
     # on the CPU, also where a GPU is present: these tests are about oneDNN's bfloat16 products
-    L.Trainer(max_epochs=2, callbacks=[cb], accelerator="cpu", **TRAINER_KW).fit(model, loader(IndexedDataset(n=256, d=64, classes=4), 64))
+    L.Trainer(max_epochs=2, callbacks=[cb], accelerator="cpu", **TRAINER_KW).fit(
+        model, loader(IndexedDataset(n=256, d=64, classes=4), 64)
+    )
     return model, cb
 
 

@@ -78,8 +78,9 @@ def test_version_2_layout_names_the_rule_and_keeps_the_state(adam_store):
         assert f.attrs["format_version"] == FORMAT_VERSION and f.attrs["update_rule"] == "adam"
         g = f["layers/net.0"]
         assert tuple(g.attrs["weight_shape"]) == (8, 6)
-        assert sorted(g["updates/weight"]) == sorted(["lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize",
-                                                       "decoupled_weight_decay", "applied"])
+        assert sorted(g["updates/weight"]) == sorted(
+            ["lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay", "applied"]
+        )
         assert sorted(g["state/weight"]) == ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
         assert g["state/weight"].attrs["step"] == 0.0 and not g["state/weight/exp_avg_sq"][()].any()
         assert g["replay_weight"].shape == (8, 6) and "memory_weight" not in g

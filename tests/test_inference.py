@@ -57,8 +57,17 @@ class _Snapshots(L.Callback):
         self.states[trainer.global_step] = copy.deepcopy(pl_module.state_dict())
 
 
-def _fit(path: str, n: int = 200, d_in: int = 12, hidden: int = 16, epochs: int = 3, optimizer: str = "sgd",
-         exact: bool = True, batch_size: int = 32, certify: bool | str = "full") -> tuple[MLP, torch.Tensor, torch.Tensor, _Snapshots]:
+def _fit(
+    path: str,
+    n: int = 200,
+    d_in: int = 12,
+    hidden: int = 16,
+    epochs: int = 3,
+    optimizer: str = "sgd",
+    exact: bool = True,
+    batch_size: int = 32,
+    certify: bool | str = "full",
+) -> tuple[MLP, torch.Tensor, torch.Tensor, _Snapshots]:
     torch.manual_seed(0)
     x = torch.randn(n, d_in)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
@@ -148,7 +157,9 @@ def test_verify_reports_tiny_errors(trained: dict) -> None:
 @pytest.mark.parametrize("block_rows,reuse", [(1, True), (97, True), (97, False), (10_000, False)])
 def test_attend_equals_dense_reference(trained: dict, block_rows: int, reuse: bool) -> None:
     q = _hidden(trained["model"], trained["x"][:6]).double()
-    with DualInference(trained["path"], device="cpu", accumulate=torch.float64, block_rows=block_rows, query_chunk=4) as di:
+    with DualInference(
+        trained["path"], device="cpu", accumulate=torch.float64, block_rows=block_rows, query_chunk=4
+    ) as di:
         res = di.attend("net.2", q, top_k=4, contribution_to=1, step_buckets=3, reuse_certificate=reuse)
         assert res.dual_source == ("certificate" if reuse else "rows")
         d = _dense(di, "net.2")
@@ -183,7 +194,9 @@ def test_attend_equals_dense_reference(trained: dict, block_rows: int, reuse: bo
     assert torch.equal(res.top_examples.rows, torch.bincount(index, minlength=n_ex)[ref_ex.indices])
     assert torch.equal(res.top_examples.label, trained["y"][ref_ex.indices])  # every presentation has its label
     per_ex_c = torch.zeros(6, n_ex, dtype=torch.float64).scatter_add(1, index.expand(6, -1), contrib)
-    torch.testing.assert_close(res.proponent_examples.score.clamp_min(0), torch.topk(per_ex_c, 4, dim=1).values.clamp_min(0))
+    torch.testing.assert_close(
+        res.proponent_examples.score.clamp_min(0), torch.topk(per_ex_c, 4, dim=1).values.clamp_min(0)
+    )
 
     label = torch.from_numpy(d["label"]).long()
     m = res.mass["label"]
@@ -200,7 +213,8 @@ def test_attend_equals_dense_reference(trained: dict, block_rows: int, reuse: bo
     assert "keys [-1 (no label), 0, 1, 2]" in repr(m)
     epoch = torch.from_numpy(d["epoch"]).long()
     torch.testing.assert_close(
-        res.mass["epoch"].absolute, torch.zeros(6, 3, dtype=torch.float64).scatter_add(1, epoch.expand(6, -1), scores.abs())
+        res.mass["epoch"].absolute,
+        torch.zeros(6, 3, dtype=torch.float64).scatter_add(1, epoch.expand(6, -1), scores.abs()),
     )
     assert res.mass["step"].edges[0] == coef.first_step and res.mass["step"].edges[-1] == coef.end_step
     torch.testing.assert_close(res.mass["step"].signed.sum(1), scores.sum(1))
@@ -284,7 +298,12 @@ def test_damaged_memory_sums_raise_store_error(trained: dict, tmp_path: str, bad
     with DualInference(path, device="cpu") as di:
         with pytest.raises(StoreError, match="memory_weight"):
             di.attend("net.2", _hidden(trained["model"], trained["x"][:2]), top_k=1)
-        assert di.attend("net.2", _hidden(trained["model"], trained["x"][:2]), top_k=1, reuse_certificate=False).dual_source == "rows"
+        assert (
+            di.attend(
+                "net.2", _hidden(trained["model"], trained["x"][:2]), top_k=1, reuse_certificate=False
+            ).dual_source
+            == "rows"
+        )
 
 
 def test_bf16_scan_gives_exact_dual_and_exact_top_scores(trained: dict) -> None:
@@ -499,7 +518,9 @@ def _essentials(res) -> dict[str, torch.Tensor]:
 _DIST_KW = dict(top_k=4, contribution_to="pred", step_buckets=3)
 
 
-def _distributed_worker(rank: int, world: int, path: str, init_file: str, out_dir: str, q: torch.Tensor, reuse: bool) -> None:
+def _distributed_worker(
+    rank: int, world: int, path: str, init_file: str, out_dir: str, q: torch.Tensor, reuse: bool
+) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -522,7 +543,12 @@ def test_distributed_split_equals_one_process(trained: dict, tmp_path, reuse: bo
     with DualInference(trained["path"], device="cpu", accumulate=torch.float64, block_rows=37) as di:
         ref = _essentials(di.attend("net.2", q, **_DIST_KW, reuse_certificate=reuse))
         assert di.layer("net.2").n_rows > 2 * 37  # several blocks per rank
-    mp.spawn(_distributed_worker, args=(2, trained["path"], str(tmp_path / "init"), str(tmp_path), q, reuse), nprocs=2, join=True)
+    mp.spawn(
+        _distributed_worker,
+        args=(2, trained["path"], str(tmp_path / "init"), str(tmp_path), q, reuse),
+        nprocs=2,
+        join=True,
+    )
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for key, want in ref.items():
         assert torch.equal(got[0][key], got[1][key]), key  # every rank holds the same result
@@ -588,7 +614,9 @@ def test_answers_do_not_depend_on_the_compiled_kernel(tmp_path: str, monkeypatch
                 assert got == want, (key, col)
     np.testing.assert_allclose(fallback["dual"], compiled["dual"], rtol=1e-5, atol=1e-6)
     for name in compiled["mass"]:
-        np.testing.assert_allclose(fallback["mass"][name]["signed"], compiled["mass"][name]["signed"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            fallback["mass"][name]["signed"], compiled["mass"][name]["signed"], rtol=1e-5, atol=1e-5
+        )
 
 
 def test_explain_takes_a_fabric_wrapped_model(tmp_path) -> None:

@@ -19,11 +19,16 @@ from helpers import IndexedDataset, dual_output, real_output, rel_err
 from lightning_dualform import DualFormCallback, DualInference, StoreReader
 
 if not RequirementCache("jsonargparse[signatures]>=4.27.7"):
-    pytest.skip("LightningCLI needs jsonargparse[signatures] (in the dev extra: pip install -e '.[dev]')", allow_module_level=True)
+    pytest.skip(
+        "LightningCLI needs jsonargparse[signatures] (in the dev extra: pip install -e '.[dev]')",
+        allow_module_level=True,
+    )
 
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
-DOCS_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "examples", "lightning_cli.yaml")
+DOCS_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "examples", "lightning_cli.yaml"
+)
 
 
 class TinyModel(L.LightningModule):

@@ -42,24 +42,78 @@ def _groups(w_cfg: dict, b_cfg: dict):
 
 # (id, optimizer class, common kwargs, weight group settings, bias group settings)
 CASES = [
-    ("sgd-nesterov", torch.optim.SGD, dict(lr=0.05), dict(momentum=0.9, nesterov=True, weight_decay=0.01), dict(momentum=0.5, dampening=0.2)),
+    (
+        "sgd-nesterov",
+        torch.optim.SGD,
+        dict(lr=0.05),
+        dict(momentum=0.9, nesterov=True, weight_decay=0.01),
+        dict(momentum=0.5, dampening=0.2),
+    ),
     ("adam", torch.optim.Adam, dict(lr=0.05), dict(), dict(weight_decay=0.1)),
-    ("adam-amsgrad-l2-maximize", torch.optim.Adam, dict(lr=0.05), dict(amsgrad=True, weight_decay=0.05), dict(maximize=True, amsgrad=True)),
-    ("adam-decoupled-foreach", torch.optim.Adam, dict(lr=0.05, foreach=True), dict(decoupled_weight_decay=True, weight_decay=0.2), dict(betas=(0.8, 0.99))),
+    (
+        "adam-amsgrad-l2-maximize",
+        torch.optim.Adam,
+        dict(lr=0.05),
+        dict(amsgrad=True, weight_decay=0.05),
+        dict(maximize=True, amsgrad=True),
+    ),
+    (
+        "adam-decoupled-foreach",
+        torch.optim.Adam,
+        dict(lr=0.05, foreach=True),
+        dict(decoupled_weight_decay=True, weight_decay=0.2),
+        dict(betas=(0.8, 0.99)),
+    ),
     ("adam-fused", torch.optim.Adam, dict(lr=0.05, fused=True), dict(weight_decay=0.05), dict(amsgrad=True)),
-    ("adamw", torch.optim.AdamW, dict(lr=0.05), dict(weight_decay=0.1), dict(weight_decay=0.0, amsgrad=True, maximize=True)),
+    (
+        "adamw",
+        torch.optim.AdamW,
+        dict(lr=0.05),
+        dict(weight_decay=0.1),
+        dict(weight_decay=0.0, amsgrad=True, maximize=True),
+    ),
     ("adamw-foreach", torch.optim.AdamW, dict(lr=0.05, foreach=True), dict(weight_decay=0.3, eps=1e-3), dict()),
-    ("adagrad", torch.optim.Adagrad, dict(lr=0.1, initial_accumulator_value=0.1), dict(lr_decay=0.01, weight_decay=0.05), dict(maximize=True)),
+    (
+        "adagrad",
+        torch.optim.Adagrad,
+        dict(lr=0.1, initial_accumulator_value=0.1),
+        dict(lr_decay=0.01, weight_decay=0.05),
+        dict(maximize=True),
+    ),
     ("adagrad-foreach", torch.optim.Adagrad, dict(lr=0.1, foreach=True), dict(eps=1e-3), dict(weight_decay=0.1)),
     ("rmsprop", torch.optim.RMSprop, dict(lr=0.01), dict(), dict(weight_decay=0.1, maximize=True)),
-    ("rmsprop-momentum-centered", torch.optim.RMSprop, dict(lr=0.01), dict(momentum=0.9, centered=True, weight_decay=0.05), dict(momentum=0.5)),
-    ("rmsprop-foreach", torch.optim.RMSprop, dict(lr=0.01, foreach=True), dict(momentum=0.8, weight_decay=0.02), dict(centered=True)),
+    (
+        "rmsprop-momentum-centered",
+        torch.optim.RMSprop,
+        dict(lr=0.01),
+        dict(momentum=0.9, centered=True, weight_decay=0.05),
+        dict(momentum=0.5),
+    ),
+    (
+        "rmsprop-foreach",
+        torch.optim.RMSprop,
+        dict(lr=0.01, foreach=True),
+        dict(momentum=0.8, weight_decay=0.02),
+        dict(centered=True),
+    ),
     ("adamax", torch.optim.Adamax, dict(lr=0.05), dict(weight_decay=0.05), dict(maximize=True)),
     ("adamax-foreach", torch.optim.Adamax, dict(lr=0.05, foreach=True), dict(), dict(weight_decay=0.1)),
     ("nadam", torch.optim.NAdam, dict(lr=0.05), dict(weight_decay=0.05), dict(momentum_decay=0.01, maximize=True)),
-    ("nadam-decoupled-foreach", torch.optim.NAdam, dict(lr=0.05, foreach=True), dict(weight_decay=0.1, decoupled_weight_decay=True), dict()),
+    (
+        "nadam-decoupled-foreach",
+        torch.optim.NAdam,
+        dict(lr=0.05, foreach=True),
+        dict(weight_decay=0.1, decoupled_weight_decay=True),
+        dict(),
+    ),
     ("radam", torch.optim.RAdam, dict(lr=0.05), dict(), dict(weight_decay=0.1)),
-    ("radam-decoupled-foreach", torch.optim.RAdam, dict(lr=0.05, foreach=True), dict(weight_decay=0.1, decoupled_weight_decay=True), dict(maximize=True)),
+    (
+        "radam-decoupled-foreach",
+        torch.optim.RAdam,
+        dict(lr=0.05, foreach=True),
+        dict(weight_decay=0.1, decoupled_weight_decay=True),
+        dict(maximize=True),
+    ),
     ("adadelta", torch.optim.Adadelta, dict(lr=1.0), dict(weight_decay=0.05), dict(rho=0.8, maximize=True)),
     ("adadelta-foreach", torch.optim.Adadelta, dict(lr=0.5, foreach=True), dict(eps=1e-4), dict(weight_decay=0.1)),
     ("asgd", torch.optim.ASGD, dict(lr=0.05), dict(lambd=1e-2, weight_decay=0.05), dict(t0=5, maximize=True)),
@@ -67,7 +121,13 @@ CASES = [
 if HAS_ADAFACTOR:
     CASES += [
         ("adafactor", torch.optim.Adafactor, dict(lr=0.05), dict(), dict()),
-        ("adafactor-decay-clip", torch.optim.Adafactor, dict(lr=0.05), dict(weight_decay=0.1, d=0.5), dict(maximize=True, beta2_decay=-0.5)),
+        (
+            "adafactor-decay-clip",
+            torch.optim.Adafactor,
+            dict(lr=0.05),
+            dict(weight_decay=0.1, d=0.5),
+            dict(maximize=True, beta2_decay=-0.5),
+        ),
         ("adafactor-foreach", torch.optim.Adafactor, dict(lr=0.05, foreach=True), dict(weight_decay=0.05), dict()),
     ]
 CASE_IDS = [c[0] for c in CASES]
@@ -123,7 +183,9 @@ class Run:
         return {"weight": G["weight"], "bias": [None if s in BIAS_SKIPPED else g for s, g in enumerate(G["bias"])]}
 
 
-def run_torch(case, *, dtype=torch.float64, pre_steps: int = 0, problem: Problem | None = None, snapshot_at=(10, 20)) -> Run:
+def run_torch(
+    case, *, dtype=torch.float64, pre_steps: int = 0, problem: Problem | None = None, snapshot_at=(10, 20)
+) -> Run:
     _, cls, common, w_cfg, b_cfg = case
     problem = problem or make_problem()
     torch.manual_seed(0)
@@ -235,7 +297,16 @@ def test_attention_form_sums_to_each_units_output(case, runs):
     prob = run.problem
     x = np.random.default_rng(5).standard_normal((len(UNITS), D_IN))
     for stop, p in ((STEPS, run.final), (MID, run.mid)):
-        sweep = QuerySweep(run.rule, run.tables["weight"], prob.grad_scale, [run.initial["weight"]], run.grads["weight"], x, UNITS, stop)
+        sweep = QuerySweep(
+            run.rule,
+            run.tables["weight"],
+            prob.grad_scale,
+            [run.initial["weight"]],
+            run.grads["weight"],
+            x,
+            UNITS,
+            stop,
+        )
         total = np.zeros(len(UNITS))
         for s, t in sweep:  # t: (n, d_in) transformed queries of step s
             scores = prob.keys[s] @ t.T  # (rows, n): the rows' attention weights for each query's unit
@@ -245,7 +316,9 @@ def test_attention_form_sums_to_each_units_output(case, runs):
         np.testing.assert_allclose(total, want, rtol=1e-11, atol=1e-12)
         assert sorted(sweep.forms) == list(range(stop))
 
-        bias = QuerySweep(run.rule, run.tables["bias"], prob.grad_scale, [run.initial["bias"]], run.grads["bias"], None, UNITS, stop)
+        bias = QuerySweep(
+            run.rule, run.tables["bias"], prob.grad_scale, [run.initial["bias"]], run.grads["bias"], None, UNITS, stop
+        )
         total = np.zeros(len(UNITS))
         for s, t in bias:  # a bias's key is the constant 1
             total += prob.values[s][:, UNITS].sum(axis=0) * prob.grad_factor * t

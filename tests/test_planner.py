@@ -20,7 +20,9 @@ def test_estimate_within_ten_percent_of_bytes_written(tmp_path, dtype, chunk_row
     model = MLP(d=64, hidden=48)
     cb = DualFormCallback(tmp_path / "p.h5", dtype=dtype, chunk_rows=chunk_rows)
     with caplog.at_level("INFO"):
-        L.Trainer(max_epochs=3, callbacks=[cb], **TRAINER_KW).fit(model, torch.utils.data.DataLoader(ds, batch_size=100))
+        L.Trainer(max_epochs=3, callbacks=[cb], **TRAINER_KW).fit(
+            model, torch.utils.data.DataLoader(ds, batch_size=100)
+        )
     assert "store plan" in caplog.text
     written = os.path.getsize(cb.store_path)
     assert cb.plan.epochs == 3 and cb.plan.steps_per_epoch == 30
@@ -37,7 +39,9 @@ def test_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch):
         trainer.fit(MLP(), torch.utils.data.DataLoader(IndexedDataset(), batch_size=16))
     assert trainer.global_step == 0 and not os.path.exists(tmp_path / "big.h5")
     ok = DualFormCallback(tmp_path / "big.h5", check_disk=False)
-    L.Trainer(max_epochs=1, callbacks=[ok], **TRAINER_KW).fit(MLP(), torch.utils.data.DataLoader(IndexedDataset(), batch_size=16))
+    L.Trainer(max_epochs=1, callbacks=[ok], **TRAINER_KW).fit(
+        MLP(), torch.utils.data.DataLoader(IndexedDataset(), batch_size=16)
+    )
     assert os.path.exists(tmp_path / "big.h5")
 
 

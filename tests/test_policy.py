@@ -32,11 +32,21 @@ def test_inexact_causes(facts, cause):
         assert any(cause in c for c in got), got
 
 
-@pytest.mark.parametrize("make", [
-    lambda: torch.optim.AdamW(P), lambda: torch.optim.Adam(P, amsgrad=True, weight_decay=0.1), lambda: torch.optim.Adagrad(P),
-    lambda: torch.optim.RMSprop(P, momentum=0.9, centered=True), lambda: torch.optim.Adamax(P), lambda: torch.optim.NAdam(P),
-    lambda: torch.optim.RAdam(P), lambda: torch.optim.Adadelta(P), lambda: torch.optim.ASGD(P),
-], ids=["adamw", "adam", "adagrad", "rmsprop", "adamax", "nadam", "radam", "adadelta", "asgd"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.optim.AdamW(P),
+        lambda: torch.optim.Adam(P, amsgrad=True, weight_decay=0.1),
+        lambda: torch.optim.Adagrad(P),
+        lambda: torch.optim.RMSprop(P, momentum=0.9, centered=True),
+        lambda: torch.optim.Adamax(P),
+        lambda: torch.optim.NAdam(P),
+        lambda: torch.optim.RAdam(P),
+        lambda: torch.optim.Adadelta(P),
+        lambda: torch.optim.ASGD(P),
+    ],
+    ids=["adamw", "adam", "adagrad", "rmsprop", "adamax", "nadam", "radam", "adadelta", "asgd"],
+)
 def test_optimizers_with_an_exact_rule_are_exact(make):
     assert inexact_causes(RunFacts(optimizers=[make()], clip_algorithm="norm", strategy="DDPStrategy")) == []
 

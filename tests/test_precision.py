@@ -63,7 +63,9 @@ def test_16_mixed_with_loss_scaler_on_gpu(tmp_path, optimizer):
             assert cert["exact"], cert
             module = dict(model.named_modules())[name]
             x = torch.randn(8, module.in_features)
-            dual = dual_output(cb.store_path, name, x) if optimizer == "sgd" else di.attend(name, x, top_k=1).dual.double()
+            dual = (
+                dual_output(cb.store_path, name, x) if optimizer == "sgd" else di.attend(name, x, top_k=1).dual.double()
+            )
             assert rel_err(dual, real_output(module, x)) <= PRECISION_TOLERANCE["16-mixed"]
 
 
@@ -96,7 +98,9 @@ def test_tf32_fit_on_gpu_is_recorded_and_answered_in_full_float32(tmp_path):
     from lightning_dualform.store.certificate import FLOAT32_PRODUCTS_TOLERANCE
 
     torch.manual_seed(0)
-    model = MLP(d=64, hidden=256, classes=4, opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9))
+    model = MLP(
+        d=64, hidden=256, classes=4, opt_factory=lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    )
     cb = DualFormCallback(tmp_path / "tf32.h5")
     torch.set_float32_matmul_precision("high")
     try:

@@ -97,7 +97,9 @@ def test_a_damaged_chunk_raises_store_error(store, tmp_path, monkeypatch, where)
     calls = _no_hdf5_reads(monkeypatch)
     with StoreReader(bad) as s:
         lay = s.layer("net.0")
-        assert np.array_equal(lay.read(0, 32, ("keys",))["keys"], StoreReader(store).layer("net.0").read(0, 32, ("keys",))["keys"])
+        assert np.array_equal(
+            lay.read(0, 32, ("keys",))["keys"], StoreReader(store).layer("net.0").read(0, 32, ("keys",))["keys"]
+        )
         assert calls == []  # the chunks before it are fine
         raw = lay._chunk_readers["keys"]
         assert raw.read(0, 64) is None  # our own check refuses the chunk ...

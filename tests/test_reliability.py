@@ -34,13 +34,19 @@ from helpers import TRAINER_KW, MLP, IndexedDataset, dual_output, rel_err
 from lightning_dualform import DualFormCallback, DualInference, StoreError, StoreReader
 from lightning_dualform.errors import DiskSpaceError, StoreBusyError, WriterError
 
-FRACS = reliability.FRACS
+#: where in each write phase a kill lands: the phase's start and a point inside it by default, four points under
+#: --runslow (and eight in benchmarks/reliability.py)
+DEFAULT_FRACS = (0.0, 0.7)
+
+
+def _fracs(config: pytest.Config) -> tuple[float, ...]:
+    return reliability.FRACS if config.getoption("--runslow") else DEFAULT_FRACS
 
 
 @pytest.fixture(scope="module")
-def kills(tmp_path_factory):
+def kills(tmp_path_factory, pytestconfig):
     root = str(tmp_path_factory.mktemp("kills"))
-    scenarios = reliability.kill_scenarios(root)
+    scenarios = reliability.kill_scenarios(root, fracs=_fracs(pytestconfig))
     scenarios.append(reliability.scenario(root, "two-writers", pair=True))
     scenarios.append(reliability.scenario(root, "reader", reader=True, epochs=8, batch_sleep=0.05))
     results = reliability.run_scenarios(scenarios, root)
@@ -48,8 +54,9 @@ def kills(tmp_path_factory):
     return results, ref
 
 
-def test_kills_in_every_phase_leave_a_store_at_a_committed_state(kills):
+def test_kills_in_every_phase_leave_a_store_at_a_committed_state(kills, pytestconfig):
     results, ref = kills
+    fracs = _fracs(pytestconfig)
     assert ref["status"] == "complete" and ref["n_steps"] == 15 and sorted(ref["queries"]) == ["predict", "test"]
     by_name = {}
     for r in results:
@@ -62,22 +69,24 @@ def test_kills_in_every_phase_leave_a_store_at_a_committed_state(kills):
         else:
             assert v["killed"], (spec["name"], r)  # the kill point was reached
         assert v["opens"] and not v["problems"], v
-    assert len(by_name) >= 25
+    # two at creation, four steps, each fraction at a commit, a checkpoint (the inner ones), four sessions and a
+    # resume's truncation, and the resume that completes
+    assert len(by_name) == 2 + 4 + len(fracs) + len(fracs[1:3]) + 4 * len(fracs) + len(fracs) + 1, sorted(by_name)
     # what each phase leaves: nothing / an empty store; the last commit; finished or not
     assert by_name["create-0"]["state"].startswith("no store")
     assert by_name["step-0"]["state"] == "recording at 0 steps"
     assert by_name["step-13"]["state"] == "recording at 10 steps"
-    assert {by_name[f"finalisation-{f}"]["state"] for f in FRACS} <= {"recording at 15 steps", "complete at 15 steps"}
-    assert all(by_name[f"test-{f}"]["state"] == "complete at 15 steps" for f in FRACS)  # complete before test stays so
+    assert {by_name[f"finalisation-{f}"]["state"] for f in fracs} <= {"recording at 15 steps", "complete at 15 steps"}
+    assert all(by_name[f"test-{f}"]["state"] == "complete at 15 steps" for f in fracs)  # complete before test stays so
     assert by_name["test-0.0"]["queries"] == []  # rolled back: no half query set
-    assert any(by_name[f"finalisation-{f}"].get("repairs") for f in FRACS)  # a reader rolled one back, and said so
+    assert any(by_name[f"finalisation-{f}"].get("repairs") for f in fracs)  # a reader rolled one back, and said so
 
 
 def test_a_store_killed_in_finalisation_is_finished_by_a_resume(kills, tmp_path):
     """(Resuming from the *final* checkpoint trains no step, and the callback then never finalises: the
     recording engine must finalise a store left at the checkpoint's last step; see the report.)"""
     results, ref = kills
-    r = next(r for r in results if r["spec"]["name"] == "finalisation-0.35")
+    r = next(r for r in results if r["spec"]["name"] == "finalisation-0.7")
     spec = dict(r["spec"])
     ckpt = os.path.join(spec["ckpt_dir"], "epoch=1-step=10.ckpt")
     again = {**spec, "name": "finish", "ckpt_dir": str(tmp_path / "ckpt"), "resume": ckpt, "kill": None}
@@ -112,13 +121,15 @@ def test_a_reader_during_the_whole_run_gets_busy_or_a_committed_state(kills):
 # full disks
 # ------------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounting a small tmpfs needs root")
-def test_a_full_disk_in_every_phase_crashes_nothing_and_loses_no_committed_step(kills, tmp_path):
+def test_a_full_disk_in_every_phase_crashes_nothing_and_loses_no_committed_step(kills, tmp_path, pytestconfig):
     _, ref = kills
     disk = str(tmp_path / "disk")
     if not reliability.tmpfs(disk, 96):
         pytest.skip("cannot mount a tmpfs here")
+    # one point of each phase by default; every point under --runslow
+    points = reliability.FILL_POINTS if pytestconfig.getoption("--runslow") else reliability.FILL_POINTS_DEFAULT
     try:
-        scenarios = reliability.fill_scenarios(disk, str(tmp_path))
+        scenarios = reliability.fill_scenarios(disk, str(tmp_path), points=points)
         results = reliability.run_scenarios(scenarios, str(tmp_path))
         for r in results:
             v = reliability.verdict(r, ref)

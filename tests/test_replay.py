@@ -32,8 +32,14 @@ HAS_ADAFACTOR = hasattr(torch.optim, "Adafactor")
 OPTIMIZERS = [
     ("adamw", lambda p: torch.optim.AdamW(p, lr=2e-2, weight_decay=0.1)),
     ("adam-amsgrad-l2-maximize", lambda p: torch.optim.Adam(p, lr=2e-2, weight_decay=0.05, amsgrad=True)),
-    ("adagrad", lambda p: torch.optim.Adagrad(p, lr=5e-2, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1)),
-    ("rmsprop-momentum-centered", lambda p: torch.optim.RMSprop(p, lr=5e-3, momentum=0.9, centered=True, weight_decay=0.01)),
+    (
+        "adagrad",
+        lambda p: torch.optim.Adagrad(p, lr=5e-2, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1),
+    ),
+    (
+        "rmsprop-momentum-centered",
+        lambda p: torch.optim.RMSprop(p, lr=5e-3, momentum=0.9, centered=True, weight_decay=0.01),
+    ),
     ("adamax", lambda p: torch.optim.Adamax(p, lr=2e-2, weight_decay=0.01)),
     ("nadam", lambda p: torch.optim.NAdam(p, lr=2e-2, weight_decay=0.01)),
     ("radam", lambda p: torch.optim.RAdam(p, lr=2e-2, betas=(0.9, 0.9), weight_decay=0.1, decoupled_weight_decay=True)),
@@ -132,11 +138,17 @@ def test_unit_scores_rank_by_the_optimizers_metric(tmp_path):
         raw = di.attend("net.2", x, top_k=lay.n_rows, score="raw")
         rows = lay.read(0, lay.n_rows)
         # the raw scores are k . q; the unit scores sum (over rows with the same unit) to what the contributions say
-        np.testing.assert_allclose(raw.top.score.numpy(), np.sort(x.double().numpy() @ rows["keys"].astype(np.float64).T, 1)[:, ::-1],
-                                   rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(
+            raw.top.score.numpy(),
+            np.sort(x.double().numpy() @ rows["keys"].astype(np.float64).T, 1)[:, ::-1],
+            rtol=1e-6,
+            atol=1e-9,
+        )
         assert unit.score == "unit" and raw.score == "raw" and unit.to_dict()["score"] == "unit"
         torch.testing.assert_close(raw.unit_output, unit.unit_output)
-        torch.testing.assert_close(torch.sort(raw.proponents.score, 1).values, torch.sort(unit.proponents.score, 1).values)
+        torch.testing.assert_close(
+            torch.sort(raw.proponents.score, 1).values, torch.sort(unit.proponents.score, 1).values
+        )
         # contribution = v_u ((Q (.) k) . q + Qb_u) = -v_u * score + v_u Qb_u, row by row: check it on the top rows
         by_row = {int(r): float(s) for r, s in zip(unit.top.row[0], unit.top.score[0])}
         contrib = {int(r): float(c) for r, c in zip(unit.proponents.row[0], unit.proponents.score[0]) if r >= 0}
@@ -199,7 +211,9 @@ def test_segments_and_snapshots_give_the_unsegmented_answer(tmp_path):
 
         def collect(budget):
             out = {}
-            base = rep.sweep_units(units, lambda rows, q, qb: out.__setitem__(rows.s, (np.copy(q), np.copy(qb))), budget=budget)
+            base = rep.sweep_units(
+                units, lambda rows, q, qb: out.__setitem__(rows.s, (np.copy(q), np.copy(qb))), budget=budget
+            )
             return out, base
 
         whole, base_whole = collect(1 << 30)
@@ -272,8 +286,13 @@ def test_adamw_answers_through_the_block_cache_equal_the_plain_ones(tmp_path):
     """The element-wise pass reads its rows through DualInference's cache like any other pass."""
     _, cb, _ = _fit(tmp_path, OPTIMIZERS[0][1], epochs=1)
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(6))
-    with DualInference(cb.store_path, device="cpu") as plain, DualInference(cb.store_path, device="cpu", cache=1 << 24) as cached:
+    with (
+        DualInference(cb.store_path, device="cpu") as plain,
+        DualInference(cb.store_path, device="cpu", cache=1 << 24) as cached,
+    ):
         ref = plain.attend("net.2", x, top_k=3, reuse_certificate=False)
         for _ in range(2):  # filling the cache, then from it
-            assert json.dumps(cached.attend("net.2", x, top_k=3, reuse_certificate=False).to_dict()) == json.dumps(ref.to_dict())
+            assert json.dumps(cached.attend("net.2", x, top_k=3, reuse_certificate=False).to_dict()) == json.dumps(
+                ref.to_dict()
+            )
         assert cached.cache_info().hits > 0

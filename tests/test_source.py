@@ -49,8 +49,25 @@ class _MemoryLayer:
     def __init__(self, lay: typing.Any) -> None:
         self._lay = lay
         self._rows = lay.read(0, lay.n_rows)
-        for name in ("name", "kind", "d_in", "d_out", "has_bias", "n_rows", "exact", "attrs", "certificate", "store", "geometry",
-                     "weight_init", "bias_init", "weight_final", "bias_final", "weight_residual", "bias_residual"):
+        for name in (
+            "name",
+            "kind",
+            "d_in",
+            "d_out",
+            "has_bias",
+            "n_rows",
+            "exact",
+            "attrs",
+            "certificate",
+            "store",
+            "geometry",
+            "weight_init",
+            "bias_init",
+            "weight_final",
+            "bias_final",
+            "weight_residual",
+            "bias_residual",
+        ):
             setattr(self, name, getattr(lay, name))
         for name in ("read_maps", "rows_before", "end_step", "updates", "coefficients", "base_weights", "initial_state",
                      "to_view", "to_param", "stored_memory_sums"):

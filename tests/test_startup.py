@@ -202,7 +202,9 @@ def test_view_prints_its_address_first_and_answers_once_the_store_is_open(store:
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert notes[0] == f"opening {store} ..." and notes[1].startswith("open in "), notes
-    assert notes[2].startswith("warming the cache: 2 layer(s), 192 rows") and notes[-1].startswith("cache warm in "), notes
+    assert notes[2].startswith("warming the cache: 2 layer(s), 192 rows") and notes[-1].startswith("cache warm in "), (
+        notes
+    )
     assert "stopped" in out
 
 

@@ -49,7 +49,9 @@ def _by_hand(steps: int, ranks: int = 1, scale: float = 1.0) -> np.ndarray:
 
 def _write(path: str, steps: int, rank: int = 0, world: int = 1, scale: float = 1.0, finalize: bool = True,
            meta: StoreMetadata | None = None) -> StoreWriter:
-    spec = LayerSpec(name="fc", kind="linear", d_in=D_IN, d_out=D_OUT, has_bias=False, weight_init=_w0(), bias_init=None)
+    spec = LayerSpec(
+        name="fc", kind="linear", d_in=D_IN, d_out=D_OUT, has_bias=False, weight_init=_w0(), bias_init=None
+    )
     st = StoreWriter.create(path, [spec], metadata=meta or StoreMetadata(rank=rank, world_size=world))
     for s in range(steps):
         st.add_step(s, s // 2, {"fc": _rows(s, rank)}, {"fc": (scale, ParamUpdate(lr=LR[s]), None)})
@@ -62,13 +64,27 @@ def _write(path: str, steps: int, rank: int = 0, world: int = 1, scale: float = 
 # metadata
 # ------------------------------------------------------------------------------------------------------
 def test_metadata_round_trips_through_a_file(tmp_path):
-    meta = StoreMetadata(precision="bf16-mixed", float32_products="tf32", optimizer={"name": "SGD", "param_groups": []},
-                         inexact_causes=["x"], optimizer_exact=False, recorded_by="DualFormRecorder", world_size=2, rank=1)
+    meta = StoreMetadata(
+        precision="bf16-mixed",
+        float32_products="tf32",
+        optimizer={"name": "SGD", "param_groups": []},
+        inexact_causes=["x"],
+        optimizer_exact=False,
+        recorded_by="DualFormRecorder",
+        world_size=2,
+        rank=1,
+    )
     path = str(tmp_path / "m.h5")
     _write(path, 2, rank=1, world=2, meta=meta)
     with StoreReader(path) as s:
         m = s.meta
-    assert (m.precision, m.float32_products, m.recorded_by, m.world_size, m.rank) == ("bf16-mixed", "tf32", "DualFormRecorder", 2, 1)
+    assert (m.precision, m.float32_products, m.recorded_by, m.world_size, m.rank) == (
+        "bf16-mixed",
+        "tf32",
+        "DualFormRecorder",
+        2,
+        1,
+    )
     assert m.optimizer == {"name": "SGD", "param_groups": []} and m.inexact_causes == ["x"]
     assert m.status == "complete" and m.final_step == 2 and m.epochs == 2 and m.layer_order == ["fc"]
 

@@ -199,4 +199,8 @@ def test_figures_are_drawn(trained, store, tmp_path):
     assert os.path.getsize(out) > 1000
     np.testing.assert_array_equal(seen[0], scans["net.0"].top["index"][0, :2])  # the top rows' examples are drawn
     with pytest.raises(ValueError, match="mix scores"):
-        plot_rank_profile({"a": scans["net.0"], "b": scan_layer(path, "net.2", q["net.2"], score="signed")}, 0, str(tmp_path / "x.png"))
+        plot_rank_profile(
+            {"a": scans["net.0"], "b": scan_layer(path, "net.2", q["net.2"], score="signed")},
+            0,
+            str(tmp_path / "x.png"),
+        )

@@ -136,6 +136,44 @@ def test_info_queries_and_images(server, demo_store) -> None:
     assert status == 200 and "hits" in c["cache_text"]
 
 
+def test_api_influence_from_the_store_and_with_the_model(server, demo_store) -> None:
+    """Without a model: first-order influence on the prediction's margin through the output layer, the same as
+    /api/attend's; the replaying methods are refused with what to do. With --model: every layer, as influence()."""
+    import torch
+
+    from lightning_dualform.attribute import influence
+    from lightning_dualform.attribute.views import influence_answer
+    from lightning_dualform.cli.demo import PaperMLP
+    from lightning_dualform.cli.influence import load_final_weights
+
+    index = int(_test_indices(demo_store)[3])
+    status, inf = get_json(server, f"/api/influence?split=test&index={index}&top_k=4")
+    assert status == 200, inf
+    _, att = get_json(server, f"/api/attend?split=test&index={index}&top_k=4")
+    assert inf == att["influence"] and inf["scope"] == "output layer" and "through layer net.4 only" in inf["label"]
+    assert inf["queries"][0]["class"] == att["layers"]["net.4"]["units"][0]
+    assert len(inf["queries"][0]["proponents"]) == 4
+    status, err = get_json(server, f"/api/influence?split=test&index={index}&method=metagradient")
+    assert status == 400 and "--model" in err["error"]
+    _, info = get_json(server, "/api/info")
+    assert [m["layers"] for m in info["influence"]["methods"]] == ["output"] and info["influence"]["model"] is None
+    with DualInference(demo_store, device="cpu") as di:
+        model = PaperMLP()
+        load_final_weights(model, di.store)
+        app = ViewApp(demo_store, di, model, "lightning_dualform.cli.demo:PaperMLP")
+        assert [m["method"] for m in app.info({})["influence"]["methods"]] == [
+            "first_order", "first_order", "every_step", "metagradient"]
+        got = app.influence({"split": ["test"], "index": [str(index)], "top_k": ["4"]})
+        qs = di.store.queries("test")
+        x = torch.as_tensor(qs.inputs_at(np.flatnonzero(qs.index == index))).float()
+        pred = model(x).argmax(-1)
+        want = influence_answer(influence(di.store, model, x, pred), 4, list(di.layers), classes=pred)
+        assert got == {**want, "note": None} and got["layers"] == ["net.0", "net.2", "net.4"]
+        assert "all 3 recorded layers" in got["label"]
+        out = app.influence({"split": ["test"], "index": [str(index)], "layers": ["output"]})
+        assert out["scope"] == "output layer"
+
+
 # ------------------------------------------------------------------------------------------------------
 # refusals
 # ------------------------------------------------------------------------------------------------------
@@ -161,6 +199,9 @@ BAD = {
     "images not numbers": "/api/images?train=a,b",
     "too many images": "/api/images?train=" + ",".join(map(str, range(300))),
     "info takes nothing": "/api/info?x=1",
+    "bad influence method": "/api/influence?split=test&index={i}&method=exact",
+    "every layer without a model": "/api/influence?split=test&index={i}&layers=all",
+    "influence without index": "/api/influence?split=test",
     "asset with parameters": "/index.html?x=1",
 }
 
@@ -330,6 +371,16 @@ def test_the_page_in_headless_chromium(server, demo_store, tmp_path) -> None:
             page.goto(url)
             page.wait_for_selector(".layer[data-layer='net.4'] .ranking[data-kind='con'] .thumb canvas", timeout=60_000)
             assert page.inner_text("#query-title") == f"test #{index}"
+            # the first card answers "which examples": influence on the prediction's margin, labelled
+            card = ".influence-card .ranking[data-kind='influence-pro'] .thumb"
+            page.wait_for_selector(f"{card} canvas", timeout=60_000)
+            shown = page.eval_on_selector_all(card, "els => els.map(e => Number(e.dataset.index))")
+            assert shown == [p["index"] for p in api["influence"]["queries"][0]["proponents"]]
+            assert page.input_value("#method") == "first_order:output"
+            assert "through layer net.4 only" in page.inner_text(".influence-card h2")
+            assert page.inner_text(f"{card} .score .what").strip() == "dmargin/dw"
+            first = page.eval_on_selector("#layers", "b => b.firstElementChild.className")
+            assert first == "influence-card"
             # every layer's top-5 thumbnails are the API's top-5 rows of this query, drawn as images
             for name in ("net.0", "net.2", "net.4"):
                 shown = page.eval_on_selector_all(f".layer[data-layer='{name}'] .ranking[data-kind='top'] .thumb",

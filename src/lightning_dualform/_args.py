@@ -33,7 +33,9 @@ def as_int(value: Any, call: str, *, lo: int | None = None, hi: int | None = Non
     try:
         v = operator.index(value)
     except TypeError:
-        raise TypeError(f"`{call}` got {value!r} ({type(value).__name__}); expected {allowed or 'an integer'}.") from None
+        raise TypeError(
+            f"`{call}` got {value!r} ({type(value).__name__}); expected {allowed or 'an integer'}."
+        ) from None
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         span = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
         raise ValueError(f"`{call}` got {v}; expected {allowed or 'an integer'} in {span}.")

@@ -58,6 +58,9 @@ def load(name: str, declare: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL | Non
                     log.info("compiled kernel %s unusable (%s): the torch/h5py path is used", found, err)
                     lib = None
             elif enabled():
-                log.info("compiled kernel %s not installed (no C compiler at install time): the torch/h5py path is used", name)
+                log.info(
+                    "compiled kernel %s not installed (no C compiler at install time): the torch/h5py path is used",
+                    name,
+                )
             _loaded[name] = lib
     return _loaded[name]

@@ -36,7 +36,7 @@ import torch
 from lightning_dualform._args import as_int
 from lightning_dualform._float32_products import full_float32_products
 from lightning_dualform.attend.inference import AttentionResult, DualInference
-from lightning_dualform.attend.request import AttendRequest, request_from
+from lightning_dualform.attend.request import AttendRequest, Contribution, request_from
 
 _R = AttendRequest  # the defaults of the attend knobs are the request's
 
@@ -104,7 +104,11 @@ class QueryAttention:
         """Plain lists, numbers and strings (what ``lightning-dualform attend --json`` writes)."""
         return {
             "source": self.source,
-            "queries": {"index": self.index.tolist(), "label": self.label.tolist(), "prediction": self.prediction.tolist()},
+            "queries": {
+                "index": self.index.tolist(),
+                "label": self.label.tolist(),
+                "prediction": self.prediction.tolist(),
+            },
             "settings": self.settings,
             "query_rows": {k: {c: v.tolist() for c, v in r.items()} for k, r in self.rows.items()},
             "layers": {k: r.to_dict() for k, r in self.results.items()},
@@ -151,7 +155,10 @@ def attend_recorded(
         examples = np.arange(qs.n if limit is None else min(limit, qs.n))
     examples = np.asarray(examples, dtype=np.int64).reshape(-1)
     if len(examples) and (examples.min() < 0 or examples.max() >= qs.n):
-        raise ValueError(f"`attend_recorded(examples=...)`: positions must lie in 0..{qs.n - 1} (the {split!r} query set has {qs.n}).")
+        raise ValueError(
+            f"`attend_recorded(examples=...)`: positions must lie in 0..{qs.n - 1} "
+            f"(the {split!r} query set has {qs.n})."
+        )
     names = list(layers) if layers is not None else [n for n in di.layers if n in qs.layers]
     raw = qs.inputs
     run = QueryAttention(f"split:{split}", examples, qs.index[examples], qs.label[examples], qs.prediction[examples],
@@ -188,7 +195,7 @@ def attend_queries(
     source: str = "",
     layers: Sequence[str] | None = None,
     top_k: int = _R.top_k,
-    contribution_to: str | int | None = _R.contribution_to,
+    contribution_to: Contribution | str = _R.contribution_to,  # (str: "label" too)
     at_step: int | None = _R.at_step,
     step_buckets: int = _R.step_buckets,
     score: str = _R.score,
@@ -206,8 +213,8 @@ def attend_queries(
     it used); ``request`` gives them all at once instead (its ``contribution_to`` then applies at the last layer).
 
     Raises:
-        ValueError: a query width no layer takes, a layer without recorded rows, ``contribution_to="label"``
-            without labels, or ``top_k`` larger than a layer's memory.
+        ValueError: neither ``split`` nor ``queries``, a query width no layer takes, a layer without recorded
+            rows, ``contribution_to="label"`` without labels, or ``top_k`` larger than a layer's memory.
         KeyError: an unknown split or layer.
     """
     by_label = isinstance(contribution_to, str) and contribution_to == "label"
@@ -241,12 +248,20 @@ def attend_queries(
             run.inputs = q.reshape(m, *ref.shape[1:])
         per_layer = {n: (q, np.arange(m), np.zeros(m, dtype=np.int64)) for n in layers}
     else:
+        if split is None:
+            raise ValueError(
+                f"`attend_queries`: pass split=... (the store's query sets: {store.query_splits or 'none'}) or "
+                "queries=... (an array (n, d))."
+            )
         qs = store.queries(split)
         if qs.n == 0:
             raise ValueError(f"{store.path}: the query set {split!r} is empty; record some with trainer.{split}(...).")
         pos = np.arange(qs.n) if positions is None else np.asarray(positions, dtype=np.int64).reshape(-1)
         if len(pos) and (pos.min() < 0 or pos.max() >= qs.n):
-            raise ValueError(f"`attend_queries(positions=...)`: positions must lie in 0..{qs.n - 1} (the {split!r} query set has {qs.n}).")
+            raise ValueError(
+                f"`attend_queries(positions=...)`: positions must lie in 0..{qs.n - 1} "
+                f"(the {split!r} query set has {qs.n})."
+            )
         run = QueryAttention(f"split:{split}", pos, qs.index[pos], qs.label[pos], qs.prediction[pos],
                              inputs=qs.inputs_at(pos))  # only the chosen examples' rows are read
         if layers is None:
@@ -275,7 +290,7 @@ def attend_queries(
         # the request's unit applies at the last layer; the others take "auto" (scores only with a scalar rule,
         # their own predicted unit with an element-wise rule)
         contrib: Any = req.contribution_to if name == last else "auto"
-        if by_label and name == last:
+        if units_label is not None and name == last:  # (set where contribution_to="label")
             contrib = torch.as_tensor(units_label[example], dtype=torch.int64)
         n_rows = di.layer(name).n_rows
         if req.top_k > n_rows:
@@ -322,11 +337,19 @@ def top_rows(result: AttentionResult, query: int, k: int | None = None, *, by: s
         raise ValueError(f"`top_rows(by={by!r})`: expected one of {tuple(kinds)}.")
     top = getattr(result, kinds[by])
     if top is None:
-        need = {"example": " and per_example=True", "proponents": " and contribution_to", "opponents": " and contribution_to"}
+        need = {
+            "example": " and per_example=True",
+            "proponents": " and contribution_to",
+            "opponents": " and contribution_to",
+        }
         raise ValueError(f"`top_rows(by={by!r})`: the result of layer {result.layer!r} kept none; attend with top_k > 0"
                          + need.get(by, "") + ".")
     by = "row" if by in ("proponents", "opponents") else by
-    cols = ("score", "row", "step", "epoch", "index", "position", "label") if by == "row" else ("score", "index", "label", "rows")
+    cols = (
+        ("score", "row", "step", "epoch", "index", "position", "label")
+        if by == "row"
+        else ("score", "index", "label", "rows")
+    )
     query = as_int(query, "top_rows(query=...)", lo=0, hi=top.score.shape[0] - 1)
     n = top.score.shape[1] if k is None else min(as_int(k, "top_rows(k=...)", lo=0), top.score.shape[1])
     pad = top.row if by == "row" else top.index
@@ -341,18 +364,23 @@ def top_rows(result: AttentionResult, query: int, k: int | None = None, *, by: s
 def top_score_steps(result: AttentionResult, k: int | None = None) -> np.ndarray:
     """Training steps of each query's ``k`` highest-scoring rows: ``(n, k)`` int64, best first."""
     if result.top is None:
-        raise ValueError(f"`top_score_steps`: the result of layer {result.layer!r} kept no top rows; attend with top_k > 0.")
+        raise ValueError(
+            f"`top_score_steps`: the result of layer {result.layer!r} kept no top rows; attend with top_k > 0."
+        )
     steps = result.top.step.numpy()
     return steps if k is None else steps[:, : as_int(k, "top_score_steps(k=...)", lo=0)]
 
 
-def step_histogram(result: AttentionResult, first_step: int, bins: int = 20, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def step_histogram(
+    result: AttentionResult, first_step: int, bins: int = 20, k: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Histogram over all queries of the steps of their top-``k`` rows, over ``[first_step, result.at_step)``.
 
     Returns ``(edges (bins + 1,), counts (bins,))``.
     """
     bins = as_int(bins, "step_histogram(bins=...)", lo=1, hi=1 << 20)
     steps = top_score_steps(result, k)
+    assert result.top is not None  # top_score_steps says so otherwise
     steps = steps[result.top.row.numpy()[:, : steps.shape[1]] >= 0]
     return_edges = np.linspace(first_step, max(result.at_step, first_step + 1), bins + 1)
     counts, _ = np.histogram(steps, bins=return_edges)
@@ -382,12 +410,16 @@ def class_mass(
         raise ValueError(f"`class_mass(kind={kind!r})`: expected one of {_MASS_KINDS}.")
     m = result.mass.get("label")
     if m is None:
-        raise ValueError(f"`class_mass`: the result of layer {result.layer!r} has no label mass; attend with mass=True.")
+        raise ValueError(
+            f"`class_mass`: the result of layer {result.layer!r} has no label mass; attend with mass=True."
+        )
     keys = m.keys.numpy()
     table = (m.signed if kind == "signed" else m.absolute).double().numpy()
     labelled = keys >= 0
     if not labelled.any():
-        raise ValueError(f"`class_mass`: layer {result.layer!r} has no labelled memory rows (labels were stored as -1).")
+        raise ValueError(
+            f"`class_mass`: layer {result.layer!r} has no labelled memory rows (labels were stored as -1)."
+        )
     classes, table = keys[labelled], table[:, labelled]
     if example is not None:
         example = np.asarray(example, dtype=np.int64)
@@ -444,8 +476,10 @@ class VoteTable:
         w = self.rows[0].n_wrong if self.rows else 0
         headers = ["layer", f"correct ({c}): vote = label = pred", f"wrong ({w}): vote = label",
                    f"wrong ({w}): vote = pred", f"all ({c + w}): vote = label", f"all ({c + w}): vote = pred"]
-        body = [[r.layer, pct(r.label_correct), pct(r.label_wrong), pct(r.pred_wrong), pct(r.label_all), pct(r.pred_all)]
-                for r in self.rows]
+        body = [
+            [r.layer, pct(r.label_correct), pct(r.label_wrong), pct(r.pred_wrong), pct(r.label_all), pct(r.pred_all)]
+            for r in self.rows
+        ]
         return markdown_table(headers, body)
 
 
@@ -491,7 +525,10 @@ def vote_table(
     for name, res in results.items():
         ex = None if example is None else example.get(name)
         if ex is None and res.dual.shape[0] != n:
-            raise ValueError(f"`vote_table`: layer {name!r} answered {res.dual.shape[0]} query rows for {n} examples; pass `example`.")
+            raise ValueError(
+                f"`vote_table`: layer {name!r} answered {res.dual.shape[0]} query rows for {n} examples; "
+                "pass `example`."
+            )
         classes, mass = class_mass(res, kind=kind, example=ex, n_examples=n)
         v = votes(classes, mass)
         rows.append(VoteRow(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.grad import conv1d_weight, conv2d_weight
 
 from lightning_dualform.store.conv import ConvGeometry
 
@@ -26,6 +27,13 @@ from lightning_dualform.store.conv import ConvGeometry
 SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 #: Module types that hold linear weights but run them inside fused kernels (not capturable).
 FUSED_TYPES: tuple[type[nn.Module], ...] = (nn.LSTM, nn.GRU, nn.RNN)
+
+
+def _unsupported(module: nn.Module) -> TypeError:
+    """The error for a module of no supported type (the callers pass tracked layers only)."""
+    return TypeError(
+        f"{type(module).__name__} is not a layer type we record; supported: {[t.__name__ for t in SUPPORTED_TYPES]}."
+    )
 
 
 def layer_kind(module: nn.Module) -> str:
@@ -63,13 +71,18 @@ def layer_shape(module: nn.Module) -> tuple[int, int, dict]:
             "in_channels": module.in_channels,
         }
         return int(w[0].numel()), int(w.shape[0]), extra
-    return module.in_features, module.out_features, {}
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, {}
+    raise _unsupported(module)
 
 
 def weight_matrix(module: nn.Module, tensor: torch.Tensor | None = None) -> torch.Tensor:
     """The layer's weight (or a tensor of its shape: gradient, momentum buffer) as the ``(d_out, d_in)``
     matrix that multiplies key rows."""
-    w = (module.weight if tensor is None else tensor).detach()
+    weight = module.weight if tensor is None else tensor
+    if not isinstance(weight, torch.Tensor):
+        raise _unsupported(module)
+    w = weight.detach()
     if isinstance(module, nn.Embedding):
         return w.t()  # (num_embeddings, dim) -> (dim, num_embeddings)
     return w.reshape(w.shape[0], -1)
@@ -90,17 +103,20 @@ def conv_padding(module: nn.Module) -> tuple[int, ...]:
     """The ``F.pad`` widths (last dimension first) that the convolution applies to its input, from its
     public ``padding``, ``kernel_size`` and ``dilation``: ``"same"`` pads ``d (k - 1)`` in all, the extra one
     on the right, as torch does."""
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        raise _unsupported(module)
     dims = len(module.kernel_size)
-    if module.padding == "valid":
+    padding = module.padding
+    if padding == "valid":
         return (0,) * (2 * dims)
     pad: list[int] = []
     for i in reversed(range(dims)):
-        if module.padding == "same":
+        if isinstance(padding, str):  # "same" (torch takes no other string)
             total = module.dilation[i] * (module.kernel_size[i] - 1)
             left = total // 2
             pad += [left, total - left]
         else:
-            pad += [module.padding[i], module.padding[i]]
+            pad += [padding[i], padding[i]]
     return tuple(pad)
 
 
@@ -159,7 +175,7 @@ def maps_weight_sum(geom: ConvGeometry, maps: torch.Tensor, grads: torch.Tensor)
     ``G`` ``(B * L, C_out)`` of ``grads`` ``(B, C_out, *output_size)``, without unfolding: the weight gradient of the
     convolution of the padded maps (``torch.nn.grad.conv*d_weight``) with ``grads`` as its output gradient. Its
     columns are channel-major then kernel offsets, as the unfolded keys'. In ``grads``' dtype."""
-    conv_weight = torch.nn.grad.conv1d_weight if geom.dims == 1 else torch.nn.grad.conv2d_weight
+    conv_weight = conv1d_weight if geom.dims == 1 else conv2d_weight
     x = padded_maps(geom, maps.to(grads.dtype))
     shape = (grads.shape[1], geom.in_channels, *geom.kernel_size)
     gw = conv_weight(x, shape, grads, stride=geom.stride, padding=0, dilation=geom.dilation)
@@ -200,10 +216,12 @@ def keys_of(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int
         xb = x if batched else x.unsqueeze(0)
         patches = _conv_patches(module, xb)  # (B, d_in, L)
         keys = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-        lead = (patches.shape[0], patches.shape[2]) if batched else (patches.shape[2],)
-    else:
+        lead: tuple[int, ...] = (patches.shape[0], patches.shape[2]) if batched else (patches.shape[2],)
+    elif isinstance(module, nn.Linear):
         keys = x.reshape(-1, module.in_features)
         lead = tuple(x.shape[:-1])
+    else:
+        raise _unsupported(module)
     low = autocast_dtype(x)
     if low is not None and keys.is_floating_point() and keys.dtype != low:
         keys = keys.to(low)
@@ -217,8 +235,11 @@ def values_of(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
         g = grad if grad.dim() == module.weight.dim() else grad.unsqueeze(0)
         g = g.reshape(g.shape[0], g.shape[1], -1)  # (B, C_out, L)
         return g.transpose(1, 2).reshape(-1, g.shape[1])
-    d_out = module.embedding_dim if isinstance(module, nn.Embedding) else module.out_features
-    return grad.reshape(-1, d_out)
+    if isinstance(module, nn.Embedding):
+        return grad.reshape(-1, module.embedding_dim)
+    if isinstance(module, nn.Linear):
+        return grad.reshape(-1, module.out_features)
+    raise _unsupported(module)
 
 
 def kept_rows(module: nn.Module, keys: torch.Tensor) -> torch.Tensor | None:

@@ -1,7 +1,11 @@
-"""Pictures of an attention answer: the query, the training patterns it attends to, and where the mass lies.
+"""Pictures of which training examples a query depends on: influence first, then the attention view.
 
-One row per query and layer: the query image (once per query), the top-k training images with their
-score, label and epoch, the attention mass per class as bars, and the attention mass over training steps
+Given an influence answer (``influence=``: :func:`~lightning_dualform.attribute.views.influence_answer`'s dict, or
+an :class:`~lightning_dualform.attribute.Influence`, of whichever method: the first-order score through the output
+layer that the CLI computes from the store alone, or every layer, TracIn at every step, the metagradient with the
+model), each query's first two rows are its proponents and opponents by influence on the prediction's margin,
+each number labelled ``dmargin/dw``. Then one row per query and layer: the query image (once per query), the
+top-k training images with their score, label and epoch, the attention mass per class as bars, and the attention mass over training steps
 (the "spotlights": which moments of training the layer's output draws on). A layer whose result ranks
 contributions to an output unit (``units``: the output layer, and every layer of an element-wise optimizer's
 store) gets two more rows: its proponents and opponents. Every number is labelled with what it is (the score
@@ -16,7 +20,9 @@ Example::
     from lightning_dualform.analysis import attend_queries
     with DualInference("demo/mnist.h5") as di:
         run = attend_queries(di, split="test", positions=[0, 1], top_k=5)
-        plot_attention(run, di.store, "top.png")
+        plot_attention(run, di.store, "top.png")            # attention only
+        inf = di.influence(model, x_test_0_1)                # any method, with the model
+        plot_attention(run, di.store, "top.png", influence=inf)
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import numpy as np
 
 _INSTALL = "pip install 'lightning-dualform[plot]'"
 MAX_QUERIES = 8
+#: proponents and opponents drawn from an ``Influence`` table
+MAX_THUMBS = 8
 _POS = "#2a7ab0"  # bars: attention toward a class
 _NEG = "#c0504d"
 _HIGHLIGHT = "#e69f00"  # the predicted class
@@ -137,6 +145,7 @@ def plot_attention(
     class_names: Sequence[str] | None = None,
     max_queries: int = MAX_QUERIES,
     dpi: int = 110,
+    influence: Any = None,
 ) -> str:
     """Draw an :class:`~lightning_dualform.analysis.QueryAttention` into ``path`` (.png, .pdf or .svg).
 
@@ -148,6 +157,8 @@ def plot_attention(
         class_names: names of the labels (default: the numbers).
         max_queries: draw at most this many queries.
         dpi: resolution of a PNG.
+        influence: drawn first for each query (proponents and opponents, labelled with the method and what the
+            numbers are): an influence answer dict, or an ``Influence`` for the same queries; None: attention only.
 
     Returns:
         ``path`` as a string.
@@ -157,7 +168,8 @@ def plot_attention(
         ValueError: ``by`` is not ``"pattern"`` or ``"example"``.
     """
     path = os.fspath(path)
-    attention_figure(run, store, by=by, class_names=class_names, max_queries=max_queries, dpi=dpi).savefig(path, dpi=dpi)
+    attention_figure(run, store, by=by, class_names=class_names, max_queries=max_queries, dpi=dpi,
+                     influence=influence).savefig(path, dpi=dpi)
     return path
 
 
@@ -176,6 +188,7 @@ def attention_figure(
     class_names: Sequence[str] | None = None,
     max_queries: int = MAX_QUERIES,
     dpi: int = 110,
+    influence: Any = None,
 ) -> Any:
     """The matplotlib ``Figure`` (Agg canvas) that :func:`plot_attention` saves."""
     require_matplotlib()
@@ -187,28 +200,36 @@ def attention_figure(
     layers = list(run.results)
     n_q = min(len(run.index), max_queries)
     kinds = {n: _kinds(run.results[n]) for n in layers}
-    k = max([len(_ranking(run.results[n], 0, by, kind)) for n in layers for kind in kinds[n]] + [1])
+    inf = _influence_answer(influence, len(run.index))
+    inf_rows = 2 if inf is not None else 0
+    k = max([len(_ranking(run.results[n], 0, by, kind)) for n in layers for kind in kinds[n]]
+            + [len(q[side]) for q in (inf or {}).get("queries", [])[:n_q] for side in ("proponents", "opponents")]
+            + [1])
     # the first result row of each (query, layer)
     first_row = {n: {int(e): int(np.flatnonzero(run.rows[n]["example"] == e)[0]) for e in np.unique(run.rows[n]["example"])}
                  for n in layers}
     # thumbnails: one read of every index shown
     shown = sorted({it["index"] for n in layers for j in range(n_q) if j in first_row[n] for kind in kinds[n]
-                    for it in _ranking(run.results[n], first_row[n][j], by, kind)})
+                    for it in _ranking(run.results[n], first_row[n][j], by, kind)}
+                   | {it["index"] for q in (inf or {}).get("queries", [])[:n_q] for side in ("proponents", "opponents")
+                      for it in q[side]})
     raw = store.train_inputs(np.array(shown, dtype=np.int64)) if shown else None
     thumbs = {i: raw[p] for p, i in enumerate(shown)} if raw is not None else {}
     images = bool(thumbs) and as_image(next(iter(thumbs.values()))) is not None
     epoch_starts = _epoch_starts(store)
 
-    per_query = sum(len(kinds[n]) for n in layers)  # grid rows of one query: each layer's lists
+    per_query = inf_rows + sum(len(kinds[n]) for n in layers)  # grid rows of one query: influence, each layer's lists
     n_rows = n_q * per_query
     thumb_w = 1.25
     width = thumb_w * (1.6 + k) + 6.4
     what = "training patterns (one per presentation)" if by == "pattern" else "training examples (epochs summed)"
     at = next(iter(run.results.values())).at_step if run.results else 0
     # the title wraps to the figure's width (a one-layer figure is narrow): about 0.6 em per character
-    title = textwrap.wrap(
-        f"Top-{k} {what} each layer attends to, after {at} optimizer steps; {score_phrase(run.results)}",
-        width=max(20, int(width * 72 / (12 * 0.62))))
+    text = f"Top-{k} {what} each layer attends to, after {at} optimizer steps; {score_phrase(run.results)}"
+    if inf is not None:
+        text = (f"Which training examples: {inf['label']}. Below, the paper's view (attention, not a prediction of "
+                f"what removing an example would do): {text[0].lower()}{text[1:]}")
+    title = textwrap.wrap(text, width=max(20, int(width * 72 / (12 * 0.62))))
     head = 0.45 + 0.24 * len(title)  # inches above the grid
     height = 1.55 * n_rows + head + 0.4
     fig = Figure(figsize=(width, height), dpi=dpi)
@@ -247,6 +268,17 @@ def attention_figure(
         for spine in ax.spines.values():
             spine.set_edgecolor("#444444")
         row = r0
+        if inf is not None:
+            q = inf["queries"][j] if j < len(inf["queries"]) else {"proponents": [], "opponents": []}
+            sym = f"d{inf['target']}/dw" if inf["target"] in ("margin", "loss", "logit") else "df/dw"
+            method = {"first_order": "first order", "every_step": "TracIn, every step",
+                      "metagradient": "metagradient"}.get(inf["method"], inf["method"])
+            scope = ", ".join(inf["layers"]) + (" only" if inf.get("scope") == "output layer" else "")
+            for side in ("proponents", "opponents"):
+                items = [{**it, "sub": f"#{it['index']}"} for it in q[side]]
+                _thumb_row(fig, gs, row, k, items, f"influence\n{side}\n{method}\n{scope}", sym, "pro", pred, thumbs,
+                           images, class_names)
+                row += 1
         for li, name in enumerate(layers):
             res = run.results[name]
             rr = first_row[name].get(j)
@@ -257,38 +289,7 @@ def attention_figure(
                 heading = {"top": f"{name}\nby {symbol}", "pro": f"{name}\nproponents\nof unit {unit}",
                            "con": f"{name}\nopponents\nof unit {unit}"}[kind]
                 value = symbol if kind == "top" else "contrib."
-                for c in range(k):
-                    ax = fig.add_subplot(gs[row, 2 + c])
-                    ax.set_xticks([])
-                    ax.set_yticks([])
-                    if c == 0:
-                        ax.set_ylabel(heading, fontsize=9 if kind == "top" else 8.5, fontweight="bold", rotation=0,
-                                      ha="right", va="center", labelpad=6)
-                    if c >= len(items):
-                        if c == 0:  # keep the heading: hide the frame, not the axes
-                            ax.set_frame_on(False)
-                            ax.text(0.5, 0.5, "none", ha="center", va="center", fontsize=8, color="#777777",
-                                    transform=ax.transAxes)
-                        else:
-                            ax.set_axis_off()
-                        continue
-                    it = items[c]
-                    x = thumbs.get(it["index"])
-                    match = pred >= 0 and it["label"] == pred
-                    if images and x is not None and not np.isnan(np.asarray(x, dtype=np.float32)).all():
-                        ax.imshow(as_image(x), cmap="gray_r", interpolation="nearest")
-                    else:
-                        ax.set_facecolor("#f6f6f6")
-                        ax.text(0.5, 0.5, f"#{it['index']}\nlabel {_name(it['label'], class_names)}", ha="center",
-                                va="center", fontsize=8.5, transform=ax.transAxes)
-                    for spine in ax.spines.values():
-                        spine.set_edgecolor(_MATCH if match else _OTHER)
-                        spine.set_linewidth(2.2 if match else 1.0)
-                    color = _MATCH if match else "#333333"
-                    if kind != "top":
-                        color = _POS if it["score"] >= 0 else _NEG
-                    ax.set_title(f"{value} {it['score']:+.3g}\n{_name(it['label'], class_names)} · {it['sub']}",
-                                 fontsize=8, pad=2, color=color)
+                _thumb_row(fig, gs, row, k, items, heading, value, kind, pred, thumbs, images, class_names)
                 if kind == "top":
                     axes = (fig.add_subplot(gs[row, 2 + k + 1]), fig.add_subplot(gs[row, 2 + k + 2]))
                     _mass_charts(axes, res, rr, pred=pred, class_names=class_names, symbol=symbol,
@@ -297,6 +298,58 @@ def attention_figure(
     if len(run.index) > n_q:
         fig.text(0.5, 0.002, f"{len(run.index) - n_q} more queries are in the table and the JSON", ha="center", fontsize=8)
     return fig
+
+
+def _thumb_row(fig: Any, gs: Any, row: int, k: int, items: list[dict[str, Any]], heading: str, value: str, kind: str,
+               pred: int, thumbs: dict[int, Any], images: bool, class_names: Sequence[str] | None) -> None:
+    """One row of ``k`` thumbnails (a ranking), each titled with its number (``value`` says what it is), its label
+    and ``sub``; the row's heading on the left."""
+    for c in range(k):
+        ax = fig.add_subplot(gs[row, 2 + c])
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if c == 0:
+            ax.set_ylabel(heading, fontsize=9 if kind == "top" else 8.5, fontweight="bold", rotation=0,
+                          ha="right", va="center", labelpad=6)
+        if c >= len(items):
+            if c == 0:  # keep the heading: hide the frame, not the axes
+                ax.set_frame_on(False)
+                ax.text(0.5, 0.5, "none", ha="center", va="center", fontsize=8, color="#777777", transform=ax.transAxes)
+            else:
+                ax.set_axis_off()
+            continue
+        it = items[c]
+        x = thumbs.get(it["index"])
+        match = pred >= 0 and it["label"] == pred
+        if images and x is not None and not np.isnan(np.asarray(x, dtype=np.float32)).all():
+            ax.imshow(as_image(x), cmap="gray_r", interpolation="nearest")
+        else:
+            ax.set_facecolor("#f6f6f6")
+            ax.text(0.5, 0.5, f"#{it['index']}\nlabel {_name(it['label'], class_names)}", ha="center",
+                    va="center", fontsize=8.5, transform=ax.transAxes)
+        for spine in ax.spines.values():
+            spine.set_edgecolor(_MATCH if match else _OTHER)
+            spine.set_linewidth(2.2 if match else 1.0)
+        color = _MATCH if match else "#333333"
+        if kind != "top":
+            color = _POS if it["score"] >= 0 else _NEG
+        ax.set_title(f"{value} {it['score']:+.3g}\n{_name(it['label'], class_names)} · {it['sub']}",
+                     fontsize=8, pad=2, color=color)
+
+
+def _influence_answer(influence: Any, n: int) -> dict[str, Any] | None:
+    """An influence answer dict (with ``queries``) from what ``influence=`` got, or None (nothing to draw)."""
+    if influence is None:
+        return None
+    if not isinstance(influence, dict):  # an Influence table
+        from lightning_dualform.attribute.views import influence_answer
+
+        influence = influence_answer(influence, MAX_THUMBS)
+    if not influence.get("queries"):
+        return None
+    if len(influence["queries"]) != n:
+        raise ValueError(f"`plot_attention(influence=...)` has {len(influence['queries'])} queries; the run has {n}.")
+    return influence
 
 
 def _mass_charts(axes: tuple[Any, Any], res: Any, rr: int | None, *, pred: int, class_names: Sequence[str] | None,

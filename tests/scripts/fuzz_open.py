@@ -51,7 +51,9 @@ def main() -> int:
             mutated = mutated[: rng.randrange(len(mutated))]
         elif kind == "zero-run":
             at = rng.randrange(len(mutated))
-            mutated[at : at + rng.randrange(1, 512)] = bytes(len(mutated[at : at + 512]))[: len(mutated[at : at + rng.randrange(1, 512)])]
+            mutated[at : at + rng.randrange(1, 512)] = bytes(len(mutated[at : at + 512]))[
+                : len(mutated[at : at + rng.randrange(1, 512)])
+            ]
         else:
             for _ in range(rng.randrange(1, 8)):
                 at = rng.randrange(len(mutated))

@@ -176,7 +176,13 @@ def install(spec: dict, events: _Events) -> list[L.Callback]:
     writer_mod.os.replace = replace
 
     undo = _journal._UndoFile
-    orig_init, orig_write, orig_trunc, orig_save_j, orig_jcommit = undo.__init__, undo.write, undo.truncate, undo._save, undo.commit
+    orig_init, orig_write, orig_trunc, orig_save_j, orig_jcommit = (
+        undo.__init__,
+        undo.write,
+        undo.truncate,
+        undo._save,
+        undo.commit,
+    )
 
     def tag(self) -> str:  # noqa: ANN001
         return f"session:{self.phase}"
@@ -192,7 +198,12 @@ def install(spec: dict, events: _Events) -> list[L.Callback]:
     filled = []
 
     def fill_session(phase: str, when: str) -> None:
-        if fill.get("at") == "session" and fill.get("when", "open") == when and phase.startswith(fill["phase"]) and not filled:
+        if (
+            fill.get("at") == "session"
+            and fill.get("when", "open") == when
+            and phase.startswith(fill["phase"])
+            and not filled
+        ):
             filled.append(phase)
             _fill(os.path.dirname(os.path.abspath(store)), fill.get("leave", 0))
 
@@ -306,8 +317,14 @@ def run(spec: dict) -> None:
                 time.sleep(float(spec["batch_sleep"]))
 
         extra = [*extra, Sleep()]
-    trainer = L.Trainer(max_epochs=spec["epochs"], callbacks=[*spec.get("_extra", []), *extra, cb, ckpt], logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, gradient_clip_val=0.5)
+    trainer = L.Trainer(
+        max_epochs=spec["epochs"],
+        callbacks=[*spec.get("_extra", []), *extra, cb, ckpt],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=0.5,
+    )
     loader = torch.utils.data.DataLoader(ds, batch_size=16, sampler=EpochSampler(len(ds)))
     trainer.fit(model, loader, ckpt_path=spec.get("resume"))
     queries = torch.utils.data.DataLoader(IndexedDataset(n=16, seed=1), batch_size=8)
@@ -379,7 +396,9 @@ def _reader(store: str, writer_pid: int, out: str) -> int:
         except ChildProcessError:  # not our child: ask the kernel
             try:
                 os.kill(writer_pid, 0)
-                return os.path.exists(f"/proc/{writer_pid}") and open(f"/proc/{writer_pid}/stat").read().split()[2] != "Z"
+                return (
+                    os.path.exists(f"/proc/{writer_pid}") and open(f"/proc/{writer_pid}/stat").read().split()[2] != "Z"
+                )
             except OSError:
                 return False
 

@@ -288,10 +288,19 @@ class DualInference:
         contribution_to: Contribution = _R.contribution_to,
         forward: Callable[[nn.Module, Any], Any] | None = None,
         request: AttendRequest | None = None,
+        method: _explain.ExplainMethod | None = "auto",
+        target: Any = "margin",
+        targets: Any = None,
+        attention: bool = True,
+        influence_options: dict[str, Any] | None = None,
         **attend_kwargs: Any,
     ) -> Explanation:
+        from lightning_dualform.attribute import influence
+
         return _explain.explain(self, model, batch, top_k=top_k, layers=layers, contribution_to=contribution_to,
-                                forward=forward, request=request, **attend_kwargs)
+                                forward=forward, request=request, method=method, target=target, targets=targets,
+                                attention=attention, influence_options=influence_options, influence_fn=influence,
+                                **attend_kwargs)
 
     explain.__doc__ = _explain.explain.__doc__
 

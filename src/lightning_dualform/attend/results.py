@@ -210,21 +210,40 @@ class AttentionResult:
 
 @dataclass
 class Explanation:
-    """What :meth:`DualInference.explain` returns: the model's output and prediction, and one
-    :class:`AttentionResult` per tracked layer (queries = that layer's input rows for the batch)."""
+    """What :meth:`DualInference.explain` returns.
+
+    Attributes:
+        output, prediction: the model's output for the batch and its argmax.
+        layers: the paper's view, one :class:`AttentionResult` per tracked layer (queries = that layer's input
+            rows for the batch); empty with ``attention=False``.
+        influence: the answer to "which training examples does each prediction depend on": an
+            :class:`~lightning_dualform.attribute.Influence` (every example's ``df/dw`` on each prediction's
+            margin by default; ``.top(k)``: proponents and opponents), or None (``method=None``, or
+            ``method="auto"`` where it does not apply).
+        influence_note: why ``influence`` is None under ``method="auto"``, else None.
+    """
 
     output: torch.Tensor | None
     prediction: torch.Tensor | None
     layers: dict[str, AttentionResult]
+    influence: Any = None
+    influence_note: str | None = None
 
     def __getitem__(self, layer: str) -> AttentionResult:
         return self.layers[layer]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, top_k: int = 10) -> dict[str, Any]:
+        """Plain lists and numbers: influence first (its top ``top_k`` proponents and opponents per query, with what
+        the scores are), then the prediction, the output and every layer's attention."""
+        influence = None
+        if self.influence is not None:  # the answer, not its timing: equal batches give equal JSON
+            influence = {k: v for k, v in self.influence.to_dict(top_k).items() if k != "seconds"}
         return {
+            "influence": influence,
+            "influence_note": self.influence_note,
             "prediction": _list(self.prediction),
             "output": _list(self.output),
-            "layers": {k: r.to_dict() for k, r in self.layers.items()},
+            "layers": {name: r.to_dict() for name, r in self.layers.items()},
         }
 
 

@@ -6,10 +6,13 @@ TracIn scores example ``i`` for a query by the change its own update made to ``f
 
 with ``U_s = d theta_{s+1} / d g_s`` the step's immediate response to its gradient (element-wise: ``-lr_s`` for plain
 SGD, Adam's ``-lr / bc1 (1 - b1) / (sqrt(v_hat) + eps)`` and the derivative through ``v``), times the step's
-gradient scale. ``theta_s`` comes from the store's replay (:class:`~.trajectory.Trajectory`), so the checkpoints
-are every step, not a few saved ones; ``dG_s/dw_i`` are the example's rows (:mod:`.kernels`). Unlike the
-first-order score it ignores what a step's change does to later steps (momentum, Adam's state, the later
-gradients); unlike the metagradient it needs no loss function and no batches.
+gradient scale. Adafactor's step is not element-wise (its factored moment, step size and clip couple the entries
+of a parameter): there each query's ``df/dtheta (theta_s)`` is carried through the step's transposed Jacobian
+(one vector-Jacobian product per step and query batch) and the rows are scored against it. ``theta_s`` comes from
+the store's replay (:class:`~.trajectory.Trajectory`), so the checkpoints are every step, not a few saved ones;
+``dG_s/dw_i`` are the example's rows (:mod:`.kernels`). Unlike the first-order score it ignores what a step's
+change does to later steps (momentum, Adam's state, the later gradients); unlike the metagradient it needs no loss
+function and no batches.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.func import jvp
+from torch.func import jvp, vjp, vmap
 
 from lightning_dualform.attribute.examples import columns_of
 from lightning_dualform.attribute.kernels import elementwise_scores
 from lightning_dualform.attribute.model import BoundModel, Forward
 from lightning_dualform.attribute.targets import Target
-from lightning_dualform.attribute.trajectory import Point, Trajectory
+from lightning_dualform.attribute.trajectory import Point, Trajectory, score_rows
+from lightning_dualform.optim.registry import RULES
 
 
 def every_step_table(store: Any, bound: BoundModel, inputs: Any, targets: torch.Tensor, target: Target,
@@ -43,6 +47,10 @@ def every_step_table(store: Any, bound: BoundModel, inputs: Any, targets: torch.
             G = traj.stored_grads(rows)
             with torch.enable_grad():
                 _, _, fac = bound.query_factors(point.params, inputs, targets, target, forward, dtype=dtype)
+            if not RULES[traj.rule].row_local:
+                _coupled_step_scores(traj, point, rows, G, bound.parameter_gradients(fac), table, examples)
+                point = traj.advance(point, G)
+                continue
             for layer in bound.layers:
                 r = rows[layer]
                 if len(r) == 0:
@@ -81,3 +89,22 @@ def _response(traj: Trajectory, point: Point, name: str, G: dict[str, torch.Tens
     if traj.rule == "sgd" and len(flat):
         return float(flat[0])
     return u
+
+
+def _coupled_step_scores(traj: Trajectory, point: Point, rows: dict, G: dict[str, torch.Tensor],
+                         grads: dict[str, torch.Tensor], table: torch.Tensor, examples: np.ndarray) -> None:
+    """TracIn's step ``s`` for a rule whose step couples a parameter's entries: per parameter, ``Lambda_q =
+    gs_s (d theta_{s+1} / d g_s)^T df_q/dtheta (theta_s)``, then each row's ``v^T Lambda_q k + Lambda_bq . v``."""
+    s = point.s
+    lam: dict[str, torch.Tensor] = {}
+    for name, g_q in grads.items():
+        hp = traj.hyper(name, s)
+        if not hp["applied"]:
+            lam[name] = torch.zeros_like(g_q)
+            continue
+        gs = float(traj.grad_scale[name][s])
+        p, st = point.params[name], point.states[name]
+        _, back = vjp(lambda g, p=p, st=st, hp=hp: traj.step_fn(p, st, g, hp, traj.param_dtype[name])[0],
+                      gs * G[name])
+        lam[name] = vmap(back)(g_q.to(p.dtype))[0] * gs
+    score_rows(traj.bound, rows, lam, table, examples)

@@ -10,6 +10,8 @@ step's raw gradient in the final weights: a scalar ``c_s`` for SGD, a matrix ``Q
 
 with ``D_q = sum_p g_qp x_qp^T``. For a scalar ``Q = c`` and one position this is ``c (x . k)(g . v)``: two
 products. Every function returns ``(n, B)`` in the factors' dtype; tests compare them with the dense einsum.
+:func:`dense_scores` scores rows against dense per-query matrices instead of factors (the metagradient's
+cotangents ``Lambda_s``, which are no longer outer products).
 """
 
 from __future__ import annotations
@@ -88,4 +90,16 @@ def elementwise_scores(fac: QueryFactors, keys: torch.Tensor, values: torch.Tens
         gb = fac.g.sum(1)
         qb = q_b if isinstance(q_b, torch.Tensor) else torch.full((values.shape[1],), float(q_b), dtype=dt)
         out += (gb * qb) @ values.t()
+    return out
+
+
+def dense_scores(lam_w: torch.Tensor, lam_b: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor
+                 ) -> torch.Tensor:
+    """``score[q, r] = v_r^T Lam_q k_r + lam_b_q . v_r`` for dense ``lam_w (n, d_out, d_in)``, ``lam_b (n, d_out)``
+    (or ``None``) and rows ``keys (B, d_in)``, ``values (B, d_out)``: one product ``(n d_out, d_in) x (d_in, B)``."""
+    n, d_out, d_in = lam_w.shape
+    t = (lam_w.reshape(-1, d_in) @ keys.t()).reshape(n, d_out, -1)  # (n, d_out, B)
+    out = (t * values.t()[None]).sum(1)
+    if lam_b is not None:
+        out = out + lam_b @ values.t()
     return out

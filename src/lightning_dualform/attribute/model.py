@@ -141,6 +141,15 @@ class BoundModel:
         return out
 
     # -- a query's gradient -------------------------------------------------------------------------------
+    def parameter_gradients(self, factors: dict[str, QueryFactors]) -> dict[str, torch.Tensor]:
+        """``df_q/dtheta`` ``(n, *shape)`` of every tracked parameter, from the queries' factors."""
+        out = {}
+        for name, (layer, pname) in self.param_of.items():
+            fac = factors[layer]
+            out[name] = fac.bias() if pname == "bias" else self.to_module_shape(layer, "weight", fac.dense(),
+                                                                                batched=True)
+        return out
+
     def query_factors(
         self,
         params: dict[str, torch.Tensor],

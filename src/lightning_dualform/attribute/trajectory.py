@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from lightning_dualform.attend.replay import LayerReplay, StepRows
+from lightning_dualform.attribute.examples import columns_of
+from lightning_dualform.attribute.kernels import dense_scores
 from lightning_dualform.attribute.model import BoundModel
 from lightning_dualform.attribute.optimizers import TENSOR_STATE, State, initial_state, step_function
 from lightning_dualform.optim.rule import row_of
@@ -44,7 +46,7 @@ class Trajectory:
     """The replay of a store's run over every tracked parameter.
 
     Args:
-        store: an opened store of a rule with a differentiable step (SGD, Adam, AdamW).
+        store: an opened store of an exact run (every rule it records has a differentiable step).
         bound: the model bound to the store.
         dtype: the replay's dtype (float64 by default: it follows a float32 run to its rounding).
 
@@ -168,3 +170,18 @@ class Trajectory:
             ref = self.bound.to_module_shape(layer, pname, final).to(self.dtype)
             out[name] = float((point.params[name] - ref).norm() / max(float(ref.norm()), 1e-30))
         return out
+
+
+def score_rows(bound: BoundModel, rows: dict[str, StepRows], lam: dict[str, torch.Tensor], table: torch.Tensor,
+               examples: np.ndarray) -> None:
+    """``table[:, i] += <Lambda, d G_s / d w_i>`` for the examples of one step: per layer, each row's
+    ``v^T Lambda_W k + Lambda_b . v``, with ``lam`` the per-query cotangent of every tracked parameter's raw
+    gradient ``(n, *shape)``."""
+    for layer in bound.layers:
+        r = rows[layer]
+        if len(r) == 0:
+            continue
+        lw = bound.to_view(layer, "weight", lam[f"{layer}.weight" if layer else "weight"], batched=True)
+        scores = dense_scores(lw, lam.get(f"{layer}.bias" if layer else "bias"),
+                              torch.as_tensor(r.keys).to(table.dtype), torch.as_tensor(r.values).to(table.dtype))
+        table.index_add_(1, torch.as_tensor(columns_of(examples, r.data["index"])), scores.to(table.dtype))

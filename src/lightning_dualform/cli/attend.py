@@ -1,6 +1,8 @@
 """``lightning-dualform attend STORE``: which training patterns queries attend to, per layer, as text, JSON
-and a picture. :func:`attend_run` computes the answer from the options as the command line takes them; the
-viewer's ``/api/attend`` calls it too."""
+and a picture, led by the training examples ranked by first-order influence on each prediction's margin through
+the output layer (from the store alone: :mod:`~lightning_dualform.cli.which_examples`). :func:`attend_run`
+computes the attention from the options as the command line takes them and :func:`attend_answer` the JSON; the
+viewer's ``/api/attend`` calls both too."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from lightning_dualform.cli.inputs import (
     positive,
 )
 from lightning_dualform.cli.output import Output, check_output, json_text, note, progress, table
+from lightning_dualform.cli.which_examples import influence_heading, render_influence, store_influence
 from lightning_dualform.cli.usage import DEFAULT_QUERIES, TERMINAL_TOP_K
 
 if TYPE_CHECKING:
@@ -76,14 +79,15 @@ def _attend(args: argparse.Namespace, di_kwargs: dict[str, Any], queries: np.nda
         run = attend_run(di, args.store, split=args.split, index=args.index, queries=queries, source=args.queries or "",
                          layer=args.layer, top_k=args.top_k, by=args.by, contribution_to=args.contribution_to,
                          at_step=args.at_step, step_buckets=args.step_buckets, score=args.score)
-        print(render_attend(run, by=args.by, store=di.store))
+        influence = store_influence(di, run, args.top_k) if args.influence else None
+        print(render_attend(run, by=args.by, store=di.store, influence=influence))
         if args.json:
-            json_out.write_text(json_text(run.to_dict()))
+            json_out.write_text(json_text(attend_answer(run, influence)))
             note(args, f"wrote {args.json}")
         if args.plot:
             from lightning_dualform.plots import plot_attention
 
-            plot_out.write_with(lambda target: plot_attention(run, di.store, target, by=args.by))
+            plot_out.write_with(lambda target: plot_attention(run, di.store, target, by=args.by, influence=influence))
             note(args, f"wrote {args.plot}")
     log.debug("attend took %.2f s", time.perf_counter() - t0)
 
@@ -171,6 +175,13 @@ def attend_run(
     return run
 
 
+def attend_answer(run: QueryAttention, influence: dict[str, Any] | None) -> dict[str, Any]:
+    """What ``attend --json`` writes (and the viewer's ``/api/attend`` answers): ``"influence"`` (the store-only
+    answer of :func:`~lightning_dualform.cli.which_examples.store_influence`, or None with ``--no-influence``),
+    then the attention, ``run.to_dict()``, unchanged."""
+    return {"influence": influence, **run.to_dict()}
+
+
 def _query_title(run: QueryAttention, j: int) -> str:
     if run.source.startswith("split:"):
         parts = [f"query {run.source[6:]}[{int(run.index[j])}]"]
@@ -216,20 +227,28 @@ def mass_line(res: Any, r: int, n: int = 3) -> str:
     return "mass by label  " + ", ".join(parts)
 
 
-def render_attend(run: QueryAttention, by: str, store: Any = None) -> str:
-    """The text ``attend`` prints: per query and layer, the top patterns, the mass by label, proponents and opponents."""
+def render_attend(run: QueryAttention, by: str, store: Any = None, influence: dict[str, Any] | None = None) -> str:
+    """The text ``attend`` prints: per query, the examples ranked by influence (when ``influence`` is given, from
+    :func:`~lightning_dualform.cli.which_examples.store_influence`), then per layer the top patterns by
+    attention, the mass by label, proponents and opponents."""
     out = []
+    if influence is not None:
+        out.extend(influence_heading(influence))
     steps = ""
     first = next(iter(run.results.values()), None)
     if first is not None:
         steps = f" after {first.at_step} optimizer steps"
     ranking = {"raw": "similarity k . q", "unit": "attention weight for each query's unit, -(Q_s[u] (.) k) . q"}
     scores = sorted({getattr(r, "score", "raw") for r in run.results.values()})
-    out.append(f"attention over training patterns{steps}; ranked by {'single patterns' if by == 'pattern' else 'examples (epochs summed)'}"
+    out.append(f"attention (the paper's view: how each layer's output is assembled from its training rows, not a "
+               f"prediction of what removing one would do) over training patterns{steps}; ranked by "
+               f"{'single patterns' if by == 'pattern' else 'examples (epochs summed)'}"
                f", score = {' / '.join(ranking[s] for s in scores)}")
     for j in range(len(run.index)):
         out.append("")
         out.append(_query_title(run, j))
+        if influence is not None:
+            out.extend(render_influence(influence, j))
         for name, res in run.results.items():
             ex = run.rows[name]["example"]
             for r in np.flatnonzero(ex == j).tolist():

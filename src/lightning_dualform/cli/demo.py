@@ -107,7 +107,9 @@ class PaperMLP(Classifier):
 
     def __init__(self, lr: float = DEMO_LR, momentum: float = 0.9, hidden: int = 800, classes: int = 10,
                  optimizer: str = "sgd") -> None:
-        net = nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+        net = nn.Sequential(
+            nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes)
+        )
         super().__init__(net, lr, momentum, optimizer)
         self.save_hyperparameters()
 
@@ -166,7 +168,9 @@ def run_demo(
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"`demo --epochs {epochs}`: expected a positive integer.")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 10):
-        raise ValueError(f"`demo --limit {limit}`: expected an integer >= 10 (examples in all, 80% of them for training).")
+        raise ValueError(
+            f"`demo --limit {limit}`: expected an integer >= 10 (examples in all, 80% of them for training)."
+        )
     if optimizer not in DEMO_OPTIMIZERS:
         raise ValueError(f"`demo --optimizer {optimizer}`: expected one of {DEMO_OPTIMIZERS}.")
     if lr is None:
@@ -180,10 +184,14 @@ def run_demo(
     pl.seed_everything(seed, workers=True, verbose=False)
     dm = ImageDataModule("mnist", batch_size=128, test_fraction=0.2, seed=seed, limit=limit)
     dm.setup()
+    train_set, test_set = dm.train_set, dm.test_set
+    assert train_set is not None and test_set is not None  # setup() made both
     model = PaperMLP(lr=lr, optimizer=optimizer)
     cb = DualFormCallback(store, record_queries=("test",), overwrite=True)
-    echo(f"demo: training a 784-800-800-10 MLP with {'AdamW' if optimizer == 'adamw' else 'SGD'} on {len(dm.train_set)} "
-         f"MNIST digits for {epochs} epoch(s), recording into {store}")
+    echo(
+        f"demo: training a 784-800-800-10 MLP with {'AdamW' if optimizer == 'adamw' else 'SGD'} on {len(train_set)} "
+        f"MNIST digits for {epochs} epoch(s), recording into {store}"
+    )
     with _lightning_quiet(quiet):
         trainer = pl.Trainer(
             max_epochs=epochs,
@@ -202,12 +210,14 @@ def run_demo(
         trainer.fit(model, datamodule=dm)
         t_fit = time.perf_counter() - t0
         trainer.test(model, datamodule=dm, verbose=False)
+    store_path = cb.store_path
+    assert store_path is not None  # fit recorded into it
     accuracy = model.accuracy
     summary: dict[str, Any] = {
         "store": store,
         "epochs": epochs,
-        "train_examples": len(dm.train_set),
-        "test_examples": len(dm.test_set),
+        "train_examples": len(train_set),
+        "test_examples": len(test_set),
         "optimizer": optimizer,
         "lr": lr,
         "momentum": 0.9 if optimizer == "sgd" else None,
@@ -215,25 +225,36 @@ def run_demo(
         "batch_size": 128,
         "seed": seed,
         "accuracy": accuracy,
-        "store_bytes": os.path.getsize(cb.store_path),
+        "store_bytes": os.path.getsize(store_path),
         "certificate": {k: {"rel_err": v["rel_err"], "exact": bool(v["exact"]), "tolerance": v["tolerance"]}
                         for k, v in cb.certificate.items()},
         "fit_seconds": t_fit,
     }
-    echo(f"demo: test accuracy {100 * accuracy:.1f}% on {len(dm.test_set)} digits; attending ...")
-    with DualInference(cb.store_path, device="cpu", progress=progress) as di:
+    echo(f"demo: test accuracy {100 * accuracy:.1f}% on {len(test_set)} digits; attending ...")
+    with DualInference(store_path, device="cpu", progress=progress) as di:
         qs = di.store.queries("test")
         picks = pick_queries(qs.label, qs.prediction)
         from lightning_dualform.analysis import attend_queries  # shared with `attend`
 
         run = attend_queries(di, split="test", positions=picks, top_k=min(top_k, 5), contribution_to="pred")
-        summary["queries"] = {"index": run.index.tolist(), "label": run.label.tolist(), "prediction": run.prediction.tolist()}
+        summary["queries"] = {
+            "index": run.index.tolist(),
+            "label": run.label.tolist(),
+            "prediction": run.prediction.tolist(),
+        }
         summary["dual_rel_err"] = {k: r.max_rel_err for k, r in run.results.items()}
+        # which examples: with the trained model at hand, first-order influence on each prediction's margin through
+        # every recorded layer leads the picture (attention, the paper's view, follows)
+        from lightning_dualform.cli.which_examples import model_influence
+
+        influence = model_influence(di, model, qs.inputs_at(np.asarray(picks)), "first_order", min(top_k, 5))
+        summary["influence"] = {"label": influence["label"], "proponents": [
+            [p["index"] for p in q["proponents"]] for q in influence["queries"]]}
         if plot:
             from lightning_dualform.plots import plot_attention
 
             png = os.path.join(out, "attend.png")
-            plot_attention(run, di.store, png, by="pattern", class_names=dm.classes)
+            plot_attention(run, di.store, png, by="pattern", class_names=dm.classes, influence=influence)
             summary["plot"] = png
     summary["seconds"] = time.perf_counter() - t0
     with open(os.path.join(out, "summary.json"), "w") as fh:
@@ -270,8 +291,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     exact = all(c["exact"] for c in cert.values())
     print(f"demo finished in {s['seconds']:.0f} s (training {s['fit_seconds']:.0f} s)")
     opt = f"SGD lr {s['lr']:g} momentum 0.9" if s["optimizer"] == "sgd" else f"AdamW lr {s['lr']:g} weight decay 0.01"
-    print(f"  data       {s['train_examples']} training / {s['test_examples']} test MNIST digits, {s['epochs']} epoch(s), "
-          f"{opt}, clipping 1.0, batch 128")
+    print(
+        f"  data       {s['train_examples']} training / {s['test_examples']} test MNIST digits, "
+        f"{s['epochs']} epoch(s), {opt}, clipping 1.0, batch 128"
+    )
     print(f"  accuracy   {100 * s['accuracy']:.1f}% on the test digits")
     print(f"  store      {s['store']} ({human_bytes(s['store_bytes'])})")
     print(f"  exactness  {'exact' if exact else 'NOT exact'}: rebuilt weights within {worst:.1e} relative "

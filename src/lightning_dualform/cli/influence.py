@@ -3,7 +3,10 @@
 The store holds the tracked layers' weights but not the model's code, so the command imports the model from
 ``--model module:factory`` (a function of no arguments that returns the untrained ``nn.Module``; the store's final
 weights are then loaded into its tracked layers) and scores every training example by
-:func:`lightning_dualform.attribute.influence` for the recorded queries of a split.
+:func:`lightning_dualform.attribute.influence` for the recorded queries of a split. Without ``--model`` it scores
+them from the store alone, to first order through the output layer only
+(:func:`~lightning_dualform.attribute.output_layer.output_layer_influence`): the output layer's ``df/dy`` needs
+only the logits, a hidden layer's needs the layers above it.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +24,9 @@ from torch import nn
 from lightning_dualform.cli.inputs import check_store_path, parse_index, pick_split
 from lightning_dualform.cli.usage import UsageError
 from lightning_dualform.cli.output import Output, json_text, note, table
+
+if TYPE_CHECKING:
+    from lightning_dualform.attribute.targets import TargetName
 
 DEFAULT_QUERIES = 3
 
@@ -62,6 +68,9 @@ def cmd_influence(args: argparse.Namespace) -> int:
     check_store_path(args.store)
     if args.top_k < 1:
         raise UsageError(f"--top-k {args.top_k}: expected 1 or more.")
+    if args.model is None and args.method != "first_order":
+        raise UsageError(f"--method {args.method} replays training through every layer: it needs --model "
+                         "MODULE:FACTORY (without a model: --method first_order, through the output layer only).")
     json_out = Output(args.json, "--json")
     scores_out = Output(args.scores, "--scores", (".npy",))
     try:
@@ -74,47 +83,85 @@ def cmd_influence(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, json_out: Output, scores_out: Output) -> None:
     from lightning_dualform.attribute import influence
+    from lightning_dualform.attribute.views import TARGET_MEANING, influence_label, influence_meaning
     from lightning_dualform.store.shards import open_store
 
-    model = load_model(args.model)
+    model = load_model(args.model) if args.model is not None else None
     with open_store(args.store) as store:
-        load_final_weights(model, store)
+        all_layers = list(store.layers)
+        if model is not None:
+            load_final_weights(model, store)
         split = pick_split(store, args.split)
         qs = store.queries(split)
         if args.index is not None:
             positions = parse_index(args.index, qs.index, split)
         else:
             positions = np.arange(min(DEFAULT_QUERIES, qs.n))
-        inputs = qs.inputs_at(positions)
-        if inputs is None:
-            raise UsageError(f"query set {split!r} of {store.path} has no raw inputs to run the model on.")
         labels = qs.label[positions]
-        x = torch.as_tensor(inputs).float()
-        with torch.no_grad():
-            pred = model(x).argmax(-1).numpy()
-        targets = np.where(labels >= 0, labels, pred)
-        res = influence(store, model, x, torch.as_tensor(targets), target=args.target, method=args.method)
+        if model is None:
+            res, pred = _store_only(store, qs, split, positions, labels, args.target)
+            targets = np.asarray(res.extra["targets"])
+        else:
+            inputs = qs.inputs_at(positions)
+            if inputs is None:
+                raise UsageError(f"query set {split!r} of {store.path} has no raw inputs to run the model on.")
+            x = torch.as_tensor(inputs).float()
+            with torch.no_grad():
+                pred = model(x).argmax(-1).numpy()
+            targets = np.where(labels >= 0, labels, pred)
+            res = influence(store, model, x, torch.as_tensor(targets), target=args.target, method=args.method)
     pro, opp = res.top(args.top_k)
-    lines = [f"influence ({res.method}: {res.meaning}); f = {res.target}; {len(res.examples)} training examples; "
-             f"{res.seconds:.2f} s"]
+    col = f"d{res.target}/dw"
+    lines = [f"{influence_label(res, all_layers)}; {len(res.examples)} training examples; {res.seconds:.2f} s",
+             f"  {res.target}: {TARGET_MEANING[res.target]} (the class: the recorded label, else the prediction)"]
+    if model is None and len(all_layers) > 1:
+        lines.append("  (from the store alone; --model MODULE:FACTORY adds the hidden layers, and --method every_step "
+                     "or metagradient)")
     if res.replay is not None:
         lines.append(f"replay: gradients within {res.replay.grad_error:.1e} of the stored ones, final weights within "
                      f"{res.replay.max_final_error:.1e}")
     for j, p in enumerate(positions):
         lines.append(f"\nquery {int(qs.index[p])} (class {int(targets[j])}, predicted {int(pred[j])}): "
-                     f"f = {float(res.values[j]):.4g}")
+                     f"{res.target} = {float(res.values[j]):.4g}")
         rows = [[r + 1, int(pro.index[j, r]), int(pro.label[j, r]), f"{pro.score[j, r]:+.4g}",
                  int(opp.index[j, r]), int(opp.label[j, r]), f"{opp.score[j, r]:+.4g}"]
                 for r in range(pro.index.shape[1])]
-        lines.append(table(["rank", "proponent", "label", "score", "opponent", "label", "score"], rows))
+        lines.append(table(["rank", "proponent", "label", col, "opponent", "label", col], rows))
     print("\n".join(lines))
     if args.json:
         data = res.to_dict(args.top_k)
         data.update({"store": os.path.abspath(args.store), "split": split, "queries": qs.index[positions].tolist(),
-                     "targets": targets.tolist()})
+                     "targets": targets.tolist(), "label": influence_label(res, all_layers),
+                     "meaning": influence_meaning(res, all_layers),
+                     "scope": res.extra.get("scope", "all layers")})
         json_out.write_text(json_text(data))
         note(args, f"wrote {args.json}")
     if args.scores:
         scores_out.write_with(lambda path: np.save(path, res.scores.numpy()))
         np.save(os.path.splitext(args.scores)[0] + ".examples.npy", res.examples)
         note(args, f"wrote {args.scores}")
+
+
+def _store_only(store: Any, qs: Any, split: str, positions: np.ndarray, labels: np.ndarray,
+                target: "TargetName") -> tuple[Any, np.ndarray]:
+    """First-order influence through the output layer from the store alone: the recorded query rows of the last
+    tracked layer, its stored final weights, each query's recorded label (else the prediction)."""
+    from lightning_dualform.attribute.output_layer import output_layer_influence
+
+    last = store.layers[-1]
+    if last not in qs.layers:
+        raise UsageError(f"query set {split!r} has no rows at the output layer {last}; pass --model MODULE:FACTORY.")
+    rows = qs.layer_rows(last, examples=positions)
+    if len(rows["example"]) != len(positions):
+        raise UsageError(f"the output layer {last} sees several rows per query (a sequence or a convolution); pass "
+                         "--model MODULE:FACTORY.")
+    keys = np.asarray(rows["keys"])[np.argsort(rows["example"], kind="stable")]
+    w, b = store.layer(last).weight_final, store.layer(last).bias_final
+    if w is None:
+        raise UsageError(f"{store.path}: layer {last!r} has no final weights (an unfinished store); use `attend`, "
+                         "whose influence takes the dual form's outputs.")
+    logits = keys.astype(np.float64) @ np.asarray(w, dtype=np.float64).T + (0 if b is None else np.asarray(b))
+    pred = logits.argmax(-1)
+    targets = np.where(labels >= 0, labels, pred)
+    res = output_layer_influence(store, keys, layer=last, targets=targets, target=target)
+    return res, pred

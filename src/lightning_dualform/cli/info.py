@@ -47,7 +47,9 @@ def _store_facts(path: str) -> dict[str, Any]:
             qs = s.queries(split)
             known = (qs.label >= 0) & (qs.prediction >= 0)
             acc = float((qs.label[known] == qs.prediction[known]).mean()) if known.any() else None
-            queries.append({"split": split, "n": qs.n, "layers": qs.layers, "inputs": qs.inputs is not None, "accuracy": acc})
+            queries.append(
+                {"split": split, "n": qs.n, "layers": qs.layers, "inputs": qs.inputs is not None, "accuracy": acc}
+            )
         epochs = sorted(set(np.asarray(s.update_epochs).tolist()))
         m = s.meta
         return {
@@ -124,7 +126,11 @@ def render_info(f: dict[str, Any]) -> str:
         + f", world size {f['world_size']}",
         f"optimizer  {_optimizer_line(f['optimizer'])}"
         + (f"; gradient clipping {clip:g} ({f['gradient_clip_algorithm']})" if clip else "")
-        + ("; each step's gradient factor (clipping, loss scale, DDP) measured" if f.get("gradient_clip_algorithm") == "measured" else "")
+        + (
+            "; each step's gradient factor (clipping, loss scale, DDP) measured"
+            if f.get("gradient_clip_algorithm") == "measured"
+            else ""
+        )
         + ("" if f["optimizer_exact"] else "  [recorded with exact=False: the memory is approximate]"),
         f"rule       {_rule_line(f)}",
         f"rows       {f['row_dtype']}, compression {f['compression']}, raw training inputs "

@@ -45,16 +45,21 @@ def parse_index(text: str, available: np.ndarray, split: str) -> np.ndarray:
                 lo, hi = (int(x) for x in part.split(":", 1))
                 if hi - lo > len(available) - len(wanted):  # bounded by what exists, never materialised
                     raise UsageError(
-                        f"--index {text}: the range {part} names {hi - lo} dataset indices, more than the {len(available)} "
-                        f"recorded {split} queries (indices {span}); use a range inside them, or all."
+                        f"--index {text}: the range {part} names {hi - lo} dataset indices, more than the "
+                        f"{len(available)} recorded {split} queries (indices {span}); use a range inside them, or all."
                     )
                 wanted.extend(range(lo, hi))
             elif part:
                 wanted.append(int(part))
         except ValueError:
-            raise UsageError(f"--index {text}: {part!r} is not an integer or a range like 0:10; use e.g. 3,17 or 0:10 or all.") from None
+            raise UsageError(
+                f"--index {text}: {part!r} is not an integer or a range like 0:10; use e.g. 3,17 or 0:10 or all."
+            ) from None
         if len(wanted) > len(available):
-            raise UsageError(f"--index {text}: names more queries than the {len(available)} recorded {split} queries (indices {span}).")
+            raise UsageError(
+                f"--index {text}: names more queries than the {len(available)} recorded {split} queries "
+                f"(indices {span})."
+            )
     if not wanted:
         raise UsageError(f"--index {text}: names no query; use e.g. 3,17 or 0:10 or all.")
     first: dict[int, int] = {}
@@ -81,7 +86,9 @@ def load_queries(path: str) -> np.ndarray:
 
             obj = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(obj, torch.Tensor):
-                raise UsageError(f"--queries {path}: holds a {type(obj).__name__}, not a tensor; save one tensor of shape (n, d_in).")
+                raise UsageError(
+                    f"--queries {path}: holds a {type(obj).__name__}, not a tensor; save one tensor of shape (n, d_in)."
+                )
             if obj.is_complex():
                 raise UsageError(_complex(f"--queries {path}", str(obj.dtype)))
             q = obj.detach().float().numpy()
@@ -90,7 +97,9 @@ def load_queries(path: str) -> np.ndarray:
     except UsageError:
         raise
     except Exception as err:  # numpy/torch say many things about files they cannot read
-        raise UsageError(f"--queries {path}: cannot read it without pickle ({error_message(err)[:150]}); save a plain numeric array.") from err
+        raise UsageError(
+            f"--queries {path}: cannot read it without pickle ({error_message(err)[:150]}); save a plain numeric array."
+        ) from err
     return checked_queries(q, f"--queries {path}")
 
 
@@ -102,7 +111,10 @@ def load_npy_bytes(data: bytes, what: str) -> np.ndarray:
     try:
         q = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as err:  # a pickled or damaged file, another format
-        raise UsageError(f"{what}: cannot read it as .npy without pickle ({error_message(err)[:150]}); save a plain numeric array with numpy.save.") from err
+        raise UsageError(
+            f"{what}: cannot read it as .npy without pickle ({error_message(err)[:150]}); save a plain numeric array "
+            "with numpy.save."
+        ) from err
     return checked_queries(q, what)
 
 

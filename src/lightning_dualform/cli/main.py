@@ -68,23 +68,39 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with `lightning-dualform demo --out demo/`. Exit codes: 0 ok, 1 failure, 2 bad input.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)  # (its class: what add_parser(parents=...) is typed to take)
     # Accepted before or after the subcommand; SUPPRESS keeps a subcommand's default from undoing the top level's.
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logging")
-    common.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars or notes on stderr")
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logging"
+    )
+    common.add_argument(
+        "--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars or notes on stderr"
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or notes on stderr")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    s = sub.add_parser("info", parents=[common], formatter_class=fmt, help="what a store holds",
-                       description="Layers, rows, steps, optimizer, dtype, size, certificate and query sets of a store.")
+    s = sub.add_parser(
+        "info",
+        parents=[common],
+        formatter_class=fmt,
+        help="what a store holds",
+        description="Layers, rows, steps, optimizer, dtype, size, certificate and query sets of a store.",
+    )
     s.add_argument("store", metavar="STORE", help="a .h5 store written by DualFormCallback")
     s.add_argument("--json", metavar="FILE", default=None, help="also write the facts as JSON")
     s.set_defaults(func=_Command("info"))
 
-    s = sub.add_parser("attend", parents=[common], formatter_class=fmt, help="which training patterns queries attend to",
-                       description="Attend queries over each layer's training memory and show the top patterns.")
+    s = sub.add_parser(
+        "attend",
+        parents=[common],
+        formatter_class=fmt,
+        help="which training patterns queries attend to (the paper's view), led by influence",
+        description="Attend queries over each layer's training memory and show the top patterns (the paper's view: "
+        "how each layer's output is assembled from its training rows). First, per query, the training examples "
+        "ranked by first-order influence on the prediction's margin through the output layer, from the store alone.",
+    )
     s.add_argument("store", metavar="STORE", help="a .h5 store written by DualFormCallback")
     s.add_argument("--split", default=None, help="recorded query set (default: 'test', or the store's only one)")
     s.add_argument("--index", default=None,
@@ -104,28 +120,50 @@ def build_parser() -> argparse.ArgumentParser:
                    "predicted class), 'label' (the recorded label), a unit number, or 'none'; 'auto' is 'pred' "
                    "here (hidden layers of a store of an element-wise optimizer rank by their own predicted unit "
                    "whatever this says)")
-    s.add_argument("--score", choices=("auto", "raw", "unit"), default=AttendRequest.score,
-                   help="what ranks the training patterns: 'raw', the similarity k . q; 'unit', each pattern's attention "
-                   "weight for the query's unit, -(Q_s[u] (.) k) . q, which the optimizer sets (Adam, AdamW, ...: their "
-                   "patterns' weights depend on the unit); 'auto': 'unit' for stores of element-wise optimizers, 'raw' "
-                   "otherwise")
-    s.add_argument("--at-step", type=int, default=None, help="the model after this many optimizer steps (default: the end)")
+    s.add_argument(
+        "--score",
+        choices=("auto", "raw", "unit"),
+        default=AttendRequest.score,
+        help="what ranks the training patterns: 'raw', the similarity k . q; 'unit', each pattern's attention "
+        "weight for the query's unit, -(Q_s[u] (.) k) . q, which the optimizer sets (Adam, AdamW, ...: their "
+        "patterns' weights depend on the unit); 'auto': 'unit' for stores of element-wise optimizers, 'raw' "
+        "otherwise",
+    )
+    s.add_argument(
+        "--at-step", type=int, default=None, help="the model after this many optimizer steps (default: the end)"
+    )
     s.add_argument("--step-buckets", type=int, default=AttendRequest.step_buckets,
                    help="time buckets of the attention mass over training")
     s.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N'")
-    s.add_argument("--block-rows", type=int, default=None, help="memory rows read and multiplied at a time (default: about 96 MiB per block)")
+    s.add_argument(
+        "--block-rows",
+        type=int,
+        default=None,
+        help="memory rows read and multiplied at a time (default: about 96 MiB per block)",
+    )
     s.add_argument("--json", metavar="FILE", default=None, help="write every number of the answer as JSON")
-    s.add_argument("--plot", metavar="FILE.png", default=None, help="draw the answer (.png, .pdf or .svg; needs matplotlib)")
+    s.add_argument(
+        "--plot", metavar="FILE.png", default=None, help="draw the answer (.png, .pdf or .svg; needs matplotlib)"
+    )
+    s.add_argument(
+        "--no-influence",
+        dest="influence",
+        action="store_false",
+        help="leave out the examples ranked by first-order influence on each prediction's margin through the output "
+        "layer (computed from the store alone; `influence --model` scores every layer)",
+    )
     s.set_defaults(func=_Command("attend"))
 
     s = sub.add_parser("influence", parents=[common], formatter_class=fmt,
                        help="which training examples a prediction depends on (influence on its margin)",
                        description="Score every training example by how much up-weighting it would raise each query's "
-                       "target (default: the margin of its recorded label); list proponents and opponents.")
+                       "target (default: the margin of its recorded label); list proponents and opponents. With "
+                       "--model every recorded layer counts; without it, the output layer only (from the store).")
     s.add_argument("store", metavar="STORE", help="a .h5 store written by DualFormCallback or DualFormRecorder")
-    s.add_argument("--model", required=True, metavar="MODULE:FACTORY",
+    s.add_argument("--model", default=None, metavar="MODULE:FACTORY",
                    help="import path of a function returning the model (untrained is fine: the store's final "
-                   "weights are loaded into its tracked layers), e.g. mypkg.models:make_mlp")
+                   "weights are loaded into its tracked layers), e.g. mypkg.models:make_mlp; without it, first-order "
+                   "influence through the output layer only, from the store alone")
     s.add_argument("--split", default=None, help="recorded query set (default: 'test', or the store's only one)")
     s.add_argument("--index", default=None, help="dataset indices of recorded queries: '3,17', '0:10' or 'all' "
                    "(default: the first 3)")
@@ -147,7 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("store", metavar="STORE", help="a .h5 store written by DualFormCallback")
     s.add_argument("--samples", type=int, default=256, help="stored training keys used as queries per layer")
     s.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N'")
-    s.add_argument("--block-rows", type=int, default=None, help="memory rows read and multiplied at a time (default: about 96 MiB per block)")
+    s.add_argument(
+        "--block-rows",
+        type=int,
+        default=None,
+        help="memory rows read and multiplied at a time (default: about 96 MiB per block)",
+    )
     s.add_argument("--json", metavar="FILE", default=None, help="also write the verdict as JSON")
     s.add_argument("--write-certificate", action="store_true",
                    help="(re)compute the certificate and its memory sums and write them into the store first (a "
@@ -156,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("view", parents=[common], formatter_class=fmt, help="explore a store in a local web page",
                        description="Serve a page on 127.0.0.1 to explore a store: pick a recorded query (or upload a "
-                       ".npy row) and see, per layer, the training examples it attends to as images, signed "
+                       ".npy row) and see the training examples ranked by influence on the prediction's margin (a "
+                       "method selector: first order through the output layer from the store alone; with --model, "
+                       "every layer, TracIn at every step, the exact metagradient), then, per layer, the training "
+                       "examples it attends to as images, signed "
                        "contributions, mass per class and over training, the certificate, and any earlier step. "
                        "The process keeps the store's rows in memory (--cache), so answers after the first cost the "
                        "products. Offline: the page loads nothing from elsewhere.")
@@ -166,9 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache", default="auto",
                    help="memory kept for the store's rows: 'auto' (half of what is available), 'none', or a size "
                    "such as 2G, 512M (binary units) or a number of bytes")
-    s.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N' (with a cache on CUDA, rows are kept on the device)")
-    s.add_argument("--block-rows", type=int, default=None, help="memory rows read and multiplied at a time (default: about 96 MiB per block)")
+    s.add_argument(
+        "--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N' (with a cache on CUDA, rows are kept on the device)"
+    )
+    s.add_argument(
+        "--block-rows",
+        type=int,
+        default=None,
+        help="memory rows read and multiplied at a time (default: about 96 MiB per block)",
+    )
     s.add_argument("--no-warm", action="store_true", help="do not read every layer into the cache at start")
+    s.add_argument("--model", metavar="MODULE:FACTORY", default=None,
+                   help="the model (as for `influence --model`): adds influence through every recorded layer, TracIn "
+                   "at every step and the exact metagradient to the page's method selector (without it: first-order "
+                   "influence through the output layer, from the store alone)")
     s.set_defaults(func=_Command("view"))
 
     s = sub.add_parser("demo", parents=[common], formatter_class=fmt,
@@ -180,9 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=2, help="training epochs (each adds about 150 MB to the store)")
     s.add_argument("--limit", type=int, default=None, help="use only this many digits in all (default: all 10,000)")
     s.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.05 for SGD, 1e-3 for AdamW)")
-    s.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
-                   help="sgd: the paper's (momentum 0.9); adamw: torch.optim.AdamW (weight decay 0.01), whose dual form is "
-                   "exact too: the picture then ranks each training digit by its attention weight for the predicted unit")
+    s.add_argument(
+        "--optimizer",
+        choices=("sgd", "adamw"),
+        default="sgd",
+        help="sgd: the paper's (momentum 0.9); adamw: torch.optim.AdamW (weight decay 0.01), whose dual form is "
+        "exact too: the picture then ranks each training digit by its attention weight for the predicted unit",
+    )
     s.add_argument("--seed", type=int, default=0, help="seeds the split, the shuffle and the weights")
     s.add_argument("--no-plot", action="store_true", help="skip the picture (no matplotlib needed)")
     s.set_defaults(func=_Command("demo"))

@@ -1,5 +1,6 @@
 """The command's name, its usage error and the one-line form of an error: what the parser needs before any
-command runs (and the defaults its help shows), kept free of numpy so that ``--version`` and ``--help`` start in a fraction of a second."""
+command runs (and the defaults its help shows), kept free of numpy so that ``--version`` and ``--help`` start in a
+fraction of a second."""
 
 from __future__ import annotations
 

@@ -12,8 +12,12 @@ Endpoints (``GET`` unless said otherwise; every answer is JSON, every error a on
 - ``/api/queries?split=S``: dataset index, label and prediction of each recorded query of a split.
 - ``/api/attend?split=S&index=I&layer=L&top_k=K`` (also ``by``, ``contribution_to``, ``at_step``,
   ``step_buckets``, ``score``, or ``upload=ID`` instead of ``split``/``index``): exactly what ``lightning-dualform
-  attend STORE --split S --index I --layer L --top-k K --json FILE`` writes (the same function,
-  :func:`~lightning_dualform.cli.attend.attend_run`).
+  attend STORE --split S --index I --layer L --top-k K --json FILE`` writes (the same functions,
+  :func:`~lightning_dualform.cli.attend.attend_run` and ``attend_answer``): ``influence`` (first order on the
+  prediction's margin through the output layer, from the store alone), then the attention.
+- ``/api/influence?split=S&index=I&method=M&layers=output|all&top_k=K`` (or ``upload=ID``): the examples ranked by
+  influence on each prediction's margin: ``method=first_order&layers=output`` from the store alone; every
+  recorded layer (``layers=all``) and ``every_step``, ``metagradient`` need the model (``view --model``).
 - ``/api/images?split=S&index=I,J`` or ``/api/images?train=I,J``: raw inputs as images (``null`` when the
   input is not an image).
 - ``POST /api/upload?name=N``: the bytes of a ``.npy`` file (read without pickle); returns an ``upload`` id.
@@ -41,7 +45,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from lightning_dualform.attend.request import AttendRequest
-from lightning_dualform.cli.attend import attend_run
+from lightning_dualform.cli.attend import attend_answer, attend_run
 from lightning_dualform.cli.usage import TERMINAL_TOP_K
 from lightning_dualform.cli.inputs import (
     UsageError,
@@ -54,6 +58,7 @@ from lightning_dualform.cli.inputs import (
     positive,
 )
 from lightning_dualform.cli.output import note, progress
+from lightning_dualform.cli.which_examples import model_influence, output_rows_influence, store_influence, unavailable
 from lightning_dualform.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -74,6 +79,9 @@ _INT64 = 1 << 63
 NOT_COMPUTED = "not computed (top_k=0)"
 _RANKINGS = ("top", "top_examples", "proponents", "opponents", "proponent_examples", "opponent_examples")
 _ATTEND_PARAMS = {"split", "index", "upload", "layer", "top_k", "by", "contribution_to", "at_step", "step_buckets", "score"}
+_INFLUENCE_PARAMS = {"split", "index", "upload", "method", "layers", "top_k"}
+#: queries per /api/influence request (a replaying method costs a reverse sweep per batch of queries)
+MAX_INFLUENCE_QUERIES = 64
 
 
 class BadRequest(Exception):
@@ -104,11 +112,16 @@ class ViewApp:
     Args:
         store: the store's path (as the command line got it).
         di: the open store; keep ``cache`` on so that repeated questions cost the products.
+        model: the trained model (``view --model``), for influence through every layer and the replaying
+            methods; None: the output layer's first-order influence only, from the store.
+        model_spec: where the model came from (``MODULE:FACTORY``), for the page.
     """
 
-    def __init__(self, store: str, di: Any) -> None:
+    def __init__(self, store: str, di: Any, model: Any = None, model_spec: str | None = None) -> None:
         self.store_path = store
         self.di = di
+        self.model = model
+        self.model_spec = model_spec
         self.lock = threading.RLock()
         self._uploads: dict[str, tuple[str, np.ndarray]] = {}
 
@@ -186,7 +199,20 @@ class ViewApp:
                              "step_buckets": AttendRequest.step_buckets, "score": AttendRequest.score},
                 "form": s.form,
                 "update_rule": s.update_rule,
+                "influence": {"model": self.model_spec, "methods": self._methods()},
             }
+
+    def _methods(self) -> list[dict[str, str]]:
+        """The influence methods the page offers: ``{"method", "layers", "title"}``, the default first."""
+        last = self.di.layers[-1] if self.di.layers else "?"
+        store_only = {"method": "first_order", "layers": "output",
+                      "title": f"first order, through the output layer {last} only (from the store)"}
+        if self.model is None:
+            return [store_only]
+        return [{"method": "first_order", "layers": "all", "title": "first order, every recorded layer"},
+                store_only,
+                {"method": "every_step", "layers": "all", "title": "TracIn at every recorded step (replayed)"},
+                {"method": "metagradient", "layers": "all", "title": "exact metagradient through training (MAGIC)"}]
 
     def cache(self, params: dict[str, list[str]]) -> dict[str, Any]:
         """What the cache holds now (``null`` fields without one)."""
@@ -234,13 +260,72 @@ class ViewApp:
             run = attend_run(self.di, self.store_path, split=split, index=index, queries=queries, source=source,
                              layer=[layer] if layer else None, top_k=top_k, by=by, contribution_to=contribution,
                              at_step=at_step, step_buckets=step_buckets, score=score)
-            answer = run.to_dict()
+            influence = store_influence(self.di, run, top_k) if top_k else unavailable(NOT_COMPUTED)
+            answer = attend_answer(run, influence)
         if top_k == 0:  # no ranking was computed: say so, rather than null (which reads as "no such row")
             for res in answer["layers"].values():
                 for key in _RANKINGS:
                     if res.get(key) is None:
                         res[key] = NOT_COMPUTED
         return answer
+
+    def influence(self, params: dict[str, list[str]]) -> dict[str, Any]:
+        """The examples ranked by influence on each query's predicted margin, by the method asked for."""
+        self._known(params, _INFLUENCE_PARAMS)
+        method = self._one(params, "method", "first_order")
+        if method not in ("first_order", "every_step", "metagradient"):
+            raise BadRequest(f"method={method!r}: expected first_order, every_step or metagradient.")
+        # left out: every layer where it can be answered (a model, or a replaying method), else the output layer
+        layers = self._one(params, "layers", "output" if self.model is None and method == "first_order" else "all")
+        if layers not in ("output", "all"):
+            raise BadRequest(f"layers={layers!r}: expected output (the output layer, from the store) or all.")
+        if method != "first_order" and layers == "output":
+            raise BadRequest(f"method={method} replays training through every layer; ask for layers=all.")
+        if layers == "all" and self.model is None:
+            raise BadRequest(f"method={method} through every layer needs the model: start the viewer with "
+                             "--model MODULE:FACTORY (without it: method=first_order&layers=output).")
+        top_k = self._int(params, "top_k", TERMINAL_TOP_K, lo=1)
+        upload = self._one(params, "upload")
+        split, index = self._one(params, "split"), self._one(params, "index")
+        with self.lock:
+            self.di.refresh()
+            s = self.di.store
+            last = self.di.layers[-1]
+            if upload is not None:
+                if split is not None or index is not None:
+                    raise BadRequest("upload= scores an uploaded file; leave out split and index.")
+                if upload not in self._uploads:
+                    raise BadRequest(f"upload={upload!r}: no such upload; upload the file again.")
+                rows = self._uploads[upload][1][:MAX_INFLUENCE_QUERIES]
+                if layers == "output":
+                    if rows.shape[1] != self.di.layer(last).d_in:
+                        return unavailable(f"the upload's rows have width {rows.shape[1]}, not the output layer "
+                                           f"{last}'s {self.di.layer(last).d_in}")
+                    return output_rows_influence(self.di, rows, top_k)
+                ref = s.train_inputs(np.array([-1]))
+                if ref is None or int(np.prod(ref.shape[1:])) != rows.shape[1]:
+                    return unavailable("the model takes raw inputs; the upload's rows are not of their size")
+                return model_influence(self.di, self.model, rows.reshape(-1, *ref.shape[1:]), method, top_k)
+            split = self._split(split)
+            qs = s.queries(split)
+            if index is None:
+                raise BadRequest("influence of a split needs index= (dataset indices, e.g. 3,17).")
+            positions = parse_index(index, qs.index, split)
+            if len(positions) > MAX_INFLUENCE_QUERIES:
+                raise BadRequest(f"index= names {len(positions)} queries; ask for at most {MAX_INFLUENCE_QUERIES}.")
+            if layers == "output":
+                if last not in qs.layers:
+                    return unavailable(f"the query set {split!r} has no rows at the output layer {last}")
+                rows = qs.layer_rows(last, examples=positions)
+                if len(rows["example"]) != len(positions):
+                    return unavailable(f"the output layer {last} sees several rows per query; pass the model "
+                                       "(view --model)")
+                order = np.argsort(rows["example"], kind="stable")
+                return output_rows_influence(self.di, np.asarray(rows["keys"])[order], top_k)
+            raw = qs.inputs_at(positions)
+            if raw is None:
+                return unavailable(f"the query set {split!r} holds no raw inputs to run the model on")
+            return model_influence(self.di, self.model, raw, method, top_k)
 
     def images(self, params: dict[str, list[str]]) -> dict[str, Any]:
         """Raw inputs as ``{"h", "w", "c", "pixels"}`` (0-255, row-major, channels last) or ``None``."""
@@ -395,7 +480,7 @@ def _plain(v: Any) -> Any:
 def make_handler(app: ViewApp, assets: dict[str, str]) -> type[BaseHTTPRequestHandler]:
     routes: dict[str, Callable[[dict[str, list[str]]], dict[str, Any]]] = {
         "/api/info": app.info, "/api/queries": app.queries, "/api/attend": app.attend, "/api/images": app.images,
-        "/api/cache": app.cache,
+        "/api/cache": app.cache, "/api/influence": app.influence,
     }
 
     class Handler(BaseHTTPRequestHandler):
@@ -530,8 +615,12 @@ class ViewServer(ThreadingHTTPServer):
 
 def serve(store: str, *, port: int = DEFAULT_PORT, device: str = "cpu", cache: int | str = "auto",
           block_rows: int | None = None, open_browser: bool = True, warm: bool = True,
-          echo: Callable[[str], None] = print, note: Callable[[str], None] | None = None, bars: bool = False) -> int:
+          echo: Callable[[str], None] = print, note: Callable[[str], None] | None = None, bars: bool = False,
+          model: str | None = None) -> int:
     """Serve the page on ``store`` until Ctrl-C, then close. Returns 0.
+
+    ``model`` (``MODULE:FACTORY``, as ``influence --model``) adds influence through every layer and the replaying
+    methods to the page's method selector.
 
     The address is printed (``echo``) as soon as the port is bound; the store opens after that (``note`` says so,
     and how long it took), the browser opens once it can answer, and the cache warms with progress (``bars``).
@@ -553,7 +642,13 @@ def serve(store: str, *, port: int = DEFAULT_PORT, device: str = "cpu", cache: i
             from lightning_dualform.attend.inference import DualInference
 
             with DualInference(store, device=device, cache=cache, block_rows=block_rows) as di:
-                app = ViewApp(store, di)
+                net = None
+                if model is not None:
+                    from lightning_dualform.cli.influence import load_final_weights, load_model
+
+                    net = load_model(model)
+                    load_final_weights(net, di.store)
+                app = ViewApp(store, di, net, model)
                 pending.ready(app)
                 say(f"open in {time.perf_counter() - t0:.1f} s")
                 if open_browser:
@@ -603,6 +698,8 @@ def cmd_view(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: expected 0..65535.")
     cache = parse_cache(args.cache)
+    if args.model is not None and ":" not in args.model:
+        raise UsageError(f"--model {args.model}: expected MODULE:FACTORY, e.g. mypkg.models:make_mlp.")
     return serve(args.store, port=args.port, device=args.device, cache=cache, block_rows=args.block_rows,
-                 open_browser=not args.no_browser, warm=not args.no_warm,
+                 open_browser=not args.no_browser, warm=not args.no_warm, model=args.model,
                  echo=lambda m: print(m, flush=True), note=lambda m: note(args, m), bars=progress(args))

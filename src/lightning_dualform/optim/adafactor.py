@@ -25,7 +25,16 @@ from __future__ import annotations
 import numpy as np
 
 from lightning_dualform.optim.maps import PARAM, RankOne, maps
-from lightning_dualform.optim.rule import APPLIED, UpdateRule, array_state, bool_columns, float_columns, sign_of, step_count
+from lightning_dualform.optim.rule import (
+    APPLIED,
+    UpdateRule,
+    array_state,
+    bool_columns,
+    float_columns,
+    sign_of,
+    step_count,
+)
+
 
 def lerp_(a: np.ndarray, b: np.ndarray, weight: float) -> None:
     """``a = lerp(a, b, weight)`` in place, with torch's two formulas (exact at ``weight = 1``)."""
@@ -45,7 +54,9 @@ class AdafactorRule(UpdateRule):
 
     name = "adafactor"
     optimizer_names = ("Adafactor",)  # torch >= 2.5
-    columns = float_columns("lr", "beta2_decay", "eps1", "eps2", "d", "weight_decay") + bool_columns("maximize") + (APPLIED,)
+    columns = (
+        float_columns("lr", "beta2_decay", "eps1", "eps2", "d", "weight_decay") + bool_columns("maximize") + (APPLIED,)
+    )
     state_names = ("step", "row_var", "col_var", "variance")
     row_local = False
 
@@ -107,7 +118,9 @@ class AdafactorRule(UpdateRule):
         if state.rows is not None:
             raise ValueError("Adafactor couples all rows of a parameter: replay it with every row (rows=None)")
         if state.linear is None:
-            raise ValueError("Adafactor's step scales by the parameter's norm: replay it from a state that holds the parameter")
+            raise ValueError(
+                "Adafactor's step scales by the parameter's norm: replay it from a state that holds the parameter"
+            )
         nl = state.nonlinear
         nl["step"] = step = nl["step"] + 1.0
         lr, eps1, eps2, d, wd = (float(hp[k]) for k in ("lr", "eps1", "eps2", "d", "weight_decay"))

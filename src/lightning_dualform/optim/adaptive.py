@@ -76,7 +76,11 @@ class RMSpropRule(UpdateRule):
 
     name = "rmsprop"
     optimizer_names = ("RMSprop",)
-    columns = float_columns("lr", "alpha", "eps", "weight_decay", "momentum") + bool_columns("centered", "maximize") + (APPLIED,)
+    columns = (
+        float_columns("lr", "alpha", "eps", "weight_decay", "momentum")
+        + bool_columns("centered", "maximize")
+        + (APPLIED,)
+    )
     state_names = ("step", "square_avg", "grad_avg", "momentum_buffer")
     linear_names = ("momentum_buffer",)
     required_state = ("step", "square_avg")

@@ -63,16 +63,18 @@ class RankOne:
     def scaled(self, factor: float) -> RankOne:
         return RankOne(float(self.kappa * factor), self.rho, self.gamma)
 
-    def __mul__(self, other: object) -> RankOne | np.ndarray:
+    def __mul__(self, other: float | np.ndarray) -> RankOne | np.ndarray:
         if np.ndim(other) == 0:
-            return self.scaled(float(other))  # type: ignore[arg-type]
-        return (self.kappa * self.rho)[:, None] * (other * self.gamma[None, :])  # type: ignore[operator]
+            return self.scaled(float(other))
+        return (self.kappa * self.rho)[:, None] * (other * self.gamma[None, :])
 
     __rmul__ = __mul__
 
 
 #: What a step map entry or an adjoint entry can be: a scalar, an element-wise array, or a rank-one matrix.
 Value = Union[float, np.ndarray, RankOne]
+#: A :data:`Value` that is not factored: what sums of values are.
+Dense = Union[float, np.ndarray]
 
 #: What ``Q_s`` of a step looks like.
 Form = Literal["scalar", "element-wise", "rank-one"]
@@ -123,18 +125,17 @@ def maps(names: tuple[str, ...], w: Value, m0, m1, b0, b1) -> StepMaps:
 
 
 def _is_zero(v: Value) -> bool:
-    return not isinstance(v, RankOne) and np.ndim(v) == 0 and float(v) == 0.0  # type: ignore[arg-type]
+    return not isinstance(v, RankOne) and np.ndim(v) == 0 and float(v) == 0.0
 
 
-def _lincomb(coefs: np.ndarray, vecs: list[Value]) -> Value | None:
+def _lincomb(coefs: np.ndarray, vecs: list[Value]) -> Dense | None:
     """``sum_j coefs[j] * vecs[j]`` as a new array or scalar (never one of ``vecs``), skipping zero terms;
     ``None`` when every term is zero. Accumulates in place: the replay runs over large matrices."""
-    out: Value | None = None
-    for c, v in zip(coefs, vecs):
-        if c == 0.0 or _is_zero(v):
+    out: Dense | None = None
+    for c, value in zip(coefs, vecs):
+        if c == 0.0 or _is_zero(value):
             continue
-        if isinstance(v, RankOne):
-            v = v.dense()
+        v = value.dense() if isinstance(value, RankOne) else value
         if out is None:
             out = np.multiply(v, float(c))
         elif np.ndim(out) >= np.ndim(v):
@@ -144,11 +145,12 @@ def _lincomb(coefs: np.ndarray, vecs: list[Value]) -> Value | None:
     return out
 
 
-def _affine(a: Value | None, b: Value | None, w: Value) -> Value:
+def _affine(a: Dense | None, b: Dense | None, w: Value) -> Value:
     """``a + b * w`` where ``None`` stands for zero; ``a`` and ``b`` are owned (from :func:`_lincomb`) and
     reused in place. A rank-one ``w`` times a scalar ``b`` stays factored when ``a`` is zero."""
     if b is None:
         return 0.0 if a is None else a
+    bw: Value
     if isinstance(w, RankOne):
         bw = w * b
     elif np.ndim(b) >= np.ndim(w) and np.ndim(b):
@@ -180,9 +182,10 @@ def apply_forward(step: StepMaps, linear: dict[str, np.ndarray], g: np.ndarray) 
         new = _affine(a, b, step.w)
         if isinstance(new, RankOne):
             new = new.dense()
-        if np.shape(new) != shape:  # a scalar (an entry the step leaves at zero)
-            new = np.full(shape, float(new))  # type: ignore[arg-type]
-        linear[name] = new
+        if isinstance(new, np.ndarray) and new.shape == shape:
+            linear[name] = new
+        else:  # a scalar (an entry the step leaves at zero)
+            linear[name] = np.full(shape, float(new))
 
 
 @dataclass
@@ -280,7 +283,10 @@ class Adjoint:
             return 0.0
         lam = [self.lam.get(n, 0.0) for n in step.names]
         q = _affine(_lincomb(step.b0, lam), _lincomb(step.b1, lam), step.w)
-        new = {n: _affine(_lincomb(step.m0[:, j], lam), _lincomb(step.m1[:, j], lam), step.w) for j, n in enumerate(step.names)}
+        new = {
+            n: _affine(_lincomb(step.m0[:, j], lam), _lincomb(step.m1[:, j], lam), step.w)
+            for j, n in enumerate(step.names)
+        }
         for n, v in new.items():
             if isinstance(v, RankOne):  # lambda itself never stays rank one (only the rule's Q does)
                 v = v.dense()

@@ -66,16 +66,16 @@ def rule_for(optimizer: torch.optim.Optimizer) -> UpdateRule:
         rule = _by_class().get(base)
         if rule is None:
             continue
-        if cls.step is base.step:
+        if cls.step is getattr(base, "step"):  # (a registered torch.optim class; __mro__ is typed as plain types)
             return rule
         reason = f"it subclasses torch.optim.{base.__name__} but overrides step(), so its update is unknown"
         break
     else:
-        reason = next((why for name, why in _REFUSED.items() if any(b.__name__ == name for b in cls.__mro__)), None)
-        if reason is None:
+        refused = next((why for name, why in _REFUSED.items() if any(b.__name__ == name for b in cls.__mro__)), None)
+        if refused is None:
             reason = "it is not an optimizer whose update is known to be linear in the gradient"
         else:
-            reason += ", which is not linear in the gradient"
+            reason = refused + ", which is not linear in the gradient"
     raise InexactError(
         f"{cls.__module__}.{cls.__qualname__}: {reason}, so the trained weights are not an exact dual form. "
         f"Supported: {', '.join('torch.optim.' + n for n in supported_optimizers())}."

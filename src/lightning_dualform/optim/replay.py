@@ -232,7 +232,9 @@ class Sweep:
                 self.rule.needs_param(row_of(self.table, t)) for t in range(start, stop) if self.table["applied"][t]
             ):
                 st.linear = None  # the maps do not depend on it: skip its update
-            rep = replay(self.rule, self.table, self.grad_scale, st, self.read(start, stop, self.rows), stop, keep_maps=True)
+            rep = replay(
+                self.rule, self.table, self.grad_scale, st, self.read(start, stop, self.rows), stop, keep_maps=True
+            )
             for s in range(stop - 1, start - 1, -1):
                 step = rep.maps[s - start]
                 q = self.adjoint.back(step, float(self.grad_scale[s]))
@@ -269,13 +271,17 @@ class Decomposition:
     Q: list[Value]
     forms: dict[int, Form]
 
-    def rebuild(self, initial: OptimizerState, grads: Sequence[np.ndarray | None], rows: np.ndarray | None = None) -> np.ndarray:
+    def rebuild(
+        self, initial: OptimizerState, grads: Sequence[np.ndarray | None], rows: np.ndarray | None = None
+    ) -> np.ndarray:
         """The parameter after ``stop`` steps from the decomposition (rows ``rows`` of it)."""
         init = initial.take_rows(rows)
+        if init.linear is None:
+            raise ValueError("rebuild needs the initial state's linear entries; this snapshot leaves them out")
         out = Adjoint({"param": self.A, **self.C}).base(init.linear)
         for s, q in zip(range(self.start, self.stop), self.Q):
             G = grads[s]
-            if G is None or (np.ndim(q) == 0 and not isinstance(q, RankOne) and q == 0.0):
+            if G is None or (not isinstance(q, RankOne) and np.ndim(q) == 0 and q == 0.0):
                 continue
             G = np.asarray(G) if rows is None else np.asarray(G)[rows]
             out = out + q * G
@@ -343,7 +349,10 @@ class QuerySweep:
                 raise ValueError("a 1-D parameter (a bias) takes x=None: its key is the constant 1")
         elif len(shape) == 2:
             if x is None or np.ndim(x) != 2 or np.shape(x) != (len(units), shape[1]):
-                raise ValueError(f"x must have shape (n, {shape[1]}) with n = len(units) = {len(units)}, got {np.shape(x)}")
+                raise ValueError(
+                    f"x must have shape (n, {shape[1]}) with n = len(units) = {len(units)}, "
+                    f"got {np.shape(x) if x is not None else ()}"
+                )
         else:
             raise ValueError(f"the attention form takes a 1-D or 2-D parameter, got shape {shape}")
         if len(units) and (units.min() < 0 or units.max() >= shape[0]):
@@ -368,7 +377,7 @@ class QuerySweep:
         if isinstance(q, RankOne):
             rows = q.take_rows(self._pos)
         elif np.ndim(q) == 0:
-            rows = np.full((n,) + ((1,) if self.x is not None else ()), float(q))  # type: ignore[arg-type]
+            rows = np.full((n,) + ((1,) if self.x is not None else ()), float(q))
         else:
             rows = np.asarray(q)[self._pos]
         return rows if self.x is None else rows * self.x

@@ -80,7 +80,9 @@ class UpdateRule(ABC):
         return tuple(getattr(torch.optim, n) for n in self.optimizer_names if hasattr(torch.optim, n))
 
     # -- reading a live optimizer ----------------------------------------------------------------------
-    def read_step(self, optimizer: torch.optim.Optimizer, param: torch.Tensor, *, skipped: bool = False) -> dict[str, HyperValue]:
+    def read_step(
+        self, optimizer: torch.optim.Optimizer, param: torch.Tensor, *, skipped: bool = False
+    ) -> dict[str, HyperValue]:
         """The table row of the coming ``optimizer.step()`` for ``param``; call it before the step.
 
         Args:
@@ -128,14 +130,18 @@ class UpdateRule(ABC):
                     lin[name] = to_numpy(v)
                 elif self._linear_default(group, name):
                     lin[name] = np.zeros(tuple(param.shape))
-        return OptimizerState(start, tuple(param.shape), nonlinear, lin, param_dtype=str(param.dtype).removeprefix("torch."))
+        return OptimizerState(
+            start, tuple(param.shape), nonlinear, lin, param_dtype=str(param.dtype).removeprefix("torch.")
+        )
 
     @abstractmethod
     def _hyper(self, optimizer: torch.optim.Optimizer, group: dict, param: torch.Tensor) -> dict[str, HyperValue]:
         """The rule's columns (without ``applied``) from a param group."""
 
     @abstractmethod
-    def _nonlinear_state(self, optimizer: torch.optim.Optimizer, group: dict, param: torch.Tensor, state: Mapping) -> dict:
+    def _nonlinear_state(
+        self, optimizer: torch.optim.Optimizer, group: dict, param: torch.Tensor, state: Mapping
+    ) -> dict:
         """The nonlinear state entries, with torch's initial values where ``state`` lacks them."""
 
     def _linear_default(self, group: dict, name: str) -> bool:
@@ -175,7 +181,8 @@ class UpdateRule(ABC):
         for name, v in {**state.nonlinear, **(state.linear or {})}.items():
             if np.ndim(v) and np.shape(v) != self.entry_shape(name, held):
                 raise ValueError(
-                    f"the {self.name} state entry {name!r} has shape {np.shape(v)}; expected {self.entry_shape(name, held)}"
+                    f"the {self.name} state entry {name!r} has shape {np.shape(v)}; expected "
+                    f"{self.entry_shape(name, held)}"
                 )
             if not np.all(np.isfinite(v)):
                 raise ValueError(f"the {self.name} state entry {name!r} is not finite")

@@ -14,7 +14,16 @@ from __future__ import annotations
 import numpy as np
 
 from lightning_dualform.optim.maps import PARAM, maps
-from lightning_dualform.optim.rule import APPLIED, Column, UpdateRule, bool_columns, float_columns, scalar_state, sign_of, step_count
+from lightning_dualform.optim.rule import (
+    APPLIED,
+    Column,
+    UpdateRule,
+    bool_columns,
+    float_columns,
+    scalar_state,
+    sign_of,
+    step_count,
+)
 from lightning_dualform.optim.sgd import PARAM_COLUMNS, _step_matrix
 
 _SGD_FLOATS = ("lr", "momentum", "dampening", "weight_decay")
@@ -105,4 +114,6 @@ class ASGDRule(UpdateRule):
         kind = type(eta_t) if isinstance(eta_t, np.floating) else np.float64
         nl["eta"] = kind(lr / ((1 + lambd * lr * step) ** alpha))  # stored in torch's scalar dtype
         # torch: param.mul_(1 - lambd * eta) (the factor rounded to p's dtype), then param.add_(grad + wd p, alpha=-eta)
-        return maps((PARAM,), 0.0, m0=[[state.factor(1.0 - lambd * eta) - eta * wd]], m1=[[0.0]], b0=[-eta * sign], b1=[0.0])
+        return maps(
+            (PARAM,), 0.0, m0=[[state.factor(1.0 - lambd * eta) - eta * wd]], m1=[[0.0]], b0=[-eta * sign], b1=[0.0]
+        )

@@ -71,7 +71,9 @@ def _step_matrix(
     return m, b
 
 
-def coefficients(table: dict[str, np.ndarray], grad_scale: np.ndarray, end: int | None = None) -> tuple[float, np.ndarray]:
+def coefficients(
+    table: dict[str, np.ndarray], grad_scale: np.ndarray, end: int | None = None
+) -> tuple[float, np.ndarray]:
     """Coefficients of ``p_end = a * p_0 + sum_{s < end} c_s * G_s`` for one parameter.
 
     Assumes no momentum buffer existed before the first step; see :func:`coefficients_with_buffer`.
@@ -116,7 +118,9 @@ def coefficients_with_buffer(
     return float(adj[0]), float(adj[1]), c
 
 
-def plain_sgd_coefficients(lr: np.ndarray, grad_scale: np.ndarray, applied: np.ndarray, end: int | None = None) -> tuple[float, np.ndarray]:
+def plain_sgd_coefficients(
+    lr: np.ndarray, grad_scale: np.ndarray, applied: np.ndarray, end: int | None = None
+) -> tuple[float, np.ndarray]:
     """Coefficients of the plain form ``p_T = p_0 - sum_s lr_s g_s``, used for non-SGD optimizers.
 
     The result is not exact for such optimizers: the store keeps the residual to the real weights.

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from lightning_dualform.optim.maps import PARAM, OptimizerState
+from lightning_dualform.optim.maps import PARAM, OptimizerState, RankOne, Value
 from lightning_dualform.optim.replay import Sweep
 from lightning_dualform.optim.rule import UpdateRule
 from lightning_dualform.optim.sgd import coefficients_with_buffer, plain_sgd_coefficients
@@ -92,8 +92,15 @@ def scalar_rule_coefficients(rule: UpdateRule, table: Mapping[str, np.ndarray], 
     c = np.zeros(len(grad_scale))
     sweep = Sweep(rule, table, grad_scale, [one], lambda a, b, rows: (np.zeros(1) for _ in range(a, b)), stop=n_used)
     for s, q in sweep:
-        c[s] = float(q)
-    return float(sweep.adjoint.A), 0.0, c
+        c[s] = _scalar(q)
+    return _scalar(sweep.adjoint.A), 0.0, c
+
+
+def _scalar(v: Value) -> float:
+    """A scalar rule's coefficient of the one-entry stand-in (only Adafactor's are factored)."""
+    if isinstance(v, RankOne):
+        raise TypeError(f"a scalar rule's coefficient is a float or a one-entry array, not {v!r}")
+    return float(v)
 
 
 def base_weights(

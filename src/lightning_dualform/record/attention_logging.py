@@ -168,7 +168,7 @@ def attention_picture(store_path: str, model: torch.nn.Module, inputs: torch.Ten
 
     n = inputs.shape[0]
     with DualInference(store_path, device="cpu") as di:
-        ex = di.explain(model, inputs, top_k=top_k)
+        ex = di.explain(model, inputs, top_k=top_k, method=None)  # the paper's picture: attention only
         run = QueryAttention(
             source="split:validation", examples=np.arange(n),
             index=indices.numpy() if indices is not None else np.arange(n),

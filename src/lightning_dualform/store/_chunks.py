@@ -57,7 +57,12 @@ class ChunkAppender:
     @staticmethod
     def usable(ds: h5py.Dataset) -> bool:
         """A dataset chunked by whole rows whose only filter is Fletcher-32, and a compiled checksum."""
-        if ds.ndim < 2 or ds.chunks is None or tuple(ds.chunks[1:]) != tuple(ds.shape[1:]) or _fletcher.library() is None:
+        if (
+            ds.ndim < 2
+            or ds.chunks is None
+            or tuple(ds.chunks[1:]) != tuple(ds.shape[1:])
+            or _fletcher.library() is None
+        ):
             return False
         if ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)) % 2:  # whole 16-bit words per row
             return False
@@ -71,7 +76,10 @@ class ChunkAppender:
     def append(self, rows: np.ndarray) -> None:
         """Copy ``rows`` (the dataset's dtype and row shape) into the chunk buffer, writing every chunk that fills."""
         if rows.dtype != self.ds.dtype or tuple(rows.shape[1:]) != self._shape:
-            raise ValueError(f"rows {rows.dtype}{rows.shape} do not fit {self.ds.name} ({self.ds.dtype}, rows of shape {self._shape})")
+            raise ValueError(
+                f"rows {rows.dtype}{rows.shape} do not fit {self.ds.name} ({self.ds.dtype}, rows of shape "
+                f"{self._shape})"
+            )
         rows = np.ascontiguousarray(rows)
         i, n = 0, len(rows)
         while i < n:
@@ -97,6 +105,6 @@ class ChunkAppender:
             self.ds.id.set_extent((end, *self._shape))
             self._extent = end
         checksum = self._sum.finish(zero_bytes=(self.chunk_rows - self._fill) * self._row_bytes)
-        struct.pack_into("<I", self._raw, self._bytes, checksum)
+        struct.pack_into("<I", self._raw.data, self._bytes, checksum)
         self._offset[0] = self._start
         _hdf5_nogil.write_chunk(self.ds, self._offset, self._raw, self.release_gil)

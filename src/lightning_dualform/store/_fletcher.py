@@ -80,7 +80,10 @@ class RunningFletcher32:
     def copy(self, dst: np.ndarray, src: np.ndarray) -> None:
         """``dst[...] = src`` (same dtype and size, both C-contiguous) and sum the bytes copied."""
         if dst.dtype != src.dtype or dst.nbytes != src.nbytes or not dst.flags.c_contiguous:
-            raise ValueError(f"copy needs C-contiguous arrays of one dtype and size, got {dst.dtype}{dst.shape} and {src.dtype}{src.shape}")
+            raise ValueError(
+                f"copy needs C-contiguous arrays of one dtype and size, got {dst.dtype}{dst.shape} and "
+                f"{src.dtype}{src.shape}"
+            )
         self._lib.fletcher32_copy(dst.ctypes.data, _even(src).ctypes.data, src.nbytes, self._state.ctypes.data)
 
     def finish(self, zero_bytes: int = 0) -> int:

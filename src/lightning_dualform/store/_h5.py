@@ -90,13 +90,17 @@ def guarded(method: Callable) -> Callable:
                     f"{path}: busy: another process is writing it ({doing}) and {method.__name__} read a part "
                     f"being rewritten ({type(err).__name__}: {short(err)}). Reopen it in a moment."
                 ) from err
-            raise StoreError(f"{path}: damaged store: {method.__name__} failed ({type(err).__name__}: {short(err)}).") from err
+            raise StoreError(
+                f"{path}: damaged store: {method.__name__} failed ({type(err).__name__}: {short(err)})."
+            ) from err
 
     return wrapper
 
 
 # -- validation of what a file says, before it sizes, indexes or sums anything ------------------------
-def int_attr(attrs: Any, key: str, where: str, *, default: Any = None, lo: int | None = None, hi: int | None = None) -> int:
+def int_attr(
+    attrs: Any, key: str, where: str, *, default: Any = None, lo: int | None = None, hi: int | None = None
+) -> int:
     """An integer attribute (numpy integers too; never a bool, float or string), within ``[lo, hi]``."""
     if key not in attrs:
         if default is not None:
@@ -148,7 +152,9 @@ def json_attr(attrs: Any, key: str, where: str, kind: type, default: Any) -> Any
     except (ValueError, RecursionError):
         v = None
     if not isinstance(v, kind):
-        raise StoreError(f"{where}: attribute {key!r} is not a JSON {kind.__name__} ({str(text)[:80]!r}); the file is damaged.")
+        raise StoreError(
+            f"{where}: attribute {key!r} is not a JSON {kind.__name__} ({str(text)[:80]!r}); the file is damaged."
+        )
     return v
 
 

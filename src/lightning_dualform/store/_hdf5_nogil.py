@@ -16,10 +16,12 @@ copies of their own). Elsewhere, or with ``LIGHTNING_DUALFORM_CTYPES_HDF5=0``, t
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import logging
 import os
 import threading
+from typing import Literal, Protocol
 
 import h5py
 import numpy as np
@@ -31,7 +33,7 @@ phil = h5py_lock()
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None | bool = False  # False: not looked up yet
+_lib: ctypes.CDLL | None | Literal[False] = False  # False: not looked up yet
 
 
 def _declare(lib: ctypes.CDLL) -> bool:
@@ -39,7 +41,8 @@ def _declare(lib: ctypes.CDLL) -> bool:
     if not all(hasattr(lib, n) for n in names):
         return False
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    # herr_t H5Dwrite_chunk(hid_t dset, hid_t dxpl, uint32_t filters, const hsize_t* offset, size_t size, const void* buf)
+    # herr_t H5Dwrite_chunk(hid_t dset, hid_t dxpl, uint32_t filters, const hsize_t* offset, size_t size,
+    #                       const void* buf)
     lib.H5Dwrite_chunk.argtypes = [i64, i64, ctypes.c_uint32, p, ctypes.c_size_t, p]
     lib.H5Dwrite_chunk.restype = ctypes.c_int
     # herr_t H5Dread(hid_t dset, hid_t mem_type, hid_t mem_space, hid_t file_space, hid_t dxpl, void* buf)
@@ -51,7 +54,15 @@ def _declare(lib: ctypes.CDLL) -> bool:
     return True
 
 
-def _is_h5pys(lib: object) -> bool:
+class _SpaceCalls(Protocol):
+    """The HDF5 calls :func:`_is_h5pys` makes: a ``ctypes.CDLL`` of HDF5, or a test's stand-in."""
+
+    def H5Dget_space(self, dset_id: int) -> int: ...
+    def H5Sget_simple_extent_npoints(self, space_id: int) -> int: ...
+    def H5Sclose(self, space_id: int) -> int: ...
+
+
+def _is_h5pys(lib: _SpaceCalls) -> bool:
     """Whether ``lib`` is the HDF5 instance h5py uses: it must see an h5py dataset of a size chosen here.
 
     Another copy of HDF5 in the process (netCDF4 and PyTables ship their own) has its own id tables, so
@@ -79,12 +90,14 @@ def _is_h5pys(lib: object) -> bool:
 def _private_or_threadsafe(path: str, lib: ctypes.CDLL) -> bool:
     """Only h5py calls this copy (it ships inside h5py's wheel), or HDF5 serialises its callers itself."""
     pkg = os.path.dirname(os.path.abspath(h5py.__file__))
-    if os.path.dirname(os.path.realpath(path)) in {os.path.realpath(d) for d in (pkg, pkg + ".libs", os.path.join(pkg, ".dylibs"))}:
+    if os.path.dirname(os.path.realpath(path)) in {
+        os.path.realpath(d) for d in (pkg, pkg + ".libs", os.path.join(pkg, ".dylibs"))
+    }:
         return True
     if hasattr(lib, "H5is_library_threadsafe"):
         flag = ctypes.c_bool(False)
         fn = lib.H5is_library_threadsafe  # herr_t H5is_library_threadsafe(hbool_t* is_ts)
-        if isinstance(fn, ctypes._CFuncPtr):
+        if isinstance(fn, _ctypes.CFuncPtr):  # (ctypes._CFuncPtr, by the name _ctypes exports)
             fn.argtypes, fn.restype = [ctypes.POINTER(ctypes.c_bool)], ctypes.c_int
         return fn(ctypes.byref(flag)) >= 0 and bool(flag.value)
     return False
@@ -120,7 +133,7 @@ def _loaded_hdf5() -> ctypes.CDLL | None:
     return lib if _private_or_threadsafe(path, lib) else None
 
 
-_any_lib: ctypes.CDLL | None | bool = False
+_any_lib: ctypes.CDLL | None | Literal[False] = False
 
 
 def h5pys_library() -> ctypes.CDLL | None:

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Protocol
 
 _probed: set[tuple] = set()
 #: seconds without progress after which a walk counts as hung
@@ -45,6 +46,13 @@ def stall_timeout() -> float:
         return float(os.environ.get("LIGHTNING_DUALFORM_PROBE_TIMEOUT", DEFAULT_STALL_S))
     except ValueError:
         return DEFAULT_STALL_S
+
+
+class _ChunkInfo(Protocol):
+    """What the walk reads of h5py's ``StoreInfo`` (one chunk of a dataset)."""
+
+    byte_offset: int | None  # None: not allocated
+    size: int
 
 
 def _walk(path: str) -> None:  # runs in the child
@@ -72,10 +80,11 @@ def _walk(path: str) -> None:  # runs in the child
                         raise ValueError(f"dataset {name!r} lists {n} chunks in a file of {size} bytes")
                     seen = 0
 
-                    def check(info: object) -> None:
+                    def check(info: _ChunkInfo) -> None:
                         nonlocal seen, size
-                        end = info.byte_offset + info.size  # type: ignore[attr-defined]
-                        if info.byte_offset is not None and end > size:
+                        # (an unallocated chunk has no offset; h5py lists only allocated ones)
+                        end = info.byte_offset + info.size if info.byte_offset is not None else 0
+                        if end > size:
                             size = os.path.getsize(path)  # a file being written grows
                             if end > size:
                                 raise ValueError(f"dataset {name!r} has a chunk past the end of the file")

@@ -118,8 +118,9 @@ class ChunkReader:
             pass
 
     # -- where the chunks are --------------------------------------------------------------------------
-    def _stamp(self) -> tuple[int, int, int]:
-        st = os.fstat(self._fd)
+    @staticmethod
+    def _stamp(fd: int) -> tuple[int, int, int]:
+        st = os.fstat(fd)
         return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def _map(self, n_chunks: int) -> np.ndarray:
@@ -127,14 +128,15 @@ class ChunkReader:
         HDF5's chunk index; taken again when more chunks are asked for than it knows, or when the file
         was written since (its size, modification or change time differ)."""
         with self._lock:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = self._fd
+            if fd is None:
+                fd = self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
                 if hasattr(os, "posix_fadvise"):
                     # The layers' chunks interleave in the file (each step appends every layer's rows), so the
                     # kernel's read-ahead past a chunk reads other layers' rows: off for this descriptor
                     # (a cold read of net.4 of the benchmark store: 0.54 -> 0.86 GB/s; docs/benchmarks.md).
-                    os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
-            stamp = self._stamp()
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            stamp = self._stamp(fd)
             if len(self._offsets) >= n_chunks and stamp == self._map_stamp:
                 return self._offsets
             expected = self.data_bytes + 4
@@ -165,7 +167,9 @@ class ChunkReader:
             self._offsets = np.zeros(0, dtype=np.int64)
 
     # -- reading ---------------------------------------------------------------------------------------
-    def read(self, start: int, stop: int, threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray | None:
+    def read(
+        self, start: int, stop: int, threads: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray | None:
         """Rows ``start:stop``, every chunk's checksum verified; ``None`` when any chunk cannot be read this
         way or its checksum disagrees (then read through HDF5, which is right or raises)."""
         n = stop - start
@@ -180,8 +184,11 @@ class ChunkReader:
         stamp = self._map_stamp
         flat = out.reshape(-1).view(np.uint8)
         fd = self._fd
-        # one job per chunk: (offset, destination view or None for a partial chunk, rows to copy)
-        jobs = []
+        if fd is None:  # closed meanwhile: HDF5 reads the rows (or says the file is closed)
+            return None
+        # one job per chunk: (offset, where its rows go in `flat`, None for a whole chunk or the partial
+        # chunk's (first row, rows))
+        jobs: list[tuple[int, int, tuple[int, int] | None]] = []
         for c in range(c0, c1):
             r0, r1 = c * self.chunk_rows, (c + 1) * self.chunk_rows
             a, b = max(r0, start), min(r1, stop)
@@ -198,10 +205,12 @@ class ChunkReader:
             ok = all(f.result() for f in [_executor().submit(self._run, fd, flat, p) for p in parts])
         # written meanwhile: a chunk may have moved under the map (checksums cannot tell a chunk that is
         # intact but another one): HDF5 reads it again
-        return out if ok and self._stamp() == stamp else None
+        return out if ok and self._stamp(fd) == stamp else None
 
-    def _run(self, fd: int, flat: np.ndarray, jobs: list) -> bool:
+    def _run(self, fd: int, flat: np.ndarray, jobs: list[tuple[int, int, tuple[int, int] | None]]) -> bool:
         lib = _fletcher.library()
+        if lib is None:  # (enabled() found it when the reader was made) nothing to verify with: HDF5 reads the rows
+            return False
         csum = bytearray(4)
         scratch = None
         for offset, dest, partial in jobs:
@@ -211,14 +220,16 @@ class ChunkReader:
                 if scratch is None:
                     scratch = np.empty(self.data_bytes, dtype=np.uint8)
                 view = scratch
-            got = os.preadv(fd, [memoryview(view), csum], offset)
+            got = os.preadv(fd, [view.data, csum], offset)
             if got != self.data_bytes + 4:
                 return False
             if lib.fletcher32(view.ctypes.data, self.data_bytes) != struct.unpack("<I", csum)[0]:
                 return False
             if partial is not None:
                 first, rows = partial
-                flat[dest : dest + rows * self.row_bytes] = scratch[first * self.row_bytes : (first + rows) * self.row_bytes]
+                flat[dest : dest + rows * self.row_bytes] = view[
+                    first * self.row_bytes : (first + rows) * self.row_bytes
+                ]
         return True
 
 

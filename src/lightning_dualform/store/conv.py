@@ -24,14 +24,19 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import numpy as np
 
 #: ``layout`` attribute of a format-3 convolution layer (absent: one stored row per key row).
 MAPS_LAYOUT = "maps"
 #: ``padding_mode`` -> ``numpy.pad`` mode (torch's ``reflect`` excludes the edge, as numpy's does).
-_NP_PAD = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+_NP_PAD: dict[str, Literal["constant", "reflect", "edge", "wrap"]] = {
+    "zeros": "constant",
+    "reflect": "reflect",
+    "replicate": "edge",
+    "circular": "wrap",
+}
 
 
 @dataclass(frozen=True)
@@ -59,18 +64,28 @@ class ConvGeometry:
         """
         try:
             geom = cls(
-                kernel_size=_ints(attrs["kernel_size"]), stride=_ints(attrs["stride"]), dilation=_ints(attrs["dilation"]),
-                padding=_ints(attrs["padding"]), padding_mode=str(attrs["padding_mode"]),
-                in_channels=int(attrs["in_channels"]), input_size=_ints(input_size),
+                kernel_size=_ints(attrs["kernel_size"]),
+                stride=_ints(attrs["stride"]),
+                dilation=_ints(attrs["dilation"]),
+                padding=_ints(attrs["padding"]),
+                padding_mode=str(attrs["padding_mode"]),
+                in_channels=int(attrs["in_channels"]),
+                input_size=_ints(input_size),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"the convolution's geometry attributes are missing or malformed ({err})") from None
         dims = len(geom.kernel_size)
-        if not (len(geom.stride) == len(geom.dilation) == len(geom.input_size) == dims and len(geom.padding) == 2 * dims):
+        if not (
+            len(geom.stride) == len(geom.dilation) == len(geom.input_size) == dims and len(geom.padding) == 2 * dims
+        ):
             raise ValueError(f"the convolution's geometry does not agree on its number of dimensions ({geom})")
         if geom.padding_mode not in _NP_PAD:
             raise ValueError(f"unknown padding_mode {geom.padding_mode!r}")
-        if min(geom.kernel_size + geom.stride + geom.dilation) < 1 or min(geom.padding, default=0) < 0 or geom.in_channels < 1:
+        if (
+            min(geom.kernel_size + geom.stride + geom.dilation) < 1
+            or min(geom.padding, default=0) < 0
+            or geom.in_channels < 1
+        ):
             raise ValueError(f"the convolution's geometry is not valid ({geom})")
         if min(geom.output_size, default=1) < 1:
             raise ValueError(f"maps of size {geom.input_size} are smaller than the kernel ({geom})")
@@ -107,7 +122,9 @@ class ConvGeometry:
 
     def np_pad_width(self) -> list[tuple[int, int]]:
         """``numpy.pad`` widths of a ``(E, C, *spatial)`` batch of maps."""
-        spatial = [(self.padding[2 * (self.dims - 1 - i)], self.padding[2 * (self.dims - 1 - i) + 1]) for i in range(self.dims)]
+        spatial = [
+            (self.padding[2 * (self.dims - 1 - i)], self.padding[2 * (self.dims - 1 - i) + 1]) for i in range(self.dims)
+        ]
         return [(0, 0), (0, 0), *spatial]
 
 
@@ -134,8 +151,14 @@ def unfold(maps: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     span = tuple(d * (k - 1) + 1 for k, d in zip(geom.kernel_size, geom.dilation))
     axes = tuple(range(2, 2 + geom.dims))
     win = np.lib.stride_tricks.sliding_window_view(maps, span, axis=axes)  # (E, C, *out_full, *span)
-    sel = (slice(None), slice(None), *(slice(None, None, s) for s in geom.stride), *(slice(None, None, d) for d in geom.dilation))
-    win = win[sel][(slice(None), slice(None), *(slice(0, o) for o in geom.output_size))]  # (E, C, *out, *kernel)
+    sel = (
+        slice(None),
+        slice(None),
+        *(slice(None, None, s) for s in geom.stride),
+        *(slice(None, None, d) for d in geom.dilation),
+    )
+    keep = (slice(None), slice(None), *(slice(0, o) for o in geom.output_size))
+    win = win[sel][keep]  # (E, C, *out, *kernel)
     # -> (E, *out, C, *kernel)
     order = (0, *range(2, 2 + geom.dims), 1, *range(2 + geom.dims, 2 + 2 * geom.dims))
     return np.ascontiguousarray(win.transpose(order)).reshape(maps.shape[0] * geom.locations, geom.d_in)

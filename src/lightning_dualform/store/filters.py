@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -32,7 +32,7 @@ def compression_kwargs(compression: str | None) -> dict[str, Any]:
             return dict(hdf5plugin.LZ4())
         if compression == "zstd":
             return dict(hdf5plugin.Zstd(clevel=3))
-        cname = compression.split("-")[1]
+        cname: Literal["lz4", "zstd"] = "lz4" if compression == "blosc-lz4" else "zstd"
         return dict(hdf5plugin.Blosc(cname=cname, clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE))
     raise ValueError(
         f"compression={compression!r} is not supported. Expected None, 'lzf', 'gzip', 'gzip-1'..'gzip-9', "

@@ -162,7 +162,9 @@ class StepRows:
     map_size: tuple[int, ...] | None = None
 
 
-def settings_of(specs: list[LayerSpec], row_dtype: str, compression: str | None, update_rule: str = "sgd") -> dict[str, Any]:
+def settings_of(
+    specs: list[LayerSpec], row_dtype: str, compression: str | None, update_rule: str = "sgd"
+) -> dict[str, Any]:
     """What must match between a store and a run that continues it."""
     return {
         "layers": {s.name: s.fingerprint() for s in specs},

@@ -90,7 +90,9 @@ class StoreMetadata:
             StoreError: not a store, a newer format, or an attribute of the wrong type or value.
         """
         if attrs.get("format") != FORMAT_NAME:
-            raise StoreError(f"{path}: an HDF5 file but not a lightning-dualform store (no format='{FORMAT_NAME}' attribute).")
+            raise StoreError(
+                f"{path}: an HDF5 file but not a lightning-dualform store (no format='{FORMAT_NAME}' attribute)."
+            )
         known = {f.name: f for f in fields(cls) if f.name != "extra"}
         values: dict[str, Any] = {}
         extra: dict[str, Any] = {}
@@ -104,8 +106,8 @@ class StoreMetadata:
         meta = cls(**values, extra=extra)
         if meta.format_version > FORMAT_VERSION:
             raise StoreError(
-                f"{path}: store format version {meta.format_version} is newer than this library reads ({FORMAT_VERSION}); "
-                "upgrade lightning-dualform."
+                f"{path}: store format version {meta.format_version} is newer than this library reads "
+                f"({FORMAT_VERSION}); upgrade lightning-dualform."
             )
         if meta.format_version < MIN_FORMAT_VERSION:
             raise StoreError(f"{path}: invalid store format version {meta.format_version}.")
@@ -119,7 +121,9 @@ class StoreMetadata:
         if meta.status not in STATUSES:
             raise StoreError(f"{path}: unknown status {meta.status!r} (expected one of {STATUSES}).")
         if meta.world_size < 1 or not 0 <= meta.rank < meta.world_size:
-            raise StoreError(f"{path}: rank {meta.rank} of world size {meta.world_size} is impossible; the file is damaged.")
+            raise StoreError(
+                f"{path}: rank {meta.rank} of world size {meta.world_size} is impossible; the file is damaged."
+            )
         return meta
 
     @classmethod

@@ -36,7 +36,9 @@ class QueryWriter:
             _repair.check_regular_file(path)
             _repair.recover_for_write(path)
             self._session = _journal.write_session(path, f"recording of the {split!r} queries", reserve=256 << 10)
-            self.file = self._session.file
+            file = self._session.file
+            assert file is not None  # a session opens with its file
+            self.file = file
             qg = self.file.require_group("queries")
             if split in qg:
                 del qg[split]  # a new test run replaces the previous query set of the same split
@@ -72,7 +74,10 @@ class QueryWriter:
             self.abort()
             raise
 
-    def _add_batch(self, index, label, prediction, inputs, rows) -> None:  # type: ignore[no-untyped-def]
+    def _add_batch(
+        self, index: np.ndarray, label: np.ndarray, prediction: np.ndarray, inputs: np.ndarray | None,
+        rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    ) -> None:
         g = self.group
         if inputs is not None:
             if "inputs" not in g:

@@ -102,7 +102,9 @@ def read_shard_index(path: str, *, probe: bool = True) -> list[str] | None:
     except (OSError, KeyError, ValueError, TypeError):
         return None
     if not names or len(names) > MAX_SHARDS or not all(isinstance(n, str) and n for n in names):
-        raise StoreError(f"{path}: a DDP shard index whose list of shards is empty or not a list of file names; the file is damaged.")
+        raise StoreError(
+            f"{path}: a DDP shard index whose list of shards is empty or not a list of file names; the file is damaged."
+        )
     base = os.path.dirname(os.path.abspath(path))
     out = [os.path.normpath(os.path.join(base, n)) for n in names]
     seen: dict[tuple, str] = {}
@@ -116,7 +118,9 @@ def read_shard_index(path: str, *, probe: bool = True) -> list[str] | None:
             raise StoreError(f"{path}: the DDP shard index names itself as a shard; the file is damaged.")
         key = (st.st_dev, st.st_ino)
         if key in seen:
-            raise StoreError(f"{path}: the DDP shard index names {shard} twice (also as {seen[key]}); the file is damaged.")
+            raise StoreError(
+                f"{path}: the DDP shard index names {shard} twice (also as {seen[key]}); the file is damaged."
+            )
         seen[key] = shard
     return out
 
@@ -171,7 +175,10 @@ class ShardedLayerReader:
 
     @staticmethod
     def _steps(part: LayerReader) -> np.ndarray:
-        return np.concatenate([part.read(s, s + (1 << 20), ("step",))["step"] for s in range(0, part.n_rows, 1 << 20)] or [np.zeros(0, np.int64)])
+        return np.concatenate(
+            [part.read(s, s + (1 << 20), ("step",))["step"] for s in range(0, part.n_rows, 1 << 20)]
+            or [np.zeros(0, np.int64)]
+        )
 
     # weights, tables and coefficients are identical in every shard: the first one answers
     def __getattr__(self, name: str) -> Any:
@@ -192,7 +199,11 @@ class ShardedLayerReader:
         if any(f is None for f in found) or first is None:
             return None
         for w, b in found[1:]:
-            if not np.array_equal(w, first[0]) or (b is None) != (first[1] is None) or (b is not None and not np.array_equal(b, first[1])):
+            if (
+                not np.array_equal(w, first[0])
+                or (b is None) != (first[1] is None)
+                or (b is not None and not np.array_equal(b, first[1]))
+            ):
                 return None
         return first
 
@@ -203,7 +214,9 @@ class ShardedLayerReader:
         i = int(np.clip(step - self.store.first_step, 0, len(self._cell_rows)))
         return int(self._cell_start[i * len(self.parts)])
 
-    def read(self, start: int, stop: int, columns: tuple[str, ...] = ("keys", "values", *ROW_COLUMNS)) -> dict[str, np.ndarray]:
+    def read(
+        self, start: int, stop: int, columns: tuple[str, ...] = ("keys", "values", *ROW_COLUMNS)
+    ) -> dict[str, np.ndarray]:
         """Virtual rows ``start:stop``: one contiguous read per shard, then put in step-major order."""
         stop = min(stop, self.n_rows)
         if stop <= start:
@@ -227,7 +240,9 @@ class ShardedLayerReader:
             mine = [p for p in pieces if p[0] == shard]
             spans[shard] = (mine[0][1], mine[-1][2])
         data = {s: self.parts[s].read(a, b, columns) for s, (a, b) in spans.items()}
-        return {c: np.concatenate([data[s][c][a - spans[s][0] : b - spans[s][0]] for s, a, b in pieces]) for c in columns}
+        return {
+            c: np.concatenate([data[s][c][a - spans[s][0] : b - spans[s][0]] for s, a, b in pieces]) for c in columns
+        }
 
 
 class ShardedStoreReader(StoreView):
@@ -252,7 +267,7 @@ class ShardedStoreReader(StoreView):
         sizes = [r.attrs.get("world_size") for r in self._readers]
         if any(x is not None for x in ranks + sizes):
             ints = all(isinstance(x, int) and not isinstance(x, bool) for x in ranks + sizes)
-            if not ints or set(sizes) != {n} or sorted(ranks) != list(range(n)):
+            if not ints or set(sizes) != {n} or sorted(x for x in ranks if isinstance(x, int)) != list(range(n)):
                 raise StoreError(
                     f"{self.path}: the shards say ranks {ranks} of world sizes {sizes}, but the index names {n} "
                     "shards; the index or a shard is damaged."
@@ -265,8 +280,8 @@ class ShardedStoreReader(StoreView):
             if r.update_rule != r0.update_rule:
                 raise StoreError(f"{self.path}: shards {r0.path} and {r.path} name different update rules "
                                  f"({r0.update_rule!r}, {r.update_rule!r}).")
-        for attr in ("row_dtype", "optimizer", "first_step", "update_rule"):
-            setattr(self, attr, getattr(r0, attr))
+        self.row_dtype, self.optimizer = r0.row_dtype, r0.optimizer
+        self.first_step, self.update_rule = r0.first_step, r0.update_rule
         # each rank recorded how its own float32 products were rounded: the store as a whole, the loosest
         self.meta = StoreMetadata.merge([r.meta for r in self._readers])
         self.attrs = {**r0.attrs, "float32_products": self.meta.float32_products}
@@ -295,7 +310,7 @@ class ShardedStoreReader(StoreView):
     def query_splits(self) -> list[str]:
         return sorted(set().union(*(r.query_splits for r in self._readers)))
 
-    def queries(self, split: str) -> QuerySet:
+    def queries(self, split: str) -> QuerySet | _MergedQuerySet:
         """A split recorded under DDP: each rank stored its share; they are concatenated in rank order."""
         sets = [r.queries(split) for r in self._readers if split in r.query_splits]
         if len(sets) == 1:
@@ -309,7 +324,11 @@ class ShardedStoreReader(StoreView):
             return None
         out = found[0].copy()
         for f in found[1:]:
-            missing = np.isnan(out.reshape(len(out), -1)).any(1) if np.issubdtype(out.dtype, np.floating) else np.zeros(len(out), bool)
+            missing = (
+                np.isnan(out.reshape(len(out), -1)).any(1)
+                if np.issubdtype(out.dtype, np.floating)
+                else np.zeros(len(out), bool)
+            )
             out[missing] = f[missing]
         return out
 

@@ -160,6 +160,8 @@ def write_skeleton(
                 _h5.create(g, col, shape=(0,), maxshape=(None,), dtype=dt, chunks=(META_CHUNK,), **filters)
             _h5.create(g, "weight_init", data=spec.weight_init.astype(np.float32))
             if spec.has_bias:
+                if spec.bias_init is None:
+                    raise ValueError(f"LayerSpec {spec.name!r}: has_bias=True needs bias_init (its initial bias).")
                 _h5.create(g, "bias_init", data=spec.bias_init.astype(np.float32))
             if spec.weight_buffer_init is not None:
                 _h5.create(g, "weight_buffer_init", data=spec.weight_buffer_init.astype(np.float32))
@@ -177,8 +179,10 @@ def write_skeleton(
             _h5.create(ug, "grad_scale", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(TABLE_CHUNK,))
             for pname in ("weight", "bias") if spec.has_bias else ("weight",):
                 pg = ug.create_group(pname)
-                for col in table_columns(meta.update_rule):
-                    _h5.create(pg, col.name, shape=(0,), maxshape=(None,), dtype=col.dtype, chunks=(TABLE_CHUNK,))
+                for column in table_columns(meta.update_rule):
+                    _h5.create(
+                        pg, column.name, shape=(0,), maxshape=(None,), dtype=column.dtype, chunks=(TABLE_CHUNK,)
+                    )
         f.flush()
     fd = os.open(tmp, os.O_RDONLY)
     try:

@@ -57,10 +57,11 @@ def truncate(
             "describe this store; nothing was truncated. Resume from a checkpoint saved with this store, or "
             "record into another path."
         )
-    counts = {name: map_counts(g) for name, g in f["layers"].items()}
+    # (P, L) per layer: pixels and virtual rows per stored map; (1, 1) for a layer of one row per key row
+    counts = {name: map_counts(g) or (1, 1) for name, g in f["layers"].items()}
     for name, g in f["layers"].items():
         n = int(rows.get(name, 0))
-        if g["values"].shape[0] < n or (counts[name] is not None and n % counts[name][1]):
+        if g["values"].shape[0] < n or n % counts[name][1]:
             raise StoreError(f"{path}: layer {name!r}: the checkpoint counts {n} rows but the store holds "
                              f"{g['values'].shape[0]}.")
     # what was derived from the old rows goes, and the file says it is being written (the session is
@@ -80,7 +81,7 @@ def truncate(
     for name, g in f["layers"].items():
         n = int(rows.get(name, 0))
         # a convolution's maps: n virtual rows are n / L maps, n P / L pixels
-        p, per_map = counts[name] if counts[name] is not None else (1, 1)
+        p, per_map = counts[name]
         for col in ("keys", "values", *ROW_COLUMNS):
             _h5.truncate(g[col], n if col == "values" else (n // per_map) * (p if col == "keys" else 1))
         g["committed_rows"][0] = n

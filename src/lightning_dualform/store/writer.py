@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 
 def check_commit_seconds(commit_seconds: Any, call: str = "StoreWriter(commit_seconds=...)") -> float:
     """``commit_seconds`` as a positive, finite float (an int or a float; never a bool or a string)."""
-    if isinstance(commit_seconds, (bool, np.bool_)) or not isinstance(commit_seconds, (int, float, np.integer, np.floating)):
+    if isinstance(commit_seconds, (bool, np.bool_)) or not isinstance(
+        commit_seconds, (int, float, np.integer, np.floating)
+    ):
         raise TypeError(f"`{call}` got {commit_seconds!r}; expected a number of seconds, e.g. 30.")
     value = float(commit_seconds)
     if not math.isfinite(value) or value <= 0:
@@ -76,7 +78,7 @@ class StoreWriter:
         self._pending: dict[str, list[dict[str, np.ndarray]]] = {n: [] for n in self._layers}
         self._pending_rows: dict[str, int] = {n: 0 for n in self._layers}
         self._pending_steps: list[tuple[int, int, dict[str, tuple[float, Any, Any]]]] = []
-        self._pending_inputs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_inputs: list[tuple[np.ndarray, np.ndarray | None]] = []  # None: written already
         self._pending_bytes = 0
         self._inexact: dict[str, str] = {}
         self._dropped: dict[str, str] = {}
@@ -98,18 +100,26 @@ class StoreWriter:
             self._tables = {name: self._table_handles(self.file["layers"][name]["updates"]) for name in self._layers}
             self._chunk_rows = {name: ds["keys"].chunks[0] for name, ds in self._ds.items()}  # as the file has them
             self._row_bytes = {
-                name: ds["keys"].dtype.itemsize * ds["keys"].shape[1] + ds["values"].dtype.itemsize * ds["values"].shape[1] + 32
+                name: ds["keys"].dtype.itemsize * ds["keys"].shape[1]
+                + ds["values"].dtype.itemsize * ds["values"].shape[1]
+                + 32
                 for name, ds in self._ds.items()
             }
             # keys and values of uncompressed stores skip h5py's filter pipeline (see chunk_append.py)
             self._appenders = {
-                name: {col: app for col in ("keys", "values") if (app := ChunkAppender.for_dataset(ds[col])) is not None}
+                name: {
+                    col: app for col in ("keys", "values") if (app := ChunkAppender.for_dataset(ds[col])) is not None
+                }
                 for name, ds in self._ds.items()
             }
-            self._input_appender = ChunkAppender.for_dataset(self.file["inputs"]["data"] if "inputs" in self.file else None)
+            self._input_appender = ChunkAppender.for_dataset(
+                self.file["inputs"]["data"] if "inputs" in self.file else None
+            )
             # a convolution stored as maps: its datasets count pixels (keys), virtual rows (values) and maps (the
             # metadata columns); the multipliers per map are fixed by the first step's map size
-            self._maps = {n: _h5.attr(self.file["layers"][n].attrs.get("layout", "rows")) == MAPS_LAYOUT for n in self._layers}
+            self._maps = {
+                n: _h5.attr(self.file["layers"][n].attrs.get("layout", "rows")) == MAPS_LAYOUT for n in self._layers
+            }
             self._mult: dict[str, dict[str, int]] = {}
             for name in self._layers:
                 counts = map_counts(self.file["layers"][name]) if self._maps[name] else None
@@ -166,8 +176,10 @@ class StoreWriter:
             input_shape = tuple(as_int(d, "StoreWriter.create(input_shape=...)", lo=0) for d in input_shape)
             nbytes = int(np.prod(input_shape, dtype=np.int64)) * np.dtype(input_dtype).itemsize
             if nbytes > MAX_INPUT_BYTES:
-                raise ValueError(f"StoreWriter.create: one training input of shape {input_shape} takes {nbytes / 2**30:.1f} GiB; "
-                                 f"at most {MAX_INPUT_BYTES >> 30} GiB per example is stored (pass store_inputs=False).")
+                raise ValueError(
+                    f"StoreWriter.create: one training input of shape {input_shape} takes {nbytes / 2**30:.1f} GiB; "
+                    f"at most {MAX_INPUT_BYTES >> 30} GiB per example is stored (pass store_inputs=False)."
+                )
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
         _repair.check_replaceable(path)  # before the lock: a symlink's target must not get a lock file beside it
         lock = lock if lock is not None else WriterLock.acquire(path, "creating the store")
@@ -244,7 +256,9 @@ class StoreWriter:
             try:
                 stored = stored_settings(path)
             except (OSError, KeyError, ValueError, TypeError) as err:
-                raise StoreError(f"{path}: cannot continue this file: it is not a readable store ({_h5.short(err)}).") from err
+                raise StoreError(
+                    f"{path}: cannot continue this file: it is not a readable store ({_h5.short(err)})."
+                ) from err
             diffs = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
             if diffs:
                 shown = "; ".join(f"{k}: store has {a!r}, this run has {b!r}" for k, (a, b) in diffs.items())
@@ -270,7 +284,7 @@ class StoreWriter:
         return out
 
     def _counts(self) -> dict[str, Any]:
-        f = self.file
+        f = self._h5file
         return {
             "steps": int(f["committed_steps"][0]),
             "rows": {n: int(f["layers"][n]["committed_rows"][0]) for n in self._layers if n in f["layers"]},
@@ -295,14 +309,21 @@ class StoreWriter:
         out = {}
         for name in self._layers:
             if name in self._mult:
-                out[name] = tuple(int(v) for v in self.file["layers"][name]["input_size"][()])
+                out[name] = tuple(int(v) for v in self._h5file["layers"][name]["input_size"][()])
         return out
 
     def input_indices(self) -> np.ndarray:
         """Dataset indices whose raw input is already stored (committed)."""
-        if "inputs" not in self.file:
+        if "inputs" not in self._h5file:
             return np.zeros(0, dtype=np.int64)
-        return np.asarray(self.file["inputs"]["index"][: int(self.file["inputs"]["committed"][0])])
+        return np.asarray(self._h5file["inputs"]["index"][: int(self._h5file["inputs"]["committed"][0])])
+
+    @property
+    def _h5file(self) -> h5py.File:
+        """The open file (the writing methods run after :meth:`_guard`, which says so when it is closed)."""
+        if self.file is None:
+            raise StoreError(f"{self.path}: the store writer is closed.")
+        return self.file
 
     # -- failures ----------------------------------------------------------------------------------
     def _guard(self) -> None:
@@ -335,7 +356,9 @@ class StoreWriter:
         return self._slack
 
     # -- appending ---------------------------------------------------------------------------------
-    def add_step(self, step: int, epoch: int, rows: dict[str, StepRows], updates: dict[str, tuple[float, Any, Any]]) -> None:
+    def add_step(
+        self, step: int, epoch: int, rows: dict[str, StepRows], updates: dict[str, tuple[float, Any, Any]]
+    ) -> None:
         """Buffer one optimizer step: its rows per layer and ``(grad_scale, weight_row, bias_row)``, a row being
         the step's ``{column: value}`` of the store's update rule (or an object with those attributes).
 
@@ -345,7 +368,8 @@ class StoreWriter:
         """
         self._guard()
         try:
-            nbytes = sum(len(r.keys) * self._row_bytes[n] for n, r in rows.items() if n in self._row_bytes) + 256 * len(self._layers)
+            nbytes = sum(len(r.keys) * self._row_bytes[n] for n, r in rows.items() if n in self._row_bytes)
+            nbytes += 256 * len(self._layers)
             self._reserve(self._pending_bytes + nbytes)
             self._pending_bytes += nbytes
             self._add_step(step, epoch, rows, updates)
@@ -353,7 +377,9 @@ class StoreWriter:
             self._failing(err)
             raise
 
-    def _add_step(self, step: int, epoch: int, rows: dict[str, StepRows], updates: dict[str, tuple[float, Any, Any]]) -> None:
+    def _add_step(
+        self, step: int, epoch: int, rows: dict[str, StepRows], updates: dict[str, tuple[float, Any, Any]]
+    ) -> None:
         for name, r in rows.items():
             if name in self._dropped:
                 continue
@@ -361,10 +387,15 @@ class StoreWriter:
             if self._maps[name]:
                 self._set_map_size(name, r)
             block = {
-                "keys": r.keys.astype(np.int64) if self._kinds[name] == "embedding" else encode_rows(r.keys, self.row_dtype),
+                "keys": r.keys.astype(np.int64)
+                if self._kinds[name] == "embedding"
+                else encode_rows(r.keys, self.row_dtype),
                 "values": encode_rows(r.values, self.row_dtype),
-                "index": r.index, "position": r.position, "label": r.label,
-                "step": np.full(n, step, np.int64), "epoch": np.full(n, epoch, np.int32),
+                "index": r.index,
+                "position": r.position,
+                "label": r.label,
+                "step": np.full(n, step, np.int64),
+                "epoch": np.full(n, epoch, np.int32),
             }
             for col, appender in self._appenders[name].items():
                 appender.append(block.pop(col))
@@ -380,13 +411,14 @@ class StoreWriter:
 
     def _set_map_size(self, name: str, r: StepRows) -> None:
         """Fix a convolution's map size at its first rows (written now, before any row that depends on it)."""
-        ds = self.file["layers"][name]["input_size"]
+        ds = self._h5file["layers"][name]["input_size"]
         have = tuple(int(v) for v in ds[()])
         if r.map_size is None or (any(have) and have != tuple(r.map_size)):
             raise StoreError(f"{self.path}: layer {name!r} is stored as maps of size {have}, not {r.map_size}.")
         if not any(have):
             ds[...] = np.asarray(r.map_size, dtype=np.int64)
-            counts = map_counts(self.file["layers"][name])
+            counts = map_counts(self._h5file["layers"][name])
+            assert counts is not None  # the map size was just fixed
             self._mult[name] = {"keys": counts[0], "values": counts[1]}
         mult = self._mult[name]
         if len(r.keys) != mult["keys"] * len(r.index) or len(r.values) != mult["values"] * len(r.index):
@@ -400,10 +432,11 @@ class StoreWriter:
             nbytes = int(np.asarray(data).nbytes) + 8 * len(index)
             self._reserve(self._pending_bytes + nbytes)
             self._pending_bytes += nbytes
+            kept: np.ndarray | None = data
             if self._input_appender is not None:  # the bytes go out now, chunk by chunk; the indices at commit
                 self._input_appender.append(np.ascontiguousarray(data, dtype=self._input_appender.ds.dtype))
-                data = None
-            self._pending_inputs.append((index, data))
+                kept = None
+            self._pending_inputs.append((index, kept))
         except BaseException as err:
             self._failing(err)
             raise
@@ -429,17 +462,20 @@ class StoreWriter:
         self._pending_rows[name] = total - m
 
     def _write_tables(self) -> None:
-        if self._pending_inputs and "inputs" in self.file:
-            ig = self.file["inputs"]
+        if self._pending_inputs and "inputs" in self._h5file:
+            ig = self._h5file["inputs"]
             if self._input_appender is None:
-                _h5.append(ig["data"], np.concatenate([d for _, d in self._pending_inputs]).astype(ig["data"].dtype, copy=False))
+                _h5.append(
+                    ig["data"],
+                    np.concatenate([d for _, d in self._pending_inputs]).astype(ig["data"].dtype, copy=False),
+                )
             _h5.append(ig["index"], np.concatenate([i for i, _ in self._pending_inputs]))
         self._pending_inputs = []
         if not self._pending_steps:
             return
         steps = self._pending_steps
-        _h5.append(self.file["update_step"], np.array([s for s, _, _ in steps], dtype=np.int64))
-        _h5.append(self.file["update_epoch"], np.array([e for _, e, _ in steps], dtype=np.int32))
+        _h5.append(self._h5file["update_step"], np.array([s for s, _, _ in steps], dtype=np.int64))
+        _h5.append(self._h5file["update_epoch"], np.array([e for _, e, _ in steps], dtype=np.int32))
         for name in self._layers:
             t = self._tables[name]
             _h5.append(t["grad_scale"], np.array([u[name][0] for _, _, u in steps], dtype=np.float64))
@@ -478,8 +514,8 @@ class StoreWriter:
     def _commit(self) -> dict[str, Any]:
         self._reserve(self._pending_bytes)
         self._write_pending()
-        self.file.flush()  # data first ...
-        f = self.file
+        self._h5file.flush()  # data first ...
+        f = self._h5file
         for name in self._layers:
             if name in self._dropped:  # removed at finalisation; its counter stays where it was
                 continue
@@ -494,7 +530,10 @@ class StoreWriter:
         if "inputs" in f:
             ig = f["inputs"]
             if ig["index"].shape[0] != ig["data"].shape[0]:
-                raise StoreError(f"{self.path}: {ig['index'].shape[0]} input indices for {ig['data'].shape[0]} inputs; not committed.")
+                raise StoreError(
+                    f"{self.path}: {ig['index'].shape[0]} input indices for {ig['data'].shape[0]} inputs; not "
+                    "committed."
+                )
             ig["committed"][0] = ig["index"].shape[0]
         f["committed_steps"][0] = f["update_step"].shape[0]
         f.flush()  # ... then the counters that point at it
@@ -532,15 +571,19 @@ class StoreWriter:
             for name, (w, b) in final_weights.items():
                 if name in self._dropped:
                     continue
-                spec = self.file["layers"][name].attrs
+                spec = self._h5file["layers"][name].attrs
                 want = (int(spec["d_out"]), int(spec["d_in"]))
                 if np.shape(w) != want or (b is not None and np.shape(b) != want[:1]):
-                    raise StoreError(f"{self.path}: final weights of layer {name!r} are {np.shape(w)}, expected {want}.")
+                    raise StoreError(
+                        f"{self.path}: final weights of layer {name!r} are {np.shape(w)}, expected {want}."
+                    )
             self.commit()
             self._release(close_file=True, keep_lock=True)
             self._lock.set_phase("finalisation")
             nbytes = sum(4 * (np.size(w) + (np.size(b) if b is not None else 0)) for w, b in final_weights.values())
-            with _journal.write_session(self.path, "finalisation", reserve=nbytes + 64 * 1024 * len(final_weights)) as f:
+            with _journal.write_session(
+                self.path, "finalisation", reserve=nbytes + 64 * 1024 * len(final_weights)
+            ) as f:
                 for name, (w, b) in final_weights.items():
                     g = f["layers"][name]
                     _h5.replace(g, "weight_final", np.asarray(w, dtype=np.float32))
@@ -553,7 +596,9 @@ class StoreWriter:
                 n_steps = int(f["committed_steps"][0])
                 for g in f["layers"].values():  # (rows before a resume count too)
                     per = (map_counts(g) or (1, 1))[1]  # a convolution's maps: one index per map of `per` rows
-                    g.attrs["rows_without_index"] = per * _count_negative(g["index"], int(g["committed_rows"][0]) // per)
+                    g.attrs["rows_without_index"] = per * _count_negative(
+                        g["index"], int(g["committed_rows"][0]) // per
+                    )
                     # the per-step tables the store finished with: answers at every step rest on them
                     g.attrs[TABLES_CRC32] = stored_tables_crc32(f, g, n_steps)
                 for name, cert in (certificate or {}).items():

@@ -7,7 +7,7 @@ const $ = (id) => document.getElementById(id);
 // topK, contribution and score start at the server's defaults (/api/info "defaults": the command line's)
 const state = {
   split: null, index: null, upload: null, uploadName: "", uploadRows: 0, uploadRow: 0,
-  layer: "", topK: null, by: "pattern", contribution: null, score: null, atStep: null,
+  layer: "", topK: null, by: "pattern", contribution: null, score: null, atStep: null, method: null,
 };
 let info = null;
 let queries = null; // {index, label, prediction} of the current split
@@ -75,6 +75,7 @@ function readHash() {
   if (h.get("contribution_to")) state.contribution = h.get("contribution_to") === "pred" ? "auto" : h.get("contribution_to");
   if (h.get("score")) state.score = h.get("score");
   if (h.get("at_step")) state.atStep = parseInt(h.get("at_step"), 10);
+  if (h.get("method")) state.method = h.get("method");
 }
 
 function writeHash() {
@@ -86,6 +87,7 @@ function writeHash() {
   h.set("contribution_to", state.contribution);
   h.set("score", state.score);
   if (state.atStep !== null) h.set("at_step", state.atStep);
+  h.set("method", state.method);
   history.replaceState(null, "", "#" + h.toString());
 }
 
@@ -169,6 +171,7 @@ function bindControls() {
   $("by").addEventListener("change", (ev) => { state.by = ev.target.value; refresh(); });
   $("contribution").addEventListener("change", (ev) => { state.contribution = ev.target.value; refresh(); });
   $("score").addEventListener("change", (ev) => { state.score = ev.target.value; refresh(); });
+  $("method").addEventListener("change", (ev) => { state.method = ev.target.value; refresh(); });
   const slider = $("at-step");
   let timer = null;
   slider.addEventListener("input", () => {
@@ -253,10 +256,14 @@ async function refresh() {
   const t0 = performance.now();
   try {
     const res = await api("/api/attend", attendParams());
+    // an influence that cannot answer (a replay refused, say) leaves its reason in the card, not the attention
+    const influence = await influenceAnswer(res).catch((e) => ({ method: null, note: e.message, queries: [] }));
     const t1 = performance.now();
     if (mine !== ticket) return;
     const j = state.upload ? state.uploadRow : 0;
     const shown = [];
+    const iq = influence && influence.queries ? influence.queries[j] : null;
+    if (iq) for (const side of ["proponents", "opponents"]) iq[side].forEach((it) => shown.push("train:" + it.index));
     for (const name of Object.keys(res.layers)) {
       const r = res.query_rows[name].example.indexOf(j);
       if (r < 0) continue;
@@ -265,7 +272,7 @@ async function refresh() {
     if (info.train_inputs) await ensureImages(Array.from(new Set(shown)));
     const qimg = await queryImage();
     if (mine !== ticket) return;
-    render(res, j, qimg);
+    render(res, j, qimg, influence);
     showError("");
     $("timing").textContent = `answer in ${(t1 - t0).toFixed(0)} ms, drawn in ${(performance.now() - t1).toFixed(0)} ms`;
     api("/api/cache").then((c) => { $("cache-line").textContent = c.cache_text ? "cache: " + c.cache_text : "no cache"; }).catch(() => {});
@@ -274,6 +281,53 @@ async function refresh() {
   } finally {
     if (mine === ticket) document.body.classList.remove("busy");
   }
+}
+
+// The influence answer for the chosen method: the store-only first order comes with /api/attend; the others
+// (every layer, TracIn, the metagradient: the viewer needs --model) from /api/influence.
+async function influenceAnswer(res) {
+  const [method, layers] = (state.method || "first_order:output").split(":");
+  if (method === "first_order" && layers === "output") return res.influence;
+  const p = { method, layers, top_k: state.topK };
+  if (state.upload) p.upload = state.upload; else { p.split = state.split; p.index = state.index; }
+  return api("/api/influence", p);
+}
+
+// The influence card: the examples whose up-weighting raises (proponents) or lowers (opponents) the prediction's
+// margin the most, each number labelled with what it is.
+function influenceCard(inf, j, reference) {
+  const card = el("section", "influence-card");
+  card.dataset.kind = "influence";
+  const h = el("h2", null, "Which training examples ");
+  h.append(el("span", "muted", inf && inf.method ? inf.label : "influence not available"));
+  card.append(h);
+  const q = inf && inf.queries ? inf.queries[j] : null;
+  if (!q) {
+    card.append(el("div", "cert", inf && inf.note ? inf.note : "no influence for this query"));
+    return card;
+  }
+  const sym = ["margin", "loss", "logit"].includes(inf.target) ? `d${inf.target}/dw` : "df/dw";
+  const line = el("div", "cert");
+  line.append(`${inf.target}` + (q.class === null || q.class === undefined ? "" : ` of class ${q.class}`) + " = ");
+  line.append(el("b", null, signed(q.value)));
+  line.append(` · ${inf.n_examples.toLocaleString()} training examples scored · ${sym} per example`);
+  if (inf.replay) line.append(` · replay: gradients within ${sci(inf.replay.grad_error)} of the stored ones`);
+  card.append(line);
+  if (inf.note) card.append(el("div", "muted", inf.note));
+  const left = el("div", "rankings");
+  for (const [side, kind, what] of [["proponents", "pro", "up-weighting raises the margin"],
+                                     ["opponents", "con", "up-weighting lowers the margin"]]) {
+    const sec = el("div", "ranking");
+    sec.dataset.kind = "influence-" + kind;
+    sec.append(el("h3", null, `${side}: ${what} the most (${sym})`));
+    const thumbs = el("div", "thumbs");
+    if (!q[side].length) thumbs.append(el("span", "muted", "none"));
+    for (const it of q[side]) thumbs.append(thumb({ ...it, sub: "training example" }, kind, sym, reference));
+    sec.append(thumbs);
+    left.append(sec);
+  }
+  card.append(left);
+  return card;
 }
 
 // What a result's numbers are, by its `score` ("raw" | "unit"): every heading and number says which.
@@ -316,7 +370,7 @@ function rankings(res, r) {
   return lists;
 }
 
-function render(res, j, qimg) {
+function render(res, j, qimg, influence) {
   // the query
   const q = res.queries;
   const label = q.label[j], pred = q.prediction[j];
@@ -335,6 +389,9 @@ function render(res, j, qimg) {
 
   const box = $("layers");
   box.textContent = "";
+  box.append(influenceCard(influence, j, reference));
+  box.append(el("p", "muted attention-note", "Attention, the paper's view: how each layer's output is assembled " +
+    "from its training rows. Its weights are not a prediction of what removing or up-weighting an example would do."));
   const names = Object.keys(res.layers);
   for (const name of names) {
     const r = res.query_rows[name].example.indexOf(j);
@@ -527,6 +584,11 @@ async function start() {
   $("by").value = state.by;
   $("contribution").value = state.contribution;
   $("score").value = state.score;
+  const methodSel = $("method");
+  for (const m of info.influence.methods) methodSel.append(new Option(m.title, `${m.method}:${m.layers}`));
+  const values = info.influence.methods.map((m) => `${m.method}:${m.layers}`);
+  if (!values.includes(state.method)) state.method = values[0];
+  methodSel.value = state.method;
   const slider = $("at-step");
   slider.min = Math.min(info.first_step + 1, info.last_step);
   slider.max = info.last_step;
