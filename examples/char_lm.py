@@ -172,12 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--paper", action="store_true", help="the authors' model and optimizer (see PAPER in the source; on another text)")
     p.add_argument("--seeds", type=int, default=1, help="models trained (seeds --seed..); the vote table gives mean ± std")
     p.add_argument("--keep-stores", action="store_true", help="keep every seed's store (default: the first seed's only)")
-    args = p.parse_args(argv)
-    if args.paper:
-        defaults = {a.dest: a.default for a in p._actions}
-        for k, v in PAPER.items():
-            if getattr(args, k) == defaults.get(k):
-                setattr(args, k, v)
+    args = common.parse_paper_args(p, argv, PAPER)
     out = common.prepare_out(args, "char_lm")
     if args.seeds < 1:
         print(f"char_lm: --seeds must be positive, got {args.seeds}", file=sys.stderr)

@@ -205,12 +205,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep = k == 0 and not (args.paper or args.no_legacy)
         store = os.path.join(out if keep else seed_dir, f"cifar10_{args.model}.h5")
         pl.seed_everything(seed, verbose=False)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         train, test = common.loaders(argparse.Namespace(**{**vars(args), "seed": seed}), train_set, test_set)
         net = common.mlp(3072, args.hidden) if args.model == "mlp" else small_cnn(args.channels)
         model = common.Classifier(net, lr=args.lr, momentum=args.momentum)
         common.fit_and_test(args, model, store, train, test, record_test=not (args.paper or args.no_legacy))
         train_s = time.perf_counter() - t0
+        train_cpu_s = time.process_time() - c0
         if keep:
             summary = common.analyse_classifier(
                 store, out, args, classes=CLASSES, to_image=lambda x: to_image(x, stats), title=f"CIFAR-10, {args.model.upper()} (k·q mass)",
@@ -218,10 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "train_examples": len(train_set), "test_examples": len(test_set)},
             )
             print(f"cifar10: recorded layers {summary['layers']}")
-        res = study.study_seed(store, model, query_sets, seed=seed, out=out if k == 0 and not args.no_figures else None, picks=args.picks,
+        figures = out if k == 0 and study.draws(args, "study") else None
+        res = study.study_seed(store, model, query_sets, seed=seed, out=figures, picks=args.picks,
                                classes=CLASSES, dataset_names=("CIFAR-10",), dataset_of=None,
                                train_pictures=lambda idx: pics(tri[idx]), prefix="study")
-        res.update(train_s=train_s, test_accuracy=model.accuracy, steps=args.max_steps)
+        res.update(train_s=train_s, train_cpu_s=train_cpu_s, test_accuracy=model.accuracy, steps=args.max_steps)
         with open(os.path.join(seed_dir, "result.json"), "w") as fh:
             json.dump(res, fh, indent=1, default=float)
         results.append(res)

@@ -105,6 +105,26 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
+class _Unset:
+    """Marks an option the command line did not give (argparse keeps a value it finds in the namespace)."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+def parse_paper_args(p: argparse.ArgumentParser, argv: Sequence[str] | None, paper: dict[str, Any]) -> argparse.Namespace:
+    """``p.parse_args(argv)``, where under ``--paper`` every option named in ``paper`` that the command line did not
+    give takes the paper's value. An option given explicitly wins, even when it equals its default
+    (``--paper --max-steps 300`` trains 300 steps)."""
+    unset = _Unset()
+    args = p.parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in paper}))
+    defaults = {a.dest: a.default for a in p._actions}
+    for k, v in paper.items():
+        if getattr(args, k) is unset:
+            setattr(args, k, v if args.paper else defaults[k])
+    return args
+
+
 def prepare_out(args: argparse.Namespace, name: str) -> str:
     out = args.out or os.path.join("runs", name)
     os.makedirs(out, exist_ok=True)
@@ -169,6 +189,30 @@ def fit_and_test(args: argparse.Namespace, model: pl.LightningModule, store: str
     return cb
 
 
+def load_final_weights(model: nn.Module, store: str) -> None:
+    """Set every layer the store recorded to its trained weights and bias (``weight_final``, ``bias_final``):
+    the model a run ended with, for analysing a store without training again.
+
+    Raises:
+        ValueError: the store lacks a layer's final weights, or they do not fit the model's layer.
+    """
+    from lightning_dualform import StoreReader
+
+    with StoreReader(store) as reader, torch.no_grad():
+        for name in reader.layers:
+            lay, mod = reader.layer(name), model.get_submodule(name)
+            weight, bias = lay.weight_final, lay.bias_final
+            if weight is None or tuple(weight.shape) != tuple(mod.weight.shape):
+                raise ValueError(f"{store}: layer {name!r} has no final weights of shape {tuple(mod.weight.shape)} "
+                                 f"(found {None if weight is None else tuple(weight.shape)}); was it written by this "
+                                 "model, and did its run finish?")
+            mod.weight.copy_(torch.from_numpy(np.asarray(weight, np.float32)))
+            if mod.bias is not None:
+                if bias is None:
+                    raise ValueError(f"{store}: layer {name!r} has no final bias; was it written by this model?")
+                mod.bias.copy_(torch.from_numpy(np.asarray(bias, np.float32)))
+
+
 def embedded_split(name: str, seed: int, path: str | None = None) -> tuple[np.ndarray, ...]:
     """``train_images, train_labels, test_images, test_labels`` of an embedded dataset (80/20 seeded split)."""
     images, labels = load_images(name, path)
@@ -218,9 +262,12 @@ def analyse_classifier(
     """Vote table, top-k images, score curves, top-score steps and class mass of the recorded test queries.
 
     Writes ``votes.md``, ``topk.png``, ``score_curves.png``, ``top_steps.png``, ``class_mass.png`` and
-    ``summary.json`` into ``out``; returns the summary. ``examples`` picks the analysed test inputs (default:
-    the first ``--queries``); ``more(di, run)`` adds an example's own analyses to the summary.
+    ``summary.json`` into ``out`` (the PNGs only where ``--figures`` asks for ``analyses``); returns the summary.
+    ``examples`` picks the analysed test inputs (default: the first ``--queries``); ``more(di, run)`` adds an
+    example's own analyses to the summary.
     """
+    import study
+
     with DualInference(store, device="cpu") as di:
         layers = linear_layers(di)
         run = attend_recorded(di, "test", layers=layers, examples=examples, limit=args.queries, top_k=max(args.top_k, 10),
@@ -229,15 +276,16 @@ def analyse_classifier(
         md = f"# {title}\n\nVotes of {table.n} test inputs (test accuracy of these: {100 * table.accuracy:.1f}%), " \
              f"in percent; vote = the class with the most attention mass.\n\n" + table.to_markdown()
         write(out, "votes.md", md)
-        picks = pick_examples(run.label, run.prediction)
-        plot_topk(di, run, picks, os.path.join(out, "topk.png"), classes, to_image, args.top_k)
-        curves = {n: score_curves(di, n, run.queries(n, [picks[0]]))[0] for n in layers}
-        plot_score_curves(curves, os.path.join(out, "score_curves.png"), classes,
-                          f"test input {run.index[picks[0]]} (label {classes[run.label[picks[0]]]})")
-        first = di.store.first_step
-        plot_top_steps({n: step_histogram(run.results[n], first, bins=20, k=10) for n in layers},
-                       os.path.join(out, "top_steps.png"), steps_per_epoch(di))
-        plot_class_mass(run, picks, os.path.join(out, "class_mass.png"), classes)
+        if study.draws(args, "analyses"):
+            picks = pick_examples(run.label, run.prediction)
+            plot_topk(di, run, picks, os.path.join(out, "topk.png"), classes, to_image, args.top_k)
+            curves = {n: score_curves(di, n, run.queries(n, [picks[0]]))[0] for n in layers}
+            plot_score_curves(curves, os.path.join(out, "score_curves.png"), classes,
+                              f"test input {run.index[picks[0]]} (label {classes[run.label[picks[0]]]})")
+            first = di.store.first_step
+            plot_top_steps({n: step_histogram(run.results[n], first, bins=20, k=10) for n in layers},
+                           os.path.join(out, "top_steps.png"), steps_per_epoch(di))
+            plot_class_mass(run, picks, os.path.join(out, "class_mass.png"), classes)
         summary = {
             "store": store, "store_bytes": os.path.getsize(store), "steps": di.store.last_step,
             "layers": di.layers, "analysed_layers": layers, "queries": table.n,

@@ -126,22 +126,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.makedirs(seed_dir, exist_ok=True)
         store = os.path.join(out, "continual.h5") if k == 0 and not args.paper else os.path.join(seed_dir, "continual.h5")
         pl.seed_everything(seed, verbose=False)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         sampler = TaskSwitchBatches(np.arange(n_m), n_m + np.arange(len(f_train)), switch, args.max_steps - switch, args.batch_size, seed)
         train = torch.utils.data.DataLoader(train_set, batch_sampler=sampler)
         test = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset([m_test, f_test]), batch_size=256)
         model = ContinualClassifier(common.mlp(784, args.hidden), lr=args.lr, momentum=args.momentum, mnist_test=m_test, switch_step=switch)
         common.fit_and_test(args, model, store, train, test, record_test=not (args.paper or args.no_legacy))
         train_s = time.perf_counter() - t0
+        train_cpu_s = time.process_time() - c0
         with torch.no_grad():
             acc_m = float((model(m_test.x).argmax(1) == m_test.y).float().mean())
             acc_f = float((model(f_test.x).argmax(1) == f_test.y).float().mean())
         if k == 0 and not (args.paper or args.no_legacy):
             legacy(args, out, store, model, switch, len(m_test), acc_m, acc_f)
-        res = study.study_seed(store, model, query_sets, seed=seed, out=out if k == 0 and not args.no_figures else None, picks=args.picks,
+        figures = out if k == 0 and study.draws(args, "study") else None
+        res = study.study_seed(store, model, query_sets, seed=seed, out=figures, picks=args.picks,
                                classes=CLASSES, dataset_names=TASKS, dataset_of=dataset_ranges([n_m, len(f_train)]),
                                train_pictures=lambda idx: pictures[idx], pick_sets=("test_mnist", "test_fashion"))
-        res.update(train_s=train_s, test_accuracy=model.accuracy, steps=args.max_steps, switch_step=switch,
+        res.update(train_s=train_s, train_cpu_s=train_cpu_s, test_accuracy=model.accuracy, steps=args.max_steps, switch_step=switch,
                    mnist_accuracy_at_switch=model.accuracy_at_switch, mnist_accuracy_end=acc_m, fashion_accuracy_end=acc_f)
         with open(os.path.join(seed_dir, "result.json"), "w") as fh:
             json.dump(res, fh, indent=1, default=float)
@@ -186,8 +188,10 @@ def legacy(args: Any, out: str, store: str, model: Any, switch: int, n_mt: int, 
             absm = mass.absolute.double().numpy()
             frac = absm / absm.sum(1, keepdims=True)
             over_time[name] = (np.asarray(mass.edges), frac[is_mnist].mean(0), frac[~is_mnist].mean(0))
-        common.plot_bars(groups, os.path.join(out, "task_mass.png"), "Share of |k·q| on each task's steps", "share of mass")
-        _plot_over_time(over_time, switch, os.path.join(out, "mass_over_steps.png"))
+        if study.draws(args, "analyses"):
+            common.plot_bars(groups, os.path.join(out, "task_mass.png"), "Share of |k·q| on each task's steps",
+                             "share of mass")
+            _plot_over_time(over_time, switch, os.path.join(out, "mass_over_steps.png"))
         md = (f"\n## Attention per task\n\nMNIST test accuracy: {100 * model.accuracy_at_switch:.1f}% after MNIST (step {switch}), "
               f"{100 * acc_m:.1f}% at the end; Fashion-MNIST test accuracy at the end: {100 * acc_f:.1f}%.\n\n"
               "Mean share (percent) of each test input's total |k·q| on the rows written in each phase.\n\n"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import os
 import struct
 import sys
@@ -39,6 +40,7 @@ import numpy as np
 
 import common
 import study
+from lightning_dualform import StoreReader
 from lightning_dualform.datasets import MNIST_CLASSES, authors_split, load_images, load_mnist_pickle, pixel_stats, split
 from lightning_dualform.studies import score_label
 
@@ -110,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
                    help="sgd: the paper's; adamw: torch.optim.AdamW, plus the same run with SGD beside it (sgd_vs_adamw.png)")
     p.add_argument("--adamw-lr", type=float, default=1e-3, help="AdamW's learning rate (with --optimizer adamw)")
+    p.add_argument("--from-store", default=None, metavar="PATH",
+                   help="no training: analyse this SGD store (a seed's kept store, or one whose analysis was stopped) "
+                        "as seed --seed; the model is rebuilt from the store's final weights, and the store is kept")
     study.add_study_args(p)
     args = study.parse(p, argv, PAPER)
     out = common.prepare_out(args, "mnist_mlp")
@@ -118,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         fashion, fashion_labels = load_images("fashion_mnist", args.fashion_path)
     except (FileNotFoundError, ValueError) as err:
         print(f"mnist_mlp: {err}", file=sys.stderr)
+        return 2
+    if args.from_store and (args.optimizer != "sgd" or args.seeds != 1):
+        print("mnist_mlp: --from-store analyses one SGD store: give it without --optimizer adamw and with --seeds 1",
+              file=sys.stderr)
         return 2
     stats = None if args.raw_pixels else pixel_stats(pool)
     f_stats = None if args.raw_pixels else pixel_stats(fashion)
@@ -145,7 +154,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.makedirs(seed_dir, exist_ok=True)
         store = os.path.join(out, "mnist.h5") if k == 0 and not args.paper else os.path.join(seed_dir, "mnist.h5")
         runs = ((("sgd", os.path.join(out, "mnist_sgd.h5")),) if adamw and k == 0 else ()) + ((args.optimizer, store),)
-        t0 = time.perf_counter()
+        if args.from_store:
+            store, runs = args.from_store, ()
+            model = common.Classifier(common.mlp(784, args.hidden), lr=args.lr, momentum=args.momentum)
+            try:
+                common.load_final_weights(model, store)
+            except (OSError, ValueError) as err:
+                print(f"mnist_mlp: {err}", file=sys.stderr)
+                return 2
+            accuracy["sgd"] = float((study.predict(model, test_set.x) == tel).mean())
+        t0, c0 = time.perf_counter(), time.process_time()
         for opt, path in runs:
             pl.seed_everything(seed, verbose=False)  # the same initial weights and batches for both runs
             args_seed = argparse.Namespace(**{**vars(args), "seed": seed})
@@ -155,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             common.fit_and_test(args, model, path, train, test, record_test=not (args.paper or args.no_legacy))
             accuracy[opt] = model.accuracy
         train_s = time.perf_counter() - t0
-        if k == 0 and not (args.paper or args.no_legacy):
+        train_cpu_s = time.process_time() - c0
+        if k == 0 and not (args.paper or args.no_legacy or args.from_store):
             common.analyse_classifier(
                 store, out, args, classes=MNIST_CLASSES, to_image=to_image,
                 title=f"MNIST, MLP 784-800-800-10, {'AdamW' if adamw else 'SGD'} ({score_label('signed')} mass)",
@@ -163,19 +182,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "lr": args.adamw_lr if adamw else args.lr, "optimizer": args.optimizer,
                        "standardized": stats is not None, **({"sgd_test_accuracy": accuracy["sgd"]} if adamw else {})},
             )
-            if adamw:
+            if adamw and study.draws(args, "analyses"):
                 compare(out, args, to_image)
         if not adamw:
-            res = study.study_seed(store, model, query_sets, seed=seed, out=out if k == 0 and not args.no_figures else None, picks=args.picks,
+            figures = out if k == 0 and study.draws(args, "study") else None
+            res = study.study_seed(store, model, query_sets, seed=seed, out=figures, picks=args.picks,
                                    classes=MNIST_CLASSES, dataset_names=("MNIST", "Fashion-MNIST"), dataset_of=None,
                                    train_pictures=lambda idx: tri[idx] / 255.0, pick_sets=("test", "ood"), prefix="study")
-            res.update(train_s=train_s, test_accuracy=accuracy["sgd"], steps=args.max_steps)
+            res.update(train_s=train_s, train_cpu_s=train_cpu_s, test_accuracy=accuracy["sgd"], steps=args.max_steps)
+            if args.from_store:  # trained elsewhere: its training time is not this run's
+                with StoreReader(store, probe=False) as reader:
+                    res.update(train_s=math.nan, train_cpu_s=math.nan, from_store=os.path.abspath(store),
+                               steps=reader.last_step)
             with open(os.path.join(seed_dir, "result.json"), "w") as fh:
                 json.dump(res, fh, indent=1, default=float)
             results.append(res)
-            print(f"mnist_mlp: seed {seed}: test accuracy {100 * accuracy['sgd']:.1f}%, trained in {train_s:.0f} s, "
+            trained = f"the store {store}" if args.from_store else f"trained in {train_s:.0f} s"
+            print(f"mnist_mlp: seed {seed}: test accuracy {100 * accuracy['sgd']:.1f}%, {trained}, "
                   f"analysed in {res['analysis_s']:.0f} s", flush=True)
-        if not (args.keep_stores or (k == 0 and not args.paper)):
+        if not (args.keep_stores or args.from_store or (k == 0 and not args.paper)):
             os.remove(store)
     if results:
         md = study.write_tables(out, results, title="MNIST: the paper's measures", dataset_names=("MNIST",), setting=setting)

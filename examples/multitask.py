@@ -77,17 +77,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.makedirs(seed_dir, exist_ok=True)
         store = os.path.join(out, "multitask.h5") if k == 0 and not args.paper else os.path.join(seed_dir, "multitask.h5")
         pl.seed_everything(seed, verbose=False)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         train, test = common.loaders(argparse.Namespace(**{**vars(args), "seed": seed}), train_set, test_set)
         model = common.Classifier(common.mlp(784, args.hidden), lr=args.lr, momentum=args.momentum)
         common.fit_and_test(args, model, store, train, test, record_test=not (args.paper or args.no_legacy))
         train_s = time.perf_counter() - t0
+        train_cpu_s = time.process_time() - c0
         if k == 0 and not (args.paper or args.no_legacy):
             legacy(args, out, store, model, data, stats, n_m, n_f)
-        res = study.study_seed(store, model, query_sets, seed=seed, out=out if k == 0 and not args.no_figures else None, picks=args.picks,
+        figures = out if k == 0 and study.draws(args, "study") else None
+        res = study.study_seed(store, model, query_sets, seed=seed, out=figures, picks=args.picks,
                                classes=CLASSES, dataset_names=TASKS, dataset_of=dataset_ranges([n_m, n_f]),
                                train_pictures=lambda idx: pictures[idx], pick_sets=("test_mnist", "test_fashion"))
-        res.update(train_s=train_s, test_accuracy=model.accuracy, steps=args.max_steps)
+        res.update(train_s=train_s, train_cpu_s=train_cpu_s, test_accuracy=model.accuracy, steps=args.max_steps)
         with open(os.path.join(seed_dir, "result.json"), "w") as fh:
             json.dump(res, fh, indent=1, default=float)
         results.append(res)
@@ -123,7 +125,9 @@ def legacy(args: argparse.Namespace, out: str, store: str, model: Any, data: dic
                 rows.append([name, f"{test_task} test ({int(sel.sum())})", f"{100 * mean[0]:.1f}", f"{100 * mean[1]:.1f}"])
                 groups[f"{name}\n{test_task} test"] = {f"on {t} rows": float(mean[i]) for i, t in enumerate(TASKS)}
                 shares[f"{name}/{test_task}"] = mean.tolist()
-        common.plot_bars(groups, os.path.join(out, "task_mass.png"), "Share of |k·q| per training task", "share of mass")
+        if study.draws(args, "analyses"):
+            common.plot_bars(groups, os.path.join(out, "task_mass.png"), "Share of |k·q| per training task",
+                             "share of mass")
         md = "\n## Attention per task\n\nMean share (percent) of each test input's total |k·q| on the training " \
              "rows of each task.\n\n" + markdown_table(["layer", "test inputs", f"on {TASKS[0]}", f"on {TASKS[1]}"], rows)
         with open(os.path.join(out, "votes.md"), "a") as fh:

