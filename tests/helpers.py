@@ -58,6 +58,17 @@ def loader(ds, batch_size: int = 16, shuffle: bool = True, **kw):
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, **kw)
 
 
+def small_sgd_store(path: str) -> str:
+    """A finished store of ``MLP()`` trained 2 epochs on 64 examples in batches of 16 (seed 0): the small SGD store
+    of the tests that need any store at all."""
+    from lightning_dualform import DualFormCallback
+
+    torch.manual_seed(0)
+    L.Trainer(max_epochs=2, callbacks=[DualFormCallback(path)], accelerator="cpu", **TRAINER_KW).fit(
+        MLP(), loader(IndexedDataset(n=64), 16))
+    return path
+
+
 def dual_output(
     path: str, layer: str, x: torch.Tensor, end: int | None = None, base: bool = True, memory: bool = True
 ) -> torch.Tensor:

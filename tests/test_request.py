@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import inspect
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 
-from helpers import TRAINER_KW, MLP, IndexedDataset, loader
-from lightning_dualform import AttendRequest, DualFormCallback, DualInference
+from helpers import small_sgd_store
+from lightning_dualform import AttendRequest, DualInference
 from lightning_dualform.analysis import attend_queries, attend_recorded
 from lightning_dualform.attend.request import FIELDS
 from lightning_dualform.cli.attend import attend_run
@@ -71,11 +70,7 @@ def test_a_request_normalises_and_resolves() -> None:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("request") / "s.h5")
-    torch.manual_seed(0)
-    L.Trainer(max_epochs=2, callbacks=[DualFormCallback(path)], accelerator="cpu", **TRAINER_KW).fit(
-        MLP(), loader(IndexedDataset(n=64), 16))
-    return path
+    return small_sgd_store(str(tmp_path_factory.mktemp("request") / "s.h5"))
 
 
 def test_a_prepared_request_answers_as_the_keywords(store) -> None:

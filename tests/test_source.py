@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import typing
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 
-from helpers import TRAINER_KW, MLP, IndexedDataset, loader
-from lightning_dualform import DualFormCallback, DualInference, StoreReader
+from helpers import small_sgd_store
+from lightning_dualform import DualInference, StoreReader
 from lightning_dualform.attend.cache import BlockCache, CachedLayer
 from lightning_dualform.attend.passes import PassContext, ScalarPass
 from lightning_dualform.attend.request import AttendRequest
@@ -22,11 +21,7 @@ MEMBERS = sorted(set(LayerSource.__annotations__) | {n for n in vars(LayerSource
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("source") / "s.h5")
-    torch.manual_seed(0)
-    L.Trainer(max_epochs=2, callbacks=[DualFormCallback(path)], accelerator="cpu", **TRAINER_KW).fit(
-        MLP(), loader(IndexedDataset(n=64), 16))
-    return path
+    return small_sgd_store(str(tmp_path_factory.mktemp("source") / "s.h5"))
 
 
 def test_every_layer_reader_is_a_layer_source(store) -> None:
