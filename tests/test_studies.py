@@ -204,3 +204,29 @@ def test_figures_are_drawn(trained, store, tmp_path):
             0,
             str(tmp_path / "x.png"),
         )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_running_top_k_equals_one_sort_of_every_row(seed):
+    """The block-by-block merge (with its shortcut once the top is full: only rows above the k-th can enter)
+    keeps exactly the k highest of all rows, earlier rows first on ties, NaN and -inf scores last."""
+    from lightning_dualform.studies.measures import _empty_top, _merge_top
+
+    rng = np.random.default_rng(seed)
+    n, b, k, blocks = int(rng.integers(1, 9)), int(rng.integers(40, 900)), int(rng.integers(1, 120)), 12
+    scores = np.round(rng.standard_normal((n, b * blocks)) * (1 + seed % 3), 1)  # coarse: many ties
+    scores[rng.random(scores.shape) < 0.01 * (seed % 2)] = np.nan
+    scores[rng.random(scores.shape) < 0.01 * (seed % 3 == 0)] = -np.inf
+    scores[:, : b // 2] += 5.0 * (seed % 2)  # a strong first block: later blocks mostly prune
+    rows = np.arange(b * blocks)
+    meta = {"row": rows, "step": rows // 7, "index": rng.integers(0, 500, len(rows)),
+            "label": rng.integers(0, 10, len(rows)), "dataset": rng.integers(0, 2, len(rows))}
+    top = _empty_top(n, k)
+    for s0 in range(0, len(rows), b):
+        top = _merge_top(top, scores[:, s0:s0 + b], {c: v[s0:s0 + b] for c, v in meta.items()}, k)
+    for i in range(n):
+        order = np.lexsort((rows, -np.where(np.isnan(scores[i]), -np.inf, scores[i])))[:k]
+        np.testing.assert_array_equal(top["row"][i], order)
+        np.testing.assert_array_equal(top["score"][i], scores[i, order])
+        for c in ("step", "index", "label", "dataset"):
+            np.testing.assert_array_equal(top[c][i], meta[c][order])

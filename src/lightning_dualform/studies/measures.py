@@ -154,19 +154,37 @@ class LayerScan:
 def _merge_top(
     best: dict[str, np.ndarray], scores: np.ndarray, meta: dict[str, np.ndarray], k: int,
 ) -> dict[str, np.ndarray]:
-    """Keep the ``k`` largest of ``best`` (n, k) and a block's ``scores`` (n, B); earlier rows win ties."""
+    """Keep the ``k`` largest of ``best`` (n, k) and a block's ``scores`` (n, B); earlier rows win ties, NaN
+    counts as -inf."""
     n, b = scores.shape
-    kk = min(k, b)
-    if kk < b:
-        idx = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-    else:
-        idx = np.broadcast_to(np.arange(b), (n, b))
-    cand = {"score": np.take_along_axis(scores, idx, 1)}
+    if not (k and b):
+        return best
+    take = None
+    if best["score"].shape[1] == k:
+        # once the top is full only scores strictly above a query's k-th can enter (a tie loses to the earlier
+        # row it holds); after a layer's first blocks those are few, and no partition of the block is needed
+        kth = best["score"][:, k - 1]
+        take = scores > np.where(np.isnan(kth), -np.inf, kth)[:, None]
+        if 4 * int(take.sum(1).max()) > b:
+            take = None
+    if take is None:
+        # the block's k highest, and every row tied with the k-th: the sort below orders ties by row
+        s = np.where(np.isnan(scores), -np.inf, scores)
+        kk = min(k, b)
+        take = s >= np.partition(s, b - kk, axis=1)[:, b - kk][:, None]
+    counts = take.sum(1)
+    width = int(counts.max())
+    if width == 0:
+        return best
+    q, col = np.nonzero(take)  # row-major: by query, then by column
+    slot = np.arange(len(q)) - np.repeat(np.cumsum(counts) - counts, counts)
+    cand = {"score": np.full((n, width), -np.inf)}
+    cand["score"][q, slot] = scores[q, col]
     for c, v in meta.items():
-        cand[c] = v[idx]
+        cand[c] = np.full((n, width), -1, dtype=v.dtype)
+        cand[c][q, slot] = v[col]
     merged = {c: np.concatenate([best[c], cand[c]], 1) for c in best}
-    # order: score descending, then row ascending (the row number is unique, so the order is total)
-    order = _order(merged["score"], merged["row"])[:, :k]
+    order = _order(merged["score"], merged["row"])[:, :k]  # the padding (-inf, row -1) sorts last
     return {c: np.take_along_axis(v, order, 1) for c, v in merged.items()}
 
 
@@ -219,9 +237,10 @@ class _Acc:
     ) -> None:
         n = s.shape[0]
         d, c = self.group_mass.shape[1:]
-        self.total += np.abs(s).sum(1)
+        self.total += (s if self.score == "abs" else np.abs(s)).sum(1)
         gm = torch.zeros(n, d * c, dtype=torch.float64)
-        gm.index_add_(1, torch.from_numpy(group), torch.from_numpy(np.ascontiguousarray(s[:, known])))
+        s_known = s if known.all() else np.ascontiguousarray(s[:, known])
+        gm.index_add_(1, torch.from_numpy(group), torch.from_numpy(s_known))
         self.group_mass += gm.numpy().reshape(n, d, c)
         if self.top_k:
             self.top = _merge_top(self.top, s, meta, self.top_k)
