@@ -37,12 +37,12 @@ from lightning_dualform.store.filters import decode_rows
 from lightning_dualform.store.format import (
     ROW_COLUMNS,
     STATE_GROUP,
-    rule_named,
-    store_form,
     table_columns,
     tables_crc32,
     weights_crc32,
 )
+from lightning_dualform.store.query_sets import QuerySet
+from lightning_dualform.store.view import StoreView
 
 __all__ = ["Coefficients", "LayerReader", "QuerySet", "StoreReader", "StoreView"]
 
@@ -509,63 +509,6 @@ def _bound(where: str, what: str, got: int, want: int) -> None:
         )
 
 
-class StoreView:
-    """What every opened store offers beyond its files: layers by name, the step range, status.
-
-    Subclasses set ``path``, ``status``, ``n_steps``, ``first_step``, ``update_rule``, ``optimizer_exact`` and
-    ``_layers`` (name -> layer reader).
-    """
-
-    path: str
-    status: str
-    n_steps: int
-    update_rule: str
-    optimizer_exact: bool
-    _layers: dict[str, Any]
-
-    @property
-    def rule(self) -> UpdateRule | None:
-        """The optimizer's update rule (``None`` for a ``"plain"`` store)."""
-        return rule_named(self.update_rule)
-
-    @property
-    def form(self) -> str:
-        """How layers are rebuilt (:data:`~lightning_dualform.store.format.FORMS`): ``"scalar"`` (SGD, ASGD:
-        per-step coefficients),
-        ``"element-wise"`` (Adam, AdamW, Adagrad, ...: a replay of the optimizer) or ``"plain"`` (a run
-        recorded with ``exact=False``: ``p_0 - sum lr_s g_s`` plus the stored residual)."""
-        return store_form(self.update_rule, self.optimizer_exact)
-
-    @property
-    def layers(self) -> list[str]:
-        """Tracked layer names, in model order."""
-        return list(self._layers)
-
-    @property
-    def last_step(self) -> int:
-        """The model after this many optimizer steps is the latest the store can rebuild."""
-        return self.first_step + self.n_steps
-
-    @property
-    def complete(self) -> bool:
-        return self.status == "complete"
-
-    def layer(self, name: str) -> Any:
-        try:
-            return self._layers[name]
-        except KeyError:
-            raise KeyError(f"unknown layer {name!r}; this store has {self.layers}") from None
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Any:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
 class StoreReader(StoreView):
     """A store opened for reading. Validates the file before anything else touches it.
 
@@ -664,7 +607,7 @@ class StoreReader(StoreView):
         """Names of the recorded query sets (e.g. ``["test"]``)."""
         return sorted(self._f["queries"]) if "queries" in self._f else []
 
-    def queries(self, split: str) -> "QuerySet":
+    def queries(self, split: str) -> QuerySet:
         if split not in self.query_splits:
             raise KeyError(
                 f"{self.path} has no query set {split!r}; it has {self.query_splits or 'none'}. Record one with "
@@ -713,64 +656,3 @@ def _writer_state(path: str) -> tuple[str | None, tuple[int, int, int] | None]:
 
 def _phase(doing: str | None) -> str | None:
     return None if doing is None else doing.split(": ", 1)[-1]
-
-
-class QuerySet:
-    """The query inputs recorded for one split (``trainer.test`` etc.)."""
-
-    def __init__(self, store: StoreReader, split: str, group: h5py.Group) -> None:
-        self.path = store.path
-        self.split = split
-        self._g = group
-        self._store = store
-        where = f"{store.path}: query set {split!r}"
-        self.index, self.label, self.prediction, self.layers = validate.check_query_set(group, where)
-        self.n = len(self.index)
-
-    @property
-    @_h5.guarded
-    def inputs(self) -> np.ndarray | None:
-        """Raw inputs ``(n, *shape)`` of the query examples, when they were recorded (for every query: older
-        stores may hold a part of them when the inputs' shape changed midway; then None)."""
-        if "inputs" not in self._g or self._g["inputs"].shape[:1] != (self.n,):
-            return None
-        return np.asarray(self._g["inputs"][()])
-
-    @property
-    def has_inputs(self) -> bool:
-        """Whether raw inputs were recorded (without reading them)."""
-        return "inputs" in self._g
-
-    @_h5.guarded
-    def inputs_at(self, positions: np.ndarray) -> np.ndarray | None:
-        """Raw inputs ``(len(positions), *shape)`` of the query examples at ``positions`` (recording order),
-        reading only those rows; None when no inputs were recorded."""
-        if "inputs" not in self._g:
-            return None
-        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
-        ds = self._g["inputs"]
-        if len(positions) == 0:
-            return np.zeros((0, *ds.shape[1:]), dtype=ds.dtype)
-        lo, hi = int(positions.min()), int(positions.max()) + 1
-        if (hi - lo) <= 4 * len(positions):  # close together: one slice
-            return np.asarray(ds[lo:hi])[positions - lo]
-        unique, back = np.unique(positions, return_inverse=True)
-        return np.asarray(ds[unique])[back]
-
-    @_h5.guarded
-    def layer_rows(self, layer: str, examples: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """``keys (R, d_in)``, ``example (R,)`` (query number), ``position (R,)`` and ``label (R,)``
-        (the row's own label, per position for sequences; -1 when none) of one layer; with ``examples``,
-        only the rows of those query numbers (reading the keys of the span they lie in)."""
-        if layer not in self.layers:
-            raise KeyError(f"query set {self.split!r} has no rows for layer {layer!r}; it has {self.layers}")
-        g = self._g["layers"][layer]
-        where = f"{self.path}: query set {self.split!r}, layer {layer!r}"
-        width = self._store.layer(layer).d_in if layer in self._store.layers else None
-        cols, which = validate.check_query_rows(g, where, width, self.n)
-        if examples is None:
-            return {k: (which if k == "example" else np.asarray(g[k][()])) for k in cols}
-        rows = np.flatnonzero(np.isin(which, np.asarray(examples)))
-        lo, hi = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
-        return {k: (which if k == "example" else np.asarray(g[k][lo:hi]) if k == "keys" else np.asarray(g[k][()]))[
-            rows - lo if k == "keys" else rows] for k in cols}
