@@ -134,13 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--step-buckets", type=int, default=AttendRequest.step_buckets,
                    help="time buckets of the attention mass over training")
-    s.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N'")
-    s.add_argument(
-        "--block-rows",
-        type=int,
-        default=None,
-        help="memory rows read and multiplied at a time (default: about 96 MiB per block)",
-    )
+    _device_and_blocks(s)
     s.add_argument("--json", metavar="FILE", default=None, help="write every number of the answer as JSON")
     s.add_argument(
         "--plot", metavar="FILE.png", default=None, help="draw the answer (.png, .pdf or .svg; needs matplotlib)"
@@ -184,13 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "rows, 2e-2 for float16, 1e-1 for bfloat16 (1e-2 / 5e-2 under 16-/bf16-mixed precision).")
     s.add_argument("store", metavar="STORE", help="a .h5 store written by DualFormCallback")
     s.add_argument("--samples", type=int, default=256, help="stored training keys used as queries per layer")
-    s.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N'")
-    s.add_argument(
-        "--block-rows",
-        type=int,
-        default=None,
-        help="memory rows read and multiplied at a time (default: about 96 MiB per block)",
-    )
+    _device_and_blocks(s)
     s.add_argument("--json", metavar="FILE", default=None, help="also write the verdict as JSON")
     s.add_argument("--write-certificate", action="store_true",
                    help="(re)compute the certificate and its memory sums and write them into the store first (a "
@@ -212,15 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache", default="auto",
                    help="memory kept for the store's rows: 'auto' (half of what is available), 'none', or a size "
                    "such as 2G, 512M (binary units) or a number of bytes")
-    s.add_argument(
-        "--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N' (with a cache on CUDA, rows are kept on the device)"
-    )
-    s.add_argument(
-        "--block-rows",
-        type=int,
-        default=None,
-        help="memory rows read and multiplied at a time (default: about 96 MiB per block)",
-    )
+    _device_and_blocks(s, "(with a cache on CUDA, rows are kept on the device)")
     s.add_argument("--no-warm", action="store_true", help="do not read every layer into the cache at start")
     s.add_argument("--model", metavar="MODULE:FACTORY", default=None,
                    help="the model (as for `influence --model`): adds influence through every recorded layer, TracIn "
@@ -248,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-plot", action="store_true", help="skip the picture (no matplotlib needed)")
     s.set_defaults(func=_Command("demo"))
     return p
+
+
+def _device_and_blocks(s: argparse.ArgumentParser, device_note: str = "") -> None:
+    """The two options of every command that multiplies rows: where, and how many at a time."""
+    s.add_argument("--device", default="cpu", help=" ".join(("'cpu', 'cuda' or 'cuda:N'", device_note)).strip())
+    s.add_argument("--block-rows", type=int, default=None,
+                   help="memory rows read and multiplied at a time (default: about 96 MiB per block)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
