@@ -38,8 +38,9 @@ LEVELS: dict[str, int] = {
     "front door": 10,
 }
 FOUNDATION = {"errors", "_args", "_version", "_compat", "_native", "_float32_products", "_lazy", "_unwrap"}
-#: private top-level modules that serve one room: the pickle walker behind ``datasets.load_mnist_pickle``
-PRIVATE_ROOMS = {"_array_pickle": "datasets"}
+#: top-level modules that serve one room: the pickle walker behind ``datasets.load_mnist_pickle``, and the
+#: runs of attention over many queries that ``analysis`` (which re-exports them), the CLI and the demo share
+PRIVATE_ROOMS = {"_array_pickle": "datasets", "query_runs": "analysis"}
 #: record/'s modules that adapt a training loop to the engine and hand it the read side's certificate
 ADAPTERS = {"record", "record.callback", "record.recorder", "record.attention_logging"}
 #: room -> third-party packages its modules never import

@@ -17,7 +17,7 @@ directly, so no global backend is changed.
 
 Example::
 
-    from lightning_dualform.analysis import attend_queries
+    from lightning_dualform.query_runs import attend_queries
     with DualInference("demo/mnist.h5") as di:
         run = attend_queries(di, split="test", positions=[0, 1], top_k=5)
         plot_attention(run, di.store, "top.png")            # attention only

@@ -30,7 +30,7 @@ from lightning_dualform.cli.which_examples import influence_heading, render_infl
 from lightning_dualform.cli.usage import DEFAULT_QUERIES, TERMINAL_TOP_K
 
 if TYPE_CHECKING:
-    from lightning_dualform.analysis import QueryAttention
+    from lightning_dualform.query_runs import QueryAttention
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def attend_run(
         UsageError: a bad option (unknown split, layer or index, a negative ``top_k`` ...).
         ValueError, KeyError: what :func:`~lightning_dualform.analysis.attend_queries` raises.
     """
-    from lightning_dualform.analysis import attend_queries
+    from lightning_dualform.query_runs import attend_queries
 
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise UsageError(f"--top-k {top_k}: expected 0 or more.")

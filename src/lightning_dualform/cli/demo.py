@@ -234,7 +234,7 @@ def run_demo(
     with DualInference(store_path, device="cpu", progress=progress) as di:
         qs = di.store.queries("test")
         picks = pick_queries(qs.label, qs.prediction)
-        from lightning_dualform.analysis import attend_queries  # shared with `attend`
+        from lightning_dualform.query_runs import attend_queries  # shared with `attend`
 
         run = attend_queries(di, split="test", positions=picks, top_k=min(top_k, 5), contribution_to="pred")
         summary["queries"] = {

@@ -21,7 +21,7 @@ from lightning_dualform.cli.output import table
 if TYPE_CHECKING:
     import torch
 
-    from lightning_dualform.analysis import QueryAttention
+    from lightning_dualform.query_runs import QueryAttention
     from lightning_dualform.attribute.influence import Method
 
 #: what the views say beside the store-only score

@@ -162,7 +162,7 @@ def attention_picture(store_path: str, model: torch.nn.Module, inputs: torch.Ten
                       indices: torch.Tensor | None, top_k: int = 5) -> np.ndarray:
     """The demo's picture (:func:`~lightning_dualform.plots.attention_image`) of what ``inputs`` attend to,
     over the store as committed now, at every tracked layer."""
-    from lightning_dualform.analysis import QueryAttention
+    from lightning_dualform.query_runs import QueryAttention
     from lightning_dualform.attend.inference import DualInference
     from lightning_dualform.plots import attention_image
 
