@@ -21,7 +21,8 @@ import pytest
 
 from lightning_dualform import DualInference
 from lightning_dualform.cli import main
-from lightning_dualform.cli.view import ASSETS, ViewApp, ViewServer, asset_table
+from lightning_dualform.cli.view import ViewApp, ViewServer
+from lightning_dualform.cli.view_http import ASSETS, asset_table
 
 CHROMIUM = os.environ.get("LIGHTNING_DUALFORM_CHROMIUM", "/usr/bin/chromium")
 
@@ -204,6 +205,44 @@ BAD = {
     "influence without index": "/api/influence?split=test",
     "asset with parameters": "/index.html?x=1",
 }
+
+
+@pytest.mark.parametrize("score", ["abs", "signed"])
+def test_api_study_equals_a_dense_computation_over_the_store(server, demo_store, score) -> None:
+    """The authors' measures of one query, against every stored row scored in float64 here."""
+    from lightning_dualform import StoreReader
+
+    index = int(_test_indices(demo_store)[3])
+    status, res = get_json(server, f"/api/study?split=test&index={index}&score={score}")
+    assert status == 200 and res["index"] == index and res["score"] == score
+    with StoreReader(demo_store) as st:
+        qs = st.queries("test")
+        pos = int(np.flatnonzero(qs.index == index)[0])
+        assert res["label"] == int(qs.label[pos]) and set(res["layers"]) == set(st.layers)
+        for name, m in res["layers"].items():
+            lay = st.layer(name)
+            d = lay.read(0, lay.n_rows, ("keys", "label"))
+            q = qs.layer_rows(name, np.array([pos]))["keys"][0].astype(np.float64)
+            s = d["keys"].astype(np.float64) @ q
+            if score == "abs":
+                s = np.abs(s)
+            totals = np.bincount(d["label"], weights=s, minlength=len(m["class_total"]))
+            np.testing.assert_allclose(m["class_total"], totals, rtol=1e-4, atol=1e-6 * np.abs(s).sum())
+            assert m["vote"] == int(np.argmax(totals)) and m["rows"] == lay.n_rows
+            ranked = np.sort(s)[::-1]
+            top = np.asarray(m["rank"]["score"])
+            assert len(top) == min(500, lay.n_rows)
+            np.testing.assert_allclose(top, ranked[: len(top)], rtol=1e-4, atol=1e-6 * ranked[0])
+            # every listed row is a row with that score (labels by row, not re-sorted here)
+            assert set(m["rank"]["label"]) <= set(d["label"].tolist())
+            k = m["top1pct_rows"]
+            assert k == int(np.ceil(0.01 * lay.n_rows))
+            np.testing.assert_allclose(m["top1pct_share"], np.sort(np.abs(s))[::-1][:k].sum() / np.abs(s).sum(), rtol=1e-4)
+            same = np.mean(np.asarray(m["rank"]["label"]) == res["label"])
+            assert m["top_label_share"] == pytest.approx(same)
+    for bad in ("score=max", "index=all", "index=-5"):
+        status, err = get_json(server, f"/api/study?split=test&index={index}&{bad}".replace(f"index={index}&index", "index"))
+        assert status == 400 and "\n" not in err["error"], (bad, err)
 
 
 def test_bad_parameters_get_400_and_one_line(server, demo_store) -> None:

@@ -400,6 +400,85 @@ function render(res, j, qimg, influence) {
     if (reference < 0 && lres.units && (state.contribution === "auto" || state.contribution === "pred")) reference = lres.units[r];
     box.append(layerCard(name, lres, r, res.query_rows[name].example.filter((e) => e === j).length, reference));
   }
+  if (!state.upload) box.append(studyCard());
+}
+
+// The paper authors' measures of this query (/api/study): per linear layer, over every stored row, the vote, the
+// top 500 rows' labels and steps against rank, and how much of the query's total its top 1% of rows hold.
+// A pass over the whole store per layer: computed when asked.
+function studyCard() {
+  const card = el("section", "study-card");
+  card.dataset.kind = "study";
+  card.append(el("h2", null, "The paper authors' measures "));
+  const bar = el("div", "study-controls");
+  const pick = el("select");
+  pick.id = "study-score";
+  for (const [v, t] of [["abs", "|k·q| (the authors')"], ["signed", "k·q (what the output sums)"]]) {
+    const o = el("option", null, t);
+    o.value = v;
+    pick.append(o);
+  }
+  const go = el("button", null, "compute");
+  go.type = "button";
+  go.id = "study-go";
+  const out = el("div", "study-out");
+  go.addEventListener("click", async () => {
+    out.textContent = "scoring every stored row…";
+    try {
+      const res = await api("/api/study", { split: state.split, index: state.index, score: pick.value });
+      out.textContent = "";
+      out.append(studyTable(res));
+      for (const [name, m] of Object.entries(res.layers)) out.append(rankPlot(name, m, res));
+    } catch (e) {
+      out.textContent = e.message;
+    }
+  });
+  bar.append("score ", pick, " ", go);
+  card.append(bar, out);
+  return card;
+}
+
+function studyTable(res) {
+  const t = el("table", "study-table");
+  const head = el("tr");
+  for (const h of ["layer", "vote (largest class total)", "top 500 with the label", "top 1% of rows hold", "rows"]) head.append(el("th", null, h));
+  t.append(head);
+  for (const [name, m] of Object.entries(res.layers)) {
+    const tr = el("tr");
+    tr.append(el("td", null, name));
+    tr.append(el("td", res.label >= 0 && m.vote !== res.label ? "bad" : null, String(m.vote)));
+    tr.append(el("td", null, m.top_label_share === null ? "–" : (100 * m.top_label_share).toFixed(1) + "%"));
+    tr.append(el("td", null, `${(100 * m.top1pct_share).toFixed(2)}% (${m.top1pct_rows.toLocaleString()} rows)`));
+    tr.append(el("td", null, m.rows.toLocaleString()));
+    t.append(tr);
+  }
+  return t;
+}
+
+// The authors' per-query plot: the top 500 rows' label (dots) against rank, the query's label highlighted.
+function rankPlot(name, m, res) {
+  const NS = "http://www.w3.org/2000/svg";
+  const W = 520, H = 120, n = m.rank.label.length;
+  const maxLabel = Math.max(1, ...m.rank.label, res.label);
+  const svg = document.createElementNS(NS, "svg");
+  svg.setAttribute("viewBox", `0 0 ${W} ${H + 16}`);
+  svg.setAttribute("class", "rank-plot");
+  svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", `${name}: label of the top ${n} rows by ${res.score_name}, against rank`);
+  m.rank.label.forEach((lab, i) => {
+    const c = document.createElementNS(NS, "circle");
+    c.setAttribute("cx", (8 + (i / Math.max(1, n - 1)) * (W - 16)).toFixed(1));
+    c.setAttribute("cy", (8 + (1 - lab / maxLabel) * (H - 16)).toFixed(1));
+    c.setAttribute("r", "1.6");
+    c.setAttribute("class", lab === res.label ? "hit" : "miss");
+    svg.append(c);
+  });
+  const cap = document.createElementNS(NS, "text");
+  cap.setAttribute("x", "8");
+  cap.setAttribute("y", String(H + 12));
+  cap.textContent = `${name}: label (0 to ${maxLabel}) of the top ${n} rows by ${res.score_name}, rank 1 at left`;
+  svg.append(cap);
+  return svg;
 }
 
 function layerCard(name, res, r, nRows, reference) {
