@@ -180,3 +180,22 @@ def recover_for_write(path: str) -> list[str]:
         warnings.warn(f"lightning-dualform: {note}.", RuntimeWarning, stacklevel=3)
         log.warning(note)
     return notes
+
+
+def committed_steps(path: str) -> int | None:
+    """Committed steps of an existing store (0 for one that never committed), or None when ``path`` is not
+    a store this process can read (then it is never replaced without ``overwrite``)."""
+    from lightning_dualform.store import _h5, _probe
+    from lightning_dualform.store._h5open import open_any
+    from lightning_dualform.store.format import FORMAT_NAME
+
+    try:
+        check_regular_file(path)
+        if _probe.probe(path) is not None or os.path.lexists(_journal.journal_path(path)):
+            return None
+        with open_any(path) as f:
+            if _h5.attr(f.attrs.get("format", "")) != FORMAT_NAME:
+                return None
+            return int(f["committed_steps"][0])
+    except Exception:
+        return None

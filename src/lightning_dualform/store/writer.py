@@ -40,7 +40,7 @@ from lightning_dualform.store.bindings import write_bindings
 from lightning_dualform.store.certificate import TABLES_CRC32, LayerCertificate, stored_tables_crc32
 from lightning_dualform.store.conv import MAPS_LAYOUT
 from lightning_dualform.store.filters import compression_kwargs, encode_rows
-from lightning_dualform.store.format import FORMAT_NAME, META_CHUNK, ROW_COLUMNS, ROW_DTYPES, LayerSpec, StepRows
+from lightning_dualform.store.format import META_CHUNK, ROW_COLUMNS, ROW_DTYPES, LayerSpec, StepRows
 from lightning_dualform.store.metadata import StoreMetadata
 from lightning_dualform.store.skeleton import MAX_INPUT_BYTES, check_chunk_rows, check_specs, map_counts, write_skeleton
 from lightning_dualform.store.truncate import stored_settings, truncate
@@ -188,7 +188,7 @@ class StoreWriter:
         try:
             _repair.check_replaceable(path)  # (again, under the lock)
             if os.path.lexists(path) and not overwrite:
-                steps = _committed_steps(path)
+                steps = _repair.committed_steps(path)
                 if steps != 0:
                     raise FileExistsError(
                         f"{path} already exists" + (f" and holds {steps} committed steps" if steps else "")
@@ -677,25 +677,6 @@ class StoreWriter:
                 pass
         if not keep_lock:
             self._lock.release()
-
-
-def _committed_steps(path: str) -> int | None:
-    """Committed steps of an existing store (0 for one that never committed), or None when ``path`` is not
-    a store this process can read (then it is never replaced without ``overwrite``)."""
-    from lightning_dualform.store import _probe
-
-    try:
-        _repair.check_regular_file(path)
-        if _probe.probe(path) is not None or os.path.lexists(_journal.journal_path(path)):
-            return None
-        from lightning_dualform.store._h5open import open_any
-
-        with open_any(path) as f:
-            if _h5.attr(f.attrs.get("format", "")) != FORMAT_NAME:
-                return None
-            return int(f["committed_steps"][0])
-    except Exception:
-        return None
 
 
 def _column(row: Any, col: str) -> Any:
