@@ -474,3 +474,35 @@ def test_the_page_in_headless_chromium(server, demo_store, tmp_path) -> None:
         finally:
             browser.close()
     assert not problems, problems
+
+
+@pytest.mark.browser
+def test_the_study_panel_in_headless_chromium(server, demo_store) -> None:
+    """The authors' measures panel draws what /api/study answers: one table row and one rank plot per layer."""
+    sync_playwright = _browser()
+    index = int(_test_indices(demo_store)[3])
+    _, api = get_json(server, f"/api/study?split=test&index={index}&score=signed")
+    url = f"http://127.0.0.1:{server.server_address[1]}/#split=test&index={index}&top_k=5"
+    problems: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+            page.goto(url)
+            page.wait_for_selector("#study-go", timeout=60_000)
+            page.select_option("#study-score", "signed")
+            page.click("#study-go")
+            page.wait_for_selector(".study-table tr:nth-child(2)", timeout=60_000)
+            rows = page.eval_on_selector_all(".study-table tr", "trs => trs.slice(1).map(tr => "
+                                             "Array.from(tr.children).map(td => td.textContent))")
+            assert [r[0] for r in rows] == list(api["layers"])
+            assert [int(r[1]) for r in rows] == [m["vote"] for m in api["layers"].values()]
+            dots = page.eval_on_selector_all(".rank-plot", "ss => ss.map(s => s.querySelectorAll('circle').length)")
+            assert dots == [len(m["rank"]["label"]) for m in api["layers"].values()]
+            hits = page.eval_on_selector_all(".rank-plot", "ss => ss.map(s => s.querySelectorAll('circle.hit').length)")
+            assert hits == [sum(lab == api["label"] for lab in m["rank"]["label"]) for m in api["layers"].values()]
+            assert not problems, problems
+        finally:
+            browser.close()

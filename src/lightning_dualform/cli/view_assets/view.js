@@ -476,7 +476,7 @@ function rankPlot(name, m, res) {
   const cap = document.createElementNS(NS, "text");
   cap.setAttribute("x", "8");
   cap.setAttribute("y", String(H + 12));
-  cap.textContent = `${name}: label (0 to ${maxLabel}) of the top ${n} rows by ${res.score_name}, rank 1 at left`;
+  cap.textContent = `${name}: label (0 at the bottom, ${maxLabel} at the top; green: the query's label ${res.label}) of the top ${n} rows by ${res.score_name}, rank 1 at left`;
   svg.append(cap);
   return svg;
 }
