@@ -391,6 +391,20 @@ def _browser():
     return sync_playwright
 
 
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def _watched_page(browser, url: str, problems: list[str]):
+    """A page at ``url`` whose console errors, page errors and requests outside the viewer land in ``problems``."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("request", lambda r: problems.append("outside request " + r.url) if not r.url.startswith(url[:22]) else None)
+    page.goto(url)
+    return page
+
+
 @pytest.mark.browser
 def test_the_page_in_headless_chromium(server, demo_store, tmp_path) -> None:
     sync_playwright = _browser()
@@ -399,15 +413,9 @@ def test_the_page_in_headless_chromium(server, demo_store, tmp_path) -> None:
     url = f"http://127.0.0.1:{server.server_address[1]}/#split=test&index={index}&top_k=5"
     problems: list[str] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
-            page.on("pageerror", lambda e: problems.append(str(e)))
-            page.on("request", lambda r: problems.append("outside request " + r.url) if not r.url.startswith(url[:22]) else None)
-            page.goto(url)
+            page = _watched_page(browser, url, problems)
             page.wait_for_selector(".layer[data-layer='net.4'] .ranking[data-kind='con'] .thumb canvas", timeout=60_000)
             assert page.inner_text("#query-title") == f"test #{index}"
             # the first card answers "which examples": influence on the prediction's margin, labelled
@@ -485,12 +493,9 @@ def test_the_study_panel_in_headless_chromium(server, demo_store) -> None:
     url = f"http://127.0.0.1:{server.server_address[1]}/#split=test&index={index}&top_k=5"
     problems: list[str] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.on("pageerror", lambda e: problems.append(str(e)))
-            page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
-            page.goto(url)
+            page = _watched_page(browser, url, problems)
             page.wait_for_selector("#study-go", timeout=60_000)
             page.select_option("#study-score", "signed")
             page.click("#study-go")
