@@ -4,6 +4,7 @@ works in a real headless Chromium."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -395,119 +396,112 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync"]
 
 
-def _watched_page(browser, url: str, problems: list[str]):
-    """A page at ``url`` whose console errors, page errors and requests outside the viewer land in ``problems``."""
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
-    page.on("pageerror", lambda e: problems.append(str(e)))
-    page.on("request", lambda r: problems.append("outside request " + r.url) if not r.url.startswith(url[:22]) else None)
-    page.goto(url)
-    return page
-
-
-@pytest.mark.browser
-def test_the_page_in_headless_chromium(server, demo_store, tmp_path) -> None:
+@contextlib.contextmanager
+def _viewer_page(server, index: int):
+    """The viewer's page for test query ``index`` in headless Chromium; console errors, page errors and requests
+    outside the viewer fail the test when the block ends."""
     sync_playwright = _browser()
-    index = int(_test_indices(demo_store)[7])
-    _, api = get_json(server, f"/api/attend?split=test&index={index}&top_k=5")
     url = f"http://127.0.0.1:{server.server_address[1]}/#split=test&index={index}&top_k=5"
     problems: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = _watched_page(browser, url, problems)
-            page.wait_for_selector(".layer[data-layer='net.4'] .ranking[data-kind='con'] .thumb canvas", timeout=60_000)
-            assert page.inner_text("#query-title") == f"test #{index}"
-            # the first card answers "which examples": influence on the prediction's margin, labelled
-            card = ".influence-card .ranking[data-kind='influence-pro'] .thumb"
-            page.wait_for_selector(f"{card} canvas", timeout=60_000)
-            shown = page.eval_on_selector_all(card, "els => els.map(e => Number(e.dataset.index))")
-            assert shown == [p["index"] for p in api["influence"]["queries"][0]["proponents"]]
-            assert page.input_value("#method") == "first_order:output"
-            assert "through layer net.4 only" in page.inner_text(".influence-card h2")
-            assert page.inner_text(f"{card} .score .what").strip() == "dmargin/dw"
-            first = page.eval_on_selector("#layers", "b => b.firstElementChild.className")
-            assert first == "influence-card"
-            # every layer's top-5 thumbnails are the API's top-5 rows of this query, drawn as images
-            for name in ("net.0", "net.2", "net.4"):
-                shown = page.eval_on_selector_all(f".layer[data-layer='{name}'] .ranking[data-kind='top'] .thumb",
-                                                  "els => els.map(e => Number(e.dataset.index))")
-                assert shown == api["layers"][name]["top"]["index"][0]
-                drawn = page.eval_on_selector(f".layer[data-layer='{name}'] .thumb canvas",
-                                              "c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
-                                              " let dark = 0; for (let i = 0; i < d.length; i += 4) dark += d[i] < 128; return dark; }")
-                assert drawn > 10  # ink on the canvas
-            pro = page.eval_on_selector_all(".layer[data-layer='net.4'] .ranking[data-kind='pro'] .thumb",
-                                            "els => els.map(e => Number(e.dataset.index))")
-            assert pro == [i for i in api["layers"]["net.4"]["proponents"]["index"][0] if i >= 0]
-            assert page.locator(".mass-label .bars .name").count() >= 10 * 3
-            assert "exact" in page.inner_text(".layer[data-layer='net.0'] .cert")
-            # every number says what it is, and the controls start at the command line's defaults
-            assert page.input_value("#score") == "auto" and page.input_value("#top-k") == "5"
-            assert page.input_value("#contribution") == "auto"
-            top = ".layer[data-layer='net.4'] .ranking[data-kind='top']"
-            assert "by similarity, k·q" in page.inner_text(f"{top} h3")
-            assert page.inner_text(f"{top} .thumb .score .what").strip() == "k·q"
-            assert "contribution" in page.inner_text(".layer[data-layer='net.4'] .ranking[data-kind='pro'] h3")
-            assert "k·q" in page.inner_text(".layer[data-layer='net.4'] .mass-step .steps-axis")
-            page.select_option("#score", "unit")  # SGD's unit score: -c_s k·q for the query's unit
-            page.locator(f"{top} h3", has_text="attention weight for unit").wait_for(timeout=60_000)
-            assert "weight" in page.inner_text(".layer[data-layer='net.4'] .mass-label h3")
-            page.select_option("#score", "auto")
-            page.locator(f"{top} h3", has_text="similarity").wait_for(timeout=60_000)
-            # the slider: the model after 12 steps
-            page.eval_on_selector("#at-step", "s => { s.value = 12; s.dispatchEvent(new Event('input')); }")
-            page.locator(".layer h2", has_text=re.compile(r"up to step 12\b")).first.wait_for(timeout=60_000)
-            _, early = get_json(server, f"/api/attend?split=test&index={index}&top_k=5&at_step=12")
-            shown = page.eval_on_selector_all(".layer[data-layer='net.4'] .ranking[data-kind='top'] .thumb",
-                                              "els => els.map(e => Number(e.dataset.index))")
-            assert shown == early["layers"]["net.4"]["top"]["index"][0]
-            assert "earlier step" in page.inner_text(".layer[data-layer='net.4'] .cert")
-            # one layer only, then the next query
-            page.select_option("#layer", "net.4")
-            page.locator(".layer[data-layer='net.0']").wait_for(state="detached", timeout=60_000)
-            page.click("#next")
-            nxt = int(_test_indices(demo_store)[8])
-            page.locator("#query-title", has_text=re.compile(f"^test #{nxt}$")).wait_for(timeout=60_000)
-            # an uploaded .npy row
-            rows = np.random.default_rng(1).random((1, 784), dtype=np.float32)
-            np.save(tmp_path / "mine.npy", rows)
-            page.select_option("#layer", "")
-            page.set_input_files("#upload", str(tmp_path / "mine.npy"))
-            page.locator("#query-title", has_text=re.compile("^row 0 of mine.npy$")).wait_for(timeout=60_000)
-            page.wait_for_selector(".layer[data-layer='net.0'] .thumb canvas", timeout=60_000)
-            assert page.locator(".layer").count() == 1  # only net.0 takes 784 numbers
-            page.screenshot(path=str(tmp_path / "view.png"), full_page=True)
-            assert page.is_hidden("#error"), page.inner_text("#error")
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.on("request", lambda r: problems.append("outside request " + r.url) if not r.url.startswith(url[:22]) else None)
+            page.goto(url)
+            yield page
         finally:
             browser.close()
     assert not problems, problems
 
 
 @pytest.mark.browser
+def test_the_page_in_headless_chromium(server, demo_store, tmp_path) -> None:
+    index = int(_test_indices(demo_store)[7])
+    _, api = get_json(server, f"/api/attend?split=test&index={index}&top_k=5")
+    with _viewer_page(server, index) as page:
+        page.wait_for_selector(".layer[data-layer='net.4'] .ranking[data-kind='con'] .thumb canvas", timeout=60_000)
+        assert page.inner_text("#query-title") == f"test #{index}"
+        # the first card answers "which examples": influence on the prediction's margin, labelled
+        card = ".influence-card .ranking[data-kind='influence-pro'] .thumb"
+        page.wait_for_selector(f"{card} canvas", timeout=60_000)
+        shown = page.eval_on_selector_all(card, "els => els.map(e => Number(e.dataset.index))")
+        assert shown == [p["index"] for p in api["influence"]["queries"][0]["proponents"]]
+        assert page.input_value("#method") == "first_order:output"
+        assert "through layer net.4 only" in page.inner_text(".influence-card h2")
+        assert page.inner_text(f"{card} .score .what").strip() == "dmargin/dw"
+        first = page.eval_on_selector("#layers", "b => b.firstElementChild.className")
+        assert first == "influence-card"
+        # every layer's top-5 thumbnails are the API's top-5 rows of this query, drawn as images
+        for name in ("net.0", "net.2", "net.4"):
+            shown = page.eval_on_selector_all(f".layer[data-layer='{name}'] .ranking[data-kind='top'] .thumb",
+                                              "els => els.map(e => Number(e.dataset.index))")
+            assert shown == api["layers"][name]["top"]["index"][0]
+            drawn = page.eval_on_selector(f".layer[data-layer='{name}'] .thumb canvas",
+                                          "c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+                                          " let dark = 0; for (let i = 0; i < d.length; i += 4) dark += d[i] < 128; return dark; }")
+            assert drawn > 10  # ink on the canvas
+        pro = page.eval_on_selector_all(".layer[data-layer='net.4'] .ranking[data-kind='pro'] .thumb",
+                                        "els => els.map(e => Number(e.dataset.index))")
+        assert pro == [i for i in api["layers"]["net.4"]["proponents"]["index"][0] if i >= 0]
+        assert page.locator(".mass-label .bars .name").count() >= 10 * 3
+        assert "exact" in page.inner_text(".layer[data-layer='net.0'] .cert")
+        # every number says what it is, and the controls start at the command line's defaults
+        assert page.input_value("#score") == "auto" and page.input_value("#top-k") == "5"
+        assert page.input_value("#contribution") == "auto"
+        top = ".layer[data-layer='net.4'] .ranking[data-kind='top']"
+        assert "by similarity, k·q" in page.inner_text(f"{top} h3")
+        assert page.inner_text(f"{top} .thumb .score .what").strip() == "k·q"
+        assert "contribution" in page.inner_text(".layer[data-layer='net.4'] .ranking[data-kind='pro'] h3")
+        assert "k·q" in page.inner_text(".layer[data-layer='net.4'] .mass-step .steps-axis")
+        page.select_option("#score", "unit")  # SGD's unit score: -c_s k·q for the query's unit
+        page.locator(f"{top} h3", has_text="attention weight for unit").wait_for(timeout=60_000)
+        assert "weight" in page.inner_text(".layer[data-layer='net.4'] .mass-label h3")
+        page.select_option("#score", "auto")
+        page.locator(f"{top} h3", has_text="similarity").wait_for(timeout=60_000)
+        # the slider: the model after 12 steps
+        page.eval_on_selector("#at-step", "s => { s.value = 12; s.dispatchEvent(new Event('input')); }")
+        page.locator(".layer h2", has_text=re.compile(r"up to step 12\b")).first.wait_for(timeout=60_000)
+        _, early = get_json(server, f"/api/attend?split=test&index={index}&top_k=5&at_step=12")
+        shown = page.eval_on_selector_all(".layer[data-layer='net.4'] .ranking[data-kind='top'] .thumb",
+                                          "els => els.map(e => Number(e.dataset.index))")
+        assert shown == early["layers"]["net.4"]["top"]["index"][0]
+        assert "earlier step" in page.inner_text(".layer[data-layer='net.4'] .cert")
+        # one layer only, then the next query
+        page.select_option("#layer", "net.4")
+        page.locator(".layer[data-layer='net.0']").wait_for(state="detached", timeout=60_000)
+        page.click("#next")
+        nxt = int(_test_indices(demo_store)[8])
+        page.locator("#query-title", has_text=re.compile(f"^test #{nxt}$")).wait_for(timeout=60_000)
+        # an uploaded .npy row
+        rows = np.random.default_rng(1).random((1, 784), dtype=np.float32)
+        np.save(tmp_path / "mine.npy", rows)
+        page.select_option("#layer", "")
+        page.set_input_files("#upload", str(tmp_path / "mine.npy"))
+        page.locator("#query-title", has_text=re.compile("^row 0 of mine.npy$")).wait_for(timeout=60_000)
+        page.wait_for_selector(".layer[data-layer='net.0'] .thumb canvas", timeout=60_000)
+        assert page.locator(".layer").count() == 1  # only net.0 takes 784 numbers
+        page.screenshot(path=str(tmp_path / "view.png"), full_page=True)
+        assert page.is_hidden("#error"), page.inner_text("#error")
+
+
+@pytest.mark.browser
 def test_the_study_panel_in_headless_chromium(server, demo_store) -> None:
     """The authors' measures panel draws what /api/study answers: one table row and one rank plot per layer."""
-    sync_playwright = _browser()
     index = int(_test_indices(demo_store)[3])
     _, api = get_json(server, f"/api/study?split=test&index={index}&score=signed")
-    url = f"http://127.0.0.1:{server.server_address[1]}/#split=test&index={index}&top_k=5"
-    problems: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = _watched_page(browser, url, problems)
-            page.wait_for_selector("#study-go", timeout=60_000)
-            page.select_option("#study-score", "signed")
-            page.click("#study-go")
-            page.wait_for_selector(".study-table tr:nth-child(2)", timeout=60_000)
-            rows = page.eval_on_selector_all(".study-table tr", "trs => trs.slice(1).map(tr => "
-                                             "Array.from(tr.children).map(td => td.textContent))")
-            assert [r[0] for r in rows] == list(api["layers"])
-            assert [int(r[1]) for r in rows] == [m["vote"] for m in api["layers"].values()]
-            dots = page.eval_on_selector_all(".rank-plot", "ss => ss.map(s => s.querySelectorAll('circle').length)")
-            assert dots == [len(m["rank"]["label"]) for m in api["layers"].values()]
-            hits = page.eval_on_selector_all(".rank-plot", "ss => ss.map(s => s.querySelectorAll('circle.hit').length)")
-            assert hits == [sum(lab == api["label"] for lab in m["rank"]["label"]) for m in api["layers"].values()]
-            assert not problems, problems
-        finally:
-            browser.close()
+    with _viewer_page(server, index) as page:
+        page.wait_for_selector("#study-go", timeout=60_000)
+        page.select_option("#study-score", "signed")
+        page.click("#study-go")
+        page.wait_for_selector(".study-table tr:nth-child(2)", timeout=60_000)
+        rows = page.eval_on_selector_all(".study-table tr", "trs => trs.slice(1).map(tr => "
+                                         "Array.from(tr.children).map(td => td.textContent))")
+        assert [r[0] for r in rows] == list(api["layers"])
+        assert [int(r[1]) for r in rows] == [m["vote"] for m in api["layers"].values()]
+        dots = page.eval_on_selector_all(".rank-plot", "ss => ss.map(s => s.querySelectorAll('circle').length)")
+        assert dots == [len(m["rank"]["label"]) for m in api["layers"].values()]
+        hits = page.eval_on_selector_all(".rank-plot", "ss => ss.map(s => s.querySelectorAll('circle.hit').length)")
+        assert hits == [sum(lab == api["label"] for lab in m["rank"]["label"]) for m in api["layers"].values()]
