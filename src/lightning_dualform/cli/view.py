@@ -322,7 +322,7 @@ class ViewApp:
             positions = parse_index(self._one(params, "index") or "", qs.index, split)
             if len(positions) != 1:
                 raise BadRequest("index= names one recorded query (its dataset index).")
-            return study_answer(self.di.store, split, int(positions[0]), "signed" if score == "signed" else "abs")
+            return study_answer(self.di.store, qs, int(positions[0]), "signed" if score == "signed" else "abs")
 
     def images(self, params: dict[str, list[str]]) -> dict[str, Any]:
         """Raw inputs as ``{"h", "w", "c", "pixels"}`` (0-255, row-major, channels last) or ``None``."""

@@ -18,12 +18,12 @@ import numpy as np
 RANK_ROWS = 500
 
 
-def study_answer(store: Any, split: str, position: int, score: Literal["abs", "signed"]) -> dict[str, Any]:
-    """The measures of query ``position`` (recording order) of ``split``, per linear layer of ``store``.
+def study_answer(store: Any, qs: Any, position: int, score: Literal["abs", "signed"]) -> dict[str, Any]:
+    """The measures of query ``position`` (recording order) of the query set ``qs``, per linear layer of ``store``.
 
     Args:
         store: an open :class:`~lightning_dualform.store.reader.StoreReader`.
-        split: a recorded query set.
+        qs: one of its recorded query sets (``store.queries(split)``).
         position: the query's position in it.
         score: ``"abs"`` (``|k·q|``) or ``"signed"`` (``k·q``).
 
@@ -35,7 +35,6 @@ def study_answer(store: Any, split: str, position: int, score: Literal["abs", "s
 
     if not isinstance(store, StoreReader):
         raise ValueError("the authors' measures read one store file; open one rank's shard to see them.")
-    qs = store.queries(split)
     label = int(qs.label[position])
     layers: dict[str, Any] = {}
     for name in store.layers:
@@ -61,7 +60,7 @@ def study_answer(store: Any, split: str, position: int, score: Literal["abs", "s
             "top_label_share": float((top["label"] == label).mean()) if label >= 0 and len(top["label"]) else None,
             "rank": {c: v.tolist() for c, v in top.items()},
         }
-    return {"split": split, "index": int(qs.index[position]), "label": label,
+    return {"split": qs.split, "index": int(qs.index[position]), "label": label,
             "prediction": int(qs.prediction[position]), "score": score, "score_name": score_label(score),
             "layers": layers}
 
