@@ -3,6 +3,9 @@ readers (one file and two shards), and the certificate against weights computed 
 
 from __future__ import annotations
 
+import os
+import sys
+
 import h5py
 import numpy as np
 import pytest
@@ -336,3 +339,55 @@ def test_a_shard_index_naming_a_missing_shard_is_an_error(two_shards, tmp_path):
     os.remove(paths[1])
     with pytest.raises(StoreError, match="missing"):
         open_store(index)
+
+
+# ------------------------------------------------------------------------------------------------------
+# write-back while recording
+# ------------------------------------------------------------------------------------------------------
+def test_the_writer_starts_the_stores_write_back_as_rows_arrive(tmp_path, monkeypatch):
+    """Every few megabytes the writer asks the kernel to start writing the store's dirty pages back (so the
+    finish's fsync waits for little): on the store's own descriptor, at the cadence set, and the store is the
+    same as one written without it."""
+    from lightning_dualform.store import _writeback
+
+    calls: list[str] = []
+    real = _writeback.start_writeback
+
+    def spy(fd: int) -> bool:
+        calls.append(os.path.realpath(f"/proc/self/fd/{fd}") if sys.platform.startswith("linux") else "")
+        return real(fd)
+
+    monkeypatch.setattr(_writeback, "start_writeback", spy)
+    row_bytes = 4 * (D_IN + D_OUT) + 32
+    monkeypatch.setattr(_writeback, "WRITEBACK_EVERY", 2 * (ROWS * row_bytes + 256))  # every other step
+    path = str(tmp_path / "wb.h5")
+    _write(path, 4, finalize=False).close()
+    assert len(calls) == 2
+    if sys.platform.startswith("linux"):
+        assert set(calls) == {os.path.realpath(path)}
+    monkeypatch.setattr(_writeback, "WRITEBACK_EVERY", 1 << 62)
+    plain = str(tmp_path / "plain.h5")
+    _write(plain, 4, finalize=False).close()
+    assert len(calls) == 2
+    with h5py.File(path, "r") as a, h5py.File(plain, "r") as b:
+        for col in ("keys", "values", "index", "step"):
+            np.testing.assert_array_equal(a["layers/fc"][col][()], b["layers/fc"][col][()])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_start_writeback_takes_an_open_file_and_refuses_a_bad_descriptor(tmp_path):
+    from lightning_dualform.store._writeback import Writeback, start_writeback
+
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        os.write(fd, b"x" * (1 << 20))
+        assert start_writeback(fd)
+        wb = Writeback(fd, every=1 << 19)
+        wb.wrote(1 << 18)
+        assert wb.started == 0
+        wb.wrote(1 << 18)
+        assert wb.started == 1
+    finally:
+        os.close(fd)
+    assert not start_writeback(-1)  # no such descriptor: EBADF, said in the log, nothing raised
+    assert Writeback(None).wrote(1 << 30) is None  # no descriptor (another HDF5 driver): nothing to do

@@ -36,6 +36,7 @@ from lightning_dualform.store import _h5, _journal, _repair, _rollback
 from lightning_dualform.store._chunks import ChunkAppender
 from lightning_dualform.store._lock import WriterLock
 from lightning_dualform.store._space import SpaceReserve
+from lightning_dualform.store._writeback import Writeback
 from lightning_dualform.store.bindings import write_bindings
 from lightning_dualform.store.certificate import TABLES_CRC32, LayerCertificate, stored_tables_crc32
 from lightning_dualform.store.conv import MAPS_LAYOUT
@@ -93,6 +94,7 @@ class StoreWriter:
             self.file = h5py.File(self.path, "r+", libver=_h5.LIBVER, locking=False)
             self.file.swmr_mode = True
             self._space = SpaceReserve(self.path)
+            self._writeback = Writeback(self.file.id.get_vfd_handle() if self.file.driver == "sec2" else None)
             # h5py resolves every path on each access: look each dataset up once
             self._ds = {
                 name: {col: g[col] for col in ("keys", "values", *ROW_COLUMNS, "committed_rows")}
@@ -375,6 +377,7 @@ class StoreWriter:
             self._reserve(self._pending_bytes + nbytes)
             self._pending_bytes += nbytes
             self._add_step(step, epoch, rows, updates)
+            self._writeback.wrote(nbytes)
         except BaseException as err:
             self._failing(err)
             raise
@@ -459,6 +462,7 @@ class StoreWriter:
                 self._input_appender.append(np.ascontiguousarray(data, dtype=self._input_appender.ds.dtype))
                 kept = None
             self._pending_inputs.append((index, kept))
+            self._writeback.wrote(nbytes)
         except BaseException as err:
             self._failing(err)
             raise
