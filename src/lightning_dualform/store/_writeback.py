@@ -1,87 +1,103 @@
-"""Starting the store's write-back to disk while training goes on, so that the finish waits for little.
+"""Syncing the store to disk while training goes on, so that the finish waits for little.
 
 The writer appends rows into the page cache; nothing forces them to disk until the finish's ``fsync``
-(the point from which a finished store survives a power cut). A machine with memory to spare holds all of
-a run's rows dirty until then (Linux writes back on its own only past ``dirty_background_ratio`` of memory,
-or after 30 s), and the finish then waits while the whole store goes to disk: 1.1 s of a 7.8 s recorded
-fit of 818 MB (``docs/benchmarks.md``, "The finish's fsync").
+(the point from which a finished store survives a power cut). A machine with memory to spare holds a
+whole run's rows dirty until then (Linux writes back on its own only past ``dirty_background_ratio`` of
+memory, or after 30 s), and the finish then waits while the whole store goes to disk: 1.1 s at the end of
+a 7.8 s recorded fit of 818 MB (``docs/benchmarks.md``, "The finish's fsync"). Only starting the
+write-back early (``sync_file_range``) is not enough on ext4: the blocks are allocated as they are written
+back, and the first ``fsync`` after that (the finish's journal, a different file) commits the allocation
+of the whole store: 0.2-0.7 s, measured.
 
-Linux's ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` starts the write-back of the dirty pages it is given and
-returns without waiting for it; the disk then writes while training computes, and the finish's ``fsync``
-waits only for the last few megabytes. It changes nothing a kill or a power cut could find: which pages
-reach the disk before the ``fsync`` was never promised, and the write sessions' undo journal
-(:mod:`._journal`) does not depend on it (it runs after training, and ``fsync``\\ s its records itself).
-
-Called through ``ctypes``, which releases the GIL. Where the call does not exist (not Linux, no glibc) it
-is a no-op: the finish's ``fsync`` then does all the work, as before.
+So a helper thread ``fdatasync``\\ s the store every :data:`SYNC_EVERY` bytes appended, while training
+computes; it holds no lock and no GIL while it waits, and a sync still running when the next is due is not
+doubled. It changes nothing a kill or a power cut could find: which pages reach the disk before the
+finish's ``fsync`` was never promised, and the write sessions' undo journal (:mod:`._journal`) runs after
+training and ``fsync``\\ s its own records. A failed sync (an I/O error) is not swallowed: the next append,
+or the close, raises it, and the store keeps its committed steps.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import logging
-import sys
-from typing import Literal
+import os
+import threading
 
-log = logging.getLogger(__name__)
+#: sync the store once this many bytes were appended since the last sync began
+SYNC_EVERY = 64 << 20
 
-#: start a write-back once this many bytes were appended since the last one
-WRITEBACK_EVERY = 32 << 20
-_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start write-out of dirty pages not already under write-out
-
-_call: ctypes._CFuncPtr | None | Literal[False] = False  # type: ignore[name-defined]  # False: not looked up yet
-
-
-def _sync_file_range() -> "ctypes._CFuncPtr | None":  # type: ignore[name-defined]
-    global _call
-    if _call is False:
-        _call = None
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-                fn = libc.sync_file_range
-                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-                fn.restype = ctypes.c_int
-                _call = fn
-            except (OSError, AttributeError):  # pragma: no cover - a libc without it
-                _call = None
-    return _call
-
-
-def start_writeback(fd: int) -> bool:
-    """Start writing back every dirty page of the open file ``fd``; True when the call was made and succeeded."""
-    fn = _sync_file_range()
-    if fn is None:
-        return False
-    if fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:  # (0, 0: the whole file)
-        log.debug("sync_file_range on fd %d failed: errno %d", fd, ctypes.get_errno())
-        return False
-    return True
+_sync = getattr(os, "fdatasync", os.fsync)  # (macOS has no fdatasync)
 
 
 class Writeback:
-    """Counts the bytes appended to one open file and starts its write-back every :data:`WRITEBACK_EVERY`.
+    """Syncs one open file from a helper thread every :data:`SYNC_EVERY` bytes appended.
 
     Args:
-        fd: the file's descriptor (``None``: a driver without one; every call is then a no-op).
+        fd: the file's descriptor (``None``: a driver without one; every call is then a no-op). The helper
+            syncs a duplicate of it, so the file may be closed while a sync runs.
+        every: bytes between syncs (default :data:`SYNC_EVERY`).
     """
 
     def __init__(self, fd: int | None, every: int | None = None) -> None:
-        self.fd = fd
-        self.every = WRITEBACK_EVERY if every is None else int(every)
+        self.every = SYNC_EVERY if every is None else int(every)
+        self._fd = os.dup(fd) if fd is not None else None
         self._since = 0
-        #: write-backs started (for tests and benchmarks)
-        self.started = 0
+        self._due = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._closing = False
+        self._pending = False  # a sync is due and not begun
+        self._error: OSError | None = None
+        self._thread: threading.Thread | None = None
+        #: syncs begun (for tests and benchmarks)
+        self.syncs = 0
 
     def wrote(self, nbytes: int) -> None:
-        """``nbytes`` more were appended: start a write-back once enough have gathered."""
-        if self.fd is None:
+        """``nbytes`` more were appended: have the helper sync once enough have gathered (unless it still is)."""
+        self.check()
+        if self._fd is None:
             return
         self._since += int(nbytes)
-        if self._since >= self.every:
-            self._since = 0
-            if start_writeback(self.fd):
-                self.started += 1
-            elif _sync_file_range() is None:
-                self.fd = None  # (nothing to call on this platform: stop counting)
+        if self._since < self.every or not self._idle.is_set():
+            return
+        self._since = 0
+        self._idle.clear()
+        self.syncs += 1
+        self._pending = True
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="dualform-sync", daemon=True)
+            self._thread.start()
+        self._due.set()
+
+    def check(self) -> None:
+        """Raise the error of a failed background sync (once)."""
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def close(self) -> None:
+        """Wait for a sync in progress, end the helper and close the duplicate descriptor; raise a sync's error."""
+        if self._thread is not None:
+            self._closing = True
+            self._due.set()
+            self._thread.join()
+            self._thread = None
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+        self.check()
+
+    def _run(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            if self._pending:
+                self._pending = False
+                try:
+                    if self._fd is not None:  # (closed only after this thread ended)
+                        _sync(self._fd)
+                except OSError as err:
+                    self._error = err
+                finally:
+                    self._idle.set()
+            if self._closing:
+                return

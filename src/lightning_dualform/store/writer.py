@@ -87,6 +87,7 @@ class StoreWriter:
         self._last_commit = time.monotonic()
         self.failed: BaseException | None = None
         self._space: SpaceReserve | None = None
+        self._writeback: Writeback | None = None  # syncs the file while rows arrive (see _writeback.py)
         self.file: h5py.File | None = None
         try:
             # the default 1 MB chunk cache: appends end on chunk boundaries and bypass it (a large cache makes
@@ -377,7 +378,8 @@ class StoreWriter:
             self._reserve(self._pending_bytes + nbytes)
             self._pending_bytes += nbytes
             self._add_step(step, epoch, rows, updates)
-            self._writeback.wrote(nbytes)
+            if self._writeback is not None:
+                self._writeback.wrote(nbytes)
         except BaseException as err:
             self._failing(err)
             raise
@@ -462,7 +464,8 @@ class StoreWriter:
                 self._input_appender.append(np.ascontiguousarray(data, dtype=self._input_appender.ds.dtype))
                 kept = None
             self._pending_inputs.append((index, kept))
-            self._writeback.wrote(nbytes)
+            if self._writeback is not None:
+                self._writeback.wrote(nbytes)
         except BaseException as err:
             self._failing(err)
             raise
@@ -604,6 +607,8 @@ class StoreWriter:
                         f"{self.path}: final weights of layer {name!r} are {np.shape(w)}, expected {want}."
                     )
             self.commit()
+            if self._writeback is not None:  # (a background sync's error fails the finish here)
+                self._writeback.close()
             self._release(close_file=True, keep_lock=True)
             self._lock.set_phase("finalisation")
             nbytes = sum(4 * (np.size(w) + (np.size(b) if b is not None else 0)) for w, b in final_weights.values())
@@ -666,6 +671,12 @@ class StoreWriter:
         self._release(close_file=True)
 
     def _release(self, close_file: bool, keep_lock: bool = False) -> None:
+        if close_file and self._writeback is not None:
+            wb, self._writeback = self._writeback, None
+            try:
+                wb.close()
+            except OSError as err:  # (the store keeps its committed steps; the failed sync is only told)
+                log.warning("%s: syncing to disk failed: %s", self.path, err)
         if close_file and self.file is not None:
             f, self.file = self.file, None
             try:
