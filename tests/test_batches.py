@@ -86,3 +86,12 @@ def test_row_metadata_without_batch_facts_stores_minus_one():
     info = BatchInfo(size=None, indices=None, labels=None)
     index, position, label, per_ex = row_metadata(_call(3, (3,)), info, 0)
     assert index.tolist() == [-1, -1, -1] and label.tolist() == [-1, -1, -1] and position.tolist() == [0, 1, 2]
+
+
+def test_first_seen_marks_each_index_once_across_batches_and_within_one():
+    from lightning_dualform.record.batches import FirstSeen
+
+    seen = FirstSeen(np.array([3, 1]))  # a resumed store already holds 1 and 3
+    np.testing.assert_array_equal(seen.take(np.array([0, 1, 2, 2, 3, 9])), [True, False, True, False, False, True])
+    np.testing.assert_array_equal(seen.take(np.array([9, 2, 40, 40])), [False, False, True, False])  # grown past 9
+    np.testing.assert_array_equal(FirstSeen().take(np.array([5, 5])), [True, False])

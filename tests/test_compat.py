@@ -102,3 +102,53 @@ def test_h5py_lock_is_the_lock_h5py_holds_around_its_calls(tmp_path):
         assert not opened.wait(0.3), "h5py opened a file while another thread held h5py's lock"
     t.join(10)
     assert opened.is_set()
+
+
+def test_lightning_norm_clipping_hands_over_the_norm_it_clips_with():
+    """The observing method clips exactly as the stock ``Precision.clip_grad_by_norm`` does, and hands over the
+    total norm of the gradients before clipping; a plugin whose class clips its own way is left alone."""
+    from lightning.pytorch.plugins.precision import Precision
+    from lightning.pytorch.utilities import GradClipAlgorithmType
+
+    from lightning_dualform.record.callback import clip_coefficient
+
+    def with_grads() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(1)
+        m = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+        m(torch.randn(8, 5)).pow(2).sum().backward()
+        return m, torch.optim.SGD(m.parameters(), lr=0.1)
+
+    stock, opt_stock = with_grads()
+    Precision().clip_gradients(opt_stock, 0.05, GradClipAlgorithmType.NORM)
+    seen: list[tuple[float, float]] = []
+    plugin = Precision()
+    undo = _compat.observe_norm_clipping(plugin, lambda total, clip: seen.append((total, clip)))
+    assert undo is not None
+    observed, opt = with_grads()
+    before = [p.grad.clone() for p in observed.parameters()]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in before]))
+    plugin.clip_gradients(opt, 0.05, GradClipAlgorithmType.NORM)
+    for a, b, g in zip(stock.parameters(), observed.parameters(), before):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0)  # bit for bit what the stock method does
+        torch.testing.assert_close(b.grad, g * clip_coefficient(seen[0][0], 0.05), rtol=0, atol=0)
+    assert len(seen) == 1 and seen[0][1] == 0.05
+    torch.testing.assert_close(seen[0][0], norm)
+    assert clip_coefficient(seen[0][0], 0.05) < 1.0  # (clipping was active)
+    second: list[float] = []  # a second observer (two callbacks) shares the method; each undoes its own
+    undo_second = _compat.observe_norm_clipping(plugin, lambda total, clip: second.append(float(total)))
+    assert undo_second is not None
+    plugin.clip_gradients(opt, 0.05, GradClipAlgorithmType.NORM)
+    assert len(seen) == 2 and len(second) == 1
+    undo()
+    plugin.clip_gradients(opt, 0.05, GradClipAlgorithmType.NORM)
+    assert len(seen) == 2 and len(second) == 2 and "clip_grad_by_norm" in vars(plugin)
+    undo_second()
+    assert "clip_grad_by_norm" not in vars(plugin)
+
+    class OwnClipping(Precision):
+        def clip_grad_by_norm(self, optimizer, clip_val):
+            torch.nn.utils.clip_grad_norm_(self.main_params(optimizer), clip_val)
+
+    own = OwnClipping()
+    assert _compat.observe_norm_clipping(own, lambda total, clip: None) is None
+    assert "clip_grad_by_norm" not in vars(own)

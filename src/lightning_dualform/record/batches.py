@@ -209,3 +209,24 @@ def duplicates(idx: np.ndarray) -> np.ndarray:
     dup = np.ones(len(idx), dtype=bool)
     dup[np.unique(idx, return_index=True)[1]] = False
     return dup
+
+
+class FirstSeen:
+    """The dataset indices seen so far, to store each example's raw input once (not once per epoch)."""
+
+    def __init__(self, seen: np.ndarray | None = None) -> None:
+        idx = np.asarray(seen if seen is not None else [], dtype=np.int64)
+        self._seen = np.zeros(int(idx.max()) + 1 if len(idx) else 0, dtype=bool)
+        self._seen[idx] = True
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """Mark ``idx`` (non-negative) seen; True where an entry is seen for the first time (a repeat within
+        ``idx`` counts once: its first place)."""
+        if len(idx) and idx.max() >= len(self._seen):
+            grown = np.zeros(max(int(idx.max()) + 1, 2 * len(self._seen)), dtype=bool)
+            grown[: len(self._seen)] = self._seen
+            self._seen = grown
+        new = ~self._seen[idx]
+        new &= ~duplicates(idx)
+        self._seen[idx[new]] = True
+        return new

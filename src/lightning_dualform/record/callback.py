@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
-from lightning_dualform._compat import observe_dataloaders
+from lightning_dualform._compat import observe_dataloaders, observe_norm_clipping
 from lightning_dualform.attend.certificate import certify_store
 from lightning_dualform.errors import DiskSpaceError, InexactError
 from lightning_dualform.record.batches import (
@@ -182,6 +182,8 @@ class DualFormCallback(Callback):
         self._recorders: dict[int, deque] = {}  # id(DataLoader) -> this callback's FIFO of observed indices
         self._wrapped: list[Any] = []
         self._undo_observe: Callable[[], None] | None = None
+        self._undo_clip: Callable[[], None] | None = None  # Lightning's norm clipping hands its norm over
+        self._clip_seen = 1.0  # the factor the last clipping applied, until the step that used it is recorded
         self._query: QueryRecorder | None = None
         self._query_note: str | None = None  # said when the stage's progress bar is done (teardown)
         self._logged_step = -1  # the global step whose progress the loggers last got
@@ -284,6 +286,8 @@ class DualFormCallback(Callback):
             rank_zero_info(f"{_OWNER}: {note}")
         engine.dist = _distributed(trainer)
         engine.set_precision(str(trainer.precision), trainer.strategy.root_device)
+        if trainer.gradient_clip_val and (trainer.gradient_clip_algorithm or "norm") == "norm":
+            self._undo_clip = observe_norm_clipping(trainer.precision_plugin, self._clipped)
         engine.horizon = lambda: self._horizon(trainer)
         engine.run_exact = not problems
         self._engine = engine
@@ -400,11 +404,15 @@ class DualFormCallback(Callback):
         if engine is None or engine.writer is None:
             return
         # The rows carry the loss scale; Lightning has unscaled the gradients by now and clips them next
-        clip = self._clip_factor(trainer, optimizer)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        engine.expect_step(int(trainer.global_step), int(trainer.current_epoch),
-                           clip * self._world_scale(trainer) / loss_scale)
+        scale = self._world_scale(trainer) / loss_scale
+        if self._undo_clip is not None:  # the clipping right after this hook tells its factor: taken at the step
+            self._clip_seen = 1.0
+            engine.expect_step(int(trainer.global_step), int(trainer.current_epoch), lambda: self._clip_seen * scale)
+        else:
+            engine.expect_step(int(trainer.global_step), int(trainer.current_epoch),
+                               self._clip_factor(trainer, optimizer) * scale)
 
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -427,7 +435,7 @@ class DualFormCallback(Callback):
 
     def _clip_factor(self, trainer: "pl.Trainer", optimizer: torch.optim.Optimizer) -> float:
         """The factor Lightning's norm clipping (right after this hook) multiplies the gradients by, computed
-        as ``torch.nn.utils.clip_grad_norm_`` computes it."""
+        as ``torch.nn.utils.clip_grad_norm_`` computes it (a plugin that clips its own way: see on_fit_start)."""
         if not trainer.gradient_clip_val or (trainer.gradient_clip_algorithm or "norm") != "norm":
             return 1.0
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -437,7 +445,11 @@ class DualFormCallback(Callback):
             total = torch.nn.utils.get_total_norm(grads, 2.0)
         else:  # torch < 2.6
             total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0)
-        return float(torch.clamp(float(trainer.gradient_clip_val) / (total + 1e-6), max=1.0))
+        return clip_coefficient(total, float(trainer.gradient_clip_val))
+
+    def _clipped(self, total: torch.Tensor, clip_val: float) -> None:
+        """Lightning's norm clipping ran (:func:`~lightning_dualform._compat.observe_norm_clipping`)."""
+        self._clip_seen = clip_coefficient(total, clip_val)
 
     @staticmethod
     def _world_scale(trainer: "pl.Trainer") -> float:
@@ -584,6 +596,9 @@ class DualFormCallback(Callback):
         if self._undo_observe is not None:
             self._undo_observe()
             self._undo_observe = None
+        if self._undo_clip is not None:
+            self._undo_clip()
+            self._undo_clip = None
         for dl in self._wrapped:
             unwrap_dataloader(dl)
         self._wrapped.clear()
@@ -593,6 +608,12 @@ class DualFormCallback(Callback):
                 self._engine.close()
             else:
                 self._engine.detach()
+
+
+def clip_coefficient(total: torch.Tensor, clip_val: float) -> float:
+    """The factor ``torch.nn.utils.clip_grad_norm_`` multiplies the gradients by, for their total norm ``total``
+    (its own float32 arithmetic: ``min(clip_val / (total + 1e-6), 1)``)."""
+    return float(torch.clamp(clip_val / (total + 1e-6), max=1.0))
 
 
 def _distributed(trainer: "pl.Trainer") -> Distributed:

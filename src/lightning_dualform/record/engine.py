@@ -43,7 +43,7 @@ from lightning_dualform.layers import (
     weight_matrix,
 )
 from lightning_dualform.optim import UpdateRule, rule_for
-from lightning_dualform.record.batches import BatchInfo, duplicates
+from lightning_dualform.record.batches import BatchInfo, FirstSeen
 from lightning_dualform.record.capture import LayerCapture
 from lightning_dualform.record.options import RecordOptions
 from lightning_dualform.record import gradient_check
@@ -145,11 +145,11 @@ class RecordingEngine:
         self.run_exact = True  # the adapter's run policy found nothing inexact
         self._steps_seen = 0
         self._warned: set[str] = set()
-        self._seen_inputs = np.zeros(0, dtype=bool)
+        self._seen_inputs = FirstSeen()
         self._row_dtype = _ROW_DTYPES[options.dtype]
         self._step_hooks: list[Any] = []
         self._settings: StepSettings | None = None  # the coming step's update rule (the optimizer's pre-hook)
-        self._expected: tuple[int, int, float | None] | None = None  # (step, epoch, grad_scale): expect_step
+        self._expected: tuple[int, int, Any] | None = None  # (step, epoch, grad_scale): expect_step
         self._open_store: Callable[[], None] | None = None
         self._epoch: Callable[[], int] | None = None
         #: ``() -> (steps per epoch, epochs left, raw input bytes)`` for the disk plan: the adapter knows them
@@ -256,10 +256,11 @@ class RecordingEngine:
         self._step_hooks = []
         self._settings = self._expected = None
 
-    def expect_step(self, step: int, epoch: int, grad_scale: float | None) -> None:
+    def expect_step(self, step: int, epoch: int, grad_scale: float | Callable[[], float] | None) -> None:
         """What the adapter knows of the step the optimizer is taking: its global ``step``, ``epoch`` and the
         factor between the rows' gradient and the optimizer's (clipping, DDP averaging, loss scaling; None:
-        measure it). Call it between the step's pre-hook and its update (Lightning's ``on_before_optimizer_step``)."""
+        measure it; a function: asked once the step is taken). Call it between the step's pre-hook and its update
+        (Lightning's ``on_before_optimizer_step``)."""
         if self.writer is not None:
             self._expected = (int(step), int(epoch), grad_scale)
 
@@ -278,7 +279,8 @@ class RecordingEngine:
             self.record_step(self.steps_recorded, self._epoch(), settings, None)
             self.active = True  # rows of the next step's forward passes (until the loop says otherwise)
         elif expected is not None:
-            self.record_step(expected[0], expected[1], settings, expected[2])
+            scale = expected[2]() if callable(expected[2]) else expected[2]
+            self.record_step(expected[0], expected[1], settings, scale)
 
     # ------------------------------------------------------------------------------------------------
     # the store
@@ -323,9 +325,7 @@ class RecordingEngine:
         for name, size in self.writer.input_sizes().items():  # a resumed store's maps fix their size
             if name in self.chosen:
                 self._geometry[name] = conv_geometry(self.chosen[name], size)
-        seen = self.writer.input_indices()
-        self._seen_inputs = np.zeros(int(seen.max()) + 1 if len(seen) else 0, dtype=bool)
-        self._seen_inputs[seen] = True
+        self._seen_inputs = FirstSeen(self.writer.input_indices())
         self.steps_recorded = int(resume["steps"]) if resume is not None else 0
         self._start_sketch(resume)
         width = sum(s.d_in + s.d_out for s in specs) * (4 if opts.dtype == "float32" else 2)
@@ -417,15 +417,9 @@ class RecordingEngine:
         idx = indices.numpy()
         if (idx < 0).any():
             return
-        if len(idx) and idx.max() >= len(self._seen_inputs):
-            grown = np.zeros(max(int(idx.max()) + 1, 2 * len(self._seen_inputs)), dtype=bool)
-            grown[: len(self._seen_inputs)] = self._seen_inputs
-            self._seen_inputs = grown
-        new = ~self._seen_inputs[idx]
-        new &= ~duplicates(idx)
+        new = self._seen_inputs.take(idx)
         if not new.any():
             return
-        self._seen_inputs[idx[new]] = True
         data = raw.detach()[torch.from_numpy(new).to(raw.device)].cpu().numpy()
         self.writer.add_inputs(idx[new].copy(), data)
 
