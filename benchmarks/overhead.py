@@ -237,7 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
         dtype, comp, certify = parse_variant(v)
-        DualFormCallback(os.devnull, dtype=dtype, compression=None if comp == DROP else comp, certify=certify)  # validate early
+        # validate early (a path that is never created)
+        DualFormCallback(os.path.join(tempfile.gettempdir(), "dualform-options-check.h5"), dtype=dtype,
+                         compression=None if comp == DROP else comp, certify=certify)
     from lightning_dualform.store import _hdf5_nogil
 
     _hdf5_nogil.library()  # looked up once, before any variant runs

@@ -49,12 +49,13 @@ def project_rows(rows: dict[str, tuple], modules: dict[str, nn.Module], probes: 
             else:
                 keys, values = (keys.float() if keys.is_floating_point() else keys), values.float()
             geom = geometry.get(name)
+            # the k-wide factor on the left: torch multiplies these skinny products 3-4x faster that way round
             if geom is not None:  # K Z as a convolution of the maps with Z's columns as filters
                 maps = maps_from_pixels(keys, geom) if keys.dim() == 2 else keys
-                gz = values.t() @ project_maps(geom, maps.float(), z)
+                gz = (project_maps(geom, maps.float(), z).t() @ values).t()
             elif isinstance(m, nn.Embedding):
-                gz = values.t() @ project_keys(m, keys, z)
-            else:  # (Z^T K^T) V: the same product, 4x faster than V^T (K Z) where Z is a few columns wide
+                gz = (project_keys(m, keys, z).t() @ values).t()
+            else:  # (Z^T K^T) V
                 gz = (_columns_first(z) @ keys.to(z.dtype).t() @ values).t()
             gb = values.sum(0)
         else:
