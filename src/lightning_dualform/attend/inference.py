@@ -117,6 +117,7 @@ class DualInference:
         self.path = self.store.path
         self._stats: dict[str, LayerStats] = {}  # per layer, gathered once (emptied when the store changes)
         self._sums_checked: dict[tuple, bool] = {}  # the certificate's sums checked against the final weights
+        self._replayed: dict[tuple, tuple] = {}  # an element-wise layer's replayed weights, once per session
         self._last_pass_bytes = 0  # bytes of host arrays the last attend pass handed to the device
         self._cache = BlockCache(budget, self.device) if budget is not None else None
         self._cached: dict[str, CachedLayer] = {}
@@ -165,6 +166,7 @@ class DualInference:
         self._cached.clear()
         self._stats.clear()
         self._sums_checked.clear()
+        self._replayed.clear()
         self._stamp = StoreStamp.of(self.store)  # before opening: a write meanwhile is seen next time
         self.store = open_store(self._open_path)
         self.path = self.store.path
@@ -271,7 +273,8 @@ class DualInference:
         """What a pass needs from the front door (its memos are this object's, kept between passes)."""
         return PassContext(store=self.store, device=self.device, accumulate=self.accumulate,
                            query_chunk=self.query_chunk, block_rows=self.block_rows, progress=self.progress,
-                           group=self._group, stats=self._stats, sums_checked=self._sums_checked)
+                           group=self._group, stats=self._stats, sums_checked=self._sums_checked,
+                           replayed=self._replayed)
 
     def rows_per_block(self, lay: LayerSource) -> int:
         """The block size of passes over ``lay``: ``block_rows``, or the automatic size for its widths."""

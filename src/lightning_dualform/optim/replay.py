@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -106,30 +107,37 @@ def replay(
             G = next(it)
         except StopIteration:
             raise ValueError(f"the gradients ran out at step {s} (replaying steps {state.start}..{stop - 1})") from None
-        hp = row_of(table, s)
-        if not hp["applied"]:
-            if keep_maps:
-                out.maps.append(None)
-            st.start = s + 1
-            continue
-        if G is None:
-            raise ValueError(f"no gradient for step {s}, which the table marks as applied")
-        G = np.asarray(G, dtype=np.float64)
-        if G.shape != shape:
-            raise ValueError(f"the gradient of step {s} has shape {G.shape}; the state holds shape {shape}")
-        if st.linear is None and rule.needs_param(hp):
-            raise ValueError(
-                f"step {s} of this {rule.name} run feeds the parameter into its nonlinear state "
-                "(L2 weight decay or Adafactor), but the state does not hold the parameter"
-            )
-        g = float(grad_scale[s]) * G
-        step = rule.advance(st, g, hp)
-        if st.linear is not None:
-            apply_forward(step, st.linear, g)
+        step = advance_one(rule, st, G, row_of(table, s), float(grad_scale[s]), shape)
         if keep_maps:
             out.maps.append(step)
-        st.start = s + 1
     return out
+
+
+def advance_one(rule: UpdateRule, st: OptimizerState, G: np.ndarray | None, hp: Mapping[str, Any], grad_scale: float,
+                shape: tuple[int, ...] | None = None) -> StepMaps | None:
+    """Advance ``st`` (in place) by its step ``st.start``: the raw gradient ``G``, the step's table row ``hp`` and
+    factor ``grad_scale``. Returns the step's maps (None for a step the table marks as not applied)."""
+    s = st.start
+    shape = _held_shape(st) if shape is None else shape
+    if not hp["applied"]:
+        st.start = s + 1
+        return None
+    if G is None:
+        raise ValueError(f"no gradient for step {s}, which the table marks as applied")
+    G = np.asarray(G, dtype=np.float64)
+    if G.shape != shape:
+        raise ValueError(f"the gradient of step {s} has shape {G.shape}; the state holds shape {shape}")
+    if st.linear is None and rule.needs_param(hp):
+        raise ValueError(
+            f"step {s} of this {rule.name} run feeds the parameter into its nonlinear state "
+            "(L2 weight decay or Adafactor), but the state does not hold the parameter"
+        )
+    g = float(grad_scale) * G
+    step = rule.advance(st, g, hp)
+    if st.linear is not None:
+        apply_forward(step, st.linear, g)
+    st.start = s + 1
+    return step
 
 
 def _held_shape(state: OptimizerState) -> tuple[int, ...]:

@@ -50,6 +50,7 @@ from lightning_dualform.record import gradient_check
 from lightning_dualform.record import rows as rows_mod
 from lightning_dualform.record.planner import Plan, check_disk, estimate, slow_writer_message
 from lightning_dualform.record.policy import gradient_check_tolerance
+from lightning_dualform.record.row_replay import RowReplayCertificate
 from lightning_dualform.record.sketch import SketchCertificate
 from lightning_dualform.record.specs import Distributed, bias_of, describe_optimizer, layer_spec
 from lightning_dualform.store import WriterLock
@@ -141,7 +142,7 @@ class RecordingEngine:
         #: a convolution's geometry, fixed by its first recorded call (the store keeps maps of one size per layer)
         self._geometry: dict[str, ConvGeometry] = {}
         #: the certificate as training goes (None: certify at fit end by reading the store, or not at all)
-        self.sketch: SketchCertificate | None = None
+        self.sketch: SketchCertificate | RowReplayCertificate | None = None
         self.run_exact = True  # the adapter's run policy found nothing inexact
         self._steps_seen = 0
         self._warned: set[str] = set()
@@ -345,9 +346,14 @@ class RecordingEngine:
         """Certify as training goes where the update rule is SGD's scalar recurrence; a resume continues the
         projections its checkpoint saved (one from before they existed certifies at the end instead)."""
         self.sketch = None
-        if not self.options.certify or not self.run_exact or type(self.optimizer) is not torch.optim.SGD:
+        if not self.options.certify or not self.run_exact or self.optimizer is None:
             return  # (an inexact run keeps its residual, which only the full certificate computes)
-        self.sketch = SketchCertificate.for_run(self.chosen, self._probes, self.optimizer, resume)
+        if type(self.optimizer) is torch.optim.SGD:
+            self.sketch = SketchCertificate.for_run(self.chosen, self._probes, self.optimizer, resume)
+        else:  # an element-wise rule: its own replay on a few rows of each weight (record/row_replay.py)
+            self.sketch = RowReplayCertificate.for_run(
+                self.chosen, self.optimizer, self.rule, self._param_groups, resume, self.options.dtype,
+                self.dist.all_reduce if self.dist.world_size > 1 else None)
 
     def _resumed_attrs(self, stored: StoreMetadata) -> dict[str, Any]:
         """The rows before the checkpoint keep the rounding they were made with: the store's mode is the
@@ -486,7 +492,7 @@ class RecordingEngine:
                 n: (torch.cat([c.keys for c, *_ in pending[n]]), torch.cat([c.values for c, *_ in pending[n]])) for n in rows}
             sketches = self._sketch_rows(captured, stored=False)
             scales = self._check_rows(sketches, grad_scale, has_rows=set(rows))
-        if self.sketch is not None and (not check or self.options.dtype != "float32"):
+        if self.sketch is not None and self.sketch.needs_projections and (not check or self.options.dtype != "float32"):
             sketches = self._sketch_rows(rows, stored=True)  # every step: the certificate's projections
         self._steps_seen += 1
         updates: dict[str, tuple[float, StepRow, StepRow | None]] = {}
@@ -498,8 +504,7 @@ class RecordingEngine:
             scale = grad_scale if grad_scale is not None else scales.get(name, 1.0)
             updates[name] = (scale, w_up, b_up)
             if self.sketch is not None and name in self.sketch.layers:
-                gz, gb = sketches.get(name, (None, None))
-                self.sketch.step(name, gz, gb, scale, w_up, b_up)
+                self.sketch.take_step(name, sketches.get(name), rows.get(name), scale, w_up, b_up)
         event = None
         if any(t[0].is_cuda for t in rows.values()):
             rows = {n: tuple(rows_mod.to_pinned(t) for t in r) for n, r in rows.items()}
@@ -678,8 +683,8 @@ class RecordingEngine:
         for name, (w, b) in finals.items():
             res = self.sketch.result(name, torch.from_numpy(w), torch.from_numpy(b) if b is not None else None)
             out[name] = LayerCertificate.measured(res["rel_err_weight"], res["rel_err_bias"], tol,
-                                                  exact_run=name not in self.inexact, method="sketch",
-                                                  probes=int(self._probes[name].shape[1]))
+                                                  exact_run=name not in self.inexact, method=self.sketch.method,
+                                                  probes=self.sketch.width(name))
         return out
 
     def close(self, remove_if_empty: bool = False) -> None:

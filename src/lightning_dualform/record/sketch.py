@@ -59,6 +59,8 @@ class SketchCertificate:
     """Every tracked layer's :class:`LayerSketch`; see the module docstring."""
 
     layers: dict[str, LayerSketch] = field(default_factory=dict)
+    method = "sketch"
+    needs_projections = True  # each step's G_s Z (record/gradient_check.project_rows)
 
     @staticmethod
     def probes(name: str, d_in: int, device: torch.device, k: int = PROBES) -> torch.Tensor:
@@ -120,6 +122,16 @@ class SketchCertificate:
         s.p, s.buf = _apply(w_up, s.p, s.buf, gz, grad_scale)
         if s.bias is not None and b_up is not None:
             s.bias, s.bias_buf = _apply(b_up, s.bias, s.bias_buf, gb, grad_scale)
+
+    def take_step(self, name: str, projections: tuple[torch.Tensor, torch.Tensor] | None, rows: Any,
+                  grad_scale: float, w_up: Any, b_up: Any | None) -> None:
+        """:meth:`step` from the step's projections ``(G Z, sum v)`` (None: no rows this step)."""
+        gz, gb = projections if projections is not None else (None, None)
+        self.step(name, gz, gb, grad_scale, w_up, b_up)
+
+    def width(self, name: str) -> int:
+        """The projection's columns (the certificate's ``probes``)."""
+        return int(self.layers[name].z.shape[1])
 
     def result(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, float]:
         """``rel_err_weight`` of the projection against the final ``weight`` ``(d_out, d_in)``, ``rel_err_bias``."""

@@ -47,8 +47,8 @@ if TYPE_CHECKING:
 
 #: how a certificate was made: by reading the store's rows at fit end (or ``verify --write-certificate``), or
 #: from random projections of each step's rows carried through training (``record/sketch.py``)
-Method = Literal["full", "sketch"]
-METHODS: tuple[str, ...] = ("full", "sketch")
+Method = Literal["full", "sketch", "rows"]
+METHODS: tuple[str, ...] = ("full", "sketch", "rows")
 #: attribute prefix of the verdict; every attribute with it is replaced when a certificate is written
 PREFIX = "certificate_"
 #: the per-step tables the store finished with (written at finalisation, with or without a certificate)
@@ -86,13 +86,15 @@ class LayerCertificate:
 
     Attributes:
         rel_err: ``max(rel_err_weight, rel_err_bias)``.
-        rel_err_weight: ``||W_final - W_rebuilt||_F / ||W_final||_F`` (a sketch: of the projections ``W Z``).
+        rel_err_weight: ``||W_final - W_rebuilt||_F / ||W_final||_F`` (a sketch: of the projections ``W Z``; rows: of
+            the rows replayed).
         rel_err_bias: the same for the bias (0 without one).
         explained: ``1 - rel_err``, at least 0: the share of the weights the memory explains.
         tolerance: the store's documented tolerance (:func:`tolerance`).
         exact: ``rel_err <= tolerance`` and nothing made the run or the layer inexact.
-        method: ``"full"`` (the rows read back) or ``"sketch"`` (projections carried through training).
-        probes: columns of the sketch's random projection (``None`` for ``"full"``).
+        method: ``"full"`` (the rows read back), ``"sketch"`` (projections carried through training, SGD) or
+            ``"rows"`` (an element-wise rule's replay of a few of each weight's rows as training went).
+        probes: columns of the sketch's random projection, or rows of the replay (``None`` for ``"full"``).
     """
 
     rel_err: float

@@ -50,6 +50,8 @@ class PassContext:
             store changes on disk).
         sums_checked: whether the certificate's sums of ``(layer, end step, rows)`` rebuild the final
             weights (checked once).
+        replayed: an element-wise layer's weights replayed to ``(layer, end step, rows)`` where the store keeps
+            none (its certificate was made as training went): replayed once per session.
     """
 
     store: Any
@@ -61,6 +63,7 @@ class PassContext:
     group: Any = None
     stats: dict[str, LayerStats] = field(default_factory=dict)
     sums_checked: dict[tuple, bool] = field(default_factory=dict)
+    replayed: dict[tuple, tuple] = field(default_factory=dict)
     #: bytes of host arrays the last pass handed to the compute device (a benchmark's figure)
     moved_bytes: int = 0
 

@@ -1,0 +1,139 @@
+"""The certificate as training goes for element-wise rules (Adam, AdamW, ...): the store's replay over a few rows.
+
+An element-wise rule does not move the weights by a scalar recurrence: Adam's denominators ``sqrt(v) + eps``
+differ entry by entry, so no projection ``W Z`` can be carried through its steps (``record/sketch.py`` does
+that for SGD), and the certificate used to be a replay of the whole store at fit end: a second pass over every
+row, 1.8 times the fit for the paper's MLP with AdamW. But every such rule the library records except Adafactor
+is *row-local*: an entry of the weight moves by its own gradient entry and state only. So the replay a reader
+runs (:func:`~lightning_dualform.optim.replay.advance_one`: the rule's own float64 code, the step's table row and
+gradient factor as the store keeps them) runs as training goes on :data:`ROWS` random rows ``U`` of each
+weight, and on the whole bias, from the optimizer's state before the first recorded step. Each step it needs
+``G_U = V[:, U]^T K`` from the step's rows as stored (``|U| x d_in`` numbers; summed over DDP ranks), and at fit
+end the replayed rows are compared with the trained ones.
+
+What it proves: the rows, the table rows, the factors and the starting state reproduce the trained weights on
+the rows sampled. A recording error that reaches every output unit (a missing, extra or wrong row: a row's
+value vector is dense; a wrong learning rate or factor) shows on any row; one confined to a fraction ``p`` of
+the units is missed with probability ``(1 - p)^16`` (0.2% for ``p = 1/3``). ``lightning-dualform verify``
+replays every row. A resumed run, a convolution or an embedding, and Adafactor are certified at fit end by the
+whole replay instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_dualform.optim import UpdateRule
+from lightning_dualform.optim.maps import OptimizerState
+from lightning_dualform.optim.replay import advance_one
+from lightning_dualform.record import rows as rows_mod
+
+#: Rows of each weight the replay carries.
+ROWS = 16
+_PARAM = "param"
+
+
+@dataclass
+class LayerRows:
+    """One layer's replay: the weight's state on rows ``units`` and the bias's state (None: no bias)."""
+
+    units: np.ndarray
+    weight: OptimizerState
+    bias: OptimizerState | None
+    bias_init: np.ndarray | None  # a bias no optimizer group holds never moves: compared with this
+
+
+class RowReplayCertificate:
+    """Every tracked layer's :class:`LayerRows`; see the module docstring."""
+
+    method = "rows"
+    needs_projections = False  # (the SGD sketch's per-step products are not used)
+
+    def __init__(self, rule: UpdateRule, row_dtype: str,
+                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.rule = rule
+        self.row_dtype = row_dtype
+        self.all_reduce = all_reduce
+        self.layers: dict[str, LayerRows] = {}
+
+    @staticmethod
+    def units(name: str, d_out: int, k: int = ROWS) -> np.ndarray:
+        """The rows a layer's replay carries: random, the same for a layer name in every process."""
+        seed = sum((i + 1) * ord(c) for i, c in enumerate(name)) % (2**31)
+        perm = torch.randperm(d_out, generator=torch.Generator().manual_seed(seed))
+        return np.sort(perm[: min(k, d_out)].numpy()).astype(np.int64)
+
+    @classmethod
+    def for_run(cls, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, rule: UpdateRule | None,
+                groups: dict[str, tuple[int | None, int | None]], resume: dict[str, Any] | None, row_dtype: str,
+                all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> "RowReplayCertificate | None":
+        """The replay of a run from its first recorded step; None where it does not apply (see the module
+        docstring): the store is then certified at fit end."""
+        if resume is not None or rule is None or not rule.row_local or rule.name == "sgd":
+            return None
+        if not all(type(m) is nn.Linear for m in modules.values()):
+            return None
+        cert = cls(rule, row_dtype, all_reduce)
+        for name, m in modules.items():
+            wi, bi = groups[name]
+            if wi is None:
+                return None  # (a weight no group holds; the full certificate says so)
+            units = cls.units(name, m.out_features)
+            weight = rule.read_state(optimizer, m.weight).take_rows(units)
+            bias = rule.read_state(optimizer, m.bias) if m.bias is not None and bi is not None else None
+            b0 = m.bias.detach().double().cpu().numpy() if m.bias is not None and bias is None else None
+            cert.layers[name] = LayerRows(units, weight, bias, b0)
+        return cert
+
+    def take_step(self, name: str, projections: Any, rows: tuple | None, grad_scale: float, w_up: Any,
+                  b_up: Any | None) -> None:
+        """Apply one recorded step from the layer's rows as stored (``None``: none this step, a zero gradient)."""
+        r = self.layers[name]
+        d_in = r.weight.shape[1]
+        if rows is not None:
+            keys = rows_mod.stored_floats(rows[0], self.row_dtype).double()
+            values = rows_mod.stored_floats(rows[1], self.row_dtype).double()
+            gu = values[:, torch.from_numpy(r.units).to(values.device)].t() @ keys  # (|U|, d_in)
+            gb = values.sum(0)
+        else:
+            gu = torch.zeros(len(r.units), d_in, dtype=torch.float64)
+            gb = torch.zeros(r.weight.shape[0], dtype=torch.float64)
+        if self.all_reduce is not None:  # every rank's rows make the step's gradient
+            flat = self.all_reduce(torch.cat([gu.reshape(-1), gb.to(gu.device)]))
+            gu, gb = flat[: gu.numel()].reshape(gu.shape), flat[gu.numel():]
+        advance_one(self.rule, r.weight, gu.cpu().numpy(), w_up, grad_scale)
+        if r.bias is not None and b_up is not None:
+            advance_one(self.rule, r.bias, gb.cpu().numpy(), b_up, grad_scale)
+
+    def result(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, float]:
+        """``rel_err_weight`` of the replayed rows against the same rows of the final ``weight`` ``(d_out, d_in)``,
+        ``rel_err_bias`` against the final ``bias``."""
+        r = self.layers[name]
+        assert r.weight.linear is not None
+        real = weight.double().cpu().numpy()[r.units]
+        err_w = _rel(r.weight.linear[_PARAM] - real, real)
+        err_b = 0.0
+        if bias is not None:
+            b = bias.double().cpu().numpy()
+            rebuilt = r.bias.linear[_PARAM] if r.bias is not None and r.bias.linear is not None else r.bias_init
+            if rebuilt is not None:
+                err_b = _rel(rebuilt - b, b)
+        return {"rel_err_weight": err_w, "rel_err_bias": err_b, "rel_err": max(err_w, err_b)}
+
+    def width(self, name: str) -> int:
+        """The rows replayed (the certificate's ``probes``)."""
+        return len(self.layers[name].units)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # (a resumed run is certified at fit end)
+
+
+def _rel(err: np.ndarray, ref: np.ndarray) -> float:
+    denom = float(np.linalg.norm(ref))
+    num = float(np.linalg.norm(err))
+    return num / denom if denom > 0 else num

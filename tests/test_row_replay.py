@@ -1,0 +1,123 @@
+"""The certificate as training goes for element-wise rules (record/row_replay.py): the store's replay on a few rows
+of each weight, against the whole replay of the store read back, and what it catches."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from helpers import TRAINER_KW, MLP, IndexedDataset, loader
+
+from lightning_dualform import DualFormCallback, StoreReader
+from lightning_dualform.attend.replay import LayerReplay
+from lightning_dualform.record.engine import RecordingEngine
+from lightning_dualform.record.row_replay import ROWS, RowReplayCertificate
+
+OPTIMIZERS = {
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.1),
+    "adam-amsgrad-l2": lambda ps: torch.optim.Adam(ps, lr=0.05, amsgrad=True, weight_decay=0.05),
+    "rmsprop-centered-momentum": lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.9, centered=True),
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1, lr_decay=0.01),
+    "nadam": lambda ps: torch.optim.NAdam(ps, lr=0.05, weight_decay=0.05),
+    "radam-decoupled": lambda ps: torch.optim.RAdam(ps, lr=0.05, weight_decay=0.1, decoupled_weight_decay=True),
+    "adamax": lambda ps: torch.optim.Adamax(ps, lr=0.05),
+    "adadelta": lambda ps: torch.optim.Adadelta(ps, lr=1.0, weight_decay=0.05),
+}
+
+
+def _fit(tmp_path, make_opt, **trainer_kw):
+    L.seed_everything(0, verbose=False)
+    model = MLP(hidden=40, opt_factory=lambda m: make_opt(m.parameters()))  # 40 rows: the replay samples 16
+    cb = DualFormCallback(tmp_path / "run.h5")
+    L.Trainer(max_epochs=2, callbacks=[cb], gradient_clip_val=0.05, **TRAINER_KW, **trainer_kw).fit(
+        model, loader(IndexedDataset()))
+    return model, cb
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_the_rows_replayed_as_training_goes_are_the_stores_whole_replay(tmp_path, name):
+    """Each layer's certificate comes from the replay of 16 of its rows as training went; the same rows of the
+    store's whole replay (read back, every row) give the same error against the trained weights."""
+    model, cb = _fit(tmp_path, OPTIMIZERS[name])
+    modules = {"net.0": model.net[0], "net.2": model.net[2]}
+    with StoreReader(cb.store_path) as s:
+        for layer, m in modules.items():
+            cert = cb.certificate[layer]
+            assert cert["method"] == "rows" and cert["exact"], (layer, cert)
+            assert cert["probes"] == min(ROWS, m.out_features)
+            units = RowReplayCertificate.units(layer, m.out_features)
+            w, b = LayerReplay(s.layer(layer)).weights()
+            real = m.weight.detach().double().numpy()
+            whole = np.linalg.norm(w[units] - real[units]) / np.linalg.norm(real[units])
+            np.testing.assert_allclose(cert["rel_err_weight"], whole, rtol=1e-6)
+            rb = m.bias.detach().double().numpy()
+            np.testing.assert_allclose(cert["rel_err_bias"], np.linalg.norm(b - rb) / np.linalg.norm(rb), rtol=1e-6)
+            assert s.layer(layer).attrs["certificate_method"] == "rows"
+
+
+def test_a_wrong_table_entry_fails_the_row_replay_as_it_fails_the_whole_one(tmp_path, monkeypatch):
+    """One step's learning rate stored wrong (the rows themselves right, so the gradient check passes): the
+    replay of a few rows misses the trained weights, as the store's whole replay does."""
+    from lightning_dualform.attend.certificate import certify_store
+
+    real_row = RecordingEngine._table_row
+    calls = {"n": 0}
+
+    def wrong_lr(self, p, group):
+        row = real_row(self, p, group)
+        calls["n"] += 1
+        if calls["n"] == 15:  # one parameter of one step
+            row["lr"] = row["lr"] * 1.5
+        return row
+
+    monkeypatch.setattr(RecordingEngine, "_table_row", wrong_lr)
+    _, cb = _fit(tmp_path, OPTIMIZERS["adamw"])
+    monkeypatch.setattr(RecordingEngine, "_table_row", real_row)
+    bad = [n for n, c in cb.certificate.items() if not c["exact"]]
+    assert bad and all(cb.certificate[n]["method"] == "rows" for n in bad)
+    full = certify_store(cb.store_path)
+    assert sorted(n for n, c in full.items() if not c.exact) == sorted(bad)
+
+
+def test_a_rule_or_layer_the_row_replay_does_not_cover_is_certified_at_the_end(tmp_path):
+    """Adafactor's statistics are not row-local, and a convolution's rows are maps: the whole replay at fit end."""
+    adafactor = getattr(torch.optim, "Adafactor", None)
+    if adafactor is None:
+        pytest.skip("torch without Adafactor")
+    _, cb = _fit(tmp_path, lambda ps: adafactor(ps, lr=0.01))
+    assert {c["method"] for c in cb.certificate.values()} == {"full"}
+    assert all(c["exact"] for c in cb.certificate.values())
+
+
+def test_attend_on_a_store_certified_as_training_went_replays_once_and_answers_as_after_the_full_certificate(
+        tmp_path, monkeypatch):
+    """Such a store keeps no replayed weights: ``attend`` replays the layer once per session (not once per call),
+    and its answer is the one a store carrying the full certificate's replayed weights gives."""
+    from lightning_dualform import DualInference
+    from lightning_dualform.attend import replay as replay_mod
+    from lightning_dualform.attend.certificate import certify_store
+
+    model, cb = _fit(tmp_path, OPTIMIZERS["adamw"])
+    q = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    calls = {"n": 0}
+    real = replay_mod.LayerReplay.weights
+
+    def counted(self):
+        calls["n"] += 1
+        return real(self)
+
+    monkeypatch.setattr(replay_mod.LayerReplay, "weights", counted)
+    with DualInference(cb.store_path, device="cpu", accumulate=torch.float64) as di:
+        first = di.attend("net.0", q, top_k=3)
+        again = di.attend("net.0", q, top_k=3)
+    assert calls["n"] == 1
+    torch.testing.assert_close(again.dual, first.dual, rtol=0, atol=0)
+    certify_store(cb.store_path)  # the whole replay, its weights kept in the store
+    calls["n"] = 0
+    with DualInference(cb.store_path, device="cpu", accumulate=torch.float64) as di:
+        kept = di.attend("net.0", q, top_k=3)
+    assert calls["n"] == 0
+    torch.testing.assert_close(kept.dual, first.dual, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(first.dual, model.net[0](q).double(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(kept.top.row, first.top.row)  # the same rows, found by the same pass
