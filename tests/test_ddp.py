@@ -101,6 +101,30 @@ def test_two_process_ddp_is_exact(tmp_path):
         assert s.layer("net.0").n_rows == 2 * 96
 
 
+def test_two_process_ddp_adamw_row_replay_sums_every_ranks_rows(tmp_path):
+    """AdamW's certificate made as training goes under DDP: each rank replays its weights' rows from every rank's
+    rows (all-reduced each step), so both shards hold the same certificate, and it is the whole replay's (the
+    layers are narrow enough that every row is replayed) read back through the shards' index."""
+    from lightning_dualform.attend.certificate import certify_store
+
+    store, weights = tmp_path / "ddp.h5", tmp_path / "final.pt"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, SCRIPT, str(store), str(weights), "adamw-rows"], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shards = read_shard_index(str(store))
+    certs = []
+    for shard in shards:
+        with StoreReader(shard) as s:
+            assert {s.layer(n).attrs["certificate_method"] for n in s.layers} == {"rows"}
+            assert all(s.layer(n).attrs["certificate_exact"] for n in s.layers)
+            certs.append({n: float(s.layer(n).attrs["certificate_rel_err"]) for n in s.layers})
+    assert certs[0] == certs[1]
+    full = certify_store(str(store))  # the whole replay through the index, every rank's rows at each step
+    for name, cert in full.items():
+        np.testing.assert_allclose(certs[0][name], cert.rel_err, rtol=1e-6)
+
+
 def test_two_process_ddp_adamw_is_exact(tmp_path):
     """AdamW's replay needs the all-reduced gradient of every step: rank 0 certifies through the shards' index
     and writes the certificate into every shard; the shards read as one store answer exactly."""

@@ -1,6 +1,6 @@
 """Two-process CPU DDP training with DualFormCallback (run as a subprocess: the ddp launcher re-runs it).
 
-usage: ddp_run.py STORE OUT_WEIGHTS [sgd|adamw|conv]
+usage: ddp_run.py STORE OUT_WEIGHTS [sgd|adamw|adamw-rows|conv]
 """
 
 import os
@@ -31,14 +31,16 @@ def main() -> None:
     store, out = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
-    if len(sys.argv) > 3 and sys.argv[3] == "adamw":
+    mode = sys.argv[3] if len(sys.argv) > 3 else "sgd"
+    if mode in ("adamw", "adamw-rows"):
         opt = lambda m: torch.optim.AdamW(m.parameters(), lr=2e-2, weight_decay=0.1)  # noqa: E731
     else:
         opt = lambda m: torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9, weight_decay=0.01)  # noqa: E731
     model = MLP(opt_factory=opt, sched_factory=lambda o: torch.optim.lr_scheduler.StepLR(o, 3, 0.8))
-    if len(sys.argv) > 3 and sys.argv[3] == "conv":  # a convolution stored as maps, read across shards
+    if mode == "conv":  # a convolution stored as maps, read across shards
         model = ConvMLP(opt_factory=opt)
-    cb = DualFormCallback(store, certify="full")  # (a recorder's DDP test covers the sketch certificate)
+    # (a recorder's DDP test covers the sketch certificate; adamw-rows: AdamW's row replay as training goes)
+    cb = DualFormCallback(store, certify=True if mode == "adamw-rows" else "full")
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", callbacks=[cb], logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         gradient_clip_val=0.3)

@@ -60,7 +60,8 @@ class AttendRequest:
         scan: ``"exact"``, or ``"bf16"``: scores in bfloat16 for ranking, every row near the running k-th best
             re-scored exactly, so ``top`` is the exact top-k (``docs/inference.md``); scalar rules only.
         reuse_certificate: at the end of a finished store, take ``dual``'s memory part from the sums (or the
-            replayed weights) the certificate kept for exactly these rows instead of summing the rows again.
+            replayed weights) the certificate kept for exactly these rows instead of summing the rows again (an
+            element-wise layer whose certificate kept none is replayed once per session); False: every time.
         score: what ``top``, ``top_examples`` and ``mass`` rank: ``"raw"`` (``k . q``), ``"unit"`` (each row's
             attention weight for the query's unit, ``-(Q_s[u, :] (.) k) . q``; needs a unit), or ``"auto"``
             (``"unit"`` on an element-wise rule's store, ``"raw"`` otherwise).

@@ -74,12 +74,15 @@ class ElementwisePass(AttendPass):
         stored = layer.stored_memory_sums(rep.end, rep.n_rows) if (final and req.reuse_certificate) else None
         if stored is not None and not self._stored_replay_agrees(layer, stored):
             stored = None
-        if stored is None:  # (a certificate made as training went keeps no replayed weights: replay once here)
+        if stored is not None:
+            w, b = stored
+        elif req.reuse_certificate:  # (a certificate made as training went keeps none: replay once per session)
             key = (layer.name, rep.end, rep.n_rows)
             if key not in ctx.replayed:
                 ctx.replayed[key] = rep.weights()
-            stored = ctx.replayed[key]
-        w, b = stored
+            w, b = ctx.replayed[key]
+        else:
+            w, b = rep.weights()
         x64 = q.detach().to(cpu, torch.float64)
         dual = x64 @ torch.from_numpy(w).t()
         if b is not None:
