@@ -123,8 +123,22 @@ def test_two_process_ddp_adamw_row_replay_sums_every_ranks_rows(tmp_path):
     full = certify_store(str(store))  # the whole replay through the index, every rank's rows at each step
     for name, cert in full.items():
         np.testing.assert_allclose(certs[0][name], cert.rel_err, rtol=1e-6)
+    # the shards read as one store answer exactly, from the replayed weights the full certificate kept or the rows
+    model = MLP()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    g = torch.Generator().manual_seed(1)
+    with DualInference(str(store), device="cpu", accumulate=torch.float64) as di:
+        for name in ("net.0", "net.2"):
+            m = dict(model.named_modules())[name]
+            x = torch.randn(6, m.in_features, generator=g)
+            ref = real_output(m, x)
+            for reuse in (True, False):
+                res = di.attend(name, x, top_k=di.layer(name).n_rows, reuse_certificate=reuse)
+                assert res.dual_source == ("certificate" if reuse else "rows")
+                assert rel_err(res.dual.double(), ref) <= 1e-5, name
 
 
+@pytest.mark.slow  # (the row replay's DDP test above covers the element-wise DDP store in the default run)
 def test_two_process_ddp_adamw_is_exact(tmp_path):
     """AdamW's replay needs the all-reduced gradient of every step: rank 0 certifies through the shards' index
     and writes the certificate into every shard; the shards read as one store answer exactly."""
