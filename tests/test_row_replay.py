@@ -121,3 +121,40 @@ def test_attend_on_a_store_certified_as_training_went_replays_once_and_answers_a
     torch.testing.assert_close(kept.dual, first.dual, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(first.dual, model.net[0](q).double(), rtol=1e-5, atol=1e-6)
     assert torch.equal(kept.top.row, first.top.row)  # the same rows, found by the same pass
+
+
+def test_the_replay_a_checkpoint_saves_is_plain_data_and_continues_exactly():
+    """The state a checkpoint keeps is lists and numbers only (no arrays to unpickle), NAdam's float32 scalar
+    included, and the replay continued from it is the uninterrupted one, bit for bit."""
+    from lightning_dualform.optim import rule_for
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 20)
+    opt = torch.optim.NAdam(lin.parameters(), lr=0.05, weight_decay=0.05)
+    lin(torch.randn(4, 5)).sum().backward()
+    opt.step()  # (a state with a step count and mu_product)
+    rule = rule_for(opt)
+    a = RowReplayCertificate.for_run({"fc": lin}, opt, rule, {"fc": (0, 0)}, None, "float32")
+    rows = [(torch.randn(3, 5), torch.randn(3, 20)) for _ in range(4)]
+    hp_w, hp_b = ({**rule.read_step(opt, p), "applied": True} for p in (lin.weight, lin.bias))
+    for r in rows[:2]:
+        a.take_step("fc", None, r, 0.5, hp_w, hp_b)
+    saved = a.state_dict()
+
+    def plain(v):
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and plain(x) for k, x in v.items())
+        if isinstance(v, list):
+            return all(plain(x) for x in v)
+        return v is None or type(v) in (int, float, str, bool)
+
+    assert plain(saved)
+    b = RowReplayCertificate.for_run({"fc": lin}, opt, rule, {"fc": (0, 0)}, {"sketch": saved}, "float32")
+    for r in rows[2:]:
+        a.take_step("fc", None, r, 0.5, hp_w, hp_b)
+        b.take_step("fc", None, r, 0.5, hp_w, hp_b)
+    for x, y in ((a.layers["fc"].weight, b.layers["fc"].weight), (a.layers["fc"].bias, b.layers["fc"].bias)):
+        for k in x.linear:
+            np.testing.assert_array_equal(x.linear[k], y.linear[k])
+        for k, v in x.nonlinear.items():
+            assert type(v) is type(y.nonlinear[k]) and np.array_equal(v, y.nonlinear[k]), k

@@ -15,8 +15,9 @@ What it proves: the rows, the table rows, the factors and the starting state rep
 the rows sampled. A recording error that reaches every output unit (a missing, extra or wrong row: a row's
 value vector is dense; a wrong learning rate or factor) shows on any row; one confined to a fraction ``p`` of
 the units is missed with probability ``(1 - p)^16`` (0.2% for ``p = 1/3``). ``lightning-dualform verify``
-replays every row. A resumed run, a convolution or an embedding, and Adafactor are certified at fit end by the
-whole replay instead.
+replays every row. A resume continues the replay its checkpoint saved (:meth:`RowReplayCertificate.state_dict`);
+a convolution or an embedding, Adafactor, and a resume from a checkpoint without the replay are certified at
+fit end by the whole replay instead.
 """
 
 from __future__ import annotations
@@ -74,15 +75,23 @@ class RowReplayCertificate:
                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> "RowReplayCertificate | None":
         """The replay of a run from its first recorded step; None where it does not apply (see the module
         docstring): the store is then certified at fit end."""
-        if resume is not None or rule is None or not rule.row_local or rule.name == "sgd":
+        if rule is None or not rule.row_local or rule.name == "sgd":
             return None
         if not all(type(m) is nn.Linear for m in modules.values()):
             return None
+        saved = (resume or {}).get("sketch")
+        ours = isinstance(saved, dict) and set(saved) == set(modules) and all(
+            isinstance(v, dict) and v.get("kind") == "rows" for v in saved.values())
+        if resume is not None and not ours:
+            return None  # a checkpoint without the replay's rows: the whole replay at the end
         cert = cls(rule, row_dtype, all_reduce)
         for name, m in modules.items():
             wi, bi = groups[name]
             if wi is None:
                 return None  # (a weight no group holds; the full certificate says so)
+            if saved is not None:
+                cert.layers[name] = _layer_from_plain(saved[name])
+                continue
             units = cls.units(name, m.out_features)
             weight = rule.read_state(optimizer, m.weight).take_rows(units)
             bias = rule.read_state(optimizer, m.bias) if m.bias is not None and bi is not None else None
@@ -130,10 +139,57 @@ class RowReplayCertificate:
         return len(self.layers[name].units)
 
     def state_dict(self) -> dict[str, Any]:
-        return {}  # (a resumed run is certified at fit end)
+        """Plain lists and numbers (a checkpoint holds it): enough to continue the replay after a resume."""
+        return {name: _layer_to_plain(r) for name, r in self.layers.items()}
 
 
 def _rel(err: np.ndarray, ref: np.ndarray) -> float:
     denom = float(np.linalg.norm(ref))
     num = float(np.linalg.norm(err))
     return num / denom if denom > 0 else num
+
+
+def _value_to_plain(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return {"array": v.tolist(), "dtype": str(v.dtype), "shape": list(v.shape)}
+    if isinstance(v, np.floating):  # (torch rounds some scalars, NAdam's mu_product, to float32: kept so)
+        return {"scalar": float(v), "dtype": str(v.dtype)}
+    return float(v)
+
+
+def _value_from_plain(v: Any) -> Any:
+    if isinstance(v, dict) and "array" in v:
+        return np.asarray(v["array"], dtype=v["dtype"]).reshape(v["shape"])
+    if isinstance(v, dict):
+        return np.dtype(v["dtype"]).type(v["scalar"])
+    return float(v)
+
+
+def _state_to_plain(st: OptimizerState | None) -> dict[str, Any] | None:
+    if st is None:
+        return None
+    return {"start": st.start, "shape": list(st.shape), "param_dtype": st.param_dtype,
+            "rows": None if st.rows is None else st.rows.tolist(),
+            "nonlinear": {k: _value_to_plain(v) for k, v in st.nonlinear.items()},
+            "linear": None if st.linear is None else {k: _value_to_plain(v) for k, v in st.linear.items()}}
+
+
+def _state_from_plain(d: dict[str, Any] | None) -> OptimizerState | None:
+    if d is None:
+        return None
+    nonlinear = {k: _value_from_plain(v) for k, v in d["nonlinear"].items()}
+    linear = None if d["linear"] is None else {k: _value_from_plain(v) for k, v in d["linear"].items()}
+    rows = None if d["rows"] is None else np.asarray(d["rows"], dtype=np.int64)
+    return OptimizerState(int(d["start"]), tuple(d["shape"]), nonlinear, linear, rows, d["param_dtype"])
+
+
+def _layer_to_plain(r: LayerRows) -> dict[str, Any]:
+    return {"kind": "rows", "units": r.units.tolist(), "weight": _state_to_plain(r.weight),
+            "bias": _state_to_plain(r.bias), "bias_init": None if r.bias_init is None else r.bias_init.tolist()}
+
+
+def _layer_from_plain(d: dict[str, Any]) -> LayerRows:
+    weight = _state_from_plain(d["weight"])
+    assert weight is not None
+    return LayerRows(np.asarray(d["units"], dtype=np.int64), weight, _state_from_plain(d["bias"]),
+                     None if d["bias_init"] is None else np.asarray(d["bias_init"], dtype=np.float64))
