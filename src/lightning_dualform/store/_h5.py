@@ -189,3 +189,8 @@ def dataset(group: h5py.Group, name: str, where: str, kinds: str, ndim: int | No
     if ds.dtype.kind not in kinds or (ndim is not None and ds.ndim != ndim):
         raise StoreError(f"{where}: dataset {name!r} is {ds.shape} {ds.dtype}; the file is damaged.")
     return ds
+
+
+def count_negative(ds: h5py.Dataset, n: int, block: int = 1 << 22) -> int:
+    """Entries below zero among the first ``n`` of a 1-D dataset, read in blocks."""
+    return sum(int((ds[s : min(s + block, n)] < 0).sum()) for s in range(0, n, block))

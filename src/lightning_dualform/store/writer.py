@@ -627,7 +627,7 @@ class StoreWriter:
                 n_steps = int(f["committed_steps"][0])
                 for g in f["layers"].values():  # (rows before a resume count too)
                     per = (map_counts(g) or (1, 1))[1]  # a convolution's maps: one index per map of `per` rows
-                    g.attrs["rows_without_index"] = per * _count_negative(
+                    g.attrs["rows_without_index"] = per * _h5.count_negative(
                         g["index"], int(g["committed_rows"][0]) // per
                     )
                     # the per-step tables the store finished with: answers at every step rest on them
@@ -696,8 +696,3 @@ class StoreWriter:
 
 def _column(row: Any, col: str) -> Any:
     return row[col] if isinstance(row, dict) else getattr(row, col)
-
-
-def _count_negative(ds: h5py.Dataset, n: int, block: int = 1 << 22) -> int:
-    """Entries below zero among the first ``n`` of a 1-D dataset, read in blocks."""
-    return sum(int((ds[s : min(s + block, n)] < 0).sum()) for s in range(0, n, block))
