@@ -81,7 +81,7 @@ def test_a_wrong_table_entry_fails_the_row_replay_as_it_fails_the_whole_one(tmp_
 
 
 def test_a_rule_or_layer_the_row_replay_does_not_cover_is_certified_at_the_end(tmp_path):
-    """Adafactor's statistics are not row-local: its whole replay at fit end."""
+    """Adafactor's statistics are not row-local, and a convolution's rows are maps: the whole replay at fit end."""
     adafactor = getattr(torch.optim, "Adafactor", None)
     if adafactor is None:
         pytest.skip("torch without Adafactor")
@@ -158,44 +158,3 @@ def test_the_replay_a_checkpoint_saves_is_plain_data_and_continues_exactly():
             np.testing.assert_array_equal(x.linear[k], y.linear[k])
         for k, v in x.nonlinear.items():
             assert type(v) is type(y.nonlinear[k]) and np.array_equal(v, y.nonlinear[k]), k
-
-
-class _ConvNet(L.LightningModule):
-    """A Conv1d and a Conv2d (padding, stride) before a linear head: rows kept as maps."""
-
-    def __init__(self, make_opt):
-        super().__init__()
-        self.c1 = torch.nn.Conv1d(1, 20, 3, padding=1)
-        self.c2 = torch.nn.Conv2d(20, 18, 3, stride=2, padding=1)
-        self.head = torch.nn.Linear(18 * 2 * 3, 3)
-        self.make_opt = make_opt
-
-    def forward(self, x):
-        h = torch.tanh(self.c1(x[:, None, :]))  # (B, 20, 6)
-        h = torch.tanh(self.c2(h.reshape(len(x), 20, 2, 3).repeat(1, 1, 2, 2)))  # (B, 18, 2, 3)
-        return self.head(h.reshape(len(x), -1))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return self.make_opt(self.parameters())
-
-
-def test_convolutions_replay_their_sampled_channels_from_the_maps(tmp_path):
-    """A Conv1d and a Conv2d under AdamW: the sampled output channels replayed from the maps as training goes
-    give the error the store's whole replay (from unfolded rows, read back) gives on the same channels."""
-    L.seed_everything(0, verbose=False)
-    model = _ConvNet(OPTIMIZERS["adamw"])
-    cb = DualFormCallback(tmp_path / "conv.h5")
-    L.Trainer(max_epochs=2, callbacks=[cb], **TRAINER_KW).fit(model, loader(IndexedDataset()))
-    with StoreReader(cb.store_path) as s:
-        for layer, m in (("c1", model.c1), ("c2", model.c2)):
-            cert = cb.certificate[layer]
-            assert cert["method"] == "rows" and cert["exact"] and cert["probes"] == ROWS, (layer, cert)
-            units = RowReplayCertificate.units(layer, m.out_channels)
-            w, _ = LayerReplay(s.layer(layer)).weights()
-            real = m.weight.detach().double().reshape(m.out_channels, -1).numpy()
-            whole = np.linalg.norm(w[units] - real[units]) / np.linalg.norm(real[units])
-            np.testing.assert_allclose(cert["rel_err_weight"], whole, rtol=1e-6)

@@ -353,7 +353,7 @@ class RecordingEngine:
         else:  # an element-wise rule: its own replay on a few rows of each weight (record/row_replay.py)
             self.sketch = RowReplayCertificate.for_run(
                 self.chosen, self.optimizer, self.rule, self._param_groups, resume, self.options.dtype,
-                self.dist.all_reduce if self.dist.world_size > 1 else None, self._geometry)
+                self.dist.all_reduce if self.dist.world_size > 1 else None)
 
     def _resumed_attrs(self, stored: StoreMetadata) -> dict[str, Any]:
         """The rows before the checkpoint keep the rounding they were made with: the store's mode is the

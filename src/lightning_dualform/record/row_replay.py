@@ -7,23 +7,21 @@ row, 1.8 times the fit for the paper's MLP with AdamW. But every such rule the l
 is *row-local*: an entry of the weight moves by its own gradient entry and state only. So the replay a reader
 runs (:func:`~lightning_dualform.optim.replay.advance_one`: the rule's own float64 code, the step's table row and
 gradient factor as the store keeps them) runs as training goes on :data:`ROWS` random rows ``U`` of each
-weight (a convolution's: output channels), and on the whole bias, from the optimizer's state before the first
-recorded step. Each step it needs ``G_U = V[:, U]^T K`` from the step's rows as stored (``|U| x d_in`` numbers,
-a convolution's from its maps without unfolding them; summed over DDP ranks), and at fit end the replayed rows
-are compared with the trained ones.
+weight, and on the whole bias, from the optimizer's state before the first recorded step. Each step it needs
+``G_U = V[:, U]^T K`` from the step's rows as stored (``|U| x d_in`` numbers; summed over DDP ranks), and at fit
+end the replayed rows are compared with the trained ones.
 
 What it proves: the rows, the table rows, the factors and the starting state reproduce the trained weights on
 the rows sampled. A recording error that reaches every output unit (a missing, extra or wrong row: a row's
 value vector is dense; a wrong learning rate or factor) shows on any row; one confined to a fraction ``p`` of
 the units is missed with probability ``(1 - p)^16`` (0.2% for ``p = 1/3``). ``lightning-dualform verify``
 replays every row. A resume continues the replay its checkpoint saved (:meth:`RowReplayCertificate.state_dict`);
-an embedding, Adafactor, and a resume from a checkpoint without the replay are certified at fit end by the
-whole replay instead.
+a convolution or an embedding, Adafactor, and a resume from a checkpoint without the replay are certified at
+fit end by the whole replay instead.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -31,12 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_dualform.layers import maps_from_pixels, maps_weight_sum
 from lightning_dualform.optim import UpdateRule
 from lightning_dualform.optim.maps import OptimizerState
 from lightning_dualform.optim.replay import advance_one
 from lightning_dualform.record import rows as rows_mod
-from lightning_dualform.store.conv import ConvGeometry
 
 #: Rows of each weight the replay carries.
 ROWS = 16
@@ -60,13 +56,10 @@ class RowReplayCertificate:
     needs_projections = False  # (the SGD sketch's per-step products are not used)
 
     def __init__(self, rule: UpdateRule, row_dtype: str,
-                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 geometry: dict[str, ConvGeometry] | None = None) -> None:
+                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.rule = rule
         self.row_dtype = row_dtype
         self.all_reduce = all_reduce
-        #: a convolution's geometry (the engine's, fixed by its first recorded call): its keys are maps
-        self.geometry = geometry if geometry is not None else {}
         self.layers: dict[str, LayerRows] = {}
 
     @staticmethod
@@ -79,20 +72,19 @@ class RowReplayCertificate:
     @classmethod
     def for_run(cls, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, rule: UpdateRule | None,
                 groups: dict[str, tuple[int | None, int | None]], resume: dict[str, Any] | None, row_dtype: str,
-                all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                geometry: dict[str, ConvGeometry] | None = None) -> "RowReplayCertificate | None":
+                all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> "RowReplayCertificate | None":
         """The replay of a run from its first recorded step; None where it does not apply (see the module
         docstring): the store is then certified at fit end."""
         if rule is None or not rule.row_local or rule.name == "sgd":
             return None
-        if not all(type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d) for m in modules.values()):
-            return None  # (an embedding's gradient rows are scattered by token: the whole replay at the end)
+        if not all(type(m) is nn.Linear for m in modules.values()):
+            return None
         saved = (resume or {}).get("sketch")
         ours = isinstance(saved, dict) and set(saved) == set(modules) and all(
             isinstance(v, dict) and v.get("kind") == "rows" for v in saved.values())
         if resume is not None and not ours:
             return None  # a checkpoint without the replay's rows: the whole replay at the end
-        cert = cls(rule, row_dtype, all_reduce, geometry)
+        cert = cls(rule, row_dtype, all_reduce)
         for name, m in modules.items():
             wi, bi = groups[name]
             if wi is None:
@@ -100,9 +92,8 @@ class RowReplayCertificate:
             if saved is not None:
                 cert.layers[name] = _layer_from_plain(saved[name])
                 continue
-            d_out = int(m.weight.shape[0])
-            units = cls.units(name, d_out)
-            weight = _as_view(rule.read_state(optimizer, m.weight), d_out).take_rows(units)
+            units = cls.units(name, m.out_features)
+            weight = rule.read_state(optimizer, m.weight).take_rows(units)
             bias = rule.read_state(optimizer, m.bias) if m.bias is not None and bi is not None else None
             b0 = m.bias.detach().double().cpu().numpy() if m.bias is not None and bias is None else None
             cert.layers[name] = LayerRows(units, weight, bias, b0)
@@ -116,13 +107,7 @@ class RowReplayCertificate:
         if rows is not None:
             keys = rows_mod.stored_floats(rows[0], self.row_dtype).double()
             values = rows_mod.stored_floats(rows[1], self.row_dtype).double()
-            units = torch.from_numpy(r.units).to(values.device)
-            geom = self.geometry.get(name)
-            if geom is not None:  # the maps' weight sum with the sampled channels' gradients: no unfolded keys
-                grads = values.reshape(-1, *geom.output_size, values.shape[1]).movedim(-1, 1)[:, units]
-                gu = maps_weight_sum(geom, maps_from_pixels(keys, geom), grads)
-            else:
-                gu = values[:, units].t() @ keys  # (|U|, d_in)
+            gu = values[:, torch.from_numpy(r.units).to(values.device)].t() @ keys  # (|U|, d_in)
             gb = values.sum(0)
         else:
             gu = torch.zeros(len(r.units), d_in, dtype=torch.float64)
@@ -139,7 +124,7 @@ class RowReplayCertificate:
         ``rel_err_bias`` against the final ``bias``."""
         r = self.layers[name]
         assert r.weight.linear is not None
-        real = weight.double().cpu().numpy().reshape(weight.shape[0], -1)[r.units]
+        real = weight.double().cpu().numpy()[r.units]
         err_w = _rel(r.weight.linear[_PARAM] - real, real)
         err_b = 0.0
         if bias is not None:
@@ -162,18 +147,6 @@ def _rel(err: np.ndarray, ref: np.ndarray) -> float:
     denom = float(np.linalg.norm(ref))
     num = float(np.linalg.norm(err))
     return num / denom if denom > 0 else num
-
-
-def _as_view(st: OptimizerState, d_out: int) -> OptimizerState:
-    """A weight's state in the ``(d_out, d_in)`` view the rows multiply (a convolution's ``(C_out, C_in * k...)``,
-    channel-major as its unfolded keys), as a reader's replay holds it."""
-    def view(v: Any) -> Any:
-        return v.reshape(d_out, -1) if isinstance(v, np.ndarray) and v.shape == st.shape else v
-
-    shape = (d_out, math.prod(st.shape) // d_out)
-    return OptimizerState(st.start, shape, {k: view(v) for k, v in st.nonlinear.items()},
-                          None if st.linear is None else {k: view(v) for k, v in st.linear.items()}, st.rows,
-                          st.param_dtype)
 
 
 def _value_to_plain(v: Any) -> Any:
