@@ -14,7 +14,9 @@ end the replayed rows are compared with the trained ones.
 What it proves: the rows, the table rows, the factors and the starting state reproduce the trained weights on
 the rows sampled. A recording error that reaches every output unit (a missing, extra or wrong row: a row's
 value vector is dense; a wrong learning rate or factor) shows on any row; one confined to a fraction ``p`` of
-the units is missed with probability ``(1 - p)^16`` (0.2% for ``p = 1/3``). ``lightning-dualform verify``
+the units is missed with probability ``(1 - p)^16`` (0.2% for ``p = 1/3``), and so is rounding the rule amplifies
+in a few units (a weight gradient that cancels, then Adam's ``m / sqrt(v)``): measured on a ResNet-18's
+convolutions, which therefore keep the whole replay (``docs/benchmarks.md``). ``lightning-dualform verify``
 replays every row. A resume continues the replay its checkpoint saved (:meth:`RowReplayCertificate.state_dict`);
 a convolution or an embedding, Adafactor, and a resume from a checkpoint without the replay are certified at
 fit end by the whole replay instead.
