@@ -184,3 +184,37 @@ def test_a_convolution_under_an_element_wise_rule_is_certified_by_the_whole_repl
     L.Trainer(max_epochs=1, callbacks=[cb], **TRAINER_KW).fit(_ConvNet(OPTIMIZERS["adamw"]), loader(IndexedDataset()))
     assert {c["method"] for c in cb.certificate.values()} == {"full"}
     assert all(c["exact"] for c in cb.certificate.values())
+
+
+def test_a_checkpoints_replay_that_does_not_fit_is_not_used(caplog):
+    """A checkpoint is the user's file: a replay state with rows outside the weight, a wrong shape, a missing entry
+    or a NaN is set aside (the whole replay certifies at fit end), said in the log, never used."""
+    import copy
+    import logging
+
+    from lightning_dualform.optim import rule_for
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 20)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.05)
+    rule = rule_for(opt)
+    good = RowReplayCertificate.for_run({"fc": lin}, opt, rule, {"fc": (0, 0)}, None, "float32").state_dict()
+    assert RowReplayCertificate.for_run({"fc": lin}, opt, rule, {"fc": (0, 0)}, {"sketch": good}, "float32") is not None
+
+    def broken(edit):
+        bad = copy.deepcopy(good)
+        edit(bad["fc"])
+        return bad
+
+    cases = [
+        lambda d: d.__setitem__("units", [0, 1, 99]),  # a row outside the weight
+        lambda d: d["weight"].__setitem__("shape", [20, 6]),  # another layer's shape
+        lambda d: d["weight"]["nonlinear"].pop("exp_avg_sq"),  # a missing entry
+        lambda d: d["weight"]["linear"]["param"]["array"][0].__setitem__(0, float("nan")),
+        lambda d: d.pop("bias"),
+    ]
+    for edit in cases:
+        with caplog.at_level(logging.WARNING):
+            got = RowReplayCertificate.for_run({"fc": lin}, opt, rule, {"fc": (0, 0)}, {"sketch": broken(edit)}, "float32")
+        assert got is None
+    assert "does not fit" in caplog.text

@@ -24,6 +24,7 @@ fit end by the whole replay instead.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -35,6 +36,8 @@ from lightning_dualform.optim import UpdateRule
 from lightning_dualform.optim.maps import OptimizerState
 from lightning_dualform.optim.replay import advance_one
 from lightning_dualform.record import rows as rows_mod
+
+log = logging.getLogger(__name__)
 
 #: Rows of each weight the replay carries.
 ROWS = 16
@@ -92,7 +95,14 @@ class RowReplayCertificate:
             if wi is None:
                 return None  # (a weight no group holds; the full certificate says so)
             if saved is not None:
-                cert.layers[name] = _layer_from_plain(saved[name])
+                try:  # (a checkpoint is the user's file: what does not fit this layer and rule is not used)
+                    layer = _layer_from_plain(saved[name])
+                    _check_saved(rule, layer, m)
+                except (KeyError, TypeError, ValueError, AttributeError) as err:
+                    log.warning("%s: the checkpoint's row replay of layer %r does not fit it (%s); the store is "
+                                "certified by the whole replay at fit end instead.", name, name, err)
+                    return None
+                cert.layers[name] = layer
                 continue
             units = cls.units(name, m.out_features)
             weight = rule.read_state(optimizer, m.weight).take_rows(units)
@@ -149,6 +159,26 @@ def _rel(err: np.ndarray, ref: np.ndarray) -> float:
     denom = float(np.linalg.norm(ref))
     num = float(np.linalg.norm(err))
     return num / denom if denom > 0 else num
+
+
+def _check_saved(rule: UpdateRule, r: LayerRows, m: nn.Module) -> None:
+    """Raise ``ValueError`` unless a checkpoint's replay fits layer ``m`` and the rule: its rows within the weight,
+    its states of the rule and shape, finite."""
+    d_out, d_in = int(m.weight.shape[0]), int(m.weight.shape[1])
+    u = r.units
+    if u.ndim != 1 or not len(u) or u.min() < 0 or u.max() >= d_out or len(np.unique(u)) != len(u):
+        raise ValueError(f"rows {u.tolist()[:8]} are not distinct rows of a weight of {d_out}")
+    if tuple(r.weight.shape) != (d_out, d_in) or r.weight.rows is None or not np.array_equal(r.weight.rows, u):
+        raise ValueError(f"the weight's state holds shape {r.weight.shape}, not ({d_out}, {d_in}) on those rows")
+    rule.check_state(r.weight)
+    if r.bias is not None:
+        if m.bias is None or tuple(r.bias.shape) != (d_out,):
+            raise ValueError("a bias state for a layer without that bias")
+        rule.check_state(r.bias)
+    for st in (r.weight, r.bias):
+        for v in ({**st.nonlinear, **(st.linear or {})}.values() if st is not None else ()):
+            if not np.all(np.isfinite(v)):
+                raise ValueError("a state entry that is not finite")
 
 
 def _value_to_plain(v: Any) -> Any:
