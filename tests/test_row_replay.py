@@ -215,6 +215,6 @@ def test_a_checkpoints_replay_that_does_not_fit_is_not_used(caplog):
     ]
     for edit in cases:
         with caplog.at_level(logging.WARNING):
-            got = RowReplayCertificate.for_run({"fc": lin}, opt, rule, {"fc": (0, 0)}, {"sketch": broken(edit)}, "float32")
-        assert got is None
+            resume = {"sketch": broken(edit)}
+            assert RowReplayCertificate.for_run({"fc": lin}, opt, rule, {"fc": (0, 0)}, resume, "float32") is None
     assert "does not fit" in caplog.text
