@@ -552,7 +552,8 @@ class RecordingEngine:
     def _sketch_rows(self, rows: dict[str, tuple], stored: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The step's projections of every layer still recorded (:func:`.gradient_check.project_rows`)."""
         modules = {n: c.module for n, c in self.captures.items() if n not in self.dropped}
-        return gradient_check.project_rows(rows, modules, self._probes, self._geometry, all_reduce=self.dist.all_reduce,
+        return gradient_check.project_rows(rows, modules, self._probes, self._geometry,
+                                           all_reduce=self.dist.all_reduce if self.dist.world_size > 1 else None,
                                            stored_dtype=self.options.dtype if stored else None)
 
     def _check_rows(self, sketches: dict[str, tuple[torch.Tensor, torch.Tensor]], grad_scale: float | None,

@@ -32,13 +32,14 @@ Sketches = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 def project_rows(rows: dict[str, tuple], modules: dict[str, nn.Module], probes: dict[str, torch.Tensor],
                  geometry: dict[str, ConvGeometry], *, stored_dtype: str | None,
-                 all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> Sketches:
+                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> Sketches:
     """Per layer of ``modules``, the step's ``G Z = V^T (K Z)`` ``(d_out, k)`` and ``sum_rows v`` ``(d_out,)``
     (float32 products) from ``rows[name] = (keys, values, ...)`` as captured or, with ``stored_dtype``, as
-    :func:`~lightning_dualform.record.rows.gather_rows` stores them in that dtype, summed by ``all_reduce``; zeros
-    for a layer without rows this step."""
+    :func:`~lightning_dualform.record.rows.gather_rows` stores them in that dtype, summed by ``all_reduce`` (None:
+    one process); zeros for a layer without rows this step."""
     parts: list[torch.Tensor] = []
     shapes = []
+    single: Sketches = {}
     for name, m in modules.items():
         z = probes[name]
         d_out = layer_shape(m)[1]
@@ -61,10 +62,11 @@ def project_rows(rows: dict[str, tuple], modules: dict[str, nn.Module], probes: 
         else:
             gz = torch.zeros(d_out, z.shape[1], device=z.device)
             gb = torch.zeros(d_out, device=z.device)
+        single[name] = (gz, gb)
         parts += [gz.reshape(-1), gb]
         shapes.append(gz.shape)
-    if not parts:
-        return {}
+    if all_reduce is None or not parts:
+        return single  # (one process: nothing to sum, no flattening)
     flat = all_reduce(torch.cat(parts))
     out, i = {}, 0
     for name, shape in zip(modules, shapes):
