@@ -343,8 +343,8 @@ class RecordingEngine:
         return self.rule.name if self.rule is not None else PLAIN_RULE
 
     def _start_sketch(self, resume: dict[str, Any] | None) -> None:
-        """Certify as training goes where the update rule is SGD's scalar recurrence; a resume continues the
-        projections its checkpoint saved (one from before they existed certifies at the end instead)."""
+        """Certify as training goes: SGD's projections, or an element-wise rule's replay of a few rows; a resume
+        continues what its checkpoint saved (one from before they existed certifies at the end instead)."""
         self.sketch = None
         if not self.options.certify or not self.run_exact or self.optimizer is None:
             return  # (an inexact run keeps its residual, which only the full certificate computes)

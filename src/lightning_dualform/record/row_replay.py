@@ -36,6 +36,7 @@ from lightning_dualform.optim import UpdateRule
 from lightning_dualform.optim.maps import OptimizerState
 from lightning_dualform.optim.replay import advance_one
 from lightning_dualform.record import rows as rows_mod
+from lightning_dualform.store.format import SCALAR_RULES
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,8 @@ class RowReplayCertificate:
                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> "RowReplayCertificate | None":
         """The replay of a run from its first recorded step; None where it does not apply (see the module
         docstring): the store is then certified at fit end."""
-        if rule is None or not rule.row_local or rule.name == "sgd":
-            return None
+        if rule is None or not rule.row_local or rule.name in SCALAR_RULES:
+            return None  # (a scalar rule's certificate sums its rows: SGD's projections, or the full one)
         if not all(type(m) is nn.Linear for m in modules.values()):
             return None
         saved = (resume or {}).get("sketch")
