@@ -100,8 +100,8 @@ class RowReplayCertificate:
                     layer = _layer_from_plain(saved[name])
                     _check_saved(rule, layer, m)
                 except (KeyError, TypeError, ValueError, AttributeError) as err:
-                    log.warning("%s: the checkpoint's row replay of layer %r does not fit it (%s); the store is "
-                                "certified by the whole replay at fit end instead.", name, name, err)
+                    log.warning("the checkpoint's row replay of layer %r does not fit it (%s); the store is "
+                                "certified by the whole replay at fit end instead.", name, err)
                     return None
                 cert.layers[name] = layer
                 continue
