@@ -45,7 +45,6 @@ class Writeback:
         self._idle = threading.Event()
         self._idle.set()
         self._closing = False
-        self._pending = False  # a sync is due and not begun
         self._error: OSError | None = None
         self._thread: threading.Thread | None = None
         #: syncs begun (for tests and benchmarks)
@@ -62,7 +61,6 @@ class Writeback:
         self._since = 0
         self._idle.clear()
         self.syncs += 1
-        self._pending = True
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="dualform-sync", daemon=True)
             self._thread.start()
@@ -90,8 +88,7 @@ class Writeback:
         while True:
             self._due.wait()
             self._due.clear()
-            if self._pending:
-                self._pending = False
+            if not self._idle.is_set():  # a sync is due (wrote() cleared it; only this thread sets it)
                 try:
                     if self._fd is not None:  # (closed only after this thread ended)
                         _sync(self._fd)
