@@ -353,7 +353,7 @@ class RecordingEngine:
         else:  # an element-wise rule: its own replay on a few rows of each weight (record/row_replay.py)
             self.sketch = RowReplayCertificate.for_run(
                 self.chosen, self.optimizer, self.rule, self._param_groups, resume, self.options.dtype,
-                self.dist.all_reduce if self.dist.world_size > 1 else None)
+                self.dist.sum_over_ranks)
 
     def _resumed_attrs(self, stored: StoreMetadata) -> dict[str, Any]:
         """The rows before the checkpoint keep the rounding they were made with: the store's mode is the
@@ -553,7 +553,7 @@ class RecordingEngine:
         """The step's projections of every layer still recorded (:func:`.gradient_check.project_rows`)."""
         modules = {n: c.module for n, c in self.captures.items() if n not in self.dropped}
         return gradient_check.project_rows(rows, modules, self._probes, self._geometry,
-                                           all_reduce=self.dist.all_reduce if self.dist.world_size > 1 else None,
+                                           all_reduce=self.dist.sum_over_ranks,
                                            stored_dtype=self.options.dtype if stored else None)
 
     def _check_rows(self, sketches: dict[str, tuple[torch.Tensor, torch.Tensor]], grad_scale: float | None,

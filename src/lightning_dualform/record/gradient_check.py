@@ -37,9 +37,7 @@ def project_rows(rows: dict[str, tuple], modules: dict[str, nn.Module], probes: 
     (float32 products) from ``rows[name] = (keys, values, ...)`` as captured or, with ``stored_dtype``, as
     :func:`~lightning_dualform.record.rows.gather_rows` stores them in that dtype, summed by ``all_reduce`` (None:
     one process); zeros for a layer without rows this step."""
-    parts: list[torch.Tensor] = []
-    shapes = []
-    single: Sketches = {}
+    out: Sketches = {}
     for name, m in modules.items():
         z = probes[name]
         d_out = layer_shape(m)[1]
@@ -62,17 +60,15 @@ def project_rows(rows: dict[str, tuple], modules: dict[str, nn.Module], probes: 
         else:
             gz = torch.zeros(d_out, z.shape[1], device=z.device)
             gb = torch.zeros(d_out, device=z.device)
-        single[name] = (gz, gb)
-        parts += [gz.reshape(-1), gb]
-        shapes.append(gz.shape)
-    if all_reduce is None or not parts:
-        return single  # (one process: nothing to sum, no flattening)
-    flat = all_reduce(torch.cat(parts))
-    out, i = {}, 0
-    for name, shape in zip(modules, shapes):
-        n = shape[0] * shape[1]
-        out[name] = (flat[i : i + n].reshape(shape), flat[i + n : i + n + shape[0]])
-        i += n + shape[0]
+        out[name] = (gz, gb)
+    if all_reduce is None or not out:
+        return out  # (one process: nothing to sum, no flattening)
+    flat = all_reduce(torch.cat([t.reshape(-1) for gz, gb in out.values() for t in (gz, gb)]))
+    i = 0
+    for name, (gz, gb) in out.items():
+        n = gz.numel()
+        out[name] = (flat[i : i + n].reshape(gz.shape), flat[i + n : i + n + len(gb)])
+        i += n + len(gb)
     return out
 
 

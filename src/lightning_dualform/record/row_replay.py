@@ -36,6 +36,7 @@ from lightning_dualform.optim import UpdateRule
 from lightning_dualform.optim.maps import OptimizerState
 from lightning_dualform.optim.replay import advance_one
 from lightning_dualform.record import rows as rows_mod
+from lightning_dualform.record.sketch import layer_seed
 from lightning_dualform.store.format import SCALAR_RULES
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,7 @@ class RowReplayCertificate:
     @staticmethod
     def units(name: str, d_out: int, k: int = ROWS) -> np.ndarray:
         """The rows a layer's replay carries: random, the same for a layer name in every process."""
-        seed = sum((i + 1) * ord(c) for i, c in enumerate(name)) % (2**31)
-        perm = torch.randperm(d_out, generator=torch.Generator().manual_seed(seed))
+        perm = torch.randperm(d_out, generator=torch.Generator().manual_seed(layer_seed(name)))
         return np.sort(perm[: min(k, d_out)].numpy()).astype(np.int64)
 
     @classmethod

@@ -65,8 +65,7 @@ class SketchCertificate:
     @staticmethod
     def probes(name: str, d_in: int, device: torch.device, k: int = PROBES) -> torch.Tensor:
         """The layer's ``Z``: Gaussian, the same for a layer name in every process and every resume."""
-        seed = sum((i + 1) * ord(c) for i, c in enumerate(name)) % (2**31)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(layer_seed(name))
         return torch.randn(d_in, k, generator=gen).to(device)
 
     @classmethod
@@ -146,6 +145,11 @@ class SketchCertificate:
 
     def state_dict(self) -> dict[str, Any]:
         return {name: s.state_dict() for name, s in self.layers.items()}
+
+
+def layer_seed(name: str) -> int:
+    """A layer's random seed: the same for a layer name in every process and every resume."""
+    return sum((i + 1) * ord(c) for i, c in enumerate(name)) % (2**31)
 
 
 def _field(up: Any, name: str) -> Any:

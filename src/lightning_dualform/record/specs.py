@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -46,6 +46,11 @@ class Distributed:
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())
         return cls()
+
+    @property
+    def sum_over_ranks(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """:meth:`all_reduce` under DDP; None for one process (nothing to sum: callers skip the flattening)."""
+        return self.all_reduce if self.world_size > 1 else None
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """The sum over ranks (``t`` itself for one process); a CPU tensor goes through the backend's device."""
