@@ -36,6 +36,7 @@ from lightning_dualform.store import _h5, _journal, _repair, _rollback
 from lightning_dualform.store._chunks import ChunkAppender
 from lightning_dualform.store._lock import WriterLock
 from lightning_dualform.store._space import SpaceReserve
+from lightning_dualform.store._step_tables import StepTables
 from lightning_dualform.store._writeback import Writeback
 from lightning_dualform.store.bindings import write_bindings
 from lightning_dualform.store.certificate import TABLES_CRC32, LayerCertificate, stored_tables_crc32
@@ -101,7 +102,7 @@ class StoreWriter:
                 name: {col: g[col] for col in ("keys", "values", *ROW_COLUMNS, "committed_rows")}
                 for name, g in ((n, self.file["layers"][n]) for n in self._layers)
             }
-            self._tables = {name: self._table_handles(self.file["layers"][name]["updates"]) for name in self._layers}
+            self._tables = StepTables(self.file, self._layers)
             self._chunk_rows = {name: ds["keys"].chunks[0] for name, ds in self._ds.items()}  # as the file has them
             self._row_bytes = {
                 name: ds["keys"].dtype.itemsize * ds["keys"].shape[1]
@@ -279,14 +280,6 @@ class StoreWriter:
             lock.release()
             raise
 
-    @staticmethod
-    def _table_handles(ug: h5py.Group) -> dict[str, Any]:
-        out: dict[str, Any] = {"grad_scale": ug["grad_scale"]}
-        for pname in ("weight", "bias"):
-            if pname in ug:
-                out[pname] = dict(ug[pname].items())
-        return out
-
     def _counts(self) -> dict[str, Any]:
         f = self._h5file
         return {
@@ -372,7 +365,7 @@ class StoreWriter:
         """
         self._guard()
         try:
-            self._check_finite(step, updates)
+            self._tables.check_finite(self.path, step, updates, skip=self._dropped)
             nbytes = sum(len(r.keys) * self._row_bytes[n] for n, r in rows.items() if n in self._row_bytes)
             nbytes += 256 * len(self._layers)
             self._reserve(self._pending_bytes + nbytes)
@@ -383,26 +376,6 @@ class StoreWriter:
         except BaseException as err:
             self._failing(err)
             raise
-
-    def _check_finite(self, step: int, updates: dict[str, tuple[float, Any, Any]]) -> None:
-        """Refuse a step whose gradient scale or hyper-parameters are NaN or inf (a learning rate of NaN, a
-        diverged run): no replay can rebuild such a step, and a reader would refuse the store as damaged."""
-        for name, (scale, w_row, b_row) in updates.items():
-            tables = self._tables.get(name)
-            if tables is None or name in self._dropped:
-                continue
-            bad = [] if math.isfinite(float(scale)) else [f"gradient scale {float(scale)}"]
-            for pname, row in (("weight", w_row), ("bias", b_row)):
-                if row is None or pname not in tables:
-                    continue
-                bad += [f"{pname} {col} {float(_column(row, col))}" for col, ds in tables[pname].items()
-                        if ds.dtype.kind == "f" and not math.isfinite(float(_column(row, col)))]
-            if bad:
-                raise ValueError(
-                    f"{self.path}: optimizer step {step} of layer {name!r} is not finite ({', '.join(bad)}): the "
-                    "learning rate or another hyper-parameter is NaN or inf, or training diverged (NaN gradients). "
-                    "The store keeps the steps before it; fix the run and record again."
-                )
 
     def _add_step(
         self, step: int, epoch: int, rows: dict[str, StepRows], updates: dict[str, tuple[float, Any, Any]]
@@ -505,14 +478,7 @@ class StoreWriter:
         steps = self._pending_steps
         _h5.append(self._h5file["update_step"], np.array([s for s, _, _ in steps], dtype=np.int64))
         _h5.append(self._h5file["update_epoch"], np.array([e for _, e, _ in steps], dtype=np.int32))
-        for name in self._layers:
-            t = self._tables[name]
-            _h5.append(t["grad_scale"], np.array([u[name][0] for _, _, u in steps], dtype=np.float64))
-            for pi, pname in ((1, "weight"), (2, "bias")):
-                if pname not in t:
-                    continue
-                for col, ds in t[pname].items():
-                    _h5.append(ds, np.array([_column(u[name][pi], col) for _, _, u in steps], dtype=ds.dtype))
+        self._tables.append(steps)
         self._pending_steps = []
 
     def _write_pending(self) -> None:
@@ -693,6 +659,3 @@ class StoreWriter:
         if not keep_lock:
             self._lock.release()
 
-
-def _column(row: Any, col: str) -> Any:
-    return row[col] if isinstance(row, dict) else getattr(row, col)
