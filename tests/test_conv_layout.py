@@ -247,6 +247,35 @@ def test_full_and_sketch_certificates_catch_one_corrupted_map_value(zoo_store, t
     assert len(flagged) == 1 and flagged[0] in _conv_layers(model), bad.certificate
 
 
+class ChannelsLastZoo(Zoo):
+    """The zoo on inputs channel-last in memory (its 2-D maps' pixel rows are then a view, not a copy)."""
+
+    def features(self, x):
+        return super().features(x.contiguous(memory_format=torch.channels_last))
+
+
+def test_maps_in_either_memory_layout_and_through_h5py_store_the_same_rows(tmp_path, monkeypatch):
+    """A convolution's maps channel-last in memory, and a store whose chunks go through h5py instead of the
+    writer's own appends: each store's rows rebuild its trained weights, and the same fit stores the same bytes
+    either way."""
+    from lightning_dualform.store._chunks import ChunkAppender
+
+    torch.manual_seed(1)
+    last, _ = _fit(tmp_path / "last.h5", ChannelsLastZoo())
+    cert = certify_store(last.store_path)
+    assert all(c.exact and c.rel_err < 1e-5 for c in cert.values()), cert
+    stores = []
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(ChunkAppender, "usable", staticmethod(lambda ds: False))
+        torch.manual_seed(1)
+        stores.append(_fit(tmp_path / f"{direct}.h5", Zoo())[0].store_path)
+    a, b = (store_contents(p) for p in stores)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+
+
 def test_adamw_compact_store_is_exact(tmp_path):
     model = Zoo("adamw")
     cb, _ = _fit(tmp_path / "a.h5", model, epochs=1)
