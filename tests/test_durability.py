@@ -38,19 +38,18 @@ def _assert_same_store(a: str, b: str) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    d = tmp_path_factory.mktemp("full")
-    _run(d / "run.h5", d / "ckpt", 3)
-    return d
+    """The uninterrupted run (``full/``), and a second run to epoch 3 whose store is then continued from its
+    epoch-1 checkpoint (``part/``: the rows of epochs 2 and 3 truncated and written again), one process."""
+    d = tmp_path_factory.mktemp("runs")
+    _run(d / "full" / "run.h5", d / "full" / "ckpt", 3, "--then", d / "part" / "run.h5", d / "part" / "ckpt", 3,
+         "--then", d / "part" / "run.h5", d / "part" / "ckpt2", 3, "--resume", d / "part" / "ckpt" / "epoch=0-*.ckpt")
+    return d / "full"
 
 
-def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
-    # a second run to epoch 3 with checkpoints, then continue the same store from the epoch-1 checkpoint:
-    # the rows of epochs 2 and 3 are truncated and written again
-    _run(tmp_path / "run.h5", tmp_path / "ckpt", 3)
-    ckpt = sorted(glob.glob(str(tmp_path / "ckpt" / "epoch=0-*.ckpt")))[0]
-    _run(tmp_path / "run.h5", tmp_path / "ckpt2", 3, "--resume", ckpt)
-    _assert_same_store(uninterrupted / "run.h5", tmp_path / "run.h5")
-    with StoreReader(tmp_path / "run.h5") as s:
+def test_resume_equals_uninterrupted(uninterrupted):
+    part = uninterrupted.parent / "part"
+    _assert_same_store(uninterrupted / "run.h5", part / "run.h5")
+    with StoreReader(part / "run.h5") as s:
         assert s.complete and s.layer("net.0").attrs["certificate_exact"]
 
 
@@ -58,10 +57,9 @@ def test_adamw_resume_equals_uninterrupted(tmp_path):
     """AdamW (amsgrad, a schedule, clipping): a store continued from a checkpoint is the uninterrupted one, bit for
     bit (its optimizer state before the first step, its tables and rows), and so is the model."""
     full, part = tmp_path / "full", tmp_path / "part"
-    _run(full / "run.h5", full / "ckpt", 3, "--optimizer", "adamw")
-    _run(part / "run.h5", part / "ckpt", 2, "--optimizer", "adamw")
-    ckpt = sorted(glob.glob(str(part / "ckpt" / "epoch=0-*.ckpt")))[0]
-    _run(part / "run.h5", part / "ckpt2", 3, "--resume", ckpt, "--optimizer", "adamw")
+    _run(full / "run.h5", full / "ckpt", 3, "--optimizer", "adamw", "--then", part / "run.h5", part / "ckpt", 2,
+         "--optimizer", "adamw", "--then", part / "run.h5", part / "ckpt2", 3, "--resume",
+         part / "ckpt" / "epoch=0-*.ckpt", "--optimizer", "adamw")
     # both certified by the replay of a few rows as training went; the resumed run continues the one its
     # checkpoint saved (record/row_replay.py), so even the certificate is the same, bit for bit
     _assert_same_store(full / "run.h5", part / "run.h5")

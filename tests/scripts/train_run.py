@@ -1,9 +1,13 @@
 """A deterministic training run for durability tests (run as a subprocess).
 
-usage: train_run.py STORE CKPT_DIR EPOCHS [--kill-at-step N] [--resume CKPT] [--optimizer sgd|adamw]
+usage: train_run.py STORE CKPT_DIR EPOCHS [--kill-at-step N] [--resume CKPT] [--optimizer sgd|adamw] [--then RUN...]
+
+Runs joined by ``--then`` follow one another in this process (torch is imported once); a ``--resume`` pattern
+with ``*`` is the first checkpoint it matches when its run starts.
 """
 
 import argparse
+import glob
 import os
 import signal
 import sys
@@ -29,6 +33,17 @@ class KillAt(L.Callback):
 
 
 def main() -> None:
+    argv, runs = sys.argv[1:], [[]]
+    for a in argv:
+        if a == "--then":
+            runs.append([])
+        else:
+            runs[-1].append(a)
+    for run in runs:
+        train(run)
+
+
+def train(argv: list) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("store")
     p.add_argument("ckpt_dir")
@@ -36,7 +51,9 @@ def main() -> None:
     p.add_argument("--kill-at-step", type=int)
     p.add_argument("--resume")
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.resume and "*" in args.resume:
+        args.resume = sorted(glob.glob(args.resume))[0]
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     ds = IndexedDataset(n=80)
