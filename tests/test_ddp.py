@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,26 +20,41 @@ from lightning_dualform.store import read_shard_index
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "ddp_run.py")
 
 
-def test_two_process_ddp_is_exact(tmp_path):
-    store, weights = tmp_path / "ddp.h5", tmp_path / "final.pt"
+@pytest.fixture(scope="module")
+def sgd_run(tmp_path_factory):
+    """One two-process DDP run of the MLP with a convolution in front (SGD, a schedule, clipping)."""
+    d = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, SCRIPT, str(store), str(weights)], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path, env=env)
+    proc = subprocess.run([sys.executable, SCRIPT, str(d / "ddp.h5"), str(d / "final.pt")], capture_output=True,
+                          text=True, timeout=300, cwd=d, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return d
+
+
+def _conv_mlp():
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    from ddp_run import ConvMLP
+
+    return ConvMLP()
+
+
+def test_two_process_ddp_is_exact(sgd_run, tmp_path):
+    shutil.copytree(sgd_run, tmp_path / "run")  # (this test edits the shards)
+    store, weights = tmp_path / "run" / "ddp.h5", tmp_path / "run" / "final.pt"
     shards = read_shard_index(str(store))
     assert [os.path.basename(s) for s in shards] == ["ddp.rank0.h5", "ddp.rank1.h5"]
-    model = MLP()
+    model = _conv_mlp()
     model.load_state_dict(torch.load(weights, weights_only=True))
     indices = []
     for shard in shards:
         with StoreReader(shard) as s:
             assert s.attrs["world_size"] == 2 and s.n_steps == 12  # 96 examples / (2 ranks x 8) x 2 epochs
-            layer = s.layer("net.0")
-            rows = layer.read(0, layer.n_rows, ("keys", "index"))
-            np.testing.assert_allclose(rows["keys"][:, 0] * 10, rows["index"], atol=1e-4)
-            indices.append(rows["index"])
+            indices.append(s.layer("net.0").read(0, s.layer("net.0").n_rows, ("index",))["index"])
+            conv = s.layer("conv")  # an input's feature 0 is its index: the centre of its first location's key
+            rows = conv.read(0, conv.n_rows, ("keys", "index"))
+            np.testing.assert_array_equal(rows["keys"][::6, 1], rows["index"][::6])
             for name, m in model.named_modules():
-                if isinstance(m, torch.nn.Linear):
+                if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d)):
                     assert s.layer(name).attrs["certificate_exact"], (shard, name)
     # the DistributedSampler gives each rank half of the examples in every epoch
     assert sorted(np.concatenate(indices).tolist()) == sorted(list(range(96)) * 2)
@@ -71,7 +87,7 @@ def test_two_process_ddp_is_exact(tmp_path):
         blocks = np.concatenate([layer.read(a, a + 7, ("index",))["index"] for a in range(0, layer.n_rows, 7)])
         np.testing.assert_array_equal(blocks, rows["index"])
     # the certificate's sums are used only when every shard holds the same ones and the run is complete
-    x = torch.randn(4, 6, generator=g)
+    x = torch.randn(4, 12, generator=g)
     with h5py.File(shards[1], "r+") as f:
         f.attrs["status"] = "recording"  # e.g. rank 1 was resumed and killed
     with pytest.warns(UserWarning, match="incomplete store"):
@@ -175,20 +191,13 @@ def test_two_process_ddp_adamw_is_exact(tmp_path):
         assert rel_err(res.dual.double(), real_output(model.net[0], x)) > 1e-4
 
 
-def test_two_process_ddp_conv_maps_are_exact(tmp_path):
+def test_two_process_ddp_conv_maps_are_exact(sgd_run):
     """A convolution stored as maps under DDP: each shard holds its rank's maps, the index reads them as one store
     (virtual rows step-major across shards), and the dual form is the real layer."""
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    from ddp_run import ConvMLP
-
     from lightning_dualform.layers import keys_of
 
-    store, weights = tmp_path / "ddp.h5", tmp_path / "final.pt"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, SCRIPT, str(store), str(weights), "conv"], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    model = ConvMLP()
+    store, weights = sgd_run / "ddp.h5", sgd_run / "final.pt"
+    model = _conv_mlp()
     model.load_state_dict(torch.load(weights, weights_only=True))
     shards = read_shard_index(str(store))
     for shard in shards:

@@ -1,6 +1,8 @@
 """Two-process CPU DDP training with DualFormCallback (run as a subprocess: the ddp launcher re-runs it).
 
-usage: ddp_run.py STORE OUT_WEIGHTS [sgd|adamw|adamw-rows|conv]
+usage: ddp_run.py STORE OUT_WEIGHTS [sgd|adamw|adamw-rows]
+
+sgd trains the MLP with a convolution in front (ConvMLP); the adamw modes the MLP.
 """
 
 import os
@@ -36,9 +38,9 @@ def main() -> None:
         opt = lambda m: torch.optim.AdamW(m.parameters(), lr=2e-2, weight_decay=0.1)  # noqa: E731
     else:
         opt = lambda m: torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9, weight_decay=0.01)  # noqa: E731
-    model = MLP(opt_factory=opt, sched_factory=lambda o: torch.optim.lr_scheduler.StepLR(o, 3, 0.8))
-    if mode == "conv":  # a convolution stored as maps, read across shards
-        model = ConvMLP(opt_factory=opt)
+    schedule = lambda o: torch.optim.lr_scheduler.StepLR(o, 3, 0.8)  # noqa: E731
+    # sgd: linear layers and a convolution stored as maps, read across shards
+    model = (ConvMLP if mode == "sgd" else MLP)(opt_factory=opt, sched_factory=schedule)
     # (a recorder's DDP test covers the sketch certificate; adamw-rows: AdamW's row replay as training goes)
     cb = DualFormCallback(store, certify=True if mode == "adamw-rows" else "full")
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", callbacks=[cb], logger=False,
