@@ -518,44 +518,42 @@ def _essentials(res) -> dict[str, torch.Tensor]:
 _DIST_KW = dict(top_k=4, contribution_to="pred", step_buckets=3)
 
 
-def _distributed_worker(
-    rank: int, world: int, path: str, init_file: str, out_dir: str, q: torch.Tensor, reuse: bool
-) -> None:
+def _distributed_worker(rank: int, world: int, path: str, init_file: str, out_dir: str, q: torch.Tensor) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         with DualInference(path, device="cpu", accumulate=torch.float64, block_rows=37, distributed=True) as di:
-            res = di.attend("net.2", q, **_DIST_KW, reuse_certificate=reuse)
-        assert res.dual_source == ("certificate" if reuse else "rows")
-        torch.save(_essentials(res), os.path.join(out_dir, f"rank{rank}.pt"))
+            for reuse in (True, False):
+                res = di.attend("net.2", q, **_DIST_KW, reuse_certificate=reuse)
+                assert res.dual_source == ("certificate" if reuse else "rows")
+                torch.save(_essentials(res), os.path.join(out_dir, f"rank{rank}-{reuse}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("reuse", [True, False], ids=["dual-from-certificate", "dual-from-rows"])
-def test_distributed_split_equals_one_process(trained: dict, tmp_path, reuse: bool) -> None:
-    """2 gloo processes each take half of the blocks; both return the single-process result."""
+def test_distributed_split_equals_one_process(trained: dict, tmp_path) -> None:
+    """2 gloo processes each take half of the blocks; both return the single-process result, with the dual
+    from the certificate's replayed weights and from the rows."""
     import torch.multiprocessing as mp
 
     q = _hidden(trained["model"], trained["x"][:9]).double()
+    refs = {}
     with DualInference(trained["path"], device="cpu", accumulate=torch.float64, block_rows=37) as di:
-        ref = _essentials(di.attend("net.2", q, **_DIST_KW, reuse_certificate=reuse))
+        for reuse in (True, False):
+            refs[reuse] = _essentials(di.attend("net.2", q, **_DIST_KW, reuse_certificate=reuse))
         assert di.layer("net.2").n_rows > 2 * 37  # several blocks per rank
-    mp.spawn(
-        _distributed_worker,
-        args=(2, trained["path"], str(tmp_path / "init"), str(tmp_path), q, reuse),
-        nprocs=2,
-        join=True,
-    )
-    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    for key, want in ref.items():
-        assert torch.equal(got[0][key], got[1][key]), key  # every rank holds the same result
-        if want.is_floating_point():
-            torch.testing.assert_close(got[0][key], want, rtol=1e-10, atol=1e-12, msg=key)
-        else:
-            assert torch.equal(got[0][key], want), key
+    mp.spawn(_distributed_worker, args=(2, trained["path"], str(tmp_path / "init"), str(tmp_path), q), nprocs=2,
+             join=True)
+    for reuse, ref in refs.items():
+        got = [torch.load(tmp_path / f"rank{r}-{reuse}.pt", weights_only=True) for r in range(2)]
+        for key, want in ref.items():
+            assert torch.equal(got[0][key], got[1][key]), key  # every rank holds the same result
+            if want.is_floating_point():
+                torch.testing.assert_close(got[0][key], want, rtol=1e-10, atol=1e-12, msg=key)
+            else:
+                assert torch.equal(got[0][key], want), key
 
 
 def test_distributed_needs_a_process_group(trained: dict) -> None:
