@@ -384,7 +384,7 @@ def test_a_writer_that_holds_training_back_is_reported(tmp_path, monkeypatch, ca
     from lightning_dualform.record import engine as cbmod
     from lightning_dualform.store import StoreWriter
 
-    # checked every 8 steps; each write takes 0.25 s, far longer than a step even on a busy machine
+    # checked every 8 steps; each write takes 0.1 s, far longer than a step even on a busy machine
     monkeypatch.setattr(cbmod, "_SLOW_WRITER_MIN_S", 0.2)
     # the share of the fit spent waiting depends on how fast the rest of the fit ran (a loaded machine: slower);
     # the seconds waited do not, so only they decide here
@@ -393,7 +393,7 @@ def test_a_writer_that_holds_training_back_is_reported(tmp_path, monkeypatch, ca
     add_step = StoreWriter.add_step
 
     def slow(self, *args, **kwargs):
-        time.sleep(0.25)
+        time.sleep(0.1)
         return add_step(self, *args, **kwargs)
 
     monkeypatch.setattr(StoreWriter, "add_step", slow)
