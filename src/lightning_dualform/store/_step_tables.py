@@ -8,7 +8,7 @@ a step that no replay could rebuild (a NaN or infinite scale or hyper-parameter)
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Container
 
 import h5py
 import numpy as np
@@ -35,7 +35,7 @@ class StepTables:
             self._float_columns[name] = {p: [c for c, ds in t[p].items() if ds.dtype.kind == "f"]
                                          for p in ("weight", "bias") if p in t}
 
-    def check_finite(self, path: str, step: int, updates: Updates, skip: Any = ()) -> None:
+    def check_finite(self, path: str, step: int, updates: Updates, skip: Container[str] = ()) -> None:
         """Refuse a step whose gradient scale or hyper-parameters are NaN or inf (a learning rate of NaN, a
         diverged run): no replay can rebuild such a step, and a reader would refuse the store as damaged. Layers
         in ``skip`` (dropped ones) are not checked."""
