@@ -47,4 +47,5 @@ if __name__ == "__main__":
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
-    mp.spawn(run, args=(sys.argv[1], free), nprocs=2, join=True)
+    # fork: the workers inherit this process's imports (spawn would import torch and Lightning twice more)
+    mp.start_processes(run, args=(sys.argv[1], free), nprocs=2, join=True, start_method="fork")
