@@ -212,6 +212,7 @@ def test_a_checkpoints_replay_that_does_not_fit_is_not_used(caplog):
         lambda d: d["weight"]["nonlinear"].pop("exp_avg_sq"),  # a missing entry
         lambda d: d["weight"]["linear"]["param"]["array"][0].__setitem__(0, float("nan")),
         lambda d: d.pop("bias"),
+        lambda d: d.__setitem__("weight", None),  # no weight state at all
     ]
     for edit in cases:
         with caplog.at_level(logging.WARNING):

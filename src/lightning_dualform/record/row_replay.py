@@ -223,6 +223,7 @@ def _layer_to_plain(r: LayerRows) -> dict[str, Any]:
 
 def _layer_from_plain(d: dict[str, Any]) -> LayerRows:
     weight = _state_from_plain(d["weight"])
-    assert weight is not None
+    if weight is None:
+        raise ValueError("no state for the weight")
     return LayerRows(np.asarray(d["units"], dtype=np.int64), weight, _state_from_plain(d["bias"]),
                      None if d["bias_init"] is None else np.asarray(d["bias_init"], dtype=np.float64))
