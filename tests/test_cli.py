@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -80,6 +81,12 @@ def test_version_and_subcommand_help_show_defaults(capsys):
     assert rc == 0 and __version__ in out
     rc, out, _ = run(capsys, "attend", "--help")
     assert rc == 0 and "(default: 5)" in " ".join(out.split()) and "--contribution-to" in out
+    # a default is said once: not appended where the help already says it, and never as None, True or False
+    for cmd in ("info", "attend", "influence", "verify", "view", "demo"):
+        rc, out, _ = run(capsys, cmd, "--help")
+        flat = " ".join(out.split())
+        assert rc == 0 and not re.search(r"\(default: (None|True|False)\)", flat), (cmd, flat)
+        assert not re.search(r"\(default[^()]*(\([^()]*\))?[^()]*\) \(default", flat), (cmd, flat)
 
 
 # -- info ----------------------------------------------------------------------------------------------

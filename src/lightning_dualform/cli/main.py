@@ -50,6 +50,16 @@ class _Command:
         return self.load()(args)
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends an option's default to its help, unless the help already says it, there is none, or it is a flag."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.nargs == 0:  # (a flag says what it does)
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage mistakes through :class:`UsageError` (one line, exit 2)."""
 
@@ -59,7 +69,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand; each sets ``func``, the command that runs the parsed arguments."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsFormatter
     p = _Parser(
         prog=PROG,
         description="See which training examples a model's prediction draws on: the exact dual form of its "
