@@ -72,20 +72,14 @@ def elementwise_scores(fac: QueryFactors, keys: torch.Tensor, values: torch.Tens
         c = torch.full((B,), float(q_w), dtype=dt)
         out = scalar_scores(fac, keys, values, c, None)
     else:
+        # per query, D_q (.) Q (d_out, d_in) against the block's rows: (n d_out, d_in) x (d_in, B). Nothing of
+        # size B x d_out x d_in is made (a step of the paper MLP's first layer would be 640 MB of float64).
         x, g = fac.x, fac.g
-        P = x.shape[1]
         d_out, d_in = q_w.shape
         out = torch.empty(n, B, dtype=dt)
-        if P == 1:
-            kq = keys[:, None, :] * q_w[None]  # (B, d_out, d_in)
-            flat = kq.reshape(B * d_out, d_in)
-            for sl in _chunks(n, B * d_out, x.element_size()):
-                z = (x[sl, 0] @ flat.t()).reshape(-1, B, d_out)
-                out[sl] = torch.einsum("qbo,qo,bo->qb", z, g[sl, 0], values)
-        else:
-            w = (q_w[None] * values[:, :, None] * keys[:, None, :]).reshape(B, -1)  # vec(Q (.) v k^T)
-            for sl in _chunks(n, d_out * d_in, x.element_size()):
-                out[sl] = torch.einsum("npo,npi->noi", g[sl], x[sl]).reshape(sl.stop - sl.start, -1) @ w.t()
+        for sl in _chunks(n, d_out * max(d_in, B), x.element_size()):
+            lam = torch.einsum("npo,npi->noi", g[sl], x[sl]).mul_(q_w)
+            out[sl] = dense_scores(lam, None, keys, values)
     if q_b is not None:
         gb = fac.g.sum(1)
         qb = q_b if isinstance(q_b, torch.Tensor) else torch.full((values.shape[1],), float(q_b), dtype=dt)
