@@ -79,6 +79,35 @@ def test_inconsistent_row_counts(valid_store, tmp_path, column):
         StoreReader(path)
 
 
+def _mutated_copy(valid_store, tmp_path, edit):
+    path = tmp_path / "m.h5"
+    path.write_bytes(open(valid_store, "rb").read())
+    with h5py.File(path, "r+") as f:
+        edit(f)
+    return path
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda f: f["layers"].__delitem__("net.0"), r"'layer_order' names \['net.0'\], which have no group"),
+    (lambda f: f.attrs.__setitem__("layer_order", '["net.2", "nonexistent"]'), r"names \['nonexistent'\].*does not name"),
+    (lambda f: f.copy("layers/net.2", "layers/net.9"), r"does not name the groups \['net.9'\]"),
+], ids=["group deleted", "order edited", "group copied"])
+def test_layer_order_and_layer_groups_must_agree(valid_store, tmp_path, capsys, edit, match):
+    # a layer missing or added would silently make another one the output layer (store-only influence)
+    path = _mutated_copy(valid_store, tmp_path, edit)
+    with pytest.raises(StoreError, match=match):
+        StoreReader(path)
+    from lightning_dualform.cli import main
+    assert main(["info", str(path)]) == 2 and "damaged" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["weight_final", "bias_final"])
+def test_a_complete_store_without_its_final_weights_is_damaged(valid_store, tmp_path, name):
+    path = _mutated_copy(valid_store, tmp_path, lambda f: f["layers"]["net.2"].__delitem__(name))
+    with pytest.raises(StoreError, match=f"net.2.*no '{name}', which a complete store holds"):
+        StoreReader(path)
+
+
 def test_nothing_is_unpickled(valid_store):
     # a store holds only numbers, strings and JSON: no object dtype anywhere
     with h5py.File(valid_store, "r") as f:

@@ -92,9 +92,16 @@ def check_root(f: h5py.File, path: str) -> RootFacts:
     lg = f.get("layers")
     if not isinstance(lg, h5py.Group):
         raise StoreError(f"{p}: no 'layers' group; the file is damaged or not a store.")
-    names = [n for n in order if n in lg] + sorted(n for n in lg if n not in order)
     if len(set(order)) != len(order):
         raise StoreError(f"{p}: attribute 'layer_order' names a layer twice; the file is damaged.")
+    # the writer keeps the list and the groups equal (a dropped layer leaves both at finalisation): a name without
+    # a group, or a group the list does not name, would make another layer the output layer
+    missing, unnamed = [n for n in order if n not in lg], sorted(n for n in lg if n not in order)
+    if missing or unnamed:
+        what = (f"names {missing}, which have no group under 'layers'" if missing else "") + \
+            (" and " if missing and unnamed else "") + (f"does not name the groups {unnamed}" if unnamed else "")
+        raise StoreError(f"{p}: attribute 'layer_order' {what}; the file is damaged.")
+    names = list(order)
     for n in names:
         if not isinstance(lg[n], h5py.Group):
             raise StoreError(f"{p}: layers/{n} is not a group; the file is damaged.")
@@ -202,7 +209,7 @@ def check_layer(group: h5py.Group, where: str, *, row_dtype: str, complete: bool
         if group[col].ndim != 1 or group[col].dtype.kind not in "iu":
             raise StoreError(f"{where}: column {col!r} is {group[col].shape} {group[col].dtype}, expected integers; "
                              "the file is damaged.")
-    check_weights(group, where, d_in, d_out, has_bias)
+    check_weights(group, where, d_in, d_out, has_bias, complete)
     check_updates(group, where, n_steps, has_bias, update_rule)
     attrs = {k: _h5.attr(v) for k, v in a.items()}
     shape = a.get("weight_shape")
@@ -249,8 +256,9 @@ def maps_geometry(group: h5py.Group, where: str, n_rows: int, d_in: int) -> tupl
     return layout, geom
 
 
-def check_weights(group: h5py.Group, where: str, d_in: int, d_out: int, has_bias: bool) -> None:
-    """Every weight-shaped dataset a layer may hold is a float array of its shape; the initial ones exist."""
+def check_weights(group: h5py.Group, where: str, d_in: int, d_out: int, has_bias: bool, complete: bool = False) -> None:
+    """Every weight-shaped dataset a layer may hold is a float array of its shape; the initial ones exist, and in
+    a complete store the final ones (finalisation writes them with the status, in one write session)."""
     shapes = {"weight_init": (d_out, d_in), "weight_final": (d_out, d_in),
               "weight_residual": (d_out, d_in), "weight_buffer_init": (d_out, d_in),
               "bias_init": (d_out,), "bias_final": (d_out,), "bias_residual": (d_out,),
@@ -259,6 +267,9 @@ def check_weights(group: h5py.Group, where: str, d_in: int, d_out: int, has_bias
         if name not in group:
             if name == "weight_init" or (name == "bias_init" and has_bias):
                 raise StoreError(f"{where} has no {name!r}; the file is damaged or not a store.")
+            if complete and (name == "weight_final" or (name == "bias_final" and has_bias)):
+                raise StoreError(f"{where} has no {name!r}, which a complete store holds for every layer; the file is "
+                                 "damaged.")
             continue
         ds = group[name]
         if not isinstance(ds, h5py.Dataset) or ds.shape != shape or ds.dtype.kind != "f":
