@@ -25,7 +25,17 @@ from lightning_dualform.cli.inputs import (
     pick_split,
     positive,
 )
-from lightning_dualform.cli.output import Output, check_output, json_text, note, progress, table
+from lightning_dualform.cli.output import (
+    JSON_SUFFIXES,
+    Inputs,
+    Output,
+    check_output,
+    json_text,
+    note,
+    progress,
+    table,
+    write_together,
+)
 from lightning_dualform.cli.which_examples import influence_heading, render_influence, store_influence
 from lightning_dualform.cli.usage import DEFAULT_QUERIES, TERMINAL_TOP_K
 
@@ -43,8 +53,9 @@ MAX_STEP_BUCKETS_CLI = 1 << 16
 def cmd_attend(args: argparse.Namespace) -> int:
     """``lightning-dualform attend``: check every option and output before opening the store, then attend."""
     check_store_path(args.store)
-    check_output(args.json, "--json")
-    check_output(args.plot, "--plot", _IMAGE_SUFFIXES)
+    keep = Inputs(args.store, [(args.queries, "the --queries file")])
+    check_output(args.json, "--json", JSON_SUFFIXES, keep)
+    check_output(args.plot, "--plot", _IMAGE_SUFFIXES, keep)
     positive(args.block_rows, "--block-rows")
     if args.step_buckets is not None and args.step_buckets > MAX_STEP_BUCKETS_CLI:
         raise UsageError(f"--step-buckets {args.step_buckets}: at most {MAX_STEP_BUCKETS_CLI} (more buckets than steps hold nothing).")
@@ -59,8 +70,8 @@ def cmd_attend(args: argparse.Namespace) -> int:
 
         require_matplotlib()
     queries = load_queries(args.queries) if args.queries is not None else None
-    json_out = Output(args.json, "--json")
-    plot_out = Output(args.plot, "--plot", _IMAGE_SUFFIXES)
+    json_out = Output(args.json, "--json", JSON_SUFFIXES, keep)
+    plot_out = Output(args.plot, "--plot", _IMAGE_SUFFIXES, keep)
     try:
         _attend(args, di_kwargs={"device": args.device, "block_rows": args.block_rows, "progress": progress(args)},
                 queries=queries, json_out=json_out, plot_out=plot_out)
@@ -81,14 +92,17 @@ def _attend(args: argparse.Namespace, di_kwargs: dict[str, Any], queries: np.nda
                          at_step=args.at_step, step_buckets=args.step_buckets, score=args.score)
         influence = store_influence(di, run, args.top_k) if args.influence else None
         print(render_attend(run, by=args.by, store=di.store, influence=influence))
-        if args.json:
-            json_out.write_text(json_text(attend_answer(run, influence)))
-            note(args, f"wrote {args.json}")
-        if args.plot:
+
+        def draw(target: str) -> None:
             from lightning_dualform.plots import plot_attention
 
-            plot_out.write_with(lambda target: plot_attention(run, di.store, target, by=args.by, influence=influence))
-            note(args, f"wrote {args.plot}")
+            plot_attention(run, di.store, target, by=args.by, influence=influence)
+
+        # both, or neither: a picture that fails to draw leaves no JSON behind either
+        write_together((json_out, json_text(attend_answer(run, influence)) if args.json else ""), (plot_out, draw))
+        for path in (args.json, args.plot):
+            if path:
+                note(args, f"wrote {path}")
     log.debug("attend took %.2f s", time.perf_counter() - t0)
 
 

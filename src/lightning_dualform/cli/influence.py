@@ -23,7 +23,7 @@ from torch import nn
 
 from lightning_dualform.cli.inputs import check_store_path, parse_index, pick_split
 from lightning_dualform.cli.usage import UsageError
-from lightning_dualform.cli.output import Output, json_text, note, table
+from lightning_dualform.cli.output import JSON_SUFFIXES, Inputs, Output, json_text, note, table, write_together
 
 if TYPE_CHECKING:
     from lightning_dualform.attribute.targets import TargetName
@@ -71,17 +71,36 @@ def cmd_influence(args: argparse.Namespace) -> int:
     if args.model is None and args.method != "first_order":
         raise UsageError(f"--method {args.method} replays training through every layer: it needs --model "
                          "MODULE:FACTORY (without a model: --method first_order, through the output layer only).")
-    json_out = Output(args.json, "--json")
-    scores_out = Output(args.scores, "--scores", (".npy",))
+    keep = Inputs(args.store)
+    outputs = [Output(args.json, "--json", JSON_SUFFIXES, keep)]
     try:
-        _run(args, json_out, scores_out)
+        outputs.append(Output(args.scores, "--scores", (".npy",), keep))
+        outputs.append(_companion(args.scores, keep))
+        _run(args, *outputs)
     finally:
-        json_out.discard()
-        scores_out.discard()
+        for out in outputs:
+            out.discard()
     return 0
 
 
-def _run(args: argparse.Namespace, json_out: Output, scores_out: Output) -> None:
+def companion_path(scores: str) -> str:
+    """``FILE.examples.npy``, beside ``--scores FILE.npy``: the dataset index of each column."""
+    return os.path.splitext(scores)[0] + ".examples.npy"
+
+
+def _companion(scores: str | None, keep: Inputs) -> Output:
+    """The output of ``--scores``' companion, checked and opened as the main one is."""
+    if scores is None:
+        return Output(None, "--scores")
+    path = companion_path(scores)
+    try:
+        return Output(path, "--scores' companion", (".npy",), keep)
+    except UsageError as err:
+        raise UsageError(f"{err} (--scores {scores} writes each column's dataset index to {path}; choose another "
+                         "--scores name if that path is taken.)") from None
+
+
+def _run(args: argparse.Namespace, json_out: Output, scores_out: Output, examples_out: Output) -> None:
     from lightning_dualform.attribute import influence
     from lightning_dualform.attribute.views import TARGET_MEANING, influence_label, influence_meaning
     from lightning_dualform.store.shards import open_store
@@ -128,18 +147,19 @@ def _run(args: argparse.Namespace, json_out: Output, scores_out: Output) -> None
                 for r in range(pro.index.shape[1])]
         lines.append(table(["rank", "proponent", "label", col, "opponent", "label", col], rows))
     print("\n".join(lines))
+    text = ""
     if args.json:
         data = res.to_dict(args.top_k)
         data.update({"store": os.path.abspath(args.store), "split": split, "queries": qs.index[positions].tolist(),
                      "targets": targets.tolist(), "label": influence_label(res, all_layers),
                      "meaning": influence_meaning(res, all_layers),
                      "scope": res.extra.get("scope", "all layers")})
-        json_out.write_text(json_text(data))
-        note(args, f"wrote {args.json}")
-    if args.scores:
-        scores_out.write_with(lambda path: np.save(path, res.scores.numpy()))
-        np.save(os.path.splitext(args.scores)[0] + ".examples.npy", res.examples)
-        note(args, f"wrote {args.scores}")
+        text = json_text(data)
+    write_together((json_out, text), (scores_out, lambda path: np.save(path, res.scores.numpy())),
+                   (examples_out, lambda path: np.save(path, res.examples)))
+    for out in (json_out, scores_out, examples_out):
+        if out.path:
+            note(args, f"wrote {out.path}")
 
 
 def _store_only(store: Any, qs: Any, split: str, positions: np.ndarray, labels: np.ndarray,

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from lightning_dualform.cli.inputs import check_store_path
-from lightning_dualform.cli.output import Output, format_number, human_bytes, json_text, table
+from lightning_dualform.cli.output import JSON_SUFFIXES, Inputs, Output, format_number, human_bytes, json_text, table
 from lightning_dualform.errors import StoreError
 
 
@@ -174,7 +174,7 @@ def render_info(f: dict[str, Any]) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     """``lightning-dualform info``: print :func:`render_info` of :func:`store_facts`; ``--json`` writes the facts."""
     check_store_path(args.store)
-    out = Output(args.json, "--json")
+    out = Output(args.json, "--json", JSON_SUFFIXES, keep=Inputs(args.store))
     try:
         facts = store_facts(args.store)
         print(render_info(facts))

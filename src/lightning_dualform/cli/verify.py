@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from lightning_dualform.cli.inputs import PROG, UsageError, check_store_path, positive
-from lightning_dualform.cli.output import Output, json_text, note, progress, table
+from lightning_dualform.cli.output import JSON_SUFFIXES, Inputs, Output, json_text, note, progress, table
 
 
 def verify_store(path: str, *, samples: int = 256, device: str = "cpu", block_rows: int | None = None, progress: bool = False,
@@ -75,7 +75,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     check_store_path(args.store)
     positive(args.samples, "--samples")
     positive(args.block_rows, "--block-rows")
-    out = Output(args.json, "--json")
+    out = Output(args.json, "--json", JSON_SUFFIXES, keep=Inputs(args.store))
     try:
         code = _verify(args, out)
     finally:
