@@ -353,10 +353,12 @@ def test_unknown_layer_name_lists_candidates(tmp_path):
 
 def test_existing_file_is_not_overwritten(tmp_path):
     path = tmp_path / "keep.h5"
-    path.write_bytes(b"precious")
+    with h5py.File(path, "w") as f:  # (any HDF5 file: a file that is not HDF5 is refused even with overwrite=True)
+        f.attrs["mine"] = 1
+    before = path.read_bytes()
     with pytest.raises(FileExistsError, match="overwrite=True"):
         _fit(tmp_path, MLP(), callback=DualFormCallback(path))
-    assert path.read_bytes() == b"precious"
+    assert path.read_bytes() == before
 
 
 def test_layer_selection_by_predicate(tmp_path):

@@ -281,13 +281,15 @@ def test_bad_options_are_refused_where_given(tmp_path, bad, match):
 
 def test_an_existing_store_is_not_overwritten(tmp_path):
     path = tmp_path / "e.h5"
-    path.write_bytes(b"something")
+    with h5py.File(path, "w") as f:  # (any HDF5 file: a file that is not HDF5 is refused even with overwrite=True)
+        f.attrs["mine"] = 1
+    before = path.read_bytes()
     model = make_model()
     opt, _ = make_opt(model)
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(FileExistsError, match="already exists.*overwrite=True"):
         with DualFormRecorder(str(path), model, opt):
             pass
-    assert path.read_bytes() == b"something"
+    assert path.read_bytes() == before
 
 
 def test_ddp_recorder_loop_is_exact(tmp_path):

@@ -219,6 +219,37 @@ def test_overwrite_refuses_what_is_not_a_regular_file_and_leaves_it_as_it_was(tm
         assert not os.path.lexists(path + ".lock") and not os.path.lexists(str(out / "target.bin.lock"))
 
 
+def test_overwrite_replaces_a_store_or_an_empty_file_but_no_other_file(tmp_path, sources):
+    """``overwrite=True`` replaces a store (HDF5) or an empty file; a file that is not HDF5 is refused, untouched,
+    and without ``overwrite`` a folder or such a file is not met with advice to pass ``overwrite=True``."""
+    import torch
+
+    from lightning_dualform import DualFormRecorder
+    from lightning_dualform.store import StoreWriter
+
+    notes = tmp_path / "notes.h5"
+    notes.write_bytes(b"a user's notes, not a store")
+    before = sf.fingerprint(str(tmp_path))
+    with pytest.raises(StoreError, match=r"notes\.h5: is a file that is not HDF5.*left as it is"):
+        StoreWriter.create(str(notes), [_spec()], overwrite=True)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for overwrite in (True, False):
+        with pytest.raises(StoreError, match="not HDF5"):
+            DualFormRecorder(notes, model, opt, overwrite=overwrite).start()
+    assert sf.fingerprint(str(tmp_path)) == before
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    with pytest.raises(StoreError, match=r"runs: is a directory, not a store file"):
+        DualFormRecorder(folder, model, opt).start()
+    empty = tmp_path / "empty.h5"
+    empty.touch()
+    StoreWriter.create(str(empty), [_spec()], overwrite=True).close()
+    store = str(tmp_path / "old.h5")
+    shutil.copyfile(sources["base"], store)
+    StoreWriter.create(store, [_spec()], overwrite=True).close()  # a store of an earlier run: replaced as asked
+
+
 def test_a_training_with_overwrite_leaves_a_fifo_at_its_path_alone(tmp_path):
     import lightning as L
     import torch

@@ -44,6 +44,7 @@ from lightning_dualform.record.queries import QueryRecorder
 from lightning_dualform.record.specs import Distributed, rank_path
 from lightning_dualform.store.certificate import LayerCertificate
 from lightning_dualform.store.metadata import clip_algorithm_name
+from lightning_dualform.store._repair import check_replaceable
 from lightning_dualform.store.shards import check_index_path
 
 __all__ = ["DualFormCallback", "rank_path"]
@@ -296,7 +297,9 @@ class DualFormCallback(Callback):
         self.store_path = rank_path(self.path, trainer.global_rank, trainer.world_size)
         if self._resume is not None and not self._resume_matches():
             self._resume = None  # a checkpoint of another store: this run starts its own
-        if os.path.exists(self.store_path) and not opts.overwrite and self._resume is None:
+        if os.path.lexists(self.store_path) and self._resume is None:
+            check_replaceable(self.store_path)  # a folder, a pipe, a file not HDF5: refused, overwrite or not
+        if os.path.lexists(self.store_path) and not opts.overwrite and self._resume is None:
             raise FileExistsError(
                 f"{_OWNER}: {self.store_path} already exists. Choose another path, delete it, pass "
                 f"`{_OWNER}(..., overwrite=True)` to replace it, or resume the run that wrote it with "

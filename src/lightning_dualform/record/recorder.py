@@ -30,6 +30,7 @@ from lightning_dualform.record.options import RecordOptions, RowDtype
 from lightning_dualform.record.planner import Plan
 from lightning_dualform.record.policy import RunFacts, inexact_causes, refusal
 from lightning_dualform.record.specs import Distributed, rank_path
+from lightning_dualform.store._repair import check_replaceable
 from lightning_dualform.store.shards import check_index_path
 
 __all__ = ["DualFormRecorder"]
@@ -146,7 +147,9 @@ class DualFormRecorder:
             raise InexactError(refusal(_OWNER, self._problems))
         if self._problems:
             warnings.warn(f"{_OWNER}(exact=False): recording an inexact run: " + "; ".join(self._problems), UserWarning, stacklevel=3)
-        if os.path.exists(self.store_path) and not opts.overwrite and self._resume is None:
+        if os.path.lexists(self.store_path) and self._resume is None:
+            check_replaceable(self.store_path)  # a folder, a pipe, a file not HDF5: refused, overwrite or not
+        if os.path.lexists(self.store_path) and not opts.overwrite and self._resume is None:
             raise FileExistsError(
                 f"{_OWNER}: {self.store_path} already exists. Choose another path, delete it, pass "
                 f"`{_OWNER}(..., overwrite=True)` to replace it, or continue it with `load_state_dict(state)` "

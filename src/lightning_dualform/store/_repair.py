@@ -81,7 +81,33 @@ def check_replaceable(path: str) -> None:
             "regular file (overwrite=True replaces a store, nothing else). It was left as it is: choose another "
             "path" + (", or the link's target itself." if stat.S_ISLNK(st.st_mode) else ", or remove it first.")
         )
+    if st is not None and st.st_size > 0 and not _holds_hdf5(path, st.st_size):
+        raise StoreError(  # (an empty file loses nothing; an HDF5 file may be a store of an earlier run)
+            f"{path}: is a file that is not HDF5, so not a store (overwrite=True replaces a store, nothing else). "
+            "It was left as it is: choose another path, or remove it first if you mean to lose it."
+        )
     check_side_files(path)
+
+
+def _holds_hdf5(path: str, size: int) -> bool:
+    """Whether the file has HDF5's signature where the format puts it: at 0, or after a user block of 512 * 2^k."""
+    try:  # never blocking, and only a regular file's bytes (something else may be put there after the check)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        offset = 0
+        while offset + 8 <= size:
+            if os.pread(fd, 8, offset) == b"\x89HDF\r\n\x1a\n":
+                return True
+            offset = 512 if offset == 0 else 2 * offset
+        return False
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def prepare_for_read(path: str, busy_wait: float = BUSY_WAIT_S) -> list[str]:
