@@ -190,6 +190,23 @@ def test_influence_without_a_model_scores_the_output_layer(small, capsys, tmp_pa
     assert rc == 2 and "--model" in err
 
 
+def test_influence_leaves_out_the_padding_when_fewer_examples_push_one_way(small, capsys, tmp_path):
+    """64 training examples and --top-k 64: one side has fewer; its missing ranks are blank cells, not index -1
+    with label -1 and score -0, and the JSON lists only the examples that push that way."""
+    rc, out, err = run(capsys, "influence", small, "--index", "3,5", "--top-k", "64", "--json", tmp_path / "i.json")
+    assert rc == 0, err
+    assert " -1 " not in out and "-0 " not in out and not out.rstrip().endswith("-0")
+    got = json.loads((tmp_path / "i.json").read_text())
+    for j in range(2):
+        pro, opp = got["proponents"], got["opponents"]
+        assert min(len(pro["index"][j]), len(opp["index"][j])) < 64  # (padded before)
+        for side in (pro, opp):
+            assert -1 not in side["index"][j] and len(side["index"][j]) == len(side["score"][j]) == len(side["label"][j])
+        assert all(s > 0 for s in pro["score"][j]) and all(s < 0 for s in opp["score"][j])
+    table = [line for line in out[out.index("query 3"):out.index("query 5")].splitlines()[3:] if line.strip()]
+    assert len(table) == max(len(got["proponents"]["index"][0]), len(got["opponents"]["index"][0]))
+
+
 @pytest.mark.parametrize("ext", ["npy", "pt"])
 def test_attend_queries_from_a_file(small, capsys, tmp_path, ext):
     q = np.random.default_rng(0).normal(size=(2, 6)).astype(np.float32)

@@ -142,14 +142,19 @@ def _run(args: argparse.Namespace, json_out: Output, scores_out: Output, example
     for j, p in enumerate(positions):
         lines.append(f"\nquery {int(qs.index[p])} (class {int(targets[j])}, predicted {int(pred[j])}): "
                      f"{res.target} = {float(res.values[j]):.4g}")
-        rows = [[r + 1, int(pro.index[j, r]), int(pro.label[j, r]), f"{pro.score[j, r]:+.4g}",
-                 int(opp.index[j, r]), int(opp.label[j, r]), f"{opp.score[j, r]:+.4g}"]
-                for r in range(pro.index.shape[1])]
-        lines.append(table(["rank", "proponent", "label", col, "opponent", "label", col], rows))
+        # fewer examples than --top-k push one way: the padding (index -1) is left blank, as `attend` does
+        rows = [[r + 1, *_cells(pro, j, r), *_cells(opp, j, r)] for r in range(pro.index.shape[1])
+                if pro.index[j, r] >= 0 or opp.index[j, r] >= 0]
+        if rows:
+            lines.append(table(["rank", "proponent", "label", col, "opponent", "label", col], rows))
+        else:
+            lines.append(f"  every {col} is 0: no training example moves this query's {res.target}")
     print("\n".join(lines))
     text = ""
     if args.json:
         data = res.to_dict(args.top_k)
+        for side in ("proponents", "opponents"):  # per query, only the examples that push that way
+            data[side] = _without_padding(data[side])
         data.update({"store": os.path.abspath(args.store), "split": split, "queries": qs.index[positions].tolist(),
                      "targets": targets.tolist(), "label": influence_label(res, all_layers),
                      "meaning": influence_meaning(res, all_layers),
@@ -160,6 +165,19 @@ def _run(args: argparse.Namespace, json_out: Output, scores_out: Output, example
     for out in (json_out, scores_out, examples_out):
         if out.path:
             note(args, f"wrote {out.path}")
+
+
+def _cells(top: Any, j: int, r: int) -> list[Any]:
+    """Query ``j``'s ``r``-th proponent or opponent as table cells, blank where there is none (index -1)."""
+    if top.index[j, r] < 0:
+        return ["", "", ""]
+    return [int(top.index[j, r]), int(top.label[j, r]), f"{top.score[j, r]:+.4g}"]
+
+
+def _without_padding(side: dict[str, list[list[Any]]]) -> dict[str, list[list[Any]]]:
+    """``TopInfluence.to_dict()`` without the padding entries (index -1): a list per query, up to --top-k long."""
+    keep = [[i >= 0 for i in row] for row in side["index"]]
+    return {key: [[v for v, k in zip(row, ks) if k] for row, ks in zip(rows, keep)] for key, rows in side.items()}
 
 
 def _store_only(store: Any, qs: Any, split: str, positions: np.ndarray, labels: np.ndarray,

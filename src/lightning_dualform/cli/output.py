@@ -294,9 +294,9 @@ def format_number(v: Any) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "  ") -> str:
-    """Text table; numbers right-aligned, text left-aligned."""
+    """Text table; numbers right-aligned, text left-aligned (a blank cell is either)."""
     cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else format_number(c) for c in r] for r in rows]
-    numeric = [all(not isinstance(r[j], str) or _NUMBER.fullmatch(r[j]) for r in rows) if rows else False
+    numeric = [all(not isinstance(r[j], str) or r[j] == "" or _NUMBER.fullmatch(r[j]) for r in rows) if rows else False
                for j in range(len(headers))]
     widths = [max(len(r[j]) for r in cells) for j in range(len(headers))]
     lines = []
