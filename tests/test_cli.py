@@ -316,6 +316,19 @@ def test_bad_inputs_give_exit_2_and_one_line(small, capsys, tmp_path):
         assert "Traceback" not in err, what
 
 
+def _one_line(capsys, *argv):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, (argv, rc, err)
+    assert err.startswith("lightning-dualform: error: ") and "\x1b" not in err, err
+    return err.strip()
+
+
+def test_layer_that_names_no_layer_is_a_usage_error(small, capsys):
+    for value in ("", ",", " , "):
+        err = _one_line(capsys, "attend", small, "--no-influence", "--layer", value)
+        assert "names no layer" in err and "net.0, net.2" in err, err
+
+
 def test_debug_shows_the_traceback(small, capsys):
     rc, out, err = run(capsys, "attend", small, "--layer", "fc9", "--debug")
     assert rc == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("lightning-dualform: error:")

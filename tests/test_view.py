@@ -185,6 +185,7 @@ BAD = {
     "negative top_k": "/api/attend?split=test&index={i}&top_k=-1",
     "top_k beyond the memory": "/api/attend?split=test&index={i}&top_k=10000000",
     "unknown layer": "/api/attend?split=test&index={i}&layer=fc9",
+    "a layer list naming no layer": "/api/attend?split=test&index={i}&layer=,",
     "unknown split": "/api/attend?split=validate&index={i}",
     "index not recorded": "/api/attend?split=test&index=999999",
     "index not a number": "/api/attend?split=test&index=seven",

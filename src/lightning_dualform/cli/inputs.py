@@ -180,6 +180,10 @@ def parse_layers(values: list[str] | None, known: list[str]) -> list[str] | None
     if not values:
         return None
     names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    if not names:
+        shown = " ".join(repr(v) for v in values)
+        raise UsageError(f"--layer {shown}: names no layer; this store has {', '.join(known)} (leave --layer out for "
+                         "all of them).")
     bad = [n for n in names if n not in known]
     if bad:
         raise UsageError(f"--layer {bad[0]}: unknown layer; this store has {', '.join(known)}.")
