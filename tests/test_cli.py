@@ -329,6 +329,22 @@ def test_layer_that_names_no_layer_is_a_usage_error(small, capsys):
         assert "names no layer" in err and "net.0, net.2" in err, err
 
 
+def test_at_step_top_k_and_step_buckets_are_refused_in_the_command_s_words(small, capsys):
+    """The store's first model has seen no row: the command says which --at-step has, where the library would say
+    "Use top_k <= 0" (which the command refuses); a top-k beyond the rows says the --top-k and the --at-step that do."""
+    err = _one_line(capsys, "attend", small, "--no-influence", "--at-step", "0")
+    assert "--at-step 0: the model before any optimizer step has seen no training row" in err
+    assert "use --at-step 1 or later (up to 8)" in err
+    err = _one_line(capsys, "attend", small, "--no-influence", "--at-step", "1", "--top-k", "40")
+    assert "--top-k 40: layer net.0 holds 16 training rows up to step 1; use --top-k 16 or less, or --at-step 3" in err
+    err = _one_line(capsys, "attend", small, "--no-influence", "--at-step", "2", "--step-buckets", "2000")
+    assert "--step-buckets 2000: use 1,024 or fewer" in err
+    err = _one_line(capsys, "attend", small, "--no-influence", "--at-step", "9")
+    assert "--at-step 9: outside the run" in err and "0 to 8" in err
+    for err in (_one_line(capsys, "attend", small, "--at-step", a) for a in ("0", "9")):
+        assert "attend(" not in err and "top_k" not in err and "at_step=" not in err, err
+
+
 def test_debug_shows_the_traceback(small, capsys):
     rc, out, err = run(capsys, "attend", small, "--layer", "fc9", "--debug")
     assert rc == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("lightning-dualform: error:")

@@ -186,6 +186,7 @@ BAD = {
     "top_k beyond the memory": "/api/attend?split=test&index={i}&top_k=10000000",
     "unknown layer": "/api/attend?split=test&index={i}&layer=fc9",
     "a layer list naming no layer": "/api/attend?split=test&index={i}&layer=,",
+    "at_step before any row": "/api/attend?split=test&index={i}&at_step=0&top_k=2",
     "unknown split": "/api/attend?split=validate&index={i}",
     "index not recorded": "/api/attend?split=test&index=999999",
     "index not a number": "/api/attend?split=test&index=seven",

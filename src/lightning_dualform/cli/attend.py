@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from lightning_dualform.attend.request import AttendRequest
+from lightning_dualform.attend.request import MAX_STEP_BUCKETS, AttendRequest
 from lightning_dualform.cli.inputs import (
     UsageError,
     check_store_path,
@@ -179,14 +179,68 @@ def attend_run(
         )
     label = {"contribution_to": "label"} if by_label else {}
     if queries is not None:
+        # (the layers attend_queries picks: those named, else every layer that takes the queries' width)
+        check_steps(di, layers or [n for n in di.layers if di.layer(n).d_in == queries.shape[1]], top_k, at_step,
+                    step_buckets)
         run = attend_queries(di, queries=queries, source=source, layers=layers, request=request, **label)
     else:
         split = pick_split(di.store, split)
         qs = di.store.queries(split)
         positions = parse_index(index, qs.index, split) if index is not None else np.arange(min(DEFAULT_QUERIES, qs.n))
+        check_steps(di, layers or [n for n in di.layers if n in qs.layers], top_k, at_step, step_buckets)
         run = attend_queries(di, split=split, positions=positions, layers=layers, request=request, **label)
     run.settings.update({"by": by, "store": os.path.abspath(store)})
     return run
+
+
+def check_steps(di: Any, layers: Sequence[str], top_k: int, at_step: int | None, step_buckets: int | None) -> None:
+    """``--at-step``, ``--top-k`` and ``--step-buckets`` against what the store holds, said in the command's words
+    before the pass would refuse them in the library's (``attend(top_k=...)``, ``at_step=...``).
+
+    Raises:
+        UsageError: ``at_step`` outside the run; a layer with fewer rows up to ``at_step`` than ``top_k`` (with the
+            first ``--at-step`` that has enough); more step buckets than a scalar rule's pass takes.
+    """
+    first, last = di.store.first_step, di.last_step
+    if at_step is not None and not first <= at_step <= last:
+        raise UsageError(f"--at-step {at_step}: outside the run; the store holds the models after {first} to {last} "
+                         "optimizer steps.")
+    end = last if at_step is None else at_step
+    span = end - first
+    if step_buckets is not None and di.store.form != "element-wise" and step_buckets > max(MAX_STEP_BUCKETS, span):
+        raise UsageError(f"--step-buckets {step_buckets}: use {max(MAX_STEP_BUCKETS, span):,} or fewer (the most is "
+                         f"{MAX_STEP_BUCKETS:,}, or one per step for a model of more steps; the model after step {end} "
+                         f"has {span}).")
+    for name in layers if top_k else ():
+        lay = di.layer(name)
+        n = lay.rows_before(end)
+        if top_k <= n:
+            continue
+        later = _first_step_with(lay, top_k, end + 1, last)
+        if n == 0 and at_step is not None and later is not None:
+            model = "the model before any optimizer step" if end == 0 else f"the model after {end} optimizer steps"
+            raise UsageError(f"--at-step {end}: {model} has seen no training row of layer {name}, so there is nothing "
+                             f"to attend; use --at-step {later} or later (up to {last}).")
+        if n == 0:
+            raise UsageError(f"--top-k {top_k}: layer {name} holds no training rows up to step {end}, so there is "
+                             "nothing to rank.")
+        more = f", or --at-step {later} or later" if at_step is not None and later is not None else ""
+        raise UsageError(f"--top-k {top_k}: layer {name} holds {n} training rows up to step {end}; use --top-k {n} "
+                         f"or less{more}.")
+
+
+def _first_step_with(lay: Any, k: int, lo: int, hi: int) -> int | None:
+    """The first step in ``lo..hi`` whose model has seen at least ``k`` rows of ``lay`` (rows are in step order, so
+    a binary search over :meth:`rows_before`), or None."""
+    if lo > hi or lay.rows_before(hi) < k:
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if lay.rows_before(mid) >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def attend_answer(run: QueryAttention, influence: dict[str, Any] | None) -> dict[str, Any]:
