@@ -345,6 +345,70 @@ def test_at_step_top_k_and_step_buckets_are_refused_in_the_command_s_words(small
         assert "attend(" not in err and "top_k" not in err and "at_step=" not in err, err
 
 
+class _NotATensor:
+    pass
+
+
+def test_query_files_that_are_not_regular_files_or_are_damaged(small, capsys, tmp_path):
+    import threading
+
+    good = tmp_path / "good.npy"
+    np.save(good, np.zeros((2, 6), np.float32))
+    data = good.read_bytes()
+    (tmp_path / "trunc.npy").write_bytes(data[:-10])
+    (tmp_path / "garbage.npy").write_bytes(b"hello, not an array")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.savez(tmp_path / "z.npz", a=np.zeros((2, 6)))
+    os.replace(tmp_path / "z.npz", tmp_path / "z.npy")
+    (tmp_path / "junk.pt").write_bytes(b"\x89junk, not a checkpoint")
+    torch.save({"x": _NotATensor()}, tmp_path / "objects.pt")
+    os.symlink("loop2.npy", tmp_path / "loop1.npy")
+    os.symlink("loop1.npy", tmp_path / "loop2.npy")
+    os.symlink("loop2.h5", tmp_path / "loop1.h5")
+    os.symlink("loop1.h5", tmp_path / "loop2.h5")
+    want = {"trunc.npy": "damaged or not a .npy file", "garbage.npy": "damaged or not a .npy file",
+            "empty.npy": "is empty", "z.npy": "is a zip archive (a .npz", "junk.pt": "damaged or not a .pt file",
+            "objects.pt": "holds Python objects that torch.load(weights_only=True) does not unpickle",
+            "loop1.npy": "is a symbolic link loop"}
+    for name, words in want.items():
+        err = _one_line(capsys, "attend", small, "--queries", tmp_path / name)
+        assert words in err and "without pickle" not in err, (name, err)
+        assert err.endswith((".", ")")) and " ..." not in err[-6:], (name, err)  # (not cut mid-word)
+    err = _one_line(capsys, "info", tmp_path / "loop1.h5")
+    assert "is a symbolic link loop" in err and "no such file" not in err
+    # a FIFO: refused without opening it (a writer that waits for a reader keeps the old code from hanging)
+    fifo = tmp_path / "fifo.npy"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def writer():
+        while not done.is_set():
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # no reader yet
+                done.wait(0.01)
+                continue
+            os.close(fd)
+            return
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        err = _one_line(capsys, "attend", small, "--queries", fifo)
+    finally:
+        done.set()
+        thread.join()
+    assert "is a pipe (FIFO), not a regular file" in err
+
+
+def test_messages_lose_escape_sequences_and_are_cut_at_a_word(small):
+    from lightning_dualform.cli.inputs import brief, clean_text
+
+    assert clean_text("\x1b[1mbold\x1b[0m and\nmore\x07") == "bold and more"
+    text = brief("a long message " * 20, 40)
+    assert len(text) <= 44 and text.endswith(" ...") and text[:-4].split(" ")[-1] in ("a", "long", "message")
+
+
 def test_debug_shows_the_traceback(small, capsys):
     rc, out, err = run(capsys, "attend", small, "--layer", "fc9", "--debug")
     assert rc == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("lightning-dualform: error:")

@@ -8,7 +8,10 @@ with exit code 2. Query files are read without unpickling anything (``allow_pick
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import stat
 from typing import Any
 
 import numpy as np
@@ -19,10 +22,26 @@ from lightning_dualform.cli.usage import PROG, UsageError, error_message  # noqa
 
 def check_store_path(path: str) -> None:
     """A STORE argument names an existing file, or a :class:`UsageError` says what to pass."""
-    if not os.path.exists(path):
-        raise UsageError(f"{path}: no such file; pass a store written by DualFormCallback (try `{PROG} demo`).")
-    if os.path.isdir(path):
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        fix = "point it at a store file" if err.errno == errno.ELOOP else "pass a store written by DualFormCallback"
+        if err.errno == errno.ENOENT and not os.path.islink(path):
+            fix += f" (try `{PROG} demo`)"
+        raise UsageError(f"{path}: {_unreachable(path, err)}; {fix}.") from None
+    if stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{path}: is a folder; pass the .h5 store file inside it.")
+
+
+def _unreachable(path: str, err: OSError) -> str:
+    """Why ``os.stat(path)`` failed, for a message: a symbolic link loop, a link to nothing, ..."""
+    if err.errno == errno.ELOOP:
+        return f"is a symbolic link loop ({err.strerror})"
+    if err.errno == errno.ENOENT and os.path.islink(path):
+        return f"is a symbolic link to {os.readlink(path)!r}, which does not exist"
+    if err.errno == errno.ENOENT:
+        return "no such file"
+    return f"cannot be read ({err.strerror or err})"
 
 
 def positive(value: int | None, option: str) -> None:
@@ -78,29 +97,18 @@ def load_queries(path: str) -> np.ndarray:
     """``(n, d)`` float32 queries from a .npy (``allow_pickle=False``) or .pt (``weights_only=True``) file."""
     check_input_file(path, "--queries")
     ext = os.path.splitext(path)[1].lower()
-    try:
+    what = f"--queries {path}"
+    if ext not in (".npy", ".pt", ".pth"):
+        raise UsageError(f"{what}: unsupported file type {ext or '(none)'}; use .npy or .pt.")
+    try:  # (opened without blocking and checked again: what is read is the regular file that was checked)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise UsageError(f"{what}: {_unreachable(path, err)}.") from None
+    with os.fdopen(fd, "rb") as fh:
+        _regular(os.fstat(fh.fileno()), path, "--queries")
         if ext == ".npy":
-            q = np.load(path, allow_pickle=False)
-        elif ext in (".pt", ".pth"):
-            import torch
-
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(obj, torch.Tensor):
-                raise UsageError(
-                    f"--queries {path}: holds a {type(obj).__name__}, not a tensor; save one tensor of shape (n, d_in)."
-                )
-            if obj.is_complex():
-                raise UsageError(_complex(f"--queries {path}", str(obj.dtype)))
-            q = obj.detach().float().numpy()
-        else:
-            raise UsageError(f"--queries {path}: unsupported file type {ext or '(none)'}; use .npy or .pt.")
-    except UsageError:
-        raise
-    except Exception as err:  # numpy/torch say many things about files they cannot read
-        raise UsageError(
-            f"--queries {path}: cannot read it without pickle ({error_message(err)[:150]}); save a plain numeric array."
-        ) from err
-    return checked_queries(q, f"--queries {path}")
+            return checked_queries(_read_npy(fh, what), what)
+        return checked_queries(_read_pt(fh, what), what)
 
 
 def load_npy_bytes(data: bytes, what: str) -> np.ndarray:
@@ -108,14 +116,90 @@ def load_npy_bytes(data: bytes, what: str) -> np.ndarray:
     :func:`load_queries` reads a file; ``what`` names the source in messages."""
     import io
 
+    return checked_queries(_read_npy(io.BytesIO(data), what), what)
+
+
+#: the first bytes of what a query file may turn out to be instead
+_NPY_MAGIC, _ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
+_PICKLE_PROTOCOLS = tuple(bytes([0x80, v]) for v in range(2, 6))
+
+
+def _read_npy(fh: Any, what: str) -> Any:
+    """The array of a ``.npy`` file (never unpickled), or a :class:`UsageError` that says what the file is instead."""
+    head = fh.read(8)
+    fh.seek(0)
+    if head.startswith(_ZIP_MAGIC):
+        raise UsageError(f"{what}: is a zip archive (a .npz, or a torch .pt file), not a .npy file; save one array "
+                         "with numpy.save (or name a torch file .pt).")
+    if head[:2] in _PICKLE_PROTOCOLS:
+        raise UsageError(f"{what}: is a Python pickle, which is never unpickled here; save a plain numeric array with "
+                         "numpy.save.")
+    if not head.startswith(_NPY_MAGIC):  # (numpy would try it as a pickle, and blame pickle)
+        raise _damaged(what, ".npy", None, head)
     try:
-        q = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as err:  # a pickled or damaged file, another format
-        raise UsageError(
-            f"{what}: cannot read it as .npy without pickle ({error_message(err)[:150]}); save a plain numeric array "
-            "with numpy.save."
-        ) from err
-    return checked_queries(q, what)
+        return np.load(fh, allow_pickle=False)
+    except ValueError as err:
+        if "allow_pickle" in str(err):  # an array of Python objects: the pickle refusal itself
+            raise UsageError(f"{what}: holds Python objects, which would need pickle; save a plain numeric array "
+                             "with numpy.save.") from err
+        raise _damaged(what, ".npy", err, head) from err
+    except Exception as err:  # a truncated or damaged header or body, another format
+        raise _damaged(what, ".npy", err, head) from err
+
+
+def _read_pt(fh: Any, what: str) -> Any:
+    """The tensor of a ``.pt`` file as a numpy array (``torch.load(weights_only=True)``: nothing is unpickled but
+    tensors and plain containers), or a :class:`UsageError`."""
+    import torch
+
+    head = fh.read(8)
+    fh.seek(0)
+    if head.startswith(_NPY_MAGIC):
+        raise UsageError(f"{what}: is a .npy file; name it .npy.")
+    try:
+        obj = torch.load(fh, map_location="cpu", weights_only=True)
+    except Exception as err:
+        text = clean_text(str(err))
+        if "Weights only load failed" in text:  # the pickle refusal: it holds more than tensors
+            reason = re.search(r"WeightsUnpickler error: (.*?)(?:\.(?: |$)|$)", text)
+            said = f" ({brief(reason.group(1), 100)})" if reason else ""
+            raise UsageError(f"{what}: holds Python objects that torch.load(weights_only=True) does not "
+                             f"unpickle{said}; save one tensor of shape (n, d_in) with torch.save.") from err
+        raise _damaged(what, ".pt", err, head) from err
+    if not isinstance(obj, torch.Tensor):
+        raise UsageError(f"{what}: holds a {type(obj).__name__}, not a tensor; save one tensor of shape (n, d_in).")
+    if obj.is_complex():
+        raise UsageError(_complex(what, str(obj.dtype)))
+    return obj.detach().float().numpy()
+
+
+def _damaged(what: str, ext: str, err: BaseException | None, head: bytes) -> UsageError:
+    """A query file that cannot be read as ``ext``: empty, or damaged or of another format (the reader's reason,
+    where it says one in words)."""
+    if not head:
+        return UsageError(f"{what}: is empty; save the queries with {_SAVE[ext]}.")
+    detail = brief(error_message(err), 150) if err is not None else f"it does not start as a {ext} file does"
+    said = f" ({detail})" if re.search("[A-Za-z]", detail) else ""  # (torch says a bare magic number)
+    return UsageError(f"{what}: damaged or not a {ext} file{said}; save the queries with {_SAVE[ext]}.")
+
+
+_SAVE = {".npy": "numpy.save", ".pt": "torch.save"}
+_ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
+
+
+def clean_text(text: str) -> str:
+    """``text`` on one line without terminal escape sequences or other control characters."""
+    text = _ESCAPES.sub("", text)
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+
+
+def brief(text: str, limit: int) -> str:
+    """``text`` (cleaned by :func:`clean_text`) cut to at most about ``limit`` characters at a word's end."""
+    text = clean_text(text)
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit]
+    return cut.rstrip(" ,;:") + " ..."
 
 
 def _complex(what: str, dtype: str) -> str:
@@ -151,11 +235,29 @@ def checked_queries(q: Any, what: str) -> np.ndarray:
 
 
 def check_input_file(path: str, option: str) -> None:
-    """``option``'s file exists and is not a folder."""
-    if not os.path.exists(path):
-        raise UsageError(f"{option} {path}: no such file.")
-    if os.path.isdir(path):
+    """``option``'s file exists and is a regular file (not a folder, pipe, socket or device, which could block a read
+    forever or never end)."""
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        fix = "; point it at the file" if err.errno == errno.ELOOP else ""
+        raise UsageError(f"{option} {path}: {_unreachable(path, err)}{fix}.") from None
+    _regular(st, path, option)
+
+
+def _regular(st: os.stat_result, path: str, option: str) -> None:
+    if stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{option} {path}: is a folder, not a file.")
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{option} {path}: is {_kind(st.st_mode)}, not a regular file; save the queries to a file.")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def parse_contribution(text: str) -> str | int | None:
