@@ -108,6 +108,25 @@ def test_a_complete_store_without_its_final_weights_is_damaged(valid_store, tmp_
         StoreReader(path)
 
 
+def test_a_chunk_whose_checksum_fails_is_named_with_its_layer_and_rows(valid_store, tmp_path):
+    path = tmp_path / "rot.h5"
+    path.write_bytes(open(valid_store, "rb").read())
+    with h5py.File(path, "r") as f:
+        chunk = f["layers/net.0/keys"].id.get_chunk_info(0)
+    with open(path, "r+b") as fh:  # one bit of the first chunk of keys flips on disk
+        fh.seek(chunk.byte_offset + 5)
+        b = fh.read(1)
+        fh.seek(chunk.byte_offset + 5)
+        fh.write(bytes([b[0] ^ 0x04]))
+    hint = r"Fletcher-32 checksum does not match.*restore the file from a copy"
+    with pytest.raises(StoreError, match=r"dataset 'layers/net.0/keys': .*filter returned failure.*" + hint):
+        StoreReader(path)  # the probe reads small datasets whole
+    with StoreReader(path, probe=False) as s:  # (a large one is read when asked)
+        lay = s.layer("net.0")
+        with pytest.raises(StoreError, match=r"layer 'net.0': read\(0, \d+\) failed .*" + hint):
+            lay.read(0, lay.n_rows)
+
+
 def test_nothing_is_unpickled(valid_store):
     # a store holds only numbers, strings and JSON: no object dtype anywhere
     with h5py.File(valid_store, "r") as f:

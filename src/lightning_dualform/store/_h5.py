@@ -101,11 +101,28 @@ def guarded(method: Callable) -> Callable:
                     f"{path}: busy: another process is writing it ({doing}) and {method.__name__} read a part "
                     f"being rewritten ({type(err).__name__}: {short(err)}). Reopen it in a moment."
                 ) from err
-            raise StoreError(
-                f"{path}: damaged store: {method.__name__} failed ({type(err).__name__}: {short(err)})."
-            ) from err
+            raise StoreError(f"{path}: damaged store: {_what_failed(self, method, args)} failed ({type(err).__name__}: "
+                             f"{short(err)}).{damage_hint(str(err))}") from err
 
     return wrapper
+
+
+def _what_failed(obj: Any, method: Callable, args: tuple) -> str:
+    """``layer 'net.0': read(0, 4096)``: the call that failed, with the layer or query set it read and its
+    integer arguments (a row range)."""
+    name = getattr(obj, "name", None)
+    kind = "query set" if hasattr(obj, "split") and not hasattr(obj, "d_in") else "layer"
+    where = f"{kind} {name!r}: " if isinstance(name, str) else ""
+    ints = [str(int(a)) for a in args if isinstance(a, (int, np.integer)) and not isinstance(a, bool)]
+    return f"{where}{method.__name__}({', '.join(ints)})" if ints else f"{where}{method.__name__}"
+
+
+def damage_hint(problem: str) -> str:
+    """What a failed read means and what to do, where HDF5's message says it (else nothing)."""
+    if "filter returned failure" in problem:
+        return (" A chunk's Fletcher-32 checksum does not match its bytes: they changed on disk after they were "
+                "written: restore the file from a copy, or record the run again.")
+    return ""
 
 
 # -- validation of what a file says, before it sizes, indexes or sums anything ------------------------

@@ -100,7 +100,10 @@ def _walk(path: str) -> None:  # runs in the child
                         for i in range(n):
                             check(obj.id.get_chunk_info(i))
                 if obj.size and obj.size <= 1 << 16:
-                    obj[()]
+                    try:
+                        obj[()]
+                    except OSError as err:  # (which dataset: HDF5's message does not say)
+                        raise OSError(f"dataset {name!r}: {err}") from err
             tick()
 
         f.visititems(visit)

@@ -39,7 +39,7 @@ def probe_error(path: str, problem: str) -> StoreError:
             f"{h5py.version.hdf5_version}; {problem}). Upgrade h5py, or rewrite the file with "
             "`h5repack` of the newer HDF5 (stores written by this version read on HDF5 1.14 and later)."
         )
-    return StoreError(f"{path}: damaged HDF5 file: {problem}.")
+    return StoreError(f"{path}: damaged HDF5 file: {problem.rstrip('.')}.{_h5.damage_hint(problem)}")
 
 
 # -- the root -----------------------------------------------------------------------------------------
