@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -292,6 +293,17 @@ def test_metagradient_with_norm_clipping(tmp_path):
             influence(store, model, q, qt, method="metagradient")
         res = influence(store, model, q, qt, method="metagradient", max_grad_norm=clip)
     assert rel(res.scores, want) < 1e-5
+
+
+def test_the_clipped_replay_warns_nothing(tmp_path):
+    """The clip factor is compared as a number without a torch warning about a tensor that requires grad (the
+    metagradient's own graph is untouched: the slow test above checks its values)."""
+    model = train(tmp_path / "run.h5", lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.5), clip=0.5)
+    q, qt = queries()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = influence(tmp_path / "run.h5", model, q[:1], qt[:1], method="metagradient", max_grad_norm=0.5)
+    assert res.scores.shape == (1, N) and bool(torch.isfinite(res.scores).all())
 
 
 FIRST_ORDER_CASES = [

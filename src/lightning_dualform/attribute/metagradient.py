@@ -291,8 +291,9 @@ def _back_step(traj: Trajectory, point: Point, rows: dict, stored: dict[str, tor
         norm = torch.sqrt(sum((g * g).sum() for g in G.values()))
         coef = torch.clamp(clip / (norm + CLIP_EPS), max=1.0)
         stored_gs = float(traj.grad_scale[names[0]][s])
-        if abs(float(coef) - stored_gs) > 1e-4 * max(stored_gs, 1e-12):
-            raise ValueError(f"update {s}: the clip factor min(1, {clip:g} / ||g||) is {float(coef):.6g} but the store "
+        factor = float(coef.detach())  # (a number to compare; coef itself stays in the graph)
+        if abs(factor - stored_gs) > 1e-4 * max(stored_gs, 1e-12):
+            raise ValueError(f"update {s}: the clip factor min(1, {clip:g} / ||g||) is {factor:.6g} but the store "
                              f"recorded {stored_gs:.6g}; pass the run's max_grad_norm.")
         scale = {k: coef for k in names}
     new = traj.advance(here, G, scale)
