@@ -425,7 +425,9 @@ def test_bad_queries_and_arguments(trained: dict) -> None:
         n = di.layer("net.0").n_rows
         with pytest.raises(ValueError, match=f"holds {n} rows"):
             di.attend("net.0", torch.zeros(1, 12), top_k=n + 1)
-        with pytest.raises(ValueError, match="holds 0 rows"):
+        # the model before any step has seen no row: a later at_step, not "top_k <= 0"
+        with pytest.raises(ValueError, match=r"holds no training rows up to step 0 \(the model before any optimizer "
+                                             r"step.*Use at_step=1 or later.*or top_k=0"):
             di.attend("net.0", torch.zeros(1, 12), top_k=1, at_step=0)
         with pytest.raises(ValueError, match="top_k"):
             di.attend("net.0", torch.zeros(1, 12), top_k=-1)
@@ -443,6 +445,51 @@ def test_bad_queries_and_arguments(trained: dict) -> None:
             di.attend("net.2", [[0.0] * 16])
         with pytest.raises(KeyError, match="no module named"):
             di.explain(nn.Sequential(nn.Linear(12, 3)), torch.zeros(2, 12))
+
+
+def test_queries_without_values_are_refused(trained: dict) -> None:
+    with DualInference(trained["path"], device="cpu") as di:
+        with pytest.raises(ValueError, match="meta tensor: it has a shape but no values"):
+            di.attend("net.0", torch.zeros(2, 12, device="meta"))
+        with pytest.raises(ValueError, match=r"to_dense\(\)"):
+            di.attend("net.0", torch.zeros(2, 12).to_sparse())
+
+
+def test_the_step_buckets_limit_is_the_one_enforced(trained: dict) -> None:
+    with DualInference(trained["path"], device="cpu") as di:
+        steps = di.last_step
+        assert steps < 500  # more buckets than steps, under the fixed limit: accepted
+        res = di.attend("net.0", torch.zeros(1, 12), top_k=0, step_buckets=500, per_example=False)
+        assert res.mass["step"].signed.shape == (1, 500)
+        with pytest.raises(ValueError, match=rf"at most 1024, or one per step beyond that \(the model after step "
+                                             rf"{steps} has {steps} steps\); use step_buckets <= 1024"):
+            di.attend("net.0", torch.zeros(1, 12), top_k=0, step_buckets=1025)
+
+
+def test_rows_per_block_takes_a_layer_name_as_documented(trained: dict) -> None:
+    with DualInference(trained["path"], device="cpu", block_rows=None) as di:
+        assert di.rows_per_block("net.0") == di.rows_per_block(di.layer("net.0")) >= 4096
+        with pytest.raises(KeyError, match=r"net\.0.*net\.2"):
+            di.rows_per_block("net.1")
+        with pytest.raises(TypeError, match="takes a layer name"):
+            di.rows_per_block(0)  # type: ignore[arg-type]
+
+
+def test_the_store_path_must_be_a_path(trained: dict) -> None:
+    with DualInference(os.fsencode(trained["path"]), device="cpu") as di:  # bytes: decoded
+        assert di.layers == ["net.0", "net.2"] and di.path == trained["path"]
+    for bad in (123, None, ["a.h5"]):
+        with pytest.raises(TypeError, match=f"expected the path of a store.*got {type(bad).__name__}"):
+            DualInference(bad, device="cpu")  # type: ignore[arg-type]
+
+
+def test_verify_needs_a_positive_number_of_samples(trained: dict) -> None:
+    with DualInference(trained["path"], device="cpu") as di:
+        for bad in (0, -1):
+            with pytest.raises(ValueError, match=rf"verify\(n_samples=...\)` got {bad}; expected a positive integer"):
+                di.verify(n_samples=bad)
+        with pytest.raises(TypeError, match="n_samples"):
+            di.verify(n_samples=2.5)  # type: ignore[arg-type]
 
 
 def test_bad_constructor_arguments(trained: dict) -> None:

@@ -55,7 +55,8 @@ def check_queries(lay: LayerSource, queries: Any, call: str) -> torch.Tensor:
     Raises:
         TypeError: not a tensor or array, or complex (the imaginary part would be dropped without a word).
         ValueError: the wrong shape, NaN or inf, or values beyond float32's range (the pass would turn them into
-            inf, then NaN, which would read as a damaged store).
+            inf, then NaN, which would read as a damaged store); a meta tensor (no values), a sparse one, or one
+            on a device whose values cannot be read.
     """
     if isinstance(queries, np.ndarray):
         if queries.dtype.kind == "c":
@@ -68,6 +69,17 @@ def check_queries(lay: LayerSource, queries: Any, call: str) -> torch.Tensor:
         raise TypeError(f"`{call}(queries=...)` must be a torch.Tensor or numpy array of shape (n, {lay.d_in}), got {type(queries).__name__}.")
     if queries.is_complex():
         raise TypeError(_complex(call, queries.dtype))
+    if queries.device.type == "meta":
+        raise ValueError(f"`{call}(queries=...)` is a meta tensor: it has a shape but no values to attend with. Pass "
+                         "the queries' values, on the CPU or a CUDA device.")
+    if queries.layout != torch.strided:
+        raise ValueError(f"`{call}(queries=...)` is a {queries.layout} tensor; pass a dense one (queries.to_dense()).")
+    if queries.device.type not in ("cpu", "cuda"):
+        try:
+            queries = queries.cpu()
+        except (RuntimeError, NotImplementedError) as err:
+            raise ValueError(f"`{call}(queries=...)` is on device {queries.device}, whose values cannot be read here "
+                             f"({err}); pass the queries on the CPU or a CUDA device.") from err
     if queries.dim() == 1:
         queries = queries.unsqueeze(0)
     if queries.dim() != 2 or queries.shape[1] != lay.d_in or queries.shape[0] == 0:

@@ -52,7 +52,8 @@ class DualInference:
     """Open a store and answer queries over its memory.
 
     Args:
-        path: a store written by :class:`~lightning_dualform.DualFormCallback`.
+        path: a store written by :class:`~lightning_dualform.DualFormCallback` (a ``str``, ``os.PathLike`` or
+            ``bytes``).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``; ``None`` picks CUDA when available.
         block_rows: memory rows read and multiplied at a time; ``None`` (default) sizes blocks per layer
             to about 96 MiB of keys and values and at most 256 MiB of scores per query chunk (4,096 to
@@ -78,6 +79,7 @@ class DualInference:
 
     Raises:
         StoreError: the file is missing, not a store, of a newer format, or damaged.
+        TypeError: ``path`` is not a path (a ``str`` or ``os.PathLike``; ``bytes`` are decoded).
         ValueError: a bad argument, or a device that is not there.
 
     Example::
@@ -89,7 +91,7 @@ class DualInference:
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | bytes | os.PathLike,
         device: str | torch.device | None = None,
         *,
         block_rows: int | None = None,
@@ -112,8 +114,8 @@ class DualInference:
         self.progress = progress
         self._group = resolve_group(distributed)
         budget = resolve_budget(cache, self.device)
-        self._open_path = os.fspath(path)
-        self.store = open_store(path)  # a store, or the shards of a DDP run
+        self._open_path = _store_path(path)
+        self.store = open_store(self._open_path)  # a store, or the shards of a DDP run
         self.path = self.store.path
         self._stats: dict[str, LayerStats] = {}  # per layer, gathered once (emptied when the store changes)
         self._sums_checked: dict[tuple, bool] = {}  # the certificate's sums checked against the final weights
@@ -247,8 +249,8 @@ class DualInference:
 
         Raises:
             KeyError: unknown layer (the message lists the known ones).
-            ValueError: queries of the wrong shape or with NaN/inf, ``top_k`` larger than the memory, a bad
-                ``at_step``, ``contribution_to``, ``scan``, ``score`` or ``step_buckets``.
+            ValueError: queries of the wrong shape or with NaN/inf (or a meta tensor), ``top_k`` larger than the
+                memory, a bad ``at_step``, ``contribution_to``, ``scan``, ``score`` or ``step_buckets``.
             TypeError: an integer knob given as a bool, float or string; knobs given both ways.
             StoreError: a damaged file (including damaged certificate sums: their shape, type or values).
         """
@@ -276,8 +278,13 @@ class DualInference:
                            group=self._group, stats=self._stats, sums_checked=self._sums_checked,
                            replayed=self._replayed)
 
-    def rows_per_block(self, lay: LayerSource) -> int:
-        """The block size of passes over ``lay``: ``block_rows``, or the automatic size for its widths."""
+    def rows_per_block(self, layer: str | LayerSource) -> int:
+        """The block size of passes over ``layer`` (a name from :attr:`layers`, or :meth:`layer`'s reader):
+        ``block_rows``, or the automatic size for its widths."""
+        lay = self.layer(layer) if isinstance(layer, str) else layer
+        if not all(hasattr(lay, a) for a in ("d_in", "d_out")):
+            raise TypeError(f"`DualInference.rows_per_block(layer=...)` takes a layer name (one of {self.layers}) or "
+                            f"DualInference.layer(name); got {type(layer).__name__}.")
         return rows_per_block(lay, self.block_rows, self.accumulate, self.query_chunk)
 
     # -- explain and verify ----------------------------------------------------------------------------
@@ -324,3 +331,14 @@ class DualInference:
 
     verify.__doc__ = _verify.verify.__doc__
 
+
+def _store_path(path: Any) -> str:
+    """``path`` as a ``str``: a ``str``, an ``os.PathLike`` or ``bytes`` (decoded as the file system does)."""
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if isinstance(path, (bytes, bytearray)):
+        return os.fsdecode(bytes(path))
+    if isinstance(path, str):
+        return path
+    raise TypeError(f"`DualInference(path={path!r})`: expected the path of a store (a str or os.PathLike, such as "
+                    f"'runs/mnist.h5'), got {type(path).__name__}.")

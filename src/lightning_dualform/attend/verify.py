@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from lightning_dualform._args import as_int
 from lightning_dualform.attend.passes.assemble import norm_rows
 from lightning_dualform.errors import StoreError
 
@@ -39,11 +40,14 @@ def verify(di: "DualInference", queries: dict[str, torch.Tensor] | None = None, 
 
     Args:
         queries: ``{layer: (n, d_in)}``; default: ``n_samples`` stored keys of each layer, drawn at random.
+        n_samples: a positive integer.
 
     Raises:
         StoreError: the store has no final weights to compare with (an unfinished run).
+        ValueError: ``n_samples`` is not a positive integer.
         KeyError: an unknown layer in ``queries``.
     """
+    n_samples = as_int(n_samples, "DualInference.verify(n_samples=...)", lo=1, allowed="a positive integer")
     gen = np.random.default_rng(seed)
     names = list(queries) if queries is not None else di.layers
     out: dict[str, float] = {}

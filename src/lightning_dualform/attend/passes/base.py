@@ -138,6 +138,33 @@ class AttendPass(ABC):
         """
 
 
+def check_top_k(layer: LayerSource, top_k: int, n_rows: int, end_step: int) -> None:
+    """Refuse a ``top_k`` larger than the ``n_rows`` rows of the model after ``end_step`` steps, with what to do:
+    a smaller ``top_k``, or, where that model has seen no row of the layer, a later ``at_step``.
+
+    Raises:
+        ValueError: ``top_k > n_rows``.
+    """
+    if top_k <= n_rows:
+        return
+    if n_rows:
+        raise ValueError(
+            f"`attend(top_k={top_k})` is larger than the memory of layer {layer.name!r}: it holds {n_rows} rows up to "
+            f"step {end_step}. Use top_k <= {n_rows}."
+        )
+    head = f"`attend(top_k={top_k})`: layer {layer.name!r} holds no training rows"
+    if layer.n_rows == 0:
+        raise ValueError(f"{head} at any step (its run committed none): there is nothing to rank; top_k=0 answers "
+                         "with the rebuilt output alone.")
+    first = int(layer.read(0, 1, ("step",))["step"][0]) + 1  # the first step whose model has seen a row
+    model = "the model before any optimizer step" if end_step == 0 else f"the model after step {end_step}"
+    raise ValueError(
+        f"{head} up to step {end_step} ({model} has seen none of its training rows), so there is nothing to rank. "
+        f"Use at_step={first} or later (its first rows come with step {first}), or top_k=0 for the rebuilt output "
+        "alone."
+    )
+
+
 def all_merge(state: AttentionAccumulator, group: Any) -> None:
     """Sum and merge the ranks' partial results of ``state``: afterwards every rank holds the full result."""
     import torch.distributed as dist

@@ -29,7 +29,7 @@ import torch
 
 from lightning_dualform.attend.kernels import META_COLUMNS, AttentionAccumulator, Block
 from lightning_dualform.attend.passes import assemble
-from lightning_dualform.attend.passes.base import AttendPass
+from lightning_dualform.attend.passes.base import AttendPass, check_top_k
 from lightning_dualform.attend.passes.outputs import primal_output
 from lightning_dualform.attend.passes.units import resolve_units
 from lightning_dualform.attend.replay import LayerReplay, StepRows, unit_transform
@@ -63,11 +63,7 @@ class ElementwisePass(AttendPass):
         acc = ctx.accumulate
         cpu = torch.device("cpu")
         rep = LayerReplay(layer, req.at_step, block_rows=ctx.rows_per_block(layer), columns=_ROW_COLUMNS)
-        if req.top_k > rep.n_rows:
-            raise ValueError(
-                f"`attend(top_k={req.top_k})` is larger than the memory of layer {layer.name!r}: it holds {rep.n_rows} "
-                f"rows up to step {rep.end}. Use top_k <= {rep.n_rows}."
-            )
+        check_top_k(layer, req.top_k, rep.n_rows, rep.end)
         final = rep.end == ctx.store.last_step
         primal = primal_output(layer, q, acc, ctx.device) if final else None
         # dual: the replayed weights (the certificate's, when it kept them for exactly these rows), applied

@@ -22,7 +22,7 @@ from lightning_dualform.attend.blocks import CompactKeys, Prefetcher, compact_ge
 from lightning_dualform.attend.cache import cast_rows
 from lightning_dualform.attend.kernels import META_COLUMNS, AttentionAccumulator, Block
 from lightning_dualform.attend.passes import assemble
-from lightning_dualform.attend.passes.base import AttendPass, all_merge
+from lightning_dualform.attend.passes.base import AttendPass, all_merge, check_top_k
 from lightning_dualform.attend.passes.outputs import primal_output, rebuilt_output, residual_output
 from lightning_dualform.attend.passes.units import resolve_units
 from lightning_dualform.attend.request import MAX_STEP_BUCKETS, AttendRequest
@@ -55,15 +55,12 @@ class ScalarPass(AttendPass):
         span = coef.end_step - coef.first_step
         if req.step_buckets > max(MAX_STEP_BUCKETS, span):
             raise ValueError(
-                f"`attend(step_buckets={req.step_buckets})` asks for more buckets than steps: the model after step "
-                f"{coef.end_step} has {span} steps; use at most {max(MAX_STEP_BUCKETS, span)}."
+                f"`attend(step_buckets={req.step_buckets})` asks for too many step buckets: at most "
+                f"{MAX_STEP_BUCKETS}, or one per step beyond that (the model after step {coef.end_step} has {span} "
+                f"steps); use step_buckets <= {max(MAX_STEP_BUCKETS, span)}."
             )
         n_rows = layer.rows_before(coef.end_step)
-        if req.top_k > n_rows:
-            raise ValueError(
-                f"`attend(top_k={req.top_k})` is larger than the memory of layer {layer.name!r}: it holds {n_rows} "
-                f"rows up to step {coef.end_step}. Use top_k <= {n_rows}."
-            )
+        check_top_k(layer, req.top_k, n_rows, coef.end_step)
         acc, dev, store = ctx.accumulate, ctx.device, ctx.store
         final = coef.end_step == store.last_step
         primal = primal_output(layer, queries, acc, dev) if final else None
