@@ -156,6 +156,20 @@ def test_rel_err_comes_from_the_rows_the_pass_used(stores, tmp_path):
     assert d["within_tolerance"] is False and d["tolerance"] == pytest.approx(1e-4)
 
 
+@pytest.mark.parametrize("column,row", [("keys", 2), ("values", 5)])
+def test_nan_in_a_stored_row_is_refused_as_damage_not_answered(stores, tmp_path, column, row):
+    """Rows carry no checksum: a NaN in one reaches the replay's sums, and the answer is refused naming the row
+    (it was answered with NaN masses and a NaN rel. err., "NOT exact")."""
+    def edit(f):
+        f["layers/0"][column][row, :] = np.nan  # (a NaN of one unit only counts where that unit is asked about)
+
+    path = _edit(stores, "adamw", tmp_path, edit)
+    said = "training keys" if column == "keys" else "training values"
+    with DualInference(path, device="cpu") as di:
+        with pytest.raises(StoreError, match=rf"layer '0': stored {said}.*: rows \[{row}\] hold NaN or inf"):
+            di.attend("0", stores["adamw"]["queries"]["0"], top_k=1, contribution_to="pred")
+
+
 def test_the_cli_never_calls_an_unchecked_answer_exact(stores, tmp_path, capsys):
     from lightning_dualform.cli.main import main
 

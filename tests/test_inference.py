@@ -492,6 +492,58 @@ def test_verify_needs_a_positive_number_of_samples(trained: dict) -> None:
             di.verify(n_samples=2.5)  # type: ignore[arg-type]
 
 
+def _damaged_copy(src: str, dst: str, edits: dict[str, tuple]) -> str:
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        for name, at in edits.items():
+            f[name][at] = np.nan
+    return dst
+
+
+def test_nan_in_stored_rows_is_called_damage_not_a_bad_query(trained: dict, tmp_path) -> None:
+    """A NaN in a stored row is the store's damage: the pass's answer (its sums take every row it read) is refused
+    with the layer, the column and the row, and verify's sampled rows are not blamed on the user's queries."""
+    path = _damaged_copy(trained["path"], str(tmp_path / "nan.h5"),
+                         {"layers/net.0/keys": (5, 3), "layers/net.2/values": (7, 1)})
+    q = _hidden(trained["model"], trained["x"][:3])
+    with DualInference(path, device="cpu") as di:
+        with pytest.raises(StoreError, match=r"layer 'net.0': stored training keys: rows \[5\] hold NaN or inf: the "
+                                             "store is damaged"):
+            di.attend("net.0", trained["x"][:3], top_k=2)
+        with pytest.raises(StoreError, match=r"layer 'net.2': stored training values .*: rows \[7\] hold NaN"):
+            di.attend("net.2", q, top_k=0, mass=False, per_example=False, reuse_certificate=False)  # dual from rows
+        with pytest.raises(StoreError, match=r"layer 'net.0': stored training keys \(sampled as verify's queries\): "
+                                             r"rows \[5\]"):
+            di.verify(n_samples=10_000)  # every row
+        with pytest.raises(StoreError, match=r"layer 'net.0': stored training keys: rows \[5\]"):
+            di.verify({"net.0": trained["x"][:2]})  # the user's queries: verify sums every row
+
+
+def test_an_answer_that_overflows_float32_says_so(trained: dict) -> None:
+    with DualInference(trained["path"], device="cpu") as di:
+        with pytest.raises(ValueError, match="overflow torch.float32.*accumulate=torch.float64"):
+            di.attend("net.0", torch.full((1, 12), 3e38), top_k=1)
+
+
+def test_nan_in_recorded_query_rows_is_called_damage(tmp_path) -> None:
+    from lightning_dualform.query_runs import attend_queries, attend_recorded
+
+    v1 = os.path.join(os.path.dirname(__file__), "data", "store_v1_sgd.h5")
+    path = str(tmp_path / "q.h5")
+    shutil.copy(v1, path)
+    with h5py.File(path, "r+") as f:
+        g = f["queries/test/layers/net.2"]
+        row = int(np.flatnonzero(g["example"][()] == 2)[0])
+        g["keys"][row, 0] = np.nan
+    with DualInference(path, device="cpu") as di:
+        said = r"query set 'test', layer 'net.2' .*: the recorded query rows of query examples \[2\] hold NaN or inf"
+        with pytest.raises(StoreError, match=said):
+            attend_recorded(di, "test", layers=["net.2"], top_k=1)
+        with pytest.raises(StoreError, match=said):
+            attend_queries(di, split="test", layers=["net.2"], top_k=1)
+        assert attend_queries(di, split="test", positions=[0, 1], layers=["net.2"], top_k=1).layers == ["net.2"]
+
+
 def test_bad_constructor_arguments(trained: dict) -> None:
     for kwargs, match in (
         ({"block_rows": 0}, "block_rows"),

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from lightning_dualform._args import as_int
+from lightning_dualform.attend.finite import nonfinite_rows, refuse_stored_nonfinite
 from lightning_dualform.attend.inference import AttentionResult, DualInference
 from lightning_dualform.attend.request import AttendRequest, Contribution, request_from
 
@@ -114,6 +115,7 @@ def attend_recorded(
     Raises:
         KeyError: no such query set or layer.
         ValueError: ``examples`` outside the query set.
+        StoreError: recorded query rows with NaN or inf (the store is damaged).
     """
     req = request_from("attend_recorded", request, {"top_k": top_k, **attend_kwargs})
     if limit is not None:
@@ -141,6 +143,7 @@ def attend_recorded(
         if positions is not None:
             keep &= np.asarray(positions(name, rows["position"]), dtype=bool)
         keys = rows["keys"][keep]
+        _refuse_damaged_rows(di, split, name, keys, rows["example"][keep])
         run.example[name] = remap[rows["example"][keep]]
         run.position[name] = rows["position"][keep].astype(np.int64)
         run.keys[name] = keys
@@ -184,6 +187,7 @@ def attend_queries(
         ValueError: neither ``split`` nor ``queries``, a query width no layer takes, a layer without recorded
             rows, ``contribution_to="label"`` without labels, or ``top_k`` larger than a layer's memory.
         KeyError: an unknown split or layer.
+        StoreError: recorded query rows with NaN or inf (the store is damaged).
     """
     by_label = isinstance(contribution_to, str) and contribution_to == "label"
     knobs: dict[str, Any] = {"top_k": top_k, "at_step": at_step, "step_buckets": step_buckets, "score": score}
@@ -242,6 +246,7 @@ def attend_queries(
                 raise KeyError(f"the query set {split!r} has no rows for layer {name}; it has {', '.join(qs.layers)}.")
             r = qs.layer_rows(name, examples=pos if positions is not None else None)
             keep = where[r["example"]] >= 0
+            _refuse_damaged_rows(di, split, name, r["keys"][keep], r["example"][keep])
             per_layer[name] = (r["keys"][keep], where[r["example"][keep]], r["position"][keep].astype(np.int64))
     units_label = None
     if by_label:
@@ -272,6 +277,16 @@ def attend_queries(
         run.example[name] = example
         run.position[name] = position
     return run
+
+
+def _refuse_damaged_rows(di: DualInference, split: str, layer: str, keys: np.ndarray, example: np.ndarray) -> None:
+    """A recorded query row with NaN or inf is the store's damage, not a bad query of the user's: say so (a
+    ``StoreError`` naming the query set, the layer and the query examples), before ``attend`` blames the queries."""
+    bad = nonfinite_rows(keys)
+    if bad:
+        examples = sorted({int(e) for e in np.asarray(example)[bad]})
+        refuse_stored_nonfinite(di.path, f"query set {split!r}, layer {layer!r} (queries/{split}/layers/{layer}/keys)",
+                                examples, unit="the recorded query rows of query examples")
 
 
 def _widths(widths: dict[str, int]) -> str:

@@ -250,9 +250,11 @@ class DualInference:
         Raises:
             KeyError: unknown layer (the message lists the known ones).
             ValueError: queries of the wrong shape or with NaN/inf (or a meta tensor), ``top_k`` larger than the
-                memory, a bad ``at_step``, ``contribution_to``, ``scan``, ``score`` or ``step_buckets``.
+                memory, a bad ``at_step``, ``contribution_to``, ``scan``, ``score`` or ``step_buckets``; an answer
+                whose products overflow float32.
             TypeError: an integer knob given as a bool, float or string; knobs given both ways.
-            StoreError: a damaged file (including damaged certificate sums: their shape, type or values).
+            StoreError: a damaged file (including damaged certificate sums: their shape, type or values; and stored
+                rows with NaN or inf, which the answer's sums reveal: the message names the layer and the rows).
         """
         knobs = dict(top_k=top_k, at_step=at_step, contribution_to=contribution_to, per_example=per_example,
                      mass=mass, step_buckets=step_buckets, scan=scan, reuse_certificate=reuse_certificate, score=score)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from lightning_dualform._args import as_int
+from lightning_dualform.attend.finite import nonfinite_rows, refuse_stored_nonfinite
 from lightning_dualform.attend.passes.assemble import norm_rows
 from lightning_dualform.errors import StoreError
 
@@ -43,7 +44,7 @@ def verify(di: "DualInference", queries: dict[str, torch.Tensor] | None = None, 
         n_samples: a positive integer.
 
     Raises:
-        StoreError: the store has no final weights to compare with (an unfinished run).
+        StoreError: the store has no final weights to compare with (an unfinished run), or its rows hold NaN or inf.
         ValueError: ``n_samples`` is not a positive integer.
         KeyError: an unknown layer in ``queries``.
     """
@@ -62,6 +63,9 @@ def verify(di: "DualInference", queries: dict[str, torch.Tensor] | None = None, 
                 continue
             picks = np.sort(gen.choice(lay.n_rows, size=min(n_samples, lay.n_rows), replace=False))
             q = torch.from_numpy(np.concatenate([lay.read(int(i), int(i) + 1, ("keys",))["keys"] for i in picks]))
+            # the store's own rows as queries: a NaN there is the store's, not a bad query
+            refuse_stored_nonfinite(di.path, f"layer {name!r}: stored training keys (sampled as verify's queries)",
+                                    picks[nonfinite_rows(q)])
         if di.store.form == "element-wise":
             # what attend ranks by: every row's contribution to the predicted unit, from the replay's Q_s
             res = di.attend(name, q, top_k=0, per_example=False, mass=False, reuse_certificate=False,

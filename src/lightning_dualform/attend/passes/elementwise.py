@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_dualform.attend.finite import check_answer
 from lightning_dualform.attend.kernels import META_COLUMNS, AttentionAccumulator, Block
 from lightning_dualform.attend.passes import assemble
 from lightning_dualform.attend.passes.base import AttendPass, check_top_k
@@ -127,6 +128,8 @@ class ElementwisePass(AttendPass):
             res.unit_base = unit_base
             res.unit_output = unit_output
         assemble.add_mass(res, main, first_step=rep.first, end_step=rep.end, step_buckets=req.step_buckets)
+        # a NaN or inf anywhere in the rows it read is in the answer's sums: refused, not merely "not exact"
+        check_answer(layer, res, path=ctx.path, queries=q, block_rows=ctx.rows_per_block(layer))
         if res.primal is not None:
             self._check_answer(res, from_rows=stored is None)
         return res

@@ -20,6 +20,7 @@ import torch
 
 from lightning_dualform.attend.blocks import CompactKeys, Prefetcher, compact_geometry, progress_bar, read_block, scaled
 from lightning_dualform.attend.cache import cast_rows
+from lightning_dualform.attend.finite import check_answer
 from lightning_dualform.attend.kernels import META_COLUMNS, AttentionAccumulator, Block
 from lightning_dualform.attend.passes import assemble
 from lightning_dualform.attend.passes.base import AttendPass, all_merge, check_top_k
@@ -81,9 +82,11 @@ class ScalarPass(AttendPass):
         stored = self._checked_sums(layer, coef, n_rows) if req.reuse_certificate else None
         res = self._pass(layer, queries, coef, req, n_rows=n_rows, units=units, primal=primal, residual=residual,
                          stored=stored)
-        self._warn_if_beyond_tolerance(res)
         if res.units is not None:
             _unit_parts(layer, queries, coef, res)
+        # a NaN or inf anywhere in the rows it read is in the answer's sums: refused, not merely "not exact"
+        check_answer(layer, res, path=ctx.path, queries=queries, block_rows=ctx.rows_per_block(layer))
+        self._warn_if_beyond_tolerance(res)
         return res
 
     # -- the streamed pass ---------------------------------------------------------------------------------
