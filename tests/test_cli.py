@@ -409,6 +409,48 @@ def test_messages_lose_escape_sequences_and_are_cut_at_a_word(small):
     assert len(text) <= 44 and text.endswith(" ...") and text[:-4].split(" ")[-1] in ("a", "long", "message")
 
 
+@pytest.fixture
+def printed_warnings(monkeypatch):
+    """Warnings printed as a terminal run prints them (pytest records them instead): the default showwarning's
+    path, through warnings.formatwarning, which the command sets while it runs."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.simplefilter("ignore", ResourceWarning)  # (a file the garbage collector closes meanwhile)
+        monkeypatch.setattr(warnings, "showwarning", show)
+        yield
+
+
+def test_warnings_read_as_one_line_once_and_verify_is_not_told_to_run_verify(small, capsys, tmp_path,
+                                                                             printed_warnings):
+    import warnings
+
+    import shutil
+
+    before = warnings.formatwarning
+    store = tmp_path / "s.h5"
+    shutil.copyfile(small, store)
+    (tmp_path / "s.h5.journal").write_bytes(b"")  # removed with a warning and a log record: said once
+    rc, _, err = run(capsys, "info", store)
+    assert rc == 0 and err.splitlines() == [
+        f"lightning-dualform: warning: {store}: removed the empty journal of a write session killed as it began (the "
+        "store was not changed)."], err
+    with h5py.File(store, "r+") as f:
+        f["layers/net.2/weight_final"][0, 0] += 1.0
+    rc, _, err = run(capsys, "verify", store)
+    lines = err.splitlines()
+    assert rc == 1 and lines and all(x.startswith("lightning-dualform: warning: ") for x in lines), err
+    assert "It is damaged or was rewritten." in err and "run `lightning-dualform verify`" not in err
+    assert len(lines) == len(set(lines)) and "RuntimeWarning" not in err and ".py:" not in err
+    rc, _, err = run(capsys, "attend", store, "--index", "0", "--top-k", "1", "--layer", "net.2", "--no-influence")
+    assert rc == 0 and "It is damaged or was rewritten; run `lightning-dualform verify` on it." in err
+    assert warnings.formatwarning is before  # put back after the command
+
+
 def test_debug_shows_the_traceback(small, capsys):
     rc, out, err = run(capsys, "attend", small, "--layer", "fc9", "--debug")
     assert rc == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("lightning-dualform: error:")

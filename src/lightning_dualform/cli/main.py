@@ -24,9 +24,11 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 import traceback
-from typing import Callable, Sequence
+import warnings
+from typing import Any, Callable, Sequence
 
 from lightning_dualform._version import __version__
 from lightning_dualform.attend.request import AttendRequest  # (its defaults; it imports neither numpy nor torch)
@@ -265,6 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lightning_dualform.store import _probe
 
         _probe.start()  # the store's checking process starts while the command imports what it needs
+    with _WarningLines(args.command, logs=not debug):
+        return _run(args, debug)
+
+
+def _run(args: argparse.Namespace, debug: bool) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -282,6 +289,70 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         return _fail(f"{type(err).__name__}: {error_message(err)} (rerun with --debug for the traceback)", 1)
+
+
+class _WarningLines:
+    """While a command runs, its warnings read as its errors do: ``lightning-dualform: warning: <message>``, one line
+    (Python's own form adds the source file, line and code), once per message, whether it came as a warning or
+    as a log record of the library's (a store's repair is both: it was said twice). Under ``verify``, the advice to
+    run ``verify`` is left out.
+
+    Installed as :func:`warnings.formatwarning` (what prints a warning; recording ones, as tests do, is left alone)
+    and, unless ``--debug`` shows the log itself, as a handler of the ``lightning_dualform`` logger; both are
+    put back afterwards.
+    """
+
+    def __init__(self, command: str | None, logs: bool = True) -> None:
+        self.command = command
+        self.seen: set[str] = set()
+        self._handler: logging.Handler | None = _LogLines(self) if logs else None
+        self._format: Any = None
+
+    def line(self, message: object) -> str:
+        """The line to print for ``message``, or "" when it was said already."""
+        text = " ".join(str(message).split())
+        text = text[len(PROG) + 2:] if text.startswith(f"{PROG}: ") else text
+        if self.command == "verify":
+            text = re.sub(rf";\s*run `{PROG} verify`(?: on it)?", "", text)
+            text = re.sub(rf"\s*Run `{PROG} verify`(?: on it)?\.", "", text)
+        key = text.rstrip(". ")
+        if key in self.seen:
+            return ""
+        self.seen.add(key)
+        return f"{PROG}: warning: {text}\n"
+
+    def formatwarning(self, message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+        return self.line(message)
+
+    def __enter__(self) -> "_WarningLines":
+        self._format = warnings.formatwarning
+        warnings.formatwarning = self.formatwarning
+        if self._handler is not None:
+            logging.getLogger("lightning_dualform").addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        warnings.formatwarning = self._format
+        if self._handler is not None:
+            logging.getLogger("lightning_dualform").removeHandler(self._handler)
+
+
+class _LogLines(logging.Handler):
+    """The library's log warnings as :class:`_WarningLines` prints warnings (without it they printed bare, through
+    logging's last resort)."""
+
+    def __init__(self, lines: _WarningLines) -> None:
+        super().__init__(logging.WARNING)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.lines.line(record.getMessage())
+            if text:
+                sys.stderr.write(text)
+        except Exception:  # (as logging's own handlers do)
+            self.handleError(record)
 
 
 def _fail(message: str, code: int) -> int:
