@@ -134,6 +134,39 @@ def test_a_model_that_is_not_the_trained_one_is_refused(sgd_run):
         influence(path, _model(), x[:2], y[:2])
 
 
+def test_inputs_and_targets_it_cannot_score_are_refused(sgd_run):
+    """Each of these gave a table of NaN (read as "no proponents"), a silently truncated class, an empty table or
+    an unrelated error."""
+    path, model, x, y = sgd_run
+    q, t = x[:4], y[:4]
+    with DualInference(path) as di:
+        bad = q.clone()
+        bad[1, 3] = float("nan")
+        with pytest.raises(ValueError, match=r"influence\(inputs=...\)` holds NaN or inf \(query rows \[1\]\)"):
+            di.influence(model, bad, t)
+        with pytest.raises(ValueError, match=r"influence\(inputs\[0\]=...\)` holds NaN or inf \(query rows \[1\]\)"):
+            di.influence(model, (bad,), t, forward=lambda m, b: m(b[0]))
+        with pytest.raises(ValueError, match=r"whole class numbers; targets \[0, 1, 2, 3\]"):
+            di.influence(model, q, t.float() + 0.7)  # (3.7 was truncated to 3)
+        torch.testing.assert_close(di.influence(model, q, t.double()).scores, di.influence(model, q, t).scores)
+        with pytest.raises(ValueError, match=r"layers=\[\]\)` names no layer"):
+            di.influence(model, q, t, layers=[])
+        with pytest.raises(TypeError, match=r"model=...\)` must be the trained torch.nn.Module.*got str"):
+            di.influence("model", q, t)
+        with pytest.raises(ValueError, match=r"has 2 classes for 4 inputs: pass one class per query \(shape \(4,\)\)"):
+            di.influence(model, q, t[:2])
+        with pytest.raises(ValueError, match="got 2 targets for the model's 4 outputs"):  # inputs the forward takes
+            di.influence(model, (q,), t[:2], forward=lambda m, b: m(b[0]))
+        with pytest.raises(TypeError, match="class numbers"):
+            di.influence(model, q, t > 0)
+        inf_out = nn.Sequential(*model, nn.Threshold(1e30, float("inf")))  # the model's layer names, inf outputs
+        for targets in (t, None):
+            with pytest.raises(ValueError, match=r"the model's outputs hold NaN or inf for queries \[0, 1, 2, 3\]"):
+                di.influence(inf_out, q, targets)
+        with pytest.raises(ValueError, match=r"target callable returned NaN or inf for queries \[0"):
+            di.influence(model, q, t, target=lambda o, c: o[:, 0] * float("nan"))
+
+
 def test_the_metagradient_refuses_what_it_cannot_replay(tmp_path, sgd_run):
     path, model, x, y = sgd_run
     # a loss that is not the run's leaves the stored trajectory at the first step the sweep meets

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from lightning_dualform.attend.finite import nonfinite_rows, shown
 from lightning_dualform.attribute.batches import Data, Loss
 from lightning_dualform.attribute.every_step import every_step_table
 from lightning_dualform.attribute.examples import store_examples
@@ -27,7 +28,7 @@ from lightning_dualform.attribute.first_order import first_order_table
 from lightning_dualform.attribute.metagradient import metagradient_table
 from lightning_dualform.attribute.model import BoundModel, Forward
 from lightning_dualform.attribute.result import Influence
-from lightning_dualform.attribute.targets import Target, check_target, target_name
+from lightning_dualform.attribute.targets import Target, as_targets, check_outputs, check_target, target_name
 
 Method = Literal["first_order", "every_step", "metagradient"]
 METHODS: tuple[str, ...] = ("first_order", "every_step", "metagradient")
@@ -73,10 +74,22 @@ def influence(
         :class:`~.result.Influence`.
 
     Raises:
-        ValueError: a bad argument, a store without dataset indices, a model that is not the trained one, or (for
-            the replaying methods) a run that cannot be replayed exactly (the message says why).
+        TypeError: ``model`` is not an ``nn.Module``; ``targets`` are not class numbers; ``layers`` not names.
+        ValueError: a bad argument (inputs with NaN or inf, targets that are not whole numbers or not one per query,
+            ``layers=[]``), a model whose outputs are not finite, a store without dataset indices, a model that is
+            not the trained one, or (for the replaying methods) a run that cannot be replayed exactly (the message
+            says why).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`influence(model=...)` must be the trained torch.nn.Module (a LightningModule works); got "
+                        f"{type(model).__name__}.")
     check_target(target)
+    if layers is not None:
+        if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
+            raise TypeError(f"`influence(layers={layers!r})` must be a list of layer names (or None for all).")
+        if not len(layers):
+            raise ValueError("`influence(layers=[])` names no layer: pass some of the store's tracked layers, or "
+                             "layers=None (the default) for all of them.")
     if method not in METHODS:
         raise ValueError(f"`influence(method={method!r})` is not supported. Expected one of {METHODS}.")
     if isinstance(query_batch, bool) or not isinstance(query_batch, int) or query_batch < 1:
@@ -102,6 +115,8 @@ def _influence(store, model, inputs, targets, target, method, layers, forward, l
     bound = BoundModel(model, store, layers)
     params = bound.final_params(dtype)
     inputs = torch.as_tensor(inputs) if isinstance(inputs, np.ndarray) else inputs
+    _check_finite_inputs(inputs)
+    n = inputs.shape[0] if isinstance(inputs, torch.Tensor) and inputs.dim() >= 1 else None
     if targets is None:
         with torch.no_grad():
             was = model.training
@@ -110,8 +125,9 @@ def _influence(store, model, inputs, targets, target, method, layers, forward, l
                 out = model(inputs) if forward is None else forward(model, inputs)
             finally:
                 model.train(was)
+        check_outputs(out)
         targets = out.argmax(-1)
-    targets = torch.as_tensor(targets).to(torch.int64).reshape(-1)
+    targets = as_targets(targets, n)
     examples, labels = store_examples(store, bound.layers)
     replay = None
     if method == "first_order":
@@ -125,3 +141,31 @@ def _influence(store, model, inputs, targets, target, method, layers, forward, l
                                                max_grad_norm=max_grad_norm, tolerance=tolerance, dtype=dtype)
     return Influence(scores=scores, examples=examples, labels=labels, values=f.to(dtype), target=target_name(target),
                      method=method, layers=list(bound.layers), replay=replay, seconds=time.perf_counter() - t0)
+
+
+def _check_finite_inputs(inputs: Any) -> None:
+    """Refuse queries with NaN or inf (as ``attend`` does): every score of theirs would be NaN, and their table
+    would read as "no proponents". ``inputs`` is a tensor or what ``forward`` takes (its tensors are checked).
+
+    Raises:
+        ValueError: naming the query rows (and, inside a tuple or dict, the tensor) that are not finite.
+    """
+    for where, t in _tensors(inputs, "inputs", 0):
+        bad = nonfinite_rows(t)
+        if bad:
+            raise ValueError(f"`influence({where}=...)` holds NaN or inf (query rows {shown(bad)}); every query must "
+                             "be finite.")
+
+
+def _tensors(x: Any, where: str, depth: int) -> Iterator[tuple[str, torch.Tensor | np.ndarray]]:
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "meta":
+            yield where, x
+    elif isinstance(x, np.ndarray):
+        yield where, x
+    elif depth < 3 and isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            yield from _tensors(v, f"{where}[{i}]", depth + 1)
+    elif depth < 3 and isinstance(x, dict):
+        for k, v in x.items():
+            yield from _tensors(v, f"{where}[{k!r}]", depth + 1)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lightning_dualform.attribute.targets import Target, evaluate
+from lightning_dualform.attribute.targets import Target, check_outputs, evaluate
 from lightning_dualform.layers import keys_of, one_hot_keys, values_of
 
 Forward = Callable[[nn.Module, Any], torch.Tensor]
@@ -190,6 +190,7 @@ class BoundModel:
                 outputs = functional_call(model, live, (inputs,))
             else:
                 outputs = _call_with(model, live, forward, inputs)
+            check_outputs(outputs)
             f = evaluate(target, outputs, targets)
             f.sum().backward()
         finally:
