@@ -451,6 +451,39 @@ def test_warnings_read_as_one_line_once_and_verify_is_not_told_to_run_verify(sma
     assert warnings.formatwarning is before  # put back after the command
 
 
+def test_demo_refuses_a_seed_or_limit_it_cannot_take_before_training(capsys, tmp_path, monkeypatch):
+    import lightning_dualform.cli.demo as demo_module
+
+    def never(*a, **k):
+        raise AssertionError("the demo ran")
+
+    monkeypatch.setattr(demo_module, "run_demo", never)
+    out = tmp_path / "d"
+    err = _one_line(capsys, "demo", "--out", out, "--seed", "-1", "--no-plot")
+    assert "--seed -1: expected an integer from 0 to 4294967295" in err
+    err = _one_line(capsys, "demo", "--out", out, "--limit", "20000", "--no-plot")
+    assert "--limit 20000: the demo has 10,000 digits; use --limit 10000 or less" in err
+    from lightning_dualform.datasets import load_images
+
+    assert len(load_images("mnist")[1]) == demo_module.DEMO_DIGITS
+    assert not out.exists()
+
+
+def test_demo_help_and_docs_give_the_store_s_size_per_epoch_as_the_plan_does(capsys):
+    """The demo's layers over its 8,000 training digits in batches of 128, as the callback plans them (a measured
+    epoch added 127.6 MB; the help said 150 MB and docs/cli.md 165 MB)."""
+    from lightning_dualform.record.planner import estimate
+
+    shapes = {"net.0": ("linear", 784, 800, True), "net.2": ("linear", 800, 800, True), "net.4": ("linear", 800, 10, True)}
+    plan = estimate({n: 128 for n in shapes}, shapes, itemsize=4, steps_per_epoch=-(-8000 // 128), epochs=1)
+    rc, out, _ = run(capsys, "demo", "--help")
+    said = [float(re.search(r"about (\d+) MB", " ".join(out.split())).group(1))]
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "docs", "cli.md")).read()
+    said.append(float(re.search(r"`DIR/mnist.h5` \(about (\d+) MB per epoch", docs).group(1)))
+    for mb in said:
+        assert abs(mb * 1e6 / plan.bytes_per_epoch - 1) < 0.05, (mb, plan.bytes_per_epoch)
+
+
 def test_debug_shows_the_traceback(small, capsys):
     rc, out, err = run(capsys, "attend", small, "--layer", "fc9", "--debug")
     assert rc == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("lightning-dualform: error:")

@@ -226,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "batch 128) on the 10,000 embedded MNIST digits (seeded 80/20 split) with DualFormCallback, "
                        "record the test queries, attend and write OUT/mnist.h5, OUT/attend.png and OUT/summary.json.")
     s.add_argument("--out", default="demo", help="output folder")
-    s.add_argument("--epochs", type=int, default=2, help="training epochs (each adds about 150 MB to the store)")
-    s.add_argument("--limit", type=int, default=None, help="use only this many digits in all (default: all 10,000)")
+    s.add_argument("--epochs", type=int, default=2, help="training epochs (each adds about 130 MB to the store)")
+    s.add_argument("--limit", type=int, default=None,
+                   help="use only this many digits in all, at most 10,000 (default: all 10,000)")
     s.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.05 for SGD, 1e-3 for AdamW)")
     s.add_argument(
         "--optimizer",
@@ -236,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sgd: the paper's (momentum 0.9); adamw: torch.optim.AdamW (weight decay 0.01), whose dual form is "
         "exact too: the picture then ranks each training digit by its attention weight for the predicted unit",
     )
-    s.add_argument("--seed", type=int, default=0, help="seeds the split, the shuffle and the weights")
+    s.add_argument("--seed", type=int, default=0, help="seeds the split, the shuffle and the weights (0 to 2**32 - 1)")
     s.add_argument("--no-plot", action="store_true", help="skip the picture (no matplotlib needed)")
     s.set_defaults(func=_Command("demo"))
     return p
