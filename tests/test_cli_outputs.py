@@ -79,7 +79,7 @@ def test_json_names_a_json_file_or_a_device(store, tmp_path, capsys):
         _refused(capsys, ["info", store, "--json", tmp_path / name], "not a .json file name", "FILE.json")
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)  # a pipe under any name is a device-like output: without a reader it is refused at once
-    _refused(capsys, ["info", store, "--json", fifo], "cannot be written")
+    _refused(capsys, ["info", store, "--json", fifo], "is a pipe (FIFO) that nothing reads")
     check_output(str(tmp_path / "OUT.JSON"), "--json", JSON_SUFFIXES)  # (the suffix in any case)
 
 
@@ -118,7 +118,7 @@ def test_scores_companion_is_checked_first_and_never_written_through_a_link(stor
     _refused(capsys, ["influence", store, "--scores", tmp_path / "d.npy"], "companion", "d.examples.npy: is a folder",
              "choose another --scores name")
     os.mkfifo(tmp_path / "f.examples.npy")  # (no reader: refused at once, where np.save waited forever)
-    _refused(capsys, ["influence", store, "--scores", tmp_path / "f.npy"], "f.examples.npy: cannot be written")
+    _refused(capsys, ["influence", store, "--scores", tmp_path / "f.npy"], "f.examples.npy: is a pipe (FIFO)")
     os.symlink("run.h5", tmp_path / "s.examples.npy")
     _refused(capsys, ["influence", store, "--scores", tmp_path / "s.npy"], "s.examples.npy: is the STORE")
     assert not (tmp_path / "d.npy").exists() and not (tmp_path / "f.npy").exists()

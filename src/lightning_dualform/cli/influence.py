@@ -94,10 +94,11 @@ def _companion(scores: str | None, keep: Inputs) -> Output:
         return Output(None, "--scores")
     path = companion_path(scores)
     try:
-        return Output(path, "--scores' companion", (".npy",), keep)
-    except UsageError as err:
-        raise UsageError(f"{err} (--scores {scores} writes each column's dataset index to {path}; choose another "
-                         "--scores name if that path is taken.)") from None
+        return Output(path, f"--scores {scores}: its companion", (".npy",), keep)
+    except UsageError as err:  # (the same reason, with the fix that applies: its name follows --scores')
+        reason = str(err).rsplit("; ", 1)[0]
+        raise UsageError(f"{reason}; choose another --scores name (FILE.npy writes each column's dataset index to "
+                         "FILE.examples.npy beside it).") from None
 
 
 def _run(args: argparse.Namespace, json_out: Output, scores_out: Output, examples_out: Output) -> None:

@@ -195,6 +195,9 @@ class Output:
                 os.write(self._fd, b"\n")
         except OSError as err:
             self.discard()
+            if err.errno == errno.ENXIO:  # (opened without waiting for a reader)
+                raise UsageError(f"{option} {path}: is a pipe (FIFO) that nothing reads; start its reader first, or "
+                                 "choose another path.") from None
             raise UsageError(f"{option} {path}: cannot be written ({err.strerror or err}); choose another path.") from None
 
     def write_text(self, text: str) -> None:
