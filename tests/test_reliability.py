@@ -487,6 +487,43 @@ def test_a_complete_store_without_certificate_is_reported_and_written_on_request
         assert all(s.layer(n).has_certificate for n in s.layers)
 
 
+def test_write_certificate_writes_only_a_missing_one_and_keeps_the_evidence_of_rows_changed_since(valid_store,
+                                                                                                  tmp_path, capsys):
+    """A certificate made when the run finished is the record that its rows rebuilt the weights then: rows changed
+    since (a valid checksum: a rewrite) fail verify, and --write-certificate must not replace that record."""
+    from lightning_dualform.cli import main
+
+    def certs(path):
+        with h5py.File(path, "r") as f:
+            return {n: {k: np.asarray(v).tolist() for k, v in g.attrs.items() if k.startswith(("certificate_", "memory_"))}
+                    for n, g in f["layers"].items()}
+
+    path = _copy(valid_store, tmp_path / "s.h5")
+    with h5py.File(path, "r+") as f:
+        f["layers/net.2/keys"][0:4] *= 1.5
+    before = certs(path)
+    assert main(["verify", path, "--write-certificate"]) == 1
+    out, err = capsys.readouterr()
+    assert "FAIL" in out and "holds its certificate: kept" in err
+    assert certs(path) == before
+    # one layer's certificate lost: only that one is written, the other's stays as it was
+    path = _copy(valid_store, tmp_path / "t.h5")
+    with h5py.File(path, "r+") as f:
+        g = f["layers/net.0"]
+        for k in [k for k in g.attrs if k.startswith(("certificate_", "memory_"))
+                  and not (k.startswith("certificate_") and k.endswith("_crc32"))]:
+            del g.attrs[k]
+        for k in ("memory_weight", "memory_bias"):
+            if k in g:
+                del g[k]
+    kept = certs(path)["net.2"]
+    assert main(["verify", path, "--write-certificate"]) == 0
+    assert "wrote the certificate of net.0 in" in capsys.readouterr().err
+    assert certs(path)["net.2"] == kept
+    with StoreReader(path) as s:
+        assert all(s.layer(n).has_certificate for n in s.layers)
+
+
 # ------------------------------------------------------------------------------------------------------
 # arguments that size things
 # ------------------------------------------------------------------------------------------------------

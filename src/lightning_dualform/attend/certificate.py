@@ -18,7 +18,7 @@ A kill or a full disk leaves a complete store whose certificate is missing for s
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -91,7 +91,7 @@ def sums_rebuild_error(layer: LayerReader, coef: Coefficients, sums: tuple[np.nd
 
 def certify_store(
     path: str, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, *, probe: bool = False,
-    lock: WriterLock | None = None,
+    lock: WriterLock | None = None, only: Sequence[str] | None = None,
 ) -> dict[str, LayerCertificate]:
     """Compute each layer's certificate and hand it to the store to write; return them.
 
@@ -106,6 +106,7 @@ def certify_store(
         probe: walk the file's structure in a child process first (a file this process did not just write).
         lock: the store's writer lock, already held by the caller (the recording engine keeps it from the
             finalisation on); the caller releases it. Default: taken here for the certificate and released.
+        only: certify these layers and leave the others' certificates as they are (default: every layer).
 
     Returns:
         ``{layer: LayerCertificate}``; ``explained`` is ``1 - ||residual|| / ||W_final||`` (1.0 for an exact store).
@@ -116,7 +117,7 @@ def certify_store(
     """
     results: dict[str, LayerCertificate] = {}
     with open_store(path, probe=probe) as store:
-        names = list(store.layers)
+        names = [n for n in store.layers if only is None or n in only]
         form = store.form
         if not store.complete:
             raise StoreError(f"{path}: the store is not complete (status {store.status!r}); a certificate needs "
@@ -125,7 +126,7 @@ def certify_store(
         return _certify_replay(path, names, lock)
     with (contextlib.nullcontext(lock) if lock is not None else WriterLock.acquire(path, "certificate")) as lock:
         with StoreReader(path, probe=probe) as store:  # (under the lock: no resume between the check and the writes)
-            names = list(store.layers)
+            names = [n for n in store.layers if only is None or n in only]
             if not store.complete:
                 raise StoreError(f"{path}: the store is not complete (status {store.status!r}); a certificate "
                                  "needs the final weights.")

@@ -18,8 +18,10 @@ def verify_store(path: str, *, samples: int = 256, device: str = "cpu", block_ro
     accumulated in float64, so the check measures the store and not its own round-off.
 
     Args:
-        write_certificate: (re)write the certificate first (a complete store whose certificate is missing,
-            because a process was killed while writing it or the run used ``certify=False``).
+        write_certificate: write the certificate first where it is missing (a process was killed while writing
+            it, or the run used ``certify=False``). A layer's certificate made when its run finished is kept: it is
+            the record that the rows rebuilt the weights then, and one made now from rows changed since would erase
+            that evidence.
     """
     import torch
 
@@ -28,13 +30,20 @@ def verify_store(path: str, *, samples: int = 256, device: str = "cpu", block_ro
     from lightning_dualform.store.certificate import missing_certificate, store_tolerance
     from lightning_dualform.store.shards import read_shard_index
 
-    wrote = False
+    wrote: list[str] = []
     if write_certificate:
         if read_shard_index(path) is not None:
             raise UsageError(f"--write-certificate {path}: a DDP run's certificate sums over all shards; write it with "
                              "the run (certify=True), or certify each shard's store separately.")
-        certify_store(path, probe=True)
-        wrote = True
+        from lightning_dualform.store.reader import StoreReader
+
+        with StoreReader(path) as store:
+            if not store.complete:
+                raise UsageError(f"--write-certificate {path}: the store is not complete (status {store.status!r}); a "
+                                 "certificate needs the final weights of a finished run.")
+            absent = missing_certificate(store)
+        if absent:
+            wrote = sorted(certify_store(path, probe=False, only=absent))
     with DualInference(path, device=device, block_rows=block_rows, accumulate=torch.float64, progress=progress) as di:
         s = di.store
         tol = store_tolerance(s)
@@ -87,7 +96,10 @@ def _verify(args: argparse.Namespace, out: Output) -> int:
     v = verify_store(args.store, samples=args.samples, device=args.device, block_rows=args.block_rows,
                      progress=progress(args), write_certificate=args.write_certificate)
     if v["certificate_written"]:
-        note(args, f"wrote the certificate of {args.store}")
+        note(args, f"wrote the certificate of {', '.join(v['certificate_written'])} in {args.store}")
+    elif args.write_certificate:
+        note(args, f"every layer of {args.store} holds its certificate: kept (--write-certificate writes only a "
+             "missing one)")
 
     def e(x: float | None) -> str:
         return "-" if x is None else f"{x:.2e}"
