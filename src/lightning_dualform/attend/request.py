@@ -47,8 +47,9 @@ class AttendRequest:
         at_step: rebuild the model as it was after this many optimizer steps (``None``: the end).
         contribution_to: rank proponents and opponents by their contribution to an output unit: ``"pred"`` (the
             argmax of the layer's output, e.g. a classifier's predicted logit), an ``int`` unit for every query,
-            or a ``(n,)`` integer tensor of units; ``None`` skips them. ``"auto"`` (default): ``"pred"`` at the
-            output layer (the store's last tracked layer, whose output is normally the model's; in
+            or a ``(n,)`` integer tensor of units; ``None`` skips them (with ``score="unit"``, which needs a unit:
+            ``"pred"`` on a scalar rule's store, a ``ValueError`` on an element-wise one). ``"auto"`` (default):
+            ``"pred"`` at the output layer (the store's last tracked layer, whose output is normally the model's; in
             :meth:`~lightning_dualform.attend.inference.DualInference.explain`, the model's own prediction) and at
             every layer of an element-wise rule's store (a row's attention weight there depends on the unit);
             ``None`` at a hidden layer of a scalar rule's store (the argmax of hidden units explains little:
