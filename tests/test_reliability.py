@@ -466,18 +466,24 @@ def test_a_reader_clears_the_flags_a_killed_swmr_writer_left(valid_store, tmp_pa
     assert open(path, "rb").read(12)[11] == 0
 
 
+def _drop_certificate(g: h5py.Group) -> None:
+    """A layer's certificate as a killed certificate process leaves it: gone (the checksums finalisation wrote
+    stay: a lost certificate keeps them)."""
+    for k in [k for k in g.attrs if k.startswith(("certificate_", "memory_"))
+              and not (k.startswith("certificate_") and k.endswith("_crc32"))]:
+        del g.attrs[k]
+    for k in ("memory_weight", "memory_bias"):
+        if k in g:
+            del g[k]
+
+
 def test_a_complete_store_without_certificate_is_reported_and_written_on_request(valid_store, tmp_path, capsys):
     from lightning_dualform.cli import main
 
     path = _copy(valid_store, tmp_path / "s.h5")
     with h5py.File(path, "r+") as f:
-        for g in f["layers"].values():  # (the checksums finalisation wrote stay: a lost certificate keeps them)
-            for k in [k for k in g.attrs if k.startswith(("certificate_", "memory_"))
-                      and not (k.startswith("certificate_") and k.endswith("_crc32"))]:
-                del g.attrs[k]
-            for k in ("memory_weight", "memory_bias"):
-                if k in g:
-                    del g[k]
+        for g in f["layers"].values():
+            _drop_certificate(g)
     assert main(["info", path]) == 0
     assert "MISSING" in capsys.readouterr().out
     assert main(["verify", path]) == 0
@@ -509,13 +515,7 @@ def test_write_certificate_writes_only_a_missing_one_and_keeps_the_evidence_of_r
     # one layer's certificate lost: only that one is written, the other's stays as it was
     path = _copy(valid_store, tmp_path / "t.h5")
     with h5py.File(path, "r+") as f:
-        g = f["layers/net.0"]
-        for k in [k for k in g.attrs if k.startswith(("certificate_", "memory_"))
-                  and not (k.startswith("certificate_") and k.endswith("_crc32"))]:
-            del g.attrs[k]
-        for k in ("memory_weight", "memory_bias"):
-            if k in g:
-                del g[k]
+        _drop_certificate(f["layers/net.0"])
     kept = certs(path)["net.2"]
     assert main(["verify", path, "--write-certificate"]) == 0
     assert "wrote the certificate of net.0 in" in capsys.readouterr().err
