@@ -569,3 +569,23 @@ def test_demo_with_adamw(tmp_path, capsys):
     summary = json.loads(open(os.path.join(out, "summary.json")).read())
     assert summary["optimizer"] == "adamw" and all(c["exact"] for c in summary["certificate"].values())
     assert_png(os.path.join(out, "attend.png"))
+
+
+def test_at_step_says_when_the_ranked_unit_is_an_earlier_model_s_argmax(demo, capsys):
+    # at an earlier step the output layer's argmax (whose proponents are ranked) may not be the trained model's
+    # prediction shown above it: the line says which it is
+    store = os.path.join(demo[0], "mnist.h5")
+    rc, out, err = run(capsys, "attend", store, "--index", "all", "--layer", "net.4", "--at-step", "1",
+                       "--top-k", "1", "--no-influence")
+    assert rc == 0, err
+    pred, notes = None, {True: 0, False: 0}
+    for line in out.splitlines():
+        if m := re.search(r"predicted (\d+)", line):
+            pred = int(m.group(1))
+        if m := re.match(r"\s+proponents of output unit (\d+)(.*)", line):
+            differs = int(m.group(1)) != pred
+            assert ("the trained model predicts" in m.group(2)) == differs, line
+            notes[differs] += 1
+    assert notes[True] and notes[False], notes  # both cases met in this store
+    rc, out, _ = run(capsys, "attend", store, "--index", "all", "--layer", "net.4", "--top-k", "1", "--no-influence")
+    assert rc == 0 and "the trained model predicts" not in out

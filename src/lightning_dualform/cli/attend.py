@@ -350,9 +350,14 @@ def render_attend(run: QueryAttention, by: str, store: Any = None, influence: di
                     out.append("    " + line)
                 if res.units is not None:
                     unit = int(res.units[r])
+                    why = ""
+                    ranks_argmax = run.settings.get("contribution_to") in ("pred", "auto")
+                    if ranks_argmax and run.settings.get("at_step") is not None and 0 <= run.prediction[j] != unit:
+                        why = f" (the argmax of {name} after {res.at_step} steps; the trained model predicts " \
+                              f"{int(run.prediction[j])})"
                     for kind in ("proponents", "opponents"):
                         headers, rows = ranked(res, r, by, kind)
-                        out.append(f"    {kind} of output unit {unit}" + ("" if rows else ": none"))
+                        out.append(f"    {kind} of output unit {unit}{why}" + ("" if rows else ": none"))
                         if rows:
                             out.append(table(headers, _fmt_rows(rows), indent="    "))
     return "\n".join(out)
