@@ -13,6 +13,7 @@ from lightning_dualform.record.batches import (
     batch_labels,
     batch_size,
     row_metadata,
+    unknown_layout,
 )
 from lightning_dualform.record.capture import CallRows
 
@@ -81,6 +82,35 @@ def test_row_metadata(n, lead, labels, offset, index, position, label):
     assert got_index.tolist() == index
     assert got_position.tolist() == position
     assert got_label.tolist() == label
+
+
+@pytest.mark.parametrize("lead", [(4, 4), (4, 4, 2)])
+def test_row_metadata_of_a_layout_that_cannot_be_told_stores_minus_one(lead):
+    # (B, B, ...): batch first (B, T) or sequence first (T, B) with T == B look the same; no guess
+    n = int(np.prod(lead))
+    call = _call(n, lead)
+    info = BatchInfo(size=4, indices=IDX, labels=torch.arange(16).reshape(4, 4) if len(lead) == 2 else Y)
+    assert unknown_layout(call, 4)
+    index, position, label, per_ex = row_metadata(call, info, 2)
+    assert index.tolist() == [-1] * n and label.tolist() == [-1] * n
+    assert position.tolist() == list(range(2, n + 2)) and per_ex == n  # as for an unknown layout
+    _, _, _, _, example = row_metadata(call, info, 0, with_example=True)  # query recording
+    assert example.tolist() == [-1] * n
+
+
+@pytest.mark.parametrize("lead, batch_first", [((4,), False), ((4, 2), False), ((2, 4), False), ((4, 3, 4), False),
+                                               ((4, 4), True)])
+def test_a_layout_that_can_be_told_is_not_unknown(lead, batch_first):
+    # one row per example, batch first, sequence first, the batch size only later; a convolution's (B, L) with L == B
+    assert not unknown_layout(_call(int(np.prod(lead)), lead), 4, batch_first)
+    assert not unknown_layout(_call(16, (4, 4)), None) and not unknown_layout(_call(9, (3, 3)), 4)
+
+
+def test_a_convolutions_rows_are_batch_first_even_with_as_many_locations_as_examples():
+    index, position, _, per_ex = row_metadata(_call(16, (4, 4)), BatchInfo(size=4, indices=IDX, labels=Y), 0,
+                                              batch_first=True)
+    assert index.tolist() == [10] * 4 + [11] * 4 + [12] * 4 + [13] * 4 and position.tolist() == [0, 1, 2, 3] * 4
+    assert per_ex == 4
 
 
 def test_row_metadata_without_batch_facts_stores_minus_one():

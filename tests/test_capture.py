@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -183,3 +186,44 @@ def test_explain_uses_the_rows_each_layer_kind_multiplies(tmp_path):
     with DualInference(cb.store_path, device="cpu", accumulate=torch.float64) as di:
         ex = di.explain(tm, tokens[:2], layers=["emb"], forward=lambda m, b: m.emb(b))
     assert rel_err(ex["emb"].dual.double(), tm.emb(tokens[:2]).detach().reshape(-1, 6).double()) <= 1e-5
+
+
+class SeqFirst(L.LightningModule):
+    """A linear layer on a sequence-first (T, B, d) input, nn.Transformer's default layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch  # x: (B, T, d); feature 0 holds the example's dataset index
+        return nn.functional.cross_entropy(self.lin(x.transpose(0, 1)).mean(0), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("seq", [6, 5])
+def test_a_sequence_first_layer_with_as_many_positions_as_examples_stores_no_index(tmp_path, seq):
+    # with T == B the rows' layout cannot be told: no dataset indices (not wrong ones), one warning for the layer
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, seq, 4, generator=g)
+    x[:, :, 0] = torch.arange(24, dtype=torch.float32)[:, None]
+    ds = torch.utils.data.TensorDataset(x, torch.randint(0, 3, (24,), generator=g))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cb = DualFormCallback(tmp_path / "k.h5")
+        L.Trainer(max_epochs=1, callbacks=[cb], **TRAINER_KW).fit(
+            SeqFirst(), torch.utils.data.DataLoader(ds, batch_size=6, shuffle=True))
+    told = [str(w.message) for w in caught if "cannot be told" in str(w.message)]
+    assert cb.certificate["lin"]["exact"], cb.certificate
+    with StoreReader(cb.store_path) as s:
+        lin = s.layer("lin")
+        rows = lin.read(0, lin.n_rows, ("keys", "index"))
+        assert lin.exact and lin.n_rows == 4 * 6 * seq
+        if seq == 6:
+            assert len(told) == 1 and "'lin'" in told[0] and "(6, 6)" in told[0] and "layers=" in told[0]
+            assert lin.rows_without_index == lin.n_rows and (rows["index"] == -1).all()
+        else:  # sequence first, told apart: every row names its own example
+            assert told == [] and lin.rows_without_index == 0
+            np.testing.assert_array_equal(rows["index"], rows["keys"][:, 0].round().astype(np.int64))

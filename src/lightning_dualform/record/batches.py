@@ -138,9 +138,38 @@ def batch_size(batch: Any) -> int | None:
     return None
 
 
-def row_metadata(call: CallRows, info: BatchInfo, offset: int, with_example: bool = False) -> tuple:
+def batch_first_layer(module: Any) -> bool:
+    """True for a layer whose rows are batch first whatever the user's layout (a convolution: ``(B, locations)``)."""
+    return isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d))
+
+
+def unknown_layout(call: CallRows, size: int | None, batch_first: bool = False) -> bool:
+    """True when a call's leading shape has the batch size in both of its first two dimensions, ``(B, B, ...)``:
+    batch first ``(B, T, ...)`` and sequence first ``(T, B, ...)`` with ``T == B`` look the same, so which example
+    a row comes from cannot be told (a convolution's rows, ``batch_first``, are always batch first)."""
+    lead = call.lead_shape
+    return (len(lead) >= 2 and lead[0] == lead[1] == size and bool(size) and not batch_first
+            and call.geometry is None)
+
+
+def unknown_layout_message(owner: str, layer: str, lead: tuple[int, ...], size: int | None) -> str:
+    """What to tell the user, once per layer, when :func:`unknown_layout` holds."""
+    return (f"{owner}: layer {layer!r} was called on an input of leading shape {tuple(lead)} in a batch of {size} "
+            f"examples. Both of its first two dimensions equal the batch size, so it cannot be told whether it is "
+            f"batch first (B, T, ...) or sequence first (T, B, ...), as nn.Transformer's default is. The rows of such "
+            f"calls of {layer!r} are stored without dataset indices, labels or per-example positions (index -1): they name no "
+            f"training examples (its weights are recorded as before). To keep the examples, use a sequence length "
+            f"other than the batch size, or leave the layer out with layers=.")
+
+
+def row_metadata(call: CallRows, info: BatchInfo, offset: int, with_example: bool = False,
+                 batch_first: bool = False) -> tuple:
     """Dataset index, position and label of every row of a call, and the positions per example
-    (and, with ``with_example``, each row's example number within the batch, -1 when unknown)."""
+    (and, with ``with_example``, each row's example number within the batch, -1 when unknown).
+
+    A call whose layout cannot be told (:func:`unknown_layout`) gets index, label and example -1 and positions
+    as for an unknown layout; ``batch_first`` says the layer's rows are batch first (a convolution's).
+    """
     n = call.n_rows
     lead = call.lead_shape
     b = info.size
@@ -150,7 +179,9 @@ def row_metadata(call: CallRows, info: BatchInfo, offset: int, with_example: boo
         label = lab if lab is not None and lab.dim() == 1 and lab.shape[0] == b else torch.full((n,), -1, dtype=torch.int64)
         return index, torch.zeros(n, dtype=torch.int32), label, 1
     rows = torch.arange(n)
-    if b and lead and lead[0] == b:  # batch first: (B, ...)
+    if unknown_layout(call, b, batch_first):  # (B, B, ...): batch first or sequence first? no guess
+        per_ex, example, position = n, None, rows + offset
+    elif b and lead and lead[0] == b:  # batch first: (B, ...)
         per_ex = max(n // b, 1)
         example, position = rows // per_ex, rows % per_ex + offset
     elif b and len(lead) >= 2 and lead[1] == b:  # sequence first: (T, B, ...)

@@ -468,7 +468,7 @@ class RecordingEngine:
         scaling); ``None`` measures it per layer from the weights' ``.grad``.
         """
         self.last_epoch = epoch
-        pending = rows_mod.take_rows(self.captures)
+        pending = rows_mod.take_rows(self.captures, self.warn_once, self.owner)
         self._check_map_sizes(pending)
         if self.plan is None:
             self._make_plan(pending)

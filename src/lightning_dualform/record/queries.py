@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,15 @@ import torch
 from torch import nn
 
 from lightning_dualform.layers import layer_shape, one_hot_keys
-from lightning_dualform.record.batches import BatchInfo, batch_size, prediction, row_metadata
+from lightning_dualform.record.batches import (
+    BatchInfo,
+    batch_first_layer,
+    batch_size,
+    prediction,
+    row_metadata,
+    unknown_layout,
+    unknown_layout_message,
+)
 from lightning_dualform.record.capture import LayerCapture
 from lightning_dualform.store.query_writer import QueryWriter
 from lightning_dualform.store.reader import StoreReader
@@ -36,6 +45,7 @@ class QueryRecorder:
         self.batch: BatchInfo | None = None
         self.raw: torch.Tensor | None = None
         self.started = time.perf_counter()
+        self.warned: set[str] = set()  # layers told that their layout cannot be told
 
     @classmethod
     def start(cls, path: str, split: str, model: nn.Module) -> "QueryRecorder":
@@ -81,8 +91,14 @@ class QueryRecorder:
         last_output = None
         for name, cap in self.captures.items():
             offset, parts = 0, []
+            batch_first = batch_first_layer(cap.module)
             for call in cap.calls:
-                _, position, row_label, per_ex, example = row_metadata(call, info, offset, with_example=True)
+                _, position, row_label, per_ex, example = row_metadata(call, info, offset, with_example=True,
+                                                                       batch_first=batch_first)
+                if name not in self.warned and unknown_layout(call, info.size, batch_first):  # example -1
+                    self.warned.add(name)
+                    warnings.warn(unknown_layout_message("DualFormCallback(record_queries=...)", name,
+                                                         call.lead_shape, info.size), UserWarning, stacklevel=2)
                 offset += per_ex
                 keys = call.keys if call.keys.is_floating_point() else one_hot_keys(call.keys, layer_shape(cap.module)[0])
                 parts.append((keys.float().cpu(), example, position, row_label))

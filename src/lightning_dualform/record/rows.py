@@ -8,12 +8,19 @@ go to pinned host memory (:func:`to_pinned`) and :func:`step_rows` makes them th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from lightning_dualform.layers import pixels_of
-from lightning_dualform.record.batches import BatchInfo, row_metadata
+from lightning_dualform.record.batches import (
+    BatchInfo,
+    batch_first_layer,
+    row_metadata,
+    unknown_layout,
+    unknown_layout_message,
+)
 from lightning_dualform.record.capture import CallRows, LayerCapture
 from lightning_dualform.store.format import StepRows
 
@@ -21,16 +28,24 @@ from lightning_dualform.store.format import StepRows
 Pending = dict[str, list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tensor]]]
 
 
-def take_rows(captures: dict[str, LayerCapture]) -> Pending:
+def take_rows(captures: dict[str, LayerCapture], warn_once: Callable[[str, str], None] | None = None,
+              owner: str = "lightning-dualform") -> Pending:
     """The completed calls of every layer since the last step, with each row's index, position and label (rows
-    whose gradient never reaches the weight, such as an embedding's ``padding_idx``, left out)."""
+    whose gradient never reaches the weight, such as an embedding's ``padding_idx``, left out).
+
+    A call whose layout cannot be told, ``(B, B, ...)`` (:func:`~lightning_dualform.record.batches.unknown_layout`),
+    gets index and label -1; ``warn_once(key, message)`` is then told, with one key per layer.
+    """
     pending: Pending = {}
     for name, cap in captures.items():
         offsets: dict[int, int] = {}  # per batch: positions already used by earlier calls of this layer
+        batch_first = batch_first_layer(cap.module)
         for call in cap.take_completed():
             info = call.batch if call.batch is not None else BatchInfo(size=None, indices=None, labels=None)
             offset = offsets.get(id(info), 0)
-            index, position, label, per_ex = row_metadata(call, info, offset)
+            index, position, label, per_ex = row_metadata(call, info, offset, batch_first=batch_first)
+            if warn_once is not None and len(call.lead_shape) > 1 and unknown_layout(call, info.size, batch_first):
+                warn_once(f"unknown-layout:{name}", unknown_layout_message(owner, name, call.lead_shape, info.size))
             offsets[id(info)] = offset + per_ex
             if call.keep is not None:  # rows whose gradient never reaches the weight
                 keep = call.keep
