@@ -69,6 +69,61 @@ def test_schedulers_are_exact(tmp_path, sched):
         assert len(set(np.round(lrs, 12))) > 1, "the schedule should have changed the learning rate"
 
 
+def _set_in_step(step: int) -> tuple[float, float] | None:
+    """The (lr, weight_decay) a module writes into its param group at ``step``, or None to leave it."""
+    return (0.02 * (1 + step % 4), 0.1 * (step % 3)) if step % 2 == 1 else None
+
+
+class SetsLrInStep(MLP):
+    """Changes its optimizer's lr and weight decay inside ``training_step`` or ``on_before_optimizer_step``: both
+    run inside ``optimizer.step()`` (Lightning's closure), after the step's pre-hook."""
+
+    def __init__(self, where: str, **kw):
+        super().__init__(**kw)
+        self.where = where
+
+    def _set(self, opt) -> None:
+        new = _set_in_step(self.global_step)
+        if new is not None:
+            for g in opt.param_groups:
+                g["lr"], g["weight_decay"] = new
+
+    def training_step(self, batch, batch_idx):
+        if self.where == "training_step":
+            self._set(self.optimizers().optimizer)
+        return super().training_step(batch, batch_idx)
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.where == "on_before_optimizer_step":
+            self._set(optimizer)
+
+
+@pytest.mark.parametrize("where", ["training_step", "on_before_optimizer_step"])
+@pytest.mark.parametrize("opt", ["sgd-momentum", "adamw"])
+def test_settings_changed_inside_the_step_are_recorded_as_used(tmp_path, opt, where):
+    """A learning rate or weight decay the module writes while the optimizer steps is the one the step uses: the
+    store records it (read after the step), so the run stays exact."""
+    factory = {"sgd-momentum": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01),
+               "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=0.01, weight_decay=0.01)}[opt]
+    torch.manual_seed(0)
+    model = SetsLrInStep(where, opt_factory=factory)
+    trainer, cb = _fit(tmp_path, model, epochs=1, ds=IndexedDataset(n=64))
+    lr, wd, want_lr, want_wd = (0.1 if opt == "sgd-momentum" else 0.01), 0.01, [], []
+    for step in range(trainer.global_step):
+        lr, wd = _set_in_step(step) or (lr, wd)
+        want_lr.append(lr)
+        want_wd.append(wd)
+    assert all(c["exact"] for c in cb.certificate.values()), cb.certificate
+    if opt == "sgd-momentum":
+        assert_exact(cb.store_path, model, _probe(model))
+    with StoreReader(cb.store_path) as s:
+        for name in ("net.0", "net.2"):
+            for param in ("weight", "bias"):
+                table = s.layer(name).updates()[param]
+                np.testing.assert_array_equal(table["lr"], want_lr)
+                np.testing.assert_array_equal(table["weight_decay"], want_wd)
+
+
 class OwnClipping(Precision):
     """A precision plugin with its own norm clipping (here Lightning's, re-stated)."""
 

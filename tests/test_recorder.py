@@ -351,14 +351,14 @@ def test_the_sketch_certificate_catches_a_wrong_row_or_coefficient(tmp_path, mon
 
         monkeypatch.setattr(rows_mod, "gather_rows", gather)
     else:  # the recorded learning rate of every step 1% off
-        original = engine_mod.RecordingEngine._table_row
+        original = engine_mod.RecordingEngine._group_columns  # (read again after each step: what is stored)
 
         def update(self, p, group):
             up = original(self, p, group)
             up["lr"] *= 1.01
             return up
 
-        monkeypatch.setattr(engine_mod.RecordingEngine, "_table_row", update)
+        monkeypatch.setattr(engine_mod.RecordingEngine, "_group_columns", update)
     rec = _small_run(tmp_path, "d.h5")
     assert not all(c["exact"] for c in rec.certificate.values()), rec.certificate
     assert max(c["rel_err"] for c in rec.certificate.values()) > 1e-4

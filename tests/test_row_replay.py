@@ -61,7 +61,7 @@ def test_a_wrong_table_entry_fails_the_row_replay_as_it_fails_the_whole_one(tmp_
     replay of a few rows misses the trained weights, as the store's whole replay does."""
     from lightning_dualform.attend.certificate import certify_store
 
-    real_row = RecordingEngine._table_row
+    real_row = RecordingEngine._group_columns  # the param-group columns, read after each step: what is stored
     calls = {"n": 0}
 
     def wrong_lr(self, p, group):
@@ -71,9 +71,9 @@ def test_a_wrong_table_entry_fails_the_row_replay_as_it_fails_the_whole_one(tmp_
             row["lr"] = row["lr"] * 1.5
         return row
 
-    monkeypatch.setattr(RecordingEngine, "_table_row", wrong_lr)
+    monkeypatch.setattr(RecordingEngine, "_group_columns", wrong_lr)
     _, cb = _fit(tmp_path, OPTIMIZERS["adamw"])
-    monkeypatch.setattr(RecordingEngine, "_table_row", real_row)
+    monkeypatch.setattr(RecordingEngine, "_group_columns", real_row)
     bad = [n for n, c in cb.certificate.items() if not c["exact"]]
     assert bad and all(cb.certificate[n]["method"] == "rows" for n in bad)
     full = certify_store(cb.store_path)

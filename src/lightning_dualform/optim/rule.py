@@ -4,7 +4,9 @@ A rule replicates one ``torch.optim`` optimizer op for op. Recording needs two r
 public API of a live optimizer (``param_groups`` and ``state``):
 
 - :meth:`UpdateRule.read_step`, called before each ``optimizer.step()``, gives one row of the per-step
-  hyper-parameter table (:attr:`UpdateRule.columns`);
+  hyper-parameter table (:attr:`UpdateRule.columns`); its columns read from the param group alone
+  (:meth:`UpdateRule.hyper`) are read again after the step, where the group holds what the step used
+  (code run inside ``step()``, such as Lightning's ``training_step``, may have changed them);
 - :meth:`UpdateRule.read_state`, called before the first recorded step (or at any step, for a
   snapshot), gives the optimizer's state of a parameter as an :class:`~.maps.OptimizerState`.
 
@@ -100,6 +102,23 @@ class UpdateRule(ABC):
         row = self._hyper(optimizer, group, param)
         row[APPLIED.name] = (param.grad is not None) and not skipped
         return row
+
+    def hyper(
+        self, optimizer: torch.optim.Optimizer, param: torch.Tensor, group: dict | None = None
+    ) -> dict[str, HyperValue]:
+        """The columns of ``param``'s row that come from its param group alone (``lr``, ``betas``,
+        ``weight_decay``...; not ``applied``, nor what :meth:`read_step` reads from ``optimizer.state``).
+
+        Read them after ``optimizer.step()`` (its post-hook), where the group still holds the values the step
+        used: a closure run inside ``step()`` (Lightning's ``training_step``, ``on_before_optimizer_step``) may
+        change them after the step's pre-hook; schedulers change them only after the step.
+
+        Args:
+            optimizer: the optimizer.
+            param: one of its parameters.
+            group: ``param``'s param group, when the caller knows it (saves the search).
+        """
+        return self._hyper(optimizer, group_of(optimizer, param) if group is None else group, param)
 
     def read_state(
         self, optimizer: torch.optim.Optimizer, param: torch.Tensor, *, start: int = 0, linear: bool = True

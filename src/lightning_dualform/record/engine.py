@@ -92,7 +92,8 @@ class Certifier(Protocol):
 @dataclass
 class StepSettings:
     """What the optimizer's step pre-hook noted, until its post-hook records the step: per layer, the weight's
-    and the bias's table rows (``None`` without a bias)."""
+    and the bias's table rows (``None`` without a bias). The post-hook reads the rows' param-group columns again
+    (:meth:`RecordingEngine.reread_hyper`)."""
 
     updates: dict[str, tuple[StepRow, StepRow | None]]
 
@@ -231,8 +232,9 @@ class RecordingEngine:
     def hook_optimizer(self, *, open_store: Callable[[], None] | None = None,
                        epoch: Callable[[], int] | None = None) -> None:
         """Find the optimizer's steps through its own step hooks: before each, the update rule's settings are
-        read (:meth:`step_settings`); after each, the step is recorded (:meth:`record_step`). A step the
-        optimizer never took (a loss scaler skipped it) fires neither hook.
+        read (:meth:`step_settings`); after each, those read from the param groups are read again
+        (:meth:`reread_hyper`: code run inside ``step()`` may have changed them) and the step is recorded
+        (:meth:`record_step`). A step the optimizer never took (a loss scaler skipped it) fires neither hook.
 
         Args:
             open_store: opens the store before the first step, when it is not open yet (a loop's recorder: the
@@ -276,6 +278,7 @@ class RecordingEngine:
         expected, self._expected = self._expected, None
         if settings is None or self.writer is None:
             return
+        self.reread_hyper(settings)
         if self._epoch is not None:
             self.record_step(self.steps_recorded, self._epoch(), settings, None)
             self.active = True  # rows of the next step's forward passes (until the loop says otherwise)
@@ -434,7 +437,7 @@ class RecordingEngine:
     # ------------------------------------------------------------------------------------------------
     def step_settings(self) -> StepSettings:
         """The update rule's settings of the coming step, read before the optimizer changes its state (call it
-        from the optimizer's step pre-hook)."""
+        from the optimizer's step pre-hook; then :meth:`reread_hyper` from its post-hook)."""
         updates = {}
         for name, cap in self.captures.items():
             m = cap.module
@@ -454,8 +457,35 @@ class RecordingEngine:
             # the parameter got a gradient is known only after the step (record_step)
             row["applied"] = True
             return row
-        lr = self.optimizer.param_groups[group].get("lr", 0.0)
-        return {"lr": float(lr) if isinstance(lr, (int, float, torch.Tensor)) else 0.0, "applied": True}
+        return {**self._group_columns(p, self.optimizer.param_groups[group]), "applied": True}
+
+    def _group_columns(self, p: torch.Tensor, group: dict) -> StepRow:
+        """The columns of ``p``'s row read from its param group alone (the plain rule: ``lr``)."""
+        if self.rule is not None:
+            return self.rule.hyper(self.optimizer, p, group)
+        lr = group.get("lr", 0.0)
+        return {"lr": float(lr) if isinstance(lr, (int, float, torch.Tensor)) else 0.0}
+
+    def reread_hyper(self, settings: StepSettings) -> None:
+        """Overwrite the rows' param-group columns (lr, momentum, betas, weight decay...) with the values the step
+        used; call it from the optimizer's step post-hook, before :meth:`record_step`. Lightning runs the closure
+        (``training_step``, backward, ``on_before_optimizer_step``, clipping) inside ``optimizer.step()``, after
+        the pre-hook read the rows: user code there may change a group, and the step uses what it finds then.
+        Schedulers change the groups only after the step. Columns read from the optimizer's state before the step
+        (SGD's ``fresh_buffer``), ``applied``, and the rows of parameters in no group stay as they are."""
+        groups = self.optimizer.param_groups
+        for name, (w_up, b_up) in settings.updates.items():
+            cap = self.captures.get(name)
+            if cap is None:
+                continue
+            m = cap.module
+            wi, bi = self._param_groups[name]
+            for row, p, gi in ((w_up, m.weight, wi), (b_up, bias_of(m), bi)):
+                if row is None or p is None or gi is None:
+                    continue
+                for k, v in self._group_columns(p, groups[gi]).items():
+                    if k in row:
+                        row[k] = v
 
     def skipped_row(self) -> StepRow:
         """A table row of a step that leaves the parameter (and its state) alone."""
