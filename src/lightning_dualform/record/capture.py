@@ -39,7 +39,10 @@ class CallRows:
     keys: torch.Tensor  # (R, d_in), detached; (R, 1) token ids for an embedding
     lead_shape: tuple[int, ...]  # how rows map to examples: (B,), (B, T) or (B, locations)
     call: int  # call number within the current micro-batch
-    values: torch.Tensor | None = None  # (R, d_out), set in backward
+    values: torch.Tensor | None = None  # (R, d_out), set in a backward that accumulated the layer's gradient
+    # the output gradient of the last backward that reached the call, until the weight's (or bias's) .grad takes
+    # it: a backward that accumulates no .grad (torch.autograd.grad, e.g. an input saliency) adds nothing
+    pending: torch.Tensor | None = None
     output: torch.Tensor | None = None  # (R, d_out) forward output, kept only when asked (query recording)
     keep: torch.Tensor | None = None  # (R,) rows that reach the weight (an embedding's padding_idx does not)
     # True when the keys are autograd's own result (an activation), which nothing writes to later; an input
@@ -91,6 +94,10 @@ class LayerCapture:
 
     def attach(self) -> None:
         self._handles.append(self.module.register_forward_hook(self._forward_hook))
+        if self.need_grad:  # (a parameter's .grad took this backward's gradient: its calls' values count)
+            for p in (self.module.weight, getattr(self.module, "bias", None)):
+                if isinstance(p, torch.Tensor) and p.requires_grad:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._accumulated))
 
     def detach(self) -> None:
         for h in self._handles:
@@ -117,17 +124,28 @@ class LayerCapture:
         if self.calls and module.weight.grad is None and any(c.values is not None for c in self.calls):
             self.calls = [c for c in self.calls if c.values is None]  # their gradient was zeroed, never applied
         x = inputs[0]
-        private = x.grad_fn is not None or keys.data_ptr() != x.data_ptr()
+        if x.grad_fn is None and keys.data_ptr() == x.data_ptr():
+            # an input from outside autograd (the batch, a parameter, a reused buffer) may change before the step
+            # takes the rows (the optimizer updates a parameter in place): copied as the layer saw it
+            keys = keys.clone()
         rec = CallRows(keys=keys, lead_shape=lead, call=len(self.calls), keep=kept_rows(module, keys),
-                       private_keys=private, batch=self.context(), geometry=geometry)
+                       private_keys=True, batch=self.context(), geometry=geometry)
         self.calls.append(rec)
 
         def _grad_hook(grad: torch.Tensor, rec: CallRows = rec) -> None:
-            # A layer whose output is reached twice by backward would call this twice; gradients add.
-            v = values_of(module, grad)
-            rec.values = v if rec.values is None else rec.values + v
+            # once per backward that reaches the output (autograd sums its uses first); it counts when the
+            # parameter's .grad takes the backward's gradient (:meth:`_accumulated`)
+            rec.pending = values_of(module, grad)
 
         output.register_hook(_grad_hook)
+
+    def _accumulated(self, param: torch.Tensor) -> None:
+        """The backward that just ran added to the layer's .grad: the output gradients it gave its calls are
+        values (a second such backward, with ``retain_graph``, adds to them as it adds to .grad)."""
+        for c in self.calls:
+            if c.pending is not None:
+                c.values = c.pending if c.values is None else c.values + c.pending
+                c.pending = None
 
     def take_completed(self) -> list[CallRows]:
         """Calls whose backward has run; forgets all calls (those without values had no gradient)."""

@@ -87,23 +87,28 @@ def check_rows(sketches: Sketches, modules: dict[str, nn.Module], probes: dict[s
         m = modules[name]
         z = probes[name]
         g = m.weight.grad
-        if g is None:
-            lhs, bound = torch.zeros_like(gz), 0.0
-        else:
+        # only what the step applies is checked: a parameter without .grad this step (frozen for it, or its
+        # gradient set to None) is left alone by the optimizer, and its part of the rows by the rebuild
+        lhs_parts, rhs_parts, bound2 = [], [], 0.0
+        if g is not None:
             g = weight_matrix(m, g).float()
-            lhs = (_columns_first(z) @ g.t()).t()  # = g @ z (the order torch multiplies skinny products fastest)
+            lhs_parts.append((_columns_first(z) @ g.t()).t().reshape(-1))  # = g @ z (skinny products run fastest so)
+            rhs_parts.append(gz.reshape(-1))
             # independent rounding of relative size eps in each entry of W.grad moves (W.grad Z)_ij by about
             # eps * sqrt(sum_l (W.grad_il z_lj)^2): measured against that (about |W.grad|_F |z_j|), rounding
             # (bf16, fp16) stays near eps even where W.grad Z cancels, and missing rows stay O(1). Its norm over
             # every (i, j) is sqrt(sum_l |W.grad_:l|^2 |z_l:|^2): column norms, no second product
-            bound = float(torch.dot((g * g).sum(0), (z * z).sum(1))) ** 0.5
+            bound2 += float(torch.dot((g * g).sum(0), (z * z).sum(1)))
         b = getattr(m, "bias", None)
         if b is not None and b.grad is not None:
-            lhs = torch.cat([lhs.reshape(-1), b.grad.float()])
-            rhs = torch.cat([gz.reshape(-1), gb])
-            bound = (bound ** 2 + float(torch.linalg.vector_norm(b.grad.float())) ** 2) ** 0.5
-        else:
-            lhs, rhs = lhs.reshape(-1), gz.reshape(-1)
+            lhs_parts.append(b.grad.float())
+            rhs_parts.append(gb)
+            bound2 += float(torch.linalg.vector_norm(b.grad.float())) ** 2
+        if not lhs_parts:  # no parameter of the layer takes this step: nothing of its rows is applied
+            out[name] = (grad_scale if grad_scale is not None else 1.0 / world_size, 0.0,
+                         bool(float(torch.linalg.vector_norm(gz)) > 0))
+            continue
+        lhs, rhs, bound = torch.cat(lhs_parts), torch.cat(rhs_parts), bound2 ** 0.5
         f = grad_scale if grad_scale is not None else fit_scale(lhs, rhs, world_size)
         diff = float(torch.linalg.vector_norm(lhs - f * rhs))
         err = diff / bound if bound > 0 else (0.0 if diff == 0 else math.inf)
