@@ -337,8 +337,8 @@ def test_the_sketch_certificate_agrees_with_a_full_reread(tmp_path, dtype):
 
 @pytest.mark.parametrize("damage", ["row", "coefficient"])
 def test_the_sketch_certificate_catches_a_wrong_row_or_coefficient(tmp_path, monkeypatch, damage):
-    from lightning_dualform.record import engine as engine_mod
     from lightning_dualform.record import rows as rows_mod
+    from lightning_dualform.record.step_rows import StepRowReader
 
     if damage == "row":  # one stored value changed on its way to the writer
         original = rows_mod.gather_rows
@@ -351,14 +351,37 @@ def test_the_sketch_certificate_catches_a_wrong_row_or_coefficient(tmp_path, mon
 
         monkeypatch.setattr(rows_mod, "gather_rows", gather)
     else:  # the recorded learning rate of every step 1% off
-        original = engine_mod.RecordingEngine._group_columns  # (read again after each step: what is stored)
+        original = StepRowReader.group_columns  # (read again after each step: what is stored)
 
         def update(self, p, group):
             up = original(self, p, group)
             up["lr"] *= 1.01
             return up
 
-        monkeypatch.setattr(engine_mod.RecordingEngine, "_group_columns", update)
+        monkeypatch.setattr(StepRowReader, "group_columns", update)
     rec = _small_run(tmp_path, "d.h5")
     assert not all(c["exact"] for c in rec.certificate.values()), rec.certificate
     assert max(c["rel_err"] for c in rec.certificate.values()) > 1e-4
+
+
+def test_a_layer_another_optimizer_trains_is_left_out_with_why(tmp_path, caplog):
+    """Two optimizers, the recorder given one: the other's layer is not tracked (its rows could not say how its
+    weights changed: it was certified INEXACT, and verify called the store damaged), and the first is exact."""
+    model = make_model(3)
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1, momentum=0.9)
+    second = torch.optim.Adam(model[2].parameters(), lr=1e-2)
+    ds = IndexedDataset(n=32)
+    with caplog.at_level("INFO"), DualFormRecorder(str(tmp_path / "two.h5"), model, first) as rec:
+        for i in range(4):
+            x, y = ds.x[8 * i: 8 * i + 8], ds.y[8 * i: 8 * i + 8]
+            rec.batch(indices=torch.arange(8 * i, 8 * i + 8))
+            first.zero_grad()
+            second.zero_grad()
+            nn.functional.cross_entropy(model(x / 10.0), y).backward()
+            first.step()
+            second.step()
+    assert list(rec.certificate) == ["0"] and rec.certificate["0"]["exact"], rec.certificate
+    assert "2 is skipped: its weight is in none of the param groups of the SGD" in caplog.text
+    with pytest.raises(ValueError, match="no layer to track.*optimizer's param groups"):
+        other = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+        DualFormRecorder(str(tmp_path / "none.h5"), model, other).start()

@@ -11,7 +11,7 @@ from helpers import TRAINER_KW, MLP, IndexedDataset, loader
 
 from lightning_dualform import DualFormCallback, StoreReader
 from lightning_dualform.attend.replay import LayerReplay
-from lightning_dualform.record.engine import RecordingEngine
+from lightning_dualform.record.step_rows import StepRowReader
 from lightning_dualform.record.row_replay import ROWS, RowReplayCertificate
 
 OPTIMIZERS = {
@@ -61,7 +61,7 @@ def test_a_wrong_table_entry_fails_the_row_replay_as_it_fails_the_whole_one(tmp_
     replay of a few rows misses the trained weights, as the store's whole replay does."""
     from lightning_dualform.attend.certificate import certify_store
 
-    real_row = RecordingEngine._group_columns  # the param-group columns, read after each step: what is stored
+    real_row = StepRowReader.group_columns  # the param-group columns, read after each step: what is stored
     calls = {"n": 0}
 
     def wrong_lr(self, p, group):
@@ -71,9 +71,9 @@ def test_a_wrong_table_entry_fails_the_row_replay_as_it_fails_the_whole_one(tmp_
             row["lr"] = row["lr"] * 1.5
         return row
 
-    monkeypatch.setattr(RecordingEngine, "_group_columns", wrong_lr)
+    monkeypatch.setattr(StepRowReader, "group_columns", wrong_lr)
     _, cb = _fit(tmp_path, OPTIMIZERS["adamw"])
-    monkeypatch.setattr(RecordingEngine, "_group_columns", real_row)
+    monkeypatch.setattr(StepRowReader, "group_columns", real_row)
     bad = [n for n, c in cb.certificate.items() if not c["exact"]]
     assert bad and all(cb.certificate[n]["method"] == "rows" for n in bad)
     full = certify_store(cb.store_path)

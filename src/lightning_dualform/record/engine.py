@@ -26,7 +26,6 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -52,6 +51,7 @@ from lightning_dualform.record.planner import Plan, check_disk, estimate, slow_w
 from lightning_dualform.record.policy import gradient_check_tolerance
 from lightning_dualform.record.row_replay import RowReplayCertificate
 from lightning_dualform.record.sketch import SketchCertificate
+from lightning_dualform.record.step_rows import StepRow, StepRowReader, StepSettings, skipped_row
 from lightning_dualform.record.specs import Distributed, bias_of, describe_optimizer, layer_spec
 from lightning_dualform.store import WriterLock
 from lightning_dualform.store.background import AsyncWriter
@@ -62,7 +62,7 @@ from lightning_dualform.store.certificate import (
     tolerance,
 )
 from lightning_dualform.store.conv import ConvGeometry
-from lightning_dualform.store.format import PLAIN_RULE, SCALAR_RULES, settings_of, table_columns
+from lightning_dualform.store.format import PLAIN_RULE, SCALAR_RULES, settings_of
 from lightning_dualform.store.metadata import StoreMetadata
 from lightning_dualform.store.shards import write_shard_index
 from lightning_dualform.store.writer import StoreWriter
@@ -77,25 +77,12 @@ _PACE_CHECK_EVERY = 64  # optimizer steps
 _ROW_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-#: One step's row of a parameter's per-step table: ``{column: value}`` of the store's update rule.
-StepRow = dict[str, Any]
-
-
 class Certifier(Protocol):
     """Computes a finished store's full certificate from its rows and has the store write it (``certify_store``): the
     adapters hand it over; the write side knows when to certify and under which lock, the read side how."""
 
     def __call__(self, path: str, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
                  lock: WriterLock | None = None) -> dict[str, LayerCertificate]: ...
-
-
-@dataclass
-class StepSettings:
-    """What the optimizer's step pre-hook noted, until its post-hook records the step: per layer, the weight's
-    and the bias's table rows (``None`` without a bias). The post-hook reads the rows' param-group columns again
-    (:meth:`RecordingEngine.reread_hyper`)."""
-
-    updates: dict[str, tuple[StepRow, StepRow | None]]
 
 
 class RecordingEngine:
@@ -139,6 +126,7 @@ class RecordingEngine:
         self.dropped: dict[str, str] = {}
         self.inexact: dict[str, str] = {}
         self._param_groups: dict[str, tuple[int | None, int | None]] = {}
+        self._rows: StepRowReader | None = None
         self._probes: dict[str, torch.Tensor] = {}  # Z (d_in, k) per layer: the gradient check's and the sketch's
         #: a convolution's geometry, fixed by its first recorded call (the store keeps maps of one size per layer)
         self._geometry: dict[str, ConvGeometry] = {}
@@ -183,9 +171,18 @@ class RecordingEngine:
         for name, m in chosen.items():
             wi = groups.get(id(m.weight))
             bi = groups.get(id(bias_of(m))) if bias_of(m) is not None else None
-            if wi is None:
-                notes.append(f"{name}.weight is in no optimizer param group: it never changes (W_T = W_0).")
+            if wi is None and optimizer is not None:
+                # another optimizer trains it (or nothing does): its rows could not say how its weights changed
+                notes.append(f"{name} is skipped: its weight is in none of the param groups of the "
+                             f"{type(optimizer).__name__} being recorded (another optimizer trains it, or none does); "
+                             "record a layer with the optimizer that trains it.")
+                del self.chosen[name]
+                continue
             self._param_groups[name] = (wi, bi)
+        self._rows = StepRowReader(optimizer, self.rule, self.update_rule, self._param_groups) if optimizer else None
+        if not self.chosen:
+            raise ValueError(f"{self.owner} found no layer to track: no trainable layer it records has its weight in "
+                             "the optimizer's param groups. Give it the optimizer that trains the layers.")
 
     def set_precision(self, precision: str, device: torch.device) -> None:
         """The training precision, and how float32 products on ``device`` are rounded (TF32, bf16): the rows
@@ -438,58 +435,17 @@ class RecordingEngine:
     def step_settings(self) -> StepSettings:
         """The update rule's settings of the coming step, read before the optimizer changes its state (call it
         from the optimizer's step pre-hook; then :meth:`reread_hyper` from its post-hook)."""
-        updates = {}
-        for name, cap in self.captures.items():
-            m = cap.module
-            wi, bi = self._param_groups[name]
-            w_up = self._table_row(m.weight, wi)
-            b_up = self._table_row(bias_of(m), bi) if bias_of(m) is not None else None
-            updates[name] = (w_up, b_up)
-        return StepSettings(updates)
-
-    def _table_row(self, p: torch.Tensor, group: int | None) -> StepRow:
-        """The coming step's row of ``p``'s table: the rule's columns, read from the optimizer's public state."""
-        if group is None:  # in no param group: the optimizer never changes it
-            return self.skipped_row()
-        if self.rule is not None:
-            row = self.rule.read_step(self.optimizer, p)
-            # Lightning runs the closure (forward, backward) inside optimizer.step(), after this pre-hook: whether
-            # the parameter got a gradient is known only after the step (record_step)
-            row["applied"] = True
-            return row
-        return {**self._group_columns(p, self.optimizer.param_groups[group]), "applied": True}
-
-    def _group_columns(self, p: torch.Tensor, group: dict) -> StepRow:
-        """The columns of ``p``'s row read from its param group alone (the plain rule: ``lr``)."""
-        if self.rule is not None:
-            return self.rule.hyper(self.optimizer, p, group)
-        lr = group.get("lr", 0.0)
-        return {"lr": float(lr) if isinstance(lr, (int, float, torch.Tensor)) else 0.0}
+        assert self._rows is not None
+        return self._rows.read({n: c.module for n, c in self.captures.items()})
 
     def reread_hyper(self, settings: StepSettings) -> None:
-        """Overwrite the rows' param-group columns (lr, momentum, betas, weight decay...) with the values the step
-        used; call it from the optimizer's step post-hook, before :meth:`record_step`. Lightning runs the closure
-        (``training_step``, backward, ``on_before_optimizer_step``, clipping) inside ``optimizer.step()``, after
-        the pre-hook read the rows: user code there may change a group, and the step uses what it finds then.
-        Schedulers change the groups only after the step. Columns read from the optimizer's state before the step
-        (SGD's ``fresh_buffer``), ``applied``, and the rows of parameters in no group stay as they are."""
-        groups = self.optimizer.param_groups
-        for name, (w_up, b_up) in settings.updates.items():
-            cap = self.captures.get(name)
-            if cap is None:
-                continue
-            m = cap.module
-            wi, bi = self._param_groups[name]
-            for row, p, gi in ((w_up, m.weight, wi), (b_up, bias_of(m), bi)):
-                if row is None or p is None or gi is None:
-                    continue
-                for k, v in self._group_columns(p, groups[gi]).items():
-                    if k in row:
-                        row[k] = v
+        """The rows' param-group columns as the step used them (:meth:`StepRowReader.reread`)."""
+        assert self._rows is not None
+        self._rows.reread(settings, {n: c.module for n, c in self.captures.items()})
 
     def skipped_row(self) -> StepRow:
         """A table row of a step that leaves the parameter (and its state) alone."""
-        return {c.name: (False if c.dtype is np.bool_ else 0.0) for c in table_columns(self.update_rule)}
+        return skipped_row(self.update_rule)
 
     def record_step(self, step: int, epoch: int, plan: StepSettings, grad_scale: float | None) -> None:
         """Hand one optimizer step to the writer: its rows per layer and the update rule's scalars.
