@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 
@@ -336,7 +337,7 @@ def test_the_sketch_certificate_agrees_with_a_full_reread(tmp_path, dtype):
 
 
 @pytest.mark.parametrize("damage", ["row", "coefficient"])
-def test_the_sketch_certificate_catches_a_wrong_row_or_coefficient(tmp_path, monkeypatch, damage):
+def test_the_sketch_certificate_catches_a_wrong_row_or_coefficient(tmp_path, monkeypatch, caplog, damage):
     from lightning_dualform.record import rows as rows_mod
     from lightning_dualform.record.step_rows import StepRowReader
 
@@ -359,9 +360,13 @@ def test_the_sketch_certificate_catches_a_wrong_row_or_coefficient(tmp_path, mon
             return up
 
         monkeypatch.setattr(StepRowReader, "group_columns", update)
-    rec = _small_run(tmp_path, "d.h5")
+    with caplog.at_level("INFO"):
+        rec = _small_run(tmp_path, "d.h5")
     assert not all(c["exact"] for c in rec.certificate.values()), rec.certificate
     assert max(c["rel_err"] for c in rec.certificate.values()) > 1e-4
+    # the line says so plainly (it read "rebuilt weights match the trained ones ... (INEXACT; ...)")
+    assert re.search(r"rebuilt weights differ from the trained ones by relative error \S+ \(INEXACT: beyond",
+                     caplog.text)
 
 
 def test_a_layer_another_optimizer_trains_is_left_out_with_why(tmp_path, caplog):

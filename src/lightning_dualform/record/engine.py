@@ -653,10 +653,11 @@ class RecordingEngine:
         if not full and certificate is not None:
             self.certificate = certificate
         for name, cert in self.certificate.items():
-            verdict = f"exact within {cert.tolerance:.0e}" if cert.exact else "INEXACT"
+            verdict = f"exact within {cert.tolerance:.0e}" if cert.exact else f"INEXACT: beyond {cert.tolerance:.0e}"
             self._info(
-                f"{self.owner}: {name}: rebuilt weights match the trained ones to relative error "
-                f"{cert.rel_err:.2e} ({verdict}; the memory explains {100 * cert.explained:.4g}% of the weights)."
+                f"{self.owner}: {name}: rebuilt weights {'match' if cert.exact else 'differ from'} the trained ones "
+                f"{'to' if cert.exact else 'by'} relative error {cert.rel_err:.2e} ({verdict}; the memory explains "
+                f"{100 * cert.explained:.4g}% of the weights)."
             )
 
     def _sketch_certificate(
