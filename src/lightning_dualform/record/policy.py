@@ -42,7 +42,8 @@ def inexact_causes(facts: RunFacts) -> list[str]:
     """Why the run's trained weights are not a sum of the recorded outer products; empty when they are."""
     problems: list[str] = []
     if facts.manual_optimization:
-        problems.append("manual optimization (the callback cannot see how steps combine gradients)")
+        problems.append("manual optimization (the callback cannot see how steps combine gradients; in a "
+                        "training_step of your own, record each optimizer with a DualFormRecorder, docs/recorder.md)")
     if len(facts.optimizers) != 1:
         problems.append(f"{len(facts.optimizers)} optimizers (exactly one is supported)")
     for opt in facts.optimizers:
