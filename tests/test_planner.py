@@ -61,3 +61,24 @@ def test_automatic_chunks_are_about_half_a_megabyte():
     assert chunk_rows_for(8, 16 * 4) == 8192  # embedding token ids and 16-wide values
     assert chunk_rows_for(1, 1) == 65536 and chunk_rows_for(10**7, 4) == 64  # clamped
     assert chunk_rows_for(3, 3, chunk_rows=100) == 100
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Examples without a length (the loader cannot say how many steps an epoch has)."""
+
+    def __iter__(self):
+        ds = IndexedDataset(n=200, d=64)
+        return iter(zip(ds.x, ds.y))
+
+
+def test_a_loader_without_a_length_plans_max_steps_or_says_the_size_is_unknown(tmp_path, caplog):
+    cb = DualFormCallback(tmp_path / "s.h5", check_disk=True)
+    with caplog.at_level("INFO"):
+        L.Trainer(max_steps=10, callbacks=[cb], **TRAINER_KW).fit(
+            MLP(d=64, hidden=48), torch.utils.data.DataLoader(_Stream(), batch_size=10))
+    assert cb.plan.steps_per_epoch == 10 and cb.plan.epochs == 1  # (it planned 0 B and never checked the disk)
+    written = os.path.getsize(cb.store_path)
+    assert abs(cb.plan.total_bytes - written) / written <= 0.10, (cb.plan.total_bytes, written)
+    unknown = estimate({"a": 128}, {"a": ("linear", 784, 800, True)}, itemsize=4, steps_per_epoch=0,
+                       epochs=float("inf"))
+    assert "the run's length is not known" in unknown.describe() and " 0 B" not in unknown.describe()

@@ -361,6 +361,8 @@ class DualFormCallback(Callback):
             epochs = trainer.max_epochs - trainer.current_epoch
         if trainer.max_steps is not None and trainer.max_steps >= 0 and steps_per_epoch:
             epochs = min(epochs, (trainer.max_steps - trainer.global_step) / steps_per_epoch)
+        elif trainer.max_steps is not None and trainer.max_steps >= 0:  # a loader without a length: max_steps is the run
+            steps_per_epoch, epochs = max(trainer.max_steps - trainer.global_step, 0), 1.0
         input_bytes = 0
         if self.options.store_inputs and self._batch_input_bytes and self._dataset_size:
             input_bytes = self._batch_input_bytes * self._dataset_size

@@ -74,6 +74,12 @@ class Plan:
         return max(0.0, self.total_bytes - already_written) * (1 + SAFETY_MARGIN) + SAFETY_BYTES
 
     def describe(self) -> str:
+        if not self.steps_per_epoch:  # (not "0 B": the run's length is unknown, not nothing)
+            per_step = ", ".join(f"{lp.name}: {_human(lp.bytes_per_row * lp.rows_per_step)}/step "
+                                 f"({lp.rows_per_step} rows/step)" for lp in self.layers)
+            return (f"store plan: {per_step}; the run's length is not known (a training loader without a length "
+                    "and no max_steps, or a recorder without expected_steps), so the store's size and the free disk "
+                    "are not checked ahead")
         per_layer = ", ".join(f"{lp.name}: {_human(lp.bytes_per_epoch)}/epoch ({lp.rows_per_step} rows/step)" for lp in self.layers)
         span = f"{self.epochs:g} epoch(s)" if math.isfinite(self.epochs) else "1 epoch (the run has no set end)"
         return f"store plan: {per_layer}; about {_human(self.total_bytes)} for {span}"
