@@ -79,13 +79,9 @@ class Inputs:
 
 
 def _with_side_files(store: str, what: str) -> list[tuple[str, str]]:
-    # the names the store's own modules give them (a lock and a journal beside the resolved path)
-    from lightning_dualform.store._journal import JOURNAL_SUFFIX
-    from lightning_dualform.store._lock import LOCK_SUFFIX
-    from lightning_dualform.store._sidefile import side_path
+    from lightning_dualform.store import side_files  # (the names the store gives them)
 
-    return [(store, what), (side_path(store, JOURNAL_SUFFIX), f"the write-session journal of {what}"),
-            (side_path(store, LOCK_SUFFIX), f"the writer lock of {what}")]
+    return [(store, what)] + [(side, f"the {kind} of {what}") for side, kind in side_files(store)]
 
 
 def _shards(store: str) -> list[str]:

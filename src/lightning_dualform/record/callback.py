@@ -44,7 +44,7 @@ from lightning_dualform.record.queries import QueryRecorder
 from lightning_dualform.record.specs import Distributed, rank_path
 from lightning_dualform.store.certificate import LayerCertificate
 from lightning_dualform.store.metadata import clip_algorithm_name
-from lightning_dualform.store._repair import check_replaceable
+from lightning_dualform.store import check_replaceable
 from lightning_dualform.store.shards import check_index_path
 
 __all__ = ["DualFormCallback", "rank_path"]

@@ -30,7 +30,7 @@ from lightning_dualform.record.options import RecordOptions, RowDtype
 from lightning_dualform.record.planner import Plan
 from lightning_dualform.record.policy import RunFacts, inexact_causes, refusal
 from lightning_dualform.record.specs import Distributed, rank_path
-from lightning_dualform.store._repair import check_replaceable
+from lightning_dualform.store import check_replaceable
 from lightning_dualform.store.shards import check_index_path
 
 __all__ = ["DualFormRecorder"]

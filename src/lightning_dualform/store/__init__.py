@@ -32,13 +32,16 @@ __all__ = [
     "StoreView",
     "StoreWriter",
     "WriterLock",
+    "check_replaceable",
     "open_store",
     "read_shard_index",
+    "side_files",
     "write_shard_index",
 ]
 
 if TYPE_CHECKING:
     from lightning_dualform.store._lock import WriterLock
+    from lightning_dualform.store._repair import check_replaceable, side_files
     from lightning_dualform.store.certificate import LayerCertificate
     from lightning_dualform.store.format import (
         FORMAT_NAME,
@@ -54,6 +57,7 @@ if TYPE_CHECKING:
 
 _WHERE = {
     "WriterLock": "lightning_dualform.store._lock",
+    **dict.fromkeys(("check_replaceable", "side_files"), "lightning_dualform.store._repair"),
     **dict.fromkeys(("FORMAT_NAME", "FORMAT_VERSION", "ROW_COLUMNS", "ROW_DTYPES", "LayerSpec", "StepRows"),
                     "lightning_dualform.store.format"),
     **dict.fromkeys(("Coefficients", "LayerReader", "QuerySet", "StoreReader", "StoreView"),

@@ -61,10 +61,16 @@ def busy_error(path: str, doing: str) -> StoreBusyError:
     )
 
 
+def side_files(path: str) -> list[tuple[str, str]]:
+    """``(path, what)`` of the files the library keeps beside the store at ``path``: its write-session journal and
+    its writer lock (named after the store's resolved path)."""
+    return [(_journal.journal_path(path), _journal.WHAT), (_lock.lock_path(path), "writer lock")]
+
+
 def check_side_files(path: str) -> None:
     """:class:`StoreError` when something other than a regular file sits at the lock's or the journal's name."""
-    _sidefile.check(_lock.lock_path(path), "writer lock")
-    _sidefile.check(_journal.journal_path(path), _journal.WHAT)
+    for side, what in reversed(side_files(path)):  # (the lock first, as ever)
+        _sidefile.check(side, what)
 
 
 def check_replaceable(path: str) -> None:
