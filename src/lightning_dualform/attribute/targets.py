@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lightning_dualform.attend.finite import nonfinite_rows
+
 TargetName = Literal["margin", "loss", "logit"]
 Target = Union[TargetName, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 TARGETS: tuple[str, ...] = ("margin", "loss", "logit")
@@ -81,9 +83,8 @@ def check_outputs(outputs: Any, what: str = "the model's outputs") -> None:
         ValueError: naming the queries whose outputs are not finite.
     """
     if isinstance(outputs, torch.Tensor) and outputs.is_floating_point() and outputs.dim() >= 1:
-        bad = (~torch.isfinite(outputs.detach())).reshape(outputs.shape[0], -1).any(dim=1)
-        if bool(bad.any()):
-            at = bad.nonzero().reshape(-1)[:5].tolist()
+        at = nonfinite_rows(outputs.detach())[:5]
+        if at:
             raise ValueError(f"{what} hold NaN or inf for queries {at} (of {outputs.shape[0]}), though the inputs are "
                              "finite: influence needs finite class scores. Check the model's weights and forward "
                              "(a diverged model, a log of zero).")
@@ -132,8 +133,8 @@ def evaluate(target: Target, outputs: torch.Tensor, targets: torch.Tensor) -> to
     if not isinstance(out, torch.Tensor) or out.shape != (n,):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"the target callable must return a tensor of shape ({n},), one value per query; got {got}.")
-    bad = ~torch.isfinite(out.detach())
-    if bool(bad.any()):
-        raise ValueError(f"the target callable returned NaN or inf for queries {bad.nonzero().reshape(-1)[:5].tolist()}"
-                         " (the model's outputs are finite): influence needs a finite f per query.")
+    bad = nonfinite_rows(out.detach())[:5]
+    if bad:
+        raise ValueError(f"the target callable returned NaN or inf for queries {bad} (the model's outputs are "
+                         "finite): influence needs a finite f per query.")
     return out
