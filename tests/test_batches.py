@@ -12,6 +12,7 @@ from lightning_dualform.record.batches import (
     batch_inputs,
     batch_labels,
     batch_size,
+    layer_layout,
     row_metadata,
     unknown_layout,
 )
@@ -98,19 +99,49 @@ def test_row_metadata_of_a_layout_that_cannot_be_told_stores_minus_one(lead):
     assert example.tolist() == [-1] * n
 
 
-@pytest.mark.parametrize("lead, batch_first", [((4,), False), ((4, 2), False), ((2, 4), False), ((4, 3, 4), False),
-                                               ((4, 4), True)])
-def test_a_layout_that_can_be_told_is_not_unknown(lead, batch_first):
-    # one row per example, batch first, sequence first, the batch size only later; a convolution's (B, L) with L == B
-    assert not unknown_layout(_call(int(np.prod(lead)), lead), 4, batch_first)
+@pytest.mark.parametrize("lead, layout", [((4,), None), ((4, 2), None), ((2, 4), None), ((4, 3, 4), None),
+                                           ((4, 4), "batch_first"), ((4, 4), "sequence_first")])
+def test_a_layout_that_can_be_told_is_not_unknown(lead, layout):
+    # one row per example, batch first, sequence first, the batch size only later; (B, B) with a declared layout
+    assert not unknown_layout(_call(int(np.prod(lead)), lead), 4, layout)
     assert not unknown_layout(_call(16, (4, 4)), None) and not unknown_layout(_call(9, (3, 3)), 4)
 
 
 def test_a_convolutions_rows_are_batch_first_even_with_as_many_locations_as_examples():
+    conv = torch.nn.Conv1d(1, 1, 1)
+    assert layer_layout(conv) == layer_layout(conv, "sequence_first") == "batch_first"
     index, position, _, per_ex = row_metadata(_call(16, (4, 4)), BatchInfo(size=4, indices=IDX, labels=Y), 0,
-                                              batch_first=True)
+                                              layout=layer_layout(conv))
     assert index.tolist() == [10] * 4 + [11] * 4 + [12] * 4 + [13] * 4 and position.tolist() == [0, 1, 2, 3] * 4
     assert per_ex == 4
+
+
+@pytest.mark.parametrize("layout", ["batch_first", "sequence_first"])
+def test_a_declared_layout_names_the_examples_of_a_call_whose_shape_cannot(layout):
+    # (B, B) rows, with per-position labels as the batch carries them: (B, T), examples first
+    labels = torch.arange(16).reshape(4, 4)  # labels[b, t] = 4 b + t
+    info = BatchInfo(size=4, indices=IDX, labels=labels)
+    index, position, label, per_ex = row_metadata(_call(16, (4, 4)), info, 0, layout=layout)
+    rows = np.arange(16)
+    b, t = (rows // 4, rows % 4) if layout == "batch_first" else (rows % 4, rows // 4)
+    assert index.tolist() == IDX[b].tolist() and position.tolist() == t.tolist() and per_ex == 4
+    assert label.tolist() == (4 * b + t).tolist()
+    _, _, _, _, example = row_metadata(_call(16, (4, 4)), info, 0, with_example=True, layout=layout)  # queries
+    assert example.tolist() == b.tolist()
+    # a call whose shape says its layout keeps it, whatever was declared
+    index, position, _, _ = row_metadata(_call(8, (2, 4)), info, 0, layout="batch_first")
+    assert index.tolist() == IDX.tolist() * 2 and position.tolist() == [0] * 4 + [1] * 4
+
+
+def test_the_layout_option_is_checked():
+    from lightning_dualform.record.options import RecordOptions
+
+    opts = RecordOptions.checked("DualFormCallback", "s.h5", None, layout={"enc.linear1": "sequence_first"})
+    assert opts.layout_of("enc.linear1") == "sequence_first" and opts.layout_of("head") is None
+    assert RecordOptions.checked("X", "s.h5", None, layout="batch_first").layout_of("any") == "batch_first"
+    for bad in ("seq_first", {"a": "T,B"}, {1: "batch_first"}, ["sequence_first"]):
+        with pytest.raises(ValueError, match=r"layout=.*expected None, one of \('batch_first', 'sequence_first'\)"):
+            RecordOptions.checked("DualFormCallback", "s.h5", None, layout=bad)
 
 
 def test_row_metadata_without_batch_facts_stores_minus_one():

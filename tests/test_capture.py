@@ -222,8 +222,40 @@ def test_a_sequence_first_layer_with_as_many_positions_as_examples_stores_no_ind
         rows = lin.read(0, lin.n_rows, ("keys", "index"))
         assert lin.exact and lin.n_rows == 4 * 6 * seq
         if seq == 6:
-            assert len(told) == 1 and "'lin'" in told[0] and "(6, 6)" in told[0] and "layers=" in told[0]
+            assert len(told) == 1 and "'lin'" in told[0] and "(6, 6)" in told[0]
+            assert "layout='sequence_first'" in told[0]
             assert lin.rows_without_index == lin.n_rows and (rows["index"] == -1).all()
         else:  # sequence first, told apart: every row names its own example
             assert told == [] and lin.rows_without_index == 0
             np.testing.assert_array_equal(rows["index"], rows["keys"][:, 0].round().astype(np.int64))
+
+
+@pytest.mark.parametrize("layout", ["sequence_first", {"lin": "sequence_first"}])
+def test_a_declared_layout_keeps_the_examples_of_a_sequence_first_layer_with_as_many_positions(tmp_path, layout):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 6, 4, generator=g)
+    x[:, :, 0] = torch.arange(24, dtype=torch.float32)[:, None]
+    x[:, :, 1] = torch.arange(6, dtype=torch.float32)  # feature 1: the position
+    ds = torch.utils.data.TensorDataset(x, torch.randint(0, 3, (24,), generator=g))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cb = DualFormCallback(tmp_path / "k.h5", layout=layout)
+        L.Trainer(max_epochs=1, callbacks=[cb], **TRAINER_KW).fit(
+            SeqFirst(), torch.utils.data.DataLoader(ds, batch_size=6, shuffle=True))
+    assert not [w for w in caught if "cannot be told" in str(w.message)]
+    assert cb.certificate["lin"]["exact"], cb.certificate
+    with StoreReader(cb.store_path) as s:
+        lin = s.layer("lin")
+        rows = lin.read(0, lin.n_rows, ("keys", "index", "position"))
+        assert lin.rows_without_index == 0
+        np.testing.assert_array_equal(rows["index"], rows["keys"][:, 0].round().astype(np.int64))
+        np.testing.assert_array_equal(rows["position"], rows["keys"][:, 1].round().astype(np.int64))
+
+
+def test_a_layout_naming_a_layer_that_is_not_tracked_is_refused(tmp_path):
+    cb = DualFormCallback(tmp_path / "k.h5", layout={"lin2": "sequence_first"})
+    ds = torch.utils.data.TensorDataset(torch.randn(12, 6, 4), torch.randint(0, 3, (12,)))
+    told = r"layout=\.\.\.\)` names layers it does not track: \['lin2'\]. The tracked layers are \['lin'\]"
+    with pytest.raises(ValueError, match=told):
+        L.Trainer(max_epochs=1, callbacks=[cb], **TRAINER_KW).fit(
+            SeqFirst(), torch.utils.data.DataLoader(ds, batch_size=6))

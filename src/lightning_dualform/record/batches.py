@@ -138,17 +138,20 @@ def batch_size(batch: Any) -> int | None:
     return None
 
 
-def batch_first_layer(module: Any) -> bool:
-    """True for a layer whose rows are batch first whatever the user's layout (a convolution: ``(B, locations)``)."""
-    return isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d))
+def layer_layout(module: Any, declared: str | None = None) -> str | None:
+    """How a layer's ``(B, B, ...)`` calls are laid out: ``"batch_first"`` for a convolution (its rows are
+    ``(B, locations)`` whatever the user's layout), else what the user declared (``layout=``), else ``None``."""
+    if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)):
+        return "batch_first"
+    return declared
 
 
-def unknown_layout(call: CallRows, size: int | None, batch_first: bool = False) -> bool:
-    """True when a call's leading shape has the batch size in both of its first two dimensions, ``(B, B, ...)``:
-    batch first ``(B, T, ...)`` and sequence first ``(T, B, ...)`` with ``T == B`` look the same, so which example
-    a row comes from cannot be told (a convolution's rows, ``batch_first``, are always batch first)."""
+def unknown_layout(call: CallRows, size: int | None, layout: str | None = None) -> bool:
+    """True when a call's leading shape has the batch size in both of its first two dimensions, ``(B, B, ...)``,
+    and no ``layout`` says which: batch first ``(B, T, ...)`` and sequence first ``(T, B, ...)`` with ``T == B``
+    look the same, so which example a row comes from cannot be told."""
     lead = call.lead_shape
-    return (len(lead) >= 2 and lead[0] == lead[1] == size and bool(size) and not batch_first
+    return (len(lead) >= 2 and lead[0] == lead[1] == size and bool(size) and layout is None
             and call.geometry is None)
 
 
@@ -158,17 +161,19 @@ def unknown_layout_message(owner: str, layer: str, lead: tuple[int, ...], size: 
             f"examples. Both of its first two dimensions equal the batch size, so it cannot be told whether it is "
             f"batch first (B, T, ...) or sequence first (T, B, ...), as nn.Transformer's default is. The rows of such "
             f"calls of {layer!r} are stored without dataset indices, labels or per-example positions (index -1): they name no "
-            f"training examples (its weights are recorded as before). To keep the examples, use a sequence length "
-            f"other than the batch size, or leave the layer out with layers=.")
+            f"training examples (its weights are recorded as before). To keep the examples, say how the layer is laid out: "
+            f"{owner}(layout='sequence_first') (or 'batch_first'; a dict {{layer name: layout}} for some layers), or use "
+            f"a sequence length other than the batch size.")
 
 
 def row_metadata(call: CallRows, info: BatchInfo, offset: int, with_example: bool = False,
-                 batch_first: bool = False) -> tuple:
+                 layout: str | None = None) -> tuple:
     """Dataset index, position and label of every row of a call, and the positions per example
     (and, with ``with_example``, each row's example number within the batch, -1 when unknown).
 
-    A call whose layout cannot be told (:func:`unknown_layout`) gets index, label and example -1 and positions
-    as for an unknown layout; ``batch_first`` says the layer's rows are batch first (a convolution's).
+    The layout is told from the call's leading shape: ``(B, ...)`` batch first, ``(T, B, ...)`` sequence first.
+    ``(B, B, ...)`` fits both; ``layout`` (:func:`layer_layout`) then says which, and without it the call
+    (:func:`unknown_layout`) gets index, label and example -1 and positions as for an unknown layout.
     """
     n = call.n_rows
     lead = call.lead_shape
@@ -179,13 +184,15 @@ def row_metadata(call: CallRows, info: BatchInfo, offset: int, with_example: boo
         label = lab if lab is not None and lab.dim() == 1 and lab.shape[0] == b else torch.full((n,), -1, dtype=torch.int64)
         return index, torch.zeros(n, dtype=torch.int32), label, 1
     rows = torch.arange(n)
-    if unknown_layout(call, b, batch_first):  # (B, B, ...): batch first or sequence first? no guess
+    both = bool(b) and len(lead) >= 2 and lead[0] == lead[1] == b and call.geometry is None  # (B, B, ...)
+    sequence_first = False
+    if unknown_layout(call, b, layout):  # (B, B, ...) and nothing says which: no guess
         per_ex, example, position = n, None, rows + offset
-    elif b and lead and lead[0] == b:  # batch first: (B, ...)
+    elif b and lead and lead[0] == b and not (both and layout == "sequence_first"):  # batch first: (B, ...)
         per_ex = max(n // b, 1)
         example, position = rows // per_ex, rows % per_ex + offset
     elif b and len(lead) >= 2 and lead[1] == b:  # sequence first: (T, B, ...)
-        per_ex = n // b
+        per_ex, sequence_first = n // b, True
         example, position = rows % b, rows // b + offset
     else:
         per_ex, example, position = n, None, rows + offset
@@ -195,10 +202,10 @@ def row_metadata(call: CallRows, info: BatchInfo, offset: int, with_example: boo
         lab = info.labels
         if lab.dim() == 1 and lab.shape[0] == b:
             label = lab[example]
+        elif sequence_first and tuple(lab.shape) == (lead[1], lead[0]):  # the batch's (B, T) labels of (T, B) rows
+            label = lab.t().reshape(-1)
         elif tuple(lab.shape) == tuple(lead):
             label = lab.reshape(-1)
-        elif len(lead) >= 2 and lead[1] == b and tuple(lab.shape) == (lead[1], lead[0]):
-            label = lab.t().reshape(-1)
     if with_example:
         ex = example if example is not None else torch.full((n,), -1, dtype=torch.int64)
         return index, position.to(torch.int32), label, per_ex, ex

@@ -37,7 +37,7 @@ from lightning_dualform.record import trainer_logging
 from lightning_dualform.record.attention_logging import DualFormAttentionLogger
 from lightning_dualform.record.capture import find_layers
 from lightning_dualform.record.engine import RecordingEngine
-from lightning_dualform.record.options import RecordOptions, RowDtype
+from lightning_dualform.record.options import LayoutChoice, RecordOptions, RowDtype
 from lightning_dualform.record.planner import Plan
 from lightning_dualform.record.policy import RunFacts, inexact_causes, refusal
 from lightning_dualform.record.queries import QueryRecorder
@@ -105,6 +105,11 @@ class DualFormCallback(Callback):
         check_every: the captured rows of each layer are checked against the gradient autograd accumulated in
             its weight (a cheap random projection of ``W.grad = sum v k^T``) on the first 20 steps of a fit and
             then every ``check_every`` steps; ``1`` checks every step.
+        layout: how the tracked layers' calls of leading shape ``(B, B, ...)`` are laid out, where a sequence
+            length equals the batch size and batch first ``(B, T, ...)`` cannot be told from sequence first
+            ``(T, B, ...)`` (``nn.Transformer``'s default): ``"batch_first"``, ``"sequence_first"``, or a dict of
+            layer names to one of them. ``None``: such calls' rows are stored without dataset indices (-1), with a
+            warning. Calls whose shape says it are laid out by their shape.
         check_disk: after the first step, estimate the store's size for the whole run (printed) and refuse to
             go on when it exceeds the free space of the target disk.
         log_attention_every_n_epochs: deprecated: put
@@ -142,6 +147,7 @@ class DualFormCallback(Callback):
         commit_seconds: float = 30.0,
         check_disk: bool = True,
         check_every: int = 50,
+        layout: LayoutChoice = None,
         log_attention_every_n_epochs: int | None = None,
         log_attention_queries: int = 4,
     ) -> None:
@@ -151,7 +157,7 @@ class DualFormCallback(Callback):
         self.options = RecordOptions.checked(
             _OWNER, path, layers, dtype=dtype, compression=compression, chunk_rows=chunk_rows, exact=exact,
             overwrite=overwrite, max_queue=max_queue, certify=certify, store_inputs=store_inputs,
-            commit_seconds=commit_seconds, check_disk=check_disk, check_every=check_every,
+            commit_seconds=commit_seconds, check_disk=check_disk, check_every=check_every, layout=layout,
         )
         bad_stages = [q for q in record_queries if q not in _QUERY_STAGES]
         if isinstance(record_queries, str) or bad_stages:
@@ -509,7 +515,7 @@ class DualFormCallback(Callback):
         if split == "validate" and trainer.state.fn != TrainerFn.VALIDATING:
             return
         path = self.store_path or rank_path(self.path, trainer.global_rank, trainer.world_size)
-        self._query = QueryRecorder.start(path, split, pl_module)
+        self._query = QueryRecorder.start(path, split, pl_module, self.options.layout_of)
         # the stage's own progress bar counts the batches; this says what the callback does beside them
         rank_zero_info(f"{_OWNER}: recording the {split} queries (inputs of {len(self._query.captures)} layer(s)) "
                        f"into {path}")

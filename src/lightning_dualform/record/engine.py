@@ -156,6 +156,10 @@ class RecordingEngine:
         changes the new ones), so each step reads ``optimizer.param_groups[i]`` afresh.
         """
         self.chosen = dict(chosen)
+        unknown = sorted(set(self.options.layout) - set(chosen)) if isinstance(self.options.layout, dict) else []
+        if unknown:
+            raise ValueError(f"`{self.owner}(layout=...)` names layers it does not track: {unknown}. The tracked "
+                             f"layers are {sorted(chosen)}.")
         self.optimizer = optimizer
         self.rule = None
         if optimizer is not None:
@@ -454,7 +458,7 @@ class RecordingEngine:
         scaling); ``None`` measures it per layer from the weights' ``.grad``.
         """
         self.last_epoch = epoch
-        pending = rows_mod.take_rows(self.captures, self.warn_once, self.owner)
+        pending = rows_mod.take_rows(self.captures, self.warn_once, self.owner, self.options.layout_of)
         self._check_map_sizes(pending)
         if self.plan is None:
             self._make_plan(pending)

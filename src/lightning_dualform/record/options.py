@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence, get_args
+from typing import Callable, Literal, Mapping, Sequence, get_args
 
 from torch import nn
 
@@ -15,6 +15,10 @@ from lightning_dualform.store.format import ROW_DTYPES
 
 RowDtype = Literal["float32", "float16", "bfloat16"]
 LayerSelection = Sequence[str] | Callable[[str, nn.Module], bool] | None
+#: how a layer's calls of shape ``(B, B, ...)`` are laid out (batch first or sequence first cannot be told apart)
+Layout = Literal["batch_first", "sequence_first"]
+LayoutChoice = Layout | Mapping[str, Layout] | None
+LAYOUTS: tuple[str, ...] = get_args(Layout)
 #: The largest chunk a caller may ask for: 2^20 rows (a float32 chunk of an 800-wide layer is then 3.2 GB,
 #: which HDF5 allocates whole at the first append; the automatic size keeps chunks near 512 KiB).
 MAX_CHUNK_ROWS = 1 << 20
@@ -45,6 +49,13 @@ class RecordOptions:
     commit_seconds: float = 30.0
     check_disk: bool = True
     check_every: int = 50
+    layout: LayoutChoice = None
+
+    def layout_of(self, name: str) -> Layout | None:
+        """The layout declared for layer ``name`` (``None``: told from the calls' shapes alone)."""
+        if isinstance(self.layout, Mapping):
+            return self.layout.get(name)
+        return self.layout
 
     @classmethod
     def checked(cls, owner: str, path: str | os.PathLike, layers: LayerSelection, **kw: object) -> "RecordOptions":
@@ -72,5 +83,14 @@ class RecordOptions:
         for name in ("exact", "overwrite", "store_inputs", "check_disk"):
             if name in kw and not isinstance(kw[name], bool):
                 raise TypeError(f"`{owner}({name}={kw[name]!r})` must be True or False.")
+        layout = kw.get("layout")
+        if layout is not None:
+            values = list(layout.values()) if isinstance(layout, Mapping) else [layout]
+            if (isinstance(layout, Mapping) and not all(isinstance(k, str) for k in layout)) or not all(
+                    isinstance(v, str) and v in LAYOUTS for v in values):
+                raise ValueError(f"`{owner}(layout={layout!r})`: expected None, one of {LAYOUTS} for every layer, or a "
+                                 f"dict of layer names to one of them.")
+            if isinstance(layout, Mapping):
+                kw["layout"] = dict(layout)
         chosen = list(layers) if isinstance(layers, (list, tuple)) else layers
         return cls(path=os.fspath(path), layers=chosen, **kw)  # type: ignore[arg-type]

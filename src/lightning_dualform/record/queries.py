@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 from lightning_dualform.layers import layer_shape, one_hot_keys
 from lightning_dualform.record.batches import (
     BatchInfo,
-    batch_first_layer,
+    layer_layout,
     batch_size,
     prediction,
     row_metadata,
@@ -36,8 +36,10 @@ from lightning_dualform.store.reader import StoreReader
 class QueryRecorder:
     """Hooks every layer of a store on a model and writes what they see, batch by batch."""
 
-    def __init__(self, writer: QueryWriter, split: str, path: str, captures: dict[str, LayerCapture]) -> None:
+    def __init__(self, writer: QueryWriter, split: str, path: str, captures: dict[str, LayerCapture],
+                 layouts: Callable[[str], str | None] = lambda name: None) -> None:
         self.writer = writer
+        self.layouts = layouts  # the layout declared per layer (``layout=``), for calls of shape (B, B, ...)
         self.split = split
         self.path = path
         self.captures = captures
@@ -48,8 +50,10 @@ class QueryRecorder:
         self.warned: set[str] = set()  # layers told that their layout cannot be told
 
     @classmethod
-    def start(cls, path: str, split: str, model: nn.Module) -> "QueryRecorder":
-        """Open the store's query set ``split`` (replacing an older one) and hook the model's layers.
+    def start(cls, path: str, split: str, model: nn.Module,
+              layouts: Callable[[str], str | None] = lambda name: None) -> "QueryRecorder":
+        """Open the store's query set ``split`` (replacing an older one) and hook the model's layers
+        (``layouts(name)``: a layer's declared layout, as the fit had it).
 
         Raises:
             FileNotFoundError: there is no store yet.
@@ -67,7 +71,7 @@ class QueryRecorder:
         missing = [n for n in names if n not in modules]
         if missing:
             raise ValueError(f"DualFormCallback: the store's layers {missing} are not in this model.")
-        rec = cls(QueryWriter(path, split, widths), split, path, {})
+        rec = cls(QueryWriter(path, split, widths), split, path, {}, layouts)
         for name in names:
             cap = LayerCapture(name, modules[name], lambda: rec.active, need_grad=False, keep_output=name == names[-1])
             cap.attach()
@@ -91,13 +95,13 @@ class QueryRecorder:
         last_output = None
         for name, cap in self.captures.items():
             offset, parts = 0, []
-            batch_first = batch_first_layer(cap.module)
+            layout = layer_layout(cap.module, self.layouts(name))
             for call in cap.calls:
                 _, position, row_label, per_ex, example = row_metadata(call, info, offset, with_example=True,
-                                                                       batch_first=batch_first)
-                if name not in self.warned and unknown_layout(call, info.size, batch_first):  # example -1
+                                                                       layout=layout)
+                if name not in self.warned and unknown_layout(call, info.size, layout):  # example -1
                     self.warned.add(name)
-                    warnings.warn(unknown_layout_message("DualFormCallback(record_queries=...)", name,
+                    warnings.warn(unknown_layout_message("DualFormCallback", name,
                                                          call.lead_shape, info.size), UserWarning, stacklevel=2)
                 offset += per_ex
                 keys = call.keys if call.keys.is_floating_point() else one_hot_keys(call.keys, layer_shape(cap.module)[0])

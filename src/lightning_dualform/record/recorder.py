@@ -26,7 +26,7 @@ from lightning_dualform.errors import InexactError
 from lightning_dualform.record.batches import BatchInfo
 from lightning_dualform.record.capture import find_layers
 from lightning_dualform.record.engine import RecordingEngine
-from lightning_dualform.record.options import RecordOptions, RowDtype
+from lightning_dualform.record.options import LayoutChoice, RecordOptions, RowDtype
 from lightning_dualform.record.planner import Plan
 from lightning_dualform.record.policy import RunFacts, inexact_causes, refusal
 from lightning_dualform.record.specs import Distributed, rank_path
@@ -62,7 +62,7 @@ class DualFormRecorder:
         model: the model being trained (a ``DistributedDataParallel`` or a module from ``fabric.setup`` is fine).
         optimizer: its optimizer (or the one ``fabric.setup`` returned).
         layers, dtype, compression, chunk_rows, exact, overwrite, max_queue, certify, store_inputs,
-            commit_seconds, check_disk, check_every: as for :class:`~lightning_dualform.DualFormCallback`
+            commit_seconds, check_disk, check_every, layout: as for :class:`~lightning_dualform.DualFormCallback`
             (``check_every`` is ignored: the recorder checks every step, since it measures each step's factor).
         expected_steps: the number of optimizer steps the loop will take, for the disk plan (``None``: the plan
             is printed per step and the disk is not checked).
@@ -97,12 +97,13 @@ class DualFormRecorder:
         commit_seconds: float = 30.0,
         check_disk: bool = True,
         check_every: int = 1,
+        layout: LayoutChoice = None,
         expected_steps: int | None = None,
     ) -> None:
         self.options = RecordOptions.checked(
             _OWNER, path, layers, dtype=dtype, compression=compression, chunk_rows=chunk_rows, exact=exact,
             overwrite=overwrite, max_queue=max_queue, certify=certify, store_inputs=store_inputs,
-            commit_seconds=commit_seconds, check_disk=check_disk, check_every=check_every,
+            commit_seconds=commit_seconds, check_disk=check_disk, check_every=check_every, layout=layout,
         )
         if not isinstance(model, nn.Module):
             raise TypeError(f"`{_OWNER}(model=...)` must be a torch.nn.Module, got {type(model).__name__}.")

@@ -16,7 +16,7 @@ import torch
 from lightning_dualform.layers import pixels_of
 from lightning_dualform.record.batches import (
     BatchInfo,
-    batch_first_layer,
+    layer_layout,
     row_metadata,
     unknown_layout,
     unknown_layout_message,
@@ -29,22 +29,23 @@ Pending = dict[str, list[tuple[CallRows, torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def take_rows(captures: dict[str, LayerCapture], warn_once: Callable[[str, str], None] | None = None,
-              owner: str = "lightning-dualform") -> Pending:
+              owner: str = "lightning-dualform", layouts: Callable[[str], str | None] | None = None) -> Pending:
     """The completed calls of every layer since the last step, with each row's index, position and label (rows
     whose gradient never reaches the weight, such as an embedding's ``padding_idx``, left out).
 
     A call whose layout cannot be told, ``(B, B, ...)`` (:func:`~lightning_dualform.record.batches.unknown_layout`),
-    gets index and label -1; ``warn_once(key, message)`` is then told, with one key per layer.
+    gets index and label -1 unless ``layouts(name)`` declares the layer's layout; ``warn_once(key, message)`` is
+    then told, with one key per layer.
     """
     pending: Pending = {}
     for name, cap in captures.items():
         offsets: dict[int, int] = {}  # per batch: positions already used by earlier calls of this layer
-        batch_first = batch_first_layer(cap.module)
+        layout = layer_layout(cap.module, layouts(name) if layouts is not None else None)
         for call in cap.take_completed():
             info = call.batch if call.batch is not None else BatchInfo(size=None, indices=None, labels=None)
             offset = offsets.get(id(info), 0)
-            index, position, label, per_ex = row_metadata(call, info, offset, batch_first=batch_first)
-            if warn_once is not None and len(call.lead_shape) > 1 and unknown_layout(call, info.size, batch_first):
+            index, position, label, per_ex = row_metadata(call, info, offset, layout=layout)
+            if warn_once is not None and len(call.lead_shape) > 1 and unknown_layout(call, info.size, layout):
                 warn_once(f"unknown-layout:{name}", unknown_layout_message(owner, name, call.lead_shape, info.size))
             offsets[id(info)] = offset + per_ex
             if call.keep is not None:  # rows whose gradient never reaches the weight
