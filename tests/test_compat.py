@@ -12,6 +12,7 @@ import torch
 from helpers import TRAINER_KW, MLP, IndexedDataset, loader
 
 from lightning_dualform import _compat
+from lightning_dualform._unwrap import layer_name, named_modules, unwrap_model
 from lightning_dualform.record.batches import IndexRecorder, unwrap_dataloader, wrap_dataloader
 
 
@@ -152,3 +153,15 @@ def test_lightning_norm_clipping_hands_over_the_norm_it_clips_with():
     own = OwnClipping()
     assert _compat.observe_norm_clipping(own, lambda total, clip: None) is None
     assert "clip_grad_by_norm" not in vars(own)
+
+
+def test_compiled_original_is_the_module_a_compile_wrapper_holds():
+    """The contract (``compiled_original``, for ``_unwrap``): ``torch.compile`` returns a wrapper whose
+    ``_orig_mod`` is the module given, and which puts ``_orig_mod`` into the names of everything below it."""
+    lin = torch.nn.Linear(2, 2)
+    seq = torch.nn.Sequential(torch.compile(lin, backend="eager"))
+    assert _compat.compiled_original(seq[0]) is lin and _compat.compiled_original(lin) is None
+    assert "0._orig_mod" in dict(seq.named_modules()) and "0._orig_mod.weight" in dict(seq.named_parameters())
+    assert named_modules(seq) == {"": seq, "0": lin}
+    assert unwrap_model(torch.compile(seq, backend="eager")) is seq
+    assert layer_name("net._orig_mod.0") == "net.0" and layer_name("_orig_mod.net._orig_mod.0") == "net.0"

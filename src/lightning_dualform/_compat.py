@@ -13,12 +13,16 @@ contract test in ``tests/test_compat.py`` that fails loudly when the behaviour i
 - :func:`observe_norm_clipping`: Lightning's ``Precision.clip_grad_by_norm`` computes the gradients' total
   norm and drops it; the plugin *instance* gets the same two lines that keep it (a second norm was a
   pass over every gradient each step: 0.5 ms of the paper MLP's 11 ms step on a 2-core CPU).
+- :func:`compiled_original`: the module inside a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``), so
+  that a compiled model (or submodule) answers to the names its layers have without compiling: torch offers no
+  public way back to the original, and the wrapper puts ``_orig_mod`` into every name below it.
 - :func:`h5py_lock`: h5py's global lock, so that the ctypes calls of ``store/_hdf5_nogil.py`` stay
   serialised with h5py's own calls into the same HDF5 library.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 
@@ -46,6 +50,16 @@ def observe_dataloaders(strategy: Any, observe: Callable[[Any], Any]) -> Callabl
 def replace_sampler(dataloader: Any, attr: str, value: Any) -> None:
     """Set ``dataloader.sampler`` or ``.batch_sampler`` after construction (the DataLoader guards them)."""
     object.__setattr__(dataloader, attr, value)
+
+
+def compiled_original(module: object) -> Any:
+    """The module a ``torch.compile`` wrapper holds, or None when ``module`` is not one. (Without
+    ``torch._dynamo`` imported no module can be compiled: it is not imported here, which would take a second.)"""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    wrapper = getattr(eval_frame, "OptimizedModule", None)
+    if wrapper is not None and isinstance(module, wrapper):
+        return module._orig_mod
+    return None
 
 
 def h5py_lock() -> Any:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 import torch
 from torch import nn
 
-from lightning_dualform._unwrap import unwrap_model
+from lightning_dualform._unwrap import named_modules, uncompiled, unwrap_model
 from lightning_dualform.attend.request import AttendRequest, Contribution, request_from
 from lightning_dualform.attend.results import AttentionResult, Explanation
 from lightning_dualform.layers import keys_of, one_hot_keys
@@ -99,7 +99,7 @@ def explain(
     for name in names:
         di.layer(name)
     inner = unwrap_model(model)  # hooks go on the user's own modules; the forward runs through the wrapper
-    modules = dict(inner.named_modules())
+    modules = named_modules(inner)
     missing = [n for n in names if n not in modules]
     if missing:
         have = [n for n, m in modules.items() if n and not list(m.children())][:8]
@@ -121,13 +121,13 @@ def explain(
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), uncompiled(model) as eager:  # (a graph compiled before the hooks would not call them)
             if forward is not None:
-                output = forward(model, batch)
+                output = forward(eager, batch)
             elif isinstance(batch, (list, tuple)):
-                output = model(batch[0])
+                output = eager(batch[0])
             else:
-                output = model(batch)
+                output = eager(batch)
     finally:
         for h in handles:
             h.remove()

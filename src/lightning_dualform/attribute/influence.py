@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_dualform._unwrap import uncompiled
 from lightning_dualform.attend.finite import nonfinite_rows, shown
 from lightning_dualform.attribute.batches import Data, Loss
 from lightning_dualform.attribute.every_step import every_step_table
@@ -100,8 +101,9 @@ def influence(
 
         store = own = open_store(store)
     try:
-        return _influence(store, model, inputs, targets, target, method, layers, forward, loss_fn, data, query_batch,
-                          max_grad_norm, tolerance, dtype)
+        with uncompiled(model) as eager:  # a replay swaps parameters in: compiled code would recompile for each
+            return _influence(store, eager, inputs, targets, target, method, layers, forward, loss_fn, data,
+                              query_batch, max_grad_norm, tolerance, dtype)
     finally:
         if own is not None:
             own.close()

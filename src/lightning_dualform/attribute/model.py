@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from lightning_dualform._unwrap import named_modules, raw_names, unwrap_model
 from lightning_dualform.attribute.targets import Target, check_outputs, evaluate
 from lightning_dualform.layers import keys_of, one_hot_keys, values_of
 
@@ -64,21 +65,25 @@ class BoundModel:
     """
 
     def __init__(self, model: nn.Module, store: Any, layers: list[str] | None = None) -> None:
+        model = unwrap_model(model)  # (a compiled model is replayed uncompiled: the same numbers)
         self.model = model
         self.store = store
         self.layers = list(layers) if layers is not None else list(store.layers)
-        modules = dict(model.named_modules())
+        modules = named_modules(model)
         missing = [n for n in self.layers if n not in modules]
         if missing:
             raise KeyError(f"the model has no module named {missing}; the store tracks {store.layers}. Pass the model "
                            "that was trained (module names must match).")
         self.modules = {n: modules[n] for n in self.layers}
-        #: parameter name in ``model.named_parameters()`` -> (layer, "weight" | "bias")
+        #: parameter name in ``model.named_parameters()`` -> (layer, "weight" | "bias"); a compiled submodule's
+        #: parameters keep their ``_orig_mod`` there
         self.param_of: dict[str, tuple[str, str]] = {}
+        raw = raw_names(model)
         for n in self.layers:
-            self.param_of[f"{n}.weight" if n else "weight"] = (n, "weight")
+            prefix = raw[id(self.modules[n])]
+            self.param_of[f"{prefix}.weight" if prefix else "weight"] = (n, "weight")
             if store.layer(n).has_bias:
-                self.param_of[f"{n}.bias" if n else "bias"] = (n, "bias")
+                self.param_of[f"{prefix}.bias" if prefix else "bias"] = (n, "bias")
 
     def untracked_trainable(self) -> list[str]:
         """Trainable parameters of the model that the store does not record (a replay cannot rebuild them)."""
@@ -88,7 +93,7 @@ class BoundModel:
         """Modules whose training-time forward depends on what no store records: dropout (with ``p > 0``: its
         random masks), batch and instance norm (their running statistics and batch coupling)."""
         out = []
-        for name, m in self.model.named_modules():
+        for name, m in named_modules(self.model).items():
             if isinstance(m, nn.modules.dropout._DropoutNd) and float(m.p) == 0.0:
                 continue
             if isinstance(m, UNREPLAYABLE):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_dualform._unwrap import named_modules
 from lightning_dualform.cli.inputs import check_store_path, parse_index, pick_split
 from lightning_dualform.cli.usage import UsageError
 from lightning_dualform.cli.output import JSON_SUFFIXES, Inputs, Output, json_text, note, table, write_together
@@ -50,7 +51,7 @@ def load_model(spec: str) -> nn.Module:
 
 def load_final_weights(model: nn.Module, store: Any) -> None:
     """Put the store's final weights into the model's tracked layers."""
-    modules = dict(model.named_modules())
+    modules = named_modules(model)
     for name in store.layers:
         if name not in modules:
             raise UsageError(f"--model: the model has no module {name!r}; the store tracks {store.layers}.")

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from lightning_dualform._unwrap import layer_name, named_modules
 from lightning_dualform.layers import (
     FUSED_TYPES,
     SUPPORTED_TYPES,
@@ -157,16 +158,18 @@ class LayerCapture:
 def find_layers(
     model: nn.Module, layers: list[str] | Callable[[str, nn.Module], bool] | None
 ) -> tuple[dict[str, nn.Module], list[str]]:
-    """Resolve the ``layers`` argument against ``model.named_modules()``.
+    """Resolve the ``layers`` argument against ``model.named_modules()``, under the names a store gives them
+(:func:`~lightning_dualform._unwrap.layer_name`: a compiled submodule's layers without ``_orig_mod``).
 
     Returns the selected modules by name (model order) and notes about what was left out and why.
 
     Raises:
         ValueError: a requested name does not exist or is not a supported layer type.
     """
-    named = dict(model.named_modules())
+    named = named_modules(model)
     notes: list[str] = []
     if isinstance(layers, (list, tuple)):
+        layers = [layer_name(n) for n in layers]
         unknown = [n for n in layers if n not in named]
         if unknown:
             candidates = [n for n, m in named.items() if isinstance(m, SUPPORTED_TYPES)]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_dualform._unwrap import named_modules
 from lightning_dualform.layers import layer_shape, one_hot_keys
 from lightning_dualform.record.batches import (
     BatchInfo,
@@ -67,7 +68,7 @@ class QueryRecorder:
         with StoreReader(path) as store:
             names = store.layers
             widths = {n: store.layer(n).d_in for n in names}
-        modules = dict(model.named_modules())
+        modules = named_modules(model)
         missing = [n for n in names if n not in modules]
         if missing:
             raise ValueError(f"DualFormCallback: the store's layers {missing} are not in this model.")

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_dualform._unwrap import named_modules
 from lightning_dualform.store.reader import StoreReader
 
 Score = Literal["abs", "signed"]
@@ -80,7 +81,7 @@ def layer_inputs(
     Raises:
         ValueError: a named layer is not an ``nn.Linear`` of the model.
     """
-    mods = dict(model.named_modules())
+    mods = named_modules(model)
     names = list(layers) if layers is not None else [n for n, m in mods.items() if isinstance(m, nn.Linear)]
     bad = [n for n in names if not isinstance(mods.get(n), nn.Linear)]
     if bad:
