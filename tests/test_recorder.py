@@ -91,6 +91,25 @@ def test_plain_loop_rebuilds_the_layers_exactly_at_the_end_and_earlier(tmp_path)
         assert f.attrs["recorded_by"] == "DualFormRecorder"
 
 
+def test_a_process_whose_default_dtype_is_float64_records_exactly(tmp_path):
+    # the certificate's probes and the check's zeros were made in the default dtype: float64 probes met float32 rows
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        ds = IndexedDataset(n=32)
+        ds.x = ds.x.double()
+        model = make_model()  # float64, as the default makes it
+        opt, sched = make_opt(model)
+        with DualFormRecorder(tmp_path / "f64.h5", model, opt) as rec:
+            train(model, opt, sched, batches(ds, 4), rec)
+        assert all(c["exact"] for c in rec.certificate.values()), rec.certificate
+        x = torch.randn(5, 6)
+        with DualInference(tmp_path / "f64.h5", device="cpu") as di:
+            assert rel_err(di.attend("0", x, top_k=2).dual.double(), real_output(model[0], x)) < 1e-5
+    finally:
+        torch.set_default_dtype(default)
+
+
 def test_measured_factor_matches_clip_grad_norm(tmp_path):
     """The recorder measures the clip factor; torch.nn.utils.clip_grad_norm_ computed it another way."""
     ds = IndexedDataset(n=64)

@@ -58,8 +58,8 @@ def project_rows(rows: dict[str, tuple], modules: dict[str, nn.Module], probes: 
                 gz = (_columns_first(z) @ keys.to(z.dtype).t() @ values).t()
             gb = values.sum(0)
         else:
-            gz = torch.zeros(d_out, z.shape[1], device=z.device)
-            gb = torch.zeros(d_out, device=z.device)
+            gz = torch.zeros(d_out, z.shape[1], device=z.device, dtype=torch.float32)
+            gb = torch.zeros(d_out, device=z.device, dtype=torch.float32)
         out[name] = (gz, gb)
     if all_reduce is None or not out:
         return out  # (one process: nothing to sum, no flattening)

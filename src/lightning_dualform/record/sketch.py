@@ -66,7 +66,7 @@ class SketchCertificate:
     def probes(name: str, d_in: int, device: torch.device, k: int = PROBES) -> torch.Tensor:
         """The layer's ``Z``: Gaussian, the same for a layer name in every process and every resume."""
         gen = torch.Generator().manual_seed(layer_seed(name))
-        return torch.randn(d_in, k, generator=gen).to(device)
+        return torch.randn(d_in, k, generator=gen, dtype=torch.float32).to(device)  # (whatever the default dtype)
 
     @classmethod
     def for_run(cls, modules: dict[str, torch.nn.Module], probes: dict[str, torch.Tensor],
