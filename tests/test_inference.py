@@ -745,3 +745,40 @@ def test_explain_takes_a_fabric_wrapped_model(tmp_path) -> None:
     assert rel_err(wrapped["2"].dual, out.double()) <= 1e-5
     assert torch.equal(wrapped.prediction, out.argmax(1)) and torch.equal(wrapped["2"].units, out.argmax(1))
     assert json.dumps(wrapped.to_dict()) == json.dumps(bare.to_dict())
+
+
+def test_explain_refuses_a_model_that_is_not_the_trained_one(tmp_path) -> None:
+    """Another model's layer inputs attended over this store's memory are no answer about either model (and the
+    certificate would still say exact): refused, naming the layer; a model of an earlier step is taken with
+    ``at_step`` (its own step: the attention is then that model's)."""
+    import copy
+
+    from lightning_dualform import DualFormRecorder
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    path = str(tmp_path / "s.h5")
+    with DualFormRecorder(path, model, opt) as rec:
+        for i in range(0, 64, 16):
+            rec.batch(indices=torch.arange(i, i + 16), labels=y[i:i + 16])
+            nn.functional.cross_entropy(model(x[i:i + 16]), y[i:i + 16]).backward()
+            opt.step()
+            opt.zero_grad()
+            if i == 16:
+                at_two = copy.deepcopy(model)  # the model after 2 steps
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[2].bias.add_(0.5)
+    q = torch.randn(5, 6)
+    with DualInference(path, device="cpu", accumulate=torch.float64) as di:
+        with pytest.raises(ValueError, match=r"model's 2\.bias differs from the store's final weights \(relative "
+                                             r"error .*\), so it is not the model this store recorded"):
+            di.explain(other, q)
+        with pytest.raises(ValueError, match=r"model's 0\.weight differs"):
+            di.explain(at_two, q)
+        early = di.explain(at_two, q, at_step=2, method=None)
+        with torch.no_grad():
+            assert rel_err(early["2"].dual, at_two(q).double()) <= 1e-5
+        assert di.explain(model, q).influence is not None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -107,6 +108,8 @@ def explain(
             f"`explain(model, ...)`: the model has no module named {missing}, which the store tracks (the model's "
             f"layers include {have}). Pass the model that was trained (module names must match the store's)."
         )
+    if req.at_step is None:
+        _check_trained(di.store, modules, names)
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     handles = []
     for name in names:
@@ -162,6 +165,36 @@ def explain(
         influence=influence,
         influence_note=note,
     )
+
+
+def _check_trained(store: Any, modules: dict[str, nn.Module], names: Sequence[str]) -> None:
+    """Refuse a model whose attended layers do not hold the store's final weights: ``explain`` attends with the
+    model's own layer inputs, which another model makes otherwise, over this store's memory, and the certificate
+    would still say exact (it rebuilds the stored layer, not the model's).
+
+    Raises:
+        ValueError: naming the first layer that differs, and by how much.
+    """
+    if not store.complete:
+        return  # (a store still being written has no final weights yet)
+    for name in names:
+        lay, module = store.layer(name), modules[name]
+        pairs = [("weight", lay.weight_final, module.weight)]
+        if lay.has_bias and getattr(module, "bias", None) is not None:
+            pairs.append(("bias", lay.bias_final, module.bias))
+        for pname, final, own in pairs:
+            if final is None:
+                continue
+            ref = np.asarray(lay.to_param(final) if pname == "weight" else final, dtype=np.float64)
+            mine = own.detach().to("cpu", torch.float64).numpy().reshape(ref.shape)
+            err = float(np.linalg.norm(mine - ref) / max(float(np.linalg.norm(ref)), 1e-30))
+            if err > 1e-4:
+                raise ValueError(
+                    f"`explain(model, ...)`: the model's {name}.{pname} differs from the store's final weights "
+                    f"(relative error {err:.2e}), so it is not the model this store recorded, and its layer inputs "
+                    "would be attended over another model's memory. Pass the trained model (after the run's last "
+                    "step; a model of an earlier step with at_step= that step), or attend over the store with "
+                    "inputs of your own: di.attend(layer, queries).")
 
 
 def _influence(di: "DualInference", influence_fn: Callable[..., Any], model: nn.Module, batch: Any,
