@@ -782,3 +782,26 @@ def test_explain_refuses_a_model_that_is_not_the_trained_one(tmp_path) -> None:
         with torch.no_grad():
             assert rel_err(early["2"].dual, at_two(q).double()) <= 1e-5
         assert di.explain(model, q).influence is not None
+
+
+def test_explain_raises_for_targets_it_was_given_and_influence_for_an_unbatched_query(tmp_path) -> None:
+    from helpers import MLP, IndexedDataset, small_sgd_store
+
+    from lightning_dualform.attend.results import Explanation
+
+    path = small_sgd_store(str(tmp_path / "s.h5"))
+    model = MLP()  # given the store's final weights below
+    with DualInference(path, device="cpu") as di:
+        final = {n: torch.as_tensor(di.store.layer(n).to_param(di.store.layer(n).weight_final)) for n in di.layers}
+        with torch.no_grad():
+            for n in di.layers:
+                dict(model.named_modules())[n].weight.copy_(final[n])
+                dict(model.named_modules())[n].bias.copy_(torch.as_tensor(di.store.layer(n).bias_final))
+        x = IndexedDataset(n=64).x[:5]
+        with pytest.raises(ValueError, match=r"targets must be classes in 0\.\.2; got 9\.\.9"):
+            di.explain(model, x, targets=torch.full((5,), 9))  # (they were only warned about, influence None)
+        assert isinstance(di.explain(model, x, targets=torch.zeros(5, dtype=torch.long)), Explanation)
+        with pytest.raises(ValueError, match=r"inputs of shape \(6,\) has shape \(3,\), not \(6, classes\): the "
+                                             r"inputs' first dimension is the queries.*x\[None\]"):
+            di.influence(model, x[0])  # (it said "1 classes for 6 inputs", of targets the caller never gave)
+        assert di.influence(model, x[0][None]).scores.shape == (1, 64)

@@ -140,7 +140,8 @@ def explain(
     influence, note = None, None
     if method is not None and influence_fn is not None:
         influence, note = _influence(di, influence_fn, inner, batch, forward, method, target,
-                                     targets if targets is not None else prediction, dict(influence_options or {}))
+                                     targets if targets is not None else prediction, dict(influence_options or {}),
+                                     asked=targets is not None)
     results: dict[str, AttentionResult] = {}
     if not attention:
         names = []
@@ -199,15 +200,16 @@ def _check_trained(store: Any, modules: dict[str, nn.Module], names: Sequence[st
 
 def _influence(di: "DualInference", influence_fn: Callable[..., Any], model: nn.Module, batch: Any,
                forward: Callable[[nn.Module, Any], Any] | None, method: str, target: Any, targets: Any,
-               options: dict[str, Any]) -> tuple[Any, str | None]:
-    """The influence table of the batch's queries, or ``(None, reason)`` where ``method="auto"`` does not apply."""
+               options: dict[str, Any], asked: bool = False) -> tuple[Any, str | None]:
+    """The influence table of the batch's queries, or ``(None, reason)`` where ``method="auto"`` does not apply
+    (``asked``: the caller gave ``targets=``, so influence was asked for and its errors are raised)."""
     if forward is not None:
         inputs = batch
     elif isinstance(batch, (list, tuple)):
         inputs = batch[0]
     else:
         inputs = batch
-    explicit = method != "auto"
+    explicit = method != "auto" or asked
     try:
         if torch.is_inference_mode_enabled():  # (a Trainer's validation or test loop): no gradient can be taken
             raise ValueError("influence differentiates the model, which torch.inference_mode() forbids; call explain "

@@ -128,6 +128,11 @@ def _influence(store, model, inputs, targets, target, method, layers, forward, l
             finally:
                 model.train(was)
         check_outputs(out)
+        if isinstance(out, torch.Tensor) and n is not None and (out.dim() < 2 or out.shape[0] != n):
+            raise ValueError(
+                f"`influence(inputs=...)`: the model's output for inputs of shape {tuple(inputs.shape)} has shape "
+                f"{tuple(out.shape)}, not ({n}, classes): the inputs' first dimension is the queries. Pass a batch "
+                "of queries (one query x as x[None]), or targets= and a forward that returns (n, classes).")
         targets = out.argmax(-1)
     targets = as_targets(targets, n)
     examples, labels = store_examples(store, bound.layers)
