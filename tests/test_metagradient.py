@@ -45,13 +45,16 @@ def schedule(s: int) -> float:
     return 1.0 / (1.0 + 0.1 * s)  # a per-step learning-rate factor
 
 
-def train(path, make_opt, clip=None):
+def train(path, make_opt, clip=None, frozen=lambda s: ()):
+    """The recorded run; ``frozen(s)``: the parameters with ``requires_grad=False`` during step ``s``."""
     model = make_model()
     x, y, batches = data()
     opt = make_opt(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     with DualFormRecorder(str(path), model, opt) as rec:
         for s, idx in enumerate(batches):
+            for k, p in model.named_parameters():
+                p.requires_grad_(k not in frozen(s))
             rec.batch(indices=idx, labels=y[idx], inputs=x[idx], epoch=s * BATCH // N)
             opt.zero_grad()
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
@@ -170,7 +173,7 @@ def ref_adafactor(lr, beta2_decay=-0.8, eps2=1e-3, d=1.0, wd=0.0, maximize=False
     return init, step
 
 
-def brute_force(ref, queries, qtargets, clip=None, mode="meta"):
+def brute_force(ref, queries, qtargets, clip=None, mode="meta", frozen=lambda s: ()):
     """``df/dw`` by autograd: ``"meta"`` through everything; ``"first"`` with every step's weights (hence the
     later gradients) and the optimizer's nonlinear state held fixed; ``"tracin"``: per step, ``df/dtheta_s`` times
     that step's change of ``theta_{s+1}``."""
@@ -194,12 +197,15 @@ def brute_force(ref, queries, qtargets, clip=None, mode="meta"):
             f_s = margin(functional_call(model, {k: at[k].detach() + moved[k] - moved[k].detach() for k in at},
                                          (queries,)), qtargets)
             tracin = tracin + f_s
+        live = [k not in frozen(s) for k in at]  # a frozen parameter has no .grad: not clipped, not stepped
         if clip is not None:
-            norm = torch.sqrt(sum((g * g).sum() for g in grads))
+            norm = torch.sqrt(sum((g * g).sum() for g, on in zip(grads, live) if on))
             grads = [g * torch.clamp(clip / (norm + 1e-6), max=1.0) for g in grads]
         new = {}
-        for (k, p), g in zip(params.items(), grads):
-            new[k], states[k] = step(p, states[k], g, s)
+        for (k, p), g, on in zip(params.items(), grads, live):
+            # (a frozen parameter is carried on as a new node: a later step's gradient with respect to it must not
+            # run back through the steps that used it before)
+            new[k], states[k] = step(p, states[k], g, s) if on else (p.clone(), states[k])
         params = new
     f = margin(functional_call(model, params, (queries,)), qtargets)
     if mode == "tracin":
@@ -293,6 +299,22 @@ def test_metagradient_with_norm_clipping(tmp_path):
             influence(store, model, q, qt, method="metagradient")
         res = influence(store, model, q, qt, method="metagradient", max_grad_norm=clip)
     assert rel(res.scores, want) < 1e-5
+
+
+@pytest.mark.parametrize("frozen", [
+    lambda s: {"0.weight", "0.bias"} if s < 3 else set(),  # the first layer: its steps' examples from the others' rows
+    lambda s: {"4.weight", "4.bias"} if s >= 4 else set(),  # the last layer: its gradient is not the stored one
+], ids=["first-layer-early", "last-layer-late"])
+def test_metagradient_of_a_run_with_a_layer_frozen_for_some_steps(tmp_path, frozen):
+    clip = 0.5
+    model = train(tmp_path / "run.h5", lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.5), clip=clip, frozen=frozen)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    q, qt = queries()
+    want, _, _ = brute_force(ref_sgd(0.3, momentum=0.5), q, qt, clip=clip, frozen=frozen)
+    with StoreReader(tmp_path / "run.h5") as store:
+        res = influence(store, model, q, qt, method="metagradient", max_grad_norm=clip)
+    assert rel(res.scores, want) < 1e-5 and res.replay.grad_error < 1e-6
 
 
 def test_the_clipped_replay_warns_nothing(tmp_path):

@@ -267,6 +267,10 @@ def _back_step(traj: Trajectory, point: Point, rows: dict, stored: dict[str, tor
                ) -> tuple[dict[str, torch.Tensor], dict[tuple[str, str], torch.Tensor]]:
     s = point.s
     names = list(point.params)
+    # only what the update applied: a layer frozen for it has autograd's gradient here but no rows in the store
+    applied = [k for k in names if traj.hyper(k, s)["applied"]]
+    if not applied:
+        return lam, lam_state  # (the update changed no tracked parameter: nothing flows back through it)
     theta = {k: v.detach().requires_grad_(True) for k, v in point.params.items()}
     states = {k: {e: (t.detach().requires_grad_(True) if isinstance(t, torch.Tensor) else t) for e, t in st.items()}
               for k, st in point.states.items()}
@@ -277,20 +281,21 @@ def _back_step(traj: Trajectory, point: Point, rows: dict, stored: dict[str, tor
         loss = functional_call(lossmod, {f"inner.{k}": v for k, v in theta.items()}, (source(idx, labels),))
     grads = torch.autograd.grad(loss, [theta[k] for k in names], create_graph=True, allow_unused=True)
     G = {k: (g if g is not None else torch.zeros_like(theta[k])) for k, g in zip(names, grads)}
-    err = _rel({k: v.detach() for k, v in G.items()}, stored)
+    err = _rel({k: G[k].detach() for k in applied}, {k: stored[k] for k in applied})
     if err > report.grad_error:
         report.grad_error, report.worst_step = err, s
     if err > tolerance:
         raise ValueError(
-            f"the replay left the stored run at update {s} (global step {traj.first_step + s}): the loss's gradient at "
-            f"the replayed weights differs from the stored one by {err:.2e} (relative; tolerance {tolerance:g}). The "
-            "loss function, the batches (data=) or the model's forward are not those of the recorded run."
+            f"the replay left the stored run at update {s} (global step {traj.first_step + s}; the updates are checked "
+            "from the last back, so earlier ones may differ too): the loss's gradient at the replayed weights differs "
+            f"from the stored one by {err:.2e} (relative; tolerance {tolerance:g}). The loss function, the batches "
+            "(data=) or the model's forward are not those of the recorded run."
         )
     scale = None
     if clip is not None:
-        norm = torch.sqrt(sum((g * g).sum() for g in G.values()))
+        norm = torch.sqrt(sum((G[k] * G[k]).sum() for k in applied))  # (a frozen layer's .grad was None)
         coef = torch.clamp(clip / (norm + CLIP_EPS), max=1.0)
-        stored_gs = float(traj.grad_scale[names[0]][s])
+        stored_gs = float(traj.grad_scale[applied[0]][s])
         factor = float(coef.detach())  # (a number to compare; coef itself stays in the graph)
         if abs(factor - stored_gs) > 1e-4 * max(stored_gs, 1e-12):
             raise ValueError(f"update {s}: the clip factor min(1, {clip:g} / ||g||) is {factor:.6g} but the store "

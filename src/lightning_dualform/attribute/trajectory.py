@@ -103,11 +103,16 @@ class Trajectory:
         return out
 
     def batch_indices(self, rows: dict[str, StepRows]) -> tuple[np.ndarray, np.ndarray]:
-        """The dataset indices of the step's examples, in the order of their first rows, and their labels."""
-        r = rows[self.bound.layers[0]]
-        idx, first = np.unique(r.data["index"], return_index=True)
+        """The dataset indices of the step's examples, in the order of their first rows, and their labels: from
+        every layer's rows (a layer frozen for the step has none; empty where no layer has any)."""
+        parts = [rows[n] for n in self.bound.layers if n in rows and len(rows[n].data["index"])]
+        if not parts:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        index = np.concatenate([r.data["index"] for r in parts])
+        label = np.concatenate([r.data["label"] for r in parts])
+        idx, first = np.unique(index, return_index=True)
         order = np.argsort(first)
-        return idx[order], r.data["label"][first[order]]
+        return idx[order], label[first[order]]
 
     # -- one step -------------------------------------------------------------------------------------------
     def hyper(self, name: str, s: int) -> dict:
