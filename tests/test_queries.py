@@ -145,3 +145,47 @@ def test_a_failed_stage_keeps_the_query_sets_the_store_had(trained):
                                                      torch.utils.data.DataLoader(test, batch_size=4, shuffle=True))
     with StoreReader(cb.store_path) as s:
         np.testing.assert_array_equal(s.queries("test").index, before)  # the old split, whole
+
+
+def test_a_resume_makes_the_query_sets_of_the_earlier_model_stale(tmp_path):
+    """Query sets hold the layer inputs and predictions of the model that recorded them: a resume that trains on
+    (or rolls back and retrains to the same step) makes them another model's, refused until recorded again."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_dualform.cli.main import main as cli
+    from lightning_dualform.errors import StaleQueriesError
+
+    train, test = IndexedDataset(n=48, seed=0), IndexedDataset(n=12, seed=1)
+    loader = torch.utils.data.DataLoader(train, batch_size=16, shuffle=True)
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1)
+    kw = {**TRAINER_KW, "enable_checkpointing": True}
+
+    def fit(epochs, ckpt=None):
+        model = Classifier()
+        cb = DualFormCallback(tmp_path / "q.h5", record_queries=("test",))
+        trainer = L.Trainer(max_epochs=epochs, callbacks=[cb, ckpts], **kw)
+        trainer.fit(model, loader, ckpt_path=ckpt)
+        return trainer, model, cb
+
+    trainer, model, cb = fit(2)  # 6 steps
+    trainer.test(model, torch.utils.data.DataLoader(test, batch_size=4))
+    with StoreReader(cb.store_path) as s:
+        assert s.queries("test").after_step == 6 and s.queries("test").stale is None
+    first = sorted((tmp_path / "ck").glob("epoch=0*.ckpt"))[0]  # after 3 steps: the resume rolls back 3
+    fit(2, str(first))  # and trains back to 6 steps: another model at the same step count
+    with StoreReader(cb.store_path) as s:
+        with pytest.raises(StaleQueriesError, match=r"'test' queries are not this store's model's: they were recorded "
+                                                     r"with a model whose last steps a resume rolled back"):
+            s.queries("test")
+        assert s.queries("test", stale_ok=True).stale is not None
+    assert cli(["verify", str(cb.store_path)]) == 0  # (the set is no evidence about this store's model)
+    assert cli(["attend", str(cb.store_path), "--split", "test"]) != 0
+    trainer, model, cb = fit(3, str(sorted((tmp_path / "ck").glob("epoch=1*.ckpt"))[-1]))  # trains on: 9 steps
+    trainer.test(model, torch.utils.data.DataLoader(test, batch_size=4))  # recorded again: current
+    with StoreReader(cb.store_path) as s:
+        assert s.queries("test").after_step == 9 and s.queries("test").stale is None
+    fit(4, str(sorted((tmp_path / "ck").glob("epoch=2*.ckpt"))[-1]))  # trains on from the last: 12 steps
+    with StoreReader(cb.store_path) as s:
+        with pytest.raises(StaleQueriesError, match=r"recorded with the model after 9 optimizer steps, and the store "
+                                                     r"now rebuilds the model after 12"):
+            s.queries("test")

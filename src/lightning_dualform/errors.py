@@ -16,6 +16,11 @@ class StoreBusyError(StoreError):
     what a reader saw may be half written. Retry when that process is done."""
 
 
+class StaleQueriesError(DualFormError, ValueError):
+    """A recorded query set went through another model than the one the store now rebuilds (the run was resumed
+    and trained on, or rolled back): its layer inputs and predictions are that model's. Record it again."""
+
+
 class InexactError(DualFormError, RuntimeError):
     """The training run cannot be written as an exact dual form (e.g. Rprop, value clipping) and no opt-in was given."""
 

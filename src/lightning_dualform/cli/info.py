@@ -44,11 +44,12 @@ def _store_facts(path: str) -> dict[str, Any]:
             })
         queries = []
         for split in s.query_splits:
-            qs = s.queries(split)
+            qs = s.queries(split, stale_ok=True)
             known = (qs.label >= 0) & (qs.prediction >= 0)
             acc = float((qs.label[known] == qs.prediction[known]).mean()) if known.any() else None
             queries.append(
-                {"split": split, "n": qs.n, "layers": qs.layers, "inputs": qs.inputs is not None, "accuracy": acc}
+                {"split": split, "n": qs.n, "layers": qs.layers, "inputs": qs.inputs is not None, "accuracy": acc,
+                 "after_step": qs.after_step, "stale": qs.stale}
             )
         epochs = sorted(set(np.asarray(s.update_epochs).tolist()))
         m = s.meta
@@ -162,10 +163,17 @@ def render_info(f: dict[str, Any]) -> str:
     if f["queries"]:
         out.append("query sets")
         out.append(table(
-            ["split", "queries", "accuracy", "raw inputs", "layers"],
+            ["split", "queries", "accuracy", "raw inputs", "model", "layers"],
             [[q["split"], q["n"], "-" if q["accuracy"] is None else f"{100 * q['accuracy']:.1f}%",
-              "yes" if q["inputs"] else "no", ", ".join(q["layers"])] for q in f["queries"]],
+              "yes" if q["inputs"] else "no",
+              ("STALE" if q["stale"] else "-" if q["after_step"] is None else f"after {q['after_step']} steps"),
+              ", ".join(q["layers"])] for q in f["queries"]],
         ))
+        for q in f["queries"]:
+            if q["stale"]:
+                stage = q["split"] if q["split"] in ("test", "validate") else "predict"
+                out.append(f"  the {q['split']!r} queries are STALE: {q['stale']}. Their accuracy and layer inputs are "
+                           f"that model's; record them again (trainer.{stage}(...) with record_queries).")
     else:
         out.append("query sets: none (record with DualFormCallback(record_queries=('test',)) and trainer.test)")
     return "\n".join(out)

@@ -153,8 +153,9 @@ class ViewApp:
                 })
             splits = []
             for split in s.query_splits:
-                qs = s.queries(split)
-                splits.append({"name": split, "n": qs.n, "layers": list(qs.layers), "inputs": qs.has_inputs})
+                qs = s.queries(split, stale_ok=True)
+                if qs.stale is None:  # (a stale set is another model's: `info` lists it, with why)
+                    splits.append({"name": split, "n": qs.n, "layers": list(qs.layers), "inputs": qs.has_inputs})
             steps = np.asarray(s.update_steps)
             epochs = np.asarray(s.update_epochs)
             starts = [int(steps[0])] + [int(x) for x in steps[1:][np.diff(epochs) != 0]] if len(steps) else []

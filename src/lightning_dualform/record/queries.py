@@ -68,11 +68,12 @@ class QueryRecorder:
         with StoreReader(path) as store:
             names = store.layers
             widths = {n: store.layer(n).d_in for n in names}
+            after_step = store.last_step
         modules = named_modules(model)
         missing = [n for n in names if n not in modules]
         if missing:
             raise ValueError(f"DualFormCallback: the store's layers {missing} are not in this model.")
-        rec = cls(QueryWriter(path, split, widths), split, path, {}, layouts)
+        rec = cls(QueryWriter(path, split, widths, after_step), split, path, {}, layouts)
         for name in names:
             cap = LayerCapture(name, modules[name], lambda: rec.active, need_grad=False, keep_output=name == names[-1])
             cap.attach()

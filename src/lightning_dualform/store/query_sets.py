@@ -24,6 +24,21 @@ class QuerySet:
         where = f"{store.path}: query set {split!r}"
         self.index, self.label, self.prediction, self.layers = validate.check_query_set(group, where)
         self.n = len(self.index)
+        after = group.attrs.get("after_step")
+        #: the model the queries went through: after this many optimizer steps (None: a store from before 0.1.1)
+        self.after_step = int(after) if after is not None else None
+        self.stale = self._stale(store.last_step, bool(group.attrs.get("rolled_back", False)))
+
+    def _stale(self, last_step: int, rolled_back: bool) -> str | None:
+        """Why the set is not the store's model's, or None: it went through a model a resume rolled back, or the
+        model after another step count than the store's last."""
+        if rolled_back:
+            return ("they were recorded with a model whose last steps a resume rolled back"
+                    + (f" (the model after {self.after_step} optimizer steps)" if self.after_step is not None else ""))
+        if self.after_step is not None and self.after_step != last_step:
+            return (f"they were recorded with the model after {self.after_step} optimizer steps, and the store now "
+                    f"rebuilds the model after {last_step} (the run was resumed and trained on)")
+        return None
 
     @property
     @_h5.guarded

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from lightning_dualform._args import as_int
-from lightning_dualform.errors import StoreBusyError, StoreError
+from lightning_dualform.errors import StaleQueriesError, StoreBusyError, StoreError
 from lightning_dualform.optim import OptimizerState, UpdateRule
 from lightning_dualform.optim.stored import Coefficients, base_weights, initial_state, layer_coefficients
 from lightning_dualform.store import _h5, _journal, _probe, _raw_chunks, _repair, validate
@@ -46,6 +46,9 @@ from lightning_dualform.store.view import StoreView
 
 __all__ = ["Coefficients", "LayerReader", "QuerySet", "StoreReader", "StoreView"]
 
+
+#: the Trainer method that records a query split
+_STAGE = {"test": "test", "validate": "validate"}
 
 class LayerReader:
     """Read access to one layer of a store (a :class:`~lightning_dualform.store.source.LayerSource`; its group
@@ -607,13 +610,26 @@ class StoreReader(StoreView):
         """Names of the recorded query sets (e.g. ``["test"]``)."""
         return sorted(self._f["queries"]) if "queries" in self._f else []
 
-    def queries(self, split: str) -> QuerySet:
+    def queries(self, split: str, *, stale_ok: bool = False) -> QuerySet:
+        """The query set ``split``.
+
+        Raises:
+            KeyError: the store has none of that name.
+            StaleQueriesError: it went through another model than the store's (``QuerySet.stale`` says which);
+                ``stale_ok=True`` reads it anyway (to list it, say).
+        """
         if split not in self.query_splits:
             raise KeyError(
                 f"{self.path} has no query set {split!r}; it has {self.query_splits or 'none'}. Record one with "
-                f"DualFormCallback(record_queries=({split!r},)) and trainer.{ {'test': 'test', 'validate': 'validate'}.get(split, 'predict') }(...)."
+                f"DualFormCallback(record_queries=({split!r},)) and trainer.{_STAGE.get(split, 'predict')}(...)."
             )
-        return QuerySet(self, split, self._f["queries"][split])
+        qs = QuerySet(self, split, self._f["queries"][split])
+        if qs.stale is not None and not stale_ok:
+            raise StaleQueriesError(
+                f"{self.path}: the {split!r} queries are not this store's model's: {qs.stale}, so their layer inputs "
+                f"and predictions are that model's. Record them again (trainer.{_STAGE.get(split, 'predict')}(...) "
+                f"with DualFormCallback(record_queries=({split!r},))), or attend over inputs of your own.")
+        return qs
 
     @_h5.guarded
     def train_inputs(self, indices: np.ndarray) -> np.ndarray | None:

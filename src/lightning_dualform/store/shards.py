@@ -310,9 +310,9 @@ class ShardedStoreReader(StoreView):
     def query_splits(self) -> list[str]:
         return sorted(set().union(*(r.query_splits for r in self._readers)))
 
-    def queries(self, split: str) -> QuerySet | _MergedQuerySet:
+    def queries(self, split: str, *, stale_ok: bool = False) -> QuerySet | _MergedQuerySet:
         """A split recorded under DDP: each rank stored its share; they are concatenated in rank order."""
-        sets = [r.queries(split) for r in self._readers if split in r.query_splits]
+        sets = [r.queries(split, stale_ok=stale_ok) for r in self._readers if split in r.query_splits]
         if len(sets) == 1:
             return sets[0]
         return _MergedQuerySet(sets)
@@ -346,6 +346,8 @@ class _MergedQuerySet:
         self.prediction = np.concatenate([s.prediction for s in sets])
         self.n = len(self.index)
         self.layers = sets[0].layers
+        self.after_step = sets[0].after_step
+        self.stale = next((s.stale for s in sets if s.stale is not None), None)
 
     @property
     def inputs(self) -> np.ndarray | None:

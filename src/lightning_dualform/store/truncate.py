@@ -75,6 +75,13 @@ def truncate(
             if dname in g:
                 del g[dname]
         clear_certificate(g)
+    # a query set recorded with a model after the steps the resume keeps describes a model rolled back: it stays
+    # stale even when training comes back to that step count (the later model is another one)
+    end = int(f["update_step"][steps - 1]) + 1 if steps else 0
+    for qs in (f["queries"].values() if "queries" in f else ()):
+        after = qs.attrs.get("after_step")
+        if after is None or int(after) > end:
+            qs.attrs["rolled_back"] = True
     _h5.truncate(f["update_step"], steps)
     _h5.truncate(f["update_epoch"], steps)
     f["committed_steps"][0] = steps
