@@ -165,3 +165,18 @@ def test_compiled_original_is_the_module_a_compile_wrapper_holds():
     assert named_modules(seq) == {"": seq, "0": lin}
     assert unwrap_model(torch.compile(seq, backend="eager")) is seq
     assert layer_name("net._orig_mod.0") == "net.0" and layer_name("_orig_mod.net._orig_mod.0") == "net.0"
+
+
+def test_tensor_version_moves_with_every_in_place_edit_and_only_then():
+    """The contract (``tensor_version``, for ``record/weight_watch.py``): in-place operations move ``_version``;
+    reading the tensor or using it out of place does not."""
+    w = torch.nn.Linear(3, 2).weight
+    v = _compat.tensor_version(w)
+    _ = (w * 2).sum(), w.detach().clone()
+    assert _compat.tensor_version(w) == v
+    with torch.no_grad():
+        w.mul_(1.0)
+    assert _compat.tensor_version(w) == v + 1
+    with torch.no_grad():
+        w[0].copy_(w[0])  # a view's edit is the base's
+    assert _compat.tensor_version(w) == v + 2

@@ -3,6 +3,8 @@ of each weight, against the whole replay of the store read back, and what it cat
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import numpy as np
 import pytest
@@ -219,3 +221,42 @@ def test_a_checkpoints_replay_that_does_not_fit_is_not_used(caplog):
             resume = {"sketch": broken(edit)}
             assert RowReplayCertificate.for_run({"fc": lin}, opt, rule, {"fc": (0, 0)}, resume, "float32") is None
     assert "does not fit" in caplog.text
+
+
+class EditsARow(MLP):
+    """Edits one row of its first layer's weight after every optimizer step (``edit``), or writes the weight back
+    unchanged after a change (``swap``, as an EMA callback does around validation)."""
+
+    def __init__(self, mode: str, make_opt) -> None:
+        super().__init__(hidden=40, opt_factory=lambda m: make_opt(m.parameters()))
+        self.mode = mode
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        w = self.net[0].weight
+        with torch.no_grad():
+            row = int(np.setdiff1d(np.arange(40), RowReplayCertificate.units("net.0", 40))[0])  # one not replayed
+            if self.mode == "edit":
+                w[row].mul_(0.9)
+            else:
+                kept = w.detach().clone()
+                w.mul_(0.5)
+                w.copy_(kept)
+
+
+@pytest.mark.parametrize("mode", ["edit", "swap"])
+def test_a_weight_edited_between_steps_on_a_row_the_replay_skips_is_inexact(tmp_path, mode):
+    """The replay sees 16 of the 40 rows; a row edited outside the optimizer (a norm constraint after each step)
+    is none of them: the weights' watch between steps names it. A weight written back unchanged is no edit."""
+    L.seed_everything(0, verbose=False)
+    model = EditsARow(mode, OPTIMIZERS["adamw"])
+    cb = DualFormCallback(tmp_path / "run.h5")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        L.Trainer(max_epochs=2, callbacks=[cb], **TRAINER_KW).fit(model, loader(IndexedDataset()))
+    told = [str(w.message) for w in caught if "outside the optimizer" in str(w.message)]
+    assert len(told) == (mode == "edit") and all("'net.0'" in t and "after optimizer step 1" in t for t in told)
+    cert = cb.certificate["net.0"]
+    assert cert["method"] == "rows" and cert["rel_err"] < 1e-5  # (the replayed rows agree either way)
+    assert cert["exact"] == (mode == "swap") and cb.certificate["net.2"]["exact"]
+    with StoreReader(cb.store_path) as s:
+        assert s.layer("net.0").exact == (mode == "swap")

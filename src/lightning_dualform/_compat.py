@@ -16,6 +16,8 @@ contract test in ``tests/test_compat.py`` that fails loudly when the behaviour i
 - :func:`compiled_original`: the module inside a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``), so
   that a compiled model (or submodule) answers to the names its layers have without compiling: torch offers no
   public way back to the original, and the wrapper puts ``_orig_mod`` into every name below it.
+- :func:`tensor_version`: a tensor's version counter, which every in-place operation moves: the one cheap way to
+  notice a weight edited between optimizer steps (``record/weight_watch.py``); torch offers no public one.
 - :func:`h5py_lock`: h5py's global lock, so that the ctypes calls of ``store/_hdf5_nogil.py`` stay
   serialised with h5py's own calls into the same HDF5 library.
 """
@@ -60,6 +62,11 @@ def compiled_original(module: object) -> Any:
     if wrapper is not None and isinstance(module, wrapper):
         return module._orig_mod
     return None
+
+
+def tensor_version(t: Any) -> int:
+    """How many in-place operations ``t``'s data has seen (``Tensor._version``)."""
+    return int(t._version)
 
 
 def h5py_lock() -> Any:

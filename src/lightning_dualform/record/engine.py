@@ -51,6 +51,7 @@ from lightning_dualform.record.planner import Plan, check_disk, estimate, slow_w
 from lightning_dualform.record.policy import gradient_check_tolerance
 from lightning_dualform.record.row_replay import RowReplayCertificate
 from lightning_dualform.record.sketch import SketchCertificate
+from lightning_dualform.record.weight_watch import WeightWatch
 from lightning_dualform.record.step_rows import StepRow, StepRowReader, StepSettings, skipped_row
 from lightning_dualform.record.specs import Distributed, bias_of, describe_optimizer, layer_spec
 from lightning_dualform.store import WriterLock
@@ -132,6 +133,7 @@ class RecordingEngine:
         self._geometry: dict[str, ConvGeometry] = {}
         #: the certificate as training goes (None: certify at fit end by reading the store, or not at all)
         self.sketch: SketchCertificate | RowReplayCertificate | None = None
+        self._watch: WeightWatch | None = None  # weights edited between steps, which a few replayed rows miss
         self.run_exact = True  # the adapter's run policy found nothing inexact
         self._steps_seen = 0
         self._warned: set[str] = set()
@@ -273,6 +275,8 @@ class RecordingEngine:
             self._open_store()
         if self.writer is not None:
             self._settings = self.step_settings()
+            for name in self._watch.changed() if self._watch is not None else ():
+                self._flag(name, 0.0, True, edited=True)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         settings, self._settings = self._settings, None
@@ -286,6 +290,8 @@ class RecordingEngine:
         elif expected is not None:
             scale = expected[2]() if callable(expected[2]) else expected[2]
             self.record_step(expected[0], expected[1], settings, scale)
+        if self._watch is not None:
+            self._watch.after_step()
 
     # ------------------------------------------------------------------------------------------------
     # the store
@@ -349,7 +355,7 @@ class RecordingEngine:
     def _start_sketch(self, resume: dict[str, Any] | None) -> None:
         """Certify as training goes: SGD's projections, or an element-wise rule's replay of a few rows; a resume
         continues what its checkpoint saved (one from before they existed certifies at the end instead)."""
-        self.sketch = None
+        self.sketch, self._watch = None, None
         if not self.options.certify or not self.run_exact or self.optimizer is None:
             return  # (an inexact run keeps its residual, which only the full certificate computes)
         if type(self.optimizer) is torch.optim.SGD:
@@ -358,6 +364,7 @@ class RecordingEngine:
             self.sketch = RowReplayCertificate.for_run(
                 self.chosen, self.optimizer, self.rule, self._param_groups, resume, self.options.dtype,
                 self.dist.sum_over_ranks)
+            self._watch = WeightWatch(self.chosen) if self.sketch is not None else None  # (its blind spot)
 
     def _resumed_attrs(self, stored: StoreMetadata) -> dict[str, Any]:
         """The rows before the checkpoint keep the rounding they were made with: the store's mode is the
@@ -559,7 +566,7 @@ class RecordingEngine:
                 self._flag(name, err, has_rows=name in has_rows or seen)
         return {name: f for name, (f, _, _) in checked.items()} if grad_scale is None else {}
 
-    def _flag(self, name: str, err: float, has_rows: bool) -> None:
+    def _flag(self, name: str, err: float, has_rows: bool, edited: bool = False) -> None:
         if not has_rows:
             self.dropped[name] = ("its weight received gradients in steps where its forward hook saw no input "
                                   "(the weight is used outside the module's forward, e.g. nn.MultiheadAttention.out_proj)")
@@ -567,10 +574,12 @@ class RecordingEngine:
             self._warn(f"{self.owner}: layer {name!r} left out of the store: {self.dropped[name]}.")
         elif name not in self.inexact:
             self.inexact[name] = (
+                f"its weights were changed after optimizer step {self.steps_recorded}, outside the optimizer (a "
+                "constraint, a callback or a hook editing them in place): no row explains that change" if edited else
                 f"at step {self.steps_recorded} its captured rows explain its gradient only up to relative error "
                 f"{err:.2e} (part of the weight is used outside the module's forward, or a gradient was changed "
-                "between backward and the optimizer step by something other than a uniform scaling)"
-            )
+                "between backward and the optimizer step" + (" by something other than a uniform scaling)"
+                                                              if self._epoch is not None else ")"))
             self.writer.mark_inexact(name, self.inexact[name])
             self._warn(f"{self.owner}: layer {name!r} is recorded as INEXACT: {self.inexact[name]}.")
 
@@ -657,12 +666,7 @@ class RecordingEngine:
         if not full and certificate is not None:
             self.certificate = certificate
         for name, cert in self.certificate.items():
-            verdict = f"exact within {cert.tolerance:.0e}" if cert.exact else f"INEXACT: beyond {cert.tolerance:.0e}"
-            self._info(
-                f"{self.owner}: {name}: rebuilt weights {'match' if cert.exact else 'differ from'} the trained ones "
-                f"{'to' if cert.exact else 'by'} relative error {cert.rel_err:.2e} ({verdict}; the memory explains "
-                f"{100 * cert.explained:.4g}% of the weights)."
-            )
+            self._info(cert.fit_end_line(self.owner, name, self.inexact.get(name)))
 
     def _sketch_certificate(
         self, finals: dict[str, tuple[np.ndarray, np.ndarray | None]]

@@ -115,6 +115,19 @@ class LayerCertificate:
         return cls(err, float(rel_err_weight), float(rel_err_bias), max(0.0, 1.0 - err), float(tolerance),
                    bool(err <= tolerance and exact_run), method, None if probes is None else int(probes))
 
+    def fit_end_line(self, owner: str, name: str, reason: str | None = None) -> str:
+        """What the recording says of layer ``name`` at fit end (``reason``: why the run made it inexact)."""
+        sampled = f" on the {self.probes} rows of each weight replayed" if self.method == "rows" else ""
+        if self.exact:
+            verdict = f"exact within {self.tolerance:.0e}{sampled}"
+        elif self.rel_err > self.tolerance:
+            verdict = f"INEXACT: beyond {self.tolerance:.0e}"
+        else:  # within the tolerance where it looked, but the run did something no row explains
+            verdict = f"INEXACT: {reason}" if reason else "INEXACT: the run was recorded as inexact"
+        return (f"{owner}: {name}: rebuilt weights {'match' if self.exact else 'differ from'} the trained ones "
+                f"{'to' if self.exact else 'by'} relative error {self.rel_err:.2e} ({verdict}; the memory explains "
+                f"{100 * self.explained:.4g}% of the weights{' replayed' if self.method == 'rows' else ''}).")
+
     def as_dict(self) -> dict[str, Any]:
         """``{"rel_err", "rel_err_weight", "rel_err_bias", "explained", "tolerance", "exact", "method"}`` (and
         ``"probes"`` for a sketch): what ``DualFormCallback.certificate`` shows per layer."""

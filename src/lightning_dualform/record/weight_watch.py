@@ -1,0 +1,59 @@
+"""Tracked weights changed between optimizer steps, outside the optimizer.
+
+The rows rebuild what the optimizer did with their gradients; a weight edited in place between two steps (a norm
+constraint after ``step()``, a callback re-initialising units, a clamp) is a change no row explains. SGD's
+certificate projects every row of the weights and sees it at fit end; an element-wise rule's replays a few rows
+(``record/row_replay.py``) and misses it on the others. So under such a rule each tracked weight is watched:
+after every step its version counter (``_compat.tensor_version``: an in-place edit moves it) and a fingerprint
+``W z`` (one product with a fixed random vector); before the next, a weight whose counter moved is compared by
+fingerprint (a copy written back unchanged, such as an EMA swap around validation, is no change).
+
+What it cannot see: an edit inside ``optimizer.step()`` by a step post-hook registered before the recording's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_dualform._compat import tensor_version
+from lightning_dualform.layers import weight_matrix
+
+
+class WeightWatch:
+    """The watched layers' weights after the last optimizer step: versions and fingerprints."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = dict(modules)
+        self._z: dict[str, torch.Tensor] = {}
+        self._seen: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
+
+    def _params(self, module: nn.Module) -> list[torch.Tensor]:
+        return [p for p in (module.weight, getattr(module, "bias", None)) if isinstance(p, torch.Tensor)]
+
+    def _fingerprint(self, name: str, module: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            w = weight_matrix(module).float()
+            z = self._z.get(name)
+            if z is None or z.device != w.device:
+                gen = torch.Generator().manual_seed(0x5EED + len(name))
+                z = self._z[name] = torch.randn(w.shape[1], generator=gen, dtype=torch.float32).to(w.device)
+            b = getattr(module, "bias", None)
+            fp = w @ z
+            return torch.cat([fp, b.detach().float().reshape(-1)]) if isinstance(b, torch.Tensor) else fp
+
+    def after_step(self) -> None:
+        """Remember every watched weight as the optimizer left it."""
+        for name, m in self.modules.items():
+            self._seen[name] = (tuple(tensor_version(p) for p in self._params(m)), self._fingerprint(name, m))
+
+    def changed(self) -> list[str]:
+        """The layers whose weights changed since :meth:`after_step` (none before the first step)."""
+        out = []
+        for name, m in self.modules.items():
+            seen = self._seen.get(name)
+            if seen is None or tuple(tensor_version(p) for p in self._params(m)) == seen[0]:
+                continue
+            if not torch.equal(self._fingerprint(name, m), seen[1]):
+                out.append(name)
+        return out
