@@ -220,3 +220,35 @@ def test_two_process_ddp_conv_maps_are_exact(sgd_run):
             assert rel_err(res.dual.double(), real) <= 1e-5
         mid = di.attend("conv", keys, top_k=3, at_step=6)
         assert rel_err(mid.dual.double(), real) > 1e-4  # (an earlier model: the step matters)
+
+
+RESUME_SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "ddp_resume.py")
+
+
+def test_a_two_process_ddp_run_resumes_each_rank_into_its_own_shard(tmp_path):
+    """Lightning saves rank 0's callback state only; it carries every rank's counts, so each rank continues its own
+    shard (rank 1 was refused: its shard 'already exists'). Resumed from an older checkpoint: the steps after it go."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, RESUME_SCRIPT, str(tmp_path / "run.h5"), str(tmp_path / "ck"), *args],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    run("2")  # 2 epochs of 6 steps per rank, a checkpoint after each
+    first = sorted((tmp_path / "ck").glob("epoch=0*.ckpt"))[0]
+    state = next(v for k, v in torch.load(first, weights_only=False)["callbacks"].items() if "DualFormCallback" in k)
+    assert [os.path.basename(r["store_path"]) for r in state["ranks"]] == ["run.rank0.h5", "run.rank1.h5"]
+    out = run("3", str(first))  # from step 6 (rolls back 6) to 3 epochs
+    assert "CERT" in out and "False" not in out.split("CERT", 1)[1], out
+    indices = []
+    for shard in read_shard_index(str(tmp_path / "run.h5")):
+        with StoreReader(shard) as s:
+            assert s.n_steps == 18 and s.complete and np.array_equal(s.update_steps, np.arange(18))
+            lay = s.layer("net.0")
+            assert lay.certificate is not None and lay.certificate.exact
+            indices.append(lay.read(0, lay.n_rows, ("index", "epoch")))
+    for epoch in range(3):  # each epoch once: the rolled-back epoch's rows are gone, not doubled
+        got = np.concatenate([r["index"][r["epoch"] == epoch] for r in indices])
+        assert sorted(got.tolist()) == list(range(96)), epoch

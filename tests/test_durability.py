@@ -303,3 +303,46 @@ def test_a_checkpoint_that_does_not_describe_the_store_truncates_nothing(tmp_pat
             MLP(), dl, ckpt_path=tmp_path / "c" / "e1.ckpt")
     after = store_contents(str(tmp_path / "s.h5"))
     assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_a_store_moved_with_its_folder_resumes_and_another_store_there_is_refused(tmp_path, monkeypatch):
+    """A checkpoint names its store by absolute path; a folder moved or copied (or a resume started from another
+    directory) holds the same store elsewhere: it is recognised by the time it was created and continued. Another
+    store at that path is refused, saying which store the checkpoint recorded into (it said: resume with
+    ckpt_path, the call that had just failed)."""
+    import shutil
+
+    dl = torch.utils.data.DataLoader(IndexedDataset(), batch_size=16)
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath="c", filename="e1")
+    L.Trainer(max_epochs=1, callbacks=[DualFormCallback("s.h5"), ckpt],
+              **{**TRAINER_KW, "enable_checkpointing": True}).fit(MLP(), dl)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    monkeypatch.chdir(tmp_path / "b")
+    cb = DualFormCallback("s.h5")
+    L.Trainer(max_epochs=2, callbacks=[cb], **TRAINER_KW).fit(MLP(), dl, ckpt_path="c/e1.ckpt")
+    with StoreReader(cb.store_path) as s:
+        assert s.n_steps == 12 and s.first_step == 0 and s.complete  # the checkpoint's 6 steps kept, 6 more
+    assert all(c["exact"] for c in cb.certificate.values()), cb.certificate
+    (tmp_path / "d").mkdir()  # a store of another run (created later) at the same relative path
+    monkeypatch.chdir(tmp_path / "d")
+    import time
+
+    time.sleep(1.1)  # (stores are told apart by their creation time, to the second)
+    L.Trainer(max_epochs=1, callbacks=[DualFormCallback("s.h5")], **TRAINER_KW).fit(MLP(), dl)
+    with pytest.raises(FileExistsError, match=r"The checkpoint being resumed recorded into .*a/s\.h5, and this file "
+                                              r"is not that store"):
+        L.Trainer(max_epochs=2, callbacks=[DualFormCallback("s.h5")], **TRAINER_KW).fit(
+            MLP(), dl, ckpt_path=str(tmp_path / "a" / "c" / "e1.ckpt"))
+
+
+def test_a_second_fit_of_the_same_callback_is_told_what_to_do(tmp_path):
+    dl = torch.utils.data.DataLoader(IndexedDataset(), batch_size=16)
+    cb = DualFormCallback(tmp_path / "s.h5")
+    trainer = L.Trainer(max_epochs=1, callbacks=[cb], **TRAINER_KW)
+    trainer.fit(MLP(), dl)
+    trainer.fit_loop.max_epochs = 2
+    with pytest.raises(FileExistsError, match="This callback recorded it in an earlier trainer.fit: a second fit "
+                                              "records into another path"):
+        trainer.fit(MLP(), dl)

@@ -23,7 +23,7 @@ from typing_extensions import override
 
 from lightning_dualform._compat import observe_dataloaders, observe_norm_clipping
 from lightning_dualform.attend.certificate import certify_store
-from lightning_dualform.errors import DiskSpaceError, InexactError
+from lightning_dualform.errors import DiskSpaceError, InexactError, StoreError
 from lightning_dualform.record.batches import (
     BatchInfo,
     batch_indices,
@@ -44,7 +44,7 @@ from lightning_dualform.record.queries import QueryRecorder
 from lightning_dualform.record.specs import Distributed, rank_path
 from lightning_dualform.store.certificate import LayerCertificate
 from lightning_dualform.store.metadata import clip_algorithm_name
-from lightning_dualform.store import check_replaceable
+from lightning_dualform.store import StoreReader, check_replaceable
 from lightning_dualform.store.shards import check_index_path
 
 __all__ = ["DualFormCallback", "rank_path"]
@@ -252,9 +252,15 @@ class DualFormCallback(Callback):
         elif self._committed is not None:
             state = {"format_version": 1, "store_path": self.store_path, **self._committed}
         else:
-            return {}
-        if self.store_path is not None:
+            state = {}
+        if state and self.store_path is not None:
             state["store_path_resolved"] = os.path.realpath(self.store_path)
+        dist = self._engine.dist if self._engine is not None else None
+        if dist is not None and dist.world_size > 1:
+            # Lightning saves rank 0's callback state only: it carries every rank's counts, each for its own shard
+            # (every rank takes this call: a checkpoint is saved by all of them)
+            ranks = dist.all_gather_object(state)
+            return {**state, "ranks": ranks} if state else {}
         return state
 
     @override
@@ -301,25 +307,59 @@ class DualFormCallback(Callback):
         self._problems = problems
         self._logged_step = -1
         self.store_path = rank_path(self.path, trainer.global_rank, trainer.world_size)
+        self._own_rank_state(trainer)
+        other = None
         if self._resume is not None and not self._resume_matches():
+            other = self._resume.get("store_path_resolved") or self._resume.get("store_path")
             self._resume = None  # a checkpoint of another store: this run starts its own
         if os.path.lexists(self.store_path) and self._resume is None:
             check_replaceable(self.store_path)  # a folder, a pipe, a file not HDF5: refused, overwrite or not
         if os.path.lexists(self.store_path) and not opts.overwrite and self._resume is None:
-            raise FileExistsError(
-                f"{_OWNER}: {self.store_path} already exists. Choose another path, delete it, pass "
-                f"`{_OWNER}(..., overwrite=True)` to replace it, or resume the run that wrote it with "
-                "`trainer.fit(..., ckpt_path=...)` to continue it."
-            )
+            if other is not None:
+                how = (f"The checkpoint being resumed recorded into {other}, and this file is not that store (nor "
+                       "one moved or copied from it): resume with the store the checkpoint wrote, record into "
+                       "another path, or pass overwrite=True to replace this file with a new store from this step.")
+            elif self._committed is not None:
+                how = ("This callback recorded it in an earlier trainer.fit: a second fit records into another "
+                       "path, or continues this store from a checkpoint of the first fit (trainer.fit(..., "
+                       "ckpt_path=...)).")
+            else:
+                how = (f"Choose another path, delete it, pass `{_OWNER}(..., overwrite=True)` to replace it, or "
+                       "resume the run that wrote it with `trainer.fit(..., ckpt_path=...)` to continue it.")
+            raise FileExistsError(f"{_OWNER}: {self.store_path} already exists. {how}")
         if trainer.world_size > 1 and not opts.overwrite and self._resume is None:
             check_index_path(self.path, _OWNER)  # rank 0 writes the shard index there: never over another store
 
     def _resume_matches(self) -> bool:
-        """Whether the checkpoint's counts belong to this store: the same file, however its path is spelled."""
+        """Whether the checkpoint's counts belong to this store: the same file, however its path is spelled, or a
+        store moved or copied here with its folder (it was created when the checkpoint's was)."""
         saved = self._resume.get("store_path_resolved") or self._resume.get("store_path")
-        if saved is None:
+        if saved is None or os.path.realpath(saved) == os.path.realpath(self.store_path):
             return True
-        return os.path.realpath(saved) == os.path.realpath(self.store_path)
+        created = self._resume.get("created")
+        if not created or not os.path.isfile(self.store_path):
+            return False
+        try:
+            with StoreReader(self.store_path) as store:
+                return bool(store.meta.created == created)
+        except (StoreError, OSError):
+            return False
+
+    def _own_rank_state(self, trainer: "pl.Trainer") -> None:
+        """Under DDP, the checkpoint's counts of this rank's shard (it holds every rank's: :meth:`state_dict`)."""
+        if self._resume is None or trainer.world_size <= 1 and "ranks" not in self._resume:
+            return
+        ranks = self._resume.get("ranks")
+        if not isinstance(ranks, list) or len(ranks) != trainer.world_size:
+            n = len(ranks) if isinstance(ranks, list) else 1
+            raise ValueError(
+                f"{_OWNER}: the checkpoint was saved by a run of {n} process(es) and this one has "
+                f"{trainer.world_size}: each process continues its own shard of the store, so resume it with "
+                f"{n} (or record into another path, or pass overwrite=True to start a new store from this step)."
+                + (" (A checkpoint from before lightning-dualform kept every rank's counts holds rank 0's only.)"
+                   if n == 1 and trainer.world_size > 1 else ""))
+        mine = ranks[trainer.global_rank]
+        self._resume = dict(mine) if isinstance(mine, dict) and mine.get("rows") is not None else None
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

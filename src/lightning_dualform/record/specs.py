@@ -63,6 +63,16 @@ class Distributed:
         dist.all_reduce(out)
         return out.to(t.device)
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (``[obj]`` for one process)."""
+        if self.world_size <= 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.world_size > 1:
             import torch.distributed as dist

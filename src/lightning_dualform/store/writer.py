@@ -286,6 +286,7 @@ class StoreWriter:
             "steps": int(f["committed_steps"][0]),
             "rows": {n: int(f["layers"][n]["committed_rows"][0]) for n in self._layers if n in f["layers"]},
             "inputs": int(f["inputs"]["committed"][0]) if "inputs" in f else None,
+            "created": str(_h5.attr(f.attrs.get("created", ""))),  # (which store: a moved one keeps it)
         }
 
     def set_release_gil(self, release: bool) -> None:
