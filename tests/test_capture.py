@@ -259,3 +259,17 @@ def test_a_layout_naming_a_layer_that_is_not_tracked_is_refused(tmp_path):
     with pytest.raises(ValueError, match=told):
         L.Trainer(max_epochs=1, callbacks=[cb], **TRAINER_KW).fit(
             SeqFirst(), torch.utils.data.DataLoader(ds, batch_size=6))
+
+
+def test_find_layers_says_what_it_leaves_out_and_which_layers_share_a_weight():
+    from lightning_dualform.record.capture import find_layers
+
+    model = nn.Module()
+    model.bil, model.norm = nn.Bilinear(3, 3, 2), nn.LayerNorm(3)
+    model.a, model.b = nn.Linear(3, 3), nn.Linear(3, 3)
+    model.b.weight = model.a.weight
+    chosen, notes = find_layers(model, None)
+    assert list(chosen) == ["a", "b"]
+    assert any(n.startswith("bil (Bilinear) is not recorded: its weight matrix is not one of a kind") for n in notes)
+    assert not any(n.startswith("norm") for n in notes)  # (a norm's vectors are no weight matrix)
+    assert any(n.startswith("b shares its weight with a (tied)") for n in notes)

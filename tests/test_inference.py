@@ -805,3 +805,31 @@ def test_explain_raises_for_targets_it_was_given_and_influence_for_an_unbatched_
                                              r"inputs' first dimension is the queries.*x\[None\]"):
             di.influence(model, x[0])  # (it said "1 classes for 6 inputs", of targets the caller never gave)
         assert di.influence(model, x[0][None]).scores.shape == (1, 64)
+
+
+def test_an_answer_beyond_the_tolerance_of_a_store_certified_inexact_does_not_blame_the_file(tmp_path) -> None:
+    """Weights clamped after each step (by the training, not the file) make the store's own certificate INEXACT;
+    the answer's warning says that, where it said the file was damaged or rewritten."""
+    import warnings
+
+    from lightning_dualform import DualFormRecorder
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    path = str(tmp_path / "s.h5")
+    with DualFormRecorder(path, model, opt) as rec:
+        for i in range(0, 64, 16):
+            rec.batch(indices=torch.arange(i, i + 16), labels=y[i:i + 16])
+            nn.functional.cross_entropy(model(x[i:i + 16]), y[i:i + 16]).backward()
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                model[0].weight.clamp_(-0.1, 0.1)  # a constraint after each step
+    assert not rec.certificate["0"]["exact"]
+    with DualInference(path, device="cpu") as di, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        di.attend("0", torch.randn(4, 6), top_k=2)
+    told = [str(w.message) for w in caught if "stored final weights" in str(w.message)]
+    assert told and "The store's certificate says the same" in told[0] and "damaged" not in told[0]

@@ -121,7 +121,8 @@ def render_info(f: dict[str, Any]) -> str:
         f"{f['path']}  ({human_bytes(f['size_bytes'])}, {f['status']}, format {f['format_version']}, "
         f"written by lightning-dualform {f['library_version']} on {f['created']})",
         f"model      {f['model_class']} (recorded by {f.get('recorded_by') or 'DualFormCallback'})",
-        f"training   {st['recorded']} optimizer steps ({st['first']}..{st['last']}), {f['epochs']} epoch(s), "
+        f"training   {st['recorded']} optimizer steps (the models after {st['first']}..{st['last']} of them), "
+        f"{f['epochs']} epoch(s), "
         f"precision {f['precision']}"
         + (f" (float32 products in {f['float32_products']})" if f.get("float32_products", "ieee") != "ieee" else "")
         + f", world size {f['world_size']}",

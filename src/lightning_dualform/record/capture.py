@@ -195,6 +195,18 @@ def find_layers(
                     f"{n} ({type(m).__name__}) is not captured: its weights run inside a fused kernel. "
                     "Write the cell with nn.Linear layers to analyse it (see examples/char_lm.py)."
                 )
+            elif not isinstance(m, SUPPORTED_TYPES) and any(
+                    p.dim() >= 2 and p.requires_grad for p in m.parameters(recurse=False)):
+                notes.append(
+                    f"{n} ({type(m).__name__}) is not recorded: its weight matrix is not one of a kind the dual form "
+                    f"here covers ({', '.join(t.__name__ for t in SUPPORTED_TYPES)}); its training is not in the store."
+                )
+    owners: dict[int, str] = {}
+    for n in list(chosen):  # one weight shared by two layers (tied): each layer's rows explain only its own use
+        first = owners.setdefault(id(chosen[n].weight), n)
+        if first != n:
+            notes.append(f"{n} shares its weight with {first} (tied): each layer's rows explain only its own use of "
+                         "it, so both are recorded INEXACT (the two layers' rows are not merged into one memory).")
     for n in list(chosen):
         m = chosen[n]
         reason = unsupported_reason(m)

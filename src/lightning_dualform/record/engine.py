@@ -577,9 +577,9 @@ class RecordingEngine:
                 f"its weights were changed after optimizer step {self.steps_recorded}, outside the optimizer (a "
                 "constraint, a callback or a hook editing them in place): no row explains that change" if edited else
                 f"at step {self.steps_recorded} its captured rows explain its gradient only up to relative error "
-                f"{err:.2e} (part of the weight is used outside the module's forward, or a gradient was changed "
-                "between backward and the optimizer step" + (" by something other than a uniform scaling)"
-                                                              if self._epoch is not None else ")"))
+                f"{err:.2e} (part of the weight is used outside the module's forward, such as a penalty on it in the "
+                "loss: weight_decay= is exact; or a gradient was changed between backward and the optimizer step"
+                + (" by something other than a uniform scaling)" if self._epoch is not None else ")"))
             self.writer.mark_inexact(name, self.inexact[name])
             self._warn(f"{self.owner}: layer {name!r} is recorded as INEXACT: {self.inexact[name]}.")
 

@@ -80,6 +80,17 @@ def store_tolerance(store: "StoreView") -> float:
     return tolerance(meta.row_dtype, meta.precision, meta.float32_products)
 
 
+def beyond_tolerance_cause(cert: "LayerCertificate | None") -> str:
+    """Why an answer's ``dual`` can differ from the stored final weights' output, for a warning: the store's own
+    certificate already says its rows do not rebuild them (training changed the weights in a way no row explains),
+    or, where it says they do, the file changed since."""
+    if cert is not None and not cert.exact:
+        return (f"The store's certificate says the same (its rows rebuild the trained weights only to relative error "
+                f"{cert.rel_err:.2e}): the run changed the weights in a way no row explains (a constraint, a hook or "
+                "an edit outside the optimizer, or an inexact run), so its answers are not the trained model's.")
+    return "It is damaged or was rewritten; run `lightning-dualform verify` on it."
+
+
 @dataclass(frozen=True)
 class LayerCertificate:
     """How closely a layer's memory rebuilds its trained weights.

@@ -38,6 +38,7 @@ from lightning_dualform.attend.request import AttendRequest
 from lightning_dualform.attend.results import AttentionResult, overall_rel_err
 from lightning_dualform.store.certificate import store_tolerance
 from lightning_dualform.store.source import LayerSource
+from lightning_dualform.store.certificate import beyond_tolerance_cause
 
 _ROW_COLUMNS = ("keys", "values", "step", "epoch", "index", "position", "label")
 _META = ("step", "epoch", "index", "position", "label")
@@ -155,9 +156,8 @@ class ElementwisePass(AttendPass):
             said = "; ".join(f"{what} by {e:.2e}" for what, e in beyond.items())
             warnings.warn(
                 f"{self.ctx.path}: layer {res.layer!r}: the answer differs from the stored final weights' output: "
-                f"{said} relative (over all queries; tolerance {tol:.0e}). Its optimizer state, per-step tables or rows "
-                "do not rebuild the trained model: the file is damaged or was rewritten, and its rankings are not the "
-                "model's. Run `lightning-dualform verify` on it.",
+                f"{said} relative (over all queries; tolerance {tol:.0e}): its optimizer state, per-step tables or rows "
+                f"do not rebuild the trained model. {beyond_tolerance_cause(self.ctx.store.layer(res.layer).certificate)}",
                 RuntimeWarning, stacklevel=4,
             )
 

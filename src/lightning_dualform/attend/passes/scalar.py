@@ -31,6 +31,7 @@ from lightning_dualform.attend.results import AttentionResult, overall_rel_err
 from lightning_dualform.store.format import ROW_COLUMNS
 from lightning_dualform.store.reader import Coefficients
 from lightning_dualform.store.source import LayerSource
+from lightning_dualform.store.certificate import beyond_tolerance_cause
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ class ScalarPass(AttendPass):
             warnings.warn(
                 f"{self.ctx.path}: layer {res.layer!r}: `dual` differs from the stored final weights' output by "
                 f"{err:.2e} relative (over all queries; tolerance {tol:.0e}): the store does not rebuild its own final "
-                "weights. It is damaged or was rewritten; run `lightning-dualform verify` on it.",
+                f"weights. {beyond_tolerance_cause(self.ctx.store.layer(res.layer).certificate)}",
                 RuntimeWarning, stacklevel=4,
             )
 
