@@ -252,3 +252,44 @@ def test_a_two_process_ddp_run_resumes_each_rank_into_its_own_shard(tmp_path):
     for epoch in range(3):  # each epoch once: the rolled-back epoch's rows are gone, not doubled
         got = np.concatenate([r["index"][r["epoch"] == epoch] for r in indices])
         assert sorted(got.tolist()) == list(range(96)), epoch
+
+
+class _Share:
+    """One rank's share of a query split, as a shard's ``QuerySet`` has it (what the merge reads)."""
+
+    def __init__(self, index, n_rows_each=2):
+        self.split, self.layers, self.after_step, self.stale = "test", ["net.0"], 6, None
+        self.index = np.asarray(index)
+        self.label = self.index % 3
+        self.prediction = self.index % 2
+        self.n = len(self.index)
+        self.has_inputs = True
+        self.inputs = self.index[:, None].astype(np.float32) * np.ones((1, 4), np.float32)
+        self._rows = n_rows_each
+
+    def layer_rows(self, layer, examples=None):
+        ex = np.repeat(np.arange(self.n), self._rows)
+        return {"keys": self.index[ex][:, None].astype(np.float32), "example": ex}
+
+
+def test_a_ddp_query_split_holds_each_example_once_where_the_sampler_padded_a_share():
+    """21 test examples over 2 ranks: a DistributedSampler gives rank 1 example 0 again to even the shares; the
+    merged split leaves the repeat out (it counted 22 queries), keeping its rows' query numbers consistent."""
+    from lightning_dualform.store.shards import _MergedQuerySet
+
+    merged = _MergedQuerySet([_Share(np.arange(0, 21, 2)), _Share(np.r_[np.arange(1, 21, 2), 0])])
+    assert merged.n == 21 and sorted(merged.index.tolist()) == list(range(21))
+    np.testing.assert_array_equal(merged.label, merged.index % 3)
+    np.testing.assert_array_equal(merged.inputs[:, 0], merged.index)
+    rows = merged.layer_rows("net.0")
+    assert len(rows["example"]) == 42 and rows["example"].max() == 20
+    np.testing.assert_array_equal(rows["keys"][:, 0], merged.index[rows["example"]])  # each row's own query
+    some = merged.layer_rows("net.0", examples=np.array([11, 20]))
+    np.testing.assert_array_equal(some["keys"][:, 0], merged.index[[11, 11, 20, 20]])
+
+
+def test_the_certificate_of_a_callback_that_ran_no_fit_here_says_where_to_read_it(tmp_path):
+    from lightning_dualform import DualFormCallback
+
+    with pytest.warns(UserWarning, match=r"no fit ran in this process \(under strategy='ddp_spawn'"):
+        assert DualFormCallback(tmp_path / "s.h5").certificate == {}

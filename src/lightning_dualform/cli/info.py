@@ -23,8 +23,26 @@ def store_facts(path: str) -> dict[str, Any]:
         missing = [sh for sh in shards if not os.path.exists(sh)]
         if missing:
             raise StoreError(f"{path}: the DDP index names shard files that are missing: {missing}.")
-        return {"path": path, "shards": [_store_facts(sh) for sh in shards]}
+        return {"path": path, "shards": [_store_facts(sh) for sh in shards], "queries": _merged_queries(path)}
     return _store_facts(path)
+
+
+def _merged_queries(path: str) -> list[dict[str, Any]]:
+    """A DDP run's query sets as one (each rank recorded its share; the sampler's repeats left out)."""
+    from lightning_dualform.store.shards import open_store
+
+    out = []
+    with open_store(path) as store:
+        for split in store.query_splits:
+            qs = store.queries(split, stale_ok=True)
+            out.append({"split": split, "n": qs.n, "accuracy": _accuracy(qs.label, qs.prediction),
+                         "stale": qs.stale})
+    return out
+
+
+def _accuracy(label: np.ndarray, prediction: np.ndarray) -> float | None:
+    known = (label >= 0) & (prediction >= 0)
+    return float((label[known] == prediction[known]).mean()) if known.any() else None
 
 
 def _store_facts(path: str) -> dict[str, Any]:
@@ -45,10 +63,9 @@ def _store_facts(path: str) -> dict[str, Any]:
         queries = []
         for split in s.query_splits:
             qs = s.queries(split, stale_ok=True)
-            known = (qs.label >= 0) & (qs.prediction >= 0)
-            acc = float((qs.label[known] == qs.prediction[known]).mean()) if known.any() else None
             queries.append(
-                {"split": split, "n": qs.n, "layers": qs.layers, "inputs": qs.inputs is not None, "accuracy": acc,
+                {"split": split, "n": qs.n, "layers": qs.layers, "inputs": qs.inputs is not None,
+                 "accuracy": _accuracy(qs.label, qs.prediction),
                  "after_step": qs.after_step, "stale": qs.stale}
             )
         epochs = sorted(set(np.asarray(s.update_epochs).tolist()))
@@ -114,7 +131,10 @@ def render_info(f: dict[str, Any]) -> str:
     """The text ``info`` prints for :func:`store_facts`' answer (each shard's, for a DDP index)."""
     if "shards" in f:
         head = f"{f['path']}: DDP shard index of {len(f['shards'])} rank stores"
-        return "\n\n".join([head] + [render_info(s) for s in f["shards"]])
+        whole = [f"the run's {q['split']} queries (every rank's, each example once): {q['n']}, accuracy "
+                 + ("-" if q["accuracy"] is None else f"{100 * q['accuracy']:.1f}%")
+                 + (" (STALE)" if q["stale"] else "") for q in f.get("queries", [])]
+        return "\n\n".join([head] + [render_info(s) for s in f["shards"]] + (["\n".join(whole)] if whole else []))
     st = f["steps"]
     clip = f.get("gradient_clip_val") or 0
     out = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections import deque
 from typing import Any, Callable, Literal, Sequence
 
@@ -205,6 +206,10 @@ class DualFormCallback(Callback):
         """Per layer, after fit: ``rel_err`` of the rebuilt weights, ``tolerance``, ``exact``, ``explained``,
         ``method`` (:meth:`~lightning_dualform.store.certificate.LayerCertificate.as_dict`)."""
         certs = self._engine.certificate if self._engine is not None else self._certificate
+        if not certs and self._engine is None and self.options.certify:
+            warnings.warn(f"{_OWNER}.certificate: no fit ran in this process (under strategy='ddp_spawn' the fit "
+                          "runs in worker processes): read the certificate from the store, `lightning-dualform info "
+                          f"{self.path}` or DualInference(path).layer(name).certificate.", UserWarning, stacklevel=2)
         return {name: cert.as_dict() for name, cert in certs.items()}
 
     @property

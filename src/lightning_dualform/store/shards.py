@@ -338,12 +338,24 @@ class ShardedStoreReader(StoreView):
 
 
 class _MergedQuerySet:
+    """A split recorded under DDP: the ranks' shares in rank order, each example once (a ``DistributedSampler``
+    pads the last ranks' shares with examples another rank already has: the repeats are left out)."""
+
     def __init__(self, sets: list[QuerySet]) -> None:
         self.split = sets[0].split
         self._sets = sets
-        self.index = np.concatenate([s.index for s in sets])
-        self.label = np.concatenate([s.label for s in sets])
-        self.prediction = np.concatenate([s.prediction for s in sets])
+        index = np.concatenate([s.index for s in sets])
+        repeat = np.zeros(len(index), dtype=bool)  # a known dataset index seen before (rank order)
+        known = np.nonzero(index >= 0)[0]
+        first = np.unique(index[known], return_index=True)[1]
+        repeat[known] = True
+        repeat[known[first]] = False
+        self._kept = np.nonzero(~repeat)[0]  # the merged positions' places in the concatenation
+        self._renumber = np.cumsum(~repeat) - 1  # a concatenation place's merged position (where kept)
+        self._repeat = repeat
+        self.index = index[self._kept]
+        self.label = np.concatenate([s.label for s in sets])[self._kept]
+        self.prediction = np.concatenate([s.prediction for s in sets])[self._kept]
         self.n = len(self.index)
         self.layers = sets[0].layers
         self.after_step = sets[0].after_step
@@ -352,7 +364,7 @@ class _MergedQuerySet:
     @property
     def inputs(self) -> np.ndarray | None:
         parts = [s.inputs for s in self._sets]
-        return None if any(p is None for p in parts) else np.concatenate(parts)
+        return None if any(p is None for p in parts) else np.concatenate(parts)[self._kept]
 
     @property
     def has_inputs(self) -> bool:
@@ -370,6 +382,9 @@ class _MergedQuerySet:
             offset += s.n
             out.append(rows)
         merged = {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+        kept = ~self._repeat[merged["example"]]
+        merged = {k: v[kept] for k, v in merged.items()}
+        merged["example"] = self._renumber[merged["example"]]
         if examples is not None:
             keep = np.isin(merged["example"], np.asarray(examples))
             merged = {k: v[keep] for k, v in merged.items()}
