@@ -747,27 +747,35 @@ def test_explain_takes_a_fabric_wrapped_model(tmp_path) -> None:
     assert json.dumps(wrapped.to_dict()) == json.dumps(bare.to_dict())
 
 
-def test_explain_refuses_a_model_that_is_not_the_trained_one(tmp_path) -> None:
-    """Another model's layer inputs attended over this store's memory are no answer about either model (and the
-    certificate would still say exact): refused, naming the layer; a model of an earlier step is taken with
-    ``at_step`` (its own step: the attention is then that model's)."""
-    import copy
-
+def _recorded_mlp(path: str, lr: float, after_step=None):
+    """A 6-8-3 MLP trained 4 SGD steps with a recorder (``after_step(step, model)`` after each step)."""
     from lightning_dualform import DualFormRecorder
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
-    path = str(tmp_path / "s.h5")
     with DualFormRecorder(path, model, opt) as rec:
         for i in range(0, 64, 16):
             rec.batch(indices=torch.arange(i, i + 16), labels=y[i:i + 16])
             nn.functional.cross_entropy(model(x[i:i + 16]), y[i:i + 16]).backward()
             opt.step()
             opt.zero_grad()
-            if i == 16:
-                at_two = copy.deepcopy(model)  # the model after 2 steps
+            if after_step is not None:
+                after_step(i // 16 + 1, model)
+    return model, rec
+
+
+def test_explain_refuses_a_model_that_is_not_the_trained_one(tmp_path) -> None:
+    """Another model's layer inputs attended over this store's memory are no answer about either model (and the
+    certificate would still say exact): refused, naming the layer; a model of an earlier step is taken with
+    ``at_step`` (its own step: the attention is then that model's)."""
+    import copy
+
+    kept = {}
+    path = str(tmp_path / "s.h5")
+    model, _ = _recorded_mlp(path, 0.1, lambda step, m: kept.setdefault(step, copy.deepcopy(m)))
+    at_two = kept[2]  # the model after 2 steps
     other = copy.deepcopy(model)
     with torch.no_grad():
         other[2].bias.add_(0.5)
@@ -812,21 +820,12 @@ def test_an_answer_beyond_the_tolerance_of_a_store_certified_inexact_does_not_bl
     the answer's warning says that, where it said the file was damaged or rewritten."""
     import warnings
 
-    from lightning_dualform import DualFormRecorder
+    def clamp(step: int, m: nn.Module) -> None:
+        with torch.no_grad():
+            m[0].weight.clamp_(-0.1, 0.1)  # a constraint after each step
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
     path = str(tmp_path / "s.h5")
-    with DualFormRecorder(path, model, opt) as rec:
-        for i in range(0, 64, 16):
-            rec.batch(indices=torch.arange(i, i + 16), labels=y[i:i + 16])
-            nn.functional.cross_entropy(model(x[i:i + 16]), y[i:i + 16]).backward()
-            opt.step()
-            opt.zero_grad()
-            with torch.no_grad():
-                model[0].weight.clamp_(-0.1, 0.1)  # a constraint after each step
+    model, rec = _recorded_mlp(path, 0.5, clamp)
     assert not rec.certificate["0"]["exact"]
     with DualInference(path, device="cpu") as di, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
