@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_dualform._compat import tensor_version
 from lightning_dualform.layers import weight_matrix
+from lightning_dualform.record.sketch import layer_seed
 
 
 class WeightWatch:
@@ -36,7 +37,7 @@ class WeightWatch:
             w = weight_matrix(module).float()
             z = self._z.get(name)
             if z is None or z.device != w.device:
-                gen = torch.Generator().manual_seed(0x5EED + len(name))
+                gen = torch.Generator().manual_seed(layer_seed(name))
                 z = self._z[name] = torch.randn(w.shape[1], generator=gen, dtype=torch.float32).to(w.device)
             b = getattr(module, "bias", None)
             fp = w @ z

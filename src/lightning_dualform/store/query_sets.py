@@ -25,7 +25,7 @@ class QuerySet:
         self.index, self.label, self.prediction, self.layers = validate.check_query_set(group, where)
         self.n = len(self.index)
         after = group.attrs.get("after_step")
-        #: the model the queries went through: after this many optimizer steps (None: a store from before 0.1.1)
+        #: the model the queries went through: after this many optimizer steps (None: recorded before sets said it)
         self.after_step = int(after) if after is not None else None
         self.stale = self._stale(store.last_step, bool(group.attrs.get("rolled_back", False)))
 
