@@ -118,14 +118,16 @@ def test_a_convolutions_rows_are_batch_first_even_with_as_many_locations_as_exam
 
 @pytest.mark.parametrize("layout", ["batch_first", "sequence_first"])
 def test_a_declared_layout_names_the_examples_of_a_call_whose_shape_cannot(layout):
-    # (B, B) rows, with per-position labels as the batch carries them: (B, T), examples first
-    labels = torch.arange(16).reshape(4, 4)  # labels[b, t] = 4 b + t
+    # (B, B) rows; per-position labels (B, B) could be (B, T) or (T, B): left unknown; one label per example kept
+    labels = torch.arange(16).reshape(4, 4)
     info = BatchInfo(size=4, indices=IDX, labels=labels)
     index, position, label, per_ex = row_metadata(_call(16, (4, 4)), info, 0, layout=layout)
     rows = np.arange(16)
     b, t = (rows // 4, rows % 4) if layout == "batch_first" else (rows % 4, rows // 4)
     assert index.tolist() == IDX[b].tolist() and position.tolist() == t.tolist() and per_ex == 4
-    assert label.tolist() == (4 * b + t).tolist()
+    assert label.tolist() == [-1] * 16
+    _, _, per_example, _ = row_metadata(_call(16, (4, 4)), BatchInfo(size=4, indices=IDX, labels=Y), 0, layout=layout)
+    assert per_example.tolist() == Y[b].tolist()
     _, _, _, _, example = row_metadata(_call(16, (4, 4)), info, 0, with_example=True, layout=layout)  # queries
     assert example.tolist() == b.tolist()
     # a call whose shape says its layout keeps it, whatever was declared

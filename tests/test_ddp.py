@@ -293,3 +293,32 @@ def test_the_certificate_of_a_callback_that_ran_no_fit_here_says_where_to_read_i
 
     with pytest.warns(UserWarning, match=r"no fit ran in this process \(under strategy='ddp_spawn'"):
         assert DualFormCallback(tmp_path / "s.h5").certificate == {}
+
+
+def test_a_checkpoint_of_another_number_of_processes_is_refused_saying_what_to_do(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning_dualform import DualFormCallback
+
+    two = {"rows": {"a": 1}, "steps": 1, "ranks": [{"rows": {"a": 1}, "steps": 1, "store_path": "r.rank0.h5"},
+                                                      {"rows": {"a": 2}, "steps": 1, "store_path": "r.rank1.h5"}]}
+    old_ddp = {"rows": {"a": 1}, "steps": 1, "store_path": "r.rank0.h5"}  # rank 0's counts only
+    single = {"rows": {"a": 1}, "steps": 1, "store_path": "r.h5"}
+    for state, world, told in ((two, 1, "saved by a run of 2 processes and this one has 1; .* resume it with 2 "
+                                        "processes"),
+                               (two, 3, "saved by a run of 2 processes and this one has 3"),
+                               (old_ddp, 2, "rank 0's of a DDP run saved before checkpoints carried every rank's; "
+                                            ".* record the resumed run into another path"),
+                               (single, 2, "a single-process run's; .* resume it with one process")):
+        cb = DualFormCallback(tmp_path / "r.h5")
+        cb.load_state_dict(dict(state))
+        with pytest.raises(ValueError, match=told):
+            cb._own_rank_state(SimpleNamespace(world_size=world, global_rank=0))
+        fresh = DualFormCallback(tmp_path / "r.h5", overwrite=True)  # as the message offers: a new store
+        fresh.load_state_dict(dict(state))
+        fresh._own_rank_state(SimpleNamespace(world_size=world, global_rank=0))
+        assert fresh._resume is None
+    cb = DualFormCallback(tmp_path / "r.h5")
+    cb.load_state_dict(dict(two))
+    cb._own_rank_state(SimpleNamespace(world_size=2, global_rank=1))
+    assert cb._resume["rows"] == {"a": 2}  # rank 1 continues its own shard's counts

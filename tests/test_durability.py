@@ -335,6 +335,14 @@ def test_a_store_moved_with_its_folder_resumes_and_another_store_there_is_refuse
                                               r"is not that store"):
         L.Trainer(max_epochs=2, callbacks=[DualFormCallback("s.h5")], **TRAINER_KW).fit(
             MLP(), dl, ckpt_path=str(tmp_path / "a" / "c" / "e1.ckpt"))
+    # the store moved and named another way (Lightning files the callback's state under the path as given)
+    shutil.copytree(tmp_path / "a", tmp_path / "e")
+    os.rename(tmp_path / "e" / "s.h5", tmp_path / "e" / "moved.h5")
+    cb = DualFormCallback(tmp_path / "e" / "moved.h5")
+    L.Trainer(max_epochs=2, callbacks=[cb], **TRAINER_KW).fit(MLP(), dl, ckpt_path=tmp_path / "e" / "c" / "e1.ckpt")
+    with StoreReader(cb.store_path) as s:
+        assert s.n_steps == 12 and s.first_step == 0 and s.complete
+    assert all(c["exact"] for c in cb.certificate.values()), cb.certificate
 
 
 def test_a_second_fit_of_the_same_callback_is_told_what_to_do(tmp_path):

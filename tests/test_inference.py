@@ -784,8 +784,15 @@ def test_explain_refuses_a_model_that_is_not_the_trained_one(tmp_path) -> None:
         with pytest.raises(ValueError, match=r"model's 2\.bias differs from the store's final weights \(relative "
                                              r"error .*\), so it is not the model this store recorded"):
             di.explain(other, q)
-        with pytest.raises(ValueError, match=r"model's 0\.weight differs"):
+        with pytest.raises(ValueError, match=r"model's 0\.(weight|bias) differs"):
             di.explain(at_two, q)
+        half = copy.deepcopy(model).to(torch.bfloat16)  # the trained model in bfloat16: its own rounding allowed
+        assert di.explain(half, q.to(torch.bfloat16), method=None)["2"].dual.shape == (5, 3)
+        upstream = copy.deepcopy(model)
+        with torch.no_grad():
+            upstream[0].weight.mul_(2.0)
+        with pytest.raises(ValueError, match=r"model's 0\.weight differs"):  # (not attended, but it makes the inputs)
+            di.explain(upstream, q, layers=["2"])
         early = di.explain(at_two, q, at_step=2, method=None)
         with torch.no_grad():
             assert rel_err(early["2"].dual, at_two(q).double()) <= 1e-5

@@ -189,3 +189,29 @@ def test_a_resume_makes_the_query_sets_of_the_earlier_model_stale(tmp_path):
         with pytest.raises(StaleQueriesError, match=r"recorded with the model after 9 optimizer steps, and the store "
                                                      r"now rebuilds the model after 12"):
             s.queries("test")
+
+
+def test_queries_through_another_checkpoints_model_are_marked_as_another_models(tmp_path):
+    """``trainer.test(ckpt_path=...)`` with an earlier checkpoint runs the queries through that model: recorded, with
+    a warning, and refused by readers as stale (they were stamped as the store's last model's)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_dualform.errors import StaleQueriesError
+
+    train, test = IndexedDataset(n=48, seed=0), IndexedDataset(n=12, seed=1)
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1)
+    cb = DualFormCallback(tmp_path / "q.h5", record_queries=("test",))
+    trainer = L.Trainer(max_epochs=2, callbacks=[cb, ckpts], **{**TRAINER_KW, "enable_checkpointing": True})
+    model = Classifier()
+    trainer.fit(model, torch.utils.data.DataLoader(train, batch_size=16, shuffle=True))
+    first = sorted((tmp_path / "ck").glob("epoch=0*.ckpt"))[0]
+    with pytest.warns(UserWarning, match=r"the test queries go through a model whose net\.\d\.(weight|bias) differs "
+                                         r"from the store's final weights"):
+        trainer.test(model, torch.utils.data.DataLoader(test, batch_size=4), ckpt_path=str(first))
+    with StoreReader(cb.store_path) as s:
+        with pytest.raises(StaleQueriesError, match="recorded with a model whose weights are not the store's final"):
+            s.queries("test")
+    trainer.test(model, torch.utils.data.DataLoader(test, batch_size=4), ckpt_path=str(
+        sorted((tmp_path / "ck").glob("epoch=1*.ckpt"))[0]))  # the last checkpoint: the store's model
+    with StoreReader(cb.store_path) as s:
+        assert s.queries("test").stale is None

@@ -231,19 +231,36 @@ class EditsARow(MLP):
         super().__init__(hidden=40, opt_factory=lambda m: make_opt(m.parameters()))
         self.mode = mode
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def _edit(self) -> None:
         w = self.net[0].weight
+        row = int(np.setdiff1d(np.arange(40), RowReplayCertificate.units("net.0", 40))[0])  # one not replayed
         with torch.no_grad():
-            row = int(np.setdiff1d(np.arange(40), RowReplayCertificate.units("net.0", 40))[0])  # one not replayed
-            if self.mode == "edit":
-                w[row].mul_(0.9)
-            else:
+            if self.mode == "data":  # a new tensor: the version counter does not move, the storage does
+                new = w.detach().clone()
+                new[row] *= 0.9
+                w.data = new
+            elif self.mode == "swap":
                 kept = w.detach().clone()
                 w.mul_(0.5)
                 w.copy_(kept)
+            else:
+                w[row].mul_(0.9)
+
+    def training_step(self, batch, batch_idx):
+        if self.mode == "closure" and batch_idx == 2:  # inside Lightning's closure: within optimizer.step()
+            self._edit()
+        return super().training_step(batch, batch_idx)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.mode in ("edit", "data", "swap"):
+            self._edit()
+
+    def on_train_end(self) -> None:
+        if self.mode == "end":  # after the last step
+            self._edit()
 
 
-@pytest.mark.parametrize("mode", ["edit", "swap"])
+@pytest.mark.parametrize("mode", ["edit", "data", "closure", "end", "swap"])
 def test_a_weight_edited_between_steps_on_a_row_the_replay_skips_is_inexact(tmp_path, mode):
     """The replay sees 16 of the 40 rows; a row edited outside the optimizer (a norm constraint after each step)
     is none of them: the weights' watch between steps names it. A weight written back unchanged is no edit."""
@@ -254,7 +271,8 @@ def test_a_weight_edited_between_steps_on_a_row_the_replay_skips_is_inexact(tmp_
         warnings.simplefilter("always")
         L.Trainer(max_epochs=2, callbacks=[cb], **TRAINER_KW).fit(model, loader(IndexedDataset()))
     told = [str(w.message) for w in caught if "outside the optimizer" in str(w.message)]
-    assert len(told) == (mode == "edit") and all("'net.0'" in t and "after optimizer step 1" in t for t in told)
+    step = {"edit": 1, "data": 1, "closure": 2, "end": 12}.get(mode)
+    assert len(told) == (mode != "swap") and all("'net.0'" in t and f"after optimizer step {step}," in t for t in told)
     cert = cb.certificate["net.0"]
     assert cert["method"] == "rows" and cert["rel_err"] < 1e-5  # (the replayed rows agree either way)
     assert cert["exact"] == (mode == "swap") and cb.certificate["net.2"]["exact"]

@@ -261,3 +261,38 @@ def one_hot_keys(tokens: torch.Tensor, d_in: int) -> torch.Tensor:
     out = torch.zeros(tokens.shape[0], d_in, dtype=torch.float32, device=tokens.device)
     out[torch.arange(tokens.shape[0], device=tokens.device), tokens[:, 0].long()] = 1.0
     return out
+
+
+#: how far a model's weights may be from a store's final ones and still be the model it recorded (float32 rounding
+#: of a copy, a float64 model's weights stored as float32); a half-precision copy rounds more (:func:`same_model`)
+FINAL_WEIGHTS_TOLERANCE = 1e-4
+
+
+def same_model(module: nn.Module, error: tuple[str, float] | None) -> bool:
+    """Whether :func:`final_weights_error`'s ``error`` leaves ``module`` the stored layer (its own dtype's rounding
+    allowed: a bfloat16 or float16 copy of the trained model is the trained model)."""
+    if error is None:
+        return True
+    eps = torch.finfo(module.weight.dtype).eps if module.weight.is_floating_point() else 0.0
+    return error[1] <= max(FINAL_WEIGHTS_TOLERANCE, 2 * eps)
+
+
+def final_weights_error(module: nn.Module, layer: object) -> tuple[str, float] | None:
+    """How far ``module``'s weight and bias are from a stored layer's final ones (``layer``: a store's
+    ``LayerReader``, with ``weight_final``, ``bias_final``, ``to_param`` and ``has_bias``): the worse of the two as
+    ``(parameter name, relative error)``, or None where the store holds no final weights (a store being written)."""
+    import numpy as np
+
+    pairs = [("weight", getattr(layer, "weight_final"), module.weight)]
+    if getattr(layer, "has_bias") and isinstance(getattr(module, "bias", None), torch.Tensor):
+        pairs.append(("bias", getattr(layer, "bias_final"), module.bias))
+    worst: tuple[str, float] | None = None
+    for pname, final, own in pairs:
+        if final is None:
+            continue
+        ref = np.asarray(layer.to_param(final) if pname == "weight" else final, dtype=np.float64)  # type: ignore[attr-defined]
+        mine = own.detach().to("cpu", torch.float64).numpy().reshape(ref.shape)
+        err = float(np.linalg.norm(mine - ref) / max(float(np.linalg.norm(ref)), 1e-30))
+        if worst is None or err > worst[1]:
+            worst = (pname, err)
+    return worst

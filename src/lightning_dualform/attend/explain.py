@@ -15,14 +15,13 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from lightning_dualform._unwrap import named_modules, uncompiled, unwrap_model
 from lightning_dualform.attend.request import AttendRequest, Contribution, request_from
 from lightning_dualform.attend.results import AttentionResult, Explanation
-from lightning_dualform.layers import keys_of, one_hot_keys
+from lightning_dualform.layers import final_weights_error, keys_of, one_hot_keys, same_model
 
 if TYPE_CHECKING:
     from lightning_dualform.attend.inference import DualInference
@@ -108,8 +107,8 @@ def explain(
             f"`explain(model, ...)`: the model has no module named {missing}, which the store tracks (the model's "
             f"layers include {have}). Pass the model that was trained (module names must match the store's)."
         )
-    if req.at_step is None:
-        _check_trained(di.store, modules, names)
+    if req.at_step is None:  # every tracked layer the model has, attended or not (they make the inputs)
+        _check_trained(di.store, modules, [n for n in di.layers if n in modules])
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     handles = []
     for name in names:
@@ -179,23 +178,15 @@ def _check_trained(store: Any, modules: dict[str, nn.Module], names: Sequence[st
     if not store.complete:
         return  # (a store still being written has no final weights yet)
     for name in names:
-        lay, module = store.layer(name), modules[name]
-        pairs = [("weight", lay.weight_final, module.weight)]
-        if lay.has_bias and getattr(module, "bias", None) is not None:
-            pairs.append(("bias", lay.bias_final, module.bias))
-        for pname, final, own in pairs:
-            if final is None:
-                continue
-            ref = np.asarray(lay.to_param(final) if pname == "weight" else final, dtype=np.float64)
-            mine = own.detach().to("cpu", torch.float64).numpy().reshape(ref.shape)
-            err = float(np.linalg.norm(mine - ref) / max(float(np.linalg.norm(ref)), 1e-30))
-            if err > 1e-4:
-                raise ValueError(
-                    f"`explain(model, ...)`: the model's {name}.{pname} differs from the store's final weights "
-                    f"(relative error {err:.2e}), so it is not the model this store recorded, and its layer inputs "
-                    "would be attended over another model's memory. Pass the trained model (after the run's last "
-                    "step; a model of an earlier step with at_step= that step), or attend over the store with "
-                    "inputs of your own: di.attend(layer, queries).")
+        worst = final_weights_error(modules[name], store.layer(name))
+        if worst is not None and not same_model(modules[name], worst):
+            pname, err = worst
+            raise ValueError(
+                f"`explain(model, ...)`: the model's {name}.{pname} differs from the store's final weights "
+                f"(relative error {err:.2e}), so it is not the model this store recorded, and its layer inputs "
+                "would be attended over another model's memory. Pass the trained model (after the run's last "
+                "step; a model of an earlier step with at_step= that step), or attend over the store with "
+                "inputs of your own: di.attend(layer, queries).")
 
 
 def _influence(di: "DualInference", influence_fn: Callable[..., Any], model: nn.Module, batch: Any,

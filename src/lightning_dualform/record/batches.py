@@ -202,6 +202,8 @@ def row_metadata(call: CallRows, info: BatchInfo, offset: int, with_example: boo
         lab = info.labels
         if lab.dim() == 1 and lab.shape[0] == b:
             label = lab[example]
+        elif both:
+            pass  # per-position labels (B, B): (B, T) or (T, B) cannot be told, whatever the layer's layout: -1
         elif sequence_first and tuple(lab.shape) == (lead[1], lead[0]):  # the batch's (B, T) labels of (T, B) rows
             label = lab.t().reshape(-1)
         elif tuple(lab.shape) == tuple(lead):

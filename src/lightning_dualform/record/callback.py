@@ -272,6 +272,21 @@ class DualFormCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume = dict(state_dict) if state_dict.get("rows") is not None else None
 
+    @override
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                           checkpoint: dict[str, Any]) -> None:
+        # Lightning files a callback's state under a key that holds the path as given: a store moved or given
+        # another spelling finds none of its own. The checkpoint's one recording is then a candidate, which
+        # on_fit_start takes only for the same store (_resume_matches); load_state_dict, called after this,
+        # replaces it where the key matches.
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        ours = [s for k, s in states.items() if isinstance(k, str) and k.startswith(f"{type(self).__name__}{{")
+                and isinstance(s, dict) and s.get("rows") is not None]
+        if len(ours) == 1:
+            self._resume = dict(ours[0])
+
     @property
     def state_key(self) -> str:
         return self._generate_state_key(path=self.path)
@@ -356,13 +371,21 @@ class DualFormCallback(Callback):
             return
         ranks = self._resume.get("ranks")
         if not isinstance(ranks, list) or len(ranks) != trainer.world_size:
-            n = len(ranks) if isinstance(ranks, list) else 1
+            if self.options.overwrite:
+                self._resume = None  # a new store from this step, as asked
+                return
+            if isinstance(ranks, list):
+                why = f"was saved by a run of {len(ranks)} processes and this one has {trainer.world_size}"
+                fix = f"resume it with {len(ranks)} processes"
+            else:
+                rank0 = str(self._resume.get("store_path", "")).endswith(".rank0.h5")
+                why = ("holds one process's store counts: " + (
+                    "rank 0's of a DDP run saved before checkpoints carried every rank's" if rank0
+                    else "a single-process run's"))
+                fix = "resume it with one process" if not rank0 else "record the resumed run into another path"
             raise ValueError(
-                f"{_OWNER}: the checkpoint was saved by a run of {n} process(es) and this one has "
-                f"{trainer.world_size}: each process continues its own shard of the store, so resume it with "
-                f"{n} (or record into another path, or pass overwrite=True to start a new store from this step)."
-                + (" (A checkpoint from before lightning-dualform kept every rank's counts holds rank 0's only.)"
-                   if n == 1 and trainer.world_size > 1 else ""))
+                f"{_OWNER}: the checkpoint {why}; each process continues its own shard of the store, so {fix}, "
+                "record into another path, or pass overwrite=True to start a new store from this step.")
         mine = ranks[trainer.global_rank]
         self._resume = dict(mine) if isinstance(mine, dict) and mine.get("rows") is not None else None
 

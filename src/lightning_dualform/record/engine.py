@@ -158,10 +158,7 @@ class RecordingEngine:
         changes the new ones), so each step reads ``optimizer.param_groups[i]`` afresh.
         """
         self.chosen = dict(chosen)
-        unknown = sorted(set(self.options.layout) - set(chosen)) if isinstance(self.options.layout, dict) else []
-        if unknown:
-            raise ValueError(f"`{self.owner}(layout=...)` names layers it does not track: {unknown}. The tracked "
-                             f"layers are {sorted(chosen)}.")
+        self.options.check_layout_names(self.owner, list(chosen))
         self.optimizer = optimizer
         self.rule = None
         if optimizer is not None:
@@ -269,14 +266,19 @@ class RecordingEngine:
         (Lightning's ``on_before_optimizer_step``)."""
         if self.writer is not None:
             self._expected = (int(step), int(epoch), grad_scale)
+            self.check_weights()  # (Lightning's closure runs inside step(): after its pre-hook, before this)
+
+    def check_weights(self) -> None:
+        """Flag a watched layer whose weights changed since the optimizer's last step (:class:`WeightWatch`)."""
+        for name in self._watch.changed() if self._watch is not None else ():
+            self._flag(name, 0.0, True, edited=True)
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.writer is None and self._open_store is not None:
             self._open_store()
         if self.writer is not None:
             self._settings = self.step_settings()
-            for name in self._watch.changed() if self._watch is not None else ():
-                self._flag(name, 0.0, True, edited=True)
+            self.check_weights()
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         settings, self._settings = self._settings, None
@@ -626,6 +628,7 @@ class RecordingEngine:
         certificate: every rank's rows together rebuild the weights."""
         if self.writer is None:
             return
+        self.check_weights()  # (an edit after the last step: the final weights are then no rebuild of the rows)
         finals = {
             name: (
                 weight_matrix(cap.module).float().cpu().numpy(),

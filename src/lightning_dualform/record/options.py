@@ -10,6 +10,7 @@ from typing import Callable, Literal, Mapping, Sequence, get_args
 
 from torch import nn
 
+from lightning_dualform._unwrap import layer_name
 from lightning_dualform.store.filters import compression_kwargs
 from lightning_dualform.store.format import ROW_DTYPES
 
@@ -51,6 +52,13 @@ class RecordOptions:
     check_every: int = 50
     layout: LayoutChoice = None
 
+    def check_layout_names(self, owner: str, tracked: list[str]) -> None:
+        """Refuse a ``layout`` dict that names layers not tracked (a typo would otherwise go unnoticed)."""
+        unknown = sorted(set(self.layout) - set(tracked)) if isinstance(self.layout, Mapping) else []
+        if unknown:
+            raise ValueError(f"`{owner}(layout=...)` names layers it does not track: {unknown}. The tracked "
+                             f"layers are {sorted(tracked)}.")
+
     def layout_of(self, name: str) -> Layout | None:
         """The layout declared for layer ``name`` (``None``: told from the calls' shapes alone)."""
         if isinstance(self.layout, Mapping):
@@ -90,7 +98,7 @@ class RecordOptions:
                     isinstance(v, str) and v in LAYOUTS for v in values):
                 raise ValueError(f"`{owner}(layout={layout!r})`: expected None, one of {LAYOUTS} for every layer, or a "
                                  f"dict of layer names to one of them.")
-            if isinstance(layout, Mapping):
-                kw["layout"] = dict(layout)
+            if isinstance(layout, Mapping):  # (a compiled submodule's layer named either way, as layers= takes it)
+                kw["layout"] = {layer_name(k): v for k, v in layout.items()}
         chosen = list(layers) if isinstance(layers, (list, tuple)) else layers
         return cls(path=os.fspath(path), layers=chosen, **kw)  # type: ignore[arg-type]

@@ -4,11 +4,14 @@ The rows rebuild what the optimizer did with their gradients; a weight edited in
 constraint after ``step()``, a callback re-initialising units, a clamp) is a change no row explains. SGD's
 certificate projects every row of the weights and sees it at fit end; an element-wise rule's replays a few rows
 (``record/row_replay.py``) and misses it on the others. So under such a rule each tracked weight is watched:
-after every step its version counter (``_compat.tensor_version``: an in-place edit moves it) and a fingerprint
-``W z`` (one product with a fixed random vector); before the next, a weight whose counter moved is compared by
-fingerprint (a copy written back unchanged, such as an EMA swap around validation, is no change).
+after every step its version counter (``_compat.tensor_version``: an in-place edit moves it), its storage (``p.data =
+new`` replaces it) and a fingerprint ``W z`` (one product with a fixed random vector); before the next step, and in
+Lightning also just before the update (the closure with ``training_step`` and the backward hooks runs inside
+``step()``), and at fit end, a weight whose counter or storage moved is compared by fingerprint (a copy written
+back unchanged, such as an EMA swap around validation, is no change).
 
-What it cannot see: an edit inside ``optimizer.step()`` by a step post-hook registered before the recording's.
+What it cannot see: an edit by a step post-hook registered before the recording's, or by a LightningModule's own
+``on_before_optimizer_step`` or gradient clipping hook (they run after the callback's, inside ``step()``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ class WeightWatch:
     def _params(self, module: nn.Module) -> list[torch.Tensor]:
         return [p for p in (module.weight, getattr(module, "bias", None)) if isinstance(p, torch.Tensor)]
 
+    def _stamp(self, module: nn.Module) -> tuple[int, ...]:
+        """Each parameter's version counter and storage (``p.data = new`` replaces the storage, not the counter)."""
+        return tuple(x for p in self._params(module) for x in (tensor_version(p), p.data_ptr()))
+
     def _fingerprint(self, name: str, module: nn.Module) -> torch.Tensor:
         with torch.no_grad():
             w = weight_matrix(module).float()
@@ -46,14 +53,14 @@ class WeightWatch:
     def after_step(self) -> None:
         """Remember every watched weight as the optimizer left it."""
         for name, m in self.modules.items():
-            self._seen[name] = (tuple(tensor_version(p) for p in self._params(m)), self._fingerprint(name, m))
+            self._seen[name] = (self._stamp(m), self._fingerprint(name, m))
 
     def changed(self) -> list[str]:
         """The layers whose weights changed since :meth:`after_step` (none before the first step)."""
         out = []
         for name, m in self.modules.items():
             seen = self._seen.get(name)
-            if seen is None or tuple(tensor_version(p) for p in self._params(m)) == seen[0]:
+            if seen is None or self._stamp(m) == seen[0]:
                 continue
             if not torch.equal(self._fingerprint(name, m), seen[1]):
                 out.append(name)

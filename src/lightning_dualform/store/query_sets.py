@@ -27,11 +27,16 @@ class QuerySet:
         after = group.attrs.get("after_step")
         #: the model the queries went through: after this many optimizer steps (None: recorded before sets said it)
         self.after_step = int(after) if after is not None else None
-        self.stale = self._stale(store.last_step, bool(group.attrs.get("rolled_back", False)))
+        self.stale = self._stale(store.last_step, bool(group.attrs.get("rolled_back", False)),
+                                 bool(group.attrs.get("other_model", False)))
 
-    def _stale(self, last_step: int, rolled_back: bool) -> str | None:
-        """Why the set is not the store's model's, or None: it went through a model a resume rolled back, or the
-        model after another step count than the store's last."""
+    def _stale(self, last_step: int, rolled_back: bool, other_model: bool) -> str | None:
+        """Why the set is not the store's model's, or None: it went through another model than the store's final
+        one (another checkpoint's), a model a resume rolled back, or the model after another step count than the
+        store's last."""
+        if other_model:
+            return ("they were recorded with a model whose weights are not the store's final ones (such as one "
+                    "trainer.test(ckpt_path=...) loaded from another checkpoint)")
         if rolled_back:
             return ("they were recorded with a model whose last steps a resume rolled back"
                     + (f" (the model after {self.after_step} optimizer steps)" if self.after_step is not None else ""))

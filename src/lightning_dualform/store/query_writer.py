@@ -26,7 +26,8 @@ class QueryWriter:
         StoreBusyError: another process writes the store.
     """
 
-    def __init__(self, path: str, split: str, layers: dict[str, int], after_step: int | None = None) -> None:
+    def __init__(self, path: str, split: str, layers: dict[str, int], after_step: int | None = None,
+                 other_model: bool = False) -> None:
         self.path = path
         self.split = split
         self.n = 0
@@ -46,6 +47,8 @@ class QueryWriter:
             self.group.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             if after_step is not None:  # the model the queries went through: after this many optimizer steps
                 self.group.attrs["after_step"] = int(after_step)
+            if other_model:  # ... or not the store's final model at all (another checkpoint's)
+                self.group.attrs["other_model"] = True
             for col, dt in (("index", np.int64), ("label", np.int64), ("prediction", np.int64)):
                 _h5.create(self.group, col, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
             lg = self.group.create_group("layers")
