@@ -180,3 +180,23 @@ def test_tensor_version_moves_with_every_in_place_edit_and_only_then():
     with torch.no_grad():
         w[0].copy_(w[0])  # a view's edit is the base's
     assert _compat.tensor_version(w) == v + 2
+
+
+def test_lightning_keeps_the_original_methods_of_a_module_it_compiles_in_its_compiler_ctx():
+    """The contract (``lightning_compiled_methods``, for ``_unwrap.uncompiled``): ``trainer.fit(torch.compile(m))``
+    makes ``m`` compiled methods on the instance (``from_compiled``) and keeps the originals in ``_compiler_ctx``."""
+    from lightning.pytorch.utilities.compile import from_compiled
+
+    from lightning_dualform._unwrap import uncompiled
+
+    model = MLP()
+    plain_forward = model.forward
+    compiled = from_compiled(torch.compile(model, backend="eager"))
+    assert compiled is model and model.forward != plain_forward
+    originals = _compat.lightning_compiled_methods(model)
+    assert originals["forward"] == plain_forward and set(originals) >= {"forward", "training_step"}
+    patched = vars(model)["forward"]
+    with uncompiled(model) as eager:
+        assert eager is model and model.forward == plain_forward
+    assert vars(model)["forward"] is patched  # (put back)
+    assert _compat.lightning_compiled_methods(torch.nn.Linear(2, 2)) == {}

@@ -16,6 +16,10 @@ contract test in ``tests/test_compat.py`` that fails loudly when the behaviour i
 - :func:`compiled_original`: the module inside a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``), so
   that a compiled model (or submodule) answers to the names its layers have without compiling: torch offers no
   public way back to the original, and the wrapper puts ``_orig_mod`` into every name below it.
+- :func:`lightning_compiled_methods`: ``trainer.fit(torch.compile(model))`` unwraps the compiled model and puts
+  compiled versions of its ``forward`` and ``*_step`` methods on the LightningModule *instance*, keeping the
+  originals in its ``_compiler_ctx``; ``explain``/``influence`` run the originals (Lightning's public
+  ``to_uncompiled`` would undo it for good).
 - :func:`tensor_version`: a tensor's version counter, which every in-place operation moves: the one cheap way to
   notice a weight edited between optimizer steps (``record/weight_watch.py``); torch offers no public one.
 - :func:`h5py_lock`: h5py's global lock, so that the ctypes calls of ``store/_hdf5_nogil.py`` stay
@@ -62,6 +66,18 @@ def compiled_original(module: object) -> Any:
     if wrapper is not None and isinstance(module, wrapper):
         return module._orig_mod
     return None
+
+
+#: the methods Lightning compiles on a LightningModule (``lightning.pytorch.utilities.compile.from_compiled``)
+_COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
+
+
+def lightning_compiled_methods(module: Any) -> dict[str, Any]:
+    """The original methods of a LightningModule that Lightning compiled in place (``{}`` for any other module)."""
+    ctx = getattr(module, "_compiler_ctx", None)
+    if not isinstance(ctx, dict):
+        return {}
+    return {name: ctx[f"original_{name}"] for name in _COMPILED_METHODS if f"original_{name}" in ctx}
 
 
 def tensor_version(t: Any) -> int:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from torch import nn
 
-from lightning_dualform._compat import compiled_original
+from lightning_dualform._compat import compiled_original, lightning_compiled_methods
 
 #: the name segment a ``torch.compile`` wrapper puts above the module it holds
 COMPILED = "_orig_mod"
@@ -44,9 +45,12 @@ def uncompiled(model: nn.Module) -> Iterator[nn.Module]:
             m = inner
         return m
 
-    swaps: list[tuple[nn.Module, str, nn.Module]] = []
+    swaps: list[tuple[nn.Module, str, Any]] = []
 
     def visit(m: nn.Module) -> None:
+        for name, method in lightning_compiled_methods(m).items():  # (trainer.fit(torch.compile(model)) made these)
+            swaps.append((m, name, vars(m).get(name)))
+            setattr(m, name, method)
         for attr, child in list(m.named_children()):
             eager = original(child)
             if eager is not child:
@@ -59,8 +63,11 @@ def uncompiled(model: nn.Module) -> Iterator[nn.Module]:
         visit(top)
         yield top
     finally:
-        for m, attr, child in reversed(swaps):
-            setattr(m, attr, child)
+        for m, attr, before in reversed(swaps):
+            if before is None:
+                vars(m).pop(attr, None)  # (a method put on the instance is taken away again)
+            else:
+                setattr(m, attr, before)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
