@@ -273,3 +273,33 @@ def test_find_layers_says_what_it_leaves_out_and_which_layers_share_a_weight():
     assert any(n.startswith("bil (Bilinear) is not recorded: its weight matrix is not one of a kind") for n in notes)
     assert not any(n.startswith("norm") for n in notes)  # (a norm's vectors are no weight matrix)
     assert any(n.startswith("b shares its weight with a (tied)") for n in notes)
+
+
+class SeqFirstWithTest(SeqFirst):
+    def test_step(self, batch, batch_idx):
+        x, _ = batch
+        return self.lin(x.transpose(0, 1))
+
+
+@pytest.mark.parametrize("layout", [None, "sequence_first"])
+def test_query_rows_whose_query_cannot_be_told_are_left_out_and_a_declared_layout_keeps_them(tmp_path, layout):
+    # (rows of a (B, B) call got query -1, which made the set unreadable, or named the previous batch's last query)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 6, 4, generator=g)
+    x[:, :, 0] = torch.arange(12, dtype=torch.float32)[:, None]
+    ds = torch.utils.data.TensorDataset(x, torch.randint(0, 3, (12,), generator=g))
+    cb = DualFormCallback(tmp_path / "q.h5", record_queries=("test",), layout=layout)
+    trainer = L.Trainer(max_epochs=1, callbacks=[cb], **TRAINER_KW)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(SeqFirstWithTest(), torch.utils.data.DataLoader(ds, batch_size=6))
+        trainer.test(trainer.lightning_module, torch.utils.data.DataLoader(ds, batch_size=6))
+    with StoreReader(cb.store_path) as s:
+        qs = s.queries("test")
+        rows = qs.layer_rows("lin")
+    assert qs.n == 12
+    if layout is None:
+        assert len(rows["example"]) == 0
+    else:  # every row names its own query: feature 0 holds the example's index
+        assert len(rows["example"]) == 12 * 6
+        np.testing.assert_array_equal(qs.index[rows["example"]], rows["keys"][:, 0].round().astype(np.int64))

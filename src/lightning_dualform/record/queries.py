@@ -110,13 +110,15 @@ class QueryRecorder:
             for call in cap.calls:
                 _, position, row_label, per_ex, example = row_metadata(call, info, offset, with_example=True,
                                                                        layout=layout)
-                if name not in self.warned and unknown_layout(call, info.size, layout):  # example -1
+                if name not in self.warned and unknown_layout(call, info.size, layout):  # example -1: left out
                     self.warned.add(name)
-                    warnings.warn(unknown_layout_message("DualFormCallback", name,
-                                                         call.lead_shape, info.size), UserWarning, stacklevel=2)
+                    said = unknown_layout_message("DualFormCallback", name, call.lead_shape, info.size)
+                    warnings.warn(said + " In a query set such rows are left out: each must name its query.",
+                                  UserWarning, stacklevel=2)
                 offset += per_ex
                 keys = call.keys if call.keys.is_floating_point() else one_hot_keys(call.keys, layer_shape(cap.module)[0])
-                parts.append((keys.float().cpu(), example, position, row_label))
+                known = example >= 0  # (rows whose query cannot be told would name another batch's query)
+                parts.append((keys.float().cpu()[known], example[known], position[known], row_label[known]))
                 if call.output is not None:
                     last_output = call.output
             cap.calls.clear()
