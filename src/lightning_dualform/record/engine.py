@@ -51,7 +51,7 @@ from lightning_dualform.record.planner import Plan, check_disk, estimate, slow_w
 from lightning_dualform.record.policy import gradient_check_tolerance
 from lightning_dualform.record.row_replay import RowReplayCertificate
 from lightning_dualform.record.sketch import SketchCertificate
-from lightning_dualform.record.weight_watch import WeightWatch
+from lightning_dualform.record.weight_watch import WeightWatch, checked_closure
 from lightning_dualform.record.step_rows import StepRow, StepRowReader, StepSettings, skipped_row
 from lightning_dualform.record.specs import Distributed, bias_of, describe_optimizer, layer_spec
 from lightning_dualform.store import WriterLock
@@ -266,19 +266,21 @@ class RecordingEngine:
         (Lightning's ``on_before_optimizer_step``)."""
         if self.writer is not None:
             self._expected = (int(step), int(epoch), grad_scale)
-            self.check_weights()  # (Lightning's closure runs inside step(): after its pre-hook, before this)
 
     def check_weights(self) -> None:
         """Flag a watched layer whose weights changed since the optimizer's last step (:class:`WeightWatch`)."""
         for name in self._watch.changed() if self._watch is not None else ():
             self._flag(name, 0.0, True, edited=True)
 
-    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
         if self.writer is None and self._open_store is not None:
             self._open_store()
         if self.writer is not None:
             self._settings = self.step_settings()
             self.check_weights()
+            if self._watch is not None:  # and again after a closure (Lightning's: training_step, backward, hooks)
+                return checked_closure(args, kwargs, self.check_weights)
+        return None
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         settings, self._settings = self._settings, None

@@ -5,16 +5,17 @@ constraint after ``step()``, a callback re-initialising units, a clamp) is a cha
 certificate projects every row of the weights and sees it at fit end; an element-wise rule's replays a few rows
 (``record/row_replay.py``) and misses it on the others. So under such a rule each tracked weight is watched:
 after every step its version counter (``_compat.tensor_version``: an in-place edit moves it), its storage (``p.data =
-new`` replaces it) and a fingerprint ``W z`` (one product with a fixed random vector); before the next step, and in
-Lightning also just before the update (the closure with ``training_step`` and the backward hooks runs inside
-``step()``), and at fit end, a weight whose counter or storage moved is compared by fingerprint (a copy written
-back unchanged, such as an EMA swap around validation, is no change).
+new`` replaces it) and a fingerprint ``W z`` (one product with a fixed random vector); before the next step, after
+the step's closure where it has one (Lightning's runs ``training_step``, the backward and every hook before the
+update, inside ``step()``), and at fit end, a weight whose counter or storage moved is compared by fingerprint (a
+copy written back unchanged, such as an EMA swap around validation, is no change).
 
-What it cannot see: an edit by a step post-hook registered before the recording's, or by a LightningModule's own
-``on_before_optimizer_step`` or gradient clipping hook (they run after the callback's, inside ``step()``).
+What it cannot see: an edit by a step post-hook registered before the recording's.
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -65,3 +66,27 @@ class WeightWatch:
             if not torch.equal(self._fingerprint(name, m), seen[1]):
                 out.append(name)
         return out
+
+
+def checked_closure(args: tuple, kwargs: dict, check: Callable[[], None]) -> tuple[tuple, dict] | None:
+    """An optimizer step pre-hook's answer that runs ``check`` after the step's closure, just before the update
+    (Lightning passes ``step(closure=...)``; its closure runs ``training_step``, the backward and the hooks before
+    the optimizer step); None where the step has no closure (nothing to change)."""
+    closure = kwargs.get("closure") if kwargs else None
+    if closure is None and args:
+        closure, rest = args[0], args[1:]
+        if callable(closure):
+            return (_then(closure, check), *rest), kwargs
+        return None
+    if not callable(closure):
+        return None
+    return args, {**kwargs, "closure": _then(closure, check)}
+
+
+def _then(closure: Callable[[], Any], check: Callable[[], None]) -> Callable[[], Any]:
+    def run() -> Any:
+        out = closure()
+        check()
+        return out
+
+    return run
