@@ -17,6 +17,8 @@ Both sides use these functions: the recording hooks (``record/capture.py``) and 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn.grad import conv1d_weight, conv2d_weight
@@ -277,20 +279,20 @@ def same_model(module: nn.Module, error: tuple[str, float] | None) -> bool:
     return error[1] <= max(FINAL_WEIGHTS_TOLERANCE, 2 * eps)
 
 
-def final_weights_error(module: nn.Module, layer: object) -> tuple[str, float] | None:
+def final_weights_error(module: nn.Module, layer: Any) -> tuple[str, float] | None:
     """How far ``module``'s weight and bias are from a stored layer's final ones (``layer``: a store's
     ``LayerReader``, with ``weight_final``, ``bias_final``, ``to_param`` and ``has_bias``): the worse of the two as
     ``(parameter name, relative error)``, or None where the store holds no final weights (a store being written)."""
     import numpy as np
 
-    pairs = [("weight", getattr(layer, "weight_final"), module.weight)]
-    if getattr(layer, "has_bias") and isinstance(getattr(module, "bias", None), torch.Tensor):
-        pairs.append(("bias", getattr(layer, "bias_final"), module.bias))
+    pairs = [("weight", layer.weight_final, module.weight)]
+    if layer.has_bias and isinstance(getattr(module, "bias", None), torch.Tensor):
+        pairs.append(("bias", layer.bias_final, module.bias))
     worst: tuple[str, float] | None = None
     for pname, final, own in pairs:
         if final is None:
             continue
-        ref = np.asarray(layer.to_param(final) if pname == "weight" else final, dtype=np.float64)  # type: ignore[attr-defined]
+        ref = np.asarray(layer.to_param(final) if pname == "weight" else final, dtype=np.float64)
         mine = own.detach().to("cpu", torch.float64).numpy().reshape(ref.shape)
         err = float(np.linalg.norm(mine - ref) / max(float(np.linalg.norm(ref)), 1e-30))
         if worst is None or err > worst[1]:
