@@ -298,3 +298,16 @@ def final_weights_error(module: nn.Module, layer: Any) -> tuple[str, float] | No
         if worst is None or err > worst[1]:
             worst = (pname, err)
     return worst
+
+
+def first_other_layer(store: Any, modules: dict[str, nn.Module], names: list[str]) -> tuple[str, str, float] | None:
+    """The first of ``names`` whose module in ``modules`` does not hold ``store``'s final weights (beyond its own
+    dtype's rounding: :func:`same_model`), as ``(layer, parameter, relative error)``; None where every one does, or
+    where the store has no final weights yet (it is still being written)."""
+    if not store.complete:
+        return None
+    for name in names:
+        worst = final_weights_error(modules[name], store.layer(name))
+        if worst is not None and not same_model(modules[name], worst):
+            return (name, *worst)
+    return None

@@ -21,7 +21,7 @@ from torch import nn
 from lightning_dualform._unwrap import named_modules, uncompiled, unwrap_model
 from lightning_dualform.attend.request import AttendRequest, Contribution, request_from
 from lightning_dualform.attend.results import AttentionResult, Explanation
-from lightning_dualform.layers import final_weights_error, keys_of, one_hot_keys, same_model
+from lightning_dualform.layers import first_other_layer, keys_of, one_hot_keys
 
 if TYPE_CHECKING:
     from lightning_dualform.attend.inference import DualInference
@@ -175,18 +175,15 @@ def _check_trained(store: Any, modules: dict[str, nn.Module], names: Sequence[st
     Raises:
         ValueError: naming the first layer that differs, and by how much.
     """
-    if not store.complete:
-        return  # (a store still being written has no final weights yet)
-    for name in names:
-        worst = final_weights_error(modules[name], store.layer(name))
-        if worst is not None and not same_model(modules[name], worst):
-            pname, err = worst
-            raise ValueError(
-                f"`explain(model, ...)`: the model's {name}.{pname} differs from the store's final weights "
-                f"(relative error {err:.2e}), so it is not the model this store recorded, and its layer inputs "
-                "would be attended over another model's memory. Pass the trained model (after the run's last "
-                "step; a model of an earlier step with at_step= that step), or attend over the store with "
-                "inputs of your own: di.attend(layer, queries).")
+    other = first_other_layer(store, modules, list(names))
+    if other is not None:
+        name, pname, err = other
+        raise ValueError(
+            f"`explain(model, ...)`: the model's {name}.{pname} differs from the store's final weights "
+            f"(relative error {err:.2e}), so it is not the model this store recorded, and its layer inputs "
+            "would be attended over another model's memory. Pass the trained model (after the run's last "
+            "step; a model of an earlier step with at_step= that step), or attend over the store with "
+            "inputs of your own: di.attend(layer, queries).")
 
 
 def _influence(di: "DualInference", influence_fn: Callable[..., Any], model: nn.Module, batch: Any,

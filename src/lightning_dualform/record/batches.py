@@ -184,9 +184,9 @@ def row_metadata(call: CallRows, info: BatchInfo, offset: int, with_example: boo
         label = lab if lab is not None and lab.dim() == 1 and lab.shape[0] == b else torch.full((n,), -1, dtype=torch.int64)
         return index, torch.zeros(n, dtype=torch.int32), label, 1
     rows = torch.arange(n)
-    both = bool(b) and len(lead) >= 2 and lead[0] == lead[1] == b and call.geometry is None  # (B, B, ...)
+    both = unknown_layout(call, b)  # (B, B, ...): the shape alone cannot tell the layout
     sequence_first = False
-    if unknown_layout(call, b, layout):  # (B, B, ...) and nothing says which: no guess
+    if both and layout is None:  # and nothing says which: no guess
         per_ex, example, position = n, None, rows + offset
     elif b and lead and lead[0] == b and not (both and layout == "sequence_first"):  # batch first: (B, ...)
         per_ex = max(n // b, 1)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lightning_dualform._unwrap import named_modules
-from lightning_dualform.layers import final_weights_error, layer_shape, one_hot_keys, same_model
+from lightning_dualform.layers import first_other_layer, layer_shape, one_hot_keys
 from lightning_dualform.record.batches import (
     BatchInfo,
     layer_layout,
@@ -74,15 +74,14 @@ class QueryRecorder:
             widths = {n: store.layer(n).d_in for n in names}
             after_step = store.last_step
             # the model the queries go through must be the store's (trainer.test(ckpt_path=...) loads another)
-            errors = {n: final_weights_error(modules[n], store.layer(n)) for n in names} if store.complete else {}
-        other = {n: e for n, e in errors.items() if not same_model(modules[n], e)}
-        if other:
-            name, (pname, err) = next(iter(other.items()))
+            other = first_other_layer(store, modules, names)
+        if other is not None:
+            name, pname, err = other
             warnings.warn(f"DualFormCallback(record_queries=...): the {split} queries go through a model whose {name}."
                           f"{pname} differs from the store's final weights (relative error {err:.2e}), such as one "
                           "trainer.test(ckpt_path=...) loaded from another checkpoint: they are recorded, marked as "
                           "another model's (readers refuse them as stale).", UserWarning, stacklevel=3)
-        rec = cls(QueryWriter(path, split, widths, after_step, other_model=bool(other)), split, path, {}, layouts)
+        rec = cls(QueryWriter(path, split, widths, after_step, other_model=other is not None), split, path, {}, layouts)
         for name in names:
             cap = LayerCapture(name, modules[name], lambda: rec.active, need_grad=False, keep_output=name == names[-1])
             cap.attach()
