@@ -3,7 +3,9 @@
 :class:`FloorRecorder` is the least a recorder of exact float32 rows can do: forward hooks keep each
 tracked layer's input (its keys: a linear layer's rows, a convolution's maps) and a tensor hook its output
 gradient (its values), a thread takes each step's tensors and, in the ``bytes`` floor, writes them with
-``os.pwrite`` into one file, with ``fdatasync`` every 64 MiB and ``fsync`` at fit end, as the store does;
+``os.pwrite`` into one file, with ``fdatasync`` every 64 MiB (then dropping the synced pages from the page
+cache, ``POSIX_FADV_DONTNEED``) and ``fsync`` at fit end, as the store does (``floor:bytes-cached`` keeps them
+cached, as the store did before Dec 7 2026's eighth session);
 the first epoch's inputs are written once, as the store keeps them. No checksum, HDF5, dataset index,
 gradient check or certificate. The ``refs`` floor hands the tensors to the thread, which drops them: the
 cost of keeping them alive and of the hooks alone.
@@ -49,8 +51,8 @@ class FloorRecorder(pl.Callback):
     """Keep every ``nn.Linear``/``nn.Conv2d`` input and output gradient of each step; with ``write``, write
     their raw bytes (and the first epoch's inputs) to ``path`` on a thread. See the module docstring."""
 
-    def __init__(self, path: str, write: bool) -> None:
-        self.path, self.write = path, write
+    def __init__(self, path: str, write: bool, drop_synced: bool = True) -> None:
+        self.path, self.write, self.drop_synced = path, write, drop_synced
         self._rows: list[torch.Tensor] = []
         self._queue: queue.Queue = queue.Queue(maxsize=16)
         self._hooks: list[Any] = []
@@ -84,7 +86,7 @@ class FloorRecorder(pl.Callback):
         self._queue.put(rows)
 
     def _run(self) -> None:
-        offset = since_sync = 0
+        offset = since_sync = dropped_to = 0
         try:
             while (rows := self._queue.get()) is not None:
                 if self._fd < 0:
@@ -96,6 +98,9 @@ class FloorRecorder(pl.Callback):
                         offset, since_sync, data = offset + n, since_sync + n, data[n:]
                 if since_sync >= SYNC_EVERY:
                     os.fdatasync(self._fd)
+                    if self.drop_synced:
+                        os.posix_fadvise(self._fd, dropped_to, offset - dropped_to, os.POSIX_FADV_DONTNEED)
+                        dropped_to = offset
                     since_sync = 0
         except BaseException as err:  # raised at fit end
             self._error = err
@@ -164,6 +169,7 @@ def main() -> None:
     variants: dict[str, Callable[[], list]] = {
         "library": lambda: [DualFormCallback(store, overwrite=True)],
         "floor:bytes": lambda: [FloorRecorder(raw, write=True)],
+        "floor:bytes-cached": lambda: [FloorRecorder(raw, write=True, drop_synced=False)],
         "floor:refs": lambda: [FloorRecorder(raw, write=False)],
     }
     ratios: dict[str, list[float]] = {v: [] for v in variants}

@@ -3,6 +3,7 @@ readers (one file and two shards), and the certificate against weights computed 
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 import threading
@@ -372,6 +373,59 @@ def test_the_writer_syncs_the_store_as_rows_arrive(tmp_path, monkeypatch):
     with h5py.File(path, "r") as a, h5py.File(plain, "r") as b:
         for col in ("keys", "values", "index", "step"):
             np.testing.assert_array_equal(a["layers/fc"][col][()], b["layers/fc"][col][()])
+
+
+def _resident_pages(path, size: int) -> int:
+    """Pages of the file's first ``size`` bytes in the page cache (``mincore`` of a shared read-only map)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        try:
+            assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+        finally:
+            libc.munmap(addr, size)
+        return sum(v & 1 for v in vec)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise") or sys.platform != "linux", reason="mincore and fadvise: Linux")
+def test_synced_rows_leave_the_page_cache_and_stay_on_disk(tmp_path):
+    """After a background sync the synced bytes are offered back to the kernel (the fit's pages are reused instead
+    of new memory touched: docs/benchmarks.md); the file as it was when syncing began (a skeleton) and the bytes
+    written after the sync stay cached, and every byte reads back."""
+    from lightning_dualform.store import _writeback
+
+    path, mib = tmp_path / "f", 1 << 20
+    head, body, tail = (np.random.default_rng(i).bytes(mib) for i in range(3))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        os.write(fd, head)
+        wb = _writeback.Writeback(fd, every=mib)
+        os.write(fd, body)
+        cached = _resident_pages(path, 2 * mib)
+        wb.wrote(mib)  # due: the helper syncs [0, 2 MiB) and offers the body's pages back
+        wb.close()
+        os.write(fd, tail)
+    finally:
+        os.close(fd)
+    pages = mib // mmap.PAGESIZE
+    if cached < 2 * pages:
+        pytest.skip("this file system did not cache the written pages")
+    assert _resident_pages(path, mib) == pages  # the file as it was when the writeback began: left alone
+    assert _resident_pages(path, 3 * mib) - _resident_pages(path, 2 * mib) == pages  # written after: left alone
+    assert _resident_pages(path, 2 * mib) - _resident_pages(path, mib) < pages // 4  # the synced body: dropped
+    assert path.read_bytes() == head + body + tail
 
 
 def test_a_sync_in_progress_is_not_doubled_and_its_failure_is_raised(tmp_path, monkeypatch):
