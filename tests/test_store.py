@@ -428,6 +428,27 @@ def test_synced_rows_leave_the_page_cache_and_stay_on_disk(tmp_path):
     assert path.read_bytes() == head + body + tail
 
 
+def test_a_refused_page_cache_advice_is_not_a_failed_sync(tmp_path, monkeypatch):
+    """Dropping the synced pages is advice: a file system that refuses it (EINVAL) must not fail the store's
+    appends the way a failed sync does."""
+    from lightning_dualform.store import _writeback
+
+    def refuse(*args: object) -> None:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse, raising=False)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        os.write(fd, b"x" * 4096)
+        wb = _writeback.Writeback(fd, every=100)
+        os.write(fd, b"y" * 4096)
+        wb.wrote(4096)
+        wb.close()  # (raises a sync's error)
+        assert wb.syncs == 1
+    finally:
+        os.close(fd)
+
+
 def test_a_sync_in_progress_is_not_doubled_and_its_failure_is_raised(tmp_path, monkeypatch):
     from lightning_dualform.store import _writeback
 

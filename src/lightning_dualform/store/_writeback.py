@@ -38,10 +38,14 @@ _sync = getattr(os, "fdatasync", os.fsync)  # (macOS has no fdatasync)
 
 
 def _drop_cached(fd: int, start: int, end: int) -> None:
-    """Let the kernel drop the clean cached pages of bytes ``[start, end)`` (where it can: Linux, the BSDs)."""
+    """Let the kernel drop the clean cached pages of bytes ``[start, end)`` (where it can: Linux, the BSDs).
+    Advice only: a file system that refuses it costs the store nothing, so its error is not the sync's."""
     advise = getattr(os, "posix_fadvise", None)
     if advise is not None and end > start:
-        advise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        try:
+            advise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
 
 
 class Writeback:
