@@ -317,6 +317,55 @@ def test_rprop_is_refused_with_a_clear_error(tmp_path):
         _fit(tmp_path, model)
 
 
+class CustomClipping(MLP):
+    """A module that clips in its own configure_gradient_clipping: how a factor of every step is unknown."""
+
+    def __init__(self, how: str, adamw: bool = False):
+        super().__init__(opt_factory=lambda m: torch.optim.AdamW(m.parameters(), lr=0.01) if adamw else
+                         torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9))
+        self.how = how
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.how == "lightning-norm" and self.current_epoch > 0:  # Lightning's own clipping, from epoch 1 on
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        elif self.how == "first-layer-norm":  # one layer's norm only: another factor per layer
+            torch.nn.utils.clip_grad_norm_(self.net[0].parameters(), 0.02)
+        elif self.how == "value":  # element by element: no factor explains it
+            torch.nn.utils.clip_grad_value_(self.parameters(), 2e-3)
+
+
+@pytest.mark.parametrize("how", ["lightning-norm", "first-layer-norm", "lightning-norm-adamw"])
+def test_a_custom_configure_gradient_clipping_is_measured_and_exact(tmp_path, how):
+    """A configure_gradient_clipping of the module's own was refused; each step's factor is now measured from the
+    weights' .grad (per layer, as DualFormRecorder does), and a scaling of any kind is exact."""
+    torch.manual_seed(0)
+    model = CustomClipping(how.removesuffix("-adamw"), adamw=how.endswith("-adamw"))
+    trainer, cb = _fit(tmp_path, model, gradient_clip_val=0.05)  # (the hook gets the value; the module decides)
+    assert all(c["exact"] for c in cb.certificate.values()), cb.certificate
+    if how.endswith("-adamw"):  # an element-wise rule: the whole replay of every row, against the final weights
+        from lightning_dualform.attend.certificate import certify_store
+
+        assert all(c.exact and c.rel_err < 1e-5 for c in certify_store(cb.store_path).values())
+    else:
+        assert_exact(cb.store_path, model, _probe(model))
+    with StoreReader(cb.store_path) as s:
+        assert s.meta.gradient_clip_algorithm == "measured"
+        first, second = s.layer("net.0").updates()["grad_scale"], s.layer("net.2").updates()["grad_scale"]
+    assert first.min() < 0.9, "clipping should have been active in this run"
+    if how.startswith("lightning-norm"):
+        np.testing.assert_allclose(first, second, rtol=1e-5)  # one global factor, measured per layer
+        assert (first[: len(first) // 2] == 1.0).all()  # (no clipping in epoch 0)
+    else:
+        assert (second == 1.0).all()
+
+
+def test_a_custom_value_clipping_is_recorded_inexact(tmp_path):
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="INEXACT"):
+        _, cb = _fit(tmp_path, CustomClipping("value"))
+    assert not all(c["exact"] for c in cb.certificate.values()), cb.certificate
+
+
 def test_value_clipping_is_refused(tmp_path):
     with pytest.raises(InexactError, match="value"):
         _fit(tmp_path, MLP(), gradient_clip_val=0.1, gradient_clip_algorithm="value")

@@ -111,7 +111,7 @@ def test_lightning_norm_clipping_hands_over_the_norm_it_clips_with():
     from lightning.pytorch.plugins.precision import Precision
     from lightning.pytorch.utilities import GradClipAlgorithmType
 
-    from lightning_dualform.record.callback import clip_coefficient
+    from lightning_dualform.record.gradient_check import clip_coefficient
 
     def with_grads() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(1)

@@ -18,7 +18,6 @@ P = [torch.nn.Parameter(torch.zeros(2, 2))]
     (RunFacts(optimizers=[torch.optim.SGD(P, lr=0.1), torch.optim.SGD(P, lr=0.1)]), "2 optimizers"),
     (RunFacts(optimizers=[torch.optim.Rprop(P)]), "Rprop"),
     (RunFacts(optimizers=[torch.optim.SGD(P, lr=0.1)], clip_algorithm="value"), 'gradient_clip_algorithm="value"'),
-    (RunFacts(optimizers=[torch.optim.SGD(P, lr=0.1)], custom_clipping=True), "configure_gradient_clipping"),
     (RunFacts(optimizers=[torch.optim.SGD(P, lr=0.1)], precision="bf16-true"), "precision='bf16-true'"),
     (RunFacts(optimizers=[torch.optim.SGD(P, lr=0.1)], parameter_dtypes=(torch.float16,)), "float16 parameters"),
     (RunFacts(optimizers=[torch.optim.SGD(P, lr=0.1)], strategy="FSDPStrategy"), "FSDPStrategy"),

@@ -38,6 +38,7 @@ from lightning_dualform.record import trainer_logging
 from lightning_dualform.record.attention_logging import DualFormAttentionLogger
 from lightning_dualform.record.capture import find_layers
 from lightning_dualform.record.engine import RecordingEngine
+from lightning_dualform.record.gradient_check import clip_coefficient, total_norm
 from lightning_dualform.record.options import LayoutChoice, RecordOptions, RowDtype
 from lightning_dualform.record.planner import Plan
 from lightning_dualform.record.policy import RunFacts, inexact_causes, refusal
@@ -192,6 +193,7 @@ class DualFormCallback(Callback):
         self._undo_observe: Callable[[], None] | None = None
         self._undo_clip: Callable[[], None] | None = None  # Lightning's norm clipping hands its norm over
         self._clip_seen = 1.0  # the factor the last clipping applied, until the step that used it is recorded
+        self._measure_factor = False  # each step's gradient factor measured (a custom configure_gradient_clipping)
         self._query: QueryRecorder | None = None
         self._query_note: str | None = None  # said when the stage's progress bar is done (teardown)
         self._logged_step = -1  # the global step whose progress the loggers last got
@@ -298,7 +300,6 @@ class DualFormCallback(Callback):
             optimizers=list(trainer.optimizers),
             manual_optimization=not pl_module.automatic_optimization,
             clip_algorithm=(trainer.gradient_clip_algorithm or "norm") if trainer.gradient_clip_val else None,
-            custom_clipping=is_overridden("configure_gradient_clipping", pl_module),
             precision=str(trainer.precision),
             strategy=type(trainer.strategy).__name__,
         ))
@@ -319,7 +320,10 @@ class DualFormCallback(Callback):
             rank_zero_info(f"{_OWNER}: {note}")
         engine.dist = _distributed(trainer)
         engine.set_precision(str(trainer.precision), trainer.strategy.root_device)
-        if trainer.gradient_clip_val and (trainer.gradient_clip_algorithm or "norm") == "norm":
+        # a configure_gradient_clipping of the module's own may scale the gradients in any way: each step's factor
+        # is then measured from the weights' .grad (the check, every step, marks a layer whose change is no scaling)
+        self._measure_factor = is_overridden("configure_gradient_clipping", pl_module)
+        if not self._measure_factor and trainer.gradient_clip_val and (trainer.gradient_clip_algorithm or "norm") == "norm":
             self._undo_clip = observe_norm_clipping(trainer.precision_plugin, self._clipped)
         engine.horizon = lambda: self._horizon(trainer)
         engine.run_exact = not problems
@@ -417,8 +421,9 @@ class DualFormCallback(Callback):
             recorded_by=_OWNER,
             optimizer_exact=not self._problems,
             inexact_causes=self._problems,
-            gradient_clip_val=float(trainer.gradient_clip_val or 0.0),
-            gradient_clip_algorithm=clip_algorithm_name(trainer.gradient_clip_algorithm or "norm"),
+            gradient_clip_val=0.0 if self._measure_factor else float(trainer.gradient_clip_val or 0.0),
+            gradient_clip_algorithm="measured" if self._measure_factor else clip_algorithm_name(
+                trainer.gradient_clip_algorithm or "norm"),
             accumulate_grad_batches=int(trainer.accumulate_grad_batches),
         )
         shards = None
@@ -486,7 +491,9 @@ class DualFormCallback(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         scale = self._world_scale(trainer) / loss_scale
-        if self._undo_clip is not None:  # the clipping right after this hook tells its factor: taken at the step
+        if self._measure_factor:
+            engine.expect_step(int(trainer.global_step), int(trainer.current_epoch), None)
+        elif self._undo_clip is not None:  # the clipping right after this hook tells its factor: taken at the step
             self._clip_seen = 1.0
             engine.expect_step(int(trainer.global_step), int(trainer.current_epoch), lambda: self._clip_seen * scale)
         else:
@@ -518,13 +525,7 @@ class DualFormCallback(Callback):
         if not trainer.gradient_clip_val or (trainer.gradient_clip_algorithm or "norm") != "norm":
             return 1.0
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return 1.0
-        if hasattr(torch.nn.utils, "get_total_norm"):
-            total = torch.nn.utils.get_total_norm(grads, 2.0)
-        else:  # torch < 2.6
-            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0)
-        return clip_coefficient(total, float(trainer.gradient_clip_val))
+        return clip_coefficient(total_norm(grads), float(trainer.gradient_clip_val)) if grads else 1.0
 
     def _clipped(self, total: torch.Tensor, clip_val: float) -> None:
         """Lightning's norm clipping ran (:func:`~lightning_dualform._compat.observe_norm_clipping`)."""
@@ -687,12 +688,6 @@ class DualFormCallback(Callback):
                 self._engine.close()
             else:
                 self._engine.detach()
-
-
-def clip_coefficient(total: torch.Tensor, clip_val: float) -> float:
-    """The factor ``torch.nn.utils.clip_grad_norm_`` multiplies the gradients by, for their total norm ``total``
-    (its own float32 arithmetic: ``min(clip_val / (total + 1e-6), 1)``)."""
-    return float(torch.clamp(clip_val / (total + 1e-6), max=1.0))
 
 
 def _distributed(trainer: "pl.Trainer") -> Distributed:

@@ -132,3 +132,16 @@ def fit_scale(lhs: torch.Tensor, rhs: torch.Tensor, world_size: int) -> float:
         if abs(f - snapped) <= SNAP * snapped:
             return snapped
     return f
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The gradients' total 2-norm, as ``torch.nn.utils.clip_grad_norm_`` computes it."""
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm(grads, 2.0)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0)  # torch < 2.6
+
+
+def clip_coefficient(total: torch.Tensor, clip_val: float) -> float:
+    """The factor ``torch.nn.utils.clip_grad_norm_`` multiplies the gradients by, for their total norm ``total``
+    (its own float32 arithmetic: ``min(clip_val / (total + 1e-6), 1)``)."""
+    return float(torch.clamp(clip_val / (total + 1e-6), max=1.0))

@@ -32,7 +32,6 @@ class RunFacts:
     optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
     manual_optimization: bool = False
     clip_algorithm: str | None = None  # "norm", "value" or None (no clipping)
-    custom_clipping: bool = False
     precision: str = "32-true"
     strategy: str = "SingleDeviceStrategy"
     parameter_dtypes: tuple[torch.dtype, ...] = ()
@@ -53,8 +52,6 @@ def inexact_causes(facts: RunFacts) -> list[str]:
             problems.append(str(err).rstrip("."))
     if facts.clip_algorithm == "value":
         problems.append('gradient_clip_algorithm="value" (clips each element separately)')
-    if facts.custom_clipping:
-        problems.append("a custom configure_gradient_clipping (its scaling cannot be recorded)")
     if facts.precision not in EXACT_PRECISIONS:
         problems.append(f"precision={facts.precision!r} (weights themselves are rounded at every update)")
     low = sorted({str(d).replace("torch.", "") for d in facts.parameter_dtypes if d in (torch.float16, torch.bfloat16)})
