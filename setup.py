@@ -1,7 +1,8 @@
 """The optional compiled kernels, built at install time (everything else is in pyproject.toml).
 
 Two plain C shared libraries (no Python API; the library calls them through ctypes): the fused attention
-pass (``attend/_fused.py``) and HDF5's Fletcher-32 checksum (``store/_fletcher.py``). A build that fails
+pass (``attend/_fused.py``) with the certificate's projections on the store writer's thread
+(``record/sketch.py``), and HDF5's Fletcher-32 checksum (``store/_fletcher.py``). A build that fails
 (no C compiler, no OpenMP) does not fail the install: the library then uses torch ops and h5py, which give
 the same answers. ``LIGHTNING_DUALFORM_BUILD_KERNELS=0`` skips the build.
 """

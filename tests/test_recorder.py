@@ -355,6 +355,54 @@ def test_the_sketch_certificate_agrees_with_a_full_reread(tmp_path, dtype):
         assert cert["rel_err"] <= max(10 * full[name].rel_err, 1e-6), (name, cert["rel_err"], full[name].rel_err)
 
 
+@pytest.mark.parametrize("n, d_in, d_out", [(1, 1, 1), (5, 3, 10), (7, 784, 801), (130, 64, 9)])
+def test_the_writers_projection_kernel_is_the_dense_product(n, d_in, d_out):
+    """``V^T (K Z)`` and ``sum v`` of the compiled kernel the writer's thread runs (rows in blocks of four and a
+    tail; odd widths), and an embedding's token ids, against float64 dense products."""
+    from lightning_dualform.record import sketch
+
+    if sketch._kernel() is None:
+        pytest.skip("the compiled kernels are not installed (or LIGHTNING_DUALFORM_KERNEL=0)")
+    g = np.random.default_rng(n + d_in)
+    keys, values = g.standard_normal((n, d_in), dtype=np.float32), g.standard_normal((n, d_out), dtype=np.float32)
+    z = g.standard_normal((d_in, sketch.PROBES), dtype=np.float32)
+    gz, gb = sketch.project_host_rows(keys, values, z)
+    ref = values.astype(np.float64).T @ (keys.astype(np.float64) @ z.astype(np.float64))
+    assert np.linalg.norm(gz - ref) <= 1e-6 * np.linalg.norm(ref)
+    np.testing.assert_allclose(gb, values.astype(np.float64).sum(0), rtol=1e-12, atol=1e-12)
+    tokens = g.integers(0, d_in, (n, 1))
+    gz, gb = sketch.project_host_rows(tokens, values, z)
+    ref = values.astype(np.float64).T @ z[tokens[:, 0]].astype(np.float64)
+    assert np.linalg.norm(gz - ref) <= 1e-6 * np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("where", ["writer", "training-thread", "no-kernel"])
+def test_the_certificate_made_on_the_writers_thread_is_the_training_threads(tmp_path, monkeypatch, where):
+    """Small layers' projections run on the writer's thread from the rows it is handed; larger ones, and all of
+    them without the compiled kernel, on the training thread. Both carry the same projections to the same
+    certificate (float32 products there, float64 sums here)."""
+    from lightning_dualform.record import sketch
+
+    if where == "training-thread":
+        monkeypatch.setattr(sketch, "WRITER_NUMBERS", 0)
+    elif where == "no-kernel":
+        monkeypatch.setattr(sketch, "_kernel", lambda: None)
+    elif sketch._kernel() is None:
+        pytest.skip("the compiled kernels are not installed (or LIGHTNING_DUALFORM_KERNEL=0)")
+    rec = _small_run(tmp_path, "w.h5")
+    state = rec._engine.sketch
+    placed = state._on_writer
+    assert set(placed.values()) == ({True} if where == "writer" else {False} if where == "training-thread" else set())
+    assert all(c["exact"] and c["method"] == "sketch" for c in rec.certificate.values()), rec.certificate
+    monkeypatch.undo()
+    ref = _small_run(tmp_path, "ref.h5")  # (the default: the writer's thread where the kernel is installed)
+    for name, s in state.layers.items():
+        other = ref._engine.sketch.layers[name]
+        assert float((s.p - other.p).norm() / other.p.norm()) < 1e-6, name
+        assert float((s.buf - other.buf).norm() / other.buf.norm()) < 1e-5, name
+        assert s.steps == other.steps > 0
+
+
 @pytest.mark.parametrize("damage", ["row", "coefficient"])
 def test_the_sketch_certificate_catches_a_wrong_row_or_coefficient(tmp_path, monkeypatch, caplog, damage):
     from lightning_dualform.record import rows as rows_mod

@@ -28,7 +28,6 @@ import time
 import warnings
 from typing import Any, Callable, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -50,7 +49,7 @@ from lightning_dualform.record import rows as rows_mod
 from lightning_dualform.record.planner import Plan, check_disk, estimate, slow_writer_message
 from lightning_dualform.record.policy import gradient_check_tolerance
 from lightning_dualform.record.row_replay import RowReplayCertificate
-from lightning_dualform.record.sketch import SketchCertificate
+from lightning_dualform.record.sketch import SketchCertificate, fit_certificates
 from lightning_dualform.record.weight_watch import WeightWatch, checked_closure
 from lightning_dualform.record.step_rows import StepRow, StepRowReader, StepSettings, skipped_row
 from lightning_dualform.record.specs import Distributed, bias_of, describe_optimizer, layer_spec
@@ -134,6 +133,7 @@ class RecordingEngine:
         #: the certificate as training goes (None: certify at fit end by reading the store, or not at all)
         self.sketch: SketchCertificate | RowReplayCertificate | None = None
         self._watch: WeightWatch | None = None  # weights edited between steps, which a few replayed rows miss
+        self._sketch_on_writer = False  # the projections made on the writer's thread (SketchCertificate.after_rows)
         self.run_exact = True  # the adapter's run policy found nothing inexact
         self._steps_seen = 0
         self._warned: set[str] = set()
@@ -359,11 +359,13 @@ class RecordingEngine:
     def _start_sketch(self, resume: dict[str, Any] | None) -> None:
         """Certify as training goes: SGD's projections, or an element-wise rule's replay of a few rows; a resume
         continues what its checkpoint saved (one from before they existed certifies at the end instead)."""
-        self.sketch, self._watch = None, None
+        self.sketch, self._watch, self._sketch_on_writer = None, None, False
         if not self.options.certify or not self.run_exact or self.optimizer is None:
             return  # (an inexact run keeps its residual, which only the full certificate computes)
         if type(self.optimizer) is torch.optim.SGD:
             self.sketch = SketchCertificate.for_run(self.chosen, self._probes, self.optimizer, resume)
+            self._sketch_on_writer = self.sketch is not None and self.sketch.on_writer(
+                self.chosen, self.options.dtype, self.dist.world_size)
         else:  # an element-wise rule: its own replay on a few rows of each weight (record/row_replay.py)
             self.sketch = RowReplayCertificate.for_run(
                 self.chosen, self.optimizer, self.rule, self._param_groups, resume, self.options.dtype,
@@ -493,8 +495,10 @@ class RecordingEngine:
                 n: (torch.cat([c.keys for c, *_ in pending[n]]), torch.cat([c.values for c, *_ in pending[n]])) for n in rows}
             sketches = self._sketch_rows(captured, stored=False)
             scales = self._check_rows(sketches, grad_scale, has_rows=set(rows))
+        # layers whose rows the writer's thread projects, and steps their sketch, itself
+        on_writer = self.sketch.writer_layers(rows) if self._sketch_on_writer else set()  # type: ignore[union-attr]
         if self.sketch is not None and self.sketch.needs_projections and (not check or self.options.dtype != "float32"):
-            sketches = self._sketch_rows(rows, stored=True)  # every step: the certificate's projections
+            sketches = self._sketch_rows({n: r for n, r in rows.items() if n not in on_writer}, stored=True)
         self._steps_seen += 1
         updates: dict[str, tuple[float, StepRow, StepRow | None]] = {}
         for name, cap in self.captures.items():
@@ -504,7 +508,7 @@ class RecordingEngine:
                 b_up["applied"] = bool(b_up["applied"]) and bias_of(cap.module).grad is not None
             scale = grad_scale if grad_scale is not None else scales.get(name, 1.0)
             updates[name] = (scale, w_up, b_up)
-            if self.sketch is not None and name in self.sketch.layers:
+            if self.sketch is not None and name in self.sketch.layers and name not in on_writer:
                 self.sketch.take_step(name, sketches.get(name), rows.get(name), scale, w_up, b_up)
         event = None
         if any(t[0].is_cuda for t in rows.values()):
@@ -512,6 +516,8 @@ class RecordingEngine:
             event = torch.cuda.Event()
             event.record()
         made = functools.partial(rows_mod.step_rows, rows, event, sizes, step, epoch)  # on the writer thread
+        if on_writer:
+            made = self.sketch.after_rows(made, {n: u for n, u in updates.items() if n in on_writer})  # type: ignore[union-attr]
         self.writer.add_step(step, epoch, made, updates)
         self.steps_recorded += 1
         if self._steps_seen % _PACE_CHECK_EVERY == 0:
@@ -640,7 +646,10 @@ class RecordingEngine:
             if name not in self.dropped
         }
         self.detach()
-        certificate = self._sketch_certificate(finals)
+        if self._sketch_on_writer:
+            self.writer.drain()  # (the writer's thread steps the projections: every step, before they are read)
+        certificate = fit_certificates(self.sketch, set(self.chosen), finals, self.inexact,
+                                       tolerance(self.options.dtype, self.precision, self.float32_products))
         writer, self.writer = self.writer, None
         full = self.options.certify == "full" or (self.options.certify and certificate is None)
         # the full certificate of this file follows under the same writer lock: no other writer between
@@ -672,21 +681,6 @@ class RecordingEngine:
             self.certificate = certificate
         for name, cert in self.certificate.items():
             self._info(cert.fit_end_line(self.owner, name, self.inexact.get(name)))
-
-    def _sketch_certificate(
-        self, finals: dict[str, tuple[np.ndarray, np.ndarray | None]]
-    ) -> dict[str, LayerCertificate] | None:
-        """The certificate from the projections carried through training, or None where there are none."""
-        if self.sketch is None or set(self.sketch.layers) != set(self.chosen):
-            return None
-        tol = tolerance(self.options.dtype, self.precision, self.float32_products)
-        out: dict[str, LayerCertificate] = {}
-        for name, (w, b) in finals.items():
-            res = self.sketch.result(name, torch.from_numpy(w), torch.from_numpy(b) if b is not None else None)
-            out[name] = LayerCertificate.measured(res["rel_err_weight"], res["rel_err_bias"], tol,
-                                                  exact_run=name not in self.inexact, method=self.sketch.method,
-                                                  probes=self.sketch.width(name))
-        return out
 
     def close(self, remove_if_empty: bool = False) -> None:
         """Stop without finalising (an exception, or training stopped early): commit what is there, so the

@@ -19,20 +19,63 @@ the true one with probability at most ``(e^(1 - d) d)^(k/2)``, ``d = 1/c^2``: wi
 ``c = 10`` and 5e-23 for ``c = 1000``. A wrong row (a changed value, a wrong step coefficient) moves the
 rebuilt weights by far more than float32 rounding, so the certificate misses it only with such
 probabilities. ``lightning-dualform verify`` re-reads the whole store instead.
+
+Where the compiled kernel is installed and one process writes float32 rows of ``nn.Linear``/``nn.Embedding``
+layers from the CPU, the projections and the recurrence run on the store writer's thread, from the rows as it
+is handed them (:meth:`SketchCertificate.after_rows`; one thread of C, float64 sums): the training thread then
+does none of it (``docs/benchmarks.md``, "The certificate on the writer's thread").
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
+from lightning_dualform import _native
 from lightning_dualform.optim.sgd import _step_matrix
+from lightning_dualform.store.certificate import LayerCertificate
 
 #: Columns of each layer's projection.
 PROBES = 8
+#: A layer whose first step's rows hold at most this many numbers (``rows x (d_in + d_out)``; 1 MiB of float32)
+#: is projected on the writer's thread: torch's products of such small rows cost their fixed overheads (packing,
+#: waking a second thread) more than their arithmetic. Larger layers keep torch's products on the training
+#: thread, where two threads do them faster than the writer's one (``docs/benchmarks.md``).
+WRITER_NUMBERS = 1 << 18
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.project_keys.argtypes, lib.project_keys.restype = [i64, i64, p, p, p], None
+    lib.accumulate_values.argtypes, lib.accumulate_values.restype = [i64, i64, p, p, p, p], None
+
+
+def _kernel() -> ctypes.CDLL | None:
+    """The compiled projections (``_kernels/fused.c``: ``project_keys``, ``accumulate_values``), or None."""
+    return _native.load("fused", _declare)
+
+
+def project_host_rows(keys: np.ndarray, values: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(V^T (K Z), sum v)`` in float64 from float32 host rows (one thread of C, the GIL released): ``keys``
+    ``(n, d_in)``, or an embedding's token ids ``(n, 1)`` (then ``K Z`` is ``Z[token]``); ``z`` ``(d_in, 8)``."""
+    lib = _kernel()
+    assert lib is not None and z.dtype == np.float32 and z.shape[1] == PROBES
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    n, d_out = values.shape
+    if keys.dtype.kind in "iu":  # an embedding: the one-hot key picks a row of Z
+        a = np.ascontiguousarray(z[keys[:, 0]])
+    else:
+        keys = np.ascontiguousarray(keys, dtype=np.float32)
+        a = np.empty((n, PROBES), dtype=np.float32)
+        lib.project_keys(n, keys.shape[1], keys.ctypes.data, z.ctypes.data, a.ctypes.data)
+    gz, gb = np.zeros((d_out, PROBES)), np.zeros(d_out)
+    lib.accumulate_values(n, d_out, values.ctypes.data, a.ctypes.data, gz.ctypes.data, gb.ctypes.data)
+    return gz, gb
 
 
 @dataclass
@@ -59,6 +102,8 @@ class SketchCertificate:
     """Every tracked layer's :class:`LayerSketch`; see the module docstring."""
 
     layers: dict[str, LayerSketch] = field(default_factory=dict)
+    _host_z: dict[str, np.ndarray] = field(default_factory=dict)  # each Z as float32 numpy (the writer's side)
+    _on_writer: dict[str, bool] = field(default_factory=dict)  # where each layer's projections run, for the run
     method = "sketch"
     needs_projections = True  # each step's G_s Z (record/gradient_check.project_rows)
 
@@ -128,6 +173,42 @@ class SketchCertificate:
         gz, gb = projections if projections is not None else (None, None)
         self.step(name, gz, gb, grad_scale, w_up, b_up)
 
+    def on_writer(self, modules: dict[str, torch.nn.Module], row_dtype: str, world_size: int) -> bool:
+        """Whether the projections can run on the writer's thread (:meth:`after_rows`): the kernel is
+        installed, one process writes float32 rows of linear layers and embeddings from the CPU."""
+        if row_dtype != "float32" or world_size != 1 or _kernel() is None:
+            return False
+        if not all(type(m) in (torch.nn.Linear, torch.nn.Embedding) and m.weight.device.type == "cpu"
+                   for m in modules.values()):
+            return False
+        self._host_z = {name: s.z.cpu().numpy() for name, s in self.layers.items()}
+        return True
+
+    def writer_layers(self, rows: dict[str, tuple]) -> set[str]:
+        """The layers whose projections the writer's thread makes (:meth:`after_rows`; only where :meth:`on_writer`
+        said it can): each placed at its first step with rows (``(keys, values, ...)``) by :data:`WRITER_NUMBERS`,
+        and kept there for the run (a layer's steps must reach its recurrence in order)."""
+        for name, (keys, values, *_) in rows.items():
+            if name in self._host_z and name not in self._on_writer:
+                self._on_writer[name] = keys.shape[0] * (keys.shape[-1] + values.shape[-1]) <= WRITER_NUMBERS
+        return {name for name, yes in self._on_writer.items() if yes}
+
+    def after_rows(self, make_rows: Callable[[], dict[str, Any]],
+                   updates: dict[str, tuple[float, Any, Any | None]]) -> Callable[[], dict[str, Any]]:
+        """``make_rows`` (run on the writer thread) followed by the projections of the rows it made and the
+        recurrence (:meth:`step`) of the layers in ``updates``, there: steps arrive in order, and the engine reads
+        the state only after the writer has handled every step before (a commit, or the finish's drain)."""
+        def run() -> dict[str, Any]:
+            rows = make_rows()
+            for name, (scale, w_up, b_up) in updates.items():
+                if name in self.layers:
+                    r = rows.get(name)
+                    gz, gb = project_host_rows(r.keys, r.values, self._host_z[name]) if r is not None else (None, None)
+                    self.step(name, None if gz is None else torch.from_numpy(gz),
+                              None if gb is None else torch.from_numpy(gb), scale, w_up, b_up)
+            return rows
+        return run
+
     def width(self, name: str) -> int:
         """The projection's columns (the certificate's ``probes``)."""
         return int(self.layers[name].z.shape[1])
@@ -145,6 +226,20 @@ class SketchCertificate:
 
     def state_dict(self) -> dict[str, Any]:
         return {name: s.state_dict() for name, s in self.layers.items()}
+
+
+def fit_certificates(sketch: Any, layers: set[str], finals: dict[str, tuple[np.ndarray, np.ndarray | None]],
+                     inexact: dict[str, str], tol: float) -> dict[str, LayerCertificate] | None:
+    """Each layer's certificate from the projections (or row replay) ``sketch`` carried through training against
+    its final weights ``finals`` ``(W, b)``; None where there is none for every tracked layer."""
+    if sketch is None or set(sketch.layers) != layers:
+        return None
+    out: dict[str, LayerCertificate] = {}
+    for name, (w, b) in finals.items():
+        res = sketch.result(name, torch.from_numpy(w), torch.from_numpy(b) if b is not None else None)
+        out[name] = LayerCertificate.measured(res["rel_err_weight"], res["rel_err_bias"], tol, exact_run=name not in
+                                              inexact, method=sketch.method, probes=sketch.width(name))
+    return out
 
 
 def layer_seed(name: str) -> int:

@@ -83,6 +83,10 @@ class AsyncWriter:
         self._call(self._commit)
         return self.committed
 
+    def drain(self) -> None:
+        """Wait until the writer thread has handled everything queued (raises its error, as every wait does)."""
+        self._call(lambda: None)
+
     def set_release_gil(self, release: bool) -> None:
         """Whether chunk writes release the GIL (:meth:`StoreWriter.set_release_gil`)."""
         self._call(lambda: self._store.set_release_gil(release))
