@@ -47,6 +47,7 @@ PROBES = 8
 #: waking a second thread) more than their arithmetic. Larger layers keep torch's products on the training
 #: thread, where two threads do them faster than the writer's one (``docs/benchmarks.md``).
 WRITER_NUMBERS = 1 << 18
+_SERIAL_NUMBERS = 1 << 15  # torch's grain size: an element-wise op on fewer numbers runs on the calling thread alone
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -190,7 +191,9 @@ class SketchCertificate:
         and kept there for the run (a layer's steps must reach its recurrence in order)."""
         for name, (keys, values, *_) in rows.items():
             if name in self._host_z and name not in self._on_writer:
-                self._on_writer[name] = keys.shape[0] * (keys.shape[-1] + values.shape[-1]) <= WRITER_NUMBERS
+                # (and a state torch updates on one thread: a wider one would start an OpenMP team on the writer's)
+                self._on_writer[name] = (keys.shape[0] * (keys.shape[-1] + values.shape[-1]) <= WRITER_NUMBERS
+                                         and values.shape[-1] * PROBES <= _SERIAL_NUMBERS)
         return {name for name, yes in self._on_writer.items() if yes}
 
     def after_rows(self, make_rows: Callable[[], dict[str, Any]],
