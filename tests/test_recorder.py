@@ -355,6 +355,28 @@ def test_the_sketch_certificate_agrees_with_a_full_reread(tmp_path, dtype):
         assert cert["rel_err"] <= max(10 * full[name].rel_err, 1e-6), (name, cert["rel_err"], full[name].rel_err)
 
 
+def test_a_frozen_weight_with_a_trained_bias_keeps_every_micro_batch(tmp_path):
+    """A layer whose weight is frozen (its .grad stays None) while its bias trains, under gradient accumulation:
+    the earlier micro-batches' rows count (they were dropped as if zero_grad() had thrown them away, and the
+    layer was certified INEXACT with a wrong reason)."""
+    from lightning_dualform.attend.certificate import certify_store
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model[2].weight.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    with DualFormRecorder(str(tmp_path / "f.h5"), model, opt) as rec:
+        for _ in range(4):
+            for _ in range(2):  # two micro-batches a step
+                x, y = torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g)
+                nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    assert all(c["exact"] for c in rec.certificate.values()), rec.certificate
+    assert all(c.exact for c in certify_store(str(tmp_path / "f.h5")).values())
+
+
 @pytest.mark.parametrize("n, d_in, d_out", [(1, 1, 1), (5, 3, 10), (7, 784, 801), (130, 64, 9)])
 def test_the_writers_projection_kernel_is_the_dense_product(n, d_in, d_out):
     """``V^T (K Z)`` and ``sum v`` of the compiled kernel the writer's thread runs (rows in blocks of four and a
@@ -370,6 +392,7 @@ def test_the_writers_projection_kernel_is_the_dense_product(n, d_in, d_out):
     ref = values.astype(np.float64).T @ (keys.astype(np.float64) @ z.astype(np.float64))
     assert np.linalg.norm(gz - ref) <= 1e-6 * np.linalg.norm(ref)
     np.testing.assert_allclose(gb, values.astype(np.float64).sum(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(sketch.project_host_rows(keys, values, np.asfortranarray(z))[0], gz)  # any layout
     tokens = g.integers(0, d_in, (n, 1))
     gz, gb = sketch.project_host_rows(tokens, values, z)
     ref = values.astype(np.float64).T @ z[tokens[:, 0]].astype(np.float64)

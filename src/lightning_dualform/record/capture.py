@@ -80,8 +80,8 @@ class LayerCapture:
 
     Calls stay here until :meth:`take_completed` (an optimizer step takes them; with gradient accumulation
     that is several forward and backward passes later). A call whose gradient was thrown away is dropped
-    when the layer runs again: its weight's ``.grad`` is then ``None`` (``zero_grad()`` after a step that
-    did not happen, such as one a loss scaler skipped).
+    when the layer runs again: its trained parameters' ``.grad`` are then ``None`` (``zero_grad()`` after a step
+    that did not happen, such as one a loss scaler skipped).
     """
 
     name: str
@@ -122,8 +122,11 @@ class LayerCapture:
             return
         if not torch.is_grad_enabled() or not output.requires_grad:
             return
-        if self.calls and module.weight.grad is None and any(c.values is not None for c in self.calls):
-            self.calls = [c for c in self.calls if c.values is None]  # their gradient was zeroed, never applied
+        trained = [p for p in (module.weight, getattr(module, "bias", None))
+                   if isinstance(p, torch.Tensor) and p.requires_grad]
+        if self.calls and all(p.grad is None for p in trained) and any(c.values is not None for c in self.calls):
+            # their gradient was zeroed, never applied (a frozen weight, whose .grad stays None, tells nothing)
+            self.calls = [c for c in self.calls if c.values is None]
         x = inputs[0]
         if x.grad_fn is None and keys.data_ptr() == x.data_ptr():
             # an input from outside autograd (the batch, a parameter, a reused buffer) may change before the step

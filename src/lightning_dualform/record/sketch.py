@@ -1,7 +1,8 @@
 """The certificate as training goes: a random projection of each layer's weights, rebuilt from the rows.
 
 For a fixed random ``Z`` ``(d_in, k)`` per layer, each step's rows give ``G_s Z = V^T (K Z)`` (a product of
-``rows x d_in x k`` numbers, from the rows exactly as they are stored), and the update rule's scalar
+``rows x d_in x k`` numbers, from the rows as they are handed to the store, in its row type: a fault inside the
+store's own write is for the full re-read, ``lightning-dualform verify``), and the update rule's scalar
 recurrence (``optim/sgd.py``) carries ``(W Z, buf Z)`` from the first recorded step to the last:
 
     W_T Z = a W_0 Z + b buf_0 Z + sum_s c_s (G_s Z)
@@ -65,8 +66,8 @@ def project_host_rows(keys: np.ndarray, values: np.ndarray, z: np.ndarray) -> tu
     """``(V^T (K Z), sum v)`` in float64 from float32 host rows (one thread of C, the GIL released): ``keys``
     ``(n, d_in)``, or an embedding's token ids ``(n, 1)`` (then ``K Z`` is ``Z[token]``); ``z`` ``(d_in, 8)``."""
     lib = _kernel()
-    assert lib is not None and z.dtype == np.float32 and z.shape[1] == PROBES
-    values = np.ascontiguousarray(values, dtype=np.float32)
+    assert lib is not None and z.shape[1] == PROBES
+    z, values = np.ascontiguousarray(z, dtype=np.float32), np.ascontiguousarray(values, dtype=np.float32)
     n, d_out = values.shape
     if keys.dtype.kind in "iu":  # an embedding: the one-hot key picks a row of Z
         a = np.ascontiguousarray(z[keys[:, 0]])
