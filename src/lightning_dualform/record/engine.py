@@ -497,8 +497,9 @@ class RecordingEngine:
             scales = self._check_rows(sketches, grad_scale, has_rows=set(rows))
         # layers whose rows the writer's thread projects, and steps their sketch, itself
         on_writer = self.sketch.writer_layers(rows) if self._sketch_on_writer else set()  # type: ignore[union-attr]
+        rest = {n: r for n, r in rows.items() if n not in on_writer}  # (a layer without rows steps without them)
         if self.sketch is not None and self.sketch.needs_projections and (not check or self.options.dtype != "float32"):
-            sketches = self._sketch_rows({n: r for n, r in rows.items() if n not in on_writer}, stored=True)
+            sketches = self._sketch_rows(rest, stored=True) if rest or not on_writer else {}
         self._steps_seen += 1
         updates: dict[str, tuple[float, StepRow, StepRow | None]] = {}
         for name, cap in self.captures.items():

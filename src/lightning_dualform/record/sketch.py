@@ -70,7 +70,7 @@ def project_host_rows(keys: np.ndarray, values: np.ndarray, z: np.ndarray) -> tu
     z, values = np.ascontiguousarray(z, dtype=np.float32), np.ascontiguousarray(values, dtype=np.float32)
     n, d_out = values.shape
     if keys.dtype.kind in "iu":  # an embedding: the one-hot key picks a row of Z
-        a = np.ascontiguousarray(z[keys[:, 0]])
+        a = z[keys[:, 0]]  # (a new, contiguous array)
     else:
         keys = np.ascontiguousarray(keys, dtype=np.float32)
         a = np.empty((n, PROBES), dtype=np.float32)
