@@ -95,7 +95,8 @@ def run_view(src: str, store: str, wait: float = 300.0) -> dict[str, float]:
     proc = subprocess.Popen([sys.executable, "-m", "lightning_dualform", "view", store, "--port", "0", "--no-browser"],
                             env=_env(src), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout or ()], daemon=True).start()
+    reader = threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout or ()], daemon=True)
+    reader.start()
     got: dict[str, float] = {}
     try:
         while "warm" not in got:
@@ -113,10 +114,11 @@ def run_view(src: str, store: str, wait: float = 300.0) -> dict[str, float]:
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.communicate(timeout=60)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.communicate()
+            proc.wait()
+        reader.join(timeout=10)  # the reader owns the pipe: it ends at the viewer's last line
     return got
 
 
