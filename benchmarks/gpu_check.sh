@@ -10,7 +10,7 @@
 #
 # A dry run of every stage's command on a CPU machine (tiny sizes; the stages that need CUDA say so):
 #
-#   ACCEL=cpu EXAMPLES=1024 REPEATS=1 STEPS=2 ROUNDS=1 ATTEND_TRAIN=2000 ATTEND_EPOCHS=1 BUDGET=200 \
+#   ACCEL=cpu EXAMPLES=1024 REPEATS=1 MODEL_REPEATS=1 STEPS=2 ROUNDS=1 ATTEND_TRAIN=2000 ATTEND_EPOCHS=1 BUDGET=200 \
 #       benchmarks/gpu_check.sh
 #
 # Uses the python3 on PATH as it is (its torch, lightning, h5py): the library runs from src/, uninstalled.
@@ -48,7 +48,7 @@ stage overhead "${OVERHEAD_LIMIT:-170}" 16 python3 benchmarks/overhead.py --acce
     --examples "${EXAMPLES:-48000}" --repeats "${REPEATS:-3}" --variants float32,float32:nocert,float32:drop \
     --hook-timing float32 --no-certify-timing --out "$OUT"
 stage real_models "${MODELS_LIMIT:-130}" 12 python3 benchmarks/real_models.py --accelerator "$ACCEL" \
-    --models resnet18,gpt --steps "${STEPS:-30}" --repeats "${REPEATS:-3}" --out "$OUT"
+    --models resnet18,gpt --steps "${STEPS:-30}" --repeats "${MODEL_REPEATS:-2}" --out "$OUT"
 stage cuda_tests "${CUDA_TESTS_LIMIT:-90}" 15 python3 -m pytest -o addopts= -q -p no:cacheprovider -m cuda -rs tests
 stage attend "${ATTEND_LIMIT:-80}" 8 python3 benchmarks/attend.py --device "$DEVICE" --data "$DATA" \
     --store "$OUT/attend.h5" --train "${ATTEND_TRAIN:-40000}" --epochs "${ATTEND_EPOCHS:-3}" --layers net.0 net.4 \
