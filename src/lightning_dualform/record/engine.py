@@ -133,7 +133,6 @@ class RecordingEngine:
         #: the certificate as training goes (None: certify at fit end by reading the store, or not at all)
         self.sketch: SketchCertificate | RowReplayCertificate | None = None
         self._watch: WeightWatch | None = None  # weights edited between steps, which a few replayed rows miss
-        self._sketch_on_writer = False  # the projections made on the writer's thread (SketchCertificate.after_rows)
         self.run_exact = True  # the adapter's run policy found nothing inexact
         self._steps_seen = 0
         self._warned: set[str] = set()
@@ -359,13 +358,13 @@ class RecordingEngine:
     def _start_sketch(self, resume: dict[str, Any] | None) -> None:
         """Certify as training goes: SGD's projections, or an element-wise rule's replay of a few rows; a resume
         continues what its checkpoint saved (one from before they existed certifies at the end instead)."""
-        self.sketch, self._watch, self._sketch_on_writer = None, None, False
+        self.sketch, self._watch = None, None
         if not self.options.certify or not self.run_exact or self.optimizer is None:
             return  # (an inexact run keeps its residual, which only the full certificate computes)
         if type(self.optimizer) is torch.optim.SGD:
             self.sketch = SketchCertificate.for_run(self.chosen, self._probes, self.optimizer, resume)
-            self._sketch_on_writer = self.sketch is not None and self.sketch.on_writer(
-                self.chosen, self.options.dtype, self.dist.world_size)
+            if self.sketch is not None:
+                self.sketch.place_on_writer(self.chosen, self.options.dtype, self.dist.world_size)
         else:  # an element-wise rule: its own replay on a few rows of each weight (record/row_replay.py)
             self.sketch = RowReplayCertificate.for_run(
                 self.chosen, self.optimizer, self.rule, self._param_groups, resume, self.options.dtype,
@@ -496,7 +495,8 @@ class RecordingEngine:
             sketches = self._sketch_rows(captured, stored=False)
             scales = self._check_rows(sketches, grad_scale, has_rows=set(rows))
         # layers whose rows the writer's thread projects, and steps their sketch, itself
-        on_writer = self.sketch.writer_layers(rows) if self._sketch_on_writer else set()  # type: ignore[union-attr]
+        writer_sketch = self.sketch if isinstance(self.sketch, SketchCertificate) and self.sketch.on_writer else None
+        on_writer = writer_sketch.writer_layers(rows) if writer_sketch is not None else set()
         rest = {n: r for n, r in rows.items() if n not in on_writer}  # (a layer without rows steps without them)
         if self.sketch is not None and self.sketch.needs_projections and (not check or self.options.dtype != "float32"):
             sketches = self._sketch_rows(rest, stored=True) if rest or not on_writer else {}
@@ -517,8 +517,8 @@ class RecordingEngine:
             event = torch.cuda.Event()
             event.record()
         made = functools.partial(rows_mod.step_rows, rows, event, sizes, step, epoch)  # on the writer thread
-        if on_writer:
-            made = self.sketch.after_rows(made, {n: u for n, u in updates.items() if n in on_writer})  # type: ignore[union-attr]
+        if writer_sketch is not None and on_writer:
+            made = writer_sketch.after_rows(made, {n: u for n, u in updates.items() if n in on_writer})
         self.writer.add_step(step, epoch, made, updates)
         self.steps_recorded += 1
         if self._steps_seen % _PACE_CHECK_EVERY == 0:
@@ -647,7 +647,7 @@ class RecordingEngine:
             if name not in self.dropped
         }
         self.detach()
-        if self._sketch_on_writer:
+        if isinstance(self.sketch, SketchCertificate) and self.sketch.on_writer:
             self.writer.drain()  # (the writer's thread steps the projections: every step, before they are read)
         certificate = fit_certificates(self.sketch, set(self.chosen), finals, self.inexact,
                                        tolerance(self.options.dtype, self.precision, self.float32_products))

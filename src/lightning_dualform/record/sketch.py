@@ -175,20 +175,25 @@ class SketchCertificate:
         gz, gb = projections if projections is not None else (None, None)
         self.step(name, gz, gb, grad_scale, w_up, b_up)
 
-    def on_writer(self, modules: dict[str, torch.nn.Module], row_dtype: str, world_size: int) -> bool:
-        """Whether the projections can run on the writer's thread (:meth:`after_rows`): the kernel is
+    def place_on_writer(self, modules: dict[str, torch.nn.Module], row_dtype: str, world_size: int) -> None:
+        """Let the projections run on the writer's thread (:meth:`after_rows`) where they can: the kernel is
         installed, one process writes float32 rows of linear layers and embeddings from the CPU."""
         if row_dtype != "float32" or world_size != 1 or _kernel() is None:
-            return False
+            return
         if not all(type(m) in (torch.nn.Linear, torch.nn.Embedding) and m.weight.device.type == "cpu"
                    for m in modules.values()):
-            return False
+            return
         self._host_z = {name: s.z.cpu().numpy() for name, s in self.layers.items()}
-        return True
+
+    @property
+    def on_writer(self) -> bool:
+        """Whether :meth:`place_on_writer` let the writer's thread make the projections (of layers small enough:
+        :meth:`writer_layers`)."""
+        return bool(self._host_z)
 
     def writer_layers(self, rows: dict[str, tuple]) -> set[str]:
-        """The layers whose projections the writer's thread makes (:meth:`after_rows`; only where :meth:`on_writer`
-        said it can): each placed at its first step with rows (``(keys, values, ...)``) by :data:`WRITER_NUMBERS`,
+        """The layers whose projections the writer's thread makes (:meth:`after_rows`; only where
+        :meth:`place_on_writer` allowed it): each placed at its first step with rows (``(keys, values, ...)``) by :data:`WRITER_NUMBERS`,
         and kept there for the run (a layer's steps must reach its recurrence in order)."""
         for name, (keys, values, *_) in rows.items():
             if name in self._host_z and name not in self._on_writer:
